@@ -1,0 +1,1 @@
+"""psctl: the command-line client."""

@@ -1,0 +1,557 @@
+import datetime
+
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DATA_TYPE_UNSPECIFIED: _ClassVar[DataType]
+    DATA_TYPE_FLOAT32: _ClassVar[DataType]
+    DATA_TYPE_FLOAT16: _ClassVar[DataType]
+    DATA_TYPE_BFLOAT16: _ClassVar[DataType]
+
+class Initializer(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    INITIALIZER_UNSPECIFIED: _ClassVar[Initializer]
+    INITIALIZER_ZEROS: _ClassVar[Initializer]
+    INITIALIZER_CONSTANT: _ClassVar[Initializer]
+    INITIALIZER_NORMAL: _ClassVar[Initializer]
+    INITIALIZER_UNIFORM: _ClassVar[Initializer]
+
+class Aggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AGGREGATION_UNSPECIFIED: _ClassVar[Aggregation]
+    AGGREGATION_MEAN: _ClassVar[Aggregation]
+    AGGREGATION_SUM: _ClassVar[Aggregation]
+
+class RunState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUN_STATE_UNSPECIFIED: _ClassVar[RunState]
+    RUN_STATE_PENDING: _ClassVar[RunState]
+    RUN_STATE_RUNNING: _ClassVar[RunState]
+    RUN_STATE_COMPLETED: _ClassVar[RunState]
+    RUN_STATE_STOPPED: _ClassVar[RunState]
+    RUN_STATE_FAILED: _ClassVar[RunState]
+
+class WorkerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WORKER_STATE_UNSPECIFIED: _ClassVar[WorkerState]
+    WORKER_STATE_VACANT: _ClassVar[WorkerState]
+    WORKER_STATE_ACTIVE: _ClassVar[WorkerState]
+    WORKER_STATE_DONE: _ClassVar[WorkerState]
+    WORKER_STATE_EVICTED: _ClassVar[WorkerState]
+
+class LeaveReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LEAVE_REASON_UNSPECIFIED: _ClassVar[LeaveReason]
+    LEAVE_REASON_DONE: _ClassVar[LeaveReason]
+    LEAVE_REASON_SHUTDOWN: _ClassVar[LeaveReason]
+    LEAVE_REASON_FAILED: _ClassVar[LeaveReason]
+DATA_TYPE_UNSPECIFIED: DataType
+DATA_TYPE_FLOAT32: DataType
+DATA_TYPE_FLOAT16: DataType
+DATA_TYPE_BFLOAT16: DataType
+INITIALIZER_UNSPECIFIED: Initializer
+INITIALIZER_ZEROS: Initializer
+INITIALIZER_CONSTANT: Initializer
+INITIALIZER_NORMAL: Initializer
+INITIALIZER_UNIFORM: Initializer
+AGGREGATION_UNSPECIFIED: Aggregation
+AGGREGATION_MEAN: Aggregation
+AGGREGATION_SUM: Aggregation
+RUN_STATE_UNSPECIFIED: RunState
+RUN_STATE_PENDING: RunState
+RUN_STATE_RUNNING: RunState
+RUN_STATE_COMPLETED: RunState
+RUN_STATE_STOPPED: RunState
+RUN_STATE_FAILED: RunState
+WORKER_STATE_UNSPECIFIED: WorkerState
+WORKER_STATE_VACANT: WorkerState
+WORKER_STATE_ACTIVE: WorkerState
+WORKER_STATE_DONE: WorkerState
+WORKER_STATE_EVICTED: WorkerState
+LEAVE_REASON_UNSPECIFIED: LeaveReason
+LEAVE_REASON_DONE: LeaveReason
+LEAVE_REASON_SHUTDOWN: LeaveReason
+LEAVE_REASON_FAILED: LeaveReason
+
+class TensorChunk(_message.Message):
+    __slots__ = ("name", "shape", "dtype", "offset", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DataType
+    offset: int
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ParamSpec(_message.Message):
+    __slots__ = ("name", "shape", "dtype", "initializer", "scale")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    INITIALIZER_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: DataType
+    initializer: Initializer
+    scale: float
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., initializer: _Optional[_Union[Initializer, str]] = ..., scale: _Optional[float] = ...) -> None: ...
+
+class SgdConfig(_message.Message):
+    __slots__ = ("learning_rate", "weight_decay")
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    learning_rate: float
+    weight_decay: float
+    def __init__(self, learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ...) -> None: ...
+
+class MomentumConfig(_message.Message):
+    __slots__ = ("learning_rate", "momentum", "nesterov", "weight_decay")
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    NESTEROV_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    learning_rate: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    def __init__(self, learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., nesterov: _Optional[bool] = ..., weight_decay: _Optional[float] = ...) -> None: ...
+
+class AdamConfig(_message.Message):
+    __slots__ = ("learning_rate", "beta1", "beta2", "epsilon", "weight_decay")
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
+    learning_rate: float
+    beta1: float
+    beta2: float
+    epsilon: float
+    weight_decay: float
+    def __init__(self, learning_rate: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., epsilon: _Optional[float] = ..., weight_decay: _Optional[float] = ...) -> None: ...
+
+class AdagradConfig(_message.Message):
+    __slots__ = ("learning_rate", "epsilon", "initial_accumulator")
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_ACCUMULATOR_FIELD_NUMBER: _ClassVar[int]
+    learning_rate: float
+    epsilon: float
+    initial_accumulator: float
+    def __init__(self, learning_rate: _Optional[float] = ..., epsilon: _Optional[float] = ..., initial_accumulator: _Optional[float] = ...) -> None: ...
+
+class OptimizerSpec(_message.Message):
+    __slots__ = ("sgd", "momentum", "adam", "adagrad")
+    SGD_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    ADAM_FIELD_NUMBER: _ClassVar[int]
+    ADAGRAD_FIELD_NUMBER: _ClassVar[int]
+    sgd: SgdConfig
+    momentum: MomentumConfig
+    adam: AdamConfig
+    adagrad: AdagradConfig
+    def __init__(self, sgd: _Optional[_Union[SgdConfig, _Mapping]] = ..., momentum: _Optional[_Union[MomentumConfig, _Mapping]] = ..., adam: _Optional[_Union[AdamConfig, _Mapping]] = ..., adagrad: _Optional[_Union[AdagradConfig, _Mapping]] = ...) -> None: ...
+
+class RunSpec(_message.Message):
+    __slots__ = ("name", "model_spec_json", "data_spec_json", "num_workers", "staleness", "optimizer", "aggregation", "iterations", "params", "seed", "batch_size", "eval_every", "slowdown")
+    class SlowdownEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    DATA_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
+    SLOWDOWN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model_spec_json: str
+    data_spec_json: str
+    num_workers: int
+    staleness: int
+    optimizer: OptimizerSpec
+    aggregation: Aggregation
+    iterations: int
+    params: _containers.RepeatedCompositeFieldContainer[ParamSpec]
+    seed: int
+    batch_size: int
+    eval_every: int
+    slowdown: _containers.ScalarMap[int, float]
+    def __init__(self, name: _Optional[str] = ..., model_spec_json: _Optional[str] = ..., data_spec_json: _Optional[str] = ..., num_workers: _Optional[int] = ..., staleness: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., iterations: _Optional[int] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., eval_every: _Optional[int] = ..., slowdown: _Optional[_Mapping[int, float]] = ...) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("rank", "state", "incarnation", "clock", "worker_name", "last_seen", "pushes", "waiting_for_clock", "waiting", "pulls_skipped")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
+    PULLS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    state: WorkerState
+    incarnation: int
+    clock: int
+    worker_name: str
+    last_seen: _timestamp_pb2.Timestamp
+    pushes: int
+    waiting_for_clock: int
+    waiting: bool
+    pulls_skipped: int
+    def __init__(self, rank: _Optional[int] = ..., state: _Optional[_Union[WorkerState, str]] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ..., worker_name: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pushes: _Optional[int] = ..., waiting_for_clock: _Optional[int] = ..., waiting: _Optional[bool] = ..., pulls_skipped: _Optional[int] = ...) -> None: ...
+
+class RunCounters(_message.Message):
+    __slots__ = ("pushes_applied", "pushes_duplicate", "pushes_rejected", "pulls_served", "pulls_parked", "pulls_skipped", "bytes_pushed", "bytes_pulled", "updates_applied", "evictions", "staleness_sum", "staleness_max")
+    PUSHES_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    PULLS_SERVED_FIELD_NUMBER: _ClassVar[int]
+    PULLS_PARKED_FIELD_NUMBER: _ClassVar[int]
+    PULLS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PUSHED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PULLED_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_SUM_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_MAX_FIELD_NUMBER: _ClassVar[int]
+    pushes_applied: int
+    pushes_duplicate: int
+    pushes_rejected: int
+    pulls_served: int
+    pulls_parked: int
+    pulls_skipped: int
+    bytes_pushed: int
+    bytes_pulled: int
+    updates_applied: int
+    evictions: int
+    staleness_sum: int
+    staleness_max: int
+    def __init__(self, pushes_applied: _Optional[int] = ..., pushes_duplicate: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., pulls_served: _Optional[int] = ..., pulls_parked: _Optional[int] = ..., pulls_skipped: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., bytes_pulled: _Optional[int] = ..., updates_applied: _Optional[int] = ..., evictions: _Optional[int] = ..., staleness_sum: _Optional[int] = ..., staleness_max: _Optional[int] = ...) -> None: ...
+
+class MetricPoint(_message.Message):
+    __slots__ = ("rank", "clock", "time", "loss", "eval", "eval_loss", "eval_accuracy", "samples", "step_seconds")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_FIELD_NUMBER: _ClassVar[int]
+    EVAL_LOSS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    clock: int
+    time: _timestamp_pb2.Timestamp
+    loss: float
+    eval: bool
+    eval_loss: float
+    eval_accuracy: float
+    samples: int
+    step_seconds: float
+    def __init__(self, rank: _Optional[int] = ..., clock: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., loss: _Optional[float] = ..., eval: _Optional[bool] = ..., eval_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ..., samples: _Optional[int] = ..., step_seconds: _Optional[float] = ...) -> None: ...
+
+class RunEvent(_message.Message):
+    __slots__ = ("time", "kind", "rank", "message")
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    time: _timestamp_pb2.Timestamp
+    kind: str
+    rank: int
+    message: str
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kind: _Optional[str] = ..., rank: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Run(_message.Message):
+    __slots__ = ("run_id", "spec", "state", "message", "created", "started", "finished", "workers", "min_clock", "max_clock", "counters", "last_eval", "waiting_for")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MIN_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    MAX_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVAL_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    spec: RunSpec
+    state: RunState
+    message: str
+    created: _timestamp_pb2.Timestamp
+    started: _timestamp_pb2.Timestamp
+    finished: _timestamp_pb2.Timestamp
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
+    min_clock: int
+    max_clock: int
+    counters: RunCounters
+    last_eval: MetricPoint
+    waiting_for: str
+    def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[RunSpec, _Mapping]] = ..., state: _Optional[_Union[RunState, str]] = ..., message: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., min_clock: _Optional[int] = ..., max_clock: _Optional[int] = ..., counters: _Optional[_Union[RunCounters, _Mapping]] = ..., last_eval: _Optional[_Union[MetricPoint, _Mapping]] = ..., waiting_for: _Optional[str] = ...) -> None: ...
+
+class PushGradientRequest(_message.Message):
+    __slots__ = ("run_id", "rank", "incarnation", "clock", "tensors", "final", "loss")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    rank: int
+    incarnation: int
+    clock: int
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    final: bool
+    loss: float
+    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., final: _Optional[bool] = ..., loss: _Optional[float] = ...) -> None: ...
+
+class PushGradientResponse(_message.Message):
+    __slots__ = ("clock", "duplicate", "min_clock", "run_state")
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    MIN_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    RUN_STATE_FIELD_NUMBER: _ClassVar[int]
+    clock: int
+    duplicate: bool
+    min_clock: int
+    run_state: RunState
+    def __init__(self, clock: _Optional[int] = ..., duplicate: _Optional[bool] = ..., min_clock: _Optional[int] = ..., run_state: _Optional[_Union[RunState, str]] = ...) -> None: ...
+
+class PullParamsRequest(_message.Message):
+    __slots__ = ("run_id", "rank", "incarnation", "clock", "names", "max_wait")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    rank: int
+    incarnation: int
+    clock: int
+    names: _containers.RepeatedScalarFieldContainer[str]
+    max_wait: _duration_pb2.Duration
+    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class PullParamsResponse(_message.Message):
+    __slots__ = ("guaranteed_clock", "version", "tensors", "final", "run_state")
+    GUARANTEED_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    RUN_STATE_FIELD_NUMBER: _ClassVar[int]
+    guaranteed_clock: int
+    version: int
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    final: bool
+    run_state: RunState
+    def __init__(self, guaranteed_clock: _Optional[int] = ..., version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., final: _Optional[bool] = ..., run_state: _Optional[_Union[RunState, str]] = ...) -> None: ...
+
+class CreateRunRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: RunSpec
+    def __init__(self, spec: _Optional[_Union[RunSpec, _Mapping]] = ...) -> None: ...
+
+class CreateRunResponse(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: Run
+    def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ...) -> None: ...
+
+class GetRunRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class GetRunResponse(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: Run
+    def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ...) -> None: ...
+
+class ListRunsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListRunsResponse(_message.Message):
+    __slots__ = ("runs",)
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    runs: _containers.RepeatedCompositeFieldContainer[Run]
+    def __init__(self, runs: _Optional[_Iterable[_Union[Run, _Mapping]]] = ...) -> None: ...
+
+class StopRunRequest(_message.Message):
+    __slots__ = ("run_id", "reason")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    reason: str
+    def __init__(self, run_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class StopRunResponse(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: Run
+    def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ...) -> None: ...
+
+class WatchRunRequest(_message.Message):
+    __slots__ = ("run_id", "interval")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    interval: _duration_pb2.Duration
+    def __init__(self, run_id: _Optional[str] = ..., interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class WatchRunResponse(_message.Message):
+    __slots__ = ("run", "events")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    run: Run
+    events: _containers.RepeatedCompositeFieldContainer[RunEvent]
+    def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ..., events: _Optional[_Iterable[_Union[RunEvent, _Mapping]]] = ...) -> None: ...
+
+class GetMetricsRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class GetMetricsResponse(_message.Message):
+    __slots__ = ("points", "events")
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    points: _containers.RepeatedCompositeFieldContainer[MetricPoint]
+    events: _containers.RepeatedCompositeFieldContainer[RunEvent]
+    def __init__(self, points: _Optional[_Iterable[_Union[MetricPoint, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[RunEvent, _Mapping]]] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("worker_name", "run_id", "max_wait")
+    WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_FIELD_NUMBER: _ClassVar[int]
+    worker_name: str
+    run_id: str
+    max_wait: _duration_pb2.Duration
+    def __init__(self, worker_name: _Optional[str] = ..., run_id: _Optional[str] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class Assignment(_message.Message):
+    __slots__ = ("run_id", "rank", "incarnation", "spec", "start_clock", "heartbeat_interval", "lease")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    START_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    rank: int
+    incarnation: int
+    spec: RunSpec
+    start_clock: int
+    heartbeat_interval: _duration_pb2.Duration
+    lease: _duration_pb2.Duration
+    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., spec: _Optional[_Union[RunSpec, _Mapping]] = ..., start_clock: _Optional[int] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class JoinResponse(_message.Message):
+    __slots__ = ("assignment", "server_generation")
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    SERVER_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    assignment: Assignment
+    server_generation: str
+    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., server_generation: _Optional[str] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("run_id", "rank", "incarnation", "clock")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    rank: int
+    incarnation: int
+    clock: int
+    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("run_state", "min_clock", "server_generation")
+    RUN_STATE_FIELD_NUMBER: _ClassVar[int]
+    MIN_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    SERVER_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    run_state: RunState
+    min_clock: int
+    server_generation: str
+    def __init__(self, run_state: _Optional[_Union[RunState, str]] = ..., min_clock: _Optional[int] = ..., server_generation: _Optional[str] = ...) -> None: ...
+
+class ReportMetricsRequest(_message.Message):
+    __slots__ = ("run_id", "rank", "incarnation", "points", "pulls_skipped")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    PULLS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    rank: int
+    incarnation: int
+    points: _containers.RepeatedCompositeFieldContainer[MetricPoint]
+    pulls_skipped: int
+    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., points: _Optional[_Iterable[_Union[MetricPoint, _Mapping]]] = ..., pulls_skipped: _Optional[int] = ...) -> None: ...
+
+class ReportMetricsResponse(_message.Message):
+    __slots__ = ("run_state",)
+    RUN_STATE_FIELD_NUMBER: _ClassVar[int]
+    run_state: RunState
+    def __init__(self, run_state: _Optional[_Union[RunState, str]] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("run_id", "rank", "incarnation", "reason", "message")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    rank: int
+    incarnation: int
+    reason: LeaveReason
+    message: str
+    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., reason: _Optional[_Union[LeaveReason, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class LeaveResponse(_message.Message):
+    __slots__ = ("run_state",)
+    RUN_STATE_FIELD_NUMBER: _ClassVar[int]
+    run_state: RunState
+    def __init__(self, run_state: _Optional[_Union[RunState, str]] = ...) -> None: ...

@@ -1,0 +1,305 @@
+"""Conversions between the wire (paramserver.v1 protobuf) and the core, as pure functions.
+
+Also the one table that maps domain errors to gRPC status codes. Tensors: ``encode_tensors``
+splits arrays into ~chunk_bytes messages (small tensors share one message); ``TensorAssembler``
+puts chunks back together, zero-copy when a tensor arrives in one chunk. Each protobuf ``bytes``
+field is read once: every access copies it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import grpc
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1.tensors import F32, encode_tensors
+
+from . import errors
+from .spec import Aggregation, Initializer, OptimizerConfig, OptimizerKind, ParamSpec, RunSpec
+from .status import MetricPoint, RunEvent, RunState, RunStatus, WorkerState
+
+__all__ = [
+    "STATUS_CODES",
+    "TensorAssembler",
+    "encode_tensors",
+    "point_from_proto",
+    "point_to_proto",
+    "run_state_to_proto",
+    "spec_from_proto",
+    "spec_to_proto",
+    "status_code",
+    "status_to_proto",
+]
+
+STATUS_CODES: dict[type[errors.PsError], grpc.StatusCode] = {
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
+    errors.WaitTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_code(exc: errors.PsError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+# ------------------------------------------------------------------------------------- tensors
+_F32 = F32
+
+
+class TensorAssembler:
+    """Collects the chunks of one push; ``finish`` returns the tensors and the payload size.
+
+    Raises InvalidArgument for malformed chunks and ResourceExhausted past ``max_bytes``, before
+    any of it reaches the run.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._arrays: dict[str, np.ndarray] = {}
+        self._filled: dict[str, int] = {}
+        self._declared = 0
+
+    def add(self, chunks: Iterable[pb.TensorChunk]) -> None:
+        for chunk in chunks:
+            data = chunk.data  # read once: each access copies
+            name = chunk.name
+            if chunk.dtype != pb.DATA_TYPE_FLOAT32:
+                raise errors.InvalidArgument(
+                    f"tensor {name!r} has dtype {pb.DataType.Name(chunk.dtype) if chunk.dtype in pb.DataType.values() else chunk.dtype}; "
+                    "this server stores DATA_TYPE_FLOAT32"
+                )
+            if len(data) % 4:
+                raise errors.InvalidArgument(f"tensor {name!r}: chunk of {len(data)} bytes is not a whole number of float32")
+            self.nbytes += len(data)
+            if self.nbytes > self.max_bytes:
+                raise errors.ResourceExhausted(
+                    f"push carries more than {self.max_bytes} bytes, more than this run's gradient can be"
+                )
+            shape = tuple(chunk.shape)
+            if name not in self._arrays:
+                if any(d < 0 for d in shape):
+                    raise errors.InvalidArgument(f"tensor {name!r} has a negative dimension in shape {list(shape)}")
+                total = math.prod(shape)
+                self._declared += 4 * total
+                if self._declared > self.max_bytes:
+                    raise errors.ResourceExhausted(
+                        f"tensor {name!r} declares shape {list(shape)}, more than this run's gradient can be"
+                    )
+                if chunk.offset == 0 and len(data) == 4 * total:
+                    self._arrays[name] = np.frombuffer(data, _F32).reshape(shape)
+                    self._filled[name] = total
+                    continue
+                self._arrays[name] = np.empty(shape, _F32)
+                self._filled[name] = 0
+            arr = self._arrays[name]
+            if shape != arr.shape:
+                raise errors.InvalidArgument(f"chunks of tensor {name!r} disagree on its shape")
+            filled = self._filled[name]
+            n = len(data) // 4
+            if chunk.offset != filled or filled + n > arr.size:
+                raise errors.InvalidArgument(
+                    f"tensor {name!r}: chunk at offset {chunk.offset} with {n} elements, expected offset "
+                    f"{filled} of {arr.size}: send chunks in order, covering the tensor once"
+                )
+            arr.reshape(-1)[filled : filled + n] = np.frombuffer(data, _F32)
+            self._filled[name] = filled + n
+
+    def finish(self) -> dict[str, np.ndarray]:
+        for name, arr in self._arrays.items():
+            if self._filled[name] != arr.size:
+                raise errors.InvalidArgument(
+                    f"tensor {name!r} is incomplete: {self._filled[name]} of {arr.size} elements arrived"
+                )
+        return self._arrays
+
+
+# ------------------------------------------------------------------------------------- specs
+_INIT = {
+    pb.INITIALIZER_ZEROS: Initializer.ZEROS,
+    pb.INITIALIZER_CONSTANT: Initializer.CONSTANT,
+    pb.INITIALIZER_NORMAL: Initializer.NORMAL,
+    pb.INITIALIZER_UNIFORM: Initializer.UNIFORM,
+    pb.INITIALIZER_UNSPECIFIED: Initializer.ZEROS,
+}
+_INIT_PB = {v: k for k, v in _INIT.items() if k != pb.INITIALIZER_UNSPECIFIED}
+_AGG = {pb.AGGREGATION_UNSPECIFIED: Aggregation.MEAN, pb.AGGREGATION_MEAN: Aggregation.MEAN, pb.AGGREGATION_SUM: Aggregation.SUM}
+_AGG_PB = {Aggregation.MEAN: pb.AGGREGATION_MEAN, Aggregation.SUM: pb.AGGREGATION_SUM}
+
+
+def _optimizer_from_proto(o: pb.OptimizerSpec) -> OptimizerConfig:
+    kind = o.WhichOneof("kind")
+    if kind is None:
+        raise errors.InvalidArgument("optimizer is unset: choose sgd, momentum, adam or adagrad")
+    if kind == "sgd":
+        return OptimizerConfig(OptimizerKind.SGD, o.sgd.learning_rate, weight_decay=o.sgd.weight_decay)
+    if kind == "momentum":
+        m = o.momentum
+        return OptimizerConfig(OptimizerKind.MOMENTUM, m.learning_rate, momentum=m.momentum,
+                               nesterov=m.nesterov, weight_decay=m.weight_decay)
+    if kind == "adam":
+        a = o.adam
+        return OptimizerConfig(
+            OptimizerKind.ADAM, a.learning_rate,
+            beta1=a.beta1 or 0.9, beta2=a.beta2 or 0.999, epsilon=a.epsilon or 1e-8, weight_decay=a.weight_decay,
+        )
+    g = o.adagrad
+    return OptimizerConfig(OptimizerKind.ADAGRAD, g.learning_rate, epsilon=g.epsilon or 1e-10,
+                           initial_accumulator=g.initial_accumulator)
+
+
+def _optimizer_to_proto(c: OptimizerConfig) -> pb.OptimizerSpec:
+    if c.kind is OptimizerKind.SGD:
+        return pb.OptimizerSpec(sgd=pb.SgdConfig(learning_rate=c.learning_rate, weight_decay=c.weight_decay))
+    if c.kind is OptimizerKind.MOMENTUM:
+        return pb.OptimizerSpec(momentum=pb.MomentumConfig(
+            learning_rate=c.learning_rate, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay))
+    if c.kind is OptimizerKind.ADAM:
+        return pb.OptimizerSpec(adam=pb.AdamConfig(
+            learning_rate=c.learning_rate, beta1=c.beta1, beta2=c.beta2, epsilon=c.epsilon, weight_decay=c.weight_decay))
+    return pb.OptimizerSpec(adagrad=pb.AdagradConfig(
+        learning_rate=c.learning_rate, epsilon=c.epsilon, initial_accumulator=c.initial_accumulator))
+
+
+def spec_from_proto(s: pb.RunSpec) -> RunSpec:
+    params = []
+    for p in s.params:
+        if p.dtype not in (pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_UNSPECIFIED):
+            raise errors.InvalidArgument(f"param {p.name!r}: only DATA_TYPE_FLOAT32 parameters are stored")
+        if p.initializer not in _INIT:
+            raise errors.InvalidArgument(f"param {p.name!r}: unknown initializer {p.initializer}")
+        params.append(ParamSpec(p.name, tuple(p.shape), _INIT[p.initializer], p.scale))
+    if s.aggregation not in _AGG:
+        raise errors.InvalidArgument(f"unknown aggregation {s.aggregation}")
+    return RunSpec(
+        name=s.name,
+        num_workers=s.num_workers,
+        iterations=s.iterations,
+        params=tuple(params),
+        staleness=s.staleness,
+        optimizer=_optimizer_from_proto(s.optimizer),
+        aggregation=_AGG[s.aggregation],
+        model_spec_json=s.model_spec_json or "{}",
+        data_spec_json=s.data_spec_json or "{}",
+        seed=s.seed,
+        batch_size=s.batch_size,
+        eval_every=s.eval_every,
+        slowdown=dict(s.slowdown),
+    )
+
+
+def spec_to_proto(s: RunSpec) -> pb.RunSpec:
+    return pb.RunSpec(
+        name=s.name,
+        model_spec_json=s.model_spec_json,
+        data_spec_json=s.data_spec_json,
+        num_workers=s.num_workers,
+        staleness=s.staleness,
+        optimizer=_optimizer_to_proto(s.optimizer),
+        aggregation=_AGG_PB[s.aggregation],
+        iterations=s.iterations,
+        params=[
+            pb.ParamSpec(name=p.name, shape=p.shape, dtype=pb.DATA_TYPE_FLOAT32,
+                         initializer=_INIT_PB[p.initializer], scale=p.scale)
+            for p in s.params
+        ],
+        seed=s.seed,
+        batch_size=s.batch_size,
+        eval_every=s.eval_every,
+        slowdown=dict(s.slowdown),
+    )
+
+
+# ------------------------------------------------------------------------------------- status
+_RUN_STATE = {
+    RunState.PENDING: pb.RUN_STATE_PENDING,
+    RunState.RUNNING: pb.RUN_STATE_RUNNING,
+    RunState.COMPLETED: pb.RUN_STATE_COMPLETED,
+    RunState.STOPPED: pb.RUN_STATE_STOPPED,
+    RunState.FAILED: pb.RUN_STATE_FAILED,
+}
+_WORKER_STATE = {
+    WorkerState.VACANT: pb.WORKER_STATE_VACANT,
+    WorkerState.ACTIVE: pb.WORKER_STATE_ACTIVE,
+    WorkerState.DONE: pb.WORKER_STATE_DONE,
+    WorkerState.EVICTED: pb.WORKER_STATE_EVICTED,
+}
+
+
+def run_state_to_proto(state: RunState) -> int:
+    return _RUN_STATE[state]
+
+
+def _ts(t: float | None) -> Timestamp | None:
+    if not t:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+def _from_ts(ts: Timestamp) -> float:
+    return ts.ToNanoseconds() / 1e9
+
+
+def point_to_proto(p: MetricPoint) -> pb.MetricPoint:
+    return pb.MetricPoint(
+        rank=p.rank, clock=p.clock, time=_ts(p.time), loss=p.loss, eval=p.eval,
+        eval_loss=p.eval_loss, eval_accuracy=p.eval_accuracy, samples=p.samples, step_seconds=p.step_seconds,
+    )
+
+
+def point_from_proto(p: pb.MetricPoint, now: float) -> MetricPoint:
+    return MetricPoint(
+        rank=p.rank, clock=p.clock, time=_from_ts(p.time) if p.HasField("time") else now, loss=p.loss,
+        eval=p.eval, eval_loss=p.eval_loss, eval_accuracy=p.eval_accuracy, samples=p.samples,
+        step_seconds=p.step_seconds,
+    )
+
+
+def event_to_proto(e: RunEvent) -> pb.RunEvent:
+    return pb.RunEvent(time=_ts(e.time), kind=e.kind, rank=e.rank, message=e.message)
+
+
+def status_to_proto(s: RunStatus) -> pb.Run:
+    c = s.counters
+    return pb.Run(
+        run_id=s.run_id,
+        spec=spec_to_proto(s.spec),
+        state=_RUN_STATE[s.state],
+        message=s.message,
+        created=_ts(s.created),
+        started=_ts(s.started),
+        finished=_ts(s.finished),
+        workers=[
+            pb.WorkerStatus(
+                rank=w.rank, state=_WORKER_STATE[w.state], incarnation=w.incarnation, clock=w.clock,
+                worker_name=w.worker_name, last_seen=_ts(w.last_seen), pushes=w.pushes,
+                waiting=w.waiting_for_clock is not None, waiting_for_clock=w.waiting_for_clock or 0,
+                pulls_skipped=w.pulls_skipped,
+            )
+            for w in s.workers
+        ],
+        min_clock=s.min_clock,
+        max_clock=s.max_clock,
+        counters=pb.RunCounters(
+            pushes_applied=c.pushes_applied, pushes_duplicate=c.pushes_duplicate,
+            pushes_rejected=c.pushes_rejected, pulls_served=c.pulls_served, pulls_parked=c.pulls_parked,
+            pulls_skipped=c.pulls_skipped, bytes_pushed=c.bytes_pushed, bytes_pulled=c.bytes_pulled,
+            updates_applied=c.updates_applied, evictions=c.evictions, staleness_sum=c.staleness_sum,
+            staleness_max=c.staleness_max,
+        ),
+        last_eval=point_to_proto(s.last_eval) if s.last_eval else None,
+        waiting_for=s.waiting_for,
+    )
+

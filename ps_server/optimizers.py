@@ -1,0 +1,168 @@
+"""Server-side optimizers, applied in place.
+
+Each optimizer owns its state (momentum, moments, accumulators) as float32 arrays shaped like the
+parameters, and updates parameters and state in place. The work is done in blocks of
+``BLOCK`` elements through preallocated scratch buffers, so a step allocates nothing and touches
+memory once: temporaries the size of a 400 MB model would double the server's memory and cost
+page faults on every step (DESIGN.md, performance facts).
+
+Formulas, with g the gradient plus ``weight_decay * w``:
+    SGD       w <- w - lr * g                                     (the seed's formula 3)
+    momentum  v <- mu * v + g;  w <- w - lr * v    (nesterov: w <- w - lr * (g + mu * v))
+    Adam      m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;
+              w <- w - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    Adagrad   G <- G + g^2;  w <- w - lr * g / (sqrt(G) + eps)
+
+Under staleness > 0 every push is one step (momentum and Adam see each worker's gradient in
+arrival order, as in asynchronous SGD); under staleness 0 one step per clock, with the combined
+gradient, so a BSP run equals single-process large-batch training with the same optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from .spec import OptimizerConfig, OptimizerKind, ParamSpec
+
+__all__ = ["BLOCK", "Optimizer", "make_optimizer"]
+
+BLOCK = 1 << 18
+"""Elements per block (1 MiB of float32): large enough to amortise numpy's call overhead."""
+
+_F32 = np.float32
+
+
+class Optimizer:
+    """Base class: subclasses implement ``_update(name, w, g, lo, hi)`` on one block."""
+
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, config: OptimizerConfig, params: tuple[ParamSpec, ...]) -> None:
+        self.config = config
+        self.steps = 0
+        self.state: dict[str, dict[str, np.ndarray]] = {
+            s: {p.name: np.zeros(p.size, _F32) for p in params} for s in self.state_names
+        }
+        largest = min(BLOCK, max((p.size for p in params), default=1))
+        self._s1 = np.empty(largest, _F32)
+        self._s2 = np.empty(largest, _F32)
+        self._lr = _F32(config.learning_rate)
+        self._wd = _F32(config.weight_decay)
+
+    def step(self, params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> None:
+        """Apply one update with ``grads`` (same names and sizes as ``params``) in place."""
+        self.steps += 1
+        self._begin_step()
+        for name, w in params.items():
+            wf = w.reshape(-1)
+            gf = grads[name].reshape(-1)
+            for lo in range(0, wf.size, BLOCK):
+                hi = min(lo + BLOCK, wf.size)
+                self._update(name, wf[lo:hi], self._effective_grad(wf[lo:hi], gf[lo:hi]), lo, hi)
+
+    def _begin_step(self) -> None:
+        pass
+
+    def _effective_grad(self, w: np.ndarray, g: np.ndarray) -> np.ndarray:
+        """g + weight_decay * w, in scratch buffer 2 when weight decay is on."""
+        if not self._wd:
+            return g
+        out = self._s2[: g.size]
+        np.multiply(w, self._wd, out=out)
+        np.add(out, g, out=out)
+        return out
+
+    def _update(self, name: str, w: np.ndarray, g: np.ndarray, lo: int, hi: int) -> None:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Flat view of the state for checkpoints: ``"<state>/<param>" -> array``."""
+        return {f"{s}/{n}": a for s, per in self.state.items() for n, a in per.items()}
+
+
+class Sgd(Optimizer):
+    def _update(self, name: str, w: np.ndarray, g: np.ndarray, lo: int, hi: int) -> None:
+        s = self._s1[: w.size]
+        np.multiply(g, self._lr, out=s)
+        np.subtract(w, s, out=w)
+
+
+class Momentum(Optimizer):
+    state_names = ("velocity",)
+
+    def _update(self, name: str, w: np.ndarray, g: np.ndarray, lo: int, hi: int) -> None:
+        v = self.state["velocity"][name][lo:hi]
+        mu = _F32(self.config.momentum)
+        np.multiply(v, mu, out=v)
+        np.add(v, g, out=v)
+        s = self._s1[: w.size]
+        if self.config.nesterov:
+            np.multiply(v, mu, out=s)
+            np.add(s, g, out=s)
+            np.multiply(s, self._lr, out=s)
+        else:
+            np.multiply(v, self._lr, out=s)
+        np.subtract(w, s, out=w)
+
+
+class Adam(Optimizer):
+    state_names = ("m", "v")
+
+    def _begin_step(self) -> None:
+        c = self.config
+        self._c1 = _F32(c.learning_rate / (1.0 - c.beta1**self.steps))
+        self._c2 = _F32(1.0 / (1.0 - c.beta2**self.steps))
+
+    def _update(self, name: str, w: np.ndarray, g: np.ndarray, lo: int, hi: int) -> None:
+        c = self.config
+        m = self.state["m"][name][lo:hi]
+        v = self.state["v"][name][lo:hi]
+        s = self._s1[: w.size]
+        np.multiply(m, _F32(c.beta1), out=m)
+        np.multiply(g, _F32(1.0 - c.beta1), out=s)
+        np.add(m, s, out=m)
+        np.multiply(v, _F32(c.beta2), out=v)
+        np.multiply(g, g, out=s)
+        np.multiply(s, _F32(1.0 - c.beta2), out=s)
+        np.add(v, s, out=v)
+        # s <- lr * m_hat / (sqrt(v_hat) + eps); g may live in scratch 2, which is no longer read.
+        np.multiply(v, self._c2, out=s)
+        np.sqrt(s, out=s)
+        np.add(s, _F32(c.epsilon), out=s)
+        np.divide(m, s, out=s)
+        np.multiply(s, self._c1, out=s)
+        np.subtract(w, s, out=w)
+
+
+class Adagrad(Optimizer):
+    state_names = ("accumulator",)
+
+    def __init__(self, config: OptimizerConfig, params: tuple[ParamSpec, ...]) -> None:
+        super().__init__(config, params)
+        for acc in self.state["accumulator"].values():
+            acc.fill(config.initial_accumulator)
+
+    def _update(self, name: str, w: np.ndarray, g: np.ndarray, lo: int, hi: int) -> None:
+        acc = self.state["accumulator"][name][lo:hi]
+        s = self._s1[: w.size]
+        np.multiply(g, g, out=s)
+        np.add(acc, s, out=acc)
+        np.sqrt(acc, out=s)
+        np.add(s, _F32(self.config.epsilon), out=s)
+        np.divide(g, s, out=s)
+        np.multiply(s, self._lr, out=s)
+        np.subtract(w, s, out=w)
+
+
+_KINDS: dict[OptimizerKind, type[Optimizer]] = {
+    OptimizerKind.SGD: Sgd,
+    OptimizerKind.MOMENTUM: Momentum,
+    OptimizerKind.ADAM: Adam,
+    OptimizerKind.ADAGRAD: Adagrad,
+}
+
+
+def make_optimizer(config: OptimizerConfig, params: tuple[ParamSpec, ...]) -> Optimizer:
+    return _KINDS[config.kind](config, params)

@@ -1,0 +1,442 @@
+"""One training run: ranks, clocks, the SSP rule, exactly-once pushes and the parameter store.
+
+All methods are plain ``def``s: on one event loop each call is atomic, and each validates
+everything before it mutates anything, so an error leaves the run exactly as it was.
+
+Clocks. A rank's clock is the number of iterations it completed. The min clock is the minimum over
+ranks that are ACTIVE or DONE (an evicted or vacant rank counts as +inf). With staleness s:
+  * a pull for iteration c is served once the run is running, min_clock >= c - s and the caller's
+    own clock >= c (its own pushes are in); s = UNBOUNDED never waits on others;
+  * a push of iteration c is accepted only while min_clock >= c - s. This is the SSP invariant,
+    enforced here rather than trusted to workers: no rank completes iteration c while a live rank's
+    clock is < c - s.
+s = 0 (BSP) holds each clock's gradients until every live rank has pushed it, then combines them
+in rank order and applies them once: exact synchronous SGD. s > 0 applies every push on arrival.
+
+Exactly-once. Pushes of an incarnation arrive in clock order, so the de-duplication table is the
+(incarnation, clock) of each rank: a push with clock < the rank's clock is a retry of one already
+applied, acknowledged and not applied again; a push from an older incarnation is rejected.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .errors import FailedPrecondition, InvalidArgument, OutOfRange
+from .gate import Gate
+from .optimizers import make_optimizer
+from .spec import Aggregation, RunSpec
+from .status import (
+    Assignment,
+    Counters,
+    MetricPoint,
+    ParamsRead,
+    PushResult,
+    RunEvent,
+    RunState,
+    RunStatus,
+    WorkerState,
+    WorkerStatus,
+)
+from .store import ParamStore
+
+__all__ = ["PushRecord", "Run"]
+
+_INF = 1 << 62
+
+
+@dataclass
+class _Slot:
+    rank: int
+    state: WorkerState = WorkerState.VACANT
+    incarnation: int = 0
+    clock: int = 0
+    worker_name: str = ""
+    last_seen: float = 0.0  # monotonic
+    last_seen_wall: float = 0.0
+    pushes: int = 0
+    pulls_skipped: int = 0
+    waiting_for: int | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.state in (WorkerState.ACTIVE, WorkerState.DONE)
+
+
+@dataclass(frozen=True)
+class PushRecord:
+    """The server's record of one accepted push: the clocks when iteration ``clock`` completed."""
+
+    rank: int
+    clock: int
+    min_clock: int
+    """Min clock over live ranks just before the push (the SSP invariant: >= clock - s)."""
+    time: float
+
+
+class Run:
+    def __init__(
+        self,
+        run_id: str,
+        spec: RunSpec,
+        *,
+        now: Callable[[], float] = time.monotonic,
+        history: int = 20_000,
+    ) -> None:
+        self.run_id = run_id
+        self.spec = spec
+        self.state = RunState.PENDING
+        self.message = ""
+        self.created = time.time()
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.store = ParamStore(spec.params, spec.seed)
+        self.optimizer = make_optimizer(spec.optimizer, spec.params)
+        self.counters = Counters()
+        self.gate = Gate()
+        self.changes = 0
+        self.points: collections.deque[MetricPoint] = collections.deque(maxlen=history)
+        self.events: collections.deque[RunEvent] = collections.deque(maxlen=history)
+        self.pushes: collections.deque[PushRecord] = collections.deque(maxlen=100 * history)
+        self.last_eval: MetricPoint | None = None
+        self.event_count = 0
+        self._now = now
+        self._slots = [_Slot(rank=r) for r in range(spec.num_workers)]
+        self._next_incarnation = 1
+        self._retired_skipped = 0
+        # BSP: clock -> rank -> gradient, and the number of clocks combined and applied so far.
+        self._pending: dict[int, dict[int, Mapping[str, np.ndarray]]] = {}
+        self._applied_clock = 0
+        self._event("created", -1, f"{spec.num_workers} ranks, staleness {spec.describe_staleness()}")
+
+    # ------------------------------------------------------------------------------ queries
+    @property
+    def min_clock(self) -> int:
+        live = [s.clock for s in self._slots if s.live]
+        if live:
+            return min(live)
+        return max(s.clock for s in self._slots)
+
+    @property
+    def max_clock(self) -> int:
+        return max(s.clock for s in self._slots)
+
+    def has_vacancy(self) -> bool:
+        return not self.state.finished and any(
+            s.state in (WorkerState.VACANT, WorkerState.EVICTED) for s in self._slots
+        )
+
+    def _bound(self, clock: int) -> int:
+        """The min clock a rank at ``clock`` needs (-inf for ASP)."""
+        return -_INF if self.spec.unbounded else clock - self.spec.staleness
+
+    # ------------------------------------------------------------------------------ workers
+    def join(self, worker_name: str) -> Assignment:
+        """Hand the first vacant (or evicted) rank to a new incarnation."""
+        slot = next(
+            (s for s in self._slots if s.state is WorkerState.VACANT),
+            None,
+        ) or next((s for s in self._slots if s.state is WorkerState.EVICTED), None)
+        if slot is None or self.state.finished:
+            raise FailedPrecondition(
+                f"run {self.run_id} has no vacant rank (state {self.state.value}); "
+                "join without run_id to take any run's vacant rank"
+            )
+        live = [s.clock for s in self._slots if s.live]
+        start = 0 if self.state is RunState.PENDING else (min(live) if live else slot.clock)
+        if slot.state is WorkerState.EVICTED:
+            self._retired_skipped += slot.pulls_skipped
+        slot.state = WorkerState.ACTIVE
+        slot.incarnation = self._next_incarnation
+        self._next_incarnation += 1
+        slot.clock = start
+        slot.worker_name = worker_name
+        slot.pulls_skipped = 0
+        slot.waiting_for = None
+        self._touch(slot)
+        self._event("joined", slot.rank, f"{worker_name or 'a worker'} took rank {slot.rank} "
+                    f"(incarnation {slot.incarnation}, clock {start})")
+        if self.state is RunState.PENDING and all(s.state is WorkerState.ACTIVE for s in self._slots):
+            self.state = RunState.RUNNING
+            self.started = time.time()
+            self._event("started", -1, f"all {len(self._slots)} ranks joined")
+        self._changed()
+        return Assignment(self.run_id, slot.rank, slot.incarnation, self.spec, start)
+
+    def _slot(self, rank: int, incarnation: int) -> _Slot:
+        """The rank's slot if ``incarnation`` holds it, refreshing its lease; else raise."""
+        if not 0 <= rank < len(self._slots):
+            raise InvalidArgument(f"rank {rank} is out of range: run {self.run_id} has ranks "
+                                  f"0..{len(self._slots) - 1}")
+        slot = self._slots[rank]
+        if incarnation != slot.incarnation or slot.state in (WorkerState.VACANT, WorkerState.EVICTED):
+            raise FailedPrecondition(
+                f"incarnation {incarnation} of rank {rank} is stale (current: {slot.incarnation}, "
+                f"{slot.state.value}): the worker was evicted or replaced; join again"
+            )
+        self._touch(slot)
+        return slot
+
+    def _touch(self, slot: _Slot) -> None:
+        slot.last_seen = self._now()
+        slot.last_seen_wall = time.time()
+
+    def heartbeat(self, rank: int, incarnation: int) -> RunState:
+        self._slot(rank, incarnation)
+        return self.state
+
+    def report(self, rank: int, incarnation: int, points: Iterable[MetricPoint], pulls_skipped: int) -> RunState:
+        slot = self._slot(rank, incarnation)
+        points = list(points)
+        if len(points) > 10_000:
+            raise InvalidArgument(f"{len(points)} points in one report: send at most 10000")
+        slot.pulls_skipped = max(slot.pulls_skipped, pulls_skipped)
+        for p in points:
+            p = replace(p, rank=rank)
+            self.points.append(p)
+            if p.eval and (self.last_eval is None or p.clock >= self.last_eval.clock):
+                self.last_eval = p
+        self._changed()
+        return self.state
+
+    def leave(self, rank: int, incarnation: int, reason: str, message: str) -> RunState:
+        """reason: "done" (rank finished), "shutdown" (rank becomes vacant), "failed" (fails the run)."""
+        slot = self._slot(rank, incarnation)
+        if reason == "failed":
+            self._event("failed", rank, message or "worker failed")
+            self._finish(RunState.FAILED, f"rank {rank} failed: {message or 'no message'}")
+        elif reason == "shutdown":
+            self._evict(slot, f"left ({message or 'shutdown'})", kind="left")
+        else:
+            if slot.state is WorkerState.ACTIVE:
+                slot.state = WorkerState.DONE
+                self._event("done", rank, f"rank {rank} left at clock {slot.clock}")
+            self._after_clock_change()
+        return self.state
+
+    def expire(self, lease: float) -> list[int]:
+        """Evict ACTIVE ranks not heard from for ``lease`` seconds; return their ranks."""
+        now = self._now()
+        expired = [s for s in self._slots if s.state is WorkerState.ACTIVE and now - s.last_seen > lease]
+        for s in expired:
+            self._evict(s, f"lease expired: no RPC for {now - s.last_seen:.1f}s (lease {lease:.1f}s)")
+        return [s.rank for s in expired]
+
+    def _evict(self, slot: _Slot, why: str, kind: str = "evicted") -> None:
+        slot.state = WorkerState.EVICTED
+        slot.waiting_for = None
+        self.counters.evictions += kind == "evicted"
+        for grads in self._pending.values():
+            grads.pop(slot.rank, None)
+        self._event(kind, slot.rank, f"rank {slot.rank} (incarnation {slot.incarnation}, "
+                    f"clock {slot.clock}) {why}")
+        self._after_clock_change()
+
+    # ------------------------------------------------------------------------------ data plane
+    def push(
+        self, rank: int, incarnation: int, clock: int, grads: Mapping[str, np.ndarray], nbytes: int, loss: float = float("nan")
+    ) -> PushResult:
+        """Accept the gradient of iteration ``clock`` of a rank: apply (s > 0) or hold (s = 0)."""
+        try:
+            slot = self._slot(rank, incarnation)
+        except FailedPrecondition:
+            self.counters.pushes_rejected += 1
+            raise
+        if clock < slot.clock:
+            self.counters.pushes_duplicate += 1
+            return PushResult(slot.clock, True, self.min_clock, self.state)
+        try:
+            self._check_push(slot, clock, grads)
+        except Exception:
+            self.counters.pushes_rejected += 1
+            raise
+        min_before = self.min_clock
+        self.pushes.append(PushRecord(rank, clock, min_before, time.time()))
+        if self.spec.staleness == 0:
+            self._pending.setdefault(clock, {})[rank] = grads
+        else:
+            self.optimizer.step(self.store.params, grads)
+            self.counters.updates_applied += 1
+        slot.clock = clock + 1
+        slot.pushes += 1
+        self.counters.pushes_applied += 1
+        self.counters.bytes_pushed += nbytes
+        if slot.clock >= self.spec.iterations:
+            slot.state = WorkerState.DONE
+            self._event("done", rank, f"rank {rank} finished {self.spec.iterations} iterations")
+        self._after_clock_change()
+        return PushResult(slot.clock, False, self.min_clock, self.state)
+
+    def _check_push(self, slot: _Slot, clock: int, grads: Mapping[str, np.ndarray]) -> None:
+        if self.state is not RunState.RUNNING:
+            raise FailedPrecondition(f"run {self.run_id} is {self.state.value}: pushes are accepted "
+                                     "only while it is running")
+        if clock >= self.spec.iterations:
+            raise OutOfRange(f"clock {clock} is beyond the run's {self.spec.iterations} iterations")
+        if clock > slot.clock:
+            raise FailedPrecondition(f"rank {slot.rank} pushed clock {clock} but its next clock is "
+                                     f"{slot.clock}: pushes must arrive in clock order")
+        if self.min_clock < self._bound(clock):
+            raise FailedPrecondition(self._held_back_message(clock, "push"))
+        self.store.check_gradient(grads)
+
+    def check_pull(self, rank: int, incarnation: int, clock: int) -> None:
+        """Validate a worker's pull before parking it (also refreshes the lease)."""
+        self._slot(rank, incarnation)
+        if clock > self.spec.iterations:
+            raise OutOfRange(f"clock {clock} is beyond the run's {self.spec.iterations} iterations")
+
+    def pull_ready(self, rank: int, incarnation: int, clock: int) -> bool:
+        """True when the pull may be served now; raises when it never will be."""
+        slot = self._slots[rank]
+        if slot.incarnation != incarnation or slot.state in (WorkerState.VACANT, WorkerState.EVICTED):
+            raise FailedPrecondition(f"incarnation {incarnation} of rank {rank} was evicted while "
+                                     "its pull waited; join again")
+        if self.state in (RunState.STOPPED, RunState.FAILED):
+            raise FailedPrecondition(f"run {self.run_id} is {self.state.value}: {self.message}")
+        if self.state is RunState.PENDING:
+            return False
+        return slot.clock >= clock and self.min_clock >= self._bound(clock)
+
+    def park(self, rank: int, clock: int | None) -> None:
+        """Record (clock) or clear (None) what a parked pull of ``rank`` waits for."""
+        self._slots[rank].waiting_for = clock
+        if clock is not None:
+            self.counters.pulls_parked += 1
+
+    def read(self, rank: int | None, clock: int, names: list[str] | None) -> ParamsRead:
+        """Serve a pull whose wait is over (``rank`` None: an observer's read)."""
+        tensors = self.store.read(names)
+        guaranteed = self.min_clock if self.spec.staleness else self._applied_clock
+        if rank is not None:
+            lag = max(0, clock - self.min_clock)
+            self.counters.staleness_sum += lag
+            self.counters.staleness_max = max(self.counters.staleness_max, lag)
+        self.counters.pulls_served += 1
+        self.counters.bytes_pulled += sum(t.nbytes for t in tensors.values())
+        return ParamsRead(guaranteed, self.counters.updates_applied, tensors, self.state)
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def stop(self, reason: str) -> None:
+        if not self.state.finished:
+            self._event("stopped", -1, reason or "stopped by user")
+            self._finish(RunState.STOPPED, reason or "stopped by user")
+
+    def _finish(self, state: RunState, message: str) -> None:
+        self.state = state
+        self.message = message
+        self.finished = time.time()
+        self._pending.clear()
+        self._changed()
+
+    def _after_clock_change(self) -> None:
+        if self.spec.staleness == 0:
+            self._apply_ready_clocks()
+        if (
+            self.state is RunState.RUNNING
+            and not any(s.state is WorkerState.ACTIVE for s in self._slots)
+            and any(s.state is WorkerState.DONE for s in self._slots)
+        ):
+            self._event("completed", -1, f"all ranks done at min clock {self.min_clock}")
+            self._finish(RunState.COMPLETED, "all ranks finished")
+        self._changed()
+
+    def _apply_ready_clocks(self) -> None:
+        """BSP: combine and apply, in clock order, every clock all live ranks have pushed."""
+        target = self.min_clock
+        while self._applied_clock < target:
+            grads = self._pending.pop(self._applied_clock, {})
+            if grads:
+                self.optimizer.step(self.store.params, self._combine(grads))
+                self.counters.updates_applied += 1
+            self._applied_clock += 1
+
+    def _combine(self, by_rank: Mapping[int, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        ranks = sorted(by_rank)
+        out: dict[str, np.ndarray] = {}
+        for name in self.store.params:
+            acc = np.array(by_rank[ranks[0]][name], dtype=np.float32, copy=True)
+            for r in ranks[1:]:
+                np.add(acc, by_rank[r][name], out=acc)
+            if self.spec.aggregation is Aggregation.MEAN and len(ranks) > 1:
+                np.multiply(acc, np.float32(1.0 / len(ranks)), out=acc)
+            out[name] = acc
+        return out
+
+    def _event(self, kind: str, rank: int, message: str) -> None:
+        self.events.append(RunEvent(time.time(), kind, rank, message))
+        self.event_count += 1
+
+    def _changed(self) -> None:
+        self.changes += 1
+        self.gate.notify()
+
+    # ------------------------------------------------------------------------------ status
+    def _held_back_message(self, clock: int, what: str) -> str:
+        need = self._bound(clock)
+        behind = [s for s in self._slots if s.live and s.clock < need]
+        who = ", ".join(f"rank {s.rank} (clock {s.clock})" for s in behind) or "nobody"
+        return (f"a {what} for clock {clock} needs every live rank at clock >= {need} "
+                f"(staleness {self.spec.staleness}); behind: {who}")
+
+    def waiting_for(self) -> str:
+        """One sentence: what the run is waiting for right now."""
+        if self.state.finished:
+            return ""
+        vacant = [s.rank for s in self._slots if s.state in (WorkerState.VACANT, WorkerState.EVICTED)]
+        if self.state is RunState.PENDING:
+            return (f"waiting for {len(vacant)} of {len(self._slots)} ranks to join "
+                    f"(vacant: {', '.join(map(str, vacant))})")
+        parts = []
+        if vacant:
+            parts.append(f"ranks {', '.join(map(str, vacant))} vacant, waiting for a worker to join")
+        waiters = [s for s in self._slots if s.waiting_for is not None]
+        for w in waiters:
+            assert w.waiting_for is not None
+            need = self._bound(w.waiting_for)
+            if w.clock < w.waiting_for:
+                parts.append(f"rank {w.rank} waits for its own push of clock {w.clock}")
+                continue
+            holders = [s for s in self._slots if s.live and s.clock < need]
+            if holders:
+                who = ", ".join(f"rank {s.rank} (clock {s.clock})" for s in holders)
+                parts.append(f"rank {w.rank} (clock {w.clock}) waits for {who} to reach clock {need}")
+        return "; ".join(parts)
+
+    def status(self) -> RunStatus:
+        now, wall = self._now(), time.time()
+        workers = tuple(
+            WorkerStatus(
+                rank=s.rank,
+                state=s.state,
+                incarnation=s.incarnation,
+                clock=s.clock,
+                worker_name=s.worker_name,
+                last_seen=(wall - (now - s.last_seen)) if s.incarnation else 0.0,
+                pushes=s.pushes,
+                waiting_for_clock=s.waiting_for,
+                pulls_skipped=s.pulls_skipped,
+            )
+            for s in self._slots
+        )
+        counters = replace(self.counters, pulls_skipped=self._retired_skipped + sum(s.pulls_skipped for s in self._slots))
+        return RunStatus(
+            run_id=self.run_id,
+            spec=self.spec,
+            state=self.state,
+            message=self.message,
+            created=self.created,
+            started=self.started,
+            finished=self.finished,
+            workers=workers,
+            min_clock=self.min_clock,
+            max_clock=self.max_clock,
+            counters=counters,
+            last_eval=self.last_eval,
+            waiting_for=self.waiting_for(),
+        )

@@ -1,0 +1,141 @@
+"""Build the gRPC server in one function, run it in another (console script ``ps-server``).
+
+``start_server(config)`` wires registry, servicers, health and reflection, binds (port 0 picks a
+free port, as the tests do) and starts the lease sweeper. ``serve`` adds the ordered shutdown on
+SIGTERM/SIGINT: health NOT_SERVING, parked pulls and joins released with UNAVAILABLE, then
+``server.stop(grace)`` and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
+
+from .config import ServerConfig, parse_config
+from .errors import ShuttingDown
+from .registry import RunRegistry
+from .servicer import ParameterServicer, RunServicer, WorkerServicer
+
+__all__ = ["PsServer", "main", "serve", "start_server"]
+
+log = logging.getLogger("ps_server")
+
+SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[n].full_name for n in pb.DESCRIPTOR.services_by_name)
+
+
+@dataclass
+class PsServer:
+    server: grpc.aio.Server
+    port: int
+    registry: RunRegistry
+    config: ServerConfig
+    health: health.aio.HealthServicer
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Ordered shutdown: NOT_SERVING, release parked waiters, stop with grace."""
+        await self.health.enter_graceful_shutdown()
+        down = ShuttingDown("the server is shutting down; retry against its replacement")
+        for run in self.registry.runs():
+            run.gate.fail_all(down)
+        self.registry.work.fail_all(down)
+        for task in self._tasks:
+            task.cancel()
+        await self.server.stop(self.config.grace_seconds if grace is None else grace)
+
+
+async def _sweep_leases(registry: RunRegistry, config: ServerConfig) -> None:
+    period = min(1.0, config.lease_seconds / 4)
+    while True:
+        await asyncio.sleep(period)
+        for run_id, rank in registry.expire_leases(config.lease_seconds):
+            log.warning("evicted rank %d: lease expired", rank, extra={"run": run_id, "rank": rank})
+
+
+async def start_server(config: ServerConfig, registry: RunRegistry | None = None) -> PsServer:
+    registry = registry or RunRegistry(max_param_bytes=config.max_param_bytes)
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_ParameterServiceServicer_to_server(ParameterServicer(registry, config), server)
+    pb_grpc.add_RunServiceServicer_to_server(RunServicer(registry, config), server)
+    pb_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(registry, config), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    if port == 0:
+        raise OSError(f"could not bind {config.host}:{config.port}: is another server using the port?")
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    ps = PsServer(server, port, registry, config, health_servicer)
+    ps._tasks.append(asyncio.create_task(_sweep_leases(registry, config)))
+    return ps
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"time": self.formatTime(record), "level": record.levelname, "msg": record.getMessage()}
+        for key in ("run", "rank", "clock"):
+            if hasattr(record, key):
+                doc[key] = getattr(record, key)
+        return json.dumps(doc)
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ctx = " ".join(f"{k}={getattr(record, k)}" for k in ("run", "rank", "clock") if hasattr(record, k))
+        return f"{self.formatTime(record)} {record.levelname:<7} {record.getMessage()}" + (f"  [{ctx}]" if ctx else "")
+
+
+def setup_logging(config: ServerConfig) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if config.log_json else _TextFormatter())
+    root = logging.getLogger("ps_server")
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level.upper())
+    root.propagate = False
+
+
+async def serve(config: ServerConfig) -> None:
+    ps = await start_server(config)
+    print(f"ps-server listening on {config.host}:{ps.port} (generation {ps.registry.generation})", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: health NOT_SERVING, releasing parked calls, grace %.1fs", config.grace_seconds)
+    await ps.stop()
+    log.info("stopped")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_config(sys.argv[1:] if argv is None else argv)
+    setup_logging(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""gRPC servicers: decode the request, call the core, encode the answer. Nothing else lives here.
+
+Errors: core methods raise ``errors.PsError``; ``_abort`` turns them into a status code through
+``codec.STATUS_CODES``, the one mapping table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import NoReturn, TypeVar
+
+import grpc
+from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
+
+from . import codec
+from .config import ServerConfig
+from .errors import InvalidArgument, PsError, WaitTimeout
+from .registry import RunRegistry
+from .run import Run
+from .status import Assignment
+
+__all__ = ["ParameterServicer", "RunServicer", "WorkerServicer"]
+
+log = logging.getLogger("ps_server")
+T = TypeVar("T")
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: PsError) -> NoReturn:
+    await context.abort(codec.status_code(exc), str(exc))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _wait_limit(config: ServerConfig, requested: float, context: grpc.aio.ServicerContext) -> float:
+    """The park limit: the request's wish, capped by the server's limit and the call deadline."""
+    limit = config.max_wait_seconds if requested <= 0 else min(requested, config.max_wait_seconds)
+    remaining = context.time_remaining()
+    return limit if remaining is None else max(0.0, min(limit, remaining))
+
+
+def _with_last(items: Iterator[T]) -> Iterator[tuple[T, bool]]:
+    """Pairs (item, is_last)."""
+    prev = next(items, None)
+    while prev is not None:
+        nxt = next(items, None)
+        yield prev, nxt is None
+        prev = nxt
+
+
+class ParameterServicer(pb_grpc.ParameterServiceServicer):
+    def __init__(self, registry: RunRegistry, config: ServerConfig) -> None:
+        self._registry = registry
+        self._config = config
+
+    async def PushGradient(
+        self, request_iterator: AsyncIterator[pb.PushGradientRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PushGradientResponse]:
+        assembler: codec.TensorAssembler | None = None
+        key: tuple[str, int, int, int] | None = None
+        run: Run | None = None
+        async for req in request_iterator:
+            try:
+                if assembler is None:
+                    run = self._registry.get(req.run_id)
+                    assembler = codec.TensorAssembler(max_bytes=2 * run.store.nbytes + (1 << 20))
+                    key = (req.run_id, req.rank, req.incarnation, req.clock)
+                elif key != (req.run_id, req.rank, req.incarnation, req.clock):
+                    raise InvalidArgument(
+                        f"push {key} was not finished (final unset) when a request for "
+                        f"{(req.run_id, req.rank, req.incarnation, req.clock)} arrived"
+                    )
+                assert run is not None
+                try:
+                    assembler.add(req.tensors)
+                    if not req.final:
+                        continue
+                    grads = assembler.finish()
+                except PsError:
+                    run.counters.pushes_rejected += 1
+                    raise
+                result = run.push(req.rank, req.incarnation, req.clock, grads, assembler.nbytes, req.loss)
+                assembler = None
+            except PsError as exc:
+                log.info("push rejected: %s", exc, extra={"run": req.run_id, "rank": req.rank, "clock": req.clock})
+                await _abort(context, exc)
+            yield pb.PushGradientResponse(
+                clock=result.clock,
+                duplicate=result.duplicate,
+                min_clock=result.min_clock,
+                run_state=codec.run_state_to_proto(result.run_state),
+            )
+        if assembler is not None:
+            await _abort(context, InvalidArgument(f"the stream ended inside push {key} (final never set)"))
+
+    async def PullParams(
+        self, request_iterator: AsyncIterator[pb.PullParamsRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PullParamsResponse]:
+        async for req in request_iterator:
+            try:
+                run = self._registry.get(req.run_id)
+                names = list(req.names) or None
+                if req.incarnation == 0:
+                    read = run.read(None, req.clock, names)
+                else:
+                    await self._wait(run, req, context)
+                    read = run.read(req.rank, req.clock, names)
+            except PsError as exc:
+                await _abort(context, exc)
+            state = codec.run_state_to_proto(read.run_state)
+            # Chunks are encoded lazily, between sends: a model of hundreds of MB is never copied
+            # whole. A multi-message read can therefore include updates applied while it streams
+            # ("maybe newer ones too"); it always includes every update it guarantees.
+            for chunks, last in _with_last(codec.encode_tensors(read.tensors, self._config.chunk_bytes)):
+                yield pb.PullParamsResponse(
+                    guaranteed_clock=read.guaranteed_clock, version=read.version,
+                    tensors=chunks, final=last, run_state=state,
+                )
+
+    async def _wait(self, run: Run, req: pb.PullParamsRequest, context: grpc.aio.ServicerContext) -> None:
+        rank, inc, clock = req.rank, req.incarnation, req.clock
+        run.check_pull(rank, inc, clock)
+
+        def ready() -> bool:
+            return run.pull_ready(rank, inc, clock)
+
+        if ready():
+            return
+        timeout = _wait_limit(self._config, req.max_wait.ToTimedelta().total_seconds(), context)
+        run.park(rank, clock)
+        try:
+            await run.gate.wait_for(ready, timeout, run.waiting_for)
+        finally:
+            run.park(rank, None)
+
+
+class RunServicer(pb_grpc.RunServiceServicer):
+    def __init__(self, registry: RunRegistry, config: ServerConfig) -> None:
+        self._registry = registry
+        self._config = config
+
+    async def CreateRun(self, request: pb.CreateRunRequest, context: grpc.aio.ServicerContext) -> pb.CreateRunResponse:
+        try:
+            run = self._registry.create(codec.spec_from_proto(request.spec))
+        except PsError as exc:
+            await _abort(context, exc)
+        log.info("created %s: %s", run.run_id, run.spec.name or "(unnamed)", extra={"run": run.run_id})
+        return pb.CreateRunResponse(run=codec.status_to_proto(run.status()))
+
+    async def GetRun(self, request: pb.GetRunRequest, context: grpc.aio.ServicerContext) -> pb.GetRunResponse:
+        try:
+            run = self._registry.get(request.run_id)
+        except PsError as exc:
+            await _abort(context, exc)
+        return pb.GetRunResponse(run=codec.status_to_proto(run.status()))
+
+    async def ListRuns(self, request: pb.ListRunsRequest, context: grpc.aio.ServicerContext) -> pb.ListRunsResponse:
+        return pb.ListRunsResponse(runs=[codec.status_to_proto(r.status()) for r in self._registry.runs()])
+
+    async def StopRun(self, request: pb.StopRunRequest, context: grpc.aio.ServicerContext) -> pb.StopRunResponse:
+        try:
+            run = self._registry.get(request.run_id)
+        except PsError as exc:
+            await _abort(context, exc)
+        run.stop(request.reason or "stopped by user")
+        log.info("stopped %s", run.run_id, extra={"run": run.run_id})
+        return pb.StopRunResponse(run=codec.status_to_proto(run.status()))
+
+    async def WatchRun(
+        self, request: pb.WatchRunRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchRunResponse]:
+        try:
+            run = self._registry.get(request.run_id)
+        except PsError as exc:
+            await _abort(context, exc)
+        interval = request.interval.ToTimedelta().total_seconds() or 0.5
+        seen_events = max(0, run.event_count - len(run.events))
+        while True:
+            seen_changes = run.changes
+            fresh = run.event_count - seen_events
+            events = list(run.events)[-fresh:] if fresh else []
+            seen_events = run.event_count
+            status = run.status()
+            yield pb.WatchRunResponse(
+                run=codec.status_to_proto(status), events=[codec.event_to_proto(e) for e in events]
+            )
+            if status.state.finished:
+                return
+            await asyncio.sleep(interval)
+            try:
+                await run.gate.wait_for(lambda seen=seen_changes: run.changes != seen, 3600.0, lambda: "no change")
+            except WaitTimeout:
+                pass
+
+    async def GetMetrics(self, request: pb.GetMetricsRequest, context: grpc.aio.ServicerContext) -> pb.GetMetricsResponse:
+        try:
+            run = self._registry.get(request.run_id)
+        except PsError as exc:
+            await _abort(context, exc)
+        return pb.GetMetricsResponse(
+            points=[codec.point_to_proto(p) for p in run.points],
+            events=[codec.event_to_proto(e) for e in run.events],
+        )
+
+
+class WorkerServicer(pb_grpc.WorkerServiceServicer):
+    def __init__(self, registry: RunRegistry, config: ServerConfig) -> None:
+        self._registry = registry
+        self._config = config
+
+    def _assignment(self, a: Assignment) -> pb.Assignment:
+        hb = pb.Assignment(
+            run_id=a.run_id, rank=a.rank, incarnation=a.incarnation, spec=codec.spec_to_proto(a.spec),
+            start_clock=a.start_clock,
+        )
+        hb.heartbeat_interval.FromNanoseconds(int(self._config.heartbeat_seconds * 1e9))
+        hb.lease.FromNanoseconds(int(self._config.lease_seconds * 1e9))
+        return hb
+
+    async def Join(self, request: pb.JoinRequest, context: grpc.aio.ServicerContext) -> pb.JoinResponse:
+        registry = self._registry
+        try:
+            assignment = registry.join(request.worker_name, request.run_id)
+            if assignment is None:
+                timeout = _wait_limit(self._config, request.max_wait.ToTimedelta().total_seconds(), context)
+                if timeout > 0:
+                    try:
+                        await registry.work.wait_for(lambda: registry.has_work(request.run_id), timeout, lambda: "")
+                    except WaitTimeout:
+                        return pb.JoinResponse(server_generation=registry.generation)
+                    assignment = registry.join(request.worker_name, request.run_id)
+        except PsError as exc:
+            await _abort(context, exc)
+        if assignment is None:
+            return pb.JoinResponse(server_generation=registry.generation)
+        log.info("rank %d of %s to %s", assignment.rank, assignment.run_id, request.worker_name,
+                 extra={"run": assignment.run_id, "rank": assignment.rank})
+        return pb.JoinResponse(assignment=self._assignment(assignment), server_generation=registry.generation)
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
+        try:
+            run = self._registry.get(request.run_id)
+            state = run.heartbeat(request.rank, request.incarnation)
+        except PsError as exc:
+            await _abort(context, exc)
+        return pb.HeartbeatResponse(
+            run_state=codec.run_state_to_proto(state), min_clock=run.min_clock,
+            server_generation=self._registry.generation,
+        )
+
+    async def ReportMetrics(
+        self, request: pb.ReportMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReportMetricsResponse:
+        now = time.time()
+        try:
+            run = self._registry.get(request.run_id)
+            state = run.report(
+                request.rank, request.incarnation,
+                [codec.point_from_proto(p, now) for p in request.points], request.pulls_skipped,
+            )
+        except PsError as exc:
+            await _abort(context, exc)
+        return pb.ReportMetricsResponse(run_state=codec.run_state_to_proto(state))
+
+    async def Leave(self, request: pb.LeaveRequest, context: grpc.aio.ServicerContext) -> pb.LeaveResponse:
+        reasons = {pb.LEAVE_REASON_DONE: "done", pb.LEAVE_REASON_SHUTDOWN: "shutdown", pb.LEAVE_REASON_FAILED: "failed"}
+        try:
+            if request.reason not in reasons:
+                raise InvalidArgument("reason must be LEAVE_REASON_DONE, _SHUTDOWN or _FAILED")
+            run = self._registry.get(request.run_id)
+            state = run.leave(request.rank, request.incarnation, reasons[request.reason], request.message)
+        except PsError as exc:
+            await _abort(context, exc)
+        self._registry.work.notify()
+        log.info("rank %d left %s: %s", request.rank, run.run_id, reasons[request.reason],
+                 extra={"run": run.run_id, "rank": request.rank})
+        return pb.LeaveResponse(run_state=codec.run_state_to_proto(state))
+

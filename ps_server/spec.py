@@ -1,0 +1,157 @@
+"""A run's specification as the core sees it: plain frozen dataclasses, validated once.
+
+``codec`` builds these from the protobuf ``RunSpec``; nothing else in the core knows the wire
+format. ``validate_spec`` raises ``InvalidArgument`` naming the field to fix, so a bad spec never
+creates a run.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .errors import InvalidArgument
+
+__all__ = [
+    "Aggregation",
+    "Initializer",
+    "OptimizerConfig",
+    "OptimizerKind",
+    "ParamSpec",
+    "RunSpec",
+    "UNBOUNDED",
+    "validate_spec",
+]
+
+UNBOUNDED = -1
+"""Staleness value meaning unbounded (fully asynchronous, ASP)."""
+
+
+class Initializer(enum.Enum):
+    ZEROS = "zeros"
+    CONSTANT = "constant"
+    NORMAL = "normal"
+    UNIFORM = "uniform"
+
+
+class OptimizerKind(enum.Enum):
+    SGD = "sgd"
+    MOMENTUM = "momentum"
+    ADAM = "adam"
+    ADAGRAD = "adagrad"
+
+
+class Aggregation(enum.Enum):
+    MEAN = "mean"
+    SUM = "sum"
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    shape: tuple[int, ...]
+    initializer: Initializer = Initializer.ZEROS
+    scale: float = 0.0
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Hyperparameters of the server-side optimizer; fields a kind does not use are ignored."""
+
+    kind: OptimizerKind = OptimizerKind.SGD
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.999
+    epsilon: float = 1e-8
+    weight_decay: float = 0.0
+    initial_accumulator: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str
+    num_workers: int
+    iterations: int
+    params: tuple[ParamSpec, ...]
+    staleness: int = 0
+    """0 = BSP, UNBOUNDED (-1) = ASP, s > 0 = SSP."""
+    optimizer: OptimizerConfig = OptimizerConfig()
+    aggregation: Aggregation = Aggregation.MEAN
+    model_spec_json: str = "{}"
+    data_spec_json: str = "{}"
+    seed: int = 0
+    batch_size: int = 32
+    eval_every: int = 0
+    slowdown: Mapping[int, float] = field(default_factory=dict)
+
+    @property
+    def unbounded(self) -> bool:
+        return self.staleness == UNBOUNDED
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.size for p in self.params)
+
+    def describe_staleness(self) -> str:
+        if self.unbounded:
+            return "unbounded (ASP)"
+        return "0 (BSP)" if self.staleness == 0 else f"{self.staleness} (SSP)"
+
+
+def validate_spec(spec: RunSpec) -> None:
+    """Raise InvalidArgument naming the field to fix when the spec cannot run."""
+    if spec.num_workers < 1:
+        raise InvalidArgument("num_workers must be at least 1")
+    if spec.iterations < 1:
+        raise InvalidArgument("iterations must be at least 1")
+    if spec.staleness < UNBOUNDED:
+        raise InvalidArgument(
+            f"staleness {spec.staleness} is invalid: use 0 (BSP), a positive bound, or -1 (unbounded)"
+        )
+    if not spec.params:
+        raise InvalidArgument("params is empty: a run needs at least one named tensor")
+    seen: set[str] = set()
+    for p in spec.params:
+        if not p.name:
+            raise InvalidArgument("a param has an empty name")
+        if p.name in seen:
+            raise InvalidArgument(f"param {p.name!r} appears twice")
+        seen.add(p.name)
+        if not p.shape or any(d < 1 for d in p.shape):
+            raise InvalidArgument(
+                f"param {p.name!r} has shape {list(p.shape)}: every dimension must be >= 1"
+            )
+        if not math.isfinite(p.scale):
+            raise InvalidArgument(f"param {p.name!r} has a non-finite initializer scale")
+    opt = spec.optimizer
+    if not (math.isfinite(opt.learning_rate) and opt.learning_rate > 0):
+        raise InvalidArgument(f"learning_rate must be a positive number, got {opt.learning_rate}")
+    if opt.kind is OptimizerKind.MOMENTUM and not 0 <= opt.momentum < 1:
+        raise InvalidArgument(f"momentum must be in [0, 1), got {opt.momentum}")
+    if opt.kind is OptimizerKind.ADAM and not (0 <= opt.beta1 < 1 and 0 <= opt.beta2 < 1):
+        raise InvalidArgument(f"adam betas must be in [0, 1), got {opt.beta1}, {opt.beta2}")
+    if opt.kind in (OptimizerKind.ADAM, OptimizerKind.ADAGRAD) and not opt.epsilon > 0:
+        raise InvalidArgument(f"epsilon must be positive, got {opt.epsilon}")
+    if opt.weight_decay < 0 or not math.isfinite(opt.weight_decay):
+        raise InvalidArgument(f"weight_decay must be >= 0, got {opt.weight_decay}")
+    for label, text in (("model_spec_json", spec.model_spec_json), ("data_spec_json", spec.data_spec_json)):
+        try:
+            value = json.loads(text or "{}")
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"{label} is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise InvalidArgument(f"{label} must be a JSON object, got {type(value).__name__}")
+    for rank, factor in spec.slowdown.items():
+        if not 0 <= rank < spec.num_workers or not (math.isfinite(factor) and factor >= 1.0):
+            raise InvalidArgument(
+                f"slowdown for rank {rank} = {factor}: ranks are 0..{spec.num_workers - 1}, factors >= 1"
+            )

@@ -1,0 +1,137 @@
+"""Lifecycle states and read-only snapshots of a run: values the status RPC and psctl render."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .spec import RunSpec
+
+__all__ = [
+    "Assignment",
+    "Counters",
+    "MetricPoint",
+    "ParamsRead",
+    "PushResult",
+    "RunEvent",
+    "RunState",
+    "RunStatus",
+    "WorkerState",
+    "WorkerStatus",
+]
+
+
+class RunState(enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RunState.COMPLETED, RunState.STOPPED, RunState.FAILED)
+
+
+class WorkerState(enum.Enum):
+    VACANT = "vacant"
+    ACTIVE = "active"
+    DONE = "done"
+    EVICTED = "evicted"
+
+
+@dataclass
+class Counters:
+    pushes_applied: int = 0
+    pushes_duplicate: int = 0
+    pushes_rejected: int = 0
+    pulls_served: int = 0
+    pulls_parked: int = 0
+    pulls_skipped: int = 0
+    bytes_pushed: int = 0
+    bytes_pulled: int = 0
+    updates_applied: int = 0
+    evictions: int = 0
+    staleness_sum: int = 0
+    staleness_max: int = 0
+
+
+@dataclass(frozen=True)
+class MetricPoint:
+    rank: int
+    clock: int
+    time: float
+    loss: float
+    eval: bool = False
+    eval_loss: float = float("nan")
+    eval_accuracy: float = float("nan")
+    samples: int = 0
+    step_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    time: float
+    kind: str
+    rank: int
+    message: str
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    rank: int
+    state: WorkerState
+    incarnation: int
+    clock: int
+    worker_name: str
+    last_seen: float
+    """Wall time of the last RPC, 0 if never."""
+    pushes: int
+    waiting_for_clock: int | None
+    """Min clock a parked pull of this rank waits for, None when not waiting."""
+    pulls_skipped: int
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    run_id: str
+    spec: RunSpec
+    state: RunState
+    message: str
+    created: float
+    started: float | None
+    finished: float | None
+    workers: tuple[WorkerStatus, ...]
+    min_clock: int
+    max_clock: int
+    counters: Counters
+    last_eval: MetricPoint | None
+    waiting_for: str
+
+
+@dataclass(frozen=True)
+class Assignment:
+    run_id: str
+    rank: int
+    incarnation: int
+    spec: RunSpec
+    start_clock: int
+
+
+@dataclass(frozen=True)
+class PushResult:
+    clock: int
+    duplicate: bool
+    min_clock: int
+    run_state: RunState
+
+
+@dataclass(frozen=True)
+class ParamsRead:
+    guaranteed_clock: int
+    version: int
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    """Name -> numpy array (live views: encode them before the next state change)."""
+    run_state: RunState = RunState.RUNNING

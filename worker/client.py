@@ -1,0 +1,281 @@
+"""The async client of a paramserver: what workers, psctl and the tests use to talk to a server.
+
+Every call has a deadline. The data plane keeps one PushGradient and one PullParams stream open
+and reuses them for every push and pull (several times the message rate of one call per
+operation); a stream that fails or times out is dropped and reopened by the next operation.
+Pulled tensors are written into arrays the caller owns, so steady-state pulls allocate nothing.
+
+Errors come back as ``PsClientError`` with the gRPC status code and the server's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Mapping, Sequence
+
+import grpc
+import numpy as np
+from google.protobuf.duration_pb2 import Duration
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
+from paramserver.v1.tensors import F32, encode_tensors
+
+__all__ = ["PsClient", "PsClientError", "PullResult", "channel_options"]
+
+
+class PsClientError(Exception):
+    """A call failed: ``code`` is the gRPC status code, ``details`` the server's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, method: str = "") -> None:
+        super().__init__(f"{method + ': ' if method else ''}{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.aio.AioRpcError, method: str) -> PsClientError:
+        return cls(exc.code(), exc.details() or "", method)
+
+    @property
+    def retryable(self) -> bool:
+        return self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@dataclass
+class PullResult:
+    guaranteed_clock: int
+    version: int
+    run_state: int
+    tensors: dict[str, np.ndarray]
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.enable_retries", 0),
+        ("grpc.keepalive_time_ms", 20_000),
+    ]
+
+
+def _duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+class _Stream:
+    """One long-lived bidirectional stream that carries one operation at a time."""
+
+    def __init__(self, open_call: Any, method: str) -> None:
+        self._open_call = open_call
+        self._method = method
+        self._call: Any = None
+        self._lock = asyncio.Lock()
+
+    async def exchange(self, requests: Sequence[Any], timeout: float, *, until_final: bool) -> list[Any]:
+        """Write ``requests``, read one response (or until one has ``final`` set); bounded by timeout."""
+        async with self._lock:
+            if self._call is None:
+                self._call = self._open_call()
+            call = self._call
+            try:
+                async with asyncio.timeout(timeout):
+                    for req in requests:
+                        await call.write(req)
+                    out = []
+                    while True:
+                        resp = await call.read()
+                        if resp is grpc.aio.EOF:
+                            raise PsClientError(grpc.StatusCode.UNAVAILABLE, "stream closed by the server", self._method)
+                        out.append(resp)
+                        if not until_final or resp.final:
+                            return out
+            except grpc.aio.AioRpcError as exc:
+                self._call = None
+                raise PsClientError.from_rpc(exc, self._method) from None
+            except TimeoutError:
+                self.close()
+                raise PsClientError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:.1f}s", self._method
+                ) from None
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+
+class PsClient:
+    """Connect with ``async with PsClient("host:port") as ps:``; every method has a deadline."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = 30.0,
+        chunk_bytes: int = 1 << 20,
+        max_message_bytes: int = 64 << 20,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.chunk_bytes = chunk_bytes
+        self._channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes))
+        self.runs = pb_grpc.RunServiceStub(self._channel)
+        self.workers = pb_grpc.WorkerServiceStub(self._channel)
+        self.data = pb_grpc.ParameterServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._push = _Stream(self.data.PushGradient, "PushGradient")
+        self._pull = _Stream(self.data.PullParams, "PullParams")
+
+    async def __aenter__(self) -> PsClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._push.close()
+        self._pull.close()
+        await self._channel.close()
+
+    async def _unary(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return await method(request, timeout=timeout or self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise PsClientError.from_rpc(exc, method._method.decode().rsplit("/", 1)[-1]) from None
+
+    # -------------------------------------------------------------------------- health
+    async def health(self, service: str = "", timeout: float | None = None) -> str:
+        resp = await self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until the server answers its health check (for start-up races)."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+        except TimeoutError:
+            raise PsClientError(
+                grpc.StatusCode.UNAVAILABLE, f"no server answered at {self.address} within {timeout:.0f}s"
+            ) from None
+
+    # -------------------------------------------------------------------------- runs
+    async def create_run(self, spec: pb.RunSpec) -> pb.Run:
+        return (await self._unary(self.runs.CreateRun, pb.CreateRunRequest(spec=spec))).run
+
+    async def get_run(self, run_id: str) -> pb.Run:
+        return (await self._unary(self.runs.GetRun, pb.GetRunRequest(run_id=run_id))).run
+
+    async def list_runs(self) -> list[pb.Run]:
+        return list((await self._unary(self.runs.ListRuns, pb.ListRunsRequest())).runs)
+
+    async def stop_run(self, run_id: str, reason: str = "") -> pb.Run:
+        return (await self._unary(self.runs.StopRun, pb.StopRunRequest(run_id=run_id, reason=reason))).run
+
+    async def get_metrics(self, run_id: str) -> pb.GetMetricsResponse:
+        return await self._unary(self.runs.GetMetrics, pb.GetMetricsRequest(run_id=run_id))
+
+    async def watch_run(self, run_id: str, interval: float = 0.5, idle_timeout: float = 60.0) -> AsyncIterator[pb.WatchRunResponse]:
+        """Snapshots until the run finishes; raises DEADLINE_EXCEEDED if none comes for idle_timeout."""
+        call = self.runs.WatchRun(pb.WatchRunRequest(run_id=run_id, interval=_duration(interval)))
+        try:
+            while True:
+                async with asyncio.timeout(idle_timeout):
+                    resp = await call.read()
+                if resp is grpc.aio.EOF:
+                    return
+                yield resp
+        except grpc.aio.AioRpcError as exc:
+            raise PsClientError.from_rpc(exc, "WatchRun") from None
+        except TimeoutError:
+            raise PsClientError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no update for {idle_timeout:.0f}s", "WatchRun") from None
+        finally:
+            call.cancel()
+
+    # -------------------------------------------------------------------------- workers
+    async def join(self, worker_name: str, run_id: str = "", max_wait: float = 10.0) -> pb.JoinResponse:
+        req = pb.JoinRequest(worker_name=worker_name, run_id=run_id, max_wait=_duration(max_wait))
+        return await self._unary(self.workers.Join, req, timeout=max_wait + self.timeout)
+
+    async def heartbeat(self, run_id: str, rank: int, incarnation: int, clock: int) -> pb.HeartbeatResponse:
+        req = pb.HeartbeatRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock)
+        return await self._unary(self.workers.Heartbeat, req)
+
+    async def report_metrics(
+        self, run_id: str, rank: int, incarnation: int, points: Sequence[pb.MetricPoint], pulls_skipped: int
+    ) -> pb.ReportMetricsResponse:
+        req = pb.ReportMetricsRequest(
+            run_id=run_id, rank=rank, incarnation=incarnation, points=points, pulls_skipped=pulls_skipped
+        )
+        return await self._unary(self.workers.ReportMetrics, req)
+
+    async def leave(self, run_id: str, rank: int, incarnation: int, reason: int, message: str = "") -> pb.LeaveResponse:
+        req = pb.LeaveRequest(run_id=run_id, rank=rank, incarnation=incarnation, reason=reason, message=message)  # type: ignore[arg-type]
+        return await self._unary(self.workers.Leave, req)
+
+    # -------------------------------------------------------------------------- data plane
+    async def push(
+        self,
+        run_id: str,
+        rank: int,
+        incarnation: int,
+        clock: int,
+        grads: Mapping[str, np.ndarray],
+        loss: float = 0.0,
+        timeout: float | None = None,
+    ) -> pb.PushGradientResponse:
+        """Push the gradient of iteration ``clock``; safe to retry with the same arguments."""
+        batches = list(encode_tensors(grads, self.chunk_bytes)) or [[]]
+        requests = [
+            pb.PushGradientRequest(
+                run_id=run_id, rank=rank, incarnation=incarnation, clock=clock, tensors=chunks,
+                final=i == len(batches) - 1, loss=loss,
+            )
+            for i, chunks in enumerate(batches)
+        ]
+        (resp,) = await self._push.exchange(requests, timeout or self.timeout, until_final=False)
+        return resp  # type: ignore[no-any-return]
+
+    async def pull(
+        self,
+        run_id: str,
+        rank: int = 0,
+        incarnation: int = 0,
+        clock: int = 0,
+        *,
+        into: dict[str, np.ndarray] | None = None,
+        names: Sequence[str] = (),
+        max_wait: float | None = None,
+        timeout: float | None = None,
+    ) -> PullResult:
+        """Pull parameters for iteration ``clock`` (incarnation 0: an observer's read, no wait).
+
+        Tensors are written into ``into`` (arrays reused across pulls) when given, else into new
+        arrays. The call's deadline is ``max_wait`` (how long the server may park it) plus the
+        client's timeout.
+        """
+        wait = self.timeout if max_wait is None else max_wait
+        req = pb.PullParamsRequest(
+            run_id=run_id, rank=rank, incarnation=incarnation, clock=clock, names=names, max_wait=_duration(wait)
+        )
+        responses = await self._pull.exchange([req], timeout or (wait + self.timeout), until_final=True)
+        out = {} if into is None else into
+        for resp in responses:
+            for chunk in resp.tensors:
+                data = chunk.data  # read once: each access copies
+                arr = out.get(chunk.name)
+                shape = tuple(chunk.shape)
+                if arr is None or arr.shape != shape:
+                    if chunk.offset == 0 and len(data) == 4 * int(np.prod(shape)):
+                        out[chunk.name] = np.frombuffer(data, F32).reshape(shape).copy()
+                        continue
+                    arr = out[chunk.name] = np.empty(shape, F32)
+                flat = arr.reshape(-1)
+                flat[chunk.offset : chunk.offset + len(data) // 4] = np.frombuffer(data, F32)
+        last = responses[-1]
+        return PullResult(last.guaranteed_clock, last.version, last.run_state, out)
