@@ -14,10 +14,12 @@ from collections.abc import Iterable
 import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
+
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1.tensors import F32, encode_tensors
 
 from . import errors
+from .run import ClockRecord
 from .spec import Aggregation, Initializer, OptimizerConfig, OptimizerKind, ParamSpec, RunSpec
 from .status import MetricPoint, RunEvent, RunState, RunStatus, WorkerState
 
@@ -27,6 +29,7 @@ __all__ = [
     "encode_tensors",
     "point_from_proto",
     "point_to_proto",
+    "record_to_proto",
     "run_state_to_proto",
     "spec_from_proto",
     "spec_to_proto",
@@ -265,6 +268,11 @@ def point_from_proto(p: pb.MetricPoint, now: float) -> MetricPoint:
         eval=p.eval, eval_loss=p.eval_loss, eval_accuracy=p.eval_accuracy, samples=p.samples,
         step_seconds=p.step_seconds,
     )
+
+
+def record_to_proto(r: ClockRecord) -> pb.ClockRecord:
+    kind = pb.ClockRecord.KIND_PULL if r.kind == "pull" else pb.ClockRecord.KIND_PUSH
+    return pb.ClockRecord(kind=kind, rank=r.rank, clock=r.clock, min_clock=r.min_clock, time=_ts(r.time))
 
 
 def event_to_proto(e: RunEvent) -> pb.RunEvent:

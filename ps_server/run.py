@@ -45,7 +45,7 @@ from .status import (
 )
 from .store import ParamStore
 
-__all__ = ["PushRecord", "Run"]
+__all__ = ["ClockRecord", "Run"]
 
 _INF = 1 << 62
 
@@ -69,13 +69,15 @@ class _Slot:
 
 
 @dataclass(frozen=True)
-class PushRecord:
-    """The server's record of one accepted push: the clocks when iteration ``clock`` completed."""
+class ClockRecord:
+    """The server's record of a served pull (an iteration starts) or an accepted push (it ends)."""
 
+    kind: str
+    """"pull" or "push"."""
     rank: int
     clock: int
     min_clock: int
-    """Min clock over live ranks just before the push (the SSP invariant: >= clock - s)."""
+    """Min clock over live ranks when the pull was served / just before the push was applied."""
     time: float
 
 
@@ -102,7 +104,7 @@ class Run:
         self.changes = 0
         self.points: collections.deque[MetricPoint] = collections.deque(maxlen=history)
         self.events: collections.deque[RunEvent] = collections.deque(maxlen=history)
-        self.pushes: collections.deque[PushRecord] = collections.deque(maxlen=100 * history)
+        self.clock_records: collections.deque[ClockRecord] = collections.deque(maxlen=10 * history)
         self.last_eval: MetricPoint | None = None
         self.event_count = 0
         self._now = now
@@ -132,7 +134,12 @@ class Run:
         )
 
     def _bound(self, clock: int) -> int:
-        """The min clock a rank at ``clock`` needs (-inf for ASP)."""
+        """The min clock a rank at ``clock`` needs: clock - s (-inf for ASP).
+
+        Clock ``iterations`` is the read of the final parameters: it needs every rank finished.
+        """
+        if clock >= self.spec.iterations:
+            return self.spec.iterations
         return -_INF if self.spec.unbounded else clock - self.spec.staleness
 
     # ------------------------------------------------------------------------------ workers
@@ -228,6 +235,11 @@ class Run:
         return [s.rank for s in expired]
 
     def _evict(self, slot: _Slot, why: str, kind: str = "evicted") -> None:
+        if slot.clock >= self.spec.iterations:  # nothing left to hand over: it is done
+            slot.state = WorkerState.DONE
+            self._event("done", slot.rank, f"rank {slot.rank} {why} after finishing")
+            self._after_clock_change()
+            return
         slot.state = WorkerState.EVICTED
         slot.waiting_for = None
         self.counters.evictions += kind == "evicted"
@@ -256,7 +268,7 @@ class Run:
             self.counters.pushes_rejected += 1
             raise
         min_before = self.min_clock
-        self.pushes.append(PushRecord(rank, clock, min_before, time.time()))
+        self.clock_records.append(ClockRecord("push", rank, clock, min_before, time.time()))
         if self.spec.staleness == 0:
             self._pending.setdefault(clock, {})[rank] = grads
         else:
@@ -266,9 +278,8 @@ class Run:
         slot.pushes += 1
         self.counters.pushes_applied += 1
         self.counters.bytes_pushed += nbytes
-        if slot.clock >= self.spec.iterations:
-            slot.state = WorkerState.DONE
-            self._event("done", rank, f"rank {rank} finished {self.spec.iterations} iterations")
+        if slot.clock == self.spec.iterations:
+            self._event("finished", rank, f"rank {rank} completed its {self.spec.iterations} iterations")
         self._after_clock_change()
         return PushResult(slot.clock, False, self.min_clock, self.state)
 
@@ -314,6 +325,7 @@ class Run:
         tensors = self.store.read(names)
         guaranteed = self.min_clock if self.spec.staleness else self._applied_clock
         if rank is not None:
+            self.clock_records.append(ClockRecord("pull", rank, clock, self.min_clock, time.time()))
             lag = max(0, clock - self.min_clock)
             self.counters.staleness_sum += lag
             self.counters.staleness_max = max(self.counters.staleness_max, lag)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import NoReturn, TypeVar
 
 import grpc
+
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 
@@ -202,6 +203,7 @@ class RunServicer(pb_grpc.RunServiceServicer):
         return pb.GetMetricsResponse(
             points=[codec.point_to_proto(p) for p in run.points],
             events=[codec.event_to_proto(e) for e in run.events],
+            clock_records=[codec.record_to_proto(r) for r in run.clock_records] if request.include_clock_records else [],
         )
 
 

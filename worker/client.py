@@ -11,8 +11,9 @@ Errors come back as ``PsClientError`` with the gRPC status code and the server's
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Mapping, Sequence
+from typing import Any
 
 import grpc
 import numpy as np

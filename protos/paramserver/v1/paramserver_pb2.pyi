@@ -445,18 +445,44 @@ class WatchRunResponse(_message.Message):
     def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ..., events: _Optional[_Iterable[_Union[RunEvent, _Mapping]]] = ...) -> None: ...
 
 class GetMetricsRequest(_message.Message):
-    __slots__ = ("run_id",)
+    __slots__ = ("run_id", "include_clock_records")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_CLOCK_RECORDS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
-    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+    include_clock_records: bool
+    def __init__(self, run_id: _Optional[str] = ..., include_clock_records: _Optional[bool] = ...) -> None: ...
+
+class ClockRecord(_message.Message):
+    __slots__ = ("kind", "rank", "clock", "min_clock", "time")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[ClockRecord.Kind]
+        KIND_PULL: _ClassVar[ClockRecord.Kind]
+        KIND_PUSH: _ClassVar[ClockRecord.Kind]
+    KIND_UNSPECIFIED: ClockRecord.Kind
+    KIND_PULL: ClockRecord.Kind
+    KIND_PUSH: ClockRecord.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    MIN_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    kind: ClockRecord.Kind
+    rank: int
+    clock: int
+    min_clock: int
+    time: _timestamp_pb2.Timestamp
+    def __init__(self, kind: _Optional[_Union[ClockRecord.Kind, str]] = ..., rank: _Optional[int] = ..., clock: _Optional[int] = ..., min_clock: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetMetricsResponse(_message.Message):
-    __slots__ = ("points", "events")
+    __slots__ = ("points", "events", "clock_records")
     POINTS_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_RECORDS_FIELD_NUMBER: _ClassVar[int]
     points: _containers.RepeatedCompositeFieldContainer[MetricPoint]
     events: _containers.RepeatedCompositeFieldContainer[RunEvent]
-    def __init__(self, points: _Optional[_Iterable[_Union[MetricPoint, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[RunEvent, _Mapping]]] = ...) -> None: ...
+    clock_records: _containers.RepeatedCompositeFieldContainer[ClockRecord]
+    def __init__(self, points: _Optional[_Iterable[_Union[MetricPoint, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[RunEvent, _Mapping]]] = ..., clock_records: _Optional[_Iterable[_Union[ClockRecord, _Mapping]]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("worker_name", "run_id", "max_wait")

@@ -82,12 +82,14 @@ class ParameterServiceServicer:
         """PullParams reads a run's parameters for a worker about to compute iteration `clock`. The
         server parks the request (no thread, no polling) until the run is running, the min clock over
         live ranks is >= clock - staleness and the caller's own clock is >= clock (its own pushes are
-        in), then streams the parameters as chunks, the last response with `final` set. Like
+        in), then streams the parameters as chunks, the last response with `final` set. Clock = the
+        run's iteration count reads the final parameters: it waits until every live rank finished. Like
         PushGradient the stream may carry many pulls in turn. A request with incarnation 0 is an
         observer's read (psctl export): it never waits and serves the current parameters.
         Errors end the stream:
-        NOT_FOUND           unknown run, or unknown tensor name;
-        FAILED_PRECONDITION stale incarnation, run finished before the wait was satisfied;
+        NOT_FOUND           unknown run;
+        INVALID_ARGUMENT    unknown tensor name, rank out of range;
+        FAILED_PRECONDITION stale incarnation (evicted while waiting), run stopped or failed;
         OUT_OF_RANGE        clock beyond the run's iteration count;
         DEADLINE_EXCEEDED   the server's park limit passed; the message names the ranks waited on;
         UNAVAILABLE         the server is shutting down.
@@ -274,7 +276,7 @@ class RunServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetMetrics(self, request, context):
-        """GetMetrics returns a run's metrics history and events.
+        """GetMetrics returns a run's metrics history and events, and on request its clock records.
         Errors: NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

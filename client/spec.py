@@ -1,0 +1,117 @@
+"""Turn what a user types (``--model mlp:64 --dataset digits --epochs 10``) into a ``RunSpec``.
+
+The launcher resolves everything the server must not have to understand: the model's parameter
+layout and initializers (from ``worker.models``), the dataset's dimensions and the number of
+iterations an epoch takes on one rank's shard (from ``worker.datasets``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from paramserver.v1 import paramserver_pb2 as pb
+from worker.datasets import load_dataset, parse_dataset
+from worker.models import build_model, parse_model
+
+__all__ = ["LaunchOptions", "build_run_spec", "parse_staleness"]
+
+_INIT = {"zeros": pb.INITIALIZER_ZEROS, "normal": pb.INITIALIZER_NORMAL, "uniform": pb.INITIALIZER_UNIFORM}
+UNBOUNDED_WORDS = ("inf", "unbounded", "async", "asp", "-1")
+
+
+def parse_staleness(text: str) -> int:
+    """'0'/'bsp' -> 0, a positive integer -> itself, 'inf'/'unbounded'/'asp' -> -1."""
+    t = str(text).strip().lower()
+    if t in UNBOUNDED_WORDS:
+        return -1
+    if t == "bsp":
+        return 0
+    try:
+        value = int(t)
+    except ValueError:
+        raise ValueError(f"staleness {text!r}: use 0 (BSP), a positive integer, or 'inf' (unbounded)") from None
+    if value < 0:
+        raise ValueError(f"staleness {text!r}: use 0 (BSP), a positive integer, or 'inf' (unbounded)")
+    return value
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    model: str = "mlp:64"
+    dataset: str = "digits"
+    workers: int = 4
+    staleness: str = "2"
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    epochs: float = 10.0
+    iterations: int = 0
+    """When > 0, overrides epochs."""
+    batch_size: int = 32
+    seed: int = 0
+    name: str = ""
+    eval_every: int = 0
+    """0 = about 20 evaluations over the run."""
+    aggregation: str = "mean"
+    slowdown: tuple[tuple[int, float], ...] = ()
+
+
+def _optimizer(o: LaunchOptions) -> pb.OptimizerSpec:
+    kind = o.optimizer.lower()
+    if kind == "sgd":
+        return pb.OptimizerSpec(sgd=pb.SgdConfig(learning_rate=o.lr, weight_decay=o.weight_decay))
+    if kind == "momentum":
+        return pb.OptimizerSpec(momentum=pb.MomentumConfig(learning_rate=o.lr, momentum=o.momentum,
+                                                           weight_decay=o.weight_decay))
+    if kind == "nesterov":
+        return pb.OptimizerSpec(momentum=pb.MomentumConfig(learning_rate=o.lr, momentum=o.momentum, nesterov=True,
+                                                           weight_decay=o.weight_decay))
+    if kind == "adam":
+        return pb.OptimizerSpec(adam=pb.AdamConfig(learning_rate=o.lr, beta1=0.9, beta2=0.999, epsilon=1e-8,
+                                                   weight_decay=o.weight_decay))
+    if kind == "adagrad":
+        return pb.OptimizerSpec(adagrad=pb.AdagradConfig(learning_rate=o.lr, epsilon=1e-10))
+    raise ValueError(f"optimizer {o.optimizer!r}: choose sgd, momentum, nesterov, adam or adagrad")
+
+
+def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
+    """Validate the options and build the spec; raises ValueError saying what to fix."""
+    if o.workers < 1:
+        raise ValueError(f"--workers {o.workers}: need at least 1")
+    if o.batch_size < 1:
+        raise ValueError(f"--batch-size {o.batch_size}: need at least 1")
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        raise ValueError(f"--lr {o.lr}: use a positive learning rate")
+    model_spec = parse_model(o.model)
+    data_spec = parse_dataset(o.dataset)
+    data = load_dataset(data_spec)
+    model = build_model(model_spec, data.n_features, data.n_outputs)
+    if model.task != data.task:
+        raise ValueError(f"model {o.model!r} does a {model.task} task but dataset {o.dataset!r} is {data.task}: "
+                         f"use {'linear' if data.task == 'regression' else 'softmax or mlp:...'}")
+    shard = math.ceil(len(data.X_train) / o.workers)
+    per_epoch = math.ceil(shard / o.batch_size)
+    iterations = o.iterations or max(1, round(o.epochs * per_epoch))
+    eval_every = o.eval_every or max(1, iterations // 20)
+    return pb.RunSpec(
+        name=o.name or f"{o.model} on {o.dataset}",
+        model_spec_json=json.dumps(model_spec, sort_keys=True),
+        data_spec_json=json.dumps(data_spec, sort_keys=True),
+        num_workers=o.workers,
+        staleness=parse_staleness(o.staleness),
+        optimizer=_optimizer(o),
+        aggregation=pb.AGGREGATION_SUM if o.aggregation == "sum" else pb.AGGREGATION_MEAN,
+        iterations=iterations,
+        params=[
+            pb.ParamSpec(name=p.name, shape=p.shape, dtype=pb.DATA_TYPE_FLOAT32, initializer=_INIT[p.init],
+                         scale=p.scale)
+            for p in model.param_specs()
+        ],
+        seed=o.seed,
+        batch_size=o.batch_size,
+        eval_every=eval_every,
+        slowdown=dict(o.slowdown),
+    )

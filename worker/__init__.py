@@ -1,0 +1,1 @@
+"""ps-worker: joins the cluster, pulls parameters, computes gradients on its data shard, pushes them."""

@@ -1,0 +1,392 @@
+"""Datasets, per-worker shards and deterministic mini-batches.
+
+A run's dataset travels through the server as a JSON-able spec (a dict with ``"kind"``) that
+the server does not interpret; every worker calls :func:`load_dataset` on it and must get the
+same arrays. CLI forms (:func:`parse_dataset`) and defaults:
+
+* ``digits`` -- scikit-learn's bundled 8x8 digits (1797 x 64, 10 classes, no download). Fixed
+  80/20 stratified split (``random_state=0``); features standardised with the TRAIN mean/std
+  (a zero std becomes 1).
+* ``synthetic-regression[:samples=2000,features=20,outputs=1,noise=0.01,seed=0,test_fraction=0.2]``
+  -- ``X ~ N(0, 1)``, ``W* ~ N(0, 1)`` of shape (features, outputs), ``b* ~ N(0, 1)``,
+  ``y = X W* + b* + noise · N(0, 1)``; ``y`` is ``(n,)`` for one output. ``extras`` holds
+  ``true_weight`` and ``true_bias`` (the shapes of ``linear.weight`` / ``linear.bias``).
+* ``synthetic-classification[:samples=10000,features=784,classes=10,separation=5.0,seed=0,test_fraction=0.2]``
+  -- balanced labels, ``x = c_y + N(0, I)`` with random class centroids ``c_k`` whose expected
+  pairwise distance is ``separation`` noise standard deviations. The default is learnable but
+  not trivial (softmax regression ~0.93 test accuracy after a few epochs, not 1.0).
+* ``npz:PATH[,test_fraction=0.2,seed=0]`` -- a ``.npz`` with ``X`` and ``y`` (split with
+  ``test_fraction``/``seed``) or with ``X_train, y_train, X_test, y_test`` (used as given).
+  Integer ``y`` means classification (``n_outputs = max label + 1``), float ``y`` regression.
+
+Invariants: ``X`` is float32 C-contiguous ``(n, n_features)``; ``y`` is int64 labels or float32
+targets; every array of a :class:`Dataset` is read-only, because :func:`load_dataset` memoises
+per process (keyed on the canonical JSON of the spec with defaults filled in, plus the file's
+size and mtime for npz) and hands the same arrays to every caller.
+
+Sharding and batches: :func:`shard_indices` splits ``range(n)`` into disjoint, covering shards
+whose sizes differ by at most one; :class:`BatchSampler` gives the indices (into a shard) used
+by iteration ``clock``, a pure function of ``(seed, rank, clock)`` so a reference run can
+replay exactly which examples each iteration saw.
+
+Errors: :class:`DatasetError` (a ``ValueError``); messages say what to fix.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "BatchSampler",
+    "Dataset",
+    "DatasetError",
+    "load_dataset",
+    "parse_dataset",
+    "shard_indices",
+]
+
+_FORMS = (
+    "accepted dataset forms: 'digits'; "
+    "'synthetic-regression[:samples=2000,features=20,outputs=1,noise=0.01,seed=0,test_fraction=0.2]'; "
+    "'synthetic-classification[:samples=10000,features=784,classes=10,separation=5.0,seed=0,test_fraction=0.2]'; "
+    "'npz:PATH[,test_fraction=0.2,seed=0]'"
+)
+
+# kind -> {key: default}; the type of each default is the type the key must have.
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {},
+    "synthetic-regression": {
+        "samples": 2000, "features": 20, "outputs": 1, "noise": 0.01, "seed": 0, "test_fraction": 0.2,
+    },
+    "synthetic-classification": {
+        "samples": 10000, "features": 784, "classes": 10, "separation": 5.0, "seed": 0, "test_fraction": 0.2,
+    },
+    "npz": {"path": "", "test_fraction": 0.2, "seed": 0},
+}
+_MINIMUM = {"samples": 2, "features": 1, "outputs": 1, "classes": 2, "seed": 0}
+
+
+class DatasetError(ValueError):
+    """A dataset spec, text or file is unusable; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A train/test split. Arrays are read-only and may be shared between callers."""
+
+    name: str
+    task: str  # "classification" | "regression"
+    X_train: npt.NDArray[np.float32]
+    y_train: npt.NDArray[Any]  # int64 labels, or float32 (n,) / (n, k) targets
+    X_test: npt.NDArray[np.float32]
+    y_test: npt.NDArray[Any]
+    n_features: int
+    n_outputs: int  # classes, or regression outputs
+    extras: Mapping[str, npt.NDArray[Any]]
+
+
+# -- specs ----------------------------------------------------------------------------------
+
+def parse_dataset(text: str) -> dict[str, Any]:
+    """Turn a CLI dataset string into a canonical JSON-able spec (defaults filled in)."""
+    text = text.strip()
+    kind, sep, rest = text.partition(":")
+    kind = kind.strip().lower()
+    if kind not in _DEFAULTS:
+        raise DatasetError(f"unknown dataset {text!r}; {_FORMS}")
+    raw: dict[str, Any] = {"kind": kind}
+    if kind == "npz":
+        # Options trail the path, so a path may itself contain ',' or '='.
+        while m := re.search(r",\s*(test_fraction|seed)\s*=\s*([^,]*)$", rest):
+            raw[m.group(1)] = m.group(2).strip()
+            rest = rest[: m.start()]
+        if not rest.strip():
+            raise DatasetError(f"npz dataset needs a path, got {text!r}; {_FORMS}")
+        raw["path"] = rest.strip()
+    elif sep and rest.strip():
+        for item in rest.split(","):
+            key, eq, value = item.partition("=")
+            key = key.strip()
+            if not eq or not key:
+                raise DatasetError(f"bad option {item!r} in {text!r}: use key=value; {_FORMS}")
+            if key in raw:
+                raise DatasetError(f"option {key!r} given twice in {text!r}")
+            raw[key] = value.strip()
+    elif sep:
+        raise DatasetError(f"empty option list in {text!r}; {_FORMS}")
+    return _canonical(raw, from_text=True)
+
+
+def _canonical(spec: Mapping[str, Any], from_text: bool = False) -> dict[str, Any]:
+    """Validate ``spec``, coerce its values and fill in defaults."""
+    if not isinstance(spec, Mapping) or "kind" not in spec:
+        raise DatasetError(f"dataset spec must be a mapping with a 'kind', got {spec!r}; {_FORMS}")
+    kind = spec["kind"]
+    if kind not in _DEFAULTS:
+        raise DatasetError(f"unknown dataset kind {kind!r}; {_FORMS}")
+    defaults = _DEFAULTS[kind]
+    unknown = sorted(set(spec) - set(defaults) - {"kind"})
+    if unknown:
+        allowed = ", ".join(defaults) or "none"
+        raise DatasetError(f"unknown option(s) {unknown} for dataset {kind!r}; allowed: {allowed}")
+    out: dict[str, Any] = {"kind": kind}
+    for key, default in defaults.items():
+        value = spec.get(key, default)
+        out[key] = _coerce(kind, key, value, type(default), from_text)
+    if kind == "npz" and not out["path"]:
+        raise DatasetError(f"npz dataset needs a 'path'; {_FORMS}")
+    if "test_fraction" in out and not 0.0 < out["test_fraction"] < 1.0:
+        raise DatasetError(f"{kind}: test_fraction must be in (0, 1), got {out['test_fraction']}")
+    if out.get("noise", 0.0) < 0.0 or out.get("separation", 1.0) <= 0.0:
+        raise DatasetError(f"{kind}: noise must be >= 0 and separation > 0, got {spec!r}")
+    return out
+
+
+def _coerce(kind: str, key: str, value: Any, want: type, from_text: bool) -> Any:
+    bad = DatasetError(f"{kind}: option {key!r} must be {want.__name__}, got {value!r}")
+    if isinstance(value, bool):
+        raise bad
+    if want is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if from_text and isinstance(value, str):
+        try:
+            value = int(value) if want is int else float(value)
+        except ValueError:
+            raise bad from None
+    if want is int:
+        if not isinstance(value, int):
+            raise bad
+        if value < _MINIMUM.get(key, 0):
+            raise DatasetError(f"{kind}: {key} must be >= {_MINIMUM.get(key, 0)}, got {value}")
+        return value
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        raise bad
+    return float(value)
+
+
+# -- loading --------------------------------------------------------------------------------
+
+def load_dataset(spec: Mapping[str, Any]) -> Dataset:
+    """Load (or generate) the dataset for ``spec``; memoised per process.
+
+    The memo key is the canonical JSON of the spec with defaults filled in; for ``npz`` it
+    also includes the file's size and mtime, so a rewritten file is reloaded.
+    """
+    canon = _canonical(spec)
+    stamp = ""
+    if canon["kind"] == "npz":
+        try:
+            st = os.stat(canon["path"])
+        except OSError as e:
+            raise DatasetError(f"cannot read npz file {canon['path']!r}: {e.strerror}; check the path") from None
+        stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    return _load_cached(json.dumps(canon, sort_keys=True), stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_cached(key: str, stamp: str) -> Dataset:
+    del stamp  # only part of the cache key
+    spec: dict[str, Any] = json.loads(key)
+    kind = spec["kind"]
+    if kind == "digits":
+        return _digits()
+    if kind == "synthetic-regression":
+        return _synthetic_regression(spec)
+    if kind == "synthetic-classification":
+        return _synthetic_classification(spec)
+    return _npz(spec)
+
+
+def _frozen(
+    name: str, task: str, X_tr: npt.NDArray[Any], y_tr: npt.NDArray[Any], X_te: npt.NDArray[Any],
+    y_te: npt.NDArray[Any], n_outputs: int, extras: Mapping[str, npt.NDArray[Any]] | None = None,
+) -> Dataset:
+    """Assemble a Dataset with contiguous, read-only arrays of the canonical dtypes."""
+    y_dtype = np.int64 if task == "classification" else np.float32
+    X_train = np.ascontiguousarray(X_tr, dtype=np.float32)
+    X_test = np.ascontiguousarray(X_te, dtype=np.float32)
+    y_train = np.ascontiguousarray(y_tr, dtype=y_dtype)
+    y_test = np.ascontiguousarray(y_te, dtype=y_dtype)
+    extra = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in (extras or {}).items()}
+    for a in (X_train, X_test, y_train, y_test, *extra.values()):
+        a.setflags(write=False)
+    return Dataset(name, task, X_train, y_train, X_test, y_test, int(X_train.shape[1]), n_outputs,
+                   MappingProxyType(extra))
+
+
+def _split_rows(n: int, test_fraction: float, rng: np.random.Generator) -> tuple[npt.NDArray[np.int64], ...]:
+    n_test = round(n * test_fraction)
+    if not 1 <= n_test <= n - 1:
+        raise DatasetError(f"test_fraction={test_fraction} leaves no train or no test rows out of {n}; change it")
+    perm = rng.permutation(n)
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def _digits() -> Dataset:
+    from sklearn.datasets import load_digits  # slow import; only digits needs it
+    from sklearn.model_selection import train_test_split
+
+    X, y = load_digits(return_X_y=True)
+    X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.2, stratify=y, random_state=0)
+    mean = X_tr.mean(axis=0)
+    std = X_tr.std(axis=0)
+    std[std == 0] = 1.0
+    return _frozen("digits", "classification", (X_tr - mean) / std, y_tr, (X_te - mean) / std, y_te, 10)
+
+
+def _synthetic_regression(spec: Mapping[str, Any]) -> Dataset:
+    n, d, k = spec["samples"], spec["features"], spec["outputs"]
+    rng = np.random.default_rng(spec["seed"])
+    W = rng.standard_normal((d, k), dtype=np.float32)
+    b = rng.standard_normal(k, dtype=np.float32)
+    X = rng.standard_normal((n, d), dtype=np.float32)
+    y = X @ W
+    y += b
+    y += np.float32(spec["noise"]) * rng.standard_normal((n, k), dtype=np.float32)
+    if k == 1:
+        y = y[:, 0]
+    tr, te = _split_rows(n, spec["test_fraction"], rng)
+    return _frozen("synthetic-regression", "regression", X[tr], y[tr], X[te], y[te], k,
+                   {"true_weight": W, "true_bias": b})
+
+
+def _synthetic_classification(spec: Mapping[str, Any]) -> Dataset:
+    n, d, k = spec["samples"], spec["features"], spec["classes"]
+    rng = np.random.default_rng(spec["seed"])
+    # Entries N(0, s²) with s = separation / sqrt(2d) give E‖c_i − c_j‖² = separation².
+    centroids = rng.standard_normal((k, d), dtype=np.float32)
+    centroids *= np.float32(spec["separation"] / math.sqrt(2 * d))
+    y = rng.permutation(np.arange(n, dtype=np.int64) % k)  # balanced: counts differ by <= 1
+    X = rng.standard_normal((n, d), dtype=np.float32)
+    X += centroids[y]
+    tr, te = _split_rows(n, spec["test_fraction"], rng)
+    return _frozen("synthetic-classification", "classification", X[tr], y[tr], X[te], y[te], k,
+                   {"centroids": centroids})
+
+
+_NPZ_LAYOUTS = "either X, y or X_train, y_train, X_test, y_test"
+
+
+def _npz(spec: Mapping[str, Any]) -> Dataset:
+    path = spec["path"]
+    if not zipfile.is_zipfile(path):
+        raise DatasetError(f"{path!r} is not an .npz (zip) archive; write it with numpy.savez holding {_NPZ_LAYOUTS}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            keys = set(f.files)
+            if {"X_train", "y_train", "X_test", "y_test"} <= keys:
+                X_tr, y_tr, X_te, y_te = (f[k] for k in ("X_train", "y_train", "X_test", "y_test"))
+                split = False
+            elif {"X", "y"} <= keys:
+                X_tr, y_tr = f["X"], f["y"]
+                split = True
+            else:
+                raise DatasetError(f"npz file {path!r} has keys {sorted(keys)}; it needs {_NPZ_LAYOUTS}")
+    except DatasetError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DatasetError(f"cannot load npz file {path!r} ({type(e).__name__}: {e}); "
+                           f"write it with numpy.savez holding {_NPZ_LAYOUTS} (no object arrays)") from None
+    _check_xy(path, "X" if split else "X_train", X_tr, y_tr)
+    if split:
+        tr, te = _split_rows(len(X_tr), spec["test_fraction"], np.random.default_rng(spec["seed"]))
+        X_tr, y_tr, X_te, y_te = X_tr[tr], y_tr[tr], X_tr[te], y_tr[te]
+    else:
+        _check_xy(path, "X_test", X_te, y_te)
+        if X_te.shape[1] != X_tr.shape[1]:
+            raise DatasetError(f"{path!r}: X_test has {X_te.shape[1]} features, X_train {X_tr.shape[1]}")
+    name = f"npz:{os.path.basename(path)}"
+    if y_tr.dtype.kind in "iub" and y_te.dtype.kind in "iub":
+        if y_tr.ndim != 1 or y_te.ndim != 1:
+            raise DatasetError(f"{path!r}: integer labels must be 1-D, got y shape {y_tr.shape}")
+        lo = min(int(y_tr.min()), int(y_te.min()))
+        if lo < 0:
+            raise DatasetError(f"{path!r}: class labels must be >= 0, found {lo}")
+        n_classes = max(int(y_tr.max()), int(y_te.max())) + 1
+        return _frozen(name, "classification", X_tr, y_tr, X_te, y_te, n_classes)
+    if y_tr.shape[1:] != y_te.shape[1:] or y_tr.ndim > 2:
+        raise DatasetError(f"{path!r}: targets must be (n,) or (n, k) with the same k in train and test")
+    n_outputs = 1 if y_tr.ndim == 1 else int(y_tr.shape[1])
+    return _frozen(name, "regression", X_tr, y_tr, X_te, y_te, n_outputs)
+
+
+def _check_xy(path: str, xname: str, X: npt.NDArray[Any], y: npt.NDArray[Any]) -> None:
+    yname = xname.replace("X", "y")
+    if X.ndim != 2:
+        raise DatasetError(f"{path!r}: {xname} must be 2-D (samples, features), got shape {X.shape}")
+    if X.dtype.kind not in "iuf" or y.dtype.kind not in "iufb":
+        raise DatasetError(f"{path!r}: {xname}/{yname} must be numeric, got {X.dtype}/{y.dtype}")
+    if y.ndim == 0 or len(X) != len(y):
+        raise DatasetError(f"{path!r}: {xname} has {len(X)} rows but {yname} has shape {y.shape}; they must match")
+    if len(X) == 0 or X.shape[1] == 0:
+        raise DatasetError(f"{path!r}: {xname} is empty (shape {X.shape})")
+    for name, a in ((xname, X), (yname, y)):
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise DatasetError(f"{path!r}: {name} contains NaN or Inf; clean the data first")
+
+
+# -- shards and batches ---------------------------------------------------------------------
+
+def shard_indices(n: int, rank: int, world: int, seed: int) -> npt.NDArray[np.int64]:
+    """Sorted indices of ``range(n)`` owned by ``rank`` out of ``world`` workers.
+
+    ``np.random.default_rng(seed).permutation(n)[rank::world]``, sorted. Over all ranks the
+    shards are disjoint, cover ``range(n)``, and their sizes differ by at most one.
+    """
+    if n < 0 or world < 1 or not 0 <= rank < world or seed < 0:
+        raise DatasetError(f"need n >= 0, world >= 1, 0 <= rank < world, seed >= 0; "
+                           f"got n={n}, rank={rank}, world={world}, seed={seed}")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[rank::world]).astype(np.int64, copy=False)
+
+
+class BatchSampler:
+    """Deterministic mini-batches over a shard of ``n_examples`` examples.
+
+    ``batch(clock)`` depends only on ``(seed, rank, clock)``: epoch ``e = clock //
+    batches_per_epoch`` uses the permutation ``default_rng([seed, rank, e]).permutation(n)`` cut
+    into consecutive batches of ``batch_size`` (the last may be smaller), so every example is
+    used exactly once per epoch. A ``batch_size`` above ``n_examples`` gives batches of all
+    ``n_examples``. The current epoch's permutation is cached, so a call costs O(1) except once
+    per epoch; returned arrays are read-only views into that cache.
+    """
+
+    def __init__(self, n_examples: int, batch_size: int, seed: int, rank: int) -> None:
+        if n_examples < 1 or batch_size < 1 or seed < 0 or rank < 0:
+            raise DatasetError(f"BatchSampler needs n_examples >= 1, batch_size >= 1, seed >= 0, rank >= 0; "
+                               f"got {n_examples}, {batch_size}, {seed}, {rank} (is this worker's shard empty?)")
+        self.n_examples = n_examples
+        self.batch_size = min(batch_size, n_examples)
+        self.seed, self.rank = seed, rank
+        self._epoch = -1
+        self._perm: npt.NDArray[np.int64] = np.empty(0, dtype=np.int64)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """``ceil(n_examples / batch_size)``."""
+        return -(-self.n_examples // self.batch_size)
+
+    def batch(self, clock: int) -> npt.NDArray[np.int64]:
+        """Indices into the shard used by iteration ``clock`` (>= 0)."""
+        if clock < 0:
+            raise DatasetError(f"clock must be >= 0, got {clock}")
+        epoch, i = divmod(clock, self.batches_per_epoch)
+        if epoch != self._epoch:
+            perm = np.random.default_rng([self.seed, self.rank, epoch]).permutation(self.n_examples)
+            perm.setflags(write=False)
+            self._perm, self._epoch = perm, epoch
+        return self._perm[i * self.batch_size : (i + 1) * self.batch_size]

@@ -1,0 +1,273 @@
+"""The SSP training loop of one rank: pull (or reuse the cache), compute the gradient, push, advance.
+
+At clock c the worker needs parameters that contain every update of iterations < c - s. The last
+pull says which clock it guarantees (the min clock when it was read); while that guarantee is
+still >= c - s the worker reuses it and skips the pull RPC (Petuum's client cache). With s = 0
+every iteration pulls (the guarantee is never enough); with unbounded staleness every iteration
+pulls as well, since reusing would let a worker train alone on its own copy forever (DESIGN.md).
+
+Read-my-writes on a cache hit: with plain SGD the worker applies its own last gradient to the cached
+copy (exactly the server's rule), so a reused copy still contains the caller's own updates. For
+stateful optimizers it reuses the copy as read.
+
+Evaluation: rank 0 evaluates on the test split every ``eval_every`` iterations and, at the end, on
+the final parameters (a pull at clock = iterations, which waits for every rank to finish), before
+it leaves. The run completes when every rank has left, so the final accuracy is in the run's
+history when psctl sees the run completed.
+
+Failures: a push or pull that fails with UNAVAILABLE or DEADLINE_EXCEEDED is retried with
+backoff (a retried push is exactly-once on the server); a stale incarnation or a stopped run ends
+the assignment and the worker goes back to waiting for work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from paramserver.v1 import paramserver_pb2 as pb
+
+from .client import PsClient, PsClientError
+from .config import WorkerConfig
+from .datasets import BatchSampler, DatasetError, load_dataset, shard_indices
+from .models import ModelSpecError, build_model
+
+__all__ = ["Outcome", "TrainStats", "train"]
+
+log = logging.getLogger("ps_worker")
+T = TypeVar("T")
+
+_FINISHED = (pb.RUN_STATE_COMPLETED, pb.RUN_STATE_STOPPED, pb.RUN_STATE_FAILED)
+
+
+@dataclass
+class TrainStats:
+    iterations: int = 0
+    pulls: int = 0
+    pulls_skipped: int = 0
+    retries: int = 0
+    last_loss: float = float("nan")
+    final_accuracy: float | None = None
+    points: list[pb.MetricPoint] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    run_id: str
+    rank: int
+    completed: bool
+    reason: str
+    stats: TrainStats
+
+
+def _now_ts() -> Timestamp:
+    ts = Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+async def _retry(op: Callable[[], Awaitable[T]], stats: TrainStats, what: str, budget: float) -> T:
+    """Run ``op``; retry transient failures (UNAVAILABLE, DEADLINE_EXCEEDED) with jittered backoff."""
+    delay, deadline = 0.05, time.monotonic() + budget
+    while True:
+        try:
+            return await op()
+        except PsClientError as exc:
+            if not exc.retryable or time.monotonic() > deadline:
+                raise
+            stats.retries += 1
+            log.info("%s failed (%s); retrying in %.2fs", what, exc.code.name, delay)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 2.0)
+
+
+class _Trainer:
+    def __init__(self, client: PsClient, a: pb.Assignment, config: WorkerConfig) -> None:
+        self.client = client
+        self.a = a
+        self.spec = a.spec
+        self.config = config
+        self.stats = TrainStats()
+        self.clock = a.start_clock
+        self.run_state = pb.RUN_STATE_RUNNING
+        s = self.spec.staleness
+        self.staleness: int | None = None if s < 0 else s
+        self.slowdown = max(config.slowdown, self.spec.slowdown.get(a.rank, 1.0))
+        opt = self.spec.optimizer
+        self.local_sgd_lr = opt.sgd.learning_rate if opt.WhichOneof("kind") == "sgd" and not opt.sgd.weight_decay else None
+        self._pending_points: list[pb.MetricPoint] = []
+        self._last_report = time.monotonic()
+        self._samples = 0
+
+    def setup(self) -> None:
+        """Load data and model; raises DatasetError / ModelSpecError (fatal for the run)."""
+        data_spec = json.loads(self.spec.data_spec_json or "{}")
+        model_spec = json.loads(self.spec.model_spec_json or "{}")
+        self.data = load_dataset(data_spec)
+        self.model = build_model(model_spec, self.data.n_features, self.data.n_outputs)
+        names = {p.name: tuple(p.shape) for p in self.spec.params}
+        mine = {p.name: p.shape for p in self.model.param_specs()}
+        if names != mine:
+            raise ModelSpecError(f"the run's parameters {names} do not match the model's {mine}")
+        idx = shard_indices(len(self.data.X_train), self.a.rank, self.spec.num_workers, self.spec.seed)
+        self.X = self.data.X_train[idx]
+        self.y = self.data.y_train[idx]
+        self.sampler = BatchSampler(len(idx), max(1, self.spec.batch_size), self.spec.seed, self.a.rank)
+
+    async def pull(self, clock: int, params: dict[str, np.ndarray]) -> int:
+        res = await _retry(
+            lambda: self.client.pull(self.a.run_id, self.a.rank, self.a.incarnation, clock, into=params,
+                                     max_wait=self.config.timeout_seconds * 4),
+            self.stats, f"pull {clock}", self.config.timeout_seconds * 4,
+        )
+        self.stats.pulls += 1
+        self.run_state = res.run_state
+        return res.guaranteed_clock
+
+    def cache_valid(self, guaranteed: int, clock: int) -> bool:
+        return self.staleness is not None and self.staleness > 0 and guaranteed >= clock - self.staleness
+
+    async def run(self) -> None:
+        params: dict[str, np.ndarray] = {}
+        guaranteed = -1
+        iterations = self.spec.iterations
+        eval_every = self.spec.eval_every
+        while self.clock < iterations:
+            t0 = time.perf_counter()
+            c = self.clock
+            if params and self.cache_valid(guaranteed, c):
+                self.stats.pulls_skipped += 1
+            else:
+                guaranteed = await self.pull(c, params)
+            if self.a.rank == 0 and eval_every and c % eval_every == 0 and c:
+                self.evaluate(params, c)
+            batch = self.sampler.batch(c)
+            loss, grads = self.model.loss_and_grad(params, self.X[batch], self.y[batch])
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the training loss became {loss} at clock {c}: lower the learning rate")
+            resp = await _retry(
+                lambda c=c, g=grads, loss=loss: self.client.push(  # type: ignore[misc]
+                    self.a.run_id, self.a.rank, self.a.incarnation, c, g, loss),
+                self.stats, f"push {c}", self.config.timeout_seconds * 4,
+            )
+            if self.local_sgd_lr is not None and self.staleness:
+                lr = np.float32(self.local_sgd_lr)
+                for name, g in grads.items():
+                    params[name] -= lr * g
+            self.clock = resp.clock
+            self.run_state = resp.run_state
+            self.stats.iterations += 1
+            self.stats.last_loss = loss
+            self._samples += len(batch)
+            if self.slowdown > 1.0:
+                await asyncio.sleep((self.slowdown - 1.0) * (time.perf_counter() - t0))
+            self.record(c, loss, time.perf_counter() - t0)
+            if time.monotonic() - self._last_report >= self.config.report_seconds:
+                await self.report()
+        if self.a.rank == 0:
+            await self.pull(iterations, params)
+            self.evaluate(params, iterations)
+        await self.report()
+
+    def record(self, clock: int, loss: float, step: float) -> None:
+        self._pending_points.append(
+            pb.MetricPoint(rank=self.a.rank, clock=clock + 1, time=_now_ts(), loss=loss,
+                           samples=self._samples, step_seconds=step)
+        )
+
+    def evaluate(self, params: dict[str, np.ndarray], clock: int) -> None:
+        result = self.model.evaluate(params, self.data.X_test, self.data.y_test)
+        acc = float("nan") if result.accuracy is None else result.accuracy
+        if result.accuracy is not None:
+            self.stats.final_accuracy = result.accuracy
+        self._pending_points.append(
+            pb.MetricPoint(rank=self.a.rank, clock=clock, time=_now_ts(), eval=True,
+                           eval_loss=result.loss, eval_accuracy=acc, loss=self.stats.last_loss)
+        )
+        log.info("rank %d clock %d: test loss %.4f accuracy %.4f", self.a.rank, clock, result.loss, acc)
+
+    async def report(self) -> None:
+        points, self._pending_points = self._pending_points, []
+        # Keep the history light: at most ~20 training points per report, all eval points.
+        train = [p for p in points if not p.eval]
+        keep = train[:: max(1, len(train) // 20)] + [p for p in points if p.eval]
+        if train and train[-1] not in keep:
+            keep.append(train[-1])
+        self.stats.points.extend(keep)
+        resp = await _retry(
+            lambda: self.client.report_metrics(self.a.run_id, self.a.rank, self.a.incarnation, keep,
+                                               self.stats.pulls_skipped),
+            self.stats, "report", self.config.timeout_seconds,
+        )
+        self.run_state = resp.run_state
+        self._last_report = time.monotonic()
+
+
+async def _heartbeat(client: PsClient, a: pb.Assignment, trainer: _Trainer, main: asyncio.Task[Any]) -> None:
+    """Keep the lease; cancel the training task if the run was stopped or this rank evicted."""
+    interval = a.heartbeat_interval.ToTimedelta().total_seconds() or 2.0
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            resp = await client.heartbeat(a.run_id, a.rank, a.incarnation, trainer.clock)
+        except PsClientError as exc:
+            if exc.retryable:
+                continue
+            main.cancel(f"heartbeat: {exc.details}")
+            return
+        if resp.run_state in (pb.RUN_STATE_STOPPED, pb.RUN_STATE_FAILED):
+            main.cancel(f"run {pb.RunState.Name(resp.run_state)}")
+            return
+
+
+async def train(client: PsClient, a: pb.Assignment, config: WorkerConfig) -> Outcome:
+    """Train one assignment to its end; never raises for reasons outside this worker's control."""
+    trainer = _Trainer(client, a, config)
+    leave_reason, message = pb.LEAVE_REASON_DONE, ""
+    log.info("rank %d of run %s (incarnation %d) from clock %d", a.rank, a.run_id, a.incarnation, a.start_clock)
+    try:
+        trainer.setup()
+    except (DatasetError, ModelSpecError, ValueError, OSError) as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        log.error("cannot train: %s", message)
+        with contextlib.suppress(PsClientError):
+            await client.leave(a.run_id, a.rank, a.incarnation, pb.LEAVE_REASON_FAILED, message)
+        return Outcome(a.run_id, a.rank, False, message, trainer.stats)
+    task = asyncio.current_task()
+    assert task is not None
+    hb = asyncio.create_task(_heartbeat(client, a, trainer, task))
+    try:
+        await trainer.run()
+    except asyncio.CancelledError:
+        if not hb.done():
+            raise  # cancelled from outside (shutdown): the caller leaves
+        task.uncancel()
+        return Outcome(a.run_id, a.rank, False, "the run was stopped or this rank evicted", trainer.stats)
+    except PsClientError as exc:
+        if exc.code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE,
+                        grpc.StatusCode.DEADLINE_EXCEEDED):
+            log.warning("assignment ended: %s", exc)
+            return Outcome(a.run_id, a.rank, False, str(exc), trainer.stats)
+        leave_reason, message = pb.LEAVE_REASON_FAILED, str(exc)
+    except FloatingPointError as exc:
+        leave_reason, message = pb.LEAVE_REASON_FAILED, str(exc)
+    finally:
+        hb.cancel()
+    if leave_reason == pb.LEAVE_REASON_FAILED:
+        log.error("training failed: %s", message)
+    with contextlib.suppress(PsClientError):
+        await client.leave(a.run_id, a.rank, a.incarnation, leave_reason, message)
+    done = leave_reason == pb.LEAVE_REASON_DONE
+    return Outcome(a.run_id, a.rank, done, message or "done", trainer.stats)
