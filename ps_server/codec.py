@@ -224,7 +224,7 @@ def spec_to_proto(s: RunSpec) -> pb.RunSpec:
 
 
 # ------------------------------------------------------------------------------------- status
-_RUN_STATE = {
+_RUN_STATE: dict[RunState, pb.RunState] = {
     RunState.PENDING: pb.RUN_STATE_PENDING,
     RunState.RUNNING: pb.RUN_STATE_RUNNING,
     RunState.COMPLETED: pb.RUN_STATE_COMPLETED,
@@ -239,7 +239,7 @@ _WORKER_STATE = {
 }
 
 
-def run_state_to_proto(state: RunState) -> int:
+def run_state_to_proto(state: RunState) -> pb.RunState:
     return _RUN_STATE[state]
 
 
@@ -252,7 +252,7 @@ def _ts(t: float | None) -> Timestamp | None:
 
 
 def _from_ts(ts: Timestamp) -> float:
-    return ts.ToNanoseconds() / 1e9
+    return float(ts.ToNanoseconds()) / 1e9
 
 
 def point_to_proto(p: MetricPoint) -> pb.MetricPoint:

@@ -8,44 +8,35 @@ configuration table lists them all.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+
+from paramserver.settings import opt, parse_dataclass
 
 __all__ = ["ServerConfig", "parse_config"]
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = _opt("127.0.0.1", "Address to listen on (0.0.0.0 for all interfaces).")
-    port: int = _opt(50051, "gRPC port; 0 picks a free port (printed at start).")
-    max_message_bytes: int = _opt(64 << 20, "Largest gRPC message accepted or sent, in bytes.")
-    chunk_bytes: int = _opt(1 << 20, "Payload bytes per message when streaming tensors.")
-    max_param_bytes: int = _opt(4 << 30, "Largest parameter set one run may hold, in bytes.")
-    max_wait_seconds: float = _opt(60.0, "Longest a pull or a join may stay parked on the server.")
-    lease_seconds: float = _opt(10.0, "A worker not heard from for this long is evicted.")
-    heartbeat_seconds: float = _opt(2.0, "Heartbeat interval the server asks workers to keep.")
-    grace_seconds: float = _opt(5.0, "On SIGTERM, how long in-flight RPCs may take to finish.")
-    metrics_port: int = _opt(-1, "Prometheus metrics HTTP port; -1 = off, 0 = a free port.")
-    log_level: str = _opt("INFO", "Log level: DEBUG, INFO, WARNING, ERROR.")
-    log_json: bool = _opt(False, "Log one JSON object per line instead of text.")
+    host: str = opt("127.0.0.1", "Address to listen on (0.0.0.0 for all interfaces).")
+    port: int = opt(50051, "gRPC port; 0 picks a free port (printed at start).")
+    max_message_bytes: int = opt(64 << 20, "Largest gRPC message accepted or sent, in bytes.")
+    chunk_bytes: int = opt(1 << 20, "Payload bytes per message when streaming tensors.")
+    max_param_bytes: int = opt(4 << 30, "Largest parameter set one run may hold, in bytes.")
+    max_wait_seconds: float = opt(60.0, "Longest a pull or a join may stay parked on the server.")
+    lease_seconds: float = opt(10.0, "A worker not heard from for this long is evicted.")
+    heartbeat_seconds: float = opt(2.0, "Heartbeat interval the server asks workers to keep.")
+    grace_seconds: float = opt(5.0, "On SIGTERM, how long in-flight RPCs may take to finish.")
+    metrics_port: int = opt(-1, "Prometheus metrics HTTP port; -1 = off, 0 = a free port.")
+    log_level: str = opt("INFO", "Log level: DEBUG, INFO, WARNING, ERROR.")
+    log_json: bool = opt(False, "Log one JSON object per line instead of text.")
 
     @staticmethod
     def env_name(name: str) -> str:
         return "PS_" + name.upper()
-
-
-def _convert(f: dataclasses.Field[Any], text: str) -> Any:
-    if f.type in ("bool", bool):
-        return text.strip().lower() in ("1", "true", "yes", "on")
-    kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
-    return kind(text)
 
 
 def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ServerConfig:
@@ -57,27 +48,7 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         "optimizer, enforces stale-synchronous consistency. Every flag can also be set with the "
         "environment variable shown.",
     )
-    values: dict[str, Any] = {}
-    fields = dataclasses.fields(ServerConfig)
-    for f in fields:
-        var = ServerConfig.env_name(f.name)
-        default = f.default
-        if var in env:
-            try:
-                default = _convert(f, env[var])
-            except ValueError:
-                parser.error(f"environment variable {var}={env[var]!r} is not a valid {f.type}")
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=f"{f.metadata['help']} [{var}]")
-        else:
-            parser.add_argument(flag, type=lambda t, f=f: _convert(f, t), default=default,
-                                help=f"{f.metadata['help']} [{var}] (default: {default})")
-    ns = parser.parse_args(list(argv or []))
-    for f in fields:
-        values[f.name] = getattr(ns, f.name)
-    config = ServerConfig(**values)
+    config = parse_dataclass(ServerConfig, parser, argv or [], env, ServerConfig.env_name)
     problems = []
     if not 0 <= config.port < 65536:
         problems.append(f"port {config.port} is not in 0..65535")

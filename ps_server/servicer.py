@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 from collections.abc import AsyncIterator, Iterator
 from typing import NoReturn, TypeVar
 
@@ -49,6 +50,10 @@ def _with_last(items: Iterator[T]) -> Iterator[tuple[T, bool]]:
         nxt = next(items, None)
         yield prev, nxt is None
         prev = nxt
+
+
+def _changed_since(run: Run, changes: int) -> bool:
+    return run.changes != changes
 
 
 class ParameterServicer(pb_grpc.ParameterServiceServicer):
@@ -191,7 +196,7 @@ class RunServicer(pb_grpc.RunServiceServicer):
                 return
             await asyncio.sleep(interval)
             try:
-                await run.gate.wait_for(lambda seen=seen_changes: run.changes != seen, 3600.0, lambda: "no change")
+                await run.gate.wait_for(partial(_changed_since, run, seen_changes), 3600.0, lambda: "no change")
             except WaitTimeout:
                 pass
 

@@ -240,7 +240,7 @@ class PsClient:
             for i, chunks in enumerate(batches)
         ]
         (resp,) = await self._push.exchange(requests, timeout or self.timeout, until_final=False)
-        return resp  # type: ignore[no-any-return]
+        return resp
 
     async def pull(
         self,

@@ -101,7 +101,7 @@ class _Trainer:
         self.config = config
         self.stats = TrainStats()
         self.clock = a.start_clock
-        self.run_state = pb.RUN_STATE_RUNNING
+        self.run_state: int = pb.RUN_STATE_RUNNING
         s = self.spec.staleness
         self.staleness: int | None = None if s < 0 else s
         self.slowdown = max(config.slowdown, self.spec.slowdown.get(a.rank, 1.0))

@@ -1,0 +1,61 @@
+"""Flags and environment variables from one frozen dataclass: how every paramserver program is configured.
+
+Each field becomes a flag (``--lease-seconds``) whose default comes from an environment variable
+(named by the program's ``env_name``) and then the field's default; the field's ``help`` metadata
+is the flag's help text, with the variable's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+__all__ = ["opt", "parse_dataclass"]
+
+T = TypeVar("T")
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a default and its help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def _converter(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
+    kind = str(f.type)
+    if kind == "bool":
+        return lambda text: text.strip().lower() in ("1", "true", "yes", "on")
+    if kind == "int":
+        return int
+    if kind == "float":
+        return float
+    return str
+
+
+def parse_dataclass(
+    cls: type[T],
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    env_name: Callable[[str], str],
+) -> T:
+    """Parse ``argv`` over ``env`` into ``cls``; bad values exit through ``parser.error``."""
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    for f in fields:
+        var = env_name(f.name)
+        convert = _converter(f)
+        default = f.default
+        if var in env:
+            try:
+                default = convert(env[var])
+            except ValueError:
+                parser.error(f"environment variable {var}={env[var]!r} is not a valid {f.type}")
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} [{var}]"
+        if str(f.type) == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=convert, default=default, help=f"{help_text} (default: {default})")
+    ns = parser.parse_args(list(argv))
+    return cls(**{f.name: getattr(ns, f.name) for f in fields})

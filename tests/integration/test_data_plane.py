@@ -1,0 +1,158 @@
+"""PushGradient / PullParams against a real server on 127.0.0.1:0 with concurrent clients."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import grpc
+import numpy as np
+import pytest
+
+from paramserver.v1 import paramserver_pb2 as pb
+from ps_server.server import PsServer
+from worker.client import PsClient, PsClientError
+
+from conftest import make_spec
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def _join_all(client: PsClient, run_id: str, n: int) -> list[pb.Assignment]:
+    return [(await client.join(f"w{i}", run_id)).assignment for i in range(n)]
+
+
+async def test_exactly_once_integer_gradients_with_duplicates(server: PsServer, client: PsClient) -> None:
+    """W workers x K pushes of integer gradients, some sent twice: params = init - exact sum."""
+    workers, k = 4, 25
+    shapes = {"w": (17, 5), "b": (5,)}
+    run = await client.create_run(make_spec(shapes=shapes, num_workers=workers, staleness=-1, iterations=k, lr=1.0,
+                                                init=pb.INITIALIZER_CONSTANT))
+    assignments = await _join_all(client, run.run_id, workers)
+    init = (await client.pull(run.run_id)).tensors
+    rng = random.Random(1)
+    expected = {n: init[n].astype(np.float64) for n in shapes}
+    duplicates = 0
+
+    async def worker(a: pb.Assignment) -> int:
+        sent_twice = 0
+        async with PsClient(f"127.0.0.1:{server.port}") as c:
+            for clock in range(k):
+                await c.pull(run.run_id, a.rank, a.incarnation, clock)
+                g = {n: np.full(s, float(a.rank + 1 + clock), np.float32) for n, s in shapes.items()}
+                first = await c.push(run.run_id, a.rank, a.incarnation, clock, g)
+                assert not first.duplicate
+                if rng.random() < 0.3:
+                    again = await c.push(run.run_id, a.rank, a.incarnation, clock, g)
+                    assert again.duplicate and again.clock == clock + 1
+                    sent_twice += 1
+                for n in shapes:
+                    expected[n] -= g[n]
+        return sent_twice
+
+    duplicates = sum(await asyncio.gather(*(worker(a) for a in assignments)))
+    final = (await client.pull(run.run_id)).tensors
+    for n in shapes:
+        np.testing.assert_array_equal(final[n], expected[n].astype(np.float32))
+    counters = (await client.get_run(run.run_id)).counters
+    assert counters.pushes_applied == workers * k
+    assert counters.pushes_duplicate == duplicates > 0
+
+
+@pytest.mark.parametrize("staleness", [0, 1, 3])
+async def test_ssp_invariant_with_concurrent_uneven_clients(server: PsServer, client: PsClient, staleness: int) -> None:
+    """No rank completes clock c while a live rank is below c - s: checked on the server's record."""
+    workers, iterations = 3, 12
+    run = await client.create_run(make_spec(num_workers=workers, staleness=staleness, iterations=iterations, lr=0.01))
+    assignments = await _join_all(client, run.run_id, workers)
+
+    async def worker(a: pb.Assignment) -> None:
+        delay = 0.004 * (1 + 2 * a.rank)  # rank 2 is 5x slower than rank 0
+        async with PsClient(f"127.0.0.1:{server.port}") as c:
+            for clock in range(iterations):
+                p = await c.pull(run.run_id, a.rank, a.incarnation, clock)
+                assert p.guaranteed_clock >= clock - staleness
+                await asyncio.sleep(delay)
+                g = {n: np.ones_like(v) for n, v in p.tensors.items()}
+                await c.push(run.run_id, a.rank, a.incarnation, clock, g)
+
+    await asyncio.gather(*(worker(a) for a in assignments))
+    metrics = await client.runs.GetMetrics(pb.GetMetricsRequest(run_id=run.run_id, include_clock_records=True), timeout=10)
+    pushes = [r for r in metrics.clock_records if r.kind == pb.ClockRecord.KIND_PUSH]
+    pulls = [r for r in metrics.clock_records if r.kind == pb.ClockRecord.KIND_PULL]
+    assert len(pushes) == len(pulls) == workers * iterations
+    for r in pushes + pulls:  # every iteration started and ended within the bound
+        assert r.min_clock >= r.clock - staleness, r
+    if staleness > 0:
+        # the fast rank really did run ahead of the slow one, up to the bound
+        assert max(r.clock - r.min_clock for r in pushes) == staleness
+
+
+async def test_bsp_pull_parks_until_every_rank_pushed_and_names_the_holdout(server: PsServer, client: PsClient) -> None:
+    run = await client.create_run(make_spec(num_workers=2, staleness=0, iterations=5))
+    a, b = await _join_all(client, run.run_id, 2)
+    p = await client.pull(run.run_id, a.rank, a.incarnation, 0)
+    g = {n: np.ones_like(v) for n, v in p.tensors.items()}
+    await client.push(run.run_id, a.rank, a.incarnation, 0, g)
+    async with PsClient(f"127.0.0.1:{server.port}") as other:
+        parked = asyncio.create_task(other.pull(run.run_id, a.rank, a.incarnation, 1))
+        await asyncio.sleep(0.2)
+        assert not parked.done()
+        status = await client.get_run(run.run_id)
+        assert "rank 1 (clock 0)" in status.waiting_for
+        assert status.workers[0].waiting and status.workers[0].waiting_for_clock == 1
+        await client.push(run.run_id, b.rank, b.incarnation, 0, g)
+        got = await asyncio.wait_for(parked, 5)
+    assert got.guaranteed_clock == 1 and got.version == 1
+    np.testing.assert_allclose(got.tensors["b"], p.tensors["b"] - 1.0)
+
+
+async def test_parked_pull_times_out_with_who_it_waited_for(server: PsServer, client: PsClient) -> None:
+    run = await client.create_run(make_spec(num_workers=2, staleness=0, iterations=5))
+    a, _ = await _join_all(client, run.run_id, 2)
+    p = await client.pull(run.run_id, a.rank, a.incarnation, 0)
+    await client.push(run.run_id, a.rank, a.incarnation, 0, {n: np.ones_like(v) for n, v in p.tensors.items()})
+    with pytest.raises(PsClientError) as err:
+        await client.pull(run.run_id, a.rank, a.incarnation, 1, max_wait=0.3)
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "rank 1 (clock 0)" in err.value.details
+
+
+async def test_large_model_push_and_pull_in_chunks(server: PsServer, client: PsClient) -> None:
+    """A tensor far beyond one message (chunked at 1 MiB) round-trips exactly."""
+    shapes = {"big": (3_000_000,), "small": (7,)}
+    run = await client.create_run(
+        make_spec(shapes=shapes, num_workers=1, staleness=-1, iterations=3, init=pb.INITIALIZER_ZEROS))
+    (a,) = await _join_all(client, run.run_id, 1)
+    g = {"big": np.arange(3_000_000, dtype=np.float32) % 1000, "small": np.ones(7, np.float32)}
+    await client.push(run.run_id, a.rank, a.incarnation, 0, g)
+    got = await client.pull(run.run_id, a.rank, a.incarnation, 1)
+    np.testing.assert_array_equal(got.tensors["big"], -g["big"])
+    np.testing.assert_array_equal(got.tensors["small"], -g["small"])
+
+
+async def test_runs_are_isolated(server: PsServer, client: PsClient) -> None:
+    r1 = await client.create_run(make_spec(num_workers=1, staleness=-1))
+    r2 = await client.create_run(make_spec(num_workers=1, staleness=-1))
+    a1 = (await client.join("a", r1.run_id)).assignment
+    before = (await client.pull(r2.run_id)).tensors
+    g = {n: np.ones_like(v) for n, v in before.items()}
+    await client.push(r1.run_id, a1.rank, a1.incarnation, 0, g)
+    after = (await client.pull(r2.run_id)).tensors
+    for n in before:
+        assert after[n].tobytes() == before[n].tobytes()
+
+
+async def test_shutdown_releases_parked_pulls_with_unavailable(server_config) -> None:  # type: ignore[no-untyped-def]
+    from ps_server.server import start_server
+
+    ps = await start_server(server_config)
+    async with PsClient(f"127.0.0.1:{ps.port}") as c:
+        run = await c.create_run(make_spec(num_workers=2, staleness=0))
+        a = (await c.join("a")).assignment
+        parked = asyncio.create_task(c.pull(run.run_id, a.rank, a.incarnation, 0))  # run not started
+        await asyncio.sleep(0.1)
+        await ps.stop(1.0)
+        with pytest.raises(PsClientError) as err:
+            await asyncio.wait_for(parked, 5)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE

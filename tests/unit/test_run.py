@@ -1,0 +1,235 @@
+"""The pure core of a run: SSP gate rule, exactly-once pushes, BSP combine, lifecycle. No gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ps_server.errors import FailedPrecondition, InvalidArgument, OutOfRange, WaitTimeout
+from ps_server.registry import RunRegistry
+from ps_server.run import Run
+from ps_server.spec import Aggregation, Initializer, OptimizerConfig, ParamSpec, RunSpec
+from ps_server.status import RunState, WorkerState
+
+pytestmark = pytest.mark.timeout(120)
+
+PARAMS = (ParamSpec("w", (2, 3), Initializer.NORMAL, 1.0), ParamSpec("b", (3,), Initializer.ZEROS))
+
+
+def spec(workers: int = 3, staleness: int = 1, iterations: int = 8, agg: Aggregation = Aggregation.SUM) -> RunSpec:
+    return RunSpec(
+        name="t", num_workers=workers, iterations=iterations, params=PARAMS, staleness=staleness,
+        optimizer=OptimizerConfig(learning_rate=1.0), aggregation=agg, seed=7,
+    )
+
+
+def grad(value: float) -> dict[str, np.ndarray]:
+    return {"w": np.full((2, 3), value, np.float32), "b": np.full(3, value, np.float32)}
+
+
+def started(s: RunSpec) -> tuple[Run, list[int]]:
+    run = Run("run-t", s)
+    incs = [run.join(f"w{r}").incarnation for r in range(s.num_workers)]
+    assert run.state is RunState.RUNNING
+    return run, incs
+
+
+def test_run_starts_when_all_ranks_joined_and_pulls_wait_until_then() -> None:
+    run = Run("run-t", spec(workers=2))
+    a = run.join("a")
+    assert run.state is RunState.PENDING
+    assert not run.pull_ready(a.rank, a.incarnation, 0)
+    assert "waiting for 1 of 2 ranks to join" in run.waiting_for()
+    run.join("b")
+    assert run.state is RunState.RUNNING
+    assert run.pull_ready(a.rank, a.incarnation, 0)
+
+
+def test_ssp_bound_on_pull_and_push() -> None:
+    run, inc = started(spec(workers=2, staleness=1))
+    # rank 0 runs ahead: clocks 0 and 1 are within the bound while rank 1 is at 0.
+    for c in (0, 1):
+        assert run.pull_ready(0, inc[0], c)
+        run.push(0, inc[0], c, grad(1), 0)
+    assert not run.pull_ready(0, inc[0], 2)  # needs min clock >= 1
+    assert "rank 1 (clock 0)" in run.waiting_for() or run.waiting_for() == ""
+    with pytest.raises(FailedPrecondition, match="behind: rank 1 \\(clock 0\\)"):
+        run.push(0, inc[0], 2, grad(1), 0)  # a push skipping the pull is refused too
+    run.push(1, inc[1], 0, grad(1), 0)
+    assert run.pull_ready(0, inc[0], 2)
+
+
+def test_duplicate_push_is_acknowledged_not_applied() -> None:
+    run, inc = started(spec(workers=1, staleness=2))
+    before = run.store.params["b"].copy()
+    run.push(0, inc[0], 0, grad(2), 0)
+    again = run.push(0, inc[0], 0, grad(2), 0)
+    assert again.duplicate and again.clock == 1
+    np.testing.assert_array_equal(run.store.params["b"], before - 2)
+    assert run.counters.pushes_duplicate == 1 and run.counters.pushes_applied == 1
+
+
+def test_out_of_order_and_out_of_range_pushes_change_nothing() -> None:
+    run, inc = started(spec(workers=1, staleness=2, iterations=3))
+    snapshot = {k: v.copy() for k, v in run.store.params.items()}
+    with pytest.raises(FailedPrecondition, match="next clock is 0"):
+        run.push(0, inc[0], 1, grad(1), 0)
+    with pytest.raises(OutOfRange):
+        run.push(0, inc[0], 3, grad(1), 0)
+    with pytest.raises(InvalidArgument, match="NaN"):
+        run.push(0, inc[0], 0, grad(float("nan")), 0)
+    with pytest.raises(FailedPrecondition, match="stale"):
+        run.push(0, inc[0] + 1, 0, grad(1), 0)
+    for k, v in snapshot.items():
+        assert run.store.params[k].tobytes() == v.tobytes()
+    assert run.min_clock == 0 and run.counters.pushes_rejected == 4
+
+
+def test_bsp_combines_in_rank_order_and_applies_once_per_clock() -> None:
+    run, inc = started(spec(workers=3, staleness=0, agg=Aggregation.MEAN))
+    w0 = run.store.params["w"].copy()
+    run.push(2, inc[2], 0, grad(3), 0)
+    run.push(0, inc[0], 0, grad(1), 0)
+    assert run.counters.updates_applied == 0  # held until every live rank pushed clock 0
+    np.testing.assert_array_equal(run.store.params["w"], w0)
+    run.push(1, inc[1], 0, grad(2), 0)
+    assert run.counters.updates_applied == 1
+    expected = w0 - ((np.float32(1) + np.float32(2) + np.float32(3)) * np.float32(1 / 3))
+    np.testing.assert_array_equal(run.store.params["w"], expected)
+    assert run.read(0, 1, None).guaranteed_clock == 1
+
+
+def test_eviction_releases_the_min_clock_and_drops_buffered_gradients() -> None:
+    now = [0.0]
+    run = Run("run-t", spec(workers=2, staleness=0), now=lambda: now[0])
+    a, b = run.join("a"), run.join("b")
+    run.push(0, a.incarnation, 0, grad(1), 0)
+    assert not run.pull_ready(0, a.incarnation, 1)
+    now[0] = 5.0
+    run.heartbeat(0, a.incarnation)
+    assert run.expire(lease=3.0) == [1]
+    assert run.pull_ready(0, a.incarnation, 1)  # rank 1 no longer holds the min clock
+    assert run.counters.evictions == 1
+    # Its rank goes to the next joiner, at the current min clock, with a new incarnation.
+    c = run.join("c")
+    assert (c.rank, c.start_clock) == (1, 1) and c.incarnation > b.incarnation
+    with pytest.raises(FailedPrecondition, match="stale"):
+        run.push(1, b.incarnation, 0, grad(1), 0)
+
+
+def test_completion_needs_every_rank_to_leave_and_final_pull_waits_for_all() -> None:
+    run, inc = started(spec(workers=2, staleness=3, iterations=2))
+    for c in range(2):
+        run.push(0, inc[0], c, grad(1), 0)
+    assert not run.pull_ready(0, inc[0], 2)  # the final read waits for rank 1
+    for c in range(2):
+        run.push(1, inc[1], c, grad(1), 0)
+    assert run.pull_ready(0, inc[0], 2)
+    run.leave(1, inc[1], "done", "")
+    assert run.state is RunState.RUNNING
+    run.leave(0, inc[0], "done", "")
+    assert run.state is RunState.COMPLETED
+
+
+def test_failed_leave_fails_the_run_and_stop_releases_waiters() -> None:
+    run, inc = started(spec(workers=2))
+    run.leave(1, inc[1], "failed", "npz file has no 'y'")
+    assert run.state is RunState.FAILED and "npz file has no 'y'" in run.message
+    run2, inc2 = started(spec(workers=2))
+    run2.stop("enough")
+    with pytest.raises(FailedPrecondition, match="stopped"):
+        run2.pull_ready(0, inc2[0], 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    workers=st.integers(1, 4),
+    staleness=st.sampled_from([0, 1, 2, 3, -1]),
+    schedule=st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["step", "step", "step", "dup", "evict"])),
+                      min_size=1, max_size=120),
+)
+def test_ssp_invariant_and_exactly_once_under_random_schedules(workers: int, staleness: int, schedule: list) -> None:
+    """No rank completes iteration c while a live rank's clock is < c - s; every update applied once."""
+    iterations = 6
+    now = [0.0]
+    run = Run("run-h", spec(workers, staleness, iterations, Aggregation.SUM), now=lambda: now[0])
+    initial = {k: v.astype(np.float64) for k, v in run.store.params.items()}
+    incs = {r: run.join(f"w{r}").incarnation for r in range(workers)}
+    applied: dict[tuple[int, int, int], float] = {}  # (rank, incarnation, clock) -> gradient value
+    for who, action in schedule:
+        r = who % workers
+        slot_state = run.status().workers[r].state
+        if slot_state is WorkerState.EVICTED:
+            a = run.join(f"again{r}")
+            incs[a.rank] = a.incarnation
+            continue
+        if slot_state is not WorkerState.ACTIVE:
+            continue
+        clock = run.status().workers[r].clock
+        if action == "evict" and workers > 1:
+            now[0] += 100.0
+            for other in range(workers):
+                if other != r and run.status().workers[other].state is WorkerState.ACTIVE:
+                    run.heartbeat(other, incs[other])
+            run.expire(lease=50.0)
+            continue
+        if action == "dup" and clock > 0:
+            res = run.push(r, incs[r], clock - 1, grad(99), 0)
+            assert res.duplicate
+            continue
+        if clock >= iterations or not run.pull_ready(r, incs[r], clock):
+            continue
+        live = [w.clock for w in run.status().workers if w.state in (WorkerState.ACTIVE, WorkerState.DONE)]
+        if staleness >= 0:
+            assert min(live) >= clock - staleness, "a pull was allowed past the staleness bound"
+        value = float(1 + r + 10 * clock)
+        run.push(r, incs[r], clock, grad(value), 0)
+        applied[(r, incs[r], clock)] = value
+        if staleness >= 0:
+            live = [w.clock for w in run.status().workers if w.state in (WorkerState.ACTIVE, WorkerState.DONE)]
+            assert min(live) >= clock - staleness
+    for rec in run.clock_records:
+        if rec.kind == "push" and staleness >= 0:
+            assert rec.min_clock >= rec.clock - staleness
+    # Exactly once: s > 0 applies every accepted push; s = 0 applies every clock all live ranks
+    # pushed (buffered gradients of an evicted rank are dropped, by design).
+    if staleness != 0:
+        total = sum(applied.values())
+        np.testing.assert_allclose(run.store.params["b"], initial["b"] - total, rtol=0, atol=1e-3)
+        assert run.counters.updates_applied == len(applied)
+
+
+def test_registry_assigns_oldest_run_first_and_reports_unknown_runs() -> None:
+    reg = RunRegistry()
+    r1 = reg.create(spec(workers=1))
+    r2 = reg.create(spec(workers=1))
+    assert reg.join("a").run_id == r1.run_id  # type: ignore[union-attr]
+    assert reg.join("b").run_id == r2.run_id  # type: ignore[union-attr]
+    assert reg.join("c") is None
+    with pytest.raises(Exception, match=r1.run_id):
+        reg.get("run-nope")
+
+
+async def test_gate_wakes_exactly_the_waiters_whose_predicate_holds() -> None:
+    run, inc = started(spec(workers=2, staleness=0, iterations=5))
+    run.push(0, inc[0], 0, grad(1), 0)
+    waiter = asyncio.create_task(run.gate.wait_for(lambda: run.pull_ready(0, inc[0], 1), 5.0, run.waiting_for))
+    other = asyncio.create_task(run.gate.wait_for(lambda: run.pull_ready(1, inc[1], 3), 5.0, run.waiting_for))
+    await asyncio.sleep(0.01)
+    assert not waiter.done() and run.gate.statistics().waiting == 2
+    run.push(1, inc[1], 0, grad(1), 0)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert waiter.done() and not other.done()
+    run.stop("test over")
+    with pytest.raises(FailedPrecondition):
+        await other
+    with pytest.raises(WaitTimeout, match="held back|waits|waiting|rank"):
+        run3, inc3 = started(spec(workers=2, staleness=0))
+        run3.push(0, inc3[0], 0, grad(1), 0)
+        await run3.gate.wait_for(lambda: run3.pull_ready(0, inc3[0], 1), 0.05,
+                                 lambda: "rank 0 waits for rank 1")
