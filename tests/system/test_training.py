@@ -1,0 +1,190 @@
+"""Real processes: a ps-server subprocess and ps-worker subprocesses training real models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+
+import numpy as np
+import pytest
+
+from client.spec import LaunchOptions, build_run_spec
+from paramserver.v1 import paramserver_pb2 as pb
+from worker.client import PsClient
+from worker.datasets import BatchSampler, load_dataset, shard_indices
+from worker.models import build_model
+
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
+
+ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@contextmanager
+def ps_server(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    proc = subprocess.Popen([sys.executable, "-m", "ps_server.server", "--log-level", "WARNING", *args],
+                            stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.search(r"listening on ([\d.]+):(\d+)", line)
+        assert match, f"server did not start: {line!r}"
+        yield proc, f"{match.group(1)}:{match.group(2)}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def ps_workers(address: str, n: int, *args: str) -> Iterator[list[subprocess.Popen[str]]]:
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "worker.main", "--server", address, "--once",
+                          "--log-level", "WARNING", *args], env=ENV, text=True)
+        for _ in range(n)
+    ]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+@asynccontextmanager
+async def connect(address: str) -> AsyncIterator[PsClient]:
+    async with PsClient(address, timeout=20) as c:
+        yield c
+
+
+async def finish(client: PsClient, run_id: str, timeout: float = 180) -> pb.Run:
+    async with asyncio.timeout(timeout):
+        async for snap in client.watch_run(run_id, interval=0.2):
+            last = snap.run
+    return last
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_digits_mlp_four_workers_ssp2_reaches_095() -> None:
+    spec = build_run_spec(LaunchOptions(model="mlp:64", dataset="digits", workers=4, staleness="2", epochs=10))
+    with ps_server("--port", "0") as (_, addr), ps_workers(addr, 4) as workers:
+        async with connect(addr) as c:
+            run = await c.create_run(spec)
+            final = await finish(c, run.run_id)
+        codes = [w.wait(30) for w in workers]
+    assert final.state == pb.RUN_STATE_COMPLETED, final.message
+    assert final.last_eval.eval_accuracy >= 0.95, final.last_eval
+    assert final.last_eval.clock == spec.iterations
+    assert final.counters.pushes_applied == 4 * spec.iterations
+    assert all(w.pushes == spec.iterations for w in final.workers)
+    assert codes == [0, 0, 0, 0]
+
+
+async def test_linear_regression_recovers_true_weights() -> None:
+    dataset = "synthetic-regression:samples=2000,features=10,noise=0.01,seed=3"
+    spec = build_run_spec(LaunchOptions(model="linear", dataset=dataset, workers=4, staleness="1", lr=0.05,
+                                        epochs=30, batch_size=32))
+    with ps_server("--port", "0") as (_, addr), ps_workers(addr, 4):
+        async with connect(addr) as c:
+            run = await c.create_run(spec)
+            final = await finish(c, run.run_id)
+            params = (await c.pull(run.run_id, clock=spec.iterations)).tensors
+    assert final.state == pb.RUN_STATE_COMPLETED, final.message
+    data = load_dataset(json.loads(spec.data_spec_json))
+    w_true = data.extras["true_weight"].reshape(params["linear.weight"].shape)
+    b_true = data.extras["true_bias"].reshape(params["linear.bias"].shape)
+    # Tolerance: noise 0.01 on 1600 samples bounds the least-squares error near 1e-3; SGD with a
+    # constant step adds its own noise. 0.02 per coordinate is far below |W*| ~ 1.
+    np.testing.assert_allclose(params["linear.weight"], w_true, atol=0.02)
+    np.testing.assert_allclose(params["linear.bias"], b_true, atol=0.02)
+
+
+async def test_bsp_equals_single_process_reference() -> None:
+    """s = 0 with SGD: the same combined gradients in the same order give the same parameters."""
+    opts = LaunchOptions(model="mlp:16", dataset="digits", workers=3, staleness="0", lr=0.1, iterations=25,
+                         batch_size=16, seed=5)
+    spec = build_run_spec(opts)
+    with ps_server("--port", "0") as (_, addr):
+        async with connect(addr) as c:
+            run = await c.create_run(spec)
+            init = (await c.pull(run.run_id)).tensors
+            with ps_workers(addr, 3):
+                final_run = await finish(c, run.run_id)
+            final = (await c.pull(run.run_id)).tensors
+    assert final_run.state == pb.RUN_STATE_COMPLETED, final_run.message
+    data = load_dataset(json.loads(spec.data_spec_json))
+    model = build_model(json.loads(spec.model_spec_json), data.n_features, data.n_outputs)
+    shards = [shard_indices(len(data.X_train), r, 3, spec.seed) for r in range(3)]
+    samplers = [BatchSampler(len(s), spec.batch_size, spec.seed, r) for r, s in enumerate(shards)]
+    params = {k: v.copy() for k, v in init.items()}
+    lr = np.float32(0.1)
+    for clock in range(spec.iterations):
+        grads = []
+        for r in range(3):
+            idx = shards[r][samplers[r].batch(clock)]
+            grads.append(model.loss_and_grad(params, data.X_train[idx], data.y_train[idx])[1])
+        for name in params:
+            acc = grads[0][name].astype(np.float32).copy()
+            for g in grads[1:]:
+                acc += g[name]
+            acc *= np.float32(1 / 3)
+            params[name] -= lr * acc
+    for name in params:
+        np.testing.assert_allclose(final[name], params[name], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(final["layer0.weight"], init["layer0.weight"])  # it did train
+
+
+async def test_straggler_never_lets_fast_workers_past_the_bound() -> None:
+    """One rank 3x slower, s = 1: the server's record shows every iteration within the bound."""
+    opts = LaunchOptions(model="mlp:32", dataset="digits", workers=3, staleness="1", iterations=40,
+                         slowdown=((2, 3.0),))
+    spec = build_run_spec(opts)
+    with ps_server("--port", "0") as (_, addr), ps_workers(addr, 3):
+        async with connect(addr) as c:
+            run = await c.create_run(spec)
+            final = await finish(c, run.run_id)
+            metrics = await c.runs.GetMetrics(pb.GetMetricsRequest(run_id=run.run_id, include_clock_records=True))
+    assert final.state == pb.RUN_STATE_COMPLETED, final.message
+    pulls = [r for r in metrics.clock_records if r.kind == pb.ClockRecord.KIND_PULL]
+    pushes = [r for r in metrics.clock_records if r.kind == pb.ClockRecord.KIND_PUSH]
+    assert len(pushes) == 3 * spec.iterations
+    for r in pulls + pushes:
+        # starting (pull) or completing (push) iteration c needs every live rank at >= c - s,
+        # i.e. the slow rank completed iteration c - s - 1.
+        assert r.min_clock >= r.clock - 1, r
+    fast_ahead = max(r.clock - r.min_clock for r in pushes if r.rank != 2)
+    assert fast_ahead == 1  # the fast ranks did run ahead, exactly to the bound
+
+
+async def test_worker_waits_for_a_server_and_survives_a_restart() -> None:
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+    with ps_workers(addr, 1, "--join-wait-seconds", "1") as (worker,):
+        await asyncio.sleep(1.0)  # the worker starts first: nothing listens yet
+        assert worker.poll() is None
+        with ps_server("--port", str(port)):
+            await asyncio.sleep(1.5)  # it is now parked in Join on this server
+        assert worker.poll() is None  # the server went away while the worker waited for work
+        with ps_server("--port", str(port)) as (_, addr2):
+            async with connect(addr2) as c:
+                spec = build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=1, iterations=30))
+                run = await c.create_run(spec)
+                final = await finish(c, run.run_id, timeout=60)
+            assert worker.wait(30) == 0
+    assert final.state == pb.RUN_STATE_COMPLETED, final.message
+    assert final.workers[0].pushes == 30
