@@ -26,6 +26,7 @@ from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 
 from .config import ServerConfig, parse_config
 from .errors import ShuttingDown
+from .metrics import serve_metrics
 from .registry import RunRegistry
 from .servicer import ParameterServicer, RunServicer, WorkerServicer
 
@@ -43,6 +44,7 @@ class PsServer:
     registry: RunRegistry
     config: ServerConfig
     health: health.aio.HealthServicer
+    metrics_port: int | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -90,6 +92,8 @@ async def start_server(config: ServerConfig, registry: RunRegistry | None = None
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     ps = PsServer(server, port, registry, config, health_servicer)
+    if config.metrics_port >= 0:
+        ps.metrics_port = serve_metrics(registry, config.host, config.metrics_port)
     ps._tasks.append(asyncio.create_task(_sweep_leases(registry, config)))
     return ps
 
@@ -121,6 +125,8 @@ def setup_logging(config: ServerConfig) -> None:
 async def serve(config: ServerConfig) -> None:
     ps = await start_server(config)
     print(f"ps-server listening on {config.host}:{ps.port} (generation {ps.registry.generation})", flush=True)
+    if ps.metrics_port is not None:
+        log.info("Prometheus metrics on http://%s:%d/metrics", config.host, ps.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from functools import partial
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from typing import NoReturn, TypeVar
 
 import grpc

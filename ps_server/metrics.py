@@ -1,0 +1,62 @@
+"""Prometheus metrics, read from the runs at scrape time.
+
+A custom collector turns each run's ``status()`` into metric families when Prometheus scrapes, so
+the hot path (pushes, pulls) pays nothing for metrics: the counters it already keeps are the source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .registry import RunRegistry
+
+__all__ = ["RunCollector", "serve_metrics"]
+
+_COUNTERS = {
+    "pushes_applied": "Pushes applied to the parameters",
+    "pushes_duplicate": "Retried pushes acknowledged without applying them again",
+    "pushes_rejected": "Pushes rejected (bad input, stale incarnation, out of order)",
+    "pulls_served": "Pulls served",
+    "pulls_parked": "Pulls that had to wait for the SSP bound",
+    "pulls_skipped": "Pulls workers skipped thanks to their SSP cache (as reported)",
+    "bytes_pushed": "Gradient payload bytes received",
+    "bytes_pulled": "Parameter payload bytes sent",
+    "updates_applied": "Optimizer steps applied",
+    "evictions": "Workers evicted after their lease expired",
+}
+
+
+class RunCollector(Collector):
+    def __init__(self, registry: RunRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        statuses = [run.status() for run in self._registry.runs()]
+        for field, doc in _COUNTERS.items():
+            fam = CounterMetricFamily(f"paramserver_{field}", doc, labels=["run"])
+            for s in statuses:
+                fam.add_metric([s.run_id], getattr(s.counters, field))
+            yield fam
+        clocks = GaugeMetricFamily("paramserver_worker_clock", "Iterations completed per rank", labels=["run", "rank"])
+        spread = GaugeMetricFamily("paramserver_clock_spread", "Max minus min clock over ranks", labels=["run"])
+        waiting = GaugeMetricFamily("paramserver_parked_pulls", "Pulls parked right now", labels=["run"])
+        state = GaugeMetricFamily("paramserver_run_state", "1 for the run's current state", labels=["run", "state"])
+        for s in statuses:
+            for w in s.workers:
+                clocks.add_metric([s.run_id, str(w.rank)], w.clock)
+            spread.add_metric([s.run_id], s.max_clock - s.min_clock)
+            waiting.add_metric([s.run_id], sum(w.waiting_for_clock is not None for w in s.workers))
+            state.add_metric([s.run_id, s.state.value], 1)
+        yield from (clocks, spread, waiting, state)
+
+
+def serve_metrics(registry: RunRegistry, host: str, port: int) -> int:
+    """Serve /metrics over HTTP on a daemon thread; return the bound port."""
+    reg = CollectorRegistry()
+    reg.register(RunCollector(registry))
+    server, _thread = start_http_server(port, addr=host, registry=reg)
+    return int(server.server_port)

@@ -1,0 +1,34 @@
+"""The Prometheus endpoint reports the runs' counters and clocks."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import numpy as np
+import pytest
+from conftest import make_spec, with_config
+
+from ps_server.config import ServerConfig
+from ps_server.server import start_server
+from worker.client import PsClient
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def test_metrics_endpoint_reports_pushes_and_clocks(server_config: ServerConfig) -> None:
+    ps = await start_server(with_config(server_config, metrics_port=0))
+    try:
+        assert ps.metrics_port
+        async with PsClient(f"127.0.0.1:{ps.port}") as c:
+            run = await c.create_run(make_spec(num_workers=1, staleness=-1))
+            a = (await c.join("w")).assignment
+            p = await c.pull(run.run_id, 0, a.incarnation, 0)
+            await c.push(run.run_id, 0, a.incarnation, 0, {n: np.ones_like(v) for n, v in p.tensors.items()})
+            url = f"http://127.0.0.1:{ps.metrics_port}/metrics"
+            text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+        assert f'paramserver_pushes_applied_total{{run="{run.run_id}"}} 1.0' in text
+        assert f'paramserver_worker_clock{{rank="0",run="{run.run_id}"}} 1.0' in text
+        assert f'paramserver_run_state{{run="{run.run_id}",state="running"}} 1.0' in text
+    finally:
+        await ps.stop(0)
