@@ -15,7 +15,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 from worker.datasets import load_dataset, parse_dataset
 from worker.models import build_model, parse_model
 
-__all__ = ["LaunchOptions", "build_run_spec", "parse_staleness"]
+__all__ = ["LaunchOptions", "build_run_spec", "iterations_per_epoch", "parse_staleness"]
 
 _INIT = {"zeros": pb.INITIALIZER_ZEROS, "normal": pb.INITIALIZER_NORMAL, "uniform": pb.INITIALIZER_UNIFORM}
 UNBOUNDED_WORDS = ("inf", "unbounded", "async", "asp", "-1")
@@ -77,6 +77,17 @@ def _optimizer(o: LaunchOptions) -> pb.OptimizerSpec:
     raise ValueError(f"optimizer {o.optimizer!r}: choose sgd, momentum, nesterov, adam or adagrad")
 
 
+def iterations_per_epoch(o: LaunchOptions) -> int:
+    """Iterations one rank takes to see its whole shard once (for progress displays)."""
+    data = load_dataset(parse_dataset(o.dataset))  # memoised: free after build_run_spec
+    return _per_epoch(len(data.X_train), o)
+
+
+def _per_epoch(n_train: int, o: LaunchOptions) -> int:
+    shard = math.ceil(n_train / max(1, o.workers))
+    return max(1, math.ceil(shard / max(1, o.batch_size)))
+
+
 def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
     """Validate the options and build the spec; raises ValueError saying what to fix."""
     if o.workers < 1:
@@ -92,8 +103,7 @@ def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
     if model.task != data.task:
         raise ValueError(f"model {o.model!r} does a {model.task} task but dataset {o.dataset!r} is {data.task}: "
                          f"use {'linear' if data.task == 'regression' else 'softmax or mlp:...'}")
-    shard = math.ceil(len(data.X_train) / o.workers)
-    per_epoch = math.ceil(shard / o.batch_size)
+    per_epoch = _per_epoch(len(data.X_train), o)
     iterations = o.iterations or max(1, round(o.epochs * per_epoch))
     eval_every = o.eval_every or max(1, iterations // 20)
     return pb.RunSpec(

@@ -215,8 +215,10 @@ class PsClient:
         )
         return await self._unary(self.workers.ReportMetrics, req)
 
-    async def leave(self, run_id: str, rank: int, incarnation: int, reason: int, message: str = "") -> pb.LeaveResponse:
-        req = pb.LeaveRequest(run_id=run_id, rank=rank, incarnation=incarnation, reason=reason, message=message)  # type: ignore[arg-type]
+    async def leave(
+        self, run_id: str, rank: int, incarnation: int, reason: pb.LeaveReason, message: str = ""
+    ) -> pb.LeaveResponse:
+        req = pb.LeaveRequest(run_id=run_id, rank=rank, incarnation=incarnation, reason=reason, message=message)
         return await self._unary(self.workers.Leave, req)
 
     # -------------------------------------------------------------------------- data plane

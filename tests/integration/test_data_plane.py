@@ -8,12 +8,11 @@ import random
 import grpc
 import numpy as np
 import pytest
+from conftest import make_spec
 
 from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.server import PsServer
 from worker.client import PsClient, PsClientError
-
-from conftest import make_spec
 
 pytestmark = pytest.mark.timeout(90)
 
