@@ -91,9 +91,13 @@ class TensorAssembler:
                 )
             shape = tuple(chunk.shape)
             if name not in self._arrays:
+                if len(shape) > 32:
+                    raise errors.InvalidArgument(f"tensor {name!r} has {len(shape)} dimensions: send the parameter's shape")
                 if any(d < 0 for d in shape):
                     raise errors.InvalidArgument(f"tensor {name!r} has a negative dimension in shape {list(shape)}")
                 total = math.prod(shape)
+                if total == 0 and any(4 * d > self.max_bytes for d in shape):
+                    raise errors.InvalidArgument(f"tensor {name!r} has shape {list(shape)}: send the parameter's shape")
                 self._declared += 4 * total
                 if self._declared > self.max_bytes:
                     raise errors.ResourceExhausted(

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .errors import FailedPrecondition, InvalidArgument, OutOfRange
+from .errors import FailedPrecondition, InvalidArgument, OutOfRange, PsError
 from .gate import Gate
 from .optimizers import make_optimizer
 from .spec import Aggregation, RunSpec
@@ -256,7 +256,7 @@ class Run:
         """Accept the gradient of iteration ``clock`` of a rank: apply (s > 0) or hold (s = 0)."""
         try:
             slot = self._slot(rank, incarnation)
-        except FailedPrecondition:
+        except PsError:
             self.counters.pushes_rejected += 1
             raise
         if clock < slot.clock:

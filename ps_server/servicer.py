@@ -73,13 +73,13 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
                     run = self._registry.get(req.run_id)
                     assembler = codec.TensorAssembler(max_bytes=2 * run.store.nbytes + (1 << 20))
                     key = (req.run_id, req.rank, req.incarnation, req.clock)
-                elif key != (req.run_id, req.rank, req.incarnation, req.clock):
-                    raise InvalidArgument(
-                        f"push {key} was not finished (final unset) when a request for "
-                        f"{(req.run_id, req.rank, req.incarnation, req.clock)} arrived"
-                    )
                 assert run is not None
                 try:
+                    if key != (req.run_id, req.rank, req.incarnation, req.clock):
+                        raise InvalidArgument(
+                            f"push {key} was not finished (final unset) when a request for "
+                            f"{(req.run_id, req.rank, req.incarnation, req.clock)} arrived"
+                        )
                     assembler.add(req.tensors)
                     if not req.final:
                         continue
@@ -98,7 +98,8 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
                 min_clock=result.min_clock,
                 run_state=codec.run_state_to_proto(result.run_state),
             )
-        if assembler is not None:
+        if assembler is not None and run is not None:
+            run.counters.pushes_rejected += 1
             await _abort(context, InvalidArgument(f"the stream ended inside push {key} (final never set)"))
 
     async def PullParams(

@@ -67,13 +67,15 @@ class ParamStore:
                 raise InvalidArgument(f"gradient {name!r} has dtype {g.dtype}, expected float32")
             # One pass without a temporary: a sum is NaN/Inf iff some element is (or it overflows,
             # which is no usable gradient either). The slow exact check only names the culprit.
-            if not np.isfinite(np.sum(g, dtype=np.float32)):
+            with np.errstate(over="ignore", invalid="ignore"):
+                total = np.sum(g, dtype=np.float32)
+            if not np.isfinite(total):
                 bad = int(np.count_nonzero(~np.isfinite(g)))
                 what = f"{bad} NaN/Inf value(s)" if bad else "values whose sum overflows float32"
                 raise InvalidArgument(f"gradient {name!r} contains {what}; nothing was applied")
 
     def read(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
-        """The live arrays (no copy) of ``names`` (all when None); NotFound-style errors if unknown."""
+        """The live arrays (no copy) of ``names`` (all when None); InvalidArgument for unknown names."""
         if not names:
             return self.params
         unknown = sorted(set(names) - set(self.params))

@@ -11,6 +11,7 @@ Errors come back as ``PsClientError`` with the gRPC status code and the server's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -96,7 +97,14 @@ class _Stream:
                             return out
             except grpc.aio.AioRpcError as exc:
                 self._call = None
-                raise PsClientError.from_rpc(exc, self._method) from None
+                code, details = exc.code(), exc.details() or ""
+                if code == grpc.StatusCode.INTERNAL:
+                    # A write racing the server's abort can surface as INTERNAL before the status
+                    # arrives: the call's final status is the server's real answer.
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(1.0):
+                            code, details = await call.code(), await call.details()
+                raise PsClientError(code, details, self._method) from None
             except TimeoutError:
                 self.close()
                 raise PsClientError(
