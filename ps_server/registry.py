@@ -26,8 +26,10 @@ class RunRegistry:
         *,
         max_param_bytes: int = 4 << 30,
         now: Callable[[], float] = time.monotonic,
+        configure: Callable[[Run], None] | None = None,
     ) -> None:
         self.max_param_bytes = max_param_bytes
+        self._configure = configure
         self.generation = uuid.uuid4().hex[:12]
         self.work = Gate()
         self._runs: dict[str, Run] = {}
@@ -42,8 +44,13 @@ class RunRegistry:
                 f"{self.max_param_bytes} (PS_MAX_PARAM_BYTES)"
             )
         run_id = f"run-{uuid.uuid4().hex[:8]}"
-        run = Run(run_id, spec, now=self._now)
-        self._runs[run_id] = run
+        return self.add(Run(run_id, spec, now=self._now))
+
+    def add(self, run: Run) -> Run:
+        """Register a run (new, or restored from a checkpoint)."""
+        if self._configure:
+            self._configure(run)
+        self._runs[run.run_id] = run
         self.work.notify()
         return run
 

@@ -21,16 +21,18 @@ applied, acknowledged and not applied again; a push from an older incarnation is
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
 from .errors import FailedPrecondition, InvalidArgument, OutOfRange, PsError
 from .gate import Gate
 from .optimizers import make_optimizer
-from .spec import Aggregation, RunSpec
+from .spec import Aggregation, RunSpec, spec_from_dict, spec_to_dict
 from .status import (
     Assignment,
     Counters,
@@ -46,6 +48,13 @@ from .status import (
 from .store import ParamStore
 
 __all__ = ["ClockRecord", "Run"]
+
+
+def _restore(target: np.ndarray, value: np.ndarray, key: str) -> None:
+    if value.shape != target.shape or value.dtype != target.dtype:
+        raise ValueError(f"{key}: checkpoint has {value.dtype}{list(value.shape)}, "
+                         f"the spec needs {target.dtype}{list(target.shape)}")
+    target[...] = value
 
 _INF = 1 << 62
 
@@ -114,6 +123,10 @@ class Run:
         # BSP: clock -> rank -> gradient, and the number of clocks combined and applied so far.
         self._pending: dict[int, dict[int, Mapping[str, np.ndarray]]] = {}
         self._applied_clock = 0
+        # Checkpoints: the hook is called synchronously, so its snapshot is this exact instant.
+        self.checkpoint_every = 0
+        self.on_checkpoint: Callable[[Run, str], None] | None = None
+        self._checkpoint_clock = 0
         self._event("created", -1, f"{spec.num_workers} ranks, staleness {spec.describe_staleness()}")
 
     # ------------------------------------------------------------------------------ queries
@@ -193,9 +206,9 @@ class Run:
         slot.last_seen = self._now()
         slot.last_seen_wall = time.time()
 
-    def heartbeat(self, rank: int, incarnation: int) -> RunState:
-        self._slot(rank, incarnation)
-        return self.state
+    def heartbeat(self, rank: int, incarnation: int) -> tuple[RunState, int]:
+        """Refresh the lease; return the run's state and the rank's clock."""
+        return self.state, self._slot(rank, incarnation).clock
 
     def report(self, rank: int, incarnation: int, points: Iterable[MetricPoint], pulls_skipped: int) -> RunState:
         slot = self._slot(rank, incarnation)
@@ -345,6 +358,8 @@ class Run:
         self.finished = time.time()
         self._pending.clear()
         self._changed()
+        if self.on_checkpoint:
+            self.on_checkpoint(self, state.value)
 
     def _after_clock_change(self) -> None:
         if self.spec.staleness == 0:
@@ -357,6 +372,12 @@ class Run:
             self._event("completed", -1, f"all ranks done at min clock {self.min_clock}")
             self._finish(RunState.COMPLETED, "all ranks finished")
         self._changed()
+        every = self.checkpoint_every
+        if every and self.on_checkpoint and not self.state.finished:
+            m = self.min_clock
+            if m // every > self._checkpoint_clock // every:
+                self._checkpoint_clock = m
+                self.on_checkpoint(self, f"min clock {m}")
 
     def _apply_ready_clocks(self) -> None:
         """BSP: combine and apply, in clock order, every clock all live ranks have pushed."""
@@ -387,6 +408,82 @@ class Run:
     def _changed(self) -> None:
         self.changes += 1
         self.gate.notify()
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """A consistent snapshot, copied: JSON-able metadata and named arrays.
+
+        Taken between two event-loop steps, it is one instant of the run: parameters, optimizer
+        state, every rank's (incarnation, clock) (the de-duplication table) and held BSP gradients
+        agree with each other.
+        """
+        meta: dict[str, Any] = {
+            "run_id": self.run_id,
+            "spec": spec_to_dict(self.spec),
+            "state": self.state.value,
+            "message": self.message,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "slots": [
+                {"rank": s.rank, "state": s.state.value, "incarnation": s.incarnation, "clock": s.clock,
+                 "worker_name": s.worker_name, "pushes": s.pushes, "pulls_skipped": s.pulls_skipped}
+                for s in self._slots
+            ],
+            "next_incarnation": self._next_incarnation,
+            "retired_skipped": self._retired_skipped,
+            "applied_clock": self._applied_clock,
+            "optimizer_steps": self.optimizer.steps,
+            "counters": dataclasses.asdict(self.counters),
+            "min_clock": self.min_clock,
+            "last_eval": dataclasses.asdict(self.last_eval) if self.last_eval else None,
+            "points": [dataclasses.asdict(p) for p in list(self.points)[-2000:]],
+            "events": [dataclasses.asdict(e) for e in list(self.events)[-500:]],
+        }
+        arrays = {f"param/{n}": a.copy() for n, a in self.store.params.items()}
+        arrays.update({f"opt/{k}": a.copy() for k, a in self.optimizer.state_arrays().items()})
+        for clock, by_rank in self._pending.items():
+            for rank, grads in by_rank.items():
+                arrays.update({f"pending/{clock}/{rank}/{n}": np.array(g) for n, g in grads.items()})
+        return meta, arrays
+
+    @classmethod
+    def from_state(
+        cls, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, now: Callable[[], float] = time.monotonic
+    ) -> Run:
+        """Rebuild a run from ``state_dict`` output; raises KeyError/ValueError if inconsistent.
+
+        Every rank's lease starts afresh, so workers have a full lease to find the new server.
+        """
+        run = cls(meta["run_id"], spec_from_dict(meta["spec"]), now=now)
+        run.events.clear()
+        run.event_count = 0
+        run.state = RunState(meta["state"])
+        run.message = meta["message"]
+        run.created, run.started, run.finished = meta["created"], meta["started"], meta["finished"]
+        for s, d in zip(run._slots, meta["slots"], strict=True):
+            s.state, s.incarnation, s.clock = WorkerState(d["state"]), d["incarnation"], d["clock"]
+            s.worker_name, s.pushes, s.pulls_skipped = d["worker_name"], d["pushes"], d["pulls_skipped"]
+            run._touch(s)
+        run._next_incarnation = meta["next_incarnation"]
+        run._retired_skipped = meta["retired_skipped"]
+        run._applied_clock = meta["applied_clock"]
+        run._checkpoint_clock = meta["min_clock"]
+        run.optimizer.steps = meta["optimizer_steps"]
+        run.counters = Counters(**meta["counters"])
+        run.last_eval = MetricPoint(**meta["last_eval"]) if meta["last_eval"] else None
+        run.points.extend(MetricPoint(**p) for p in meta["points"])
+        run.events.extend(RunEvent(**e) for e in meta["events"])
+        run.event_count = len(run.events)
+        for name, target in run.store.params.items():
+            _restore(target, arrays[f"param/{name}"], f"param/{name}")
+        for key, target in run.optimizer.state_arrays().items():
+            _restore(target, arrays[f"opt/{key}"], f"opt/{key}")
+        for key, value in arrays.items():
+            if key.startswith("pending/"):
+                _, clock, rank, name = key.split("/", 3)
+                run._pending.setdefault(int(clock), {}).setdefault(int(rank), {})[name] = value  # type: ignore[index]
+        return run
 
     # ------------------------------------------------------------------------------ status
     def _held_back_message(self, clock: int, what: str) -> str:

@@ -16,6 +16,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,6 +25,8 @@ from grpc_reflection.v1alpha import reflection
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 
+from .checkpoint import CheckpointStore
+from .checkpointer import Checkpointer
 from .config import ServerConfig, parse_config
 from .errors import ShuttingDown
 from .metrics import serve_metrics
@@ -44,6 +47,7 @@ class PsServer:
     registry: RunRegistry
     config: ServerConfig
     health: health.aio.HealthServicer
+    checkpointer: Checkpointer | None = None
     metrics_port: int | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -52,7 +56,10 @@ class PsServer:
         return f"{self.config.host}:{self.port}"
 
     async def stop(self, grace: float | None = None) -> None:
-        """Ordered shutdown: NOT_SERVING, release parked waiters, stop with grace."""
+        """Ordered shutdown: NOT_SERVING, release parked waiters, stop with grace, final checkpoints.
+
+        The final checkpoints come after the last RPC, so they hold every acknowledged push.
+        """
         await self.health.enter_graceful_shutdown()
         down = ShuttingDown("the server is shutting down; retry against its replacement")
         for run in self.registry.runs():
@@ -61,6 +68,11 @@ class PsServer:
         for task in self._tasks:
             task.cancel()
         await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        if self.checkpointer:
+            await self.checkpointer.drain()
+            for run in self.registry.runs():
+                if not run.state.finished:
+                    await self.checkpointer.checkpoint_now(run, "shutdown")
 
 
 async def _sweep_leases(registry: RunRegistry, config: ServerConfig) -> None:
@@ -71,8 +83,15 @@ async def _sweep_leases(registry: RunRegistry, config: ServerConfig) -> None:
             log.warning("evicted rank %d: lease expired", rank, extra={"run": run_id, "rank": rank})
 
 
-async def start_server(config: ServerConfig, registry: RunRegistry | None = None) -> PsServer:
-    registry = registry or RunRegistry(max_param_bytes=config.max_param_bytes)
+async def start_server(config: ServerConfig) -> PsServer:
+    checkpointer = None
+    if config.data_dir:
+        store = CheckpointStore(Path(config.data_dir), keep=config.checkpoint_keep)
+        checkpointer = Checkpointer(store, config.checkpoint_every)
+    registry = RunRegistry(max_param_bytes=config.max_param_bytes,
+                           configure=checkpointer.attach if checkpointer else None)
+    if checkpointer:
+        checkpointer.resume(registry)
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -80,7 +99,7 @@ async def start_server(config: ServerConfig, registry: RunRegistry | None = None
     ]
     server = grpc.aio.server(options=options)
     pb_grpc.add_ParameterServiceServicer_to_server(ParameterServicer(registry, config), server)
-    pb_grpc.add_RunServiceServicer_to_server(RunServicer(registry, config), server)
+    pb_grpc.add_RunServiceServicer_to_server(RunServicer(registry, config, checkpointer), server)
     pb_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(registry, config), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -91,7 +110,7 @@ async def start_server(config: ServerConfig, registry: RunRegistry | None = None
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    ps = PsServer(server, port, registry, config, health_servicer)
+    ps = PsServer(server, port, registry, config, health_servicer, checkpointer)
     if config.metrics_port >= 0:
         ps.metrics_port = serve_metrics(registry, config.host, config.metrics_port)
     ps._tasks.append(asyncio.create_task(_sweep_leases(registry, config)))

@@ -19,8 +19,9 @@ from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 
 from . import codec
+from .checkpointer import Checkpointer
 from .config import ServerConfig
-from .errors import InvalidArgument, PsError, WaitTimeout
+from .errors import FailedPrecondition, InvalidArgument, PsError, WaitTimeout
 from .registry import RunRegistry
 from .run import Run
 from .status import Assignment
@@ -144,9 +145,22 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
 
 
 class RunServicer(pb_grpc.RunServiceServicer):
-    def __init__(self, registry: RunRegistry, config: ServerConfig) -> None:
+    def __init__(self, registry: RunRegistry, config: ServerConfig, checkpointer: Checkpointer | None) -> None:
         self._registry = registry
         self._config = config
+        self._checkpointer = checkpointer
+
+    async def CheckpointRun(
+        self, request: pb.CheckpointRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CheckpointRunResponse:
+        try:
+            run = self._registry.get(request.run_id)
+            if self._checkpointer is None:
+                raise FailedPrecondition("this server has no data directory: start it with --data-dir DIR")
+            path, clock = await self._checkpointer.checkpoint_now(run, "on demand")
+        except PsError as exc:
+            await _abort(context, exc)
+        return pb.CheckpointRunResponse(path=str(path), min_clock=clock)
 
     async def CreateRun(self, request: pb.CreateRunRequest, context: grpc.aio.ServicerContext) -> pb.CreateRunResponse:
         try:
@@ -250,12 +264,12 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
         try:
             run = self._registry.get(request.run_id)
-            state = run.heartbeat(request.rank, request.incarnation)
+            state, clock = run.heartbeat(request.rank, request.incarnation)
         except PsError as exc:
             await _abort(context, exc)
         return pb.HeartbeatResponse(
             run_state=codec.run_state_to_proto(state), min_clock=run.min_clock,
-            server_generation=self._registry.generation,
+            server_generation=self._registry.generation, clock=clock,
         )
 
     async def ReportMetrics(

@@ -7,11 +7,13 @@ creates a run.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import InvalidArgument
 
@@ -23,6 +25,8 @@ __all__ = [
     "ParamSpec",
     "RunSpec",
     "UNBOUNDED",
+    "spec_from_dict",
+    "spec_to_dict",
     "validate_spec",
 ]
 
@@ -155,3 +159,33 @@ def validate_spec(spec: RunSpec) -> None:
             raise InvalidArgument(
                 f"slowdown for rank {rank} = {factor}: ranks are 0..{spec.num_workers - 1}, factors >= 1"
             )
+
+
+def spec_to_dict(spec: RunSpec) -> dict[str, Any]:
+    """JSON-able form of a spec (for checkpoints)."""
+    d = dataclasses.asdict(spec)
+    d["params"] = [
+        {"name": p.name, "shape": list(p.shape), "initializer": p.initializer.value, "scale": p.scale}
+        for p in spec.params
+    ]
+    d["optimizer"] = {**dataclasses.asdict(spec.optimizer), "kind": spec.optimizer.kind.value}
+    d["aggregation"] = spec.aggregation.value
+    d["slowdown"] = {str(k): v for k, v in spec.slowdown.items()}
+    return d
+
+
+def spec_from_dict(d: Mapping[str, Any]) -> RunSpec:
+    """Inverse of spec_to_dict; raises KeyError/ValueError on a malformed dict."""
+    opt = dict(d["optimizer"])
+    opt["kind"] = OptimizerKind(opt["kind"])
+    return RunSpec(
+        **{
+            **{k: v for k, v in d.items() if k not in ("params", "optimizer", "aggregation", "slowdown")},
+            "params": tuple(
+                ParamSpec(p["name"], tuple(p["shape"]), Initializer(p["initializer"]), p["scale"]) for p in d["params"]
+            ),
+            "optimizer": OptimizerConfig(**opt),
+            "aggregation": Aggregation(d["aggregation"]),
+            "slowdown": {int(k): float(v) for k, v in d["slowdown"].items()},
+        }
+    )

@@ -58,6 +58,7 @@ class TrainStats:
     pulls: int = 0
     pulls_skipped: int = 0
     retries: int = 0
+    rewinds: int = 0
     last_loss: float = float("nan")
     final_accuracy: float | None = None
     points: list[pb.MetricPoint] = field(default_factory=list)
@@ -78,19 +79,12 @@ def _now_ts() -> Timestamp:
     return ts
 
 
-async def _retry(op: Callable[[], Awaitable[T]], stats: TrainStats, what: str, budget: float) -> T:
-    """Run ``op``; retry transient failures (UNAVAILABLE, DEADLINE_EXCEEDED) with jittered backoff."""
-    delay, deadline = 0.05, time.monotonic() + budget
-    while True:
-        try:
-            return await op()
-        except PsClientError as exc:
-            if not exc.retryable or time.monotonic() > deadline:
-                raise
-            stats.retries += 1
-            log.info("%s failed (%s); retrying in %.2fs", what, exc.code.name, delay)
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 2.0)
+class _Rewind(Exception):
+    """The server knows this rank at an earlier clock (it restarted from a checkpoint): go back."""
+
+    def __init__(self, clock: int) -> None:
+        super().__init__(f"rewind to clock {clock}")
+        self.clock = clock
 
 
 class _Trainer:
@@ -126,11 +120,46 @@ class _Trainer:
         self.y = self.data.y_train[idx]
         self.sampler = BatchSampler(len(idx), max(1, self.spec.batch_size), self.spec.seed, self.a.rank)
 
+    async def call(self, op: Callable[[], Awaitable[T]], what: str) -> T:
+        """Run ``op``; retry transient failures (UNAVAILABLE, DEADLINE_EXCEEDED) with jittered backoff.
+
+        After each failure the worker asks the server where it stands (Heartbeat): a server that
+        restarted from a checkpoint may know this rank at an earlier clock, and then the loop
+        rewinds there (``_Rewind``) instead of retrying an operation the server cannot accept.
+        A retried push is safe: the server de-duplicates it.
+        """
+        delay, deadline = 0.05, time.monotonic() + self.config.timeout_seconds * 4
+        while True:
+            try:
+                return await op()
+            except PsClientError as exc:
+                if exc.code == grpc.StatusCode.FAILED_PRECONDITION and "next clock is" in exc.details:
+                    await self.resync()
+                if not exc.retryable or time.monotonic() > deadline:
+                    raise
+                self.stats.retries += 1
+                log.info("%s failed (%s); retrying in %.2fs", what, exc.code.name, delay)
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 2.0)
+                await self.resync()
+
+    async def resync(self) -> None:
+        try:
+            hb = await self.client.heartbeat(self.a.run_id, self.a.rank, self.a.incarnation, self.clock)
+        except PsClientError as exc:
+            if exc.retryable:
+                return
+            raise
+        if hb.clock < self.clock:
+            log.warning("the server knows rank %d at clock %d (it restarted); going back from clock %d",
+                        self.a.rank, hb.clock, self.clock)
+            raise _Rewind(hb.clock)
+
     async def pull(self, clock: int, params: dict[str, np.ndarray]) -> int:
-        res = await _retry(
+        res = await self.call(
             lambda: self.client.pull(self.a.run_id, self.a.rank, self.a.incarnation, clock, into=params,
                                      max_wait=self.config.timeout_seconds * 4),
-            self.stats, f"pull {clock}", self.config.timeout_seconds * 4,
+            f"pull {clock}",
         )
         self.stats.pulls += 1
         self.run_state = res.run_state
@@ -143,43 +172,52 @@ class _Trainer:
         params: dict[str, np.ndarray] = {}
         guaranteed = -1
         iterations = self.spec.iterations
-        eval_every = self.spec.eval_every
         while self.clock < iterations:
-            t0 = time.perf_counter()
-            c = self.clock
-            if params and self.cache_valid(guaranteed, c):
-                self.stats.pulls_skipped += 1
-            else:
-                guaranteed = await self.pull(c, params)
-            if self.a.rank == 0 and eval_every and c % eval_every == 0 and c:
-                self.evaluate(params, c)
-            batch = self.sampler.batch(c)
-            loss, grads = self.model.loss_and_grad(params, self.X[batch], self.y[batch])
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"the training loss became {loss} at clock {c}: lower the learning rate")
-            resp = await _retry(
-                lambda c=c, g=grads, loss=loss: self.client.push(  # type: ignore[misc]
-                    self.a.run_id, self.a.rank, self.a.incarnation, c, g, loss),
-                self.stats, f"push {c}", self.config.timeout_seconds * 4,
-            )
-            if self.local_sgd_lr is not None and self.staleness:
-                lr = np.float32(self.local_sgd_lr)
-                for name, g in grads.items():
-                    params[name] -= lr * g
-            self.clock = resp.clock
-            self.run_state = resp.run_state
-            self.stats.iterations += 1
-            self.stats.last_loss = loss
-            self._samples += len(batch)
-            if self.slowdown > 1.0:
-                await asyncio.sleep((self.slowdown - 1.0) * (time.perf_counter() - t0))
-            self.record(c, loss, time.perf_counter() - t0)
-            if time.monotonic() - self._last_report >= self.config.report_seconds:
-                await self.report()
+            try:
+                guaranteed = await self.step(params, guaranteed)
+            except _Rewind as rewind:
+                self.clock = rewind.clock
+                guaranteed = -1
+                self.stats.rewinds += 1
         if self.a.rank == 0:
             await self.pull(iterations, params)
             self.evaluate(params, iterations)
         await self.report()
+
+    async def step(self, params: dict[str, np.ndarray], guaranteed: int) -> int:
+        """One iteration at self.clock; returns the guaranteed clock of the parameters it used."""
+        eval_every = self.spec.eval_every
+        t0 = time.perf_counter()
+        c = self.clock
+        if params and self.cache_valid(guaranteed, c):
+            self.stats.pulls_skipped += 1
+        else:
+            guaranteed = await self.pull(c, params)
+        if self.a.rank == 0 and eval_every and c % eval_every == 0 and c:
+            self.evaluate(params, c)
+        batch = self.sampler.batch(c)
+        loss, grads = self.model.loss_and_grad(params, self.X[batch], self.y[batch])
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss} at clock {c}: lower the learning rate")
+        resp = await self.call(
+            lambda: self.client.push(self.a.run_id, self.a.rank, self.a.incarnation, c, grads, loss),
+            f"push {c}",
+        )
+        if self.local_sgd_lr is not None and self.staleness:
+            lr = np.float32(self.local_sgd_lr)
+            for name, g in grads.items():
+                params[name] -= lr * g
+        self.clock = resp.clock
+        self.run_state = resp.run_state
+        self.stats.iterations += 1
+        self.stats.last_loss = loss
+        self._samples += len(batch)
+        if self.slowdown > 1.0:
+            await asyncio.sleep((self.slowdown - 1.0) * (time.perf_counter() - t0))
+        self.record(c, loss, time.perf_counter() - t0)
+        if time.monotonic() - self._last_report >= self.config.report_seconds:
+            await self.report()
+        return guaranteed
 
     def record(self, clock: int, loss: float, step: float) -> None:
         self._pending_points.append(
@@ -206,10 +244,10 @@ class _Trainer:
         if train and train[-1] not in keep:
             keep.append(train[-1])
         self.stats.points.extend(keep)
-        resp = await _retry(
+        resp = await self.call(
             lambda: self.client.report_metrics(self.a.run_id, self.a.rank, self.a.incarnation, keep,
                                                self.stats.pulls_skipped),
-            self.stats, "report", self.config.timeout_seconds,
+            "report",
         )
         self.run_state = resp.run_state
         self._last_report = time.monotonic()

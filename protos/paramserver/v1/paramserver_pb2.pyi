@@ -380,6 +380,20 @@ class PullParamsResponse(_message.Message):
     run_state: RunState
     def __init__(self, guaranteed_clock: _Optional[int] = ..., version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., final: _Optional[bool] = ..., run_state: _Optional[_Union[RunState, str]] = ...) -> None: ...
 
+class CheckpointRunRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class CheckpointRunResponse(_message.Message):
+    __slots__ = ("path", "min_clock")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MIN_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    min_clock: int
+    def __init__(self, path: _Optional[str] = ..., min_clock: _Optional[int] = ...) -> None: ...
+
 class CreateRunRequest(_message.Message):
     __slots__ = ("spec",)
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -533,14 +547,16 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("run_state", "min_clock", "server_generation")
+    __slots__ = ("run_state", "min_clock", "server_generation", "clock")
     RUN_STATE_FIELD_NUMBER: _ClassVar[int]
     MIN_CLOCK_FIELD_NUMBER: _ClassVar[int]
     SERVER_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
     run_state: RunState
     min_clock: int
     server_generation: str
-    def __init__(self, run_state: _Optional[_Union[RunState, str]] = ..., min_clock: _Optional[int] = ..., server_generation: _Optional[str] = ...) -> None: ...
+    clock: int
+    def __init__(self, run_state: _Optional[_Union[RunState, str]] = ..., min_clock: _Optional[int] = ..., server_generation: _Optional[str] = ..., clock: _Optional[int] = ...) -> None: ...
 
 class ReportMetricsRequest(_message.Message):
     __slots__ = ("run_id", "rank", "incarnation", "points", "pulls_skipped")

@@ -224,6 +224,11 @@ class RunServiceStub:
                 request_serializer=paramserver_dot_v1_dot_paramserver__pb2.GetMetricsRequest.SerializeToString,
                 response_deserializer=paramserver_dot_v1_dot_paramserver__pb2.GetMetricsResponse.FromString,
                 _registered_method=True)
+        self.CheckpointRun = channel.unary_unary(
+                '/paramserver.v1.RunService/CheckpointRun',
+                request_serializer=paramserver_dot_v1_dot_paramserver__pb2.CheckpointRunRequest.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_paramserver__pb2.CheckpointRunResponse.FromString,
+                _registered_method=True)
 
 
 class RunServiceServicer:
@@ -283,6 +288,14 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckpointRun(self, request, context):
+        """CheckpointRun writes a checkpoint of the run now and answers when it is on disk.
+        Errors: NOT_FOUND; FAILED_PRECONDITION (the server has no data directory).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RunServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -315,6 +328,11 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.GetMetrics,
                     request_deserializer=paramserver_dot_v1_dot_paramserver__pb2.GetMetricsRequest.FromString,
                     response_serializer=paramserver_dot_v1_dot_paramserver__pb2.GetMetricsResponse.SerializeToString,
+            ),
+            'CheckpointRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckpointRun,
+                    request_deserializer=paramserver_dot_v1_dot_paramserver__pb2.CheckpointRunRequest.FromString,
+                    response_serializer=paramserver_dot_v1_dot_paramserver__pb2.CheckpointRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -483,6 +501,33 @@ class RunService:
             '/paramserver.v1.RunService/GetMetrics',
             paramserver_dot_v1_dot_paramserver__pb2.GetMetricsRequest.SerializeToString,
             paramserver_dot_v1_dot_paramserver__pb2.GetMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckpointRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.RunService/CheckpointRun',
+            paramserver_dot_v1_dot_paramserver__pb2.CheckpointRunRequest.SerializeToString,
+            paramserver_dot_v1_dot_paramserver__pb2.CheckpointRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,138 @@
+"""Checkpoints on disk: written atomically, verified on load, never unpickled.
+
+Layout: ``<data_dir>/<run_id>/ckpt-<seq>/`` holding ``arrays.npz`` (parameters, optimizer state,
+held BSP gradients) and ``manifest.json`` (format, the run's metadata from ``Run.state_dict``, the
+SHA-256 and size of ``arrays.npz``). A checkpoint is written into a hidden temporary directory,
+each file fsynced, then renamed into place and the parent directory fsynced: a crash at any point
+leaves either the previous checkpoints or the new one, never a half one under a ``ckpt-`` name.
+Loading checks the manifest, the hash and the shapes; a checkpoint that fails is skipped with an
+error in the log and the next older one is tried. Arrays load with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FORMAT", "Checkpoint", "CheckpointStore", "CorruptCheckpoint"]
+
+FORMAT = 1
+log = logging.getLogger("ps_server")
+
+
+class CorruptCheckpoint(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    meta: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class CheckpointStore:
+    def __init__(self, root: Path, keep: int = 3) -> None:
+        self.root = root
+        self.keep = max(1, keep)
+
+    def _checkpoints(self, run_dir: Path) -> list[Path]:
+        """Complete checkpoints of a run, newest first (temporaries are ignored)."""
+        if not run_dir.is_dir():
+            return []
+        return sorted((p for p in run_dir.iterdir() if p.name.startswith("ckpt-")), reverse=True)
+
+    def write(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Path:
+        """Write one checkpoint of ``meta["run_id"]`` atomically; prune to the newest ``keep``."""
+        run_dir = self.root / str(meta["run_id"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        existing = self._checkpoints(run_dir)
+        seq = int(existing[0].name.split("-")[1]) + 1 if existing else 1
+        final = run_dir / f"ckpt-{seq:010d}"
+        tmp = run_dir / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            npz = tmp / "arrays.npz"
+            with open(npz, "wb") as f:
+                np.savez(f, **arrays)  # type: ignore[arg-type]
+                f.flush()
+                os.fsync(f.fileno())
+            manifest = {"format": FORMAT, "arrays_sha256": _sha256(npz), "arrays_bytes": npz.stat().st_size,
+                        "meta": meta}
+            with open(tmp / "manifest.json", "w") as f:
+                json.dump(manifest, f)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync(tmp)
+            os.rename(tmp, final)
+            _fsync(run_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for old in self._checkpoints(run_dir)[self.keep :]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load(self, path: Path) -> Checkpoint:
+        """Load and verify one checkpoint directory; raises CorruptCheckpoint saying why."""
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise CorruptCheckpoint(f"unreadable manifest: {exc}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "meta" not in manifest:
+            raise CorruptCheckpoint(f"manifest is not a format-{FORMAT} checkpoint")
+        npz = path / "arrays.npz"
+        try:
+            size, digest = npz.stat().st_size, _sha256(npz)
+        except OSError as exc:
+            raise CorruptCheckpoint(f"unreadable arrays: {exc}") from None
+        if size != manifest.get("arrays_bytes") or digest != manifest.get("arrays_sha256"):
+            raise CorruptCheckpoint("arrays.npz does not match the hash in the manifest")
+        try:
+            with np.load(npz, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as exc:
+            raise CorruptCheckpoint(f"arrays.npz does not load: {exc}") from None
+        return Checkpoint(path, manifest["meta"], arrays)
+
+    def latest(self) -> list[Checkpoint]:
+        """The newest valid checkpoint of every run under root; corrupt ones are skipped loudly."""
+        found: list[Checkpoint] = []
+        if not self.root.is_dir():
+            return found
+        for run_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            for path in self._checkpoints(run_dir):
+                try:
+                    found.append(self.load(path))
+                    break
+                except CorruptCheckpoint as exc:
+                    log.error("skipping corrupt checkpoint %s: %s", path, exc)
+            else:
+                if self._checkpoints(run_dir):
+                    log.error("no valid checkpoint for %s: the run cannot be resumed", run_dir.name)
+        return found

@@ -1,0 +1,81 @@
+"""When checkpoints are taken, and the resume at start-up; the disk format is ``checkpoint``.
+
+A run calls ``schedule`` synchronously when its min clock passes a multiple of
+``checkpoint_every`` and when it finishes, so the snapshot is a consistent cut taken on the event
+loop; the write (npz, hashes, fsync, rename) then runs in a thread so the loop keeps serving. Writes
+of one run are ordered by a lock: a newer checkpoint never lands before an older one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import CheckpointStore
+from .registry import RunRegistry
+from .run import Run
+
+__all__ = ["Checkpointer"]
+
+log = logging.getLogger("ps_server")
+
+
+class Checkpointer:
+    def __init__(self, store: CheckpointStore, every: int) -> None:
+        self.store = store
+        self.every = every
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[Path]] = set()
+
+    def attach(self, run: Run) -> None:
+        """Make ``run`` checkpoint itself through this checkpointer."""
+        run.checkpoint_every = self.every
+        run.on_checkpoint = self.schedule
+
+    def schedule(self, run: Run, reason: str) -> None:
+        meta, arrays = run.state_dict()
+        task = asyncio.get_running_loop().create_task(self._write(meta, arrays, reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def checkpoint_now(self, run: Run, reason: str) -> tuple[Path, int]:
+        meta, arrays = run.state_dict()
+        return await self._write(meta, arrays, reason), int(meta["min_clock"])
+
+    async def _write(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], reason: str) -> Path:
+        run_id = meta["run_id"]
+        async with self._locks.setdefault(run_id, asyncio.Lock()):
+            t0 = time.perf_counter()
+            try:
+                path = await asyncio.to_thread(self.store.write, meta, arrays)
+            except OSError as exc:
+                log.error("checkpoint of %s failed: %s", run_id, exc, extra={"run": run_id})
+                raise
+        log.info("checkpoint %s (%s, min clock %d) in %.0f ms", path, reason, meta["min_clock"],
+                 1e3 * (time.perf_counter() - t0), extra={"run": run_id})
+        return path
+
+    async def drain(self) -> None:
+        """Wait for every scheduled write."""
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    def resume(self, registry: RunRegistry) -> list[Run]:
+        """Restore every run with a valid checkpoint (corrupt ones are skipped, loudly)."""
+        restored = []
+        for ckpt in self.store.latest():
+            try:
+                run = Run.from_state(ckpt.meta, ckpt.arrays)
+            except (KeyError, ValueError, TypeError) as exc:
+                log.error("skipping checkpoint %s: it does not fit its run: %s", ckpt.path, exc)
+                continue
+            registry.add(run)
+            restored.append(run)
+            log.warning("resumed %s from %s: %s at min clock %d", run.run_id, ckpt.path, run.state.value,
+                        run.min_clock, extra={"run": run.run_id})
+        return restored
