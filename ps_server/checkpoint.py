@@ -126,6 +126,8 @@ class CheckpointStore:
         if not self.root.is_dir():
             return found
         for run_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            for tmp in run_dir.glob(".tmp-*"):  # a write that crashed: never a checkpoint
+                shutil.rmtree(tmp, ignore_errors=True)
             for path in self._checkpoints(run_dir):
                 try:
                     found.append(self.load(path))

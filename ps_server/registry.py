@@ -11,7 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from .errors import NotFound, ResourceExhausted
+from .errors import NotFound, ResourceExhausted, ShuttingDown
 from .gate import Gate
 from .run import Run
 from .spec import RunSpec, validate_spec
@@ -32,6 +32,7 @@ class RunRegistry:
         self._configure = configure
         self.generation = uuid.uuid4().hex[:12]
         self.work = Gate()
+        self.shutting_down = False
         self._runs: dict[str, Run] = {}
         self._now = now
 
@@ -55,6 +56,8 @@ class RunRegistry:
         return run
 
     def get(self, run_id: str) -> Run:
+        if self.shutting_down:
+            raise ShuttingDown("the server is shutting down; retry against its replacement")
         try:
             return self._runs[run_id]
         except KeyError:

@@ -61,6 +61,7 @@ class PsServer:
         The final checkpoints come after the last RPC, so they hold every acknowledged push.
         """
         await self.health.enter_graceful_shutdown()
+        self.registry.shutting_down = True  # long-lived data streams stop taking new operations
         down = ShuttingDown("the server is shutting down; retry against its replacement")
         for run in self.registry.runs():
             run.gate.fail_all(down)

@@ -110,6 +110,9 @@ class _Stream:
                 raise PsClientError(
                     grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:.1f}s", self._method
                 ) from None
+            except asyncio.InvalidStateError:  # the stream ended (server gone) before this write
+                self.close()
+                raise PsClientError(grpc.StatusCode.UNAVAILABLE, "the stream was closed", self._method) from None
             except BaseException:
                 self.close()
                 raise

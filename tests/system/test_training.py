@@ -4,81 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
-import socket
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
 
 import numpy as np
 import pytest
+from procs import connect, finish, free_port, ps_server, ps_workers
 
 from client.spec import LaunchOptions, build_run_spec
 from paramserver.v1 import paramserver_pb2 as pb
-from worker.client import PsClient
 from worker.datasets import BatchSampler, load_dataset, shard_indices
 from worker.models import build_model
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
-
-ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-@contextmanager
-def ps_server(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    proc = subprocess.Popen([sys.executable, "-m", "ps_server.server", "--log-level", "WARNING", *args],
-                            stdout=subprocess.PIPE, text=True, env=ENV)
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = re.search(r"listening on ([\d.]+):(\d+)", line)
-        assert match, f"server did not start: {line!r}"
-        yield proc, f"{match.group(1)}:{match.group(2)}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@contextmanager
-def ps_workers(address: str, n: int, *args: str) -> Iterator[list[subprocess.Popen[str]]]:
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "worker.main", "--server", address, "--once",
-                          "--log-level", "WARNING", *args], env=ENV, text=True)
-        for _ in range(n)
-    ]
-    try:
-        yield procs
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-
-
-@asynccontextmanager
-async def connect(address: str) -> AsyncIterator[PsClient]:
-    async with PsClient(address, timeout=20) as c:
-        yield c
-
-
-async def finish(client: PsClient, run_id: str, timeout: float = 180) -> pb.Run:
-    async with asyncio.timeout(timeout):
-        async for snap in client.watch_run(run_id, interval=0.2):
-            last = snap.run
-    return last
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 async def test_digits_mlp_four_workers_ssp2_reaches_095() -> None:
     spec = build_run_spec(LaunchOptions(model="mlp:64", dataset="digits", workers=4, staleness="2", epochs=10))

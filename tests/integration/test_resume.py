@@ -1,0 +1,79 @@
+"""A server restarted on its data directory resumes runs exactly where its checkpoint left them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import make_spec, with_config
+
+from paramserver.v1 import paramserver_pb2 as pb
+from ps_server.config import ServerConfig
+from ps_server.server import start_server
+from worker.client import PsClient
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_shutdown_checkpoint_and_resume(server_config: ServerConfig, tmp_path: Path) -> None:
+    config = with_config(server_config, data_dir=str(tmp_path), checkpoint_every=2)
+    ps = await start_server(config)
+    async with PsClient(f"127.0.0.1:{ps.port}") as c:
+        run = await c.create_run(make_spec(num_workers=2, staleness=1, iterations=10,
+                                           optimizer=pb.OptimizerSpec(adam=pb.AdamConfig(learning_rate=0.1))))
+        a = [(await c.join(f"w{i}")).assignment for i in range(2)]
+        for clock in range(3):
+            for x in a:
+                p = await c.pull(run.run_id, x.rank, x.incarnation, clock)
+                await c.push(run.run_id, x.rank, x.incarnation, clock, {n: np.ones_like(v) for n, v in p.tensors.items()})
+        before = (await c.pull(run.run_id)).tensors
+        status = await c.get_run(run.run_id)
+    await ps.stop(0)
+    assert len(list((tmp_path / run.run_id).glob("ckpt-*"))) >= 2  # periodic ones, then the final one
+
+    ps2 = await start_server(with_config(config, port=0))
+    try:
+        async with PsClient(f"127.0.0.1:{ps2.port}") as c:
+            after_status = await c.get_run(run.run_id)
+            after = (await c.pull(run.run_id)).tensors
+            assert after_status.state == pb.RUN_STATE_RUNNING
+            assert [w.clock for w in after_status.workers] == [3, 3]
+            assert [w.incarnation for w in after_status.workers] == [w.incarnation for w in status.workers]
+            assert after_status.counters.pushes_applied == 6
+            for n in before:
+                assert after[n].tobytes() == before[n].tobytes()
+            # de-duplication survived: the last push again is acknowledged, not applied
+            g = {n: np.ones_like(v) for n, v in after.items()}
+            assert (await c.push(run.run_id, a[0].rank, a[0].incarnation, 2, g)).duplicate
+            # and training goes on where it stopped
+            resp = await c.push(run.run_id, a[0].rank, a[0].incarnation, 3, g)
+            assert resp.clock == 4 and not resp.duplicate
+            hb = await c.heartbeat(run.run_id, a[1].rank, a[1].incarnation, 3)
+            assert hb.clock == 3 and hb.server_generation != ""
+    finally:
+        await ps2.stop(0)
+
+
+async def test_checkpoint_on_demand(server_config: ServerConfig, tmp_path: Path) -> None:
+    ps = await start_server(with_config(server_config, data_dir=str(tmp_path), checkpoint_every=0))
+    try:
+        async with PsClient(f"127.0.0.1:{ps.port}") as c:
+            run = await c.create_run(make_spec(num_workers=1))
+            resp = await c.runs.CheckpointRun(pb.CheckpointRunRequest(run_id=run.run_id), timeout=10)
+            assert Path(resp.path).is_dir() and (Path(resp.path) / "manifest.json").is_file()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.runs.CheckpointRun(pb.CheckpointRunRequest(run_id="run-nope"), timeout=10)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        await ps.stop(0)
+
+
+async def test_checkpoint_without_data_dir_is_failed_precondition(client: PsClient) -> None:
+    run = await client.create_run(make_spec(num_workers=1))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.runs.CheckpointRun(pb.CheckpointRunRequest(run_id=run.run_id), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "--data-dir" in (err.value.details() or "")
+

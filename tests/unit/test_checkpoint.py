@@ -1,0 +1,146 @@
+"""Checkpoint files: round trip, corruption is skipped loudly, a crash mid-write never loses the last one."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ps_server.checkpoint import CheckpointStore, CorruptCheckpoint
+from ps_server.run import Run
+from ps_server.spec import Initializer, OptimizerConfig, OptimizerKind, ParamSpec, RunSpec
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def make_run(staleness: int = 1) -> Run:
+    spec = RunSpec(name="c", num_workers=2, iterations=20, staleness=staleness, seed=3,
+                   params=(ParamSpec("w", (4, 3), Initializer.NORMAL, 1.0), ParamSpec("b", (3,))),
+                   optimizer=OptimizerConfig(OptimizerKind.ADAM, 0.01))
+    run = Run("run-ck", spec)
+    a, b = run.join("a"), run.join("b")
+    for clock in range(3):
+        for rank, inc in ((0, a.incarnation), (1, b.incarnation)):
+            run.push(rank, inc, clock, {"w": np.full((4, 3), clock + rank, np.float32),
+                                        "b": np.ones(3, np.float32)}, 0)
+    return run
+
+
+def test_round_trip_restores_params_optimizer_clocks_and_dedup(tmp_path: Path) -> None:
+    run = make_run()
+    store = CheckpointStore(tmp_path)
+    path = store.write(*run.state_dict())
+    ck = store.load(path)
+    again = Run.from_state(json.loads(json.dumps(ck.meta)), ck.arrays)
+    for name in run.store.params:
+        assert again.store.params[name].tobytes() == run.store.params[name].tobytes()
+    for key, arr in run.optimizer.state_arrays().items():
+        assert again.optimizer.state_arrays()[key].tobytes() == arr.tobytes()
+    assert again.optimizer.steps == run.optimizer.steps == 6
+    assert [w.clock for w in again.status().workers] == [3, 3]
+    inc = again.status().workers[0].incarnation
+    assert again.push(0, inc, 2, {"w": np.ones((4, 3), np.float32), "b": np.ones(3, np.float32)}, 0).duplicate
+    # The same next push gives the same parameters on both.
+    g = {"w": np.full((4, 3), 0.5, np.float32), "b": np.ones(3, np.float32)}
+    run.push(0, inc, 3, g, 0)
+    again.push(0, inc, 3, g, 0)
+    assert again.store.params["w"].tobytes() == run.store.params["w"].tobytes()
+
+
+def test_bsp_held_gradients_survive(tmp_path: Path) -> None:
+    run = make_run(staleness=0)
+    inc = run.status().workers[0].incarnation
+    run.push(0, inc, 3, {"w": np.ones((4, 3), np.float32), "b": np.ones(3, np.float32)}, 0)
+    store = CheckpointStore(tmp_path)
+    ck = store.load(store.write(*run.state_dict()))
+    again = Run.from_state(ck.meta, ck.arrays)
+    inc1 = run.status().workers[1].incarnation
+    g = {"w": np.full((4, 3), 2.0, np.float32), "b": np.ones(3, np.float32)}
+    run.push(1, inc1, 3, g, 0)
+    again.push(1, inc1, 3, g, 0)
+    assert again.store.params["w"].tobytes() == run.store.params["w"].tobytes()
+
+
+def test_keeps_the_newest_k(tmp_path: Path) -> None:
+    run = make_run()
+    store = CheckpointStore(tmp_path, keep=2)
+    paths = [store.write(*run.state_dict()) for _ in range(4)]
+    assert sorted(p.name for p in (tmp_path / "run-ck").iterdir()) == [paths[2].name, paths[3].name]
+
+
+@pytest.mark.parametrize("damage", ["truncate-arrays", "flip-byte", "bad-manifest", "no-manifest", "wrong-hash"])
+def test_corrupt_checkpoint_is_skipped_loudly_for_the_older_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    run = make_run()
+    store = CheckpointStore(tmp_path)
+    good = store.write(*run.state_dict())
+    inc = run.status().workers[0].incarnation
+    run.push(0, inc, 3, {"w": np.ones((4, 3), np.float32), "b": np.ones(3, np.float32)}, 0)
+    bad = store.write(*run.state_dict())
+    npz, manifest = bad / "arrays.npz", bad / "manifest.json"
+    if damage == "truncate-arrays":
+        npz.write_bytes(npz.read_bytes()[:100])
+    elif damage == "flip-byte":
+        data = bytearray(npz.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        npz.write_bytes(bytes(data))
+    elif damage == "bad-manifest":
+        manifest.write_text("{not json")
+    elif damage == "no-manifest":
+        manifest.unlink()
+    else:
+        doc = json.loads(manifest.read_text())
+        doc["arrays_sha256"] = "0" * 64
+        manifest.write_text(json.dumps(doc))
+    with pytest.raises(CorruptCheckpoint):
+        store.load(bad)
+    with caplog.at_level(logging.ERROR, logger="ps_server"):
+        (found,) = store.latest()
+    assert found.path == good
+    assert f"skipping corrupt checkpoint {bad}" in caplog.text
+
+
+WRITER = """
+import sys, numpy as np
+from pathlib import Path
+from ps_server.checkpoint import CheckpointStore
+sys.path.insert(0, {tests!r})
+from unit.test_checkpoint import make_run
+run = make_run()
+store = CheckpointStore(Path({root!r}), keep=2)
+big = {{"pad": np.random.default_rng(0).random(2_000_000).astype(np.float32)}}
+meta, arrays = run.state_dict()
+arrays.update(big)
+store.write(meta, arrays)
+print("ready", flush=True)
+while True:
+    store.write(meta, arrays)
+"""
+
+
+def test_crash_during_checkpoint_writes_always_leaves_a_valid_one(tmp_path: Path) -> None:
+    """50 SIGKILLs at random points of a write loop: every 'restart' finds a valid checkpoint."""
+    rng = random.Random(42)
+    root = tmp_path / "data"
+    tests_dir = str(Path(__file__).resolve().parent.parent)
+    code = WRITER.format(tests=tests_dir, root=str(root))
+    for trial in range(50):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", f"trial {trial}"
+        time.sleep(rng.uniform(0.0, 0.15))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        store = CheckpointStore(root, keep=2)
+        found = store.latest()
+        assert len(found) == 1, f"trial {trial}: no valid checkpoint"
+        assert found[0].arrays["pad"].shape == (2_000_000,)

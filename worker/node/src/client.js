@@ -1,0 +1,274 @@
+'use strict';
+/**
+ * The worker's client of a paramserver (the Node twin of worker/client.py).
+ *
+ * Every call has a deadline: unary calls through gRPC's deadline, stream operations through a
+ * timer that cancels the stream. The data plane keeps one PushGradient and one PullParams stream
+ * open and reuses it for every push and pull; a stream that fails or times out is dropped and
+ * reopened by the next operation. Errors are PsError with the gRPC status code and the server's
+ * message; `retryable` is true for UNAVAILABLE and DEADLINE_EXCEEDED.
+ */
+
+const { loadContract } = require('./proto');
+const { encodeTensors, TensorAssembler } = require('./tensors');
+
+const { grpc, pkg } = loadContract();
+const Status = grpc.status;
+
+class PsError extends Error {
+  constructor(code, details, method = '') {
+    super(`${method ? `${method}: ` : ''}${Status[code] || code}: ${details}`);
+    this.code = code;
+    this.codeName = Status[code] || String(code);
+    this.details = details;
+    this.method = method;
+  }
+
+  get retryable() {
+    return this.code === Status.UNAVAILABLE || this.code === Status.DEADLINE_EXCEEDED;
+  }
+}
+
+function duration(seconds) {
+  const s = Math.max(0, seconds);
+  const whole = Math.floor(s);
+  return { seconds: whole, nanos: Math.round((s - whole) * 1e9) };
+}
+
+function durationSeconds(d, fallback = 0) {
+  if (!d) return fallback;
+  return Number(d.seconds || 0) + Number(d.nanos || 0) / 1e9 || fallback;
+}
+
+function nowTimestamp() {
+  const ms = Date.now();
+  return { seconds: Math.floor(ms / 1000), nanos: (ms % 1000) * 1e6 };
+}
+
+function channelOptions(maxMessageBytes) {
+  return {
+    'grpc.max_receive_message_length': maxMessageBytes,
+    'grpc.max_send_message_length': maxMessageBytes,
+    'grpc.enable_retries': 0,
+    'grpc.keepalive_time_ms': 20000,
+    // Reconnect quickly after a server restart; the worker adds its own backoff with jitter.
+    'grpc.initial_reconnect_backoff_ms': 100,
+    'grpc.max_reconnect_backoff_ms': 2000,
+  };
+}
+
+/** One long-lived bidirectional stream that carries one operation at a time. */
+class BidiStream {
+  constructor(open, method) {
+    this.open = open;
+    this.method = method;
+    this.st = null;
+    this.lock = Promise.resolve();
+  }
+
+  _start() {
+    const call = this.open();
+    const st = { call, queue: [], waiter: null, done: null };
+    const settle = () => {
+      if (!st.waiter) return;
+      const w = st.waiter;
+      if (st.queue.length) {
+        st.waiter = null;
+        w.resolve(st.queue.shift());
+      } else if (st.done) {
+        st.waiter = null;
+        if (st.done.code === Status.OK) w.resolve(null);
+        else w.reject(st.done);
+      }
+    };
+    const finish = (code, details) => {
+      if (!st.done) st.done = { code, details: details || '' };
+      settle();
+    };
+    call.on('data', (m) => {
+      st.queue.push(m);
+      settle();
+    });
+    call.on('error', (e) => finish(e.code === undefined ? Status.UNKNOWN : e.code, e.details || e.message));
+    call.on('status', (s) => finish(s.code, s.details));
+    call.on('end', () => {
+      // 'status' follows with the real outcome; nothing to do here.
+    });
+    st.read = () => new Promise((resolve, reject) => {
+      st.waiter = { resolve, reject };
+      settle();
+    });
+    st.write = (msg) => new Promise((resolve, reject) => {
+      if (st.done) {
+        reject(st.done);
+        return;
+      }
+      if (call.write(msg)) {
+        resolve();
+        return;
+      }
+      call.once('drain', resolve);
+    });
+    return st;
+  }
+
+  /** Write `requests`, read one response (or until one has `final` set), all within `timeoutS`. */
+  exchange(requests, timeoutS, untilFinal) {
+    const run = this.lock.then(() => this._exchange(requests, timeoutS, untilFinal));
+    this.lock = run.catch(() => {});
+    return run;
+  }
+
+  async _exchange(requests, timeoutS, untilFinal) {
+    if (!this.st || this.st.done) this.st = this._start();
+    const st = this.st;
+    let timer = null;
+    const timeout = new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new PsError(Status.DEADLINE_EXCEEDED, `no answer within ${timeoutS.toFixed(1)}s`, this.method)), timeoutS * 1000);
+    });
+    const work = (async () => {
+      for (const req of requests) await st.write(req);
+      const out = [];
+      for (;;) {
+        const resp = await st.read();
+        if (resp === null) throw new PsError(Status.UNAVAILABLE, 'stream closed by the server', this.method);
+        out.push(resp);
+        if (!untilFinal || resp.final) return out;
+      }
+    })();
+    try {
+      return await Promise.race([work, timeout]);
+    } catch (e) {
+      this._drop(st);
+      if (e instanceof PsError) throw e;
+      throw new PsError(e.code === undefined ? Status.UNKNOWN : e.code, e.details || e.message, this.method);
+    } finally {
+      clearTimeout(timer);
+      work.catch(() => {});
+    }
+  }
+
+  _drop(st) {
+    if (this.st === st) this.st = null;
+    try {
+      st.call.cancel();
+    } catch {
+      // already finished
+    }
+  }
+
+  /** Cancel the stream (an operation in flight fails with CANCELLED). */
+  close() {
+    if (this.st) this._drop(this.st);
+  }
+}
+
+class PsClient {
+  /** `new PsClient("host:port", {timeout, chunkBytes, maxMessageBytes})`; every method has a deadline. */
+  constructor(address, { timeout = 30, chunkBytes = 1 << 20, maxMessageBytes = 64 << 20 } = {}) {
+    this.address = address;
+    this.timeout = timeout;
+    this.chunkBytes = chunkBytes;
+    const creds = grpc.credentials.createInsecure();
+    const opts = channelOptions(maxMessageBytes);
+    this.workers = new pkg.WorkerService(address, creds, opts);
+    // Share one channel between the stubs.
+    const channel = this.workers.getChannel();
+    this.data = new pkg.ParameterService(address, creds, { ...opts, channelOverride: channel });
+    this.runs = new pkg.RunService(address, creds, { ...opts, channelOverride: channel });
+    this.pushStream = new BidiStream(() => this.data.PushGradient(), 'PushGradient');
+    this.pullStream = new BidiStream(() => this.data.PullParams(), 'PullParams');
+    this.inflight = new Set();
+  }
+
+  unary(stub, method, request, timeoutS) {
+    return new Promise((resolve, reject) => {
+      const deadline = new Date(Date.now() + (timeoutS || this.timeout) * 1000);
+      const call = stub[method](request, { deadline }, (err, resp) => {
+        this.inflight.delete(call);
+        if (err) reject(new PsError(err.code, err.details || err.message, method));
+        else resolve(resp);
+      });
+      this.inflight.add(call);
+    });
+  }
+
+  /** Cancel every call in flight (streams and unary calls); the client stays usable. */
+  cancelAll() {
+    this.pushStream.close();
+    this.pullStream.close();
+    for (const call of this.inflight) call.cancel();
+    this.inflight.clear();
+  }
+
+  close() {
+    this.cancelAll();
+    this.workers.close();
+  }
+
+  // ---------------------------------------------------------------- workers
+  join(workerName, runId = '', maxWait = 10) {
+    const req = { worker_name: workerName, run_id: runId, max_wait: duration(maxWait) };
+    return this.unary(this.workers, 'Join', req, maxWait + this.timeout);
+  }
+
+  heartbeat(runId, rank, incarnation, clock) {
+    return this.unary(this.workers, 'Heartbeat', { run_id: runId, rank, incarnation, clock });
+  }
+
+  reportMetrics(runId, rank, incarnation, points, pullsSkipped) {
+    const req = { run_id: runId, rank, incarnation, points, pulls_skipped: pullsSkipped };
+    return this.unary(this.workers, 'ReportMetrics', req);
+  }
+
+  leave(runId, rank, incarnation, reason, message = '') {
+    return this.unary(this.workers, 'Leave', { run_id: runId, rank, incarnation, reason, message });
+  }
+
+  // ---------------------------------------------------------------- runs (tools, tests)
+  getRun(runId) {
+    return this.unary(this.runs, 'GetRun', { run_id: runId }).then((r) => r.run);
+  }
+
+  // ---------------------------------------------------------------- data plane
+  /**
+   * Push the gradient of iteration `clock`: `grads` is [[name, Float32Array, shape], ...].
+   * Safe to retry with the same arguments (the server deduplicates on the key).
+   */
+  async push(runId, rank, incarnation, clock, grads, loss = 0, timeoutS = undefined) {
+    const batches = encodeTensors(grads, this.chunkBytes);
+    const requests = batches.map((tensors, i) => ({
+      run_id: runId, rank, incarnation, clock, tensors, final: i === batches.length - 1, loss,
+    }));
+    const [resp] = await this.pushStream.exchange(requests, timeoutS || this.timeout, false);
+    return resp;
+  }
+
+  /**
+   * Pull parameters for iteration `clock` into `into` ({name: Float32Array}, reused when shapes
+   * match). The deadline is maxWait (how long the server may park it) plus the client's timeout.
+   * Returns {guaranteed_clock, version, run_state, tensors, shapes}.
+   */
+  async pull(runId, rank, incarnation, clock, { into = {}, names = [], maxWait = undefined, timeoutS = undefined } = {}) {
+    const wait = maxWait === undefined ? this.timeout : maxWait;
+    const req = { run_id: runId, rank, incarnation, clock, names, max_wait: duration(wait) };
+    const responses = await this.pullStream.exchange([req], timeoutS || wait + this.timeout, true);
+    const asm = new TensorAssembler(into);
+    try {
+      for (const resp of responses) for (const chunk of resp.tensors) asm.add(chunk);
+      asm.finish();
+    } catch (e) {
+      throw new PsError(Status.INTERNAL, `bad tensors from the server: ${e.message}`, 'PullParams');
+    }
+    const last = responses[responses.length - 1];
+    return {
+      guaranteed_clock: Number(last.guaranteed_clock),
+      version: Number(last.version),
+      run_state: last.run_state,
+      tensors: asm.out,
+      shapes: asm.shapes,
+    };
+  }
+}
+
+module.exports = { PsClient, PsError, Status, duration, durationSeconds, nowTimestamp, channelOptions };

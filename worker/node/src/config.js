@@ -1,0 +1,94 @@
+'use strict';
+/**
+ * The worker's configuration, from flags over environment variables, with the Python worker's
+ * names (worker/config.py): --server / PS_SERVER, and --flag-name / PS_WORKER_FLAG_NAME for the
+ * rest, plus --data-dir / PS_WORKER_DATA_DIR (where exported datasets live, see README.md).
+ */
+
+const os = require('os');
+const path = require('path');
+
+const OPTIONS = [
+  // [key, flag, type, default, help]
+  ['server', 'server', 'string', '127.0.0.1:50051', 'Parameter server address HOST:PORT.'],
+  ['name', 'name', 'string', '', 'Name shown in psctl status (default: node:host:pid).'],
+  ['runId', 'run-id', 'string', '', 'Only join this run (default: any run with a vacant rank).'],
+  ['once', 'once', 'bool', false, 'Exit after one run instead of waiting for the next.'],
+  ['dataDir', 'data-dir', 'string', path.join(os.homedir(), '.cache', 'paramserver', 'data'),
+    'Directory of exported datasets (python -m worker.export_shard --out DIR).'],
+  ['timeoutSeconds', 'timeout-seconds', 'number', 30, 'Deadline of each RPC, beyond the time a pull may be parked.'],
+  ['joinWaitSeconds', 'join-wait-seconds', 'number', 10, 'How long one Join call may wait on the server for work.'],
+  ['idleExitSeconds', 'idle-exit-seconds', 'number', 0, 'Exit when no work came for this long; 0 = wait forever.'],
+  ['slowdown', 'slowdown', 'number', 1, 'Straggler injection: make every iteration this many times slower.'],
+  ['reportSeconds', 'report-seconds', 'number', 0.5, 'How often training metrics are reported to the server.'],
+  ['maxMessageBytes', 'max-message-bytes', 'number', 64 << 20, 'Largest gRPC message sent or received.'],
+  ['chunkBytes', 'chunk-bytes', 'number', 1 << 20, 'Payload per message when streaming gradients.'],
+  ['logLevel', 'log-level', 'string', 'INFO', 'Log level: DEBUG, INFO, WARNING, ERROR.'],
+];
+
+class ConfigError extends Error {}
+
+function envName(key, flag) {
+  return key === 'server' ? 'PS_SERVER' : `PS_WORKER_${flag.replace(/-/g, '_').toUpperCase()}`;
+}
+
+function convert(type, value, flag) {
+  if (type === 'string') return String(value);
+  if (type === 'bool') {
+    const t = String(value).trim().toLowerCase();
+    if (['1', 'true', 'yes', 'on'].includes(t)) return true;
+    if (['0', 'false', 'no', 'off', ''].includes(t)) return false;
+    throw new ConfigError(`--${flag} ${value}: use true or false`);
+  }
+  const n = Number(value);
+  if (!Number.isFinite(n)) throw new ConfigError(`--${flag} ${JSON.stringify(value)}: not a number`);
+  return n;
+}
+
+function usage() {
+  const lines = ['usage: node src/main.js [options]', '',
+    'A paramserver training worker in Node.js: joins the cluster, trains its rank of the run it is',
+    'assigned, and waits for the next run. Every flag can also be set with the variable shown.', ''];
+  for (const [key, flag, type, def, help] of OPTIONS) {
+    const arg = type === 'bool' ? '' : ' VALUE';
+    lines.push(`  --${flag}${arg}`.padEnd(30) + `${help} [${envName(key, flag)}; default ${JSON.stringify(def)}]`);
+  }
+  return lines.join('\n');
+}
+
+/** Parse argv (without node and script) and env into a frozen config object. */
+function parseConfig(argv = [], env = process.env) {
+  const config = {};
+  for (const [key, flag, type, def] of OPTIONS) {
+    const v = env[envName(key, flag)];
+    config[key] = v === undefined || v === '' ? def : convert(type, v, flag);
+  }
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i];
+    if (arg === '-h' || arg === '--help') {
+      config.help = true;
+      continue;
+    }
+    const m = /^--([a-z-]+)(?:=(.*))?$/.exec(arg);
+    const opt = m && OPTIONS.find((o) => o[1] === m[1]);
+    if (!opt) throw new ConfigError(`unknown argument ${JSON.stringify(arg)}\n${usage()}`);
+    const [key, flag, type] = opt;
+    if (type === 'bool' && m[2] === undefined) {
+      config[key] = true;
+      continue;
+    }
+    let value = m[2];
+    if (value === undefined) {
+      if (i + 1 >= argv.length) throw new ConfigError(`--${flag} needs a value`);
+      value = argv[++i];
+    }
+    config[key] = convert(type, value, flag);
+  }
+  if (!config.server.includes(':')) throw new ConfigError(`--server ${JSON.stringify(config.server)}: use HOST:PORT`);
+  if (config.slowdown < 1) throw new ConfigError(`--slowdown ${config.slowdown}: use a factor >= 1 (1 = normal speed)`);
+  if (config.timeoutSeconds <= 0) throw new ConfigError(`--timeout-seconds ${config.timeoutSeconds}: must be > 0`);
+  config.displayName = config.name || `node:${os.hostname()}:${process.pid}`;
+  return Object.freeze(config);
+}
+
+module.exports = { parseConfig, ConfigError, usage, OPTIONS };

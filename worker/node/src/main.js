@@ -1,0 +1,124 @@
+#!/usr/bin/env node
+'use strict';
+/**
+ * ps-worker in Node.js: join the cluster, train what the server assigns, wait for the next run.
+ *
+ *   node src/main.js --server HOST:PORT [--once] [--data-dir DIR]     (or PS_SERVER=HOST:PORT)
+ *
+ * A worker may start before its server and rides out server restarts: Join failures are retried
+ * with exponential backoff and jitter, and every call has a deadline. On SIGTERM/SIGINT it gives
+ * its rank back (Leave SHUTDOWN, so another worker can take it over) and exits 0. With --once it
+ * exits after one assignment: 0 if it completed, 1 if not.
+ */
+
+const { ConfigError, parseConfig, usage } = require('./config');
+const { makeLogger } = require('./log');
+const { PsClient, PsError, Status } = require('./client');
+const { train, sleep } = require('./trainer');
+
+/** The join-train loop until `stop.value` (or after one run with `once`); returns the outcomes. */
+async function work(config, log, stop) {
+  const outcomes = [];
+  let delay = 0.1;
+  let idleSince = Date.now();
+  const client = new PsClient(config.server, {
+    timeout: config.timeoutSeconds, chunkBytes: config.chunkBytes, maxMessageBytes: config.maxMessageBytes,
+  });
+  stop.client = client;
+  try {
+    while (!stop.value) {
+      if (config.idleExitSeconds && Date.now() - idleSince > config.idleExitSeconds * 1000) {
+        log.info(`no work for ${config.idleExitSeconds}s: exiting`);
+        break;
+      }
+      let resp;
+      try {
+        resp = await client.join(config.displayName, config.runId, config.joinWaitSeconds);
+      } catch (e) {
+        if (stop.value) break;
+        if (!(e instanceof PsError)) throw e;
+        if (!e.retryable) {
+          log.error(`join refused: ${e.message}`);
+          if (config.runId) break;
+        }
+        log.info(`server ${config.server} not reachable (${e.codeName}); retrying in ${delay.toFixed(1)}s`);
+        await sleep(delay * (0.5 + Math.random()) * 1000, stop.sleeper);
+        delay = Math.min(delay * 2, 5.0);
+        continue;
+      }
+      delay = 0.1;
+      if (!resp.assignment) continue;
+      const a = resp.assignment;
+      const holder = {};
+      stop.holder = holder;
+      const outcome = await train(client, a, config, log, holder);
+      stop.holder = null;
+      if (outcome.shutdown || stop.value) {
+        try {
+          await client.leave(a.run_id, a.rank, a.incarnation, 'LEAVE_REASON_SHUTDOWN', 'worker stopped');
+        } catch {
+          // the lease expires otherwise
+        }
+        log.info(`stopped: gave rank ${a.rank} of ${a.run_id} back`);
+        outcomes.push({ ...outcome, shutdown: true });
+        break;
+      }
+      outcomes.push(outcome);
+      log.info(`run ${outcome.runId} rank ${outcome.rank}: ${outcome.reason}`);
+      idleSince = Date.now();
+      if (config.once) break;
+    }
+  } finally {
+    client.close();
+  }
+  return outcomes;
+}
+
+async function main(argv) {
+  let config;
+  try {
+    config = parseConfig(argv);
+  } catch (e) {
+    if (e instanceof ConfigError) {
+      process.stderr.write(`ps-worker-node: ${e.message}\n`);
+      return 2;
+    }
+    throw e;
+  }
+  if (config.help) {
+    process.stdout.write(`${usage()}\n`);
+    return 0;
+  }
+  const log = makeLogger(config.displayName, config.logLevel);
+  const stop = { value: false, holder: null, client: null, sleeper: { sleepers: new Set() } };
+  const onSignal = (sig) => {
+    if (stop.value) return;
+    log.info(`${sig}: stopping`);
+    stop.value = true;
+    for (const wake of stop.sleeper.sleepers) wake();
+    if (stop.holder && stop.holder.trainer) {
+      stop.holder.shutdown = true;
+      stop.holder.trainer.abort('shutdown');
+    } else if (stop.client) {
+      stop.client.cancelAll(); // a parked Join
+    }
+  };
+  process.on('SIGTERM', () => onSignal('SIGTERM'));
+  process.on('SIGINT', () => onSignal('SIGINT'));
+  const outcomes = await work(config, log, stop);
+  const last = outcomes[outcomes.length - 1];
+  if (!config.once || stop.value || (last && last.completed)) return 0;
+  return 1;
+}
+
+if (require.main === module) {
+  main(process.argv.slice(2)).then(
+    (code) => process.exit(code),
+    (err) => {
+      process.stderr.write(`ps-worker-node: fatal: ${err && err.stack ? err.stack : err}\n`);
+      process.exit(3);
+    },
+  );
+}
+
+module.exports = { main, work, Status };
