@@ -34,6 +34,12 @@ class ServerConfig:
     checkpoint_every: int = opt(50, "Checkpoint a run each time its min clock passes a multiple of this; 0 = only on demand and at the end.")
     checkpoint_keep: int = opt(3, "Checkpoints kept per run (older ones are deleted).")
     metrics_port: int = opt(-1, "Prometheus metrics HTTP port; -1 = off, 0 = a free port.")
+    tls_cert: str = opt("", "Server certificate (PEM) for TLS; with --tls-key.")
+    tls_key: str = opt("", "Server private key (PEM) for TLS.")
+    tls_client_ca: str = opt("", "CA (PEM) that client certificates must chain to: mutual TLS.")
+    token_file: str = opt("", "File holding the bearer token every RPC must carry (health excepted).")
+    token: str = opt("", "The bearer token itself; from the environment only, never a flag.", env_only=True)
+    insecure: bool = opt(False, "Allow a token over plaintext (no TLS).")
     log_level: str = opt("INFO", "Log level: DEBUG, INFO, WARNING, ERROR.")
     log_json: bool = opt(False, "Log one JSON object per line instead of text.")
 

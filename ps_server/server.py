@@ -31,6 +31,7 @@ from .config import ServerConfig, parse_config
 from .errors import ShuttingDown
 from .metrics import serve_metrics
 from .registry import RunRegistry
+from .security import ConfigError, TokenInterceptor, load_token, server_credentials
 from .servicer import ParameterServicer, RunServicer, WorkerServicer
 
 __all__ = ["PsServer", "main", "serve", "start_server"]
@@ -98,14 +99,17 @@ async def start_server(config: ServerConfig) -> PsServer:
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options)
+    credentials = server_credentials(config)
+    token = load_token(config)
+    server = grpc.aio.server(options=options, interceptors=[TokenInterceptor(token)] if token else [])
     pb_grpc.add_ParameterServiceServicer_to_server(ParameterServicer(registry, config), server)
     pb_grpc.add_RunServiceServicer_to_server(RunServicer(registry, config, checkpointer), server)
     pb_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(registry, config), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}: is another server using the port?")
     await server.start()
@@ -160,8 +164,11 @@ async def serve(config: ServerConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(sys.argv[1:] if argv is None else argv)
     setup_logging(config)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(config))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(config))
+    except (ConfigError, OSError) as exc:
+        sys.exit(f"ps-server: error: {exc}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import grpc
@@ -25,7 +26,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 from paramserver.v1.tensors import F32, encode_tensors
 
-__all__ = ["PsClient", "PsClientError", "PullResult", "channel_options"]
+__all__ = ["PsClient", "PsClientError", "PullResult", "Security", "channel_options", "read_token"]
 
 
 class PsClientError(Exception):
@@ -51,6 +52,49 @@ class PullResult:
     version: int
     run_state: int
     tensors: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Security:
+    """How to reach a secured server: TLS (``ca`` and/or a client ``cert``/``key``) and a token."""
+
+    ca: str = ""
+    """CA bundle (PEM) to verify the server; TLS is on when this or ``cert`` is set."""
+    cert: str = ""
+    """Client certificate (PEM), for mutual TLS."""
+    key: str = ""
+    token: str = field(default="", repr=False)
+    insecure: bool = False
+    """Allow the token over plaintext."""
+    server_name: str = ""
+    """Name to expect in the server's certificate, when it differs from the host dialled."""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.ca or self.cert)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("a client certificate needs both --tls-cert and --tls-key")
+        try:
+            ca = open(self.ca, "rb").read() if self.ca else None
+            cert = open(self.cert, "rb").read() if self.cert else None
+            key = open(self.key, "rb").read() if self.key else None
+        except OSError as exc:
+            raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+def read_token(token: str, token_file: str) -> str:
+    """The token from the environment's value or a file (never from the command line)."""
+    if token and token_file:
+        raise ValueError("give the token either in PS_TOKEN or with --token-file, not both")
+    if token_file:
+        try:
+            return open(token_file).read().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read --token-file {token_file}: {exc.strerror}") from None
+    return token
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -133,17 +177,29 @@ class PsClient:
         timeout: float = 30.0,
         chunk_bytes: int = 1 << 20,
         max_message_bytes: int = 64 << 20,
+        security: Security | None = None,
     ) -> None:
+        """Raises ValueError when ``security`` cannot work (unreadable files, token in clear)."""
         self.address = address
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
-        self._channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes))
+        sec = security or Security()
+        options = channel_options(max_message_bytes)
+        if sec.server_name:
+            options.append(("grpc.ssl_target_name_override", sec.server_name))
+        if sec.tls:
+            self._channel = grpc.aio.secure_channel(address, sec.credentials(), options=options)
+        elif sec.token and not sec.insecure:
+            raise ValueError("refusing to send the token over plaintext: use TLS (--tls-ca) or --insecure")
+        else:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        self._metadata = (("authorization", f"Bearer {sec.token}"),) if sec.token else ()
         self.runs = pb_grpc.RunServiceStub(self._channel)
         self.workers = pb_grpc.WorkerServiceStub(self._channel)
         self.data = pb_grpc.ParameterServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._push = _Stream(self.data.PushGradient, "PushGradient")
-        self._pull = _Stream(self.data.PullParams, "PullParams")
+        self._push = _Stream(partial(self.data.PushGradient, metadata=self._metadata), "PushGradient")
+        self._pull = _Stream(partial(self.data.PullParams, metadata=self._metadata), "PullParams")
 
     async def __aenter__(self) -> PsClient:
         return self
@@ -158,7 +214,7 @@ class PsClient:
 
     async def _unary(self, method: Any, request: Any, timeout: float | None = None) -> Any:
         try:
-            return await method(request, timeout=timeout or self.timeout)
+            return await method(request, timeout=timeout or self.timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise PsClientError.from_rpc(exc, method._method.decode().rsplit("/", 1)[-1]) from None
 
@@ -194,7 +250,8 @@ class PsClient:
 
     async def watch_run(self, run_id: str, interval: float = 0.5, idle_timeout: float = 60.0) -> AsyncIterator[pb.WatchRunResponse]:
         """Snapshots until the run finishes; raises DEADLINE_EXCEEDED if none comes for idle_timeout."""
-        call = self.runs.WatchRun(pb.WatchRunRequest(run_id=run_id, interval=_duration(interval)))
+        call = self.runs.WatchRun(pb.WatchRunRequest(run_id=run_id, interval=_duration(interval)),
+                                  metadata=self._metadata)
         try:
             while True:
                 async with asyncio.timeout(idle_timeout):

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from paramserver.settings import opt, parse_dataclass
 
+from .client import Security, read_token
+
 __all__ = ["WorkerConfig", "parse_config"]
 
 
@@ -31,6 +33,13 @@ class WorkerConfig:
     slowdown: float = opt(1.0, "Straggler injection: make every iteration this many times slower.")
     report_seconds: float = opt(0.5, "How often training metrics are reported to the server.")
     max_message_bytes: int = opt(64 << 20, "Largest gRPC message sent or received.")
+    tls_ca: str = opt("", "CA (PEM) to verify the server's certificate; turns TLS on.")
+    tls_cert: str = opt("", "Client certificate (PEM) for mutual TLS.")
+    tls_key: str = opt("", "Client private key (PEM) for mutual TLS.")
+    tls_server_name: str = opt("", "Name expected in the server's certificate, if not the dialled host.")
+    token_file: str = opt("", "File holding the server's bearer token.")
+    token: str = opt("", "The bearer token itself; from the environment only (PS_TOKEN).", env_only=True)
+    insecure: bool = opt(False, "Allow the token over plaintext (no TLS).")
     log_level: str = opt("INFO", "Log level: DEBUG, INFO, WARNING, ERROR.")
 
     @property
@@ -39,7 +48,11 @@ class WorkerConfig:
 
     @staticmethod
     def env_name(name: str) -> str:
-        return "PS_SERVER" if name == "server" else "PS_WORKER_" + name.upper()
+        return {"server": "PS_SERVER", "token": "PS_TOKEN"}.get(name, "PS_WORKER_" + name.upper())
+
+    def security(self) -> Security:
+        return Security(self.tls_ca, self.tls_cert, self.tls_key, read_token(self.token, self.token_file),
+                        self.insecure, self.tls_server_name)
 
 
 

@@ -40,8 +40,8 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
     outcomes: list[Outcome] = []
     delay = 0.1
     idle_since = time.monotonic()
-    async with PsClient(config.server, timeout=config.timeout_seconds,
-                        max_message_bytes=config.max_message_bytes) as client:
+    async with PsClient(config.server, timeout=config.timeout_seconds, max_message_bytes=config.max_message_bytes,
+                        security=config.security()) as client:
         while not stop.is_set():
             if config.idle_exit_seconds and time.monotonic() - idle_since > config.idle_exit_seconds:
                 log.info("no work for %.0fs: exiting", config.idle_exit_seconds)
@@ -96,7 +96,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)-7s [{config.display_name}] %(message)s")
-    sys.exit(asyncio.run(_main(config)))
+    try:
+        sys.exit(asyncio.run(_main(config)))
+    except ValueError as exc:  # security settings that cannot work
+        sys.exit(f"ps-worker: error: {exc}")
 
 
 if __name__ == "__main__":

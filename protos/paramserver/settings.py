@@ -17,9 +17,9 @@ __all__ = ["opt", "parse_dataclass"]
 T = TypeVar("T")
 
 
-def opt(default: Any, help: str) -> Any:
-    """A dataclass field with a default and its help text."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def opt(default: Any, help: str, *, env_only: bool = False) -> Any:
+    """A dataclass field with a default and its help text; ``env_only``: no flag (secrets)."""
+    return dataclasses.field(default=default, repr=not env_only, metadata={"help": help, "env_only": env_only})
 
 
 def _converter(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
@@ -41,6 +41,7 @@ def parse_dataclass(
     env_name: Callable[[str], str],
 ) -> T:
     """Parse ``argv`` over ``env`` into ``cls``; bad values exit through ``parser.error``."""
+    parser.allow_abbrev = False  # "--token" must not silently mean "--token-file"
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]
     for f in fields:
         var = env_name(f.name)
@@ -51,6 +52,9 @@ def parse_dataclass(
                 default = convert(env[var])
             except ValueError:
                 parser.error(f"environment variable {var}={env[var]!r} is not a valid {f.type}")
+        if f.metadata.get("env_only"):
+            parser.set_defaults(**{f.name: default})
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} [{var}]"
         if str(f.type) == "bool":

@@ -1,0 +1,98 @@
+"""TLS (optionally mutual) and a bearer token, checked in one server interceptor.
+
+The token comes from the environment (``PS_TOKEN``) or a file (``--token-file``), never from the
+command line, where other users of the machine could read it. Every RPC except the standard
+health service must carry ``authorization: Bearer <token>``; the comparison is constant-time
+(``hmac.compare_digest``). A token over plaintext is refused at start-up unless the operator says
+``--insecure``: it would cross the network readable by anyone on the path.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from .config import ServerConfig
+
+__all__ = ["ConfigError", "TokenInterceptor", "load_token", "server_credentials"]
+
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+class ConfigError(Exception):
+    """The security settings cannot work; the message says what to change."""
+
+
+def load_token(config: ServerConfig) -> str:
+    if config.token and config.token_file:
+        raise ConfigError("give the token either in PS_TOKEN or with --token-file, not both")
+    if config.token_file:
+        try:
+            token = Path(config.token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --token-file {config.token_file}: {exc.strerror}") from None
+        if not token:
+            raise ConfigError(f"--token-file {config.token_file} is empty")
+        return token
+    return config.token
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the config, or None for plaintext; checks the combination is sound."""
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("TLS needs both --tls-cert and --tls-key")
+    if config.tls_client_ca and not config.tls_cert:
+        raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key too")
+    if not config.tls_cert:
+        if load_token(config) and not config.insecure:
+            raise ConfigError(
+                "a token over plaintext is refused: give --tls-cert and --tls-key, or --insecure to send it in clear"
+            )
+        return None
+    try:
+        cert = Path(config.tls_cert).read_bytes()
+        key = Path(config.tls_key).read_bytes()
+        ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuse calls without the right bearer token (UNAUTHENTICATED); health stays open."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(OPEN_PREFIXES):
+            return handler
+        given = next((v for k, v in (details.invocation_metadata or ()) if k == "authorization"), "")
+        given_bytes = given.encode() if isinstance(given, str) else bytes(given)
+        if hmac.compare_digest(given_bytes, self._expected):
+            return handler
+        why = "missing bearer token" if not given else "wrong bearer token"
+        return _deny(handler, f"{why}: set PS_TOKEN (or --token-file) to the server's token")
+
+
+def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort, **kw)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort, **kw)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort, **kw)
+    return grpc.unary_unary_rpc_method_handler(abort, **kw)

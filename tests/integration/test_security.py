@@ -1,0 +1,149 @@
+"""TLS, mutual TLS and bearer tokens: wrong or missing credentials are refused with the right code."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from conftest import make_spec, with_config
+from ps_server.config import ServerConfig
+from ps_server.security import ConfigError
+from ps_server.server import start_server
+from worker.client import PsClient, PsClientError, Security
+
+pytestmark = pytest.mark.timeout(60)
+
+TOKEN = "s3cret-token-for-tests"
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _cert(subject: str, key, issuer_name: str, issuer_key, *, ca: bool, san: bool = False) -> x509.Certificate:  # type: ignore[no-untyped-def]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if san:
+        b = b.add_extension(x509.SubjectAlternativeName(
+            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    return b.sign(issuer_key, hashes.SHA256())
+
+
+def _write(path: Path, obj) -> Path:  # type: ignore[no-untyped-def]
+    if isinstance(obj, x509.Certificate):
+        path.write_bytes(obj.public_bytes(serialization.Encoding.PEM))
+    else:
+        path.write_bytes(obj.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    ca_key, other_key = _key(), _key()
+    ca = _cert("test-ca", ca_key, "test-ca", ca_key, ca=True)
+    other = _cert("other-ca", other_key, "other-ca", other_key, ca=True)
+    skey, ckey = _key(), _key()
+    return Pki(
+        ca=_write(d / "ca.pem", ca),
+        server_cert=_write(d / "server.pem", _cert("localhost", skey, "test-ca", ca_key, ca=False, san=True)),
+        server_key=_write(d / "server.key", skey),
+        client_cert=_write(d / "client.pem", _cert("worker", ckey, "test-ca", ca_key, ca=False)),
+        client_key=_write(d / "client.key", ckey),
+        other_ca=_write(d / "other-ca.pem", other),
+    )
+
+
+async def _call(port: int, security: Security | None) -> grpc.StatusCode:
+    """OK if an authenticated RPC (CreateRun) goes through, else the status code it got."""
+    async with PsClient(f"127.0.0.1:{port}", timeout=5, security=security) as c:
+        try:
+            await c.create_run(make_spec(num_workers=1))
+            return grpc.StatusCode.OK
+        except PsClientError as exc:
+            return exc.code
+
+
+async def _health(port: int, security: Security | None) -> str:
+    async with PsClient(f"127.0.0.1:{port}", timeout=5, security=security) as c:
+        return await c.health()
+
+
+async def test_tls_and_token_matrix(server_config: ServerConfig, pki: Pki) -> None:
+    cfg = with_config(server_config, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), token=TOKEN)
+    ps = await start_server(cfg)
+    try:
+        good = Security(ca=str(pki.ca), token=TOKEN)
+        assert await _call(ps.port, good) == grpc.StatusCode.OK
+        assert await _call(ps.port, Security(ca=str(pki.ca), token="wrong")) == grpc.StatusCode.UNAUTHENTICATED
+        assert await _call(ps.port, Security(ca=str(pki.ca))) == grpc.StatusCode.UNAUTHENTICATED
+        # health stays open for probes: no token needed
+        assert await _health(ps.port, Security(ca=str(pki.ca))) == "SERVING"
+        # plaintext to a TLS server, and a server certificate from an untrusted CA: no connection
+        assert await _call(ps.port, Security(token=TOKEN, insecure=True)) == grpc.StatusCode.UNAVAILABLE
+        assert await _call(ps.port, Security(ca=str(pki.other_ca), token=TOKEN)) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await ps.stop(0)
+
+
+async def test_mutual_tls(server_config: ServerConfig, pki: Pki) -> None:
+    cfg = with_config(server_config, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
+                      tls_client_ca=str(pki.ca))
+    ps = await start_server(cfg)
+    try:
+        with_cert = Security(ca=str(pki.ca), cert=str(pki.client_cert), key=str(pki.client_key))
+        assert await _call(ps.port, with_cert) == grpc.StatusCode.OK
+        assert await _call(ps.port, Security(ca=str(pki.ca))) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await ps.stop(0)
+
+
+async def test_token_over_plaintext_needs_insecure(server_config: ServerConfig) -> None:
+    with pytest.raises(ConfigError, match="plaintext"):
+        await start_server(with_config(server_config, token=TOKEN))
+    with pytest.raises(ValueError, match="plaintext"):
+        PsClient("127.0.0.1:1", security=Security(token=TOKEN))
+    ps = await start_server(with_config(server_config, token=TOKEN, insecure=True))
+    try:
+        assert await _call(ps.port, Security(token=TOKEN, insecure=True)) == grpc.StatusCode.OK
+        assert await _call(ps.port, None) == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        await ps.stop(0)
+
+
+def test_token_is_never_a_flag_nor_printed() -> None:
+    from ps_server.config import parse_config
+
+    with pytest.raises(SystemExit):
+        parse_config(["--token", "x"], {})
+    cfg = parse_config([], {"PS_TOKEN": TOKEN})
+    assert cfg.token == TOKEN and TOKEN not in repr(cfg)
