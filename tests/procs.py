@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 
 from paramserver.v1 import paramserver_pb2 as pb
 from worker.client import PsClient
 
-__all__ = ["ENV", "connect", "finish", "free_port", "ps_server", "ps_workers"]
+__all__ = ["ENV", "connect", "finish", "free_port", "ps_server", "ps_workers", "record"]
 
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -71,3 +74,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+REPORT = Path(__file__).resolve().parents[1] / "bench" / "out" / "chaos.jsonl"
+
+
+def record(name: str, **figures: object) -> None:
+    """Append the figures a chaos test measured (bench/out/chaos.jsonl, summarised in RESULTS.md)."""
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    with REPORT.open("a") as f:
+        f.write(json.dumps({"test": name, "time": time.time(), **figures}) + "\n")

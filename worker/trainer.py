@@ -275,17 +275,22 @@ async def train(client: PsClient, a: pb.Assignment, config: WorkerConfig) -> Out
     trainer = _Trainer(client, a, config)
     leave_reason, message = pb.LEAVE_REASON_DONE, ""
     log.info("rank %d of run %s (incarnation %d) from clock %d", a.rank, a.run_id, a.incarnation, a.start_clock)
+    task = asyncio.current_task()
+    assert task is not None
+    # Heartbeats start first: loading data can take seconds and must not cost the lease.
+    hb = asyncio.create_task(_heartbeat(client, a, trainer, task))
     try:
-        trainer.setup()
+        await asyncio.to_thread(trainer.setup)
     except (DatasetError, ModelSpecError, ValueError, OSError) as exc:
+        hb.cancel()
         message = f"{type(exc).__name__}: {exc}"
         log.error("cannot train: %s", message)
         with contextlib.suppress(PsClientError):
             await client.leave(a.run_id, a.rank, a.incarnation, pb.LEAVE_REASON_FAILED, message)
         return Outcome(a.run_id, a.rank, False, message, trainer.stats)
-    task = asyncio.current_task()
-    assert task is not None
-    hb = asyncio.create_task(_heartbeat(client, a, trainer, task))
+    except BaseException:
+        hb.cancel()
+        raise
     try:
         await trainer.run()
     except asyncio.CancelledError:

@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import signal
 import time
 from pathlib import Path
 
 import pytest
-from procs import connect, finish, free_port, ps_server, ps_workers
+from procs import connect, finish, free_port, ps_server, ps_workers, record
 
 from client.spec import LaunchOptions, build_run_spec
 from paramserver.v1 import paramserver_pb2 as pb
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
-
-REPORT = Path(__file__).resolve().parents[2] / "bench" / "out" / "chaos.jsonl"
-
-
-def record(name: str, **figures: object) -> None:
-    """Append the figures a chaos test measured (bench/out/chaos.jsonl, summarised in RESULTS.md)."""
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    with REPORT.open("a") as f:
-        f.write(json.dumps({"test": name, "time": time.time(), **figures}) + "\n")
-
 
 async def wait_min_clock(addr: str, run_id: str, clock: int) -> pb.Run:
     async with connect(addr) as c:

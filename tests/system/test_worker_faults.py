@@ -1,0 +1,101 @@
+"""A worker dies (kill -9) or freezes past its lease (SIGSTOP): the run neither hangs nor loses updates."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from procs import ENV, connect, finish, ps_server, ps_workers, record
+
+from client.spec import LaunchOptions, build_run_spec
+from paramserver.v1 import paramserver_pb2 as pb
+
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
+
+LEASE = 2.0
+SERVER_ARGS = ("--port", "0", "--lease-seconds", str(LEASE), "--heartbeat-seconds", "0.5")
+
+
+async def _clock_of(c, run_id: str, rank: int) -> int:  # type: ignore[no-untyped-def]
+    return (await c.get_run(run_id)).workers[rank].clock
+
+
+async def test_kill_9_one_worker_the_others_unblock_within_the_lease() -> None:
+    spec = build_run_spec(LaunchOptions(model="mlp:64", dataset="digits", workers=4, staleness="2", epochs=12, seed=2))
+    with ps_server(*SERVER_ARGS) as (_, addr), ps_workers(addr, 4) as workers:
+        async with connect(addr) as c:
+            run = await c.create_run(spec)
+            async with asyncio.timeout(60):
+                async for snap in c.watch_run(run.run_id, interval=0.05):
+                    if snap.run.min_clock >= 20:
+                        break
+            # find the process holding rank 3 by its name (host:pid)
+            status = await c.get_run(run.run_id)
+            victim_pid = int(status.workers[3].worker_name.rsplit(":", 1)[1])
+            victim = next(w for w in workers if w.pid == victim_pid)
+            victim.kill()
+            t_kill = time.monotonic()
+            frozen = status.workers[3].clock
+            # the others go past the dead rank's clock + s: they were unblocked
+            async with asyncio.timeout(LEASE + 10):
+                async for snap in c.watch_run(run.run_id, interval=0.05):
+                    if snap.run.min_clock > frozen + 2 or any(
+                            w.clock > frozen + spec.staleness + 1 for w in snap.run.workers[:3]):
+                        break
+            unblocked = time.monotonic() - t_kill
+            final = await finish(c, run.run_id)
+    assert final.state == pb.RUN_STATE_COMPLETED, final.message
+    assert final.workers[3].state == pb.WORKER_STATE_EVICTED
+    assert final.counters.evictions == 1
+    assert unblocked <= LEASE + 1.0 + 1.0, f"others were blocked {unblocked:.2f}s"  # lease + sweep + 1 s
+    assert final.last_eval.eval_accuracy >= 0.95, final.last_eval
+    record("worker-kill-9", lease_seconds=LEASE, unblocked_after_seconds=round(unblocked, 2),
+           final_accuracy=round(final.last_eval.eval_accuracy, 4))
+
+
+async def test_sigstop_past_the_lease_then_sigcont_rejoins() -> None:
+    spec = build_run_spec(LaunchOptions(model="mlp:32", dataset="digits", workers=3, staleness="1", epochs=20, seed=3))
+    with ps_server(*SERVER_ARGS) as (_, addr), ps_workers(addr, 2) as workers:
+        # the third worker loops (no --once) so that it can come back after its eviction
+        frozen = subprocess.Popen([sys.executable, "-m", "worker.main", "--server", addr, "--log-level", "WARNING",
+                                   "--idle-exit-seconds", "5"], env=ENV)
+        try:
+            async with connect(addr) as c:
+                run = await c.create_run(spec)
+                async with asyncio.timeout(60):
+                    async for snap in c.watch_run(run.run_id, interval=0.05):
+                        if snap.run.min_clock >= 10:
+                            break
+                status = await c.get_run(run.run_id)
+                rank = next(w.rank for w in status.workers if w.worker_name.endswith(f":{frozen.pid}"))
+                old_incarnation = status.workers[rank].incarnation
+                os.kill(frozen.pid, signal.SIGSTOP)
+                await asyncio.sleep(LEASE + 1.5)
+                evicted = await c.get_run(run.run_id)
+                assert evicted.workers[rank].state == pb.WORKER_STATE_EVICTED
+                assert evicted.counters.evictions == 1
+                os.kill(frozen.pid, signal.SIGCONT)
+                final = await finish(c, run.run_id)
+                events = (await c.get_metrics(run.run_id)).events
+            assert frozen.wait(30) == 0
+        finally:
+            if frozen.poll() is None:
+                os.kill(frozen.pid, signal.SIGCONT)
+                frozen.kill()
+            frozen.wait()
+        assert [w.wait(30) for w in workers] == [0, 0]
+    assert final.state == pb.RUN_STATE_COMPLETED, final.message
+    # its late push (or pull) from the old incarnation was refused, then it rejoined and trained again
+    assert final.counters.pushes_rejected >= 1 or any(e.kind == "joined" and e.rank == rank for e in events[-20:])
+    rejoined = [e for e in events if e.kind == "joined" and e.rank == rank]
+    assert len(rejoined) >= 2, [e.message for e in events]
+    assert final.workers[rank].incarnation > old_incarnation
+    assert final.workers[rank].state == pb.WORKER_STATE_DONE
+    assert any(e.kind == "evicted" and e.rank == rank for e in events)
+    record("worker-sigstop", lease_seconds=LEASE, rejected_pushes=final.counters.pushes_rejected,
+           incarnations=[old_incarnation, final.workers[rank].incarnation])
