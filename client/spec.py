@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from paramserver.v1 import paramserver_pb2 as pb
+from worker.client import Security, read_token
 from worker.datasets import load_dataset, parse_dataset
 from worker.models import build_model, parse_model
 
-__all__ = ["LaunchOptions", "build_run_spec", "iterations_per_epoch", "parse_staleness"]
+__all__ = [
+    "security_from_env","LaunchOptions", "build_run_spec", "iterations_per_epoch", "parse_slowdown", "parse_staleness"]
 
 _INIT = {"zeros": pb.INITIALIZER_ZEROS, "normal": pb.INITIALIZER_NORMAL, "uniform": pb.INITIALIZER_UNIFORM}
 UNBOUNDED_WORDS = ("inf", "unbounded", "async", "asp", "-1")
@@ -35,6 +39,21 @@ def parse_staleness(text: str) -> int:
     if value < 0:
         raise ValueError(f"staleness {text!r}: use 0 (BSP), a positive integer, or 'inf' (unbounded)")
     return value
+
+
+def parse_slowdown(items: Sequence[str]) -> tuple[tuple[int, float], ...]:
+    """['2=3.0', '0=1.5'] -> ((2, 3.0), (0, 1.5)): rank 2 runs 3x slower, rank 0 1.5x."""
+    out: dict[int, float] = {}
+    for item in items:
+        rank, eq, factor = str(item).partition("=")
+        try:
+            r, f = int(rank), float(factor)
+        except ValueError:
+            r, f = -1, 0.0
+        if not eq or r < 0 or not (f >= 1.0 and math.isfinite(f)):
+            raise ValueError(f"--slowdown {item!r}: use RANK=FACTOR with a rank >= 0 and a factor >= 1, e.g. 1=3")
+        out[r] = f
+    return tuple(sorted(out.items()))
 
 
 @dataclass(frozen=True)
@@ -92,6 +111,11 @@ def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
     """Validate the options and build the spec; raises ValueError saying what to fix."""
     if o.workers < 1:
         raise ValueError(f"--workers {o.workers}: need at least 1")
+    if any(rank >= o.workers for rank, _ in o.slowdown):
+        raise ValueError(f"--slowdown: rank {max(r for r, _ in o.slowdown)} does not exist with {o.workers} workers "
+                         f"(ranks 0..{o.workers - 1})")
+    if o.aggregation not in ("mean", "sum"):
+        raise ValueError(f"--aggregation {o.aggregation!r}: use mean or sum")
     if o.batch_size < 1:
         raise ValueError(f"--batch-size {o.batch_size}: need at least 1")
     if not (o.lr > 0 and math.isfinite(o.lr)):
@@ -124,4 +148,19 @@ def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
         batch_size=o.batch_size,
         eval_every=eval_every,
         slowdown=dict(o.slowdown),
+    )
+
+
+def security_from_env(env: Mapping[str, str] | None = None) -> Security:
+    """psctl's TLS and token settings, from the environment only (a token is never a flag).
+
+    PSCTL_TLS_CA, PSCTL_TLS_CERT, PSCTL_TLS_KEY, PSCTL_TLS_SERVER_NAME, PS_TOKEN or
+    PSCTL_TOKEN_FILE, PSCTL_INSECURE=1.
+    """
+    env = os.environ if env is None else env
+    return Security(
+        ca=env.get("PSCTL_TLS_CA", ""), cert=env.get("PSCTL_TLS_CERT", ""), key=env.get("PSCTL_TLS_KEY", ""),
+        token=read_token(env.get("PS_TOKEN", ""), env.get("PSCTL_TOKEN_FILE", "")),
+        insecure=env.get("PSCTL_INSECURE", "").lower() in ("1", "true", "yes"),
+        server_name=env.get("PSCTL_TLS_SERVER_NAME", ""),
     )

@@ -55,6 +55,10 @@ class Optimizer:
         """Apply one update with ``grads`` (same names and sizes as ``params``) in place."""
         self.steps += 1
         self._begin_step()
+        with np.errstate(over="ignore", invalid="ignore"):  # divergence is detected by the run
+            self._apply(params, grads)
+
+    def _apply(self, params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> None:
         for name, w in params.items():
             wf = w.reshape(-1)
             gf = grads[name].reshape(-1)

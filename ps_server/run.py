@@ -285,8 +285,7 @@ class Run:
         if self.spec.staleness == 0:
             self._pending.setdefault(clock, {})[rank] = grads
         else:
-            self.optimizer.step(self.store.params, grads)
-            self.counters.updates_applied += 1
+            self._step(grads)
         slot.clock = clock + 1
         slot.pushes += 1
         self.counters.pushes_applied += 1
@@ -384,10 +383,23 @@ class Run:
         target = self.min_clock
         while self._applied_clock < target:
             grads = self._pending.pop(self._applied_clock, {})
-            if grads:
-                self.optimizer.step(self.store.params, self._combine(grads))
-                self.counters.updates_applied += 1
             self._applied_clock += 1
+            if grads:
+                self._step(self._combine(grads))
+
+    def _step(self, grads: Mapping[str, np.ndarray]) -> None:
+        """Apply one update; a run whose parameters stop being finite has diverged and fails."""
+        self.optimizer.step(self.store.params, grads)
+        self.counters.updates_applied += 1
+        for name, w in self.store.params.items():
+            with np.errstate(over="ignore", invalid="ignore"):
+                finite = np.isfinite(np.sum(w, dtype=np.float32))
+            if not finite and self.state is RunState.RUNNING:
+                why = (f"parameter {name!r} became NaN/Inf at update {self.counters.updates_applied}: "
+                       "the training diverged; lower the learning rate")
+                self._event("failed", -1, why)
+                self._finish(RunState.FAILED, why)
+                return
 
     def _combine(self, by_rank: Mapping[int, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
         ranks = sorted(by_rank)

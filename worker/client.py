@@ -245,8 +245,12 @@ class PsClient:
     async def stop_run(self, run_id: str, reason: str = "") -> pb.Run:
         return (await self._unary(self.runs.StopRun, pb.StopRunRequest(run_id=run_id, reason=reason))).run
 
-    async def get_metrics(self, run_id: str) -> pb.GetMetricsResponse:
-        return await self._unary(self.runs.GetMetrics, pb.GetMetricsRequest(run_id=run_id))
+    async def get_metrics(self, run_id: str, include_clock_records: bool = False) -> pb.GetMetricsResponse:
+        req = pb.GetMetricsRequest(run_id=run_id, include_clock_records=include_clock_records)
+        return await self._unary(self.runs.GetMetrics, req)
+
+    async def checkpoint_run(self, run_id: str) -> pb.CheckpointRunResponse:
+        return await self._unary(self.runs.CheckpointRun, pb.CheckpointRunRequest(run_id=run_id))
 
     async def watch_run(self, run_id: str, interval: float = 0.5, idle_timeout: float = 60.0) -> AsyncIterator[pb.WatchRunResponse]:
         """Snapshots until the run finishes; raises DEADLINE_EXCEEDED if none comes for idle_timeout."""

@@ -47,7 +47,16 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
                 log.info("no work for %.0fs: exiting", config.idle_exit_seconds)
                 break
             try:
-                resp = await client.join(config.display_name, config.run_id, config.join_wait_seconds)
+                join = asyncio.ensure_future(client.join(config.display_name, config.run_id, config.join_wait_seconds))
+                stopping = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({join, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+                if not join.done():  # SIGTERM while waiting for work: nothing to give back
+                    join.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, PsClientError):
+                        await join
+                    break
+                resp = join.result()
             except PsClientError as exc:
                 if not exc.retryable:
                     log.error("join refused: %s", exc)

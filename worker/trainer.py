@@ -195,6 +195,7 @@ class _Trainer:
             guaranteed = await self.pull(c, params)
         if self.a.rank == 0 and eval_every and c % eval_every == 0 and c:
             self.evaluate(params, c)
+            await self.report()  # show it now, not after the next (maybe long) wait
         batch = self.sampler.batch(c)
         loss, grads = self.model.loss_and_grad(params, self.X[batch], self.y[batch])
         if not math.isfinite(loss):

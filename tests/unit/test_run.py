@@ -233,3 +233,12 @@ async def test_gate_wakes_exactly_the_waiters_whose_predicate_holds() -> None:
         run3.push(0, inc3[0], 0, grad(1), 0)
         await run3.gate.wait_for(lambda: run3.pull_ready(0, inc3[0], 1), 0.05,
                                  lambda: "rank 0 waits for rank 1")
+
+
+def test_a_diverging_run_fails_instead_of_serving_nan() -> None:
+    s = RunSpec(name="d", num_workers=1, iterations=5, params=PARAMS, staleness=1,
+                optimizer=OptimizerConfig(learning_rate=1e38), seed=1)
+    run = Run("run-d", s)
+    a = run.join("a")
+    run.push(0, a.incarnation, 0, grad(10.0), 0)  # finite gradient, but w - 1e38 * 10 overflows
+    assert run.state is RunState.FAILED and "diverged" in run.message

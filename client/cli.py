@@ -1,0 +1,298 @@
+"""``psctl``: the paramserver command line. Thin: parse options, call ``PsClient``, hand to ``render``.
+
+Every command takes ``--server HOST:PORT`` (default ``$PSCTL_SERVER``, then 127.0.0.1:50051),
+``--json`` (plain JSON on stdout, no markup) and ``--timeout`` (seconds per RPC). Errors go through
+one handler (:func:`_handled`): ``Error: <message>`` on stderr and exit status 1 (130 on Ctrl-C).
+Following a run (``launch --wait``, ``launch --local``, ``watch``) exits 0 if it COMPLETED,
+1 if it FAILED, 2 if it was STOPPED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import time
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, TypeVar
+
+import grpc
+import numpy as np
+import typer
+from rich.console import Console
+from rich.live import Live
+
+from paramserver.v1 import paramserver_pb2 as pb
+from worker.client import PsClient, PsClientError
+
+from . import facts, render
+from .launch import launch_run
+from .spec import LaunchOptions, parse_slowdown, security_from_env
+
+__all__ = ["app"]
+
+T = TypeVar("T")
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+app = typer.Typer(
+    name="psctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Control a paramserver: launch training runs, watch them, inspect and export them.\n\n"
+    "Exit status: 0 ok; 1 error (printed as 'Error: ...' on stderr) or the followed run FAILED; "
+    "2 the followed run was STOPPED (or a usage error); 130 interrupted.",
+)
+
+Server = Annotated[str, typer.Option("--server", envvar="PSCTL_SERVER", metavar="HOST:PORT",
+                                     help="Parameter server address.")]
+Json = Annotated[bool, typer.Option("--json", help="Print plain JSON on stdout (no colours, no tables).")]
+Timeout = Annotated[float, typer.Option("--timeout", min=0.1, help="Deadline of each RPC, in seconds.")]
+RunId = Annotated[str, typer.Argument(metavar="RUN", help="Run id, as shown by 'psctl runs'.")]
+
+
+# ---------------------------------------------------------------------------------------- plumbing
+def _error(exc: BaseException, server: str) -> str:
+    """The one place that turns an exception into the sentence a user reads."""
+    if isinstance(exc, PsClientError):
+        if exc.code == grpc.StatusCode.UNAVAILABLE:
+            return (f"cannot reach a paramserver at {server} ({exc.details}). Start one with "
+                    f"'ps-server --port {server.rpartition(':')[2] or 50051}', point --server (or PSCTL_SERVER) "
+                    f"at a running one, or train on a self-contained cluster with 'psctl launch --local'.")
+        if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return (f"no answer from {server} in time ({exc.details}): is a paramserver running there and "
+                    f"reachable? If it is just busy, try a larger --timeout.")
+        return f"{exc.code.name}: {exc.details}"
+    if isinstance(exc, KeyboardInterrupt):
+        return f"interrupted: {exc}" if str(exc) else "interrupted"
+    return str(exc) or type(exc).__name__
+
+
+def _handled(func: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a command in the single error handler: 'Error: <message>' on stderr, non-zero exit."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            func(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except (PsClientError, ValueError, OSError, RuntimeError, KeyboardInterrupt) as exc:
+            typer.echo(f"Error: {_error(exc, kwargs.get('server', ''))}", err=True)
+            raise typer.Exit(130 if isinstance(exc, KeyboardInterrupt) else 1) from None
+
+    return wrapper
+
+
+def _address(server: str) -> str:
+    host, sep, port = server.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"--server {server!r}: use HOST:PORT, for example 127.0.0.1:50051")
+    return server
+
+
+def _with_client(server: str, timeout: float, body: Callable[[PsClient], Coroutine[Any, Any, T]]) -> T:
+    async def main() -> T:
+        async with PsClient(_address(server), timeout=timeout, security=security_from_env()) as ps:
+            return await body(ps)
+
+    return asyncio.run(main())
+
+
+def _print_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, default=str))
+
+
+# ---------------------------------------------------------------------------------------- commands
+@app.command()
+@_handled
+def launch(
+    model: Annotated[str, typer.Option(help="linear | softmax | mlp:H1,H2[:relu|tanh|sigmoid]")] = "mlp:64",
+    dataset: Annotated[str, typer.Option(help="digits | synthetic-regression | synthetic-classification | "
+                                              "npz:PATH (options after ':' as key=value)")] = "digits",
+    workers: Annotated[int, typer.Option(min=1, help="Number of worker ranks (data shards).")] = 4,
+    staleness: Annotated[str, typer.Option(help="0 or bsp (synchronous), an integer s (SSP), "
+                                                "inf / unbounded / asp (asynchronous).")] = "2",
+    optimizer: Annotated[str, typer.Option(help="sgd | momentum | nesterov | adam | adagrad")] = "sgd",
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 0.1,
+    momentum: Annotated[float, typer.Option(help="Momentum (momentum, nesterov).")] = 0.9,
+    weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
+    epochs: Annotated[float, typer.Option(help="Passes over each rank's shard.")] = 10.0,
+    iterations: Annotated[int, typer.Option(min=0, help="Iterations per worker; overrides --epochs.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Minibatch size per worker.")] = 32,
+    seed: Annotated[int, typer.Option(min=0, help="Seed for initialisation and shuffling.")] = 0,
+    name: Annotated[str, typer.Option(help="Run name shown by psctl (default: MODEL on DATASET).")] = "",
+    eval_every: Annotated[int, typer.Option(min=0, help="Evaluate every N iterations; 0 = ~20 times.")] = 0,
+    aggregation: Annotated[str, typer.Option(help="BSP gradient combination: mean | sum.")] = "mean",
+    slowdown: Annotated[list[str] | None, typer.Option(metavar="RANK=FACTOR",
+                                                       help="Make a rank FACTOR times slower (repeatable).")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the run with a progress bar until it ends.")] = False,
+    local: Annotated[bool, typer.Option("--local", help="Start a server and --workers workers on 127.0.0.1, run, "
+                                                        "tear them down (implies --wait).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", help="With --local: show the children's logs.")] = False,
+    server: Server = DEFAULT_SERVER,
+    json_: Json = False,
+    timeout: Timeout = 10.0,
+) -> None:
+    """Create a training run (and with --wait or --local, follow it to the end).
+
+    Without --wait: print the run id; workers started with 'ps-worker --server HOST:PORT' pick it up.
+
+    --local: start a ps-server on a free port and --workers ps-worker processes on 127.0.0.1, run, and stop them all when the run ends, fails or is interrupted (--server is ignored).
+
+    Exit status with --wait or --local: 0 the run COMPLETED, 1 it FAILED (or psctl hit an error), 2 it was STOPPED, 130 interrupted.
+    """
+    options = LaunchOptions(
+        model=model, dataset=dataset, workers=workers, staleness=staleness, optimizer=optimizer, lr=lr,
+        momentum=momentum, weight_decay=weight_decay, epochs=epochs, iterations=iterations, batch_size=batch_size,
+        seed=seed, name=name, eval_every=eval_every, aggregation=aggregation, slowdown=parse_slowdown(slowdown or ()),
+    )
+    code = launch_run(options, server=_address(server), wait=wait or local, local=local, verbose=verbose,
+                      json_mode=json_, timeout=timeout)
+    raise typer.Exit(code)
+
+
+@app.command()
+@_handled
+def runs(server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
+    """List the server's runs, newest first."""
+    found = _with_client(server, timeout, lambda ps: ps.list_runs())
+    if json_:
+        _print_json([facts.run_facts(r) for r in found])
+    elif not found:
+        typer.echo(f"no runs on {server} yet: create one with 'psctl launch'")
+    else:
+        Console().print(render.runs_table(found))
+
+
+async def _run_and_metrics(ps: PsClient, run_id: str) -> tuple[pb.Run, pb.GetMetricsResponse]:
+    run = await ps.get_run(run_id)
+    return run, await ps.get_metrics(run_id)
+
+
+@app.command()
+@_handled
+def status(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
+    """A run's state, workers, clocks (who waits on whom), counters, metrics trend and events."""
+    run, metrics = _with_client(server, timeout, lambda ps: _run_and_metrics(ps, run_id))
+    if json_:
+        _print_json(facts.status_dict(run, metrics))
+    else:
+        Console().print(render.status_view(run, metrics))
+
+
+@app.command()
+@_handled
+def watch(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
+    """The status view, live, until the run ends (--json: one JSON line per snapshot).
+
+    Exit status: 0 the run COMPLETED, 1 it FAILED (or psctl hit an error), 2 it was STOPPED.
+    """
+    from .follow import EXIT_CODES, follow
+
+    async def body(ps: PsClient) -> pb.Run:
+        if json_:
+            def line(snap: pb.WatchRunResponse, _: pb.GetMetricsResponse | None) -> None:
+                doc = facts.status_dict(snap.run, None)
+                doc["events"] = [facts.message_to_dict(e) for e in snap.events]
+                _print_json(doc)
+            return await follow(ps, run_id, line, metrics_every=None)
+        with Live(console=Console(), auto_refresh=False) as live:
+            def show(snap: pb.WatchRunResponse, metrics: pb.GetMetricsResponse | None) -> None:
+                live.update(render.status_view(snap.run, metrics), refresh=True)
+            return await follow(ps, run_id, show)
+
+    final = _with_client(server, timeout, body)
+    raise typer.Exit(EXIT_CODES.get(final.state, 1))
+
+
+@app.command()
+@_handled
+def stop(run_id: RunId, reason: Annotated[str, typer.Option(help="Why (shown in the run's message).")] = "",
+         server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
+    """Stop a run: its workers go back to waiting for work. Stopping a finished run changes nothing."""
+    run = _with_client(server, timeout, lambda ps: ps.stop_run(run_id, reason))
+    if json_:
+        _print_json({"run_id": run.run_id, "state": facts.state_name(run.state), "message": run.message})
+    else:
+        typer.echo(f"{run.run_id}: {facts.state_name(run.state)}" + (f" ({run.message})" if run.message else ""))
+
+
+@app.command()
+@_handled
+def checkpoint(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 60.0) -> None:
+    """Checkpoint a run now (the server needs --data-dir); prints where it was written."""
+    resp = _with_client(server, timeout, lambda ps: ps.checkpoint_run(run_id))
+    if json_:
+        _print_json({"run_id": run_id, "path": resp.path, "min_clock": resp.min_clock})
+    else:
+        typer.echo(f"{run_id}: checkpoint at min clock {resp.min_clock} in {resp.path} (on the server)")
+
+
+@app.command()
+@_handled
+def export(run_id: RunId,
+           output: Annotated[str, typer.Option("--output", "-o", help="Where to write (default RUN.npz).")] = "",
+           server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 60.0) -> None:
+    """Save a run's current parameters to an .npz file (an observer's pull: never waits)."""
+    result = _with_client(server, timeout, lambda ps: ps.pull(run_id))
+    path = output or f"{run_id}.npz"
+    with open(path, "wb") as fh:
+        np.savez(fh, **result.tensors)  # type: ignore[arg-type]
+    count = sum(int(a.size) for a in result.tensors.values())
+    if json_:
+        _print_json({"path": path, "run_id": run_id, "tensor_count": len(result.tensors), "params": count,
+                     "tensors": {n: list(a.shape) for n, a in result.tensors.items()}, "version": result.version,
+                     "guaranteed_clock": result.guaranteed_clock, "run_state": facts.state_name(result.run_state)})
+    else:
+        typer.echo(f"wrote {path}: {len(result.tensors)} tensors, {count:,} parameters "
+                        f"(version {result.version}, clock {result.guaranteed_clock}, "
+                        f"run {facts.state_name(result.run_state)})")
+
+
+@app.command()
+@_handled
+def plot(run_id: RunId,
+         output: Annotated[str, typer.Option("--output", "-o", help="Image file (default RUN.png).")] = "",
+         server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
+    """Plot train loss (per rank) and test accuracy/loss against time and clock."""
+    from .plots import save_curves  # matplotlib: only this command pays for importing it
+    run, metrics = _with_client(server, timeout, lambda ps: _run_and_metrics(ps, run_id))
+    path = output or f"{run_id}.png"
+    save_curves(run, metrics, path)
+    evals = sum(p.eval for p in metrics.points)
+    if json_:
+        _print_json({"path": path, "run_id": run_id, "points": len(metrics.points), "eval_points": evals})
+    else:
+        typer.echo(f"wrote {path}: {len(metrics.points) - evals} training points, {evals} evaluations")
+
+
+@app.command()
+@_handled
+def metrics(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
+    """A run's metrics history (training and evaluation points) and events."""
+    got = _with_client(server, timeout, lambda ps: ps.get_metrics(run_id))
+    if json_:
+        _print_json(facts.message_to_dict(got))
+        return
+    evals = [p for p in got.points if p.eval]
+    typer.echo(f"{run_id}: {len(got.points) - len(evals)} training points, {len(evals)} evaluations, "
+               f"{len(got.events)} events")
+    losses = [p.loss for p in got.points if not p.eval]
+    typer.echo("train loss (log scale) " + render.sparkline(losses, 60, log=True))
+    for p in evals:
+        typer.echo(f"  clock {p.clock:>6}  test loss {p.eval_loss:.4f}  test accuracy {p.eval_accuracy:.4f}")
+
+
+@app.command()
+@_handled
+def health(server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 5.0) -> None:
+    """Ask the server's gRPC health service; exit 1 unless it is SERVING."""
+    state = _with_client(server, timeout, lambda ps: ps.health())
+    if json_:
+        _print_json({"server": server, "status": state, "time": time.time()})
+    else:
+        typer.echo(state)
+    if state != "SERVING":
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,238 @@
+"""The facts psctl shows, computed once from protobuf messages: plain values and JSON-able dicts.
+
+``run_facts`` is the single source of every derived number (progress, accuracy, timings, mean
+staleness, lags); the rich views (``render``) and every ``--json`` output are built from it, so
+the two never disagree. No rich, no I/O here. Floats that are NaN or missing (the accuracy of a
+regression, a run without an evaluation yet) are ``None`` in dicts and ``-`` in text.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from paramserver.v1 import paramserver_pb2 as pb
+
+__all__ = [
+    "finite",
+    "fmt",
+    "fmt_age",
+    "launch_result",
+    "message_to_dict",
+    "recent",
+    "run_facts",
+    "run_headline",
+    "seconds",
+    "staleness_text",
+    "state_name",
+    "status_dict",
+    "summary_line",
+    "worker_rows",
+]
+
+
+def state_name(state: int) -> str:
+    """RUN_STATE_COMPLETED -> 'completed'."""
+    return str(pb.RunState.Name(state)).removeprefix("RUN_STATE_").lower()
+
+
+def _worker_state(state: int) -> str:
+    return str(pb.WorkerState.Name(state)).removeprefix("WORKER_STATE_").lower()
+
+
+def seconds(ts: Timestamp) -> float | None:
+    return ts.ToNanoseconds() / 1e9 if ts.seconds or ts.nanos else None
+
+
+def finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    if x is None or not math.isfinite(x):
+        return "-"
+    return f"{x:.{digits}f}" if abs(x) < 1e4 else f"{x:.{digits - 1}e}"
+
+
+def fmt_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = max(0.0, seconds)
+    if s < 60:
+        return f"{s:.1f}s" if s < 10 else f"{s:.0f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    if s < 86400:
+        return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+    return f"{int(s // 86400)}d"
+
+
+def staleness_text(s: int) -> str:
+    return "0 (BSP)" if s == 0 else "inf (ASP)" if s < 0 else f"{s} (SSP)"
+
+
+def message_to_dict(msg: Message) -> dict[str, Any]:
+    """Proto JSON with field names as in the .proto, zeros included and 64-bit ints as numbers."""
+    return dict(json_format.MessageToDict(msg, always_print_fields_with_no_presence=True, preserving_proto_field_name=True,
+                                          unquote_int64_if_possible=True))
+
+
+def _spec_json(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _model_text(spec: pb.RunSpec) -> str:
+    m = _spec_json(spec.model_spec_json)
+    if m.get("kind") == "mlp":
+        return f"mlp:{','.join(map(str, m.get('hidden', [])))}:{m.get('activation', 'relu')}"
+    return str(m.get("kind", "?"))
+
+
+def _data_text(spec: pb.RunSpec) -> str:
+    d = _spec_json(spec.data_spec_json)
+    return f"npz:{d.get('path')}" if d.get("kind") == "npz" else str(d.get("kind", "?"))
+
+
+def _optimizer_text(opt: pb.OptimizerSpec) -> tuple[str, float]:
+    kind = opt.WhichOneof("kind") or "?"
+    if kind == "momentum" and opt.momentum.nesterov:
+        return f"nesterov (momentum {opt.momentum.momentum:g})", opt.momentum.learning_rate
+    if kind == "momentum":
+        return f"momentum {opt.momentum.momentum:g}", opt.momentum.learning_rate
+    lr = getattr(opt, kind).learning_rate if kind != "?" else float("nan")
+    return kind, lr
+
+
+def _eval(run: pb.Run) -> pb.MetricPoint | None:
+    return run.last_eval if run.HasField("last_eval") and run.last_eval.eval else None
+
+
+def run_facts(run: pb.Run, now: float | None = None) -> dict[str, Any]:
+    """Derived numbers shared by every view: progress, accuracy, timings, staleness, lags."""
+    now = time.time() if now is None else now
+    c, spec, ev = run.counters, run.spec, _eval(run)
+    created, started, finished = seconds(run.created), seconds(run.started), seconds(run.finished)
+    end = finished or now
+    live = [w for w in run.workers if w.state in (pb.WORKER_STATE_ACTIVE, pb.WORKER_STATE_DONE)]
+    slowest = sorted(live, key=lambda w: w.clock)[:3] if run.max_clock > run.min_clock else []
+    optimizer, lr = _optimizer_text(spec.optimizer)
+    return {
+        "run_id": run.run_id,
+        "name": spec.name,
+        "state": state_name(run.state),
+        "message": run.message,
+        "model": _model_text(spec),
+        "dataset": _data_text(spec),
+        "optimizer": optimizer,
+        "lr": lr,
+        "staleness": spec.staleness,
+        "batch_size": spec.batch_size,
+        "iterations": spec.iterations,
+        "workers": spec.num_workers,
+        "workers_active": sum(w.state == pb.WORKER_STATE_ACTIVE for w in run.workers),
+        "min_clock": run.min_clock,
+        "max_clock": run.max_clock,
+        "progress": run.min_clock / spec.iterations if spec.iterations else 0.0,
+        "waiting_for": run.waiting_for,
+        "slowest": [{"rank": w.rank, "clock": w.clock, "lag": run.max_clock - w.clock} for w in slowest],
+        "test_accuracy": finite(ev.eval_accuracy) if ev else None,
+        "test_loss": finite(ev.eval_loss) if ev else None,
+        "eval_clock": ev.clock if ev else None,
+        "age_seconds": now - created if created else None,
+        "wall_seconds": end - created if created else None,
+        "train_seconds": end - started if started else None,
+        "pushes_applied": c.pushes_applied,
+        "pushes_duplicate": c.pushes_duplicate,
+        "pushes_rejected": c.pushes_rejected,
+        "pulls_served": c.pulls_served,
+        "pulls_parked": c.pulls_parked,
+        "pulls_skipped": c.pulls_skipped,
+        "bytes_pushed": c.bytes_pushed,
+        "bytes_pulled": c.bytes_pulled,
+        "updates_applied": c.updates_applied,
+        "evictions": c.evictions,
+        "staleness_mean": c.staleness_sum / c.pulls_served if c.pulls_served else 0.0,
+        "staleness_max": c.staleness_max,
+    }
+
+
+def launch_result(run: pb.Run) -> dict[str, Any]:
+    """The one JSON object ``psctl launch --wait --json`` prints at the end."""
+    keys = ("run_id", "name", "state", "message", "test_accuracy", "test_loss", "eval_clock", "iterations",
+            "min_clock", "wall_seconds", "train_seconds", "pushes_applied", "pushes_duplicate", "pushes_rejected",
+            "pulls_served", "pulls_parked", "pulls_skipped", "updates_applied", "evictions", "staleness_mean",
+            "staleness_max", "staleness", "workers", "model", "dataset", "optimizer", "lr")
+    facts = run_facts(run)
+    return {k: facts[k] for k in keys}
+
+
+def run_headline(run: pb.Run) -> str:
+    """'run-x: mlp:64:relu on digits, 4 workers, staleness 2 (SSP), sgd lr 0.1, 120 iterations'."""
+    f = run_facts(run)
+    return (f"{f['run_id']}: {f['model']} on {f['dataset']}, {f['workers']} workers, staleness "
+            f"{staleness_text(f['staleness'])}, {f['optimizer']} lr {f['lr']:g}, {f['iterations']} iterations")
+
+
+def summary_line(run: pb.Run) -> str:
+    """'run-x completed in 4.2 s: test accuracy 0.9611, loss 0.1234 (480 pushes, 0 duplicates)'."""
+    f = run_facts(run)
+    head = f"{f['run_id']} {f['state']} in {f['wall_seconds'] or 0.0:.1f} s"
+    if f["state"] != "completed":
+        return head + (f": {f['message']}" if f["message"] else "")
+    acc = f"test accuracy {fmt(f['test_accuracy'])}, " if f["test_accuracy"] is not None else ""
+    return (f"{head}: {acc}loss {fmt(f['test_loss'])} "
+            f"({f['pushes_applied']} pushes, {f['pushes_duplicate']} duplicates)")
+
+
+def worker_rows(run: pb.Run, now: float) -> list[dict[str, Any]]:
+    s, iters = run.spec.staleness, run.spec.iterations
+    rows = []
+    for w in run.workers:
+        seen = seconds(w.last_seen)
+        need = None
+        if w.waiting:
+            need = iters if w.waiting_for_clock >= iters else (None if s < 0 else w.waiting_for_clock - s)
+        rows.append({
+            "rank": w.rank, "state": _worker_state(w.state), "incarnation": w.incarnation, "clock": w.clock,
+            "lag": run.max_clock - w.clock if w.state != pb.WORKER_STATE_VACANT else None,
+            "heartbeat_seconds_ago": now - seen if seen else None, "pushes": w.pushes,
+            "pulls_skipped": w.pulls_skipped, "waiting": w.waiting,
+            "waiting_pull_clock": w.waiting_for_clock if w.waiting else None, "needs_min_clock": need,
+            "worker_name": w.worker_name,
+        })
+    return rows
+
+
+def recent(metrics: pb.GetMetricsResponse | None, evals: int = 5, events: int = 8) -> dict[str, Any]:
+    points = list(metrics.points) if metrics else []
+    train = sorted((p for p in points if not p.eval), key=lambda p: seconds(p.time) or 0.0)
+    latest: dict[int, pb.MetricPoint] = {}
+    for p in train:
+        latest[p.rank] = p
+    return {
+        "eval": [{"clock": p.clock, "time": seconds(p.time), "test_loss": finite(p.eval_loss),
+                  "test_accuracy": finite(p.eval_accuracy), "train_loss": finite(p.loss)}
+                 for p in [p for p in points if p.eval][-evals:]],
+        "train_loss": [p.loss for p in train],
+        "last_train_loss": {r: finite(p.loss) for r, p in sorted(latest.items())},
+        "events": [{"time": seconds(e.time), "kind": e.kind, "rank": e.rank, "message": e.message}
+                   for e in (list(metrics.events)[-events:] if metrics else [])],
+    }
+
+
+def status_dict(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float | None = None) -> dict[str, Any]:
+    """``psctl status --json``: the run as proto JSON plus the computed facts the view shows."""
+    now = time.time() if now is None else now
+    latest = recent(metrics)
+    latest.pop("train_loss")
+    return {"run": message_to_dict(run), "summary": run_facts(run, now), "workers": worker_rows(run, now), **latest}

@@ -1,0 +1,140 @@
+"""``psctl launch``: submit a run, optionally follow it, optionally on an embedded local cluster.
+
+Three shapes, one code path for following and reporting:
+
+* submit only: create the run, print its id (workers anywhere pick it up);
+* ``--wait``: create it, follow it with a progress bar (``--json``: one object at the end);
+* ``--local``: as ``--wait``, on a ps-server and N ps-workers started here and torn down after
+  (``local.LocalCluster``). The server boots while the spec is built (the dataset is loaded to
+  size the model), the workers start together once the server has named its port.
+
+Returns the exit status: 0 submitted or COMPLETED, 1 FAILED, 2 STOPPED (``follow.EXIT_CODES``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import grpc
+from rich.console import Console
+
+from paramserver.v1 import paramserver_pb2 as pb
+from worker.client import PsClient, PsClientError
+from worker.datasets import parse_dataset
+from worker.models import parse_model
+
+from . import facts, render
+from .follow import EXIT_CODES, follow, follow_local
+from .local import LocalCluster, LocalClusterError
+from .spec import LaunchOptions, build_run_spec, iterations_per_epoch, parse_staleness, security_from_env
+
+__all__ = ["launch_run"]
+
+SERVER_START_SECONDS = 30.0
+
+
+async def _follow(ps: PsClient, run_id: str, per_epoch: int, json_mode: bool, cluster: LocalCluster | None) -> pb.Run:
+    """Follow with a progress bar on stderr (none in JSON mode)."""
+    if json_mode:
+        def quiet(snap: pb.WatchRunResponse, metrics: pb.GetMetricsResponse | None) -> None:
+            return None
+        if cluster is not None:
+            return await follow_local(ps, cluster, run_id, quiet, metrics_every=None)
+        return await follow(ps, run_id, quiet, metrics_every=None)
+    progress = render.launch_progress(console=Console(stderr=True))
+    task = progress.add_task("starting", total=None, epoch="-", loss="-", acc="-")
+
+    def show(snap: pb.WatchRunResponse, metrics: pb.GetMetricsResponse | None) -> None:
+        progress.update(task, **render.progress_fields(snap.run, metrics, per_epoch))
+
+    with progress:
+        if cluster is not None:
+            return await follow_local(ps, cluster, run_id, show)
+        return await follow(ps, run_id, show)
+
+
+def _report(run: pb.Run, json_mode: bool, log_path: str | None) -> int:
+    code = EXIT_CODES.get(run.state, 1)
+    if json_mode:
+        result: dict[str, Any] = facts.launch_result(run)
+        if log_path:
+            result["log"] = log_path
+        print(json.dumps(result), flush=True)
+        return code
+    print(facts.summary_line(run), flush=True)
+    if log_path:
+        Console(stderr=True, highlight=False, markup=False).print(f"the local cluster's log: {log_path}")
+    return code
+
+
+def _submit(o: LaunchOptions, server: str, wait: bool, json_mode: bool, timeout: float) -> int:
+    spec = build_run_spec(o)
+    per_epoch = iterations_per_epoch(o)
+    err = Console(stderr=True, highlight=False, markup=False)
+
+    async def main() -> pb.Run:
+        async with PsClient(server, timeout=timeout, security=security_from_env()) as ps:
+            run = await ps.create_run(spec)
+            if not wait:
+                return run
+            if not json_mode:
+                err.print(f"{facts.run_headline(run)} on {server}\n(Ctrl-C stops following, not the run)")
+            return await _follow(ps, run.run_id, per_epoch, json_mode, None)
+
+    run = asyncio.run(main())
+    if wait:
+        return _report(run, json_mode, None)
+    if json_mode:
+        print(json.dumps({"run_id": run.run_id}), flush=True)
+    else:
+        print(run.run_id, flush=True)
+        err.print(f"start workers with 'ps-worker --server {server}'; follow with 'psctl watch {run.run_id}'")
+    return 0
+
+
+def _local(o: LaunchOptions, verbose: bool, json_mode: bool, timeout: float) -> int:
+    # Cheap syntax checks before any process starts: a typo must not cost a cluster start-up.
+    parse_staleness(o.staleness)
+    parse_model(o.model)
+    parse_dataset(o.dataset)
+    err = Console(stderr=True, highlight=False, markup=False)
+    cluster = LocalCluster(o.workers, verbose=verbose)
+    try:
+        with cluster:
+            cluster.start_server()
+            spec = build_run_spec(o)  # overlaps the server's start-up
+            per_epoch = iterations_per_epoch(o)
+            address = cluster.wait_server(SERVER_START_SECONDS)
+            cluster.start_workers()
+
+            async def main() -> pb.Run:
+                async with PsClient(address, timeout=timeout, security=security_from_env()) as ps:
+                    await ps.wait_ready(SERVER_START_SECONDS)
+                    run = await ps.create_run(spec)
+                    if not json_mode:
+                        err.print(f"{facts.run_headline(run)} on a local ps-server ({address})")
+                    return await _follow(ps, run.run_id, per_epoch, json_mode, cluster)
+
+            try:
+                run = asyncio.run(main())
+            except PsClientError as exc:
+                if exc.code != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                cluster.check_server(wait=3.0)  # the better explanation, if the server process died
+                cluster.keep_log = True
+                raise LocalClusterError(f"lost the local ps-server at {address} ({exc.details}); {cluster.where}") from None
+            if run.state != pb.RUN_STATE_COMPLETED:
+                cluster.keep_log = True
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt("stopped the local cluster") from None
+    return _report(run, json_mode, cluster.log_path if cluster.keep_log and not verbose else None)
+
+
+def launch_run(o: LaunchOptions, *, server: str, wait: bool, local: bool, verbose: bool, json_mode: bool,
+               timeout: float) -> int:
+    """Run ``psctl launch``; returns the exit status. Raises ValueError/PsClientError for the handler."""
+    if local:
+        return _local(o, verbose, json_mode, timeout)
+    return _submit(o, server, wait, json_mode, timeout)

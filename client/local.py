@@ -1,0 +1,232 @@
+"""The embedded cluster of ``psctl launch --local``: one ps-server and N ps-workers on 127.0.0.1.
+
+Lifecycle (one object, used as a context manager)::
+
+    with LocalCluster(workers=4) as cluster:   # nothing runs yet
+        cluster.start_server()                 # ps-server --port 0, non-blocking
+        ...                                    # build the run spec while it boots
+        address = cluster.wait_server(15.0)    # its first stdout line names the port
+        cluster.start_workers()                # N workers at once; they retry until it answers
+        ...                                    # create the run, follow it; check_server() in between
+    # __exit__: SIGTERM workers, then the server; SIGKILL whatever is left; nothing survives
+
+Invariants:
+
+* Every child is a session leader (``start_new_session``) and is signalled through its process
+  group, so a Ctrl-C in the terminal reaches psctl only and the teardown stays ordered.
+* A child is signalled only while ``Popen.poll()`` says it runs: a pid is never reaped behind our
+  back, so a signal cannot hit a recycled pid.
+* Teardown ignores SIGINT and SIGTERM while it runs (a second Ctrl-C cannot abandon children) and is bounded:
+  ``grace`` seconds per phase, then SIGKILL. SIGTERM to psctl raises ``SystemExit`` so the same
+  teardown runs.
+* Children's stderr (and the server's stdout after its first line) go to ``cluster.log`` in a
+  fresh temp dir; it is kept when ``keep_log`` is set (by the errors here, which name it, or by
+  the caller when the run failed) and removed otherwise. ``verbose`` lets the logs through.
+  Every child gets ``PSCTL_LOCAL_CLUSTER=<that dir>`` in its environment, so stray processes
+  are findable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from types import FrameType, TracebackType
+from typing import IO, Any
+
+__all__ = ["CHILD_ENV", "LocalCluster", "LocalClusterError"]
+
+CHILD_ENV = {
+    # glibc returns every >= 32 MiB block to the OS by default; large tensors then fault in afresh
+    # on every message (DESIGN.md: 2-5x on large-message paths).
+    "MALLOC_MMAP_THRESHOLD_": "1073741824",
+    "MALLOC_TRIM_THRESHOLD_": "4294967296",
+    # Workers are the parallelism: one BLAS thread each.
+    "OPENBLAS_NUM_THREADS": "1",
+}
+MARKER_ENV = "PSCTL_LOCAL_CLUSTER"
+_LISTENING = re.compile(r"listening on (\S+):(\d+)")
+
+
+class LocalClusterError(RuntimeError):
+    """A local server or worker could not start or died; the message names the log file."""
+
+
+class LocalCluster:
+    """A ps-server and ``workers`` ps-worker processes; see the module docstring."""
+
+    def __init__(self, workers: int, *, verbose: bool = False, grace: float = 5.0) -> None:
+        self.workers = workers
+        self.verbose = verbose
+        self.grace = grace
+        self.log_dir = tempfile.mkdtemp(prefix="psctl-local-")
+        self.log_path = os.path.join(self.log_dir, "cluster.log")
+        self.where = "its output is above" if verbose else f"log: {self.log_path}"
+        """Where the children's output went, for error messages."""
+        self.address = ""
+        self.keep_log = False
+        self._log: IO[bytes] | None = None
+        self._server: subprocess.Popen[bytes] | None = None
+        self._workers: list[subprocess.Popen[bytes]] = []
+        self._closed = False
+        self._old_sigterm: Any = None
+
+    # ------------------------------------------------------------------------------ start
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, **CHILD_ENV, MARKER_ENV: self.log_dir}
+
+    def _spawn(self, args: list[str], stdout: int | None = None) -> subprocess.Popen[bytes]:
+        if self._log is None and not self.verbose:
+            self._log = open(self.log_path, "ab")  # closed in close(); shared by every child
+        return subprocess.Popen(
+            [sys.executable, *args], stdin=subprocess.DEVNULL, stdout=stdout if stdout is not None else self._log,
+            stderr=None if self.verbose else self._log, env=self._env(), start_new_session=True,
+        )
+
+    def start_server(self) -> None:
+        """Start ``ps-server --port 0`` on 127.0.0.1 without waiting for it."""
+        self._server = self._spawn(
+            ["-m", "ps_server.server", "--host", "127.0.0.1", "--port", "0", "--grace-seconds", "1"],
+            stdout=subprocess.PIPE,
+        )
+
+    def wait_server(self, timeout: float) -> str:
+        """Read the server's first stdout line (bounded by ``timeout``); return HOST:PORT."""
+        assert self._server is not None and self._server.stdout is not None
+        line = _read_line(self._server.stdout, timeout)
+        match = _LISTENING.search(line)
+        if not match:
+            self.keep_log = True
+            code = self._server.poll()
+            why = _ended(code) if code is not None else f"did not report its port within {timeout:.0f}s"
+            raise LocalClusterError(f"the local ps-server {why} (first output {line.strip()!r}); {self.where}")
+        self.address = f"{match.group(1)}:{match.group(2)}"
+        sink = self._log if self._log is not None else sys.stderr.buffer
+        threading.Thread(target=_drain, args=(self._server.stdout, sink), daemon=True).start()
+        return self.address
+
+    def start_workers(self) -> None:
+        """Start all workers at once; each joins the run, trains it and exits (``--once``)."""
+        for i in range(self.workers):
+            self._workers.append(self._spawn([
+                "-m", "worker.main", "--server", self.address, "--once", "--log-level", "WARNING",
+                "--name", f"local-{i}",
+                # Short parked joins: a worker only checks for SIGTERM between two joins.
+                "--join-wait-seconds", "1",
+            ]))
+
+    def check_server(self, wait: float = 0.0) -> None:
+        """Raise LocalClusterError if the server process has exited (or exits within ``wait`` s)."""
+        if self._server is not None and wait > 0:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._server.wait(wait)  # its sockets close a moment before it can be reaped
+        if self._server is not None and (code := self._server.poll()) is not None:
+            self.keep_log = True
+            raise LocalClusterError(f"the local ps-server {_ended(code)}; {self.where}")
+
+    def check_workers(self) -> None:
+        """Raise LocalClusterError if a worker exited with an error."""
+        for i, w in enumerate(self._workers):
+            if (code := w.poll()) not in (None, 0):
+                self.keep_log = True
+                raise LocalClusterError(f"local worker {i} {_ended(code)}; {self.where}")
+
+    # ------------------------------------------------------------------------------ teardown
+    def close(self) -> None:
+        """Stop every child (idempotent): SIGTERM workers, then the server, then SIGKILL leftovers."""
+        if self._closed:
+            return
+        self._closed = True
+        main = threading.current_thread() is threading.main_thread()
+        shielded = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in shielded} if main else {}
+        try:
+            _terminate(self._workers, self.grace)
+            _terminate([self._server] if self._server else [], self.grace)
+        finally:
+            if self._server is not None and self._server.stdout is not None:
+                self._server.stdout.close()
+            if self._log is not None:
+                self._log.close()
+            if not self.keep_log:
+                shutil.rmtree(self.log_dir, ignore_errors=True)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def __enter__(self) -> LocalCluster:
+        if threading.current_thread() is threading.main_thread():
+            self._old_sigterm = signal.signal(signal.SIGTERM, _raise_exit)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        try:
+            self.close()
+        finally:
+            if self._old_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._old_sigterm)
+
+
+def _ended(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+def _raise_exit(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+    if proc.poll() is None:  # still ours: not reaped, so its pid (and group) cannot be recycled
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+
+
+def _wait_all(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(max(0.0, deadline - time.monotonic()))
+
+
+def _terminate(procs: list[subprocess.Popen[bytes]], grace: float) -> None:
+    """SIGTERM, wait up to ``grace``, SIGKILL the rest, reap them all."""
+    for p in procs:
+        _signal(p, signal.SIGTERM)
+    _wait_all(procs, grace)
+    for p in procs:
+        _signal(p, signal.SIGKILL)
+    _wait_all(procs, 5.0)
+
+
+def _read_line(pipe: IO[bytes], timeout: float) -> str:
+    """Read up to a newline from ``pipe`` without blocking past ``timeout``; '' on EOF or timeout."""
+    fd, buf = pipe.fileno(), b""
+    deadline = time.monotonic() + timeout
+    while b"\n" not in buf:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode(errors="replace")
+
+
+def _drain(pipe: IO[bytes], log: IO[bytes] | None) -> None:
+    """Copy the server's later stdout to the log (or drop it) so its pipe never fills."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in iter(pipe.readline, b""):
+            if log is not None and not log.closed:
+                log.write(line)
+                log.flush()

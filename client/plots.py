@@ -1,0 +1,82 @@
+"""Training curves of a run as a PNG (``psctl plot``): a pure function from metrics to a figure.
+
+Uses matplotlib's object API with the Agg canvas (no pyplot, no global state, no display needed).
+Panels, 2x2: train loss against wall time and against clock, one line per rank; test accuracy and
+test loss (eval points of rank 0) against wall time and against clock. Time is seconds since the
+run started (or was created, while pending).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from paramserver.v1 import paramserver_pb2 as pb
+
+__all__ = ["curves_figure", "save_curves"]
+
+
+def _t(p: pb.MetricPoint, t0: float) -> float:
+    return float(p.time.ToNanoseconds()) / 1e9 - t0
+
+
+def _eval_panel(ax: Axes, xs: list[float], acc: list[float], loss: list[float], xlabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_title(f"test accuracy and loss vs {xlabel.split(' ')[0]}")
+    if not xs:
+        ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes)
+        return
+    handles = []
+    if any(math.isfinite(a) for a in acc):
+        handles += ax.plot(xs, acc, "o-", color="tab:green", label="test accuracy")
+        ax.set_ylabel("test accuracy")
+        lo = min(a for a in acc if math.isfinite(a))
+        ax.set_ylim(max(0.0, lo - 0.1 * (1.0 - lo) - 0.01), 1.005)  # zoom in on the range that moved
+    twin = ax.twinx()
+    handles += twin.plot(xs, loss, "s--", color="tab:red", label="test loss")
+    twin.set_ylabel("test loss")
+    ax.legend(handles=handles, loc="center right", fontsize="small")
+    ax.grid(alpha=0.3)
+
+
+def curves_figure(run: pb.Run, metrics: pb.GetMetricsResponse) -> Figure:
+    """Build the 2x2 figure of ``run``'s training and evaluation curves."""
+    t0 = (run.started if run.started.seconds else run.created).ToNanoseconds() / 1e9
+    by_rank: dict[int, list[pb.MetricPoint]] = defaultdict(list)
+    evals: list[pb.MetricPoint] = []
+    for p in metrics.points:
+        (evals if p.eval else by_rank[p.rank]).append(p)
+    evals.sort(key=lambda p: p.clock)
+    fig = Figure(figsize=(12, 8), layout="constrained")
+    FigureCanvasAgg(fig)
+    (loss_t, loss_c), (eval_t, eval_c) = fig.subplots(2, 2)
+    for rank in sorted(by_rank):
+        pts = sorted(by_rank[rank], key=lambda p: p.clock)
+        loss_t.plot([_t(p, t0) for p in pts], [p.loss for p in pts], lw=1, label=f"rank {rank}")
+        loss_c.plot([p.clock for p in pts], [p.loss for p in pts], lw=1, label=f"rank {rank}")
+    for ax, xlabel in ((loss_t, "time (s)"), (loss_c, "clock (iterations)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("train loss (minibatch)")
+        ax.set_title(f"train loss vs {xlabel.split(' ')[0]}")
+        ax.grid(alpha=0.3)
+        if by_rank:
+            ax.legend(fontsize="small", ncol=2)
+            if all(p.loss > 0 for pts in by_rank.values() for p in pts):
+                ax.set_yscale("log")
+    acc = [p.eval_accuracy for p in evals]
+    loss = [p.eval_loss for p in evals]
+    _eval_panel(eval_t, [_t(p, t0) for p in evals], acc, loss, "time (s)")
+    _eval_panel(eval_c, [float(p.clock) for p in evals], acc, loss, "clock (iterations)")
+    s = run.spec.staleness
+    stale = "BSP" if s == 0 else "ASP" if s < 0 else f"SSP s={s}"
+    fig.suptitle(f"{run.run_id}  {run.spec.name}  ({run.spec.num_workers} workers, {stale})")
+    return fig
+
+
+def save_curves(run: pb.Run, metrics: pb.GetMetricsResponse, path: str) -> None:
+    """Write the figure to ``path`` (format from the extension: png, svg, pdf)."""
+    curves_figure(run, metrics).savefig(path, dpi=100)

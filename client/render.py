@@ -1,0 +1,179 @@
+"""What psctl draws: pure functions from protobuf messages to rich renderables.
+
+Nothing here talks to a server or prints: ``cli`` fetches, these functions shape, ``cli`` prints.
+The numbers come from ``facts`` (the same ones ``--json`` prints).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from paramserver.v1 import paramserver_pb2 as pb
+
+from .facts import finite, fmt, fmt_age, recent, run_facts, staleness_text, worker_rows
+
+__all__ = ["launch_progress", "progress_fields", "runs_table", "sparkline", "status_view"]
+
+_STATE_STYLE = {"pending": "yellow", "running": "cyan", "completed": "green", "stopped": "magenta", "failed": "red"}
+_BLOCKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: Sequence[float], width: int = 40, log: bool = False) -> str:
+    """Unicode block sparkline of the finite ``values`` (log scale if asked and all positive),
+    resampled to at most ``width`` bars."""
+    vals = [v for v in values if math.isfinite(v)]
+    if log and vals and min(vals) > 0:
+        vals = [math.log(v) for v in vals]
+    if not vals:
+        return ""
+    if len(vals) > width:
+        step = len(vals) / width
+        vals = [vals[int(i * step)] for i in range(width - 1)] + [vals[-1]]
+    lo, hi = min(vals), max(vals)
+    span = (hi - lo) or 1.0
+    return "".join(_BLOCKS[min(len(_BLOCKS) - 1, int((v - lo) / span * len(_BLOCKS)))] for v in vals)
+
+
+# ---------------------------------------------------------------------------------------- views
+def _state_text(state: str) -> Text:
+    return Text(state.upper(), style=f"bold {_STATE_STYLE.get(state, '')}")
+
+
+def runs_table(runs: Sequence[pb.Run], now: float | None = None) -> Table:
+    """``psctl runs``: one row per run; the name column gives way first on a narrow terminal."""
+    header = ("id", "name", "state", "workers", "staleness", "progress", "accuracy", "age")
+    rows = []
+    for run in runs:
+        f = run_facts(run, now)
+        acc = fmt(f["test_accuracy"]) if f["test_accuracy"] is not None else (
+            f"loss {fmt(f['test_loss'])}" if f["test_loss"] is not None else "-")
+        live = f["state"] in ("pending", "running")
+        s = f["staleness"]
+        rows.append((f["run_id"], f["name"], f["state"].upper(),
+                     f"{f['workers_active']}/{f['workers']}" if live else str(f["workers"]),
+                     "BSP" if s == 0 else "ASP" if s < 0 else f"SSP {s}", f"{f['min_clock']}/{f['iterations']}",
+                     acc, fmt_age(f["age_seconds"])))
+    table = Table(title="runs (newest first)", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                  padding=(0, 0), pad_edge=False)
+    for i, col in enumerate(header):
+        width = max([len(col), *(len(r[i]) for r in rows)])
+        table.add_column(col, justify="right" if col in ("workers", "progress", "accuracy", "age") else "left",
+                         no_wrap=True, overflow="ellipsis", min_width=8 if col == "name" else width)
+    for r in rows:
+        cells = [Text(c) for c in r]  # Text, not str: a run name is data, never markup
+        cells[2].stylize(f"bold {_STATE_STYLE.get(r[2].lower(), '')}")
+        table.add_row(*cells)
+    return table
+
+
+def _kv(*pairs: tuple[str, Any]) -> Text:
+    text = Text()
+    for i, (key, value) in enumerate(pairs):
+        text.append(("   " if i else "") + key + " ", style="dim")
+        text.append(str(value))
+    return text
+
+
+def status_view(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float | None = None) -> RenderableType:
+    """The ``psctl status`` / ``psctl watch`` screen."""
+    now = time.time() if now is None else now
+    f, hist = run_facts(run, now), recent(metrics)
+    head = Text.assemble((f["run_id"], "bold"), "  ", (f["name"], "italic"), "  ", _state_text(f["state"]))
+    if f["message"]:
+        head.append(f"  {f['message']}")
+    parts: list[RenderableType] = [head]
+    parts.append(_kv(("model", f["model"]), ("dataset", f["dataset"]), ("optimizer", f["optimizer"]),
+                     ("lr", f"{f['lr']:g}"), ("staleness", staleness_text(f["staleness"])),
+                     ("batch", f["batch_size"]), ("iterations", f["iterations"]), ("workers", f["workers"])))
+    parts.append(_kv(("min clock", f["min_clock"]), ("max clock", f["max_clock"]),
+                     ("progress", f"{100 * f['progress']:.0f}%"), ("age", fmt_age(f["age_seconds"])),
+                     ("test accuracy", fmt(f["test_accuracy"])), ("test loss", fmt(f["test_loss"]))))
+    if f["waiting_for"]:
+        parts.append(Text.assemble(("waiting: ", "bold yellow"), (f["waiting_for"], "yellow")))
+    if f["slowest"]:
+        parts.append(_kv(("slowest", ", ".join(f"rank {s['rank']} (clock {s['clock']}, {s['lag']} behind)"
+                                                for s in f["slowest"])),))
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for col in ("rank", "state", "inc", "clock", "lag", "heartbeat", "pushes", "skipped", "waiting", "name"):
+        table.add_column(col, justify="left" if col in ("state", "waiting", "name") else "right")
+    for w in worker_rows(run, now):
+        waiting = "-"
+        if w["waiting"]:
+            need = "all ranks done" if w["needs_min_clock"] == run.spec.iterations else (
+                "nothing (ASP)" if w["needs_min_clock"] is None else f"min clock ≥ {w['needs_min_clock']}")
+            waiting = f"pull {w['waiting_pull_clock']}: {need}"
+        table.add_row(str(w["rank"]), w["state"], str(w["incarnation"]), str(w["clock"]),
+                      "-" if w["lag"] is None else str(w["lag"]), fmt_age(w["heartbeat_seconds_ago"]),
+                      str(w["pushes"]), str(w["pulls_skipped"]),
+                      waiting, Text(w["worker_name"]))  # a worker's name is data, never markup
+    parts += [Text(""), table, Text("")]
+    parts.append(_kv(("pushes", f"{f['pushes_applied']} applied / {f['pushes_duplicate']} duplicate / "
+                                f"{f['pushes_rejected']} rejected"),
+                     ("pulls", f"{f['pulls_served']} served / {f['pulls_parked']} parked / "
+                               f"{f['pulls_skipped']} skipped")))
+    parts.append(_kv(("bytes", f"{f['bytes_pushed'] / 1e6:.1f} MB pushed / {f['bytes_pulled'] / 1e6:.1f} MB pulled"),
+                     ("staleness", f"mean {f['staleness_mean']:.2f} max {f['staleness_max']}"),
+                     ("updates", f["updates_applied"]), ("evictions", f["evictions"])))
+    if hist["train_loss"]:
+        last = [v for v in hist["last_train_loss"].values() if v is not None]
+        parts.append(_kv(("train loss (log)", sparkline(hist["train_loss"], log=True)),
+                         ("last", fmt(sum(last) / len(last)) if last else "-")))
+    if hist["eval"]:
+        evals = Table(title="evaluations (rank 0, test split)", title_justify="left", box=box.SIMPLE_HEAD,
+                      show_edge=False, pad_edge=False)
+        for col in ("clock", "test loss", "test accuracy", "train loss"):
+            evals.add_column(col, justify="right")
+        for e in hist["eval"]:
+            evals.add_row(str(e["clock"]), fmt(e["test_loss"]), fmt(e["test_accuracy"]), fmt(e["train_loss"]))
+        parts += [Text(""), evals]
+    if hist["events"]:
+        parts.append(Text("\nrecent events", style="bold"))
+        for e in hist["events"]:
+            when = fmt_age(now - e["time"]) + " ago" if e["time"] else ""
+            parts.append(Text.assemble(f"  {when:>10}  ", (f"{e['kind']:<10}", "cyan"), f" {e['message']}"))
+    return Group(*parts)
+
+
+# ---------------------------------------------------------------------------------------- progress
+def launch_progress(**kwargs: Any) -> Progress:
+    """Progress bar for ``launch --wait``: min clock/iterations, epoch, train loss, test accuracy, ETA.
+
+    Fits 80 columns; the elapsed time is in the summary line printed at the end."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(bar_width=None), MofNCompleteColumn(),
+        TextColumn("epoch {task.fields[epoch]}"), TextColumn("loss {task.fields[loss]}"),
+        TextColumn("test acc {task.fields[acc]}"), TextColumn("ETA"), TimeRemainingColumn(),
+        **kwargs,
+    )
+
+
+def progress_fields(run: pb.Run, metrics: pb.GetMetricsResponse | None, per_epoch: int | None) -> dict[str, Any]:
+    """Keyword arguments for ``Progress.update`` from a run snapshot (and recent metrics)."""
+    f, hist = run_facts(run), recent(metrics, evals=0, events=0)
+    losses = [v for v in hist["last_train_loss"].values() if v is not None]
+    loss = sum(losses) / len(losses) if losses else None
+    if loss is None and run.HasField("last_eval"):
+        loss = finite(run.last_eval.loss)
+    epoch = f"{f['min_clock'] / per_epoch:.1f}" if per_epoch else "-"
+    joined = sum(w.state != pb.WORKER_STATE_VACANT for w in run.workers)
+    state = f"pending: {joined}/{f['workers']} joined" if f["state"] == "pending" else f["state"]
+    return {
+        "completed": f["min_clock"], "total": f["iterations"] or None,
+        "description": state, "epoch": epoch, "loss": fmt(loss, 3),
+        "acc": fmt(f["test_accuracy"], 3),
+    }

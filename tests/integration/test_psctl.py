@@ -1,0 +1,263 @@
+"""psctl against a real server: every command, its JSON, its exit status, its error messages.
+
+The server runs on this test's event loop (the ``server`` fixture); psctl runs in-process through
+typer's CliRunner, in a thread (``asyncio.to_thread``) so that its own ``asyncio.run`` gets a loop
+of its own while the server keeps serving here. Runs train on real ``ps-worker`` subprocesses,
+tiny ones: softmax on digits, 2 workers, 30 iterations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner, Result
+
+from client.cli import app
+from ps_server.server import PsServer
+from worker.client import PsClient
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--model", "softmax", "--dataset", "digits", "--workers", "2", "--iterations", "30", "--eval-every", "10"]
+
+
+async def psctl(*args: str, env: dict[str, str | None] | None = None) -> Result:
+    """Invoke psctl in a worker thread; the server keeps running on this loop meanwhile."""
+    return await asyncio.to_thread(CliRunner().invoke, app, list(args), env=env)
+
+
+def ok(result: Result) -> Result:
+    assert result.exit_code == 0, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    return result
+
+
+@pytest.fixture
+def addr(server: PsServer) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+def start_workers(addr: str) -> Iterator[Callable[[int], list[subprocess.Popen[bytes]]]]:
+    """Start real ps-worker processes (``--once``) against the test server; killed at the end."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(n: int) -> list[subprocess.Popen[bytes]]:
+        new = [
+            subprocess.Popen(
+                [sys.executable, "-m", "worker.main", "--server", addr, "--once", "--log-level", "WARNING",
+                 "--join-wait-seconds", "1"],
+                cwd=ROOT, env={**__import__("os").environ, "OPENBLAS_NUM_THREADS": "1"},
+            )
+            for _ in range(n)
+        ]
+        procs.extend(new)
+        return new
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait(10)
+
+
+@pytest.fixture
+async def ps(addr: str) -> AsyncIterator[PsClient]:
+    async with PsClient(addr, timeout=10.0) as c:
+        yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_for(predicate: Callable[[], Any], timeout: float = 30.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await predicate():
+            await asyncio.sleep(0.05)
+
+
+# ------------------------------------------------------------------------------------------ errors
+@pytest.mark.parametrize("command", [["runs"], ["health"], ["status", "run-x"], ["launch", *TINY]])
+async def test_unreachable_server_names_the_address_and_how_to_start_one(command: list[str]) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    result = await psctl(*command, "--server", address, "--timeout", "3")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: cannot reach a paramserver at " + address)
+    assert "ps-server --port" in result.stderr and "psctl launch --local" in result.stderr
+    assert result.stdout == ""
+
+
+async def test_server_address_comes_from_the_environment(addr: str) -> None:
+    result = ok(await psctl("runs", "--json", env={"PSCTL_SERVER": addr}))
+    assert json.loads(result.stdout) == []
+    nowhere = f"127.0.0.1:{free_port()}"
+    result = await psctl("health", env={"PSCTL_SERVER": nowhere})
+    assert result.exit_code == 1 and nowhere in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--staleness", "banana"], "staleness 'banana': use 0 (BSP), a positive integer, or 'inf'"),
+        (["--staleness", "-3"], "staleness '-3'"),
+        (["--model", "mlp:abc"], "bad hidden sizes 'abc'"),
+        (["--model", "transformer"], "cannot parse model 'transformer'"),
+        (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (["--dataset", "npz:/nonexistent/x.npz"], "/nonexistent/x.npz"),
+        (["--optimizer", "rmsprop"], "choose sgd, momentum, nesterov, adam or adagrad"),
+        (["--slowdown", "1:3"], "--slowdown '1:3': use RANK=FACTOR"),
+        (["--slowdown", "5=2"], "rank 5 does not exist with 2 workers"),
+        (["--model", "linear"], "use softmax or mlp"),
+        (["--server", "localhost"], "--server 'localhost': use HOST:PORT"),
+        (["--aggregation", "max"], "--aggregation 'max': use mean or sum"),
+    ],
+)
+async def test_bad_launch_options_say_what_to_fix(addr: str, ps: PsClient, flags: list[str], expected: str) -> None:
+    result = await psctl("launch", "--server", addr, *TINY, *flags)
+    assert result.exit_code == 1, result.stdout
+    assert result.stderr.startswith("Error: ") and expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert await ps.list_runs() == []  # nothing was created
+
+
+async def test_unknown_run_lists_the_runs_that_exist(addr: str, tmp_path: Path) -> None:
+    run_id = json.loads(ok(await psctl("launch", "--server", addr, *TINY, "--json")).stdout)["run_id"]
+    for command in (["status"], ["watch"], ["stop"], ["metrics"], ["export", "-o", str(tmp_path / "p.npz")],
+                    ["plot", "-o", str(tmp_path / "p.png")]):
+        result = await psctl(*command, "run-nope", "--server", addr)
+        assert result.exit_code == 1, command
+        assert "Error: NOT_FOUND: no run 'run-nope'" in result.stderr and run_id in result.stderr, result.stderr
+    assert not (tmp_path / "p.npz").exists() and not (tmp_path / "p.png").exists()
+
+
+# ------------------------------------------------------------------------------------------ commands
+async def test_health(addr: str, server: PsServer) -> None:
+    assert ok(await psctl("health", "--server", addr)).stdout == "SERVING\n"
+    doc = json.loads(ok(await psctl("health", "--server", addr, "--json")).stdout)
+    assert doc["status"] == "SERVING" and doc["server"] == addr
+    await server.health.enter_graceful_shutdown()  # what SIGTERM does first
+    result = await psctl("health", "--server", addr)
+    assert result.exit_code == 1 and result.stdout == "NOT_SERVING\n"
+
+
+async def test_launch_watch_status_export_plot_metrics(addr: str, ps: PsClient, start_workers: Any,
+                                                        tmp_path: Path) -> None:
+    launched = ok(await psctl("launch", "--server", addr, *TINY, "--name", "lifecycle", "--json"))
+    run_id = json.loads(launched.stdout)["run_id"]
+    human = ok(await psctl("launch", "--server", addr, *TINY, "--name", "[bold]second"))
+    second = human.stdout.strip()
+    assert second.startswith("run-") and "\n" not in second
+
+    listed = json.loads(ok(await psctl("runs", "--server", addr, "--json")).stdout)
+    assert [r["run_id"] for r in listed] == [second, run_id]  # newest first
+    assert listed[1]["state"] == "pending" and listed[1]["name"] == "lifecycle" and listed[1]["iterations"] == 30
+
+    pending = json.loads(ok(await psctl("status", run_id, "--server", addr, "--json")).stdout)
+    assert pending["summary"]["waiting_for"].startswith("waiting for 2 of 2 ranks to join")
+    assert pending["run"]["run_id"] == run_id and pending["run"]["spec"]["num_workers"] == 2
+    assert [w["state"] for w in pending["workers"]] == ["vacant", "vacant"]
+    view = ok(await psctl("status", run_id, "--server", addr)).stdout
+    assert "PENDING" in view and "waiting for 2 of 2 ranks to join" in view and "staleness 2 (SSP)" in view
+
+    assert "[bold]second" in ok(await psctl("status", second, "--server", addr)).stdout  # data, not markup
+    ok(await psctl("stop", second, "--server", addr, "--reason", "only one at a time"))
+    start_workers(2)
+    watched = await psctl("watch", run_id, "--server", addr, "--json")
+    assert watched.exit_code == 0, watched.stderr
+    lines = [json.loads(line) for line in watched.stdout.splitlines()]
+    assert len(lines) >= 2 and lines[-1]["summary"]["state"] == "completed"
+    clocks = [line["summary"]["min_clock"] for line in lines]
+    assert clocks == sorted(clocks) and clocks[-1] == 30
+    kinds = {e["kind"] for line in lines for e in line["events"]}
+    assert {"started", "completed"} <= kinds, kinds
+
+    done = json.loads(ok(await psctl("status", run_id, "--server", addr, "--json")).stdout)
+    summary = done["summary"]
+    assert summary["state"] == "completed" and summary["pushes_applied"] == 60 and summary["min_clock"] == 30
+    assert summary["test_accuracy"] > 0.7 and summary["test_loss"] > 0
+    assert done["eval"][-1]["clock"] == 30 and done["last_train_loss"]
+    assert [w["state"] for w in done["workers"]] == ["done", "done"] and done["workers"][0]["pushes"] == 30
+    view = ok(await psctl("status", run_id, "--server", addr)).stdout
+    assert "COMPLETED" in view and "60 applied" in view and "recent events" in view and "test accuracy" in view
+
+    table = ok(await psctl("runs", "--server", addr)).stdout
+    assert run_id in table and "COMPLETED" in table and "STOPPED" in table and "30/30" in table
+
+    export = json.loads(ok(await psctl("export", run_id, "--server", addr, "-o", str(tmp_path / "p.npz"),
+                                       "--json")).stdout)
+    with np.load(tmp_path / "p.npz") as saved:
+        assert sorted(saved.files) == sorted(export["tensors"]) and len(saved.files) == export["tensor_count"]
+        assert sum(saved[n].size for n in saved.files) == export["params"] == 64 * 10 + 10
+        assert all(np.isfinite(saved[n]).all() for n in saved.files)
+    pulled = (await ps.pull(run_id)).tensors
+    with np.load(tmp_path / "p.npz") as saved:
+        for name, value in pulled.items():
+            np.testing.assert_array_equal(saved[name], value)
+    assert "2 tensors, 650 parameters" in ok(await psctl("export", run_id, "--server", addr, "-o",
+                                                        str(tmp_path / "q.npz"))).stdout
+
+    plotted = json.loads(ok(await psctl("plot", run_id, "--server", addr, "-o", str(tmp_path / "c.png"),
+                                        "--json")).stdout)
+    assert plotted["eval_points"] >= 3 and (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    metrics = json.loads(ok(await psctl("metrics", run_id, "--server", addr, "--json")).stdout)
+    assert any(p["eval"] for p in metrics["points"]) and {p["rank"] for p in metrics["points"]} == {0, 1}
+    assert "evaluations" in ok(await psctl("metrics", run_id, "--server", addr)).stdout
+
+    again = await psctl("watch", run_id, "--server", addr)  # a finished run: one snapshot, its exit status
+    assert again.exit_code == 0 and "COMPLETED" in again.stdout
+    assert (await psctl("watch", second, "--server", addr, "--json")).exit_code == 2
+
+
+async def test_launch_wait_json_reports_the_final_result(addr: str, start_workers: Any) -> None:
+    start_workers(2)
+    result = ok(await psctl("launch", "--server", addr, *TINY, "--wait", "--json"))
+    doc = json.loads(result.stdout)  # exactly one JSON object, nothing else on stdout
+    assert doc["state"] == "completed" and doc["iterations"] == 30 and doc["workers"] == 2
+    assert 0.7 < doc["test_accuracy"] <= 1.0 and doc["test_loss"] > 0 and doc["eval_clock"] == 30
+    assert doc["pushes_applied"] == 60 and doc["pushes_duplicate"] == 0
+    assert doc["pulls_served"] + doc["pulls_skipped"] >= 60 and doc["wall_seconds"] > 0
+    assert 0 <= doc["staleness_mean"] <= doc["staleness_max"] <= 2
+
+
+async def test_launch_wait_human_prints_a_summary(addr: str, start_workers: Any) -> None:
+    start_workers(2)
+    result = ok(await psctl("launch", "--server", addr, *TINY, "--wait", "--staleness", "bsp"))
+    last = result.stdout.strip().splitlines()[-1]
+    assert " completed in " in last and "test accuracy 0." in last and "(60 pushes, 0 duplicates)" in last
+    assert "staleness 0 (BSP)" in result.stderr  # the headline, next to the progress bar
+
+
+async def test_launch_wait_exits_2_when_the_run_is_stopped(addr: str, ps: PsClient) -> None:
+    waiting = asyncio.ensure_future(psctl("launch", "--server", addr, *TINY, "--wait", "--json"))
+
+    async def created() -> bool:
+        return bool(await ps.list_runs())
+
+    await wait_for(created)
+    (run,) = await ps.list_runs()
+    stopped = ok(await psctl("stop", run.run_id, "--server", addr, "--reason", "test says so", "--json"))
+    assert json.loads(stopped.stdout) == {"run_id": run.run_id, "state": "stopped", "message": "test says so"}
+    result = await waiting
+    assert result.exit_code == 2, result.stderr
+    assert json.loads(result.stdout)["state"] == "stopped"
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+async def test_launch_wait_exits_1_when_the_run_fails(addr: str, start_workers: Any) -> None:
+    start_workers(2)
+    result = await psctl("launch", "--server", addr, "--model", "linear", "--dataset", "synthetic-regression",
+                         "--workers", "2", "--iterations", "30", "--lr", "1e20", "--wait")
+    assert result.exit_code == 1, result.stdout
+    assert " failed in " in result.stdout and "lower the learning rate" in result.stdout

@@ -1,0 +1,141 @@
+"""``psctl launch --local``: a real server and real workers as processes, and none left behind.
+
+Each psctl gets a unique environment marker that its children inherit; after psctl exits (on
+success, on failure, on SIGINT, on SIGTERM) no process whose environment holds the marker may
+survive. Processes are found through /proc/*/environ (Linux; psutil is not a dependency).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.skipif(not Path("/proc/self/environ").exists(),
+                                                           reason="needs Linux /proc")]
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["--model", "softmax", "--dataset", "digits", "--workers", "2", "--iterations", "30"]
+
+
+def marked(marker: str) -> list[int]:
+    """Pids of live processes whose environment contains ``PSCTL_TEST_MARKER=<marker>``."""
+    needle = f"PSCTL_TEST_MARKER={marker}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in env.split(b"\0") and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def start_psctl(tmp: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
+    """psctl launch --local with a fresh marker; its temp dirs (the cluster log) go under ``tmp``."""
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "client.cli", "launch", "--local", *args], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PSCTL_TEST_MARKER": marker, "TMPDIR": str(tmp)},
+    )
+    return proc, marker
+
+
+def assert_nothing_left(marker: str, tmp: Path, logs: int = 0) -> None:
+    deadline = time.monotonic() + 2.0  # children are reaped before psctl exits; allow /proc a moment
+    while (left := marked(marker)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f"stray processes survived psctl: {left}"
+    assert len(list(tmp.glob("psctl-local-*"))) == logs, "log directories left behind"
+
+
+def test_local_launch_trains_and_leaves_no_process(tmp_path: Path) -> None:
+    proc, marker = start_psctl(tmp_path, *TINY, "--json")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    doc = json.loads(out)
+    assert doc["state"] == "completed" and doc["workers"] == 2 and doc["iterations"] == 30
+    assert 0.7 < doc["test_accuracy"] <= 1.0 and doc["test_loss"] > 0 and doc["pushes_applied"] == 60
+    assert "log" not in doc  # a clean run removes its log directory
+    assert_nothing_left(marker, tmp_path)
+
+
+def test_local_launch_human_summary(tmp_path: Path) -> None:
+    proc, marker = start_psctl(tmp_path, *TINY, "--staleness", "inf")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert " completed in " in out and "test accuracy 0." in out and "(60 pushes, 0 duplicates)" in out
+    assert "staleness inf (ASP)" in err and "on a local ps-server (127.0.0.1:" in err
+    assert_nothing_left(marker, tmp_path)
+
+
+def test_failed_run_exits_1_keeps_the_log_and_leaves_no_process(tmp_path: Path) -> None:
+    proc, marker = start_psctl(tmp_path, "--model", "linear", "--dataset", "synthetic-regression", "--workers", "2",
+                               "--iterations", "30", "--lr", "1e20", "--json")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    doc = json.loads(out)
+    assert doc["state"] == "failed" and "lower the learning rate" in doc["message"]
+    log = Path(doc["log"])
+    assert log.parent.parent == tmp_path and "training failed: the training loss became nan" in log.read_text()
+    assert f"log: {log}" not in err  # JSON mode: the path is in the JSON, stderr stays quiet
+    assert_nothing_left(marker, tmp_path, logs=1)
+
+
+def test_unloadable_dataset_after_the_server_started_leaves_no_process(tmp_path: Path) -> None:
+    """The server boots while the spec is built; a dataset that cannot be read must tear it down."""
+    proc, marker = start_psctl(tmp_path, *TINY[:2], "--dataset", "npz:/nonexistent/data.npz", "--workers", "2")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and out == ""
+    assert err.startswith("Error: ") and "/nonexistent/data.npz" in err and "Traceback" not in err
+    assert_nothing_left(marker, tmp_path)
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)])
+def test_interrupt_mid_run_leaves_no_process(sig: signal.Signals, code: int, tmp_path: Path) -> None:
+    proc, marker = start_psctl(tmp_path, "--model", "mlp:64", "--dataset", "digits", "--workers", "2",
+                               "--iterations", "100000", "--json")
+    deadline = time.monotonic() + 60
+    while len(marked(marker)) < 4 and time.monotonic() < deadline:  # psctl + server + 2 workers
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    assert len(marked(marker)) == 4
+    time.sleep(1.5)  # let training start
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err
+    assert out == ""
+    if sig == signal.SIGINT:
+        assert err.strip().endswith("Error: interrupted: stopped the local cluster"), err
+    assert_nothing_left(marker, tmp_path)
+
+
+def test_server_death_mid_run_is_reported_and_cleaned_up(tmp_path: Path) -> None:
+    proc, marker = start_psctl(tmp_path, "--model", "mlp:64", "--dataset", "digits", "--workers", "2",
+                               "--iterations", "100000", "--json")
+    deadline = time.monotonic() + 60
+    while len(marked(marker)) < 4 and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(1.0)
+    (server,) = [pid for pid in marked(marker) if b"ps_server.server" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    os.kill(server, signal.SIGKILL)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and out == ""
+    # Normally the exit is seen first; on a very loaded machine the broken connection may win.
+    assert err.startswith(("Error: the local ps-server was killed by SIGKILL; log: ",
+                           "Error: lost the local ps-server at 127.0.0.1:")), err
+    assert "/cluster.log" in err
+    assert_nothing_left(marker, tmp_path, logs=1)
