@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test lint proto bench clean
+.PHONY: demo test test-node docker-test lint proto bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/psctl launch --local --workers 4 --model mlp:64 --dataset digits --staleness 2
 
-test: $(STAMP)
+test: $(STAMP) test-node
 	$(BIN)/pytest
+
+test-node:
+	cd worker/node && npm ci --no-audit --no-fund --silent && npm test
+
+docker-test: $(STAMP)
+	bash deploy/ci-docker.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -30,6 +36,7 @@ proto: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/straggler.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

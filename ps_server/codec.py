@@ -1,7 +1,7 @@
 """Conversions between the wire (paramserver.v1 protobuf) and the core, as pure functions.
 
-Also the one table that maps domain errors to gRPC status codes. Tensors: ``encode_tensors``
-splits arrays into ~chunk_bytes messages (small tensors share one message); ``TensorAssembler``
+Also the one table that maps domain errors to gRPC status codes. Tensors:
+``paramserver.v1.tensors.chunk_messages`` splits arrays into ~chunk_bytes messages; ``TensorAssembler``
 puts chunks back together, zero-copy when a tensor arrives in one chunk. Each protobuf ``bytes``
 field is read once: every access copies it.
 """
@@ -16,7 +16,7 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from paramserver.v1 import paramserver_pb2 as pb
-from paramserver.v1.tensors import F32, encode_tensors
+from paramserver.v1.tensors import F32
 
 from . import errors
 from .run import ClockRecord
@@ -26,7 +26,6 @@ from .status import MetricPoint, RunEvent, RunState, RunStatus, WorkerState
 __all__ = [
     "STATUS_CODES",
     "TensorAssembler",
-    "encode_tensors",
     "point_from_proto",
     "point_to_proto",
     "record_to_proto",
@@ -86,6 +85,7 @@ class TensorAssembler:
                 raise errors.InvalidArgument(f"tensor {name!r}: chunk of {len(data)} bytes is not a whole number of float32")
             self.nbytes += len(data)
             if self.nbytes > self.max_bytes:
+                self._arrays.clear()  # drop what was buffered: the rest of the push is only counted
                 raise errors.ResourceExhausted(
                     f"push carries more than {self.max_bytes} bytes, more than this run's gradient can be"
                 )

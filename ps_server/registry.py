@@ -16,6 +16,7 @@ from .gate import Gate
 from .run import Run
 from .spec import RunSpec, validate_spec
 from .status import Assignment
+from .store import ParamStore
 
 __all__ = ["RunRegistry"]
 
@@ -36,7 +37,8 @@ class RunRegistry:
         self._runs: dict[str, Run] = {}
         self._now = now
 
-    def create(self, spec: RunSpec) -> Run:
+    def check(self, spec: RunSpec) -> None:
+        """Raise InvalidArgument / ResourceExhausted unless this server can run ``spec``."""
         validate_spec(spec)
         nbytes = 4 * spec.num_params
         if nbytes > self.max_param_bytes:
@@ -44,8 +46,12 @@ class RunRegistry:
                 f"the run's parameters take {nbytes} bytes, over this server's limit of "
                 f"{self.max_param_bytes} (PS_MAX_PARAM_BYTES)"
             )
+
+    def create(self, spec: RunSpec, store: ParamStore | None = None) -> Run:
+        """A new run; ``store``: its initial parameters if already built (see ``check``)."""
+        self.check(spec)
         run_id = f"run-{uuid.uuid4().hex[:8]}"
-        return self.add(Run(run_id, spec, now=self._now))
+        return self.add(Run(run_id, spec, now=self._now, store=store))
 
     def add(self, run: Run) -> Run:
         """Register a run (new, or restored from a checkpoint)."""

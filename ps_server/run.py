@@ -98,7 +98,9 @@ class Run:
         *,
         now: Callable[[], float] = time.monotonic,
         history: int = 20_000,
+        store: ParamStore | None = None,
     ) -> None:
+        """``store``: the initial parameters, when built beforehand (off the event loop)."""
         self.run_id = run_id
         self.spec = spec
         self.state = RunState.PENDING
@@ -106,7 +108,7 @@ class Run:
         self.created = time.time()
         self.started: float | None = None
         self.finished: float | None = None
-        self.store = ParamStore(spec.params, spec.seed)
+        self.store = store or ParamStore(spec.params, spec.seed)
         self.optimizer = make_optimizer(spec.optimizer, spec.params)
         self.counters = Counters()
         self.gate = Gate()
@@ -341,7 +343,7 @@ class Run:
             lag = max(0, clock - self.min_clock)
             self.counters.staleness_sum += lag
             self.counters.staleness_max = max(self.counters.staleness_max, lag)
-        self.counters.pulls_served += 1
+            self.counters.pulls_served += 1  # observers' reads are not the workers' pulls
         self.counters.bytes_pulled += sum(t.nbytes for t in tensors.values())
         return ParamsRead(guaranteed, self.counters.updates_applied, tensors, self.state)
 

@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from paramserver.runtime import tune_malloc
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 
@@ -79,8 +80,15 @@ class PsServer:
 
 async def _sweep_leases(registry: RunRegistry, config: ServerConfig) -> None:
     period = min(1.0, config.lease_seconds / 4)
+    loop = asyncio.get_running_loop()
     while True:
+        before = loop.time()
         await asyncio.sleep(period)
+        if loop.time() - before > period + 0.5 * config.lease_seconds:
+            # The event loop itself was stalled: heartbeats are queued, not missing. Let them in
+            # before judging anyone.
+            log.warning("event loop stalled for %.1fs; lease checks postponed", loop.time() - before - period)
+            continue
         for run_id, rank in registry.expire_leases(config.lease_seconds):
             log.warning("evicted rank %d: lease expired", rank, extra={"run": run_id, "rank": rank})
 
@@ -162,6 +170,7 @@ async def serve(config: ServerConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    tune_malloc()
     config = parse_config(sys.argv[1:] if argv is None else argv)
     setup_logging(config)
     try:

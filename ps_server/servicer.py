@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from functools import partial
 from typing import NoReturn, TypeVar
 
@@ -17,6 +17,7 @@ import grpc
 
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
+from paramserver.v1.tensors import chunk_messages, with_last
 
 from . import codec
 from .checkpointer import Checkpointer
@@ -25,6 +26,7 @@ from .errors import FailedPrecondition, InvalidArgument, PsError, WaitTimeout
 from .registry import RunRegistry
 from .run import Run
 from .status import Assignment
+from .store import ParamStore
 
 __all__ = ["ParameterServicer", "RunServicer", "WorkerServicer"]
 
@@ -44,15 +46,6 @@ def _wait_limit(config: ServerConfig, requested: float, context: grpc.aio.Servic
     return limit if remaining is None else max(0.0, min(limit, remaining))
 
 
-def _with_last(items: Iterator[T]) -> Iterator[tuple[T, bool]]:
-    """Pairs (item, is_last)."""
-    prev = next(items, None)
-    while prev is not None:
-        nxt = next(items, None)
-        yield prev, nxt is None
-        prev = nxt
-
-
 def _changed_since(run: Run, changes: int) -> bool:
     return run.changes != changes
 
@@ -68,29 +61,47 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
         assembler: codec.TensorAssembler | None = None
         key: tuple[str, int, int, int] | None = None
         run: Run | None = None
+        # A bad push is answered once its last request is in: aborting while the client is still
+        # writing makes it see INTERNAL instead of the real status. Until then the rest of the push
+        # is read and dropped (bounded, in case its end never comes).
+        failed: PsError | None = None
+        drained = 0
         async for req in request_iterator:
+            this = (req.run_id, req.rank, req.incarnation, req.clock)
             try:
-                if assembler is None:
-                    run = self._registry.get(req.run_id)
-                    assembler = codec.TensorAssembler(max_bytes=2 * run.store.nbytes + (1 << 20))
-                    key = (req.run_id, req.rank, req.incarnation, req.clock)
-                assert run is not None
+                if failed is None:
+                    try:
+                        if assembler is None:  # a new push on this stream
+                            run = None
+                            run = self._registry.get(req.run_id)
+                            assembler = codec.TensorAssembler(max_bytes=2 * run.store.nbytes + (1 << 20))
+                            key = this
+                        elif key != this:
+                            raise InvalidArgument(f"push {key} was not finished (final unset) when a "
+                                                  f"request for {this} arrived")
+                        assembler.add(req.tensors)
+                    except PsError as exc:
+                        failed = exc
+                else:
+                    drained += req.ByteSize()
+                    limit = max(assembler.max_bytes if assembler else 0, 2 * self._config.max_message_bytes)
+                    if drained > limit:
+                        raise failed
+                if not req.final:
+                    continue
+                if failed is not None:
+                    raise failed
+                assert assembler is not None and run is not None
                 try:
-                    if key != (req.run_id, req.rank, req.incarnation, req.clock):
-                        raise InvalidArgument(
-                            f"push {key} was not finished (final unset) when a request for "
-                            f"{(req.run_id, req.rank, req.incarnation, req.clock)} arrived"
-                        )
-                    assembler.add(req.tensors)
-                    if not req.final:
-                        continue
                     grads = assembler.finish()
-                except PsError:
-                    run.counters.pushes_rejected += 1
+                except PsError as exc:
+                    failed = exc
                     raise
                 result = run.push(req.rank, req.incarnation, req.clock, grads, assembler.nbytes, req.loss)
                 assembler = None
             except PsError as exc:
+                if exc is failed and run is not None:
+                    run.counters.pushes_rejected += 1
                 log.info("push rejected: %s", exc, extra={"run": req.run_id, "rank": req.rank, "clock": req.clock})
                 await _abort(context, exc)
             yield pb.PushGradientResponse(
@@ -99,9 +110,10 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
                 min_clock=result.min_clock,
                 run_state=codec.run_state_to_proto(result.run_state),
             )
-        if assembler is not None and run is not None:
-            run.counters.pushes_rejected += 1
-            await _abort(context, InvalidArgument(f"the stream ended inside push {key} (final never set)"))
+        if failed is not None or assembler is not None:
+            if run is not None:
+                run.counters.pushes_rejected += 1
+            await _abort(context, failed or InvalidArgument(f"the stream ended inside push {key} (final never set)"))
 
     async def PullParams(
         self, request_iterator: AsyncIterator[pb.PullParamsRequest], context: grpc.aio.ServicerContext
@@ -121,11 +133,11 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
             # Chunks are encoded lazily, between sends: a model of hundreds of MB is never copied
             # whole. A multi-message read can therefore include updates applied while it streams
             # ("maybe newer ones too"); it always includes every update it guarantees.
-            for chunks, last in _with_last(codec.encode_tensors(read.tensors, self._config.chunk_bytes)):
-                yield pb.PullParamsResponse(
-                    guaranteed_clock=read.guaranteed_clock, version=read.version,
-                    tensors=chunks, final=last, run_state=state,
-                )
+            messages = chunk_messages(read.tensors, self._config.chunk_bytes, partial(
+                pb.PullParamsResponse, guaranteed_clock=read.guaranteed_clock, version=read.version, run_state=state))
+            for msg, last in with_last(messages):
+                msg.final = last
+                yield msg
 
     async def _wait(self, run: Run, req: pb.PullParamsRequest, context: grpc.aio.ServicerContext) -> None:
         rank, inc, clock = req.rank, req.incarnation, req.clock
@@ -164,7 +176,11 @@ class RunServicer(pb_grpc.RunServiceServicer):
 
     async def CreateRun(self, request: pb.CreateRunRequest, context: grpc.aio.ServicerContext) -> pb.CreateRunResponse:
         try:
-            run = self._registry.create(codec.spec_from_proto(request.spec))
+            spec = codec.spec_from_proto(request.spec)
+            self._registry.check(spec)
+            # Drawing hundreds of MB of initial values takes seconds: not on the event loop.
+            store = await asyncio.to_thread(ParamStore, spec.params, spec.seed)
+            run = self._registry.create(spec, store)
         except PsError as exc:
             await _abort(context, exc)
         log.info("created %s: %s", run.run_id, run.spec.name or "(unnamed)", extra={"run": run.run_id})

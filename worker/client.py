@@ -11,8 +11,7 @@ Errors come back as ``PsClientError`` with the gRPC status code and the server's
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -24,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
-from paramserver.v1.tensors import F32, encode_tensors
+from paramserver.v1.tensors import F32, chunk_messages, with_last
 
 __all__ = ["PsClient", "PsClientError", "PullResult", "Security", "channel_options", "read_token"]
 
@@ -121,7 +120,7 @@ class _Stream:
         self._call: Any = None
         self._lock = asyncio.Lock()
 
-    async def exchange(self, requests: Sequence[Any], timeout: float, *, until_final: bool) -> list[Any]:
+    async def exchange(self, requests: Iterable[Any], timeout: float, *, until_final: bool) -> list[Any]:
         """Write ``requests``, read one response (or until one has ``final`` set); bounded by timeout."""
         async with self._lock:
             if self._call is None:
@@ -130,7 +129,12 @@ class _Stream:
             try:
                 async with asyncio.timeout(timeout):
                     for req in requests:
-                        await call.write(req)
+                        try:
+                            await call.write(req)
+                        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                            # The server ended the call (an error answer, or it is gone) while we
+                            # were still writing: its status is what the next read raises.
+                            break
                     out = []
                     while True:
                         resp = await call.read()
@@ -141,20 +145,13 @@ class _Stream:
                             return out
             except grpc.aio.AioRpcError as exc:
                 self._call = None
-                code, details = exc.code(), exc.details() or ""
-                if code == grpc.StatusCode.INTERNAL:
-                    # A write racing the server's abort can surface as INTERNAL before the status
-                    # arrives: the call's final status is the server's real answer.
-                    with contextlib.suppress(Exception):
-                        async with asyncio.timeout(1.0):
-                            code, details = await call.code(), await call.details()
-                raise PsClientError(code, details, self._method) from None
+                raise PsClientError.from_rpc(exc, self._method) from None
             except TimeoutError:
                 self.close()
                 raise PsClientError(
                     grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:.1f}s", self._method
                 ) from None
-            except asyncio.InvalidStateError:  # the stream ended (server gone) before this write
+            except asyncio.InvalidStateError:  # read on a call that already ended
                 self.close()
                 raise PsClientError(grpc.StatusCode.UNAVAILABLE, "the stream was closed", self._method) from None
             except BaseException:
@@ -305,15 +302,14 @@ class PsClient:
         timeout: float | None = None,
     ) -> pb.PushGradientResponse:
         """Push the gradient of iteration ``clock``; safe to retry with the same arguments."""
-        batches = list(encode_tensors(grads, self.chunk_bytes)) or [[]]
-        requests = [
-            pb.PushGradientRequest(
-                run_id=run_id, rank=rank, incarnation=incarnation, clock=clock, tensors=chunks,
-                final=i == len(batches) - 1, loss=loss,
-            )
-            for i, chunks in enumerate(batches)
-        ]
-        (resp,) = await self._push.exchange(requests, timeout or self.timeout, until_final=False)
+        def requests() -> Iterator[pb.PushGradientRequest]:
+            new = partial(pb.PushGradientRequest, run_id=run_id, rank=rank, incarnation=incarnation, clock=clock,
+                          loss=loss)
+            for msg, last in with_last(chunk_messages(grads, self.chunk_bytes, new)):
+                msg.final = last
+                yield msg
+
+        (resp,) = await self._push.exchange(requests(), timeout or self.timeout, until_final=False)
         return resp
 
     async def pull(

@@ -58,7 +58,7 @@ def export(spec: Mapping[str, Any], out: str | os.PathLike[str]) -> Path:
     spec_json = json.dumps(canon, sort_keys=True)
     key = data_key(spec_json)
     given_json = json.dumps(dict(spec), sort_keys=True)
-    aliases = [] if given_json == spec_json else [{"key": data_key(given_json), "spec": dict(spec)}]
+    aliases: list[dict[str, Any]] = [] if given_json == spec_json else [{"key": data_key(given_json), "spec": dict(spec)}]
     data = load_dataset(canon)
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,7 @@ def export(spec: Mapping[str, Any], out: str | os.PathLike[str]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for alias in aliases:
-        link = root / alias["key"]
+        link = root / str(alias["key"])
         if link.is_symlink() or link.exists():
             if link.is_symlink() or link.is_file():
                 link.unlink()

@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from paramserver.runtime import tune_malloc
 from paramserver.v1 import paramserver_pb2 as pb
 
 from .client import PsClient, PsClientError
@@ -102,6 +103,7 @@ async def _main(config: WorkerConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    tune_malloc()
     config = parse_config(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)-7s [{config.display_name}] %(message)s")

@@ -172,17 +172,19 @@ class _Trainer:
         params: dict[str, np.ndarray] = {}
         guaranteed = -1
         iterations = self.spec.iterations
-        while self.clock < iterations:
+        while True:
             try:
-                guaranteed = await self.step(params, guaranteed)
-            except _Rewind as rewind:
+                while self.clock < iterations:
+                    guaranteed = await self.step(params, guaranteed)
+                if self.a.rank == 0:
+                    await self.pull(iterations, params)
+                    self.evaluate(params, iterations)
+                await self.report()
+                return
+            except _Rewind as rewind:  # also while waiting for the final parameters
                 self.clock = rewind.clock
                 guaranteed = -1
                 self.stats.rewinds += 1
-        if self.a.rank == 0:
-            await self.pull(iterations, params)
-            self.evaluate(params, iterations)
-        await self.report()
 
     async def step(self, params: dict[str, np.ndarray], guaranteed: int) -> int:
         """One iteration at self.clock; returns the guaranteed clock of the parameters it used."""

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import make_spec, with_config
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import make_spec, with_config
 from ps_server.config import ServerConfig
 from ps_server.security import ConfigError
 from ps_server.server import start_server
@@ -40,7 +40,7 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 
 def _cert(subject: str, key, issuer_name: str, issuer_key, *, ca: bool, san: bool = False) -> x509.Certificate:  # type: ignore[no-untyped-def]
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     b = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from paramserver.v1 import paramserver_pb2 as pb
-from paramserver.v1.tensors import encode_tensors
+from paramserver.v1.tensors import chunk_messages
 from ps_server import codec, errors
 from ps_server.codec import TensorAssembler, spec_from_proto, spec_to_proto, status_code
 from ps_server.errors import InvalidArgument, ResourceExhausted
@@ -274,11 +274,12 @@ def test_assembler_unrepresentable_shape_is_invalid_argument(shape: tuple[int, .
     assert status_code(e.value) in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
-# ------------------------------------------------------------------------------ encode_tensors round trip
+# ------------------------------------------------------------------------------ chunk_messages round trip
 def _roundtrip(tensors: dict[str, np.ndarray], chunk_bytes: int) -> tuple[dict[str, np.ndarray], int]:
     a = TensorAssembler(max_bytes=1 << 30)
     messages = 0
-    for batch in encode_tensors(tensors, chunk_bytes):
+    for msg in chunk_messages(tensors, chunk_bytes, pb.PushGradientRequest):
+        batch = list(msg.tensors)
         messages += 1
         # A message's payload stays near chunk_bytes (at most one chunk past it).
         assert sum(len(c.data) for c in batch) < chunk_bytes + max(4, chunk_bytes) + 4

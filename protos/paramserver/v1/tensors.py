@@ -7,34 +7,56 @@ tensors share one message. The contract itself is in ``paramserver.proto``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from . import paramserver_pb2 as pb
 
-__all__ = ["F32", "encode_tensors"]
+__all__ = ["F32", "chunk_messages", "with_last"]
 
 F32 = np.dtype("<f4")
+T = TypeVar("T")
 
 
-def encode_tensors(tensors: Mapping[str, np.ndarray], chunk_bytes: int) -> Iterator[list[pb.TensorChunk]]:
-    """Yield lists of chunks, each list about ``chunk_bytes`` of payload (one message's worth)."""
+class _HasTensors(Protocol):
+    @property
+    def tensors(self) -> Any: ...
+
+
+M = TypeVar("M", bound=_HasTensors)
+
+
+def chunk_messages(tensors: Mapping[str, np.ndarray], chunk_bytes: int, new_message: Callable[[], M]) -> Iterator[M]:
+    """Yield messages from ``new_message()`` whose ``tensors`` carry about ``chunk_bytes`` each.
+
+    Chunks are added in place (``tensors.add``): building a message from a list of chunks would
+    copy every chunk's bytes once more. Messages are made lazily, so sending overlaps encoding.
+    Always yields at least one message.
+    """
     per_chunk = max(1, chunk_bytes // 4)
-    batch: list[pb.TensorChunk] = []
-    size = 0
+    msg, size, sent = new_message(), 0, False
     for name, arr in tensors.items():
         flat = arr.reshape(-1)
         if flat.dtype != F32:
             flat = flat.astype(F32)
+        shape = arr.shape
         for lo in range(0, max(flat.size, 1), per_chunk):
             part = flat[lo : lo + per_chunk]
-            batch.append(
-                pb.TensorChunk(name=name, shape=arr.shape, dtype=pb.DATA_TYPE_FLOAT32, offset=lo, data=part.tobytes())
-            )
+            msg.tensors.add(name=name, shape=shape, dtype=pb.DATA_TYPE_FLOAT32, offset=lo, data=part.tobytes())
             size += part.nbytes
             if size >= chunk_bytes:
-                yield batch
-                batch, size = [], 0
-    if batch:
-        yield batch
+                yield msg
+                msg, size, sent = new_message(), 0, True
+    if size or not sent:
+        yield msg
+
+
+def with_last(items: Iterator[T]) -> Iterator[tuple[T, bool]]:
+    """Pairs (item, is_last), looking one item ahead."""
+    prev = next(items, None)
+    while prev is not None:
+        nxt = next(items, None)
+        yield prev, nxt is None
+        prev = nxt

@@ -68,8 +68,12 @@ class BidiStream {
 
   _start() {
     const call = this.open();
-    const st = { call, queue: [], waiter: null, done: null };
+    const st = { call, queue: [], waiter: null, done: null, drains: new Set() };
     const settle = () => {
+      if (st.done) {
+        for (const reject of st.drains) reject(st.done);
+        st.drains.clear();
+      }
       if (!st.waiter) return;
       const w = st.waiter;
       if (st.queue.length) {
@@ -107,7 +111,12 @@ class BidiStream {
         resolve();
         return;
       }
-      call.once('drain', resolve);
+      // Back-pressure: wait for 'drain', or fail as soon as the call ends.
+      st.drains.add(reject);
+      call.once('drain', () => {
+        st.drains.delete(reject);
+        resolve();
+      });
     });
     return st;
   }
@@ -164,27 +173,39 @@ class BidiStream {
 }
 
 class PsClient {
-  /** `new PsClient("host:port", {timeout, chunkBytes, maxMessageBytes})`; every method has a deadline. */
-  constructor(address, { timeout = 30, chunkBytes = 1 << 20, maxMessageBytes = 64 << 20 } = {}) {
+  /**
+   * `new PsClient("host:port", {timeout, chunkBytes, maxMessageBytes, security})`; every method has
+   * a deadline. `security` = {tls, ca, cert, key, token, serverName} (see config.js securityOf):
+   * TLS when `tls`, and `authorization: Bearer <token>` metadata on every call when `token`.
+   */
+  constructor(address, { timeout = 30, chunkBytes = 1 << 20, maxMessageBytes = 64 << 20, security = {} } = {}) {
     this.address = address;
     this.timeout = timeout;
     this.chunkBytes = chunkBytes;
-    const creds = grpc.credentials.createInsecure();
+    const creds = security.tls
+      ? grpc.credentials.createSsl(security.ca || null, security.key || null, security.cert || null)
+      : grpc.credentials.createInsecure();
     const opts = channelOptions(maxMessageBytes);
+    if (security.serverName) opts['grpc.ssl_target_name_override'] = security.serverName;
+    this.metadata = () => {
+      const md = new grpc.Metadata();
+      if (security.token) md.set('authorization', `Bearer ${security.token}`);
+      return md;
+    };
     this.workers = new pkg.WorkerService(address, creds, opts);
     // Share one channel between the stubs.
     const channel = this.workers.getChannel();
     this.data = new pkg.ParameterService(address, creds, { ...opts, channelOverride: channel });
     this.runs = new pkg.RunService(address, creds, { ...opts, channelOverride: channel });
-    this.pushStream = new BidiStream(() => this.data.PushGradient(), 'PushGradient');
-    this.pullStream = new BidiStream(() => this.data.PullParams(), 'PullParams');
+    this.pushStream = new BidiStream(() => this.data.PushGradient(this.metadata()), 'PushGradient');
+    this.pullStream = new BidiStream(() => this.data.PullParams(this.metadata()), 'PullParams');
     this.inflight = new Set();
   }
 
   unary(stub, method, request, timeoutS) {
     return new Promise((resolve, reject) => {
       const deadline = new Date(Date.now() + (timeoutS || this.timeout) * 1000);
-      const call = stub[method](request, { deadline }, (err, resp) => {
+      const call = stub[method](request, this.metadata(), { deadline }, (err, resp) => {
         this.inflight.delete(call);
         if (err) reject(new PsError(err.code, err.details || err.message, method));
         else resolve(resp);

@@ -3,8 +3,13 @@
  * The worker's configuration, from flags over environment variables, with the Python worker's
  * names (worker/config.py): --server / PS_SERVER, and --flag-name / PS_WORKER_FLAG_NAME for the
  * rest, plus --data-dir / PS_WORKER_DATA_DIR (where exported datasets live, see README.md).
+ *
+ * Security, as the Python worker: --tls-ca (turns TLS on), --tls-cert/--tls-key (mutual TLS),
+ * --tls-server-name, a bearer token from PS_TOKEN (environment only, never a flag) or
+ * --token-file, and --insecure to allow the token over plaintext (refused otherwise).
  */
 
+const fs = require('fs');
 const os = require('os');
 const path = require('path');
 
@@ -24,12 +29,50 @@ const OPTIONS = [
   ['maxMessageBytes', 'max-message-bytes', 'number', 64 << 20, 'Largest gRPC message sent or received.'],
   ['chunkBytes', 'chunk-bytes', 'number', 1 << 20, 'Payload per message when streaming gradients.'],
   ['logLevel', 'log-level', 'string', 'INFO', 'Log level: DEBUG, INFO, WARNING, ERROR.'],
+  ['tlsCa', 'tls-ca', 'string', '', "CA (PEM) to verify the server's certificate; turns TLS on."],
+  ['tlsCert', 'tls-cert', 'string', '', 'Client certificate (PEM) for mutual TLS.'],
+  ['tlsKey', 'tls-key', 'string', '', 'Client private key (PEM) for mutual TLS.'],
+  ['tlsServerName', 'tls-server-name', 'string', '', "Name expected in the server's certificate, if not the dialled host."],
+  ['tokenFile', 'token-file', 'string', '', "File holding the server's bearer token."],
+  ['insecure', 'insecure', 'bool', false, 'Allow the token over plaintext (no TLS).'],
 ];
+
+const ENV_ONLY = [['token', 'PS_TOKEN', 'The bearer token itself; from the environment only.']];
 
 class ConfigError extends Error {}
 
 function envName(key, flag) {
   return key === 'server' ? 'PS_SERVER' : `PS_WORKER_${flag.replace(/-/g, '_').toUpperCase()}`;
+}
+
+function readFile(file, what) {
+  try {
+    return fs.readFileSync(file);
+  } catch (e) {
+    throw new ConfigError(`cannot read ${what} ${file}: ${e.code || e.message}`);
+  }
+}
+
+/**
+ * {ca, cert, key (Buffers or null), token, insecure, serverName} from the config; throws
+ * ConfigError when the settings cannot work (unreadable files, half a key pair, token in clear).
+ */
+function securityOf(config) {
+  if (config.token && config.tokenFile) throw new ConfigError('give the token either in PS_TOKEN or with --token-file, not both');
+  const token = config.tokenFile ? readFile(config.tokenFile, '--token-file').toString('utf8').trim() : config.token;
+  if (Boolean(config.tlsCert) !== Boolean(config.tlsKey)) throw new ConfigError('a client certificate needs both --tls-cert and --tls-key');
+  const tls = Boolean(config.tlsCa || config.tlsCert);
+  if (token && !tls && !config.insecure) {
+    throw new ConfigError('refusing to send the token over plaintext: use TLS (--tls-ca) or --insecure');
+  }
+  return {
+    tls,
+    ca: config.tlsCa ? readFile(config.tlsCa, '--tls-ca') : null,
+    cert: config.tlsCert ? readFile(config.tlsCert, '--tls-cert') : null,
+    key: config.tlsKey ? readFile(config.tlsKey, '--tls-key') : null,
+    token,
+    serverName: config.tlsServerName,
+  };
 }
 
 function convert(type, value, flag) {
@@ -53,6 +96,7 @@ function usage() {
     const arg = type === 'bool' ? '' : ' VALUE';
     lines.push(`  --${flag}${arg}`.padEnd(30) + `${help} [${envName(key, flag)}; default ${JSON.stringify(def)}]`);
   }
+  for (const [, env, help] of ENV_ONLY) lines.push(`  (no flag)`.padEnd(30) + `${help} [${env}]`);
   return lines.join('\n');
 }
 
@@ -63,6 +107,7 @@ function parseConfig(argv = [], env = process.env) {
     const v = env[envName(key, flag)];
     config[key] = v === undefined || v === '' ? def : convert(type, v, flag);
   }
+  for (const [key, name] of ENV_ONLY) config[key] = name in env ? String(env[name]) : '';
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i];
     if (arg === '-h' || arg === '--help') {
@@ -88,7 +133,10 @@ function parseConfig(argv = [], env = process.env) {
   if (config.slowdown < 1) throw new ConfigError(`--slowdown ${config.slowdown}: use a factor >= 1 (1 = normal speed)`);
   if (config.timeoutSeconds <= 0) throw new ConfigError(`--timeout-seconds ${config.timeoutSeconds}: must be > 0`);
   config.displayName = config.name || `node:${os.hostname()}:${process.pid}`;
+  const security = securityOf(config);
+  delete config.token; // keep the secret out of the config object (it is logged nowhere, but still)
+  config.security = security;
   return Object.freeze(config);
 }
 
-module.exports = { parseConfig, ConfigError, usage, OPTIONS };
+module.exports = { parseConfig, ConfigError, usage, OPTIONS, securityOf };

@@ -22,18 +22,24 @@ const MODEL_FORMS = "accepted model specs: {\"kind\": \"linear\"}, {\"kind\": \"
 const size = (shape) => shape.reduce((a, b) => a * b, 1);
 
 // ------------------------------------------------------------------------- dense kernels
+// Rows accumulate in a Float64Array scratch row and are stored once into the result's type: about
+// twice as fast in V8 as read-modify-write on a Float32Array, and more precise.
+
 /** C (m x n) = A (m x k) @ B (k x n) [+ bias (n)]. */
 function matmul(A, B, m, k, n, bias, Ctor) {
   const C = new Ctor(m * n);
+  const acc = new Float64Array(n);
   for (let i = 0; i < m; i++) {
-    const row = i * n;
-    if (bias) for (let j = 0; j < n; j++) C[row + j] = bias[j];
+    if (bias) for (let j = 0; j < n; j++) acc[j] = bias[j];
+    else acc.fill(0);
+    const arow = i * k;
     for (let p = 0; p < k; p++) {
-      const a = A[i * k + p];
-      if (a === 0) continue;
+      const a = A[arow + p];
+      if (a === 0) continue; // relu activations are often exactly 0
       const brow = p * n;
-      for (let j = 0; j < n; j++) C[row + j] += a * B[brow + j];
+      for (let j = 0; j < n; j++) acc[j] += a * B[brow + j];
     }
+    C.set(acc, i * n);
   }
   return C;
 }
@@ -41,14 +47,16 @@ function matmul(A, B, m, k, n, bias, Ctor) {
 /** C (k x n) = A(m x k)^T @ B (m x n). */
 function matmulTN(A, B, m, k, n, Ctor) {
   const C = new Ctor(k * n);
-  for (let r = 0; r < m; r++) {
-    const brow = r * n;
-    for (let p = 0; p < k; p++) {
+  const acc = new Float64Array(n);
+  for (let p = 0; p < k; p++) {
+    acc.fill(0);
+    for (let r = 0; r < m; r++) {
       const a = A[r * k + p];
       if (a === 0) continue;
-      const crow = p * n;
-      for (let j = 0; j < n; j++) C[crow + j] += a * B[brow + j];
+      const brow = r * n;
+      for (let j = 0; j < n; j++) acc[j] += a * B[brow + j];
     }
+    C.set(acc, p * n);
   }
   return C;
 }

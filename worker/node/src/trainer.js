@@ -21,7 +21,7 @@
  */
 
 const { PsError, Status, durationSeconds, nowTimestamp } = require('./client');
-const { BatchSampler, DatasetError, loadDataset, shardIndices } = require('./data');
+const { BatchSampler, loadDataset, shardIndices } = require('./data');
 const { ModelSpecError, buildModel } = require('./models');
 
 const FINISHED = ['RUN_STATE_COMPLETED', 'RUN_STATE_STOPPED', 'RUN_STATE_FAILED'];
@@ -225,7 +225,10 @@ class Trainer {
     } else {
       guaranteed = await this.pull(c, params);
     }
-    if (this.a.rank === 0 && evalEvery && c % evalEvery === 0 && c) this.evaluate(params, c);
+    if (this.a.rank === 0 && evalEvery && c % evalEvery === 0 && c) {
+      this.evaluate(params, c);
+      await this.report(); // show it now, not after the next (maybe long) wait
+    }
     const { X, y, B } = this.gather(this.sampler.batch(c));
     const { loss, grads } = this.model.lossAndGrad(params, X, y, B);
     if (!Number.isFinite(loss)) throw new TrainingError(`the training loss became ${loss} at clock ${c}: lower the learning rate`);
@@ -304,6 +307,7 @@ async function heartbeatLoop(client, a, trainer, done) {
       trainer.abort(`heartbeat: ${e.details || e.message}`);
       return;
     }
+    if (done.value || trainer.aborted) return; // the assignment ended while the call was in flight
     if (resp.run_state === 'RUN_STATE_STOPPED' || resp.run_state === 'RUN_STATE_FAILED') {
       trainer.abort(`run ${resp.run_state}`);
       return;
@@ -326,7 +330,8 @@ async function train(client, a, config, log, holder = {}) {
   try {
     trainer.setup();
   } catch (e) {
-    if (!(e instanceof DatasetError || e instanceof ModelSpecError || e instanceof RangeError || e instanceof SyntaxError)) throw e;
+    // Setup is local work (read the export, build the model): whatever fails here would fail on
+    // every rank (unreadable or corrupt data, bad model spec), so it fails the run.
     const message = `${e.constructor.name}: ${e.message}`;
     log.error(`cannot train: ${message}`);
     try {

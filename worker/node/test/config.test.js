@@ -22,3 +22,26 @@ test('flags win over environment variables with the Python worker\'s names', () 
 test('data key is sha256 of the data spec JSON text, 16 hex digits (worker/export_shard.py)', () => {
   assert.equal(dataKey('{"kind": "digits"}'), '20d071bda68af7ee');
 });
+
+test('security settings follow the Python worker: token from PS_TOKEN only, never in clear without --insecure', () => {
+  const fs = require('fs');
+  const os = require('os');
+  const path = require('path');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ps-node-config-'));
+  const ca = path.join(dir, 'ca.pem');
+  const tok = path.join(dir, 'token');
+  fs.writeFileSync(ca, 'not really a pem');
+  fs.writeFileSync(tok, 'from-file\n');
+  assert.throws(() => parseConfig([], { PS_TOKEN: 't' }), /plaintext/);
+  assert.equal(parseConfig(['--insecure'], { PS_TOKEN: 't' }).security.token, 't');
+  const c = parseConfig(['--tls-ca', ca], { PS_TOKEN: 't' });
+  assert.equal(c.security.tls, true);
+  assert.equal(c.security.ca.toString(), 'not really a pem');
+  assert.equal(c.token, undefined); // the secret is not a config field
+  assert.equal(parseConfig(['--tls-ca', ca, '--token-file', tok], {}).security.token, 'from-file');
+  assert.throws(() => parseConfig(['--tls-ca', ca, '--token-file', tok], { PS_TOKEN: 't' }), /not both/);
+  assert.throws(() => parseConfig(['--token', 'x'], {}), /unknown argument/);
+  assert.throws(() => parseConfig(['--tls-cert', ca], {}), /both --tls-cert and --tls-key/);
+  assert.throws(() => parseConfig(['--tls-ca', path.join(dir, 'missing.pem')], {}), /cannot read --tls-ca/);
+  fs.rmSync(dir, { recursive: true });
+});

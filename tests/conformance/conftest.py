@@ -1,0 +1,245 @@
+"""Harness of the worker conformance suite: real ps-server and worker processes of any language.
+
+Every test takes the ``impl`` fixture, parameterised over the worker implementations in
+``IMPLEMENTATIONS`` (the Python worker and the Node worker), and checks the contract from the
+server's side: run state, counters, per-rank records, clock records, events.
+
+The Node worker needs ``node`` and its packages: when ``worker/node/node_modules`` is missing the
+session runs ``npm ci`` there once (no skipping: a missing ``node`` fails the Node cases). Workers
+that are not Python read datasets exported by ``python -m worker.export_shard``; the session
+exports the datasets the suite uses into a temporary directory and passes ``--data-dir``.
+
+To add an implementation, add a ``WorkerImpl`` to ``IMPLEMENTATIONS``: its command line must accept
+``--server HOST:PORT``, ``--once``, ``--log-level``, ``--join-wait-seconds``, ``--timeout-seconds``,
+``--tls-ca``/``--tls-cert``/``--tls-key`` and read ``PS_TOKEN`` (see worker/node/README.md, "How to
+write a worker in any language").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from client.spec import LaunchOptions, build_run_spec
+from paramserver.v1 import paramserver_pb2 as pb
+from worker.client import PsClient, Security
+from worker.datasets import parse_dataset
+from worker.export_shard import export
+
+ROOT = Path(__file__).resolve().parents[2]
+NODE_DIR = ROOT / "worker" / "node"
+ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+DATASETS = ("digits",)
+"""Datasets the suite's runs use (exported once per session for non-Python workers)."""
+
+
+@dataclass(frozen=True)
+class WorkerImpl:
+    name: str
+    argv: tuple[str, ...]
+    needs_data_dir: bool
+    name_prefix: str
+    """What the implementation's default worker_name starts with (e.g. "node:")."""
+
+
+IMPLEMENTATIONS = {
+    "python": WorkerImpl("python", (sys.executable, "-m", "worker.main"), False, ""),
+    "node": WorkerImpl("node", ("node", str(NODE_DIR / "src" / "main.js")), True, "node:"),
+}
+
+
+# ------------------------------------------------------------------------------ processes
+@dataclass
+class Worker:
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"worker {self.proc.pid} did not exit within {timeout}s:\n{self.tail()}") from None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+@dataclass
+class Impl:
+    """One worker implementation, ready to start (its data exported, its packages installed)."""
+
+    spec: WorkerImpl
+    data_dir: Path | None
+    log_dir: Path
+    started: list[Worker] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def command(self, server: str, *args: str, once: bool = True) -> list[str]:
+        cmd = [*self.spec.argv, "--server", server, "--log-level", "INFO", *args]
+        if once:
+            cmd.append("--once")
+        if self.spec.needs_data_dir:
+            assert self.data_dir is not None
+            cmd += ["--data-dir", str(self.data_dir)]
+        return cmd
+
+    def start(self, server: str, *args: str, once: bool = True, env: dict[str, str] | None = None) -> Worker:
+        log = self.log_dir / f"{self.name}-{len(self.started)}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(self.command(server, *args, once=once), cwd=ROOT, env={**ENV, **(env or {})},
+                                    stdout=out, stderr=subprocess.STDOUT)
+        w = Worker(proc, log)
+        self.started.append(w)
+        return w
+
+    def start_many(self, server: str, n: int, *args: str, once: bool = True) -> list[Worker]:
+        return [self.start(server, *args, once=once) for _ in range(n)]
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {w.log.name} (exit {w.proc.poll()})\n{w.tail()}" for w in self.started)
+
+
+@pytest.fixture(scope="session")
+def node_ready() -> None:
+    """``node`` is installed and worker/node's packages are in place (``npm ci`` once if not)."""
+    if shutil.which("node") is None:
+        pytest.fail("`node` is not installed; the Node worker is part of this suite (install Node >= 18)")
+    if (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        return
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.fail("`npm` is not installed: needed once to run `npm ci` in worker/node")
+    with (Path(tempfile.gettempdir()) / "paramserver-npm-ci.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel sessions: one installs, the others wait
+        if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+            done = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, capture_output=True,
+                                  text=True, timeout=300)
+            if done.returncode != 0:
+                pytest.fail(f"npm ci in worker/node failed:\n{done.stdout}\n{done.stderr}")
+
+
+@pytest.fixture(scope="session")
+def exported_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DATASETS exported for non-Python workers (worker/export_shard.py)."""
+    out = tmp_path_factory.mktemp("ps-data")
+    for text in DATASETS:
+        export(parse_dataset(text), out)
+    return out
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS), ids=lambda name: f"{name}-worker")
+def impl(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Impl]:
+    spec = IMPLEMENTATIONS[request.param]
+    data_dir = None
+    if spec.name == "node":
+        request.getfixturevalue("node_ready")
+    if spec.needs_data_dir:
+        data_dir = request.getfixturevalue("exported_data")
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    it = Impl(spec, data_dir, log_dir)
+    try:
+        yield it
+    finally:
+        for w in it.started:
+            w.stop()
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen[str]
+    address: str
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+
+@contextlib.contextmanager
+def ps_server(*args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """A ps-server subprocess (``--port 0`` unless a port is given); terminated at exit."""
+    if "--port" not in args:
+        args = ("--port", "0", *args)
+    proc = subprocess.Popen([sys.executable, "-m", "ps_server.server", "--log-level", "WARNING", *args],
+                            stdout=subprocess.PIPE, text=True, env={**ENV, **(env or {})}, cwd=ROOT)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.search(r"listening on ([\d.]+):(\d+)", line)
+        assert match, f"server did not start: {line!r}"
+        yield Server(proc, f"{match.group(1)}:{match.group(2)}")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def connect(address: str, security: Security | None = None) -> AsyncIterator[PsClient]:
+    async with PsClient(address, timeout=20, security=security) as c:
+        yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ------------------------------------------------------------------------------ runs
+def run_spec(**options: object) -> pb.RunSpec:
+    """A run spec the way psctl builds it (digits, batch 32, SGD lr 0.1 unless overridden)."""
+    defaults: dict[str, object] = {"model": "softmax", "dataset": "digits", "workers": 1, "staleness": "2",
+                                   "iterations": 30}
+    return build_run_spec(LaunchOptions(**{**defaults, **options}))  # type: ignore[arg-type]
+
+
+async def wait_until(client: PsClient, run_id: str, pred: Callable[[pb.Run], bool], timeout: float,
+                     what: str = "", logs: Callable[[], str] = lambda: "") -> pb.Run:
+    """Poll GetRun until ``pred(run)``; fail with the run and the workers' logs after ``timeout``."""
+    run = None
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                run = await client.get_run(run_id)
+                if pred(run):
+                    return run
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what or 'a condition'}; run:\n{run}\n"
+                             f"worker logs:\n{logs()}") from None
+
+
+async def finish(client: PsClient, run_id: str, timeout: float = 60, logs: Callable[[], str] = lambda: "") -> pb.Run:
+    """Wait until the run is finished (completed, stopped or failed)."""
+    finished = (pb.RUN_STATE_COMPLETED, pb.RUN_STATE_STOPPED, pb.RUN_STATE_FAILED)
+    return await wait_until(client, run_id, lambda r: r.state in finished, timeout, "the run to finish", logs)

@@ -1,0 +1,106 @@
+"""Acceptance: the Node worker trains for real, alone and next to Python workers in one run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from paramserver.v1 import paramserver_pb2 as pb
+from worker.datasets import BatchSampler, load_dataset, shard_indices
+from worker.models import build_model
+
+from .conftest import IMPLEMENTATIONS, Impl, connect, finish, ps_server, run_spec
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
+
+
+@pytest.fixture
+def python_impl(tmp_path_factory: pytest.TempPathFactory) -> Impl:
+    return Impl(IMPLEMENTATIONS["python"], None, tmp_path_factory.mktemp("python-logs"))
+
+
+@pytest.fixture
+def node_impl(node_ready: None, exported_data: object, tmp_path_factory: pytest.TempPathFactory) -> Impl:
+    return Impl(IMPLEMENTATIONS["node"], exported_data, tmp_path_factory.mktemp("node-logs"))  # type: ignore[arg-type]
+
+
+def _logs(*impls: Impl) -> str:
+    return "\n".join(i.logs() for i in impls)
+
+
+async def test_mixed_python_and_node_workers_train_digits_mlp_to_095(python_impl: Impl, node_impl: Impl) -> None:
+    """2 Python + 2 Node workers, one digits MLP (mlp:64) run with s = 2: >= 0.95 test accuracy."""
+    spec = run_spec(model="mlp:64", workers=4, staleness="2", epochs=10, iterations=0)
+    try:
+        with ps_server() as srv:
+            async with connect(srv.address) as c:
+                run = await c.create_run(spec)
+                workers = python_impl.start_many(srv.address, 2) + node_impl.start_many(srv.address, 2)
+                final = await finish(c, run.run_id, timeout=150, logs=lambda: _logs(python_impl, node_impl))
+            codes = [w.wait(30) for w in workers]
+    finally:
+        for w in python_impl.started + node_impl.started:
+            w.stop()
+    assert final.state == pb.RUN_STATE_COMPLETED, (final.message, _logs(python_impl, node_impl))
+    assert codes == [0, 0, 0, 0], _logs(python_impl, node_impl)
+    assert final.last_eval.clock == spec.iterations
+    assert final.last_eval.eval_accuracy >= 0.95, final.last_eval
+    # the server's record: all four ranks pushed every iteration, two of them Node workers
+    assert [w.pushes for w in final.workers] == [spec.iterations] * 4
+    assert final.counters.pushes_applied == 4 * spec.iterations
+    names = [w.worker_name for w in final.workers]
+    assert sum(n.startswith("node:") for n in names) == 2, names
+
+
+async def test_node_workers_alone_train_softmax_on_digits_to_090(node_impl: Impl) -> None:
+    spec = run_spec(model="softmax", workers=2, staleness="2", epochs=10, iterations=0)
+    try:
+        with ps_server() as srv:
+            async with connect(srv.address) as c:
+                run = await c.create_run(spec)
+                workers = node_impl.start_many(srv.address, 2)
+                final = await finish(c, run.run_id, timeout=120, logs=node_impl.logs)
+            codes = [w.wait(30) for w in workers]
+    finally:
+        for w in node_impl.started:
+            w.stop()
+    assert final.state == pb.RUN_STATE_COMPLETED, (final.message, node_impl.logs())
+    assert codes == [0, 0]
+    assert final.last_eval.eval_accuracy >= 0.90, final.last_eval
+    assert all(w.worker_name.startswith("node:") and w.pushes == spec.iterations for w in final.workers)
+
+
+async def test_node_bsp_run_equals_the_python_single_process_reference(node_impl: Impl) -> None:
+    """s = 0 with SGD and Node workers: the same parameters as numpy computing the same batches of the
+    same shards in one process (tests/system's reference), to float32 rounding. The Node worker
+    reproduces worker.datasets' shards and batches exactly, and worker.models' gradients."""
+    spec = run_spec(model="mlp:16", workers=3, staleness="0", lr=0.1, iterations=25, batch_size=16, seed=5)
+    try:
+        with ps_server() as srv:
+            async with connect(srv.address) as c:
+                run = await c.create_run(spec)
+                init = (await c.pull(run.run_id)).tensors
+                node_impl.start_many(srv.address, 3)
+                final_run = await finish(c, run.run_id, logs=node_impl.logs)
+                final = (await c.pull(run.run_id)).tensors
+    finally:
+        for w in node_impl.started:
+            w.stop()
+    assert final_run.state == pb.RUN_STATE_COMPLETED, (final_run.message, node_impl.logs())
+    data = load_dataset(json.loads(spec.data_spec_json))
+    model = build_model(json.loads(spec.model_spec_json), data.n_features, data.n_outputs)
+    shards = [shard_indices(len(data.X_train), r, 3, spec.seed) for r in range(3)]
+    samplers = [BatchSampler(len(s), spec.batch_size, spec.seed, r) for r, s in enumerate(shards)]
+    params = {k: v.copy() for k, v in init.items()}
+    for clock in range(spec.iterations):
+        grads = []
+        for r in range(3):
+            idx = shards[r][samplers[r].batch(clock)]
+            grads.append(model.loss_and_grad(params, data.X_train[idx], data.y_train[idx])[1])
+        for name in params:
+            params[name] -= np.float32(0.1) * (sum(g[name] for g in grads) / np.float32(3))
+    for name in params:
+        np.testing.assert_allclose(final[name], params[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    assert not np.allclose(final["layer0.weight"], init["layer0.weight"])

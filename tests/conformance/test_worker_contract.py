@@ -1,0 +1,326 @@
+"""The worker contract, checked from the server's side, for every worker implementation.
+
+Each test starts a real ps-server (port 0, or a fixed free port when it restarts the server) and
+worker processes of the implementation under test (``impl``), then reads what the server
+recorded: run state and message, per-rank pushes, clocks and states, counters, clock records,
+metrics and events. Nothing here looks inside a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from paramserver.v1 import paramserver_pb2 as pb
+from worker.datasets import BatchSampler, load_dataset, shard_indices
+from worker.models import build_model
+
+from .conftest import Impl, connect, finish, free_port, ps_server, run_spec, wait_until
+from .proxy import FaultProxy
+
+pytestmark = pytest.mark.timeout(120)
+
+COMPLETED = pb.RUN_STATE_COMPLETED
+
+
+def kinds(events: list[pb.RunEvent], rank: int | None = None) -> list[str]:
+    return [e.kind for e in events if rank is None or e.rank == rank]
+
+
+async def test_joins_and_completes_a_run(impl: Impl) -> None:
+    """Join, SSP loop with the cache, metrics, rank-0 eval on the final parameters, Leave DONE."""
+    iterations = 40
+    spec = run_spec(workers=2, staleness="2", iterations=iterations, eval_every=10)
+    with ps_server() as srv:
+        async with connect(srv.address) as c:
+            run = await c.create_run(spec)
+            workers = impl.start_many(srv.address, 2)
+            final = await finish(c, run.run_id, logs=impl.logs)
+            metrics = await c.get_metrics(run.run_id)
+        codes = [w.wait(20) for w in workers]
+    assert final.state == COMPLETED, (final.message, impl.logs())
+    assert codes == [0, 0], impl.logs()
+    assert final.counters.pushes_applied == 2 * iterations
+    assert final.counters.pushes_rejected == 0
+    for w in final.workers:
+        assert (w.pushes, w.clock, w.state, w.incarnation) == (iterations, iterations, pb.WORKER_STATE_DONE, w.incarnation)
+        if impl.spec.name_prefix:
+            assert w.worker_name.startswith(impl.spec.name_prefix), w.worker_name
+        else:
+            assert not w.worker_name.startswith("node:"), w.worker_name
+    # rank 0 evaluated every eval_every iterations and on the final parameters (pull at clock = iterations)
+    assert final.last_eval.rank == 0 and final.last_eval.clock == iterations
+    assert 0.8 <= final.last_eval.eval_accuracy <= 1.0, final.last_eval
+    evals = {p.clock for p in metrics.points if p.eval}
+    assert {10, 20, 30, iterations} <= evals, evals
+    train = [p for p in metrics.points if not p.eval]
+    assert {p.rank for p in train} == {0, 1}
+    assert all(p.loss > 0 and p.samples > 0 for p in train)
+    assert max(p.clock for p in train) == iterations
+    # s = 2: the worker cache skipped pulls, and the workers said so (ReportMetrics.pulls_skipped). A rank
+    # that is always the furthest ahead may never skip, so this asks it of one rank at least.
+    assert final.counters.pulls_skipped > 0
+    assert any(w.pulls_skipped > 0 for w in final.workers), [w.pulls_skipped for w in final.workers]
+    assert kinds(list(metrics.events)).count("done") == 2
+
+
+async def test_staleness_bound_holds_with_a_straggler(impl: Impl) -> None:
+    """Every served pull and accepted push has min_clock >= clock - s (server clock records)."""
+    s, iterations = 1, 30
+    spec = run_spec(model="mlp:32", workers=3, staleness=str(s), iterations=iterations, slowdown=((2, 3.0),))
+    with ps_server() as srv:
+        async with connect(srv.address) as c:
+            run = await c.create_run(spec)
+            workers = impl.start_many(srv.address, 3)
+            final = await finish(c, run.run_id, logs=impl.logs)
+            metrics = await c.runs.GetMetrics(pb.GetMetricsRequest(run_id=run.run_id, include_clock_records=True))
+        for w in workers:
+            w.wait(20)
+    assert final.state == COMPLETED, (final.message, impl.logs())
+    pulls = [r for r in metrics.clock_records if r.kind == pb.ClockRecord.KIND_PULL]
+    pushes = [r for r in metrics.clock_records if r.kind == pb.ClockRecord.KIND_PUSH]
+    assert len(pushes) == 3 * iterations
+    assert pulls, "no pull was recorded"
+    for r in pulls + pushes:
+        assert r.min_clock >= r.clock - s, r
+    assert sorted((r.rank, r.clock) for r in pushes) == [(k, c) for k in range(3) for c in range(iterations)]
+
+
+@pytest.mark.parametrize("staleness", ["0", "inf"])
+async def test_pulls_every_iteration_without_a_finite_bound(impl: Impl, staleness: str) -> None:
+    """s = 0 (BSP) and unbounded s: no cache, one pull per iteration (plus rank 0's final pull)."""
+    iterations = 20
+    spec = run_spec(workers=2, staleness=staleness, iterations=iterations)
+    with ps_server() as srv:
+        async with connect(srv.address) as c:
+            run = await c.create_run(spec)
+            workers = impl.start_many(srv.address, 2)
+            final = await finish(c, run.run_id, logs=impl.logs)
+            metrics = await c.runs.GetMetrics(pb.GetMetricsRequest(run_id=run.run_id, include_clock_records=True))
+        for w in workers:
+            w.wait(20)
+    assert final.state == COMPLETED, (final.message, impl.logs())
+    assert final.counters.pulls_skipped == 0
+    assert all(w.pulls_skipped == 0 for w in final.workers)
+    pulled = {rank: sorted(r.clock for r in metrics.clock_records if r.kind == pb.ClockRecord.KIND_PULL and r.rank == rank)
+              for rank in (0, 1)}
+    assert pulled[0] == list(range(iterations + 1)), pulled[0]  # rank 0 also pulls the final parameters
+    assert pulled[1] == list(range(iterations)), pulled[1]
+    if staleness == "0":
+        for r in metrics.clock_records:
+            assert r.min_clock >= r.clock, r
+
+
+async def test_a_retried_push_is_applied_once(impl: Impl) -> None:
+    """The connection drops after a push reached the server: the worker retries it, the server
+    acknowledges a duplicate, and every push is applied exactly once."""
+    iterations = 15
+    spec = run_spec(workers=2, staleness="1", iterations=iterations)
+    with ps_server() as srv:
+        async with FaultProxy(srv.address, drop_push_clock=3) as proxy, connect(srv.address) as c:
+            run = await c.create_run(spec)
+            workers = impl.start_many(proxy.address, 2, "--timeout-seconds", "10")
+            final = await finish(c, run.run_id, logs=impl.logs)
+            codes = [w.wait(20) for w in workers]
+    assert proxy.dropped == [(4, False)], proxy.dropped
+    assert final.state == COMPLETED, (final.message, impl.logs())
+    assert codes == [0, 0], impl.logs()
+    assert final.counters.pushes_duplicate >= 1
+    assert final.counters.pushes_applied == 2 * iterations
+    assert final.counters.pushes_rejected == 0
+    assert [w.pushes for w in final.workers] == [iterations, iterations]
+
+
+async def test_large_tensors_travel_in_chunks(impl: Impl) -> None:
+    """A 2.4 MB model (layer1.weight alone 2 MiB) with the server cutting pulls into 64 KiB chunks:
+    pushes span several ~1 MiB messages, pulls many; the result equals numpy's SGD on the same batches."""
+    iterations = 4
+    spec = run_spec(model="mlp:1024,512", workers=1, staleness="0", lr=0.05, iterations=iterations, seed=3,
+                    eval_every=iterations)
+    with ps_server("--chunk-bytes", "65536") as srv:
+        async with connect(srv.address) as c:
+            run = await c.create_run(spec)
+            init = (await c.pull(run.run_id)).tensors
+            impl.start(srv.address)
+            final_run = await finish(c, run.run_id, logs=impl.logs)
+            final = (await c.pull(run.run_id)).tensors
+    assert final_run.state == COMPLETED, (final_run.message, impl.logs())
+    nbytes = 4 * sum(int(np.prod(p.shape)) for p in spec.params)
+    assert nbytes > 2 << 20
+    assert final_run.counters.bytes_pushed == iterations * nbytes
+    data = load_dataset(json.loads(spec.data_spec_json))
+    model = build_model(json.loads(spec.model_spec_json), data.n_features, data.n_outputs)
+    shard = shard_indices(len(data.X_train), 0, 1, spec.seed)
+    sampler = BatchSampler(len(shard), spec.batch_size, spec.seed, 0)
+    params = {k: v.copy() for k, v in init.items()}
+    for clock in range(iterations):
+        idx = shard[sampler.batch(clock)]
+        _, grads = model.loss_and_grad(params, data.X_train[idx], data.y_train[idx])
+        for name in params:
+            params[name] -= np.float32(0.05) * grads[name]
+    for name in params:
+        np.testing.assert_allclose(final[name], params[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+UNTRAINABLE = {
+    "unloadable-data": {"data_spec_json": '{"kind": "npz", "path": "/nonexistent/conformance.npz"}'},
+    "unknown-model": {"model_spec_json": '{"kind": "transformer"}'},
+    "params-not-the-models": {"params": [pb.ParamSpec(name="softmax.bias", shape=[10], dtype=pb.DATA_TYPE_FLOAT32,
+                                                      initializer=pb.INITIALIZER_ZEROS),
+                                         pb.ParamSpec(name="softmax.weight", shape=[63, 10], dtype=pb.DATA_TYPE_FLOAT32,
+                                                      initializer=pb.INITIALIZER_ZEROS)]},
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNTRAINABLE))
+async def test_a_run_the_worker_cannot_train_fails_with_a_message(impl: Impl, case: str) -> None:
+    """Errors every rank would hit: the worker leaves with LEAVE_REASON_FAILED and a message."""
+    spec = run_spec(workers=1, iterations=10)
+    for key, value in UNTRAINABLE[case].items():
+        if key == "params":
+            del spec.params[:]
+            spec.params.extend(value)  # type: ignore[arg-type]
+        else:
+            setattr(spec, key, value)
+    with ps_server() as srv:
+        async with connect(srv.address) as c:
+            run = await c.create_run(spec)
+            worker = impl.start(srv.address)
+            final = await finish(c, run.run_id, logs=impl.logs)
+            metrics = await c.get_metrics(run.run_id)
+        worker.wait(20)
+    assert final.state == pb.RUN_STATE_FAILED, (final, impl.logs())
+    assert final.message.startswith("rank 0 failed: "), final.message
+    assert len(final.message) > len("rank 0 failed: ") + 10, final.message
+    assert "failed" in kinds(list(metrics.events), rank=0)
+    assert final.counters.pushes_applied == 0
+
+
+async def test_a_stopped_run_sends_the_worker_back_to_join(impl: Impl) -> None:
+    """StopRun mid-run: the worker drops the run, joins the next one and completes it."""
+    with ps_server() as srv:
+        async with connect(srv.address) as c:
+            long = await c.create_run(run_spec(workers=1, iterations=100_000, name="long"))
+            worker = impl.start(srv.address, "--join-wait-seconds", "1", once=False)
+            running = await wait_until(c, long.run_id, lambda r: r.workers[0].clock >= 5, 30, "training", impl.logs)
+            await c.stop_run(long.run_id, "conformance test")
+            short = await c.create_run(run_spec(workers=1, iterations=20, name="short"))
+            final = await finish(c, short.run_id, logs=impl.logs)
+            stopped = await c.get_run(long.run_id)
+        assert final.state == COMPLETED, (final.message, impl.logs())
+        assert final.workers[0].worker_name == running.workers[0].worker_name
+        assert final.workers[0].pushes == 20
+        assert stopped.state == pb.RUN_STATE_STOPPED
+        assert stopped.workers[0].pushes < 100_000
+        assert worker.proc.poll() is None, "the worker exited instead of waiting for work"
+        worker.proc.send_signal(signal.SIGTERM)  # idle, parked in Join
+        assert worker.wait(15) == 0
+
+
+async def test_sigterm_gives_the_rank_back_and_exits_0(impl: Impl) -> None:
+    """SIGTERM mid-run: Leave SHUTDOWN (the rank becomes free for another worker), exit code 0."""
+    with ps_server() as srv:
+        async with connect(srv.address) as c:
+            run = await c.create_run(run_spec(workers=1, iterations=100_000))
+            worker = impl.start(srv.address)
+            await wait_until(c, run.run_id, lambda r: r.workers[0].clock >= 5, 30, "training", impl.logs)
+            worker.proc.send_signal(signal.SIGTERM)
+            assert worker.wait(15) == 0, impl.logs()
+            left = await c.get_run(run.run_id)
+            metrics = await c.get_metrics(run.run_id)
+            assert left.state == pb.RUN_STATE_RUNNING
+            assert left.workers[0].state == pb.WORKER_STATE_EVICTED, left.workers[0]
+            assert "left" in kinds(list(metrics.events), rank=0)
+            assert left.counters.evictions == 0  # it left; the lease did not expire
+            # the rank is free: a new worker takes it over where the first one left it
+            impl.start(srv.address)
+            taken = await wait_until(c, run.run_id, lambda r: r.workers[0].incarnation == 2
+                                     and r.workers[0].clock > left.workers[0].clock + 2, 30, "the takeover", impl.logs)
+            assert taken.workers[0].state == pb.WORKER_STATE_ACTIVE
+            await c.stop_run(run.run_id, "done testing")
+
+
+async def test_heartbeats_keep_a_waiting_worker_alive(impl: Impl) -> None:
+    """A worker parked in a pull (its run waits for a second rank) keeps its 1.5 s lease by heartbeats.
+
+    A warm-up run first, so that the worker's start-up after Join (loading its data) is cached and
+    cannot itself outlast the short lease on a loaded machine.
+    """
+    with ps_server("--lease-seconds", "1.5", "--heartbeat-seconds", "0.2") as srv:
+        async with connect(srv.address) as c:
+            warm = await c.create_run(run_spec(workers=1, iterations=5, name="warm-up"))
+            worker = impl.start(srv.address, "--join-wait-seconds", "1", once=False)
+            assert (await finish(c, warm.run_id, logs=impl.logs)).state == COMPLETED, impl.logs()
+            run = await c.create_run(run_spec(workers=2, iterations=20))
+            await wait_until(c, run.run_id, lambda r: r.workers[0].waiting, 30, "a parked pull", impl.logs)
+            await asyncio.sleep(4.0)  # over two leases parked in a pull: only heartbeats keep the rank
+            waiting = await c.get_run(run.run_id)
+            assert waiting.counters.evictions == 0, impl.logs()
+            assert (waiting.workers[0].state, waiting.workers[0].incarnation) == (pb.WORKER_STATE_ACTIVE, 1)
+            assert waiting.workers[0].waiting
+            await c.stop_run(run.run_id, "done testing")
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 0, impl.logs()
+
+
+async def test_waits_for_the_server_and_rides_out_a_restart(impl: Impl) -> None:
+    """Started before the server; the server dies mid-run (its runs with it): the worker goes back
+    to Join, reconnects to the next server on the same port and trains its run."""
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+    worker = impl.start(addr, "--join-wait-seconds", "1", "--timeout-seconds", "5", once=False)
+    await asyncio.sleep(1.0)  # nothing listens yet
+    assert worker.proc.poll() is None, impl.logs()
+    with ps_server("--port", str(port)) as srv:
+        async with connect(srv.address) as c:
+            first = await c.create_run(run_spec(workers=1, iterations=100_000))
+            await wait_until(c, first.run_id, lambda r: r.workers[0].clock >= 5, 30, "training", impl.logs)
+        srv.proc.kill()
+    assert worker.proc.poll() is None, impl.logs()
+    with ps_server("--port", str(port)) as srv:
+        async with connect(srv.address) as c:
+            second = await c.create_run(run_spec(workers=1, iterations=20))
+            final = await finish(c, second.run_id, timeout=60, logs=impl.logs)
+    assert final.state == COMPLETED, (final.message, impl.logs())
+    assert final.workers[0].pushes == 20
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.wait(15) == 0
+
+
+async def test_resumes_after_a_server_restart_from_a_checkpoint(impl: Impl, tmp_path: Path) -> None:
+    """kill -9 of a checkpointing server: restarted on its data dir, the run goes on with the same
+    workers and incarnations (a worker ahead of the checkpoint rewinds to the clock the server knows)."""
+    port = free_port()
+    args = ("--port", str(port), "--data-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "10",
+            "--lease-seconds", "20")
+    spec = run_spec(workers=2, staleness="2", iterations=100_000)
+    workers = impl.start_many(f"127.0.0.1:{port}", 2, "--timeout-seconds", "10")
+    with ps_server(*args) as srv:
+        async with connect(srv.address) as c:
+            run = await c.create_run(spec)
+            await wait_until(c, run.run_id, lambda r: r.min_clock >= 10, 60, "progress", impl.logs)
+            ckpt = await c.runs.CheckpointRun(pb.CheckpointRunRequest(run_id=run.run_id))  # on disk when it answers
+            before = await wait_until(c, run.run_id, lambda r: r.min_clock >= ckpt.min_clock + 5, 60,
+                                      "progress past the checkpoint", impl.logs)
+        srv.proc.kill()
+        srv.proc.wait()
+    assert all(w.proc.poll() is None for w in workers), impl.logs()
+    with ps_server(*args) as srv:
+        async with connect(srv.address) as c:
+            resumed = await c.get_run(run.run_id)
+            target = max(before.max_clock, resumed.max_clock) + 10
+            after = await wait_until(c, run.run_id, lambda r: r.min_clock >= target, 60, "progress after the restart",
+                                     impl.logs)
+            await c.stop_run(run.run_id, "done testing")
+        codes = [w.wait(30) for w in workers]  # --once: back from the stopped run, they exit
+    assert resumed.state == pb.RUN_STATE_RUNNING
+    assert ckpt.min_clock <= resumed.min_clock < before.min_clock  # the workers were ahead: they had to rewind
+    assert [w.incarnation for w in after.workers] == [w.incarnation for w in before.workers]
+    assert after.counters.evictions == 0
+    assert all(w.state == pb.WORKER_STATE_ACTIVE for w in after.workers)
+    assert all(code is not None for code in codes)
