@@ -20,6 +20,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from paramserver.v1 import paramserver_pb2 as pb
 
 __all__ = [
+    "eval_history",
     "finite",
     "fmt",
     "fmt_age",
@@ -236,3 +237,10 @@ def status_dict(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float |
     latest = recent(metrics)
     latest.pop("train_loss")
     return {"run": message_to_dict(run), "summary": run_facts(run, now), "workers": worker_rows(run, now), **latest}
+
+
+def eval_history(metrics: pb.GetMetricsResponse) -> list[dict[str, Any]]:
+    """Every evaluation of a run, oldest first: clock, wall time (Unix seconds), test accuracy and loss."""
+    points = sorted((p for p in metrics.points if p.eval), key=lambda p: (p.clock, seconds(p.time) or 0.0))
+    return [{"clock": p.clock, "time": seconds(p.time), "test_accuracy": finite(p.eval_accuracy),
+             "test_loss": finite(p.eval_loss)} for p in points]

@@ -55,10 +55,19 @@ async def _follow(ps: PsClient, run_id: str, per_epoch: int, json_mode: bool, cl
         return await follow(ps, run_id, show)
 
 
-def _report(run: pb.Run, json_mode: bool, log_path: str | None) -> int:
+async def _followed(ps: PsClient, run_id: str, per_epoch: int, json_mode: bool,
+                    cluster: LocalCluster | None) -> tuple[pb.Run, list[dict[str, Any]]]:
+    """Follow to the end; with --json also the evaluation history (time to accuracy)."""
+    run = await _follow(ps, run_id, per_epoch, json_mode, cluster)
+    evals = facts.eval_history(await ps.get_metrics(run_id)) if json_mode else []
+    return run, evals
+
+
+def _report(run: pb.Run, json_mode: bool, log_path: str | None, evals: list[dict[str, Any]] | None = None) -> int:
     code = EXIT_CODES.get(run.state, 1)
     if json_mode:
         result: dict[str, Any] = facts.launch_result(run)
+        result["evals"] = evals or []
         if log_path:
             result["log"] = log_path
         print(json.dumps(result), flush=True)
@@ -74,18 +83,18 @@ def _submit(o: LaunchOptions, server: str, wait: bool, json_mode: bool, timeout:
     per_epoch = iterations_per_epoch(o)
     err = Console(stderr=True, highlight=False, markup=False)
 
-    async def main() -> pb.Run:
+    async def main() -> tuple[pb.Run, list[dict[str, Any]]]:
         async with PsClient(server, timeout=timeout, security=security_from_env()) as ps:
             run = await ps.create_run(spec)
             if not wait:
-                return run
+                return run, []
             if not json_mode:
                 err.print(f"{facts.run_headline(run)} on {server}\n(Ctrl-C stops following, not the run)")
-            return await _follow(ps, run.run_id, per_epoch, json_mode, None)
+            return await _followed(ps, run.run_id, per_epoch, json_mode, None)
 
-    run = asyncio.run(main())
+    run, evals = asyncio.run(main())
     if wait:
-        return _report(run, json_mode, None)
+        return _report(run, json_mode, None, evals)
     if json_mode:
         print(json.dumps({"run_id": run.run_id}), flush=True)
     else:
@@ -109,16 +118,16 @@ def _local(o: LaunchOptions, verbose: bool, json_mode: bool, timeout: float) -> 
             address = cluster.wait_server(SERVER_START_SECONDS)
             cluster.start_workers()
 
-            async def main() -> pb.Run:
+            async def main() -> tuple[pb.Run, list[dict[str, Any]]]:
                 async with PsClient(address, timeout=timeout, security=security_from_env()) as ps:
                     await ps.wait_ready(SERVER_START_SECONDS)
                     run = await ps.create_run(spec)
                     if not json_mode:
                         err.print(f"{facts.run_headline(run)} on a local ps-server ({address})")
-                    return await _follow(ps, run.run_id, per_epoch, json_mode, cluster)
+                    return await _followed(ps, run.run_id, per_epoch, json_mode, cluster)
 
             try:
-                run = asyncio.run(main())
+                run, evals = asyncio.run(main())
             except PsClientError as exc:
                 if exc.code != grpc.StatusCode.UNAVAILABLE:
                     raise
@@ -129,7 +138,7 @@ def _local(o: LaunchOptions, verbose: bool, json_mode: bool, timeout: float) -> 
                 cluster.keep_log = True
     except KeyboardInterrupt:
         raise KeyboardInterrupt("stopped the local cluster") from None
-    return _report(run, json_mode, cluster.log_path if cluster.keep_log and not verbose else None)
+    return _report(run, json_mode, cluster.log_path if cluster.keep_log and not verbose else None, evals)
 
 
 def launch_run(o: LaunchOptions, *, server: str, wait: bool, local: bool, verbose: bool, json_mode: bool,

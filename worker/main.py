@@ -99,7 +99,8 @@ async def _main(config: WorkerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     outcomes = await work(config, stop)
-    return 0 if not config.once or (outcomes and outcomes[-1].completed) or stop.is_set() else 1
+    # 1 only when this worker failed its run; a run stopped or a rank evicted is not its failure
+    return 1 if config.once and outcomes and outcomes[-1].failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -69,8 +69,11 @@ class Outcome:
     run_id: str
     rank: int
     completed: bool
+    """This rank trained all its iterations and left."""
     reason: str
     stats: TrainStats
+    failed: bool = False
+    """This worker could not train (bad data or model, divergence): it failed the run."""
 
 
 def _now_ts() -> Timestamp:
@@ -190,11 +193,14 @@ class _Trainer:
         """One iteration at self.clock; returns the guaranteed clock of the parameters it used."""
         eval_every = self.spec.eval_every
         t0 = time.perf_counter()
+        waited = 0.0
         c = self.clock
         if params and self.cache_valid(guaranteed, c):
             self.stats.pulls_skipped += 1
         else:
+            t_pull = time.perf_counter()
             guaranteed = await self.pull(c, params)
+            waited = time.perf_counter() - t_pull
         if self.a.rank == 0 and eval_every and c % eval_every == 0 and c:
             self.evaluate(params, c)
             await self.report()  # show it now, not after the next (maybe long) wait
@@ -216,7 +222,9 @@ class _Trainer:
         self.stats.last_loss = loss
         self._samples += len(batch)
         if self.slowdown > 1.0:
-            await asyncio.sleep((self.slowdown - 1.0) * (time.perf_counter() - t0))
+            # (factor - 1) x this iteration's own work; the time parked in the pull is not work,
+            # and counting it would make a straggler slow itself down further and further.
+            await asyncio.sleep((self.slowdown - 1.0) * (time.perf_counter() - t0 - waited))
         self.record(c, loss, time.perf_counter() - t0)
         if time.monotonic() - self._last_report >= self.config.report_seconds:
             await self.report()
@@ -290,7 +298,7 @@ async def train(client: PsClient, a: pb.Assignment, config: WorkerConfig) -> Out
         log.error("cannot train: %s", message)
         with contextlib.suppress(PsClientError):
             await client.leave(a.run_id, a.rank, a.incarnation, pb.LEAVE_REASON_FAILED, message)
-        return Outcome(a.run_id, a.rank, False, message, trainer.stats)
+        return Outcome(a.run_id, a.rank, False, message, trainer.stats, failed=True)
     except BaseException:
         hb.cancel()
         raise
@@ -316,4 +324,4 @@ async def train(client: PsClient, a: pb.Assignment, config: WorkerConfig) -> Out
     with contextlib.suppress(PsClientError):
         await client.leave(a.run_id, a.rank, a.incarnation, leave_reason, message)
     done = leave_reason == pb.LEAVE_REASON_DONE
-    return Outcome(a.run_id, a.rank, done, message or "done", trainer.stats)
+    return Outcome(a.run_id, a.rank, done, message or "done", trainer.stats, failed=not done)

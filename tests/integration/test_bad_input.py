@@ -18,10 +18,10 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import make_spec, with_config
 from grpc import StatusCode as Code
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import make_spec, with_config
 
 from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.config import ServerConfig

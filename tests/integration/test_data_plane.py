@@ -8,7 +8,7 @@ import random
 import grpc
 import numpy as np
 import pytest
-from conftest import make_spec
+from support import make_spec
 
 from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.server import PsServer

@@ -7,7 +7,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import make_spec, with_config
+from support import make_spec, with_config
 
 from ps_server.config import ServerConfig
 from ps_server.server import start_server

@@ -7,7 +7,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import make_spec, with_config
+from support import make_spec, with_config
 
 from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.config import ServerConfig

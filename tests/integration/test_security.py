@@ -9,11 +9,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import make_spec, with_config
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from support import make_spec, with_config
 
 from ps_server.config import ServerConfig
 from ps_server.security import ConfigError

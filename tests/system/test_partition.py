@@ -54,7 +54,8 @@ def namespace() -> Iterator[tuple[str, str]]:
 
 async def test_partitioned_worker_is_evicted_then_rejoins_after_healing() -> None:
     lease = 3.0
-    spec = build_run_spec(LaunchOptions(model="mlp:32", dataset="digits", workers=3, staleness="2", epochs=25, seed=4))
+    # long enough to outlast the partition; stopped once the partitioned worker trains again
+    spec = build_run_spec(LaunchOptions(model="mlp:32", dataset="digits", workers=3, staleness="2", epochs=2000, seed=4))
     with namespace() as (ns, host_if), \
             ps_server("--host", "0.0.0.0", "--port", "0", "--lease-seconds", str(lease),
                       "--heartbeat-seconds", "0.5") as (_, addr), \
@@ -86,12 +87,20 @@ async def test_partitioned_worker_is_evicted_then_rejoins_after_healing() -> Non
                 assert (await c.get_run(run.run_id)).max_clock > progress
                 sh("ip", "link", "set", host_if, "up")  # heal
                 t_heal = time.monotonic()
+                rejoined = False
                 async with asyncio.timeout(60):
                     async for snap in c.watch_run(run.run_id, interval=0.1):
                         w = snap.run.workers[rank]
-                        if w.state == pb.WORKER_STATE_ACTIVE and w.worker_name == "remote":
+                        if w.state == pb.WORKER_STATE_ACTIVE and w.incarnation > before[rank].incarnation:
+                            rejoined = True
                             break
+                assert rejoined, "the run ended before the partitioned worker came back"
                 rejoined_after = time.monotonic() - t_heal
+                async with asyncio.timeout(30):  # and it trains again
+                    async for snap in c.watch_run(run.run_id, interval=0.1):
+                        if snap.run.workers[rank].pushes >= before[rank].pushes + 5:
+                            break
+                await c.stop_run(run.run_id, "test over")
                 final = await finish(c, run.run_id)
             assert remote.wait(60) == 0
         finally:
@@ -99,7 +108,7 @@ async def test_partitioned_worker_is_evicted_then_rejoins_after_healing() -> Non
                 remote.kill()
             remote.wait()
         assert [w.wait(30) for w in local_workers] == [0, 0]
-    assert final.state == pb.RUN_STATE_COMPLETED, final.message
+    assert final.state == pb.RUN_STATE_STOPPED, final.message
     assert lease - 0.5 <= evicted_after <= lease + 2.0
     assert final.counters.evictions >= 1
     assert final.workers[rank].incarnation > before[rank].incarnation  # it came back as a new incarnation

@@ -40,7 +40,7 @@ async def test_kill_9_one_worker_the_others_unblock_within_the_lease() -> None:
             victim = next(w for w in workers if w.pid == victim_pid)
             victim.kill()
             t_kill = time.monotonic()
-            frozen = status.workers[3].clock
+            frozen = (await c.get_run(run.run_id)).workers[3].clock  # final: its process is gone
             # the others go past the dead rank's clock + s: they were unblocked
             async with asyncio.timeout(LEASE + 10):
                 async for snap in c.watch_run(run.run_id, interval=0.05):
@@ -59,8 +59,9 @@ async def test_kill_9_one_worker_the_others_unblock_within_the_lease() -> None:
 
 
 async def test_sigstop_past_the_lease_then_sigcont_rejoins() -> None:
-    spec = build_run_spec(LaunchOptions(model="mlp:32", dataset="digits", workers=3, staleness="1", epochs=20, seed=3))
-    with ps_server(*SERVER_ARGS) as (_, addr), ps_workers(addr, 2) as workers:
+    spec = build_run_spec(LaunchOptions(model="mlp:32", dataset="digits", workers=3, staleness="1", epochs=30, seed=3))
+    # the two others are slowed down so that the run is still going when the frozen one comes back
+    with ps_server(*SERVER_ARGS) as (_, addr), ps_workers(addr, 2, "--slowdown", "4") as workers:
         # the third worker loops (no --once) so that it can come back after its eviction
         frozen = subprocess.Popen([sys.executable, "-m", "worker.main", "--server", addr, "--log-level", "WARNING",
                                    "--idle-exit-seconds", "5"], env=ENV)

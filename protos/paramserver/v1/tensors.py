@@ -49,7 +49,7 @@ def chunk_messages(tensors: Mapping[str, np.ndarray], chunk_bytes: int, new_mess
             if size >= chunk_bytes:
                 yield msg
                 msg, size, sent = new_message(), 0, True
-    if size or not sent:
+    if len(msg.tensors) or not sent:
         yield msg
 
 
