@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 
@@ -25,13 +25,13 @@ from .config import ServerConfig
 from .errors import FailedPrecondition, InvalidArgument, PsError, WaitTimeout
 from .registry import RunRegistry
 from .run import Run
-from .status import Assignment
+from .status import Assignment, ParamsRead
 from .store import ParamStore
 
 __all__ = ["ParameterServicer", "RunServicer", "WorkerServicer"]
 
 log = logging.getLogger("ps_server")
-T = TypeVar("T")
+M = TypeVar("M", pb.PullParamsResponse, pb.PushGradientResponse)
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: PsError) -> NoReturn:
@@ -44,6 +44,14 @@ def _wait_limit(config: ServerConfig, requested: float, context: grpc.aio.Servic
     limit = config.max_wait_seconds if requested <= 0 else min(requested, config.max_wait_seconds)
     remaining = context.time_remaining()
     return limit if remaining is None else max(0.0, min(limit, remaining))
+
+
+def _tensors(msg: pb.PullParamsResponse) -> Any:
+    return msg.tensors
+
+
+def _pulled_tensors(msg: pb.PushGradientResponse) -> Any:
+    return msg.pulled.tensors
 
 
 def _changed_since(run: Run, changes: int) -> bool:
@@ -66,6 +74,7 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
         # is read and dropped (bounded, in case its end never comes).
         failed: PsError | None = None
         drained = 0
+        then_pull: pb.PullParamsRequest | None = None
         async for req in request_iterator:
             this = (req.run_id, req.rank, req.incarnation, req.clock)
             try:
@@ -73,6 +82,7 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
                     try:
                         if assembler is None:  # a new push on this stream
                             run = None
+                            then_pull = req.then_pull if req.HasField("then_pull") else None
                             run = self._registry.get(req.run_id)
                             assembler = codec.TensorAssembler(max_bytes=2 * run.store.nbytes + (1 << 20))
                             key = this
@@ -104,12 +114,22 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
                     run.counters.pushes_rejected += 1
                 log.info("push rejected: %s", exc, extra={"run": req.run_id, "rank": req.rank, "clock": req.clock})
                 await _abort(context, exc)
-            yield pb.PushGradientResponse(
-                clock=result.clock,
-                duplicate=result.duplicate,
-                min_clock=result.min_clock,
-                run_state=codec.run_state_to_proto(result.run_state),
-            )
+            ack = partial(pb.PushGradientResponse, clock=result.clock, duplicate=result.duplicate,
+                          min_clock=result.min_clock, run_state=codec.run_state_to_proto(result.run_state))
+            if then_pull is None:
+                yield ack()
+                continue
+            try:  # the pull that rides on this push: one round trip per iteration
+                read = await self._pull(then_pull, context)
+            except PsError as exc:
+                await _abort(context, exc)
+            first = True
+            for msg, last in with_last(self._params_messages(read, pb.PushGradientResponse, _pulled_tensors)):
+                if first:
+                    msg.MergeFrom(ack())
+                    first = False
+                msg.pulled.final = last
+                yield msg
         if failed is not None or assembler is not None:
             if run is not None:
                 run.counters.pushes_rejected += 1
@@ -120,24 +140,38 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
     ) -> AsyncIterator[pb.PullParamsResponse]:
         async for req in request_iterator:
             try:
-                run = self._registry.get(req.run_id)
-                names = list(req.names) or None
-                if req.incarnation == 0:
-                    read = run.read(None, req.clock, names)
-                else:
-                    await self._wait(run, req, context)
-                    read = run.read(req.rank, req.clock, names)
+                read = await self._pull(req, context)
             except PsError as exc:
                 await _abort(context, exc)
-            state = codec.run_state_to_proto(read.run_state)
-            # Chunks are encoded lazily, between sends: a model of hundreds of MB is never copied
-            # whole. A multi-message read can therefore include updates applied while it streams
-            # ("maybe newer ones too"); it always includes every update it guarantees.
-            messages = chunk_messages(read.tensors, self._config.chunk_bytes, partial(
-                pb.PullParamsResponse, guaranteed_clock=read.guaranteed_clock, version=read.version, run_state=state))
-            for msg, last in with_last(messages):
+            for msg, last in with_last(self._params_messages(read, pb.PullParamsResponse, _tensors)):
                 msg.final = last
                 yield msg
+
+    async def _pull(self, req: pb.PullParamsRequest, context: grpc.aio.ServicerContext) -> ParamsRead:
+        """Wait as the SSP rule says, then read (an observer's read, incarnation 0, never waits)."""
+        run = self._registry.get(req.run_id)
+        names = list(req.names) or None
+        if req.incarnation == 0:
+            return run.read(None, req.clock, names)
+        await self._wait(run, req, context)
+        return run.read(req.rank, req.clock, names)
+
+    def _params_messages(self, read: ParamsRead, new: Callable[[], M], tensors_of: Callable[[M], Any]) -> Iterator[M]:
+        """A read as messages of ~chunk_bytes, each made by ``new`` with its params part filled in.
+
+        Chunks are encoded lazily, between sends: a model of hundreds of MB is never copied whole.
+        A multi-message read can therefore include updates applied while it streams ("maybe newer
+        ones too"); it always includes every update it guarantees.
+        """
+        state = codec.run_state_to_proto(read.run_state)
+
+        def make() -> M:
+            msg = new()
+            head = msg if isinstance(msg, pb.PullParamsResponse) else msg.pulled
+            head.guaranteed_clock, head.version, head.run_state = read.guaranteed_clock, read.version, state
+            return msg
+
+        return chunk_messages(read.tensors, self._config.chunk_bytes, make, tensors_of)
 
     async def _wait(self, run: Run, req: pb.PullParamsRequest, context: grpc.aio.ServicerContext) -> None:
         rank, inc, clock = req.rank, req.incarnation, req.clock

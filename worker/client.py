@@ -11,7 +11,7 @@ Errors come back as ``PsClientError`` with the gRPC status code and the server's
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -120,6 +120,10 @@ def _duration(seconds: float) -> Duration:
     return d
 
 
+def _final(resp: Any) -> bool:
+    return bool(resp.final)
+
+
 class _Stream:
     """One long-lived bidirectional stream that carries one operation at a time."""
 
@@ -129,8 +133,10 @@ class _Stream:
         self._call: Any = None
         self._lock = asyncio.Lock()
 
-    async def exchange(self, requests: Iterable[Any], timeout: float, *, until_final: bool) -> list[Any]:
-        """Write ``requests``, read one response (or until one has ``final`` set); bounded by timeout."""
+    async def exchange(
+        self, requests: Iterable[Any], timeout: float, *, until_final: bool, final: Callable[[Any], bool] = _final
+    ) -> list[Any]:
+        """Write ``requests``, read one response (or until ``final(response)``); bounded by timeout."""
         async with self._lock:
             if self._call is None:
                 self._call = self._open_call()
@@ -150,7 +156,7 @@ class _Stream:
                         if resp is grpc.aio.EOF:
                             raise PsClientError(grpc.StatusCode.UNAVAILABLE, "stream closed by the server", self._method)
                         out.append(resp)
-                        if not until_final or resp.final:
+                        if not until_final or final(resp):
                             return out
             except grpc.aio.AioRpcError as exc:
                 self._call = None
@@ -311,15 +317,42 @@ class PsClient:
         timeout: float | None = None,
     ) -> pb.PushGradientResponse:
         """Push the gradient of iteration ``clock``; safe to retry with the same arguments."""
-        def requests() -> Iterator[pb.PushGradientRequest]:
-            new = partial(pb.PushGradientRequest, run_id=run_id, rank=rank, incarnation=incarnation, clock=clock,
-                          loss=loss)
-            for msg, last in with_last(chunk_messages(grads, self.chunk_bytes, new)):
-                msg.final = last
-                yield msg
-
-        (resp,) = await self._push.exchange(requests(), timeout or self.timeout, until_final=False)
+        (resp,) = await self._push.exchange(self._push_requests(run_id, rank, incarnation, clock, grads, loss, None),
+                                            timeout or self.timeout, until_final=False)
         return resp
+
+    async def push_pull(
+        self,
+        run_id: str,
+        rank: int,
+        incarnation: int,
+        clock: int,
+        grads: Mapping[str, np.ndarray],
+        loss: float = 0.0,
+        *,
+        into: dict[str, np.ndarray] | None = None,
+        max_wait: float | None = None,
+    ) -> tuple[pb.PushGradientResponse, PullResult]:
+        """Push iteration ``clock``, then pull for ``clock + 1`` in the same round trip (then_pull)."""
+        wait = self.timeout if max_wait is None else max_wait
+        then = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock + 1,
+                                    max_wait=_duration(wait))
+        responses = await self._push.exchange(
+            self._push_requests(run_id, rank, incarnation, clock, grads, loss, then), wait + self.timeout,
+            until_final=True, final=_pulled_final)
+        return responses[0], _assemble([r.pulled for r in responses], into)
+
+    def _push_requests(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, np.ndarray],
+                       loss: float, then: pb.PullParamsRequest | None) -> Iterator[pb.PushGradientRequest]:
+        new = partial(pb.PushGradientRequest, run_id=run_id, rank=rank, incarnation=incarnation, clock=clock,
+                      loss=loss)
+        first = True
+        for msg, last in with_last(chunk_messages(grads, self.chunk_bytes, new)):
+            if first and then is not None:
+                msg.then_pull.CopyFrom(then)
+            first = False
+            msg.final = last
+            yield msg
 
     async def pull(
         self,
@@ -344,18 +377,27 @@ class PsClient:
             run_id=run_id, rank=rank, incarnation=incarnation, clock=clock, names=names, max_wait=_duration(wait)
         )
         responses = await self._pull.exchange([req], timeout or (wait + self.timeout), until_final=True)
-        out = {} if into is None else into
-        for resp in responses:
-            for chunk in resp.tensors:
-                data = chunk.data  # read once: each access copies
-                arr = out.get(chunk.name)
-                shape = tuple(chunk.shape)
-                if arr is None or arr.shape != shape:
-                    if chunk.offset == 0 and len(data) == 4 * int(np.prod(shape)):
-                        out[chunk.name] = np.frombuffer(data, F32).reshape(shape).copy()
-                        continue
-                    arr = out[chunk.name] = np.empty(shape, F32)
-                flat = arr.reshape(-1)
-                flat[chunk.offset : chunk.offset + len(data) // 4] = np.frombuffer(data, F32)
-        last = responses[-1]
-        return PullResult(last.guaranteed_clock, last.version, last.run_state, out)
+        return _assemble(responses, into)
+
+
+def _pulled_final(resp: pb.PushGradientResponse) -> bool:
+    return resp.pulled.final
+
+
+def _assemble(responses: Sequence[pb.PullParamsResponse], into: dict[str, np.ndarray] | None) -> PullResult:
+    """Write the chunks of a pull's responses into ``into`` (arrays reused), or new arrays."""
+    out = {} if into is None else into
+    for resp in responses:
+        for chunk in resp.tensors:
+            data = chunk.data  # read once: each access copies
+            arr = out.get(chunk.name)
+            shape = tuple(chunk.shape)
+            if arr is None or arr.shape != shape:
+                if chunk.offset == 0 and len(data) == 4 * int(np.prod(shape)):
+                    out[chunk.name] = np.frombuffer(data, F32).reshape(shape).copy()
+                    continue
+                arr = out[chunk.name] = np.empty(shape, F32)
+            flat = arr.reshape(-1)
+            flat[chunk.offset : chunk.offset + len(data) // 4] = np.frombuffer(data, F32)
+    last = responses[-1]
+    return PullResult(last.guaranteed_clock, last.version, last.run_state, out)

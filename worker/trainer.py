@@ -105,6 +105,8 @@ class _Trainer:
         opt = self.spec.optimizer
         self.local_sgd_lr = opt.sgd.learning_rate if opt.WhichOneof("kind") == "sgd" and not opt.sgd.weight_decay else None
         self._pending_points: list[pb.MetricPoint] = []
+        self._base_comm = float("inf")  # least communication time of an iteration (for --slowdown)
+        self._prefetched: int | None = None  # guaranteed clock of parameters pulled with the last push
         self._last_report = time.monotonic()
         self._samples = 0
 
@@ -185,6 +187,7 @@ class _Trainer:
                 await self.report()
                 return
             except _Rewind as rewind:  # also while waiting for the final parameters
+                self._prefetched = None
                 self.clock = rewind.clock
                 guaranteed = -1
                 self.stats.rewinds += 1
@@ -193,38 +196,51 @@ class _Trainer:
         """One iteration at self.clock; returns the guaranteed clock of the parameters it used."""
         eval_every = self.spec.eval_every
         t0 = time.perf_counter()
-        waited = 0.0
         c = self.clock
-        if params and self.cache_valid(guaranteed, c):
+        if self._prefetched is not None:  # pulled together with the previous push
+            guaranteed, self._prefetched = self._prefetched, None
+        elif params and self.cache_valid(guaranteed, c):
             self.stats.pulls_skipped += 1
         else:
-            t_pull = time.perf_counter()
             guaranteed = await self.pull(c, params)
-            waited = time.perf_counter() - t_pull
         if self.a.rank == 0 and eval_every and c % eval_every == 0 and c:
             self.evaluate(params, c)
             await self.report()  # show it now, not after the next (maybe long) wait
         batch = self.sampler.batch(c)
+        t_compute = time.perf_counter()
         loss, grads = self.model.loss_and_grad(params, self.X[batch], self.y[batch])
+        t_compute = time.perf_counter() - t_compute
         if not math.isfinite(loss):
             raise FloatingPointError(f"the training loss became {loss} at clock {c}: lower the learning rate")
-        resp = await self.call(
-            lambda: self.client.push(self.a.run_id, self.a.rank, self.a.incarnation, c, grads, loss),
-            f"push {c}",
-        )
-        if self.local_sgd_lr is not None and self.staleness:
-            lr = np.float32(self.local_sgd_lr)
-            for name, g in grads.items():
-                params[name] -= lr * g
+        if c + 1 < self.spec.iterations and not self.cache_valid(guaranteed, c + 1):
+            # The next iteration must pull: ask for it with this push (then_pull), one round trip.
+            resp, pulled = await self.call(
+                lambda: self.client.push_pull(self.a.run_id, self.a.rank, self.a.incarnation, c, grads, loss,
+                                              into=params, max_wait=self.config.timeout_seconds * 4),
+                f"push {c}",
+            )
+            self._prefetched = pulled.guaranteed_clock
+            self.stats.pulls += 1
+        else:
+            resp = await self.call(
+                lambda: self.client.push(self.a.run_id, self.a.rank, self.a.incarnation, c, grads, loss),
+                f"push {c}",
+            )
+            if self.local_sgd_lr is not None and self.staleness:
+                lr = np.float32(self.local_sgd_lr)
+                for name, g in grads.items():
+                    params[name] -= lr * g
         self.clock = resp.clock
         self.run_state = resp.run_state
         self.stats.iterations += 1
         self.stats.last_loss = loss
         self._samples += len(batch)
         if self.slowdown > 1.0:
-            # (factor - 1) x this iteration's own work; the time parked in the pull is not work,
-            # and counting it would make a straggler slow itself down further and further.
-            await asyncio.sleep((self.slowdown - 1.0) * (time.perf_counter() - t0 - waited))
+            # (factor - 1) x this iteration's own work: its computation plus the least time an
+            # iteration's communication has taken (time parked waiting for others is not work;
+            # counting it would make a straggler slow itself down further and further).
+            self._base_comm = min(self._base_comm, time.perf_counter() - t0 - t_compute)
+            await asyncio.sleep((self.slowdown - 1.0) * (t_compute + self._base_comm))
         self.record(c, loss, time.perf_counter() - t0)
         if time.monotonic() - self._last_report >= self.config.report_seconds:
             await self.report()

@@ -59,9 +59,9 @@ async def test_kill_9_one_worker_the_others_unblock_within_the_lease() -> None:
 
 
 async def test_sigstop_past_the_lease_then_sigcont_rejoins() -> None:
-    spec = build_run_spec(LaunchOptions(model="mlp:32", dataset="digits", workers=3, staleness="1", epochs=30, seed=3))
-    # the two others are slowed down so that the run is still going when the frozen one comes back
-    with ps_server(*SERVER_ARGS) as (_, addr), ps_workers(addr, 2, "--slowdown", "4") as workers:
+    # long enough to outlast the freeze; stopped once the frozen worker trains again
+    spec = build_run_spec(LaunchOptions(model="mlp:32", dataset="digits", workers=3, staleness="1", epochs=2000, seed=3))
+    with ps_server(*SERVER_ARGS) as (_, addr), ps_workers(addr, 2) as workers:
         # the third worker loops (no --once) so that it can come back after its eviction
         frozen = subprocess.Popen([sys.executable, "-m", "worker.main", "--server", addr, "--log-level", "WARNING",
                                    "--idle-exit-seconds", "5"], env=ENV)
@@ -81,6 +81,12 @@ async def test_sigstop_past_the_lease_then_sigcont_rejoins() -> None:
                 assert evicted.workers[rank].state == pb.WORKER_STATE_EVICTED
                 assert evicted.counters.evictions == 1
                 os.kill(frozen.pid, signal.SIGCONT)
+                async with asyncio.timeout(60):  # it comes back as a new incarnation and trains again
+                    async for snap in c.watch_run(run.run_id, interval=0.05):
+                        w = snap.run.workers[rank]
+                        if w.incarnation > old_incarnation and w.pushes >= evicted.workers[rank].pushes + 5:
+                            break
+                await c.stop_run(run.run_id, "test over")
                 final = await finish(c, run.run_id)
                 events = (await c.get_metrics(run.run_id)).events
             assert frozen.wait(30) == 0
@@ -90,13 +96,11 @@ async def test_sigstop_past_the_lease_then_sigcont_rejoins() -> None:
                 frozen.kill()
             frozen.wait()
         assert [w.wait(30) for w in workers] == [0, 0]
-    assert final.state == pb.RUN_STATE_COMPLETED, final.message
-    # its late push (or pull) from the old incarnation was refused, then it rejoined and trained again
-    assert final.counters.pushes_rejected >= 1 or any(e.kind == "joined" and e.rank == rank for e in events[-20:])
+    assert final.state == pb.RUN_STATE_STOPPED, final.message
+    # evicted, then its old incarnation was refused (push, pull or heartbeat), it rejoined and trained
+    assert any(e.kind == "evicted" and e.rank == rank for e in events)
     rejoined = [e for e in events if e.kind == "joined" and e.rank == rank]
     assert len(rejoined) >= 2, [e.message for e in events]
     assert final.workers[rank].incarnation > old_incarnation
-    assert final.workers[rank].state == pb.WORKER_STATE_DONE
-    assert any(e.kind == "evicted" and e.rank == rank for e in events)
     record("worker-sigstop", lease_seconds=LEASE, rejected_pushes=final.counters.pushes_rejected,
            incarnations=[old_incarnation, final.workers[rank].incarnation])

@@ -321,7 +321,7 @@ class Run(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[RunSpec, _Mapping]] = ..., state: _Optional[_Union[RunState, str]] = ..., message: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., min_clock: _Optional[int] = ..., max_clock: _Optional[int] = ..., counters: _Optional[_Union[RunCounters, _Mapping]] = ..., last_eval: _Optional[_Union[MetricPoint, _Mapping]] = ..., waiting_for: _Optional[str] = ...) -> None: ...
 
 class PushGradientRequest(_message.Message):
-    __slots__ = ("run_id", "rank", "incarnation", "clock", "tensors", "final", "loss")
+    __slots__ = ("run_id", "rank", "incarnation", "clock", "tensors", "final", "loss", "then_pull")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -329,6 +329,7 @@ class PushGradientRequest(_message.Message):
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
+    THEN_PULL_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     rank: int
     incarnation: int
@@ -336,19 +337,22 @@ class PushGradientRequest(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[TensorChunk]
     final: bool
     loss: float
-    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., final: _Optional[bool] = ..., loss: _Optional[float] = ...) -> None: ...
+    then_pull: PullParamsRequest
+    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., final: _Optional[bool] = ..., loss: _Optional[float] = ..., then_pull: _Optional[_Union[PullParamsRequest, _Mapping]] = ...) -> None: ...
 
 class PushGradientResponse(_message.Message):
-    __slots__ = ("clock", "duplicate", "min_clock", "run_state")
+    __slots__ = ("clock", "duplicate", "min_clock", "run_state", "pulled")
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     MIN_CLOCK_FIELD_NUMBER: _ClassVar[int]
     RUN_STATE_FIELD_NUMBER: _ClassVar[int]
+    PULLED_FIELD_NUMBER: _ClassVar[int]
     clock: int
     duplicate: bool
     min_clock: int
     run_state: RunState
-    def __init__(self, clock: _Optional[int] = ..., duplicate: _Optional[bool] = ..., min_clock: _Optional[int] = ..., run_state: _Optional[_Union[RunState, str]] = ...) -> None: ...
+    pulled: PullParamsResponse
+    def __init__(self, clock: _Optional[int] = ..., duplicate: _Optional[bool] = ..., min_clock: _Optional[int] = ..., run_state: _Optional[_Union[RunState, str]] = ..., pulled: _Optional[_Union[PullParamsResponse, _Mapping]] = ...) -> None: ...
 
 class PullParamsRequest(_message.Message):
     __slots__ = ("run_id", "rank", "incarnation", "clock", "names", "max_wait")

@@ -8,7 +8,7 @@ tensors share one message. The contract itself is in ``paramserver.proto``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -20,16 +20,16 @@ F32 = np.dtype("<f4")
 T = TypeVar("T")
 
 
-class _HasTensors(Protocol):
-    @property
-    def tensors(self) -> Any: ...
+M = TypeVar("M")
 
 
-M = TypeVar("M", bound=_HasTensors)
-
-
-def chunk_messages(tensors: Mapping[str, np.ndarray], chunk_bytes: int, new_message: Callable[[], M]) -> Iterator[M]:
-    """Yield messages from ``new_message()`` whose ``tensors`` carry about ``chunk_bytes`` each.
+def chunk_messages(
+    tensors: Mapping[str, np.ndarray],
+    chunk_bytes: int,
+    new_message: Callable[[], M],
+    tensors_of: Callable[[M], Any] = lambda m: m.tensors,  # type: ignore[attr-defined]
+) -> Iterator[M]:
+    """Yield messages from ``new_message()`` whose ``tensors_of(msg)`` carry about ``chunk_bytes``.
 
     Chunks are added in place (``tensors.add``): building a message from a list of chunks would
     copy every chunk's bytes once more. Messages are made lazily, so sending overlaps encoding.
@@ -44,12 +44,12 @@ def chunk_messages(tensors: Mapping[str, np.ndarray], chunk_bytes: int, new_mess
         shape = arr.shape
         for lo in range(0, max(flat.size, 1), per_chunk):
             part = flat[lo : lo + per_chunk]
-            msg.tensors.add(name=name, shape=shape, dtype=pb.DATA_TYPE_FLOAT32, offset=lo, data=part.tobytes())
+            tensors_of(msg).add(name=name, shape=shape, dtype=pb.DATA_TYPE_FLOAT32, offset=lo, data=part.tobytes())
             size += part.nbytes
             if size >= chunk_bytes:
                 yield msg
                 msg, size, sent = new_message(), 0, True
-    if len(msg.tensors) or not sent:
+    if len(tensors_of(msg)) or not sent:
         yield msg
 
 
