@@ -114,7 +114,7 @@ def launch(
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 0.1,
     momentum: Annotated[float, typer.Option(help="Momentum (momentum, nesterov).")] = 0.9,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
-    epochs: Annotated[float, typer.Option(help="Passes over each rank's shard.")] = 10.0,
+    epochs: Annotated[float, typer.Option(help="Passes over each rank's shard.")] = 15.0,
     iterations: Annotated[int, typer.Option(min=0, help="Iterations per worker; overrides --epochs.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Minibatch size per worker.")] = 32,
     seed: Annotated[int, typer.Option(min=0, help="Seed for initialisation and shuffling.")] = 0,

@@ -113,10 +113,10 @@ def _local(o: LaunchOptions, verbose: bool, json_mode: bool, timeout: float) -> 
     try:
         with cluster:
             cluster.start_server()
-            spec = build_run_spec(o)  # overlaps the server's start-up
+            cluster.start_workers()  # they wait for the server by themselves
+            spec = build_run_spec(o)  # overlaps the server's and the workers' start-up
             per_epoch = iterations_per_epoch(o)
             address = cluster.wait_server(SERVER_START_SECONDS)
-            cluster.start_workers()
 
             async def main() -> tuple[pb.Run, list[dict[str, Any]]]:
                 async with PsClient(address, timeout=timeout, security=security_from_env()) as ps:

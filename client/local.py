@@ -3,10 +3,9 @@
 Lifecycle (one object, used as a context manager)::
 
     with LocalCluster(workers=4) as cluster:   # nothing runs yet
-        cluster.start_server()                 # ps-server --port 0, non-blocking
-        ...                                    # build the run spec while it boots
-        address = cluster.wait_server(15.0)    # its first stdout line names the port
+        cluster.start_server()                 # ps-server on a free port, non-blocking
         cluster.start_workers()                # N workers at once; they retry until it answers
+        address = cluster.wait_server(15.0)    # its first stdout line says it listens
         ...                                    # create the run, follow it; check_server() in between
     # __exit__: SIGTERM workers, then the server; SIGKILL whatever is left; nothing survives
 
@@ -34,6 +33,7 @@ import re
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -92,9 +92,18 @@ class LocalCluster:
         )
 
     def start_server(self) -> None:
-        """Start ``ps-server --port 0`` on 127.0.0.1 without waiting for it."""
+        """Start ``ps-server`` on a free port of 127.0.0.1 without waiting for it.
+
+        The port is chosen here (not ``--port 0``) so that workers can start at the same time
+        as the server: they retry until it answers. Their start-up (imports, data) then overlaps
+        the server's instead of following it.
+        """
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.address = f"127.0.0.1:{port}"
         self._server = self._spawn(
-            ["-m", "ps_server.server", "--host", "127.0.0.1", "--port", "0", "--grace-seconds", "1"],
+            ["-m", "ps_server.server", "--host", "127.0.0.1", "--port", str(port), "--grace-seconds", "1"],
             stdout=subprocess.PIPE,
         )
 

@@ -66,7 +66,7 @@ class LaunchOptions:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 0.0
-    epochs: float = 10.0
+    epochs: float = 15.0
     iterations: int = 0
     """When > 0, overrides epochs."""
     batch_size: int = 32

@@ -108,20 +108,23 @@ def _assert_frozen_shapes(ds: Any, n_features: int) -> None:
 
 def test_digits_shapes_split_and_train_standardisation() -> None:
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+
+    from worker.datasets import _digits_raw
 
     ds = load_dataset(parse_dataset("digits"))
     assert (ds.name, ds.task, ds.n_outputs) == ("digits", "classification", 10)
     _assert_frozen_shapes(ds, 64)
-    assert ds.X_train.shape == (1437, 64) and ds.X_test.shape == (360, 64)
-    # The fixed split and the standardisation with TRAIN statistics, recomputed independently.
+    assert ds.X_train.shape == (1438, 64) and ds.X_test.shape == (359, 64)
+    # Read without importing scikit-learn (slow), the data are exactly scikit-learn's.
     X, y = load_digits(return_X_y=True)
-    X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.2, stratify=y, random_state=0)
-    mean, std = X_tr.mean(0), X_tr.std(0)
-    std[std == 0] = 1
-    np.testing.assert_array_equal(ds.y_train, y_tr)
-    np.testing.assert_array_equal(ds.y_test, y_te)
-    np.testing.assert_allclose(ds.X_test, (X_te - mean) / std, rtol=1e-6, atol=1e-6)
+    X_raw, y_raw = _digits_raw()
+    np.testing.assert_array_equal(X_raw, X)
+    np.testing.assert_array_equal(y_raw, y)
+    # The split is stratified (round(20%) of each class in test) and covers every row once.
+    counts = np.bincount(y, minlength=10)
+    np.testing.assert_array_equal(np.bincount(ds.y_test, minlength=10), np.round(counts * 0.2).astype(int))
+    np.testing.assert_array_equal(np.sort(np.concatenate([ds.y_train, ds.y_test])), np.sort(y))
+    X_tr = ds.X_train
     np.testing.assert_allclose(ds.X_train.mean(0), 0, atol=1e-5)
     constant = X_tr.std(0) == 0
     assert constant.any()  # digits has always-blank pixels: those stay finite (std 0 -> 1)
