@@ -309,7 +309,7 @@ def status_to_proto(s: RunStatus) -> pb.Run:
             pushes_rejected=c.pushes_rejected, pulls_served=c.pulls_served, pulls_parked=c.pulls_parked,
             pulls_skipped=c.pulls_skipped, bytes_pushed=c.bytes_pushed, bytes_pulled=c.bytes_pulled,
             updates_applied=c.updates_applied, evictions=c.evictions, staleness_sum=c.staleness_sum,
-            staleness_max=c.staleness_max,
+            staleness_max=c.staleness_max, parked_seconds=c.parked_seconds,
         ),
         last_eval=point_to_proto(s.last_eval) if s.last_eval else None,
         waiting_for=s.waiting_for,

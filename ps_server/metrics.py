@@ -27,6 +27,7 @@ _COUNTERS = {
     "bytes_pulled": "Parameter payload bytes sent",
     "updates_applied": "Optimizer steps applied",
     "evictions": "Workers evicted after their lease expired",
+    "parked_seconds": "Seconds pulls spent parked waiting for the staleness bound",
 }
 
 

@@ -71,6 +71,7 @@ class _Slot:
     pushes: int = 0
     pulls_skipped: int = 0
     waiting_for: int | None = None
+    parked_at: float | None = None
 
     @property
     def live(self) -> bool:
@@ -329,10 +330,15 @@ class Run:
         return slot.clock >= clock and self.min_clock >= self._bound(clock)
 
     def park(self, rank: int, clock: int | None) -> None:
-        """Record (clock) or clear (None) what a parked pull of ``rank`` waits for."""
-        self._slots[rank].waiting_for = clock
+        """Record (clock) or clear (None) what a parked pull of ``rank`` waits for, and for how long."""
+        slot = self._slots[rank]
+        slot.waiting_for = clock
         if clock is not None:
             self.counters.pulls_parked += 1
+            slot.parked_at = self._now()
+        elif slot.parked_at is not None:
+            self.counters.parked_seconds += self._now() - slot.parked_at
+            slot.parked_at = None
 
     def read(self, rank: int | None, clock: int, names: list[str] | None) -> ParamsRead:
         """Serve a pull whose wait is over (``rank`` None: an observer's read)."""

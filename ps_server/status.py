@@ -56,6 +56,8 @@ class Counters:
     evictions: int = 0
     staleness_sum: int = 0
     staleness_max: int = 0
+    parked_seconds: float = 0.0
+    """Time pulls spent parked by the SSP rule, summed over pulls."""
 
 
 @dataclass(frozen=True)

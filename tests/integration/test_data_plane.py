@@ -103,6 +103,7 @@ async def test_bsp_pull_parks_until_every_rank_pushed_and_names_the_holdout(serv
         await client.push(run.run_id, b.rank, b.incarnation, 0, g)
         got = await asyncio.wait_for(parked, 5)
     assert got.guaranteed_clock == 1 and got.version == 1
+    assert (await client.get_run(run.run_id)).counters.parked_seconds >= 0.15  # it was parked ~0.2 s
     np.testing.assert_allclose(got.tensors["b"], p.tensors["b"] - 1.0)
 
 
