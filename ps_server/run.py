@@ -78,7 +78,7 @@ class _Slot:
         return self.state in (WorkerState.ACTIVE, WorkerState.DONE)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClockRecord:
     """The server's record of a served pull (an iteration starts) or an accepted push (it ends)."""
 
@@ -116,7 +116,7 @@ class Run:
         self.changes = 0
         self.points: collections.deque[MetricPoint] = collections.deque(maxlen=history)
         self.events: collections.deque[RunEvent] = collections.deque(maxlen=history)
-        self.clock_records: collections.deque[ClockRecord] = collections.deque(maxlen=10 * history)
+        self.clock_records: collections.deque[ClockRecord] = collections.deque(maxlen=5 * history)
         self.last_eval: MetricPoint | None = None
         self.event_count = 0
         self._now = now

@@ -14,10 +14,14 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from paramserver.v1 import paramserver_pb2 as pb
 from worker.client import PsClient
+from worker.datasets import BatchSampler, load_dataset, shard_indices
+from worker.models import build_model
 
-__all__ = ["ENV", "connect", "finish", "free_port", "ps_server", "ps_workers", "record"]
+__all__ = ["ENV", "bsp_reference", "connect", "finish", "free_port", "ps_server", "ps_workers", "record"]
 
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -84,3 +88,27 @@ def record(name: str, **figures: object) -> None:
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     with REPORT.open("a") as f:
         f.write(json.dumps({"test": name, "time": time.time(), **figures}) + "\n")
+
+
+def bsp_reference(spec: pb.RunSpec, init: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What a BSP run with plain SGD must end with: each clock, the ranks' gradients on their own
+    batches, combined in rank order (mean), applied once, as one process would."""
+    workers = spec.num_workers
+    data = load_dataset(json.loads(spec.data_spec_json))
+    model = build_model(json.loads(spec.model_spec_json), data.n_features, data.n_outputs)
+    shards = [shard_indices(len(data.X_train), r, workers, spec.seed) for r in range(workers)]
+    samplers = [BatchSampler(len(s), spec.batch_size, spec.seed, r) for r, s in enumerate(shards)]
+    params = {k: v.copy() for k, v in init.items()}
+    lr = np.float32(spec.optimizer.sgd.learning_rate)
+    for clock in range(spec.iterations):
+        grads = []
+        for r in range(workers):
+            idx = shards[r][samplers[r].batch(clock)]
+            grads.append(model.loss_and_grad(params, data.X_train[idx], data.y_train[idx])[1])
+        for name in params:
+            acc = grads[0][name].astype(np.float32).copy()
+            for g in grads[1:]:
+                acc += g[name]
+            acc *= np.float32(1 / workers)
+            params[name] -= lr * acc
+    return params

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,9 +37,12 @@ class FaultProxy:
 
     PUSH = "/paramserver.v1.ParameterService/PushGradient"
 
-    def __init__(self, upstream: str, drop_push_clock: int) -> None:
+    def __init__(self, upstream: str, drop_push_clock: int = -1, drop_rate: float = 0.0, seed: int = 0) -> None:
+        """Drop the answer to the push of ``drop_push_clock`` once, or each answer with ``drop_rate``."""
         self.upstream = upstream
         self.drop_push_clock = drop_push_clock
+        self.drop_rate = drop_rate
+        self._rng = random.Random(seed)
         self.dropped: list[tuple[int, int]] = []  # (clock acknowledged, duplicate flag) of dropped answers
         self.pushes_seen = 0
         self._kinds = _methods()
@@ -65,7 +69,12 @@ class FaultProxy:
             return False
         self.pushes_seen += 1
         resp = pb.PushGradientResponse.FromString(response)
-        if self.dropped or resp.duplicate or resp.clock != self.drop_push_clock + 1:
+        if resp.duplicate or resp.clock == 0:  # a retry's answer, or a later message of a then_pull
+            return False
+        if self.drop_rate:
+            if self._rng.random() >= self.drop_rate:
+                return False
+        elif self.dropped or resp.clock != self.drop_push_clock + 1:
             return False
         self.dropped.append((resp.clock, resp.duplicate))
         return True

@@ -7,12 +7,11 @@ import json
 
 import numpy as np
 import pytest
-from procs import connect, finish, free_port, ps_server, ps_workers
+from procs import bsp_reference, connect, finish, free_port, ps_server, ps_workers
 
 from client.spec import LaunchOptions, build_run_spec
 from paramserver.v1 import paramserver_pb2 as pb
-from worker.datasets import BatchSampler, load_dataset, shard_indices
-from worker.models import build_model
+from worker.datasets import load_dataset
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
@@ -63,23 +62,7 @@ async def test_bsp_equals_single_process_reference() -> None:
                 final_run = await finish(c, run.run_id)
             final = (await c.pull(run.run_id)).tensors
     assert final_run.state == pb.RUN_STATE_COMPLETED, final_run.message
-    data = load_dataset(json.loads(spec.data_spec_json))
-    model = build_model(json.loads(spec.model_spec_json), data.n_features, data.n_outputs)
-    shards = [shard_indices(len(data.X_train), r, 3, spec.seed) for r in range(3)]
-    samplers = [BatchSampler(len(s), spec.batch_size, spec.seed, r) for r, s in enumerate(shards)]
-    params = {k: v.copy() for k, v in init.items()}
-    lr = np.float32(0.1)
-    for clock in range(spec.iterations):
-        grads = []
-        for r in range(3):
-            idx = shards[r][samplers[r].batch(clock)]
-            grads.append(model.loss_and_grad(params, data.X_train[idx], data.y_train[idx])[1])
-        for name in params:
-            acc = grads[0][name].astype(np.float32).copy()
-            for g in grads[1:]:
-                acc += g[name]
-            acc *= np.float32(1 / 3)
-            params[name] -= lr * acc
+    params = bsp_reference(spec, init)
     for name in params:
         np.testing.assert_allclose(final[name], params[name], rtol=1e-5, atol=1e-6)
     assert not np.allclose(final["layer0.weight"], init["layer0.weight"])  # it did train
