@@ -28,7 +28,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 
 from .client import PsClient, PsClientError
 from .config import WorkerConfig, parse_config
-from .trainer import Outcome, train
+from .trainer import LogContext, Outcome, train
 
 __all__ = ["main", "work"]
 
@@ -106,8 +106,10 @@ async def _main(config: WorkerConfig) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     tune_malloc()
     config = parse_config(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)-7s [{config.display_name}] %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(LogContext())
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s [{config.display_name}%(ctx)s] %(message)s"))
+    logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
     try:
         sys.exit(asyncio.run(_main(config)))
     except ValueError as exc:  # security settings that cannot work

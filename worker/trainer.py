@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import math
@@ -44,9 +45,19 @@ from .config import WorkerConfig
 from .datasets import BatchSampler, DatasetError, load_dataset, shard_indices
 from .models import ModelSpecError, build_model
 
-__all__ = ["Outcome", "TrainStats", "train"]
+__all__ = ["LogContext", "Outcome", "TrainStats", "train"]
 
 log = logging.getLogger("ps_worker")
+_current: contextvars.ContextVar[_Trainer | None] = contextvars.ContextVar("trainer", default=None)
+
+
+class LogContext(logging.Filter):
+    """Adds ``ctx`` to every record: the run, rank and clock of the assignment being trained."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        t = _current.get()
+        record.ctx = f" run={t.a.run_id} rank={t.a.rank} clock={t.clock}" if t else ""
+        return True
 T = TypeVar("T")
 
 _FINISHED = (pb.RUN_STATE_COMPLETED, pb.RUN_STATE_STOPPED, pb.RUN_STATE_FAILED)
@@ -300,6 +311,7 @@ async def _heartbeat(client: PsClient, a: pb.Assignment, trainer: _Trainer, main
 async def train(client: PsClient, a: pb.Assignment, config: WorkerConfig) -> Outcome:
     """Train one assignment to its end; never raises for reasons outside this worker's control."""
     trainer = _Trainer(client, a, config)
+    _current.set(trainer)  # this task and the ones it starts log with run, rank and clock
     leave_reason, message = pb.LEAVE_REASON_DONE, ""
     log.info("rank %d of run %s (incarnation %d) from clock %d", a.rank, a.run_id, a.incarnation, a.start_clock)
     task = asyncio.current_task()
