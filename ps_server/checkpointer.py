@@ -3,7 +3,9 @@
 A run calls ``schedule`` synchronously when its min clock passes a multiple of
 ``checkpoint_every`` and when it finishes, so the snapshot is a consistent cut taken on the event
 loop; the write (npz, hashes, fsync, rename) then runs in a thread so the loop keeps serving. Writes
-of one run are ordered by a lock: a newer checkpoint never lands before an older one.
+of one run are ordered by a lock: a newer checkpoint never lands before an older one. When the disk
+is slower than the run, snapshots are coalesced: one write at a time per run, and only the newest
+snapshot waits for it (so memory stays bounded and what lands is as fresh as the disk allows).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ class Checkpointer:
         self.store = store
         self.every = every
         self._locks: dict[str, asyncio.Lock] = {}
-        self._tasks: set[asyncio.Task[Path]] = set()
+        self._waiting: dict[str, tuple[dict[str, Any], dict[str, np.ndarray], str]] = {}
+        self._writers: dict[str, asyncio.Task[None]] = {}
 
     def attach(self, run: Run) -> None:
         """Make ``run`` checkpoint itself through this checkpointer."""
@@ -39,9 +42,18 @@ class Checkpointer:
 
     def schedule(self, run: Run, reason: str) -> None:
         meta, arrays = run.state_dict()
-        task = asyncio.get_running_loop().create_task(self._write(meta, arrays, reason))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._waiting[run.run_id] = (meta, arrays, reason)  # replaces an older one not yet written
+        writer = self._writers.get(run.run_id)
+        if writer is None or writer.done():
+            self._writers[run.run_id] = asyncio.get_running_loop().create_task(self._write_waiting(run.run_id))
+
+    async def _write_waiting(self, run_id: str) -> None:
+        while run_id in self._waiting:
+            meta, arrays, reason = self._waiting.pop(run_id)
+            try:
+                await self._write(meta, arrays, reason)
+            except OSError:
+                pass  # logged by _write; the next checkpoint tries again
 
     async def checkpoint_now(self, run: Run, reason: str) -> tuple[Path, int]:
         meta, arrays = run.state_dict()
@@ -62,8 +74,8 @@ class Checkpointer:
 
     async def drain(self) -> None:
         """Wait for every scheduled write."""
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._writers:
+            await asyncio.gather(*self._writers.values(), return_exceptions=True)
 
     def resume(self, registry: RunRegistry) -> list[Run]:
         """Restore every run with a valid checkpoint (corrupt ones are skipped, loudly)."""

@@ -61,6 +61,7 @@ async def test_partitioned_worker_is_evicted_then_rejoins_after_healing() -> Non
                       "--heartbeat-seconds", "0.5") as (_, addr), \
             ps_workers(addr, 2) as local_workers:
         port = addr.rsplit(":", 1)[1]
+        addr = f"127.0.0.1:{port}"  # the server says 0.0.0.0: dial loopback from here
         remote = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, "-m", "worker.main", "--server", f"{HOST_IP}:{port}",
              "--log-level", "WARNING", "--timeout-seconds", "3", "--idle-exit-seconds", "5", "--name", "remote"],
