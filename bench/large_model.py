@@ -227,7 +227,7 @@ async def distributed(spec: object, profile: Path | None, tag: str) -> dict[str,
     steady = [s for s in samples if 0.1 * total <= s[1] <= 0.9 * total]
     (t0, n0, cpu0, _), (t1, n1, cpu1, _) = steady[0], steady[-1]
     dt = t1 - t0
-    cpu_share = [(b - a) / dt for a, b in zip(cpu0, cpu1)]
+    cpu_share = [(b - a) / dt for a, b in zip(cpu0, cpu1, strict=True)]
     co = final.counters
     return {
         "pushes_s": (n1 - n0) / dt,

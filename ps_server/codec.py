@@ -1,9 +1,9 @@
 """Conversions between the wire (paramserver.v1 protobuf) and the core, as pure functions.
 
 Also the one table that maps domain errors to gRPC status codes. Tensors:
-``paramserver.v1.tensors.chunk_messages`` splits arrays into ~chunk_bytes messages; ``TensorAssembler``
-puts chunks back together, zero-copy when a tensor arrives in one chunk. Each protobuf ``bytes``
-field is read once: every access copies it.
+``paramserver.v1.wire`` encodes and decodes the data plane's messages; ``TensorAssembler`` puts
+decoded chunks (views of the received bytes) back together, zero-copy when a tensor arrives in one
+chunk.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1 import wire
 from paramserver.v1.tensors import F32
 
 from . import errors
@@ -72,9 +73,9 @@ class TensorAssembler:
         self._filled: dict[str, int] = {}
         self._declared = 0
 
-    def add(self, chunks: Iterable[pb.TensorChunk]) -> None:
+    def add(self, chunks: Iterable[wire.Chunk]) -> None:
         for chunk in chunks:
-            data = chunk.data  # read once: each access copies
+            data = chunk.data  # a view of the request's bytes (wire), not a copy
             name = chunk.name
             if chunk.dtype != pb.DATA_TYPE_FLOAT32:
                 raise errors.InvalidArgument(

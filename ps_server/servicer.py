@@ -11,13 +11,15 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from functools import partial
-from typing import Any, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
-from paramserver.v1.tensors import chunk_messages, with_last
+from paramserver.v1 import wire
+from paramserver.v1.tensors import with_last
 
 from . import codec
 from .checkpointer import Checkpointer
@@ -31,7 +33,7 @@ from .store import ParamStore
 __all__ = ["ParameterServicer", "RunServicer", "WorkerServicer"]
 
 log = logging.getLogger("ps_server")
-M = TypeVar("M", pb.PullParamsResponse, pb.PushGradientResponse)
+R = TypeVar("R")
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: PsError) -> NoReturn:
@@ -46,12 +48,13 @@ def _wait_limit(config: ServerConfig, requested: float, context: grpc.aio.Servic
     return limit if remaining is None else max(0.0, min(limit, remaining))
 
 
-def _tensors(msg: pb.PullParamsResponse) -> Any:
-    return msg.tensors
-
-
-def _pulled_tensors(msg: pb.PushGradientResponse) -> Any:
-    return msg.pulled.tensors
+async def _decode(parse: Callable[[bytes], R], raw: bytes, context: grpc.aio.ServicerContext) -> R:
+    """A request through ``parse``; unparseable bytes end the call as gRPC's deserializer would."""
+    try:
+        return parse(raw)
+    except DecodeError:
+        await context.abort(grpc.StatusCode.INTERNAL, "Exception deserializing request!")
+        raise AssertionError("unreachable") from None  # pragma: no cover
 
 
 def _changed_since(run: Run, changes: int) -> bool:
@@ -64,8 +67,10 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
         self._config = config
 
     async def PushGradient(
-        self, request_iterator: AsyncIterator[pb.PushGradientRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.PushGradientResponse]:
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """Registered with pass-through (de)serializers (``server.py``): serialized
+        ``PushGradientRequest`` in, serialized ``PushGradientResponse`` out, coded by ``wire``."""
         assembler: codec.TensorAssembler | None = None
         key: tuple[str, int, int, int] | None = None
         run: Run | None = None
@@ -75,14 +80,15 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
         failed: PsError | None = None
         drained = 0
         then_pull: pb.PullParamsRequest | None = None
-        async for req in request_iterator:
+        async for raw in request_iterator:
+            req = await _decode(wire.decode_push_request, raw, context)
             this = (req.run_id, req.rank, req.incarnation, req.clock)
             try:
                 if failed is None:
                     try:
                         if assembler is None:  # a new push on this stream
                             run = None
-                            then_pull = req.then_pull if req.HasField("then_pull") else None
+                            then_pull = req.then_pull
                             run = self._registry.get(req.run_id)
                             assembler = codec.TensorAssembler(max_bytes=2 * run.store.nbytes + (1 << 20))
                             key = this
@@ -93,7 +99,7 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
                     except PsError as exc:
                         failed = exc
                 else:
-                    drained += req.ByteSize()
+                    drained += len(raw)
                     limit = max(assembler.max_bytes if assembler else 0, 2 * self._config.max_message_bytes)
                     if drained > limit:
                         raise failed
@@ -114,38 +120,35 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
                     run.counters.pushes_rejected += 1
                 log.info("push rejected: %s", exc, extra={"run": req.run_id, "rank": req.rank, "clock": req.clock})
                 await _abort(context, exc)
-            ack = partial(pb.PushGradientResponse, clock=result.clock, duplicate=result.duplicate,
-                          min_clock=result.min_clock, run_state=codec.run_state_to_proto(result.run_state))
+            ack = (result.clock, result.duplicate, result.min_clock, codec.run_state_to_proto(result.run_state))
             if then_pull is None:
-                yield ack()
+                yield wire.encode_push_response(*ack)
                 continue
             try:  # the pull that rides on this push: one round trip per iteration
                 read = await self._pull(then_pull, context)
             except PsError as exc:
                 await _abort(context, exc)
             first = True
-            for msg, last in with_last(self._params_messages(read, pb.PushGradientResponse, _pulled_tensors)):
-                if first:
-                    msg.MergeFrom(ack())
-                    first = False
-                msg.pulled.final = last
-                yield msg
+            for pulled in self._params_messages(read):
+                yield wire.encode_push_response(*ack, pulled=pulled) if first else wire.encode_push_response(pulled=pulled)
+                first = False
         if failed is not None or assembler is not None:
             if run is not None:
                 run.counters.pushes_rejected += 1
             await _abort(context, failed or InvalidArgument(f"the stream ended inside push {key} (final never set)"))
 
     async def PullParams(
-        self, request_iterator: AsyncIterator[pb.PullParamsRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.PullParamsResponse]:
-        async for req in request_iterator:
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """Pass-through (de)serializers: serialized ``PullParamsRequest`` in, ``PullParamsResponse`` out."""
+        async for raw in request_iterator:
+            req = await _decode(pb.PullParamsRequest.FromString, raw, context)
             try:
                 read = await self._pull(req, context)
             except PsError as exc:
                 await _abort(context, exc)
-            for msg, last in with_last(self._params_messages(read, pb.PullParamsResponse, _tensors)):
-                msg.final = last
-                yield msg
+            for params in self._params_messages(read):
+                yield wire.encode_params_response(*params)
 
     async def _pull(self, req: pb.PullParamsRequest, context: grpc.aio.ServicerContext) -> ParamsRead:
         """Wait as the SSP rule says, then read (an observer's read, incarnation 0, never waits)."""
@@ -156,22 +159,16 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
         await self._wait(run, req, context)
         return run.read(req.rank, req.clock, names)
 
-    def _params_messages(self, read: ParamsRead, new: Callable[[], M], tensors_of: Callable[[M], Any]) -> Iterator[M]:
-        """A read as messages of ~chunk_bytes, each made by ``new`` with its params part filled in.
+    def _params_messages(self, read: ParamsRead) -> Iterator[wire.ParamsParts]:
+        """A read as the arguments of ``wire.encode_params_response``, in groups of ~chunk_bytes.
 
         Chunks are encoded lazily, between sends: a model of hundreds of MB is never copied whole.
         A multi-message read can therefore include updates applied while it streams ("maybe newer
         ones too"); it always includes every update it guarantees.
         """
         state = codec.run_state_to_proto(read.run_state)
-
-        def make() -> M:
-            msg = new()
-            head = msg if isinstance(msg, pb.PullParamsResponse) else msg.pulled
-            head.guaranteed_clock, head.version, head.run_state = read.guaranteed_clock, read.version, state
-            return msg
-
-        return chunk_messages(read.tensors, self._config.chunk_bytes, make, tensors_of)
+        for group, last in with_last(wire.chunk_groups(read.tensors, self._config.chunk_bytes)):
+            yield read.guaranteed_clock, read.version, group, last, state
 
     async def _wait(self, run: Run, req: pb.PullParamsRequest, context: grpc.aio.ServicerContext) -> None:
         rank, inc, clock = req.rank, req.incarnation, req.clock

@@ -23,7 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
-from paramserver.v1.tensors import F32, chunk_messages, with_last
+from paramserver.v1 import wire
+from paramserver.v1.tensors import F32, with_last
 
 __all__ = ["PsClient", "PsClientError", "PullResult", "Security", "channel_options", "read_token"]
 
@@ -124,6 +125,10 @@ def _final(resp: Any) -> bool:
     return bool(resp.final)
 
 
+def _identity(resp: Any) -> Any:
+    return resp
+
+
 class _Stream:
     """One long-lived bidirectional stream that carries one operation at a time."""
 
@@ -134,9 +139,12 @@ class _Stream:
         self._lock = asyncio.Lock()
 
     async def exchange(
-        self, requests: Iterable[Any], timeout: float, *, until_final: bool, final: Callable[[Any], bool] = _final
+        self, requests: Iterable[Any], timeout: float, *, until_final: bool, final: Callable[[Any], bool] = _final,
+        decode: Callable[[Any], Any] = _identity,
     ) -> list[Any]:
-        """Write ``requests``, read one response (or until ``final(response)``); bounded by timeout."""
+        """Write ``requests``, read one response (or until ``final(response)``); bounded by timeout.
+
+        Each response goes through ``decode`` (the stream's calls pass bytes through)."""
         async with self._lock:
             if self._call is None:
                 self._call = self._open_call()
@@ -155,6 +163,7 @@ class _Stream:
                         resp = await call.read()
                         if resp is grpc.aio.EOF:
                             raise PsClientError(grpc.StatusCode.UNAVAILABLE, "stream closed by the server", self._method)
+                        resp = decode(resp)
                         out.append(resp)
                         if not until_final or final(resp):
                             return out
@@ -210,8 +219,14 @@ class PsClient:
         self.workers = pb_grpc.WorkerServiceStub(self._channel)
         self.data = pb_grpc.ParameterServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._push = _Stream(partial(self.data.PushGradient, metadata=self._metadata), "PushGradient")
-        self._pull = _Stream(partial(self.data.PullParams, metadata=self._metadata), "PullParams")
+        # The data plane's own streams pass bytes through: messages are coded by paramserver.v1.wire
+        # (the same wire bytes as the generated stub's, without building protobuf objects).
+        push_call = self._channel.stream_stream(
+            "/paramserver.v1.ParameterService/PushGradient", request_serializer=None, response_deserializer=None)
+        pull_call = self._channel.stream_stream(
+            "/paramserver.v1.ParameterService/PullParams", request_serializer=None, response_deserializer=None)
+        self._push = _Stream(partial(push_call, metadata=self._metadata), "PushGradient")
+        self._pull = _Stream(partial(pull_call, metadata=self._metadata), "PullParams")
 
     async def __aenter__(self) -> PsClient:
         return self
@@ -318,7 +333,8 @@ class PsClient:
     ) -> pb.PushGradientResponse:
         """Push the gradient of iteration ``clock``; safe to retry with the same arguments."""
         (resp,) = await self._push.exchange(self._push_requests(run_id, rank, incarnation, clock, grads, loss, None),
-                                            timeout or self.timeout, until_final=False)
+                                            timeout or self.timeout, until_final=False,
+                                            decode=pb.PushGradientResponse.FromString)
         return resp
 
     async def push_pull(
@@ -333,26 +349,29 @@ class PsClient:
         into: dict[str, np.ndarray] | None = None,
         max_wait: float | None = None,
     ) -> tuple[pb.PushGradientResponse, PullResult]:
-        """Push iteration ``clock``, then pull for ``clock + 1`` in the same round trip (then_pull)."""
+        """Push iteration ``clock``, then pull for ``clock + 1`` in the same round trip (then_pull).
+
+        The returned response carries the push's acknowledgement (clock, duplicate, min_clock,
+        run_state); the pulled parameters are in the PullResult."""
         wait = self.timeout if max_wait is None else max_wait
         then = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock + 1,
                                     max_wait=_duration(wait))
-        responses = await self._push.exchange(
+        responses: list[wire.PushResponse] = await self._push.exchange(
             self._push_requests(run_id, rank, incarnation, clock, grads, loss, then), wait + self.timeout,
-            until_final=True, final=_pulled_final)
-        return responses[0], _assemble([r.pulled for r in responses], into)
+            until_final=True, final=_pulled_final, decode=wire.decode_push_response)
+        first = responses[0]
+        ack = pb.PushGradientResponse(clock=first.clock, duplicate=first.duplicate, min_clock=first.min_clock,
+                                      run_state=first.run_state)  # type: ignore[arg-type]
+        return ack, _assemble([r.pulled or wire.ParamsResponse() for r in responses], into)
 
     def _push_requests(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, np.ndarray],
-                       loss: float, then: pb.PullParamsRequest | None) -> Iterator[pb.PushGradientRequest]:
-        new = partial(pb.PushGradientRequest, run_id=run_id, rank=rank, incarnation=incarnation, clock=clock,
-                      loss=loss)
+                       loss: float, then: pb.PullParamsRequest | None) -> Iterator[bytes]:
+        """Serialized PushGradientRequests, encoded lazily (sending overlaps encoding)."""
         first = True
-        for msg, last in with_last(chunk_messages(grads, self.chunk_bytes, new)):
-            if first and then is not None:
-                msg.then_pull.CopyFrom(then)
+        for group, last in with_last(wire.chunk_groups(grads, self.chunk_bytes)):
+            yield wire.encode_push_request(run_id, rank, incarnation, clock, group, last, loss,
+                                           then if first else None)
             first = False
-            msg.final = last
-            yield msg
 
     async def pull(
         self,
@@ -376,20 +395,21 @@ class PsClient:
         req = pb.PullParamsRequest(
             run_id=run_id, rank=rank, incarnation=incarnation, clock=clock, names=names, max_wait=_duration(wait)
         )
-        responses = await self._pull.exchange([req], timeout or (wait + self.timeout), until_final=True)
+        responses = await self._pull.exchange([req.SerializeToString()], timeout or (wait + self.timeout),
+                                              until_final=True, decode=wire.decode_params_response)
         return _assemble(responses, into)
 
 
-def _pulled_final(resp: pb.PushGradientResponse) -> bool:
-    return resp.pulled.final
+def _pulled_final(resp: wire.PushResponse) -> bool:
+    return resp.pulled is not None and resp.pulled.final
 
 
-def _assemble(responses: Sequence[pb.PullParamsResponse], into: dict[str, np.ndarray] | None) -> PullResult:
+def _assemble(responses: Sequence[wire.ParamsResponse], into: dict[str, np.ndarray] | None) -> PullResult:
     """Write the chunks of a pull's responses into ``into`` (arrays reused), or new arrays."""
     out = {} if into is None else into
     for resp in responses:
         for chunk in resp.tensors:
-            data = chunk.data  # read once: each access copies
+            data = chunk.data  # a view of the response's bytes
             arr = out.get(chunk.name)
             shape = tuple(chunk.shape)
             if arr is None or arr.shape != shape:

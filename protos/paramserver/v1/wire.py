@@ -1,0 +1,522 @@
+"""Hand codec for the data plane's hot messages, byte-identical to the generated protobuf classes.
+
+``PushGradientRequest``, ``PushGradientResponse`` and ``PullParamsResponse`` carry almost all the
+payload; building and parsing them through protobuf objects copies every tensor byte several
+times. Here they are encoded as one ``b"".join`` of small headers and array memoryviews, and
+decoded by walking the fields, with chunk data as zero-copy memoryview slices of the received
+bytes. The output is exactly what ``SerializeToString`` writes (fields in number order, proto3
+defaults omitted, packed shapes, negative int64 as 10-byte varints). Decoding takes a fast path
+for what the senders write; anything unusual (unknown or repeated scalar fields, unpacked shapes,
+out-of-range values, bad UTF-8) falls back to the generated classes, so the result always equals
+``FromString``'s, and malformed input raises ``google.protobuf.message.DecodeError`` as before.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import paramserver_pb2 as pb
+from .tensors import F32
+
+__all__ = [
+    "Chunk",
+    "ParamsResponse",
+    "PushRequest",
+    "Group",
+    "ParamsParts",
+    "PushResponse",
+    "chunk_groups",
+    "decode_params_response",
+    "decode_push_request",
+    "decode_push_response",
+    "encode_chunk",
+    "encode_params_response",
+    "encode_push_request",
+    "encode_push_response",
+    "varint",
+]
+
+_U64 = (1 << 64) - 1
+_DOUBLE = struct.Struct("<d")
+_ZERO8 = b"\0" * 8
+
+
+def varint(n: int) -> bytes:
+    """Protobuf varint of n; negative values as 64-bit two's complement (10 bytes)."""
+    n &= _U64
+    if n < 0x80:
+        return bytes((n,))
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+class _Fallback(Exception):
+    """The fast decoder met something it does not handle: use the generated class."""
+
+
+def _read_varint(buf: bytes | memoryview, i: int, end: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        if i >= end or shift > 63:
+            raise _Fallback
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            if result > _U64:
+                raise _Fallback
+            return result, i
+        shift += 7
+
+
+def _signed64(n: int) -> int:
+    return n - (1 << 64) if n >> 63 else n
+
+
+# ----------------------------------------------------------------------------------- data types
+@dataclass
+class Chunk:
+    """A decoded ``TensorChunk``; ``data`` is a view of the received bytes (or bytes)."""
+
+    name: str = ""
+    shape: tuple[int, ...] = ()
+    dtype: int = 0
+    offset: int = 0
+    data: bytes | memoryview = b""
+
+
+@dataclass
+class ParamsResponse:
+    guaranteed_clock: int = 0
+    version: int = 0
+    tensors: list[Chunk] = field(default_factory=list)
+    final: bool = False
+    run_state: int = 0
+
+
+@dataclass
+class PushRequest:
+    run_id: str = ""
+    rank: int = 0
+    incarnation: int = 0
+    clock: int = 0
+    tensors: list[Chunk] = field(default_factory=list)
+    final: bool = False
+    loss: float = 0.0
+    then_pull: pb.PullParamsRequest | None = None
+
+
+@dataclass
+class PushResponse:
+    clock: int = 0
+    duplicate: bool = False
+    min_clock: int = 0
+    run_state: int = 0
+    pulled: ParamsResponse | None = None
+    """None when the response has no ``pulled`` field."""
+
+
+# ----------------------------------------------------------------------------------- encoding
+Part = bytes | memoryview
+Group = Sequence[tuple[str, tuple[int, ...], int, np.ndarray]]
+"""Chunks of one message: (name, full shape, offset, flat float32 part)."""
+ParamsParts = tuple[int, int, Group, bool, int]
+"""The arguments of ``encode_params_response``."""
+
+
+def chunk_groups(
+    tensors: Mapping[str, np.ndarray], chunk_bytes: int
+) -> Iterator[list[tuple[str, tuple[int, ...], int, np.ndarray]]]:
+    """(name, shape, offset, flat float32 part) groups of about ``chunk_bytes``, split exactly as
+    ``tensors.chunk_messages`` splits them. Always yields at least one (maybe empty) group."""
+    per_chunk = max(1, chunk_bytes // 4)
+    group: list[tuple[str, tuple[int, ...], int, np.ndarray]] = []
+    size, sent = 0, False
+    for name, arr in tensors.items():
+        flat = arr.reshape(-1)
+        if flat.dtype != F32:
+            flat = flat.astype(F32)
+        shape = tuple(int(d) for d in arr.shape)
+        for lo in range(0, max(flat.size, 1), per_chunk):
+            part = flat[lo : lo + per_chunk]
+            group.append((name, shape, lo, part))
+            size += part.nbytes
+            if size >= chunk_bytes:
+                yield group
+                group, size, sent = [], 0, True
+    if group or not sent:
+        yield group
+
+
+def _data_view(part: np.ndarray | bytes | memoryview) -> Part:
+    if isinstance(part, np.ndarray):
+        if not part.flags.c_contiguous:
+            part = np.ascontiguousarray(part)
+        return part.data.cast("B")
+    return part
+
+
+def encode_chunk(
+    name: str, shape: Sequence[int], offset: int, data: np.ndarray | bytes | memoryview, dtype: int = pb.DATA_TYPE_FLOAT32
+) -> list[Part]:
+    """A ``TensorChunk``'s serialized body as parts (the last one is the data, not copied)."""
+    head = bytearray()
+    if name:
+        nb = name.encode("utf-8")
+        head += b"\x0a" + varint(len(nb)) + nb
+    if len(shape):
+        packed = b"".join(varint(int(d)) for d in shape)
+        head += b"\x12" + varint(len(packed)) + packed
+    if dtype:
+        head += b"\x18" + varint(dtype)
+    if offset:
+        head += b"\x20" + varint(offset)
+    view = _data_view(data)
+    n = len(view) if not isinstance(view, memoryview) else view.nbytes
+    if n:
+        head += b"\x2a" + varint(n)
+        return [bytes(head), view]
+    return [bytes(head)]
+
+
+def _repeated_chunks(tag: bytes, group: Group) -> list[Part]:
+    parts: list[Part] = []
+    for name, shape, offset, data in group:
+        body = encode_chunk(name, shape, offset, data)
+        size = sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in body)
+        parts.append(tag + varint(size))
+        parts += body
+    return parts
+
+
+def _parts_len(parts: Sequence[Part]) -> int:
+    return sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+
+
+def _encode_loss(loss: float) -> bytes:
+    packed = _DOUBLE.pack(loss)
+    return b"" if packed == _ZERO8 else b"\x39" + packed
+
+
+def encode_push_request(
+    run_id: str,
+    rank: int,
+    incarnation: int,
+    clock: int,
+    group: Group,
+    final: bool,
+    loss: float = 0.0,
+    then_pull: pb.PullParamsRequest | None = None,
+) -> bytes:
+    """A serialized ``PushGradientRequest`` whose ``tensors`` are the chunks of ``group``."""
+    head = bytearray()
+    if run_id:
+        rb = run_id.encode("utf-8")
+        head += b"\x0a" + varint(len(rb)) + rb
+    if rank:
+        head += b"\x10" + varint(rank)
+    if incarnation:
+        head += b"\x18" + varint(incarnation)
+    if clock:
+        head += b"\x20" + varint(clock)
+    tail = bytearray()
+    if final:
+        tail += b"\x30\x01"
+    tail += _encode_loss(loss)
+    if then_pull is not None:
+        sub = then_pull.SerializeToString()
+        tail += b"\x42" + varint(len(sub)) + sub
+    return b"".join([bytes(head), *_repeated_chunks(b"\x2a", group), bytes(tail)])
+
+
+def _params_parts(
+    guaranteed_clock: int, version: int, group: Group,
+    final: bool, run_state: int,
+) -> list[Part]:
+    head = bytearray()
+    if guaranteed_clock:
+        head += b"\x08" + varint(guaranteed_clock)
+    if version:
+        head += b"\x10" + varint(version)
+    tail = bytearray()
+    if final:
+        tail += b"\x20\x01"
+    if run_state:
+        tail += b"\x28" + varint(run_state)
+    return [bytes(head), *_repeated_chunks(b"\x1a", group), bytes(tail)]
+
+
+def encode_params_response(
+    guaranteed_clock: int, version: int, group: Group,
+    final: bool, run_state: int,
+) -> bytes:
+    """A serialized ``PullParamsResponse``."""
+    return b"".join(_params_parts(guaranteed_clock, version, group, final, run_state))
+
+
+def encode_push_response(
+    clock: int = 0,
+    duplicate: bool = False,
+    min_clock: int = 0,
+    run_state: int = 0,
+    pulled: ParamsParts | None = None,
+) -> bytes:
+    """A serialized ``PushGradientResponse``; ``pulled`` = the arguments of encode_params_response."""
+    head = bytearray()
+    if clock:
+        head += b"\x08" + varint(clock)
+    if duplicate:
+        head += b"\x10\x01"
+    if min_clock:
+        head += b"\x18" + varint(min_clock)
+    if run_state:
+        head += b"\x20" + varint(run_state)
+    if pulled is None:
+        return bytes(head)
+    parts = _params_parts(*pulled)
+    head += b"\x2a" + varint(_parts_len(parts))
+    return b"".join([bytes(head), *parts])
+
+
+# ----------------------------------------------------------------------------------- decoding
+def _as_view(buf: bytes | memoryview) -> memoryview:
+    return buf if isinstance(buf, memoryview) else memoryview(buf)
+
+
+def _decode_chunk(buf: memoryview, i: int, end: int) -> Chunk:
+    c = Chunk()
+    seen = 0
+    while i < end:
+        key, i = _read_varint(buf, i, end)
+        fnum, wt = key >> 3, key & 7
+        bit = 1 << fnum if fnum < 8 else 0
+        if not bit or seen & bit:
+            raise _Fallback
+        seen |= bit
+        if fnum in (1, 2, 5):
+            if wt != 2:
+                raise _Fallback
+            ln, i = _read_varint(buf, i, end)
+            j = i + ln
+            if j > end:
+                raise _Fallback
+            if fnum == 1:
+                try:
+                    c.name = str(buf[i:j], "utf-8")
+                except UnicodeDecodeError:
+                    raise _Fallback from None
+            elif fnum == 2:
+                dims = []
+                k = i
+                while k < j:
+                    v, k = _read_varint(buf, k, j)
+                    dims.append(_signed64(v))
+                c.shape = tuple(dims)
+            else:
+                c.data = buf[i:j]
+            i = j
+        elif fnum in (3, 4):
+            if wt != 0:
+                raise _Fallback
+            v, i = _read_varint(buf, i, end)
+            if fnum == 3:
+                if v > 0x7FFFFFFF:
+                    raise _Fallback
+                c.dtype = v
+            else:
+                c.offset = _signed64(v)
+        else:
+            raise _Fallback
+    if i != end:
+        raise _Fallback
+    return c
+
+
+def _chunk_from_pb(c: pb.TensorChunk) -> Chunk:
+    return Chunk(c.name, tuple(c.shape), c.dtype, c.offset, c.data)
+
+
+def _decode_params(buf: memoryview, i: int, end: int) -> ParamsResponse:
+    r = ParamsResponse()
+    seen = 0
+    while i < end:
+        key, i = _read_varint(buf, i, end)
+        fnum, wt = key >> 3, key & 7
+        if fnum == 3:
+            if wt != 2:
+                raise _Fallback
+            ln, i = _read_varint(buf, i, end)
+            if i + ln > end:
+                raise _Fallback
+            r.tensors.append(_decode_chunk(buf, i, i + ln))
+            i += ln
+            continue
+        bit = 1 << fnum if fnum < 8 else 0
+        if not bit or seen & bit or wt != 0 or fnum not in (1, 2, 4, 5):
+            raise _Fallback
+        seen |= bit
+        v, i = _read_varint(buf, i, end)
+        if fnum == 1:
+            r.guaranteed_clock = v
+        elif fnum == 2:
+            r.version = v
+        elif fnum == 4:
+            if v > 1:
+                raise _Fallback
+            r.final = bool(v)
+        else:
+            if v > 0x7FFFFFFF:
+                raise _Fallback
+            r.run_state = v
+    if i != end:
+        raise _Fallback
+    return r
+
+
+def _params_from_pb(m: pb.PullParamsResponse) -> ParamsResponse:
+    return ParamsResponse(m.guaranteed_clock, m.version, [_chunk_from_pb(c) for c in m.tensors], m.final, m.run_state)
+
+
+def decode_params_response(buf: bytes | memoryview) -> ParamsResponse:
+    """Parse a serialized ``PullParamsResponse``; chunk data are views of ``buf``."""
+    view = _as_view(buf)
+    try:
+        return _decode_params(view, 0, len(view))
+    except _Fallback:
+        return _params_from_pb(pb.PullParamsResponse.FromString(bytes(view)))
+
+
+def decode_push_request(buf: bytes | memoryview) -> PushRequest:
+    """Parse a serialized ``PushGradientRequest``; chunk data are views of ``buf``."""
+    view = _as_view(buf)
+    try:
+        return _decode_push_request(view)
+    except _Fallback:
+        m = pb.PushGradientRequest.FromString(bytes(view))
+        return PushRequest(
+            m.run_id, m.rank, m.incarnation, m.clock, [_chunk_from_pb(c) for c in m.tensors], m.final, m.loss,
+            m.then_pull if m.HasField("then_pull") else None,
+        )
+
+
+def _decode_push_request(buf: memoryview) -> PushRequest:
+    r = PushRequest()
+    seen = 0
+    i, end = 0, len(buf)
+    while i < end:
+        key, i = _read_varint(buf, i, end)
+        fnum, wt = key >> 3, key & 7
+        if fnum == 5:
+            if wt != 2:
+                raise _Fallback
+            ln, i = _read_varint(buf, i, end)
+            if i + ln > end:
+                raise _Fallback
+            r.tensors.append(_decode_chunk(buf, i, i + ln))
+            i += ln
+            continue
+        bit = 1 << fnum if fnum < 16 else 0
+        if not bit or seen & bit:
+            raise _Fallback
+        seen |= bit
+        if fnum in (2, 3, 4, 6):
+            if wt != 0:
+                raise _Fallback
+            v, i = _read_varint(buf, i, end)
+            if fnum == 2:
+                if v > 0xFFFFFFFF:
+                    raise _Fallback
+                r.rank = v
+            elif fnum == 3:
+                r.incarnation = v
+            elif fnum == 4:
+                r.clock = v
+            else:
+                if v > 1:
+                    raise _Fallback
+                r.final = bool(v)
+        elif fnum == 7:
+            if wt != 1 or i + 8 > end:
+                raise _Fallback
+            r.loss = _DOUBLE.unpack_from(buf, i)[0]
+            i += 8
+        elif fnum in (1, 8):
+            if wt != 2:
+                raise _Fallback
+            ln, i = _read_varint(buf, i, end)
+            j = i + ln
+            if j > end:
+                raise _Fallback
+            if fnum == 1:
+                try:
+                    r.run_id = str(buf[i:j], "utf-8")
+                except UnicodeDecodeError:
+                    raise _Fallback from None
+            else:
+                r.then_pull = pb.PullParamsRequest.FromString(bytes(buf[i:j]))
+            i = j
+        else:
+            raise _Fallback
+    if i != end:
+        raise _Fallback
+    return r
+
+
+def decode_push_response(buf: bytes | memoryview) -> PushResponse:
+    """Parse a serialized ``PushGradientResponse``; chunk data of ``pulled`` are views of ``buf``."""
+    view = _as_view(buf)
+    try:
+        return _decode_push_response(view)
+    except _Fallback:
+        m = pb.PushGradientResponse.FromString(bytes(view))
+        return PushResponse(m.clock, m.duplicate, m.min_clock, m.run_state,
+                            _params_from_pb(m.pulled) if m.HasField("pulled") else None)
+
+
+def _decode_push_response(buf: memoryview) -> PushResponse:
+    r = PushResponse()
+    seen = 0
+    i, end = 0, len(buf)
+    while i < end:
+        key, i = _read_varint(buf, i, end)
+        fnum, wt = key >> 3, key & 7
+        bit = 1 << fnum if fnum < 8 else 0
+        if not bit or seen & bit:
+            raise _Fallback
+        seen |= bit
+        if fnum == 5:
+            if wt != 2:
+                raise _Fallback
+            ln, i = _read_varint(buf, i, end)
+            if i + ln > end:
+                raise _Fallback
+            r.pulled = _decode_params(buf, i, i + ln)
+            i += ln
+            continue
+        if wt != 0 or fnum not in (1, 2, 3, 4):
+            raise _Fallback
+        v, i = _read_varint(buf, i, end)
+        if fnum == 1:
+            r.clock = v
+        elif fnum == 2:
+            if v > 1:
+                raise _Fallback
+            r.duplicate = bool(v)
+        elif fnum == 3:
+            r.min_clock = v
+        else:
+            if v > 0x7FFFFFFF:
+                raise _Fallback
+            r.run_state = v
+    if i != end:
+        raise _Fallback
+    return r

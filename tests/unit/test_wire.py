@@ -1,0 +1,162 @@
+"""paramserver.v1.wire: byte-for-byte equal to the generated classes, and decode(encode(x)) == x."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1 import wire
+from paramserver.v1.tensors import chunk_messages
+
+U64 = st.integers(0, (1 << 64) - 1)
+U32 = st.integers(0, (1 << 32) - 1)
+I64 = st.integers(-(1 << 63), (1 << 63) - 1)
+NAMES = st.text(max_size=12)
+SHAPES = st.lists(st.integers(0, 5), max_size=3).map(tuple)
+LOSS = st.one_of(st.floats(allow_nan=False), st.just(-0.0), st.just(0.0))
+RUN_STATES = st.sampled_from(list(pb.RunState.values()))
+
+
+@st.composite
+def groups(draw: st.DrawFn) -> list[tuple[str, tuple[int, ...], int, np.ndarray]]:
+    out = []
+    for _ in range(draw(st.integers(0, 4))):
+        name = draw(NAMES)
+        shape = draw(SHAPES)
+        offset = draw(I64)
+        n = draw(st.integers(0, 20))
+        out.append((name, shape, offset, np.arange(n, dtype="<f4") * draw(st.floats(-10, 10))))
+    return out
+
+
+def _pb_chunks(group: wire.Group) -> list[pb.TensorChunk]:
+    return [pb.TensorChunk(name=n, shape=s, dtype=pb.DATA_TYPE_FLOAT32, offset=o, data=d.tobytes())
+            for n, s, o, d in group]
+
+
+def _same_chunks(decoded: list[wire.Chunk], expected: list[pb.TensorChunk]) -> None:
+    assert len(decoded) == len(expected)
+    for c, e in zip(decoded, expected, strict=True):
+        assert (c.name, c.shape, c.dtype, c.offset, bytes(c.data)) == (
+            e.name, tuple(e.shape), e.dtype, e.offset, e.data)
+
+
+then_pulls = st.one_of(st.none(), st.builds(
+    pb.PullParamsRequest, run_id=NAMES, rank=U32, incarnation=U64, clock=U64, names=st.lists(NAMES, max_size=3)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(run_id=NAMES, rank=U32, inc=U64, clock=U64, group=groups(), final=st.booleans(), loss=LOSS, then=then_pulls)
+def test_push_request_matches_protobuf(run_id: str, rank: int, inc: int, clock: int, group: wire.Group,
+                                       final: bool, loss: float, then: pb.PullParamsRequest | None) -> None:
+    raw = wire.encode_push_request(run_id, rank, inc, clock, group, final, loss, then)
+    msg = pb.PushGradientRequest(run_id=run_id, rank=rank, incarnation=inc, clock=clock, tensors=_pb_chunks(group),
+                                 final=final, loss=loss, then_pull=then)
+    assert raw == msg.SerializeToString()
+    r = wire.decode_push_request(raw)
+    assert (r.run_id, r.rank, r.incarnation, r.clock, r.final) == (run_id, rank, inc, clock, final)
+    assert struct.pack("<d", r.loss) == struct.pack("<d", msg.loss)
+    assert r.then_pull == (then if then is not None else None)
+    _same_chunks(r.tensors, list(msg.tensors))
+
+
+@settings(max_examples=300, deadline=None)
+@given(gc=U64, version=U64, group=groups(), final=st.booleans(), state=RUN_STATES)
+def test_params_response_matches_protobuf(gc: int, version: int, group: wire.Group, final: bool, state: int) -> None:
+    raw = wire.encode_params_response(gc, version, group, final, state)
+    msg = pb.PullParamsResponse(guaranteed_clock=gc, version=version, tensors=_pb_chunks(group), final=final,
+                                run_state=state)  # type: ignore[arg-type]
+    assert raw == msg.SerializeToString()
+    r = wire.decode_params_response(raw)
+    assert (r.guaranteed_clock, r.version, r.final, r.run_state) == (gc, version, final, state)
+    _same_chunks(r.tensors, list(msg.tensors))
+
+
+@settings(max_examples=300, deadline=None)
+@given(clock=U64, dup=st.booleans(), mc=U64, state=RUN_STATES,
+       pulled=st.one_of(st.none(), st.tuples(U64, U64, groups(), st.booleans(), RUN_STATES)))
+def test_push_response_matches_protobuf(clock: int, dup: bool, mc: int, state: int,
+                                        pulled: wire.ParamsParts | None) -> None:
+    raw = wire.encode_push_response(clock, dup, mc, state, pulled)
+    msg = pb.PushGradientResponse(clock=clock, duplicate=dup, min_clock=mc, run_state=state)  # type: ignore[arg-type]
+    if pulled is not None:
+        gc, version, group, final, pstate = pulled
+        msg.pulled.CopyFrom(pb.PullParamsResponse(guaranteed_clock=gc, version=version, tensors=_pb_chunks(group),
+                                                  final=final, run_state=pstate))  # type: ignore[arg-type]
+    assert raw == msg.SerializeToString()
+    r = wire.decode_push_response(raw)
+    assert (r.clock, r.duplicate, r.min_clock, r.run_state) == (clock, dup, mc, state)
+    if pulled is None:
+        assert r.pulled is None
+    else:
+        assert r.pulled is not None
+        assert (r.pulled.guaranteed_clock, r.pulled.version, r.pulled.final, r.pulled.run_state) == pulled[:2] + pulled[3:]
+        _same_chunks(r.pulled.tensors, list(msg.pulled.tensors))
+
+
+@settings(max_examples=100, deadline=None)
+@given(shapes=st.lists(st.tuples(NAMES, st.lists(st.integers(0, 40), max_size=3).map(tuple)), max_size=4,
+                       unique_by=lambda t: t[0]),
+       chunk_bytes=st.integers(1, 400))
+def test_chunk_groups_split_like_chunk_messages(shapes: list[tuple[str, tuple[int, ...]]], chunk_bytes: int) -> None:
+    tensors = {n: np.arange(int(np.prod(s)), dtype="<f4").reshape(s) for n, s in shapes}
+    ours = [wire.encode_push_request("r", 1, 2, 3, g, False) for g in wire.chunk_groups(tensors, chunk_bytes)]
+    new = lambda: pb.PushGradientRequest(run_id="r", rank=1, incarnation=2, clock=3)  # noqa: E731
+    theirs = [m.SerializeToString() for m in chunk_messages(tensors, chunk_bytes, new)]
+    assert ours == theirs
+
+
+def test_edge_cases() -> None:
+    # multi-chunk, zero-size, empty group, unicode names, huge varints, negative int64 offsets
+    arr = np.arange(10, dtype="<f4")
+    group: wire.Group = [("ünï€😀", (10,), 0, arr[:4]), ("ünï€😀", (10,), 4, arr[4:]), ("z", (0, 3), 0, arr[:0]),
+                         ("neg", (-1, 2), -5, arr[:1])]
+    raw = wire.encode_push_request("rün", (1 << 32) - 1, (1 << 64) - 1, (1 << 64) - 1, group, True, -0.0,
+                                   pb.PullParamsRequest(clock=(1 << 64) - 1))
+    msg = pb.PushGradientRequest.FromString(raw)
+    assert raw == msg.SerializeToString()
+    assert msg.tensors[3].offset == -5 and msg.tensors[3].shape[0] == -1
+    r = wire.decode_push_request(raw)
+    assert [c.offset for c in r.tensors] == [0, 4, 0, -5]
+    assert r.tensors[2].shape == (0, 3) and bytes(r.tensors[2].data) == b""
+    assert wire.encode_push_request("", 0, 0, 0, [], False) == b""
+    assert wire.decode_push_request(b"") == wire.PushRequest()
+    assert wire.varint(-1) == b"\xff" * 9 + b"\x01"
+
+
+def test_unusual_input_falls_back_to_protobuf() -> None:
+    # unpacked shape, repeated scalar fields, unknown fields: the result equals FromString's
+    c = pb.TensorChunk(name="a", shape=[2, 3], dtype=pb.DATA_TYPE_FLOAT32, data=b"\0" * 24)
+    body = c.SerializeToString()
+    unpacked = body.replace(b"\x12\x02\x02\x03", b"\x10\x02\x10\x03")
+    raw = b"\x0a\x01r" + b"\x10\x01" + b"\x10\x02" + b"\x2a" + bytes([len(unpacked)]) + unpacked + b"\xf8\x01\x07"
+    expected = pb.PushGradientRequest.FromString(raw)
+    r = wire.decode_push_request(raw)
+    assert (r.run_id, r.rank) == (expected.run_id, expected.rank) == ("r", 2)
+    _same_chunks(r.tensors, list(expected.tensors))
+    # a uint32 field sent as a wider varint is truncated as protobuf does
+    wide = b"\x10" + wire.varint((1 << 33) + 5)
+    assert wire.decode_push_request(wide).rank == pb.PushGradientRequest.FromString(wide).rank
+
+
+@pytest.mark.parametrize("raw", [b"\x0a\x05ab", b"\x2a\x03\x0a\x05a", b"\x0a\x02\xff\xfe", b"\xff" * 11])
+def test_malformed_input_raises_decode_error(raw: bytes) -> None:
+    with pytest.raises(DecodeError):
+        pb.PushGradientRequest.FromString(raw)
+    with pytest.raises(DecodeError):
+        wire.decode_push_request(raw)
+    try:  # the same bytes as a PullParamsResponse: whatever protobuf says
+        expected = pb.PullParamsResponse.FromString(raw)
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            wire.decode_params_response(raw)
+    else:
+        r = wire.decode_params_response(raw)
+        assert (r.guaranteed_clock, r.final, len(r.tensors)) == (expected.guaranteed_clock, expected.final,
+                                                                 len(expected.tensors))
