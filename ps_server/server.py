@@ -35,6 +35,12 @@ from .registry import RunRegistry
 from .security import ConfigError, TokenInterceptor, load_token, server_credentials
 from .servicer import ParameterServicer, RunServicer, WorkerServicer
 
+__all__ = ["PsServer", "main", "serve", "start_server"]
+
+log = logging.getLogger("ps_server")
+
+SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[n].full_name for n in pb.DESCRIPTOR.services_by_name)
+
 
 def add_parameter_service(servicer: ParameterServicer, server: grpc.aio.Server) -> None:
     """Like the generated ``add_ParameterServiceServicer_to_server``, but with pass-through
@@ -48,13 +54,6 @@ def add_parameter_service(servicer: ParameterServicer, server: grpc.aio.Server) 
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("paramserver.v1.ParameterService", handlers),))
     server.add_registered_method_handlers("paramserver.v1.ParameterService", handlers)
-
-
-__all__ = ["PsServer", "main", "serve", "start_server"]
-
-log = logging.getLogger("ps_server")
-
-SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[n].full_name for n in pb.DESCRIPTOR.services_by_name)
 
 
 @dataclass
