@@ -34,6 +34,10 @@ class RunRegistry:
         self.generation = uuid.uuid4().hex[:12]
         self.work = Gate()
         self.shutting_down = False
+        # Data-plane operations in progress (a push being received or answered, a pull being
+        # served): shutdown waits for these, not for idle long-lived streams.
+        self.busy = 0
+        self.idle = Gate()
         self._runs: dict[str, Run] = {}
         self._now = now
 
@@ -60,6 +64,14 @@ class RunRegistry:
         self._runs[run.run_id] = run
         self.work.notify()
         return run
+
+    def op_begin(self) -> None:
+        self.busy += 1
+
+    def op_end(self) -> None:
+        self.busy -= 1
+        if not self.busy:
+            self.idle.notify()
 
     def get(self, run_id: str) -> Run:
         if self.shutting_down:

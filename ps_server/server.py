@@ -29,7 +29,7 @@ from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 from .checkpoint import CheckpointStore
 from .checkpointer import Checkpointer
 from .config import ServerConfig, parse_config
-from .errors import ShuttingDown
+from .errors import ShuttingDown, WaitTimeout
 from .metrics import serve_metrics
 from .registry import RunRegistry
 from .security import ConfigError, TokenInterceptor, load_token, server_credentials
@@ -84,7 +84,14 @@ class PsServer:
         self.registry.work.fail_all(down)
         for task in self._tasks:
             task.cancel()
-        await self.server.stop(self.config.grace_seconds if grace is None else grace)
+        # Operations in progress get the grace period; idle long-lived data streams do not
+        # (they would hold grpc's stop(grace) for its whole length).
+        grace = self.config.grace_seconds if grace is None else grace
+        if grace > 0:
+            registry = self.registry
+            with contextlib.suppress(WaitTimeout):
+                await registry.idle.wait_for(lambda: registry.busy == 0, grace, lambda: f"{registry.busy} in progress")
+        await self.server.stop(min(grace, 0.5))
         if self.checkpointer:
             await self.checkpointer.drain()
             for run in self.registry.runs():

@@ -80,62 +80,74 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
         failed: PsError | None = None
         drained = 0
         then_pull: pb.PullParamsRequest | None = None
-        async for raw in request_iterator:
-            req = await _decode(wire.decode_push_request, raw, context)
-            this = (req.run_id, req.rank, req.incarnation, req.clock)
-            try:
-                if failed is None:
+        in_op = False  # a push is being received or answered: shutdown waits for it
+        try:
+            async for raw in request_iterator:
+                if not in_op:
+                    self._registry.op_begin()
+                    in_op = True
+                req = await _decode(wire.decode_push_request, raw, context)
+                this = (req.run_id, req.rank, req.incarnation, req.clock)
+                try:
+                    if failed is None:
+                        try:
+                            if assembler is None:  # a new push on this stream
+                                run = None
+                                then_pull = req.then_pull
+                                run = self._registry.get(req.run_id)
+                                assembler = codec.TensorAssembler(max_bytes=2 * run.store.nbytes + (1 << 20))
+                                key = this
+                            elif key != this:
+                                raise InvalidArgument(f"push {key} was not finished (final unset) when a "
+                                                      f"request for {this} arrived")
+                            assembler.add(req.tensors)
+                        except PsError as exc:
+                            failed = exc
+                    else:
+                        drained += len(raw)
+                        limit = max(assembler.max_bytes if assembler else 0, 2 * self._config.max_message_bytes)
+                        if drained > limit:
+                            raise failed
+                    if not req.final:
+                        continue
+                    if failed is not None:
+                        raise failed
+                    assert assembler is not None and run is not None
                     try:
-                        if assembler is None:  # a new push on this stream
-                            run = None
-                            then_pull = req.then_pull
-                            run = self._registry.get(req.run_id)
-                            assembler = codec.TensorAssembler(max_bytes=2 * run.store.nbytes + (1 << 20))
-                            key = this
-                        elif key != this:
-                            raise InvalidArgument(f"push {key} was not finished (final unset) when a "
-                                                  f"request for {this} arrived")
-                        assembler.add(req.tensors)
+                        grads = assembler.finish()
                     except PsError as exc:
                         failed = exc
-                else:
-                    drained += len(raw)
-                    limit = max(assembler.max_bytes if assembler else 0, 2 * self._config.max_message_bytes)
-                    if drained > limit:
-                        raise failed
-                if not req.final:
-                    continue
-                if failed is not None:
-                    raise failed
-                assert assembler is not None and run is not None
-                try:
-                    grads = assembler.finish()
+                        raise
+                    result = run.push(req.rank, req.incarnation, req.clock, grads, assembler.nbytes, req.loss)
+                    assembler = None
                 except PsError as exc:
-                    failed = exc
-                    raise
-                result = run.push(req.rank, req.incarnation, req.clock, grads, assembler.nbytes, req.loss)
-                assembler = None
-            except PsError as exc:
-                if exc is failed and run is not None:
+                    if exc is failed and run is not None:
+                        run.counters.pushes_rejected += 1
+                    log.info("push rejected: %s", exc, extra={"run": req.run_id, "rank": req.rank, "clock": req.clock})
+                    await _abort(context, exc)
+                ack = (result.clock, result.duplicate, result.min_clock, codec.run_state_to_proto(result.run_state))
+                if then_pull is None:
+                    yield wire.encode_push_response(*ack)
+                    self._registry.op_end()
+                    in_op = False
+                    continue
+                try:  # the pull that rides on this push: one round trip per iteration
+                    read = await self._pull(then_pull, context)
+                except PsError as exc:
+                    await _abort(context, exc)
+                first = True
+                for pulled in self._params_messages(read):
+                    yield wire.encode_push_response(*ack, pulled=pulled) if first else wire.encode_push_response(pulled=pulled)
+                    first = False
+                self._registry.op_end()
+                in_op = False
+            if failed is not None or assembler is not None:
+                if run is not None:
                     run.counters.pushes_rejected += 1
-                log.info("push rejected: %s", exc, extra={"run": req.run_id, "rank": req.rank, "clock": req.clock})
-                await _abort(context, exc)
-            ack = (result.clock, result.duplicate, result.min_clock, codec.run_state_to_proto(result.run_state))
-            if then_pull is None:
-                yield wire.encode_push_response(*ack)
-                continue
-            try:  # the pull that rides on this push: one round trip per iteration
-                read = await self._pull(then_pull, context)
-            except PsError as exc:
-                await _abort(context, exc)
-            first = True
-            for pulled in self._params_messages(read):
-                yield wire.encode_push_response(*ack, pulled=pulled) if first else wire.encode_push_response(pulled=pulled)
-                first = False
-        if failed is not None or assembler is not None:
-            if run is not None:
-                run.counters.pushes_rejected += 1
-            await _abort(context, failed or InvalidArgument(f"the stream ended inside push {key} (final never set)"))
+                await _abort(context, failed or InvalidArgument(f"the stream ended inside push {key} (final never set)"))
+        finally:
+            if in_op:
+                self._registry.op_end()
 
     async def PullParams(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -143,12 +155,16 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
         """Pass-through (de)serializers: serialized ``PullParamsRequest`` in, ``PullParamsResponse`` out."""
         async for raw in request_iterator:
             req = await _decode(pb.PullParamsRequest.FromString, raw, context)
+            self._registry.op_begin()  # a pull being served: shutdown waits for it
             try:
-                read = await self._pull(req, context)
-            except PsError as exc:
-                await _abort(context, exc)
-            for params in self._params_messages(read):
-                yield wire.encode_params_response(*params)
+                try:
+                    read = await self._pull(req, context)
+                except PsError as exc:
+                    await _abort(context, exc)
+                for params in self._params_messages(read):
+                    yield wire.encode_params_response(*params)
+            finally:
+                self._registry.op_end()
 
     async def _pull(self, req: pb.PullParamsRequest, context: grpc.aio.ServicerContext) -> ParamsRead:
         """Wait as the SSP rule says, then read (an observer's read, incarnation 0, never waits)."""
