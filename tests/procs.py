@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from worker.client import PsClient
 from worker.datasets import BatchSampler, load_dataset, shard_indices
 from worker.models import build_model
 
-__all__ = ["ENV", "bsp_reference", "connect", "finish", "free_port", "ps_server", "ps_workers", "record"]
+__all__ = ["ENV", "bsp_reference", "watch_until", "connect", "finish", "free_port", "ps_server", "ps_workers", "record"]
 
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -72,6 +72,15 @@ async def finish(client: PsClient, run_id: str, timeout: float = 180) -> pb.Run:
         async for snap in client.watch_run(run_id, interval=0.2):
             last = snap.run
     return last
+
+
+async def watch_until(client: PsClient, run_id: str, done: Callable[[pb.Run], bool], timeout: float = 60.0) -> pb.Run:
+    """Follow a run until ``done(run)``; return that snapshot (TimeoutError after ``timeout``)."""
+    async with asyncio.timeout(timeout):
+        async for snap in client.watch_run(run_id, interval=0.05):
+            if done(snap.run):
+                return snap.run
+    raise AssertionError(f"run {run_id} ended before the condition held")
 
 
 def free_port() -> int:

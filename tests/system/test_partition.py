@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from procs import ENV, connect, finish, ps_server, ps_workers, record
+from procs import ENV, connect, finish, ps_server, ps_workers, record, watch_until
 
 from client.spec import LaunchOptions, build_run_spec
 from paramserver.v1 import paramserver_pb2 as pb
@@ -69,10 +69,7 @@ async def test_partitioned_worker_is_evicted_then_rejoins_after_healing() -> Non
         try:
             async with connect(addr) as c:
                 run = await c.create_run(spec)
-                async with asyncio.timeout(60):
-                    async for snap in c.watch_run(run.run_id, interval=0.05):
-                        if snap.run.min_clock >= 10:
-                            break
+                await watch_until(c, run.run_id, lambda r: r.min_clock >= 10)
                 before = (await c.get_run(run.run_id)).workers
                 rank = next(w.rank for w in before if w.worker_name == "remote")
                 sh("ip", "link", "set", host_if, "down")  # the partition

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 import signal
 import time
 from pathlib import Path
 
 import pytest
-from procs import connect, finish, free_port, ps_server, ps_workers, record
+from procs import connect, finish, free_port, ps_server, ps_workers, record, watch_until
 
 from client.spec import LaunchOptions, build_run_spec
 from paramserver.v1 import paramserver_pb2 as pb
@@ -18,11 +17,7 @@ pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 async def wait_min_clock(addr: str, run_id: str, clock: int) -> pb.Run:
     async with connect(addr) as c:
-        async with asyncio.timeout(60):
-            async for snap in c.watch_run(run_id, interval=0.05):
-                if snap.run.min_clock >= clock:
-                    return snap.run
-    raise AssertionError("unreachable")
+        return await watch_until(c, run_id, lambda r: r.min_clock >= clock)
 
 
 @pytest.mark.parametrize("how", ["kill", "sigterm"])

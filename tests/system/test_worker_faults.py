@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from procs import ENV, connect, finish, ps_server, ps_workers, record
+from procs import ENV, connect, finish, ps_server, ps_workers, record, watch_until
 
 from client.spec import LaunchOptions, build_run_spec
 from paramserver.v1 import paramserver_pb2 as pb
@@ -30,10 +30,7 @@ async def test_kill_9_one_worker_the_others_unblock_within_the_lease() -> None:
     with ps_server(*SERVER_ARGS) as (_, addr), ps_workers(addr, 4) as workers:
         async with connect(addr) as c:
             run = await c.create_run(spec)
-            async with asyncio.timeout(60):
-                async for snap in c.watch_run(run.run_id, interval=0.05):
-                    if snap.run.min_clock >= 20:
-                        break
+            await watch_until(c, run.run_id, lambda r: r.min_clock >= 20)
             # find the process holding rank 3 by its name (host:pid)
             status = await c.get_run(run.run_id)
             victim_pid = int(status.workers[3].worker_name.rsplit(":", 1)[1])
@@ -68,10 +65,7 @@ async def test_sigstop_past_the_lease_then_sigcont_rejoins() -> None:
         try:
             async with connect(addr) as c:
                 run = await c.create_run(spec)
-                async with asyncio.timeout(60):
-                    async for snap in c.watch_run(run.run_id, interval=0.05):
-                        if snap.run.min_clock >= 10:
-                            break
+                await watch_until(c, run.run_id, lambda r: r.min_clock >= 10)
                 status = await c.get_run(run.run_id)
                 rank = next(w.rank for w in status.workers if w.worker_name.endswith(f":{frozen.pid}"))
                 old_incarnation = status.workers[rank].incarnation
