@@ -3,9 +3,11 @@
     .venv/bin/python bench/throughput.py            # full run, a few minutes
     .venv/bin/python bench/throughput.py --quick    # under ~60 s
 
-What it measures, for every allocator setting (glibc defaults, and the DESIGN.md thresholds
-MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296, applied to *every* process
-of that setting through its environment):
+What it measures, for two allocator settings: "off", nothing in the environment, so ps-server
+and the client (like ps-worker) tune glibc themselves at start-up (``paramserver.runtime.tune_malloc``:
+thresholds and one arena); "on", the DESIGN.md thresholds MALLOC_MMAP_THRESHOLD_=1073741824
+MALLOC_TRIM_THRESHOLD_=4294967296 in *every* process's environment, which takes precedence
+(glibc's default arena count):
 
 * ``ps``: a real ``ps-server`` in its own process (``python -m ps_server.server --port 0``), a
   client process that creates an ASP run (SGD, staleness -1, one worker), joins it with
@@ -277,8 +279,10 @@ async def client_main(args: argparse.Namespace) -> None:
     Commands: {"op": "ps"|"tcp", "model": M, "seconds": S, "min_iters": N} or {"op": "quit"}.
     Keeping every configuration's processes alive and idle lets the orchestrator interleave them.
     """
+    from paramserver.runtime import tune_malloc
     from worker.client import PsClient
 
+    tune_malloc()  # as ps-worker does (a no-op when the environment sets the allocator)
     server = None
     if args.server_inproc:
         from ps_server.config import ServerConfig

@@ -45,10 +45,7 @@ from typing import IO, Any
 __all__ = ["CHILD_ENV", "LocalCluster", "LocalClusterError"]
 
 CHILD_ENV = {
-    # glibc returns every >= 32 MiB block to the OS by default; large tensors then fault in afresh
-    # on every message (DESIGN.md: 2-5x on large-message paths).
-    "MALLOC_MMAP_THRESHOLD_": "1073741824",
-    "MALLOC_TRIM_THRESHOLD_": "4294967296",
+    # (ps-server and ps-worker tune glibc's allocator themselves: paramserver.runtime.tune_malloc.)
     # Workers are the parallelism: one BLAS thread each.
     "OPENBLAS_NUM_THREADS": "1",
 }

@@ -23,6 +23,7 @@ from . import errors
 from .run import ClockRecord
 from .spec import Aggregation, Initializer, OptimizerConfig, OptimizerKind, ParamSpec, RunSpec
 from .status import MetricPoint, RunEvent, RunState, RunStatus, WorkerState
+from .store import Gradient, Pieces
 
 __all__ = [
     "STATUS_CODES",
@@ -62,14 +63,16 @@ _F32 = F32
 class TensorAssembler:
     """Collects the chunks of one push; ``finish`` returns the tensors and the payload size.
 
-    Raises InvalidArgument for malformed chunks and ResourceExhausted past ``max_bytes``, before
-    any of it reaches the run.
+    Nothing is copied: a tensor that arrives in one chunk is a view of that message's bytes, one
+    that arrives in several is ``Pieces``, views at their offsets (the core applies them block by
+    block). Raises InvalidArgument for malformed chunks and ResourceExhausted past ``max_bytes``,
+    before any of it reaches the run.
     """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.nbytes = 0
-        self._arrays: dict[str, np.ndarray] = {}
+        self._tensors: dict[str, Gradient] = {}
         self._filled: dict[str, int] = {}
         self._declared = 0
 
@@ -86,12 +89,13 @@ class TensorAssembler:
                 raise errors.InvalidArgument(f"tensor {name!r}: chunk of {len(data)} bytes is not a whole number of float32")
             self.nbytes += len(data)
             if self.nbytes > self.max_bytes:
-                self._arrays.clear()  # drop what was buffered: the rest of the push is only counted
+                self._tensors.clear()  # drop what was buffered: the rest of the push is only counted
                 raise errors.ResourceExhausted(
                     f"push carries more than {self.max_bytes} bytes, more than this run's gradient can be"
                 )
             shape = tuple(chunk.shape)
-            if name not in self._arrays:
+            values = np.frombuffer(data, _F32)
+            if name not in self._tensors:
                 if len(shape) > 32:
                     raise errors.InvalidArgument(f"tensor {name!r} has {len(shape)} dimensions: send the parameter's shape")
                 if any(d < 0 for d in shape):
@@ -104,32 +108,36 @@ class TensorAssembler:
                     raise errors.ResourceExhausted(
                         f"tensor {name!r} declares shape {list(shape)}, more than this run's gradient can be"
                     )
-                if chunk.offset == 0 and len(data) == 4 * total:
-                    self._arrays[name] = np.frombuffer(data, _F32).reshape(shape)
+                if chunk.offset == 0 and values.size == total:
+                    self._tensors[name] = values.reshape(shape)
                     self._filled[name] = total
                     continue
-                self._arrays[name] = np.empty(shape, _F32)
+                self._tensors[name] = Pieces(shape, [])
                 self._filled[name] = 0
-            arr = self._arrays[name]
-            if shape != arr.shape:
+            pieces = self._tensors[name]
+            size = math.prod(pieces.shape)
+            if shape != pieces.shape:
                 raise errors.InvalidArgument(f"chunks of tensor {name!r} disagree on its shape")
             filled = self._filled[name]
-            n = len(data) // 4
-            if chunk.offset != filled or filled + n > arr.size:
+            n = values.size
+            if chunk.offset != filled or filled + n > size or not isinstance(pieces, Pieces):
                 raise errors.InvalidArgument(
                     f"tensor {name!r}: chunk at offset {chunk.offset} with {n} elements, expected offset "
-                    f"{filled} of {arr.size}: send chunks in order, covering the tensor once"
+                    f"{filled} of {size}: send chunks in order, covering the tensor once"
                 )
-            arr.reshape(-1)[filled : filled + n] = np.frombuffer(data, _F32)
+            if n:
+                pieces.parts.append((filled, values))
+                pieces.size += n
             self._filled[name] = filled + n
 
-    def finish(self) -> dict[str, np.ndarray]:
-        for name, arr in self._arrays.items():
-            if self._filled[name] != arr.size:
+    def finish(self) -> dict[str, Gradient]:
+        for name, g in self._tensors.items():
+            size = math.prod(g.shape)
+            if self._filled[name] != size:
                 raise errors.InvalidArgument(
-                    f"tensor {name!r} is incomplete: {self._filled[name]} of {arr.size} elements arrived"
+                    f"tensor {name!r} is incomplete: {self._filled[name]} of {size} elements arrived"
                 )
-        return self._arrays
+        return self._tensors
 
 
 # ------------------------------------------------------------------------------------- specs

@@ -25,6 +25,7 @@ class ServerConfig:
     port: int = opt(50051, "gRPC port; 0 picks a free port (printed at start).")
     max_message_bytes: int = opt(64 << 20, "Largest gRPC message accepted or sent, in bytes.")
     chunk_bytes: int = opt(1 << 20, "Payload bytes per message when streaming tensors.")
+    push_slots: int = opt(1, "Pushes of more than one message received at a time (each is held whole until applied); more wait their turn.")
     max_param_bytes: int = opt(4 << 30, "Largest parameter set one run may hold, in bytes.")
     max_wait_seconds: float = opt(60.0, "Longest a pull or a join may stay parked on the server.")
     lease_seconds: float = opt(10.0, "A worker not heard from for this long is evicted.")
@@ -63,6 +64,8 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         problems.append(f"port {config.port} is not in 0..65535")
     if config.chunk_bytes < 1024 or config.chunk_bytes > config.max_message_bytes // 2:
         problems.append("chunk_bytes must be >= 1024 and at most half of max_message_bytes")
+    if config.push_slots < 1:
+        problems.append("push_slots must be >= 1")
     for name in ("max_wait_seconds", "lease_seconds", "heartbeat_seconds"):
         if getattr(config, name) <= 0:
             problems.append(f"{name} must be positive")

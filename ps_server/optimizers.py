@@ -25,6 +25,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .spec import OptimizerConfig, OptimizerKind, ParamSpec
+from .store import Gradient, blocks
 
 __all__ = ["BLOCK", "Optimizer", "make_optimizer"]
 
@@ -51,20 +52,19 @@ class Optimizer:
         self._lr = _F32(config.learning_rate)
         self._wd = _F32(config.weight_decay)
 
-    def step(self, params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> None:
+    def step(self, params: Mapping[str, np.ndarray], grads: Mapping[str, Gradient]) -> None:
         """Apply one update with ``grads`` (same names and sizes as ``params``) in place."""
         self.steps += 1
         self._begin_step()
         with np.errstate(over="ignore", invalid="ignore"):  # divergence is detected by the run
             self._apply(params, grads)
 
-    def _apply(self, params: Mapping[str, np.ndarray], grads: Mapping[str, np.ndarray]) -> None:
+    def _apply(self, params: Mapping[str, np.ndarray], grads: Mapping[str, Gradient]) -> None:
         for name, w in params.items():
             wf = w.reshape(-1)
-            gf = grads[name].reshape(-1)
-            for lo in range(0, wf.size, BLOCK):
-                hi = min(lo + BLOCK, wf.size)
-                self._update(name, wf[lo:hi], self._effective_grad(wf[lo:hi], gf[lo:hi]), lo, hi)
+            for lo, g in blocks(grads[name], BLOCK):
+                hi = lo + g.size
+                self._update(name, wf[lo:hi], self._effective_grad(wf[lo:hi], g), lo, hi)
 
     def _begin_step(self) -> None:
         pass

@@ -31,7 +31,7 @@ import numpy as np
 
 from .errors import FailedPrecondition, InvalidArgument, OutOfRange, PsError
 from .gate import Gate
-from .optimizers import make_optimizer
+from .optimizers import BLOCK, make_optimizer
 from .spec import Aggregation, RunSpec, spec_from_dict, spec_to_dict
 from .status import (
     Assignment,
@@ -45,7 +45,7 @@ from .status import (
     WorkerState,
     WorkerStatus,
 )
-from .store import ParamStore
+from .store import Gradient, ParamStore, blocks
 
 __all__ = ["ClockRecord", "Run"]
 
@@ -124,7 +124,7 @@ class Run:
         self._next_incarnation = 1
         self._retired_skipped = 0
         # BSP: clock -> rank -> gradient, and the number of clocks combined and applied so far.
-        self._pending: dict[int, dict[int, Mapping[str, np.ndarray]]] = {}
+        self._pending: dict[int, dict[int, Mapping[str, Gradient]]] = {}
         self._applied_clock = 0
         # Checkpoints: the hook is called synchronously, so its snapshot is this exact instant.
         self.checkpoint_every = 0
@@ -267,7 +267,7 @@ class Run:
 
     # ------------------------------------------------------------------------------ data plane
     def push(
-        self, rank: int, incarnation: int, clock: int, grads: Mapping[str, np.ndarray], nbytes: int, loss: float = float("nan")
+        self, rank: int, incarnation: int, clock: int, grads: Mapping[str, Gradient], nbytes: int, loss: float = float("nan")
     ) -> PushResult:
         """Accept the gradient of iteration ``clock`` of a rank: apply (s > 0) or hold (s = 0)."""
         try:
@@ -298,7 +298,7 @@ class Run:
         self._after_clock_change()
         return PushResult(slot.clock, False, self.min_clock, self.state)
 
-    def _check_push(self, slot: _Slot, clock: int, grads: Mapping[str, np.ndarray]) -> None:
+    def _check_push(self, slot: _Slot, clock: int, grads: Mapping[str, Gradient]) -> None:
         if self.state is not RunState.RUNNING:
             raise FailedPrecondition(f"run {self.run_id} is {self.state.value}: pushes are accepted "
                                      "only while it is running")
@@ -395,7 +395,7 @@ class Run:
             if grads:
                 self._step(self._combine(grads))
 
-    def _step(self, grads: Mapping[str, np.ndarray]) -> None:
+    def _step(self, grads: Mapping[str, Gradient]) -> None:
         """Apply one update; a run whose parameters stop being finite has diverged and fails."""
         self.optimizer.step(self.store.params, grads)
         self.counters.updates_applied += 1
@@ -409,13 +409,18 @@ class Run:
                 self._finish(RunState.FAILED, why)
                 return
 
-    def _combine(self, by_rank: Mapping[int, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    def _combine(self, by_rank: Mapping[int, Mapping[str, Gradient]]) -> dict[str, np.ndarray]:
         ranks = sorted(by_rank)
         out: dict[str, np.ndarray] = {}
-        for name in self.store.params:
-            acc = np.array(by_rank[ranks[0]][name], dtype=np.float32, copy=True)
+        for name, w in self.store.params.items():
+            acc = np.empty_like(w)
+            flat = acc.reshape(-1)
+            for lo, g in blocks(by_rank[ranks[0]][name], BLOCK):
+                flat[lo : lo + g.size] = g
             for r in ranks[1:]:
-                np.add(acc, by_rank[r][name], out=acc)
+                for lo, g in blocks(by_rank[r][name], BLOCK):
+                    part = flat[lo : lo + g.size]
+                    np.add(part, g, out=part)
             if self.spec.aggregation is Aggregation.MEAN and len(ranks) > 1:
                 np.multiply(acc, np.float32(1.0 / len(ranks)), out=acc)
             out[name] = acc

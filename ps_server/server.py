@@ -34,6 +34,7 @@ from .metrics import serve_metrics
 from .registry import RunRegistry
 from .security import ConfigError, TokenInterceptor, load_token, server_credentials
 from .servicer import ParameterServicer, RunServicer, WorkerServicer
+from .slots import PushSlots
 
 __all__ = ["PsServer", "main", "serve", "start_server"]
 
@@ -63,6 +64,7 @@ class PsServer:
     registry: RunRegistry
     config: ServerConfig
     health: health.aio.HealthServicer
+    push_slots: PushSlots
     checkpointer: Checkpointer | None = None
     metrics_port: int | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -135,7 +137,8 @@ async def start_server(config: ServerConfig) -> PsServer:
     credentials = server_credentials(config)
     token = load_token(config)
     server = grpc.aio.server(options=options, interceptors=[TokenInterceptor(token)] if token else [])
-    add_parameter_service(ParameterServicer(registry, config), server)
+    push_slots = PushSlots(config.push_slots)
+    add_parameter_service(ParameterServicer(registry, config, push_slots), server)
     pb_grpc.add_RunServiceServicer_to_server(RunServicer(registry, config, checkpointer), server)
     pb_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(registry, config), server)
     health_servicer = health.aio.HealthServicer()
@@ -148,7 +151,7 @@ async def start_server(config: ServerConfig) -> PsServer:
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    ps = PsServer(server, port, registry, config, health_servicer, checkpointer)
+    ps = PsServer(server, port, registry, config, health_servicer, push_slots, checkpointer)
     if config.metrics_port >= 0:
         ps.metrics_port = serve_metrics(registry, config.host, config.metrics_port)
     ps._tasks.append(asyncio.create_task(_sweep_leases(registry, config)))

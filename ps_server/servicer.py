@@ -27,6 +27,7 @@ from .config import ServerConfig
 from .errors import FailedPrecondition, InvalidArgument, PsError, WaitTimeout
 from .registry import RunRegistry
 from .run import Run
+from .slots import PushSlots
 from .status import Assignment, ParamsRead
 from .store import ParamStore
 
@@ -62,9 +63,10 @@ def _changed_since(run: Run, changes: int) -> bool:
 
 
 class ParameterServicer(pb_grpc.ParameterServiceServicer):
-    def __init__(self, registry: RunRegistry, config: ServerConfig) -> None:
+    def __init__(self, registry: RunRegistry, config: ServerConfig, slots: PushSlots) -> None:
         self._registry = registry
         self._config = config
+        self._slots = slots
 
     async def PushGradient(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -81,8 +83,14 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
         drained = 0
         then_pull: pb.PullParamsRequest | None = None
         in_op = False  # a push is being received or answered: shutdown waits for it
+        slot = self._slots.holder()  # a multi-message push is received holding a slot (slots.py)
+        requests = aiter(request_iterator)
         try:
-            async for raw in request_iterator:
+            while True:
+                try:
+                    raw = await slot.next(requests)
+                except StopAsyncIteration:
+                    break
                 if not in_op:
                     self._registry.op_begin()
                     in_op = True
@@ -109,7 +117,12 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
                         if drained > limit:
                             raise failed
                     if not req.final:
+                        if failed is None:
+                            await slot.acquire()
+                        else:
+                            slot.release()  # only draining now
                         continue
+                    slot.release()
                     if failed is not None:
                         raise failed
                     assert assembler is not None and run is not None
@@ -119,6 +132,9 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
                         failed = exc
                         raise
                     result = run.push(req.rank, req.incarnation, req.clock, grads, assembler.nbytes, req.loss)
+                    # Drop the push's messages now (the gradient views keep them alive), not when
+                    # the next push on this stream replaces them: four idle streams would hold four.
+                    del grads, raw, req
                     assembler = None
                 except PsError as exc:
                     if exc is failed and run is not None:
@@ -146,6 +162,7 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
                     run.counters.pushes_rejected += 1
                 await _abort(context, failed or InvalidArgument(f"the stream ended inside push {key} (final never set)"))
         finally:
+            slot.release()
             if in_op:
                 self._registry.op_end()
 

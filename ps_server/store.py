@@ -7,14 +7,18 @@ looks at a whole gradient before anything is applied, so a bad push changes noth
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any, TypeAlias
 
 import numpy as np
 
 from .errors import InvalidArgument
 from .spec import Initializer, ParamSpec
 
-__all__ = ["ParamStore", "materialize"]
+__all__ = ["Gradient", "ParamStore", "Pieces", "blocks", "materialize"]
+
+_INIT_BLOCK = 1 << 20
+_CHECK_BLOCK = 1 << 24
 
 
 def materialize(specs: tuple[ParamSpec, ...], seed: int) -> dict[str, np.ndarray]:
@@ -30,13 +34,53 @@ def materialize(specs: tuple[ParamSpec, ...], seed: int) -> dict[str, np.ndarray
         elif p.initializer is Initializer.CONSTANT:
             arr = np.full(p.shape, p.scale, np.float32)
         else:
+            arr = np.empty(p.shape, np.float32)
             rng = np.random.default_rng([seed, i])
-            if p.initializer is Initializer.NORMAL:
-                arr = rng.normal(0.0, p.scale, p.shape).astype(np.float32)
-            else:
-                arr = rng.uniform(-p.scale, p.scale, p.shape).astype(np.float32)
+            flat = arr.reshape(-1)
+            # In blocks: the generator's float64 draws for a 400 MB tensor would take 800 MB at
+            # once. Consecutive draws continue the same stream, so the values are those of one call.
+            for lo in range(0, flat.size, _INIT_BLOCK):
+                n = min(_INIT_BLOCK, flat.size - lo)
+                if p.initializer is Initializer.NORMAL:
+                    flat[lo : lo + n] = rng.normal(0.0, p.scale, n)
+                else:
+                    flat[lo : lo + n] = rng.uniform(-p.scale, p.scale, n)
         out[p.name] = arr
     return out
+
+
+class Pieces:
+    """A tensor that arrived in several chunks, kept as float32 views of the received messages at
+    their flat offsets instead of being copied into one array (a copy and a large allocation per
+    push saved; equal-sized messages also keep the allocator from fragmenting). The core reads it
+    through ``blocks``; ``np.asarray`` joins it when a whole array is needed."""
+
+    __slots__ = ("parts", "shape", "size")
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, shape: tuple[int, ...], parts: list[tuple[int, np.ndarray]]) -> None:
+        self.shape = shape
+        self.size = sum(v.size for _, v in parts)
+        self.parts = parts
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.empty(self.shape, np.float32)
+        flat = out.reshape(-1)
+        for lo, v in self.parts:
+            flat[lo : lo + v.size] = v
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+Gradient: TypeAlias = "np.ndarray | Pieces"
+"""What a push carries per tensor: one array, or the pieces it arrived in."""
+
+
+def blocks(g: Gradient, block: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(flat offset, 1-D view)`` covering ``g`` in order, each at most ``block`` elements."""
+    parts = g.parts if isinstance(g, Pieces) else [(0, g.reshape(-1))]
+    for lo, v in parts:
+        for i in range(0, v.size, block):
+            yield lo + i, v[i : i + block]
 
 
 class ParamStore:
@@ -47,7 +91,7 @@ class ParamStore:
         self.params = materialize(specs, seed)
         self.nbytes = sum(a.nbytes for a in self.params.values())
 
-    def check_gradient(self, grads: Mapping[str, np.ndarray]) -> None:
+    def check_gradient(self, grads: Mapping[str, Gradient]) -> None:
         """Raise InvalidArgument unless ``grads`` has every tensor, right shapes, all finite."""
         unknown = sorted(set(grads) - set(self.specs))
         if unknown:
@@ -67,10 +111,12 @@ class ParamStore:
                 raise InvalidArgument(f"gradient {name!r} has dtype {g.dtype}, expected float32")
             # One pass without a temporary: a sum is NaN/Inf iff some element is (or it overflows,
             # which is no usable gradient either). The slow exact check only names the culprit.
+            total = np.float32(0.0)
             with np.errstate(over="ignore", invalid="ignore"):
-                total = np.sum(g, dtype=np.float32)
+                for _, v in blocks(g, _CHECK_BLOCK):
+                    total += np.sum(v, dtype=np.float32)
             if not np.isfinite(total):
-                bad = int(np.count_nonzero(~np.isfinite(g)))
+                bad = sum(int(np.count_nonzero(~np.isfinite(v))) for _, v in blocks(g, _CHECK_BLOCK))
                 what = f"{bad} NaN/Inf value(s)" if bad else "values whose sum overflows float32"
                 raise InvalidArgument(f"gradient {name!r} contains {what}; nothing was applied")
 

@@ -4,8 +4,12 @@ glibc hands every allocation of 32 MiB or more back to the OS when it is freed, 
 message or gradient buffer is faulted in afresh (~2 GB/s here). Raising the mmap and trim
 thresholds keeps those pages in the process: measured 2-5x on every large-message path
 (DESIGN.md), and 1045 -> 565 ms of server CPU per push+pull of a 100M-parameter model
-(bench/RESULTS.md). Same effect as MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ in the
-environment, which take precedence when set.
+(bench/RESULTS.md). Since those pages are kept, each malloc arena keeps its own peak: gRPC's
+threads receive into their arenas while Python copies out in the main one, and a server with four
+workers pushing a 23 MB model peaked at ~470 MiB with glibc's default of 8 arenas per core against
+~330 MiB with one arena, which also moved slightly more data. So one arena
+(bench/RESULTS.md, memory). The environment's MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ and
+MALLOC_ARENA_MAX take precedence when set.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ __all__ = ["tune_malloc"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX")
 
 
-def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 2**31 - 1) -> bool:
-    """Set glibc's thresholds unless the environment already does; False where not glibc."""
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 2**31 - 1, arena_max: int = 1) -> bool:
+    """Set glibc's thresholds and arena count unless the environment already does; False where
+    not glibc. Call it before any thread starts (arenas are created as threads first allocate)."""
+    if any(name in os.environ for name in _ENV):
         return False
     name = ctypes.util.find_library("c")
     if not name:
@@ -32,4 +39,5 @@ def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 2**31 - 1) 
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc (musl, macOS)
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    return all(bool(mallopt(param, value)) for param, value in (
+        (_M_ARENA_MAX, arena_max), (_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, trim_threshold)))

@@ -156,3 +156,41 @@ async def test_shutdown_releases_parked_pulls_with_unavailable(server_config) ->
         with pytest.raises(PsClientError) as err:
             await asyncio.wait_for(parked, 5)
         assert err.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_worker_stalled_mid_push_does_not_hold_up_the_others(server: PsServer, client: PsClient) -> None:
+    """Large pushes are received one at a time (--push-slots 1); a worker that goes quiet halfway
+    through its push lends its slot out, so the others' pushes go through, and its own push is
+    applied exactly once when the rest of it comes."""
+    shapes = {"w": (64,), "b": (4,)}
+    run = await client.create_run(make_spec(shapes=shapes, num_workers=2, staleness=-1, iterations=5,
+                                            init=pb.INITIALIZER_ZEROS))
+    stalled, other = await _join_all(client, run.run_id, 2)
+    F32 = np.float32
+
+    def req(offset: int, values: np.ndarray, final: bool) -> pb.PushGradientRequest:
+        tensors = [pb.TensorChunk(name="w", shape=[64], dtype=pb.DATA_TYPE_FLOAT32, offset=offset,
+                                  data=values.astype(F32).tobytes())]
+        if final:
+            tensors.append(pb.TensorChunk(name="b", shape=[4], dtype=pb.DATA_TYPE_FLOAT32, offset=0,
+                                          data=np.zeros(4, F32).tobytes()))
+        return pb.PushGradientRequest(run_id=run.run_id, rank=stalled.rank, incarnation=stalled.incarnation,
+                                      clock=0, tensors=tensors, final=final)
+
+    call = client.data.PushGradient(timeout=30.0)
+    await call.write(req(0, np.ones(32), final=False))  # ... and nothing more for a while
+    await asyncio.sleep(0.2)  # its first message is in and holds the only slot
+    async with PsClient(f"127.0.0.1:{server.port}", chunk_bytes=64) as small_chunks:  # 64-byte messages: a multi-message push
+        g = {"w": np.full(64, 2.0, F32), "b": np.ones(4, F32)}
+        for clock in range(3):
+            ack = await asyncio.wait_for(small_chunks.push(run.run_id, other.rank, other.incarnation, clock, g), 5)
+            assert not ack.duplicate
+    mid = await client.get_run(run.run_id)
+    assert mid.counters.pushes_applied == 3 and server.push_slots.lent >= 1
+    await call.write(req(32, np.ones(32), final=True))
+    await call.done_writing()
+    resp = await call.read()
+    assert resp.clock == 1 and not resp.duplicate
+    params = (await client.pull(run.run_id)).tensors
+    np.testing.assert_array_equal(params["w"], np.full(64, -7.0, F32))  # 3 x 2 from one worker, 1 from the other
+    assert (await client.get_run(run.run_id)).counters.pushes_applied == 4

@@ -24,7 +24,7 @@ from ps_server.spec import (
     ParamSpec,
     RunSpec,
 )
-from ps_server.store import ParamStore, materialize
+from ps_server.store import ParamStore, Pieces, blocks, materialize
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -66,6 +66,17 @@ def test_materialize_rule_tensor_i_uses_default_rng_seed_i() -> None:
     for name, arr in want.items():
         assert got[name].tobytes() == arr.tobytes(), name
     assert np.all(np.abs(got["w2"]) <= 2.0)
+
+
+@pytest.mark.parametrize("init", [Initializer.NORMAL, Initializer.UNIFORM])
+def test_materialize_in_blocks_equals_one_draw(init: Initializer) -> None:
+    """Tensors larger than the generation block (drawn in pieces to bound memory) still follow the
+    one-call rule bit for bit, including the partial last block."""
+    shape = (3, (1 << 20) // 3 + 5)
+    got = materialize((ParamSpec("big", shape, init, 0.5),), 11)["big"]
+    rng = np.random.default_rng([11, 0])
+    full = rng.normal(0.0, 0.5, shape) if init is Initializer.NORMAL else rng.uniform(-0.5, 0.5, shape)
+    assert got.tobytes() == full.astype(np.float32).tobytes()
 
 
 def test_materialize_is_per_tensor_not_a_shared_stream() -> None:
@@ -183,6 +194,12 @@ def test_assembler_multi_chunk() -> None:
     assert np.array_equal(out["w"], values.reshape(2, 5))
     assert np.array_equal(out["b"], np.array([7.0, 8.0], np.float32))
     assert a.nbytes == 4 * 12
+    w = out["w"]  # kept as the views it arrived in, never copied into one array
+    assert isinstance(w, Pieces) and w.shape == (2, 5) and w.size == 10
+    assert [lo for lo, _ in w.parts] == [0, 3, 7]
+    assert all(isinstance(_root_base(v), bytes) for _, v in w.parts)
+    assert [(lo, v.tolist()) for lo, v in blocks(w, 2)] == [
+        (0, [0.0, 1.5]), (2, [3.0]), (3, [4.5, 6.0]), (5, [7.5, 9.0]), (7, [10.5, 12.0]), (9, [13.5])]
 
 
 def _raises(chunks: list[pb.TensorChunk], *match: str, exc: type[Exception] = InvalidArgument,
@@ -284,7 +301,7 @@ def _roundtrip(tensors: dict[str, np.ndarray], chunk_bytes: int) -> tuple[dict[s
         # A message's payload stays near chunk_bytes (at most one chunk past it).
         assert sum(len(c.data) for c in batch) < chunk_bytes + max(4, chunk_bytes) + 4
         a.add(batch)
-    return a.finish(), messages
+    return {n: np.asarray(g) for n, g in a.finish().items()}, messages
 
 
 def test_encode_small_tensors_share_one_message() -> None:
