@@ -30,6 +30,9 @@ __all__ = ["EXIT_CODES", "Snapshot", "follow", "follow_local"]
 EXIT_CODES = {pb.RUN_STATE_COMPLETED: 0, pb.RUN_STATE_FAILED: 1, pb.RUN_STATE_STOPPED: 2}
 """Exit status of a followed run by final state (documented in ``psctl launch --help``)."""
 
+LIVE_POINTS = 200
+"""Metric points fetched per refresh while a run is live (the trend and the latest evaluations)."""
+
 Snapshot = Callable[[pb.WatchRunResponse, pb.GetMetricsResponse | None], Awaitable[None] | None]
 
 
@@ -45,7 +48,9 @@ async def follow(ps: PsClient, run_id: str, on_snapshot: Snapshot, *, metrics_ev
                 last = snap.run
                 finished = last.state in EXIT_CODES
                 if metrics_every is not None and (finished or time.monotonic() - fetched >= metrics_every):
-                    metrics, fetched = await ps.get_metrics(run_id), time.monotonic()
+                    # Live: the recent points the view shows; at the end: the whole history.
+                    recent = 0 if finished else LIVE_POINTS
+                    metrics, fetched = await ps.get_metrics(run_id, max_points=recent), time.monotonic()
                 result = on_snapshot(snap, metrics)
                 if result is not None:
                     await result

@@ -7,9 +7,10 @@ Errors: core methods raise ``errors.PsError``; ``_abort`` turns them into a stat
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Reversible
 from functools import partial
 from typing import NoReturn, TypeVar
 
@@ -56,6 +57,13 @@ async def _decode(parse: Callable[[bytes], R], raw: bytes, context: grpc.aio.Ser
     except DecodeError:
         await context.abort(grpc.StatusCode.INTERNAL, "Exception deserializing request!")
         raise AssertionError("unreachable") from None  # pragma: no cover
+
+
+def _last(items: Reversible[R], n: int) -> list[R]:
+    """The last ``n`` of ``items`` in order, without walking the rest (a deque of 20,000 points)."""
+    out = list(itertools.islice(reversed(items), n))
+    out.reverse()
+    return out
 
 
 def _changed_since(run: Run, changes: int) -> bool:
@@ -300,9 +308,10 @@ class RunServicer(pb_grpc.RunServiceServicer):
             run = self._registry.get(request.run_id)
         except PsError as exc:
             await _abort(context, exc)
+        n = request.max_points
         return pb.GetMetricsResponse(
-            points=[codec.point_to_proto(p) for p in run.points],
-            events=[codec.event_to_proto(e) for e in run.events],
+            points=[codec.point_to_proto(p) for p in (_last(run.points, n) if n else run.points)],
+            events=[codec.event_to_proto(e) for e in (_last(run.events, n) if n else run.events)],
             clock_records=[codec.record_to_proto(r) for r in run.clock_records] if request.include_clock_records else [],
         )
 

@@ -114,7 +114,7 @@ class ParamStore:
             total = np.float32(0.0)
             with np.errstate(over="ignore", invalid="ignore"):
                 for _, v in blocks(g, _CHECK_BLOCK):
-                    total += np.sum(v, dtype=np.float32)
+                    total += np.add.reduce(v, dtype=np.float32)  # np.sum's wrapper costs more than a small tensor
             if not np.isfinite(total):
                 bad = sum(int(np.count_nonzero(~np.isfinite(v))) for _, v in blocks(g, _CHECK_BLOCK))
                 what = f"{bad} NaN/Inf value(s)" if bad else "values whose sum overflows float32"

@@ -272,8 +272,9 @@ class PsClient:
     async def stop_run(self, run_id: str, reason: str = "") -> pb.Run:
         return (await self._unary(self.runs.StopRun, pb.StopRunRequest(run_id=run_id, reason=reason))).run
 
-    async def get_metrics(self, run_id: str, include_clock_records: bool = False) -> pb.GetMetricsResponse:
-        req = pb.GetMetricsRequest(run_id=run_id, include_clock_records=include_clock_records)
+    async def get_metrics(self, run_id: str, include_clock_records: bool = False, max_points: int = 0) -> pb.GetMetricsResponse:
+        """A run's metrics history and events; ``max_points`` > 0: only the most recent ones."""
+        req = pb.GetMetricsRequest(run_id=run_id, include_clock_records=include_clock_records, max_points=max_points)
         return await self._unary(self.runs.GetMetrics, req)
 
     async def checkpoint_run(self, run_id: str) -> pb.CheckpointRunResponse:

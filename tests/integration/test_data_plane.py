@@ -194,3 +194,18 @@ async def test_a_worker_stalled_mid_push_does_not_hold_up_the_others(server: PsS
     params = (await client.pull(run.run_id)).tensors
     np.testing.assert_array_equal(params["w"], np.full(64, -7.0, F32))  # 3 x 2 from one worker, 1 from the other
     assert (await client.get_run(run.run_id)).counters.pushes_applied == 4
+
+
+async def test_get_metrics_max_points_returns_the_most_recent_in_order(server: PsServer, client: PsClient) -> None:
+    """A live view asks for the last N points and events only; 0 still returns the whole history."""
+    run = await client.create_run(make_spec(num_workers=1, staleness=-1, iterations=100))
+    (a,) = await _join_all(client, run.run_id, 1)
+    points = [pb.MetricPoint(rank=0, clock=c, loss=1.0 / (c + 1), samples=c) for c in range(1, 31)]
+    await client.report_metrics(run.run_id, a.rank, a.incarnation, points, 0)
+    everything = await client.get_metrics(run.run_id)
+    assert [p.clock for p in everything.points] == list(range(1, 31))
+    recent = await client.get_metrics(run.run_id, max_points=5)
+    assert [p.clock for p in recent.points] == [26, 27, 28, 29, 30]
+    assert list(recent.events) == list(everything.events)[-5:] and len(everything.events) >= 1
+    more = await client.get_metrics(run.run_id, max_points=1000)
+    assert [p.clock for p in more.points] == list(range(1, 31))

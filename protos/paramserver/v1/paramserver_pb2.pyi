@@ -465,12 +465,14 @@ class WatchRunResponse(_message.Message):
     def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ..., events: _Optional[_Iterable[_Union[RunEvent, _Mapping]]] = ...) -> None: ...
 
 class GetMetricsRequest(_message.Message):
-    __slots__ = ("run_id", "include_clock_records")
+    __slots__ = ("run_id", "include_clock_records", "max_points")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_CLOCK_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_POINTS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     include_clock_records: bool
-    def __init__(self, run_id: _Optional[str] = ..., include_clock_records: _Optional[bool] = ...) -> None: ...
+    max_points: int
+    def __init__(self, run_id: _Optional[str] = ..., include_clock_records: _Optional[bool] = ..., max_points: _Optional[int] = ...) -> None: ...
 
 class ClockRecord(_message.Message):
     __slots__ = ("kind", "rank", "clock", "min_clock", "time")

@@ -281,8 +281,8 @@ class RunServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetMetrics(self, request, context):
-        """GetMetrics returns a run's metrics history and events, and on request its clock records.
-        Errors: NOT_FOUND.
+        """GetMetrics returns a run's metrics history and events (all the server keeps, or the most
+        recent `max_points`), and on request its clock records. Errors: NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
