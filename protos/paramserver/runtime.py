@@ -5,10 +5,9 @@ message or gradient buffer is faulted in afresh (~2 GB/s here). Raising the mmap
 thresholds keeps those pages in the process: measured 2-5x on every large-message path
 (DESIGN.md), and 1045 -> 565 ms of server CPU per push+pull of a 100M-parameter model
 (bench/RESULTS.md). Since those pages are kept, each malloc arena keeps its own peak: gRPC's
-threads receive into their arenas while Python copies out in the main one, and a server with four
-workers pushing a 23 MB model peaked at ~470 MiB with glibc's default of 8 arenas per core against
-~330 MiB with one arena, which also moved slightly more data. So one arena
-(bench/RESULTS.md, memory). The environment's MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ and
+threads receive into their arenas while Python reads in the main one: a server with four
+clients pushing and pulling a 23 MB model peaked at 257-290 MiB with glibc's default arena count
+and 155-165 MiB with one arena, moving as much data (bench/push_memory.py, bench/RESULTS.md). The environment's MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ and
 MALLOC_ARENA_MAX take precedence when set.
 """
 
