@@ -157,6 +157,7 @@ def run_facts(run: pb.Run, now: float | None = None) -> dict[str, Any]:
         "pushes_rejected": c.pushes_rejected,
         "pulls_served": c.pulls_served,
         "pulls_parked": c.pulls_parked,
+        "parked_seconds": c.parked_seconds,
         "pulls_skipped": c.pulls_skipped,
         "bytes_pushed": c.bytes_pushed,
         "bytes_pulled": c.bytes_pulled,
@@ -171,7 +172,7 @@ def launch_result(run: pb.Run) -> dict[str, Any]:
     """The one JSON object ``psctl launch --wait --json`` prints at the end."""
     keys = ("run_id", "name", "state", "message", "test_accuracy", "test_loss", "eval_clock", "iterations",
             "min_clock", "wall_seconds", "train_seconds", "pushes_applied", "pushes_duplicate", "pushes_rejected",
-            "pulls_served", "pulls_parked", "pulls_skipped", "updates_applied", "evictions", "staleness_mean",
+            "pulls_served", "pulls_parked", "parked_seconds", "pulls_skipped", "updates_applied", "evictions", "staleness_mean",
             "staleness_max", "staleness", "workers", "model", "dataset", "optimizer", "lr")
     facts = run_facts(run)
     return {k: facts[k] for k in keys}

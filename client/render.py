@@ -127,7 +127,8 @@ def status_view(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float |
                      ("pulls", f"{f['pulls_served']} served / {f['pulls_parked']} parked / "
                                f"{f['pulls_skipped']} skipped")))
     parts.append(_kv(("bytes", f"{f['bytes_pushed'] / 1e6:.1f} MB pushed / {f['bytes_pulled'] / 1e6:.1f} MB pulled"),
-                     ("staleness", f"mean {f['staleness_mean']:.2f} max {f['staleness_max']}"),
+                     ("staleness", f"mean {f['staleness_mean']:.2f} max {f['staleness_max']}")))
+    parts.append(_kv(("parked", f"{f['parked_seconds']:.1f} s in all"),
                      ("updates", f["updates_applied"]), ("evictions", f["evictions"])))
     if hist["train_loss"]:
         last = [v for v in hist["last_train_loss"].values() if v is not None]
