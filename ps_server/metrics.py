@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .registry import RunRegistry
+from .slots import PushSlots
 
 __all__ = ["RunCollector", "serve_metrics"]
 
@@ -32,8 +33,9 @@ _COUNTERS = {
 
 
 class RunCollector(Collector):
-    def __init__(self, registry: RunRegistry) -> None:
+    def __init__(self, registry: RunRegistry, slots: PushSlots | None = None) -> None:
         self._registry = registry
+        self._slots = slots
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         statuses = [run.status() for run in self._registry.runs()]
@@ -53,11 +55,14 @@ class RunCollector(Collector):
             waiting.add_metric([s.run_id], sum(w.waiting_for_clock is not None for w in s.workers))
             state.add_metric([s.run_id, s.state.value], 1)
         yield from (clocks, spread, waiting, state)
+        if self._slots is not None:
+            yield CounterMetricFamily("paramserver_push_slot_lends", "Times a push stalled mid-stream and lent its "
+                                      "receive slot (--push-slots) to another", value=self._slots.lent)
 
 
-def serve_metrics(registry: RunRegistry, host: str, port: int) -> int:
+def serve_metrics(registry: RunRegistry, host: str, port: int, slots: PushSlots | None = None) -> int:
     """Serve /metrics over HTTP on a daemon thread; return the bound port."""
     reg = CollectorRegistry()
-    reg.register(RunCollector(registry))
+    reg.register(RunCollector(registry, slots))
     server, _thread = start_http_server(port, addr=host, registry=reg)
     return int(server.server_port)

@@ -31,5 +31,6 @@ async def test_metrics_endpoint_reports_pushes_and_clocks(server_config: ServerC
         assert f'paramserver_worker_clock{{rank="0",run="{run.run_id}"}} 1.0' in text
         assert f'paramserver_run_state{{run="{run.run_id}",state="running"}} 1.0' in text
         assert f'paramserver_parked_seconds_total{{run="{run.run_id}"}}' in text
+        assert "paramserver_push_slot_lends_total 0.0" in text
     finally:
         await ps.stop(0)
