@@ -2,10 +2,10 @@
 
 A push is applied whole or not at all, so its chunks are held until the last one arrives. When
 several workers push a large model at the same time and the event loop reads their streams in
-turn, every one of those partial pushes is in memory at once, and with them what gRPC has
-buffered for each stream: with four workers and a 23 MB model that was most of the server's peak
-(bench/RESULTS.md, memory). ``PushSlots`` lets ``limit`` multi-message pushes be received at a
-time; the others wait for a slot before reading on, and HTTP/2 flow control holds their senders.
+turn, every one of those partial pushes is in memory at once. ``PushSlots`` lets ``limit``
+multi-message pushes be received at a time; the others wait for a slot before reading on, and
+HTTP/2 flow control holds their senders. With four workers pushing a 23 MB model the server's
+peak was 157 MiB with one slot and 191 MiB with four (bench/RESULTS.md, memory), at the same rate.
 
 A push whose next message does not arrive within ``patience`` seconds lends its slot out until
 that message comes, so a stopped or stalled worker can never hold the others up: it only keeps
