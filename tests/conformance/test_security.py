@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import time
 from pathlib import Path
 
 import pytest
@@ -57,7 +58,9 @@ async def test_trains_against_a_server_with_mutual_tls_and_a_token(impl: Impl, t
         async with connect(srv.address, security=me) as c:
             run = await c.create_run(run_spec(workers=1, iterations=20))
             intruder = impl.start(srv.address, *tls, "--join-wait-seconds", "1", env={"PS_TOKEN": "wrong"})
-            await asyncio.sleep(2.0)
+            deadline = time.monotonic() + 30  # until it has been refused (start-up is slow on a busy machine)
+            while "UNAUTHENTICATED" not in intruder.log.read_text() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
             pending = await c.get_run(run.run_id)
             assert pending.state == pb.RUN_STATE_PENDING, "a worker with the wrong token took a rank"
             assert pending.workers[0].state == pb.WORKER_STATE_VACANT

@@ -321,7 +321,7 @@ async def test_resumes_after_a_server_restart_from_a_checkpoint(impl: Impl, tmp_
             await c.stop_run(run.run_id, "done testing")
         codes = [w.wait(30) for w in workers]  # --once: back from the stopped run, they exit
     assert resumed.state == pb.RUN_STATE_RUNNING
-    assert ckpt.min_clock == resumed.min_clock < before.min_clock  # the workers were ahead: they had to rewind
+    assert ckpt.min_clock <= resumed.min_clock < before.min_clock  # the workers were ahead: they had to rewind
     assert [w.incarnation for w in after.workers] == [w.incarnation for w in before.workers]
     assert after.counters.evictions == 0
     assert all(w.state == pb.WORKER_STATE_ACTIVE for w in after.workers)

@@ -95,9 +95,11 @@ async def test_bsp_pull_parks_until_every_rank_pushed_and_names_the_holdout(serv
     await client.push(run.run_id, a.rank, a.incarnation, 0, g)
     async with PsClient(f"127.0.0.1:{server.port}") as other:
         parked = asyncio.create_task(other.pull(run.run_id, a.rank, a.incarnation, 1))
+        async with asyncio.timeout(10):  # until the server has parked it (the new channel connects first)
+            while not (status := await client.get_run(run.run_id)).workers[0].waiting:
+                await asyncio.sleep(0.02)
         await asyncio.sleep(0.2)
         assert not parked.done()
-        status = await client.get_run(run.run_id)
         assert "rank 1 (clock 0)" in status.waiting_for
         assert status.workers[0].waiting and status.workers[0].waiting_for_clock == 1
         await client.push(run.run_id, b.rank, b.incarnation, 0, g)

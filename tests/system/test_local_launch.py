@@ -7,6 +7,7 @@ survive. Processes are found through /proc/*/environ (Linux; psutil is not a dep
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -17,6 +18,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from worker.client import PsClient, PsClientError
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.skipif(not Path("/proc/self/environ").exists(),
                                                            reason="needs Linux /proc")]
@@ -122,6 +125,19 @@ def test_interrupt_mid_run_leaves_no_process(sig: signal.Signals, code: int, tmp
     assert_nothing_left(marker, tmp_path)
 
 
+async def wait_for_training(address: str, timeout: float = 60.0) -> None:
+    async with PsClient(address, timeout=2.0) as c:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if any(r.min_clock > 0 for r in await c.list_runs()):
+                    return
+            except PsClientError:
+                pass  # not listening yet
+            assert time.monotonic() < deadline, f"no run started training at {address}"
+            await asyncio.sleep(0.1)
+
+
 def test_server_death_mid_run_is_reported_and_cleaned_up(tmp_path: Path) -> None:
     proc, marker = start_psctl(tmp_path, "--model", "mlp:64", "--dataset", "digits", "--workers", "2",
                                "--iterations", "100000", "--json")
@@ -129,8 +145,9 @@ def test_server_death_mid_run_is_reported_and_cleaned_up(tmp_path: Path) -> None
     while len(marked(marker)) < 4 and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
-    time.sleep(1.0)
     (server,) = [pid for pid in marked(marker) if b"ps_server.server" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    argv = Path(f"/proc/{server}/cmdline").read_bytes().split(b"\0")
+    asyncio.run(wait_for_training(f"127.0.0.1:{int(argv[argv.index(b'--port') + 1])}"))  # the server is up and serving
     os.kill(server, signal.SIGKILL)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 1 and out == ""

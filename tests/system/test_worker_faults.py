@@ -70,9 +70,8 @@ async def test_sigstop_past_the_lease_then_sigcont_rejoins() -> None:
                 rank = next(w.rank for w in status.workers if w.worker_name.endswith(f":{frozen.pid}"))
                 old_incarnation = status.workers[rank].incarnation
                 os.kill(frozen.pid, signal.SIGSTOP)
-                await asyncio.sleep(LEASE + 1.5)
-                evicted = await c.get_run(run.run_id)
-                assert evicted.workers[rank].state == pb.WORKER_STATE_EVICTED
+                evicted = await watch_until(c, run.run_id, lambda r: r.workers[rank].state == pb.WORKER_STATE_EVICTED,
+                                            timeout=LEASE + 10)
                 assert evicted.counters.evictions == 1
                 os.kill(frozen.pid, signal.SIGCONT)
                 async with asyncio.timeout(60):  # it comes back as a new incarnation and trains again
