@@ -357,13 +357,14 @@ class PsClient:
         wait = self.timeout if max_wait is None else max_wait
         then = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock + 1,
                                     max_wait=_duration(wait))
+        sink = _Sink(into)
         responses: list[wire.PushResponse] = await self._push.exchange(
             self._push_requests(run_id, rank, incarnation, clock, grads, loss, then), wait + self.timeout,
-            until_final=True, final=_pulled_final, decode=wire.decode_push_response)
+            until_final=True, final=_pulled_final, decode=sink.push_response)
         first = responses[0]
         ack = pb.PushGradientResponse(clock=first.clock, duplicate=first.duplicate, min_clock=first.min_clock,
                                       run_state=first.run_state)  # type: ignore[arg-type]
-        return ack, _assemble([r.pulled or wire.ParamsResponse() for r in responses], into)
+        return ack, sink.result(responses[-1].pulled or wire.ParamsResponse())
 
     def _push_requests(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, np.ndarray],
                        loss: float, then: pb.PullParamsRequest | None) -> Iterator[bytes]:
@@ -396,19 +397,29 @@ class PsClient:
         req = pb.PullParamsRequest(
             run_id=run_id, rank=rank, incarnation=incarnation, clock=clock, names=names, max_wait=_duration(wait)
         )
+        sink = _Sink(into)
         responses = await self._pull.exchange([req.SerializeToString()], timeout or (wait + self.timeout),
-                                              until_final=True, decode=wire.decode_params_response)
-        return _assemble(responses, into)
+                                              until_final=True, decode=sink.params_response)
+        return sink.result(responses[-1])
 
 
 def _pulled_final(resp: wire.PushResponse) -> bool:
     return resp.pulled is not None and resp.pulled.final
 
 
-def _assemble(responses: Sequence[wire.ParamsResponse], into: dict[str, np.ndarray] | None) -> PullResult:
-    """Write the chunks of a pull's responses into ``into`` (arrays reused), or new arrays."""
-    out = {} if into is None else into
-    for resp in responses:
+class _Sink:
+    """Writes a pull's chunks into ``into`` (arrays reused; new ones when None) as each message
+    arrives, then lets the message go: a pull never holds the whole model twice, and each copy
+    reads bytes that gRPC has just written (warm in cache).
+
+    If the stream fails partway, ``into`` holds a mix of old and new values; the caller retries
+    the pull, which overwrites all of it."""
+
+    def __init__(self, into: dict[str, np.ndarray] | None) -> None:
+        self.out: dict[str, np.ndarray] = {} if into is None else into
+
+    def params(self, resp: wire.ParamsResponse) -> wire.ParamsResponse:
+        out = self.out
         for chunk in resp.tensors:
             data = chunk.data  # a view of the response's bytes
             arr = out.get(chunk.name)
@@ -420,5 +431,17 @@ def _assemble(responses: Sequence[wire.ParamsResponse], into: dict[str, np.ndarr
                 arr = out[chunk.name] = np.empty(shape, F32)
             flat = arr.reshape(-1)
             flat[chunk.offset : chunk.offset + len(data) // 4] = np.frombuffer(data, F32)
-    last = responses[-1]
-    return PullResult(last.guaranteed_clock, last.version, last.run_state, out)
+        resp.tensors = []  # the views pinned the message
+        return resp
+
+    def params_response(self, raw: bytes) -> wire.ParamsResponse:
+        return self.params(wire.decode_params_response(raw))
+
+    def push_response(self, raw: bytes) -> wire.PushResponse:
+        resp = wire.decode_push_response(raw)
+        if resp.pulled is not None:
+            self.params(resp.pulled)
+        return resp
+
+    def result(self, last: wire.ParamsResponse) -> PullResult:
+        return PullResult(last.guaranteed_clock, last.version, last.run_state, self.out)
