@@ -36,6 +36,8 @@ proto: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/small_model.py --repeats 3
+	$(BIN)/python bench/large_model.py
 	$(BIN)/python bench/straggler.py
 
 clean:
