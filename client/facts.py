@@ -172,8 +172,8 @@ def launch_result(run: pb.Run) -> dict[str, Any]:
     """The one JSON object ``psctl launch --wait --json`` prints at the end."""
     keys = ("run_id", "name", "state", "message", "test_accuracy", "test_loss", "eval_clock", "iterations",
             "min_clock", "wall_seconds", "train_seconds", "pushes_applied", "pushes_duplicate", "pushes_rejected",
-            "pulls_served", "pulls_parked", "parked_seconds", "pulls_skipped", "updates_applied", "evictions", "staleness_mean",
-            "staleness_max", "staleness", "workers", "model", "dataset", "optimizer", "lr")
+            "pulls_served", "pulls_parked", "parked_seconds", "pulls_skipped", "updates_applied", "evictions",
+            "staleness_mean", "staleness_max", "staleness", "workers", "model", "dataset", "optimizer", "lr")
     facts = run_facts(run)
     return {k: facts[k] for k in keys}
 

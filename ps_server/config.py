@@ -25,7 +25,8 @@ class ServerConfig:
     port: int = opt(50051, "gRPC port; 0 picks a free port (printed at start).")
     max_message_bytes: int = opt(64 << 20, "Largest gRPC message accepted or sent, in bytes.")
     chunk_bytes: int = opt(1 << 20, "Payload bytes per message when streaming tensors.")
-    push_slots: int = opt(1, "Pushes of more than one message received at a time (each is held whole until applied); more wait their turn.")
+    push_slots: int = opt(1, "Pushes of more than one message received at a time (each is held whole until "
+                          "applied); more wait their turn. A push whose worker stalls 0.5 s lends its slot out.")
     max_param_bytes: int = opt(4 << 30, "Largest parameter set one run may hold, in bytes.")
     max_wait_seconds: float = opt(60.0, "Longest a pull or a join may stay parked on the server.")
     lease_seconds: float = opt(10.0, "A worker not heard from for this long is evicted.")

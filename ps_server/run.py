@@ -399,7 +399,8 @@ class Run:
         """Apply one update; a run whose parameters stop being finite has diverged and fails."""
         self.optimizer.step(self.store.params, grads)
         self.counters.updates_applied += 1
-        with np.errstate(over="ignore", invalid="ignore"):  # ufunc.reduce: np.sum's wrapper costs more than a small tensor
+        # np.add.reduce, not np.sum: for a small tensor np.sum's Python wrapper costs more than the sum.
+        with np.errstate(over="ignore", invalid="ignore"):
             sums = [(name, np.add.reduce(w, axis=None, dtype=np.float32)) for name, w in self.store.params.items()]
         for name, total in sums:
             if not np.isfinite(total) and self.state is RunState.RUNNING:

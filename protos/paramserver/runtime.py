@@ -5,10 +5,11 @@ message or gradient buffer is faulted in afresh (~2 GB/s here). Raising the mmap
 thresholds keeps those pages in the process: measured 2-5x on every large-message path
 (DESIGN.md), and 1045 -> 565 ms of server CPU per push+pull of a 100M-parameter model
 (bench/RESULTS.md). Since those pages are kept, each malloc arena keeps its own peak: gRPC's
-threads receive into their arenas while Python reads in the main one: a server with four
-clients pushing and pulling a 23 MB model peaked at 257-290 MiB with glibc's default arena count
-and 155-165 MiB with one arena, moving as much data (bench/push_memory.py, bench/RESULTS.md). The environment's MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ and
-MALLOC_ARENA_MAX take precedence when set.
+threads receive into their arenas while Python reads in the main one. A server with four clients
+pushing and pulling a 23 MB model peaked at 257-290 MiB with glibc's default arena count and at
+155-165 MiB with one arena, moving as much data (bench/push_memory.py, bench/RESULTS.md). The
+environment's MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ and MALLOC_ARENA_MAX take precedence
+when set.
 """
 
 from __future__ import annotations
