@@ -83,6 +83,16 @@ def blocks(g: Gradient, block: int) -> Iterator[tuple[int, np.ndarray]]:
             yield lo + i, v[i : i + block]
 
 
+def _sum(g: Gradient) -> np.float32:
+    """float32 sum of all of ``g`` (np.add.reduce: np.sum's wrapper costs more than a small tensor)."""
+    if isinstance(g, Pieces):
+        total = np.float32(0.0)
+        for _, v in g.parts:
+            total += np.add.reduce(v, dtype=np.float32)
+        return total
+    return np.float32(np.add.reduce(g, axis=None, dtype=np.float32))
+
+
 class ParamStore:
     """The parameters of one run."""
 
@@ -93,13 +103,13 @@ class ParamStore:
 
     def check_gradient(self, grads: Mapping[str, Gradient]) -> None:
         """Raise InvalidArgument unless ``grads`` has every tensor, right shapes, all finite."""
-        unknown = sorted(set(grads) - set(self.specs))
-        if unknown:
-            raise InvalidArgument(
-                f"unknown tensor name(s) {unknown}; this run's tensors are {sorted(self.specs)}"
-            )
-        missing = sorted(set(self.specs) - set(grads))
-        if missing:
+        if grads.keys() != self.specs.keys():
+            unknown = sorted(set(grads) - set(self.specs))
+            if unknown:
+                raise InvalidArgument(
+                    f"unknown tensor name(s) {unknown}; this run's tensors are {sorted(self.specs)}"
+                )
+            missing = sorted(set(self.specs) - set(grads))
             raise InvalidArgument(f"the gradient lacks tensor(s) {missing}: send every parameter")
         for name, g in grads.items():
             want = self.specs[name].shape
@@ -109,13 +119,13 @@ class ParamStore:
                 )
             if g.dtype != np.float32:
                 raise InvalidArgument(f"gradient {name!r} has dtype {g.dtype}, expected float32")
-            # One pass without a temporary: a sum is NaN/Inf iff some element is (or it overflows,
-            # which is no usable gradient either). The slow exact check only names the culprit.
-            total = np.float32(0.0)
-            with np.errstate(over="ignore", invalid="ignore"):
-                for _, v in blocks(g, _CHECK_BLOCK):
-                    total += np.add.reduce(v, dtype=np.float32)  # np.sum's wrapper costs more than a small tensor
+        # One pass without a temporary: a sum is NaN/Inf iff some element is (or it overflows,
+        # which is no usable gradient either). The slow exact check only names the culprit.
+        with np.errstate(over="ignore", invalid="ignore"):
+            sums = [(name, _sum(g)) for name, g in grads.items()]
+        for name, total in sums:
             if not np.isfinite(total):
+                g = grads[name]
                 bad = sum(int(np.count_nonzero(~np.isfinite(v))) for _, v in blocks(g, _CHECK_BLOCK))
                 what = f"{bad} NaN/Inf value(s)" if bad else "values whose sum overflows float32"
                 raise InvalidArgument(f"gradient {name!r} contains {what}; nothing was applied")
