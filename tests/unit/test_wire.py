@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -13,6 +14,19 @@ from hypothesis import strategies as st
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import wire
 from paramserver.v1.tensors import chunk_messages
+
+
+@pytest.fixture(autouse=True, scope="module", params=["hand", "generated"])
+def codec_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs twice: small messages through the hand codec (threshold 0) and through the
+    generated classes (the default threshold, which all of these messages are under)."""
+    saved = wire.SMALL_MESSAGE
+    wire.SMALL_MESSAGE = -1 if request.param == "hand" else saved
+    try:
+        yield request.param
+    finally:
+        wire.SMALL_MESSAGE = saved
+
 
 U64 = st.integers(0, (1 << 64) - 1)
 U32 = st.integers(0, (1 << 32) - 1)

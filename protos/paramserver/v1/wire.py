@@ -40,6 +40,11 @@ __all__ = [
     "varint",
 ]
 
+SMALL_MESSAGE = 64 << 10
+"""Messages with at most this many payload bytes are encoded and decoded by the generated classes
+(upb, in C): with little payload to spare from copying, walking the fields in Python costs more
+(decoding a small model's 19 KB push: 4 µs against 11-20 µs; a 256 KB one: 65 µs against 11 µs)."""
+
 _U64 = (1 << 64) - 1
 _DOUBLE = struct.Struct("<d")
 _ZERO8 = b"\0" * 8
@@ -188,6 +193,21 @@ def encode_chunk(
     return [bytes(head)]
 
 
+def _payload(group: Group) -> int:
+    return sum(part.nbytes for _, _, _, part in group)
+
+
+def _pb_chunks(group: Group) -> list[pb.TensorChunk]:
+    return [pb.TensorChunk(name=name, shape=shape, dtype=pb.DATA_TYPE_FLOAT32, offset=offset,
+                           data=np.ascontiguousarray(part, F32).tobytes())
+            for name, shape, offset, part in group]
+
+
+def _pb_params(guaranteed_clock: int, version: int, group: Group, final: bool, run_state: int) -> pb.PullParamsResponse:
+    return pb.PullParamsResponse(guaranteed_clock=guaranteed_clock, version=version, tensors=_pb_chunks(group),
+                                 final=final, run_state=run_state)  # type: ignore[arg-type]
+
+
 def _repeated_chunks(tag: bytes, group: Group) -> list[Part]:
     parts: list[Part] = []
     for name, shape, offset, data in group:
@@ -218,6 +238,11 @@ def encode_push_request(
     then_pull: pb.PullParamsRequest | None = None,
 ) -> bytes:
     """A serialized ``PushGradientRequest`` whose ``tensors`` are the chunks of ``group``."""
+    if _payload(group) <= SMALL_MESSAGE:
+        small: bytes = pb.PushGradientRequest(
+            run_id=run_id, rank=rank, incarnation=incarnation, clock=clock, tensors=_pb_chunks(group), final=final,
+            loss=loss, then_pull=then_pull).SerializeToString()
+        return small
     head = bytearray()
     if run_id:
         rb = run_id.encode("utf-8")
@@ -260,6 +285,9 @@ def encode_params_response(
     final: bool, run_state: int,
 ) -> bytes:
     """A serialized ``PullParamsResponse``."""
+    if _payload(group) <= SMALL_MESSAGE:
+        small: bytes = _pb_params(guaranteed_clock, version, group, final, run_state).SerializeToString()
+        return small
     return b"".join(_params_parts(guaranteed_clock, version, group, final, run_state))
 
 
@@ -282,6 +310,11 @@ def encode_push_response(
         head += b"\x20" + varint(run_state)
     if pulled is None:
         return bytes(head)
+    if _payload(pulled[2]) <= SMALL_MESSAGE:
+        small: bytes = pb.PushGradientResponse(clock=clock, duplicate=duplicate, min_clock=min_clock,
+                                               run_state=run_state,  # type: ignore[arg-type]
+                                               pulled=_pb_params(*pulled)).SerializeToString()
+        return small
     parts = _params_parts(*pulled)
     head += b"\x2a" + varint(_parts_len(parts))
     return b"".join([bytes(head), *parts])
@@ -290,6 +323,10 @@ def encode_push_response(
 # ----------------------------------------------------------------------------------- decoding
 def _as_view(buf: bytes | memoryview) -> memoryview:
     return buf if isinstance(buf, memoryview) else memoryview(buf)
+
+
+def _as_bytes(buf: bytes | memoryview) -> bytes:
+    return buf if isinstance(buf, bytes) else bytes(buf)
 
 
 def _decode_chunk(buf: memoryview, i: int, end: int) -> Chunk:
@@ -388,24 +425,27 @@ def _params_from_pb(m: pb.PullParamsResponse) -> ParamsResponse:
 
 def decode_params_response(buf: bytes | memoryview) -> ParamsResponse:
     """Parse a serialized ``PullParamsResponse``; chunk data are views of ``buf``."""
-    view = _as_view(buf)
-    try:
-        return _decode_params(view, 0, len(view))
-    except _Fallback:
-        return _params_from_pb(pb.PullParamsResponse.FromString(bytes(view)))
+    if len(buf) > SMALL_MESSAGE:
+        view = _as_view(buf)
+        try:
+            return _decode_params(view, 0, len(view))
+        except _Fallback:
+            pass
+    return _params_from_pb(pb.PullParamsResponse.FromString(_as_bytes(buf)))
 
 
 def decode_push_request(buf: bytes | memoryview) -> PushRequest:
     """Parse a serialized ``PushGradientRequest``; chunk data are views of ``buf``."""
-    view = _as_view(buf)
-    try:
-        return _decode_push_request(view)
-    except _Fallback:
-        m = pb.PushGradientRequest.FromString(bytes(view))
-        return PushRequest(
-            m.run_id, m.rank, m.incarnation, m.clock, [_chunk_from_pb(c) for c in m.tensors], m.final, m.loss,
-            m.then_pull if m.HasField("then_pull") else None,
-        )
+    if len(buf) > SMALL_MESSAGE:
+        try:
+            return _decode_push_request(_as_view(buf))
+        except _Fallback:
+            pass
+    m = pb.PushGradientRequest.FromString(_as_bytes(buf))
+    return PushRequest(
+        m.run_id, m.rank, m.incarnation, m.clock, [_chunk_from_pb(c) for c in m.tensors], m.final, m.loss,
+        m.then_pull if m.HasField("then_pull") else None,
+    )
 
 
 def _decode_push_request(buf: memoryview) -> PushRequest:
@@ -473,13 +513,14 @@ def _decode_push_request(buf: memoryview) -> PushRequest:
 
 def decode_push_response(buf: bytes | memoryview) -> PushResponse:
     """Parse a serialized ``PushGradientResponse``; chunk data of ``pulled`` are views of ``buf``."""
-    view = _as_view(buf)
-    try:
-        return _decode_push_response(view)
-    except _Fallback:
-        m = pb.PushGradientResponse.FromString(bytes(view))
-        return PushResponse(m.clock, m.duplicate, m.min_clock, m.run_state,
-                            _params_from_pb(m.pulled) if m.HasField("pulled") else None)
+    if len(buf) > SMALL_MESSAGE:
+        try:
+            return _decode_push_response(_as_view(buf))
+        except _Fallback:
+            pass
+    m = pb.PushGradientResponse.FromString(_as_bytes(buf))
+    return PushResponse(m.clock, m.duplicate, m.min_clock, m.run_state,
+                        _params_from_pb(m.pulled) if m.HasField("pulled") else None)
 
 
 def _decode_push_response(buf: memoryview) -> PushResponse:
