@@ -313,9 +313,15 @@ class Run:
 
     def check_pull(self, rank: int, incarnation: int, clock: int) -> None:
         """Validate a worker's pull before parking it (also refreshes the lease)."""
-        self._slot(rank, incarnation)
+        slot = self._slot(rank, incarnation)
         if clock > self.spec.iterations:
             raise OutOfRange(f"clock {clock} is beyond the run's {self.spec.iterations} iterations")
+        if clock > slot.clock:
+            # Only this rank's own pushes could make it ready, and it is waiting here: it would park
+            # until its lease ran out. Typically a server restarted from a checkpoint that knows the
+            # rank at an earlier clock (the worker's Heartbeat gets that clock and rewinds).
+            raise FailedPrecondition(f"rank {rank} pulled clock {clock} but its next clock is {slot.clock}: "
+                                     "push the clocks before it first")
 
     def pull_ready(self, rank: int, incarnation: int, clock: int) -> bool:
         """True when the pull may be served now; raises when it never will be."""

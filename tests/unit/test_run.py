@@ -125,6 +125,18 @@ def test_bsp_combines_gradients_received_in_pieces() -> None:
     assert arrays["pending/0/1/w"].tobytes() == g[1]["w"].tobytes()
 
 
+def test_a_pull_beyond_the_ranks_own_next_clock_is_refused_not_parked() -> None:
+    """Only the rank itself could make such a pull ready, and it is waiting: parked, it would hang
+    until its lease ran out (seen after a server restart from a checkpoint that knows the rank at
+    an earlier clock). The refusal names the clock to go back to."""
+    run, inc = started(spec(workers=2, staleness=-1))
+    run.push(0, inc[0], 0, grad(1), 0)
+    run.check_pull(0, inc[0], 1)  # its own next clock: fine
+    with pytest.raises(FailedPrecondition, match="rank 0 pulled clock 3 but its next clock is 1"):
+        run.check_pull(0, inc[0], 3)
+    run.check_pull(1, inc[1], 0)
+
+
 def test_eviction_releases_the_min_clock_and_drops_buffered_gradients() -> None:
     now = [0.0]
     run = Run("run-t", spec(workers=2, staleness=0), now=lambda: now[0])

@@ -80,16 +80,20 @@ class ParameterServiceServicer:
 
     def PullParams(self, request_iterator, context):
         """PullParams reads a run's parameters for a worker about to compute iteration `clock`. The
-        server parks the request (no thread, no polling) until the run is running, the min clock over
-        live ranks is >= clock - staleness and the caller's own clock is >= clock (its own pushes are
-        in), then streams the parameters as chunks, the last response with `final` set. Clock = the
-        run's iteration count reads the final parameters: it waits until every live rank finished. Like
-        PushGradient the stream may carry many pulls in turn. A request with incarnation 0 is an
+        server parks the request (no thread, no polling) until the run is running and the min clock
+        over live ranks is >= clock - staleness, then streams the parameters as chunks, the last
+        response with `final` set. The caller's own pushes up to clock - 1 must be in: a pull for a
+        later clock could only be made ready by the caller itself, so it is refused
+        (FAILED_PRECONDITION, "next clock is N"; after a server restart from a checkpoint, Heartbeat
+        returns the clock to go back to). Clock = the run's iteration count reads the final
+        parameters: it waits until every live rank finished. Like PushGradient the stream may carry
+        many pulls in turn. A request with incarnation 0 is an
         observer's read (psctl export): it never waits and serves the current parameters.
         Errors end the stream:
         NOT_FOUND           unknown run;
         INVALID_ARGUMENT    unknown tensor name, rank out of range;
-        FAILED_PRECONDITION stale incarnation (evicted while waiting), run stopped or failed;
+        FAILED_PRECONDITION stale incarnation (evicted while waiting), run stopped or failed, clock
+        beyond the caller's next clock;
         OUT_OF_RANGE        clock beyond the run's iteration count;
         DEADLINE_EXCEEDED   the server's park limit passed; the message names the ranks waited on;
         UNAVAILABLE         the server is shutting down.
