@@ -9,6 +9,8 @@ defaults omitted, packed shapes, negative int64 as 10-byte varints). Decoding ta
 for what the senders write; anything unusual (unknown or repeated scalar fields, unpacked shapes,
 out-of-range values, bad UTF-8) falls back to the generated classes, so the result always equals
 ``FromString``'s, and malformed input raises ``google.protobuf.message.DecodeError`` as before.
+Messages with at most ``SMALL_MESSAGE`` payload bytes go through the generated classes both ways
+(faster there, with little to copy); their chunk data are then ``bytes``, not views.
 """
 
 from __future__ import annotations
@@ -424,7 +426,7 @@ def _params_from_pb(m: pb.PullParamsResponse) -> ParamsResponse:
 
 
 def decode_params_response(buf: bytes | memoryview) -> ParamsResponse:
-    """Parse a serialized ``PullParamsResponse``; chunk data are views of ``buf``."""
+    """Parse a serialized ``PullParamsResponse``; chunk data are views of ``buf`` (large messages)."""
     if len(buf) > SMALL_MESSAGE:
         view = _as_view(buf)
         try:
@@ -435,7 +437,7 @@ def decode_params_response(buf: bytes | memoryview) -> ParamsResponse:
 
 
 def decode_push_request(buf: bytes | memoryview) -> PushRequest:
-    """Parse a serialized ``PushGradientRequest``; chunk data are views of ``buf``."""
+    """Parse a serialized ``PushGradientRequest``; chunk data are views of ``buf`` (large messages)."""
     if len(buf) > SMALL_MESSAGE:
         try:
             return _decode_push_request(_as_view(buf))
@@ -512,7 +514,8 @@ def _decode_push_request(buf: memoryview) -> PushRequest:
 
 
 def decode_push_response(buf: bytes | memoryview) -> PushResponse:
-    """Parse a serialized ``PushGradientResponse``; chunk data of ``pulled`` are views of ``buf``."""
+    """Parse a serialized ``PushGradientResponse``; chunk data of ``pulled`` are views of ``buf``
+    (large messages)."""
     if len(buf) > SMALL_MESSAGE:
         try:
             return _decode_push_response(_as_view(buf))
