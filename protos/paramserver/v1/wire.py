@@ -85,6 +85,16 @@ def _read_varint(buf: bytes | memoryview, i: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
+def _delimited(buf: memoryview, wt: int, i: int, end: int) -> tuple[int, int]:
+    """The bounds (start, stop) of a length-delimited field whose length varint starts at ``i``."""
+    if wt != 2:
+        raise _Fallback
+    ln, i = _read_varint(buf, i, end)
+    if i + ln > end:
+        raise _Fallback
+    return i, i + ln
+
+
 def _signed64(n: int) -> int:
     return n - (1 << 64) if n >> 63 else n
 
@@ -342,12 +352,7 @@ def _decode_chunk(buf: memoryview, i: int, end: int) -> Chunk:
             raise _Fallback
         seen |= bit
         if fnum in (1, 2, 5):
-            if wt != 2:
-                raise _Fallback
-            ln, i = _read_varint(buf, i, end)
-            j = i + ln
-            if j > end:
-                raise _Fallback
+            i, j = _delimited(buf, wt, i, end)
             if fnum == 1:
                 try:
                     c.name = str(buf[i:j], "utf-8")
@@ -391,13 +396,9 @@ def _decode_params(buf: memoryview, i: int, end: int) -> ParamsResponse:
         key, i = _read_varint(buf, i, end)
         fnum, wt = key >> 3, key & 7
         if fnum == 3:
-            if wt != 2:
-                raise _Fallback
-            ln, i = _read_varint(buf, i, end)
-            if i + ln > end:
-                raise _Fallback
-            r.tensors.append(_decode_chunk(buf, i, i + ln))
-            i += ln
+            i, j = _delimited(buf, wt, i, end)
+            r.tensors.append(_decode_chunk(buf, i, j))
+            i = j
             continue
         bit = 1 << fnum if fnum < 8 else 0
         if not bit or seen & bit or wt != 0 or fnum not in (1, 2, 4, 5):
@@ -458,13 +459,9 @@ def _decode_push_request(buf: memoryview) -> PushRequest:
         key, i = _read_varint(buf, i, end)
         fnum, wt = key >> 3, key & 7
         if fnum == 5:
-            if wt != 2:
-                raise _Fallback
-            ln, i = _read_varint(buf, i, end)
-            if i + ln > end:
-                raise _Fallback
-            r.tensors.append(_decode_chunk(buf, i, i + ln))
-            i += ln
+            i, j = _delimited(buf, wt, i, end)
+            r.tensors.append(_decode_chunk(buf, i, j))
+            i = j
             continue
         bit = 1 << fnum if fnum < 16 else 0
         if not bit or seen & bit:
@@ -492,12 +489,7 @@ def _decode_push_request(buf: memoryview) -> PushRequest:
             r.loss = _DOUBLE.unpack_from(buf, i)[0]
             i += 8
         elif fnum in (1, 8):
-            if wt != 2:
-                raise _Fallback
-            ln, i = _read_varint(buf, i, end)
-            j = i + ln
-            if j > end:
-                raise _Fallback
+            i, j = _delimited(buf, wt, i, end)
             if fnum == 1:
                 try:
                     r.run_id = str(buf[i:j], "utf-8")
@@ -538,13 +530,9 @@ def _decode_push_response(buf: memoryview) -> PushResponse:
             raise _Fallback
         seen |= bit
         if fnum == 5:
-            if wt != 2:
-                raise _Fallback
-            ln, i = _read_varint(buf, i, end)
-            if i + ln > end:
-                raise _Fallback
-            r.pulled = _decode_params(buf, i, i + ln)
-            i += ln
+            i, j = _delimited(buf, wt, i, end)
+            r.pulled = _decode_params(buf, i, j)
+            i = j
             continue
         if wt != 0 or fnum not in (1, 2, 3, 4):
             raise _Fallback
