@@ -42,13 +42,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import BIG_SHAPES, MALLOC_ENV, MLP_SHAPES, TcpBench, cpu_seconds  # noqa: E402
 
 from paramserver.v1 import paramserver_pb2 as pb  # noqa: E402
-from paramserver.v1.tensors import F32, encode_tensors  # noqa: E402
+from paramserver.v1.tensors import F32, chunk_messages  # noqa: E402
 
 CHUNK = 1 << 20
 OPTS: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
 
 
 # ----------------------------------------------------------------------------- hand codec
+def encode_tensors(tensors: dict[str, np.ndarray], chunk_bytes: int) -> Iterator[list[pb.TensorChunk]]:
+    """The generated classes' way: TensorChunk messages of about ``chunk_bytes``, a list per message."""
+    for m in chunk_messages(tensors, chunk_bytes, pb.PullParamsResponse):
+        yield list(m.tensors)
+
+
 def varint(n: int) -> bytes:
     out = bytearray()
     while True:
