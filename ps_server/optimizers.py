@@ -56,8 +56,7 @@ class Optimizer:
         """Apply one update with ``grads`` (same names and sizes as ``params``) in place."""
         self.steps += 1
         self._begin_step()
-        with np.errstate(over="ignore", invalid="ignore"):  # divergence is detected by the run
-            self._apply(params, grads)
+        self._apply(params, grads)  # under the caller's np.errstate: the run watches for divergence
 
     def _apply(self, params: Mapping[str, np.ndarray], grads: Mapping[str, Gradient]) -> None:
         for name, w in params.items():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -45,7 +46,7 @@ from .status import (
     WorkerState,
     WorkerStatus,
 )
-from .store import Gradient, ParamStore, blocks
+from .store import Gradient, ParamStore, blocks, count_non_finite
 
 __all__ = ["ClockRecord", "Run"]
 
@@ -399,22 +400,33 @@ class Run:
             grads = self._pending.pop(self._applied_clock, {})
             self._applied_clock += 1
             if grads:
-                self._step(self._combine(grads))
+                self._step(functools.partial(self._combine, grads))
 
-    def _step(self, grads: Mapping[str, Gradient]) -> None:
-        """Apply one update; a run whose parameters stop being finite has diverged and fails."""
-        self.optimizer.step(self.store.params, grads)
+    def _step(self, grads: Mapping[str, Gradient] | Callable[[], Mapping[str, Gradient]]) -> None:
+        """Apply one update (``grads`` or what calling it returns); a run whose parameters stop
+        being finite has diverged and fails.
+
+        Parameters and gradients are finite before the step (checked), so a non-finite value can
+        only come from an overflow, a 0/0 or a division by zero in the combination or the step: the floating-
+        point flags numpy checks after every ufunc call catch it without another pass over the
+        model. Only then are the parameters scanned, to name the culprit.
+        """
+        flags: list[str] = []
+        with np.errstate(over="call", invalid="call", divide="call", under="ignore",
+                         call=lambda kind, _flag: flags.append(kind)):
+            if callable(grads):
+                grads = grads()
+            self.optimizer.step(self.store.params, grads)
         self.counters.updates_applied += 1
-        # np.add.reduce, not np.sum: for a small tensor np.sum's Python wrapper costs more than the sum.
-        with np.errstate(over="ignore", invalid="ignore"):
-            sums = [(name, np.add.reduce(w, axis=None, dtype=np.float32)) for name, w in self.store.params.items()]
-        for name, total in sums:
-            if not np.isfinite(total) and self.state is RunState.RUNNING:
-                why = (f"parameter {name!r} became NaN/Inf at update {self.counters.updates_applied}: "
-                       "the training diverged; lower the learning rate")
-                self._event("failed", -1, why)
-                self._finish(RunState.FAILED, why)
-                return
+        if not flags or self.state is not RunState.RUNNING:
+            return
+        name = next((n for n, w in self.store.params.items() if count_non_finite(w)), None)
+        if name is None:  # an intermediate overflowed but every parameter is still finite
+            return
+        why = (f"parameter {name!r} became NaN/Inf at update {self.counters.updates_applied}: "
+               "the training diverged; lower the learning rate")
+        self._event("failed", -1, why)
+        self._finish(RunState.FAILED, why)
 
     def _combine(self, by_rank: Mapping[int, Mapping[str, Gradient]]) -> dict[str, np.ndarray]:
         ranks = sorted(by_rank)

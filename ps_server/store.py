@@ -15,7 +15,7 @@ import numpy as np
 from .errors import InvalidArgument
 from .spec import Initializer, ParamSpec
 
-__all__ = ["Gradient", "ParamStore", "Pieces", "blocks", "materialize"]
+__all__ = ["Gradient", "ParamStore", "Pieces", "blocks", "count_non_finite", "materialize"]
 
 _INIT_BLOCK = 1 << 20
 _CHECK_BLOCK = 1 << 24
@@ -83,14 +83,22 @@ def blocks(g: Gradient, block: int) -> Iterator[tuple[int, np.ndarray]]:
             yield lo + i, v[i : i + block]
 
 
-def _sum(g: Gradient) -> np.float32:
-    """float32 sum of all of ``g`` (np.add.reduce: np.sum's wrapper costs more than a small tensor)."""
-    if isinstance(g, Pieces):
-        total = np.float32(0.0)
-        for _, v in g.parts:
-            total += np.add.reduce(v, dtype=np.float32)
-        return total
-    return np.float32(np.add.reduce(g, axis=None, dtype=np.float32))
+def _finite_hint(v: np.ndarray) -> bool:
+    """Cheap test that is True only if all of the 1-D ``v`` is finite (False may be a false alarm).
+
+    ``v . v`` is NaN/Inf iff some element is, or when squares overflow (|x| > ~1.8e19): callers
+    confirm a False with an exact count. BLAS's dot reads 1 MiB in ~17 µs here against ~41 µs for
+    np.add.reduce's pairwise sum (and is cheaper at every size), but only on float32-aligned data:
+    on unaligned views numpy's own dot loop is 60x slower, so those are summed instead.
+    """
+    if v.flags.aligned:
+        return bool(np.isfinite(np.dot(v, v)))
+    return bool(np.isfinite(np.add.reduce(v, dtype=np.float32)))
+
+
+def count_non_finite(g: Gradient) -> int:
+    """Exact number of NaN/Inf elements of ``g``."""
+    return sum(int(np.count_nonzero(~np.isfinite(v))) for _, v in blocks(g, _CHECK_BLOCK))
 
 
 class ParamStore:
@@ -119,16 +127,15 @@ class ParamStore:
                 )
             if g.dtype != np.float32:
                 raise InvalidArgument(f"gradient {name!r} has dtype {g.dtype}, expected float32")
-        # One pass without a temporary: a sum is NaN/Inf iff some element is (or it overflows,
-        # which is no usable gradient either). The slow exact check only names the culprit.
+        # One cheap pass per received part, without temporaries; the exact count runs only on an
+        # alarm, so huge but finite values are accepted (the run fails if they make it diverge).
         with np.errstate(over="ignore", invalid="ignore"):
-            sums = [(name, _sum(g)) for name, g in grads.items()]
-        for name, total in sums:
-            if not np.isfinite(total):
-                g = grads[name]
-                bad = sum(int(np.count_nonzero(~np.isfinite(v))) for _, v in blocks(g, _CHECK_BLOCK))
-                what = f"{bad} NaN/Inf value(s)" if bad else "values whose sum overflows float32"
-                raise InvalidArgument(f"gradient {name!r} contains {what}; nothing was applied")
+            for name, g in grads.items():
+                parts = g.parts if isinstance(g, Pieces) else ((0, g.reshape(-1)),)
+                if not all(_finite_hint(v) for _, v in parts):
+                    bad = count_non_finite(g)
+                    if bad:
+                        raise InvalidArgument(f"gradient {name!r} contains {bad} NaN/Inf value(s); nothing was applied")
 
     def read(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
         """The live arrays (no copy) of ``names`` (all when None); InvalidArgument for unknown names."""

@@ -276,3 +276,19 @@ def test_a_diverging_run_fails_instead_of_serving_nan() -> None:
     a = run.join("a")
     run.push(0, a.incarnation, 0, grad(10.0), 0)  # finite gradient, but w - 1e38 * 10 overflows
     assert run.state is RunState.FAILED and "diverged" in run.message
+    assert "'w'" in run.message  # named: w is random, so w - 1e39 overflows; b is zero
+
+
+def test_a_bsp_combination_that_overflows_fails_the_run() -> None:
+    """Each gradient is finite; their float32 sum is not, and neither is the step it feeds."""
+    run, incs = started(spec(workers=2, staleness=0))
+    run.push(0, incs[0], 0, grad(3e38), 0)
+    assert run.state is RunState.RUNNING  # held until rank 1's push of clock 0
+    run.push(1, incs[1], 0, grad(3e38), 0)
+    assert run.state is RunState.FAILED and "diverged" in run.message
+
+
+def test_a_finite_step_does_not_fail_the_run() -> None:
+    run, incs = started(spec(workers=1, staleness=1))
+    run.push(0, incs[0], 0, grad(1e-45), 0)  # denormal gradient: underflow is not divergence
+    assert run.state is RunState.RUNNING and run.counters.updates_applied == 1

@@ -139,14 +139,23 @@ def test_check_gradient_non_finite(store: ParamStore, bad: float) -> None:
     assert "'w'" in str(e.value) and "1 NaN/Inf" in str(e.value)
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-def test_check_gradient_overflowing_sum(store: ParamStore) -> None:
-    g = _good()
-    g["b"][:] = np.float32(3e38)  # every element finite, their float32 sum is not
-    assert np.all(np.isfinite(g["b"]))
-    with pytest.raises(InvalidArgument) as e:
+@pytest.mark.parametrize("offset", [0, 1])  # aligned (dot) and unaligned (sum) views
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, None])
+def test_check_gradient_pieces(store: ParamStore, offset: int, bad: float | None) -> None:
+    """Huge but finite values (their squares and sums overflow) pass; one NaN/Inf in any piece fails."""
+    w = np.full(store.specs["w"].shape, np.float32(3e38))
+    if bad is not None:
+        w.reshape(-1)[-1] = bad
+    raw = bytearray(offset) + bytearray(w.tobytes())
+    view = np.frombuffer(memoryview(raw)[offset:], np.float32)
+    assert view.flags.aligned is (offset == 0)
+    half = view.size // 2
+    g = {"w": Pieces(w.shape, [(0, view[:half]), (half, view[half:])]), "b": _good()["b"]}
+    if bad is None:
         store.check_gradient(g)
-    assert "'b'" in str(e.value) and "overflows" in str(e.value)
+        return
+    with pytest.raises(InvalidArgument, match="'w' contains 1 NaN/Inf value"):
+        store.check_gradient(g)
 
 
 def test_check_gradient_leaves_params_alone(store: ParamStore) -> None:
