@@ -1,6 +1,6 @@
 """CPU per applied push of the server and of the workers, small model, steady state.
 
-    .venv/bin/python bench/cpu_per_push.py [--staleness inf] [--seconds 3] [--psctl]
+    .venv/bin/python bench/cpu_per_push.py [--staleness inf] [--seconds 3] [--psctl] [--profile DIR]
 
 A ps-server and four ps-worker processes (or, with ``--psctl``, ``psctl launch --local``, which
 also follows the run) train the digits MLP-64 for 400 epochs. After 2,000 pushes, the server's
@@ -40,7 +40,14 @@ def pids(pattern: str) -> list[int]:
     return [int(p) for p in out]
 
 
-async def measure(address: str, server: int, workers: list[int], seconds: float) -> str:
+def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy (native frames) of ``pid`` for ``seconds``, folded stacks in ``out``."""
+    spy = str(Path(sys.executable).with_name("py-spy"))  # installed in the venv with the test extras
+    return subprocess.Popen([spy, "record", "--native", "-p", str(pid), "-d", str(int(seconds + 1)),
+                             "-f", "raw", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def measure(address: str, server: int, workers: list[int], seconds: float, prof: Path | None = None) -> str:
     async with PsClient(address) as c:
         while not (runs := await c.list_runs()):
             await asyncio.sleep(0.1)
@@ -49,10 +56,13 @@ async def measure(address: str, server: int, workers: list[int], seconds: float)
             await asyncio.sleep(0.2)
         a0, s0, w0, t0 = ((await c.get_run(run_id)).counters.pushes_applied, cpu(server),
                           sum(cpu(w) for w in workers), time.monotonic())
+        spies = [profile(pid, seconds, prof / f"{who}.txt") for who, pid in (("server", server), ("worker", workers[0]))] if prof else []
         await asyncio.sleep(seconds)
         a1, s1, w1, t1 = ((await c.get_run(run_id)).counters.pushes_applied, cpu(server),
                           sum(cpu(w) for w in workers), time.monotonic())
         await c.stop_run(run_id, "measured")
+    for spy in spies:
+        spy.wait()
     n = a1 - a0
     return (f"{n / (t1 - t0):,.0f} pushes/s; CPU per applied push: server {1e3 * (s1 - s0) / n:.3f} ms, "
             f"{len(workers)} workers together {1e3 * (w1 - w0) / n:.3f} ms")
@@ -63,7 +73,11 @@ def main() -> None:
     ap.add_argument("--staleness", default="inf")
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--psctl", action="store_true", help="through psctl launch --local (which follows the run)")
+    ap.add_argument("--profile", type=Path, metavar="DIR",
+                    help="record py-spy of the server and one worker during the window into DIR (skews the figures)")
     args = ap.parse_args()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[str]] = []
     try:
         if args.psctl:
@@ -102,7 +116,7 @@ def main() -> None:
 
             asyncio.run(create())
         print(("psctl launch --local: " if args.psctl else "ps-server + 4 ps-worker: ")
-              + asyncio.run(measure(address, server, workers, args.seconds)))
+              + asyncio.run(measure(address, server, workers, args.seconds, args.profile)))
     finally:
         # the workers (and psctl) end with the stopped run; a hand-started server is stopped here
         for p in reversed(procs):

@@ -76,7 +76,7 @@ class TensorAssembler:
         self._filled: dict[str, int] = {}
         self._declared = 0
 
-    def add(self, chunks: Iterable[wire.Chunk]) -> None:
+    def add(self, chunks: Iterable[wire.ChunkLike]) -> None:
         for chunk in chunks:
             data = chunk.data  # a view of the request's bytes (wire), not a copy
             name = chunk.name

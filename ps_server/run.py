@@ -122,6 +122,7 @@ class Run:
         self.event_count = 0
         self._now = now
         self._slots = [_Slot(rank=r) for r in range(spec.num_workers)]
+        self._min_clock: int | None = None
         self._next_incarnation = 1
         self._retired_skipped = 0
         # BSP: clock -> rank -> gradient, and the number of clocks combined and applied so far.
@@ -136,10 +137,15 @@ class Run:
     # ------------------------------------------------------------------------------ queries
     @property
     def min_clock(self) -> int:
-        live = [s.clock for s in self._slots if s.live]
-        if live:
-            return min(live)
-        return max(s.clock for s in self._slots)
+        # Read several times per push and pull: cached, and forgotten (``_clocks_changed``)
+        # wherever a rank's clock or state changes.
+        if self._min_clock is None:
+            live = [s.clock for s in self._slots if s.live]
+            self._min_clock = min(live) if live else max(s.clock for s in self._slots)
+        return self._min_clock
+
+    def _clocks_changed(self) -> None:
+        self._min_clock = None
 
     @property
     def max_clock(self) -> int:
@@ -179,6 +185,7 @@ class Run:
         slot.incarnation = self._next_incarnation
         self._next_incarnation += 1
         slot.clock = start
+        self._clocks_changed()
         slot.worker_name = worker_name
         slot.pulls_skipped = 0
         slot.waiting_for = None
@@ -239,6 +246,7 @@ class Run:
         else:
             if slot.state is WorkerState.ACTIVE:
                 slot.state = WorkerState.DONE
+                self._clocks_changed()
                 self._event("done", rank, f"rank {rank} left at clock {slot.clock}")
             self._after_clock_change()
         return self.state
@@ -254,10 +262,12 @@ class Run:
     def _evict(self, slot: _Slot, why: str, kind: str = "evicted") -> None:
         if slot.clock >= self.spec.iterations:  # nothing left to hand over: it is done
             slot.state = WorkerState.DONE
+            self._clocks_changed()
             self._event("done", slot.rank, f"rank {slot.rank} {why} after finishing")
             self._after_clock_change()
             return
         slot.state = WorkerState.EVICTED
+        self._clocks_changed()
         slot.waiting_for = None
         self.counters.evictions += kind == "evicted"
         for grads in self._pending.values():
@@ -291,6 +301,7 @@ class Run:
         else:
             self._step(grads)
         slot.clock = clock + 1
+        self._clocks_changed()
         slot.pushes += 1
         self.counters.pushes_applied += 1
         self.counters.bytes_pushed += nbytes
@@ -509,6 +520,7 @@ class Run:
             s.state, s.incarnation, s.clock = WorkerState(d["state"]), d["incarnation"], d["clock"]
             s.worker_name, s.pushes, s.pulls_skipped = d["worker_name"], d["pushes"], d["pulls_skipped"]
             run._touch(s)
+        run._clocks_changed()
         run._next_incarnation = meta["next_incarnation"]
         run._retired_skipped = meta["retired_skipped"]
         run._applied_clock = meta["applied_clock"]

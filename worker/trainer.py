@@ -115,7 +115,10 @@ class _Trainer:
         self.slowdown = max(config.slowdown, self.spec.slowdown.get(a.rank, 1.0))
         opt = self.spec.optimizer
         self.local_sgd_lr = opt.sgd.learning_rate if opt.WhichOneof("kind") == "sgd" and not opt.sgd.weight_decay else None
-        self._pending_points: list[pb.MetricPoint] = []
+        self._pending_points: list[pb.MetricPoint] = []  # eval points
+        # Training points as (clock, time, loss, samples, step seconds): a report keeps ~20 of
+        # the hundreds recorded between two reports, so only those become MetricPoints.
+        self._train_points: list[tuple[int, float, float, int, float]] = []
         self._base_comm = float("inf")  # least communication time of an iteration (for --slowdown)
         self._prefetched: int | None = None  # guaranteed clock of parameters pulled with the last push
         self._last_report = time.monotonic()
@@ -258,10 +261,12 @@ class _Trainer:
         return guaranteed
 
     def record(self, clock: int, loss: float, step: float) -> None:
-        self._pending_points.append(
-            pb.MetricPoint(rank=self.a.rank, clock=clock + 1, time=_now_ts(), loss=loss,
-                           samples=self._samples, step_seconds=step)
-        )
+        self._train_points.append((clock + 1, time.time(), loss, self._samples, step))
+
+    def _train_point(self, clock: int, when: float, loss: float, samples: int, step: float) -> pb.MetricPoint:
+        ts = Timestamp()
+        ts.FromNanoseconds(int(when * 1e9))
+        return pb.MetricPoint(rank=self.a.rank, clock=clock, time=ts, loss=loss, samples=samples, step_seconds=step)
 
     def evaluate(self, params: dict[str, np.ndarray], clock: int) -> None:
         result = self.model.evaluate(params, self.data.X_test, self.data.y_test)
@@ -275,12 +280,13 @@ class _Trainer:
         log.info("rank %d clock %d: test loss %.4f accuracy %.4f", self.a.rank, clock, result.loss, acc)
 
     async def report(self) -> None:
-        points, self._pending_points = self._pending_points, []
-        # Keep the history light: at most ~20 training points per report, all eval points.
-        train = [p for p in points if not p.eval]
-        keep = train[:: max(1, len(train) // 20)] + [p for p in points if p.eval]
-        if train and train[-1] not in keep:
-            keep.append(train[-1])
+        evals, self._pending_points = self._pending_points, []
+        train, self._train_points = self._train_points, []
+        # Keep the history light: at most ~20 training points per report (and the last), all eval points.
+        kept = train[:: max(1, len(train) // 20)]
+        if train and kept[-1] is not train[-1]:
+            kept.append(train[-1])
+        keep = [self._train_point(*p) for p in kept] + evals
         self.stats.points.extend(keep)
         resp = await self.call(
             lambda: self.client.report_metrics(self.a.run_id, self.a.rank, self.a.incarnation, keep,
