@@ -98,7 +98,7 @@ class TensorAssembler:
             if name not in self._tensors:
                 if len(shape) > 32:
                     raise errors.InvalidArgument(f"tensor {name!r} has {len(shape)} dimensions: send the parameter's shape")
-                if any(d < 0 for d in shape):
+                if shape and min(shape) < 0:
                     raise errors.InvalidArgument(f"tensor {name!r} has a negative dimension in shape {list(shape)}")
                 total = math.prod(shape)
                 if total == 0 and any(4 * d > self.max_bytes for d in shape):

@@ -61,6 +61,11 @@ class Optimizer:
     def _apply(self, params: Mapping[str, np.ndarray], grads: Mapping[str, Gradient]) -> None:
         for name, w in params.items():
             wf = w.reshape(-1)
+            g = grads[name]
+            if type(g) is np.ndarray and g.size <= BLOCK:  # one block: a small model's every tensor
+                gf = g.reshape(-1)
+                self._update(name, wf, self._effective_grad(wf, gf), 0, gf.size)
+                continue
             for lo, g in blocks(grads[name], BLOCK):
                 hi = lo + g.size
                 self._update(name, wf[lo:hi], self._effective_grad(wf[lo:hi], g), lo, hi)

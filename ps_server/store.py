@@ -7,6 +7,7 @@ looks at a whole gradient before anything is applied, so a bad push changes noth
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any, TypeAlias
 
@@ -92,8 +93,8 @@ def _finite_hint(v: np.ndarray) -> bool:
     on unaligned views numpy's own dot loop is 60x slower, so those are summed instead.
     """
     if v.flags.aligned:
-        return bool(np.isfinite(np.dot(v, v)))
-    return bool(np.isfinite(np.add.reduce(v, dtype=np.float32)))
+        return math.isfinite(np.dot(v, v))
+    return math.isfinite(np.add.reduce(v, dtype=np.float32))
 
 
 def count_non_finite(g: Gradient) -> int:
@@ -131,8 +132,11 @@ class ParamStore:
         # alarm, so huge but finite values are accepted (the run fails if they make it diverge).
         with np.errstate(over="ignore", invalid="ignore"):
             for name, g in grads.items():
-                parts = g.parts if isinstance(g, Pieces) else ((0, g.reshape(-1)),)
-                if not all(_finite_hint(v) for _, v in parts):
+                if isinstance(g, Pieces):
+                    finite = all(_finite_hint(v) for _, v in g.parts)
+                else:
+                    finite = _finite_hint(g.reshape(-1))
+                if not finite:
                     bad = count_non_finite(g)
                     if bad:
                         raise InvalidArgument(f"gradient {name!r} contains {bad} NaN/Inf value(s); nothing was applied")

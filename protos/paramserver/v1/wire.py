@@ -210,7 +210,7 @@ def _data_view(part: np.ndarray | bytes | memoryview) -> Part:
     if isinstance(part, np.ndarray):
         if not part.flags.c_contiguous:
             part = np.ascontiguousarray(part)
-        return part.data.cast("B")
+        return part.data  # b"".join reads any contiguous buffer; nbytes is its length in bytes
     return part
 
 
