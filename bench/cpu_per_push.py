@@ -41,9 +41,9 @@ def pids(pattern: str) -> list[int]:
 
 
 def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
-    """py-spy (native frames) of ``pid`` for ``seconds``, folded stacks in ``out``."""
+    """py-spy of ``pid`` for ``seconds`` (samples only while it holds the GIL), folded stacks in ``out``."""
     spy = str(Path(sys.executable).with_name("py-spy"))  # installed in the venv with the test extras
-    return subprocess.Popen([spy, "record", "--native", "-p", str(pid), "-d", str(int(seconds + 1)),
+    return subprocess.Popen([spy, "record", "--gil", "--rate", "200", "-p", str(pid), "-d", str(int(seconds + 1)),
                              "-f", "raw", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -58,6 +58,7 @@ def status_code(exc: errors.PsError) -> grpc.StatusCode:
 
 # ------------------------------------------------------------------------------------- tensors
 _F32 = F32
+_FLOAT32 = pb.DATA_TYPE_FLOAT32
 
 
 class TensorAssembler:
@@ -77,25 +78,27 @@ class TensorAssembler:
         self._declared = 0
 
     def add(self, chunks: Iterable[wire.ChunkLike]) -> None:
+        tensors = self._tensors
         for chunk in chunks:
             data = chunk.data  # a view of the request's bytes (wire), not a copy
             name = chunk.name
-            if chunk.dtype != pb.DATA_TYPE_FLOAT32:
+            if chunk.dtype != _FLOAT32:
                 raise errors.InvalidArgument(
                     f"tensor {name!r} has dtype {pb.DataType.Name(chunk.dtype) if chunk.dtype in pb.DataType.values() else chunk.dtype}; "
                     "this server stores DATA_TYPE_FLOAT32"
                 )
-            if len(data) % 4:
-                raise errors.InvalidArgument(f"tensor {name!r}: chunk of {len(data)} bytes is not a whole number of float32")
-            self.nbytes += len(data)
+            n_bytes = len(data)
+            if n_bytes & 3:
+                raise errors.InvalidArgument(f"tensor {name!r}: chunk of {n_bytes} bytes is not a whole number of float32")
+            self.nbytes += n_bytes
             if self.nbytes > self.max_bytes:
-                self._tensors.clear()  # drop what was buffered: the rest of the push is only counted
+                tensors.clear()  # drop what was buffered: the rest of the push is only counted
                 raise errors.ResourceExhausted(
                     f"push carries more than {self.max_bytes} bytes, more than this run's gradient can be"
                 )
             shape = tuple(chunk.shape)
             values = np.frombuffer(data, _F32)
-            if name not in self._tensors:
+            if name not in tensors:
                 if len(shape) > 32:
                     raise errors.InvalidArgument(f"tensor {name!r} has {len(shape)} dimensions: send the parameter's shape")
                 if shape and min(shape) < 0:
@@ -108,13 +111,13 @@ class TensorAssembler:
                     raise errors.ResourceExhausted(
                         f"tensor {name!r} declares shape {list(shape)}, more than this run's gradient can be"
                     )
-                if chunk.offset == 0 and values.size == total:
-                    self._tensors[name] = values.reshape(shape)
+                if n_bytes == 4 * total and chunk.offset == 0:  # the whole tensor in one chunk
+                    tensors[name] = values.reshape(shape)
                     self._filled[name] = total
                     continue
-                self._tensors[name] = Pieces(shape, [])
+                tensors[name] = Pieces(shape, [])
                 self._filled[name] = 0
-            pieces = self._tensors[name]
+            pieces = tensors[name]
             size = math.prod(pieces.shape)
             if shape != pieces.shape:
                 raise errors.InvalidArgument(f"chunks of tensor {name!r} disagree on its shape")

@@ -26,7 +26,7 @@ import functools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -79,9 +79,11 @@ class _Slot:
         return self.state in (WorkerState.ACTIVE, WorkerState.DONE)
 
 
-@dataclass(frozen=True, slots=True)
-class ClockRecord:
-    """The server's record of a served pull (an iteration starts) or an accepted push (it ends)."""
+class ClockRecord(NamedTuple):
+    """The server's record of a served pull (an iteration starts) or an accepted push (it ends).
+
+    A named tuple: two are made per iteration and up to 100,000 kept (cheaper to build than a
+    dataclass, and tuples of plain values drop out of the garbage collector's scans)."""
 
     kind: str
     """"pull" or "push"."""
@@ -368,7 +370,8 @@ class Run:
             self.counters.staleness_sum += lag
             self.counters.staleness_max = max(self.counters.staleness_max, lag)
             self.counters.pulls_served += 1  # observers' reads are not the workers' pulls
-        self.counters.bytes_pulled += sum(t.nbytes for t in tensors.values())
+        self.counters.bytes_pulled += self.store.nbytes if tensors is self.store.params else sum(
+            t.nbytes for t in tensors.values())
         return ParamsRead(guaranteed, self.counters.updates_applied, tensors, self.state)
 
     # ------------------------------------------------------------------------------ lifecycle
