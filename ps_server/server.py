@@ -8,7 +8,14 @@ SIGTERM/SIGINT: health NOT_SERVING, parked pulls and joins released with UNAVAIL
 
 from __future__ import annotations
 
-import asyncio
+import os
+
+# One BLAS thread: the server is one event loop, and its BLAS calls (the finite check's dot) are
+# short; OpenBLAS's extra threads would spin on the cores the workers need.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import asyncio  # noqa: E402
 import contextlib
 import json
 import logging
