@@ -36,17 +36,27 @@ _F32 = np.float32
 
 
 class Optimizer:
-    """Base class: subclasses implement ``_update(name, w, g, lo, hi)`` on one block."""
+    """Base class: subclasses implement ``_update(w, g, lo, hi)`` on one block, where ``lo:hi``
+    is the block's range in the flat state (every state is one array laid out like
+    ``ParamStore.flat``: the parameters in spec order; ``state`` holds per-parameter views)."""
 
     state_names: tuple[str, ...] = ()
 
     def __init__(self, config: OptimizerConfig, params: tuple[ParamSpec, ...]) -> None:
         self.config = config
         self.steps = 0
+        self._offsets: dict[str, int] = {}
+        total = 0
+        for p in params:
+            self._offsets[p.name] = total
+            total += p.size
+        self.size = total
+        self._flat = {s: np.zeros(total, _F32) for s in self.state_names}
         self.state: dict[str, dict[str, np.ndarray]] = {
-            s: {p.name: np.zeros(p.size, _F32) for p in params} for s in self.state_names
+            s: {p.name: flat[self._offsets[p.name] : self._offsets[p.name] + p.size] for p in params}
+            for s, flat in self._flat.items()
         }
-        largest = min(BLOCK, max((p.size for p in params), default=1))
+        largest = min(BLOCK, max(total, 1))
         self._s1 = np.empty(largest, _F32)
         self._s2 = np.empty(largest, _F32)
         self._lr = _F32(config.learning_rate)
@@ -58,17 +68,28 @@ class Optimizer:
         self._begin_step()
         self._apply(params, grads)  # under the caller's np.errstate: the run watches for divergence
 
+    def step_flat(self, w: np.ndarray, g: np.ndarray) -> None:
+        """``step`` on the whole model at once: ``w`` and ``g`` are 1-D, laid out like the state
+        (``ParamStore.flat`` and ``ParamStore.gather``). The same arithmetic element by element,
+        so the same result as ``step``; one call per block instead of per tensor."""
+        self.steps += 1
+        self._begin_step()
+        for lo in range(0, self.size, BLOCK):
+            hi = min(lo + BLOCK, self.size)
+            self._update(w[lo:hi], self._effective_grad(w[lo:hi], g[lo:hi]), lo, hi)
+
     def _apply(self, params: Mapping[str, np.ndarray], grads: Mapping[str, Gradient]) -> None:
         for name, w in params.items():
             wf = w.reshape(-1)
+            off = self._offsets[name]
             g = grads[name]
-            if type(g) is np.ndarray and g.size <= BLOCK:  # one block: a small model's every tensor
+            if type(g) is np.ndarray and g.size <= BLOCK:  # one block, without the generator
                 gf = g.reshape(-1)
-                self._update(name, wf, self._effective_grad(wf, gf), 0, gf.size)
+                self._update(wf, self._effective_grad(wf, gf), off, off + gf.size)
                 continue
             for lo, g in blocks(grads[name], BLOCK):
                 hi = lo + g.size
-                self._update(name, wf[lo:hi], self._effective_grad(wf[lo:hi], g), lo, hi)
+                self._update(wf[lo:hi], self._effective_grad(wf[lo:hi], g), off + lo, off + hi)
 
     def _begin_step(self) -> None:
         pass
@@ -82,7 +103,7 @@ class Optimizer:
         np.add(out, g, out=out)
         return out
 
-    def _update(self, name: str, w: np.ndarray, g: np.ndarray, lo: int, hi: int) -> None:
+    def _update(self, w: np.ndarray, g: np.ndarray, lo: int, hi: int) -> None:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def state_arrays(self) -> dict[str, np.ndarray]:
@@ -91,7 +112,7 @@ class Optimizer:
 
 
 class Sgd(Optimizer):
-    def _update(self, name: str, w: np.ndarray, g: np.ndarray, lo: int, hi: int) -> None:
+    def _update(self, w: np.ndarray, g: np.ndarray, lo: int, hi: int) -> None:
         s = self._s1[: w.size]
         np.multiply(g, self._lr, out=s)
         np.subtract(w, s, out=w)
@@ -100,8 +121,8 @@ class Sgd(Optimizer):
 class Momentum(Optimizer):
     state_names = ("velocity",)
 
-    def _update(self, name: str, w: np.ndarray, g: np.ndarray, lo: int, hi: int) -> None:
-        v = self.state["velocity"][name][lo:hi]
+    def _update(self, w: np.ndarray, g: np.ndarray, lo: int, hi: int) -> None:
+        v = self._flat["velocity"][lo:hi]
         mu = _F32(self.config.momentum)
         np.multiply(v, mu, out=v)
         np.add(v, g, out=v)
@@ -123,10 +144,10 @@ class Adam(Optimizer):
         self._c1 = _F32(c.learning_rate / (1.0 - c.beta1**self.steps))
         self._c2 = _F32(1.0 / (1.0 - c.beta2**self.steps))
 
-    def _update(self, name: str, w: np.ndarray, g: np.ndarray, lo: int, hi: int) -> None:
+    def _update(self, w: np.ndarray, g: np.ndarray, lo: int, hi: int) -> None:
         c = self.config
-        m = self.state["m"][name][lo:hi]
-        v = self.state["v"][name][lo:hi]
+        m = self._flat["m"][lo:hi]
+        v = self._flat["v"][lo:hi]
         s = self._s1[: w.size]
         np.multiply(m, _F32(c.beta1), out=m)
         np.multiply(g, _F32(1.0 - c.beta1), out=s)
@@ -149,11 +170,10 @@ class Adagrad(Optimizer):
 
     def __init__(self, config: OptimizerConfig, params: tuple[ParamSpec, ...]) -> None:
         super().__init__(config, params)
-        for acc in self.state["accumulator"].values():
-            acc.fill(config.initial_accumulator)
+        self._flat["accumulator"].fill(config.initial_accumulator)
 
-    def _update(self, name: str, w: np.ndarray, g: np.ndarray, lo: int, hi: int) -> None:
-        acc = self.state["accumulator"][name][lo:hi]
+    def _update(self, w: np.ndarray, g: np.ndarray, lo: int, hi: int) -> None:
+        acc = self._flat["accumulator"][lo:hi]
         s = self._s1[: w.size]
         np.multiply(g, g, out=s)
         np.add(acc, s, out=acc)

@@ -292,7 +292,7 @@ class Run:
             self.counters.pushes_duplicate += 1
             return PushResult(slot.clock, True, self.min_clock, self.state)
         try:
-            self._check_push(slot, clock, grads)
+            flat = self._check_push(slot, clock, grads)
         except Exception:
             self.counters.pushes_rejected += 1
             raise
@@ -301,7 +301,7 @@ class Run:
         if self.spec.staleness == 0:
             self._pending.setdefault(clock, {})[rank] = grads
         else:
-            self._step(grads)
+            self._step(grads, flat)
         slot.clock = clock + 1
         self._clocks_changed()
         slot.pushes += 1
@@ -312,7 +312,8 @@ class Run:
         self._after_clock_change()
         return PushResult(slot.clock, False, self.min_clock, self.state)
 
-    def _check_push(self, slot: _Slot, clock: int, grads: Mapping[str, Gradient]) -> None:
+    def _check_push(self, slot: _Slot, clock: int, grads: Mapping[str, Gradient]) -> np.ndarray | None:
+        """Raise unless the push is acceptable; return its flat gradient (``ParamStore.check_gradient``)."""
         if self.state is not RunState.RUNNING:
             raise FailedPrecondition(f"run {self.run_id} is {self.state.value}: pushes are accepted "
                                      "only while it is running")
@@ -323,7 +324,7 @@ class Run:
                                      f"{slot.clock}: pushes must arrive in clock order")
         if self.min_clock < self._bound(clock):
             raise FailedPrecondition(self._held_back_message(clock, "push"))
-        self.store.check_gradient(grads)
+        return self.store.check_gradient(grads)
 
     def check_pull(self, rank: int, incarnation: int, clock: int) -> None:
         """Validate a worker's pull before parking it (also refreshes the lease)."""
@@ -416,9 +417,11 @@ class Run:
             if grads:
                 self._step(functools.partial(self._combine, grads))
 
-    def _step(self, grads: Mapping[str, Gradient] | Callable[[], Mapping[str, Gradient]]) -> None:
-        """Apply one update (``grads`` or what calling it returns); a run whose parameters stop
-        being finite has diverged and fails.
+    def _step(self, grads: Mapping[str, Gradient] | Callable[[], Mapping[str, Gradient]],
+              flat: np.ndarray | None = None) -> None:
+        """Apply one update (``grads`` or what calling it returns; ``flat``: the same gradient laid
+        out like ``store.flat``, stepped in one piece); a run whose parameters stop being finite
+        has diverged and fails.
 
         Parameters and gradients are finite before the step (checked), so a non-finite value can
         only come from an overflow, a 0/0 or a division by zero in the combination or the step: the floating-
@@ -428,9 +431,12 @@ class Run:
         flags: list[str] = []
         with np.errstate(over="call", invalid="call", divide="call", under="ignore",
                          call=lambda kind, _flag: flags.append(kind)):
-            if callable(grads):
-                grads = grads()
-            self.optimizer.step(self.store.params, grads)
+            if flat is not None:
+                self.optimizer.step_flat(self.store.flat, flat)
+            else:
+                if callable(grads):
+                    grads = grads()
+                self.optimizer.step(self.store.params, grads)
         self.counters.updates_applied += 1
         if not flags or self.state is not RunState.RUNNING:
             return

@@ -209,3 +209,22 @@ def test_step_allocates_no_model_sized_memory(config: OptimizerConfig) -> None:
         tracemalloc.stop()
     # Python's own bookkeeping during a step is ~2 KB; one block-sized temporary would be 1 MiB.
     assert peak < 64 * 1024, f"step allocated {peak} bytes at peak: a temporary of block size?"
+
+
+@pytest.mark.parametrize("config", CASES)
+def test_flat_step_is_the_same_step(config: OptimizerConfig) -> None:
+    """``step_flat`` on the whole model laid out in spec order (as ParamStore.flat and the gathered
+    gradient of a small model are) updates parameters and state bit for bit as ``step`` does,
+    although its blocks fall elsewhere (the model spans several blocks here)."""
+    per_tensor = _init_params()
+    flat = np.concatenate([a.reshape(-1) for a in _init_params().values()])
+    a, b = make_optimizer(config, SPECS), make_optimizer(config, SPECS)
+    rng = np.random.default_rng(3)
+    for _ in range(STEPS):
+        grads = _grads(rng)
+        a.step(per_tensor, grads)
+        b.step_flat(flat, np.concatenate([grads[n].reshape(-1) for n in SHAPES]))
+    assert flat.tobytes() == np.concatenate([per_tensor[n].reshape(-1) for n in SHAPES]).tobytes()
+    assert a.steps == b.steps == STEPS
+    for key, arr in a.state_arrays().items():
+        assert arr.tobytes() == b.state_arrays()[key].tobytes(), key

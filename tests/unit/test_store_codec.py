@@ -24,7 +24,7 @@ from ps_server.spec import (
     ParamSpec,
     RunSpec,
 )
-from ps_server.store import ParamStore, Pieces, blocks, materialize
+from ps_server.store import FLAT_MAX, ParamStore, Pieces, blocks, materialize
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -475,3 +475,15 @@ def test_status_code_table_covers_every_error_class() -> None:
     leaves = {c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.PsError)}
     assert leaves - {errors.PsError} == set(codec.STATUS_CODES)
     assert status_code(errors.PsError("bare")) is grpc.StatusCode.INTERNAL
+
+
+def test_small_model_gradients_are_gathered_flat(store: ParamStore) -> None:
+    """Whole-array gradients of a small model come back laid out like ``store.flat`` (spec order,
+    whatever the dict's order); pieces or a large model give None (checked tensor by tensor)."""
+    assert all(np.shares_memory(a, store.flat) for a in store.params.values())
+    w, b = np.arange(12, dtype=np.float32).reshape(3, 4), np.full(4, -1.0, np.float32)
+    flat = store.check_gradient({"b": b, "w": w})
+    assert flat is not None and flat.tolist() == [*w.reshape(-1).tolist(), *b.tolist()]
+    assert store.check_gradient({"w": Pieces((3, 4), [(0, w.reshape(-1)[:5]), (5, w.reshape(-1)[5:])]), "b": b}) is None
+    big = ParamStore((ParamSpec("v", (FLAT_MAX + 1,)),), seed=0)
+    assert big.check_gradient({"v": np.zeros(FLAT_MAX + 1, np.float32)}) is None
