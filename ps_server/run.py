@@ -373,7 +373,8 @@ class Run:
             self.counters.pulls_served += 1  # observers' reads are not the workers' pulls
         self.counters.bytes_pulled += self.store.nbytes if tensors is self.store.params else sum(
             t.nbytes for t in tensors.values())
-        return ParamsRead(guaranteed, self.counters.updates_applied, tensors, self.state)
+        return ParamsRead(guaranteed, self.counters.updates_applied, tensors, self.state,
+                          self.store.derived if tensors is self.store.params else None)
 
     # ------------------------------------------------------------------------------ lifecycle
     def stop(self, reason: str) -> None:

@@ -208,8 +208,21 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
         ones too"); it always includes every update it guarantees.
         """
         state = codec.run_state_to_proto(read.run_state)
-        for group, last in with_last(wire.chunk_groups(read.tensors, self._config.chunk_bytes)):
+        for group, last in with_last(iter(self._groups(read))):
             yield read.guaranteed_clock, read.version, group, last, state
+
+    def _groups(self, read: ParamsRead) -> list[wire.Group]:
+        """The read's chunks in message groups; for the whole model, built once per run and
+        reused: the same views of the live parameters every time (a small model's pull then
+        makes no numpy call before its encoding's one copy)."""
+        key = ("groups", self._config.chunk_bytes)
+        groups: list[wire.Group] | None = read.derived.get(key) if read.derived is not None else None
+        if groups is None:
+            groups = [[(name, shape, offset, part.data) for name, shape, offset, part in group]
+                      for group in wire.chunk_groups(read.tensors, self._config.chunk_bytes)]
+            if read.derived is not None:
+                read.derived[key] = groups
+        return groups
 
     async def _wait(self, run: Run, req: pb.PullParamsRequest, context: grpc.aio.ServicerContext) -> None:
         rank, inc, clock = req.rank, req.incarnation, req.clock

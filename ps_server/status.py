@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -137,3 +138,6 @@ class ParamsRead:
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     """Name -> numpy array (live views: encode them before the next state change)."""
     run_state: RunState = RunState.RUNNING
+    derived: dict[Any, Any] | None = None
+    """``ParamStore.derived`` when ``tensors`` is the whole model (else None): where the transport
+    keeps what it derives from the store's arrays once (their message layout)."""

@@ -127,6 +127,8 @@ class ParamStore:
         # check and the step make one numpy call for the model instead of one per tensor (a small
         # model's push costs a few µs of work and ~20 numpy calls' overhead otherwise).
         self._gflat = np.empty(self.flat.size, np.float32) if self.flat.size <= FLAT_MAX else None
+        self.derived: dict[Any, Any] = {}
+        """For the transport: what it derives once from these arrays (their message layout)."""
 
     def check_gradient(self, grads: Mapping[str, Gradient]) -> np.ndarray | None:
         """Raise InvalidArgument unless ``grads`` has every tensor, right shapes, all finite.

@@ -168,8 +168,8 @@ class PushResponse:
 
 # ----------------------------------------------------------------------------------- encoding
 Part = bytes | memoryview
-Group = Sequence[tuple[str, tuple[int, ...], int, np.ndarray]]
-"""Chunks of one message: (name, full shape, offset, flat float32 part)."""
+Group = Sequence[tuple[str, tuple[int, ...], int, "np.ndarray | memoryview"]]
+"""Chunks of one message: (name, full shape, offset, flat float32 part, or a memoryview of one)."""
 ParamsParts = tuple[int, int, Group, bool, int]
 """The arguments of ``encode_params_response``."""
 
