@@ -211,3 +211,24 @@ async def test_get_metrics_max_points_returns_the_most_recent_in_order(server: P
     assert list(recent.events) == list(everything.events)[-5:] and len(everything.events) >= 1
     more = await client.get_metrics(run.run_id, max_points=1000)
     assert [p.clock for p in more.points] == list(range(1, 31))
+
+
+async def test_pull_into_reused_arrays(server: PsServer) -> None:
+    """A pull fills the caller's arrays in place, chunk by chunk at their offsets (tiny chunks here,
+    so every tensor spans several messages); arrays it cannot fill in place (float64, wrong shape,
+    not contiguous) are converted or replaced. The result equals a fresh pull's, bit for bit."""
+    shapes = {"w": (37, 11), "b": (11,), "s": (1,)}
+    async with PsClient(f"127.0.0.1:{server.port}", chunk_bytes=256) as c:
+        run = await c.create_run(make_spec(shapes=shapes, num_workers=1, staleness=-1, iterations=3))
+        fresh = (await c.pull(run.run_id)).tensors
+        w = np.full((37, 11), np.nan, np.float32)
+        b64 = np.zeros(11, np.float64)
+        strided = np.zeros((2, 2), np.float32)[:, ::2]
+        into = {"w": w, "b": b64, "s": strided}
+        got = (await c.pull(run.run_id, into=into)).tensors
+        assert got is into and got["w"] is w and got["b"] is b64 and got["s"] is not strided
+        assert w.tobytes() == fresh["w"].tobytes()
+        np.testing.assert_array_equal(b64, fresh["b"].astype(np.float64))
+        assert got["s"].tobytes() == fresh["s"].tobytes()
+        w[3, 4] = 7.0  # filled again in place on the next pull
+        assert (await c.pull(run.run_id, into=into)).tensors["w"] is w and w.tobytes() == fresh["w"].tobytes()
