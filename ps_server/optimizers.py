@@ -1,7 +1,8 @@
 """Server-side optimizers, applied in place.
 
-Each optimizer owns its state (momentum, moments, accumulators) as float32 arrays shaped like the
-parameters, and updates parameters and state in place. The work is done in blocks of
+Each optimizer owns its state (momentum, moments, accumulators): per state one flat float32 array
+laid out like ``ParamStore.flat`` (the parameters in spec order), with a view per parameter; it
+updates parameters and state in place. The work is done in blocks of
 ``BLOCK`` elements through preallocated scratch buffers, so a step allocates nothing and touches
 memory once: temporaries the size of a 400 MB model would double the server's memory and cost
 page faults on every step (DESIGN.md, performance facts).
