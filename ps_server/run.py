@@ -424,10 +424,11 @@ class Run:
         out like ``store.flat``, stepped in one piece); a run whose parameters stop being finite
         has diverged and fails.
 
-        Parameters and gradients are finite before the step (checked), so a non-finite value can
-        only come from an overflow, a 0/0 or a division by zero in the combination or the step: the floating-
-        point flags numpy checks after every ufunc call catch it without another pass over the
-        model. Only then are the parameters scanned, to name the culprit.
+        Parameters, optimizer state, hyper-parameters (validated to fit float32) and gradients
+        are finite before the step, so a non-finite value can only come from an overflow, a 0/0
+        or a division by zero in the combination or the step: the floating-point flags numpy
+        checks after every ufunc call catch it without another pass over the model. Only then
+        are the parameters and the optimizer state scanned, to name the culprit.
         """
         flags: list[str] = []
         with np.errstate(over="call", invalid="call", divide="call", under="ignore",
@@ -441,10 +442,14 @@ class Run:
         self.counters.updates_applied += 1
         if not flags or self.state is not RunState.RUNNING:
             return
-        name = next((n for n, w in self.store.params.items() if count_non_finite(w)), None)
-        if name is None:  # an intermediate overflowed but every parameter is still finite
+        # The optimizer's state too: an Inf second moment (a huge gradient squared) would freeze
+        # its parameters for good without making them non-finite.
+        arrays = {**{f"parameter {n!r}": w for n, w in self.store.params.items()},
+                  **{f"optimizer state {k!r}": a for k, a in self.optimizer.state_arrays().items()}}
+        what = next((label for label, a in arrays.items() if count_non_finite(a)), None)
+        if what is None:  # an intermediate overflowed but every value kept is still finite
             return
-        why = (f"parameter {name!r} became NaN/Inf at update {self.counters.updates_applied}: "
+        why = (f"{what} became NaN/Inf at update {self.counters.updates_applied}: "
                "the training diverged; lower the learning rate")
         self._event("failed", -1, why)
         self._finish(RunState.FAILED, why)
@@ -543,6 +548,8 @@ class Run:
         run.event_count = len(run.events)
         for name, target in run.store.params.items():
             _restore(target, arrays[f"param/{name}"], f"param/{name}")
+            if not run.state.finished and count_non_finite(target):  # a failed run's may be NaN
+                raise ValueError(f"param/{name}: the checkpoint of a {run.state.value} run holds NaN/Inf values")
         for key, target in run.optimizer.state_arrays().items():
             _restore(target, arrays[f"opt/{key}"], f"opt/{key}")
         for key, value in arrays.items():

@@ -111,6 +111,15 @@ class RunSpec:
         return "0 (BSP)" if self.staleness == 0 else f"{self.staleness} (SSP)"
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _check_float32(label: str, value: float) -> None:
+    if abs(value) > FLOAT32_MAX:
+        raise InvalidArgument(f"{label} {value:g} does not fit in float32, the parameters' type "
+                              f"(at most {FLOAT32_MAX:.4g})")
+
+
 def validate_spec(spec: RunSpec) -> None:
     """Raise InvalidArgument naming the field to fix when the spec cannot run."""
     if spec.num_workers < 1:
@@ -136,9 +145,15 @@ def validate_spec(spec: RunSpec) -> None:
             )
         if not math.isfinite(p.scale):
             raise InvalidArgument(f"param {p.name!r} has a non-finite initializer scale")
+        _check_float32(f"param {p.name!r}'s initializer scale", p.scale)
     opt = spec.optimizer
     if not (math.isfinite(opt.learning_rate) and opt.learning_rate > 0):
         raise InvalidArgument(f"learning_rate must be a positive number, got {opt.learning_rate}")
+    # The server computes in float32: a value that overflows there would make every update
+    # NaN/Inf without any operation overflowing (the run detects divergence by overflow).
+    for label, value in (("learning_rate", opt.learning_rate), ("weight_decay", opt.weight_decay),
+                         ("epsilon", opt.epsilon), ("initial_accumulator", opt.initial_accumulator)):
+        _check_float32(label, value)
     if opt.kind is OptimizerKind.MOMENTUM and not 0 <= opt.momentum < 1:
         raise InvalidArgument(f"momentum must be in [0, 1), got {opt.momentum}")
     if opt.kind is OptimizerKind.ADAM and not (0 <= opt.beta1 < 1 and 0 <= opt.beta2 < 1):
@@ -147,6 +162,8 @@ def validate_spec(spec: RunSpec) -> None:
         raise InvalidArgument(f"epsilon must be positive, got {opt.epsilon}")
     if opt.weight_decay < 0 or not math.isfinite(opt.weight_decay):
         raise InvalidArgument(f"weight_decay must be >= 0, got {opt.weight_decay}")
+    if opt.kind is OptimizerKind.ADAGRAD and not (opt.initial_accumulator >= 0 and math.isfinite(opt.initial_accumulator)):
+        raise InvalidArgument(f"initial_accumulator must be >= 0, got {opt.initial_accumulator}")
     for label, text in (("model_spec_json", spec.model_spec_json), ("data_spec_json", spec.data_spec_json)):
         try:
             value = json.loads(text or "{}")

@@ -14,7 +14,7 @@ from typing import Any, TypeAlias
 import numpy as np
 
 from .errors import InvalidArgument
-from .spec import Initializer, ParamSpec
+from .spec import FLOAT32_MAX, Initializer, ParamSpec
 
 __all__ = ["FLAT_MAX", "Gradient", "ParamStore", "Pieces", "blocks", "count_non_finite", "materialize"]
 
@@ -48,12 +48,18 @@ def materialize(specs: tuple[ParamSpec, ...], seed: int, flat: np.ndarray | None
             values = arr.reshape(-1)
             # In blocks: the generator's float64 draws for a 400 MB tensor would take 800 MB at
             # once. Consecutive draws continue the same stream, so the values are those of one call.
-            for lo in range(0, values.size, _INIT_BLOCK):
-                n = min(_INIT_BLOCK, values.size - lo)
-                if p.initializer is Initializer.NORMAL:
-                    values[lo : lo + n] = rng.normal(0.0, p.scale, n)
-                else:
-                    values[lo : lo + n] = rng.uniform(-p.scale, p.scale, n)
+            with np.errstate(over="ignore"):
+                for lo in range(0, values.size, _INIT_BLOCK):
+                    n = min(_INIT_BLOCK, values.size - lo)
+                    if p.initializer is Initializer.NORMAL:
+                        values[lo : lo + n] = rng.normal(0.0, p.scale, n)
+                    else:
+                        values[lo : lo + n] = rng.uniform(-p.scale, p.scale, n)
+            # Uniform and constant values stay within |scale| (checked to fit float32); normal
+            # draws of a huge scale may not, and the run's divergence check assumes finite values.
+            if p.initializer is Initializer.NORMAL and abs(p.scale) > FLOAT32_MAX / 64 and count_non_finite(arr):
+                raise InvalidArgument(f"param {p.name!r}: initial values drawn with scale {p.scale:g} overflow "
+                                      "float32; use a smaller scale")
         out[p.name] = arr
     return out
 

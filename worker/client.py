@@ -433,7 +433,7 @@ class _Sink:
                     continue
                 arr = out[chunk.name] = np.empty(shape, F32)
             n = len(data)
-            if arr.dtype == F32 and 0 <= chunk.offset and 4 * chunk.offset + n <= arr.nbytes:
+            if arr.dtype == F32 and not n & 3 and 0 <= chunk.offset and 4 * chunk.offset + n <= arr.nbytes:
                 # a plain byte copy: half the cost of numpy's for a small tensor
                 arr.data.cast("B")[4 * chunk.offset : 4 * chunk.offset + n] = data
             else:

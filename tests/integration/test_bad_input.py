@@ -435,7 +435,25 @@ BAD_SPECS: list[Any] = [
     pytest.param(lambda: _spec(optimizer=pb.OptimizerSpec(momentum=pb.MomentumConfig(learning_rate=0.1, momentum=1.5))),
                  "momentum", id="momentum-above-1"),
     pytest.param(lambda: _spec(slowdown={7: 2.0}), "slowdown", id="slowdown-rank-out-of-range"),
+    # finite as doubles, infinite as float32 (the parameters' type): every update would be NaN/Inf
+    pytest.param(lambda: _spec(lr=1e39), "learning_rate", id="learning-rate-beyond-float32"),
+    pytest.param(lambda: _spec(optimizer=pb.OptimizerSpec(sgd=pb.SgdConfig(learning_rate=0.1, weight_decay=1e39))),
+                 "weight_decay", id="weight-decay-beyond-float32"),
+    pytest.param(lambda: _spec(optimizer=pb.OptimizerSpec(adam=pb.AdamConfig(learning_rate=0.1, epsilon=1e39))),
+                 "epsilon", id="epsilon-beyond-float32"),
+    pytest.param(lambda: _spec(optimizer=pb.OptimizerSpec(adagrad=pb.AdagradConfig(learning_rate=0.1, epsilon=1e-7,
+                                                                                 initial_accumulator=-1.0))),
+                 "initial_accumulator", id="negative-initial-accumulator"),
+    pytest.param(lambda: _scaled(pb.INITIALIZER_CONSTANT, 1e39), "scale", id="constant-beyond-float32"),
+    pytest.param(lambda: _scaled(pb.INITIALIZER_NORMAL, 3e38), "scale", id="normal-draws-beyond-float32"),
 ]
+
+
+def _scaled(init: int, scale: float) -> pb.RunSpec:
+    s = _spec()
+    s.params[0].initializer = init
+    s.params[0].scale = scale
+    return s
 
 
 @pytest.mark.parametrize("build, field", BAD_SPECS)

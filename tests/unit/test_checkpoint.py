@@ -144,3 +144,15 @@ def test_crash_during_checkpoint_writes_always_leaves_a_valid_one(tmp_path: Path
         found = store.latest()
         assert len(found) == 1, f"trial {trial}: no valid checkpoint"
         assert found[0].arrays["pad"].shape == (2_000_000,)
+
+
+def test_non_finite_parameters_of_a_running_run_are_refused() -> None:
+    """A running run's parameters are finite (the divergence check relies on it), so a checkpoint
+    saying otherwise is inconsistent: refused, and the checkpointer falls back to an older one. A
+    failed run's checkpoint may hold them (that is why it failed) and loads."""
+    run = make_run()
+    meta, arrays = run.state_dict()
+    arrays["param/w"][0, 0] = np.inf
+    with pytest.raises(ValueError, match="param/w.*NaN/Inf"):
+        Run.from_state(meta, arrays)
+    assert Run.from_state({**meta, "state": "failed"}, arrays).store.params["w"][0, 0] == np.inf

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from ps_server.errors import FailedPrecondition, InvalidArgument, OutOfRange, WaitTimeout
 from ps_server.registry import RunRegistry
 from ps_server.run import Run
-from ps_server.spec import Aggregation, Initializer, OptimizerConfig, ParamSpec, RunSpec
+from ps_server.spec import Aggregation, Initializer, OptimizerConfig, OptimizerKind, ParamSpec, RunSpec
 from ps_server.status import RunState, WorkerState
 from ps_server.store import Pieces
 
@@ -286,6 +286,19 @@ def test_a_bsp_combination_that_overflows_fails_the_run() -> None:
     assert run.state is RunState.RUNNING  # held until rank 1's push of clock 0
     run.push(1, incs[1], 0, grad(3e38), 0)
     assert run.state is RunState.FAILED and "diverged" in run.message
+
+
+@pytest.mark.parametrize("kind", [OptimizerKind.ADAM, OptimizerKind.ADAGRAD])
+def test_an_optimizer_state_that_overflows_fails_the_run(kind: OptimizerKind) -> None:
+    """A huge but finite gradient squared is Inf in the second moment / accumulator: the
+    parameters stay finite but would never move again. That is divergence too."""
+    s = RunSpec(name="d", num_workers=1, iterations=5, params=PARAMS, staleness=1,
+                optimizer=OptimizerConfig(kind, learning_rate=0.01, epsilon=1e-7), seed=1)
+    run = Run("run-d", s)
+    a = run.join("a")
+    run.push(0, a.incarnation, 0, grad(3e38), 0)
+    assert all(np.isfinite(w).all() for w in run.store.params.values())
+    assert run.state is RunState.FAILED and "optimizer state" in run.message and "diverged" in run.message
 
 
 def test_a_finite_step_does_not_fail_the_run() -> None:

@@ -214,12 +214,8 @@ def _data_view(part: np.ndarray | bytes | memoryview) -> Part:
     return part
 
 
-def encode_chunk(
-    name: str, shape: Sequence[int], offset: int, data: np.ndarray | bytes | memoryview,
-    dtype: int = pb.DATA_TYPE_FLOAT32, pad: int = 0,
-) -> list[Part]:
-    """A ``TensorChunk``'s serialized body as parts (the last one is the data, not copied);
-    ``pad``: 0, or the size in bytes (>= 3) of a ``padding`` field to put just before the data."""
+def _chunk_head(name: str, shape: Sequence[int], offset: int, nbytes: int, dtype: int, pad: int) -> bytearray:
+    """A ``TensorChunk``'s fields up to and including its data's tag and length."""
     head = bytearray()
     if name:
         nb = name.encode("utf-8")
@@ -233,12 +229,21 @@ def encode_chunk(
         head += b"\x20" + varint(offset)
     if pad:
         head += _PAD_TAG + varint(pad - 3) + bytes(pad - 3)
+    if nbytes:
+        head += b"\x2a" + varint(nbytes)
+    return head
+
+
+def encode_chunk(
+    name: str, shape: Sequence[int], offset: int, data: np.ndarray | bytes | memoryview,
+    dtype: int = pb.DATA_TYPE_FLOAT32, pad: int = 0,
+) -> list[Part]:
+    """A ``TensorChunk``'s serialized body as parts (the last one is the data, not copied);
+    ``pad``: 0, or the size in bytes (>= 3) of a ``padding`` field to put just before the data."""
     view = _data_view(data)
     n = len(view) if not isinstance(view, memoryview) else view.nbytes
-    if n:
-        head += b"\x2a" + varint(n)
-        return [bytes(head), view]
-    return [bytes(head)]
+    head = bytes(_chunk_head(name, shape, offset, n, dtype, pad))
+    return [head, view] if n else [head]
 
 
 _PAD_TAG = b"\x82\x01"  # field 16, length-delimited
@@ -256,7 +261,7 @@ def _chunk_prefix(tag: bytes, name: str, shape: tuple[int, ...], offset: int, nb
     """Everything of a ``tensors`` field but its data: the field's tag and length, the chunk's
     fields and the data's tag and length. A run's tensors give the same few every time, and
     building them costs more than the rest of a small model's message."""
-    head = encode_chunk(name, shape, offset, b"\0" * nbytes)[0]
+    head = _chunk_head(name, shape, offset, nbytes, pb.DATA_TYPE_FLOAT32, 0)
     return tag + varint(len(head) + nbytes) + head
 
 
@@ -268,7 +273,7 @@ def _repeated_chunks(tag: bytes, group: Group, at: int | None = None) -> list[Pa
         for name, shape, offset, data in group:
             view = _data_view(data)
             nbytes = view.nbytes if isinstance(view, memoryview) else len(view)
-            parts.append(_chunk_prefix(tag, name, shape, offset, nbytes))
+            parts.append(_chunk_prefix(tag, name, tuple(shape), offset, nbytes))
             if nbytes:
                 parts.append(view)
         return parts
@@ -572,9 +577,6 @@ def _decode_push_response(buf: memoryview) -> PushResponse:
     while i < end:
         key, i = _read_varint(buf, i, end)
         fnum, wt = key >> 3, key & 7
-        if fnum == 16:  # padding: skipped
-            i = _delimited(buf, wt, i, end)[1]
-            continue
         bit = 1 << fnum if fnum < 8 else 0
         if not bit or seen & bit:
             raise _Fallback
