@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .spec import OptimizerConfig, OptimizerKind, ParamSpec
-from .store import Gradient, blocks
+from .store import Gradient, blocks, offsets
 
 __all__ = ["BLOCK", "Optimizer", "make_optimizer"]
 
@@ -46,11 +46,7 @@ class Optimizer:
     def __init__(self, config: OptimizerConfig, params: tuple[ParamSpec, ...]) -> None:
         self.config = config
         self.steps = 0
-        self._offsets: dict[str, int] = {}
-        total = 0
-        for p in params:
-            self._offsets[p.name] = total
-            total += p.size
+        self._offsets, total = offsets(params)
         self.size = total
         self._flat = {s: np.zeros(total, _F32) for s in self.state_names}
         self.state: dict[str, dict[str, np.ndarray]] = {

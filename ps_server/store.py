@@ -16,12 +16,22 @@ import numpy as np
 from .errors import InvalidArgument
 from .spec import FLOAT32_MAX, Initializer, ParamSpec
 
-__all__ = ["FLAT_MAX", "Gradient", "ParamStore", "Pieces", "blocks", "count_non_finite", "materialize"]
+__all__ = ["FLAT_MAX", "Gradient", "ParamStore", "Pieces", "blocks", "count_non_finite", "materialize", "offsets"]
 
 _INIT_BLOCK = 1 << 20
 _CHECK_BLOCK = 1 << 24
 FLAT_MAX = 1 << 18
 """Models of at most this many elements are checked and stepped as one flat array."""
+
+
+def offsets(specs: tuple[ParamSpec, ...]) -> tuple[dict[str, int], int]:
+    """Where each tensor starts in the flat layout (spec order), and the model's size."""
+    out: dict[str, int] = {}
+    total = 0
+    for p in specs:
+        out[p.name] = total
+        total += p.size
+    return out, total
 
 
 def materialize(specs: tuple[ParamSpec, ...], seed: int, flat: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -121,14 +131,10 @@ class ParamStore:
 
     def __init__(self, specs: tuple[ParamSpec, ...], seed: int) -> None:
         self.specs = {p.name: p for p in specs}
-        self.flat = np.empty(sum(p.size for p in specs), np.float32)
+        self._offsets, size = offsets(specs)
+        self.flat = np.empty(size, np.float32)
         self.params = materialize(specs, seed, self.flat)
         self.nbytes = self.flat.nbytes
-        self._offsets: dict[str, int] = {}
-        off = 0
-        for p in specs:
-            self._offsets[p.name] = off
-            off += p.size
         # Small models: each whole-tensor gradient is copied here at its parameter's offset, so the
         # check and the step make one numpy call for the model instead of one per tensor (a small
         # model's push costs a few µs of work and ~20 numpy calls' overhead otherwise).
