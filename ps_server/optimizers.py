@@ -46,8 +46,8 @@ class Optimizer:
     def __init__(self, config: OptimizerConfig, params: tuple[ParamSpec, ...]) -> None:
         self.config = config
         self.steps = 0
-        self._offsets, total = offsets(params)
-        self.size = total
+        self._offsets, self.size = offsets(params)
+        total = self.size
         self._flat = {s: np.zeros(total, _F32) for s in self.state_names}
         self.state: dict[str, dict[str, np.ndarray]] = {
             s: {p.name: flat[self._offsets[p.name] : self._offsets[p.name] + p.size] for p in params}
@@ -67,7 +67,8 @@ class Optimizer:
 
     def step_flat(self, w: np.ndarray, g: np.ndarray) -> None:
         """``step`` on the whole model at once: ``w`` and ``g`` are 1-D, laid out like the state
-        (``ParamStore.flat`` and ``ParamStore.gather``). The same arithmetic element by element,
+        (``ParamStore.flat`` and the gradient ``ParamStore.check_gradient`` gathers). The same
+        arithmetic element by element,
         so the same result as ``step``; one call per block instead of per tensor."""
         self.steps += 1
         self._begin_step()
