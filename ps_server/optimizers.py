@@ -68,8 +68,8 @@ class Optimizer:
     def step_flat(self, w: np.ndarray, g: np.ndarray) -> None:
         """``step`` on the whole model at once: ``w`` and ``g`` are 1-D, laid out like the state
         (``ParamStore.flat`` and the gradient ``ParamStore.check_gradient`` gathers). The same
-        arithmetic element by element,
-        so the same result as ``step``; one call per block instead of per tensor."""
+        arithmetic element by element, so the same result as ``step``; one call per block
+        instead of per tensor."""
         self.steps += 1
         self._begin_step()
         for lo in range(0, self.size, BLOCK):
