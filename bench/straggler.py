@@ -49,7 +49,8 @@ Measured per run:
 The table shows medians over repeats; ``bench/straggler.png`` draws test accuracy and loss
 against wall time (the run with the median time to 0.95 of each setting in full, the other
 repeats faint) and test accuracy against the number of gradients the server had accepted.
-Raw numbers go to ``bench/straggler.json``.
+Raw numbers go to ``bench/straggler.json``. Runs with ``--quick``, ``--only`` or ``--repeats``
+write to ``bench/out/`` instead (not committed), unless ``--png`` / ``--json`` say otherwise.
 """
 
 from __future__ import annotations
@@ -470,7 +471,9 @@ async def main_async(args: argparse.Namespace) -> int:
     info = machine()
     print(f"\nall runs: {time.perf_counter() - t_all:.0f} s; discarded runs: {len(invalid)}\n")
     print(markdown_table(rows))
-    out_dir = ROOT / "bench"
+    # Only a full run replaces the committed figure; quick or partial runs go to bench/out/.
+    out_dir = ROOT / "bench" if not (args.quick or args.only or args.repeats) else ROOT / "bench" / "out"
+    out_dir.mkdir(exist_ok=True)
     png = Path(args.png) if args.png else out_dir / "straggler.png"
     title = (f"digits, mlp:64, 4 workers, rank {SLOW_RANK} {SLOW_FACTOR:g}x slower, SGD lr {args.lr}, batch 32, "
              f"{spec.iterations} iterations/rank; {repeats} repeat(s) ({info['nproc']} cores, {info['date']})")
