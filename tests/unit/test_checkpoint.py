@@ -148,8 +148,9 @@ def test_crash_during_checkpoint_writes_always_leaves_a_valid_one(tmp_path: Path
 
 def test_non_finite_parameters_of_a_running_run_are_refused() -> None:
     """A running run's parameters are finite (the divergence check relies on it), so a checkpoint
-    saying otherwise is inconsistent: refused, and the checkpointer falls back to an older one. A
-    failed run's checkpoint may hold them (that is why it failed) and loads."""
+    saying otherwise is inconsistent: refused (the server's resume skips it, loudly, as it skips a
+    checkpoint that does not fit its run). A failed run's checkpoint may hold them (that is why
+    it failed) and loads."""
     run = make_run()
     meta, arrays = run.state_dict()
     arrays["param/w"][0, 0] = np.inf
