@@ -17,9 +17,10 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -27,6 +28,13 @@ __all__ = ["FORMAT", "Checkpoint", "CheckpointStore", "CorruptCheckpoint"]
 
 FORMAT = 1
 log = logging.getLogger("ps_server")
+
+
+T = TypeVar("T")
+
+
+def _itself(checkpoint: Checkpoint) -> Checkpoint:
+    return checkpoint
 
 
 class CorruptCheckpoint(Exception):
@@ -120,9 +128,11 @@ class CheckpointStore:
             raise CorruptCheckpoint(f"arrays.npz does not load: {exc}") from None
         return Checkpoint(path, manifest["meta"], arrays)
 
-    def latest(self) -> list[Checkpoint]:
-        """The newest valid checkpoint of every run under root; corrupt ones are skipped loudly."""
-        found: list[Checkpoint] = []
+    def latest(self, use: Callable[[Checkpoint], T] = _itself) -> list[T]:  # type: ignore[assignment]
+        """``use`` of the newest valid checkpoint of every run under root. Corrupt ones, and those
+        ``use`` refuses (raising CorruptCheckpoint, KeyError, ValueError or TypeError: they do not
+        fit their run), are skipped loudly for the next older one."""
+        found: list[T] = []
         if not self.root.is_dir():
             return found
         for run_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
@@ -130,10 +140,12 @@ class CheckpointStore:
                 shutil.rmtree(tmp, ignore_errors=True)
             for path in self._checkpoints(run_dir):
                 try:
-                    found.append(self.load(path))
+                    found.append(use(self.load(path)))
                     break
                 except CorruptCheckpoint as exc:
                     log.error("skipping corrupt checkpoint %s: %s", path, exc)
+                except (KeyError, ValueError, TypeError) as exc:
+                    log.error("skipping checkpoint %s: it does not fit its run: %s", path, exc)
             else:
                 if self._checkpoints(run_dir):
                     log.error("no valid checkpoint for %s: the run cannot be resumed", run_dir.name)

@@ -78,14 +78,10 @@ class Checkpointer:
             await asyncio.gather(*self._writers.values(), return_exceptions=True)
 
     def resume(self, registry: RunRegistry) -> list[Run]:
-        """Restore every run with a valid checkpoint (corrupt ones are skipped, loudly)."""
+        """Restore every run from its newest checkpoint that loads (corrupt ones, and ones that do
+        not fit their run, are skipped loudly for the next older one)."""
         restored = []
-        for ckpt in self.store.latest():
-            try:
-                run = Run.from_state(ckpt.meta, ckpt.arrays)
-            except (KeyError, ValueError, TypeError) as exc:
-                log.error("skipping checkpoint %s: it does not fit its run: %s", ckpt.path, exc)
-                continue
+        for ckpt, run in self.store.latest(lambda c: (c, Run.from_state(c.meta, c.arrays))):
             registry.add(run)
             restored.append(run)
             log.warning("resumed %s from %s: %s at min clock %d", run.run_id, ckpt.path, run.state.value,

@@ -29,6 +29,10 @@ from paramserver.v1.tensors import F32, with_last
 __all__ = ["PsClient", "PsClientError", "PullResult", "Security", "channel_options", "read_token"]
 
 
+_SEND_FAILED = "Internal error from Core"
+"""The details grpc.aio gives a call whose message could not be sent (``set_internal_error``)."""
+
+
 class PsClientError(Exception):
     """A call failed: ``code`` is the gRPC status code, ``details`` the server's message."""
 
@@ -39,7 +43,12 @@ class PsClientError(Exception):
 
     @classmethod
     def from_rpc(cls, exc: grpc.aio.AioRpcError, method: str) -> PsClientError:
-        return cls(exc.code(), exc.details() or "", method)
+        code, details = exc.code(), exc.details() or ""
+        if code == grpc.StatusCode.INTERNAL and details == _SEND_FAILED:
+            # gRPC's own status when sending a message on a call fails (its connection broke: the
+            # server died mid-push), not the server's answer: as retryable as losing the server.
+            return cls(grpc.StatusCode.UNAVAILABLE, f"sending failed, the connection broke ({details})", method)
+        return cls(code, details, method)
 
     @property
     def retryable(self) -> bool:

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from ps_server.checkpoint import CheckpointStore, CorruptCheckpoint
+from ps_server.checkpointer import Checkpointer
+from ps_server.registry import RunRegistry
 from ps_server.run import Run
 from ps_server.spec import Initializer, OptimizerConfig, OptimizerKind, ParamSpec, RunSpec
 
@@ -146,11 +148,29 @@ def test_crash_during_checkpoint_writes_always_leaves_a_valid_one(tmp_path: Path
         assert found[0].arrays["pad"].shape == (2_000_000,)
 
 
+def test_resume_falls_back_when_the_newest_checkpoint_does_not_fit_its_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A checkpoint whose files are intact but whose content Run.from_state refuses (here a
+    running run with an Inf parameter) is skipped for the run's older one, not the whole run."""
+    run = make_run()
+    store = CheckpointStore(tmp_path)
+    good = store.write(*run.state_dict())
+    meta, arrays = run.state_dict()
+    arrays["param/w"][0, 0] = np.inf
+    bad = store.write(meta, arrays)
+    registry = RunRegistry()
+    with caplog.at_level(logging.ERROR, logger="ps_server"):
+        (resumed,) = Checkpointer(store, every=0).resume(registry)
+    assert f"skipping checkpoint {bad}: it does not fit its run" in caplog.text
+    assert resumed.store.params["w"].tobytes() == store.load(good).arrays["param/w"].tobytes()
+    assert registry.get(run.run_id) is resumed
+
+
 def test_non_finite_parameters_of_a_running_run_are_refused() -> None:
     """A running run's parameters are finite (the divergence check relies on it), so a checkpoint
-    saying otherwise is inconsistent: refused (the server's resume skips it, loudly, as it skips a
-    checkpoint that does not fit its run). A failed run's checkpoint may hold them (that is why
-    it failed) and loads."""
+    saying otherwise is inconsistent: refused (resume then takes the run's older checkpoint). A
+    failed run's checkpoint may hold them (that is why it failed) and loads."""
     run = make_run()
     meta, arrays = run.state_dict()
     arrays["param/w"][0, 0] = np.inf
