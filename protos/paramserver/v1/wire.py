@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -48,6 +48,8 @@ __all__ = [
     "encode_push_response",
     "varint",
 ]
+
+R = TypeVar("R")
 
 SMALL_MESSAGE = 64 << 10
 """Messages with at most this many payload bytes are decoded by the generated classes (upb, in C):
@@ -478,24 +480,28 @@ def _params_from_pb(m: pb.PullParamsResponse) -> ParamsResponse:
     return ParamsResponse(m.guaranteed_clock, m.version, list(m.tensors), m.final, m.run_state)
 
 
+def _fast(decode: Callable[[memoryview], R], buf: bytes | memoryview) -> R | None:
+    """``decode`` (the hand decoder) of a large message; None for a small one or for anything it
+    does not handle, which the caller then parses with the generated class."""
+    if len(buf) <= SMALL_MESSAGE:
+        return None
+    try:
+        return decode(_as_view(buf))
+    except _Fallback:
+        return None
+
+
 def decode_params_response(buf: bytes | memoryview) -> ParamsResponse:
     """Parse a serialized ``PullParamsResponse``; chunk data are views of ``buf`` (large messages)."""
-    if len(buf) > SMALL_MESSAGE:
-        view = _as_view(buf)
-        try:
-            return _decode_params(view, 0, len(view))
-        except _Fallback:
-            pass
-    return _params_from_pb(pb.PullParamsResponse.FromString(_as_bytes(buf)))
+    fast = _fast(lambda view: _decode_params(view, 0, len(view)), buf)
+    return fast if fast is not None else _params_from_pb(pb.PullParamsResponse.FromString(_as_bytes(buf)))
 
 
 def decode_push_request(buf: bytes | memoryview) -> PushRequest:
     """Parse a serialized ``PushGradientRequest``; chunk data are views of ``buf`` (large messages)."""
-    if len(buf) > SMALL_MESSAGE:
-        try:
-            return _decode_push_request(_as_view(buf))
-        except _Fallback:
-            pass
+    fast = _fast(_decode_push_request, buf)
+    if fast is not None:
+        return fast
     m = pb.PushGradientRequest.FromString(_as_bytes(buf))
     return PushRequest(
         m.run_id, m.rank, m.incarnation, m.clock, list(m.tensors), m.final, m.loss,
@@ -560,11 +566,9 @@ def _decode_push_request(buf: memoryview) -> PushRequest:
 def decode_push_response(buf: bytes | memoryview) -> PushResponse:
     """Parse a serialized ``PushGradientResponse``; chunk data of ``pulled`` are views of ``buf``
     (large messages)."""
-    if len(buf) > SMALL_MESSAGE:
-        try:
-            return _decode_push_response(_as_view(buf))
-        except _Fallback:
-            pass
+    fast = _fast(_decode_push_response, buf)
+    if fast is not None:
+        return fast
     m = pb.PushGradientResponse.FromString(_as_bytes(buf))
     return PushResponse(m.clock, m.duplicate, m.min_clock, m.run_state,
                         _params_from_pb(m.pulled) if m.HasField("pulled") else None)
