@@ -16,6 +16,9 @@ MALLOC_TRIM_THRESHOLD_=4294967296 in *every* process's environment, which takes 
   (5.8M float32, 23 MB) and a 100M-parameter model (10 tensors of 10M, 400 MB).
 * ``ps-inproc``: the same loop with the server started inside the client's process and event
   loop (one GIL for both sides), as the integration tests do.
+* data plane (``--transport``): the pushes and pulls go over the server's TCP data plane (the
+  default for workers: ``paramserver.v1.tcp``), over gRPC streams, or both, as separate
+  configurations.
 * ``tcp``: a plain socket pair between two processes moving the same bytes in the same pattern
   (client sends N bytes, server reads them then sends N bytes back), with preallocated buffers:
   the loopback ceiling.
@@ -297,7 +300,8 @@ async def client_main(args: argparse.Namespace) -> None:
         addr = args.ps_addr
     loop = asyncio.get_running_loop()
     try:
-        async with PsClient(addr, timeout=300.0, chunk_bytes=args.chunk_bytes, max_message_bytes=64 << 20) as ps:
+        async with PsClient(addr, timeout=300.0, chunk_bytes=args.chunk_bytes, max_message_bytes=64 << 20,
+                            data_plane=args.transport == "tcp") as ps:
             await ps.wait_ready(30)
             benches: dict[str, PsBench] = {}
             tcps: dict[str, TcpBench] = {}
@@ -306,7 +310,7 @@ async def client_main(args: argparse.Namespace) -> None:
                 await bench.setup(verify=args.verify and model.startswith("big"))
                 for _ in range(2):
                     await bench.iteration()  # warm-up: first pulls fill `into`, first pushes fault in
-                emit("setup", model=model, **(bench.check or {}))
+                emit("setup", model=model, streams=dict(ps.streams_opened), **(bench.check or {}))
             emit("ready")
             while True:
                 line = await loop.run_in_executor(None, sys.stdin.readline)
@@ -375,9 +379,10 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 class Config:
     """One measured configuration: allocator setting x server placement, with its processes."""
 
-    def __init__(self, py: str, malloc: bool, inproc: bool, models: list[str], verify: bool, chunk_bytes: int) -> None:
-        self.malloc, self.inproc = malloc, inproc
-        self.label = f"{'in-process' if inproc else 'subprocess'}/{'malloc-on' if malloc else 'malloc-off'}"
+    def __init__(self, py: str, malloc: bool, inproc: bool, models: list[str], verify: bool, chunk_bytes: int,
+                 transport: str) -> None:
+        self.malloc, self.inproc, self.transport = malloc, inproc, transport
+        self.label = f"{'in-process' if inproc else 'subprocess'}/{'malloc-on' if malloc else 'malloc-off'}/{transport}"
         env = dict(os.environ)
         for k in MALLOC_ENV:
             env.pop(k, None)
@@ -389,7 +394,7 @@ class Config:
         tcp, tcp_addr = _start([py, __file__, "--role", "tcp-server"], env, r"listening on (\S+)")
         self.procs.append(tcp)
         cmd = [py, __file__, "--role", "client", "--tcp-addr", tcp_addr, "--tcp-pid", str(tcp.pid),
-               "--models", ",".join(models), "--chunk-bytes", str(chunk_bytes)]
+               "--models", ",".join(models), "--chunk-bytes", str(chunk_bytes), "--transport", transport]
         if verify:
             cmd.append("--verify")
         if inproc:
@@ -419,7 +424,7 @@ class Config:
             except json.JSONDecodeError:
                 print(f"  [{self.label} client] {line.rstrip()}", file=sys.stderr)
                 continue
-            doc.update(malloc=self.malloc, inproc=self.inproc)
+            doc.update(malloc=self.malloc, inproc=self.inproc, transport=self.transport)
             return doc
 
     def wait_ready(self) -> None:
@@ -432,7 +437,7 @@ class Config:
         self.client.stdin.write(json.dumps(cmd) + "\n")
         self.client.stdin.flush()
         doc = self.read()
-        print(f"  {self.label:>22} {doc['model']:>9} {doc['what']:>3}: {doc['gbps']:6.3f} GB/s "
+        print(f"  {self.label:>27} {doc['model']:>9} {doc['what']:>3}: {doc['gbps']:6.3f} GB/s "
               f"{doc['its']:7.2f} it/s ({doc['iters']} it) cpu ms/it client {doc['client_cpu_ms']:.1f} "
               f"server {doc['server_cpu_ms']:.1f}", file=sys.stderr)
         return doc
@@ -484,16 +489,17 @@ def machine() -> dict[str, str]:
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
-    keys = sorted({(r["malloc"], r["inproc"], r["model"]) for r in results if r["kind"] == "rep"},
-                  key=lambda k: (k[1], k[0], list(MODELS).index(k[2])))
-    for malloc, inproc, model in keys:
-        sel = [r for r in results if r["kind"] == "rep" and (r["malloc"], r["inproc"], r["model"]) == (malloc, inproc, model)]
+    keys = sorted({(r["malloc"], r["inproc"], r["transport"], r["model"]) for r in results if r["kind"] == "rep"},
+                  key=lambda k: (k[1], k[0], k[2], list(MODELS).index(k[3])))
+    for malloc, inproc, transport, model in keys:
+        sel = [r for r in results
+               if r["kind"] == "rep" and (r["malloc"], r["inproc"], r["transport"], r["model"]) == (malloc, inproc, transport, model)]
         ps = [r for r in sel if r["what"] == "ps"]
         tcp = [r for r in sel if r["what"] == "tcp"]
         med = lambda xs, k: statistics.median(x[k] for x in xs) if xs else float("nan")  # noqa: E731
         ps_g, tcp_g = med(ps, "gbps"), med(tcp, "gbps")
         rows.append({
-            "malloc": malloc, "inproc": inproc, "model": model, "mb": nbytes_of(MODELS[model]) / 1e6,
+            "malloc": malloc, "inproc": inproc, "transport": transport, "model": model, "mb": nbytes_of(MODELS[model]) / 1e6,
             "ps_gbps": ps_g, "ps_min": min(x["gbps"] for x in ps), "ps_max": max(x["gbps"] for x in ps),
             "its": med(ps, "its"), "pull_gbps": med(ps, "pull_gbps"), "push_gbps": med(ps, "push_gbps"),
             "tcp_gbps": tcp_g, "ratio": ps_g / tcp_g, "reps": len(ps), "iters": sum(x["iters"] for x in ps),
@@ -510,24 +516,24 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| server | malloc thresholds | model | MB/dir/iter | PS push+pull GB/s (median [min-max]) | it/s | "
+    head = ("| server | malloc thresholds | data plane | model | MB/dir/iter | PS push+pull GB/s (median [min-max]) | it/s | "
             "pull GB/s | push GB/s | raw TCP GB/s | PS / TCP (medians) | PS / TCP (paired) |")
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         lines.append(
-            f"| {'in-process' if r['inproc'] else 'subprocess'} | {'on' if r['malloc'] else 'off'} | {r['model']} "
+            f"| {'in-process' if r['inproc'] else 'subprocess'} | {'on' if r['malloc'] else 'off'} | {r['transport']} | {r['model']} "
             f"| {r['mb']:.1f} | {r['ps_gbps']:.3f} [{r['ps_min']:.3f}-{r['ps_max']:.3f}] | {r['its']:.2f} "
             f"| {r['pull_gbps']:.3f} | {r['push_gbps']:.3f} | {r['tcp_gbps']:.3f} | {100 * r['ratio']:.0f}% | {100 * r['paired']:.0f}% |"
         )
     lines += ["", "CPU per iteration (user + system, all threads; robust to a busy machine, unlike wall time):", ""]
-    head = ("| server | malloc thresholds | model | PS client CPU ms/it | PS server CPU ms/it | TCP client CPU ms/it "
+    head = ("| server | malloc thresholds | data plane | model | PS client CPU ms/it | PS server CPU ms/it | TCP client CPU ms/it "
             "| TCP server CPU ms/it | PS CPU s/GB | TCP CPU s/GB | TCP/PS CPU efficiency |")
-    lines += [head, "|" + "---|" * 10]
+    lines += [head, "|" + "---|" * 11]
     for r in rows:
         inproc = r["inproc"]
         server_ms = "-" if inproc else f"{r['ps_server_ms']:.1f}"
         lines.append(
-            f"| {'in-process' if inproc else 'subprocess'} | {'on' if r['malloc'] else 'off'} | {r['model']} "
+            f"| {'in-process' if inproc else 'subprocess'} | {'on' if r['malloc'] else 'off'} | {r['transport']} | {r['model']} "
             f"| {r['ps_client_ms']:.1f}{' (both)' if inproc else ''} | {server_ms} "
             f"| {r['tcp_client_ms']:.1f} | {r['tcp_server_ms']:.1f} | {r['ps_cpu_s_per_gb']:.3f} "
             f"| {r['tcp_cpu_s_per_gb']:.3f} | {100 * r['tcp_cpu_s_per_gb'] / r['ps_cpu_s_per_gb']:.0f}% |"
@@ -598,6 +604,8 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
     ap.add_argument("--chunk-bytes", type=int, default=1 << 20,
                     help="tensor payload per gRPC message, client and server (default 1 MiB, the server's default)")
+    ap.add_argument("--transport", choices=["both", "tcp", "grpc"], default="both",
+                    help="the data plane pushes and pulls go over: the server's TCP data plane, gRPC streams, or both")
     ap.add_argument("--profile", metavar="DIR", help="instead of the table: py-spy profiles of PS repetitions into DIR")
     ap.add_argument("--json", metavar="PATH", help="also write the raw results as JSON")
     ap.add_argument("--role", choices=["client", "tcp-server"], help=argparse.SUPPRESS)
@@ -635,10 +643,12 @@ def main() -> None:
     configs: list[Config] = []
     results: list[dict[str, Any]] = []
     try:
+        transports = ["tcp", "grpc"] if args.transport == "both" else [args.transport]
         for inproc in inprocs:
             for malloc in mallocs:
-                verify = not configs and "big-100M" in models and not args.profile
-                configs.append(Config(py, malloc, inproc, models, verify, args.chunk_bytes))
+                for transport in transports:
+                    verify = "big-100M" in models and not args.profile and not any(c.transport == transport for c in configs)
+                    configs.append(Config(py, malloc, inproc, models, verify, args.chunk_bytes, transport))
         for cfg in configs:  # set-ups one at a time: they allocate and fault in hundreds of MB
             cfg.wait_ready()
         if args.profile:
@@ -673,7 +683,7 @@ def main() -> None:
     for row in rows:
         if row["model"] == "mlp-5.8M" and not row["inproc"]:
             verdict = "meets" if row["ratio"] >= 0.5 else "BELOW"
-            print(f"target (5.8M model, subprocess server, malloc {'on' if row['malloc'] else 'off'}): "
+            print(f"target (5.8M model, subprocess server, malloc {'on' if row['malloc'] else 'off'}, {row['transport']}): "
                   f"{100 * row['ratio']:.0f}% of raw TCP, {verdict} the 50% target")
     print(f"total time: {time.perf_counter() - t0:.0f} s")
     if args.json:

@@ -23,6 +23,8 @@ __all__ = ["ServerConfig", "parse_config"]
 class ServerConfig:
     host: str = opt("127.0.0.1", "Address to listen on (0.0.0.0 for all interfaces).")
     port: int = opt(50051, "gRPC port; 0 picks a free port (printed at start).")
+    data_port: int = opt(0, "Port of the TCP data plane (pushes and pulls without HTTP/2, offered to workers "
+                         "at Join); 0 picks a free port, -1 = off. Off when TLS or a token is configured.")
     max_message_bytes: int = opt(64 << 20, "Largest gRPC message accepted or sent, in bytes.")
     chunk_bytes: int = opt(1 << 20, "Payload bytes per message when streaming tensors.")
     push_slots: int = opt(1, "Pushes of more than one message received at a time (each is held whole until "
@@ -63,6 +65,8 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     problems = []
     if not 0 <= config.port < 65536:
         problems.append(f"port {config.port} is not in 0..65535")
+    if not -1 <= config.data_port < 65536:
+        problems.append(f"data_port {config.data_port} is not -1 (off) or in 0..65535")
     if config.chunk_bytes < 1024 or config.chunk_bytes > config.max_message_bytes // 2:
         problems.append("chunk_bytes must be >= 1024 and at most half of max_message_bytes")
     if config.push_slots < 1:

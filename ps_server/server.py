@@ -32,6 +32,7 @@ from grpc_reflection.v1alpha import reflection
 from paramserver.runtime import tune_malloc
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
+from paramserver.v1 import wire
 
 from .checkpoint import CheckpointStore
 from .checkpointer import Checkpointer
@@ -42,6 +43,7 @@ from .registry import RunRegistry
 from .security import ConfigError, TokenInterceptor, load_token, server_credentials
 from .servicer import ParameterServicer, RunServicer, WorkerServicer
 from .slots import PushSlots
+from .tcp_plane import TcpDataPlane
 
 __all__ = ["PsServer", "main", "serve", "start_server"]
 
@@ -51,14 +53,14 @@ SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[n].full_name for n in pb.DE
 
 
 def add_parameter_service(servicer: ParameterServicer, server: grpc.aio.Server) -> None:
-    """Like the generated ``add_ParameterServiceServicer_to_server``, but with pass-through
-    (de)serializers: the servicer reads and writes the messages' bytes itself (``paramserver.v1.wire``),
+    """Like the generated ``add_ParameterServiceServicer_to_server``, but the servicer reads and
+    writes the messages' bytes itself (``paramserver.v1.wire``; responses as parts, joined here),
     which saves building protobuf objects for every MiB of tensors. The wire bytes are unchanged."""
     handlers = {
         "PushGradient": grpc.stream_stream_rpc_method_handler(
-            servicer.PushGradient, request_deserializer=None, response_serializer=None),
+            servicer.PushGradient, request_deserializer=None, response_serializer=wire.join),
         "PullParams": grpc.stream_stream_rpc_method_handler(
-            servicer.PullParams, request_deserializer=None, response_serializer=None),
+            servicer.PullParams, request_deserializer=None, response_serializer=wire.join),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("paramserver.v1.ParameterService", handlers),))
     server.add_registered_method_handlers("paramserver.v1.ParameterService", handlers)
@@ -73,6 +75,7 @@ class PsServer:
     health: health.aio.HealthServicer
     push_slots: PushSlots
     checkpointer: Checkpointer | None = None
+    data_plane: TcpDataPlane | None = None
     metrics_port: int | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
@@ -100,6 +103,8 @@ class PsServer:
             registry = self.registry
             with contextlib.suppress(WaitTimeout):
                 await registry.idle.wait_for(lambda: registry.busy == 0, grace, lambda: f"{registry.busy} in progress")
+        if self.data_plane:
+            await self.data_plane.close()
         await self.server.stop(min(grace, 0.5))
         if self.checkpointer:
             await self.checkpointer.drain()
@@ -145,9 +150,11 @@ async def start_server(config: ServerConfig) -> PsServer:
     token = load_token(config)
     server = grpc.aio.server(options=options, interceptors=[TokenInterceptor(token)] if token else [])
     push_slots = PushSlots(config.push_slots)
-    add_parameter_service(ParameterServicer(registry, config, push_slots), server)
+    parameter_servicer = ParameterServicer(registry, config, push_slots)
+    worker_servicer = WorkerServicer(registry, config)
+    add_parameter_service(parameter_servicer, server)
     pb_grpc.add_RunServiceServicer_to_server(RunServicer(registry, config, checkpointer), server)
-    pb_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(registry, config), server)
+    pb_grpc.add_WorkerServiceServicer_to_server(worker_servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
@@ -155,10 +162,14 @@ async def start_server(config: ServerConfig) -> PsServer:
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}: is another server using the port?")
+    data_plane = None
+    if config.data_port >= 0 and not credentials and not token:  # the framing carries neither
+        data_plane = TcpDataPlane(parameter_servicer, registry, config.max_message_bytes)
+        worker_servicer.data_port = await data_plane.start(config.host, config.data_port)
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    ps = PsServer(server, port, registry, config, health_servicer, push_slots, checkpointer)
+    ps = PsServer(server, port, registry, config, health_servicer, push_slots, checkpointer, data_plane)
     if config.metrics_port >= 0:
         ps.metrics_port = serve_metrics(registry, config.host, config.metrics_port, push_slots)
     ps._tasks.append(asyncio.create_task(_sweep_leases(registry, config)))
@@ -192,6 +203,8 @@ def setup_logging(config: ServerConfig) -> None:
 async def serve(config: ServerConfig) -> None:
     ps = await start_server(config)
     print(f"ps-server listening on {config.host}:{ps.port} (generation {ps.registry.generation})", flush=True)
+    if ps.data_plane:
+        log.info("TCP data plane on %s:%d", config.host, ps.data_plane.port)
     if ps.metrics_port is not None:
         log.info("Prometheus metrics on http://%s:%d/metrics", config.host, ps.metrics_port)
     stop = asyncio.Event()

@@ -50,7 +50,7 @@ def _wait_limit(config: ServerConfig, requested: float, context: grpc.aio.Servic
     return limit if remaining is None else max(0.0, min(limit, remaining))
 
 
-async def _decode(parse: Callable[[bytes], R], raw: bytes, context: grpc.aio.ServicerContext) -> R:
+async def _decode(parse: Callable[[bytes | memoryview], R], raw: bytes | memoryview, context: grpc.aio.ServicerContext) -> R:
     """A request through ``parse``; unparseable bytes end the call as gRPC's deserializer would."""
     try:
         return parse(raw)
@@ -77,10 +77,10 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
         self._slots = slots
 
     async def PushGradient(
-        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes]:
-        """Registered with pass-through (de)serializers (``server.py``): serialized
-        ``PushGradientRequest`` in, serialized ``PushGradientResponse`` out, coded by ``wire``."""
+        self, request_iterator: AsyncIterator[bytes | memoryview], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[list[wire.Part]]:
+        """Serialized ``PushGradientRequest``s in, ``PushGradientResponse``s out as ``wire`` parts
+        (joined by gRPC's serializer, or written as they are by the TCP data plane)."""
         assembler: codec.TensorAssembler | None = None
         key: tuple[str, int, int, int] | None = None
         run: Run | None = None
@@ -151,7 +151,7 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
                     await _abort(context, exc)
                 ack = (result.clock, result.duplicate, result.min_clock, codec.run_state_to_proto(result.run_state))
                 if then_pull is None:
-                    yield wire.encode_push_response(*ack)
+                    yield wire.push_response_parts(*ack)
                     self._registry.op_end()
                     in_op = False
                     continue
@@ -161,7 +161,7 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
                     await _abort(context, exc)
                 first = True
                 for pulled in self._params_messages(read):
-                    yield wire.encode_push_response(*ack, pulled=pulled) if first else wire.encode_push_response(pulled=pulled)
+                    yield wire.push_response_parts(*ack, pulled=pulled) if first else wire.push_response_parts(pulled=pulled)
                     first = False
                 self._registry.op_end()
                 in_op = False
@@ -175,9 +175,9 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
                 self._registry.op_end()
 
     async def PullParams(
-        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes]:
-        """Pass-through (de)serializers: serialized ``PullParamsRequest`` in, ``PullParamsResponse`` out."""
+        self, request_iterator: AsyncIterator[bytes | memoryview], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[list[wire.Part]]:
+        """Serialized ``PullParamsRequest``s in, ``PullParamsResponse``s out as ``wire`` parts."""
         async for raw in request_iterator:
             req = await _decode(pb.PullParamsRequest.FromString, raw, context)
             self._registry.op_begin()  # a pull being served: shutdown waits for it
@@ -187,7 +187,7 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
                 except PsError as exc:
                     await _abort(context, exc)
                 for params in self._params_messages(read):
-                    yield wire.encode_params_response(*params)
+                    yield wire.params_response_parts(*params)
             finally:
                 self._registry.op_end()
 
@@ -333,6 +333,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     def __init__(self, registry: RunRegistry, config: ServerConfig) -> None:
         self._registry = registry
         self._config = config
+        self.data_port = 0
+        """The TCP data plane's port, told to joining workers (0: none)."""
 
     def _assignment(self, a: Assignment) -> pb.Assignment:
         hb = pb.Assignment(
@@ -347,8 +349,9 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         registry = self._registry
         try:
             assignment = registry.join(request.worker_name, request.run_id)
-            if assignment is None:
-                timeout = _wait_limit(self._config, request.max_wait.ToTimedelta().total_seconds(), context)
+            requested = request.max_wait.ToTimedelta().total_seconds()
+            if assignment is None and requested > 0:  # max_wait 0: answer at once (not the server's limit)
+                timeout = _wait_limit(self._config, requested, context)
                 if timeout > 0:
                     try:
                         await registry.work.wait_for(lambda: registry.has_work(request.run_id), timeout, lambda: "")
@@ -361,7 +364,8 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             return pb.JoinResponse(server_generation=registry.generation)
         log.info("rank %d of %s to %s", assignment.rank, assignment.run_id, request.worker_name,
                  extra={"run": assignment.run_id, "rank": assignment.rank})
-        return pb.JoinResponse(assignment=self._assignment(assignment), server_generation=registry.generation)
+        return pb.JoinResponse(assignment=self._assignment(assignment), server_generation=registry.generation,
+                               data_port=self.data_port)
 
     async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatResponse:
         try:

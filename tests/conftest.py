@@ -25,7 +25,12 @@ async def server(server_config: ServerConfig) -> AsyncIterator[PsServer]:
         await ps.stop(0)
 
 
-@pytest.fixture
-async def client(server: PsServer) -> AsyncIterator[PsClient]:
-    async with PsClient(f"127.0.0.1:{server.port}", timeout=10.0, chunk_bytes=server.config.chunk_bytes) as c:
+@pytest.fixture(params=["tcp", "grpc"])
+async def client(server: PsServer, request: pytest.FixtureRequest) -> AsyncIterator[PsClient]:
+    """Pushes and pulls over the TCP data plane (once a join told the port), or over gRPC only;
+    afterwards, checks that they used no other transport."""
+    transport = request.param
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10.0, chunk_bytes=server.config.chunk_bytes,
+                        data_plane=transport == "tcp") as c:
         yield c
+        assert c.streams_opened["tcp_unreachable" if transport == "tcp" else "tcp"] == 0, c.streams_opened

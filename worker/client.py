@@ -11,7 +11,10 @@ Errors come back as ``PsClientError`` with the gRPC status code and the server's
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from typing import Any
@@ -23,11 +26,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
-from paramserver.v1 import wire
+from paramserver.v1 import tcp, wire
 from paramserver.v1.tensors import F32, with_last
 
 __all__ = ["PsClient", "PsClientError", "PullResult", "Security", "channel_options", "read_token"]
 
+
+log = logging.getLogger("worker")
 
 _SEND_FAILED = "Internal error from Core"
 """The details grpc.aio gives a call whose message could not be sent (``set_internal_error``)."""
@@ -132,6 +137,25 @@ def _duration(seconds: float) -> Duration:
     return d
 
 
+def dial_host(address: str) -> str | None:
+    """The host part of a gRPC target such as ``host:port``, ``[::1]:port`` or
+    ``dns:///host:port``; None for targets it cannot name one host of (unix sockets, lists)."""
+    if address.startswith("dns:///"):
+        address = address[len("dns:///"):]
+    if address.startswith("["):
+        host, sep, _ = address[1:].partition("]")
+        return host if sep else None
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or ":" in host or not port.isdigit() or host in ("unix", "ipv4", "ipv6"):
+        return None
+    return host
+
+
+_TCP_RETRY_SECONDS = (30.0, 600.0)
+"""After the TCP data plane could not be reached, pushes and pulls use gRPC this long; doubled
+after each failure in a row, up to the second figure (a firewalled port costs a connect timeout)."""
+
+
 def _final(resp: Any) -> bool:
     return bool(resp.final)
 
@@ -140,10 +164,71 @@ def _identity(resp: Any) -> Any:
     return resp
 
 
-class _Stream:
-    """One long-lived bidirectional stream that carries one operation at a time."""
+class _TcpCall:
+    """A PushGradient or PullParams stream on the server's TCP data plane (``paramserver.v1.tcp``),
+    with the part of a grpc.aio stream call's interface that ``_Stream`` uses."""
 
-    def __init__(self, open_call: Any, method: str) -> None:
+    def __init__(self, sock: socket.socket, method: str, max_bytes: int) -> None:
+        self._sock = sock
+        self._method = method
+        self._max_bytes = max_bytes
+
+    @classmethod
+    async def open(cls, host: str, port: int, method: str, max_bytes: int) -> _TcpCall:
+        """Connect and greet; OSError (or TimeoutError) when the data plane cannot be reached."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            tcp.tune(sock)
+            await loop.sock_connect(sock, addr)
+            code = tcp.METHOD_PUSH if method == "PushGradient" else tcp.METHOD_PULL
+            await tcp.send_parts(sock, [tcp.hello(code)])
+            answer = bytearray(tcp.HELLO.size)
+            await tcp.recv_exact(sock, memoryview(answer))
+            if bytes(answer) != tcp.hello(code):
+                raise ConnectionError(f"{host}:{port} is not a paramserver data plane of this version")
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, method, max_bytes)
+
+    async def write(self, parts: Sequence[wire.Part]) -> None:
+        try:
+            await tcp.send_parts(self._sock, [tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, wire.parts_len(parts)), *parts])
+        except OSError:
+            # The server ended the stream (an error answer, or it is gone) while we were still
+            # writing: what it said, if anything, is what the next read returns.
+            raise _WriteFailed from None
+
+    async def read(self) -> memoryview:
+        try:
+            kind, status, body = await tcp.read_frame(self._sock, self._max_bytes)
+        except (OSError, ValueError) as exc:
+            raise PsClientError(grpc.StatusCode.UNAVAILABLE, f"the data plane connection broke ({exc})",
+                                self._method) from None
+        if kind == tcp.STATUS:
+            code = _STATUS_BY_VALUE.get(status, grpc.StatusCode.UNKNOWN)
+            raise PsClientError(code, bytes(body).decode("utf-8", "replace"), self._method)
+        return body
+
+    def cancel(self) -> None:
+        self._sock.close()
+
+
+class _WriteFailed(Exception):
+    pass
+
+
+_STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class _Stream:
+    """One long-lived bidirectional stream that carries one operation at a time. ``open_call``
+    opens it (a grpc.aio stream call, or a ``_TcpCall``); requests are lists of message parts."""
+
+    def __init__(self, open_call: Callable[[], Awaitable[Any]], method: str) -> None:
         self._open_call = open_call
         self._method = method
         self._call: Any = None
@@ -157,15 +242,15 @@ class _Stream:
 
         Each response goes through ``decode`` (the stream's calls pass bytes through)."""
         async with self._lock:
-            if self._call is None:
-                self._call = self._open_call()
-            call = self._call
             try:
                 async with asyncio.timeout(timeout):
+                    if self._call is None:
+                        self._call = await self._open_call()
+                    call = self._call
                     for req in requests:
                         try:
                             await call.write(req)
-                        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, _WriteFailed):
                             # The server ended the call (an error answer, or it is gone) while we
                             # were still writing: its status is what the next read raises.
                             break
@@ -210,9 +295,14 @@ class PsClient:
         chunk_bytes: int = 1 << 20,
         max_message_bytes: int = 64 << 20,
         security: Security | None = None,
+        data_plane: bool = True,
     ) -> None:
-        """Raises ValueError when ``security`` cannot work (unreadable files, token in clear)."""
+        """Raises ValueError when ``security`` cannot work (unreadable files, token in clear).
+
+        ``data_plane``: push and pull over the server's TCP data plane when ``join`` learns of
+        one (not with TLS or a token); if it cannot be reached, over gRPC, retrying it later."""
         self.address = address
+        self.max_message_bytes = max_message_bytes
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         sec = security or Security()
@@ -232,12 +322,46 @@ class PsClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         # The data plane's own streams pass bytes through: messages are coded by paramserver.v1.wire
         # (the same wire bytes as the generated stub's, without building protobuf objects).
-        push_call = self._channel.stream_stream(
-            "/paramserver.v1.ParameterService/PushGradient", request_serializer=None, response_deserializer=None)
-        pull_call = self._channel.stream_stream(
-            "/paramserver.v1.ParameterService/PullParams", request_serializer=None, response_deserializer=None)
-        self._push = _Stream(partial(push_call, metadata=self._metadata), "PushGradient")
-        self._pull = _Stream(partial(pull_call, metadata=self._metadata), "PullParams")
+        self._grpc_calls = {
+            method: partial(self._channel.stream_stream(
+                f"/paramserver.v1.ParameterService/{method}", request_serializer=wire.join, response_deserializer=None,
+            ), metadata=self._metadata)
+            for method in ("PushGradient", "PullParams")
+        }
+        self._tcp_host = dial_host(address) if data_plane and not sec.tls and not sec.token else None
+        self.data_port = 0
+        """The server's TCP data plane port, as the last ``join`` told (0: gRPC only)."""
+        self._tcp_retry_at = 0.0
+        self._tcp_backoff = _TCP_RETRY_SECONDS[0]
+        self.streams_opened = {"tcp": 0, "grpc": 0, "tcp_unreachable": 0}
+        """Data-plane streams opened so far: over TCP, over gRPC, and how many of the gRPC ones
+        because the TCP data plane could not be reached."""
+        self._push = _Stream(partial(self._open, "PushGradient"), "PushGradient")
+        self._pull = _Stream(partial(self._open, "PullParams"), "PullParams")
+
+    @property
+    def transport(self) -> str:
+        """What the next push or pull goes over: ``tcp`` or ``grpc``."""
+        usable = self._tcp_host and self.data_port and time.monotonic() >= self._tcp_retry_at
+        return "tcp" if usable else "grpc"
+
+    async def _open(self, method: str) -> Any:
+        if self.transport == "tcp":
+            assert self._tcp_host is not None
+            try:
+                async with asyncio.timeout(min(self.timeout, 3.0)):
+                    call = await _TcpCall.open(self._tcp_host, self.data_port, method, self.max_message_bytes)
+                self.streams_opened["tcp"] += 1
+                self._tcp_backoff = _TCP_RETRY_SECONDS[0]
+                return call
+            except (OSError, TimeoutError) as exc:
+                self._tcp_retry_at = time.monotonic() + self._tcp_backoff
+                self.streams_opened["tcp_unreachable"] += 1
+                log.warning("TCP data plane at %s:%d unreachable (%s); using gRPC, trying again in %.0fs",
+                            self._tcp_host, self.data_port, exc or type(exc).__name__, self._tcp_backoff)
+                self._tcp_backoff = min(2 * self._tcp_backoff, _TCP_RETRY_SECONDS[1])
+        self.streams_opened["grpc"] += 1
+        return self._grpc_calls[method]()
 
     async def __aenter__(self) -> PsClient:
         return self
@@ -312,7 +436,13 @@ class PsClient:
     # -------------------------------------------------------------------------- workers
     async def join(self, worker_name: str, run_id: str = "", max_wait: float = 10.0) -> pb.JoinResponse:
         req = pb.JoinRequest(worker_name=worker_name, run_id=run_id, max_wait=_duration(max_wait))
-        return await self._unary(self.workers.Join, req, timeout=max_wait + self.timeout)
+        resp = await self._unary(self.workers.Join, req, timeout=max_wait + self.timeout)
+        if resp.HasField("assignment") and resp.data_port != self.data_port:
+            self.data_port = resp.data_port  # a restarted server may have another port
+            self._tcp_retry_at = 0.0
+            self._push.close()
+            self._pull.close()
+        return resp
 
     async def heartbeat(self, run_id: str, rank: int, incarnation: int, clock: int) -> pb.HeartbeatResponse:
         req = pb.HeartbeatRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock)
@@ -378,12 +508,12 @@ class PsClient:
         return ack, sink.result(responses[-1].pulled or wire.ParamsResponse())
 
     def _push_requests(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, np.ndarray],
-                       loss: float, then: pb.PullParamsRequest | None) -> Iterator[bytes]:
-        """Serialized PushGradientRequests, encoded lazily (sending overlaps encoding)."""
+                       loss: float, then: pb.PullParamsRequest | None) -> Iterator[list[wire.Part]]:
+        """PushGradientRequests as parts (joined for gRPC), encoded lazily (sending overlaps encoding)."""
         first = True
         for group, last in with_last(wire.chunk_groups(grads, self.chunk_bytes)):
-            yield wire.encode_push_request(run_id, rank, incarnation, clock, group, last, loss,
-                                           then if first else None)
+            yield wire.push_request_parts(run_id, rank, incarnation, clock, group, last, loss,
+                                          then if first else None)
             first = False
 
     async def pull(
@@ -409,7 +539,7 @@ class PsClient:
             run_id=run_id, rank=rank, incarnation=incarnation, clock=clock, names=names, max_wait=_duration(wait)
         )
         sink = _Sink(into)
-        responses = await self._pull.exchange([req.SerializeToString()], timeout or (wait + self.timeout),
+        responses = await self._pull.exchange([[req.SerializeToString()]], timeout or (wait + self.timeout),
                                               until_final=True, decode=sink.params_response)
         return sink.result(responses[-1])
 
@@ -451,10 +581,10 @@ class _Sink:
         resp.tensors = []  # the views pinned the message
         return resp
 
-    def params_response(self, raw: bytes) -> wire.ParamsResponse:
+    def params_response(self, raw: bytes | memoryview) -> wire.ParamsResponse:
         return self.params(wire.decode_params_response(raw))
 
-    def push_response(self, raw: bytes) -> wire.PushResponse:
+    def push_response(self, raw: bytes | memoryview) -> wire.PushResponse:
         resp = wire.decode_push_response(raw)
         if resp.pulled is not None:
             self.params(resp.pulled)

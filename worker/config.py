@@ -33,6 +33,8 @@ class WorkerConfig:
     slowdown: float = opt(1.0, "Straggler injection: make every iteration this many times slower.")
     report_seconds: float = opt(0.5, "How often training metrics are reported to the server.")
     max_message_bytes: int = opt(64 << 20, "Largest gRPC message sent or received.")
+    data_plane: bool = opt(True, "Push and pull over the server's TCP data plane when it offers one (else gRPC); "
+                           "--no-data-plane: gRPC only.")
     tls_ca: str = opt("", "CA (PEM) to verify the server's certificate; turns TLS on.")
     tls_cert: str = opt("", "Client certificate (PEM) for mutual TLS.")
     tls_key: str = opt("", "Client private key (PEM) for mutual TLS.")

@@ -42,7 +42,7 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
     delay = 0.1
     idle_since = time.monotonic()
     async with PsClient(config.server, timeout=config.timeout_seconds, max_message_bytes=config.max_message_bytes,
-                        security=config.security()) as client:
+                        security=config.security(), data_plane=config.data_plane) as client:
         while not stop.is_set():
             if config.idle_exit_seconds and time.monotonic() - idle_since > config.idle_exit_seconds:
                 log.info("no work for %.0fs: exiting", config.idle_exit_seconds)

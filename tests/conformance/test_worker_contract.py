@@ -121,7 +121,8 @@ async def test_a_retried_push_is_applied_once(impl: Impl) -> None:
     acknowledges a duplicate, and every push is applied exactly once."""
     iterations = 15
     spec = run_spec(workers=2, staleness="1", iterations=iterations)
-    with ps_server() as srv:
+    # The proxy speaks gRPC: the server offers no TCP data plane, which would bypass it.
+    with ps_server("--data-port", "-1") as srv:
         async with FaultProxy(srv.address, drop_push_clock=3) as proxy, connect(srv.address) as c:
             run = await c.create_run(spec)
             workers = impl.start_many(proxy.address, 2, "--timeout-seconds", "10")

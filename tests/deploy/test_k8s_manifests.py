@@ -96,6 +96,12 @@ def test_workers_reach_the_server_through_its_service() -> None:
     service = next(d for d in _documents() if d["kind"] == "Service" and d["metadata"]["name"] == host)
     assert int(port) in [p["port"] for p in service["spec"]["ports"]]
     assert service["spec"].get("clusterIP") != "None", "workers should use the ClusterIP service"
+    # The TCP data plane: workers dial the service's host at the port Join tells, so the server's
+    # data port must be fixed and exposed by the same service under the same number.
+    server = _one("StatefulSet", "server")["spec"]["template"]["spec"]["containers"][0]
+    data_port = int({e["name"]: e.get("value") for e in server["env"]}["PS_DATA_PORT"])
+    assert {"name": "data", "containerPort": data_port} in server["ports"]
+    assert {"name": "data", "port": data_port, "targetPort": "data"} in service["spec"]["ports"]
     assert container["image"] == _one("StatefulSet", "server")["spec"]["template"]["spec"]["containers"][0]["image"]
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     # the worker's selector must not also select the server's pods (and the other way round)

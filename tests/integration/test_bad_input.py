@@ -584,3 +584,12 @@ async def test_random_push_requests_never_internal(client: PsClient, plan: dict[
     assert after.params == before.params, f"a push rejected with {code.name} changed the parameters"
     assert after.workers() == before.workers()
     assert after.run.counters.pushes_applied == before.run.counters.pushes_applied
+
+
+async def test_join_with_max_wait_zero_answers_at_once_when_there_is_no_work(server: PsServer, client: PsClient) -> None:
+    """JoinRequest.max_wait 0 means "answer at once" (it used to mean the server's limit, 10 s here)."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    resp = await client.join("idle", max_wait=0)
+    assert not resp.HasField("assignment") and resp.server_generation
+    assert loop.time() - t0 < server.config.max_wait_seconds / 2

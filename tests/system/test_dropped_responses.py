@@ -22,7 +22,9 @@ pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 async def test_dropped_answers_are_retried_and_applied_exactly_once() -> None:
     spec = build_run_spec(LaunchOptions(model="mlp:16", dataset="digits", workers=3, staleness="0", lr=0.1,
                                         iterations=40, batch_size=16, seed=11))
-    with ps_server("--port", "0") as (_, addr):
+    # The proxy speaks gRPC: the server offers no TCP data plane, which would bypass it
+    # (test_tcp_plane.py drops answers on the TCP data plane).
+    with ps_server("--port", "0", "--data-port", "-1") as (_, addr):
         async with FaultProxy(addr, drop_rate=0.15, seed=7) as proxy:
             async with connect(addr) as c:
                 run = await c.create_run(spec)

@@ -537,12 +537,14 @@ class Assignment(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., spec: _Optional[_Union[RunSpec, _Mapping]] = ..., start_clock: _Optional[int] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("assignment", "server_generation")
+    __slots__ = ("assignment", "server_generation", "data_port")
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     SERVER_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     assignment: Assignment
     server_generation: str
-    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., server_generation: _Optional[str] = ...) -> None: ...
+    data_port: int
+    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., server_generation: _Optional[str] = ..., data_port: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("run_id", "rank", "incarnation", "clock")

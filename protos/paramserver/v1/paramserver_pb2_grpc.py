@@ -89,6 +89,9 @@ class ParameterServiceServicer:
         parameters: it waits until every live rank finished. Like PushGradient the stream may carry
         many pulls in turn. A request with incarnation 0 is an
         observer's read (psctl export): it never waits and serves the current parameters.
+        The parameters are read as they are sent: a push applied meanwhile may show in the later
+        chunks (on the TCP data plane, also within a message). A pull always holds every update it
+        guarantees, maybe newer ones; never half of one step on an element.
         Errors end the stream:
         NOT_FOUND           unknown run;
         INVALID_ARGUMENT    unknown tensor name, rank out of range;

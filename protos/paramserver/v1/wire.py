@@ -37,6 +37,7 @@ __all__ = [
     "PushRequest",
     "Group",
     "ParamsParts",
+    "Part",
     "PushResponse",
     "chunk_groups",
     "decode_params_response",
@@ -46,6 +47,11 @@ __all__ = [
     "encode_params_response",
     "encode_push_request",
     "encode_push_response",
+    "join",
+    "params_response_parts",
+    "parts_len",
+    "push_request_parts",
+    "push_response_parts",
     "varint",
 ]
 
@@ -281,7 +287,7 @@ def _repeated_chunks(tag: bytes, group: Group, at: int | None = None) -> list[Pa
         return parts
     for name, shape, offset, data in group:
         body = encode_chunk(name, shape, offset, data)
-        size = _parts_len(body)
+        size = parts_len(body)
         if len(body) == 2:
             head = len(body[0])
             for pad in _PADS:
@@ -297,8 +303,14 @@ def _repeated_chunks(tag: bytes, group: Group, at: int | None = None) -> list[Pa
     return parts
 
 
-def _parts_len(parts: Sequence[Part]) -> int:
+def parts_len(parts: Sequence[Part]) -> int:
+    """The byte length of the message ``parts`` make up."""
     return sum(p.nbytes if isinstance(p, memoryview) else len(p) for p in parts)
+
+
+def join(parts: Sequence[Part]) -> bytes:
+    """One message from its parts: the serializer of the gRPC data-plane streams (one copy)."""
+    return b"".join(parts)
 
 
 def _encode_loss(loss: float) -> bytes:
@@ -317,6 +329,20 @@ def encode_push_request(
     then_pull: pb.PullParamsRequest | None = None,
 ) -> bytes:
     """A serialized ``PushGradientRequest`` whose ``tensors`` are the chunks of ``group``."""
+    return b"".join(push_request_parts(run_id, rank, incarnation, clock, group, final, loss, then_pull))
+
+
+def push_request_parts(
+    run_id: str,
+    rank: int,
+    incarnation: int,
+    clock: int,
+    group: Group,
+    final: bool,
+    loss: float = 0.0,
+    then_pull: pb.PullParamsRequest | None = None,
+) -> list[Part]:
+    """``encode_push_request`` as parts to write in order (the data are views, not copies)."""
     head = bytearray()
     if run_id:
         rb = run_id.encode("utf-8")
@@ -335,13 +361,14 @@ def encode_push_request(
         sub = then_pull.SerializeToString()
         tail += b"\x42" + varint(len(sub)) + sub
     at = len(head) if _payload(group) > SMALL_MESSAGE else None  # small ones: nothing worth aligning
-    return b"".join([bytes(head), *_repeated_chunks(b"\x2a", group, at), bytes(tail)])
+    return [bytes(head), *_repeated_chunks(b"\x2a", group, at), bytes(tail)]
 
 
-def _params_parts(
+def params_response_parts(
     guaranteed_clock: int, version: int, group: Group,
     final: bool, run_state: int,
 ) -> list[Part]:
+    """``encode_params_response`` as parts to write in order (the data are views, not copies)."""
     head = bytearray()
     if guaranteed_clock:
         head += b"\x08" + varint(guaranteed_clock)
@@ -360,7 +387,7 @@ def encode_params_response(
     final: bool, run_state: int,
 ) -> bytes:
     """A serialized ``PullParamsResponse``."""
-    return b"".join(_params_parts(guaranteed_clock, version, group, final, run_state))
+    return b"".join(params_response_parts(guaranteed_clock, version, group, final, run_state))
 
 
 def encode_push_response(
@@ -371,6 +398,17 @@ def encode_push_response(
     pulled: ParamsParts | None = None,
 ) -> bytes:
     """A serialized ``PushGradientResponse``; ``pulled`` = the arguments of encode_params_response."""
+    return b"".join(push_response_parts(clock, duplicate, min_clock, run_state, pulled))
+
+
+def push_response_parts(
+    clock: int = 0,
+    duplicate: bool = False,
+    min_clock: int = 0,
+    run_state: int = 0,
+    pulled: ParamsParts | None = None,
+) -> list[Part]:
+    """``encode_push_response`` as parts to write in order (the data are views, not copies)."""
     head = bytearray()
     if clock:
         head += b"\x08" + varint(clock)
@@ -381,10 +419,10 @@ def encode_push_response(
     if run_state:
         head += b"\x20" + varint(run_state)
     if pulled is None:
-        return bytes(head)
-    parts = _params_parts(*pulled)
-    head += b"\x2a" + varint(_parts_len(parts))
-    return b"".join([bytes(head), *parts])
+        return [bytes(head)]
+    parts = params_response_parts(*pulled)
+    head += b"\x2a" + varint(parts_len(parts))
+    return [bytes(head), *parts]
 
 
 # ----------------------------------------------------------------------------------- decoding

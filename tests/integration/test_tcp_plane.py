@@ -1,0 +1,248 @@
+"""The TCP data plane (paramserver.v1.tcp): used once a join tells its port, off when asked or when
+the server requires a token, gRPC when it cannot be reached, and the framing's own errors.
+
+The PushGradient / PullParams semantics over it (exactly-once, SSP, bad input, big models) are
+tested by the data-plane and bad-input suites, which run every test over both transports
+(``client`` fixture in conftest.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import struct
+
+import grpc
+import numpy as np
+import pytest
+from support import make_spec
+
+from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1 import tcp
+from ps_server.config import ServerConfig
+from ps_server.server import PsServer, start_server
+from worker.client import PsClient, PsClientError, dial_host
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def _raw(port: int, first: bytes) -> tuple[socket.socket, asyncio.AbstractEventLoop]:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, first)
+    return sock, loop
+
+
+async def _status(sock: socket.socket) -> tuple[grpc.StatusCode, str]:
+    """Read frames until the STATUS frame; then the server must close the connection."""
+    while True:
+        kind, status, body = await tcp.read_frame(sock, 1 << 20)
+        if kind == tcp.STATUS:
+            break
+    loop = asyncio.get_running_loop()
+    assert await asyncio.wait_for(loop.sock_recv(sock, 1), 5) == b""  # closed after the status
+    return {c.value[0]: c for c in grpc.StatusCode}[status], bytes(body).decode()
+
+
+async def test_pushes_and_pulls_go_over_tcp_once_join_tells_the_port(server: PsServer) -> None:
+    assert server.data_plane is not None
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+        run = await c.create_run(make_spec(shapes={"w": (300, 1000)}, num_workers=1, staleness=-1, lr=1.0,
+                                           init=pb.INITIALIZER_ZEROS))
+        assert c.transport == "grpc"  # nothing known yet
+        a = (await c.join("w", run.run_id)).assignment
+        assert c.data_port == server.data_plane.port and c.transport == "tcp"
+        g = np.arange(300_000, dtype=np.float32).reshape(300, 1000)  # > 1 MiB: several messages
+        ack = await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": g})
+        assert ack.clock == 1 and not ack.duplicate
+        dup = await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": g})
+        assert dup.duplicate
+        pulled = await c.pull(run.run_id, a.rank, a.incarnation, 1)
+        np.testing.assert_array_equal(pulled.tensors["w"], -g)
+        _, both = await c.push_pull(run.run_id, a.rank, a.incarnation, 1, {"w": g})
+        np.testing.assert_array_equal(both.tensors["w"], -2 * g)
+        assert c.streams_opened == {"tcp": 2, "grpc": 0, "tcp_unreachable": 0}
+        assert server.data_plane.connections == 2
+
+
+async def test_a_bad_push_over_tcp_gets_its_status_and_the_next_push_reconnects(server: PsServer) -> None:
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+        run = await c.create_run(make_spec(shapes={"w": (600, 1000)}, num_workers=1, staleness=-1))
+        a = (await c.join("w", run.run_id)).assignment
+        bad = np.zeros((600, 1000), np.float32)
+        bad[599, 999] = np.nan  # in the push's last message: the server has read the rest first
+        with pytest.raises(PsClientError) as err:
+            await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": bad})
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in err.value.details
+        assert (await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": np.ones_like(bad)})).clock == 1
+        assert c.streams_opened["tcp"] == 2 and c.streams_opened["grpc"] == 0
+
+
+async def test_an_unreachable_data_plane_falls_back_to_grpc(server: PsServer) -> None:
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+        run = await c.create_run(make_spec(num_workers=1, staleness=-1))
+        a = (await c.join("w", run.run_id)).assignment
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        c.data_port = closed.getsockname()[1]  # bound, not listening: connections are refused
+        try:
+            p = await c.pull(run.run_id, a.rank, a.incarnation, 0)
+            await c.push(run.run_id, a.rank, a.incarnation, 0, {n: np.ones_like(v) for n, v in p.tensors.items()})
+        finally:
+            closed.close()
+        # The first stream tried TCP; the second did not try again (for a while, then it will).
+        assert c.streams_opened == {"tcp": 0, "grpc": 2, "tcp_unreachable": 1}
+        assert c.transport == "grpc"
+
+
+async def test_data_port_minus_one_and_a_token_turn_the_data_plane_off(server_config: ServerConfig, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    off = await start_server(dataclasses.replace(server_config, data_port=-1))
+    try:
+        assert off.data_plane is None
+        async with PsClient(f"127.0.0.1:{off.port}", timeout=10) as c:
+            run = await c.create_run(make_spec(num_workers=1, staleness=-1))
+            resp = await c.join("w", run.run_id)
+            assert resp.data_port == 0 and c.transport == "grpc"
+            await c.pull(run.run_id, resp.assignment.rank, resp.assignment.incarnation, 0)
+            assert c.streams_opened == {"tcp": 0, "grpc": 1, "tcp_unreachable": 0}
+    finally:
+        await off.stop(0)
+    secret = tmp_path / "token"
+    secret.write_text("s3cret\n")
+    guarded = await start_server(dataclasses.replace(server_config, token_file=str(secret), insecure=True))
+    try:
+        assert guarded.data_plane is None  # the framing carries no token: it would bypass it
+    finally:
+        await guarded.stop(0)
+
+
+async def test_a_client_that_goes_away_frees_its_parked_pull(server: PsServer) -> None:
+    c = PsClient(f"127.0.0.1:{server.port}", timeout=10)
+    run = await c.create_run(make_spec(num_workers=2, staleness=0))
+    a = (await c.join("a", run.run_id)).assignment
+    await c.join("b", run.run_id)
+    parked = asyncio.create_task(c.pull(run.run_id, a.rank, a.incarnation, 1, max_wait=30))
+    core = server.registry.get(run.run_id)
+    await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)})
+    for _ in range(100):
+        if core.counters.pulls_parked:
+            break
+        await asyncio.sleep(0.02)
+    assert core.counters.pulls_parked == 1 and "rank 1" in core.waiting_for()
+    parked.cancel()
+    await c.close()  # the connection closes: the server cancels the parked pull, as gRPC would
+    for _ in range(100):
+        if core.counters.parked_seconds:
+            break
+        await asyncio.sleep(0.02)
+    assert 0 < core.counters.parked_seconds < 5
+    assert server.registry.busy == 0
+
+
+async def test_framing_errors_end_the_stream_with_a_status(server: PsServer) -> None:
+    assert server.data_plane is not None
+    port = server.data_plane.port
+    sock, _ = await _raw(port, b"GET / HTTP/1.1\r\n\r\n")
+    code, details = await _status(sock)
+    assert code == grpc.StatusCode.UNIMPLEMENTED and "PSDP" in details
+    sock.close()
+
+    sock, _ = await _raw(port, tcp.HELLO.pack(tcp.MAGIC, tcp.VERSION, 9, 0))
+    code, details = await _status(sock)
+    assert code == grpc.StatusCode.UNIMPLEMENTED and "unknown method 9" in details
+    sock.close()
+
+    sock, loop = await _raw(port, tcp.hello(tcp.METHOD_PUSH))
+    echo = await asyncio.wait_for(loop.sock_recv(sock, 8), 5)
+    assert echo == tcp.hello(tcp.METHOD_PUSH)
+    await loop.sock_sendall(sock, tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, server.config.max_message_bytes + 1))
+    code, details = await _status(sock)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit" in details
+    sock.close()
+
+    sock, loop = await _raw(port, tcp.hello(tcp.METHOD_PULL))
+    await asyncio.wait_for(loop.sock_recv(sock, 8), 5)
+    await loop.sock_sendall(sock, tcp.FRAME.pack(7, 0, 0, 0, 0))
+    code, details = await _status(sock)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "kind 7" in details
+    sock.close()
+
+    sock, loop = await _raw(port, tcp.hello(tcp.METHOD_PULL))
+    await asyncio.wait_for(loop.sock_recv(sock, 8), 5)
+    body = pb.PullParamsRequest(run_id="nope").SerializeToString()
+    await loop.sock_sendall(sock, tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, len(body)) + body)
+    code, details = await _status(sock)
+    assert code == grpc.StatusCode.NOT_FOUND and "nope" in details
+    sock.close()
+    assert server.registry.busy == 0
+
+
+def test_dial_host_names_the_host_of_a_grpc_target() -> None:
+    assert dial_host("ps:50051") == "ps"
+    assert dial_host("dns:///ps.example:50051") == "ps.example"
+    assert dial_host("[::1]:50051") == "::1"
+    assert dial_host("127.0.0.1:0") == "127.0.0.1"
+    for target in ("unix:/tmp/ps.sock", "ps", "ipv4:10.0.0.1:50051,10.0.0.2:50051", "::1"):
+        assert dial_host(target) is None, target
+    assert struct.calcsize("<BBHIQ") == tcp.FRAME.size == 16 and tcp.HELLO.size == 8
+
+
+class _DropFirstAnswer:
+    """A TCP proxy in front of the data plane that forwards everything, except that on its first
+    connection it closes both sides as soon as the server starts answering: a push that reached
+    the server, whose acknowledgement is lost."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.connections = 0
+        self.dropped = 0
+
+    async def __aenter__(self) -> int:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+
+    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        first = self.connections == 1
+        sr, sw = await asyncio.open_connection("127.0.0.1", self.upstream)
+
+        async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter, answers: bool) -> None:
+            seen = 0
+            while data := await r.read(1 << 16):
+                seen += len(data)
+                if first and answers and seen > tcp.HELLO.size:  # past the hello: the answer
+                    self.dropped += 1
+                    cw.close()
+                    sw.close()
+                    return
+                w.write(data)
+                await w.drain()
+            w.close()
+
+        await asyncio.gather(pump(cr, sw, False), pump(sr, cw, True), return_exceptions=True)
+
+
+async def test_a_push_whose_answer_is_lost_on_tcp_is_retried_and_applied_once(server: PsServer) -> None:
+    assert server.data_plane is not None
+    async with _DropFirstAnswer(server.data_plane.port) as proxy_port, \
+            PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+        run = await c.create_run(make_spec(shapes={"w": (4,)}, num_workers=1, staleness=-1, lr=1.0,
+                                           init=pb.INITIALIZER_ZEROS))
+        a = (await c.join("w", run.run_id)).assignment
+        c.data_port = proxy_port
+        g = {"w": np.array([1, 2, 3, 4], np.float32)}
+        with pytest.raises(PsClientError) as err:
+            await c.push(run.run_id, a.rank, a.incarnation, 0, g)
+        assert err.value.retryable, err.value
+        ack = await c.push(run.run_id, a.rank, a.incarnation, 0, g)  # the retry: a new connection
+        assert ack.duplicate and ack.clock == 1
+        pulled = await c.pull(run.run_id, a.rank, a.incarnation, 1)
+        np.testing.assert_array_equal(pulled.tensors["w"], -g["w"])
+        core = server.registry.get(run.run_id)
+        assert core.counters.pushes_applied == 1 and core.counters.pushes_duplicate == 1
+        assert c.streams_opened["tcp"] == 3 and c.streams_opened["grpc"] == 0
