@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 
 from .registry import RunRegistry
 from .slots import PushSlots
+from .tcp_plane import TcpDataPlane
 
 __all__ = ["RunCollector", "serve_metrics"]
 
@@ -33,9 +34,11 @@ _COUNTERS = {
 
 
 class RunCollector(Collector):
-    def __init__(self, registry: RunRegistry, slots: PushSlots | None = None) -> None:
+    def __init__(self, registry: RunRegistry, slots: PushSlots | None = None,
+                 data_plane: TcpDataPlane | None = None) -> None:
         self._registry = registry
         self._slots = slots
+        self._data_plane = data_plane
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         statuses = [run.status() for run in self._registry.runs()]
@@ -58,11 +61,17 @@ class RunCollector(Collector):
         if self._slots is not None:
             yield CounterMetricFamily("paramserver_push_slot_lends", "Times a push stalled mid-stream and lent its "
                                       "receive slot (--push-slots) to another", value=self._slots.lent)
+        if self._data_plane is not None:
+            yield CounterMetricFamily("paramserver_data_plane_connections", "Streams opened on the TCP data plane",
+                                      value=self._data_plane.connections)
+            yield GaugeMetricFamily("paramserver_data_plane_open", "TCP data plane streams open now",
+                                    value=self._data_plane.open)
 
 
-def serve_metrics(registry: RunRegistry, host: str, port: int, slots: PushSlots | None = None) -> int:
+def serve_metrics(registry: RunRegistry, host: str, port: int, slots: PushSlots | None = None,
+                  data_plane: TcpDataPlane | None = None) -> int:
     """Serve /metrics over HTTP on a daemon thread; return the bound port."""
     reg = CollectorRegistry()
-    reg.register(RunCollector(registry, slots))
+    reg.register(RunCollector(registry, slots, data_plane))
     server, _thread = start_http_server(port, addr=host, registry=reg)
     return int(server.server_port)

@@ -171,7 +171,7 @@ async def start_server(config: ServerConfig) -> PsServer:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     ps = PsServer(server, port, registry, config, health_servicer, push_slots, checkpointer, data_plane)
     if config.metrics_port >= 0:
-        ps.metrics_port = serve_metrics(registry, config.host, config.metrics_port, push_slots)
+        ps.metrics_port = serve_metrics(registry, config.host, config.metrics_port, push_slots, data_plane)
     ps._tasks.append(asyncio.create_task(_sweep_leases(registry, config)))
     return ps
 

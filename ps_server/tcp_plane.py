@@ -66,6 +66,8 @@ class TcpDataPlane:
         self.port = 0
         self.connections = 0
         """Connections accepted so far (a figure for tests and metrics)."""
+        self.open = 0
+        """Connections open now."""
 
     async def start(self, host: str, port: int) -> int:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -113,6 +115,7 @@ class TcpDataPlane:
 
     async def _serve(self, conn: socket.socket) -> None:
         reader: asyncio.Task[None] | None = None
+        self.open += 1
         try:
             try:
                 method = await asyncio.wait_for(self._hello(conn), _HELLO_SECONDS)
@@ -150,6 +153,7 @@ class TcpDataPlane:
             if reader is not None:
                 reader.cancel()
             conn.close()
+            self.open -= 1
 
     async def _hello(self, conn: socket.socket) -> int:
         buf = bytearray(tcp.HELLO.size)
