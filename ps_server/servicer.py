@@ -334,7 +334,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self._registry = registry
         self._config = config
         self.data_port = 0
-        """The TCP data plane's port, told to joining workers (0: none)."""
+        """The TCP data plane's port, told to workers at Join and Heartbeat (0: none)."""
 
     def _assignment(self, a: Assignment) -> pb.Assignment:
         hb = pb.Assignment(
@@ -375,7 +375,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             await _abort(context, exc)
         return pb.HeartbeatResponse(
             run_state=codec.run_state_to_proto(state), min_clock=run.min_clock,
-            server_generation=self._registry.generation, clock=clock,
+            server_generation=self._registry.generation, clock=clock, data_port=self.data_port,
         )
 
     async def ReportMetrics(

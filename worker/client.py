@@ -437,16 +437,23 @@ class PsClient:
     async def join(self, worker_name: str, run_id: str = "", max_wait: float = 10.0) -> pb.JoinResponse:
         req = pb.JoinRequest(worker_name=worker_name, run_id=run_id, max_wait=_duration(max_wait))
         resp = await self._unary(self.workers.Join, req, timeout=max_wait + self.timeout)
-        if resp.HasField("assignment") and resp.data_port != self.data_port:
-            self.data_port = resp.data_port  # a restarted server may have another port
+        if resp.HasField("assignment"):
+            self._data_port_is(resp.data_port)
+        return resp
+
+    def _data_port_is(self, port: int) -> None:
+        """What the server says its data plane port is (a restarted server may have another)."""
+        if port != self.data_port:
+            self.data_port = port
             self._tcp_retry_at = 0.0
             self._push.close()
             self._pull.close()
-        return resp
 
     async def heartbeat(self, run_id: str, rank: int, incarnation: int, clock: int) -> pb.HeartbeatResponse:
         req = pb.HeartbeatRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock)
-        return await self._unary(self.workers.Heartbeat, req)
+        resp = await self._unary(self.workers.Heartbeat, req)
+        self._data_port_is(resp.data_port)
+        return resp
 
     async def report_metrics(
         self, run_id: str, rank: int, incarnation: int, points: Sequence[pb.MetricPoint], pulls_skipped: int

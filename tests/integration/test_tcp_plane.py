@@ -95,6 +95,11 @@ async def test_an_unreachable_data_plane_falls_back_to_grpc(server: PsServer) ->
         # The first stream tried TCP; the second did not try again (for a while, then it will).
         assert c.streams_opened == {"tcp": 0, "grpc": 2, "tcp_unreachable": 1}
         assert c.transport == "grpc"
+        # A heartbeat tells the port again (as after a server restart): TCP from the next stream.
+        hb = await c.heartbeat(run.run_id, a.rank, a.incarnation, 1)
+        assert hb.data_port == c.data_port == server.data_plane.port and c.transport == "tcp"  # type: ignore[union-attr]
+        await c.pull(run.run_id, a.rank, a.incarnation, 1)
+        assert c.streams_opened["tcp"] == 1
 
 
 async def test_data_port_minus_one_and_a_token_turn_the_data_plane_off(server_config: ServerConfig, tmp_path) -> None:  # type: ignore[no-untyped-def]

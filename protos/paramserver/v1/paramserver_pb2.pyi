@@ -559,16 +559,18 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("run_state", "min_clock", "server_generation", "clock")
+    __slots__ = ("run_state", "min_clock", "server_generation", "clock", "data_port")
     RUN_STATE_FIELD_NUMBER: _ClassVar[int]
     MIN_CLOCK_FIELD_NUMBER: _ClassVar[int]
     SERVER_GENERATION_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     run_state: RunState
     min_clock: int
     server_generation: str
     clock: int
-    def __init__(self, run_state: _Optional[_Union[RunState, str]] = ..., min_clock: _Optional[int] = ..., server_generation: _Optional[str] = ..., clock: _Optional[int] = ...) -> None: ...
+    data_port: int
+    def __init__(self, run_state: _Optional[_Union[RunState, str]] = ..., min_clock: _Optional[int] = ..., server_generation: _Optional[str] = ..., clock: _Optional[int] = ..., data_port: _Optional[int] = ...) -> None: ...
 
 class ReportMetricsRequest(_message.Message):
     __slots__ = ("run_id", "rank", "incarnation", "points", "pulls_skipped")

@@ -21,8 +21,8 @@ Version 1 of the framing (integers little-endian):
   applied, as when a gRPC call is cancelled. There are no deadlines on the wire: the client
   bounds each operation itself, and closes the connection when one runs out.
 
-The server advertises the port in ``JoinResponse.data_port`` (0 = no TCP data plane, e.g. when
-it requires TLS or a token, which this framing does not carry).
+The server advertises the port in ``JoinResponse.data_port`` and ``HeartbeatResponse.data_port``
+(0 = no TCP data plane, e.g. when it requires TLS or a token, which this framing does not carry).
 """
 
 from __future__ import annotations
