@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Reversible
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Reversible
 from functools import partial
 from typing import NoReturn, TypeVar
 
@@ -78,7 +78,7 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
 
     async def PushGradient(
         self, request_iterator: AsyncIterator[bytes | memoryview], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[list[wire.Part]]:
+    ) -> AsyncGenerator[list[wire.Part], None]:
         """Serialized ``PushGradientRequest``s in, ``PushGradientResponse``s out as ``wire`` parts
         (joined by gRPC's serializer, or written as they are by the TCP data plane)."""
         assembler: codec.TensorAssembler | None = None
@@ -176,7 +176,7 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
 
     async def PullParams(
         self, request_iterator: AsyncIterator[bytes | memoryview], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[list[wire.Part]]:
+    ) -> AsyncGenerator[list[wire.Part], None]:
         """Serialized ``PullParamsRequest``s in, ``PullParamsResponse``s out as ``wire`` parts."""
         async for raw in request_iterator:
             req = await _decode(pb.PullParamsRequest.FromString, raw, context)

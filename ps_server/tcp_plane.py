@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import NoReturn
 
 import grpc
@@ -121,7 +121,7 @@ class TcpDataPlane:
                 method = await asyncio.wait_for(self._hello(conn), _HELLO_SECONDS)
             except (TimeoutError, ConnectionError, OSError):
                 return
-            handler: Callable[..., AsyncIterator[list[wire.Part]]]
+            handler: Callable[..., AsyncGenerator[list[wire.Part], None]]
             if method == tcp.METHOD_PUSH:
                 handler = self._servicer.PushGradient
             elif method == tcp.METHOD_PULL:
@@ -140,13 +140,15 @@ class TcpDataPlane:
             assert me is not None
             reader = asyncio.create_task(self._read(conn, queue, me))
             try:
-                async for parts in handler(self._requests(queue), _Context()):
-                    n = wire.parts_len(parts)
-                    await tcp.send_parts(conn, [tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, n), *parts])
-            except _Aborted as exc:
+                # aclosing: however this ends, the servicer's own clean-up (slot, in-flight count)
+                # runs now, not when the generator is collected.
+                async with contextlib.aclosing(handler(self._requests(queue), _Context())) as responses:
+                    async for parts in responses:
+                        n = wire.parts_len(parts)
+                        await tcp.send_parts(conn, [tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, n), *parts])
+            except (_Aborted, _BadFrame) as exc:
+                await _stopped(reader)  # one reader of the socket at a time: _end reads what is left
                 await self._end(conn, exc.code, exc.details)
-            except _BadFrame as exc:
-                await self._end(conn, exc.code, str(exc))
         except (ConnectionError, OSError):
             pass  # the client went away: nothing to answer
         finally:
@@ -204,7 +206,11 @@ class TcpDataPlane:
                     pass
 
 
-class _BadFrame(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
+class _BadFrame(_Aborted):
+    """A frame the stream cannot go on from, handed to the servicer's request iterator."""
+
+
+async def _stopped(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

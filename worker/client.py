@@ -175,7 +175,8 @@ class _TcpCall:
 
     @classmethod
     async def open(cls, host: str, port: int, method: str, max_bytes: int) -> _TcpCall:
-        """Connect and greet; OSError (or TimeoutError) when the data plane cannot be reached."""
+        """Connect and greet; OSError (or TimeoutError) when the data plane cannot be reached,
+        PsClientError when the server refuses the stream (UNAVAILABLE while it shuts down)."""
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         family, _, _, _, addr = infos[0]
@@ -187,6 +188,14 @@ class _TcpCall:
             await tcp.send_parts(sock, [tcp.hello(code)])
             answer = bytearray(tcp.HELLO.size)
             await tcp.recv_exact(sock, memoryview(answer))
+            if answer[0] == tcp.STATUS and not answer.startswith(tcp.MAGIC):  # refused, e.g. shutting down
+                rest = bytearray(tcp.FRAME.size - tcp.HELLO.size)
+                await tcp.recv_exact(sock, memoryview(rest))
+                _, _, _, status, length = tcp.FRAME.unpack(answer + rest)
+                details = bytearray(min(length, 1 << 16))
+                await tcp.recv_exact(sock, memoryview(details))
+                raise PsClientError(_STATUS_BY_VALUE.get(status, grpc.StatusCode.UNKNOWN),
+                                    details.decode("utf-8", "replace"), method)
             if bytes(answer) != tcp.hello(code):
                 raise ConnectionError(f"{host}:{port} is not a paramserver data plane of this version")
         except BaseException:

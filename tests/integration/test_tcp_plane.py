@@ -251,3 +251,17 @@ async def test_a_push_whose_answer_is_lost_on_tcp_is_retried_and_applied_once(se
         core = server.registry.get(run.run_id)
         assert core.counters.pushes_applied == 1 and core.counters.pushes_duplicate == 1
         assert c.streams_opened["tcp"] == 3 and c.streams_opened["grpc"] == 0
+
+
+async def test_a_server_shutting_down_refuses_new_tcp_streams_with_unavailable(server: PsServer) -> None:
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+        run = await c.create_run(make_spec(num_workers=1, staleness=-1))
+        a = (await c.join("w", run.run_id)).assignment
+        server.registry.shutting_down = True  # as PsServer.stop sets it first
+        with pytest.raises(PsClientError) as err:
+            await c.pull(run.run_id, a.rank, a.incarnation, 0)
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE and err.value.retryable
+        assert "shutting down" in err.value.details
+        # Retryable, not a reason to leave the data plane: the next stream tries TCP again.
+        assert c.streams_opened["tcp_unreachable"] == 0 and c.transport == "tcp"
+        server.registry.shutting_down = False
