@@ -164,8 +164,14 @@ async def start_server(config: ServerConfig) -> PsServer:
         raise OSError(f"could not bind {config.host}:{config.port}: is another server using the port?")
     data_plane = None
     if config.data_port >= 0 and not credentials and not token:  # the framing carries neither
-        data_plane = TcpDataPlane(parameter_servicer, registry, config.max_message_bytes)
-        worker_servicer.data_port = await data_plane.start(config.host, config.data_port)
+        plane = TcpDataPlane(parameter_servicer, registry, config.max_message_bytes)
+        try:
+            worker_servicer.data_port = await plane.start(config.host, config.data_port)
+            data_plane = plane
+        except OSError as exc:
+            if config.data_port:  # asked for: its absence is an error
+                raise
+            log.warning("%s; pushes and pulls go over gRPC only", exc)
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import NoReturn
 
 import grpc
@@ -35,6 +35,10 @@ log = logging.getLogger("ps_server")
 
 _HELLO_SECONDS = 5.0
 _LINGER_SECONDS = 2.0
+_STALL_SECONDS = 30.0
+"""A client that takes none of an answer for this long is dropped (alive, but not reading)."""
+MAX_STREAMS = 1024
+"""Streams open at once; more are refused with UNAVAILABLE (each worker keeps two)."""
 
 
 class _Aborted(Exception):
@@ -70,11 +74,17 @@ class TcpDataPlane:
         """Connections open now."""
 
     async def start(self, host: str, port: int) -> int:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        lsock = socket.socket(family, socket.SOCK_STREAM)
+        """Listen on ``host``:``port`` (0: a free port); OSError when it cannot."""
+        bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host  # "[::1]", as gRPC writes it
+        try:
+            family, kind, proto, _, addr = socket.getaddrinfo(bare or None, port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+        except OSError as exc:
+            raise OSError(f"could not bind the TCP data plane to {host}:{port}: {exc.strerror}") from None
+        lsock = socket.socket(family, kind, proto)
         try:
             lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            lsock.bind((host, port))
+            lsock.bind(addr)
             lsock.listen(64)
             lsock.setblocking(False)
         except OSError as exc:
@@ -114,7 +124,6 @@ class TcpDataPlane:
             self._spawn(self._serve(conn))
 
     async def _serve(self, conn: socket.socket) -> None:
-        reader: asyncio.Task[None] | None = None
         self.open += 1
         try:
             try:
@@ -134,26 +143,26 @@ class TcpDataPlane:
                 await self._end(conn, grpc.StatusCode.UNAVAILABLE,
                                 "the server is shutting down; retry against its replacement")
                 return
-            await tcp.send_parts(conn, [tcp.hello(method)])
-            queue: asyncio.Queue[memoryview | _BadFrame] = asyncio.Queue(maxsize=1)
-            me = asyncio.current_task()
-            assert me is not None
-            reader = asyncio.create_task(self._read(conn, queue, me))
+            if self.open > MAX_STREAMS:
+                await self._end(conn, grpc.StatusCode.UNAVAILABLE,
+                                f"more than {MAX_STREAMS} TCP data plane streams are open; use gRPC or retry")
+                return
+            await tcp.send_parts(conn, [tcp.hello(method)], _STALL_SECONDS)
+            serving = asyncio.current_task()
+            assert serving is not None
             try:
                 # aclosing: however this ends, the servicer's own clean-up (slot, in-flight count)
-                # runs now, not when the generator is collected.
-                async with contextlib.aclosing(handler(self._requests(queue), _Context())) as responses:
+                # and the request reader's (its watch on the socket) run now, in that order.
+                async with contextlib.aclosing(self._requests(conn, serving)) as requests, \
+                        contextlib.aclosing(handler(requests, _Context())) as responses:
                     async for parts in responses:
                         n = wire.parts_len(parts)
-                        await tcp.send_parts(conn, [tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, n), *parts])
-            except (_Aborted, _BadFrame) as exc:
-                await _stopped(reader)  # one reader of the socket at a time: _end reads what is left
+                        await tcp.send_parts(conn, [tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, n), *parts], _STALL_SECONDS)
+            except _Aborted as exc:
                 await self._end(conn, exc.code, exc.details)
         except (ConnectionError, OSError):
-            pass  # the client went away: nothing to answer
+            pass  # the client went away, or stopped reading: nothing to answer
         finally:
-            if reader is not None:
-                reader.cancel()
             conn.close()
             self.open -= 1
 
@@ -167,37 +176,47 @@ class TcpDataPlane:
             raise ConnectionError("bad hello")
         return int(method)
 
-    async def _read(self, conn: socket.socket, queue: asyncio.Queue[memoryview | _BadFrame], serving: asyncio.Task[None]) -> None:
-        """Frames into ``queue`` (one read ahead). A closed connection cancels the stream's
-        handler wherever it is (a parked pull too), as gRPC cancels a call whose client is gone."""
-        try:
-            while True:
-                kind, _, body = await tcp.read_frame(conn, self._max_bytes)
-                if kind != tcp.MESSAGE:
-                    raise ValueError("a client sends MESSAGE frames only")
-                await queue.put(body)
-        except ValueError as exc:  # the stream cannot go on: its handler ends it with this status
-            too_large = isinstance(exc, tcp.FrameTooLarge)
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED if too_large else grpc.StatusCode.INVALID_ARGUMENT
-            await queue.put(_BadFrame(code, str(exc)))
-        except (ConnectionError, OSError):
-            serving.cancel()
+    async def _requests(self, conn: socket.socket, serving: asyncio.Task[None]) -> AsyncGenerator[memoryview, None]:
+        """The stream's requests, each read when the servicer asks for it (so a push waiting for a
+        slot holds nothing more, and the client's sending waits, as HTTP/2 flow control makes it
+        wait on gRPC). While the servicer works on a request (a pull parked for its SSP bound),
+        the socket is watched: a client that closes the connection cancels the handler, as gRPC
+        cancels a call whose client is gone. The stream never ends of itself."""
+        loop = asyncio.get_running_loop()
+        fd = conn.fileno()
 
-    @staticmethod
-    async def _requests(queue: asyncio.Queue[memoryview | _BadFrame]) -> AsyncIterator[memoryview]:
-        """The stream's requests; it never ends of itself (a closed connection cancels the handler)."""
+        def closed() -> None:  # the socket turned readable while nobody reads: data, or the end?
+            try:
+                data = conn.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            loop.remove_reader(fd)  # data: the next read sees it (and any end after it)
+            if not data:
+                serving.cancel()
+
         while True:
-            item = await queue.get()
-            if isinstance(item, _BadFrame):
-                raise item
-            yield item
+            try:
+                kind, _, body = await tcp.read_frame(conn, self._max_bytes)
+            except tcp.FrameTooLarge as exc:
+                raise _BadFrame(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+            except ValueError as exc:  # the stream cannot go on: its handler ends it with this status
+                raise _BadFrame(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            if kind != tcp.MESSAGE:
+                raise _BadFrame(grpc.StatusCode.INVALID_ARGUMENT, "a client sends MESSAGE frames only")
+            loop.add_reader(fd, closed)
+            try:
+                yield body
+            finally:
+                loop.remove_reader(fd)
 
     async def _end(self, conn: socket.socket, code: grpc.StatusCode, details: str) -> None:
         """Send the stream's final status, then close without resetting: the client reads it even
         if it is still writing (whatever it sends meanwhile is read and dropped)."""
         body = details.encode("utf-8", "replace")
         with contextlib.suppress(OSError):
-            await tcp.send_parts(conn, [tcp.FRAME.pack(tcp.STATUS, 0, 0, code.value[0], len(body)), body])
+            await tcp.send_parts(conn, [tcp.FRAME.pack(tcp.STATUS, 0, 0, code.value[0], len(body)), body], _STALL_SECONDS)
             conn.shutdown(socket.SHUT_WR)
             loop = asyncio.get_running_loop()
             sink = bytearray(1 << 16)
@@ -207,10 +226,4 @@ class TcpDataPlane:
 
 
 class _BadFrame(_Aborted):
-    """A frame the stream cannot go on from, handed to the servicer's request iterator."""
-
-
-async def _stopped(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    """A frame the stream cannot go on from, raised from the servicer's request iterator."""

@@ -175,8 +175,9 @@ class _TcpCall:
 
     @classmethod
     async def open(cls, host: str, port: int, method: str, max_bytes: int) -> _TcpCall:
-        """Connect and greet; OSError (or TimeoutError) when the data plane cannot be reached,
-        PsClientError when the server refuses the stream (UNAVAILABLE while it shuts down)."""
+        """Connect and greet; OSError (or TimeoutError) when the data plane cannot be reached or
+        speaks another version, PsClientError when the server refuses the stream (UNAVAILABLE
+        while it shuts down)."""
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         family, _, _, _, addr = infos[0]
@@ -194,8 +195,10 @@ class _TcpCall:
                 _, _, _, status, length = tcp.FRAME.unpack(answer + rest)
                 details = bytearray(min(length, 1 << 16))
                 await tcp.recv_exact(sock, memoryview(details))
-                raise PsClientError(_STATUS_BY_VALUE.get(status, grpc.StatusCode.UNKNOWN),
-                                    details.decode("utf-8", "replace"), method)
+                code = _STATUS_BY_VALUE.get(status, grpc.StatusCode.UNKNOWN)
+                if code == grpc.StatusCode.UNIMPLEMENTED:  # another version of the framing: use gRPC
+                    raise ConnectionError(f"{host}:{port} does not speak this data plane: {details.decode()}")
+                raise PsClientError(code, details.decode("utf-8", "replace"), method)
             if bytes(answer) != tcp.hello(code):
                 raise ConnectionError(f"{host}:{port} is not a paramserver data plane of this version")
         except BaseException:
@@ -235,12 +238,18 @@ _STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
 
 class _Stream:
     """One long-lived bidirectional stream that carries one operation at a time. ``open_call``
-    opens it (a grpc.aio stream call, or a ``_TcpCall``); requests are lists of message parts."""
+    opens it (a grpc.aio stream call, or a ``_TcpCall``) and says where to (a key); requests are
+    lists of message parts. Before each operation, a stream whose key is no longer ``wanted()``
+    (the data plane port changed, or TCP is given up or back) is closed and opened anew: the
+    stream is only ever replaced between operations, under its lock."""
 
-    def __init__(self, open_call: Callable[[], Awaitable[Any]], method: str) -> None:
+    def __init__(self, open_call: Callable[[], Awaitable[tuple[Any, int]]], method: str,
+                 wanted: Callable[[], int] = lambda: 0) -> None:
         self._open_call = open_call
         self._method = method
+        self._wanted = wanted
         self._call: Any = None
+        self._key = 0
         self._lock = asyncio.Lock()
 
     async def exchange(
@@ -253,8 +262,10 @@ class _Stream:
         async with self._lock:
             try:
                 async with asyncio.timeout(timeout):
+                    if self._call is not None and self._key != self._wanted():
+                        self.close()
                     if self._call is None:
-                        self._call = await self._open_call()
+                        self._call, self._key = await self._open_call()
                     call = self._call
                     for req in requests:
                         try:
@@ -345,8 +356,8 @@ class PsClient:
         self.streams_opened = {"tcp": 0, "grpc": 0, "tcp_unreachable": 0}
         """Data-plane streams opened so far: over TCP, over gRPC, and how many of the gRPC ones
         because the TCP data plane could not be reached."""
-        self._push = _Stream(partial(self._open, "PushGradient"), "PushGradient")
-        self._pull = _Stream(partial(self._open, "PullParams"), "PullParams")
+        self._push = _Stream(partial(self._open, "PushGradient"), "PushGradient", self._wanted_port)
+        self._pull = _Stream(partial(self._open, "PullParams"), "PullParams", self._wanted_port)
 
     @property
     def transport(self) -> str:
@@ -354,7 +365,12 @@ class PsClient:
         usable = self._tcp_host and self.data_port and time.monotonic() >= self._tcp_retry_at
         return "tcp" if usable else "grpc"
 
-    async def _open(self, method: str) -> Any:
+    def _wanted_port(self) -> int:
+        """Where the next push or pull stream should go: the data plane's port, 0 = gRPC."""
+        return self.data_port if self.transport == "tcp" else 0
+
+    async def _open(self, method: str) -> tuple[Any, int]:
+        """A data-plane stream and its key (``_wanted_port``'s value for it)."""
         if self.transport == "tcp":
             assert self._tcp_host is not None
             try:
@@ -362,7 +378,7 @@ class PsClient:
                     call = await _TcpCall.open(self._tcp_host, self.data_port, method, self.max_message_bytes)
                 self.streams_opened["tcp"] += 1
                 self._tcp_backoff = _TCP_RETRY_SECONDS[0]
-                return call
+                return call, self.data_port
             except (OSError, TimeoutError) as exc:
                 self._tcp_retry_at = time.monotonic() + self._tcp_backoff
                 self.streams_opened["tcp_unreachable"] += 1
@@ -370,7 +386,7 @@ class PsClient:
                             self._tcp_host, self.data_port, exc or type(exc).__name__, self._tcp_backoff)
                 self._tcp_backoff = min(2 * self._tcp_backoff, _TCP_RETRY_SECONDS[1])
         self.streams_opened["grpc"] += 1
-        return self._grpc_calls[method]()
+        return self._grpc_calls[method](), 0
 
     async def __aenter__(self) -> PsClient:
         return self
@@ -451,12 +467,11 @@ class PsClient:
         return resp
 
     def _data_port_is(self, port: int) -> None:
-        """What the server says its data plane port is (a restarted server may have another)."""
+        """What the server says its data plane port is (a restarted server may have another).
+        Open streams move over at their next operation (``_Stream``), never under one."""
         if port != self.data_port:
             self.data_port = port
             self._tcp_retry_at = 0.0
-            self._push.close()
-            self._pull.close()
 
     async def heartbeat(self, run_id: str, rank: int, incarnation: int, clock: int) -> pb.HeartbeatResponse:
         req = pb.HeartbeatRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock)

@@ -265,3 +265,26 @@ async def test_a_server_shutting_down_refuses_new_tcp_streams_with_unavailable(s
         # Retryable, not a reason to leave the data plane: the next stream tries TCP again.
         assert c.streams_opened["tcp_unreachable"] == 0 and c.transport == "tcp"
         server.registry.shutting_down = False
+
+
+async def test_a_port_change_told_during_a_parked_pull_does_not_disturb_it(server: PsServer) -> None:
+    """Heartbeats run beside pushes and pulls: news of another port must move the streams at their
+    next operation, not close them under one."""
+    assert server.data_plane is not None
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+        run = await c.create_run(make_spec(num_workers=2, staleness=0))
+        a = (await c.join("a", run.run_id)).assignment
+        b = (await c.join("b", run.run_id)).assignment
+        zeros = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
+        await c.push(run.run_id, a.rank, a.incarnation, 0, zeros)
+        parked = asyncio.create_task(c.pull(run.run_id, a.rank, a.incarnation, 1))  # waits for b
+        await asyncio.sleep(0.2)
+        assert not parked.done()
+        c.data_port = 1  # as if the server had said another port; its heartbeat says the real one
+        await c.heartbeat(run.run_id, a.rank, a.incarnation, 1)
+        assert c.data_port == server.data_plane.port
+        async with PsClient(f"127.0.0.1:{server.port}", timeout=10, data_plane=False) as other:
+            await other.push(run.run_id, b.rank, b.incarnation, 0, zeros)
+        result = await asyncio.wait_for(parked, 5)
+        assert result.guaranteed_clock >= 1
+        assert c.streams_opened == {"tcp": 2, "grpc": 0, "tcp_unreachable": 0}
