@@ -3,6 +3,8 @@
 Every call has a deadline. The data plane keeps one PushGradient and one PullParams stream open
 and reuses them for every push and pull (several times the message rate of one call per
 operation); a stream that fails or times out is dropped and reopened by the next operation.
+Those streams go over the server's TCP data plane (``paramserver.v1.tcp``) once a Join or
+Heartbeat told its port, else (and while it cannot be reached) over gRPC.
 Pulled tensors are written into arrays the caller owns, so steady-state pulls allocate nothing.
 
 Errors come back as ``PsClientError`` with the gRPC status code and the server's message.
@@ -350,7 +352,7 @@ class PsClient:
         }
         self._tcp_host = dial_host(address) if data_plane and not sec.tls and not sec.token else None
         self.data_port = 0
-        """The server's TCP data plane port, as the last ``join`` told (0: gRPC only)."""
+        """The server's TCP data plane port, as the last Join or Heartbeat told (0: gRPC only)."""
         self._tcp_retry_at = 0.0
         self._tcp_backoff = _TCP_RETRY_SECONDS[0]
         self.streams_opened = {"tcp": 0, "grpc": 0, "tcp_unreachable": 0}
