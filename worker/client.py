@@ -378,14 +378,18 @@ class PsClient:
             try:
                 async with asyncio.timeout(min(self.timeout, 3.0)):
                     call = await _TcpCall.open(self._tcp_host, self.data_port, method, self.max_message_bytes)
+                if not self.streams_opened["tcp"] or self._tcp_backoff > _TCP_RETRY_SECONDS[0]:
+                    log.info("pushes and pulls go over the TCP data plane at %s:%d", self._tcp_host, self.data_port)
                 self.streams_opened["tcp"] += 1
                 self._tcp_backoff = _TCP_RETRY_SECONDS[0]
                 return call, self.data_port
             except (OSError, TimeoutError) as exc:
                 self._tcp_retry_at = time.monotonic() + self._tcp_backoff
                 self.streams_opened["tcp_unreachable"] += 1
-                log.warning("TCP data plane at %s:%d unreachable (%s); using gRPC, trying again in %.0fs",
-                            self._tcp_host, self.data_port, exc or type(exc).__name__, self._tcp_backoff)
+                log.warning("TCP data plane at %s:%d unreachable (%s); using gRPC, trying again in %.0fs "
+                            "(a firewall? give ps-server a fixed --data-port and open it, or run workers with "
+                            "--no-data-plane)", self._tcp_host, self.data_port, exc or type(exc).__name__,
+                            self._tcp_backoff)
                 self._tcp_backoff = min(2 * self._tcp_backoff, _TCP_RETRY_SECONDS[1])
         self.streams_opened["grpc"] += 1
         return self._grpc_calls[method](), 0

@@ -327,3 +327,29 @@ async def test_resumes_after_a_server_restart_from_a_checkpoint(impl: Impl, tmp_
     assert after.counters.evictions == 0
     assert all(w.state == pb.WORKER_STATE_ACTIVE for w in after.workers)
     assert all(code is not None for code in codes)
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-data-plane",)], ids=["default", "no-data-plane"])
+async def test_pushes_and_pulls_over_the_tcp_data_plane_when_offered(impl: Impl, flags: tuple[str, ...]) -> None:
+    """The server offers its TCP data plane at Join: by default the worker trains over it (its
+    streams show in the server's metrics); with --no-data-plane, over gRPC only. Same result."""
+    import urllib.request
+
+    iterations = 20
+    metrics_port = free_port()
+    with ps_server("--metrics-port", str(metrics_port)) as srv:
+        async with connect(srv.address) as c:
+            run = await c.create_run(run_spec(workers=2, staleness="1", iterations=iterations))
+            workers = impl.start_many(srv.address, 2, *flags)
+            final = await finish(c, run.run_id, logs=impl.logs)
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+        codes = [w.wait(20) for w in workers]
+    assert final.state == COMPLETED and codes == [0, 0], (final.message, impl.logs())
+    assert final.counters.pushes_applied == 2 * iterations
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("paramserver_data_plane_connections_total ")]
+    streams = float(line.split()[1])
+    if flags:
+        assert streams == 0, impl.logs()
+    else:
+        assert streams >= 4, (line, impl.logs())  # each worker's push stream and pull stream

@@ -5,12 +5,17 @@
  * Every call has a deadline: unary calls through gRPC's deadline, stream operations through a
  * timer that cancels the stream. The data plane keeps one PushGradient and one PullParams stream
  * open and reuses it for every push and pull; a stream that fails or times out is dropped and
- * reopened by the next operation. Errors are PsError with the gRPC status code and the server's
- * message; `retryable` is true for UNAVAILABLE and DEADLINE_EXCEEDED.
+ * reopened by the next operation. Those streams go over the server's TCP data plane (tcp.js) once
+ * a Join or Heartbeat told its port, else (and for a while after it could not be reached) over
+ * gRPC. Errors are PsError with the gRPC status code and the server's message; `retryable` is
+ * true for UNAVAILABLE and DEADLINE_EXCEEDED.
  */
+
+const TCP_RETRY_SECONDS = [30, 600]; // after the data plane could not be reached: gRPC this long, doubling
 
 const { loadContract } = require('./proto');
 const { encodeTensors, TensorAssembler } = require('./tensors');
+const { TcpCall, dialHost } = require('./tcp');
 
 const { grpc, pkg } = loadContract();
 const Status = grpc.status;
@@ -57,18 +62,23 @@ function channelOptions(maxMessageBytes) {
   };
 }
 
-/** One long-lived bidirectional stream that carries one operation at a time. */
+/**
+ * One long-lived bidirectional stream that carries one operation at a time. `open()` returns
+ * {call, key}; before an operation, a stream whose key is no longer `wanted()` (the data plane's
+ * port changed, or TCP was given up or is back) is dropped and opened anew, between operations.
+ */
 class BidiStream {
-  constructor(open, method) {
+  constructor(open, method, wanted = () => 0) {
     this.open = open;
     this.method = method;
+    this.wanted = wanted;
     this.st = null;
     this.lock = Promise.resolve();
   }
 
   _start() {
-    const call = this.open();
-    const st = { call, queue: [], waiter: null, done: null, drains: new Set() };
+    const { call, key } = this.open();
+    const st = { call, key, queue: [], waiter: null, done: null, drains: new Set() };
     const settle = () => {
       if (st.done) {
         for (const reject of st.drains) reject(st.done);
@@ -129,6 +139,7 @@ class BidiStream {
   }
 
   async _exchange(requests, timeoutS, untilFinal) {
+    if (this.st && this.st.key !== this.wanted()) this._drop(this.st);
     if (!this.st || this.st.done) this.st = this._start();
     const st = this.st;
     let timer = null;
@@ -178,8 +189,16 @@ class PsClient {
    * a deadline. `security` = {tls, ca, cert, key, token, serverName} (see config.js securityOf):
    * TLS when `tls`, and `authorization: Bearer <token>` metadata on every call when `token`.
    */
-  constructor(address, { timeout = 30, chunkBytes = 1 << 20, maxMessageBytes = 64 << 20, security = {} } = {}) {
+  constructor(address, { timeout = 30, chunkBytes = 1 << 20, maxMessageBytes = 64 << 20, security = {}, dataPlane = true,
+    log = null } = {}) {
     this.address = address;
+    this.maxMessageBytes = maxMessageBytes;
+    this.log = log;
+    this.tcpHost = dataPlane && !security.tls && !security.token ? dialHost(address) : null;
+    this.dataPort = 0; // the server's TCP data plane port, as the last Join or Heartbeat told
+    this.tcpRetryAt = 0;
+    this.tcpBackoff = TCP_RETRY_SECONDS[0];
+    this.streamsOpened = { tcp: 0, grpc: 0, tcp_unreachable: 0 };
     this.timeout = timeout;
     this.chunkBytes = chunkBytes;
     const creds = security.tls
@@ -197,9 +216,56 @@ class PsClient {
     const channel = this.workers.getChannel();
     this.data = new pkg.ParameterService(address, creds, { ...opts, channelOverride: channel });
     this.runs = new pkg.RunService(address, creds, { ...opts, channelOverride: channel });
-    this.pushStream = new BidiStream(() => this.data.PushGradient(this.metadata()), 'PushGradient');
-    this.pullStream = new BidiStream(() => this.data.PullParams(this.metadata()), 'PullParams');
+    const wanted = () => this.wantedPort();
+    this.pushStream = new BidiStream(() => this.openData('PushGradient'), 'PushGradient', wanted);
+    this.pullStream = new BidiStream(() => this.openData('PullParams'), 'PullParams', wanted);
     this.inflight = new Set();
+  }
+
+  /** What the next push or pull stream goes over: 'tcp' or 'grpc'. */
+  transport() {
+    return this.tcpHost && this.dataPort && Date.now() >= this.tcpRetryAt ? 'tcp' : 'grpc';
+  }
+
+  wantedPort() {
+    return this.transport() === 'tcp' ? this.dataPort : 0;
+  }
+
+  openData(method) {
+    if (this.transport() === 'tcp') {
+      const port = this.dataPort;
+      const call = new TcpCall(this.tcpHost, port, method, {
+        maxBytes: this.maxMessageBytes,
+        onUnreachable: (why) => this.tcpUnreachable(port, why),
+        onGreeted: () => {
+          if (this.log && (!this.tcpGreeted || this.tcpBackoff > TCP_RETRY_SECONDS[0])) {
+            this.log.info(`pushes and pulls go over the TCP data plane at ${this.tcpHost}:${port}`);
+          }
+          this.tcpGreeted = true;
+          this.tcpBackoff = TCP_RETRY_SECONDS[0];
+        },
+      });
+      this.streamsOpened.tcp += 1;
+      return { call, key: port };
+    }
+    this.streamsOpened.grpc += 1;
+    return { call: this.data[method](this.metadata()), key: 0 };
+  }
+
+  /** The data plane could not be reached: this operation fails (retryable), the next ones use gRPC for a while. */
+  tcpUnreachable(port, why) {
+    if (port !== this.dataPort) return;
+    this.streamsOpened.tcp_unreachable += 1;
+    this.tcpRetryAt = Date.now() + this.tcpBackoff * 1000;
+    if (this.log) {
+      this.log.warning(`TCP data plane at ${this.tcpHost}:${port} unreachable (${why}); using gRPC, trying again in ${this.tcpBackoff}s`);
+    }
+    this.tcpBackoff = Math.min(2 * this.tcpBackoff, TCP_RETRY_SECONDS[1]);
+  }
+
+  dataPortIs(port) {
+    if (port && port !== this.dataPort) this.tcpRetryAt = 0;
+    this.dataPort = port || 0;
   }
 
   unary(stub, method, request, timeoutS) {
@@ -230,11 +296,17 @@ class PsClient {
   // ---------------------------------------------------------------- workers
   join(workerName, runId = '', maxWait = 10) {
     const req = { worker_name: workerName, run_id: runId, max_wait: duration(maxWait) };
-    return this.unary(this.workers, 'Join', req, maxWait + this.timeout);
+    return this.unary(this.workers, 'Join', req, maxWait + this.timeout).then((resp) => {
+      if (resp.assignment) this.dataPortIs(Number(resp.data_port));
+      return resp;
+    });
   }
 
   heartbeat(runId, rank, incarnation, clock) {
-    return this.unary(this.workers, 'Heartbeat', { run_id: runId, rank, incarnation, clock });
+    return this.unary(this.workers, 'Heartbeat', { run_id: runId, rank, incarnation, clock }).then((resp) => {
+      this.dataPortIs(Number(resp.data_port));
+      return resp;
+    });
   }
 
   reportMetrics(runId, rank, incarnation, points, pullsSkipped) {

@@ -27,6 +27,8 @@ const OPTIONS = [
   ['slowdown', 'slowdown', 'number', 1, 'Straggler injection: make every iteration this many times slower.'],
   ['reportSeconds', 'report-seconds', 'number', 0.5, 'How often training metrics are reported to the server.'],
   ['maxMessageBytes', 'max-message-bytes', 'number', 64 << 20, 'Largest gRPC message sent or received.'],
+  ['dataPlane', 'data-plane', 'bool', true,
+    "Push and pull over the server's TCP data plane when it offers one (else gRPC); --no-data-plane: gRPC only."],
   ['chunkBytes', 'chunk-bytes', 'number', 1 << 20, 'Payload per message when streaming gradients.'],
   ['logLevel', 'log-level', 'string', 'INFO', 'Log level: DEBUG, INFO, WARNING, ERROR.'],
   ['tlsCa', 'tls-ca', 'string', '', "CA (PEM) to verify the server's certificate; turns TLS on."],
@@ -94,7 +96,7 @@ function usage() {
     'assigned, and waits for the next run. Every flag can also be set with the variable shown.', ''];
   for (const [key, flag, type, def, help] of OPTIONS) {
     const arg = type === 'bool' ? '' : ' VALUE';
-    lines.push(`  --${flag}${arg}`.padEnd(30) + `${help} [${envName(key, flag)}; default ${JSON.stringify(def)}]`);
+    lines.push(`  --${type === 'bool' && def ? `[no-]${flag}` : flag}${arg}`.padEnd(30) + `${help} [${envName(key, flag)}; default ${JSON.stringify(def)}]`);
   }
   for (const [, env, help] of ENV_ONLY) lines.push(`  (no flag)`.padEnd(30) + `${help} [${env}]`);
   return lines.join('\n');
@@ -115,6 +117,12 @@ function parseConfig(argv = [], env = process.env) {
       continue;
     }
     const m = /^--([a-z-]+)(?:=(.*))?$/.exec(arg);
+    const negated = m && m[2] === undefined && m[1].startsWith('no-')
+      && OPTIONS.find((o) => o[2] === 'bool' && o[1] === m[1].slice(3));
+    if (negated) { // --no-FLAG, as Python's BooleanOptionalAction
+      config[negated[0]] = false;
+      continue;
+    }
     const opt = m && OPTIONS.find((o) => o[1] === m[1]);
     if (!opt) throw new ConfigError(`unknown argument ${JSON.stringify(arg)}\n${usage()}`);
     const [key, flag, type] = opt;

@@ -23,7 +23,7 @@ async function work(config, log, stop) {
   let idleSince = Date.now();
   const client = new PsClient(config.server, {
     timeout: config.timeoutSeconds, chunkBytes: config.chunkBytes, maxMessageBytes: config.maxMessageBytes,
-    security: config.security,
+    security: config.security, dataPlane: config.dataPlane, log,
   });
   stop.client = client;
   try {

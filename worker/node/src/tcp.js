@@ -1,0 +1,173 @@
+'use strict';
+/**
+ * The TCP data plane (the framing is specified in the .proto's ParameterService comment and in
+ * protos/paramserver/v1/tcp.py): a PushGradient or PullParams stream on a plain socket, with the
+ * part of a grpc-js stream call's interface that client.js's BidiStream uses: write(msg) ->
+ * bool and 'drain', events 'data' (a response message) and 'status' ({code, details}: the
+ * stream ended), cancel().
+ *
+ * The messages are the contract's, (de)serialized by proto-loader exactly as gRPC would. The
+ * hello and the first frames are written at once (the server reads in order); a server that
+ * answers anything but its echo of the hello (another framing version, another service) makes
+ * `onUnreachable` fire, so the client can use gRPC instead.
+ */
+
+const net = require('net');
+const { EventEmitter } = require('events');
+const { loadContract } = require('./proto');
+
+const { grpc, definition } = loadContract();
+const Status = grpc.status;
+
+const MAGIC = Buffer.from('PSDP');
+const VERSION = 1;
+const METHODS = { PushGradient: 1, PullParams: 2 };
+const MESSAGE = 1;
+const STATUS = 2;
+const HEADER = 16;
+
+function hello(method) {
+  const b = Buffer.alloc(8);
+  MAGIC.copy(b, 0);
+  b.writeUInt8(VERSION, 4);
+  b.writeUInt8(METHODS[method], 5);
+  return b;
+}
+
+function frameHeader(kind, status, length) {
+  const h = Buffer.alloc(HEADER);
+  h.writeUInt8(kind, 0);
+  h.writeUInt32LE(status, 4);
+  h.writeBigUInt64LE(BigInt(length), 8);
+  return h;
+}
+
+class TcpCall extends EventEmitter {
+  constructor(host, port, method, { maxBytes = 64 << 20, onUnreachable = () => {}, onGreeted = () => {} } = {}) {
+    super();
+    const m = definition['paramserver.v1.ParameterService'][method];
+    this.serialize = m.requestSerialize;
+    this.deserialize = m.responseDeserialize;
+    this.hello = hello(method);
+    this.maxBytes = maxBytes;
+    this.onUnreachable = onUnreachable;
+    this.onGreeted = onGreeted;
+    this.chunks = [];
+    this.have = 0;
+    this.greeted = false;
+    this.ended = false;
+    this.sock = net.connect({ host, port, noDelay: true });
+    this.sock.setKeepAlive(true, 2000);
+    this.sock.on('data', (d) => this._received(d));
+    this.sock.on('drain', () => this.emit('drain'));
+    this.sock.on('error', (e) => {
+      if (!this.greeted) this.onUnreachable(`${host}:${port}: ${e.code || e.message}`);
+      this._end(Status.UNAVAILABLE, `the data plane connection broke (${e.code || e.message})`);
+    });
+    this.sock.on('close', () => this._end(Status.UNAVAILABLE, 'the data plane connection was closed'));
+    this.sock.write(this.hello);
+  }
+
+  write(msg) {
+    const body = this.serialize(msg);
+    this.sock.write(frameHeader(MESSAGE, 0, body.length));
+    return this.sock.write(body);
+  }
+
+  /** As a grpc-js call's cancel(): an operation in flight ends with CANCELLED. */
+  cancel() {
+    this._end(Status.CANCELLED, 'Cancelled on client');
+  }
+
+  /** The first `n` received bytes as one Buffer; `take` also drops them. */
+  _bytes(n, take) {
+    const parts = [];
+    let need = n;
+    let i = 0;
+    while (need > 0) {
+      const c = this.chunks[i];
+      if (c.length <= need) {
+        parts.push(c);
+        need -= c.length;
+        i += 1;
+      } else {
+        parts.push(c.subarray(0, need));
+        if (take) this.chunks[i] = c.subarray(need);
+        need = 0;
+      }
+    }
+    if (take) {
+      this.chunks.splice(0, i);
+      this.have -= n;
+    }
+    return parts.length === 1 ? parts[0] : Buffer.concat(parts, n);
+  }
+
+  _received(data) {
+    this.chunks.push(data);
+    this.have += data.length;
+    while (!this.ended) {
+      if (!this.greeted) {
+        if (this.have < this.hello.length) return;
+        const echo = this._bytes(this.hello.length, false);
+        if (echo.equals(this.hello)) {
+          this._bytes(this.hello.length, true);
+          this.greeted = true;
+          this.onGreeted();
+          continue;
+        }
+        if (echo.readUInt8(0) !== STATUS || echo.subarray(0, 4).equals(MAGIC)) {
+          this.onUnreachable('the port does not speak this data plane');
+          this._end(Status.UNAVAILABLE, 'the data plane answered something else than its hello');
+          return;
+        }
+        this.greeted = true; // refused: a STATUS frame follows in place of the echo
+      }
+      if (this.have < HEADER) return;
+      const head = this._bytes(HEADER, false);
+      const kind = head.readUInt8(0);
+      const status = head.readUInt32LE(4);
+      const length = Number(head.readBigUInt64LE(8));
+      if (length > this.maxBytes) {
+        this._end(Status.RESOURCE_EXHAUSTED, `a message of ${length} bytes is larger than the limit of ${this.maxBytes}`);
+        return;
+      }
+      if (this.have < HEADER + length) return;
+      this._bytes(HEADER, true);
+      const body = this._bytes(length, true);
+      if (kind === MESSAGE) {
+        this.emit('data', this.deserialize(body));
+      } else if (kind === STATUS) {
+        const details = body.toString('utf8');
+        if (status === Status.UNIMPLEMENTED) this.onUnreachable(details);
+        this._end(status, details);
+      } else {
+        this._end(Status.UNAVAILABLE, `unknown frame kind ${kind} from the data plane`);
+      }
+    }
+  }
+
+  _end(code, details) {
+    if (this.ended) return;
+    this.ended = true;
+    this.emit('status', { code, details });
+    this.sock.destroy();
+  }
+}
+
+/** The host part of a gRPC target (host:port, [v6]:port, dns:///host:port); null if none. */
+function dialHost(address) {
+  let a = address.startsWith('dns:///') ? address.slice('dns:///'.length) : address;
+  if (a.startsWith('[')) {
+    const end = a.indexOf(']');
+    return end > 0 ? a.slice(1, end) : null;
+  }
+  const i = a.lastIndexOf(':');
+  if (i <= 0) return null;
+  const host = a.slice(0, i);
+  a = a.slice(i + 1);
+  if (host.includes(':') || !/^\d+$/.test(a) || ['unix', 'ipv4', 'ipv6'].includes(host)) return null;
+  return host;
+}
+
+module.exports = { TcpCall, dialHost, hello, frameHeader, MESSAGE, STATUS };

@@ -1,0 +1,109 @@
+'use strict';
+// The TCP data plane's client framing (src/tcp.js) against a scripted server on 127.0.0.1.
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const net = require('net');
+
+const { TcpCall, dialHost, hello, frameHeader, MESSAGE, STATUS } = require('../src/tcp');
+const { loadContract } = require('../src/proto');
+
+const { grpc, definition } = loadContract();
+const pull = definition['paramserver.v1.ParameterService'].PullParams;
+
+/** A one-connection server running `script(socket, received)`; resolves to its port. */
+function server(script) {
+  return new Promise((resolve) => {
+    const srv = net.createServer((sock) => {
+      let got = Buffer.alloc(0);
+      sock.on('data', (d) => {
+        got = Buffer.concat([got, d]);
+        script(sock, got);
+      });
+      sock.on('error', () => {});
+    });
+    srv.listen(0, '127.0.0.1', () => resolve({ port: srv.address().port, close: () => srv.close() }));
+  });
+}
+
+function outcome(call) {
+  return new Promise((resolve) => {
+    const data = [];
+    call.on('data', (m) => data.push(m));
+    call.on('status', (s) => resolve({ data, status: s }));
+  });
+}
+
+test('a pull goes out framed and its answer, sent in odd pieces, comes back decoded', async () => {
+  const values = Buffer.from(Float32Array.from([1.5, -2, 3]).buffer);
+  const answer = pull.responseSerialize({
+    guaranteed_clock: 3, final: true, tensors: [{ name: 'w', shape: [3], dtype: 'DATA_TYPE_FLOAT32', offset: 0, data: values }],
+  });
+  let seen = null;
+  const srv = await server((sock, got) => {
+    if (seen || got.length < 8 + 16) return;
+    const length = Number(got.readBigUInt64LE(8 + 8));
+    if (got.length < 8 + 16 + length) return;
+    seen = { hello: got.subarray(0, 8), kind: got.readUInt8(8), req: pull.requestDeserialize(got.subarray(24, 24 + length)) };
+    const out = Buffer.concat([got.subarray(0, 8), frameHeader(MESSAGE, 0, answer.length), answer,
+      frameHeader(STATUS, grpc.status.NOT_FOUND, 4), Buffer.from('gone')]);
+    for (let i = 0; i < out.length; i += 7) sock.write(out.subarray(i, i + 7)); // the reader must reassemble
+  });
+  const call = new TcpCall('127.0.0.1', srv.port, 'PullParams');
+  const done = outcome(call);
+  call.write({ run_id: 'r', rank: 1, incarnation: 2, clock: 3 });
+  const { data, status } = await done;
+  srv.close();
+  assert.deepEqual(seen.hello, hello('PullParams'));
+  assert.equal(seen.kind, MESSAGE);
+  assert.equal(seen.req.run_id, 'r');
+  assert.equal(seen.req.clock, 3);
+  assert.equal(data.length, 1);
+  assert.equal(data[0].guaranteed_clock, 3);
+  assert.deepEqual(Buffer.from(data[0].tensors[0].data), values);
+  assert.deepEqual(status, { code: grpc.status.NOT_FOUND, details: 'gone' });
+});
+
+test('a refusal instead of the echo ends the stream with its status; only UNIMPLEMENTED means "use gRPC"', async () => {
+  for (const [code, fallback] of [[grpc.status.UNAVAILABLE, false], [grpc.status.UNIMPLEMENTED, true]]) {
+    const srv = await server((sock, got) => {
+      if (got.length >= 8) sock.end(Buffer.concat([frameHeader(STATUS, code, 2), Buffer.from('no')]));
+    });
+    let unreachable = false;
+    const call = new TcpCall('127.0.0.1', srv.port, 'PushGradient', { onUnreachable: () => { unreachable = true; } });
+    const { status } = await outcome(call);
+    srv.close();
+    assert.deepEqual(status, { code, details: 'no' });
+    assert.equal(unreachable, fallback, `code ${code}`);
+  }
+});
+
+test('a port nobody listens on is unreachable: UNAVAILABLE, and the client is told to use gRPC', async () => {
+  const srv = await server(() => {});
+  const { port } = srv;
+  srv.close();
+  let why = null;
+  const call = new TcpCall('127.0.0.1', port, 'PullParams', { onUnreachable: (w) => { why = w; } });
+  const { status } = await outcome(call);
+  assert.equal(status.code, grpc.status.UNAVAILABLE);
+  assert.match(why, /ECONNREFUSED/);
+});
+
+test('dialHost names the host of a gRPC target', () => {
+  assert.equal(dialHost('ps:50051'), 'ps');
+  assert.equal(dialHost('dns:///ps.example:50051'), 'ps.example');
+  assert.equal(dialHost('[::1]:50051'), '::1');
+  for (const t of ['unix:/tmp/ps.sock', 'ps', '::1', 'ipv4:10.0.0.1:1,10.0.0.2:2']) assert.equal(dialHost(t), null, t);
+});
+
+test('cancel() ends a stream waiting for an answer with CANCELLED, as a grpc-js call does', async () => {
+  const srv = await server((sock, got) => {
+    if (got.length === 8) sock.write(got); // the echo, then silence
+  });
+  const call = new TcpCall('127.0.0.1', srv.port, 'PullParams');
+  const done = outcome(call);
+  call.write({ run_id: 'r' });
+  setTimeout(() => call.cancel(), 50);
+  const { status } = await done;
+  srv.close();
+  assert.equal(status.code, grpc.status.CANCELLED);
+});
