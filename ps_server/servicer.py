@@ -201,7 +201,7 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
         return run.read(req.rank, req.clock, names)
 
     def _params_messages(self, read: ParamsRead) -> Iterator[wire.ParamsParts]:
-        """A read as the arguments of ``wire.encode_params_response``, in groups of ~chunk_bytes.
+        """A read as the arguments of ``wire.params_response_parts``, in groups of ~chunk_bytes.
 
         Chunks are encoded lazily, between sends: a model of hundreds of MB is never copied whole.
         A multi-message read can therefore include updates applied while it streams ("maybe newer

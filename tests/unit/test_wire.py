@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -37,6 +38,18 @@ NAMES = st.text(max_size=12)
 SHAPES = st.lists(st.integers(0, 5), max_size=3).map(tuple)
 LOSS = st.one_of(st.floats(allow_nan=False), st.just(-0.0), st.just(0.0))
 RUN_STATES = st.sampled_from(list(pb.RunState.values()))
+
+
+def encode_push_request(*args: Any) -> bytes:
+    return wire.join(wire.push_request_parts(*args))
+
+
+def encode_params_response(*args: Any) -> bytes:
+    return wire.join(wire.params_response_parts(*args))
+
+
+def encode_push_response(*args: Any) -> bytes:
+    return wire.join(wire.push_response_parts(*args))
 
 
 @st.composite
@@ -85,7 +98,7 @@ then_pulls = st.one_of(st.none(), st.builds(
 @given(run_id=NAMES, rank=U32, inc=U64, clock=U64, group=groups(), final=st.booleans(), loss=LOSS, then=then_pulls)
 def test_push_request_matches_protobuf(run_id: str, rank: int, inc: int, clock: int, group: wire.Group,
                                        final: bool, loss: float, then: pb.PullParamsRequest | None) -> None:
-    raw = wire.encode_push_request(run_id, rank, inc, clock, group, final, loss, then)
+    raw = encode_push_request(run_id, rank, inc, clock, group, final, loss, then)
     msg = pb.PushGradientRequest(run_id=run_id, rank=rank, incarnation=inc, clock=clock, tensors=_pb_chunks(group),
                                  final=final, loss=loss, then_pull=then)
     assert _unpadded(raw) == msg.SerializeToString()
@@ -99,7 +112,7 @@ def test_push_request_matches_protobuf(run_id: str, rank: int, inc: int, clock: 
 @settings(max_examples=300, deadline=None)
 @given(gc=U64, version=U64, group=groups(), final=st.booleans(), state=RUN_STATES)
 def test_params_response_matches_protobuf(gc: int, version: int, group: wire.Group, final: bool, state: int) -> None:
-    raw = wire.encode_params_response(gc, version, group, final, state)
+    raw = encode_params_response(gc, version, group, final, state)
     msg = pb.PullParamsResponse(guaranteed_clock=gc, version=version, tensors=_pb_chunks(group), final=final,
                                 run_state=state)  # type: ignore[arg-type]
     assert raw == msg.SerializeToString()
@@ -113,7 +126,7 @@ def test_params_response_matches_protobuf(gc: int, version: int, group: wire.Gro
        pulled=st.one_of(st.none(), st.tuples(U64, U64, groups(), st.booleans(), RUN_STATES)))
 def test_push_response_matches_protobuf(clock: int, dup: bool, mc: int, state: int,
                                         pulled: wire.ParamsParts | None) -> None:
-    raw = wire.encode_push_response(clock, dup, mc, state, pulled)
+    raw = encode_push_response(clock, dup, mc, state, pulled)
     msg = pb.PushGradientResponse(clock=clock, duplicate=dup, min_clock=mc, run_state=state)  # type: ignore[arg-type]
     if pulled is not None:
         gc, version, group, final, pstate = pulled
@@ -136,7 +149,7 @@ def test_push_response_matches_protobuf(clock: int, dup: bool, mc: int, state: i
        chunk_bytes=st.integers(1, 400))
 def test_chunk_groups_split_like_chunk_messages(shapes: list[tuple[str, tuple[int, ...]]], chunk_bytes: int) -> None:
     tensors = {n: np.arange(int(np.prod(s)), dtype="<f4").reshape(s) for n, s in shapes}
-    ours = [wire.encode_push_request("r", 1, 2, 3, g, False) for g in wire.chunk_groups(tensors, chunk_bytes)]
+    ours = [encode_push_request("r", 1, 2, 3, g, False) for g in wire.chunk_groups(tensors, chunk_bytes)]
     new = lambda: pb.PushGradientRequest(run_id="r", rank=1, incarnation=2, clock=3)  # noqa: E731
     theirs = [m.SerializeToString() for m in chunk_messages(tensors, chunk_bytes, new)]
     assert [_unpadded(m) for m in ours] == theirs
@@ -147,7 +160,7 @@ def test_edge_cases() -> None:
     arr = np.arange(10, dtype="<f4")
     group: wire.Group = [("ünï€😀", (10,), 0, arr[:4]), ("ünï€😀", (10,), 4, arr[4:]), ("z", (0, 3), 0, arr[:0]),
                          ("neg", (-1, 2), -5, arr[:1])]
-    raw = wire.encode_push_request("rün", (1 << 32) - 1, (1 << 64) - 1, (1 << 64) - 1, group, True, -0.0,
+    raw = encode_push_request("rün", (1 << 32) - 1, (1 << 64) - 1, (1 << 64) - 1, group, True, -0.0,
                                    pb.PullParamsRequest(clock=(1 << 64) - 1))
     then = pb.PullParamsRequest(clock=(1 << 64) - 1)
     assert _unpadded(raw) == pb.PushGradientRequest(
@@ -160,10 +173,10 @@ def test_edge_cases() -> None:
     assert tuple(r.tensors[2].shape) == (0, 3) and bytes(r.tensors[2].data) == b""
     # the only paddings that align this chunk's data would make its length prefix a byte longer
     group = [("00\x80\x80𐀀", (0,), -1, np.zeros(20, "<f4"))]
-    raw = wire.encode_push_request("00\x80\x80\x80𐀀𐀀𐀀", 0, 128, 2097152, group, False)
+    raw = encode_push_request("00\x80\x80\x80𐀀𐀀𐀀", 0, 128, 2097152, group, False)
     assert _unpadded(raw) == pb.PushGradientRequest(run_id="00\x80\x80\x80𐀀𐀀𐀀", incarnation=128, clock=2097152,
                                                     tensors=_pb_chunks(group)).SerializeToString()
-    assert wire.encode_push_request("", 0, 0, 0, [], False) == b""
+    assert encode_push_request("", 0, 0, 0, [], False) == b""
     assert wire.decode_push_request(b"") == wire.PushRequest()
     assert wire.varint(-1) == b"\xff" * 9 + b"\x01"
 

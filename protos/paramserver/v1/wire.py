@@ -2,8 +2,9 @@
 
 ``PushGradientRequest``, ``PushGradientResponse`` and ``PullParamsResponse`` carry almost all the
 payload; building and parsing them through protobuf objects copies every tensor byte several
-times. Here they are encoded as one ``b"".join`` of small headers and array memoryviews (each
-chunk's header is built once per tensor layout and cached), and decoded by walking the fields,
+times. Here they are encoded as parts, small headers and array memoryviews (each chunk's header
+is built once per tensor layout and cached), that gRPC's serializer joins (``join``: one copy) and
+the TCP data plane writes as they are (``paramserver.v1.tcp``), and decoded by walking the fields,
 with chunk data as zero-copy memoryview slices of the received bytes. The output is exactly what
 ``SerializeToString`` writes (fields in number order, proto3 defaults omitted, packed shapes,
 negative int64 as 10-byte varints), except that the chunks of a push with more than
@@ -44,9 +45,6 @@ __all__ = [
     "decode_push_request",
     "decode_push_response",
     "encode_chunk",
-    "encode_params_response",
-    "encode_push_request",
-    "encode_push_response",
     "join",
     "params_response_parts",
     "parts_len",
@@ -179,7 +177,7 @@ Part = bytes | memoryview
 Group = Sequence[tuple[str, tuple[int, ...], int, "np.ndarray | memoryview"]]
 """Chunks of one message: (name, full shape, offset, flat float32 part, or a memoryview of one)."""
 ParamsParts = tuple[int, int, Group, bool, int]
-"""The arguments of ``encode_params_response``."""
+"""The arguments of ``params_response_parts``."""
 
 
 def chunk_groups(
@@ -318,20 +316,6 @@ def _encode_loss(loss: float) -> bytes:
     return b"" if packed == _ZERO8 else b"\x39" + packed
 
 
-def encode_push_request(
-    run_id: str,
-    rank: int,
-    incarnation: int,
-    clock: int,
-    group: Group,
-    final: bool,
-    loss: float = 0.0,
-    then_pull: pb.PullParamsRequest | None = None,
-) -> bytes:
-    """A serialized ``PushGradientRequest`` whose ``tensors`` are the chunks of ``group``."""
-    return b"".join(push_request_parts(run_id, rank, incarnation, clock, group, final, loss, then_pull))
-
-
 def push_request_parts(
     run_id: str,
     rank: int,
@@ -342,7 +326,8 @@ def push_request_parts(
     loss: float = 0.0,
     then_pull: pb.PullParamsRequest | None = None,
 ) -> list[Part]:
-    """``encode_push_request`` as parts to write in order (the data are views, not copies)."""
+    """A ``PushGradientRequest`` whose ``tensors`` are the chunks of ``group``, as parts to write
+    in order (the data are views, not copies; ``join`` makes the serialized message)."""
     head = bytearray()
     if run_id:
         rb = run_id.encode("utf-8")
@@ -368,7 +353,7 @@ def params_response_parts(
     guaranteed_clock: int, version: int, group: Group,
     final: bool, run_state: int,
 ) -> list[Part]:
-    """``encode_params_response`` as parts to write in order (the data are views, not copies)."""
+    """A ``PullParamsResponse`` as parts to write in order (the data are views, not copies)."""
     head = bytearray()
     if guaranteed_clock:
         head += b"\x08" + varint(guaranteed_clock)
@@ -382,25 +367,6 @@ def params_response_parts(
     return [bytes(head), *_repeated_chunks(b"\x1a", group), bytes(tail)]
 
 
-def encode_params_response(
-    guaranteed_clock: int, version: int, group: Group,
-    final: bool, run_state: int,
-) -> bytes:
-    """A serialized ``PullParamsResponse``."""
-    return b"".join(params_response_parts(guaranteed_clock, version, group, final, run_state))
-
-
-def encode_push_response(
-    clock: int = 0,
-    duplicate: bool = False,
-    min_clock: int = 0,
-    run_state: int = 0,
-    pulled: ParamsParts | None = None,
-) -> bytes:
-    """A serialized ``PushGradientResponse``; ``pulled`` = the arguments of encode_params_response."""
-    return b"".join(push_response_parts(clock, duplicate, min_clock, run_state, pulled))
-
-
 def push_response_parts(
     clock: int = 0,
     duplicate: bool = False,
@@ -408,7 +374,8 @@ def push_response_parts(
     run_state: int = 0,
     pulled: ParamsParts | None = None,
 ) -> list[Part]:
-    """``encode_push_response`` as parts to write in order (the data are views, not copies)."""
+    """A ``PushGradientResponse`` as parts to write in order; ``pulled`` = the arguments of
+    ``params_response_parts``."""
     head = bytearray()
     if clock:
         head += b"\x08" + varint(clock)
