@@ -9,8 +9,13 @@ responses are written as their parts with ``sendmsg`` (the parameters' bytes go 
 arrays to the socket; gRPC copies each message twice first).
 
 A response's parameter bytes are read while it is being sent; a push applied meanwhile may show in
-it, which the PullParams contract allows ("maybe newer ones too"). Steps run on the event loop, as
-sending does, so a message never shows a step half done.
+it, which the PullParams contract allows ("maybe newer ones too"). Each element is whole: steps run
+on the event loop between two sends (the optimizers write each element once, from scratch
+buffers), and ``tcp.send_parts`` never sends one element's bytes from two moments.
+
+Bounds: a dead peer is found by TCP keepalive within seconds (``tcp.tune``), a client that reads
+nothing of an answer for ``_STALL_SECONDS`` is dropped, a request is read only when the servicer
+asks for the next one, and at most ``MAX_STREAMS`` streams are open at once.
 """
 
 from __future__ import annotations
