@@ -210,7 +210,7 @@ def worker_rows(run: pb.Run, now: float) -> list[dict[str, Any]]:
             "heartbeat_seconds_ago": now - seen if seen else None, "pushes": w.pushes,
             "pulls_skipped": w.pulls_skipped, "waiting": w.waiting,
             "waiting_pull_clock": w.waiting_for_clock if w.waiting else None, "needs_min_clock": need,
-            "worker_name": w.worker_name,
+            "worker_name": w.worker_name, "data_plane": w.data_plane or None,
         })
     return rows
 

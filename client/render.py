@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -128,6 +129,9 @@ def status_view(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float |
                                f"{f['pulls_skipped']} skipped")))
     parts.append(_kv(("bytes", f"{f['bytes_pushed'] / 1e6:.1f} MB pushed / {f['bytes_pulled'] / 1e6:.1f} MB pulled"),
                      ("staleness", f"mean {f['staleness_mean']:.2f} max {f['staleness_max']}")))
+    planes = Counter(w["data_plane"] for w in worker_rows(run, now) if w["data_plane"])
+    if planes:  # which ranks push over the TCP data plane and which over gRPC (slower: fell back?)
+        parts.append(_kv(("data plane", ", ".join(f"{name} ({n} rank{'s' * (n > 1)})" for name, n in sorted(planes.items()))),))
     parts.append(_kv(("parked", f"{f['parked_seconds']:.1f} s in all"),
                      ("updates", f["updates_applied"]), ("evictions", f["evictions"])))
     if hist["train_loss"]:

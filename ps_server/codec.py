@@ -311,6 +311,7 @@ def status_to_proto(s: RunStatus) -> pb.Run:
                 worker_name=w.worker_name, last_seen=_ts(w.last_seen), pushes=w.pushes,
                 waiting=w.waiting_for_clock is not None, waiting_for_clock=w.waiting_for_clock or 0,
                 pulls_skipped=w.pulls_skipped,
+                data_plane=w.data_plane,
             )
             for w in s.workers
         ],

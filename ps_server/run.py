@@ -73,6 +73,7 @@ class _Slot:
     pulls_skipped: int = 0
     waiting_for: int | None = None
     parked_at: float | None = None
+    data_plane: str = ""  # what the rank's last push came over: "tcp" or "grpc"
 
     @property
     def live(self) -> bool:
@@ -190,6 +191,7 @@ class Run:
         self._clocks_changed()
         slot.worker_name = worker_name
         slot.pulls_skipped = 0
+        slot.data_plane = ""
         slot.waiting_for = None
         self._touch(slot)
         self._event("joined", slot.rank, f"{worker_name or 'a worker'} took rank {slot.rank} "
@@ -280,14 +282,17 @@ class Run:
 
     # ------------------------------------------------------------------------------ data plane
     def push(
-        self, rank: int, incarnation: int, clock: int, grads: Mapping[str, Gradient], nbytes: int, loss: float = float("nan")
+        self, rank: int, incarnation: int, clock: int, grads: Mapping[str, Gradient], nbytes: int, loss: float = float("nan"),
+        data_plane: str = "",
     ) -> PushResult:
-        """Accept the gradient of iteration ``clock`` of a rank: apply (s > 0) or hold (s = 0)."""
+        """Accept the gradient of iteration ``clock`` of a rank: apply (s > 0) or hold (s = 0).
+        ``data_plane``: what it came over ("tcp", "grpc"), shown in the rank's status."""
         try:
             slot = self._slot(rank, incarnation)
         except PsError:
             self.counters.pushes_rejected += 1
             raise
+        slot.data_plane = data_plane or slot.data_plane
         if clock < slot.clock:
             self.counters.pushes_duplicate += 1
             return PushResult(slot.clock, True, self.min_clock, self.state)
@@ -603,6 +608,7 @@ class Run:
                 pushes=s.pushes,
                 waiting_for_clock=s.waiting_for,
                 pulls_skipped=s.pulls_skipped,
+                data_plane=s.data_plane,
             )
             for s in self._slots
         )

@@ -139,7 +139,8 @@ class ParameterServicer(pb_grpc.ParameterServiceServicer):
                     except PsError as exc:
                         failed = exc
                         raise
-                    result = run.push(req.rank, req.incarnation, req.clock, grads, assembler.nbytes, req.loss)
+                    result = run.push(req.rank, req.incarnation, req.clock, grads, assembler.nbytes, req.loss,
+                                      getattr(context, "data_plane", "grpc"))
                     # Drop the push's messages now (the gradient views keep them alive), not when
                     # the next push on this stream replaces them: four idle streams would hold four.
                     del grads, raw, req

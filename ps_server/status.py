@@ -95,6 +95,8 @@ class WorkerStatus:
     waiting_for_clock: int | None
     """Min clock a parked pull of this rank waits for, None when not waiting."""
     pulls_skipped: int
+    data_plane: str = ""
+    """What the rank's last push came over: "tcp" (the TCP data plane), "grpc", "" (none yet)."""
 
 
 @dataclass(frozen=True)

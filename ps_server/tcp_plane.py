@@ -54,7 +54,9 @@ class _Aborted(Exception):
 
 
 class _Context:
-    """What ``ParameterServicer`` uses of a gRPC servicer context."""
+    """What ``ParameterServicer`` uses of a gRPC servicer context, and the transport's name."""
+
+    data_plane = "tcp"
 
     async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
         raise _Aborted(code, details)

@@ -65,6 +65,7 @@ async def test_pushes_and_pulls_go_over_tcp_once_join_tells_the_port(server: PsS
         np.testing.assert_array_equal(both.tensors["w"], -2 * g)
         assert c.streams_opened == {"tcp": 2, "grpc": 0, "tcp_unreachable": 0}
         assert server.data_plane.connections == 2
+        assert [w.data_plane for w in (await c.get_run(run.run_id)).workers] == ["tcp"]  # psctl status shows it
 
 
 async def test_a_bad_push_over_tcp_gets_its_status_and_the_next_push_reconnects(server: PsServer) -> None:
@@ -95,6 +96,7 @@ async def test_an_unreachable_data_plane_falls_back_to_grpc(server: PsServer) ->
         # The first stream tried TCP; the second did not try again (for a while, then it will).
         assert c.streams_opened == {"tcp": 0, "grpc": 2, "tcp_unreachable": 1}
         assert c.transport == "grpc"
+        assert [w.data_plane for w in (await c.get_run(run.run_id)).workers] == ["grpc"]
         # A heartbeat tells the port again (as after a server restart): TCP from the next stream.
         hb = await c.heartbeat(run.run_id, a.rank, a.incarnation, 1)
         assert hb.data_port == c.data_port == server.data_plane.port and c.transport == "tcp"  # type: ignore[union-attr]
@@ -128,9 +130,9 @@ async def test_a_client_that_goes_away_frees_its_parked_pull(server: PsServer) -
     run = await c.create_run(make_spec(num_workers=2, staleness=0))
     a = (await c.join("a", run.run_id)).assignment
     await c.join("b", run.run_id)
-    parked = asyncio.create_task(c.pull(run.run_id, a.rank, a.incarnation, 1, max_wait=30))
-    core = server.registry.get(run.run_id)
     await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)})
+    parked = asyncio.create_task(c.pull(run.run_id, a.rank, a.incarnation, 1, max_wait=30))  # waits for rank 1
+    core = server.registry.get(run.run_id)
     for _ in range(100):
         if core.counters.pulls_parked:
             break

@@ -207,7 +207,7 @@ class RunSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model_spec_json: _Optional[str] = ..., data_spec_json: _Optional[str] = ..., num_workers: _Optional[int] = ..., staleness: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., iterations: _Optional[int] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., eval_every: _Optional[int] = ..., slowdown: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("rank", "state", "incarnation", "clock", "worker_name", "last_seen", "pushes", "waiting_for_clock", "waiting", "pulls_skipped")
+    __slots__ = ("rank", "state", "incarnation", "clock", "worker_name", "last_seen", "pushes", "waiting_for_clock", "waiting", "pulls_skipped", "data_plane")
     RANK_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -218,6 +218,7 @@ class WorkerStatus(_message.Message):
     WAITING_FOR_CLOCK_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     PULLS_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     state: WorkerState
     incarnation: int
@@ -228,7 +229,8 @@ class WorkerStatus(_message.Message):
     waiting_for_clock: int
     waiting: bool
     pulls_skipped: int
-    def __init__(self, rank: _Optional[int] = ..., state: _Optional[_Union[WorkerState, str]] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ..., worker_name: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pushes: _Optional[int] = ..., waiting_for_clock: _Optional[int] = ..., waiting: _Optional[bool] = ..., pulls_skipped: _Optional[int] = ...) -> None: ...
+    data_plane: str
+    def __init__(self, rank: _Optional[int] = ..., state: _Optional[_Union[WorkerState, str]] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ..., worker_name: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pushes: _Optional[int] = ..., waiting_for_clock: _Optional[int] = ..., waiting: _Optional[bool] = ..., pulls_skipped: _Optional[int] = ..., data_plane: _Optional[str] = ...) -> None: ...
 
 class RunCounters(_message.Message):
     __slots__ = ("pushes_applied", "pushes_duplicate", "pushes_rejected", "pulls_served", "pulls_parked", "pulls_skipped", "bytes_pushed", "bytes_pulled", "updates_applied", "evictions", "staleness_sum", "staleness_max", "parked_seconds")
