@@ -1,8 +1,11 @@
 # paramserver: ps-server, ps-worker and psctl in one image (python:3.11-slim, a venv, a non-root user).
 #
 #   docker build --network host -t paramserver .      # or: docker compose build
-#   docker run --rm -p 127.0.0.1:50051:50051 paramserver                    # the server (the default command)
+#   docker run --rm -p 127.0.0.1:50051-50052:50051-50052 paramserver        # the server (the default command)
 #   docker run --rm -e PS_SERVER=HOST:50051 paramserver ps-worker           # a worker
+#
+# 50051 is gRPC; 50052 the TCP data plane workers push and pull on (published with the same number:
+# a worker dials the server's host at the port the server tells it; without it, workers use gRPC).
 #
 # Where no image registry is reachable, deploy/build-base-image.sh first provides python:3.11-slim
 # (built from Debian packages; its python3 is /usr/bin/python3, the official image's is
@@ -47,7 +50,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     MPLCONFIGDIR=/tmp/matplotlib \
     PS_HOST=0.0.0.0 \
-    PS_PORT=50051
+    PS_PORT=50051 \
+    PS_DATA_PORT=50052
 # uid/gid 10001: numeric, so Kubernetes' runAsNonRoot can check it. /data is for checkpoints; a
 # named volume mounted there starts out owned by this user.
 RUN groupadd --gid 10001 ps \
@@ -61,5 +65,5 @@ RUN pip install --no-deps /tmp/wheels/*.whl \
  && ps-server --help >/dev/null && ps-worker --help >/dev/null && psctl --help >/dev/null
 USER 10001:10001
 WORKDIR /home/ps
-EXPOSE 50051
+EXPOSE 50051 50052
 CMD ["ps-server"]
