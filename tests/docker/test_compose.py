@@ -135,11 +135,16 @@ class Cluster:
         result: dict[str, Any] = json.loads(lines[-1])
         return result
 
-    def run_hosts(self, run_id: str) -> list[str]:
-        """The container hostnames of the run's ranks (worker names are 'hostname:pid')."""
+    def run_workers(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's ranks as ``psctl status --json`` shows them."""
         got = self.psctl("status", run_id, "--json", timeout=30)
         assert got.returncode == 0, got.stderr
-        return sorted(w["worker_name"].rpartition(":")[0] for w in json.loads(got.stdout)["workers"])
+        workers: list[dict[str, Any]] = json.loads(got.stdout)["workers"]
+        return workers
+
+    def run_hosts(self, run_id: str) -> list[str]:
+        """The container hostnames of the run's ranks (worker names are 'hostname:pid')."""
+        return sorted(w["worker_name"].rpartition(":")[0] for w in self.run_workers(run_id))
 
     def leftovers(self) -> list[str]:
         found = []
@@ -212,6 +217,8 @@ def test_compose_cluster_trains_scales_and_leaves_nothing(cluster: Cluster) -> N
     assert run1["test_accuracy"] is not None and run1["test_accuracy"] >= MIN_ACCURACY, run1
     hosts3 = sorted(w["Config"]["Hostname"] for w in workers)
     assert c.run_hosts(run1["run_id"]) == hosts3
+    # They pushed and pulled over the server's TCP data plane (ps:50052 in the compose network).
+    assert [w["data_plane"] for w in c.run_workers(run1["run_id"])] == ["tcp"] * 3
 
     # Scale to four (the three keep running) and train on all of them.
     start = time.monotonic()
