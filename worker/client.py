@@ -192,15 +192,11 @@ class _TcpCall:
             answer = bytearray(tcp.HELLO.size)
             await tcp.recv_exact(sock, memoryview(answer))
             if answer[0] == tcp.STATUS and not answer.startswith(tcp.MAGIC):  # refused, e.g. shutting down
-                rest = bytearray(tcp.FRAME.size - tcp.HELLO.size)
-                await tcp.recv_exact(sock, memoryview(rest))
-                _, _, _, status, length = tcp.FRAME.unpack(answer + rest)
-                details = bytearray(min(length, 1 << 16))
-                await tcp.recv_exact(sock, memoryview(details))
-                code = _STATUS_BY_VALUE.get(status, grpc.StatusCode.UNKNOWN)
-                if code == grpc.StatusCode.UNIMPLEMENTED:  # another version of the framing: use gRPC
-                    raise ConnectionError(f"{host}:{port} does not speak this data plane: {details.decode()}")
-                raise PsClientError(code, details.decode("utf-8", "replace"), method)
+                _, status, body = await tcp.read_frame(sock, 1 << 16, head=bytes(answer))
+                refused = _status_error(status, body, method)
+                if refused.code == grpc.StatusCode.UNIMPLEMENTED:  # another version of the framing: use gRPC
+                    raise ConnectionError(f"{host}:{port} does not speak this data plane: {refused.details}")
+                raise refused
             if bytes(answer) != tcp.hello(code):
                 raise ConnectionError(f"{host}:{port} is not a paramserver data plane of this version")
         except BaseException:
@@ -223,8 +219,7 @@ class _TcpCall:
             raise PsClientError(grpc.StatusCode.UNAVAILABLE, f"the data plane connection broke ({exc})",
                                 self._method) from None
         if kind == tcp.STATUS:
-            code = _STATUS_BY_VALUE.get(status, grpc.StatusCode.UNKNOWN)
-            raise PsClientError(code, bytes(body).decode("utf-8", "replace"), self._method)
+            raise _status_error(status, body, self._method)
         return body
 
     def cancel(self) -> None:
@@ -236,6 +231,12 @@ class _WriteFailed(Exception):
 
 
 _STATUS_BY_VALUE = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _status_error(status: int, body: memoryview, method: str) -> PsClientError:
+    """The error a STATUS frame of the TCP data plane ends a stream with."""
+    code = _STATUS_BY_VALUE.get(status, grpc.StatusCode.UNKNOWN)
+    return PsClientError(code, bytes(body).decode("utf-8", "replace"), method)
 
 
 class _Stream:

@@ -151,12 +151,13 @@ class FrameTooLarge(ValueError):
     pass
 
 
-async def read_frame(sock: socket.socket, max_bytes: int) -> tuple[int, int, memoryview]:
+async def read_frame(sock: socket.socket, max_bytes: int, head: bytes = b"") -> tuple[int, int, memoryview]:
     """The next frame: (kind, status, body). The body is a fresh buffer the caller may keep
     (decoded chunks are views of it). ValueError when the frame is malformed, FrameTooLarge (a
-    ValueError) when it is larger than ``max_bytes``: the connection is then out of step."""
-    header = bytearray(FRAME.size)
-    await recv_exact(sock, memoryview(header))
+    ValueError) when it is larger than ``max_bytes``: the connection is then out of step.
+    ``head``: the header's first bytes, already read (a refusal where a hello's echo was due)."""
+    header = bytearray(head) + bytearray(FRAME.size - len(head))
+    await recv_exact(sock, memoryview(header)[len(head):])
     kind, _, _, status, length = FRAME.unpack(header)
     if kind not in (MESSAGE, STATUS):
         raise ValueError(f"unknown frame kind {kind}")
