@@ -29,10 +29,11 @@ RUN python -c "import tomllib; t = tomllib.load(open('pyproject.toml', 'rb')); \
 print(*t['project']['dependencies'], *t['build-system']['requires'], sep='\n')" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
 
-# ---- wheel: the project as a wheel (setuptools maps paramserver = protos/paramserver)
+# ---- wheel: the project as a wheel (setuptools maps paramserver.v1 = protos/paramserver/v1)
 FROM deps AS wheel
 COPY README.md ./
 COPY protos ./protos
+COPY paramserver ./paramserver
 COPY ps_server ./ps_server
 COPY worker ./worker
 COPY client ./client

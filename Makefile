@@ -28,7 +28,7 @@ docker-test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy ps_server worker client
+	$(BIN)/mypy -p ps_server -p worker -p client -p paramserver -p paramserver.v1
 	$(BIN)/buf lint
 
 proto: $(STAMP)

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from client.spec import LaunchOptions, build_run_spec  # noqa: E402
-from worker.client import PsClient  # noqa: E402
+from paramserver.client import PsClient  # noqa: E402
 
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
 WORKERS = 4

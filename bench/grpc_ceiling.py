@@ -2,13 +2,13 @@
 
     .venv/bin/python bench/grpc_ceiling.py [--quick] [--shapes mlp|big]
 
-A stand-alone experiment (it does not use ps_server or worker.client) that answers: how much of
+A stand-alone experiment (it does not use ps_server or the paramserver SDK) that answers: how much of
 the gap between the parameter server and raw TCP is gRPC itself, and how much is how we build
 and read protobuf messages? Three loops, each pull(all params) then push(gradient), with a server
 in a separate process, 1 MiB tensor chunks, bidirectional streams kept open, and the same
 allocator thresholds as DESIGN.md (set in the environment of both processes):
 
-* ``proto``: the way ps_server/worker.client do it today: ``arr.tobytes()`` per chunk,
+* ``proto``: the way ps_server and the worker did it at first: ``arr.tobytes()`` per chunk,
   ``TensorChunk(data=...)``, a request built from a list of chunks, protobuf (de)serialisation,
   ``chunk.data``, copy into the destination array; server: assemble into a fresh array, np.sum
   check, SGD step.
@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import BIG_SHAPES, MALLOC_ENV, MLP_SHAPES, TcpBench, cpu_seconds  # noqa: E402
 
 from paramserver.v1 import paramserver_pb2 as pb  # noqa: E402
-from paramserver.v1.tensors import F32, chunk_messages  # noqa: E402
+from paramserver.v1 import wire  # noqa: E402
+from paramserver.v1.wire import F32  # noqa: E402
 
 CHUNK = 1 << 20
 OPTS: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
@@ -51,8 +52,9 @@ OPTS: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 64 << 20), ("
 # ----------------------------------------------------------------------------- hand codec
 def encode_tensors(tensors: dict[str, np.ndarray], chunk_bytes: int) -> Iterator[list[pb.TensorChunk]]:
     """The generated classes' way: TensorChunk messages of about ``chunk_bytes``, a list per message."""
-    for m in chunk_messages(tensors, chunk_bytes, pb.PullParamsResponse):
-        yield list(m.tensors)
+    for group in wire.chunk_groups(tensors, chunk_bytes):
+        yield [pb.TensorChunk(name=name, shape=shape, dtype=pb.DATA_TYPE_FLOAT32, offset=offset, data=part.tobytes())
+               for name, shape, offset, part in group]
 
 
 def varint(n: int) -> bytes:

@@ -181,8 +181,8 @@ def start_server() -> tuple[subprocess.Popen[str], str]:
 
 
 async def distributed(spec: object, profile: Path | None, tag: str) -> dict[str, object]:
+    from paramserver.client import PsClient
     from paramserver.v1 import paramserver_pb2 as pb
-    from worker.client import PsClient
 
     server, addr = start_server()
     # The workers set OPENBLAS_NUM_THREADS=1 themselves (worker/main.py); give them the default env.
@@ -288,7 +288,7 @@ def psctl_memory(interval: float = 0.05) -> dict[str, object]:
 # ------------------------------------------------------------------------------ soak
 async def soak(minutes: float, every: float = 5.0) -> dict[str, object]:
     from client.spec import LaunchOptions, build_run_spec
-    from worker.client import PsClient
+    from paramserver.client import PsClient
 
     spec = build_run_spec(LaunchOptions(model="mlp:64", dataset="digits", workers=WORKERS, staleness="inf",
                                         iterations=10**8, eval_every=2000))

@@ -40,7 +40,7 @@ def vm(pid: int) -> dict[str, int]:
 async def client(address: str, run_id: str, seconds: float, mode: str) -> None:
     import numpy as np
 
-    from worker.client import PsClient
+    from paramserver.client import PsClient
 
     async with PsClient(address) as ps:
         a = (await ps.join("push-memory", run_id=run_id, max_wait=30)).assignment
@@ -66,8 +66,8 @@ async def client(address: str, run_id: str, seconds: float, mode: str) -> None:
 
 
 async def main(args: argparse.Namespace, server_args: list[str]) -> None:
+    from paramserver.client import PsClient
     from paramserver.v1 import paramserver_pb2 as pb
-    from worker.client import PsClient
 
     server = subprocess.Popen([sys.executable, "-m", "ps_server.server", "--port", "0", "--log-level", "WARNING",
                                *server_args], cwd=ROOT, stdout=subprocess.PIPE, text=True)

@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from client.spec import LaunchOptions, build_run_spec  # noqa: E402
+from paramserver.client import PsClient  # noqa: E402
 from paramserver.v1 import paramserver_pb2 as pb  # noqa: E402
-from worker.client import PsClient  # noqa: E402
 from worker.datasets import BatchSampler, load_dataset, shard_indices  # noqa: E402
 from worker.models import build_model  # noqa: E402
 

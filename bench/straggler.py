@@ -75,8 +75,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
 from client.spec import LaunchOptions, build_run_spec  # noqa: E402
+from paramserver.client import PsClient  # noqa: E402
 from paramserver.v1 import paramserver_pb2 as pb  # noqa: E402
-from worker.client import PsClient  # noqa: E402
 from worker.datasets import load_dataset  # noqa: E402
 from worker.models import build_model  # noqa: E402
 

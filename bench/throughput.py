@@ -282,8 +282,8 @@ async def client_main(args: argparse.Namespace) -> None:
     Commands: {"op": "ps"|"tcp", "model": M, "seconds": S, "min_iters": N} or {"op": "quit"}.
     Keeping every configuration's processes alive and idle lets the orchestrator interleave them.
     """
+    from paramserver.client import PsClient
     from paramserver.runtime import tune_malloc
-    from worker.client import PsClient
 
     tune_malloc()  # as ps-worker does (a no-op when the environment sets the allocator)
     server = None
@@ -310,7 +310,7 @@ async def client_main(args: argparse.Namespace) -> None:
                 await bench.setup(verify=args.verify and model.startswith("big"))
                 for _ in range(2):
                     await bench.iteration()  # warm-up: first pulls fill `into`, first pushes fault in
-                emit("setup", model=model, streams=dict(ps.streams_opened), **(bench.check or {}))
+                emit("setup", model=model, streams=dict(ps.route.opened), **(bench.check or {}))
             emit("ready")
             while True:
                 line = await loop.run_in_executor(None, sys.stdin.readline)
@@ -467,9 +467,9 @@ def machine() -> dict[str, str]:
     try:
         commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "ps_server", "worker/client.py", "protos/paramserver"],
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "ps_server", "paramserver", "protos/paramserver"],
                                capture_output=True, text=True).stdout.strip()
-        commit += " (+ uncommitted changes in ps_server, worker/client.py or protos)" if dirty else ""
+        commit += " (+ uncommitted changes in ps_server, paramserver or protos)" if dirty else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "?"
     import grpc
@@ -647,7 +647,7 @@ def main() -> None:
         for inproc in inprocs:
             for malloc in mallocs:
                 for transport in transports:
-                    verify = "big-100M" in models and not args.profile and not any(c.transport == transport for c in configs)
+                    verify = "big-100M" in models and not args.profile and not any(c.route.transport == transport for c in configs)
                     configs.append(Config(py, malloc, inproc, models, verify, args.chunk_bytes, transport))
         for cfg in configs:  # set-ups one at a time: they allocate and fault in hundreds of MB
             cfg.wait_ready()

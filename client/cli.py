@@ -16,14 +16,14 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
-import grpc
 import numpy as np
 import typer
 from rich.console import Console
 from rich.live import Live
 
+from paramserver import errors
+from paramserver.client import PsClient
 from paramserver.v1 import paramserver_pb2 as pb
-from worker.client import PsClient, PsClientError
 
 from . import facts, render
 from .launch import launch_run
@@ -51,15 +51,15 @@ RunId = Annotated[str, typer.Argument(metavar="RUN", help="Run id, as shown by '
 # ---------------------------------------------------------------------------------------- plumbing
 def _error(exc: BaseException, server: str) -> str:
     """The one place that turns an exception into the sentence a user reads."""
-    if isinstance(exc, PsClientError):
-        if exc.code == grpc.StatusCode.UNAVAILABLE:
-            return (f"cannot reach a paramserver at {server} ({exc.details}). Start one with "
-                    f"'ps-server --port {server.rpartition(':')[2] or 50051}', point --server (or PSCTL_SERVER) "
-                    f"at a running one, or train on a self-contained cluster with 'psctl launch --local'.")
-        if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return (f"no answer from {server} in time ({exc.details}): is a paramserver running there and "
-                    f"reachable? If it is just busy, try a larger --timeout.")
-        return f"{exc.code.name}: {exc.details}"
+    if isinstance(exc, errors.Unavailable):
+        return (f"cannot reach a paramserver at {server} ({exc.message}). Start one with "
+                f"'ps-server --port {server.rpartition(':')[2] or 50051}', point --server (or PSCTL_SERVER) "
+                f"at a running one, or train on a self-contained cluster with 'psctl launch --local'.")
+    if isinstance(exc, errors.DeadlineExceeded):
+        return (f"no answer from {server} in time ({exc.message}): is a paramserver running there and "
+                f"reachable? If it is just busy, try a larger --timeout.")
+    if isinstance(exc, errors.PsError):
+        return f"{exc.code.name}: {exc.message}"
     if isinstance(exc, KeyboardInterrupt):
         return f"interrupted: {exc}" if str(exc) else "interrupted"
     return str(exc) or type(exc).__name__
@@ -74,7 +74,7 @@ def _handled(func: Callable[..., None]) -> Callable[..., None]:
             func(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
-        except (PsClientError, ValueError, OSError, RuntimeError, KeyboardInterrupt) as exc:
+        except (errors.PsError, ValueError, OSError, RuntimeError, KeyboardInterrupt) as exc:
             typer.echo(f"Error: {_error(exc, kwargs.get('server', ''))}", err=True)
             raise typer.Exit(130 if isinstance(exc, KeyboardInterrupt) else 1) from None
 

@@ -18,10 +18,9 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
-import grpc
-
+from paramserver import errors
+from paramserver.client import PsClient
 from paramserver.v1 import paramserver_pb2 as pb
-from worker.client import PsClient, PsClientError
 
 from .local import LocalCluster
 
@@ -54,9 +53,7 @@ async def follow(ps: PsClient, run_id: str, on_snapshot: Snapshot, *, metrics_ev
                 result = on_snapshot(snap, metrics)
                 if result is not None:
                     await result
-        except PsClientError as exc:
-            if exc.code != grpc.StatusCode.DEADLINE_EXCEEDED or "no update" not in exc.details:
-                raise
+        except errors.WatchIdle:
             continue  # quiet stream (e.g. a pending run): reopen it
         if last is not None and last.state in EXIT_CODES:
             return last
@@ -84,7 +81,7 @@ async def follow_local(ps: PsClient, cluster: LocalCluster, run_id: str, on_snap
     try:
         await asyncio.wait({watched, dog}, return_when=asyncio.FIRST_COMPLETED)
         if watched.done():
-            if isinstance(watched.exception(), PsClientError):
+            if isinstance(watched.exception(), errors.PsError):
                 cluster.check_server(wait=3.0)  # a dead server explains an UNAVAILABLE better than gRPC does
             return watched.result()
         return dog.result()  # type: ignore[return-value]  # _watchdog only ends by raising

@@ -17,11 +17,11 @@ import asyncio
 import json
 from typing import Any
 
-import grpc
 from rich.console import Console
 
+from paramserver import errors
+from paramserver.client import PsClient
 from paramserver.v1 import paramserver_pb2 as pb
-from worker.client import PsClient, PsClientError
 from worker.datasets import parse_dataset
 from worker.models import parse_model
 
@@ -128,12 +128,10 @@ def _local(o: LaunchOptions, verbose: bool, json_mode: bool, timeout: float) -> 
 
             try:
                 run, evals = asyncio.run(main())
-            except PsClientError as exc:
-                if exc.code != grpc.StatusCode.UNAVAILABLE:
-                    raise
+            except errors.Unavailable as exc:
                 cluster.check_server(wait=3.0)  # the better explanation, if the server process died
                 cluster.keep_log = True
-                raise LocalClusterError(f"lost the local ps-server at {address} ({exc.details}); {cluster.where}") from None
+                raise LocalClusterError(f"lost the local ps-server at {address} ({exc.message}); {cluster.where}") from None
             if run.state != pb.RUN_STATE_COMPLETED:
                 cluster.keep_log = True
     except KeyboardInterrupt:
@@ -143,7 +141,7 @@ def _local(o: LaunchOptions, verbose: bool, json_mode: bool, timeout: float) -> 
 
 def launch_run(o: LaunchOptions, *, server: str, wait: bool, local: bool, verbose: bool, json_mode: bool,
                timeout: float) -> int:
-    """Run ``psctl launch``; returns the exit status. Raises ValueError/PsClientError for the handler."""
+    """Run ``psctl launch``; returns the exit status. Raises ValueError/errors.PsError for the handler."""
     if local:
         return _local(o, verbose, json_mode, timeout)
     return _submit(o, server, wait, json_mode, timeout)

@@ -13,8 +13,8 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from paramserver.security import Security, read_token
 from paramserver.v1 import paramserver_pb2 as pb
-from worker.client import Security, read_token
 from worker.datasets import load_dataset, parse_dataset
 from worker.models import build_model, parse_model
 

@@ -1,8 +1,8 @@
-"""When checkpoints are taken, and the resume at start-up; the disk format is ``checkpoint``.
+"""When checkpoints are taken, and the resume at start-up; the disk format is ``core.checkpoint``.
 
-A run calls ``schedule`` synchronously when its min clock passes a multiple of
-``checkpoint_every`` and when it finishes, so the snapshot is a consistent cut taken on the event
-loop; the write (npz, hashes, fsync, rename) then runs in a thread so the loop keeps serving. Writes
+A run tells its checkpointer of every change, synchronously (``Run.on_change``); when its min clock
+passes a multiple of ``every`` and when it finishes, the snapshot (``core.snapshot``) is taken right
+there, a consistent cut on the event loop; the write (npz, hashes, fsync, rename) then runs in a thread so the loop keeps serving. Writes
 of one run are ordered by a lock: a newer checkpoint never lands before an older one. When the disk
 is slower than the run, snapshots are coalesced: one write at a time per run, and only the newest
 snapshot waits for it (so memory stays bounded and what lands is as fresh as the disk allows).
@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import CheckpointStore
-from .registry import RunRegistry
-from .run import Run
+from .core import snapshot
+from .core.checkpoint import CheckpointStore
+from .core.run import Run
 
 __all__ = ["Checkpointer"]
 
@@ -34,14 +34,26 @@ class Checkpointer:
         self._locks: dict[str, asyncio.Lock] = {}
         self._waiting: dict[str, tuple[dict[str, Any], dict[str, np.ndarray], str]] = {}
         self._writers: dict[str, asyncio.Task[None]] = {}
+        self._taken: dict[str, tuple[int, bool]] = {}
+        """run id -> (min clock of its last scheduled checkpoint, whether its final one was)."""
 
     def attach(self, run: Run) -> None:
-        """Make ``run`` checkpoint itself through this checkpointer."""
-        run.checkpoint_every = self.every
-        run.on_checkpoint = self.schedule
+        """Checkpoint ``run`` from now on: each ``every`` clocks of its min clock, and when it ends."""
+        self._taken[run.run_id] = (run.min_clock, run.state.finished)
+        run.on_change = self._changed
+
+    def _changed(self, run: Run) -> None:
+        clock, final = self._taken[run.run_id]
+        if run.state.finished:
+            if not final:
+                self._taken[run.run_id] = (clock, True)
+                self.schedule(run, run.state.value)
+        elif self.every and run.min_clock // self.every > clock // self.every:
+            self._taken[run.run_id] = (run.min_clock, False)
+            self.schedule(run, f"min clock {run.min_clock}")
 
     def schedule(self, run: Run, reason: str) -> None:
-        meta, arrays = run.state_dict()
+        meta, arrays = snapshot.state_dict(run)
         self._waiting[run.run_id] = (meta, arrays, reason)  # replaces an older one not yet written
         writer = self._writers.get(run.run_id)
         if writer is None or writer.done():
@@ -56,7 +68,7 @@ class Checkpointer:
                 pass  # logged by _write; the next checkpoint tries again
 
     async def checkpoint_now(self, run: Run, reason: str) -> tuple[Path, int]:
-        meta, arrays = run.state_dict()
+        meta, arrays = snapshot.state_dict(run)
         return await self._write(meta, arrays, reason), int(meta["min_clock"])
 
     async def _write(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], reason: str) -> Path:
@@ -77,12 +89,11 @@ class Checkpointer:
         if self._writers:
             await asyncio.gather(*self._writers.values(), return_exceptions=True)
 
-    def resume(self, registry: RunRegistry) -> list[Run]:
-        """Restore every run from its newest checkpoint that loads (corrupt ones, and ones that do
+    def resume(self) -> list[Run]:
+        """Every run restored from its newest checkpoint that loads (corrupt ones, and ones that do
         not fit their run, are skipped loudly for the next older one)."""
         restored = []
-        for ckpt, run in self.store.latest(lambda c: (c, Run.from_state(c.meta, c.arrays))):
-            registry.add(run)
+        for ckpt, run in self.store.latest(lambda c: (c, snapshot.restore(c.meta, c.arrays))):
             restored.append(run)
             log.warning("resumed %s from %s: %s at min clock %d", run.run_id, ckpt.path, run.state.value,
                         run.min_clock, extra={"run": run.run_id})

@@ -1,9 +1,9 @@
 """Conversions between the wire (paramserver.v1 protobuf) and the core, as pure functions.
 
-Also the one table that maps domain errors to gRPC status codes. Tensors:
-``paramserver.v1.wire`` encodes and decodes the data plane's messages; ``TensorAssembler`` puts
-decoded chunks (views of the received bytes) back together, zero-copy when a tensor arrives in one
-chunk.
+Also ``error_status``, the one mapping from a domain error to the status every transport sends
+(code, message, ErrorInfo). Tensors: ``paramserver.v1.wire`` encodes and decodes the data plane's
+messages; ``TensorAssembler`` puts decoded chunks (views of the received bytes) back together,
+zero-copy when a tensor arrives in one chunk. No gRPC here: transports are leaves above this.
 """
 
 from __future__ import annotations
@@ -11,54 +11,53 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import wire
-from paramserver.v1.tensors import F32
 
-from . import errors
-from .run import ClockRecord
-from .spec import Aggregation, Initializer, OptimizerConfig, OptimizerKind, ParamSpec, RunSpec
-from .status import MetricPoint, RunEvent, RunState, RunStatus, WorkerState
-from .store import Gradient, Pieces
+from .core import errors
+from .core.history import ClockRecord
+from .core.spec import OPTIMIZER_DEFAULTS, Aggregation, Initializer, OptimizerConfig, OptimizerKind, ParamSpec, RunSpec
+from .core.status import MetricPoint, RunEvent, RunState, RunStatus, WorkerState
+from .core.tensors import Gradient, Pieces
 
 __all__ = [
-    "STATUS_CODES",
     "TensorAssembler",
+    "error_status",
     "point_from_proto",
     "point_to_proto",
     "record_to_proto",
     "run_state_to_proto",
+    "run_to_proto",
     "spec_from_proto",
     "spec_to_proto",
-    "status_code",
-    "status_to_proto",
 ]
 
-STATUS_CODES: dict[type[errors.PsError], grpc.StatusCode] = {
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
-    errors.WaitTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.ShuttingDown: grpc.StatusCode.UNAVAILABLE,
-}
 
-
-def status_code(exc: errors.PsError) -> grpc.StatusCode:
-    for cls in type(exc).__mro__:
-        if cls in STATUS_CODES:
-            return STATUS_CODES[cls]
-    return grpc.StatusCode.INTERNAL
+# ------------------------------------------------------------------------------------- errors
+def error_status(exc: errors.PsError) -> pb.Status:
+    """What a refusal says on every transport: status code, message, and the facts for programs."""
+    info = pb.ErrorInfo(reason=pb.ErrorReason.Value(f"ERROR_REASON_{exc.reason.name}"))
+    if exc.next_clock is not None:
+        info.next_clock = exc.next_clock
+    if exc.run_state:
+        info.run_state = _RUN_STATE[RunState(exc.run_state)]
+    if exc.needed_min_clock is not None:
+        info.needed_min_clock = max(0, exc.needed_min_clock)
+    info.ranks_behind.extend(exc.ranks_behind)
+    return pb.Status(code=exc.code, message=str(exc), error=info)
 
 
 # ------------------------------------------------------------------------------------- tensors
-_F32 = F32
+_F32 = wire.F32
 _FLOAT32 = pb.DATA_TYPE_FLOAT32
+
+
+def _bad_gradient(message: str) -> errors.InvalidArgument:
+    return errors.InvalidArgument(message, errors.Reason.INVALID_GRADIENT)
+
 
 
 class TensorAssembler:
@@ -83,13 +82,13 @@ class TensorAssembler:
             data = chunk.data  # a view of the request's bytes (wire), not a copy
             name = chunk.name
             if chunk.dtype != _FLOAT32:
-                raise errors.InvalidArgument(
+                raise _bad_gradient(
                     f"tensor {name!r} has dtype {pb.DataType.Name(chunk.dtype) if chunk.dtype in pb.DataType.values() else chunk.dtype}; "
                     "this server stores DATA_TYPE_FLOAT32"
                 )
             n_bytes = len(data)
             if n_bytes & 3:
-                raise errors.InvalidArgument(f"tensor {name!r}: chunk of {n_bytes} bytes is not a whole number of float32")
+                raise _bad_gradient(f"tensor {name!r}: chunk of {n_bytes} bytes is not a whole number of float32")
             self.nbytes += n_bytes
             if self.nbytes > self.max_bytes:
                 tensors.clear()  # drop what was buffered: the rest of the push is only counted
@@ -100,12 +99,12 @@ class TensorAssembler:
             values = np.frombuffer(data, _F32)
             if name not in tensors:
                 if len(shape) > 32:
-                    raise errors.InvalidArgument(f"tensor {name!r} has {len(shape)} dimensions: send the parameter's shape")
+                    raise _bad_gradient(f"tensor {name!r} has {len(shape)} dimensions: send the parameter's shape")
                 if shape and min(shape) < 0:
-                    raise errors.InvalidArgument(f"tensor {name!r} has a negative dimension in shape {list(shape)}")
+                    raise _bad_gradient(f"tensor {name!r} has a negative dimension in shape {list(shape)}")
                 total = math.prod(shape)
                 if total == 0 and any(4 * d > self.max_bytes for d in shape):
-                    raise errors.InvalidArgument(f"tensor {name!r} has shape {list(shape)}: send the parameter's shape")
+                    raise _bad_gradient(f"tensor {name!r} has shape {list(shape)}: send the parameter's shape")
                 self._declared += 4 * total
                 if self._declared > self.max_bytes:
                     raise errors.ResourceExhausted(
@@ -120,11 +119,11 @@ class TensorAssembler:
             pieces = tensors[name]
             size = math.prod(pieces.shape)
             if shape != pieces.shape:
-                raise errors.InvalidArgument(f"chunks of tensor {name!r} disagree on its shape")
+                raise _bad_gradient(f"chunks of tensor {name!r} disagree on its shape")
             filled = self._filled[name]
             n = values.size
             if chunk.offset != filled or filled + n > size or not isinstance(pieces, Pieces):
-                raise errors.InvalidArgument(
+                raise _bad_gradient(
                     f"tensor {name!r}: chunk at offset {chunk.offset} with {n} elements, expected offset "
                     f"{filled} of {size}: send chunks in order, covering the tensor once"
                 )
@@ -137,7 +136,7 @@ class TensorAssembler:
         for name, g in self._tensors.items():
             size = math.prod(g.shape)
             if self._filled[name] != size:
-                raise errors.InvalidArgument(
+                raise _bad_gradient(
                     f"tensor {name!r} is incomplete: {self._filled[name]} of {size} elements arrived"
                 )
         return self._tensors
@@ -156,50 +155,40 @@ _AGG = {pb.AGGREGATION_UNSPECIFIED: Aggregation.MEAN, pb.AGGREGATION_MEAN: Aggre
 _AGG_PB = {Aggregation.MEAN: pb.AGGREGATION_MEAN, Aggregation.SUM: pb.AGGREGATION_SUM}
 
 
+def _bad_spec(message: str) -> errors.InvalidArgument:
+    return errors.InvalidArgument(message, errors.Reason.INVALID_SPEC)
+
+
 def _optimizer_from_proto(o: pb.OptimizerSpec) -> OptimizerConfig:
-    kind = o.WhichOneof("kind")
-    if kind is None:
-        raise errors.InvalidArgument("optimizer is unset: choose sgd, momentum, adam or adagrad")
-    if kind == "sgd":
-        return OptimizerConfig(OptimizerKind.SGD, o.sgd.learning_rate, weight_decay=o.sgd.weight_decay)
-    if kind == "momentum":
-        m = o.momentum
-        return OptimizerConfig(OptimizerKind.MOMENTUM, m.learning_rate, momentum=m.momentum,
-                               nesterov=m.nesterov, weight_decay=m.weight_decay)
-    if kind == "adam":
-        a = o.adam
-        return OptimizerConfig(
-            OptimizerKind.ADAM, a.learning_rate,
-            beta1=a.beta1 or 0.9, beta2=a.beta2 or 0.999, epsilon=a.epsilon or 1e-8, weight_decay=a.weight_decay,
-        )
-    g = o.adagrad
-    return OptimizerConfig(OptimizerKind.ADAGRAD, g.learning_rate, epsilon=g.epsilon or 1e-10,
-                           initial_accumulator=g.initial_accumulator)
+    """By name: the oneof field is the kind, its message's fields are ``OptimizerConfig``'s."""
+    name = o.WhichOneof("kind")
+    if name is None:
+        raise _bad_spec(f"optimizer is unset: choose {', '.join(k.value for k in OptimizerKind)}")
+    kind, config = OptimizerKind(name), getattr(o, name)
+    defaults = OPTIMIZER_DEFAULTS.get(kind, {})
+    values = {f.name: getattr(config, f.name) for f in config.DESCRIPTOR.fields}
+    return OptimizerConfig(kind, **{k: v or defaults.get(k, v) for k, v in values.items()})
 
 
 def _optimizer_to_proto(c: OptimizerConfig) -> pb.OptimizerSpec:
-    if c.kind is OptimizerKind.SGD:
-        return pb.OptimizerSpec(sgd=pb.SgdConfig(learning_rate=c.learning_rate, weight_decay=c.weight_decay))
-    if c.kind is OptimizerKind.MOMENTUM:
-        return pb.OptimizerSpec(momentum=pb.MomentumConfig(
-            learning_rate=c.learning_rate, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay))
-    if c.kind is OptimizerKind.ADAM:
-        return pb.OptimizerSpec(adam=pb.AdamConfig(
-            learning_rate=c.learning_rate, beta1=c.beta1, beta2=c.beta2, epsilon=c.epsilon, weight_decay=c.weight_decay))
-    return pb.OptimizerSpec(adagrad=pb.AdagradConfig(
-        learning_rate=c.learning_rate, epsilon=c.epsilon, initial_accumulator=c.initial_accumulator))
+    out = pb.OptimizerSpec()
+    config = getattr(out, c.kind.value)
+    config.SetInParent()
+    for f in config.DESCRIPTOR.fields:
+        setattr(config, f.name, getattr(c, f.name))
+    return out
 
 
 def spec_from_proto(s: pb.RunSpec) -> RunSpec:
     params = []
     for p in s.params:
         if p.dtype not in (pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_UNSPECIFIED):
-            raise errors.InvalidArgument(f"param {p.name!r}: only DATA_TYPE_FLOAT32 parameters are stored")
+            raise _bad_spec(f"param {p.name!r}: only DATA_TYPE_FLOAT32 parameters are stored")
         if p.initializer not in _INIT:
-            raise errors.InvalidArgument(f"param {p.name!r}: unknown initializer {p.initializer}")
+            raise _bad_spec(f"param {p.name!r}: unknown initializer {p.initializer}")
         params.append(ParamSpec(p.name, tuple(p.shape), _INIT[p.initializer], p.scale))
     if s.aggregation not in _AGG:
-        raise errors.InvalidArgument(f"unknown aggregation {s.aggregation}")
+        raise _bad_spec(f"unknown aggregation {s.aggregation}")
     return RunSpec(
         name=s.name,
         num_workers=s.num_workers,
@@ -295,11 +284,11 @@ def event_to_proto(e: RunEvent) -> pb.RunEvent:
     return pb.RunEvent(time=_ts(e.time), kind=e.kind, rank=e.rank, message=e.message)
 
 
-def status_to_proto(s: RunStatus) -> pb.Run:
+def run_to_proto(spec: RunSpec, s: RunStatus) -> pb.Run:
     c = s.counters
     return pb.Run(
         run_id=s.run_id,
-        spec=spec_to_proto(s.spec),
+        spec=spec_to_proto(spec),
         state=_RUN_STATE[s.state],
         message=s.message,
         created=_ts(s.created),

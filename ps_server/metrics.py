@@ -2,21 +2,31 @@
 
 A custom collector turns each run's ``status()`` into metric families when Prometheus scrapes, so
 the hot path (pushes, pulls) pays nothing for metrics: the counters it already keeps are the source.
+Server-wide figures come as a ``ServerStatistics`` value from whoever wires the server: this module
+knows no transport.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .registry import RunRegistry
-from .slots import PushSlots
-from .tcp_plane import TcpDataPlane
+from .core.registry import RunRegistry
 
-__all__ = ["RunCollector", "serve_metrics"]
+__all__ = ["RunCollector", "ServerStatistics", "serve_metrics"]
+
+
+@dataclass(frozen=True)
+class ServerStatistics:
+    push_slot_lends: int
+    """Times a push stalled mid-stream and lent its receive slot (--push-slots) to another."""
+    data_plane_streams_opened: int | None = None
+    """Streams opened on the TCP data plane (None: the server has none)."""
+    data_plane_streams_open: int | None = None
 
 _COUNTERS = {
     "pushes_applied": "Pushes applied to the parameters",
@@ -34,11 +44,9 @@ _COUNTERS = {
 
 
 class RunCollector(Collector):
-    def __init__(self, registry: RunRegistry, slots: PushSlots | None = None,
-                 data_plane: TcpDataPlane | None = None) -> None:
+    def __init__(self, registry: RunRegistry, statistics: Callable[[], ServerStatistics] | None = None) -> None:
         self._registry = registry
-        self._slots = slots
-        self._data_plane = data_plane
+        self._statistics = statistics
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         statuses = [run.status() for run in self._registry.runs()]
@@ -58,20 +66,22 @@ class RunCollector(Collector):
             waiting.add_metric([s.run_id], sum(w.waiting_for_clock is not None for w in s.workers))
             state.add_metric([s.run_id, s.state.value], 1)
         yield from (clocks, spread, waiting, state)
-        if self._slots is not None:
-            yield CounterMetricFamily("paramserver_push_slot_lends", "Times a push stalled mid-stream and lent its "
-                                      "receive slot (--push-slots) to another", value=self._slots.lent)
-        if self._data_plane is not None:
+        if self._statistics is None:
+            return
+        stats = self._statistics()
+        yield CounterMetricFamily("paramserver_push_slot_lends", "Times a push stalled mid-stream and lent its "
+                                  "receive slot (--push-slots) to another", value=stats.push_slot_lends)
+        if stats.data_plane_streams_opened is not None:
             yield CounterMetricFamily("paramserver_data_plane_connections", "Streams opened on the TCP data plane",
-                                      value=self._data_plane.connections)
+                                      value=stats.data_plane_streams_opened)
             yield GaugeMetricFamily("paramserver_data_plane_open", "TCP data plane streams open now",
-                                    value=self._data_plane.open)
+                                    value=stats.data_plane_streams_open)
 
 
-def serve_metrics(registry: RunRegistry, host: str, port: int, slots: PushSlots | None = None,
-                  data_plane: TcpDataPlane | None = None) -> int:
+def serve_metrics(registry: RunRegistry, host: str, port: int,
+                  statistics: Callable[[], ServerStatistics] | None = None) -> int:
     """Serve /metrics over HTTP on a daemon thread; return the bound port."""
     reg = CollectorRegistry()
-    reg.register(RunCollector(registry, slots, data_plane))
+    reg.register(RunCollector(registry, statistics))
     server, _thread = start_http_server(port, addr=host, registry=reg)
     return int(server.server_port)

@@ -16,6 +16,10 @@ from typing import Any
 
 import grpc
 
+from paramserver.security import read_token
+from paramserver.v1 import ERROR_TRAILER
+from paramserver.v1 import paramserver_pb2 as pb
+
 from .config import ServerConfig
 
 __all__ = ["ConfigError", "TokenInterceptor", "load_token", "server_credentials"]
@@ -28,17 +32,10 @@ class ConfigError(Exception):
 
 
 def load_token(config: ServerConfig) -> str:
-    if config.token and config.token_file:
-        raise ConfigError("give the token either in PS_TOKEN or with --token-file, not both")
-    if config.token_file:
-        try:
-            token = Path(config.token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read --token-file {config.token_file}: {exc.strerror}") from None
-        if not token:
-            raise ConfigError(f"--token-file {config.token_file} is empty")
-        return token
-    return config.token
+    try:
+        return read_token(config.token, config.token_file)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -85,8 +82,10 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    info = pb.ErrorInfo(reason=pb.ERROR_REASON_UNAUTHENTICATED).SerializeToString()
+
     async def abort(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message, trailing_metadata=((ERROR_TRAILER, info),))
 
     kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
     if handler.request_streaming and handler.response_streaming:

@@ -1,9 +1,11 @@
-"""Build the gRPC server in one function, run it in another (console script ``ps-server``).
+"""Build the server in one function, run it in another (console script ``ps-server``).
 
-``start_server(config)`` wires registry, servicers, health and reflection, binds (port 0 picks a
-free port, as the tests do) and starts the lease sweeper. ``serve`` adds the ordered shutdown on
-SIGTERM/SIGINT: health NOT_SERVING, parked pulls and joins released with UNAVAILABLE, then
-``server.stop(grace)`` and exit 0.
+``start_server(config)`` wires the pieces: the core (``core.registry``), the transport-neutral
+control and data planes, their transports (gRPC with health and reflection, the TCP data plane),
+checkpoints and metrics; binds (port 0 picks a free port, as the tests do) and starts the lease
+sweeper. ``serve`` adds the ordered shutdown on SIGTERM/SIGINT: health NOT_SERVING, parked pulls and
+joins released with UNAVAILABLE, operations in progress given the grace period, then
+``server.stop`` and the final checkpoints; exit 0.
 """
 
 from __future__ import annotations
@@ -30,40 +32,22 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from paramserver.runtime import tune_malloc
-from paramserver.v1 import paramserver_pb2 as pb
-from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
-from paramserver.v1 import wire
 
-from .checkpoint import CheckpointStore
 from .checkpointer import Checkpointer
 from .config import ServerConfig, parse_config
-from .errors import ShuttingDown, WaitTimeout
-from .metrics import serve_metrics
-from .registry import RunRegistry
+from .control import Control
+from .core.checkpoint import CheckpointStore
+from .core.errors import ShuttingDown
+from .core.registry import RunRegistry
+from .dataplane import DataPlane
+from .metrics import ServerStatistics, serve_metrics
 from .security import ConfigError, TokenInterceptor, load_token, server_credentials
-from .servicer import ParameterServicer, RunServicer, WorkerServicer
-from .slots import PushSlots
+from .servicer import SERVICE_NAMES, add_services
 from .tcp_plane import TcpDataPlane
 
 __all__ = ["PsServer", "main", "serve", "start_server"]
 
 log = logging.getLogger("ps_server")
-
-SERVICE_NAMES = tuple(pb.DESCRIPTOR.services_by_name[n].full_name for n in pb.DESCRIPTOR.services_by_name)
-
-
-def add_parameter_service(servicer: ParameterServicer, server: grpc.aio.Server) -> None:
-    """Like the generated ``add_ParameterServiceServicer_to_server``, but the servicer reads and
-    writes the messages' bytes itself (``paramserver.v1.wire``; responses as parts, joined here),
-    which saves building protobuf objects for every MiB of tensors. The wire bytes are unchanged."""
-    handlers = {
-        "PushGradient": grpc.stream_stream_rpc_method_handler(
-            servicer.PushGradient, request_deserializer=None, response_serializer=wire.join),
-        "PullParams": grpc.stream_stream_rpc_method_handler(
-            servicer.PullParams, request_deserializer=None, response_serializer=wire.join),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("paramserver.v1.ParameterService", handlers),))
-    server.add_registered_method_handlers("paramserver.v1.ParameterService", handlers)
 
 
 @dataclass
@@ -73,11 +57,17 @@ class PsServer:
     registry: RunRegistry
     config: ServerConfig
     health: health.aio.HealthServicer
-    push_slots: PushSlots
+    dataplane: DataPlane
     checkpointer: Checkpointer | None = None
     data_plane: TcpDataPlane | None = None
+    """The TCP data plane, when the server offers one."""
     metrics_port: int | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def statistics(self) -> ServerStatistics:
+        tcp = self.data_plane.statistics() if self.data_plane else None
+        return ServerStatistics(self.dataplane.statistics().push_slot_lends,
+                                tcp.connections if tcp else None, tcp.open if tcp else None)
 
     @property
     def address(self) -> str:
@@ -89,20 +79,15 @@ class PsServer:
         The final checkpoints come after the last RPC, so they hold every acknowledged push.
         """
         await self.health.enter_graceful_shutdown()
-        self.registry.shutting_down = True  # long-lived data streams stop taking new operations
-        down = ShuttingDown("the server is shutting down; retry against its replacement")
-        for run in self.registry.runs():
-            run.gate.fail_all(down)
-        self.registry.work.fail_all(down)
+        # Long-lived data streams take no new operations; parked pulls and joins are released.
+        self.registry.shut_down(ShuttingDown("the server is shutting down; retry against its replacement"))
         for task in self._tasks:
             task.cancel()
         # Operations in progress get the grace period; idle long-lived data streams do not
         # (they would hold grpc's stop(grace) for its whole length).
         grace = self.config.grace_seconds if grace is None else grace
         if grace > 0:
-            registry = self.registry
-            with contextlib.suppress(WaitTimeout):
-                await registry.idle.wait_for(lambda: registry.busy == 0, grace, lambda: f"{registry.busy} in progress")
+            await self.dataplane.drain(grace)
         if self.data_plane:
             await self.data_plane.close()
         await self.server.stop(min(grace, 0.5))
@@ -135,8 +120,8 @@ async def start_server(config: ServerConfig) -> PsServer:
         checkpointer = Checkpointer(store, config.checkpoint_every)
     registry = RunRegistry(max_param_bytes=config.max_param_bytes,
                            configure=checkpointer.attach if checkpointer else None)
-    if checkpointer:
-        checkpointer.resume(registry)
+    for run in checkpointer.resume() if checkpointer else ():
+        registry.add(run)
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -149,12 +134,15 @@ async def start_server(config: ServerConfig) -> PsServer:
     credentials = server_credentials(config)
     token = load_token(config)
     server = grpc.aio.server(options=options, interceptors=[TokenInterceptor(token)] if token else [])
-    push_slots = PushSlots(config.push_slots)
-    parameter_servicer = ParameterServicer(registry, config, push_slots)
-    worker_servicer = WorkerServicer(registry, config)
-    add_parameter_service(parameter_servicer, server)
-    pb_grpc.add_RunServiceServicer_to_server(RunServicer(registry, config, checkpointer), server)
-    pb_grpc.add_WorkerServiceServicer_to_server(worker_servicer, server)
+    dataplane = DataPlane(registry, max_wait=config.max_wait_seconds, chunk_bytes=config.chunk_bytes,
+                          max_message_bytes=config.max_message_bytes, push_slots=config.push_slots)
+    tcp_plane = None
+    if config.data_port >= 0 and not credentials and not token:  # the framing carries neither
+        tcp_plane = TcpDataPlane(dataplane, config.max_message_bytes, lambda: registry.shutting_down)
+    control = Control(registry, max_wait=config.max_wait_seconds, heartbeat_seconds=config.heartbeat_seconds,
+                      lease_seconds=config.lease_seconds, checkpointer=checkpointer,
+                      data_port=lambda: tcp_plane.port if tcp_plane else 0)
+    add_services(server, control, dataplane)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
@@ -162,22 +150,20 @@ async def start_server(config: ServerConfig) -> PsServer:
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}: is another server using the port?")
-    data_plane = None
-    if config.data_port >= 0 and not credentials and not token:  # the framing carries neither
-        plane = TcpDataPlane(parameter_servicer, registry, config.max_message_bytes)
+    if tcp_plane is not None:
         try:
-            worker_servicer.data_port = await plane.start(config.host, config.data_port)
-            data_plane = plane
+            await tcp_plane.start(config.host, config.data_port)
         except OSError as exc:
             if config.data_port:  # asked for: its absence is an error
                 raise
             log.warning("%s; pushes and pulls go over gRPC only", exc)
+            tcp_plane = None
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    ps = PsServer(server, port, registry, config, health_servicer, push_slots, checkpointer, data_plane)
+    ps = PsServer(server, port, registry, config, health_servicer, dataplane, checkpointer, tcp_plane)
     if config.metrics_port >= 0:
-        ps.metrics_port = serve_metrics(registry, config.host, config.metrics_port, push_slots, data_plane)
+        ps.metrics_port = serve_metrics(registry, config.host, config.metrics_port, ps.statistics)
     ps._tasks.append(asyncio.create_task(_sweep_leases(registry, config)))
     return ps
 

@@ -1,12 +1,12 @@
 """The server's end of the TCP data plane (``paramserver.v1.tcp`` documents the framing).
 
-Each connection is one PushGradient or PullParams stream, served by the same
-``ParameterServicer`` method as the gRPC stream, with a stand-in for gRPC's servicer context: the
-semantics (exactly-once, the SSP wait, slots, every error and its status code) are the
-servicer's, not this module's. What this module adds is the transport: requests are received
-into fresh buffers (the decoded chunks are views of them: no copy after the kernel's), and
-responses are written as their parts with ``sendmsg`` (the parameters' bytes go from the store's
-arrays to the socket; gRPC copies each message twice first).
+Each connection is one PushGradient or PullParams stream of ``DataPlane``, as a gRPC stream is:
+the semantics (exactly-once, the SSP wait, slots, every error and its status) are the data
+plane's, not this module's. What this module adds is the transport: requests are received into
+fresh buffers (the decoded chunks are views of them: no copy after the kernel's), responses are
+written as their parts with ``sendmsg`` (the parameters' bytes go from the store's arrays to the
+socket; gRPC copies each message twice first), and an error ends the stream with a STATUS frame
+holding ``codec.error_status``.
 
 A response's parameter bytes are read while it is being sent; a push applied meanwhile may show in
 it, which the PullParams contract allows ("maybe newer ones too"). Each element is whole: steps run
@@ -24,17 +24,17 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncGenerator, Callable
-from typing import NoReturn
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
 
-import grpc
-
+from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import tcp, wire
 
-from .registry import RunRegistry
-from .servicer import ParameterServicer
+from . import codec
+from .core.errors import Malformed, PsError, Reason, ResourceExhausted
+from .dataplane import Caller, DataPlane
 
-__all__ = ["TcpDataPlane"]
+__all__ = ["TcpDataPlane", "TcpStatistics"]
 
 log = logging.getLogger("ps_server")
 
@@ -46,39 +46,38 @@ MAX_STREAMS = 1024
 """Streams open at once; more are refused with UNAVAILABLE (each worker keeps two)."""
 
 
-class _Aborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
+_CALLER = Caller("tcp")  # no deadline on the wire: the client bounds its operations itself
+_UNIMPLEMENTED, _UNAVAILABLE = 12, 14
 
 
-class _Context:
-    """What ``ParameterServicer`` uses of a gRPC servicer context, and the transport's name."""
+def _refusal(code: int, reason: pb.ErrorReason, message: str) -> pb.Status:
+    return pb.Status(code=code, message=message, error=pb.ErrorInfo(reason=reason))
 
-    data_plane = "tcp"
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
-        raise _Aborted(code, details)
-
-    def time_remaining(self) -> float | None:
-        return None  # no deadline on the wire: the client bounds its operations itself
+@dataclass(frozen=True)
+class TcpStatistics:
+    connections: int
+    """Streams (connections) accepted so far."""
+    open: int
+    """Streams open now."""
 
 
 class TcpDataPlane:
     """Listens on its own port; ``start`` returns it, ``close`` ends every connection."""
 
-    def __init__(self, servicer: ParameterServicer, registry: RunRegistry, max_message_bytes: int) -> None:
-        self._servicer = servicer
-        self._registry = registry
+    def __init__(self, dataplane: DataPlane, max_message_bytes: int, closing: Callable[[], bool]) -> None:
+        """``closing``: true once the server shuts down (new streams are refused)."""
+        self._dataplane = dataplane
         self._max_bytes = max_message_bytes
+        self._closing = closing
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
-        self.connections = 0
-        """Connections accepted so far (a figure for tests and metrics)."""
-        self.open = 0
-        """Connections open now."""
+        self._connections = 0
+        self._open = 0
+
+    def statistics(self) -> TcpStatistics:
+        return TcpStatistics(self._connections, self._open)
 
     async def start(self, host: str, port: int) -> int:
         """Listen on ``host``:``port`` (0: a free port); OSError when it cannot."""
@@ -127,59 +126,61 @@ class TcpDataPlane:
                 await asyncio.sleep(0.1)
                 continue
             tcp.tune(conn)
-            self.connections += 1
+            self._connections += 1
             self._spawn(self._serve(conn))
 
     async def _serve(self, conn: socket.socket) -> None:
-        self.open += 1
+        self._open += 1
         try:
             try:
                 method = await asyncio.wait_for(self._hello(conn), _HELLO_SECONDS)
             except (TimeoutError, ConnectionError, OSError):
                 return
-            handler: Callable[..., AsyncGenerator[list[wire.Part], None]]
+            handler: Callable[[AsyncIterator[bytes | memoryview], Caller], AsyncGenerator[list[wire.Part], None]]
             if method == tcp.METHOD_PUSH:
-                handler = self._servicer.PushGradient
+                handler = self._dataplane.push_stream
             elif method == tcp.METHOD_PULL:
-                handler = self._servicer.PullParams
+                handler = self._dataplane.pull_stream
             else:
-                await self._end(conn, grpc.StatusCode.UNIMPLEMENTED,
-                                f"unknown method {method}: 1 = PushGradient, 2 = PullParams")
+                await self._end(conn, _refusal(_UNIMPLEMENTED, pb.ERROR_REASON_UNSUPPORTED,
+                                               f"unknown method {method}: 1 = PushGradient, 2 = PullParams"))
                 return
-            if self._registry.shutting_down:
-                await self._end(conn, grpc.StatusCode.UNAVAILABLE,
-                                "the server is shutting down; retry against its replacement")
+            if self._closing():
+                await self._end(conn, _refusal(_UNAVAILABLE, pb.ERROR_REASON_SHUTTING_DOWN,
+                                               "the server is shutting down; retry against its replacement"))
                 return
-            if self.open > MAX_STREAMS:
-                await self._end(conn, grpc.StatusCode.UNAVAILABLE,
-                                f"more than {MAX_STREAMS} TCP data plane streams are open; use gRPC or retry")
+            if self._open > MAX_STREAMS:
+                await self._end(conn, _refusal(_UNAVAILABLE, pb.ERROR_REASON_STREAM_LIMIT,
+                                               f"more than {MAX_STREAMS} TCP data plane streams are open; "
+                                               "use gRPC or retry"))
                 return
             await tcp.send_parts(conn, [tcp.hello(method)], _STALL_SECONDS)
             serving = asyncio.current_task()
             assert serving is not None
             try:
-                # aclosing: however this ends, the servicer's own clean-up (slot, in-flight count)
-                # and the request reader's (its watch on the socket) run now, in that order.
+                # aclosing: however this ends, the data plane's own clean-up (slot, operations in
+                # progress) and the request reader's (its watch on the socket) run now, in that order.
                 async with contextlib.aclosing(self._requests(conn, serving)) as requests, \
-                        contextlib.aclosing(handler(requests, _Context())) as responses:
+                        contextlib.aclosing(handler(requests, _CALLER)) as responses:
                     async for parts in responses:
                         n = wire.parts_len(parts)
                         await tcp.send_parts(conn, [tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, n), *parts], _STALL_SECONDS)
-            except _Aborted as exc:
-                await self._end(conn, exc.code, exc.details)
+            except PsError as exc:
+                await self._end(conn, codec.error_status(exc))
         except (ConnectionError, OSError):
             pass  # the client went away, or stopped reading: nothing to answer
         finally:
             conn.close()
-            self.open -= 1
+            self._open -= 1
 
     async def _hello(self, conn: socket.socket) -> int:
         buf = bytearray(tcp.HELLO.size)
         await tcp.recv_exact(conn, memoryview(buf))
         magic, version, method, _ = tcp.HELLO.unpack(buf)
         if magic != tcp.MAGIC or version != tcp.VERSION:
-            await self._end(conn, grpc.StatusCode.UNIMPLEMENTED,
-                            f"not a paramserver data plane hello (want {tcp.MAGIC!r} version {tcp.VERSION})")
+            refusal = _refusal(_UNIMPLEMENTED, pb.ERROR_REASON_UNSUPPORTED,
+                               f"not a paramserver data plane hello (want {tcp.MAGIC!r} version {tcp.VERSION})")
+            await self._end(conn, refusal, plain=magic == tcp.MAGIC and version == 1)
             raise ConnectionError("bad hello")
         return int(method)
 
@@ -207,23 +208,24 @@ class TcpDataPlane:
             try:
                 kind, _, body = await tcp.read_frame(conn, self._max_bytes)
             except tcp.FrameTooLarge as exc:
-                raise _BadFrame(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+                raise ResourceExhausted(str(exc)) from None
             except ValueError as exc:  # the stream cannot go on: its handler ends it with this status
-                raise _BadFrame(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+                raise _BadFrame(str(exc)) from None
             if kind != tcp.MESSAGE:
-                raise _BadFrame(grpc.StatusCode.INVALID_ARGUMENT, "a client sends MESSAGE frames only")
+                raise _BadFrame("a client sends MESSAGE frames only")
             loop.add_reader(fd, closed)
             try:
                 yield body
             finally:
                 loop.remove_reader(fd)
 
-    async def _end(self, conn: socket.socket, code: grpc.StatusCode, details: str) -> None:
+    async def _end(self, conn: socket.socket, status: pb.Status, plain: bool = False) -> None:
         """Send the stream's final status, then close without resetting: the client reads it even
-        if it is still writing (whatever it sends meanwhile is read and dropped)."""
-        body = details.encode("utf-8", "replace")
+        if it is still writing (whatever it sends meanwhile is read and dropped). ``plain``: the
+        body is the bare message, as version 1 of the framing had it."""
+        body = status.message.encode("utf-8", "replace") if plain else status.SerializeToString()
         with contextlib.suppress(OSError):
-            await tcp.send_parts(conn, [tcp.FRAME.pack(tcp.STATUS, 0, 0, code.value[0], len(body)), body], _STALL_SECONDS)
+            await tcp.send_parts(conn, [tcp.FRAME.pack(tcp.STATUS, 0, 0, status.code, len(body)), body], _STALL_SECONDS)
             conn.shutdown(socket.SHUT_WR)
             loop = asyncio.get_running_loop()
             sink = bytearray(1 << 16)
@@ -232,5 +234,8 @@ class TcpDataPlane:
                     pass
 
 
-class _BadFrame(_Aborted):
-    """A frame the stream cannot go on from, raised from the servicer's request iterator."""
+class _BadFrame(Malformed):
+    """A frame the stream cannot go on from (INVALID_ARGUMENT, as a client's bad frame is its own fault)."""
+
+    code = 3
+    reason = Reason.MALFORMED_MESSAGE

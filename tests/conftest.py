@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import grpc
 import pytest
+from support import Stubs
 
+from paramserver.client import PsClient
+from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 from ps_server.config import ServerConfig
 from ps_server.server import PsServer, start_server
-from worker.client import PsClient
 
 
 @pytest.fixture
@@ -33,4 +36,11 @@ async def client(server: PsServer, request: pytest.FixtureRequest) -> AsyncItera
     async with PsClient(f"127.0.0.1:{server.port}", timeout=10.0, chunk_bytes=server.config.chunk_bytes,
                         data_plane=transport == "tcp") as c:
         yield c
-        assert c.streams_opened["tcp_unreachable" if transport == "tcp" else "tcp"] == 0, c.streams_opened
+        assert c.route.opened["tcp_unreachable" if transport == "tcp" else "tcp"] == 0, c.route.opened
+
+
+@pytest.fixture
+async def stubs(server: PsServer) -> AsyncIterator[Stubs]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield Stubs(pb_grpc.RunServiceStub(channel), pb_grpc.WorkerServiceStub(channel),
+                    pb_grpc.ParameterServiceStub(channel))

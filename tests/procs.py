@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from paramserver.client import PsClient
 from paramserver.v1 import paramserver_pb2 as pb
-from worker.client import PsClient
 from worker.datasets import BatchSampler, load_dataset, shard_indices
 from worker.models import build_model
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.config import ServerConfig
 
-__all__ = ["make_spec", "with_config"]
+__all__ = ["Stubs", "make_spec", "with_config"]
 
 
 def make_spec(
@@ -36,3 +37,13 @@ def make_spec(
 
 def with_config(config: ServerConfig, **changes: Any) -> ServerConfig:
     return dataclasses.replace(config, **changes)
+
+
+@dataclass
+class Stubs:
+    """The generated gRPC stubs (fixture ``stubs``), for tests that drive RPCs by hand: malformed
+    or partial calls the SDK would never make."""
+
+    runs: Any
+    workers: Any
+    data: Any

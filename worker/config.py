@@ -12,9 +12,8 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from paramserver.security import Security, read_token
 from paramserver.settings import opt, parse_dataclass
-
-from .client import Security, read_token
 
 __all__ = ["WorkerConfig", "parse_config"]
 

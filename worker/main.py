@@ -23,10 +23,11 @@ import sys
 import time
 from collections.abc import Sequence
 
+from paramserver import errors
+from paramserver.client import PsClient
 from paramserver.runtime import tune_malloc
 from paramserver.v1 import paramserver_pb2 as pb
 
-from .client import PsClient, PsClientError
 from .config import WorkerConfig, parse_config
 from .trainer import LogContext, Outcome, train
 
@@ -54,11 +55,11 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
                 stopping.cancel()
                 if not join.done():  # SIGTERM while waiting for work: nothing to give back
                     join.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, PsClientError):
+                    with contextlib.suppress(asyncio.CancelledError, errors.PsError):
                         await join
                     break
                 resp = join.result()
-            except PsClientError as exc:
+            except errors.PsError as exc:
                 if not exc.retryable:
                     log.error("join refused: %s", exc)
                     if config.run_id:
@@ -80,7 +81,7 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-                with contextlib.suppress(PsClientError):
+                with contextlib.suppress(errors.PsError):
                     await client.leave(a.run_id, a.rank, a.incarnation, pb.LEAVE_REASON_SHUTDOWN, "worker stopped")
                 log.info("stopped: gave rank %d of %s back", a.rank, a.run_id)
                 break

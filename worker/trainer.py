@@ -15,9 +15,11 @@ the final parameters (a pull at clock = iterations, which waits for every rank t
 it leaves. The run completes when every rank has left, so the final accuracy is in the run's
 history when psctl sees the run completed.
 
-Failures: a push or pull that fails with UNAVAILABLE or DEADLINE_EXCEEDED is retried with
-backoff (a retried push is exactly-once on the server); a stale incarnation or a stopped run ends
-the assignment and the worker goes back to waiting for work.
+Failures: a push or pull that fails with a retryable error (Unavailable, DeadlineExceeded) is
+retried with backoff (a retried push is exactly-once on the server); a refusal whose reason is
+CLOCK_AHEAD (the server restarted from a checkpoint and knows this rank at an earlier clock, in
+the error's ``next_clock``) sends the loop back to that clock; a stale incarnation or a stopped run
+ends the assignment and the worker goes back to waiting for work.
 """
 
 from __future__ import annotations
@@ -34,13 +36,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from paramserver import errors
+from paramserver.client import PsClient
 from paramserver.v1 import paramserver_pb2 as pb
 
-from .client import PsClient, PsClientError
 from .config import WorkerConfig
 from .datasets import BatchSampler, DatasetError, load_dataset, shard_indices
 from .models import ModelSpecError, build_model
@@ -151,9 +153,9 @@ class _Trainer:
         while True:
             try:
                 return await op()
-            except PsClientError as exc:
-                if exc.code == grpc.StatusCode.FAILED_PRECONDITION and "next clock is" in exc.details:
-                    await self.resync()
+            except errors.PsError as exc:
+                if exc.reason == pb.ERROR_REASON_CLOCK_AHEAD and exc.info.next_clock < self.clock:
+                    self._rewind(exc.info.next_clock)
                 if not exc.retryable or time.monotonic() > deadline:
                     raise
                 self.stats.retries += 1
@@ -165,14 +167,17 @@ class _Trainer:
     async def resync(self) -> None:
         try:
             hb = await self.client.heartbeat(self.a.run_id, self.a.rank, self.a.incarnation, self.clock)
-        except PsClientError as exc:
+        except errors.PsError as exc:
             if exc.retryable:
                 return
             raise
         if hb.clock < self.clock:
-            log.warning("the server knows rank %d at clock %d (it restarted); going back from clock %d",
-                        self.a.rank, hb.clock, self.clock)
-            raise _Rewind(hb.clock)
+            self._rewind(hb.clock)
+
+    def _rewind(self, clock: int) -> None:
+        log.warning("the server knows rank %d at clock %d (it restarted); going back from clock %d",
+                    self.a.rank, clock, self.clock)
+        raise _Rewind(clock)
 
     async def pull(self, clock: int, params: dict[str, np.ndarray]) -> int:
         res = await self.call(
@@ -304,10 +309,10 @@ async def _heartbeat(client: PsClient, a: pb.Assignment, trainer: _Trainer, main
         await asyncio.sleep(interval)
         try:
             resp = await client.heartbeat(a.run_id, a.rank, a.incarnation, trainer.clock)
-        except PsClientError as exc:
+        except errors.PsError as exc:
             if exc.retryable:
                 continue
-            main.cancel(f"heartbeat: {exc.details}")
+            main.cancel(f"heartbeat: {exc.message}")
             return
         if resp.run_state in (pb.RUN_STATE_STOPPED, pb.RUN_STATE_FAILED):
             main.cancel(f"run {pb.RunState.Name(resp.run_state)}")
@@ -330,7 +335,7 @@ async def train(client: PsClient, a: pb.Assignment, config: WorkerConfig) -> Out
         hb.cancel()
         message = f"{type(exc).__name__}: {exc}"
         log.error("cannot train: %s", message)
-        with contextlib.suppress(PsClientError):
+        with contextlib.suppress(errors.PsError):
             await client.leave(a.run_id, a.rank, a.incarnation, pb.LEAVE_REASON_FAILED, message)
         return Outcome(a.run_id, a.rank, False, message, trainer.stats, failed=True)
     except BaseException:
@@ -343,9 +348,8 @@ async def train(client: PsClient, a: pb.Assignment, config: WorkerConfig) -> Out
             raise  # cancelled from outside (shutdown): the caller leaves
         task.uncancel()
         return Outcome(a.run_id, a.rank, False, "the run was stopped or this rank evicted", trainer.stats)
-    except PsClientError as exc:
-        if exc.code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE,
-                        grpc.StatusCode.DEADLINE_EXCEEDED):
+    except errors.PsError as exc:
+        if isinstance(exc, errors.FailedPrecondition | errors.NotFound) or exc.retryable:
             log.warning("assignment ended: %s", exc)
             return Outcome(a.run_id, a.rank, False, str(exc), trainer.stats)
         leave_reason, message = pb.LEAVE_REASON_FAILED, str(exc)
@@ -355,7 +359,7 @@ async def train(client: PsClient, a: pb.Assignment, config: WorkerConfig) -> Out
         hb.cancel()
     if leave_reason == pb.LEAVE_REASON_FAILED:
         log.error("training failed: %s", message)
-    with contextlib.suppress(PsClientError):
+    with contextlib.suppress(errors.PsError):
         await client.leave(a.run_id, a.rank, a.incarnation, leave_reason, message)
     done = leave_reason == pb.LEAVE_REASON_DONE
     return Outcome(a.run_id, a.rank, done, message or "done", trainer.stats, failed=not done)

@@ -35,8 +35,9 @@ from pathlib import Path
 import pytest
 
 from client.spec import LaunchOptions, build_run_spec
+from paramserver.client import PsClient
+from paramserver.security import Security
 from paramserver.v1 import paramserver_pb2 as pb
-from worker.client import PsClient, Security
 from worker.datasets import parse_dataset
 from worker.export_shard import export
 

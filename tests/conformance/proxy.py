@@ -85,7 +85,7 @@ class FaultProxy:
         try:
             return await self._channel.unary_unary(method)(request, timeout=context.time_remaining())  # type: ignore[no-any-return]
         except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), exc.details() or "")
+            await context.abort(exc.code(), exc.details() or "", trailing_metadata=exc.trailing_metadata())
             raise
 
     async def unary_stream(self, method: str, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
@@ -95,7 +95,7 @@ class FaultProxy:
             async for resp in call:
                 yield resp
         except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), exc.details() or "")
+            await context.abort(exc.code(), exc.details() or "", trailing_metadata=exc.trailing_metadata())
         finally:
             call.cancel()
 
@@ -120,7 +120,7 @@ class FaultProxy:
                                         "fault injection: connection dropped after the push reached the server")
                 yield resp
         except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), exc.details() or "")
+            await context.abort(exc.code(), exc.details() or "", trailing_metadata=exc.trailing_metadata())
         finally:
             task.cancel()
             with contextlib.suppress(BaseException):

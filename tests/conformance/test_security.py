@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from paramserver.security import Security
 from paramserver.v1 import paramserver_pb2 as pb
-from worker.client import Security
 
 from .conftest import Impl, connect, finish, ps_server, run_spec
 

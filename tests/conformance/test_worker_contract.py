@@ -78,7 +78,7 @@ async def test_staleness_bound_holds_with_a_straggler(impl: Impl) -> None:
             run = await c.create_run(spec)
             workers = impl.start_many(srv.address, 3)
             final = await finish(c, run.run_id, logs=impl.logs)
-            metrics = await c.runs.GetMetrics(pb.GetMetricsRequest(run_id=run.run_id, include_clock_records=True))
+            metrics = await c.get_metrics(run.run_id, include_clock_records=True)
         for w in workers:
             w.wait(20)
     assert final.state == COMPLETED, (final.message, impl.logs())
@@ -101,7 +101,7 @@ async def test_pulls_every_iteration_without_a_finite_bound(impl: Impl, stalenes
             run = await c.create_run(spec)
             workers = impl.start_many(srv.address, 2)
             final = await finish(c, run.run_id, logs=impl.logs)
-            metrics = await c.runs.GetMetrics(pb.GetMetricsRequest(run_id=run.run_id, include_clock_records=True))
+            metrics = await c.get_metrics(run.run_id, include_clock_records=True)
         for w in workers:
             w.wait(20)
     assert final.state == COMPLETED, (final.message, impl.logs())
@@ -307,7 +307,7 @@ async def test_resumes_after_a_server_restart_from_a_checkpoint(impl: Impl, tmp_
         async with connect(srv.address) as c:
             run = await c.create_run(spec)
             await wait_until(c, run.run_id, lambda r: r.min_clock >= 10, 60, "progress", impl.logs)
-            ckpt = await c.runs.CheckpointRun(pb.CheckpointRunRequest(run_id=run.run_id))  # on disk when it answers
+            ckpt = await c.checkpoint_run(run.run_id)  # on disk when it answers
             before = await wait_until(c, run.run_id, lambda r: r.min_clock >= ckpt.min_clock + 5, 60,
                                       "progress past the checkpoint", impl.logs)
         srv.proc.kill()

@@ -23,10 +23,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import make_spec, with_config
 
+from paramserver import errors
+from paramserver.client import PsClient
+from paramserver.errors import PsError
 from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 from ps_server.config import ServerConfig
 from ps_server.server import PsServer, start_server
-from worker.client import PsClient, PsClientError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,6 +40,9 @@ F32 = np.dtype("<f4")
 
 def good_grads(value: float = 0.25) -> dict[str, np.ndarray]:
     return {n: np.full(s, value, np.float32) for n, s in SHAPES.items()}
+
+
+_GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 @dataclass
@@ -121,8 +127,8 @@ def via_client(client: PsClient, *args: Any, **kw: Any) -> Callable[[], Awaitabl
     async def send() -> tuple[Code, str]:
         try:
             resp = await client.push(*args, **kw)
-        except PsClientError as exc:
-            return exc.code, exc.details
+        except PsError as exc:
+            return _GRPC_CODES[exc.code], exc.message
         return Code.OK, f"accepted: {resp}"
 
     return send
@@ -132,18 +138,19 @@ async def raw_push(
     client: PsClient, requests: Sequence[pb.PushGradientRequest], *, half_close: bool = True
 ) -> tuple[Code, str, list[pb.PushGradientResponse]]:
     """Drive a PushGradient stream by hand; return its final status and responses."""
-    call = client.data.PushGradient(timeout=10.0)
-    responses: list[pb.PushGradientResponse] = []
-    try:
-        for req in requests:
-            await call.write(req)
-        if half_close:
-            await call.done_writing()
-        while (resp := await call.read()) is not grpc.aio.EOF:
-            responses.append(resp)
-    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-        pass  # the server ended the stream; its status is read below
-    return await call.code(), await call.details() or "", responses
+    async with grpc.aio.insecure_channel(client.address) as channel:
+        call = pb_grpc.ParameterServiceStub(channel).PushGradient(timeout=10.0)
+        responses: list[pb.PushGradientResponse] = []
+        try:
+            for req in requests:
+                await call.write(req)
+            if half_close:
+                await call.done_writing()
+            while (resp := await call.read()) is not grpc.aio.EOF:
+                responses.append(resp)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # the server ended the stream; its status is read below
+        return await call.code(), await call.details() or "", responses
 
 
 def via_stream(client: PsClient, requests: Sequence[pb.PushGradientRequest]) -> Callable[[], Awaitable[tuple[Code, str]]]:
@@ -303,6 +310,22 @@ async def test_raw_stream_control_a_good_multi_request_push_is_applied(client: P
     assert after.run.counters.pushes_applied == before.run.counters.pushes_applied + 1
 
 
+async def test_refusals_carry_their_reason_and_facts(client: PsClient, live: Live) -> None:
+    """What a worker acts on comes as fields: the reason, the clock it should be at, who is behind."""
+    with pytest.raises(errors.FailedPrecondition) as e:
+        await client.push(live.run_id, 0, live.incarnations[0], 3, good_grads())
+    assert e.value.reason == pb.ERROR_REASON_CLOCK_AHEAD and e.value.info.next_clock == 1
+    with pytest.raises(errors.FailedPrecondition) as e:
+        await client.pull(live.run_id, 0, live.incarnations[0], 2, max_wait=1.0)
+    assert e.value.reason == pb.ERROR_REASON_CLOCK_AHEAD and e.value.info.next_clock == 1
+    with pytest.raises(errors.InvalidArgument) as e:
+        await client.push(live.run_id, 0, live.incarnations[0], 1, _poison(np.nan))
+    assert e.value.reason == pb.ERROR_REASON_INVALID_GRADIENT
+    with pytest.raises(errors.OutOfRange) as e:
+        await client.push(live.run_id, 0, live.incarnations[0], ITERATIONS, good_grads())
+    assert e.value.reason == pb.ERROR_REASON_CLOCK_OUT_OF_RANGE
+
+
 # ------------------------------------------------------------------------------ stale incarnation, pending run
 async def test_stale_incarnation_after_rank_is_retaken(client: PsClient, live: Live) -> None:
     old = live.incarnations[0]
@@ -322,9 +345,10 @@ async def test_stale_incarnation_after_rank_is_retaken(client: PsClient, live: L
         client.leave(live.run_id, 0, old, pb.LEAVE_REASON_DONE),
         client.pull(live.run_id, 0, old, 1, max_wait=1.0),
     ):
-        with pytest.raises(PsClientError) as e:
+        with pytest.raises(PsError) as e:
             await call
-        assert e.value.code == Code.FAILED_PRECONDITION, e.value
+        assert e.value.code == errors.Code.FAILED_PRECONDITION, e.value
+        assert e.value.reason == pb.ERROR_REASON_STALE_INCARNATION, e.value
     # ... while the new incarnation works.
     ok = await client.push(live.run_id, 0, new, resp.assignment.start_clock, good_grads())
     assert not ok.duplicate
@@ -345,10 +369,10 @@ async def test_push_before_the_run_started(client: PsClient) -> None:
 async def test_pull_unknown_tensor_name_is_invalid_argument(client: PsClient, live: Live) -> None:
     """The proto: PullParams answers INVALID_ARGUMENT for an unknown tensor name (as PushGradient does)."""
     before = await snapshot(client, live.run_id)
-    with pytest.raises(PsClientError) as e:
+    with pytest.raises(PsError) as e:
         await client.pull(live.run_id, names=["w", "nope"])
-    assert e.value.code == Code.INVALID_ARGUMENT, e.value
-    assert "'nope'" in e.value.details
+    assert e.value.code == errors.Code.INVALID_ARGUMENT, e.value
+    assert "'nope'" in e.value.message
     assert (await snapshot(client, live.run_id)).params == before.params
 
 
@@ -358,9 +382,9 @@ async def test_pull_by_name_control(client: PsClient, live: Live) -> None:
 
 
 async def test_pull_clock_beyond_iterations(client: PsClient, live: Live) -> None:
-    with pytest.raises(PsClientError) as e:
+    with pytest.raises(PsError) as e:
         await client.pull(live.run_id, 0, live.incarnations[0], ITERATIONS + 1, max_wait=1.0)
-    assert e.value.code == Code.OUT_OF_RANGE, e.value
+    assert e.value.code == errors.Code.OUT_OF_RANGE, e.value
 
 
 # ------------------------------------------------------------------------------ unknown run
@@ -386,11 +410,12 @@ async def test_unknown_run_is_not_found_everywhere(client: PsClient, live: Live)
         "WatchRun": watch(),
     }
     for method, call in calls.items():
-        with pytest.raises(PsClientError) as e:
+        with pytest.raises(PsError) as e:
             await call
-        assert e.value.code == Code.NOT_FOUND, f"{method}: {e.value}"
-        assert nope in e.value.details, f"{method}: the message should name the unknown run"
-        assert live.run_id in e.value.details, f"{method}: the message should list the existing runs"
+        assert e.value.code == errors.Code.NOT_FOUND, f"{method}: {e.value}"
+        assert e.value.reason == pb.ERROR_REASON_RUN_NOT_FOUND, f"{method}: {e.value.info}"
+        assert nope in e.value.message, f"{method}: the message should name the unknown run"
+        assert live.run_id in e.value.message, f"{method}: the message should list the existing runs"
     after = await snapshot(client, live.run_id)
     assert after.params == before.params
     assert after.workers() == before.workers()
@@ -459,10 +484,10 @@ def _scaled(init: int, scale: float) -> pb.RunSpec:
 @pytest.mark.parametrize("build, field", BAD_SPECS)
 async def test_create_run_rejects_bad_spec(client: PsClient, build: Callable[[], pb.RunSpec], field: str) -> None:
     before = len(await client.list_runs())
-    with pytest.raises(PsClientError) as e:
+    with pytest.raises(PsError) as e:
         await client.create_run(build())
-    assert e.value.code == Code.INVALID_ARGUMENT, e.value
-    assert field in e.value.details, f"the message should name {field!r}: {e.value.details!r}"
+    assert e.value.code == errors.Code.INVALID_ARGUMENT, e.value
+    assert field in e.value.message, f"the message should name {field!r}: {e.value.message!r}"
     assert len(await client.list_runs()) == before, "a rejected spec created a run"
 
 
@@ -487,10 +512,10 @@ async def small_client(small_server: PsServer) -> AsyncIterator[PsClient]:
 
 
 async def test_create_run_over_max_param_bytes(small_client: PsClient) -> None:
-    with pytest.raises(PsClientError) as e:
+    with pytest.raises(PsError) as e:
         await small_client.create_run(make_spec(shapes={"w": (16, 16), "b": (1,)}))  # 1028 bytes
-    assert e.value.code == Code.RESOURCE_EXHAUSTED, e.value
-    assert "1028" in e.value.details and "1024" in e.value.details
+    assert e.value.code == errors.Code.RESOURCE_EXHAUSTED, e.value
+    assert "1028" in e.value.message and "1024" in e.value.message
     assert await small_client.list_runs() == []
     ok = await small_client.create_run(make_spec(shapes={"w": (16, 16)}))  # exactly 1024 bytes
     assert ok.state == pb.RUN_STATE_PENDING

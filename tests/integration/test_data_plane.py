@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import random
 
-import grpc
 import numpy as np
 import pytest
-from support import make_spec
+from support import Stubs, make_spec
 
+from paramserver import errors
+from paramserver.client import PsClient
+from paramserver.errors import PsError
 from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.server import PsServer
-from worker.client import PsClient, PsClientError
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -76,7 +77,7 @@ async def test_ssp_invariant_with_concurrent_uneven_clients(server: PsServer, cl
                 await c.push(run.run_id, a.rank, a.incarnation, clock, g)
 
     await asyncio.gather(*(worker(a) for a in assignments))
-    metrics = await client.runs.GetMetrics(pb.GetMetricsRequest(run_id=run.run_id, include_clock_records=True), timeout=10)
+    metrics = await client.get_metrics(run.run_id, include_clock_records=True)
     pushes = [r for r in metrics.clock_records if r.kind == pb.ClockRecord.KIND_PUSH]
     pulls = [r for r in metrics.clock_records if r.kind == pb.ClockRecord.KIND_PULL]
     assert len(pushes) == len(pulls) == workers * iterations
@@ -114,10 +115,11 @@ async def test_parked_pull_times_out_with_who_it_waited_for(server: PsServer, cl
     a, _ = await _join_all(client, run.run_id, 2)
     p = await client.pull(run.run_id, a.rank, a.incarnation, 0)
     await client.push(run.run_id, a.rank, a.incarnation, 0, {n: np.ones_like(v) for n, v in p.tensors.items()})
-    with pytest.raises(PsClientError) as err:
+    with pytest.raises(PsError) as err:
         await client.pull(run.run_id, a.rank, a.incarnation, 1, max_wait=0.3)
-    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert "rank 1 (clock 0)" in err.value.details
+    assert isinstance(err.value, errors.DeadlineExceeded) and err.value.reason == pb.ERROR_REASON_WAIT_TIMEOUT
+    assert err.value.info.needed_min_clock == 1 and list(err.value.info.ranks_behind) == [1]
+    assert "rank 1 (clock 0)" in err.value.message
 
 
 async def test_large_model_push_and_pull_in_chunks(server: PsServer, client: PsClient) -> None:
@@ -155,12 +157,13 @@ async def test_shutdown_releases_parked_pulls_with_unavailable(server_config) ->
         parked = asyncio.create_task(c.pull(run.run_id, a.rank, a.incarnation, 0))  # run not started
         await asyncio.sleep(0.1)
         await ps.stop(1.0)
-        with pytest.raises(PsClientError) as err:
+        with pytest.raises(PsError) as err:
             await asyncio.wait_for(parked, 5)
-        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        assert isinstance(err.value, errors.Unavailable) and err.value.reason == pb.ERROR_REASON_SHUTTING_DOWN
 
 
-async def test_a_worker_stalled_mid_push_does_not_hold_up_the_others(server: PsServer, client: PsClient) -> None:
+async def test_a_worker_stalled_mid_push_does_not_hold_up_the_others(server: PsServer, client: PsClient,
+                                                                      stubs: Stubs) -> None:
     """Large pushes are received one at a time (--push-slots 1); a worker that goes quiet halfway
     through its push lends its slot out, so the others' pushes go through, and its own push is
     applied exactly once when the rest of it comes."""
@@ -179,7 +182,7 @@ async def test_a_worker_stalled_mid_push_does_not_hold_up_the_others(server: PsS
         return pb.PushGradientRequest(run_id=run.run_id, rank=stalled.rank, incarnation=stalled.incarnation,
                                       clock=0, tensors=tensors, final=final)
 
-    call = client.data.PushGradient(timeout=30.0)
+    call = stubs.data.PushGradient(timeout=30.0)
     await call.write(req(0, np.ones(32), final=False))  # ... and nothing more for a while
     await asyncio.sleep(0.2)  # its first message is in and holds the only slot
     async with PsClient(f"127.0.0.1:{server.port}", chunk_bytes=64) as small_chunks:  # 64-byte messages: a multi-message push
@@ -188,7 +191,7 @@ async def test_a_worker_stalled_mid_push_does_not_hold_up_the_others(server: PsS
             ack = await asyncio.wait_for(small_chunks.push(run.run_id, other.rank, other.incarnation, clock, g), 5)
             assert not ack.duplicate
     mid = await client.get_run(run.run_id)
-    assert mid.counters.pushes_applied == 3 and server.push_slots.lent >= 1
+    assert mid.counters.pushes_applied == 3 and server.dataplane.statistics().push_slot_lends >= 1
     await call.write(req(32, np.ones(32), final=True))
     await call.done_writing()
     resp = await call.read()

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import make_spec
+from support import Stubs, make_spec
 
+from paramserver.client import PsClient
 from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.server import PsServer
-from worker.client import PsClient
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -105,7 +105,7 @@ def _d(ns: int) -> Any:
     return Duration(seconds=ns // 10**9, nanos=ns % 10**9)
 
 
-async def _call(client: PsClient, name: str, args: Any, run: pb.Run, incs: dict[int, int]) -> grpc.StatusCode:
+async def _call(client: Stubs, name: str, args: Any, run: pb.Run, incs: dict[int, int]) -> grpc.StatusCode:
     def rid(x: str) -> str:
         return run.run_id if x == "LIVE" else x
 
@@ -160,12 +160,13 @@ async def _call(client: PsClient, name: str, args: Any, run: pb.Run, incs: dict[
                                                                   HealthCheck.too_slow])
 @given(calls=st.lists(CALLS, min_size=1, max_size=4))
 async def test_every_rpc_answers_documented_codes_and_keeps_parameters(
-    server: PsServer, client: PsClient, live: tuple[pb.Run, dict[int, int]], calls: list[tuple[str, Any]]
+    server: PsServer, client: PsClient, stubs: Stubs, live: tuple[pb.Run, dict[int, int]],
+    calls: list[tuple[str, Any]],
 ) -> None:
     run, incs = live
     before = {n: a.tobytes() for n, a in (await client.pull(run.run_id)).tensors.items()}
     for name, args in calls:
-        code = await _call(client, name, args, run, incs)
+        code = await _call(stubs, name, args, run, incs)
         assert code in DOCUMENTED, f"{name}{args!r} answered {code.name}"
     after = {n: a.tobytes() for n, a in (await client.pull(run.run_id)).tensors.items()}
     assert after == before, f"{calls!r} changed the parameters"

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from support import make_spec, with_config
 
+from paramserver.client import PsClient
 from ps_server.config import ServerConfig
 from ps_server.server import start_server
-from worker.client import PsClient
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -27,7 +27,7 @@ async def test_metrics_endpoint_reports_pushes_and_clocks(server_config: ServerC
             await c.push(run.run_id, 0, a.incarnation, 0, {n: np.ones_like(v) for n, v in p.tensors.items()})
             url = f"http://127.0.0.1:{ps.metrics_port}/metrics"
             text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
-            assert c.streams_opened["tcp"] == 2  # the pull's stream and the push's, both still open
+            assert c.route.opened["tcp"] == 2  # the pull's stream and the push's, both still open
         assert "paramserver_data_plane_connections_total 2.0" in text
         assert "paramserver_data_plane_open 2.0" in text
         assert f'paramserver_pushes_applied_total{{run="{run.run_id}"}} 1.0' in text

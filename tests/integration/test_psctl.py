@@ -22,8 +22,8 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from client.cli import app
+from paramserver.client import PsClient
 from ps_server.server import PsServer
-from worker.client import PsClient
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
 from support import make_spec, with_config
 
+from paramserver import errors
+from paramserver.client import PsClient
 from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.config import ServerConfig
 from ps_server.server import start_server
-from worker.client import PsClient
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -61,19 +61,19 @@ async def test_checkpoint_on_demand(server_config: ServerConfig, tmp_path: Path)
     try:
         async with PsClient(f"127.0.0.1:{ps.port}") as c:
             run = await c.create_run(make_spec(num_workers=1))
-            resp = await c.runs.CheckpointRun(pb.CheckpointRunRequest(run_id=run.run_id), timeout=10)
+            resp = await c.checkpoint_run(run.run_id)
             assert Path(resp.path).is_dir() and (Path(resp.path) / "manifest.json").is_file()
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await c.runs.CheckpointRun(pb.CheckpointRunRequest(run_id="run-nope"), timeout=10)
-            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(errors.NotFound) as err:
+                await c.checkpoint_run("run-nope")
+            assert err.value.reason == pb.ERROR_REASON_RUN_NOT_FOUND
     finally:
         await ps.stop(0)
 
 
 async def test_checkpoint_without_data_dir_is_failed_precondition(client: PsClient) -> None:
     run = await client.create_run(make_spec(num_workers=1))
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        await client.runs.CheckpointRun(pb.CheckpointRunRequest(run_id=run.run_id), timeout=10)
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "--data-dir" in (err.value.details() or "")
+    with pytest.raises(errors.FailedPrecondition) as err:
+        await client.checkpoint_run(run.run_id)
+    assert err.value.reason == pb.ERROR_REASON_NO_DATA_DIR
+    assert "--data-dir" in err.value.message
 

@@ -15,10 +15,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from support import make_spec, with_config
 
+from paramserver.client import PsClient
+from paramserver.errors import Code, PsError
+from paramserver.security import Security
+from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.config import ServerConfig
 from ps_server.security import ConfigError
 from ps_server.server import start_server
-from worker.client import PsClient, PsClientError, Security
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -89,8 +92,10 @@ async def _call(port: int, security: Security | None) -> grpc.StatusCode:
         try:
             await c.create_run(make_spec(num_workers=1))
             return grpc.StatusCode.OK
-        except PsClientError as exc:
-            return exc.code
+        except PsError as exc:
+            if exc.code == Code.UNAUTHENTICATED:
+                assert exc.reason == pb.ERROR_REASON_UNAUTHENTICATED, exc.info
+            return {c.value[0]: c for c in grpc.StatusCode}[exc.code]
 
 
 async def _health(port: int, security: Security | None) -> str:

@@ -17,11 +17,14 @@ import numpy as np
 import pytest
 from support import make_spec
 
+from paramserver import errors
+from paramserver.client import PsClient
+from paramserver.errors import PsError
+from paramserver.tcp_transport import dial_host
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import tcp
 from ps_server.config import ServerConfig
 from ps_server.server import PsServer, start_server
-from worker.client import PsClient, PsClientError, dial_host
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,15 +38,20 @@ async def _raw(port: int, first: bytes) -> tuple[socket.socket, asyncio.Abstract
     return sock, loop
 
 
-async def _status(sock: socket.socket) -> tuple[grpc.StatusCode, str]:
-    """Read frames until the STATUS frame; then the server must close the connection."""
+async def _status(sock: socket.socket, plain: bool = False) -> tuple[grpc.StatusCode, str]:
+    """Read frames until the STATUS frame; then the server must close the connection. Its body is a
+    serialized Status (``plain``: the bare message, as to a version 1 client)."""
     while True:
         kind, status, body = await tcp.read_frame(sock, 1 << 20)
         if kind == tcp.STATUS:
             break
     loop = asyncio.get_running_loop()
     assert await asyncio.wait_for(loop.sock_recv(sock, 1), 5) == b""  # closed after the status
-    return {c.value[0]: c for c in grpc.StatusCode}[status], bytes(body).decode()
+    if plain:
+        return {c.value[0]: c for c in grpc.StatusCode}[status], bytes(body).decode()
+    parsed = pb.Status.FromString(bytes(body))
+    assert parsed.code == status and parsed.error.reason != pb.ERROR_REASON_UNSPECIFIED, parsed
+    return {c.value[0]: c for c in grpc.StatusCode}[status], parsed.message
 
 
 async def test_pushes_and_pulls_go_over_tcp_once_join_tells_the_port(server: PsServer) -> None:
@@ -51,9 +59,9 @@ async def test_pushes_and_pulls_go_over_tcp_once_join_tells_the_port(server: PsS
     async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
         run = await c.create_run(make_spec(shapes={"w": (300, 1000)}, num_workers=1, staleness=-1, lr=1.0,
                                            init=pb.INITIALIZER_ZEROS))
-        assert c.transport == "grpc"  # nothing known yet
+        assert c.route.transport == "grpc"  # nothing known yet
         a = (await c.join("w", run.run_id)).assignment
-        assert c.data_port == server.data_plane.port and c.transport == "tcp"
+        assert c.route.data_port == server.data_plane.port and c.route.transport == "tcp"
         g = np.arange(300_000, dtype=np.float32).reshape(300, 1000)  # > 1 MiB: several messages
         ack = await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": g})
         assert ack.clock == 1 and not ack.duplicate
@@ -63,8 +71,8 @@ async def test_pushes_and_pulls_go_over_tcp_once_join_tells_the_port(server: PsS
         np.testing.assert_array_equal(pulled.tensors["w"], -g)
         _, both = await c.push_pull(run.run_id, a.rank, a.incarnation, 1, {"w": g})
         np.testing.assert_array_equal(both.tensors["w"], -2 * g)
-        assert c.streams_opened == {"tcp": 2, "grpc": 0, "tcp_unreachable": 0}
-        assert server.data_plane.connections == 2
+        assert c.route.opened == {"tcp": 2, "grpc": 0, "tcp_unreachable": 0}
+        assert server.data_plane.statistics().connections == 2
         assert [w.data_plane for w in (await c.get_run(run.run_id)).workers] == ["tcp"]  # psctl status shows it
 
 
@@ -74,11 +82,12 @@ async def test_a_bad_push_over_tcp_gets_its_status_and_the_next_push_reconnects(
         a = (await c.join("w", run.run_id)).assignment
         bad = np.zeros((600, 1000), np.float32)
         bad[599, 999] = np.nan  # in the push's last message: the server has read the rest first
-        with pytest.raises(PsClientError) as err:
+        with pytest.raises(PsError) as err:
             await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": bad})
-        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in err.value.details
+        assert isinstance(err.value, errors.InvalidArgument) and "NaN" in err.value.message
+        assert err.value.reason == pb.ERROR_REASON_INVALID_GRADIENT
         assert (await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": np.ones_like(bad)})).clock == 1
-        assert c.streams_opened["tcp"] == 2 and c.streams_opened["grpc"] == 0
+        assert c.route.opened["tcp"] == 2 and c.route.opened["grpc"] == 0
 
 
 async def test_an_unreachable_data_plane_falls_back_to_grpc(server: PsServer) -> None:
@@ -87,21 +96,21 @@ async def test_an_unreachable_data_plane_falls_back_to_grpc(server: PsServer) ->
         a = (await c.join("w", run.run_id)).assignment
         closed = socket.socket()
         closed.bind(("127.0.0.1", 0))
-        c.data_port = closed.getsockname()[1]  # bound, not listening: connections are refused
+        c.route.data_port = closed.getsockname()[1]  # bound, not listening: connections are refused
         try:
             p = await c.pull(run.run_id, a.rank, a.incarnation, 0)
             await c.push(run.run_id, a.rank, a.incarnation, 0, {n: np.ones_like(v) for n, v in p.tensors.items()})
         finally:
             closed.close()
         # The first stream tried TCP; the second did not try again (for a while, then it will).
-        assert c.streams_opened == {"tcp": 0, "grpc": 2, "tcp_unreachable": 1}
-        assert c.transport == "grpc"
+        assert c.route.opened == {"tcp": 0, "grpc": 2, "tcp_unreachable": 1}
+        assert c.route.transport == "grpc"
         assert [w.data_plane for w in (await c.get_run(run.run_id)).workers] == ["grpc"]
         # A heartbeat tells the port again (as after a server restart): TCP from the next stream.
         hb = await c.heartbeat(run.run_id, a.rank, a.incarnation, 1)
-        assert hb.data_port == c.data_port == server.data_plane.port and c.transport == "tcp"  # type: ignore[union-attr]
+        assert hb.data_port == c.route.data_port == server.data_plane.port and c.route.transport == "tcp"  # type: ignore[union-attr]
         await c.pull(run.run_id, a.rank, a.incarnation, 1)
-        assert c.streams_opened["tcp"] == 1
+        assert c.route.opened["tcp"] == 1
 
 
 async def test_data_port_minus_one_and_a_token_turn_the_data_plane_off(server_config: ServerConfig, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -111,9 +120,9 @@ async def test_data_port_minus_one_and_a_token_turn_the_data_plane_off(server_co
         async with PsClient(f"127.0.0.1:{off.port}", timeout=10) as c:
             run = await c.create_run(make_spec(num_workers=1, staleness=-1))
             resp = await c.join("w", run.run_id)
-            assert resp.data_port == 0 and c.transport == "grpc"
+            assert resp.data_port == 0 and c.route.transport == "grpc"
             await c.pull(run.run_id, resp.assignment.rank, resp.assignment.incarnation, 0)
-            assert c.streams_opened == {"tcp": 0, "grpc": 1, "tcp_unreachable": 0}
+            assert c.route.opened == {"tcp": 0, "grpc": 1, "tcp_unreachable": 0}
     finally:
         await off.stop(0)
     secret = tmp_path / "token"
@@ -145,7 +154,7 @@ async def test_a_client_that_goes_away_frees_its_parked_pull(server: PsServer) -
             break
         await asyncio.sleep(0.02)
     assert 0 < core.counters.parked_seconds < 5
-    assert server.registry.busy == 0
+    assert server.dataplane.statistics().in_progress == 0
 
 
 async def test_framing_errors_end_the_stream_with_a_status(server: PsServer) -> None:
@@ -159,6 +168,13 @@ async def test_framing_errors_end_the_stream_with_a_status(server: PsServer) -> 
     sock, _ = await _raw(port, tcp.HELLO.pack(tcp.MAGIC, tcp.VERSION, 9, 0))
     code, details = await _status(sock)
     assert code == grpc.StatusCode.UNIMPLEMENTED and "unknown method 9" in details
+    sock.close()
+
+    # A client of version 1 of the framing reads STATUS bodies as text: it is refused in that form
+    # (and then uses gRPC).
+    sock, _ = await _raw(port, tcp.HELLO.pack(tcp.MAGIC, 1, tcp.METHOD_PUSH, 0))
+    code, details = await _status(sock, plain=True)
+    assert code == grpc.StatusCode.UNIMPLEMENTED and f"version {tcp.VERSION}" in details
     sock.close()
 
     sock, loop = await _raw(port, tcp.hello(tcp.METHOD_PUSH))
@@ -183,7 +199,7 @@ async def test_framing_errors_end_the_stream_with_a_status(server: PsServer) -> 
     code, details = await _status(sock)
     assert code == grpc.StatusCode.NOT_FOUND and "nope" in details
     sock.close()
-    assert server.registry.busy == 0
+    assert server.dataplane.statistics().in_progress == 0
 
 
 def test_dial_host_names_the_host_of_a_grpc_target() -> None:
@@ -241,9 +257,9 @@ async def test_a_push_whose_answer_is_lost_on_tcp_is_retried_and_applied_once(se
         run = await c.create_run(make_spec(shapes={"w": (4,)}, num_workers=1, staleness=-1, lr=1.0,
                                            init=pb.INITIALIZER_ZEROS))
         a = (await c.join("w", run.run_id)).assignment
-        c.data_port = proxy_port
+        c.route.data_port = proxy_port
         g = {"w": np.array([1, 2, 3, 4], np.float32)}
-        with pytest.raises(PsClientError) as err:
+        with pytest.raises(PsError) as err:
             await c.push(run.run_id, a.rank, a.incarnation, 0, g)
         assert err.value.retryable, err.value
         ack = await c.push(run.run_id, a.rank, a.incarnation, 0, g)  # the retry: a new connection
@@ -252,7 +268,7 @@ async def test_a_push_whose_answer_is_lost_on_tcp_is_retried_and_applied_once(se
         np.testing.assert_array_equal(pulled.tensors["w"], -g["w"])
         core = server.registry.get(run.run_id)
         assert core.counters.pushes_applied == 1 and core.counters.pushes_duplicate == 1
-        assert c.streams_opened["tcp"] == 3 and c.streams_opened["grpc"] == 0
+        assert c.route.opened["tcp"] == 3 and c.route.opened["grpc"] == 0
 
 
 async def test_a_server_shutting_down_refuses_new_tcp_streams_with_unavailable(server: PsServer) -> None:
@@ -260,12 +276,12 @@ async def test_a_server_shutting_down_refuses_new_tcp_streams_with_unavailable(s
         run = await c.create_run(make_spec(num_workers=1, staleness=-1))
         a = (await c.join("w", run.run_id)).assignment
         server.registry.shutting_down = True  # as PsServer.stop sets it first
-        with pytest.raises(PsClientError) as err:
+        with pytest.raises(PsError) as err:
             await c.pull(run.run_id, a.rank, a.incarnation, 0)
-        assert err.value.code == grpc.StatusCode.UNAVAILABLE and err.value.retryable
-        assert "shutting down" in err.value.details
+        assert isinstance(err.value, errors.Unavailable) and err.value.retryable
+        assert err.value.reason == pb.ERROR_REASON_SHUTTING_DOWN and "shutting down" in err.value.message
         # Retryable, not a reason to leave the data plane: the next stream tries TCP again.
-        assert c.streams_opened["tcp_unreachable"] == 0 and c.transport == "tcp"
+        assert c.route.opened["tcp_unreachable"] == 0 and c.route.transport == "tcp"
         server.registry.shutting_down = False
 
 
@@ -282,11 +298,11 @@ async def test_a_port_change_told_during_a_parked_pull_does_not_disturb_it(serve
         parked = asyncio.create_task(c.pull(run.run_id, a.rank, a.incarnation, 1))  # waits for b
         await asyncio.sleep(0.2)
         assert not parked.done()
-        c.data_port = 1  # as if the server had said another port; its heartbeat says the real one
+        c.route.data_port = 1  # as if the server had said another port; its heartbeat says the real one
         await c.heartbeat(run.run_id, a.rank, a.incarnation, 1)
-        assert c.data_port == server.data_plane.port
+        assert c.route.data_port == server.data_plane.port
         async with PsClient(f"127.0.0.1:{server.port}", timeout=10, data_plane=False) as other:
             await other.push(run.run_id, b.rank, b.incarnation, 0, zeros)
         result = await asyncio.wait_for(parked, 5)
         assert result.guaranteed_clock >= 1
-        assert c.streams_opened == {"tcp": 2, "grpc": 0, "tcp_unreachable": 0}
+        assert c.route.opened == {"tcp": 2, "grpc": 0, "tcp_unreachable": 0}

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.client import PsClient, PsClientError
+from paramserver.client import PsClient
+from paramserver.errors import PsError
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.skipif(not Path("/proc/self/environ").exists(),
                                                            reason="needs Linux /proc")]
@@ -132,7 +133,7 @@ async def wait_for_training(address: str, timeout: float = 60.0) -> None:
             try:
                 if any(r.min_clock > 0 for r in await c.list_runs()):
                     return
-            except PsClientError:
+            except PsError:
                 pass  # not listening yet
             assert time.monotonic() < deadline, f"no run started training at {address}"
             await asyncio.sleep(0.1)

@@ -12,7 +12,7 @@ from procs import connect, finish, free_port, ps_server, ps_workers, record, wat
 
 from client.spec import LaunchOptions, build_run_spec
 from paramserver.v1 import paramserver_pb2 as pb
-from ps_server.checkpoint import CheckpointStore
+from ps_server.core.checkpoint import CheckpointStore
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 

@@ -77,7 +77,7 @@ async def test_straggler_never_lets_fast_workers_past_the_bound() -> None:
         async with connect(addr) as c:
             run = await c.create_run(spec)
             final = await finish(c, run.run_id)
-            metrics = await c.runs.GetMetrics(pb.GetMetricsRequest(run_id=run.run_id, include_clock_records=True))
+            metrics = await c.get_metrics(run.run_id, include_clock_records=True)
     assert final.state == pb.RUN_STATE_COMPLETED, final.message
     pulls = [r for r in metrics.clock_records if r.kind == pb.ClockRecord.KIND_PULL]
     pushes = [r for r in metrics.clock_records if r.kind == pb.ClockRecord.KIND_PUSH]

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ps_server.checkpoint import CheckpointStore, CorruptCheckpoint
 from ps_server.checkpointer import Checkpointer
-from ps_server.registry import RunRegistry
-from ps_server.run import Run
-from ps_server.spec import Initializer, OptimizerConfig, OptimizerKind, ParamSpec, RunSpec
+from ps_server.core import snapshot
+from ps_server.core.checkpoint import CheckpointStore, CorruptCheckpoint
+from ps_server.core.run import Run
+from ps_server.core.spec import Initializer, OptimizerConfig, OptimizerKind, ParamSpec, RunSpec
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,9 +40,9 @@ def make_run(staleness: int = 1) -> Run:
 def test_round_trip_restores_params_optimizer_clocks_and_dedup(tmp_path: Path) -> None:
     run = make_run()
     store = CheckpointStore(tmp_path)
-    path = store.write(*run.state_dict())
+    path = store.write(*snapshot.state_dict(run))
     ck = store.load(path)
-    again = Run.from_state(json.loads(json.dumps(ck.meta)), ck.arrays)
+    again = snapshot.restore(json.loads(json.dumps(ck.meta)), ck.arrays)
     for name in run.store.params:
         assert again.store.params[name].tobytes() == run.store.params[name].tobytes()
     for key, arr in run.optimizer.state_arrays().items():
@@ -63,8 +63,8 @@ def test_bsp_held_gradients_survive(tmp_path: Path) -> None:
     inc = run.status().workers[0].incarnation
     run.push(0, inc, 3, {"w": np.ones((4, 3), np.float32), "b": np.ones(3, np.float32)}, 0)
     store = CheckpointStore(tmp_path)
-    ck = store.load(store.write(*run.state_dict()))
-    again = Run.from_state(ck.meta, ck.arrays)
+    ck = store.load(store.write(*snapshot.state_dict(run)))
+    again = snapshot.restore(ck.meta, ck.arrays)
     inc1 = run.status().workers[1].incarnation
     g = {"w": np.full((4, 3), 2.0, np.float32), "b": np.ones(3, np.float32)}
     run.push(1, inc1, 3, g, 0)
@@ -75,7 +75,7 @@ def test_bsp_held_gradients_survive(tmp_path: Path) -> None:
 def test_keeps_the_newest_k(tmp_path: Path) -> None:
     run = make_run()
     store = CheckpointStore(tmp_path, keep=2)
-    paths = [store.write(*run.state_dict()) for _ in range(4)]
+    paths = [store.write(*snapshot.state_dict(run)) for _ in range(4)]
     assert sorted(p.name for p in (tmp_path / "run-ck").iterdir()) == [paths[2].name, paths[3].name]
 
 
@@ -85,10 +85,10 @@ def test_corrupt_checkpoint_is_skipped_loudly_for_the_older_one(
 ) -> None:
     run = make_run()
     store = CheckpointStore(tmp_path)
-    good = store.write(*run.state_dict())
+    good = store.write(*snapshot.state_dict(run))
     inc = run.status().workers[0].incarnation
     run.push(0, inc, 3, {"w": np.ones((4, 3), np.float32), "b": np.ones(3, np.float32)}, 0)
-    bad = store.write(*run.state_dict())
+    bad = store.write(*snapshot.state_dict(run))
     npz, manifest = bad / "arrays.npz", bad / "manifest.json"
     if damage == "truncate-arrays":
         npz.write_bytes(npz.read_bytes()[:100])
@@ -115,13 +115,14 @@ def test_corrupt_checkpoint_is_skipped_loudly_for_the_older_one(
 WRITER = """
 import sys, numpy as np
 from pathlib import Path
-from ps_server.checkpoint import CheckpointStore
+from ps_server.core import snapshot
+from ps_server.core.checkpoint import CheckpointStore
 sys.path.insert(0, {tests!r})
 from unit.test_checkpoint import make_run
 run = make_run()
 store = CheckpointStore(Path({root!r}), keep=2)
 big = {{"pad": np.random.default_rng(0).random(2_000_000).astype(np.float32)}}
-meta, arrays = run.state_dict()
+meta, arrays = snapshot.state_dict(run)
 arrays.update(big)
 store.write(meta, arrays)
 print("ready", flush=True)
@@ -151,20 +152,19 @@ def test_crash_during_checkpoint_writes_always_leaves_a_valid_one(tmp_path: Path
 def test_resume_falls_back_when_the_newest_checkpoint_does_not_fit_its_run(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A checkpoint whose files are intact but whose content Run.from_state refuses (here a
+    """A checkpoint whose files are intact but whose content snapshot.restore refuses (here a
     running run with an Inf parameter) is skipped for the run's older one, not the whole run."""
     run = make_run()
     store = CheckpointStore(tmp_path)
-    good = store.write(*run.state_dict())
-    meta, arrays = run.state_dict()
+    good = store.write(*snapshot.state_dict(run))
+    meta, arrays = snapshot.state_dict(run)
     arrays["param/w"][0, 0] = np.inf
     bad = store.write(meta, arrays)
-    registry = RunRegistry()
     with caplog.at_level(logging.ERROR, logger="ps_server"):
-        (resumed,) = Checkpointer(store, every=0).resume(registry)
+        (resumed,) = Checkpointer(store, every=0).resume()
     assert f"skipping checkpoint {bad}: it does not fit its run" in caplog.text
+    assert resumed.run_id == run.run_id
     assert resumed.store.params["w"].tobytes() == store.load(good).arrays["param/w"].tobytes()
-    assert registry.get(run.run_id) is resumed
 
 
 def test_non_finite_parameters_of_a_running_run_are_refused() -> None:
@@ -172,8 +172,8 @@ def test_non_finite_parameters_of_a_running_run_are_refused() -> None:
     saying otherwise is inconsistent: refused (resume then takes the run's older checkpoint). A
     failed run's checkpoint may hold them (that is why it failed) and loads."""
     run = make_run()
-    meta, arrays = run.state_dict()
+    meta, arrays = snapshot.state_dict(run)
     arrays["param/w"][0, 0] = np.inf
     with pytest.raises(ValueError, match="param/w.*NaN/Inf"):
-        Run.from_state(meta, arrays)
-    assert Run.from_state({**meta, "state": "failed"}, arrays).store.params["w"][0, 0] == np.inf
+        snapshot.restore(meta, arrays)
+    assert snapshot.restore({**meta, "state": "failed"}, arrays).store.params["w"][0, 0] == np.inf

@@ -1,4 +1,5 @@
-"""How the worker's client classifies gRPC failures: retried (the worker rides them out) or not."""
+"""How the SDK turns a call's status into its typed errors: the class, whether it is retried, the
+server's reason and facts (from the ErrorInfo trailer), all at one boundary."""
 
 from __future__ import annotations
 
@@ -6,25 +7,61 @@ import grpc
 import pytest
 from grpc.aio import AioRpcError, Metadata
 
-from worker.client import PsClientError
+from paramserver import errors
+from paramserver.grpc_transport import error_from_rpc
+from paramserver.v1 import ERROR_TRAILER
+from paramserver.v1 import paramserver_pb2 as pb
 
 
-def _error(code: grpc.StatusCode, details: str) -> AioRpcError:
-    return AioRpcError(code, Metadata(), Metadata(), details, "debug")
+def _rpc_error(code: grpc.StatusCode, details: str, info: pb.ErrorInfo | None = None) -> AioRpcError:
+    trailers = Metadata((ERROR_TRAILER, info.SerializeToString())) if info is not None else Metadata()
+    return AioRpcError(code, Metadata(), trailers, details, "debug")
 
 
-@pytest.mark.parametrize(("code", "details", "retryable"), [
-    (grpc.StatusCode.UNAVAILABLE, "failed to connect", True),
-    (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", True),
-    # grpc.aio's status when a message cannot be sent because the connection broke (seen when the
-    # server is killed during a push): not the server's answer, so as retryable as UNAVAILABLE
-    (grpc.StatusCode.INTERNAL, "Internal error from Core", True),
+_REFUSAL = pb.ErrorInfo(reason=pb.ERROR_REASON_INVALID_REQUEST)
+
+
+@pytest.mark.parametrize(("code", "details", "info", "cls", "retryable"), [
+    (grpc.StatusCode.UNAVAILABLE, "failed to connect", None, errors.Unavailable, True),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", None, errors.DeadlineExceeded, True),
+    # gRPC's own INTERNAL, without the ErrorInfo every paramserver refusal has (grpc.aio's when a
+    # message cannot be sent because the connection broke, seen when the server is killed during a
+    # push): not the server's answer, so as retryable as UNAVAILABLE, whatever its text says
+    (grpc.StatusCode.INTERNAL, "Internal error from Core", None, errors.Unavailable, True),
+    (grpc.StatusCode.INTERNAL, "any other words", None, errors.Unavailable, True),
     # the server's own INTERNAL (an undecodable request) and its refusals are not retried
-    (grpc.StatusCode.INTERNAL, "Exception deserializing request!", False),
-    (grpc.StatusCode.INVALID_ARGUMENT, "gradient 'w' contains 1 NaN/Inf value(s)", False),
-    (grpc.StatusCode.FAILED_PRECONDITION, "incarnation 3 of rank 0 is stale", False),
+    (grpc.StatusCode.INTERNAL, "the request does not parse", pb.ErrorInfo(reason=pb.ERROR_REASON_MALFORMED_MESSAGE),
+     errors.PsError, False),
+    (grpc.StatusCode.INVALID_ARGUMENT, "gradient 'w' contains 1 NaN/Inf value(s)", _REFUSAL, errors.InvalidArgument,
+     False),
+    (grpc.StatusCode.FAILED_PRECONDITION, "incarnation 3 of rank 0 is stale", _REFUSAL, errors.FailedPrecondition,
+     False),
+    (grpc.StatusCode.NOT_FOUND, "no run 'x'", _REFUSAL, errors.NotFound, False),
+    (grpc.StatusCode.UNAUTHENTICATED, "wrong bearer token", _REFUSAL, errors.Unauthenticated, False),
 ])
-def test_retryable(code: grpc.StatusCode, details: str, retryable: bool) -> None:
-    err = PsClientError.from_rpc(_error(code, details), "PushGradient")
-    assert err.retryable is retryable
+def test_class_and_retry(code: grpc.StatusCode, details: str, info: pb.ErrorInfo | None, cls: type[errors.PsError],
+                         retryable: bool) -> None:
+    err = error_from_rpc(_rpc_error(code, details, info), "PushGradient")
+    assert type(err) is cls and err.retryable is retryable
     assert details in str(err) and "PushGradient" in str(err)
+    assert err.reason == (info.reason if info is not None else pb.ERROR_REASON_UNSPECIFIED)  # never guessed from text
+
+
+def test_the_reason_and_facts_come_from_the_trailer_not_the_text() -> None:
+    info = pb.ErrorInfo(reason=pb.ERROR_REASON_CLOCK_AHEAD, next_clock=7)
+    err = error_from_rpc(_rpc_error(grpc.StatusCode.FAILED_PRECONDITION, "words that may change", info), "PullParams")
+    assert isinstance(err, errors.FailedPrecondition)
+    assert err.reason == pb.ERROR_REASON_CLOCK_AHEAD and err.info.next_clock == 7
+
+
+def test_from_status_maps_every_code_to_its_class() -> None:
+    for code in errors.Code:
+        err = errors.from_status(code.value, "m")
+        assert err.code is code and isinstance(err, errors.PsError)
+    assert isinstance(errors.from_status(14, "m"), errors.Unavailable)
+    unknown = errors.from_status(99, "m")
+    assert unknown.code is errors.Code.UNKNOWN and "99" in unknown.message
+
+
+def test_watch_idle_is_a_deadline() -> None:
+    assert issubclass(errors.WatchIdle, errors.DeadlineExceeded) and errors.WatchIdle.retryable

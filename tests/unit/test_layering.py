@@ -5,7 +5,9 @@ Each check runs in a fresh interpreter, because this test process has long impor
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,17 +18,8 @@ pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parents[2]
 
-CORE = [
-    "ps_server.errors",
-    "ps_server.spec",
-    "ps_server.store",
-    "ps_server.optimizers",
-    "ps_server.gate",
-    "ps_server.status",
-    "ps_server.run",
-    "ps_server.registry",
-    "ps_server.config",
-]
+CORE = sorted(f"ps_server.core.{p.stem}" for p in (ROOT / "ps_server" / "core").glob("*.py")
+              if p.stem != "__init__") + ["ps_server.config"]
 
 _PROBE = """
 import importlib, json, sys
@@ -50,7 +43,7 @@ def _loaded_transport_modules(modules: list[str]) -> list[str]:
 
 def test_probe_detects_grpc() -> None:
     """The check can fail: importing a transport module is reported."""
-    bad = _loaded_transport_modules(["ps_server.codec"])
+    bad = _loaded_transport_modules(["ps_server.servicer"])
     assert "grpc" in bad
     assert any(m.endswith("_pb2") for m in bad)
 
@@ -68,3 +61,101 @@ def test_each_core_module_alone(module: str) -> None:
 @pytest.mark.parametrize("module", ["worker.models", "worker.datasets"])
 def test_worker_compute_modules_import_without_grpc(module: str) -> None:
     assert _loaded_transport_modules([module]) == []
+
+
+# ------------------------------------------------------------------------------ who may import gRPC
+GRPC_MODULES = {
+    # the server's gRPC leaf and its wiring
+    "ps_server/servicer.py", "ps_server/security.py", "ps_server/server.py",
+    # the SDK's gRPC transport
+    "paramserver/grpc_transport.py",
+}
+"""The only hand-written modules that import grpc (or its health/reflection packages, or the
+generated ``*_pb2_grpc`` stubs): transports. The core, the transport-neutral services, the SDK's
+facade and the programs above it (worker, psctl) do not."""
+
+SOURCES = [p for folder in ("ps_server", "paramserver", "worker", "client", "protos/paramserver")
+           for p in sorted((ROOT / folder).rglob("*.py")) if "_pb2" not in p.name]
+
+
+def _imports(source: str) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:  # relative: our own
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def _imports_grpc(source: str) -> bool:
+    return any(n == "grpc" or n.startswith(("grpc.", "grpc_")) or n.endswith("_pb2_grpc") for n in _imports(source))
+
+
+def test_only_transport_modules_import_grpc() -> None:
+    importers = {str(p.relative_to(ROOT)) for p in SOURCES if _imports_grpc(p.read_text())}
+    assert importers == GRPC_MODULES
+
+
+def test_the_grpc_import_check_can_fail() -> None:
+    """The check above sees every form of import, here in a trainer that would break the rule."""
+    for line in ("import grpc", "from grpc import aio", "import grpc.aio as g", "from grpc_health.v1 import health",
+                 "from paramserver.v1 import paramserver_pb2_grpc as pb_grpc"):
+        assert _imports_grpc(f"import numpy\n{line}\n"), line
+    assert not _imports_grpc("from paramserver import errors\nimport numpy as np\n")
+
+
+# ------------------------------------------------------------------------------ facts, not prose
+CLIENT_PYTHON = [p for folder in ("paramserver", "worker", "client") for p in sorted((ROOT / folder).rglob("*.py"))]
+CLIENT_JS = sorted((ROOT / "worker" / "node" / "src").glob("*.js"))
+_TEXT = ("message", "details")
+
+
+def _is_text(node: ast.AST) -> bool:
+    """An error's text: ``x.message``, ``x.details``, ``x.details()``, ``str(exc)``."""
+    if isinstance(node, ast.Call):
+        if isinstance(node.func, ast.Name) and node.func.id == "str":
+            return any(isinstance(a, ast.Name) and a.id in ("e", "exc", "err", "error") for a in node.args)
+        node = node.func
+    return isinstance(node, ast.Attribute) and node.attr in _TEXT
+
+
+def _python_text_matches(source: str) -> list[int]:
+    """Lines that branch on an error's text: compare it, search in it, match it."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare) and any(_is_text(n) for n in (node.left, *node.comparators)):
+            if not all(isinstance(op, ast.Is | ast.IsNot) for op in node.ops):
+                found.append(node.lineno)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if node.func.attr in ("startswith", "endswith", "find", "index", "count") and _is_text(node.func.value):
+                found.append(node.lineno)
+            if node.func.attr in ("search", "match", "fullmatch", "findall") and any(_is_text(a) for a in node.args):
+                found.append(node.lineno)
+    return found
+
+
+_JS_TEXT = re.compile(r"\.(?:message|details)\s*(?:\.\s*(?:includes|indexOf|startsWith|endsWith|match|search)\s*\(|[!=]==?)"
+                      r"|\.(?:test|exec)\s*\([^)]*\.(?:message|details)\b")
+
+
+def test_no_client_branches_on_an_error_s_text() -> None:
+    """Workers (Python and Node), psctl and the SDK decide on an error's class, code and reason
+    (``ErrorInfo``), never on its message: the server's wording may change."""
+    python = {str(p.relative_to(ROOT)): lines for p in CLIENT_PYTHON if (lines := _python_text_matches(p.read_text()))}
+    js = {str(p.relative_to(ROOT)): [i for i, line in enumerate(p.read_text().splitlines(), 1) if _JS_TEXT.search(line)]
+          for p in CLIENT_JS}
+    assert python == {} and {f: lines for f, lines in js.items() if lines} == {}
+
+
+def test_the_text_check_can_fail() -> None:
+    for snippet in ('if "next clock is" in exc.details:\n    pass', 'ok = exc.message == "stale"',
+                    'if exc.details().startswith("no update"):\n    pass', 'm = re.search("clock (\\\\d+)", exc.message)',
+                    'if "stale" in str(exc):\n    pass'):
+        assert _python_text_matches(snippet), snippet
+    assert not _python_text_matches('log.info("failed: %s", exc.message)\nif exc.reason == 8:\n    pass')
+    for line in ("if (e.details.includes('next clock is')) resync();", "if (err.message === 'stale') x();",
+                 "if (/clock/.test(e.details)) y();"):
+        assert _JS_TEXT.search(line), line
+    assert not _JS_TEXT.search("log.info(`failed: ${e.message}`);")

@@ -15,9 +15,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from ps_server.optimizers import BLOCK, make_optimizer
-from ps_server.spec import OptimizerConfig, OptimizerKind, ParamSpec
-from ps_server.store import Pieces
+from ps_server.core.optimizers import BLOCK, make_optimizer
+from ps_server.core.spec import OptimizerConfig, OptimizerKind, ParamSpec
+from ps_server.core.store import Pieces
 
 pytestmark = pytest.mark.timeout(60)
 

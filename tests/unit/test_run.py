@@ -9,12 +9,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ps_server.errors import FailedPrecondition, InvalidArgument, OutOfRange, WaitTimeout
-from ps_server.registry import RunRegistry
-from ps_server.run import Run
-from ps_server.spec import Aggregation, Initializer, OptimizerConfig, OptimizerKind, ParamSpec, RunSpec
-from ps_server.status import RunState, WorkerState
-from ps_server.store import Pieces
+from ps_server.core import snapshot
+from ps_server.core.errors import FailedPrecondition, InvalidArgument, OutOfRange, Reason, WaitTimeout
+from ps_server.core.registry import RunRegistry
+from ps_server.core.run import Run
+from ps_server.core.spec import Aggregation, Initializer, OptimizerConfig, OptimizerKind, ParamSpec, RunSpec
+from ps_server.core.status import RunState, WorkerState
+from ps_server.core.tensors import Pieces
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -121,20 +122,22 @@ def test_bsp_combines_gradients_received_in_pieces() -> None:
     held, inc = started(spec(workers=2, staleness=0))
     flat = g[1]["w"].reshape(-1)
     held.push(1, inc[1], 0, {"w": Pieces((2, 3), [(0, flat[:4]), (4, flat[4:])]), "b": g[1]["b"]}, 0)
-    _, arrays = held.state_dict()  # a checkpoint of a BSP clock in progress holds the pieces joined
+    _, arrays = snapshot.state_dict(held)  # a checkpoint of a BSP clock in progress holds the pieces joined
     assert arrays["pending/0/1/w"].tobytes() == g[1]["w"].tobytes()
 
 
-def test_a_pull_beyond_the_ranks_own_next_clock_is_refused_not_parked() -> None:
+async def test_a_pull_beyond_the_ranks_own_next_clock_is_refused_not_parked() -> None:
     """Only the rank itself could make such a pull ready, and it is waiting: parked, it would hang
     until its lease ran out (seen after a server restart from a checkpoint that knows the rank at
-    an earlier clock). The refusal names the clock to go back to."""
+    an earlier clock). The refusal says so, with the clock to go back to as a fact."""
     run, inc = started(spec(workers=2, staleness=-1))
     run.push(0, inc[0], 0, grad(1), 0)
-    run.check_pull(0, inc[0], 1)  # its own next clock: fine
-    with pytest.raises(FailedPrecondition, match="rank 0 pulled clock 3 but its next clock is 1"):
-        run.check_pull(0, inc[0], 3)
-    run.check_pull(1, inc[1], 0)
+    await run.wait_pull(0, inc[0], 1, timeout=0.0)  # its own next clock: served at once
+    with pytest.raises(FailedPrecondition, match="rank 0 pulled clock 3 but its next clock is 1") as e:
+        await run.wait_pull(0, inc[0], 3, timeout=5.0)
+    assert e.value.reason is Reason.CLOCK_AHEAD and e.value.next_clock == 1
+    assert run.gate.statistics().waiting == 0  # refused, not parked
+    await run.wait_pull(1, inc[1], 0, timeout=0.0)
 
 
 def test_eviction_releases_the_min_clock_and_drops_buffered_gradients() -> None:
@@ -226,7 +229,7 @@ def test_ssp_invariant_and_exactly_once_under_random_schedules(workers: int, sta
         if staleness >= 0:
             live = [w.clock for w in run.status().workers if w.state in (WorkerState.ACTIVE, WorkerState.DONE)]
             assert min(live) >= clock - staleness
-    for rec in run.clock_records:
+    for rec in run.history.clock_records:
         if rec.kind == "push" and staleness >= 0:
             assert rec.min_clock >= rec.clock - staleness
     # Exactly once: s > 0 applies every accepted push; s = 0 applies every clock all live ranks
@@ -237,10 +240,10 @@ def test_ssp_invariant_and_exactly_once_under_random_schedules(workers: int, sta
         assert run.counters.updates_applied == len(applied)
 
 
-def test_registry_assigns_oldest_run_first_and_reports_unknown_runs() -> None:
+async def test_registry_assigns_oldest_run_first_and_reports_unknown_runs() -> None:
     reg = RunRegistry()
-    r1 = reg.create(spec(workers=1))
-    r2 = reg.create(spec(workers=1))
+    r1 = await reg.create(spec(workers=1))
+    r2 = await reg.create(spec(workers=1))
     assert reg.join("a").run_id == r1.run_id  # type: ignore[union-attr]
     assert reg.join("b").run_id == r2.run_id  # type: ignore[union-attr]
     assert reg.join("c") is None
@@ -248,25 +251,35 @@ def test_registry_assigns_oldest_run_first_and_reports_unknown_runs() -> None:
         reg.get("run-nope")
 
 
-async def test_gate_wakes_exactly_the_waiters_whose_predicate_holds() -> None:
+async def test_parked_pulls_wake_exactly_when_their_bound_holds() -> None:
     run, inc = started(spec(workers=2, staleness=0, iterations=5))
     run.push(0, inc[0], 0, grad(1), 0)
-    waiter = asyncio.create_task(run.gate.wait_for(lambda: run.pull_ready(0, inc[0], 1), 5.0, run.waiting_for))
-    other = asyncio.create_task(run.gate.wait_for(lambda: run.pull_ready(1, inc[1], 3), 5.0, run.waiting_for))
+    waiter = asyncio.create_task(run.wait_pull(0, inc[0], 1, timeout=5.0))
+    other = asyncio.create_task(run.wait_pull(1, inc[1], 0, timeout=5.0))  # ready: never parks
     await asyncio.sleep(0.01)
-    assert not waiter.done() and run.gate.statistics().waiting == 2
+    assert other.done() and not waiter.done() and run.gate.statistics().waiting == 1
+    assert run.status().workers[0].waiting_for_clock == 1 and "rank 1 (clock 0)" in run.waiting_for()
     run.push(1, inc[1], 0, grad(1), 0)
     await asyncio.sleep(0)
     await asyncio.sleep(0)
-    assert waiter.done() and not other.done()
+    assert waiter.done() and run.status().workers[0].waiting_for_clock is None
+    run.push(0, inc[0], 1, grad(1), 0)
+    parked = asyncio.create_task(run.wait_pull(0, inc[0], 2, timeout=5.0))  # needs rank 1 at clock 2
+    await asyncio.sleep(0.01)
     run.stop("test over")
-    with pytest.raises(FailedPrecondition):
-        await other
-    with pytest.raises(WaitTimeout, match="held back|waits|waiting|rank"):
-        run3, inc3 = started(spec(workers=2, staleness=0))
-        run3.push(0, inc3[0], 0, grad(1), 0)
-        await run3.gate.wait_for(lambda: run3.pull_ready(0, inc3[0], 1), 0.05,
-                                 lambda: "rank 0 waits for rank 1")
+    with pytest.raises(FailedPrecondition, match="stopped") as e:
+        await parked
+    assert e.value.reason is Reason.RUN_NOT_RUNNING and e.value.run_state == "stopped"
+    assert run.counters.pulls_parked == 2 and run.counters.parked_seconds > 0
+
+
+async def test_a_parked_pull_times_out_naming_who_holds_it_back() -> None:
+    run, inc = started(spec(workers=3, staleness=0))
+    run.push(0, inc[0], 0, grad(1), 0)
+    with pytest.raises(WaitTimeout, match=r"waited 0\.1s: rank 0 \(clock 1\) waits for rank 1 \(clock 0\), rank 2") as e:
+        await run.wait_pull(0, inc[0], 1, timeout=0.1)
+    assert e.value.needed_min_clock == 1 and e.value.ranks_behind == (1, 2)
+    assert run.gate.statistics().waiting == 0 and run.status().workers[0].waiting_for_clock is None
 
 
 def test_a_diverging_run_fails_instead_of_serving_nan() -> None:

@@ -12,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from paramserver.v1 import paramserver_pb2 as pb
-from paramserver.v1.tensors import chunk_messages
-from ps_server import codec, errors
-from ps_server.codec import TensorAssembler, spec_from_proto, spec_to_proto, status_code
-from ps_server.errors import InvalidArgument, ResourceExhausted
-from ps_server.spec import (
+from paramserver.v1 import wire
+from ps_server.codec import TensorAssembler, error_status, spec_from_proto, spec_to_proto
+from ps_server.core import errors
+from ps_server.core.errors import InvalidArgument, ResourceExhausted
+from ps_server.core.spec import (
     Aggregation,
     Initializer,
     OptimizerConfig,
@@ -24,7 +24,8 @@ from ps_server.spec import (
     ParamSpec,
     RunSpec,
 )
-from ps_server.store import FLAT_MAX, ParamStore, Pieces, blocks, materialize
+from ps_server.core.store import FLAT_MAX, ParamStore, materialize
+from ps_server.core.tensors import Pieces, blocks
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -297,15 +298,15 @@ def test_assembler_unrepresentable_shape_is_invalid_argument(shape: tuple[int, .
     with pytest.raises(errors.PsError) as e:
         a.add([_chunk("w", shape, 0, data)])
         a.finish()
-    assert status_code(e.value) in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert error_status(e.value).code in (grpc.StatusCode.INVALID_ARGUMENT.value[0], grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
 
 
-# ------------------------------------------------------------------------------ chunk_messages round trip
+# ------------------------------------------------------------------------------ sender to assembler round trip
 def _roundtrip(tensors: dict[str, np.ndarray], chunk_bytes: int) -> tuple[dict[str, np.ndarray], int]:
     a = TensorAssembler(max_bytes=1 << 30)
     messages = 0
-    for msg in chunk_messages(tensors, chunk_bytes, pb.PushGradientRequest):
-        batch = list(msg.tensors)
+    for group in wire.chunk_groups(tensors, chunk_bytes):
+        batch = wire.decode_push_request(wire.join(wire.push_request_parts("r", 0, 1, 0, group, False))).tensors
         messages += 1
         # A message's payload stays near chunk_bytes (at most one chunk past it).
         assert sum(len(c.data) for c in batch) < chunk_bytes + max(4, chunk_bytes) + 4
@@ -449,32 +450,45 @@ def test_spec_from_proto_rejects(mutate, match: str) -> None:  # type: ignore[no
     assert match in str(e.value)
 
 
-# ------------------------------------------------------------------------------ status codes
+# ------------------------------------------------------------------------------ statuses
 @pytest.mark.parametrize(
-    "cls, code",
+    "cls, code, reason",
     [
-        (errors.NotFound, grpc.StatusCode.NOT_FOUND),
-        (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-        (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-        (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
-        (errors.WaitTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
-        (errors.ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+        (errors.NotFound, grpc.StatusCode.NOT_FOUND, pb.ERROR_REASON_RUN_NOT_FOUND),
+        (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, pb.ERROR_REASON_INVALID_REQUEST),
+        (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED, pb.ERROR_REASON_TOO_LARGE),
+        (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION, pb.ERROR_REASON_UNSPECIFIED),
+        (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE, pb.ERROR_REASON_CLOCK_OUT_OF_RANGE),
+        (errors.WaitTimeout, grpc.StatusCode.DEADLINE_EXCEEDED, pb.ERROR_REASON_WAIT_TIMEOUT),
+        (errors.ShuttingDown, grpc.StatusCode.UNAVAILABLE, pb.ERROR_REASON_SHUTTING_DOWN),
+        (errors.Malformed, grpc.StatusCode.INTERNAL, pb.ERROR_REASON_MALFORMED_MESSAGE),
     ],
 )
-def test_status_code(cls: type[errors.PsError], code: grpc.StatusCode) -> None:
-    assert status_code(cls("x")) is code
+def test_error_status(cls: type[errors.PsError], code: grpc.StatusCode, reason: int) -> None:
+    status = error_status(cls("what to fix"))
+    assert (status.code, status.message, status.error.reason) == (code.value[0], "what to fix", reason)
 
     class Sub(cls):  # type: ignore[misc, valid-type]
         pass
 
-    assert status_code(Sub("x")) is code  # subclasses map through their base
+    assert error_status(Sub("x")).code == code.value[0]  # subclasses keep their base's code
 
 
-def test_status_code_table_covers_every_error_class() -> None:
-    leaves = {c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.PsError)}
-    assert leaves - {errors.PsError} == set(codec.STATUS_CODES)
-    assert status_code(errors.PsError("bare")) is grpc.StatusCode.INTERNAL
+def test_error_status_carries_the_facts() -> None:
+    status = error_status(errors.FailedPrecondition("ahead", errors.Reason.CLOCK_AHEAD, next_clock=7))
+    assert status.error.reason == pb.ERROR_REASON_CLOCK_AHEAD and status.error.next_clock == 7
+    status = error_status(errors.FailedPrecondition("stopped", errors.Reason.RUN_NOT_RUNNING, run_state="stopped"))
+    assert status.error.run_state == pb.RUN_STATE_STOPPED
+    status = error_status(errors.WaitTimeout("slow", needed_min_clock=3, ranks_behind=[1, 2]))
+    assert (status.error.needed_min_clock, list(status.error.ranks_behind)) == (3, [1, 2])
+    assert error_status(errors.PsError("bare")).code == grpc.StatusCode.INTERNAL.value[0]
+
+
+def test_every_reason_is_in_the_contract_and_back() -> None:
+    """The core's reasons and the proto's ErrorReason are the same set of names."""
+    ours = {r.name for r in errors.Reason}
+    theirs = {name.removeprefix("ERROR_REASON_") for name in pb.ErrorReason.keys()}
+    assert ours == theirs
 
 
 def test_small_model_gradients_are_gathered_flat(store: ParamStore) -> None:

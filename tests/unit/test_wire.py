@@ -3,6 +3,7 @@ padding), and decode(encode(x)) == x."""
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +16,6 @@ from hypothesis import strategies as st
 
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import wire
-from paramserver.v1.tensors import chunk_messages
 
 
 @pytest.fixture(autouse=True, scope="module", params=["hand", "generated"])
@@ -147,12 +147,79 @@ def test_push_response_matches_protobuf(clock: int, dup: bool, mc: int, state: i
 @given(shapes=st.lists(st.tuples(NAMES, st.lists(st.integers(0, 40), max_size=3).map(tuple)), max_size=4,
                        unique_by=lambda t: t[0]),
        chunk_bytes=st.integers(1, 400))
-def test_chunk_groups_split_like_chunk_messages(shapes: list[tuple[str, tuple[int, ...]]], chunk_bytes: int) -> None:
+def test_chunk_groups_follow_the_chunking_rule(shapes: list[tuple[str, tuple[int, ...]]], chunk_bytes: int) -> None:
+    """Chunks of at most chunk_bytes cover each tensor once, in order; a message ends once it holds
+    chunk_bytes of payload (so only the last may hold less); there is always one message."""
     tensors = {n: np.arange(int(np.prod(s)), dtype="<f4").reshape(s) for n, s in shapes}
-    ours = [encode_push_request("r", 1, 2, 3, g, False) for g in wire.chunk_groups(tensors, chunk_bytes)]
-    new = lambda: pb.PushGradientRequest(run_id="r", rank=1, incarnation=2, clock=3)  # noqa: E731
-    theirs = [m.SerializeToString() for m in chunk_messages(tensors, chunk_bytes, new)]
-    assert [_unpadded(m) for m in ours] == theirs
+    groups = list(wire.chunk_groups(tensors, chunk_bytes))
+    assert groups
+    per_chunk = max(1, chunk_bytes // 4)
+    seen: dict[str, list[float]] = {}
+    for i, group in enumerate(groups):
+        payload = sum(part.nbytes for _, _, _, part in group)
+        if i < len(groups) - 1:
+            assert payload >= chunk_bytes
+        assert payload - group[-1][3].nbytes < chunk_bytes if group else True  # it ended as soon as it was full
+        for name, shape, offset, part in group:
+            assert shape == tensors[name].shape and part.size <= per_chunk
+            assert offset == len(seen.setdefault(name, []))
+            seen[name] += part.tolist()
+    assert seen == {n: t.reshape(-1).tolist() for n, t in tensors.items() if t.size} | {
+        n: [] for n, t in tensors.items() if not t.size and n in seen}
+    # and what the generated classes parse back from them is the same chunks
+    for group in groups:
+        _same_chunks(wire.decode_push_request(encode_push_request("r", 1, 2, 3, group, False)).tensors,
+                     pb.PushGradientRequest.FromString(_unpadded(encode_push_request("r", 1, 2, 3, group, False))).tensors)
+
+
+def _descriptor_fields(message: type[Any]) -> set[str]:
+    return {f.name for f in message.DESCRIPTOR.fields}
+
+
+def _codec_gaps(message: type[Any], descriptor_fields: set[str]) -> set[str]:
+    """Fields of ``message`` the hand codec would drop: neither decoded into its dataclass nor
+    deliberately ignored."""
+    target, ignored = wire.HAND_CODED[message]
+    return descriptor_fields - {f.name for f in dataclasses.fields(target)} - ignored
+
+
+@pytest.mark.parametrize("message", list(wire.HAND_CODED), ids=lambda m: m.DESCRIPTOR.name)
+def test_the_codec_knows_every_field_of_its_messages(message: type[Any]) -> None:
+    """The .proto is the one source of truth: a field it gains that the hand codec does not know
+    fails here (it would silently not be sent, nor read)."""
+    assert _codec_gaps(message, _descriptor_fields(message)) == set()
+    target, ignored = wire.HAND_CODED[message]
+    assert {f.name for f in dataclasses.fields(target)} <= _descriptor_fields(message)  # no stale names either
+
+
+def test_the_field_check_catches_a_new_field() -> None:
+    """The check above can fail: a field added to the contract (simulated) is reported."""
+    assert _codec_gaps(pb.PushGradientRequest, _descriptor_fields(pb.PushGradientRequest) | {"priority"}) == {"priority"}
+
+
+def test_field_numbers_come_from_the_descriptors() -> None:
+    """Every key the encoders write is the descriptor's number and wire type."""
+    raw = encode_push_request("r", 1, 2, 3, [("w", (2,), 0, np.ones(2, "<f4"))], True, 0.5,
+                              pb.PullParamsRequest(clock=1))
+    fields = pb.PushGradientRequest.DESCRIPTOR.fields_by_name
+    keys = []
+    i = 0
+    while i < len(raw):  # walk the top-level keys
+        key = raw[i]
+        keys.append(key >> 3)
+        i += 1
+        wt = key & 7
+        if wt == 0:
+            while raw[i] & 0x80:
+                i += 1
+            i += 1
+        elif wt == 1:
+            i += 8
+        else:
+            n = raw[i]
+            i += 1 + n
+    assert keys == [fields[n].number for n in ("run_id", "rank", "incarnation", "clock", "tensors", "final", "loss",
+                                               "then_pull")]
 
 
 def test_edge_cases() -> None:

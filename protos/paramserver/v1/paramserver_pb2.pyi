@@ -49,6 +49,28 @@ class WorkerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WORKER_STATE_DONE: _ClassVar[WorkerState]
     WORKER_STATE_EVICTED: _ClassVar[WorkerState]
 
+class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_REASON_UNSPECIFIED: _ClassVar[ErrorReason]
+    ERROR_REASON_RUN_NOT_FOUND: _ClassVar[ErrorReason]
+    ERROR_REASON_INVALID_SPEC: _ClassVar[ErrorReason]
+    ERROR_REASON_INVALID_GRADIENT: _ClassVar[ErrorReason]
+    ERROR_REASON_INVALID_REQUEST: _ClassVar[ErrorReason]
+    ERROR_REASON_MALFORMED_MESSAGE: _ClassVar[ErrorReason]
+    ERROR_REASON_TOO_LARGE: _ClassVar[ErrorReason]
+    ERROR_REASON_STALE_INCARNATION: _ClassVar[ErrorReason]
+    ERROR_REASON_CLOCK_AHEAD: _ClassVar[ErrorReason]
+    ERROR_REASON_STALENESS_BOUND: _ClassVar[ErrorReason]
+    ERROR_REASON_RUN_NOT_RUNNING: _ClassVar[ErrorReason]
+    ERROR_REASON_NO_VACANT_RANK: _ClassVar[ErrorReason]
+    ERROR_REASON_NO_DATA_DIR: _ClassVar[ErrorReason]
+    ERROR_REASON_CLOCK_OUT_OF_RANGE: _ClassVar[ErrorReason]
+    ERROR_REASON_WAIT_TIMEOUT: _ClassVar[ErrorReason]
+    ERROR_REASON_SHUTTING_DOWN: _ClassVar[ErrorReason]
+    ERROR_REASON_STREAM_LIMIT: _ClassVar[ErrorReason]
+    ERROR_REASON_UNSUPPORTED: _ClassVar[ErrorReason]
+    ERROR_REASON_UNAUTHENTICATED: _ClassVar[ErrorReason]
+
 class LeaveReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     LEAVE_REASON_UNSPECIFIED: _ClassVar[LeaveReason]
@@ -78,6 +100,25 @@ WORKER_STATE_VACANT: WorkerState
 WORKER_STATE_ACTIVE: WorkerState
 WORKER_STATE_DONE: WorkerState
 WORKER_STATE_EVICTED: WorkerState
+ERROR_REASON_UNSPECIFIED: ErrorReason
+ERROR_REASON_RUN_NOT_FOUND: ErrorReason
+ERROR_REASON_INVALID_SPEC: ErrorReason
+ERROR_REASON_INVALID_GRADIENT: ErrorReason
+ERROR_REASON_INVALID_REQUEST: ErrorReason
+ERROR_REASON_MALFORMED_MESSAGE: ErrorReason
+ERROR_REASON_TOO_LARGE: ErrorReason
+ERROR_REASON_STALE_INCARNATION: ErrorReason
+ERROR_REASON_CLOCK_AHEAD: ErrorReason
+ERROR_REASON_STALENESS_BOUND: ErrorReason
+ERROR_REASON_RUN_NOT_RUNNING: ErrorReason
+ERROR_REASON_NO_VACANT_RANK: ErrorReason
+ERROR_REASON_NO_DATA_DIR: ErrorReason
+ERROR_REASON_CLOCK_OUT_OF_RANGE: ErrorReason
+ERROR_REASON_WAIT_TIMEOUT: ErrorReason
+ERROR_REASON_SHUTTING_DOWN: ErrorReason
+ERROR_REASON_STREAM_LIMIT: ErrorReason
+ERROR_REASON_UNSUPPORTED: ErrorReason
+ERROR_REASON_UNAUTHENTICATED: ErrorReason
 LEAVE_REASON_UNSPECIFIED: LeaveReason
 LEAVE_REASON_DONE: LeaveReason
 LEAVE_REASON_SHUTDOWN: LeaveReason
@@ -325,6 +366,30 @@ class Run(_message.Message):
     last_eval: MetricPoint
     waiting_for: str
     def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[RunSpec, _Mapping]] = ..., state: _Optional[_Union[RunState, str]] = ..., message: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., min_clock: _Optional[int] = ..., max_clock: _Optional[int] = ..., counters: _Optional[_Union[RunCounters, _Mapping]] = ..., last_eval: _Optional[_Union[MetricPoint, _Mapping]] = ..., waiting_for: _Optional[str] = ...) -> None: ...
+
+class ErrorInfo(_message.Message):
+    __slots__ = ("reason", "next_clock", "run_state", "needed_min_clock", "ranks_behind")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    NEXT_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    RUN_STATE_FIELD_NUMBER: _ClassVar[int]
+    NEEDED_MIN_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    RANKS_BEHIND_FIELD_NUMBER: _ClassVar[int]
+    reason: ErrorReason
+    next_clock: int
+    run_state: RunState
+    needed_min_clock: int
+    ranks_behind: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, reason: _Optional[_Union[ErrorReason, str]] = ..., next_clock: _Optional[int] = ..., run_state: _Optional[_Union[RunState, str]] = ..., needed_min_clock: _Optional[int] = ..., ranks_behind: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Status(_message.Message):
+    __slots__ = ("code", "message", "error")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    error: ErrorInfo
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., error: _Optional[_Union[ErrorInfo, _Mapping]] = ...) -> None: ...
 
 class PushGradientRequest(_message.Message):
     __slots__ = ("run_id", "rank", "incarnation", "clock", "tensors", "final", "loss", "then_pull")

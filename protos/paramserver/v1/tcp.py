@@ -6,17 +6,20 @@ server does any work. These two streams carry almost all of a run's bytes, so th
 offers them on a TCP port of its own, with the same messages and the same semantics; every
 other RPC, and any client that does not speak this framing, uses gRPC.
 
-Version 1 of the framing (integers little-endian):
+Version 2 of the framing (integers little-endian):
 
 * A connection carries one stream of one method, as a gRPC call does. The client opens it with
-  8 bytes: ``b"PSDP"``, u8 version (1), u8 method (1 = PushGradient, 2 = PullParams), u16 zero.
-  The server answers the same 8 bytes when it accepts, or a STATUS frame and closes.
+  8 bytes: ``b"PSDP"``, u8 version (2), u8 method (1 = PushGradient, 2 = PullParams), u16 zero.
+  The server answers the same 8 bytes when it accepts, or a STATUS frame and closes (a hello of
+  another version gets UNIMPLEMENTED: the client then uses gRPC).
 * Then frames, each a 16-byte header (u8 kind, u8 zero, u16 zero, u32 status, u64 length) and
   ``length`` bytes:
   - kind 1, MESSAGE: one serialized request (client to server) or response (server to client),
     byte for byte the message the gRPC stream would carry;
-  - kind 2, STATUS (server only): the stream ended with gRPC status code ``status``; the body is
-    the UTF-8 message that says why. The server closes the connection after it.
+  - kind 2, STATUS (server only): the stream ended with gRPC status code ``status``; the body is a
+    serialized ``paramserver.v1.Status``: the message that says why, and the ``ErrorInfo`` that
+    says it to programs (version 1 sent the bare UTF-8 message; a version 1 hello is still
+    refused in that form). The server closes the connection after it.
 * The client ends the stream by closing the connection; an unfinished push is dropped, never
   applied, as when a gRPC call is cancelled. There are no deadlines on the wire: the client
   bounds each operation itself, and closes the connection when one runs out.
@@ -52,7 +55,7 @@ __all__ = [
 ]
 
 MAGIC = b"PSDP"
-VERSION = 1
+VERSION = 2
 METHOD_PUSH = 1
 METHOD_PULL = 2
 MESSAGE = 1

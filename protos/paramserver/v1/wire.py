@@ -4,8 +4,12 @@
 payload; building and parsing them through protobuf objects copies every tensor byte several
 times. Here they are encoded as parts, small headers and array memoryviews (each chunk's header
 is built once per tensor layout and cached), that gRPC's serializer joins (``join``: one copy) and
-the TCP data plane writes as they are (``paramserver.v1.tcp``), and decoded by walking the fields,
-with chunk data as zero-copy memoryview slices of the received bytes. The output is exactly what
+the TCP data plane writes as they are (``paramserver.v1.tcp``), and decoded by one field walker
+(``_decode``), with chunk data as zero-copy memoryview slices of the received bytes.
+
+One source of truth: every field number, wire type and decoding rule comes from the generated
+descriptors, never from a literal here, and ``HAND_CODED`` names the fields each message's codec
+knows (a test fails when the .proto gains a field it would drop). The output is exactly what
 ``SerializeToString`` writes (fields in number order, proto3 defaults omitted, packed shapes,
 negative int64 as 10-byte varints), except that the chunks of a push with more than
 ``SMALL_MESSAGE`` payload bytes get a ``padding`` field before their data where needed to start
@@ -24,21 +28,26 @@ import functools
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
 
 from . import paramserver_pb2 as pb
-from .tensors import F32
 
 __all__ = [
+    "F32",
+    "HAND_CODED",
+    "SMALL_MESSAGE",
     "Chunk",
     "ChunkLike",
-    "ParamsResponse",
-    "PushRequest",
     "Group",
     "ParamsParts",
+    "ParamsResponse",
     "Part",
+    "PushRequest",
     "PushResponse",
     "chunk_groups",
     "decode_params_response",
@@ -51,9 +60,14 @@ __all__ = [
     "push_request_parts",
     "push_response_parts",
     "varint",
+    "with_last",
 ]
 
+T = TypeVar("T")
 R = TypeVar("R")
+
+F32 = np.dtype("<f4")
+"""The one element type on the wire: little-endian float32."""
 
 SMALL_MESSAGE = 64 << 10
 """Messages with at most this many payload bytes are decoded by the generated classes (upb, in C):
@@ -79,38 +93,36 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
-class _Fallback(Exception):
-    """The fast decoder met something it does not handle: use the generated class."""
+def with_last(items: Iterator[T]) -> Iterator[tuple[T, bool]]:
+    """Pairs (item, is_last), looking one item ahead."""
+    prev = next(items, None)
+    while prev is not None:
+        nxt = next(items, None)
+        yield prev, nxt is None
+        prev = nxt
 
 
-def _read_varint(buf: bytes | memoryview, i: int, end: int) -> tuple[int, int]:
-    result = 0
-    shift = 0
-    while True:
-        if i >= end or shift > 63:
-            raise _Fallback
-        b = buf[i]
-        i += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            if result > _U64:
-                raise _Fallback
-            return result, i
-        shift += 7
+# ----------------------------------------------------------------------------------- the contract
+_FIXED64 = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64)
+_FIXED32 = (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_FIXED32, FieldDescriptor.TYPE_SFIXED32)
+_DELIMITED = (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES, FieldDescriptor.TYPE_MESSAGE)
 
 
-def _delimited(buf: memoryview, wt: int, i: int, end: int) -> tuple[int, int]:
-    """The bounds (start, stop) of a length-delimited field whose length varint starts at ``i``."""
-    if wt != 2:
-        raise _Fallback
-    ln, i = _read_varint(buf, i, end)
-    if i + ln > end:
-        raise _Fallback
-    return i, i + ln
+def _wire_type(f: FieldDescriptor) -> int:
+    if f.is_packed or f.type in _DELIMITED:
+        return 2
+    return 1 if f.type in _FIXED64 else 5 if f.type in _FIXED32 else 0
 
 
-def _signed64(n: int) -> int:
-    return n - (1 << 64) if n >> 63 else n
+def _tags(message: type[Message]) -> dict[str, bytes]:
+    """Field name -> its key as written (number and wire type), from the message's descriptor."""
+    return {f.name: varint(f.number << 3 | _wire_type(f)) for f in message.DESCRIPTOR.fields}
+
+
+_CHUNK = _tags(pb.TensorChunk)
+_PUSH = _tags(pb.PushGradientRequest)
+_PARAMS = _tags(pb.PullParamsResponse)
+_ACK = _tags(pb.PushGradientResponse)
 
 
 # ----------------------------------------------------------------------------------- data types
@@ -172,6 +184,16 @@ class PushResponse:
     """None when the response has no ``pulled`` field."""
 
 
+HAND_CODED: dict[type[Message], tuple[type, frozenset[str]]] = {
+    pb.TensorChunk: (Chunk, frozenset({"padding"})),
+    pb.PullParamsResponse: (ParamsResponse, frozenset()),
+    pb.PushGradientRequest: (PushRequest, frozenset()),
+    pb.PushGradientResponse: (PushResponse, frozenset()),
+}
+"""The messages coded here: the dataclass each decodes into (its fields are the message's, by
+name) and the fields deliberately not read (``padding`` means nothing)."""
+
+
 # ----------------------------------------------------------------------------------- encoding
 Part = bytes | memoryview
 Group = Sequence[tuple[str, tuple[int, ...], int, "np.ndarray | memoryview"]]
@@ -183,8 +205,10 @@ ParamsParts = tuple[int, int, Group, bool, int]
 def chunk_groups(
     tensors: Mapping[str, np.ndarray], chunk_bytes: int
 ) -> Iterator[list[tuple[str, tuple[int, ...], int, np.ndarray]]]:
-    """(name, shape, offset, flat float32 part) groups of about ``chunk_bytes``, split exactly as
-    ``tensors.chunk_messages`` splits them. Always yields at least one (maybe empty) group."""
+    """How every Python sender splits tensors into messages: (name, shape, offset, flat float32
+    part) groups of about ``chunk_bytes``. A tensor's chunks are consecutive slices of its flattened
+    (C order) elements, at most ``chunk_bytes`` each; a group ends once it holds ``chunk_bytes``,
+    so small tensors share one. Always yields at least one (maybe empty) group."""
     per_chunk = max(1, chunk_bytes // 4)
     group: list[tuple[str, tuple[int, ...], int, np.ndarray]] = []
     size, sent = 0, False
@@ -225,18 +249,18 @@ def _chunk_head(name: str, shape: Sequence[int], offset: int, nbytes: int, dtype
     head = bytearray()
     if name:
         nb = name.encode("utf-8")
-        head += b"\x0a" + varint(len(nb)) + nb
+        head += _CHUNK["name"] + varint(len(nb)) + nb
     if len(shape):
         packed = b"".join(varint(int(d)) for d in shape)
-        head += b"\x12" + varint(len(packed)) + packed
+        head += _CHUNK["shape"] + varint(len(packed)) + packed
     if dtype:
-        head += b"\x18" + varint(dtype)
+        head += _CHUNK["dtype"] + varint(dtype)
     if offset:
-        head += b"\x20" + varint(offset)
+        head += _CHUNK["offset"] + varint(offset)
     if pad:
-        head += _PAD_TAG + varint(pad - 3) + bytes(pad - 3)
+        head += _CHUNK["padding"] + varint(pad - _PAD_HEAD) + bytes(pad - _PAD_HEAD)
     if nbytes:
-        head += b"\x2a" + varint(nbytes)
+        head += _CHUNK["data"] + varint(nbytes)
     return head
 
 
@@ -245,17 +269,18 @@ def encode_chunk(
     dtype: int = pb.DATA_TYPE_FLOAT32, pad: int = 0,
 ) -> list[Part]:
     """A ``TensorChunk``'s serialized body as parts (the last one is the data, not copied);
-    ``pad``: 0, or the size in bytes (>= 3) of a ``padding`` field to put just before the data."""
+    ``pad``: 0, or the size in bytes of a ``padding`` field (its key, length and content) to put
+    just before the data."""
     view = _data_view(data)
     n = len(view) if not isinstance(view, memoryview) else view.nbytes
     head = bytes(_chunk_head(name, shape, offset, n, dtype, pad))
     return [head, view] if n else [head]
 
 
-_PAD_TAG = b"\x82\x01"  # field 16, length-delimited
-_PADS = (0, *range(3, 35))
-"""Sizes of the ``padding`` field tried (tag 2 bytes, length 1, 0-31 bytes): every residue mod 16
-twice, so that one fits even where the chunk's length prefix grows by a byte within the range."""
+_PAD_HEAD = len(_CHUNK["padding"]) + 1  # the padding field's key and its one-byte length
+_PADS = (0, *range(_PAD_HEAD, _PAD_HEAD + 32))
+"""Sizes of the ``padding`` field tried (key, length and 0-31 bytes): every residue mod 16 twice, so
+that one fits even where the chunk's length prefix grows by a byte within the range."""
 
 
 def _payload(group: Group) -> int:
@@ -311,11 +336,6 @@ def join(parts: Sequence[Part]) -> bytes:
     return b"".join(parts)
 
 
-def _encode_loss(loss: float) -> bytes:
-    packed = _DOUBLE.pack(loss)
-    return b"" if packed == _ZERO8 else b"\x39" + packed
-
-
 def push_request_parts(
     run_id: str,
     rank: int,
@@ -331,285 +351,258 @@ def push_request_parts(
     head = bytearray()
     if run_id:
         rb = run_id.encode("utf-8")
-        head += b"\x0a" + varint(len(rb)) + rb
+        head += _PUSH["run_id"] + varint(len(rb)) + rb
     if rank:
-        head += b"\x10" + varint(rank)
+        head += _PUSH["rank"] + varint(rank)
     if incarnation:
-        head += b"\x18" + varint(incarnation)
+        head += _PUSH["incarnation"] + varint(incarnation)
     if clock:
-        head += b"\x20" + varint(clock)
+        head += _PUSH["clock"] + varint(clock)
     tail = bytearray()
     if final:
-        tail += b"\x30\x01"
-    tail += _encode_loss(loss)
+        tail += _PUSH["final"] + b"\x01"
+    packed = _DOUBLE.pack(loss)
+    if packed != _ZERO8:
+        tail += _PUSH["loss"] + packed
     if then_pull is not None:
         sub = then_pull.SerializeToString()
-        tail += b"\x42" + varint(len(sub)) + sub
+        tail += _PUSH["then_pull"] + varint(len(sub)) + sub
     at = len(head) if _payload(group) > SMALL_MESSAGE else None  # small ones: nothing worth aligning
-    return [bytes(head), *_repeated_chunks(b"\x2a", group, at), bytes(tail)]
+    return [bytes(head), *_repeated_chunks(_PUSH["tensors"], group, at), bytes(tail)]
 
 
-def params_response_parts(
-    guaranteed_clock: int, version: int, group: Group,
-    final: bool, run_state: int,
-) -> list[Part]:
+def params_response_parts(guaranteed_clock: int, version: int, group: Group, final: bool, run_state: int) -> list[Part]:
     """A ``PullParamsResponse`` as parts to write in order (the data are views, not copies)."""
     head = bytearray()
     if guaranteed_clock:
-        head += b"\x08" + varint(guaranteed_clock)
+        head += _PARAMS["guaranteed_clock"] + varint(guaranteed_clock)
     if version:
-        head += b"\x10" + varint(version)
+        head += _PARAMS["version"] + varint(version)
     tail = bytearray()
     if final:
-        tail += b"\x20\x01"
+        tail += _PARAMS["final"] + b"\x01"
     if run_state:
-        tail += b"\x28" + varint(run_state)
-    return [bytes(head), *_repeated_chunks(b"\x1a", group), bytes(tail)]
+        tail += _PARAMS["run_state"] + varint(run_state)
+    return [bytes(head), *_repeated_chunks(_PARAMS["tensors"], group), bytes(tail)]
 
 
-def push_response_parts(
-    clock: int = 0,
-    duplicate: bool = False,
-    min_clock: int = 0,
-    run_state: int = 0,
-    pulled: ParamsParts | None = None,
-) -> list[Part]:
+def push_response_parts(clock: int = 0, duplicate: bool = False, min_clock: int = 0, run_state: int = 0,
+                        pulled: ParamsParts | None = None) -> list[Part]:
     """A ``PushGradientResponse`` as parts to write in order; ``pulled`` = the arguments of
     ``params_response_parts``."""
     head = bytearray()
     if clock:
-        head += b"\x08" + varint(clock)
+        head += _ACK["clock"] + varint(clock)
     if duplicate:
-        head += b"\x10\x01"
+        head += _ACK["duplicate"] + b"\x01"
     if min_clock:
-        head += b"\x18" + varint(min_clock)
+        head += _ACK["min_clock"] + varint(min_clock)
     if run_state:
-        head += b"\x20" + varint(run_state)
+        head += _ACK["run_state"] + varint(run_state)
     if pulled is None:
         return [bytes(head)]
     parts = params_response_parts(*pulled)
-    head += b"\x2a" + varint(parts_len(parts))
+    head += _ACK["pulled"] + varint(parts_len(parts))
     return [bytes(head), *parts]
 
 
 # ----------------------------------------------------------------------------------- decoding
-def _as_view(buf: bytes | memoryview) -> memoryview:
-    return buf if isinstance(buf, memoryview) else memoryview(buf)
+class _Fallback(Exception):
+    """The fast decoder met something it does not handle: use the generated class."""
+
+
+def _read_varint(buf: memoryview, i: int, end: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        if i >= end or shift > 63:
+            raise _Fallback
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            if result > _U64:
+                raise _Fallback
+            return result, i
+        shift += 7
+
+
+def _signed64(n: int) -> int:
+    return n - (1 << 64) if n >> 63 else n
+
+
+def _string(buf: memoryview, i: int, j: int) -> str:
+    try:
+        return str(buf[i:j], "utf-8")
+    except UnicodeDecodeError:
+        raise _Fallback from None
+
+
+def _packed_int64(buf: memoryview, i: int, j: int) -> tuple[int, ...]:
+    dims = []
+    while i < j:
+        v, i = _read_varint(buf, i, j)
+        dims.append(_signed64(v))
+    return tuple(dims)
+
+
+def _bounded(limit: int) -> Callable[[int], int]:
+    def check(v: int) -> int:
+        if v > limit:
+            raise _Fallback  # protobuf's own rule for an oversized value (truncation) applies
+        return v
+    return check
+
+
+_SCALARS: dict[int, Callable[[int], Any]] = {
+    FieldDescriptor.TYPE_UINT64: int,
+    FieldDescriptor.TYPE_INT64: _signed64,
+    FieldDescriptor.TYPE_UINT32: _bounded(0xFFFFFFFF),
+    FieldDescriptor.TYPE_INT32: _bounded(0x7FFFFFFF),
+    FieldDescriptor.TYPE_ENUM: _bounded(0x7FFFFFFF),
+    FieldDescriptor.TYPE_BOOL: lambda v: bool(_bounded(1)(v)),
+}
+
+
+class _Field(NamedTuple):
+    name: str
+    wire_type: int
+    repeated: bool
+    read: Callable[[memoryview, int, int], Any] | None
+    """For a length-delimited field: its value from the bytes [i, j) (None: not read)."""
+    scalar: Callable[[int], Any] | None
+    """For a varint: its value from the number."""
+
+
+class _Plan:
+    """How to decode one message by hand, made from its descriptor: per field number, the name it
+    goes to in ``target`` and how to read it (nested messages by their own plan, or, for those
+    without one, by their generated class)."""
+
+    def __init__(self, descriptor: Descriptor, target: type, ignored: frozenset[str],
+                 nested: Mapping[str, _Plan]) -> None:
+        self.target = target
+        self.fields: dict[int, _Field] = {}
+        for f in descriptor.fields:
+            read: Callable[[memoryview, int, int], Any] | None = None
+            if f.name in ignored:
+                pass
+            elif f.type == FieldDescriptor.TYPE_STRING:
+                read = _string
+            elif f.type == FieldDescriptor.TYPE_BYTES:
+                read = _slice
+            elif f.type == FieldDescriptor.TYPE_MESSAGE:
+                sub = nested.get(f.name)
+                read = functools.partial(_decode, plan=sub) if sub else functools.partial(_generated, f.message_type)
+            elif f.is_packed and f.type == FieldDescriptor.TYPE_INT64:
+                read = _packed_int64
+            elif _wire_type(f) != 0 and f.type != FieldDescriptor.TYPE_DOUBLE:
+                raise TypeError(f"{descriptor.full_name}.{f.name}: no hand decoding for its type")
+            self.fields[f.number] = _Field(f.name, _wire_type(f), f.is_repeated and not f.is_packed, read,
+                                           _SCALARS.get(f.type))
+        self.ignored = ignored
+
+
+def _slice(buf: memoryview, i: int, j: int) -> memoryview:
+    return buf[i:j]
+
+
+def _generated(message: Descriptor, buf: memoryview, i: int, j: int) -> Message:
+    """A nested message without a plan (``then_pull``), parsed by its generated class."""
+    return GetMessageClass(message).FromString(bytes(buf[i:j]))
+
+
+def _decode(buf: memoryview, i: int, end: int, plan: _Plan) -> Any:
+    """The one field walker: the message in ``buf[i:end]`` as ``plan.target``; _Fallback for
+    anything the plan does not expect (the caller then parses with the generated class)."""
+    out = plan.target()
+    seen: set[int] = set()
+    while i < end:
+        key, i = _read_varint(buf, i, end)
+        f = plan.fields.get(key >> 3)
+        if f is None or key & 7 != f.wire_type:
+            raise _Fallback  # an unknown field, or one encoded in another way (unpacked, say)
+        if not f.repeated:
+            if key >> 3 in seen:
+                raise _Fallback
+            seen.add(key >> 3)
+        if f.wire_type == 0:
+            v, i = _read_varint(buf, i, end)
+            value = f.scalar(v) if f.scalar else v
+        elif f.wire_type == 1:
+            if i + 8 > end:
+                raise _Fallback
+            value, i = _DOUBLE.unpack_from(buf, i)[0], i + 8
+        else:
+            n, i = _read_varint(buf, i, end)
+            if i + n > end:
+                raise _Fallback
+            value = f.read(buf, i, i + n) if f.read else None
+            i += n
+            if f.read is None:
+                continue  # ignored
+        if f.repeated:
+            getattr(out, f.name).append(value)
+        else:
+            setattr(out, f.name, value)
+    if i != end:
+        raise _Fallback
+    return out
+
+
+def _plan(message: type[Message], nested: Mapping[str, _Plan] | None = None) -> _Plan:
+    target, ignored = HAND_CODED[message]
+    return _Plan(message.DESCRIPTOR, target, ignored, nested or {})
+
+
+_CHUNK_PLAN = _plan(pb.TensorChunk)
+_PARAMS_PLAN = _plan(pb.PullParamsResponse, {"tensors": _CHUNK_PLAN})
+_PUSH_PLAN = _plan(pb.PushGradientRequest, {"tensors": _CHUNK_PLAN})
+_ACK_PLAN = _plan(pb.PushGradientResponse, {"pulled": _PARAMS_PLAN})
+
+
+def _fast(plan: _Plan, buf: bytes | memoryview) -> Any:
+    """``plan``'s decoding of a large message; None for a small one or for anything it does not
+    handle, which the caller then parses with the generated class."""
+    if len(buf) <= SMALL_MESSAGE:
+        return None
+    view = buf if isinstance(buf, memoryview) else memoryview(buf)
+    try:
+        return _decode(view, 0, len(view), plan)
+    except _Fallback:
+        return None
 
 
 def _as_bytes(buf: bytes | memoryview) -> bytes:
     return buf if isinstance(buf, bytes) else bytes(buf)
 
 
-def _decode_chunk(buf: memoryview, i: int, end: int) -> Chunk:
-    c = Chunk()
-    seen = 0
-    while i < end:
-        key, i = _read_varint(buf, i, end)
-        fnum, wt = key >> 3, key & 7
-        if fnum == 16:  # padding: skipped
-            i = _delimited(buf, wt, i, end)[1]
-            continue
-        bit = 1 << fnum if fnum < 8 else 0
-        if not bit or seen & bit:
-            raise _Fallback
-        seen |= bit
-        if fnum in (1, 2, 5):
-            i, j = _delimited(buf, wt, i, end)
-            if fnum == 1:
-                try:
-                    c.name = str(buf[i:j], "utf-8")
-                except UnicodeDecodeError:
-                    raise _Fallback from None
-            elif fnum == 2:
-                dims = []
-                k = i
-                while k < j:
-                    v, k = _read_varint(buf, k, j)
-                    dims.append(_signed64(v))
-                c.shape = tuple(dims)
-            else:
-                c.data = buf[i:j]
-            i = j
-        elif fnum in (3, 4):
-            if wt != 0:
-                raise _Fallback
-            v, i = _read_varint(buf, i, end)
-            if fnum == 3:
-                if v > 0x7FFFFFFF:
-                    raise _Fallback
-                c.dtype = v
-            else:
-                c.offset = _signed64(v)
-        else:
-            raise _Fallback
-    if i != end:
-        raise _Fallback
-    return c
-
-
-def _decode_params(buf: memoryview, i: int, end: int) -> ParamsResponse:
-    r = ParamsResponse()
-    seen = 0
-    while i < end:
-        key, i = _read_varint(buf, i, end)
-        fnum, wt = key >> 3, key & 7
-        if fnum == 3:
-            i, j = _delimited(buf, wt, i, end)
-            r.tensors.append(_decode_chunk(buf, i, j))
-            i = j
-            continue
-        bit = 1 << fnum if fnum < 8 else 0
-        if not bit or seen & bit or wt != 0 or fnum not in (1, 2, 4, 5):
-            raise _Fallback
-        seen |= bit
-        v, i = _read_varint(buf, i, end)
-        if fnum == 1:
-            r.guaranteed_clock = v
-        elif fnum == 2:
-            r.version = v
-        elif fnum == 4:
-            if v > 1:
-                raise _Fallback
-            r.final = bool(v)
-        else:
-            if v > 0x7FFFFFFF:
-                raise _Fallback
-            r.run_state = v
-    if i != end:
-        raise _Fallback
-    return r
-
-
 def _params_from_pb(m: pb.PullParamsResponse) -> ParamsResponse:
     return ParamsResponse(m.guaranteed_clock, m.version, list(m.tensors), m.final, m.run_state)
 
 
-def _fast(decode: Callable[[memoryview], R], buf: bytes | memoryview) -> R | None:
-    """``decode`` (the hand decoder) of a large message; None for a small one or for anything it
-    does not handle, which the caller then parses with the generated class."""
-    if len(buf) <= SMALL_MESSAGE:
-        return None
-    try:
-        return decode(_as_view(buf))
-    except _Fallback:
-        return None
-
-
 def decode_params_response(buf: bytes | memoryview) -> ParamsResponse:
     """Parse a serialized ``PullParamsResponse``; chunk data are views of ``buf`` (large messages)."""
-    fast = _fast(lambda view: _decode_params(view, 0, len(view)), buf)
+    fast: ParamsResponse | None = _fast(_PARAMS_PLAN, buf)
     return fast if fast is not None else _params_from_pb(pb.PullParamsResponse.FromString(_as_bytes(buf)))
 
 
 def decode_push_request(buf: bytes | memoryview) -> PushRequest:
     """Parse a serialized ``PushGradientRequest``; chunk data are views of ``buf`` (large messages)."""
-    fast = _fast(_decode_push_request, buf)
+    fast: PushRequest | None = _fast(_PUSH_PLAN, buf)
     if fast is not None:
         return fast
     m = pb.PushGradientRequest.FromString(_as_bytes(buf))
-    return PushRequest(
-        m.run_id, m.rank, m.incarnation, m.clock, list(m.tensors), m.final, m.loss,
-        m.then_pull if m.HasField("then_pull") else None,
-    )
-
-
-def _decode_push_request(buf: memoryview) -> PushRequest:
-    r = PushRequest()
-    seen = 0
-    i, end = 0, len(buf)
-    while i < end:
-        key, i = _read_varint(buf, i, end)
-        fnum, wt = key >> 3, key & 7
-        if fnum == 5:
-            i, j = _delimited(buf, wt, i, end)
-            r.tensors.append(_decode_chunk(buf, i, j))
-            i = j
-            continue
-        bit = 1 << fnum if fnum < 16 else 0
-        if not bit or seen & bit:
-            raise _Fallback
-        seen |= bit
-        if fnum in (2, 3, 4, 6):
-            if wt != 0:
-                raise _Fallback
-            v, i = _read_varint(buf, i, end)
-            if fnum == 2:
-                if v > 0xFFFFFFFF:
-                    raise _Fallback
-                r.rank = v
-            elif fnum == 3:
-                r.incarnation = v
-            elif fnum == 4:
-                r.clock = v
-            else:
-                if v > 1:
-                    raise _Fallback
-                r.final = bool(v)
-        elif fnum == 7:
-            if wt != 1 or i + 8 > end:
-                raise _Fallback
-            r.loss = _DOUBLE.unpack_from(buf, i)[0]
-            i += 8
-        elif fnum in (1, 8):
-            i, j = _delimited(buf, wt, i, end)
-            if fnum == 1:
-                try:
-                    r.run_id = str(buf[i:j], "utf-8")
-                except UnicodeDecodeError:
-                    raise _Fallback from None
-            else:
-                r.then_pull = pb.PullParamsRequest.FromString(bytes(buf[i:j]))
-            i = j
-        else:
-            raise _Fallback
-    if i != end:
-        raise _Fallback
-    return r
+    return PushRequest(m.run_id, m.rank, m.incarnation, m.clock, list(m.tensors), m.final, m.loss,
+                       m.then_pull if m.HasField("then_pull") else None)
 
 
 def decode_push_response(buf: bytes | memoryview) -> PushResponse:
     """Parse a serialized ``PushGradientResponse``; chunk data of ``pulled`` are views of ``buf``
     (large messages)."""
-    fast = _fast(_decode_push_response, buf)
+    fast: PushResponse | None = _fast(_ACK_PLAN, buf)
     if fast is not None:
         return fast
     m = pb.PushGradientResponse.FromString(_as_bytes(buf))
     return PushResponse(m.clock, m.duplicate, m.min_clock, m.run_state,
                         _params_from_pb(m.pulled) if m.HasField("pulled") else None)
-
-
-def _decode_push_response(buf: memoryview) -> PushResponse:
-    r = PushResponse()
-    seen = 0
-    i, end = 0, len(buf)
-    while i < end:
-        key, i = _read_varint(buf, i, end)
-        fnum, wt = key >> 3, key & 7
-        bit = 1 << fnum if fnum < 8 else 0
-        if not bit or seen & bit:
-            raise _Fallback
-        seen |= bit
-        if fnum == 5:
-            i, j = _delimited(buf, wt, i, end)
-            r.pulled = _decode_params(buf, i, j)
-            i = j
-            continue
-        if wt != 0 or fnum not in (1, 2, 3, 4):
-            raise _Fallback
-        v, i = _read_varint(buf, i, end)
-        if fnum == 1:
-            r.clock = v
-        elif fnum == 2:
-            if v > 1:
-                raise _Fallback
-            r.duplicate = bool(v)
-        elif fnum == 3:
-            r.min_clock = v
-        else:
-            if v > 0x7FFFFFFF:
-                raise _Fallback
-            r.run_state = v
-    if i != end:
-        raise _Fallback
-    return r

@@ -7,31 +7,73 @@
  * open and reuses it for every push and pull; a stream that fails or times out is dropped and
  * reopened by the next operation. Those streams go over the server's TCP data plane (tcp.js) once
  * a Join or Heartbeat told its port, else (and for a while after it could not be reached) over
- * gRPC. Errors are PsError with the gRPC status code and the server's message; `retryable` is
- * true for UNAVAILABLE and DEADLINE_EXCEEDED.
+ * gRPC. Errors are PsError with the gRPC status code, the server's message (for people) and its
+ * ErrorInfo (for programs: `reason`, `info`), made in one place (callError) from a gRPC call's
+ * end (the ErrorInfo in its `paramserver-error-bin` trailer) or a TCP STATUS frame's Status;
+ * `retryable` is true for UNAVAILABLE and DEADLINE_EXCEEDED.
  */
 
 const TCP_RETRY_SECONDS = [30, 600]; // after the data plane could not be reached: gRPC this long, doubling
 
-const { loadContract } = require('./proto');
+const { loadContract, messages } = require('./proto');
 const { encodeTensors, TensorAssembler } = require('./tensors');
 const { TcpCall, dialHost } = require('./tcp');
 
 const { grpc, pkg } = loadContract();
 const Status = grpc.status;
+const codecs = messages();
 
+/** The gRPC trailer that carries a refusal's serialized paramserver.v1.ErrorInfo. */
+const ERROR_TRAILER = 'paramserver-error-bin';
+
+/**
+ * A failed call. `code`: its gRPC status code; `details`: the message, for people (never match
+ * its text); `info`: the server's ErrorInfo as a plain object (defaults filled in, enums as names,
+ * longs as Number; an empty one, reason ERROR_REASON_UNSPECIFIED, when the failure is not the
+ * server's refusal, e.g. a timeout or a broken connection); `reason`: info.reason, e.g.
+ * 'ERROR_REASON_CLOCK_AHEAD'; `method`: the RPC.
+ */
 class PsError extends Error {
-  constructor(code, details, method = '') {
+  constructor(code, details, info = null, method = '') {
     super(`${method ? `${method}: ` : ''}${Status[code] || code}: ${details}`);
     this.code = code;
     this.codeName = Status[code] || String(code);
     this.details = details;
+    this.info = info || codecs.ErrorInfo.decode(Buffer.alloc(0));
     this.method = method;
+  }
+
+  get reason() {
+    return this.info.reason;
   }
 
   get retryable() {
     return this.code === Status.UNAVAILABLE || this.code === Status.DEADLINE_EXCEEDED;
   }
+}
+
+/** The ErrorInfo in a gRPC call's trailing metadata (`paramserver-error-bin`); null if none or unreadable. */
+function trailerInfo(metadata) {
+  if (!metadata || typeof metadata.get !== 'function') return null;
+  const [value] = metadata.get(ERROR_TRAILER);
+  if (!Buffer.isBuffer(value)) return null;
+  try {
+    return codecs.ErrorInfo.decode(value);
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * The one place a call's end becomes a PsError. `end`: a grpc-js error or status
+ * ({code, details, metadata}: the ErrorInfo is in the trailer), a TcpCall status
+ * ({code, details, info}: from the STATUS frame's Status), or any other Error (UNKNOWN).
+ */
+function callError(end, method = '') {
+  if (end instanceof PsError) return end;
+  const code = end.code === undefined ? Status.UNKNOWN : end.code;
+  const info = end.info || trailerInfo(end.metadata);
+  return new PsError(code, end.details || end.message || '', info, method);
 }
 
 function duration(seconds) {
@@ -95,16 +137,16 @@ class BidiStream {
         else w.reject(st.done);
       }
     };
-    const finish = (code, details) => {
-      if (!st.done) st.done = { code, details: details || '' };
+    const finish = (end) => {
+      if (!st.done) st.done = end; // how the call ended, as the transport says it (see callError)
       settle();
     };
     call.on('data', (m) => {
       st.queue.push(m);
       settle();
     });
-    call.on('error', (e) => finish(e.code === undefined ? Status.UNKNOWN : e.code, e.details || e.message));
-    call.on('status', (s) => finish(s.code, s.details));
+    call.on('error', finish);
+    call.on('status', finish);
     call.on('end', () => {
       // 'status' follows with the real outcome; nothing to do here.
     });
@@ -144,14 +186,14 @@ class BidiStream {
     const st = this.st;
     let timer = null;
     const timeout = new Promise((_, reject) => {
-      timer = setTimeout(() => reject(new PsError(Status.DEADLINE_EXCEEDED, `no answer within ${timeoutS.toFixed(1)}s`, this.method)), timeoutS * 1000);
+      timer = setTimeout(() => reject(new PsError(Status.DEADLINE_EXCEEDED, `no answer within ${timeoutS.toFixed(1)}s`, null, this.method)), timeoutS * 1000);
     });
     const work = (async () => {
       for (const req of requests) await st.write(req);
       const out = [];
       for (;;) {
         const resp = await st.read();
-        if (resp === null) throw new PsError(Status.UNAVAILABLE, 'stream closed by the server', this.method);
+        if (resp === null) throw new PsError(Status.UNAVAILABLE, 'stream closed by the server', null, this.method);
         out.push(resp);
         if (!untilFinal || resp.final) return out;
       }
@@ -160,8 +202,7 @@ class BidiStream {
       return await Promise.race([work, timeout]);
     } catch (e) {
       this._drop(st);
-      if (e instanceof PsError) throw e;
-      throw new PsError(e.code === undefined ? Status.UNKNOWN : e.code, e.details || e.message, this.method);
+      throw callError(e, this.method);
     } finally {
       clearTimeout(timer);
       work.catch(() => {});
@@ -273,7 +314,7 @@ class PsClient {
       const deadline = new Date(Date.now() + (timeoutS || this.timeout) * 1000);
       const call = stub[method](request, this.metadata(), { deadline }, (err, resp) => {
         this.inflight.delete(call);
-        if (err) reject(new PsError(err.code, err.details || err.message, method));
+        if (err) reject(callError(err, method));
         else resolve(resp);
       });
       this.inflight.add(call);
@@ -351,7 +392,7 @@ class PsClient {
       for (const resp of responses) for (const chunk of resp.tensors) asm.add(chunk);
       asm.finish();
     } catch (e) {
-      throw new PsError(Status.INTERNAL, `bad tensors from the server: ${e.message}`, 'PullParams');
+      throw new PsError(Status.INTERNAL, `bad tensors from the server: ${e.message}`, null, 'PullParams');
     }
     const last = responses[responses.length - 1];
     return {
@@ -364,4 +405,6 @@ class PsClient {
   }
 }
 
-module.exports = { PsClient, PsError, Status, duration, durationSeconds, nowTimestamp, channelOptions };
+module.exports = {
+  PsClient, PsError, Status, ERROR_TRAILER, callError, trailerInfo, duration, durationSeconds, nowTimestamp, channelOptions,
+};

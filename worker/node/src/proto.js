@@ -1,9 +1,13 @@
 'use strict';
 /**
- * Loads THE contract, protos/paramserver/v1/paramserver.proto, at run time (no copy of it here).
+ * Loads THE contract, protos/paramserver/v1/paramserver.proto, at run time (no copy of it here):
+ * loadContract() for the services (proto-loader + grpc-js), messages() for the codecs of the
+ * messages that travel outside a gRPC call (ErrorInfo in the `paramserver-error-bin` trailer,
+ * Status in the TCP data plane's STATUS frame), which proto-loader does not give.
  *
  * google/protobuf/duration.proto and timestamp.proto are resolved by protobufjs's bundled
- * well-known types (proto-loader's Root checks them before the include path).
+ * well-known types (a Root checks them before the include path; nothing of Google's is read
+ * from PROTO_ROOT).
  *
  * Conversion options, used consistently by every module: keepCase (field names as in the .proto:
  * run_id, guaranteed_clock), longs as Number (clocks, counters and shapes stay far below 2^53),
@@ -14,6 +18,7 @@
 const path = require('path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
+const protobuf = require('protobufjs');
 
 const PROTO_ROOT = process.env.PS_PROTO_ROOT || path.resolve(__dirname, '..', '..', '..', 'protos');
 const PROTO_FILE = 'paramserver/v1/paramserver.proto';
@@ -40,4 +45,36 @@ function loadContract() {
   return cached;
 }
 
-module.exports = { loadContract, LOADER_OPTIONS, PROTO_ROOT, PROTO_FILE };
+/**
+ * The codec of one message of the contract, converting as every module does (LOADER_OPTIONS):
+ * decode(bytes) -> a plain object (defaults filled in, enums as names, longs as Number; throws on
+ * bytes that do not parse), encode(object) -> Buffer.
+ */
+function codec(type) {
+  return {
+    type,
+    decode: (bytes) => type.toObject(type.decode(bytes), LOADER_OPTIONS),
+    encode: (object) => Buffer.from(type.encode(type.fromObject(object)).finish()),
+  };
+}
+
+let messagesCached = null;
+
+/** {ErrorInfo, Status}: the codecs of the error messages (see codec()); loaded once per process. */
+function messages() {
+  if (!messagesCached) {
+    const root = new protobuf.Root();
+    // Imports resolve against PROTO_ROOT only (google/protobuf/*: protobufjs's bundled copies).
+    root.resolvePath = (origin, target) => (path.isAbsolute(target) ? target : path.join(PROTO_ROOT, target));
+    root.loadSync(PROTO_FILE, { keepCase: true });
+    root.resolveAll();
+    const v1 = 'paramserver.v1.';
+    messagesCached = {
+      ErrorInfo: codec(root.lookupType(`${v1}ErrorInfo`)),
+      Status: codec(root.lookupType(`${v1}Status`)),
+    };
+  }
+  return messagesCached;
+}
+
+module.exports = { loadContract, messages, LOADER_OPTIONS, PROTO_ROOT, PROTO_FILE };

@@ -3,24 +3,28 @@
  * The TCP data plane (the framing is specified in the .proto's ParameterService comment and in
  * protos/paramserver/v1/tcp.py): a PushGradient or PullParams stream on a plain socket, with the
  * part of a grpc-js stream call's interface that client.js's BidiStream uses: write(msg) ->
- * bool and 'drain', events 'data' (a response message) and 'status' ({code, details}: the
- * stream ended), cancel().
+ * bool and 'drain', events 'data' (a response message) and 'status' ({code, details, info}: the
+ * stream ended; `info` is the server's ErrorInfo, where gRPC has the `paramserver-error-bin`
+ * trailer), cancel().
  *
- * The messages are the contract's, (de)serialized by proto-loader exactly as gRPC would. The
- * hello and the first frames are written at once (the server reads in order); a server that
- * answers anything but its echo of the hello (another framing version, another service) makes
- * `onUnreachable` fire, so the client can use gRPC instead.
+ * Version 2 of the framing: the body of a STATUS frame is a serialized paramserver.v1.Status
+ * (message and ErrorInfo). The messages are the contract's, (de)serialized by proto-loader
+ * exactly as gRPC would (Status by proto.js's codec). The hello and the first frames are written
+ * at once (the server reads in order); a server that answers anything but its echo of the hello
+ * (another framing version, another service) makes `onUnreachable` fire, so the client can use
+ * gRPC instead.
  */
 
 const net = require('net');
 const { EventEmitter } = require('events');
-const { loadContract } = require('./proto');
+const { loadContract, messages } = require('./proto');
 
 const { grpc, definition } = loadContract();
+const codecs = messages();
 const Status = grpc.status;
 
 const MAGIC = Buffer.from('PSDP');
-const VERSION = 1;
+const VERSION = 2;
 const METHODS = { PushGradient: 1, PullParams: 2 };
 const MESSAGE = 1;
 const STATUS = 2;
@@ -138,21 +142,38 @@ class TcpCall extends EventEmitter {
       if (kind === MESSAGE) {
         this.emit('data', this.deserialize(body));
       } else if (kind === STATUS) {
-        const details = body.toString('utf8');
+        const { details, info } = statusBody(status, body);
         if (status === Status.UNIMPLEMENTED) this.onUnreachable(details);
-        this._end(status, details);
+        this._end(status, details, info);
       } else {
         this._end(Status.UNAVAILABLE, `unknown frame kind ${kind} from the data plane`);
       }
     }
   }
 
-  _end(code, details) {
+  /** The stream ended: 'status' with {code, details, info}; `info` only from a STATUS frame. */
+  _end(code, details, info = null) {
     if (this.ended) return;
     this.ended = true;
-    this.emit('status', { code, details });
+    this.emit('status', { code, details, info });
     this.sock.destroy();
   }
+}
+
+/**
+ * {details, info} of a STATUS frame whose header says `code`: its body is a serialized Status.
+ * A body that does not parse as one, or parses to another code (a version 1 server refusing
+ * this hello sends its bare UTF-8 message), is taken as that text; `info` is null when the
+ * frame has no ErrorInfo.
+ */
+function statusBody(code, body) {
+  try {
+    const s = codecs.Status.decode(body);
+    if (s.code === code) return { details: s.message, info: s.error };
+  } catch {
+    // not a Status: the text below
+  }
+  return { details: body.toString('utf8'), info: null };
 }
 
 /** The host part of a gRPC target (host:port, [v6]:port, dns:///host:port); null if none. */
@@ -170,4 +191,4 @@ function dialHost(address) {
   return host;
 }
 
-module.exports = { TcpCall, dialHost, hello, frameHeader, MESSAGE, STATUS };
+module.exports = { TcpCall, dialHost, hello, frameHeader, statusBody, MESSAGE, STATUS, VERSION };

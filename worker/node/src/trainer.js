@@ -15,7 +15,10 @@
  * backoff (a retried push is exactly-once on the server: same key run_id, rank, incarnation, clock).
  * After each failure a Heartbeat asks the server for this rank's clock: a server restarted from a
  * checkpoint may know it at an earlier clock, and the loop rewinds there (those iterations were
- * lost). FAILED_PRECONDITION, NOT_FOUND or retries running out end the assignment (back to Join). A
+ * lost). A push or pull refused with reason ERROR_REASON_CLOCK_AHEAD says so itself (its
+ * info.next_clock): the loop rewinds there at once. Errors are told apart by code and reason,
+ * never by their message's text. FAILED_PRECONDITION, NOT_FOUND or retries running out end the
+ * assignment (back to Join). A
  * heartbeat that finds the run stopped/failed or this incarnation stale aborts the loop.
  * Data or model errors every rank would hit leave with LEAVE_REASON_FAILED (fails the run).
  */
@@ -119,8 +122,10 @@ class Trainer {
    * Run `op`; retry UNAVAILABLE / DEADLINE_EXCEEDED with jittered backoff for up to 4x the timeout.
    * After each failure ask the server where this rank stands (resync): a server that restarted from
    * a checkpoint may know it at an earlier clock, and then the loop rewinds there (Rewind) instead
-   * of retrying an operation the server cannot accept. A retried push is safe: the server
-   * de-duplicates it on (run_id, rank, incarnation, clock).
+   * of retrying an operation the server cannot accept. A call refused because its clock is ahead
+   * of the server's (reason ERROR_REASON_CLOCK_AHEAD, info.next_clock below this.clock) rewinds
+   * to that clock directly. A retried push is safe: the server de-duplicates it on
+   * (run_id, rank, incarnation, clock).
    */
   async call(op, what) {
     let delay = 0.05;
@@ -132,7 +137,7 @@ class Trainer {
       } catch (e) {
         this.check();
         if (!(e instanceof PsError)) throw e;
-        if (e.code === Status.FAILED_PRECONDITION && e.details.includes('next clock is')) await this.resync();
+        if (e.reason === 'ERROR_REASON_CLOCK_AHEAD' && e.info.next_clock < this.clock) this.rewind(e.info.next_clock);
         if (!e.retryable || Date.now() > deadline) throw e;
         this.stats.retries += 1;
         this.log.info(`${what} failed (${e.codeName}); retrying in ${delay.toFixed(2)}s`);
@@ -154,10 +159,13 @@ class Trainer {
       throw e;
     }
     const known = Number(hb.clock);
-    if (known < this.clock) {
-      this.log.warning(`the server knows rank ${this.a.rank} at clock ${known} (it restarted); going back from clock ${this.clock}`);
-      throw new Rewind(known);
-    }
+    if (known < this.clock) this.rewind(known);
+  }
+
+  /** The server knows this rank at `clock`, before this.clock (it restarted): throw Rewind. */
+  rewind(clock) {
+    this.log.warning(`the server knows rank ${this.a.rank} at clock ${clock} (it restarted); going back from clock ${this.clock}`);
+    throw new Rewind(clock);
   }
 
   async pull(clock, params) {
@@ -385,4 +393,4 @@ async function train(client, a, config, log, holder = {}) {
   return outcome(completed, message || 'done', { accuracy: trainer.stats.finalAccuracy });
 }
 
-module.exports = { train, Trainer, sleep, FINISHED };
+module.exports = { train, Trainer, Rewind, sleep, FINISHED };

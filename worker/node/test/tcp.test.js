@@ -4,11 +4,23 @@ const test = require('node:test');
 const assert = require('node:assert/strict');
 const net = require('net');
 
-const { TcpCall, dialHost, hello, frameHeader, MESSAGE, STATUS } = require('../src/tcp');
-const { loadContract } = require('../src/proto');
+const { TcpCall, dialHost, hello, frameHeader, statusBody, MESSAGE, STATUS, VERSION } = require('../src/tcp');
+const { loadContract, messages } = require('../src/proto');
 
 const { grpc, definition } = loadContract();
 const pull = definition['paramserver.v1.ParameterService'].PullParams;
+const codecs = messages();
+
+/** A STATUS frame as the server sends it (version 2): the header, then a serialized Status. */
+function statusFrame(code, message, error = null) {
+  const body = codecs.Status.encode({ code, message, error });
+  return Buffer.concat([frameHeader(STATUS, code, body.length), body]);
+}
+
+/** The ErrorInfo a decoder gives for `fields`, defaults filled in. */
+function info(fields) {
+  return codecs.ErrorInfo.decode(codecs.ErrorInfo.encode(fields));
+}
 
 /** A one-connection server running `script(socket, received)`; resolves to its port. */
 function server(script) {
@@ -45,7 +57,7 @@ test('a pull goes out framed and its answer, sent in odd pieces, comes back deco
     if (got.length < 8 + 16 + length) return;
     seen = { hello: got.subarray(0, 8), kind: got.readUInt8(8), req: pull.requestDeserialize(got.subarray(24, 24 + length)) };
     const out = Buffer.concat([got.subarray(0, 8), frameHeader(MESSAGE, 0, answer.length), answer,
-      frameHeader(STATUS, grpc.status.NOT_FOUND, 4), Buffer.from('gone')]);
+      statusFrame(grpc.status.NOT_FOUND, 'gone', { reason: 'ERROR_REASON_RUN_NOT_FOUND' })]);
     for (let i = 0; i < out.length; i += 7) sock.write(out.subarray(i, i + 7)); // the reader must reassemble
   });
   const call = new TcpCall('127.0.0.1', srv.port, 'PullParams');
@@ -60,21 +72,53 @@ test('a pull goes out framed and its answer, sent in odd pieces, comes back deco
   assert.equal(data.length, 1);
   assert.equal(data[0].guaranteed_clock, 3);
   assert.deepEqual(Buffer.from(data[0].tensors[0].data), values);
-  assert.deepEqual(status, { code: grpc.status.NOT_FOUND, details: 'gone' });
+  assert.deepEqual(status, { code: grpc.status.NOT_FOUND, details: 'gone', info: info({ reason: 'ERROR_REASON_RUN_NOT_FOUND' }) });
+});
+
+test('the hello is version 2: "PSDP", 2, the method, two zero bytes', () => {
+  assert.equal(VERSION, 2);
+  assert.deepEqual(hello('PushGradient'), Buffer.from([0x50, 0x53, 0x44, 0x50, 2, 1, 0, 0]));
+  assert.deepEqual(hello('PullParams'), Buffer.from([0x50, 0x53, 0x44, 0x50, 2, 2, 0, 0]));
+});
+
+test('a STATUS body is a Status: its message and ErrorInfo; a body that is no Status of that code is text', () => {
+  const clockAhead = { reason: 'ERROR_REASON_CLOCK_AHEAD', next_clock: 7 };
+  const body = codecs.Status.encode({ code: 9, message: 'push for clock 9: next clock is 7', error: clockAhead });
+  assert.deepEqual(statusBody(9, body), { details: 'push for clock 9: next clock is 7', info: info(clockAhead) });
+  assert.deepEqual(statusBody(9, codecs.Status.encode({ code: 9, message: 'm' })), { details: 'm', info: null });
+  // A version 1 server's refusal of this hello: the bare message.
+  assert.deepEqual(statusBody(12, Buffer.from('unsupported version 2')), { details: 'unsupported version 2', info: null });
+  assert.deepEqual(statusBody(12, Buffer.from('no')), { details: 'no', info: null });
 });
 
 test('a refusal instead of the echo ends the stream with its status; only UNIMPLEMENTED means "use gRPC"', async () => {
-  for (const [code, fallback] of [[grpc.status.UNAVAILABLE, false], [grpc.status.UNIMPLEMENTED, true]]) {
+  const cases = [
+    [grpc.status.UNAVAILABLE, 'ERROR_REASON_SHUTTING_DOWN', false],
+    [grpc.status.UNIMPLEMENTED, 'ERROR_REASON_UNSUPPORTED', true],
+  ];
+  for (const [code, reason, fallback] of cases) {
     const srv = await server((sock, got) => {
-      if (got.length >= 8) sock.end(Buffer.concat([frameHeader(STATUS, code, 2), Buffer.from('no')]));
+      if (got.length >= 8) sock.end(statusFrame(code, 'no', { reason }));
     });
     let unreachable = false;
     const call = new TcpCall('127.0.0.1', srv.port, 'PushGradient', { onUnreachable: () => { unreachable = true; } });
     const { status } = await outcome(call);
     srv.close();
-    assert.deepEqual(status, { code, details: 'no' });
+    assert.deepEqual(status, { code, details: 'no', info: info({ reason }) });
     assert.equal(unreachable, fallback, `code ${code}`);
   }
+});
+
+test('a version 1 server refusing the hello (UNIMPLEMENTED, a bare text body) means "use gRPC"', async () => {
+  const srv = await server((sock, got) => {
+    if (got.length >= 8) sock.end(Buffer.concat([frameHeader(STATUS, grpc.status.UNIMPLEMENTED, 11), Buffer.from('version 2?!')]));
+  });
+  let why = null;
+  const call = new TcpCall('127.0.0.1', srv.port, 'PushGradient', { onUnreachable: (w) => { why = w; } });
+  const { status } = await outcome(call);
+  srv.close();
+  assert.deepEqual(status, { code: grpc.status.UNIMPLEMENTED, details: 'version 2?!', info: null });
+  assert.equal(why, 'version 2?!');
 });
 
 test('a port nobody listens on is unreachable: UNAVAILABLE, and the client is told to use gRPC', async () => {

@@ -1,8 +1,8 @@
 """A run's specification as the core sees it: plain frozen dataclasses, validated once.
 
 ``codec`` builds these from the protobuf ``RunSpec``; nothing else in the core knows the wire
-format. ``validate_spec`` raises ``InvalidArgument`` naming the field to fix, so a bad spec never
-creates a run.
+format. ``validate_spec`` raises ``InvalidArgument`` (reason INVALID_SPEC) naming the field to fix;
+the registry calls it once, before a run exists, so a bad spec never creates one.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, Reason
 
 __all__ = [
     "Aggregation",
@@ -24,7 +24,9 @@ __all__ = [
     "OptimizerKind",
     "ParamSpec",
     "RunSpec",
+    "OPTIMIZER_DEFAULTS",
     "UNBOUNDED",
+    "offsets",
     "spec_from_dict",
     "spec_to_dict",
     "validate_spec",
@@ -42,6 +44,9 @@ class Initializer(enum.Enum):
 
 
 class OptimizerKind(enum.Enum):
+    """The server-side optimizers; each value is its field of the proto's ``OptimizerSpec.kind``
+    oneof, and ``OptimizerConfig``'s fields are named as that message's (``codec`` converts by name)."""
+
     SGD = "sgd"
     MOMENTUM = "momentum"
     ADAM = "adam"
@@ -80,6 +85,13 @@ class OptimizerConfig:
     initial_accumulator: float = 0.0
 
 
+OPTIMIZER_DEFAULTS: dict[OptimizerKind, dict[str, float]] = {
+    OptimizerKind.ADAM: {"beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8},
+    OptimizerKind.ADAGRAD: {"epsilon": 1e-10},
+}
+"""Hyper-parameters whose zero on the wire (proto3: unset) means this value."""
+
+
 @dataclass(frozen=True)
 class RunSpec:
     name: str
@@ -114,66 +126,80 @@ class RunSpec:
 FLOAT32_MAX = 3.4028234663852886e38
 
 
+def offsets(specs: tuple[ParamSpec, ...]) -> tuple[dict[str, int], int]:
+    """Where each tensor starts in the flat layout (spec order), and the model's size."""
+    out: dict[str, int] = {}
+    total = 0
+    for p in specs:
+        out[p.name] = total
+        total += p.size
+    return out, total
+
+
+def _invalid(message: str) -> InvalidArgument:
+    return InvalidArgument(message, Reason.INVALID_SPEC)
+
+
 def _check_float32(label: str, value: float) -> None:
     if abs(value) > FLOAT32_MAX:
-        raise InvalidArgument(f"{label} {value:g} does not fit in float32, the parameters' type "
+        raise _invalid(f"{label} {value:g} does not fit in float32, the parameters' type "
                               f"(at most {FLOAT32_MAX:.4g})")
 
 
 def validate_spec(spec: RunSpec) -> None:
-    """Raise InvalidArgument naming the field to fix when the spec cannot run."""
+    """Raise InvalidArgument (INVALID_SPEC) naming the field to fix when the spec cannot run."""
     if spec.num_workers < 1:
-        raise InvalidArgument("num_workers must be at least 1")
+        raise _invalid("num_workers must be at least 1")
     if spec.iterations < 1:
-        raise InvalidArgument("iterations must be at least 1")
+        raise _invalid("iterations must be at least 1")
     if spec.staleness < UNBOUNDED:
-        raise InvalidArgument(
+        raise _invalid(
             f"staleness {spec.staleness} is invalid: use 0 (BSP), a positive bound, or -1 (unbounded)"
         )
     if not spec.params:
-        raise InvalidArgument("params is empty: a run needs at least one named tensor")
+        raise _invalid("params is empty: a run needs at least one named tensor")
     seen: set[str] = set()
     for p in spec.params:
         if not p.name:
-            raise InvalidArgument("a param has an empty name")
+            raise _invalid("a param has an empty name")
         if p.name in seen:
-            raise InvalidArgument(f"param {p.name!r} appears twice")
+            raise _invalid(f"param {p.name!r} appears twice")
         seen.add(p.name)
         if not p.shape or any(d < 1 for d in p.shape):
-            raise InvalidArgument(
+            raise _invalid(
                 f"param {p.name!r} has shape {list(p.shape)}: every dimension must be >= 1"
             )
         if not math.isfinite(p.scale):
-            raise InvalidArgument(f"param {p.name!r} has a non-finite initializer scale")
+            raise _invalid(f"param {p.name!r} has a non-finite initializer scale")
         _check_float32(f"param {p.name!r}'s initializer scale", p.scale)
     opt = spec.optimizer
     if not (math.isfinite(opt.learning_rate) and opt.learning_rate > 0):
-        raise InvalidArgument(f"learning_rate must be a positive number, got {opt.learning_rate}")
+        raise _invalid(f"learning_rate must be a positive number, got {opt.learning_rate}")
     # The server computes in float32: a value that overflows there would make every update
     # NaN/Inf without any operation overflowing (the run detects divergence by overflow).
     for label, value in (("learning_rate", opt.learning_rate), ("weight_decay", opt.weight_decay),
                          ("epsilon", opt.epsilon), ("initial_accumulator", opt.initial_accumulator)):
         _check_float32(label, value)
     if opt.kind is OptimizerKind.MOMENTUM and not 0 <= opt.momentum < 1:
-        raise InvalidArgument(f"momentum must be in [0, 1), got {opt.momentum}")
+        raise _invalid(f"momentum must be in [0, 1), got {opt.momentum}")
     if opt.kind is OptimizerKind.ADAM and not (0 <= opt.beta1 < 1 and 0 <= opt.beta2 < 1):
-        raise InvalidArgument(f"adam betas must be in [0, 1), got {opt.beta1}, {opt.beta2}")
+        raise _invalid(f"adam betas must be in [0, 1), got {opt.beta1}, {opt.beta2}")
     if opt.kind in (OptimizerKind.ADAM, OptimizerKind.ADAGRAD) and not opt.epsilon > 0:
-        raise InvalidArgument(f"epsilon must be positive, got {opt.epsilon}")
+        raise _invalid(f"epsilon must be positive, got {opt.epsilon}")
     if opt.weight_decay < 0 or not math.isfinite(opt.weight_decay):
-        raise InvalidArgument(f"weight_decay must be >= 0, got {opt.weight_decay}")
+        raise _invalid(f"weight_decay must be >= 0, got {opt.weight_decay}")
     if opt.kind is OptimizerKind.ADAGRAD and not (opt.initial_accumulator >= 0 and math.isfinite(opt.initial_accumulator)):
-        raise InvalidArgument(f"initial_accumulator must be >= 0, got {opt.initial_accumulator}")
+        raise _invalid(f"initial_accumulator must be >= 0, got {opt.initial_accumulator}")
     for label, text in (("model_spec_json", spec.model_spec_json), ("data_spec_json", spec.data_spec_json)):
         try:
             value = json.loads(text or "{}")
         except json.JSONDecodeError as exc:
-            raise InvalidArgument(f"{label} is not valid JSON: {exc}") from None
+            raise _invalid(f"{label} is not valid JSON: {exc}") from None
         if not isinstance(value, dict):
-            raise InvalidArgument(f"{label} must be a JSON object, got {type(value).__name__}")
+            raise _invalid(f"{label} must be a JSON object, got {type(value).__name__}")
     for rank, factor in spec.slowdown.items():
         if not 0 <= rank < spec.num_workers or not (math.isfinite(factor) and factor >= 1.0):
-            raise InvalidArgument(
+            raise _invalid(
                 f"slowdown for rank {rank} = {factor}: ranks are 0..{spec.num_workers - 1}, factors >= 1"
             )
 

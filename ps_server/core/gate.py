@@ -7,8 +7,9 @@ became stale, fails its waiter with that error). Compared with one ``asyncio.Con
 ``notify_all``, this wakes only waiters that can proceed and can be called from plain ``def``
 core methods, which keeps every state mutation synchronous (STYLE.md, point 3).
 
-Invariant: a waiter returns normally only after its predicate returned True on the event loop;
-every wait is bounded by its timeout and removes itself in ``finally`` (also when cancelled).
+Invariant: a waiter returns True only after its predicate returned True on the event loop; every
+wait is bounded by its timeout (then it returns False, and the caller says why in its own error)
+and removes itself in ``finally`` (also when cancelled).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import PsError, WaitTimeout
+from .errors import PsError
 
 __all__ = ["Gate", "GateStatistics"]
 
@@ -31,23 +32,20 @@ class Gate:
     def __init__(self) -> None:
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
 
-    async def wait_for(
-        self, predicate: Callable[[], bool], timeout: float, describe: Callable[[], str]
-    ) -> None:
-        """Return once ``predicate()`` is true; raise WaitTimeout after ``timeout`` seconds.
-
-        ``describe`` is called on timeout to say what the wait was for (who holds it back).
-        """
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """True once ``predicate()`` is true; False after ``timeout`` seconds. A PsError the
+        predicate raises (the wait can never succeed) is raised here."""
         if predicate():
-            return
+            return True
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (predicate, fut)
         self._waiters.append(entry)
         try:
             async with asyncio.timeout(timeout):
                 await fut
+            return True
         except TimeoutError:
-            raise WaitTimeout(f"waited {timeout:.1f}s: {describe()}") from None
+            return False
         finally:
             try:
                 self._waiters.remove(entry)

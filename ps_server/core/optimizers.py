@@ -21,17 +21,14 @@ gradient, so a BSP run equals single-process large-batch training with the same 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from .spec import OptimizerConfig, OptimizerKind, ParamSpec
-from .store import Gradient, blocks, offsets
+from .spec import OptimizerConfig, OptimizerKind, ParamSpec, offsets
+from .tensors import BLOCK, Gradient, blocks, count_non_finite
 
-__all__ = ["BLOCK", "Optimizer", "make_optimizer"]
-
-BLOCK = 1 << 18
-"""Elements per block (1 MiB of float32): large enough to amortise numpy's call overhead."""
+__all__ = ["OPTIMIZERS", "Optimizer", "make_optimizer"]
 
 _F32 = np.float32
 
@@ -47,6 +44,7 @@ class Optimizer:
         self.config = config
         self.steps = 0
         self._offsets, self.size = offsets(params)
+        self._sizes = {p.name: p.size for p in params}
         total = self.size
         self._flat = {s: np.zeros(total, _F32) for s in self.state_names}
         self.state: dict[str, dict[str, np.ndarray]] = {
@@ -59,22 +57,49 @@ class Optimizer:
         self._lr = _F32(config.learning_rate)
         self._wd = _F32(config.weight_decay)
 
-    def step(self, params: Mapping[str, np.ndarray], grads: Mapping[str, Gradient]) -> None:
-        """Apply one update with ``grads`` (same names and sizes as ``params``) in place."""
-        self.steps += 1
-        self._begin_step()
-        self._apply(params, grads)  # under the caller's np.errstate: the run watches for divergence
+    def step(self, params: Mapping[str, np.ndarray],
+             grads: Mapping[str, Gradient] | Callable[[], Mapping[str, Gradient]]) -> str | None:
+        """Apply one update with ``grads`` (same names and sizes as ``params``; or what calling it
+        returns, computed under the same watch: a BSP combination) in place. Returns None, or what
+        became NaN/Inf ("parameter 'w'"): the training diverged.
 
-    def step_flat(self, w: np.ndarray, g: np.ndarray) -> None:
+        Parameters, state, hyper-parameters (validated to fit float32) and gradients are finite
+        before a step, so a non-finite value can only come from an overflow, a 0/0 or a division by
+        zero: the floating-point flags numpy checks after every ufunc call catch it without another
+        pass over the model. Only then are the parameters and the state scanned, to name the culprit."""
+        flags: list[str] = []
+        with np.errstate(over="call", invalid="call", divide="call", under="ignore",
+                         call=lambda kind, _flag: flags.append(kind)):
+            self.steps += 1
+            self._begin_step()
+            self._apply(params, grads() if callable(grads) else grads)
+        return self._culprit(params) if flags else None
+
+    def step_flat(self, w: np.ndarray, g: np.ndarray) -> str | None:
         """``step`` on the whole model at once: ``w`` and ``g`` are 1-D, laid out like the state
         (``ParamStore.flat`` and the gradient ``ParamStore.check_gradient`` gathers). The same
         arithmetic element by element, so the same result as ``step``; one call per block
         instead of per tensor."""
-        self.steps += 1
-        self._begin_step()
-        for lo in range(0, self.size, BLOCK):
-            hi = min(lo + BLOCK, self.size)
-            self._update(w[lo:hi], self._effective_grad(w[lo:hi], g[lo:hi]), lo, hi)
+        flags: list[str] = []
+        with np.errstate(over="call", invalid="call", divide="call", under="ignore",
+                         call=lambda kind, _flag: flags.append(kind)):
+            self.steps += 1
+            self._begin_step()
+            for lo in range(0, self.size, BLOCK):
+                hi = min(lo + BLOCK, self.size)
+                self._update(w[lo:hi], self._effective_grad(w[lo:hi], g[lo:hi]), lo, hi)
+        if not flags:
+            return None
+        return self._culprit({n: w[off : off + self._sizes[n]] for n, off in self._offsets.items()})
+
+    def _culprit(self, params: Mapping[str, np.ndarray]) -> str | None:
+        """The first parameter or state array holding NaN/Inf (None: an intermediate overflowed,
+        but every value kept is finite). The state too: an Inf second moment (a huge gradient
+        squared) would freeze its parameters for good without making them non-finite."""
+        for name, w in params.items():
+            if count_non_finite(w):
+                return f"parameter {name!r}"
+        return next((f"optimizer state {k!r}" for k, a in self.state_arrays().items() if count_non_finite(a)), None)
 
     def _apply(self, params: Mapping[str, np.ndarray], grads: Mapping[str, Gradient]) -> None:
         for name, w in params.items():
@@ -182,7 +207,7 @@ class Adagrad(Optimizer):
         np.subtract(w, s, out=w)
 
 
-_KINDS: dict[OptimizerKind, type[Optimizer]] = {
+OPTIMIZERS: dict[OptimizerKind, type[Optimizer]] = {
     OptimizerKind.SGD: Sgd,
     OptimizerKind.MOMENTUM: Momentum,
     OptimizerKind.ADAM: Adam,
@@ -191,4 +216,4 @@ _KINDS: dict[OptimizerKind, type[Optimizer]] = {
 
 
 def make_optimizer(config: OptimizerConfig, params: tuple[ParamSpec, ...]) -> Optimizer:
-    return _KINDS[config.kind](config, params)
+    return OPTIMIZERS[config.kind](config, params)

@@ -1,15 +1,18 @@
 """All runs of a server, and the assignment of waiting workers to vacant ranks.
 
 Runs are isolated from each other: each has its own store, optimizer, clocks and gate. Workers
-join the cluster, not a run: ``join`` hands them the oldest run with a vacant rank, and ``work``
-(a gate) wakes parked joins when a run is created or a rank falls vacant.
+join the cluster, not a run: ``join`` hands them the oldest run with a vacant rank, and a parked
+join (``wait_for_work``) wakes when a run is created or a rank falls vacant. A spec is validated
+once, by ``create``, before its run exists.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 
 from .errors import NotFound, ResourceExhausted, ShuttingDown
 from .gate import Gate
@@ -22,56 +25,35 @@ __all__ = ["RunRegistry"]
 
 
 class RunRegistry:
-    def __init__(
-        self,
-        *,
-        max_param_bytes: int = 4 << 30,
-        now: Callable[[], float] = time.monotonic,
-        configure: Callable[[Run], None] | None = None,
-    ) -> None:
+    def __init__(self, *, max_param_bytes: int = 4 << 30, now: Callable[[], float] = time.monotonic,
+                 configure: Callable[[Run], None] | None = None) -> None:
+        """``configure``: called with every run as it is added (the checkpointer attaches to it)."""
         self.max_param_bytes = max_param_bytes
         self._configure = configure
         self.generation = uuid.uuid4().hex[:12]
-        self.work = Gate()
         self.shutting_down = False
-        # Data-plane operations in progress (a push being received or answered, a pull being
-        # served): shutdown waits for these, not for idle long-lived streams.
-        self.busy = 0
-        self.idle = Gate()
+        self._work = Gate()
         self._runs: dict[str, Run] = {}
         self._now = now
 
-    def check(self, spec: RunSpec) -> None:
-        """Raise InvalidArgument / ResourceExhausted unless this server can run ``spec``."""
+    async def create(self, spec: RunSpec) -> Run:
+        """Validate ``spec`` (InvalidArgument, ResourceExhausted), draw its initial values off the
+        event loop (hundreds of MB take seconds) and register the new run."""
         validate_spec(spec)
         nbytes = 4 * spec.num_params
         if nbytes > self.max_param_bytes:
-            raise ResourceExhausted(
-                f"the run's parameters take {nbytes} bytes, over this server's limit of "
-                f"{self.max_param_bytes} (PS_MAX_PARAM_BYTES)"
-            )
-
-    def create(self, spec: RunSpec, store: ParamStore | None = None) -> Run:
-        """A new run; ``store``: its initial parameters if already built (see ``check``)."""
-        self.check(spec)
-        run_id = f"run-{uuid.uuid4().hex[:8]}"
-        return self.add(Run(run_id, spec, now=self._now, store=store))
+            raise ResourceExhausted(f"the run's parameters take {nbytes} bytes, over this server's limit of "
+                                    f"{self.max_param_bytes} (PS_MAX_PARAM_BYTES)")
+        store = await asyncio.to_thread(ParamStore, spec.params, spec.seed)
+        return self.add(Run(f"run-{uuid.uuid4().hex[:8]}", spec, now=self._now, store=store))
 
     def add(self, run: Run) -> Run:
         """Register a run (new, or restored from a checkpoint)."""
         if self._configure:
             self._configure(run)
         self._runs[run.run_id] = run
-        self.work.notify()
+        self._work.notify()
         return run
-
-    def op_begin(self) -> None:
-        self.busy += 1
-
-    def op_end(self) -> None:
-        self.busy -= 1
-        if not self.busy:
-            self.idle.notify()
 
     def get(self, run_id: str) -> Run:
         if self.shutting_down:
@@ -86,7 +68,7 @@ class RunRegistry:
         """Newest first."""
         return list(reversed(self._runs.values()))
 
-    def has_work(self, run_id: str = "") -> bool:
+    def _has_work(self, run_id: str) -> bool:
         if run_id:
             return self.get(run_id).has_vacancy()
         return any(r.has_vacancy() for r in self._runs.values())
@@ -100,14 +82,25 @@ class RunRegistry:
                 return run.join(worker_name)
         return None
 
+    async def wait_for_work(self, run_id: str, timeout: float) -> bool:
+        """True once ``run_id`` (any run when empty) has a vacant rank; False after ``timeout``."""
+        return await self._work.wait_for(partial(self._has_work, run_id), timeout)
+
+    def vacated(self) -> None:
+        """A rank fell vacant (a worker left): wake parked joins."""
+        self._work.notify()
+
     def expire_leases(self, lease: float) -> list[tuple[str, int]]:
         """Evict workers whose lease expired, in every unfinished run."""
-        evicted = [
-            (run.run_id, rank)
-            for run in self._runs.values()
-            if not run.state.finished
-            for rank in run.expire(lease)
-        ]
+        evicted = [(run.run_id, rank) for run in self._runs.values() if not run.state.finished
+                   for rank in run.expire(lease)]
         if evicted:
-            self.work.notify()
+            self._work.notify()
         return evicted
+
+    def shut_down(self, why: ShuttingDown) -> None:
+        """Refuse every call from now on and release every parked pull and join with ``why``."""
+        self.shutting_down = True
+        for run in self._runs.values():
+            run.gate.fail_all(why)
+        self._work.fail_all(why)

@@ -1,4 +1,8 @@
-"""Lifecycle states and read-only snapshots of a run: values the status RPC and psctl render."""
+"""Lifecycle states and read-only snapshots of a run: values the status RPC and psctl render.
+
+Plain values with no behaviour; the run's spec is not repeated in them (a run's ``spec`` is its own
+attribute).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from .spec import RunSpec
 
 __all__ = [
     "Assignment",
@@ -60,6 +62,12 @@ class Counters:
     parked_seconds: float = 0.0
     """Time pulls spent parked by the SSP rule, summed over pulls."""
 
+    def pulled(self, staleness: int) -> None:
+        """A worker's pull was served, ``staleness`` clocks ahead of the min clock."""
+        self.pulls_served += 1
+        self.staleness_sum += staleness
+        self.staleness_max = max(self.staleness_max, staleness)
+
 
 @dataclass(frozen=True)
 class MetricPoint:
@@ -102,7 +110,6 @@ class WorkerStatus:
 @dataclass(frozen=True)
 class RunStatus:
     run_id: str
-    spec: RunSpec
     state: RunState
     message: str
     created: float
@@ -121,7 +128,6 @@ class Assignment:
     run_id: str
     rank: int
     incarnation: int
-    spec: RunSpec
     start_clock: int
 
 

@@ -7,31 +7,20 @@ looks at a whole gradient before anything is applied, so a bad push changes noth
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Mapping
-from typing import Any, TypeAlias
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from .errors import InvalidArgument
-from .spec import FLOAT32_MAX, Initializer, ParamSpec
+from .errors import InvalidArgument, Reason
+from .spec import FLOAT32_MAX, Initializer, ParamSpec, offsets
+from .tensors import Gradient, Pieces, count_non_finite, finite_hint
 
-__all__ = ["FLAT_MAX", "Gradient", "ParamStore", "Pieces", "blocks", "count_non_finite", "materialize", "offsets"]
+__all__ = ["FLAT_MAX", "ParamStore", "materialize"]
 
 _INIT_BLOCK = 1 << 20
-_CHECK_BLOCK = 1 << 24
 FLAT_MAX = 1 << 18
 """Models of at most this many elements are checked and stepped as one flat array."""
-
-
-def offsets(specs: tuple[ParamSpec, ...]) -> tuple[dict[str, int], int]:
-    """Where each tensor starts in the flat layout (spec order), and the model's size."""
-    out: dict[str, int] = {}
-    total = 0
-    for p in specs:
-        out[p.name] = total
-        total += p.size
-    return out, total
 
 
 def materialize(specs: tuple[ParamSpec, ...], seed: int, flat: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -69,61 +58,9 @@ def materialize(specs: tuple[ParamSpec, ...], seed: int, flat: np.ndarray | None
             # draws of a huge scale may not, and the run's divergence check assumes finite values.
             if p.initializer is Initializer.NORMAL and abs(p.scale) > FLOAT32_MAX / 64 and count_non_finite(arr):
                 raise InvalidArgument(f"param {p.name!r}: initial values drawn with scale {p.scale:g} overflow "
-                                      "float32; use a smaller scale")
+                                      "float32; use a smaller scale", Reason.INVALID_SPEC)
         out[p.name] = arr
     return out
-
-
-class Pieces:
-    """A tensor that arrived in several chunks, kept as float32 views of the received messages at
-    their flat offsets instead of being copied into one array (a copy and a large allocation per
-    push saved; equal-sized messages also keep the allocator from fragmenting). The core reads it
-    through ``blocks``; ``np.asarray`` joins it when a whole array is needed."""
-
-    __slots__ = ("parts", "shape", "size")
-    dtype = np.dtype(np.float32)
-
-    def __init__(self, shape: tuple[int, ...], parts: list[tuple[int, np.ndarray]]) -> None:
-        self.shape = shape
-        self.size = sum(v.size for _, v in parts)
-        self.parts = parts
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        out = np.empty(self.shape, np.float32)
-        flat = out.reshape(-1)
-        for lo, v in self.parts:
-            flat[lo : lo + v.size] = v
-        return out if dtype is None else out.astype(dtype, copy=False)
-
-
-Gradient: TypeAlias = "np.ndarray | Pieces"
-"""What a push carries per tensor: one array, or the pieces it arrived in."""
-
-
-def blocks(g: Gradient, block: int) -> Iterator[tuple[int, np.ndarray]]:
-    """``(flat offset, 1-D view)`` covering ``g`` in order, each at most ``block`` elements."""
-    parts = g.parts if isinstance(g, Pieces) else [(0, g.reshape(-1))]
-    for lo, v in parts:
-        for i in range(0, v.size, block):
-            yield lo + i, v[i : i + block]
-
-
-def _finite_hint(v: np.ndarray) -> bool:
-    """Cheap test that is True only if all of the 1-D ``v`` is finite (False may be a false alarm).
-
-    ``v . v`` is NaN/Inf iff some element is, or when squares overflow (|x| > ~1.8e19): callers
-    confirm a False with an exact count. BLAS's dot reads 1 MiB in ~17 µs here against ~41 µs for
-    np.add.reduce's pairwise sum (and is cheaper at every size), but only on float32-aligned data:
-    on unaligned views numpy's own dot loop is 60x slower, so those are summed instead.
-    """
-    if v.flags.aligned:
-        return math.isfinite(np.dot(v, v))
-    return math.isfinite(np.add.reduce(v, dtype=np.float32))
-
-
-def count_non_finite(g: Gradient) -> int:
-    """Exact number of NaN/Inf elements of ``g``."""
-    return sum(int(np.count_nonzero(~np.isfinite(v))) for _, v in blocks(g, _CHECK_BLOCK))
 
 
 class ParamStore:
@@ -151,19 +88,18 @@ class ParamStore:
             unknown = sorted(set(grads) - set(self.specs))
             if unknown:
                 raise InvalidArgument(
-                    f"unknown tensor name(s) {unknown}; this run's tensors are {sorted(self.specs)}"
-                )
+                    f"unknown tensor name(s) {unknown}; this run's tensors are {sorted(self.specs)}",
+                    Reason.INVALID_GRADIENT)
             missing = sorted(set(self.specs) - set(grads))
-            raise InvalidArgument(f"the gradient lacks tensor(s) {missing}: send every parameter")
+            raise InvalidArgument(f"the gradient lacks tensor(s) {missing}: send every parameter", Reason.INVALID_GRADIENT)
         gflat = self._gflat
         for name, g in grads.items():
             want = self.specs[name].shape
             if g.shape != want:
                 raise InvalidArgument(
-                    f"gradient {name!r} has shape {list(g.shape)}, the parameter has {list(want)}"
-                )
+                    f"gradient {name!r} has shape {list(g.shape)}, the parameter has {list(want)}", Reason.INVALID_GRADIENT)
             if g.dtype != np.float32:
-                raise InvalidArgument(f"gradient {name!r} has dtype {g.dtype}, expected float32")
+                raise InvalidArgument(f"gradient {name!r} has dtype {g.dtype}, expected float32", Reason.INVALID_GRADIENT)
             if gflat is not None:
                 if type(g) is np.ndarray:
                     off = self._offsets[name]
@@ -172,20 +108,21 @@ class ParamStore:
                     gflat = None
         if gflat is not None:
             with np.errstate(over="ignore", invalid="ignore"):
-                if _finite_hint(gflat):
+                if finite_hint(gflat):
                     return gflat
         # One cheap pass per received part, without temporaries; the exact count runs only on an
         # alarm, so huge but finite values are accepted (the run fails if they make it diverge).
         with np.errstate(over="ignore", invalid="ignore"):
             for name, g in grads.items():
                 if isinstance(g, Pieces):
-                    finite = all(_finite_hint(v) for _, v in g.parts)
+                    finite = all(finite_hint(v) for _, v in g.parts)
                 else:
-                    finite = _finite_hint(g.reshape(-1))
+                    finite = finite_hint(g.reshape(-1))
                 if not finite:
                     bad = count_non_finite(g)
                     if bad:
-                        raise InvalidArgument(f"gradient {name!r} contains {bad} NaN/Inf value(s); nothing was applied")
+                        raise InvalidArgument(f"gradient {name!r} contains {bad} NaN/Inf value(s); nothing was applied",
+                                              Reason.INVALID_GRADIENT)
         return gflat  # a flat gradient whose dot product overflowed, but finite: still usable
 
     def read(self, names: list[str] | None = None) -> dict[str, np.ndarray]:

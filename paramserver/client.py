@@ -1,0 +1,246 @@
+"""``PsClient``: the async client of a paramserver, used by workers, psctl and the tests.
+
+    async with PsClient("127.0.0.1:50051") as ps:
+        joined = await ps.join("my-worker")
+        ack, params = await ps.push_pull(run_id, rank, incarnation, clock, grads, into=params)
+
+Every call has a deadline and fails with a typed ``paramserver.errors.PsError``. Control calls go
+over the transport (gRPC by default; ``paramserver.testing`` has an in-memory one); pushes and
+pulls over two long-lived streams (``streams``) on the server's TCP data plane once a Join or
+Heartbeat told its port, else on the transport. Pulled tensors are written into arrays the
+caller owns (``sink``), so steady-state pulls allocate nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from functools import lru_cache, partial
+from typing import Protocol, TypeVar
+
+import numpy as np
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
+
+from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1 import wire
+
+from . import errors
+from .security import Security
+from .sink import PullResult, PullSink
+from .streams import Call, Route, Stream
+from .tcp_transport import TcpCall, dial_host
+
+__all__ = ["PsClient", "PullResult", "Transport"]
+
+M = TypeVar("M", bound=Message)
+
+
+class Transport(Protocol):
+    """What ``PsClient`` needs below it (``grpc_transport.GrpcTransport``, ``testing.InMemoryTransport``)."""
+
+    async def unary(self, service: str, method: str, request: Message, response: type[M], timeout: float) -> M: ...
+    def stream(self, method: str) -> Call: ...
+    def server_stream(self, service: str, method: str, request: Message, response: type[Message]) -> Call: ...
+    async def health(self, service: str, timeout: float) -> str: ...
+    async def wait_ready(self, timeout: float) -> None: ...
+    async def close(self) -> None: ...
+
+
+@lru_cache(maxsize=256)
+def _duration(seconds: float) -> Duration:
+    """A Duration message, cached (a worker sends the same wait with every pull): do not mutate."""
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def _pulled_final(resp: wire.PushResponse) -> bool:
+    return resp.pulled is not None and resp.pulled.final
+
+
+class PsClient:
+    """Connect with ``async with PsClient("host:port") as ps:``; every method has a deadline."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout: float = 30.0,
+        chunk_bytes: int = 1 << 20,
+        max_message_bytes: int = 64 << 20,
+        security: Security | None = None,
+        data_plane: bool = True,
+        transport: Transport | None = None,
+    ) -> None:
+        """Raises ValueError when ``security`` cannot work (unreadable files, token in clear).
+
+        ``data_plane``: push and pull over the server's TCP data plane when ``join`` learns of
+        one (not with TLS or a token); if it cannot be reached, over the transport, retrying it
+        later. ``transport``: gRPC to ``address`` when None."""
+        sec = security or Security()
+        if transport is None:
+            from .grpc_transport import GrpcTransport  # gRPC is loaded only by who uses it
+            transport = GrpcTransport(address, sec, max_message_bytes)
+        self.address = address
+        self.timeout = timeout
+        self.chunk_bytes = chunk_bytes
+        self.max_message_bytes = max_message_bytes
+        self._transport = transport
+        tcp_host = dial_host(address) if data_plane and not sec.tls and not sec.token else None
+        self.route = Route(tcp_host, transport.stream, self._open_tcp, min(timeout, 3.0))
+        """Where pushes and pulls go (``route.transport``: "tcp" or "grpc"; ``route.opened``)."""
+        self._push = Stream(partial(self.route.open, "PushGradient"), "PushGradient", self.route.wanted)
+        self._pull = Stream(partial(self.route.open, "PullParams"), "PullParams", self.route.wanted)
+
+    async def _open_tcp(self, host: str, port: int, method: str) -> Call:
+        return await TcpCall.open(host, port, method, self.max_message_bytes)
+
+    async def __aenter__(self) -> PsClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        self._push.close()
+        self._pull.close()
+        await self._transport.close()
+
+    async def _call(self, service: str, method: str, request: Message, response: type[M],
+                    timeout: float | None = None) -> M:
+        return await self._transport.unary(service, method, request, response, timeout or self.timeout)
+
+    # -------------------------------------------------------------------------- health
+    async def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The server's gRPC health status: SERVING, NOT_SERVING, ..."""
+        return await self._transport.health(service, timeout or self.timeout)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until the server is reachable (for start-up races); Unavailable after ``timeout``."""
+        await self._transport.wait_ready(timeout)
+
+    # -------------------------------------------------------------------------- runs
+    async def create_run(self, spec: pb.RunSpec) -> pb.Run:
+        return (await self._call("RunService", "CreateRun", pb.CreateRunRequest(spec=spec), pb.CreateRunResponse)).run
+
+    async def get_run(self, run_id: str) -> pb.Run:
+        return (await self._call("RunService", "GetRun", pb.GetRunRequest(run_id=run_id), pb.GetRunResponse)).run
+
+    async def list_runs(self) -> list[pb.Run]:
+        return list((await self._call("RunService", "ListRuns", pb.ListRunsRequest(), pb.ListRunsResponse)).runs)
+
+    async def stop_run(self, run_id: str, reason: str = "") -> pb.Run:
+        req = pb.StopRunRequest(run_id=run_id, reason=reason)
+        return (await self._call("RunService", "StopRun", req, pb.StopRunResponse)).run
+
+    async def get_metrics(self, run_id: str, include_clock_records: bool = False,
+                          max_points: int = 0) -> pb.GetMetricsResponse:
+        """A run's metrics history and events; ``max_points`` > 0: only the most recent ones."""
+        req = pb.GetMetricsRequest(run_id=run_id, include_clock_records=include_clock_records, max_points=max_points)
+        return await self._call("RunService", "GetMetrics", req, pb.GetMetricsResponse)
+
+    async def checkpoint_run(self, run_id: str) -> pb.CheckpointRunResponse:
+        req = pb.CheckpointRunRequest(run_id=run_id)
+        return await self._call("RunService", "CheckpointRun", req, pb.CheckpointRunResponse)
+
+    async def watch_run(self, run_id: str, interval: float = 0.5,
+                        idle_timeout: float = 60.0) -> AsyncIterator[pb.WatchRunResponse]:
+        """Snapshots until the run finishes; raises errors.WatchIdle if none comes for idle_timeout."""
+        req = pb.WatchRunRequest(run_id=run_id, interval=_duration(interval))
+        call = self._transport.server_stream("RunService", "WatchRun", req, pb.WatchRunResponse)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(idle_timeout):
+                        resp = await call.read()
+                except TimeoutError:
+                    raise errors.WatchIdle(errors.Code.DEADLINE_EXCEEDED, f"no update for {idle_timeout:.0f}s",
+                                           method="WatchRun") from None
+                if resp is None:
+                    return
+                yield resp  # type: ignore[misc]
+        finally:
+            call.cancel()
+
+    # -------------------------------------------------------------------------- workers
+    async def join(self, worker_name: str, run_id: str = "", max_wait: float = 10.0) -> pb.JoinResponse:
+        req = pb.JoinRequest(worker_name=worker_name, run_id=run_id, max_wait=_duration(max_wait))
+        resp = await self._call("WorkerService", "Join", req, pb.JoinResponse, timeout=max_wait + self.timeout)
+        if resp.HasField("assignment"):
+            self.route.told(resp.data_port)
+        return resp
+
+    async def heartbeat(self, run_id: str, rank: int, incarnation: int, clock: int) -> pb.HeartbeatResponse:
+        req = pb.HeartbeatRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock)
+        resp = await self._call("WorkerService", "Heartbeat", req, pb.HeartbeatResponse)
+        self.route.told(resp.data_port)
+        return resp
+
+    async def report_metrics(self, run_id: str, rank: int, incarnation: int, points: Sequence[pb.MetricPoint],
+                             pulls_skipped: int) -> pb.ReportMetricsResponse:
+        req = pb.ReportMetricsRequest(run_id=run_id, rank=rank, incarnation=incarnation, points=points,
+                                      pulls_skipped=pulls_skipped)
+        return await self._call("WorkerService", "ReportMetrics", req, pb.ReportMetricsResponse)
+
+    async def leave(self, run_id: str, rank: int, incarnation: int, reason: pb.LeaveReason,
+                    message: str = "") -> pb.LeaveResponse:
+        req = pb.LeaveRequest(run_id=run_id, rank=rank, incarnation=incarnation, reason=reason, message=message)
+        return await self._call("WorkerService", "Leave", req, pb.LeaveResponse)
+
+    # -------------------------------------------------------------------------- data plane
+    async def push(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, np.ndarray],
+                   loss: float = 0.0, timeout: float | None = None) -> pb.PushGradientResponse:
+        """Push the gradient of iteration ``clock``; safe to retry with the same arguments."""
+        (resp,) = await self._push.exchange(self._push_requests(run_id, rank, incarnation, clock, grads, loss, None),
+                                            timeout or self.timeout, until_final=False,
+                                            decode=pb.PushGradientResponse.FromString)
+        return resp  # type: ignore[no-any-return]
+
+    async def push_pull(
+        self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, np.ndarray],
+        loss: float = 0.0, *, into: dict[str, np.ndarray] | None = None, max_wait: float | None = None,
+    ) -> tuple[pb.PushGradientResponse, PullResult]:
+        """Push iteration ``clock``, then pull for ``clock + 1`` in the same round trip (then_pull).
+
+        The returned response carries the push's acknowledgement (clock, duplicate, min_clock,
+        run_state); the pulled parameters are in the PullResult."""
+        wait = self.timeout if max_wait is None else max_wait
+        then = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock + 1,
+                                    max_wait=_duration(wait))
+        sink = PullSink(into)
+        responses: list[wire.PushResponse] = await self._push.exchange(
+            self._push_requests(run_id, rank, incarnation, clock, grads, loss, then), wait + self.timeout,
+            until_final=True, final=_pulled_final, decode=sink.push_response)
+        first = responses[0]
+        ack = pb.PushGradientResponse(clock=first.clock, duplicate=first.duplicate, min_clock=first.min_clock,
+                                      run_state=first.run_state)  # type: ignore[arg-type]
+        return ack, sink.result(responses[-1].pulled or wire.ParamsResponse())
+
+    def _push_requests(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, np.ndarray],
+                       loss: float, then: pb.PullParamsRequest | None) -> Iterator[list[wire.Part]]:
+        """PushGradientRequests as parts, encoded lazily (sending overlaps encoding)."""
+        first = True
+        for group, last in wire.with_last(wire.chunk_groups(grads, self.chunk_bytes)):
+            yield wire.push_request_parts(run_id, rank, incarnation, clock, group, last, loss,
+                                          then if first else None)
+            first = False
+
+    async def pull(
+        self, run_id: str, rank: int = 0, incarnation: int = 0, clock: int = 0, *,
+        into: dict[str, np.ndarray] | None = None, names: Sequence[str] = (), max_wait: float | None = None,
+        timeout: float | None = None,
+    ) -> PullResult:
+        """Pull parameters for iteration ``clock`` (incarnation 0: an observer's read, no wait).
+
+        Tensors are written into ``into`` (arrays reused across pulls) when given, else into new
+        arrays. The call's deadline is ``max_wait`` (how long the server may park it) plus the
+        client's timeout.
+        """
+        wait = self.timeout if max_wait is None else max_wait
+        req = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock, names=names,
+                                   max_wait=_duration(wait))
+        sink = PullSink(into)
+        responses = await self._pull.exchange([[req.SerializeToString()]], timeout or (wait + self.timeout),
+                                              until_final=True, decode=sink.params_response)
+        return sink.result(responses[-1])

@@ -1,0 +1,65 @@
+"""How to reach a secured server: TLS settings and the bearer token, and the one place a token is read.
+
+A token comes from the environment or from a file, never from the command line, where other users
+of the machine could read it; a token over plaintext is refused unless the caller says ``insecure``
+(it would cross the network readable by anyone on the path). The server reads its own token here
+too (``ps_server.security``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Security", "read_token"]
+
+
+def read_token(token: str, token_file: str, *, file_flag: str = "--token-file") -> str:
+    """The token: ``token`` (from the environment) or the content of ``token_file``; ValueError when
+    both are given or the file cannot be read or is empty. ``file_flag`` names the setting in messages."""
+    if token and token_file:
+        raise ValueError(f"give the token either in PS_TOKEN or with {file_flag}, not both")
+    if not token_file:
+        return token
+    try:
+        with open(token_file) as f:
+            text = f.read().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {file_flag} {token_file}: {exc.strerror}") from None
+    if not text:
+        raise ValueError(f"{file_flag} {token_file} is empty")
+    return text
+
+
+@dataclass(frozen=True)
+class Security:
+    """TLS (``ca`` and/or a client ``cert``/``key``) and a token, as a client uses them."""
+
+    ca: str = ""
+    """CA bundle (PEM) to verify the server; TLS is on when this or ``cert`` is set."""
+    cert: str = ""
+    """Client certificate (PEM), for mutual TLS."""
+    key: str = ""
+    token: str = field(default="", repr=False)
+    insecure: bool = False
+    """Allow the token over plaintext."""
+    server_name: str = ""
+    """Name to expect in the server's certificate, when it differs from the host dialled."""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.ca or self.cert)
+
+    def check(self) -> None:
+        """ValueError when these settings cannot work."""
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("a client certificate needs both --tls-cert and --tls-key")
+        if self.token and not self.tls and not self.insecure:
+            raise ValueError("refusing to send the token over plaintext: use TLS (--tls-ca) or --insecure")
+
+    def read_files(self) -> tuple[bytes | None, bytes | None, bytes | None]:
+        """(CA, key, certificate) PEM bytes, None where unset; ValueError when unreadable."""
+        try:
+            return tuple(open(path, "rb").read() if path else None  # type: ignore[return-value]
+                         for path in (self.ca, self.key, self.cert))
+        except OSError as exc:
+            raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None

@@ -1,0 +1,68 @@
+"""Where pulled parameters land: arrays the caller owns, filled as each message arrives.
+
+Steady-state pulls allocate nothing: ``PullSink`` writes each chunk into ``into`` (arrays reused
+across pulls) and lets the message go, so a pull never holds the whole model twice, and each copy
+reads bytes that have just been received (warm in cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from paramserver.v1 import wire
+
+__all__ = ["PullResult", "PullSink"]
+
+
+@dataclass
+class PullResult:
+    guaranteed_clock: int
+    """The parameters contain every update of iterations < this clock (PullParamsResponse)."""
+    version: int
+    run_state: int
+    tensors: dict[str, np.ndarray]
+
+
+class PullSink:
+    """Writes a pull's chunks into ``into`` (new arrays when None). An array of the wrong shape or
+    not contiguous is replaced by a new one in ``into``; one of another dtype is filled with
+    conversion. If the stream fails partway, ``into`` holds a mix of old and new values; the caller
+    retries the pull, which overwrites all of it."""
+
+    def __init__(self, into: dict[str, np.ndarray] | None) -> None:
+        self.out: dict[str, np.ndarray] = {} if into is None else into
+
+    def params(self, resp: wire.ParamsResponse) -> wire.ParamsResponse:
+        out = self.out
+        for chunk in resp.tensors:
+            data = chunk.data  # a view of the response's bytes
+            arr = out.get(chunk.name)
+            shape = tuple(chunk.shape)
+            if arr is None or arr.shape != shape or not arr.flags.c_contiguous:  # replaced, not filled
+                if chunk.offset == 0 and len(data) == 4 * int(np.prod(shape)):
+                    out[chunk.name] = np.frombuffer(data, wire.F32).reshape(shape).copy()
+                    continue
+                arr = out[chunk.name] = np.empty(shape, wire.F32)
+            n = len(data)
+            if arr.dtype == wire.F32 and not n & 3 and 0 <= chunk.offset and 4 * chunk.offset + n <= arr.nbytes:
+                # a plain byte copy: half the cost of numpy's for a small tensor
+                arr.data.cast("B")[4 * chunk.offset : 4 * chunk.offset + n] = data
+            else:
+                flat = arr.reshape(-1)
+                flat[chunk.offset : chunk.offset + n // 4] = np.frombuffer(data, wire.F32)
+        resp.tensors = []  # the views pinned the message
+        return resp
+
+    def params_response(self, raw: bytes | memoryview) -> wire.ParamsResponse:
+        return self.params(wire.decode_params_response(raw))
+
+    def push_response(self, raw: bytes | memoryview) -> wire.PushResponse:
+        resp = wire.decode_push_response(raw)
+        if resp.pulled is not None:
+            self.params(resp.pulled)
+        return resp
+
+    def result(self, last: wire.ParamsResponse) -> PullResult:
+        return PullResult(last.guaranteed_clock, last.version, last.run_state, self.out)

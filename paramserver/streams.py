@@ -1,0 +1,171 @@
+"""The data plane's long-lived streams, and which transport they take.
+
+A worker keeps one PushGradient and one PullParams stream open and reuses them for every push and
+pull (several times the message rate of one call per operation). ``Stream`` carries one operation
+at a time on such a stream, bounded by a timeout; a stream that fails or times out is dropped and
+reopened by the next operation. ``Route`` decides where a stream opens: on the server's TCP data
+plane once a Join or Heartbeat told its port, else (and for a while after it could not be
+reached) on the client's transport (gRPC, or the in-memory one of ``paramserver.testing``).
+Streams move only between operations, never under one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+from paramserver.v1 import wire
+
+from . import errors
+
+__all__ = ["Call", "Route", "Stream", "WriteFailed"]
+
+log = logging.getLogger("paramserver")
+
+TCP_RETRY_SECONDS = (30.0, 600.0)
+"""After the TCP data plane could not be reached, streams use the transport this long; doubled
+after each failure in a row, up to the second figure (a firewalled port costs a connect timeout)."""
+
+
+class WriteFailed(Exception):
+    """The server ended the stream while a request was being written: the next read says why."""
+
+
+class Call(Protocol):
+    """One open PushGradient or PullParams stream of some transport."""
+
+    async def write(self, parts: Sequence[wire.Part]) -> None:
+        """Send one request (its parts in order); WriteFailed when the server ended the stream."""
+
+    async def read(self) -> bytes | memoryview | None:
+        """The next response; None when the server closed the stream; errors.PsError when it
+        ended it with an error."""
+
+    def cancel(self) -> None:
+        """End the stream (an unfinished push is dropped by the server)."""
+
+
+def _final(resp: Any) -> bool:
+    return bool(resp.final)
+
+
+def _identity(resp: Any) -> Any:
+    return resp
+
+
+class Stream:
+    """One long-lived stream that carries one operation at a time. ``open_call`` opens it and says
+    where to (a key); before each operation, a stream whose key is no longer ``wanted()`` (the data
+    plane's port changed, or TCP is given up or back) is closed and opened anew, under the lock."""
+
+    def __init__(self, open_call: Callable[[], Awaitable[tuple[Call, int]]], method: str,
+                 wanted: Callable[[], int]) -> None:
+        self._open_call = open_call
+        self._method = method
+        self._wanted = wanted
+        self._call: Call | None = None
+        self._key = 0
+        self._lock = asyncio.Lock()
+
+    async def exchange(
+        self, requests: Iterable[Sequence[wire.Part]], timeout: float, *, until_final: bool,
+        final: Callable[[Any], bool] = _final, decode: Callable[[Any], Any] = _identity,
+    ) -> list[Any]:
+        """Write ``requests``, read one response (or until ``final(response)``), each through
+        ``decode``; bounded by ``timeout``. Raises errors.PsError."""
+        async with self._lock:
+            try:
+                async with asyncio.timeout(timeout):
+                    if self._call is not None and self._key != self._wanted():
+                        self.close()
+                    if self._call is None:
+                        self._call, self._key = await self._open_call()
+                    call = self._call
+                    for req in requests:
+                        try:
+                            await call.write(req)
+                        except WriteFailed:
+                            break  # the server ended the stream: its status is what the read raises
+                    out = []
+                    while True:
+                        raw = await call.read()
+                        if raw is None:
+                            raise errors.Unavailable(errors.Code.UNAVAILABLE, "stream closed by the server",
+                                                     method=self._method)
+                        resp = decode(raw)
+                        out.append(resp)
+                        if not until_final or final(resp):
+                            return out
+            except TimeoutError:
+                self.close()
+                raise errors.DeadlineExceeded(errors.Code.DEADLINE_EXCEEDED, f"no answer within {timeout:.1f}s",
+                                              method=self._method) from None
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+
+class Route:
+    """Where data streams open: the TCP data plane at ``tcp_host``:``data_port`` when there is one
+    (``tcp_host`` None: never), else ``fallback(method)``. ``opened`` counts streams by route."""
+
+    def __init__(self, tcp_host: str | None, fallback: Callable[[str], Call],
+                 open_tcp: Callable[[str, int, str], Awaitable[Call]], connect_timeout: float) -> None:
+        self._tcp_host = tcp_host
+        self._fallback = fallback
+        self._open_tcp = open_tcp
+        self._connect_timeout = connect_timeout
+        self.data_port = 0
+        """The server's TCP data plane port, as the last Join or Heartbeat told (0: none)."""
+        self._retry_at = 0.0
+        self._backoff = TCP_RETRY_SECONDS[0]
+        self.opened = {"tcp": 0, "grpc": 0, "tcp_unreachable": 0}
+        """Streams opened so far: on TCP, on the transport (named "grpc", as it usually is), and
+        how many of the latter because the TCP data plane could not be reached."""
+
+    @property
+    def transport(self) -> str:
+        """What the next stream opens on: ``tcp`` or ``grpc``."""
+        usable = self._tcp_host and self.data_port and time.monotonic() >= self._retry_at
+        return "tcp" if usable else "grpc"
+
+    def wanted(self) -> int:
+        """The key of where the next stream should go: the data plane's port, 0 = the transport."""
+        return self.data_port if self.transport == "tcp" else 0
+
+    def told(self, port: int) -> None:
+        """What the server says its data plane port is (a restarted server may have another)."""
+        if port != self.data_port:
+            self.data_port = port
+            self._retry_at = 0.0
+
+    async def open(self, method: str) -> tuple[Call, int]:
+        """A stream of ``method`` and its key (``wanted``'s value for it)."""
+        if self.transport == "tcp":
+            assert self._tcp_host is not None
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    call = await self._open_tcp(self._tcp_host, self.data_port, method)
+                if not self.opened["tcp"] or self._backoff > TCP_RETRY_SECONDS[0]:
+                    log.info("pushes and pulls go over the TCP data plane at %s:%d", self._tcp_host, self.data_port)
+                self.opened["tcp"] += 1
+                self._backoff = TCP_RETRY_SECONDS[0]
+                return call, self.data_port
+            except (OSError, TimeoutError) as exc:
+                self._retry_at = time.monotonic() + self._backoff
+                self.opened["tcp_unreachable"] += 1
+                log.warning("TCP data plane at %s:%d unreachable (%s); using gRPC, trying again in %.0fs "
+                            "(a firewall? give ps-server a fixed --data-port and open it, or run workers with "
+                            "--no-data-plane)", self._tcp_host, self.data_port, exc or type(exc).__name__,
+                            self._backoff)
+                self._backoff = min(2 * self._backoff, TCP_RETRY_SECONDS[1])
+        self.opened["grpc"] += 1
+        return self._fallback(method), 0

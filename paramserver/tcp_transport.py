@@ -1,0 +1,105 @@
+"""The client's end of the TCP data plane (the framing: ``paramserver.v1.tcp``).
+
+A ``TcpCall`` is one PushGradient or PullParams stream on its own connection, with the interface
+of every data-plane call (``streams.Call``): write a request's parts, read a response, cancel.
+A STATUS frame ends the stream with the server's status, turned into the typed error here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Sequence
+
+from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1 import tcp, wire
+
+from . import errors
+from .streams import WriteFailed
+
+__all__ = ["TcpCall", "dial_host"]
+
+
+def dial_host(address: str) -> str | None:
+    """The host part of a gRPC target such as ``host:port``, ``[::1]:port`` or
+    ``dns:///host:port``; None for targets it cannot name one host of (unix sockets, lists)."""
+    if address.startswith("dns:///"):
+        address = address[len("dns:///"):]
+    if address.startswith("["):
+        host, sep, _ = address[1:].partition("]")
+        return host if sep else None
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or ":" in host or not port.isdigit() or host in ("unix", "ipv4", "ipv6"):
+        return None
+    return host
+
+
+def _status_error(code: int, body: memoryview, method: str) -> errors.PsError:
+    """The error a STATUS frame ends a stream with: its body is a serialized ``Status`` of the same
+    code (a version 1 server's refusal is the bare message: read as text, with no ErrorInfo)."""
+    try:
+        status = pb.Status.FromString(bytes(body))
+    except Exception:
+        status = None
+    if status is None or status.code != code:
+        return errors.from_status(code, bytes(body).decode("utf-8", "replace"), method=method)
+    return errors.from_status(code, status.message, status.error, method)
+
+
+class TcpCall:
+    """A PushGradient or PullParams stream on the server's TCP data plane."""
+
+    def __init__(self, sock: socket.socket, method: str, max_bytes: int) -> None:
+        self._sock = sock
+        self._method = method
+        self._max_bytes = max_bytes
+
+    @classmethod
+    async def open(cls, host: str, port: int, method: str, max_bytes: int) -> TcpCall:
+        """Connect and greet; OSError (or TimeoutError) when the data plane cannot be reached or
+        speaks another version, errors.PsError when the server refuses the stream (Unavailable
+        while it shuts down)."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            tcp.tune(sock)
+            await loop.sock_connect(sock, addr)
+            code = tcp.METHOD_PUSH if method == "PushGradient" else tcp.METHOD_PULL
+            await tcp.send_parts(sock, [tcp.hello(code)])
+            answer = bytearray(tcp.HELLO.size)
+            await tcp.recv_exact(sock, memoryview(answer))
+            if answer[0] == tcp.STATUS and not answer.startswith(tcp.MAGIC):  # refused, e.g. shutting down
+                _, status, body = await tcp.read_frame(sock, 1 << 16, head=bytes(answer))
+                refused = _status_error(status, body, method)
+                if refused.code == errors.Code.UNIMPLEMENTED:  # another version of the framing: use gRPC
+                    raise ConnectionError(f"{host}:{port} does not speak this data plane: {refused.message}")
+                raise refused
+            if bytes(answer) != tcp.hello(code):
+                raise ConnectionError(f"{host}:{port} is not a paramserver data plane of this version")
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, method, max_bytes)
+
+    async def write(self, parts: Sequence[wire.Part]) -> None:
+        try:
+            await tcp.send_parts(self._sock, [tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, wire.parts_len(parts)), *parts])
+        except OSError:
+            # The server ended the stream (an error answer, or it is gone) while we were still
+            # writing: what it said, if anything, is what the next read returns.
+            raise WriteFailed from None
+
+    async def read(self) -> memoryview:
+        try:
+            kind, status, body = await tcp.read_frame(self._sock, self._max_bytes)
+        except (OSError, ValueError) as exc:
+            raise errors.Unavailable(errors.Code.UNAVAILABLE, f"the data plane connection broke ({exc})",
+                                     method=self._method) from None
+        if kind == tcp.STATUS:
+            raise _status_error(status, body, self._method)
+        return body
+
+    def cancel(self) -> None:
+        self._sock.close()

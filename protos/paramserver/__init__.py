@@ -1,1 +1,0 @@
-"""paramserver's wire contract: the generated stubs (``paramserver.v1``) and its Python helpers."""

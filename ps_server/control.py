@@ -1,0 +1,153 @@
+"""The control plane, transport-neutral: RunService and WorkerService as ``request -> response``.
+
+Each method decodes its request message (``codec``), calls the core and encodes the answer; a
+``PsError`` it raises is the call's status (``codec.error_status``). The gRPC servicer routes calls
+here and nothing else; so does the in-memory transport of ``paramserver.testing``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable, Reversible
+from typing import TypeVar
+
+from paramserver.v1 import paramserver_pb2 as pb
+
+from . import codec
+from .checkpointer import Checkpointer
+from .core.errors import FailedPrecondition, InvalidArgument, Reason
+from .core.registry import RunRegistry
+from .core.run import Run
+from .core.status import Assignment
+
+__all__ = ["Control"]
+
+log = logging.getLogger("ps_server")
+T = TypeVar("T")
+
+_LEAVE_REASONS = {pb.LEAVE_REASON_DONE: "done", pb.LEAVE_REASON_SHUTDOWN: "shutdown", pb.LEAVE_REASON_FAILED: "failed"}
+
+
+def _last(items: Reversible[T], n: int) -> list[T]:
+    """The last ``n`` of ``items`` in order, without walking the rest (a deque of 20,000 points)."""
+    out = list(itertools.islice(reversed(items), n))
+    out.reverse()
+    return out
+
+
+def _run(run: Run) -> pb.Run:
+    return codec.run_to_proto(run.spec, run.status())
+
+
+class Control:
+    def __init__(self, registry: RunRegistry, *, max_wait: float, heartbeat_seconds: float, lease_seconds: float,
+                 checkpointer: Checkpointer | None = None, data_port: Callable[[], int] = lambda: 0) -> None:
+        """``data_port``: the TCP data plane's port, told to workers at Join and Heartbeat (0: none)."""
+        self._registry = registry
+        self._max_wait = max_wait
+        self._heartbeat = heartbeat_seconds
+        self._lease = lease_seconds
+        self._checkpointer = checkpointer
+        self._data_port = data_port
+
+    # ------------------------------------------------------------------------------ RunService
+    async def CreateRun(self, request: pb.CreateRunRequest) -> pb.CreateRunResponse:
+        run = await self._registry.create(codec.spec_from_proto(request.spec))
+        log.info("created %s: %s", run.run_id, run.spec.name or "(unnamed)", extra={"run": run.run_id})
+        return pb.CreateRunResponse(run=_run(run))
+
+    async def GetRun(self, request: pb.GetRunRequest) -> pb.GetRunResponse:
+        return pb.GetRunResponse(run=_run(self._registry.get(request.run_id)))
+
+    async def ListRuns(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
+        return pb.ListRunsResponse(runs=[_run(r) for r in self._registry.runs()])
+
+    async def StopRun(self, request: pb.StopRunRequest) -> pb.StopRunResponse:
+        run = self._registry.get(request.run_id)
+        run.stop(request.reason or "stopped by user")
+        log.info("stopped %s", run.run_id, extra={"run": run.run_id})
+        return pb.StopRunResponse(run=_run(run))
+
+    async def WatchRun(self, request: pb.WatchRunRequest) -> AsyncGenerator[pb.WatchRunResponse, None]:
+        """A snapshot now, then one per change (at most every ``interval``), until the run finished."""
+        run = self._registry.get(request.run_id)
+        interval = request.interval.ToTimedelta().total_seconds() or 0.5
+        history = run.history
+        seen_events = max(0, history.event_count - len(history.events))
+        while True:
+            seen_changes = run.changes
+            fresh = history.event_count - seen_events
+            events = list(history.events)[-fresh:] if fresh else []
+            seen_events = history.event_count
+            snapshot = _run(run)
+            yield pb.WatchRunResponse(run=snapshot, events=[codec.event_to_proto(e) for e in events])
+            if run.state.finished:
+                return
+            await asyncio.sleep(interval)
+            while not await run.changed(seen_changes, 3600.0):
+                pass
+
+    async def GetMetrics(self, request: pb.GetMetricsRequest) -> pb.GetMetricsResponse:
+        history = self._registry.get(request.run_id).history
+        n = request.max_points
+        return pb.GetMetricsResponse(
+            points=[codec.point_to_proto(p) for p in (_last(history.points, n) if n else history.points)],
+            events=[codec.event_to_proto(e) for e in (_last(history.events, n) if n else history.events)],
+            clock_records=[codec.record_to_proto(r) for r in history.clock_records] if request.include_clock_records else [],
+        )
+
+    async def CheckpointRun(self, request: pb.CheckpointRunRequest) -> pb.CheckpointRunResponse:
+        run = self._registry.get(request.run_id)
+        if self._checkpointer is None:
+            raise FailedPrecondition("this server has no data directory: start it with --data-dir DIR", Reason.NO_DATA_DIR)
+        path, clock = await self._checkpointer.checkpoint_now(run, "on demand")
+        return pb.CheckpointRunResponse(path=str(path), min_clock=clock)
+
+    # ------------------------------------------------------------------------------ WorkerService
+    def _assignment(self, a: Assignment) -> pb.Assignment:
+        out = pb.Assignment(run_id=a.run_id, rank=a.rank, incarnation=a.incarnation, start_clock=a.start_clock,
+                            spec=codec.spec_to_proto(self._registry.get(a.run_id).spec))
+        out.heartbeat_interval.FromNanoseconds(int(self._heartbeat * 1e9))
+        out.lease.FromNanoseconds(int(self._lease * 1e9))
+        return out
+
+    async def Join(self, request: pb.JoinRequest) -> pb.JoinResponse:
+        registry = self._registry
+        assignment = registry.join(request.worker_name, request.run_id)
+        requested = request.max_wait.ToTimedelta().total_seconds()
+        if assignment is None and requested > 0:  # max_wait 0: answer at once (not the server's limit)
+            if await registry.wait_for_work(request.run_id, min(requested, self._max_wait)):
+                assignment = registry.join(request.worker_name, request.run_id)
+        if assignment is None:
+            return pb.JoinResponse(server_generation=registry.generation)
+        log.info("rank %d of %s to %s", assignment.rank, assignment.run_id, request.worker_name,
+                 extra={"run": assignment.run_id, "rank": assignment.rank})
+        return pb.JoinResponse(assignment=self._assignment(assignment), server_generation=registry.generation,
+                               data_port=self._data_port())
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
+        run = self._registry.get(request.run_id)
+        state, clock = run.heartbeat(request.rank, request.incarnation)
+        return pb.HeartbeatResponse(run_state=codec.run_state_to_proto(state), min_clock=run.min_clock,
+                                    server_generation=self._registry.generation, clock=clock,
+                                    data_port=self._data_port())
+
+    async def ReportMetrics(self, request: pb.ReportMetricsRequest) -> pb.ReportMetricsResponse:
+        now = time.time()
+        run = self._registry.get(request.run_id)
+        points = [codec.point_from_proto(p, now) for p in request.points]
+        state = run.report(request.rank, request.incarnation, points, request.pulls_skipped)
+        return pb.ReportMetricsResponse(run_state=codec.run_state_to_proto(state))
+
+    async def Leave(self, request: pb.LeaveRequest) -> pb.LeaveResponse:
+        if request.reason not in _LEAVE_REASONS:
+            raise InvalidArgument("reason must be LEAVE_REASON_DONE, _SHUTDOWN or _FAILED")
+        reason = _LEAVE_REASONS[request.reason]
+        run = self._registry.get(request.run_id)
+        state = run.leave(request.rank, request.incarnation, reason, request.message)
+        self._registry.vacated()
+        log.info("rank %d left %s: %s", request.rank, run.run_id, reason, extra={"run": run.run_id, "rank": request.rank})
+        return pb.LeaveResponse(run_state=codec.run_state_to_proto(state))

@@ -1,0 +1,68 @@
+"""Staleness 0 (BSP): each clock's gradients are held until every live rank has pushed that clock,
+then combined in rank order and applied once, so a BSP run is exact synchronous SGD (it equals one
+process training on the concatenated batches with the same optimizer).
+
+The buffer holds and combines; the run asks it which clocks are complete and applies what it
+returns. Combination is deterministic: the gradient of the lowest rank first, then each next one
+added in place, then (for the mean) one multiplication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+
+from .spec import Aggregation
+from .tensors import BLOCK, Gradient, blocks
+
+__all__ = ["BspBuffer"]
+
+
+class BspBuffer:
+    def __init__(self, aggregation: Aggregation) -> None:
+        self.aggregation = aggregation
+        self.pending: dict[int, dict[int, Mapping[str, Gradient]]] = {}
+        """clock -> rank -> the gradient that rank pushed for it."""
+        self.applied_clock = 0
+        """Clocks combined and applied so far: the parameters hold every update below it."""
+
+    def hold(self, clock: int, rank: int, grads: Mapping[str, Gradient]) -> None:
+        self.pending.setdefault(clock, {})[rank] = grads
+
+    def drop(self, rank: int) -> None:
+        """An evicted rank's held gradients are dropped (its clocks are complete without it)."""
+        for by_rank in self.pending.values():
+            by_rank.pop(rank, None)
+
+    def clear(self) -> None:
+        self.pending.clear()
+
+    def complete(self, min_clock: int) -> Iterator[dict[int, Mapping[str, Gradient]]]:
+        """The gradients of each clock below ``min_clock`` not applied yet, in clock order (a clock
+        nobody's gradient is held for is skipped). Each is counted applied as it is taken."""
+        while self.applied_clock < min_clock:
+            by_rank = self.pending.pop(self.applied_clock, {})
+            self.applied_clock += 1
+            if by_rank:
+                yield by_rank
+
+    def combine(self, by_rank: Mapping[int, Mapping[str, Gradient]],
+                params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One gradient per tensor of ``params``: the ranks' gradients summed in rank order, or
+        their mean."""
+        ranks = sorted(by_rank)
+        out: dict[str, np.ndarray] = {}
+        for name, w in params.items():
+            acc = np.empty_like(w)
+            flat = acc.reshape(-1)
+            for lo, g in blocks(by_rank[ranks[0]][name], BLOCK):
+                flat[lo : lo + g.size] = g
+            for r in ranks[1:]:
+                for lo, g in blocks(by_rank[r][name], BLOCK):
+                    part = flat[lo : lo + g.size]
+                    np.add(part, g, out=part)
+            if self.aggregation is Aggregation.MEAN and len(ranks) > 1:
+                np.multiply(acc, np.float32(1.0 / len(ranks)), out=acc)
+            out[name] = acc
+        return out

@@ -1,0 +1,171 @@
+"""A run's ranks: who holds each one (incarnation, lease), how far each got (its clock), the min clock.
+
+A rank's clock is the number of iterations it completed. The min clock is the minimum over ranks
+that are ACTIVE or DONE; an evicted or vacant rank counts as +inf (with none live, the highest
+clock). It is read several times per push and pull, so it is cached; the cache is forgotten in
+one place, ``_moved``, which every method that changes a clock or a state calls. Other modules
+read slots and never write their ``state`` or ``clock``.
+
+Plain ``def``s, no I/O: the run calls these and reports what changed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import FailedPrecondition, InvalidArgument, Reason
+from .status import WorkerState, WorkerStatus
+
+__all__ = ["Slot", "VectorClock"]
+
+
+@dataclass
+class Slot:
+    rank: int
+    state: WorkerState = WorkerState.VACANT
+    incarnation: int = 0
+    clock: int = 0
+    worker_name: str = ""
+    last_seen: float = 0.0  # monotonic
+    last_seen_wall: float = 0.0
+    pushes: int = 0
+    pulls_skipped: int = 0
+    waiting_for: int | None = None
+    """The clock of this rank's parked pull, None when it has none."""
+    parked_at: float | None = None
+    data_plane: str = ""  # what the rank's last push came over: "tcp" or "grpc"
+
+    @property
+    def live(self) -> bool:
+        return self.state in (WorkerState.ACTIVE, WorkerState.DONE)
+
+
+class VectorClock:
+    def __init__(self, ranks: int, now: Callable[[], float] = time.monotonic) -> None:
+        self.slots = [Slot(rank=r) for r in range(ranks)]
+        self.next_incarnation = 1
+        self.retired_skipped = 0
+        """Pulls skipped by incarnations that were evicted (their reports are gone with them)."""
+        self._now = now
+        self._min: int | None = None
+
+    # ------------------------------------------------------------------------------ queries
+    @property
+    def min_clock(self) -> int:
+        if self._min is None:
+            live = [s.clock for s in self.slots if s.live]
+            self._min = min(live) if live else max(s.clock for s in self.slots)
+        return self._min
+
+    @property
+    def max_clock(self) -> int:
+        return max(s.clock for s in self.slots)
+
+    def vacant(self) -> list[Slot]:
+        return [s for s in self.slots if s.state in (WorkerState.VACANT, WorkerState.EVICTED)]
+
+    def count(self, state: WorkerState) -> int:
+        return sum(s.state is state for s in self.slots)
+
+    def behind(self, need: int) -> list[Slot]:
+        """Live ranks whose clock is below ``need``: who holds a wait for ``need`` back."""
+        return [s for s in self.slots if s.live and s.clock < need]
+
+    def statuses(self) -> tuple[WorkerStatus, ...]:
+        return tuple(
+            WorkerStatus(rank=s.rank, state=s.state, incarnation=s.incarnation, clock=s.clock,
+                         worker_name=s.worker_name, last_seen=s.last_seen_wall if s.incarnation else 0.0,
+                         pushes=s.pushes, waiting_for_clock=s.waiting_for, pulls_skipped=s.pulls_skipped,
+                         data_plane=s.data_plane)
+            for s in self.slots)
+
+    def pulls_skipped(self) -> int:
+        """Pulls skipped by workers' caches, as reported, over every incarnation."""
+        return self.retired_skipped + sum(s.pulls_skipped for s in self.slots)
+
+    def holder(self, rank: int, incarnation: int) -> Slot:
+        """The rank's slot if ``incarnation`` holds it, its lease refreshed; raise otherwise."""
+        if not 0 <= rank < len(self.slots):
+            raise InvalidArgument(f"rank {rank} is out of range: this run has ranks 0..{len(self.slots) - 1}")
+        slot = self.slots[rank]
+        if incarnation != slot.incarnation or slot.state in (WorkerState.VACANT, WorkerState.EVICTED):
+            raise FailedPrecondition(
+                f"incarnation {incarnation} of rank {rank} is stale (current: {slot.incarnation}, "
+                f"{slot.state.value}): the worker was evicted or replaced; join again", Reason.STALE_INCARNATION)
+        self.touch(slot)
+        return slot
+
+    def holds(self, rank: int, incarnation: int) -> bool:
+        """Whether ``incarnation`` still holds ``rank`` (a parked pull asks; no lease refresh)."""
+        slot = self.slots[rank]
+        return slot.incarnation == incarnation and slot.state not in (WorkerState.VACANT, WorkerState.EVICTED)
+
+    # ------------------------------------------------------------------------------ changes
+    def _moved(self) -> None:
+        self._min = None
+
+    def touch(self, slot: Slot) -> None:
+        slot.last_seen = self._now()
+        slot.last_seen_wall = time.time()
+
+    def assign(self, worker_name: str, start: int | None) -> Slot | None:
+        """Hand the first vacant (else evicted) rank to a new incarnation at clock ``start`` (None:
+        the min clock over live ranks, or the rank's own when none is live); None if none is free."""
+        free = self.vacant()
+        slot = next((s for s in free if s.state is WorkerState.VACANT), free[0] if free else None)
+        if slot is None:
+            return None
+        if start is None:
+            live = [s.clock for s in self.slots if s.live]
+            start = min(live) if live else slot.clock
+        if slot.state is WorkerState.EVICTED:
+            self.retired_skipped += slot.pulls_skipped
+        slot.state = WorkerState.ACTIVE
+        slot.incarnation = self.next_incarnation
+        self.next_incarnation += 1
+        slot.clock = start
+        slot.worker_name = worker_name
+        slot.pulls_skipped = 0
+        slot.data_plane = ""
+        slot.waiting_for = None
+        self.touch(slot)
+        self._moved()
+        return slot
+
+    def advance(self, slot: Slot, clock: int) -> None:
+        """The rank completed iteration ``clock``."""
+        slot.clock = clock + 1
+        slot.pushes += 1
+        self._moved()
+
+    def set_state(self, slot: Slot, state: WorkerState) -> None:
+        slot.state = state
+        if state is WorkerState.EVICTED:
+            slot.waiting_for = None  # its parked pull is failed by the next notify
+        self._moved()
+
+    def expired(self, lease: float) -> list[tuple[Slot, float]]:
+        """ACTIVE ranks not heard from for ``lease`` seconds, with how long they have been silent."""
+        now = self._now()
+        return [(s, now - s.last_seen) for s in self.slots
+                if s.state is WorkerState.ACTIVE and now - s.last_seen > lease]
+
+    def park(self, slot: Slot, clock: int) -> None:
+        """A pull of ``clock`` by this rank is parked (shown as what it waits for)."""
+        slot.waiting_for = clock
+        slot.parked_at = self._now()
+
+    def unpark(self, slot: Slot) -> float:
+        """Its parked pull ended; returns how long it was parked."""
+        slot.waiting_for = None
+        parked, slot.parked_at = slot.parked_at, None
+        return 0.0 if parked is None else self._now() - parked
+
+    def restored(self) -> None:
+        """Slots were set from a checkpoint: every lease starts afresh (workers have a full lease
+        to find the new server)."""
+        for s in self.slots:
+            self.touch(s)
+        self._moved()

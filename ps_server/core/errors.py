@@ -1,0 +1,119 @@
+"""The server's domain errors, each with a status code and a machine-readable reason.
+
+    PsError                                                          code
+    ├── NotFound              unknown run                            NOT_FOUND
+    ├── InvalidArgument       bad spec, gradient or request          INVALID_ARGUMENT
+    ├── ResourceExhausted     over a size limit                      RESOURCE_EXHAUSTED
+    ├── FailedPrecondition    stale incarnation, clock ahead, ...    FAILED_PRECONDITION
+    ├── OutOfRange            clock beyond the run's iterations      OUT_OF_RANGE
+    ├── WaitTimeout           a parked call passed its limit         DEADLINE_EXCEEDED
+    ├── ShuttingDown          the server is stopping                 UNAVAILABLE
+    └── Malformed             a message that does not parse          INTERNAL
+
+``code`` is the status code's number (as gRPC numbers them); ``reason`` names the cause for
+programs (``paramserver.v1.ErrorReason``, same names) and the keyword facts travel with it (the
+proto's ``ErrorInfo``). The message says what the caller should fix, for people; clients never
+read it. Each transport turns an error into its status through ``codec.error_status``, the one
+mapping. Raising one of these never leaves partial state: core methods validate everything before
+they mutate anything.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+__all__ = [
+    "FailedPrecondition",
+    "InvalidArgument",
+    "Malformed",
+    "NotFound",
+    "OutOfRange",
+    "PsError",
+    "Reason",
+    "ResourceExhausted",
+    "ShuttingDown",
+    "WaitTimeout",
+]
+
+
+class Reason(enum.Enum):
+    """Why a call was refused; each is ``ERROR_REASON_<name>`` in the proto, documented there."""
+
+    UNSPECIFIED = "unspecified"
+    RUN_NOT_FOUND = "run_not_found"
+    INVALID_SPEC = "invalid_spec"
+    INVALID_GRADIENT = "invalid_gradient"
+    INVALID_REQUEST = "invalid_request"
+    MALFORMED_MESSAGE = "malformed_message"
+    TOO_LARGE = "too_large"
+    STALE_INCARNATION = "stale_incarnation"
+    CLOCK_AHEAD = "clock_ahead"
+    STALENESS_BOUND = "staleness_bound"
+    RUN_NOT_RUNNING = "run_not_running"
+    NO_VACANT_RANK = "no_vacant_rank"
+    NO_DATA_DIR = "no_data_dir"
+    CLOCK_OUT_OF_RANGE = "clock_out_of_range"
+    WAIT_TIMEOUT = "wait_timeout"
+    SHUTTING_DOWN = "shutting_down"
+    STREAM_LIMIT = "stream_limit"
+    UNSUPPORTED = "unsupported"
+    UNAUTHENTICATED = "unauthenticated"
+
+
+class PsError(Exception):
+    """Base of all errors the server reports to its callers."""
+
+    code = 13  # INTERNAL: a bare PsError is the server's fault
+    reason = Reason.UNSPECIFIED
+
+    def __init__(self, message: str, reason: Reason | None = None, *, next_clock: int | None = None,
+                 run_state: str = "", needed_min_clock: int | None = None, ranks_behind: Sequence[int] = ()) -> None:
+        """``next_clock`` (CLOCK_AHEAD), ``run_state`` (RUN_NOT_RUNNING, a ``RunState`` value),
+        ``needed_min_clock`` and ``ranks_behind`` (STALENESS_BOUND, WAIT_TIMEOUT): the facts."""
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+        self.next_clock = next_clock
+        self.run_state = run_state
+        self.needed_min_clock = needed_min_clock
+        self.ranks_behind = tuple(ranks_behind)
+
+
+class NotFound(PsError):
+    code = 5
+    reason = Reason.RUN_NOT_FOUND
+
+
+class InvalidArgument(PsError):
+    code = 3
+    reason = Reason.INVALID_REQUEST
+
+
+class ResourceExhausted(PsError):
+    code = 8
+    reason = Reason.TOO_LARGE
+
+
+class FailedPrecondition(PsError):
+    code = 9
+
+
+class OutOfRange(PsError):
+    code = 11
+    reason = Reason.CLOCK_OUT_OF_RANGE
+
+
+class WaitTimeout(PsError):
+    code = 4
+    reason = Reason.WAIT_TIMEOUT
+
+
+class ShuttingDown(PsError):
+    code = 14
+    reason = Reason.SHUTTING_DOWN
+
+
+class Malformed(PsError):
+    code = 13
+    reason = Reason.MALFORMED_MESSAGE

@@ -1,0 +1,253 @@
+"""One training run. It orchestrates its pieces: ranks and clocks (``clock``), the staleness rule
+(``ssp``), parameters and optimizer (``store``, ``optimizers``), the BSP buffer (``bsp``), its
+history, and the gate its parked pulls wait on (``wait_pull``: the core owns waiting).
+
+Every method but the waits is a plain ``def``: on one event loop each call is atomic, and each
+validates everything before it mutates anything, so an error leaves the run exactly as it was.
+Staleness 0 holds each clock's gradients until every live rank pushed it (``bsp``); s > 0 applies
+every push on arrival (Petuum semantics).
+
+Exactly-once: pushes of an incarnation arrive in clock order, so each rank's (incarnation, clock) is
+the de-duplication table. A push below the rank's clock is a retry, acknowledged and not applied
+again; a push from an older incarnation is refused (STALE_INCARNATION).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
+from functools import partial
+
+import numpy as np
+
+from . import ssp
+from .bsp import BspBuffer
+from .clock import Slot, VectorClock
+from .errors import FailedPrecondition, PsError, Reason
+from .gate import Gate
+from .history import History
+from .optimizers import make_optimizer
+from .spec import RunSpec
+from .status import Assignment, Counters, MetricPoint, ParamsRead, PushResult, RunState, RunStatus, WorkerState
+from .store import ParamStore
+from .tensors import Gradient
+
+__all__ = ["Run"]
+
+
+class Run:
+    def __init__(self, run_id: str, spec: RunSpec, *, now: Callable[[], float] = time.monotonic,
+                 history: int = 20_000, store: ParamStore | None = None) -> None:
+        """``store``: the initial parameters, when built beforehand (off the event loop)."""
+        self.run_id = run_id
+        self.spec = spec
+        self.state = RunState.PENDING
+        self.message = ""
+        self.created = time.time()
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.store = store or ParamStore(spec.params, spec.seed)
+        self.optimizer = make_optimizer(spec.optimizer, spec.params)
+        self.clock = VectorClock(spec.num_workers, now)
+        self.bsp = BspBuffer(spec.aggregation)
+        self.history = History(history)
+        self.counters = Counters()
+        self.gate = Gate()
+        self.changes = 0  # grows with every change a watcher could see
+        self.on_change: Callable[[Run], None] | None = None  # called after every change: a consistent cut
+        self.history.event("created", -1, f"{spec.num_workers} ranks, staleness {spec.describe_staleness()}")
+
+    @property
+    def min_clock(self) -> int:
+        return self.clock.min_clock
+
+    def has_vacancy(self) -> bool:
+        return not self.state.finished and bool(self.clock.vacant())
+
+    def join(self, worker_name: str) -> Assignment:
+        """Hand the first vacant (or evicted) rank to a new incarnation."""
+        pending = self.state is RunState.PENDING
+        slot = None if self.state.finished else self.clock.assign(worker_name, 0 if pending else None)
+        if slot is None:
+            raise FailedPrecondition(f"run {self.run_id} has no vacant rank (state {self.state.value}); join "
+                                     "without run_id to take any run's vacant rank", Reason.NO_VACANT_RANK)
+        self.history.event("joined", slot.rank, f"{worker_name or 'a worker'} took rank {slot.rank} "
+                           f"(incarnation {slot.incarnation}, clock {slot.clock})")
+        if pending and self.clock.count(WorkerState.ACTIVE) == len(self.clock.slots):
+            self.state = RunState.RUNNING
+            self.started = time.time()
+            self.history.event("started", -1, f"all {len(self.clock.slots)} ranks joined")
+        self._changed()
+        return Assignment(self.run_id, slot.rank, slot.incarnation, slot.clock)
+
+    def heartbeat(self, rank: int, incarnation: int) -> tuple[RunState, int]:
+        """Refresh the lease; return the run's state and the rank's clock."""
+        return self.state, self.clock.holder(rank, incarnation).clock
+
+    def report(self, rank: int, incarnation: int, points: Iterable[MetricPoint], pulls_skipped: int) -> RunState:
+        slot = self.clock.holder(rank, incarnation)
+        self.history.add_points(rank, points)
+        slot.pulls_skipped = max(slot.pulls_skipped, pulls_skipped)
+        self._changed()
+        return self.state
+
+    def leave(self, rank: int, incarnation: int, reason: str, message: str) -> RunState:
+        """reason: "done" (rank finished), "shutdown" (rank becomes vacant), "failed" (fails the run)."""
+        slot = self.clock.holder(rank, incarnation)
+        if reason == "failed":
+            self._finish(RunState.FAILED, f"rank {rank} failed: {message or 'no message'}", message or "worker failed", rank)
+        elif reason == "shutdown":
+            self._evict(slot, f"left ({message or 'shutdown'})", kind="left")
+        elif slot.state is WorkerState.ACTIVE:
+            self.clock.set_state(slot, WorkerState.DONE)
+            self.history.event("done", rank, f"rank {rank} left at clock {slot.clock}")
+            self._after_clock_change()
+        else:
+            self._after_clock_change()
+        return self.state
+
+    def expire(self, lease: float) -> list[int]:
+        """Evict ACTIVE ranks not heard from for ``lease`` seconds; return their ranks."""
+        for slot, silent in (expired := self.clock.expired(lease)):
+            self._evict(slot, f"lease expired: no RPC for {silent:.1f}s (lease {lease:.1f}s)")
+        return [slot.rank for slot, _ in expired]
+
+    def _evict(self, slot: Slot, why: str, kind: str = "evicted") -> None:
+        if slot.clock >= self.spec.iterations:  # nothing left to hand over: it is done
+            self.clock.set_state(slot, WorkerState.DONE)
+            self.history.event("done", slot.rank, f"rank {slot.rank} {why} after finishing")
+        else:
+            self.clock.set_state(slot, WorkerState.EVICTED)
+            self.counters.evictions += kind == "evicted"
+            self.bsp.drop(slot.rank)
+            self.history.event(kind, slot.rank, f"rank {slot.rank} (incarnation {slot.incarnation}, "
+                               f"clock {slot.clock}) {why}")
+        self._after_clock_change()
+
+    def push(self, rank: int, incarnation: int, clock: int, grads: Mapping[str, Gradient], nbytes: int,
+             loss: float = float("nan"), data_plane: str = "") -> PushResult:
+        """Accept the gradient of iteration ``clock`` of a rank: apply (s > 0) or hold (s = 0).
+        ``data_plane``: what it came over ("tcp", "grpc"), shown in the rank's status."""
+        try:
+            slot = self.clock.holder(rank, incarnation)
+            slot.data_plane = data_plane or slot.data_plane
+            if clock < slot.clock:
+                self.counters.pushes_duplicate += 1
+                return PushResult(slot.clock, True, self.min_clock, self.state)
+            if self.state is not RunState.RUNNING:
+                raise FailedPrecondition(f"run {self.run_id} is {self.state.value}: pushes are accepted only "
+                                         "while it is running", Reason.RUN_NOT_RUNNING, run_state=self.state.value)
+            ssp.check_push(self.spec, self.clock, slot, clock)
+            flat = self.store.check_gradient(grads)
+        except PsError:
+            self.counters.pushes_rejected += 1
+            raise
+        self.history.record("push", rank, clock, self.min_clock)
+        if self.spec.staleness == 0:
+            self.bsp.hold(clock, rank, grads)
+        else:
+            self._step(grads, flat)
+        self.clock.advance(slot, clock)
+        self.counters.pushes_applied += 1
+        self.counters.bytes_pushed += nbytes
+        if slot.clock == self.spec.iterations:
+            self.history.event("finished", rank, f"rank {rank} completed its {self.spec.iterations} iterations")
+        self._after_clock_change()
+        return PushResult(slot.clock, False, self.min_clock, self.state)
+
+    async def wait_pull(self, rank: int, incarnation: int, clock: int, timeout: float) -> None:
+        """Return once a pull of ``clock`` by this rank may be served (``ssp``); raise when it never
+        will be (stale incarnation, run stopped) or after ``timeout`` seconds (WAIT_TIMEOUT). While
+        parked, the rank shows what it waits for."""
+        slot = self.clock.holder(rank, incarnation)
+        ssp.check_pull(self.spec, slot, clock)
+        ready = partial(self.pull_ready, rank, incarnation, clock)
+        if ready():
+            return
+        self.clock.park(slot, clock)
+        self.counters.pulls_parked += 1
+        try:
+            if not await self.gate.wait_for(ready, timeout):
+                raise ssp.wait_timeout(self.spec, self.clock, clock, timeout, self.waiting_for())
+        finally:
+            self.counters.parked_seconds += self.clock.unpark(slot)
+
+    def pull_ready(self, rank: int, incarnation: int, clock: int) -> bool:
+        if not self.clock.holds(rank, incarnation):
+            raise FailedPrecondition(f"incarnation {incarnation} of rank {rank} was evicted while its pull "
+                                     "waited; join again", Reason.STALE_INCARNATION)
+        if self.state in (RunState.STOPPED, RunState.FAILED):
+            raise FailedPrecondition(f"run {self.run_id} is {self.state.value}: {self.message}",
+                                     Reason.RUN_NOT_RUNNING, run_state=self.state.value)
+        return self.state is not RunState.PENDING and ssp.pull_ready(self.spec, self.clock, self.clock.slots[rank], clock)
+
+    def read(self, rank: int | None, clock: int, names: list[str] | None) -> ParamsRead:
+        """Serve a pull whose wait is over (``rank`` None: an observer's read)."""
+        tensors = self.store.read(names)
+        whole = tensors is self.store.params
+        if rank is not None:
+            self.history.record("pull", rank, clock, self.min_clock)
+            self.counters.pulled(staleness=max(0, clock - self.min_clock))  # observers' reads do not count
+        self.counters.bytes_pulled += self.store.nbytes if whole else sum(t.nbytes for t in tensors.values())
+        guaranteed = self.min_clock if self.spec.staleness else self.bsp.applied_clock
+        return ParamsRead(guaranteed, self.counters.updates_applied, tensors, self.state,
+                          self.store.derived if whole else None)
+
+    async def changed(self, since: int, timeout: float) -> bool:
+        """True once ``changes`` moved past ``since``; False after ``timeout`` seconds."""
+        return await self.gate.wait_for(lambda: self.changes != since, timeout)
+
+    def stop(self, reason: str) -> None:
+        if not self.state.finished:
+            self._finish(RunState.STOPPED, reason or "stopped by user")
+
+    def _finish(self, state: RunState, message: str, event: str = "", rank: int = -1) -> None:
+        """End the run, with an event named after ``state`` saying ``event`` (or the message)."""
+        self.history.event(state.value, rank, event or message)
+        self.state = state
+        self.message = message
+        self.finished = time.time()
+        self.bsp.clear()
+        self._changed()
+
+    def _after_clock_change(self) -> None:
+        if self.spec.staleness == 0:
+            for by_rank in self.bsp.complete(self.min_clock):
+                self._step(partial(self.bsp.combine, by_rank, self.store.params))
+        if (self.state is RunState.RUNNING and not self.clock.count(WorkerState.ACTIVE)
+                and self.clock.count(WorkerState.DONE)):
+            self._finish(RunState.COMPLETED, "all ranks finished", f"all ranks done at min clock {self.min_clock}")
+        self._changed()
+
+    def _step(self, grads: Mapping[str, Gradient] | Callable[[], Mapping[str, Gradient]],
+              flat: np.ndarray | None = None) -> None:
+        """Apply one update (``flat``: the same gradient laid out like ``store.flat``, stepped in one
+        piece); a run whose parameters or optimizer state stop being finite has diverged and fails."""
+        if flat is not None:
+            diverged = self.optimizer.step_flat(self.store.flat, flat)
+        else:
+            diverged = self.optimizer.step(self.store.params, grads)
+        self.counters.updates_applied += 1
+        if diverged and self.state is RunState.RUNNING:
+            self._finish(RunState.FAILED, f"{diverged} became NaN/Inf at update {self.counters.updates_applied}: "
+                         "the training diverged; lower the learning rate")
+
+    def _changed(self) -> None:
+        self.changes += 1
+        self.gate.notify()
+        if self.on_change:
+            self.on_change(self)
+
+    def waiting_for(self) -> str:
+        """One sentence: what the run is waiting for right now."""
+        if self.state.finished:
+            return ""
+        return ssp.waiting_for(self.spec, self.clock, self.state is RunState.PENDING)
+
+    def status(self) -> RunStatus:
+        return RunStatus(
+            run_id=self.run_id, state=self.state, message=self.message, created=self.created, started=self.started,
+            finished=self.finished, workers=self.clock.statuses(), min_clock=self.min_clock,
+            max_clock=self.clock.max_clock, counters=replace(self.counters, pulls_skipped=self.clock.pulls_skipped()),
+            last_eval=self.history.last_eval, waiting_for=self.waiting_for())

@@ -1,0 +1,95 @@
+"""A run as a checkpoint and back: JSON-able metadata and named arrays (``checkpoint`` writes them).
+
+``state_dict`` is taken between two event-loop steps, so it is one instant of the run: parameters,
+optimizer state, every rank's (incarnation, clock) (the de-duplication table) and the held BSP
+gradients agree with each other. ``restore`` rebuilds the run and refuses (KeyError, ValueError)
+a checkpoint that does not fit its own spec, so a damaged one is never loaded silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from .run import Run
+from .spec import spec_from_dict, spec_to_dict
+from .status import Counters, MetricPoint, RunEvent, RunState, WorkerState
+from .tensors import count_non_finite
+
+__all__ = ["restore", "state_dict"]
+
+
+def state_dict(run: Run) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A consistent snapshot of ``run``, copied."""
+    meta: dict[str, Any] = {
+        "run_id": run.run_id,
+        "spec": spec_to_dict(run.spec),
+        "state": run.state.value,
+        "message": run.message,
+        "created": run.created,
+        "started": run.started,
+        "finished": run.finished,
+        "slots": [
+            {"rank": s.rank, "state": s.state.value, "incarnation": s.incarnation, "clock": s.clock,
+             "worker_name": s.worker_name, "pushes": s.pushes, "pulls_skipped": s.pulls_skipped}
+            for s in run.clock.slots
+        ],
+        "next_incarnation": run.clock.next_incarnation,
+        "retired_skipped": run.clock.retired_skipped,
+        "applied_clock": run.bsp.applied_clock,
+        "optimizer_steps": run.optimizer.steps,
+        "counters": dataclasses.asdict(run.counters),
+        "min_clock": run.min_clock,
+        "last_eval": dataclasses.asdict(run.history.last_eval) if run.history.last_eval else None,
+        "points": [dataclasses.asdict(p) for p in list(run.history.points)[-2000:]],
+        "events": [dataclasses.asdict(e) for e in list(run.history.events)[-500:]],
+    }
+    arrays = {f"param/{n}": a.copy() for n, a in run.store.params.items()}
+    arrays.update({f"opt/{k}": a.copy() for k, a in run.optimizer.state_arrays().items()})
+    for clock, by_rank in run.bsp.pending.items():
+        for rank, grads in by_rank.items():
+            arrays.update({f"pending/{clock}/{rank}/{n}": np.array(g) for n, g in grads.items()})
+    return meta, arrays
+
+
+def _fill(target: np.ndarray, value: np.ndarray, key: str) -> None:
+    if value.shape != target.shape or value.dtype != target.dtype:
+        raise ValueError(f"{key}: checkpoint has {value.dtype}{list(value.shape)}, "
+                         f"the spec needs {target.dtype}{list(target.shape)}")
+    target[...] = value
+
+
+def restore(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *,
+            now: Callable[[], float] = time.monotonic) -> Run:
+    """Rebuild a run from ``state_dict`` output; raises KeyError/ValueError if inconsistent.
+    Every rank's lease starts afresh, so workers have a full lease to find the new server."""
+    run = Run(meta["run_id"], spec_from_dict(meta["spec"]), now=now)
+    run.state = RunState(meta["state"])
+    run.message = meta["message"]
+    run.created, run.started, run.finished = meta["created"], meta["started"], meta["finished"]
+    for s, d in zip(run.clock.slots, meta["slots"], strict=True):
+        s.state, s.incarnation, s.clock = WorkerState(d["state"]), d["incarnation"], d["clock"]
+        s.worker_name, s.pushes, s.pulls_skipped = d["worker_name"], d["pushes"], d["pulls_skipped"]
+    run.clock.restored()
+    run.clock.next_incarnation = meta["next_incarnation"]
+    run.clock.retired_skipped = meta["retired_skipped"]
+    run.bsp.applied_clock = meta["applied_clock"]
+    run.optimizer.steps = meta["optimizer_steps"]
+    run.counters = Counters(**meta["counters"])
+    run.history.restore((MetricPoint(**p) for p in meta["points"]), (RunEvent(**e) for e in meta["events"]),
+                        MetricPoint(**meta["last_eval"]) if meta["last_eval"] else None)
+    for name, target in run.store.params.items():
+        _fill(target, arrays[f"param/{name}"], f"param/{name}")
+        if not run.state.finished and count_non_finite(target):  # a failed run's may be NaN
+            raise ValueError(f"param/{name}: the checkpoint of a {run.state.value} run holds NaN/Inf values")
+    for key, target in run.optimizer.state_arrays().items():
+        _fill(target, arrays[f"opt/{key}"], f"opt/{key}")
+    for key, value in arrays.items():
+        if key.startswith("pending/"):
+            _, clock, rank, name = key.split("/", 3)
+            run.bsp.pending.setdefault(int(clock), {}).setdefault(int(rank), {})[name] = value  # type: ignore[index]
+    return run

@@ -1,0 +1,73 @@
+"""Float32 tensors as the core handles them: whole arrays, or the pieces a gradient arrived in.
+
+A large gradient arrives in ~1 MiB chunks; it is kept as ``Pieces``, views of the received messages
+at their flat offsets, instead of being copied into one array (a copy and a large allocation per
+push saved). Everything that reads a gradient goes through ``blocks``, so it never needs to know
+which form it has.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any, TypeAlias
+
+import numpy as np
+
+__all__ = ["BLOCK", "Gradient", "Pieces", "blocks", "count_non_finite", "finite_hint"]
+
+BLOCK = 1 << 18
+"""Elements per block (1 MiB of float32): large enough to amortise numpy's call overhead, small
+enough that scratch buffers stay in cache. Optimizers and the BSP combination work in blocks."""
+
+_CHECK_BLOCK = 1 << 24
+
+
+class Pieces:
+    """A tensor that arrived in several chunks: float32 views at their flat offsets. ``np.asarray``
+    joins it when a whole array is needed (a checkpoint of a held BSP gradient)."""
+
+    __slots__ = ("parts", "shape", "size")
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, shape: tuple[int, ...], parts: list[tuple[int, np.ndarray]]) -> None:
+        self.shape = shape
+        self.size = sum(v.size for _, v in parts)
+        self.parts = parts
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.empty(self.shape, np.float32)
+        flat = out.reshape(-1)
+        for lo, v in self.parts:
+            flat[lo : lo + v.size] = v
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+Gradient: TypeAlias = "np.ndarray | Pieces"
+"""What a push carries per tensor: one array, or the pieces it arrived in."""
+
+
+def blocks(g: Gradient, block: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(flat offset, 1-D view)`` covering ``g`` in order, each at most ``block`` elements."""
+    parts = g.parts if isinstance(g, Pieces) else [(0, g.reshape(-1))]
+    for lo, v in parts:
+        for i in range(0, v.size, block):
+            yield lo + i, v[i : i + block]
+
+
+def finite_hint(v: np.ndarray) -> bool:
+    """Cheap test that is True only if all of the 1-D ``v`` is finite (False may be a false alarm).
+
+    ``v . v`` is NaN/Inf iff some element is, or when squares overflow (|x| > ~1.8e19): callers
+    confirm a False with an exact count. BLAS's dot reads 1 MiB in ~17 µs here against ~41 µs for
+    np.add.reduce's pairwise sum (and is cheaper at every size), but only on float32-aligned data:
+    on unaligned views numpy's own dot loop is 60x slower, so those are summed instead.
+    """
+    if v.flags.aligned:
+        return math.isfinite(np.dot(v, v))
+    return math.isfinite(np.add.reduce(v, dtype=np.float32))
+
+
+def count_non_finite(g: Gradient) -> int:
+    """Exact number of NaN/Inf elements of ``g``."""
+    return sum(int(np.count_nonzero(~np.isfinite(v))) for _, v in blocks(g, _CHECK_BLOCK))

@@ -1,0 +1,246 @@
+"""The data plane, transport-neutral: PushGradient and PullParams streams as requests in (serialized
+bytes) and responses out (``wire`` parts), whatever carries them.
+
+gRPC (``servicer``) and the TCP data plane (``tcp_plane``) are two thin leaves over this: each
+hands over its wire's requests as an async iterator, writes the parts yielded here, and ends the
+stream with the status of a ``PsError`` raised here (``codec.error_status``). SSP questions are the
+run's (``Run.wait_pull``): nothing here holds a condition or checks a clock.
+
+A push is one or more requests with the same key, the last with ``final``. A push of several
+messages is received holding a push slot (``slots``: each is held whole until applied); a bad push
+is answered once its last request is in (failing while the client still writes makes gRPC report
+INTERNAL instead of the real status), and until then the rest of it is read and dropped, bounded.
+A pull's answer is encoded lazily, between sends: a model of hundreds of MB is never copied whole,
+so a multi-message answer may include updates applied while it streams ("maybe newer ones too").
+
+Operations in progress (a push being received or answered, a pull being served) are counted:
+shutdown waits for them (``drain``), not for idle long-lived streams.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import DecodeError
+
+from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1 import wire
+
+from .codec import TensorAssembler, run_state_to_proto
+from .core.errors import InvalidArgument, Malformed, PsError
+from .core.gate import Gate
+from .core.registry import RunRegistry
+from .core.run import Run
+from .core.status import ParamsRead
+from .core.tensors import Gradient
+from .slots import PushSlots, SlotHolder
+
+__all__ = ["Caller", "DataPlane", "DataPlaneStatistics"]
+
+log = logging.getLogger("ps_server")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """What a transport knows of a stream's caller."""
+
+    transport: str
+    """"grpc" or "tcp": shown as the rank's data plane in its status."""
+    time_remaining: Callable[[], float | None] = lambda: None
+    """Seconds left before the call's deadline, None when the transport has none."""
+
+
+@dataclass(frozen=True)
+class DataPlaneStatistics:
+    in_progress: int
+    """Pushes and pulls being received or answered now."""
+    push_slot_lends: int
+    """Times a push stalled mid-stream and lent its receive slot to another (``slots``)."""
+
+
+@dataclass
+class _Push:
+    """A whole push, received and assembled, not yet given to its run."""
+
+    run: Run
+    request: wire.PushRequest
+    """Its last request (the key, ``loss``)."""
+    grads: dict[str, Gradient]
+    nbytes: int
+    then_pull: pb.PullParamsRequest | None
+
+
+def _decode(parse: Callable[[bytes | memoryview], R], raw: bytes | memoryview) -> R:
+    try:
+        return parse(raw)
+    except DecodeError as exc:
+        raise Malformed(f"the request does not parse ({exc}): send a serialized paramserver.v1 message") from None
+
+
+class DataPlane:
+    def __init__(self, registry: RunRegistry, *, max_wait: float, chunk_bytes: int, max_message_bytes: int,
+                 push_slots: int) -> None:
+        self._registry = registry
+        self._max_wait = max_wait
+        self._chunk_bytes = chunk_bytes
+        self._max_message_bytes = max_message_bytes
+        self._slots = PushSlots(push_slots)
+        self._busy = 0
+        self._idle = Gate()
+
+    def statistics(self) -> DataPlaneStatistics:
+        return DataPlaneStatistics(self._busy, self._slots.lent)
+
+    def _begin(self) -> None:
+        self._busy += 1
+
+    def _end(self) -> None:
+        self._busy -= 1
+        if not self._busy:
+            self._idle.notify()
+
+    async def drain(self, grace: float) -> bool:
+        """Wait up to ``grace`` seconds for the operations in progress; True if none is left."""
+        return await self._idle.wait_for(lambda: self._busy == 0, grace)
+
+    # ------------------------------------------------------------------------------ push
+    async def push_stream(self, requests: AsyncIterator[bytes | memoryview],
+                          caller: Caller) -> AsyncGenerator[list[wire.Part], None]:
+        """Serialized ``PushGradientRequest``s in, ``PushGradientResponse``s out."""
+        holder = self._slots.holder()
+        try:
+            while True:
+                try:
+                    raw = await holder.next(requests)
+                except StopAsyncIteration:
+                    return
+                self._begin()
+                try:
+                    push = await self._receive(raw, requests, holder)
+                    raw = b""  # the push's messages live as long as its gradient's views, no longer
+                    req = push.request
+                    try:
+                        result = push.run.push(req.rank, req.incarnation, req.clock, push.grads, push.nbytes,
+                                               req.loss, caller.transport)
+                    except PsError as exc:
+                        log.info("push rejected: %s", exc, extra={"run": req.run_id, "rank": req.rank, "clock": req.clock})
+                        raise
+                    then_pull = push.then_pull
+                    del push  # drop the gradient now, not when the next push on this stream replaces it
+                    ack = (result.clock, result.duplicate, result.min_clock, run_state_to_proto(result.run_state))
+                    if then_pull is None:
+                        yield wire.push_response_parts(*ack)
+                        continue
+                    read = await self.pull(then_pull, caller)  # one round trip per iteration
+                    for i, pulled in enumerate(self._params_parts(read)):
+                        yield wire.push_response_parts(*ack, pulled=pulled) if i == 0 else \
+                            wire.push_response_parts(pulled=pulled)
+                finally:
+                    self._end()
+        finally:
+            holder.release()
+
+    async def _receive(self, raw: bytes | memoryview, requests: AsyncIterator[bytes | memoryview],
+                       holder: SlotHolder) -> _Push:
+        """The push whose first request is ``raw``, read to its final request and assembled; or
+        its error, raised once its final request is in."""
+        req = _decode(wire.decode_push_request, raw)
+        key = (req.run_id, req.rank, req.incarnation, req.clock)
+        then_pull = req.then_pull
+        failed: PsError | None = None
+        run: Run | None = None
+        assembler: TensorAssembler | None = None
+        try:
+            run = self._registry.get(req.run_id)
+            assembler = TensorAssembler(max_bytes=2 * run.store.nbytes + (1 << 20))
+            assembler.add(req.tensors)
+        except PsError as exc:
+            failed = exc
+        drained, limit = 0, max(assembler.max_bytes if assembler else 0, 2 * self._max_message_bytes)
+        try:
+            while not req.final:
+                if failed is None:
+                    await holder.acquire()
+                else:
+                    holder.release()  # only draining now
+                try:
+                    raw = await holder.next(requests)
+                except StopAsyncIteration:
+                    failed = failed or InvalidArgument(f"the stream ended inside push {key} (final never set)")
+                    break
+                req = _decode(wire.decode_push_request, raw)
+                if failed is not None:
+                    drained += len(raw)
+                    if drained > limit:
+                        break
+                    continue
+                this = (req.run_id, req.rank, req.incarnation, req.clock)
+                try:
+                    if this != key:
+                        raise InvalidArgument(f"push {key} was not finished (final unset) when a request for {this} arrived")
+                    assert assembler is not None
+                    assembler.add(req.tensors)
+                except PsError as exc:
+                    failed = exc
+            if failed is None:
+                assert run is not None and assembler is not None
+                return _Push(run, req, assembler.finish(), assembler.nbytes, then_pull)
+        except PsError as exc:
+            failed = exc
+        finally:
+            holder.release()
+        if run is not None:
+            run.counters.pushes_rejected += 1
+        log.info("push rejected: %s", failed, extra={"run": key[0], "rank": key[1], "clock": key[3]})
+        raise failed
+
+    # ------------------------------------------------------------------------------ pull
+    async def pull_stream(self, requests: AsyncIterator[bytes | memoryview],
+                          caller: Caller) -> AsyncGenerator[list[wire.Part], None]:
+        """Serialized ``PullParamsRequest``s in, ``PullParamsResponse``s out."""
+        async for raw in requests:
+            req = _decode(pb.PullParamsRequest.FromString, raw)
+            self._begin()
+            try:
+                read = await self.pull(req, caller)
+                for parts in self._params_parts(read):
+                    yield wire.params_response_parts(*parts)
+            finally:
+                self._end()
+
+    async def pull(self, req: pb.PullParamsRequest, caller: Caller) -> ParamsRead:
+        """Wait as the SSP rule says, then read (an observer's read, incarnation 0, never waits)."""
+        run = self._registry.get(req.run_id)
+        names = list(req.names) or None
+        if req.incarnation == 0:
+            return run.read(None, req.clock, names)
+        await run.wait_pull(req.rank, req.incarnation, req.clock, self._wait_limit(req.max_wait, caller))
+        return run.read(req.rank, req.clock, names)
+
+    def _wait_limit(self, max_wait: Duration, caller: Caller) -> float:
+        """How long a pull may park: the request's wish, capped by the server's limit and the call's deadline."""
+        requested = max_wait.ToTimedelta().total_seconds()
+        limit = self._max_wait if requested <= 0 else min(requested, self._max_wait)
+        remaining = caller.time_remaining()
+        return limit if remaining is None else max(0.0, min(limit, remaining))
+
+    def _params_parts(self, read: ParamsRead) -> Iterator[wire.ParamsParts]:
+        """A read as the arguments of ``wire.params_response_parts``, in groups of ~chunk_bytes.
+        For the whole model the groups are built once per run and reused: the same views of the
+        live parameters every time (a small model's pull then makes no numpy call before its
+        encoding's one copy)."""
+        key = ("groups", self._chunk_bytes)
+        groups: list[wire.Group] | None = read.derived.get(key) if read.derived is not None else None
+        if groups is None:
+            groups = [[(name, shape, offset, part.data) for name, shape, offset, part in group]
+                      for group in wire.chunk_groups(read.tensors, self._chunk_bytes)]
+            if read.derived is not None:
+                read.derived[key] = groups
+        state = run_state_to_proto(read.run_state)
+        for i, group in enumerate(groups):
+            yield read.guaranteed_clock, read.version, group, i == len(groups) - 1, state

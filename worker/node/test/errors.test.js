@@ -1,0 +1,216 @@
+'use strict';
+// Structured errors: a refusal's ErrorInfo reaches PsError (reason, info) from the gRPC trailer
+// `paramserver-error-bin` and from the TCP data plane's STATUS frame, and the trainer branches on
+// the reason, never on the message's text. No Python server: scripted sockets and grpc-js servers.
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const net = require('net');
+
+const { PsClient, PsError, ERROR_TRAILER, callError, trailerInfo } = require('../src/client');
+const { frameHeader, STATUS } = require('../src/tcp');
+const { loadContract, messages } = require('../src/proto');
+const { Trainer, Rewind } = require('../src/trainer');
+
+const { grpc, pkg } = loadContract();
+const codecs = messages();
+const CLOCK_AHEAD = { reason: 'ERROR_REASON_CLOCK_AHEAD', next_clock: 3 };
+
+/** Metadata as a server's trailer carries it: the serialized ErrorInfo under the binary key. */
+function trailer(info) {
+  const md = new grpc.Metadata();
+  md.set(ERROR_TRAILER, codecs.ErrorInfo.encode(info));
+  return md;
+}
+
+function quietLog() {
+  const lines = [];
+  const log = (level) => (m) => lines.push(`${level} ${m}`);
+  return { lines, debug: log('debug'), info: log('info'), warning: log('warning'), error: log('error') };
+}
+
+test('the codecs load from protos/ with the well-known types, and give defaults, enum names and Numbers', () => {
+  const root = codecs.Status.type.root;
+  assert.equal(root.lookupType('paramserver.v1.JoinRequest').fields.max_wait.resolvedType.fullName, '.google.protobuf.Duration');
+  assert.deepEqual(root.lookupType('google.protobuf.Timestamp').fieldsArray.map((f) => f.name), ['seconds', 'nanos']);
+  assert.deepEqual(codecs.ErrorInfo.decode(Buffer.alloc(0)), {
+    reason: 'ERROR_REASON_UNSPECIFIED', next_clock: 0, run_state: 'RUN_STATE_UNSPECIFIED', needed_min_clock: 0, ranks_behind: [],
+  });
+  // Bytes as protobuf (python: pb.Status(code=9, message="next", error=pb.ErrorInfo(reason=CLOCK_AHEAD, next_clock=3))).
+  const python = Buffer.from('080912046e6578741a0408081003', 'hex');
+  const s = codecs.Status.decode(python);
+  assert.equal(s.code, 9);
+  assert.equal(s.message, 'next');
+  assert.equal(s.error.reason, 'ERROR_REASON_CLOCK_AHEAD');
+  assert.equal(s.error.next_clock, 3);
+  assert.equal(typeof s.error.next_clock, 'number');
+  assert.deepEqual(codecs.Status.encode({ code: 9, message: 'next', error: CLOCK_AHEAD }), python);
+});
+
+test('a gRPC error with the ErrorInfo trailer becomes a PsError with reason and info', () => {
+  const err = Object.assign(new Error('9 FAILED_PRECONDITION: whatever the text'), {
+    code: grpc.status.FAILED_PRECONDITION,
+    details: 'whatever the text',
+    metadata: trailer({ reason: 'ERROR_REASON_STALENESS_BOUND', needed_min_clock: 4, ranks_behind: [1, 3] }),
+  });
+  const e = callError(err, 'PushGradient');
+  assert.ok(e instanceof PsError);
+  assert.equal(e.code, grpc.status.FAILED_PRECONDITION);
+  assert.equal(e.details, 'whatever the text');
+  assert.equal(e.method, 'PushGradient');
+  assert.equal(e.reason, 'ERROR_REASON_STALENESS_BOUND');
+  assert.equal(e.info.needed_min_clock, 4);
+  assert.deepEqual(e.info.ranks_behind, [1, 3]);
+  assert.equal(e.retryable, false);
+});
+
+test('no trailer, or one that does not parse: an empty ErrorInfo (reason UNSPECIFIED)', () => {
+  const bad = new grpc.Metadata();
+  bad.set(ERROR_TRAILER, Buffer.from([0xff, 0xff, 0xff]));
+  assert.equal(trailerInfo(bad), null);
+  for (const end of [{ code: 14, details: 'down', metadata: new grpc.Metadata() }, { code: 14, details: 'down', metadata: bad },
+    { code: 14, details: 'down' }, new Error('boom')]) {
+    const e = callError(end);
+    assert.equal(e.reason, 'ERROR_REASON_UNSPECIFIED');
+    assert.equal(e.info.next_clock, 0);
+  }
+  assert.equal(callError(new Error('boom')).code, grpc.status.UNKNOWN);
+  const local = new PsError(grpc.status.DEADLINE_EXCEEDED, 'no answer within 1.0s');
+  assert.equal(local.reason, 'ERROR_REASON_UNSPECIFIED');
+  assert.equal(local.retryable, true);
+});
+
+/** A one-connection TCP data plane that accepts the hello and refuses the first request with `status`. */
+function refusingDataPlane(code, message, error) {
+  const body = codecs.Status.encode({ code, message, error });
+  return new Promise((resolve) => {
+    const srv = net.createServer((sock) => {
+      let got = Buffer.alloc(0);
+      let answered = false;
+      sock.on('data', (d) => {
+        got = Buffer.concat([got, d]);
+        if (answered || got.length < 8 + 16) return;
+        answered = true;
+        sock.end(Buffer.concat([got.subarray(0, 8), frameHeader(STATUS, code, body.length), body]));
+      });
+      sock.on('error', () => {});
+    });
+    srv.listen(0, '127.0.0.1', () => resolve({ port: srv.address().port, close: () => srv.close() }));
+  });
+}
+
+test('a STATUS frame with a Status body makes the push fail with a PsError carrying reason and info.next_clock', async () => {
+  const srv = await refusingDataPlane(grpc.status.FAILED_PRECONDITION, 'push for clock 5: expected 3', CLOCK_AHEAD);
+  const client = new PsClient('127.0.0.1:1', { timeout: 5 });
+  client.dataPortIs(srv.port);
+  try {
+    assert.equal(client.transport(), 'tcp');
+    const grads = [['w', Float32Array.from([1, 2]), [2]]];
+    await assert.rejects(client.push('r', 0, 1, 5, grads, 0.5), (e) => {
+      assert.ok(e instanceof PsError);
+      assert.equal(e.code, grpc.status.FAILED_PRECONDITION);
+      assert.equal(e.details, 'push for clock 5: expected 3');
+      assert.equal(e.method, 'PushGradient');
+      assert.equal(e.reason, 'ERROR_REASON_CLOCK_AHEAD');
+      assert.equal(e.info.next_clock, 3);
+      return true;
+    });
+    assert.equal(client.streamsOpened.tcp, 1);
+  } finally {
+    client.close();
+    srv.close();
+  }
+});
+
+/** A grpc-js server on 127.0.0.1 with the given service handlers; resolves to {address, close}. */
+function grpcServer(service, handlers) {
+  const server = new grpc.Server();
+  server.addService(service, handlers);
+  return new Promise((resolve, reject) => {
+    server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, port) => {
+      if (err) reject(err);
+      else resolve({ address: `127.0.0.1:${port}`, close: () => server.forceShutdown() });
+    });
+  });
+}
+
+test('over gRPC the trailer reaches PsError: a unary call and a stream', async () => {
+  const refusal = () => ({
+    code: grpc.status.FAILED_PRECONDITION, details: 'some words', metadata: trailer(CLOCK_AHEAD),
+  });
+  const workers = await grpcServer(pkg.WorkerService.service, {
+    Heartbeat: (call, callback) => callback(refusal()),
+  });
+  const data = await grpcServer(pkg.ParameterService.service, {
+    PushGradient: (call) => call.once('data', () => call.emit('error', refusal())),
+    PullParams: (call) => call.once('data', () => call.emit('error', refusal())),
+  });
+  const check = (method) => (e) => {
+    assert.ok(e instanceof PsError, String(e));
+    assert.equal(e.method, method);
+    assert.equal(e.code, grpc.status.FAILED_PRECONDITION);
+    assert.equal(e.details, 'some words');
+    assert.equal(e.reason, 'ERROR_REASON_CLOCK_AHEAD');
+    assert.equal(e.info.next_clock, 3);
+    return true;
+  };
+  const unary = new PsClient(workers.address, { timeout: 5, dataPlane: false });
+  const streams = new PsClient(data.address, { timeout: 5, dataPlane: false });
+  try {
+    await assert.rejects(unary.heartbeat('r', 0, 1, 5), check('Heartbeat'));
+    await assert.rejects(streams.push('r', 0, 1, 5, [['w', Float32Array.from([1]), [1]]]), check('PushGradient'));
+    await assert.rejects(streams.pull('r', 0, 1, 5, { maxWait: 1 }), check('PullParams'));
+  } finally {
+    unary.close();
+    streams.close();
+    workers.close();
+    data.close();
+  }
+});
+
+/** A Trainer at `clock` whose operations fail with `error`; heartbeats answer `hbClock`. */
+function trainerAt(clock, hbClock = clock) {
+  const client = {
+    heartbeats: 0,
+    heartbeat() {
+      this.heartbeats += 1;
+      return Promise.resolve({ clock: hbClock, run_state: 'RUN_STATE_RUNNING', data_port: 0 });
+    },
+    cancelAll() {},
+  };
+  const a = {
+    run_id: 'r', rank: 0, incarnation: 1, start_clock: clock,
+    spec: { staleness: 0, optimizer: {}, slowdown: {} },
+  };
+  const t = new Trainer(client, a, { slowdown: 1, timeoutSeconds: 1 }, quietLog());
+  return { t, client };
+}
+
+test('the trainer rewinds to info.next_clock on ERROR_REASON_CLOCK_AHEAD, without a heartbeat', async () => {
+  const { t, client } = trainerAt(5);
+  const refused = new PsError(grpc.status.FAILED_PRECONDITION, 'any text at all', codecs.ErrorInfo.decode(codecs.ErrorInfo.encode(CLOCK_AHEAD)));
+  await assert.rejects(t.call(() => Promise.reject(refused), 'push 5'), (e) => {
+    assert.ok(e instanceof Rewind);
+    assert.equal(e.clock, 3);
+    return true;
+  });
+  assert.equal(client.heartbeats, 0);
+  assert.match(t.log.lines.join('\n'), /going back from clock 5/);
+});
+
+test('the trainer never reads the message: "next clock is" without the reason, or a next_clock not behind, ends the call', async () => {
+  const { t, client } = trainerAt(5, 2);
+  const text = new PsError(grpc.status.FAILED_PRECONDITION, 'push for clock 5: next clock is 3');
+  await assert.rejects(t.call(() => Promise.reject(text), 'push 5'), (e) => e === text);
+  const ahead = new PsError(grpc.status.FAILED_PRECONDITION, 'x', codecs.ErrorInfo.decode(
+    codecs.ErrorInfo.encode({ reason: 'ERROR_REASON_CLOCK_AHEAD', next_clock: 5 }),
+  ));
+  await assert.rejects(t.call(() => Promise.reject(ahead), 'push 5'), (e) => e === ahead);
+  assert.equal(client.heartbeats, 0);
+});
+
+test('a retryable failure still resyncs via Heartbeat and rewinds when the server is behind', async () => {
+  const { t, client } = trainerAt(5, 2);
+  const down = new PsError(grpc.status.UNAVAILABLE, 'down');
+  await assert.rejects(t.call(() => Promise.reject(down), 'push 5'), (e) => e instanceof Rewind && e.clock === 2);
+  assert.equal(client.heartbeats, 1);
+});
