@@ -1,0 +1,174 @@
+"""The worker's training loop against the in-memory server (``paramserver.testing``): real SSP,
+exactly-once and errors, in one event loop, without processes or sockets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from client.spec import LaunchOptions, build_run_spec
+from paramserver import errors
+from paramserver.client import PsClient
+from paramserver.testing import InMemoryServer
+from paramserver.v1 import paramserver_pb2 as pb
+from ps_server.core import snapshot
+from worker.config import WorkerConfig
+from worker.trainer import Outcome, train
+
+pytestmark = pytest.mark.timeout(120)
+
+CONFIG = WorkerConfig(timeout_seconds=5.0, report_seconds=0.05)
+
+
+def _spec(staleness: str, workers: int = 2, iterations: int = 40, **kw: object) -> pb.RunSpec:
+    return build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=workers, staleness=staleness,
+                                        iterations=iterations, batch_size=16, lr=0.2, **kw))  # type: ignore[arg-type]
+
+
+async def _train_all(server: InMemoryServer, spec: pb.RunSpec) -> tuple[str, list[Outcome]]:
+    """Create the run and train every rank in this event loop, each with its own client."""
+    async with server.client() as admin:
+        run = await admin.create_run(spec)
+    clients = [server.client() for _ in range(spec.num_workers)]
+    try:
+        joined = [await c.join(f"w{i}", run.run_id, max_wait=0) for i, c in enumerate(clients)]
+        outcomes = await asyncio.gather(*(train(c, j.assignment, CONFIG) for c, j in zip(clients, joined, strict=True)))
+    finally:
+        for c in clients:
+            await c.close()
+    return run.run_id, list(outcomes)
+
+
+@pytest.mark.parametrize(("staleness", "skips"), [("0", False), ("2", True), ("inf", False)])
+async def test_ranks_train_a_run_to_completion(staleness: str, skips: bool) -> None:
+    """Every rank completes; the server applied each push once; the SSP cache skips pulls only for
+    a finite s > 0 (never for BSP, which always needs the combined step, nor for ASP)."""
+    async with InMemoryServer() as server:
+        run_id, outcomes = await _train_all(server, _spec(staleness))
+        run = server.registry.get(run_id)
+    assert all(o.completed for o in outcomes), outcomes
+    assert run.state.value == "completed"
+    c = run.status().counters
+    assert c.pushes_applied == 2 * 40 and c.pushes_duplicate == 0 and c.pushes_rejected == 0
+    assert (c.pulls_skipped > 0) is skips
+    assert sum(o.stats.iterations for o in outcomes) == 80
+    final = outcomes[0].stats.final_accuracy  # rank 0 evaluates the final parameters
+    assert final is not None and final > 0.6
+    assert run.history.last_eval is not None and run.history.last_eval.clock == 40
+
+
+async def test_transient_failures_are_retried_and_applied_once() -> None:
+    """Connections that break before a push or pull reach the server are retried; retries of a push
+    the server already applied are acknowledged as duplicates, never applied twice."""
+    async with InMemoryServer() as server:
+        async with server.client() as admin:
+            run = await admin.create_run(_spec("1", workers=1, iterations=20))
+        client = server.client()
+        joined = await client.join("w0", run.run_id, max_wait=0)
+        transport = server.transports[-1]
+        broken = errors.Unavailable(errors.Code.UNAVAILABLE, "connection reset (injected)")
+        transport.fail("PushGradient", broken, times=2)  # lost on the way: nothing applied
+        transport.fail("PushGradient", broken, after=True, times=2)  # applied, the answer lost
+        transport.fail("PullParams", broken, after=True)
+        outcome = await train(client, joined.assignment, CONFIG)
+        await client.close()
+        core = server.registry.get(run.run_id)
+    assert outcome.completed and outcome.stats.retries == 5
+    assert core.counters.pushes_applied == 20 and core.counters.updates_applied == 20
+    assert core.counters.pushes_duplicate == 2  # the retries of the two pushes whose answer was lost
+
+
+async def test_a_server_that_lost_clocks_sends_the_worker_back() -> None:
+    """A server restored from an older checkpoint knows the rank at an earlier clock: the refusal's
+    reason (CLOCK_AHEAD) and fact (next_clock) send the worker back there, and the run completes."""
+    async with InMemoryServer() as server:
+        async with server.client() as admin:
+            run = await admin.create_run(_spec("inf", workers=1, iterations=30))
+        client = server.client()
+        joined = await client.join("w0", run.run_id, max_wait=0)
+        core = server.registry.get(run.run_id)
+        saved: dict[str, object] = {}
+
+        def restart_at_clock_5(r: object) -> None:  # take a snapshot at clock 5, restore it at clock 15
+            if core.min_clock == 5 and "meta" not in saved:
+                saved["meta"], saved["arrays"] = snapshot.state_dict(core)
+            elif core.min_clock == 15 and "restored" not in saved:
+                restored = snapshot.restore(saved["meta"], saved["arrays"])  # type: ignore[arg-type]
+                saved["restored"] = server.registry.add(restored)
+
+        core.on_change = restart_at_clock_5
+        outcome = await train(client, joined.assignment, CONFIG)
+        await client.close()
+        restored = server.registry.get(run.run_id)
+    assert restored is saved["restored"]
+    assert outcome.completed and outcome.stats.rewinds == 1
+    assert restored.state.value == "completed" and restored.clock.slots[0].clock == 30
+
+
+async def test_a_stopped_run_ends_the_assignment_without_failing_it() -> None:
+    async with InMemoryServer() as server:
+        async with server.client() as admin:
+            run = await admin.create_run(_spec("1", workers=2, iterations=10_000))
+            clients = [server.client(), server.client()]
+            joined = [await c.join(f"w{i}", run.run_id, max_wait=0) for i, c in enumerate(clients)]
+            tasks = [asyncio.create_task(train(c, j.assignment, CONFIG)) for c, j in zip(clients, joined, strict=True)]
+            while (await admin.get_run(run.run_id)).min_clock < 5:
+                await asyncio.sleep(0.01)
+            await admin.stop_run(run.run_id, "enough")
+            outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        for c in clients:
+            await c.close()
+    assert not any(o.completed or o.failed for o in outcomes), outcomes
+    assert all(o.stats.iterations >= 5 for o in outcomes)
+
+
+async def test_an_evicted_worker_gives_up_its_assignment() -> None:
+    """Partitioned past its lease, it is evicted; once the partition heals its next call is refused
+    as a stale incarnation, and it goes back to waiting for work instead of failing the run."""
+    async with InMemoryServer(lease_seconds=0.3, heartbeat_seconds=0.1) as server:
+        async with server.client() as admin:
+            run = await admin.create_run(_spec("1", workers=1, iterations=10_000))
+        client = server.client()
+        joined = await client.join("w0", run.run_id, max_wait=0)
+        task = asyncio.create_task(train(client, joined.assignment, CONFIG))
+        await asyncio.sleep(0.2)
+        partitioned = errors.Unavailable(errors.Code.UNAVAILABLE, "partitioned")
+        for method in ("PushGradient", "PullParams", "Heartbeat", "ReportMetrics"):
+            server.transports[-1].fail(method, partitioned, times=10_000)
+        core = server.registry.get(run.run_id)
+        while not core.counters.evictions:
+            await asyncio.sleep(0.05)
+        server.transports[-1].heal()
+        outcome = await asyncio.wait_for(task, 30)
+        await client.close()
+    assert not outcome.completed and not outcome.failed
+    assert "stale" in outcome.reason or "evicted" in outcome.reason, outcome.reason
+    assert core.counters.evictions == 1 and core.state.value == "running"
+
+
+async def test_an_in_memory_refusal_is_the_typed_error_with_its_reason() -> None:
+    async with InMemoryServer() as server, server.client() as ps:
+        with pytest.raises(errors.NotFound) as e:
+            await ps.get_run("run-nope")
+        assert e.value.reason == pb.ERROR_REASON_RUN_NOT_FOUND
+        run = await ps.create_run(_spec("0", workers=1))
+        a = (await ps.join("w", run.run_id, max_wait=0)).assignment
+        with pytest.raises(errors.FailedPrecondition) as e:
+            await ps.pull(run.run_id, a.rank, a.incarnation, 3, max_wait=1.0)
+        assert e.value.reason == pb.ERROR_REASON_CLOCK_AHEAD and e.value.info.next_clock == 0
+
+
+def test_the_in_memory_server_needs_no_grpc() -> None:
+    """The fake is the real core behind an in-memory transport: nothing of gRPC is loaded."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, paramserver.testing, worker.trainer; "
+             "print(sorted(m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_client_class_is_the_sdk_facade() -> None:
+    assert PsClient.__module__ == "paramserver.client"
