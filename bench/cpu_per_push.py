@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from client.cli import parse_staleness  # noqa: E402
 from client.spec import LaunchOptions, build_run_spec  # noqa: E402
 from paramserver.client import PsClient  # noqa: E402
 
@@ -112,7 +113,7 @@ def main() -> None:
             async def create() -> None:
                 async with PsClient(address) as c:
                     await c.create_run(build_run_spec(LaunchOptions(
-                        model="mlp:64", dataset="digits", workers=WORKERS, staleness=args.staleness, epochs=400)))
+                        model="mlp:64", dataset="digits", workers=WORKERS, staleness=parse_staleness(args.staleness), epochs=400)))
 
             asyncio.run(create())
         print(("psctl launch --local: " if args.psctl else "ps-server + 4 ps-worker: ")

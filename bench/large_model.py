@@ -122,7 +122,8 @@ CHILD = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import numpy as np
-from worker.datasets import BatchSampler, load_dataset, parse_dataset, shard_indices
+from worker.datasets import load_dataset, parse_dataset
+from worker.sampling import BatchSampler, shard_indices
 from worker.models import build_model, parse_model
 dataset, model_text, batch, seconds, workers = sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
 data = load_dataset(parse_dataset(dataset))
@@ -290,7 +291,7 @@ async def soak(minutes: float, every: float = 5.0) -> dict[str, object]:
     from client.spec import LaunchOptions, build_run_spec
     from paramserver.client import PsClient
 
-    spec = build_run_spec(LaunchOptions(model="mlp:64", dataset="digits", workers=WORKERS, staleness="inf",
+    spec = build_run_spec(LaunchOptions(model="mlp:64", dataset="digits", workers=WORKERS, staleness=-1,
                                         iterations=10**8, eval_every=2000))
     server, addr = start_server()
     workers = [subprocess.Popen([sys.executable, "-m", "worker.main", "--server", addr, "--once", "--log-level",
@@ -351,7 +352,7 @@ def main() -> None:
     from worker.models import build_model, num_params, parse_model
 
     results: dict[str, object] = {"load_start": loadavg()}
-    sgd = build_run_spec(LaunchOptions(model=MODEL, dataset=DATASET, workers=WORKERS, staleness="inf",
+    sgd = build_run_spec(LaunchOptions(model=MODEL, dataset=DATASET, workers=WORKERS, staleness=-1,
                                        batch_size=args.batch, iterations=args.iterations, lr=0.1))
     n_params = num_params(build_model(parse_model(MODEL), 784, 10).param_specs())
     mb = n_params * 4 / 2**20
@@ -370,7 +371,7 @@ def main() -> None:
     print("sgd", json.dumps(results["sgd"]), flush=True)
     compute_block("after")
     if not args.skip_momentum:
-        mom = build_run_spec(LaunchOptions(model=MODEL, dataset=DATASET, workers=WORKERS, staleness="inf",
+        mom = build_run_spec(LaunchOptions(model=MODEL, dataset=DATASET, workers=WORKERS, staleness=-1,
                                            batch_size=args.batch, iterations=max(10, args.iterations // 2),
                                            optimizer="momentum", lr=0.01, momentum=0.9))
         results["momentum"] = asyncio.run(distributed(mom, None, "momentum"))

@@ -32,8 +32,9 @@ import numpy as np  # noqa: E402
 from client.spec import LaunchOptions, build_run_spec  # noqa: E402
 from paramserver.client import PsClient  # noqa: E402
 from paramserver.v1 import paramserver_pb2 as pb  # noqa: E402
-from worker.datasets import BatchSampler, load_dataset, shard_indices  # noqa: E402
+from worker.datasets import load_dataset  # noqa: E402
 from worker.models import build_model  # noqa: E402
+from worker.sampling import BatchSampler, shard_indices  # noqa: E402
 
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 WORKERS = 4
@@ -148,8 +149,8 @@ def main() -> None:
         results.setdefault(key, []).append(value)
 
     for _ in range(args.repeats):
-        for s in ("inf", "2"):
-            spec = build_run_spec(LaunchOptions(model="mlp:64", dataset="digits", workers=WORKERS, staleness=s,
+        for s, staleness in (("inf", -1), ("2", 2)):
+            spec = build_run_spec(LaunchOptions(model="mlp:64", dataset="digits", workers=WORKERS, staleness=staleness,
                                                 epochs=args.epochs))
             rate_single, acc_single = compute_only(spec)
             rate, acc, extra = asyncio.run(distributed_rate(spec))

@@ -74,6 +74,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
+from client.cli import parse_staleness  # noqa: E402
 from client.spec import LaunchOptions, build_run_spec  # noqa: E402
 from paramserver.client import PsClient  # noqa: E402
 from paramserver.v1 import paramserver_pb2 as pb  # noqa: E402
@@ -142,7 +143,7 @@ async def observe(client: PsClient, run_id: str, model: Any, data: Any, every: f
 
 
 async def one_run(addr: str, setting: Setting, o: LaunchOptions, observe_every: float, rep: int) -> dict[str, Any]:
-    opts = LaunchOptions(**{**o.__dict__, "staleness": setting.staleness, "aggregation": setting.aggregation,
+    opts = LaunchOptions(**{**o.__dict__, "staleness": parse_staleness(setting.staleness), "aggregation": setting.aggregation,
                             "name": f"straggler {setting.label} #{rep}"})
     spec = build_run_spec(opts)
     data = load_dataset(json.loads(spec.data_spec_json))

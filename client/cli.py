@@ -12,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import math
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
@@ -27,7 +28,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 
 from . import facts, render
 from .launch import launch_run
-from .spec import LaunchOptions, parse_slowdown, security_from_env
+from .spec import LaunchOptions, security_from_env
 
 __all__ = ["app"]
 
@@ -49,6 +50,41 @@ RunId = Annotated[str, typer.Argument(metavar="RUN", help="Run id, as shown by '
 
 
 # ---------------------------------------------------------------------------------------- plumbing
+UNBOUNDED_WORDS = ("inf", "unbounded", "async", "asp", "-1")
+
+
+def parse_staleness(text: str) -> int:
+    """'0'/'bsp' -> 0, a positive integer -> itself, 'inf'/'unbounded'/'asp' -> -1."""
+    t = str(text).strip().lower()
+    if t in UNBOUNDED_WORDS:
+        return -1
+    if t == "bsp":
+        return 0
+    try:
+        value = int(t)
+    except ValueError:
+        raise ValueError(f"staleness {text!r}: use 0 (BSP), a positive integer, or 'inf' (unbounded)") from None
+    if value < 0:
+        raise ValueError(f"staleness {text!r}: use 0 (BSP), a positive integer, or 'inf' (unbounded)")
+    return value
+
+
+def parse_slowdown(items: Sequence[str]) -> tuple[tuple[int, float], ...]:
+    """['2=3.0', '0=1.5'] -> ((2, 3.0), (0, 1.5)): rank 2 runs 3x slower, rank 0 1.5x."""
+    out: dict[int, float] = {}
+    for item in items:
+        rank, eq, factor = str(item).partition("=")
+        try:
+            r, f = int(rank), float(factor)
+        except ValueError:
+            r, f = -1, 0.0
+        if not eq or r < 0 or not (f >= 1.0 and math.isfinite(f)):
+            raise ValueError(f"--slowdown {item!r}: use RANK=FACTOR with a rank >= 0 and a factor >= 1, e.g. 1=3")
+        out[r] = f
+    return tuple(sorted(out.items()))
+
+
+
 def _error(exc: BaseException, server: str) -> str:
     """The one place that turns an exception into the sentence a user reads."""
     if isinstance(exc, errors.Unavailable):
@@ -140,7 +176,7 @@ def launch(
     Exit status with --wait or --local: 0 the run COMPLETED, 1 it FAILED (or psctl hit an error), 2 it was STOPPED, 130 interrupted.
     """
     options = LaunchOptions(
-        model=model, dataset=dataset, workers=workers, staleness=staleness, optimizer=optimizer, lr=lr,
+        model=model, dataset=dataset, workers=workers, staleness=parse_staleness(staleness), optimizer=optimizer, lr=lr,
         momentum=momentum, weight_decay=weight_decay, epochs=epochs, iterations=iterations, batch_size=batch_size,
         seed=seed, name=name, eval_every=eval_every, aggregation=aggregation, slowdown=parse_slowdown(slowdown or ()),
     )

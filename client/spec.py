@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from paramserver.security import Security, read_token
@@ -18,50 +18,16 @@ from paramserver.v1 import paramserver_pb2 as pb
 from worker.datasets import load_dataset, parse_dataset
 from worker.models import build_model, parse_model
 
-__all__ = [
-    "security_from_env","LaunchOptions", "build_run_spec", "iterations_per_epoch", "parse_slowdown", "parse_staleness"]
+__all__ = ["LaunchOptions", "build_run_spec", "iterations_per_epoch", "security_from_env"]
 
 _INIT = {"zeros": pb.INITIALIZER_ZEROS, "normal": pb.INITIALIZER_NORMAL, "uniform": pb.INITIALIZER_UNIFORM}
-UNBOUNDED_WORDS = ("inf", "unbounded", "async", "asp", "-1")
-
-
-def parse_staleness(text: str) -> int:
-    """'0'/'bsp' -> 0, a positive integer -> itself, 'inf'/'unbounded'/'asp' -> -1."""
-    t = str(text).strip().lower()
-    if t in UNBOUNDED_WORDS:
-        return -1
-    if t == "bsp":
-        return 0
-    try:
-        value = int(t)
-    except ValueError:
-        raise ValueError(f"staleness {text!r}: use 0 (BSP), a positive integer, or 'inf' (unbounded)") from None
-    if value < 0:
-        raise ValueError(f"staleness {text!r}: use 0 (BSP), a positive integer, or 'inf' (unbounded)")
-    return value
-
-
-def parse_slowdown(items: Sequence[str]) -> tuple[tuple[int, float], ...]:
-    """['2=3.0', '0=1.5'] -> ((2, 3.0), (0, 1.5)): rank 2 runs 3x slower, rank 0 1.5x."""
-    out: dict[int, float] = {}
-    for item in items:
-        rank, eq, factor = str(item).partition("=")
-        try:
-            r, f = int(rank), float(factor)
-        except ValueError:
-            r, f = -1, 0.0
-        if not eq or r < 0 or not (f >= 1.0 and math.isfinite(f)):
-            raise ValueError(f"--slowdown {item!r}: use RANK=FACTOR with a rank >= 0 and a factor >= 1, e.g. 1=3")
-        out[r] = f
-    return tuple(sorted(out.items()))
-
-
 @dataclass(frozen=True)
 class LaunchOptions:
     model: str = "mlp:64"
     dataset: str = "digits"
     workers: int = 4
-    staleness: str = "2"
+    staleness: int = 2
+    """0 = BSP, s > 0 = SSP, -1 = unbounded (ASP), as in the proto's RunSpec."""
     optimizer: str = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
@@ -78,22 +44,21 @@ class LaunchOptions:
     slowdown: tuple[tuple[int, float], ...] = ()
 
 
+OPTIMIZERS = {"sgd": ("sgd", {}), "momentum": ("momentum", {}), "nesterov": ("momentum", {"nesterov": True}),
+              "adam": ("adam", {}), "adagrad": ("adagrad", {})}
+"""psctl's optimizer names: the kind of the proto's ``OptimizerSpec`` each sets, and what it fixes.
+The kind's own message says which of --lr, --momentum, --weight-decay it takes; hyper-parameters
+left at zero get the server's defaults (``ps_server.core.spec.OPTIMIZER_DEFAULTS``)."""
+
+
 def _optimizer(o: LaunchOptions) -> pb.OptimizerSpec:
-    kind = o.optimizer.lower()
-    if kind == "sgd":
-        return pb.OptimizerSpec(sgd=pb.SgdConfig(learning_rate=o.lr, weight_decay=o.weight_decay))
-    if kind == "momentum":
-        return pb.OptimizerSpec(momentum=pb.MomentumConfig(learning_rate=o.lr, momentum=o.momentum,
-                                                           weight_decay=o.weight_decay))
-    if kind == "nesterov":
-        return pb.OptimizerSpec(momentum=pb.MomentumConfig(learning_rate=o.lr, momentum=o.momentum, nesterov=True,
-                                                           weight_decay=o.weight_decay))
-    if kind == "adam":
-        return pb.OptimizerSpec(adam=pb.AdamConfig(learning_rate=o.lr, beta1=0.9, beta2=0.999, epsilon=1e-8,
-                                                   weight_decay=o.weight_decay))
-    if kind == "adagrad":
-        return pb.OptimizerSpec(adagrad=pb.AdagradConfig(learning_rate=o.lr, epsilon=1e-10))
-    raise ValueError(f"optimizer {o.optimizer!r}: choose sgd, momentum, nesterov, adam or adagrad")
+    if o.optimizer.lower() not in OPTIMIZERS:
+        *names, last = OPTIMIZERS
+        raise ValueError(f"optimizer {o.optimizer!r}: choose {', '.join(names)} or {last}")
+    kind, fixed = OPTIMIZERS[o.optimizer.lower()]
+    given = {"learning_rate": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay, **fixed}
+    takes = pb.OptimizerSpec.DESCRIPTOR.fields_by_name[kind].message_type.fields_by_name
+    return pb.OptimizerSpec(**{kind: {name: value for name, value in given.items() if name in takes}})
 
 
 def iterations_per_epoch(o: LaunchOptions) -> int:
@@ -114,6 +79,8 @@ def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
     if any(rank >= o.workers for rank, _ in o.slowdown):
         raise ValueError(f"--slowdown: rank {max(r for r, _ in o.slowdown)} does not exist with {o.workers} workers "
                          f"(ranks 0..{o.workers - 1})")
+    if o.staleness < -1:
+        raise ValueError(f"staleness {o.staleness}: use 0 (BSP), a positive integer, or -1 (unbounded)")
     if o.aggregation not in ("mean", "sum"):
         raise ValueError(f"--aggregation {o.aggregation!r}: use mean or sum")
     if o.batch_size < 1:
@@ -135,7 +102,7 @@ def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
         model_spec_json=json.dumps(model_spec, sort_keys=True),
         data_spec_json=json.dumps(data_spec, sort_keys=True),
         num_workers=o.workers,
-        staleness=parse_staleness(o.staleness),
+        staleness=o.staleness,
         optimizer=_optimizer(o),
         aggregation=pb.AGGREGATION_SUM if o.aggregation == "sum" else pb.AGGREGATION_MEAN,
         iterations=iterations,

@@ -18,8 +18,9 @@ import numpy as np
 
 from paramserver.client import PsClient
 from paramserver.v1 import paramserver_pb2 as pb
-from worker.datasets import BatchSampler, load_dataset, shard_indices
+from worker.datasets import load_dataset
 from worker.models import build_model
+from worker.sampling import BatchSampler, shard_indices
 
 __all__ = ["ENV", "bsp_reference", "watch_until", "connect", "finish", "free_port", "ps_server", "ps_workers", "record"]
 

@@ -44,8 +44,9 @@ from paramserver.client import PsClient
 from paramserver.v1 import paramserver_pb2 as pb
 
 from .config import WorkerConfig
-from .datasets import BatchSampler, DatasetError, load_dataset, shard_indices
+from .datasets import DatasetError, load_dataset
 from .models import ModelSpecError, build_model
+from .sampling import BatchSampler, shard_indices
 
 __all__ = ["LogContext", "Outcome", "TrainStats", "train"]
 
@@ -112,8 +113,7 @@ class _Trainer:
         self.stats = TrainStats()
         self.clock = a.start_clock
         self.run_state: int = pb.RUN_STATE_RUNNING
-        s = self.spec.staleness
-        self.staleness: int | None = None if s < 0 else s
+        self.staleness = self.spec.staleness  # as in the proto: 0 BSP, -1 unbounded
         self.slowdown = max(config.slowdown, self.spec.slowdown.get(a.rank, 1.0))
         opt = self.spec.optimizer
         self.local_sgd_lr = opt.sgd.learning_rate if opt.WhichOneof("kind") == "sgd" and not opt.sgd.weight_decay else None
@@ -190,7 +190,7 @@ class _Trainer:
         return res.guaranteed_clock
 
     def cache_valid(self, guaranteed: int, clock: int) -> bool:
-        return self.staleness is not None and self.staleness > 0 and guaranteed >= clock - self.staleness
+        return self.staleness > 0 and guaranteed >= clock - self.staleness
 
     async def run(self) -> None:
         params: dict[str, np.ndarray] = {}
@@ -245,7 +245,7 @@ class _Trainer:
                 lambda: self.client.push(self.a.run_id, self.a.rank, self.a.incarnation, c, grads, loss),
                 f"push {c}",
             )
-            if self.local_sgd_lr is not None and self.staleness:
+            if self.local_sgd_lr is not None and self.staleness > 0:
                 lr = np.float32(self.local_sgd_lr)
                 for name, g in grads.items():
                     params[name] -= lr * g

@@ -219,7 +219,7 @@ def free_port() -> int:
 # ------------------------------------------------------------------------------ runs
 def run_spec(**options: object) -> pb.RunSpec:
     """A run spec the way psctl builds it (digits, batch 32, SGD lr 0.1 unless overridden)."""
-    defaults: dict[str, object] = {"model": "softmax", "dataset": "digits", "workers": 1, "staleness": "2",
+    defaults: dict[str, object] = {"model": "softmax", "dataset": "digits", "workers": 1, "staleness": 2,
                                    "iterations": 30}
     return build_run_spec(LaunchOptions(**{**defaults, **options}))  # type: ignore[arg-type]
 

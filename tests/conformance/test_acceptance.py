@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from paramserver.v1 import paramserver_pb2 as pb
-from worker.datasets import BatchSampler, load_dataset, shard_indices
+from worker.datasets import load_dataset
 from worker.models import build_model
+from worker.sampling import BatchSampler, shard_indices
 
 from .conftest import IMPLEMENTATIONS, Impl, connect, finish, ps_server, run_spec
 
@@ -32,7 +33,7 @@ def _logs(*impls: Impl) -> str:
 
 async def test_mixed_python_and_node_workers_train_digits_mlp_to_095(python_impl: Impl, node_impl: Impl) -> None:
     """2 Python + 2 Node workers, one digits MLP (mlp:64) run with s = 2: >= 0.95 test accuracy."""
-    spec = run_spec(model="mlp:64", workers=4, staleness="2", epochs=10, iterations=0)
+    spec = run_spec(model="mlp:64", workers=4, staleness=2, epochs=10, iterations=0)
     try:
         with ps_server() as srv:
             async with connect(srv.address) as c:
@@ -55,7 +56,7 @@ async def test_mixed_python_and_node_workers_train_digits_mlp_to_095(python_impl
 
 
 async def test_node_workers_alone_train_softmax_on_digits_to_090(node_impl: Impl) -> None:
-    spec = run_spec(model="softmax", workers=2, staleness="2", epochs=10, iterations=0)
+    spec = run_spec(model="softmax", workers=2, staleness=2, epochs=10, iterations=0)
     try:
         with ps_server() as srv:
             async with connect(srv.address) as c:
@@ -76,7 +77,7 @@ async def test_node_bsp_run_equals_the_python_single_process_reference(node_impl
     """s = 0 with SGD and Node workers: the same parameters as numpy computing the same batches of the
     same shards in one process (tests/system's reference), to float32 rounding. The Node worker
     reproduces worker.datasets' shards and batches exactly, and worker.models' gradients."""
-    spec = run_spec(model="mlp:16", workers=3, staleness="0", lr=0.1, iterations=25, batch_size=16, seed=5)
+    spec = run_spec(model="mlp:16", workers=3, staleness=0, lr=0.1, iterations=25, batch_size=16, seed=5)
     try:
         with ps_server() as srv:
             async with connect(srv.address) as c:

@@ -1,7 +1,7 @@
 """The Node worker's building blocks agree with the Python worker's, computed side by side.
 
 worker/node reproduces numpy's ``default_rng(...).permutation`` (PCG64 + SeedSequence) to derive
-the same shards (``worker.datasets.shard_indices``) and batches (``BatchSampler``), reads the
+the same shards (``worker.sampling.shard_indices``) and batches (``BatchSampler``), reads the
 exported split (``worker.export_shard``) and computes the loss and gradients of
 ``worker.models``. Each test runs a small Node program and compares with numpy.
 """
@@ -14,9 +14,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from worker.datasets import BatchSampler, load_dataset, parse_dataset, shard_indices
+from worker.datasets import load_dataset, parse_dataset
 from worker.export_shard import data_key
 from worker.models import build_model
+from worker.sampling import BatchSampler, shard_indices
 
 from .conftest import NODE_DIR, ROOT
 

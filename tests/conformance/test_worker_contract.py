@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from paramserver.v1 import paramserver_pb2 as pb
-from worker.datasets import BatchSampler, load_dataset, shard_indices
+from worker.datasets import load_dataset
 from worker.models import build_model
+from worker.sampling import BatchSampler, shard_indices
 
 from .conftest import Impl, connect, finish, free_port, ps_server, run_spec, wait_until
 from .proxy import FaultProxy
@@ -35,7 +36,7 @@ def kinds(events: list[pb.RunEvent], rank: int | None = None) -> list[str]:
 async def test_joins_and_completes_a_run(impl: Impl) -> None:
     """Join, SSP loop with the cache, metrics, rank-0 eval on the final parameters, Leave DONE."""
     iterations = 40
-    spec = run_spec(workers=2, staleness="2", iterations=iterations, eval_every=10)
+    spec = run_spec(workers=2, staleness=2, iterations=iterations, eval_every=10)
     with ps_server() as srv:
         async with connect(srv.address) as c:
             run = await c.create_run(spec)
@@ -72,7 +73,7 @@ async def test_joins_and_completes_a_run(impl: Impl) -> None:
 async def test_staleness_bound_holds_with_a_straggler(impl: Impl) -> None:
     """Every served pull and accepted push has min_clock >= clock - s (server clock records)."""
     s, iterations = 1, 30
-    spec = run_spec(model="mlp:32", workers=3, staleness=str(s), iterations=iterations, slowdown=((2, 3.0),))
+    spec = run_spec(model="mlp:32", workers=3, staleness=s, iterations=iterations, slowdown=((2, 3.0),))
     with ps_server() as srv:
         async with connect(srv.address) as c:
             run = await c.create_run(spec)
@@ -91,8 +92,8 @@ async def test_staleness_bound_holds_with_a_straggler(impl: Impl) -> None:
     assert sorted((r.rank, r.clock) for r in pushes) == [(k, c) for k in range(3) for c in range(iterations)]
 
 
-@pytest.mark.parametrize("staleness", ["0", "inf"])
-async def test_pulls_every_iteration_without_a_finite_bound(impl: Impl, staleness: str) -> None:
+@pytest.mark.parametrize("staleness", [0, -1], ids=["bsp", "inf"])
+async def test_pulls_every_iteration_without_a_finite_bound(impl: Impl, staleness: int) -> None:
     """s = 0 (BSP) and unbounded s: no cache, one pull per iteration (plus rank 0's final pull)."""
     iterations = 20
     spec = run_spec(workers=2, staleness=staleness, iterations=iterations)
@@ -120,7 +121,7 @@ async def test_a_retried_push_is_applied_once(impl: Impl) -> None:
     """The connection drops after a push reached the server: the worker retries it, the server
     acknowledges a duplicate, and every push is applied exactly once."""
     iterations = 15
-    spec = run_spec(workers=2, staleness="1", iterations=iterations)
+    spec = run_spec(workers=2, staleness=1, iterations=iterations)
     # The proxy speaks gRPC: the server offers no TCP data plane, which would bypass it.
     with ps_server("--data-port", "-1") as srv:
         async with FaultProxy(srv.address, drop_push_clock=3) as proxy, connect(srv.address) as c:
@@ -141,7 +142,7 @@ async def test_large_tensors_travel_in_chunks(impl: Impl) -> None:
     """A 2.4 MB model (layer1.weight alone 2 MiB) with the server cutting pulls into 64 KiB chunks:
     pushes span several ~1 MiB messages, pulls many; the result equals numpy's SGD on the same batches."""
     iterations = 4
-    spec = run_spec(model="mlp:1024,512", workers=1, staleness="0", lr=0.05, iterations=iterations, seed=3,
+    spec = run_spec(model="mlp:1024,512", workers=1, staleness=0, lr=0.05, iterations=iterations, seed=3,
                     eval_every=iterations)
     with ps_server("--chunk-bytes", "65536") as srv:
         async with connect(srv.address) as c:
@@ -301,7 +302,7 @@ async def test_resumes_after_a_server_restart_from_a_checkpoint(impl: Impl, tmp_
     # and then there would be nothing to rewind.
     args = ("--port", str(port), "--data-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "0",
             "--lease-seconds", "20")
-    spec = run_spec(workers=2, staleness="2", iterations=100_000)
+    spec = run_spec(workers=2, staleness=2, iterations=100_000)
     workers = impl.start_many(f"127.0.0.1:{port}", 2, "--timeout-seconds", "10")
     with ps_server(*args) as srv:
         async with connect(srv.address) as c:
@@ -339,7 +340,7 @@ async def test_pushes_and_pulls_over_the_tcp_data_plane_when_offered(impl: Impl,
     metrics_port = free_port()
     with ps_server("--metrics-port", str(metrics_port)) as srv:
         async with connect(srv.address) as c:
-            run = await c.create_run(run_spec(workers=2, staleness="1", iterations=iterations))
+            run = await c.create_run(run_spec(workers=2, staleness=1, iterations=iterations))
             workers = impl.start_many(srv.address, 2, *flags)
             final = await finish(c, run.run_id, logs=impl.logs)
             url = f"http://127.0.0.1:{metrics_port}/metrics"

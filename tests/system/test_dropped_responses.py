@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 
 async def test_dropped_answers_are_retried_and_applied_exactly_once() -> None:
-    spec = build_run_spec(LaunchOptions(model="mlp:16", dataset="digits", workers=3, staleness="0", lr=0.1,
+    spec = build_run_spec(LaunchOptions(model="mlp:16", dataset="digits", workers=3, staleness=0, lr=0.1,
                                         iterations=40, batch_size=16, seed=11))
     # The proxy speaks gRPC: the server offers no TCP data plane, which would bypass it
     # (test_tcp_plane.py drops answers on the TCP data plane).

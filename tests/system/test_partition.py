@@ -55,7 +55,7 @@ def namespace() -> Iterator[tuple[str, str]]:
 async def test_partitioned_worker_is_evicted_then_rejoins_after_healing() -> None:
     lease = 3.0
     # long enough to outlast the partition; stopped once the partitioned worker trains again
-    spec = build_run_spec(LaunchOptions(model="mlp:32", dataset="digits", workers=3, staleness="2", epochs=2000, seed=4))
+    spec = build_run_spec(LaunchOptions(model="mlp:32", dataset="digits", workers=3, staleness=2, epochs=2000, seed=4))
     with namespace() as (ns, host_if), \
             ps_server("--host", "0.0.0.0", "--port", "0", "--lease-seconds", str(lease),
                       "--heartbeat-seconds", "0.5") as (_, addr), \

@@ -27,7 +27,7 @@ async def test_server_restart_mid_run_completes(tmp_path: Path, how: str) -> Non
     every = 10
     args = ("--port", str(port), "--data-dir", str(tmp_path), "--checkpoint-every", str(every),
             "--lease-seconds", "20")
-    spec = build_run_spec(LaunchOptions(model="mlp:32", dataset="digits", workers=3, staleness="2", iterations=120,
+    spec = build_run_spec(LaunchOptions(model="mlp:32", dataset="digits", workers=3, staleness=2, iterations=120,
                                         batch_size=32, seed=1))
     with ps_workers(f"127.0.0.1:{port}", 3, "--timeout-seconds", "10") as workers:
         with ps_server(*args) as (server, addr):

@@ -28,7 +28,7 @@ def rss_mb(pid: int) -> float:
 
 
 async def test_server_memory_is_flat_after_warm_up() -> None:
-    spec = build_run_spec(LaunchOptions(model="mlp:64", dataset="digits", workers=4, staleness="inf",
+    spec = build_run_spec(LaunchOptions(model="mlp:64", dataset="digits", workers=4, staleness=-1,
                                         iterations=10**7, eval_every=200))
     with ps_server("--port", "0") as (server, addr), ps_workers(addr, 4):
         async with connect(addr) as c:

@@ -16,7 +16,7 @@ from worker.datasets import load_dataset
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 
 async def test_digits_mlp_four_workers_ssp2_reaches_095() -> None:
-    spec = build_run_spec(LaunchOptions(model="mlp:64", dataset="digits", workers=4, staleness="2", epochs=10))
+    spec = build_run_spec(LaunchOptions(model="mlp:64", dataset="digits", workers=4, staleness=2, epochs=10))
     with ps_server("--port", "0") as (_, addr), ps_workers(addr, 4) as workers:
         async with connect(addr) as c:
             run = await c.create_run(spec)
@@ -32,7 +32,7 @@ async def test_digits_mlp_four_workers_ssp2_reaches_095() -> None:
 
 async def test_linear_regression_recovers_true_weights() -> None:
     dataset = "synthetic-regression:samples=2000,features=10,noise=0.01,seed=3"
-    spec = build_run_spec(LaunchOptions(model="linear", dataset=dataset, workers=4, staleness="1", lr=0.05,
+    spec = build_run_spec(LaunchOptions(model="linear", dataset=dataset, workers=4, staleness=1, lr=0.05,
                                         epochs=30, batch_size=32))
     with ps_server("--port", "0") as (_, addr), ps_workers(addr, 4):
         async with connect(addr) as c:
@@ -51,7 +51,7 @@ async def test_linear_regression_recovers_true_weights() -> None:
 
 async def test_bsp_equals_single_process_reference() -> None:
     """s = 0 with SGD: the same combined gradients in the same order give the same parameters."""
-    opts = LaunchOptions(model="mlp:16", dataset="digits", workers=3, staleness="0", lr=0.1, iterations=25,
+    opts = LaunchOptions(model="mlp:16", dataset="digits", workers=3, staleness=0, lr=0.1, iterations=25,
                          batch_size=16, seed=5)
     spec = build_run_spec(opts)
     with ps_server("--port", "0") as (_, addr):
@@ -70,7 +70,7 @@ async def test_bsp_equals_single_process_reference() -> None:
 
 async def test_straggler_never_lets_fast_workers_past_the_bound() -> None:
     """One rank 3x slower, s = 1: the server's record shows every iteration within the bound."""
-    opts = LaunchOptions(model="mlp:32", dataset="digits", workers=3, staleness="1", iterations=40,
+    opts = LaunchOptions(model="mlp:32", dataset="digits", workers=3, staleness=1, iterations=40,
                          slowdown=((2, 3.0),))
     spec = build_run_spec(opts)
     with ps_server("--port", "0") as (_, addr), ps_workers(addr, 3):

@@ -26,7 +26,7 @@ async def _clock_of(c, run_id: str, rank: int) -> int:  # type: ignore[no-untype
 
 
 async def test_kill_9_one_worker_the_others_unblock_within_the_lease() -> None:
-    spec = build_run_spec(LaunchOptions(model="mlp:64", dataset="digits", workers=4, staleness="2", epochs=12, seed=2))
+    spec = build_run_spec(LaunchOptions(model="mlp:64", dataset="digits", workers=4, staleness=2, epochs=12, seed=2))
     with ps_server(*SERVER_ARGS) as (_, addr), ps_workers(addr, 4) as workers:
         async with connect(addr) as c:
             run = await c.create_run(spec)
@@ -57,7 +57,7 @@ async def test_kill_9_one_worker_the_others_unblock_within_the_lease() -> None:
 
 async def test_sigstop_past_the_lease_then_sigcont_rejoins() -> None:
     # long enough to outlast the freeze; stopped once the frozen worker trains again
-    spec = build_run_spec(LaunchOptions(model="mlp:32", dataset="digits", workers=3, staleness="1", epochs=2000, seed=3))
+    spec = build_run_spec(LaunchOptions(model="mlp:32", dataset="digits", workers=3, staleness=1, epochs=2000, seed=3))
     with ps_server(*SERVER_ARGS) as (_, addr), ps_workers(addr, 2) as workers:
         # the third worker loops (no --once) so that it can come back after its eviction
         frozen = subprocess.Popen([sys.executable, "-m", "worker.main", "--server", addr, "--log-level", "WARNING",

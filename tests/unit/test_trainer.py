@@ -1,4 +1,4 @@
-"""The worker's training loop against the in-memory server (``paramserver.testing``): real SSP,
+"""The worker's training loop against the in-memory server (``ps_server.testing``): real SSP,
 exactly-once and errors, in one event loop, without processes or sockets."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import pytest
 from client.spec import LaunchOptions, build_run_spec
 from paramserver import errors
 from paramserver.client import PsClient
-from paramserver.testing import InMemoryServer
 from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.core import snapshot
+from ps_server.testing import InMemoryServer
 from worker.config import WorkerConfig
 from worker.trainer import Outcome, train
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(120)
 CONFIG = WorkerConfig(timeout_seconds=5.0, report_seconds=0.05)
 
 
-def _spec(staleness: str, workers: int = 2, iterations: int = 40, **kw: object) -> pb.RunSpec:
+def _spec(staleness: int, workers: int = 2, iterations: int = 40, **kw: object) -> pb.RunSpec:
     return build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=workers, staleness=staleness,
                                         iterations=iterations, batch_size=16, lr=0.2, **kw))  # type: ignore[arg-type]
 
@@ -40,8 +40,8 @@ async def _train_all(server: InMemoryServer, spec: pb.RunSpec) -> tuple[str, lis
     return run.run_id, list(outcomes)
 
 
-@pytest.mark.parametrize(("staleness", "skips"), [("0", False), ("2", True), ("inf", False)])
-async def test_ranks_train_a_run_to_completion(staleness: str, skips: bool) -> None:
+@pytest.mark.parametrize(("staleness", "skips"), [(0, False), (2, True), (-1, False)])
+async def test_ranks_train_a_run_to_completion(staleness: int, skips: bool) -> None:
     """Every rank completes; the server applied each push once; the SSP cache skips pulls only for
     a finite s > 0 (never for BSP, which always needs the combined step, nor for ASP)."""
     async with InMemoryServer() as server:
@@ -63,7 +63,7 @@ async def test_transient_failures_are_retried_and_applied_once() -> None:
     the server already applied are acknowledged as duplicates, never applied twice."""
     async with InMemoryServer() as server:
         async with server.client() as admin:
-            run = await admin.create_run(_spec("1", workers=1, iterations=20))
+            run = await admin.create_run(_spec(1, workers=1, iterations=20))
         client = server.client()
         joined = await client.join("w0", run.run_id, max_wait=0)
         transport = server.transports[-1]
@@ -84,7 +84,7 @@ async def test_a_server_that_lost_clocks_sends_the_worker_back() -> None:
     reason (CLOCK_AHEAD) and fact (next_clock) send the worker back there, and the run completes."""
     async with InMemoryServer() as server:
         async with server.client() as admin:
-            run = await admin.create_run(_spec("inf", workers=1, iterations=30))
+            run = await admin.create_run(_spec(-1, workers=1, iterations=30))
         client = server.client()
         joined = await client.join("w0", run.run_id, max_wait=0)
         core = server.registry.get(run.run_id)
@@ -109,7 +109,7 @@ async def test_a_server_that_lost_clocks_sends_the_worker_back() -> None:
 async def test_a_stopped_run_ends_the_assignment_without_failing_it() -> None:
     async with InMemoryServer() as server:
         async with server.client() as admin:
-            run = await admin.create_run(_spec("1", workers=2, iterations=10_000))
+            run = await admin.create_run(_spec(1, workers=2, iterations=10_000))
             clients = [server.client(), server.client()]
             joined = [await c.join(f"w{i}", run.run_id, max_wait=0) for i, c in enumerate(clients)]
             tasks = [asyncio.create_task(train(c, j.assignment, CONFIG)) for c, j in zip(clients, joined, strict=True)]
@@ -128,7 +128,7 @@ async def test_an_evicted_worker_gives_up_its_assignment() -> None:
     as a stale incarnation, and it goes back to waiting for work instead of failing the run."""
     async with InMemoryServer(lease_seconds=0.3, heartbeat_seconds=0.1) as server:
         async with server.client() as admin:
-            run = await admin.create_run(_spec("1", workers=1, iterations=10_000))
+            run = await admin.create_run(_spec(1, workers=1, iterations=10_000))
         client = server.client()
         joined = await client.join("w0", run.run_id, max_wait=0)
         task = asyncio.create_task(train(client, joined.assignment, CONFIG))
@@ -152,7 +152,7 @@ async def test_an_in_memory_refusal_is_the_typed_error_with_its_reason() -> None
         with pytest.raises(errors.NotFound) as e:
             await ps.get_run("run-nope")
         assert e.value.reason == pb.ERROR_REASON_RUN_NOT_FOUND
-        run = await ps.create_run(_spec("0", workers=1))
+        run = await ps.create_run(_spec(0, workers=1))
         a = (await ps.join("w", run.run_id, max_wait=0)).assignment
         with pytest.raises(errors.FailedPrecondition) as e:
             await ps.pull(run.run_id, a.rank, a.incarnation, 3, max_wait=1.0)
@@ -164,7 +164,7 @@ def test_the_in_memory_server_needs_no_grpc() -> None:
     import subprocess
     import sys
 
-    probe = ("import sys, paramserver.testing, worker.trainer; "
+    probe = ("import sys, ps_server.testing, worker.trainer; "
              "print(sorted(m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
