@@ -20,7 +20,7 @@ workers also fall back to comparing the run's parsed spec with each manifest's `
 ``aliases`` specs.
 
 The export is the *whole* split, not one rank's shard: a worker derives its shard itself with the
-rule of :func:`worker.datasets.shard_indices` (``default_rng(seed).permutation(n)[rank::world]``,
+rule of :func:`worker.sampling.shard_indices` (``default_rng(seed).permutation(n)[rank::world]``,
 sorted), which worker/node reproduces bit for bit, so one export serves every world size and seed.
 The files are rewritten atomically (a temporary directory renamed into place).
 """

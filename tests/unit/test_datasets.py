@@ -12,13 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.datasets import (
-    BatchSampler,
-    DatasetError,
-    load_dataset,
-    parse_dataset,
-    shard_indices,
-)
+from worker.datasets import DatasetError, load_dataset, parse_dataset
+from worker.sampling import BatchSampler, shard_indices
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,6 +1,6 @@
 'use strict';
 /**
- * The worker's client of a paramserver (the Node twin of worker/client.py).
+ * The worker's client of a paramserver (the Node twin of paramserver/client.py, the Python SDK).
  *
  * Every call has a deadline: unary calls through gRPC's deadline, stream operations through a
  * timer that cancels the stream. The data plane keeps one PushGradient and one PullParams stream
