@@ -5,7 +5,7 @@
 
 ``client`` (``PsClient``, the async facade: control calls, pushes, pulls), ``errors`` (the typed
 error tree), ``security`` (TLS settings and the token), ``streams`` / ``sink`` / the transports
-(gRPC, the TCP data plane), ``testing`` (an in-memory server for tests), and the settings and
+(gRPC, the TCP data plane), and the settings and
 runtime helpers the programs share (importing this package loads none of them: the server's
 core imports ``settings`` without gRPC or the stubs). The contract, ``paramserver.v1``, lives in
 ``protos/paramserver/v1`` in the source tree and is installed beside these modules.

@@ -5,7 +5,7 @@
         ack, params = await ps.push_pull(run_id, rank, incarnation, clock, grads, into=params)
 
 Every call has a deadline and fails with a typed ``paramserver.errors.PsError``. Control calls go
-over the transport (gRPC by default; ``paramserver.testing`` has an in-memory one); pushes and
+over the transport (gRPC by default; ``ps_server.testing`` has an in-memory one); pushes and
 pulls over two long-lived streams (``streams``) on the server's TCP data plane once a Join or
 Heartbeat told its port, else on the transport. Pulled tensors are written into arrays the
 caller owns (``sink``), so steady-state pulls allocate nothing.
@@ -37,7 +37,7 @@ M = TypeVar("M", bound=Message)
 
 
 class Transport(Protocol):
-    """What ``PsClient`` needs below it (``grpc_transport.GrpcTransport``, ``testing.InMemoryTransport``)."""
+    """What ``PsClient`` needs below it (``grpc_transport.GrpcTransport``, ``ps_server.testing.InMemoryTransport``)."""
 
     async def unary(self, service: str, method: str, request: Message, response: type[M], timeout: float) -> M: ...
     def stream(self, method: str) -> Call: ...

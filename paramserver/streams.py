@@ -5,7 +5,7 @@ pull (several times the message rate of one call per operation). ``Stream`` carr
 at a time on such a stream, bounded by a timeout; a stream that fails or times out is dropped and
 reopened by the next operation. ``Route`` decides where a stream opens: on the server's TCP data
 plane once a Join or Heartbeat told its port, else (and for a while after it could not be
-reached) on the client's transport (gRPC, or the in-memory one of ``paramserver.testing``).
+reached) on the client's transport (gRPC, or the in-memory one of ``ps_server.testing``).
 Streams move only between operations, never under one.
 """
 

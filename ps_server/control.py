@@ -2,7 +2,7 @@
 
 Each method decodes its request message (``codec``), calls the core and encodes the answer; a
 ``PsError`` it raises is the call's status (``codec.error_status``). The gRPC servicer routes calls
-here and nothing else; so does the in-memory transport of ``paramserver.testing``.
+here and nothing else; so does the in-memory transport of ``ps_server.testing``.
 """
 
 from __future__ import annotations

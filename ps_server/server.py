@@ -126,7 +126,7 @@ async def start_server(config: ServerConfig) -> PsServer:
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),
-        # Workers ping every 2 s to detect partitions (worker.client.channel_options): allow it.
+        # Workers ping every 2 s to detect partitions (paramserver.grpc_transport.channel_options): allow it.
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_ping_strikes", 0),

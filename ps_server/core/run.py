@@ -99,11 +99,10 @@ class Run:
             self._finish(RunState.FAILED, f"rank {rank} failed: {message or 'no message'}", message or "worker failed", rank)
         elif reason == "shutdown":
             self._evict(slot, f"left ({message or 'shutdown'})", kind="left")
-        elif slot.state is WorkerState.ACTIVE:
-            self.clock.set_state(slot, WorkerState.DONE)
-            self.history.event("done", rank, f"rank {rank} left at clock {slot.clock}")
-            self._after_clock_change()
         else:
+            if slot.state is WorkerState.ACTIVE:
+                self.clock.set_state(slot, WorkerState.DONE)
+                self.history.event("done", rank, f"rank {rank} left at clock {slot.clock}")
             self._after_clock_change()
         return self.state
 
@@ -127,8 +126,7 @@ class Run:
 
     def push(self, rank: int, incarnation: int, clock: int, grads: Mapping[str, Gradient], nbytes: int,
              loss: float = float("nan"), data_plane: str = "") -> PushResult:
-        """Accept the gradient of iteration ``clock`` of a rank: apply (s > 0) or hold (s = 0).
-        ``data_plane``: what it came over ("tcp", "grpc"), shown in the rank's status."""
+        """Accept a rank's gradient of iteration ``clock``: apply (s > 0) or hold (s = 0)."""
         try:
             slot = self.clock.holder(rank, incarnation)
             slot.data_plane = data_plane or slot.data_plane
@@ -157,9 +155,8 @@ class Run:
         return PushResult(slot.clock, False, self.min_clock, self.state)
 
     async def wait_pull(self, rank: int, incarnation: int, clock: int, timeout: float) -> None:
-        """Return once a pull of ``clock`` by this rank may be served (``ssp``); raise when it never
-        will be (stale incarnation, run stopped) or after ``timeout`` seconds (WAIT_TIMEOUT). While
-        parked, the rank shows what it waits for."""
+        """Return once a pull of ``clock`` by this rank may be served (``ssp``; meanwhile the rank
+        shows what it waits for); raise when it never will be or after ``timeout`` seconds."""
         slot = self.clock.holder(rank, incarnation)
         ssp.check_pull(self.spec, slot, clock)
         ready = partial(self.pull_ready, rank, incarnation, clock)

@@ -1,5 +1,6 @@
-"""An in-memory paramserver for tests: the real server's core, control plane and data plane in the
-caller's event loop, behind a transport that passes messages in memory (httpx's MockTransport idea).
+"""An in-memory paramserver for testing clients: the real server's core, control plane and data plane
+in the caller's event loop, behind a ``paramserver.client.Transport`` that passes messages in memory
+(httpx's MockTransport idea).
 
     async with InMemoryServer() as server, server.client() as ps:
         run = await ps.create_run(spec)
@@ -23,16 +24,16 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
+from paramserver import errors
+from paramserver.client import PsClient
+from paramserver.streams import WriteFailed
 from paramserver.v1 import wire
-from ps_server import codec
-from ps_server.control import Control
-from ps_server.core.errors import PsError as ServerError
-from ps_server.core.registry import RunRegistry
-from ps_server.dataplane import Caller, DataPlane
 
-from . import errors
-from .client import PsClient
-from .streams import WriteFailed
+from . import codec
+from .control import Control
+from .core.errors import PsError as ServerError
+from .core.registry import RunRegistry
+from .dataplane import Caller, DataPlane
 
 __all__ = ["InMemoryServer", "InMemoryTransport"]
 
