@@ -647,7 +647,7 @@ def main() -> None:
         for inproc in inprocs:
             for malloc in mallocs:
                 for transport in transports:
-                    verify = "big-100M" in models and not args.profile and not any(c.route.transport == transport for c in configs)
+                    verify = "big-100M" in models and not args.profile and not any(c.transport == transport for c in configs)
                     configs.append(Config(py, malloc, inproc, models, verify, args.chunk_bytes, transport))
         for cfg in configs:  # set-ups one at a time: they allocate and fault in hundreds of MB
             cfg.wait_ready()
