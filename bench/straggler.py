@@ -164,7 +164,7 @@ async def one_run(addr: str, setting: Setting, o: LaunchOptions, observe_every: 
             await obs_task
         load_after = os.getloadavg()[0]
         final = await c.get_run(run.run_id)
-        metrics = await c.runs.GetMetrics(pb.GetMetricsRequest(run_id=run.run_id, include_clock_records=True))
+        metrics = await c.get_metrics(run.run_id, include_clock_records=True)
     if final.state != pb.RUN_STATE_COMPLETED:
         raise RuntimeError(f"{setting.label}: run ended {pb.RunState.Name(final.state)}: {final.message}")
     if final.counters.evictions or final.counters.pushes_applied != o.workers * spec.iterations:
