@@ -224,7 +224,7 @@ class DataPlane:
 
     def _wait_limit(self, max_wait: Duration, caller: Caller) -> float:
         """How long a pull may park: the request's wish, capped by the server's limit and the call's deadline."""
-        requested = max_wait.ToTimedelta().total_seconds()
+        requested = max_wait.seconds + max_wait.nanos * 1e-9
         limit = self._max_wait if requested <= 0 else min(requested, self._max_wait)
         remaining = caller.time_remaining()
         return limit if remaining is None else max(0.0, min(limit, remaining))

@@ -69,6 +69,9 @@ class VectorClock:
     def count(self, state: WorkerState) -> int:
         return sum(s.state is state for s in self.slots)
 
+    def any_in(self, state: WorkerState) -> bool:
+        return any(s.state is state for s in self.slots)
+
     def behind(self, need: int) -> list[Slot]:
         """Live ranks whose clock is below ``need``: who holds a wait for ``need`` back."""
         return [s for s in self.slots if s.live and s.clock < need]

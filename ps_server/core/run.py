@@ -212,8 +212,8 @@ class Run:
         if self.spec.staleness == 0:
             for by_rank in self.bsp.complete(self.min_clock):
                 self._step(partial(self.bsp.combine, by_rank, self.store.params))
-        if (self.state is RunState.RUNNING and not self.clock.count(WorkerState.ACTIVE)
-                and self.clock.count(WorkerState.DONE)):
+        if (self.state is RunState.RUNNING and not self.clock.any_in(WorkerState.ACTIVE)
+                and self.clock.any_in(WorkerState.DONE)):
             self._finish(RunState.COMPLETED, "all ranks finished", f"all ranks done at min clock {self.min_clock}")
         self._changed()
 
