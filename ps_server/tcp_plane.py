@@ -14,7 +14,7 @@ on the event loop between two sends (the optimizers write each element once, fro
 buffers), and ``tcp.send_parts`` never sends one element's bytes from two moments.
 
 Bounds: a dead peer is found by TCP keepalive within seconds (``tcp.tune``), a client that reads
-nothing of an answer for ``_STALL_SECONDS`` is dropped, a request is read only when the servicer
+nothing of an answer for ``_STALL_SECONDS`` is dropped, a request is read only when the data plane
 asks for the next one, and at most ``MAX_STREAMS`` streams are open at once.
 """
 
@@ -185,9 +185,9 @@ class TcpDataPlane:
         return int(method)
 
     async def _requests(self, conn: socket.socket, serving: asyncio.Task[None]) -> AsyncGenerator[memoryview, None]:
-        """The stream's requests, each read when the servicer asks for it (so a push waiting for a
+        """The stream's requests, each read when the data plane asks for it (so a push waiting for a
         slot holds nothing more, and the client's sending waits, as HTTP/2 flow control makes it
-        wait on gRPC). While the servicer works on a request (a pull parked for its SSP bound),
+        wait on gRPC). While the data plane works on a request (a pull parked for its SSP bound),
         the socket is watched: a client that closes the connection cancels the handler, as gRPC
         cancels a call whose client is gone. The stream never ends of itself."""
         loop = asyncio.get_running_loop()

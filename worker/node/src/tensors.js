@@ -3,7 +3,7 @@
  * Tensors on the wire (TensorChunk in paramserver.proto): a chunk holds the little-endian float32
  * elements of one named tensor from element `offset` of its flattened (C order) values; chunks of
  * a tensor come in offset order and cover it exactly once. Senders cut tensors into ~1 MiB chunks
- * and group chunks into messages of ~1 MiB payload (as protos/paramserver/v1/tensors.py does).
+ * and group chunks into messages of ~1 MiB payload (as paramserver.v1.wire.chunk_groups does).
  *
  * Receiving: a protobuf `bytes` field arrives as a Buffer that usually views a larger message
  * buffer at an arbitrary byteOffset, so it is never viewed as a Float32Array directly: its bytes
