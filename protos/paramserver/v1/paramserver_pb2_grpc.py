@@ -84,8 +84,9 @@ class ParameterServiceServicer:
         over live ranks is >= clock - staleness, then streams the parameters as chunks, the last
         response with `final` set. The caller's own pushes up to clock - 1 must be in: a pull for a
         later clock could only be made ready by the caller itself, so it is refused
-        (FAILED_PRECONDITION, "next clock is N"; after a server restart from a checkpoint, Heartbeat
-        returns the clock to go back to). Clock = the run's iteration count reads the final
+        (FAILED_PRECONDITION, reason CLOCK_AHEAD with the clock to go back to in ErrorInfo.next_clock,
+        as after a server restart from a checkpoint; Heartbeat tells it too). Clock = the run's
+        iteration count reads the final
         parameters: it waits until every live rank finished. Like PushGradient the stream may carry
         many pulls in turn. A request with incarnation 0 is an
         observer's read (psctl export): it never waits and serves the current parameters.
@@ -98,7 +99,8 @@ class ParameterServiceServicer:
         FAILED_PRECONDITION stale incarnation (evicted while waiting), run stopped or failed, clock
         beyond the caller's next clock;
         OUT_OF_RANGE        clock beyond the run's iteration count;
-        DEADLINE_EXCEEDED   the server's park limit passed; the message names the ranks waited on;
+        DEADLINE_EXCEEDED   the server's park limit passed (reason WAIT_TIMEOUT, with the min clock
+        needed and the ranks waited on);
         UNAVAILABLE         the server is shutting down.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
