@@ -122,7 +122,6 @@ class DataPlane:
                 self._begin()
                 try:
                     push = await self._receive(raw, requests, holder)
-                    raw = b""  # the push's messages live as long as its gradient's views, no longer
                     req = push.request
                     try:
                         result = push.run.push(req.rank, req.incarnation, req.clock, push.grads, push.nbytes,
@@ -131,7 +130,9 @@ class DataPlane:
                         log.info("push rejected: %s", exc, extra={"run": req.run_id, "rank": req.rank, "clock": req.clock})
                         raise
                     then_pull = push.then_pull
-                    del push  # drop the gradient now, not when the next push on this stream replaces it
+                    # Drop the push's messages now (its gradient and requests hold views of them), not
+                    # when the next push on this stream replaces them: idle streams would hold them.
+                    del push, req, raw
                     ack = (result.clock, result.duplicate, result.min_clock, run_state_to_proto(result.run_state))
                     if then_pull is None:
                         yield wire.push_response_parts(*ack)
