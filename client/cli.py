@@ -187,9 +187,10 @@ def launch(
 
 @app.command()
 @_handled
-def runs(server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
+def runs(limit: Annotated[int, typer.Option(min=1, help="Show at most this many (the newest).")] = 100,
+         server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
     """List the server's runs, newest first."""
-    found = _with_client(server, timeout, lambda ps: ps.list_runs())
+    found = _with_client(server, timeout, lambda ps: ps.list_runs(limit))
     if json_:
         _print_json([facts.run_facts(r) for r in found])
     elif not found:
@@ -249,6 +250,19 @@ def stop(run_id: RunId, reason: Annotated[str, typer.Option(help="Why (shown in 
         _print_json({"run_id": run.run_id, "state": facts.state_name(run.state), "message": run.message})
     else:
         typer.echo(f"{run.run_id}: {facts.state_name(run.state)}" + (f" ({run.message})" if run.message else ""))
+
+
+@app.command()
+@_handled
+def delete(run_id: RunId,
+           force: Annotated[bool, typer.Option("--force", help="Stop the run first if it is still going.")] = False,
+           server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 60.0) -> None:
+    """Delete a finished run: the server forgets it and deletes its checkpoints (export it first to keep it)."""
+    run = _with_client(server, timeout, lambda ps: ps.delete_run(run_id, force))
+    if json_:
+        _print_json({"run_id": run.run_id, "deleted": True, "state": facts.state_name(run.state)})
+    else:
+        typer.echo(f"{run.run_id}: deleted ({facts.state_name(run.state)})")
 
 
 @app.command()

@@ -140,7 +140,7 @@ def run_facts(run: pb.Run, now: float | None = None) -> dict[str, Any]:
         "batch_size": spec.batch_size,
         "iterations": spec.iterations,
         "workers": spec.num_workers,
-        "workers_active": sum(w.state == pb.WORKER_STATE_ACTIVE for w in run.workers),
+        "workers_active": run.active_workers,
         "min_clock": run.min_clock,
         "max_clock": run.max_clock,
         "progress": run.min_clock / spec.iterations if spec.iterations else 0.0,

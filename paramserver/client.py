@@ -127,8 +127,24 @@ class PsClient:
     async def get_run(self, run_id: str) -> pb.Run:
         return (await self._call("RunService", "GetRun", pb.GetRunRequest(run_id=run_id), pb.GetRunResponse)).run
 
-    async def list_runs(self) -> list[pb.Run]:
-        return list((await self._call("RunService", "ListRuns", pb.ListRunsRequest(), pb.ListRunsResponse)).runs)
+    async def list_runs(self, limit: int = 1000) -> list[pb.Run]:
+        """Up to ``limit`` runs, newest first, as summaries (no per-rank status, no model or data
+        spec: ``get_run`` has them), read a page at a time."""
+        runs: list[pb.Run] = []
+        token = ""
+        while len(runs) < limit:
+            req = pb.ListRunsRequest(page_size=min(limit - len(runs), 1000), page_token=token)
+            page = await self._call("RunService", "ListRuns", req, pb.ListRunsResponse)
+            runs += page.runs
+            token = page.next_page_token
+            if not token:
+                break
+        return runs
+
+    async def delete_run(self, run_id: str, force: bool = False) -> pb.Run:
+        """Forget a finished run and delete its checkpoints (``force``: stop it first); the run as it was."""
+        req = pb.DeleteRunRequest(run_id=run_id, force=force)
+        return (await self._call("RunService", "DeleteRun", req, pb.DeleteRunResponse)).run
 
     async def stop_run(self, run_id: str, reason: str = "") -> pb.Run:
         req = pb.StopRunRequest(run_id=run_id, reason=reason)

@@ -43,6 +43,8 @@ class Checkpointer:
         run.on_change = self._changed
 
     def _changed(self, run: Run) -> None:
+        if run.run_id not in self._taken:  # deleted
+            return
         clock, final = self._taken[run.run_id]
         if run.state.finished:
             if not final:
@@ -83,6 +85,18 @@ class Checkpointer:
         log.info("checkpoint %s (%s, min clock %d) in %.0f ms", path, reason, meta["min_clock"],
                  1e3 * (time.perf_counter() - t0), extra={"run": run_id})
         return path
+
+    async def delete(self, run_id: str) -> None:
+        """Delete ``run_id``'s checkpoints, once the write in progress (if any) has landed; a
+        snapshot still waiting to be written is dropped."""
+        self._waiting.pop(run_id, None)
+        self._taken.pop(run_id, None)
+        writer = self._writers.pop(run_id, None)
+        if writer is not None:
+            await asyncio.gather(writer, return_exceptions=True)
+        async with self._locks.setdefault(run_id, asyncio.Lock()):
+            await asyncio.to_thread(self.store.delete, run_id)
+        self._locks.pop(run_id, None)
 
     async def drain(self) -> None:
         """Wait for every scheduled write."""

@@ -19,7 +19,18 @@ from paramserver.v1 import wire
 
 from .core import errors
 from .core.history import ClockRecord
-from .core.spec import OPTIMIZER_DEFAULTS, Aggregation, Initializer, OptimizerConfig, OptimizerKind, ParamSpec, RunSpec
+from .core.spec import (
+    DEFAULT_LIMITS,
+    OPTIMIZER_DEFAULTS,
+    Aggregation,
+    Initializer,
+    Limits,
+    OptimizerConfig,
+    OptimizerKind,
+    ParamSpec,
+    RunSpec,
+    check_sizes,
+)
 from .core.status import MetricPoint, RunEvent, RunState, RunStatus, WorkerState
 from .core.tensors import Gradient, Pieces
 
@@ -37,6 +48,11 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------- errors
+_MAX_MESSAGE = 1024
+MAX_RANKS_BEHIND = 32
+"""ErrorInfo.ranks_behind names at most this many ranks (a status must fit gRPC's trailer limit)."""
+
+
 def error_status(exc: errors.PsError) -> pb.Status:
     """What a refusal says on every transport: status code, message, and the facts for programs."""
     info = pb.ErrorInfo(reason=pb.ErrorReason.Value(f"ERROR_REASON_{exc.reason.name}"))
@@ -46,8 +62,11 @@ def error_status(exc: errors.PsError) -> pb.Status:
         info.run_state = _RUN_STATE[RunState(exc.run_state)]
     if exc.needed_min_clock is not None:
         info.needed_min_clock = max(0, exc.needed_min_clock)
-    info.ranks_behind.extend(exc.ranks_behind)
-    return pb.Status(code=exc.code, message=str(exc), error=info)
+    info.ranks_behind.extend(exc.ranks_behind[:MAX_RANKS_BEHIND])
+    message = str(exc)  # short by construction (errors.listed, errors.quoted); this is the last guard
+    if len(message) > _MAX_MESSAGE:
+        message = message[:_MAX_MESSAGE] + f"... ({len(message) - _MAX_MESSAGE} more characters)"
+    return pb.Status(code=exc.code, message=message, error=info)
 
 
 # ------------------------------------------------------------------------------------- tensors
@@ -83,12 +102,12 @@ class TensorAssembler:
             name = chunk.name
             if chunk.dtype != _FLOAT32:
                 raise _bad_gradient(
-                    f"tensor {name!r} has dtype {pb.DataType.Name(chunk.dtype) if chunk.dtype in pb.DataType.values() else chunk.dtype}; "
+                    f"tensor {errors.quoted(name)} has dtype {pb.DataType.Name(chunk.dtype) if chunk.dtype in pb.DataType.values() else chunk.dtype}; "
                     "this server stores DATA_TYPE_FLOAT32"
                 )
             n_bytes = len(data)
             if n_bytes & 3:
-                raise _bad_gradient(f"tensor {name!r}: chunk of {n_bytes} bytes is not a whole number of float32")
+                raise _bad_gradient(f"tensor {errors.quoted(name)}: chunk of {n_bytes} bytes is not a whole number of float32")
             self.nbytes += n_bytes
             if self.nbytes > self.max_bytes:
                 tensors.clear()  # drop what was buffered: the rest of the push is only counted
@@ -99,16 +118,16 @@ class TensorAssembler:
             values = np.frombuffer(data, _F32)
             if name not in tensors:
                 if len(shape) > 32:
-                    raise _bad_gradient(f"tensor {name!r} has {len(shape)} dimensions: send the parameter's shape")
+                    raise _bad_gradient(f"tensor {errors.quoted(name)} has {len(shape)} dimensions: send the parameter's shape")
                 if shape and min(shape) < 0:
-                    raise _bad_gradient(f"tensor {name!r} has a negative dimension in shape {list(shape)}")
+                    raise _bad_gradient(f"tensor {errors.quoted(name)} has a negative dimension in shape {list(shape)}")
                 total = math.prod(shape)
                 if total == 0 and any(4 * d > self.max_bytes for d in shape):
-                    raise _bad_gradient(f"tensor {name!r} has shape {list(shape)}: send the parameter's shape")
+                    raise _bad_gradient(f"tensor {errors.quoted(name)} has shape {list(shape)}: send the parameter's shape")
                 self._declared += 4 * total
                 if self._declared > self.max_bytes:
                     raise errors.ResourceExhausted(
-                        f"tensor {name!r} declares shape {list(shape)}, more than this run's gradient can be"
+                        f"tensor {errors.quoted(name)} declares shape {list(shape)}, more than this run's gradient can be"
                     )
                 if n_bytes == 4 * total and chunk.offset == 0:  # the whole tensor in one chunk
                     tensors[name] = values.reshape(shape)
@@ -119,12 +138,12 @@ class TensorAssembler:
             pieces = tensors[name]
             size = math.prod(pieces.shape)
             if shape != pieces.shape:
-                raise _bad_gradient(f"chunks of tensor {name!r} disagree on its shape")
+                raise _bad_gradient(f"chunks of tensor {errors.quoted(name)} disagree on its shape")
             filled = self._filled[name]
             n = values.size
             if chunk.offset != filled or filled + n > size or not isinstance(pieces, Pieces):
                 raise _bad_gradient(
-                    f"tensor {name!r}: chunk at offset {chunk.offset} with {n} elements, expected offset "
+                    f"tensor {errors.quoted(name)}: chunk at offset {chunk.offset} with {n} elements, expected offset "
                     f"{filled} of {size}: send chunks in order, covering the tensor once"
                 )
             if n:
@@ -137,7 +156,7 @@ class TensorAssembler:
             size = math.prod(g.shape)
             if self._filled[name] != size:
                 raise _bad_gradient(
-                    f"tensor {name!r} is incomplete: {self._filled[name]} of {size} elements arrived"
+                    f"tensor {errors.quoted(name)} is incomplete: {self._filled[name]} of {size} elements arrived"
                 )
         return self._tensors
 
@@ -179,13 +198,16 @@ def _optimizer_to_proto(c: OptimizerConfig) -> pb.OptimizerSpec:
     return out
 
 
-def spec_from_proto(s: pb.RunSpec) -> RunSpec:
+def spec_from_proto(s: pb.RunSpec, limits: Limits = DEFAULT_LIMITS) -> RunSpec:
+    """The core's spec; its counts are checked against ``limits`` before anything is built of them."""
+    check_sizes(limits, workers=s.num_workers, tensors=len(s.params), slowdowns=len(s.slowdown),
+                json_bytes=max(len(s.model_spec_json), len(s.data_spec_json)), iterations=s.iterations)
     params = []
     for p in s.params:
         if p.dtype not in (pb.DATA_TYPE_FLOAT32, pb.DATA_TYPE_UNSPECIFIED):
-            raise _bad_spec(f"param {p.name!r}: only DATA_TYPE_FLOAT32 parameters are stored")
+            raise _bad_spec(f"param {errors.quoted(p.name)}: only DATA_TYPE_FLOAT32 parameters are stored")
         if p.initializer not in _INIT:
-            raise _bad_spec(f"param {p.name!r}: unknown initializer {p.initializer}")
+            raise _bad_spec(f"param {errors.quoted(p.name)}: unknown initializer {p.initializer}")
         params.append(ParamSpec(p.name, tuple(p.shape), _INIT[p.initializer], p.scale))
     if s.aggregation not in _AGG:
         raise _bad_spec(f"unknown aggregation {s.aggregation}")
@@ -315,5 +337,6 @@ def run_to_proto(spec: RunSpec, s: RunStatus) -> pb.Run:
         ),
         last_eval=point_to_proto(s.last_eval) if s.last_eval else None,
         waiting_for=s.waiting_for,
+        active_workers=s.active_workers,
     )
 

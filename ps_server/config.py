@@ -37,6 +37,11 @@ class ServerConfig:
     data_dir: str = opt("", "Directory for checkpoints; runs found there are resumed at start. Empty = none.")
     checkpoint_every: int = opt(50, "Checkpoint a run each time its min clock passes a multiple of this; 0 = only on demand and at the end.")
     checkpoint_keep: int = opt(3, "Checkpoints kept per run (older ones are deleted).")
+    keep_finished_runs: int = opt(50, "Finished runs kept (their parameters stay in memory); the oldest finished "
+                                  "beyond this are forgotten and their checkpoints deleted. 0 = no limit.")
+    keep_finished_seconds: float = opt(0.0, "Finished runs are forgotten (checkpoints deleted) this long after they "
+                                       "ended. 0 = no limit.")
+    max_workers: int = opt(1024, "Ranks one run may have.")
     metrics_port: int = opt(-1, "Prometheus metrics HTTP port; -1 = off, 0 = a free port.")
     tls_cert: str = opt("", "Server certificate (PEM) for TLS; with --tls-key.")
     tls_key: str = opt("", "Server private key (PEM) for TLS.")
@@ -71,6 +76,10 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         problems.append("chunk_bytes must be >= 1024 and at most half of max_message_bytes")
     if config.push_slots < 1:
         problems.append("push_slots must be >= 1")
+    if config.keep_finished_runs < 0 or config.keep_finished_seconds < 0:
+        problems.append("keep_finished_runs and keep_finished_seconds must be >= 0 (0 = no limit)")
+    if config.max_workers < 1:
+        problems.append("max_workers must be >= 1")
     for name in ("max_wait_seconds", "lease_seconds", "heartbeat_seconds"):
         if getattr(config, name) <= 0:
             problems.append(f"{name} must be positive")

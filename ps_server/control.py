@@ -42,6 +42,16 @@ def _run(run: Run) -> pb.Run:
     return codec.run_to_proto(run.spec, run.status())
 
 
+def _summary(run: Run) -> pb.Run:
+    out = codec.run_to_proto(run.spec, run.status(workers=False))
+    out.spec.model_spec_json = out.spec.data_spec_json = ""
+    return out
+
+
+DEFAULT_PAGE, MAX_PAGE = 100, 1000
+"""ListRuns' page size when the request gives none, and its most."""
+
+
 class Control:
     def __init__(self, registry: RunRegistry, *, max_wait: float, heartbeat_seconds: float, lease_seconds: float,
                  checkpointer: Checkpointer | None = None, data_port: Callable[[], int] = lambda: 0) -> None:
@@ -55,7 +65,7 @@ class Control:
 
     # ------------------------------------------------------------------------------ RunService
     async def CreateRun(self, request: pb.CreateRunRequest) -> pb.CreateRunResponse:
-        run = await self._registry.create(codec.spec_from_proto(request.spec))
+        run = await self._registry.create(codec.spec_from_proto(request.spec, self._registry.limits))
         log.info("created %s: %s", run.run_id, run.spec.name or "(unnamed)", extra={"run": run.run_id})
         return pb.CreateRunResponse(run=_run(run))
 
@@ -63,7 +73,25 @@ class Control:
         return pb.GetRunResponse(run=_run(self._registry.get(request.run_id)))
 
     async def ListRuns(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
-        return pb.ListRunsResponse(runs=[_run(r) for r in self._registry.runs()])
+        """A page of runs as summaries: no per-rank status, no model or data spec (GetRun has them),
+        so a page costs the same however large its runs are."""
+        size = min(request.page_size or DEFAULT_PAGE, MAX_PAGE)
+        runs, token = self._registry.page(size, request.page_token)
+        return pb.ListRunsResponse(runs=[_summary(r) for r in runs], next_page_token=token)
+
+    async def DeleteRun(self, request: pb.DeleteRunRequest) -> pb.DeleteRunResponse:
+        run = self._registry.get(request.run_id)
+        if not run.state.finished:
+            if not request.force:
+                raise FailedPrecondition(f"run {run.run_id} is {run.state.value}: stop it first, or delete it with "
+                                         "force", Reason.RUN_NOT_FINISHED)
+            run.stop("deleted")
+        last = _run(run)
+        self._registry.remove(run.run_id)
+        if self._checkpointer is not None:
+            await self._checkpointer.delete(run.run_id)
+        log.info("deleted %s", run.run_id, extra={"run": run.run_id})
+        return pb.DeleteRunResponse(run=last)
 
     async def StopRun(self, request: pb.StopRunRequest) -> pb.StopRunResponse:
         run = self._registry.get(request.run_id)

@@ -31,7 +31,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import wire
 
 from .codec import TensorAssembler, run_state_to_proto
-from .core.errors import InvalidArgument, Malformed, PsError
+from .core.errors import InvalidArgument, Malformed, PsError, quoted
 from .core.gate import Gate
 from .core.registry import RunRegistry
 from .core.run import Run
@@ -73,6 +73,11 @@ class _Push:
     grads: dict[str, Gradient]
     nbytes: int
     then_pull: pb.PullParamsRequest | None
+
+
+def _key(key: tuple[str, int, int, int]) -> str:
+    run_id, rank, incarnation, clock = key
+    return f"(run {quoted(run_id)}, rank {rank}, incarnation {incarnation}, clock {clock})"
 
 
 def _decode(parse: Callable[[bytes | memoryview], R], raw: bytes | memoryview) -> R:
@@ -172,7 +177,7 @@ class DataPlane:
                 try:
                     raw = await holder.next(requests)
                 except StopAsyncIteration:
-                    failed = failed or InvalidArgument(f"the stream ended inside push {key} (final never set)")
+                    failed = failed or InvalidArgument(f"the stream ended inside push {_key(key)} (final never set)")
                     break
                 req = _decode(wire.decode_push_request, raw)
                 if failed is not None:
@@ -183,7 +188,8 @@ class DataPlane:
                 this = (req.run_id, req.rank, req.incarnation, req.clock)
                 try:
                     if this != key:
-                        raise InvalidArgument(f"push {key} was not finished (final unset) when a request for {this} arrived")
+                        raise InvalidArgument(f"push {_key(key)} was not finished (final unset) when a request for "
+                                              f"{_key(this)} arrived")
                     assert assembler is not None
                     assembler.add(req.tensors)
                 except PsError as exc:

@@ -23,6 +23,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from .control import Control
 from .core.checkpoint import CheckpointStore
 from .core.errors import ShuttingDown
 from .core.registry import RunRegistry
+from .core.spec import Limits
 from .dataplane import DataPlane
 from .metrics import ServerStatistics, serve_metrics
 from .security import ConfigError, TokenInterceptor, load_token, server_credentials
@@ -98,7 +100,8 @@ class PsServer:
                     await self.checkpointer.checkpoint_now(run, "shutdown")
 
 
-async def _sweep_leases(registry: RunRegistry, config: ServerConfig) -> None:
+async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Checkpointer | None) -> None:
+    """Evict workers whose lease expired; forget finished runs past the retention limits."""
     period = min(1.0, config.lease_seconds / 4)
     loop = asyncio.get_running_loop()
     while True:
@@ -111,6 +114,11 @@ async def _sweep_leases(registry: RunRegistry, config: ServerConfig) -> None:
             continue
         for run_id, rank in registry.expire_leases(config.lease_seconds):
             log.warning("evicted rank %d: lease expired", rank, extra={"run": run_id, "rank": rank})
+        for run in registry.prune(config.keep_finished_runs, config.keep_finished_seconds, time.time()):
+            if checkpointer:
+                await checkpointer.delete(run.run_id)
+            log.info("forgot %s (%s %.0fs ago): over the retention limits", run.run_id, run.state.value,
+                     time.time() - (run.finished or 0.0), extra={"run": run.run_id})
 
 
 async def start_server(config: ServerConfig) -> PsServer:
@@ -118,7 +126,7 @@ async def start_server(config: ServerConfig) -> PsServer:
     if config.data_dir:
         store = CheckpointStore(Path(config.data_dir), keep=config.checkpoint_keep)
         checkpointer = Checkpointer(store, config.checkpoint_every)
-    registry = RunRegistry(max_param_bytes=config.max_param_bytes,
+    registry = RunRegistry(max_param_bytes=config.max_param_bytes, limits=Limits(max_workers=config.max_workers),
                            configure=checkpointer.attach if checkpointer else None)
     for run in checkpointer.resume() if checkpointer else ():
         registry.add(run)
@@ -164,7 +172,7 @@ async def start_server(config: ServerConfig) -> PsServer:
     ps = PsServer(server, port, registry, config, health_servicer, dataplane, checkpointer, tcp_plane)
     if config.metrics_port >= 0:
         ps.metrics_port = serve_metrics(registry, config.host, config.metrics_port, ps.statistics)
-    ps._tasks.append(asyncio.create_task(_sweep_leases(registry, config)))
+    ps._tasks.append(asyncio.create_task(_sweep(registry, config, checkpointer)))
     return ps
 
 

@@ -106,6 +106,10 @@ class CheckpointStore:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
+    def delete(self, run_id: str) -> None:
+        """Every checkpoint of ``run_id`` (its directory), if any."""
+        shutil.rmtree(self.root / run_id, ignore_errors=True)
+
     def load(self, path: Path) -> Checkpoint:
         """Load and verify one checkpoint directory; raises CorruptCheckpoint saying why."""
         try:

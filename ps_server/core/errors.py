@@ -13,18 +13,21 @@
 ``code`` is the status code's number (as gRPC numbers them); ``reason`` names the cause for
 programs (``paramserver.v1.ErrorReason``, same names) and the keyword facts travel with it (the
 proto's ``ErrorInfo``). The message says what the caller should fix, for people; clients never
-read it. Each transport turns an error into its status through ``codec.error_status``, the one
-mapping. Raising one of these never leaves partial state: core methods validate everything before
+read it. It stays short whatever the request holds: lists through ``listed`` (a few, then "and N
+more"), echoed input through ``quoted`` (cut). Each transport turns an error into its status
+through ``codec.error_status``, the one mapping. Raising one of these never leaves partial state: core methods validate everything before
 they mutate anything.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 __all__ = [
     "FailedPrecondition",
+    "listed",
+    "quoted",
     "InvalidArgument",
     "Malformed",
     "NotFound",
@@ -35,6 +38,18 @@ __all__ = [
     "ShuttingDown",
     "WaitTimeout",
 ]
+
+
+def listed(items: Iterable[object], limit: int = 5) -> str:
+    """``a, b, c`` -- at most ``limit`` items, then "and N more": a message never grows with a count."""
+    items = list(items)
+    shown = ", ".join(map(str, items[:limit])) or "none"
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def quoted(text: str, limit: int = 64) -> str:
+    """``repr(text)``, cut to ``limit`` characters: input echoed in a message stays short."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
 class Reason(enum.Enum):
@@ -59,6 +74,7 @@ class Reason(enum.Enum):
     STREAM_LIMIT = "stream_limit"
     UNSUPPORTED = "unsupported"
     UNAUTHENTICATED = "unauthenticated"
+    RUN_NOT_FINISHED = "run_not_finished"
 
 
 class PsError(Exception):

@@ -3,7 +3,8 @@
 Runs are isolated from each other: each has its own store, optimizer, clocks and gate. Workers
 join the cluster, not a run: ``join`` hands them the oldest run with a vacant rank, and a parked
 join (``wait_for_work``) wakes when a run is created or a rank falls vacant. A spec is validated
-once, by ``create``, before its run exists.
+once, by ``create``, before its run exists. Runs are listed newest first (by creation time), a page
+at a time; finished runs are forgotten by ``remove`` or, past the retention limits, by ``prune``.
 """
 
 from __future__ import annotations
@@ -14,21 +15,26 @@ import uuid
 from collections.abc import Callable
 from functools import partial
 
-from .errors import NotFound, ResourceExhausted, ShuttingDown
+from .errors import InvalidArgument, NotFound, ResourceExhausted, ShuttingDown, listed, quoted
 from .gate import Gate
 from .run import Run
-from .spec import RunSpec, validate_spec
+from .spec import DEFAULT_LIMITS, Limits, RunSpec, validate_spec
 from .status import Assignment
 from .store import ParamStore
 
 __all__ = ["RunRegistry"]
 
 
+def _age(run: Run) -> tuple[float, str]:
+    return run.created, run.run_id
+
+
 class RunRegistry:
-    def __init__(self, *, max_param_bytes: int = 4 << 30, now: Callable[[], float] = time.monotonic,
-                 configure: Callable[[Run], None] | None = None) -> None:
+    def __init__(self, *, max_param_bytes: int = 4 << 30, limits: Limits = DEFAULT_LIMITS,
+                 now: Callable[[], float] = time.monotonic, configure: Callable[[Run], None] | None = None) -> None:
         """``configure``: called with every run as it is added (the checkpointer attaches to it)."""
         self.max_param_bytes = max_param_bytes
+        self.limits = limits
         self._configure = configure
         self.generation = uuid.uuid4().hex[:12]
         self.shutting_down = False
@@ -39,7 +45,7 @@ class RunRegistry:
     async def create(self, spec: RunSpec) -> Run:
         """Validate ``spec`` (InvalidArgument, ResourceExhausted), draw its initial values off the
         event loop (hundreds of MB take seconds) and register the new run."""
-        validate_spec(spec)
+        validate_spec(spec, self.limits)
         nbytes = 4 * spec.num_params
         if nbytes > self.max_param_bytes:
             raise ResourceExhausted(f"the run's parameters take {nbytes} bytes, over this server's limit of "
@@ -61,12 +67,47 @@ class RunRegistry:
         try:
             return self._runs[run_id]
         except KeyError:
-            known = ", ".join(reversed(self._runs)) or "none yet"
-            raise NotFound(f"no run {run_id!r} on this server; runs: {known}") from None
+            known = listed(r.run_id for r in self.runs()) if self._runs else "none yet"
+            raise NotFound(f"no run {quoted(run_id)} on this server; runs: {known}") from None
 
     def runs(self) -> list[Run]:
-        """Newest first."""
-        return list(reversed(self._runs.values()))
+        """Newest first: by creation time (a restored run keeps its own), then id."""
+        return sorted(self._runs.values(), key=_age, reverse=True)
+
+    def page(self, size: int, token: str = "") -> tuple[list[Run], str]:
+        """Up to ``size`` runs, newest first, after the one ``token`` names; and the token of the
+        last one when more follow (else ""). InvalidArgument for a token this server did not give."""
+        runs = self.runs()
+        if token:
+            created, _, run_id = token.partition("/")
+            try:
+                after = (float(created), run_id)
+            except ValueError:
+                raise InvalidArgument("page_token is not one this server gave: pass next_page_token back as it "
+                                      "came") from None
+            runs = [r for r in runs if _age(r) < after]
+        more = len(runs) > size
+        runs = runs[:size]
+        return runs, f"{runs[-1].created!r}/{runs[-1].run_id}" if more else ""
+
+    def remove(self, run_id: str) -> Run:
+        """Forget a run (NotFound if unknown); its parked joins and watchers are told it is gone."""
+        run = self.get(run_id)
+        del self._runs[run_id]
+        run.on_change = None
+        run.gate.fail_all(NotFound(f"run {run_id} was deleted"))
+        self._work.notify()
+        return run
+
+    def prune(self, keep: int, max_age: float, now: float) -> list[Run]:
+        """Forget finished runs beyond the ``keep`` most recently finished (0: no limit) and those
+        finished more than ``max_age`` seconds before ``now`` (wall time; 0: no limit)."""
+        finished = sorted((r for r in self._runs.values() if r.state.finished),
+                          key=lambda r: (r.finished or 0.0, r.run_id), reverse=True)
+        old = finished[keep:] if keep else []
+        if max_age:
+            old += [r for r in finished[: keep or None] if (r.finished or 0.0) < now - max_age]
+        return [self.remove(r.run_id) for r in old]
 
     def _has_work(self, run_id: str) -> bool:
         if run_id:

@@ -238,13 +238,12 @@ class Run:
 
     def waiting_for(self) -> str:
         """One sentence: what the run is waiting for right now."""
-        if self.state.finished:
-            return ""
-        return ssp.waiting_for(self.spec, self.clock, self.state is RunState.PENDING)
+        return "" if self.state.finished else ssp.waiting_for(self.spec, self.clock, self.state is RunState.PENDING)
 
-    def status(self) -> RunStatus:
+    def status(self, workers: bool = True) -> RunStatus:  # workers: with each rank's status
         return RunStatus(
             run_id=self.run_id, state=self.state, message=self.message, created=self.created, started=self.started,
-            finished=self.finished, workers=self.clock.statuses(), min_clock=self.min_clock,
+            finished=self.finished, workers=self.clock.statuses() if workers else (), min_clock=self.min_clock,
             max_clock=self.clock.max_clock, counters=replace(self.counters, pulls_skipped=self.clock.pulls_skipped()),
-            last_eval=self.history.last_eval, waiting_for=self.waiting_for())
+            last_eval=self.history.last_eval, waiting_for=self.waiting_for(),
+            active_workers=self.clock.count(WorkerState.ACTIVE))

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InvalidArgument, Reason
+from .errors import InvalidArgument, Reason, ResourceExhausted, quoted
 
 __all__ = [
     "Aggregation",
@@ -24,7 +24,10 @@ __all__ = [
     "OptimizerKind",
     "ParamSpec",
     "RunSpec",
+    "DEFAULT_LIMITS",
     "OPTIMIZER_DEFAULTS",
+    "Limits",
+    "check_sizes",
     "UNBOUNDED",
     "offsets",
     "spec_from_dict",
@@ -140,14 +143,53 @@ def _invalid(message: str) -> InvalidArgument:
     return InvalidArgument(message, Reason.INVALID_SPEC)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one run may ask of a server (the README's limits table); over one: RESOURCE_EXHAUSTED."""
+
+    max_workers: int = 1024
+    """Ranks per run (the server keeps state per rank and lists every rank in a run's status)."""
+    max_tensors: int = 10_000
+    """Named tensors per run (a ResNet-152 has ~900)."""
+    max_dims: int = 32
+    """Dimensions per tensor."""
+    max_name_chars: int = 256
+    """Characters of a run's or a tensor's name."""
+    max_json_bytes: int = 64 << 10
+    """Bytes of each of the model and data specs' JSON."""
+    max_iterations: int = 1 << 53
+    """Iterations per rank."""
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def check_sizes(limits: Limits, *, workers: int, tensors: int, json_bytes: int, slowdowns: int,
+                iterations: int) -> None:
+    """The counts of a spec, checked before anything is built from it (work proportional to them)."""
+    for what, value, limit in (("num_workers", workers, limits.max_workers), ("params", tensors, limits.max_tensors),
+                               ("model_spec_json/data_spec_json", json_bytes, limits.max_json_bytes),
+                               ("slowdown entries", slowdowns, limits.max_workers),
+                               ("iterations", iterations, limits.max_iterations)):
+        if value > limit:
+            raise ResourceExhausted(f"{what} is {value}, over this server's limit of {limit}: ask for less"
+                                    + (" (ps-server --max-workers)" if what == "num_workers" else ""))
+
+
 def _check_float32(label: str, value: float) -> None:
     if abs(value) > FLOAT32_MAX:
         raise _invalid(f"{label} {value:g} does not fit in float32, the parameters' type "
                               f"(at most {FLOAT32_MAX:.4g})")
 
 
-def validate_spec(spec: RunSpec) -> None:
-    """Raise InvalidArgument (INVALID_SPEC) naming the field to fix when the spec cannot run."""
+def validate_spec(spec: RunSpec, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Raise InvalidArgument (INVALID_SPEC) naming the field to fix when the spec cannot run, or
+    ResourceExhausted when it asks for more than ``limits``."""
+    check_sizes(limits, workers=spec.num_workers, tensors=len(spec.params), slowdowns=len(spec.slowdown),
+                json_bytes=max(len(spec.model_spec_json.encode()), len(spec.data_spec_json.encode())),
+                iterations=spec.iterations)
+    if len(spec.name) > limits.max_name_chars:
+        raise _invalid(f"the run's name has {len(spec.name)} characters: at most {limits.max_name_chars}")
     if spec.num_workers < 1:
         raise _invalid("num_workers must be at least 1")
     if spec.iterations < 1:
@@ -160,18 +202,21 @@ def validate_spec(spec: RunSpec) -> None:
         raise _invalid("params is empty: a run needs at least one named tensor")
     seen: set[str] = set()
     for p in spec.params:
+        name = quoted(p.name)
         if not p.name:
             raise _invalid("a param has an empty name")
+        if len(p.name) > limits.max_name_chars:
+            raise _invalid(f"param {name} has a name of {len(p.name)} characters: at most {limits.max_name_chars}")
         if p.name in seen:
-            raise _invalid(f"param {p.name!r} appears twice")
+            raise _invalid(f"param {name} appears twice")
         seen.add(p.name)
+        if len(p.shape) > limits.max_dims:
+            raise _invalid(f"param {name} has {len(p.shape)} dimensions: at most {limits.max_dims}")
         if not p.shape or any(d < 1 for d in p.shape):
-            raise _invalid(
-                f"param {p.name!r} has shape {list(p.shape)}: every dimension must be >= 1"
-            )
+            raise _invalid(f"param {name} has shape {list(p.shape)}: every dimension must be >= 1")
         if not math.isfinite(p.scale):
-            raise _invalid(f"param {p.name!r} has a non-finite initializer scale")
-        _check_float32(f"param {p.name!r}'s initializer scale", p.scale)
+            raise _invalid(f"param {name} has a non-finite initializer scale")
+        _check_float32(f"param {name}'s initializer scale", p.scale)
     opt = spec.optimizer
     if not (math.isfinite(opt.learning_rate) and opt.learning_rate > 0):
         raise _invalid(f"learning_rate must be a positive number, got {opt.learning_rate}")

@@ -13,10 +13,12 @@ Pure functions of the spec and the vector clock; the run applies them and parks 
 from __future__ import annotations
 
 from .clock import Slot, VectorClock
-from .errors import FailedPrecondition, OutOfRange, Reason, WaitTimeout
+from .errors import FailedPrecondition, OutOfRange, Reason, WaitTimeout, listed
 from .spec import RunSpec
 
 __all__ = ["check_pull", "check_push", "needed", "pull_ready", "wait_timeout", "waiting_for"]
+
+_SENTENCES = 5  # waiting ranks described one by one in ``waiting_for``; the others are counted
 
 
 def needed(spec: RunSpec, clock: int) -> int | None:
@@ -27,7 +29,7 @@ def needed(spec: RunSpec, clock: int) -> int | None:
 
 
 def _describe(slots: list[Slot]) -> str:
-    return ", ".join(f"rank {s.rank} (clock {s.clock})" for s in slots) or "nobody"
+    return listed(f"rank {s.rank} (clock {s.clock})" for s in slots) if slots else "nobody"
 
 
 def _clock_ahead(slot: Slot, clock: int, what: str) -> FailedPrecondition:
@@ -78,18 +80,19 @@ def waiting_for(spec: RunSpec, vc: VectorClock, pending: bool) -> str:
     """One sentence: what a run waits for right now (who holds whose pull back)."""
     vacant = [s.rank for s in vc.vacant()]
     if pending:
-        return f"waiting for {len(vacant)} of {len(vc.slots)} ranks to join (vacant: {', '.join(map(str, vacant))})"
+        return f"waiting for {len(vacant)} of {len(vc.slots)} ranks to join (vacant: {listed(vacant)})"
     parts = []
     if vacant:
-        parts.append(f"ranks {', '.join(map(str, vacant))} vacant, waiting for a worker to join")
-    for w in vc.slots:
-        if w.waiting_for is None:
-            continue
-        if w.clock < w.waiting_for:
+        parts.append(f"ranks {listed(vacant)} vacant, waiting for a worker to join")
+    waiting = [(w, w.waiting_for) for w in vc.slots if w.waiting_for is not None]
+    for w, clock in waiting[:_SENTENCES]:
+        if w.clock < clock:
             parts.append(f"rank {w.rank} waits for its own push of clock {w.clock}")
             continue
-        need = needed(spec, w.waiting_for)
+        need = needed(spec, clock)
         holders = vc.behind(need) if need is not None else []
         if holders:
             parts.append(f"rank {w.rank} (clock {w.clock}) waits for {_describe(holders)} to reach clock {need}")
+    if len(waiting) > _SENTENCES:
+        parts.append(f"and {len(waiting) - _SENTENCES} more ranks wait")
     return "; ".join(parts)

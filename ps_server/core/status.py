@@ -121,6 +121,7 @@ class RunStatus:
     counters: Counters
     last_eval: MetricPoint | None
     waiting_for: str
+    active_workers: int = 0
 
 
 @dataclass(frozen=True)

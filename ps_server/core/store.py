@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidArgument, Reason
+from .errors import InvalidArgument, Reason, listed, quoted
 from .spec import FLOAT32_MAX, Initializer, ParamSpec, offsets
 from .tensors import Gradient, Pieces, count_non_finite, finite_hint
 
@@ -57,7 +57,7 @@ def materialize(specs: tuple[ParamSpec, ...], seed: int, flat: np.ndarray | None
             # Uniform and constant values stay within |scale| (checked to fit float32); normal
             # draws of a huge scale may not, and the run's divergence check assumes finite values.
             if p.initializer is Initializer.NORMAL and abs(p.scale) > FLOAT32_MAX / 64 and count_non_finite(arr):
-                raise InvalidArgument(f"param {p.name!r}: initial values drawn with scale {p.scale:g} overflow "
+                raise InvalidArgument(f"param {quoted(p.name)}: initial values drawn with scale {p.scale:g} overflow "
                                       "float32; use a smaller scale", Reason.INVALID_SPEC)
         out[p.name] = arr
     return out
@@ -87,19 +87,19 @@ class ParamStore:
         if grads.keys() != self.specs.keys():
             unknown = sorted(set(grads) - set(self.specs))
             if unknown:
-                raise InvalidArgument(
-                    f"unknown tensor name(s) {unknown}; this run's tensors are {sorted(self.specs)}",
-                    Reason.INVALID_GRADIENT)
+                raise InvalidArgument(f"unknown tensor name(s) {listed(map(quoted, unknown))}; this run's tensors are "
+                                      f"{listed(map(quoted, sorted(self.specs)))}", Reason.INVALID_GRADIENT)
             missing = sorted(set(self.specs) - set(grads))
-            raise InvalidArgument(f"the gradient lacks tensor(s) {missing}: send every parameter", Reason.INVALID_GRADIENT)
+            raise InvalidArgument(f"the gradient lacks tensor(s) {listed(map(quoted, missing))}: send every parameter",
+                                  Reason.INVALID_GRADIENT)
         gflat = self._gflat
         for name, g in grads.items():
             want = self.specs[name].shape
             if g.shape != want:
                 raise InvalidArgument(
-                    f"gradient {name!r} has shape {list(g.shape)}, the parameter has {list(want)}", Reason.INVALID_GRADIENT)
+                    f"gradient {quoted(name)} has shape {list(g.shape)}, the parameter has {list(want)}", Reason.INVALID_GRADIENT)
             if g.dtype != np.float32:
-                raise InvalidArgument(f"gradient {name!r} has dtype {g.dtype}, expected float32", Reason.INVALID_GRADIENT)
+                raise InvalidArgument(f"gradient {quoted(name)} has dtype {g.dtype}, expected float32", Reason.INVALID_GRADIENT)
             if gflat is not None:
                 if type(g) is np.ndarray:
                     off = self._offsets[name]
@@ -121,7 +121,7 @@ class ParamStore:
                 if not finite:
                     bad = count_non_finite(g)
                     if bad:
-                        raise InvalidArgument(f"gradient {name!r} contains {bad} NaN/Inf value(s); nothing was applied",
+                        raise InvalidArgument(f"gradient {quoted(name)} contains {bad} NaN/Inf value(s); nothing was applied",
                                               Reason.INVALID_GRADIENT)
         return gflat  # a flat gradient whose dot product overflowed, but finite: still usable
 
@@ -131,7 +131,6 @@ class ParamStore:
             return self.params
         unknown = sorted(set(names) - set(self.params))
         if unknown:
-            raise InvalidArgument(
-                f"unknown tensor name(s) {unknown}; this run's tensors are {sorted(self.params)}"
-            )
+            raise InvalidArgument(f"unknown tensor name(s) {listed(map(quoted, unknown))}; this run's tensors are "
+                                  f"{listed(map(quoted, sorted(self.params)))}")
         return {n: self.params[n] for n in names}

@@ -107,7 +107,7 @@ def test_check_gradient_unknown_name(store: ParamStore) -> None:
     with pytest.raises(InvalidArgument) as e:
         store.check_gradient({**_good(), "nope": np.ones(2, np.float32)})
     assert "'nope'" in str(e.value) and "unknown" in str(e.value)
-    assert "['b', 'w']" in str(e.value)  # says which tensors exist
+    assert "'b', 'w'" in str(e.value)  # says which tensors exist
 
 
 def test_check_gradient_missing_name(store: ParamStore) -> None:

@@ -218,6 +218,11 @@ class RunServiceStub:
                 request_serializer=paramserver_dot_v1_dot_paramserver__pb2.ListRunsRequest.SerializeToString,
                 response_deserializer=paramserver_dot_v1_dot_paramserver__pb2.ListRunsResponse.FromString,
                 _registered_method=True)
+        self.DeleteRun = channel.unary_unary(
+                '/paramserver.v1.RunService/DeleteRun',
+                request_serializer=paramserver_dot_v1_dot_paramserver__pb2.DeleteRunRequest.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_paramserver__pb2.DeleteRunResponse.FromString,
+                _registered_method=True)
         self.StopRun = channel.unary_unary(
                 '/paramserver.v1.RunService/StopRun',
                 request_serializer=paramserver_dot_v1_dot_paramserver__pb2.StopRunRequest.SerializeToString,
@@ -251,7 +256,8 @@ class RunServiceServicer:
         """CreateRun validates a spec, initialises the parameters and queues the run for workers.
         Errors: INVALID_ARGUMENT (bad spec: no params, bad shape, zero workers, bad optimizer
         settings, iterations 0, malformed JSON specs); RESOURCE_EXHAUSTED (parameters over the
-        server's memory limit).
+        server's memory limit, or a count or size over one of its documented bounds: workers,
+        tensors, dimensions, name lengths, JSON spec sizes).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -259,14 +265,25 @@ class RunServiceServicer:
 
     def GetRun(self, request, context):
         """GetRun returns a run's state, workers, clocks, counters and what it is waiting for.
-        Errors: NOT_FOUND (the message lists the runs that exist).
+        Errors: NOT_FOUND (the message names a few of the runs that exist).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListRuns(self, request, context):
-        """ListRuns returns all runs, newest first, without their metrics history.
+        """ListRuns returns runs newest first (by creation time), a page at a time, without their metrics
+        history. Errors: INVALID_ARGUMENT (a page_token that is not one this server gave).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRun(self, request, context):
+        """DeleteRun forgets a finished run and deletes its checkpoints (with `force`, stops it first if
+        it is not finished; its workers then find it gone and go back to waiting for work).
+        Errors: NOT_FOUND; FAILED_PRECONDITION (reason RUN_NOT_FINISHED: the run is not finished and
+        `force` is unset).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -322,6 +339,11 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.ListRuns,
                     request_deserializer=paramserver_dot_v1_dot_paramserver__pb2.ListRunsRequest.FromString,
                     response_serializer=paramserver_dot_v1_dot_paramserver__pb2.ListRunsResponse.SerializeToString,
+            ),
+            'DeleteRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRun,
+                    request_deserializer=paramserver_dot_v1_dot_paramserver__pb2.DeleteRunRequest.FromString,
+                    response_serializer=paramserver_dot_v1_dot_paramserver__pb2.DeleteRunResponse.SerializeToString,
             ),
             'StopRun': grpc.unary_unary_rpc_method_handler(
                     servicer.StopRun,
@@ -429,6 +451,33 @@ class RunService:
             '/paramserver.v1.RunService/ListRuns',
             paramserver_dot_v1_dot_paramserver__pb2.ListRunsRequest.SerializeToString,
             paramserver_dot_v1_dot_paramserver__pb2.ListRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.RunService/DeleteRun',
+            paramserver_dot_v1_dot_paramserver__pb2.DeleteRunRequest.SerializeToString,
+            paramserver_dot_v1_dot_paramserver__pb2.DeleteRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

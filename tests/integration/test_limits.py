@@ -1,0 +1,185 @@
+"""One request never takes the server down: every count and size of a run is bounded, answers and
+messages stay small whatever the server holds, runs can be paged, deleted and are forgotten past
+the retention limits, and the event loop keeps ticking while hostile calls arrive."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from support import make_spec, with_config
+
+from paramserver import errors
+from paramserver.client import PsClient
+from paramserver.v1 import paramserver_pb2 as pb
+from ps_server.config import ServerConfig
+from ps_server.server import PsServer, start_server
+
+pytestmark = pytest.mark.timeout(120)
+
+
+class LoopLag:
+    """The longest the event loop (the server's, in these tests) went without running a 1 ms ticker."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _tick(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.001)
+            self.worst = max(self.worst, loop.time() - before - 0.001)
+
+    async def __aenter__(self) -> LoopLag:
+        self._task = asyncio.create_task(self._tick())
+        await asyncio.sleep(0.01)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+
+
+def _spec(**kw: Any) -> pb.RunSpec:
+    return make_spec(num_workers=kw.pop("num_workers", 1), **kw)
+
+
+HOSTILE: list[Any] = [
+    pytest.param(lambda s: setattr(s, "num_workers", 2**32 - 1), errors.ResourceExhausted, "num_workers", id="4e9-workers"),
+    pytest.param(lambda s: setattr(s, "num_workers", 10**6), errors.ResourceExhausted, "num_workers", id="1e6-workers"),
+    pytest.param(lambda s: s.params.extend(pb.ParamSpec(name=f"t{i}", shape=[1]) for i in range(20_000)),
+                 errors.ResourceExhausted, "params", id="20000-tensors"),
+    pytest.param(lambda s: s.params[0].shape.extend([1] * 40), errors.InvalidArgument, "dimensions", id="42-dims"),
+    pytest.param(lambda s: setattr(s, "name", "n" * 300), errors.InvalidArgument, "name", id="long-run-name"),
+    pytest.param(lambda s: setattr(s.params[0], "name", "w" * 100_000), errors.InvalidArgument, "characters",
+                 id="long-tensor-name"),
+    pytest.param(lambda s: setattr(s, "model_spec_json", '{"pad": "' + "x" * (10 << 20) + '"}'),
+                 errors.ResourceExhausted, "model_spec_json", id="10MB-model-json"),
+    pytest.param(lambda s: setattr(s, "iterations", 1 << 60), errors.ResourceExhausted, "iterations",
+                 id="2^60-iterations"),
+    pytest.param(lambda s: s.slowdown.update({r: 2.0 for r in range(5000)}), errors.ResourceExhausted, "slowdown",
+                 id="5000-slowdowns"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "error", "field"), HOSTILE)
+async def test_every_count_and_size_of_a_spec_is_bounded(server: PsServer, client: PsClient, mutate: Any,
+                                                          error: type[errors.PsError], field: str) -> None:
+    """Refused at once, saying which bound; nothing created; the loop never stalls meanwhile."""
+    spec = _spec()
+    mutate(spec)
+    async with LoopLag() as lag:
+        started = time.monotonic()
+        with pytest.raises(error) as e:
+            await client.create_run(spec)
+        took = time.monotonic() - started
+    assert field in e.value.message and len(e.value.message) < 1024, e.value.message
+    assert took < 5.0 and lag.worst < 0.25, (took, lag.worst)
+    assert server.registry.runs() == []
+
+
+async def test_a_run_at_the_limits_is_served_without_stalling_the_loop(server: PsServer, client: PsClient) -> None:
+    """The largest run the limits allow: creating, reading and listing it keep the loop responsive."""
+    async with LoopLag() as lag:
+        run = await client.create_run(_spec(num_workers=server.config.max_workers))
+        await asyncio.gather(*(client.get_run(run.run_id) for _ in range(5)), client.list_runs())
+    assert len((await client.get_run(run.run_id)).workers) == server.config.max_workers
+    assert lag.worst < 0.25, lag.worst
+
+
+async def test_messages_stay_short_whatever_the_server_holds(server: PsServer, client: PsClient) -> None:
+    """Hundreds of runs, a 1500-tensor model, a 1 MB run id: the documented codes, short messages
+    (a few names, then "and N more"), never gRPC's RESOURCE_EXHAUSTED for an oversized trailer."""
+    for _ in range(300):
+        await client.create_run(_spec())
+    with pytest.raises(errors.NotFound) as e:
+        await client.get_run("run-nope")
+    assert "and 295 more" in e.value.message and len(e.value.message) < 400, e.value.message
+    with pytest.raises(errors.NotFound) as e:
+        await client.get_run("r" * (1 << 20))
+    assert "characters" in e.value.message and len(e.value.message) < 400
+    shapes = {f"layer{i:04d}": (2,) for i in range(1500)}
+    big = await client.create_run(make_spec(shapes=shapes, num_workers=1, staleness=1))
+    a = (await client.join("w", big.run_id, max_wait=0)).assignment
+    with pytest.raises(errors.InvalidArgument) as e:
+        await client.push(big.run_id, a.rank, a.incarnation, 0, {"layer0000": np.zeros(2, np.float32)})
+    assert "and 1494 more" in e.value.message and len(e.value.message) < 600, e.value.message
+    with pytest.raises(errors.InvalidArgument) as e:
+        await client.pull(big.run_id, names=[f"nope{i}" for i in range(1500)])
+    assert "and 1495 more" in e.value.message and len(e.value.message) < 600, e.value.message
+
+
+async def test_list_runs_pages_newest_first(server: PsServer, client: PsClient) -> None:
+    created = [(await client.create_run(_spec(name=f"r{i}"))).run_id for i in range(250)]
+    first = await client._call("RunService", "ListRuns", pb.ListRunsRequest(page_size=100), pb.ListRunsResponse)
+    assert [r.run_id for r in first.runs] == created[::-1][:100] and first.next_page_token
+    assert not first.runs[0].workers and not first.runs[0].spec.model_spec_json  # summaries
+    assert first.runs[0].active_workers == 0 and first.runs[0].spec.num_workers == 1
+    listed = await client.list_runs(limit=1000)
+    assert [r.run_id for r in listed] == created[::-1]
+    assert [r.run_id for r in await client.list_runs(limit=120)] == created[::-1][:120]
+    with pytest.raises(errors.InvalidArgument):
+        await client._call("RunService", "ListRuns", pb.ListRunsRequest(page_token="nonsense"), pb.ListRunsResponse)
+
+
+@pytest.fixture
+async def kept(server_config: ServerConfig, tmp_path: Path) -> AsyncIterator[PsServer]:
+    ps = await start_server(with_config(server_config, data_dir=str(tmp_path), keep_finished_runs=2,
+                                        lease_seconds=2.0, heartbeat_seconds=0.5))
+    try:
+        yield ps
+    finally:
+        await ps.stop(0)
+
+
+async def _eventually(check: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+async def test_finished_runs_past_the_retention_limit_are_forgotten_with_their_checkpoints(
+        kept: PsServer, tmp_path: Path) -> None:
+    async with PsClient(f"127.0.0.1:{kept.port}") as c:
+        runs = [(await c.create_run(_spec())).run_id for _ in range(4)]
+        live = (await c.create_run(_spec())).run_id
+        for run_id in runs:
+            await c.stop_run(run_id)
+            await _eventually(lambda r=run_id: (tmp_path / r).is_dir(), f"{run_id}'s final checkpoint")  # type: ignore[misc]
+        await _eventually(lambda: len(kept.registry.runs()) == 3, "the two oldest finished runs forgotten")
+        assert {r.run_id for r in await c.list_runs()} == {live, *runs[2:]}
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(runs[2:])  # live has no checkpoint yet
+        with pytest.raises(errors.NotFound):
+            await c.get_run(runs[0])
+
+
+async def test_delete_a_run_and_its_checkpoints(kept: PsServer, tmp_path: Path) -> None:
+    async with PsClient(f"127.0.0.1:{kept.port}") as c:
+        run = await c.create_run(_spec(num_workers=2))
+        a = (await c.join("w", run.run_id, max_wait=0)).assignment  # pending: the other rank is vacant
+        await c.checkpoint_run(run.run_id)
+        assert (tmp_path / run.run_id).is_dir()
+        with pytest.raises(errors.FailedPrecondition) as e:
+            await c.delete_run(run.run_id)
+        assert e.value.reason == pb.ERROR_REASON_RUN_NOT_FINISHED
+        parked = asyncio.ensure_future(c.pull(run.run_id, a.rank, a.incarnation, 0, max_wait=30.0))
+        await _eventually(lambda: kept.registry.get(run.run_id).gate.statistics().waiting == 1, "the pull parked")
+        deleted = await c.delete_run(run.run_id, force=True)
+        assert deleted.state == pb.RUN_STATE_STOPPED and deleted.run_id == run.run_id
+        assert not (tmp_path / run.run_id).exists()
+        with pytest.raises(errors.NotFound):
+            await c.get_run(run.run_id)
+        with pytest.raises(errors.FailedPrecondition) as e:
+            await asyncio.wait_for(parked, 5)  # released at once, never left hanging
+        assert e.value.reason == pb.ERROR_REASON_RUN_NOT_RUNNING
+        with pytest.raises(errors.NotFound):
+            await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": np.zeros((3, 4), np.float32),
+                                                               "b": np.zeros(4, np.float32)})
