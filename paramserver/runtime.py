@@ -1,4 +1,5 @@
-"""Process tuning for moving large tensors, applied at start-up by ps-server and ps-worker.
+"""Process tuning, applied at start-up by ps-server and ps-worker: the allocator for moving large
+tensors (``tune_malloc``), and the server's open-file limit (``raise_fd_limit``).
 
 glibc hands every allocation of 32 MiB or more back to the OS when it is freed, so each large
 message or gradient buffer is faulted in afresh (~2 GB/s here). Raising the mmap and trim
@@ -17,8 +18,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import resource
 
-__all__ = ["tune_malloc"]
+__all__ = ["raise_fd_limit", "tune_malloc"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -41,3 +43,16 @@ def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 2**31 - 1, 
         return False
     return all(bool(mallopt(param, value)) for param, value in (
         (_M_ARENA_MAX, arena_max), (_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, trim_threshold)))
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files to the hard limit (a server holds a socket per data
+    stream; the common soft default of 1024 is a few hundred workers); return the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # a hard limit the kernel will not grant (RLIM_INFINITY on macOS)
+            pass
+    return int(soft)

@@ -9,6 +9,7 @@ too (``ps_server.security``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 __all__ = ["Security", "read_token"]
 
@@ -58,8 +59,10 @@ class Security:
 
     def read_files(self) -> tuple[bytes | None, bytes | None, bytes | None]:
         """(CA, key, certificate) PEM bytes, None where unset; ValueError when unreadable."""
-        try:
-            return tuple(open(path, "rb").read() if path else None  # type: ignore[return-value]
-                         for path in (self.ca, self.key, self.cert))
-        except OSError as exc:
-            raise ValueError(f"cannot read {exc.filename}: {exc.strerror}") from None
+        def read(flag: str, path: str) -> bytes | None:
+            try:
+                return Path(path).read_bytes() if path else None
+            except OSError as exc:
+                raise ValueError(f"cannot read {flag} {path}: {exc.strerror}") from None
+
+        return read("--tls-ca", self.ca), read("--tls-key", self.key), read("--tls-cert", self.cert)

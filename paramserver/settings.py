@@ -2,7 +2,8 @@
 
 Each field becomes a flag (``--lease-seconds``) whose default comes from an environment variable
 (named by the program's ``env_name``) and then the field's default; the field's ``help`` metadata
-is the flag's help text, with the variable's name.
+is the flag's help text, with the variable's name. ``Parser`` reports a bad value in one line, as
+every start-up error of these programs is reported, and exits 2.
 """
 
 from __future__ import annotations
@@ -10,19 +11,32 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
-__all__ = ["opt", "parse_dataclass"]
+__all__ = ["LOG_LEVELS", "Parser", "opt", "parse_dataclass"]
 
 T = TypeVar("T")
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
-def opt(default: Any, help: str, *, env_only: bool = False) -> Any:
-    """A dataclass field with a default and its help text; ``env_only``: no flag (secrets)."""
-    return dataclasses.field(default=default, repr=not env_only, metadata={"help": help, "env_only": env_only})
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, no usage block: what is wrong, where help is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def opt(default: Any, help: str, *, env_only: bool = False, choices: Sequence[str] = ()) -> Any:
+    """A dataclass field with a default and its help text; ``env_only``: no flag (secrets);
+    ``choices``: the values allowed (matched without regard to case)."""
+    return dataclasses.field(default=default, repr=not env_only,
+                             metadata={"help": help, "env_only": env_only, "choices": tuple(choices)})
 
 
 def _converter(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
+    if f.metadata.get("choices"):
+        return str.upper
     kind = str(f.type)
     if kind == "bool":
         return lambda text: text.strip().lower() in ("1", "true", "yes", "on")
@@ -47,11 +61,14 @@ def parse_dataclass(
         var = env_name(f.name)
         convert = _converter(f)
         default = f.default
+        choices = f.metadata.get("choices") or None
         if var in env:
             try:
                 default = convert(env[var])
             except ValueError:
                 parser.error(f"environment variable {var}={env[var]!r} is not a valid {f.type}")
+            if choices and default not in choices:
+                parser.error(f"environment variable {var}={env[var]!r} is not one of {', '.join(choices)}")
         if f.metadata.get("env_only"):
             parser.set_defaults(**{f.name: default})
             continue
@@ -60,6 +77,7 @@ def parse_dataclass(
         if str(f.type) == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            parser.add_argument(flag, type=convert, default=default, help=f"{help_text} (default: {default})")
+            parser.add_argument(flag, type=convert, default=default, choices=choices, metavar=f.name.upper(),
+                                help=f"{help_text} (default: {default})")
     ns = parser.parse_args(list(argv))
     return cls(**{f.name: getattr(ns, f.name) for f in fields})

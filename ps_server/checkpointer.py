@@ -32,7 +32,8 @@ class Checkpointer:
         self.store = store
         self.every = every
         self._locks: dict[str, asyncio.Lock] = {}
-        self._waiting: dict[str, tuple[dict[str, Any], dict[str, np.ndarray], str]] = {}
+        self._waiting: dict[str, tuple[dict[str, Any], dict[str, np.ndarray], str, int]] = {}
+        """run id -> the snapshot still to be written, why, and the level its log line gets."""
         self._writers: dict[str, asyncio.Task[None]] = {}
         self._taken: dict[str, tuple[int, bool]] = {}
         """run id -> (min clock of its last scheduled checkpoint, whether its final one was)."""
@@ -52,20 +53,21 @@ class Checkpointer:
                 self.schedule(run, run.state.value)
         elif self.every and run.min_clock // self.every > clock // self.every:
             self._taken[run.run_id] = (run.min_clock, False)
-            self.schedule(run, f"min clock {run.min_clock}")
+            # Routine, and most of a long run's log at INFO: DEBUG. Ends, resumes, requests tell the story.
+            self.schedule(run, f"every {self.every} clocks", logging.DEBUG)
 
-    def schedule(self, run: Run, reason: str) -> None:
+    def schedule(self, run: Run, reason: str, level: int = logging.INFO) -> None:
         meta, arrays = snapshot.state_dict(run)
-        self._waiting[run.run_id] = (meta, arrays, reason)  # replaces an older one not yet written
+        self._waiting[run.run_id] = (meta, arrays, reason, level)  # replaces an older one not yet written
         writer = self._writers.get(run.run_id)
         if writer is None or writer.done():
             self._writers[run.run_id] = asyncio.get_running_loop().create_task(self._write_waiting(run.run_id))
 
     async def _write_waiting(self, run_id: str) -> None:
         while run_id in self._waiting:
-            meta, arrays, reason = self._waiting.pop(run_id)
+            meta, arrays, reason, level = self._waiting.pop(run_id)
             try:
-                await self._write(meta, arrays, reason)
+                await self._write(meta, arrays, reason, level)
             except OSError:
                 pass  # logged by _write; the next checkpoint tries again
 
@@ -73,7 +75,8 @@ class Checkpointer:
         meta, arrays = snapshot.state_dict(run)
         return await self._write(meta, arrays, reason), int(meta["min_clock"])
 
-    async def _write(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], reason: str) -> Path:
+    async def _write(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], reason: str,
+                     level: int = logging.INFO) -> Path:
         run_id = meta["run_id"]
         async with self._locks.setdefault(run_id, asyncio.Lock()):
             t0 = time.perf_counter()
@@ -82,8 +85,9 @@ class Checkpointer:
             except OSError as exc:
                 log.error("checkpoint of %s failed: %s", run_id, exc, extra={"run": run_id})
                 raise
-        log.info("checkpoint %s (%s, min clock %d) in %.0f ms", path, reason, meta["min_clock"],
-                 1e3 * (time.perf_counter() - t0), extra={"run": run_id})
+        log.log(level, "checkpoint of %s at min clock %d "
+                "(%s) written to %s in %.0f ms", run_id, meta["min_clock"], reason, path,
+                1e3 * (time.perf_counter() - t0), extra={"run": run_id})
         return path
 
     async def delete(self, run_id: str) -> None:
@@ -109,6 +113,6 @@ class Checkpointer:
         restored = []
         for ckpt, run in self.store.latest(lambda c: (c, snapshot.restore(c.meta, c.arrays))):
             restored.append(run)
-            log.warning("resumed %s from %s: %s at min clock %d", run.run_id, ckpt.path, run.state.value,
-                        run.min_clock, extra={"run": run.run_id})
+            log.info("resumed %s from %s: %s at min clock %d", run.run_id, ckpt.path, run.state.value,
+                     run.min_clock, extra={"run": run.run_id})
         return restored

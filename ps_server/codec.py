@@ -263,6 +263,7 @@ _WORKER_STATE = {
     WorkerState.ACTIVE: pb.WORKER_STATE_ACTIVE,
     WorkerState.DONE: pb.WORKER_STATE_DONE,
     WorkerState.EVICTED: pb.WORKER_STATE_EVICTED,
+    WorkerState.STOPPED: pb.WORKER_STATE_STOPPED,
 }
 
 

@@ -7,12 +7,11 @@ configuration table lists them all.
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from paramserver.settings import opt, parse_dataclass
+from paramserver.settings import LOG_LEVELS, Parser, opt, parse_dataclass
 
 __all__ = ["ServerConfig", "parse_config"]
 
@@ -28,7 +27,10 @@ class ServerConfig:
     max_message_bytes: int = opt(64 << 20, "Largest gRPC message accepted or sent, in bytes.")
     chunk_bytes: int = opt(1 << 20, "Payload bytes per message when streaming tensors.")
     push_slots: int = opt(1, "Pushes of more than one message received at a time (each is held whole until "
-                          "applied); more wait their turn. A push whose worker stalls 0.5 s lends its slot out.")
+                          "applied), and TCP data plane messages over 64 KiB being received; more wait their turn. "
+                          "A push whose worker stalls 0.5 s between messages lends its slot out.")
+    stall_seconds: float = opt(30.0, "A TCP data plane peer that sends nothing in the middle of a message, or "
+                               "reads nothing of an answer, for this long is dropped.")
     max_param_bytes: int = opt(4 << 30, "Largest parameter set one run may hold, in bytes.")
     max_wait_seconds: float = opt(60.0, "Longest a pull or a join may stay parked on the server.")
     lease_seconds: float = opt(10.0, "A worker not heard from for this long is evicted.")
@@ -49,7 +51,7 @@ class ServerConfig:
     token_file: str = opt("", "File holding the bearer token every RPC must carry (health excepted).")
     token: str = opt("", "The bearer token itself; from the environment only, never a flag.", env_only=True)
     insecure: bool = opt(False, "Allow a token over plaintext (no TLS).")
-    log_level: str = opt("INFO", "Log level: DEBUG, INFO, WARNING, ERROR.")
+    log_level: str = opt("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.", choices=LOG_LEVELS)
     log_json: bool = opt(False, "Log one JSON object per line instead of text.")
 
     @staticmethod
@@ -57,10 +59,14 @@ class ServerConfig:
         return "PS_" + name.upper()
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ServerConfig:
     """Build the config from ``argv`` (default: none) over ``env`` (default: os.environ)."""
     env = os.environ if env is None else env
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ps-server",
         description="paramserver's parameter server: holds runs' parameters, applies the "
         "optimizer, enforces stale-synchronous consistency. Every flag can also be set with the "
@@ -68,23 +74,25 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     )
     config = parse_dataclass(ServerConfig, parser, argv or [], env, ServerConfig.env_name)
     problems = []
-    if not 0 <= config.port < 65536:
-        problems.append(f"port {config.port} is not in 0..65535")
-    if not -1 <= config.data_port < 65536:
-        problems.append(f"data_port {config.data_port} is not -1 (off) or in 0..65535")
-    if config.chunk_bytes < 1024 or config.chunk_bytes > config.max_message_bytes // 2:
-        problems.append("chunk_bytes must be >= 1024 and at most half of max_message_bytes")
-    if config.push_slots < 1:
-        problems.append("push_slots must be >= 1")
-    if config.keep_finished_runs < 0 or config.keep_finished_seconds < 0:
-        problems.append("keep_finished_runs and keep_finished_seconds must be >= 0 (0 = no limit)")
-    if config.max_workers < 1:
-        problems.append("max_workers must be >= 1")
-    for name in ("max_wait_seconds", "lease_seconds", "heartbeat_seconds"):
+    for name, low, high, meaning in (("port", 0, 65535, ""), ("data_port", -1, 65535, " (-1: off)"),
+                                     ("metrics_port", -1, 65535, " (-1: off)")):
+        value = getattr(config, name)
+        if not low <= value <= high:
+            problems.append(f"{_flag(name)} {value} is not in {low}..{high}{meaning}")
+    if not 1024 <= config.chunk_bytes <= config.max_message_bytes // 2:
+        problems.append(f"--chunk-bytes {config.chunk_bytes} must be >= 1024 and at most half of "
+                        f"--max-message-bytes ({config.max_message_bytes})")
+    for name, low in (("push_slots", 1), ("max_workers", 1), ("max_param_bytes", 1), ("checkpoint_keep", 1),
+                      ("checkpoint_every", 0), ("keep_finished_runs", 0), ("keep_finished_seconds", 0),
+                      ("grace_seconds", 0)):
+        if getattr(config, name) < low:
+            problems.append(f"{_flag(name)} {getattr(config, name)} must be >= {low}")
+    for name in ("max_wait_seconds", "lease_seconds", "heartbeat_seconds", "stall_seconds"):
         if getattr(config, name) <= 0:
-            problems.append(f"{name} must be positive")
-    if config.heartbeat_seconds >= config.lease_seconds:
-        problems.append("heartbeat_seconds must be shorter than lease_seconds")
+            problems.append(f"{_flag(name)} {getattr(config, name)} must be positive")
+    if 0 < config.heartbeat_seconds >= config.lease_seconds:
+        problems.append(f"--heartbeat-seconds ({config.heartbeat_seconds}) must be shorter than --lease-seconds "
+                        f"({config.lease_seconds})")
     if problems:
         parser.error("; ".join(problems))
     return config

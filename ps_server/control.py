@@ -18,7 +18,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 
 from . import codec
 from .checkpointer import Checkpointer
-from .core.errors import FailedPrecondition, InvalidArgument, Reason
+from .core.errors import FailedPrecondition, InvalidArgument, PsError, Reason
 from .core.registry import RunRegistry
 from .core.run import Run
 from .core.status import Assignment
@@ -131,7 +131,11 @@ class Control:
         run = self._registry.get(request.run_id)
         if self._checkpointer is None:
             raise FailedPrecondition("this server has no data directory: start it with --data-dir DIR", Reason.NO_DATA_DIR)
-        path, clock = await self._checkpointer.checkpoint_now(run, "on demand")
+        try:
+            path, clock = await self._checkpointer.checkpoint_now(run, "on demand")
+        except OSError as exc:  # the run goes on; the data directory needs a look
+            raise PsError(f"could not write a checkpoint of {run.run_id} to {self._checkpointer.store.root}: "
+                          f"{exc.strerror or exc}; fix the data directory and try again") from None
         return pb.CheckpointRunResponse(path=str(path), min_clock=clock)
 
     # ------------------------------------------------------------------------------ WorkerService

@@ -114,10 +114,15 @@ class DataPlane:
         return await self._idle.wait_for(lambda: self._busy == 0, grace)
 
     # ------------------------------------------------------------------------------ push
-    async def push_stream(self, requests: AsyncIterator[bytes | memoryview],
-                          caller: Caller) -> AsyncGenerator[list[wire.Part], None]:
+    def slot_holder(self) -> SlotHolder:
+        """A stream's use of the push slots, for a transport that receives large messages under a
+        slot itself (the TCP data plane); then given to ``push_stream``."""
+        return self._slots.holder()
+
+    async def push_stream(self, requests: AsyncIterator[bytes | memoryview], caller: Caller,
+                          holder: SlotHolder | None = None) -> AsyncGenerator[list[wire.Part], None]:
         """Serialized ``PushGradientRequest``s in, ``PushGradientResponse``s out."""
-        holder = self._slots.holder()
+        holder = holder or self._slots.holder()
         try:
             while True:
                 try:
@@ -226,7 +231,7 @@ class DataPlane:
         names = list(req.names) or None
         if req.incarnation == 0:
             return run.read(None, req.clock, names)
-        await run.wait_pull(req.rank, req.incarnation, req.clock, self._wait_limit(req.max_wait, caller))
+        await run.wait_pull(req.rank, req.incarnation, req.clock, self._wait_limit(req.max_wait, caller), names)
         return run.read(req.rank, req.clock, names)
 
     def _wait_limit(self, max_wait: Duration, caller: Caller) -> float:

@@ -3,16 +3,24 @@
 A custom collector turns each run's ``status()`` into metric families when Prometheus scrapes, so
 the hot path (pushes, pulls) pays nothing for metrics: the counters it already keeps are the source.
 Server-wide figures come as a ``ServerStatistics`` value from whoever wires the server: this module
-knows no transport.
+knows no transport. The endpoint is the library's WSGI app behind the server's token and TLS, when
+it has them: run ids and counters are nobody else's business.
 """
 
 from __future__ import annotations
 
+import hmac
+import socket
+import ssl
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from .core.registry import RunRegistry
@@ -78,10 +86,41 @@ class RunCollector(Collector):
                                     value=stats.data_plane_streams_open)
 
 
+def _guarded(app: Callable[..., Any], token: str) -> Callable[..., Any]:
+    """The WSGI ``app`` behind the server's bearer token (constant-time compare), as gRPC is."""
+    expected = f"Bearer {token}".encode()
+
+    def guard(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        given = environ.get("HTTP_AUTHORIZATION", "").encode()
+        if hmac.compare_digest(given, expected):
+            return app(environ, start_response)
+        start_response("401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")])
+        return [b"missing or wrong bearer token: scrape with the server's token (authorization: Bearer ...)\n"]
+
+    return guard
+
+
 def serve_metrics(registry: RunRegistry, host: str, port: int,
-                  statistics: Callable[[], ServerStatistics] | None = None) -> int:
-    """Serve /metrics over HTTP on a daemon thread; return the bound port."""
+                  statistics: Callable[[], ServerStatistics] | None = None, *, token: str = "",
+                  tls: tuple[str, str] | None = None) -> int:
+    """Serve /metrics over HTTP on a daemon thread; return the bound port. With ``token`` every
+    scrape must carry it (``authorization: Bearer ...``); with ``tls`` (certificate and key files)
+    it is HTTPS: the endpoint is as protected as the gRPC server. OSError when it cannot bind."""
     reg = CollectorRegistry()
     reg.register(RunCollector(registry, statistics))
-    server, _thread = start_http_server(port, addr=host, registry=reg)
+    app = make_wsgi_app(reg)
+    bare = host.strip("[]")  # "[::1]", as gRPC writes it
+    family = socket.getaddrinfo(bare or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+    server: ThreadingWSGIServer = make_server(bare, port, _guarded(app, token) if token else app, server_class, handler_class=_Quiet)
+    if tls:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return int(server.server_port)
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (the base class's name)
+        """Scrapes are not news: no line per request."""

@@ -50,12 +50,15 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
                 "a token over plaintext is refused: give --tls-cert and --tls-key, or --insecure to send it in clear"
             )
         return None
-    try:
-        cert = Path(config.tls_cert).read_bytes()
-        key = Path(config.tls_key).read_bytes()
-        ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {exc.filename}: {exc.strerror}") from None
+
+    def read(flag: str, path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {flag} {path}: {exc.strerror}") from None
+
+    cert, key = read("--tls-cert", config.tls_cert), read("--tls-key", config.tls_key)
+    ca = read("--tls-client-ca", config.tls_client_ca) if config.tls_client_ca else None
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 

@@ -21,7 +21,9 @@ import asyncio  # noqa: E402
 import contextlib
 import json
 import logging
+import resource
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -32,7 +34,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from paramserver.runtime import tune_malloc
+from paramserver.runtime import raise_fd_limit, tune_malloc
 
 from .checkpointer import Checkpointer
 from .config import ServerConfig, parse_config
@@ -121,10 +123,39 @@ async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Chec
                      time.time() - (run.finished or 0.0), extra={"run": run.run_id})
 
 
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why ``host``:``port`` cannot be listened on, or None."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            probe.bind(addr)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def _data_dir(path: str) -> Path:
+    """The checkpoint directory, created if missing; ConfigError unless it is a directory we may write."""
+    root = Path(path)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"--data-dir {path}: not a directory; give a directory for checkpoints (created if "
+                          "missing)") from None
+    except OSError as exc:
+        raise ConfigError(f"--data-dir {path}: cannot create it ({exc.strerror}); give a directory this user "
+                          "may write") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise ConfigError(f"--data-dir {path}: this user may not write there; give a directory it may write")
+    return root
+
+
 async def start_server(config: ServerConfig) -> PsServer:
     checkpointer = None
     if config.data_dir:
-        store = CheckpointStore(Path(config.data_dir), keep=config.checkpoint_keep)
+        store = CheckpointStore(_data_dir(config.data_dir), keep=config.checkpoint_keep)
         checkpointer = Checkpointer(store, config.checkpoint_every)
     registry = RunRegistry(max_param_bytes=config.max_param_bytes, limits=Limits(max_workers=config.max_workers),
                            configure=checkpointer.attach if checkpointer else None)
@@ -146,7 +177,8 @@ async def start_server(config: ServerConfig) -> PsServer:
                           max_message_bytes=config.max_message_bytes, push_slots=config.push_slots)
     tcp_plane = None
     if config.data_port >= 0 and not credentials and not token:  # the framing carries neither
-        tcp_plane = TcpDataPlane(dataplane, config.max_message_bytes, lambda: registry.shutting_down)
+        tcp_plane = TcpDataPlane(dataplane, config.max_message_bytes, lambda: registry.shutting_down,
+                                 config.stall_seconds)
     control = Control(registry, max_wait=config.max_wait_seconds, heartbeat_seconds=config.heartbeat_seconds,
                       lease_seconds=config.lease_seconds, checkpointer=checkpointer,
                       data_port=lambda: tcp_plane.port if tcp_plane else 0)
@@ -155,15 +187,24 @@ async def start_server(config: ServerConfig) -> PsServer:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
     address = f"{config.host}:{config.port}"
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    why = _cannot_listen(config.host, config.port)  # gRPC would only log the reason
+    try:
+        port = 0 if why else \
+            server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # its "Failed to bind"
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {config.host}:{config.port}: is another server using the port?")
+        await server.stop(None)
+        raise OSError(f"--port {config.port}: cannot listen on {address} ({why or 'in use'}); choose another port "
+                      f"(0: a free one) or --host")
     if tcp_plane is not None:
         try:
             await tcp_plane.start(config.host, config.data_port)
         except OSError as exc:
             if config.data_port:  # asked for: its absence is an error
-                raise
+                await server.stop(None)
+                raise OSError(f"--data-port {config.data_port}: {exc}; choose another port (0: a free one, "
+                              "-1: none)") from None
             log.warning("%s; pushes and pulls go over gRPC only", exc)
             tcp_plane = None
     await server.start()
@@ -171,7 +212,14 @@ async def start_server(config: ServerConfig) -> PsServer:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     ps = PsServer(server, port, registry, config, health_servicer, dataplane, checkpointer, tcp_plane)
     if config.metrics_port >= 0:
-        ps.metrics_port = serve_metrics(registry, config.host, config.metrics_port, ps.statistics)
+        try:
+            ps.metrics_port = serve_metrics(registry, config.host, config.metrics_port, ps.statistics, token=token,
+                                            tls=(config.tls_cert, config.tls_key) if credentials else None)
+        except OSError as exc:
+            await ps.stop(0)
+            raise OSError(f"--metrics-port {config.metrics_port}: cannot serve metrics on {config.host}:"
+                          f"{config.metrics_port} ({exc.strerror or exc}); choose another port (0: a free one, "
+                          "-1: none)") from None
     ps._tasks.append(asyncio.create_task(_sweep(registry, config, checkpointer)))
     return ps
 
@@ -204,7 +252,8 @@ async def serve(config: ServerConfig) -> None:
     ps = await start_server(config)
     print(f"ps-server listening on {config.host}:{ps.port} (generation {ps.registry.generation})", flush=True)
     if ps.data_plane:
-        log.info("TCP data plane on %s:%d", config.host, ps.data_plane.port)
+        log.info("TCP data plane on %s:%d (up to %d streams, from the open-file limit %d)", config.host,
+                 ps.data_plane.port, ps.data_plane.max_streams, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     if ps.metrics_port is not None:
         log.info("Prometheus metrics on http://%s:%d/metrics", config.host, ps.metrics_port)
     stop = asyncio.Event()
@@ -219,13 +268,15 @@ async def serve(config: ServerConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     tune_malloc()
+    raise_fd_limit()
     config = parse_config(sys.argv[1:] if argv is None else argv)
     setup_logging(config)
     try:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve(config))
-    except (ConfigError, OSError) as exc:
-        sys.exit(f"ps-server: error: {exc}")
+    except (ConfigError, OSError) as exc:  # start-up: one line, and the exit status of a usage error
+        print(f"ps-server: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ class SlotHolder:
     def __init__(self, slots: PushSlots) -> None:
         self._slots = slots
         self.holding = False
+        self.pinned = False
+        """Set while a message is being received into memory under the slot (the TCP data plane):
+        the slot is not lent out then, whatever the patience, so one slot bounds one such message."""
 
     async def acquire(self) -> None:
         if not self.holding:
@@ -70,6 +73,6 @@ class SlotHolder:
         return msg
 
     def _lend(self) -> None:
-        if self.holding:
+        if self.holding and not self.pinned:
             self.release()
             self._slots.lent += 1

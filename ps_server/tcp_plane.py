@@ -13,16 +13,21 @@ it, which the PullParams contract allows ("maybe newer ones too"). Each element 
 on the event loop between two sends (the optimizers write each element once, from scratch
 buffers), and ``tcp.send_parts`` never sends one element's bytes from two moments.
 
-Bounds: a dead peer is found by TCP keepalive within seconds (``tcp.tune``), a client that reads
-nothing of an answer for ``_STALL_SECONDS`` is dropped, a request is read only when the data plane
-asks for the next one, and at most ``MAX_STREAMS`` streams are open at once.
+Bounds: a dead peer is found by TCP keepalive within seconds (``tcp.tune``); a client that sends
+nothing in the middle of a message, or reads nothing of an answer, for ``stall_seconds`` is
+dropped; a request is read only when the data plane asks for the next one, and one over
+``SMALL_FRAME`` bytes only while it holds a push slot (not lent out until it is in), so the push
+slots bound the memory that large messages being received take; and at most ``max_streams``
+streams are open at once, sized from the process's open-file limit (``stream_cap``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import resource
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
@@ -33,6 +38,7 @@ from paramserver.v1 import tcp, wire
 from . import codec
 from .core.errors import Malformed, PsError, Reason, ResourceExhausted
 from .dataplane import Caller, DataPlane
+from .slots import SlotHolder
 
 __all__ = ["TcpDataPlane", "TcpStatistics"]
 
@@ -40,10 +46,18 @@ log = logging.getLogger("ps_server")
 
 _HELLO_SECONDS = 5.0
 _LINGER_SECONDS = 2.0
-_STALL_SECONDS = 30.0
-"""A client that takes none of an answer for this long is dropped (alive, but not reading)."""
-MAX_STREAMS = 1024
-"""Streams open at once; more are refused with UNAVAILABLE (each worker keeps two)."""
+SMALL_FRAME = 64 << 10
+"""Messages up to this size are received without a push slot (a small model's push, any pull)."""
+MAX_STREAMS = 4096
+"""Streams open at once, at most; more are refused with UNAVAILABLE (each worker keeps two)."""
+_REFUSING = 32
+"""Connections being refused at once beyond the cap; more are closed unanswered."""
+
+
+def stream_cap(open_files: int) -> int:
+    """How many streams the open-file limit allows: two thirds of it, less 64 for files and
+    listeners, so that each pair of streams leaves a descriptor for its worker's gRPC connection."""
+    return max(16, min(MAX_STREAMS, (open_files - 64) * 2 // 3))
 
 
 _CALLER = Caller("tcp")  # no deadline on the wire: the client bounds its operations itself
@@ -65,11 +79,14 @@ class TcpStatistics:
 class TcpDataPlane:
     """Listens on its own port; ``start`` returns it, ``close`` ends every connection."""
 
-    def __init__(self, dataplane: DataPlane, max_message_bytes: int, closing: Callable[[], bool]) -> None:
+    def __init__(self, dataplane: DataPlane, max_message_bytes: int, closing: Callable[[], bool],
+                 stall_seconds: float = 30.0) -> None:
         """``closing``: true once the server shuts down (new streams are refused)."""
         self._dataplane = dataplane
         self._max_bytes = max_message_bytes
         self._closing = closing
+        self._stall = stall_seconds
+        self.max_streams = stream_cap(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
@@ -125,6 +142,9 @@ class TcpDataPlane:
                 log.warning("TCP data plane: accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
+            if self._open >= self.max_streams + _REFUSING:  # a flood: no descriptor even for a refusal
+                conn.close()
+                continue
             tcp.tune(conn)
             self._connections += 1
             self._spawn(self._serve(conn))
@@ -136,9 +156,10 @@ class TcpDataPlane:
                 method = await asyncio.wait_for(self._hello(conn), _HELLO_SECONDS)
             except (TimeoutError, ConnectionError, OSError):
                 return
+            holder = self._dataplane.slot_holder()
             handler: Callable[[AsyncIterator[bytes | memoryview], Caller], AsyncGenerator[list[wire.Part], None]]
             if method == tcp.METHOD_PUSH:
-                handler = self._dataplane.push_stream
+                handler = functools.partial(self._dataplane.push_stream, holder=holder)
             elif method == tcp.METHOD_PULL:
                 handler = self._dataplane.pull_stream
             else:
@@ -149,22 +170,23 @@ class TcpDataPlane:
                 await self._end(conn, _refusal(_UNAVAILABLE, pb.ERROR_REASON_SHUTTING_DOWN,
                                                "the server is shutting down; retry against its replacement"))
                 return
-            if self._open > MAX_STREAMS:
+            if self._open > self.max_streams:
                 await self._end(conn, _refusal(_UNAVAILABLE, pb.ERROR_REASON_STREAM_LIMIT,
-                                               f"more than {MAX_STREAMS} TCP data plane streams are open; "
+                                               f"more than {self.max_streams} TCP data plane streams are open; "
                                                "use gRPC or retry"))
                 return
-            await tcp.send_parts(conn, [tcp.hello(method)], _STALL_SECONDS)
+            await tcp.send_parts(conn, [tcp.hello(method)], self._stall)
             serving = asyncio.current_task()
             assert serving is not None
             try:
                 # aclosing: however this ends, the data plane's own clean-up (slot, operations in
                 # progress) and the request reader's (its watch on the socket) run now, in that order.
-                async with contextlib.aclosing(self._requests(conn, serving)) as requests, \
+                async with contextlib.aclosing(self._requests(conn, serving, holder,
+                                                              method == tcp.METHOD_PULL)) as requests, \
                         contextlib.aclosing(handler(requests, _CALLER)) as responses:
                     async for parts in responses:
                         n = wire.parts_len(parts)
-                        await tcp.send_parts(conn, [tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, n), *parts], _STALL_SECONDS)
+                        await tcp.send_parts(conn, [tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, n), *parts], self._stall)
             except PsError as exc:
                 await self._end(conn, codec.error_status(exc))
         except (ConnectionError, OSError):
@@ -172,6 +194,7 @@ class TcpDataPlane:
         finally:
             conn.close()
             self._open -= 1
+            holder.release()
 
     async def _hello(self, conn: socket.socket) -> int:
         buf = bytearray(tcp.HELLO.size)
@@ -184,14 +207,23 @@ class TcpDataPlane:
             raise ConnectionError("bad hello")
         return int(method)
 
-    async def _requests(self, conn: socket.socket, serving: asyncio.Task[None]) -> AsyncGenerator[memoryview, None]:
+    async def _requests(self, conn: socket.socket, serving: asyncio.Task[None], holder: SlotHolder,
+                        releases: bool) -> AsyncGenerator[memoryview, None]:
         """The stream's requests, each read when the data plane asks for it (so a push waiting for a
         slot holds nothing more, and the client's sending waits, as HTTP/2 flow control makes it
         wait on gRPC). While the data plane works on a request (a pull parked for its SSP bound),
         the socket is watched: a client that closes the connection cancels the handler, as gRPC
-        cancels a call whose client is gone. The stream never ends of itself."""
+        cancels a call whose client is gone. The stream never ends of itself. A message over
+        ``SMALL_FRAME`` is received holding the stream's push slot (``holder``, pinned meanwhile);
+        a push keeps it for the rest of its messages, a pull stream (``releases``) gives it back
+        at its next request."""
         loop = asyncio.get_running_loop()
         fd = conn.fileno()
+
+        async def reserve(length: int) -> None:
+            if length > SMALL_FRAME:
+                holder.pinned = True
+                await holder.acquire()
 
         def closed() -> None:  # the socket turned readable while nobody reads: data, or the end?
             try:
@@ -205,12 +237,16 @@ class TcpDataPlane:
                 serving.cancel()
 
         while True:
+            if releases:
+                holder.release()
             try:
-                kind, _, body = await tcp.read_frame(conn, self._max_bytes)
+                kind, _, body = await tcp.read_frame(conn, self._max_bytes, stall=self._stall, reserve=reserve)
             except tcp.FrameTooLarge as exc:
                 raise ResourceExhausted(str(exc)) from None
             except ValueError as exc:  # the stream cannot go on: its handler ends it with this status
                 raise _BadFrame(str(exc)) from None
+            finally:
+                holder.pinned = False
             if kind != tcp.MESSAGE:
                 raise _BadFrame("a client sends MESSAGE frames only")
             loop.add_reader(fd, closed)
@@ -225,7 +261,7 @@ class TcpDataPlane:
         body is the bare message, as version 1 of the framing had it."""
         body = status.message.encode("utf-8", "replace") if plain else status.SerializeToString()
         with contextlib.suppress(OSError):
-            await tcp.send_parts(conn, [tcp.FRAME.pack(tcp.STATUS, 0, 0, status.code, len(body)), body], _STALL_SECONDS)
+            await tcp.send_parts(conn, [tcp.FRAME.pack(tcp.STATUS, 0, 0, status.code, len(body)), body], self._stall)
             conn.shutdown(socket.SHUT_WR)
             loop = asyncio.get_running_loop()
             sink = bytearray(1 << 16)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -28,9 +30,11 @@ ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 @contextmanager
-def ps_server(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def ps_server(*args: str, open_files: tuple[int, int] | None = None) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A ps-server subprocess and its address; ``open_files``: its (soft, hard) RLIMIT_NOFILE."""
+    limit = None if open_files is None else functools.partial(resource.setrlimit, resource.RLIMIT_NOFILE, open_files)
     proc = subprocess.Popen([sys.executable, "-m", "ps_server.server", "--log-level", "WARNING", *args],
-                            stdout=subprocess.PIPE, text=True, env=ENV)
+                            stdout=subprocess.PIPE, text=True, env=ENV, preexec_fn=limit)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()

@@ -6,14 +6,13 @@ except the server address, which is ``--server`` / ``PS_SERVER`` like everywhere
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from paramserver.security import Security, read_token
-from paramserver.settings import opt, parse_dataclass
+from paramserver.settings import LOG_LEVELS, Parser, opt, parse_dataclass
 
 __all__ = ["WorkerConfig", "parse_config"]
 
@@ -41,7 +40,7 @@ class WorkerConfig:
     token_file: str = opt("", "File holding the server's bearer token.")
     token: str = opt("", "The bearer token itself; from the environment only (PS_TOKEN).", env_only=True)
     insecure: bool = opt(False, "Allow the token over plaintext (no TLS).")
-    log_level: str = opt("INFO", "Log level: DEBUG, INFO, WARNING, ERROR.")
+    log_level: str = opt("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.", choices=LOG_LEVELS)
 
     @property
     def display_name(self) -> str:
@@ -60,7 +59,7 @@ class WorkerConfig:
 
 def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> WorkerConfig:
     env = os.environ if env is None else env
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ps-worker",
         description="A paramserver training worker: joins the cluster, trains its rank's shard of "
         "the run it is assigned, and waits for the next run. Every flag can also be set with the "
@@ -71,4 +70,10 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         parser.error(f"--slowdown {config.slowdown}: use a factor >= 1 (1 = normal speed)")
     if ":" not in config.server:
         parser.error(f"--server {config.server!r}: use HOST:PORT")
+    for name, low, positive in (("timeout_seconds", 0, True), ("report_seconds", 0, True),
+                                ("join_wait_seconds", 0, False), ("idle_exit_seconds", 0, False),
+                                ("max_message_bytes", 1 << 20, False)):
+        value = getattr(config, name)
+        if value < low or (positive and value == low):
+            parser.error(f"--{name.replace('_', '-')} {value}: must be {'>' if positive else '>='} {low}")
     return config

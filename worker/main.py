@@ -113,8 +113,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
     try:
         sys.exit(asyncio.run(_main(config)))
-    except ValueError as exc:  # security settings that cannot work
-        sys.exit(f"ps-worker: error: {exc}")
+    except ValueError as exc:  # security settings that cannot work: one line, a usage error's status
+        print(f"ps-worker: error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ class Slot:
 
     @property
     def live(self) -> bool:
-        return self.state in (WorkerState.ACTIVE, WorkerState.DONE)
+        return self.state in (WorkerState.ACTIVE, WorkerState.DONE, WorkerState.STOPPED)
 
 
 class VectorClock:
@@ -147,6 +147,13 @@ class VectorClock:
         slot.state = state
         if state is WorkerState.EVICTED:
             slot.waiting_for = None  # its parked pull is failed by the next notify
+        self._moved()
+
+    def end(self) -> None:
+        """The run ended: ranks still training are STOPPED (their workers learn it at their next call)."""
+        for s in self.slots:
+            if s.state is WorkerState.ACTIVE:
+                s.state = WorkerState.STOPPED
         self._moved()
 
     def expired(self, lease: float) -> list[tuple[Slot, float]]:

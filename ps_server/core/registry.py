@@ -49,7 +49,7 @@ class RunRegistry:
         nbytes = 4 * spec.num_params
         if nbytes > self.max_param_bytes:
             raise ResourceExhausted(f"the run's parameters take {nbytes} bytes, over this server's limit of "
-                                    f"{self.max_param_bytes} (PS_MAX_PARAM_BYTES)")
+                                    f"{self.max_param_bytes}: ask for less (ps-server --max-param-bytes)")
         store = await asyncio.to_thread(ParamStore, spec.params, spec.seed)
         return self.add(Run(f"run-{uuid.uuid4().hex[:8]}", spec, now=self._now, store=store))
 

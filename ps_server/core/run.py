@@ -75,8 +75,7 @@ class Run:
         self.history.event("joined", slot.rank, f"{worker_name or 'a worker'} took rank {slot.rank} "
                            f"(incarnation {slot.incarnation}, clock {slot.clock})")
         if pending and self.clock.count(WorkerState.ACTIVE) == len(self.clock.slots):
-            self.state = RunState.RUNNING
-            self.started = time.time()
+            self.state, self.started = RunState.RUNNING, time.time()
             self.history.event("started", -1, f"all {len(self.clock.slots)} ranks joined")
         self._changed()
         return Assignment(self.run_id, slot.rank, slot.incarnation, slot.clock)
@@ -93,8 +92,11 @@ class Run:
         return self.state
 
     def leave(self, rank: int, incarnation: int, reason: str, message: str) -> RunState:
-        """reason: "done" (rank finished), "shutdown" (rank becomes vacant), "failed" (fails the run)."""
+        """reason: "done" (rank finished), "shutdown" (rank becomes vacant), "failed" (fails the run);
+        nothing changes once the run has ended."""
         slot = self.clock.holder(rank, incarnation)
+        if self.state.finished:
+            return self.state
         if reason == "failed":
             self._finish(RunState.FAILED, f"rank {rank} failed: {message or 'no message'}", message or "worker failed", rank)
         elif reason == "shutdown":
@@ -106,8 +108,7 @@ class Run:
             self._after_clock_change()
         return self.state
 
-    def expire(self, lease: float) -> list[int]:
-        """Evict ACTIVE ranks not heard from for ``lease`` seconds; return their ranks."""
+    def expire(self, lease: float) -> list[int]:  # evict ACTIVE ranks silent for ``lease`` seconds
         for slot, silent in (expired := self.clock.expired(lease)):
             self._evict(slot, f"lease expired: no RPC for {silent:.1f}s (lease {lease:.1f}s)")
         return [slot.rank for slot, _ in expired]
@@ -154,11 +155,12 @@ class Run:
         self._after_clock_change()
         return PushResult(slot.clock, False, self.min_clock, self.state)
 
-    async def wait_pull(self, rank: int, incarnation: int, clock: int, timeout: float) -> None:
+    async def wait_pull(self, rank: int, incarnation: int, clock: int, timeout: float, names: list[str] | None = None) -> None:
         """Return once a pull of ``clock`` by this rank may be served (``ssp``; meanwhile the rank
         shows what it waits for); raise when it never will be or after ``timeout`` seconds."""
         slot = self.clock.holder(rank, incarnation)
         ssp.check_pull(self.spec, slot, clock)
+        self.store.check_names(names)  # a pull that cannot be served is refused now, not after its wait
         ready = partial(self.pull_ready, rank, incarnation, clock)
         if ready():
             return
@@ -202,6 +204,7 @@ class Run:
     def _finish(self, state: RunState, message: str, event: str = "", rank: int = -1) -> None:
         """End the run, with an event named after ``state`` saying ``event`` (or the message)."""
         self.history.event(state.value, rank, event or message)
+        self.clock.end()
         self.state = state
         self.message = message
         self.finished = time.time()
@@ -221,10 +224,8 @@ class Run:
               flat: np.ndarray | None = None) -> None:
         """Apply one update (``flat``: the same gradient laid out like ``store.flat``, stepped in one
         piece); a run whose parameters or optimizer state stop being finite has diverged and fails."""
-        if flat is not None:
-            diverged = self.optimizer.step_flat(self.store.flat, flat)
-        else:
-            diverged = self.optimizer.step(self.store.params, grads)
+        diverged = self.optimizer.step_flat(self.store.flat, flat) if flat is not None else \
+            self.optimizer.step(self.store.params, grads)
         self.counters.updates_applied += 1
         if diverged and self.state is RunState.RUNNING:
             self._finish(RunState.FAILED, f"{diverged} became NaN/Inf at update {self.counters.updates_applied}: "
@@ -241,9 +242,9 @@ class Run:
         return "" if self.state.finished else ssp.waiting_for(self.spec, self.clock, self.state is RunState.PENDING)
 
     def status(self, workers: bool = True) -> RunStatus:  # workers: with each rank's status
-        return RunStatus(
-            run_id=self.run_id, state=self.state, message=self.message, created=self.created, started=self.started,
-            finished=self.finished, workers=self.clock.statuses() if workers else (), min_clock=self.min_clock,
-            max_clock=self.clock.max_clock, counters=replace(self.counters, pulls_skipped=self.clock.pulls_skipped()),
-            last_eval=self.history.last_eval, waiting_for=self.waiting_for(),
-            active_workers=self.clock.count(WorkerState.ACTIVE))
+        return RunStatus(run_id=self.run_id, state=self.state, message=self.message, created=self.created,
+                         started=self.started, finished=self.finished, min_clock=self.min_clock,
+                         workers=self.clock.statuses() if workers else (), max_clock=self.clock.max_clock,
+                         counters=replace(self.counters, pulls_skipped=self.clock.pulls_skipped()),
+                         last_eval=self.history.last_eval, waiting_for=self.waiting_for(),
+                         active_workers=self.clock.count(WorkerState.ACTIVE))

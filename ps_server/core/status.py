@@ -43,6 +43,7 @@ class WorkerState(enum.Enum):
     ACTIVE = "active"
     DONE = "done"
     EVICTED = "evicted"
+    STOPPED = "stopped"  # active when the run was stopped or failed
 
 
 @dataclass

@@ -125,12 +125,16 @@ class ParamStore:
                                               Reason.INVALID_GRADIENT)
         return gflat  # a flat gradient whose dot product overflowed, but finite: still usable
 
+    def check_names(self, names: list[str] | None) -> None:
+        """InvalidArgument unless every one of ``names`` is a tensor of this run."""
+        unknown = sorted(set(names or ()) - set(self.params))
+        if unknown:
+            raise InvalidArgument(f"unknown tensor name(s) {listed(map(quoted, unknown))}; this run's tensors are "
+                                  f"{listed(map(quoted, sorted(self.params)))}")
+
     def read(self, names: list[str] | None = None) -> dict[str, np.ndarray]:
         """The live arrays (no copy) of ``names`` (all when None); InvalidArgument for unknown names."""
         if not names:
             return self.params
-        unknown = sorted(set(names) - set(self.params))
-        if unknown:
-            raise InvalidArgument(f"unknown tensor name(s) {listed(map(quoted, unknown))}; this run's tensors are "
-                                  f"{listed(map(quoted, sorted(self.params)))}")
+        self.check_names(names)
         return {n: self.params[n] for n in names}

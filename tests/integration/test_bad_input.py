@@ -376,6 +376,17 @@ async def test_pull_unknown_tensor_name_is_invalid_argument(client: PsClient, li
     assert (await snapshot(client, live.run_id)).params == before.params
 
 
+async def test_a_pull_of_an_unknown_name_is_refused_before_it_would_park(client: PsClient) -> None:
+    """A pull that must wait (rank 1 has not joined) but names an unknown tensor is refused at once,
+    not after the whole wait."""
+    run = await client.create_run(make_spec(shapes=SHAPES, num_workers=2, staleness=0, iterations=ITERATIONS))
+    a = (await client.join("w", run.run_id, max_wait=0)).assignment  # the run is pending: pulls park
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(errors.InvalidArgument) as e:
+        await client.pull(run.run_id, a.rank, a.incarnation, 0, names=["w", "nope"], max_wait=30.0)
+    assert "'nope'" in e.value.message and asyncio.get_running_loop().time() - started < 5.0
+
+
 async def test_pull_by_name_control(client: PsClient, live: Live) -> None:
     got = await client.pull(live.run_id, names=["b"])
     assert list(got.tensors) == ["b"] and got.tensors["b"].shape == SHAPES["b"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from support import make_spec, with_config
 
 from paramserver.client import PsClient
+from paramserver.security import Security
 from ps_server.config import ServerConfig
 from ps_server.server import start_server
 
@@ -35,5 +37,30 @@ async def test_metrics_endpoint_reports_pushes_and_clocks(server_config: ServerC
         assert f'paramserver_run_state{{run="{run.run_id}",state="running"}} 1.0' in text
         assert f'paramserver_parked_seconds_total{{run="{run.run_id}"}}' in text
         assert "paramserver_push_slot_lends_total 0.0" in text
+    finally:
+        await ps.stop(0)
+
+
+async def test_metrics_need_the_servers_token_when_it_has_one(server_config: ServerConfig) -> None:
+    """Run ids and counters are as private as the gRPC API: with a token, a scrape must carry it."""
+    ps = await start_server(with_config(server_config, metrics_port=0, token="s3cret", insecure=True))
+    url = f"http://127.0.0.1:{ps.metrics_port}/metrics"
+
+    def scrape(token: str | None) -> tuple[int, str]:
+        req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    try:
+        async with PsClient(f"127.0.0.1:{ps.port}", security=Security(token="s3cret", insecure=True)) as c:
+            run = await c.create_run(make_spec(num_workers=1))
+        for token in (None, "wrong"):
+            status, body = await asyncio.to_thread(scrape, token)
+            assert status == 401 and run.run_id not in body and "bearer token" in body
+        status, body = await asyncio.to_thread(scrape, "s3cret")
+        assert status == 200 and f'run="{run.run_id}"' in body
     finally:
         await ps.stop(0)

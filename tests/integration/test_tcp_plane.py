@@ -306,3 +306,42 @@ async def test_a_port_change_told_during_a_parked_pull_does_not_disturb_it(serve
         result = await asyncio.wait_for(parked, 5)
         assert result.guaranteed_clock >= 1
         assert c.route.opened == {"tcp": 2, "grpc": 0, "tcp_unreachable": 0}
+
+
+async def test_a_sender_stalled_mid_message_holds_one_push_slot_until_it_is_dropped(server_config: ServerConfig) -> None:
+    """Issue 14: a large message is received holding a push slot, not lent out while it comes in,
+    so the slots bound the memory of messages being received (another large one is not read
+    meanwhile); a sender that stops in the middle is dropped after ``stall_seconds``; small messages
+    need no slot."""
+    ps = await start_server(dataclasses.replace(server_config, stall_seconds=2.0, push_slots=1))
+    assert ps.data_plane is not None
+    port = ps.data_plane.port
+    try:
+        stalled, loop = await _raw(port, tcp.hello(tcp.METHOD_PUSH))
+        await asyncio.wait_for(loop.sock_recv(stalled, tcp.HELLO.size), 5)
+        await loop.sock_sendall(stalled, tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, 32 << 20) + bytes(1 << 20))
+        await asyncio.sleep(0.2)
+        started = loop.time()
+
+        other, _ = await _raw(port, tcp.hello(tcp.METHOD_PUSH))
+        await asyncio.wait_for(loop.sock_recv(other, tcp.HELLO.size), 5)
+        sending = asyncio.create_task(loop.sock_sendall(other, tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, 32 << 20)
+                                                        + bytes(32 << 20)))  # more than the socket buffers hold
+        async with PsClient(f"127.0.0.1:{ps.port}", timeout=10) as c:  # a small push needs no slot
+            run = await c.create_run(make_spec(num_workers=1, staleness=-1))
+            a = (await c.join("w", run.run_id)).assignment
+            ack = await c.push(run.run_id, a.rank, a.incarnation, 0,
+                               {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)})
+            assert ack.clock == 1 and c.route.transport == "tcp"
+        await asyncio.sleep(1.0)  # twice the slots' patience: the stalled sender still holds the slot
+        assert not sending.done(), "a second large message was received while the first was incomplete"
+
+        assert await asyncio.wait_for(loop.sock_recv(stalled, 1), 10) == b""  # dropped...
+        assert loop.time() - started > 1.5  # ...after stall_seconds, not before
+        await asyncio.wait_for(sending, 10)  # the slot is free: the other message is received
+        code, details = await _status(other)  # zeros are no PushGradientRequest (INTERNAL, as gRPC says it)
+        assert code == grpc.StatusCode.INTERNAL and "does not parse" in details
+        stalled.close()
+        other.close()
+    finally:
+        await ps.stop(0)

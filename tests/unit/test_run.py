@@ -182,6 +182,28 @@ def test_failed_leave_fails_the_run_and_stop_releases_waiters() -> None:
         run2.pull_ready(0, inc2[0], 0)
 
 
+def test_after_a_stop_no_rank_shows_active_and_leaving_changes_nothing() -> None:
+    """Issue 14: status after a stop said the ranks were active. They show STOPPED, with their
+    clocks (which still make the final min clock); a worker's heartbeat hears the run's state, and a
+    late leave (even one saying it failed) changes nothing, nor do leases expire."""
+    run, inc = started(spec(workers=3, staleness=-1))
+    run.push(0, inc[0], 0, grad(1), 0)
+    run.push(0, inc[0], 1, grad(1), 0)
+    run.push(1, inc[1], 0, grad(1), 0)
+    run.leave(2, inc[2], "shutdown", "")  # rank 2 evicted before the stop: stays so
+    run.stop("enough")
+    status = run.status()
+    assert [w.state for w in status.workers] == [WorkerState.STOPPED, WorkerState.STOPPED, WorkerState.EVICTED]
+    assert status.active_workers == 0 and [w.clock for w in status.workers] == [2, 1, 0] and status.min_clock == 1
+    assert run.heartbeat(0, inc[0]) == (RunState.STOPPED, 2)
+    assert run.leave(1, inc[1], "failed", "late") is RunState.STOPPED and run.leave(0, inc[0], "shutdown", "") \
+        is RunState.STOPPED
+    assert run.state is RunState.STOPPED and run.message == "enough" and run.expire(0.0) == []
+    assert [w.state for w in run.status().workers][:2] == [WorkerState.STOPPED] * 2
+    restored = snapshot.restore(*snapshot.state_dict(run))
+    assert [w.state for w in restored.status().workers] == [w.state for w in run.status().workers]
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     workers=st.integers(1, 4),

@@ -48,6 +48,7 @@ class WorkerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WORKER_STATE_ACTIVE: _ClassVar[WorkerState]
     WORKER_STATE_DONE: _ClassVar[WorkerState]
     WORKER_STATE_EVICTED: _ClassVar[WorkerState]
+    WORKER_STATE_STOPPED: _ClassVar[WorkerState]
 
 class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -101,6 +102,7 @@ WORKER_STATE_VACANT: WorkerState
 WORKER_STATE_ACTIVE: WorkerState
 WORKER_STATE_DONE: WorkerState
 WORKER_STATE_EVICTED: WorkerState
+WORKER_STATE_STOPPED: WorkerState
 ERROR_REASON_UNSPECIFIED: ErrorReason
 ERROR_REASON_RUN_NOT_FOUND: ErrorReason
 ERROR_REASON_INVALID_SPEC: ErrorReason

@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -139,12 +139,20 @@ async def send_parts(sock: socket.socket, parts: Sequence[bytes | memoryview], s
             await _writable(loop, sock, stall)
 
 
-async def recv_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fill ``view`` from the socket; ConnectionError if the peer closes first."""
+async def recv_exact(sock: socket.socket, view: memoryview, stall: float | None = None) -> None:
+    """Fill ``view`` from the socket; ConnectionError if the peer closes first, TimeoutError (an
+    OSError) if it sends nothing for ``stall`` seconds (None: wait as long as it takes)."""
     loop = asyncio.get_running_loop()
     got, n = 0, view.nbytes
     while got < n:
-        k = await loop.sock_recv_into(sock, view[got:])
+        if stall is None:
+            k = await loop.sock_recv_into(sock, view[got:])
+        else:
+            try:
+                async with asyncio.timeout(stall):
+                    k = await loop.sock_recv_into(sock, view[got:])
+            except TimeoutError:
+                raise TimeoutError(f"the peer sent nothing for {stall:.0f}s in the middle of a frame") from None
         if k == 0:
             raise ConnectionError("the connection was closed")
         got += k
@@ -154,11 +162,15 @@ class FrameTooLarge(ValueError):
     pass
 
 
-async def read_frame(sock: socket.socket, max_bytes: int, head: bytes = b"") -> tuple[int, int, memoryview]:
+async def read_frame(sock: socket.socket, max_bytes: int, head: bytes = b"", *, stall: float | None = None,
+                     reserve: Callable[[int], Awaitable[None]] | None = None) -> tuple[int, int, memoryview]:
     """The next frame: (kind, status, body). The body is a fresh buffer the caller may keep
     (decoded chunks are views of it). ValueError when the frame is malformed, FrameTooLarge (a
     ValueError) when it is larger than ``max_bytes``: the connection is then out of step.
-    ``head``: the header's first bytes, already read (a refusal where a hello's echo was due)."""
+    ``head``: the header's first bytes, already read (a refusal where a hello's echo was due).
+    ``reserve``: awaited with the body's length before it is allocated (a memory budget);
+    ``stall``: a peer that sends nothing for this long in the middle of the frame raises
+    TimeoutError (between frames there is no limit: a stream may stay idle)."""
     header = bytearray(head) + bytearray(FRAME.size - len(head))
     await recv_exact(sock, memoryview(header)[len(head):])
     kind, _, _, status, length = FRAME.unpack(header)
@@ -166,7 +178,9 @@ async def read_frame(sock: socket.socket, max_bytes: int, head: bytes = b"") -> 
         raise ValueError(f"unknown frame kind {kind}")
     if length > max_bytes:
         raise FrameTooLarge(f"a message of {length} bytes is larger than the server's limit of {max_bytes} bytes")
+    if reserve is not None:
+        await reserve(length)
     body = np.empty(length, np.uint8).data  # uninitialised: every byte is received into it
     if length:
-        await recv_exact(sock, body)
+        await recv_exact(sock, body, stall)
     return kind, status, body
