@@ -177,3 +177,31 @@ def test_non_finite_parameters_of_a_running_run_are_refused() -> None:
     with pytest.raises(ValueError, match="param/w.*NaN/Inf"):
         snapshot.restore(meta, arrays)
     assert snapshot.restore({**meta, "state": "failed"}, arrays).store.params["w"][0, 0] == np.inf
+
+
+async def test_periodic_checkpoints_log_at_debug_and_the_story_at_info(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 14: periodic checkpoint lines were 77% of a server log and said "(min clock 50, min
+    clock 50)"; resumed runs were WARNINGs even when finished. Routine lines are DEBUG now."""
+    store = CheckpointStore(tmp_path)
+    checkpointer = Checkpointer(store, every=2)
+    run = Run("run-log", RunSpec(name="l", num_workers=1, iterations=6, staleness=1, seed=1,
+                                 params=(ParamSpec("w", (3,)),), optimizer=OptimizerConfig(learning_rate=0.1)))
+    checkpointer.attach(run)
+    a = run.join("a")
+    with caplog.at_level(logging.DEBUG, logger="ps_server"):
+        for clock in range(6):
+            run.push(0, a.incarnation, clock, {"w": np.ones(3, np.float32)}, 0)
+            await checkpointer.drain()
+        run.leave(0, a.incarnation, "done", "")  # completed: the final checkpoint
+        await checkpointer.drain()
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if "checkpoint of run-log" in r.getMessage()]
+    periodic = [m for level, m in lines if "every 2 clocks" in m]
+    assert len(periodic) >= 2 and all(level == logging.DEBUG for level, m in lines if m in periodic)
+    assert [m for level, m in lines if level == logging.INFO] == [m for _, m in lines if "(completed)" in m]
+    assert all(m.count("min clock") == 1 for _, m in lines)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="ps_server"):
+        (resumed,) = Checkpointer(store, every=2).resume()
+    assert resumed.state.value == "completed"
+    assert [(r.levelno, r.getMessage().split(" from ")[0]) for r in caplog.records] == [(logging.INFO, "resumed run-log")]
