@@ -50,11 +50,14 @@ RunId = Annotated[str, typer.Argument(metavar="RUN", help="Run id, as shown by '
 
 
 # ---------------------------------------------------------------------------------------- plumbing
-UNBOUNDED_WORDS = ("inf", "unbounded", "async", "asp", "-1")
+UNBOUNDED_WORDS = ("inf", "unbounded", "asp")
+STALENESS_FORMS = "0 or bsp (synchronous), a positive integer s (SSP), or inf / unbounded / asp (asynchronous)"
 
 
 def parse_staleness(text: str) -> int:
-    """'0'/'bsp' -> 0, a positive integer -> itself, 'inf'/'unbounded'/'asp' -> -1."""
+    """'0'/'bsp' -> 0, a positive integer -> itself, 'inf'/'unbounded'/'asp' -> -1 (the proto's
+    "unbounded"). Any negative number is refused: -1 is how the proto spells unbounded, not a word
+    for users, and taking it would take -3 as a typo of it."""
     t = str(text).strip().lower()
     if t in UNBOUNDED_WORDS:
         return -1
@@ -63,9 +66,9 @@ def parse_staleness(text: str) -> int:
     try:
         value = int(t)
     except ValueError:
-        raise ValueError(f"staleness {text!r}: use 0 (BSP), a positive integer, or 'inf' (unbounded)") from None
+        raise ValueError(f"--staleness {text!r}: use {STALENESS_FORMS}") from None
     if value < 0:
-        raise ValueError(f"staleness {text!r}: use 0 (BSP), a positive integer, or 'inf' (unbounded)")
+        raise ValueError(f"--staleness {text!r}: a staleness cannot be negative; use {STALENESS_FORMS}")
     return value
 
 
@@ -144,14 +147,14 @@ def launch(
     dataset: Annotated[str, typer.Option(help="digits | synthetic-regression | synthetic-classification | "
                                               "npz:PATH (options after ':' as key=value)")] = "digits",
     workers: Annotated[int, typer.Option(min=1, help="Number of worker ranks (data shards).")] = 4,
-    staleness: Annotated[str, typer.Option(help="0 or bsp (synchronous), an integer s (SSP), "
+    staleness: Annotated[str, typer.Option(help="0 or bsp (synchronous), a positive integer s (SSP), "
                                                 "inf / unbounded / asp (asynchronous).")] = "2",
     optimizer: Annotated[str, typer.Option(help="sgd | momentum | nesterov | adam | adagrad")] = "sgd",
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 0.1,
     momentum: Annotated[float, typer.Option(help="Momentum (momentum, nesterov).")] = 0.9,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
-    epochs: Annotated[float, typer.Option(help="Passes over each rank's shard.")] = 15.0,
-    iterations: Annotated[int, typer.Option(min=0, help="Iterations per worker; overrides --epochs.")] = 0,
+    epochs: Annotated[float, typer.Option(help="Passes over each rank's shard (> 0, e.g. 15 or 0.5).")] = 15.0,
+    iterations: Annotated[int, typer.Option(help="Iterations per worker; overrides --epochs (0: use --epochs).")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Minibatch size per worker.")] = 32,
     seed: Annotated[int, typer.Option(min=0, help="Seed for initialisation and shuffling.")] = 0,
     name: Annotated[str, typer.Option(help="Run name shown by psctl (default: MODEL on DATASET).")] = "",

@@ -28,7 +28,7 @@ from worker.models import parse_model
 from . import facts, render
 from .follow import EXIT_CODES, follow, follow_local
 from .local import LocalCluster, LocalClusterError
-from .spec import LaunchOptions, build_run_spec, iterations_per_epoch, security_from_env
+from .spec import LaunchOptions, build_run_spec, check_options, iterations_per_epoch, security_from_env
 
 __all__ = ["launch_run"]
 
@@ -105,6 +105,7 @@ def _submit(o: LaunchOptions, server: str, wait: bool, json_mode: bool, timeout:
 
 def _local(o: LaunchOptions, verbose: bool, json_mode: bool, timeout: float) -> int:
     # Cheap syntax checks before any process starts: a typo must not cost a cluster start-up.
+    check_options(o)
     parse_model(o.model)
     parse_dataset(o.dataset)
     err = Console(stderr=True, highlight=False, markup=False)

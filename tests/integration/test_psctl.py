@@ -29,6 +29,7 @@ pytestmark = pytest.mark.timeout(120)
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model", "softmax", "--dataset", "digits", "--workers", "2", "--iterations", "30", "--eval-every", "10"]
+STALENESS_FORMS = "0 or bsp (synchronous), a positive integer s (SSP), or inf / unbounded / asp (asynchronous)"
 
 
 async def psctl(*args: str, env: dict[str, str | None] | None = None) -> Result:
@@ -109,8 +110,13 @@ async def test_server_address_comes_from_the_environment(addr: str) -> None:
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (["--staleness", "banana"], "staleness 'banana': use 0 (BSP), a positive integer, or 'inf'"),
-        (["--staleness", "-3"], "staleness '-3'"),
+        (["--staleness", "banana"], f"--staleness 'banana': use {STALENESS_FORMS}"),
+        (["--staleness", "-3"], f"--staleness '-3': a staleness cannot be negative; use {STALENESS_FORMS}"),
+        (["--staleness", "-1"], f"--staleness '-1': a staleness cannot be negative; use {STALENESS_FORMS}"),
+        (["--epochs", "0"], "--epochs 0: use a positive number of passes over each rank's shard"),
+        (["--epochs", "-2"], "--epochs -2: use a positive number of passes"),
+        (["--epochs", "nan"], "--epochs nan: use a positive number of passes"),
+        (["--iterations", "-1"], "--iterations -1: use a positive number of iterations per worker"),
         (["--model", "mlp:abc"], "bad hidden sizes 'abc'"),
         (["--model", "transformer"], "cannot parse model 'transformer'"),
         (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),

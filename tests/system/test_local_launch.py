@@ -107,6 +107,18 @@ def test_unloadable_dataset_after_the_server_started_leaves_no_process(tmp_path:
     assert_nothing_left(marker, tmp_path)
 
 
+@pytest.mark.parametrize(("flags", "expected"), [(["--epochs", "0"], "Error: --epochs 0: use a positive number"),
+                                               (["--staleness", "-1"], "Error: --staleness '-1': a staleness cannot be")])
+def test_bad_numbers_are_refused_before_a_cluster_starts(flags: list[str], expected: str, tmp_path: Path) -> None:
+    """--epochs 0 used to become one iteration, --staleness -1 an unbounded run: both are refused
+    at once, with nothing started (no log directory is even made)."""
+    proc, marker = start_psctl(tmp_path, *TINY[:4], *flags)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and out == "", err
+    assert err.startswith(expected) and "Traceback" not in err, err
+    assert_nothing_left(marker, tmp_path)
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)])
 def test_interrupt_mid_run_leaves_no_process(sig: signal.Signals, code: int, tmp_path: Path) -> None:
     proc, marker = start_psctl(tmp_path, "--model", "mlp:64", "--dataset", "digits", "--workers", "2",
