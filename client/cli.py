@@ -19,7 +19,6 @@ from typing import Annotated, Any, TypeVar
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.live import Live
 
 from paramserver import errors
@@ -199,7 +198,7 @@ def runs(limit: Annotated[int, typer.Option(min=1, help="Show at most this many 
     elif not found:
         typer.echo(f"no runs on {server} yet: create one with 'psctl launch'")
     else:
-        Console().print(render.runs_table(found))
+        render.console().print(render.runs_table(found))
 
 
 async def _run_and_metrics(ps: PsClient, run_id: str) -> tuple[pb.Run, pb.GetMetricsResponse]:
@@ -215,7 +214,7 @@ def status(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, 
     if json_:
         _print_json(facts.status_dict(run, metrics))
     else:
-        Console().print(render.status_view(run, metrics))
+        render.console().print(render.status_view(run, metrics))
 
 
 @app.command()
@@ -223,9 +222,13 @@ def status(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, 
 def watch(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
     """The status view, live, until the run ends (--json: one JSON line per snapshot).
 
+    When stdout is not a terminal (a pipe, a file): one plain-text line each time the run changes (time, state, min clock / iterations, active workers, what it waits for, train loss, test accuracy), then the final status view.
+
     Exit status: 0 the run COMPLETED, 1 it FAILED (or psctl hit an error), 2 it was STOPPED.
     """
-    from .follow import EXIT_CODES, follow
+    from .follow import EXIT_CODES, LineLog, follow
+
+    out = render.console()
 
     async def body(ps: PsClient) -> pb.Run:
         if json_:
@@ -234,7 +237,12 @@ def watch(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, t
                 doc["events"] = [facts.message_to_dict(e) for e in snap.events]
                 _print_json(doc)
             return await follow(ps, run_id, line, metrics_every=None)
-        with Live(console=Console(), auto_refresh=False) as live:
+        if not out.is_terminal:
+            log = LineLog(typer.echo)
+            run = await follow(ps, run_id, log)
+            out.print(render.status_view(run, log.metrics))
+            return run
+        with Live(console=out, auto_refresh=False) as live:
             def show(snap: pb.WatchRunResponse, metrics: pb.GetMetricsResponse | None) -> None:
                 live.update(render.status_view(snap.run, metrics), refresh=True)
             return await follow(ps, run_id, show)

@@ -26,6 +26,7 @@ __all__ = [
     "fmt_age",
     "launch_result",
     "message_to_dict",
+    "progress_line",
     "recent",
     "run_facts",
     "run_headline",
@@ -34,6 +35,7 @@ __all__ = [
     "state_name",
     "status_dict",
     "summary_line",
+    "train_loss",
     "worker_rows",
 ]
 
@@ -186,14 +188,42 @@ def run_headline(run: pb.Run) -> str:
 
 
 def summary_line(run: pb.Run) -> str:
-    """'run-x completed in 4.2 s: test accuracy 0.9611, loss 0.1234 (480 pushes, 0 duplicates)'."""
+    """'run-x completed in 4.2 s: test accuracy 0.9611, test loss 0.1234 (480 pushes, 0 duplicates)'."""
     f = run_facts(run)
     head = f"{f['run_id']} {f['state']} in {f['wall_seconds'] or 0.0:.1f} s"
     if f["state"] != "completed":
         return head + (f": {f['message']}" if f["message"] else "")
     acc = f"test accuracy {fmt(f['test_accuracy'])}, " if f["test_accuracy"] is not None else ""
-    return (f"{head}: {acc}loss {fmt(f['test_loss'])} "
+    return (f"{head}: {acc}test loss {fmt(f['test_loss'])} "
             f"({f['pushes_applied']} pushes, {f['pushes_duplicate']} duplicates)")
+
+
+def train_loss(run: pb.Run, metrics: pb.GetMetricsResponse | None) -> float | None:
+    """The ranks' latest minibatch losses, averaged (else the train loss of the last evaluation)."""
+    latest: dict[int, float | None] = recent(metrics, evals=0, events=0)["last_train_loss"]
+    losses = [v for v in latest.values() if v is not None]
+    if losses:
+        return sum(losses) / len(losses)
+    return finite(run.last_eval.loss) if run.HasField("last_eval") else None
+
+
+def progress_line(run: pb.Run, metrics: pb.GetMetricsResponse | None = None) -> str:
+    """One plain-text line of a followed run, for logs and pipes: 'running  clock 120/480  workers
+    4/4 active  waiting: <what for>  train loss 0.1234  test accuracy 0.9123'."""
+    f = run_facts(run)
+    parts = [f["state"], f"clock {f['min_clock']}/{f['iterations']}", f"workers {f['workers_active']}/{f['workers']} active"]
+    if f["waiting_for"]:
+        parts.append(f"waiting: {f['waiting_for']}")
+    loss = train_loss(run, metrics)
+    if loss is not None:
+        parts.append(f"train loss {fmt(loss)}")
+    if f["test_accuracy"] is None and f["test_loss"] is not None:  # a regression: no accuracy
+        parts.append(f"test loss {fmt(f['test_loss'])}")
+    else:
+        parts.append(f"test accuracy {fmt(f['test_accuracy'])}")
+    if f["message"] and f["state"] not in ("pending", "running"):
+        parts.append(f"({f['message']})")
+    return "  ".join(parts)
 
 
 def worker_rows(run: pb.Run, now: float) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -247,7 +248,11 @@ async def test_launch_wait_human_prints_a_summary(addr: str, start_workers: Any)
     result = ok(await psctl("launch", "--server", addr, *TINY, "--wait", "--staleness", "bsp"))
     last = result.stdout.strip().splitlines()[-1]
     assert " completed in " in last and "test accuracy 0." in last and "(60 pushes, 0 duplicates)" in last
-    assert "staleness 0 (BSP)" in result.stderr  # the headline, next to the progress bar
+    assert re.search(r": test accuracy 0\.\d{4}, test loss \d\.\d{4} ", last), last  # which loss it is
+    assert "staleness 0 (BSP)" in result.stderr  # the headline
+    # stderr is not a terminal: a line per change instead of a progress bar drawn once at the end
+    assert re.search(r"^\d\d:\d\d:\d\d  completed  clock 30/30  workers \d/2 active  train loss \d\.\d{4}  "
+                     r"test accuracy 0\.\d{4}  \(all ranks finished\)$", result.stderr, re.M), result.stderr
 
 
 async def test_launch_wait_exits_2_when_the_run_is_stopped(addr: str, ps: PsClient) -> None:
@@ -272,3 +277,53 @@ async def test_launch_wait_exits_1_when_the_run_fails(addr: str, start_workers: 
                          "--workers", "2", "--iterations", "30", "--lr", "1e20", "--wait")
     assert result.exit_code == 1, result.stdout
     assert " failed in " in result.stdout and "lower the learning rate" in result.stdout
+
+
+# ------------------------------------------------------------------------------ without a terminal
+async def test_watch_into_a_pipe_prints_a_line_per_change_while_the_run_goes(addr: str, ps: PsClient,
+                                                                           start_workers: Any) -> None:
+    """stdout is a pipe: a plain line each time the run changes, as it happens (not a screen drawn
+    once at the end), then the final status view, unwrapped."""
+    run_id = ok(await psctl("launch", "--server", addr, *TINY[:-4], "--iterations", "100000")).stdout.strip()
+    start_workers(2)
+    watch = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "client.cli", "watch", run_id, "--server", addr, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert watch.stdout is not None
+    try:
+        running: list[str] = []
+        async with asyncio.timeout(60):
+            while len(running) < 2:  # two lines of the live run, read while it runs
+                line = (await watch.stdout.readline()).decode()
+                assert line, f"watch ended early: {(await watch.stderr.read()).decode() if watch.stderr else ''}"
+                if "  running  " in line:
+                    running.append(line)
+        for line in running:
+            assert re.fullmatch(r"\d\d:\d\d:\d\d  running  clock \d+/100000  workers 2/2 active  .*"
+                                r"test accuracy (-|0\.\d{4})\n", line), line
+        assert running[0] != running[1]
+        await ps.stop_run(run_id, "enough")
+        async with asyncio.timeout(30):
+            rest = (await watch.stdout.read()).decode()
+            assert await watch.wait() == 2
+    finally:
+        if watch.returncode is None:
+            watch.kill()
+            await watch.wait()
+    lines = rest.splitlines()
+    assert any(re.match(r"\d\d:\d\d:\d\d  stopped  clock \d+/100000 .* \(enough\)$", ln) for ln in lines), rest
+    assert any("STOPPED" in ln and "enough" in ln for ln in lines)  # the final view
+    (pushes,) = [ln for ln in lines if ln.startswith("pushes ")]
+    assert "applied" in pushes and "skipped" in pushes, rest  # one line, not wrapped at 80 columns
+
+
+async def test_views_are_not_wrapped_at_80_columns_without_a_terminal(addr: str) -> None:
+    name = "a run whose name is long enough to go past eighty columns in any table it appears in, " * 2
+    run_id = ok(await psctl("launch", "--server", addr, *TINY, "--name", name.strip())).stdout.strip()
+    view = ok(await psctl("status", run_id, "--server", addr)).stdout.splitlines()
+    assert view[0].split() == [run_id, *name.split(), "PENDING"], view[0]
+    assert any(ln.startswith("model softmax") and ln.rstrip().endswith("workers 2") for ln in view), view
+    assert any(ln.split()[:2] == ["rank", "state"] and "heartbeat" in ln and ln.rstrip().endswith("name")
+               for ln in view), view
+    table = ok(await psctl("runs", "--server", addr)).stdout.splitlines()
+    assert any(ln.startswith(run_id) and name.strip() in ln and "PENDING" in ln for ln in table), table

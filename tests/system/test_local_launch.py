@@ -80,8 +80,10 @@ def test_local_launch_human_summary(tmp_path: Path) -> None:
     proc, marker = start_psctl(tmp_path, *TINY, "--staleness", "inf")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    assert " completed in " in out and "test accuracy 0." in out and "(60 pushes, 0 duplicates)" in out
+    assert " completed in " in out and "test accuracy 0." in out and "test loss 0." in out
+    assert "(60 pushes, 0 duplicates)" in out
     assert "staleness inf (ASP)" in err and "on a local ps-server (127.0.0.1:" in err
+    assert "  completed  clock 30/30  workers " in err and "train loss " in err  # a line per change, no bar
     assert_nothing_left(marker, tmp_path)
 
 
