@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from paramserver.v1 import paramserver_pb2 as pb
 
 __all__ = [
+    "enum_text",
     "eval_history",
     "finite",
     "fmt",
@@ -42,11 +45,11 @@ __all__ = [
 
 def state_name(state: int) -> str:
     """RUN_STATE_COMPLETED -> 'completed'."""
-    return str(pb.RunState.Name(state)).removeprefix("RUN_STATE_").lower()
+    return str(enum_text(pb.RunState.DESCRIPTOR, pb.RunState.Name(state)))
 
 
 def _worker_state(state: int) -> str:
-    return str(pb.WorkerState.Name(state)).removeprefix("WORKER_STATE_").lower()
+    return str(enum_text(pb.WorkerState.DESCRIPTOR, pb.WorkerState.Name(state)))
 
 
 def seconds(ts: Timestamp) -> float | None:
@@ -81,9 +84,59 @@ def staleness_text(s: int) -> str:
 
 
 def message_to_dict(msg: Message) -> dict[str, Any]:
-    """Proto JSON with field names as in the .proto, zeros included and 64-bit ints as numbers."""
-    return dict(json_format.MessageToDict(msg, always_print_fields_with_no_presence=True, preserving_proto_field_name=True,
-                                          unquote_int64_if_possible=True))
+    """A message as psctl's JSON: proto JSON (field names as in the .proto, zeros included, 64-bit
+    ints as numbers, unset message fields left out), with the values in the form every other psctl
+    JSON uses: an enum value as its short lower-case name (RUN_STATE_COMPLETED -> "completed", as
+    ``state_name``), a Timestamp as Unix seconds, a Duration as seconds, NaN or infinity as null."""
+    doc = json_format.MessageToDict(msg, always_print_fields_with_no_presence=True, preserving_proto_field_name=True,
+                                    unquote_int64_if_possible=True)
+    return dict(_plain_message(msg, dict(doc)))
+
+
+_NOT_A_NUMBER = ("NaN", "Infinity", "-Infinity")
+_FLOATS = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
+
+
+def enum_text(enum: EnumDescriptor, name: Any) -> Any:
+    """'RUN_STATE_COMPLETED' of RunState -> 'completed' (buf's lint prefixes every value with its
+    enum's name); a number (a value this psctl does not know) stays a number."""
+    if not isinstance(name, str):
+        return name
+    prefix = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", enum.name).upper() + "_"
+    return name.removeprefix(prefix).lower()
+
+
+def _plain_message(msg: Message, doc: dict[str, Any]) -> Any:
+    full_name = msg.DESCRIPTOR.full_name
+    if full_name in ("google.protobuf.Timestamp", "google.protobuf.Duration"):
+        return msg.ToNanoseconds() / 1e9
+    for field in msg.DESCRIPTOR.fields:
+        if field.name in doc:
+            doc[field.name] = _plain_field(field, getattr(msg, field.name), doc[field.name])
+    return doc
+
+
+def _plain_field(field: FieldDescriptor, value: Any, doc: Any) -> Any:
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        entry = field.message_type.fields_by_name["value"]
+        if entry.message_type is not None:
+            return {k: _plain_message(value[key], v) for key, (k, v) in zip(value, doc.items(), strict=True)}
+        return {k: _plain_scalar(entry, v) for k, v in doc.items()}
+    if field.is_repeated:
+        if field.message_type is not None:
+            return [_plain_message(m, d) for m, d in zip(value, doc, strict=True)]
+        return [_plain_scalar(field, v) for v in doc]
+    if field.message_type is not None:
+        return _plain_message(value, doc)
+    return _plain_scalar(field, doc)
+
+
+def _plain_scalar(field: FieldDescriptor, doc: Any) -> Any:
+    if field.enum_type is not None:
+        return enum_text(field.enum_type, doc)
+    if field.type in _FLOATS and doc in _NOT_A_NUMBER:
+        return None
+    return doc
 
 
 def _spec_json(text: str) -> dict[str, Any]:

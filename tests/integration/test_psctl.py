@@ -327,3 +327,28 @@ async def test_views_are_not_wrapped_at_80_columns_without_a_terminal(addr: str)
                for ln in view), view
     table = ok(await psctl("runs", "--server", addr)).stdout.splitlines()
     assert any(ln.startswith(run_id) and name.strip() in ln and "PENDING" in ln for ln in table), table
+
+
+# ------------------------------------------------------------------------------ JSON and metrics
+PROTO_ENUM = re.compile(r'"[A-Z][A-Z0-9]*_[A-Z0-9_]+"')  # "RUN_STATE_STOPPED", "KIND_PULL", ...
+RFC3339 = re.compile(r'"\d{4}-\d\d-\d\dT\d\d:')
+
+
+async def test_json_has_one_form_for_enums_and_times(addr: str, start_workers: Any) -> None:
+    """Every --json output spells an enum value as its short lower-case name and a time as Unix
+    seconds: the run's proto JSON (``run``) and psctl's facts (``summary``) agree."""
+    start_workers(2)
+    run_id = json.loads(ok(await psctl("launch", "--server", addr, *TINY, "--wait", "--json")).stdout)["run_id"]
+    outputs = {cmd[0]: ok(await psctl(*cmd, "--server", addr, "--json")).stdout
+               for cmd in (["status", run_id], ["metrics", run_id], ["runs"], ["watch", run_id], ["stop", run_id])}
+    for command, out in outputs.items():
+        assert not PROTO_ENUM.search(out) and not RFC3339.search(out), (command, out[:2000])
+    status = json.loads(outputs["status"])
+    assert status["run"]["state"] == status["summary"]["state"] == "completed"
+    assert [w["state"] for w in status["run"]["workers"]] == [w["state"] for w in status["workers"]] == ["done"] * 2
+    assert status["run"]["spec"]["aggregation"] == "mean" and status["run"]["spec"]["params"][0]["dtype"] == "float32"
+    assert isinstance(status["run"]["created"], float) and status["run"]["created"] <= status["run"]["finished"]
+    watched = json.loads(outputs["watch"])  # a finished run: one snapshot
+    assert watched["run"]["state"] == watched["summary"]["state"] == "completed"
+    assert {e["kind"] for e in watched["events"]} >= {"completed"}
+    assert all(isinstance(e["time"], float) for e in watched["events"] + status["events"])
