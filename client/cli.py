@@ -328,18 +328,33 @@ def plot(run_id: RunId,
 @app.command()
 @_handled
 def metrics(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
-    """A run's metrics history (training and evaluation points) and events."""
-    got = _with_client(server, timeout, lambda ps: ps.get_metrics(run_id))
+    """A run's metrics history: training and evaluation points, events, and the server's clock records.
+
+    --json: {"points": [...], "events": [...], "clock_records": [...]}, every point, event and the
+    clock records the server keeps (the most recent; each a served pull or an accepted push with the
+    min clock at that moment: the evidence that the staleness bound held).
+    """
+    got = _with_client(server, timeout, lambda ps: ps.get_metrics(run_id, include_clock_records=True))
     if json_:
         _print_json(facts.message_to_dict(got))
         return
     evals = [p for p in got.points if p.eval]
     typer.echo(f"{run_id}: {len(got.points) - len(evals)} training points, {len(evals)} evaluations, "
-               f"{len(got.events)} events")
+               f"{len(got.events)} events, {len(got.clock_records)} clock records")
     losses = [p.loss for p in got.points if not p.eval]
     typer.echo("train loss (log scale) " + render.sparkline(losses, 60, log=True))
+    if evals:
+        typer.echo("evaluations (rank 0, test split):")
     for p in evals:
-        typer.echo(f"  clock {p.clock:>6}  test loss {p.eval_loss:.4f}  test accuracy {p.eval_accuracy:.4f}")
+        typer.echo(f"  clock {p.clock:>6}  test loss {facts.fmt(p.eval_loss)}  test accuracy {facts.fmt(p.eval_accuracy)}")
+    if got.events:
+        typer.echo("events:")
+    for e in facts.event_rows(got):
+        typer.echo(f"  {e['when']}  {e['kind']:<10} {e['rank']:<7} {e['message']}")
+    lead = facts.pull_lead(got)
+    if lead is not None:
+        typer.echo(f"clock records: served pulls were at most {lead} clock{'s' * (lead != 1)} ahead of the min clock "
+                   f"(SSP allows up to the run's staleness); --json lists them")
 
 
 @app.command()

@@ -24,12 +24,14 @@ from paramserver.v1 import paramserver_pb2 as pb
 __all__ = [
     "enum_text",
     "eval_history",
+    "event_rows",
     "finite",
     "fmt",
     "fmt_age",
     "launch_result",
     "message_to_dict",
     "progress_line",
+    "pull_lead",
     "recent",
     "run_facts",
     "run_headline",
@@ -321,6 +323,25 @@ def status_dict(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float |
     latest = recent(metrics)
     latest.pop("train_loss")
     return {"run": message_to_dict(run), "summary": run_facts(run, now), "workers": worker_rows(run, now), **latest}
+
+
+def event_rows(metrics: pb.GetMetricsResponse) -> list[dict[str, str]]:
+    """``psctl metrics``' event list: local time of day (ms), kind, 'rank N' or '-', message."""
+    rows = []
+    for e in metrics.events:
+        when = seconds(e.time)
+        stamp = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) + f".{int(when % 1 * 1000):03d}"
+                 if when is not None else "-")
+        rows.append({"when": stamp, "kind": e.kind, "rank": f"rank {e.rank}" if e.rank >= 0 else "-",
+                     "message": e.message})
+    return rows
+
+
+def pull_lead(metrics: pb.GetMetricsResponse) -> int | None:
+    """The most a served pull's clock was ahead of the min clock, over the clock records (SSP
+    promises at most the staleness); None without records of pulls."""
+    leads = [r.clock - r.min_clock for r in metrics.clock_records if r.kind == pb.ClockRecord.KIND_PULL]
+    return max(leads) if leads else None
 
 
 def eval_history(metrics: pb.GetMetricsResponse) -> list[dict[str, Any]]:

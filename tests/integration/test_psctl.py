@@ -352,3 +352,23 @@ async def test_json_has_one_form_for_enums_and_times(addr: str, start_workers: A
     assert watched["run"]["state"] == watched["summary"]["state"] == "completed"
     assert {e["kind"] for e in watched["events"]} >= {"completed"}
     assert all(isinstance(e["time"], float) for e in watched["events"] + status["events"])
+
+
+async def test_metrics_lists_the_events_and_its_json_has_the_clock_records(addr: str, start_workers: Any) -> None:
+    start_workers(2)
+    run_id = json.loads(ok(await psctl("launch", "--server", addr, *TINY, "--wait", "--json")).stdout)["run_id"]
+    doc = json.loads(ok(await psctl("metrics", run_id, "--server", addr, "--json")).stdout)
+    records = doc["clock_records"]
+    assert {r["kind"] for r in records} == {"pull", "push"}, records[:5]
+    assert sum(r["kind"] == "push" for r in records) == 60  # every push of 2 ranks x 30 iterations
+    assert all(r["clock"] - r["min_clock"] <= 2 for r in records if r["kind"] == "pull")  # s = 2 held
+    events = doc["events"]
+    assert [e["kind"] for e in events][:1] == ["created"] and events[-1]["kind"] == "completed"
+    human = ok(await psctl("metrics", run_id, "--server", addr)).stdout
+    assert f"{len(events)} events, {len(records)} clock records" in human.splitlines()[0]
+    lines = human.splitlines()
+    for e in events:  # each event on a line: time, kind, rank, message
+        rank = f"rank {e['rank']}" if e["rank"] >= 0 else "-"
+        assert any(re.match(rf"  \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{{3}}  {e['kind']} +{rank} +{re.escape(e['message'])}$", ln)
+                   for ln in lines), (e, human)
+    assert "served pulls were at most 2 clocks ahead of the min clock" in human
