@@ -88,6 +88,11 @@ class Outcome:
     stats: TrainStats
     failed: bool = False
     """This worker could not train (bad data or model, divergence): it failed the run."""
+    run_state: int = pb.RUN_STATE_UNSPECIFIED
+    """The run's state when it ended under this rank (STOPPED, FAILED), as the server said in a
+    refusal's ErrorInfo or a heartbeat; UNSPECIFIED when the run did not end."""
+    evicted: bool = False
+    """The server gave this rank to another worker (a refusal: stale incarnation)."""
 
 
 def _now_ts() -> Timestamp:
@@ -113,6 +118,8 @@ class _Trainer:
         self.stats = TrainStats()
         self.clock = a.start_clock
         self.run_state: int = pb.RUN_STATE_RUNNING
+        self.refusal: errors.PsError | None = None
+        """The refusal that ended the assignment (set by the heartbeat task when it cancels the loop)."""
         self.staleness = self.spec.staleness  # as in the proto: 0 BSP, -1 unbounded
         self.slowdown = max(config.slowdown, self.spec.slowdown.get(a.rank, 1.0))
         opt = self.spec.optimizer
@@ -312,11 +319,31 @@ async def _heartbeat(client: PsClient, a: pb.Assignment, trainer: _Trainer, main
         except errors.PsError as exc:
             if exc.retryable:
                 continue
+            trainer.refusal = exc
             main.cancel(f"heartbeat: {exc.message}")
             return
         if resp.run_state in (pb.RUN_STATE_STOPPED, pb.RUN_STATE_FAILED):
+            trainer.run_state = resp.run_state
             main.cancel(f"run {pb.RunState.Name(resp.run_state)}")
             return
+
+
+def _state(state: int) -> str:
+    name = pb.RunState.Name(state) if state in pb.RunState.values() else f"in state {state}"
+    return str(name).removeprefix("RUN_STATE_").lower()
+
+
+def _ended(trainer: _Trainer, exc: errors.PsError) -> Outcome:
+    """The outcome of an assignment the server ended (the run stopped or failed, the rank was given
+    to another worker, the run is gone, the server out of reach), from the refusal's class and
+    reason, never its wording; the error's text stays in ``reason`` for the log."""
+    a, stats = trainer.a, trainer.stats
+    if exc.reason == pb.ERROR_REASON_RUN_NOT_RUNNING and exc.info.run_state:
+        return Outcome(a.run_id, a.rank, False, f"the run is {_state(exc.info.run_state)}", stats,
+                       run_state=exc.info.run_state)
+    if exc.reason == pb.ERROR_REASON_STALE_INCARNATION:
+        return Outcome(a.run_id, a.rank, False, "this rank was evicted (given to another worker)", stats, evicted=True)
+    return Outcome(a.run_id, a.rank, False, str(exc), stats)
 
 
 async def train(client: PsClient, a: pb.Assignment, config: WorkerConfig) -> Outcome:
@@ -347,11 +374,13 @@ async def train(client: PsClient, a: pb.Assignment, config: WorkerConfig) -> Out
         if not hb.done():
             raise  # cancelled from outside (shutdown): the caller leaves
         task.uncancel()
-        return Outcome(a.run_id, a.rank, False, "the run was stopped or this rank evicted", trainer.stats)
+        if trainer.refusal is not None:
+            return _ended(trainer, trainer.refusal)
+        return Outcome(a.run_id, a.rank, False, f"the run is {_state(trainer.run_state)}", trainer.stats,
+                       run_state=trainer.run_state)
     except errors.PsError as exc:
         if isinstance(exc, errors.FailedPrecondition | errors.NotFound) or exc.retryable:
-            log.warning("assignment ended: %s", exc)
-            return Outcome(a.run_id, a.rank, False, str(exc), trainer.stats)
+            return _ended(trainer, exc)  # the worker logs how it ended, once (main.py)
         leave_reason, message = pb.LEAVE_REASON_FAILED, str(exc)
     except FloatingPointError as exc:
         leave_reason, message = pb.LEAVE_REASON_FAILED, str(exc)

@@ -4,6 +4,7 @@ exactly-once and errors, in one event loop, without processes or sockets."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -14,6 +15,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.core import snapshot
 from ps_server.testing import InMemoryServer
 from worker.config import WorkerConfig
+from worker.main import ending
 from worker.trainer import Outcome, train
 
 pytestmark = pytest.mark.timeout(120)
@@ -121,6 +123,9 @@ async def test_a_stopped_run_ends_the_assignment_without_failing_it() -> None:
             await c.close()
     assert not any(o.completed or o.failed for o in outcomes), outcomes
     assert all(o.stats.iterations >= 5 for o in outcomes)
+    # how it ended is a fact from the refusal's reason and ErrorInfo (or a heartbeat), not from its text
+    assert [(o.run_state, o.evicted) for o in outcomes] == [(pb.RUN_STATE_STOPPED, False)] * 2, outcomes
+    assert [ending(o) for o in outcomes] == [(logging.INFO, f"run {run.run_id} was stopped")] * 2
 
 
 async def test_an_evicted_worker_gives_up_its_assignment() -> None:
@@ -144,6 +149,8 @@ async def test_an_evicted_worker_gives_up_its_assignment() -> None:
         await client.close()
     assert not outcome.completed and not outcome.failed
     assert "stale" in outcome.reason or "evicted" in outcome.reason, outcome.reason
+    assert outcome.evicted and outcome.run_state == pb.RUN_STATE_UNSPECIFIED
+    assert ending(outcome)[0] == logging.WARNING
     assert core.counters.evictions == 1 and core.state.value == "running"
 
 
