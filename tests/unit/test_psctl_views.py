@@ -51,3 +51,14 @@ def test_the_summary_and_the_runs_table_say_which_loss() -> None:
     assert ": test accuracy 0.9000, test loss 0.2500 (" in facts.summary_line(done)
     regression = make_run(accuracy=float("nan"))
     assert "test loss 0.2500" in text(render.runs_table([regression]), width=200)
+
+
+def test_slowest_names_only_the_ranks_holding_the_run_back() -> None:
+    """Not the three lowest clocks (ranks 0 behind among them): the ranks at the min clock."""
+    run = make_run(clocks=(7, 5, 7, 6))
+    assert facts.run_facts(run)["slowest"] == [{"rank": 1, "clock": 5, "lag": 2}]
+    view = text(render.status_view(run, None), width=200)
+    assert "slowest rank 1 (clock 5, 2 behind)\n" in view
+    tied = make_run(clocks=(5, 7, 5, 6))
+    assert [s["rank"] for s in facts.run_facts(tied)["slowest"]] == [0, 2]
+    assert facts.run_facts(make_run(clocks=(6, 6, 6, 6)))["slowest"] == []  # nobody is behind
