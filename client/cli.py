@@ -43,7 +43,8 @@ app = typer.Typer(
 
 Server = Annotated[str, typer.Option("--server", envvar="PSCTL_SERVER", metavar="HOST:PORT",
                                      help="Parameter server address.")]
-Json = Annotated[bool, typer.Option("--json", help="Print plain JSON on stdout (no colours, no tables).")]
+Json = Annotated[bool, typer.Option("--json", help="Print plain JSON on stdout (no colours, no tables; enum values "
+                                                   "as short lower-case names, times as Unix seconds).")]
 Timeout = Annotated[float, typer.Option("--timeout", min=0.1, help="Deadline of each RPC, in seconds.")]
 RunId = Annotated[str, typer.Argument(metavar="RUN", help="Run id, as shown by 'psctl runs'.")]
 
@@ -161,7 +162,8 @@ def launch(
     aggregation: Annotated[str, typer.Option(help="BSP gradient combination: mean | sum.")] = "mean",
     slowdown: Annotated[list[str] | None, typer.Option(metavar="RANK=FACTOR",
                                                        help="Make a rank FACTOR times slower (repeatable).")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Follow the run with a progress bar until it ends.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the run with a progress bar on stderr until it ends "
+                                                      "(without a terminal: a line each time the run changes).")] = False,
     local: Annotated[bool, typer.Option("--local", help="Start a server and --workers workers on 127.0.0.1, run, "
                                                         "tear them down (implies --wait).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="With --local: show the children's logs.")] = False,
@@ -209,7 +211,10 @@ async def _run_and_metrics(ps: PsClient, run_id: str) -> tuple[pb.Run, pb.GetMet
 @app.command()
 @_handled
 def status(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
-    """A run's state, workers, clocks (who waits on whom), counters, metrics trend and events."""
+    """A run's state, workers, clocks (who waits on whom), counters, metrics trend and events.
+
+    --json: {"run": the run as the server sent it, "summary": the facts the view shows, "workers", "eval", "last_train_loss", "events"}.
+    """
     run, metrics = _with_client(server, timeout, lambda ps: _run_and_metrics(ps, run_id))
     if json_:
         _print_json(facts.status_dict(run, metrics))
@@ -330,9 +335,7 @@ def plot(run_id: RunId,
 def metrics(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
     """A run's metrics history: training and evaluation points, events, and the server's clock records.
 
-    --json: {"points": [...], "events": [...], "clock_records": [...]}, every point, event and the
-    clock records the server keeps (the most recent; each a served pull or an accepted push with the
-    min clock at that moment: the evidence that the staleness bound held).
+    --json: {"points": [...], "events": [...], "clock_records": [...]}: every point and event, and the clock records the server keeps (the most recent; each a served pull or an accepted push with the min clock at that moment: the evidence that the staleness bound held).
     """
     got = _with_client(server, timeout, lambda ps: ps.get_metrics(run_id, include_clock_records=True))
     if json_:
