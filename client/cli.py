@@ -19,7 +19,6 @@ from typing import Annotated, Any, TypeVar
 
 import numpy as np
 import typer
-from rich.console import Console
 from rich.live import Live
 
 from paramserver import errors
@@ -44,17 +43,21 @@ app = typer.Typer(
 
 Server = Annotated[str, typer.Option("--server", envvar="PSCTL_SERVER", metavar="HOST:PORT",
                                      help="Parameter server address.")]
-Json = Annotated[bool, typer.Option("--json", help="Print plain JSON on stdout (no colours, no tables).")]
+Json = Annotated[bool, typer.Option("--json", help="Print plain JSON on stdout (no colours, no tables; enum values "
+                                                   "as short lower-case names, times as Unix seconds).")]
 Timeout = Annotated[float, typer.Option("--timeout", min=0.1, help="Deadline of each RPC, in seconds.")]
 RunId = Annotated[str, typer.Argument(metavar="RUN", help="Run id, as shown by 'psctl runs'.")]
 
 
 # ---------------------------------------------------------------------------------------- plumbing
-UNBOUNDED_WORDS = ("inf", "unbounded", "async", "asp", "-1")
+UNBOUNDED_WORDS = ("inf", "unbounded", "asp")
+STALENESS_FORMS = "0 or bsp (synchronous), a positive integer s (SSP), or inf / unbounded / asp (asynchronous)"
 
 
 def parse_staleness(text: str) -> int:
-    """'0'/'bsp' -> 0, a positive integer -> itself, 'inf'/'unbounded'/'asp' -> -1."""
+    """'0'/'bsp' -> 0, a positive integer -> itself, 'inf'/'unbounded'/'asp' -> -1 (the proto's
+    "unbounded"). Any negative number is refused: -1 is how the proto spells unbounded, not a word
+    for users, and taking it would take -3 as a typo of it."""
     t = str(text).strip().lower()
     if t in UNBOUNDED_WORDS:
         return -1
@@ -63,9 +66,9 @@ def parse_staleness(text: str) -> int:
     try:
         value = int(t)
     except ValueError:
-        raise ValueError(f"staleness {text!r}: use 0 (BSP), a positive integer, or 'inf' (unbounded)") from None
+        raise ValueError(f"--staleness {text!r}: use {STALENESS_FORMS}") from None
     if value < 0:
-        raise ValueError(f"staleness {text!r}: use 0 (BSP), a positive integer, or 'inf' (unbounded)")
+        raise ValueError(f"--staleness {text!r}: a staleness cannot be negative; use {STALENESS_FORMS}")
     return value
 
 
@@ -144,14 +147,14 @@ def launch(
     dataset: Annotated[str, typer.Option(help="digits | synthetic-regression | synthetic-classification | "
                                               "npz:PATH (options after ':' as key=value)")] = "digits",
     workers: Annotated[int, typer.Option(min=1, help="Number of worker ranks (data shards).")] = 4,
-    staleness: Annotated[str, typer.Option(help="0 or bsp (synchronous), an integer s (SSP), "
+    staleness: Annotated[str, typer.Option(help="0 or bsp (synchronous), a positive integer s (SSP), "
                                                 "inf / unbounded / asp (asynchronous).")] = "2",
     optimizer: Annotated[str, typer.Option(help="sgd | momentum | nesterov | adam | adagrad")] = "sgd",
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 0.1,
     momentum: Annotated[float, typer.Option(help="Momentum (momentum, nesterov).")] = 0.9,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
-    epochs: Annotated[float, typer.Option(help="Passes over each rank's shard.")] = 15.0,
-    iterations: Annotated[int, typer.Option(min=0, help="Iterations per worker; overrides --epochs.")] = 0,
+    epochs: Annotated[float, typer.Option(help="Passes over each rank's shard (> 0, e.g. 15 or 0.5).")] = 15.0,
+    iterations: Annotated[int, typer.Option(help="Iterations per worker; overrides --epochs (0: use --epochs).")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Minibatch size per worker.")] = 32,
     seed: Annotated[int, typer.Option(min=0, help="Seed for initialisation and shuffling.")] = 0,
     name: Annotated[str, typer.Option(help="Run name shown by psctl (default: MODEL on DATASET).")] = "",
@@ -159,7 +162,8 @@ def launch(
     aggregation: Annotated[str, typer.Option(help="BSP gradient combination: mean | sum.")] = "mean",
     slowdown: Annotated[list[str] | None, typer.Option(metavar="RANK=FACTOR",
                                                        help="Make a rank FACTOR times slower (repeatable).")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Follow the run with a progress bar until it ends.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the run with a progress bar on stderr until it ends "
+                                                      "(without a terminal: a line each time the run changes).")] = False,
     local: Annotated[bool, typer.Option("--local", help="Start a server and --workers workers on 127.0.0.1, run, "
                                                         "tear them down (implies --wait).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="With --local: show the children's logs.")] = False,
@@ -196,7 +200,7 @@ def runs(limit: Annotated[int, typer.Option(min=1, help="Show at most this many 
     elif not found:
         typer.echo(f"no runs on {server} yet: create one with 'psctl launch'")
     else:
-        Console().print(render.runs_table(found))
+        render.console().print(render.runs_table(found))
 
 
 async def _run_and_metrics(ps: PsClient, run_id: str) -> tuple[pb.Run, pb.GetMetricsResponse]:
@@ -207,12 +211,15 @@ async def _run_and_metrics(ps: PsClient, run_id: str) -> tuple[pb.Run, pb.GetMet
 @app.command()
 @_handled
 def status(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
-    """A run's state, workers, clocks (who waits on whom), counters, metrics trend and events."""
+    """A run's state, workers, clocks (who waits on whom), counters, metrics trend and events.
+
+    --json: {"run": the run as the server sent it, "summary": the facts the view shows, "workers", "eval", "last_train_loss", "events"}.
+    """
     run, metrics = _with_client(server, timeout, lambda ps: _run_and_metrics(ps, run_id))
     if json_:
         _print_json(facts.status_dict(run, metrics))
     else:
-        Console().print(render.status_view(run, metrics))
+        render.console().print(render.status_view(run, metrics))
 
 
 @app.command()
@@ -220,9 +227,13 @@ def status(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, 
 def watch(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
     """The status view, live, until the run ends (--json: one JSON line per snapshot).
 
+    When stdout is not a terminal (a pipe, a file): one plain-text line each time the run changes (time, state, min clock / iterations, active workers, what it waits for, train loss, test accuracy), then the final status view.
+
     Exit status: 0 the run COMPLETED, 1 it FAILED (or psctl hit an error), 2 it was STOPPED.
     """
-    from .follow import EXIT_CODES, follow
+    from .follow import EXIT_CODES, LineLog, follow
+
+    out = render.console()
 
     async def body(ps: PsClient) -> pb.Run:
         if json_:
@@ -231,7 +242,12 @@ def watch(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, t
                 doc["events"] = [facts.message_to_dict(e) for e in snap.events]
                 _print_json(doc)
             return await follow(ps, run_id, line, metrics_every=None)
-        with Live(console=Console(), auto_refresh=False) as live:
+        if not out.is_terminal:
+            log = LineLog(typer.echo)
+            run = await follow(ps, run_id, log)
+            out.print(render.status_view(run, log.metrics))
+            return run
+        with Live(console=out, auto_refresh=False) as live:
             def show(snap: pb.WatchRunResponse, metrics: pb.GetMetricsResponse | None) -> None:
                 live.update(render.status_view(snap.run, metrics), refresh=True)
             return await follow(ps, run_id, show)
@@ -317,18 +333,31 @@ def plot(run_id: RunId,
 @app.command()
 @_handled
 def metrics(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
-    """A run's metrics history (training and evaluation points) and events."""
-    got = _with_client(server, timeout, lambda ps: ps.get_metrics(run_id))
+    """A run's metrics history: training and evaluation points, events, and the server's clock records.
+
+    --json: {"points": [...], "events": [...], "clock_records": [...]}: every point and event, and the clock records the server keeps (the most recent; each a served pull or an accepted push with the min clock at that moment: the evidence that the staleness bound held).
+    """
+    got = _with_client(server, timeout, lambda ps: ps.get_metrics(run_id, include_clock_records=True))
     if json_:
         _print_json(facts.message_to_dict(got))
         return
     evals = [p for p in got.points if p.eval]
     typer.echo(f"{run_id}: {len(got.points) - len(evals)} training points, {len(evals)} evaluations, "
-               f"{len(got.events)} events")
+               f"{len(got.events)} events, {len(got.clock_records)} clock records")
     losses = [p.loss for p in got.points if not p.eval]
     typer.echo("train loss (log scale) " + render.sparkline(losses, 60, log=True))
+    if evals:
+        typer.echo("evaluations (rank 0, test split):")
     for p in evals:
-        typer.echo(f"  clock {p.clock:>6}  test loss {p.eval_loss:.4f}  test accuracy {p.eval_accuracy:.4f}")
+        typer.echo(f"  clock {p.clock:>6}  test loss {facts.fmt(p.eval_loss)}  test accuracy {facts.fmt(p.eval_accuracy)}")
+    if got.events:
+        typer.echo("events:")
+    for e in facts.event_rows(got):
+        typer.echo(f"  {e['when']}  {e['kind']:<10} {e['rank']:<7} {e['message']}")
+    lead = facts.pull_lead(got)
+    if lead is not None:
+        typer.echo(f"clock records: served pulls were at most {lead} clock{'s' * (lead != 1)} ahead of the min clock "
+                   f"(SSP allows up to the run's staleness); --json lists them")
 
 
 @app.command()

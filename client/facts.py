@@ -10,22 +10,28 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from paramserver.v1 import paramserver_pb2 as pb
 
 __all__ = [
+    "enum_text",
     "eval_history",
+    "event_rows",
     "finite",
     "fmt",
     "fmt_age",
     "launch_result",
     "message_to_dict",
+    "progress_line",
+    "pull_lead",
     "recent",
     "run_facts",
     "run_headline",
@@ -34,17 +40,18 @@ __all__ = [
     "state_name",
     "status_dict",
     "summary_line",
+    "train_loss",
     "worker_rows",
 ]
 
 
 def state_name(state: int) -> str:
     """RUN_STATE_COMPLETED -> 'completed'."""
-    return str(pb.RunState.Name(state)).removeprefix("RUN_STATE_").lower()
+    return str(enum_text(pb.RunState.DESCRIPTOR, pb.RunState.Name(state)))
 
 
 def _worker_state(state: int) -> str:
-    return str(pb.WorkerState.Name(state)).removeprefix("WORKER_STATE_").lower()
+    return str(enum_text(pb.WorkerState.DESCRIPTOR, pb.WorkerState.Name(state)))
 
 
 def seconds(ts: Timestamp) -> float | None:
@@ -79,9 +86,59 @@ def staleness_text(s: int) -> str:
 
 
 def message_to_dict(msg: Message) -> dict[str, Any]:
-    """Proto JSON with field names as in the .proto, zeros included and 64-bit ints as numbers."""
-    return dict(json_format.MessageToDict(msg, always_print_fields_with_no_presence=True, preserving_proto_field_name=True,
-                                          unquote_int64_if_possible=True))
+    """A message as psctl's JSON: proto JSON (field names as in the .proto, zeros included, 64-bit
+    ints as numbers, unset message fields left out), with the values in the form every other psctl
+    JSON uses: an enum value as its short lower-case name (RUN_STATE_COMPLETED -> "completed", as
+    ``state_name``), a Timestamp as Unix seconds, a Duration as seconds, NaN or infinity as null."""
+    doc = json_format.MessageToDict(msg, always_print_fields_with_no_presence=True, preserving_proto_field_name=True,
+                                    unquote_int64_if_possible=True)
+    return dict(_plain_message(msg, dict(doc)))
+
+
+_NOT_A_NUMBER = ("NaN", "Infinity", "-Infinity")
+_FLOATS = (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT)
+
+
+def enum_text(enum: EnumDescriptor, name: Any) -> Any:
+    """'RUN_STATE_COMPLETED' of RunState -> 'completed' (buf's lint prefixes every value with its
+    enum's name); a number (a value this psctl does not know) stays a number."""
+    if not isinstance(name, str):
+        return name
+    prefix = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", enum.name).upper() + "_"
+    return name.removeprefix(prefix).lower()
+
+
+def _plain_message(msg: Message, doc: dict[str, Any]) -> Any:
+    full_name = msg.DESCRIPTOR.full_name
+    if full_name in ("google.protobuf.Timestamp", "google.protobuf.Duration"):
+        return msg.ToNanoseconds() / 1e9
+    for field in msg.DESCRIPTOR.fields:
+        if field.name in doc:
+            doc[field.name] = _plain_field(field, getattr(msg, field.name), doc[field.name])
+    return doc
+
+
+def _plain_field(field: FieldDescriptor, value: Any, doc: Any) -> Any:
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        entry = field.message_type.fields_by_name["value"]
+        if entry.message_type is not None:
+            return {k: _plain_message(value[key], v) for key, (k, v) in zip(value, doc.items(), strict=True)}
+        return {k: _plain_scalar(entry, v) for k, v in doc.items()}
+    if field.is_repeated:
+        if field.message_type is not None:
+            return [_plain_message(m, d) for m, d in zip(value, doc, strict=True)]
+        return [_plain_scalar(field, v) for v in doc]
+    if field.message_type is not None:
+        return _plain_message(value, doc)
+    return _plain_scalar(field, doc)
+
+
+def _plain_scalar(field: FieldDescriptor, doc: Any) -> Any:
+    if field.enum_type is not None:
+        return enum_text(field.enum_type, doc)
+    if field.type in _FLOATS and doc in _NOT_A_NUMBER:
+        return None
+    return doc
 
 
 def _spec_json(text: str) -> dict[str, Any]:
@@ -125,7 +182,8 @@ def run_facts(run: pb.Run, now: float | None = None) -> dict[str, Any]:
     created, started, finished = seconds(run.created), seconds(run.started), seconds(run.finished)
     end = finished or now
     live = [w for w in run.workers if w.state in (pb.WORKER_STATE_ACTIVE, pb.WORKER_STATE_DONE)]
-    slowest = sorted(live, key=lambda w: w.clock)[:3] if run.max_clock > run.min_clock else []
+    # The ranks holding the others back: those at the min clock (at most 3), when some are ahead.
+    slowest = [w for w in live if w.clock == run.min_clock][:3] if run.max_clock > run.min_clock else []
     optimizer, lr = _optimizer_text(spec.optimizer)
     return {
         "run_id": run.run_id,
@@ -186,14 +244,42 @@ def run_headline(run: pb.Run) -> str:
 
 
 def summary_line(run: pb.Run) -> str:
-    """'run-x completed in 4.2 s: test accuracy 0.9611, loss 0.1234 (480 pushes, 0 duplicates)'."""
+    """'run-x completed in 4.2 s: test accuracy 0.9611, test loss 0.1234 (480 pushes, 0 duplicates)'."""
     f = run_facts(run)
     head = f"{f['run_id']} {f['state']} in {f['wall_seconds'] or 0.0:.1f} s"
     if f["state"] != "completed":
         return head + (f": {f['message']}" if f["message"] else "")
     acc = f"test accuracy {fmt(f['test_accuracy'])}, " if f["test_accuracy"] is not None else ""
-    return (f"{head}: {acc}loss {fmt(f['test_loss'])} "
+    return (f"{head}: {acc}test loss {fmt(f['test_loss'])} "
             f"({f['pushes_applied']} pushes, {f['pushes_duplicate']} duplicates)")
+
+
+def train_loss(run: pb.Run, metrics: pb.GetMetricsResponse | None) -> float | None:
+    """The ranks' latest minibatch losses, averaged (else the train loss of the last evaluation)."""
+    latest: dict[int, float | None] = recent(metrics, evals=0, events=0)["last_train_loss"]
+    losses = [v for v in latest.values() if v is not None]
+    if losses:
+        return sum(losses) / len(losses)
+    return finite(run.last_eval.loss) if run.HasField("last_eval") else None
+
+
+def progress_line(run: pb.Run, metrics: pb.GetMetricsResponse | None = None) -> str:
+    """One plain-text line of a followed run, for logs and pipes: 'running  clock 120/480  workers
+    4/4 active  waiting: <what for>  train loss 0.1234  test accuracy 0.9123'."""
+    f = run_facts(run)
+    parts = [f["state"], f"clock {f['min_clock']}/{f['iterations']}", f"workers {f['workers_active']}/{f['workers']} active"]
+    if f["waiting_for"]:
+        parts.append(f"waiting: {f['waiting_for']}")
+    loss = train_loss(run, metrics)
+    if loss is not None:
+        parts.append(f"train loss {fmt(loss)}")
+    if f["test_accuracy"] is None and f["test_loss"] is not None:  # a regression: no accuracy
+        parts.append(f"test loss {fmt(f['test_loss'])}")
+    else:
+        parts.append(f"test accuracy {fmt(f['test_accuracy'])}")
+    if f["message"] and f["state"] not in ("pending", "running"):
+        parts.append(f"({f['message']})")
+    return "  ".join(parts)
 
 
 def worker_rows(run: pb.Run, now: float) -> list[dict[str, Any]]:
@@ -238,6 +324,25 @@ def status_dict(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float |
     latest = recent(metrics)
     latest.pop("train_loss")
     return {"run": message_to_dict(run), "summary": run_facts(run, now), "workers": worker_rows(run, now), **latest}
+
+
+def event_rows(metrics: pb.GetMetricsResponse) -> list[dict[str, str]]:
+    """``psctl metrics``' event list: local time of day (ms), kind, 'rank N' or '-', message."""
+    rows = []
+    for e in metrics.events:
+        when = seconds(e.time)
+        stamp = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) + f".{int(when % 1 * 1000):03d}"
+                 if when is not None else "-")
+        rows.append({"when": stamp, "kind": e.kind, "rank": f"rank {e.rank}" if e.rank >= 0 else "-",
+                     "message": e.message})
+    return rows
+
+
+def pull_lead(metrics: pb.GetMetricsResponse) -> int | None:
+    """The most a served pull's clock was ahead of the min clock, over the clock records (SSP
+    promises at most the staleness); None without records of pulls."""
+    leads = [r.clock - r.min_clock for r in metrics.clock_records if r.kind == pb.ClockRecord.KIND_PULL]
+    return max(leads) if leads else None
 
 
 def eval_history(metrics: pb.GetMetricsResponse) -> list[dict[str, Any]]:

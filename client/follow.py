@@ -22,9 +22,10 @@ from paramserver import errors
 from paramserver.client import PsClient
 from paramserver.v1 import paramserver_pb2 as pb
 
+from . import facts
 from .local import LocalCluster
 
-__all__ = ["EXIT_CODES", "Snapshot", "follow", "follow_local"]
+__all__ = ["EXIT_CODES", "LineLog", "Snapshot", "follow", "follow_local"]
 
 EXIT_CODES = {pb.RUN_STATE_COMPLETED: 0, pb.RUN_STATE_FAILED: 1, pb.RUN_STATE_STOPPED: 2}
 """Exit status of a followed run by final state (documented in ``psctl launch --help``)."""
@@ -33,6 +34,23 @@ LIVE_POINTS = 200
 """Metric points fetched per refresh while a run is live (the trend and the latest evaluations)."""
 
 Snapshot = Callable[[pb.WatchRunResponse, pb.GetMetricsResponse | None], Awaitable[None] | None]
+
+
+class LineLog:
+    """A snapshot callback for a pipe or a file: one plain-text line (``facts.progress_line``, after
+    the time of day) each time it changes, written at once; ``metrics`` is the latest metrics seen."""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        self.write = write
+        self.metrics: pb.GetMetricsResponse | None = None
+        self._last = ""
+
+    def __call__(self, snap: pb.WatchRunResponse, metrics: pb.GetMetricsResponse | None) -> None:
+        self.metrics = metrics
+        line = facts.progress_line(snap.run, metrics)
+        if line != self._last:
+            self._last = line
+            self.write(f"{time.strftime('%H:%M:%S')}  {line}")
 
 
 async def follow(ps: PsClient, run_id: str, on_snapshot: Snapshot, *, metrics_every: float | None = 1.0,

@@ -17,8 +17,6 @@ import asyncio
 import json
 from typing import Any
 
-from rich.console import Console
-
 from paramserver import errors
 from paramserver.client import PsClient
 from paramserver.v1 import paramserver_pb2 as pb
@@ -26,9 +24,9 @@ from worker.datasets import parse_dataset
 from worker.models import parse_model
 
 from . import facts, render
-from .follow import EXIT_CODES, follow, follow_local
+from .follow import EXIT_CODES, LineLog, follow, follow_local
 from .local import LocalCluster, LocalClusterError
-from .spec import LaunchOptions, build_run_spec, iterations_per_epoch, security_from_env
+from .spec import LaunchOptions, build_run_spec, check_options, iterations_per_epoch, security_from_env
 
 __all__ = ["launch_run"]
 
@@ -43,7 +41,13 @@ async def _follow(ps: PsClient, run_id: str, per_epoch: int, json_mode: bool, cl
         if cluster is not None:
             return await follow_local(ps, cluster, run_id, quiet, metrics_every=None)
         return await follow(ps, run_id, quiet, metrics_every=None)
-    progress = render.launch_progress(console=Console(stderr=True))
+    err = render.console(stderr=True)
+    if not err.is_terminal:  # a log: a line per change, not a bar drawn once at the end
+        log = LineLog(lambda line: err.print(line, markup=False, highlight=False))
+        if cluster is not None:
+            return await follow_local(ps, cluster, run_id, log)
+        return await follow(ps, run_id, log)
+    progress = render.launch_progress(console=err)
     task = progress.add_task("starting", total=None, epoch="-", loss="-", acc="-")
 
     def show(snap: pb.WatchRunResponse, metrics: pb.GetMetricsResponse | None) -> None:
@@ -74,14 +78,14 @@ def _report(run: pb.Run, json_mode: bool, log_path: str | None, evals: list[dict
         return code
     print(facts.summary_line(run), flush=True)
     if log_path:
-        Console(stderr=True, highlight=False, markup=False).print(f"the local cluster's log: {log_path}")
+        render.console(stderr=True, highlight=False, markup=False).print(f"the local cluster's log: {log_path}")
     return code
 
 
 def _submit(o: LaunchOptions, server: str, wait: bool, json_mode: bool, timeout: float) -> int:
     spec = build_run_spec(o)
     per_epoch = iterations_per_epoch(o)
-    err = Console(stderr=True, highlight=False, markup=False)
+    err = render.console(stderr=True, highlight=False, markup=False)
 
     async def main() -> tuple[pb.Run, list[dict[str, Any]]]:
         async with PsClient(server, timeout=timeout, security=security_from_env()) as ps:
@@ -105,9 +109,10 @@ def _submit(o: LaunchOptions, server: str, wait: bool, json_mode: bool, timeout:
 
 def _local(o: LaunchOptions, verbose: bool, json_mode: bool, timeout: float) -> int:
     # Cheap syntax checks before any process starts: a typo must not cost a cluster start-up.
+    check_options(o)
     parse_model(o.model)
     parse_dataset(o.dataset)
-    err = Console(stderr=True, highlight=False, markup=False)
+    err = render.console(stderr=True, highlight=False, markup=False)
     cluster = LocalCluster(o.workers, verbose=verbose)
     try:
         with cluster:

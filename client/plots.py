@@ -26,7 +26,7 @@ def _t(p: pb.MetricPoint, t0: float) -> float:
 
 def _eval_panel(ax: Axes, xs: list[float], acc: list[float], loss: list[float], xlabel: str) -> None:
     ax.set_xlabel(xlabel)
-    ax.set_title(f"test accuracy and loss vs {xlabel.split(' ')[0]}")
+    ax.set_title(f"test accuracy and test loss vs {xlabel.split(' ')[0]}")
     if not xs:
         ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes)
         return

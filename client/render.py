@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich import box
-from rich.console import Group, RenderableType
+from rich.console import Console, Group, RenderableType
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -21,14 +21,27 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from paramserver.v1 import paramserver_pb2 as pb
 
-from .facts import finite, fmt, fmt_age, recent, run_facts, staleness_text, worker_rows
+from .facts import fmt, fmt_age, recent, run_facts, staleness_text, train_loss, worker_rows
 
-__all__ = ["launch_progress", "progress_fields", "runs_table", "sparkline", "status_view"]
+__all__ = ["NO_WRAP_WIDTH", "console", "launch_progress", "progress_fields", "runs_table", "sparkline", "status_view"]
+
+NO_WRAP_WIDTH = 10_000
+"""A console's width when it is not a terminal (a pipe, a file): a line is as long as its content,
+never wrapped or cut at 80 columns in the middle of a field (rich's default for a non-terminal)."""
+
+
+def console(stderr: bool = False, **kwargs: Any) -> Console:
+    """The console every psctl command prints through: a terminal's own width, or no wrapping."""
+    out = Console(stderr=stderr, **kwargs)
+    if not out.is_terminal:
+        out.width = NO_WRAP_WIDTH
+    return out
+
 
 _STATE_STYLE = {"pending": "yellow", "running": "cyan", "completed": "green", "stopped": "magenta", "failed": "red"}
 _BLOCKS = "▁▂▃▄▅▆▇█"
@@ -62,7 +75,7 @@ def runs_table(runs: Sequence[pb.Run], now: float | None = None) -> Table:
     for run in runs:
         f = run_facts(run, now)
         acc = fmt(f["test_accuracy"]) if f["test_accuracy"] is not None else (
-            f"loss {fmt(f['test_loss'])}" if f["test_loss"] is not None else "-")
+            f"test loss {fmt(f['test_loss'])}" if f["test_loss"] is not None else "-")
         live = f["state"] in ("pending", "running")
         s = f["staleness"]
         rows.append((f["run_id"], f["name"], f["state"].upper(),
@@ -156,24 +169,26 @@ def status_view(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float |
 
 # ---------------------------------------------------------------------------------------- progress
 def launch_progress(**kwargs: Any) -> Progress:
-    """Progress bar for ``launch --wait``: min clock/iterations, epoch, train loss, test accuracy, ETA.
+    """Progress bar for ``launch --wait``: min clock/iterations, epoch, train loss (the ranks' latest
+    minibatch losses, averaged), test accuracy, ETA.
 
-    Fits 80 columns; the elapsed time is in the summary line printed at the end."""
+    Fits 80 columns: only the bar gives way (the text columns never wrap); the elapsed time is in
+    the summary line printed at the end."""
+    def text(template: str) -> TextColumn:
+        return TextColumn(template, table_column=Column(no_wrap=True))
+
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(bar_width=None), MofNCompleteColumn(),
-        TextColumn("epoch {task.fields[epoch]}"), TextColumn("loss {task.fields[loss]}"),
-        TextColumn("test acc {task.fields[acc]}"), TextColumn("ETA"), TimeRemainingColumn(),
+        text("[bold]{task.description}"), BarColumn(bar_width=None),
+        MofNCompleteColumn(table_column=Column(no_wrap=True)), text("epoch {task.fields[epoch]}"),
+        text("train loss {task.fields[loss]}"), text("test acc {task.fields[acc]}"), text("ETA"),
+        TimeRemainingColumn(table_column=Column(no_wrap=True)),
         **kwargs,
     )
 
 
 def progress_fields(run: pb.Run, metrics: pb.GetMetricsResponse | None, per_epoch: int | None) -> dict[str, Any]:
     """Keyword arguments for ``Progress.update`` from a run snapshot (and recent metrics)."""
-    f, hist = run_facts(run), recent(metrics, evals=0, events=0)
-    losses = [v for v in hist["last_train_loss"].values() if v is not None]
-    loss = sum(losses) / len(losses) if losses else None
-    if loss is None and run.HasField("last_eval"):
-        loss = finite(run.last_eval.loss)
+    f, loss = run_facts(run), train_loss(run, metrics)
     epoch = f"{f['min_clock'] / per_epoch:.1f}" if per_epoch else "-"
     joined = sum(w.state != pb.WORKER_STATE_VACANT for w in run.workers)
     state = f"pending: {joined}/{f['workers']} joined" if f["state"] == "pending" else f["state"]

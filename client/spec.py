@@ -18,7 +18,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 from worker.datasets import load_dataset, parse_dataset
 from worker.models import build_model, parse_model
 
-__all__ = ["LaunchOptions", "build_run_spec", "iterations_per_epoch", "security_from_env"]
+__all__ = ["LaunchOptions", "build_run_spec", "check_options", "iterations_per_epoch", "security_from_env"]
 
 _INIT = {"zeros": pb.INITIALIZER_ZEROS, "normal": pb.INITIALIZER_NORMAL, "uniform": pb.INITIALIZER_UNIFORM}
 @dataclass(frozen=True)
@@ -72,8 +72,8 @@ def _per_epoch(n_train: int, o: LaunchOptions) -> int:
     return max(1, math.ceil(shard / max(1, o.batch_size)))
 
 
-def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
-    """Validate the options and build the spec; raises ValueError saying what to fix."""
+def check_options(o: LaunchOptions) -> None:
+    """The checks that need no dataset: raise ValueError saying what to fix (before anything starts)."""
     if o.workers < 1:
         raise ValueError(f"--workers {o.workers}: need at least 1")
     if any(rank >= o.workers for rank, _ in o.slowdown):
@@ -87,6 +87,17 @@ def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
         raise ValueError(f"--batch-size {o.batch_size}: need at least 1")
     if not (o.lr > 0 and math.isfinite(o.lr)):
         raise ValueError(f"--lr {o.lr}: use a positive learning rate")
+    if o.iterations < 0:
+        raise ValueError(f"--iterations {o.iterations}: use a positive number of iterations per worker "
+                         f"(or leave it out and give --epochs)")
+    if not (o.epochs > 0 and math.isfinite(o.epochs)):
+        raise ValueError(f"--epochs {o.epochs:g}: use a positive number of passes over each rank's shard "
+                         f"(e.g. 15, or 0.5 for half a pass), or give --iterations")
+
+
+def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
+    """Validate the options and build the spec; raises ValueError saying what to fix."""
+    check_options(o)
     model_spec = parse_model(o.model)
     data_spec = parse_dataset(o.dataset)
     data = load_dataset(data_spec)

@@ -31,25 +31,33 @@ from paramserver.v1 import paramserver_pb2 as pb
 from .config import WorkerConfig, parse_config
 from .trainer import LogContext, Outcome, train
 
-__all__ = ["main", "work"]
+__all__ = ["ending", "main", "work"]
 
 log = logging.getLogger("ps_worker")
 
 
 async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[Outcome]:
-    """Join-train loop until ``stop`` is set (or after one run with ``once``); returns outcomes."""
+    """Join-train loop until ``stop`` is set (or after one run with ``once``); returns outcomes.
+
+    The log tells the worker's story at INFO, a line per event: connected to the server (once it
+    answers, and again after it was out of reach), each assignment (trainer), how it ended, exiting.
+    """
     stop = stop or asyncio.Event()
     outcomes: list[Outcome] = []
     delay = 0.1
     idle_since = time.monotonic()
+    connected = False
+    why = "asked to stop"
     async with PsClient(config.server, timeout=config.timeout_seconds, max_message_bytes=config.max_message_bytes,
                         security=config.security(), data_plane=config.data_plane) as client:
         while not stop.is_set():
             if config.idle_exit_seconds and time.monotonic() - idle_since > config.idle_exit_seconds:
-                log.info("no work for %.0fs: exiting", config.idle_exit_seconds)
+                why = f"no work for {config.idle_exit_seconds:.0f}s"
                 break
             try:
-                join = asyncio.ensure_future(client.join(config.display_name, config.run_id, config.join_wait_seconds))
+                # Until the server has answered once, ask without waiting: say "connected" at once.
+                wait = config.join_wait_seconds if connected else 0.0
+                join = asyncio.ensure_future(client.join(config.display_name, config.run_id, wait))
                 stopping = asyncio.ensure_future(stop.wait())
                 await asyncio.wait({join, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 stopping.cancel()
@@ -60,16 +68,23 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
                     break
                 resp = join.result()
             except errors.PsError as exc:
+                connected = False
                 if not exc.retryable:
                     log.error("join refused: %s", exc)
                     if config.run_id:
+                        why = f"cannot join run {config.run_id}"
                         break
-                log.info("server %s not reachable (%s); retrying in %.1fs", config.server, exc.code.name, delay)
+                    log.info("asking again in %.1fs", delay)
+                else:
+                    log.info("server %s not reachable (%s); retrying in %.1fs", config.server, exc.code.name, delay)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay * (0.5 + random.random()))
                 delay = min(delay * 2, 5.0)
                 continue
             delay = 0.1
+            if not connected:
+                connected = True
+                log.info("connected to %s%s", config.server, "" if resp.HasField("assignment") else ", waiting for work")
             if not resp.HasField("assignment"):
                 continue
             a = resp.assignment
@@ -87,11 +102,34 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
                 break
             outcome = task.result()
             outcomes.append(outcome)
-            log.info("run %s rank %d: %s", outcome.run_id, outcome.rank, outcome.reason)
+            level, story = ending(outcome)
+            log.log(level, "%s%s", story, "" if config.once else ": back to waiting for work")
             idle_since = time.monotonic()
             if config.once:
+                why = "one run done (--once)"
                 break
+    log.info("exiting: %s", why)
     return outcomes
+
+
+def ending(outcome: Outcome) -> tuple[int, str]:
+    """How an assignment ended, for the log: (level, sentence). A run stopped by its user, or a
+    rank finished, is news (INFO); a run failed elsewhere, an eviction or a lost server, a warning.
+    This worker's own failure was logged as an error where it happened (trainer)."""
+    run, rank = outcome.run_id, outcome.rank
+    if outcome.completed:
+        return logging.INFO, f"run {run}: rank {rank} done ({outcome.stats.iterations} iterations)"
+    if outcome.failed:
+        return logging.INFO, f"run {run}: gave rank {rank} up after the error above"
+    if outcome.run_state == pb.RUN_STATE_STOPPED:
+        return logging.INFO, f"run {run} was stopped"
+    if outcome.run_state == pb.RUN_STATE_FAILED:
+        return logging.WARNING, f"run {run} failed (see 'psctl status {run}')"
+    if outcome.run_state:
+        return logging.INFO, f"run {run}: {outcome.reason}"
+    if outcome.evicted:
+        return logging.WARNING, f"run {run}: rank {rank} was given to another worker (this one was evicted: too long silent)"
+    return logging.WARNING, f"run {run}: rank {rank} ended: {outcome.reason}"
 
 
 async def _main(config: WorkerConfig) -> int:

@@ -25,6 +25,7 @@ ends the assignment and the worker goes back to waiting for work.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import json
@@ -48,7 +49,7 @@ from .datasets import DatasetError, load_dataset
 from .models import ModelSpecError, build_model
 from .sampling import BatchSampler, shard_indices
 
-__all__ = ["LogContext", "Outcome", "TrainStats", "train"]
+__all__ = ["LogContext", "Outcome", "Straggler", "TrainStats", "train"]
 
 log = logging.getLogger("ps_worker")
 _current: contextvars.ContextVar[_Trainer | None] = contextvars.ContextVar("trainer", default=None)
@@ -88,12 +89,66 @@ class Outcome:
     stats: TrainStats
     failed: bool = False
     """This worker could not train (bad data or model, divergence): it failed the run."""
+    run_state: int = pb.RUN_STATE_UNSPECIFIED
+    """The run's state when it ended under this rank (STOPPED, FAILED), as the server said in a
+    refusal's ErrorInfo or a heartbeat; UNSPECIFIED when the run did not end."""
+    evicted: bool = False
+    """The server gave this rank to another worker (a refusal: stale incarnation)."""
 
 
 def _now_ts() -> Timestamp:
     ts = Timestamp()
     ts.GetCurrentTime()
     return ts
+
+
+class Straggler:
+    """Straggler injection (``--slowdown``): makes each iteration ``factor`` times as long as its work.
+
+    An iteration's work is estimated robustly over the last ``WINDOW`` iterations: the median time
+    of its computation plus the median time of its pulls and pushes - of those that were not parked
+    waiting for other ranks (waiting is not work: counting it would make a straggler slow itself
+    down further and further; the caller knows from the min clock a push reports). With iterations
+    of a millisecond, one iteration's own times are mostly the scheduler's noise.
+
+    The delay is owed, then slept: the event loop's timer rounds a sleep up to its ~1 ms
+    granularity, and a sleep that overran is paid back by the next ones (the debt goes negative, by
+    at most one iteration's delay and at least 2 ms; a longer stall - the process was descheduled -
+    is forgiven). Delays too short to sleep accumulate. So over a few iterations the rank runs
+    ``factor`` times slower, neither faster nor slower as the timer and the scheduler happen to round.
+    """
+
+    WINDOW = 64
+    MIN_SLEEP = 0.001
+    """Sleep once at least this much is owed (a shorter sleep would take the timer's 1 ms anyway)."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self._compute: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
+        self._comm: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
+        self._comm_parked: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
+        self._debt = 0.0
+
+    def work(self) -> float:
+        """The estimated work of one iteration, in seconds."""
+        if not self._compute:
+            return 0.0
+        compute = sorted(self._compute)[len(self._compute) // 2]
+        if self._comm:
+            return compute + sorted(self._comm)[len(self._comm) // 2]
+        return compute + min(self._comm_parked)  # parked every time (so far): a bound from below
+
+    def owe(self, compute: float, comm: float, parked: bool = False) -> float:
+        """Record an iteration's seconds of computation and of communication (``parked``: it may
+        include waiting for other ranks); returns how long to sleep now (0: not yet)."""
+        self._compute.append(compute)
+        (self._comm_parked if parked else self._comm).append(comm)
+        delay = (self.factor - 1.0) * self.work()
+        self._debt = max(self._debt, -max(delay, 0.002)) + delay
+        return self._debt if self._debt >= self.MIN_SLEEP else 0.0
+
+    def paid(self, slept: float) -> None:
+        self._debt -= slept
 
 
 class _Rewind(Exception):
@@ -113,6 +168,8 @@ class _Trainer:
         self.stats = TrainStats()
         self.clock = a.start_clock
         self.run_state: int = pb.RUN_STATE_RUNNING
+        self.refusal: errors.PsError | None = None
+        """The refusal that ended the assignment (set by the heartbeat task when it cancels the loop)."""
         self.staleness = self.spec.staleness  # as in the proto: 0 BSP, -1 unbounded
         self.slowdown = max(config.slowdown, self.spec.slowdown.get(a.rank, 1.0))
         opt = self.spec.optimizer
@@ -121,7 +178,8 @@ class _Trainer:
         # Training points as (clock, time, loss, samples, step seconds): a report keeps ~20 of
         # the hundreds recorded between two reports, so only those become MetricPoints.
         self._train_points: list[tuple[int, float, float, int, float]] = []
-        self._base_comm = float("inf")  # least communication time of an iteration (for --slowdown)
+        self._straggler = Straggler(self.slowdown) if self.slowdown > 1.0 else None
+        self._min_clock = 0  # the run's min clock as the last push's answer said
         self._prefetched: int | None = None  # guaranteed clock of parameters pulled with the last push
         self._last_report = time.monotonic()
         self._samples = 0
@@ -216,12 +274,15 @@ class _Trainer:
         eval_every = self.spec.eval_every
         t0 = time.perf_counter()
         c = self.clock
+        s = self.staleness
+        comm, parked = 0.0, False  # seconds in pulls and pushes; were they parked waiting for others?
         if self._prefetched is not None:  # pulled together with the previous push
             guaranteed, self._prefetched = self._prefetched, None
         elif params and self.cache_valid(guaranteed, c):
             self.stats.pulls_skipped += 1
         else:
             guaranteed = await self.pull(c, params)
+            comm, parked = time.perf_counter() - t0, s >= 0 and self._min_clock < c - s
         if self.a.rank == 0 and eval_every and c % eval_every == 0 and c:
             self.evaluate(params, c)
             await self.report()  # show it now, not after the next (maybe long) wait
@@ -231,6 +292,7 @@ class _Trainer:
         t_compute = time.perf_counter() - t_compute
         if not math.isfinite(loss):
             raise FloatingPointError(f"the training loss became {loss} at clock {c}: lower the learning rate")
+        t_push = time.perf_counter()
         if c + 1 < self.spec.iterations and not self.cache_valid(guaranteed, c + 1):
             # The next iteration must pull: ask for it with this push (then_pull), one round trip.
             resp, pulled = await self.call(
@@ -240,6 +302,7 @@ class _Trainer:
             )
             self._prefetched = pulled.guaranteed_clock
             self.stats.pulls += 1
+            parked = parked or (s >= 0 and resp.min_clock < c + 1 - s)  # the min clock right after the push
         else:
             resp = await self.call(
                 lambda: self.client.push(self.a.run_id, self.a.rank, self.a.incarnation, c, grads, loss),
@@ -249,17 +312,19 @@ class _Trainer:
                 lr = np.float32(self.local_sgd_lr)
                 for name, g in grads.items():
                     params[name] -= lr * g
+        comm += time.perf_counter() - t_push
         self.clock = resp.clock
+        self._min_clock = resp.min_clock
         self.run_state = resp.run_state
         self.stats.iterations += 1
         self.stats.last_loss = loss
         self._samples += len(batch)
-        if self.slowdown > 1.0:
-            # (factor - 1) x this iteration's own work: its computation plus the least time an
-            # iteration's communication has taken (time parked waiting for others is not work;
-            # counting it would make a straggler slow itself down further and further).
-            self._base_comm = min(self._base_comm, time.perf_counter() - t0 - t_compute)
-            await asyncio.sleep((self.slowdown - 1.0) * (t_compute + self._base_comm))
+        if self._straggler is not None:
+            owed = self._straggler.owe(t_compute, comm, parked)
+            if owed > 0.0:
+                slept = time.perf_counter()
+                await asyncio.sleep(owed)
+                self._straggler.paid(time.perf_counter() - slept)
         self.record(c, loss, time.perf_counter() - t0)
         if time.monotonic() - self._last_report >= self.config.report_seconds:
             await self.report()
@@ -312,11 +377,31 @@ async def _heartbeat(client: PsClient, a: pb.Assignment, trainer: _Trainer, main
         except errors.PsError as exc:
             if exc.retryable:
                 continue
+            trainer.refusal = exc
             main.cancel(f"heartbeat: {exc.message}")
             return
         if resp.run_state in (pb.RUN_STATE_STOPPED, pb.RUN_STATE_FAILED):
+            trainer.run_state = resp.run_state
             main.cancel(f"run {pb.RunState.Name(resp.run_state)}")
             return
+
+
+def _state(state: int) -> str:
+    name = pb.RunState.Name(state) if state in pb.RunState.values() else f"in state {state}"
+    return str(name).removeprefix("RUN_STATE_").lower()
+
+
+def _ended(trainer: _Trainer, exc: errors.PsError) -> Outcome:
+    """The outcome of an assignment the server ended (the run stopped or failed, the rank was given
+    to another worker, the run is gone, the server out of reach), from the refusal's class and
+    reason, never its wording; the error's text stays in ``reason`` for the log."""
+    a, stats = trainer.a, trainer.stats
+    if exc.reason == pb.ERROR_REASON_RUN_NOT_RUNNING and exc.info.run_state:
+        return Outcome(a.run_id, a.rank, False, f"the run is {_state(exc.info.run_state)}", stats,
+                       run_state=exc.info.run_state)
+    if exc.reason == pb.ERROR_REASON_STALE_INCARNATION:
+        return Outcome(a.run_id, a.rank, False, "this rank was evicted (given to another worker)", stats, evicted=True)
+    return Outcome(a.run_id, a.rank, False, str(exc), stats)
 
 
 async def train(client: PsClient, a: pb.Assignment, config: WorkerConfig) -> Outcome:
@@ -347,11 +432,13 @@ async def train(client: PsClient, a: pb.Assignment, config: WorkerConfig) -> Out
         if not hb.done():
             raise  # cancelled from outside (shutdown): the caller leaves
         task.uncancel()
-        return Outcome(a.run_id, a.rank, False, "the run was stopped or this rank evicted", trainer.stats)
+        if trainer.refusal is not None:
+            return _ended(trainer, trainer.refusal)
+        return Outcome(a.run_id, a.rank, False, f"the run is {_state(trainer.run_state)}", trainer.stats,
+                       run_state=trainer.run_state)
     except errors.PsError as exc:
         if isinstance(exc, errors.FailedPrecondition | errors.NotFound) or exc.retryable:
-            log.warning("assignment ended: %s", exc)
-            return Outcome(a.run_id, a.rank, False, str(exc), trainer.stats)
+            return _ended(trainer, exc)  # the worker logs how it ended, once (main.py)
         leave_reason, message = pb.LEAVE_REASON_FAILED, str(exc)
     except FloatingPointError as exc:
         leave_reason, message = pb.LEAVE_REASON_FAILED, str(exc)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.timeout(120)
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model", "softmax", "--dataset", "digits", "--workers", "2", "--iterations", "30", "--eval-every", "10"]
+STALENESS_FORMS = "0 or bsp (synchronous), a positive integer s (SSP), or inf / unbounded / asp (asynchronous)"
 
 
 async def psctl(*args: str, env: dict[str, str | None] | None = None) -> Result:
@@ -109,8 +111,13 @@ async def test_server_address_comes_from_the_environment(addr: str) -> None:
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (["--staleness", "banana"], "staleness 'banana': use 0 (BSP), a positive integer, or 'inf'"),
-        (["--staleness", "-3"], "staleness '-3'"),
+        (["--staleness", "banana"], f"--staleness 'banana': use {STALENESS_FORMS}"),
+        (["--staleness", "-3"], f"--staleness '-3': a staleness cannot be negative; use {STALENESS_FORMS}"),
+        (["--staleness", "-1"], f"--staleness '-1': a staleness cannot be negative; use {STALENESS_FORMS}"),
+        (["--epochs", "0"], "--epochs 0: use a positive number of passes over each rank's shard"),
+        (["--epochs", "-2"], "--epochs -2: use a positive number of passes"),
+        (["--epochs", "nan"], "--epochs nan: use a positive number of passes"),
+        (["--iterations", "-1"], "--iterations -1: use a positive number of iterations per worker"),
         (["--model", "mlp:abc"], "bad hidden sizes 'abc'"),
         (["--model", "transformer"], "cannot parse model 'transformer'"),
         (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
@@ -241,7 +248,11 @@ async def test_launch_wait_human_prints_a_summary(addr: str, start_workers: Any)
     result = ok(await psctl("launch", "--server", addr, *TINY, "--wait", "--staleness", "bsp"))
     last = result.stdout.strip().splitlines()[-1]
     assert " completed in " in last and "test accuracy 0." in last and "(60 pushes, 0 duplicates)" in last
-    assert "staleness 0 (BSP)" in result.stderr  # the headline, next to the progress bar
+    assert re.search(r": test accuracy 0\.\d{4}, test loss \d\.\d{4} ", last), last  # which loss it is
+    assert "staleness 0 (BSP)" in result.stderr  # the headline
+    # stderr is not a terminal: a line per change instead of a progress bar drawn once at the end
+    assert re.search(r"^\d\d:\d\d:\d\d  completed  clock 30/30  workers \d/2 active  train loss \d\.\d{4}  "
+                     r"test accuracy 0\.\d{4}  \(all ranks finished\)$", result.stderr, re.M), result.stderr
 
 
 async def test_launch_wait_exits_2_when_the_run_is_stopped(addr: str, ps: PsClient) -> None:
@@ -266,3 +277,98 @@ async def test_launch_wait_exits_1_when_the_run_fails(addr: str, start_workers: 
                          "--workers", "2", "--iterations", "30", "--lr", "1e20", "--wait")
     assert result.exit_code == 1, result.stdout
     assert " failed in " in result.stdout and "lower the learning rate" in result.stdout
+
+
+# ------------------------------------------------------------------------------ without a terminal
+async def test_watch_into_a_pipe_prints_a_line_per_change_while_the_run_goes(addr: str, ps: PsClient,
+                                                                           start_workers: Any) -> None:
+    """stdout is a pipe: a plain line each time the run changes, as it happens (not a screen drawn
+    once at the end), then the final status view, unwrapped."""
+    run_id = ok(await psctl("launch", "--server", addr, *TINY[:-4], "--iterations", "100000")).stdout.strip()
+    start_workers(2)
+    watch = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "client.cli", "watch", run_id, "--server", addr, cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert watch.stdout is not None
+    try:
+        running: list[str] = []
+        async with asyncio.timeout(60):
+            while len(running) < 2:  # two lines of the live run, read while it runs
+                line = (await watch.stdout.readline()).decode()
+                assert line, f"watch ended early: {(await watch.stderr.read()).decode() if watch.stderr else ''}"
+                if "  running  " in line:
+                    running.append(line)
+        for line in running:
+            assert re.fullmatch(r"\d\d:\d\d:\d\d  running  clock \d+/100000  workers 2/2 active  .*"
+                                r"test accuracy (-|0\.\d{4})\n", line), line
+        assert running[0] != running[1]
+        await ps.stop_run(run_id, "enough")
+        async with asyncio.timeout(30):
+            rest = (await watch.stdout.read()).decode()
+            assert await watch.wait() == 2
+    finally:
+        if watch.returncode is None:
+            watch.kill()
+            await watch.wait()
+    lines = rest.splitlines()
+    assert any(re.match(r"\d\d:\d\d:\d\d  stopped  clock \d+/100000 .* \(enough\)$", ln) for ln in lines), rest
+    assert any("STOPPED" in ln and "enough" in ln for ln in lines)  # the final view
+    (pushes,) = [ln for ln in lines if ln.startswith("pushes ")]
+    assert "applied" in pushes and "skipped" in pushes, rest  # one line, not wrapped at 80 columns
+
+
+async def test_views_are_not_wrapped_at_80_columns_without_a_terminal(addr: str) -> None:
+    name = "a run whose name is long enough to go past eighty columns in any table it appears in, " * 2
+    run_id = ok(await psctl("launch", "--server", addr, *TINY, "--name", name.strip())).stdout.strip()
+    view = ok(await psctl("status", run_id, "--server", addr)).stdout.splitlines()
+    assert view[0].split() == [run_id, *name.split(), "PENDING"], view[0]
+    assert any(ln.startswith("model softmax") and ln.rstrip().endswith("workers 2") for ln in view), view
+    assert any(ln.split()[:2] == ["rank", "state"] and "heartbeat" in ln and ln.rstrip().endswith("name")
+               for ln in view), view
+    table = ok(await psctl("runs", "--server", addr)).stdout.splitlines()
+    assert any(ln.startswith(run_id) and name.strip() in ln and "PENDING" in ln for ln in table), table
+
+
+# ------------------------------------------------------------------------------ JSON and metrics
+PROTO_ENUM = re.compile(r'"[A-Z][A-Z0-9]*_[A-Z0-9_]+"')  # "RUN_STATE_STOPPED", "KIND_PULL", ...
+RFC3339 = re.compile(r'"\d{4}-\d\d-\d\dT\d\d:')
+
+
+async def test_json_has_one_form_for_enums_and_times(addr: str, start_workers: Any) -> None:
+    """Every --json output spells an enum value as its short lower-case name and a time as Unix
+    seconds: the run's proto JSON (``run``) and psctl's facts (``summary``) agree."""
+    start_workers(2)
+    run_id = json.loads(ok(await psctl("launch", "--server", addr, *TINY, "--wait", "--json")).stdout)["run_id"]
+    outputs = {cmd[0]: ok(await psctl(*cmd, "--server", addr, "--json")).stdout
+               for cmd in (["status", run_id], ["metrics", run_id], ["runs"], ["watch", run_id], ["stop", run_id])}
+    for command, out in outputs.items():
+        assert not PROTO_ENUM.search(out) and not RFC3339.search(out), (command, out[:2000])
+    status = json.loads(outputs["status"])
+    assert status["run"]["state"] == status["summary"]["state"] == "completed"
+    assert [w["state"] for w in status["run"]["workers"]] == [w["state"] for w in status["workers"]] == ["done"] * 2
+    assert status["run"]["spec"]["aggregation"] == "mean" and status["run"]["spec"]["params"][0]["dtype"] == "float32"
+    assert isinstance(status["run"]["created"], float) and status["run"]["created"] <= status["run"]["finished"]
+    watched = json.loads(outputs["watch"])  # a finished run: one snapshot
+    assert watched["run"]["state"] == watched["summary"]["state"] == "completed"
+    assert {e["kind"] for e in watched["events"]} >= {"completed"}
+    assert all(isinstance(e["time"], float) for e in watched["events"] + status["events"])
+
+
+async def test_metrics_lists_the_events_and_its_json_has_the_clock_records(addr: str, start_workers: Any) -> None:
+    start_workers(2)
+    run_id = json.loads(ok(await psctl("launch", "--server", addr, *TINY, "--wait", "--json")).stdout)["run_id"]
+    doc = json.loads(ok(await psctl("metrics", run_id, "--server", addr, "--json")).stdout)
+    records = doc["clock_records"]
+    assert {r["kind"] for r in records} == {"pull", "push"}, records[:5]
+    assert sum(r["kind"] == "push" for r in records) == 60  # every push of 2 ranks x 30 iterations
+    assert all(r["clock"] - r["min_clock"] <= 2 for r in records if r["kind"] == "pull")  # s = 2 held
+    events = doc["events"]
+    assert [e["kind"] for e in events][:1] == ["created"] and events[-1]["kind"] == "completed"
+    human = ok(await psctl("metrics", run_id, "--server", addr)).stdout
+    assert f"{len(events)} events, {len(records)} clock records" in human.splitlines()[0]
+    lines = human.splitlines()
+    for e in events:  # each event on a line: time, kind, rank, message
+        rank = f"rank {e['rank']}" if e["rank"] >= 0 else "-"
+        assert any(re.match(rf"  \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{{3}}  {e['kind']} +{rank} +{re.escape(e['message'])}$", ln)
+                   for ln in lines), (e, human)
+    assert "served pulls were at most 2 clocks ahead of the min clock" in human

@@ -8,6 +8,7 @@ survive. Processes are found through /proc/*/environ (Linux; psutil is not a dep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ import pytest
 
 from paramserver.client import PsClient
 from paramserver.errors import PsError
+from paramserver.v1 import paramserver_pb2 as pb
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.skipif(not Path("/proc/self/environ").exists(),
                                                            reason="needs Linux /proc")]
@@ -80,8 +82,10 @@ def test_local_launch_human_summary(tmp_path: Path) -> None:
     proc, marker = start_psctl(tmp_path, *TINY, "--staleness", "inf")
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
-    assert " completed in " in out and "test accuracy 0." in out and "(60 pushes, 0 duplicates)" in out
+    assert " completed in " in out and "test accuracy 0." in out and "test loss 0." in out
+    assert "(60 pushes, 0 duplicates)" in out
     assert "staleness inf (ASP)" in err and "on a local ps-server (127.0.0.1:" in err
+    assert "  completed  clock 30/30  workers " in err and "train loss " in err  # a line per change, no bar
     assert_nothing_left(marker, tmp_path)
 
 
@@ -104,6 +108,18 @@ def test_unloadable_dataset_after_the_server_started_leaves_no_process(tmp_path:
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and out == ""
     assert err.startswith("Error: ") and "/nonexistent/data.npz" in err and "Traceback" not in err
+    assert_nothing_left(marker, tmp_path)
+
+
+@pytest.mark.parametrize(("flags", "expected"), [(["--epochs", "0"], "Error: --epochs 0: use a positive number"),
+                                               (["--staleness", "-1"], "Error: --staleness '-1': a staleness cannot be")])
+def test_bad_numbers_are_refused_before_a_cluster_starts(flags: list[str], expected: str, tmp_path: Path) -> None:
+    """--epochs 0 used to become one iteration, --staleness -1 an unbounded run: both are refused
+    at once, with nothing started (no log directory is even made)."""
+    proc, marker = start_psctl(tmp_path, *TINY[:4], *flags)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and out == "", err
+    assert err.startswith(expected) and "Traceback" not in err, err
     assert_nothing_left(marker, tmp_path)
 
 
@@ -157,3 +173,44 @@ def test_server_death_mid_run_is_reported_and_cleaned_up(tmp_path: Path) -> None
                            "Error: lost the local ps-server at 127.0.0.1:")), err
     assert "/cluster.log" in err
     assert_nothing_left(marker, tmp_path, logs=1)
+
+
+async def straggler_snapshots(address: str, timeout: float = 90.0) -> list[dict[int, int]]:
+    """The clocks of the 4 ranks of the one run at ``address`` in every snapshot while all 4 train."""
+    clocks: list[dict[int, int]] = []
+    async with PsClient(address, timeout=5.0) as c:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    runs = await c.list_runs()
+                except PsError:
+                    runs = []  # not listening yet
+                if runs:
+                    break
+                await asyncio.sleep(0.05)
+            with contextlib.suppress(PsError):  # the cluster goes away when the run ends
+                async for snap in c.watch_run(runs[0].run_id, interval=0.05):
+                    active = {w.rank: w.clock for w in snap.run.workers if w.state == pb.WORKER_STATE_ACTIVE}
+                    if len(active) == 4 and snap.run.min_clock > 0:
+                        clocks.append(active)
+    return clocks
+
+
+def test_a_slowed_rank_is_the_visible_straggler(tmp_path: Path) -> None:
+    """--slowdown 1=3 on the README's model (digits, mlp:64, 4 workers, s = 2): rank 1 is the one
+    behind in (nearly) every snapshot of the run, as psctl status shows it, not one rank among
+    others taking turns."""
+    proc, marker = start_psctl(tmp_path, "--model", "mlp:64", "--dataset", "digits", "--workers", "4",
+                               "--staleness", "2", "--slowdown", "1=3", "--epochs", "40", "--json")
+    deadline = time.monotonic() + 60
+    while not (servers := [pid for pid in marked(marker) if b"ps_server.server" in Path(f"/proc/{pid}/cmdline").read_bytes()]):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    argv = Path(f"/proc/{servers[0]}/cmdline").read_bytes().split(b"\0")
+    snapshots = asyncio.run(straggler_snapshots(f"127.0.0.1:{int(argv[argv.index(b'--port') + 1])}"))
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    behind = sum(all(s[1] < clock for rank, clock in s.items() if rank != 1) for s in snapshots)
+    assert len(snapshots) >= 10, snapshots
+    assert behind >= 0.8 * len(snapshots), f"rank 1 behind all others in {behind} of {len(snapshots)} snapshots"
+    assert_nothing_left(marker, tmp_path)

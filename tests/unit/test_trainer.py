@@ -4,6 +4,7 @@ exactly-once and errors, in one event loop, without processes or sockets."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -14,7 +15,8 @@ from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.core import snapshot
 from ps_server.testing import InMemoryServer
 from worker.config import WorkerConfig
-from worker.trainer import Outcome, train
+from worker.main import ending
+from worker.trainer import Outcome, Straggler, train
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -121,6 +123,9 @@ async def test_a_stopped_run_ends_the_assignment_without_failing_it() -> None:
             await c.close()
     assert not any(o.completed or o.failed for o in outcomes), outcomes
     assert all(o.stats.iterations >= 5 for o in outcomes)
+    # how it ended is a fact from the refusal's reason and ErrorInfo (or a heartbeat), not from its text
+    assert [(o.run_state, o.evicted) for o in outcomes] == [(pb.RUN_STATE_STOPPED, False)] * 2, outcomes
+    assert [ending(o) for o in outcomes] == [(logging.INFO, f"run {run.run_id} was stopped")] * 2
 
 
 async def test_an_evicted_worker_gives_up_its_assignment() -> None:
@@ -144,6 +149,8 @@ async def test_an_evicted_worker_gives_up_its_assignment() -> None:
         await client.close()
     assert not outcome.completed and not outcome.failed
     assert "stale" in outcome.reason or "evicted" in outcome.reason, outcome.reason
+    assert outcome.evicted and outcome.run_state == pb.RUN_STATE_UNSPECIFIED
+    assert ending(outcome)[0] == logging.WARNING
     assert core.counters.evictions == 1 and core.state.value == "running"
 
 
@@ -172,3 +179,34 @@ def test_the_in_memory_server_needs_no_grpc() -> None:
 
 def test_client_class_is_the_sdk_facade() -> None:
     assert PsClient.__module__ == "paramserver.client"
+
+
+# ------------------------------------------------------------------------------ --slowdown
+MS = 0.001
+
+
+def test_a_straggler_s_work_leaves_out_waiting_and_noise() -> None:
+    """Work = median computation + median communication of the iterations not parked behind other
+    ranks: neither a wait (50 ms) nor a scheduler hiccup (20 ms) changes what 3x means."""
+    s = Straggler(3.0)
+    for i in range(64):
+        s.owe(20 * MS if i % 5 == 0 else 1 * MS, 50 * MS if i % 2 else 0.5 * MS, parked=bool(i % 2))
+    assert s.work() == pytest.approx(1.5 * MS)
+    only_parked = Straggler(3.0)
+    only_parked.owe(1 * MS, 9 * MS, parked=True)
+    only_parked.owe(1 * MS, 7 * MS, parked=True)
+    assert only_parked.work() == pytest.approx(8 * MS)  # a bound from below: the least seen
+
+
+def test_a_straggler_pays_back_what_a_sleep_overran() -> None:
+    s = Straggler(3.0)  # work 1.5 ms: 3 ms of delay per iteration
+    assert s.owe(1 * MS, 0.5 * MS) == pytest.approx(3 * MS)
+    s.paid(3.8 * MS)  # the timer rounded up: 0.8 ms too long
+    assert s.owe(1 * MS, 0.5 * MS) == pytest.approx(2.2 * MS)
+    s.paid(2.2 * MS)
+    assert s.owe(1 * MS, 0.5 * MS) == pytest.approx(3 * MS)
+    s.paid(100 * MS)  # descheduled: a stall is forgiven beyond one iteration's delay
+    assert s.owe(1 * MS, 0.5 * MS) == 0.0
+    assert s.owe(1 * MS, 0.5 * MS) == pytest.approx(3 * MS)
+    small = Straggler(1.5)  # 0.3 ms per iteration: too short to sleep, owed until it is not
+    assert [small.owe(0.3 * MS, 0.3 * MS) for _ in range(4)] == [0.0, 0.0, 0.0, pytest.approx(1.2 * MS)]

@@ -1,0 +1,95 @@
+"""The story a ps-worker's log tells at INFO, against a real server on this loop: it says when it
+reaches the server, a line per assignment and per ending, and when it exits; a user's stop is one
+INFO line per worker, not a warning carrying the server's raw refusal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+
+from client.spec import LaunchOptions, build_run_spec
+from paramserver.client import PsClient
+from ps_server.server import PsServer
+from worker.config import WorkerConfig
+from worker.main import work
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Story(logging.Handler):
+    """Collects the worker's records; ``until(predicate)`` waits for a record that matches."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._changed = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self._changed.set()
+
+    def lines(self, level: int = logging.INFO) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno >= level]
+
+    async def until(self, predicate: Callable[[list[str]], bool], timeout: float = 30.0) -> None:
+        async with asyncio.timeout(timeout):
+            while not predicate(self.lines()):
+                self._changed.clear()
+                await self._changed.wait()
+
+
+@pytest.fixture
+def story() -> Iterator[Story]:
+    handler, logger = Story(), logging.getLogger("ps_worker")
+    old = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+
+
+def config(server: PsServer, name: str) -> WorkerConfig:
+    return WorkerConfig(server=f"127.0.0.1:{server.port}", name=name, timeout_seconds=10.0, join_wait_seconds=10.0)
+
+
+@contextlib.asynccontextmanager
+async def workers(server: PsServer, n: int) -> AsyncIterator[asyncio.Event]:
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(work(config(server, f"w{i}"), stop)) for i in range(n)]
+    try:
+        yield stop
+    finally:
+        stop.set()
+        async with asyncio.timeout(20):
+            await asyncio.gather(*tasks)
+
+
+async def test_an_idle_worker_says_it_reached_the_server_and_when_it_exits(server: PsServer, story: Story) -> None:
+    address = f"127.0.0.1:{server.port}"
+    async with workers(server, 1):
+        # at once, not after a join has waited its 10 s for work
+        await story.until(lambda lines: f"connected to {address}, waiting for work" in lines, timeout=5.0)
+    assert story.lines() == [f"connected to {address}, waiting for work", "exiting: asked to stop"]
+
+
+async def test_a_stopped_run_is_one_info_line_per_worker(server: PsServer, story: Story) -> None:
+    spec = build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=2, iterations=100_000))
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10.0) as ps:
+        run = await ps.create_run(spec)
+        async with workers(server, 2):
+            await story.until(lambda lines: sum(f"of run {run.run_id}" in ln for ln in lines) == 2)  # both train
+            await ps.stop_run(run.run_id, "enough")
+            stopped = f"run {run.run_id} was stopped: back to waiting for work"
+            await story.until(lambda lines: lines.count(stopped) == 2)
+    assert story.lines(logging.WARNING) == []
+    assert not any("FAILED_PRECONDITION" in line for line in story.lines(logging.DEBUG))
+    endings = [ln for ln in story.lines() if run.run_id in ln and "of run" not in ln]
+    assert endings == [stopped, stopped], story.lines()
+    assert story.lines()[-2:] == ["exiting: asked to stop"] * 2
