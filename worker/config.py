@@ -28,7 +28,8 @@ class WorkerConfig:
     timeout_seconds: float = opt(30.0, "Deadline of each RPC, beyond the time a pull may be parked.")
     join_wait_seconds: float = opt(10.0, "How long one Join call may wait on the server for work.")
     idle_exit_seconds: float = opt(0.0, "Exit when no work came for this long; 0 = wait forever.")
-    slowdown: float = opt(1.0, "Straggler injection: make every iteration this many times slower.")
+    slowdown: float = opt(1.0, "Straggler injection: each iteration takes this many times its own work (the median "
+                          "computation plus its pulls and pushes that did not wait for other ranks); 1 = normal.")
     report_seconds: float = opt(0.5, "How often training metrics are reported to the server.")
     max_message_bytes: int = opt(64 << 20, "Largest gRPC message sent or received.")
     data_plane: bool = opt(True, "Push and pull over the server's TCP data plane when it offers one (else gRPC); "
