@@ -12,6 +12,7 @@
 const fs = require('fs');
 const os = require('os');
 const path = require('path');
+const { LEVELS } = require('./log');
 
 const OPTIONS = [
   // [key, flag, type, default, help]
@@ -139,7 +140,22 @@ function parseConfig(argv = [], env = process.env) {
   }
   if (!config.server.includes(':')) throw new ConfigError(`--server ${JSON.stringify(config.server)}: use HOST:PORT`);
   if (config.slowdown < 1) throw new ConfigError(`--slowdown ${config.slowdown}: use a factor >= 1 (1 = normal speed)`);
-  if (config.timeoutSeconds <= 0) throw new ConfigError(`--timeout-seconds ${config.timeoutSeconds}: must be > 0`);
+  // The bounds the Python worker checks (worker/config.py), in its words.
+  for (const [key, flag, low, strict] of [['timeoutSeconds', 'timeout-seconds', 0, true],
+    ['reportSeconds', 'report-seconds', 0, true], ['joinWaitSeconds', 'join-wait-seconds', 0, false],
+    ['idleExitSeconds', 'idle-exit-seconds', 0, false], ['maxMessageBytes', 'max-message-bytes', 1 << 20, false],
+    ['chunkBytes', 'chunk-bytes', 1024, false]]) {
+    const v = config[key];
+    if (v < low || (strict && v === low)) throw new ConfigError(`--${flag} ${v}: must be ${strict ? '>' : '>='} ${low}`);
+  }
+  if (config.chunkBytes > config.maxMessageBytes / 2) {
+    throw new ConfigError(`--chunk-bytes ${config.chunkBytes}: at most half of --max-message-bytes (${config.maxMessageBytes})`);
+  }
+  const level = String(config.logLevel).toUpperCase();
+  if (!Object.hasOwn(LEVELS, level)) {
+    throw new ConfigError(`--log-level ${JSON.stringify(config.logLevel)}: choose from ${Object.keys(LEVELS).join(', ')}`);
+  }
+  config.logLevel = level;
   config.displayName = config.name || `node:${os.hostname()}:${process.pid}`;
   const security = securityOf(config);
   delete config.token; // keep the secret out of the config object (it is logged nowhere, but still)

@@ -19,6 +19,18 @@ test('flags win over environment variables with the Python worker\'s names', () 
   assert.throws(() => parseConfig(['--bogus'], {}), /unknown argument/);
 });
 
+test('bad values are refused as the Python worker refuses them: log level, times, sizes', () => {
+  assert.equal(parseConfig(['--log-level', 'debug'], {}).logLevel, 'DEBUG');
+  assert.throws(() => parseConfig(['--log-level', 'LOUD'], {}), /--log-level "LOUD": choose from DEBUG, INFO, WARNING, ERROR/);
+  assert.throws(() => parseConfig([], { PS_WORKER_LOG_LEVEL: 'x' }), /--log-level "x"/);
+  assert.throws(() => parseConfig(['--timeout-seconds', '0'], {}), /--timeout-seconds 0: must be > 0/);
+  assert.throws(() => parseConfig(['--report-seconds', '-1'], {}), /--report-seconds -1: must be > 0/);
+  assert.throws(() => parseConfig(['--join-wait-seconds', '-1'], {}), /must be >= 0/);
+  assert.throws(() => parseConfig(['--chunk-bytes', '0'], {}), /--chunk-bytes 0: must be >= 1024/);
+  assert.throws(() => parseConfig(['--max-message-bytes', '10'], {}), /--max-message-bytes 10/);
+  assert.throws(() => parseConfig(['--chunk-bytes', String(40 << 20)], {}), /at most half of --max-message-bytes/);
+});
+
 test('data key is sha256 of the data spec JSON text, 16 hex digits (worker/export_shard.py)', () => {
   assert.equal(dataKey('{"kind": "digits"}'), '20d071bda68af7ee');
 });
