@@ -16,7 +16,8 @@ from ps_server.core import snapshot
 from ps_server.testing import InMemoryServer
 from worker.config import WorkerConfig
 from worker.main import ending
-from worker.trainer import Outcome, Straggler, train
+from worker.straggler import Straggler
+from worker.trainer import Outcome, train
 
 pytestmark = pytest.mark.timeout(120)
 
