@@ -181,7 +181,7 @@ def run_facts(run: pb.Run, now: float | None = None) -> dict[str, Any]:
     c, spec, ev = run.counters, run.spec, _eval(run)
     created, started, finished = seconds(run.created), seconds(run.started), seconds(run.finished)
     end = finished or now
-    live = [w for w in run.workers if w.state in (pb.WORKER_STATE_ACTIVE, pb.WORKER_STATE_DONE)]
+    live = [w for w in run.workers if w.state in (pb.WORKER_STATE_ACTIVE, pb.WORKER_STATE_DONE, pb.WORKER_STATE_STOPPED)]
     # The ranks holding the others back: those at the min clock (at most 3), when some are ahead.
     slowest = [w for w in live if w.clock == run.min_clock][:3] if run.max_clock > run.min_clock else []
     optimizer, lr = _optimizer_text(spec.optimizer)

@@ -315,6 +315,10 @@ async def test_watch_into_a_pipe_prints_a_line_per_change_while_the_run_goes(add
     assert any("STOPPED" in ln and "enough" in ln for ln in lines)  # the final view
     (pushes,) = [ln for ln in lines if ln.startswith("pushes ")]
     assert "applied" in pushes and "skipped" in pushes, rest  # one line, not wrapped at 80 columns
+    # After the stop no rank is shown active (issue 14): they were training, now they are stopped.
+    status = json.loads(ok(await psctl("status", run_id, "--server", addr, "--json")).stdout)
+    assert [w["state"] for w in status["run"]["workers"]] == ["stopped", "stopped"], status["run"]["workers"]
+    assert status["summary"]["workers_active"] == 0 and status["run"]["state"] == status["summary"]["state"] == "stopped"
 
 
 async def test_views_are_not_wrapped_at_80_columns_without_a_terminal(addr: str) -> None:
