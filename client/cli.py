@@ -167,6 +167,9 @@ def launch(
     local: Annotated[bool, typer.Option("--local", help="Start a server and --workers workers on 127.0.0.1, run, "
                                                         "tear them down (implies --wait).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="With --local: show the children's logs.")] = False,
+    servers: Annotated[int, typer.Option(min=1, help="With --local: this many ps-servers holding the run's "
+                                                      "parameters together (a cluster; each tensor on one, large "
+                                                      "ones split over all).")] = 1,
     server: Server = DEFAULT_SERVER,
     json_: Json = False,
     timeout: Timeout = 10.0,
@@ -175,7 +178,7 @@ def launch(
 
     Without --wait: print the run id; workers started with 'ps-worker --server HOST:PORT' pick it up.
 
-    --local: start a ps-server on a free port and --workers ps-worker processes on 127.0.0.1, run, and stop them all when the run ends, fails or is interrupted (--server is ignored).
+    --local: start a ps-server on a free port (--servers N: a cluster of N) and --workers ps-worker processes on 127.0.0.1, run, and stop them all when the run ends, fails or is interrupted (--server is ignored).
 
     Exit status with --wait or --local: 0 the run COMPLETED, 1 it FAILED (or psctl hit an error), 2 it was STOPPED, 130 interrupted.
     """
@@ -184,8 +187,11 @@ def launch(
         momentum=momentum, weight_decay=weight_decay, epochs=epochs, iterations=iterations, batch_size=batch_size,
         seed=seed, name=name, eval_every=eval_every, aggregation=aggregation, slowdown=parse_slowdown(slowdown or ()),
     )
+    if servers > 1 and not local:
+        raise ValueError(f"--servers {servers} needs --local; start a cluster by hand with 'ps-server --cluster "
+                         "ADDR0,ADDR1,... --index I' (README: several servers)")
     code = launch_run(options, server=_address(server), wait=wait or local, local=local, verbose=verbose,
-                      json_mode=json_, timeout=timeout)
+                      json_mode=json_, timeout=timeout, servers=servers)
     raise typer.Exit(code)
 
 
@@ -297,8 +303,11 @@ def checkpoint(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = Fal
 def export(run_id: RunId,
            output: Annotated[str, typer.Option("--output", "-o", help="Where to write (default RUN.npz).")] = "",
            server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 60.0) -> None:
-    """Save a run's current parameters to an .npz file (an observer's pull: never waits)."""
-    result = _with_client(server, timeout, lambda ps: ps.pull(run_id))
+    """Save a run's current parameters to an .npz file (an observer's pull: never waits); a run held by
+    several servers is read from each and put together."""
+    from paramserver.shards import pull_run
+
+    result = _with_client(server, timeout, lambda ps: pull_run(ps, run_id))
     path = output or f"{run_id}.npz"
     with open(path, "wb") as fh:
         np.savez(fh, **result.tensors)  # type: ignore[arg-type]

@@ -34,6 +34,7 @@ __all__ = [
     "pull_lead",
     "recent",
     "run_facts",
+    "shard_rows",
     "run_headline",
     "seconds",
     "staleness_text",
@@ -318,12 +319,24 @@ def recent(metrics: pb.GetMetricsResponse | None, evals: int = 5, events: int = 
     }
 
 
+def shard_rows(run: pb.Run) -> list[dict[str, Any]]:
+    """A run's shards, one per server holding its parameters (none for a run on one server)."""
+    held = {s.index: [f"{pc.name}[{pc.row_start}:{pc.row_end}]" for pc in s.pieces] for s in run.shard_map.shards}
+    return [{
+        "index": s.index, "address": s.address, "reachable": s.reachable, "error": s.error or None,
+        "state": state_name(s.state) if s.reachable else "unreachable", "bytes_held": s.bytes_held,
+        "min_clock": s.min_clock, "max_clock": s.max_clock, "pushes_applied": s.pushes_applied,
+        "pushes_per_second": s.pushes_per_second, "rss_bytes": s.rss_bytes or None, "pieces": held.get(s.index, []),
+    } for s in run.shards]
+
+
 def status_dict(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float | None = None) -> dict[str, Any]:
     """``psctl status --json``: the run as proto JSON plus the computed facts the view shows."""
     now = time.time() if now is None else now
     latest = recent(metrics)
     latest.pop("train_loss")
-    return {"run": message_to_dict(run), "summary": run_facts(run, now), "workers": worker_rows(run, now), **latest}
+    return {"run": message_to_dict(run), "summary": run_facts(run, now), "workers": worker_rows(run, now),
+            "shards": shard_rows(run), **latest}
 
 
 def event_rows(metrics: pb.GetMetricsResponse) -> list[dict[str, str]]:

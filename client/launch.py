@@ -107,13 +107,13 @@ def _submit(o: LaunchOptions, server: str, wait: bool, json_mode: bool, timeout:
     return 0
 
 
-def _local(o: LaunchOptions, verbose: bool, json_mode: bool, timeout: float) -> int:
+def _local(o: LaunchOptions, verbose: bool, json_mode: bool, timeout: float, servers: int) -> int:
     # Cheap syntax checks before any process starts: a typo must not cost a cluster start-up.
     check_options(o)
     parse_model(o.model)
     parse_dataset(o.dataset)
     err = render.console(stderr=True, highlight=False, markup=False)
-    cluster = LocalCluster(o.workers, verbose=verbose)
+    cluster = LocalCluster(o.workers, servers=servers, verbose=verbose)
     try:
         with cluster:
             cluster.start_server()
@@ -127,7 +127,9 @@ def _local(o: LaunchOptions, verbose: bool, json_mode: bool, timeout: float) -> 
                     await ps.wait_ready(SERVER_START_SECONDS)
                     run = await ps.create_run(spec)
                     if not json_mode:
-                        err.print(f"{facts.run_headline(run)} on a local ps-server ({address})")
+                        where = f"a local ps-server ({address})" if servers == 1 else \
+                            f"{servers} local ps-servers ({', '.join(cluster.addresses)})"
+                        err.print(f"{facts.run_headline(run)} on {where}")
                     return await _followed(ps, run.run_id, per_epoch, json_mode, cluster)
 
             try:
@@ -144,8 +146,8 @@ def _local(o: LaunchOptions, verbose: bool, json_mode: bool, timeout: float) -> 
 
 
 def launch_run(o: LaunchOptions, *, server: str, wait: bool, local: bool, verbose: bool, json_mode: bool,
-               timeout: float) -> int:
+               timeout: float, servers: int = 1) -> int:
     """Run ``psctl launch``; returns the exit status. Raises ValueError/errors.PsError for the handler."""
     if local:
-        return _local(o, verbose, json_mode, timeout)
+        return _local(o, verbose, json_mode, timeout, servers)
     return _submit(o, server, wait, json_mode, timeout)

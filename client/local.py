@@ -1,11 +1,12 @@
-"""The embedded cluster of ``psctl launch --local``: one ps-server and N ps-workers on 127.0.0.1.
+"""The embedded cluster of ``psctl launch --local``: ps-servers (one, or a cluster of
+``servers``) and N ps-workers on 127.0.0.1.
 
 Lifecycle (one object, used as a context manager)::
 
     with LocalCluster(workers=4) as cluster:   # nothing runs yet
-        cluster.start_server()                 # ps-server on a free port, non-blocking
+        cluster.start_server()                 # the ps-servers on free ports, non-blocking
         cluster.start_workers()                # N workers at once; they retry until it answers
-        address = cluster.wait_server(15.0)    # its first stdout line says it listens
+        address = cluster.wait_server(15.0)    # their first stdout lines say they listen
         ...                                    # create the run, follow it; check_server() in between
     # __exit__: SIGTERM workers, then the server; SIGKILL whatever is left; nothing survives
 
@@ -60,8 +61,9 @@ class LocalClusterError(RuntimeError):
 class LocalCluster:
     """A ps-server and ``workers`` ps-worker processes; see the module docstring."""
 
-    def __init__(self, workers: int, *, verbose: bool = False, grace: float = 5.0) -> None:
+    def __init__(self, workers: int, *, servers: int = 1, verbose: bool = False, grace: float = 5.0) -> None:
         self.workers = workers
+        self.servers = servers
         self.verbose = verbose
         self.grace = grace
         self.log_dir = tempfile.mkdtemp(prefix="psctl-local-")
@@ -71,7 +73,9 @@ class LocalCluster:
         self.address = ""
         self.keep_log = False
         self._log: IO[bytes] | None = None
-        self._server: subprocess.Popen[bytes] | None = None
+        self.addresses: list[str] = []
+        """Every server's HOST:PORT; server 0 (``address``) owns the runs of a cluster."""
+        self._servers: list[subprocess.Popen[bytes]] = []
         self._workers: list[subprocess.Popen[bytes]] = []
         self._closed = False
         self._old_sigterm: Any = None
@@ -89,54 +93,65 @@ class LocalCluster:
         )
 
     def start_server(self) -> None:
-        """Start ``ps-server`` on a free port of 127.0.0.1 without waiting for it.
+        """Start the ``ps-server``s on free ports of 127.0.0.1 without waiting for them.
 
-        The port is chosen here (not ``--port 0``) so that workers can start at the same time
-        as the server: they retry until it answers. Their start-up (imports, data) then overlaps
-        the server's instead of following it.
+        The ports are chosen here (not ``--port 0``) so that workers can start at the same time
+        as the servers: they retry until one answers. Their start-up (imports, data) then overlaps
+        the servers' instead of following it. Several servers are a cluster (``--cluster``).
         """
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        self.address = f"127.0.0.1:{port}"
-        self._server = self._spawn(
-            ["-m", "ps_server.server", "--host", "127.0.0.1", "--port", str(port), "--grace-seconds", "1"],
-            stdout=subprocess.PIPE,
-        )
+        ports = []
+        for _ in range(self.servers):
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                ports.append(probe.getsockname()[1])
+        self.addresses = [f"127.0.0.1:{p}" for p in ports]
+        self.address = self.addresses[0]
+        cluster = ["--cluster", ",".join(self.addresses)] if self.servers > 1 else []
+        for i, port in enumerate(ports):
+            self._servers.append(self._spawn(
+                ["-m", "ps_server.server", "--host", "127.0.0.1", "--port", str(port), "--grace-seconds", "1",
+                 *cluster, *(["--index", str(i)] if cluster else [])],
+                stdout=subprocess.PIPE,
+            ))
 
     def wait_server(self, timeout: float) -> str:
-        """Read the server's first stdout line (bounded by ``timeout``); return HOST:PORT."""
-        assert self._server is not None and self._server.stdout is not None
-        line = _read_line(self._server.stdout, timeout)
-        match = _LISTENING.search(line)
-        if not match:
-            self.keep_log = True
-            code = self._server.poll()
-            why = _ended(code) if code is not None else f"did not report its port within {timeout:.0f}s"
-            raise LocalClusterError(f"the local ps-server {why} (first output {line.strip()!r}); {self.where}")
-        self.address = f"{match.group(1)}:{match.group(2)}"
-        sink = self._log if self._log is not None else sys.stderr.buffer
-        threading.Thread(target=_drain, args=(self._server.stdout, sink), daemon=True).start()
+        """Read each server's first stdout line (bounded by ``timeout``); return server 0's HOST:PORT."""
+        deadline = time.monotonic() + timeout
+        for i, server in enumerate(self._servers):
+            assert server.stdout is not None
+            line = _read_line(server.stdout, max(0.1, deadline - time.monotonic()))
+            match = _LISTENING.search(line)
+            if not match:
+                self.keep_log = True
+                code = server.poll()
+                why = _ended(code) if code is not None else f"did not report its port within {timeout:.0f}s"
+                raise LocalClusterError(f"the local ps-server{f' {i}' * (self.servers > 1)} {why} (first output "
+                                        f"{line.strip()!r}); {self.where}")
+            sink = self._log if self._log is not None else sys.stderr.buffer
+            threading.Thread(target=_drain, args=(server.stdout, sink), daemon=True).start()
         return self.address
 
     def start_workers(self) -> None:
         """Start all workers at once; each joins the run, trains it and exits (``--once``)."""
-        for i in range(self.workers):
+        for i in range(self.workers):  # spread over the servers: any of a cluster's takes them
             self._workers.append(self._spawn([
-                "-m", "worker.main", "--server", self.address, "--once", "--log-level", "WARNING",
+                "-m", "worker.main", "--server", self.addresses[i % len(self.addresses)], "--once",
+                "--log-level", "WARNING",
                 "--name", f"local-{i}",
                 # Short parked joins: a worker only checks for SIGTERM between two joins.
                 "--join-wait-seconds", "1",
             ]))
 
     def check_server(self, wait: float = 0.0) -> None:
-        """Raise LocalClusterError if the server process has exited (or exits within ``wait`` s)."""
-        if self._server is not None and wait > 0:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._server.wait(wait)  # its sockets close a moment before it can be reaped
-        if self._server is not None and (code := self._server.poll()) is not None:
-            self.keep_log = True
-            raise LocalClusterError(f"the local ps-server {_ended(code)}; {self.where}")
+        """Raise LocalClusterError if a server process has exited (or exits within ``wait`` s)."""
+        for i, server in enumerate(self._servers):
+            if wait > 0:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    server.wait(wait)  # its sockets close a moment before it can be reaped
+            if (code := server.poll()) is not None:
+                self.keep_log = True
+                raise LocalClusterError(f"the local ps-server{f' {i}' * (self.servers > 1)} {_ended(code)}; "
+                                        f"{self.where}")
 
     def check_workers(self) -> None:
         """Raise LocalClusterError if a worker exited with an error."""
@@ -156,10 +171,11 @@ class LocalCluster:
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in shielded} if main else {}
         try:
             _terminate(self._workers, self.grace)
-            _terminate([self._server] if self._server else [], self.grace)
+            _terminate(self._servers, self.grace)
         finally:
-            if self._server is not None and self._server.stdout is not None:
-                self._server.stdout.close()
+            for server in self._servers:
+                if server.stdout is not None:
+                    server.stdout.close()
             if self._log is not None:
                 self._log.close()
             if not self.keep_log:

@@ -26,7 +26,7 @@ from rich.text import Text
 
 from paramserver.v1 import paramserver_pb2 as pb
 
-from .facts import fmt, fmt_age, recent, run_facts, staleness_text, train_loss, worker_rows
+from .facts import fmt, fmt_age, recent, run_facts, shard_rows, staleness_text, train_loss, worker_rows
 
 __all__ = ["NO_WRAP_WIDTH", "console", "launch_progress", "progress_fields", "runs_table", "sparkline", "status_view"]
 
@@ -95,6 +95,18 @@ def runs_table(runs: Sequence[pb.Run], now: float | None = None) -> Table:
     return table
 
 
+def _shards_table(rows: Sequence[dict[str, Any]]) -> Table:
+    """One line per server holding a shard of the run (``psctl status`` of a sharded run)."""
+    table = Table(title="shards", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for col in ("shard", "address", "state", "held", "clocks", "pushes", "pushes/s", "RSS", "note"):
+        table.add_column(col, justify="left" if col in ("address", "state", "note") else "right")
+    for s in rows:
+        table.add_row(str(s["index"]), Text(s["address"]), s["state"], f"{s['bytes_held'] / 1e6:.2f} MB",
+                      f"{s['min_clock']}-{s['max_clock']}", str(s["pushes_applied"]), f"{s['pushes_per_second']:.0f}",
+                      f"{s['rss_bytes'] / 2**20:.0f} MiB" if s["rss_bytes"] else "-", Text(s["error"] or ""))
+    return table
+
+
 def _kv(*pairs: tuple[str, Any]) -> Text:
     text = Text()
     for i, (key, value) in enumerate(pairs):
@@ -136,6 +148,9 @@ def status_view(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float |
                       str(w["pushes"]), str(w["pulls_skipped"]),
                       waiting, Text(w["worker_name"]))  # a worker's name is data, never markup
     parts += [Text(""), table, Text("")]
+    shards = shard_rows(run)
+    if shards:
+        parts += [_shards_table(shards), Text("")]
     parts.append(_kv(("pushes", f"{f['pushes_applied']} applied / {f['pushes_duplicate']} duplicate / "
                                 f"{f['pushes_rejected']} rejected"),
                      ("pulls", f"{f['pulls_served']} served / {f['pulls_parked']} parked / "

@@ -83,6 +83,8 @@ class PsClient:
             from .grpc_transport import GrpcTransport  # gRPC is loaded only by who uses it
             transport = GrpcTransport(address, sec, max_message_bytes)
         self.address = address
+        self.security = sec
+        self.data_plane = data_plane
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self.max_message_bytes = max_message_bytes

@@ -271,7 +271,11 @@ def run_state_to_proto(state: RunState) -> pb.RunState:
     return _RUN_STATE[state]
 
 
-def _ts(t: float | None) -> Timestamp | None:
+def worker_state_to_proto(state: WorkerState) -> pb.WorkerState:
+    return _WORKER_STATE[state]
+
+
+def ts(t: float | None) -> Timestamp | None:
     if not t:
         return None
     ts = Timestamp()
@@ -285,7 +289,7 @@ def _from_ts(ts: Timestamp) -> float:
 
 def point_to_proto(p: MetricPoint) -> pb.MetricPoint:
     return pb.MetricPoint(
-        rank=p.rank, clock=p.clock, time=_ts(p.time), loss=p.loss, eval=p.eval,
+        rank=p.rank, clock=p.clock, time=ts(p.time), loss=p.loss, eval=p.eval,
         eval_loss=p.eval_loss, eval_accuracy=p.eval_accuracy, samples=p.samples, step_seconds=p.step_seconds,
     )
 
@@ -300,11 +304,11 @@ def point_from_proto(p: pb.MetricPoint, now: float) -> MetricPoint:
 
 def record_to_proto(r: ClockRecord) -> pb.ClockRecord:
     kind = pb.ClockRecord.KIND_PULL if r.kind == "pull" else pb.ClockRecord.KIND_PUSH
-    return pb.ClockRecord(kind=kind, rank=r.rank, clock=r.clock, min_clock=r.min_clock, time=_ts(r.time))
+    return pb.ClockRecord(kind=kind, rank=r.rank, clock=r.clock, min_clock=r.min_clock, time=ts(r.time))
 
 
 def event_to_proto(e: RunEvent) -> pb.RunEvent:
-    return pb.RunEvent(time=_ts(e.time), kind=e.kind, rank=e.rank, message=e.message)
+    return pb.RunEvent(time=ts(e.time), kind=e.kind, rank=e.rank, message=e.message)
 
 
 def run_to_proto(spec: RunSpec, s: RunStatus) -> pb.Run:
@@ -314,13 +318,13 @@ def run_to_proto(spec: RunSpec, s: RunStatus) -> pb.Run:
         spec=spec_to_proto(spec),
         state=_RUN_STATE[s.state],
         message=s.message,
-        created=_ts(s.created),
-        started=_ts(s.started),
-        finished=_ts(s.finished),
+        created=ts(s.created),
+        started=ts(s.started),
+        finished=ts(s.finished),
         workers=[
             pb.WorkerStatus(
                 rank=w.rank, state=_WORKER_STATE[w.state], incarnation=w.incarnation, clock=w.clock,
-                worker_name=w.worker_name, last_seen=_ts(w.last_seen), pushes=w.pushes,
+                worker_name=w.worker_name, last_seen=ts(w.last_seen), pushes=w.pushes,
                 waiting=w.waiting_for_clock is not None, waiting_for_clock=w.waiting_for_clock or 0,
                 pulls_skipped=w.pulls_skipped,
                 data_plane=w.data_plane,

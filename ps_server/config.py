@@ -44,6 +44,13 @@ class ServerConfig:
     keep_finished_seconds: float = opt(0.0, "Finished runs are forgotten (checkpoints deleted) this long after they "
                                        "ended. 0 = no limit.")
     max_workers: int = opt(1024, "Ranks one run may have.")
+    cluster: str = opt("", "The servers holding runs together, as ADDR0,ADDR1,... (host:port, as workers and the "
+                       "other servers reach them; the same list for every server); empty = this one alone.")
+    index: int = opt(0, "This server's place in --cluster; server 0 owns membership (runs, ranks, leases).")
+    split_bytes: int = opt(1 << 20, "In a cluster, tensors larger than this are split by rows over every server; "
+                           "smaller ones are placed whole.")
+    shard_timeout: float = opt(30.0, "In a cluster, a server not answering server 0 for this long fails the runs "
+                               "it holds a shard of (naming it).")
     metrics_port: int = opt(-1, "Prometheus metrics HTTP port; -1 = off, 0 = a free port.")
     tls_cert: str = opt("", "Server certificate (PEM) for TLS; with --tls-key.")
     tls_key: str = opt("", "Server private key (PEM) for TLS.")
@@ -57,6 +64,11 @@ class ServerConfig:
     @staticmethod
     def env_name(name: str) -> str:
         return "PS_" + name.upper()
+
+    @property
+    def peers(self) -> list[str]:
+        """The cluster's addresses, in index order ([] alone)."""
+        return [a.strip() for a in self.cluster.split(",") if a.strip()]
 
 
 def _flag(name: str) -> str:
@@ -90,6 +102,21 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     for name in ("max_wait_seconds", "lease_seconds", "heartbeat_seconds", "stall_seconds"):
         if getattr(config, name) <= 0:
             problems.append(f"{_flag(name)} {getattr(config, name)} must be positive")
+    peers = config.peers
+    if peers:
+        if len(set(peers)) != len(peers) or any(":" not in a for a in peers):
+            problems.append(f"--cluster {config.cluster!r}: give distinct HOST:PORT addresses, separated by commas")
+        elif not 0 <= config.index < len(peers):
+            problems.append(f"--index {config.index} is not in 0..{len(peers) - 1} (--cluster has {len(peers)} servers)")
+        elif peers[config.index].rpartition(":")[2] != str(config.port):
+            problems.append(f"--port {config.port} is not the port of this server's entry in --cluster "
+                            f"({peers[config.index]}): use the same")
+    elif config.index:
+        problems.append(f"--index {config.index} needs --cluster (the list of servers)")
+    if config.split_bytes < 1024:
+        problems.append(f"--split-bytes {config.split_bytes} must be >= 1024")
+    if config.shard_timeout <= 0:
+        problems.append(f"--shard-timeout {config.shard_timeout} must be positive")
     if 0 < config.heartbeat_seconds >= config.lease_seconds:
         problems.append(f"--heartbeat-seconds ({config.heartbeat_seconds}) must be shorter than --lease-seconds "
                         f"({config.lease_seconds})")

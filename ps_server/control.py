@@ -18,6 +18,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 
 from . import codec
 from .checkpointer import Checkpointer
+from .cluster.owner import ClusterOwner
 from .core.errors import FailedPrecondition, InvalidArgument, PsError, Reason
 from .core.registry import RunRegistry
 from .core.run import Run
@@ -38,10 +39,6 @@ def _last(items: Reversible[T], n: int) -> list[T]:
     return out
 
 
-def _run(run: Run) -> pb.Run:
-    return codec.run_to_proto(run.spec, run.status())
-
-
 def _summary(run: Run) -> pb.Run:
     out = codec.run_to_proto(run.spec, run.status(workers=False))
     out.spec.model_spec_json = out.spec.data_spec_json = ""
@@ -54,23 +51,40 @@ DEFAULT_PAGE, MAX_PAGE = 100, 1000
 
 class Control:
     def __init__(self, registry: RunRegistry, *, max_wait: float, heartbeat_seconds: float, lease_seconds: float,
-                 checkpointer: Checkpointer | None = None, data_port: Callable[[], int] = lambda: 0) -> None:
-        """``data_port``: the TCP data plane's port, told to workers at Join and Heartbeat (0: none)."""
+                 checkpointer: Checkpointer | None = None, data_port: Callable[[], int] = lambda: 0,
+                 cluster: ClusterOwner | None = None) -> None:
+        """``data_port``: the TCP data plane's port, told to workers at Join and Heartbeat (0: none);
+        ``cluster``: server 0's side of a cluster (runs are sharded; ranks are kept on every shard)."""
         self._registry = registry
         self._max_wait = max_wait
         self._heartbeat = heartbeat_seconds
         self._lease = lease_seconds
         self._checkpointer = checkpointer
-        self._data_port = data_port
+        # In a cluster each shard's port is in the shard map: the server that answers is not
+        # always the one the worker dialled (servers 1.. forward Join and Heartbeat here).
+        self._data_port = data_port if cluster is None else (lambda: 0)
+        self._cluster = cluster
+
+    def _run(self, run: Run) -> pb.Run:
+        out = codec.run_to_proto(run.spec, run.status())
+        if self._cluster is not None and run.placement is not None:
+            out.shard_map.CopyFrom(self._cluster.shard_map(run))
+            out.shards.extend(self._cluster.statuses(run))
+        return out
+
+    async def _sync(self, run: Run) -> None:
+        if self._cluster is not None:
+            await self._cluster.sync(run)
 
     # ------------------------------------------------------------------------------ RunService
     async def CreateRun(self, request: pb.CreateRunRequest) -> pb.CreateRunResponse:
-        run = await self._registry.create(codec.spec_from_proto(request.spec, self._registry.limits))
+        spec = codec.spec_from_proto(request.spec, self._registry.limits)
+        run = await (self._cluster.create_run(spec) if self._cluster else self._registry.create(spec))
         log.info("created %s: %s", run.run_id, run.spec.name or "(unnamed)", extra={"run": run.run_id})
-        return pb.CreateRunResponse(run=_run(run))
+        return pb.CreateRunResponse(run=self._run(run))
 
     async def GetRun(self, request: pb.GetRunRequest) -> pb.GetRunResponse:
-        return pb.GetRunResponse(run=_run(self._registry.get(request.run_id)))
+        return pb.GetRunResponse(run=self._run(self._registry.get(request.run_id)))
 
     async def ListRuns(self, request: pb.ListRunsRequest) -> pb.ListRunsResponse:
         """A page of runs as summaries: no per-rank status, no model or data spec (GetRun has them),
@@ -86,18 +100,21 @@ class Control:
                 raise FailedPrecondition(f"run {run.run_id} is {run.state.value}: stop it first, or delete it with "
                                          "force", Reason.RUN_NOT_FINISHED)
             run.stop("deleted")
-        last = _run(run)
+        last = self._run(run)
         self._registry.remove(run.run_id)
         if self._checkpointer is not None:
             await self._checkpointer.delete(run.run_id)
+        if self._cluster is not None:
+            await self._cluster.delete(run.run_id)
         log.info("deleted %s", run.run_id, extra={"run": run.run_id})
         return pb.DeleteRunResponse(run=last)
 
     async def StopRun(self, request: pb.StopRunRequest) -> pb.StopRunResponse:
         run = self._registry.get(request.run_id)
         run.stop(request.reason or "stopped by user")
+        await self._sync(run)
         log.info("stopped %s", run.run_id, extra={"run": run.run_id})
-        return pb.StopRunResponse(run=_run(run))
+        return pb.StopRunResponse(run=self._run(run))
 
     async def WatchRun(self, request: pb.WatchRunRequest) -> AsyncGenerator[pb.WatchRunResponse, None]:
         """A snapshot now, then one per change (at most every ``interval``), until the run finished."""
@@ -110,7 +127,7 @@ class Control:
             fresh = history.event_count - seen_events
             events = list(history.events)[-fresh:] if fresh else []
             seen_events = history.event_count
-            snapshot = _run(run)
+            snapshot = self._run(run)
             yield pb.WatchRunResponse(run=snapshot, events=[codec.event_to_proto(e) for e in events])
             if run.state.finished:
                 return
@@ -140,8 +157,11 @@ class Control:
 
     # ------------------------------------------------------------------------------ WorkerService
     def _assignment(self, a: Assignment) -> pb.Assignment:
+        run = self._registry.get(a.run_id)
         out = pb.Assignment(run_id=a.run_id, rank=a.rank, incarnation=a.incarnation, start_clock=a.start_clock,
-                            spec=codec.spec_to_proto(self._registry.get(a.run_id).spec))
+                            spec=codec.spec_to_proto(run.spec))
+        if self._cluster is not None and run.placement is not None:
+            out.shard_map.CopyFrom(self._cluster.shard_map(run))
         out.heartbeat_interval.FromNanoseconds(int(self._heartbeat * 1e9))
         out.lease.FromNanoseconds(int(self._lease * 1e9))
         return out
@@ -155,6 +175,7 @@ class Control:
                 assignment = registry.join(request.worker_name, request.run_id)
         if assignment is None:
             return pb.JoinResponse(server_generation=registry.generation)
+        await self._sync(registry.get(assignment.run_id))  # every shard knows the incarnation before its worker
         log.info("rank %d of %s to %s", assignment.rank, assignment.run_id, request.worker_name,
                  extra={"run": assignment.run_id, "rank": assignment.rank})
         return pb.JoinResponse(assignment=self._assignment(assignment), server_generation=registry.generation,
@@ -180,6 +201,7 @@ class Control:
         reason = _LEAVE_REASONS[request.reason]
         run = self._registry.get(request.run_id)
         state = run.leave(request.rank, request.incarnation, reason, request.message)
+        await self._sync(run)
         self._registry.vacated()
         log.info("rank %d left %s: %s", request.rank, run.run_id, reason, extra={"run": run.run_id, "rank": request.rank})
         return pb.LeaveResponse(run_state=codec.run_state_to_proto(state))

@@ -37,6 +37,9 @@ from grpc_reflection.v1alpha import reflection
 from paramserver.runtime import raise_fd_limit, tune_malloc
 
 from .checkpointer import Checkpointer
+from .cluster.owner import ClusterOwner
+from .cluster.peers import PeerLink, forward
+from .cluster.shards import ShardService
 from .config import ServerConfig, parse_config
 from .control import Control
 from .core.checkpoint import CheckpointStore
@@ -46,7 +49,7 @@ from .core.spec import Limits
 from .dataplane import DataPlane
 from .metrics import ServerStatistics, serve_metrics
 from .security import ConfigError, TokenInterceptor, load_token, server_credentials
-from .servicer import SERVICE_NAMES, add_services
+from .servicer import SERVICE_NAMES, add_cluster, add_control, add_data
 from .tcp_plane import TcpDataPlane
 
 __all__ = ["PsServer", "main", "serve", "start_server"]
@@ -66,6 +69,10 @@ class PsServer:
     data_plane: TcpDataPlane | None = None
     """The TCP data plane, when the server offers one."""
     metrics_port: int | None = None
+    cluster: ClusterOwner | None = None
+    """Server 0 of a cluster: its side of the cluster."""
+    peers: list[PeerLink] = field(default_factory=list)
+    """In a cluster, the links to the other servers."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def statistics(self) -> ServerStatistics:
@@ -95,6 +102,8 @@ class PsServer:
         if self.data_plane:
             await self.data_plane.close()
         await self.server.stop(min(grace, 0.5))
+        for peer in self.peers:
+            await peer.close()
         if self.checkpointer:
             await self.checkpointer.drain()
             for run in self.registry.runs():
@@ -102,8 +111,10 @@ class PsServer:
                     await self.checkpointer.checkpoint_now(run, "shutdown")
 
 
-async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Checkpointer | None) -> None:
-    """Evict workers whose lease expired; forget finished runs past the retention limits."""
+async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Checkpointer | None,
+                 cluster: ClusterOwner | None) -> None:
+    """Evict workers whose lease expired; forget finished runs past the retention limits. (Servers
+    1.. of a cluster do neither: server 0 decides for every shard.)"""
     period = min(1.0, config.lease_seconds / 4)
     loop = asyncio.get_running_loop()
     while True:
@@ -114,11 +125,17 @@ async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Chec
             # before judging anyone.
             log.warning("event loop stalled for %.1fs; lease checks postponed", loop.time() - before - period)
             continue
+        if config.peers and config.index:
+            continue
         for run_id, rank in registry.expire_leases(config.lease_seconds):
             log.warning("evicted rank %d: lease expired", rank, extra={"run": run_id, "rank": rank})
+            if cluster:  # before the rank can be handed on: every shard drops it
+                await cluster.sync(registry.get(run_id))
         for run in registry.prune(config.keep_finished_runs, config.keep_finished_seconds, time.time()):
             if checkpointer:
                 await checkpointer.delete(run.run_id)
+            if cluster:
+                await cluster.delete(run.run_id)
             log.info("forgot %s (%s %.0fs ago): over the retention limits", run.run_id, run.state.value,
                      time.time() - (run.finished or 0.0), extra={"run": run.run_id})
 
@@ -179,10 +196,22 @@ async def start_server(config: ServerConfig) -> PsServer:
     if config.data_port >= 0 and not credentials and not token:  # the framing carries neither
         tcp_plane = TcpDataPlane(dataplane, config.max_message_bytes, lambda: registry.shutting_down,
                                  config.stall_seconds)
-    control = Control(registry, max_wait=config.max_wait_seconds, heartbeat_seconds=config.heartbeat_seconds,
-                      lease_seconds=config.lease_seconds, checkpointer=checkpointer,
-                      data_port=lambda: tcp_plane.port if tcp_plane else 0)
-    add_services(server, control, dataplane)
+    data_port = lambda: tcp_plane.port if tcp_plane else 0  # noqa: E731 (it changes when the plane cannot start)
+    addresses = config.peers
+    peers = [PeerLink(i, a, config, token) for i, a in enumerate(addresses) if i != config.index]
+    cluster = None
+    if addresses and config.index:  # a shard of every run; membership is server 0's, which the rest goes to
+        forward(server, next(p for p in peers if p.index == 0))
+    else:
+        if addresses:
+            cluster = ClusterOwner(registry, addresses, peers, split_bytes=config.split_bytes,
+                                   shard_timeout=config.shard_timeout, data_port=data_port)
+        add_control(server, Control(registry, max_wait=config.max_wait_seconds, lease_seconds=config.lease_seconds,
+                                    heartbeat_seconds=config.heartbeat_seconds, checkpointer=checkpointer,
+                                    data_port=data_port, cluster=cluster))
+    if addresses:
+        add_cluster(server, ShardService(registry, addresses, config.index, data_port, checkpointer))
+    add_data(server, dataplane)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, health.SERVICE_NAME), server)
@@ -210,7 +239,8 @@ async def start_server(config: ServerConfig) -> PsServer:
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    ps = PsServer(server, port, registry, config, health_servicer, dataplane, checkpointer, tcp_plane)
+    ps = PsServer(server, port, registry, config, health_servicer, dataplane, checkpointer, tcp_plane,
+                  cluster=cluster, peers=peers)
     if config.metrics_port >= 0:
         try:
             ps.metrics_port = serve_metrics(registry, config.host, config.metrics_port, ps.statistics, token=token,
@@ -220,7 +250,9 @@ async def start_server(config: ServerConfig) -> PsServer:
             raise OSError(f"--metrics-port {config.metrics_port}: cannot serve metrics on {config.host}:"
                           f"{config.metrics_port} ({exc.strerror or exc}); choose another port (0: a free one, "
                           "-1: none)") from None
-    ps._tasks.append(asyncio.create_task(_sweep(registry, config, checkpointer)))
+    ps._tasks.append(asyncio.create_task(_sweep(registry, config, checkpointer, cluster)))
+    if cluster is not None:
+        ps._tasks.append(asyncio.create_task(cluster.watch()))
     return ps
 
 

@@ -41,6 +41,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from paramserver import errors
 from paramserver.client import PsClient
+from paramserver.shards import Shards
 from paramserver.v1 import paramserver_pb2 as pb
 
 from .config import WorkerConfig
@@ -113,6 +114,8 @@ class _Rewind(Exception):
 class _Trainer:
     def __init__(self, client: PsClient, a: pb.Assignment, config: WorkerConfig) -> None:
         self.client = client
+        self.plane: PsClient | Shards = Shards.beside(client, a.shard_map, a.spec) if a.shard_map.shards else client
+        """Where pushes and pulls go: the server joined, or every server of a sharded run."""
         self.a = a
         self.spec = a.spec
         self.config = config
@@ -190,7 +193,7 @@ class _Trainer:
 
     async def pull(self, clock: int, params: dict[str, np.ndarray]) -> int:
         res = await self.call(
-            lambda: self.client.pull(self.a.run_id, self.a.rank, self.a.incarnation, clock, into=params,
+            lambda: self.plane.pull(self.a.run_id, self.a.rank, self.a.incarnation, clock, into=params,
                                      max_wait=self.config.timeout_seconds * 4),
             f"pull {clock}",
         )
@@ -247,7 +250,7 @@ class _Trainer:
         if c + 1 < self.spec.iterations and not self.cache_valid(guaranteed, c + 1):
             # The next iteration must pull: ask for it with this push (then_pull), one round trip.
             resp, pulled = await self.call(
-                lambda: self.client.push_pull(self.a.run_id, self.a.rank, self.a.incarnation, c, grads, loss,
+                lambda: self.plane.push_pull(self.a.run_id, self.a.rank, self.a.incarnation, c, grads, loss,
                                               into=params, max_wait=self.config.timeout_seconds * 4),
                 f"push {c}",
             )
@@ -256,7 +259,7 @@ class _Trainer:
             parked = parked or (s >= 0 and resp.min_clock < c + 1 - s)  # the min clock right after the push
         else:
             resp = await self.call(
-                lambda: self.client.push(self.a.run_id, self.a.rank, self.a.incarnation, c, grads, loss),
+                lambda: self.plane.push(self.a.run_id, self.a.rank, self.a.incarnation, c, grads, loss),
                 f"push {c}",
             )
             if self.local_sgd_lr is not None and self.staleness > 0:
@@ -358,6 +361,14 @@ def _ended(trainer: _Trainer, exc: errors.PsError) -> Outcome:
 async def train(client: PsClient, a: pb.Assignment, config: WorkerConfig) -> Outcome:
     """Train one assignment to its end; never raises for reasons outside this worker's control."""
     trainer = _Trainer(client, a, config)
+    try:
+        return await _train(client, a, trainer)
+    finally:
+        if isinstance(trainer.plane, Shards):
+            await trainer.plane.close()
+
+
+async def _train(client: PsClient, a: pb.Assignment, trainer: _Trainer) -> Outcome:
     _current.set(trainer)  # this task and the ones it starts log with run, rank and clock
     leave_reason, message = pb.LEAVE_REASON_DONE, ""
     log.info("rank %d of run %s (incarnation %d) from clock %d", a.rank, a.run_id, a.incarnation, a.start_clock)

@@ -123,11 +123,16 @@ class VectorClock:
         if start is None:
             live = [s.clock for s in self.slots if s.live]
             start = min(live) if live else slot.clock
+        self.admit(slot, self.next_incarnation, start, worker_name)
+        self.next_incarnation += 1
+        return slot
+
+    def admit(self, slot: Slot, incarnation: int, start: int, worker_name: str) -> None:
+        """``incarnation`` holds the rank from clock ``start`` (``assign``, or a shard told so)."""
         if slot.state is WorkerState.EVICTED:
             self.retired_skipped += slot.pulls_skipped
         slot.state = WorkerState.ACTIVE
-        slot.incarnation = self.next_incarnation
-        self.next_incarnation += 1
+        slot.incarnation = incarnation
         slot.clock = start
         slot.worker_name = worker_name
         slot.pulls_skipped = 0
@@ -135,7 +140,6 @@ class VectorClock:
         slot.waiting_for = None
         self.touch(slot)
         self._moved()
-        return slot
 
     def advance(self, slot: Slot, clock: int) -> None:
         """The rank completed iteration ``clock``."""

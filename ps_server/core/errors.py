@@ -35,6 +35,7 @@ __all__ = [
     "PsError",
     "Reason",
     "ResourceExhausted",
+    "ShardUnavailable",
     "ShuttingDown",
     "WaitTimeout",
 ]
@@ -75,6 +76,7 @@ class Reason(enum.Enum):
     UNSUPPORTED = "unsupported"
     UNAUTHENTICATED = "unauthenticated"
     RUN_NOT_FINISHED = "run_not_finished"
+    SHARD_UNAVAILABLE = "shard_unavailable"
 
 
 class PsError(Exception):
@@ -128,6 +130,13 @@ class WaitTimeout(PsError):
 class ShuttingDown(PsError):
     code = 14
     reason = Reason.SHUTTING_DOWN
+
+
+class ShardUnavailable(PsError):
+    """Another server of the cluster did not answer (the message names it)."""
+
+    code = 14
+    reason = Reason.SHARD_UNAVAILABLE
 
 
 class Malformed(PsError):

@@ -17,7 +17,9 @@ from functools import partial
 
 from .errors import InvalidArgument, NotFound, ResourceExhausted, ShuttingDown, listed, quoted
 from .gate import Gate
+from .placement import Placement
 from .run import Run
+from .shard import ShardRun
 from .spec import DEFAULT_LIMITS, Limits, RunSpec, validate_spec
 from .status import Assignment
 from .store import ParamStore
@@ -42,16 +44,38 @@ class RunRegistry:
         self._runs: dict[str, Run] = {}
         self._now = now
 
-    async def create(self, spec: RunSpec) -> Run:
+    async def create(self, spec: RunSpec, placement: Placement | None = None) -> Run:
         """Validate ``spec`` (InvalidArgument, ResourceExhausted), draw its initial values off the
         event loop (hundreds of MB take seconds) and register the new run."""
+        return self.add(await self.build(f"run-{uuid.uuid4().hex[:8]}", spec, placement))
+
+    async def build(self, run_id: str, spec: RunSpec, placement: Placement | None = None,
+                    kind: type[Run] = Run) -> Run:
+        """A new run as ``create`` makes it, not registered yet (``add`` does): a cluster's owner
+        registers its shard once every server has created its own. ``placement``: the part this
+        server holds, checked against its --max-param-bytes."""
         validate_spec(spec, self.limits)
-        nbytes = 4 * spec.num_params
+        held = placement.held(spec.params) if placement else spec.params
+        nbytes = 4 * sum(p.size for p in held)
         if nbytes > self.max_param_bytes:
-            raise ResourceExhausted(f"the run's parameters take {nbytes} bytes, over this server's limit of "
-                                    f"{self.max_param_bytes}: ask for less (ps-server --max-param-bytes)")
-        store = await asyncio.to_thread(ParamStore, spec.params, spec.seed)
-        return self.add(Run(f"run-{uuid.uuid4().hex[:8]}", spec, now=self._now, store=store))
+            part = f"this server's shard of the run takes {nbytes} bytes" if placement else \
+                f"the run's parameters take {nbytes} bytes"
+            raise ResourceExhausted(f"{part}, over its limit of {self.max_param_bytes}: ask for less (ps-server "
+                                    "--max-param-bytes" + (", or more servers)" if placement else ")"))
+        store = await asyncio.to_thread(ParamStore, held, spec.seed)
+        return kind(run_id, spec, now=self._now, store=store, placement=placement)
+
+    async def create_shard(self, run_id: str, spec: RunSpec, placement: Placement, created: float) -> Run:
+        """This server's shard of a run whose membership another server owns (``ShardRun``); the
+        one already here when it was created with the same placement (a retried request)."""
+        if run_id in self._runs:
+            run = self._runs[run_id]
+            if run.placement != placement:
+                raise InvalidArgument(f"run {run_id} is here already with another shard map")
+            return run
+        run = await self.build(run_id, spec, placement, ShardRun)
+        run.created = created
+        return self.add(run)
 
     def add(self, run: Run) -> Run:
         """Register a run (new, or restored from a checkpoint)."""

@@ -28,6 +28,7 @@ from .errors import FailedPrecondition, PsError, Reason
 from .gate import Gate
 from .history import History
 from .optimizers import make_optimizer
+from .placement import Placement
 from .spec import RunSpec
 from .status import Assignment, Counters, MetricPoint, ParamsRead, PushResult, RunState, RunStatus, WorkerState
 from .store import ParamStore
@@ -38,17 +39,17 @@ __all__ = ["Run"]
 
 class Run:
     def __init__(self, run_id: str, spec: RunSpec, *, now: Callable[[], float] = time.monotonic,
-                 history: int = 20_000, store: ParamStore | None = None) -> None:
+                 history: int = 20_000, store: ParamStore | None = None, placement: Placement | None = None) -> None:
         """``store``: the initial parameters, when built beforehand (off the event loop)."""
         self.run_id = run_id
         self.spec = spec
-        self.state = RunState.PENDING
-        self.message = ""
+        self.placement = placement  # this server's shard of a run over several: it holds those pieces
+        self.state, self.message = RunState.PENDING, ""
         self.created = time.time()
         self.started: float | None = None
         self.finished: float | None = None
-        self.store = store or ParamStore(spec.params, spec.seed)
-        self.optimizer = make_optimizer(spec.optimizer, spec.params)
+        self.store = store or ParamStore(placement.held(spec.params) if placement else spec.params, spec.seed)
+        self.optimizer = make_optimizer(spec.optimizer, tuple(self.store.specs.values()))
         self.clock = VectorClock(spec.num_workers, now)
         self.bsp = BspBuffer(spec.aggregation)
         self.history = History(history)
@@ -197,9 +198,9 @@ class Run:
         """True once ``changes`` moved past ``since``; False after ``timeout`` seconds."""
         return await self.gate.wait_for(lambda: self.changes != since, timeout)
 
-    def stop(self, reason: str) -> None:
+    def stop(self, reason: str, state: RunState = RunState.STOPPED) -> None:  # or FAILED, for the cluster's reasons
         if not self.state.finished:
-            self._finish(RunState.STOPPED, reason or "stopped by user")
+            self._finish(state, reason or "stopped by user")
 
     def _finish(self, state: RunState, message: str, event: str = "", rank: int = -1) -> None:
         """End the run, with an event named after ``state`` saying ``event`` (or the message)."""
@@ -237,8 +238,7 @@ class Run:
         if self.on_change:
             self.on_change(self)
 
-    def waiting_for(self) -> str:
-        """One sentence: what the run is waiting for right now."""
+    def waiting_for(self) -> str:  # one sentence (``ssp.waiting_for``)
         return "" if self.state.finished else ssp.waiting_for(self.spec, self.clock, self.state is RunState.PENDING)
 
     def status(self, workers: bool = True) -> RunStatus:  # workers: with each rank's status

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from .placement import Piece, Placement, ShardMap
 from .run import Run
+from .shard import ShardRun
 from .spec import spec_from_dict, spec_to_dict
 from .status import Counters, MetricPoint, RunEvent, RunState, WorkerState
 from .tensors import count_non_finite
@@ -47,6 +49,10 @@ def state_dict(run: Run) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         "last_eval": dataclasses.asdict(run.history.last_eval) if run.history.last_eval else None,
         "points": [dataclasses.asdict(p) for p in list(run.history.points)[-2000:]],
         "events": [dataclasses.asdict(e) for e in list(run.history.events)[-500:]],
+        "placement": None if run.placement is None else {
+            "index": run.placement.index,
+            "shards": [[[pc.name, pc.start, pc.end] for pc in pieces] for pieces in run.placement.shard_map.shards],
+        },
     }
     arrays = {f"param/{n}": a.copy() for n, a in run.store.params.items()}
     arrays.update({f"opt/{k}": a.copy() for k, a in run.optimizer.state_arrays().items()})
@@ -67,7 +73,11 @@ def restore(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *,
             now: Callable[[], float] = time.monotonic) -> Run:
     """Rebuild a run from ``state_dict`` output; raises KeyError/ValueError if inconsistent.
     Every rank's lease starts afresh, so workers have a full lease to find the new server."""
-    run = Run(meta["run_id"], spec_from_dict(meta["spec"]), now=now)
+    placed = meta.get("placement")  # absent in checkpoints of before clusters
+    placement = None if placed is None else Placement(
+        ShardMap(tuple(tuple(Piece(n, s, e) for n, s, e in pieces) for pieces in placed["shards"])), placed["index"])
+    kind = ShardRun if placement is not None and placement.index != 0 else Run  # server 0 owns membership
+    run = kind(meta["run_id"], spec_from_dict(meta["spec"]), now=now, placement=placement)
     run.state = RunState(meta["state"])
     run.message = meta["message"]
     run.created, run.started, run.finished = meta["created"], meta["started"], meta["finished"]

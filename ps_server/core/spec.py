@@ -67,6 +67,11 @@ class ParamSpec:
     shape: tuple[int, ...]
     initializer: Initializer = Initializer.ZEROS
     scale: float = 0.0
+    stream: int = -1
+    """A piece of a tensor (``placement``): the whole tensor's index in the run, whose random
+    stream its initial values come from; -1: this tensor's own index."""
+    skip: int = 0
+    """A piece: how many of that stream's values belong to the rows before it."""
 
     @property
     def size(self) -> int:

@@ -8,6 +8,7 @@ looks at a whole gradient before anything is applied, so a bad push changes noth
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,9 @@ def materialize(specs: tuple[ParamSpec, ...], seed: int, flat: np.ndarray | None
 
     The same rule is in the proto's ``Initializer`` comment and in ``worker.models.materialize``,
     so any client can reproduce a run's starting point. ``flat``: a float32 buffer of the model's
-    size that the tensors become consecutive views of (in spec order), instead of own arrays.
+    size that the tensors become consecutive views of (in spec order), instead of own arrays. A
+    piece of a tensor (``ParamSpec.stream``) draws from its whole tensor's stream, past ``skip``
+    values: the values that tensor's rows have on one server.
     """
     out: dict[str, np.ndarray] = {}
     off = 0
@@ -43,17 +46,18 @@ def materialize(specs: tuple[ParamSpec, ...], seed: int, flat: np.ndarray | None
         elif p.initializer is Initializer.CONSTANT:
             arr.fill(np.float32(p.scale))
         else:
-            rng = np.random.default_rng([seed, i])
+            rng = np.random.default_rng([seed, i if p.stream < 0 else p.stream])
+            draw = partial(rng.normal, 0.0, p.scale) if p.initializer is Initializer.NORMAL else \
+                partial(rng.uniform, -p.scale, p.scale)
+            for lo in range(0, p.skip, _INIT_BLOCK):  # normal draws take a varying share of the stream:
+                draw(min(_INIT_BLOCK, p.skip - lo))   # no jumping ahead, the skipped ones are drawn
             values = arr.reshape(-1)
             # In blocks: the generator's float64 draws for a 400 MB tensor would take 800 MB at
             # once. Consecutive draws continue the same stream, so the values are those of one call.
             with np.errstate(over="ignore"):
                 for lo in range(0, values.size, _INIT_BLOCK):
                     n = min(_INIT_BLOCK, values.size - lo)
-                    if p.initializer is Initializer.NORMAL:
-                        values[lo : lo + n] = rng.normal(0.0, p.scale, n)
-                    else:
-                        values[lo : lo + n] = rng.uniform(-p.scale, p.scale, n)
+                    values[lo : lo + n] = draw(n)
             # Uniform and constant values stay within |scale| (checked to fit float32); normal
             # draws of a huge scale may not, and the run's divergence check assumes finite values.
             if p.initializer is Initializer.NORMAL and abs(p.scale) > FLOAT32_MAX / 64 and count_non_finite(arr):

@@ -67,6 +67,8 @@ def test_worker_compute_modules_import_without_grpc(module: str) -> None:
 GRPC_MODULES = {
     # the server's gRPC leaf and its wiring
     "ps_server/servicer.py", "ps_server/security.py", "ps_server/server.py",
+    # the links between the servers of a cluster
+    "ps_server/cluster/peers.py",
     # the SDK's gRPC transport
     "paramserver/grpc_transport.py",
 }

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(60)
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTOS = ROOT / "protos"
-STUBS = ["paramserver_pb2.py", "paramserver_pb2.pyi", "paramserver_pb2_grpc.py"]
+STUBS = [f"{name}{ext}" for name in ("paramserver_pb2", "cluster_pb2") for ext in (".py", ".pyi", "_grpc.py")]
 
 
 def _generate_module() -> ModuleType:
@@ -31,7 +31,7 @@ def _generate_module() -> ModuleType:
 def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("stubs")
     protos = _generate_module().generate(out)
-    assert [p.name for p in protos] == ["paramserver.proto"]
+    assert [p.name for p in protos] == ["cluster.proto", "paramserver.proto"]
     return out / "paramserver" / "v1"
 
 

@@ -72,6 +72,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_UNSUPPORTED: _ClassVar[ErrorReason]
     ERROR_REASON_UNAUTHENTICATED: _ClassVar[ErrorReason]
     ERROR_REASON_RUN_NOT_FINISHED: _ClassVar[ErrorReason]
+    ERROR_REASON_SHARD_UNAVAILABLE: _ClassVar[ErrorReason]
 
 class LeaveReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -123,6 +124,7 @@ ERROR_REASON_STREAM_LIMIT: ErrorReason
 ERROR_REASON_UNSUPPORTED: ErrorReason
 ERROR_REASON_UNAUTHENTICATED: ErrorReason
 ERROR_REASON_RUN_NOT_FINISHED: ErrorReason
+ERROR_REASON_SHARD_UNAVAILABLE: ErrorReason
 LEAVE_REASON_UNSPECIFIED: LeaveReason
 LEAVE_REASON_DONE: LeaveReason
 LEAVE_REASON_SHUTDOWN: LeaveReason
@@ -342,7 +344,7 @@ class RunEvent(_message.Message):
     def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kind: _Optional[str] = ..., rank: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("run_id", "spec", "state", "message", "created", "started", "finished", "workers", "min_clock", "max_clock", "counters", "last_eval", "waiting_for", "active_workers")
+    __slots__ = ("run_id", "spec", "state", "message", "created", "started", "finished", "workers", "min_clock", "max_clock", "counters", "last_eval", "waiting_for", "active_workers", "shard_map", "shards")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -357,6 +359,8 @@ class Run(_message.Message):
     LAST_EVAL_FIELD_NUMBER: _ClassVar[int]
     WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_MAP_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     spec: RunSpec
     state: RunState
@@ -371,7 +375,63 @@ class Run(_message.Message):
     last_eval: MetricPoint
     waiting_for: str
     active_workers: int
-    def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[RunSpec, _Mapping]] = ..., state: _Optional[_Union[RunState, str]] = ..., message: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., min_clock: _Optional[int] = ..., max_clock: _Optional[int] = ..., counters: _Optional[_Union[RunCounters, _Mapping]] = ..., last_eval: _Optional[_Union[MetricPoint, _Mapping]] = ..., waiting_for: _Optional[str] = ..., active_workers: _Optional[int] = ...) -> None: ...
+    shard_map: ShardMap
+    shards: _containers.RepeatedCompositeFieldContainer[ShardStatus]
+    def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[RunSpec, _Mapping]] = ..., state: _Optional[_Union[RunState, str]] = ..., message: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., min_clock: _Optional[int] = ..., max_clock: _Optional[int] = ..., counters: _Optional[_Union[RunCounters, _Mapping]] = ..., last_eval: _Optional[_Union[MetricPoint, _Mapping]] = ..., waiting_for: _Optional[str] = ..., active_workers: _Optional[int] = ..., shard_map: _Optional[_Union[ShardMap, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ...) -> None: ...
+
+class Piece(_message.Message):
+    __slots__ = ("name", "row_start", "row_end")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROW_START_FIELD_NUMBER: _ClassVar[int]
+    ROW_END_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    row_start: int
+    row_end: int
+    def __init__(self, name: _Optional[str] = ..., row_start: _Optional[int] = ..., row_end: _Optional[int] = ...) -> None: ...
+
+class Shard(_message.Message):
+    __slots__ = ("index", "address", "data_port", "pieces")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    PIECES_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    address: str
+    data_port: int
+    pieces: _containers.RepeatedCompositeFieldContainer[Piece]
+    def __init__(self, index: _Optional[int] = ..., address: _Optional[str] = ..., data_port: _Optional[int] = ..., pieces: _Optional[_Iterable[_Union[Piece, _Mapping]]] = ...) -> None: ...
+
+class ShardMap(_message.Message):
+    __slots__ = ("shards",)
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    shards: _containers.RepeatedCompositeFieldContainer[Shard]
+    def __init__(self, shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ...) -> None: ...
+
+class ShardStatus(_message.Message):
+    __slots__ = ("index", "address", "reachable", "error", "bytes_held", "min_clock", "max_clock", "pushes_applied", "pushes_per_second", "rss_bytes", "state")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    BYTES_HELD_FIELD_NUMBER: _ClassVar[int]
+    MIN_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    MAX_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    address: str
+    reachable: bool
+    error: str
+    bytes_held: int
+    min_clock: int
+    max_clock: int
+    pushes_applied: int
+    pushes_per_second: float
+    rss_bytes: int
+    state: RunState
+    def __init__(self, index: _Optional[int] = ..., address: _Optional[str] = ..., reachable: _Optional[bool] = ..., error: _Optional[str] = ..., bytes_held: _Optional[int] = ..., min_clock: _Optional[int] = ..., max_clock: _Optional[int] = ..., pushes_applied: _Optional[int] = ..., pushes_per_second: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ...) -> None: ...
 
 class ErrorInfo(_message.Message):
     __slots__ = ("reason", "next_clock", "run_state", "needed_min_clock", "ranks_behind")
@@ -612,7 +672,7 @@ class JoinRequest(_message.Message):
     def __init__(self, worker_name: _Optional[str] = ..., run_id: _Optional[str] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("run_id", "rank", "incarnation", "spec", "start_clock", "heartbeat_interval", "lease")
+    __slots__ = ("run_id", "rank", "incarnation", "spec", "start_clock", "heartbeat_interval", "lease", "shard_map")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -620,6 +680,7 @@ class Assignment(_message.Message):
     START_CLOCK_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_MAP_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     rank: int
     incarnation: int
@@ -627,7 +688,8 @@ class Assignment(_message.Message):
     start_clock: int
     heartbeat_interval: _duration_pb2.Duration
     lease: _duration_pb2.Duration
-    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., spec: _Optional[_Union[RunSpec, _Mapping]] = ..., start_clock: _Optional[int] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    shard_map: ShardMap
+    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., spec: _Optional[_Union[RunSpec, _Mapping]] = ..., start_clock: _Optional[int] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., shard_map: _Optional[_Union[ShardMap, _Mapping]] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("assignment", "server_generation", "data_port")

@@ -1,0 +1,103 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from paramserver.v1 import paramserver_pb2 as _paramserver_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class HelloRequest(_message.Message):
+    __slots__ = ("cluster",)
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    cluster: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, cluster: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class HelloResponse(_message.Message):
+    __slots__ = ("index", "cluster", "data_port", "server_generation")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    SERVER_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    cluster: _containers.RepeatedScalarFieldContainer[str]
+    data_port: int
+    server_generation: str
+    def __init__(self, index: _Optional[int] = ..., cluster: _Optional[_Iterable[str]] = ..., data_port: _Optional[int] = ..., server_generation: _Optional[str] = ...) -> None: ...
+
+class CreateShardRequest(_message.Message):
+    __slots__ = ("run_id", "spec", "shard_map", "index", "created")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    SHARD_MAP_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    spec: _paramserver_pb2.RunSpec
+    shard_map: _paramserver_pb2.ShardMap
+    index: int
+    created: _timestamp_pb2.Timestamp
+    def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[_paramserver_pb2.RunSpec, _Mapping]] = ..., shard_map: _Optional[_Union[_paramserver_pb2.ShardMap, _Mapping]] = ..., index: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CreateShardResponse(_message.Message):
+    __slots__ = ("data_port",)
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    data_port: int
+    def __init__(self, data_port: _Optional[int] = ...) -> None: ...
+
+class RankUpdate(_message.Message):
+    __slots__ = ("rank", "incarnation", "state", "clock", "worker_name")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    incarnation: int
+    state: _paramserver_pb2.WorkerState
+    clock: int
+    worker_name: str
+    def __init__(self, rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., state: _Optional[_Union[_paramserver_pb2.WorkerState, str]] = ..., clock: _Optional[int] = ..., worker_name: _Optional[str] = ...) -> None: ...
+
+class UpdateShardRequest(_message.Message):
+    __slots__ = ("run_id", "ranks", "run_state", "message")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    RUN_STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    ranks: _containers.RepeatedCompositeFieldContainer[RankUpdate]
+    run_state: _paramserver_pb2.RunState
+    message: str
+    def __init__(self, run_id: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankUpdate, _Mapping]]] = ..., run_state: _Optional[_Union[_paramserver_pb2.RunState, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class UpdateShardResponse(_message.Message):
+    __slots__ = ("run_state",)
+    RUN_STATE_FIELD_NUMBER: _ClassVar[int]
+    run_state: _paramserver_pb2.RunState
+    def __init__(self, run_state: _Optional[_Union[_paramserver_pb2.RunState, str]] = ...) -> None: ...
+
+class GetShardRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class GetShardResponse(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: _paramserver_pb2.ShardStatus
+    def __init__(self, status: _Optional[_Union[_paramserver_pb2.ShardStatus, _Mapping]] = ...) -> None: ...
+
+class DeleteShardRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class DeleteShardResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

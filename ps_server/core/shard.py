@@ -1,0 +1,92 @@
+"""A run's shard on a server that does not own its membership (a cluster's server 1, 2, ...).
+
+It is a ``Run`` holding its pieces of the parameters: it takes pushes and serves pulls, enforces
+the staleness bound on its own clocks, de-duplicates, applies the optimizer and checkpoints like
+any run. Who holds which rank is the owner's decision (``Run.join``, leases, leaves, stops):
+``mirror`` sets this shard's ranks and state to the owner's, in the order the owner sent them;
+the shard never assigns a rank or expires a lease itself. A shard fails by itself only when its
+own parameters diverge; the owner learns it when it next asks for the shard's status.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import FailedPrecondition, Reason, ShardUnavailable
+from .run import Run
+from .status import Assignment, PushResult, RunState, WorkerState
+
+__all__ = ["RankUpdate", "ShardRun"]
+
+
+@dataclass(frozen=True)
+class RankUpdate:
+    """One rank as the owner holds it."""
+
+    rank: int
+    incarnation: int
+    state: WorkerState
+    clock: int
+    worker_name: str = ""
+
+
+_FORWARD = {RunState.PENDING: 0, RunState.RUNNING: 1}
+"""Run states a shard may move through in this order; the finished ones come last and stay."""
+
+
+class ShardRun(Run):
+    def has_vacancy(self) -> bool:
+        return False  # workers join the owner
+
+    def join(self, worker_name: str) -> Assignment:
+        raise FailedPrecondition(f"run {self.run_id}'s ranks are assigned by server 0 of the cluster: join there "
+                                 "(any server forwards Join to it)", Reason.NO_VACANT_RANK)
+
+    def expire(self, lease: float) -> list[int]:
+        return []  # the owner's leases decide
+
+    def _known(self, rank: int, incarnation: int) -> None:
+        """An incarnation newer than this shard holds was admitted by the owner, whose update is
+        still on its way (or this server restarted): retryable, not a stale incarnation."""
+        if 0 <= rank < len(self.clock.slots) and incarnation > self.clock.slots[rank].incarnation:
+            raise ShardUnavailable(f"this server's shard of {self.run_id} has not heard yet from server 0 that "
+                                   f"incarnation {incarnation} holds rank {rank}: retry")
+
+    def push(self, rank: int, incarnation: int, *args: Any, **kwargs: Any) -> PushResult:
+        self._known(rank, incarnation)
+        return super().push(rank, incarnation, *args, **kwargs)
+
+    async def wait_pull(self, rank: int, incarnation: int, *args: Any, **kwargs: Any) -> None:
+        self._known(rank, incarnation)
+        await super().wait_pull(rank, incarnation, *args, **kwargs)
+
+    def mirror(self, ranks: Iterable[RankUpdate], state: RunState, message: str) -> RunState:
+        """Set the ranks and the run's state to the owner's. A rank's update of an older incarnation
+        than the shard holds is ignored; a finished shard stays as it ended."""
+        for u in ranks:
+            slot = self.clock.slots[u.rank]
+            if u.incarnation > slot.incarnation:  # admitted: a new incarnation from its clock
+                self.clock.admit(slot, u.incarnation, u.clock, u.worker_name)
+                self.bsp.drop(u.rank)  # whatever the old incarnation held for an unfinished clock
+                self.history.event("joined", u.rank, f"{u.worker_name or 'a worker'} took rank {u.rank} "
+                                   f"(incarnation {u.incarnation}, clock {u.clock})")
+            if u.incarnation == slot.incarnation and u.state is not slot.state and not self.state.finished:
+                if u.state is WorkerState.EVICTED:
+                    self.bsp.drop(u.rank)
+                    self.history.event("evicted", u.rank, f"rank {u.rank} (incarnation {u.incarnation}) evicted "
+                                       "by server 0")
+                self.clock.set_state(slot, u.state)
+        if self.state.finished:
+            pass
+        elif state.finished:
+            self._finish(state, message)
+        elif _FORWARD[state] > _FORWARD[self.state]:
+            self.state = state
+            if state is RunState.RUNNING:
+                self.started = time.time()
+                self.history.event("started", -1, f"all {len(self.clock.slots)} ranks joined")
+        self._after_clock_change()
+        return self.state

@@ -1,0 +1,293 @@
+"""Several servers holding one run (ps_server.cluster), in this process: real gRPC between them and
+to the workers, which use the SDK's ``Shards`` as the proto's "Shards" section says."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import numpy as np
+import pytest
+from support import make_spec, with_config
+
+from client.spec import LaunchOptions, build_run_spec
+from paramserver import errors
+from paramserver.client import PsClient
+from paramserver.shards import Shards, pull_run
+from paramserver.v1 import paramserver_pb2 as pb
+from ps_server.config import ServerConfig
+from ps_server.server import PsServer, start_server
+from worker.datasets import load_dataset
+from worker.models import build_model
+from worker.sampling import BatchSampler, shard_indices
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@asynccontextmanager
+async def cluster(config: ServerConfig, n: int, **changes: object) -> AsyncIterator[list[PsServer]]:
+    """``n`` servers: a cluster (n > 1), or one server alone (n == 1)."""
+    ports = _ports(n)
+    addresses = ",".join(f"127.0.0.1:{p}" for p in ports) if n > 1 else ""
+    servers: list[PsServer] = []
+    try:
+        for i, port in enumerate(ports):
+            servers.append(await start_server(with_config(config, port=port, cluster=addresses, index=i, **changes)))
+        yield servers
+    finally:
+        for s in reversed(servers):
+            if not s.registry.shutting_down:  # (a test may have stopped one)
+                await s.stop(0)
+
+
+async def _join_all(c: PsClient, run_id: str, n: int) -> list[pb.Assignment]:
+    return [(await c.join(f"w{i}", run_id, max_wait=0)).assignment for i in range(n)]
+
+
+# ------------------------------------------------------------------------------ placement
+async def test_a_run_is_placed_over_the_servers_and_starts_where_one_server_would(server_config: ServerConfig) -> None:
+    """Large tensors are split by rows over every server, small ones balanced whole; the map is in
+    GetRun and the assignment; the initial values are one server's, however many hold them."""
+    shapes = {"big": (1000, 40), "mid": (30, 20), "b": (40,), "c": (3,)}
+    spec = make_spec(shapes=shapes, num_workers=2, staleness=-1)
+    async with cluster(server_config, 1) as (alone,):
+        async with PsClient(alone.address) as c:
+            reference = (await c.pull((await c.create_run(spec)).run_id)).tensors
+    async with cluster(server_config, 3, split_bytes=4096) as servers:
+        async with PsClient(servers[2].address) as c:  # any server: it forwards to server 0
+            run = await c.create_run(spec)
+            got = await c.get_run(run.run_id)
+            assert [s.address for s in got.shard_map.shards] == [s.address for s in servers]
+            big = [(s.index, pc.row_start, pc.row_end) for s in got.shard_map.shards for pc in s.pieces
+                   if pc.name == "big"]
+            assert big == [(0, 0, 334), (1, 334, 667), (2, 667, 1000)]
+            held = [sorted(pc.name for pc in s.pieces) for s in got.shard_map.shards]
+            assert sum(n.count("mid") for n in held) == 1 and sum(n.count("c") for n in held) == 1
+            assert [s.bytes_held for s in got.shards] == [s.registry.get(run.run_id).store.nbytes for s in servers]
+            for _ in range(50):  # server 0 asks every server for its status each second
+                if all(s.reachable for s in (await c.get_run(run.run_id)).shards):
+                    break
+                await asyncio.sleep(0.1)
+            assert [s.rss_bytes > 0 for s in (await c.get_run(run.run_id)).shards] == [True] * 3
+            a = (await c.join("w", run.run_id)).assignment
+            assert a.shard_map == got.shard_map
+            whole = (await pull_run(c, run.run_id)).tensors
+            assert whole.keys() == reference.keys()
+            for name in shapes:
+                np.testing.assert_array_equal(whole[name], reference[name])
+
+
+# ------------------------------------------------------------------------------ exactly-once, SSP
+@pytest.mark.parametrize("shards", [2, 3])
+@pytest.mark.parametrize("staleness", [0, 1, 2, -1], ids=["bsp", "s1", "s2", "inf"])
+async def test_hidden_schedules_keep_the_bound_on_every_shard_and_apply_each_push_once(
+        server_config: ServerConfig, shards: int, staleness: int) -> None:
+    """Workers with random delays (a schedule the servers cannot see) push integer gradients to
+    every shard, some twice: every shard keeps c - s for every pull and push it served, and the
+    parameters are the initial ones minus the exact sum of the gradients, on every row."""
+    workers, k = 3, 12
+    shapes = {"w": (40, 30), "b": (30,), "v": (7,)}
+    rng = random.Random(f"{shards}-{staleness}")
+    async with cluster(server_config, shards, split_bytes=1024) as servers:
+        async with PsClient(servers[0].address, timeout=20) as c:
+            run = await c.create_run(make_spec(shapes=shapes, num_workers=workers, staleness=staleness, iterations=k,
+                                               lr=1.0, init=pb.INITIALIZER_CONSTANT,
+                                               aggregation=pb.AGGREGATION_SUM))  # (BSP: the sum of each clock)
+            assignments = await _join_all(c, run.run_id, workers)
+            init = (await pull_run(c, run.run_id)).tensors
+            expected = {n: init[n].astype(np.float64) for n in shapes}
+
+            async def worker(a: pb.Assignment) -> int:
+                twice = 0
+                plane = Shards.beside(c, a.shard_map, a.spec)
+                try:
+                    for clock in range(k):
+                        p = await plane.pull(run.run_id, a.rank, a.incarnation, clock)
+                        if staleness >= 0:
+                            assert p.guaranteed_clock >= clock - staleness
+                        await asyncio.sleep(rng.random() * 0.01 * (1 + a.rank))
+                        g = {n: np.full(s, float(a.rank + 1 + clock), np.float32) for n, s in shapes.items()}
+                        assert not (await plane.push(run.run_id, a.rank, a.incarnation, clock, g)).duplicate
+                        if rng.random() < 0.25:
+                            again = await plane.push(run.run_id, a.rank, a.incarnation, clock, g)
+                            twice += 1
+                            assert again.duplicate and again.clock == clock + 1
+                        for n in shapes:
+                            expected[n] -= g[n]
+                finally:
+                    await plane.close()
+                return twice
+
+            twice = sum(await asyncio.gather(*(worker(a) for a in assignments)))
+            final = (await pull_run(c, run.run_id)).tensors
+            for n in shapes:
+                np.testing.assert_array_equal(final[n], expected[n].astype(np.float32))
+            for s in servers:
+                shard = s.registry.get(run.run_id)
+                assert shard.counters.pushes_applied == workers * k
+                assert shard.counters.pushes_duplicate == twice
+                records = shard.history.clock_records
+                assert len(records) == 2 * workers * k
+                if staleness >= 0:
+                    assert all(r.min_clock >= r.clock - staleness for r in records), s.address
+
+
+# ------------------------------------------------------------------------------ BSP is exact
+def _bsp_training(spec: pb.RunSpec) -> Callable[[PsClient, list[pb.Assignment]], Awaitable[None]]:
+    data = load_dataset(json.loads(spec.data_spec_json))
+    model = build_model(json.loads(spec.model_spec_json), data.n_features, data.n_outputs)
+    workers = spec.num_workers
+
+    async def train(c: PsClient, assignments: list[pb.Assignment]) -> None:
+        async def rank(a: pb.Assignment) -> None:
+            shard = shard_indices(len(data.X_train), a.rank, workers, spec.seed)
+            sampler = BatchSampler(len(shard), spec.batch_size, spec.seed, a.rank)
+            plane: PsClient | Shards = Shards.beside(c, a.shard_map, a.spec) if a.shard_map.shards else c
+            params: dict[str, np.ndarray] = {}
+            for clock in range(spec.iterations):
+                await plane.pull(run_id, a.rank, a.incarnation, clock, into=params)
+                idx = shard[sampler.batch(clock)]
+                await plane.push(run_id, a.rank, a.incarnation, clock,
+                                 model.loss_and_grad(params, data.X_train[idx], data.y_train[idx])[1])
+            if isinstance(plane, Shards):
+                await plane.close()
+
+        run_id = assignments[0].run_id
+        await asyncio.gather(*(rank(a) for a in assignments))
+
+    return train
+
+
+async def test_bsp_on_shards_ends_bit_identical_to_one_server(server_config: ServerConfig) -> None:
+    spec = build_run_spec(LaunchOptions(model="mlp:48,24", dataset="digits", workers=3, staleness=0, iterations=15,
+                                        batch_size=16, seed=4, lr=0.1))
+    train = _bsp_training(spec)
+    finals = []
+    for n in (1, 2, 3):
+        async with cluster(server_config, n, split_bytes=2048) as servers:
+            async with PsClient(servers[-1].address, timeout=20) as c:
+                run = await c.create_run(spec)
+                await train(c, await _join_all(c, run.run_id, spec.num_workers))
+                finals.append((await pull_run(c, run.run_id)).tensors)
+                if n > 1:
+                    assert sum(len(s.pieces) for s in (await c.get_run(run.run_id)).shard_map.shards) > len(spec.params)
+    for other in finals[1:]:
+        for name, value in finals[0].items():
+            assert np.array_equal(other[name], value), name  # bit for bit
+
+
+# ------------------------------------------------------------------------------ membership
+async def test_an_eviction_reaches_every_shard_before_the_rank_is_handed_on(server_config: ServerConfig) -> None:
+    async with cluster(server_config, 2, split_bytes=1024, lease_seconds=1.0, heartbeat_seconds=0.2) as servers:
+        async with PsClient(servers[1].address, timeout=20) as c:
+            shapes = {"w": (64, 16)}
+            run = await c.create_run(make_spec(shapes=shapes, num_workers=2, staleness=0, iterations=5))
+            a, b = await _join_all(c, run.run_id, 2)
+            plane = Shards.beside(c, a.shard_map, a.spec)
+            g = {"w": np.ones((64, 16), np.float32)}
+            await plane.push(run.run_id, a.rank, a.incarnation, 0, g)
+            parked = asyncio.create_task(plane.pull(run.run_id, a.rank, a.incarnation, 1, max_wait=30))
+            # rank b never pushes; a's heartbeats keep it alive while b's lease runs out
+            for _ in range(40):
+                await c.heartbeat(run.run_id, a.rank, a.incarnation, 1)
+                if parked.done():
+                    break
+                await asyncio.sleep(0.1)
+            pulled = await asyncio.wait_for(parked, 5)  # released on both shards by b's eviction
+            assert pulled.guaranteed_clock == 1
+            shard1 = servers[1].registry.get(run.run_id)
+            assert shard1.clock.slots[b.rank].state.value == "evicted"
+            again = (await c.join("w2", run.run_id, max_wait=0)).assignment
+            assert again.rank == b.rank and again.incarnation > b.incarnation
+            assert shard1.clock.slots[b.rank].incarnation == again.incarnation  # known before Join answered
+            old = Shards.beside(c, b.shard_map, b.spec)
+            with pytest.raises(errors.FailedPrecondition) as e:
+                await old.push(run.run_id, b.rank, b.incarnation, 0, g)
+            assert e.value.reason == pb.ERROR_REASON_STALE_INCARNATION
+            await old.close()
+            await plane.close()
+
+
+async def test_a_stop_reaches_every_shard_and_ends_parked_pulls(server_config: ServerConfig) -> None:
+    async with cluster(server_config, 3, split_bytes=1024) as servers:
+        async with PsClient(servers[2].address, timeout=20) as c:
+            run = await c.create_run(make_spec(shapes={"w": (90, 10)}, num_workers=2, staleness=0, iterations=5))
+            a, _ = await _join_all(c, run.run_id, 2)
+            plane = Shards.beside(c, a.shard_map, a.spec)
+            await plane.push(run.run_id, a.rank, a.incarnation, 0, {"w": np.ones((90, 10), np.float32)})
+            parked = asyncio.create_task(plane.pull(run.run_id, a.rank, a.incarnation, 1, max_wait=30))
+            await asyncio.sleep(0.3)
+            assert not parked.done()
+            stopped = await c.stop_run(run.run_id, "enough")
+            assert stopped.state == pb.RUN_STATE_STOPPED
+            with pytest.raises(errors.FailedPrecondition) as e:
+                await asyncio.wait_for(parked, 5)
+            assert e.value.reason == pb.ERROR_REASON_RUN_NOT_RUNNING
+            for s in servers:
+                assert s.registry.get(run.run_id).state.value == "stopped"
+            await plane.close()
+
+
+# ------------------------------------------------------------------------------ forwarding, limits
+async def test_any_server_answers_for_the_cluster(server_config: ServerConfig) -> None:
+    async with cluster(server_config, 2) as servers:
+        async with PsClient(servers[0].address) as c0, PsClient(servers[1].address) as c1:
+            run = await c1.create_run(make_spec(num_workers=1))
+            assert [r.run_id for r in await c0.list_runs()] == [r.run_id for r in await c1.list_runs()] == [run.run_id]
+            with pytest.raises(errors.NotFound) as e:
+                await c1.get_run("run-nope")
+            assert e.value.reason == pb.ERROR_REASON_RUN_NOT_FOUND  # the owner's ErrorInfo, passed on
+            async for snap in c1.watch_run(run.run_id, interval=0.05):
+                assert snap.run.run_id == run.run_id and len(snap.run.shards) == 2
+                break
+            status = (await c1.get_run(run.run_id)).shards
+            assert [s.index for s in status] == [0, 1] and status[0].reachable and status[0].rss_bytes > 0
+
+
+async def test_a_model_larger_than_one_server_is_refused_by_one_and_trained_by_two(server_config: ServerConfig) -> None:
+    shapes = {"w": (200, 100)}  # 80 kB
+    spec = make_spec(shapes=shapes, num_workers=1, staleness=-1, iterations=3)
+    async with cluster(server_config, 1, max_param_bytes=50_000) as (alone,):
+        async with PsClient(alone.address) as c:
+            with pytest.raises(errors.ResourceExhausted) as e:
+                await c.create_run(spec)
+            assert "max-param-bytes" in e.value.message
+    async with cluster(server_config, 2, max_param_bytes=50_000, split_bytes=1024) as servers:
+        async with PsClient(servers[0].address) as c:
+            run = await c.create_run(spec)
+            (a,) = await _join_all(c, run.run_id, 1)
+            plane = Shards.beside(c, a.shard_map, a.spec)
+            for clock in range(3):
+                await plane.pull(run.run_id, a.rank, a.incarnation, clock)
+                await plane.push(run.run_id, a.rank, a.incarnation, clock, {"w": np.ones(shapes["w"], np.float32)})
+            await plane.close()
+            assert all(s.registry.get(run.run_id).store.nbytes <= 50_000 for s in servers)
+
+
+async def test_a_server_that_stays_down_fails_the_run_naming_it(server_config: ServerConfig) -> None:
+    async with cluster(server_config, 2, shard_timeout=1.0) as servers:
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(make_spec(num_workers=1, staleness=0))
+            (a,) = await _join_all(c, run.run_id, 1)
+            await servers[1].stop(0)
+            async for snap in c.watch_run(run.run_id, interval=0.1):
+                if snap.run.state == pb.RUN_STATE_FAILED:
+                    break
+            assert servers[1].address in snap.run.message and "shard-timeout" in snap.run.message
+            assert not snap.run.shards[1].reachable
+            del a
