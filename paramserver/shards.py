@@ -4,11 +4,17 @@
 proto's "Shards" section asks of a worker: each iteration goes to every shard at once, each with
 the rows of each tensor that shard holds (views, not copies), and pulled pieces are written into
 the rows of the caller's arrays. A call is complete when every shard answered; when some did not,
-the error is raised and the shards that did are remembered, so the caller's retry of the same
-call (the next call, if it has the same arguments) goes only to the others (exactly-once per shard; a shard that already applied a push would
-only acknowledge it again anyway). Answers combine as the least guarantee: the least clock, min
-clock and guaranteed clock, duplicate only if every shard says so, and a finished run's state
-over a running one.
+the error is raised (at once when it is not retryable: the calls still waiting are cancelled) and
+the shards that acknowledged the push are remembered, so the caller's retry of the same call (the
+next call, if it has the same arguments) pushes only to the others (exactly-once per shard; a
+shard that already applied a push would only acknowledge it again anyway) and pulls from all:
+pulled answers are never kept, as a server may go back to a checkpoint in between. Under BSP the
+shards' answers to one pull must hold the same clock (else: retry). Of several CLOCK_AHEAD
+refusals (shards restored to different clocks) the earliest clock is raised, and the acknowledgements
+remembered are forgotten (the caller goes back to that clock, which may be the same one: a shard
+went back to a checkpoint without the push it had acknowledged). Answers combine as
+the least guarantee: the least clock, min clock and guaranteed clock, duplicate only if every
+shard says so, and a finished run's state over a running one.
 """
 
 from __future__ import annotations
@@ -39,12 +45,14 @@ class Shards:
     """The data plane of one sharded run; ``close`` closes the connections it opened."""
 
     def __init__(self, shard_map: pb.ShardMap, shapes: Mapping[str, tuple[int, ...]],
-                 connect: Callable[[pb.Shard], PsClient]) -> None:
-        """``shapes``: every tensor's whole shape (the run spec's); ``connect``: a client of a shard."""
+                 connect: Callable[[pb.Shard], PsClient], staleness: int = -1) -> None:
+        """``shapes``: every tensor's whole shape (the run spec's); ``connect``: a client of a shard;
+        ``staleness``: the run's (0: BSP, whose pulls are checked to come from one clock)."""
         self.shard_map = shard_map
         self.shapes = dict(shapes)
         self.clients = [connect(s) for s in shard_map.shards]
-        self._done: tuple[object, dict[int, Any]] = ((), {})
+        self.staleness = staleness
+        self._done: tuple[object, dict[int, pb.PushGradientResponse]] = ((), {})
 
     @classmethod
     def beside(cls, client: PsClient, shard_map: pb.ShardMap, spec: pb.RunSpec) -> Shards:
@@ -56,7 +64,13 @@ class Shards:
             c.route.told(shard.data_port)
             return c
 
-        return cls(shard_map, {p.name: tuple(p.shape) for p in spec.params}, connect)
+        return cls(shard_map, {p.name: tuple(p.shape) for p in spec.params}, connect, spec.staleness)
+
+    async def refresh(self, client: PsClient, run_id: str) -> None:
+        """Learn every shard's data plane port again (a restarted server may have another)."""
+        run = await client.get_run(run_id)
+        for c, shard in zip(self.clients, run.shard_map.shards, strict=False):
+            c.route.told(shard.data_port)
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
@@ -79,41 +93,90 @@ class Shards:
                 out[name] = np.empty(shape, np.float32)
         return out
 
-    async def _each(self, key: object, call: Callable[[int, PsClient, pb.Shard], Awaitable[Any]]) -> list[Any]:
-        """``call`` on every shard not yet answered for ``key``; their answers in shard order, or
-        the first refusal that is not retryable, else the first retryable one."""
+    async def _each(self, calls: Mapping[int, Callable[[], Awaitable[Any]]]) -> tuple[dict[int, Any], list[BaseException]]:
+        """Every call at once; the answers by shard and the failures. A failure that is not
+        retryable ends the wait at once: the calls still waiting (parked pulls) are cancelled."""
+        tasks = {asyncio.ensure_future(call()): i for i, call in calls.items()}
+        answers: dict[int, Any] = {}
+        failures: list[BaseException] = []
+        try:
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.exception() is None:
+                        answers[tasks[task]] = task.result()
+                    else:
+                        failures.append(task.exception())  # type: ignore[arg-type]
+                if any(not (isinstance(f, errors.PsError) and f.retryable) for f in failures):
+                    break
+        finally:
+            for task in tasks:
+                task.cancel()
+        return answers, failures
+
+    def _acked(self, key: object) -> dict[int, pb.PushGradientResponse]:
+        """The shards that acknowledged the push ``key`` (run, rank, incarnation, clock) so far."""
         if self._done[0] != key:
             self._done = (key, {})
-        answered = self._done[1]
-        todo = [i for i in range(len(self.clients)) if i not in answered]
-        results = await asyncio.gather(*(call(i, self.clients[i], self.shard_map.shards[i]) for i in todo),
-                                       return_exceptions=True)
-        failures = []
-        for i, r in zip(todo, results, strict=True):
-            if isinstance(r, BaseException):
-                failures.append(r)
-            else:
-                answered[i] = r
-        if failures:
-            fatal = [f for f in failures if not (isinstance(f, errors.PsError) and f.retryable)]
-            raise (fatal or failures)[0]
-        self._done = ((), {})  # complete: the same call again is sent again (a retry after success)
-        return [answered[i] for i in range(len(self.clients))]
+        return self._done[1]
+
+    def _check(self, failures: list[BaseException]) -> None:
+        if not failures:
+            return
+        fatal = [f for f in failures if not (isinstance(f, errors.PsError) and f.retryable)]
+        behind = [f for f in fatal if isinstance(f, errors.PsError) and f.reason == pb.ERROR_REASON_CLOCK_AHEAD]
+        if behind:  # shards restored to different clocks: go back to the earliest, where no ack holds
+            self._done = ((), {})
+            raise min(behind, key=lambda f: f.info.next_clock)
+        raise (fatal or failures)[0]
+
+    def _consistent(self, pulled: Sequence[PullResult], clock: int) -> None:
+        """Under BSP every shard's answer to a pull of ``clock`` holds exactly the clocks before it;
+        answers of different clocks come from both sides of a return to a checkpoint: retry."""
+        if self.staleness == 0 and len({p.guaranteed_clock for p in pulled}) > 1:
+            raise errors.Unavailable(errors.Code.UNAVAILABLE, f"the shards answered the pull of clock {clock} from "
+                                 f"clocks {sorted({p.guaranteed_clock for p in pulled})}: a server went back to a "
+                                 "checkpoint meanwhile; pull again")
 
     # ------------------------------------------------------------------------------ the data plane
     async def push(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, np.ndarray],
                    loss: float = 0.0, timeout: float | None = None) -> pb.PushGradientResponse:
-        acks = await self._each(("push", run_id, rank, incarnation, clock), lambda i, c, s: c.push(
-            run_id, rank, incarnation, clock, self._rows(grads, s), loss, timeout))
-        return _combined(acks)
+        acked = self._acked((run_id, rank, incarnation, clock))
+
+        def one(i: int) -> Callable[[], Awaitable[pb.PushGradientResponse]]:
+            return lambda: self.clients[i].push(run_id, rank, incarnation, clock,
+                                                self._rows(grads, self.shard_map.shards[i]), loss, timeout)
+
+        answers, failures = await self._each({i: one(i) for i in range(len(self.clients)) if i not in acked})
+        acked.update(answers)
+        self._check(failures)
+        self._done = ((), {})  # complete: the same call again is sent again (a retry after success)
+        return _combined([acked[i] for i in range(len(self.clients))])
 
     async def push_pull(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, np.ndarray],
                         loss: float = 0.0, *, into: dict[str, np.ndarray] | None = None,
                         max_wait: float | None = None) -> tuple[pb.PushGradientResponse, PullResult]:
         out = self._arrays(into)
-        answers = await self._each(("push_pull", run_id, rank, incarnation, clock), lambda i, c, s: c.push_pull(
-            run_id, rank, incarnation, clock, self._rows(grads, s), loss, into=self._rows(out, s), max_wait=max_wait))
-        return _combined([a for a, _ in answers]), _pulled([p for _, p in answers], out)
+        acked = self._acked((run_id, rank, incarnation, clock))
+
+        def one(i: int) -> Callable[[], Awaitable[Any]]:
+            c, s = self.clients[i], self.shard_map.shards[i]
+            if i in acked:  # pushed already: only the pull again (pulled answers are never kept)
+                return lambda: c.pull(run_id, rank, incarnation, clock + 1, into=self._rows(out, s), max_wait=max_wait)
+            return lambda: c.push_pull(run_id, rank, incarnation, clock, self._rows(grads, s), loss,
+                                       into=self._rows(out, s), max_wait=max_wait)
+
+        answers, failures = await self._each({i: one(i) for i in range(len(self.clients))})
+        pulled = []
+        for i, answer in answers.items():
+            if isinstance(answer, tuple):
+                acked[i], answer = answer
+            pulled.append(answer)
+        self._check(failures)
+        self._consistent(pulled, clock + 1)
+        self._done = ((), {})
+        return _combined([acked[i] for i in range(len(self.clients))]), _pulled(pulled, out)
 
     async def pull(self, run_id: str, rank: int = 0, incarnation: int = 0, clock: int = 0, *,
                    into: dict[str, np.ndarray] | None = None, names: Sequence[str] = (),
@@ -121,14 +184,20 @@ class Shards:
         out = self._arrays(into)
         wanted = set(names)
 
-        async def one(i: int, c: PsClient, s: pb.Shard) -> PullResult | None:
+        def one(i: int) -> Callable[[], Awaitable[PullResult]] | None:
+            c, s = self.clients[i], self.shard_map.shards[i]
             mine = [pc.name for pc in s.pieces if not wanted or pc.name in wanted]
             if wanted and not mine:
                 return None  # this shard holds none of the names asked for
-            return await c.pull(run_id, rank, incarnation, clock, into=self._rows(out, s), names=mine if wanted else (),
-                                max_wait=max_wait, timeout=timeout)
+            return lambda: c.pull(run_id, rank, incarnation, clock, into=self._rows(out, s),
+                                  names=mine if wanted else (), max_wait=max_wait, timeout=timeout)
 
-        pulled = [p for p in await self._each(("pull", run_id, rank, incarnation, clock, tuple(names)), one) if p]
+        calls = {i: call for i in range(len(self.clients)) if (call := one(i)) is not None}
+        answers, failures = await self._each(calls)
+        self._check(failures)
+        pulled = list(answers.values())
+        if incarnation:
+            self._consistent(pulled, clock)
         if wanted:
             out = {n: a for n, a in out.items() if n in wanted}
         return _pulled(pulled, out)

@@ -24,6 +24,8 @@ from .core.run import Run
 
 __all__ = ["Checkpointer"]
 
+Snapshot = tuple[dict[str, Any], dict[str, np.ndarray]]
+
 log = logging.getLogger("ps_server")
 
 
@@ -37,6 +39,10 @@ class Checkpointer:
         self._writers: dict[str, asyncio.Task[None]] = {}
         self._taken: dict[str, tuple[int, bool]] = {}
         """run id -> (min clock of its last scheduled checkpoint, whether its final one was)."""
+        self.protected: dict[str, int] = {}
+        """run id -> the cut whose checkpoint pruning keeps (a cluster's newest common one)."""
+        self._cuts: dict[str, list[tuple[int, asyncio.Future[Snapshot]]]] = {}
+        """run id -> the cuts ``checkpoint_at`` waits for, each with the future its snapshot goes to."""
 
     def attach(self, run: Run) -> None:
         """Checkpoint ``run`` from now on: each ``every`` clocks of its min clock, and when it ends."""
@@ -54,10 +60,13 @@ class Checkpointer:
         elif self.every and run.min_clock // self.every > clock // self.every:
             self._taken[run.run_id] = (run.min_clock, False)
             # Routine, and most of a long run's log at INFO: DEBUG. Ends, resumes, requests tell the story.
-            self.schedule(run, f"every {self.every} clocks", logging.DEBUG)
+            self.schedule(run, f"every {self.every} clocks", logging.DEBUG, run.min_clock // self.every * self.every)
+        for cut, future in self._cuts.get(run.run_id, ()):
+            if (run.min_clock >= cut or run.state.finished) and not future.done():
+                future.set_result(snapshot.state_dict(run, cut))
 
-    def schedule(self, run: Run, reason: str, level: int = logging.INFO) -> None:
-        meta, arrays = snapshot.state_dict(run)
+    def schedule(self, run: Run, reason: str, level: int = logging.INFO, cut: int | None = None) -> None:
+        meta, arrays = snapshot.state_dict(run, cut)
         self._waiting[run.run_id] = (meta, arrays, reason, level)  # replaces an older one not yet written
         writer = self._writers.get(run.run_id)
         if writer is None or writer.done():
@@ -71,9 +80,45 @@ class Checkpointer:
             except OSError:
                 pass  # logged by _write; the next checkpoint tries again
 
-    async def checkpoint_now(self, run: Run, reason: str) -> tuple[Path, int]:
-        meta, arrays = snapshot.state_dict(run)
+    async def checkpoint_now(self, run: Run, reason: str, cut: int | None = None) -> tuple[Path, int]:
+        meta, arrays = snapshot.state_dict(run, cut)
         return await self._write(meta, arrays, reason), int(meta["min_clock"])
+
+    async def checkpoint_at(self, run: Run, cut: int, reason: str, timeout: float) -> tuple[Path, int]:
+        """A checkpoint of ``run`` labelled ``cut``, taken the moment its min clock reaches ``cut``
+        (now if it has, or the run has ended); TimeoutError if that takes over ``timeout`` seconds.
+        (A run restored meanwhile is waited on as the one of its id.)"""
+        if run.min_clock >= cut or run.state.finished:
+            return await self.checkpoint_now(run, reason, cut)
+        future: asyncio.Future[Snapshot] = asyncio.get_running_loop().create_future()
+        waiting = self._cuts.setdefault(run.run_id, [])
+        waiting.append((cut, future))
+        try:
+            meta, arrays = await asyncio.wait_for(future, timeout)
+        finally:
+            waiting.remove((cut, future))
+        return await self._write(meta, arrays, reason), int(meta["min_clock"])
+
+    async def restore(self, run_id: str, cut: int) -> Run:
+        """``run_id`` as its newest checkpoint of ``cut`` holds it, not registered yet (the
+        registry's ``replace``); its checkpoints of later cuts are deleted, and the run it replaces
+        takes none from now on. CorruptCheckpoint if none loads, KeyError/ValueError if it does not
+        fit its run (and then the run it would have replaced goes on as before)."""
+        taken = self._taken.pop(run_id, None)  # the run being replaced: no more snapshots of it
+        self._waiting.pop(run_id, None)
+        writer = self._writers.pop(run_id, None)
+        if writer is not None:
+            await asyncio.gather(writer, return_exceptions=True)
+        try:
+            async with self._locks.setdefault(run_id, asyncio.Lock()):
+                ckpt = await asyncio.to_thread(self.store.load_cut, run_id, cut)
+                run = snapshot.restore(ckpt.meta, ckpt.arrays)
+                await asyncio.to_thread(self.store.discard_after, run_id, cut)
+        except BaseException:
+            if taken is not None:
+                self._taken.setdefault(run_id, taken)
+            raise
+        return run
 
     async def _write(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], reason: str,
                      level: int = logging.INFO) -> Path:
@@ -81,12 +126,12 @@ class Checkpointer:
         async with self._locks.setdefault(run_id, asyncio.Lock()):
             t0 = time.perf_counter()
             try:
-                path = await asyncio.to_thread(self.store.write, meta, arrays)
+                path = await asyncio.to_thread(self.store.write, meta, arrays, self.protected.get(run_id))
             except OSError as exc:
                 log.error("checkpoint of %s failed: %s", run_id, exc, extra={"run": run_id})
                 raise
-        log.log(level, "checkpoint of %s at min clock %d "
-                "(%s) written to %s in %.0f ms", run_id, meta["min_clock"], reason, path,
+        log.log(level, "checkpoint of %s at min clock %d, cut %d "
+                "(%s) written to %s in %.0f ms", run_id, meta["min_clock"], meta["cut"], reason, path,
                 1e3 * (time.perf_counter() - t0), extra={"run": run_id})
         return path
 
@@ -95,6 +140,7 @@ class Checkpointer:
         snapshot still waiting to be written is dropped."""
         self._waiting.pop(run_id, None)
         self._taken.pop(run_id, None)
+        self.protected.pop(run_id, None)
         writer = self._writers.pop(run_id, None)
         if writer is not None:
             await asyncio.gather(writer, return_exceptions=True)

@@ -8,14 +8,16 @@ configuration table lists them all.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from paramserver.settings import LOG_LEVELS, Parser, opt, parse_dataclass
 
-__all__ = ["ServerConfig", "parse_config"]
+__all__ = ["FROM_HOSTNAME", "ServerConfig", "index_from_hostname", "parse_config"]
 
-
+FROM_HOSTNAME = "from-hostname"
+"""The value of --index (PS_INDEX) that takes the number the host name ends in (a StatefulSet pod's ordinal)."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,9 @@ class ServerConfig:
     max_workers: int = opt(1024, "Ranks one run may have.")
     cluster: str = opt("", "The servers holding runs together, as ADDR0,ADDR1,... (host:port, as workers and the "
                        "other servers reach them; the same list for every server); empty = this one alone.")
-    index: int = opt(0, "This server's place in --cluster; server 0 owns membership (runs, ranks, leases).")
+    index: int = opt(0, "This server's place in --cluster; server 0 owns membership (runs, ranks, leases). "
+                     f"'{FROM_HOSTNAME}': the number the host name ends in after a '-' (a Kubernetes "
+                     "StatefulSet pod's ordinal: paramserver-2 is 2).")
     split_bytes: int = opt(1 << 20, "In a cluster, tensors larger than this are split by rows over every server; "
                            "smaller ones are placed whole.")
     shard_timeout: float = opt(30.0, "In a cluster, a server not answering server 0 for this long fails the runs "
@@ -75,8 +79,44 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ServerConfig:
-    """Build the config from ``argv`` (default: none) over ``env`` (default: os.environ)."""
+def index_from_hostname(hostname: str) -> int:
+    """The number ``hostname`` (its first label) ends in after a '-': a StatefulSet pod's ordinal
+    (``paramserver-2`` -> 2). ValueError if it ends otherwise."""
+    name = hostname.partition(".")[0]
+    head, dash, number = name.rpartition("-")
+    if not (head and dash and number.isascii() and number.isdigit()):
+        raise ValueError(f"--index {FROM_HOSTNAME}: the host name {hostname!r} does not end in '-' and a number "
+                         "(as a StatefulSet pod's, e.g. paramserver-1 is 1); give --index (PS_INDEX) a number")
+    return int(number)
+
+
+def _index_given_as_hostname(argv: list[str], env: Mapping[str, str], hostname: str,
+                             ) -> tuple[list[str], Mapping[str, str], str]:
+    """``argv`` and ``env`` with the index in force (the last --index, else PS_INDEX) as their only
+    one, a number: the one ``hostname`` ends in if it says from-hostname (then ``hostname`` is
+    returned, else ''). ValueError as ``index_from_hostname``."""
+    var = ServerConfig.env_name("index")
+    value, rest, flagged, i = env.get(var), [], False, 0
+    while i < len(argv):
+        if argv[i] == "--index" and i + 1 < len(argv):
+            value, flagged, i = argv[i + 1], True, i + 2
+            continue
+        if argv[i].startswith("--index="):
+            value, flagged = argv[i].partition("=")[2], True
+        else:
+            rest.append(argv[i])
+        i += 1
+    if env.get(var, "").strip() == FROM_HOSTNAME:  # (a flag may override it: never parsed as a number)
+        env = {k: v for k, v in env.items() if k != var}
+    if value is not None and value.strip() == FROM_HOSTNAME:
+        return [*rest, f"--index={index_from_hostname(hostname)}"], env, hostname
+    return [*rest, f"--index={value}"] if flagged else argv, env, ""
+
+
+def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None, *,
+                 hostname: str | None = None) -> ServerConfig:
+    """Build the config from ``argv`` (default: none) over ``env`` (default: os.environ);
+    ``hostname`` (default: this machine's) is what --index from-hostname reads."""
     env = os.environ if env is None else env
     parser = Parser(
         prog="ps-server",
@@ -84,7 +124,13 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         "optimizer, enforces stale-synchronous consistency. Every flag can also be set with the "
         "environment variable shown.",
     )
-    config = parse_dataclass(ServerConfig, parser, argv or [], env, ServerConfig.env_name)
+    args = list(argv or [])
+    try:
+        args, env, derived_from = _index_given_as_hostname(args, env, socket.gethostname() if hostname is None
+                                                           else hostname)
+    except ValueError as exc:
+        parser.error(str(exc))
+    config = parse_dataclass(ServerConfig, parser, args, env, ServerConfig.env_name)
     problems = []
     for name, low, high, meaning in (("port", 0, 65535, ""), ("data_port", -1, 65535, " (-1: off)"),
                                      ("metrics_port", -1, 65535, " (-1: off)")):
@@ -107,7 +153,9 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         if len(set(peers)) != len(peers) or any(":" not in a for a in peers):
             problems.append(f"--cluster {config.cluster!r}: give distinct HOST:PORT addresses, separated by commas")
         elif not 0 <= config.index < len(peers):
-            problems.append(f"--index {config.index} is not in 0..{len(peers) - 1} (--cluster has {len(peers)} servers)")
+            origin = f" (the number host name {derived_from!r} ends in)" if derived_from else ""
+            problems.append(f"--index {config.index}{origin} is not in 0..{len(peers) - 1} (--cluster has "
+                            f"{len(peers)} servers)")
         elif peers[config.index].rpartition(":")[2] != str(config.port):
             problems.append(f"--port {config.port} is not the port of this server's entry in --cluster "
                             f"({peers[config.index]}): use the same")

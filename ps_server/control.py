@@ -19,7 +19,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 from . import codec
 from .checkpointer import Checkpointer
 from .cluster.owner import ClusterOwner
-from .core.errors import FailedPrecondition, InvalidArgument, PsError, Reason
+from .core.errors import FailedPrecondition, InvalidArgument, PsError, Reason, ShardUnavailable
 from .core.registry import RunRegistry
 from .core.run import Run
 from .core.status import Assignment
@@ -122,18 +122,27 @@ class Control:
         interval = request.interval.ToTimedelta().total_seconds() or 0.5
         history = run.history
         seen_events = max(0, history.event_count - len(history.events))
+        last = 0.0  # the time of the last event sent
         while True:
             seen_changes = run.changes
             fresh = history.event_count - seen_events
             events = list(history.events)[-fresh:] if fresh else []
             seen_events = history.event_count
+            last = events[-1].time if events else last
             snapshot = self._run(run)
             yield pb.WatchRunResponse(run=snapshot, events=[codec.event_to_proto(e) for e in events])
             if run.state.finished:
                 return
             await asyncio.sleep(interval)
-            while not await run.changed(seen_changes, 3600.0):
-                pass
+            try:
+                while not await run.changed(seen_changes, 3600.0):
+                    pass
+            except ShardUnavailable:  # a cluster's run went back to a checkpoint: follow the restored one
+                if self._registry.get(run.run_id) is run:
+                    raise
+                run = self._registry.get(run.run_id)
+                history = run.history
+                seen_events = history.event_count - sum(e.time > last for e in history.events)
 
     async def GetMetrics(self, request: pb.GetMetricsRequest) -> pb.GetMetricsResponse:
         history = self._registry.get(request.run_id).history
@@ -149,7 +158,10 @@ class Control:
         if self._checkpointer is None:
             raise FailedPrecondition("this server has no data directory: start it with --data-dir DIR", Reason.NO_DATA_DIR)
         try:
-            path, clock = await self._checkpointer.checkpoint_now(run, "on demand")
+            if self._cluster is not None and run.placement is not None:  # every server's snapshot at one cut
+                path, clock = await self._cluster.checkpoint(run, "on demand")
+            else:
+                path, clock = await self._checkpointer.checkpoint_now(run, "on demand")
         except OSError as exc:  # the run goes on; the data directory needs a look
             raise PsError(f"could not write a checkpoint of {run.run_id} to {self._checkpointer.store.root}: "
                           f"{exc.strerror or exc}; fix the data directory and try again") from None

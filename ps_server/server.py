@@ -176,8 +176,11 @@ async def start_server(config: ServerConfig) -> PsServer:
         checkpointer = Checkpointer(store, config.checkpoint_every)
     registry = RunRegistry(max_param_bytes=config.max_param_bytes, limits=Limits(max_workers=config.max_workers),
                            configure=checkpointer.attach if checkpointer else None)
-    for run in checkpointer.resume() if checkpointer else ():
-        registry.add(run)
+    resumed = [registry.add(run) for run in (checkpointer.resume() if checkpointer else ())]
+    for run in resumed:
+        if run.placement is not None and not run.state.finished:  # another server's shard may be ahead of it
+            run.held = (f"this server restarted: its shard of {run.run_id} waits for server 0 to have every shard "
+                        "go back to a common checkpoint: retry")
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -205,7 +208,8 @@ async def start_server(config: ServerConfig) -> PsServer:
     else:
         if addresses:
             cluster = ClusterOwner(registry, addresses, peers, split_bytes=config.split_bytes,
-                                   shard_timeout=config.shard_timeout, data_port=data_port)
+                                   shard_timeout=config.shard_timeout, data_port=data_port, checkpointer=checkpointer)
+            cluster.resumed(resumed)
         add_control(server, Control(registry, max_wait=config.max_wait_seconds, lease_seconds=config.lease_seconds,
                                     heartbeat_seconds=config.heartbeat_seconds, checkpointer=checkpointer,
                                     data_port=data_port, cluster=cluster))

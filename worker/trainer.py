@@ -166,7 +166,7 @@ class _Trainer:
             try:
                 return await op()
             except errors.PsError as exc:
-                if exc.reason == pb.ERROR_REASON_CLOCK_AHEAD and exc.info.next_clock < self.clock:
+                if exc.reason == pb.ERROR_REASON_CLOCK_AHEAD and exc.info.next_clock <= self.clock:
                     self._rewind(exc.info.next_clock)
                 if not exc.retryable or time.monotonic() > deadline:
                     raise
@@ -222,6 +222,9 @@ class _Trainer:
                 self.clock = rewind.clock
                 guaranteed = -1
                 self.stats.rewinds += 1
+                if isinstance(self.plane, Shards):  # a restarted server may have another data plane port
+                    with contextlib.suppress(errors.PsError):
+                        await self.plane.refresh(self.client, self.a.run_id)
 
     async def step(self, params: dict[str, np.ndarray], guaranteed: int) -> int:
         """One iteration at self.clock; returns the guaranteed clock of the parameters it used."""

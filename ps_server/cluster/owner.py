@@ -13,6 +13,17 @@
   them). A shard that failed (its parameters diverged) fails the run with its message; a server
   that does not answer for ``shard_timeout`` seconds, or has lost its shard (restarted without a
   checkpoint), fails the runs it held shards of, naming it. Nothing waits on a dead server longer.
+- Checkpoints are cluster-wide cuts (``core.checkpoint``): every server has the same --data-dir
+  setting and --checkpoint-every (CreateShard refuses otherwise) and snapshots its shard the moment
+  its min clock reaches each multiple; CheckpointRun (``checkpoint``) picks the next clock no shard
+  has reached yet and waits until every server has its snapshot there.
+- Recovery: a server that restarts resumes its shards from their checkpoints, held (they take no
+  pushes or pulls: ``Run.held``; GetShard says "resumed"); so does this one (``resumed``). Every
+  unfinished run then goes back to the newest cut every server has on disk (``roll_back``): each
+  restores its snapshot of that cut, so no shard runs ahead of another and no worker reads a mix of
+  two histories, and the run's events say how many steps were lost. Workers follow by their rule
+  for a restarted server: a shard that knows their rank at an earlier clock answers CLOCK_AHEAD
+  and they go back there; a shard that has their push already acknowledges it as a duplicate.
 """
 
 from __future__ import annotations
@@ -23,12 +34,14 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from paramserver.v1 import cluster_pb2 as cpb
 from paramserver.v1 import paramserver_pb2 as pb
 
 from .. import codec
-from ..core.errors import NotFound, PsError, ResourceExhausted
+from ..checkpointer import Checkpointer
+from ..core.errors import NotFound, PsError, ResourceExhausted, ShardUnavailable
 from ..core.placement import Placement, place
 from ..core.registry import RunRegistry
 from ..core.run import Run
@@ -36,10 +49,14 @@ from ..core.spec import RunSpec
 from ..core.status import RunState
 from . import messages
 from .peers import PeerLink
+from .shards import CUT_WAIT as _CUT_WAIT
+from .shards import restore
 
 __all__ = ["ClusterOwner"]
 
 log = logging.getLogger("ps_server")
+
+_FINISHED = (pb.RUN_STATE_COMPLETED, pb.RUN_STATE_STOPPED, pb.RUN_STATE_FAILED)
 
 _RATE_WINDOW = 5
 """Status samples a shard's pushes per second are measured over (one per poll)."""
@@ -47,8 +64,8 @@ _RATE_WINDOW = 5
 
 class ClusterOwner:
     def __init__(self, registry: RunRegistry, addresses: Sequence[str], peers: Sequence[PeerLink], *,
-                 split_bytes: int, shard_timeout: float, data_port: Callable[[], int], poll: float = 1.0,
-                 call_timeout: float = 5.0) -> None:
+                 split_bytes: int, shard_timeout: float, data_port: Callable[[], int],
+                 checkpointer: Checkpointer | None = None, poll: float = 1.0, call_timeout: float = 5.0) -> None:
         """``peers``: links to servers 1.. in index order."""
         self._registry = registry
         self.addresses = list(addresses)
@@ -64,6 +81,11 @@ class ClusterOwner:
         self._status: dict[tuple[str, int], pb.ShardStatus] = {}
         self._samples: dict[tuple[str, int], collections.deque[tuple[float, int]]] = {}
         self._silent_since: dict[int, float] = {}
+        self._checkpointer = checkpointer
+        self._cuts: dict[tuple[str, int], list[int]] = {}
+        """(run id, server) -> the cuts of its checkpoints on disk, as last heard."""
+        self._rollbacks: dict[str, str] = {}
+        """run id -> why it has to go back to the newest cut every server has."""
 
     # ------------------------------------------------------------------------------ runs
     async def create_run(self, spec: RunSpec) -> Run:
@@ -77,8 +99,10 @@ class ClusterOwner:
         created = codec.ts(run.created)
         shard_map = self.shard_map(run)
         results = await asyncio.gather(*(
-            peer.call("CreateShard", cpb.CreateShardRequest(run_id=run.run_id, spec=codec.spec_to_proto(spec),
-                                                            shard_map=shard_map, index=peer.index, created=created),
+            peer.call("CreateShard", cpb.CreateShardRequest(
+                run_id=run.run_id, spec=codec.spec_to_proto(spec), shard_map=shard_map, index=peer.index, created=created,
+                checkpoints=self._checkpointer is not None,
+                checkpoint_every=self._checkpointer.every if self._checkpointer else 0),
                       cpb.CreateShardResponse, 4 * self._timeout, wait_for_ready=True)
             for peer in self._peers), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
@@ -109,7 +133,7 @@ class ClusterOwner:
         self._forget(run_id, 0)
 
     def _forget(self, run_id: str, index: int) -> None:
-        for table in (self._sent, self._locks, self._status, self._samples):
+        for table in (self._sent, self._locks, self._status, self._samples, self._cuts):
             table.pop((run_id, index), None)
 
     # ------------------------------------------------------------------------------ membership
@@ -167,10 +191,19 @@ class ClusterOwner:
         while True:
             await asyncio.sleep(self._poll)
             runs = [r for r in self._registry.runs() if r.placement is not None and
-                    (not r.state.finished or any((r.run_id, p.index) not in self._sent for p in self._peers))]
+                    (not r.state.finished or not all(self._settled(r, p) for p in self._peers))]
             for run in runs:
                 self._sample((run.run_id, 0), run.counters.pushes_applied)
             await asyncio.gather(*(self._check(peer, runs) for peer in self._peers))
+            for run in runs:
+                self._keep_common_cut(run)
+            for run_id, why in list(self._rollbacks.items()):
+                await self._try_roll_back(run_id, why)
+
+    def _settled(self, run: Run, peer: PeerLink) -> bool:
+        """``peer`` has this finished run's end, and its final status is here (no need to ask again)."""
+        status = self._status.get((run.run_id, peer.index))
+        return (run.run_id, peer.index) in self._sent and status is not None and status.state in _FINISHED
 
     async def _check(self, peer: PeerLink, runs: list[Run]) -> None:
         now = time.monotonic()
@@ -178,8 +211,9 @@ class ClusterOwner:
             key = (run.run_id, peer.index)
             try:
                 await self._send(run, peer)
-                resp = await peer.call("GetShard", cpb.GetShardRequest(run_id=run.run_id), cpb.GetShardResponse,
-                                       self._timeout)
+                keep = self._checkpointer.protected.get(run.run_id, 0) if self._checkpointer else 0
+                resp = await peer.call("GetShard", cpb.GetShardRequest(run_id=run.run_id, keep_cut=keep),
+                                       cpb.GetShardResponse, self._timeout)
             except NotFound:
                 self._fail(run, f"{peer.name} no longer holds its shard of the run (it restarted without a "
                                 "checkpoint): the parameters it held are lost")
@@ -199,11 +233,109 @@ class ClusterOwner:
                                     f"{self._shard_timeout:g}): its shard of the run is out of reach ({exc})")
                 return  # the next run would wait as long again
             self._silent_since.pop(peer.index, None)
+            self._ports[peer.index] = resp.data_port
+            self._cuts[key] = list(resp.cuts)
+            if resp.resumed and not run.state.finished:
+                self._rollbacks.setdefault(run.run_id, f"{peer.name} restarted")
             self._sample(key, resp.status.pushes_applied)
             resp.status.pushes_per_second = self._rate(key)
             self._status[key] = resp.status
             if resp.status.state == pb.RUN_STATE_FAILED and not run.state.finished:
                 self._fail(run, f"{peer.name}'s shard failed: {resp.status.error}")
+
+    # ------------------------------------------------------------------------------ checkpoints
+    async def _cut(self, run: Run, peer: PeerLink, cut: int, reason: str) -> cpb.CheckpointShardResponse:
+        return await peer.call("CheckpointShard", cpb.CheckpointShardRequest(run_id=run.run_id, cut=cut, reason=reason),
+                               cpb.CheckpointShardResponse, 4 * self._timeout)
+
+    async def checkpoint(self, run: Run, reason: str) -> tuple[Path, int]:
+        """A cluster checkpoint of ``run``: every server's snapshot at the next clock none of them
+        has reached (or at the end, for a finished run); raises the first refusal (the snapshots
+        already written stay: they do no harm)."""
+        assert self._checkpointer is not None
+        cut = run.min_clock
+        if not run.state.finished:
+            statuses = await asyncio.gather(*(peer.call("GetShard", cpb.GetShardRequest(run_id=run.run_id),
+                                                        cpb.GetShardResponse, self._timeout) for peer in self._peers))
+            cut = max([cut, *(r.status.min_clock for r in statuses)]) + 1
+        own = asyncio.ensure_future(self._checkpointer.checkpoint_at(run, cut, reason, _CUT_WAIT))
+        try:
+            await asyncio.gather(own, *(self._cut(run, peer, cut, reason) for peer in self._peers))
+        except TimeoutError:
+            raise ShardUnavailable(f"{run.run_id} did not reach clock {cut} within {_CUT_WAIT:g}s (it is at min clock "
+                                   f"{run.min_clock}): the run is not moving; try again when it is") from None
+        return own.result()
+
+    def _keep_common_cut(self, run: Run) -> None:
+        """Every server keeps its checkpoint of the newest cut all have on disk (its next GetShard
+        says so): the cluster can always go back to one, however far one server's writes lag."""
+        if self._checkpointer is None:
+            return
+        heard = [self._cuts.get((run.run_id, peer.index)) for peer in self._peers]
+        if any(h is None for h in heard):
+            return
+        common = set(self._checkpointer.store.cuts(run.run_id)).intersection(*heard)  # type: ignore[arg-type]
+        if common:
+            self._checkpointer.protected[run.run_id] = max(common)
+
+    # ------------------------------------------------------------------------------ recovery
+    def resumed(self, runs: Sequence[Run]) -> None:
+        """This server restarted and resumed ``runs``: the other servers' shards may be ahead of
+        them, so every unfinished one goes back to a cut all servers have."""
+        for run in runs:
+            if run.placement is not None and not run.state.finished:
+                self._rollbacks[run.run_id] = "server 0 restarted"
+
+    async def _try_roll_back(self, run_id: str, why: str) -> None:
+        try:
+            run = self._registry.get(run_id)
+        except NotFound:
+            self._rollbacks.pop(run_id, None)
+            return
+        if run.state.finished:
+            self._rollbacks.pop(run_id, None)
+            return
+        try:
+            await self.roll_back(run, why)
+        except PsError as exc:  # a server that does not answer: the next poll tries again
+            log.warning("%s could not go back to a common checkpoint yet (%s): %s", run_id, why, exc,
+                        extra={"run": run_id})
+            return
+        self._rollbacks.pop(run_id, None)
+
+    async def roll_back(self, run: Run, why: str) -> Run:
+        """Every shard of ``run`` back to the newest cut all servers have (the run fails if there is
+        none); the run as this server now holds it."""
+        if self._checkpointer is None:
+            self._fail(run, f"{why} and server 0 has no --data-dir: the shards cannot go back to a common "
+                            "checkpoint (start every server with --data-dir DIR)")
+            return run
+        listed = await asyncio.gather(*(peer.call("ListShardCheckpoints", cpb.ListShardCheckpointsRequest(
+            run_id=run.run_id), cpb.ListShardCheckpointsResponse, self._timeout) for peer in self._peers))
+        cuts = [set(self._checkpointer.store.cuts(run.run_id)), *(set(r.cuts) for r in listed)]
+        common = set.intersection(*cuts)
+        if not common:
+            have = "; ".join(f"server {i}: {sorted(c, reverse=True) or 'none'}" for i, c in enumerate(cuts))
+            self._fail(run, f"{why} and no checkpoint cut is on every server ({have}): the shards cannot agree "
+                            "on a state to resume from")
+            return run
+        cut = max(common)
+        before = [max(clocks) for clocks in zip([s.clock for s in run.clock.slots], *(r.clocks for r in listed),
+                                                  strict=True)]
+        min_before = run.min_clock
+        message = f"{why}: every shard went back to the checkpoint at cut {cut}: retry"
+        restored = await restore(self._registry, self._checkpointer, run.run_id, cut, message)
+        await asyncio.gather(*(peer.call("RestoreShard", cpb.RestoreShardRequest(run_id=run.run_id, cut=cut),
+                                         cpb.RestoreShardResponse, 4 * self._timeout) for peer in self._peers))
+        for peer in self._peers:
+            self._sent.pop((run.run_id, peer.index), None)
+        lost = sum(max(0, before[s.rank] - s.clock) for s in restored.clock.slots)
+        restored.history.event("rolled_back", -1, f"{why}: every shard went back to its checkpoint at cut {cut} "
+                               f"(min clock {min_before} -> {restored.min_clock}; {lost} steps lost)")
+        log.warning("%s: %s rolled back to cut %d on every server, %d steps lost", why, run.run_id, cut, lost,
+                    extra={"run": run.run_id})
+        await self.sync(restored)
+        return restored
 
     def _fail(self, run: Run, message: str) -> None:
         if run.state.finished:

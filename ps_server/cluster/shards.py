@@ -14,15 +14,35 @@ from paramserver.v1 import cluster_pb2 as cpb
 
 from .. import codec
 from ..checkpointer import Checkpointer
-from ..core.errors import FailedPrecondition, InvalidArgument, NotFound
+from ..core.checkpoint import CorruptCheckpoint
+from ..core.errors import FailedPrecondition, InvalidArgument, NotFound, PsError, Reason, ShardUnavailable
 from ..core.placement import Placement, check_map
 from ..core.registry import RunRegistry
+from ..core.run import Run
 from ..core.shard import ShardRun
 from . import messages
 
-__all__ = ["ShardService"]
+__all__ = ["ShardService", "restore"]
 
 log = logging.getLogger("ps_server")
+
+CUT_WAIT = 30.0
+"""Seconds CheckpointShard waits for the shard's min clock to reach the cut."""
+
+
+async def restore(registry: RunRegistry, checkpointer: Checkpointer, run_id: str, cut: int, why: str) -> Run:
+    """Put ``run_id``'s checkpoint of ``cut`` in place of the run (its parked pulls get ``why``)."""
+    old = registry.get(run_id)
+    try:
+        run = await checkpointer.restore(run_id, cut)
+    except (CorruptCheckpoint, KeyError, ValueError, TypeError) as exc:
+        raise FailedPrecondition(f"cannot restore {run_id} at cut {cut}: {exc}") from None
+    if run.placement != old.placement:
+        raise FailedPrecondition(f"the checkpoint of {run_id} at cut {cut} holds another shard map than the run")
+    registry.replace(run, why)
+    log.warning("%s went back to its checkpoint at cut %d (min clock %d; it was at %d)", run_id, cut,
+                run.min_clock, old.min_clock, extra={"run": run_id})
+    return run
 
 
 class ShardService:
@@ -45,6 +65,13 @@ class ShardService:
             raise FailedPrecondition(f"this server is {self._index} ({self._cluster[self._index]}) of the cluster, "
                                      f"not the shard {request.index} the request is for: check every server's "
                                      "--cluster and --index")
+        every = self._checkpointer.every if self._checkpointer else 0
+        if request.checkpoints and (self._checkpointer is None or every != request.checkpoint_every):
+            mine = f"--checkpoint-every {every}" if self._checkpointer else "no --data-dir"
+            raise FailedPrecondition(f"server 0 checkpoints every {request.checkpoint_every} clocks and this server "
+                                     f"({self._cluster[self._index]}) has {mine}: give every server of the cluster "
+                                     "a --data-dir and the same --checkpoint-every, so that their checkpoints "
+                                     "are taken at the same clocks")
         spec = codec.spec_from_proto(request.spec, self._registry.limits)
         shard_map = messages.shard_map_from_proto(request.shard_map)
         try:
@@ -71,7 +98,46 @@ class ShardService:
 
     async def GetShard(self, request: cpb.GetShardRequest) -> cpb.GetShardResponse:
         run = self._registry.get(request.run_id)
-        return cpb.GetShardResponse(status=messages.shard_status(run, self._cluster[self._index]))
+        cuts = []
+        if self._checkpointer is not None:
+            if request.keep_cut:
+                self._checkpointer.protected[run.run_id] = request.keep_cut
+            cuts = self._checkpointer.store.cuts(run.run_id)
+        return cpb.GetShardResponse(status=messages.shard_status(run, self._cluster[self._index]),
+                                    resumed=bool(run.held), data_port=self._data_port(),
+                                    cuts=cuts)
+
+    def _checkpoints(self) -> Checkpointer:
+        if self._checkpointer is None:
+            raise FailedPrecondition(f"{self._cluster[self._index]} (server {self._index}) has no data directory: "
+                                     "start every server of the cluster with --data-dir DIR", Reason.NO_DATA_DIR)
+        return self._checkpointer
+
+    async def CheckpointShard(self, request: cpb.CheckpointShardRequest) -> cpb.CheckpointShardResponse:
+        checkpointer = self._checkpoints()
+        run = self._registry.get(request.run_id)
+        try:
+            path, clock = await checkpointer.checkpoint_at(run, request.cut, request.reason or "asked by server 0",
+                                                           CUT_WAIT)
+        except TimeoutError:
+            raise ShardUnavailable(f"server {self._index}'s shard of {run.run_id} did not reach clock {request.cut} "
+                                   f"within {CUT_WAIT:g}s (it is at min clock {run.min_clock}): the run is not "
+                                   "moving; try again when it is") from None
+        except OSError as exc:
+            raise PsError(f"could not write a checkpoint of {run.run_id} to {checkpointer.store.root} on server "
+                          f"{self._index}: {exc.strerror or exc}") from None
+        return cpb.CheckpointShardResponse(path=str(path), min_clock=clock)
+
+    async def ListShardCheckpoints(self, request: cpb.ListShardCheckpointsRequest) -> cpb.ListShardCheckpointsResponse:
+        run = self._registry.get(request.run_id)
+        return cpb.ListShardCheckpointsResponse(cuts=self._checkpoints().store.cuts(run.run_id),
+                                                clocks=[s.clock for s in run.clock.slots])
+
+    async def RestoreShard(self, request: cpb.RestoreShardRequest) -> cpb.RestoreShardResponse:
+        run = await restore(self._registry, self._checkpoints(), request.run_id, request.cut,
+                            f"server {self._index}'s shard of {request.run_id} went back to its checkpoint at cut "
+                            f"{request.cut}: retry")
+        return cpb.RestoreShardResponse(status=messages.shard_status(run, self._cluster[self._index]))
 
     async def DeleteShard(self, request: cpb.DeleteShardRequest) -> cpb.DeleteShardResponse:
         try:

@@ -2,7 +2,9 @@
 
 Layout: ``<data_dir>/<run_id>/ckpt-<seq>/`` holding ``arrays.npz`` (parameters, optimizer state,
 held BSP gradients) and ``manifest.json`` (format, the run's metadata from ``Run.state_dict``, the
-SHA-256 and size of ``arrays.npz``). A checkpoint is written into a hidden temporary directory,
+SHA-256 and size of ``arrays.npz``). The metadata's ``cut`` labels it: every update of clocks below
+the cut is in (the min clock when it was taken is >= the cut); a cluster's checkpoint is one snapshot
+of each server with the same cut. A checkpoint is written into a hidden temporary directory,
 each file fsynced, then renamed into place and the parent directory fsynced: a crash at any point
 leaves either the previous checkpoints or the new one, never a half one under a ``ckpt-`` name.
 Loading checks the manifest, the hash and the shapes; a checkpoint that fails is skipped with an
@@ -75,8 +77,9 @@ class CheckpointStore:
             return []
         return sorted((p for p in run_dir.iterdir() if p.name.startswith("ckpt-")), reverse=True)
 
-    def write(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Path:
-        """Write one checkpoint of ``meta["run_id"]`` atomically; prune to the newest ``keep``."""
+    def write(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], protect: int | None = None) -> Path:
+        """Write one checkpoint of ``meta["run_id"]`` atomically; prune to the newest ``keep``, but
+        for the newest checkpoint of cut ``protect`` (the cut a cluster can go back to)."""
         run_dir = self.root / str(meta["run_id"])
         run_dir.mkdir(parents=True, exist_ok=True)
         existing = self._checkpoints(run_dir)
@@ -102,13 +105,47 @@ class CheckpointStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        kept = self._checkpoints(run_dir)[: self.keep]
         for old in self._checkpoints(run_dir)[self.keep :]:
+            if protect is not None and self._cut(old) == protect and protect not in map(self._cut, kept):
+                kept.append(old)
+                continue
             shutil.rmtree(old, ignore_errors=True)
         return final
 
     def delete(self, run_id: str) -> None:
         """Every checkpoint of ``run_id`` (its directory), if any."""
         shutil.rmtree(self.root / run_id, ignore_errors=True)
+
+    def _cut(self, path: Path) -> int | None:
+        try:
+            meta = json.loads((path / "manifest.json").read_text())["meta"]
+            return int(meta.get("cut", meta["min_clock"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def cuts(self, run_id: str) -> list[int]:
+        """The cuts of ``run_id``'s checkpoints, newest first (from their manifests; one whose
+        manifest does not read is left out)."""
+        return [c for c in map(self._cut, self._checkpoints(self.root / run_id)) if c is not None]
+
+    def discard_after(self, run_id: str, cut: int) -> None:
+        """Delete ``run_id``'s checkpoints of cuts above ``cut``: the run went back to ``cut``, and
+        they belong to a history that is no longer its own."""
+        for path in self._checkpoints(self.root / run_id):
+            if (self._cut(path) or 0) > cut:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def load_cut(self, run_id: str, cut: int) -> Checkpoint:
+        """The newest checkpoint of ``run_id`` labelled ``cut`` that loads; CorruptCheckpoint if none."""
+        why = "there is none"
+        for path in self._checkpoints(self.root / run_id):
+            if self._cut(path) == cut:
+                try:
+                    return self.load(path)
+                except CorruptCheckpoint as exc:
+                    why = f"{path.name}: {exc}"
+        raise CorruptCheckpoint(f"no checkpoint of {run_id} at cut {cut} loads ({why})")
 
     def load(self, path: Path) -> Checkpoint:
         """Load and verify one checkpoint directory; raises CorruptCheckpoint saying why."""

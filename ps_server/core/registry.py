@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable
 from functools import partial
 
-from .errors import InvalidArgument, NotFound, ResourceExhausted, ShuttingDown, listed, quoted
+from .errors import InvalidArgument, NotFound, ResourceExhausted, ShardUnavailable, ShuttingDown, listed, quoted
 from .gate import Gate
 from .placement import Placement
 from .run import Run
@@ -84,6 +84,15 @@ class RunRegistry:
         self._runs[run.run_id] = run
         self._work.notify()
         return run
+
+    def replace(self, run: Run, why: str) -> Run:
+        """Put ``run`` (restored from a checkpoint) in place of the run of its id; the parked pulls
+        and watchers of the one replaced are released with ShardUnavailable(``why``), retryable."""
+        old = self._runs.get(run.run_id)
+        if old is not None:
+            old.on_change = None
+            old.gate.fail_all(ShardUnavailable(why))
+        return self.add(run)
 
     def get(self, run_id: str) -> Run:
         if self.shutting_down:

@@ -24,7 +24,7 @@ import numpy as np
 from . import ssp
 from .bsp import BspBuffer
 from .clock import Slot, VectorClock
-from .errors import FailedPrecondition, PsError, Reason
+from .errors import FailedPrecondition, PsError, Reason, ShardUnavailable
 from .gate import Gate
 from .history import History
 from .optimizers import make_optimizer
@@ -57,6 +57,7 @@ class Run:
         self.gate = Gate()
         self.changes = 0  # grows with every change a watcher could see
         self.on_change: Callable[[Run], None] | None = None  # called after every change: a consistent cut
+        self.held = ""  # why it takes no pushes and pulls now (a cluster's shard waiting to go back to a cut)
         self.history.event("created", -1, f"{spec.num_workers} ranks, staleness {spec.describe_staleness()}")
 
     @property
@@ -130,6 +131,8 @@ class Run:
              loss: float = float("nan"), data_plane: str = "") -> PushResult:
         """Accept a rank's gradient of iteration ``clock``: apply (s > 0) or hold (s = 0)."""
         try:
+            if self.held:
+                raise ShardUnavailable(self.held)
             slot = self.clock.holder(rank, incarnation)
             slot.data_plane = data_plane or slot.data_plane
             if clock < slot.clock:
@@ -159,6 +162,8 @@ class Run:
     async def wait_pull(self, rank: int, incarnation: int, clock: int, timeout: float, names: list[str] | None = None) -> None:
         """Return once a pull of ``clock`` by this rank may be served (``ssp``; meanwhile the rank
         shows what it waits for); raise when it never will be or after ``timeout`` seconds."""
+        if self.held:
+            raise ShardUnavailable(self.held)
         slot = self.clock.holder(rank, incarnation)
         ssp.check_pull(self.spec, slot, clock)
         self.store.check_names(names)  # a pull that cannot be served is refused now, not after its wait

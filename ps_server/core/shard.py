@@ -2,10 +2,11 @@
 
 It is a ``Run`` holding its pieces of the parameters: it takes pushes and serves pulls, enforces
 the staleness bound on its own clocks, de-duplicates, applies the optimizer and checkpoints like
-any run. Who holds which rank is the owner's decision (``Run.join``, leases, leaves, stops):
-``mirror`` sets this shard's ranks and state to the owner's, in the order the owner sent them;
-the shard never assigns a rank or expires a lease itself. A shard fails by itself only when its
-own parameters diverge; the owner learns it when it next asks for the shard's status.
+any run (at the same cuts as every server of the cluster: ``checkpointer``). Who holds which rank
+is the owner's decision (``Run.join``, leases, leaves, stops): ``mirror`` sets this shard's ranks
+and state to the owner's, in the order the owner sent them; the shard never assigns a rank or
+expires a lease itself. A shard fails by itself only when its own parameters diverge; the owner
+learns it when it next asks for the shard's status.
 """
 
 from __future__ import annotations

@@ -25,10 +25,11 @@ from .tensors import count_non_finite
 __all__ = ["restore", "state_dict"]
 
 
-def state_dict(run: Run) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """A consistent snapshot of ``run``, copied."""
+def state_dict(run: Run, cut: int | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A consistent snapshot of ``run``, copied, labelled ``cut`` (default: its min clock)."""
     meta: dict[str, Any] = {
         "run_id": run.run_id,
+        "cut": run.min_clock if cut is None else cut,
         "spec": spec_to_dict(run.spec),
         "state": run.state.value,
         "message": run.message,

@@ -29,18 +29,22 @@ class HelloResponse(_message.Message):
     def __init__(self, index: _Optional[int] = ..., cluster: _Optional[_Iterable[str]] = ..., data_port: _Optional[int] = ..., server_generation: _Optional[str] = ...) -> None: ...
 
 class CreateShardRequest(_message.Message):
-    __slots__ = ("run_id", "spec", "shard_map", "index", "created")
+    __slots__ = ("run_id", "spec", "shard_map", "index", "created", "checkpoints", "checkpoint_every")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SHARD_MAP_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_EVERY_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     spec: _paramserver_pb2.RunSpec
     shard_map: _paramserver_pb2.ShardMap
     index: int
     created: _timestamp_pb2.Timestamp
-    def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[_paramserver_pb2.RunSpec, _Mapping]] = ..., shard_map: _Optional[_Union[_paramserver_pb2.ShardMap, _Mapping]] = ..., index: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    checkpoints: bool
+    checkpoint_every: int
+    def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[_paramserver_pb2.RunSpec, _Mapping]] = ..., shard_map: _Optional[_Union[_paramserver_pb2.ShardMap, _Mapping]] = ..., index: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., checkpoints: _Optional[bool] = ..., checkpoint_every: _Optional[int] = ...) -> None: ...
 
 class CreateShardResponse(_message.Message):
     __slots__ = ("data_port",)
@@ -81,16 +85,24 @@ class UpdateShardResponse(_message.Message):
     def __init__(self, run_state: _Optional[_Union[_paramserver_pb2.RunState, str]] = ...) -> None: ...
 
 class GetShardRequest(_message.Message):
-    __slots__ = ("run_id",)
+    __slots__ = ("run_id", "keep_cut")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    KEEP_CUT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
-    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+    keep_cut: int
+    def __init__(self, run_id: _Optional[str] = ..., keep_cut: _Optional[int] = ...) -> None: ...
 
 class GetShardResponse(_message.Message):
-    __slots__ = ("status",)
+    __slots__ = ("status", "resumed", "data_port", "cuts")
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    CUTS_FIELD_NUMBER: _ClassVar[int]
     status: _paramserver_pb2.ShardStatus
-    def __init__(self, status: _Optional[_Union[_paramserver_pb2.ShardStatus, _Mapping]] = ...) -> None: ...
+    resumed: bool
+    data_port: int
+    cuts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, status: _Optional[_Union[_paramserver_pb2.ShardStatus, _Mapping]] = ..., resumed: _Optional[bool] = ..., data_port: _Optional[int] = ..., cuts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DeleteShardRequest(_message.Message):
     __slots__ = ("run_id",)
@@ -101,3 +113,49 @@ class DeleteShardRequest(_message.Message):
 class DeleteShardResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class CheckpointShardRequest(_message.Message):
+    __slots__ = ("run_id", "cut", "reason")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CUT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    cut: int
+    reason: str
+    def __init__(self, run_id: _Optional[str] = ..., cut: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CheckpointShardResponse(_message.Message):
+    __slots__ = ("path", "min_clock")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MIN_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    min_clock: int
+    def __init__(self, path: _Optional[str] = ..., min_clock: _Optional[int] = ...) -> None: ...
+
+class ListShardCheckpointsRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class ListShardCheckpointsResponse(_message.Message):
+    __slots__ = ("cuts", "clocks")
+    CUTS_FIELD_NUMBER: _ClassVar[int]
+    CLOCKS_FIELD_NUMBER: _ClassVar[int]
+    cuts: _containers.RepeatedScalarFieldContainer[int]
+    clocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, cuts: _Optional[_Iterable[int]] = ..., clocks: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RestoreShardRequest(_message.Message):
+    __slots__ = ("run_id", "cut")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    CUT_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    cut: int
+    def __init__(self, run_id: _Optional[str] = ..., cut: _Optional[int] = ...) -> None: ...
+
+class RestoreShardResponse(_message.Message):
+    __slots__ = ("status",)
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    status: _paramserver_pb2.ShardStatus
+    def __init__(self, status: _Optional[_Union[_paramserver_pb2.ShardStatus, _Mapping]] = ...) -> None: ...

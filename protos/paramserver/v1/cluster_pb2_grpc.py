@@ -59,6 +59,21 @@ class ClusterServiceStub:
                 request_serializer=paramserver_dot_v1_dot_cluster__pb2.DeleteShardRequest.SerializeToString,
                 response_deserializer=paramserver_dot_v1_dot_cluster__pb2.DeleteShardResponse.FromString,
                 _registered_method=True)
+        self.CheckpointShard = channel.unary_unary(
+                '/paramserver.v1.ClusterService/CheckpointShard',
+                request_serializer=paramserver_dot_v1_dot_cluster__pb2.CheckpointShardRequest.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_cluster__pb2.CheckpointShardResponse.FromString,
+                _registered_method=True)
+        self.ListShardCheckpoints = channel.unary_unary(
+                '/paramserver.v1.ClusterService/ListShardCheckpoints',
+                request_serializer=paramserver_dot_v1_dot_cluster__pb2.ListShardCheckpointsRequest.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_cluster__pb2.ListShardCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.RestoreShard = channel.unary_unary(
+                '/paramserver.v1.ClusterService/RestoreShard',
+                request_serializer=paramserver_dot_v1_dot_cluster__pb2.RestoreShardRequest.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_cluster__pb2.RestoreShardResponse.FromString,
+                _registered_method=True)
 
 
 class ClusterServiceServicer:
@@ -102,6 +117,33 @@ class ClusterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckpointShard(self, request, context):
+        """Checkpoint the shard at cut k: the snapshot taken the moment its min clock reaches k (at once
+        if it is there already, or the run ended; it waits a few seconds at most), labelled k. Every
+        server takes its periodic ones by itself, at the same multiples of --checkpoint-every; this
+        is CheckpointRun's: the owner picks a clock no shard has reached yet. The snapshots of one
+        label on every server are one cluster checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListShardCheckpoints(self, request, context):
+        """The cuts of the shard's checkpoints on disk, newest first, and its ranks' clocks now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreShard(self, request, context):
+        """Replace the shard by its checkpoint of cut k (the newest of that label that loads): after a
+        server restarted, every shard of a run goes back to the newest cut all of them have. Parked
+        pulls of the replaced shard are released with SHARD_UNAVAILABLE (retryable).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +171,21 @@ def add_ClusterServiceServicer_to_server(servicer, server):
                     servicer.DeleteShard,
                     request_deserializer=paramserver_dot_v1_dot_cluster__pb2.DeleteShardRequest.FromString,
                     response_serializer=paramserver_dot_v1_dot_cluster__pb2.DeleteShardResponse.SerializeToString,
+            ),
+            'CheckpointShard': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckpointShard,
+                    request_deserializer=paramserver_dot_v1_dot_cluster__pb2.CheckpointShardRequest.FromString,
+                    response_serializer=paramserver_dot_v1_dot_cluster__pb2.CheckpointShardResponse.SerializeToString,
+            ),
+            'ListShardCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListShardCheckpoints,
+                    request_deserializer=paramserver_dot_v1_dot_cluster__pb2.ListShardCheckpointsRequest.FromString,
+                    response_serializer=paramserver_dot_v1_dot_cluster__pb2.ListShardCheckpointsResponse.SerializeToString,
+            ),
+            'RestoreShard': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreShard,
+                    request_deserializer=paramserver_dot_v1_dot_cluster__pb2.RestoreShardRequest.FromString,
+                    response_serializer=paramserver_dot_v1_dot_cluster__pb2.RestoreShardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +323,87 @@ class ClusterService:
             '/paramserver.v1.ClusterService/DeleteShard',
             paramserver_dot_v1_dot_cluster__pb2.DeleteShardRequest.SerializeToString,
             paramserver_dot_v1_dot_cluster__pb2.DeleteShardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckpointShard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.ClusterService/CheckpointShard',
+            paramserver_dot_v1_dot_cluster__pb2.CheckpointShardRequest.SerializeToString,
+            paramserver_dot_v1_dot_cluster__pb2.CheckpointShardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListShardCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.ClusterService/ListShardCheckpoints',
+            paramserver_dot_v1_dot_cluster__pb2.ListShardCheckpointsRequest.SerializeToString,
+            paramserver_dot_v1_dot_cluster__pb2.ListShardCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreShard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.ClusterService/RestoreShard',
+            paramserver_dot_v1_dot_cluster__pb2.RestoreShardRequest.SerializeToString,
+            paramserver_dot_v1_dot_cluster__pb2.RestoreShardResponse.FromString,
             options,
             channel_credentials,
             insecure,
