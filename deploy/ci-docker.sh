@@ -7,7 +7,8 @@
 # 2. Starts dockerd when no engine answers, and stops it again on exit (only a dockerd it started).
 # 3. Makes sure the base image python:3.11-slim exists (deploy/build-base-image.sh: pull, or build
 #    it from Debian packages where no registry is reachable).
-# 4. Runs `pytest -m docker tests/docker`: builds the image, a 3- then 4-worker cluster, two runs.
+# 4. Runs `pytest -m docker tests/docker`: builds the image, a cluster of two servers and 3 then 4
+#    workers, two runs trained across both servers.
 # Any failure fails the script (non-zero exit, the reason on stderr); nothing is skipped.
 #
 # Environment: DOCKERD_LOG (default /tmp/ci-docker-dockerd.log), DOCKERD_WAIT_SECONDS (default 60),

@@ -1,4 +1,7 @@
-"""deploy/k8s/*.yaml against the Kubernetes schemas (kubernetes-validate, strict), and wired together.
+"""deploy/k8s/*.yaml against the Kubernetes schemas (kubernetes-validate, strict), and wired together:
+the StatefulSet's N replicas are the N servers of PS_CLUSTER, named by its headless Service, each
+pod's index its ordinal (ps-server's own config parser, fed the manifest's environment and each
+pod's host name, says so); workers and psctl reach server 0.
 
 kubernetes-validate ships the schemas, so this needs no cluster and no network. It is a test
 dependency: missing, these tests fail (they never skip).
@@ -6,6 +9,7 @@ dependency: missing, these tests fail (they never skip).
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +17,13 @@ from typing import Any
 
 import pytest
 
+from ps_server.config import FROM_HOSTNAME, parse_config
+
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 MANIFESTS = sorted(K8S.glob("*.yaml"))
 GRPC_PORT = 50051
+POD_NAME = "statefulset.kubernetes.io/pod-name"  # the label the StatefulSet controller sets on each pod
 # native gRPC probes are GA from 1.27: check the oldest version they need and the newest the package knows
 VERSIONS = ["1.27.0", None]
 
@@ -47,6 +54,26 @@ def _one(kind: str, component: str) -> dict[str, Any]:
     return found[0]
 
 
+def _service(name: str) -> dict[str, Any]:
+    found = [d for d in _documents() if d["kind"] == "Service" and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one Service {name!r}, found {len(found)}"
+    return found[0]
+
+
+def _server_env() -> dict[str, str]:
+    (container,) = _one("StatefulSet", "server")["spec"]["template"]["spec"]["containers"]
+    assert all("value" in e for e in container["env"]), "the server's environment should be plain values"
+    return {e["name"]: str(e["value"]) for e in container["env"]}
+
+
+def _selects_server_0(service: dict[str, Any]) -> bool:
+    """``service`` selects the StatefulSet's pod 0 and no other."""
+    sts = _one("StatefulSet", "server")
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    selector = dict(service["spec"]["selector"])
+    return selector.pop(POD_NAME, None) == f"{sts['metadata']['name']}-0" and selector.items() <= labels.items()
+
+
 def test_there_are_manifests() -> None:
     assert {p.name for p in MANIFESTS} >= {"server.yaml", "workers.yaml"}
 
@@ -67,7 +94,6 @@ def test_server_statefulset_has_grpc_probes_a_volume_and_a_service() -> None:
     _validator()
     sts = _one("StatefulSet", "server")
     pod = sts["spec"]["template"]
-    assert sts["spec"]["replicas"] == 1
     assert sts["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     (container,) = pod["spec"]["containers"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -81,8 +107,46 @@ def test_server_statefulset_has_grpc_probes_a_volume_and_a_service() -> None:
 
     services = [d for d in _documents() if d["kind"] == "Service"]
     assert sts["spec"]["serviceName"] in {s["metadata"]["name"] for s in services}
-    for svc in services:
-        assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items(), svc["metadata"]["name"]
+    for svc in services:  # the server's pods, or one of them (by the label the StatefulSet sets)
+        selector = {k: v for k, v in svc["spec"]["selector"].items() if k != POD_NAME}
+        assert selector.items() <= pod["metadata"]["labels"].items(), svc["metadata"]["name"]
+        if POD_NAME in svc["spec"]["selector"]:
+            assert svc["spec"]["selector"][POD_NAME] in {f"{sts['metadata']['name']}-{i}"
+                                                         for i in range(sts["spec"]["replicas"])}
+
+
+def test_the_replicas_are_the_servers_of_the_cluster_each_named_by_the_headless_service() -> None:
+    _validator()
+    sts = _one("StatefulSet", "server")
+    name, replicas = sts["metadata"]["name"], sts["spec"]["replicas"]
+    assert replicas >= 2, "two servers by default, as docker-compose.yml"
+    assert sts["spec"].get("podManagementPolicy") == "Parallel", "servers should start together, not one by one"
+    pod = sts["spec"]["template"]
+
+    # The governing Service is headless: it gives pod i the DNS name NAME-i.HEADLESS, before it is ready.
+    headless = _service(sts["spec"]["serviceName"])
+    assert headless["spec"].get("clusterIP") == "None"
+    assert headless["spec"].get("publishNotReadyAddresses") is True, "servers must find each other while starting"
+    assert headless["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+
+    # PS_CLUSTER names exactly the replicas, in ordinal order, by those names.
+    env = _server_env()
+    peers = env["PS_CLUSTER"].split(",")
+    expected = [f"{name}-{i}.{headless['metadata']['name']}:{GRPC_PORT}" for i in range(replicas)]
+    assert peers == expected, f"replicas: {replicas} needs PS_CLUSTER={','.join(expected)}"
+    data_port = int(env["PS_DATA_PORT"])
+    assert {"name": "data", "port": data_port, "targetPort": "data"} in headless["spec"]["ports"]
+    assert {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "appProtocol": "grpc"} in headless["spec"]["ports"]
+
+    # Each pod derives its index from its host name (its pod name), as ps-server parses it.
+    assert env["PS_INDEX"] == FROM_HOSTNAME
+    assert pod["spec"].get("hostname") is None and pod["spec"].get("setHostnameAsFQDN") is not True
+    for i in range(replicas):
+        config = parse_config([], env, hostname=f"{name}-{i}")
+        assert (config.index, config.peers, config.port, config.data_port) == (i, expected, GRPC_PORT, data_port)
+    # one replica more than the list: that pod refuses to start (rather than join as a stranger)
+    with pytest.raises(SystemExit):
+        parse_config([], env, hostname=f"{name}-{replicas}")
 
 
 def test_workers_reach_the_server_through_its_service() -> None:
@@ -93,9 +157,11 @@ def test_workers_reach_the_server_through_its_service() -> None:
     (container,) = pod["spec"]["containers"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     host, _, port = env["PS_SERVER"].partition(":")
-    service = next(d for d in _documents() if d["kind"] == "Service" and d["metadata"]["name"] == host)
+    service = _service(host)
     assert int(port) in [p["port"] for p in service["spec"]["ports"]]
     assert service["spec"].get("clusterIP") != "None", "workers should use the ClusterIP service"
+    # server 0 owns membership: workers join there (another server would forward every call to it)
+    assert _selects_server_0(service), f"the Service {host} should select server 0 only"
     # The TCP data plane: workers dial the service's host at the port Join tells, so the server's
     # data port must be fixed and exposed by the same service under the same number.
     server = _one("StatefulSet", "server")["spec"]["template"]["spec"]["containers"][0]
@@ -107,3 +173,13 @@ def test_workers_reach_the_server_through_its_service() -> None:
     # the worker's selector must not also select the server's pods (and the other way round)
     server_labels = _one("StatefulSet", "server")["spec"]["template"]["metadata"]["labels"]
     assert not deploy["spec"]["selector"]["matchLabels"].items() <= server_labels.items()
+
+
+def test_psctl_is_told_to_reach_server_0() -> None:
+    """The port-forward the manifests' comments give psctl goes to server 0's Service."""
+    text = (K8S / "server.yaml").read_text()
+    targets = re.findall(r"kubectl port-forward .*?svc/([\w-]+) (\d+):(\d+)", text)
+    assert targets, "server.yaml should say how psctl reaches the cluster"
+    for name, _, port in targets:
+        service = _service(name)
+        assert _selects_server_0(service) and int(port) in [p["port"] for p in service["spec"]["ports"]]

@@ -1,12 +1,16 @@
 """docker-compose.yml for real: build the image, a standing cluster, runs submitted from the host.
 
-The flow: build the image; ``up --scale worker=3`` (the workers start only once the server's gRPC
-health check passes); ``psctl launch --wait --json`` from the host against the published port trains
-an MLP on digits on the three workers (test accuracy >= 0.95); ``up --scale worker=4``; a second run
-with four ranks, one on each worker; ``run --rm client psctl runs`` inside the compose network;
-``stop`` (every container exits 0: SIGTERM reached Python through ``init``); ``down -v``, after which
-no container, network or volume of the project is left. Every step has a timeout, and the cluster
-is torn down (``down -v --remove-orphans``) whatever happens.
+The flow: build the image; ``up --scale worker=3``: two parameter servers (``ps`` = server 0, with
+the published port, and ``ps-1`` = server 1, one cluster) and three workers, which start only once
+server 0's gRPC health check passes; ``psctl launch --wait --json`` from the host against the
+published port trains an MLP on digits on the three workers (test accuracy >= 0.95), its
+parameters held by both servers (``psctl status --json``: the shard map names both, with their
+TCP data ports, each held bytes and applied pushes); ``up --scale worker=4``; a second run with four
+ranks, one on each worker, again over both servers; ``psctl runs`` and ``psctl export`` (which
+reads every server) inside the compose network, in the client service; ``stop`` (every container
+exits 0: SIGTERM reached Python through ``init``); ``down -v``, after which no container, network
+or volume of the project is left. Every step has a timeout, and the cluster is torn down
+(``down -v --remove-orphans``) whatever happens.
 
 Needs a running Docker engine and docker-compose 1.29 or ``docker compose`` v2 (``PS_COMPOSE``
 overrides which). ``deploy/ci-docker.sh`` installs and starts them and runs
@@ -16,6 +20,7 @@ overrides which). ``deploy/ci-docker.sh`` installs and starts them and runs
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import shlex
@@ -38,6 +43,9 @@ PSCTL = Path(sys.executable).with_name("psctl")
 IMAGE = "paramserver:compose-test"  # its own tag: the test never replaces a user's paramserver:latest
 MIN_ACCURACY = 0.95
 LAUNCH = ["--model", "mlp:64", "--dataset", "digits", "--staleness", "2"]
+SERVERS = ["ps", "ps-1"]  # the compose services of server 0 and server 1
+CLUSTER = ["ps:50051", "ps-1:50051"]  # their PS_CLUSTER: addresses in the compose network
+DATA_PORT = 50052  # every server's PS_DATA_PORT
 
 
 def _run(cmd: Sequence[str], *, timeout: float, env: dict[str, str] | None = None, check: bool = True,
@@ -118,13 +126,16 @@ class Cluster:
         return _run([str(PSCTL), *args, "--server", self.server], timeout=timeout, check=False)
 
     def wait_healthy(self, timeout: float) -> None:
+        """Server 0 answers on the published port, and every server's container is healthy."""
         deadline = time.monotonic() + timeout
         while True:
             got = self.psctl("health", timeout=15)
-            if got.returncode == 0 and "SERVING" in got.stdout:
+            health = {s: [c["State"].get("Health", {}).get("Status") for c in self.containers(s)] for s in SERVERS}
+            if got.returncode == 0 and "SERVING" in got.stdout and all(h == ["healthy"] for h in health.values()):
                 return
             if time.monotonic() > deadline:
-                raise AssertionError(f"the server did not answer on {self.server}: {got.stdout} {got.stderr}")
+                raise AssertionError(f"the servers are not all healthy: {health}; server 0 on {self.server}: "
+                                     f"{got.stdout} {got.stderr}")
             time.sleep(1)
 
     def launch(self, workers: int, timeout: float = 240) -> dict[str, Any]:
@@ -135,16 +146,37 @@ class Cluster:
         result: dict[str, Any] = json.loads(lines[-1])
         return result
 
-    def run_workers(self, run_id: str) -> list[dict[str, Any]]:
-        """The run's ranks as ``psctl status --json`` shows them."""
+    def status(self, run_id: str) -> dict[str, Any]:
+        """``psctl status RUN --json``: the run, its ranks and its shards."""
         got = self.psctl("status", run_id, "--json", timeout=30)
         assert got.returncode == 0, got.stderr
-        workers: list[dict[str, Any]] = json.loads(got.stdout)["workers"]
+        status: dict[str, Any] = json.loads(got.stdout)
+        return status
+
+    def run_workers(self, run_id: str) -> list[dict[str, Any]]:
+        """The run's ranks as ``psctl status --json`` shows them."""
+        workers: list[dict[str, Any]] = self.status(run_id)["workers"]
         return workers
 
     def run_hosts(self, run_id: str) -> list[str]:
         """The container hostnames of the run's ranks (worker names are 'hostname:pid')."""
         return sorted(w["worker_name"].rpartition(":")[0] for w in self.run_workers(run_id))
+
+    def assert_held_by_both_servers(self, run_id: str) -> None:
+        """The run's shard map names both servers (their compose addresses and TCP data ports), and
+        each held a share of its parameters and applied pushes to it."""
+        status = self.status(run_id)
+        params = status["run"]["spec"]["params"]
+        total = sum(4 * math.prod(p["shape"]) for p in params)
+        shard_map = status["run"]["shard_map"]["shards"]
+        assert [(s["index"], s["address"], s["data_port"]) for s in shard_map] == [
+            (i, a, DATA_PORT) for i, a in enumerate(CLUSTER)], shard_map
+        assert all(s["pieces"] for s in shard_map), f"a server holds nothing of the run: {shard_map}"
+        shards = status["shards"]
+        assert [(s["index"], s["address"]) for s in shards] == list(enumerate(CLUSTER)), shards
+        for s in shards:
+            assert s["reachable"] and s["bytes_held"] > 0 and s["pushes_applied"] > 0, s
+        assert sum(s["bytes_held"] for s in shards) == total, (shards, params)
 
     def leftovers(self) -> list[str]:
         found = []
@@ -191,13 +223,17 @@ def test_compose_cluster_trains_scales_and_leaves_nothing(cluster: Cluster) -> N
     c.compose("build", timeout=400)
     c.timed("build", start)
 
-    # A standing cluster of three workers; they start only after the server is healthy.
+    # A standing cluster: two servers and three workers; the workers start only after server 0 is healthy.
     start = time.monotonic()
     c.compose("up", "-d", "--scale", "worker=3", timeout=180)
     c.wait_healthy(60)
     c.timed("up_3_workers", start)
     (server,) = c.containers("ps")
-    assert server["State"]["Health"]["Status"] == "healthy"
+    (server1,) = c.containers("ps-1")
+    for s in (server, server1):
+        assert s["Config"]["User"] in ("10001:10001", "10001"), f"{s['Name']} runs as root"
+        assert s["HostConfig"]["Init"] is True
+    assert not server1["NetworkSettings"]["Ports"].get("50051/tcp"), "server 1 publishes a port"
     first_healthy = min(_timestamp(h["End"]) for h in server["State"]["Health"]["Log"] if h["ExitCode"] == 0)
     workers = c.containers("worker")
     assert len(workers) == 3
@@ -206,7 +242,6 @@ def test_compose_cluster_trains_scales_and_leaves_nothing(cluster: Cluster) -> N
             f"{w['Name']} started before the server was healthy")
         assert w["HostConfig"]["Init"] is True
         assert not w["NetworkSettings"]["Ports"].get("50051/tcp"), "a worker publishes a port"
-    assert server["Config"]["User"] in ("10001:10001", "10001"), "the server runs as root"
 
     # Run 1: three ranks, one per worker, submitted from the host through the published port.
     start = time.monotonic()
@@ -217,8 +252,10 @@ def test_compose_cluster_trains_scales_and_leaves_nothing(cluster: Cluster) -> N
     assert run1["test_accuracy"] is not None and run1["test_accuracy"] >= MIN_ACCURACY, run1
     hosts3 = sorted(w["Config"]["Hostname"] for w in workers)
     assert c.run_hosts(run1["run_id"]) == hosts3
-    # They pushed and pulled over the server's TCP data plane (ps:50052 in the compose network).
+    # They pushed and pulled over the servers' TCP data planes (ps:50052 and ps-1:50052 in the
+    # compose network), each server holding its share of the parameters.
     assert [w["data_plane"] for w in c.run_workers(run1["run_id"])] == ["tcp"] * 3
+    c.assert_held_by_both_servers(run1["run_id"])
 
     # Scale to four (the three keep running) and train on all of them.
     start = time.monotonic()
@@ -234,19 +271,25 @@ def test_compose_cluster_trains_scales_and_leaves_nothing(cluster: Cluster) -> N
     assert run2["workers"] == 4
     assert run2["test_accuracy"] is not None and run2["test_accuracy"] >= MIN_ACCURACY, run2
     assert c.run_hosts(run2["run_id"]) == sorted(w["Config"]["Hostname"] for w in workers4)
+    c.assert_held_by_both_servers(run2["run_id"])
 
-    # psctl inside the compose network (the client service, PSCTL_SERVER=ps:50051).
+    # psctl inside the compose network (the client service, PSCTL_SERVER=ps:50051), where every
+    # server's address resolves: the runs, and an export, which reads each server's share.
     start = time.monotonic()
-    listed = c.compose("run", "--rm", "client", "psctl", "runs", "--json", timeout=120)
+    script = f"psctl runs --json && psctl export {shlex.quote(run1['run_id'])} -o /tmp/run.npz --json"
+    got = c.compose("run", "--rm", "client", "sh", "-c", script, timeout=120)
     c.timed("client_run", start)
-    runs = json.loads([ln for ln in listed.stdout.splitlines() if ln.startswith("[")][-1])
+    runs = json.loads([ln for ln in got.stdout.splitlines() if ln.startswith("[")][-1])
     assert {run1["run_id"], run2["run_id"]} <= {r["run_id"] for r in runs}
+    exported = json.loads([ln for ln in got.stdout.splitlines() if ln.startswith("{")][-1])
+    shapes = {p["name"]: p["shape"] for p in c.status(run1["run_id"])["run"]["spec"]["params"]}
+    assert exported["tensors"] == shapes and exported["run_state"] == "completed", exported
 
     # Graceful stop: SIGTERM reaches Python (init: true) and every process exits 0 within the grace period.
     start = time.monotonic()
     c.compose("stop", timeout=180)
     c.timed("stop", start)
-    for container in c.containers("ps") + c.containers("worker"):
+    for container in [*c.containers("ps"), *c.containers("ps-1"), *c.containers("worker")]:
         state = container["State"]
         assert state["Status"] == "exited" and state["ExitCode"] == 0, (
             f"{container['Name']}: {state['Status']} exit {state['ExitCode']} (137 = killed after the grace period)")

@@ -1,0 +1,107 @@
+"""docker-compose.yml read as data (no Docker): its parameter servers are one cluster, as ps-server
+parses each one's environment; workers and psctl reach server 0; the one-server override and the
+commented third server give consistent clusters too. tests/docker runs the file for real."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ps_server.config import parse_config
+
+pytestmark = pytest.mark.timeout(30)
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+ONE_SERVER = ROOT / "deploy" / "compose.one-server.yml"
+
+
+def _load(text: str) -> dict[str, Any]:
+    import yaml  # kubernetes-validate's dependency, as in test_k8s_manifests
+
+    doc: dict[str, Any] = yaml.safe_load(text)
+    return doc
+
+
+def _env(service: dict[str, Any]) -> dict[str, str]:
+    """The service's environment as the container gets it (``${VAR:-default}`` at its default)."""
+    return {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v)) for k, v in service.get("environment", {}).items()}
+
+
+def _servers(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The parameter servers that `up` starts (no profile), by service name."""
+    return {name: s for name, s in doc["services"].items() if s.get("command") == ["ps-server"] and not s.get("profiles")}
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Compose's merge, as far as these files need: mappings key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _check_cluster(doc: dict[str, Any]) -> list[str]:
+    """Every started server has the same PS_CLUSTER, which lists them all in PS_INDEX order, and
+    ps-server accepts each one's environment as that place in that cluster; returns the list."""
+    servers = _servers(doc)
+    lists = {name: _env(s).get("PS_CLUSTER", "") for name, s in servers.items()}
+    assert len(set(lists.values())) == 1, f"the servers disagree on PS_CLUSTER: {lists}"
+    peers = [a for a in next(iter(lists.values())).split(",") if a]
+    by_index = {int(_env(s).get("PS_INDEX", "0")): name for name, s in servers.items()}
+    assert sorted(by_index) == list(range(len(servers))), f"PS_INDEX should be 0..{len(servers) - 1}: {by_index}"
+    if len(servers) > 1:
+        assert peers == [f"{by_index[i]}:{_env(servers[by_index[i]])['PS_PORT']}" for i in range(len(servers))], (
+            "PS_CLUSTER should name every server service, as host:PS_PORT, in PS_INDEX order")
+    for name, service in servers.items():
+        config = parse_config([], _env(service), hostname="unused")
+        assert (config.index, config.peers) == (int(_env(service).get("PS_INDEX", "0")), peers), name
+        assert config.data_port > 0, f"{name}: a fixed PS_DATA_PORT (workers are told it; 0 would be any port)"
+        assert config.data_dir, f"{name}: checkpoints need PS_DATA_DIR"
+    # each server checkpoints to a volume of its own, declared at the end
+    mounts = {name: [v.split(":")[0] for v in s.get("volumes", []) if v.split(":")[1] == _env(s)["PS_DATA_DIR"]]
+              for name, s in servers.items()}
+    assert all(len(m) == 1 for m in mounts.values()), mounts
+    volumes = [m[0] for m in mounts.values()]
+    assert len(set(volumes)) == len(volumes), f"servers share a checkpoint volume: {mounts}"
+    assert set(volumes) <= set(doc.get("volumes") or {}), "declare each server's volume under volumes:"
+    return peers
+
+
+def test_two_servers_are_one_cluster_and_workers_and_psctl_reach_server_0() -> None:
+    doc = _load(COMPOSE.read_text())
+    servers = _servers(doc)
+    assert len(servers) == 2
+    peers = _check_cluster(doc)
+    assert peers[0] == "ps:50051", "server 0 keeps the service name ps (existing commands use it)"
+    services = doc["services"]
+    assert _env(services["worker"])["PS_SERVER"] == peers[0]
+    assert _env(services["client"])["PSCTL_SERVER"] == peers[0]
+    for name in ("worker", "client"):  # only on server 0: the one-server override drops the others
+        assert set(services[name]["depends_on"]) == {"ps"}, name
+    assert [name for name, s in servers.items() if s.get("ports")] == ["ps"], "only server 0 is published"
+    for name, s in servers.items():
+        assert s["healthcheck"]["test"] and s.get("init") is True, name
+
+
+def test_the_one_server_override_leaves_server_0_alone() -> None:
+    doc = _merge(_load(COMPOSE.read_text()), _load(ONE_SERVER.read_text()))
+    assert list(_servers(doc)) == ["ps"]
+    assert _check_cluster(doc) == []
+    assert parse_config([], _env(doc["services"]["ps"]), hostname="unused").peers == []
+
+
+def test_the_commented_third_server_makes_a_cluster_of_three() -> None:
+    """What the file's comment says to do for a third server, done."""
+    text = COMPOSE.read_text()
+    block = re.search(r"\n  # ps-2:\n(?:  #.*\n)+", text)
+    assert block, "docker-compose.yml should keep a commented ps-2 block to copy"
+    uncommented = "\n" + "\n".join("  " + line[4:] for line in block.group(0).strip("\n").splitlines()) + "\n"
+    text = text.replace(block.group(0), uncommented)
+    text = text.replace("PS_CLUSTER: ps:50051,ps-1:50051", "PS_CLUSTER: ps:50051,ps-1:50051,ps-2:50051")
+    text = text.rstrip("\n") + "\n  ps-2-data:\n"
+    doc = _load(text)
+    assert _check_cluster(doc) == ["ps:50051", "ps-1:50051", "ps-2:50051"]
