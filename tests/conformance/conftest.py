@@ -4,6 +4,14 @@ Every test takes the ``impl`` fixture, parameterised over the worker implementat
 ``IMPLEMENTATIONS`` (the Python worker and the Node worker), and checks the contract from the
 server's side: run state, counters, per-rank records, clock records, events.
 
+Topologies: a test that takes the ``topology`` fixture runs against one ps-server and against a
+cluster of two (``--cluster``, ``--index``, a ``--split-bytes`` of 1 KiB so that every tensor
+over 1 KiB is split by rows over both): ``with topology.start(...) as srv`` starts it, and
+workers and the test's client use ``srv.address``, on a cluster the last server's (it forwards
+Join, Heartbeat, ReportMetrics, Leave and the run calls to server 0: "any server"). A test that
+does not take ``topology`` says why it runs on one server only with ``@pytest.mark.one_server(
+"reason")``; collection fails for a test that starts workers and does neither.
+
 The Node worker needs ``node`` and its packages: when ``worker/node/node_modules`` is missing the
 session runs ``npm ci`` there once (no skipping: a missing ``node`` fails the Node cases). Workers
 that are not Python read datasets exported by ``python -m worker.export_shard``; the session
@@ -29,15 +37,17 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from client.spec import LaunchOptions, build_run_spec
 from paramserver.client import PsClient
 from paramserver.security import Security
+from paramserver.shards import pull_run
 from paramserver.v1 import paramserver_pb2 as pb
 from worker.datasets import parse_dataset
 from worker.export_shard import export
@@ -185,24 +195,171 @@ class Server:
 @contextlib.contextmanager
 def ps_server(*args: str, env: dict[str, str] | None = None) -> Iterator[Server]:
     """A ps-server subprocess (``--port 0`` unless a port is given); terminated at exit."""
-    if "--port" not in args:
-        args = ("--port", "0", *args)
-    proc = subprocess.Popen([sys.executable, "-m", "ps_server.server", "--log-level", "WARNING", *args],
-                            stdout=subprocess.PIPE, text=True, env={**ENV, **(env or {})}, cwd=ROOT)
+    with ps_servers([args], env=env) as (srv,):
+        yield srv
+
+
+@contextlib.contextmanager
+def ps_servers(argv: Sequence[Sequence[str]], env: dict[str, str] | None = None) -> Iterator[list[Server]]:
+    """A ps-server subprocess for each arguments in ``argv``, all started at once (``--port 0``
+    unless a port is given), listening when this yields; all terminated at exit."""
+    procs: list[subprocess.Popen[str]] = []
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = re.search(r"listening on ([\d.]+):(\d+)", line)
-        assert match, f"server did not start: {line!r}"
-        yield Server(proc, f"{match.group(1)}:{match.group(2)}")
+        for args in argv:
+            if "--port" not in args:
+                args = ("--port", "0", *args)
+            procs.append(subprocess.Popen([sys.executable, "-m", "ps_server.server", "--log-level", "WARNING", *args],
+                                          stdout=subprocess.PIPE, text=True, env={**ENV, **(env or {})}, cwd=ROOT))
+        servers = []
+        for proc in procs:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            match = re.search(r"listening on ([\d.]+):(\d+)", line)
+            assert match, f"server did not start: {line!r}"
+            servers.append(Server(proc, f"{match.group(1)}:{match.group(2)}"))
+        yield servers
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@dataclass
+class Cluster:
+    """The servers a test started: one alone, or a cluster's in index order (server 0 first)."""
+
+    servers: list[Server]
+    argv: list[tuple[str, ...]] = field(default_factory=list)
+    """Each server's arguments, for ``start_again``."""
+    env: dict[str, str] | None = None
+
+    def start_again(self, index: int) -> contextlib.AbstractContextManager[Server]:
+        """Server ``index`` again, with the same arguments (same port, cluster, data dir), after
+        the test killed it; it takes that server's place in ``servers``."""
+        @contextlib.contextmanager
+        def again() -> Iterator[Server]:
+            with ps_server(*self.argv[index], env=self.env) as srv:
+                self.servers[index] = srv
+                yield srv
+
+        return again()
+
+    @property
+    def address(self) -> str:
+        """Where workers and the test's client go: the one server, or a cluster's last one, which
+        forwards control RPCs to server 0 (a worker may join through any server)."""
+        return self.servers[-1].address
+
+    @property
+    def sharded(self) -> bool:
+        return len(self.servers) > 1
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (held together while they are picked)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+
+
+SPLIT_BYTES = 1024
+"""A cluster's ``--split-bytes`` in this suite (the least the server takes): every tensor over
+1 KiB is split by rows over the servers, e.g. digits' ``softmax.weight`` (64 x 10, 2.5 KiB)."""
+
+
+@contextlib.contextmanager
+def ps_cluster(n: int, *args: str, ports: Sequence[int] = (), addresses: Sequence[str] = (),
+               per_server: Callable[[int], Sequence[str]] = lambda i: (),
+               env: dict[str, str] | None = None) -> Iterator[Cluster]:
+    """``n`` ps-servers holding runs together (``--cluster``, ``--index``, ``--split-bytes``), started
+    at once, or one alone (n = 1), each with ``args`` and ``per_server(index)``; on ``ports`` if given (a
+    restart on the same addresses), else free ones. ``addresses``: the ``--cluster`` list, when
+    a server is to be reached elsewhere than where it listens (127.0.0.1 and its port), e.g. a
+    proxy in front of it on another loopback address and the same port. All are terminated at exit."""
+    if n == 1:
+        argv = [(*(("--port", str(ports[0])) if ports else ()), *args, *per_server(0))]
+    else:
+        ports = list(ports) or free_ports(n)
+        cluster = ",".join(addresses or [f"127.0.0.1:{p}" for p in ports])
+        argv = [("--port", str(port), "--cluster", cluster, "--index", str(i), "--split-bytes", str(SPLIT_BYTES),
+                 *args, *per_server(i)) for i, port in enumerate(ports)]
+    with ps_servers(argv, env=env) as servers:
+        yield Cluster(servers, argv, env)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """One server, or a cluster of ``servers``, for ``topology.start(...)`` (see ``ps_cluster``)."""
+
+    name: str
+    servers: int
+
+    @property
+    def sharded(self) -> bool:
+        return self.servers > 1
+
+    def start(self, *args: str, ports: Sequence[int] = (), addresses: Sequence[str] = (),
+              per_server: Callable[[int], Sequence[str]] = lambda i: (),
+              env: dict[str, str] | None = None) -> contextlib.AbstractContextManager[Cluster]:
+        return ps_cluster(self.servers, *args, ports=ports, addresses=addresses, per_server=per_server, env=env)
+
+    def ports(self) -> list[int]:
+        """Free ports for every server, for a test that restarts them on the same addresses."""
+        return free_ports(self.servers)
+
+
+TOPOLOGIES = {"one-server": Topology("one-server", 1), "two-shards": Topology("two-shards", 2)}
+
+
+@pytest.fixture(params=list(TOPOLOGIES), ids=list(TOPOLOGIES))
+def topology(request: pytest.FixtureRequest) -> Topology:
+    return TOPOLOGIES[request.param]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "one_server(reason): a conformance test that runs on one ps-server only, "
+                                       "not on a cluster, and why")
+
+
+WORKER_FIXTURES = {"impl", "node_impl", "python_impl"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every conformance test that starts workers runs on both topologies or says why not."""
+    here = Path(__file__).parent
+    for item in items:
+        if here not in item.path.parents or not WORKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            continue
+        mark = item.get_closest_marker("one_server")
+        has_topology = "topology" in getattr(item, "fixturenames", ())
+        if has_topology and mark is not None:
+            raise pytest.UsageError(f"{item.nodeid}: runs on both topologies, yet is marked one_server")
+        if not has_topology and (mark is None or not (mark.args or mark.kwargs.get("reason"))):
+            raise pytest.UsageError(f"{item.nodeid}: take the `topology` fixture (one server and a 2-server "
+                                    "cluster), or say why not with @pytest.mark.one_server(\"reason\")")
+
+
+async def pull_all(client: PsClient, run_id: str) -> dict[str, np.ndarray]:
+    """A run's whole current parameters (an observer's read): from its one server, or its pieces
+    from every server of a cluster, put together."""
+    return (await pull_run(client, run_id)).tensors
+
+
+def split_tensors(run: pb.Run) -> dict[str, list[tuple[int, int, int]]]:
+    """The tensors a run's shard map splits over several servers: name -> [(index, row_start, row_end)]."""
+    where: dict[str, list[tuple[int, int, int]]] = {}
+    for shard in run.shard_map.shards:
+        for pc in shard.pieces:
+            where.setdefault(pc.name, []).append((shard.index, pc.row_start, pc.row_end))
+    return {name: sorted(pieces) for name, pieces in where.items() if len(pieces) > 1}
 
 
 @contextlib.asynccontextmanager

@@ -6,6 +6,10 @@ receives the server's acknowledgement, and instead of forwarding it drops the wo
 UNAVAILABLE: what a worker sees when the connection breaks after its push was applied. A correct
 worker retries the push with the same key (run_id, rank, incarnation, clock); the server
 acknowledges it as a duplicate and applies nothing twice.
+
+In front of one server of a cluster (``listen`` on the address the cluster's ``--cluster`` names
+for it, which the shard map gives workers and the other servers) it forwards the cluster's own
+calls too, and drops only that shard's answer: a worker then retries the push to that shard alone.
 """
 
 from __future__ import annotations
@@ -18,15 +22,17 @@ from typing import Any
 
 import grpc
 
+from paramserver.v1 import cluster_pb2 as cpb
 from paramserver.v1 import paramserver_pb2 as pb
 
 __all__ = ["FaultProxy"]
 
 
 def _methods() -> dict[str, tuple[bool, bool]]:
-    """'/package.Service/Method' -> (client_streaming, server_streaming) for every RPC of the contract."""
+    """'/package.Service/Method' -> (client_streaming, server_streaming) for every RPC of the contract
+    and of the servers of a cluster among themselves."""
     out = {}
-    for service in pb.DESCRIPTOR.services_by_name.values():
+    for service in [*pb.DESCRIPTOR.services_by_name.values(), *cpb.DESCRIPTOR.services_by_name.values()]:
         for m in service.methods:
             out[f"/{service.full_name}/{m.name}"] = (m.client_streaming, m.server_streaming)
     return out
@@ -37,13 +43,17 @@ class FaultProxy:
 
     PUSH = "/paramserver.v1.ParameterService/PushGradient"
 
-    def __init__(self, upstream: str, drop_push_clock: int = -1, drop_rate: float = 0.0, seed: int = 0) -> None:
-        """Drop the answer to the push of ``drop_push_clock`` once, or each answer with ``drop_rate``."""
+    def __init__(self, upstream: str, drop_push_clock: int = -1, drop_rate: float = 0.0, seed: int = 0,
+                 listen: str = "127.0.0.1:0") -> None:
+        """Drop the answer to the push of ``drop_push_clock`` once, or each answer with ``drop_rate``;
+        ``listen``: the proxy's address (host:port, port 0 = a free one)."""
         self.upstream = upstream
+        self.listen = listen
         self.drop_push_clock = drop_push_clock
         self.drop_rate = drop_rate
         self._rng = random.Random(seed)
         self.dropped: list[tuple[int, int]] = []  # (clock acknowledged, duplicate flag) of dropped answers
+        self.duplicates: list[int] = []  # clock acknowledged of each answer that said duplicate (passed on)
         self.pushes_seen = 0
         self._kinds = _methods()
         self._channel: grpc.aio.Channel | None = None
@@ -54,9 +64,9 @@ class FaultProxy:
         self._channel = grpc.aio.insecure_channel(self.upstream, options=[("grpc.enable_retries", 0)])
         self._server = grpc.aio.server()
         self._server.add_generic_rpc_handlers([_Handler(self)])
-        port = self._server.add_insecure_port("127.0.0.1:0")
+        port = self._server.add_insecure_port(self.listen)
         await self._server.start()
-        self.address = f"127.0.0.1:{port}"
+        self.address = f"{self.listen.rpartition(':')[0]}:{port}"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -69,6 +79,8 @@ class FaultProxy:
             return False
         self.pushes_seen += 1
         resp = pb.PushGradientResponse.FromString(response)
+        if resp.duplicate:
+            self.duplicates.append(resp.clock)
         if resp.duplicate or resp.clock == 0:  # a retry's answer, or a later message of a then_pull
             return False
         if self.drop_rate:

@@ -1,4 +1,5 @@
-"""Acceptance: the Node worker trains for real, alone and next to Python workers in one run."""
+"""Acceptance: the Node worker trains for real, alone and next to Python workers in one run, on one
+server and on a cluster of two holding each run in two shards (conftest.py's ``topology``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,18 @@ from worker.datasets import load_dataset
 from worker.models import build_model
 from worker.sampling import BatchSampler, shard_indices
 
-from .conftest import IMPLEMENTATIONS, Impl, connect, finish, ps_server, run_spec
+from .conftest import (
+    IMPLEMENTATIONS,
+    TOPOLOGIES,
+    Impl,
+    Topology,
+    connect,
+    finish,
+    ps_server,
+    pull_all,
+    run_spec,
+    split_tensors,
+)
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
 
@@ -31,11 +43,12 @@ def _logs(*impls: Impl) -> str:
     return "\n".join(i.logs() for i in impls)
 
 
-async def test_mixed_python_and_node_workers_train_digits_mlp_to_095(python_impl: Impl, node_impl: Impl) -> None:
+async def test_mixed_python_and_node_workers_train_digits_mlp_to_095(python_impl: Impl, node_impl: Impl,
+                                                                    topology: Topology) -> None:
     """2 Python + 2 Node workers, one digits MLP (mlp:64) run with s = 2: >= 0.95 test accuracy."""
     spec = run_spec(model="mlp:64", workers=4, staleness=2, epochs=10, iterations=0)
     try:
-        with ps_server() as srv:
+        with topology.start() as srv:
             async with connect(srv.address) as c:
                 run = await c.create_run(spec)
                 workers = python_impl.start_many(srv.address, 2) + node_impl.start_many(srv.address, 2)
@@ -53,8 +66,13 @@ async def test_mixed_python_and_node_workers_train_digits_mlp_to_095(python_impl
     assert final.counters.pushes_applied == 4 * spec.iterations
     names = [w.worker_name for w in final.workers]
     assert sum(n.startswith("node:") for n in names) == 2, names
+    if topology.sharded:
+        assert sorted(split_tensors(final)) == ["layer0.weight", "layer1.weight"], final.shard_map
 
 
+@pytest.mark.one_server("Node workers alone on a cluster train to the same parameters as on one server, bit for "
+                        "bit (test_node_bsp_run_equals_the_python_single_process_reference[two-shards]), and to "
+                        "accuracy next to Python workers (test_mixed_python_and_node_workers_...[two-shards])")
 async def test_node_workers_alone_train_softmax_on_digits_to_090(node_impl: Impl) -> None:
     spec = run_spec(model="softmax", workers=2, staleness=2, epochs=10, iterations=0)
     try:
@@ -73,23 +91,40 @@ async def test_node_workers_alone_train_softmax_on_digits_to_090(node_impl: Impl
     assert all(w.worker_name.startswith("node:") and w.pushes == spec.iterations for w in final.workers)
 
 
-async def test_node_bsp_run_equals_the_python_single_process_reference(node_impl: Impl) -> None:
-    """s = 0 with SGD and Node workers: the same parameters as numpy computing the same batches of the
-    same shards in one process (tests/system's reference), to float32 rounding. The Node worker
-    reproduces worker.datasets' shards and batches exactly, and worker.models' gradients."""
-    spec = run_spec(model="mlp:16", workers=3, staleness=0, lr=0.1, iterations=25, batch_size=16, seed=5)
+BSP_SPEC = {"model": "mlp:16", "workers": 3, "staleness": 0, "lr": 0.1, "iterations": 25, "batch_size": 16, "seed": 5}
+_bsp_final: dict[str, dict[str, np.ndarray]] = {}
+"""The final parameters of the BSP run on each topology, as far as this session ran it."""
+
+
+async def _bsp_run(node_impl: Impl, topology: Topology) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], pb.Run]:
+    """The BSP run of BSP_SPEC by three Node workers: its initial and final parameters, and the run."""
+    spec = run_spec(**BSP_SPEC)
     try:
-        with ps_server() as srv:
+        with topology.start() as srv:
             async with connect(srv.address) as c:
                 run = await c.create_run(spec)
-                init = (await c.pull(run.run_id)).tensors
+                init = await pull_all(c, run.run_id)
                 node_impl.start_many(srv.address, 3)
                 final_run = await finish(c, run.run_id, logs=node_impl.logs)
-                final = (await c.pull(run.run_id)).tensors
+                final = await pull_all(c, run.run_id)
     finally:
         for w in node_impl.started:
             w.stop()
     assert final_run.state == pb.RUN_STATE_COMPLETED, (final_run.message, node_impl.logs())
+    _bsp_final[topology.name] = final
+    return init, final, final_run
+
+
+async def test_node_bsp_run_equals_the_python_single_process_reference(node_impl: Impl, topology: Topology) -> None:
+    """s = 0 with SGD and Node workers: the same parameters as numpy computing the same batches of the
+    same shards in one process (tests/system's reference), to float32 rounding. The Node worker
+    reproduces worker.datasets' shards and batches exactly, and worker.models' gradients.
+
+    On two shards (layer0.weight split by rows, the other tensors whole on one or the other) the
+    final parameters are also those of the same run on one server, bit for bit: each shard steps
+    its rows as the one server steps them, with the same gradients combined in the same order."""
+    spec = run_spec(**BSP_SPEC)
+    init, final, final_run = await _bsp_run(node_impl, topology)
     data = load_dataset(json.loads(spec.data_spec_json))
     model = build_model(json.loads(spec.model_spec_json), data.n_features, data.n_outputs)
     shards = [shard_indices(len(data.X_train), r, 3, spec.seed) for r in range(3)]
@@ -105,3 +140,14 @@ async def test_node_bsp_run_equals_the_python_single_process_reference(node_impl
     for name in params:
         np.testing.assert_allclose(final[name], params[name], rtol=1e-4, atol=1e-5, err_msg=name)
     assert not np.allclose(final["layer0.weight"], init["layer0.weight"])
+    if topology.sharded:
+        assert split_tensors(final_run) == {"layer0.weight": [(0, 0, 32), (1, 32, 64)]}, final_run.shard_map
+        assert all(s.pieces for s in final_run.shard_map.shards), final_run.shard_map
+        alone = _bsp_final.get("one-server")
+        if alone is None:  # (this case alone was asked for)
+            _, alone, _ = await _bsp_run(node_impl, TOPOLOGIES["one-server"])
+        assert sorted(alone) == sorted(final)
+        for name in final:
+            assert final[name].dtype == alone[name].dtype == np.float32
+            same = final[name].view(np.uint32) == alone[name].view(np.uint32)
+            assert same.all(), f"{name}: {int((~same).sum())} of {same.size} values differ from the one-server run"

@@ -1,4 +1,8 @@
-"""A worker talks to a secured server: mutual TLS and a bearer token (PS_TOKEN), like the Python worker."""
+"""A worker talks to a secured server: mutual TLS and a bearer token (PS_TOKEN), like the Python worker.
+
+On a cluster every server is secured alike (they call each other with their own certificate and
+the token): the worker's calls to each shard carry its certificate and the token too, over gRPC (a
+secured server offers no TCP data plane, whose framing carries neither)."""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from paramserver.security import Security
 from paramserver.v1 import paramserver_pb2 as pb
 
-from .conftest import Impl, connect, finish, ps_server, run_spec
+from .conftest import Impl, Topology, connect, finish, run_spec
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -46,14 +50,15 @@ def _issue(path: Path, name: str, issuer: tuple[x509.Name, ec.EllipticCurvePriva
     return subject, key
 
 
-async def test_trains_against_a_server_with_mutual_tls_and_a_token(impl: Impl, tmp_path: Path) -> None:
+async def test_trains_against_a_server_with_mutual_tls_and_a_token(impl: Impl, topology: Topology,
+                                                                   tmp_path: Path) -> None:
     ca = _issue(tmp_path, "ca", None, ca=True)
     _issue(tmp_path, "server", ca, ca=False)
     _issue(tmp_path, "client", ca, ca=False)
     pem = {n: str(tmp_path / f"{n}.pem") for n in ("ca", "server", "client")}
     tls = ("--tls-ca", pem["ca"], "--tls-cert", pem["client"], "--tls-key", str(tmp_path / "client.key"))
-    with ps_server("--tls-cert", pem["server"], "--tls-key", str(tmp_path / "server.key"),
-                   "--tls-client-ca", pem["ca"], env={"PS_TOKEN": TOKEN}) as srv:
+    with topology.start("--tls-cert", pem["server"], "--tls-key", str(tmp_path / "server.key"),
+                        "--tls-client-ca", pem["ca"], env={"PS_TOKEN": TOKEN}) as srv:
         me = Security(ca=pem["ca"], cert=pem["client"], key=str(tmp_path / "client.key"), token=TOKEN)
         async with connect(srv.address, security=me) as c:
             run = await c.create_run(run_spec(workers=1, iterations=20))
@@ -71,3 +76,5 @@ async def test_trains_against_a_server_with_mutual_tls_and_a_token(impl: Impl, t
         assert worker.wait(20) == 0, impl.logs()
     assert final.state == pb.RUN_STATE_COMPLETED, (final.message, impl.logs())
     assert final.workers[0].pushes == 20
+    assert len(final.shard_map.shards) == (2 if topology.sharded else 0)
+    assert not any(s.data_port for s in final.shard_map.shards), final.shard_map

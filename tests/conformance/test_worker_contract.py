@@ -4,6 +4,11 @@ Each test starts a real ps-server (port 0, or a fixed free port when it restarts
 worker processes of the implementation under test (``impl``), then reads what the server
 recorded: run state and message, per-rank pushes, clocks and states, counters, clock records,
 metrics and events. Nothing here looks inside a worker.
+
+Tests that take ``topology`` run on one server and on a cluster of two servers holding each run in
+two shards (conftest.py): the same checks, and where the answer differs on a cluster, the
+cluster's (counters and clock records are server 0's, whose shard sees every push as the other
+does). The others say with ``one_server`` why a cluster would add nothing to them.
 """
 
 from __future__ import annotations
@@ -11,17 +16,31 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from paramserver.client import PsClient
 from paramserver.v1 import paramserver_pb2 as pb
 from worker.datasets import load_dataset
 from worker.models import build_model
 from worker.sampling import BatchSampler, shard_indices
 
-from .conftest import Impl, connect, finish, free_port, ps_server, run_spec, wait_until
+from .conftest import (
+    Impl,
+    Topology,
+    connect,
+    finish,
+    free_port,
+    free_ports,
+    ps_server,
+    pull_all,
+    run_spec,
+    split_tensors,
+    wait_until,
+)
 from .proxy import FaultProxy
 
 pytestmark = pytest.mark.timeout(120)
@@ -33,11 +52,26 @@ def kinds(events: list[pb.RunEvent], rank: int | None = None) -> list[str]:
     return [e.kind for e in events if rank is None or e.rank == rank]
 
 
-async def test_joins_and_completes_a_run(impl: Impl) -> None:
+async def wait_for_event(c: PsClient, run_id: str, kind: str, timeout: float, logs: Callable[[], str]) -> pb.RunEvent:
+    """The run's first event of ``kind``, once the server has it."""
+    events: list[pb.RunEvent] = []
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                events = list((await c.get_metrics(run_id)).events)
+                found = [e for e in events if e.kind == kind]
+                if found:
+                    return found[0]
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise AssertionError(f"no {kind!r} event within {timeout}s: {kinds(events)}\n{logs()}") from None
+
+
+async def test_joins_and_completes_a_run(impl: Impl, topology: Topology) -> None:
     """Join, SSP loop with the cache, metrics, rank-0 eval on the final parameters, Leave DONE."""
     iterations = 40
     spec = run_spec(workers=2, staleness=2, iterations=iterations, eval_every=10)
-    with ps_server() as srv:
+    with topology.start() as srv:
         async with connect(srv.address) as c:
             run = await c.create_run(spec)
             workers = impl.start_many(srv.address, 2)
@@ -70,11 +104,12 @@ async def test_joins_and_completes_a_run(impl: Impl) -> None:
     assert kinds(list(metrics.events)).count("done") == 2
 
 
-async def test_staleness_bound_holds_with_a_straggler(impl: Impl) -> None:
-    """Every served pull and accepted push has min_clock >= clock - s (server clock records)."""
+async def test_staleness_bound_holds_with_a_straggler(impl: Impl, topology: Topology) -> None:
+    """Every served pull and accepted push has min_clock >= clock - s (server clock records; on a
+    cluster server 0's, whose shard holds part of every split tensor)."""
     s, iterations = 1, 30
     spec = run_spec(model="mlp:32", workers=3, staleness=s, iterations=iterations, slowdown=((2, 3.0),))
-    with ps_server() as srv:
+    with topology.start() as srv:
         async with connect(srv.address) as c:
             run = await c.create_run(spec)
             workers = impl.start_many(srv.address, 3)
@@ -92,6 +127,10 @@ async def test_staleness_bound_holds_with_a_straggler(impl: Impl) -> None:
     assert sorted((r.rank, r.clock) for r in pushes) == [(k, c) for k in range(3) for c in range(iterations)]
 
 
+@pytest.mark.one_server("whether to pull is the worker's own decision, from the guaranteed clock, which a cluster "
+                        "only combines (the least over the shards); the cache on a cluster is in "
+                        "test_joins_and_completes_a_run[two-shards], BSP on a cluster in "
+                        "test_large_tensors_travel_in_chunks[two-shards] and the Node BSP acceptance run")
 @pytest.mark.parametrize("staleness", [0, -1], ids=["bsp", "inf"])
 async def test_pulls_every_iteration_without_a_finite_bound(impl: Impl, staleness: int) -> None:
     """s = 0 (BSP) and unbounded s: no cache, one pull per iteration (plus rank 0's final pull)."""
@@ -112,49 +151,79 @@ async def test_pulls_every_iteration_without_a_finite_bound(impl: Impl, stalenes
               for rank in (0, 1)}
     assert pulled[0] == list(range(iterations + 1)), pulled[0]  # rank 0 also pulls the final parameters
     assert pulled[1] == list(range(iterations)), pulled[1]
-    if staleness == "0":
+    if staleness == 0:
         for r in metrics.clock_records:
             assert r.min_clock >= r.clock, r
 
 
-async def test_a_retried_push_is_applied_once(impl: Impl) -> None:
+async def test_a_retried_push_is_applied_once(impl: Impl, topology: Topology) -> None:
     """The connection drops after a push reached the server: the worker retries it, the server
-    acknowledges a duplicate, and every push is applied exactly once."""
+    acknowledges a duplicate, and every push is applied exactly once.
+
+    On a cluster the answer lost is server 1's (the proxy stands in front of it alone) while server
+    0 acknowledged the same push: the retry goes to server 1 only, which acknowledges a duplicate,
+    and server 0 sees that push once."""
     iterations = 15
     spec = run_spec(workers=2, staleness=1, iterations=iterations)
-    # The proxy speaks gRPC: the server offers no TCP data plane, which would bypass it.
-    with ps_server("--data-port", "-1") as srv:
-        async with FaultProxy(srv.address, drop_push_clock=3) as proxy, connect(srv.address) as c:
-            run = await c.create_run(spec)
-            workers = impl.start_many(proxy.address, 2, "--timeout-seconds", "10")
-            final = await finish(c, run.run_id, logs=impl.logs)
-            codes = [w.wait(20) for w in workers]
+    ports = topology.ports()
+    # One server: workers dial the proxy. A cluster: the proxy listens where --cluster says server 1
+    # is (127.0.0.2, server 1's port; server 1 listens on 127.0.0.1), so the shard map sends every
+    # push and pull for server 1 through it, and server 0's calls to server 1 as well.
+    listen = f"127.0.0.2:{ports[-1]}" if topology.sharded else "127.0.0.1:0"
+    async with FaultProxy(f"127.0.0.1:{ports[-1]}", drop_push_clock=3, listen=listen) as proxy:
+        cluster = [*(f"127.0.0.1:{p}" for p in ports[:-1]), proxy.address]
+        # The proxy speaks gRPC: the servers offer no TCP data plane, which would bypass it.
+        with topology.start("--data-port", "-1", ports=ports, addresses=cluster if topology.sharded else ()) as srv:
+            async with connect(srv.address) as c:
+                run = await c.create_run(spec)
+                workers = impl.start_many(srv.address if topology.sharded else proxy.address, 2,
+                                          "--timeout-seconds", "10")
+                final = await finish(c, run.run_id, logs=impl.logs)
+            # (waited for off the event loop, which runs the proxy: the workers' Leave needs server 0's
+            # call to server 1, through it, on a cluster)
+            codes = [await asyncio.to_thread(w.wait, 20) for w in workers]
     assert proxy.dropped == [(4, False)], proxy.dropped
     assert final.state == COMPLETED, (final.message, impl.logs())
     assert codes == [0, 0], impl.logs()
-    assert final.counters.pushes_duplicate >= 1
+    assert 4 in proxy.duplicates, (proxy.duplicates, impl.logs())  # the retry, answered as a duplicate
+    if topology.sharded:
+        assert split_tensors(final), final.shard_map
+        assert final.counters.pushes_duplicate == 0, impl.logs()  # server 0's: it never saw the push again
+    else:
+        assert final.counters.pushes_duplicate >= 1
     assert final.counters.pushes_applied == 2 * iterations
     assert final.counters.pushes_rejected == 0
     assert [w.pushes for w in final.workers] == [iterations, iterations]
 
 
-async def test_large_tensors_travel_in_chunks(impl: Impl) -> None:
+async def test_large_tensors_travel_in_chunks(impl: Impl, topology: Topology) -> None:
     """A 2.4 MB model (layer1.weight alone 2 MiB) with the server cutting pulls into 64 KiB chunks:
-    pushes span several ~1 MiB messages, pulls many; the result equals numpy's SGD on the same batches."""
+    pushes span several ~1 MiB messages, pulls many; the result equals numpy's SGD on the same batches.
+    On a cluster every tensor but the last bias is split by rows over both servers."""
     iterations = 4
     spec = run_spec(model="mlp:1024,512", workers=1, staleness=0, lr=0.05, iterations=iterations, seed=3,
                     eval_every=iterations)
-    with ps_server("--chunk-bytes", "65536") as srv:
+    with topology.start("--chunk-bytes", "65536") as srv:
         async with connect(srv.address) as c:
             run = await c.create_run(spec)
-            init = (await c.pull(run.run_id)).tensors
+            init = await pull_all(c, run.run_id)
             impl.start(srv.address)
             final_run = await finish(c, run.run_id, logs=impl.logs)
-            final = (await c.pull(run.run_id)).tensors
+            final = await pull_all(c, run.run_id)
     assert final_run.state == COMPLETED, (final_run.message, impl.logs())
     nbytes = 4 * sum(int(np.prod(p.shape)) for p in spec.params)
     assert nbytes > 2 << 20
-    assert final_run.counters.bytes_pushed == iterations * nbytes
+    if topology.sharded:
+        split = split_tensors(final_run)
+        assert sorted(split) == ["layer0.bias", "layer0.weight", "layer1.bias", "layer1.weight", "layer2.weight"], split
+        assert split["layer1.weight"] == [(0, 0, 512), (1, 512, 1024)], split
+        held = {pc.name for pc in final_run.shard_map.shards[0].pieces}
+        mine = 4 * sum((pc.row_end - pc.row_start) * int(np.prod(p.shape[1:]))
+                       for pc in final_run.shard_map.shards[0].pieces for p in spec.params if p.name == pc.name)
+        assert held and mine < nbytes
+        assert final_run.counters.bytes_pushed == iterations * mine  # server 0's share of every push
+    else:
+        assert final_run.counters.bytes_pushed == iterations * nbytes
     data = load_dataset(json.loads(spec.data_spec_json))
     model = build_model(json.loads(spec.model_spec_json), data.n_features, data.n_outputs)
     shard = shard_indices(len(data.X_train), 0, 1, spec.seed)
@@ -179,6 +248,8 @@ UNTRAINABLE = {
 }
 
 
+@pytest.mark.one_server("the worker fails while it sets up (data, model, the run's parameters), before it opens "
+                        "a connection to any shard: where the parameters live plays no part")
 @pytest.mark.parametrize("case", sorted(UNTRAINABLE))
 async def test_a_run_the_worker_cannot_train_fails_with_a_message(impl: Impl, case: str) -> None:
     """Errors every rank would hit: the worker leaves with LEAVE_REASON_FAILED and a message."""
@@ -203,9 +274,10 @@ async def test_a_run_the_worker_cannot_train_fails_with_a_message(impl: Impl, ca
     assert final.counters.pushes_applied == 0
 
 
-async def test_a_stopped_run_sends_the_worker_back_to_join(impl: Impl) -> None:
-    """StopRun mid-run: the worker drops the run, joins the next one and completes it."""
-    with ps_server() as srv:
+async def test_a_stopped_run_sends_the_worker_back_to_join(impl: Impl, topology: Topology) -> None:
+    """StopRun mid-run: the worker drops the run, joins the next one and completes it (on a cluster:
+    the stop reaches every shard, and the next run's shard map replaces the first one's)."""
+    with topology.start() as srv:
         async with connect(srv.address) as c:
             long = await c.create_run(run_spec(workers=1, iterations=100_000, name="long"))
             worker = impl.start(srv.address, "--join-wait-seconds", "1", once=False)
@@ -224,9 +296,10 @@ async def test_a_stopped_run_sends_the_worker_back_to_join(impl: Impl) -> None:
         assert worker.wait(15) == 0
 
 
-async def test_sigterm_gives_the_rank_back_and_exits_0(impl: Impl) -> None:
-    """SIGTERM mid-run: Leave SHUTDOWN (the rank becomes free for another worker), exit code 0."""
-    with ps_server() as srv:
+async def test_sigterm_gives_the_rank_back_and_exits_0(impl: Impl, topology: Topology) -> None:
+    """SIGTERM mid-run: Leave SHUTDOWN (the rank becomes free for another worker), exit code 0 (on a
+    cluster with its calls to both shards cancelled; the next incarnation is taken by both)."""
+    with topology.start() as srv:
         async with connect(srv.address) as c:
             run = await c.create_run(run_spec(workers=1, iterations=100_000))
             worker = impl.start(srv.address)
@@ -247,6 +320,9 @@ async def test_sigterm_gives_the_rank_back_and_exits_0(impl: Impl) -> None:
             await c.stop_run(run.run_id, "done testing")
 
 
+@pytest.mark.one_server("leases are server 0's alone, kept by heartbeats to the server the worker joined (on a "
+                        "cluster forwarded to server 0), whatever the worker's pulls are parked on: a cluster changes "
+                        "nothing the test checks, and it waits 4 s by design")
 async def test_heartbeats_keep_a_waiting_worker_alive(impl: Impl) -> None:
     """A worker parked in a pull (its run waits for a second rank) keeps its 1.5 s lease by heartbeats.
 
@@ -270,6 +346,9 @@ async def test_heartbeats_keep_a_waiting_worker_alive(impl: Impl) -> None:
         assert worker.wait(15) == 0, impl.logs()
 
 
+@pytest.mark.one_server("a cluster restarting without checkpoints is to a worker what one server restarting is: "
+                        "its run is gone, back to Join; a shard restarting alone, which only a cluster has, is "
+                        "test_resumes_after_a_server_restart_from_a_checkpoint[two-shards]")
 async def test_waits_for_the_server_and_rides_out_a_restart(impl: Impl) -> None:
     """Started before the server; the server dies mid-run (its runs with it): the worker goes back
     to Join, reconnects to the next server on the same port and trains its run."""
@@ -294,36 +373,47 @@ async def test_waits_for_the_server_and_rides_out_a_restart(impl: Impl) -> None:
     assert worker.wait(15) == 0
 
 
-async def test_resumes_after_a_server_restart_from_a_checkpoint(impl: Impl, tmp_path: Path) -> None:
+async def test_resumes_after_a_server_restart_from_a_checkpoint(impl: Impl, topology: Topology,
+                                                               tmp_path: Path) -> None:
     """kill -9 of a checkpointing server: restarted on its data dir, the run goes on with the same
-    workers and incarnations (a worker ahead of the checkpoint rewinds to the clock the server knows)."""
-    port = free_port()
+    workers and incarnations (a worker ahead of the checkpoint rewinds to the clock the server knows).
+
+    On a cluster the server killed is server 1, one shard, while the workers stay in touch with
+    server 0 (they joined there): restarted, server 0 takes every shard back to the checkpoint's
+    cut (a "rolled_back" event), the shards then know the workers' ranks at that earlier clock
+    (CLOCK_AHEAD, and Heartbeat's clock), and the workers rewind to it; the restarted shard's TCP
+    data plane is on another port, which they learn again from the run's shard map."""
+    ports = topology.ports()
     # Only the on-demand checkpoint: a periodic one could land at the very clock the run was killed at,
     # and then there would be nothing to rewind.
-    args = ("--port", str(port), "--data-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "0",
-            "--lease-seconds", "20")
+    args = ("--checkpoint-every", "0", "--lease-seconds", "20")
     spec = run_spec(workers=2, staleness=2, iterations=100_000)
-    workers = impl.start_many(f"127.0.0.1:{port}", 2, "--timeout-seconds", "10")
-    with ps_server(*args) as srv:
-        async with connect(srv.address) as c:
+    owner = f"127.0.0.1:{ports[0]}"
+    victim = len(ports) - 1
+    workers = impl.start_many(owner, 2, "--timeout-seconds", "10")
+    with topology.start(*args, ports=ports, per_server=lambda i: ("--data-dir", str(tmp_path / f"ckpt{i}"))) as srv:
+        async with connect(owner) as c:
             run = await c.create_run(spec)
             await wait_until(c, run.run_id, lambda r: r.min_clock >= 10, 60, "progress", impl.logs)
-            ckpt = await c.checkpoint_run(run.run_id)  # on disk when it answers
+            ckpt = await c.checkpoint_run(run.run_id)  # on disk (on every server) when it answers
             before = await wait_until(c, run.run_id, lambda r: r.min_clock >= ckpt.min_clock + 5, 60,
                                       "progress past the checkpoint", impl.logs)
-        srv.proc.kill()
-        srv.proc.wait()
-    assert all(w.proc.poll() is None for w in workers), impl.logs()
-    with ps_server(*args) as srv:
-        async with connect(srv.address) as c:
-            resumed = await c.get_run(run.run_id)
-            target = max(before.max_clock, resumed.max_clock) + 10
-            after = await wait_until(c, run.run_id, lambda r: r.min_clock >= target, 60, "progress after the restart",
-                                     impl.logs)
-            await c.stop_run(run.run_id, "done testing")
-        codes = [w.wait(30) for w in workers]  # --once: back from the stopped run, they exit
+        srv.servers[victim].proc.kill()
+        srv.servers[victim].proc.wait()
+        assert all(w.proc.poll() is None for w in workers), impl.logs()
+        with srv.start_again(victim):
+            async with connect(owner) as c:
+                resumed = await c.get_run(run.run_id)
+                if topology.sharded:  # server 0 goes on until its next look at server 1 shows it restarted
+                    await wait_for_event(c, run.run_id, "rolled_back", 30, impl.logs)
+                target = max(before.max_clock, resumed.max_clock) + 10
+                after = await wait_until(c, run.run_id, lambda r: r.min_clock >= target, 60,
+                                         "progress after the restart", impl.logs)
+                await c.stop_run(run.run_id, "done testing")
+            codes = [w.wait(30) for w in workers]  # --once: back from the stopped run, they exit
     assert resumed.state == pb.RUN_STATE_RUNNING
-    assert ckpt.min_clock <= resumed.min_clock < before.min_clock  # the workers were ahead: they had to rewind
+    if not topology.sharded:  # (on a cluster server 0 had not restarted: it was ahead until the roll back)
+        assert ckpt.min_clock <= resumed.min_clock < before.min_clock  # the workers were ahead: they had to rewind
     assert [w.incarnation for w in after.workers] == [w.incarnation for w in before.workers]
     assert after.counters.evictions == 0
     assert all(w.state == pb.WORKER_STATE_ACTIVE for w in after.workers)
@@ -331,26 +421,33 @@ async def test_resumes_after_a_server_restart_from_a_checkpoint(impl: Impl, tmp_
 
 
 @pytest.mark.parametrize("flags", [(), ("--no-data-plane",)], ids=["default", "no-data-plane"])
-async def test_pushes_and_pulls_over_the_tcp_data_plane_when_offered(impl: Impl, flags: tuple[str, ...]) -> None:
+async def test_pushes_and_pulls_over_the_tcp_data_plane_when_offered(impl: Impl, topology: Topology,
+                                                                    flags: tuple[str, ...]) -> None:
     """The server offers its TCP data plane at Join: by default the worker trains over it (its
-    streams show in the server's metrics); with --no-data-plane, over gRPC only. Same result."""
+    streams show in the server's metrics); with --no-data-plane, over gRPC only. Same result.
+    On a cluster each shard's data plane is in the shard map: every server sees the streams."""
     import urllib.request
 
+    def scrape(url: str) -> str:
+        return str(urllib.request.urlopen(url, timeout=5).read().decode())
+
     iterations = 20
-    metrics_port = free_port()
-    with ps_server("--metrics-port", str(metrics_port)) as srv:
+    metrics_ports = free_ports(topology.servers)
+    with topology.start(per_server=lambda i: ("--metrics-port", str(metrics_ports[i]))) as srv:
         async with connect(srv.address) as c:
             run = await c.create_run(run_spec(workers=2, staleness=1, iterations=iterations))
             workers = impl.start_many(srv.address, 2, *flags)
             final = await finish(c, run.run_id, logs=impl.logs)
-            url = f"http://127.0.0.1:{metrics_port}/metrics"
-            text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+            texts = [await asyncio.to_thread(scrape, f"http://127.0.0.1:{port}/metrics") for port in metrics_ports]
         codes = [w.wait(20) for w in workers]
     assert final.state == COMPLETED and codes == [0, 0], (final.message, impl.logs())
     assert final.counters.pushes_applied == 2 * iterations
-    (line,) = [ln for ln in text.splitlines() if ln.startswith("paramserver_data_plane_connections_total ")]
-    streams = float(line.split()[1])
-    if flags:
-        assert streams == 0, impl.logs()
-    else:
-        assert streams >= 4, (line, impl.logs())  # each worker's push stream and pull stream
+    assert len(final.shard_map.shards) == (2 if topology.sharded else 0)
+    assert all(s.data_port for s in final.shard_map.shards), final.shard_map
+    for text in texts:
+        (line,) = [ln for ln in text.splitlines() if ln.startswith("paramserver_data_plane_connections_total ")]
+        streams = float(line.split()[1])
+        if flags:
+            assert streams == 0, impl.logs()
+        else:
+            assert streams >= 4, (line, impl.logs())  # each worker's push stream and pull stream

@@ -233,6 +233,7 @@ class PsClient {
   constructor(address, { timeout = 30, chunkBytes = 1 << 20, maxMessageBytes = 64 << 20, security = {}, dataPlane = true,
     log = null } = {}) {
     this.address = address;
+    this.options = { timeout, chunkBytes, maxMessageBytes, security, dataPlane, log };
     this.maxMessageBytes = maxMessageBytes;
     this.log = log;
     this.tcpHost = dataPlane && !security.tls && !security.token ? dialHost(address) : null;
@@ -261,6 +262,16 @@ class PsClient {
     this.pushStream = new BidiStream(() => this.openData('PushGradient'), 'PushGradient', wanted);
     this.pullStream = new BidiStream(() => this.openData('PullParams'), 'PullParams', wanted);
     this.inflight = new Set();
+  }
+
+  /**
+   * A client of another server configured as this one (timeout, sizes, security, data plane): a
+   * shard of a sharded run. `dataPort`: its TCP data plane's port (0 = none: gRPC).
+   */
+  sibling(address, dataPort = 0) {
+    const c = new PsClient(address, this.options);
+    c.dataPortIs(dataPort);
+    return c;
   }
 
   /** What the next push or pull stream goes over: 'tcp' or 'grpc'. */

@@ -21,11 +21,18 @@
  * assignment (back to Join). A
  * heartbeat that finds the run stopped/failed or this incarnation stale aborts the loop.
  * Data or model errors every rank would hit leave with LEAVE_REASON_FAILED (fails the run).
+ *
+ * Sharded runs (the Assignment has a shard_map with shards): pushes and pulls go to every shard
+ * at once through shards.js, which has the client's push and pull; everything above holds as is.
+ * A push or pull is complete when every shard answered, its retry goes only to the shards that
+ * did not, and a CLOCK_AHEAD from any shard rewinds the loop. Heartbeat, ReportMetrics and Leave
+ * go to the server joined (any server of a cluster forwards them to server 0).
  */
 
 const { PsError, Status, durationSeconds, nowTimestamp } = require('./client');
 const { BatchSampler, loadDataset, shardIndices } = require('./data');
 const { ModelSpecError, buildModel } = require('./models');
+const { Shards } = require('./shards');
 
 const FINISHED = ['RUN_STATE_COMPLETED', 'RUN_STATE_STOPPED', 'RUN_STATE_FAILED'];
 
@@ -57,6 +64,8 @@ function sleep(ms, trainer) {
 class Trainer {
   constructor(client, a, config, log) {
     this.client = client;
+    /** Where pushes and pulls go: the server joined, or every server of a sharded run (set up in setup()). */
+    this.plane = client;
     this.a = a;
     this.spec = a.spec;
     this.config = config;
@@ -84,6 +93,13 @@ class Trainer {
     for (const wake of this.sleepers) wake();
     this.sleepers.clear();
     this.client.cancelAll();
+    if (this.plane !== this.client) this.plane.cancelAll();
+  }
+
+  /** Close the shards' connections, if any (the joined server's client is the caller's). */
+  closePlane() {
+    if (this.plane !== this.client) this.plane.close();
+    this.plane = this.client;
   }
 
   check() {
@@ -116,6 +132,12 @@ class Trainer {
     this.shard = shardIndices(data.nTrain, this.a.rank, this.spec.num_workers, Number(this.spec.seed));
     this.sampler = new BatchSampler(this.shard.length, Math.max(1, this.spec.batch_size), Number(this.spec.seed), this.a.rank);
     this.yWidth = data.task === 'classification' ? 1 : data.yTrain.length / data.nTrain;
+    const shardMap = this.a.shard_map;
+    if (shardMap && shardMap.shards && shardMap.shards.length) {
+      this.plane = Shards.beside(this.client, shardMap, this.spec); // throws ShardMapError on a map that does not fit
+      const where = this.plane.shards.map((s) => s.address);
+      this.log.info(`the run's parameters are on ${where.length} servers (${where.join(', ')}): pushes and pulls go to each`);
+    }
   }
 
   /**
@@ -137,7 +159,7 @@ class Trainer {
       } catch (e) {
         this.check();
         if (!(e instanceof PsError)) throw e;
-        if (e.reason === 'ERROR_REASON_CLOCK_AHEAD' && e.info.next_clock < this.clock) this.rewind(e.info.next_clock);
+        if (e.reason === 'ERROR_REASON_CLOCK_AHEAD' && e.info.next_clock <= this.clock) this.rewind(e.info.next_clock);
         if (!e.retryable || Date.now() > deadline) throw e;
         this.stats.retries += 1;
         this.log.info(`${what} failed (${e.codeName}); retrying in ${delay.toFixed(2)}s`);
@@ -162,6 +184,16 @@ class Trainer {
     if (known < this.clock) this.rewind(known);
   }
 
+  /** After a rewind in a sharded run: a shard that restarted may have another data plane port. */
+  async refreshShards() {
+    try {
+      await this.plane.refresh(this.client, this.a.run_id);
+    } catch (e) {
+      if (!(e instanceof PsError)) throw e;
+      this.log.info(`could not read the run's shard map again (${e.codeName}); keeping the ports known`);
+    }
+  }
+
   /** The server knows this rank at `clock`, before this.clock (it restarted): throw Rewind. */
   rewind(clock) {
     this.log.warning(`the server knows rank ${this.a.rank} at clock ${clock} (it restarted); going back from clock ${this.clock}`);
@@ -171,7 +203,7 @@ class Trainer {
   async pull(clock, params) {
     const maxWait = this.config.timeoutSeconds * 4;
     const res = await this.call(
-      () => this.client.pull(this.a.run_id, this.a.rank, this.a.incarnation, clock, { into: params, maxWait }),
+      () => this.plane.pull(this.a.run_id, this.a.rank, this.a.incarnation, clock, { into: params, maxWait }),
       `pull ${clock}`,
     );
     this.stats.pulls += 1;
@@ -219,6 +251,7 @@ class Trainer {
         this.clock = e.clock;
         guaranteed = -1;
         this.stats.rewinds += 1;
+        if (this.plane !== this.client) await this.refreshShards();
       }
     }
   }
@@ -242,7 +275,7 @@ class Trainer {
     if (!Number.isFinite(loss)) throw new TrainingError(`the training loss became ${loss} at clock ${c}: lower the learning rate`);
     const entries = this.specs.map((s) => [s.name, grads[s.name], s.shape]);
     const resp = await this.call(
-      () => this.client.push(this.a.run_id, this.a.rank, this.a.incarnation, c, entries, loss),
+      () => this.plane.push(this.a.run_id, this.a.rank, this.a.incarnation, c, entries, loss),
       `push ${c}`,
     );
     if (this.localSgdLr !== null && this.staleness) {
@@ -331,6 +364,15 @@ async function heartbeatLoop(client, a, trainer, done) {
 async function train(client, a, config, log, holder = {}) {
   const trainer = new Trainer(client, a, config, log);
   holder.trainer = trainer;
+  try {
+    return await trainWith(trainer, holder);
+  } finally {
+    trainer.closePlane();
+  }
+}
+
+async function trainWith(trainer, holder) {
+  const { client, a, log } = trainer;
   const outcome = (completed, reason, extra = {}) => ({
     runId: a.run_id, rank: a.rank, completed, reason, stats: trainer.stats, ...extra,
   });
