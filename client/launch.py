@@ -72,6 +72,8 @@ def _report(run: pb.Run, json_mode: bool, log_path: str | None, evals: list[dict
     if json_mode:
         result: dict[str, Any] = facts.launch_result(run)
         result["evals"] = evals or []
+        if run.shards:  # a cluster's: which server held what
+            result["shards"] = facts.shard_rows(run)
         if log_path:
             result["log"] = log_path
         print(json.dumps(result), flush=True)

@@ -95,13 +95,21 @@ def runs_table(runs: Sequence[pb.Run], now: float | None = None) -> Table:
     return table
 
 
+def _size(nbytes: int) -> str:
+    """Bytes in the largest unit that keeps a digit before the point (decimal units)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes} B"
+
+
 def _shards_table(rows: Sequence[dict[str, Any]]) -> Table:
     """One line per server holding a shard of the run (``psctl status`` of a sharded run)."""
     table = Table(title="shards", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for col in ("shard", "address", "state", "held", "clocks", "pushes", "pushes/s", "RSS", "note"):
         table.add_column(col, justify="left" if col in ("address", "state", "note") else "right")
     for s in rows:
-        table.add_row(str(s["index"]), Text(s["address"]), s["state"], f"{s['bytes_held'] / 1e6:.2f} MB",
+        table.add_row(str(s["index"]), Text(s["address"]), s["state"], _size(s["bytes_held"]),
                       f"{s['min_clock']}-{s['max_clock']}", str(s["pushes_applied"]), f"{s['pushes_per_second']:.0f}",
                       f"{s['rss_bytes'] / 2**20:.0f} MiB" if s["rss_bytes"] else "-", Text(s["error"] or ""))
     return table

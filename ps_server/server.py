@@ -46,6 +46,7 @@ from .core.checkpoint import CheckpointStore
 from .core.errors import ShuttingDown
 from .core.registry import RunRegistry
 from .core.spec import Limits
+from .core.status import RunState
 from .dataplane import DataPlane
 from .metrics import ServerStatistics, serve_metrics
 from .security import ConfigError, TokenInterceptor, load_token, server_credentials
@@ -178,6 +179,10 @@ async def start_server(config: ServerConfig) -> PsServer:
                            configure=checkpointer.attach if checkpointer else None)
     resumed = [registry.add(run) for run in (checkpointer.resume() if checkpointer else ())]
     for run in resumed:
+        servers = len(run.placement.shard_map.shards) if run.placement else 1
+        if servers != max(1, len(config.peers)) and not run.state.finished:
+            run.stop(f"the run was placed over {servers} server(s) and this cluster has {max(1, len(config.peers))}: "
+                     "restart the servers with the --cluster list it was created on to resume it", RunState.FAILED)
         if run.placement is not None and not run.state.finished:  # another server's shard may be ahead of it
             run.held = (f"this server restarted: its shard of {run.run_id} waits for server 0 to have every shard "
                         "go back to a common checkpoint: retry")

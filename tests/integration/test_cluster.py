@@ -9,6 +9,7 @@ import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -291,3 +292,73 @@ async def test_a_server_that_stays_down_fails_the_run_naming_it(server_config: S
             assert servers[1].address in snap.run.message and "shard-timeout" in snap.run.message
             assert not snap.run.shards[1].reachable
             del a
+
+
+# ------------------------------------------------------------------------------ checkpoints
+async def test_checkpoint_run_takes_every_servers_snapshot_at_one_cut(server_config: ServerConfig, tmp_path: Path) -> None:
+    """psctl checkpoint on a cluster: every server writes its shard at the same clock (the next
+    one none has reached), so the cluster can go back to it."""
+    dirs = [tmp_path / "0", tmp_path / "1"]
+    ports = _ports(2)
+    addresses = ",".join(f"127.0.0.1:{p}" for p in ports)
+    servers = [await start_server(with_config(server_config, port=p, cluster=addresses, index=i,
+                                              data_dir=str(dirs[i]), checkpoint_every=0, split_bytes=1024))
+               for i, p in enumerate(ports)]
+    try:
+        async with PsClient(servers[1].address, timeout=20) as c:
+            run = await c.create_run(make_spec(shapes={"w": (40, 30)}, num_workers=1, staleness=0, iterations=10))
+            (a,) = await _join_all(c, run.run_id, 1)
+            plane = Shards.beside(c, a.shard_map, a.spec)
+            try:
+                await plane.pull(run.run_id, 0, a.incarnation, 0)
+                await plane.push(run.run_id, 0, a.incarnation, 0, {"w": np.ones((40, 30), np.float32)})
+                done = asyncio.ensure_future(c.checkpoint_run(run.run_id))  # at clock 2: waits for it
+                await asyncio.sleep(0.3)
+                assert not done.done()
+                await plane.push(run.run_id, 0, a.incarnation, 1, {"w": np.ones((40, 30), np.float32)})
+                ckpt = await done
+            finally:
+                await plane.close()
+            assert ckpt.min_clock == 2
+            assert [s.checkpointer.store.cuts(run.run_id) for s in servers] == [[2], [2]]  # type: ignore[union-attr]
+    finally:
+        for s in reversed(servers):
+            await s.stop(0)
+
+
+async def test_a_server_that_cannot_checkpoint_at_the_same_cuts_is_refused(server_config: ServerConfig,
+                                                                            tmp_path: Path) -> None:
+    ports = _ports(2)
+    addresses = ",".join(f"127.0.0.1:{p}" for p in ports)
+    servers = [await start_server(with_config(server_config, port=p, cluster=addresses, index=i,
+                                              data_dir=str(tmp_path / str(i)), checkpoint_every=every))
+               for i, (p, every) in enumerate(zip(ports, (10, 20), strict=True))]
+    try:
+        async with PsClient(servers[0].address, timeout=20) as c:
+            with pytest.raises(errors.FailedPrecondition, match="same --checkpoint-every"):
+                await c.create_run(make_spec(num_workers=1))
+            assert await c.list_runs() == []  # nothing half-created
+    finally:
+        for s in reversed(servers):
+            await s.stop(0)
+
+
+async def test_a_run_resumed_on_a_cluster_of_another_size_fails_saying_why(server_config: ServerConfig,
+                                                                           tmp_path: Path) -> None:
+    ports = _ports(2)
+    addresses = ",".join(f"127.0.0.1:{p}" for p in ports)
+    servers = [await start_server(with_config(server_config, port=p, cluster=addresses, index=i,
+                                              data_dir=str(tmp_path / str(i))))
+               for i, p in enumerate(ports)]
+    async with PsClient(servers[0].address, timeout=20) as c:
+        run = await c.create_run(make_spec(num_workers=1))
+    for s in reversed(servers):
+        await s.stop(0)  # (the shutdown checkpoints)
+    alone = await start_server(with_config(server_config, data_dir=str(tmp_path / "0")))
+    try:
+        async with PsClient(alone.address, timeout=20) as c:
+            got = await c.get_run(run.run_id)
+            assert got.state == pb.RUN_STATE_FAILED
+            assert "placed over 2 server(s)" in got.message and "--cluster" in got.message
+    finally:
+        await alone.stop(0)

@@ -78,6 +78,20 @@ def test_local_launch_trains_and_leaves_no_process(tmp_path: Path) -> None:
     assert_nothing_left(marker, tmp_path)
 
 
+def test_local_launch_on_two_servers_spreads_the_run_over_both(tmp_path: Path) -> None:
+    proc, marker = start_psctl(tmp_path, "--model", "mlp:64", "--dataset", "digits", "--workers", "2",
+                               "--iterations", "40", "--servers", "2", "--json")
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    doc = json.loads(out)
+    assert doc["state"] == "completed" and doc["pushes_applied"] == 80
+    shards = doc["shards"]
+    assert [s["index"] for s in shards] == [0, 1] and len({s["address"] for s in shards}) == 2
+    assert all(s["bytes_held"] > 0 and s["pieces"] for s in shards)
+    assert sum(s["bytes_held"] for s in shards) == 4 * (64 * 64 + 64 + 64 * 10 + 10)  # every parameter, once
+    assert_nothing_left(marker, tmp_path)
+
+
 def test_local_launch_human_summary(tmp_path: Path) -> None:
     proc, marker = start_psctl(tmp_path, *TINY, "--staleness", "inf")
     out, err = proc.communicate(timeout=120)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -205,3 +206,54 @@ async def test_periodic_checkpoints_log_at_debug_and_the_story_at_info(tmp_path:
         (resumed,) = Checkpointer(store, every=2).resume()
     assert resumed.state.value == "completed"
     assert [(r.levelno, r.getMessage().split(" from ")[0]) for r in caplog.records] == [(logging.INFO, "resumed run-log")]
+
+
+# ------------------------------------------------------------------------------ cuts (clusters)
+def _write_cut(store: CheckpointStore, run: Run, cut: int, protect: int | None = None) -> Path:
+    meta, arrays = snapshot.state_dict(run, cut)
+    return store.write(meta, arrays, protect)
+
+
+def test_checkpoints_are_labelled_by_cut_and_loaded_by_it(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep=5)
+    run = make_run()
+    for cut in (5, 10, 15):
+        _write_cut(store, run, cut)
+    assert store.cuts(run.run_id) == [15, 10, 5]  # newest first
+    assert store.load_cut(run.run_id, 10).meta["cut"] == 10
+    with pytest.raises(CorruptCheckpoint, match="no checkpoint of run-ck at cut 7"):
+        store.load_cut(run.run_id, 7)
+    store.discard_after(run.run_id, 5)  # the run went back to cut 5: 10 and 15 are another history
+    assert store.cuts(run.run_id) == [5]
+
+
+def test_pruning_keeps_the_protected_cut_however_old(tmp_path: Path) -> None:
+    """A cluster's newest common cut survives --checkpoint-keep, so there is always one to go back to."""
+    store = CheckpointStore(tmp_path, keep=2)
+    run = make_run()
+    for cut in (5, 10, 15, 20):
+        _write_cut(store, run, cut, protect=5)
+    assert store.cuts(run.run_id) == [20, 15, 5]
+    _write_cut(store, run, 25, protect=15)  # the common cut moved on: 5 may go
+    assert store.cuts(run.run_id) == [25, 20, 15]
+    _write_cut(store, run, 30)
+    assert store.cuts(run.run_id) == [30, 25]
+
+
+async def test_checkpoint_at_a_cut_waits_for_the_min_clock_to_reach_it(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(CheckpointStore(tmp_path), every=0)
+    run = make_run()  # min clock 3
+    a, b = (s.incarnation for s in run.clock.slots)
+    checkpointer.attach(run)
+    waiting = asyncio.ensure_future(checkpointer.checkpoint_at(run, 4, "test", timeout=10))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    run.push(0, a, 3, {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}, 0)
+    run.push(1, b, 3, {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}, 0)  # min clock 4
+    run.push(0, a, 4, {"w": np.ones((4, 3), np.float32), "b": np.ones(3, np.float32)}, 0)  # after the cut
+    path, clock = await waiting
+    ckpt = CheckpointStore(tmp_path).load(path)
+    assert (clock, ckpt.meta["cut"]) == (4, 4)
+    assert [s["clock"] for s in ckpt.meta["slots"]] == [4, 4]  # taken at the cut, not when written
+    with pytest.raises(TimeoutError):
+        await checkpointer.checkpoint_at(run, 9, "test", timeout=0.1)
