@@ -47,7 +47,9 @@ class ServerConfig:
                                        "ended. 0 = no limit.")
     max_workers: int = opt(1024, "Ranks one run may have.")
     cluster: str = opt("", "The servers holding runs together, as ADDR0,ADDR1,... (host:port, as workers and the "
-                       "other servers reach them; the same list for every server); empty = this one alone.")
+                       "other servers reach them; the same list for every server); empty = this one alone. Give "
+                       "every server of a cluster a --data-dir and the same --checkpoint-every: they checkpoint "
+                       "together, and go back to a common checkpoint when one restarts.")
     index: int = opt(0, "This server's place in --cluster; server 0 owns membership (runs, ranks, leases). "
                      f"'{FROM_HOSTNAME}': the number the host name ends in after a '-' (a Kubernetes "
                      "StatefulSet pod's ordinal: paramserver-2 is 2).")

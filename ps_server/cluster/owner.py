@@ -35,6 +35,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from paramserver.v1 import cluster_pb2 as cpb
 from paramserver.v1 import paramserver_pb2 as pb
@@ -48,9 +49,11 @@ from ..core.run import Run
 from ..core.spec import RunSpec
 from ..core.status import RunState
 from . import messages
-from .peers import PeerLink
 from .shards import CUT_WAIT as _CUT_WAIT
 from .shards import restore
+
+if TYPE_CHECKING:  # (the links are gRPC's; this module is not)
+    from .peers import PeerLink
 
 __all__ = ["ClusterOwner"]
 
