@@ -80,8 +80,11 @@ class Checkpointer:
             except OSError:
                 pass  # logged by _write; the next checkpoint tries again
 
-    async def checkpoint_now(self, run: Run, reason: str, cut: int | None = None) -> tuple[Path, int]:
+    async def checkpoint_now(self, run: Run, reason: str, cut: int | None = None,
+                             final: bool = False) -> tuple[Path, int]:
+        """``final``: the server's last, after its last RPC (it holds every push it acknowledged)."""
         meta, arrays = snapshot.state_dict(run, cut)
+        meta["final"] = final
         return await self._write(meta, arrays, reason), int(meta["min_clock"])
 
     async def checkpoint_at(self, run: Run, cut: int, reason: str, timeout: float) -> tuple[Path, int]:
@@ -161,4 +164,10 @@ class Checkpointer:
             restored.append(run)
             log.info("resumed %s from %s: %s at min clock %d", run.run_id, ckpt.path, run.state.value,
                      run.min_clock, extra={"run": run.run_id})
+            if run.placement is not None and not run.state.finished and not ckpt.meta.get("final"):
+                # The other servers' shards may be ahead of this one: no pushes or pulls until the
+                # cluster's owner has every server go back to a common cut. (A server stopped
+                # gracefully wrote all it had acknowledged: it goes on where it stopped.)
+                run.held = (f"this server restarted: its shard of {run.run_id} waits for server 0 to have every "
+                            "shard go back to a common checkpoint: retry")
         return restored

@@ -109,7 +109,7 @@ class PsServer:
             await self.checkpointer.drain()
             for run in self.registry.runs():
                 if not run.state.finished:
-                    await self.checkpointer.checkpoint_now(run, "shutdown")
+                    await self.checkpointer.checkpoint_now(run, "shutdown", final=True)
 
 
 async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Checkpointer | None,
@@ -183,9 +183,6 @@ async def start_server(config: ServerConfig) -> PsServer:
         if servers != max(1, len(config.peers)) and not run.state.finished:
             run.stop(f"the run was placed over {servers} server(s) and this cluster has {max(1, len(config.peers))}: "
                      "restart the servers with the --cluster list it was created on to resume it", RunState.FAILED)
-        if run.placement is not None and not run.state.finished:  # another server's shard may be ahead of it
-            run.held = (f"this server restarted: its shard of {run.run_id} waits for server 0 to have every shard "
-                        "go back to a common checkpoint: retry")
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -214,7 +211,7 @@ async def start_server(config: ServerConfig) -> PsServer:
         if addresses:
             cluster = ClusterOwner(registry, addresses, peers, split_bytes=config.split_bytes,
                                    shard_timeout=config.shard_timeout, data_port=data_port, checkpointer=checkpointer)
-            cluster.resumed(resumed)
+            cluster.resumed([run for run in resumed if run.held])
         add_control(server, Control(registry, max_wait=config.max_wait_seconds, lease_seconds=config.lease_seconds,
                                     heartbeat_seconds=config.heartbeat_seconds, checkpointer=checkpointer,
                                     data_port=data_port, cluster=cluster))

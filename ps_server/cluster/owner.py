@@ -18,7 +18,9 @@
   its min clock reaches each multiple; CheckpointRun (``checkpoint``) picks the next clock no shard
   has reached yet and waits until every server has its snapshot there.
 - Recovery: a server that restarts resumes its shards from their checkpoints, held (they take no
-  pushes or pulls: ``Run.held``; GetShard says "resumed"); so does this one (``resumed``). Every
+  pushes or pulls: ``Run.held``; GetShard says "resumed"); so does this one (``resumed``). (Not
+  after a graceful stop: its last checkpoint holds every push it acknowledged, and while it was
+  away no push could complete, so the others cannot be ahead of it by a whole iteration.) Every
   unfinished run then goes back to the newest cut every server has on disk (``roll_back``): each
   restores its snapshot of that cut, so no shard runs ahead of another and no worker reads a mix of
   two histories, and the run's events say how many steps were lost. Workers follow by their rule
@@ -284,8 +286,8 @@ class ClusterOwner:
 
     # ------------------------------------------------------------------------------ recovery
     def resumed(self, runs: Sequence[Run]) -> None:
-        """This server restarted and resumed ``runs``: the other servers' shards may be ahead of
-        them, so every unfinished one goes back to a cut all servers have."""
+        """This server restarted and resumed ``runs`` from checkpoints that may be behind the other
+        servers' shards (not a graceful stop's): every unfinished one goes back to a cut all have."""
         for run in runs:
             if run.placement is not None and not run.state.finished:
                 self._rollbacks[run.run_id] = "server 0 restarted"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -26,9 +27,13 @@ from paramserver.v1 import paramserver_pb2 as pb
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 
 
-@pytest.mark.parametrize(("victim", "staleness"), [(1, 0), (0, 0), (1, 2)], ids=["shard-bsp", "owner-bsp", "shard-ssp"])
+@pytest.mark.parametrize(("victim", "staleness", "how"),
+                         [(1, 0, "kill"), (0, 0, "kill"), (1, 2, "kill"), (1, 0, "sigterm"), (0, 0, "sigterm")],
+                         ids=["shard-bsp", "owner-bsp", "shard-ssp", "shard-bsp-sigterm", "owner-bsp-sigterm"])
 async def test_a_server_killed_mid_run_and_restarted_loses_no_update_and_applies_none_twice(
-        tmp_path: Path, victim: int, staleness: int) -> None:
+        tmp_path: Path, victim: int, staleness: int, how: str) -> None:
+    """kill -9: every server goes back to the newest common cut (steps lost, reported); SIGTERM:
+    the server's last checkpoint holds all it acknowledged, and the run goes on where it stopped."""
     workers, every, iterations = 3, 5, 60
     ports = [free_port() for _ in range(2)]
     addresses = ",".join(f"127.0.0.1:{p}" for p in ports)
@@ -53,19 +58,24 @@ async def test_a_server_killed_mid_run_and_restarted_loses_no_update_and_applies
         async with connect(owner) as c:
             before = await watch_until(c, run.run_id, lambda r: r.min_clock >= 23, timeout=120)
         proc, _ = servers[victim]
-        proc.kill()
-        proc.wait(10)
+        if how == "kill":
+            proc.kill()
+        else:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
         t_kill = time.monotonic()
         time.sleep(1.0)  # the others go on: workers retry, parked on the dead server
         stack.enter_context(ps_server(*args(victim)))
         async with connect(owner) as c:
             events: list[pb.RunEvent] = []
             async with asyncio.timeout(60):
-                while not (events := [e for e in (await c.get_metrics(run.run_id)).events if e.kind == "rolled_back"]):
+                while how == "kill" and not (events := [e for e in (await c.get_metrics(run.run_id)).events
+                                                        if e.kind == "rolled_back"]):
                     await asyncio.sleep(0.2)
             t_back = time.monotonic()
             final = await finish(c, run.run_id, timeout=200)
             params = (await pull_run(c, run.run_id)).tensors
+            metrics = await c.get_metrics(run.run_id)
             async with asyncio.timeout(10):  # server 0 asks every server for its shard's status each second
                 while (shards := (await c.get_run(run.run_id)).shards)[1].state != pb.RUN_STATE_COMPLETED:
                     await asyncio.sleep(0.2)
@@ -73,11 +83,15 @@ async def test_a_server_killed_mid_run_and_restarted_loses_no_update_and_applies
 
     assert final.state == pb.RUN_STATE_COMPLETED, final.message
     assert codes == [0] * workers
-    (event,) = events
-    assert f"server {victim} " in event.message and "restarted" in event.message
-    cut = int(re.search(r"cut (\d+)", event.message).group(1))  # type: ignore[union-attr]
-    lost = int(re.search(r"(\d+) steps lost", event.message).group(1))  # type: ignore[union-attr]
-    assert cut % every == 0 and 0 < cut <= before.max_clock
+    if how == "kill":
+        (event,) = events
+        assert f"server {victim} " in event.message and "restarted" in event.message
+        cut = int(re.search(r"cut (\d+)", event.message).group(1))  # type: ignore[union-attr]
+        lost = int(re.search(r"(\d+) steps lost", event.message).group(1))  # type: ignore[union-attr]
+        assert cut % every == 0 and 0 < cut <= before.max_clock
+    else:  # nothing to go back for
+        assert not [e for e in metrics.events if e.kind == "rolled_back"]
+        cut, lost = before.min_clock, 0
     assert [s.min_clock for s in shards] == [iterations, iterations]
     assert [s.pushes_applied for s in shards] == [workers * iterations] * 2  # each push once, per shard
     assert all(w.clock == iterations for w in final.workers)
@@ -85,6 +99,6 @@ async def test_a_server_killed_mid_run_and_restarted_loses_no_update_and_applies
         expected = bsp_reference(spec, init)
         for name, value in expected.items():
             np.testing.assert_array_equal(params[name], value, err_msg=name)
-    record(f"cluster-kill-server-{victim}-s{staleness}", killed_at_min_clock=before.min_clock, cut=cut,
+    record(f"cluster-{how}-server-{victim}-s{staleness}", killed_at_min_clock=before.min_clock, cut=cut,
            steps_lost=lost, recovery_seconds=round(t_back - t_kill, 2),
            final_accuracy=round(final.last_eval.eval_accuracy, 4))
