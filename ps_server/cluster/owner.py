@@ -303,10 +303,12 @@ class ClusterOwner:
             return
         try:
             await self.roll_back(run, why)
-        except PsError as exc:  # a server that does not answer: the next poll tries again
+        except ShardUnavailable as exc:  # a server that does not answer: the next poll tries again
             log.warning("%s could not go back to a common checkpoint yet (%s): %s", run_id, why, exc,
                         extra={"run": run_id})
             return
+        except PsError as exc:  # a checkpoint that does not load: no state every shard agrees on
+            self._fail(run, f"{why} and the shards could not go back to a common checkpoint: {exc}")
         self._rollbacks.pop(run_id, None)
 
     async def roll_back(self, run: Run, why: str) -> Run:
