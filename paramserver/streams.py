@@ -164,7 +164,7 @@ class Route:
                 self.opened["tcp_unreachable"] += 1
                 log.warning("TCP data plane at %s:%d unreachable (%s); using gRPC, trying again in %.0fs "
                             "(a firewall? give ps-server a fixed --data-port and open it, or run workers with "
-                            "--no-data-plane)", self._tcp_host, self.data_port, exc or type(exc).__name__,
+                            "--no-data-plane)", self._tcp_host, self.data_port, str(exc) or type(exc).__name__,
                             self._backoff)
                 self._backoff = min(2 * self._backoff, TCP_RETRY_SECONDS[1])
         self.opened["grpc"] += 1

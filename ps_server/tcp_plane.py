@@ -151,12 +151,12 @@ class TcpDataPlane:
 
     async def _serve(self, conn: socket.socket) -> None:
         self._open += 1
+        holder = self._dataplane.slot_holder()
         try:
             try:
                 method = await asyncio.wait_for(self._hello(conn), _HELLO_SECONDS)
             except (TimeoutError, ConnectionError, OSError):
-                return
-            holder = self._dataplane.slot_holder()
+                return  # (a port probe: a load balancer's or Kubernetes' TCP check)
             handler: Callable[[AsyncIterator[bytes | memoryview], Caller], AsyncGenerator[list[wire.Part], None]]
             if method == tcp.METHOD_PUSH:
                 handler = functools.partial(self._dataplane.push_stream, holder=holder)

@@ -345,3 +345,31 @@ async def test_a_sender_stalled_mid_message_holds_one_push_slot_until_it_is_drop
         other.close()
     finally:
         await ps.stop(0)
+
+
+async def test_port_probes_that_close_before_the_hello_leave_no_error(server: PsServer,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A load balancer's or Kubernetes' TCP check connects and closes: nothing to answer, no traceback."""
+    import gc
+
+    assert server.data_plane is not None
+    loop = asyncio.get_running_loop()
+    for _ in range(10):
+        s = socket.socket()
+        s.setblocking(False)
+        await loop.sock_connect(s, ("127.0.0.1", server.data_plane.port))
+        s.close()
+    for _ in range(100):
+        if server.data_plane.statistics().open == 0:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.05)
+    gc.collect()  # (an exception no one retrieved is logged when its task is collected)
+    assert server.data_plane.statistics().open == 0
+    assert not [r for r in caplog.records if "exception" in r.getMessage().lower()]
+    async with PsClient(server.address) as c:  # and it serves as before
+        run = await c.create_run(make_spec(num_workers=1))
+        a = (await c.join("w", run.run_id)).assignment
+        grads = {p.name: np.zeros(tuple(p.shape), np.float32) for p in run.spec.params}
+        ack = await c.push(run.run_id, 0, a.incarnation, 0, grads)
+        assert ack.clock == 1 and not ack.duplicate
