@@ -21,3 +21,27 @@ def test_bench_script_starts(script: str) -> None:
     proc = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, proc.stderr
     assert "usage:" in proc.stdout
+
+
+@pytest.mark.timeout(300)
+def test_shards_bench_runs_on_loopback() -> None:
+    """bench/shards.py end to end without root: one and two servers on loopback, one short
+    repetition, and the too-big-for-one-server demonstration (the namespaces need --net shaped)."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "shards.py"), "--net", "loopback", "--shards", "1,2", "--workers", "1",
+         "--models", "mlp-5.8M", "--reps", "1", "--seconds", "0.2", "--idle-seconds", "0", "--demo-iterations", "2"],
+        capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| loopback | 1 | mlp-5.8M | 2 |" in proc.stdout
+    assert "tcp 2, grpc 0; tcp" in proc.stdout  # the TCP data plane, one stream per shard
+    demo = proc.stdout[proc.stdout.index("{"):]
+    assert '"exit": 1' in demo and "over its limit" in demo  # one server refuses the run
+    assert '"exit": 0' in demo  # two servers train it
+
+
+@pytest.mark.timeout(200)
+def test_cpu_per_push_on_two_servers() -> None:
+    proc = subprocess.run([sys.executable, str(BENCH / "cpu_per_push.py"), "--servers", "2", "--seconds", "0.3"],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 servers together" in proc.stdout
