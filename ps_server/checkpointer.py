@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,7 @@ class Checkpointer:
                              final: bool = False) -> tuple[Path, int]:
         """``final``: the server's last, after its last RPC (it holds every push it acknowledged)."""
         meta, arrays = snapshot.state_dict(run, cut)
-        meta["final"] = final
+        meta["final"] = final and not run.held  # (a held shard is behind the others: it must go back)
         return await self._write(meta, arrays, reason), int(meta["min_clock"])
 
     async def checkpoint_at(self, run: Run, cut: int, reason: str, timeout: float) -> tuple[Path, int]:
@@ -102,11 +103,12 @@ class Checkpointer:
             waiting.remove((cut, future))
         return await self._write(meta, arrays, reason), int(meta["min_clock"])
 
-    async def restore(self, run_id: str, cut: int) -> Run:
+    async def restore(self, run_id: str, cut: int, check: Callable[[Run], None] = lambda run: None) -> Run:
         """``run_id`` as its newest checkpoint of ``cut`` holds it, not registered yet (the
-        registry's ``replace``); its checkpoints of later cuts are deleted, and the run it replaces
-        takes none from now on. CorruptCheckpoint if none loads, KeyError/ValueError if it does not
-        fit its run (and then the run it would have replaced goes on as before)."""
+        registry's ``replace``), once ``check(run)`` passed; then its checkpoints of later cuts are
+        deleted, and the run it replaces takes none from now on. CorruptCheckpoint if none loads,
+        KeyError/ValueError if it does not fit its run, or what ``check`` raises: then nothing
+        changed and the run it would have replaced goes on as before."""
         taken = self._taken.pop(run_id, None)  # the run being replaced: no more snapshots of it
         self._waiting.pop(run_id, None)
         writer = self._writers.pop(run_id, None)
@@ -116,10 +118,11 @@ class Checkpointer:
             async with self._locks.setdefault(run_id, asyncio.Lock()):
                 ckpt = await asyncio.to_thread(self.store.load_cut, run_id, cut)
                 run = snapshot.restore(ckpt.meta, ckpt.arrays)
+                check(run)
                 await asyncio.to_thread(self.store.discard_after, run_id, cut)
         except BaseException:
-            if taken is not None:
-                self._taken.setdefault(run_id, taken)
+            if taken is not None and run_id not in self._taken:
+                self._taken[run_id] = taken
             raise
         return run
 

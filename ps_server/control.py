@@ -135,11 +135,12 @@ class Control:
                 return
             await asyncio.sleep(interval)
             try:
-                while not await run.changed(seen_changes, 3600.0):
+                while self._registry.get(run.run_id) is run and not await run.changed(seen_changes, 1.0):
                     pass
-            except ShardUnavailable:  # a cluster's run went back to a checkpoint: follow the restored one
+            except ShardUnavailable:
                 if self._registry.get(run.run_id) is run:
                     raise
+            if self._registry.get(run.run_id) is not run:  # a cluster's run went back to a checkpoint
                 run = self._registry.get(run.run_id)
                 history = run.history
                 seen_events = history.event_count - sum(e.time > last for e in history.events)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 import uuid
@@ -44,12 +45,12 @@ from paramserver.v1 import paramserver_pb2 as pb
 
 from .. import codec
 from ..checkpointer import Checkpointer
-from ..core.errors import NotFound, PsError, ResourceExhausted, ShardUnavailable
+from ..core.errors import FailedPrecondition, NotFound, PsError, ResourceExhausted, ShardUnavailable
 from ..core.placement import Placement, place
 from ..core.registry import RunRegistry
 from ..core.run import Run
 from ..core.spec import RunSpec
-from ..core.status import RunState
+from ..core.status import RunState, WorkerState
 from . import messages
 from .shards import CUT_WAIT as _CUT_WAIT
 from .shards import restore
@@ -87,10 +88,14 @@ class ClusterOwner:
         self._samples: dict[tuple[str, int], collections.deque[tuple[float, int]]] = {}
         self._silent_since: dict[int, float] = {}
         self._checkpointer = checkpointer
+        self._chosen: dict[str, int] = {}
+        """run id -> the cut its roll back in progress chose."""
         self._cuts: dict[tuple[str, int], list[int]] = {}
         """(run id, server) -> the cuts of its checkpoints on disk, as last heard."""
-        self._rollbacks: dict[str, str] = {}
-        """run id -> why it has to go back to the newest cut every server has."""
+        self._rollbacks: dict[str, tuple[str, int | None, float | None]] = {}
+        """run id -> why it has to go back to the newest cut every server has, the highest cut it may
+        go back to (a retry never goes past the one an earlier attempt chose), and since when
+        attempts have failed."""
 
     # ------------------------------------------------------------------------------ runs
     async def create_run(self, spec: RunSpec) -> Run:
@@ -195,16 +200,22 @@ class ClusterOwner:
         """Forever: each ``poll`` seconds, every server's shard of every run, as the module says."""
         while True:
             await asyncio.sleep(self._poll)
-            runs = [r for r in self._registry.runs() if r.placement is not None and
-                    len(r.placement.shard_map.shards) == len(self.addresses) and
-                    (not r.state.finished or not all(self._settled(r, p) for p in self._peers))]
-            for run in runs:
-                self._sample((run.run_id, 0), run.counters.pushes_applied)
-            await asyncio.gather(*(self._check(peer, runs) for peer in self._peers))
-            for run in runs:
-                self._keep_common_cut(run)
-            for run_id, why in list(self._rollbacks.items()):
-                await self._try_roll_back(run_id, why)
+            try:
+                await self._poll_once()
+            except Exception:  # (a bug here must not end the watch: nothing else would notice)
+                log.exception("watching the cluster's servers failed this time; trying again")
+
+    async def _poll_once(self) -> None:
+        runs = [r for r in self._registry.runs() if r.placement is not None and
+                len(r.placement.shard_map.shards) == len(self.addresses) and
+                (not r.state.finished or not all(self._settled(r, p) for p in self._peers))]
+        for run in runs:
+            self._sample((run.run_id, 0), run.counters.pushes_applied)
+        await asyncio.gather(*(self._check(peer, runs) for peer in self._peers))
+        for run in runs:
+            self._keep_common_cut(run)
+        for run_id in list(self._rollbacks):
+            await self._try_roll_back(run_id)
 
     def _settled(self, run: Run, peer: PeerLink) -> bool:
         """``peer`` has this finished run's end, and its final status is here (no need to ask again)."""
@@ -242,7 +253,7 @@ class ClusterOwner:
             self._ports[peer.index] = resp.data_port
             self._cuts[key] = list(resp.cuts)
             if resp.resumed and not run.state.finished:
-                self._rollbacks.setdefault(run.run_id, f"{peer.name} restarted")
+                self._rollbacks.setdefault(run.run_id, (f"{peer.name} restarted", None, None))
             self._sample(key, resp.status.pushes_applied)
             resp.status.pushes_per_second = self._rate(key)
             self._status[key] = resp.status
@@ -252,7 +263,7 @@ class ClusterOwner:
     # ------------------------------------------------------------------------------ checkpoints
     async def _cut(self, run: Run, peer: PeerLink, cut: int, reason: str) -> cpb.CheckpointShardResponse:
         return await peer.call("CheckpointShard", cpb.CheckpointShardRequest(run_id=run.run_id, cut=cut, reason=reason),
-                               cpb.CheckpointShardResponse, 4 * self._timeout)
+                               cpb.CheckpointShardResponse, _CUT_WAIT + self._timeout)
 
     async def checkpoint(self, run: Run, reason: str) -> tuple[Path, int]:
         """A cluster checkpoint of ``run``: every server's snapshot at the next clock none of them
@@ -260,7 +271,7 @@ class ClusterOwner:
         already written stay: they do no harm)."""
         assert self._checkpointer is not None
         cut = run.min_clock
-        if not run.state.finished:
+        if run.state is RunState.RUNNING:  # (one that has not started, or has ended, is still)
             statuses = await asyncio.gather(*(peer.call("GetShard", cpb.GetShardRequest(run_id=run.run_id),
                                                         cpb.GetShardResponse, self._timeout) for peer in self._peers))
             cut = max([cut, *(r.status.min_clock for r in statuses)]) + 1
@@ -268,8 +279,8 @@ class ClusterOwner:
         try:
             await asyncio.gather(own, *(self._cut(run, peer, cut, reason) for peer in self._peers))
         except TimeoutError:
-            raise ShardUnavailable(f"{run.run_id} did not reach clock {cut} within {_CUT_WAIT:g}s (it is at min clock "
-                                   f"{run.min_clock}): the run is not moving; try again when it is") from None
+            raise FailedPrecondition(f"{run.run_id} did not reach clock {cut} within {_CUT_WAIT:g}s (it is at min "
+                                     f"clock {run.min_clock}): the run is not moving; try again when it is") from None
         return own.result()
 
     def _keep_common_cut(self, run: Run) -> None:
@@ -290,30 +301,39 @@ class ClusterOwner:
         servers' shards (not a graceful stop's): every unfinished one goes back to a cut all have."""
         for run in runs:
             if run.placement is not None and not run.state.finished:
-                self._rollbacks[run.run_id] = "server 0 restarted"
+                self._rollbacks[run.run_id] = ("server 0 restarted", None, None)
 
-    async def _try_roll_back(self, run_id: str, why: str) -> None:
+    async def _try_roll_back(self, run_id: str) -> None:
+        why, bound, since = self._rollbacks[run_id]
         try:
             run = self._registry.get(run_id)
         except NotFound:
-            self._rollbacks.pop(run_id, None)
-            return
-        if run.state.finished:
+            run = None
+        if run is None or run.state.finished:
             self._rollbacks.pop(run_id, None)
             return
         try:
-            await self.roll_back(run, why)
+            await self.roll_back(run, why, bound)
         except ShardUnavailable as exc:  # a server that does not answer: the next poll tries again
+            since = since or time.monotonic()
+            self._rollbacks[run_id] = (why, self._chosen.get(run_id, bound), since)
             log.warning("%s could not go back to a common checkpoint yet (%s): %s", run_id, why, exc,
                         extra={"run": run_id})
-            return
+            if time.monotonic() - since <= self._shard_timeout:
+                return
+            self._fail(self._registry.get(run_id), f"{why} and the servers could not go back to a common "
+                       f"checkpoint for {time.monotonic() - since:.0f}s (--shard-timeout): {exc}")
         except PsError as exc:  # a checkpoint that does not load: no state every shard agrees on
-            self._fail(run, f"{why} and the shards could not go back to a common checkpoint: {exc}")
+            with contextlib.suppress(NotFound):
+                self._fail(self._registry.get(run_id), f"{why} and the shards could not go back to a common "
+                           f"checkpoint: {exc}")
         self._rollbacks.pop(run_id, None)
+        self._chosen.pop(run_id, None)
 
-    async def roll_back(self, run: Run, why: str) -> Run:
-        """Every shard of ``run`` back to the newest cut all servers have (the run fails if there is
-        none); the run as this server now holds it."""
+    async def roll_back(self, run: Run, why: str, bound: int | None = None) -> Run:
+        """Every shard of ``run`` back to the newest cut all servers have, at most ``bound`` (the
+        run fails if there is none); the run as this server now holds it. This server's restored
+        run takes no pushes or pulls until every server has restored: no worker reads a mix."""
         if self._checkpointer is None:
             self._fail(run, f"{why} and server 0 has no --data-dir: the shards cannot go back to a common "
                             "checkpoint (start every server with --data-dir DIR)")
@@ -321,20 +341,24 @@ class ClusterOwner:
         listed = await asyncio.gather(*(peer.call("ListShardCheckpoints", cpb.ListShardCheckpointsRequest(
             run_id=run.run_id), cpb.ListShardCheckpointsResponse, self._timeout) for peer in self._peers))
         cuts = [set(self._checkpointer.store.cuts(run.run_id)), *(set(r.cuts) for r in listed)]
-        common = set.intersection(*cuts)
+        common = {c for c in set.intersection(*cuts) if bound is None or c <= bound}
         if not common:
             have = "; ".join(f"server {i}: {sorted(c, reverse=True) or 'none'}" for i, c in enumerate(cuts))
             self._fail(run, f"{why} and no checkpoint cut is on every server ({have}): the shards cannot agree "
                             "on a state to resume from")
             return run
-        cut = max(common)
+        cut = self._chosen[run.run_id] = max(common)
         before = [max(clocks) for clocks in zip([s.clock for s in run.clock.slots], *(r.clocks for r in listed),
                                                   strict=True)]
         min_before = run.min_clock
         message = f"{why}: every shard went back to the checkpoint at cut {cut}: retry"
         restored = await restore(self._registry, self._checkpointer, run.run_id, cut, message)
+        restored.held = f"{why}: the servers are going back to the checkpoint at cut {cut}: retry"
+        self._renumber(run, restored)
         await asyncio.gather(*(peer.call("RestoreShard", cpb.RestoreShardRequest(run_id=run.run_id, cut=cut),
-                                         cpb.RestoreShardResponse, 4 * self._timeout) for peer in self._peers))
+                                         cpb.RestoreShardResponse, max(4 * self._timeout, self._shard_timeout))
+                               for peer in self._peers))
+        restored.held = ""
         for peer in self._peers:
             self._sent.pop((run.run_id, peer.index), None)
         lost = sum(max(0, before[s.rank] - s.clock) for s in restored.clock.slots)
@@ -344,6 +368,16 @@ class ClusterOwner:
                     extra={"run": run.run_id})
         await self.sync(restored)
         return restored
+
+    @staticmethod
+    def _renumber(old: Run, restored: Run) -> None:
+        """Incarnations given out after the cut stay given: numbering goes on from the newest, and a
+        rank handed to another worker since the cut is evicted (its holder joins again)."""
+        restored.clock.next_incarnation = max(restored.clock.next_incarnation, old.clock.next_incarnation)
+        for was, slot in zip(old.clock.slots, restored.clock.slots, strict=True):
+            if was.incarnation != slot.incarnation and slot.state is WorkerState.ACTIVE:
+                restored.clock.set_state(slot, WorkerState.EVICTED)
+                restored.bsp.drop(slot.rank)
 
     def _fail(self, run: Run, message: str) -> None:
         if run.state.finished:

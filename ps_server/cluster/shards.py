@@ -15,7 +15,7 @@ from paramserver.v1 import cluster_pb2 as cpb
 from .. import codec
 from ..checkpointer import Checkpointer
 from ..core.checkpoint import CorruptCheckpoint
-from ..core.errors import FailedPrecondition, InvalidArgument, NotFound, PsError, Reason, ShardUnavailable
+from ..core.errors import FailedPrecondition, InvalidArgument, NotFound, PsError, Reason
 from ..core.placement import Placement, check_map
 from ..core.registry import RunRegistry
 from ..core.run import Run
@@ -31,14 +31,27 @@ CUT_WAIT = 30.0
 
 
 async def restore(registry: RunRegistry, checkpointer: Checkpointer, run_id: str, cut: int, why: str) -> Run:
-    """Put ``run_id``'s checkpoint of ``cut`` in place of the run (its parked pulls get ``why``)."""
+    """Put ``run_id``'s checkpoint of ``cut`` in place of the run (its parked pulls get ``why``).
+    FailedPrecondition, and nothing changes, when the checkpoint does not fit, or the run ended or
+    was deleted while it loaded."""
     old = registry.get(run_id)
+
+    def check(run: Run) -> None:
+        if run.placement != old.placement:
+            raise FailedPrecondition(f"the checkpoint of {run_id} at cut {cut} holds another shard map than the run")
+        if registry.get(run_id) is not old or old.state.finished:
+            raise FailedPrecondition(f"{run_id} ended or changed while its checkpoint at cut {cut} loaded: it stays "
+                                     "as it is")
+
     try:
-        run = await checkpointer.restore(run_id, cut)
+        run = await checkpointer.restore(run_id, cut, check)
     except (CorruptCheckpoint, KeyError, ValueError, TypeError) as exc:
         raise FailedPrecondition(f"cannot restore {run_id} at cut {cut}: {exc}") from None
-    if run.placement != old.placement:
-        raise FailedPrecondition(f"the checkpoint of {run_id} at cut {cut} holds another shard map than the run")
+    except FailedPrecondition:
+        if old.state.finished and registry.runs().count(old):  # stopped meanwhile: its final checkpoint
+            checkpointer.attach(old)
+            checkpointer.schedule(old, old.state.value)
+        raise
     registry.replace(run, why)
     log.warning("%s went back to its checkpoint at cut %d (min clock %d; it was at %d)", run_id, cut,
                 run.min_clock, old.min_clock, extra={"run": run_id})
@@ -120,9 +133,9 @@ class ShardService:
             path, clock = await checkpointer.checkpoint_at(run, request.cut, request.reason or "asked by server 0",
                                                            CUT_WAIT)
         except TimeoutError:
-            raise ShardUnavailable(f"server {self._index}'s shard of {run.run_id} did not reach clock {request.cut} "
-                                   f"within {CUT_WAIT:g}s (it is at min clock {run.min_clock}): the run is not "
-                                   "moving; try again when it is") from None
+            raise FailedPrecondition(f"server {self._index}'s shard of {run.run_id} did not reach clock {request.cut} "
+                                     f"within {CUT_WAIT:g}s (it is at min clock {run.min_clock}): the run is not "
+                                     "moving; try again when it is") from None
         except OSError as exc:
             raise PsError(f"could not write a checkpoint of {run.run_id} to {checkpointer.store.root} on server "
                           f"{self._index}: {exc.strerror or exc}") from None

@@ -362,3 +362,44 @@ async def test_a_run_resumed_on_a_cluster_of_another_size_fails_saying_why(serve
             assert "placed over 2 server(s)" in got.message and "--cluster" in got.message
     finally:
         await alone.stop(0)
+
+
+async def test_a_watch_follows_a_run_restored_while_it_was_not_parked(server_config: ServerConfig) -> None:
+    """A roll back replaces the run object: WatchRun goes on with the restored one, whenever it
+    happened (here while the watcher sleeps between snapshots)."""
+    from ps_server.core import snapshot
+
+    async with cluster(server_config, 2) as servers:
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(make_spec(num_workers=2))
+            registry = servers[0].registry
+            copy = snapshot.restore(*snapshot.state_dict(registry.get(run.run_id)))
+            seen = []
+            async for snap in c.watch_run(run.run_id, interval=0.3):
+                seen.append(snap.run.active_workers)
+                if len(seen) == 1:
+                    registry.replace(copy, "restored")  # the watcher is asleep (interval)
+                    await _join_all(c, run.run_id, 2)  # changes only the restored run
+                if snap.run.active_workers == 2:
+                    break
+            assert seen[0] == 0 and seen[-1] == 2
+
+
+async def test_a_roll_back_keeps_incarnations_given_out_after_the_cut(server_config: ServerConfig) -> None:
+    """Going back to a cut must not hand an incarnation number out twice: a rank given to another
+    worker after the cut is evicted (its new holder joins again, with a fresh number)."""
+    from ps_server.cluster.owner import ClusterOwner
+    from ps_server.core import snapshot
+
+    async with cluster(server_config, 2) as servers:
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(make_spec(num_workers=2, staleness=-1))
+            a, b = await _join_all(c, run.run_id, 2)
+            live = servers[0].registry.get(run.run_id)
+            at_cut = snapshot.restore(*snapshot.state_dict(live))
+            await c.leave(run.run_id, b.rank, b.incarnation, pb.LEAVE_REASON_SHUTDOWN)
+            b2 = (await c.join("w3", run.run_id, max_wait=0)).assignment  # rank 1 again, a new incarnation
+            ClusterOwner._renumber(live, at_cut)
+            assert at_cut.clock.next_incarnation == live.clock.next_incarnation > b2.incarnation
+            assert at_cut.clock.slots[b.rank].state.value == "evicted"  # b2's rank: b2 must join again
+            assert at_cut.clock.slots[a.rank].state.value == "active"  # untouched

@@ -257,3 +257,23 @@ async def test_checkpoint_at_a_cut_waits_for_the_min_clock_to_reach_it(tmp_path:
     assert [s["clock"] for s in ckpt.meta["slots"]] == [4, 4]  # taken at the cut, not when written
     with pytest.raises(TimeoutError):
         await checkpointer.checkpoint_at(run, 9, "test", timeout=0.1)
+
+
+async def test_a_held_shard_stopped_gracefully_stays_held_when_it_resumes(tmp_path: Path) -> None:
+    """A cluster shard resumed from a crash is held until the cluster goes back to a common cut; a
+    graceful stop before that must not make its (stale) checkpoint look like a clean one."""
+    from ps_server.core.placement import Placement, place
+
+    spec = make_run().spec
+    run = Run("run-sh", spec, placement=Placement(place(spec.params, 2, 1 << 20), 0))
+    checkpointer = Checkpointer(CheckpointStore(tmp_path), every=0)
+    await checkpointer.checkpoint_now(run, "every", 0)  # a routine checkpoint: a resume from it is held
+    (resumed,) = checkpointer.resume()
+    assert resumed.held
+    await checkpointer.checkpoint_now(resumed, "shutdown", final=True)
+    (again,) = checkpointer.resume()
+    assert again.held
+    again.held = ""  # the cluster went back to a common cut: its next graceful stop is a clean one
+    await checkpointer.checkpoint_now(again, "shutdown", final=True)
+    (clean,) = checkpointer.resume()
+    assert not clean.held
