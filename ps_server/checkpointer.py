@@ -40,8 +40,8 @@ class Checkpointer:
         self._writers: dict[str, asyncio.Task[None]] = {}
         self._taken: dict[str, tuple[int, bool]] = {}
         """run id -> (min clock of its last scheduled checkpoint, whether its final one was)."""
-        self.protected: dict[str, int] = {}
-        """run id -> the cut whose checkpoint pruning keeps (a cluster's newest common one)."""
+        self.protected: dict[str, tuple[int, ...]] = {}
+        """run id -> the cuts whose checkpoints pruning keeps (a cluster's newest common ones)."""
         self._cuts: dict[str, list[tuple[int, asyncio.Future[Snapshot]]]] = {}
         """run id -> the cuts ``checkpoint_at`` waits for, each with the future its snapshot goes to."""
 
@@ -132,7 +132,7 @@ class Checkpointer:
         async with self._locks.setdefault(run_id, asyncio.Lock()):
             t0 = time.perf_counter()
             try:
-                path = await asyncio.to_thread(self.store.write, meta, arrays, self.protected.get(run_id))
+                path = await asyncio.to_thread(self.store.write, meta, arrays, self.protected.get(run_id, ()))
             except OSError as exc:
                 log.error("checkpoint of %s failed: %s", run_id, exc, extra={"run": run_id})
                 raise

@@ -228,8 +228,8 @@ class ClusterOwner:
             key = (run.run_id, peer.index)
             try:
                 await self._send(run, peer)
-                keep = self._checkpointer.protected.get(run.run_id, 0) if self._checkpointer else 0
-                resp = await peer.call("GetShard", cpb.GetShardRequest(run_id=run.run_id, keep_cut=keep),
+                keep = self._checkpointer.protected.get(run.run_id, ()) if self._checkpointer else ()
+                resp = await peer.call("GetShard", cpb.GetShardRequest(run_id=run.run_id, keep_cuts=keep),
                                        cpb.GetShardResponse, self._timeout)
             except NotFound:
                 self._fail(run, f"{peer.name} no longer holds its shard of the run (it restarted without a "
@@ -284,16 +284,18 @@ class ClusterOwner:
         return own.result()
 
     def _keep_common_cut(self, run: Run) -> None:
-        """Every server keeps its checkpoint of the newest cut all have on disk (its next GetShard
-        says so): the cluster can always go back to one, however far one server's writes lag."""
+        """Every server keeps its checkpoints of the newest cut all have on disk and of the one before
+        (its next GetShard says so; this server keeps both from now, the others from then, so one
+        of them is kept everywhere all along): the cluster can always go back to one."""
         if self._checkpointer is None:
             return
         heard = [self._cuts.get((run.run_id, peer.index)) for peer in self._peers]
         if any(h is None for h in heard):
             return
         common = set(self._checkpointer.store.cuts(run.run_id)).intersection(*heard)  # type: ignore[arg-type]
-        if common:
-            self._checkpointer.protected[run.run_id] = max(common)
+        kept = self._checkpointer.protected.get(run.run_id, ())
+        if common and max(common) not in kept:  # the newest, and the one before it until all know it
+            self._checkpointer.protected[run.run_id] = (max(common), *kept[:1])
 
     # ------------------------------------------------------------------------------ recovery
     def resumed(self, runs: Sequence[Run]) -> None:

@@ -113,8 +113,8 @@ class ShardService:
         run = self._registry.get(request.run_id)
         cuts = []
         if self._checkpointer is not None:
-            if request.keep_cut:
-                self._checkpointer.protected[run.run_id] = request.keep_cut
+            if request.keep_cuts:
+                self._checkpointer.protected[run.run_id] = tuple(request.keep_cuts)
             cuts = self._checkpointer.store.cuts(run.run_id)
         return cpb.GetShardResponse(status=messages.shard_status(run, self._cluster[self._index]),
                                     resumed=bool(run.held), data_port=self._data_port(),

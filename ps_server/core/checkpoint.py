@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -77,9 +77,9 @@ class CheckpointStore:
             return []
         return sorted((p for p in run_dir.iterdir() if p.name.startswith("ckpt-")), reverse=True)
 
-    def write(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], protect: int | None = None) -> Path:
+    def write(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], protect: Collection[int] = ()) -> Path:
         """Write one checkpoint of ``meta["run_id"]`` atomically; prune to the newest ``keep``, but
-        for the newest checkpoint of cut ``protect`` (the cut a cluster can go back to)."""
+        for the newest checkpoint of each cut in ``protect`` (cuts a cluster can go back to)."""
         run_dir = self.root / str(meta["run_id"])
         run_dir.mkdir(parents=True, exist_ok=True)
         existing = self._checkpoints(run_dir)
@@ -107,7 +107,8 @@ class CheckpointStore:
             raise
         kept = self._checkpoints(run_dir)[: self.keep]
         for old in self._checkpoints(run_dir)[self.keep :]:
-            if protect is not None and self._cut(old) == protect and protect not in map(self._cut, kept):
+            cut = self._cut(old)
+            if cut in protect and cut not in map(self._cut, kept):
                 kept.append(old)
                 continue
             shutil.rmtree(old, ignore_errors=True)

@@ -209,7 +209,7 @@ async def test_periodic_checkpoints_log_at_debug_and_the_story_at_info(tmp_path:
 
 
 # ------------------------------------------------------------------------------ cuts (clusters)
-def _write_cut(store: CheckpointStore, run: Run, cut: int, protect: int | None = None) -> Path:
+def _write_cut(store: CheckpointStore, run: Run, cut: int, protect: tuple[int, ...] = ()) -> Path:
     meta, arrays = snapshot.state_dict(run, cut)
     return store.write(meta, arrays, protect)
 
@@ -228,16 +228,20 @@ def test_checkpoints_are_labelled_by_cut_and_loaded_by_it(tmp_path: Path) -> Non
 
 
 def test_pruning_keeps_the_protected_cut_however_old(tmp_path: Path) -> None:
-    """A cluster's newest common cut survives --checkpoint-keep, so there is always one to go back to."""
+    """A cluster's newest common cuts survive --checkpoint-keep, so there is always one to go back to."""
     store = CheckpointStore(tmp_path, keep=2)
     run = make_run()
     for cut in (5, 10, 15, 20):
-        _write_cut(store, run, cut, protect=5)
+        _write_cut(store, run, cut, protect=(5,))
     assert store.cuts(run.run_id) == [20, 15, 5]
-    _write_cut(store, run, 25, protect=15)  # the common cut moved on: 5 may go
-    assert store.cuts(run.run_id) == [25, 20, 15]
-    _write_cut(store, run, 30)
-    assert store.cuts(run.run_id) == [30, 25]
+    _write_cut(store, run, 25, protect=(10, 5))  # (10 is gone already: nothing to keep)
+    assert store.cuts(run.run_id) == [25, 20, 5]
+    _write_cut(store, run, 30, protect=(20, 5))
+    assert store.cuts(run.run_id) == [30, 25, 20, 5]
+    _write_cut(store, run, 35, protect=(25, 20))  # the common cuts moved on: 5 may go
+    assert store.cuts(run.run_id) == [35, 30, 25, 20]
+    _write_cut(store, run, 40)
+    assert store.cuts(run.run_id) == [40, 35]
 
 
 async def test_checkpoint_at_a_cut_waits_for_the_min_clock_to_reach_it(tmp_path: Path) -> None:

@@ -85,12 +85,12 @@ class UpdateShardResponse(_message.Message):
     def __init__(self, run_state: _Optional[_Union[_paramserver_pb2.RunState, str]] = ...) -> None: ...
 
 class GetShardRequest(_message.Message):
-    __slots__ = ("run_id", "keep_cut")
+    __slots__ = ("run_id", "keep_cuts")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
-    KEEP_CUT_FIELD_NUMBER: _ClassVar[int]
+    KEEP_CUTS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
-    keep_cut: int
-    def __init__(self, run_id: _Optional[str] = ..., keep_cut: _Optional[int] = ...) -> None: ...
+    keep_cuts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, run_id: _Optional[str] = ..., keep_cuts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetShardResponse(_message.Message):
     __slots__ = ("status", "resumed", "data_port", "cuts")
