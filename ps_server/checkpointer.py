@@ -21,11 +21,13 @@ import numpy as np
 
 from .core import snapshot
 from .core.checkpoint import CheckpointStore
+from .core.errors import FailedPrecondition
 from .core.run import Run
 
 __all__ = ["Checkpointer"]
 
-Snapshot = tuple[dict[str, Any], dict[str, np.ndarray]]
+Snapshot = tuple[dict[str, Any], dict[str, np.ndarray], int]
+"""Metadata, arrays, and the run's epoch when they were taken."""
 
 log = logging.getLogger("ps_server")
 
@@ -35,13 +37,16 @@ class Checkpointer:
         self.store = store
         self.every = every
         self._locks: dict[str, asyncio.Lock] = {}
-        self._waiting: dict[str, tuple[dict[str, Any], dict[str, np.ndarray], str, int]] = {}
+        self._waiting: dict[str, tuple[Snapshot, str, int]] = {}
         """run id -> the snapshot still to be written, why, and the level its log line gets."""
         self._writers: dict[str, asyncio.Task[None]] = {}
         self._taken: dict[str, tuple[int, bool]] = {}
         """run id -> (min clock of its last scheduled checkpoint, whether its final one was)."""
         self.protected: dict[str, tuple[int, ...]] = {}
         """run id -> the cuts whose checkpoints pruning keeps (a cluster's newest common ones)."""
+        self._epochs: dict[str, int] = {}
+        """run id -> how many times it went back to a checkpoint (``restore``): a snapshot of an
+        earlier epoch belongs to a history the run left, and is not written."""
         self._cuts: dict[str, list[tuple[int, asyncio.Future[Snapshot]]]] = {}
         """run id -> the cuts ``checkpoint_at`` waits for, each with the future its snapshot goes to."""
 
@@ -64,29 +69,32 @@ class Checkpointer:
             self.schedule(run, f"every {self.every} clocks", logging.DEBUG, run.min_clock // self.every * self.every)
         for cut, future in self._cuts.get(run.run_id, ()):
             if (run.min_clock >= cut or run.state.finished) and not future.done():
-                future.set_result(snapshot.state_dict(run, cut))
+                future.set_result((*snapshot.state_dict(run, cut), self._epochs.get(run.run_id, 0)))
 
     def schedule(self, run: Run, reason: str, level: int = logging.INFO, cut: int | None = None) -> None:
         meta, arrays = snapshot.state_dict(run, cut)
-        self._waiting[run.run_id] = (meta, arrays, reason, level)  # replaces an older one not yet written
+        # (replaces an older one not yet written)
+        self._waiting[run.run_id] = ((meta, arrays, self._epochs.get(run.run_id, 0)), reason, level)
         writer = self._writers.get(run.run_id)
         if writer is None or writer.done():
             self._writers[run.run_id] = asyncio.get_running_loop().create_task(self._write_waiting(run.run_id))
 
     async def _write_waiting(self, run_id: str) -> None:
         while run_id in self._waiting:
-            meta, arrays, reason, level = self._waiting.pop(run_id)
+            taken, reason, level = self._waiting.pop(run_id)
             try:
-                await self._write(meta, arrays, reason, level)
+                await self._write(taken, reason, level)
             except OSError:
                 pass  # logged by _write; the next checkpoint tries again
+            except FailedPrecondition:
+                pass  # of a history the run left
 
     async def checkpoint_now(self, run: Run, reason: str, cut: int | None = None,
                              final: bool = False) -> tuple[Path, int]:
         """``final``: the server's last, after its last RPC (it holds every push it acknowledged)."""
         meta, arrays = snapshot.state_dict(run, cut)
         meta["final"] = final and not run.held  # (a held shard is behind the others: it must go back)
-        return await self._write(meta, arrays, reason), int(meta["min_clock"])
+        return await self._write((meta, arrays, self._epochs.get(run.run_id, 0)), reason), int(meta["min_clock"])
 
     async def checkpoint_at(self, run: Run, cut: int, reason: str, timeout: float) -> tuple[Path, int]:
         """A checkpoint of ``run`` labelled ``cut``, taken the moment its min clock reaches ``cut``
@@ -98,10 +106,10 @@ class Checkpointer:
         waiting = self._cuts.setdefault(run.run_id, [])
         waiting.append((cut, future))
         try:
-            meta, arrays = await asyncio.wait_for(future, timeout)
+            taken = await asyncio.wait_for(future, timeout)
         finally:
             waiting.remove((cut, future))
-        return await self._write(meta, arrays, reason), int(meta["min_clock"])
+        return await self._write(taken, reason), int(taken[0]["min_clock"])
 
     async def restore(self, run_id: str, cut: int, check: Callable[[Run], None] = lambda run: None) -> Run:
         """``run_id`` as its newest checkpoint of ``cut`` holds it, not registered yet (the
@@ -119,6 +127,7 @@ class Checkpointer:
                 ckpt = await asyncio.to_thread(self.store.load_cut, run_id, cut)
                 run = snapshot.restore(ckpt.meta, ckpt.arrays)
                 check(run)
+                self._epochs[run_id] = self._epochs.get(run_id, 0) + 1  # snapshots of the run it replaces: void
                 await asyncio.to_thread(self.store.discard_after, run_id, cut)
         except BaseException:
             if taken is not None and run_id not in self._taken:
@@ -126,10 +135,14 @@ class Checkpointer:
             raise
         return run
 
-    async def _write(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], reason: str,
-                     level: int = logging.INFO) -> Path:
+    async def _write(self, taken: Snapshot, reason: str, level: int = logging.INFO) -> Path:
+        """Write a snapshot; FailedPrecondition if the run went back to a checkpoint since it was taken."""
+        meta, arrays, epoch = taken
         run_id = meta["run_id"]
         async with self._locks.setdefault(run_id, asyncio.Lock()):
+            if epoch != self._epochs.get(run_id, 0):
+                raise FailedPrecondition(f"{run_id} went back to a checkpoint after this snapshot was taken: it "
+                                         "belongs to a history the run left; ask again")
             t0 = time.perf_counter()
             try:
                 path = await asyncio.to_thread(self.store.write, meta, arrays, self.protected.get(run_id, ()))
@@ -147,6 +160,7 @@ class Checkpointer:
         self._waiting.pop(run_id, None)
         self._taken.pop(run_id, None)
         self.protected.pop(run_id, None)
+        self._cuts.pop(run_id, None)
         writer = self._writers.pop(run_id, None)
         if writer is not None:
             await asyncio.gather(writer, return_exceptions=True)

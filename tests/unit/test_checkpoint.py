@@ -19,6 +19,7 @@ import pytest
 from ps_server.checkpointer import Checkpointer
 from ps_server.core import snapshot
 from ps_server.core.checkpoint import CheckpointStore, CorruptCheckpoint
+from ps_server.core.errors import FailedPrecondition
 from ps_server.core.run import Run
 from ps_server.core.spec import Initializer, OptimizerConfig, OptimizerKind, ParamSpec, RunSpec
 
@@ -281,3 +282,23 @@ async def test_a_held_shard_stopped_gracefully_stays_held_when_it_resumes(tmp_pa
     await checkpointer.checkpoint_now(again, "shutdown", final=True)
     (clean,) = checkpointer.resume()
     assert not clean.held
+
+
+async def test_a_snapshot_of_the_history_a_run_left_is_never_written(tmp_path: Path) -> None:
+    """A snapshot taken before the run went back to a checkpoint, waiting for the disk meanwhile,
+    is refused: written after the restore deleted the later cuts, it would be one of them again."""
+    checkpointer = Checkpointer(CheckpointStore(tmp_path), every=0)
+    run = make_run()  # min clock 3
+    checkpointer.attach(run)
+    await checkpointer.checkpoint_now(run, "test", 2)
+    lock = checkpointer._locks[run.run_id]
+    await lock.acquire()  # the disk is busy
+    restoring = asyncio.ensure_future(checkpointer.restore(run.run_id, 2))
+    await asyncio.sleep(0.05)  # (restore waits for the disk, first in line)
+    late = asyncio.ensure_future(checkpointer.checkpoint_now(run, "test", 3))  # taken now, of the old history
+    await asyncio.sleep(0.05)
+    lock.release()
+    restored = await restoring
+    with pytest.raises(FailedPrecondition, match="history the run left"):
+        await late
+    assert CheckpointStore(tmp_path).cuts(run.run_id) == [2] and restored.min_clock == 3
