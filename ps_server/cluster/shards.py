@@ -1,7 +1,7 @@
 """ClusterService on every server of a cluster: the owner's calls to its shard of a run.
 
 Transport-neutral, as ``control``: each method takes and returns the cluster's messages; a
-``PsError`` it raises is the call's status. Server 0 answers them too (Hello, GetShard), but the
+``PsError`` it raises is the call's status. Server 0 answers them too (GetShard), but the
 owner never sends itself UpdateShard: its shard is the membership.
 """
 
@@ -66,10 +66,6 @@ class ShardService:
         self._index = index
         self._data_port = data_port
         self._checkpointer = checkpointer
-
-    async def Hello(self, request: cpb.HelloRequest) -> cpb.HelloResponse:
-        return cpb.HelloResponse(index=self._index, cluster=self._cluster, data_port=self._data_port(),
-                                 server_generation=self._registry.generation)
 
     async def CreateShard(self, request: cpb.CreateShardRequest) -> cpb.CreateShardResponse:
         shards = request.shard_map.shards

@@ -10,24 +10,6 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class HelloRequest(_message.Message):
-    __slots__ = ("cluster",)
-    CLUSTER_FIELD_NUMBER: _ClassVar[int]
-    cluster: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, cluster: _Optional[_Iterable[str]] = ...) -> None: ...
-
-class HelloResponse(_message.Message):
-    __slots__ = ("index", "cluster", "data_port", "server_generation")
-    INDEX_FIELD_NUMBER: _ClassVar[int]
-    CLUSTER_FIELD_NUMBER: _ClassVar[int]
-    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
-    SERVER_GENERATION_FIELD_NUMBER: _ClassVar[int]
-    index: int
-    cluster: _containers.RepeatedScalarFieldContainer[str]
-    data_port: int
-    server_generation: str
-    def __init__(self, index: _Optional[int] = ..., cluster: _Optional[_Iterable[str]] = ..., data_port: _Optional[int] = ..., server_generation: _Optional[str] = ...) -> None: ...
-
 class CreateShardRequest(_message.Message):
     __slots__ = ("run_id", "spec", "shard_map", "index", "created", "checkpoints", "checkpoint_every")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]

@@ -34,11 +34,6 @@ class ClusterServiceStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Hello = channel.unary_unary(
-                '/paramserver.v1.ClusterService/Hello',
-                request_serializer=paramserver_dot_v1_dot_cluster__pb2.HelloRequest.SerializeToString,
-                response_deserializer=paramserver_dot_v1_dot_cluster__pb2.HelloResponse.FromString,
-                _registered_method=True)
         self.CreateShard = channel.unary_unary(
                 '/paramserver.v1.ClusterService/CreateShard',
                 request_serializer=paramserver_dot_v1_dot_cluster__pb2.CreateShardRequest.SerializeToString,
@@ -78,14 +73,6 @@ class ClusterServiceStub:
 
 class ClusterServiceServicer:
     """Missing associated documentation comment in .proto file."""
-
-    def Hello(self, request, context):
-        """Who answers: its index and the cluster list it was started with (servers of different lists
-        refuse to work together), its TCP data plane port and its generation.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
 
     def CreateShard(self, request, context):
         """Create this server's shard of a run: the run's spec, its shard map and this server's place in
@@ -147,11 +134,6 @@ class ClusterServiceServicer:
 
 def add_ClusterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Hello': grpc.unary_unary_rpc_method_handler(
-                    servicer.Hello,
-                    request_deserializer=paramserver_dot_v1_dot_cluster__pb2.HelloRequest.FromString,
-                    response_serializer=paramserver_dot_v1_dot_cluster__pb2.HelloResponse.SerializeToString,
-            ),
             'CreateShard': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateShard,
                     request_deserializer=paramserver_dot_v1_dot_cluster__pb2.CreateShardRequest.FromString,
@@ -197,33 +179,6 @@ def add_ClusterServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ClusterService:
     """Missing associated documentation comment in .proto file."""
-
-    @staticmethod
-    def Hello(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/paramserver.v1.ClusterService/Hello',
-            paramserver_dot_v1_dot_cluster__pb2.HelloRequest.SerializeToString,
-            paramserver_dot_v1_dot_cluster__pb2.HelloResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def CreateShard(request,
