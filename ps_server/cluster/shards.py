@@ -48,7 +48,7 @@ async def restore(registry: RunRegistry, checkpointer: Checkpointer, run_id: str
     except (CorruptCheckpoint, KeyError, ValueError, TypeError) as exc:
         raise FailedPrecondition(f"cannot restore {run_id} at cut {cut}: {exc}") from None
     except FailedPrecondition:
-        if old.state.finished and registry.runs().count(old):  # stopped meanwhile: its final checkpoint
+        if old.state.finished and old.on_change is not None:  # stopped meanwhile (not deleted): its final checkpoint
             checkpointer.attach(old)
             checkpointer.schedule(old, old.state.value)
         raise

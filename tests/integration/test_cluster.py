@@ -41,14 +41,17 @@ def _ports(n: int) -> list[int]:
 
 
 @asynccontextmanager
-async def cluster(config: ServerConfig, n: int, **changes: object) -> AsyncIterator[list[PsServer]]:
-    """``n`` servers: a cluster (n > 1), or one server alone (n == 1)."""
+async def cluster(config: ServerConfig, n: int, each: Callable[[int], dict[str, object]] = lambda i: {},
+                  **changes: object) -> AsyncIterator[list[PsServer]]:
+    """``n`` servers: a cluster (n > 1), or one server alone (n == 1); ``each(i)``: server i's own
+    changes to ``config`` (a data directory each, say), on top of ``changes``."""
     ports = _ports(n)
     addresses = ",".join(f"127.0.0.1:{p}" for p in ports) if n > 1 else ""
     servers: list[PsServer] = []
     try:
         for i, port in enumerate(ports):
-            servers.append(await start_server(with_config(config, port=port, cluster=addresses, index=i, **changes)))
+            servers.append(await start_server(with_config(config, port=port, cluster=addresses, index=i,
+                                                          **{**changes, **each(i)})))
         yield servers
     finally:
         for s in reversed(servers):
@@ -298,13 +301,8 @@ async def test_a_server_that_stays_down_fails_the_run_naming_it(server_config: S
 async def test_checkpoint_run_takes_every_servers_snapshot_at_one_cut(server_config: ServerConfig, tmp_path: Path) -> None:
     """psctl checkpoint on a cluster: every server writes its shard at the same clock (the next
     one none has reached), so the cluster can go back to it."""
-    dirs = [tmp_path / "0", tmp_path / "1"]
-    ports = _ports(2)
-    addresses = ",".join(f"127.0.0.1:{p}" for p in ports)
-    servers = [await start_server(with_config(server_config, port=p, cluster=addresses, index=i,
-                                              data_dir=str(dirs[i]), checkpoint_every=0, split_bytes=1024))
-               for i, p in enumerate(ports)]
-    try:
+    async with cluster(server_config, 2, lambda i: {"data_dir": str(tmp_path / str(i))}, checkpoint_every=0,
+                       split_bytes=1024) as servers:
         async with PsClient(servers[1].address, timeout=20) as c:
             run = await c.create_run(make_spec(shapes={"w": (40, 30)}, num_workers=1, staleness=0, iterations=10))
             (a,) = await _join_all(c, run.run_id, 1)
@@ -321,39 +319,24 @@ async def test_checkpoint_run_takes_every_servers_snapshot_at_one_cut(server_con
                 await plane.close()
             assert ckpt.min_clock == 2
             assert [s.checkpointer.store.cuts(run.run_id) for s in servers] == [[2], [2]]  # type: ignore[union-attr]
-    finally:
-        for s in reversed(servers):
-            await s.stop(0)
 
 
 async def test_a_server_that_cannot_checkpoint_at_the_same_cuts_is_refused(server_config: ServerConfig,
                                                                             tmp_path: Path) -> None:
-    ports = _ports(2)
-    addresses = ",".join(f"127.0.0.1:{p}" for p in ports)
-    servers = [await start_server(with_config(server_config, port=p, cluster=addresses, index=i,
-                                              data_dir=str(tmp_path / str(i)), checkpoint_every=every))
-               for i, (p, every) in enumerate(zip(ports, (10, 20), strict=True))]
-    try:
+    async with cluster(server_config, 2, lambda i: {"data_dir": str(tmp_path / str(i)),
+                                                    "checkpoint_every": (10, 20)[i]}) as servers:
         async with PsClient(servers[0].address, timeout=20) as c:
             with pytest.raises(errors.FailedPrecondition, match="same --checkpoint-every"):
                 await c.create_run(make_spec(num_workers=1))
             assert await c.list_runs() == []  # nothing half-created
-    finally:
-        for s in reversed(servers):
-            await s.stop(0)
 
 
 async def test_a_run_resumed_on_a_cluster_of_another_size_fails_saying_why(server_config: ServerConfig,
                                                                            tmp_path: Path) -> None:
-    ports = _ports(2)
-    addresses = ",".join(f"127.0.0.1:{p}" for p in ports)
-    servers = [await start_server(with_config(server_config, port=p, cluster=addresses, index=i,
-                                              data_dir=str(tmp_path / str(i))))
-               for i, p in enumerate(ports)]
-    async with PsClient(servers[0].address, timeout=20) as c:
-        run = await c.create_run(make_spec(num_workers=1))
-    for s in reversed(servers):
-        await s.stop(0)  # (the shutdown checkpoints)
+    async with cluster(server_config, 2, lambda i: {"data_dir": str(tmp_path / str(i))}) as servers:
+        async with PsClient(servers[0].address, timeout=20) as c:
+            run = await c.create_run(make_spec(num_workers=1))
+    # (stopped: the shutdown checkpoints)
     alone = await start_server(with_config(server_config, data_dir=str(tmp_path / "0")))
     try:
         async with PsClient(alone.address, timeout=20) as c:
