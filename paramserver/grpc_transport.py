@@ -82,7 +82,13 @@ class _Call:
             raise error_from_rpc(exc, self._method) from None
         except asyncio.InvalidStateError:  # read on a call that already ended
             raise errors.Unavailable(errors.Code.UNAVAILABLE, "the stream was closed", method=self._method) from None
-        return None if resp is grpc.aio.EOF else resp
+        if resp is grpc.aio.EOF:  # also how a stream that ended with an error looks: ask its status
+            code = await self._call.code()
+            if code != grpc.StatusCode.OK:
+                raise error_from_rpc(grpc.aio.AioRpcError(code, grpc.aio.Metadata(), await self._call.trailing_metadata(),
+                                                          await self._call.details()), self._method)
+            return None
+        return resp
 
     def cancel(self) -> None:
         self._call.cancel()
