@@ -41,6 +41,10 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, method: str) -> errors.PsError:
         # own (grpc.aio's when a message cannot be sent because the connection broke: the server
         # died mid-push), not the server's answer: as retryable as losing the server.
         return errors.Unavailable(errors.Code.UNAVAILABLE, f"the connection broke ({details})", method=method)
+    if code == grpc.StatusCode.CANCELLED:
+        # A call this side cancels raises asyncio.CancelledError, never this: the server cancelled
+        # it (a server stopping cancels the calls still running), as retryable as losing the server.
+        return errors.Unavailable(errors.Code.UNAVAILABLE, f"the server cancelled the call ({details})", method=method)
     return errors.from_status(code.value[0], details, info, method)
 
 

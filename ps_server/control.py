@@ -130,8 +130,9 @@ class Control:
             seen_events = history.event_count
             last = events[-1].time if events else last
             snapshot = self._run(run)
+            finished = run.state.finished  # as sent: the run may finish while the consumer is slow
             yield pb.WatchRunResponse(run=snapshot, events=[codec.event_to_proto(e) for e in events])
-            if run.state.finished:
+            if finished:
                 return
             await asyncio.sleep(interval)
             try:

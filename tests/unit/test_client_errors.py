@@ -29,6 +29,9 @@ _REFUSAL = pb.ErrorInfo(reason=pb.ERROR_REASON_INVALID_REQUEST)
     # push): not the server's answer, so as retryable as UNAVAILABLE, whatever its text says
     (grpc.StatusCode.INTERNAL, "Internal error from Core", None, errors.Unavailable, True),
     (grpc.StatusCode.INTERNAL, "any other words", None, errors.Unavailable, True),
+    # CANCELLED reaches a caller only when the server cancelled the call (a server stopping does,
+    # seen as a worker's ReportMetrics during a SIGTERM): retried, not a failure of the training
+    (grpc.StatusCode.CANCELLED, "CANCELLED", None, errors.Unavailable, True),
     # the server's own INTERNAL (an undecodable request) and its refusals are not retried
     (grpc.StatusCode.INTERNAL, "the request does not parse", pb.ErrorInfo(reason=pb.ERROR_REASON_MALFORMED_MESSAGE),
      errors.PsError, False),

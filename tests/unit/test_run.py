@@ -340,3 +340,21 @@ def test_a_finite_step_does_not_fail_the_run() -> None:
     run, incs = started(spec(workers=1, staleness=1))
     run.push(0, incs[0], 0, grad(1e-45), 0)  # denormal gradient: underflow is not divergence
     assert run.state is RunState.RUNNING and run.counters.updates_applied == 1
+
+
+async def test_a_watch_ends_only_after_sending_the_snapshot_that_shows_the_run_finished() -> None:
+    """Regression (flaky CI under load): a run that finished while the watcher's consumer was
+    slow ended the stream on the last RUNNING snapshot, so the watcher never saw how it ended."""
+    from paramserver.v1 import paramserver_pb2 as pb
+    from ps_server.control import Control
+
+    registry = RunRegistry()
+    run = await registry.create(spec(workers=1))
+    control = Control(registry, max_wait=1.0, heartbeat_seconds=1.0, lease_seconds=5.0)
+    watch = control.WatchRun(pb.WatchRunRequest(run_id=run.run_id))
+    first = await anext(watch)
+    assert first.run.state == pb.RUN_STATE_PENDING
+    run.stop("by the test")  # while the consumer still holds the first snapshot
+    async with asyncio.timeout(10):
+        last = [snap async for snap in watch]
+    assert [s.run.state for s in last] == [pb.RUN_STATE_STOPPED]
