@@ -119,13 +119,16 @@ def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
         iterations=iterations,
         params=[
             pb.ParamSpec(name=p.name, shape=p.shape, dtype=pb.DATA_TYPE_FLOAT32, initializer=_INIT[p.init],
-                         scale=p.scale)
+                         scale=p.scale, table=p.table)
             for p in model.param_specs()
         ],
         seed=o.seed,
         batch_size=o.batch_size,
         eval_every=eval_every,
         slowdown=dict(o.slowdown),
+        # Runs of dense models suit any worker; a model with tables needs one that pulls rows by id
+        # and knows the model (the Python worker; not the Node one).
+        requires=["tables", f"model:{model_spec['kind']}"] if model.tables() else [],
     )
 
 

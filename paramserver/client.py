@@ -47,6 +47,15 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
+Grad = np.ndarray | wire.RowsPart
+"""A tensor's gradient in a push: the whole array, or (a table) some of its rows."""
+
+
+def _table_rows(rows: Mapping[str, np.ndarray] | None) -> list[pb.TableRows]:
+    return [pb.TableRows(name=name, row_ids=np.ascontiguousarray(ids, wire.I64).tobytes())
+            for name, ids in (rows or {}).items()]
+
+
 @lru_cache(maxsize=256)
 def _duration(seconds: float) -> Duration:
     """A Duration message, cached (a worker sends the same wait with every pull): do not mutate."""
@@ -182,8 +191,12 @@ class PsClient:
             call.cancel()
 
     # -------------------------------------------------------------------------- workers
-    async def join(self, worker_name: str, run_id: str = "", max_wait: float = 10.0) -> pb.JoinResponse:
-        req = pb.JoinRequest(worker_name=worker_name, run_id=run_id, max_wait=_duration(max_wait))
+    async def join(self, worker_name: str, run_id: str = "", max_wait: float = 10.0,
+                   capabilities: Sequence[str] = ()) -> pb.JoinResponse:
+        """A rank of ``run_id`` (or of any run) that a worker of ``capabilities`` can train
+        (``RunSpec.requires``); no assignment when there is none within ``max_wait``."""
+        req = pb.JoinRequest(worker_name=worker_name, run_id=run_id, max_wait=_duration(max_wait),
+                             capabilities=capabilities)
         resp = await self._call("WorkerService", "Join", req, pb.JoinResponse, timeout=max_wait + self.timeout)
         if resp.HasField("assignment"):
             self.route.told(resp.data_port)
@@ -207,25 +220,28 @@ class PsClient:
         return await self._call("WorkerService", "Leave", req, pb.LeaveResponse)
 
     # -------------------------------------------------------------------------- data plane
-    async def push(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, np.ndarray],
+    async def push(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Grad],
                    loss: float = 0.0, timeout: float | None = None) -> pb.PushGradientResponse:
-        """Push the gradient of iteration ``clock``; safe to retry with the same arguments."""
+        """Push the gradient of iteration ``clock``; safe to retry with the same arguments. A
+        table's gradient may be some of its rows (``wire.RowsPart``), or left out."""
         (resp,) = await self._push.exchange(self._push_requests(run_id, rank, incarnation, clock, grads, loss, None),
                                             timeout or self.timeout, until_final=False,
                                             decode=pb.PushGradientResponse.FromString)
         return resp  # type: ignore[no-any-return]
 
     async def push_pull(
-        self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, np.ndarray],
+        self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Grad],
         loss: float = 0.0, *, into: dict[str, np.ndarray] | None = None, max_wait: float | None = None,
+        names: Sequence[str] = (), rows: Mapping[str, np.ndarray] | None = None,
     ) -> tuple[pb.PushGradientResponse, PullResult]:
-        """Push iteration ``clock``, then pull for ``clock + 1`` in the same round trip (then_pull).
+        """Push iteration ``clock``, then pull for ``clock + 1`` in the same round trip (then_pull;
+        ``names`` and ``rows`` as for ``pull``).
 
         The returned response carries the push's acknowledgement (clock, duplicate, min_clock,
         run_state); the pulled parameters are in the PullResult."""
         wait = self.timeout if max_wait is None else max_wait
-        then = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock + 1,
-                                    max_wait=_duration(wait))
+        then = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock + 1, names=names,
+                                    max_wait=_duration(wait), rows=_table_rows(rows))
         sink = PullSink(into)
         responses: list[wire.PushResponse] = await self._push.exchange(
             self._push_requests(run_id, rank, incarnation, clock, grads, loss, then), wait + self.timeout,
@@ -235,7 +251,7 @@ class PsClient:
                                       run_state=first.run_state)  # type: ignore[arg-type]
         return ack, sink.result(responses[-1].pulled or wire.ParamsResponse())
 
-    def _push_requests(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, np.ndarray],
+    def _push_requests(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Grad],
                        loss: float, then: pb.PullParamsRequest | None) -> Iterator[list[wire.Part]]:
         """PushGradientRequests as parts, encoded lazily (sending overlaps encoding)."""
         first = True
@@ -247,17 +263,18 @@ class PsClient:
     async def pull(
         self, run_id: str, rank: int = 0, incarnation: int = 0, clock: int = 0, *,
         into: dict[str, np.ndarray] | None = None, names: Sequence[str] = (), max_wait: float | None = None,
-        timeout: float | None = None,
+        timeout: float | None = None, rows: Mapping[str, np.ndarray] | None = None,
     ) -> PullResult:
         """Pull parameters for iteration ``clock`` (incarnation 0: an observer's read, no wait).
 
         Tensors are written into ``into`` (arrays reused across pulls) when given, else into new
-        arrays. The call's deadline is ``max_wait`` (how long the server may park it) plus the
-        client's timeout.
+        arrays. ``rows``: table name -> row ids to pull (in ``PullResult.rows``); then ``names``
+        are the whole tensors wanted besides (empty: none). The call's deadline is ``max_wait``
+        (how long the server may park it) plus the client's timeout.
         """
         wait = self.timeout if max_wait is None else max_wait
         req = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock, names=names,
-                                   max_wait=_duration(wait))
+                                   max_wait=_duration(wait), rows=_table_rows(rows))
         sink = PullSink(into)
         responses = await self._pull.exchange([[req.SerializeToString()]], timeout or (wait + self.timeout),
                                               until_final=True, decode=sink.params_response)

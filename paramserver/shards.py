@@ -15,6 +15,10 @@ remembered are forgotten (the caller goes back to that clock, which may be the s
 went back to a checkpoint without the push it had acknowledged). Answers combine as
 the least guarantee: the least clock, min clock and guaranteed clock, duplicate only if every
 shard says so, and a finished run's state over a running one.
+
+Tables (``ParamSpec.table``) are spread by row ranges: a table's rows (pulled by id, or pushed as
+``wire.RowsPart``) go to the shards holding them, as ids local to each shard's range, and pulled
+rows come back in the order asked.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1.wire import RowsPart
 
 from . import errors
 from .client import PsClient
@@ -45,11 +50,15 @@ class Shards:
     """The data plane of one sharded run; ``close`` closes the connections it opened."""
 
     def __init__(self, shard_map: pb.ShardMap, shapes: Mapping[str, tuple[int, ...]],
-                 connect: Callable[[pb.Shard], PsClient], staleness: int = -1) -> None:
+                 connect: Callable[[pb.Shard], PsClient], staleness: int = -1,
+                 tables: Mapping[str, tuple[int, ...]] | None = None) -> None:
         """``shapes``: every tensor's whole shape (the run spec's); ``connect``: a client of a shard;
-        ``staleness``: the run's (0: BSP, whose pulls are checked to come from one clock)."""
+        ``staleness``: the run's (0: BSP, whose pulls are checked to come from one clock);
+        ``tables``: the tables among them."""
         self.shard_map = shard_map
-        self.shapes = dict(shapes)
+        self.shapes = {n: s for n, s in shapes.items() if n not in (tables or {})}
+        self.tables = dict(tables or {})
+        """Table name -> its whole shape (never held whole here: rows travel by id)."""
         self.clients = [connect(s) for s in shard_map.shards]
         self.staleness = staleness
         self._done: tuple[object, dict[int, pb.PushGradientResponse]] = ((), {})
@@ -64,7 +73,8 @@ class Shards:
             c.route.told(shard.data_port)
             return c
 
-        return cls(shard_map, {p.name: tuple(p.shape) for p in spec.params}, connect, spec.staleness)
+        return cls(shard_map, {p.name: tuple(p.shape) for p in spec.params}, connect, spec.staleness,
+                   {p.name: tuple(p.shape) for p in spec.params if p.table})
 
     async def refresh(self, client: PsClient, run_id: str) -> None:
         """Learn every shard's data plane port again (a restarted server may have another)."""
@@ -76,18 +86,57 @@ class Shards:
         await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
 
     # ------------------------------------------------------------------------------ slicing
-    def _rows(self, arrays: Mapping[str, np.ndarray], shard: pb.Shard) -> dict[str, np.ndarray]:
-        """``shard``'s pieces of ``arrays``: views of their rows (a scalar is its one row)."""
+    def _rows(self, arrays: Mapping[str, Any], shard: pb.Shard) -> dict[str, Any]:
+        """``shard``'s pieces of ``arrays``: views of their rows (a scalar is its one row); of a
+        table's rows (``RowsPart``), those in the shard's range, with ids local to it."""
         out = {}
         for pc in shard.pieces:
-            a = arrays[pc.name]
+            a = arrays.get(pc.name)
+            if a is None:  # a table left out of a push
+                continue
+            if isinstance(a, RowsPart):
+                keep = (a.ids >= pc.row_start) & (a.ids < pc.row_end)
+                if keep.any():
+                    out[pc.name] = RowsPart(a.ids[keep] - pc.row_start, a.values[keep],
+                                            (pc.row_end - pc.row_start, *a.table_shape[1:]))
+                continue
             out[pc.name] = a if a.ndim == 0 else a[pc.row_start:pc.row_end]
         return out
 
-    def _arrays(self, into: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
-        """``into`` with an array of the whole shape for every tensor (new where missing or unfit)."""
+    def _asked(self, rows: Mapping[str, np.ndarray] | None, shard: pb.Shard) -> dict[str, np.ndarray]:
+        """The ids of ``rows`` that ``shard`` holds, local to its ranges."""
+        out = {}
+        for pc in shard.pieces:
+            ids = (rows or {}).get(pc.name)
+            if ids is not None:
+                ids = np.asarray(ids, np.int64)
+                mine = ids[(ids >= pc.row_start) & (ids < pc.row_end)]
+                if mine.size:
+                    out[pc.name] = mine - pc.row_start
+        return out
+
+    def _gathered(self, rows: Mapping[str, np.ndarray] | None, answers: Mapping[int, PullResult],
+                  ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The rows asked for, in the order asked, from the shards' answers."""
+        out = {}
+        for name, ids in (rows or {}).items():
+            ids = np.asarray(ids, np.int64)
+            values = np.empty((ids.size, *self.tables[name][1:]), np.float32)
+            for i, answer in answers.items():
+                got = answer.rows.get(name)
+                if got is None:
+                    continue
+                pc = next(pc for pc in self.shard_map.shards[i].pieces if pc.name == name)
+                at = np.flatnonzero((ids >= pc.row_start) & (ids < pc.row_end))
+                values[at] = got[1]
+            out[name] = (ids, values)
+        return out
+
+    def _arrays(self, into: dict[str, np.ndarray] | None, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """``into`` with an array of the whole shape for every tensor but the tables (or for
+        ``names``) (new where missing or unfit)."""
         out = {} if into is None else into
-        for name, shape in self.shapes.items():
+        for name, shape in self.shapes.items() if names is None else ((n, self.shapes[n]) for n in names):
             a = out.get(name)
             if a is None or a.shape != shape or a.dtype != np.float32 or not a.flags.c_contiguous:
                 out[name] = np.empty(shape, np.float32)
@@ -140,7 +189,7 @@ class Shards:
                                  "checkpoint meanwhile; pull again")
 
     # ------------------------------------------------------------------------------ the data plane
-    async def push(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, np.ndarray],
+    async def push(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Any],
                    loss: float = 0.0, timeout: float | None = None) -> pb.PushGradientResponse:
         acked = self._acked((run_id, rank, incarnation, clock))
 
@@ -154,43 +203,61 @@ class Shards:
         self._done = ((), {})  # complete: the same call again is sent again (a retry after success)
         return _combined([acked[i] for i in range(len(self.clients))])
 
-    async def push_pull(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, np.ndarray],
+    async def push_pull(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Any],
                         loss: float = 0.0, *, into: dict[str, np.ndarray] | None = None,
-                        max_wait: float | None = None) -> tuple[pb.PushGradientResponse, PullResult]:
-        out = self._arrays(into)
+                        max_wait: float | None = None, names: Sequence[str] = (),
+                        rows: Mapping[str, np.ndarray] | None = None) -> tuple[pb.PushGradientResponse, PullResult]:
+        out = self._arrays(into, names if rows else None)
         acked = self._acked((run_id, rank, incarnation, clock))
 
         def one(i: int) -> Callable[[], Awaitable[Any]]:
             c, s = self.clients[i], self.shard_map.shards[i]
+            mine = [pc.name for pc in s.pieces if pc.name in out] if rows else ()
+            asked = self._asked(rows, s) if rows else None
             if i in acked:  # pushed already: only the pull again (pulled answers are never kept)
-                return lambda: c.pull(run_id, rank, incarnation, clock + 1, into=self._rows(out, s), max_wait=max_wait)
+                return lambda: c.pull(run_id, rank, incarnation, clock + 1, into=self._rows(out, s), max_wait=max_wait,
+                                      names=mine, rows=asked)
             return lambda: c.push_pull(run_id, rank, incarnation, clock, self._rows(grads, s), loss,
-                                       into=self._rows(out, s), max_wait=max_wait)
+                                       into=self._rows(out, s), max_wait=max_wait, names=mine, rows=asked)
 
         answers, failures = await self._each({i: one(i) for i in range(len(self.clients))})
-        pulled = []
+        pulled = {}
         for i, answer in answers.items():
             if isinstance(answer, tuple):
                 acked[i], answer = answer
-            pulled.append(answer)
+            pulled[i] = answer
         self._check(failures)
-        self._consistent(pulled, clock + 1)
+        self._consistent(list(pulled.values()), clock + 1)
         self._done = ((), {})
-        return _combined([acked[i] for i in range(len(self.clients))]), _pulled(pulled, out)
+        result = _pulled(list(pulled.values()), out)
+        result.rows = self._gathered(rows, pulled)
+        return _combined([acked[i] for i in range(len(self.clients))]), result
 
     async def pull(self, run_id: str, rank: int = 0, incarnation: int = 0, clock: int = 0, *,
                    into: dict[str, np.ndarray] | None = None, names: Sequence[str] = (),
-                   max_wait: float | None = None, timeout: float | None = None) -> PullResult:
-        out = self._arrays(into)
+                   max_wait: float | None = None, timeout: float | None = None,
+                   rows: Mapping[str, np.ndarray] | None = None) -> PullResult:
+        """As ``PsClient.pull``; the whole model (no ``names``, no ``rows``) includes the tables,
+        put together from every shard (an export)."""
         wanted = set(names)
+        whole = not wanted and not rows
+        out = self._arrays(into, None if whole else [n for n in names if n in self.shapes])
+        if whole:
+            for name, shape in self.tables.items():
+                if out.get(name) is None or out[name].shape != shape:
+                    out[name] = np.empty(shape, np.float32)
 
         def one(i: int) -> Callable[[], Awaitable[PullResult]] | None:
             c, s = self.clients[i], self.shard_map.shards[i]
-            mine = [pc.name for pc in s.pieces if not wanted or pc.name in wanted]
-            if wanted and not mine:
-                return None  # this shard holds none of the names asked for
+            mine = [pc.name for pc in s.pieces if whole or pc.name in wanted]
+            asked = self._asked(rows, s)
+            if not whole and not mine and not asked:
+                return None  # this shard holds none of what was asked for
+            if rows:
+                return lambda: c.pull(run_id, rank, incarnation, clock, into=self._rows(out, s), names=mine, rows=asked,
+                                      max_wait=max_wait, timeout=timeout)
             return lambda: c.pull(run_id, rank, incarnation, clock, into=self._rows(out, s),
-                                  names=mine if wanted else (), max_wait=max_wait, timeout=timeout)
+                                  names=() if whole else mine, max_wait=max_wait, timeout=timeout)
 
         calls = {i: call for i in range(len(self.clients)) if (call := one(i)) is not None}
         answers, failures = await self._each(calls)
@@ -198,9 +265,11 @@ class Shards:
         pulled = list(answers.values())
         if incarnation:
             self._consistent(pulled, clock)
-        if wanted:
+        if not whole:
             out = {n: a for n, a in out.items() if n in wanted}
-        return _pulled(pulled, out)
+        result = _pulled(pulled, out)
+        result.rows = self._gathered(rows, answers)
+        return result
 
 
 def _combined(acks: Sequence[pb.PushGradientResponse]) -> pb.PushGradientResponse:

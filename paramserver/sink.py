@@ -7,7 +7,7 @@ reads bytes that have just been received (warm in cache).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,6 +23,8 @@ class PullResult:
     version: int
     run_state: int
     tensors: dict[str, np.ndarray]
+    rows: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    """Table name -> (row ids, those rows' values (len(ids), dim)), in the order asked."""
 
 
 class PullSink:
@@ -33,11 +35,17 @@ class PullSink:
 
     def __init__(self, into: dict[str, np.ndarray] | None) -> None:
         self.out: dict[str, np.ndarray] = {} if into is None else into
+        self._rows: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
 
     def params(self, resp: wire.ParamsResponse) -> wire.ParamsResponse:
         out = self.out
         for chunk in resp.tensors:
             data = chunk.data  # a view of the response's bytes
+            if chunk.row_ids:  # rows of a table (copies: the message goes)
+                ids = np.frombuffer(chunk.row_ids, wire.I64).copy()
+                dim = int(chunk.shape[1]) if len(chunk.shape) == 2 else 1
+                self._rows.setdefault(chunk.name, []).append((ids, np.frombuffer(data, wire.F32).reshape(ids.size, dim).copy()))
+                continue
             arr = out.get(chunk.name)
             shape = tuple(chunk.shape)
             if arr is None or arr.shape != shape or not arr.flags.c_contiguous:  # replaced, not filled
@@ -65,4 +73,7 @@ class PullSink:
         return resp
 
     def result(self, last: wire.ParamsResponse) -> PullResult:
-        return PullResult(last.guaranteed_clock, last.version, last.run_state, self.out)
+        rows = {name: parts[0] if len(parts) == 1 else (np.concatenate([i for i, _ in parts]),
+                                                        np.concatenate([v for _, v in parts]))
+                for name, parts in self._rows.items()}
+        return PullResult(last.guaranteed_clock, last.version, last.run_state, self.out, rows)

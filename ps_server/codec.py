@@ -32,7 +32,7 @@ from .core.spec import (
     check_sizes,
 )
 from .core.status import MetricPoint, RunEvent, RunState, RunStatus, WorkerState
-from .core.tensors import Gradient, Pieces
+from .core.tensors import Gradient, Pieces, Rows
 
 __all__ = [
     "TensorAssembler",
@@ -71,6 +71,7 @@ def error_status(exc: errors.PsError) -> pb.Status:
 
 # ------------------------------------------------------------------------------------- tensors
 _F32 = wire.F32
+_I64 = wire.I64
 _FLOAT32 = pb.DATA_TYPE_FLOAT32
 
 
@@ -94,6 +95,7 @@ class TensorAssembler:
         self._tensors: dict[str, Gradient] = {}
         self._filled: dict[str, int] = {}
         self._declared = 0
+        self._rows: dict[str, list[Rows]] = {}
 
     def add(self, chunks: Iterable[wire.ChunkLike]) -> None:
         tensors = self._tensors
@@ -116,6 +118,12 @@ class TensorAssembler:
                 )
             shape = tuple(chunk.shape)
             values = np.frombuffer(data, _F32)
+            if chunk.row_ids:
+                self._add_rows(name, shape, chunk.offset, chunk.row_ids, values)
+                continue
+            if name in self._rows:
+                raise _bad_gradient(f"tensor {errors.quoted(name)} came as rows and as a flat slice: send a table's "
+                                    "gradient one way")
             if name not in tensors:
                 if len(shape) > 32:
                     raise _bad_gradient(f"tensor {errors.quoted(name)} has {len(shape)} dimensions: send the parameter's shape")
@@ -151,8 +159,39 @@ class TensorAssembler:
                 pieces.size += n
             self._filled[name] = filled + n
 
+    def _add_rows(self, name: str, shape: tuple[int, ...], offset: int, row_ids: bytes | memoryview,
+                  values: np.ndarray) -> None:
+        """A chunk of whole rows of a table (``TensorChunk.row_ids``); checked against the
+        table when the run looks at the gradient (``ParamStore.check_gradient``)."""
+        quoted = errors.quoted(name)
+        if name in self._tensors:
+            raise _bad_gradient(f"tensor {quoted} came as rows and as a flat slice: send a table's gradient one way")
+        if len(row_ids) & 7:
+            raise _bad_gradient(f"tensor {quoted}: row_ids of {len(row_ids)} bytes are not whole int64s (8 bytes each)")
+        if len(shape) != 2 or min(shape) < 1 or offset:
+            raise _bad_gradient(f"tensor {quoted}: rows of a table need the table's shape (rows, dim) and offset 0, got "
+                                f"shape {list(shape)} and offset {offset}")
+        self.nbytes += len(row_ids)
+        if self.nbytes > self.max_bytes:
+            self._tensors.clear()
+            self._rows.clear()
+            raise errors.ResourceExhausted(f"push carries more than {self.max_bytes} bytes, more than this run's "
+                                           "gradient can be")
+        ids = np.frombuffer(row_ids, _I64)
+        if values.size != ids.size * shape[1]:
+            raise _bad_gradient(f"tensor {quoted}: {ids.size} row ids need {ids.size * shape[1]} values "
+                                f"(dim {shape[1]}), the chunk has {values.size}")
+        parts = self._rows.setdefault(name, [])
+        if parts and parts[0].shape != shape:
+            raise _bad_gradient(f"chunks of tensor {quoted} disagree on its shape")
+        parts.append(Rows(ids, values.reshape(ids.size, shape[1]), shape))
+
     def finish(self) -> dict[str, Gradient]:
+        for name, parts in self._rows.items():
+            self._tensors[name] = Rows.concat(parts, parts[0].shape)
         for name, g in self._tensors.items():
+            if isinstance(g, Rows):
+                continue
             size = math.prod(g.shape)
             if self._filled[name] != size:
                 raise _bad_gradient(
@@ -178,6 +217,10 @@ def _bad_spec(message: str) -> errors.InvalidArgument:
     return errors.InvalidArgument(message, errors.Reason.INVALID_SPEC)
 
 
+_FIELD = {("ftrl", "beta"): "ftrl_beta"}
+"""An optimizer message's field whose ``OptimizerConfig`` name differs (Adam has a beta1 already)."""
+
+
 def _optimizer_from_proto(o: pb.OptimizerSpec) -> OptimizerConfig:
     """By name: the oneof field is the kind, its message's fields are ``OptimizerConfig``'s."""
     name = o.WhichOneof("kind")
@@ -185,7 +228,7 @@ def _optimizer_from_proto(o: pb.OptimizerSpec) -> OptimizerConfig:
         raise _bad_spec(f"optimizer is unset: choose {', '.join(k.value for k in OptimizerKind)}")
     kind, config = OptimizerKind(name), getattr(o, name)
     defaults = OPTIMIZER_DEFAULTS.get(kind, {})
-    values = {f.name: getattr(config, f.name) for f in config.DESCRIPTOR.fields}
+    values = {_FIELD.get((name, f.name), f.name): getattr(config, f.name) for f in config.DESCRIPTOR.fields}
     return OptimizerConfig(kind, **{k: v or defaults.get(k, v) for k, v in values.items()})
 
 
@@ -194,7 +237,7 @@ def _optimizer_to_proto(c: OptimizerConfig) -> pb.OptimizerSpec:
     config = getattr(out, c.kind.value)
     config.SetInParent()
     for f in config.DESCRIPTOR.fields:
-        setattr(config, f.name, getattr(c, f.name))
+        setattr(config, f.name, getattr(c, _FIELD.get((c.kind.value, f.name), f.name)))
     return out
 
 
@@ -208,7 +251,7 @@ def spec_from_proto(s: pb.RunSpec, limits: Limits = DEFAULT_LIMITS) -> RunSpec:
             raise _bad_spec(f"param {errors.quoted(p.name)}: only DATA_TYPE_FLOAT32 parameters are stored")
         if p.initializer not in _INIT:
             raise _bad_spec(f"param {errors.quoted(p.name)}: unknown initializer {p.initializer}")
-        params.append(ParamSpec(p.name, tuple(p.shape), _INIT[p.initializer], p.scale))
+        params.append(ParamSpec(p.name, tuple(p.shape), _INIT[p.initializer], p.scale, table=p.table))
     if s.aggregation not in _AGG:
         raise _bad_spec(f"unknown aggregation {s.aggregation}")
     return RunSpec(
@@ -225,6 +268,7 @@ def spec_from_proto(s: pb.RunSpec, limits: Limits = DEFAULT_LIMITS) -> RunSpec:
         batch_size=s.batch_size,
         eval_every=s.eval_every,
         slowdown=dict(s.slowdown),
+        requires=tuple(s.requires),
     )
 
 
@@ -240,13 +284,14 @@ def spec_to_proto(s: RunSpec) -> pb.RunSpec:
         iterations=s.iterations,
         params=[
             pb.ParamSpec(name=p.name, shape=p.shape, dtype=pb.DATA_TYPE_FLOAT32,
-                         initializer=_INIT_PB[p.initializer], scale=p.scale)
+                         initializer=_INIT_PB[p.initializer], scale=p.scale, table=p.table)
             for p in s.params
         ],
         seed=s.seed,
         batch_size=s.batch_size,
         eval_every=s.eval_every,
         slowdown=dict(s.slowdown),
+        requires=s.requires,
     )
 
 
@@ -291,6 +336,7 @@ def point_to_proto(p: MetricPoint) -> pb.MetricPoint:
     return pb.MetricPoint(
         rank=p.rank, clock=p.clock, time=ts(p.time), loss=p.loss, eval=p.eval,
         eval_loss=p.eval_loss, eval_accuracy=p.eval_accuracy, samples=p.samples, step_seconds=p.step_seconds,
+        eval_auc=p.eval_auc,
     )
 
 
@@ -298,7 +344,7 @@ def point_from_proto(p: pb.MetricPoint, now: float) -> MetricPoint:
     return MetricPoint(
         rank=p.rank, clock=p.clock, time=_from_ts(p.time) if p.HasField("time") else now, loss=p.loss,
         eval=p.eval, eval_loss=p.eval_loss, eval_accuracy=p.eval_accuracy, samples=p.samples,
-        step_seconds=p.step_seconds,
+        step_seconds=p.step_seconds, eval_auc=p.eval_auc if p.eval else float("nan"),
     )
 
 

@@ -182,11 +182,15 @@ class Control:
 
     async def Join(self, request: pb.JoinRequest) -> pb.JoinResponse:
         registry = self._registry
-        assignment = registry.join(request.worker_name, request.run_id)
+        if len(request.capabilities) > registry.limits.max_requires:
+            raise InvalidArgument(f"capabilities has {len(request.capabilities)} entries: at most "
+                                  f"{registry.limits.max_requires}")
+        can = frozenset(request.capabilities)
+        assignment = registry.join(request.worker_name, request.run_id, can)
         requested = request.max_wait.ToTimedelta().total_seconds()
         if assignment is None and requested > 0:  # max_wait 0: answer at once (not the server's limit)
-            if await registry.wait_for_work(request.run_id, min(requested, self._max_wait)):
-                assignment = registry.join(request.worker_name, request.run_id)
+            if await registry.wait_for_work(request.run_id, min(requested, self._max_wait), can):
+                assignment = registry.join(request.worker_name, request.run_id, can)
         if assignment is None:
             return pb.JoinResponse(server_generation=registry.generation)
         await self._sync(registry.get(assignment.run_id))  # every shard knows the incarnation before its worker

@@ -20,10 +20,11 @@ shutdown waits for them (``drain``), not for idle long-lived streams.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError
 
@@ -78,6 +79,20 @@ class _Push:
 def _key(key: tuple[str, int, int, int]) -> str:
     run_id, rank, incarnation, clock = key
     return f"(run {quoted(run_id)}, rank {rank}, incarnation {incarnation}, clock {clock})"
+
+
+def _rows(asked: Iterable[pb.TableRows]) -> dict[str, np.ndarray] | None:
+    """A pull's ``rows``: table name -> row ids (views of the request). InvalidArgument for ids that
+    are not whole int64s or a table named twice."""
+    out: dict[str, np.ndarray] = {}
+    for t in asked:
+        if len(t.row_ids) & 7:
+            raise InvalidArgument(f"rows of {quoted(t.name)}: row_ids of {len(t.row_ids)} bytes are not whole int64s "
+                                  "(8 bytes each, little-endian)")
+        if t.name in out:
+            raise InvalidArgument(f"table {quoted(t.name)} appears twice in rows: ask for all its rows at once")
+        out[t.name] = np.frombuffer(t.row_ids, wire.I64)
+    return out or None
 
 
 def _decode(parse: Callable[[bytes | memoryview], R], raw: bytes | memoryview) -> R:
@@ -229,10 +244,11 @@ class DataPlane:
         """Wait as the SSP rule says, then read (an observer's read, incarnation 0, never waits)."""
         run = self._registry.get(req.run_id)
         names = list(req.names) or None
+        rows = _rows(req.rows)
         if req.incarnation == 0:
-            return run.read(None, req.clock, names)
-        await run.wait_pull(req.rank, req.incarnation, req.clock, self._wait_limit(req.max_wait, caller), names)
-        return run.read(req.rank, req.clock, names)
+            return run.read(None, req.clock, names, rows)
+        await run.wait_pull(req.rank, req.incarnation, req.clock, self._wait_limit(req.max_wait, caller), names, rows)
+        return run.read(req.rank, req.clock, names, rows)
 
     def _wait_limit(self, max_wait: Duration, caller: Caller) -> float:
         """How long a pull may park: the request's wish, capped by the server's limit and the call's deadline."""
@@ -253,6 +269,9 @@ class DataPlane:
                       for group in wire.chunk_groups(read.tensors, self._chunk_bytes)]
             if read.derived is not None:
                 read.derived[key] = groups
+        if read.rows:
+            rows = {name: wire.RowsPart(*picked) for name, picked in read.rows.items()}
+            groups = [*([g for g in groups if g] if read.tensors else []), *wire.chunk_groups(rows, self._chunk_bytes)]
         state = run_state_to_proto(read.run_state)
         for i, group in enumerate(groups):
             yield read.guaranteed_clock, read.version, group, i == len(groups) - 1, state

@@ -18,11 +18,29 @@ same arrays. CLI forms (:func:`parse_dataset`) and defaults:
 * ``npz:PATH[,test_fraction=0.2,seed=0]`` -- a ``.npz`` with ``X`` and ``y`` (split with
   ``test_fraction``/``seed``) or with ``X_train, y_train, X_test, y_test`` (used as given).
   Integer ``y`` means classification (``n_outputs = max label + 1``), float ``y`` regression.
+* ``synthetic-ctr[:samples=100000,fields=8,ids_per_field=1000,zipf=1.1,factors=4,seed=0,test_fraction=0.2]``
+  (``rows`` is accepted for ``samples``) -- click-through data with a PLANTED factorization
+  machine. Each example has one feature per field: field ``f`` draws ``k`` in
+  ``[0, ids_per_field)`` with ``P(k) ∝ 1/(k+1)^zipf`` (so id 0 is the most frequent), raw id
+  ``(f << 32) | k``, value 1. Per (field, id) the plant has a weight ``w ~ N(0, 0.35²)`` and factors
+  ``v ~ N(0, 0.6²/factors · I)``; ``logit = b + Σ_f w + Σ_{f<g} <v_f, v_g>`` with the bias ``b`` set
+  by bisection so the mean click probability is 0.25, and ``y ~ Bernoulli(sigmoid(logit))``. The
+  linear and pairwise parts have similar spread (std ~0.9 each for the default), so a factorization
+  machine clearly beats logistic regression; the plant's test AUC is ~0.8 (0.79 for the default,
+  log-loss 0.45).
+  ``extras``: ``planted_probability_test`` (float64 per test example) and 0-d float64
+  ``planted_auc``, ``planted_logloss``: the plant's own test scores, the best a model can reach.
+* ``libsvm:PATH[,test_fraction=0.2,seed=0]`` -- an svmlight/libsvm text file (``label idx:val ...``,
+  ``#`` comments, ``qid:`` ignored), as public CTR sets ship. Labels 0/1 or -1/+1 (mapped to 0/1);
+  ids are the indices as written (no shift); split with ``test_fraction``/``seed``. ``n_features``
+  is the number of columns (largest index + 1).
 
-Invariants: ``X`` is float32 C-contiguous ``(n, n_features)``; ``y`` is int64 labels or float32
-targets; every array of a :class:`Dataset` is read-only, because :func:`load_dataset` memoises
-per process (keyed on the canonical JSON of the spec with defaults filled in, plus the file's
-size and mtime for npz) and hands the same arrays to every caller.
+Invariants: for dense kinds ``X`` is float32 C-contiguous ``(n, n_features)`` and ``y`` int64 labels
+or float32 targets; for ``task == "ctr"`` (synthetic-ctr, libsvm) ``X`` is a
+:class:`~worker.sparse.SparseBatch` of raw uint64 ids and ``y`` int64 0/1 with ``n_outputs = 1``.
+Every array of a :class:`Dataset` is read-only, because :func:`load_dataset` memoises per process
+(keyed on the canonical JSON of the spec with defaults filled in, plus the file's size and mtime
+for npz and libsvm) and hands the same arrays to every caller.
 
 Which rank trains on which examples, and in which batches: ``worker.sampling``.
 
@@ -45,13 +63,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from worker.metrics import log_loss, roc_auc
+from worker.sparse import SparseBatch
+
 __all__ = ["Dataset", "DatasetError", "load_dataset", "parse_dataset"]
 
 _FORMS = (
     "accepted dataset forms: 'digits'; "
     "'synthetic-regression[:samples=2000,features=20,outputs=1,noise=0.01,seed=0,test_fraction=0.2]'; "
     "'synthetic-classification[:samples=10000,features=784,classes=10,separation=5.0,seed=0,test_fraction=0.2]'; "
-    "'npz:PATH[,test_fraction=0.2,seed=0]'"
+    "'npz:PATH[,test_fraction=0.2,seed=0]'; "
+    "'synthetic-ctr[:samples=100000,fields=8,ids_per_field=1000,zipf=1.1,factors=4,seed=0,test_fraction=0.2]'; "
+    "'libsvm:PATH[,test_fraction=0.2,seed=0]'"
 )
 
 # kind -> {key: default}; the type of each default is the type the key must have.
@@ -64,8 +87,17 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "samples": 10000, "features": 784, "classes": 10, "separation": 5.0, "seed": 0, "test_fraction": 0.2,
     },
     "npz": {"path": "", "test_fraction": 0.2, "seed": 0},
+    "synthetic-ctr": {
+        "samples": 100000, "fields": 8, "ids_per_field": 1000, "zipf": 1.1, "factors": 4, "seed": 0,
+        "test_fraction": 0.2,
+    },
+    "libsvm": {"path": "", "test_fraction": 0.2, "seed": 0},
 }
-_MINIMUM = {"samples": 2, "features": 1, "outputs": 1, "classes": 2, "seed": 0}
+_FILE_KINDS = ("npz", "libsvm")  # 'kind:PATH[,options]'; memoised on the file's size and mtime
+_ALIASES = {"synthetic-ctr": {"rows": "samples"}}  # kind -> {alias: canonical key}
+_MINIMUM = {"samples": 2, "features": 1, "outputs": 1, "classes": 2, "seed": 0, "fields": 1, "ids_per_field": 1,
+            "factors": 1}
+_MAXIMUM = {"fields": 2**32, "ids_per_field": 2**32}  # exclusive: a raw CTR id is (field << 32) | k
 
 
 class DatasetError(ValueError):
@@ -77,13 +109,15 @@ class Dataset:
     """A train/test split. Arrays are read-only and may be shared between callers."""
 
     name: str
-    task: str  # "classification" | "regression"
-    X_train: npt.NDArray[np.float32]
-    y_train: npt.NDArray[Any]  # int64 labels, or float32 (n,) / (n, k) targets
-    X_test: npt.NDArray[np.float32]
+    task: str  # "classification" | "regression" | "ctr"
+    # float32 (n, n_features) array, or a SparseBatch exactly when task == "ctr". Typed Any, not the
+    # union, until every reader (trainer, export_shard) branches on the task.
+    X_train: Any
+    y_train: npt.NDArray[Any]  # int64 labels (0/1 for ctr), or float32 (n,) / (n, k) targets
+    X_test: Any
     y_test: npt.NDArray[Any]
-    n_features: int
-    n_outputs: int  # classes, or regression outputs
+    n_features: int  # columns; for ctr, fields (synthetic) or largest id + 1 (libsvm)
+    n_outputs: int  # classes, or regression outputs; 1 for ctr
     extras: Mapping[str, npt.NDArray[Any]]
 
 
@@ -97,13 +131,13 @@ def parse_dataset(text: str) -> dict[str, Any]:
     if kind not in _DEFAULTS:
         raise DatasetError(f"unknown dataset {text!r}; {_FORMS}")
     raw: dict[str, Any] = {"kind": kind}
-    if kind == "npz":
+    if kind in _FILE_KINDS:
         # Options trail the path, so a path may itself contain ',' or '='.
         while m := re.search(r",\s*(test_fraction|seed)\s*=\s*([^,]*)$", rest):
             raw[m.group(1)] = m.group(2).strip()
             rest = rest[: m.start()]
         if not rest.strip():
-            raise DatasetError(f"npz dataset needs a path, got {text!r}; {_FORMS}")
+            raise DatasetError(f"{kind} dataset needs a path, got {text!r}; {_FORMS}")
         raw["path"] = rest.strip()
     elif sep and rest.strip():
         for item in rest.split(","):
@@ -127,6 +161,14 @@ def _canonical(spec: Mapping[str, Any], from_text: bool = False) -> dict[str, An
     if kind not in _DEFAULTS:
         raise DatasetError(f"unknown dataset kind {kind!r}; {_FORMS}")
     defaults = _DEFAULTS[kind]
+    aliases = _ALIASES.get(kind, {})
+    if aliases:
+        spec = dict(spec)
+        for alias, key in aliases.items():
+            if alias in spec:
+                if key in spec:
+                    raise DatasetError(f"{kind}: {alias!r} is another name for {key!r}; give only one of them")
+                spec[key] = spec.pop(alias)
     unknown = sorted(set(spec) - set(defaults) - {"kind"})
     if unknown:
         allowed = ", ".join(defaults) or "none"
@@ -135,12 +177,14 @@ def _canonical(spec: Mapping[str, Any], from_text: bool = False) -> dict[str, An
     for key, default in defaults.items():
         value = spec.get(key, default)
         out[key] = _coerce(kind, key, value, type(default), from_text)
-    if kind == "npz" and not out["path"]:
-        raise DatasetError(f"npz dataset needs a 'path'; {_FORMS}")
+    if kind in _FILE_KINDS and not out["path"]:
+        raise DatasetError(f"{kind} dataset needs a 'path'; {_FORMS}")
     if "test_fraction" in out and not 0.0 < out["test_fraction"] < 1.0:
         raise DatasetError(f"{kind}: test_fraction must be in (0, 1), got {out['test_fraction']}")
     if out.get("noise", 0.0) < 0.0 or out.get("separation", 1.0) <= 0.0:
         raise DatasetError(f"{kind}: noise must be >= 0 and separation > 0, got {spec!r}")
+    if out.get("zipf", 1.0) <= 0.0:
+        raise DatasetError(f"{kind}: zipf must be > 0 (the Zipf exponent; 1.1 is typical), got {out['zipf']}")
     return out
 
 
@@ -162,6 +206,8 @@ def _coerce(kind: str, key: str, value: Any, want: type, from_text: bool) -> Any
             raise bad
         if value < _MINIMUM.get(key, 0):
             raise DatasetError(f"{kind}: {key} must be >= {_MINIMUM.get(key, 0)}, got {value}")
+        if key in _MAXIMUM and value >= _MAXIMUM[key]:
+            raise DatasetError(f"{kind}: {key} must be < {_MAXIMUM[key]}, got {value}")
         return value
     if not isinstance(value, int | float) or not math.isfinite(value):
         raise bad
@@ -173,16 +219,17 @@ def _coerce(kind: str, key: str, value: Any, want: type, from_text: bool) -> Any
 def load_dataset(spec: Mapping[str, Any]) -> Dataset:
     """Load (or generate) the dataset for ``spec``; memoised per process.
 
-    The memo key is the canonical JSON of the spec with defaults filled in; for ``npz`` it
-    also includes the file's size and mtime, so a rewritten file is reloaded.
+    The memo key is the canonical JSON of the spec with defaults filled in; for ``npz`` and
+    ``libsvm`` it also includes the file's size and mtime, so a rewritten file is reloaded.
     """
     canon = _canonical(spec)
     stamp = ""
-    if canon["kind"] == "npz":
+    if canon["kind"] in _FILE_KINDS:
         try:
             st = os.stat(canon["path"])
         except OSError as e:
-            raise DatasetError(f"cannot read npz file {canon['path']!r}: {e.strerror}; check the path") from None
+            raise DatasetError(f"cannot read {canon['kind']} file {canon['path']!r}: {e.strerror}; "
+                               "check the path") from None
         stamp = f"{st.st_size}:{st.st_mtime_ns}"
     return _load_cached(json.dumps(canon, sort_keys=True), stamp)
 
@@ -198,6 +245,10 @@ def _load_cached(key: str, stamp: str) -> Dataset:
         return _synthetic_regression(spec)
     if kind == "synthetic-classification":
         return _synthetic_classification(spec)
+    if kind == "synthetic-ctr":
+        return _synthetic_ctr(spec)
+    if kind == "libsvm":
+        return _libsvm(spec)
     return _npz(spec)
 
 
@@ -358,3 +409,153 @@ def _check_xy(path: str, xname: str, X: npt.NDArray[Any], y: npt.NDArray[Any]) -
     for name, a in ((xname, X), (yname, y)):
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise DatasetError(f"{path!r}: {name} contains NaN or Inf; clean the data first")
+
+
+# -- CTR: sparse examples, 0/1 labels --------------------------------------------------------
+
+def _frozen_ctr(
+    name: str, X_tr: SparseBatch, y_tr: npt.NDArray[Any], X_te: SparseBatch, y_te: npt.NDArray[Any],
+    n_features: int, extras: Mapping[str, npt.NDArray[Any]] | None = None,
+) -> Dataset:
+    """Assemble a ``task == "ctr"`` Dataset: read-only CSR batches, int64 0/1 labels, float64 extras."""
+
+    def batch(b: SparseBatch) -> SparseBatch:
+        return SparseBatch(np.ascontiguousarray(b.indptr, np.int64), np.ascontiguousarray(b.ids, np.uint64),
+                           np.ascontiguousarray(b.values, np.float32))
+
+    X_train, X_test = batch(X_tr), batch(X_te)
+    y_train = np.ascontiguousarray(y_tr, dtype=np.int64)
+    y_test = np.ascontiguousarray(y_te, dtype=np.int64)
+    extra = {k: np.array(v, dtype=np.float64, order="C") for k, v in (extras or {}).items()}  # keeps 0-d
+    for a in (X_train.indptr, X_train.ids, X_train.values, X_test.indptr, X_test.ids, X_test.values,
+              y_train, y_test, *extra.values()):
+        a.setflags(write=False)
+    return Dataset(name, "ctr", X_train, y_train, X_test, y_test, n_features, 1, MappingProxyType(extra))
+
+
+# Scales of the planted factorization machine (module docstring): the linear and pairwise parts of
+# the logit then have similar spread (~0.9 each for the default), and the plant's test AUC is ~0.8.
+_CTR_WEIGHT_STD = 0.35
+_CTR_FACTOR_STD = 0.6  # divided by sqrt(factors), so <v_f, v_g> keeps its spread for any factors
+_CTR_RATE = 0.25  # the mean click probability the bias is solved for
+
+
+def _one_per_field(ids: npt.NDArray[np.uint64]) -> SparseBatch:
+    """CSR of examples with exactly one feature per field: ``ids`` is (n, fields), values 1."""
+    n, fields = ids.shape
+    return SparseBatch(np.arange(0, n * fields + 1, fields, dtype=np.int64), ids.reshape(-1),
+                       np.ones(n * fields, np.float32))
+
+
+def _sigmoid(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    out: npt.NDArray[np.float64] = 0.5 * (1.0 + np.tanh(0.5 * z))  # no overflow for large |z|
+    return out
+
+
+def _bias_for_rate(z: npt.NDArray[np.float64], rate: float) -> float:
+    """The ``b`` with ``mean(sigmoid(b + z)) == rate``: the mean is increasing in ``b``, so bisect."""
+    lo, hi = -40.0 - float(z.max()), 40.0 - float(z.min())
+    while hi - lo > 1e-9:
+        mid = 0.5 * (lo + hi)
+        if float(_sigmoid(mid + z).mean()) > rate:
+            hi = mid
+        else:
+            lo = mid
+    return 0.5 * (lo + hi)
+
+
+def _synthetic_ctr(spec: Mapping[str, Any]) -> Dataset:
+    n, fields, k_max, d = spec["samples"], spec["fields"], spec["ids_per_field"], spec["factors"]
+    rng = np.random.default_rng(spec["seed"])
+    # Truncated Zipf by inverse CDF: one searchsorted over all n x fields uniforms.
+    cdf = np.cumsum(np.arange(1, k_max + 1, dtype=np.float64) ** -spec["zipf"])
+    cdf /= cdf[-1]
+    k = np.searchsorted(cdf, rng.random((n, fields)), side="right")
+    np.minimum(k, k_max - 1, out=k)  # a uniform that rounds onto cdf[-1] == 1.0
+    w = rng.normal(0.0, _CTR_WEIGHT_STD, (fields, k_max))
+    v = rng.normal(0.0, _CTR_FACTOR_STD / math.sqrt(d), (fields, k_max, d))
+    # sum_{f<g} <v_f, v_g> = (|sum_f v_f|^2 - sum_f |v_f|^2) / 2, one field at a time to bound memory.
+    linear = np.zeros(n)
+    v_sum = np.zeros((n, d))
+    v_sq = np.zeros(n)
+    for f in range(fields):
+        linear += w[f, k[:, f]]
+        vf = v[f, k[:, f]]
+        v_sum += vf
+        v_sq += np.einsum("ij,ij->i", vf, vf)
+    z = linear + 0.5 * (np.einsum("ij,ij->i", v_sum, v_sum) - v_sq)
+    prob = _sigmoid(z + _bias_for_rate(z, _CTR_RATE))
+    y = (rng.random(n) < prob).astype(np.int64)
+    tr, te = _split_rows(n, spec["test_fraction"], rng)
+    ids = k.astype(np.uint64)
+    ids |= np.arange(fields, dtype=np.uint64)[None, :] << np.uint64(32)
+    p_te = prob[te]
+    return _frozen_ctr("synthetic-ctr", _one_per_field(ids[tr]), y[tr], _one_per_field(ids[te]), y[te], fields, {
+        "planted_probability_test": p_te,
+        "planted_auc": np.array(roc_auc(y[te], p_te)),
+        "planted_logloss": np.array(log_loss(y[te], p_te)),
+    })
+
+
+_LIBSVM_FORMAT = "lines of 'label idx:value idx:value ...' with labels 0/1 or -1/+1 and increasing indices"
+
+
+def _libsvm(spec: Mapping[str, Any]) -> Dataset:
+    path = spec["path"]
+    from sklearn.datasets import load_svmlight_file  # ~0.7 s to import; only libsvm runs pay it
+
+    try:
+        X, y = load_svmlight_file(path, dtype=np.float32, zero_based=True, query_id=False)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"cannot read libsvm file {path!r}: {e}; check the path") from None
+    except ValueError as e:
+        raise DatasetError(f"cannot parse libsvm file {path!r}: {_first_bad_line(path) or e}; "
+                           f"it needs {_LIBSVM_FORMAT}") from None
+    if X.shape[0] == 0:
+        raise DatasetError(f"libsvm file {path!r} has no examples; it needs {_LIBSVM_FORMAT}")
+    labels = np.unique(y)
+    if np.isin(labels, (0.0, 1.0)).all():
+        y01 = y.astype(np.int64)
+    elif np.isin(labels, (-1.0, 1.0)).all():
+        y01 = (y > 0).astype(np.int64)
+    else:
+        shown = ", ".join(f"{v:g}" for v in labels[:5]) + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
+        raise DatasetError(f"libsvm file {path!r}: labels must be 0/1 or -1/+1 (a CTR task), found {shown}")
+    if not np.isfinite(X.data).all():
+        raise DatasetError(f"libsvm file {path!r}: values contain NaN or Inf; clean the data first")
+    X.sort_indices()
+    whole = SparseBatch(X.indptr.astype(np.int64), X.indices.astype(np.uint64), X.data.astype(np.float32))
+    tr, te = _split_rows(len(whole), spec["test_fraction"], np.random.default_rng(spec["seed"]))
+    return _frozen_ctr(f"libsvm:{os.path.basename(path)}", whole[tr], y01[tr], whole[te], y01[te],
+                       int(X.shape[1]))
+
+
+def _first_bad_line(path: str) -> str:
+    """Which line scikit-learn's loader rejected (it does not say): re-read the file in Python.
+
+    Only runs after a failure, so its speed does not matter; '' if no line looks wrong to it.
+    """
+    number = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(inf|nan)", re.IGNORECASE)
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                tokens = raw.split(b"#", 1)[0].decode("utf-8", "replace").split()
+                if not tokens:
+                    continue
+                bad = "" if number.fullmatch(tokens[0]) else f"label {tokens[0]!r} is not a number"
+                last = -1
+                for tok in tokens[1:]:
+                    idx, colon, val = tok.partition(":")
+                    if bad or idx == "qid":
+                        continue
+                    if not colon or not idx.isdigit() or not number.fullmatch(val):
+                        bad = f"{tok!r} is not idx:value"
+                    elif int(idx) <= last:
+                        bad = f"index {idx} is not above the previous one (indices must increase)"
+                    else:
+                        last = int(idx)
+                if bad:
+                    return f"line {lineno}: {bad}"
+    except OSError:
+        return ""
+    return ""

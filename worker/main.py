@@ -35,6 +35,9 @@ __all__ = ["ending", "main", "work"]
 
 log = logging.getLogger("ps_worker")
 
+CAPABILITIES = ("tables", "model:linear", "model:softmax", "model:mlp", "model:logistic", "model:fm")
+"""What this worker says it can train at Join (``RunSpec.requires``): every model here, tables too."""
+
 
 async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[Outcome]:
     """Join-train loop until ``stop`` is set (or after one run with ``once``); returns outcomes.
@@ -57,7 +60,7 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
             try:
                 # Until the server has answered once, ask without waiting: say "connected" at once.
                 wait = config.join_wait_seconds if connected else 0.0
-                join = asyncio.ensure_future(client.join(config.display_name, config.run_id, wait))
+                join = asyncio.ensure_future(client.join(config.display_name, config.run_id, wait, CAPABILITIES))
                 stopping = asyncio.ensure_future(stop.wait())
                 await asyncio.wait({join, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 stopping.cancel()

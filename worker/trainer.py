@@ -46,9 +46,10 @@ from paramserver.v1 import paramserver_pb2 as pb
 
 from .config import WorkerConfig
 from .datasets import DatasetError, load_dataset
-from .models import ModelSpecError, build_model
+from .models import EvalResult, ModelSpecError, build_model
 from .sampling import BatchSampler, shard_indices
 from .straggler import Straggler
+from .table_step import TableStep
 
 __all__ = ["LogContext", "Outcome", "TrainStats", "train"]
 
@@ -137,6 +138,7 @@ class _Trainer:
         self._prefetched: int | None = None  # guaranteed clock of parameters pulled with the last push
         self._last_report = time.monotonic()
         self._samples = 0
+        self.tables: TableStep | None = None
 
     def setup(self) -> None:
         """Load data and model; raises DatasetError / ModelSpecError (fatal for the run)."""
@@ -152,6 +154,9 @@ class _Trainer:
         self.X = self.data.X_train[idx]
         self.y = self.data.y_train[idx]
         self.sampler = BatchSampler(len(idx), max(1, self.spec.batch_size), self.spec.seed, self.a.rank)
+        if self.model.tables():  # rows by id, a row cache (table_step); the data hashed once
+            self.X = self.model.prepare(self.X)
+            self.tables = TableStep(self)
 
     async def call(self, op: Callable[[], Awaitable[T]], what: str) -> T:
         """Run ``op``; retry transient failures (UNAVAILABLE, DEADLINE_EXCEEDED) with jittered backoff.
@@ -212,13 +217,17 @@ class _Trainer:
             try:
                 while self.clock < iterations:
                     guaranteed = await self.step(params, guaranteed)
-                if self.a.rank == 0:
+                if self.a.rank == 0 and self.tables is not None:
+                    await self.tables.evaluate(iterations, final=True)
+                elif self.a.rank == 0:
                     await self.pull(iterations, params)
                     self.evaluate(params, iterations)
                 await self.report()
                 return
             except _Rewind as rewind:  # also while waiting for the final parameters
                 self._prefetched = None
+                if self.tables is not None:
+                    self.tables.reset()
                 self.clock = rewind.clock
                 guaranteed = -1
                 self.stats.rewinds += 1
@@ -228,6 +237,8 @@ class _Trainer:
 
     async def step(self, params: dict[str, np.ndarray], guaranteed: int) -> int:
         """One iteration at self.clock; returns the guaranteed clock of the parameters it used."""
+        if self.tables is not None:
+            return await self.tables.step(params, guaranteed)
         eval_every = self.spec.eval_every
         t0 = time.perf_counter()
         c = self.clock
@@ -247,8 +258,7 @@ class _Trainer:
         t_compute = time.perf_counter()
         loss, grads = self.model.loss_and_grad(params, self.X[batch], self.y[batch])
         t_compute = time.perf_counter() - t_compute
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"the training loss became {loss} at clock {c}: lower the learning rate")
+        self.check_loss(loss, c)
         t_push = time.perf_counter()
         if c + 1 < self.spec.iterations and not self.cache_valid(guaranteed, c + 1):
             # The next iteration must pull: ask for it with this push (then_pull), one round trip.
@@ -270,12 +280,23 @@ class _Trainer:
                 for name, g in grads.items():
                     params[name] -= lr * g
         comm += time.perf_counter() - t_push
+        await self.advance(resp, c, loss, len(batch), t0, t_compute, comm, parked)
+        return guaranteed
+
+    @staticmethod
+    def check_loss(loss: float, clock: int) -> None:
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss} at clock {clock}: lower the learning rate")
+
+    async def advance(self, resp: pb.PushGradientResponse, c: int, loss: float, samples: int, t0: float,
+                      t_compute: float, comm: float, parked: bool) -> None:
+        """After the push of clock ``c``: the new clock, statistics, the straggler's delay, a report."""
         self.clock = resp.clock
         self._min_clock = resp.min_clock
         self.run_state = resp.run_state
         self.stats.iterations += 1
         self.stats.last_loss = loss
-        self._samples += len(batch)
+        self._samples += samples
         if self._straggler is not None:
             owed = self._straggler.owe(t_compute, comm, parked)
             if owed > 0.0:
@@ -285,7 +306,6 @@ class _Trainer:
         self.record(c, loss, time.perf_counter() - t0)
         if time.monotonic() - self._last_report >= self.config.report_seconds:
             await self.report()
-        return guaranteed
 
     def record(self, clock: int, loss: float, step: float) -> None:
         self._train_points.append((clock + 1, time.time(), loss, self._samples, step))
@@ -296,15 +316,19 @@ class _Trainer:
         return pb.MetricPoint(rank=self.a.rank, clock=clock, time=ts, loss=loss, samples=samples, step_seconds=step)
 
     def evaluate(self, params: dict[str, np.ndarray], clock: int) -> None:
-        result = self.model.evaluate(params, self.data.X_test, self.data.y_test)
+        self.eval_point(self.model.evaluate(params, self.data.X_test, self.data.y_test), clock)
+
+    def eval_point(self, result: EvalResult, clock: int) -> None:
         acc = float("nan") if result.accuracy is None else result.accuracy
+        auc = float("nan") if result.auc is None else result.auc
         if result.accuracy is not None:
             self.stats.final_accuracy = result.accuracy
         self._pending_points.append(
             pb.MetricPoint(rank=self.a.rank, clock=clock, time=_now_ts(), eval=True,
-                           eval_loss=result.loss, eval_accuracy=acc, loss=self.stats.last_loss)
+                           eval_loss=result.loss, eval_accuracy=acc, loss=self.stats.last_loss, eval_auc=auc)
         )
-        log.info("rank %d clock %d: test loss %.4f accuracy %.4f", self.a.rank, clock, result.loss, acc)
+        log.info("rank %d clock %d: test loss %.4f accuracy %.4f%s", self.a.rank, clock, result.loss, acc,
+                 "" if result.auc is None else f" AUC {result.auc:.4f}")
 
     async def report(self) -> None:
         evals, self._pending_points = self._pending_points, []

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 
 from .spec import Aggregation
-from .tensors import BLOCK, Gradient, blocks
+from .tensors import BLOCK, Gradient, Rows, blocks
 
 __all__ = ["BspBuffer"]
 
@@ -48,12 +48,19 @@ class BspBuffer:
                 yield by_rank
 
     def combine(self, by_rank: Mapping[int, Mapping[str, Gradient]],
-                params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+                params: Mapping[str, np.ndarray]) -> dict[str, Gradient]:
         """One gradient per tensor of ``params``: the ranks' gradients summed in rank order, or
-        their mean."""
+        their mean. A table's rows are combined as rows (rows some ranks left out count 0); a
+        table no rank sent is left out."""
         ranks = sorted(by_rank)
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, Gradient] = {}
+        scale = np.float32(1.0 / len(ranks)) if self.aggregation is Aggregation.MEAN and len(ranks) > 1 else None
         for name, w in params.items():
+            got = [by_rank[r][name] for r in ranks if name in by_rank[r]]
+            if len(got) < len(ranks) or any(isinstance(g, Rows) for g in got):  # a table's
+                if got:
+                    out[name] = _table(got, w, scale)
+                continue
             acc = np.empty_like(w)
             flat = acc.reshape(-1)
             for lo, g in blocks(by_rank[ranks[0]][name], BLOCK):
@@ -66,3 +73,23 @@ class BspBuffer:
                 np.multiply(acc, np.float32(1.0 / len(ranks)), out=acc)
             out[name] = acc
         return out
+
+
+def _table(got: list[Gradient], w: np.ndarray, scale: np.float32 | None) -> Gradient:
+    """The ranks' gradients of a table (in rank order), summed (times ``scale``): rows when every
+    one is rows, else a whole array (a rank may send a table whole)."""
+    if all(isinstance(g, Rows) for g in got):
+        rows = Rows.concat([g for g in got if isinstance(g, Rows)], w.shape).merge()
+        values = rows.values * scale if scale is not None else rows.values
+        return Rows(rows.ids, values, w.shape)
+    acc = np.zeros_like(w)
+    for g in got:
+        if isinstance(g, Rows):
+            np.add.at(acc, g.ids, g.values)
+        else:
+            flat = acc.reshape(-1)
+            for lo, part in blocks(g, BLOCK):
+                np.add(flat[lo : lo + part.size], part, out=flat[lo : lo + part.size])
+    if scale is not None:
+        np.multiply(acc, scale, out=acc)
+    return acc

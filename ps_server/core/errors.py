@@ -77,6 +77,7 @@ class Reason(enum.Enum):
     UNAUTHENTICATED = "unauthenticated"
     RUN_NOT_FINISHED = "run_not_finished"
     SHARD_UNAVAILABLE = "shard_unavailable"
+    CANNOT_TRAIN = "cannot_train"
 
 
 class PsError(Exception):

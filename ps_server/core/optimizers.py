@@ -7,12 +7,21 @@ updates parameters and state in place. The work is done in blocks of
 memory once: temporaries the size of a 400 MB model would double the server's memory and cost
 page faults on every step (DESIGN.md, performance facts).
 
+A table (a 2-D parameter) may get a row-sparse gradient (``Rows``, merged: sorted unique ids).
+Then the step is lazy, as TF's LazyAdam and sparse Adagrad: only the rows in ``ids`` of the
+parameter and of every state change, with the same elementwise formulas below (weight decay on
+those rows only; Adam's bias correction still uses the global step count). The rows of a block
+are gathered into scratch buffers, updated by the same code as a dense block, and scattered back.
+
 Formulas, with g the gradient plus ``weight_decay * w``:
     SGD       w <- w - lr * g                                     (the seed's formula 3)
     momentum  v <- mu * v + g;  w <- w - lr * v    (nesterov: w <- w - lr * (g + mu * v))
     Adam      m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;
               w <- w - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
     Adagrad   G <- G + g^2;  w <- w - lr * g / (sqrt(G) + eps)
+    FTRL      sigma <- (sqrt(n + g^2) - sqrt(n)) / lr;  z <- z + g - sigma * w;  n <- n + g^2;
+              w <- 0 if |z| <= l1 else -(z - sign(z) l1) / ((ftrl_beta + sqrt(n)) / lr + l2)
+              (FTRL-proximal, McMahan et al. 2013, per coordinate; lr is its alpha)
 
 Under staleness > 0 every push is one step (momentum and Adam see each worker's gradient in
 arrival order, as in asynchronous SGD); under staleness 0 one step per clock, with the combined
@@ -26,17 +35,20 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from .spec import OptimizerConfig, OptimizerKind, ParamSpec, offsets
-from .tensors import BLOCK, Gradient, blocks, count_non_finite
+from .tensors import BLOCK, Gradient, Rows, blocks, count_non_finite
 
 __all__ = ["OPTIMIZERS", "Optimizer", "make_optimizer"]
 
 _F32 = np.float32
+_TINY = np.finfo(_F32).tiny
 
 
 class Optimizer:
-    """Base class: subclasses implement ``_update(w, g, lo, hi)`` on one block, where ``lo:hi``
-    is the block's range in the flat state (every state is one array laid out like
-    ``ParamStore.flat``: the parameters in spec order; ``state`` holds per-parameter views)."""
+    """Base class: subclasses implement ``_update(w, g, *state)`` on one block: ``w``, ``g`` and
+    one array per name of ``state_names`` (in that order), all 1-D of the same size. For a dense
+    block the states are views of the flat state (every state is one array laid out like
+    ``ParamStore.flat``: the parameters in spec order; ``state`` holds per-parameter views); for a
+    block of a table's rows they are the gathered rows, scattered back afterwards."""
 
     state_names: tuple[str, ...] = ()
 
@@ -47,6 +59,7 @@ class Optimizer:
         self._sizes = {p.name: p.size for p in params}
         total = self.size
         self._flat = {s: np.zeros(total, _F32) for s in self.state_names}
+        self._flats = tuple(self._flat[s] for s in self.state_names)
         self.state: dict[str, dict[str, np.ndarray]] = {
             s: {p.name: flat[self._offsets[p.name] : self._offsets[p.name] + p.size] for p in params}
             for s, flat in self._flat.items()
@@ -54,19 +67,24 @@ class Optimizer:
         largest = min(BLOCK, max(total, 1))
         self._s1 = np.empty(largest, _F32)
         self._s2 = np.empty(largest, _F32)
+        self._gathered: tuple[np.ndarray, ...] = ()
+        """Gathered rows of a table, for w then each state; allocated by the first ``Rows`` step
+        (a model without tables never needs them)."""
         self._lr = _F32(config.learning_rate)
         self._wd = _F32(config.weight_decay)
 
     def step(self, params: Mapping[str, np.ndarray],
              grads: Mapping[str, Gradient] | Callable[[], Mapping[str, Gradient]]) -> str | None:
-        """Apply one update with ``grads`` (same names and sizes as ``params``; or what calling it
-        returns, computed under the same watch: a BSP combination) in place. Returns None, or what
-        became NaN/Inf ("parameter 'w'"): the training diverged.
+        """Apply one update with ``grads`` (same names and sizes as ``params``, a table's possibly
+        as merged ``Rows``; or what calling it returns, computed under the same watch: a BSP
+        combination) in place. Returns None, or what became NaN/Inf ("parameter 'w'"): the
+        training diverged.
 
         Parameters, state, hyper-parameters (validated to fit float32) and gradients are finite
         before a step, so a non-finite value can only come from an overflow, a 0/0 or a division by
         zero: the floating-point flags numpy checks after every ufunc call catch it without another
-        pass over the model. Only then are the parameters and the state scanned, to name the culprit."""
+        pass over the model. Only then are the parameters and the state scanned (whole tables too,
+        after a sparse step), to name the culprit."""
         flags: list[str] = []
         with np.errstate(over="call", invalid="call", divide="call", under="ignore",
                          call=lambda kind, _flag: flags.append(kind)):
@@ -87,7 +105,7 @@ class Optimizer:
             self._begin_step()
             for lo in range(0, self.size, BLOCK):
                 hi = min(lo + BLOCK, self.size)
-                self._update(w[lo:hi], self._effective_grad(w[lo:hi], g[lo:hi]), lo, hi)
+                self._dense(w[lo:hi], g[lo:hi], lo)
         if not flags:
             return None
         return self._culprit({n: w[off : off + self._sizes[n]] for n, off in self._offsets.items()})
@@ -105,14 +123,51 @@ class Optimizer:
         for name, w in params.items():
             wf = w.reshape(-1)
             off = self._offsets[name]
-            g = grads[name]
-            if type(g) is np.ndarray and g.size <= BLOCK:  # one block, without the generator
-                gf = g.reshape(-1)
-                self._update(wf, self._effective_grad(wf, gf), off, off + gf.size)
+            g = grads.get(name)
+            if g is None:  # a table no row of which was pushed
                 continue
-            for lo, g in blocks(grads[name], BLOCK):
-                hi = lo + g.size
-                self._update(wf[lo:hi], self._effective_grad(wf[lo:hi], g), off + lo, off + hi)
+            if isinstance(g, Rows):
+                self._apply_rows(wf, g, off)
+            elif type(g) is np.ndarray and g.size <= BLOCK:  # one block, without the generator
+                self._dense(wf, g.reshape(-1), off)
+            else:
+                for lo, gb in blocks(g, BLOCK):
+                    self._dense(wf[lo : lo + gb.size], gb, off + lo)
+
+    def _dense(self, w: np.ndarray, g: np.ndarray, lo: int) -> None:
+        """Update the block ``w`` whose state starts at ``lo`` in the flat state."""
+        hi = lo + g.size
+        self._update(w, self._effective_grad(w, g), *(f[lo:hi] for f in self._flats))
+
+    def _apply_rows(self, wf: np.ndarray, g: Rows, off: int) -> None:
+        """Lazy step of the table ``wf`` (flat, state at ``off``): only the rows ``g.ids`` (sorted,
+        unique, in range) of the parameter and of every state change."""
+        dim = g.values.shape[1]
+        if not g.ids.size or not dim:
+            return
+        per_block = BLOCK // dim
+        if per_block <= 1:  # a row is a block or more: rows are contiguous, update them in place
+            for i, row in enumerate(g.ids.tolist()):
+                values = g.values[i]
+                for c in range(0, dim, BLOCK):
+                    lo = row * dim + c
+                    self._dense(wf[lo : lo + min(BLOCK, dim - c)], values[c : c + BLOCK], off + lo)
+            return
+        if not self._gathered:
+            self._gathered = tuple(np.empty(self._s1.size, _F32) for _ in range(1 + len(self._flats)))
+        tables = (wf.reshape(-1, dim), *(f[off : off + wf.size].reshape(-1, dim) for f in self._flats))
+        for i in range(0, g.ids.size, per_block):
+            ids = g.ids[i : i + per_block]
+            n = ids.size * dim
+            rows = tuple(buf[:n].reshape(-1, dim) for buf in self._gathered)
+            for table, out in zip(tables, rows, strict=True):
+                # mode="clip": "raise" would buffer the output (ids are in range: the server's check).
+                np.take(table, ids, axis=0, out=out, mode="clip")
+            w, *state = (buf[:n] for buf in self._gathered)
+            gb = g.values[i : i + per_block].reshape(-1)
+            self._update(w, self._effective_grad(w, gb), *state)
+            for table, out in zip(tables, rows, strict=True):
+                table[ids] = out
 
     def _begin_step(self) -> None:
         pass
@@ -126,7 +181,7 @@ class Optimizer:
         np.add(out, g, out=out)
         return out
 
-    def _update(self, w: np.ndarray, g: np.ndarray, lo: int, hi: int) -> None:
+    def _update(self, w: np.ndarray, g: np.ndarray, *state: np.ndarray) -> None:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def state_arrays(self) -> dict[str, np.ndarray]:
@@ -135,7 +190,7 @@ class Optimizer:
 
 
 class Sgd(Optimizer):
-    def _update(self, w: np.ndarray, g: np.ndarray, lo: int, hi: int) -> None:
+    def _update(self, w: np.ndarray, g: np.ndarray, *state: np.ndarray) -> None:
         s = self._s1[: w.size]
         np.multiply(g, self._lr, out=s)
         np.subtract(w, s, out=w)
@@ -144,8 +199,8 @@ class Sgd(Optimizer):
 class Momentum(Optimizer):
     state_names = ("velocity",)
 
-    def _update(self, w: np.ndarray, g: np.ndarray, lo: int, hi: int) -> None:
-        v = self._flat["velocity"][lo:hi]
+    def _update(self, w: np.ndarray, g: np.ndarray, *state: np.ndarray) -> None:
+        (v,) = state
         mu = _F32(self.config.momentum)
         np.multiply(v, mu, out=v)
         np.add(v, g, out=v)
@@ -167,10 +222,9 @@ class Adam(Optimizer):
         self._c1 = _F32(c.learning_rate / (1.0 - c.beta1**self.steps))
         self._c2 = _F32(1.0 / (1.0 - c.beta2**self.steps))
 
-    def _update(self, w: np.ndarray, g: np.ndarray, lo: int, hi: int) -> None:
+    def _update(self, w: np.ndarray, g: np.ndarray, *state: np.ndarray) -> None:
         c = self.config
-        m = self._flat["m"][lo:hi]
-        v = self._flat["v"][lo:hi]
+        m, v = state
         s = self._s1[: w.size]
         np.multiply(m, _F32(c.beta1), out=m)
         np.multiply(g, _F32(1.0 - c.beta1), out=s)
@@ -195,8 +249,8 @@ class Adagrad(Optimizer):
         super().__init__(config, params)
         self._flat["accumulator"].fill(config.initial_accumulator)
 
-    def _update(self, w: np.ndarray, g: np.ndarray, lo: int, hi: int) -> None:
-        acc = self._flat["accumulator"][lo:hi]
+    def _update(self, w: np.ndarray, g: np.ndarray, *state: np.ndarray) -> None:
+        (acc,) = state
         s = self._s1[: w.size]
         np.multiply(g, g, out=s)
         np.add(acc, s, out=acc)
@@ -207,11 +261,51 @@ class Adagrad(Optimizer):
         np.subtract(w, s, out=w)
 
 
+class Ftrl(Optimizer):
+    """FTRL-proximal: ``z`` accumulates the gradients (corrected for the moving w), ``n`` their
+    squares; w is a closed form of both, exactly 0 where |z| <= l1 (sparse models)."""
+
+    state_names = ("z", "n")
+
+    def __init__(self, config: OptimizerConfig, params: tuple[ParamSpec, ...]) -> None:
+        super().__init__(config, params)
+        self._s3 = np.empty(self._s1.size, _F32)  # sqrt(n) before the step, then sigma
+
+    def _update(self, w: np.ndarray, g: np.ndarray, *state: np.ndarray) -> None:
+        c = self.config
+        z, n = state
+        s1, s2, s3 = self._s1[: w.size], self._s2[: w.size], self._s3[: w.size]
+        np.sqrt(n, out=s3)
+        np.multiply(g, g, out=s1)
+        np.add(n, s1, out=n)
+        np.sqrt(n, out=s1)
+        # sigma * w = (sqrt(n_new) - sqrt(n_old)) / lr * w; z <- z + (g - sigma * w)
+        np.subtract(s1, s3, out=s3)
+        np.divide(s3, self._lr, out=s3)
+        np.multiply(s3, w, out=s3)
+        np.subtract(g, s3, out=s3)
+        np.add(z, s3, out=z)
+        # s1 <- (beta + sqrt(n)) / lr + l2, kept >= the smallest normal float32: with beta = l2 = 0
+        # a coordinate that never had a gradient has n = z = 0 and would give 0 / 0, not 0.
+        np.add(s1, _F32(c.ftrl_beta), out=s1)
+        np.divide(s1, self._lr, out=s1)
+        np.add(s1, _F32(c.l2), out=s1)
+        np.maximum(s1, _TINY, out=s1)
+        # w <- -sign(z) * max(|z| - l1, 0) / s1; g (maybe in scratch 2) is no longer read.
+        np.abs(z, out=s2)
+        np.subtract(s2, _F32(c.l1), out=s2)
+        np.maximum(s2, _F32(0), out=s2)
+        np.divide(s2, s1, out=s2)
+        np.copysign(s2, z, out=s2)
+        np.subtract(_F32(0), s2, out=w)  # 0 - x, not -x: exactly +0.0 where |z| <= l1
+
+
 OPTIMIZERS: dict[OptimizerKind, type[Optimizer]] = {
     OptimizerKind.SGD: Sgd,
     OptimizerKind.MOMENTUM: Momentum,
     OptimizerKind.ADAM: Adam,
     OptimizerKind.ADAGRAD: Adagrad,
+    OptimizerKind.FTRL: Ftrl,
 }
 
 

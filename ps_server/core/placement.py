@@ -2,9 +2,10 @@
 
 Rule (``place``), deterministic, so every server and a checkpoint agree on it:
 
-1. A tensor of more than ``split_bytes`` with at least two rows (dimension 0) is split into one
-   row range per shard, as equal as the rows allow (the first ``rows % n`` ranges get one more),
-   range j on shard j: a 100M-parameter matrix is spread over every server.
+1. A tensor of more than ``split_bytes``, and every table (``ParamSpec.table``), with at least two
+   rows (dimension 0) is split into one row range per shard, as equal as the rows allow (the first
+   ``rows % n`` ranges get one more), range j on shard j: a 100M-parameter matrix is spread over
+   every server, and so are a table's rows (whose ids workers hash, so ranges get equal traffic).
 2. The other tensors are placed whole, largest first (ties by name), each on the shard holding the
    fewest bytes so far (ties: the lowest index): balanced by bytes.
 
@@ -77,7 +78,7 @@ def place(params: tuple[ParamSpec, ...], shards: int, split_bytes: int) -> Shard
     whole = []
     for p in params:
         rows = rows_of(p)
-        if shards > 1 and 4 * p.size > split_bytes and rows >= 2:
+        if shards > 1 and (4 * p.size > split_bytes or p.table) and rows >= 2:
             n = min(shards, rows)
             base, extra = divmod(rows, n)
             start = 0

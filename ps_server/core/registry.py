@@ -15,7 +15,17 @@ import uuid
 from collections.abc import Callable
 from functools import partial
 
-from .errors import InvalidArgument, NotFound, ResourceExhausted, ShardUnavailable, ShuttingDown, listed, quoted
+from .errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Reason,
+    ResourceExhausted,
+    ShardUnavailable,
+    ShuttingDown,
+    listed,
+    quoted,
+)
 from .gate import Gate
 from .placement import Placement
 from .run import Run
@@ -29,6 +39,10 @@ __all__ = ["RunRegistry"]
 
 def _age(run: Run) -> tuple[float, str]:
     return run.created, run.run_id
+
+
+def _can(run: Run, capabilities: frozenset[str]) -> bool:
+    return all(r in capabilities for r in run.spec.requires)
 
 
 class RunRegistry:
@@ -81,6 +95,7 @@ class RunRegistry:
         """Register a run (new, or restored from a checkpoint)."""
         if self._configure:
             self._configure(run)
+        run.row_limit = self.limits.max_pull_rows
         self._runs[run.run_id] = run
         self._work.notify()
         return run
@@ -142,23 +157,32 @@ class RunRegistry:
             old += [r for r in finished[: keep or None] if (r.finished or 0.0) < now - max_age]
         return [self.remove(r.run_id) for r in old]
 
-    def _has_work(self, run_id: str) -> bool:
+    def _has_work(self, run_id: str, capabilities: frozenset[str] = frozenset()) -> bool:
         if run_id:
             return self.get(run_id).has_vacancy()
-        return any(r.has_vacancy() for r in self._runs.values())
+        return any(r.has_vacancy() and _can(r, capabilities) for r in self._runs.values())
 
-    def join(self, worker_name: str, run_id: str = "") -> Assignment | None:
-        """Assign a vacant rank of ``run_id`` (or of the oldest run with one); None if none."""
+    def join(self, worker_name: str, run_id: str = "", capabilities: frozenset[str] = frozenset()) -> Assignment | None:
+        """Assign a vacant rank of ``run_id`` (or of the oldest run with one that a worker of
+        ``capabilities`` can train: ``RunSpec.requires``); None if none. FailedPrecondition
+        (UNSUPPORTED) when the worker cannot train ``run_id``."""
         if run_id:
-            return self.get(run_id).join(worker_name)
+            run = self.get(run_id)
+            if not _can(run, capabilities):
+                missing = sorted(set(run.spec.requires) - capabilities)
+                raise FailedPrecondition(f"run {run_id} requires {', '.join(missing)}, which this worker cannot do "
+                                         f"(it can: {', '.join(sorted(capabilities)) or 'nothing declared'}); start a "
+                                         "worker that can (the Python ps-worker trains every model)", Reason.CANNOT_TRAIN)
+            return run.join(worker_name)
         for run in self._runs.values():
-            if run.has_vacancy():
+            if run.has_vacancy() and _can(run, capabilities):
                 return run.join(worker_name)
         return None
 
-    async def wait_for_work(self, run_id: str, timeout: float) -> bool:
-        """True once ``run_id`` (any run when empty) has a vacant rank; False after ``timeout``."""
-        return await self._work.wait_for(partial(self._has_work, run_id), timeout)
+    async def wait_for_work(self, run_id: str, timeout: float, capabilities: frozenset[str] = frozenset()) -> bool:
+        """True once ``run_id`` (any run a worker of ``capabilities`` can train, when empty) has a
+        vacant rank; False after ``timeout``."""
+        return await self._work.wait_for(partial(self._has_work, run_id, capabilities), timeout)
 
     def vacated(self) -> None:
         """A rank fell vacant (a worker left): wake parked joins."""

@@ -29,7 +29,7 @@ from .gate import Gate
 from .history import History
 from .optimizers import make_optimizer
 from .placement import Placement
-from .spec import RunSpec
+from .spec import DEFAULT_LIMITS, RunSpec
 from .status import Assignment, Counters, MetricPoint, ParamsRead, PushResult, RunState, RunStatus, WorkerState
 from .store import ParamStore
 from .tensors import Gradient
@@ -38,6 +38,8 @@ __all__ = ["Run"]
 
 
 class Run:
+    row_limit = DEFAULT_LIMITS.max_pull_rows
+    """Row ids of one table one pull may ask for (the server's ``Limits``)."""
     def __init__(self, run_id: str, spec: RunSpec, *, now: Callable[[], float] = time.monotonic,
                  history: int = 20_000, store: ParamStore | None = None, placement: Placement | None = None) -> None:
         """``store``: the initial parameters, when built beforehand (off the event loop)."""
@@ -127,7 +129,7 @@ class Run:
                                f"clock {slot.clock}) {why}")
         self._after_clock_change()
 
-    def push(self, rank: int, incarnation: int, clock: int, grads: Mapping[str, Gradient], nbytes: int,
+    def push(self, rank: int, incarnation: int, clock: int, grads: dict[str, Gradient], nbytes: int,
              loss: float = float("nan"), data_plane: str = "") -> PushResult:
         """Accept a rank's gradient of iteration ``clock``: apply (s > 0) or hold (s = 0)."""
         try:
@@ -159,14 +161,15 @@ class Run:
         self._after_clock_change()
         return PushResult(slot.clock, False, self.min_clock, self.state)
 
-    async def wait_pull(self, rank: int, incarnation: int, clock: int, timeout: float, names: list[str] | None = None) -> None:
+    async def wait_pull(self, rank: int, incarnation: int, clock: int, timeout: float, names: list[str] | None = None,
+                        rows: Mapping[str, np.ndarray] | None = None) -> None:
         """Return once a pull of ``clock`` by this rank may be served (``ssp``; meanwhile the rank
         shows what it waits for); raise when it never will be or after ``timeout`` seconds."""
         if self.held:
             raise ShardUnavailable(self.held)
         slot = self.clock.holder(rank, incarnation)
         ssp.check_pull(self.spec, slot, clock)
-        self.store.check_names(names)  # a pull that cannot be served is refused now, not after its wait
+        self.check_read(names, rows)  # a pull that cannot be served is refused now, not after its wait
         ready = partial(self.pull_ready, rank, incarnation, clock)
         if ready():
             return
@@ -187,17 +190,30 @@ class Run:
                                      Reason.RUN_NOT_RUNNING, run_state=self.state.value)
         return self.state is not RunState.PENDING and ssp.pull_ready(self.spec, self.clock, self.clock.slots[rank], clock)
 
-    def read(self, rank: int | None, clock: int, names: list[str] | None) -> ParamsRead:
-        """Serve a pull whose wait is over (``rank`` None: an observer's read)."""
-        tensors = self.store.read(names)
+    def check_read(self, names: list[str] | None, rows: Mapping[str, np.ndarray] | None) -> None:
+        self.store.check_names(names)
+        for name, ids in (rows or {}).items():
+            self.store.check_rows(name, ids, self.row_limit)
+
+    def read(self, rank: int | None, clock: int, names: list[str] | None,
+             rows: Mapping[str, np.ndarray] | None = None) -> ParamsRead:
+        """Serve a pull whose wait is over (``rank`` None: an observer's read). With ``rows``
+        (table -> row ids), ``names`` are the whole tensors wanted besides (None: none)."""
+        if rows:
+            self.check_read(names, rows)
+            tensors = self.store.read(names) if names else {}
+            picked = {name: (ids, self.store.params[name][ids], self.store.specs[name].shape) for name, ids in rows.items()}
+        else:
+            tensors, picked = self.store.read(names), {}
         whole = tensors is self.store.params
         if rank is not None:
             self.history.record("pull", rank, clock, self.min_clock)
             self.counters.pulled(staleness=max(0, clock - self.min_clock))  # observers' reads do not count
         self.counters.bytes_pulled += self.store.nbytes if whole else sum(t.nbytes for t in tensors.values())
+        self.counters.bytes_pulled += sum(ids.nbytes + values.nbytes for ids, values, _ in picked.values())
         guaranteed = self.min_clock if self.spec.staleness else self.bsp.applied_clock
         return ParamsRead(guaranteed, self.counters.updates_applied, tensors, self.state,
-                          self.store.derived if whole else None)
+                          self.store.derived if whole else None, picked)
 
     async def changed(self, since: int, timeout: float) -> bool:
         """True once ``changes`` moved past ``since``; False after ``timeout`` seconds."""

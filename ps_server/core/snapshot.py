@@ -20,7 +20,7 @@ from .run import Run
 from .shard import ShardRun
 from .spec import spec_from_dict, spec_to_dict
 from .status import Counters, MetricPoint, RunEvent, RunState, WorkerState
-from .tensors import count_non_finite
+from .tensors import Rows, count_non_finite
 
 __all__ = ["restore", "state_dict"]
 
@@ -59,7 +59,12 @@ def state_dict(run: Run, cut: int | None = None) -> tuple[dict[str, Any], dict[s
     arrays.update({f"opt/{k}": a.copy() for k, a in run.optimizer.state_arrays().items()})
     for clock, by_rank in run.bsp.pending.items():
         for rank, grads in by_rank.items():
-            arrays.update({f"pending/{clock}/{rank}/{n}": np.array(g) for n, g in grads.items()})
+            for n, g in grads.items():
+                if isinstance(g, Rows):  # a table's rows: ids and values
+                    arrays[f"rows/{clock}/{rank}/ids/{n}"] = np.array(g.ids)
+                    arrays[f"rows/{clock}/{rank}/values/{n}"] = np.array(g.values)
+                else:
+                    arrays[f"pending/{clock}/{rank}/{n}"] = np.array(g)
     return meta, arrays
 
 
@@ -103,4 +108,9 @@ def restore(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *,
         if key.startswith("pending/"):
             _, clock, rank, name = key.split("/", 3)
             run.bsp.pending.setdefault(int(clock), {}).setdefault(int(rank), {})[name] = value  # type: ignore[index]
+        elif key.startswith("rows/") and key.split("/", 4)[3] == "ids":
+            _, clock, rank, _, name = key.split("/", 4)
+            values = arrays[f"rows/{clock}/{rank}/values/{name}"]
+            shape = run.store.specs[name].shape
+            run.bsp.pending.setdefault(int(clock), {}).setdefault(int(rank), {})[name] = Rows(value, values, shape)  # type: ignore[index]
     return run

@@ -54,6 +54,7 @@ class OptimizerKind(enum.Enum):
     MOMENTUM = "momentum"
     ADAM = "adam"
     ADAGRAD = "adagrad"
+    FTRL = "ftrl"
 
 
 class Aggregation(enum.Enum):
@@ -72,6 +73,8 @@ class ParamSpec:
     stream its initial values come from; -1: this tensor's own index."""
     skip: int = 0
     """A piece: how many of that stream's values belong to the rows before it."""
+    table: bool = False
+    """A table (2-D: rows x dim): pulled and pushed by row (``Rows``), spread by rows over shards."""
 
     @property
     def size(self) -> int:
@@ -91,11 +94,18 @@ class OptimizerConfig:
     epsilon: float = 1e-8
     weight_decay: float = 0.0
     initial_accumulator: float = 0.0
+    l1: float = 0.0
+    """FTRL's L1 strength: weights whose accumulated |z| is at most l1 are exactly zero."""
+    l2: float = 0.0
+    """FTRL's L2 strength."""
+    ftrl_beta: float = 1.0
+    """FTRL's beta (its alpha is ``learning_rate``): smooths the per-coordinate rate at the start."""
 
 
 OPTIMIZER_DEFAULTS: dict[OptimizerKind, dict[str, float]] = {
     OptimizerKind.ADAM: {"beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8},
     OptimizerKind.ADAGRAD: {"epsilon": 1e-10},
+    OptimizerKind.FTRL: {"ftrl_beta": 1.0},
 }
 """Hyper-parameters whose zero on the wire (proto3: unset) means this value."""
 
@@ -116,6 +126,8 @@ class RunSpec:
     batch_size: int = 32
     eval_every: int = 0
     slowdown: Mapping[int, float] = field(default_factory=dict)
+    requires: tuple[str, ...] = ()
+    """What a worker must be able to do to be given this run (its Join capabilities)."""
 
     @property
     def unbounded(self) -> bool:
@@ -164,6 +176,10 @@ class Limits:
     """Bytes of each of the model and data specs' JSON."""
     max_iterations: int = 1 << 53
     """Iterations per rank."""
+    max_pull_rows: int = 1 << 20
+    """Row ids of one table in one pull (a push's rows are bounded by its size)."""
+    max_requires: int = 64
+    """Entries of a run's ``requires`` and of a worker's capabilities, each at most max_name_chars."""
 
 
 DEFAULT_LIMITS = Limits()
@@ -219,6 +235,8 @@ def validate_spec(spec: RunSpec, limits: Limits = DEFAULT_LIMITS) -> None:
             raise _invalid(f"param {name} has {len(p.shape)} dimensions: at most {limits.max_dims}")
         if not p.shape or any(d < 1 for d in p.shape):
             raise _invalid(f"param {name} has shape {list(p.shape)}: every dimension must be >= 1")
+        if p.table and len(p.shape) != 2:
+            raise _invalid(f"param {name} is a table with shape {list(p.shape)}: a table is 2-D, (rows, dim)")
         if not math.isfinite(p.scale):
             raise _invalid(f"param {name} has a non-finite initializer scale")
         _check_float32(f"param {name}'s initializer scale", p.scale)
@@ -228,7 +246,8 @@ def validate_spec(spec: RunSpec, limits: Limits = DEFAULT_LIMITS) -> None:
     # The server computes in float32: a value that overflows there would make every update
     # NaN/Inf without any operation overflowing (the run detects divergence by overflow).
     for label, value in (("learning_rate", opt.learning_rate), ("weight_decay", opt.weight_decay),
-                         ("epsilon", opt.epsilon), ("initial_accumulator", opt.initial_accumulator)):
+                         ("epsilon", opt.epsilon), ("initial_accumulator", opt.initial_accumulator),
+                         ("l1", opt.l1), ("l2", opt.l2), ("ftrl_beta", opt.ftrl_beta)):
         _check_float32(label, value)
     if opt.kind is OptimizerKind.MOMENTUM and not 0 <= opt.momentum < 1:
         raise _invalid(f"momentum must be in [0, 1), got {opt.momentum}")
@@ -240,6 +259,10 @@ def validate_spec(spec: RunSpec, limits: Limits = DEFAULT_LIMITS) -> None:
         raise _invalid(f"weight_decay must be >= 0, got {opt.weight_decay}")
     if opt.kind is OptimizerKind.ADAGRAD and not (opt.initial_accumulator >= 0 and math.isfinite(opt.initial_accumulator)):
         raise _invalid(f"initial_accumulator must be >= 0, got {opt.initial_accumulator}")
+    if opt.kind is OptimizerKind.FTRL:
+        for label, value in (("l1", opt.l1), ("l2", opt.l2), ("ftrl_beta", opt.ftrl_beta)):
+            if not (math.isfinite(value) and value >= 0):
+                raise _invalid(f"ftrl {label} must be a finite number >= 0 (0 turns it off), got {value}")
     for label, text in (("model_spec_json", spec.model_spec_json), ("data_spec_json", spec.data_spec_json)):
         try:
             value = json.loads(text or "{}")
@@ -247,6 +270,9 @@ def validate_spec(spec: RunSpec, limits: Limits = DEFAULT_LIMITS) -> None:
             raise _invalid(f"{label} is not valid JSON: {exc}") from None
         if not isinstance(value, dict):
             raise _invalid(f"{label} must be a JSON object, got {type(value).__name__}")
+    if len(spec.requires) > limits.max_requires or any(not r or len(r) > limits.max_name_chars for r in spec.requires):
+        raise _invalid(f"requires has {len(spec.requires)} entries: at most {limits.max_requires}, each a non-empty "
+                       f"name of at most {limits.max_name_chars} characters")
     for rank, factor in spec.slowdown.items():
         if not 0 <= rank < spec.num_workers or not (math.isfinite(factor) and factor >= 1.0):
             raise _invalid(
@@ -258,7 +284,7 @@ def spec_to_dict(spec: RunSpec) -> dict[str, Any]:
     """JSON-able form of a spec (for checkpoints)."""
     d = dataclasses.asdict(spec)
     d["params"] = [
-        {"name": p.name, "shape": list(p.shape), "initializer": p.initializer.value, "scale": p.scale}
+        {"name": p.name, "shape": list(p.shape), "initializer": p.initializer.value, "scale": p.scale, "table": p.table}
         for p in spec.params
     ]
     d["optimizer"] = {**dataclasses.asdict(spec.optimizer), "kind": spec.optimizer.kind.value}
@@ -275,8 +301,10 @@ def spec_from_dict(d: Mapping[str, Any]) -> RunSpec:
         **{
             **{k: v for k, v in d.items() if k not in ("params", "optimizer", "aggregation", "slowdown")},
             "params": tuple(
-                ParamSpec(p["name"], tuple(p["shape"]), Initializer(p["initializer"]), p["scale"]) for p in d["params"]
+                ParamSpec(p["name"], tuple(p["shape"]), Initializer(p["initializer"]), p["scale"],
+                          table=bool(p.get("table", False))) for p in d["params"]
             ),
+            "requires": tuple(d.get("requires", ())),
             "optimizer": OptimizerConfig(**opt),
             "aggregation": Aggregation(d["aggregation"]),
             "slowdown": {int(k): float(v) for k, v in d["slowdown"].items()},

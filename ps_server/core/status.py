@@ -81,6 +81,7 @@ class MetricPoint:
     eval_accuracy: float = float("nan")
     samples: int = 0
     step_seconds: float = 0.0
+    eval_auc: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -151,3 +152,5 @@ class ParamsRead:
     derived: dict[Any, Any] | None = None
     """``ParamStore.derived`` when ``tensors`` is the whole model (else None): where the transport
     keeps what it derives from the store's arrays once (their message layout)."""
+    rows: dict[str, tuple[np.ndarray, np.ndarray, tuple[int, ...]]] = field(default_factory=dict)
+    """Table name -> (row ids as asked, those rows' values (a copy), the table's shape)."""

@@ -7,7 +7,6 @@ looks at a whole gradient before anything is applied, so a bad push changes noth
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -15,7 +14,7 @@ import numpy as np
 
 from .errors import InvalidArgument, Reason, listed, quoted
 from .spec import FLOAT32_MAX, Initializer, ParamSpec, offsets
-from .tensors import Gradient, Pieces, count_non_finite, finite_hint
+from .tensors import Gradient, Pieces, Rows, count_non_finite, finite_hint
 
 __all__ = ["FLAT_MAX", "ParamStore", "materialize"]
 
@@ -79,25 +78,31 @@ class ParamStore:
         # Small models: each whole-tensor gradient is copied here at its parameter's offset, so the
         # check and the step make one numpy call for the model instead of one per tensor (a small
         # model's push costs a few µs of work and ~20 numpy calls' overhead otherwise).
-        self._gflat = np.empty(self.flat.size, np.float32) if self.flat.size <= FLAT_MAX else None
+        self.tables = {p.name for p in specs if p.table}
+        self._gflat = np.empty(self.flat.size, np.float32) if self.flat.size <= FLAT_MAX and not self.tables else None
         self.derived: dict[Any, Any] = {}
         """For the transport: what it derives once from these arrays (their message layout)."""
 
-    def check_gradient(self, grads: Mapping[str, Gradient]) -> np.ndarray | None:
-        """Raise InvalidArgument unless ``grads`` has every tensor, right shapes, all finite.
+    def check_gradient(self, grads: dict[str, Gradient]) -> np.ndarray | None:
+        """Raise InvalidArgument unless ``grads`` has every tensor (a table may be left out, or
+        come as ``Rows``), right shapes, all finite; rows are merged in place (sorted, unique).
 
         Returns the gradient laid out like ``flat`` (a scratch buffer, valid until the next call)
         when the model is at most ``FLAT_MAX`` elements and every tensor is one array; else None."""
-        if grads.keys() != self.specs.keys():
+        if self.tables:
+            self._check_rows(grads)
+        if grads.keys() != self.specs.keys() and not (self.tables and grads.keys() >= self.specs.keys() - self.tables):
             unknown = sorted(set(grads) - set(self.specs))
             if unknown:
                 raise InvalidArgument(f"unknown tensor name(s) {listed(map(quoted, unknown))}; this run's tensors are "
                                       f"{listed(map(quoted, sorted(self.specs)))}", Reason.INVALID_GRADIENT)
-            missing = sorted(set(self.specs) - set(grads))
+            missing = sorted(set(self.specs) - set(grads) - self.tables)
             raise InvalidArgument(f"the gradient lacks tensor(s) {listed(map(quoted, missing))}: send every parameter",
                                   Reason.INVALID_GRADIENT)
         gflat = self._gflat
         for name, g in grads.items():
+            if isinstance(g, Rows):
+                continue
             want = self.specs[name].shape
             if g.shape != want:
                 raise InvalidArgument(
@@ -118,6 +123,8 @@ class ParamStore:
         # alarm, so huge but finite values are accepted (the run fails if they make it diverge).
         with np.errstate(over="ignore", invalid="ignore"):
             for name, g in grads.items():
+                if isinstance(g, Rows):
+                    continue  # checked by _check_rows
                 if isinstance(g, Pieces):
                     finite = all(finite_hint(v) for _, v in g.parts)
                 else:
@@ -128,6 +135,43 @@ class ParamStore:
                         raise InvalidArgument(f"gradient {quoted(name)} contains {bad} NaN/Inf value(s); nothing was applied",
                                               Reason.INVALID_GRADIENT)
         return gflat  # a flat gradient whose dot product overflowed, but finite: still usable
+
+    def _check_rows(self, grads: dict[str, Gradient]) -> None:
+        """Rows of tables: a table's, its shape, ids in range, finite values; merged in place."""
+        for name, g in grads.items():
+            if not isinstance(g, Rows):
+                continue
+            spec = self.specs.get(name)
+            if spec is None or not spec.table:
+                what = "a tensor of this run" if spec is None else "a table"
+                raise InvalidArgument(f"{quoted(name)} came as rows (row_ids) but is not {what}; this run's tables "
+                                      f"are {listed(map(quoted, sorted(self.tables)))}", Reason.INVALID_GRADIENT)
+            if g.shape != spec.shape:
+                raise InvalidArgument(f"rows of table {quoted(name)} declare shape {list(g.shape)}, the table has "
+                                      f"{list(spec.shape)}", Reason.INVALID_GRADIENT)
+            ids = g.ids
+            if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= spec.shape[0]):
+                bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+                raise InvalidArgument(f"table {quoted(name)} has rows 0..{spec.shape[0] - 1}: row id {bad} is out of "
+                                      "range; nothing was applied", Reason.INVALID_GRADIENT)
+            with np.errstate(over="ignore", invalid="ignore"):
+                if not finite_hint(g.values.reshape(-1)) and (bad := count_non_finite(g)):
+                    raise InvalidArgument(f"gradient {quoted(name)} contains {bad} NaN/Inf value(s); nothing was applied",
+                                          Reason.INVALID_GRADIENT)
+            grads[name] = g.merge()
+
+    def check_rows(self, name: str, ids: np.ndarray, limit: int) -> None:
+        """InvalidArgument unless ``name`` is a table and ``ids`` (at most ``limit``) are its rows."""
+        spec = self.specs.get(name)
+        if spec is None or not spec.table:
+            tables = listed(map(quoted, sorted(self.tables))) if self.tables else "none"
+            raise InvalidArgument(f"{quoted(name)} is not a table of this run (tables: {tables}): pull it by name")
+        if ids.size > limit:
+            raise InvalidArgument(f"a pull asks for {ids.size} rows of {quoted(name)}: at most {limit} per pull; "
+                                  "split it")
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= spec.shape[0]):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise InvalidArgument(f"table {quoted(name)} has rows 0..{spec.shape[0] - 1}: row id {bad} is out of range")
 
     def check_names(self, names: list[str] | None) -> None:
         """InvalidArgument unless every one of ``names`` is a tensor of this run."""

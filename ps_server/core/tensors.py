@@ -14,7 +14,7 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
-__all__ = ["BLOCK", "Gradient", "Pieces", "blocks", "count_non_finite", "finite_hint"]
+__all__ = ["BLOCK", "Gradient", "Pieces", "Rows", "blocks", "count_non_finite", "finite_hint"]
 
 BLOCK = 1 << 18
 """Elements per block (1 MiB of float32): large enough to amortise numpy's call overhead, small
@@ -43,13 +43,56 @@ class Pieces:
         return out if dtype is None else out.astype(dtype, copy=False)
 
 
-Gradient: TypeAlias = "np.ndarray | Pieces"
-"""What a push carries per tensor: one array, or the pieces it arrived in."""
+class Rows:
+    """A row-sparse gradient of a table (a 2-D parameter): ``values[i]`` (float32, ``(n, dim)``)
+    is the gradient of row ``ids[i]`` (int64); ``shape`` is the whole table's, as the sender
+    declared it. As received, ids may repeat and come in any order; ``merge`` makes them sorted
+    and unique, the rows of a repeated id summed in the order they came (deterministic)."""
+
+    __slots__ = ("ids", "shape", "values")
+
+    def __init__(self, ids: np.ndarray, values: np.ndarray, shape: tuple[int, ...]) -> None:
+        self.ids = ids
+        self.values = values
+        self.shape = shape
+
+    @property
+    def size(self) -> int:
+        return int(self.values.size)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.ids.nbytes + self.values.nbytes)
+
+    def merge(self) -> Rows:
+        """The same gradient with sorted, unique ids (self when they already are)."""
+        ids = self.ids
+        if ids.size < 2 or bool(np.all(ids[1:] > ids[:-1])):
+            return self
+        order = np.argsort(ids, kind="stable")
+        ids = ids[order]
+        first = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
+        values = np.add.reduceat(self.values[order], first, axis=0, dtype=np.float32)
+        return Rows(ids[first], values, self.shape)
+
+    @staticmethod
+    def concat(parts: list[Rows], shape: tuple[int, ...]) -> Rows:
+        """One gradient of the rows of ``parts``, in their order (repeats kept: ``merge`` sums them)."""
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return Rows(np.empty(0, np.int64), np.empty((0, shape[1]), np.float32), shape)
+        return Rows(np.concatenate([p.ids for p in parts]), np.concatenate([p.values for p in parts]), shape)
+
+
+Gradient: TypeAlias = "np.ndarray | Pieces | Rows"
+"""What a push carries per tensor: one array, the pieces it arrived in, or (a table) some rows."""
 
 
 def blocks(g: Gradient, block: int) -> Iterator[tuple[int, np.ndarray]]:
-    """``(flat offset, 1-D view)`` covering ``g`` in order, each at most ``block`` elements."""
-    parts = g.parts if isinstance(g, Pieces) else [(0, g.reshape(-1))]
+    """``(flat offset, 1-D view)`` covering ``g`` in order, each at most ``block`` elements (of a
+    ``Rows``: its values, the offsets into them)."""
+    parts = g.parts if isinstance(g, Pieces) else [(0, g.values.reshape(-1) if isinstance(g, Rows) else g.reshape(-1))]
     for lo, v in parts:
         for i in range(0, v.size, block):
             yield lo + i, v[i : i + block]

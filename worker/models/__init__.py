@@ -1,9 +1,10 @@
 """Models in pure numpy: parameter specs, deterministic init, loss and gradient (conventions:
 ``base``), and their construction from the JSON-able spec a run carries.
 
-Models: :class:`LinearRegression` (seed formulas 1-3), :class:`SoftmaxRegression` (``linear``), and
-:class:`MLP` (formulas 4-8 with a softmax cross-entropy output, ``mlp``). Build them from a spec with
-:func:`parse_model` (CLI text -> spec) and :func:`build_model`.
+Models: :class:`LinearRegression` (seed formulas 1-3), :class:`SoftmaxRegression` (``linear``),
+:class:`MLP` (formulas 4-8 with a softmax cross-entropy output, ``mlp``), and the CTR models over an
+embedding table, :class:`LogisticRegression` and :class:`FactorizationMachine` (``ctr``). Build them
+from a spec with :func:`parse_model` (CLI text -> spec) and :func:`build_model`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .base import ACTIVATIONS, EvalResult, Model, ModelSpecError, ParamSpec, _is_int, materialize, num_params
+from .base import (
+    _MODEL_FORMS,
+    ACTIVATIONS,
+    EvalResult,
+    Model,
+    ModelSpecError,
+    ParamSpec,
+    _is_int,
+    materialize,
+    num_params,
+)
+from .ctr import DEFAULT_ROWS, MAX_ROWS, FactorizationMachine, LogisticRegression
 from .linear import LinearRegression, SoftmaxRegression
 from .mlp import MLP
 
@@ -19,7 +31,9 @@ __all__ = [
     "ACTIVATIONS",
     "MLP",
     "EvalResult",
+    "FactorizationMachine",
     "LinearRegression",
+    "LogisticRegression",
     "Model",
     "ModelSpecError",
     "ParamSpec",
@@ -30,18 +44,14 @@ __all__ = [
     "parse_model",
 ]
 
-_MODEL_FORMS = (
-    "accepted model forms: 'linear', 'softmax', 'mlp:H1[,H2,...][:ACTIVATION]' "
-    "(e.g. 'mlp:64', 'mlp:128,64', 'mlp:64:tanh'); activations: relu, tanh, sigmoid"
-)
-
-
 def parse_model(text: str) -> dict[str, Any]:
     """Turn a CLI model string into a JSON-able spec.
 
     ``"linear"`` -> ``{"kind": "linear"}``; ``"softmax"`` -> ``{"kind": "softmax"}``;
     ``"mlp:128,64[:tanh]"`` -> ``{"kind": "mlp", "hidden": [128, 64], "activation": "tanh"}``
-    (activation defaults to relu). Raises :class:`ModelSpecError` listing the accepted forms.
+    (activation defaults to relu); ``"logistic[:rows=N]"`` -> ``{"kind": "logistic", "rows": N}``;
+    ``"fm:K[:rows=N]"`` -> ``{"kind": "fm", "factors": K, "rows": N}`` (rows default 2**20).
+    Raises :class:`ModelSpecError` listing the accepted forms.
     """
     parts = text.strip().split(":")
     kind = parts[0].strip().lower()
@@ -56,7 +66,35 @@ def parse_model(text: str) -> dict[str, Any]:
         spec: dict[str, Any] = {"kind": "mlp", "hidden": hidden, "activation": activation}
         _validate_mlp(spec)
         return spec
+    if kind == "logistic" and len(parts) in (1, 2):
+        spec = {"kind": "logistic", "rows": _parse_rows(parts[1:], text)}
+        _validate_ctr(spec)
+        return spec
+    if kind == "fm" and len(parts) in (2, 3):
+        try:
+            factors = int(parts[1])
+        except ValueError:
+            raise ModelSpecError(f"bad factor count {parts[1]!r} in model {text!r}; {_MODEL_FORMS}") from None
+        spec = {"kind": "fm", "factors": factors, "rows": _parse_rows(parts[2:], text)}
+        _validate_ctr(spec)
+        return spec
     raise ModelSpecError(f"cannot parse model {text!r}; {_MODEL_FORMS}")
+
+
+def _parse_rows(rest: list[str], text: str) -> int:
+    """The optional trailing ``rows=N`` of a CTR model text (N an integer, or ``2**k``)."""
+    if not rest:
+        return DEFAULT_ROWS
+    key, _, value = rest[0].partition("=")
+    if key.strip().lower() != "rows" or not value.strip():
+        raise ModelSpecError(f"expected 'rows=N' in model {text!r}, got {rest[0]!r}; {_MODEL_FORMS}")
+    value = value.strip()
+    try:
+        if value.startswith("2**"):
+            return int(2 ** int(value[3:]))
+        return int(value)
+    except ValueError:
+        raise ModelSpecError(f"bad row count {value!r} in model {text!r}; {_MODEL_FORMS}") from None
 
 
 def _validate_mlp(spec: Mapping[str, Any]) -> None:
@@ -71,10 +109,26 @@ def _validate_mlp(spec: Mapping[str, Any]) -> None:
         raise ModelSpecError(f"unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}")
 
 
+def _validate_ctr(spec: Mapping[str, Any]) -> None:
+    kind = spec["kind"]
+    allowed = {"kind", "rows"} | ({"factors"} if kind == "fm" else set())
+    unknown = set(spec) - allowed
+    if unknown:
+        raise ModelSpecError(f"unknown {kind} spec keys {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    rows = spec.get("rows", DEFAULT_ROWS)
+    if not _is_int(rows) or not 1 <= rows <= MAX_ROWS:
+        raise ModelSpecError(f"{kind} 'rows' must be an integer in [1, 2**40], got {rows!r}; {_MODEL_FORMS}")
+    if kind == "fm":
+        factors: Any = spec.get("factors")
+        if not _is_int(factors) or factors < 1:
+            raise ModelSpecError(f"fm 'factors' must be a positive integer, got {factors!r}; {_MODEL_FORMS}")
+
+
 def build_model(spec: Mapping[str, Any], n_features: int, n_outputs: int) -> Model:
     """Build the model described by ``spec`` for data with ``n_features`` inputs.
 
-    ``n_outputs`` is the number of classes (softmax, mlp) or regression outputs (linear).
+    ``n_outputs`` is the number of classes (softmax, mlp) or regression outputs (linear); the CTR
+    models (logistic, fm) ignore both, their inputs being hashed into a table of ``rows`` rows.
     Checking that ``model.task`` matches the dataset's task is the caller's job.
     Raises :class:`ModelSpecError` naming what to fix.
     """
@@ -90,4 +144,10 @@ def build_model(spec: Mapping[str, Any], n_features: int, n_outputs: int) -> Mod
     if kind == "mlp":
         _validate_mlp(spec)
         return MLP(n_features, tuple(spec["hidden"]), n_outputs, spec.get("activation", "relu"))
+    if kind == "logistic":
+        _validate_ctr(spec)
+        return LogisticRegression(spec.get("rows", DEFAULT_ROWS))
+    if kind == "fm":
+        _validate_ctr(spec)
+        return FactorizationMachine(spec["factors"], spec.get("rows", DEFAULT_ROWS))
     raise ModelSpecError(f"unknown model kind {kind!r}; {_MODEL_FORMS}")

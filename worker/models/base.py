@@ -24,7 +24,13 @@ Conventions (invariants every model here keeps):
   per-tensor random streams of :func:`materialize`, so any process holding the specs and a seed
   reproduces the same initial parameters.
 
-The models themselves are in ``linear`` and ``mlp``; ``worker.models`` builds them from a spec.
+* **Tables.** A parameter marked ``ParamSpec.table`` (an embedding table, ``(rows, dim)``) is
+  too big to move whole: ``loss_and_grad`` takes it as a :class:`worker.sparse.RowBlock` of the
+  rows a batch needs (:meth:`Model.rows_needed`) and returns its gradient as a RowBlock of exactly
+  the rows the batch touches. Dense parameters stay plain arrays.
+
+The models themselves are in ``linear``, ``mlp`` and ``ctr``; ``worker.models`` builds them from a
+spec.
 
 Errors::
 
@@ -54,7 +60,8 @@ ACTIVATIONS = ("relu", "tanh", "sigmoid")
 _INITS = ("zeros", "normal", "uniform")
 _MODEL_FORMS = (
     "accepted model forms: 'linear', 'softmax', 'mlp:H1[,H2,...][:ACTIVATION]' "
-    "(e.g. 'mlp:64', 'mlp:128,64', 'mlp:64:tanh'); activations: relu, tanh, sigmoid"
+    "(e.g. 'mlp:64', 'mlp:128,64', 'mlp:64:tanh'; activations: relu, tanh, sigmoid), "
+    "'logistic[:rows=N]', 'fm:K[:rows=N]' (e.g. 'logistic:rows=65536', 'fm:16'; rows default 2**20)"
 )
 
 
@@ -68,12 +75,16 @@ class ParamSpec:
 
     ``init`` is ``"zeros"``, ``"normal"`` (``scale`` = standard deviation) or ``"uniform"``
     (values in ``[-scale, scale)``); ``scale`` is 0 for zeros.
+
+    ``table`` marks an embedding table ``(rows, dim)``: a worker pulls and pushes it by row id
+    (:class:`worker.sparse.RowBlock`) instead of whole; see :meth:`Model.tables`.
     """
 
     name: str
     shape: tuple[int, ...]
     init: str
     scale: float
+    table: bool = False
 
     def __post_init__(self) -> None:
         if self.init not in _INITS:
@@ -82,14 +93,18 @@ class ParamSpec:
             raise ModelSpecError(f"ParamSpec {self.name!r}: negative dimension in shape {self.shape}")
         if not (self.scale >= 0.0 and math.isfinite(self.scale)):
             raise ModelSpecError(f"ParamSpec {self.name!r}: scale must be finite and >= 0, got {self.scale}")
+        if self.table and (len(self.shape) != 2 or min(self.shape) < 1):
+            raise ModelSpecError(f"ParamSpec {self.name!r}: a table has shape (rows, dim) >= 1, got {self.shape}")
 
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Mean loss over the evaluated examples; accuracy in [0, 1], or None for regression."""
+    """Mean loss over the evaluated examples; accuracy in [0, 1], or None for regression;
+    ``auc`` the ROC AUC for binary (CTR) models (nan when only one class is present), else None."""
 
     loss: float
     accuracy: float | None
+    auc: float | None = None
 
 
 def materialize(specs: Sequence[ParamSpec], seed: int) -> dict[str, npt.NDArray[np.float32]]:
@@ -99,7 +114,7 @@ def materialize(specs: Sequence[ParamSpec], seed: int) -> dict[str, npt.NDArray[
     ``np.random.default_rng([seed, i])`` -- ``zeros`` -> ``np.zeros``, ``normal`` ->
     ``rng.normal(0.0, scale, shape)``, ``uniform`` -> ``rng.uniform(-scale, scale, shape)`` --
     then ``.astype(np.float32)``. Each tensor has its own stream, so changing one shape does not
-    change the others.
+    change the others. A table spec is drawn like any tensor (whole), which suits small tables.
     """
     out: dict[str, npt.NDArray[np.float32]] = {}
     for i, spec in enumerate(specs):
@@ -138,15 +153,33 @@ class Model(ABC):
         """Initial parameters: ``materialize(self.param_specs(), seed)``."""
         return materialize(self.param_specs(), seed)
 
+    # ``X`` is a float array ``(batch, n_features)`` for dense models and whatever ``prepare``
+    # returns for the others (a SparseBatch for the CTR models), hence ``Any``.
     @abstractmethod
     def loss_and_grad(
-        self, params: Mapping[str, FloatArray], X: npt.NDArray[Any], y: npt.NDArray[Any]
+        self, params: Mapping[str, FloatArray], X: Any, y: npt.NDArray[Any]
     ) -> tuple[float, dict[str, FloatArray]]:
         """Mean loss over the batch and its gradient per parameter (fresh arrays)."""
 
     @abstractmethod
-    def evaluate(self, params: Mapping[str, FloatArray], X: npt.NDArray[Any], y: npt.NDArray[Any]) -> EvalResult:
+    def evaluate(self, params: Mapping[str, FloatArray], X: Any, y: npt.NDArray[Any]) -> EvalResult:
         """Mean loss (and accuracy for classification) without computing gradients."""
+
+    # -- embedding tables (models without tables keep these defaults) ----------------------
+    def tables(self) -> dict[str, int]:
+        """Table parameter name -> row width (dim). Such a parameter is passed to
+        ``loss_and_grad`` as a :class:`worker.sparse.RowBlock` of (at least) the rows a batch
+        needs, and its gradient comes back as a RowBlock of exactly those rows."""
+        return {}
+
+    def prepare(self, X: Any) -> Any:
+        """Turn a dataset's ``X`` into what ``loss_and_grad``/``evaluate`` take; a worker calls
+        this once per data set (e.g. hashing raw feature ids into table rows)."""
+        return X
+
+    def rows_needed(self, X: Any) -> dict[str, npt.NDArray[np.int64]]:
+        """Per table, the sorted unique row ids a *prepared* batch touches (what to pull)."""
+        return {}
 
     # -- shared input checks -------------------------------------------------------------
     def _weights(self, params: Mapping[str, FloatArray]) -> tuple[list[FloatArray], np.dtype[Any]]:

@@ -73,6 +73,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_REASON_UNAUTHENTICATED: _ClassVar[ErrorReason]
     ERROR_REASON_RUN_NOT_FINISHED: _ClassVar[ErrorReason]
     ERROR_REASON_SHARD_UNAVAILABLE: _ClassVar[ErrorReason]
+    ERROR_REASON_CANNOT_TRAIN: _ClassVar[ErrorReason]
 
 class LeaveReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -125,40 +126,45 @@ ERROR_REASON_UNSUPPORTED: ErrorReason
 ERROR_REASON_UNAUTHENTICATED: ErrorReason
 ERROR_REASON_RUN_NOT_FINISHED: ErrorReason
 ERROR_REASON_SHARD_UNAVAILABLE: ErrorReason
+ERROR_REASON_CANNOT_TRAIN: ErrorReason
 LEAVE_REASON_UNSPECIFIED: LeaveReason
 LEAVE_REASON_DONE: LeaveReason
 LEAVE_REASON_SHUTDOWN: LeaveReason
 LEAVE_REASON_FAILED: LeaveReason
 
 class TensorChunk(_message.Message):
-    __slots__ = ("name", "shape", "dtype", "offset", "data", "padding")
+    __slots__ = ("name", "shape", "dtype", "offset", "data", "row_ids", "padding")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    ROW_IDS_FIELD_NUMBER: _ClassVar[int]
     PADDING_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: DataType
     offset: int
     data: bytes
+    row_ids: bytes
     padding: bytes
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., padding: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., row_ids: _Optional[bytes] = ..., padding: _Optional[bytes] = ...) -> None: ...
 
 class ParamSpec(_message.Message):
-    __slots__ = ("name", "shape", "dtype", "initializer", "scale")
+    __slots__ = ("name", "shape", "dtype", "initializer", "scale", "table")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     INITIALIZER_FIELD_NUMBER: _ClassVar[int]
     SCALE_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: DataType
     initializer: Initializer
     scale: float
-    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., initializer: _Optional[_Union[Initializer, str]] = ..., scale: _Optional[float] = ...) -> None: ...
+    table: bool
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DataType, str]] = ..., initializer: _Optional[_Union[Initializer, str]] = ..., scale: _Optional[float] = ..., table: _Optional[bool] = ...) -> None: ...
 
 class SgdConfig(_message.Message):
     __slots__ = ("learning_rate", "weight_decay")
@@ -204,20 +210,34 @@ class AdagradConfig(_message.Message):
     initial_accumulator: float
     def __init__(self, learning_rate: _Optional[float] = ..., epsilon: _Optional[float] = ..., initial_accumulator: _Optional[float] = ...) -> None: ...
 
+class FtrlConfig(_message.Message):
+    __slots__ = ("learning_rate", "beta", "l1", "l2")
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    L1_FIELD_NUMBER: _ClassVar[int]
+    L2_FIELD_NUMBER: _ClassVar[int]
+    learning_rate: float
+    beta: float
+    l1: float
+    l2: float
+    def __init__(self, learning_rate: _Optional[float] = ..., beta: _Optional[float] = ..., l1: _Optional[float] = ..., l2: _Optional[float] = ...) -> None: ...
+
 class OptimizerSpec(_message.Message):
-    __slots__ = ("sgd", "momentum", "adam", "adagrad")
+    __slots__ = ("sgd", "momentum", "adam", "adagrad", "ftrl")
     SGD_FIELD_NUMBER: _ClassVar[int]
     MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     ADAM_FIELD_NUMBER: _ClassVar[int]
     ADAGRAD_FIELD_NUMBER: _ClassVar[int]
+    FTRL_FIELD_NUMBER: _ClassVar[int]
     sgd: SgdConfig
     momentum: MomentumConfig
     adam: AdamConfig
     adagrad: AdagradConfig
-    def __init__(self, sgd: _Optional[_Union[SgdConfig, _Mapping]] = ..., momentum: _Optional[_Union[MomentumConfig, _Mapping]] = ..., adam: _Optional[_Union[AdamConfig, _Mapping]] = ..., adagrad: _Optional[_Union[AdagradConfig, _Mapping]] = ...) -> None: ...
+    ftrl: FtrlConfig
+    def __init__(self, sgd: _Optional[_Union[SgdConfig, _Mapping]] = ..., momentum: _Optional[_Union[MomentumConfig, _Mapping]] = ..., adam: _Optional[_Union[AdamConfig, _Mapping]] = ..., adagrad: _Optional[_Union[AdagradConfig, _Mapping]] = ..., ftrl: _Optional[_Union[FtrlConfig, _Mapping]] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("name", "model_spec_json", "data_spec_json", "num_workers", "staleness", "optimizer", "aggregation", "iterations", "params", "seed", "batch_size", "eval_every", "slowdown")
+    __slots__ = ("name", "model_spec_json", "data_spec_json", "num_workers", "staleness", "optimizer", "aggregation", "iterations", "params", "seed", "batch_size", "eval_every", "slowdown", "requires")
     class SlowdownEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +258,7 @@ class RunSpec(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     EVAL_EVERY_FIELD_NUMBER: _ClassVar[int]
     SLOWDOWN_FIELD_NUMBER: _ClassVar[int]
+    REQUIRES_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_spec_json: str
     data_spec_json: str
@@ -251,7 +272,8 @@ class RunSpec(_message.Message):
     batch_size: int
     eval_every: int
     slowdown: _containers.ScalarMap[int, float]
-    def __init__(self, name: _Optional[str] = ..., model_spec_json: _Optional[str] = ..., data_spec_json: _Optional[str] = ..., num_workers: _Optional[int] = ..., staleness: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., iterations: _Optional[int] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., eval_every: _Optional[int] = ..., slowdown: _Optional[_Mapping[int, float]] = ...) -> None: ...
+    requires: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., model_spec_json: _Optional[str] = ..., data_spec_json: _Optional[str] = ..., num_workers: _Optional[int] = ..., staleness: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., iterations: _Optional[int] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., eval_every: _Optional[int] = ..., slowdown: _Optional[_Mapping[int, float]] = ..., requires: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
     __slots__ = ("rank", "state", "incarnation", "clock", "worker_name", "last_seen", "pushes", "waiting_for_clock", "waiting", "pulls_skipped", "data_plane")
@@ -310,7 +332,7 @@ class RunCounters(_message.Message):
     def __init__(self, pushes_applied: _Optional[int] = ..., pushes_duplicate: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., pulls_served: _Optional[int] = ..., pulls_parked: _Optional[int] = ..., pulls_skipped: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., bytes_pulled: _Optional[int] = ..., updates_applied: _Optional[int] = ..., evictions: _Optional[int] = ..., staleness_sum: _Optional[int] = ..., staleness_max: _Optional[int] = ..., parked_seconds: _Optional[float] = ...) -> None: ...
 
 class MetricPoint(_message.Message):
-    __slots__ = ("rank", "clock", "time", "loss", "eval", "eval_loss", "eval_accuracy", "samples", "step_seconds")
+    __slots__ = ("rank", "clock", "time", "loss", "eval", "eval_loss", "eval_accuracy", "samples", "step_seconds", "eval_auc")
     RANK_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -320,6 +342,7 @@ class MetricPoint(_message.Message):
     EVAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EVAL_AUC_FIELD_NUMBER: _ClassVar[int]
     rank: int
     clock: int
     time: _timestamp_pb2.Timestamp
@@ -329,7 +352,8 @@ class MetricPoint(_message.Message):
     eval_accuracy: float
     samples: int
     step_seconds: float
-    def __init__(self, rank: _Optional[int] = ..., clock: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., loss: _Optional[float] = ..., eval: _Optional[bool] = ..., eval_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ..., samples: _Optional[int] = ..., step_seconds: _Optional[float] = ...) -> None: ...
+    eval_auc: float
+    def __init__(self, rank: _Optional[int] = ..., clock: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., loss: _Optional[float] = ..., eval: _Optional[bool] = ..., eval_loss: _Optional[float] = ..., eval_accuracy: _Optional[float] = ..., samples: _Optional[int] = ..., step_seconds: _Optional[float] = ..., eval_auc: _Optional[float] = ...) -> None: ...
 
 class RunEvent(_message.Message):
     __slots__ = ("time", "kind", "rank", "message")
@@ -492,20 +516,30 @@ class PushGradientResponse(_message.Message):
     def __init__(self, clock: _Optional[int] = ..., duplicate: _Optional[bool] = ..., min_clock: _Optional[int] = ..., run_state: _Optional[_Union[RunState, str]] = ..., pulled: _Optional[_Union[PullParamsResponse, _Mapping]] = ...) -> None: ...
 
 class PullParamsRequest(_message.Message):
-    __slots__ = ("run_id", "rank", "incarnation", "clock", "names", "max_wait")
+    __slots__ = ("run_id", "rank", "incarnation", "clock", "names", "max_wait", "rows")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     NAMES_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     rank: int
     incarnation: int
     clock: int
     names: _containers.RepeatedScalarFieldContainer[str]
     max_wait: _duration_pb2.Duration
-    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    rows: _containers.RepeatedCompositeFieldContainer[TableRows]
+    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., rows: _Optional[_Iterable[_Union[TableRows, _Mapping]]] = ...) -> None: ...
+
+class TableRows(_message.Message):
+    __slots__ = ("name", "row_ids")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROW_IDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    row_ids: bytes
+    def __init__(self, name: _Optional[str] = ..., row_ids: _Optional[bytes] = ...) -> None: ...
 
 class PullParamsResponse(_message.Message):
     __slots__ = ("guaranteed_clock", "version", "tensors", "final", "run_state")
@@ -662,14 +696,16 @@ class GetMetricsResponse(_message.Message):
     def __init__(self, points: _Optional[_Iterable[_Union[MetricPoint, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[RunEvent, _Mapping]]] = ..., clock_records: _Optional[_Iterable[_Union[ClockRecord, _Mapping]]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("worker_name", "run_id", "max_wait")
+    __slots__ = ("worker_name", "run_id", "max_wait", "capabilities")
     WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     worker_name: str
     run_id: str
     max_wait: _duration_pb2.Duration
-    def __init__(self, worker_name: _Optional[str] = ..., run_id: _Optional[str] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_name: _Optional[str] = ..., run_id: _Optional[str] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("run_id", "rank", "incarnation", "spec", "start_clock", "heartbeat_interval", "lease", "shard_map")

@@ -47,6 +47,7 @@ __all__ = [
     "ParamsParts",
     "ParamsResponse",
     "Part",
+    "RowsPart",
     "PushRequest",
     "PushResponse",
     "chunk_groups",
@@ -140,6 +141,8 @@ class ChunkLike(Protocol):
     def offset(self) -> int: ...
     @property
     def data(self) -> bytes | memoryview: ...
+    @property
+    def row_ids(self) -> bytes | memoryview: ...
 
 
 @dataclass
@@ -151,6 +154,7 @@ class Chunk:
     dtype: int = 0
     offset: int = 0
     data: bytes | memoryview = b""
+    row_ids: bytes | memoryview = b""
 
 
 @dataclass
@@ -196,23 +200,55 @@ name) and the fields deliberately not read (``padding`` means nothing)."""
 
 # ----------------------------------------------------------------------------------- encoding
 Part = bytes | memoryview
-Group = Sequence[tuple[str, tuple[int, ...], int, "np.ndarray | memoryview"]]
-"""Chunks of one message: (name, full shape, offset, flat float32 part, or a memoryview of one)."""
+I64 = np.dtype("<i8")
+"""Row ids on the wire (``TensorChunk.row_ids``, ``TableRows.row_ids``): little-endian int64."""
+
+
+@dataclass(frozen=True)
+class RowsPart:
+    """Whole rows of a table: ``ids`` (int64) and ``values`` (float32, ``(len(ids), dim)``,
+    C-contiguous), encoded as a chunk's ``row_ids`` and ``data``; ``table_shape``: the whole
+    table's (rows, dim), the chunk's ``shape``."""
+
+    ids: np.ndarray
+    values: np.ndarray
+    table_shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.ids.nbytes + self.values.nbytes)
+
+
+Group = Sequence[tuple[str, tuple[int, ...], int, "np.ndarray | memoryview | RowsPart"]]
+"""Chunks of one message: (name, full shape, offset, flat float32 part, or a memoryview of one,
+or a table's rows)."""
 ParamsParts = tuple[int, int, Group, bool, int]
 """The arguments of ``params_response_parts``."""
 
 
 def chunk_groups(
-    tensors: Mapping[str, np.ndarray], chunk_bytes: int
-) -> Iterator[list[tuple[str, tuple[int, ...], int, np.ndarray]]]:
+    tensors: Mapping[str, np.ndarray | RowsPart], chunk_bytes: int,
+) -> Iterator[list[tuple[str, tuple[int, ...], int, Any]]]:
     """How every Python sender splits tensors into messages: (name, shape, offset, flat float32
     part) groups of about ``chunk_bytes``. A tensor's chunks are consecutive slices of its flattened
     (C order) elements, at most ``chunk_bytes`` each; a group ends once it holds ``chunk_bytes``,
-    so small tensors share one. Always yields at least one (maybe empty) group."""
+    so small tensors share one. A table's rows (``RowsPart``) go in chunks of whole rows. Always
+    yields at least one (maybe empty) group."""
     per_chunk = max(1, chunk_bytes // 4)
-    group: list[tuple[str, tuple[int, ...], int, np.ndarray]] = []
+    group: list[tuple[str, tuple[int, ...], int, Any]] = []
     size, sent = 0, False
     for name, arr in tensors.items():
+        if isinstance(arr, RowsPart):  # a table's rows
+            values = arr.values
+            per = max(1, chunk_bytes // (8 + 4 * (values.shape[1] if values.ndim == 2 else 1)))
+            for lo in range(0, len(arr.ids), per):
+                part = RowsPart(arr.ids[lo : lo + per], values[lo : lo + per], arr.table_shape)
+                group.append((name, arr.table_shape, 0, part))
+                size += part.nbytes
+                if size >= chunk_bytes:
+                    yield group
+                    group, size, sent = [], 0, True
+            continue
         flat = arr.reshape(-1)
         if flat.dtype != F32:
             flat = flat.astype(F32)
@@ -226,9 +262,9 @@ def chunk_groups(
                 group, size, sent = [], 0, True
             continue
         for lo in range(0, n, per_chunk):
-            part = flat[lo : lo + per_chunk]
-            group.append((name, shape, lo, part))
-            size += part.nbytes
+            piece = flat[lo : lo + per_chunk]
+            group.append((name, shape, lo, piece))
+            size += piece.nbytes
             if size >= chunk_bytes:
                 yield group
                 group, size, sent = [], 0, True
@@ -265,12 +301,19 @@ def _chunk_head(name: str, shape: Sequence[int], offset: int, nbytes: int, dtype
 
 
 def encode_chunk(
-    name: str, shape: Sequence[int], offset: int, data: np.ndarray | bytes | memoryview,
+    name: str, shape: Sequence[int], offset: int, data: np.ndarray | bytes | memoryview | RowsPart,
     dtype: int = pb.DATA_TYPE_FLOAT32, pad: int = 0,
 ) -> list[Part]:
-    """A ``TensorChunk``'s serialized body as parts (the last one is the data, not copied);
-    ``pad``: 0, or the size in bytes of a ``padding`` field (its key, length and content) to put
-    just before the data."""
+    """A ``TensorChunk``'s serialized body as parts (the second one is the data, not copied; a
+    table's rows add their ids after it); ``pad``: 0, or the size in bytes of a ``padding`` field
+    (its key, length and content) to put just before the data."""
+    if isinstance(data, RowsPart):
+        values = _data_view(data.values)
+        ids = _data_view(data.ids if data.ids.dtype == I64 else data.ids.astype(I64))
+        assert isinstance(values, memoryview) and isinstance(ids, memoryview)
+        head = bytes(_chunk_head(name, shape, 0, values.nbytes, dtype, pad))
+        out: list[Part] = [head, values] if values.nbytes else [head]
+        return [*out, _CHUNK["row_ids"] + varint(ids.nbytes), ids] if ids.nbytes else out
     view = _data_view(data)
     n = len(view) if not isinstance(view, memoryview) else view.nbytes
     head = bytes(_chunk_head(name, shape, offset, n, dtype, pad))
@@ -284,7 +327,7 @@ that one fits even where the chunk's length prefix grows by a byte within the ra
 
 
 def _payload(group: Group) -> int:
-    return sum(part.nbytes for _, _, _, part in group)
+    return sum(part.nbytes for _, _, _, part in group)  # (a RowsPart: its values and ids)
 
 
 @functools.lru_cache(maxsize=8192)
@@ -302,6 +345,10 @@ def _repeated_chunks(tag: bytes, group: Group, at: int | None = None) -> list[Pa
     parts: list[Part] = []
     if at is None:
         for name, shape, offset, data in group:
+            if isinstance(data, RowsPart):
+                body = encode_chunk(name, shape, offset, data)
+                parts += [tag + varint(parts_len(body)), *body]
+                continue
             view = _data_view(data)
             nbytes = view.nbytes if isinstance(view, memoryview) else len(view)
             parts.append(_chunk_prefix(tag, name, tuple(shape), offset, nbytes))
@@ -311,7 +358,7 @@ def _repeated_chunks(tag: bytes, group: Group, at: int | None = None) -> list[Pa
     for name, shape, offset, data in group:
         body = encode_chunk(name, shape, offset, data)
         size = parts_len(body)
-        if len(body) == 2:
+        if len(body) >= 2:  # a head, then the data (then a table's ids)
             head = len(body[0])
             for pad in _PADS:
                 if (at + len(tag) + len(varint(size + pad)) + head + pad) % 16 == 0:

@@ -1,0 +1,148 @@
+"""One iteration of a model with tables (issue 16): rows pulled and pushed by id, never whole.
+
+Per iteration at clock c: the batch's rows (``Model.rows_needed``: its hashed feature ids) come
+from the row cache where fresh enough (``tables.RowCache``, SSP), the rest from one pull that
+also brings the dense parameters (the bias) unless those are fresh too; the gradient of the rows
+the batch touched goes back as rows (``wire.RowsPart``). Like the dense loop, the push of clock c
+asks for what clock c + 1 will need (``then_pull``: the next batch's missing rows), so an
+iteration is one round trip. Rank 0 evaluates on the test split with the rows it needs (log-loss,
+accuracy and AUC).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from paramserver.v1.wire import RowsPart
+
+from .sparse import RowBlock, SparseBatch
+from .tables import RowCache
+
+if TYPE_CHECKING:
+    from .models.base import EvalResult
+    from .trainer import _Trainer
+
+__all__ = ["TableStep"]
+
+Rows = dict[str, np.ndarray]
+
+
+class TableStep:
+    def __init__(self, t: _Trainer) -> None:
+        self.t = t
+        self.tables = {p.name: tuple(p.shape) for p in t.spec.params if p.table}
+        self.dense = [p.name for p in t.spec.params if not p.table]
+        self.caches = {n: RowCache(shape[1], t.staleness) for n, shape in self.tables.items()}
+        self.dense_clock = -1  # guaranteed clock of the dense parameters held
+        self.prefetched: tuple[int, int, dict[str, tuple[np.ndarray, np.ndarray]]] | None = None
+        self.X_test: SparseBatch = t.model.prepare(t.data.X_test)
+
+    def reset(self) -> None:
+        """After a rewind: the server may have gone back to a checkpoint, so nothing cached holds."""
+        for name, cache in self.caches.items():
+            self.caches[name] = RowCache(cache.dim, cache.staleness, cache.capacity)
+        self.dense_clock = -1
+        self.prefetched = None
+
+    def _batch(self, clock: int) -> tuple[Any, Any, dict[str, np.ndarray]]:
+        t = self.t
+        batch = t.sampler.batch(clock)
+        X = t.X[batch]
+        return X, t.y[batch], t.model.rows_needed(X)
+
+    def _missing(self, needed: Rows, clock: int) -> Rows:
+        return {n: self.caches[n].missing(ids, clock) for n, ids in needed.items()}
+
+    def _dense_fresh(self, params: dict[str, np.ndarray], clock: int) -> bool:
+        return bool(params) and all(n in params for n in self.dense) and self.t.cache_valid(self.dense_clock, clock)
+
+    async def step(self, params: dict[str, Any], _guaranteed: int) -> int:
+        t = self.t
+        t0 = time.perf_counter()
+        c = t.clock
+        X, y, needed = self._batch(c)
+        comm = 0.0
+        if self.prefetched is not None and self.prefetched[0] == c:
+            _, guaranteed, pulled = self.prefetched
+        else:
+            missing = self._missing(needed, c)
+            if any(ids.size for ids in missing.values()) or not self._dense_fresh(params, c):
+                res = await t.call(lambda: t.plane.pull(t.a.run_id, t.a.rank, t.a.incarnation, c, into=params,
+                                                        names=self.dense, rows=missing,
+                                                        max_wait=t.config.timeout_seconds * 4), f"pull {c}")
+                t.stats.pulls += 1
+                t.run_state = res.run_state
+                guaranteed, pulled = res.guaranteed_clock, res.rows
+                self.dense_clock = guaranteed
+                comm = time.perf_counter() - t0
+            else:
+                guaranteed, pulled = self.dense_clock, {}
+                t.stats.pulls_skipped += 1
+        self.prefetched = None
+        for name, ids in needed.items():
+            got_ids, got = pulled.get(name, (np.empty(0, np.int64), np.empty((0, self.caches[name].dim), np.float32)))
+            params[name] = RowBlock(ids, self.caches[name].block(ids, c, got_ids, got, guaranteed))
+        if t.a.rank == 0 and t.spec.eval_every and c % t.spec.eval_every == 0 and c:
+            await self.evaluate(c, final=False)
+            await t.report()
+        t_compute = time.perf_counter()
+        loss, grads = t.model.loss_and_grad(params, X, y)
+        t_compute = time.perf_counter() - t_compute
+        t.check_loss(loss, c)
+        wire_grads = {n: RowsPart(g.ids, np.ascontiguousarray(g.values, np.float32), self.tables[n])
+                      if isinstance(g, RowBlock) else g for n, g in grads.items()}
+        t_push = time.perf_counter()
+        ask = None
+        if c + 1 < t.spec.iterations:
+            _, _, nxt = self._batch(c + 1)
+            missing = self._missing(nxt, c + 1)
+            if any(ids.size for ids in missing.values()) or not t.cache_valid(self.dense_clock, c + 1):
+                ask = missing
+        if ask is not None:
+            resp, res = await t.call(
+                lambda: t.plane.push_pull(t.a.run_id, t.a.rank, t.a.incarnation, c, wire_grads, loss, into=params,
+                                          names=self.dense, rows=ask, max_wait=t.config.timeout_seconds * 4),
+                f"push {c}")
+            t.stats.pulls += 1
+            self.dense_clock = res.guaranteed_clock
+            self.prefetched = (c + 1, res.guaranteed_clock, res.rows)
+        else:
+            resp = await t.call(lambda: t.plane.push(t.a.run_id, t.a.rank, t.a.incarnation, c, wire_grads, loss),
+                                f"push {c}")
+            if t.local_sgd_lr is not None and t.staleness > 0:  # read-my-writes on what is reused
+                lr = np.float32(t.local_sgd_lr)
+                for name, g in grads.items():
+                    if isinstance(g, RowBlock):
+                        self.caches[name].apply_sgd(g.ids, g.values.astype(np.float32), lr)
+                    else:
+                        params[name] -= lr * g
+        comm += time.perf_counter() - t_push
+        await t.advance(resp, c, loss, len(y), t0, t_compute, comm, parked=False)
+        return guaranteed
+
+    async def evaluate(self, clock: int, final: bool) -> EvalResult:
+        """Log-loss, accuracy and AUC on the test split, with the rows it needs: at the end,
+        waiting for every rank's last push (a pull of clock = iterations); else as they are now."""
+        t = self.t
+        needed = t.model.rows_needed(self.X_test)
+        params: dict[str, Any] = {}
+        values: dict[str, list[np.ndarray]] = {n: [] for n in needed}
+        limit = 1 << 20  # the server's default bound on rows per pull
+        longest = max([ids.size for ids in needed.values()] + [1])
+        for lo in range(0, longest, limit):
+            part = {n: ids[lo : lo + limit] for n, ids in needed.items()}
+            rank, inc, at = (t.a.rank, t.a.incarnation, clock) if final else (0, 0, 0)
+            res = await t.call(lambda part=part, rank=rank, inc=inc, at=at: t.plane.pull(  # type: ignore[misc]
+                t.a.run_id, rank, inc, at, into=params, names=self.dense, rows=part,
+                max_wait=t.config.timeout_seconds * 4), f"pull {clock}")
+            for n in needed:
+                values[n].append(res.rows[n][1])
+        for n, ids in needed.items():
+            params[n] = RowBlock(ids, np.concatenate(values[n]))
+        result: EvalResult = t.model.evaluate(params, self.X_test, t.data.y_test)
+        t.eval_point(result, clock)
+        return result
+
