@@ -143,16 +143,22 @@ def _print_json(obj: Any) -> None:
 @app.command()
 @_handled
 def launch(
-    model: Annotated[str, typer.Option(help="linear | softmax | mlp:H1,H2[:relu|tanh|sigmoid]")] = "mlp:64",
+    model: Annotated[str, typer.Option(help="linear | softmax | mlp:H1,H2[:relu|tanh|sigmoid] | logistic[:rows=N] | "
+                                            "fm:K[:rows=N]")] = "mlp:64",
     dataset: Annotated[str, typer.Option(help="digits | synthetic-regression | synthetic-classification | "
-                                              "npz:PATH (options after ':' as key=value)")] = "digits",
+                                              "synthetic-ctr | npz:PATH | libsvm:PATH (options after ':' as "
+                                              "key=value)")] = "digits",
     workers: Annotated[int, typer.Option(min=1, help="Number of worker ranks (data shards).")] = 4,
     staleness: Annotated[str, typer.Option(help="0 or bsp (synchronous), a positive integer s (SSP), "
                                                 "inf / unbounded / asp (asynchronous).")] = "2",
-    optimizer: Annotated[str, typer.Option(help="sgd | momentum | nesterov | adam | adagrad")] = "sgd",
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 0.1,
+    optimizer: Annotated[str, typer.Option(help="sgd | momentum | nesterov | adam | adagrad | ftrl")] = "sgd",
+    lr: Annotated[float, typer.Option(help="Learning rate (ftrl: its alpha).")] = 0.1,
     momentum: Annotated[float, typer.Option(help="Momentum (momentum, nesterov).")] = 0.9,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
+    l1: Annotated[float, typer.Option("--l1", help="FTRL's L1 strength (ftrl only; >= 0, 0 = none): weights "
+                                                   "exactly zero.")] = 0.0,
+    l2: Annotated[float, typer.Option("--l2", help="FTRL's L2 strength (ftrl only; >= 0, 0 = none).")] = 0.0,
+    ftrl_beta: Annotated[float, typer.Option(help="FTRL's beta (ftrl only; > 0).")] = 1.0,
     epochs: Annotated[float, typer.Option(help="Passes over each rank's shard (> 0, e.g. 15 or 0.5).")] = 15.0,
     iterations: Annotated[int, typer.Option(help="Iterations per worker; overrides --epochs (0: use --epochs).")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Minibatch size per worker.")] = 32,
@@ -184,7 +190,7 @@ def launch(
     """
     options = LaunchOptions(
         model=model, dataset=dataset, workers=workers, staleness=parse_staleness(staleness), optimizer=optimizer, lr=lr,
-        momentum=momentum, weight_decay=weight_decay, epochs=epochs, iterations=iterations, batch_size=batch_size,
+        momentum=momentum, weight_decay=weight_decay, l1=l1, l2=l2, ftrl_beta=ftrl_beta, epochs=epochs, iterations=iterations, batch_size=batch_size,
         seed=seed, name=name, eval_every=eval_every, aggregation=aggregation, slowdown=parse_slowdown(slowdown or ()),
     )
     if servers > 1 and not local:
@@ -233,7 +239,7 @@ def status(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, 
 def watch(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
     """The status view, live, until the run ends (--json: one JSON line per snapshot).
 
-    When stdout is not a terminal (a pipe, a file): one plain-text line each time the run changes (time, state, min clock / iterations, active workers, what it waits for, train loss, test accuracy), then the final status view.
+    When stdout is not a terminal (a pipe, a file): one plain-text line each time the run changes (time, state, min clock / iterations, active workers, what it waits for, train loss, test accuracy; a CTR model's: test AUC and log-loss), then the final status view.
 
     Exit status: 0 the run COMPLETED, 1 it FAILED (or psctl hit an error), 2 it was STOPPED.
     """
@@ -327,7 +333,7 @@ def export(run_id: RunId,
 def plot(run_id: RunId,
          output: Annotated[str, typer.Option("--output", "-o", help="Image file (default RUN.png).")] = "",
          server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
-    """Plot train loss (per rank) and test accuracy/loss against time and clock."""
+    """Plot train loss (per rank) and test accuracy/loss (a CTR model's: AUC and log-loss) against time and clock."""
     from .plots import save_curves  # matplotlib: only this command pays for importing it
     run, metrics = _with_client(server, timeout, lambda ps: _run_and_metrics(ps, run_id))
     path = output or f"{run_id}.png"
@@ -358,7 +364,10 @@ def metrics(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False,
     if evals:
         typer.echo("evaluations (rank 0, test split):")
     for p in evals:
-        typer.echo(f"  clock {p.clock:>6}  test loss {facts.fmt(p.eval_loss)}  test accuracy {facts.fmt(p.eval_accuracy)}")
+        auc = facts.auc(p)  # a binary (CTR) model's: its test loss is the log-loss
+        loss = "log-loss" if auc is not None else "loss"
+        typer.echo(f"  clock {p.clock:>6}  test {loss} {facts.fmt(p.eval_loss)}  test accuracy {facts.fmt(p.eval_accuracy)}"
+                   + (f"  test AUC {facts.fmt(auc)}" if auc is not None else ""))
     if got.events:
         typer.echo("events:")
     for e in facts.event_rows(got):

@@ -4,6 +4,10 @@
 staleness, lags); the rich views (``render``) and every ``--json`` output are built from it, so
 the two never disagree. No rich, no I/O here. Floats that are NaN or missing (the accuracy of a
 regression, a run without an evaluation yet) are ``None`` in dicts and ``-`` in text.
+
+A binary (CTR) model's evaluations carry a ROC AUC (``MetricPoint.eval_auc``) and their test loss
+is the log-loss; an AUC of 0 or NaN (dense models, older servers) means none (``auc``), and the
+views then read exactly as they do without one.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from paramserver.v1 import paramserver_pb2 as pb
 
 __all__ = [
+    "auc",
     "enum_text",
     "eval_history",
     "event_rows",
@@ -30,6 +35,7 @@ __all__ = [
     "fmt_age",
     "launch_result",
     "message_to_dict",
+    "param_texts",
     "progress_line",
     "pull_lead",
     "recent",
@@ -154,12 +160,17 @@ def _model_text(spec: pb.RunSpec) -> str:
     m = _spec_json(spec.model_spec_json)
     if m.get("kind") == "mlp":
         return f"mlp:{','.join(map(str, m.get('hidden', [])))}:{m.get('activation', 'relu')}"
+    rows = f":rows={m['rows']}" if "rows" in m else ""
+    if m.get("kind") == "fm":
+        return f"fm:{m.get('factors', '?')}{rows}"
+    if m.get("kind") == "logistic":
+        return f"logistic{rows}"
     return str(m.get("kind", "?"))
 
 
 def _data_text(spec: pb.RunSpec) -> str:
     d = _spec_json(spec.data_spec_json)
-    return f"npz:{d.get('path')}" if d.get("kind") == "npz" else str(d.get("kind", "?"))
+    return f"{d['kind']}:{d.get('path')}" if d.get("kind") in ("npz", "libsvm") else str(d.get("kind", "?"))
 
 
 def _optimizer_text(opt: pb.OptimizerSpec) -> tuple[str, float]:
@@ -168,12 +179,30 @@ def _optimizer_text(opt: pb.OptimizerSpec) -> tuple[str, float]:
         return f"nesterov (momentum {opt.momentum.momentum:g})", opt.momentum.learning_rate
     if kind == "momentum":
         return f"momentum {opt.momentum.momentum:g}", opt.momentum.learning_rate
+    if kind == "ftrl":  # beta 0 on the wire is the server's default, 1
+        f = opt.ftrl
+        return f"ftrl (l1 {f.l1:g}, l2 {f.l2:g}, beta {f.beta or 1.0:g})", f.learning_rate
     lr = getattr(opt, kind).learning_rate if kind != "?" else float("nan")
     return kind, lr
 
 
 def _eval(run: pb.Run) -> pb.MetricPoint | None:
     return run.last_eval if run.HasField("last_eval") and run.last_eval.eval else None
+
+
+def auc(point: pb.MetricPoint) -> float | None:
+    """An evaluation's ROC AUC, or None when it has none (0 or NaN: not a binary model, an older server)."""
+    value = finite(point.eval_auc)
+    return value if value else None
+
+
+def param_texts(run: pb.Run, limit: int = 4) -> list[str]:
+    """'fm.table (1048576 x 9, table)', one per parameter (tables first), at most ``limit`` of them
+    and then 'and N more'."""
+    params = sorted(run.spec.params, key=lambda p: not p.table)
+    texts = [f"{p.name} ({' x '.join(map(str, p.shape)) or 'scalar'}{', table' if p.table else ''})"
+             for p in params[:limit]]
+    return texts + ([f"and {len(params) - limit} more"] if len(params) > limit else [])
 
 
 def run_facts(run: pb.Run, now: float | None = None) -> dict[str, Any]:
@@ -207,6 +236,7 @@ def run_facts(run: pb.Run, now: float | None = None) -> dict[str, Any]:
         "slowest": [{"rank": w.rank, "clock": w.clock, "lag": run.max_clock - w.clock} for w in slowest],
         "test_accuracy": finite(ev.eval_accuracy) if ev else None,
         "test_loss": finite(ev.eval_loss) if ev else None,
+        "test_auc": auc(ev) if ev else None,
         "eval_clock": ev.clock if ev else None,
         "age_seconds": now - created if created else None,
         "wall_seconds": end - created if created else None,
@@ -224,12 +254,14 @@ def run_facts(run: pb.Run, now: float | None = None) -> dict[str, Any]:
         "evictions": c.evictions,
         "staleness_mean": c.staleness_sum / c.pulls_served if c.pulls_served else 0.0,
         "staleness_max": c.staleness_max,
+        "requires": list(spec.requires),
+        "tables": [p.name for p in spec.params if p.table],
     }
 
 
 def launch_result(run: pb.Run) -> dict[str, Any]:
     """The one JSON object ``psctl launch --wait --json`` prints at the end."""
-    keys = ("run_id", "name", "state", "message", "test_accuracy", "test_loss", "eval_clock", "iterations",
+    keys = ("run_id", "name", "state", "message", "test_accuracy", "test_loss", "test_auc", "eval_clock", "iterations",
             "min_clock", "wall_seconds", "train_seconds", "pushes_applied", "pushes_duplicate", "pushes_rejected",
             "pulls_served", "pulls_parked", "parked_seconds", "pulls_skipped", "updates_applied", "evictions",
             "staleness_mean", "staleness_max", "staleness", "workers", "model", "dataset", "optimizer", "lr")
@@ -245,14 +277,18 @@ def run_headline(run: pb.Run) -> str:
 
 
 def summary_line(run: pb.Run) -> str:
-    """'run-x completed in 4.2 s: test accuracy 0.9611, test loss 0.1234 (480 pushes, 0 duplicates)'."""
+    """'run-x completed in 4.2 s: test accuracy 0.9611, test loss 0.1234 (480 pushes, 0 duplicates)';
+    a binary model's: 'test AUC 0.7912, log-loss 0.4541, accuracy 0.80 (...)'."""
     f = run_facts(run)
     head = f"{f['run_id']} {f['state']} in {f['wall_seconds'] or 0.0:.1f} s"
     if f["state"] != "completed":
         return head + (f": {f['message']}" if f["message"] else "")
+    counts = f"({f['pushes_applied']} pushes, {f['pushes_duplicate']} duplicates)"
+    if f["test_auc"] is not None:
+        return (f"{head}: test AUC {fmt(f['test_auc'])}, log-loss {fmt(f['test_loss'])}, "
+                f"accuracy {fmt(f['test_accuracy'], 2)} {counts}")
     acc = f"test accuracy {fmt(f['test_accuracy'])}, " if f["test_accuracy"] is not None else ""
-    return (f"{head}: {acc}test loss {fmt(f['test_loss'])} "
-            f"({f['pushes_applied']} pushes, {f['pushes_duplicate']} duplicates)")
+    return f"{head}: {acc}test loss {fmt(f['test_loss'])} {counts}"
 
 
 def train_loss(run: pb.Run, metrics: pb.GetMetricsResponse | None) -> float | None:
@@ -266,7 +302,8 @@ def train_loss(run: pb.Run, metrics: pb.GetMetricsResponse | None) -> float | No
 
 def progress_line(run: pb.Run, metrics: pb.GetMetricsResponse | None = None) -> str:
     """One plain-text line of a followed run, for logs and pipes: 'running  clock 120/480  workers
-    4/4 active  waiting: <what for>  train loss 0.1234  test accuracy 0.9123'."""
+    4/4 active  waiting: <what for>  train loss 0.1234  test accuracy 0.9123' (a binary model's ends
+    'test AUC 0.7912  log-loss 0.4541')."""
     f = run_facts(run)
     parts = [f["state"], f"clock {f['min_clock']}/{f['iterations']}", f"workers {f['workers_active']}/{f['workers']} active"]
     if f["waiting_for"]:
@@ -274,7 +311,9 @@ def progress_line(run: pb.Run, metrics: pb.GetMetricsResponse | None = None) -> 
     loss = train_loss(run, metrics)
     if loss is not None:
         parts.append(f"train loss {fmt(loss)}")
-    if f["test_accuracy"] is None and f["test_loss"] is not None:  # a regression: no accuracy
+    if f["test_auc"] is not None:  # a binary (CTR) model: AUC and log-loss say more than accuracy
+        parts += [f"test AUC {fmt(f['test_auc'])}", f"log-loss {fmt(f['test_loss'])}"]
+    elif f["test_accuracy"] is None and f["test_loss"] is not None:  # a regression: no accuracy
         parts.append(f"test loss {fmt(f['test_loss'])}")
     else:
         parts.append(f"test accuracy {fmt(f['test_accuracy'])}")
@@ -310,7 +349,7 @@ def recent(metrics: pb.GetMetricsResponse | None, evals: int = 5, events: int = 
         latest[p.rank] = p
     return {
         "eval": [{"clock": p.clock, "time": seconds(p.time), "test_loss": finite(p.eval_loss),
-                  "test_accuracy": finite(p.eval_accuracy), "train_loss": finite(p.loss)}
+                  "test_accuracy": finite(p.eval_accuracy), "test_auc": auc(p), "train_loss": finite(p.loss)}
                  for p in [p for p in points if p.eval][-evals:]],
         "train_loss": [p.loss for p in train],
         "last_train_loss": {r: finite(p.loss) for r, p in sorted(latest.items())},
@@ -359,7 +398,8 @@ def pull_lead(metrics: pb.GetMetricsResponse) -> int | None:
 
 
 def eval_history(metrics: pb.GetMetricsResponse) -> list[dict[str, Any]]:
-    """Every evaluation of a run, oldest first: clock, wall time (Unix seconds), test accuracy and loss."""
+    """Every evaluation of a run, oldest first: clock, wall time (Unix seconds), test accuracy, loss
+    (a binary model's: log-loss) and AUC (None but for binary models)."""
     points = sorted((p for p in metrics.points if p.eval), key=lambda p: (p.clock, seconds(p.time) or 0.0))
     return [{"clock": p.clock, "time": seconds(p.time), "test_accuracy": finite(p.eval_accuracy),
-             "test_loss": finite(p.eval_loss)} for p in points]
+             "test_loss": finite(p.eval_loss), "test_auc": auc(p)} for p in points]

@@ -2,8 +2,9 @@
 
 Uses matplotlib's object API with the Agg canvas (no pyplot, no global state, no display needed).
 Panels, 2x2: train loss against wall time and against clock, one line per rank; test accuracy and
-test loss (eval points of rank 0) against wall time and against clock. Time is seconds since the
-run started (or was created, while pending).
+test loss (eval points of rank 0) against wall time and against clock; for a binary (CTR) model,
+whose evaluations carry a ROC AUC, the test AUC too, and its test loss is labelled log-loss. Time is
+seconds since the run started (or was created, while pending).
 """
 
 from __future__ import annotations
@@ -24,21 +25,33 @@ def _t(p: pb.MetricPoint, t0: float) -> float:
     return float(p.time.ToNanoseconds()) / 1e9 - t0
 
 
-def _eval_panel(ax: Axes, xs: list[float], acc: list[float], loss: list[float], xlabel: str) -> None:
+def _auc(p: pb.MetricPoint) -> float:
+    """The point's AUC, NaN when it has none (0 or NaN on the wire: not a binary model)."""
+    return p.eval_auc if math.isfinite(p.eval_auc) and p.eval_auc else math.nan
+
+
+def _eval_panel(ax: Axes, xs: list[float], acc: list[float], loss: list[float], xlabel: str,
+                auc: list[float] | None = None) -> None:
+    """Test accuracy (and AUC, given a binary model's) on the left axis, the test loss on the right."""
+    what, loss_name = ("test AUC and log-loss", "test log-loss") if auc else ("test accuracy and test loss", "test loss")
     ax.set_xlabel(xlabel)
-    ax.set_title(f"test accuracy and test loss vs {xlabel.split(' ')[0]}")
+    ax.set_title(f"{what} vs {xlabel.split(' ')[0]}")
     if not xs:
         ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes)
         return
     handles = []
+    if auc:
+        handles += ax.plot(xs, auc, "D-", color="tab:blue", label="test AUC")
     if any(math.isfinite(a) for a in acc):
         handles += ax.plot(xs, acc, "o-", color="tab:green", label="test accuracy")
-        ax.set_ylabel("test accuracy")
-        lo = min(a for a in acc if math.isfinite(a))
+    scores = [a for a in [*acc, *(auc or [])] if math.isfinite(a)]
+    if scores:
+        ax.set_ylabel("test AUC / accuracy" if auc else "test accuracy")
+        lo = min(scores)
         ax.set_ylim(max(0.0, lo - 0.1 * (1.0 - lo) - 0.01), 1.005)  # zoom in on the range that moved
     twin = ax.twinx()
-    handles += twin.plot(xs, loss, "s--", color="tab:red", label="test loss")
-    twin.set_ylabel("test loss")
+    handles += twin.plot(xs, loss, "s--", color="tab:red", label=loss_name)
+    twin.set_ylabel(loss_name)
     ax.legend(handles=handles, loc="center right", fontsize="small")
     ax.grid(alpha=0.3)
 
@@ -69,8 +82,10 @@ def curves_figure(run: pb.Run, metrics: pb.GetMetricsResponse) -> Figure:
                 ax.set_yscale("log")
     acc = [p.eval_accuracy for p in evals]
     loss = [p.eval_loss for p in evals]
-    _eval_panel(eval_t, [_t(p, t0) for p in evals], acc, loss, "time (s)")
-    _eval_panel(eval_c, [float(p.clock) for p in evals], acc, loss, "clock (iterations)")
+    auc = [_auc(p) for p in evals]
+    binary = auc if any(math.isfinite(a) for a in auc) else None  # a CTR model's run
+    _eval_panel(eval_t, [_t(p, t0) for p in evals], acc, loss, "time (s)", binary)
+    _eval_panel(eval_c, [float(p.clock) for p in evals], acc, loss, "clock (iterations)", binary)
     s = run.spec.staleness
     stale = "BSP" if s == 0 else "ASP" if s < 0 else f"SSP s={s}"
     fig.suptitle(f"{run.run_id}  {run.spec.name}  ({run.spec.num_workers} workers, {stale})")

@@ -18,6 +18,8 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeRemainingColumn,
 )
@@ -26,7 +28,7 @@ from rich.text import Text
 
 from paramserver.v1 import paramserver_pb2 as pb
 
-from .facts import fmt, fmt_age, recent, run_facts, shard_rows, staleness_text, train_loss, worker_rows
+from .facts import fmt, fmt_age, param_texts, recent, run_facts, shard_rows, staleness_text, train_loss, worker_rows
 
 __all__ = ["NO_WRAP_WIDTH", "console", "launch_progress", "progress_fields", "runs_table", "sparkline", "status_view"]
 
@@ -74,8 +76,9 @@ def runs_table(runs: Sequence[pb.Run], now: float | None = None) -> Table:
     rows = []
     for run in runs:
         f = run_facts(run, now)
-        acc = fmt(f["test_accuracy"]) if f["test_accuracy"] is not None else (
-            f"test loss {fmt(f['test_loss'])}" if f["test_loss"] is not None else "-")
+        acc = f"AUC {fmt(f['test_auc'])}" if f["test_auc"] is not None else (
+            fmt(f["test_accuracy"]) if f["test_accuracy"] is not None else (
+                f"test loss {fmt(f['test_loss'])}" if f["test_loss"] is not None else "-"))
         live = f["state"] in ("pending", "running")
         s = f["staleness"]
         rows.append((f["run_id"], f["name"], f["state"].upper(),
@@ -134,9 +137,14 @@ def status_view(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float |
     parts.append(_kv(("model", f["model"]), ("dataset", f["dataset"]), ("optimizer", f["optimizer"]),
                      ("lr", f"{f['lr']:g}"), ("staleness", staleness_text(f["staleness"])),
                      ("batch", f["batch_size"]), ("iterations", f["iterations"]), ("workers", f["workers"])))
+    if f["tables"] or f["requires"]:  # a sparse (CTR) model: which params are tables, what workers it needs
+        parts.append(_kv(("params", ", ".join(param_texts(run))),
+                         *((("requires", ", ".join(f["requires"])),) if f["requires"] else ())))
+    scores = (("test AUC", fmt(f["test_auc"])), ("test log-loss", fmt(f["test_loss"])),
+              ("test accuracy", fmt(f["test_accuracy"]))) if f["test_auc"] is not None else (
+        ("test accuracy", fmt(f["test_accuracy"])), ("test loss", fmt(f["test_loss"])))
     parts.append(_kv(("min clock", f["min_clock"]), ("max clock", f["max_clock"]),
-                     ("progress", f"{100 * f['progress']:.0f}%"), ("age", fmt_age(f["age_seconds"])),
-                     ("test accuracy", fmt(f["test_accuracy"])), ("test loss", fmt(f["test_loss"]))))
+                     ("progress", f"{100 * f['progress']:.0f}%"), ("age", fmt_age(f["age_seconds"])), *scores))
     if f["waiting_for"]:
         parts.append(Text.assemble(("waiting: ", "bold yellow"), (f["waiting_for"], "yellow")))
     if f["slowest"]:
@@ -177,10 +185,14 @@ def status_view(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float |
     if hist["eval"]:
         evals = Table(title="evaluations (rank 0, test split)", title_justify="left", box=box.SIMPLE_HEAD,
                       show_edge=False, pad_edge=False)
-        for col in ("clock", "test loss", "test accuracy", "train loss"):
+        binary = any(e["test_auc"] is not None for e in hist["eval"])  # log-loss, and an AUC column
+        cols = ("clock", "test log-loss", "test AUC", "test accuracy", "train loss") if binary else (
+            "clock", "test loss", "test accuracy", "train loss")
+        for col in cols:
             evals.add_column(col, justify="right")
         for e in hist["eval"]:
-            evals.add_row(str(e["clock"]), fmt(e["test_loss"]), fmt(e["test_accuracy"]), fmt(e["train_loss"]))
+            cells = (fmt(e["test_loss"]), *((fmt(e["test_auc"]),) if binary else ()), fmt(e["test_accuracy"]))
+            evals.add_row(str(e["clock"]), *cells, fmt(e["train_loss"]))
         parts += [Text(""), evals]
     if hist["events"]:
         parts.append(Text("\nrecent events", style="bold"))
@@ -191,9 +203,17 @@ def status_view(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float |
 
 
 # ---------------------------------------------------------------------------------------- progress
+class _ScoreColumn(ProgressColumn):
+    """'test acc 0.961', or a binary model's 'test AUC 0.791': the task's fields ``metric`` (default
+    "acc") and ``acc``."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"test {task.fields.get('metric', 'acc')} {task.fields.get('acc', '-')}", no_wrap=True)
+
+
 def launch_progress(**kwargs: Any) -> Progress:
     """Progress bar for ``launch --wait``: min clock/iterations, epoch, train loss (the ranks' latest
-    minibatch losses, averaged), test accuracy, ETA.
+    minibatch losses, averaged), test accuracy (a binary model's: test AUC), ETA.
 
     Fits 80 columns: only the bar gives way (the text columns never wrap); the elapsed time is in
     the summary line printed at the end."""
@@ -203,7 +223,7 @@ def launch_progress(**kwargs: Any) -> Progress:
     return Progress(
         text("[bold]{task.description}"), BarColumn(bar_width=None),
         MofNCompleteColumn(table_column=Column(no_wrap=True)), text("epoch {task.fields[epoch]}"),
-        text("train loss {task.fields[loss]}"), text("test acc {task.fields[acc]}"), text("ETA"),
+        text("train loss {task.fields[loss]}"), _ScoreColumn(table_column=Column(no_wrap=True)), text("ETA"),
         TimeRemainingColumn(table_column=Column(no_wrap=True)),
         **kwargs,
     )
@@ -218,5 +238,6 @@ def progress_fields(run: pb.Run, metrics: pb.GetMetricsResponse | None, per_epoc
     return {
         "completed": f["min_clock"], "total": f["iterations"] or None,
         "description": state, "epoch": epoch, "loss": fmt(loss, 3),
-        "acc": fmt(f["test_accuracy"], 3),
+        "metric": "AUC" if f["test_auc"] is not None else "acc",
+        "acc": fmt(f["test_accuracy"] if f["test_auc"] is None else f["test_auc"], 3),
     }

@@ -32,6 +32,12 @@ class LaunchOptions:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 0.0
+    l1: float = 0.0
+    """FTRL's L1 strength (--optimizer ftrl only): makes weights exactly zero; 0 = none."""
+    l2: float = 0.0
+    """FTRL's L2 strength (--optimizer ftrl only); 0 = none."""
+    ftrl_beta: float = 1.0
+    """FTRL's beta (its alpha is ``lr``), > 0: smooths each coordinate's rate while it has few gradients."""
     epochs: float = 15.0
     iterations: int = 0
     """When > 0, overrides epochs."""
@@ -45,10 +51,10 @@ class LaunchOptions:
 
 
 OPTIMIZERS = {"sgd": ("sgd", {}), "momentum": ("momentum", {}), "nesterov": ("momentum", {"nesterov": True}),
-              "adam": ("adam", {}), "adagrad": ("adagrad", {})}
+              "adam": ("adam", {}), "adagrad": ("adagrad", {}), "ftrl": ("ftrl", {})}
 """psctl's optimizer names: the kind of the proto's ``OptimizerSpec`` each sets, and what it fixes.
-The kind's own message says which of --lr, --momentum, --weight-decay it takes; hyper-parameters
-left at zero get the server's defaults (``ps_server.core.spec.OPTIMIZER_DEFAULTS``)."""
+The kind's own message says which of --lr, --momentum, --weight-decay, --l1, --l2, --ftrl-beta it
+takes; hyper-parameters left at zero get the server's defaults (``ps_server.core.spec.OPTIMIZER_DEFAULTS``)."""
 
 
 def _optimizer(o: LaunchOptions) -> pb.OptimizerSpec:
@@ -56,7 +62,8 @@ def _optimizer(o: LaunchOptions) -> pb.OptimizerSpec:
         *names, last = OPTIMIZERS
         raise ValueError(f"optimizer {o.optimizer!r}: choose {', '.join(names)} or {last}")
     kind, fixed = OPTIMIZERS[o.optimizer.lower()]
-    given = {"learning_rate": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay, **fixed}
+    given = {"learning_rate": o.lr, "momentum": o.momentum, "weight_decay": o.weight_decay, "l1": o.l1, "l2": o.l2,
+             "beta": o.ftrl_beta, **fixed}
     takes = pb.OptimizerSpec.DESCRIPTOR.fields_by_name[kind].message_type.fields_by_name
     return pb.OptimizerSpec(**{kind: {name: value for name, value in given.items() if name in takes}})
 
@@ -87,12 +94,28 @@ def check_options(o: LaunchOptions) -> None:
         raise ValueError(f"--batch-size {o.batch_size}: need at least 1")
     if not (o.lr > 0 and math.isfinite(o.lr)):
         raise ValueError(f"--lr {o.lr}: use a positive learning rate")
+    _check_ftrl(o)
     if o.iterations < 0:
         raise ValueError(f"--iterations {o.iterations}: use a positive number of iterations per worker "
                          f"(or leave it out and give --epochs)")
     if not (o.epochs > 0 and math.isfinite(o.epochs)):
         raise ValueError(f"--epochs {o.epochs:g}: use a positive number of passes over each rank's shard "
                          f"(e.g. 15, or 0.5 for half a pass), or give --iterations")
+
+
+def _check_ftrl(o: LaunchOptions) -> None:
+    """FTRL's options: finite, --l1/--l2 >= 0, --ftrl-beta > 0 (0 on the wire would mean the server's
+    default, 1), and given only with --optimizer ftrl (no other optimizer reads them)."""
+    for flag, value in (("--l1", o.l1), ("--l2", o.l2)):
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"{flag} {value:g}: use a finite number >= 0 (0 turns it off)")
+    if not (o.ftrl_beta > 0 and math.isfinite(o.ftrl_beta)):
+        raise ValueError(f"--ftrl-beta {o.ftrl_beta:g}: use a finite number > 0 (default 1)")
+    given = [flag for flag, value, default in (("--l1", o.l1, 0.0), ("--l2", o.l2, 0.0),
+                                                 ("--ftrl-beta", o.ftrl_beta, 1.0)) if value != default]
+    if given and o.optimizer.lower() in OPTIMIZERS and o.optimizer.lower() != "ftrl":
+        raise ValueError(f"{', '.join(given)}: only --optimizer ftrl takes {'them' if len(given) > 1 else 'it'} "
+                         f"(not {o.optimizer.lower()})")
 
 
 def build_run_spec(o: LaunchOptions) -> pb.RunSpec:

@@ -14,6 +14,7 @@ caller owns (``sink``), so steady-state pulls allocate nothing.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from functools import lru_cache, partial
 from typing import Protocol, TypeVar
@@ -133,7 +134,12 @@ class PsClient:
 
     # -------------------------------------------------------------------------- runs
     async def create_run(self, spec: pb.RunSpec) -> pb.Run:
-        return (await self._call("RunService", "CreateRun", pb.CreateRunRequest(spec=spec), pb.CreateRunResponse)).run
+        """The server draws the initial values before it answers (~8 s per GiB of parameters on one
+        core): the deadline grows by 30 s per GiB beyond the client's timeout (a CreateRun that
+        timed out may still have created the run: it is not retried)."""
+        nbytes = sum(4 * math.prod(p.shape) for p in spec.params)
+        return (await self._call("RunService", "CreateRun", pb.CreateRunRequest(spec=spec), pb.CreateRunResponse,
+                                 timeout=self.timeout + 30.0 * nbytes / (1 << 30))).run
 
     async def get_run(self, run_id: str) -> pb.Run:
         return (await self._call("RunService", "GetRun", pb.GetRunRequest(run_id=run_id), pb.GetRunResponse)).run

@@ -89,10 +89,10 @@ class Shards:
     def _rows(self, arrays: Mapping[str, Any], shard: pb.Shard) -> dict[str, Any]:
         """``shard``'s pieces of ``arrays``: views of their rows (a scalar is its one row); of a
         table's rows (``RowsPart``), those in the shard's range, with ids local to it."""
-        out = {}
+        out: dict[str, Any] = {}
         for pc in shard.pieces:
             a = arrays.get(pc.name)
-            if a is None:  # a table left out of a push
+            if a is None or not isinstance(a, np.ndarray | RowsPart):  # a table left out (or the caller's rows)
                 continue
             if isinstance(a, RowsPart):
                 keep = (a.ids >= pc.row_start) & (a.ids < pc.row_end)

@@ -122,7 +122,10 @@ async def test_server_address_comes_from_the_environment(addr: str) -> None:
         (["--model", "transformer"], "cannot parse model 'transformer'"),
         (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
         (["--dataset", "npz:/nonexistent/x.npz"], "/nonexistent/x.npz"),
-        (["--optimizer", "rmsprop"], "choose sgd, momentum, nesterov, adam or adagrad"),
+        (["--optimizer", "rmsprop"], "choose sgd, momentum, nesterov, adam, adagrad or ftrl"),
+        (["--optimizer", "ftrl", "--l1", "-0.5"], "--l1 -0.5: use a finite number >= 0 (0 turns it off)"),
+        (["--optimizer", "ftrl", "--ftrl-beta", "0"], "--ftrl-beta 0: use a finite number > 0"),
+        (["--l2", "0.1"], "--l2: only --optimizer ftrl takes it (not sgd)"),
         (["--slowdown", "1:3"], "--slowdown '1:3': use RANK=FACTOR"),
         (["--slowdown", "5=2"], "rank 5 does not exist with 2 workers"),
         (["--model", "linear"], "use softmax or mlp"),
@@ -253,6 +256,23 @@ async def test_launch_wait_human_prints_a_summary(addr: str, start_workers: Any)
     # stderr is not a terminal: a line per change instead of a progress bar drawn once at the end
     assert re.search(r"^\d\d:\d\d:\d\d  completed  clock 30/30  workers \d/2 active  train loss \d\.\d{4}  "
                      r"test accuracy 0\.\d{4}  \(all ranks finished\)$", result.stderr, re.M), result.stderr
+
+
+async def test_a_ctr_run_with_ftrl_reports_auc_and_log_loss(addr: str, start_workers: Any) -> None:
+    """fm with a table, trained by FTRL: the result has an AUC, the status names the table."""
+    start_workers(2)
+    ctr = ["--model", "fm:4:rows=4096", "--dataset", "synthetic-ctr:samples=2000,ids_per_field=100",
+           "--workers", "2", "--iterations", "30", "--eval-every", "10", "--optimizer", "ftrl", "--lr", "0.1",
+           "--l1", "0.001", "--l2", "0.01"]
+    doc = json.loads(ok(await psctl("launch", "--server", addr, *ctr, "--wait", "--json")).stdout)
+    assert doc["state"] == "completed" and doc["optimizer"] == "ftrl (l1 0.001, l2 0.01, beta 1)", doc
+    assert 0.0 < doc["test_auc"] <= 1.0 and doc["test_loss"] > 0 and doc["model"] == "fm:4:rows=4096"
+    assert doc["evals"] and all(0.0 < e["test_auc"] <= 1.0 for e in doc["evals"])
+    view = ok(await psctl("status", doc["run_id"], "--server", addr)).stdout
+    assert "fm.table (4096 x 5, table)" in view and "requires tables, model:fm" in view
+    assert re.search(r"test AUC \d\.\d{4}   test log-loss \d\.\d{4}", view), view
+    metrics = ok(await psctl("metrics", doc["run_id"], "--server", addr)).stdout
+    assert re.search(r"test log-loss \d\.\d{4}  test accuracy \d\.\d{4}  test AUC \d\.\d{4}", metrics), metrics
 
 
 async def test_launch_wait_exits_2_when_the_run_is_stopped(addr: str, ps: PsClient) -> None:

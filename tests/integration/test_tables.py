@@ -3,6 +3,9 @@ repeated ids summed, bad ids refused with nothing changed, BSP combining rows, J
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import pytest
 from support import make_spec, with_config
@@ -174,3 +177,63 @@ async def test_a_table_spread_over_servers_gives_the_same_rows_as_one_server(ser
     np.testing.assert_allclose(return_["after"], expected, rtol=1e-6)
     np.testing.assert_array_equal(return_["table"][ids], return_["after"])
     assert return_["table"].shape == (ROWS, DIM)
+
+
+async def test_a_retried_push_of_rows_is_applied_once(client: PsClient) -> None:
+    run = await client.create_run(table_spec(staleness=1))
+    (a,) = await joined(client, run.run_id)
+    grads = {"bias": np.zeros(1, np.float32), "emb": rows([4, 4], np.ones((2, DIM)))}
+    first = await client.push(run.run_id, a.rank, a.incarnation, 0, grads)
+    again = await client.push(run.run_id, a.rank, a.incarnation, 0, grads)
+    assert not first.duplicate and again.duplicate
+    status = await client.get_run(run.run_id)
+    assert status.counters.updates_applied == 1 and status.counters.pushes_duplicate == 1
+
+
+@pytest.mark.parametrize("staleness", [0, 1])
+async def test_a_restarted_server_resumes_tables_and_their_optimizer_state_exactly(
+        server_config: ServerConfig, tmp_path: Path, staleness: int) -> None:
+    """Checkpoints hold tables like dense tensors: the table, Adagrad's per-row accumulators and
+    (BSP) the rows held for a clock not complete yet; the run goes on bit for bit as without the
+    restart."""
+    config = with_config(server_config, data_dir=str(tmp_path), checkpoint_every=1)
+    spec = table_spec(staleness=staleness, num_workers=2,
+                      optimizer=pb.OptimizerSpec(adagrad=pb.AdagradConfig(learning_rate=0.3)))
+    zero = np.zeros(1, np.float32)
+
+    def grad(clock: int, rank: int) -> dict[str, Any]:
+        return {"bias": zero, "emb": rows([clock, 7, 100 + rank], np.full((3, DIM), 1.0 + clock + rank))}
+
+    async def pushes(c: PsClient, a: list[pb.Assignment], clocks: range, ranks: list[int]) -> None:
+        for clock in clocks:
+            for r in ranks:
+                await c.push(run.run_id, a[r].rank, a[r].incarnation, clock, grad(clock, r))
+
+    ps = await start_server(config)
+    async with PsClient(ps.address, timeout=10) as c:
+        run = await c.create_run(spec)
+        a = await joined(c, run.run_id, 2)
+        await pushes(c, a, range(2), [0, 1])
+        await pushes(c, a, range(2, 3), [0])  # rank 1's clock 2 missing: under BSP rank 0's rows are held
+    await ps.stop(0)
+    ps2 = await start_server(with_config(config, port=0))
+    try:
+        async with PsClient(ps2.address, timeout=10) as c:
+            await pushes(c, a, range(2, 3), [1])
+            await pushes(c, a, range(3, 4), [0, 1])
+            resumed = (await c.pull(run.run_id, incarnation=0, names=["emb"])).tensors["emb"]
+    finally:
+        await ps2.stop(0)
+    # the same pushes on a server that never stopped
+    ps3 = await start_server(with_config(server_config, port=0))
+    try:
+        async with PsClient(ps3.address, timeout=10) as c:
+            run = await c.create_run(spec)
+            a = await joined(c, run.run_id, 2)
+            await pushes(c, a, range(2), [0, 1])
+            await pushes(c, a, range(2, 3), [0, 1])
+            await pushes(c, a, range(3, 4), [0, 1])
+            straight = (await c.pull(run.run_id, incarnation=0, names=["emb"])).tensors["emb"]
+    finally:
+        await ps3.stop(0)
+    assert resumed.tobytes() == straight.tobytes()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 from rich.console import Console
@@ -62,3 +63,108 @@ def test_slowest_names_only_the_ranks_holding_the_run_back() -> None:
     tied = make_run(clocks=(5, 7, 5, 6))
     assert [s["rank"] for s in facts.run_facts(tied)["slowest"]] == [0, 2]
     assert facts.run_facts(make_run(clocks=(6, 6, 6, 6)))["slowest"] == []  # nobody is behind
+
+
+# ------------------------------------------------------------------------------------ CTR runs and FTRL
+def make_ctr_run(state: pb.RunState = pb.RUN_STATE_COMPLETED, auc: float = 0.7912) -> pb.Run:
+    """A CTR run (fm with a table), its last evaluation carrying an AUC; its eval_loss is the log-loss."""
+    run = make_run(state, (100, 100, 100, 100), accuracy=0.8)
+    run.spec.model_spec_json = '{"kind": "fm", "factors": 8, "rows": 1048576}'
+    run.spec.data_spec_json = '{"kind": "synthetic-ctr"}'
+    run.spec.params.extend([pb.ParamSpec(name="fm.bias", shape=[1]),
+                            pb.ParamSpec(name="fm.table", shape=[1048576, 9], table=True)])
+    run.spec.requires.extend(["tables", "model:fm"])
+    run.last_eval.eval_loss, run.last_eval.eval_auc = 0.4541, auc
+    return run
+
+
+def ctr_metrics(aucs: tuple[float, ...] = (0.61, 0.7912)) -> pb.GetMetricsResponse:
+    points = [pb.MetricPoint(eval=True, clock=10 * (i + 1), eval_loss=0.5 - 0.01 * i, eval_accuracy=0.8, eval_auc=a,
+                             loss=0.5) for i, a in enumerate(aucs)]
+    for i, p in enumerate(points):
+        p.time.FromSeconds(1_700_000_000 + i)
+    return pb.GetMetricsResponse(points=points)
+
+
+def test_a_ctr_run_reports_its_auc_and_log_loss() -> None:
+    run = make_ctr_run()
+    f = facts.run_facts(run)
+    assert f["test_auc"] == pytest.approx(0.7912) and f["model"] == "fm:8:rows=1048576"
+    assert f["requires"] == ["tables", "model:fm"] and f["tables"] == ["fm.table"]
+    assert facts.launch_result(run)["test_auc"] == pytest.approx(0.7912)
+    assert ": test AUC 0.7912, log-loss 0.4541, accuracy 0.80 (" in facts.summary_line(run)
+    live = make_ctr_run(pb.RUN_STATE_RUNNING)
+    assert facts.progress_line(live).endswith("test AUC 0.7912  log-loss 0.4541")
+    assert render.progress_fields(live, None, None)["metric"] == "AUC"
+    assert render.progress_fields(live, None, None)["acc"] == "0.791"
+    assert "AUC 0.7912" in text(render.runs_table([run]), width=200)
+    history = facts.eval_history(ctr_metrics())
+    assert [e["test_auc"] for e in history] == [pytest.approx(0.61), pytest.approx(0.7912)]
+    assert [e["test_auc"] for e in facts.recent(ctr_metrics())["eval"]] == [pytest.approx(0.61), pytest.approx(0.7912)]
+
+
+@pytest.mark.parametrize("absent", [0.0, float("nan")])
+def test_an_auc_of_zero_or_nan_is_no_auc(absent: float) -> None:
+    """Dense runs and older servers send 0 (or NaN): every view reads as it did before AUCs."""
+    run = make_ctr_run(auc=absent)
+    assert facts.run_facts(run)["test_auc"] is None and facts.launch_result(run)["test_auc"] is None
+    assert ": test accuracy 0.8000, test loss 0.4541 (" in facts.summary_line(run)
+    assert facts.progress_line(make_ctr_run(pb.RUN_STATE_RUNNING, auc=absent)).endswith("test accuracy 0.8000")
+    assert render.progress_fields(run, None, None)["metric"] == "acc"
+    assert all(e["test_auc"] is None for e in facts.eval_history(ctr_metrics((absent, absent))))
+    view = text(render.status_view(run, ctr_metrics((absent, absent))), width=200)
+    assert "AUC" not in view and "log-loss" not in view and "test accuracy 0.8000   test loss 0.4541" in view
+
+
+def test_the_status_view_names_tables_requirements_and_the_auc() -> None:
+    view = text(render.status_view(make_ctr_run(), ctr_metrics()), width=200)
+    assert "params fm.table (1048576 x 9, table), fm.bias (1)   requires tables, model:fm\n" in view
+    assert "test AUC 0.7912   test log-loss 0.4541   test accuracy 0.8000" in view
+    assert "test log-loss" in view.split("evaluations")[1] and "0.6100" in view.split("evaluations")[1]
+    dense = text(render.status_view(make_run(), None), width=200)
+    assert "params" not in dense and "requires" not in dense
+
+
+def test_the_progress_bar_says_auc_for_a_ctr_run() -> None:
+    progress = render.launch_progress(console=Console(file=io.StringIO(), width=80))
+    progress.add_task("running", total=100, completed=50, epoch="1.0", loss="0.450", metric="AUC", acc="0.791")
+    (line,) = text(progress.get_renderable()).splitlines()
+    assert "train loss 0.450 test AUC 0.791 ETA" in line and len(line) <= 80
+
+
+def test_the_plot_of_a_ctr_run_has_its_auc_and_log_loss() -> None:
+    from client.plots import curves_figure
+
+    run = make_ctr_run()
+    titles = [ax.get_title() for ax in curves_figure(run, ctr_metrics()).axes]
+    assert "test AUC and log-loss vs time" in titles and "test AUC and log-loss vs clock" in titles
+    labels = {line.get_label() for ax in curves_figure(run, ctr_metrics()).axes for line in ax.get_lines()}
+    assert {"test AUC", "test accuracy", "test log-loss"} <= labels
+    dense = [ax.get_title() for ax in curves_figure(run, ctr_metrics((0.0, 0.0))).axes]
+    assert "test accuracy and test loss vs time" in dense
+
+
+def test_ftrl_options_go_into_the_ftrl_config() -> None:
+    from client.spec import LaunchOptions, _optimizer, check_options
+
+    o = LaunchOptions(optimizer="ftrl", lr=0.05, l1=1.5, l2=0.25, ftrl_beta=2.0)
+    check_options(o)
+    assert _optimizer(o) == pb.OptimizerSpec(ftrl=pb.FtrlConfig(learning_rate=0.05, beta=2.0, l1=1.5, l2=0.25))
+    assert _optimizer(LaunchOptions(optimizer="ftrl")).ftrl.beta == 1.0  # the default, sent as it is
+    assert facts.run_facts(pb.Run(spec=pb.RunSpec(optimizer=_optimizer(o))))["optimizer"] == "ftrl (l1 1.5, l2 0.25, beta 2)"
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ({"l1": -1.0}, "--l1 -1: use a finite number >= 0"),
+    ({"l2": float("nan")}, "--l2 nan: use a finite number >= 0"),
+    ({"l1": float("inf")}, "--l1 inf: use a finite number >= 0"),
+    ({"ftrl_beta": 0.0}, "--ftrl-beta 0: use a finite number > 0"),
+    ({"ftrl_beta": -2.0}, "--ftrl-beta -2: use a finite number > 0"),
+    ({"optimizer": "adam", "l1": 0.5}, "--l1: only --optimizer ftrl takes it (not adam)"),
+    ({"optimizer": "sgd", "l2": 0.5, "ftrl_beta": 3.0}, "--l2, --ftrl-beta: only --optimizer ftrl takes them"),
+])
+def test_bad_ftrl_options_are_refused(options: dict[str, object], expected: str) -> None:
+    from client.spec import LaunchOptions, check_options
+
+    with pytest.raises(ValueError, match="^" + re.escape(expected)):
+        check_options(LaunchOptions(**{"optimizer": "ftrl", **options}))  # type: ignore[arg-type]
