@@ -48,6 +48,8 @@ _COUNTERS = {
     "updates_applied": "Optimizer steps applied",
     "evictions": "Workers evicted after their lease expired",
     "parked_seconds": "Seconds pulls spent parked waiting for the staleness bound",
+    "rows_pulled": "Rows of tables sent by pulls",
+    "rows_pushed": "Rows of tables received by pushes",
 }
 
 

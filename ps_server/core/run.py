@@ -32,7 +32,7 @@ from .placement import Placement
 from .spec import DEFAULT_LIMITS, RunSpec
 from .status import Assignment, Counters, MetricPoint, ParamsRead, PushResult, RunState, RunStatus, WorkerState
 from .store import ParamStore
-from .tensors import Gradient
+from .tensors import Gradient, Rows
 
 __all__ = ["Run"]
 
@@ -156,6 +156,8 @@ class Run:
         self.clock.advance(slot, clock)
         self.counters.pushes_applied += 1
         self.counters.bytes_pushed += nbytes
+        if self.store.tables:
+            self.counters.rows_pushed += sum(g.ids.size for g in grads.values() if isinstance(g, Rows))
         if slot.clock == self.spec.iterations:
             self.history.event("finished", rank, f"rank {rank} completed its {self.spec.iterations} iterations")
         self._after_clock_change()
@@ -211,6 +213,7 @@ class Run:
             self.counters.pulled(staleness=max(0, clock - self.min_clock))  # observers' reads do not count
         self.counters.bytes_pulled += self.store.nbytes if whole else sum(t.nbytes for t in tensors.values())
         self.counters.bytes_pulled += sum(ids.nbytes + values.nbytes for ids, values, _ in picked.values())
+        self.counters.rows_pulled += sum(ids.size for ids, _, _ in picked.values())
         guaranteed = self.min_clock if self.spec.staleness else self.bsp.applied_clock
         return ParamsRead(guaranteed, self.counters.updates_applied, tensors, self.state,
                           self.store.derived if whole else None, picked)

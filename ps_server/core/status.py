@@ -62,6 +62,10 @@ class Counters:
     staleness_max: int = 0
     parked_seconds: float = 0.0
     """Time pulls spent parked by the SSP rule, summed over pulls."""
+    rows_pulled: int = 0
+    """Rows of tables sent by pulls."""
+    rows_pushed: int = 0
+    """Rows of tables received by pushes (a row repeated in one push counted once)."""
 
     def pulled(self, staleness: int) -> None:
         """A worker's pull was served, ``staleness`` clocks ahead of the min clock."""

@@ -237,3 +237,13 @@ async def test_a_restarted_server_resumes_tables_and_their_optimizer_state_exact
     finally:
         await ps3.stop(0)
     assert resumed.tobytes() == straight.tobytes()
+
+
+async def test_the_server_counts_rows_pulled_and_pushed(client: PsClient) -> None:
+    run = await client.create_run(table_spec(staleness=1))
+    (a,) = await joined(client, run.run_id)
+    await client.pull(run.run_id, a.rank, a.incarnation, 0, rows={"emb": np.array([1, 2, 2])})
+    await client.push(run.run_id, a.rank, a.incarnation, 0,
+                      {"bias": np.zeros(1, np.float32), "emb": rows([5, 5, 6], np.ones((3, DIM)))})
+    counters = (await client.get_run(run.run_id)).counters
+    assert (counters.rows_pulled, counters.rows_pushed) == (3, 2)

@@ -302,7 +302,7 @@ class WorkerStatus(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., state: _Optional[_Union[WorkerState, str]] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ..., worker_name: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pushes: _Optional[int] = ..., waiting_for_clock: _Optional[int] = ..., waiting: _Optional[bool] = ..., pulls_skipped: _Optional[int] = ..., data_plane: _Optional[str] = ...) -> None: ...
 
 class RunCounters(_message.Message):
-    __slots__ = ("pushes_applied", "pushes_duplicate", "pushes_rejected", "pulls_served", "pulls_parked", "pulls_skipped", "bytes_pushed", "bytes_pulled", "updates_applied", "evictions", "staleness_sum", "staleness_max", "parked_seconds")
+    __slots__ = ("pushes_applied", "pushes_duplicate", "pushes_rejected", "pulls_served", "pulls_parked", "pulls_skipped", "bytes_pushed", "bytes_pulled", "updates_applied", "evictions", "staleness_sum", "staleness_max", "parked_seconds", "rows_pulled", "rows_pushed")
     PUSHES_APPLIED_FIELD_NUMBER: _ClassVar[int]
     PUSHES_DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     PUSHES_REJECTED_FIELD_NUMBER: _ClassVar[int]
@@ -316,6 +316,8 @@ class RunCounters(_message.Message):
     STALENESS_SUM_FIELD_NUMBER: _ClassVar[int]
     STALENESS_MAX_FIELD_NUMBER: _ClassVar[int]
     PARKED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PULLED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PUSHED_FIELD_NUMBER: _ClassVar[int]
     pushes_applied: int
     pushes_duplicate: int
     pushes_rejected: int
@@ -329,7 +331,9 @@ class RunCounters(_message.Message):
     staleness_sum: int
     staleness_max: int
     parked_seconds: float
-    def __init__(self, pushes_applied: _Optional[int] = ..., pushes_duplicate: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., pulls_served: _Optional[int] = ..., pulls_parked: _Optional[int] = ..., pulls_skipped: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., bytes_pulled: _Optional[int] = ..., updates_applied: _Optional[int] = ..., evictions: _Optional[int] = ..., staleness_sum: _Optional[int] = ..., staleness_max: _Optional[int] = ..., parked_seconds: _Optional[float] = ...) -> None: ...
+    rows_pulled: int
+    rows_pushed: int
+    def __init__(self, pushes_applied: _Optional[int] = ..., pushes_duplicate: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., pulls_served: _Optional[int] = ..., pulls_parked: _Optional[int] = ..., pulls_skipped: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., bytes_pulled: _Optional[int] = ..., updates_applied: _Optional[int] = ..., evictions: _Optional[int] = ..., staleness_sum: _Optional[int] = ..., staleness_max: _Optional[int] = ..., parked_seconds: _Optional[float] = ..., rows_pulled: _Optional[int] = ..., rows_pushed: _Optional[int] = ...) -> None: ...
 
 class MetricPoint(_message.Message):
     __slots__ = ("rank", "clock", "time", "loss", "eval", "eval_loss", "eval_accuracy", "samples", "step_seconds", "eval_auc")
