@@ -12,26 +12,58 @@ accuracy and AUC).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from paramserver.client import PsClient
+from paramserver.shards import Shards
+from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1.wire import RowsPart
 
+from .config import WorkerConfig
+from .datasets import Dataset
+from .models.base import EvalResult, Model
+from .sampling import BatchSampler
 from .sparse import RowBlock, SparseBatch
 from .tables import RowCache
-
-if TYPE_CHECKING:
-    from .models.base import EvalResult
-    from .trainer import _Trainer
 
 __all__ = ["TableStep"]
 
 Rows = dict[str, np.ndarray]
+T = TypeVar("T")
+
+
+class Loop(Protocol):
+    """What an iteration here uses of the training loop (``trainer._Trainer``)."""
+
+    a: pb.Assignment
+    spec: pb.RunSpec
+    config: WorkerConfig
+    model: Model
+    data: Dataset
+    X: Any
+    y: Any
+    sampler: BatchSampler
+    plane: PsClient | Shards
+    clock: int
+    staleness: int
+    local_sgd_lr: float | None
+    run_state: int
+    stats: Any
+
+    async def call(self, op: Callable[[], Awaitable[T]], what: str) -> T: ...
+    def cache_valid(self, guaranteed: int, clock: int) -> bool: ...
+    def check_loss(self, loss: float, clock: int) -> None: ...
+    async def advance(self, resp: pb.PushGradientResponse, c: int, loss: float, samples: int, t0: float,
+                      t_compute: float, comm: float, parked: bool) -> None: ...
+    def eval_point(self, result: EvalResult, clock: int) -> None: ...
+    async def report(self) -> None: ...
 
 
 class TableStep:
-    def __init__(self, t: _Trainer) -> None:
+    def __init__(self, t: Loop) -> None:
         self.t = t
         self.tables = {p.name: tuple(p.shape) for p in t.spec.params if p.table}
         self.dense = [p.name for p in t.spec.params if not p.table]
