@@ -10,6 +10,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from paramserver import errors
 from paramserver.client import PsClient
 from paramserver.shards import Shards, pull_run
 from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1.wire import RowsPart
 from ps_server.config import ServerConfig
 from ps_server.server import PsServer, start_server
 from worker.datasets import load_dataset
@@ -102,30 +104,41 @@ async def test_a_run_is_placed_over_the_servers_and_starts_where_one_server_woul
 async def test_hidden_schedules_keep_the_bound_on_every_shard_and_apply_each_push_once(
         server_config: ServerConfig, shards: int, staleness: int) -> None:
     """Workers with random delays (a schedule the servers cannot see) push integer gradients to
-    every shard, some twice: every shard keeps c - s for every pull and push it served, and the
-    parameters are the initial ones minus the exact sum of the gradients, on every row."""
+    every shard, some twice, and random rows of a table spread over the shards: every shard keeps
+    c - s for every pull and push it served, and the parameters are the initial ones minus the
+    exact sum of the gradients, on every row."""
     workers, k = 3, 12
     shapes = {"w": (40, 30), "b": (30,), "v": (7,)}
+    table = (50, 3)
     rng = random.Random(f"{shards}-{staleness}")
     async with cluster(server_config, shards, split_bytes=1024) as servers:
         async with PsClient(servers[0].address, timeout=20) as c:
-            run = await c.create_run(make_spec(shapes=shapes, num_workers=workers, staleness=staleness, iterations=k,
-                                               lr=1.0, init=pb.INITIALIZER_CONSTANT,
-                                               aggregation=pb.AGGREGATION_SUM))  # (BSP: the sum of each clock)
+            spec = make_spec(shapes=shapes, num_workers=workers, staleness=staleness, iterations=k, lr=1.0,
+                             init=pb.INITIALIZER_CONSTANT, aggregation=pb.AGGREGATION_SUM)  # (BSP: each clock's sum)
+            spec.params.append(pb.ParamSpec(name="t", shape=table, initializer=pb.INITIALIZER_CONSTANT, scale=1.0,
+                                            table=True))
+            run = await c.create_run(spec)
+            assert all(any(pc.name == "t" for pc in s.pieces) for s in run.shard_map.shards)  # rows on every server
             assignments = await _join_all(c, run.run_id, workers)
             init = (await pull_run(c, run.run_id)).tensors
-            expected = {n: init[n].astype(np.float64) for n in shapes}
+            expected = {n: init[n].astype(np.float64) for n in (*shapes, "t")}
 
             async def worker(a: pb.Assignment) -> int:
                 twice = 0
                 plane = Shards.beside(c, a.shard_map, a.spec)
                 try:
                     for clock in range(k):
-                        p = await plane.pull(run.run_id, a.rank, a.incarnation, clock)
+                        ids = np.array([rng.randrange(table[0]) for _ in range(rng.randrange(1, 8))], np.int64)
+                        p = await plane.pull(run.run_id, a.rank, a.incarnation, clock, names=list(shapes),
+                                             rows={"t": ids})
+                        assert list(p.rows["t"][0]) == list(ids) and p.rows["t"][1].shape == (ids.size, table[1])
                         if staleness >= 0:
                             assert p.guaranteed_clock >= clock - staleness
                         await asyncio.sleep(rng.random() * 0.01 * (1 + a.rank))
-                        g = {n: np.full(s, float(a.rank + 1 + clock), np.float32) for n, s in shapes.items()}
+                        g: dict[str, Any] = {n: np.full(s, float(a.rank + 1 + clock), np.float32)
+                                             for n, s in shapes.items()}
+                        rows = np.full((ids.size, table[1]), float(a.rank + 1), np.float32)
+                        g["t"] = RowsPart(ids, rows, table)  # repeated ids summed
                         assert not (await plane.push(run.run_id, a.rank, a.incarnation, clock, g)).duplicate
                         if rng.random() < 0.25:
                             again = await plane.push(run.run_id, a.rank, a.incarnation, clock, g)
@@ -133,13 +146,14 @@ async def test_hidden_schedules_keep_the_bound_on_every_shard_and_apply_each_pus
                             assert again.duplicate and again.clock == clock + 1
                         for n in shapes:
                             expected[n] -= g[n]
+                        np.subtract.at(expected["t"], ids, rows)
                 finally:
                     await plane.close()
                 return twice
 
             twice = sum(await asyncio.gather(*(worker(a) for a in assignments)))
             final = (await pull_run(c, run.run_id)).tensors
-            for n in shapes:
+            for n in (*shapes, "t"):
                 np.testing.assert_array_equal(final[n], expected[n].astype(np.float32))
             for s in servers:
                 shard = s.registry.get(run.run_id)
