@@ -40,6 +40,7 @@ __all__ = ["Run"]
 class Run:
     row_limit = DEFAULT_LIMITS.max_pull_rows
     """Row ids of one table one pull may ask for (the server's ``Limits``)."""
+
     def __init__(self, run_id: str, spec: RunSpec, *, now: Callable[[], float] = time.monotonic,
                  history: int = 20_000, store: ParamStore | None = None, placement: Placement | None = None) -> None:
         """``store``: the initial parameters, when built beforehand (off the event loop)."""

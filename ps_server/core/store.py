@@ -66,6 +66,14 @@ def materialize(specs: tuple[ParamSpec, ...], seed: int, flat: np.ndarray | None
     return out
 
 
+def _in_range(spec: ParamSpec, ids: np.ndarray, then: str = "", reason: Reason = Reason.INVALID_REQUEST) -> None:
+    """InvalidArgument unless every one of ``ids`` is a row of the table ``spec``."""
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= spec.shape[0]):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise InvalidArgument(f"table {quoted(spec.name)} has rows 0..{spec.shape[0] - 1}: row id {bad} is out of "
+                              f"range{then}", reason)
+
+
 class ParamStore:
     """The parameters of one run."""
 
@@ -149,11 +157,7 @@ class ParamStore:
             if g.shape != spec.shape:
                 raise InvalidArgument(f"rows of table {quoted(name)} declare shape {list(g.shape)}, the table has "
                                       f"{list(spec.shape)}", Reason.INVALID_GRADIENT)
-            ids = g.ids
-            if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= spec.shape[0]):
-                bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-                raise InvalidArgument(f"table {quoted(name)} has rows 0..{spec.shape[0] - 1}: row id {bad} is out of "
-                                      "range; nothing was applied", Reason.INVALID_GRADIENT)
+            _in_range(spec, g.ids, "; nothing was applied", Reason.INVALID_GRADIENT)
             with np.errstate(over="ignore", invalid="ignore"):
                 if not finite_hint(g.values.reshape(-1)) and (bad := count_non_finite(g)):
                     raise InvalidArgument(f"gradient {quoted(name)} contains {bad} NaN/Inf value(s); nothing was applied",
@@ -169,9 +173,7 @@ class ParamStore:
         if ids.size > limit:
             raise InvalidArgument(f"a pull asks for {ids.size} rows of {quoted(name)}: at most {limit} per pull; "
                                   "split it")
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= spec.shape[0]):
-            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-            raise InvalidArgument(f"table {quoted(name)} has rows 0..{spec.shape[0] - 1}: row id {bad} is out of range")
+        _in_range(spec, ids)
 
     def check_names(self, names: list[str] | None) -> None:
         """InvalidArgument unless every one of ``names`` is a tensor of this run."""
