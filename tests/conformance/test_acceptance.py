@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from client.spec import LaunchOptions, build_run_spec
 from paramserver.v1 import paramserver_pb2 as pb
 from worker.datasets import load_dataset
 from worker.models import build_model
@@ -151,3 +152,28 @@ async def test_node_bsp_run_equals_the_python_single_process_reference(node_impl
             assert final[name].dtype == alone[name].dtype == np.float32
             same = final[name].view(np.uint32) == alone[name].view(np.uint32)
             assert same.all(), f"{name}: {int((~same).sum())} of {same.size} values differ from the one-server run"
+
+
+@pytest.mark.one_server("which runs a worker is given does not depend on the servers")
+async def test_node_workers_leave_a_run_with_tables_alone_and_train_the_dense_one(node_impl: Impl) -> None:
+    """The Node worker declares no capabilities: the older run, which has a table (an FM on CTR
+    data), is never handed to it; it trains the dense run created after."""
+    sparse = build_run_spec(LaunchOptions(model="fm:2:rows=1024", dataset="synthetic-ctr:samples=2000", workers=1,
+                                          iterations=5))
+    dense = run_spec(model="softmax", workers=2, staleness=2, iterations=40)
+    try:
+        with ps_server() as srv:
+            async with connect(srv.address) as c:
+                table_run = await c.create_run(sparse)
+                run = await c.create_run(dense)
+                workers = node_impl.start_many(srv.address, 2)
+                final = await finish(c, run.run_id, timeout=120, logs=node_impl.logs)
+                untouched = await c.get_run(table_run.run_id)
+                await c.stop_run(table_run.run_id)
+            codes = [w.wait(30) for w in workers]
+    finally:
+        for w in node_impl.started:
+            w.stop()
+    assert final.state == pb.RUN_STATE_COMPLETED, (final.message, node_impl.logs())
+    assert codes == [0, 0]
+    assert untouched.state == pb.RUN_STATE_PENDING and untouched.active_workers == 0
