@@ -60,6 +60,9 @@ def export(spec: Mapping[str, Any], out: str | os.PathLike[str]) -> Path:
     given_json = json.dumps(dict(spec), sort_keys=True)
     aliases: list[dict[str, Any]] = [] if given_json == spec_json else [{"key": data_key(given_json), "spec": dict(spec)}]
     data = load_dataset(canon)
+    if data.task == "ctr":
+        raise DatasetError(f"{canon['kind']} is sparse CTR data, for models with tables, which only the Python "
+                           "worker trains: there is nothing to export for other workers")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     target = root / key

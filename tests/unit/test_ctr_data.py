@@ -248,3 +248,11 @@ def test_metrics_reject_mismatched_inputs() -> None:
         roc_auc([], [])
     with pytest.raises(ValueError, match="eps"):
         log_loss([1], [0.5], eps=0.0)
+
+
+def test_ctr_data_is_not_exported_for_other_workers(tmp_path: Path) -> None:
+    from worker.export_shard import export
+
+    with pytest.raises(DatasetError, match="only the Python worker"):
+        export({"kind": "synthetic-ctr", "samples": 100}, tmp_path)
+    assert not list(tmp_path.iterdir())
