@@ -126,6 +126,15 @@ class TableStep:
         t.check_loss(loss, c)
         wire_grads = {n: RowsPart(g.ids, np.ascontiguousarray(g.values, np.float32), self.tables[n])
                       if isinstance(g, RowBlock) else g for n, g in grads.items()}
+        # Read-my-writes for the rows kept, as for the dense parameters: with plain SGD the worker
+        # applies its own step to them (the server's rule); other optimizers' steps only the server
+        # takes, so reused rows lack the worker's last s steps (measured: re-pulling them instead
+        # did not train better, bench/RESULTS.md "Tables").
+        local_sgd = t.local_sgd_lr is not None and t.staleness > 0
+        if local_sgd:
+            for name, g in grads.items():
+                if isinstance(g, RowBlock):
+                    self.caches[name].apply_sgd(g.ids, g.values.astype(np.float32), np.float32(t.local_sgd_lr))
         t_push = time.perf_counter()
         ask = None
         if c + 1 < t.spec.iterations:
@@ -144,13 +153,10 @@ class TableStep:
         else:
             resp = await t.call(lambda: t.plane.push(t.a.run_id, t.a.rank, t.a.incarnation, c, wire_grads, loss),
                                 f"push {c}")
-            if t.local_sgd_lr is not None and t.staleness > 0:  # read-my-writes on what is reused
-                lr = np.float32(t.local_sgd_lr)
+            if local_sgd:  # the dense parameters are reused too: read-my-writes
                 for name, g in grads.items():
-                    if isinstance(g, RowBlock):
-                        self.caches[name].apply_sgd(g.ids, g.values.astype(np.float32), lr)
-                    else:
-                        params[name] -= lr * g
+                    if not isinstance(g, RowBlock):
+                        params[name] -= np.float32(t.local_sgd_lr) * g
         comm += time.perf_counter() - t_push
         await t.advance(resp, c, loss, len(y), t0, t_compute, comm, parked=False)
         return guaranteed

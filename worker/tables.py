@@ -67,9 +67,11 @@ class RowCache:
         hit, pos = self.lookup(needed, clock)
         out = np.empty((needed.size, self.dim), np.float32)
         out[hit] = self.values[pos[hit]]
-        if pulled_ids.size:
-            at = np.searchsorted(needed, pulled_ids)
-            out[at] = pulled
+        at = np.searchsorted(needed, pulled_ids)
+        if int(hit.sum()) + pulled_ids.size != needed.size or (at.size and np.any(hit[at])):
+            raise ValueError(f"of {needed.size} rows needed {int(hit.sum())} are cached and {pulled_ids.size} pulled: "
+                             "every row must come from exactly one")
+        out[at] = pulled
         self.hits += int(hit.sum())
         self.misses += int(pulled_ids.size)
         self._keep(pulled_ids, pulled, guaranteed, clock)

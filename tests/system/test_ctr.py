@@ -23,7 +23,7 @@ DATA = "synthetic-ctr:samples=400000,ids_per_field=100,factors=2"
 async def test_a_factorization_machine_reaches_the_planted_auc(servers: int, tmp_path: Path) -> None:
     planted = float(load_dataset(parse_dataset(DATA)).extras["planted_auc"])
     spec = build_run_spec(LaunchOptions(model="fm:2:rows=65536", dataset=DATA, workers=2, staleness=2,
-                                        optimizer="adagrad", lr=0.1, batch_size=256, epochs=1))
+                                        optimizer="adagrad", lr=0.1, batch_size=256, epochs=2))
     assert any(p.table for p in spec.params) and "tables" in spec.requires
     ports = [free_port() for _ in range(servers)]
     cluster = ("--cluster", ",".join(f"127.0.0.1:{p}" for p in ports)) if servers > 1 else ()

@@ -6,6 +6,7 @@ refactoring of the code they import from breaking them unnoticed.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,18 @@ def test_cpu_per_push_on_two_servers() -> None:
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 servers together" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_tables_bench_quick(tmp_path: Path) -> None:
+    """bench/tables.py --quick: two table sizes and one short CTR run, both tables printed, the JSON written."""
+    out = tmp_path / "tables.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "tables.py"), "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| 1e+05 | 4 | 1 |" in proc.stdout and "| 1e+06 | 36 | 1 |" in proc.stdout
+    assert "planted AUC" in proc.stdout and "| 2 | 2 |" in proc.stdout
+    doc = json.loads(out.read_text())
+    assert [r["rows"] for r in doc["size"]] == [100_000, 1_000_000]
+    assert all(r["rows_pulled"] > 0 and r["rows_pushed"] > 0 and r["bytes_per_iter"] > 0 for r in doc["size"])
+    assert doc["ctr"][0]["evals"] and 0.5 < doc["ctr"][0]["final_auc"] <= 1.0

@@ -55,3 +55,9 @@ def test_the_workers_own_sgd_step_is_applied_to_the_rows_it_keeps() -> None:
     hit, pos = cache.lookup(ids(2, 4), 1)
     assert hit.all()
     np.testing.assert_array_equal(cache.values[pos], np.array([[1, 1], [-4, -4]], np.float32))
+
+
+def test_a_row_neither_cached_nor_pulled_is_an_error_not_garbage() -> None:
+    cache = RowCache(dim=1, staleness=3)
+    with pytest.raises(ValueError, match="exactly one"):
+        cache.block(ids(1, 2), 0, ids(1), np.ones((1, 1), np.float32), guaranteed=0)
