@@ -48,13 +48,25 @@ def marked(marker: str) -> list[int]:
     return found
 
 
+def communicate(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
+    """``proc.communicate``; a psctl still running after ``timeout`` is aborted and the test fails
+    with its threads' stacks (faulthandler) and output."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        out, err = proc.communicate(timeout=30)
+        pytest.fail(f"psctl did not exit within {timeout:.0f}s; its stacks and output:\n{err}\n{out}")
+
+
 def start_psctl(tmp: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
     """psctl launch --local with a fresh marker; its temp dirs (the cluster log) go under ``tmp``."""
     marker = uuid.uuid4().hex
     proc = subprocess.Popen(
         [sys.executable, "-m", "client.cli", "launch", "--local", *args], cwd=ROOT, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env={**os.environ, "PSCTL_TEST_MARKER": marker, "TMPDIR": str(tmp)},
+        # PYTHONFAULTHANDLER: a psctl that hangs is made to print where (SIGABRT; ``communicate``)
+        env={**os.environ, "PSCTL_TEST_MARKER": marker, "TMPDIR": str(tmp), "PYTHONFAULTHANDLER": "1"},
     )
     return proc, marker
 
@@ -148,7 +160,7 @@ def test_interrupt_mid_run_leaves_no_process(sig: signal.Signals, code: int, tmp
     assert len(marked(marker)) == 4
     time.sleep(1.5)  # let training start
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=30)
+    out, err = communicate(proc, timeout=60)  # the teardown is bounded at ~20 s (5 s per phase)
     assert proc.returncode == code, err
     assert out == ""
     if sig == signal.SIGINT:
