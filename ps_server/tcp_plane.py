@@ -189,6 +189,11 @@ class TcpDataPlane:
                         await tcp.send_parts(conn, [tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, n), *parts], self._stall)
             except PsError as exc:
                 await self._end(conn, codec.error_status(exc))
+            except OSError:
+                raise  # the connection's (a stalled or vanished peer): below
+            except Exception as exc:  # a bug of ours: say so (INTERNAL, as gRPC says UNKNOWN), do not just hang up
+                log.exception("the TCP data plane's handler failed")
+                await self._end(conn, codec.error_status(PsError(f"the server failed: {type(exc).__name__}: {exc}")))
         except (ConnectionError, OSError):
             pass  # the client went away, or stopped reading: nothing to answer
         finally:

@@ -373,3 +373,22 @@ async def test_port_probes_that_close_before_the_hello_leave_no_error(server: Ps
         grads = {p.name: np.zeros(tuple(p.shape), np.float32) for p in run.spec.params}
         ack = await c.push(run.run_id, 0, a.incarnation, 0, grads)
         assert ack.clock == 1 and not ack.duplicate
+
+
+async def test_a_failure_of_the_server_itself_is_an_internal_status_not_a_hang_up(
+        server: PsServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from ps_server.core.run import Run
+
+    def broken(*args: object, **kw: object) -> None:
+        raise RuntimeError("a bug")
+
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+        run = await c.create_run(make_spec(shapes={"w": (3,)}, num_workers=1, staleness=-1))
+        a = (await c.join("w", run.run_id)).assignment
+        monkeypatch.setattr(Run, "push", broken)
+        with pytest.raises(PsError) as err:
+            await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": np.ones(3, np.float32)})
+        assert err.value.code == errors.Code.INTERNAL and not err.value.retryable
+        assert "RuntimeError: a bug" in err.value.message
+        assert c.route.opened["tcp"] == 1
+    assert "handler failed" in caplog.text
