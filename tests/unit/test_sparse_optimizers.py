@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_optimizers import CONFIGS as DENSE_CONFIGS
 
 from ps_server.core import optimizers
 from ps_server.core.errors import InvalidArgument
@@ -27,12 +28,8 @@ ROWS, DIM = 50, 4
 TABLE = ParamSpec("emb", (ROWS, DIM))
 STEPS = 5
 
-CONFIGS: dict[str, OptimizerConfig] = {
-    "sgd": OptimizerConfig(OptimizerKind.SGD, learning_rate=0.05),
-    "momentum": OptimizerConfig(OptimizerKind.MOMENTUM, learning_rate=0.05, momentum=0.9),
-    "nesterov": OptimizerConfig(OptimizerKind.MOMENTUM, learning_rate=0.05, momentum=0.8, nesterov=True),
-    "adam": OptimizerConfig(OptimizerKind.ADAM, learning_rate=0.01, beta1=0.9, beta2=0.99, epsilon=1e-7),
-    "adagrad": OptimizerConfig(OptimizerKind.ADAGRAD, learning_rate=0.1, epsilon=1e-7, initial_accumulator=0.1),
+CONFIGS: dict[str, OptimizerConfig] = {  # the dense tests' settings, and FTRL
+    **DENSE_CONFIGS,
     "ftrl": OptimizerConfig(OptimizerKind.FTRL, learning_rate=0.1, l1=0.01, l2=0.1, ftrl_beta=1.0),
 }
 CASES = [
