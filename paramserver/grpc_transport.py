@@ -155,7 +155,8 @@ class GrpcTransport:
 
     async def wait_ready(self, timeout: float) -> None:
         try:
-            await asyncio.wait_for(self._channel.channel_ready(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._channel.channel_ready()
         except TimeoutError:
             raise errors.Unavailable(errors.Code.UNAVAILABLE,
                                      f"no server answered at {self.address} within {timeout:.0f}s") from None

@@ -106,7 +106,8 @@ class Checkpointer:
         waiting = self._cuts.setdefault(run.run_id, [])
         waiting.append((cut, future))
         try:
-            taken = await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):
+                taken = await future
         finally:
             waiting.remove((cut, future))
         return await self._write(taken, reason), int(taken[0]["min_clock"])

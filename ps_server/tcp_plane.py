@@ -154,7 +154,8 @@ class TcpDataPlane:
         holder = self._dataplane.slot_holder()
         try:
             try:
-                method = await asyncio.wait_for(self._hello(conn), _HELLO_SECONDS)
+                async with asyncio.timeout(_HELLO_SECONDS):
+                    method = await self._hello(conn)
             except (TimeoutError, ConnectionError, OSError):
                 return  # (a port probe: a load balancer's or Kubernetes' TCP check)
             handler: Callable[[AsyncIterator[bytes | memoryview], Caller], AsyncGenerator[list[wire.Part], None]]

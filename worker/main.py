@@ -81,7 +81,8 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
                 else:
                     log.info("server %s not reachable (%s); retrying in %.1fs", config.server, exc.code.name, delay)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay * (0.5 + random.random()))
+                    async with asyncio.timeout(delay * (0.5 + random.random())):
+                        await stop.wait()
                 delay = min(delay * 2, 5.0)
                 continue
             delay = 0.1

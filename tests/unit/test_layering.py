@@ -161,3 +161,30 @@ def test_the_text_check_can_fail() -> None:
                  "if (/clock/.test(e.details)) y();"):
         assert _JS_TEXT.search(line), line
     assert not _JS_TEXT.search("log.info(`failed: ${e.message}`);")
+
+
+# ------------------------------------------------------------------------------ cancellation
+PRODUCTION = [p for folder in ("ps_server", "paramserver", "worker", "client") for p in sorted((ROOT / folder).rglob("*.py"))]
+
+
+def _wait_for_calls(source: str) -> list[int]:
+    """Lines that call ``asyncio.wait_for`` (or a bare ``wait_for`` imported from asyncio)."""
+    return [node.lineno for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Call) and (
+        (isinstance(node.func, ast.Attribute) and node.func.attr == "wait_for"
+         and isinstance(node.func.value, ast.Name) and node.func.value.id == "asyncio")
+        or (isinstance(node.func, ast.Name) and node.func.id == "wait_for"))]
+
+
+def test_no_asyncio_wait_for_in_the_product() -> None:
+    """Python 3.11's ``asyncio.wait_for`` returns the result, swallowing the cancellation, when the
+    task is cancelled as the awaited call completes (gh-86296, fixed in 3.12): psctl launch --local
+    then trained on after Ctrl-C (wait_ready) and the fresh-clone CI caught it. ``asyncio.timeout``
+    has no such race."""
+    found = {str(p.relative_to(ROOT)): lines for p in PRODUCTION if (lines := _wait_for_calls(p.read_text()))}
+    assert found == {}
+
+
+def test_the_wait_for_check_can_fail() -> None:
+    assert _wait_for_calls("import asyncio\nasync def f(x):\n    await asyncio.wait_for(x, 1)\n") == [3]
+    assert _wait_for_calls("from asyncio import wait_for\nasync def f(x):\n    await wait_for(x, 1)\n") == [3]
+    assert not _wait_for_calls("import asyncio\nasync def f(x):\n    async with asyncio.timeout(1):\n        await x\n")
