@@ -68,3 +68,29 @@ def test_from_status_maps_every_code_to_its_class() -> None:
 
 def test_watch_idle_is_a_deadline() -> None:
     assert issubclass(errors.WatchIdle, errors.DeadlineExceeded) and errors.WatchIdle.retryable
+
+
+async def test_wait_ready_keeps_a_cancellation_that_comes_as_the_channel_gets_ready() -> None:
+    """Regression: with ``asyncio.wait_for`` (Python 3.11, gh-86296) a task cancelled in the loop
+    iteration its channel became ready went on as if never cancelled: psctl launch --local, hit by
+    Ctrl-C then, trained on and never exited."""
+    import asyncio
+
+    from paramserver.grpc_transport import GrpcTransport
+    from paramserver.security import Security
+
+    transport = GrpcTransport("127.0.0.1:1", Security(), 1 << 20)
+    await transport.close()
+    ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    class Channel:
+        def channel_ready(self) -> asyncio.Future[None]:
+            return ready
+
+    transport._channel = Channel()  # type: ignore[assignment]
+    waiting = asyncio.ensure_future(transport.wait_ready(5.0))
+    await asyncio.sleep(0)  # it waits for the channel now
+    ready.set_result(None)
+    waiting.cancel()  # in the same iteration
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
