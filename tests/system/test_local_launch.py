@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -67,6 +68,10 @@ def start_psctl(tmp: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         # PYTHONFAULTHANDLER: a psctl that hangs is made to print where (SIGABRT; ``communicate``)
         env={**os.environ, "PSCTL_TEST_MARKER": marker, "TMPDIR": str(tmp), "PYTHONFAULTHANDLER": "1"},
+        # As in a terminal, where Ctrl-C reaches it: a suite started in the background by a
+        # non-interactive shell (`cmd &`) runs with SIGINT ignored, which children inherit (and a
+        # Python started so keeps ignoring it): psctl then rightly never sees the test's SIGINT.
+        preexec_fn=functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL),
     )
     return proc, marker
 
