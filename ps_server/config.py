@@ -53,8 +53,8 @@ class ServerConfig:
     index: int = opt(0, "This server's place in --cluster; server 0 owns membership (runs, ranks, leases). "
                      f"'{FROM_HOSTNAME}': the number the host name ends in after a '-' (a Kubernetes "
                      "StatefulSet pod's ordinal: paramserver-2 is 2).")
-    split_bytes: int = opt(1 << 20, "In a cluster, tensors larger than this are split by rows over every server; "
-                           "smaller ones are placed whole.")
+    split_bytes: int = opt(1 << 20, "In a cluster, tensors larger than this (and every table) are split by rows "
+                           "over every server; smaller ones are placed whole.")
     shard_timeout: float = opt(30.0, "In a cluster, a server not answering server 0 for this long fails the runs "
                                "it holds a shard of (naming it).")
     metrics_port: int = opt(-1, "Prometheus metrics HTTP port; -1 = off, 0 = a free port.")
