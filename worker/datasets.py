@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from worker.metrics import log_loss, roc_auc
+from worker.metrics import log_loss, roc_auc, sigmoid
 from worker.sparse import SparseBatch
 
 __all__ = ["Dataset", "DatasetError", "load_dataset", "parse_dataset"]
@@ -447,17 +447,12 @@ def _one_per_field(ids: npt.NDArray[np.uint64]) -> SparseBatch:
                        np.ones(n * fields, np.float32))
 
 
-def _sigmoid(z: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    out: npt.NDArray[np.float64] = 0.5 * (1.0 + np.tanh(0.5 * z))  # no overflow for large |z|
-    return out
-
-
 def _bias_for_rate(z: npt.NDArray[np.float64], rate: float) -> float:
     """The ``b`` with ``mean(sigmoid(b + z)) == rate``: the mean is increasing in ``b``, so bisect."""
     lo, hi = -40.0 - float(z.max()), 40.0 - float(z.min())
     while hi - lo > 1e-9:
         mid = 0.5 * (lo + hi)
-        if float(_sigmoid(mid + z).mean()) > rate:
+        if float(sigmoid(mid + z).mean()) > rate:
             hi = mid
         else:
             lo = mid
@@ -484,7 +479,7 @@ def _synthetic_ctr(spec: Mapping[str, Any]) -> Dataset:
         v_sum += vf
         v_sq += np.einsum("ij,ij->i", vf, vf)
     z = linear + 0.5 * (np.einsum("ij,ij->i", v_sum, v_sum) - v_sq)
-    prob = _sigmoid(z + _bias_for_rate(z, _CTR_RATE))
+    prob = sigmoid(z + _bias_for_rate(z, _CTR_RATE))
     y = (rng.random(n) < prob).astype(np.int64)
     tr, te = _split_rows(n, spec["test_fraction"], rng)
     ids = k.astype(np.uint64)

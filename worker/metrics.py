@@ -44,6 +44,13 @@ def roc_auc(y: npt.ArrayLike, p: npt.ArrayLike) -> float:
     return float(result)
 
 
+def sigmoid(z: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """``1 / (1 + exp(-z))`` in ``z``'s dtype, without overflow for any ``z``."""
+    e = np.exp(-np.abs(z))  # in (0, 1]
+    p: npt.NDArray[Any] = np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(z.dtype, copy=False)
+    return p
+
+
 def log_loss(y: npt.ArrayLike, p: npt.ArrayLike, eps: float = 1e-7) -> float:
     """Mean binary cross-entropy of probabilities ``p`` (clipped to ``[eps, 1 - eps]``) for 0/1 ``y``."""
     if not 0.0 < eps < 0.5:

@@ -26,8 +26,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 from scipy import sparse
-from sklearn.metrics import roc_auc_score
 
+from worker.metrics import roc_auc, sigmoid
 from worker.sparse import RowBlock, SparseBatch
 
 from .base import EvalResult, FloatArray, Model, ModelSpecError, ParamSpec, _is_int
@@ -85,12 +85,6 @@ def _log_loss(z: FloatArray, y: FloatArray) -> float:
     """Mean ``softplus(z) − y z`` = ``max(z, 0) − y z + log1p(exp(−|z|))``, in float64."""
     z64 = z.astype(np.float64)
     return float(np.mean(np.maximum(z64, 0.0) - y * z64 + np.log1p(np.exp(-np.abs(z64)))))
-
-
-def _sigmoid(z: FloatArray) -> FloatArray:
-    e = np.exp(-np.abs(z))  # in (0, 1]: no overflow for any z
-    p: FloatArray = np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(z.dtype, copy=False)
-    return p
 
 
 class HashedModel(Model):
@@ -200,7 +194,7 @@ class HashedModel(Model):
         B = z.shape[0]
         labels = self._labels(y, B, z.dtype)
         loss = _log_loss(z, labels)
-        g = _sigmoid(z)
+        g = sigmoid(z)
         g -= labels
         g *= g.dtype.type(1.0 / B)  # ∂L/∂z for the batch-mean loss
         upstream = fwd.XW  # reused as scratch: [1 | S] ⊙ g
@@ -217,14 +211,14 @@ class HashedModel(Model):
 
     def predict(self, params: Params, X: SparseBatch) -> FloatArray:
         """Click probabilities ``σ(z)`` (B,) of a prepared batch."""
-        return _sigmoid(self._forward(params, X)[0])
+        return sigmoid(self._forward(params, X)[0])
 
     def evaluate(self, params: Params, X: SparseBatch, y: npt.NDArray[Any]) -> EvalResult:
         """Mean log-loss, accuracy of ``p >= 0.5``, and ROC AUC (nan when y has one class)."""
         z = self._forward(params, X)[0]
         labels = self._labels(y, z.shape[0], z.dtype)
         accuracy = float(np.mean((z >= 0) == (labels == 1)))  # p >= 0.5 exactly when z >= 0
-        auc = float(roc_auc_score(labels, z)) if 0 < labels.sum() < labels.size else float("nan")
+        auc = roc_auc(labels, z)
         return EvalResult(_log_loss(z, labels), accuracy, auc)
 
 
