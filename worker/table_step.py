@@ -71,6 +71,7 @@ class TableStep:
         self.dense_clock = -1  # guaranteed clock of the dense parameters held
         self.prefetched: tuple[int, int, dict[str, tuple[np.ndarray, np.ndarray]]] | None = None
         self.X_test: SparseBatch = t.model.prepare(t.data.X_test)
+        self._next: tuple[int, tuple[Any, Any, dict[str, np.ndarray]]] | None = None
 
     def reset(self) -> None:
         """After a rewind: the server may have gone back to a checkpoint, so nothing cached holds."""
@@ -80,10 +81,15 @@ class TableStep:
         self.prefetched = None
 
     def _batch(self, clock: int) -> tuple[Any, Any, dict[str, np.ndarray]]:
+        """The batch of ``clock`` and the rows it needs (made once: the push before asks for them)."""
+        if self._next is not None and self._next[0] == clock:
+            return self._next[1]
         t = self.t
         batch = t.sampler.batch(clock)
         X = t.X[batch]
-        return X, t.y[batch], t.model.rows_needed(X)
+        made = X, t.y[batch], t.model.rows_needed(X)
+        self._next = (clock, made)
+        return made
 
     def _missing(self, needed: Rows, clock: int) -> Rows:
         return {n: self.caches[n].missing(ids, clock) for n, ids in needed.items()}
