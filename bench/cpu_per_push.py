@@ -86,7 +86,7 @@ def free_port() -> int:
 
 def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
     """py-spy of ``pid`` for ``seconds`` (samples only while it holds the GIL), folded stacks in ``out``."""
-    spy = str(Path(sys.executable).with_name("py-spy"))  # installed in the venv with the test extras
+    spy = str(Path(sys.executable).with_name("py-spy"))  # not a dependency: .venv/bin/pip install py-spy
     return subprocess.Popen([spy, "record", "--gil", "--rate", "200", "-p", str(pid), "-d", str(int(seconds + 1)),
                              "-f", "raw", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

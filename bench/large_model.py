@@ -43,6 +43,7 @@ BASE_ENV = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREA
 BASE_ENV["PYTHONUNBUFFERED"] = "1"
 ONE_THREAD = {**BASE_ENV, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 CLK = os.sysconf("SC_CLK_TCK")
+WORKER_ARGS: list[str] = []
 BIN = Path(sys.executable).parent  # the venv's bin: psctl, py-spy
 
 
@@ -188,11 +189,11 @@ async def distributed(spec: object, profile: Path | None, tag: str) -> dict[str,
     server, addr = start_server()
     # The workers set OPENBLAS_NUM_THREADS=1 themselves (worker/main.py); give them the default env.
     workers = [subprocess.Popen([sys.executable, "-m", "worker.main", "--server", addr, "--once", "--log-level",
-                                 "WARNING"], env=BASE_ENV, cwd=ROOT) for _ in range(WORKERS)]
+                                 "WARNING", *WORKER_ARGS], env=BASE_ENV, cwd=ROOT) for _ in range(WORKERS)]
     pids = [server.pid] + [w.pid for w in workers]
     samples: list[tuple[float, int, list[float], int]] = []  # time, pushes, cpu per pid, server RSS kB
     spies: list[subprocess.Popen[bytes]] = []
-    peak_rss = 0
+    peak_rss = peak_pss_server = peak_pss_all = 0
     hwm_workers = [0] * WORKERS  # sampled while the run lives (a worker exits when its part is done)
     total = spec.iterations * WORKERS  # type: ignore[attr-defined]
     try:
@@ -203,6 +204,8 @@ async def distributed(spec: object, profile: Path | None, tag: str) -> dict[str,
                 for i, w in enumerate(workers):
                     hwm_workers[i] = max(hwm_workers[i], proc_status(w.pid).get("VmHWM", 0))
                 peak_rss = max(peak_rss, st.get("VmRSS", 0))
+                pss = [proc_pss(p) for p in pids]  # shared memory counted once, split among its users
+                peak_pss_server, peak_pss_all = max(peak_pss_server, pss[0]), max(peak_pss_all, sum(pss))
                 if snap.run.state == pb.RUN_STATE_RUNNING:
                     n = snap.run.counters.pushes_applied
                     samples.append((time.perf_counter(), n, [cpu_seconds(p) for p in pids], st.get("VmRSS", 0)))
@@ -240,6 +243,8 @@ async def distributed(spec: object, profile: Path | None, tag: str) -> dict[str,
         "worker_cpu_ms_per_push": 1000 * sum(cpu_share[1:]) * dt / max(1, n1 - n0),
         "server_vmhwm_mb": hwm_server / 1024,
         "server_peak_rss_sampled_mb": peak_rss / 1024,
+        "server_peak_pss_mb": peak_pss_server / 1024,
+        "job_peak_pss_mb": peak_pss_all / 1024,
         "worker_vmhwm_mb": [h / 1024 for h in hwm_workers],
         "accuracy": final.last_eval.eval_accuracy,
         "pushes_applied": co.pushes_applied,
@@ -295,7 +300,7 @@ async def soak(minutes: float, every: float = 5.0) -> dict[str, object]:
                                         iterations=10**8, eval_every=2000))
     server, addr = start_server()
     workers = [subprocess.Popen([sys.executable, "-m", "worker.main", "--server", addr, "--once", "--log-level",
-                                 "WARNING"], env=BASE_ENV, cwd=ROOT) for _ in range(WORKERS)]
+                                 "WARNING", *WORKER_ARGS], env=BASE_ENV, cwd=ROOT) for _ in range(WORKERS)]
     series: list[tuple[float, float, int]] = []
     try:
         async with PsClient(addr, timeout=60) as c:
@@ -337,8 +342,11 @@ def main() -> None:
     ap.add_argument("--skip-momentum", action="store_true")
     ap.add_argument("--skip-psctl", action="store_true")
     ap.add_argument("--soak", type=float, default=0.0, metavar="MINUTES", help="run only the soak, this long")
+    ap.add_argument("--staleness", default="inf", help="of the SGD run: inf (async) or 0 (BSP), ...")
+    ap.add_argument("--worker-arg", action="append", default=[], help="passed to each ps-worker (e.g. --plane=tcp)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    WORKER_ARGS.extend(args.worker_arg)
 
     if args.soak:
         res = asyncio.run(soak(args.soak))
@@ -352,8 +360,10 @@ def main() -> None:
     from worker.models import build_model, num_params, parse_model
 
     results: dict[str, object] = {"load_start": loadavg()}
-    sgd = build_run_spec(LaunchOptions(model=MODEL, dataset=DATASET, workers=WORKERS, staleness=-1,
-                                       batch_size=args.batch, iterations=args.iterations, lr=0.1))
+    staleness = -1 if args.staleness == "inf" else int(args.staleness)
+    sgd = build_run_spec(LaunchOptions(model=MODEL, dataset=DATASET, workers=WORKERS, staleness=staleness,
+                                       batch_size=args.batch, iterations=args.iterations, lr=0.1,
+                                       eval_every=args.iterations))  # no evaluation in the timed part
     n_params = num_params(build_model(parse_model(MODEL), 784, 10).param_specs())
     mb = n_params * 4 / 2**20
     results["params"] = n_params
@@ -362,8 +372,10 @@ def main() -> None:
         one = compute_only(1, ONE_THREAD, args.batch, args.seconds)[0]
         dflt = compute_only(1, BASE_ENV, args.batch, args.seconds)[0]
         two = compute_only(2, ONE_THREAD, args.batch, args.seconds)
+        four = compute_only(WORKERS, ONE_THREAD, args.batch, args.seconds)
         results[f"compute {tag}"] = {"1 proc 1 thread": one, "1 proc default threads": dflt,
-                                     "2 procs 1 thread": two, "2 procs sum it/s": sum(t["it_s"] for t in two)}
+                                     "2 procs 1 thread": two, "2 procs sum it/s": sum(t["it_s"] for t in two),
+                                     "4 procs 1 thread": four, "4 procs sum it/s": sum(t["it_s"] for t in four)}
         print(tag, json.dumps(results[f"compute {tag}"]), flush=True)
 
     compute_block("before")
@@ -385,15 +397,18 @@ def main() -> None:
     c1 = statistics.mean([results[f"compute {t}"]["1 proc 1 thread"]["it_s"] for t in ("before", "after")])  # type: ignore[index]
     cd = statistics.mean([results[f"compute {t}"]["1 proc default threads"]["it_s"] for t in ("before", "after")])  # type: ignore[index]
     c2 = statistics.mean([results[f"compute {t}"]["2 procs sum it/s"] for t in ("before", "after")])  # type: ignore[index]
+    c4 = statistics.mean([results[f"compute {t}"]["4 procs sum it/s"] for t in ("before", "after")])  # type: ignore[index]
     rate = results["sgd"]["pushes_s"]  # type: ignore[index]
     print(f"\nparameters {n_params:,} ({mb:.1f} MiB float32), batch {args.batch}")
     print(f"{'compute-only, 1 process, 1 BLAS thread (it/s)':60s} {c1:8.2f}")
     print(f"{'compute-only, 1 process, default BLAS threads (it/s)':60s} {cd:8.2f}")
     print(f"{'compute-only, 2 processes x 1 thread in parallel, sum (it/s)':60s} {c2:8.2f}")
-    print(f"{'applied pushes/s, 4 workers, s=inf, SGD':60s} {rate:8.2f}")
+    print(f"{'compute-only, 4 processes x 1 thread in parallel, sum (it/s)':60s} {c4:8.2f}")
+    print(f"{'applied pushes/s, 4 workers, SGD':60s} {rate:8.2f}")
     print(f"{'ratio vs 1 process 1 thread (target >= 80%)':60s} {100 * rate / c1:7.1f}%")
     print(f"{'ratio vs 1 process default threads':60s} {100 * rate / cd:7.1f}%")
     print(f"{'ratio vs 2 processes (machine ceiling)':60s} {100 * rate / c2:7.1f}%")
+    print(f"{'ratio vs compute-only W=4 (4 processes; target >= 75%)':60s} {100 * rate / c4:7.1f}%")
     for opt, state in (("sgd", 0), ("momentum", 1)):
         if opt in results:
             budget = 1.5 * (1 + state) * mb + 150
@@ -402,7 +417,7 @@ def main() -> None:
     if "psctl" in results:
         print(f"{'psctl launch --local: sum of per-process VmHWM (MiB), target 600':60s} "
               f"{results['psctl']['sum_vmhwm_mb']:8.1f}")  # type: ignore[index]
-    results["summary"] = {"compute_1t": c1, "compute_default": cd, "compute_2procs": c2, "pushes_s": rate}
+    results["summary"] = {"compute_1t": c1, "compute_default": cd, "compute_2procs": c2, "compute_4procs": c4, "pushes_s": rate}
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

@@ -25,9 +25,11 @@ from google.protobuf.message import Message
 
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import wire
+from paramserver.v1.shm import MESSAGE_BYTES, available
 
 from . import errors
 from .security import Security
+from .shm_transport import ShmCall
 from .sink import PullResult, PullSink
 from .streams import Call, Route, Stream
 from .tcp_transport import TcpCall, dial_host
@@ -81,13 +83,16 @@ class PsClient:
         max_message_bytes: int = 64 << 20,
         security: Security | None = None,
         data_plane: bool = True,
+        shm: bool = True,
         transport: Transport | None = None,
     ) -> None:
         """Raises ValueError when ``security`` cannot work (unreadable files, token in clear).
 
         ``data_plane``: push and pull over the server's TCP data plane when ``join`` learns of
         one (not with TLS or a token); if it cannot be reached, over the transport, retrying it
-        later. ``transport``: gRPC to ``address`` when None."""
+        later. ``shm`` (with ``data_plane``): through its shared-memory data plane when the
+        server is on this host (``paramserver.v1.shm``), else over TCP. ``transport``: gRPC to
+        ``address`` when None."""
         sec = security or Security()
         if transport is None:
             from .grpc_transport import GrpcTransport  # gRPC is loaded only by who uses it
@@ -100,13 +105,17 @@ class PsClient:
         self.max_message_bytes = max_message_bytes
         self._transport = transport
         tcp_host = dial_host(address) if data_plane and not sec.tls and not sec.token else None
-        self.route = Route(tcp_host, transport.stream, self._open_tcp, min(timeout, 3.0))
-        """Where pushes and pulls go (``route.transport``: "tcp" or "grpc"; ``route.opened``)."""
+        open_shm = self._open_shm if data_plane and shm and not sec.tls and not sec.token and available() else None
+        self.route = Route(tcp_host, transport.stream, self._open_tcp, min(timeout, 3.0), open_shm)
+        """Where pushes and pulls go (``route.transport``: "shm", "tcp" or "grpc"; ``route.opened``)."""
         self._push = Stream(partial(self.route.open, "PushGradient"), "PushGradient", self.route.wanted)
         self._pull = Stream(partial(self.route.open, "PullParams"), "PullParams", self.route.wanted)
 
     async def _open_tcp(self, host: str, port: int, method: str) -> Call:
         return await TcpCall.open(host, port, method, self.max_message_bytes)
+
+    async def _open_shm(self, name: str, method: str) -> Call:
+        return await ShmCall.open_shm(name, method, self.max_message_bytes)
 
     async def __aenter__(self) -> PsClient:
         return self
@@ -205,13 +214,13 @@ class PsClient:
                              capabilities=capabilities)
         resp = await self._call("WorkerService", "Join", req, pb.JoinResponse, timeout=max_wait + self.timeout)
         if resp.HasField("assignment"):
-            self.route.told(resp.data_port)
+            self.route.told(resp.data_port, resp.shm_socket)
         return resp
 
     async def heartbeat(self, run_id: str, rank: int, incarnation: int, clock: int) -> pb.HeartbeatResponse:
         req = pb.HeartbeatRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock)
         resp = await self._call("WorkerService", "Heartbeat", req, pb.HeartbeatResponse)
-        self.route.told(resp.data_port)
+        self.route.told(resp.data_port, resp.shm_socket)
         return resp
 
     async def report_metrics(self, run_id: str, rank: int, incarnation: int, points: Sequence[pb.MetricPoint],
@@ -261,7 +270,8 @@ class PsClient:
                        loss: float, then: pb.PullParamsRequest | None) -> Iterator[list[wire.Part]]:
         """PushGradientRequests as parts, encoded lazily (sending overlaps encoding)."""
         first = True
-        for group, last in wire.with_last(wire.chunk_groups(grads, self.chunk_bytes)):
+        chunk = max(self.chunk_bytes, MESSAGE_BYTES) if self.route.transport == "shm" else self.chunk_bytes
+        for group, last in wire.with_last(wire.chunk_groups(grads, chunk)):
             yield wire.push_request_parts(run_id, rank, incarnation, clock, group, last, loss,
                                           then if first else None)
             first = False

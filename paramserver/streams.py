@@ -3,9 +3,10 @@
 A worker keeps one PushGradient and one PullParams stream open and reuses them for every push and
 pull (several times the message rate of one call per operation). ``Stream`` carries one operation
 at a time on such a stream, bounded by a timeout; a stream that fails or times out is dropped and
-reopened by the next operation. ``Route`` decides where a stream opens: on the server's TCP data
-plane once a Join or Heartbeat told its port, else (and for a while after it could not be
-reached) on the client's transport (gRPC, or the in-memory one of ``ps_server.testing``).
+reopened by the next operation. ``Route`` decides where a stream opens: on the server's
+shared-memory data plane once a Join or Heartbeat told its name (a worker on its host), else on
+its TCP data plane once told its port, else (and for a while after either could not be reached)
+on the client's transport (gRPC, or the in-memory one of ``ps_server.testing``).
 Streams move only between operations, never under one.
 """
 
@@ -61,13 +62,13 @@ class Stream:
     where to (a key); before each operation, a stream whose key is no longer ``wanted()`` (the data
     plane's port changed, or TCP is given up or back) is closed and opened anew, under the lock."""
 
-    def __init__(self, open_call: Callable[[], Awaitable[tuple[Call, int]]], method: str,
-                 wanted: Callable[[], int]) -> None:
+    def __init__(self, open_call: Callable[[], Awaitable[tuple[Call, object]]], method: str,
+                 wanted: Callable[[], object]) -> None:
         self._open_call = open_call
         self._method = method
         self._wanted = wanted
         self._call: Call | None = None
-        self._key = 0
+        self._key: object = None
         self._lock = asyncio.Lock()
 
     async def exchange(
@@ -114,58 +115,84 @@ class Stream:
 
 
 class Route:
-    """Where data streams open: the TCP data plane at ``tcp_host``:``data_port`` when there is one
-    (``tcp_host`` None: never), else ``fallback(method)``. ``opened`` counts streams by route."""
+    """Where data streams open: the shared-memory data plane named ``shm_socket`` when there is
+    one and ``shm`` allows it, else the TCP data plane at ``tcp_host``:``data_port`` when there is
+    one (``tcp_host`` None: never), else ``fallback(method)``. ``opened`` counts streams by route."""
 
     def __init__(self, tcp_host: str | None, fallback: Callable[[str], Call],
-                 open_tcp: Callable[[str, int, str], Awaitable[Call]], connect_timeout: float) -> None:
+                 open_tcp: Callable[[str, int, str], Awaitable[Call]], connect_timeout: float,
+                 open_shm: Callable[[str, str], Awaitable[Call]] | None = None) -> None:
         self._tcp_host = tcp_host
         self._fallback = fallback
         self._open_tcp = open_tcp
+        self._open_shm = open_shm
         self._connect_timeout = connect_timeout
         self.data_port = 0
         """The server's TCP data plane port, as the last Join or Heartbeat told (0: none)."""
-        self._retry_at = 0.0
-        self._backoff = TCP_RETRY_SECONDS[0]
-        self.opened = {"tcp": 0, "grpc": 0, "tcp_unreachable": 0}
-        """Streams opened so far: on TCP, on the transport (named "grpc", as it usually is), and
-        how many of the latter because the TCP data plane could not be reached."""
+        self.shm_socket = ""
+        """The server's shared-memory data plane, as the last Join or Heartbeat told ("": none)."""
+        self._retry_at = {"shm": 0.0, "tcp": 0.0}
+        self._backoff = {"shm": TCP_RETRY_SECONDS[0], "tcp": TCP_RETRY_SECONDS[0]}
+        self.opened = {"shm": 0, "tcp": 0, "grpc": 0, "shm_unreachable": 0, "tcp_unreachable": 0}
+        """Streams opened so far: on shared memory, on TCP, on the transport (named "grpc", as it
+        usually is), and how many times shared memory or TCP could not be reached."""
 
     @property
     def transport(self) -> str:
-        """What the next stream opens on: ``tcp`` or ``grpc``."""
-        usable = self._tcp_host and self.data_port and time.monotonic() >= self._retry_at
-        return "tcp" if usable else "grpc"
+        """What the next stream opens on: ``shm``, ``tcp`` or ``grpc``."""
+        now = time.monotonic()
+        if self._open_shm is not None and self.shm_socket and now >= self._retry_at["shm"]:
+            return "shm"
+        return "tcp" if self._tcp_host and self.data_port and now >= self._retry_at["tcp"] else "grpc"
 
-    def wanted(self) -> int:
-        """The key of where the next stream should go: the data plane's port, 0 = the transport."""
-        return self.data_port if self.transport == "tcp" else 0
+    def wanted(self) -> object:
+        """The key of where the next stream should go (a stream elsewhere is reopened)."""
+        kind = self.transport
+        return ("shm", self.shm_socket) if kind == "shm" else ("tcp", self.data_port) if kind == "tcp" else "grpc"
 
-    def told(self, port: int) -> None:
-        """What the server says its data plane port is (a restarted server may have another)."""
+    def told(self, port: int, shm_socket: str = "") -> None:
+        """Where the server says its data planes are (a restarted server may have others)."""
         if port != self.data_port:
             self.data_port = port
-            self._retry_at = 0.0
+            self._retry_at["tcp"] = 0.0
+        if shm_socket != self.shm_socket:
+            self.shm_socket = shm_socket
+            self._retry_at["shm"] = 0.0
 
-    async def open(self, method: str) -> tuple[Call, int]:
+    def _failed(self, kind: str, exc: BaseException, where: str, then: str) -> None:
+        self._retry_at[kind] = time.monotonic() + self._backoff[kind]
+        self.opened[f"{kind}_unreachable"] += 1
+        log.log(logging.INFO if kind == "shm" else logging.WARNING, "%s unreachable (%s); using %s, trying again in %.0fs%s",
+                where, str(exc) or type(exc).__name__, then, self._backoff[kind],
+                "" if kind == "shm" else " (a firewall? give ps-server a fixed --data-port and open it, or run "
+                "workers with --no-data-plane)")
+        self._backoff[kind] = min(2 * self._backoff[kind], TCP_RETRY_SECONDS[1])
+
+    async def open(self, method: str) -> tuple[Call, object]:
         """A stream of ``method`` and its key (``wanted``'s value for it)."""
+        if self.transport == "shm":
+            assert self._open_shm is not None
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    call = await self._open_shm(self.shm_socket, method)
+                if not self.opened["shm"] or self._backoff["shm"] > TCP_RETRY_SECONDS[0]:
+                    log.info("pushes and pulls go through shared memory (the server is on this host)")
+                self.opened["shm"] += 1
+                self._backoff["shm"] = TCP_RETRY_SECONDS[0]
+                return call, ("shm", self.shm_socket)
+            except (OSError, TimeoutError) as exc:  # another host or network namespace: TCP
+                self._failed("shm", exc, "the shared-memory data plane", "TCP")
         if self.transport == "tcp":
             assert self._tcp_host is not None
             try:
                 async with asyncio.timeout(self._connect_timeout):
                     call = await self._open_tcp(self._tcp_host, self.data_port, method)
-                if not self.opened["tcp"] or self._backoff > TCP_RETRY_SECONDS[0]:
+                if not self.opened["tcp"] or self._backoff["tcp"] > TCP_RETRY_SECONDS[0]:
                     log.info("pushes and pulls go over the TCP data plane at %s:%d", self._tcp_host, self.data_port)
                 self.opened["tcp"] += 1
-                self._backoff = TCP_RETRY_SECONDS[0]
-                return call, self.data_port
+                self._backoff["tcp"] = TCP_RETRY_SECONDS[0]
+                return call, ("tcp", self.data_port)
             except (OSError, TimeoutError) as exc:
-                self._retry_at = time.monotonic() + self._backoff
-                self.opened["tcp_unreachable"] += 1
-                log.warning("TCP data plane at %s:%d unreachable (%s); using gRPC, trying again in %.0fs "
-                            "(a firewall? give ps-server a fixed --data-port and open it, or run workers with "
-                            "--no-data-plane)", self._tcp_host, self.data_port, str(exc) or type(exc).__name__,
-                            self._backoff)
-                self._backoff = min(2 * self._backoff, TCP_RETRY_SECONDS[1])
+                self._failed("tcp", exc, f"TCP data plane at {self._tcp_host}:{self.data_port}", "gRPC")
         self.opened["grpc"] += 1
-        return self._fallback(method), 0
+        return self._fallback(method), "grpc"

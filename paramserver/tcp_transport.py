@@ -17,7 +17,7 @@ from paramserver.v1 import tcp, wire
 from . import errors
 from .streams import WriteFailed
 
-__all__ = ["TcpCall", "dial_host"]
+__all__ = ["TcpCall", "dial_host", "greet", "status_error"]
 
 
 def dial_host(address: str) -> str | None:
@@ -34,7 +34,7 @@ def dial_host(address: str) -> str | None:
     return host
 
 
-def _status_error(code: int, body: memoryview, method: str) -> errors.PsError:
+def status_error(code: int, body: memoryview, method: str) -> errors.PsError:
     """The error a STATUS frame ends a stream with: its body is a serialized ``Status`` of the same
     code (a version 1 server's refusal is the bare message: read as text, with no ErrorInfo)."""
     try:
@@ -46,11 +46,27 @@ def _status_error(code: int, body: memoryview, method: str) -> errors.PsError:
     return errors.from_status(code, status.message, status.error, method)
 
 
+async def greet(sock: socket.socket, method: str, where: str) -> None:
+    """Send the hello of ``method`` and read the server's echo (``TcpCall.open`` says what it raises)."""
+    code = tcp.METHOD_PUSH if method == "PushGradient" else tcp.METHOD_PULL
+    await tcp.send_parts(sock, [tcp.hello(code)])
+    answer = bytearray(tcp.HELLO.size)
+    await tcp.recv_exact(sock, memoryview(answer))
+    if answer[0] == tcp.STATUS and not answer.startswith(tcp.MAGIC):  # refused, e.g. shutting down
+        _, status, body = await tcp.read_frame(sock, 1 << 16, head=bytes(answer))
+        refused = status_error(status, body, method)
+        if refused.code == errors.Code.UNIMPLEMENTED:  # another version of the framing: use gRPC
+            raise ConnectionError(f"{where} does not speak this data plane: {refused.message}")
+        raise refused
+    if bytes(answer) != tcp.hello(code):
+        raise ConnectionError(f"{where} is not a paramserver data plane of this version")
+
+
 class TcpCall:
     """A PushGradient or PullParams stream on the server's TCP data plane."""
 
     def __init__(self, sock: socket.socket, method: str, max_bytes: int) -> None:
-        self._sock = sock
+        self.sock = sock
         self._method = method
         self._max_bytes = max_bytes
 
@@ -66,18 +82,7 @@ class TcpCall:
         try:
             tcp.tune(sock)
             await loop.sock_connect(sock, addr)
-            code = tcp.METHOD_PUSH if method == "PushGradient" else tcp.METHOD_PULL
-            await tcp.send_parts(sock, [tcp.hello(code)])
-            answer = bytearray(tcp.HELLO.size)
-            await tcp.recv_exact(sock, memoryview(answer))
-            if answer[0] == tcp.STATUS and not answer.startswith(tcp.MAGIC):  # refused, e.g. shutting down
-                _, status, body = await tcp.read_frame(sock, 1 << 16, head=bytes(answer))
-                refused = _status_error(status, body, method)
-                if refused.code == errors.Code.UNIMPLEMENTED:  # another version of the framing: use gRPC
-                    raise ConnectionError(f"{host}:{port} does not speak this data plane: {refused.message}")
-                raise refused
-            if bytes(answer) != tcp.hello(code):
-                raise ConnectionError(f"{host}:{port} is not a paramserver data plane of this version")
+            await greet(sock, method, f"{host}:{port}")
         except BaseException:
             sock.close()
             raise
@@ -85,7 +90,7 @@ class TcpCall:
 
     async def write(self, parts: Sequence[wire.Part]) -> None:
         try:
-            await tcp.send_parts(self._sock, [tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, wire.parts_len(parts)), *parts])
+            await tcp.send_parts(self.sock, [tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, wire.parts_len(parts)), *parts])
         except OSError:
             # The server ended the stream (an error answer, or it is gone) while we were still
             # writing: what it said, if anything, is what the next read returns.
@@ -93,13 +98,13 @@ class TcpCall:
 
     async def read(self) -> memoryview:
         try:
-            kind, status, body = await tcp.read_frame(self._sock, self._max_bytes)
+            kind, status, body = await tcp.read_frame(self.sock, self._max_bytes)
         except (OSError, ValueError) as exc:
             raise errors.Unavailable(errors.Code.UNAVAILABLE, f"the data plane connection broke ({exc})",
                                      method=self._method) from None
         if kind == tcp.STATUS:
-            raise _status_error(status, body, self._method)
+            raise status_error(status, body, self._method)
         return body
 
     def cancel(self) -> None:
-        self._sock.close()
+        self.sock.close()

@@ -26,6 +26,8 @@ class ServerConfig:
     port: int = opt(50051, "gRPC port; 0 picks a free port (printed at start).")
     data_port: int = opt(0, "Port of the TCP data plane (pushes and pulls without HTTP/2, told to workers "
                          "at Join and Heartbeat); 0 picks a free port, -1 = off. Off when TLS or a token is configured.")
+    shm: bool = opt(True, "Offer the shared-memory data plane to workers on this host (Linux; an abstract Unix "
+                    "socket and memory both sides map); --no-shm: TCP only. Off when TLS or a token is configured.")
     max_message_bytes: int = opt(64 << 20, "Largest gRPC message accepted or sent, in bytes.")
     chunk_bytes: int = opt(1 << 20, "Payload bytes per message when streaming tensors.")
     push_slots: int = opt(1, "Pushes of more than one message received at a time (each is held whole until "

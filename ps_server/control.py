@@ -52,8 +52,9 @@ DEFAULT_PAGE, MAX_PAGE = 100, 1000
 class Control:
     def __init__(self, registry: RunRegistry, *, max_wait: float, heartbeat_seconds: float, lease_seconds: float,
                  checkpointer: Checkpointer | None = None, data_port: Callable[[], int] = lambda: 0,
-                 cluster: ClusterOwner | None = None) -> None:
-        """``data_port``: the TCP data plane's port, told to workers at Join and Heartbeat (0: none);
+                 shm_socket: Callable[[], str] = lambda: "", cluster: ClusterOwner | None = None) -> None:
+        """``data_port``: the TCP data plane's port, told to workers at Join and Heartbeat (0: none),
+        ``shm_socket`` the shared-memory data plane's name (empty: none);
         ``cluster``: server 0's side of a cluster (runs are sharded; ranks are kept on every shard)."""
         self._registry = registry
         self._max_wait = max_wait
@@ -63,6 +64,7 @@ class Control:
         # In a cluster each shard's port is in the shard map: the server that answers is not
         # always the one the worker dialled (servers 1.. forward Join and Heartbeat here).
         self._data_port = data_port if cluster is None else (lambda: 0)
+        self._shm_socket = shm_socket if cluster is None else (lambda: "")
         self._cluster = cluster
 
     def _run(self, run: Run) -> pb.Run:
@@ -197,14 +199,14 @@ class Control:
         log.info("rank %d of %s to %s", assignment.rank, assignment.run_id, request.worker_name,
                  extra={"run": assignment.run_id, "rank": assignment.rank})
         return pb.JoinResponse(assignment=self._assignment(assignment), server_generation=registry.generation,
-                               data_port=self._data_port())
+                               data_port=self._data_port(), shm_socket=self._shm_socket())
 
     async def Heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         run = self._registry.get(request.run_id)
         state, clock = run.heartbeat(request.rank, request.incarnation)
         return pb.HeartbeatResponse(run_state=codec.run_state_to_proto(state), min_clock=run.min_clock,
                                     server_generation=self._registry.generation, clock=clock,
-                                    data_port=self._data_port())
+                                    data_port=self._data_port(), shm_socket=self._shm_socket())
 
     async def ReportMetrics(self, request: pb.ReportMetricsRequest) -> pb.ReportMetricsResponse:
         now = time.time()

@@ -37,7 +37,7 @@ from .core.gate import Gate
 from .core.registry import RunRegistry
 from .core.run import Run
 from .core.status import ParamsRead
-from .core.tensors import Gradient
+from .core.tensors import Gradient, owned
 from .slots import PushSlots, SlotHolder
 
 __all__ = ["Caller", "DataPlane", "DataPlaneStatistics"]
@@ -54,6 +54,11 @@ class Caller:
     """"grpc" or "tcp": shown as the rank's data plane in its status."""
     time_remaining: Callable[[], float | None] = lambda: None
     """Seconds left before the call's deadline, None when the transport has none."""
+    borrowed: bool = False
+    """A request's bytes are the client's, valid only until the stream's next response (the
+    shared-memory plane): what is kept longer (a BSP clock's held gradients) is copied."""
+    chunk_bytes: int = 0
+    """Payload bytes per response message on this transport; 0: the server's ``--chunk-bytes``."""
 
 
 @dataclass(frozen=True)
@@ -148,8 +153,9 @@ class DataPlane:
                 try:
                     push = await self._receive(raw, requests, holder)
                     req = push.request
+                    grads = owned(push.grads) if caller.borrowed and push.run.spec.staleness == 0 else push.grads
                     try:
-                        result = push.run.push(req.rank, req.incarnation, req.clock, push.grads, push.nbytes,
+                        result = push.run.push(req.rank, req.incarnation, req.clock, grads, push.nbytes,
                                                req.loss, caller.transport)
                     except PsError as exc:
                         log.info("push rejected: %s", exc, extra={"run": req.run_id, "rank": req.rank, "clock": req.clock})
@@ -157,13 +163,13 @@ class DataPlane:
                     then_pull = push.then_pull
                     # Drop the push's messages now (its gradient and requests hold views of them), not
                     # when the next push on this stream replaces them: idle streams would hold them.
-                    del push, req, raw
+                    del push, req, raw, grads
                     ack = (result.clock, result.duplicate, result.min_clock, run_state_to_proto(result.run_state))
                     if then_pull is None:
                         yield wire.push_response_parts(*ack)
                         continue
                     read = await self.pull(then_pull, caller)  # one round trip per iteration
-                    for i, pulled in enumerate(self._params_parts(read)):
+                    for i, pulled in enumerate(self._params_parts(read, caller)):
                         yield wire.push_response_parts(*ack, pulled=pulled) if i == 0 else \
                             wire.push_response_parts(pulled=pulled)
                 finally:
@@ -235,7 +241,7 @@ class DataPlane:
             self._begin()
             try:
                 read = await self.pull(req, caller)
-                for parts in self._params_parts(read):
+                for parts in self._params_parts(read, caller):
                     yield wire.params_response_parts(*parts)
             finally:
                 self._end()
@@ -257,21 +263,22 @@ class DataPlane:
         remaining = caller.time_remaining()
         return limit if remaining is None else max(0.0, min(limit, remaining))
 
-    def _params_parts(self, read: ParamsRead) -> Iterator[wire.ParamsParts]:
+    def _params_parts(self, read: ParamsRead, caller: Caller) -> Iterator[wire.ParamsParts]:
         """A read as the arguments of ``wire.params_response_parts``, in groups of ~chunk_bytes.
         For the whole model the groups are built once per run and reused: the same views of the
         live parameters every time (a small model's pull then makes no numpy call before its
         encoding's one copy)."""
-        key = ("groups", self._chunk_bytes)
+        chunk = caller.chunk_bytes or self._chunk_bytes
+        key = ("groups", chunk)
         groups: list[wire.Group] | None = read.derived.get(key) if read.derived is not None else None
         if groups is None:
             groups = [[(name, shape, offset, part.data) for name, shape, offset, part in group]
-                      for group in wire.chunk_groups(read.tensors, self._chunk_bytes)]
+                      for group in wire.chunk_groups(read.tensors, chunk)]
             if read.derived is not None:
                 read.derived[key] = groups
         if read.rows:
             rows = {name: wire.RowsPart(*picked) for name, picked in read.rows.items()}
-            groups = [*([g for g in groups if g] if read.tensors else []), *wire.chunk_groups(rows, self._chunk_bytes)]
+            groups = [*([g for g in groups if g] if read.tensors else []), *wire.chunk_groups(rows, chunk)]
         state = run_state_to_proto(read.run_state)
         for i, group in enumerate(groups):
             yield read.guaranteed_clock, read.version, group, i == len(groups) - 1, state

@@ -35,6 +35,9 @@ class ServerStatistics:
     data_plane_streams_opened: int | None = None
     """Streams opened on the TCP data plane (None: the server has none)."""
     data_plane_streams_open: int | None = None
+    shm_streams_opened: int | None = None
+    """Streams opened on the shared-memory data plane (None: the server offers none)."""
+    shm_streams_open: int | None = None
 
 _COUNTERS = {
     "pushes_applied": "Pushes applied to the parameters",
@@ -86,6 +89,11 @@ class RunCollector(Collector):
                                       value=stats.data_plane_streams_opened)
             yield GaugeMetricFamily("paramserver_data_plane_open", "TCP data plane streams open now",
                                     value=stats.data_plane_streams_open)
+        if stats.shm_streams_opened is not None:
+            yield CounterMetricFamily("paramserver_shm_plane_connections", "Streams opened on the shared-memory "
+                                      "data plane", value=stats.shm_streams_opened)
+            yield GaugeMetricFamily("paramserver_shm_plane_open", "Shared-memory data plane streams open now",
+                                    value=stats.shm_streams_open)
 
 
 def _guarded(app: Callable[..., Any], token: str) -> Callable[..., Any]:

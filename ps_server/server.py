@@ -35,6 +35,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from paramserver.runtime import raise_fd_limit, tune_malloc
+from paramserver.v1 import shm
 
 from .checkpointer import Checkpointer
 from .cluster.owner import ClusterOwner
@@ -51,6 +52,7 @@ from .dataplane import DataPlane
 from .metrics import ServerStatistics, serve_metrics
 from .security import ConfigError, TokenInterceptor, load_token, server_credentials
 from .servicer import SERVICE_NAMES, add_cluster, add_control, add_data
+from .shm_plane import ShmDataPlane
 from .tcp_plane import TcpDataPlane
 
 __all__ = ["PsServer", "main", "serve", "start_server"]
@@ -69,6 +71,8 @@ class PsServer:
     checkpointer: Checkpointer | None = None
     data_plane: TcpDataPlane | None = None
     """The TCP data plane, when the server offers one."""
+    shm_plane: ShmDataPlane | None = None
+    """The shared-memory data plane, when the server offers one."""
     metrics_port: int | None = None
     cluster: ClusterOwner | None = None
     """Server 0 of a cluster: its side of the cluster."""
@@ -78,8 +82,10 @@ class PsServer:
 
     def statistics(self) -> ServerStatistics:
         tcp = self.data_plane.statistics() if self.data_plane else None
+        shm = self.shm_plane.statistics() if self.shm_plane else None
         return ServerStatistics(self.dataplane.statistics().push_slot_lends,
-                                tcp.connections if tcp else None, tcp.open if tcp else None)
+                                tcp.connections if tcp else None, tcp.open if tcp else None,
+                                shm.connections if shm else None, shm.open if shm else None)
 
     @property
     def address(self) -> str:
@@ -102,6 +108,8 @@ class PsServer:
             await self.dataplane.drain(grace)
         if self.data_plane:
             await self.data_plane.close()
+        if self.shm_plane:
+            await self.shm_plane.close()
         await self.server.stop(min(grace, 0.5))
         for peer in self.peers:
             await peer.close()
@@ -201,7 +209,12 @@ async def start_server(config: ServerConfig) -> PsServer:
     if config.data_port >= 0 and not credentials and not token:  # the framing carries neither
         tcp_plane = TcpDataPlane(dataplane, config.max_message_bytes, lambda: registry.shutting_down,
                                  config.stall_seconds)
+    shm_plane = None
+    if config.shm and not credentials and not token and shm.available():
+        shm_plane = ShmDataPlane(dataplane, config.max_message_bytes, lambda: registry.shutting_down,
+                                 config.stall_seconds, 4 * config.max_param_bytes + (256 << 20))
     data_port = lambda: tcp_plane.port if tcp_plane else 0  # noqa: E731 (it changes when the plane cannot start)
+    shm_socket = lambda: shm_plane.name if shm_plane else ""  # noqa: E731
     addresses = config.peers
     peers = [PeerLink(i, a, config, token) for i, a in enumerate(addresses) if i != config.index]
     cluster = None
@@ -214,7 +227,7 @@ async def start_server(config: ServerConfig) -> PsServer:
             cluster.resumed([run for run in resumed if run.held])
         add_control(server, Control(registry, max_wait=config.max_wait_seconds, lease_seconds=config.lease_seconds,
                                     heartbeat_seconds=config.heartbeat_seconds, checkpointer=checkpointer,
-                                    data_port=data_port, cluster=cluster))
+                                    data_port=data_port, shm_socket=shm_socket, cluster=cluster))
     if addresses:
         add_cluster(server, ShardService(registry, addresses, config.index, data_port, checkpointer))
     add_data(server, dataplane)
@@ -242,11 +255,17 @@ async def start_server(config: ServerConfig) -> PsServer:
                               "-1: none)") from None
             log.warning("%s; pushes and pulls go over gRPC only", exc)
             tcp_plane = None
+    if shm_plane is not None:
+        try:
+            shm_plane.listen()
+        except OSError as exc:
+            log.warning("no shared-memory data plane (%s); workers on this host use TCP", exc)
+            shm_plane = None
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     ps = PsServer(server, port, registry, config, health_servicer, dataplane, checkpointer, tcp_plane,
-                  cluster=cluster, peers=peers)
+                  cluster=cluster, peers=peers, shm_plane=shm_plane)
     if config.metrics_port >= 0:
         try:
             ps.metrics_port = serve_metrics(registry, config.host, config.metrics_port, ps.statistics, token=token,
@@ -292,6 +311,8 @@ async def serve(config: ServerConfig) -> None:
     if ps.data_plane:
         log.info("TCP data plane on %s:%d (up to %d streams, from the open-file limit %d)", config.host,
                  ps.data_plane.port, ps.data_plane.max_streams, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    if ps.shm_plane:
+        log.info("shared-memory data plane for workers on this host: abstract socket %s", ps.shm_plane.name)
     if ps.metrics_port is not None:
         log.info("Prometheus metrics on http://%s:%d/metrics", config.host, ps.metrics_port)
     stop = asyncio.Event()

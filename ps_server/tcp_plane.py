@@ -29,7 +29,7 @@ import functools
 import logging
 import resource
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from paramserver.v1 import paramserver_pb2 as pb
@@ -60,7 +60,6 @@ def stream_cap(open_files: int) -> int:
     return max(16, min(MAX_STREAMS, (open_files - 64) * 2 // 3))
 
 
-_CALLER = Caller("tcp")  # no deadline on the wire: the client bounds its operations itself
 _UNIMPLEMENTED, _UNAVAILABLE = 12, 14
 
 
@@ -76,8 +75,32 @@ class TcpStatistics:
     """Streams open now."""
 
 
+class _Link:
+    """A connection's requests in and responses out: frames on the socket."""
+
+    def __init__(self, conn: socket.socket, stall: float) -> None:
+        self.conn = conn
+        self.stall = stall
+
+    async def read(self, max_bytes: int, reserve: Callable[[int], Awaitable[None]]) -> memoryview:
+        """The next request's bytes. ValueError (FrameTooLarge) when the stream cannot go on."""
+        kind, _, body = await tcp.read_frame(self.conn, max_bytes, stall=self.stall, reserve=reserve)
+        if kind != tcp.MESSAGE:
+            raise ValueError("a client sends MESSAGE frames only")
+        return body
+
+    async def send(self, parts: list[wire.Part]) -> None:
+        n = wire.parts_len(parts)
+        await tcp.send_parts(self.conn, [tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, n), *parts], self.stall)
+
+    def close(self) -> None:
+        pass
+
+
 class TcpDataPlane:
     """Listens on its own port; ``start`` returns it, ``close`` ends every connection."""
+
+    _caller = Caller("tcp")  # no deadline on the wire: the client bounds its operations itself
 
     def __init__(self, dataplane: DataPlane, max_message_bytes: int, closing: Callable[[], bool],
                  stall_seconds: float = 30.0) -> None:
@@ -108,15 +131,18 @@ class TcpDataPlane:
         try:
             lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             lsock.bind(addr)
-            lsock.listen(64)
-            lsock.setblocking(False)
         except OSError as exc:
             lsock.close()
             raise OSError(f"could not bind the TCP data plane to {host}:{port}: {exc.strerror}") from None
-        self._listener = lsock
+        self._listen(lsock)
         self.port = lsock.getsockname()[1]
-        self._spawn(self._accept(lsock))
         return self.port
+
+    def _listen(self, lsock: socket.socket) -> None:
+        lsock.listen(64)
+        lsock.setblocking(False)
+        self._listener = lsock
+        self._spawn(self._accept(lsock))
 
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
@@ -145,13 +171,24 @@ class TcpDataPlane:
             if self._open >= self.max_streams + _REFUSING:  # a flood: no descriptor even for a refusal
                 conn.close()
                 continue
-            tcp.tune(conn)
+            if not self._admit(conn):
+                conn.close()
+                continue
             self._connections += 1
             self._spawn(self._serve(conn))
+
+    def _admit(self, conn: socket.socket) -> bool:
+        """Tune an accepted connection; False: close it unanswered."""
+        tcp.tune(conn)
+        return True
+
+    def _link(self, conn: socket.socket) -> _Link:
+        return _Link(conn, self._stall)
 
     async def _serve(self, conn: socket.socket) -> None:
         self._open += 1
         holder = self._dataplane.slot_holder()
+        link = self._link(conn)
         try:
             try:
                 async with asyncio.timeout(_HELLO_SECONDS):
@@ -182,12 +219,11 @@ class TcpDataPlane:
             try:
                 # aclosing: however this ends, the data plane's own clean-up (slot, operations in
                 # progress) and the request reader's (its watch on the socket) run now, in that order.
-                async with contextlib.aclosing(self._requests(conn, serving, holder,
+                async with contextlib.aclosing(self._requests(conn, link, serving, holder,
                                                               method == tcp.METHOD_PULL)) as requests, \
-                        contextlib.aclosing(handler(requests, _CALLER)) as responses:
+                        contextlib.aclosing(handler(requests, self._caller)) as responses:
                     async for parts in responses:
-                        n = wire.parts_len(parts)
-                        await tcp.send_parts(conn, [tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, n), *parts], self._stall)
+                        await link.send(parts)
             except PsError as exc:
                 await self._end(conn, codec.error_status(exc))
             except OSError:
@@ -198,6 +234,7 @@ class TcpDataPlane:
         except (ConnectionError, OSError):
             pass  # the client went away, or stopped reading: nothing to answer
         finally:
+            link.close()
             conn.close()
             self._open -= 1
             holder.release()
@@ -213,7 +250,7 @@ class TcpDataPlane:
             raise ConnectionError("bad hello")
         return int(method)
 
-    async def _requests(self, conn: socket.socket, serving: asyncio.Task[None], holder: SlotHolder,
+    async def _requests(self, conn: socket.socket, link: _Link, serving: asyncio.Task[None], holder: SlotHolder,
                         releases: bool) -> AsyncGenerator[memoryview, None]:
         """The stream's requests, each read when the data plane asks for it (so a push waiting for a
         slot holds nothing more, and the client's sending waits, as HTTP/2 flow control makes it
@@ -246,15 +283,13 @@ class TcpDataPlane:
             if releases:
                 holder.release()
             try:
-                kind, _, body = await tcp.read_frame(conn, self._max_bytes, stall=self._stall, reserve=reserve)
+                body = await link.read(self._max_bytes, reserve)
             except tcp.FrameTooLarge as exc:
                 raise ResourceExhausted(str(exc)) from None
             except ValueError as exc:  # the stream cannot go on: its handler ends it with this status
                 raise _BadFrame(str(exc)) from None
             finally:
                 holder.pinned = False
-            if kind != tcp.MESSAGE:
-                raise _BadFrame("a client sends MESSAGE frames only")
             loop.add_reader(fd, closed)
             try:
                 yield body

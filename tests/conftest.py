@@ -28,15 +28,19 @@ async def server(server_config: ServerConfig) -> AsyncIterator[PsServer]:
         await ps.stop(0)
 
 
-@pytest.fixture(params=["tcp", "grpc"])
+@pytest.fixture(params=["shm", "tcp", "grpc"])
 async def client(server: PsServer, request: pytest.FixtureRequest) -> AsyncIterator[PsClient]:
-    """Pushes and pulls over the TCP data plane (once a join told the port), or over gRPC only;
-    afterwards, checks that they used no other transport."""
+    """Pushes and pulls through the shared-memory data plane or over the TCP data plane (once a
+    join told where), or over gRPC only; afterwards, checks that they used no other transport."""
     transport = request.param
     async with PsClient(f"127.0.0.1:{server.port}", timeout=10.0, chunk_bytes=server.config.chunk_bytes,
-                        data_plane=transport == "tcp") as c:
+                        data_plane=transport != "grpc", shm=transport == "shm") as c:
         yield c
-        assert c.route.opened["tcp_unreachable" if transport == "tcp" else "tcp"] == 0, c.route.opened
+        opened = c.route.opened
+        if transport == "shm":
+            assert opened["shm_unreachable"] == opened["tcp"] == 0, opened
+        else:
+            assert opened["shm"] == 0 and opened["tcp_unreachable" if transport == "tcp" else "tcp"] == 0, opened
 
 
 @pytest.fixture

@@ -34,6 +34,8 @@ class WorkerConfig:
     max_message_bytes: int = opt(64 << 20, "Largest gRPC message sent or received.")
     data_plane: bool = opt(True, "Push and pull over the server's TCP data plane when it offers one (else gRPC); "
                            "--no-data-plane: gRPC only.")
+    shm: bool = opt(True, "Push and pull through the server's shared-memory data plane when the server runs on "
+                    "this host (Linux), else over TCP; --no-shm: TCP (or gRPC) only.")
     tls_ca: str = opt("", "CA (PEM) to verify the server's certificate; turns TLS on.")
     tls_cert: str = opt("", "Client certificate (PEM) for mutual TLS.")
     tls_key: str = opt("", "Client private key (PEM) for mutual TLS.")

@@ -52,7 +52,8 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
     connected = False
     why = "asked to stop"
     async with PsClient(config.server, timeout=config.timeout_seconds, max_message_bytes=config.max_message_bytes,
-                        security=config.security(), data_plane=config.data_plane) as client:
+                        security=config.security(), data_plane=config.data_plane,
+                        shm=config.shm) as client:
         while not stop.is_set():
             if config.idle_exit_seconds and time.monotonic() - idle_since > config.idle_exit_seconds:
                 why = f"no work for {config.idle_exit_seconds:.0f}s"

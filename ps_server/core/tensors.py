@@ -14,7 +14,7 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
-__all__ = ["BLOCK", "Gradient", "Pieces", "Rows", "blocks", "count_non_finite", "finite_hint"]
+__all__ = ["BLOCK", "Gradient", "Pieces", "Rows", "blocks", "count_non_finite", "finite_hint", "owned"]
 
 BLOCK = 1 << 18
 """Elements per block (1 MiB of float32): large enough to amortise numpy's call overhead, small
@@ -87,6 +87,12 @@ class Rows:
 
 Gradient: TypeAlias = "np.ndarray | Pieces | Rows"
 """What a push carries per tensor: one array, the pieces it arrived in, or (a table) some rows."""
+
+
+def owned(grads: dict[str, Gradient]) -> dict[str, Gradient]:
+    """The same gradients in memory of their own (not views of a message that will be reused)."""
+    return {name: Rows(g.ids.copy(), g.values.copy(), g.shape) if isinstance(g, Rows) else np.array(g, np.float32)
+            for name, g in grads.items()}
 
 
 def blocks(g: Gradient, block: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -29,9 +29,10 @@ async def test_metrics_endpoint_reports_pushes_and_clocks(server_config: ServerC
             await c.push(run.run_id, 0, a.incarnation, 0, {n: np.ones_like(v) for n, v in p.tensors.items()})
             url = f"http://127.0.0.1:{ps.metrics_port}/metrics"
             text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
-            assert c.route.opened["tcp"] == 2  # the pull's stream and the push's, both still open
-        assert "paramserver_data_plane_connections_total 2.0" in text
-        assert "paramserver_data_plane_open 2.0" in text
+            assert c.route.opened["shm"] == 2  # the pull's stream and the push's, both still open
+        assert "paramserver_shm_plane_connections_total 2.0" in text
+        assert "paramserver_shm_plane_open 2.0" in text
+        assert "paramserver_data_plane_connections_total 0.0" in text
         assert f'paramserver_pushes_applied_total{{run="{run.run_id}"}} 1.0' in text
         assert f'paramserver_worker_clock{{rank="0",run="{run.run_id}"}} 1.0' in text
         assert f'paramserver_run_state{{run="{run.run_id}",state="running"}} 1.0' in text

@@ -198,13 +198,13 @@ async def test_launch_watch_status_export_plot_metrics(addr: str, ps: PsClient, 
     assert summary["test_accuracy"] > 0.7 and summary["test_loss"] > 0
     assert done["eval"][-1]["clock"] == 30 and done["last_train_loss"]
     assert [w["state"] for w in done["workers"]] == ["done", "done"] and done["workers"][0]["pushes"] == 30
-    assert [w["data_plane"] for w in done["workers"]] == ["tcp", "tcp"]  # the workers used the TCP data plane
+    assert [w["data_plane"] for w in done["workers"]] == ["shm", "shm"]  # the workers used shared memory
     assert [w["data_plane"] for w in pending["workers"]] == [None, None]
     assert summary["parked_seconds"] == done["run"]["counters"].get("parked_seconds", 0.0) >= 0.0
     view = ok(await psctl("status", run_id, "--server", addr)).stdout
     assert "COMPLETED" in view and "60 applied" in view and "recent events" in view and "test accuracy" in view
     assert f"parked {summary['parked_seconds']:.1f} s in all" in view
-    assert "data plane tcp (2 ranks)" in view
+    assert "data plane shm (2 ranks)" in view
 
     table = ok(await psctl("runs", "--server", addr)).stdout
     assert run_id in table and "COMPLETED" in table and "STOPPED" in table and "30/30" in table

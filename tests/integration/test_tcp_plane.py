@@ -56,7 +56,7 @@ async def _status(sock: socket.socket, plain: bool = False) -> tuple[grpc.Status
 
 async def test_pushes_and_pulls_go_over_tcp_once_join_tells_the_port(server: PsServer) -> None:
     assert server.data_plane is not None
-    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10, shm=False) as c:
         run = await c.create_run(make_spec(shapes={"w": (300, 1000)}, num_workers=1, staleness=-1, lr=1.0,
                                            init=pb.INITIALIZER_ZEROS))
         assert c.route.transport == "grpc"  # nothing known yet
@@ -71,13 +71,13 @@ async def test_pushes_and_pulls_go_over_tcp_once_join_tells_the_port(server: PsS
         np.testing.assert_array_equal(pulled.tensors["w"], -g)
         _, both = await c.push_pull(run.run_id, a.rank, a.incarnation, 1, {"w": g})
         np.testing.assert_array_equal(both.tensors["w"], -2 * g)
-        assert c.route.opened == {"tcp": 2, "grpc": 0, "tcp_unreachable": 0}
+        assert c.route.opened == {"shm": 0, "tcp": 2, "grpc": 0, "shm_unreachable": 0, "tcp_unreachable": 0}
         assert server.data_plane.statistics().connections == 2
         assert [w.data_plane for w in (await c.get_run(run.run_id)).workers] == ["tcp"]  # psctl status shows it
 
 
 async def test_a_bad_push_over_tcp_gets_its_status_and_the_next_push_reconnects(server: PsServer) -> None:
-    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10, shm=False) as c:
         run = await c.create_run(make_spec(shapes={"w": (600, 1000)}, num_workers=1, staleness=-1))
         a = (await c.join("w", run.run_id)).assignment
         bad = np.zeros((600, 1000), np.float32)
@@ -91,7 +91,7 @@ async def test_a_bad_push_over_tcp_gets_its_status_and_the_next_push_reconnects(
 
 
 async def test_an_unreachable_data_plane_falls_back_to_grpc(server: PsServer) -> None:
-    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10, shm=False) as c:
         run = await c.create_run(make_spec(num_workers=1, staleness=-1))
         a = (await c.join("w", run.run_id)).assignment
         closed = socket.socket()
@@ -103,7 +103,7 @@ async def test_an_unreachable_data_plane_falls_back_to_grpc(server: PsServer) ->
         finally:
             closed.close()
         # The first stream tried TCP; the second did not try again (for a while, then it will).
-        assert c.route.opened == {"tcp": 0, "grpc": 2, "tcp_unreachable": 1}
+        assert c.route.opened == {"shm": 0, "tcp": 0, "grpc": 2, "shm_unreachable": 0, "tcp_unreachable": 1}
         assert c.route.transport == "grpc"
         assert [w.data_plane for w in (await c.get_run(run.run_id)).workers] == ["grpc"]
         # A heartbeat tells the port again (as after a server restart): TCP from the next stream.
@@ -117,25 +117,25 @@ async def test_data_port_minus_one_and_a_token_turn_the_data_plane_off(server_co
     off = await start_server(dataclasses.replace(server_config, data_port=-1))
     try:
         assert off.data_plane is None
-        async with PsClient(f"127.0.0.1:{off.port}", timeout=10) as c:
+        async with PsClient(f"127.0.0.1:{off.port}", timeout=10, shm=False) as c:
             run = await c.create_run(make_spec(num_workers=1, staleness=-1))
             resp = await c.join("w", run.run_id)
             assert resp.data_port == 0 and c.route.transport == "grpc"
             await c.pull(run.run_id, resp.assignment.rank, resp.assignment.incarnation, 0)
-            assert c.route.opened == {"tcp": 0, "grpc": 1, "tcp_unreachable": 0}
+            assert c.route.opened == {"shm": 0, "tcp": 0, "grpc": 1, "shm_unreachable": 0, "tcp_unreachable": 0}
     finally:
         await off.stop(0)
     secret = tmp_path / "token"
     secret.write_text("s3cret\n")
     guarded = await start_server(dataclasses.replace(server_config, token_file=str(secret), insecure=True))
     try:
-        assert guarded.data_plane is None  # the framing carries no token: it would bypass it
+        assert guarded.data_plane is None and guarded.shm_plane is None  # no token on them: it would bypass it
     finally:
         await guarded.stop(0)
 
 
 async def test_a_client_that_goes_away_frees_its_parked_pull(server: PsServer) -> None:
-    c = PsClient(f"127.0.0.1:{server.port}", timeout=10)
+    c = PsClient(f"127.0.0.1:{server.port}", timeout=10, shm=False)
     run = await c.create_run(make_spec(num_workers=2, staleness=0))
     a = (await c.join("a", run.run_id)).assignment
     await c.join("b", run.run_id)
@@ -253,7 +253,7 @@ class _DropFirstAnswer:
 async def test_a_push_whose_answer_is_lost_on_tcp_is_retried_and_applied_once(server: PsServer) -> None:
     assert server.data_plane is not None
     async with _DropFirstAnswer(server.data_plane.port) as proxy_port, \
-            PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+            PsClient(f"127.0.0.1:{server.port}", timeout=10, shm=False) as c:
         run = await c.create_run(make_spec(shapes={"w": (4,)}, num_workers=1, staleness=-1, lr=1.0,
                                            init=pb.INITIALIZER_ZEROS))
         a = (await c.join("w", run.run_id)).assignment
@@ -272,7 +272,7 @@ async def test_a_push_whose_answer_is_lost_on_tcp_is_retried_and_applied_once(se
 
 
 async def test_a_server_shutting_down_refuses_new_tcp_streams_with_unavailable(server: PsServer) -> None:
-    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10, shm=False) as c:
         run = await c.create_run(make_spec(num_workers=1, staleness=-1))
         a = (await c.join("w", run.run_id)).assignment
         server.registry.shutting_down = True  # as PsServer.stop sets it first
@@ -289,7 +289,7 @@ async def test_a_port_change_told_during_a_parked_pull_does_not_disturb_it(serve
     """Heartbeats run beside pushes and pulls: news of another port must move the streams at their
     next operation, not close them under one."""
     assert server.data_plane is not None
-    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10, shm=False) as c:
         run = await c.create_run(make_spec(num_workers=2, staleness=0))
         a = (await c.join("a", run.run_id)).assignment
         b = (await c.join("b", run.run_id)).assignment
@@ -305,7 +305,7 @@ async def test_a_port_change_told_during_a_parked_pull_does_not_disturb_it(serve
             await other.push(run.run_id, b.rank, b.incarnation, 0, zeros)
         result = await asyncio.wait_for(parked, 5)
         assert result.guaranteed_clock >= 1
-        assert c.route.opened == {"tcp": 2, "grpc": 0, "tcp_unreachable": 0}
+        assert c.route.opened == {"shm": 0, "tcp": 2, "grpc": 0, "shm_unreachable": 0, "tcp_unreachable": 0}
 
 
 async def test_a_sender_stalled_mid_message_holds_one_push_slot_until_it_is_dropped(server_config: ServerConfig) -> None:
@@ -327,7 +327,7 @@ async def test_a_sender_stalled_mid_message_holds_one_push_slot_until_it_is_drop
         await asyncio.wait_for(loop.sock_recv(other, tcp.HELLO.size), 5)
         sending = asyncio.create_task(loop.sock_sendall(other, tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, 32 << 20)
                                                         + bytes(32 << 20)))  # more than the socket buffers hold
-        async with PsClient(f"127.0.0.1:{ps.port}", timeout=10) as c:  # a small push needs no slot
+        async with PsClient(f"127.0.0.1:{ps.port}", timeout=10, shm=False) as c:  # a small push needs no slot
             run = await c.create_run(make_spec(num_workers=1, staleness=-1))
             a = (await c.join("w", run.run_id)).assignment
             ack = await c.push(run.run_id, a.rank, a.incarnation, 0,
@@ -367,7 +367,7 @@ async def test_port_probes_that_close_before_the_hello_leave_no_error(server: Ps
     gc.collect()  # (an exception no one retrieved is logged when its task is collected)
     assert server.data_plane.statistics().open == 0
     assert not [r for r in caplog.records if "exception" in r.getMessage().lower()]
-    async with PsClient(server.address) as c:  # and it serves as before
+    async with PsClient(server.address, shm=False) as c:  # and it serves as before
         run = await c.create_run(make_spec(num_workers=1))
         a = (await c.join("w", run.run_id)).assignment
         grads = {p.name: np.zeros(tuple(p.shape), np.float32) for p in run.spec.params}
@@ -382,7 +382,7 @@ async def test_a_failure_of_the_server_itself_is_an_internal_status_not_a_hang_u
     def broken(*args: object, **kw: object) -> None:
         raise RuntimeError("a bug")
 
-    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10, shm=False) as c:
         run = await c.create_run(make_spec(shapes={"w": (3,)}, num_workers=1, staleness=-1))
         a = (await c.join("w", run.run_id)).assignment
         monkeypatch.setattr(Run, "push", broken)

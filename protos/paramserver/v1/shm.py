@@ -1,0 +1,124 @@
+"""The shared-memory data plane: the TCP data plane's streams for a worker on the server's host,
+with the messages' bytes in memory both processes map instead of in the socket.
+
+The precedent is BytePS's and NCCL's intra-machine shared memory and Ray's object store: on one
+host, copying a 23 MB model through a socket each way costs more CPU than the memory copies
+themselves. Here a push's bytes are written once by the worker into memory the server computes
+on in place (no copy at the server), and a pull's once by the server into memory the worker
+reads them from.
+
+The protocol (Linux; integers little-endian), a variant of ``paramserver.v1.tcp`` version 2:
+
+* The server listens on an abstract Unix socket (a name in the network namespace, no file),
+  ``\\0paramserver-`` and 32 random hex digits, new each time it starts, and tells it in
+  ``JoinResponse.shm_socket`` and ``HeartbeatResponse.shm_socket`` (empty: none). Abstract names
+  belong to a network namespace: a worker that can connect shares the server's host and namespace
+  (the embedded local cluster; containers sharing the server's network); one that cannot uses the
+  TCP data plane. The server takes connections only from its own user (``SO_PEERCRED``; root's
+  are taken too): who can write this memory can write the model.
+* A connection is one PushGradient or PullParams stream. Hello, frames, STATUS and the end of a
+  stream are as on TCP (``tcp``), with two more frame kinds:
+  - kind 3, SEGMENT (client to server): a 16-byte body, u64 ``request_bytes``, u64
+    ``response_bytes``, and exactly one file descriptor passed with it (``SCM_RIGHTS``): a memfd
+    of at least their sum, sealed against shrinking (``F_SEAL_SHRINK``; a server never maps
+    memory that could vanish under it). Its first ``request_bytes`` are the client's region,
+    the next ``response_bytes`` the server's. A later SEGMENT replaces it (to grow).
+  - kind 4, SHARED (both ways): a 16-byte body, u64 ``offset``, u64 ``length``: the message (the
+    bytes a MESSAGE frame would carry) is bytes [offset, offset + length) of the sender's region.
+* Turns: each side writes the messages of its turn at increasing, non-overlapping offsets of its
+  region, from 0 again with its first message after one from the other side. So a message's
+  bytes stay as they are until its reader sends its next message: the server computes on a push
+  in place and answers after it is applied (it copies what it keeps longer: gradients held for a
+  BSP clock); the client reads an answer before its next request. A message that does not fit
+  the rest of the region goes inline as a MESSAGE frame; the client then sends a larger SEGMENT.
+* Nothing has a name in the file system: a segment is freed by the kernel when the last process
+  holding it exits, however it exits (``kill -9`` included), so none can be left behind.
+
+Another language can speak it with ``memfd_create``, ``fcntl(F_ADD_SEALS)``, ``sendmsg`` with
+``SCM_RIGHTS`` and ``mmap`` (C, Go, Rust, Java through a native call); Node's standard library
+cannot pass descriptors, so the Node worker uses TCP.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+
+__all__ = ["MESSAGE_BYTES", "REGION", "SEGMENT", "SHARED", "Segment", "available", "create_segment", "map_segment", "name_for"]
+
+SEGMENT = 3
+SHARED = 4
+REGION = struct.Struct("<QQ")
+"""The body of SEGMENT (request_bytes, response_bytes) and of SHARED (offset, length)."""
+MESSAGE_BYTES = 32 << 20
+"""Payload bytes per message that both sides write (fewer, larger messages than on TCP: nothing is
+allocated for a shared one, and an inline one stays below the default 64 MiB message limit)."""
+PAGE = mmap.PAGESIZE
+PREFIX = "paramserver-"
+
+
+def available() -> bool:
+    """Whether this system can offer it (Linux: memfd, seals, descriptor passing)."""
+    return hasattr(os, "memfd_create") and hasattr(fcntl, "F_ADD_SEALS") and hasattr(os, "MFD_ALLOW_SEALING")
+
+
+def name_for(token: str) -> str:
+    """The abstract socket address (leading NUL) of a server's name as told to workers."""
+    return "\0" + token
+
+
+def round_up(n: int) -> int:
+    return -(-max(n, 1) // PAGE) * PAGE
+
+
+class Segment:
+    """A mapped segment: ``request`` and ``response`` are byte views of the two regions."""
+
+    def __init__(self, mm: mmap.mmap, request_bytes: int, response_bytes: int) -> None:
+        self._mm = mm
+        view = memoryview(mm)
+        self.request = view[:request_bytes]
+        self.response = view[request_bytes:request_bytes + response_bytes]
+
+    def close(self) -> None:
+        """Unmap now if nothing else holds a view (else when the last view goes)."""
+        self.request.release()
+        self.response.release()
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # numpy views of it live on: the mapping goes with the last of them
+
+
+def create_segment(request_bytes: int, response_bytes: int) -> tuple[int, Segment]:
+    """A new sealed memfd of the two regions, mapped: (its descriptor, to send and then close; the mapping)."""
+    fd = os.memfd_create("paramserver-segment", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, request_bytes + response_bytes)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+        mm = mmap.mmap(fd, request_bytes + response_bytes)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, Segment(mm, request_bytes, response_bytes)
+
+
+def map_segment(fd: int, request_bytes: int, response_bytes: int, max_bytes: int) -> Segment:
+    """Map a client's segment (the server's side); ValueError, saying what is wrong, when it is not
+    one this protocol allows. Does not close ``fd``."""
+    total = request_bytes + response_bytes
+    if not request_bytes or not response_bytes or total > max_bytes:
+        raise ValueError(f"a segment of {request_bytes} + {response_bytes} bytes: each region must be non-empty "
+                         f"and both at most {max_bytes} bytes")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise ValueError("the descriptor passed with SEGMENT is not a memfd: create it with memfd_create") from None
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise ValueError("the segment is not sealed against shrinking: add F_SEAL_SHRINK before sending it")
+    size = os.fstat(fd).st_size
+    if size < total:
+        raise ValueError(f"the segment holds {size} bytes, fewer than its regions' {total}")
+    return Segment(mmap.mmap(fd, total), request_bytes, response_bytes)

@@ -1,0 +1,203 @@
+"""The server's end of the shared-memory data plane (``paramserver.v1.shm`` specifies it).
+
+The TCP data plane's server, on an abstract Unix socket, with the message bytes in segments the
+clients pass: everything but the link (accepting, streams, slots, statuses, the socket watch,
+the stream cap) is ``tcp_plane``'s, and the semantics are the data plane's as on every transport.
+A request in the client's region is decoded in place (the push's gradient is applied from the
+client's memory: ``Caller.borrowed`` makes the data plane copy what it keeps longer); a response
+is copied into the client's response region in one go on the event loop, so it holds whole
+tensors of one moment (no step runs in the middle of it).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+
+import numpy as np
+
+from paramserver.v1 import shm, tcp, wire
+
+from .dataplane import Caller, DataPlane
+from .tcp_plane import TcpDataPlane, _Link
+
+__all__ = ["ShmDataPlane"]
+
+log = logging.getLogger("ps_server")
+
+_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_ALIGN = 64
+_MAX_FDS = 4
+_INLINE = 4096
+"""Responses up to this size (a push's acknowledgement) go inline: cheaper than a copy and a
+SHARED frame."""
+
+
+class _ShmLink(_Link):
+    """One connection: frames on the socket (descriptors received with them), bodies in the segment."""
+
+    def __init__(self, conn: socket.socket, stall: float, max_segment: int) -> None:
+        super().__init__(conn, stall)
+        self._max_segment = max_segment
+        self.segment: shm.Segment | None = None
+        self._out = 0
+        """Where the next response goes in the response region (0 again after each request)."""
+
+    async def _recv(self, view: memoryview, fds: list[int], stall: float | None) -> None:
+        """Fill ``view``, keeping any descriptors that come with the bytes in ``fds``."""
+        loop = asyncio.get_running_loop()
+        got = 0
+        while got < view.nbytes:
+            try:
+                k, anc, flags, _ = self.conn.recvmsg_into([view[got:]], socket.CMSG_SPACE(_MAX_FDS * 4))
+            except BlockingIOError:
+                await _readable(loop, self.conn, stall if got else None)
+                continue
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
+            if flags & socket.MSG_CTRUNC:
+                raise ValueError(f"more than {_MAX_FDS} descriptors came with one frame: SEGMENT passes exactly one")
+            if k == 0:
+                raise ConnectionError("the connection was closed")
+            got += k
+
+    async def read(self, max_bytes: int, reserve: Callable[[int], Awaitable[None]]) -> memoryview:
+        while True:
+            fds: list[int] = []
+            try:
+                header = bytearray(tcp.FRAME.size)
+                await self._recv(memoryview(header), fds, None)
+                kind, _, _, _, length = tcp.FRAME.unpack(header)
+                if kind == tcp.MESSAGE:  # inline (it did not fit the region)
+                    if length > max_bytes:
+                        raise tcp.FrameTooLarge(f"a message of {length} bytes is larger than the server's limit of "
+                                                f"{max_bytes} bytes")
+                    await reserve(length)
+                    body = np.empty(length, np.uint8).data
+                    await self._recv(body, fds, self.stall)
+                    self._check_no_fds(fds, "MESSAGE")
+                    self._out = 0
+                    return body
+                if kind not in (shm.SHARED, shm.SEGMENT) or length != shm.REGION.size:
+                    raise ValueError(f"unknown frame kind {kind} with {length} bytes: a client sends MESSAGE, "
+                                     "SEGMENT or SHARED frames (the last two with 16-byte bodies)")
+                region = bytearray(shm.REGION.size)
+                await self._recv(memoryview(region), fds, self.stall)
+                a, b = shm.REGION.unpack(region)
+                if kind == shm.SEGMENT:
+                    self._map(fds, a, b)
+                    continue
+                self._check_no_fds(fds, "SHARED")
+                seg = self.segment
+                if seg is None:
+                    raise ValueError("a SHARED frame before any SEGMENT: pass the segment first")
+                if a + b > seg.request.nbytes:
+                    raise ValueError(f"a SHARED message at [{a}, {a + b}) is outside the request region of "
+                                     f"{seg.request.nbytes} bytes")
+                self._out = 0
+                return seg.request[a : a + b]
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    @staticmethod
+    def _check_no_fds(fds: list[int], kind: str) -> None:
+        if fds:
+            raise ValueError(f"descriptors came with a {kind} frame: only SEGMENT passes one")
+
+    def _map(self, fds: list[int], request_bytes: int, response_bytes: int) -> None:
+        if len(fds) != 1:
+            raise ValueError(f"SEGMENT came with {len(fds)} descriptors: pass exactly one (a sealed memfd)")
+        segment = shm.map_segment(fds[0], request_bytes, response_bytes, self._max_segment)
+        if self.segment is not None:
+            self.segment.close()  # (views of it still in use keep it mapped until they go)
+        self.segment = segment
+        self._out = 0
+
+    async def send(self, parts: list[wire.Part]) -> None:
+        n = wire.parts_len(parts)
+        seg = self.segment
+        if n <= _INLINE or seg is None or self._out + n > seg.response.nbytes:
+            await super().send(parts)
+            return
+        at = i = self._out
+        dst = seg.response
+        for p in parts:  # one go, no await: whole tensors of one moment
+            v = memoryview(p).cast("B")
+            dst[i : i + v.nbytes] = v
+            i += v.nbytes
+        self._out = -(-i // _ALIGN) * _ALIGN
+        await tcp.send_parts(self.conn, [tcp.FRAME.pack(shm.SHARED, 0, 0, 0, shm.REGION.size),
+                                         shm.REGION.pack(at, n)], self.stall)
+
+    def close(self) -> None:
+        if self.segment is not None:
+            self.segment.close()
+            self.segment = None
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket, stall: float | None) -> None:
+    fut: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(fd, ready)
+    try:
+        async with asyncio.timeout(stall):
+            await fut
+    except TimeoutError:
+        raise TimeoutError(f"the peer sent nothing for {stall:.0f}s in the middle of a frame") from None
+    finally:
+        loop.remove_reader(fd)
+
+
+class ShmDataPlane(TcpDataPlane):
+    """``listen`` starts it on a new abstract name (``name``, told to workers); ``close`` ends every connection."""
+
+    _caller = Caller("shm", borrowed=True, chunk_bytes=shm.MESSAGE_BYTES)
+
+    def __init__(self, dataplane: DataPlane, max_message_bytes: int, closing: Callable[[], bool],
+                 stall_seconds: float, max_segment_bytes: int) -> None:
+        """``max_segment_bytes``: the largest segment a client may pass (it is mapped, not allocated)."""
+        super().__init__(dataplane, max_message_bytes, closing, stall_seconds)
+        self._max_segment = max_segment_bytes
+        self.name = ""
+
+    def listen(self) -> str:
+        """Listen on a new abstract Unix socket; its name. OSError when it cannot."""
+        name = shm.PREFIX + secrets.token_hex(16)
+        lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            lsock.bind(shm.name_for(name))
+        except OSError:
+            lsock.close()
+            raise
+        self._listen(lsock)
+        self.name = name
+        return name
+
+    def _admit(self, conn: socket.socket) -> bool:
+        pid, uid, _ = _CREDENTIALS.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size))
+        if uid not in (os.getuid(), 0):
+            log.warning("shared-memory data plane: refused process %d of user %d (only this server's user, %d, "
+                        "or root may write its memory)", pid, uid, os.getuid())
+            return False
+        conn.setblocking(False)
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.SOL_SOCKET, opt, 1 << 20)
+        return True
+
+    def _link(self, conn: socket.socket) -> _Link:
+        return _ShmLink(conn, self._stall, self._max_segment)

@@ -1,0 +1,174 @@
+"""The shared-memory data plane (paramserver.v1.shm): used once a join tells its name, TCP when it
+cannot be reached or is off, its framing's own errors, BSP gradients kept past the client's next
+write, and no memory left mapped by a stream that ended.
+
+The PushGradient / PullParams semantics over it (exactly-once, SSP, bad input, big models, tables)
+are tested by the data-plane, bad-input and tables suites, which run every test over each
+transport (``client`` fixture in conftest.py); kill -9 of either side: tests/system/test_shm_faults.py."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import socket
+import struct
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from support import make_spec
+
+from paramserver.client import PsClient
+from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1 import shm, tcp
+from ps_server.config import ServerConfig
+from ps_server.server import PsServer, start_server
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def segments(pid: int | str = "self") -> int:
+    """Shared-memory segments (distinct memfds of this protocol) ``pid`` maps now."""
+    lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return len({line.split()[4] for line in lines if "memfd:paramserver-segment" in line})
+
+
+async def test_pushes_and_pulls_go_through_shared_memory_once_join_tells_the_name(server: PsServer) -> None:
+    assert server.shm_plane is not None and server.shm_plane.name.startswith("paramserver-")
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+        run = await c.create_run(make_spec(shapes={"w": (3000, 1000), "b": (7,)}, num_workers=1, staleness=-1,
+                                           lr=1.0, init=pb.INITIALIZER_ZEROS))
+        assert c.route.transport == "grpc"  # nothing known yet
+        joined = await c.join("w", run.run_id)
+        a = joined.assignment
+        assert joined.shm_socket == server.shm_plane.name and c.route.transport == "shm"
+        g = {"w": np.arange(3_000_000, dtype=np.float32).reshape(3000, 1000), "b": np.ones(7, np.float32)}
+        ack = await c.push(run.run_id, a.rank, a.incarnation, 0, g)  # 12 MB: larger than the first segment
+        assert ack.clock == 1 and not ack.duplicate
+        assert (await c.push(run.run_id, a.rank, a.incarnation, 0, g)).duplicate
+        pulled = await c.pull(run.run_id, a.rank, a.incarnation, 1)
+        np.testing.assert_array_equal(pulled.tensors["w"], -g["w"])
+        params: dict[str, np.ndarray] = {}
+        for clock in (1, 2):  # the second round: the segment has grown to fit, everything in it
+            _, both = await c.push_pull(run.run_id, a.rank, a.incarnation, clock, g, into=params)
+            np.testing.assert_array_equal(both.tensors["w"], -(clock + 1) * g["w"])
+            np.testing.assert_array_equal(params["b"], -(clock + 1) * g["b"])
+        assert c.route.opened == {"shm": 2, "tcp": 0, "grpc": 0, "shm_unreachable": 0, "tcp_unreachable": 0}
+        assert server.shm_plane.statistics().connections == 2
+        assert [w.data_plane for w in (await c.get_run(run.run_id)).workers] == ["shm"]  # psctl status shows it
+        assert segments() == 2  # each stream's segment (both ends in this process); the outgrown ones unmapped
+    for _ in range(50):  # the client went: the server unmaps its segments as the streams end
+        if segments() == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert segments() == 0
+
+
+async def test_an_unreachable_shm_socket_falls_back_to_tcp_and_no_shm_turns_it_off(
+        server: PsServer, server_config: ServerConfig) -> None:
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+        run = await c.create_run(make_spec(num_workers=1, staleness=-1))
+        a = (await c.join("w", run.run_id)).assignment
+        c.route.shm_socket = "paramserver-" + "0" * 32  # as if on another host: nobody listens there
+        p = await c.pull(run.run_id, a.rank, a.incarnation, 0)
+        await c.push(run.run_id, a.rank, a.incarnation, 0, {n: np.ones_like(v) for n, v in p.tensors.items()})
+        assert c.route.opened == {"shm": 0, "tcp": 2, "grpc": 0, "shm_unreachable": 1, "tcp_unreachable": 0}
+        assert [w.data_plane for w in (await c.get_run(run.run_id)).workers] == ["tcp"]
+        hb = await c.heartbeat(run.run_id, a.rank, a.incarnation, 1)  # tells the real name: shm again
+        assert hb.shm_socket == c.route.shm_socket == server.shm_plane.name  # type: ignore[union-attr]
+        await c.pull(run.run_id, a.rank, a.incarnation, 1)
+        assert c.route.opened["shm"] == 1
+    off = await start_server(dataclasses.replace(server_config, shm=False))
+    try:
+        assert off.shm_plane is None
+        async with PsClient(f"127.0.0.1:{off.port}", timeout=10) as c:
+            run = await c.create_run(make_spec(num_workers=1, staleness=-1))
+            joined = await c.join("w", run.run_id)
+            assert joined.shm_socket == "" and c.route.transport == "tcp"
+    finally:
+        await off.stop(0)
+
+
+async def test_bsp_keeps_a_held_gradient_when_the_client_writes_its_region_again(server: PsServer) -> None:
+    """At s = 0 a push is held until every rank pushed its clock: the server copies it, since the
+    client may write the same region meanwhile (here: a retried push of other values)."""
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c0, \
+            PsClient(f"127.0.0.1:{server.port}", timeout=10) as c1:
+        run = await c0.create_run(make_spec(shapes={"w": (300, 300)}, num_workers=2, staleness=0, lr=1.0,
+                                            init=pb.INITIALIZER_ZEROS))
+        a0 = (await c0.join("a", run.run_id)).assignment
+        a1 = (await c1.join("b", run.run_id)).assignment
+        ones = np.ones((300, 300), np.float32)  # > 64 KiB: decoded in place (wire.SMALL_MESSAGE)
+        await c0.push(run.run_id, a0.rank, a0.incarnation, 0, {"w": ones})
+        dup = await c0.push(run.run_id, a0.rank, a0.incarnation, 0, {"w": 1000 * ones})  # same region, other bytes
+        assert dup.duplicate
+        await c1.push(run.run_id, a1.rank, a1.incarnation, 0, {"w": 3 * ones})
+        pulled = await c1.pull(run.run_id, a1.rank, a1.incarnation, 1)
+        np.testing.assert_array_equal(pulled.tensors["w"], -2 * ones)  # the mean of 1 and 3, not of 1000
+        assert c0.route.opened["shm"] == 1
+
+
+def _connect(server: PsServer, method: int = tcp.METHOD_PUSH) -> socket.socket:
+    assert server.shm_plane is not None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.connect(shm.name_for(server.shm_plane.name))
+    sock.sendall(tcp.hello(method))
+    assert sock.recv(tcp.HELLO.size) == tcp.hello(method)
+    return sock
+
+
+def _frame(kind: int, body: bytes) -> bytes:
+    return tcp.FRAME.pack(kind, 0, 0, 0, len(body)) + body
+
+
+def _status(sock: socket.socket) -> tuple[grpc.StatusCode, str]:
+    data = b""
+    while chunk := sock.recv(1 << 16):
+        data += chunk
+    kind, _, _, code, length = tcp.FRAME.unpack(data[: tcp.FRAME.size])
+    assert kind == tcp.STATUS
+    status = pb.Status.FromString(data[tcp.FRAME.size : tcp.FRAME.size + length])
+    return {c.value[0]: c for c in grpc.StatusCode}[code], status.message
+
+
+def _memfd(size: int, seal: bool) -> int:
+    import fcntl
+
+    fd = os.memfd_create("test", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    if seal:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    return fd
+
+
+@pytest.mark.parametrize("case", ["shared_first", "no_fd", "unsealed", "outside", "unknown_kind"])
+async def test_bad_frames_end_the_stream_with_a_status_that_says_what_to_fix(server: PsServer, case: str) -> None:
+    sock = await asyncio.to_thread(_connect, server)
+    region = shm.REGION.pack(4096, 4096)
+    try:
+        if case == "shared_first":
+            sock.sendall(_frame(shm.SHARED, shm.REGION.pack(0, 10)))
+        elif case == "no_fd":
+            sock.sendall(_frame(shm.SEGMENT, region))
+        elif case in ("unsealed", "outside"):
+            fd = _memfd(8192, seal=case == "outside")
+            socket.send_fds(sock, [_frame(shm.SEGMENT, region)], [fd])
+            os.close(fd)
+            if case == "outside":
+                sock.sendall(_frame(shm.SHARED, shm.REGION.pack(4000, 200)))
+        else:
+            sock.sendall(_frame(9, struct.pack("<QQ", 0, 0)))
+        code, message = await asyncio.to_thread(_status, sock)
+    finally:
+        sock.close()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert {"shared_first": "before any SEGMENT", "no_fd": "exactly one", "unsealed": "F_SEAL_SHRINK",
+            "outside": "outside the request region", "unknown_kind": "unknown frame kind"}[case] in message
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:  # and it serves as before
+        run = await c.create_run(make_spec(num_workers=1, staleness=-1))
+        a = (await c.join("w", run.run_id)).assignment
+        await c.pull(run.run_id, a.rank, a.incarnation, 0)
+        assert c.route.opened["shm"] == 1
