@@ -100,6 +100,7 @@ class PsClient:
         self.address = address
         self.security = sec
         self.data_plane = data_plane
+        self.shm = shm
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
         self.max_message_bytes = max_message_bytes

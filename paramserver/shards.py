@@ -69,18 +69,18 @@ class Shards:
         def connect(shard: pb.Shard) -> PsClient:
             c = PsClient(shard.address, timeout=client.timeout, chunk_bytes=client.chunk_bytes,
                          max_message_bytes=client.max_message_bytes, security=client.security,
-                         data_plane=client.data_plane)
-            c.route.told(shard.data_port)
+                         data_plane=client.data_plane, shm=client.shm)
+            c.route.told(shard.data_port, shard.shm_socket)
             return c
 
         return cls(shard_map, {p.name: tuple(p.shape) for p in spec.params}, connect, spec.staleness,
                    {p.name: tuple(p.shape) for p in spec.params if p.table})
 
     async def refresh(self, client: PsClient, run_id: str) -> None:
-        """Learn every shard's data plane port again (a restarted server may have another)."""
+        """Learn every shard's data planes again (a restarted server may have others)."""
         run = await client.get_run(run_id)
         for c, shard in zip(self.clients, run.shard_map.shards, strict=False):
-            c.route.told(shard.data_port)
+            c.route.told(shard.data_port, shard.shm_socket)
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)

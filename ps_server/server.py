@@ -223,13 +223,14 @@ async def start_server(config: ServerConfig) -> PsServer:
     else:
         if addresses:
             cluster = ClusterOwner(registry, addresses, peers, split_bytes=config.split_bytes,
-                                   shard_timeout=config.shard_timeout, data_port=data_port, checkpointer=checkpointer)
+                                   shard_timeout=config.shard_timeout, data_port=data_port, shm_socket=shm_socket,
+                                   checkpointer=checkpointer)
             cluster.resumed([run for run in resumed if run.held])
         add_control(server, Control(registry, max_wait=config.max_wait_seconds, lease_seconds=config.lease_seconds,
                                     heartbeat_seconds=config.heartbeat_seconds, checkpointer=checkpointer,
                                     data_port=data_port, shm_socket=shm_socket, cluster=cluster))
     if addresses:
-        add_cluster(server, ShardService(registry, addresses, config.index, data_port, checkpointer))
+        add_cluster(server, ShardService(registry, addresses, config.index, data_port, checkpointer, shm_socket))
     add_data(server, dataplane)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -30,9 +30,11 @@ def worker_state_from_proto(state: int) -> WorkerState:
     return _WORKER_STATES[state]  # type: ignore[index]
 
 
-def shard_map_to_proto(shard_map: ShardMap, addresses: Sequence[str], data_ports: Sequence[int]) -> pb.ShardMap:
+def shard_map_to_proto(shard_map: ShardMap, addresses: Sequence[str], data_ports: Sequence[int],
+                       shm_sockets: Sequence[str] = ()) -> pb.ShardMap:
     return pb.ShardMap(shards=[
         pb.Shard(index=i, address=addresses[i] if i < len(addresses) else "", data_port=data_ports[i] if i < len(data_ports) else 0,
+                 shm_socket=shm_sockets[i] if i < len(shm_sockets) else "",
                  pieces=[pb.Piece(name=pc.name, row_start=pc.start, row_end=pc.end) for pc in pieces])
         for i, pieces in enumerate(shard_map.shards)
     ])

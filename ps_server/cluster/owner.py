@@ -71,6 +71,7 @@ _RATE_WINDOW = 5
 class ClusterOwner:
     def __init__(self, registry: RunRegistry, addresses: Sequence[str], peers: Sequence[PeerLink], *,
                  split_bytes: int, shard_timeout: float, data_port: Callable[[], int],
+                 shm_socket: Callable[[], str] = lambda: "",
                  checkpointer: Checkpointer | None = None, poll: float = 1.0, call_timeout: float = 5.0) -> None:
         """``peers``: links to servers 1.. in index order."""
         self._registry = registry
@@ -79,9 +80,11 @@ class ClusterOwner:
         self._split_bytes = split_bytes
         self._shard_timeout = shard_timeout
         self._data_port = data_port
+        self._shm_socket = shm_socket
         self._poll = poll
         self._timeout = call_timeout
         self._ports = [0] * len(self.addresses)
+        self._shm = [""] * len(self.addresses)
         self._sent: dict[tuple[str, int], tuple[object, ...]] = {}
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
         self._status: dict[tuple[str, int], pb.ShardStatus] = {}
@@ -121,14 +124,14 @@ class ClusterOwner:
             raise failed[0]
         for peer, resp in zip(self._peers, results, strict=True):
             assert isinstance(resp, cpb.CreateShardResponse)
-            self._ports[peer.index] = resp.data_port
+            self._ports[peer.index], self._shm[peer.index] = resp.data_port, resp.shm_socket
         return self._registry.add(run)
 
     def shard_map(self, run: Run) -> pb.ShardMap:
         """``run``'s shard map with every server's address and TCP data plane port as last heard."""
         assert run.placement is not None
-        self._ports[0] = self._data_port()
-        return messages.shard_map_to_proto(run.placement.shard_map, self.addresses, self._ports)
+        self._ports[0], self._shm[0] = self._data_port(), self._shm_socket()
+        return messages.shard_map_to_proto(run.placement.shard_map, self.addresses, self._ports, self._shm)
 
     async def delete(self, run_id: str) -> None:
         """Have every other server forget its shard (best effort: a server that does not answer
@@ -250,7 +253,7 @@ class ClusterOwner:
                                     f"{self._shard_timeout:g}): its shard of the run is out of reach ({exc})")
                 return  # the next run would wait as long again
             self._silent_since.pop(peer.index, None)
-            self._ports[peer.index] = resp.data_port
+            self._ports[peer.index], self._shm[peer.index] = resp.data_port, resp.shm_socket
             self._cuts[key] = list(resp.cuts)
             if resp.resumed and not run.state.finished:
                 self._rollbacks.setdefault(run.run_id, (f"{peer.name} restarted", None, None))

@@ -60,11 +60,12 @@ async def restore(registry: RunRegistry, checkpointer: Checkpointer, run_id: str
 
 class ShardService:
     def __init__(self, registry: RunRegistry, cluster: Sequence[str], index: int, data_port: Callable[[], int],
-                 checkpointer: Checkpointer | None = None) -> None:
+                 checkpointer: Checkpointer | None = None, shm_socket: Callable[[], str] = lambda: "") -> None:
         self._registry = registry
         self._cluster = list(cluster)
         self._index = index
         self._data_port = data_port
+        self._shm_socket = shm_socket
         self._checkpointer = checkpointer
 
     async def CreateShard(self, request: cpb.CreateShardRequest) -> cpb.CreateShardResponse:
@@ -91,7 +92,7 @@ class ShardService:
                                                 request.created.ToNanoseconds() / 1e9)
         log.info("holding shard %d of %s: %d bytes", self._index, run.run_id, run.store.nbytes,
                  extra={"run": run.run_id})
-        return cpb.CreateShardResponse(data_port=self._data_port())
+        return cpb.CreateShardResponse(data_port=self._data_port(), shm_socket=self._shm_socket())
 
     async def UpdateShard(self, request: cpb.UpdateShardRequest) -> cpb.UpdateShardResponse:
         run = self._registry.get(request.run_id)
@@ -114,6 +115,7 @@ class ShardService:
             cuts = self._checkpointer.store.cuts(run.run_id)
         return cpb.GetShardResponse(status=messages.shard_status(run, self._cluster[self._index]),
                                     resumed=bool(run.held), data_port=self._data_port(),
+                                    shm_socket=self._shm_socket(),
                                     cuts=cuts)
 
     def _checkpoints(self) -> Checkpointer:

@@ -82,6 +82,9 @@ async def test_a_run_is_placed_over_the_servers_and_starts_where_one_server_woul
             big = [(s.index, pc.row_start, pc.row_end) for s in got.shard_map.shards for pc in s.pieces
                    if pc.name == "big"]
             assert big == [(0, 0, 334), (1, 334, 667), (2, 667, 1000)]
+            # each shard's data planes, for workers: TCP, and shared memory on its host
+            assert [(sh.data_port, sh.shm_socket) for sh in got.shard_map.shards] == \
+                [(s.data_plane.port, s.shm_plane.name) for s in servers]  # type: ignore[union-attr]
             held = [sorted(pc.name for pc in s.pieces) for s in got.shard_map.shards]
             assert sum(n.count("mid") for n in held) == 1 and sum(n.count("c") for n in held) == 1
             assert [s.bytes_held for s in got.shards] == [s.registry.get(run.run_id).store.nbytes for s in servers]
@@ -293,6 +296,7 @@ async def test_a_model_larger_than_one_server_is_refused_by_one_and_trained_by_t
             for clock in range(3):
                 await plane.pull(run.run_id, a.rank, a.incarnation, clock)
                 await plane.push(run.run_id, a.rank, a.incarnation, clock, {"w": np.ones(shapes["w"], np.float32)})
+            assert [sc.route.opened["shm"] for sc in plane.clients] == [2, 2]  # each server's, through shared memory
             await plane.close()
             assert all(s.registry.get(run.run_id).store.nbytes <= 50_000 for s in servers)
 

@@ -29,10 +29,12 @@ class CreateShardRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[_paramserver_pb2.RunSpec, _Mapping]] = ..., shard_map: _Optional[_Union[_paramserver_pb2.ShardMap, _Mapping]] = ..., index: _Optional[int] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., checkpoints: _Optional[bool] = ..., checkpoint_every: _Optional[int] = ...) -> None: ...
 
 class CreateShardResponse(_message.Message):
-    __slots__ = ("data_port",)
+    __slots__ = ("data_port", "shm_socket")
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    SHM_SOCKET_FIELD_NUMBER: _ClassVar[int]
     data_port: int
-    def __init__(self, data_port: _Optional[int] = ...) -> None: ...
+    shm_socket: str
+    def __init__(self, data_port: _Optional[int] = ..., shm_socket: _Optional[str] = ...) -> None: ...
 
 class RankUpdate(_message.Message):
     __slots__ = ("rank", "incarnation", "state", "clock", "worker_name")
@@ -75,16 +77,18 @@ class GetShardRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., keep_cuts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetShardResponse(_message.Message):
-    __slots__ = ("status", "resumed", "data_port", "cuts")
+    __slots__ = ("status", "resumed", "data_port", "cuts", "shm_socket")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     CUTS_FIELD_NUMBER: _ClassVar[int]
+    SHM_SOCKET_FIELD_NUMBER: _ClassVar[int]
     status: _paramserver_pb2.ShardStatus
     resumed: bool
     data_port: int
     cuts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, status: _Optional[_Union[_paramserver_pb2.ShardStatus, _Mapping]] = ..., resumed: _Optional[bool] = ..., data_port: _Optional[int] = ..., cuts: _Optional[_Iterable[int]] = ...) -> None: ...
+    shm_socket: str
+    def __init__(self, status: _Optional[_Union[_paramserver_pb2.ShardStatus, _Mapping]] = ..., resumed: _Optional[bool] = ..., data_port: _Optional[int] = ..., cuts: _Optional[_Iterable[int]] = ..., shm_socket: _Optional[str] = ...) -> None: ...
 
 class DeleteShardRequest(_message.Message):
     __slots__ = ("run_id",)

@@ -418,16 +418,18 @@ class Piece(_message.Message):
     def __init__(self, name: _Optional[str] = ..., row_start: _Optional[int] = ..., row_end: _Optional[int] = ...) -> None: ...
 
 class Shard(_message.Message):
-    __slots__ = ("index", "address", "data_port", "pieces")
+    __slots__ = ("index", "address", "data_port", "pieces", "shm_socket")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     PIECES_FIELD_NUMBER: _ClassVar[int]
+    SHM_SOCKET_FIELD_NUMBER: _ClassVar[int]
     index: int
     address: str
     data_port: int
     pieces: _containers.RepeatedCompositeFieldContainer[Piece]
-    def __init__(self, index: _Optional[int] = ..., address: _Optional[str] = ..., data_port: _Optional[int] = ..., pieces: _Optional[_Iterable[_Union[Piece, _Mapping]]] = ...) -> None: ...
+    shm_socket: str
+    def __init__(self, index: _Optional[int] = ..., address: _Optional[str] = ..., data_port: _Optional[int] = ..., pieces: _Optional[_Iterable[_Union[Piece, _Mapping]]] = ..., shm_socket: _Optional[str] = ...) -> None: ...
 
 class ShardMap(_message.Message):
     __slots__ = ("shards",)
