@@ -163,7 +163,8 @@ def one(args: argparse.Namespace, n_servers: int) -> dict[str, Any]:
                 assert "listening on" in srv.stdout.readline(), "a server did not start"
             address, servers = addresses[0], [s.pid for s in started]
             ws = [subprocess.Popen([sys.executable, "-m", "worker.main", "--server", address, "--once",
-                                    "--log-level", "ERROR"], cwd=ROOT, env=ENV) for _ in range(WORKERS)]
+                                    "--log-level", "ERROR", *args.worker_arg], cwd=ROOT, env=ENV)
+                  for _ in range(WORKERS)]
             procs += ws  # type: ignore[arg-type]
             workers = [w.pid for w in ws]
 
@@ -188,9 +189,10 @@ def one(args: argparse.Namespace, n_servers: int) -> dict[str, Any]:
                 p.wait()
 
 
-def compute_only(seconds: float) -> float:
-    """Iterations/s of one process doing the 4 ranks' digits MLP-64 gradients and local SGD updates
-    (as ``bench/small_model.py``'s reference), in a subprocess with 1 BLAS thread."""
+def compute_only(seconds: float, procs: int = 1) -> float:
+    """Iterations/s of ``procs`` processes at once (1 BLAS thread each), each doing the 4 ranks'
+    digits MLP-64 gradients and local SGD updates (as ``bench/small_model.py``'s reference), summed.
+    ``procs`` = 4 is the issue's "compute-only": W processes training their own copies, both cores busy."""
     code = f"""
 import json, sys, time
 sys.path.insert(0, {str(ROOT)!r})
@@ -217,8 +219,9 @@ while time.perf_counter() - t0 < {seconds}:
     clock += 1
 print(json.dumps(n / (time.perf_counter() - t0)))
 """
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, check=True)
-    return float(json.loads(out.stdout))
+    runs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
+            for _ in range(procs)]
+    return sum(float(json.loads(r.communicate()[0])) for r in runs)
 
 
 def table(results: list[dict[str, Any]], compute: list[float]) -> str:
@@ -258,6 +261,9 @@ def main() -> None:
     ap.add_argument("--compute-only", action="store_true",
                     help="also time the compute-only reference after each round, and give the ratio")
     ap.add_argument("--compute-seconds", type=float, default=3.0)
+    ap.add_argument("--compute-procs", type=int, default=1,
+                    help="compute-only processes at once (4: W processes, both cores busy, the issue's reference)")
+    ap.add_argument("--worker-arg", action="append", default=[], help="passed to each ps-worker (e.g. --no-shm)")
     ap.add_argument("--profile", type=Path, metavar="DIR",
                     help="record py-spy of server 0 and one worker during the window into DIR (skews the figures)")
     ap.add_argument("--json", type=Path)
@@ -275,7 +281,7 @@ def main() -> None:
             who = "psctl launch --local" if args.psctl else f"ps-server{f' x {n}' if n > 1 else ''} + {WORKERS} ps-worker"
             print(f"{who}: {describe(r, WORKERS)}", flush=True)
         if args.compute_only:
-            c = compute_only(args.compute_seconds)
+            c = compute_only(args.compute_seconds, args.compute_procs)
             compute.append(c)
             for r in round_:
                 r["compute_its"] = c

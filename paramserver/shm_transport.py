@@ -104,6 +104,7 @@ class ShmCall(TcpCall):
 
     async def read(self) -> memoryview:
         self._reading = True
+        self.settle()
         try:
             header = bytearray(tcp.FRAME.size)
             await tcp.recv_exact(self.sock, memoryview(header))

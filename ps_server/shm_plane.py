@@ -12,7 +12,6 @@ tensors of one moment (no step runs in the middle of it).
 from __future__ import annotations
 
 import array
-import asyncio
 import contextlib
 import logging
 import os
@@ -52,13 +51,12 @@ class _ShmLink(_Link):
 
     async def _recv(self, view: memoryview, fds: list[int], stall: float | None) -> None:
         """Fill ``view``, keeping any descriptors that come with the bytes in ``fds``."""
-        loop = asyncio.get_running_loop()
         got = 0
         while got < view.nbytes:
             try:
                 k, anc, flags, _ = self.conn.recvmsg_into([view[got:]], socket.CMSG_SPACE(_MAX_FDS * 4))
             except BlockingIOError:
-                await _readable(loop, self.conn, stall if got else None)
+                await self.watch.readable(stall if got else None)
                 continue
             for level, kind, data in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -142,24 +140,6 @@ class _ShmLink(_Link):
         if self.segment is not None:
             self.segment.close()
             self.segment = None
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket, stall: float | None) -> None:
-    fut: asyncio.Future[None] = loop.create_future()
-    fd = sock.fileno()
-
-    def ready() -> None:
-        if not fut.done():
-            fut.set_result(None)
-
-    loop.add_reader(fd, ready)
-    try:
-        async with asyncio.timeout(stall):
-            await fut
-    except TimeoutError:
-        raise TimeoutError(f"the peer sent nothing for {stall:.0f}s in the middle of a frame") from None
-    finally:
-        loop.remove_reader(fd)
 
 
 class ShmDataPlane(TcpDataPlane):

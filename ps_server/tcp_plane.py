@@ -75,16 +75,85 @@ class TcpStatistics:
     """Streams open now."""
 
 
+class _Watch:
+    """A stream's socket, watched by one reader callback from its first request to its end (not
+    registered and removed again per request: two system calls and the selector's bookkeeping
+    saved per message). A read waits on it; while nobody reads (the data plane works on a request,
+    a pull parks), readable means the client closed the connection (the handler is cancelled, as
+    gRPC cancels a call whose client is gone) or sent more (the watch steps aside until the next
+    read, so that data nobody reads yet does not wake the loop again and again)."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.serving: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._fd = conn.fileno()
+        self._waiter: asyncio.Future[None] | None = None
+        self._on = False
+
+    def _ready(self) -> None:
+        if self._waiter is not None:
+            if not self._waiter.done():
+                self._waiter.set_result(None)
+            return
+        try:
+            data = self.conn.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self.close()  # data: the next read sees it (and any end after it)
+        if not data and self.serving is not None:
+            self.serving.cancel()
+
+    def watch(self) -> None:
+        if not self._on:
+            self._loop.add_reader(self._fd, self._ready)
+            self._on = True
+
+    def close(self) -> None:
+        if self._on:
+            self._loop.remove_reader(self._fd)
+            self._on = False
+
+    async def readable(self, stall: float | None) -> None:
+        """Until the socket is readable; TimeoutError after ``stall`` seconds (None: no limit)."""
+        self.watch()
+        self._waiter = self._loop.create_future()
+        try:
+            async with asyncio.timeout(stall):
+                await self._waiter
+        except TimeoutError:
+            raise TimeoutError(f"the peer sent nothing for {stall:.0f}s in the middle of a frame") from None
+        finally:
+            self._waiter = None
+
+    async def recv_exact(self, view: memoryview, stall: float | None) -> None:
+        """As ``tcp.recv_exact``, waiting on the watch."""
+        got, n = 0, view.nbytes
+        while got < n:
+            try:
+                k = self.conn.recv_into(view[got:])
+            except BlockingIOError:
+                await self.readable(stall)
+                continue
+            if k == 0:
+                raise ConnectionError("the connection was closed")
+            got += k
+
+
 class _Link:
     """A connection's requests in and responses out: frames on the socket."""
 
     def __init__(self, conn: socket.socket, stall: float) -> None:
         self.conn = conn
         self.stall = stall
+        self.watch = _Watch(conn)
 
     async def read(self, max_bytes: int, reserve: Callable[[int], Awaitable[None]]) -> memoryview:
         """The next request's bytes. ValueError (FrameTooLarge) when the stream cannot go on."""
-        kind, _, body = await tcp.read_frame(self.conn, max_bytes, stall=self.stall, reserve=reserve)
+        kind, _, body = await tcp.read_frame(self.conn, max_bytes, stall=self.stall, reserve=reserve,
+                                             recv=self.watch.recv_exact)
         if kind != tcp.MESSAGE:
             raise ValueError("a client sends MESSAGE frames only")
         return body
@@ -94,7 +163,7 @@ class _Link:
         await tcp.send_parts(self.conn, [tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, n), *parts], self.stall)
 
     def close(self) -> None:
-        pass
+        self.watch.close()
 
 
 class TcpDataPlane:
@@ -260,41 +329,29 @@ class TcpDataPlane:
         ``SMALL_FRAME`` is received holding the stream's push slot (``holder``, pinned meanwhile);
         a push keeps it for the rest of its messages, a pull stream (``releases``) gives it back
         at its next request."""
-        loop = asyncio.get_running_loop()
-        fd = conn.fileno()
+        link.watch.serving = serving
 
         async def reserve(length: int) -> None:
             if length > SMALL_FRAME:
                 holder.pinned = True
                 await holder.acquire()
 
-        def closed() -> None:  # the socket turned readable while nobody reads: data, or the end?
-            try:
-                data = conn.recv(1, socket.MSG_PEEK)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            loop.remove_reader(fd)  # data: the next read sees it (and any end after it)
-            if not data:
-                serving.cancel()
-
-        while True:
-            if releases:
-                holder.release()
-            try:
-                body = await link.read(self._max_bytes, reserve)
-            except tcp.FrameTooLarge as exc:
-                raise ResourceExhausted(str(exc)) from None
-            except ValueError as exc:  # the stream cannot go on: its handler ends it with this status
-                raise _BadFrame(str(exc)) from None
-            finally:
-                holder.pinned = False
-            loop.add_reader(fd, closed)
-            try:
+        try:
+            while True:
+                if releases:
+                    holder.release()
+                try:
+                    body = await link.read(self._max_bytes, reserve)
+                except tcp.FrameTooLarge as exc:
+                    raise ResourceExhausted(str(exc)) from None
+                except ValueError as exc:  # the stream cannot go on: its handler ends it with this status
+                    raise _BadFrame(str(exc)) from None
+                finally:
+                    holder.pinned = False
+                link.watch.watch()
                 yield body
-            finally:
-                loop.remove_reader(fd)
+        finally:
+            link.watch.close()  # before anything else reads the socket (the final status's linger)
 
     async def _end(self, conn: socket.socket, status: pb.Status, plain: bool = False) -> None:
         """Send the stream's final status, then close without resetting: the client reads it even

@@ -163,16 +163,20 @@ class FrameTooLarge(ValueError):
 
 
 async def read_frame(sock: socket.socket, max_bytes: int, head: bytes = b"", *, stall: float | None = None,
-                     reserve: Callable[[int], Awaitable[None]] | None = None) -> tuple[int, int, memoryview]:
+                     reserve: Callable[[int], Awaitable[None]] | None = None,
+                     recv: Callable[[memoryview, float | None], Awaitable[None]] | None = None,
+                     ) -> tuple[int, int, memoryview]:
     """The next frame: (kind, status, body). The body is a fresh buffer the caller may keep
     (decoded chunks are views of it). ValueError when the frame is malformed, FrameTooLarge (a
     ValueError) when it is larger than ``max_bytes``: the connection is then out of step.
     ``head``: the header's first bytes, already read (a refusal where a hello's echo was due).
     ``reserve``: awaited with the body's length before it is allocated (a memory budget);
     ``stall``: a peer that sends nothing for this long in the middle of the frame raises
-    TimeoutError (between frames there is no limit: a stream may stay idle)."""
+    TimeoutError (between frames there is no limit: a stream may stay idle). ``recv``: how to
+    fill a view, given a stall limit (default ``recv_exact`` on ``sock``)."""
+    fill = recv or (lambda view, limit: recv_exact(sock, view, limit))
     header = bytearray(head) + bytearray(FRAME.size - len(head))
-    await recv_exact(sock, memoryview(header)[len(head):])
+    await fill(memoryview(header)[len(head):], None)
     kind, _, _, status, length = FRAME.unpack(header)
     if kind not in (MESSAGE, STATUS):
         raise ValueError(f"unknown frame kind {kind}")
@@ -182,5 +186,5 @@ async def read_frame(sock: socket.socket, max_bytes: int, head: bytes = b"", *, 
         await reserve(length)
     body = np.empty(length, np.uint8).data  # uninitialised: every byte is received into it
     if length:
-        await recv_exact(sock, body, stall)
+        await fill(body, stall)
     return kind, status, body
