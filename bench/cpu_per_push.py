@@ -105,6 +105,7 @@ async def measure(address: str, servers: list[int], workers: list[int], seconds:
         await asyncio.sleep(seconds)
         a1, s1, w1, t1 = ((await c.get_run(run_id)).counters.pushes_applied, [cpu(s) for s in servers],
                           sum(cpu(w) for w in workers), time.monotonic())
+        end = await c.get_run(run_id)
         await c.stop_run(run_id, "measured")
     for spy in spies:
         spy.wait()
@@ -112,7 +113,9 @@ async def measure(address: str, servers: list[int], workers: list[int], seconds:
     per_server = [1e3 * (b - a) / n for a, b in zip(s0, s1, strict=True)]
     return {"servers": len(servers), "pushes_s": n / (t1 - t0), "server_ms": sum(per_server), "per_server_ms": per_server,
             "workers_ms": 1e3 * (w1 - w0) / n, "server_cores": sum(s1) / (t1 - t0) - sum(s0) / (t1 - t0),
-            "workers_cores": (w1 - w0) / (t1 - t0)}
+            "workers_cores": (w1 - w0) / (t1 - t0), "rank_clocks": [w.clock for w in end.workers],
+            "staleness_mean": end.counters.staleness_sum / max(1, end.counters.pulls_served),
+            "staleness_max": end.counters.staleness_max}
 
 
 def describe(r: dict[str, Any], workers: int) -> str:
@@ -120,7 +123,8 @@ def describe(r: dict[str, Any], workers: int) -> str:
     server = f"server {r['server_ms']:.3f} ms" if r["servers"] == 1 else \
         f"{r['servers']} servers together {r['server_ms']:.3f} ms ({each})"
     return (f"{r['pushes_s']:,.0f} pushes/s; CPU per applied push: {server}, "
-            f"{workers} workers together {r['workers_ms']:.3f} ms")
+            f"{workers} workers together {r['workers_ms']:.3f} ms; rank clocks {r['rank_clocks']}, "
+            f"staleness mean {r['staleness_mean']:.1f} max {r['staleness_max']}")
 
 
 def one(args: argparse.Namespace, n_servers: int) -> dict[str, Any]:
@@ -224,7 +228,7 @@ print(json.dumps(n / (time.perf_counter() - t0)))
     return sum(float(json.loads(r.communicate()[0])) for r in runs)
 
 
-def table(results: list[dict[str, Any]], compute: list[float]) -> str:
+def table(results: list[dict[str, Any]], compute: list[float], procs: int = 1) -> str:
     med = statistics.median
 
     def span(xs: list[float], fmt: str) -> str:
@@ -245,8 +249,8 @@ def table(results: list[dict[str, Any]], compute: list[float]) -> str:
         lines.append(row)
     if compute:
         lines.append("")
-        lines.append(f"compute-only (1 process, 1 BLAS thread, the 4 ranks' gradients + SGD): "
-                     f"{span(compute, ',.0f')} it/s")
+        lines.append(f"compute-only ({procs} process{'es at once' if procs > 1 else ''}, 1 BLAS thread each, the 4 "
+                     f"ranks' gradients + SGD{', rates summed' if procs > 1 else ''}): {span(compute, ',.0f')} it/s")
     return "\n".join(lines)
 
 
@@ -290,7 +294,7 @@ def main() -> None:
         results += round_
     if args.repeats > 1 or len(counts) > 1 or args.compute_only:
         print()
-        print(table(results, compute))
+        print(table(results, compute, args.compute_procs))
     if args.json:
         args.json.write_text(json.dumps({"results": results, "compute_only": compute}, indent=1))
 

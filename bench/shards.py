@@ -12,7 +12,8 @@
 latency 50ms``: the server's NIC is 1 Gbit/s each way. Workers run in the root namespace
 (unlimited). Servers reach each other through the root namespace (ip_forward, and one iptables
 FORWARD rule accepting traffic between these veths only, tagged with a comment and removed at the
-end). Every server has a fixed ``--data-port``, so the TCP data plane is used; the workers report
+end). Every server has a fixed ``--data-port``, so the TCP data plane is used (the workers do not use
+the shared-memory plane even on loopback: this bench is about the network); the workers report
 the streams they opened per shard (``route.opened``) and GetRun's per-rank ``data_plane`` is
 recorded. A raw TCP measurement through one shaped link (both directions at once) gives the
 ceiling. **Loopback** (``--net loopback``): the same servers on 127.0.0.1, no shaping.
@@ -262,7 +263,8 @@ async def worker_main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {args.name} %(levelname)s %(message)s")
     runs = json.loads(args.runs)  # model -> run id
     loop = asyncio.get_running_loop()
-    async with PsClient(args.server, timeout=900.0) as client:
+    # TCP, as between hosts (on loopback the workers could use the shared-memory plane instead)
+    async with PsClient(args.server, timeout=900.0, shm=False) as client:
         benches: dict[str, dict[str, Any]] = {}
         await client.wait_ready(120)  # a busy host can take a while to start every process
         for model, run_id in runs.items():

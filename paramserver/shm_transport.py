@@ -9,6 +9,7 @@ needed), passed to the server, and freed by the kernel once neither side maps it
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from collections.abc import Sequence
@@ -20,6 +21,8 @@ from .streams import WriteFailed
 from .tcp_transport import TcpCall, greet, status_error
 
 __all__ = ["ShmCall"]
+
+log = logging.getLogger("paramserver")
 
 _FIRST = 4 << 20
 _MAX_REGION = 4 << 30
@@ -37,6 +40,7 @@ class ShmCall(TcpCall):
         self._want = [_FIRST, _FIRST]  # region sizes the next segment should have
         self._turn = [0, 0]  # bytes this turn (requests), and the server's last turn (responses)
         self._reading = True  # the next write starts a turn
+        self._inline = False  # segments could not be made
 
     @classmethod
     async def open_shm(cls, name: str, method: str, max_bytes: int) -> ShmCall:
@@ -60,10 +64,18 @@ class ShmCall(TcpCall):
             if used > self._want[i]:
                 self._want[i] = min(_MAX_REGION, shm.round_up(used + used // 4))
         self._turn = [0, 0]
+        if self._inline:
+            return
         seg = self._segment
         if seg is not None and seg.request.nbytes >= self._want[0] and seg.response.nbytes >= self._want[1]:
             return
-        fd, new = shm.create_segment(*self._want)
+        try:
+            fd, new = shm.create_segment(*self._want)
+        except OSError as exc:  # no memfd here (a seccomp profile, a memory limit): messages go inline
+            if self._segment is None and not self._inline:
+                log.warning("no shared-memory segment (%s): this stream's messages go through the socket", exc)
+            self._inline = True
+            return
         try:
             header = tcp.FRAME.pack(shm.SEGMENT, 0, 0, 0, shm.REGION.size) + shm.REGION.pack(*self._want)
             sent = socket.send_fds(self.sock, [header], [fd])  # 32 bytes into an idle socket: all of it

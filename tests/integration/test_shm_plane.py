@@ -91,6 +91,23 @@ async def test_an_unreachable_shm_socket_falls_back_to_tcp_and_no_shm_turns_it_o
         await off.stop(0)
 
 
+async def test_without_memfd_the_messages_go_through_the_socket(server: PsServer,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    def refused(request_bytes: int, response_bytes: int) -> None:
+        raise PermissionError("memfd_create: operation not permitted")  # as under a strict seccomp profile
+
+    monkeypatch.setattr(shm, "create_segment", refused)
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+        run = await c.create_run(make_spec(shapes={"w": (500, 500)}, num_workers=1, staleness=-1, lr=1.0,
+                                           init=pb.INITIALIZER_ZEROS))
+        a = (await c.join("w", run.run_id)).assignment
+        g = np.ones((500, 500), np.float32)
+        for clock in range(3):
+            _, p = await c.push_pull(run.run_id, a.rank, a.incarnation, clock, {"w": g})
+            np.testing.assert_array_equal(p.tensors["w"], -(clock + 1) * g)
+        assert c.route.opened["shm"] == 1 and segments() == 0  # the same stream, no segment
+
+
 async def test_bsp_keeps_a_held_gradient_when_the_client_writes_its_region_again(server: PsServer) -> None:
     """At s = 0 a push is held until every rank pushed its clock: the server copies it, since the
     client may write the same region meanwhile (here: a retried push of other values)."""
