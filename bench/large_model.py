@@ -3,11 +3,17 @@
 3. Rate: ``synthetic-classification:samples=10000,features=784,classes=10`` with ``mlp:2048,2048``
    (784-2048-2048-10, 5,824,522 float32 = 23.3 MB), 4 workers, staleness unbounded: applied
    pushes per second through the server (from its counters, over the steady part of the run,
-   10%-90% of the pushes), against compute-only processes doing the same gradient computations
-   (same batch size) and local SGD updates with no communication, measured in the same run:
+   10%-90% of the pushes; the run evaluates only at its end, as the references never do), against
+   compute-only processes doing the same gradient computations (same batch size) and local SGD
+   updates with no communication, measured before and after the run:
    * one process, OPENBLAS_NUM_THREADS=1 (what each worker runs with);
    * one process, default BLAS threads;
-   * two 1-thread processes in parallel (the machine's compute ceiling on 2 cores; their sum).
+   * two 1-thread processes in parallel (the machine's compute ceiling on 2 cores; their sum);
+   * four 1-thread processes in parallel, summed: "compute-only" W = 4, the performance issue's
+     reference (W processes training their own copies, both cores busy).
+   Workers use the shared-memory data plane (same host); ``--worker-arg=--no-shm`` makes them use
+   TCP, ``--staleness 0`` makes the run BSP. Memory: besides VmHWM, the peak PSS of the server and
+   of the whole job (shared memory counted once, split among the processes mapping it).
 5. Memory: (a) the server's VmHWM during the large-model run, SGD and momentum, against
    1.5 x (parameters + optimizer state) + 150 MB; (b) ``psctl launch --local --workers 4 --model
    mlp:64 --dataset digits --staleness 2``: every process of psctl's tree sampled from /proc every
@@ -15,7 +21,8 @@
    digits run sampling the server's RSS every few seconds, growth after warm-up.
 
     .venv/bin/python bench/large_model.py [--iterations 80] [--batch 32] [--seconds 10]
-        [--profile DIR] [--skip-psctl] [--skip-momentum] [--soak MINUTES] [--json out.json]
+        [--staleness inf|N] [--worker-arg=--no-shm] [--profile DIR] [--skip-psctl] [--skip-momentum]
+        [--soak MINUTES] [--json out.json]
 
 Everything runs in subprocesses: the BLAS thread count is fixed when numpy is imported.
 """

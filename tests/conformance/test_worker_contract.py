@@ -172,8 +172,8 @@ async def test_a_retried_push_is_applied_once(impl: Impl, topology: Topology) ->
     listen = f"127.0.0.2:{ports[-1]}" if topology.sharded else "127.0.0.1:0"
     async with FaultProxy(f"127.0.0.1:{ports[-1]}", drop_push_clock=3, listen=listen) as proxy:
         cluster = [*(f"127.0.0.1:{p}" for p in ports[:-1]), proxy.address]
-        # The proxy speaks gRPC: the servers offer no TCP data plane, which would bypass it.
-        with topology.start("--data-port", "-1", ports=ports, addresses=cluster if topology.sharded else ()) as srv:
+        # The proxy speaks gRPC: the servers offer no TCP or shared-memory data plane (they would bypass it).
+        with topology.start("--data-port", "-1", "--no-shm", ports=ports, addresses=cluster if topology.sharded else ()) as srv:
             async with connect(srv.address) as c:
                 run = await c.create_run(spec)
                 workers = impl.start_many(srv.address if topology.sharded else proxy.address, 2,
@@ -425,7 +425,9 @@ async def test_pushes_and_pulls_over_the_tcp_data_plane_when_offered(impl: Impl,
                                                                     flags: tuple[str, ...]) -> None:
     """The server offers its TCP data plane at Join: by default the worker trains over it (its
     streams show in the server's metrics); with --no-data-plane, over gRPC only. Same result.
-    On a cluster each shard's data plane is in the shard map: every server sees the streams."""
+    On a cluster each shard's data plane is in the shard map: every server sees the streams.
+    (The servers offer no shared-memory plane here, which the Python worker would prefer on this
+    host: ``test_the_python_worker_uses_shared_memory_on_the_servers_host``.)"""
     import urllib.request
 
     def scrape(url: str) -> str:
@@ -433,7 +435,7 @@ async def test_pushes_and_pulls_over_the_tcp_data_plane_when_offered(impl: Impl,
 
     iterations = 20
     metrics_ports = free_ports(topology.servers)
-    with topology.start(per_server=lambda i: ("--metrics-port", str(metrics_ports[i]))) as srv:
+    with topology.start(per_server=lambda i: ("--metrics-port", str(metrics_ports[i]), "--no-shm")) as srv:
         async with connect(srv.address) as c:
             run = await c.create_run(run_spec(workers=2, staleness=1, iterations=iterations))
             workers = impl.start_many(srv.address, 2, *flags)
@@ -451,3 +453,21 @@ async def test_pushes_and_pulls_over_the_tcp_data_plane_when_offered(impl: Impl,
             assert streams == 0, impl.logs()
         else:
             assert streams >= 4, (line, impl.logs())  # each worker's push stream and pull stream
+
+
+async def test_the_python_worker_uses_shared_memory_on_the_servers_host(impl: Impl, topology: Topology) -> None:
+    """With the shared-memory plane offered (the default, on Linux) and the workers on the servers'
+    host, the Python worker pushes and pulls through it, each shard's for a cluster; the Node
+    worker, which cannot pass descriptors, uses TCP. Same result either way."""
+    iterations = 12
+    with topology.start() as srv:
+        async with connect(srv.address) as c:
+            run = await c.create_run(run_spec(workers=2, staleness=1, iterations=iterations))
+            workers = impl.start_many(srv.address, 2)
+            final = await finish(c, run.run_id, logs=impl.logs)
+        codes = [w.wait(20) for w in workers]
+    assert final.state == COMPLETED and codes == [0, 0], (final.message, impl.logs())
+    assert final.counters.pushes_applied == 2 * iterations
+    assert all(s.shm_socket.startswith("paramserver-") for s in final.shard_map.shards), final.shard_map
+    plane = "shm" if impl.name == "python" else "tcp"
+    assert [w.data_plane for w in final.workers] == [plane, plane], impl.logs()

@@ -24,7 +24,7 @@ async def test_dropped_answers_are_retried_and_applied_exactly_once() -> None:
                                         iterations=40, batch_size=16, seed=11))
     # The proxy speaks gRPC: the server offers no TCP data plane, which would bypass it
     # (test_tcp_plane.py drops answers on the TCP data plane).
-    with ps_server("--port", "0", "--data-port", "-1") as (_, addr):
+    with ps_server("--port", "0", "--data-port", "-1", "--no-shm") as (_, addr):  # all through the proxy (gRPC)
         async with FaultProxy(addr, drop_rate=0.15, seed=7) as proxy:
             async with connect(addr) as c:
                 run = await c.create_run(spec)
