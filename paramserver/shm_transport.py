@@ -1,9 +1,12 @@
 """The client's end of the shared-memory data plane (``paramserver.v1.shm`` specifies it).
 
 A ``ShmCall`` is one PushGradient or PullParams stream, with the interface of every data-plane
-call (``streams.Call``). Its segment is its own: sized from the traffic (both regions start at
-4 MiB; a turn that did not fit makes the next one start with a segment 1.25 times the size it
-needed), passed to the server, and freed by the kernel once neither side maps it.
+call (``streams.Call``). Its segment is its own: sized from the traffic (4 MiB at first; a request
+that would not fit gets a segment 1.25 times its size, for its answer too; two answers in a row
+that did not fit make the next turn start with a segment 1.25 times the size they needed: a
+worker's push stream fits its model from its first push, while its pull stream, which carries a
+whole model only at the start and the end, stays small), passed to the server, and freed by the
+kernel once neither side maps it.
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ class ShmCall(TcpCall):
     def __init__(self, sock: socket.socket, method: str, max_bytes: int) -> None:
         super().__init__(sock, method, max_bytes)
         self._segment: shm.Segment | None = None
-        self._want = [_FIRST, _FIRST]  # region sizes the next segment should have
-        self._turn = [0, 0]  # bytes this turn (requests), and the server's last turn (responses)
+        self._want = _FIRST  # the size the segment should have
+        self._written = 0  # bytes of requests this turn
+        self._answered = 0  # bytes of the server's last answer
+        self._over = 0  # answers in a row that did not fit
         self._reading = True  # the next write starts a turn
         self._inline = False  # segments could not be made
 
@@ -57,27 +62,30 @@ class ShmCall(TcpCall):
             raise
         return cls(sock, method, max_bytes)
 
-    def _start_turn(self) -> None:
-        """Before a turn's first request: a larger segment if the last turns did not fit."""
+    def _start_turn(self, first: int) -> None:
+        """Before a turn's first request (``first`` bytes): a larger segment if it would not fit
+        (then for an answer as large too: a push's answer carries the model it pushed a gradient
+        of; room never written costs no memory), or if the last two answers did not."""
         self._reading = False
-        for i, used in enumerate(self._turn):
-            if used > self._want[i]:
-                self._want[i] = min(_MAX_REGION, shm.round_up(used + used // 4))
-        self._turn = [0, 0]
-        if self._inline:
-            return
+        want = self._want
+        if first > want:
+            want = shm.round_up(first + first // 4)
+        self._over = self._over + 1 if self._answered > want else 0
+        if self._over >= 2:  # twice in a row: this stream carries answers that large
+            want = max(want, shm.round_up(self._answered + self._answered // 4))
+        self._want, self._written, self._answered = min(_MAX_REGION, want), 0, 0
         seg = self._segment
-        if seg is not None and seg.request.nbytes >= self._want[0] and seg.response.nbytes >= self._want[1]:
+        if self._inline or (seg is not None and seg.region.nbytes >= self._want):
             return
         try:
-            fd, new = shm.create_segment(*self._want)
+            fd, new = shm.create_segment(self._want)
         except OSError as exc:  # no memfd here (a seccomp profile, a memory limit): messages go inline
-            if self._segment is None and not self._inline:
+            if not self._inline:
                 log.warning("no shared-memory segment (%s): this stream's messages go through the socket", exc)
             self._inline = True
             return
         try:
-            header = tcp.FRAME.pack(shm.SEGMENT, 0, 0, 0, shm.REGION.size) + shm.REGION.pack(*self._want)
+            header = tcp.FRAME.pack(shm.SEGMENT, 0, 0, 0, shm.REGION.size) + shm.REGION.pack(self._want, 0)
             sent = socket.send_fds(self.sock, [header], [fd])  # 32 bytes into an idle socket: all of it
             if sent != len(header):
                 raise BlockingIOError("the segment's frame did not go out whole")
@@ -93,17 +101,17 @@ class ShmCall(TcpCall):
     async def write(self, parts: Sequence[wire.Part]) -> None:
         if self._reading:
             try:
-                self._start_turn()
+                self._start_turn(wire.parts_len(parts))
             except OSError:
                 raise WriteFailed from None  # (as TcpCall.write: the next read says what happened)
         n = wire.parts_len(parts)
-        at = self._turn[0]
-        self._turn[0] = _align(at + n)
+        at = self._written
+        self._written = _align(at + n)
         seg = self._segment
-        if seg is None or at + n > seg.request.nbytes:
-            await super().write(parts)  # inline; the next turn gets a segment it fits
+        if seg is None or at + n > seg.region.nbytes:
+            await super().write(parts)  # inline
             return
-        dst, i = seg.request, at
+        dst, i = seg.region, at
         for p in parts:
             v = memoryview(p).cast("B")
             dst[i : i + v.nbytes] = v
@@ -126,17 +134,17 @@ class ShmCall(TcpCall):
                 await tcp.recv_exact(self.sock, memoryview(body))
                 at, n = shm.REGION.unpack(body)
                 seg = self._segment
-                if seg is None or at + n > seg.response.nbytes:
-                    raise ValueError(f"the server's message at [{at}, {at + n}) is outside the response region")
-                self._turn[1] = max(self._turn[1], _align(at + n))
-                return seg.response[at : at + n]
+                if seg is None or at + n > seg.region.nbytes:
+                    raise ValueError(f"the server's message at [{at}, {at + n}) is outside the segment")
+                self._answered = max(self._answered, _align(at + n))
+                return seg.region[at : at + n]
             kind, status, inline = await tcp.read_frame(self.sock, self._max_bytes, head=bytes(header))
         except (OSError, ValueError) as exc:
             raise errors.Unavailable(errors.Code.UNAVAILABLE, f"the data plane connection broke ({exc})",
                                      method=self._method) from None
         if kind == tcp.STATUS:
             raise status_error(status, inline, self._method)
-        self._turn[1] += _align(len(inline))  # did not fit: the next turn asks for more
+        self._answered += _align(len(inline))  # did not fit: two such turns in a row, and the next asks for more
         return inline
 
     def cancel(self) -> None:

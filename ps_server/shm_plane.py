@@ -97,11 +97,11 @@ class _ShmLink(_Link):
                 seg = self.segment
                 if seg is None:
                     raise ValueError("a SHARED frame before any SEGMENT: pass the segment first")
-                if a + b > seg.request.nbytes:
-                    raise ValueError(f"a SHARED message at [{a}, {a + b}) is outside the request region of "
-                                     f"{seg.request.nbytes} bytes")
+                if a + b > seg.region.nbytes:
+                    raise ValueError(f"a SHARED message at [{a}, {a + b}) is outside the segment's region of "
+                                     f"{seg.region.nbytes} bytes")
                 self._out = 0
-                return seg.request[a : a + b]
+                return seg.region[a : a + b]
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -111,10 +111,10 @@ class _ShmLink(_Link):
         if fds:
             raise ValueError(f"descriptors came with a {kind} frame: only SEGMENT passes one")
 
-    def _map(self, fds: list[int], request_bytes: int, response_bytes: int) -> None:
+    def _map(self, fds: list[int], size: int, reserved: int) -> None:
         if len(fds) != 1:
             raise ValueError(f"SEGMENT came with {len(fds)} descriptors: pass exactly one (a sealed memfd)")
-        segment = shm.map_segment(fds[0], request_bytes, response_bytes, self._max_segment)
+        segment = shm.map_segment(fds[0], size, reserved, self._max_segment)
         if self.segment is not None:
             self.segment.close()  # (views of it still in use keep it mapped until they go)
         self.segment = segment
@@ -123,11 +123,11 @@ class _ShmLink(_Link):
     async def send(self, parts: list[wire.Part]) -> None:
         n = wire.parts_len(parts)
         seg = self.segment
-        if n <= _INLINE or seg is None or self._out + n > seg.response.nbytes:
+        if n <= _INLINE or seg is None or self._out + n > seg.region.nbytes:
             await super().send(parts)
             return
         at = i = self._out
-        dst = seg.response
+        dst = seg.region  # over the turn's requests: applied, or copied where kept (Caller.borrowed)
         for p in parts:  # one go, no await: whole tensors of one moment
             v = memoryview(p).cast("B")
             dst[i : i + v.nbytes] = v

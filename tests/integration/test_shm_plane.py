@@ -93,7 +93,7 @@ async def test_an_unreachable_shm_socket_falls_back_to_tcp_and_no_shm_turns_it_o
 
 async def test_without_memfd_the_messages_go_through_the_socket(server: PsServer,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    def refused(request_bytes: int, response_bytes: int) -> None:
+    def refused(size: int) -> None:
         raise PermissionError("memfd_create: operation not permitted")  # as under a strict seccomp profile
 
     monkeypatch.setattr(shm, "create_segment", refused)
@@ -164,7 +164,7 @@ def _memfd(size: int, seal: bool) -> int:
 @pytest.mark.parametrize("case", ["shared_first", "no_fd", "unsealed", "outside", "unknown_kind"])
 async def test_bad_frames_end_the_stream_with_a_status_that_says_what_to_fix(server: PsServer, case: str) -> None:
     sock = await asyncio.to_thread(_connect, server)
-    region = shm.REGION.pack(4096, 4096)
+    region = shm.REGION.pack(8192, 0)
     try:
         if case == "shared_first":
             sock.sendall(_frame(shm.SHARED, shm.REGION.pack(0, 10)))
@@ -175,7 +175,7 @@ async def test_bad_frames_end_the_stream_with_a_status_that_says_what_to_fix(ser
             socket.send_fds(sock, [_frame(shm.SEGMENT, region)], [fd])
             os.close(fd)
             if case == "outside":
-                sock.sendall(_frame(shm.SHARED, shm.REGION.pack(4000, 200)))
+                sock.sendall(_frame(shm.SHARED, shm.REGION.pack(8000, 200)))
         else:
             sock.sendall(_frame(9, struct.pack("<QQ", 0, 0)))
         code, message = await asyncio.to_thread(_status, sock)
@@ -183,7 +183,7 @@ async def test_bad_frames_end_the_stream_with_a_status_that_says_what_to_fix(ser
         sock.close()
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert {"shared_first": "before any SEGMENT", "no_fd": "exactly one", "unsealed": "F_SEAL_SHRINK",
-            "outside": "outside the request region", "unknown_kind": "unknown frame kind"}[case] in message
+            "outside": "outside the segment's region", "unknown_kind": "unknown frame kind"}[case] in message
     async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:  # and it serves as before
         run = await c.create_run(make_spec(num_workers=1, staleness=-1))
         a = (await c.join("w", run.run_id)).assignment

@@ -18,19 +18,21 @@ The protocol (Linux; integers little-endian), a variant of ``paramserver.v1.tcp`
   are taken too): who can write this memory can write the model.
 * A connection is one PushGradient or PullParams stream. Hello, frames, STATUS and the end of a
   stream are as on TCP (``tcp``), with two more frame kinds:
-  - kind 3, SEGMENT (client to server): a 16-byte body, u64 ``request_bytes``, u64
-    ``response_bytes``, and exactly one file descriptor passed with it (``SCM_RIGHTS``): a memfd
-    of at least their sum, sealed against shrinking (``F_SEAL_SHRINK``; a server never maps
-    memory that could vanish under it). Its first ``request_bytes`` are the client's region,
-    the next ``response_bytes`` the server's. A later SEGMENT replaces it (to grow).
+  - kind 3, SEGMENT (client to server): a 16-byte body, u64 ``size``, u64 zero, and exactly one
+    file descriptor passed with it (``SCM_RIGHTS``): a memfd of at least ``size`` bytes, sealed
+    against shrinking (``F_SEAL_SHRINK``; a server never maps memory that could vanish under it).
+    Its first ``size`` bytes are the stream's region. A later SEGMENT replaces it (to grow).
   - kind 4, SHARED (both ways): a 16-byte body, u64 ``offset``, u64 ``length``: the message (the
-    bytes a MESSAGE frame would carry) is bytes [offset, offset + length) of the sender's region.
-* Turns: each side writes the messages of its turn at increasing, non-overlapping offsets of its
-  region, from 0 again with its first message after one from the other side. So a message's
-  bytes stay as they are until its reader sends its next message: the server computes on a push
-  in place and answers after it is applied (it copies what it keeps longer: gradients held for a
-  BSP clock); the client reads an answer before its next request. A message that does not fit
-  the rest of the region goes inline as a MESSAGE frame; the client then sends a larger SEGMENT.
+    bytes a MESSAGE frame would carry) is bytes [offset, offset + length) of the region.
+* Turns: the client writes the requests of its turn at increasing, non-overlapping offsets of
+  the region from 0; the server, when it answers, writes the responses of its turn the same way
+  from 0 again, over the requests: it no longer needs them then (it has applied the push, and
+  copied what it keeps longer: gradients held for a BSP clock); the client reads the whole answer
+  before its next turn. So a message's bytes stay as they are until its reader sends its next
+  message, the server computes on a push in place, and one region of the larger turn serves a
+  stream. A message that does not fit the rest of the region goes inline as a MESSAGE frame; the
+  client then sends a larger SEGMENT. A SHARED message may be larger than the server's message
+  limit (nothing is allocated for it).
 * Nothing has a name in the file system: a segment is freed by the kernel when the last process
   holding it exits, however it exits (``kill -9`` included), so none can be left behind.
 
@@ -41,6 +43,7 @@ cannot pass descriptors, so the Node worker uses TCP.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
@@ -51,7 +54,7 @@ __all__ = ["MESSAGE_BYTES", "REGION", "SEGMENT", "SHARED", "Segment", "available
 SEGMENT = 3
 SHARED = 4
 REGION = struct.Struct("<QQ")
-"""The body of SEGMENT (request_bytes, response_bytes) and of SHARED (offset, length)."""
+"""The body of SEGMENT (size, 0) and of SHARED (offset, length)."""
 MESSAGE_BYTES = 32 << 20
 """Payload bytes per message that both sides write (fewer, larger messages than on TCP: nothing is
 allocated for a shared one, and an inline one stays below the default 64 MiB message limit)."""
@@ -74,51 +77,50 @@ def round_up(n: int) -> int:
 
 
 class Segment:
-    """A mapped segment: ``request`` and ``response`` are byte views of the two regions."""
+    """A mapped segment: ``region`` is a byte view of it."""
 
-    def __init__(self, mm: mmap.mmap, request_bytes: int, response_bytes: int) -> None:
+    def __init__(self, mm: mmap.mmap, size: int) -> None:
         self._mm = mm
-        view = memoryview(mm)
-        self.request = view[:request_bytes]
-        self.response = view[request_bytes:request_bytes + response_bytes]
+        self.region = memoryview(mm)[:size]
 
     def close(self) -> None:
         """Unmap now if nothing else holds a view (else when the last view goes)."""
-        self.request.release()
-        self.response.release()
+        self.region.release()
         try:
             self._mm.close()
         except BufferError:
             pass  # numpy views of it live on: the mapping goes with the last of them
 
 
-def create_segment(request_bytes: int, response_bytes: int) -> tuple[int, Segment]:
-    """A new sealed memfd of the two regions, mapped: (its descriptor, to send and then close; the mapping)."""
+def create_segment(size: int) -> tuple[int, Segment]:
+    """A new sealed memfd of ``size`` bytes, mapped: (its descriptor, to send and then close; the mapping)."""
     fd = os.memfd_create("paramserver-segment", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        os.ftruncate(fd, request_bytes + response_bytes)
+        os.ftruncate(fd, size)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
-        mm = mmap.mmap(fd, request_bytes + response_bytes)
+        mm = mmap.mmap(fd, size)
+        if hasattr(mmap, "MADV_HUGEPAGE"):  # where shmem may use huge pages (shmem_enabled: advise)
+            with contextlib.suppress(OSError):
+                mm.madvise(mmap.MADV_HUGEPAGE)
     except BaseException:
         os.close(fd)
         raise
-    return fd, Segment(mm, request_bytes, response_bytes)
+    return fd, Segment(mm, size)
 
 
-def map_segment(fd: int, request_bytes: int, response_bytes: int, max_bytes: int) -> Segment:
+def map_segment(fd: int, size: int, reserved: int, max_bytes: int) -> Segment:
     """Map a client's segment (the server's side); ValueError, saying what is wrong, when it is not
     one this protocol allows. Does not close ``fd``."""
-    total = request_bytes + response_bytes
-    if not request_bytes or not response_bytes or total > max_bytes:
-        raise ValueError(f"a segment of {request_bytes} + {response_bytes} bytes: each region must be non-empty "
-                         f"and both at most {max_bytes} bytes")
+    if not 0 < size <= max_bytes or reserved:
+        raise ValueError(f"a SEGMENT of {size} bytes (then {reserved}): the size must be 1 to {max_bytes} bytes, "
+                         "then 0")
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
         raise ValueError("the descriptor passed with SEGMENT is not a memfd: create it with memfd_create") from None
     if not seals & fcntl.F_SEAL_SHRINK:
         raise ValueError("the segment is not sealed against shrinking: add F_SEAL_SHRINK before sending it")
-    size = os.fstat(fd).st_size
-    if size < total:
-        raise ValueError(f"the segment holds {size} bytes, fewer than its regions' {total}")
-    return Segment(mmap.mmap(fd, total), request_bytes, response_bytes)
+    have = os.fstat(fd).st_size
+    if have < size:
+        raise ValueError(f"the segment holds {have} bytes, fewer than the {size} its SEGMENT frame says")
+    return Segment(mmap.mmap(fd, size), size)
