@@ -1,8 +1,8 @@
 """The client's end of the shared-memory data plane (``paramserver.v1.shm`` specifies it).
 
 A ``ShmCall`` is one PushGradient or PullParams stream, with the interface of every data-plane
-call (``streams.Call``). Its segment is its own: sized from the traffic (4 MiB at first; a request
-that would not fit gets a segment 1.25 times its size, for its answer too; two answers in a row
+call (``streams.Call``). Its segment is its own: sized from the traffic (4 MiB at first; a request,
+or a turn of requests, that would not fit gets a segment 1.25 times its size, for its answer too; two answers in a row
 that did not fit make the next turn start with a segment 1.25 times the size they needed: a
 worker's push stream fits its model from its first push, while its pull stream, which carries a
 whole model only at the start and the end, stays small), passed to the server, and freed by the
@@ -63,13 +63,15 @@ class ShmCall(TcpCall):
         return cls(sock, method, max_bytes)
 
     def _start_turn(self, first: int) -> None:
-        """Before a turn's first request (``first`` bytes): a larger segment if it would not fit
-        (then for an answer as large too: a push's answer carries the model it pushed a gradient
-        of; room never written costs no memory), or if the last two answers did not."""
+        """Before a turn's first request (``first`` bytes): a larger segment if it, or the last
+        turn's requests together, would not fit (then for an answer as large too: a push's answer
+        carries the model it pushed a gradient of; room never written costs no memory), or if the
+        last two answers did not."""
         self._reading = False
         want = self._want
-        if first > want:
-            want = shm.round_up(first + first // 4)
+        for need in (first, self._written):  # this request; the last turn's requests together
+            if need > want:
+                want = shm.round_up(need + need // 4)
         self._over = self._over + 1 if self._answered > want else 0
         if self._over >= 2:  # twice in a row: this stream carries answers that large
             want = max(want, shm.round_up(self._answered + self._answered // 4))

@@ -21,6 +21,7 @@ import pytest
 from support import make_spec
 
 from paramserver.client import PsClient
+from paramserver.shm_transport import ShmCall
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import shm, tcp
 from ps_server.config import ServerConfig
@@ -89,6 +90,26 @@ async def test_an_unreachable_shm_socket_falls_back_to_tcp_and_no_shm_turns_it_o
             assert joined.shm_socket == "" and c.route.transport == "tcp"
     finally:
         await off.stop(0)
+
+
+async def test_a_push_of_several_messages_grows_the_segment_to_hold_them_all(server: PsServer,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model larger than a message (here messages of 1 MiB) pushes several per turn: the next
+    turn's segment holds the whole turn (plain pushes: their answers are small)."""
+    import paramserver.client
+
+    monkeypatch.setattr(paramserver.client, "MESSAGE_BYTES", 1 << 20)
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10, chunk_bytes=1 << 20) as c:
+        run = await c.create_run(make_spec(shapes={"w": (3000, 1000)}, num_workers=1, staleness=-1, lr=1.0,
+                                           init=pb.INITIALIZER_ZEROS))
+        a = (await c.join("w", run.run_id)).assignment
+        g = np.ones((3000, 1000), np.float32)  # 12 MB: 12 messages, the first well inside the first 4 MiB
+        for clock in range(3):
+            await c.push(run.run_id, a.rank, a.incarnation, clock, {"w": g})
+        np.testing.assert_array_equal((await c.pull(run.run_id, a.rank, a.incarnation, 3)).tensors["w"], -3 * g)
+        call = c._push._call
+        assert isinstance(call, ShmCall) and call._segment is not None
+        assert call._segment.region.nbytes >= 12_000_000 and call._want >= 12_000_000
 
 
 async def test_without_memfd_the_messages_go_through_the_socket(server: PsServer,
