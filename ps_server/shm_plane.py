@@ -3,10 +3,10 @@
 The TCP data plane's server, on an abstract Unix socket, with the message bytes in segments the
 clients pass: everything but the link (accepting, streams, slots, statuses, the socket watch,
 the stream cap) is ``tcp_plane``'s, and the semantics are the data plane's as on every transport.
-A request in the client's region is decoded in place (the push's gradient is applied from the
+A request in the client's segment is decoded in place (the push's gradient is applied from the
 client's memory: ``Caller.borrowed`` makes the data plane copy what it keeps longer); a response
-is copied into the client's response region in one go on the event loop, so it holds whole
-tensors of one moment (no step runs in the middle of it).
+is copied into the segment, over the requests it answers, in one go on the event loop, so it
+holds whole tensors of one moment (no step runs in the middle of it).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class _ShmLink(_Link):
         self._max_segment = max_segment
         self.segment: shm.Segment | None = None
         self._out = 0
-        """Where the next response goes in the response region (0 again after each request)."""
+        """Where the next response goes in the segment (0 again after each request)."""
 
     async def _recv(self, view: memoryview, fds: list[int], stall: float | None) -> None:
         """Fill ``view``, keeping any descriptors that come with the bytes in ``fds``."""
