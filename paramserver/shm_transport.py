@@ -29,11 +29,6 @@ log = logging.getLogger("paramserver")
 
 _FIRST = 4 << 20
 _MAX_REGION = 4 << 30
-_ALIGN = 64
-
-
-def _align(n: int) -> int:
-    return -(-n // _ALIGN) * _ALIGN
 
 
 class ShmCall(TcpCall):
@@ -101,26 +96,20 @@ class ShmCall(TcpCall):
         self._segment = new
 
     async def write(self, parts: Sequence[wire.Part]) -> None:
+        n = wire.parts_len(parts)
         if self._reading:
             try:
-                self._start_turn(wire.parts_len(parts))
+                self._start_turn(n)
             except OSError:
                 raise WriteFailed from None  # (as TcpCall.write: the next read says what happened)
-        n = wire.parts_len(parts)
         at = self._written
-        self._written = _align(at + n)
+        self._written = shm.align(at + n)
         seg = self._segment
         if seg is None or at + n > seg.region.nbytes:
             await super().write(parts)  # inline
             return
-        dst, i = seg.region, at
-        for p in parts:
-            v = memoryview(p).cast("B")
-            dst[i : i + v.nbytes] = v
-            i += v.nbytes
         try:
-            await tcp.send_parts(self.sock, [tcp.FRAME.pack(shm.SHARED, 0, 0, 0, shm.REGION.size),
-                                             shm.REGION.pack(at, n)])
+            await tcp.send_parts(self.sock, [shm.put(seg.region, at, parts, n)])
         except OSError:
             raise WriteFailed from None
 
@@ -138,7 +127,7 @@ class ShmCall(TcpCall):
                 seg = self._segment
                 if seg is None or at + n > seg.region.nbytes:
                     raise ValueError(f"the server's message at [{at}, {at + n}) is outside the segment")
-                self._answered = max(self._answered, _align(at + n))
+                self._answered = max(self._answered, shm.align(at + n))
                 return seg.region[at : at + n]
             kind, status, inline = await tcp.read_frame(self.sock, self._max_bytes, head=bytes(header))
         except (OSError, ValueError) as exc:
@@ -146,7 +135,7 @@ class ShmCall(TcpCall):
                                      method=self._method) from None
         if kind == tcp.STATUS:
             raise status_error(status, inline, self._method)
-        self._answered += _align(len(inline))  # did not fit: two such turns in a row, and the next asks for more
+        self._answered += shm.align(len(inline))  # did not fit: two such turns in a row, and the next asks for more
         return inline
 
     def cancel(self) -> None:

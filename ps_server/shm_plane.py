@@ -32,7 +32,6 @@ __all__ = ["ShmDataPlane"]
 log = logging.getLogger("ps_server")
 
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
-_ALIGN = 64
 _MAX_FDS = 4
 _INLINE = 4096
 """Responses up to this size (a push's acknowledgement) go inline: cheaper than a copy and a
@@ -126,15 +125,9 @@ class _ShmLink(_Link):
         if n <= _INLINE or seg is None or self._out + n > seg.region.nbytes:
             await super().send(parts)
             return
-        at = i = self._out
-        dst = seg.region  # over the turn's requests: applied, or copied where kept (Caller.borrowed)
-        for p in parts:  # one go, no await: whole tensors of one moment
-            v = memoryview(p).cast("B")
-            dst[i : i + v.nbytes] = v
-            i += v.nbytes
-        self._out = -(-i // _ALIGN) * _ALIGN
-        await tcp.send_parts(self.conn, [tcp.FRAME.pack(shm.SHARED, 0, 0, 0, shm.REGION.size),
-                                         shm.REGION.pack(at, n)], self.stall)
+        at, self._out = self._out, shm.align(self._out + n)
+        # over the turn's requests: applied by now, or copied where kept (Caller.borrowed)
+        await tcp.send_parts(self.conn, [shm.put(seg.region, at, parts, n)], self.stall)
 
     def close(self) -> None:
         if self.segment is not None:

@@ -48,8 +48,11 @@ import fcntl
 import mmap
 import os
 import struct
+from collections.abc import Sequence
 
-__all__ = ["MESSAGE_BYTES", "REGION", "SEGMENT", "SHARED", "Segment", "available", "create_segment", "map_segment", "name_for"]
+from .tcp import FRAME
+
+__all__ = ["MESSAGE_BYTES", "REGION", "align", "put", "SEGMENT", "SHARED", "Segment", "available", "create_segment", "map_segment", "name_for"]
 
 SEGMENT = 3
 SHARED = 4
@@ -59,6 +62,7 @@ MESSAGE_BYTES = 32 << 20
 """Payload bytes per message that both sides write (fewer, larger messages than on TCP: nothing is
 allocated for a shared one, and an inline one stays below the default 64 MiB message limit)."""
 PAGE = mmap.PAGESIZE
+ALIGN = 64
 PREFIX = "paramserver-"
 
 
@@ -74,6 +78,22 @@ def name_for(token: str) -> str:
 
 def round_up(n: int) -> int:
     return -(-max(n, 1) // PAGE) * PAGE
+
+
+def align(n: int) -> int:
+    """Where the next message of a turn may start after ``n`` bytes (a multiple of 64)."""
+    return -(-n // ALIGN) * ALIGN
+
+
+def put(region: memoryview, at: int, parts: Sequence[bytes | memoryview], n: int) -> bytes:
+    """Copy a message's ``parts`` (``n`` bytes) into ``region`` at ``at``, in one go (no await
+    between them: the bytes of one moment), and return the SHARED frame that points at it."""
+    i = at
+    for p in parts:
+        v = memoryview(p).cast("B")
+        region[i : i + v.nbytes] = v
+        i += v.nbytes
+    return FRAME.pack(SHARED, 0, 0, 0, REGION.size) + REGION.pack(at, n)
 
 
 class Segment:
