@@ -8,6 +8,7 @@ A STATUS frame ends the stream with the server's status, turned into the typed e
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import select
 import socket
 from collections.abc import Sequence
@@ -18,9 +19,12 @@ from paramserver.v1 import tcp, wire
 from . import errors
 from .streams import WriteFailed
 
-__all__ = ["SETTLE_MS", "TcpCall", "dial_host", "greet", "status_error"]
+__all__ = ["SETTLE", "SETTLE_MS", "TcpCall", "dial_host", "greet", "status_error"]
 
 SETTLE_MS = 2
+SETTLE: contextvars.ContextVar[bool] = contextvars.ContextVar("paramserver_settle", default=True)
+"""False in a task whose caller has other work to do while the answer comes (a worker computing
+its next gradient while its push is in flight): its reads never block in ``settle``."""
 
 
 def dial_host(address: str) -> str | None:
@@ -86,6 +90,8 @@ class TcpCall:
         parked pull) goes through the loop as before. When an answer did not come in time, the
         next 16, 32, ... 1024 answers skip this (a server in this very event loop, as in tests,
         can never answer while it waits; nor can SSP-parked pulls)."""
+        if not SETTLE.get():
+            return
         if self._skip:
             self._skip -= 1
             return

@@ -36,6 +36,10 @@ class WorkerConfig:
                            "--no-data-plane: gRPC only.")
     shm: bool = opt(True, "Push and pull through the server's shared-memory data plane when the server runs on "
                     "this host (Linux), else over TCP; --no-shm: TCP (or gRPC) only.")
+    overlap: bool = opt(False, "With staleness s >= 1 or unbounded: compute the next iteration's gradient on the "
+                        "parameters held while the push is in flight, when they are recent enough for it (the "
+                        "bound holds; a gradient is one round trip older). Pays when the server or network is "
+                        "slow and a core idles; see bench/RESULTS.md.")
     tls_ca: str = opt("", "CA (PEM) to verify the server's certificate; turns TLS on.")
     tls_cert: str = opt("", "Client certificate (PEM) for mutual TLS.")
     tls_key: str = opt("", "Client private key (PEM) for mutual TLS.")

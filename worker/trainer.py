@@ -40,8 +40,9 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from paramserver import errors
-from paramserver.client import PsClient
+from paramserver.client import PsClient, PullResult
 from paramserver.shards import Shards
+from paramserver.tcp_transport import SETTLE
 from paramserver.v1 import paramserver_pb2 as pb
 
 from .config import WorkerConfig
@@ -136,6 +137,7 @@ class _Trainer:
         self._straggler = Straggler(self.slowdown) if self.slowdown > 1.0 else None
         self._min_clock = 0  # the run's min clock as the last push's answer said
         self._prefetched: int | None = None  # guaranteed clock of parameters pulled with the last push
+        self._ahead: tuple[float, dict[str, np.ndarray], int, float] | None = None  # --overlap: the next gradient
         self._last_report = time.monotonic()
         self._samples = 0
         self.tables: TableStep | None = None
@@ -225,7 +227,7 @@ class _Trainer:
                 await self.report()
                 return
             except _Rewind as rewind:  # also while waiting for the final parameters
-                self._prefetched = None
+                self._prefetched = self._ahead = None
                 if self.tables is not None:
                     self.tables.reset()
                 self.clock = rewind.clock
@@ -254,34 +256,82 @@ class _Trainer:
         if self.a.rank == 0 and eval_every and c % eval_every == 0 and c:
             self.evaluate(params, c)
             await self.report()  # show it now, not after the next (maybe long) wait
-        batch = self.sampler.batch(c)
-        t_compute = time.perf_counter()
-        loss, grads = self.model.loss_and_grad(params, self.X[batch], self.y[batch])
-        t_compute = time.perf_counter() - t_compute
+        if self._ahead is not None:  # computed while the last push was in flight
+            loss, grads, samples, t_compute = self._ahead
+            self._ahead = None
+        else:
+            loss, grads, samples, t_compute = self.gradient(params, c)
         self.check_loss(loss, c)
         t_push = time.perf_counter()
-        if c + 1 < self.spec.iterations and not self.cache_valid(guaranteed, c + 1):
-            # The next iteration must pull: ask for it with this push (then_pull), one round trip.
-            resp, pulled = await self.call(
-                lambda: self.plane.push_pull(self.a.run_id, self.a.rank, self.a.incarnation, c, grads, loss,
-                                              into=params, max_wait=self.config.timeout_seconds * 4),
-                f"push {c}",
-            )
+        pull_next = c + 1 < self.spec.iterations and not self.cache_valid(guaranteed, c + 1)
+        push = self._push_op(c, grads, loss, params if pull_next else None)
+        if self.config.overlap and c + 1 < self.spec.iterations and (s < 0 or self.cache_valid(guaranteed, c + 1)):
+            resp, pulled, comm_ahead = await self._overlapped(push, params, grads, c)
+            comm += comm_ahead
+        else:
+            resp, pulled = await self.call(push, f"push {c}")
+            if pulled is None and self.local_sgd_lr is not None and self.staleness > 0:
+                self._apply_own(params, grads)
+            comm += time.perf_counter() - t_push
+        if pulled is not None:
+            # The next iteration must pull: it was asked for with this push (then_pull), one round trip.
             self._prefetched = pulled.guaranteed_clock
             self.stats.pulls += 1
             parked = parked or (s >= 0 and resp.min_clock < c + 1 - s)  # the min clock right after the push
-        else:
-            resp = await self.call(
-                lambda: self.plane.push(self.a.run_id, self.a.rank, self.a.incarnation, c, grads, loss),
-                f"push {c}",
-            )
-            if self.local_sgd_lr is not None and self.staleness > 0:
-                lr = np.float32(self.local_sgd_lr)
-                for name, g in grads.items():
-                    params[name] -= lr * g
-        comm += time.perf_counter() - t_push
-        await self.advance(resp, c, loss, len(batch), t0, t_compute, comm, parked)
+        await self.advance(resp, c, loss, samples, t0, t_compute, comm, parked)
         return guaranteed
+
+    def gradient(self, params: dict[str, np.ndarray], c: int) -> tuple[float, dict[str, np.ndarray], int, float]:
+        """The loss and gradient of iteration ``c``'s minibatch at ``params``, its size, the seconds it took."""
+        batch = self.sampler.batch(c)
+        t = time.perf_counter()
+        loss, grads = self.model.loss_and_grad(params, self.X[batch], self.y[batch])
+        return loss, grads, len(batch), time.perf_counter() - t
+
+    def _push_op(self, c: int, grads: dict[str, np.ndarray], loss: float, into: dict[str, np.ndarray] | None,
+                 ) -> Callable[[], Awaitable[tuple[pb.PushGradientResponse, PullResult | None]]]:
+        """The push of iteration ``c``; with ``into``, together with the pull of ``c + 1`` into it."""
+        a, wait = self.a, self.config.timeout_seconds * 4
+
+        async def op() -> tuple[pb.PushGradientResponse, PullResult | None]:
+            if into is None:
+                return await self.plane.push(a.run_id, a.rank, a.incarnation, c, grads, loss), None
+            return await self.plane.push_pull(a.run_id, a.rank, a.incarnation, c, grads, loss, into=into,
+                                              max_wait=wait)
+        return op
+
+    def _apply_own(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+        """Read-my-writes on a copy the server will not send again: plain SGD's step, as the server takes it."""
+        assert self.local_sgd_lr is not None
+        lr = np.float32(self.local_sgd_lr)
+        for name, g in grads.items():
+            params[name] -= lr * g
+
+    async def _overlapped(
+        self, push: Callable[[], Awaitable[tuple[pb.PushGradientResponse, PullResult | None]]],
+        params: dict[str, np.ndarray], grads: dict[str, np.ndarray], c: int,
+    ) -> tuple[pb.PushGradientResponse, PullResult | None, float]:
+        """The push of ``c`` in flight while the gradient of ``c + 1`` is computed on the parameters
+        held (``--overlap``; the caller checked they are recent enough for ``c + 1``). Returns the
+        push's answer and the seconds waited for it after the computation."""
+        token = SETTLE.set(False)  # its reads must not block the loop: the computation goes first
+        try:
+            task = asyncio.ensure_future(self.call(push, f"push {c}"))
+        finally:
+            SETTLE.reset(token)
+        try:
+            await asyncio.sleep(0)  # the push's bytes go out (its task runs to its first wait)
+            if self.local_sgd_lr is not None:
+                self._apply_own(params, grads)  # c + 1 sees this rank's own step of c
+            ahead = self.gradient(params, c + 1)
+            t_wait = time.perf_counter()
+            resp, pulled = await task
+        except BaseException:
+            task.cancel()
+            raise
+        if resp.clock == c + 1:  # (a rewind raised above and leaves nothing ahead)
+            self._ahead = ahead
+        return resp, pulled, time.perf_counter() - t_wait
 
     @staticmethod
     def check_loss(loss: float, clock: int) -> None:

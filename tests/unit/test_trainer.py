@@ -4,8 +4,10 @@ exactly-once and errors, in one event loop, without processes or sockets."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
+import numpy as np
 import pytest
 
 from client.spec import LaunchOptions, build_run_spec
@@ -17,6 +19,7 @@ from ps_server.testing import InMemoryServer
 from worker.config import WorkerConfig
 from worker.main import ending
 from worker.straggler import Straggler
+from worker import trainer as trainer_module
 from worker.trainer import Outcome, train
 
 pytestmark = pytest.mark.timeout(120)
@@ -59,6 +62,73 @@ async def test_ranks_train_a_run_to_completion(staleness: int, skips: bool) -> N
     final = outcomes[0].stats.final_accuracy  # rank 0 evaluates the final parameters
     assert final is not None and final > 0.6
     assert run.history.last_eval is not None and run.history.last_eval.clock == 40
+
+
+OVERLAP = dataclasses.replace(CONFIG, overlap=True)
+
+
+def _record_gradients(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
+    """(rank, clock, the rank's clock on the server) of each gradient computed, in order."""
+    seen: list[tuple[int, int, int]] = []
+    gradient = trainer_module._Trainer.gradient
+
+    def recorded(self: trainer_module._Trainer, params: dict[str, np.ndarray], c: int) -> object:
+        seen.append((self.a.rank, c, self.clock))
+        return gradient(self, params, c)
+
+    monkeypatch.setattr(trainer_module._Trainer, "gradient", recorded)
+    return seen
+
+
+@pytest.mark.parametrize(("staleness", "min_ahead"), [(1, 0), (3, 20), (-1, 20)])
+async def test_overlap_computes_the_next_gradient_while_the_push_is_in_flight(
+        monkeypatch: pytest.MonkeyPatch, staleness: int, min_ahead: int) -> None:
+    """--overlap: the gradient of c + 1 is computed before the push of c is answered (the worker's
+    clock is still c), each gradient once, each push applied once, and the run learns as without.
+    With s = 1 ranks in step rarely hold parameters recent enough for c + 1 (the min clock c)."""
+    seen = _record_gradients(monkeypatch)
+    async with InMemoryServer() as server:
+        async with server.client() as admin:
+            run = await admin.create_run(_spec(staleness, workers=2))
+        clients = [server.client() for _ in range(2)]
+        joined = [await c.join(f"w{i}", run.run_id, max_wait=0) for i, c in enumerate(clients)]
+        outcomes = await asyncio.gather(*(train(c, j.assignment, OVERLAP) for c, j in zip(clients, joined, strict=True)))
+        for c in clients:
+            await c.close()
+        core = server.registry.get(run.run_id)
+    assert all(o.completed for o in outcomes), outcomes
+    assert core.counters.pushes_applied == 80 and core.counters.pushes_duplicate == 0
+    for rank in (0, 1):
+        clocks = [(c, at) for r, c, at in seen if r == rank]
+        assert [c for c, _ in clocks] == list(range(40))  # every gradient once, in order
+        ahead = sum(at == c - 1 for c, at in clocks)
+        assert ahead >= min_ahead, clocks  # computed while the previous push was in flight
+    final = outcomes[0].stats.final_accuracy
+    assert final is not None and final > 0.6
+
+
+async def test_overlap_never_computes_on_parameters_the_bound_does_not_allow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """s = 1 and rank 1 has not pushed (min clock 0): rank 0 may train clocks 0 and 1 only. Its
+    push of 1 waits (with the pull for clock 2, parked); computing clock 2's gradient meanwhile on
+    the parameters it holds (which contain no update of rank 1) would break the bound."""
+    seen = _record_gradients(monkeypatch)
+    async with InMemoryServer() as server:
+        async with server.client() as admin:
+            run = await admin.create_run(_spec(1, workers=2, iterations=10))
+        clients = [server.client() for _ in range(2)]
+        joined = [await c.join(f"w{i}", run.run_id, max_wait=0) for i, c in enumerate(clients)]
+        first = asyncio.create_task(train(clients[0], joined[0].assignment, OVERLAP))
+        core = server.registry.get(run.run_id)
+        while core.counters.pushes_applied < 2:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # rank 0 is parked now: what did it compute meanwhile?
+        assert [(r, c) for r, c, _ in seen] == [(0, 0), (0, 1)]
+        second = asyncio.create_task(train(clients[1], joined[1].assignment, OVERLAP))
+        outcomes = await asyncio.wait_for(asyncio.gather(first, second), 60)
+        for c in clients:
+            await c.close()
+    assert all(o.completed for o in outcomes), outcomes
+    assert core.counters.pushes_applied == 20 and core.counters.pushes_duplicate == 0
 
 
 async def test_transient_failures_are_retried_and_applied_once() -> None:
