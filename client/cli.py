@@ -166,6 +166,9 @@ def launch(
     name: Annotated[str, typer.Option(help="Run name shown by psctl (default: MODEL on DATASET).")] = "",
     eval_every: Annotated[int, typer.Option(min=0, help="Evaluate every N iterations; 0 = ~20 times.")] = 0,
     aggregation: Annotated[str, typer.Option(help="BSP gradient combination: mean | sum.")] = "mean",
+    compress: Annotated[str, typer.Option(help="Less on the wire: none | fp16 | bf16 (pushes and pulls in half "
+                                          "precision) | topk:RATIO (pushes carry that share of each tensor, the "
+                                          "rest kept for later), e.g. topk:0.01,fp16. See README, compression.")] = "none",
     slowdown: Annotated[list[str] | None, typer.Option(metavar="RANK=FACTOR",
                                                        help="Make a rank FACTOR times slower (repeatable).")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the run with a progress bar on stderr until it ends "
@@ -192,6 +195,7 @@ def launch(
         model=model, dataset=dataset, workers=workers, staleness=parse_staleness(staleness), optimizer=optimizer, lr=lr,
         momentum=momentum, weight_decay=weight_decay, l1=l1, l2=l2, ftrl_beta=ftrl_beta, epochs=epochs, iterations=iterations, batch_size=batch_size,
         seed=seed, name=name, eval_every=eval_every, aggregation=aggregation, slowdown=parse_slowdown(slowdown or ()),
+        compress=compress,
     )
     if servers > 1 and not local:
         raise ValueError(f"--servers {servers} needs --local; start a cluster by hand with 'ps-server --cluster "

@@ -205,6 +205,13 @@ def param_texts(run: pb.Run, limit: int = 4) -> list[str]:
     return texts + ([f"and {len(params) - limit} more"] if len(params) > limit else [])
 
 
+def compression_text(c: pb.Compression) -> str:
+    """A run's compression as ``psctl launch --compress`` takes it: "none", "fp16", "topk:0.01,bf16"."""
+    half = {pb.DATA_TYPE_FLOAT16: "fp16", pb.DATA_TYPE_BFLOAT16: "bf16"}.get(c.dtype)
+    parts = ([f"topk:{c.topk_ratio:g}"] if c.topk_ratio else []) + ([half] if half else [])
+    return ",".join(parts) or "none"
+
+
 def run_facts(run: pb.Run, now: float | None = None) -> dict[str, Any]:
     """Derived numbers shared by every view: progress, accuracy, timings, staleness, lags."""
     now = time.time() if now is None else now
@@ -225,6 +232,7 @@ def run_facts(run: pb.Run, now: float | None = None) -> dict[str, Any]:
         "optimizer": optimizer,
         "lr": lr,
         "staleness": spec.staleness,
+        "compress": compression_text(spec.compression),
         "batch_size": spec.batch_size,
         "iterations": spec.iterations,
         "workers": spec.num_workers,
@@ -264,7 +272,8 @@ def launch_result(run: pb.Run) -> dict[str, Any]:
     keys = ("run_id", "name", "state", "message", "test_accuracy", "test_loss", "test_auc", "eval_clock", "iterations",
             "min_clock", "wall_seconds", "train_seconds", "pushes_applied", "pushes_duplicate", "pushes_rejected",
             "pulls_served", "pulls_parked", "parked_seconds", "pulls_skipped", "updates_applied", "evictions",
-            "staleness_mean", "staleness_max", "staleness", "workers", "model", "dataset", "optimizer", "lr")
+            "staleness_mean", "staleness_max", "staleness", "workers", "model", "dataset", "optimizer", "lr",
+            "compress", "bytes_pushed", "bytes_pulled")
     facts = run_facts(run)
     return {k: facts[k] for k in keys}
 

@@ -136,7 +136,8 @@ def status_view(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float |
     parts: list[RenderableType] = [head]
     parts.append(_kv(("model", f["model"]), ("dataset", f["dataset"]), ("optimizer", f["optimizer"]),
                      ("lr", f"{f['lr']:g}"), ("staleness", staleness_text(f["staleness"])),
-                     ("batch", f["batch_size"]), ("iterations", f["iterations"]), ("workers", f["workers"])))
+                     ("batch", f["batch_size"]), ("iterations", f["iterations"]), ("workers", f["workers"]),
+                     *((("compress", f["compress"]),) if f["compress"] != "none" else ())))
     if f["tables"] or f["requires"]:  # a sparse (CTR) model: which params are tables, what workers it needs
         parts.append(_kv(("params", ", ".join(param_texts(run))),
                          *((("requires", ", ".join(f["requires"])),) if f["requires"] else ())))

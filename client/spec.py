@@ -48,6 +48,34 @@ class LaunchOptions:
     """0 = about 20 evaluations over the run."""
     aggregation: str = "mean"
     slowdown: tuple[tuple[int, float], ...] = ()
+    compress: str = "none"
+    """none | fp16 | bf16 | topk:RATIO | topk:RATIO,fp16 | topk:RATIO,bf16 (``parse_compression``)."""
+
+
+COMPRESS_FORMS = "none, fp16, bf16, topk:RATIO (e.g. topk:0.01), or topk:RATIO,fp16 / topk:RATIO,bf16"
+_HALVES = {"fp16": pb.DATA_TYPE_FLOAT16, "bf16": pb.DATA_TYPE_BFLOAT16}
+
+
+def parse_compression(text: str) -> pb.Compression | None:
+    """``--compress``: the run's Compression (None for none); ValueError saying the forms."""
+    out = pb.Compression()
+    for item in (p.strip().lower() for p in text.split(",")):
+        if item == "none" and text.strip().lower() == "none":
+            return None
+        if item in _HALVES and not out.dtype:
+            out.dtype = _HALVES[item]
+        elif item.startswith("topk:") and not out.topk_ratio:
+            ratio = item.removeprefix("topk:").removesuffix("%")
+            try:
+                value = float(ratio) / (100 if item.endswith("%") else 1)
+            except ValueError:
+                value = float("nan")
+            if not (0 < value < 1):
+                raise ValueError(f"--compress {text!r}: topk takes a share in (0, 1), such as topk:0.01 or topk:1%")
+            out.topk_ratio = value
+        else:
+            raise ValueError(f"--compress {text!r}: use {COMPRESS_FORMS}")
+    return out
 
 
 OPTIMIZERS = {"sgd": ("sgd", {}), "momentum": ("momentum", {}), "nesterov": ("momentum", {"nesterov": True}),
@@ -128,6 +156,9 @@ def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
     if model.task != data.task:
         raise ValueError(f"model {o.model!r} does a {model.task} task but dataset {o.dataset!r} is {data.task}: "
                          f"use {'linear' if data.task == 'regression' else 'softmax or mlp:...'}")
+    compression = parse_compression(o.compress)
+    if compression is not None and model.tables():
+        raise ValueError(f"--compress {o.compress}: compression is for dense models; {o.model!r} has tables")
     per_epoch = _per_epoch(len(data.X_train), o)
     iterations = o.iterations or max(1, round(o.epochs * per_epoch))
     eval_every = o.eval_every or max(1, iterations // 20)
@@ -151,7 +182,9 @@ def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
         slowdown=dict(o.slowdown),
         # Runs of dense models suit any worker; a model with tables needs one that pulls rows by id
         # and knows the model (the Python worker; not the Node one).
-        requires=["tables", f"model:{model_spec['kind']}"] if model.tables() else [],
+        # Compressed runs need a worker that speaks it (the Python worker; not the Node one).
+        requires=["tables", f"model:{model_spec['kind']}"] if model.tables() else ["compression"] if compression else [],
+        compression=compression,
     )
 
 

@@ -50,7 +50,7 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
-Grad = np.ndarray | wire.RowsPart
+Grad = np.ndarray | wire.RowsPart | wire.CodedPart
 """A tensor's gradient in a push: the whole array, or (a table) some of its rows."""
 
 

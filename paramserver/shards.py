@@ -30,13 +30,27 @@ from typing import Any
 import numpy as np
 
 from paramserver.v1 import paramserver_pb2 as pb
-from paramserver.v1.wire import RowsPart
+from paramserver.v1.wire import CodedPart, RowsPart
 
 from . import errors
 from .client import PsClient
 from .sink import PullResult
 
 __all__ = ["Shards", "pull_run"]
+
+
+def _coded_rows(a: CodedPart, start: int, end: int) -> CodedPart:
+    """Rows [start, end) of the tensor ``a`` (a scalar: all of it), sparse positions made local."""
+    if not a.shape:
+        return a
+    row = int(np.prod(a.shape[1:], dtype=np.int64))
+    lo, hi, shape = start * row, end * row, (end - start, *a.shape[1:])
+    if a.indices is None:
+        return CodedPart(a.values[lo:hi], a.dtype, shape)
+    first, last = np.searchsorted(a.indices, [lo, hi])
+    if first == last:  # none of this shard's: one explicit zero (a sparse chunk names at least one element)
+        return CodedPart(np.zeros(1, a.values.dtype), a.dtype, shape, np.zeros(1, np.uint32))
+    return CodedPart(a.values[first:last], a.dtype, shape, a.indices[first:last] - np.uint32(lo))
 
 _STATE_ORDER: dict[int, int] = {pb.RUN_STATE_FAILED: 0, pb.RUN_STATE_STOPPED: 1, pb.RUN_STATE_COMPLETED: 2, pb.RUN_STATE_PENDING: 3,
                 pb.RUN_STATE_RUNNING: 4}
@@ -92,6 +106,9 @@ class Shards:
         out: dict[str, Any] = {}
         for pc in shard.pieces:
             a = arrays.get(pc.name)
+            if isinstance(a, CodedPart):  # a compressed run's gradient: the shard's rows of it
+                out[pc.name] = _coded_rows(a, pc.row_start, pc.row_end)
+                continue
             if a is None or not isinstance(a, np.ndarray | RowsPart):  # a table left out (or the caller's rows)
                 continue
             if isinstance(a, RowsPart):

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from paramserver.v1 import wire
+from paramserver.v1 import compress, wire
+from paramserver.v1 import paramserver_pb2 as pb
 
 __all__ = ["PullResult", "PullSink"]
 
@@ -48,13 +49,20 @@ class PullSink:
                 continue
             arr = out.get(chunk.name)
             shape = tuple(chunk.shape)
+            dtype = chunk.dtype
             if arr is None or arr.shape != shape or not arr.flags.c_contiguous:  # replaced, not filled
-                if chunk.offset == 0 and len(data) == 4 * int(np.prod(shape)):
+                if chunk.offset == 0 and len(data) == 4 * int(np.prod(shape)) and dtype == pb.DATA_TYPE_FLOAT32:
                     out[chunk.name] = np.frombuffer(data, wire.F32).reshape(shape).copy()
                     continue
                 arr = out[chunk.name] = np.empty(shape, wire.F32)
             n = len(data)
-            if arr.dtype == wire.F32 and not n & 3 and 0 <= chunk.offset and 4 * chunk.offset + n <= arr.nbytes:
+            if dtype in compress.HALF:  # a run with compression: converted as it lands
+                flat = arr.reshape(-1)
+                if arr.dtype != wire.F32 or not 0 <= chunk.offset <= chunk.offset + n // 2 <= flat.size or n & 1:
+                    raise ValueError(f"tensor {chunk.name!r}: a {compress.wire_name(dtype)} chunk at offset "
+                                     f"{chunk.offset} of {n} bytes does not fit its shape {list(shape)}")
+                compress.decode_into(data, dtype, flat[chunk.offset : chunk.offset + n // 2])
+            elif arr.dtype == wire.F32 and not n & 3 and 0 <= chunk.offset and 4 * chunk.offset + n <= arr.nbytes:
                 # a plain byte copy: half the cost of numpy's for a small tensor
                 arr.data.cast("B")[4 * chunk.offset : 4 * chunk.offset + n] = data
             else:

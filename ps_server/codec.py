@@ -14,8 +14,8 @@ from collections.abc import Iterable
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from paramserver.v1 import compress, wire
 from paramserver.v1 import paramserver_pb2 as pb
-from paramserver.v1 import wire
 
 from .core import errors
 from .core.history import ClockRecord
@@ -85,31 +85,36 @@ class TensorAssembler:
 
     Nothing is copied: a tensor that arrives in one chunk is a view of that message's bytes, one
     that arrives in several is ``Pieces``, views at their offsets (the core applies them block by
-    block). Raises InvalidArgument for malformed chunks and ResourceExhausted past ``max_bytes``,
-    before any of it reaches the run.
+    block). In a run with compression (``dtype``, ``sparse``) half-precision values are converted
+    to float32 and sparse chunks scattered into a zeroed tensor. Raises InvalidArgument for
+    malformed chunks and ResourceExhausted past ``max_bytes``, before any of it reaches the run.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, dtype: int = _FLOAT32, sparse: bool = False) -> None:
         self.max_bytes = max_bytes
         self.nbytes = 0
+        self.dtype = dtype
+        self.sparse = sparse
+        self._itemsize = wire.WIRE_DTYPES[dtype].itemsize
         self._tensors: dict[str, Gradient] = {}
         self._filled: dict[str, int] = {}
         self._declared = 0
         self._rows: dict[str, list[Rows]] = {}
+        self._last_index: dict[str, int] = {}  # sparse tensors: the last position filled
 
     def add(self, chunks: Iterable[wire.ChunkLike]) -> None:
         tensors = self._tensors
         for chunk in chunks:
             data = chunk.data  # a view of the request's bytes (wire), not a copy
             name = chunk.name
-            if chunk.dtype != _FLOAT32:
-                raise _bad_gradient(
-                    f"tensor {errors.quoted(name)} has dtype {pb.DataType.Name(chunk.dtype) if chunk.dtype in pb.DataType.values() else chunk.dtype}; "
-                    "this server stores DATA_TYPE_FLOAT32"
-                )
+            if chunk.dtype != self.dtype:
+                got = pb.DataType.Name(chunk.dtype) if chunk.dtype in pb.DataType.values() else chunk.dtype
+                raise _bad_gradient(f"tensor {errors.quoted(name)} has dtype {got}; this run's pushes carry "
+                                    f"{pb.DataType.Name(self.dtype)}" + (" (its compression)" if self.dtype != _FLOAT32 else ""))
             n_bytes = len(data)
-            if n_bytes & 3:
-                raise _bad_gradient(f"tensor {errors.quoted(name)}: chunk of {n_bytes} bytes is not a whole number of float32")
+            if n_bytes % self._itemsize:
+                raise _bad_gradient(f"tensor {errors.quoted(name)}: chunk of {n_bytes} bytes is not a whole number of "
+                                    f"{compress.wire_name(self.dtype)}")
             self.nbytes += n_bytes
             if self.nbytes > self.max_bytes:
                 tensors.clear()  # drop what was buffered: the rest of the push is only counted
@@ -117,32 +122,36 @@ class TensorAssembler:
                     f"push carries more than {self.max_bytes} bytes, more than this run's gradient can be"
                 )
             shape = tuple(chunk.shape)
-            values = np.frombuffer(data, _F32)
+            if self.dtype == _FLOAT32:
+                values = np.frombuffer(data, _F32)
+            else:
+                values = np.empty(n_bytes // self._itemsize, _F32)
+                compress.decode_into(data, self.dtype, values)
             if chunk.row_ids:
                 self._add_rows(name, shape, chunk.offset, chunk.row_ids, values)
                 continue
             if name in self._rows:
                 raise _bad_gradient(f"tensor {errors.quoted(name)} came as rows and as a flat slice: send a table's "
                                     "gradient one way")
+            indices = chunk.indices
             if name not in tensors:
-                if len(shape) > 32:
-                    raise _bad_gradient(f"tensor {errors.quoted(name)} has {len(shape)} dimensions: send the parameter's shape")
-                if shape and min(shape) < 0:
-                    raise _bad_gradient(f"tensor {errors.quoted(name)} has a negative dimension in shape {list(shape)}")
+                self._declare(name, shape)
                 total = math.prod(shape)
-                if total == 0 and any(4 * d > self.max_bytes for d in shape):
-                    raise _bad_gradient(f"tensor {errors.quoted(name)} has shape {list(shape)}: send the parameter's shape")
-                self._declared += 4 * total
-                if self._declared > self.max_bytes:
-                    raise errors.ResourceExhausted(
-                        f"tensor {errors.quoted(name)} declares shape {list(shape)}, more than this run's gradient can be"
-                    )
-                if n_bytes == 4 * total and chunk.offset == 0:  # the whole tensor in one chunk
+                if indices:
+                    tensors[name] = np.zeros(shape, _F32)
+                    self._last_index[name] = -1
+                elif values.nbytes == 4 * total and chunk.offset == 0:  # the whole tensor in one chunk
                     tensors[name] = values.reshape(shape)
                     self._filled[name] = total
                     continue
-                tensors[name] = Pieces(shape, [])
-                self._filled[name] = 0
+                else:
+                    tensors[name] = Pieces(shape, [])
+                    self._filled[name] = 0
+            if (name in self._last_index) != bool(indices):
+                raise _bad_gradient(f"tensor {errors.quoted(name)} came as sparse and as dense chunks: send it one way")
+            if indices:
+                self._add_sparse(name, shape, chunk.offset, indices, values)
+                continue
             pieces = tensors[name]
             size = math.prod(pieces.shape)
             if shape != pieces.shape:
@@ -158,6 +167,46 @@ class TensorAssembler:
                 pieces.parts.append((filled, values))
                 pieces.size += n
             self._filled[name] = filled + n
+
+    def _declare(self, name: str, shape: tuple[int, ...]) -> None:
+        """The first chunk of tensor ``name`` says its shape: checked before anything is allocated."""
+        if len(shape) > 32:
+            raise _bad_gradient(f"tensor {errors.quoted(name)} has {len(shape)} dimensions: send the parameter's shape")
+        if shape and min(shape) < 0:
+            raise _bad_gradient(f"tensor {errors.quoted(name)} has a negative dimension in shape {list(shape)}")
+        total = math.prod(shape)
+        if total == 0 and any(4 * d > self.max_bytes for d in shape):
+            raise _bad_gradient(f"tensor {errors.quoted(name)} has shape {list(shape)}: send the parameter's shape")
+        self._declared += 4 * total
+        if self._declared > self.max_bytes:
+            raise errors.ResourceExhausted(
+                f"tensor {errors.quoted(name)} declares shape {list(shape)}, more than this run's gradient can be"
+            )
+
+    def _add_sparse(self, name: str, shape: tuple[int, ...], offset: int, indices: bytes | memoryview,
+                    values: np.ndarray) -> None:
+        """A sparse chunk (``TensorChunk.indices``): its values scattered into the zeroed tensor."""
+        quoted = errors.quoted(name)
+        if not self.sparse:
+            raise _bad_gradient(f"tensor {quoted} came as a sparse chunk (indices), but this run's pushes are dense "
+                                "(no top-k compression)")
+        dense = self._tensors[name]
+        assert isinstance(dense, np.ndarray)
+        if shape != dense.shape:
+            raise _bad_gradient(f"chunks of tensor {quoted} disagree on its shape")
+        if len(indices) & 3 or len(indices) // 4 != values.size or offset:
+            raise _bad_gradient(f"tensor {quoted}: a sparse chunk needs offset 0 and one uint32 index (4 bytes) per "
+                                f"value; it has offset {offset}, {len(indices)} bytes of indices, {values.size} values")
+        self.nbytes += len(indices)
+        ids = np.frombuffer(indices, wire.U32)
+        if not ids.size:
+            return
+        last = self._last_index[name]
+        if int(ids[0]) <= last or int(ids[-1]) >= dense.size or (ids.size > 1 and not (ids[1:] > ids[:-1]).all()):
+            raise _bad_gradient(f"tensor {quoted}: a sparse chunk's indices must increase strictly (across the "
+                                f"tensor's chunks too) and stay below its size {dense.size}")
+        self._last_index[name] = int(ids[-1])
+        dense.reshape(-1)[ids] = values
 
     def _add_rows(self, name: str, shape: tuple[int, ...], offset: int, row_ids: bytes | memoryview,
                   values: np.ndarray) -> None:
@@ -190,7 +239,7 @@ class TensorAssembler:
         for name, parts in self._rows.items():
             self._tensors[name] = Rows.concat(parts, parts[0].shape)
         for name, g in self._tensors.items():
-            if isinstance(g, Rows):
+            if isinstance(g, Rows) or name in self._last_index:
                 continue
             size = math.prod(g.shape)
             if self._filled[name] != size:
@@ -211,6 +260,11 @@ _INIT = {
 _INIT_PB = {v: k for k, v in _INIT.items() if k != pb.INITIALIZER_UNSPECIFIED}
 _AGG = {pb.AGGREGATION_UNSPECIFIED: Aggregation.MEAN, pb.AGGREGATION_MEAN: Aggregation.MEAN, pb.AGGREGATION_SUM: Aggregation.SUM}
 _AGG_PB = {Aggregation.MEAN: pb.AGGREGATION_MEAN, Aggregation.SUM: pb.AGGREGATION_SUM}
+_WIRE_DTYPE = {pb.DATA_TYPE_UNSPECIFIED: "float32", pb.DATA_TYPE_FLOAT32: "float32",
+               pb.DATA_TYPE_FLOAT16: "float16", pb.DATA_TYPE_BFLOAT16: "bfloat16"}
+_WIRE_DTYPE_PB = {"float32": pb.DATA_TYPE_FLOAT32, "float16": pb.DATA_TYPE_FLOAT16, "bfloat16": pb.DATA_TYPE_BFLOAT16}
+WIRE_DTYPE_PB = _WIRE_DTYPE_PB
+"""A run's ``wire_dtype`` as the DataType its pushes and pulls carry."""
 
 
 def _bad_spec(message: str) -> errors.InvalidArgument:
@@ -254,6 +308,9 @@ def spec_from_proto(s: pb.RunSpec, limits: Limits = DEFAULT_LIMITS) -> RunSpec:
         params.append(ParamSpec(p.name, tuple(p.shape), _INIT[p.initializer], p.scale, table=p.table))
     if s.aggregation not in _AGG:
         raise _bad_spec(f"unknown aggregation {s.aggregation}")
+    if s.compression.dtype not in _WIRE_DTYPE:
+        raise _bad_spec(f"compression dtype {s.compression.dtype}: use DATA_TYPE_FLOAT32, DATA_TYPE_FLOAT16 or "
+                        "DATA_TYPE_BFLOAT16")
     return RunSpec(
         name=s.name,
         num_workers=s.num_workers,
@@ -269,6 +326,8 @@ def spec_from_proto(s: pb.RunSpec, limits: Limits = DEFAULT_LIMITS) -> RunSpec:
         eval_every=s.eval_every,
         slowdown=dict(s.slowdown),
         requires=tuple(s.requires),
+        wire_dtype=_WIRE_DTYPE[s.compression.dtype],
+        topk_ratio=s.compression.topk_ratio,
     )
 
 
@@ -292,6 +351,8 @@ def spec_to_proto(s: RunSpec) -> pb.RunSpec:
         eval_every=s.eval_every,
         slowdown=dict(s.slowdown),
         requires=s.requires,
+        compression=pb.Compression(dtype=_WIRE_DTYPE_PB[s.wire_dtype], topk_ratio=s.topk_ratio)
+        if s.wire_dtype != "float32" or s.topk_ratio else None,
     )
 
 

@@ -28,10 +28,10 @@ import numpy as np
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError
 
+from paramserver.v1 import compress, wire
 from paramserver.v1 import paramserver_pb2 as pb
-from paramserver.v1 import wire
 
-from .codec import TensorAssembler, run_state_to_proto
+from .codec import WIRE_DTYPE_PB, TensorAssembler, run_state_to_proto
 from .core.errors import InvalidArgument, Malformed, PsError, quoted
 from .core.gate import Gate
 from .core.registry import RunRegistry
@@ -189,7 +189,8 @@ class DataPlane:
         assembler: TensorAssembler | None = None
         try:
             run = self._registry.get(req.run_id)
-            assembler = TensorAssembler(max_bytes=2 * run.store.nbytes + (1 << 20))
+            assembler = TensorAssembler(max_bytes=2 * run.store.nbytes + (1 << 20),
+                                        dtype=WIRE_DTYPE_PB[run.spec.wire_dtype], sparse=run.spec.topk_ratio > 0)
             assembler.add(req.tensors)
         except PsError as exc:
             failed = exc
@@ -263,15 +264,35 @@ class DataPlane:
         remaining = caller.time_remaining()
         return limit if remaining is None else max(0.0, min(limit, remaining))
 
+    @staticmethod
+    def _coded_groups(read: ParamsRead, chunk: int) -> list[wire.Group]:
+        """A compressed run's read in its wire type: converted once per version of the whole model
+        (every reader of that version shares it; new arrays each time, so an answer still being
+        sent keeps its own)."""
+        key = ("coded", chunk)
+        cached = read.derived.get(key) if read.derived is not None else None
+        if cached is not None and cached[0] == read.version:
+            return cached[1]  # type: ignore[no-any-return]
+        dtype = WIRE_DTYPE_PB[read.wire_dtype]
+        coded = {name: wire.CodedPart(compress.encode(t, dtype), dtype, t.shape) for name, t in read.tensors.items()}
+        groups: list[wire.Group] = list(wire.chunk_groups(coded, chunk))
+        if read.derived is not None:
+            read.derived[key] = (read.version, groups)
+        return groups
+
     def _params_parts(self, read: ParamsRead, caller: Caller) -> Iterator[wire.ParamsParts]:
         """A read as the arguments of ``wire.params_response_parts``, in groups of ~chunk_bytes.
         For the whole model the groups are built once per run and reused: the same views of the
         live parameters every time (a small model's pull then makes no numpy call before its
         encoding's one copy)."""
         chunk = caller.chunk_bytes or self._chunk_bytes
+        groups: list[wire.Group]
         key = ("groups", chunk)
-        groups: list[wire.Group] | None = read.derived.get(key) if read.derived is not None else None
-        if groups is None:
+        if read.wire_dtype != "float32":
+            groups = self._coded_groups(read, chunk)
+        elif read.derived is not None and key in read.derived:
+            groups = read.derived[key]
+        else:
             groups = [[(name, shape, offset, part.data) for name, shape, offset, part in group]
                       for group in wire.chunk_groups(read.tensors, chunk)]
             if read.derived is not None:

@@ -35,8 +35,9 @@ __all__ = ["ending", "main", "work"]
 
 log = logging.getLogger("ps_worker")
 
-CAPABILITIES = ("tables", "model:linear", "model:softmax", "model:mlp", "model:logistic", "model:fm")
-"""What this worker says it can train at Join (``RunSpec.requires``): every model here, tables too."""
+CAPABILITIES = ("tables", "compression", "model:linear", "model:softmax", "model:mlp", "model:logistic", "model:fm")
+"""What this worker says it can train at Join (``RunSpec.requires``): every model here, tables and
+compressed runs too."""
 
 
 async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[Outcome]:

@@ -32,7 +32,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -40,11 +40,12 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from paramserver import errors
-from paramserver.client import PsClient, PullResult
+from paramserver.client import Grad, PsClient, PullResult
 from paramserver.shards import Shards
 from paramserver.tcp_transport import SETTLE
 from paramserver.v1 import paramserver_pb2 as pb
 
+from .compression import PushCodec
 from .config import WorkerConfig
 from .datasets import DatasetError, load_dataset
 from .models import EvalResult, ModelSpecError, build_model
@@ -141,6 +142,8 @@ class _Trainer:
         self._last_report = time.monotonic()
         self._samples = 0
         self.tables: TableStep | None = None
+        self.codec = PushCodec.of(self.spec)
+        """Pushes in the run's wire form (``RunSpec.compression``); None: float32, dense."""
 
     def setup(self) -> None:
         """Load data and model; raises DatasetError / ModelSpecError (fatal for the run)."""
@@ -228,6 +231,8 @@ class _Trainer:
                 return
             except _Rewind as rewind:  # also while waiting for the final parameters
                 self._prefetched = self._ahead = None
+                if self.codec is not None:
+                    self.codec.reset()
                 if self.tables is not None:
                     self.tables.reset()
                 self.clock = rewind.clock
@@ -264,7 +269,7 @@ class _Trainer:
         self.check_loss(loss, c)
         t_push = time.perf_counter()
         pull_next = c + 1 < self.spec.iterations and not self.cache_valid(guaranteed, c + 1)
-        push = self._push_op(c, grads, loss, params if pull_next else None)
+        push = self._push_op(c, self.codec.encode(grads) if self.codec else grads, loss, params if pull_next else None)
         if self.config.overlap and c + 1 < self.spec.iterations and (s < 0 or self.cache_valid(guaranteed, c + 1)):
             resp, pulled, comm_ahead = await self._overlapped(push, params, grads, c)
             comm += comm_ahead
@@ -288,7 +293,7 @@ class _Trainer:
         loss, grads = self.model.loss_and_grad(params, self.X[batch], self.y[batch])
         return loss, grads, len(batch), time.perf_counter() - t
 
-    def _push_op(self, c: int, grads: dict[str, np.ndarray], loss: float, into: dict[str, np.ndarray] | None,
+    def _push_op(self, c: int, grads: Mapping[str, Grad], loss: float, into: dict[str, np.ndarray] | None,
                  ) -> Callable[[], Awaitable[tuple[pb.PushGradientResponse, PullResult | None]]]:
         """The push of iteration ``c``; with ``into``, together with the pull of ``c + 1`` into it."""
         a, wait = self.a, self.config.timeout_seconds * 4
@@ -304,6 +309,9 @@ class _Trainer:
         """Read-my-writes on a copy the server will not send again: plain SGD's step, as the server takes it."""
         assert self.local_sgd_lr is not None
         lr = np.float32(self.local_sgd_lr)
+        if self.codec is not None:  # what the push carried, not the gradient
+            self.codec.step_locally(params, lr)
+            return
         for name, g in grads.items():
             params[name] -= lr * g
 

@@ -212,12 +212,14 @@ class Run:
         if rank is not None:
             self.history.record("pull", rank, clock, self.min_clock)
             self.counters.pulled(staleness=max(0, clock - self.min_clock))  # observers' reads do not count
-        self.counters.bytes_pulled += self.store.nbytes if whole else sum(t.nbytes for t in tensors.values())
+        dense = self.store.nbytes if whole else sum(t.nbytes for t in tensors.values())
+        wire_dtype = self.spec.wire_dtype if rank is not None else "float32"  # observers (export) get float32
+        self.counters.bytes_pulled += dense if wire_dtype == "float32" else dense // 2
         self.counters.bytes_pulled += sum(ids.nbytes + values.nbytes for ids, values, _ in picked.values())
         self.counters.rows_pulled += sum(ids.size for ids, _, _ in picked.values())
         guaranteed = self.min_clock if self.spec.staleness else self.bsp.applied_clock
         return ParamsRead(guaranteed, self.counters.updates_applied, tensors, self.state,
-                          self.store.derived if whole else None, picked)
+                          self.store.derived if whole else None, picked, wire_dtype)
 
     async def changed(self, since: int, timeout: float) -> bool:
         """True once ``changes`` moved past ``since``; False after ``timeout`` seconds."""

@@ -29,6 +29,7 @@ __all__ = [
     "Limits",
     "check_sizes",
     "UNBOUNDED",
+    "WIRE_DTYPES",
     "offsets",
     "spec_from_dict",
     "spec_to_dict",
@@ -110,6 +111,10 @@ OPTIMIZER_DEFAULTS: dict[OptimizerKind, dict[str, float]] = {
 """Hyper-parameters whose zero on the wire (proto3: unset) means this value."""
 
 
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+"""The types pushes and pulls may travel in (``RunSpec.wire_dtype``)."""
+
+
 @dataclass(frozen=True)
 class RunSpec:
     name: str
@@ -128,6 +133,10 @@ class RunSpec:
     slowdown: Mapping[int, float] = field(default_factory=dict)
     requires: tuple[str, ...] = ()
     """What a worker must be able to do to be given this run (its Join capabilities)."""
+    wire_dtype: str = "float32"
+    """The values of pushes and pulls on the wire (``WIRE_DTYPES``); the store keeps float32."""
+    topk_ratio: float = 0.0
+    """Top-k pushes: the share of each tensor's elements a push carries (0: dense)."""
 
     @property
     def unbounded(self) -> bool:
@@ -273,6 +282,13 @@ def validate_spec(spec: RunSpec, limits: Limits = DEFAULT_LIMITS) -> None:
     if len(spec.requires) > limits.max_requires or any(not r or len(r) > limits.max_name_chars for r in spec.requires):
         raise _invalid(f"requires has {len(spec.requires)} entries: at most {limits.max_requires}, each a non-empty "
                        f"name of at most {limits.max_name_chars} characters")
+    if spec.wire_dtype not in WIRE_DTYPES:
+        raise _invalid(f"compression dtype {spec.wire_dtype!r}: use one of {', '.join(WIRE_DTYPES)}")
+    if not (math.isfinite(spec.topk_ratio) and 0 <= spec.topk_ratio < 1):
+        raise _invalid(f"compression topk_ratio {spec.topk_ratio}: use a share in (0, 1), such as 0.01, or 0 for "
+                       "dense pushes")
+    if (spec.wire_dtype != "float32" or spec.topk_ratio) and any(p.table for p in spec.params):
+        raise _invalid("compression is for dense tensors: a run with tables (ParamSpec.table) cannot use it yet")
     for rank, factor in spec.slowdown.items():
         if not 0 <= rank < spec.num_workers or not (math.isfinite(factor) and factor >= 1.0):
             raise _invalid(

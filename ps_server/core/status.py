@@ -158,3 +158,5 @@ class ParamsRead:
     keeps what it derives from the store's arrays once (their message layout)."""
     rows: dict[str, tuple[np.ndarray, np.ndarray, tuple[int, ...]]] = field(default_factory=dict)
     """Table name -> (row ids as asked, those rows' values (a copy), the table's shape)."""
+    wire_dtype: str = "float32"
+    """What the answer carries (``RunSpec.wire_dtype``): the transport converts ``tensors``."""

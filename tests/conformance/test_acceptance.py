@@ -155,25 +155,30 @@ async def test_node_bsp_run_equals_the_python_single_process_reference(node_impl
 
 
 @pytest.mark.one_server("which runs a worker is given does not depend on the servers")
-async def test_node_workers_leave_a_run_with_tables_alone_and_train_the_dense_one(node_impl: Impl) -> None:
-    """The Node worker declares no capabilities: the older run, which has a table (an FM on CTR
-    data), is never handed to it; it trains the dense run created after."""
+async def test_node_workers_leave_runs_with_tables_or_compression_alone_and_train_the_dense_one(
+        node_impl: Impl) -> None:
+    """The Node worker declares no capabilities: the older runs, one with a table (an FM on CTR
+    data), one in float16 on the wire (RunSpec.compression), are never handed to it; it trains the
+    dense float32 run created after."""
     sparse = build_run_spec(LaunchOptions(model="fm:2:rows=1024", dataset="synthetic-ctr:samples=2000", workers=1,
                                           iterations=5))
+    half = build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=1, iterations=5, compress="fp16"))
     dense = run_spec(model="softmax", workers=2, staleness=2, iterations=40)
     try:
         with ps_server() as srv:
             async with connect(srv.address) as c:
                 table_run = await c.create_run(sparse)
+                half_run = await c.create_run(half)
                 run = await c.create_run(dense)
                 workers = node_impl.start_many(srv.address, 2)
                 final = await finish(c, run.run_id, timeout=120, logs=node_impl.logs)
-                untouched = await c.get_run(table_run.run_id)
-                await c.stop_run(table_run.run_id)
+                untouched = [await c.get_run(r.run_id) for r in (table_run, half_run)]
+                for r in (table_run, half_run):
+                    await c.stop_run(r.run_id)
             codes = [w.wait(30) for w in workers]
     finally:
         for w in node_impl.started:
             w.stop()
     assert final.state == pb.RUN_STATE_COMPLETED, (final.message, node_impl.logs())
     assert codes == [0, 0]
-    assert untouched.state == pb.RUN_STATE_PENDING and untouched.active_workers == 0
+    assert [(u.state, u.active_workers) for u in untouched] == [(pb.RUN_STATE_PENDING, 0)] * 2

@@ -109,6 +109,33 @@ def test_local_launch_on_two_servers_spreads_the_run_over_both(tmp_path: Path) -
     assert_nothing_left(marker, tmp_path)
 
 
+@pytest.mark.parametrize(("compress", "servers", "overlap"), [("none", "1", ""), ("topk:0.05,fp16", "1", "1"),
+                                                              ("bf16", "2", "1")])
+def test_compressed_runs_learn_with_fewer_bytes(compress: str, servers: str, overlap: str, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """--compress: the run learns as well (the MLP on digits, 4 workers, SSP 2) with half the bytes
+    (bf16, on a 2-server cluster too) or with top-k pushes of 5% in fp16; workers here compute
+    their next gradient while their push is in flight (PS_WORKER_OVERLAP)."""
+    monkeypatch.setenv("PS_WORKER_OVERLAP", overlap)
+    proc, marker = start_psctl(tmp_path, "--model", "mlp:64", "--dataset", "digits", "--workers", "4",
+                               "--iterations", "150", "--servers", servers, "--compress", compress, "--json")
+    out, err = communicate(proc, 150)
+    assert proc.returncode == 0, err
+    doc = json.loads(out)
+    assert doc["state"] == "completed" and doc["pushes_applied"] == 600 and doc["compress"] == compress
+    assert doc["test_accuracy"] > 0.93, doc
+    # the counters are the first server's: what it holds
+    dense = doc["shards"][0]["bytes_held"] if servers != "1" else 4 * (64 * 64 + 64 + 64 * 10 + 10)
+    per_push, per_pull = doc["bytes_pushed"] / 600, doc["bytes_pulled"] / doc["pulls_served"]
+    if compress == "none":
+        assert per_push == dense
+    elif compress == "bf16":
+        assert per_push == dense // 2 and per_pull <= dense // 2
+    else:
+        assert per_push < 0.2 * dense  # 5% of the elements: values (2 bytes) and indices (4 bytes)
+    assert_nothing_left(marker, tmp_path)
+
+
 def test_local_launch_human_summary(tmp_path: Path) -> None:
     proc, marker = start_psctl(tmp_path, *TINY, "--staleness", "inf")
     out, err = proc.communicate(timeout=120)

@@ -16,10 +16,10 @@ from paramserver.client import PsClient
 from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.core import snapshot
 from ps_server.testing import InMemoryServer
+from worker import trainer as trainer_module
 from worker.config import WorkerConfig
 from worker.main import ending
 from worker.straggler import Straggler
-from worker import trainer as trainer_module
 from worker.trainer import Outcome, train
 
 pytestmark = pytest.mark.timeout(120)

@@ -41,8 +41,11 @@ __all__ = [
     "F32",
     "HAND_CODED",
     "SMALL_MESSAGE",
+    "WIRE_DTYPES",
+    "U32",
     "Chunk",
     "ChunkLike",
+    "CodedPart",
     "Group",
     "ParamsParts",
     "ParamsResponse",
@@ -68,7 +71,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 F32 = np.dtype("<f4")
-"""The one element type on the wire: little-endian float32."""
+"""The stored element type, little-endian float32; the wire's too unless the run compresses (``CodedPart``)."""
 
 SMALL_MESSAGE = 64 << 10
 """Messages with at most this many payload bytes are decoded by the generated classes (upb, in C):
@@ -143,6 +146,8 @@ class ChunkLike(Protocol):
     def data(self) -> bytes | memoryview: ...
     @property
     def row_ids(self) -> bytes | memoryview: ...
+    @property
+    def indices(self) -> bytes | memoryview: ...
 
 
 @dataclass
@@ -155,6 +160,7 @@ class Chunk:
     offset: int = 0
     data: bytes | memoryview = b""
     row_ids: bytes | memoryview = b""
+    indices: bytes | memoryview = b""
 
 
 @dataclass
@@ -219,32 +225,64 @@ class RowsPart:
         return int(self.ids.nbytes + self.values.nbytes)
 
 
-Group = Sequence[tuple[str, tuple[int, ...], int, "np.ndarray | memoryview | RowsPart"]]
+U32 = np.dtype("<u4")
+"""Element positions of a sparse chunk (``TensorChunk.indices``): little-endian uint32."""
+WIRE_DTYPES: dict[int, np.dtype[Any]] = {pb.DATA_TYPE_FLOAT32: F32, pb.DATA_TYPE_FLOAT16: np.dtype("<f2"), pb.DATA_TYPE_BFLOAT16: np.dtype("<u2")}
+"""How each DataType's values are held in numpy (bfloat16 as its 16 bits: numpy has no such type)."""
+
+
+@dataclass(frozen=True)
+class CodedPart:
+    """A tensor of ``shape`` (or a slice of one) in a run's wire form (``RunSpec.compression``):
+    ``values`` flat, in the numpy form of ``dtype`` (``WIRE_DTYPES``); with ``indices`` (uint32,
+    strictly increasing) a sparse tensor: those elements of the whole flattened tensor, the others 0."""
+
+    values: np.ndarray
+    dtype: int
+    shape: tuple[int, ...]
+    indices: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.values.nbytes + (0 if self.indices is None else self.indices.nbytes))
+
+
+Group = Sequence[tuple[str, tuple[int, ...], int, "np.ndarray | memoryview | RowsPart | CodedPart"]]
 """Chunks of one message: (name, full shape, offset, flat float32 part, or a memoryview of one,
-or a table's rows)."""
+or a table's rows, or a part in another wire form)."""
 ParamsParts = tuple[int, int, Group, bool, int]
 """The arguments of ``params_response_parts``."""
 
 
 def chunk_groups(
-    tensors: Mapping[str, np.ndarray | RowsPart], chunk_bytes: int,
+    tensors: Mapping[str, np.ndarray | RowsPart | CodedPart], chunk_bytes: int,
 ) -> Iterator[list[tuple[str, tuple[int, ...], int, Any]]]:
     """How every Python sender splits tensors into messages: (name, shape, offset, flat float32
     part) groups of about ``chunk_bytes``. A tensor's chunks are consecutive slices of its flattened
     (C order) elements, at most ``chunk_bytes`` each; a group ends once it holds ``chunk_bytes``,
-    so small tensors share one. A table's rows (``RowsPart``) go in chunks of whole rows. Always
-    yields at least one (maybe empty) group."""
+    so small tensors share one. A table's rows (``RowsPart``) go in chunks of whole rows. A
+    ``CodedPart`` is split the same way: dense ones into slices,
+    sparse ones into runs of their elements (each chunk at offset 0). Always yields at least one
+    (maybe empty) group."""
     per_chunk = max(1, chunk_bytes // 4)
     group: list[tuple[str, tuple[int, ...], int, Any]] = []
     size, sent = 0, False
     for name, arr in tensors.items():
+        if isinstance(arr, CodedPart):
+            for lo, part in _coded_slices(arr, chunk_bytes):
+                group.append((name, arr.shape, lo, part))
+                size += part.nbytes
+                if size >= chunk_bytes:
+                    yield group
+                    group, size, sent = [], 0, True
+            continue
         if isinstance(arr, RowsPart):  # a table's rows
             values = arr.values
             per = max(1, chunk_bytes // (8 + 4 * (values.shape[1] if values.ndim == 2 else 1)))
             for lo in range(0, len(arr.ids), per):
-                part = RowsPart(arr.ids[lo : lo + per], values[lo : lo + per], arr.table_shape)
-                group.append((name, arr.table_shape, 0, part))
-                size += part.nbytes
+                rows = RowsPart(arr.ids[lo : lo + per], values[lo : lo + per], arr.table_shape)
+                group.append((name, arr.table_shape, 0, rows))
+                size += rows.nbytes
                 if size >= chunk_bytes:
                     yield group
                     group, size, sent = [], 0, True
@@ -270,6 +308,20 @@ def chunk_groups(
                 group, size, sent = [], 0, True
     if group or not sent:
         yield group
+
+
+def _coded_slices(part: CodedPart, chunk_bytes: int) -> Iterator[tuple[int, CodedPart]]:
+    """(offset, slice) of ``part``, each at most ~``chunk_bytes`` (at least one, maybe empty)."""
+    values, indices = part.values, part.indices
+    per = max(1, chunk_bytes // (values.itemsize + (0 if indices is None else 4)))
+    if values.size <= per:
+        yield 0, part
+        return
+    for lo in range(0, values.size, per):
+        if indices is None:
+            yield lo, CodedPart(values[lo : lo + per], part.dtype, part.shape)
+        else:
+            yield 0, CodedPart(values[lo : lo + per], part.dtype, part.shape, indices[lo : lo + per])
 
 
 def _data_view(part: np.ndarray | bytes | memoryview) -> Part:
@@ -301,12 +353,22 @@ def _chunk_head(name: str, shape: Sequence[int], offset: int, nbytes: int, dtype
 
 
 def encode_chunk(
-    name: str, shape: Sequence[int], offset: int, data: np.ndarray | bytes | memoryview | RowsPart,
+    name: str, shape: Sequence[int], offset: int, data: np.ndarray | bytes | memoryview | RowsPart | CodedPart,
     dtype: int = pb.DATA_TYPE_FLOAT32, pad: int = 0,
 ) -> list[Part]:
     """A ``TensorChunk``'s serialized body as parts (the second one is the data, not copied; a
-    table's rows add their ids after it); ``pad``: 0, or the size in bytes of a ``padding`` field
-    (its key, length and content) to put just before the data."""
+    table's rows add their ids after it, a sparse part its indices); ``pad``: 0, or the size in
+    bytes of a ``padding`` field (its key, length and content) to put just before the data."""
+    if isinstance(data, CodedPart):
+        values = _data_view(data.values)
+        assert isinstance(values, memoryview)
+        head = bytes(_chunk_head(name, shape, offset, values.nbytes, data.dtype, pad))
+        body: list[Part] = [head, values] if values.nbytes else [head]
+        if data.indices is None or not data.indices.size:
+            return body
+        ids = _data_view(data.indices if data.indices.dtype == U32 else data.indices.astype(U32))
+        assert isinstance(ids, memoryview)
+        return [*body, _CHUNK["indices"] + varint(ids.nbytes), ids]
     if isinstance(data, RowsPart):
         values = _data_view(data.values)
         ids = _data_view(data.ids if data.ids.dtype == I64 else data.ids.astype(I64))
@@ -345,7 +407,7 @@ def _repeated_chunks(tag: bytes, group: Group, at: int | None = None) -> list[Pa
     parts: list[Part] = []
     if at is None:
         for name, shape, offset, data in group:
-            if isinstance(data, RowsPart):
+            if isinstance(data, RowsPart | CodedPart):
                 body = encode_chunk(name, shape, offset, data)
                 parts += [tag + varint(parts_len(body)), *body]
                 continue
