@@ -54,6 +54,13 @@ Grad = np.ndarray | wire.RowsPart | wire.CodedPart
 """A tensor's gradient in a push: the whole array, or (a table) some of its rows."""
 
 
+def _since(since: tuple[int, int] | None, into: dict[str, np.ndarray] | None) -> dict[str, int]:
+    """A delta pull's fields; none without arrays to apply a delta to."""
+    if since is None or into is None:
+        return {}
+    return {"since_lineage": since[0], "since_version": since[1]}
+
+
 def _table_rows(rows: Mapping[str, np.ndarray] | None) -> list[pb.TableRows]:
     return [pb.TableRows(name=name, row_ids=np.ascontiguousarray(ids, wire.I64).tobytes())
             for name, ids in (rows or {}).items()]
@@ -248,16 +255,16 @@ class PsClient:
     async def push_pull(
         self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Grad],
         loss: float = 0.0, *, into: dict[str, np.ndarray] | None = None, max_wait: float | None = None,
-        names: Sequence[str] = (), rows: Mapping[str, np.ndarray] | None = None,
+        names: Sequence[str] = (), rows: Mapping[str, np.ndarray] | None = None, since: tuple[int, int] | None = None,
     ) -> tuple[pb.PushGradientResponse, PullResult]:
         """Push iteration ``clock``, then pull for ``clock + 1`` in the same round trip (then_pull;
-        ``names`` and ``rows`` as for ``pull``).
+        ``names``, ``rows`` and ``since`` as for ``pull``).
 
         The returned response carries the push's acknowledgement (clock, duplicate, min_clock,
         run_state); the pulled parameters are in the PullResult."""
         wait = self.timeout if max_wait is None else max_wait
         then = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock + 1, names=names,
-                                    max_wait=_duration(wait), rows=_table_rows(rows))
+                                    max_wait=_duration(wait), rows=_table_rows(rows), **_since(since, into))
         sink = PullSink(into)
         responses: list[wire.PushResponse] = await self._push.exchange(
             self._push_requests(run_id, rank, incarnation, clock, grads, loss, then), wait + self.timeout,
@@ -281,17 +288,20 @@ class PsClient:
         self, run_id: str, rank: int = 0, incarnation: int = 0, clock: int = 0, *,
         into: dict[str, np.ndarray] | None = None, names: Sequence[str] = (), max_wait: float | None = None,
         timeout: float | None = None, rows: Mapping[str, np.ndarray] | None = None,
+        since: tuple[int, int] | None = None,
     ) -> PullResult:
         """Pull parameters for iteration ``clock`` (incarnation 0: an observer's read, no wait).
 
         Tensors are written into ``into`` (arrays reused across pulls) when given, else into new
         arrays. ``rows``: table name -> row ids to pull (in ``PullResult.rows``); then ``names``
-        are the whole tensors wanted besides (empty: none). The call's deadline is ``max_wait``
-        (how long the server may park it) plus the client's timeout.
+        are the whole tensors wanted besides (empty: none). ``since``: (lineage, version) of a
+        previous answer that ``into`` holds, whole: the server may answer with what changed since
+        (``PullResult.delta``). The call's deadline is ``max_wait`` (how long the server may park
+        it) plus the client's timeout.
         """
         wait = self.timeout if max_wait is None else max_wait
         req = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock, names=names,
-                                   max_wait=_duration(wait), rows=_table_rows(rows))
+                                   max_wait=_duration(wait), rows=_table_rows(rows), **_since(since, into))
         sink = PullSink(into)
         responses = await self._pull.exchange([[req.SerializeToString()]], timeout or (wait + self.timeout),
                                               until_final=True, decode=sink.params_response)

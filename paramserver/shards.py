@@ -223,7 +223,10 @@ class Shards:
     async def push_pull(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Any],
                         loss: float = 0.0, *, into: dict[str, np.ndarray] | None = None,
                         max_wait: float | None = None, names: Sequence[str] = (),
-                        rows: Mapping[str, np.ndarray] | None = None) -> tuple[pb.PushGradientResponse, PullResult]:
+                        rows: Mapping[str, np.ndarray] | None = None,
+                        since: tuple[int, int] | None = None) -> tuple[pb.PushGradientResponse, PullResult]:
+        """As ``PsClient.push_pull``; ``since`` is not used: each server has its own versions, and a
+        sharded pull is answered whole."""
         out = self._arrays(into, names if rows else None)
         acked = self._acked((run_id, rank, incarnation, clock))
 
@@ -253,9 +256,10 @@ class Shards:
     async def pull(self, run_id: str, rank: int = 0, incarnation: int = 0, clock: int = 0, *,
                    into: dict[str, np.ndarray] | None = None, names: Sequence[str] = (),
                    max_wait: float | None = None, timeout: float | None = None,
-                   rows: Mapping[str, np.ndarray] | None = None) -> PullResult:
+                   rows: Mapping[str, np.ndarray] | None = None, since: tuple[int, int] | None = None) -> PullResult:
         """As ``PsClient.pull``; the whole model (no ``names``, no ``rows``) includes the tables,
-        put together from every shard (an export)."""
+        put together from every shard (an export). ``since`` is not used: each server has its own
+        versions, and a sharded pull is answered whole."""
         wanted = set(names)
         whole = not wanted and not rows
         out = self._arrays(into, None if whole else [n for n in names if n in self.shapes])

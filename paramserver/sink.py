@@ -26,6 +26,10 @@ class PullResult:
     tensors: dict[str, np.ndarray]
     rows: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     """Table name -> (row ids, those rows' values (len(ids), dim)), in the order asked."""
+    lineage: int = 0
+    """The server's history of these parameters: (lineage, version) is what a delta pull names."""
+    delta: bool = False
+    """The answer was a delta: only what changed since the version asked for was written."""
 
 
 class PullSink:
@@ -50,6 +54,9 @@ class PullSink:
             arr = out.get(chunk.name)
             shape = tuple(chunk.shape)
             dtype = chunk.dtype
+            if chunk.indices:  # a delta: these elements changed
+                self._scatter(chunk, arr, shape)
+                continue
             if arr is None or arr.shape != shape or not arr.flags.c_contiguous:  # replaced, not filled
                 if chunk.offset == 0 and len(data) == 4 * int(np.prod(shape)) and dtype == pb.DATA_TYPE_FLOAT32:
                     out[chunk.name] = np.frombuffer(data, wire.F32).reshape(shape).copy()
@@ -71,6 +78,18 @@ class PullSink:
         resp.tensors = []  # the views pinned the message
         return resp
 
+    @staticmethod
+    def _scatter(chunk: wire.ChunkLike, arr: np.ndarray | None, shape: tuple[int, ...]) -> None:
+        picked = np.frombuffer(chunk.indices, wire.U32)
+        if arr is None or arr.shape != shape or arr.dtype != wire.F32 or not arr.flags.c_contiguous or \
+                len(chunk.data) != picked.size * wire.WIRE_DTYPES[chunk.dtype].itemsize or \
+                (picked.size and int(picked.max()) >= arr.size):
+            raise ValueError(f"tensor {chunk.name!r}: a delta that does not fit the array held (shape {list(shape)}): "
+                             "pull whole")
+        values = np.empty(picked.size, np.float32)
+        compress.decode_into(chunk.data, chunk.dtype, values)
+        arr.reshape(-1)[picked] = values
+
     def params_response(self, raw: bytes | memoryview) -> wire.ParamsResponse:
         return self.params(wire.decode_params_response(raw))
 
@@ -84,4 +103,4 @@ class PullSink:
         rows = {name: parts[0] if len(parts) == 1 else (np.concatenate([i for i, _ in parts]),
                                                         np.concatenate([v for _, v in parts]))
                 for name, parts in self._rows.items()}
-        return PullResult(last.guaranteed_clock, last.version, last.run_state, self.out, rows)
+        return PullResult(last.guaranteed_clock, last.version, last.run_state, self.out, rows, last.lineage, last.delta)

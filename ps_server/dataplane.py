@@ -255,7 +255,8 @@ class DataPlane:
         if req.incarnation == 0:
             return run.read(None, req.clock, names, rows)
         await run.wait_pull(req.rank, req.incarnation, req.clock, self._wait_limit(req.max_wait, caller), names, rows)
-        return run.read(req.rank, req.clock, names, rows)
+        since = (req.since_lineage, req.since_version) if req.since_lineage else None
+        return run.read(req.rank, req.clock, names, rows, since)
 
     def _wait_limit(self, max_wait: Duration, caller: Caller) -> float:
         """How long a pull may park: the request's wish, capped by the server's limit and the call's deadline."""
@@ -280,6 +281,15 @@ class DataPlane:
             read.derived[key] = (read.version, groups)
         return groups
 
+    @staticmethod
+    def _delta_groups(read: ParamsRead, chunk: int) -> list[wire.Group]:
+        """A delta pull's answer: the changed elements of each tensor that has any, as sparse chunks."""
+        assert read.delta is not None
+        dtype = WIRE_DTYPE_PB[read.wire_dtype]
+        sparse = {name: wire.CodedPart(compress.encode(read.tensors[name].reshape(-1)[picked], dtype), dtype,
+                                       read.tensors[name].shape, picked) for name, picked in read.delta.items()}
+        return list(wire.chunk_groups(sparse, chunk))
+
     def _params_parts(self, read: ParamsRead, caller: Caller) -> Iterator[wire.ParamsParts]:
         """A read as the arguments of ``wire.params_response_parts``, in groups of ~chunk_bytes.
         For the whole model the groups are built once per run and reused: the same views of the
@@ -288,7 +298,9 @@ class DataPlane:
         chunk = caller.chunk_bytes or self._chunk_bytes
         groups: list[wire.Group]
         key = ("groups", chunk)
-        if read.wire_dtype != "float32":
+        if read.delta is not None:
+            groups = self._delta_groups(read, chunk)
+        elif read.wire_dtype != "float32":
             groups = self._coded_groups(read, chunk)
         elif read.derived is not None and key in read.derived:
             groups = read.derived[key]
@@ -301,5 +313,6 @@ class DataPlane:
             rows = {name: wire.RowsPart(*picked) for name, picked in read.rows.items()}
             groups = [*([g for g in groups if g] if read.tensors else []), *wire.chunk_groups(rows, chunk)]
         state = run_state_to_proto(read.run_state)
+        delta = read.delta is not None
         for i, group in enumerate(groups):
-            yield read.guaranteed_clock, read.version, group, i == len(groups) - 1, state
+            yield read.guaranteed_clock, read.version, group, i == len(groups) - 1, state, delta, read.lineage

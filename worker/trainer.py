@@ -144,6 +144,8 @@ class _Trainer:
         self.tables: TableStep | None = None
         self.codec = PushCodec.of(self.spec)
         """Pushes in the run's wire form (``RunSpec.compression``); None: float32, dense."""
+        self._since: tuple[int, int] | None = None
+        """(lineage, version) of the parameters held, for delta pulls (one server only)."""
 
     def setup(self) -> None:
         """Load data and model; raises DatasetError / ModelSpecError (fatal for the run)."""
@@ -201,12 +203,17 @@ class _Trainer:
                     self.a.rank, clock, self.clock)
         raise _Rewind(clock)
 
+    def _hold(self, res: PullResult) -> None:
+        """The parameters held are now version ``res.version`` of the server's lineage (delta pulls)."""
+        self._since = (res.lineage, res.version) if res.lineage else None
+
     async def pull(self, clock: int, params: dict[str, np.ndarray]) -> int:
         res = await self.call(
             lambda: self.plane.pull(self.a.run_id, self.a.rank, self.a.incarnation, clock, into=params,
-                                     max_wait=self.config.timeout_seconds * 4),
+                                     max_wait=self.config.timeout_seconds * 4, since=self._since),
             f"pull {clock}",
         )
+        self._hold(res)
         self.stats.pulls += 1
         self.run_state = res.run_state
         return res.guaranteed_clock
@@ -230,7 +237,7 @@ class _Trainer:
                 await self.report()
                 return
             except _Rewind as rewind:  # also while waiting for the final parameters
-                self._prefetched = self._ahead = None
+                self._prefetched = self._ahead = self._since = None
                 if self.codec is not None:
                     self.codec.reset()
                 if self.tables is not None:
@@ -281,6 +288,7 @@ class _Trainer:
         if pulled is not None:
             # The next iteration must pull: it was asked for with this push (then_pull), one round trip.
             self._prefetched = pulled.guaranteed_clock
+            self._hold(pulled)
             self.stats.pulls += 1
             parked = parked or (s >= 0 and resp.min_clock < c + 1 - s)  # the min clock right after the push
         await self.advance(resp, c, loss, samples, t0, t_compute, comm, parked)
@@ -296,13 +304,13 @@ class _Trainer:
     def _push_op(self, c: int, grads: Mapping[str, Grad], loss: float, into: dict[str, np.ndarray] | None,
                  ) -> Callable[[], Awaitable[tuple[pb.PushGradientResponse, PullResult | None]]]:
         """The push of iteration ``c``; with ``into``, together with the pull of ``c + 1`` into it."""
-        a, wait = self.a, self.config.timeout_seconds * 4
+        a, wait, since = self.a, self.config.timeout_seconds * 4, self._since
 
         async def op() -> tuple[pb.PushGradientResponse, PullResult | None]:
             if into is None:
                 return await self.plane.push(a.run_id, a.rank, a.incarnation, c, grads, loss), None
             return await self.plane.push_pull(a.run_id, a.rank, a.incarnation, c, grads, loss, into=into,
-                                              max_wait=wait)
+                                              max_wait=wait, since=since)
         return op
 
     def _apply_own(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:

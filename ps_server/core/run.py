@@ -29,7 +29,7 @@ from .gate import Gate
 from .history import History
 from .optimizers import make_optimizer
 from .placement import Placement
-from .spec import DEFAULT_LIMITS, RunSpec
+from .spec import DEFAULT_LIMITS, OptimizerKind, RunSpec
 from .status import Assignment, Counters, MetricPoint, ParamsRead, PushResult, RunState, RunStatus, WorkerState
 from .store import ParamStore
 from .tensors import Gradient, Rows
@@ -53,6 +53,8 @@ class Run:
         self.finished: float | None = None
         self.store = store or ParamStore(placement.held(spec.params) if placement else spec.params, spec.seed)
         self.optimizer = make_optimizer(spec.optimizer, tuple(self.store.specs.values()))
+        if spec.topk_ratio and spec.optimizer.kind is OptimizerKind.SGD and not spec.optimizer.weight_decay:
+            self.store.track_changes()  # a step changes only what a push carries: delta pulls pay
         self.clock = VectorClock(spec.num_workers, now)
         self.bsp = BspBuffer(spec.aggregation)
         self.history = History(history)
@@ -199,9 +201,10 @@ class Run:
             self.store.check_rows(name, ids, self.row_limit)
 
     def read(self, rank: int | None, clock: int, names: list[str] | None,
-             rows: Mapping[str, np.ndarray] | None = None) -> ParamsRead:
+             rows: Mapping[str, np.ndarray] | None = None, since: tuple[int, int] | None = None) -> ParamsRead:
         """Serve a pull whose wait is over (``rank`` None: an observer's read). With ``rows``
-        (table -> row ids), ``names`` are the whole tensors wanted besides (None: none)."""
+        (table -> row ids), ``names`` are the whole tensors wanted besides (None: none). ``since``:
+        (lineage, version) of the whole model the caller holds: the answer may be a delta."""
         if rows:
             self.check_read(names, rows)
             tensors = self.store.read(names) if names else {}
@@ -212,14 +215,22 @@ class Run:
         if rank is not None:
             self.history.record("pull", rank, clock, self.min_clock)
             self.counters.pulled(staleness=max(0, clock - self.min_clock))  # observers' reads do not count
-        dense = self.store.nbytes if whole else sum(t.nbytes for t in tensors.values())
         wire_dtype = self.spec.wire_dtype if rank is not None else "float32"  # observers (export) get float32
-        self.counters.bytes_pulled += dense if wire_dtype == "float32" else dense // 2
+        itemsize = 4 if wire_dtype == "float32" else 2
+        delta = None
+        if since is not None and whole and rank is not None and since[0] == self.store.lineage and \
+                since[1] <= self.counters.updates_applied:
+            delta = self.store.delta(since[1], itemsize)
+        if delta is not None:
+            self.counters.bytes_pulled += sum(picked.size for picked in delta.values()) * (4 + itemsize)
+        else:
+            dense = self.store.nbytes if whole else sum(t.nbytes for t in tensors.values())
+            self.counters.bytes_pulled += dense // 4 * itemsize
         self.counters.bytes_pulled += sum(ids.nbytes + values.nbytes for ids, values, _ in picked.values())
         self.counters.rows_pulled += sum(ids.size for ids, _, _ in picked.values())
         guaranteed = self.min_clock if self.spec.staleness else self.bsp.applied_clock
         return ParamsRead(guaranteed, self.counters.updates_applied, tensors, self.state,
-                          self.store.derived if whole else None, picked, wire_dtype)
+                          self.store.derived if whole else None, picked, wire_dtype, delta, self.store.lineage)
 
     async def changed(self, since: int, timeout: float) -> bool:
         """True once ``changes`` moved past ``since``; False after ``timeout`` seconds."""
@@ -252,9 +263,14 @@ class Run:
               flat: np.ndarray | None = None) -> None:
         """Apply one update (``flat``: the same gradient laid out like ``store.flat``, stepped in one
         piece); a run whose parameters or optimizer state stop being finite has diverged and fails."""
+        if self.store.changed is not None and callable(grads):
+            grads = grads()  # (BSP's combination) kept for ``mark``
         diverged = self.optimizer.step_flat(self.store.flat, flat) if flat is not None else \
             self.optimizer.step(self.store.params, grads)
         self.counters.updates_applied += 1
+        if self.store.changed is not None:
+            assert not callable(grads)
+            self.store.mark(grads, flat, self.counters.updates_applied)
         if diverged and self.state is RunState.RUNNING:
             self._finish(RunState.FAILED, f"{diverged} became NaN/Inf at update {self.counters.updates_applied}: "
                          "the training diverged; lower the learning rate")

@@ -160,3 +160,8 @@ class ParamsRead:
     """Table name -> (row ids as asked, those rows' values (a copy), the table's shape)."""
     wire_dtype: str = "float32"
     """What the answer carries (``RunSpec.wire_dtype``): the transport converts ``tensors``."""
+    delta: dict[str, np.ndarray] | None = None
+    """A delta pull's answer: tensor name -> positions (uint32) changed since the caller's version;
+    tensors not named did not change (None: the answer is whole)."""
+    lineage: int = 0
+    """The store's lineage (``ParamStore.lineage``)."""

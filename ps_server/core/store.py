@@ -7,6 +7,8 @@ looks at a whole gradient before anything is applied, so a bad push changes noth
 
 from __future__ import annotations
 
+import secrets
+from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -90,6 +92,53 @@ class ParamStore:
         self._gflat = np.empty(self.flat.size, np.float32) if self.flat.size <= FLAT_MAX and not self.tables else None
         self.derived: dict[Any, Any] = {}
         """For the transport: what it derives once from these arrays (their message layout)."""
+        self.lineage = secrets.randbits(63) or 1
+        """This history of the parameters (versions repeat after a restore, with another lineage)."""
+        self.changed: np.ndarray | None = None
+        """With ``track_changes``: per element, the last version that changed it (delta pulls)."""
+
+    def track_changes(self) -> None:
+        """Record which elements each update changes (``mark``), for ``delta``: in runs whose steps
+        change only the elements with a nonzero gradient (plain SGD without weight decay)."""
+        self.changed = np.zeros(self.flat.size, np.uint32)
+
+    def mark(self, grads: Mapping[str, Gradient], flat: np.ndarray | None, version: int) -> None:
+        """The elements with a nonzero gradient in the update that made ``version``."""
+        changed = self.changed
+        if changed is None:
+            return
+        if version > np.iinfo(np.uint32).max:  # (4 billion updates) delta pulls end here: whole answers
+            self.changed = None
+            return
+        if flat is not None:
+            changed[np.flatnonzero(flat)] = version
+            return
+        for name, g in grads.items():
+            off = self._offsets[name]
+            if isinstance(g, Rows):  # every element of each row pushed
+                dim = g.values.shape[1]
+                changed[(off + g.ids[:, None] * dim + np.arange(dim)).reshape(-1)] = version
+                continue
+            for lo, part in g.parts if isinstance(g, Pieces) else ((0, g.reshape(-1)),):
+                changed[off + lo + np.flatnonzero(part)] = version
+
+    def delta(self, since: int, itemsize: int) -> dict[str, np.ndarray] | None:
+        """Per tensor, the positions (uint32) of its elements changed after version ``since``
+        (tensors without any left out); None when sending them (4 bytes of position and
+        ``itemsize`` of value each) would not be smaller than the whole model, or untracked."""
+        changed = self.changed
+        if changed is None:
+            return None
+        newer = changed > since
+        if np.count_nonzero(newer) * (4 + itemsize) >= changed.size * itemsize:
+            return None
+        out: dict[str, np.ndarray] = {}
+        for name, arr in self.params.items():
+            off = self._offsets[name]
+            picked = np.flatnonzero(newer[off : off + arr.size])
+            if picked.size:
+                out[name] = picked.astype(np.uint32)
+        return out
 
     def check_gradient(self, grads: dict[str, Gradient]) -> np.ndarray | None:
         """Raise InvalidArgument unless ``grads`` has every tensor (a table may be left out, or

@@ -94,3 +94,58 @@ async def test_bad_pushes_of_a_compressed_run_are_refused_and_nothing_is_applied
     assert status.counters.pushes_applied == 0 and status.workers[0].clock == 0
     ok = PushCodec(pb.Compression(dtype=pb.DATA_TYPE_FLOAT16)).encode(g)
     assert (await client.push(run.run_id, a.rank, a.incarnation, 0, ok)).clock == 1  # the stream is fine after
+
+
+async def test_delta_pulls_bring_a_worker_s_copy_to_the_server_s_version(client: PsClient) -> None:
+    """Top-k pushes from two ranks, delta pulls by one: after each, its copy equals a whole pull of
+    the same version, and the answer carried only the elements changed since (counted in bytes)."""
+    compression = pb.Compression(topk_ratio=0.01, dtype=pb.DATA_TYPE_FLOAT16)
+    run = await client.create_run(make_spec(shapes=SHAPES, num_workers=2, staleness=-1, iterations=30, lr=0.5,
+                                            compression=compression))
+    a, b = [(await client.join(f"w{i}", run.run_id)).assignment for i in range(2)]
+    codecs = [PushCodec(compression), PushCodec(compression)]
+    rng = np.random.default_rng(5)
+    mine: dict[str, np.ndarray] = {}
+    first = await client.pull(run.run_id, a.rank, a.incarnation, 0, into=mine)
+    assert not first.delta and first.lineage
+    since = (first.lineage, first.version)
+    deltas = 0
+    for clock in range(6):
+        for who, codec in zip((a, b), codecs, strict=True):
+            g = {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
+            if who is b or clock % 2:  # rank a pushes with the pull, or alone (then pulls by itself)
+                await client.push(run.run_id, who.rank, who.incarnation, clock, codec.encode(g))
+            else:
+                before = (await client.get_run(run.run_id)).counters.bytes_pulled
+                _, got = await client.push_pull(run.run_id, who.rank, who.incarnation, clock, codec.encode(g),
+                                                into=mine, since=since)
+                pulled = (await client.get_run(run.run_id)).counters.bytes_pulled - before
+                assert got.delta and pulled < 0.1 * 2 * sum(int(np.prod(s)) for s in SHAPES.values())
+                since, deltas = (got.lineage, got.version), deltas + 1
+        got = await client.pull(run.run_id, a.rank, a.incarnation, clock + 1, into=mine, since=since)
+        assert got.delta and got.version == 2 * (clock + 1)
+        since = (got.lineage, got.version)
+        whole = await client.pull(run.run_id, a.rank, a.incarnation, clock + 1)  # into new arrays: whole
+        assert not whole.delta and whole.version == got.version
+        for n in SHAPES:
+            np.testing.assert_array_equal(mine[n], whole.tensors[n])
+    assert deltas == 3
+    stranger = await client.pull(run.run_id, a.rank, a.incarnation, 6, into=dict(mine), since=(since[0] + 1, since[1]))
+    assert not stranger.delta  # another lineage (a server restarted from a checkpoint): whole
+    observer = await client.pull(run.run_id, into=dict(mine), since=since)
+    assert not observer.delta
+
+
+async def test_runs_whose_steps_change_everything_answer_whole(client: PsClient) -> None:
+    """Momentum moves every parameter at every step: a delta would not be smaller, none is made."""
+    run = await client.create_run(make_spec(shapes=SHAPES, num_workers=1, staleness=-1, iterations=5,
+                                            optimizer=pb.OptimizerSpec(momentum=pb.MomentumConfig(learning_rate=0.1)),
+                                            compression=pb.Compression(topk_ratio=0.01)))
+    a = (await client.join("w0", run.run_id)).assignment
+    codec = PushCodec(pb.Compression(topk_ratio=0.01))
+    mine: dict[str, np.ndarray] = {}
+    first = await client.pull(run.run_id, a.rank, a.incarnation, 0, into=mine)
+    g = {n: np.ones(s, np.float32) for n, s in SHAPES.items()}
+    _, got = await client.push_pull(run.run_id, a.rank, a.incarnation, 0, codec.encode(g), into=mine,
+                                    since=(first.lineage, first.version))
+    assert not got.delta and got.version == 1

@@ -16,7 +16,9 @@ from paramserver.v1 import compress, wire
 from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.codec import TensorAssembler, spec_from_proto, spec_to_proto
 from ps_server.core.errors import InvalidArgument
-from ps_server.core.spec import spec_from_dict, spec_to_dict, validate_spec
+from ps_server.core.spec import Initializer, ParamSpec, spec_from_dict, spec_to_dict, validate_spec
+from ps_server.core.store import ParamStore
+from ps_server.core.tensors import Pieces
 from worker.compression import PushCodec
 
 pytestmark = pytest.mark.timeout(60)
@@ -213,3 +215,29 @@ def test_the_spec_carries_compression_through_proto_checkpoint_and_psctl() -> No
     wrong.compression.dtype = 7
     with pytest.raises(InvalidArgument, match="compression dtype 7"):
         spec_from_proto(wrong)
+
+
+def test_the_store_records_what_each_update_changed_and_answers_deltas() -> None:
+    specs = (ParamSpec("a", (10, 10), Initializer.ZEROS, 0.0), ParamSpec("b", (1000,), Initializer.ZEROS, 0.0))
+    store = ParamStore(specs, 0)
+    assert store.delta(0, 2) is None  # untracked: whole answers
+    store.track_changes()
+    g1 = {"a": np.zeros((10, 10), np.float32), "b": np.zeros(1000, np.float32)}
+    g1["a"][3, 4] = 1.0
+    store.mark(g1, None, 1)
+    g2 = {"a": np.zeros((10, 10), np.float32), "b": Pieces((1000,), [(0, np.zeros(500, np.float32)),
+                                                                     (500, np.eye(1, 500, 7, dtype=np.float32)[0])])}
+    store.mark(g2, None, 2)
+    flat = np.zeros(1100, np.float32)
+    flat[[0, 150]] = 2.0
+    store.mark({}, flat, 3)
+    got = store.delta(1, 2)
+    assert got is not None and sorted(got) == ["a", "b"]
+    assert list(got["a"]) == [0] and list(got["b"]) == [50, 507]  # "a" at 0 (version 3); "b" at 507 (2), 50 (3)
+    everything = store.delta(0, 2)
+    assert everything is not None and list(everything["a"]) == [0, 34]
+    assert store.delta(3, 2) == {}  # nothing since: an empty answer
+    flat[:] = 1.0
+    store.mark({}, flat, 4)
+    assert store.delta(3, 2) is None  # every element changed: the whole model is smaller
+    assert ParamStore(specs, 0).lineage != store.lineage  # another history (a restore builds a new store)

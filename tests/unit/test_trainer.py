@@ -18,7 +18,7 @@ from ps_server.core import snapshot
 from ps_server.testing import InMemoryServer
 from worker import trainer as trainer_module
 from worker.config import WorkerConfig
-from worker.main import ending
+from worker.main import CAPABILITIES, ending
 from worker.straggler import Straggler
 from worker.trainer import Outcome, train
 
@@ -80,12 +80,14 @@ def _record_gradients(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, i
     return seen
 
 
-@pytest.mark.parametrize(("staleness", "min_ahead"), [(1, 0), (3, 20), (-1, 20)])
+@pytest.mark.parametrize(("staleness", "min_ahead"), [(1, 0), (3, 1), (-1, 39)])
 async def test_overlap_computes_the_next_gradient_while_the_push_is_in_flight(
         monkeypatch: pytest.MonkeyPatch, staleness: int, min_ahead: int) -> None:
     """--overlap: the gradient of c + 1 is computed before the push of c is answered (the worker's
     clock is still c), each gradient once, each push applied once, and the run learns as without.
-    With s = 1 ranks in step rarely hold parameters recent enough for c + 1 (the min clock c)."""
+    Unbounded: every gradient but the first. With a finite s only while the parameters held are
+    recent enough for c + 1, which is exactly when the cache would not need a pull at c + 1 (how
+    often depends on the ranks' interleaving: at least the first, pulled at min clock 0, for s >= 2)."""
     seen = _record_gradients(monkeypatch)
     async with InMemoryServer() as server:
         async with server.client() as admin:
@@ -102,7 +104,7 @@ async def test_overlap_computes_the_next_gradient_while_the_push_is_in_flight(
         clocks = [(c, at) for r, c, at in seen if r == rank]
         assert [c for c, _ in clocks] == list(range(40))  # every gradient once, in order
         ahead = sum(at == c - 1 for c, at in clocks)
-        assert ahead >= min_ahead, clocks  # computed while the previous push was in flight
+        assert ahead >= min_ahead, (rank, ahead, clocks)  # computed while the previous push was in flight
     final = outcomes[0].stats.final_accuracy
     assert final is not None and final > 0.6
 
@@ -152,14 +154,16 @@ async def test_transient_failures_are_retried_and_applied_once() -> None:
     assert core.counters.pushes_duplicate == 2  # the retries of the two pushes whose answer was lost
 
 
-async def test_a_server_that_lost_clocks_sends_the_worker_back() -> None:
+@pytest.mark.parametrize("compress", ["none", "topk:0.05,fp16"])
+async def test_a_server_that_lost_clocks_sends_the_worker_back(compress: str) -> None:
     """A server restored from an older checkpoint knows the rank at an earlier clock: the refusal's
-    reason (CLOCK_AHEAD) and fact (next_clock) send the worker back there, and the run completes."""
+    reason (CLOCK_AHEAD) and fact (next_clock) send the worker back there, and the run completes.
+    Compressed: the restored parameters are another lineage, so the next pull is whole, not a delta."""
     async with InMemoryServer() as server:
         async with server.client() as admin:
-            run = await admin.create_run(_spec(-1, workers=1, iterations=30))
+            run = await admin.create_run(_spec(-1, workers=1, iterations=30, compress=compress))
         client = server.client()
-        joined = await client.join("w0", run.run_id, max_wait=0)
+        joined = await client.join("w0", run.run_id, max_wait=0, capabilities=CAPABILITIES)
         core = server.registry.get(run.run_id)
         saved: dict[str, object] = {}
 
@@ -176,6 +180,7 @@ async def test_a_server_that_lost_clocks_sends_the_worker_back() -> None:
         restored = server.registry.get(run.run_id)
     assert restored is saved["restored"]
     assert outcome.completed and outcome.stats.rewinds == 1
+    assert restored.store.lineage != core.store.lineage
     assert restored.state.value == "completed" and restored.clock.slots[0].clock == 30
 
 

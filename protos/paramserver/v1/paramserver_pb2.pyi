@@ -534,7 +534,7 @@ class PushGradientResponse(_message.Message):
     def __init__(self, clock: _Optional[int] = ..., duplicate: _Optional[bool] = ..., min_clock: _Optional[int] = ..., run_state: _Optional[_Union[RunState, str]] = ..., pulled: _Optional[_Union[PullParamsResponse, _Mapping]] = ...) -> None: ...
 
 class PullParamsRequest(_message.Message):
-    __slots__ = ("run_id", "rank", "incarnation", "clock", "names", "max_wait", "rows")
+    __slots__ = ("run_id", "rank", "incarnation", "clock", "names", "max_wait", "rows", "since_version", "since_lineage")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -542,6 +542,8 @@ class PullParamsRequest(_message.Message):
     NAMES_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SINCE_LINEAGE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     rank: int
     incarnation: int
@@ -549,7 +551,9 @@ class PullParamsRequest(_message.Message):
     names: _containers.RepeatedScalarFieldContainer[str]
     max_wait: _duration_pb2.Duration
     rows: _containers.RepeatedCompositeFieldContainer[TableRows]
-    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., rows: _Optional[_Iterable[_Union[TableRows, _Mapping]]] = ...) -> None: ...
+    since_version: int
+    since_lineage: int
+    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., rows: _Optional[_Iterable[_Union[TableRows, _Mapping]]] = ..., since_version: _Optional[int] = ..., since_lineage: _Optional[int] = ...) -> None: ...
 
 class TableRows(_message.Message):
     __slots__ = ("name", "row_ids")
@@ -560,18 +564,22 @@ class TableRows(_message.Message):
     def __init__(self, name: _Optional[str] = ..., row_ids: _Optional[bytes] = ...) -> None: ...
 
 class PullParamsResponse(_message.Message):
-    __slots__ = ("guaranteed_clock", "version", "tensors", "final", "run_state")
+    __slots__ = ("guaranteed_clock", "version", "tensors", "final", "run_state", "delta", "lineage")
     GUARANTEED_CLOCK_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     RUN_STATE_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
     guaranteed_clock: int
     version: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorChunk]
     final: bool
     run_state: RunState
-    def __init__(self, guaranteed_clock: _Optional[int] = ..., version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., final: _Optional[bool] = ..., run_state: _Optional[_Union[RunState, str]] = ...) -> None: ...
+    delta: bool
+    lineage: int
+    def __init__(self, guaranteed_clock: _Optional[int] = ..., version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., final: _Optional[bool] = ..., run_state: _Optional[_Union[RunState, str]] = ..., delta: _Optional[bool] = ..., lineage: _Optional[int] = ...) -> None: ...
 
 class CheckpointRunRequest(_message.Message):
     __slots__ = ("run_id",)

@@ -170,6 +170,8 @@ class ParamsResponse:
     tensors: list[ChunkLike] = field(default_factory=list)
     final: bool = False
     run_state: int = 0
+    delta: bool = False
+    lineage: int = 0
 
 
 @dataclass
@@ -250,7 +252,7 @@ class CodedPart:
 Group = Sequence[tuple[str, tuple[int, ...], int, "np.ndarray | memoryview | RowsPart | CodedPart"]]
 """Chunks of one message: (name, full shape, offset, flat float32 part, or a memoryview of one,
 or a table's rows, or a part in another wire form)."""
-ParamsParts = tuple[int, int, Group, bool, int]
+ParamsParts = tuple[int, int, Group, bool, int, bool, int]
 """The arguments of ``params_response_parts``."""
 
 
@@ -480,7 +482,8 @@ def push_request_parts(
     return [bytes(head), *_repeated_chunks(_PUSH["tensors"], group, at), bytes(tail)]
 
 
-def params_response_parts(guaranteed_clock: int, version: int, group: Group, final: bool, run_state: int) -> list[Part]:
+def params_response_parts(guaranteed_clock: int, version: int, group: Group, final: bool, run_state: int,
+                          delta: bool = False, lineage: int = 0) -> list[Part]:
     """A ``PullParamsResponse`` as parts to write in order (the data are views, not copies)."""
     head = bytearray()
     if guaranteed_clock:
@@ -492,6 +495,10 @@ def params_response_parts(guaranteed_clock: int, version: int, group: Group, fin
         tail += _PARAMS["final"] + b"\x01"
     if run_state:
         tail += _PARAMS["run_state"] + varint(run_state)
+    if delta:
+        tail += _PARAMS["delta"] + b"\x01"
+    if lineage:
+        tail += _PARAMS["lineage"] + varint(lineage)
     return [bytes(head), *_repeated_chunks(_PARAMS["tensors"], group), bytes(tail)]
 
 
@@ -687,7 +694,7 @@ def _as_bytes(buf: bytes | memoryview) -> bytes:
 
 
 def _params_from_pb(m: pb.PullParamsResponse) -> ParamsResponse:
-    return ParamsResponse(m.guaranteed_clock, m.version, list(m.tensors), m.final, m.run_state)
+    return ParamsResponse(m.guaranteed_clock, m.version, list(m.tensors), m.final, m.run_state, m.delta, m.lineage)
 
 
 def decode_params_response(buf: bytes | memoryview) -> ParamsResponse:
