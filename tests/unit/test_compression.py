@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from client.facts import compression_text
 from client.spec import LaunchOptions, build_run_spec, parse_compression
 from paramserver.v1 import compress, wire
 from paramserver.v1 import paramserver_pb2 as pb
@@ -199,6 +200,10 @@ def test_the_spec_carries_compression_through_proto_checkpoint_and_psctl() -> No
     assert spec_to_proto(core).compression == spec.compression
     plain = spec_from_proto(build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=2, iterations=10)))
     assert (plain.wire_dtype, plain.topk_ratio) == ("float32", 0.0) and not spec_to_proto(plain).HasField("compression")
+    for text in ("fp16", "bf16", "topk:0.01", "topk:0.001,fp16"):
+        assert compression_text(parse_compression(text) or pb.Compression()) == text  # psctl status shows it so
+    assert compression_text(pb.Compression()) == "none" and compression_text(parse_compression("topk:1%,bf16")) == \
+        "topk:0.01,bf16"
     for bad, says in (("topk:2", "share in (0, 1)"), ("zip", "use none, fp16"), ("fp16,fp16", "use none"),
                       ("none,fp16", "use none")):
         with pytest.raises(ValueError, match=says.replace("(", r"\(").replace(")", r"\)")):

@@ -168,3 +168,12 @@ def test_bad_ftrl_options_are_refused(options: dict[str, object], expected: str)
 
     with pytest.raises(ValueError, match="^" + re.escape(expected)):
         check_options(LaunchOptions(**{"optimizer": "ftrl", **options}))  # type: ignore[arg-type]
+
+
+def test_the_status_view_shows_the_compression_only_when_there_is_one() -> None:
+    plain = text(render.status_view(make_run(), None), width=200)
+    assert "compress" not in plain
+    run = make_run()
+    run.spec.compression.CopyFrom(pb.Compression(topk_ratio=0.01, dtype=pb.DATA_TYPE_BFLOAT16))
+    assert "compress topk:0.01,bf16" in text(render.status_view(run, None), width=200)
+    assert facts.launch_result(run)["compress"] == "topk:0.01,bf16"
