@@ -149,3 +149,16 @@ async def test_runs_whose_steps_change_everything_answer_whole(client: PsClient)
     _, got = await client.push_pull(run.run_id, a.rank, a.incarnation, 0, codec.encode(g), into=mine,
                                     since=(first.lineage, first.version))
     assert not got.delta and got.version == 1
+
+
+async def test_a_compressed_push_sent_twice_is_applied_once(client: PsClient) -> None:
+    compression = pb.Compression(topk_ratio=0.01, dtype=pb.DATA_TYPE_BFLOAT16)
+    run = await client.create_run(make_spec(shapes=SHAPES, num_workers=1, staleness=-1, iterations=5,
+                                            compression=compression))
+    a = (await client.join("w0", run.run_id)).assignment
+    parts = PushCodec(compression).encode({n: np.ones(s, np.float32) for n, s in SHAPES.items()})
+    first = await client.push(run.run_id, a.rank, a.incarnation, 0, parts)
+    again = await client.push(run.run_id, a.rank, a.incarnation, 0, parts)  # a retry: the same bytes
+    assert (first.duplicate, again.duplicate) == (False, True)
+    c = (await client.get_run(run.run_id)).counters
+    assert (c.pushes_applied, c.pushes_duplicate, c.updates_applied) == (1, 1, 1)

@@ -38,7 +38,7 @@ async def _train_all(server: InMemoryServer, spec: pb.RunSpec) -> tuple[str, lis
         run = await admin.create_run(spec)
     clients = [server.client() for _ in range(spec.num_workers)]
     try:
-        joined = [await c.join(f"w{i}", run.run_id, max_wait=0) for i, c in enumerate(clients)]
+        joined = [await c.join(f"w{i}", run.run_id, max_wait=0, capabilities=CAPABILITIES) for i, c in enumerate(clients)]
         outcomes = await asyncio.gather(*(train(c, j.assignment, CONFIG) for c, j in zip(clients, joined, strict=True)))
     finally:
         for c in clients:
@@ -46,12 +46,15 @@ async def _train_all(server: InMemoryServer, spec: pb.RunSpec) -> tuple[str, lis
     return run.run_id, list(outcomes)
 
 
-@pytest.mark.parametrize(("staleness", "skips"), [(0, False), (2, True), (-1, False)])
-async def test_ranks_train_a_run_to_completion(staleness: int, skips: bool) -> None:
+@pytest.mark.parametrize(("staleness", "skips", "compress"), [(0, False, "none"), (2, True, "none"),
+                                                              (-1, False, "none"), (0, False, "topk:0.1,fp16"),
+                                                              (2, True, "topk:0.1,bf16"), (-1, False, "fp16")])
+async def test_ranks_train_a_run_to_completion(staleness: int, skips: bool, compress: str) -> None:
     """Every rank completes; the server applied each push once; the SSP cache skips pulls only for
-    a finite s > 0 (never for BSP, which always needs the combined step, nor for ASP)."""
+    a finite s > 0 (never for BSP, which always needs the combined step, nor for ASP). The same
+    with compression (top-k with delta pulls, half precision)."""
     async with InMemoryServer() as server:
-        run_id, outcomes = await _train_all(server, _spec(staleness))
+        run_id, outcomes = await _train_all(server, _spec(staleness, compress=compress))
         run = server.registry.get(run_id)
     assert all(o.completed for o in outcomes), outcomes
     assert run.state.value == "completed"
