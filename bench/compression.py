@@ -8,8 +8,8 @@ link, and the CPU the codecs cost.
 
 Network: one ps-server on the host and 4 ps-worker processes in a network namespace joined to the
 host by a veth pair whose two ends are shaped with ``tc qdisc add dev IF root tbf rate RATE burst
-512kb latency 50ms``, so pushes (worker -> server) and pulls (server -> worker) each get RATE (the
-recipe measured 0.97 Gbit/s at 1gbit on this machine). The workers reach the server over TCP (the
+512kb latency 50ms`` (``bench/shards.py``'s link), so pushes (worker -> server) and pulls (server ->
+worker) each get RATE (the recipe measured 0.97 Gbit/s at 1gbit on this machine). The workers reach the server over TCP (the
 shared-memory plane is per network namespace). **Bytes on the wire** are the host-side veth's
 ``rx_bytes`` (pushes and requests) and ``tx_bytes`` (pulls, answers) from /sys, read before and
 after each run and divided by the iterations of all ranks: TCP/IP headers and the control RPCs
@@ -38,14 +38,11 @@ import argparse
 import asyncio
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +51,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench.straggler import machine, stop_procs  # noqa: E402
+from bench.shards import PREFIX, SUBNET, cleanup_net, ns_name, setup_net  # noqa: E402
+from bench.straggler import machine, start_server, stop_procs  # noqa: E402
 from client.spec import LaunchOptions, build_run_spec, parse_compression  # noqa: E402
 from paramserver.client import PsClient  # noqa: E402
 from paramserver.v1 import compress, wire  # noqa: E402
@@ -63,7 +61,6 @@ from ps_server.codec import TensorAssembler  # noqa: E402
 from worker.compression import PushCodec  # noqa: E402
 
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-HOST_IP, NS_IP = "10.214.0.1", "10.214.0.2"
 WORKERS = 4
 TARGET = 0.95
 WIDE = {"layer0.weight": (784, 2048), "layer0.bias": (2048,), "layer1.weight": (2048, 2048),
@@ -71,62 +68,15 @@ WIDE = {"layer0.weight": (784, 2048), "layer0.bias": (2048,), "layer1.weight": (
 MLP512 = {"layer0.weight": (64, 512), "layer0.bias": (512,), "layer1.weight": (512, 10), "layer1.bias": (10,)}
 
 
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True, text=True)
-
-
-@contextmanager
-def namespace() -> Iterator[tuple[str, str, str]]:
-    """A network namespace with a veth link to the host: (namespace, host interface, its interface)."""
-    if os.geteuid() != 0:
-        raise SystemExit("the network part needs root (a network namespace and tc); --cpu-only does not")
-    tag = uuid.uuid4().hex[:6]
-    ns, host_if, ns_if = f"psc-{tag}", f"vh{tag}", f"vn{tag}"
-    sh("ip", "netns", "add", ns)
-    try:
-        sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if)
-        sh("ip", "link", "set", ns_if, "netns", ns)
-        sh("ip", "addr", "add", f"{HOST_IP}/30", "dev", host_if)
-        sh("ip", "link", "set", host_if, "up")
-        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{NS_IP}/30", "dev", ns_if)
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", ns_if, "up")
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        yield ns, host_if, ns_if
-    finally:
-        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
-def shape(ns: str, host_if: str, ns_if: str, rate: str) -> None:
-    """Both directions limited to ``rate`` (tbf), or unshaped for "none"."""
-    for prefix, dev in (((), host_if), (("ip", "netns", "exec", ns), ns_if)):
-        subprocess.run([*prefix, "tc", "qdisc", "del", "dev", dev, "root"], capture_output=True)
-        if rate != "none":
-            sh(*prefix, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", "512kb",
-               "latency", "50ms")
-
-
 def counters(dev: str) -> tuple[int, int]:
     stats = Path(f"/sys/class/net/{dev}/statistics")
     return int((stats / "rx_bytes").read_text()), int((stats / "tx_bytes").read_text())
 
 
-def start_server() -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen([sys.executable, "-m", "ps_server.server", "--host", "0.0.0.0", "--port", "0",
-                             "--log-level", "WARNING", "--lease-seconds", "120"],
-                            stdout=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    match = re.search(r"listening on [\d.]+:(\d+)", line)
-    if not match:
-        proc.kill()
-        raise RuntimeError(f"ps-server did not start: {line!r}")
-    return proc, int(match.group(1))
-
-
-def start_workers(ns: str, port: int) -> list[subprocess.Popen[bytes]]:
-    return [subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "worker.main", "--server",
-                              f"{HOST_IP}:{port}", "--log-level", "WARNING", "--name", f"compression-bench-{i}"],
+def start_workers(port: int) -> list[subprocess.Popen[bytes]]:
+    """The workers, in the shaped namespace, dialling the server on the host's side of the link."""
+    return [subprocess.Popen(["ip", "netns", "exec", ns_name(0), sys.executable, "-m", "worker.main", "--server",
+                              f"{SUBNET}.0.1:{port}", "--log-level", "WARNING", "--name", f"compression-bench-{i}"],
                              env=ENV, cwd=ROOT) for i in range(WORKERS)]
 
 
@@ -164,24 +114,29 @@ async def one_run(port: int, host_if: str, mode: str, rate: str, args: argparse.
 
 
 def network(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every mode at every rate, ``--repeats`` times: the link (``bench/shards.py``'s, one
+    namespace), the server and the workers are set up anew for each rate."""
+    if os.geteuid() != 0:
+        raise SystemExit("the network part needs root (a network namespace and tc); --cpu-only does not")
     results: list[dict[str, Any]] = []
-    with namespace() as (ns, host_if, ns_if):
-        server, port = start_server()
-        workers = start_workers(ns, port)
-        try:
-            for rep in range(args.repeats):
-                for rate in args.rates:
-                    shape(ns, host_if, ns_if, rate)
-                    modes = args.modes if rep % 2 == 0 else list(reversed(args.modes))
-                    for mode in modes:
-                        r = asyncio.run(one_run(port, host_if, mode, rate, args, rep))
-                        results.append(r)
-                        t = "-" if r["time_to_target"] is None else f"{r['time_to_target']:.1f}s"
-                        print(f"{rate:>8} {mode:>16}: to {TARGET}: {t}, final {r['final_accuracy']:.4f}, wall "
-                              f"{r['wall']:.1f}s, wire up {r['wire_up_per_iter'] / 1e3:.1f} KB / down "
-                              f"{r['wire_down_per_iter'] / 1e3:.1f} KB per iteration", flush=True)
-        finally:
-            stop_procs([*workers, server])
+    for rep in range(args.repeats):
+        for rate in args.rates:
+            cleanup_net()
+            setup_net(1, rate)
+            server, addr = start_server("--host", "0.0.0.0")
+            port = int(addr.rsplit(":", 1)[1])
+            workers = start_workers(port)
+            try:
+                for mode in args.modes if rep % 2 == 0 else list(reversed(args.modes)):
+                    r = asyncio.run(one_run(port, f"{PREFIX}0r", mode, rate, args, rep))
+                    results.append(r)
+                    t = "-" if r["time_to_target"] is None else f"{r['time_to_target']:.1f}s"
+                    print(f"{rate:>8} {mode:>16}: to {TARGET}: {t}, final {r['final_accuracy']:.4f}, wall "
+                          f"{r['wall']:.1f}s, wire up {r['wire_up_per_iter'] / 1e3:.1f} KB / down "
+                          f"{r['wire_down_per_iter'] / 1e3:.1f} KB per iteration", flush=True)
+            finally:
+                stop_procs([*workers, server])
+                cleanup_net()
     return results
 
 

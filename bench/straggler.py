@@ -221,13 +221,14 @@ async def one_run(addr: str, setting: Setting, o: LaunchOptions, observe_every: 
 
 
 # ================================================================================= orchestration
-def start_server() -> tuple[subprocess.Popen[str], str]:
+def start_server(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """A ps-server (``args``: more of its flags) and the address it says it listens on."""
     # A long lease, belt and braces: up to commit 218c362 a worker sent no RPC between Join and the
     # end of its setup (the digits load imports scikit-learn), and on this loaded 2-core machine
     # that exceeded the default 10 s lease: healthy workers were evicted before they started
     # (d62f896 starts heartbeats first). No eviction is expected in this benchmark.
     proc = subprocess.Popen([sys.executable, "-m", "ps_server.server", "--port", "0", "--log-level", "WARNING",
-                             "--lease-seconds", "120"],
+                             "--lease-seconds", "120", *args],
                             stdout=subprocess.PIPE, text=True, env=ENV, cwd=ROOT)
     assert proc.stdout is not None
     line = proc.stdout.readline()

@@ -262,8 +262,7 @@ _AGG = {pb.AGGREGATION_UNSPECIFIED: Aggregation.MEAN, pb.AGGREGATION_MEAN: Aggre
 _AGG_PB = {Aggregation.MEAN: pb.AGGREGATION_MEAN, Aggregation.SUM: pb.AGGREGATION_SUM}
 _WIRE_DTYPE = {pb.DATA_TYPE_UNSPECIFIED: "float32", pb.DATA_TYPE_FLOAT32: "float32",
                pb.DATA_TYPE_FLOAT16: "float16", pb.DATA_TYPE_BFLOAT16: "bfloat16"}
-_WIRE_DTYPE_PB = {"float32": pb.DATA_TYPE_FLOAT32, "float16": pb.DATA_TYPE_FLOAT16, "bfloat16": pb.DATA_TYPE_BFLOAT16}
-WIRE_DTYPE_PB = _WIRE_DTYPE_PB
+WIRE_DTYPE_PB = {"float32": pb.DATA_TYPE_FLOAT32, "float16": pb.DATA_TYPE_FLOAT16, "bfloat16": pb.DATA_TYPE_BFLOAT16}
 """A run's ``wire_dtype`` as the DataType its pushes and pulls carry."""
 
 
@@ -351,7 +350,7 @@ def spec_to_proto(s: RunSpec) -> pb.RunSpec:
         eval_every=s.eval_every,
         slowdown=dict(s.slowdown),
         requires=s.requires,
-        compression=pb.Compression(dtype=_WIRE_DTYPE_PB[s.wire_dtype], topk_ratio=s.topk_ratio)
+        compression=pb.Compression(dtype=WIRE_DTYPE_PB[s.wire_dtype], topk_ratio=s.topk_ratio)
         if s.wire_dtype != "float32" or s.topk_ratio else None,
     )
 
