@@ -3,7 +3,7 @@ link, and the CPU the codecs cost.
 
     sudo .venv/bin/python bench/compression.py [--modes none,fp16,bf16,topk:0.01,topk:0.001,topk:0.01,fp16]
         [--rates 100mbit,1gbit] [--repeats 1] [--model mlp:512] [--iterations 300] [--lr 0.05]
-        [--wide ITERATIONS] [--skip-network] [--cpu] [--json out.json]
+        [--wide ITERATIONS] [--digits ITERATIONS] [--seeds N] [--skip-network] [--cpu] [--json out.json]
     .venv/bin/python bench/compression.py --cpu-only     # the codecs' CPU alone (no root needed)
 
 Network: one ps-server on the host and 4 ps-worker processes in a network namespace joined to the
@@ -21,9 +21,11 @@ SGD ``--lr`` (0.05: 0.95 comes after ~50 clocks, not in the first few), batch 32
 every mode; rank 0 evaluates every 5 iterations. Time to 0.95 = from ``Run.started`` to the first
 rank-0 evaluation with test accuracy >= 0.95. Modes and rates are interleaved within each repeat.
 
-Accuracy of the wide MLP (``--wide ITERATIONS``): 784-2048-2048-10 on
-``synthetic-classification``, 4 workers on this host (shared memory), SSP s = 2, SGD lr 0.01, batch
-32, ITERATIONS per worker, for each mode: the final test accuracy and the wall time.
+Accuracy (``--wide ITERATIONS``, ``--digits ITERATIONS``, ``--seeds N``): the wide MLP
+(784-2048-2048-10 on ``synthetic-classification``, SGD lr 0.01) or the digits MLP (mlp:64, lr 0.1),
+4 workers on this host (shared memory), SSP s = 2, batch 32, ITERATIONS per worker, for each mode
+and seed: the final test accuracy and the wall time. (The digits test split is 359 examples: one
+example is 0.28 points, hence the seeds.)
 
 CPU (``--cpu``, also alone with ``--cpu-only``): per push of the wide MLP's gradient (784-2048-2048-10,
 5.8M float32) and of mlp:512's, the median of 7 of: the worker's encoding (top-k selection, error
@@ -140,24 +142,36 @@ def network(args: argparse.Namespace) -> list[dict[str, Any]]:
     return results
 
 
-def wide(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The wide MLP's final accuracy per mode, on this host (``psctl launch --local``)."""
+ACCURACY = {  # --wide / --digits: (model, dataset, learning rate)
+    "wide": ("mlp:2048,2048", "synthetic-classification:samples=10000,features=784,classes=10", 0.01),
+    "digits": ("mlp:64", "digits", 0.1),
+}
+
+
+def accuracy(args: argparse.Namespace, which: str, iterations: int) -> list[dict[str, Any]]:
+    """Final test accuracy per mode on this host (``psctl launch --local``), for seeds 0..--seeds-1."""
+    model, dataset, lr = ACCURACY[which]
     rows = []
+    for seed in range(args.seeds):
+        for mode in args.modes:
+            cmd = [sys.executable, "-m", "client.cli", "launch", "--local", "--model", model, "--dataset", dataset,
+                   "--workers", str(WORKERS), "--staleness", "2", "--lr", str(lr), "--iterations", str(iterations),
+                   "--batch-size", "32", "--seed", str(seed), "--compress", mode, "--json"]
+            t = time.perf_counter()
+            out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, check=True, timeout=3600)
+            doc = json.loads(out.stdout)
+            rows.append({"model": which, "mode": mode, "seed": seed, "final_accuracy": doc["test_accuracy"],
+                         "wall": time.perf_counter() - t,
+                         "bytes_pushed_per_iter": doc["bytes_pushed"] / doc["pushes_applied"],
+                         "bytes_pulled_per_pull": doc["bytes_pulled"] / max(1, doc["pulls_served"])})
+            r = rows[-1]
+            print(f"{which} seed {seed} {mode:>16}: final accuracy {r['final_accuracy']:.4f}, wall {r['wall']:.0f}s, "
+                  f"counted {r['bytes_pushed_per_iter'] / 1e6:.3f} MB per push, "
+                  f"{r['bytes_pulled_per_pull'] / 1e6:.3f} MB per pull", flush=True)
     for mode in args.modes:
-        cmd = [sys.executable, "-m", "client.cli", "launch", "--local", "--model", "mlp:2048,2048", "--dataset",
-               "synthetic-classification:samples=10000,features=784,classes=10", "--workers", str(WORKERS),
-               "--staleness", "2", "--lr", "0.01", "--iterations", str(args.wide), "--batch-size", "32",
-               "--seed", str(args.seed), "--compress", mode, "--json"]
-        t = time.perf_counter()
-        out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, check=True, timeout=3600)
-        doc = json.loads(out.stdout)
-        rows.append({"mode": mode, "final_accuracy": doc["test_accuracy"], "wall": time.perf_counter() - t,
-                     "bytes_pushed_per_iter": doc["bytes_pushed"] / doc["pushes_applied"],
-                     "bytes_pulled_per_pull": doc["bytes_pulled"] / max(1, doc["pulls_served"])})
-        r = rows[-1]
-        print(f"wide {mode:>16}: final accuracy {r['final_accuracy']:.4f}, wall {r['wall']:.0f}s, counted "
-              f"{r['bytes_pushed_per_iter'] / 1e6:.2f} MB per push, {r['bytes_pulled_per_pull'] / 1e6:.2f} MB per pull",
-              flush=True)
+        accs = [r["final_accuracy"] for r in rows if r["mode"] == mode]
+        print(f"{which} {mode:>16}: mean {statistics.fmean(accs):.4f} [{min(accs):.4f}-{max(accs):.4f}] over "
+              f"{len(accs)} seeds", flush=True)
     return rows
 
 
@@ -240,6 +254,8 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--wide", type=int, default=0, metavar="ITERATIONS", help="also the wide MLP's accuracy per mode")
+    ap.add_argument("--digits", type=int, default=0, metavar="ITERATIONS", help="also the digits MLP's accuracy per mode")
+    ap.add_argument("--seeds", type=int, default=1, help="of --wide and --digits: seeds 0..N-1")
     ap.add_argument("--skip-network", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run-timeout", type=float, default=600.0)
@@ -255,8 +271,9 @@ def main() -> int:
     if not args.cpu_only and not args.skip_network:
         out["runs"] = network(args)
         print(table(out["runs"], args.modes, args.rates))
-    if args.wide and not args.cpu_only:
-        out["wide"] = wide(args)
+    for which in ("digits", "wide"):
+        if getattr(args, which) and not args.cpu_only:
+            out[which] = accuracy(args, which, getattr(args, which))
     if args.cpu or args.cpu_only:
         out["cpu"] = cpu(args.modes)
     if args.json:
