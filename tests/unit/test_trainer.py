@@ -17,6 +17,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.core import snapshot
 from ps_server.testing import InMemoryServer
 from worker import trainer as trainer_module
+from worker.compression import PushCodec
 from worker.config import WorkerConfig
 from worker.main import CAPABILITIES, ending
 from worker.straggler import Straggler
@@ -136,14 +137,36 @@ async def test_overlap_never_computes_on_parameters_the_bound_does_not_allow(mon
     assert core.counters.pushes_applied == 20 and core.counters.pushes_duplicate == 0
 
 
-async def test_transient_failures_are_retried_and_applied_once() -> None:
+def _codec_resets(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many times each PushCodec made (in order) dropped its residual."""
+    resets: list[int] = []
+    init, reset = PushCodec.__init__, PushCodec.reset
+
+    def counted_init(self: PushCodec, *args: object) -> None:
+        init(self, *args)  # type: ignore[arg-type]
+        self.index = len(resets)  # type: ignore[attr-defined]
+        resets.append(0)
+
+    def counted_reset(self: PushCodec) -> None:
+        resets[self.index] += 1  # type: ignore[attr-defined]
+        reset(self)
+
+    monkeypatch.setattr(PushCodec, "__init__", counted_init)
+    monkeypatch.setattr(PushCodec, "reset", counted_reset)
+    return resets
+
+
+@pytest.mark.parametrize("compress", ["none", "topk:0.05"])
+async def test_transient_failures_are_retried_and_applied_once(compress: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Connections that break before a push or pull reach the server are retried; retries of a push
-    the server already applied are acknowledged as duplicates, never applied twice."""
+    the server already applied are acknowledged as duplicates, never applied twice. Compressed:
+    the worker's residual (error feedback) lives through the retries: one codec, never reset."""
+    resets = _codec_resets(monkeypatch)
     async with InMemoryServer() as server:
         async with server.client() as admin:
-            run = await admin.create_run(_spec(1, workers=1, iterations=20))
+            run = await admin.create_run(_spec(1, workers=1, iterations=20, compress=compress))
         client = server.client()
-        joined = await client.join("w0", run.run_id, max_wait=0)
+        joined = await client.join("w0", run.run_id, max_wait=0, capabilities=CAPABILITIES)
         transport = server.transports[-1]
         broken = errors.Unavailable(errors.Code.UNAVAILABLE, "connection reset (injected)")
         transport.fail("PushGradient", broken, times=2)  # lost on the way: nothing applied
@@ -155,13 +178,16 @@ async def test_transient_failures_are_retried_and_applied_once() -> None:
     assert outcome.completed and outcome.stats.retries == 5
     assert core.counters.pushes_applied == 20 and core.counters.updates_applied == 20
     assert core.counters.pushes_duplicate == 2  # the retries of the two pushes whose answer was lost
+    assert resets == ([] if compress == "none" else [0])
 
 
 @pytest.mark.parametrize("compress", ["none", "topk:0.05,fp16"])
-async def test_a_server_that_lost_clocks_sends_the_worker_back(compress: str) -> None:
+async def test_a_server_that_lost_clocks_sends_the_worker_back(compress: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A server restored from an older checkpoint knows the rank at an earlier clock: the refusal's
     reason (CLOCK_AHEAD) and fact (next_clock) send the worker back there, and the run completes.
-    Compressed: the restored parameters are another lineage, so the next pull is whole, not a delta."""
+    Compressed: the restored parameters are another lineage, so the next pull is whole, not a delta;
+    the residual is dropped once (the iterations it came from are computed again)."""
+    resets = _codec_resets(monkeypatch)
     async with InMemoryServer() as server:
         async with server.client() as admin:
             run = await admin.create_run(_spec(-1, workers=1, iterations=30, compress=compress))
@@ -184,6 +210,7 @@ async def test_a_server_that_lost_clocks_sends_the_worker_back(compress: str) ->
     assert restored is saved["restored"]
     assert outcome.completed and outcome.stats.rewinds == 1
     assert restored.store.lineage != core.store.lineage
+    assert resets == ([] if compress == "none" else [1])
     assert restored.state.value == "completed" and restored.clock.slots[0].clock == 30
 
 
