@@ -169,6 +169,9 @@ def launch(
     compress: Annotated[str, typer.Option(help="Less on the wire: none | fp16 | bf16 (pushes and pulls in half "
                                           "precision) | topk:RATIO (pushes carry that share of each tensor, the "
                                           "rest kept for later), e.g. topk:0.01,fp16. See README, compression.")] = "none",
+    staleness_aware_lr: Annotated[bool, typer.Option("--staleness-aware-lr", help="Divide each push's learning rate "
+                                                     "by its staleness (updates applied since the parameters it was "
+                                                     "computed on were read; Zhang et al. 2016). Not with ftrl.")] = False,
     slowdown: Annotated[list[str] | None, typer.Option(metavar="RANK=FACTOR",
                                                        help="Make a rank FACTOR times slower (repeatable).")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the run with a progress bar on stderr until it ends "
@@ -195,7 +198,7 @@ def launch(
         model=model, dataset=dataset, workers=workers, staleness=parse_staleness(staleness), optimizer=optimizer, lr=lr,
         momentum=momentum, weight_decay=weight_decay, l1=l1, l2=l2, ftrl_beta=ftrl_beta, epochs=epochs, iterations=iterations, batch_size=batch_size,
         seed=seed, name=name, eval_every=eval_every, aggregation=aggregation, slowdown=parse_slowdown(slowdown or ()),
-        compress=compress,
+        compress=compress, staleness_aware_lr=staleness_aware_lr,
     )
     if servers > 1 and not local:
         raise ValueError(f"--servers {servers} needs --local; start a cluster by hand with 'ps-server --cluster "

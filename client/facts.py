@@ -233,6 +233,8 @@ def run_facts(run: pb.Run, now: float | None = None) -> dict[str, Any]:
         "lr": lr,
         "staleness": spec.staleness,
         "compress": compression_text(spec.compression),
+        "staleness_aware_lr": spec.staleness_aware_lr,
+        "lr_scale_mean": c.lr_scale_sum / c.lr_scaled if c.lr_scaled else None,
         "batch_size": spec.batch_size,
         "iterations": spec.iterations,
         "workers": spec.num_workers,
@@ -273,7 +275,7 @@ def launch_result(run: pb.Run) -> dict[str, Any]:
             "min_clock", "wall_seconds", "train_seconds", "pushes_applied", "pushes_duplicate", "pushes_rejected",
             "pulls_served", "pulls_parked", "parked_seconds", "pulls_skipped", "updates_applied", "evictions",
             "staleness_mean", "staleness_max", "staleness", "workers", "model", "dataset", "optimizer", "lr",
-            "compress", "bytes_pushed", "bytes_pulled")
+            "compress", "bytes_pushed", "bytes_pulled", "staleness_aware_lr", "lr_scale_mean")
     facts = run_facts(run)
     return {k: facts[k] for k in keys}
 

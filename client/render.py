@@ -126,6 +126,12 @@ def _kv(*pairs: tuple[str, Any]) -> Text:
     return text
 
 
+def _scaled(f: dict[str, Any]) -> str:
+    """A staleness-aware rate: divided by each push's staleness, and the mean factor so far."""
+    mean = f["lr_scale_mean"]
+    return " / staleness" + (f" (mean x{mean:.2f})" if mean is not None else "")
+
+
 def status_view(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float | None = None) -> RenderableType:
     """The ``psctl status`` / ``psctl watch`` screen."""
     now = time.time() if now is None else now
@@ -135,7 +141,8 @@ def status_view(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float |
         head.append(f"  {f['message']}")
     parts: list[RenderableType] = [head]
     parts.append(_kv(("model", f["model"]), ("dataset", f["dataset"]), ("optimizer", f["optimizer"]),
-                     ("lr", f"{f['lr']:g}"), ("staleness", staleness_text(f["staleness"])),
+                     ("lr", f"{f['lr']:g}" + (_scaled(f) if f["staleness_aware_lr"] else "")),
+                     ("staleness", staleness_text(f["staleness"])),
                      ("batch", f["batch_size"]), ("iterations", f["iterations"]), ("workers", f["workers"]),
                      *((("compress", f["compress"]),) if f["compress"] != "none" else ())))
     if f["tables"] or f["requires"]:  # a sparse (CTR) model: which params are tables, what workers it needs

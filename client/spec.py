@@ -50,6 +50,8 @@ class LaunchOptions:
     slowdown: tuple[tuple[int, float], ...] = ()
     compress: str = "none"
     """none | fp16 | bf16 | topk:RATIO | topk:RATIO,fp16 | topk:RATIO,bf16 (``parse_compression``)."""
+    staleness_aware_lr: bool = False
+    """Divide each push's learning rate by its staleness (``RunSpec.staleness_aware_lr``)."""
 
 
 COMPRESS_FORMS = "none, fp16, bf16, topk:RATIO (e.g. topk:0.01), or topk:RATIO,fp16 / topk:RATIO,bf16"
@@ -109,6 +111,8 @@ def _per_epoch(n_train: int, o: LaunchOptions) -> int:
 
 def check_options(o: LaunchOptions) -> None:
     """The checks that need no dataset: raise ValueError saying what to fix (before anything starts)."""
+    if o.staleness_aware_lr and o.optimizer.lower() == "ftrl":
+        raise ValueError("--staleness-aware-lr: not with --optimizer ftrl (its per-coordinate rate is its own)")
     if o.workers < 1:
         raise ValueError(f"--workers {o.workers}: need at least 1")
     if any(rank >= o.workers for rank, _ in o.slowdown):
@@ -185,6 +189,7 @@ def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
         # Compressed runs need a worker that speaks it (the Python worker; not the Node one).
         requires=["tables", f"model:{model_spec['kind']}"] if model.tables() else ["compression"] if compression else [],
         compression=compression,
+        staleness_aware_lr=o.staleness_aware_lr,
     )
 
 

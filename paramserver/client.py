@@ -244,10 +244,14 @@ class PsClient:
 
     # -------------------------------------------------------------------------- data plane
     async def push(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Grad],
-                   loss: float = 0.0, timeout: float | None = None) -> pb.PushGradientResponse:
+                   loss: float = 0.0, timeout: float | None = None, param_version: int | None = None,
+                   ) -> pb.PushGradientResponse:
         """Push the gradient of iteration ``clock``; safe to retry with the same arguments. A
-        table's gradient may be some of its rows (``wire.RowsPart``), or left out."""
-        (resp,) = await self._push.exchange(self._push_requests(run_id, rank, incarnation, clock, grads, loss, None),
+        table's gradient may be some of its rows (``wire.RowsPart``), or left out.
+        ``param_version``: the version (``PullResult.version``) of the parameters it was computed
+        on, for a run with ``staleness_aware_lr``."""
+        (resp,) = await self._push.exchange(self._push_requests(run_id, rank, incarnation, clock, grads, loss, None,
+                                                                param_version),
                                             timeout or self.timeout, until_final=False,
                                             decode=pb.PushGradientResponse.FromString)
         return resp  # type: ignore[no-any-return]
@@ -256,9 +260,10 @@ class PsClient:
         self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Grad],
         loss: float = 0.0, *, into: dict[str, np.ndarray] | None = None, max_wait: float | None = None,
         names: Sequence[str] = (), rows: Mapping[str, np.ndarray] | None = None, since: tuple[int, int] | None = None,
+        param_version: int | None = None,
     ) -> tuple[pb.PushGradientResponse, PullResult]:
         """Push iteration ``clock``, then pull for ``clock + 1`` in the same round trip (then_pull;
-        ``names``, ``rows`` and ``since`` as for ``pull``).
+        ``names``, ``rows`` and ``since`` as for ``pull``, ``param_version`` as for ``push``).
 
         The returned response carries the push's acknowledgement (clock, duplicate, min_clock,
         run_state); the pulled parameters are in the PullResult."""
@@ -267,7 +272,7 @@ class PsClient:
                                     max_wait=_duration(wait), rows=_table_rows(rows), **_since(since, into))
         sink = PullSink(into)
         responses: list[wire.PushResponse] = await self._push.exchange(
-            self._push_requests(run_id, rank, incarnation, clock, grads, loss, then), wait + self.timeout,
+            self._push_requests(run_id, rank, incarnation, clock, grads, loss, then, param_version), wait + self.timeout,
             until_final=True, final=_pulled_final, decode=sink.push_response)
         first = responses[0]
         ack = pb.PushGradientResponse(clock=first.clock, duplicate=first.duplicate, min_clock=first.min_clock,
@@ -275,13 +280,14 @@ class PsClient:
         return ack, sink.result(responses[-1].pulled or wire.ParamsResponse())
 
     def _push_requests(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Grad],
-                       loss: float, then: pb.PullParamsRequest | None) -> Iterator[list[wire.Part]]:
+                       loss: float, then: pb.PullParamsRequest | None,
+                       param_version: int | None = None) -> Iterator[list[wire.Part]]:
         """PushGradientRequests as parts, encoded lazily (sending overlaps encoding)."""
         first = True
         chunk = max(self.chunk_bytes, MESSAGE_BYTES) if self.route.transport == "shm" else self.chunk_bytes
         for group, last in wire.with_last(wire.chunk_groups(grads, chunk)):
             yield wire.push_request_parts(run_id, rank, incarnation, clock, group, last, loss,
-                                          then if first else None)
+                                          then if first else None, param_version if first else None)
             first = False
 
     async def pull(

@@ -207,12 +207,15 @@ class Shards:
 
     # ------------------------------------------------------------------------------ the data plane
     async def push(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Any],
-                   loss: float = 0.0, timeout: float | None = None) -> pb.PushGradientResponse:
+                   loss: float = 0.0, timeout: float | None = None, param_version: int | None = None,
+                   ) -> pb.PushGradientResponse:
+        """As ``PsClient.push``, to every server (``param_version`` to each: they apply the same pushes)."""
         acked = self._acked((run_id, rank, incarnation, clock))
 
         def one(i: int) -> Callable[[], Awaitable[pb.PushGradientResponse]]:
             return lambda: self.clients[i].push(run_id, rank, incarnation, clock,
-                                                self._rows(grads, self.shard_map.shards[i]), loss, timeout)
+                                                self._rows(grads, self.shard_map.shards[i]), loss, timeout,
+                                                param_version)
 
         answers, failures = await self._each({i: one(i) for i in range(len(self.clients)) if i not in acked})
         acked.update(answers)
@@ -224,7 +227,8 @@ class Shards:
                         loss: float = 0.0, *, into: dict[str, np.ndarray] | None = None,
                         max_wait: float | None = None, names: Sequence[str] = (),
                         rows: Mapping[str, np.ndarray] | None = None,
-                        since: tuple[int, int] | None = None) -> tuple[pb.PushGradientResponse, PullResult]:
+                        since: tuple[int, int] | None = None,
+                        param_version: int | None = None) -> tuple[pb.PushGradientResponse, PullResult]:
         """As ``PsClient.push_pull``; ``since`` is not used: each server has its own versions, and a
         sharded pull is answered whole."""
         out = self._arrays(into, names if rows else None)
@@ -238,7 +242,8 @@ class Shards:
                 return lambda: c.pull(run_id, rank, incarnation, clock + 1, into=self._rows(out, s), max_wait=max_wait,
                                       names=mine, rows=asked)
             return lambda: c.push_pull(run_id, rank, incarnation, clock, self._rows(grads, s), loss,
-                                       into=self._rows(out, s), max_wait=max_wait, names=mine, rows=asked)
+                                       into=self._rows(out, s), max_wait=max_wait, names=mine, rows=asked,
+                                       param_version=param_version)
 
         answers, failures = await self._each({i: one(i) for i in range(len(self.clients))})
         pulled = {}

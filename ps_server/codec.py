@@ -327,6 +327,7 @@ def spec_from_proto(s: pb.RunSpec, limits: Limits = DEFAULT_LIMITS) -> RunSpec:
         requires=tuple(s.requires),
         wire_dtype=_WIRE_DTYPE[s.compression.dtype],
         topk_ratio=s.compression.topk_ratio,
+        staleness_aware_lr=s.staleness_aware_lr,
     )
 
 
@@ -352,6 +353,7 @@ def spec_to_proto(s: RunSpec) -> pb.RunSpec:
         requires=s.requires,
         compression=pb.Compression(dtype=WIRE_DTYPE_PB[s.wire_dtype], topk_ratio=s.topk_ratio)
         if s.wire_dtype != "float32" or s.topk_ratio else None,
+        staleness_aware_lr=s.staleness_aware_lr,
     )
 
 
@@ -445,7 +447,7 @@ def run_to_proto(spec: RunSpec, s: RunStatus) -> pb.Run:
             pulls_skipped=c.pulls_skipped, bytes_pushed=c.bytes_pushed, bytes_pulled=c.bytes_pulled,
             updates_applied=c.updates_applied, evictions=c.evictions, staleness_sum=c.staleness_sum,
             staleness_max=c.staleness_max, parked_seconds=c.parked_seconds, rows_pulled=c.rows_pulled,
-            rows_pushed=c.rows_pushed,
+            rows_pushed=c.rows_pushed, lr_scaled=c.lr_scaled, lr_scale_sum=c.lr_scale_sum,
         ),
         last_eval=point_to_proto(s.last_eval) if s.last_eval else None,
         waiting_for=s.waiting_for,

@@ -79,6 +79,8 @@ class _Push:
     grads: dict[str, Gradient]
     nbytes: int
     then_pull: pb.PullParamsRequest | None
+    param_version: int | None
+    """Of its first request: the version its gradient was computed on (staleness-aware rate)."""
 
 
 def _key(key: tuple[str, int, int, int]) -> str:
@@ -156,7 +158,7 @@ class DataPlane:
                     grads = owned(push.grads) if caller.borrowed and push.run.spec.staleness == 0 else push.grads
                     try:
                         result = push.run.push(req.rank, req.incarnation, req.clock, grads, push.nbytes,
-                                               req.loss, caller.transport)
+                                               req.loss, caller.transport, push.param_version)
                     except PsError as exc:
                         log.info("push rejected: %s", exc, extra={"run": req.run_id, "rank": req.rank, "clock": req.clock})
                         raise
@@ -183,7 +185,7 @@ class DataPlane:
         its error, raised once its final request is in."""
         req = _decode(wire.decode_push_request, raw)
         key = (req.run_id, req.rank, req.incarnation, req.clock)
-        then_pull = req.then_pull
+        then_pull, param_version = req.then_pull, req.param_version
         failed: PsError | None = None
         run: Run | None = None
         assembler: TensorAssembler | None = None
@@ -223,7 +225,7 @@ class DataPlane:
                     failed = exc
             if failed is None:
                 assert run is not None and assembler is not None
-                return _Push(run, req, assembler.finish(), assembler.nbytes, then_pull)
+                return _Push(run, req, assembler.finish(), assembler.nbytes, then_pull, param_version)
         except PsError as exc:
             failed = exc
         finally:

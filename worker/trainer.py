@@ -138,7 +138,8 @@ class _Trainer:
         self._straggler = Straggler(self.slowdown) if self.slowdown > 1.0 else None
         self._min_clock = 0  # the run's min clock as the last push's answer said
         self._prefetched: int | None = None  # guaranteed clock of parameters pulled with the last push
-        self._ahead: tuple[float, dict[str, np.ndarray], int, float] | None = None  # --overlap: the next gradient
+        self._ahead: tuple[tuple[float, dict[str, np.ndarray], int, float], int | None] | None = None
+        """--overlap: the next gradient (``gradient``'s answer) and the version it was computed on."""
         self._last_report = time.monotonic()
         self._samples = 0
         self.tables: TableStep | None = None
@@ -146,6 +147,8 @@ class _Trainer:
         """Pushes in the run's wire form (``RunSpec.compression``); None: float32, dense."""
         self._since: tuple[int, int] | None = None
         """(lineage, version) of the parameters held, for delta pulls (one server only)."""
+        self._version: int | None = None
+        """The server's version of the parameters held (None before the first pull)."""
 
     def setup(self) -> None:
         """Load data and model; raises DatasetError / ModelSpecError (fatal for the run)."""
@@ -204,8 +207,10 @@ class _Trainer:
         raise _Rewind(clock)
 
     def _hold(self, res: PullResult) -> None:
-        """The parameters held are now version ``res.version`` of the server's lineage (delta pulls)."""
+        """The parameters held are now version ``res.version`` of the server's lineage (delta pulls,
+        and what the next gradients were computed on: ``PushGradientRequest.param_version``)."""
         self._since = (res.lineage, res.version) if res.lineage else None
+        self._version = res.version
 
     async def pull(self, clock: int, params: dict[str, np.ndarray]) -> int:
         res = await self.call(
@@ -237,7 +242,7 @@ class _Trainer:
                 await self.report()
                 return
             except _Rewind as rewind:  # also while waiting for the final parameters
-                self._prefetched = self._ahead = self._since = None
+                self._prefetched = self._ahead = self._since = self._version = None
                 if self.codec is not None:
                     self.codec.reset()
                 if self.tables is not None:
@@ -268,15 +273,16 @@ class _Trainer:
         if self.a.rank == 0 and eval_every and c % eval_every == 0 and c:
             self.evaluate(params, c)
             await self.report()  # show it now, not after the next (maybe long) wait
-        if self._ahead is not None:  # computed while the last push was in flight
-            loss, grads, samples, t_compute = self._ahead
+        if self._ahead is not None:  # computed while the last push was in flight, on older parameters
+            (loss, grads, samples, t_compute), version = self._ahead
             self._ahead = None
         else:
-            loss, grads, samples, t_compute = self.gradient(params, c)
+            (loss, grads, samples, t_compute), version = self.gradient(params, c), self._version
         self.check_loss(loss, c)
         t_push = time.perf_counter()
         pull_next = c + 1 < self.spec.iterations and not self.cache_valid(guaranteed, c + 1)
-        push = self._push_op(c, self.codec.encode(grads) if self.codec else grads, loss, params if pull_next else None)
+        push = self._push_op(c, self.codec.encode(grads) if self.codec else grads, loss, params if pull_next else None,
+                             version)
         if self.config.overlap and c + 1 < self.spec.iterations and (s < 0 or self.cache_valid(guaranteed, c + 1)):
             resp, pulled, comm_ahead = await self._overlapped(push, params, grads, c)
             comm += comm_ahead
@@ -302,15 +308,16 @@ class _Trainer:
         return loss, grads, len(batch), time.perf_counter() - t
 
     def _push_op(self, c: int, grads: Mapping[str, Grad], loss: float, into: dict[str, np.ndarray] | None,
-                 ) -> Callable[[], Awaitable[tuple[pb.PushGradientResponse, PullResult | None]]]:
-        """The push of iteration ``c``; with ``into``, together with the pull of ``c + 1`` into it."""
+                 version: int | None) -> Callable[[], Awaitable[tuple[pb.PushGradientResponse, PullResult | None]]]:
+        """The push of iteration ``c`` (its gradient computed on ``version``); with ``into``,
+        together with the pull of ``c + 1`` into it."""
         a, wait, since = self.a, self.config.timeout_seconds * 4, self._since
 
         async def op() -> tuple[pb.PushGradientResponse, PullResult | None]:
             if into is None:
-                return await self.plane.push(a.run_id, a.rank, a.incarnation, c, grads, loss), None
+                return await self.plane.push(a.run_id, a.rank, a.incarnation, c, grads, loss, param_version=version), None
             return await self.plane.push_pull(a.run_id, a.rank, a.incarnation, c, grads, loss, into=into,
-                                              max_wait=wait, since=since)
+                                              max_wait=wait, since=since, param_version=version)
         return op
 
     def _apply_own(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
@@ -339,14 +346,14 @@ class _Trainer:
             await asyncio.sleep(0)  # the push's bytes go out (its task runs to its first wait)
             if self.local_sgd_lr is not None:
                 self._apply_own(params, grads)  # c + 1 sees this rank's own step of c
-            ahead = self.gradient(params, c + 1)
+            ahead, version = self.gradient(params, c + 1), self._version  # (before the answer updates it)
             t_wait = time.perf_counter()
             resp, pulled = await task
         except BaseException:
             task.cancel()
             raise
         if resp.clock == c + 1:  # (a rewind raised above and leaves nothing ahead)
-            self._ahead = ahead
+            self._ahead = ahead, version
         return resp, pulled, time.perf_counter() - t_wait
 
     @staticmethod

@@ -71,10 +71,11 @@ class Optimizer:
         """Gathered rows of a table, for w then each state; allocated by the first ``Rows`` step
         (a model without tables never needs them)."""
         self._lr = _F32(config.learning_rate)
+        self._scale = 1.0  # this step's learning rate over the configured one (a staleness-aware step)
         self._wd = _F32(config.weight_decay)
 
     def step(self, params: Mapping[str, np.ndarray],
-             grads: Mapping[str, Gradient] | Callable[[], Mapping[str, Gradient]]) -> str | None:
+             grads: Mapping[str, Gradient] | Callable[[], Mapping[str, Gradient]], lr_scale: float = 1.0) -> str | None:
         """Apply one update with ``grads`` (same names and sizes as ``params``, a table's possibly
         as merged ``Rows``; or what calling it returns, computed under the same watch: a BSP
         combination) in place. Returns None, or what became NaN/Inf ("parameter 'w'"): the
@@ -84,16 +85,19 @@ class Optimizer:
         before a step, so a non-finite value can only come from an overflow, a 0/0 or a division by
         zero: the floating-point flags numpy checks after every ufunc call catch it without another
         pass over the model. Only then are the parameters and the state scanned (whole tables too,
-        after a sparse step), to name the culprit."""
+        after a sparse step), to name the culprit. ``lr_scale``: this step's learning rate is the
+        configured one times it (a staleness-aware step)."""
         flags: list[str] = []
         with np.errstate(over="call", invalid="call", divide="call", under="ignore",
                          call=lambda kind, _flag: flags.append(kind)):
             self.steps += 1
+            self._scale = lr_scale
+            self._lr = _F32(self.config.learning_rate * lr_scale)
             self._begin_step()
             self._apply(params, grads() if callable(grads) else grads)
         return self._culprit(params) if flags else None
 
-    def step_flat(self, w: np.ndarray, g: np.ndarray) -> str | None:
+    def step_flat(self, w: np.ndarray, g: np.ndarray, lr_scale: float = 1.0) -> str | None:
         """``step`` on the whole model at once: ``w`` and ``g`` are 1-D, laid out like the state
         (``ParamStore.flat`` and the gradient ``ParamStore.check_gradient`` gathers). The same
         arithmetic element by element, so the same result as ``step``; one call per block
@@ -102,6 +106,8 @@ class Optimizer:
         with np.errstate(over="call", invalid="call", divide="call", under="ignore",
                          call=lambda kind, _flag: flags.append(kind)):
             self.steps += 1
+            self._scale = lr_scale
+            self._lr = _F32(self.config.learning_rate * lr_scale)
             self._begin_step()
             for lo in range(0, self.size, BLOCK):
                 hi = min(lo + BLOCK, self.size)
@@ -219,7 +225,7 @@ class Adam(Optimizer):
 
     def _begin_step(self) -> None:
         c = self.config
-        self._c1 = _F32(c.learning_rate / (1.0 - c.beta1**self.steps))
+        self._c1 = _F32(c.learning_rate * self._scale / (1.0 - c.beta1**self.steps))
         self._c2 = _F32(1.0 / (1.0 - c.beta2**self.steps))
 
     def _update(self, w: np.ndarray, g: np.ndarray, *state: np.ndarray) -> None:

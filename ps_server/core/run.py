@@ -133,8 +133,9 @@ class Run:
         self._after_clock_change()
 
     def push(self, rank: int, incarnation: int, clock: int, grads: dict[str, Gradient], nbytes: int,
-             loss: float = float("nan"), data_plane: str = "") -> PushResult:
-        """Accept a rank's gradient of iteration ``clock``: apply (s > 0) or hold (s = 0)."""
+             loss: float = float("nan"), data_plane: str = "", param_version: int | None = None) -> PushResult:
+        """Accept a rank's gradient of iteration ``clock``: apply (s > 0) or hold (s = 0).
+        ``param_version``: the version its gradient was computed on (``RunSpec.staleness_aware_lr``)."""
         try:
             if self.held:
                 raise ShardUnavailable(self.held)
@@ -155,7 +156,7 @@ class Run:
         if self.spec.staleness == 0:
             self.bsp.hold(clock, rank, grads)
         else:
-            self._step(grads, flat)
+            self._step(grads, flat, self._lr_scale(param_version))
         self.clock.advance(slot, clock)
         self.counters.pushes_applied += 1
         self.counters.bytes_pushed += nbytes
@@ -259,14 +260,25 @@ class Run:
             self._finish(RunState.COMPLETED, "all ranks finished", f"all ranks done at min clock {self.min_clock}")
         self._changed()
 
+    def _lr_scale(self, param_version: int | None) -> float:
+        """1 / the push's staleness (updates applied since its parameters were read; at least 1)
+        with ``staleness_aware_lr``, else 1."""
+        if not self.spec.staleness_aware_lr or param_version is None:
+            return 1.0
+        staleness = max(1, self.counters.updates_applied - param_version)
+        self.counters.lr_scale_sum += 1.0 / staleness
+        self.counters.lr_scaled += 1
+        return 1.0 / staleness
+
     def _step(self, grads: Mapping[str, Gradient] | Callable[[], Mapping[str, Gradient]],
-              flat: np.ndarray | None = None) -> None:
+              flat: np.ndarray | None = None, lr_scale: float = 1.0) -> None:
         """Apply one update (``flat``: the same gradient laid out like ``store.flat``, stepped in one
-        piece); a run whose parameters or optimizer state stop being finite has diverged and fails."""
+        piece) with the learning rate times ``lr_scale``; a run whose parameters or optimizer state
+        stop being finite has diverged and fails."""
         if self.store.changed is not None and callable(grads):
             grads = grads()  # (BSP's combination) kept for ``mark``
-        diverged = self.optimizer.step_flat(self.store.flat, flat) if flat is not None else \
-            self.optimizer.step(self.store.params, grads)
+        diverged = self.optimizer.step_flat(self.store.flat, flat, lr_scale) if flat is not None else \
+            self.optimizer.step(self.store.params, grads, lr_scale)
         self.counters.updates_applied += 1
         if self.store.changed is not None:
             assert not callable(grads)

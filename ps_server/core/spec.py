@@ -137,6 +137,8 @@ class RunSpec:
     """The values of pushes and pulls on the wire (``WIRE_DTYPES``); the store keeps float32."""
     topk_ratio: float = 0.0
     """Top-k pushes: the share of each tensor's elements a push carries (0: dense)."""
+    staleness_aware_lr: bool = False
+    """Divide each applied push's learning rate by its staleness (``Run._lr_scale``)."""
 
     @property
     def unbounded(self) -> bool:
@@ -282,6 +284,9 @@ def validate_spec(spec: RunSpec, limits: Limits = DEFAULT_LIMITS) -> None:
     if len(spec.requires) > limits.max_requires or any(not r or len(r) > limits.max_name_chars for r in spec.requires):
         raise _invalid(f"requires has {len(spec.requires)} entries: at most {limits.max_requires}, each a non-empty "
                        f"name of at most {limits.max_name_chars} characters")
+    if spec.staleness_aware_lr and opt.kind is OptimizerKind.FTRL:
+        raise _invalid("staleness_aware_lr is not for ftrl (its per-coordinate rate is its own): use sgd, momentum, "
+                       "adam or adagrad, or leave it off")
     if spec.wire_dtype not in WIRE_DTYPES:
         raise _invalid(f"compression dtype {spec.wire_dtype!r}: use one of {', '.join(WIRE_DTYPES)}")
     if not (math.isfinite(spec.topk_ratio) and 0 <= spec.topk_ratio < 1):

@@ -66,6 +66,10 @@ class Counters:
     """Rows of tables sent by pulls."""
     rows_pushed: int = 0
     """Rows of tables received by pushes (a row repeated in one push counted once)."""
+    lr_scaled: int = 0
+    """Pushes whose learning rate was divided by their staleness (``RunSpec.staleness_aware_lr``)."""
+    lr_scale_sum: float = 0.0
+    """The sum of those pushes' scales (1 / staleness)."""
 
     def pulled(self, staleness: int) -> None:
         """A worker's pull was served, ``staleness`` clocks ahead of the min clock."""

@@ -208,6 +208,12 @@ def test_the_spec_carries_compression_through_proto_checkpoint_and_psctl() -> No
                       ("none,fp16", "use none")):
         with pytest.raises(ValueError, match=says.replace("(", r"\(").replace(")", r"\)")):
             parse_compression(bad)
+    aware = build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=2, iterations=10,
+                                         staleness_aware_lr=True))
+    assert aware.staleness_aware_lr and spec_from_proto(aware).staleness_aware_lr
+    assert spec_to_proto(spec_from_proto(aware)).staleness_aware_lr
+    with pytest.raises(ValueError, match="not with --optimizer ftrl"):
+        build_run_spec(LaunchOptions(model="softmax", dataset="digits", optimizer="ftrl", staleness_aware_lr=True))
     with pytest.raises(ValueError, match="dense models"):
         build_run_spec(LaunchOptions(model="logistic", dataset="synthetic-ctr:samples=2000", workers=2, iterations=10,
                                      compress="fp16"))

@@ -61,8 +61,8 @@ class Reference:
         elif config.kind is OptimizerKind.ADAGRAD:
             self.state = {"accumulator": {n: z + config.initial_accumulator for n, z in zeros.items()}}
 
-    def step(self, grads: dict[str, np.ndarray]) -> None:
-        c = self.c
+    def step(self, grads: dict[str, np.ndarray], lr_scale: float = 1.0) -> None:
+        c = dataclasses.replace(self.c, learning_rate=self.c.learning_rate * lr_scale)
         self.t += 1
         for n, w in self.w.items():
             g = grads[n].astype(np.float64) + c.weight_decay * w
@@ -100,17 +100,22 @@ def test_a_tensor_spans_several_blocks() -> None:
     assert int(np.prod(SHAPES["big"])) % BLOCK != 0  # a partial last block
 
 
+@pytest.mark.parametrize("scaled", [False, True], ids=["", "lr-scaled"])
 @pytest.mark.parametrize("config", CASES)
-def test_matches_float64_reference(config: OptimizerConfig) -> None:
+def test_matches_float64_reference(config: OptimizerConfig, scaled: bool) -> None:
+    """Scaled: each step's learning rate times its own factor (a staleness-aware step, 1/τ)."""
     params = _init_params()
     start = {n: a.copy() for n, a in params.items()}
     ref = Reference(config, params)
     opt = make_optimizer(config, SPECS)
     rng = np.random.default_rng(1)
-    for _ in range(STEPS):
+    for scale in (1.0, 0.5, 0.2, 1 / 3)[:STEPS] if scaled else (1.0,) * STEPS:
         grads = _grads(rng)
-        opt.step(params, grads)
-        ref.step(grads)
+        if scaled:
+            opt.step(params, grads, scale)
+        else:
+            opt.step(params, grads)
+        ref.step(grads, scale)
     assert opt.steps == STEPS
     for n in SHAPES:
         assert params[n].dtype == np.float32 and params[n].shape == SHAPES[n]

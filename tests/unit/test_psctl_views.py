@@ -177,3 +177,12 @@ def test_the_status_view_shows_the_compression_only_when_there_is_one() -> None:
     run.spec.compression.CopyFrom(pb.Compression(topk_ratio=0.01, dtype=pb.DATA_TYPE_BFLOAT16))
     assert "compress topk:0.01,bf16" in text(render.status_view(run, None), width=200)
     assert facts.launch_result(run)["compress"] == "topk:0.01,bf16"
+
+
+def test_the_status_view_says_when_the_rate_is_divided_by_staleness() -> None:
+    assert "/ staleness" not in text(render.status_view(make_run(), None), width=200)
+    run = make_run()
+    run.spec.staleness_aware_lr = True
+    run.counters.lr_scaled, run.counters.lr_scale_sum = 4, 1.5
+    assert "/ staleness (mean x0.38)" in text(render.status_view(run, None), width=200)
+    assert facts.launch_result(run)["lr_scale_mean"] == pytest.approx(0.375)

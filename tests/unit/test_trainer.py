@@ -316,3 +316,26 @@ def test_a_straggler_pays_back_what_a_sleep_overran() -> None:
     assert s.owe(1 * MS, 0.5 * MS) == pytest.approx(3 * MS)
     small = Straggler(1.5)  # 0.3 ms per iteration: too short to sleep, owed until it is not
     assert [small.owe(0.3 * MS, 0.3 * MS) for _ in range(4)] == [0.0, 0.0, 0.0, pytest.approx(1.2 * MS)]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+async def test_workers_say_which_version_each_gradient_was_computed_on(overlap: bool) -> None:
+    """--staleness-aware-lr: every push carries its parameters' version (with --overlap the one
+    the gradient was computed on, not the answer that came meanwhile), so every step is scaled,
+    by at most 1 (a push that missed one other update keeps the whole rate, as ElasticDL's
+    max(1, staleness)); the run learns."""
+    config = dataclasses.replace(CONFIG, overlap=overlap)
+    async with InMemoryServer() as server:
+        async with server.client() as admin:
+            run = await admin.create_run(_spec(-1, workers=4, staleness_aware_lr=True))
+        clients = [server.client() for _ in range(4)]
+        joined = [await c.join(f"w{i}", run.run_id, max_wait=0) for i, c in enumerate(clients)]
+        outcomes = await asyncio.gather(*(train(c, j.assignment, config) for c, j in zip(clients, joined, strict=True)))
+        for c in clients:
+            await c.close()
+        core = server.registry.get(run.run_id)
+    assert all(o.completed for o in outcomes)
+    c = core.counters
+    assert c.pushes_applied == c.lr_scaled == 160
+    assert 0.05 < c.lr_scale_sum / c.lr_scaled < 1.0  # four ranks: pushes missed 2, 3 (overlapping: ~6) updates
+    assert outcomes[0].stats.final_accuracy is not None and outcomes[0].stats.final_accuracy > 0.6

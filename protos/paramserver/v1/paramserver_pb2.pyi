@@ -239,7 +239,7 @@ class OptimizerSpec(_message.Message):
     def __init__(self, sgd: _Optional[_Union[SgdConfig, _Mapping]] = ..., momentum: _Optional[_Union[MomentumConfig, _Mapping]] = ..., adam: _Optional[_Union[AdamConfig, _Mapping]] = ..., adagrad: _Optional[_Union[AdagradConfig, _Mapping]] = ..., ftrl: _Optional[_Union[FtrlConfig, _Mapping]] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("name", "model_spec_json", "data_spec_json", "num_workers", "staleness", "optimizer", "aggregation", "iterations", "params", "seed", "batch_size", "eval_every", "slowdown", "requires", "compression")
+    __slots__ = ("name", "model_spec_json", "data_spec_json", "num_workers", "staleness", "optimizer", "aggregation", "iterations", "params", "seed", "batch_size", "eval_every", "slowdown", "requires", "compression", "staleness_aware_lr")
     class SlowdownEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +262,7 @@ class RunSpec(_message.Message):
     SLOWDOWN_FIELD_NUMBER: _ClassVar[int]
     REQUIRES_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_AWARE_LR_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_spec_json: str
     data_spec_json: str
@@ -277,7 +278,8 @@ class RunSpec(_message.Message):
     slowdown: _containers.ScalarMap[int, float]
     requires: _containers.RepeatedScalarFieldContainer[str]
     compression: Compression
-    def __init__(self, name: _Optional[str] = ..., model_spec_json: _Optional[str] = ..., data_spec_json: _Optional[str] = ..., num_workers: _Optional[int] = ..., staleness: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., iterations: _Optional[int] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., eval_every: _Optional[int] = ..., slowdown: _Optional[_Mapping[int, float]] = ..., requires: _Optional[_Iterable[str]] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ...) -> None: ...
+    staleness_aware_lr: bool
+    def __init__(self, name: _Optional[str] = ..., model_spec_json: _Optional[str] = ..., data_spec_json: _Optional[str] = ..., num_workers: _Optional[int] = ..., staleness: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., iterations: _Optional[int] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., eval_every: _Optional[int] = ..., slowdown: _Optional[_Mapping[int, float]] = ..., requires: _Optional[_Iterable[str]] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ..., staleness_aware_lr: _Optional[bool] = ...) -> None: ...
 
 class Compression(_message.Message):
     __slots__ = ("dtype", "topk_ratio")
@@ -314,7 +316,7 @@ class WorkerStatus(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., state: _Optional[_Union[WorkerState, str]] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ..., worker_name: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pushes: _Optional[int] = ..., waiting_for_clock: _Optional[int] = ..., waiting: _Optional[bool] = ..., pulls_skipped: _Optional[int] = ..., data_plane: _Optional[str] = ...) -> None: ...
 
 class RunCounters(_message.Message):
-    __slots__ = ("pushes_applied", "pushes_duplicate", "pushes_rejected", "pulls_served", "pulls_parked", "pulls_skipped", "bytes_pushed", "bytes_pulled", "updates_applied", "evictions", "staleness_sum", "staleness_max", "parked_seconds", "rows_pulled", "rows_pushed")
+    __slots__ = ("pushes_applied", "pushes_duplicate", "pushes_rejected", "pulls_served", "pulls_parked", "pulls_skipped", "bytes_pushed", "bytes_pulled", "updates_applied", "evictions", "staleness_sum", "staleness_max", "parked_seconds", "rows_pulled", "rows_pushed", "lr_scaled", "lr_scale_sum")
     PUSHES_APPLIED_FIELD_NUMBER: _ClassVar[int]
     PUSHES_DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     PUSHES_REJECTED_FIELD_NUMBER: _ClassVar[int]
@@ -330,6 +332,8 @@ class RunCounters(_message.Message):
     PARKED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ROWS_PULLED_FIELD_NUMBER: _ClassVar[int]
     ROWS_PUSHED_FIELD_NUMBER: _ClassVar[int]
+    LR_SCALED_FIELD_NUMBER: _ClassVar[int]
+    LR_SCALE_SUM_FIELD_NUMBER: _ClassVar[int]
     pushes_applied: int
     pushes_duplicate: int
     pushes_rejected: int
@@ -345,7 +349,9 @@ class RunCounters(_message.Message):
     parked_seconds: float
     rows_pulled: int
     rows_pushed: int
-    def __init__(self, pushes_applied: _Optional[int] = ..., pushes_duplicate: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., pulls_served: _Optional[int] = ..., pulls_parked: _Optional[int] = ..., pulls_skipped: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., bytes_pulled: _Optional[int] = ..., updates_applied: _Optional[int] = ..., evictions: _Optional[int] = ..., staleness_sum: _Optional[int] = ..., staleness_max: _Optional[int] = ..., parked_seconds: _Optional[float] = ..., rows_pulled: _Optional[int] = ..., rows_pushed: _Optional[int] = ...) -> None: ...
+    lr_scaled: int
+    lr_scale_sum: float
+    def __init__(self, pushes_applied: _Optional[int] = ..., pushes_duplicate: _Optional[int] = ..., pushes_rejected: _Optional[int] = ..., pulls_served: _Optional[int] = ..., pulls_parked: _Optional[int] = ..., pulls_skipped: _Optional[int] = ..., bytes_pushed: _Optional[int] = ..., bytes_pulled: _Optional[int] = ..., updates_applied: _Optional[int] = ..., evictions: _Optional[int] = ..., staleness_sum: _Optional[int] = ..., staleness_max: _Optional[int] = ..., parked_seconds: _Optional[float] = ..., rows_pulled: _Optional[int] = ..., rows_pushed: _Optional[int] = ..., lr_scaled: _Optional[int] = ..., lr_scale_sum: _Optional[float] = ...) -> None: ...
 
 class MetricPoint(_message.Message):
     __slots__ = ("rank", "clock", "time", "loss", "eval", "eval_loss", "eval_accuracy", "samples", "step_seconds", "eval_auc")
@@ -500,7 +506,7 @@ class Status(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., error: _Optional[_Union[ErrorInfo, _Mapping]] = ...) -> None: ...
 
 class PushGradientRequest(_message.Message):
-    __slots__ = ("run_id", "rank", "incarnation", "clock", "tensors", "final", "loss", "then_pull")
+    __slots__ = ("run_id", "rank", "incarnation", "clock", "tensors", "final", "loss", "then_pull", "param_version")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
@@ -509,6 +515,7 @@ class PushGradientRequest(_message.Message):
     FINAL_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     THEN_PULL_FIELD_NUMBER: _ClassVar[int]
+    PARAM_VERSION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     rank: int
     incarnation: int
@@ -517,7 +524,8 @@ class PushGradientRequest(_message.Message):
     final: bool
     loss: float
     then_pull: PullParamsRequest
-    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., final: _Optional[bool] = ..., loss: _Optional[float] = ..., then_pull: _Optional[_Union[PullParamsRequest, _Mapping]] = ...) -> None: ...
+    param_version: int
+    def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., final: _Optional[bool] = ..., loss: _Optional[float] = ..., then_pull: _Optional[_Union[PullParamsRequest, _Mapping]] = ..., param_version: _Optional[int] = ...) -> None: ...
 
 class PushGradientResponse(_message.Message):
     __slots__ = ("clock", "duplicate", "min_clock", "run_state", "pulled")

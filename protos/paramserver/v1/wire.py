@@ -184,6 +184,7 @@ class PushRequest:
     final: bool = False
     loss: float = 0.0
     then_pull: pb.PullParamsRequest | None = None
+    param_version: int | None = None
 
 
 @dataclass
@@ -456,6 +457,7 @@ def push_request_parts(
     final: bool,
     loss: float = 0.0,
     then_pull: pb.PullParamsRequest | None = None,
+    param_version: int | None = None,
 ) -> list[Part]:
     """A ``PushGradientRequest`` whose ``tensors`` are the chunks of ``group``, as parts to write
     in order (the data are views, not copies; ``join`` makes the serialized message)."""
@@ -478,6 +480,8 @@ def push_request_parts(
     if then_pull is not None:
         sub = then_pull.SerializeToString()
         tail += _PUSH["then_pull"] + varint(len(sub)) + sub
+    if param_version is not None:  # (proto3 optional: written even when 0)
+        tail += _PUSH["param_version"] + varint(param_version)
     at = len(head) if _payload(group) > SMALL_MESSAGE else None  # small ones: nothing worth aligning
     return [bytes(head), *_repeated_chunks(_PUSH["tensors"], group, at), bytes(tail)]
 
@@ -710,7 +714,8 @@ def decode_push_request(buf: bytes | memoryview) -> PushRequest:
         return fast
     m = pb.PushGradientRequest.FromString(_as_bytes(buf))
     return PushRequest(m.run_id, m.rank, m.incarnation, m.clock, list(m.tensors), m.final, m.loss,
-                       m.then_pull if m.HasField("then_pull") else None)
+                       m.then_pull if m.HasField("then_pull") else None,
+                       m.param_version if m.HasField("param_version") else None)
 
 
 def decode_push_response(buf: bytes | memoryview) -> PushResponse:
