@@ -27,7 +27,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 
 from . import facts, render
 from .launch import launch_run
-from .spec import LaunchOptions, security_from_env
+from .spec import STALENESS_FORMS, LaunchOptions, parse_staleness, security_from_env  # noqa: F401 (psctl's API)
 
 __all__ = ["app"]
 
@@ -50,28 +50,6 @@ RunId = Annotated[str, typer.Argument(metavar="RUN", help="Run id, as shown by '
 
 
 # ---------------------------------------------------------------------------------------- plumbing
-UNBOUNDED_WORDS = ("inf", "unbounded", "asp")
-STALENESS_FORMS = "0 or bsp (synchronous), a positive integer s (SSP), or inf / unbounded / asp (asynchronous)"
-
-
-def parse_staleness(text: str) -> int:
-    """'0'/'bsp' -> 0, a positive integer -> itself, 'inf'/'unbounded'/'asp' -> -1 (the proto's
-    "unbounded"). Any negative number is refused: -1 is how the proto spells unbounded, not a word
-    for users, and taking it would take -3 as a typo of it."""
-    t = str(text).strip().lower()
-    if t in UNBOUNDED_WORDS:
-        return -1
-    if t == "bsp":
-        return 0
-    try:
-        value = int(t)
-    except ValueError:
-        raise ValueError(f"--staleness {text!r}: use {STALENESS_FORMS}") from None
-    if value < 0:
-        raise ValueError(f"--staleness {text!r}: a staleness cannot be negative; use {STALENESS_FORMS}")
-    return value
-
-
 def parse_slowdown(items: Sequence[str]) -> tuple[tuple[int, float], ...]:
     """['2=3.0', '0=1.5'] -> ((2, 3.0), (0, 1.5)): rank 2 runs 3x slower, rank 0 1.5x."""
     out: dict[int, float] = {}
@@ -169,6 +147,9 @@ def launch(
     compress: Annotated[str, typer.Option(help="Less on the wire: none | fp16 | bf16 (pushes and pulls in half "
                                           "precision) | topk:RATIO (pushes carry that share of each tensor, the "
                                           "rest kept for later), e.g. topk:0.01,fp16. See README, compression.")] = "none",
+    staleness_schedule: Annotated[str, typer.Option(help="Change the bound as the run goes: CLOCK=S steps, CLOCK a "
+                                                     "min clock or a share of the iterations, e.g. 20%=2,50%=1 "
+                                                     "(not to or from 0).")] = "",
     staleness_aware_lr: Annotated[bool, typer.Option("--staleness-aware-lr", help="Divide each push's learning rate "
                                                      "by its staleness (updates applied since the parameters it was "
                                                      "computed on were read; Zhang et al. 2016). Not with ftrl.")] = False,
@@ -198,7 +179,7 @@ def launch(
         model=model, dataset=dataset, workers=workers, staleness=parse_staleness(staleness), optimizer=optimizer, lr=lr,
         momentum=momentum, weight_decay=weight_decay, l1=l1, l2=l2, ftrl_beta=ftrl_beta, epochs=epochs, iterations=iterations, batch_size=batch_size,
         seed=seed, name=name, eval_every=eval_every, aggregation=aggregation, slowdown=parse_slowdown(slowdown or ()),
-        compress=compress, staleness_aware_lr=staleness_aware_lr,
+        compress=compress, staleness_aware_lr=staleness_aware_lr, staleness_schedule=staleness_schedule,
     )
     if servers > 1 and not local:
         raise ValueError(f"--servers {servers} needs --local; start a cluster by hand with 'ps-server --cluster "
@@ -285,6 +266,28 @@ def stop(run_id: RunId, reason: Annotated[str, typer.Option(help="Why (shown in 
         _print_json({"run_id": run.run_id, "state": facts.state_name(run.state), "message": run.message})
     else:
         typer.echo(f"{run.run_id}: {facts.state_name(run.state)}" + (f" ({run.message})" if run.message else ""))
+
+
+@app.command("set")
+@_handled
+def set_(run_id: RunId,
+         staleness: Annotated[str | None, typer.Option(help="The new bound: a positive integer s, or inf/unbounded/asp. "
+                                                            "Not to or from 0 (BSP).")] = None,
+         server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
+    """Change a running run: its staleness bound, at once. Parked pulls are re-evaluated against the
+    new bound now; each worker applies it from its next iteration (the iteration it is computing
+    finishes under the bound it started with)."""
+    if staleness is None:
+        raise typer.BadParameter("say what to change: --staleness N")
+    try:
+        bound = parse_staleness(staleness)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    run = _with_client(server, timeout, lambda ps: ps.update_run(run_id, staleness=bound))
+    if json_:
+        _print_json({"run_id": run.run_id, "staleness": run.spec.staleness, "state": facts.state_name(run.state)})
+    else:
+        typer.echo(f"{run.run_id}: staleness {facts.staleness_text(run.spec.staleness)}")
 
 
 @app.command()

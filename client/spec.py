@@ -18,7 +18,8 @@ from paramserver.v1 import paramserver_pb2 as pb
 from worker.datasets import load_dataset, parse_dataset
 from worker.models import build_model, parse_model
 
-__all__ = ["LaunchOptions", "build_run_spec", "check_options", "iterations_per_epoch", "security_from_env"]
+__all__ = ["STALENESS_FORMS", "LaunchOptions", "build_run_spec", "check_options", "iterations_per_epoch",
+           "parse_compression", "parse_schedule", "parse_staleness", "security_from_env"]
 
 _INIT = {"zeros": pb.INITIALIZER_ZEROS, "normal": pb.INITIALIZER_NORMAL, "uniform": pb.INITIALIZER_UNIFORM}
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class LaunchOptions:
     """none | fp16 | bf16 | topk:RATIO | topk:RATIO,fp16 | topk:RATIO,bf16 (``parse_compression``)."""
     staleness_aware_lr: bool = False
     """Divide each push's learning rate by its staleness (``RunSpec.staleness_aware_lr``)."""
+    staleness_schedule: str = ""
+    """CLOCK=S steps the bound follows, e.g. "20%=2" (``parse_schedule``)."""
 
 
 COMPRESS_FORMS = "none, fp16, bf16, topk:RATIO (e.g. topk:0.01), or topk:RATIO,fp16 / topk:RATIO,bf16"
@@ -107,6 +110,45 @@ def iterations_per_epoch(o: LaunchOptions) -> int:
 def _per_epoch(n_train: int, o: LaunchOptions) -> int:
     shard = math.ceil(n_train / max(1, o.workers))
     return max(1, math.ceil(shard / max(1, o.batch_size)))
+
+
+UNBOUNDED_WORDS = ("inf", "unbounded", "asp")
+STALENESS_FORMS = "0 or bsp (synchronous), a positive integer s (SSP), or inf / unbounded / asp (asynchronous)"
+
+
+def parse_staleness(text: str) -> int:
+    """'0'/'bsp' -> 0, a positive integer -> itself, 'inf'/'unbounded'/'asp' -> -1 (the proto's
+    "unbounded"). Any negative number is refused: -1 is how the proto spells unbounded, not a word
+    for users, and taking it would take -3 as a typo of it."""
+    t = str(text).strip().lower()
+    if t in UNBOUNDED_WORDS:
+        return -1
+    if t == "bsp":
+        return 0
+    try:
+        value = int(t)
+    except ValueError:
+        raise ValueError(f"--staleness {text!r}: use {STALENESS_FORMS}") from None
+    if value < 0:
+        raise ValueError(f"--staleness {text!r}: a staleness cannot be negative; use {STALENESS_FORMS}")
+    return value
+
+
+def parse_schedule(text: str, iterations: int) -> list[pb.StalenessStep]:
+    """``--staleness-schedule``: comma-separated CLOCK=S steps, CLOCK a clock or a share of the
+    iterations ("20%"), S as --staleness takes it; ValueError saying the form."""
+    steps = []
+    for item in (p.strip() for p in text.split(",") if p.strip()):
+        at, sep, bound = item.partition("=")
+        try:
+            clock = round(float(at.removesuffix("%")) / 100 * iterations) if at.endswith("%") else int(at)
+        except ValueError:
+            clock = -1
+        if not sep or clock < 0:
+            raise ValueError(f"--staleness-schedule {text!r}: use CLOCK=S steps such as 20%=2,50%=1 or 100=inf "
+                             "(CLOCK a clock or a share of the iterations)")
+        steps.append(pb.StalenessStep(from_clock=clock, staleness=parse_staleness(bound)))
+    return steps
 
 
 def check_options(o: LaunchOptions) -> None:
@@ -190,6 +232,7 @@ def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
         requires=["tables", f"model:{model_spec['kind']}"] if model.tables() else ["compression"] if compression else [],
         compression=compression,
         staleness_aware_lr=o.staleness_aware_lr,
+        staleness_schedule=parse_schedule(o.staleness_schedule, iterations),
     )
 
 

@@ -184,6 +184,11 @@ class PsClient:
         req = pb.StopRunRequest(run_id=run_id, reason=reason)
         return (await self._call("RunService", "StopRun", req, pb.StopRunResponse)).run
 
+    async def update_run(self, run_id: str, *, staleness: int | None = None) -> pb.Run:
+        """Change a running run's staleness bound (UpdateRun; the proto states the rule)."""
+        req = pb.UpdateRunRequest(run_id=run_id, staleness=staleness)
+        return (await self._call("RunService", "UpdateRun", req, pb.UpdateRunResponse)).run
+
     async def get_metrics(self, run_id: str, include_clock_records: bool = False,
                           max_points: int = 0) -> pb.GetMetricsResponse:
         """A run's metrics history and events; ``max_points`` > 0: only the most recent ones."""
@@ -276,7 +281,7 @@ class PsClient:
             until_final=True, final=_pulled_final, decode=sink.push_response)
         first = responses[0]
         ack = pb.PushGradientResponse(clock=first.clock, duplicate=first.duplicate, min_clock=first.min_clock,
-                                      run_state=first.run_state)  # type: ignore[arg-type]
+                                      run_state=first.run_state, staleness=first.staleness)  # type: ignore[arg-type]
         return ack, sink.result(responses[-1].pulled or wire.ParamsResponse())
 
     def _push_requests(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Grad],

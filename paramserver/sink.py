@@ -30,6 +30,8 @@ class PullResult:
     """The server's history of these parameters: (lineage, version) is what a delta pull names."""
     delta: bool = False
     """The answer was a delta: only what changed since the version asked for was written."""
+    staleness: int | None = None
+    """The run's staleness bound when it answered (it may change while the run runs)."""
 
 
 class PullSink:
@@ -103,4 +105,5 @@ class PullSink:
         rows = {name: parts[0] if len(parts) == 1 else (np.concatenate([i for i, _ in parts]),
                                                         np.concatenate([v for _, v in parts]))
                 for name, parts in self._rows.items()}
-        return PullResult(last.guaranteed_clock, last.version, last.run_state, self.out, rows, last.lineage, last.delta)
+        return PullResult(last.guaranteed_clock, last.version, last.run_state, self.out, rows, last.lineage, last.delta,
+                          last.staleness)

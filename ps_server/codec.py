@@ -328,6 +328,7 @@ def spec_from_proto(s: pb.RunSpec, limits: Limits = DEFAULT_LIMITS) -> RunSpec:
         wire_dtype=_WIRE_DTYPE[s.compression.dtype],
         topk_ratio=s.compression.topk_ratio,
         staleness_aware_lr=s.staleness_aware_lr,
+        staleness_schedule=tuple((step.from_clock, step.staleness) for step in s.staleness_schedule),
     )
 
 
@@ -354,6 +355,7 @@ def spec_to_proto(s: RunSpec) -> pb.RunSpec:
         compression=pb.Compression(dtype=WIRE_DTYPE_PB[s.wire_dtype], topk_ratio=s.topk_ratio)
         if s.wire_dtype != "float32" or s.topk_ratio else None,
         staleness_aware_lr=s.staleness_aware_lr,
+        staleness_schedule=[pb.StalenessStep(from_clock=a, staleness=b) for a, b in s.staleness_schedule],
     )
 
 

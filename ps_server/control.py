@@ -118,6 +118,17 @@ class Control:
         log.info("stopped %s", run.run_id, extra={"run": run.run_id})
         return pb.StopRunResponse(run=self._run(run))
 
+    async def UpdateRun(self, request: pb.UpdateRunRequest) -> pb.UpdateRunResponse:
+        run = self._registry.get(request.run_id)
+        if request.HasField("staleness"):
+            if run.placement is not None:
+                raise FailedPrecondition(f"run {run.run_id} is held by several servers: its staleness cannot change "
+                                         "while it runs yet", Reason.UNSUPPORTED)
+            old = run.spec.staleness
+            run.set_staleness(request.staleness)
+            log.info("%s: staleness %d -> %d", run.run_id, old, run.spec.staleness, extra={"run": run.run_id})
+        return pb.UpdateRunResponse(run=self._run(run))
+
     async def WatchRun(self, request: pb.WatchRunRequest) -> AsyncGenerator[pb.WatchRunResponse, None]:
         """A snapshot now, then one per change (at most every ``interval``), until the run finished."""
         run = self._registry.get(request.run_id)

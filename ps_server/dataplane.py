@@ -168,11 +168,11 @@ class DataPlane:
                     del push, req, raw, grads
                     ack = (result.clock, result.duplicate, result.min_clock, run_state_to_proto(result.run_state))
                     if then_pull is None:
-                        yield wire.push_response_parts(*ack)
+                        yield wire.push_response_parts(*ack, staleness=result.staleness)
                         continue
                     read = await self.pull(then_pull, caller)  # one round trip per iteration
                     for i, pulled in enumerate(self._params_parts(read, caller)):
-                        yield wire.push_response_parts(*ack, pulled=pulled) if i == 0 else \
+                        yield wire.push_response_parts(*ack, pulled=pulled, staleness=read.staleness) if i == 0 else \
                             wire.push_response_parts(pulled=pulled)
                 finally:
                     self._end()
@@ -317,4 +317,5 @@ class DataPlane:
         state = run_state_to_proto(read.run_state)
         delta = read.delta is not None
         for i, group in enumerate(groups):
-            yield read.guaranteed_clock, read.version, group, i == len(groups) - 1, state, delta, read.lineage
+            yield (read.guaranteed_clock, read.version, group, i == len(groups) - 1, state, delta, read.lineage,
+                   read.staleness)

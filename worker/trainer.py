@@ -219,9 +219,17 @@ class _Trainer:
             f"pull {clock}",
         )
         self._hold(res)
+        self._learn(res.staleness)
         self.stats.pulls += 1
         self.run_state = res.run_state
         return res.guaranteed_clock
+
+    def _learn(self, staleness: int | None) -> None:
+        """An answer said the run's bound (UpdateRun may change it): it applies from the next iteration."""
+        if staleness is not None and staleness != self.staleness:
+            log.info("the run's staleness is now %s (was %s)", "unbounded" if staleness < 0 else staleness,
+                     "unbounded" if self.staleness < 0 else self.staleness)
+            self.staleness = staleness
 
     def cache_valid(self, guaranteed: int, clock: int) -> bool:
         return self.staleness > 0 and guaranteed >= clock - self.staleness
@@ -284,7 +292,7 @@ class _Trainer:
         push = self._push_op(c, self.codec.encode(grads) if self.codec else grads, loss, params if pull_next else None,
                              version)
         if self.config.overlap and c + 1 < self.spec.iterations and (s < 0 or self.cache_valid(guaranteed, c + 1)):
-            resp, pulled, comm_ahead = await self._overlapped(push, params, grads, c)
+            resp, pulled, comm_ahead = await self._overlapped(push, params, grads, c, guaranteed)
             comm += comm_ahead
         else:
             resp, pulled = await self.call(push, f"push {c}")
@@ -332,11 +340,12 @@ class _Trainer:
 
     async def _overlapped(
         self, push: Callable[[], Awaitable[tuple[pb.PushGradientResponse, PullResult | None]]],
-        params: dict[str, np.ndarray], grads: dict[str, np.ndarray], c: int,
+        params: dict[str, np.ndarray], grads: dict[str, np.ndarray], c: int, guaranteed: int,
     ) -> tuple[pb.PushGradientResponse, PullResult | None, float]:
         """The push of ``c`` in flight while the gradient of ``c + 1`` is computed on the parameters
-        held (``--overlap``; the caller checked they are recent enough for ``c + 1``). Returns the
-        push's answer and the seconds waited for it after the computation."""
+        held (``--overlap``; the caller checked they are recent enough for ``c + 1``, guaranteed
+        clock ``guaranteed``). Returns the push's answer and the seconds waited for it after the
+        computation. If the answer lowers the bound below what that gradient needs, it is dropped."""
         token = SETTLE.set(False)  # its reads must not block the loop: the computation goes first
         try:
             task = asyncio.ensure_future(self.call(push, f"push {c}"))
@@ -352,8 +361,10 @@ class _Trainer:
         except BaseException:
             task.cancel()
             raise
-        if resp.clock == c + 1:  # (a rewind raised above and leaves nothing ahead)
-            self._ahead = ahead, version
+        if resp.HasField("staleness"):
+            self._learn(resp.staleness)
+        if resp.clock == c + 1 and (self.staleness < 0 or self.cache_valid(guaranteed, c + 1)):
+            self._ahead = ahead, version  # (a rewind raised above and leaves nothing ahead)
         return resp, pulled, time.perf_counter() - t_wait
 
     @staticmethod
@@ -367,6 +378,8 @@ class _Trainer:
         self.clock = resp.clock
         self._min_clock = resp.min_clock
         self.run_state = resp.run_state
+        if resp.HasField("staleness"):
+            self._learn(resp.staleness)
         self.stats.iterations += 1
         self.stats.last_loss = loss
         self._samples += samples

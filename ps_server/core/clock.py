@@ -36,6 +36,8 @@ class Slot:
     """The clock of this rank's parked pull, None when it has none."""
     parked_at: float | None = None
     data_plane: str = ""  # what the rank's last push came over: "tcp" or "grpc"
+    told: int | None = None
+    """The staleness bound this rank's last answer told it (its next push was computed under it)."""
 
     @property
     def live(self) -> bool:

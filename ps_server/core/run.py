@@ -24,12 +24,12 @@ import numpy as np
 from . import ssp
 from .bsp import BspBuffer
 from .clock import Slot, VectorClock
-from .errors import FailedPrecondition, PsError, Reason, ShardUnavailable
+from .errors import FailedPrecondition, InvalidArgument, PsError, Reason, ShardUnavailable
 from .gate import Gate
 from .history import History
 from .optimizers import make_optimizer
 from .placement import Placement
-from .spec import DEFAULT_LIMITS, OptimizerKind, RunSpec
+from .spec import DEFAULT_LIMITS, UNBOUNDED, OptimizerKind, RunSpec
 from .status import Assignment, Counters, MetricPoint, ParamsRead, PushResult, RunState, RunStatus, WorkerState
 from .store import ParamStore
 from .tensors import Gradient, Rows
@@ -53,6 +53,8 @@ class Run:
         self.finished: float | None = None
         self.store = store or ParamStore(placement.held(spec.params) if placement else spec.params, spec.seed)
         self.optimizer = make_optimizer(spec.optimizer, tuple(self.store.specs.values()))
+        self.next_step = 0
+        """The first step of ``spec.staleness_schedule`` not applied yet (a restore sets it: ``resume_schedule``)."""
         if spec.topk_ratio and spec.optimizer.kind is OptimizerKind.SGD and not spec.optimizer.weight_decay:
             self.store.track_changes()  # a step changes only what a push carries: delta pulls pay
         self.clock = VectorClock(spec.num_workers, now)
@@ -143,11 +145,11 @@ class Run:
             slot.data_plane = data_plane or slot.data_plane
             if clock < slot.clock:
                 self.counters.pushes_duplicate += 1
-                return PushResult(slot.clock, True, self.min_clock, self.state)
+                return PushResult(slot.clock, True, self.min_clock, self.state, self._tell(slot))
             if self.state is not RunState.RUNNING:
                 raise FailedPrecondition(f"run {self.run_id} is {self.state.value}: pushes are accepted only "
                                          "while it is running", Reason.RUN_NOT_RUNNING, run_state=self.state.value)
-            ssp.check_push(self.spec, self.clock, slot, clock)
+            ssp.check_push(self._push_spec(slot), self.clock, slot, clock)
             flat = self.store.check_gradient(grads)
         except PsError:
             self.counters.pushes_rejected += 1
@@ -165,7 +167,7 @@ class Run:
         if slot.clock == self.spec.iterations:
             self.history.event("finished", rank, f"rank {rank} completed its {self.spec.iterations} iterations")
         self._after_clock_change()
-        return PushResult(slot.clock, False, self.min_clock, self.state)
+        return PushResult(slot.clock, False, self.min_clock, self.state, self._tell(slot))
 
     async def wait_pull(self, rank: int, incarnation: int, clock: int, timeout: float, names: list[str] | None = None,
                         rows: Mapping[str, np.ndarray] | None = None) -> None:
@@ -230,8 +232,48 @@ class Run:
         self.counters.bytes_pulled += sum(ids.nbytes + values.nbytes for ids, values, _ in picked.values())
         self.counters.rows_pulled += sum(ids.size for ids, _, _ in picked.values())
         guaranteed = self.min_clock if self.spec.staleness else self.bsp.applied_clock
+        told = self._tell(self.clock.slots[rank]) if rank is not None else None
         return ParamsRead(guaranteed, self.counters.updates_applied, tensors, self.state,
-                          self.store.derived if whole else None, picked, wire_dtype, delta, self.store.lineage)
+                          self.store.derived if whole else None, picked, wire_dtype, delta, self.store.lineage, told)
+
+    def _tell(self, slot: Slot) -> int:
+        """The bound an answer to ``slot``'s rank carries (and which its next push is checked against)."""
+        slot.told = self.spec.staleness
+        return slot.told
+
+    def _push_spec(self, slot: Slot) -> RunSpec:
+        """The spec a push is checked against: the looser of the bound in force and the bound the
+        rank was last told (its gradient was computed under that one: ``set_staleness``)."""
+        told, now = slot.told, self.spec.staleness
+        if told is None or told == now or now == UNBOUNDED or (told != UNBOUNDED and told < now):
+            return self.spec
+        return replace(self.spec, staleness=told)
+
+    def resume_schedule(self) -> None:
+        """After a restore: the schedule's steps the min clock had reached were applied before the
+        checkpoint (the spec holds their bound, or a later UpdateRun's): only later ones remain."""
+        self.next_step = sum(1 for at, _ in self.spec.staleness_schedule if at <= self.min_clock)
+
+    def set_staleness(self, staleness: int) -> None:
+        """Change the bound while the run runs (UpdateRun; the proto states the rule): pulls parked
+        now are re-evaluated at once against it; a rank's push is checked against the looser of it
+        and the bound the rank was last told (``_push_spec``)."""
+        old = self.spec.staleness
+        if staleness < UNBOUNDED:
+            raise InvalidArgument(f"staleness {staleness}: use 0 (BSP), a positive bound, or -1 (unbounded)",
+                                  Reason.INVALID_REQUEST)
+        if self.state.finished:
+            raise FailedPrecondition(f"run {self.run_id} is {self.state.value}: its staleness cannot change",
+                                     Reason.RUN_NOT_RUNNING, run_state=self.state.value)
+        if (old == 0) != (staleness == 0):
+            raise FailedPrecondition(f"run {self.run_id}: staleness {old} -> {staleness}: a running run cannot switch "
+                                     "to or from 0 (BSP holds each clock's gradients to combine them); choose "
+                                     "between positive bounds and -1 (unbounded)", Reason.UNSUPPORTED)
+        if staleness == old:
+            return
+        self.spec = replace(self.spec, staleness=staleness)
+        self.history.event("staleness", -1, f"staleness changed from {_bound(old)} to {_bound(staleness)}")
+        self._changed()  # parked pulls look again
 
     async def changed(self, since: int, timeout: float) -> bool:
         """True once ``changes`` moved past ``since``; False after ``timeout`` seconds."""
@@ -255,10 +297,23 @@ class Run:
         if self.spec.staleness == 0:
             for by_rank in self.bsp.complete(self.min_clock):
                 self._step(partial(self.bsp.combine, by_rank, self.store.params))
+        self._follow_schedule()
         if (self.state is RunState.RUNNING and not self.clock.any_in(WorkerState.ACTIVE)
                 and self.clock.any_in(WorkerState.DONE)):
             self._finish(RunState.COMPLETED, "all ranks finished", f"all ranks done at min clock {self.min_clock}")
         self._changed()
+
+    def _follow_schedule(self) -> None:
+        """The bound of the last step of ``RunSpec.staleness_schedule`` the min clock has reached."""
+        steps = self.spec.staleness_schedule
+        while self.next_step < len(steps) and self.min_clock >= steps[self.next_step][0]:
+            _, bound = steps[self.next_step]
+            self.next_step += 1
+            old = self.spec.staleness
+            if bound != old and not self.state.finished:
+                self.spec = replace(self.spec, staleness=bound)
+                self.history.event("staleness", -1, f"staleness changed from {_bound(old)} to {_bound(bound)} at min "
+                                   f"clock {self.min_clock} (the run's schedule)")
 
     def _lr_scale(self, param_version: int | None) -> float:
         """1 / the push's staleness (updates applied since its parameters were read; at least 1)
@@ -303,3 +358,7 @@ class Run:
                          counters=replace(self.counters, pulls_skipped=self.clock.pulls_skipped()),
                          last_eval=self.history.last_eval, waiting_for=self.waiting_for(),
                          active_workers=self.clock.count(WorkerState.ACTIVE))
+
+
+def _bound(staleness: int) -> str:
+    return "unbounded" if staleness == UNBOUNDED else str(staleness)

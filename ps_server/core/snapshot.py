@@ -91,6 +91,7 @@ def restore(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *,
         s.state, s.incarnation, s.clock = WorkerState(d["state"]), d["incarnation"], d["clock"]
         s.worker_name, s.pushes, s.pulls_skipped = d["worker_name"], d["pushes"], d["pulls_skipped"]
     run.clock.restored()
+    run.resume_schedule()
     run.clock.next_incarnation = meta["next_incarnation"]
     run.clock.retired_skipped = meta["retired_skipped"]
     run.bsp.applied_clock = meta["applied_clock"]

@@ -111,6 +111,8 @@ OPTIMIZER_DEFAULTS: dict[OptimizerKind, dict[str, float]] = {
 """Hyper-parameters whose zero on the wire (proto3: unset) means this value."""
 
 
+MAX_SCHEDULE = 64
+"""Steps of a run's staleness schedule."""
 WIRE_DTYPES = ("float32", "float16", "bfloat16")
 """The types pushes and pulls may travel in (``RunSpec.wire_dtype``)."""
 
@@ -139,6 +141,8 @@ class RunSpec:
     """Top-k pushes: the share of each tensor's elements a push carries (0: dense)."""
     staleness_aware_lr: bool = False
     """Divide each applied push's learning rate by its staleness (``Run._lr_scale``)."""
+    staleness_schedule: tuple[tuple[int, int], ...] = ()
+    """(from min clock, staleness) steps the run's bound follows (``Run._follow_schedule``)."""
 
     @property
     def unbounded(self) -> bool:
@@ -284,6 +288,14 @@ def validate_spec(spec: RunSpec, limits: Limits = DEFAULT_LIMITS) -> None:
     if len(spec.requires) > limits.max_requires or any(not r or len(r) > limits.max_name_chars for r in spec.requires):
         raise _invalid(f"requires has {len(spec.requires)} entries: at most {limits.max_requires}, each a non-empty "
                        f"name of at most {limits.max_name_chars} characters")
+    if len(spec.staleness_schedule) > MAX_SCHEDULE:
+        raise _invalid(f"staleness_schedule has {len(spec.staleness_schedule)} steps: at most {MAX_SCHEDULE}")
+    previous, bound = -1, spec.staleness
+    for at, step in spec.staleness_schedule:
+        if not previous < at < spec.iterations or step < UNBOUNDED or (step == 0) != (bound == 0):
+            raise _invalid(f"staleness_schedule step ({at}, {step}): steps need increasing clocks below the run's "
+                           f"{spec.iterations} iterations and bounds >= -1, none to or from 0 (BSP)")
+        previous, bound = at, step
     if spec.staleness_aware_lr and opt.kind is OptimizerKind.FTRL:
         raise _invalid("staleness_aware_lr is not for ftrl (its per-coordinate rate is its own): use sgd, momentum, "
                        "adam or adagrad, or leave it off")
@@ -326,6 +338,7 @@ def spec_from_dict(d: Mapping[str, Any]) -> RunSpec:
                           table=bool(p.get("table", False))) for p in d["params"]
             ),
             "requires": tuple(d.get("requires", ())),
+            "staleness_schedule": tuple((int(a), int(b)) for a, b in d.get("staleness_schedule", ())),
             "optimizer": OptimizerConfig(**opt),
             "aggregation": Aggregation(d["aggregation"]),
             "slowdown": {int(k): float(v) for k, v in d["slowdown"].items()},

@@ -148,6 +148,8 @@ class PushResult:
     duplicate: bool
     min_clock: int
     run_state: RunState
+    staleness: int | None = None
+    """The run's bound now (it may change while the run runs: ``Run.set_staleness``)."""
 
 
 @dataclass(frozen=True)
@@ -169,3 +171,5 @@ class ParamsRead:
     tensors not named did not change (None: the answer is whole)."""
     lineage: int = 0
     """The store's lineage (``ParamStore.lineage``)."""
+    staleness: int | None = None
+    """The run's bound now (None: an observer's read)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -13,7 +14,15 @@ from ps_server.core import snapshot
 from ps_server.core.errors import FailedPrecondition, InvalidArgument, OutOfRange, Reason, WaitTimeout
 from ps_server.core.registry import RunRegistry
 from ps_server.core.run import Run
-from ps_server.core.spec import Aggregation, Initializer, OptimizerConfig, OptimizerKind, ParamSpec, RunSpec
+from ps_server.core.spec import (
+    Aggregation,
+    Initializer,
+    OptimizerConfig,
+    OptimizerKind,
+    ParamSpec,
+    RunSpec,
+    validate_spec,
+)
 from ps_server.core.status import RunState, WorkerState
 from ps_server.core.tensors import Pieces
 
@@ -204,25 +213,44 @@ def test_after_a_stop_no_rank_shows_active_and_leaving_changes_nothing() -> None
     assert [w.state for w in restored.status().workers] == [w.state for w in run.status().workers]
 
 
-@settings(max_examples=60, deadline=None)
+def _looser(a: int, b: int) -> int:
+    return -1 if -1 in (a, b) else max(a, b)
+
+
+@settings(max_examples=80, deadline=None)
 @given(
     workers=st.integers(1, 4),
     staleness=st.sampled_from([0, 1, 2, 3, -1]),
-    schedule=st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["step", "step", "step", "dup", "evict"])),
+    schedule=st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["step", "step", "step", "read", "dup", "evict",
+                                                                    "set"])),
                       min_size=1, max_size=120),
 )
 def test_ssp_invariant_and_exactly_once_under_random_schedules(workers: int, staleness: int, schedule: list) -> None:
-    """No rank completes iteration c while a live rank's clock is < c - s; every update applied once."""
+    """No rank completes iteration c while a live rank's clock is < c - s, s the bound in force when
+    its read of c was served, though the bound changes while the run runs (``set_staleness``, here
+    between a read and its push too): such a push is never refused; every update applied once."""
     iterations = 6
     now = [0.0]
     run = Run("run-h", spec(workers, staleness, iterations, Aggregation.SUM), now=lambda: now[0])
     initial = {k: v.astype(np.float64) for k, v in run.store.params.items()}
     incs = {r: run.join(f"w{r}").incarnation for r in range(workers)}
     applied: dict[tuple[int, int, int], float] = {}  # (rank, incarnation, clock) -> gradient value
+    pending: dict[int, tuple[int, int]] = {}  # rank -> (clock read, the bound it was read under)
+    loosest = staleness
+
+    def live() -> list[int]:
+        return [w.clock for w in run.status().workers if w.state in (WorkerState.ACTIVE, WorkerState.DONE)]
+
     for who, action in schedule:
         r = who % workers
+        if action == "set":
+            if staleness != 0 and not run.state.finished:
+                run.set_staleness((1, 2, 3, -1)[who])
+                loosest = _looser(loosest, run.spec.staleness)
+            continue
         slot_state = run.status().workers[r].state
         if slot_state is WorkerState.EVICTED:
+            pending.pop(r, None)
             if run.state.finished:  # every other rank evicted and the last one done: completed, no rank to take
                 continue
             a = run.join(f"again{r}")
@@ -242,26 +270,59 @@ def test_ssp_invariant_and_exactly_once_under_random_schedules(workers: int, sta
             res = run.push(r, incs[r], clock - 1, grad(99), 0)
             assert res.duplicate
             continue
-        if clock >= iterations or not run.pull_ready(r, incs[r], clock):
-            continue
-        live = [w.clock for w in run.status().workers if w.state in (WorkerState.ACTIVE, WorkerState.DONE)]
-        if staleness >= 0:
-            assert min(live) >= clock - staleness, "a pull was allowed past the staleness bound"
+        if r not in pending:
+            if clock >= iterations or not run.pull_ready(r, incs[r], clock):
+                continue
+            bound = run.spec.staleness
+            if bound >= 0:
+                assert min(live()) >= clock - bound, "a pull was allowed past the staleness bound"
+            run.read(r, clock, None)
+            pending[r] = (clock, bound)
+            if action == "read":
+                continue  # its push comes later, maybe after the bound changed
+        clock, bound = pending.pop(r)
         value = float(1 + r + 10 * clock)
-        run.push(r, incs[r], clock, grad(value), 0)
+        result = run.push(r, incs[r], clock, grad(value), 0)  # never refused: read under ``bound``
+        assert not result.duplicate and result.staleness == run.spec.staleness
         applied[(r, incs[r], clock)] = value
-        if staleness >= 0:
-            live = [w.clock for w in run.status().workers if w.state in (WorkerState.ACTIVE, WorkerState.DONE)]
-            assert min(live) >= clock - staleness
+        if bound >= 0:
+            assert min(live()) >= clock - bound
     for rec in run.history.clock_records:
-        if rec.kind == "push" and staleness >= 0:
-            assert rec.min_clock >= rec.clock - staleness
+        if rec.kind == "push" and loosest >= 0:
+            assert rec.min_clock >= rec.clock - loosest
     # Exactly once: s > 0 applies every accepted push; s = 0 applies every clock all live ranks
     # pushed (buffered gradients of an evicted rank are dropped, by design).
     if staleness != 0:
         total = sum(applied.values())
         np.testing.assert_allclose(run.store.params["b"], initial["b"] - total, rtol=0, atol=1e-3)
         assert run.counters.updates_applied == len(applied)
+
+
+def test_a_live_bound_change_wakes_parked_pulls_and_lets_the_iteration_in_progress_finish() -> None:
+    run, inc = started(spec(workers=2, staleness=1, iterations=10))
+    for c in (0, 1):
+        run.read(0, c, None)
+        run.push(0, inc[0], c, grad(1), 0)
+    assert not run.pull_ready(0, inc[0], 2)  # rank 1 at clock 0
+    run.set_staleness(3)
+    assert run.pull_ready(0, inc[0], 2) and run.history.events[-1].message == "staleness changed from 1 to 3"
+    run.read(0, 2, None)  # told 3
+    run.push(0, inc[0], 2, grad(1), 0)
+    run.read(0, 3, None)  # served under 3: min clock 0 >= 3 - 3
+    run.set_staleness(1)  # lowered while rank 0 computes clock 3
+    assert run.push(0, inc[0], 3, grad(1), 0).staleness == 1  # finishes under the bound it read with
+    assert not run.pull_ready(0, inc[0], 4)  # from its next iteration on, 1 holds
+    with pytest.raises(FailedPrecondition, match="staleness 1"):
+        run.push(0, inc[0], 4, grad(1), 0)  # a push without its read is checked against what it was told
+    with pytest.raises(FailedPrecondition, match="to or from 0"):
+        run.set_staleness(0)
+    with pytest.raises(InvalidArgument, match="staleness -2"):
+        run.set_staleness(-2)
+    run.set_staleness(-1)
+    assert run.pull_ready(0, inc[0], 4) and run.spec.staleness == -1
+    run.stop("over")
+    with pytest.raises(FailedPrecondition, match="stopped"):
+        run.set_staleness(2)
 
 
 async def test_registry_assigns_oldest_run_first_and_reports_unknown_runs() -> None:
@@ -360,3 +421,24 @@ async def test_a_watch_ends_only_after_sending_the_snapshot_that_shows_the_run_f
     async with asyncio.timeout(10):
         last = [snap async for snap in watch]
     assert [s.run.state for s in last] == [pb.RUN_STATE_STOPPED]
+
+
+def test_a_scheduled_bound_changes_when_the_min_clock_reaches_each_step() -> None:
+    s = dataclasses.replace(spec(workers=2, staleness=1, iterations=10), staleness_schedule=((2, 4), (4, -1)))
+    validate_spec(s)
+    run, inc = started(s)
+    for c in range(2):
+        for r in (0, 1):
+            run.push(r, inc[r], c, grad(1), 0)
+    assert run.min_clock == 2 and run.spec.staleness == 4
+    assert run.history.events[-1].message == "staleness changed from 1 to 4 at min clock 2 (the run's schedule)"
+    for c in range(2, 4):
+        for r in (0, 1):
+            run.push(r, inc[r], c, grad(1), 0)
+    assert run.spec.staleness == -1
+    meta, arrays = snapshot.state_dict(run)
+    restored = snapshot.restore(meta, arrays)
+    assert restored.spec.staleness == -1 and restored.next_step == 2  # both steps were taken
+    for bad in (((3, 2), (2, 3)), ((10, 2),), ((2, 0),), ((2, -2),)):
+        with pytest.raises(InvalidArgument, match="staleness_schedule"):
+            validate_spec(dataclasses.replace(s, staleness_schedule=bad))

@@ -33,14 +33,14 @@ def _spec(staleness: int, workers: int = 2, iterations: int = 40, **kw: object) 
                                         iterations=iterations, batch_size=16, lr=0.2, **kw))  # type: ignore[arg-type]
 
 
-async def _train_all(server: InMemoryServer, spec: pb.RunSpec) -> tuple[str, list[Outcome]]:
+async def _train_all(server: InMemoryServer, spec: pb.RunSpec, config: WorkerConfig = CONFIG) -> tuple[str, list[Outcome]]:
     """Create the run and train every rank in this event loop, each with its own client."""
     async with server.client() as admin:
         run = await admin.create_run(spec)
     clients = [server.client() for _ in range(spec.num_workers)]
     try:
         joined = [await c.join(f"w{i}", run.run_id, max_wait=0, capabilities=CAPABILITIES) for i, c in enumerate(clients)]
-        outcomes = await asyncio.gather(*(train(c, j.assignment, CONFIG) for c, j in zip(clients, joined, strict=True)))
+        outcomes = await asyncio.gather(*(train(c, j.assignment, config) for c, j in zip(clients, joined, strict=True)))
     finally:
         for c in clients:
             await c.close()
@@ -94,14 +94,8 @@ async def test_overlap_computes_the_next_gradient_while_the_push_is_in_flight(
     often depends on the ranks' interleaving: at least the first, pulled at min clock 0, for s >= 2)."""
     seen = _record_gradients(monkeypatch)
     async with InMemoryServer() as server:
-        async with server.client() as admin:
-            run = await admin.create_run(_spec(staleness, workers=2))
-        clients = [server.client() for _ in range(2)]
-        joined = [await c.join(f"w{i}", run.run_id, max_wait=0) for i, c in enumerate(clients)]
-        outcomes = await asyncio.gather(*(train(c, j.assignment, OVERLAP) for c, j in zip(clients, joined, strict=True)))
-        for c in clients:
-            await c.close()
-        core = server.registry.get(run.run_id)
+        run_id, outcomes = await _train_all(server, _spec(staleness, workers=2), OVERLAP)
+        core = server.registry.get(run_id)
     assert all(o.completed for o in outcomes), outcomes
     assert core.counters.pushes_applied == 80 and core.counters.pushes_duplicate == 0
     for rank in (0, 1):
@@ -324,18 +318,51 @@ async def test_workers_say_which_version_each_gradient_was_computed_on(overlap: 
     the gradient was computed on, not the answer that came meanwhile), so every step is scaled,
     by at most 1 (a push that missed one other update keeps the whole rate, as ElasticDL's
     max(1, staleness)); the run learns."""
-    config = dataclasses.replace(CONFIG, overlap=overlap)
     async with InMemoryServer() as server:
-        async with server.client() as admin:
-            run = await admin.create_run(_spec(-1, workers=4, staleness_aware_lr=True))
-        clients = [server.client() for _ in range(4)]
-        joined = [await c.join(f"w{i}", run.run_id, max_wait=0) for i, c in enumerate(clients)]
-        outcomes = await asyncio.gather(*(train(c, j.assignment, config) for c, j in zip(clients, joined, strict=True)))
-        for c in clients:
-            await c.close()
-        core = server.registry.get(run.run_id)
+        run_id, outcomes = await _train_all(server, _spec(-1, workers=4, staleness_aware_lr=True),
+                                            dataclasses.replace(CONFIG, overlap=overlap))
+        core = server.registry.get(run_id)
     assert all(o.completed for o in outcomes)
     c = core.counters
     assert c.pushes_applied == c.lr_scaled == 160
     assert 0.05 < c.lr_scale_sum / c.lr_scaled < 1.0  # four ranks: pushes missed 2, 3 (overlapping: ~6) updates
     assert outcomes[0].stats.final_accuracy is not None and outcomes[0].stats.final_accuracy > 0.6
+
+
+async def test_workers_follow_a_bound_changed_while_they_train(caplog: pytest.LogCaptureFixture) -> None:
+    """UpdateRun mid-run: each worker learns the new bound from its next answer and trains on to
+    completion under it (here from 1 to 4: its cache then skips pulls it could not skip before)."""
+    caplog.set_level(logging.INFO, logger="ps_worker")
+    async with InMemoryServer() as server:
+        async with server.client() as admin:
+            run = await admin.create_run(_spec(1, workers=2, iterations=60))
+            clients = [server.client() for _ in range(2)]
+            joined = [await c.join(f"w{i}", run.run_id, max_wait=0) for i, c in enumerate(clients)]
+            tasks = [asyncio.create_task(train(c, j.assignment, CONFIG)) for c, j in zip(clients, joined, strict=True)]
+            while (await admin.get_run(run.run_id)).min_clock < 10:
+                await asyncio.sleep(0.005)
+            skipped_before = server.registry.get(run.run_id).status().counters.pulls_skipped
+            await admin.update_run(run.run_id, staleness=4)
+            outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        for c in clients:
+            await c.close()
+        core = server.registry.get(run.run_id)
+    assert all(o.completed for o in outcomes), outcomes
+    assert core.counters.pushes_applied == 120 and core.spec.staleness == 4
+    learned = [r for r in caplog.records if "the run's staleness is now 4 (was 1)" in r.getMessage()]
+    assert len(learned) == 2  # each rank, once
+    assert core.status().counters.pulls_skipped > skipped_before
+
+
+async def test_workers_follow_the_run_s_staleness_schedule(caplog: pytest.LogCaptureFixture) -> None:
+    """s = 8 for the first 20% of the clocks, then 2 (``--staleness-schedule 20%=2``): the server
+    switches when the min clock reaches 12, each worker learns it, the run completes under it."""
+    caplog.set_level(logging.INFO, logger="ps_worker")
+    async with InMemoryServer() as server:
+        run_id, outcomes = await _train_all(server, _spec(8, workers=2, iterations=60, staleness_schedule="20%=2"))
+        core = server.registry.get(run_id)
+    assert all(o.completed for o in outcomes)
+    assert core.spec.staleness == 2 and core.counters.pushes_applied == 120
+    (event,) = [e for e in core.history.events if e.kind == "staleness"]
+    assert event.message == "staleness changed from 8 to 2 at min clock 12 (the run's schedule)"
+    assert len([r for r in caplog.records if "the run's staleness is now 2 (was 8)" in r.getMessage()]) == 2

@@ -239,7 +239,7 @@ class OptimizerSpec(_message.Message):
     def __init__(self, sgd: _Optional[_Union[SgdConfig, _Mapping]] = ..., momentum: _Optional[_Union[MomentumConfig, _Mapping]] = ..., adam: _Optional[_Union[AdamConfig, _Mapping]] = ..., adagrad: _Optional[_Union[AdagradConfig, _Mapping]] = ..., ftrl: _Optional[_Union[FtrlConfig, _Mapping]] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("name", "model_spec_json", "data_spec_json", "num_workers", "staleness", "optimizer", "aggregation", "iterations", "params", "seed", "batch_size", "eval_every", "slowdown", "requires", "compression", "staleness_aware_lr")
+    __slots__ = ("name", "model_spec_json", "data_spec_json", "num_workers", "staleness", "optimizer", "aggregation", "iterations", "params", "seed", "batch_size", "eval_every", "slowdown", "requires", "compression", "staleness_aware_lr", "staleness_schedule")
     class SlowdownEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -263,6 +263,7 @@ class RunSpec(_message.Message):
     REQUIRES_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     STALENESS_AWARE_LR_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_spec_json: str
     data_spec_json: str
@@ -279,7 +280,16 @@ class RunSpec(_message.Message):
     requires: _containers.RepeatedScalarFieldContainer[str]
     compression: Compression
     staleness_aware_lr: bool
-    def __init__(self, name: _Optional[str] = ..., model_spec_json: _Optional[str] = ..., data_spec_json: _Optional[str] = ..., num_workers: _Optional[int] = ..., staleness: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., iterations: _Optional[int] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., eval_every: _Optional[int] = ..., slowdown: _Optional[_Mapping[int, float]] = ..., requires: _Optional[_Iterable[str]] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ..., staleness_aware_lr: _Optional[bool] = ...) -> None: ...
+    staleness_schedule: _containers.RepeatedCompositeFieldContainer[StalenessStep]
+    def __init__(self, name: _Optional[str] = ..., model_spec_json: _Optional[str] = ..., data_spec_json: _Optional[str] = ..., num_workers: _Optional[int] = ..., staleness: _Optional[int] = ..., optimizer: _Optional[_Union[OptimizerSpec, _Mapping]] = ..., aggregation: _Optional[_Union[Aggregation, str]] = ..., iterations: _Optional[int] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., seed: _Optional[int] = ..., batch_size: _Optional[int] = ..., eval_every: _Optional[int] = ..., slowdown: _Optional[_Mapping[int, float]] = ..., requires: _Optional[_Iterable[str]] = ..., compression: _Optional[_Union[Compression, _Mapping]] = ..., staleness_aware_lr: _Optional[bool] = ..., staleness_schedule: _Optional[_Iterable[_Union[StalenessStep, _Mapping]]] = ...) -> None: ...
+
+class StalenessStep(_message.Message):
+    __slots__ = ("from_clock", "staleness")
+    FROM_CLOCK_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    from_clock: int
+    staleness: int
+    def __init__(self, from_clock: _Optional[int] = ..., staleness: _Optional[int] = ...) -> None: ...
 
 class Compression(_message.Message):
     __slots__ = ("dtype", "topk_ratio")
@@ -528,18 +538,20 @@ class PushGradientRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., final: _Optional[bool] = ..., loss: _Optional[float] = ..., then_pull: _Optional[_Union[PullParamsRequest, _Mapping]] = ..., param_version: _Optional[int] = ...) -> None: ...
 
 class PushGradientResponse(_message.Message):
-    __slots__ = ("clock", "duplicate", "min_clock", "run_state", "pulled")
+    __slots__ = ("clock", "duplicate", "min_clock", "run_state", "pulled", "staleness")
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     MIN_CLOCK_FIELD_NUMBER: _ClassVar[int]
     RUN_STATE_FIELD_NUMBER: _ClassVar[int]
     PULLED_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
     clock: int
     duplicate: bool
     min_clock: int
     run_state: RunState
     pulled: PullParamsResponse
-    def __init__(self, clock: _Optional[int] = ..., duplicate: _Optional[bool] = ..., min_clock: _Optional[int] = ..., run_state: _Optional[_Union[RunState, str]] = ..., pulled: _Optional[_Union[PullParamsResponse, _Mapping]] = ...) -> None: ...
+    staleness: int
+    def __init__(self, clock: _Optional[int] = ..., duplicate: _Optional[bool] = ..., min_clock: _Optional[int] = ..., run_state: _Optional[_Union[RunState, str]] = ..., pulled: _Optional[_Union[PullParamsResponse, _Mapping]] = ..., staleness: _Optional[int] = ...) -> None: ...
 
 class PullParamsRequest(_message.Message):
     __slots__ = ("run_id", "rank", "incarnation", "clock", "names", "max_wait", "rows", "since_version", "since_lineage")
@@ -572,7 +584,7 @@ class TableRows(_message.Message):
     def __init__(self, name: _Optional[str] = ..., row_ids: _Optional[bytes] = ...) -> None: ...
 
 class PullParamsResponse(_message.Message):
-    __slots__ = ("guaranteed_clock", "version", "tensors", "final", "run_state", "delta", "lineage")
+    __slots__ = ("guaranteed_clock", "version", "tensors", "final", "run_state", "delta", "lineage", "staleness")
     GUARANTEED_CLOCK_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
@@ -580,6 +592,7 @@ class PullParamsResponse(_message.Message):
     RUN_STATE_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
     guaranteed_clock: int
     version: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorChunk]
@@ -587,7 +600,8 @@ class PullParamsResponse(_message.Message):
     run_state: RunState
     delta: bool
     lineage: int
-    def __init__(self, guaranteed_clock: _Optional[int] = ..., version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., final: _Optional[bool] = ..., run_state: _Optional[_Union[RunState, str]] = ..., delta: _Optional[bool] = ..., lineage: _Optional[int] = ...) -> None: ...
+    staleness: int
+    def __init__(self, guaranteed_clock: _Optional[int] = ..., version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., final: _Optional[bool] = ..., run_state: _Optional[_Union[RunState, str]] = ..., delta: _Optional[bool] = ..., lineage: _Optional[int] = ..., staleness: _Optional[int] = ...) -> None: ...
 
 class CheckpointRunRequest(_message.Message):
     __slots__ = ("run_id",)
@@ -666,6 +680,20 @@ class StopRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class StopRunResponse(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: Run
+    def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ...) -> None: ...
+
+class UpdateRunRequest(_message.Message):
+    __slots__ = ("run_id", "staleness")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STALENESS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    staleness: int
+    def __init__(self, run_id: _Optional[str] = ..., staleness: _Optional[int] = ...) -> None: ...
+
+class UpdateRunResponse(_message.Message):
     __slots__ = ("run",)
     RUN_FIELD_NUMBER: _ClassVar[int]
     run: Run

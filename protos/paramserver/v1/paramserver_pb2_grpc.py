@@ -228,6 +228,11 @@ class RunServiceStub:
                 request_serializer=paramserver_dot_v1_dot_paramserver__pb2.StopRunRequest.SerializeToString,
                 response_deserializer=paramserver_dot_v1_dot_paramserver__pb2.StopRunResponse.FromString,
                 _registered_method=True)
+        self.UpdateRun = channel.unary_unary(
+                '/paramserver.v1.RunService/UpdateRun',
+                request_serializer=paramserver_dot_v1_dot_paramserver__pb2.UpdateRunRequest.SerializeToString,
+                response_deserializer=paramserver_dot_v1_dot_paramserver__pb2.UpdateRunResponse.FromString,
+                _registered_method=True)
         self.WatchRun = channel.unary_stream(
                 '/paramserver.v1.RunService/WatchRun',
                 request_serializer=paramserver_dot_v1_dot_paramserver__pb2.WatchRunRequest.SerializeToString,
@@ -298,6 +303,21 @@ class RunServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateRun(self, request, context):
+        """UpdateRun changes a running (or pending) run's staleness bound s at once: an event in the
+        run's history; parked pulls are re-evaluated against the new bound immediately. Each push's
+        and pull's answer says the bound in force (PushGradientResponse.staleness), and a worker
+        applies it from its next iteration. The exact rule: a rank's pull of iteration c is served
+        under the bound in force; its push of c is checked against the looser of the bound in force
+        and the bound its last answer told it (the one its c was computed under), so lowering s never
+        refuses an iteration a worker was computing, and from its next iteration on the new bound holds.
+        Errors: NOT_FOUND; INVALID_ARGUMENT (s < -1); FAILED_PRECONDITION (the run is finished; a switch
+        to or from 0, BSP, which holds each clock's gradients; a run over several servers).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchRun(self, request, context):
         """WatchRun streams a run's snapshot now, then on every change (at most every `interval`), and
         ends after the snapshot showing the run finished. Errors: NOT_FOUND.
@@ -349,6 +369,11 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.StopRun,
                     request_deserializer=paramserver_dot_v1_dot_paramserver__pb2.StopRunRequest.FromString,
                     response_serializer=paramserver_dot_v1_dot_paramserver__pb2.StopRunResponse.SerializeToString,
+            ),
+            'UpdateRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateRun,
+                    request_deserializer=paramserver_dot_v1_dot_paramserver__pb2.UpdateRunRequest.FromString,
+                    response_serializer=paramserver_dot_v1_dot_paramserver__pb2.UpdateRunResponse.SerializeToString,
             ),
             'WatchRun': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchRun,
@@ -505,6 +530,33 @@ class RunService:
             '/paramserver.v1.RunService/StopRun',
             paramserver_dot_v1_dot_paramserver__pb2.StopRunRequest.SerializeToString,
             paramserver_dot_v1_dot_paramserver__pb2.StopRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserver.v1.RunService/UpdateRun',
+            paramserver_dot_v1_dot_paramserver__pb2.UpdateRunRequest.SerializeToString,
+            paramserver_dot_v1_dot_paramserver__pb2.UpdateRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -256,6 +256,20 @@ class Trainer {
     }
   }
 
+  /**
+   * An answer says the run's staleness bound (PushGradientResponse.staleness: UpdateRun may change
+   * it while the run runs); it applies from the next iteration, to the cache as to everything.
+   */
+  learn(resp) {
+    if (resp.staleness === undefined || resp.staleness === null) return;
+    const s = Number(resp.staleness);
+    const now = s < 0 ? null : s;
+    if (now !== this.staleness) {
+      this.log.info(`the run's staleness is now ${now === null ? 'unbounded' : now}`);
+      this.staleness = now;
+    }
+  }
+
   /** One iteration at this.clock; returns the guaranteed clock of the parameters it used. */
   async step(params, guaranteed) {
     const evalEvery = Number(this.spec.eval_every);
@@ -278,6 +292,7 @@ class Trainer {
       () => this.plane.push(this.a.run_id, this.a.rank, this.a.incarnation, c, entries, loss),
       `push ${c}`,
     );
+    this.learn(resp);
     if (this.localSgdLr !== null && this.staleness) {
       const lr = this.localSgdLr;
       for (const s of this.specs) {

@@ -217,3 +217,17 @@ test('a retryable failure still resyncs via Heartbeat and rewinds when the serve
   await assert.rejects(t.call(() => Promise.reject(down), 'push 5'), (e) => e instanceof Rewind && e.clock === 2);
   assert.equal(client.heartbeats, 1);
 });
+
+test('an answer that says a new staleness bound changes the cache rule from the next iteration', () => {
+  const { t } = trainerAt(5);
+  t.staleness = 1;
+  t.learn({ clock: 6 }); // (an older server says nothing: unchanged)
+  assert.equal(t.staleness, 1);
+  assert.equal(t.cacheValid(3, 5), false); // 3 < 5 - 1
+  t.learn({ clock: 6, staleness: 4, _staleness: 'staleness' });
+  assert.equal(t.staleness, 4);
+  assert.equal(t.cacheValid(3, 5), true);
+  t.learn({ staleness: -1 });
+  assert.equal(t.staleness, null);
+  assert.match(t.log.lines.join('\n'), /staleness is now unbounded/);
+});
