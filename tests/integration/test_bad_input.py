@@ -413,6 +413,7 @@ async def test_unknown_run_is_not_found_everywhere(client: PsClient, live: Live)
         "PullParams(worker)": client.pull(nope, 0, live.incarnations[0], 1, max_wait=1.0),
         "GetRun": client.get_run(nope),
         "StopRun": client.stop_run(nope, "test"),
+        "UpdateRun": client.update_run(nope, staleness=2),
         "Heartbeat": client.heartbeat(nope, 0, live.incarnations[0], 1),
         "ReportMetrics": client.report_metrics(nope, 0, live.incarnations[0], [], 0),
         "Leave": client.leave(nope, 0, live.incarnations[0], pb.LEAVE_REASON_DONE),

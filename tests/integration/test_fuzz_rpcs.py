@@ -76,6 +76,7 @@ CALLS = st.one_of(
     st.tuples(st.just("WatchRun"), run_ids),
     st.tuples(st.just("StopRun"), st.sampled_from(["", "run-nope"]) | st.text(max_size=6)),
     st.tuples(st.just("CheckpointRun"), run_ids),
+    st.tuples(st.just("UpdateRun"), st.tuples(run_ids, st.none() | st.integers(-(2**31), 2**31 - 1))),
     st.tuples(st.just("Join"), st.tuples(st.text(max_size=6), run_ids, durations)),
     st.tuples(st.just("Heartbeat"), st.tuples(run_ids, ranks, incarnations, clocks)),
     st.tuples(st.just("ReportMetrics"), st.tuples(run_ids, ranks, incarnations, points, st.integers(0, U64))),
@@ -126,6 +127,8 @@ async def _call(client: Stubs, name: str, args: Any, run: pb.Run, incs: dict[int
             call.cancel()
         elif name == "StopRun":
             await client.runs.StopRun(pb.StopRunRequest(run_id=args), timeout=10)
+        elif name == "UpdateRun":
+            await client.runs.UpdateRun(pb.UpdateRunRequest(run_id=rid(args[0]), staleness=args[1]), timeout=10)
         elif name == "CheckpointRun":
             await client.runs.CheckpointRun(pb.CheckpointRunRequest(run_id=rid(args)), timeout=10)
         elif name == "Join":
