@@ -36,8 +36,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client.cli import parse_staleness  # noqa: E402
-from client.spec import LaunchOptions, build_run_spec  # noqa: E402
+from client.spec import (  # noqa: E402
+    LaunchOptions,
+    build_run_spec,
+    parse_staleness,  # noqa: E402
+)
 from paramserver.client import PsClient  # noqa: E402
 
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}

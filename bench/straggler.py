@@ -74,8 +74,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "protos")]
 
-from client.cli import parse_staleness  # noqa: E402
-from client.spec import LaunchOptions, build_run_spec  # noqa: E402
+from client.spec import (  # noqa: E402
+    LaunchOptions,
+    build_run_spec,
+    parse_staleness,  # noqa: E402
+)
 from paramserver.client import PsClient  # noqa: E402
 from paramserver.v1 import paramserver_pb2 as pb  # noqa: E402
 from worker.datasets import load_dataset  # noqa: E402

@@ -27,7 +27,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 
 from . import facts, render
 from .launch import launch_run
-from .spec import STALENESS_FORMS, LaunchOptions, parse_staleness, security_from_env  # noqa: F401 (psctl's API)
+from .spec import LaunchOptions, parse_staleness, security_from_env
 
 __all__ = ["app"]
 

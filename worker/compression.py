@@ -56,9 +56,9 @@ class PushCodec:
             else:
                 acc += flat
             picked = compress.top_k(acc, compress.k_of(self.ratio, flat.size))
-            values = compress.encode(acc[picked], self.dtype)
-            sent = acc[picked] if self.dtype == pb.DATA_TYPE_FLOAT32 else self._decoded(values)
-            acc[picked] -= sent  # the rounding stays too
+            chosen = acc[picked]
+            values = compress.encode(chosen, self.dtype)
+            acc[picked] -= chosen if self.dtype == pb.DATA_TYPE_FLOAT32 else self._decoded(values)  # the rounding too
             out[name] = wire.CodedPart(values, self.dtype, g.shape, picked)
             self.sent[name] = (picked, values)
         return out

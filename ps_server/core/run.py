@@ -244,10 +244,8 @@ class Run:
     def _push_spec(self, slot: Slot) -> RunSpec:
         """The spec a push is checked against: the looser of the bound in force and the bound the
         rank was last told (its gradient was computed under that one: ``set_staleness``)."""
-        told, now = slot.told, self.spec.staleness
-        if told is None or told == now or now == UNBOUNDED or (told != UNBOUNDED and told < now):
-            return self.spec
-        return replace(self.spec, staleness=told)
+        bound = self.spec.staleness if slot.told is None else ssp.looser(self.spec.staleness, slot.told)
+        return self.spec if bound == self.spec.staleness else replace(self.spec, staleness=bound)
 
     def resume_schedule(self) -> None:
         """After a restore: the schedule's steps the min clock had reached were applied before the

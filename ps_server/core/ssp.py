@@ -14,11 +14,16 @@ from __future__ import annotations
 
 from .clock import Slot, VectorClock
 from .errors import FailedPrecondition, OutOfRange, Reason, WaitTimeout, listed
-from .spec import RunSpec
+from .spec import UNBOUNDED, RunSpec
 
-__all__ = ["check_pull", "check_push", "needed", "pull_ready", "wait_timeout", "waiting_for"]
+__all__ = ["check_pull", "check_push", "looser", "needed", "pull_ready", "wait_timeout", "waiting_for"]
 
 _SENTENCES = 5  # waiting ranks described one by one in ``waiting_for``; the others are counted
+
+
+def looser(a: int, b: int) -> int:
+    """The looser of two bounds (-1, unbounded, is the loosest)."""
+    return UNBOUNDED if UNBOUNDED in (a, b) else max(a, b)
 
 
 def needed(spec: RunSpec, clock: int) -> int | None:
