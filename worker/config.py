@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from paramserver.security import Security, read_token
 from paramserver.settings import LOG_LEVELS, Parser, opt, parse_dataclass
 
-__all__ = ["WorkerConfig", "parse_config"]
+__all__ = ["WorkerConfig", "parse_config", "parse_tail_delay"]
 
 
 
@@ -30,6 +30,9 @@ class WorkerConfig:
     idle_exit_seconds: float = opt(0.0, "Exit when no work came for this long; 0 = wait forever.")
     slowdown: float = opt(1.0, "Straggler injection: each iteration takes this many times its own work (the median "
                           "computation plus its pulls and pushes that did not wait for other ranks); 1 = normal.")
+    tail_delay: str = opt("", "Transient delays for experiments, as on a shared cluster: 'P:FACTOR' makes each "
+                          "iteration FACTOR times as long with probability P (e.g. 0.05:10), drawn from the run's "
+                          "seed and the rank; '' = none.")
     report_seconds: float = opt(0.5, "How often training metrics are reported to the server.")
     max_message_bytes: int = opt(64 << 20, "Largest gRPC message sent or received.")
     data_plane: bool = opt(True, "Push and pull over the server's TCP data plane when it offers one (else gRPC); "
@@ -64,6 +67,20 @@ class WorkerConfig:
 
 
 
+def parse_tail_delay(text: str) -> tuple[float, float]:
+    """'0.05:10' -> (0.05, 10.0); '' -> (0.0, 1.0): no delays."""
+    if not text:
+        return 0.0, 1.0
+    p, _, factor = text.partition(":")
+    try:
+        prob, times = float(p), float(factor)
+    except ValueError:
+        prob, times = -1.0, 0.0
+    if not (0.0 <= prob <= 1.0 and 1.0 <= times < 1e6):
+        raise ValueError(f"--tail-delay {text!r}: use P:FACTOR with P in [0, 1] and FACTOR >= 1, e.g. 0.05:10")
+    return prob, times
+
+
 def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> WorkerConfig:
     env = os.environ if env is None else env
     parser = Parser(
@@ -75,6 +92,10 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     config = parse_dataclass(WorkerConfig, parser, argv or [], env, WorkerConfig.env_name)
     if config.slowdown < 1.0:
         parser.error(f"--slowdown {config.slowdown}: use a factor >= 1 (1 = normal speed)")
+    try:
+        parse_tail_delay(config.tail_delay)
+    except ValueError as e:
+        parser.error(str(e))
     if ":" not in config.server:
         parser.error(f"--server {config.server!r}: use HOST:PORT")
     for name, low, positive in (("timeout_seconds", 0, True), ("report_seconds", 0, True),

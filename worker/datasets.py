@@ -34,6 +34,10 @@ same arrays. CLI forms (:func:`parse_dataset`) and defaults:
   ``#`` comments, ``qid:`` ignored), as public CTR sets ship. Labels 0/1 or -1/+1 (mapped to 0/1);
   ids are the indices as written (no shift); split with ``test_fraction``/``seed``. ``n_features``
   is the number of columns (largest index + 1).
+* ``synthetic-ratings[:users=2000,items=2000,rank=8,density=0.05,noise=0.1,seed=0,test_fraction=0.1]``
+  -- a rating matrix of planted rank and noise for matrix factorisation (``mf:K``), ``task ==
+  "ratings"``: ``X`` int64 (user, item) pairs, ``y`` float32, ``n_features``/``n_outputs`` the
+  numbers of users/items; the best reachable test RMSE is ``extras["planted_rmse"]`` (``worker.ratings``).
 
 Invariants: for dense kinds ``X`` is float32 C-contiguous ``(n, n_features)`` and ``y`` int64 labels
 or float32 targets; for ``task == "ctr"`` (synthetic-ctr, libsvm) ``X`` is a
@@ -63,6 +67,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from worker import ratings
 from worker.metrics import log_loss, roc_auc, sigmoid
 from worker.sparse import SparseBatch
 
@@ -74,7 +79,8 @@ _FORMS = (
     "'synthetic-classification[:samples=10000,features=784,classes=10,separation=5.0,seed=0,test_fraction=0.2]'; "
     "'npz:PATH[,test_fraction=0.2,seed=0]'; "
     "'synthetic-ctr[:samples=100000,fields=8,ids_per_field=1000,zipf=1.1,factors=4,seed=0,test_fraction=0.2]'; "
-    "'libsvm:PATH[,test_fraction=0.2,seed=0]'"
+    "'libsvm:PATH[,test_fraction=0.2,seed=0]'; "
+    "'synthetic-ratings[:users=2000,items=2000,rank=8,density=0.05,noise=0.1,seed=0,test_fraction=0.1]'"
 )
 
 # kind -> {key: default}; the type of each default is the type the key must have.
@@ -92,11 +98,12 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "test_fraction": 0.2,
     },
     "libsvm": {"path": "", "test_fraction": 0.2, "seed": 0},
+    "synthetic-ratings": ratings.DEFAULTS,
 }
 _FILE_KINDS = ("npz", "libsvm")  # 'kind:PATH[,options]'; memoised on the file's size and mtime
 _ALIASES = {"synthetic-ctr": {"rows": "samples"}}  # kind -> {alias: canonical key}
 _MINIMUM = {"samples": 2, "features": 1, "outputs": 1, "classes": 2, "seed": 0, "fields": 1, "ids_per_field": 1,
-            "factors": 1}
+            "factors": 1, "users": 1, "items": 1, "rank": 1}
 _MAXIMUM = {"fields": 2**32, "ids_per_field": 2**32}  # exclusive: a raw CTR id is (field << 32) | k
 
 
@@ -109,7 +116,7 @@ class Dataset:
     """A train/test split. Arrays are read-only and may be shared between callers."""
 
     name: str
-    task: str  # "classification" | "regression" | "ctr"
+    task: str  # "classification" | "regression" | "ctr" | "ratings"
     # float32 (n, n_features) array, or a SparseBatch exactly when task == "ctr". Typed Any, not the
     # union, until every reader (trainer, export_shard) branches on the task.
     X_train: Any
@@ -249,6 +256,12 @@ def _load_cached(key: str, stamp: str) -> Dataset:
         return _synthetic_ctr(spec)
     if kind == "libsvm":
         return _libsvm(spec)
+    if kind == "synthetic-ratings":
+        try:
+            X_tr, y_tr, X_te, y_te, extras = ratings.synthetic_ratings(spec)
+        except ValueError as e:
+            raise DatasetError(str(e)) from None
+        return Dataset("synthetic-ratings", "ratings", X_tr, y_tr, X_te, y_te, spec["users"], spec["items"], extras)
     return _npz(spec)
 
 

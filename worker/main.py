@@ -35,7 +35,7 @@ __all__ = ["ending", "main", "work"]
 
 log = logging.getLogger("ps_worker")
 
-CAPABILITIES = ("tables", "compression", "model:linear", "model:softmax", "model:mlp", "model:logistic", "model:fm")
+CAPABILITIES = ("tables", "compression", "model:linear", "model:softmax", "model:mlp", "model:logistic", "model:fm", "model:mf")
 """What this worker says it can train at Join (``RunSpec.requires``): every model here, tables and
 compressed runs too."""
 

@@ -1,8 +1,11 @@
-"""Straggler injection for experiments (``ps-worker --slowdown``, ``psctl launch --slowdown RANK=FACTOR``)."""
+"""Straggler injection for experiments (``ps-worker --slowdown``, ``psctl launch --slowdown RANK=FACTOR``)
+and transient delays (``ps-worker --tail-delay P:FACTOR``)."""
 
 from __future__ import annotations
 
 import collections
+
+import numpy as np
 
 __all__ = ["Straggler"]
 
@@ -21,14 +24,21 @@ class Straggler:
     at most one iteration's delay and at least 2 ms; a longer stall - the process was descheduled -
     is forgiven). Delays too short to sleep accumulate. So over a few iterations the rank runs
     ``factor`` times slower, neither faster nor slower as the timer and the scheduler happen to round.
+
+    Transient delays (``tail``: (p, factor)), as on a shared cluster: besides, each iteration is made
+    ``factor`` times as long with probability ``p``, drawn from ``rng`` (seeded by the caller:
+    the same run and rank delay the same iterations).
     """
 
     WINDOW = 64
     MIN_SLEEP = 0.001
     """Sleep once at least this much is owed (a shorter sleep would take the timer's 1 ms anyway)."""
 
-    def __init__(self, factor: float) -> None:
+    def __init__(self, factor: float, tail: tuple[float, float] = (0.0, 1.0),
+                 rng: np.random.Generator | None = None) -> None:
         self.factor = factor
+        self.tail_p, self.tail_factor = tail
+        self._rng = rng or np.random.default_rng()
         self._compute: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
         self._comm: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
         self._comm_parked: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
@@ -48,7 +58,10 @@ class Straggler:
         include waiting for other ranks); returns how long to sleep now (0: not yet)."""
         self._compute.append(compute)
         (self._comm_parked if parked else self._comm).append(comm)
-        delay = (self.factor - 1.0) * self.work()
+        work = self.work()
+        delay = (self.factor - 1.0) * work
+        if self.tail_p and self._rng.random() < self.tail_p:
+            delay += (self.tail_factor - 1.0) * work
         self._debt = max(self._debt, -max(delay, 0.002)) + delay
         return self._debt if self._debt >= self.MIN_SLEEP else 0.0
 

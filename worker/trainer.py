@@ -46,7 +46,7 @@ from paramserver.tcp_transport import SETTLE
 from paramserver.v1 import paramserver_pb2 as pb
 
 from .compression import PushCodec
-from .config import WorkerConfig
+from .config import WorkerConfig, parse_tail_delay
 from .datasets import DatasetError, load_dataset
 from .models import EvalResult, ModelSpecError, build_model
 from .sampling import BatchSampler, shard_indices
@@ -135,7 +135,9 @@ class _Trainer:
         # Training points as (clock, time, loss, samples, step seconds): a report keeps ~20 of
         # the hundreds recorded between two reports, so only those become MetricPoints.
         self._train_points: list[tuple[int, float, float, int, float]] = []
-        self._straggler = Straggler(self.slowdown) if self.slowdown > 1.0 else None
+        tail = parse_tail_delay(config.tail_delay)
+        self._straggler = Straggler(self.slowdown, tail, np.random.default_rng([self.spec.seed, a.rank, 19])) \
+            if self.slowdown > 1.0 or tail[0] else None
         self._min_clock = 0  # the run's min clock as the last push's answer said
         self._prefetched: int | None = None  # guaranteed clock of parameters pulled with the last push
         self._ahead: tuple[tuple[float, dict[str, np.ndarray], int, float], int | None] | None = None

@@ -3,7 +3,8 @@
 
 Models: :class:`LinearRegression` (seed formulas 1-3), :class:`SoftmaxRegression` (``linear``),
 :class:`MLP` (formulas 4-8 with a softmax cross-entropy output, ``mlp``), and the CTR models over an
-embedding table, :class:`LogisticRegression` and :class:`FactorizationMachine` (``ctr``). Build them
+embedding table, :class:`LogisticRegression` and :class:`FactorizationMachine` (``ctr``), and
+:class:`MatrixFactorization` over user and item tables (``mf``). Build them
 from a spec with :func:`parse_model` (CLI text -> spec) and :func:`build_model`.
 """
 
@@ -25,6 +26,7 @@ from .base import (
 )
 from .ctr import DEFAULT_ROWS, MAX_ROWS, FactorizationMachine, LogisticRegression
 from .linear import LinearRegression, SoftmaxRegression
+from .mf import MatrixFactorization
 from .mlp import MLP
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "FactorizationMachine",
     "LinearRegression",
     "LogisticRegression",
+    "MatrixFactorization",
     "Model",
     "ModelSpecError",
     "ParamSpec",
@@ -50,7 +53,8 @@ def parse_model(text: str) -> dict[str, Any]:
     ``"linear"`` -> ``{"kind": "linear"}``; ``"softmax"`` -> ``{"kind": "softmax"}``;
     ``"mlp:128,64[:tanh]"`` -> ``{"kind": "mlp", "hidden": [128, 64], "activation": "tanh"}``
     (activation defaults to relu); ``"logistic[:rows=N]"`` -> ``{"kind": "logistic", "rows": N}``;
-    ``"fm:K[:rows=N]"`` -> ``{"kind": "fm", "factors": K, "rows": N}`` (rows default 2**20).
+    ``"fm:K[:rows=N]"`` -> ``{"kind": "fm", "factors": K, "rows": N}`` (rows default 2**20);
+    ``"mf:K[:reg=L]"`` -> ``{"kind": "mf", "factors": K, "reg": L}`` (reg default 0).
     Raises :class:`ModelSpecError` listing the accepted forms.
     """
     parts = text.strip().split(":")
@@ -78,7 +82,33 @@ def parse_model(text: str) -> dict[str, Any]:
         spec = {"kind": "fm", "factors": factors, "rows": _parse_rows(parts[2:], text)}
         _validate_ctr(spec)
         return spec
+    if kind == "mf" and len(parts) in (2, 3):
+        spec = {"kind": "mf", "factors": _int_option(parts[1], "factor count", text), "reg": 0.0}
+        if len(parts) == 3:
+            key, _, value = parts[2].partition("=")
+            if key.strip().lower() != "reg":
+                raise ModelSpecError(f"expected 'reg=L' in model {text!r}, got {parts[2]!r}; {_MODEL_FORMS}")
+            try:
+                spec["reg"] = float(value)
+            except ValueError:
+                raise ModelSpecError(f"bad regularisation {value!r} in model {text!r}; {_MODEL_FORMS}") from None
+        _validate_mf(spec)
+        return spec
     raise ModelSpecError(f"cannot parse model {text!r}; {_MODEL_FORMS}")
+
+
+def _int_option(value: str, what: str, text: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ModelSpecError(f"bad {what} {value!r} in model {text!r}; {_MODEL_FORMS}") from None
+
+
+def _validate_mf(spec: Mapping[str, Any]) -> None:
+    unknown = set(spec) - {"kind", "factors", "reg"}
+    if unknown:
+        raise ModelSpecError(f"unknown mf spec keys {sorted(unknown)}; allowed: factors, kind, reg")
+    MatrixFactorization(spec.get("factors"), 1, 1, spec.get("reg", 0.0))  # type: ignore[arg-type]  # checks them
 
 
 def _parse_rows(rest: list[str], text: str) -> int:
@@ -127,7 +157,8 @@ def _validate_ctr(spec: Mapping[str, Any]) -> None:
 def build_model(spec: Mapping[str, Any], n_features: int, n_outputs: int) -> Model:
     """Build the model described by ``spec`` for data with ``n_features`` inputs.
 
-    ``n_outputs`` is the number of classes (softmax, mlp) or regression outputs (linear); the CTR
+    ``n_outputs`` is the number of classes (softmax, mlp) or regression outputs (linear); ``mf``
+    takes a ratings dataset's users and items as ``n_features`` and ``n_outputs``; the CTR
     models (logistic, fm) ignore both, their inputs being hashed into a table of ``rows`` rows.
     Checking that ``model.task`` matches the dataset's task is the caller's job.
     Raises :class:`ModelSpecError` naming what to fix.
@@ -150,4 +181,7 @@ def build_model(spec: Mapping[str, Any], n_features: int, n_outputs: int) -> Mod
     if kind == "fm":
         _validate_ctr(spec)
         return FactorizationMachine(spec["factors"], spec.get("rows", DEFAULT_ROWS))
+    if kind == "mf":
+        _validate_mf(spec)
+        return MatrixFactorization(spec["factors"], n_features, n_outputs, spec.get("reg", 0.0))
     raise ModelSpecError(f"unknown model kind {kind!r}; {_MODEL_FORMS}")

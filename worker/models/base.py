@@ -61,7 +61,8 @@ _INITS = ("zeros", "normal", "uniform")
 _MODEL_FORMS = (
     "accepted model forms: 'linear', 'softmax', 'mlp:H1[,H2,...][:ACTIVATION]' "
     "(e.g. 'mlp:64', 'mlp:128,64', 'mlp:64:tanh'; activations: relu, tanh, sigmoid), "
-    "'logistic[:rows=N]', 'fm:K[:rows=N]' (e.g. 'logistic:rows=65536', 'fm:16'; rows default 2**20)"
+    "'logistic[:rows=N]', 'fm:K[:rows=N]' (e.g. 'logistic:rows=65536', 'fm:16'; rows default 2**20), "
+    "'mf:K[:reg=L]' (matrix factorisation of a ratings dataset, e.g. 'mf:8', 'mf:8:reg=0.01')"
 )
 
 
