@@ -48,6 +48,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "protos"), str(ROOT / "bench")]
 
@@ -192,6 +194,116 @@ async def main_async(args: argparse.Namespace) -> int:
     return 0
 
 
+# ================================================================================= report
+def summarise(runs: list[dict[str, Any]]) -> dict[tuple[int, str], dict[str, dict[str, Any]]]:
+    """(workers, pattern) -> setting -> median time/clock to target over repeats, ranges, final."""
+    cells: dict[tuple[int, str], dict[str, dict[str, Any]]] = {}
+    for r in runs:
+        cells.setdefault((r["workers"], r["pattern"]), {}).setdefault(r["setting"], {"runs": []})["runs"].append(r)
+    for by_setting in cells.values():
+        for cell in by_setting.values():
+            rs = cell["runs"]
+            times = [r["time_to_target"] if r["time_to_target"] is not None else float("inf") for r in rs]
+            cell["time"] = statistics.median(times)
+            cell["times"] = times
+            clocks = [r["clock_to_target"] for r in rs if r["clock_to_target"] is not None]
+            cell["clock"] = statistics.median(clocks) if clocks else None
+            finals = [r["final"] for r in rs if r["final"] is not None and r["state"] == "completed"]
+            cell["final"] = statistics.median(finals) if finals else None
+            cell["failed"] = sum(r["state"] != "completed" for r in rs)
+            cell["stale"] = statistics.median(r["stale_mean"] for r in rs)
+    return cells
+
+
+def winner(by_setting: dict[str, dict[str, Any]]) -> tuple[str, float]:
+    """The setting with the least median time to target, and the runner-up's time over it."""
+    ranked = sorted(by_setting, key=lambda k: by_setting[k]["time"])
+    best = by_setting[ranked[0]]["time"]
+    second = by_setting[ranked[1]]["time"] if len(ranked) > 1 else float("inf")
+    return ranked[0], second / best if best > 0 else float("inf")
+
+
+def markdown(workload: str, cells: dict[tuple[int, str], dict[str, dict[str, Any]]]) -> str:
+    w = WORKLOADS[workload]
+    names = [label(s, a) for s, a in SETTINGS]
+    lines = [f"Time to {w['objective']} {'<=' if w['lower_is_better'] else '>='} {w['target']} (s, median over "
+             "repeats [range]; '-' never reached, 'x' diverged/failed), the winner in bold; last column: the "
+             "winner's rank-0 clock at the target and the final objective.", "",
+             "| W | pattern | " + " | ".join(names) + " | winner: clock, final |",
+             "|---|---|" + "---|" * (len(names) + 1)]
+    for (workers, pattern), by_setting in sorted(cells.items(), key=lambda kv: (kv[0][0], PATTERN_ORDER.index(kv[0][1]))):
+        best, _ = winner(by_setting)
+        row = []
+        for n in names:
+            cell = by_setting.get(n)
+            if cell is None:
+                row.append("")
+                continue
+            finite = [t for t in cell["times"] if t != float("inf")]
+            text = ("x" if cell["failed"] == len(cell["times"]) else "-") if not finite else f"{cell['time']:.1f}"
+            if len(finite) > 1:
+                text += f" [{min(finite):.1f}-{max(finite):.1f}]"
+            row.append(f"**{text}**" if n == best and finite else text)
+        b = by_setting[best]
+        final = "-" if b["final"] is None else f"{b['final']:.3f}"
+        lines.append(f"| {workers} | {pattern} | " + " | ".join(row) + f" | {b['clock']}, {final} |")
+    return "\n".join(lines)
+
+
+PATTERN_ORDER = ["none", "straggler", "tail"]
+
+
+def heat_map(panels: list[tuple[str, dict[tuple[int, str], dict[str, dict[str, Any]]]]], path: Path, note: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    names = [label(s, a) for s, a in SETTINGS]
+    colours = ["#d62728", "#ff7f0e", "#bcbd22", "#2ca02c", "#17becf", "#1f77b4", "#9edae5", "#aec7e8"]
+    fig = Figure(figsize=(5.2 * len(panels), 4.6))
+    FigureCanvasAgg(fig)
+    for i, (workload, cells) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        sizes = sorted({w for w, _ in cells})
+        patterns = [p for p in PATTERN_ORDER if any(q == p for _, q in cells)]
+        grid = np.full((len(sizes), len(patterns)), np.nan)
+        for (w, p), by_setting in cells.items():
+            best, margin = winner(by_setting)
+            y, x = sizes.index(w), patterns.index(p)
+            t = by_setting[best]["time"]
+            if t == float("inf"):
+                ax.text(x, y, "none\nreached", ha="center", va="center", fontsize=8)
+                continue
+            grid[y, x] = names.index(best)
+            ax.text(x, y, f"{best}\n{t:.1f} s\nnext +{(margin - 1) * 100:.0f}%" if margin != float("inf") else
+                    f"{best}\n{t:.1f} s", ha="center", va="center", fontsize=8)
+        ax.imshow(grid, cmap=ListedColormap(colours), vmin=-0.5, vmax=len(names) - 0.5, aspect="auto")
+        ax.set_xticks(range(len(patterns)), [{"none": "none", "straggler": "one 3x straggler",
+                                              "tail": "10x w.p. 0.05"}[p] for p in patterns])
+        ax.set_yticks(range(len(sizes)), [f"{w} workers" for w in sizes])
+        w = WORKLOADS[workload]
+        ax.set_title(f"{workload}: fastest to {w['objective']} {'<=' if w['lower_is_better'] else '>='} {w['target']}",
+                     fontsize=10)
+    fig.suptitle(note, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report(paths: list[Path], png: Path) -> None:
+    panels = []
+    for path in paths:
+        raw = json.loads(path.read_text())
+        workload = next(k for k, v in WORKLOADS.items() if v["model"] == raw["workload"]["model"])
+        cells = summarise(raw["runs"])
+        panels.append((workload, cells))
+        print(f"### {workload} ({raw['machine']['date']}, commit {raw['machine']['commit']}, {raw['pushes']} pushes "
+              f"per run)\n\n{markdown(workload, cells)}\n")
+    info = json.loads(paths[0].read_text())["machine"]
+    heat_map(panels, png, f"winner per cluster size and step-time pattern (median time to target); "
+             f"{info['nproc']} cores, {info['date']}")
+    print(f"heat map: {png}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="mf")
@@ -201,7 +313,13 @@ def main() -> int:
     ap.add_argument("--pushes", type=int, default=6000, help="pushes per run, split over the ranks")
     ap.add_argument("--json", default="", help="raw results (default bench/out/staleness-WORKLOAD.json)")
     ap.add_argument("--resume", action="store_true", help="keep the runs already in the raw file, do the others")
-    return asyncio.run(main_async(ap.parse_args()))
+    ap.add_argument("--report", nargs="+", metavar="RAW.json", help="no runs: tables and the heat map from raw files")
+    ap.add_argument("--png", default=str(ROOT / "bench" / "staleness.png"))
+    args = ap.parse_args()
+    if args.report:
+        report([Path(p) for p in args.report], Path(args.png))
+        return 0
+    return asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":
