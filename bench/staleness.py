@@ -22,8 +22,9 @@ real computation, seeded by the run's seed (the repeat) and the rank:
 * ``tail``: every rank's iteration is 10x as long with probability 0.05 (``ps-worker --tail-delay
   0.05:10``), as on a shared cluster.
 
-Settings: staleness 0 (BSP; aggregation "sum", Petuum's additive updates: a clock moves the
-parameters as far as W pushes of SSP do), 1, 2, 4, 8 and unbounded, and with the staleness-aware
+Settings: staleness 0 (BSP) with aggregation "sum" (``s=0``: Petuum's additive updates, a clock
+moves the parameters as far as W pushes of SSP do) and "mean" (``s=0 mean``: large-batch SGD, one
+step of lr per clock), 1, 2, 4, 8 and unbounded, and with the staleness-aware
 learning rate (``RunSpec.staleness_aware_lr``: each push's step divided by its staleness) at 8 and
 unbounded. Processes: one ps-server, and per (workers, pattern) group W generic ps-workers that take
 every run of the group (no start-up inside a run); settings are interleaved within each repeat.
@@ -65,8 +66,9 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "mlp": {"model": "mlp:64", "dataset": "digits", "lr": 0.1, "target": 0.95, "objective": "test accuracy",
             "lower_is_better": False},
 }
-SETTINGS = [("0", False), ("1", False), ("2", False), ("4", False), ("8", False), ("inf", False),
-            ("8", True), ("inf", True)]
+SETTINGS = [("0", False), ("0 mean", False), ("1", False), ("2", False), ("4", False), ("8", False),
+            ("inf", False), ("8", True), ("inf", True)]
+"""(staleness, staleness-aware lr); "0" is BSP with aggregation sum, "0 mean" with mean."""
 TAIL = "0.05:10"
 SLOW_FACTOR = 3.0
 
@@ -147,7 +149,7 @@ def options(workload: str, workers: int, pattern: str, s: str, salr: bool, pushe
     iterations = max(1, pushes // workers)
     return LaunchOptions(model=w["model"], dataset=w["dataset"], workers=workers, optimizer="sgd", lr=w["lr"],
                          iterations=iterations, batch_size=32, seed=rep, eval_every=max(1, iterations // 40),
-                         staleness=-1 if s == "inf" else int(s), aggregation="sum" if s == "0" else "mean",
+                         staleness=-1 if s == "inf" else int(s.split()[0]), aggregation="sum" if s == "0" else "mean",
                          slowdown=((workers - 1, SLOW_FACTOR),) if pattern == "straggler" else (),
                          staleness_aware_lr=salr, name=f"staleness {workload} W={workers} {pattern} {label(s, salr)} #{rep}")
 
@@ -259,7 +261,7 @@ def heat_map(panels: list[tuple[str, dict[tuple[int, str], dict[str, dict[str, A
     from matplotlib.figure import Figure
 
     names = [label(s, a) for s, a in SETTINGS]
-    colours = ["#d62728", "#ff7f0e", "#bcbd22", "#2ca02c", "#17becf", "#1f77b4", "#9edae5", "#aec7e8"]
+    colours = ["#d62728", "#e377c2", "#ff7f0e", "#bcbd22", "#2ca02c", "#17becf", "#1f77b4", "#9edae5", "#aec7e8"]
     fig = Figure(figsize=(5.2 * len(panels), 4.6))
     FigureCanvasAgg(fig)
     for i, (workload, cells) in enumerate(panels):

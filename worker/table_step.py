@@ -49,6 +49,7 @@ class Loop(Protocol):
     plane: PsClient | Shards
     clock: int
     staleness: int
+    min_clock: int
     local_sgd_lr: float | None
     run_state: int
     stats: Any
@@ -102,7 +103,8 @@ class TableStep:
         t0 = time.perf_counter()
         c = t.clock
         X, y, needed = self._batch(c)
-        comm = 0.0
+        comm, s = 0.0, t.staleness
+        parked = False  # were its pulls parked waiting for other ranks (a straggler's work leaves that out)?
         if self.prefetched is not None and self.prefetched[0] == c:
             _, guaranteed, pulled = self.prefetched
         else:
@@ -116,6 +118,7 @@ class TableStep:
                 guaranteed, pulled = res.guaranteed_clock, res.rows
                 self.dense_clock = guaranteed
                 comm = time.perf_counter() - t0
+                parked = s >= 0 and t.min_clock < c - s  # the min clock the last answer said
             else:
                 guaranteed, pulled = self.dense_clock, {}
                 t.stats.pulls_skipped += 1
@@ -156,6 +159,7 @@ class TableStep:
             t.stats.pulls += 1
             self.dense_clock = res.guaranteed_clock
             self.prefetched = (c + 1, res.guaranteed_clock, res.rows)
+            parked = parked or (s >= 0 and resp.min_clock < c + 1 - s)  # the min clock right after the push
         else:
             resp = await t.call(lambda: t.plane.push(t.a.run_id, t.a.rank, t.a.incarnation, c, wire_grads, loss),
                                 f"push {c}")
@@ -164,7 +168,7 @@ class TableStep:
                     if not isinstance(g, RowBlock):
                         params[name] -= np.float32(t.local_sgd_lr) * g
         comm += time.perf_counter() - t_push
-        await t.advance(resp, c, loss, len(y), t0, t_compute, comm, parked=False)
+        await t.advance(resp, c, loss, len(y), t0, t_compute, comm, parked)
         return guaranteed
 
     async def evaluate(self, clock: int, final: bool) -> EvalResult:

@@ -138,7 +138,7 @@ class _Trainer:
         tail = parse_tail_delay(config.tail_delay)
         self._straggler = Straggler(self.slowdown, tail, np.random.default_rng([self.spec.seed, a.rank, 19])) \
             if self.slowdown > 1.0 or tail[0] else None
-        self._min_clock = 0  # the run's min clock as the last push's answer said
+        self.min_clock = 0  # the run's min clock as the last push's answer said
         self._prefetched: int | None = None  # guaranteed clock of parameters pulled with the last push
         self._ahead: tuple[tuple[float, dict[str, np.ndarray], int, float], int | None] | None = None
         """--overlap: the next gradient (``gradient``'s answer) and the version it was computed on."""
@@ -279,7 +279,7 @@ class _Trainer:
             self.stats.pulls_skipped += 1
         else:
             guaranteed = await self.pull(c, params)
-            comm, parked = time.perf_counter() - t0, s >= 0 and self._min_clock < c - s
+            comm, parked = time.perf_counter() - t0, s >= 0 and self.min_clock < c - s
         if self.a.rank == 0 and eval_every and c % eval_every == 0 and c:
             self.evaluate(params, c)
             await self.report()  # show it now, not after the next (maybe long) wait
@@ -378,7 +378,7 @@ class _Trainer:
                       t_compute: float, comm: float, parked: bool) -> None:
         """After the push of clock ``c``: the new clock, statistics, the straggler's delay, a report."""
         self.clock = resp.clock
-        self._min_clock = resp.min_clock
+        self.min_clock = resp.min_clock
         self.run_state = resp.run_state
         if resp.HasField("staleness"):
             self._learn(resp.staleness)

@@ -164,3 +164,35 @@ def test_tail_delays_are_seeded_and_as_frequent_as_asked() -> None:
     delayed = [x for x in a if x > 0]
     assert all(x == pytest.approx(0.018) for x in delayed)
     assert 0.07 < len(delayed) / len(a) < 0.13
+
+
+async def test_a_table_run_tells_a_straggler_which_iterations_waited(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delay is a multiple of a rank's own work, never of its waits for other ranks (else a
+    transient delay under BSP inflates every rank's next delays). Rank 1 is 3x slower; rank 0's
+    iterations that waited for it say so, and those that did not were short."""
+    seen: list[tuple[float, float, float, bool]] = []
+    owe = Straggler.owe
+
+    def recorded(self: Straggler, compute: float, comm: float, parked: bool = False) -> float:
+        seen.append((self.factor, compute, comm, parked))
+        return owe(self, compute, comm, parked)
+
+    monkeypatch.setattr(Straggler, "owe", recorded)
+    spec = build_run_spec(LaunchOptions(model="mf:2", dataset=SMALL, workers=2, staleness=0, iterations=60,
+                                        batch_size=32, lr=1.0, slowdown=((1, 3.0),)))
+    config = WorkerConfig(timeout_seconds=5.0, report_seconds=0.05, tail_delay="1:1")  # a Straggler, no delay
+    async with InMemoryServer() as server:
+        async with server.client() as admin:
+            run = await admin.create_run(spec)
+        clients = [server.client() for _ in range(2)]
+        try:
+            joined = [await c.join(f"w{i}", run.run_id, max_wait=0, capabilities=CAPABILITIES) for i, c in enumerate(clients)]
+            await asyncio.gather(*(train(c, j.assignment, config) for c, j in zip(clients, joined, strict=True)))
+        finally:
+            for c in clients:
+                await c.close()
+    fast = [(comm, parked) for factor, _, comm, parked in seen if factor == 1.0]
+    waited = [comm for comm, parked in fast if parked]
+    free = [comm for comm, parked in fast if not parked]
+    assert len(waited) > len(fast) // 2, "under BSP the fast rank waits for the slow one most iterations"
+    assert not free or float(np.median(free)) < 0.5 * float(np.median(waited))
