@@ -388,6 +388,83 @@ def metrics(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False,
                    f"(SSP allows up to the run's staleness); --json lists them")
 
 
+def parse_bounds(text: str) -> list[int]:
+    """'0,1,4,inf' -> [0, 1, 4, -1] (each as --staleness takes it; repeats dropped)."""
+    bounds: list[int] = []
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
+            raise ValueError(f"--staleness {text!r}: a comma-separated list of bounds, e.g. 0,1,4,inf")
+        bound = parse_staleness(item)
+        if bound not in bounds:
+            bounds.append(bound)
+    return bounds
+
+
+async def _run_and_records(ps: PsClient, run_id: str) -> tuple[pb.Run, pb.GetMetricsResponse]:
+    run = await ps.get_run(run_id)
+    return run, await ps.get_metrics(run_id, include_clock_records=True)
+
+
+@app.command("simulate")
+@_handled
+def simulate_(run_id: RunId,
+              staleness: Annotated[str, typer.Option(help="The bounds to predict, comma-separated: 0 or bsp, a "
+                                                          "positive integer, inf.")] = "0,1,4,inf",
+              plot: Annotated[str, typer.Option("--plot", metavar="FILE.png", help="Also draw the predictions "
+                                                "(time per clock, each rank's idle share) into this image.")] = "",
+              server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 30.0) -> None:
+    """What if the run had another staleness bound? Replays its recorded step times under each bound
+    and predicts the time per clock, pushes per second and each rank's idle share.
+
+    From the server's clock records (a pull served, a push accepted, per rank and clock: the most
+    recent 100,000) it takes each rank's work per clock (pull served -> push accepted), the latency
+    of its pulls that did not wait, how long a parked pull took to be served once let go, and when
+    each rank started; then runs the ranks in virtual time through the server's own gate and SSP
+    rule (a real run, instantly), once per bound. A rank's idle share is the part of the run's time
+    its pulls were parked.
+
+    Assumed: a rank's work per clock and its pull latency do not depend on the bound; CPU and network
+    contention is not modelled (with fewer cores than workers, parked workers free cores: predictions
+    for bounds looser than the recorded one are then optimistic, for tighter ones pessimistic); pulls
+    a worker skipped (fresh cache) stay skipped; evictions and restarts are not replayed. The replay
+    of the run's own bound, beside the measurement, shows how far to trust the others.
+
+    --json: {"run_id", "ranks", "clocks", "first_clock", "recorded", "replay" (with "error": its time
+    per clock against the measured one, as a fraction), "predictions": [...], "notes"}; each with
+    time_per_clock_s, run_seconds, pushes_per_second, idle_share_mean, idle_share (per rank),
+    most_idle_rank, most_idle_share (staleness -1: unbounded).
+    """
+    from . import simulate as sim
+    from .trace import Trace
+
+    try:
+        bounds = parse_bounds(staleness)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    run, metrics = _with_client(server, timeout, lambda ps: _run_and_records(ps, run_id))
+    if not metrics.clock_records:
+        raise ValueError(f"run {run_id} has no clock records yet: start its workers, or wait until they have pushed"
+                         + (" (a run held by several servers: ask server 0, --server)" if run.shards else ""))
+    recorded, changed = facts.bounds_in_force(run, metrics)
+    trace = Trace.from_records(facts.clock_records(metrics), run.spec.num_workers, run.spec.iterations, recorded)
+    wanted = [*bounds, recorded] if recorded not in bounds else bounds
+    predictions = sim.simulate_all(trace, wanted, sim.processes_for(trace, wanted))
+    replayed = next(p for p in predictions if p.staleness == recorded)
+    doc = {"run_id": run_id, **sim.report(trace, recorded, predictions[:len(bounds)], replayed, changed)}
+    if run.state in (pb.RUN_STATE_PENDING, pb.RUN_STATE_RUNNING):
+        doc["notes"].append(f"the run is {facts.state_name(run.state)}: the replay covers the clocks pushed so far")
+    if plot:
+        from .plots import save_simulation  # matplotlib: only --plot pays for importing it
+        save_simulation(doc, plot)
+        doc["plot"] = plot
+    if json_:
+        _print_json(doc)
+        return
+    render.console().print(render.simulation_view(doc))
+    if plot:
+        typer.echo(f"wrote {plot}")
+
+
 @app.command()
 @_handled
 def health(server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 5.0) -> None:

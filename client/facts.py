@@ -27,6 +27,8 @@ from paramserver.v1 import paramserver_pb2 as pb
 
 __all__ = [
     "auc",
+    "bounds_in_force",
+    "clock_records",
     "enum_text",
     "eval_history",
     "event_rows",
@@ -406,6 +408,23 @@ def pull_lead(metrics: pb.GetMetricsResponse) -> int | None:
     promises at most the staleness); None without records of pulls."""
     leads = [r.clock - r.min_clock for r in metrics.clock_records if r.kind == pb.ClockRecord.KIND_PULL]
     return max(leads) if leads else None
+
+
+def clock_records(metrics: pb.GetMetricsResponse) -> list[tuple[str, int, int, float]]:
+    """The clock records as plain (kind "pull" | "push", rank, clock, seconds after the first)
+    (``simulate.Record``): exact to the nanosecond, as recorded."""
+    t0 = min((r.time.ToNanoseconds() for r in metrics.clock_records), default=0)
+    return [("pull" if r.kind == pb.ClockRecord.KIND_PULL else "push", r.rank, r.clock,
+             (r.time.ToNanoseconds() - t0) / 1e9)
+            for r in metrics.clock_records if r.kind in (pb.ClockRecord.KIND_PULL, pb.ClockRecord.KIND_PUSH)]
+
+
+def bounds_in_force(run: pb.Run, metrics: pb.GetMetricsResponse) -> tuple[int, bool]:
+    """The tightest staleness bound the run is known to have had (its bound now, its schedule's
+    steps; -1 only if all were unbounded), and whether its bound changed while it ran."""
+    known = [run.spec.staleness, *(step.staleness for step in run.spec.staleness_schedule)]
+    changed = len(set(known)) > 1 or any(e.kind == "staleness" for e in metrics.events)
+    return min(known, key=lambda s: math.inf if s < 0 else s), changed
 
 
 def eval_history(metrics: pb.GetMetricsResponse) -> list[dict[str, Any]]:

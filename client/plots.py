@@ -5,20 +5,25 @@ Panels, 2x2: train loss against wall time and against clock, one line per rank; 
 test loss (eval points of rank 0) against wall time and against clock; for a binary (CTR) model,
 whose evaluations carry a ROC AUC, the test AUC too, and its test loss is labelled log-loss. Time is
 seconds since the run started (or was created, while pending).
+
+``psctl simulate --plot``: the predicted time per clock under each bound (against the measured one)
+and each rank's idle share under each bound, from ``simulate.report``'s dict.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from paramserver.v1 import paramserver_pb2 as pb
 
-__all__ = ["curves_figure", "save_curves"]
+__all__ = ["curves_figure", "save_curves", "save_simulation", "simulation_figure"]
 
 
 def _t(p: pb.MetricPoint, t0: float) -> float:
@@ -95,3 +100,43 @@ def curves_figure(run: pb.Run, metrics: pb.GetMetricsResponse) -> Figure:
 def save_curves(run: pb.Run, metrics: pb.GetMetricsResponse, path: str) -> None:
     """Write the figure to ``path`` (format from the extension: png, svg, pdf)."""
     curves_figure(run, metrics).savefig(path, dpi=100)
+
+
+def simulation_figure(doc: dict[str, Any]) -> Figure:
+    """Left: predicted time per clock per bound, the measured one as a line. Right: a heat strip,
+    one row per bound (and the recording's), one column per rank, coloured by its idle share."""
+    rows = [doc["recorded"], *doc["predictions"]]
+    labels = [f"recorded ({_bound(doc['recorded']['staleness'])})", *(_bound(f["staleness"]) for f in doc["predictions"])]
+    fig = Figure(figsize=(12, 1.5 + 0.45 * len(rows)), layout="constrained")
+    FigureCanvasAgg(fig)
+    bars, strip = fig.subplots(1, 2, width_ratios=(1, 2))
+    ys = list(range(len(rows)))
+    per_clock = [f["time_per_clock_s"] * 1e3 for f in rows]
+    bars.barh(ys, per_clock, color=["tab:gray", *(["tab:blue"] * (len(rows) - 1))])
+    bars.axvline(per_clock[0], color="tab:red", ls="--", lw=1, label="measured")
+    for y, ms in zip(ys, per_clock, strict=True):
+        bars.text(ms, y, f" {ms:.1f}", va="center", fontsize="small")
+    bars.set_xlim(0, max(per_clock) * 1.15)  # room for the labels
+    bars.set_yticks(ys, labels)
+    bars.invert_yaxis()
+    bars.set_xlabel("time per clock (ms)")
+    bars.set_title("predicted time per clock")
+    bars.legend(fontsize="small", loc="upper right")
+    image = strip.imshow([f["idle_share"] for f in rows], aspect="auto", cmap="magma_r", vmin=0.0, vmax=1.0,
+                         interpolation="nearest")
+    strip.set_yticks(ys, labels)
+    strip.set_xlabel("rank")
+    strip.xaxis.set_major_locator(MaxNLocator(integer=True))
+    strip.set_title("idle share (parked / run time) per rank")
+    fig.colorbar(image, ax=strip, label="idle share")
+    fig.suptitle(f"{doc['run_id']}: what-if replay of {doc['ranks']} ranks x {doc['clocks']} clocks "
+                 f"(replay of the recorded bound {doc['replay']['error']:+.1%} off)")
+    return fig
+
+
+def save_simulation(doc: dict[str, Any], path: str) -> None:
+    simulation_figure(doc).savefig(path, dpi=100)
+
+
+def _bound(s: int) -> str:
+    return "s=inf" if s < 0 else f"s={s}"

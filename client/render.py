@@ -30,7 +30,8 @@ from paramserver.v1 import paramserver_pb2 as pb
 
 from .facts import fmt, fmt_age, param_texts, recent, run_facts, shard_rows, staleness_text, train_loss, worker_rows
 
-__all__ = ["NO_WRAP_WIDTH", "console", "launch_progress", "progress_fields", "runs_table", "sparkline", "status_view"]
+__all__ = ["NO_WRAP_WIDTH", "console", "launch_progress", "progress_fields", "runs_table", "simulation_view", "sparkline",
+           "status_view"]
 
 NO_WRAP_WIDTH = 10_000
 """A console's width when it is not a terminal (a pipe, a file): a line is as long as its content,
@@ -217,6 +218,35 @@ class _ScoreColumn(ProgressColumn):
 
     def render(self, task: Task) -> Text:
         return Text(f"test {task.fields.get('metric', 'acc')} {task.fields.get('acc', '-')}", no_wrap=True)
+
+
+def _bound_text(s: int) -> str:
+    return "inf" if s < 0 else str(s)
+
+
+def simulation_view(doc: dict[str, Any]) -> RenderableType:
+    """``psctl simulate``: the run as recorded, the replay of its bound (and its error against the
+    measurement), then one row per bound asked for; from ``simulate.report``'s dict."""
+    table = Table(title=f"{doc['run_id']}: {doc['ranks']} ranks x {doc['clocks']} clocks, replayed under each bound",
+                  title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for col in ("staleness", "time/clock", "run time", "pushes/s", "mean idle", "most idle"):
+        table.add_column(col, justify="left" if col == "staleness" else "right", no_wrap=True)
+
+    def row(label: str, f: dict[str, Any], style: str = "", error: float | None = None) -> None:
+        per_clock = f"{f['time_per_clock_s'] * 1e3:.2f} ms" + (f" ({error:+.1%})" if error is not None else "")
+        table.add_row(label, per_clock, f"{f['run_seconds']:.2f} s", f"{f['pushes_per_second']:.0f}",
+                      f"{f['idle_share_mean']:.1%}", f"rank {f['most_idle_rank']} {f['most_idle_share']:.1%}",
+                      style=style)
+
+    recorded, replayed = doc["recorded"], doc["replay"]
+    row(f"recorded, {_bound_text(recorded['staleness'])}", recorded, "bold")
+    row(f"replay of {_bound_text(replayed['staleness'])}", replayed, "dim", replayed["error"])
+    for f in doc["predictions"]:
+        row(_bound_text(f["staleness"]), f)
+    notes = [Text(f"the replay of the recorded bound is {replayed['error']:+.1%} off the measured time per clock "
+                  "(idle: share of the run's time a rank's pull was parked)", style="dim")]
+    notes += [Text("note: " + n, style="yellow") for n in doc["notes"]]
+    return Group(table, *notes)
 
 
 def launch_progress(**kwargs: Any) -> Progress:

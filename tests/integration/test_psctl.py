@@ -396,3 +396,33 @@ async def test_metrics_lists_the_events_and_its_json_has_the_clock_records(addr:
         assert any(re.match(rf"  \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{{3}}  {e['kind']} +{rank} +{re.escape(e['message'])}$", ln)
                    for ln in lines), (e, human)
     assert "served pulls were at most 2 clocks ahead of the min clock" in human
+
+
+async def test_simulate_replays_a_real_run_under_other_bounds(addr: str, start_workers: Any, tmp_path: Path) -> None:
+    pending = ok(await psctl("launch", "--server", addr, *TINY, "--json")).stdout
+    empty = await psctl("simulate", json.loads(pending)["run_id"], "--server", addr)
+    assert empty.exit_code == 1 and "has no clock records yet" in empty.stderr
+    ok(await psctl("stop", json.loads(pending)["run_id"], "--server", addr))
+    bad = await psctl("simulate", "run-x", "--server", addr, "--staleness", "0,banana")
+    assert bad.exit_code == 2 and "'banana': use 0 or bsp" in bad.stderr
+
+    start_workers(3)
+    launched = ok(await psctl("launch", "--server", addr, "--model", "softmax", "--dataset", "digits", "--workers", "3",
+                              "--iterations", "40", "--staleness", "1", "--slowdown", "2=3", "--wait", "--json"))
+    run_id = json.loads(launched.stdout)["run_id"]
+    png = tmp_path / "what-if.png"
+    doc = json.loads(ok(await psctl("simulate", run_id, "--server", addr, "--staleness", "0,1,inf", "--json",
+                                    "--plot", str(png))).stdout)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and doc["plot"] == str(png)
+    assert (doc["run_id"], doc["ranks"], doc["clocks"], doc["first_clock"]) == (run_id, 3, 40, 0)
+    by_s = {f["staleness"]: f for f in doc["predictions"]}
+    assert sorted(by_s) == [-1, 0, 1] and all(len(f["idle_share"]) == 3 for f in by_s.values())
+    assert by_s[0]["time_per_clock_s"] >= by_s[-1]["time_per_clock_s"] - 1e-6 > 0
+    assert by_s[-1]["idle_share_mean"] == 0.0 and by_s[0]["most_idle_rank"] != 2  # the straggler waits least
+    recorded, replayed = doc["recorded"], doc["replay"]
+    assert recorded["staleness"] == replayed["staleness"] == 1 and recorded["time_per_clock_s"] > 0
+    assert replayed == {**by_s[1], "error": replayed["error"]}
+    assert abs(replayed["error"]) < 0.5, doc  # the model's check against the measurement (loose: a busy machine)
+    human = ok(await psctl("simulate", run_id, "--server", addr, "--staleness", "bsp,4")).stdout
+    assert "recorded, 1" in human and "replay of 1" in human and "off the measured time per clock" in human
+    assert re.search(r"^ *4 +[\d.]+ ms", human, re.M), human
