@@ -61,3 +61,23 @@ def test_tables_bench_quick(tmp_path: Path) -> None:
     assert [r["rows"] for r in doc["size"]] == [100_000, 1_000_000]
     assert all(r["rows_pulled"] > 0 and r["rows_pushed"] > 0 and r["bytes_per_iter"] > 0 for r in doc["size"])
     assert doc["ctr"][0]["evals"] and 0.5 < doc["ctr"][0]["final_auc"] <= 1.0
+
+
+@pytest.mark.timeout(300)
+def test_staleness_bench_runs_a_small_grid_and_reports(tmp_path: Path) -> None:
+    """bench/staleness.py end to end on 2 workers with tail delays, every setting once, then its
+    report (tables and the heat map) and the simulator's check on the traces it recorded."""
+    raw, png = tmp_path / "raw.json", tmp_path / "map.png"
+    proc = subprocess.run([sys.executable, str(BENCH / "staleness.py"), "--workers", "2", "--patterns", "tail",
+                           "--pushes", "300", "--json", str(raw)], capture_output=True, text=True, timeout=250)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads(raw.read_text())["runs"]
+    assert len(runs) == 9 and all(r["pushes"] == 300 for r in runs if r["state"] == "completed")
+    report = subprocess.run([sys.executable, str(BENCH / "staleness.py"), "--report", str(raw), "--png", str(png)],
+                            capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "| 2 | tail |" in report.stdout and png.stat().st_size > 10_000
+    check = subprocess.run([sys.executable, str(BENCH / "simulate_check.py"), str(raw), "--workers", "2"],
+                           capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert "own bound: median |error|" in check.stdout
