@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from client.spec import LaunchOptions, build_run_spec
+from ps_server.core.run import Run
 from ps_server.testing import InMemoryServer
 from worker.config import WorkerConfig, parse_config, parse_tail_delay
 from worker.datasets import DatasetError, load_dataset, parse_dataset
@@ -17,11 +18,26 @@ from worker.main import CAPABILITIES
 from worker.models import MatrixFactorization, ModelSpecError, build_model, parse_model
 from worker.sparse import RowBlock
 from worker.straggler import Straggler
-from worker.trainer import train
+from worker.trainer import Outcome, train
 
 pytestmark = pytest.mark.timeout(120)
 
 SMALL = "synthetic-ratings:users=60,items=50,rank=2,density=0.5,noise=0.1"
+
+
+async def train_run(spec: object, config: WorkerConfig) -> tuple[list[Outcome], Run]:
+    """Create the run on an in-memory server and train every rank in this event loop."""
+    async with InMemoryServer() as server:
+        async with server.client() as admin:
+            run = await admin.create_run(spec)  # type: ignore[arg-type]
+        clients = [server.client() for _ in range(run.spec.num_workers)]
+        try:
+            joined = [await c.join(f"w{i}", run.run_id, max_wait=0, capabilities=CAPABILITIES) for i, c in enumerate(clients)]
+            outcomes = await asyncio.gather(*(train(c, j.assignment, config) for c, j in zip(clients, joined, strict=True)))
+        finally:
+            for c in clients:
+                await c.close()
+        return list(outcomes), server.registry.get(run.run_id)
 
 
 def blocks(U: np.ndarray, V: np.ndarray) -> dict[str, RowBlock]:
@@ -124,18 +140,7 @@ async def test_workers_train_mf_over_tables_to_low_rmse(staleness: int) -> None:
                                         iterations=600, batch_size=32, lr=1.0))
     assert list(spec.requires) == ["tables", "model:mf"]
     config = WorkerConfig(timeout_seconds=5.0, report_seconds=0.05)
-    async with InMemoryServer() as server:
-        async with server.client() as admin:
-            run = await admin.create_run(spec)
-        clients = [server.client() for _ in range(2)]
-        try:
-            joined = [await c.join(f"w{i}", run.run_id, max_wait=0, capabilities=CAPABILITIES) for i, c in enumerate(clients)]
-            outcomes = await asyncio.gather(*(train(c, j.assignment, config)
-                                              for c, j in zip(clients, joined, strict=True)))
-        finally:
-            for c in clients:
-                await c.close()
-        core = server.registry.get(run.run_id)
+    outcomes, core = await train_run(spec, config)
     assert all(o.completed for o in outcomes), outcomes
     assert core.status().counters.pushes_applied == 1200 and core.status().counters.rows_pushed > 0
     assert core.history.last_eval is not None and core.history.last_eval.eval_loss < 0.3
@@ -181,16 +186,7 @@ async def test_a_table_run_tells_a_straggler_which_iterations_waited(monkeypatch
     spec = build_run_spec(LaunchOptions(model="mf:2", dataset=SMALL, workers=2, staleness=0, iterations=60,
                                         batch_size=32, lr=1.0, slowdown=((1, 3.0),)))
     config = WorkerConfig(timeout_seconds=5.0, report_seconds=0.05, tail_delay="1:1")  # a Straggler, no delay
-    async with InMemoryServer() as server:
-        async with server.client() as admin:
-            run = await admin.create_run(spec)
-        clients = [server.client() for _ in range(2)]
-        try:
-            joined = [await c.join(f"w{i}", run.run_id, max_wait=0, capabilities=CAPABILITIES) for i, c in enumerate(clients)]
-            await asyncio.gather(*(train(c, j.assignment, config) for c, j in zip(clients, joined, strict=True)))
-        finally:
-            for c in clients:
-                await c.close()
+    await train_run(spec, config)
     fast = [(comm, parked) for factor, _, comm, parked in seen if factor == 1.0]
     waited = [comm for comm, parked in fast if parked]
     free = [comm for comm, parked in fast if not parked]
