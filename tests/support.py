@@ -9,7 +9,7 @@ from typing import Any
 from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.config import ServerConfig
 
-__all__ = ["Stubs", "make_spec", "with_config"]
+__all__ = ["Stubs", "make_spec", "train_all", "with_config"]
 
 
 def make_spec(
@@ -47,3 +47,23 @@ class Stubs:
     runs: Any
     workers: Any
     data: Any
+
+
+async def train_all(server: Any, spec: pb.RunSpec, config: Any) -> tuple[str, list[Any]]:
+    """Create the run on an in-memory server (``ps_server.testing.InMemoryServer``) and train every
+    rank in this event loop, each with its own client; (run id, each rank's ``Outcome``)."""
+    import asyncio
+
+    from worker.main import CAPABILITIES
+    from worker.trainer import train
+
+    async with server.client() as admin:
+        run = await admin.create_run(spec)
+    clients = [server.client() for _ in range(spec.num_workers)]
+    try:
+        joined = [await c.join(f"w{i}", run.run_id, max_wait=0, capabilities=CAPABILITIES) for i, c in enumerate(clients)]
+        outcomes = await asyncio.gather(*(train(c, j.assignment, config) for c, j in zip(clients, joined, strict=True)))
+    finally:
+        for c in clients:
+            await c.close()
+    return run.run_id, list(outcomes)

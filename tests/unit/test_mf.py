@@ -3,22 +3,21 @@ row-sparse gradient, and a planted problem trained to its noise level, by numpy 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 import numpy as np
 import pytest
+from support import train_all
 
 from client.spec import LaunchOptions, build_run_spec
 from ps_server.core.run import Run
 from ps_server.testing import InMemoryServer
 from worker.config import WorkerConfig, parse_config, parse_tail_delay
 from worker.datasets import DatasetError, load_dataset, parse_dataset
-from worker.main import CAPABILITIES
 from worker.models import MatrixFactorization, ModelSpecError, build_model, parse_model
 from worker.sparse import RowBlock
 from worker.straggler import Straggler
-from worker.trainer import Outcome, train
+from worker.trainer import Outcome
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,18 +25,9 @@ SMALL = "synthetic-ratings:users=60,items=50,rank=2,density=0.5,noise=0.1"
 
 
 async def train_run(spec: object, config: WorkerConfig) -> tuple[list[Outcome], Run]:
-    """Create the run on an in-memory server and train every rank in this event loop."""
     async with InMemoryServer() as server:
-        async with server.client() as admin:
-            run = await admin.create_run(spec)  # type: ignore[arg-type]
-        clients = [server.client() for _ in range(run.spec.num_workers)]
-        try:
-            joined = [await c.join(f"w{i}", run.run_id, max_wait=0, capabilities=CAPABILITIES) for i, c in enumerate(clients)]
-            outcomes = await asyncio.gather(*(train(c, j.assignment, config) for c, j in zip(clients, joined, strict=True)))
-        finally:
-            for c in clients:
-                await c.close()
-        return list(outcomes), server.registry.get(run.run_id)
+        run_id, outcomes = await train_all(server, spec, config)
+        return outcomes, server.registry.get(run_id)
 
 
 def blocks(U: np.ndarray, V: np.ndarray) -> dict[str, RowBlock]:

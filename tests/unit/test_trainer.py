@@ -9,6 +9,7 @@ import logging
 
 import numpy as np
 import pytest
+from support import train_all
 
 from client.spec import LaunchOptions, build_run_spec
 from paramserver import errors
@@ -34,17 +35,7 @@ def _spec(staleness: int, workers: int = 2, iterations: int = 40, **kw: object) 
 
 
 async def _train_all(server: InMemoryServer, spec: pb.RunSpec, config: WorkerConfig = CONFIG) -> tuple[str, list[Outcome]]:
-    """Create the run and train every rank in this event loop, each with its own client."""
-    async with server.client() as admin:
-        run = await admin.create_run(spec)
-    clients = [server.client() for _ in range(spec.num_workers)]
-    try:
-        joined = [await c.join(f"w{i}", run.run_id, max_wait=0, capabilities=CAPABILITIES) for i, c in enumerate(clients)]
-        outcomes = await asyncio.gather(*(train(c, j.assignment, config) for c, j in zip(clients, joined, strict=True)))
-    finally:
-        for c in clients:
-            await c.close()
-    return run.run_id, list(outcomes)
+    return await train_all(server, spec, config)
 
 
 @pytest.mark.parametrize(("staleness", "skips", "compress"), [(0, False, "none"), (2, True, "none"),
