@@ -192,6 +192,10 @@ def _check_ftrl(o: LaunchOptions) -> None:
                          f"(not {o.optimizer.lower()})")
 
 
+_MODELS_FOR = {"regression": "linear", "ctr": "logistic or fm:K", "ratings": "mf:K"}
+"""The models that suit a dataset's task (said when a model does another task)."""
+
+
 def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
     """Validate the options and build the spec; raises ValueError saying what to fix."""
     check_options(o)
@@ -201,7 +205,7 @@ def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
     model = build_model(model_spec, data.n_features, data.n_outputs)
     if model.task != data.task:
         raise ValueError(f"model {o.model!r} does a {model.task} task but dataset {o.dataset!r} is {data.task}: "
-                         f"use {'linear' if data.task == 'regression' else 'softmax or mlp:...'}")
+                         f"use {_MODELS_FOR.get(data.task, 'softmax or mlp:...')}")
     compression = parse_compression(o.compress)
     if compression is not None and model.tables():
         raise ValueError(f"--compress {o.compress}: compression is for dense models; {o.model!r} has tables")

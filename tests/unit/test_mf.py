@@ -182,3 +182,10 @@ async def test_a_table_run_tells_a_straggler_which_iterations_waited(monkeypatch
     free = [comm for comm, parked in fast if not parked]
     assert len(waited) > len(fast) // 2, "under BSP the fast rank waits for the slow one most iterations"
     assert not free or float(np.median(free)) < 0.5 * float(np.median(waited))
+
+
+def test_a_model_for_another_task_is_refused_with_the_one_to_use() -> None:
+    with pytest.raises(ValueError, match="dataset 'synthetic-ratings' is ratings: use mf:K"):
+        build_run_spec(LaunchOptions(model="mlp:64", dataset="synthetic-ratings"))
+    with pytest.raises(ValueError, match="does a ratings task but dataset 'digits' is classification"):
+        build_run_spec(LaunchOptions(model="mf:4", dataset="digits"))
