@@ -203,9 +203,9 @@ def runs(limit: Annotated[int, typer.Option(min=1, help="Show at most this many 
         render.console().print(render.runs_table(found))
 
 
-async def _run_and_metrics(ps: PsClient, run_id: str) -> tuple[pb.Run, pb.GetMetricsResponse]:
+async def _run_and_metrics(ps: PsClient, run_id: str, records: bool = False) -> tuple[pb.Run, pb.GetMetricsResponse]:
     run = await ps.get_run(run_id)
-    return run, await ps.get_metrics(run_id)
+    return run, await ps.get_metrics(run_id, include_clock_records=records)
 
 
 @app.command()
@@ -400,11 +400,6 @@ def parse_bounds(text: str) -> list[int]:
     return bounds
 
 
-async def _run_and_records(ps: PsClient, run_id: str) -> tuple[pb.Run, pb.GetMetricsResponse]:
-    run = await ps.get_run(run_id)
-    return run, await ps.get_metrics(run_id, include_clock_records=True)
-
-
 @app.command("simulate")
 @_handled
 def simulate_(run_id: RunId,
@@ -441,7 +436,7 @@ def simulate_(run_id: RunId,
         bounds = parse_bounds(staleness)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    run, metrics = _with_client(server, timeout, lambda ps: _run_and_records(ps, run_id))
+    run, metrics = _with_client(server, timeout, lambda ps: _run_and_metrics(ps, run_id, records=True))
     if not metrics.clock_records:
         raise ValueError(f"run {run_id} has no clock records yet: start its workers, or wait until they have pushed"
                          + (" (a run held by several servers: ask server 0, --server)" if run.shards else ""))
