@@ -6,10 +6,10 @@
 
 Workloads (``--workload``):
 
-* ``mf``: matrix factorisation (``mf:4``, worker/models/mf.py) of ``synthetic-ratings`` with 500
-  users, 500 items, planted rank 4, 20% of the cells observed, noise 0.1 (worker/ratings.py: the
+* ``mf``: matrix factorisation (``mf:3``, worker/models/mf.py) of ``synthetic-ratings`` with 300
+  users, 300 items, planted rank 3, 30% of the cells observed, noise 0.1 (worker/ratings.py: the
   best reachable test RMSE is ~0.10); user and item factors are tables pulled and pushed by row.
-  Plain SGD, lr 1.0, batch 32 ratings. Target: test RMSE <= 0.8.
+  Plain SGD, lr 1.0, batch 32 ratings. Target: test RMSE <= 0.3.
 * ``mlp``: the digits MLP (``mlp:64``), SGD lr 0.1, batch 32. Target: test accuracy >= 0.95.
 
 Every run makes the same number of pushes in total (``--pushes``, split evenly over the ranks), so
@@ -22,9 +22,14 @@ real computation, seeded by the run's seed (the repeat) and the rank:
 * ``tail``: every rank's iteration is 10x as long with probability 0.05 (``ps-worker --tail-delay
   0.05:10``), as on a shared cluster.
 
-Settings: staleness 0 (BSP) with aggregation "sum" (``s=0``: Petuum's additive updates, a clock
-moves the parameters as far as W pushes of SSP do) and "mean" (``s=0 mean``: large-batch SGD, one
-step of lr per clock), 1, 2, 4, 8 and unbounded, and with the staleness-aware
+``--step-seconds S`` gives every worker a slower machine of its own (``ps-worker --step-seconds``:
+an iteration's work is at least S seconds, the patterns multiply that): the processes then mostly
+sleep and no longer contend for this machine's cores, as workers on hosts of their own would not
+(``bench/simulate_check.py`` validates ``psctl simulate`` in that regime too).
+
+Settings (``--settings``, default all): staleness 0 (BSP) with aggregation "sum" (``s=0``:
+Petuum's additive updates, a clock moves the parameters as far as W pushes of SSP do) and "mean"
+(``s=0 mean``: large-batch SGD, one step of lr per clock), 1, 2, 4, 8 and unbounded, and with the staleness-aware
 learning rate (``RunSpec.staleness_aware_lr``: each push's step divided by its staleness) at 8 and
 unbounded. Processes: one ps-server, and per (workers, pattern) group W generic ps-workers that take
 every run of the group (no start-up inside a run); settings are interleaved within each repeat.
@@ -134,10 +139,15 @@ async def one_run(addr: str, o: LaunchOptions, workload: str, pids: list[int], t
     }
 
 
-def start_fleet(addr: str, n: int, data_spec_json: str, pattern: str) -> list[Any]:
+def worker_flags(pattern: str, step_seconds: float = 0.0) -> list[str]:
+    return (["--tail-delay", TAIL] if pattern == "tail" else []) + \
+        (["--step-seconds", f"{step_seconds:g}"] if step_seconds else [])
+
+
+def start_fleet(addr: str, n: int, data_spec_json: str, pattern: str, step_seconds: float = 0.0) -> list[Any]:
     import subprocess
 
-    extra = ["--tail-delay", TAIL] if pattern == "tail" else []
+    extra = worker_flags(pattern, step_seconds)
     return [subprocess.Popen([sys.executable, "-c", PRELUDE, "--server", addr, "--log-level", "WARNING",
                               "--name", f"staleness-bench-{i}", "--timeout-seconds", "120", *extra],
                              env={**ENV, "STRAGGLER_DATA_SPEC": data_spec_json}, cwd=ROOT)
@@ -170,11 +180,12 @@ async def main_async(args: argparse.Namespace) -> int:
         for workers in sizes:
             for pattern in patterns:
                 todo = [(rep, s, salr) for rep in range(args.repeats) for s, salr in SETTINGS
-                        if (workers, pattern, label(s, salr), rep) not in done]
+                        if (workers, pattern, label(s, salr), rep) not in done
+                        and (not args.settings or label(s, salr) in args.settings.split(","))]
                 if not todo:
                     continue
                 data = build_run_spec(options(workload, workers, pattern, "1", False, args.pushes, 0)).data_spec_json
-                fleet = start_fleet(addr, workers, data, pattern)
+                fleet = start_fleet(addr, workers, data, pattern, args.step_seconds)
                 try:
                     for rep, s, salr in todo:
                         o = options(workload, workers, pattern, s, salr, args.pushes, rep)
@@ -187,7 +198,8 @@ async def main_async(args: argparse.Namespace) -> int:
                               f"clock {r['clock_to_target']}  final {r['final']}  wall {r['wall']}  "
                               f"staleness {r['stale_mean']:.1f}  cpu/worker {r['worker_cpu_share']:.3f}", flush=True)
                         raw.write_text(json.dumps(rounded({"machine": info, "argv": sys.argv, "workload": WORKLOADS[workload],
-                                                           "pushes": args.pushes, "runs": results})))
+                                                           "pushes": args.pushes, "step_seconds": args.step_seconds,
+                                                           "runs": results})))
                 finally:
                     stop_procs(fleet)
     finally:
@@ -313,6 +325,9 @@ def main() -> int:
     ap.add_argument("--patterns", default="none,straggler,tail", help="step-time patterns, comma-separated")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--pushes", type=int, default=6000, help="pushes per run, split over the ranks")
+    ap.add_argument("--settings", default="", help="only these settings, comma-separated labels (s=0,s=inf,...)")
+    ap.add_argument("--step-seconds", type=float, default=0.0,
+                    help="each worker's iterations take at least this long (a slower machine each; 0: off)")
     ap.add_argument("--json", default="", help="raw results (default bench/out/staleness-WORKLOAD.json)")
     ap.add_argument("--resume", action="store_true", help="keep the runs already in the raw file, do the others")
     ap.add_argument("--report", nargs="+", metavar="RAW.json", help="no runs: tables and the heat map from raw files")
@@ -321,6 +336,10 @@ def main() -> int:
     if args.report:
         report([Path(p) for p in args.report], Path(args.png))
         return 0
+    known = [label(s, salr) for s, salr in SETTINGS]
+    unknown = [x for x in args.settings.split(",") if x and x not in known]
+    if unknown:
+        ap.error(f"--settings {','.join(unknown)}: not a setting; choose from {','.join(known)}")
     return asyncio.run(main_async(args))
 
 

@@ -33,6 +33,9 @@ class WorkerConfig:
     tail_delay: str = opt("", "Transient delays for experiments, as on a shared cluster: 'P:FACTOR' makes each "
                           "iteration FACTOR times as long with probability P (e.g. 0.05:10), drawn from the run's "
                           "seed and the rank; '' = none.")
+    step_seconds: float = opt(0.0, "Emulate a slower machine, for experiments: each iteration takes at least this many "
+                              "seconds of work (the worker sleeps the rest), before --slowdown and --tail-delay "
+                              "multiply it; 0 = its own work.")
     report_seconds: float = opt(0.5, "How often training metrics are reported to the server.")
     max_message_bytes: int = opt(64 << 20, "Largest gRPC message sent or received.")
     data_plane: bool = opt(True, "Push and pull over the server's TCP data plane when it offers one (else gRPC); "
@@ -92,6 +95,8 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     config = parse_dataclass(WorkerConfig, parser, argv or [], env, WorkerConfig.env_name)
     if config.slowdown < 1.0:
         parser.error(f"--slowdown {config.slowdown}: use a factor >= 1 (1 = normal speed)")
+    if not 0.0 <= config.step_seconds <= 3600.0:
+        parser.error(f"--step-seconds {config.step_seconds}: use seconds from 0 (off) to 3600")
     try:
         parse_tail_delay(config.tail_delay)
     except ValueError as e:

@@ -28,6 +28,11 @@ class Straggler:
     Transient delays (``tail``: (p, factor)), as on a shared cluster: besides, each iteration is made
     ``factor`` times as long with probability ``p``, drawn from ``rng`` (seeded by the caller:
     the same run and rank delay the same iterations).
+
+    A slower machine (``floor``, seconds, ``--step-seconds``): an iteration's work is taken as at
+    least ``floor`` (the rank sleeps the difference) before the factors multiply it. Experiments
+    use it to emulate workers on machines of their own, whose steps do not depend on how many
+    processes share this one's cores.
     """
 
     WINDOW = 64
@@ -35,8 +40,9 @@ class Straggler:
     """Sleep once at least this much is owed (a shorter sleep would take the timer's 1 ms anyway)."""
 
     def __init__(self, factor: float, tail: tuple[float, float] = (0.0, 1.0),
-                 rng: np.random.Generator | None = None) -> None:
+                 rng: np.random.Generator | None = None, floor: float = 0.0) -> None:
         self.factor = factor
+        self.floor = floor
         self.tail_p, self.tail_factor = tail
         self._rng = rng or np.random.default_rng()
         self._compute: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
@@ -59,9 +65,10 @@ class Straggler:
         self._compute.append(compute)
         (self._comm_parked if parked else self._comm).append(comm)
         work = self.work()
-        delay = (self.factor - 1.0) * work
+        base = max(work, self.floor)
+        delay = base - work + (self.factor - 1.0) * base
         if self.tail_p and self._rng.random() < self.tail_p:
-            delay += (self.tail_factor - 1.0) * work
+            delay += (self.tail_factor - 1.0) * base
         self._debt = max(self._debt, -max(delay, 0.002)) + delay
         return self._debt if self._debt >= self.MIN_SLEEP else 0.0
 

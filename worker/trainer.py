@@ -136,8 +136,8 @@ class _Trainer:
         # the hundreds recorded between two reports, so only those become MetricPoints.
         self._train_points: list[tuple[int, float, float, int, float]] = []
         tail = parse_tail_delay(config.tail_delay)
-        self._straggler = Straggler(self.slowdown, tail, np.random.default_rng([self.spec.seed, a.rank, 19])) \
-            if self.slowdown > 1.0 or tail[0] else None
+        self._straggler = Straggler(self.slowdown, tail, np.random.default_rng([self.spec.seed, a.rank, 19]),
+                                    config.step_seconds) if self.slowdown > 1.0 or tail[0] or config.step_seconds else None
         self.min_clock = 0  # the run's min clock as the last push's answer said
         self._prefetched: int | None = None  # guaranteed clock of parameters pulled with the last push
         self._ahead: tuple[tuple[float, dict[str, np.ndarray], int, float], int | None] | None = None

@@ -81,3 +81,16 @@ def test_staleness_bench_runs_a_small_grid_and_reports(tmp_path: Path) -> None:
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stderr[-3000:]
     assert "own bound: median |error|" in check.stdout
+
+
+
+@pytest.mark.timeout(120)
+def test_staleness_bench_gives_workers_slower_machines_under_the_same_patterns() -> None:
+    """``--step-seconds S``: every worker gets the flag, the patterns stay as they are (the worker
+    multiplies S by them)."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import staleness as b; "
+            "print(json.dumps([b.worker_flags(p, s) for p in ('none', 'tail') for s in (0.0, 0.02)]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(BENCH)], capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout) == [[], ["--step-seconds", "0.02"], ["--tail-delay", "0.05:10"],
+                                       ["--tail-delay", "0.05:10", "--step-seconds", "0.02"]]

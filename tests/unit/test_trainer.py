@@ -303,6 +303,16 @@ def test_a_straggler_pays_back_what_a_sleep_overran() -> None:
     assert [small.owe(0.3 * MS, 0.3 * MS) for _ in range(4)] == [0.0, 0.0, 0.0, pytest.approx(1.2 * MS)]
 
 
+def test_a_slower_machine_is_a_floor_under_the_work_that_the_factors_multiply() -> None:
+    """--step-seconds 0.01 with 1.5 ms of work: 8.5 ms of sleep makes the iteration 10 ms long, 3x
+    makes it 30 ms, a tail delay of 10x 100 ms; a floor below the work changes nothing."""
+    assert Straggler(1.0, floor=10 * MS).owe(1 * MS, 0.5 * MS) == pytest.approx(8.5 * MS)
+    assert Straggler(3.0, floor=10 * MS).owe(1 * MS, 0.5 * MS) == pytest.approx(28.5 * MS)
+    always = Straggler(1.0, (1.0, 10.0), np.random.default_rng(0), floor=10 * MS)
+    assert always.owe(1 * MS, 0.5 * MS) == pytest.approx(98.5 * MS)
+    assert Straggler(3.0, floor=1 * MS).owe(1 * MS, 0.5 * MS) == pytest.approx(3 * MS)
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 async def test_workers_say_which_version_each_gradient_was_computed_on(overlap: bool) -> None:
     """--staleness-aware-lr: every push carries its parameters' version (with --overlap the one
