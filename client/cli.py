@@ -422,7 +422,9 @@ def simulate_(run_id: RunId,
     contention is not modelled (with fewer cores than workers, parked workers free cores: predictions
     for bounds looser than the recorded one are then optimistic, for tighter ones pessimistic); pulls
     a worker skipped (fresh cache) stay skipped; evictions and restarts are not replayed. The replay
-    of the run's own bound, beside the measurement, shows how far to trust the others.
+    of the run's own bound, beside the measurement, shows how far to trust the others. Measured
+    (bench/RESULTS.md): within 15% of real runs at other bounds when each worker had cores of its
+    own; off by a median 26% with 4-8 workers sharing 2 cores with the server.
 
     --json: {"run_id", "ranks", "clocks", "first_clock", "recorded", "replay" (with "error": its time
     per clock against the measured one, as a fraction), "predictions": [...], "notes"}; each with
