@@ -241,7 +241,7 @@ def markdown(workload: str, cells: dict[tuple[int, str], dict[str, dict[str, Any
     w = WORKLOADS[workload]
     names = [label(s, a) for s, a in SETTINGS]
     lines = [f"Time to {w['objective']} {'<=' if w['lower_is_better'] else '>='} {w['target']} (s, median over "
-             "repeats [range]; '-' never reached, 'x' diverged/failed), the winner in bold; last column: the "
+             "repeats [range of those that reached it]; '-' never reached or not in most repeats, 'x' diverged/failed), the winner in bold; last column: the "
              "winner's rank-0 clock at the target and the final objective.", "",
              "| W | pattern | " + " | ".join(names) + " | winner: clock, final |",
              "|---|---|" + "---|" * (len(names) + 1)]
@@ -254,9 +254,15 @@ def markdown(workload: str, cells: dict[tuple[int, str], dict[str, dict[str, Any
                 row.append("")
                 continue
             finite = [t for t in cell["times"] if t != float("inf")]
-            text = ("x" if cell["failed"] == len(cell["times"]) else "-") if not finite else f"{cell['time']:.1f}"
-            if len(finite) > 1:
-                text += f" [{min(finite):.1f}-{max(finite):.1f}]"
+            if not finite:
+                text = "x" if cell["failed"] == len(cell["times"]) else "-"
+            else:
+                text = "-" if cell["time"] == float("inf") else f"{cell['time']:.1f}"
+                if len(finite) > 1 or len(finite) < len(cell["times"]):
+                    lo, hi = f"{min(finite):.1f}", f"{max(finite):.1f}"
+                    text += f" [{lo}]" if lo == hi else f" [{lo}-{hi}]"
+                if len(finite) < len(cell["times"]):
+                    text += f" ({len(finite)} of {len(cell['times'])} reached)"
             row.append(f"**{text}**" if n == best and finite else text)
         b = by_setting[best]
         final = "-" if b["final"] is None else f"{b['final']:.3f}"
@@ -274,7 +280,7 @@ def heat_map(panels: list[tuple[str, dict[tuple[int, str], dict[str, dict[str, A
 
     names = [label(s, a) for s, a in SETTINGS]
     colours = ["#d62728", "#e377c2", "#ff7f0e", "#bcbd22", "#2ca02c", "#17becf", "#1f77b4", "#9edae5", "#aec7e8"]
-    fig = Figure(figsize=(5.2 * len(panels), 4.6))
+    fig = Figure(figsize=(max(6.8, 5.2 * len(panels)), 4.6))  # (the note needs 6.8 in)
     FigureCanvasAgg(fig)
     for i, (workload, cells) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
