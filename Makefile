@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test test-node docker-test lint proto bench clean
+.PHONY: demo test test-node browser docker-test lint proto bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/psctl launch --local --workers 4 --model mlp:64 --dataset digits --staleness 2
 
-test: $(STAMP) test-node
+test: $(STAMP) test-node browser
 	$(BIN)/pytest
+
+# tests/browser drive Debian's chromium (Playwright cannot download its own browser here).
+browser:
+	@command -v chromium >/dev/null || { test "$$(id -u)" = 0 && apt-get update -q >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } || \
+	  { echo "tests/browser need chromium: apt-get install chromium (as root), or set CHROMIUM=PATH"; exit 1; }
 
 test-node:
 	cd worker/node && npm ci --no-audit --no-fund --silent && npm test

@@ -464,6 +464,38 @@ def simulate_(run_id: RunId,
 
 @app.command()
 @_handled
+def dashboard(port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free one).")] = 8265,
+              host: Annotated[str, typer.Option(help="Address to listen on. The page can stop runs: keep it on "
+                                                     "127.0.0.1 unless the network is yours.")] = "127.0.0.1",
+              open_: Annotated[bool, typer.Option("--open", help="Open the page in a browser.")] = False,
+              server: Server = DEFAULT_SERVER, timeout: Timeout = 10.0) -> None:
+    """A live web page of the cluster's runs: the runs list, and per run the worker clocks against
+    the SSP window (the rank holding it back, what each parked rank waits for), loss, accuracy and
+    throughput curves, the staleness histogram, the servers, the events, stop and checkpoint.
+
+    It talks to the parameter server as psctl does (--server, TLS and token from the same
+    environment), fed by WatchRun; the parameter server gets no new port. Runs until interrupted.
+    """
+    from .dashboard.server import serve
+
+    address = _address(server)
+
+    def ready(url: str) -> None:
+        typer.echo(f"paramserver dashboard on {url} (the cluster at {address}); Ctrl-C stops it", err=True)
+        if open_:
+            import webbrowser
+            webbrowser.open(url)
+
+    try:
+        asyncio.run(serve(address, security_from_env(), host, port, timeout, ready))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port") from None
+
+
+@app.command()
+@_handled
 def health(server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 5.0) -> None:
     """Ask the server's gRPC health service; exit 1 unless it is SERVING."""
     state = _with_client(server, timeout, lambda ps: ps.health())

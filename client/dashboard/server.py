@@ -1,0 +1,266 @@
+"""``psctl dashboard``: a local web page of the cluster's runs, live (aiohttp).
+
+The page talks only to this process, and this process to the parameter server through the same
+``PsClient`` psctl uses (TLS and token from the same environment): the parameter server gets no
+new port and no new attack surface. Bound to 127.0.0.1 unless told otherwise.
+
+    GET  /                          the runs list           (static/index.html)
+    GET  /runs/{run_id}             one run, live           (static/run.html)
+    GET  /api/runs                  [run facts], newest first (``facts.run_facts``, as psctl list)
+    GET  /api/runs/{run_id}         ``psctl status --json`` plus the history: curves, evaluations,
+                                    events, the staleness histogram
+    GET  /api/runs/{run_id}/live    server-sent events fed by WatchRun: "status" (as above, without
+                                    the history), "points" (metrics points new since the last),
+                                    "events", "down" (the parameter server is unreachable: the
+                                    stream keeps retrying and says "status" again once it is back),
+                                    "end" (the run finished)
+    POST /api/runs/{run_id}/stop    StopRun
+    POST /api/runs/{run_id}/checkpoint  CheckpointRun
+
+A POST must come from the page itself: JSON content type and, when the browser sends an Origin,
+this server's own (another site's page cannot make a browser post here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from paramserver import errors
+from paramserver.client import PsClient
+from paramserver.security import Security
+from paramserver.v1 import paramserver_pb2 as pb
+
+from .. import facts
+
+__all__ = ["STATIC", "make_app", "serve"]
+
+log = logging.getLogger("psctl.dashboard")
+STATIC = Path(__file__).resolve().parent / "static"
+RETRY_SECONDS = 1.0
+"""How often the live stream tries the parameter server again while it is unreachable."""
+FINISHED = (pb.RUN_STATE_COMPLETED, pb.RUN_STATE_STOPPED, pb.RUN_STATE_FAILED)
+POINTS = 2000
+"""Metrics points a live update asks for (the newest; the page keeps what it was sent)."""
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Cluster:
+    address: str
+    security: Security | None
+    timeout: float
+    interval: float
+    """Seconds between live updates."""
+
+
+CLUSTER = web.AppKey("cluster", Cluster)
+PS = web.AppKey("ps", PsClient)
+STREAMS = web.AppKey("streams", set[asyncio.Task[Any]])
+"""The live streams open now: ended at shutdown (a page would keep them open for ever)."""
+
+
+def make_app(server: str, security: Security | None = None, timeout: float = 10.0,
+             interval: float = 0.5) -> web.Application:
+    """The dashboard for the cluster at ``server`` (HOST:PORT); ``interval``: seconds between live updates."""
+    app = web.Application(middlewares=[_errors, _same_origin])
+    app[CLUSTER] = Cluster(server, security, timeout, interval)
+    app[STREAMS] = set()
+    app.cleanup_ctx.append(_client)
+    app.on_shutdown.append(_end_streams)
+    app.router.add_get("/", _page("index.html"))
+    app.router.add_get("/runs/{run_id}", _page("run.html"))
+    app.router.add_get("/api/runs", list_runs)
+    app.router.add_get("/api/runs/{run_id}", run_detail)
+    app.router.add_get("/api/runs/{run_id}/live", live)
+    app.router.add_post("/api/runs/{run_id}/stop", stop)
+    app.router.add_post("/api/runs/{run_id}/checkpoint", checkpoint)
+    app.router.add_static("/static", STATIC)
+    return app
+
+
+async def _client(app: web.Application) -> AsyncIterator[None]:
+    cluster = app[CLUSTER]
+    async with PsClient(cluster.address, timeout=cluster.timeout, security=cluster.security) as ps:
+        app[PS] = ps
+        yield
+
+
+async def _end_streams(app: web.Application) -> None:
+    streams = app[STREAMS]
+    for task in list(streams):
+        task.cancel()
+
+
+def _page(name: str) -> Handler:
+    async def page(_: web.Request) -> web.StreamResponse:
+        return web.FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
+    return page
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A parameter server's error as JSON with its status: 404 for an unknown run, 503 when unreachable."""
+    try:
+        return await handler(request)
+    except errors.PsError as exc:
+        status = {errors.Code.NOT_FOUND: 404, errors.Code.UNAVAILABLE: 503, errors.Code.DEADLINE_EXCEEDED: 504,
+                  errors.Code.FAILED_PRECONDITION: 409, errors.Code.INVALID_ARGUMENT: 400,
+                  errors.Code.UNAUTHENTICATED: 502, errors.Code.PERMISSION_DENIED: 502}.get(exc.code, 502)
+        return web.json_response({"error": str(exc), "code": exc.code.name}, status=status)
+
+
+@web.middleware
+async def _same_origin(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method == "POST":
+        origin = request.headers.get("Origin")
+        if request.content_type != "application/json":
+            return web.json_response({"error": "send the request as application/json (from the dashboard)"}, status=415)
+        if origin is not None and origin.split("://", 1)[-1] != request.host:
+            return web.json_response({"error": f"a request from {origin} may not act on this dashboard"}, status=403)
+    return await handler(request)
+
+
+def _ps(request: web.Request) -> PsClient:
+    return request.app[PS]
+
+
+async def list_runs(request: web.Request) -> web.StreamResponse:
+    runs = await _ps(request).list_runs(limit=int(request.query.get("limit", "200")))
+    now = time.time()
+    return web.json_response([facts.run_facts(r, now) for r in runs])
+
+
+async def run_detail(request: web.Request) -> web.StreamResponse:
+    run_id = request.match_info["run_id"]
+    ps = _ps(request)
+    run, metrics = await asyncio.gather(ps.get_run(run_id), ps.get_metrics(run_id, include_clock_records=True))
+    return web.json_response({**status(run, metrics), **history(metrics)})
+
+
+def status(run: pb.Run, metrics: pb.GetMetricsResponse | None) -> dict[str, Any]:
+    """What a live update carries: ``psctl status --json`` (the run, its summary, workers, shards)."""
+    doc = facts.status_dict(run, metrics)
+    doc.pop("eval", None)
+    doc.pop("events", None)
+    doc["server_time"] = time.time()
+    return doc
+
+
+def point_rows(points: list[pb.MetricPoint]) -> list[dict[str, Any]]:
+    return [{"rank": p.rank, "clock": p.clock, "time": facts.seconds(p.time), "eval": p.eval,
+             "loss": facts.finite(p.loss), "test_loss": facts.finite(p.eval_loss) if p.eval else None,
+             "test_accuracy": facts.finite(p.eval_accuracy) if p.eval else None,
+             "test_auc": facts.auc(p) if p.eval else None, "samples": p.samples} for p in points]
+
+
+def event_rows(events: list[pb.RunEvent]) -> list[dict[str, Any]]:
+    return [{"time": facts.seconds(e.time), "kind": e.kind, "rank": e.rank, "message": e.message} for e in events]
+
+
+def staleness_histogram(metrics: pb.GetMetricsResponse) -> dict[str, int]:
+    """How many served pulls read parameters k clocks ahead of the min clock (clock - min clock:
+    at most the bound), over the server's clock records."""
+    counts = collections.Counter(r.clock - r.min_clock for r in metrics.clock_records
+                                 if r.kind == pb.ClockRecord.KIND_PULL)
+    return {str(k): counts[k] for k in sorted(counts)}
+
+
+def history(metrics: pb.GetMetricsResponse) -> dict[str, Any]:
+    return {"points": point_rows(list(metrics.points)), "events": event_rows(list(metrics.events)),
+            "staleness_histogram": staleness_histogram(metrics)}
+
+
+def _sse(event: str, data: Any) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n".encode()
+
+
+async def live(request: web.Request) -> web.StreamResponse:
+    """Server-sent events for one run, until it finishes or the page goes away (see the module)."""
+    run_id = request.match_info["run_id"]
+    ps, interval = _ps(request), request.app[CLUSTER].interval
+    await _ps(request).get_run(run_id)  # 404 now for an unknown run, not an empty stream
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+    since = float(request.query.get("since", "0") or 0)  # the newest point the page holds (Unix seconds)
+    task = asyncio.current_task()
+    assert task is not None
+    request.app[STREAMS].add(task)
+    try:
+        await _follow(ps, run_id, interval, since, resp)
+    except ConnectionResetError:
+        pass  # the page went away
+    finally:
+        request.app[STREAMS].discard(task)
+    return resp
+
+
+async def _follow(ps: PsClient, run_id: str, interval: float, since: float, resp: web.StreamResponse) -> None:
+    down = False
+    while True:
+        try:
+            async for snap in ps.watch_run(run_id, interval=interval, idle_timeout=max(10.0, 20 * interval)):
+                down = False
+                metrics = await ps.get_metrics(run_id, max_points=POINTS)
+                fresh = [p for p in metrics.points if (facts.seconds(p.time) or 0.0) > since]
+                since = max([since, *((facts.seconds(p.time) or 0.0) for p in fresh)])
+                await resp.write(_sse("status", status(snap.run, metrics)))
+                if fresh:
+                    await resp.write(_sse("points", point_rows(fresh)))
+                if snap.events:
+                    await resp.write(_sse("events", event_rows(list(snap.events))))
+                if snap.run.state in FINISHED:
+                    await resp.write(_sse("end", {"state": facts.state_name(snap.run.state)}))
+                    return
+            run = await ps.get_run(run_id)  # the stream ended: the run finished (or the server went away)
+            if run.state in FINISHED:
+                await resp.write(_sse("status", status(run, None)))
+                await resp.write(_sse("end", {"state": facts.state_name(run.state)}))
+                return
+        except errors.PsError as exc:
+            if exc.code == errors.Code.NOT_FOUND:
+                await resp.write(_sse("gone", {"error": str(exc)}))
+                return
+            if not down:
+                log.info("run %s: the parameter server is unreachable (%s); retrying", run_id, exc)
+            down = True
+            await resp.write(_sse("down", {"error": str(exc), "retry_seconds": RETRY_SECONDS}))
+            await asyncio.sleep(RETRY_SECONDS)
+
+
+async def stop(request: web.Request) -> web.StreamResponse:
+    run = await _ps(request).stop_run(request.match_info["run_id"], reason="stopped from the dashboard")
+    return web.json_response({"run_id": run.run_id, "state": facts.state_name(run.state)})
+
+
+async def checkpoint(request: web.Request) -> web.StreamResponse:
+    resp = await _ps(request).checkpoint_run(request.match_info["run_id"])
+    return web.json_response(facts.message_to_dict(resp))
+
+
+async def serve(server: str, security: Security | None, host: str, port: int, timeout: float,
+                ready: Callable[[str], None] | None = None) -> None:
+    """Run the dashboard until cancelled; ``ready(url)`` once it listens."""
+    runner = web.AppRunner(make_app(server, security, timeout), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = runner.addresses[0]
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{bound[1]}/"
+        if ready:
+            ready(url)
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,257 @@
+"use strict";
+// One run, live: the clock bars against the SSP window, curves, servers, events, stop/checkpoint.
+// History comes from /api/runs/ID once; then server-sent events from /api/runs/ID/live (fed by the
+// parameter server's WatchRun). When the stream breaks it is opened again, asking only for newer points.
+
+const runId = decodeURIComponent(location.pathname.split("/").pop());
+const FINISHED = new Set(["completed", "stopped", "failed"]);
+const COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+  "#bcbd22", "#17becf"];
+const S = { points: new Map(), events: [], rates: [], prev: null, histogram: {}, last: null, since: 0,
+  charts: {}, ranks: 0, finished: false, source: null, dirty: false };
+
+document.getElementById("title").textContent = runId;
+document.title = "paramserver: " + runId;
+
+// ------------------------------------------------------------------------------ status
+function renderStatus(doc) {
+  const s = doc.summary;
+  S.last = doc;
+  S.ranks = doc.workers.length;
+  document.getElementById("title").textContent = `${s.run_id}${s.name ? " · " + s.name : ""}`;
+  const state = document.getElementById("state");
+  state.textContent = s.state;
+  state.className = "badge " + s.state;
+  const auc = s.test_auc !== null ? ` · test AUC ${fmt.num(s.test_auc, 3)}` : "";
+  const acc = s.test_accuracy !== null ? ` · test accuracy ${fmt.num(s.test_accuracy, 3)}` : "";
+  document.getElementById("facts").textContent =
+    `${s.model} on ${s.dataset} · ${s.optimizer} lr ${s.lr} · s = ${fmt.staleness(s.staleness)} · ` +
+    `${s.workers_active}/${s.workers} workers · min clock ${s.min_clock}/${s.iterations} (${fmt.pct(s.progress)})` +
+    `${acc}${auc} · staleness mean ${fmt.num(s.staleness_mean, 2)}, max ${s.staleness_max}` +
+    ` · ${s.pushes_applied} pushes · ${fmt.bytes(s.bytes_pushed + s.bytes_pulled)} moved`;
+  if (s.message) notice(s.message);
+  renderClocks(doc);
+  renderShards(doc.shards || []);
+  const over = FINISHED.has(s.state);
+  document.getElementById("stop").disabled = over;
+  document.getElementById("checkpoint").disabled = over;
+  rate(doc);
+}
+
+function rate(doc) {
+  const t = doc.server_time, s = doc.summary;
+  if (S.prev && t > S.prev.t + 0.2) {
+    const dt = t - S.prev.t;
+    S.rates.push({ t, pushes: (s.pushes_applied - S.prev.pushes) / dt,
+      mb: (s.bytes_pushed + s.bytes_pulled - S.prev.bytes) / dt / 1e6, clock: s.min_clock });
+    if (S.rates.length > 2000) S.rates.shift();
+    S.dirty = true;
+  }
+  if (!S.prev || t > S.prev.t + 0.2) S.prev = { t, pushes: s.pushes_applied, bytes: s.bytes_pushed + s.bytes_pulled };
+}
+
+// The SSP window: a pull of clock c is served once every rank has completed c - s iterations, so
+// the ranks at the min clock hold the others back, and a parked rank waits for them.
+function renderClocks(doc) {
+  const s = doc.summary, bound = s.staleness, workers = doc.workers;
+  const live = workers.filter(w => w.state !== "vacant" && w.state !== "evicted");
+  const holding = new Set(s.max_clock > s.min_clock ? live.filter(w => w.clock === s.min_clock).map(w => w.rank) : []);
+  const hi = Math.max(s.max_clock, bound >= 0 ? s.min_clock + bound + 1 : s.max_clock) + 1;
+  const lo = Math.max(0, Math.min(s.min_clock - 1, hi - 2));
+  const span = Math.max(1, hi - lo);
+  const x = c => (100 * (Math.min(Math.max(c, lo), hi) - lo) / span).toFixed(2) + "%";
+  const text = s.waiting_for || (FINISHED.has(s.state) ? `the run ${s.state}` : "no pull is waiting");
+  const window = bound >= 0 ? `SSP window [${s.min_clock}, ${s.min_clock + bound}]` : "no bound (asynchronous)";
+  document.getElementById("window").textContent = `${window}: ${text}` +
+    (holding.size ? ` · held back by rank${holding.size > 1 ? "s" : ""} ${[...holding].join(", ")}` : "");
+  const rows = workers.map(w => {
+    const cls = ["clock-row", w.state];
+    let note = `clock ${w.clock}`;
+    if (holding.has(w.rank)) { cls.push("holding"); note += " · holds the window back"; }
+    if (w.waiting) {
+      cls.push("parked");
+      const need = w.needs_min_clock;
+      const behind = need === null ? [] : live.filter(o => o.clock < need && o.rank !== w.rank).map(o => o.rank);
+      note += need === null ? " · parked" : behind.length === 0 ? ` · released (clock ${need} reached), being served` :
+        ` · waits for rank${behind.length > 1 ? "s" : ""} ${behind.join(", ")} to reach ${need}`;
+    }
+    const track = el("div", { class: "track" });
+    if (bound >= 0) track.append(el("div", { class: "band", style: `left:${x(s.min_clock)};width:calc(${x(s.min_clock + bound + 1)} - ${x(s.min_clock)})` }));
+    track.append(el("div", { class: "bar", style: `width:${x(w.clock)}` }));
+    return el("div", { class: cls.join(" "), "data-rank": w.rank, "data-clock": w.clock },
+      el("span", { class: "rank", text: `rank ${w.rank}` }), track,
+      el("span", { class: "note", text: `${note}${w.data_plane ? " · " + w.data_plane : ""}` }));
+  });
+  const axis = el("div", { class: "clock-row axis" }, el("span", { class: "rank" }),
+    el("div", { class: "track" }, el("span", { class: "tick", style: "left:0", text: String(lo) }),
+      el("span", { class: "tick", style: "right:0", text: String(hi) })), el("span", { class: "note", text: "clock" }));
+  document.getElementById("clocks").replaceChildren(...rows, axis);
+}
+
+function renderShards(shards) {
+  document.getElementById("shards-section").hidden = shards.length === 0;
+  document.getElementById("shards").replaceChildren(...shards.map(d => el("tr", { class: d.reachable ? "" : "down" },
+    el("td", { text: String(d.index) }), el("td", { text: d.address }), el("td", { text: d.state }),
+    el("td", { text: fmt.bytes(d.bytes_held) }), el("td", { text: String(d.min_clock) }),
+    el("td", { text: fmt.num(d.pushes_per_second, 3) }), el("td", { text: fmt.bytes(d.rss_bytes) }))));
+}
+
+const seenEvents = new Set();
+
+function addEvents(events) {
+  const list = document.getElementById("events");
+  for (const e of events) {
+    const key = `${e.time}/${e.kind}/${e.rank}/${e.message}`;
+    if (seenEvents.has(key)) continue;  // (the history and the stream's first update both have it)
+    seenEvents.add(key);
+    const when = e.time ? new Date(e.time * 1000).toLocaleTimeString() : "";
+    list.prepend(el("li", { class: "event " + e.kind },
+      el("time", { text: when }), el("b", { text: e.kind }), ` ${e.rank >= 0 ? "rank " + e.rank + ": " : ""}${e.message}`));
+  }
+}
+
+function notice(text) {
+  const n = document.getElementById("notice");
+  n.hidden = !text;
+  n.textContent = text || "";
+}
+
+// ------------------------------------------------------------------------------ curves
+function addPoints(points) {
+  for (const p of points) {
+    S.points.set(`${p.rank}/${p.clock}/${p.eval}/${p.time}`, p);
+    if (p.time > S.since) S.since = p.time;
+  }
+  S.dirty = true;
+}
+
+function chart(id, series, opts = {}) {
+  const target = document.getElementById(id);
+  const width = Math.max(300, target.clientWidth || 480);
+  const plot = new uPlot({ width, height: 220, series, legend: { live: false },
+    scales: { x: { time: opts.time !== false } }, axes: [{}, { size: 60 }], ...opts.extra }, series.map(() => []), target);
+  target.dataset.points = "0";
+  return plot;
+}
+
+function byX(rows, key) {
+  const xs = [...new Set(rows.map(r => r[key]))].sort((a, b) => a - b);
+  return { xs, index: new Map(xs.map((x, i) => [x, i])) };
+}
+
+function drawCharts() {
+  if (!S.dirty || !S.last) return;
+  S.dirty = false;
+  const key = document.getElementById("xaxis").value, time = key === "time";
+  const all = [...S.points.values()];
+  const train = all.filter(p => !p.eval && p.loss !== null), evals = all.filter(p => p.eval);
+  const ranks = Math.max(S.ranks, ...train.map(p => p.rank + 1), 1);
+  const rebuild = S.charts.key !== key || S.charts.ranks !== ranks;
+  if (rebuild) {
+    for (const id of ["loss", "eval", "rate", "stale"]) document.getElementById(id).replaceChildren();
+    const rankSeries = [...Array(ranks).keys()].map(r => ({ label: `rank ${r}`, stroke: COLOURS[r % COLOURS.length], spanGaps: true }));
+    S.charts = { key, ranks,
+      loss: chart("loss", [{ label: key }, ...rankSeries], { time }),
+      eval: chart("eval", [{ label: key }, { label: "accuracy / AUC", stroke: "#2ca02c", spanGaps: true, scale: "y" },
+        { label: "test loss", stroke: "#d62728", spanGaps: true, scale: "loss" }],
+        { time, extra: { axes: [{}, { scale: "y", size: 60 }, { scale: "loss", side: 1, size: 60, grid: { show: false } }] } }),
+      rate: chart("rate", [{ label: key }, { label: "pushes/s", stroke: "#1f77b4", spanGaps: true, scale: "y" },
+        { label: "MB/s", stroke: "#9467bd", spanGaps: true, scale: "mb" }],
+        { time, extra: { axes: [{}, { scale: "y", size: 60 }, { scale: "mb", side: 1, size: 60, grid: { show: false } }] } }),
+      stale: chart("stale", [{ label: "clock − min clock" }, { label: "pulls", stroke: "#7f7f7f", fill: "#7f7f7f55",
+        paths: uPlot.paths.bars({ size: [0.8] }), points: { show: false } }], { time: false }),
+    };
+  }
+  const { xs, index } = byX(train, key);
+  const cols = [...Array(ranks)].map(() => new Array(xs.length).fill(null));
+  for (const p of train) cols[p.rank][index.get(p[key])] = p.loss;
+  S.charts.loss.setData([xs, ...cols]);
+  document.getElementById("loss").dataset.points = String(train.length);
+
+  const e = [...evals].sort((a, b) => a[key] - b[key]);
+  const quality = e.map(p => p.test_auc !== null ? p.test_auc : p.test_accuracy);
+  document.getElementById("eval-caption").textContent = e.some(p => p.test_auc !== null) ? "test AUC and log-loss" :
+    e.some(p => p.test_accuracy !== null) ? "test accuracy and loss" : "test loss (RMSE for regression and ratings)";
+  S.charts.eval.setData([e.map(p => p[key]), quality, e.map(p => p.test_loss)]);
+  document.getElementById("eval").dataset.points = String(e.length);
+
+  const rx = S.rates.map(r => time ? r.t : r.clock);
+  S.charts.rate.setData([rx, S.rates.map(r => r.pushes), S.rates.map(r => r.mb)]);
+  document.getElementById("rate").dataset.points = String(S.rates.length);
+
+  const h = Object.entries(S.histogram).map(([k, v]) => [Number(k), v]).sort((a, b) => a[0] - b[0]);
+  S.charts.stale.setData([h.map(x => x[0]), h.map(x => x[1])]);
+  document.getElementById("stale").dataset.points = String(h.length);
+}
+
+document.getElementById("xaxis").addEventListener("change", () => { S.charts.key = null; S.dirty = true; drawCharts(); });
+setInterval(drawCharts, 500);
+
+// ------------------------------------------------------------------------------ live updates
+function connect() {
+  const source = new EventSource(`/api/runs/${encodeURIComponent(runId)}/live?since=${S.since}`);
+  S.source = source;
+  source.addEventListener("status", ev => { setConn("live", "live"); renderStatus(JSON.parse(ev.data)); });
+  source.addEventListener("points", ev => addPoints(JSON.parse(ev.data)));
+  source.addEventListener("events", ev => addEvents(JSON.parse(ev.data)));
+  source.addEventListener("down", ev => setConn("down",
+    "parameter server unreachable, reconnecting… (" + JSON.parse(ev.data).error + ")"));
+  source.addEventListener("gone", ev => { source.close(); setConn("down", JSON.parse(ev.data).error); });
+  source.addEventListener("end", ev => {
+    S.finished = true;
+    source.close();
+    setConn("finished", "finished: " + JSON.parse(ev.data).state);
+    refreshHistory();
+  });
+  source.onerror = () => {  // the dashboard itself went away or restarted: open a new stream, from the newest point
+    source.close();
+    if (S.finished) return;
+    setConn("down", "dashboard unreachable, reconnecting…");
+    setTimeout(connect, 1000);
+  };
+}
+
+async function refreshHistory() {
+  try {
+    const doc = await getJSON(`/api/runs/${encodeURIComponent(runId)}`);
+    S.histogram = doc.staleness_histogram;
+    S.dirty = true;
+    return doc;
+  } catch (e) {
+    return null;
+  }
+}
+
+async function act(what, question) {
+  if (!confirm(question)) return;
+  const button = document.getElementById(what);
+  button.disabled = true;
+  try {
+    const resp = await fetch(`/api/runs/${encodeURIComponent(runId)}/${what}`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: "{}" });
+    const body = await resp.json();
+    notice(resp.ok ? (what === "stop" ? `stopped: the run is ${body.state}` :
+      `checkpoint saved at min clock ${body.min_clock}: ${body.path}`) :
+      `${what} failed: ${body.error}`);
+  } finally {
+    button.disabled = S.finished;
+  }
+}
+
+document.getElementById("stop").addEventListener("click", () => act("stop", `Stop run ${runId}? Its workers are released.`));
+document.getElementById("checkpoint").addEventListener("click", () => act("checkpoint", `Checkpoint run ${runId} now?`));
+
+(async () => {
+  const doc = await refreshHistory();
+  if (doc === null) {
+    setConn("down", "cannot read the run (is the parameter server up?), retrying…");
+  } else {
+    renderStatus(doc);
+    addPoints(doc.points);
+    addEvents(doc.events);
+    S.finished = FINISHED.has(doc.summary.state);
+    if (S.finished) setConn("finished", "finished: " + doc.summary.state);
+  }
+  if (!S.finished) connect();
+  setInterval(() => { if (!S.finished) refreshHistory(); }, 10000);
+})();

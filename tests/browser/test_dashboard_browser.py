@@ -1,0 +1,186 @@
+"""The dashboard in a real headless browser (Debian's chromium, driven by Playwright) during real
+runs: a ps-server and ps-worker processes, ``psctl dashboard``'s app on this test's loop.
+
+``DASHBOARD_SCREENSHOTS=DIR`` also saves the pages' screenshots there (the README's come from it:
+``DASHBOARD_SCREENSHOTS=docs .venv/bin/pytest tests/browser``); they always go to the test's tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from procs import connect, free_port, ps_server, ps_workers, watch_until
+
+from client.dashboard.server import make_app
+from client.spec import LaunchOptions, build_run_spec
+from paramserver.v1 import paramserver_pb2 as pb
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]
+
+CHROMIUM = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser") or ""
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    from playwright.async_api import async_playwright
+
+    assert CHROMIUM, "no chromium: install Debian's (apt-get install chromium; make test does) or set CHROMIUM=PATH"
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+async def dashboard(addr: str) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(make_app(addr, timeout=5.0, interval=0.2))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+async def open_page(browser: Any, url: str) -> tuple[Any, list[str]]:
+    """A page at ``url`` and the list its console errors and uncaught exceptions go to."""
+    page = await browser.new_page(viewport={"width": 1400, "height": 1000})
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    await page.goto(url)
+    return page, problems
+
+
+async def screenshot(page: Any, tmp_path: Path, name: str) -> None:
+    await page.screenshot(path=str(tmp_path / name), full_page=True)
+    if os.environ.get("DASHBOARD_SCREENSHOTS"):
+        out = Path(os.environ["DASHBOARD_SCREENSHOTS"])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / name, out / name)
+
+
+async def clocks(page: Any) -> dict[int, int]:
+    rows = await page.eval_on_selector_all(".clock-row[data-rank]", "rs => rs.map(r => [r.dataset.rank, r.dataset.clock])")
+    return {int(r): int(c) for r, c in rows}
+
+
+async def test_a_live_run_in_the_browser_clocks_move_the_straggler_holds_the_window_and_stop_works(
+        browser: Any, tmp_path: Path) -> None:
+    port = free_port()
+    run_spec = build_run_spec(LaunchOptions(model="mlp:32", dataset="digits", workers=3, staleness=2, iterations=100_000,
+                                            batch_size=32, eval_every=40, seed=5, name="browser-test",
+                                            slowdown=((2, 4.0),)))
+    with ps_server("--port", str(port)) as (_, addr), ps_workers(addr, 3):
+        async with connect(addr) as c:
+            other = await c.create_run(build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=2,
+                                                                    name="waiting-for-workers", iterations=10)))
+            await c.stop_run(other.run_id)
+            run = await c.create_run(run_spec)
+            await watch_until(c, run.run_id, lambda r: r.min_clock >= 5)
+        runner, url = await dashboard(addr)
+        try:
+            page, problems = await open_page(browser, url)
+            row = page.locator(f'tr[data-run="{run.run_id}"]')
+            await row.wait_for()
+            assert await page.locator("tbody#rows tr").count() == 2
+            assert await row.locator(".badge").inner_text() == "running"
+            await page.fill("[data-testid=filter]", "browser")  # the filter keeps the matching run only
+            await page.wait_for_function("document.querySelectorAll('tbody#rows tr').length === 1")
+            await page.fill("[data-testid=filter]", "no-such-run")
+            await page.wait_for_function("document.querySelectorAll('tbody#rows tr').length === 0")
+            await page.fill("[data-testid=filter]", "")
+            await screenshot(page, tmp_path, "dashboard-runs.png")
+
+            await page.click(f'a[href="/runs/{run.run_id}"]')
+            await page.wait_for_selector(".clock-row[data-rank='2']")
+            await page.wait_for_function("document.querySelector('[data-testid=conn]').dataset.state === 'live'")
+            before = await clocks(page)
+            # the bars move: every rank's clock advances on the page, fed by the live stream
+            await page.wait_for_function(f"[...document.querySelectorAll('.clock-row[data-rank]')].every("
+                                         f"r => Number(r.dataset.clock) > {max(before.values())} + 2)", timeout=30_000)
+            # the straggler (rank 2, 4x slower) holds the SSP window back, and a parked rank says it waits for it
+            holding = page.locator(".clock-row.holding[data-rank='2']")
+            await holding.wait_for(timeout=30_000)
+            parked = page.locator(".clock-row.parked .note", has_text="waits for rank 2 to reach")
+            await parked.first.wait_for(timeout=30_000)
+            assert "held back by rank 2" in await page.inner_text("[data-testid=window]")
+            # the curves gain points
+            loss = page.locator("#loss")
+            n = int(await loss.get_attribute("data-points") or 0)
+            await page.wait_for_function(f"Number(document.querySelector('#loss').dataset.points) > {n}", timeout=20_000)
+            await page.wait_for_function("Number(document.querySelector('#eval').dataset.points) >= 1", timeout=30_000)
+            await page.wait_for_function("Number(document.querySelector('#rate').dataset.points) >= 2", timeout=20_000)
+            assert await page.locator("#loss canvas").count() == 1
+            await page.select_option("[data-testid=xaxis]", "clock")  # the same curves against the clock
+            await page.wait_for_function("S.charts.key === 'clock' && S.charts.loss.data[0].length > 0 && "
+                                         "S.charts.loss.data[0].every(x => Number.isInteger(x))")
+            await screenshot(page, tmp_path, "dashboard-run.png")
+            events = await page.locator("#events li").all_inner_texts()
+            assert len(events) == len(set(events)) and sum("created" in e for e in events) == 1
+
+            # stop, confirmed in the dialog
+            dialogs: list[str] = []
+
+            async def accept(dialog: Any) -> None:
+                dialogs.append(dialog.message)
+                await dialog.accept()
+
+            page.on("dialog", accept)
+            await page.click("[data-testid=stop]")
+            await page.wait_for_function("document.querySelector('[data-testid=state]').textContent === 'stopped'",
+                                         timeout=20_000)
+            await page.wait_for_function("document.querySelector('[data-testid=conn]').dataset.state === 'finished'")
+            assert dialogs and run.run_id in dialogs[0]
+            async with connect(addr) as c:
+                assert (await c.get_run(run.run_id)).state == pb.RUN_STATE_STOPPED
+            assert await page.locator("[data-testid=stop]").is_disabled()
+            assert problems == []
+        finally:
+            await runner.cleanup()
+
+
+async def test_the_page_says_when_the_server_is_gone_and_carries_on_after_its_restart(
+        browser: Any, tmp_path: Path) -> None:
+    port = free_port()
+    args = ("--port", str(port), "--data-dir", str(tmp_path / "data"), "--checkpoint-every", "20",
+            "--lease-seconds", "20")
+    run_spec = build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=2, staleness=2,
+                                            iterations=100_000, batch_size=32, seed=2, slowdown=((1, 2.0),)))
+    with ps_workers(f"127.0.0.1:{port}", 2, "--timeout-seconds", "10"):
+        with ps_server(*args) as (server, addr):
+            async with connect(addr) as c:
+                run = await c.create_run(run_spec)
+                await watch_until(c, run.run_id, lambda r: r.min_clock >= 30)
+            runner, url = await dashboard(addr)
+            try:
+                page, problems = await open_page(browser, f"{url}/runs/{run.run_id}")
+                await page.wait_for_function("document.querySelector('[data-testid=conn]').dataset.state === 'live'")
+                page.on("dialog", lambda dialog: dialog.accept())
+                await page.click("[data-testid=checkpoint]")  # confirmed; the server has a --data-dir
+                notice = page.locator("[data-testid=notice]", has_text="checkpoint saved at min clock")
+                await notice.wait_for(timeout=20_000)
+                assert str(tmp_path / "data") in await notice.inner_text()
+                server.kill()
+                server.wait(10)
+                await page.wait_for_function("document.querySelector('[data-testid=conn]').dataset.state === 'down'",
+                                             timeout=30_000)
+                assert "unreachable" in await page.inner_text("[data-testid=conn]")
+                await screenshot(page, tmp_path, "dashboard-down.png")
+                with ps_server(*args):
+                    await page.wait_for_function(
+                        "document.querySelector('[data-testid=conn]').dataset.state === 'live'", timeout=60_000)
+                    restored = max((await clocks(page)).values())
+                    await page.wait_for_function(
+                        f"[...document.querySelectorAll('.clock-row[data-rank]')].some("
+                        f"r => Number(r.dataset.clock) > {restored} + 5)", timeout=30_000)
+                    async with connect(addr) as c:
+                        await c.stop_run(run.run_id)
+                # the browser's own failed requests while the server was down are expected; nothing else
+                assert [p for p in problems if "Failed to load resource" not in p] == []
+            finally:
+                await runner.cleanup()

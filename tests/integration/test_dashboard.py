@@ -1,0 +1,173 @@
+"""``psctl dashboard``'s HTTP side against a real ps-server and real workers: the runs list, a run's
+history, the live stream (server-sent events) through a run's life and a server restart, and the
+actions, which only the page itself may call. The page in a real browser: tests/browser."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from procs import connect, finish, free_port, ps_server, ps_workers, watch_until
+
+from client.dashboard.server import make_app
+from client.spec import LaunchOptions, build_run_spec
+from paramserver.v1 import paramserver_pb2 as pb
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def spec(**kw: Any) -> pb.RunSpec:
+    o: dict[str, Any] = {"model": "softmax", "dataset": "digits", "workers": 2, "staleness": 1, "iterations": 60,
+                         "batch_size": 16, "eval_every": 10, "seed": 3, **kw}
+    return build_run_spec(LaunchOptions(**o))
+
+
+@asynccontextmanager
+async def dashboard(addr: str) -> AsyncIterator[str]:
+    """The dashboard for the cluster at ``addr``, on a free port of this loop: its base URL."""
+    runner = web.AppRunner(make_app(addr, timeout=5.0, interval=0.1))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def sse(resp: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, Any]]:
+    """The (event, data) pairs of a server-sent event stream."""
+    event, data = "message", []
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\n")
+        if not line:
+            if data:
+                yield event, json.loads("\n".join(data))
+            event, data = "message", []
+        elif line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            data.append(line[6:])
+
+
+async def test_the_runs_list_and_a_finished_run_s_history() -> None:
+    port = free_port()
+    with ps_server("--port", str(port)) as (_, addr), ps_workers(addr, 2):
+        async with connect(addr) as c:
+            first = await c.create_run(spec(name="first"))
+            await finish(c, first.run_id, timeout=60)
+            second = await c.create_run(spec(name="second", workers=3))  # no workers for it: pending
+        async with dashboard(addr) as url, aiohttp.ClientSession() as http:
+            async with http.get(f"{url}/api/runs") as r:
+                assert r.status == 200
+                runs = await r.json()
+            assert [x["run_id"] for x in runs] == [second.run_id, first.run_id]  # newest first
+            assert runs[1]["state"] == "completed" and runs[1]["progress"] == 1.0 and runs[1]["name"] == "first"
+            assert runs[0]["state"] == "pending" and runs[0]["workers"] == 3
+            async with http.get(f"{url}/api/runs/{first.run_id}") as r:
+                doc = await r.json()
+            assert doc["summary"]["min_clock"] == 60 and [w["clock"] for w in doc["workers"]] == [60, 60]
+            evals = [p for p in doc["points"] if p["eval"]]
+            assert [p["clock"] for p in evals][-1] == 60 and 0.5 < evals[-1]["test_accuracy"] <= 1.0
+            assert {p["rank"] for p in doc["points"] if not p["eval"]} == {0, 1}
+            histogram = {int(k): v for k, v in doc["staleness_histogram"].items()}
+            # every served pull (a worker skips some: its cache was fresh), none ahead of the bound s = 1
+            assert sum(histogram.values()) == doc["summary"]["pulls_served"] > 0 and max(histogram) <= 1
+            assert "completed" in [e["kind"] for e in doc["events"]]
+            async with http.get(f"{url}/") as r, http.get(f"{url}/runs/{first.run_id}") as p:
+                assert r.status == p.status == 200 and "runs.js" in await r.text() and "run.js" in await p.text()
+            async with http.get(f"{url}/static/vendor/uPlot.iife.min.js") as r:
+                assert r.status == 200 and len(await r.read()) > 40_000
+            async with http.get(f"{url}/api/runs/run-nope") as r:
+                assert r.status == 404 and "run-nope" in (await r.json())["error"]
+
+
+async def test_the_live_stream_shows_who_waits_on_whom_until_the_run_ends() -> None:
+    """s = 1, rank 1 a 4x straggler: rank 0 is parked waiting for rank 1 to reach the clock it
+    needs, and rank 1 holds the window back; points arrive; the stream ends with the run."""
+    port = free_port()
+    with ps_server("--port", str(port)) as (_, addr), ps_workers(addr, 2):
+        async with connect(addr) as c:
+            run = await c.create_run(spec(iterations=150, slowdown=((1, 4.0),)))
+        seen: dict[str, list[Any]] = {}
+        async with dashboard(addr) as url, aiohttp.ClientSession() as http:
+            async with http.get(f"{url}/api/runs/{run.run_id}/live") as r:
+                assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+                async for event, data in sse(r):
+                    seen.setdefault(event, []).append(data)
+                    if event == "end":
+                        break
+        assert seen["end"] == [{"state": "completed"}]
+        clocks = [d["summary"]["min_clock"] for d in seen["status"]]
+        assert clocks == sorted(clocks) and clocks[0] < 150 == clocks[-1] and len(set(clocks)) > 3
+        parked = [d for d in seen["status"] if any(w["waiting"] for w in d["workers"])]
+        assert parked, "rank 0 never waited for the straggler"
+        ahead = []
+        for d in parked:
+            waiting = [w for w in d["workers"] if w["waiting"]]
+            assert [w["rank"] for w in waiting] == [0]
+            # the clock rank 1 has yet to reach (or has just reached: released, not yet served)
+            assert waiting[0]["needs_min_clock"] >= d["workers"][1]["clock"]
+            ahead.append(waiting[0]["needs_min_clock"] > d["workers"][1]["clock"])
+        assert sum(ahead) > len(ahead) / 2
+        points = [p for batch in seen["points"] for p in batch]
+        assert {p["rank"] for p in points if not p["eval"]} == {0, 1} and any(p["eval"] for p in points)
+        assert len({(p["rank"], p["clock"], p["eval"], p["time"]) for p in points}) == len(points)  # none twice
+
+
+async def test_actions_come_only_from_the_page_and_stop_a_run() -> None:
+    port = free_port()
+    with ps_server("--port", str(port)) as (_, addr):
+        async with connect(addr) as c:
+            run = await c.create_run(spec())
+        async with dashboard(addr) as url, aiohttp.ClientSession() as http:
+            stop = f"{url}/api/runs/{run.run_id}/stop"
+            async with http.post(stop, data="x=1", headers={"Content-Type": "application/x-www-form-urlencoded"}) as r:
+                assert r.status == 415  # what a form on another site could send
+            async with http.post(stop, json={}, headers={"Origin": "http://evil.example"}) as r:
+                assert r.status == 403 and "evil.example" in (await r.json())["error"]
+            async with connect(addr) as c:
+                assert (await c.get_run(run.run_id)).state == pb.RUN_STATE_PENDING  # untouched
+            async with http.post(f"{url}/api/runs/{run.run_id}/checkpoint", json={}) as r:
+                assert r.status == 409 and "data-dir" in (await r.json())["error"]  # no --data-dir: says so
+            async with http.post(stop, json={}, headers={"Origin": url}) as r:
+                assert r.status == 200 and (await r.json())["state"] == "stopped"
+            async with connect(addr) as c:
+                assert (await c.get_run(run.run_id)).state == pb.RUN_STATE_STOPPED
+
+
+@pytest.mark.timeout(180)
+async def test_the_live_stream_says_the_server_is_down_and_resumes_after_its_restart(tmp_path: Path) -> None:
+    port = free_port()
+    args = ("--port", str(port), "--data-dir", str(tmp_path), "--checkpoint-every", "10", "--lease-seconds", "20")
+    with ps_workers(f"127.0.0.1:{port}", 2, "--timeout-seconds", "10"):
+        with ps_server(*args) as (server, addr):
+            async with connect(addr) as c:
+                run = await c.create_run(spec(iterations=400, slowdown=((1, 3.0),)))
+                await watch_until(c, run.run_id, lambda r: r.min_clock >= 20)
+            async with dashboard(addr) as url, aiohttp.ClientSession() as http:
+                async with http.get(f"{url}/api/runs/{run.run_id}/live") as r:
+                    events = sse(r)
+                    assert (await anext(events))[0] == "status"
+                    server.kill()
+                    server.wait(10)
+                    async with asyncio.timeout(30):
+                        async for event, data in events:
+                            if event == "down":
+                                assert data["retry_seconds"] > 0 and data["error"]
+                                break
+                    with ps_server(*args):
+                        async with asyncio.timeout(60):
+                            async for event, data in events:
+                                if event == "status":
+                                    assert data["summary"]["run_id"] == run.run_id
+                                    break
+                        async with connect(addr) as c:
+                            await c.stop_run(run.run_id)
