@@ -35,7 +35,7 @@ T = TypeVar("T")
 DEFAULT_SERVER = "127.0.0.1:50051"
 
 app = typer.Typer(
-    name="psctl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="psctl", no_args_is_help=True, rich_markup_mode="markdown", add_completion=False, pretty_exceptions_enable=False,
     help="Control a paramserver: launch training runs, watch them, inspect and export them.\n\n"
     "Exit status: 0 ok; 1 error (printed as 'Error: ...' on stderr) or the followed run FAILED; "
     "2 the followed run was STOPPED (or a usage error); 130 interrupted.",
