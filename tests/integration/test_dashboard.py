@@ -171,3 +171,50 @@ async def test_the_live_stream_says_the_server_is_down_and_resumes_after_its_res
                                     break
                         async with connect(addr) as c:
                             await c.stop_run(run.run_id)
+
+
+async def test_a_sharded_run_shows_one_line_per_server() -> None:
+    ports = [free_port(), free_port()]
+    cluster = ",".join(f"127.0.0.1:{p}" for p in ports)
+    with ps_server("--port", str(ports[0]), "--cluster", cluster, "--index", "0") as (_, addr), \
+            ps_server("--port", str(ports[1]), "--cluster", cluster, "--index", "1"):
+        async with connect(addr) as c:
+            run = await c.create_run(spec(model="mlp:32"))
+        async with dashboard(addr) as url, aiohttp.ClientSession() as http, asyncio.timeout(30):
+            while True:  # server 0 hears from server 1 every few seconds: "not heard from yet" until then
+                async with http.get(f"{url}/api/runs/{run.run_id}") as r:
+                    doc = await r.json()
+                if all(s["reachable"] for s in doc["shards"]):
+                    break
+                await asyncio.sleep(0.2)
+    shards = doc["shards"]
+    assert [s["index"] for s in shards] == [0, 1] and [s["address"] for s in shards] == cluster.split(",")
+    assert all(s["reachable"] and s["bytes_held"] > 0 and s["pieces"] for s in shards), shards
+    assert sum(s["bytes_held"] for s in shards) >= 4 * (64 * 32 + 32 + 32 * 10 + 10)  # the whole model, once
+
+
+def test_psctl_dashboard_serves_the_page_and_says_where() -> None:
+    """The command as a user runs it: it prints its URL (a free port with --port 0), serves the
+    page and the API until interrupted; a port already taken is an error that says what to do."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    with ps_server("--port", str(free_port())) as (_, addr):
+        proc = subprocess.Popen([sys.executable, "-m", "client.cli", "dashboard", "--port", "0", "--server", addr],
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stderr is not None
+            line = proc.stderr.readline()
+            match = re.search(r"on (http://127\.0\.0\.1:(\d+)/) \(the cluster at " + re.escape(addr), line)
+            assert match, line
+            with urllib.request.urlopen(match.group(1) + "api/runs", timeout=10) as r:
+                assert r.status == 200 and json.loads(r.read()) == []
+            taken = subprocess.run([sys.executable, "-m", "client.cli", "dashboard", "--port", match.group(2),
+                                    "--server", addr], capture_output=True, text=True, timeout=60)
+            assert taken.returncode == 1 and "choose another --port" in taken.stderr, taken.stderr
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(20) == 0
