@@ -482,6 +482,9 @@ def dashboard(port: Annotated[int, typer.Option(min=0, max=65535, help="Port to 
 
     def ready(url: str) -> None:
         typer.echo(f"paramserver dashboard on {url} (the cluster at {address}); Ctrl-C stops it", err=True)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            typer.echo(f"warning: listening on {host}: whoever reaches this port can stop and checkpoint runs",
+                       err=True)
         if open_:
             import webbrowser
             webbrowser.open(url)

@@ -62,6 +62,8 @@ class Cluster:
     timeout: float
     interval: float
     """Seconds between live updates."""
+    loopback_only: bool = True
+    """Answer only requests addressed to 127.0.0.1, localhost or ::1 (the dashboard listens there)."""
 
 
 CLUSTER = web.AppKey("cluster", Cluster)
@@ -71,10 +73,11 @@ STREAMS = web.AppKey("streams", set[asyncio.Task[Any]])
 
 
 def make_app(server: str, security: Security | None = None, timeout: float = 10.0,
-             interval: float = 0.5) -> web.Application:
-    """The dashboard for the cluster at ``server`` (HOST:PORT); ``interval``: seconds between live updates."""
+             interval: float = 0.5, loopback_only: bool = True) -> web.Application:
+    """The dashboard for the cluster at ``server`` (HOST:PORT); ``interval``: seconds between live
+    updates; ``loopback_only``: refuse requests not addressed to a loopback name (it listens there)."""
     app = web.Application(middlewares=[_errors, _same_origin])
-    app[CLUSTER] = Cluster(server, security, timeout, interval)
+    app[CLUSTER] = Cluster(server, security, timeout, interval, loopback_only)
     app[STREAMS] = set()
     app.cleanup_ctx.append(_client)
     app.on_shutdown.append(_end_streams)
@@ -120,8 +123,23 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.json_response({"error": str(exc), "code": exc.code.name}, status=status)
 
 
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _host_name(host: str) -> str:
+    """``Host`` header -> the name in it, without the port ("[::1]:8265" -> "::1")."""
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 @web.middleware
 async def _same_origin(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bound to loopback, the dashboard answers only requests addressed to loopback: a web page
+    whose name was made to point at 127.0.0.1 (DNS rebinding) cannot read or act on it."""
+    if request.app[CLUSTER].loopback_only and _host_name(request.host) not in LOOPBACK:
+        return web.json_response({"error": f"this dashboard answers on 127.0.0.1 or localhost, not {request.host}"},
+                                 status=403)
     if request.method == "POST":
         origin = request.headers.get("Origin")
         if request.content_type != "application/json":
@@ -252,7 +270,8 @@ async def checkpoint(request: web.Request) -> web.StreamResponse:
 async def serve(server: str, security: Security | None, host: str, port: int, timeout: float,
                 ready: Callable[[str], None] | None = None) -> None:
     """Run the dashboard until cancelled; ``ready(url)`` once it listens."""
-    runner = web.AppRunner(make_app(server, security, timeout), access_log=None)
+    runner = web.AppRunner(make_app(server, security, timeout, loopback_only=_host_name(host) in LOOPBACK),
+                           access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

@@ -133,6 +133,11 @@ async def test_actions_come_only_from_the_page_and_stop_a_run() -> None:
                 assert r.status == 415  # what a form on another site could send
             async with http.post(stop, json={}, headers={"Origin": "http://evil.example"}) as r:
                 assert r.status == 403 and "evil.example" in (await r.json())["error"]
+            for name in ("evil.example", "evil.example:80"):  # a name pointed at 127.0.0.1 (DNS rebinding)
+                async with http.get(f"{url}/api/runs", headers={"Host": name}) as r:
+                    assert r.status == 403 and name in (await r.json())["error"]
+            async with http.get(f"{url}/api/runs", headers={"Host": "localhost:1"}) as r:
+                assert r.status == 200
             async with connect(addr) as c:
                 assert (await c.get_run(run.run_id)).state == pb.RUN_STATE_PENDING  # untouched
             async with http.post(f"{url}/api/runs/{run.run_id}/checkpoint", json={}) as r:
