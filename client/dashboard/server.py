@@ -9,6 +9,7 @@ new port and no new attack surface. Bound to 127.0.0.1 unless told otherwise.
     GET  /api/runs                  [run facts], newest first (``facts.run_facts``, as psctl list)
     GET  /api/runs/{run_id}         ``psctl status --json`` plus the history: curves, evaluations,
                                     events, the staleness histogram
+    GET  /api/runs/{run_id}/staleness  the staleness histogram alone
     GET  /api/runs/{run_id}/live    server-sent events fed by WatchRun: "status" (as above, without
                                     the history), "points" (metrics points new since the last),
                                     "events", "down" (the parameter server is unreachable: the
@@ -86,6 +87,7 @@ def make_app(server: str, security: Security | None = None, timeout: float = 10.
     app.router.add_get("/api/runs", list_runs)
     app.router.add_get("/api/runs/{run_id}", run_detail)
     app.router.add_get("/api/runs/{run_id}/live", live)
+    app.router.add_get("/api/runs/{run_id}/staleness", staleness)
     app.router.add_post("/api/runs/{run_id}/stop", stop)
     app.router.add_post("/api/runs/{run_id}/checkpoint", checkpoint)
     app.router.add_static("/static", STATIC)
@@ -164,6 +166,12 @@ async def run_detail(request: web.Request) -> web.StreamResponse:
     ps = _ps(request)
     run, metrics = await asyncio.gather(ps.get_run(run_id), ps.get_metrics(run_id, include_clock_records=True))
     return web.json_response({**status(run, metrics), **history(metrics)})
+
+
+async def staleness(request: web.Request) -> web.StreamResponse:
+    """The staleness histogram alone (the page refreshes it; the clock records are not in the live stream)."""
+    metrics = await _ps(request).get_metrics(request.match_info["run_id"], include_clock_records=True, max_points=1)
+    return web.json_response(staleness_histogram(metrics))
 
 
 def status(run: pb.Run, metrics: pb.GetMetricsResponse | None) -> dict[str, Any]:

@@ -115,6 +115,7 @@ async def test_a_live_run_in_the_browser_clocks_move_the_straggler_holds_the_win
             await page.wait_for_function(f"Number(document.querySelector('#loss').dataset.points) > {n}", timeout=20_000)
             await page.wait_for_function("Number(document.querySelector('#eval').dataset.points) >= 1", timeout=30_000)
             await page.wait_for_function("Number(document.querySelector('#rate').dataset.points) >= 2", timeout=20_000)
+            await page.wait_for_function("Number(document.querySelector('#stale').dataset.points) >= 2", timeout=20_000)
             assert await page.locator("#loss canvas").count() == 1
             await page.select_option("[data-testid=xaxis]", "clock")  # the same curves against the clock
             await page.wait_for_function("S.charts.key === 'clock' && S.charts.loss.data[0].length > 0 && "

@@ -81,6 +81,8 @@ async def test_the_runs_list_and_a_finished_run_s_history() -> None:
             # every served pull (a worker skips some: its cache was fresh), none ahead of the bound s = 1
             assert sum(histogram.values()) == doc["summary"]["pulls_served"] > 0 and max(histogram) <= 1
             assert "completed" in [e["kind"] for e in doc["events"]]
+            async with http.get(f"{url}/api/runs/{first.run_id}/staleness") as r:
+                assert await r.json() == doc["staleness_histogram"]
             async with http.get(f"{url}/") as r, http.get(f"{url}/runs/{first.run_id}") as p:
                 assert r.status == p.status == 200 and "runs.js" in await r.text() and "run.js" in await p.text()
             async with http.get(f"{url}/static/vendor/uPlot.iife.min.js") as r:

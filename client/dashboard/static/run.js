@@ -201,7 +201,7 @@ function connect() {
     S.finished = true;
     source.close();
     setConn("finished", "finished: " + JSON.parse(ev.data).state);
-    refreshHistory();
+    refreshHistogram();
   });
   source.onerror = () => {  // the dashboard itself went away or restarted: open a new stream, from the newest point
     source.close();
@@ -211,7 +211,7 @@ function connect() {
   };
 }
 
-async function refreshHistory() {
+async function loadHistory() {
   try {
     const doc = await getJSON(`/api/runs/${encodeURIComponent(runId)}`);
     S.histogram = doc.staleness_histogram;
@@ -219,6 +219,15 @@ async function refreshHistory() {
     return doc;
   } catch (e) {
     return null;
+  }
+}
+
+async function refreshHistogram() {
+  try {
+    S.histogram = await getJSON(`/api/runs/${encodeURIComponent(runId)}/staleness`);
+    S.dirty = true;
+  } catch (e) {
+    // the live stream says when the server is unreachable
   }
 }
 
@@ -242,7 +251,7 @@ document.getElementById("stop").addEventListener("click", () => act("stop", `Sto
 document.getElementById("checkpoint").addEventListener("click", () => act("checkpoint", `Checkpoint run ${runId} now?`));
 
 (async () => {
-  const doc = await refreshHistory();
+  const doc = await loadHistory();
   if (doc === null) {
     setConn("down", "cannot read the run (is the parameter server up?), retrying…");
   } else {
@@ -253,5 +262,5 @@ document.getElementById("checkpoint").addEventListener("click", () => act("check
     if (S.finished) setConn("finished", "finished: " + doc.summary.state);
   }
   if (!S.finished) connect();
-  setInterval(() => { if (!S.finished) refreshHistory(); }, 10000);
+  setInterval(() => { if (!S.finished) refreshHistogram(); }, 5000);
 })();
