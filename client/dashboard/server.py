@@ -28,6 +28,7 @@ import asyncio
 import collections
 import json
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -277,7 +278,7 @@ async def checkpoint(request: web.Request) -> web.StreamResponse:
 
 async def serve(server: str, security: Security | None, host: str, port: int, timeout: float,
                 ready: Callable[[str], None] | None = None) -> None:
-    """Run the dashboard until cancelled; ``ready(url)`` once it listens."""
+    """Run the dashboard until cancelled or SIGTERM; ``ready(url)`` once it listens."""
     runner = web.AppRunner(make_app(server, security, timeout, loopback_only=_host_name(host) in LOOPBACK),
                            access_log=None)
     await runner.setup()
@@ -288,6 +289,8 @@ async def serve(server: str, security: Security | None, host: str, port: int, ti
         url = f"http://{'[' + host + ']' if ':' in host else host}:{bound[1]}/"
         if ready:
             ready(url)
-        await asyncio.Event().wait()
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)  # (docker stop): exit 0
+        await stop.wait()
     finally:
         await runner.cleanup()

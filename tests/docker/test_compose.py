@@ -7,7 +7,8 @@ published port trains an MLP on digits on the three workers (test accuracy >= 0.
 parameters held by both servers (``psctl status --json``: the shard map names both, with their
 TCP data ports, each held bytes and applied pushes); ``up --scale worker=4``; a second run with four
 ranks, one on each worker, again over both servers; ``psctl runs`` and ``psctl export`` (which
-reads every server) inside the compose network, in the client service; ``stop`` (every container
+reads every server) inside the compose network, in the client service; the dashboard service (its
+profile on) lists both runs from the host; ``stop`` (every container
 exits 0: SIGTERM reached Python through ``init``); ``down -v``, after which no container, network
 or volume of the project is left. Every step has a timeout, and the cluster is torn down
 (``down -v --remove-orphans``) whatever happens.
@@ -103,8 +104,10 @@ class Cluster:
         self.project = f"pstest{os.getpid()}{secrets.token_hex(3)}"
         self.port = _free_port()
         self.server = f"127.0.0.1:{self.port}"
+        self.dashboard_port = _free_port()
         self.env = {**os.environ, "PS_PUBLISHED_PORT": str(self.port), "PS_PUBLISHED_ADDRESS": "127.0.0.1",
-                    "PS_IMAGE": IMAGE, "PS_LOG_LEVEL": "INFO"}
+                    "PS_IMAGE": IMAGE, "PS_LOG_LEVEL": "INFO", "COMPOSE_PROFILES": "dashboard",
+                    "PS_DASHBOARD_PORT": str(self.dashboard_port)}
         self.durations: dict[str, float] = {}
 
     def compose(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -124,6 +127,20 @@ class Cluster:
 
     def psctl(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
         return _run([str(PSCTL), *args, "--server", self.server], timeout=timeout, check=False)
+
+    def dashboard_runs(self, timeout: float) -> list[dict[str, Any]]:
+        """GET /api/runs of the dashboard service through its published port (once it listens)."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.dashboard_port}/api/runs", timeout=10) as r:
+                    return list(json.loads(r.read()))
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the dashboard did not answer in {timeout:.0f}s: {exc}") from None
+                time.sleep(1)
 
     def wait_healthy(self, timeout: float) -> None:
         """Server 0 answers on the published port, and every server's container is healthy."""
@@ -285,11 +302,16 @@ def test_compose_cluster_trains_scales_and_leaves_nothing(cluster: Cluster) -> N
     shapes = {p["name"]: p["shape"] for p in c.status(run1["run_id"])["run"]["spec"]["params"]}
     assert exported["tensors"] == shapes and exported["run_state"] == "completed", exported
 
+    # The dashboard service (profile "dashboard", on in this test): both runs, from the host.
+    start = time.monotonic()
+    assert [r["run_id"] for r in c.dashboard_runs(timeout=60)][:2] == [run2["run_id"], run1["run_id"]]
+    c.timed("dashboard", start)
+
     # Graceful stop: SIGTERM reaches Python (init: true) and every process exits 0 within the grace period.
     start = time.monotonic()
     c.compose("stop", timeout=180)
     c.timed("stop", start)
-    for container in [*c.containers("ps"), *c.containers("ps-1"), *c.containers("worker")]:
+    for container in [*c.containers("ps"), *c.containers("ps-1"), *c.containers("worker"), *c.containers("dashboard")]:
         state = container["State"]
         assert state["Status"] == "exited" and state["ExitCode"] == 0, (
             f"{container['Name']}: {state['Status']} exit {state['ExitCode']} (137 = killed after the grace period)")
