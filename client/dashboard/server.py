@@ -156,8 +156,20 @@ def _ps(request: web.Request) -> PsClient:
     return request.app[PS]
 
 
+def _query(request: web.Request, name: str, default: float, low: float, high: float) -> float:
+    text = request.query.get(name, "")
+    try:
+        value = float(text) if text else default
+    except ValueError:
+        value = float("nan")
+    if not low <= value <= high:
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"?{name}={text}: use a number from {low:g} to {high:g}"}),
+                                 content_type="application/json")
+    return value
+
+
 async def list_runs(request: web.Request) -> web.StreamResponse:
-    runs = await _ps(request).list_runs(limit=int(request.query.get("limit", "200")))
+    runs = await _ps(request).list_runs(limit=int(_query(request, "limit", 200, 1, 10_000)))
     now = time.time()
     return web.json_response([facts.run_facts(r, now) for r in runs])
 
@@ -216,11 +228,11 @@ async def live(request: web.Request) -> web.StreamResponse:
     """Server-sent events for one run, until it finishes or the page goes away (see the module)."""
     run_id = request.match_info["run_id"]
     ps, interval = _ps(request), request.app[CLUSTER].interval
+    since = _query(request, "since", 0.0, 0.0, 1e12)  # the newest point the page holds (Unix seconds)
     await _ps(request).get_run(run_id)  # 404 now for an unknown run, not an empty stream
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)
-    since = float(request.query.get("since", "0") or 0)  # the newest point the page holds (Unix seconds)
     task = asyncio.current_task()
     assert task is not None
     request.app[STREAMS].add(task)

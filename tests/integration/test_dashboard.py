@@ -89,6 +89,9 @@ async def test_the_runs_list_and_a_finished_run_s_history() -> None:
                 assert r.status == 200 and len(await r.read()) > 40_000
             async with http.get(f"{url}/api/runs/run-nope") as r:
                 assert r.status == 404 and "run-nope" in (await r.json())["error"]
+            for bad in ("api/runs?limit=x", "api/runs?limit=0", f"api/runs/{first.run_id}/live?since=-1"):
+                async with http.get(f"{url}/{bad}") as r:
+                    assert r.status == 400 and "use a number" in (await r.json())["error"], bad
 
 
 async def test_the_live_stream_shows_who_waits_on_whom_until_the_run_ends() -> None:
