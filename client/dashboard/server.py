@@ -6,7 +6,7 @@ new port and no new attack surface. Bound to 127.0.0.1 unless told otherwise.
 
     GET  /                          the runs list           (static/index.html)
     GET  /runs/{run_id}             one run, live           (static/run.html)
-    GET  /api/runs                  [run facts], newest first (``facts.run_facts``, as psctl list)
+    GET  /api/runs                  [run facts], newest first (``facts.run_facts``, as psctl runs)
     GET  /api/runs/{run_id}         ``psctl status --json`` plus the history: curves, evaluations,
                                     events, the staleness histogram
     GET  /api/runs/{run_id}/staleness  the staleness histogram alone
@@ -14,7 +14,7 @@ new port and no new attack surface. Bound to 127.0.0.1 unless told otherwise.
                                     the history), "points" (metrics points new since the last),
                                     "events", "down" (the parameter server is unreachable: the
                                     stream keeps retrying and says "status" again once it is back),
-                                    "end" (the run finished)
+                                    "end" (the run finished), "gone" (the server no longer knows it)
     POST /api/runs/{run_id}/stop    StopRun
     POST /api/runs/{run_id}/checkpoint  CheckpointRun
 
