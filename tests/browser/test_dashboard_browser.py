@@ -185,3 +185,24 @@ async def test_the_page_says_when_the_server_is_gone_and_carries_on_after_its_re
                 assert [p for p in problems if "Failed to load resource" not in p] == []
             finally:
                 await runner.cleanup()
+
+
+async def test_a_finished_regression_run_shows_its_test_rmse(browser: Any) -> None:
+    """Linear regression's loss is half the mean squared error: the page plots the RMSE beside it."""
+    port = free_port()
+    with ps_server("--port", str(port)) as (_, addr), ps_workers(addr, 2):
+        async with connect(addr) as c:
+            run = await c.create_run(build_run_spec(LaunchOptions(model="linear", dataset="synthetic-regression",
+                                                                  workers=2, iterations=60, eval_every=10, lr=0.05)))
+            await watch_until(c, run.run_id, lambda r: r.state == pb.RUN_STATE_COMPLETED)
+        runner, url = await dashboard(addr)
+        try:
+            page, problems = await open_page(browser, f"{url}/runs/{run.run_id}")
+            await page.wait_for_function("Number(document.querySelector('#eval').dataset.points) >= 2")
+            assert "test RMSE" in await page.inner_text("#eval-caption")
+            rmse, loss = await page.evaluate("[S.charts.eval.data[1], S.charts.eval.data[2]]")
+            assert rmse == pytest.approx([(2 * x) ** 0.5 for x in loss]) and loss[-1] < loss[0]
+            assert await page.inner_text("[data-testid=conn]") == "finished: completed"
+            assert problems == []
+        finally:
+            await runner.cleanup()

@@ -168,10 +168,16 @@ function drawCharts() {
   S.charts.loss.setData([xs, ...cols]);
   document.getElementById("loss").dataset.points = String(train.length);
 
+  // accuracy; a binary model's AUC (its loss: log-loss); linear regression's RMSE (its loss is half the MSE);
+  // matrix factorisation's loss is its RMSE already
   const e = [...evals].sort((a, b) => a[key] - b[key]);
-  const quality = e.map(p => p.test_auc !== null ? p.test_auc : p.test_accuracy);
+  const model = S.last.summary.model || "";
+  const regression = model.startsWith("linear"), ratings = model.startsWith("mf");
+  const quality = e.map(p => p.test_auc !== null ? p.test_auc : regression && p.test_loss !== null ?
+    Math.sqrt(2 * p.test_loss) : p.test_accuracy);
   document.getElementById("eval-caption").textContent = e.some(p => p.test_auc !== null) ? "test AUC and log-loss" :
-    e.some(p => p.test_accuracy !== null) ? "test accuracy and loss" : "test loss (RMSE for regression and ratings)";
+    regression ? "test RMSE (green) and loss, half the MSE (red)" : ratings ? "test RMSE (the loss, red)" :
+    "test accuracy and loss";
   S.charts.eval.setData([e.map(p => p[key]), quality, e.map(p => p.test_loss)]);
   document.getElementById("eval").dataset.points = String(e.length);
 
