@@ -89,6 +89,7 @@ async def test_a_live_run_in_the_browser_clocks_move_the_straggler_holds_the_win
             await row.wait_for()
             assert await page.locator("tbody#rows tr").count() == 2
             assert await row.locator(".badge").inner_text() == "running"
+            assert "?" not in await row.inner_text()  # nothing the list cannot know
             await page.fill("[data-testid=filter]", "browser")  # the filter keeps the matching run only
             await page.wait_for_function("document.querySelectorAll('tbody#rows tr').length === 1")
             await page.fill("[data-testid=filter]", "no-such-run")

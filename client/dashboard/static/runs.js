@@ -11,7 +11,7 @@ function metric(r) {
 function render() {
   const words = document.getElementById("filter").value.toLowerCase().split(/\s+/).filter(Boolean);
   const shown = runs.filter(r => {
-    const text = [r.run_id, r.name, r.state, r.model, r.dataset].join(" ").toLowerCase();
+    const text = [r.run_id, r.name, r.state].join(" ").toLowerCase();  // (a summary has no model: GetRun has it)
     return words.every(w => text.includes(w));
   });
   const rows = document.getElementById("rows");
@@ -24,7 +24,6 @@ function render() {
       el("td", {}, bar, el("span", { class: "muted", text: ` ${r.min_clock}/${r.iterations}` })),
       el("td", { text: fmt.staleness(r.staleness) }),
       el("td", { text: String(r.workers) }),
-      el("td", { text: r.model }),
       el("td", { text: metric(r) }),
       el("td", { text: fmt.num(r.test_loss, 3) }),
       el("td", { text: fmt.age(r.age_seconds) }));
