@@ -29,9 +29,9 @@ sleep and no longer contend for this machine's cores, as workers on hosts of the
 
 Settings (``--settings``, default all): staleness 0 (BSP) with aggregation "sum" (``s=0``:
 Petuum's additive updates, a clock moves the parameters as far as W pushes of SSP do) and "mean"
-(``s=0 mean``: large-batch SGD, one step of lr per clock), 1, 2, 4, 8 and unbounded, and with the staleness-aware
-learning rate (``RunSpec.staleness_aware_lr``: each push's step divided by its staleness) at 8 and
-unbounded. Processes: one ps-server, and per (workers, pattern) group W generic ps-workers that take
+(``s=0 mean``: large-batch SGD, one step of lr per clock), 1, 2, 4, 8 and unbounded, and with the
+staleness-aware learning rate (``RunSpec.staleness_aware_lr``: each push's step divided by its
+staleness) at 8 and unbounded. Processes: one ps-server, and per (workers, pattern) group W generic ps-workers that take
 every run of the group (no start-up inside a run); settings are interleaved within each repeat.
 
 Measured per run, from the server's records: time and rank-0 clock from ``Run.started`` to the first
@@ -241,8 +241,9 @@ def markdown(workload: str, cells: dict[tuple[int, str], dict[str, dict[str, Any
     w = WORKLOADS[workload]
     names = [label(s, a) for s, a in SETTINGS]
     lines = [f"Time to {w['objective']} {'<=' if w['lower_is_better'] else '>='} {w['target']} (s, median over "
-             "repeats [range of those that reached it]; '-' never reached or not in most repeats, 'x' diverged/failed), the winner in bold; last column: the "
-             "winner's rank-0 clock at the target and the final objective.", "",
+             "repeats [range of those that reached it]; '-' never reached or not in most repeats, 'x' "
+             "diverged/failed), the winner in bold; last column: the winner's rank-0 clock at the target and the "
+             "final objective.", "",
              "| W | pattern | " + " | ".join(names) + " | winner: clock, final |",
              "|---|---|" + "---|" * (len(names) + 1)]
     for (workers, pattern), by_setting in sorted(cells.items(), key=lambda kv: (kv[0][0], PATTERN_ORDER.index(kv[0][1]))):
