@@ -290,7 +290,7 @@ async def checkpoint(request: web.Request) -> web.StreamResponse:
 
 async def serve(server: str, security: Security | None, host: str, port: int, timeout: float,
                 ready: Callable[[str], None] | None = None) -> None:
-    """Run the dashboard until cancelled or SIGTERM; ``ready(url)`` once it listens."""
+    """Run the dashboard until SIGINT, SIGTERM or cancelled; ``ready(url)`` once it listens."""
     runner = web.AppRunner(make_app(server, security, timeout, loopback_only=_host_name(host) in LOOPBACK),
                            access_log=None)
     await runner.setup()
@@ -302,7 +302,8 @@ async def serve(server: str, security: Security | None, host: str, port: int, ti
         if ready:
             ready(url)
         stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)  # (docker stop): exit 0
+        for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, docker stop: exit 0 (also where the shell
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)  # that started it ignored SIGINT)
         await stop.wait()
     finally:
         await runner.cleanup()

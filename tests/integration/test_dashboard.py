@@ -213,8 +213,10 @@ def test_psctl_dashboard_serves_the_page_and_says_where() -> None:
     import urllib.request
 
     with ps_server("--port", str(free_port())) as (_, addr):
+        # (SIGINT ignored as a shell's background job has it: Ctrl-C still stops the dashboard)
         proc = subprocess.Popen([sys.executable, "-m", "client.cli", "dashboard", "--port", "0", "--server", addr],
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
         try:
             assert proc.stderr is not None
             line = proc.stderr.readline()
