@@ -166,7 +166,7 @@ class Run:
             self.counters.rows_pushed += sum(g.ids.size for g in grads.values() if isinstance(g, Rows))
         if slot.clock == self.spec.iterations:
             self.history.event("finished", rank, f"rank {rank} completed its {self.spec.iterations} iterations")
-        self._after_clock_change()
+        self._after_clock_change(clocks_only=True)
         return PushResult(slot.clock, False, self.min_clock, self.state, self._tell(slot))
 
     async def wait_pull(self, rank: int, incarnation: int, clock: int, timeout: float, names: list[str] | None = None,
@@ -184,7 +184,7 @@ class Run:
         self.clock.park(slot, clock)
         self.counters.pulls_parked += 1
         try:
-            if not await self.gate.wait_for(ready, timeout):
+            if not await self.gate.wait_for(ready, timeout, key=lambda: ssp.needed(self.spec, clock)):
                 raise ssp.wait_timeout(self.spec, self.clock, clock, timeout, self.waiting_for())
         finally:
             self.counters.parked_seconds += self.clock.unpark(slot)
@@ -291,7 +291,10 @@ class Run:
         self.bsp.clear()
         self._changed()
 
-    def _after_clock_change(self) -> None:
+    def _after_clock_change(self, clocks_only: bool = False) -> None:
+        """``clocks_only``: a push, which changed a rank's clock and nothing else the gate's waiters
+        look at (unless it completes, fails or reschedules the run, checked here)."""
+        before = (self.state, self.spec.staleness)
         if self.spec.staleness == 0:
             for by_rank in self.bsp.complete(self.min_clock):
                 self._step(partial(self.bsp.combine, by_rank, self.store.params))
@@ -299,7 +302,7 @@ class Run:
         if (self.state is RunState.RUNNING and not self.clock.any_in(WorkerState.ACTIVE)
                 and self.clock.any_in(WorkerState.DONE)):
             self._finish(RunState.COMPLETED, "all ranks finished", f"all ranks done at min clock {self.min_clock}")
-        self._changed()
+        self._changed(self.min_clock if clocks_only and before == (self.state, self.spec.staleness) else None)
 
     def _follow_schedule(self) -> None:
         """The bound of the last step of ``RunSpec.staleness_schedule`` the min clock has reached."""
@@ -340,9 +343,10 @@ class Run:
             self._finish(RunState.FAILED, f"{diverged} became NaN/Inf at update {self.counters.updates_applied}: "
                          "the training diverged; lower the learning rate")
 
-    def _changed(self) -> None:
+    def _changed(self, min_clock: int | None = None) -> None:
+        """After any change (``min_clock``: only clocks changed, and the min clock is this)."""
         self.changes += 1
-        self.gate.notify()
+        self.gate.notify(min_clock)
         if self.on_change:
             self.on_change(self)
 
