@@ -11,7 +11,7 @@ new port and no new attack surface. Bound to 127.0.0.1 unless told otherwise.
                                     events, the staleness histogram
     GET  /api/runs/{run_id}/staleness  the staleness histogram alone
     GET  /api/runs/{run_id}/live    server-sent events fed by WatchRun: "status" (as above, without
-                                    the history), "points" (metrics points new since the last),
+                                    the history), "points" (each rank's points newer than its last sent),
                                     "events", "down" (the parameter server is unreachable: the
                                     stream keeps retrying and says "status" again once it is back),
                                     "end" (the run finished), "gone" (the server no longer knows it)
@@ -228,7 +228,6 @@ async def live(request: web.Request) -> web.StreamResponse:
     """Server-sent events for one run, until it finishes or the page goes away (see the module)."""
     run_id = request.match_info["run_id"]
     ps, interval = _ps(request), request.app[CLUSTER].interval
-    since = _query(request, "since", 0.0, 0.0, 1e12)  # the newest point the page holds (Unix seconds)
     await _ps(request).get_run(run_id)  # 404 now for an unknown run, not an empty stream
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
@@ -237,7 +236,7 @@ async def live(request: web.Request) -> web.StreamResponse:
     assert task is not None
     request.app[STREAMS].add(task)
     try:
-        await _follow(ps, run_id, interval, since, resp)
+        await _follow(ps, run_id, interval, resp)
     except ConnectionResetError:
         pass  # the page went away
     finally:
@@ -245,15 +244,19 @@ async def live(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def _follow(ps: PsClient, run_id: str, interval: float, since: float, resp: web.StreamResponse) -> None:
+async def _follow(ps: PsClient, run_id: str, interval: float, resp: web.StreamResponse) -> None:
+    # The newest point sent, per rank: a point's time is its worker's clock, and the hosts' clocks
+    # may disagree (a page that reconnects gets the newest points again and drops those it holds).
+    sent: dict[int, float] = {}
     down = False
     while True:
         try:
             async for snap in ps.watch_run(run_id, interval=interval, idle_timeout=max(10.0, 20 * interval)):
                 down = False
                 metrics = await ps.get_metrics(run_id, max_points=POINTS)
-                fresh = [p for p in metrics.points if (facts.seconds(p.time) or 0.0) > since]
-                since = max([since, *((facts.seconds(p.time) or 0.0) for p in fresh)])
+                fresh = [p for p in metrics.points if (facts.seconds(p.time) or 0.0) > sent.get(p.rank, -1.0)]
+                for p in fresh:
+                    sent[p.rank] = max(sent.get(p.rank, -1.0), facts.seconds(p.time) or 0.0)
                 await resp.write(_sse("status", status(snap.run, metrics)))
                 if fresh:
                     await resp.write(_sse("points", point_rows(fresh)))

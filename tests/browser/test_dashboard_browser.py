@@ -109,7 +109,8 @@ async def test_a_live_run_in_the_browser_clocks_move_the_straggler_holds_the_win
             await holding.wait_for(timeout=30_000)
             parked = page.locator(".clock-row.parked .note", has_text="waits for rank 2 to reach")
             await parked.first.wait_for(timeout=30_000)
-            assert "held back by rank 2" in await page.inner_text("[data-testid=window]")
+            await page.wait_for_function("document.querySelector('[data-testid=window]').textContent"
+                                         ".includes('held back by rank 2')", timeout=30_000)
             # the curves gain points
             loss = page.locator("#loss")
             n = int(await loss.get_attribute("data-points") or 0)

@@ -1,13 +1,13 @@
 "use strict";
 // One run, live: the clock bars against the SSP window, curves, servers, events, stop/checkpoint.
 // History comes from /api/runs/ID once; then server-sent events from /api/runs/ID/live (fed by the
-// parameter server's WatchRun). When the stream breaks it is opened again, asking only for newer points.
+// parameter server's WatchRun). When the stream breaks it is opened again (points it sends again are dropped).
 
 const runId = decodeURIComponent(location.pathname.split("/").pop());
 const FINISHED = new Set(["completed", "stopped", "failed"]);
 const COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
   "#bcbd22", "#17becf"];
-const S = { points: new Map(), events: [], rates: [], prev: null, histogram: {}, last: null, since: 0,
+const S = { points: new Map(), events: [], rates: [], prev: null, histogram: {}, last: null,
   charts: {}, ranks: 0, finished: false, source: null, dirty: false };
 
 document.getElementById("title").textContent = runId;
@@ -119,8 +119,7 @@ function notice(text) {
 // ------------------------------------------------------------------------------ curves
 function addPoints(points) {
   for (const p of points) {
-    S.points.set(`${p.rank}/${p.clock}/${p.eval}/${p.time}`, p);
-    if (p.time > S.since) S.since = p.time;
+    S.points.set(`${p.rank}/${p.clock}/${p.eval}/${p.time}`, p);  // (a reconnected stream sends some again)
   }
   S.dirty = true;
 }
@@ -195,7 +194,7 @@ setInterval(drawCharts, 500);
 
 // ------------------------------------------------------------------------------ live updates
 function connect() {
-  const source = new EventSource(`/api/runs/${encodeURIComponent(runId)}/live?since=${S.since}`);
+  const source = new EventSource(`/api/runs/${encodeURIComponent(runId)}/live`);
   S.source = source;
   source.addEventListener("status", ev => { setConn("live", "live"); renderStatus(JSON.parse(ev.data)); });
   source.addEventListener("points", ev => addPoints(JSON.parse(ev.data)));
