@@ -228,7 +228,7 @@ async def live(request: web.Request) -> web.StreamResponse:
     """Server-sent events for one run, until it finishes or the page goes away (see the module)."""
     run_id = request.match_info["run_id"]
     ps, interval = _ps(request), request.app[CLUSTER].interval
-    await _ps(request).get_run(run_id)  # 404 now for an unknown run, not an empty stream
+    await ps.get_run(run_id)  # 404 now for an unknown run, not an empty stream
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)
@@ -251,7 +251,9 @@ async def _follow(ps: PsClient, run_id: str, interval: float, resp: web.StreamRe
     down = False
     while True:
         try:
-            async for snap in ps.watch_run(run_id, interval=interval, idle_timeout=max(10.0, 20 * interval)):
+            # WatchRun answers on changes only: a quiet run (pending, waiting for workers) is watched
+            # again after a while, which also asks the server whether it is still there
+            async for snap in ps.watch_run(run_id, interval=interval, idle_timeout=max(2.0, 20 * interval)):
                 down = False
                 metrics = await ps.get_metrics(run_id, max_points=POINTS)
                 fresh = [p for p in metrics.points if (facts.seconds(p.time) or 0.0) > sent.get(p.rank, -1.0)]
@@ -270,6 +272,9 @@ async def _follow(ps: PsClient, run_id: str, interval: float, resp: web.StreamRe
                 await resp.write(_sse("status", status(run, None)))
                 await resp.write(_sse("end", {"state": facts.state_name(run.state)}))
                 return
+            await asyncio.sleep(RETRY_SECONDS)
+        except errors.WatchIdle:
+            continue  # nothing changed: watch again
         except errors.PsError as exc:
             if exc.code == errors.Code.NOT_FOUND:
                 await resp.write(_sse("gone", {"error": str(exc)}))

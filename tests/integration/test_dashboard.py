@@ -128,6 +128,23 @@ async def test_the_live_stream_shows_who_waits_on_whom_until_the_run_ends() -> N
         assert len({(p["rank"], p["clock"], p["eval"], p["time"]) for p in points}) == len(points)  # none twice
 
 
+async def test_a_quiet_run_is_not_a_lost_server() -> None:
+    """A pending run (no workers) changes nothing, so WatchRun says nothing: the stream watches
+    again (a fresh status) and says nothing of a server down."""
+    port = free_port()
+    with ps_server("--port", str(port)) as (_, addr):
+        async with connect(addr) as c:
+            run = await c.create_run(spec())
+        async with dashboard(addr) as url, aiohttp.ClientSession() as http:
+            async with http.get(f"{url}/api/runs/{run.run_id}/live") as r:
+                events: list[str] = []
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(5.0):  # beyond the watch's idle time (2 s here)
+                        async for event, _ in sse(r):
+                            events.append(event)
+        assert "down" not in events and events.count("status") >= 2  # watched again, not given up
+
+
 async def test_actions_come_only_from_the_page_and_stop_a_run() -> None:
     port = free_port()
     with ps_server("--port", str(port)) as (_, addr):
