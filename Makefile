@@ -22,7 +22,7 @@ test: $(STAMP) test-node browser
 
 # tests/browser drive Debian's chromium (Playwright cannot download its own browser here).
 browser:
-	@command -v chromium >/dev/null || { test "$$(id -u)" = 0 && apt-get update -q >/dev/null && \
+	@test -n "$$CHROMIUM" || command -v chromium >/dev/null || { test "$$(id -u)" = 0 && apt-get update -q >/dev/null && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } || \
 	  { echo "tests/browser need chromium: apt-get install chromium (as root), or set CHROMIUM=PATH"; exit 1; }
 
