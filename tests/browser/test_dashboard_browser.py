@@ -109,6 +109,9 @@ async def test_a_live_run_in_the_browser_clocks_move_the_straggler_holds_the_win
             await holding.wait_for(timeout=30_000)
             parked = page.locator(".clock-row.parked .note", has_text="waits for rank 2 to reach")
             await parked.first.wait_for(timeout=30_000)
+            await page.wait_for_function("Number(document.querySelector('#eval').dataset.points) >= 2", timeout=30_000)
+            await parked.first.wait_for(timeout=30_000)
+            await screenshot(page, tmp_path, "dashboard-run.png")  # (the README's: a rank waits for the straggler)
             await page.wait_for_function("document.querySelector('[data-testid=window]').textContent"
                                          ".includes('held back by rank 2')", timeout=30_000)
             # the curves gain points
@@ -122,7 +125,6 @@ async def test_a_live_run_in_the_browser_clocks_move_the_straggler_holds_the_win
             await page.select_option("[data-testid=xaxis]", "clock")  # the same curves against the clock
             await page.wait_for_function("S.charts.key === 'clock' && S.charts.loss.data[0].length > 0 && "
                                          "S.charts.loss.data[0].every(x => Number.isInteger(x))")
-            await screenshot(page, tmp_path, "dashboard-run.png")
             events = await page.locator("#events li").all_inner_texts()
             assert len(events) == len(set(events)) and sum("created" in e for e in events) == 1
 
