@@ -476,13 +476,13 @@ def dashboard(port: Annotated[int, typer.Option(min=0, max=65535, help="Port to 
     It talks to the parameter server as psctl does (--server, TLS and token from the same
     environment), fed by WatchRun; the parameter server gets no new port. Runs until interrupted.
     """
-    from .dashboard.server import serve
+    from .dashboard.server import LOOPBACK, host_name, serve
 
     address = _address(server)
 
     def ready(url: str) -> None:
         typer.echo(f"paramserver dashboard on {url} (the cluster at {address}); Ctrl-C stops it", err=True)
-        if host not in ("127.0.0.1", "localhost", "::1"):
+        if host_name(host) not in LOOPBACK:
             typer.echo(f"warning: listening on {host}: whoever reaches this port can stop and checkpoint runs",
                        err=True)
         if open_:

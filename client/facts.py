@@ -16,6 +16,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from google.protobuf import json_format
@@ -366,9 +367,13 @@ def recent(metrics: pb.GetMetricsResponse | None, evals: int = 5, events: int = 
                  for p in [p for p in points if p.eval][-evals:]],
         "train_loss": [p.loss for p in train],
         "last_train_loss": {r: finite(p.loss) for r, p in sorted(latest.items())},
-        "events": [{"time": seconds(e.time), "kind": e.kind, "rank": e.rank, "message": e.message}
-                   for e in (list(metrics.events)[-events:] if metrics else [])],
+        "events": event_dicts(list(metrics.events)[-events:] if metrics else []),
     }
+
+
+def event_dicts(events: Iterable[pb.RunEvent]) -> list[dict[str, Any]]:
+    """Events as JSON: time (Unix seconds), kind, rank (-1: the run's), message."""
+    return [{"time": seconds(e.time), "kind": e.kind, "rank": e.rank, "message": e.message} for e in events]
 
 
 def shard_rows(run: pb.Run) -> list[dict[str, Any]]:
@@ -403,11 +408,15 @@ def event_rows(metrics: pb.GetMetricsResponse) -> list[dict[str, str]]:
     return rows
 
 
+def pull_leads(metrics: pb.GetMetricsResponse) -> list[int]:
+    """How far each served pull's clock was ahead of the min clock, over the clock records (SSP
+    promises at most the staleness)."""
+    return [r.clock - r.min_clock for r in metrics.clock_records if r.kind == pb.ClockRecord.KIND_PULL]
+
+
 def pull_lead(metrics: pb.GetMetricsResponse) -> int | None:
-    """The most a served pull's clock was ahead of the min clock, over the clock records (SSP
-    promises at most the staleness); None without records of pulls."""
-    leads = [r.clock - r.min_clock for r in metrics.clock_records if r.kind == pb.ClockRecord.KIND_PULL]
-    return max(leads) if leads else None
+    """The most a served pull was ahead of the min clock; None without records of pulls."""
+    return max(pull_leads(metrics), default=None)
 
 
 def clock_records(metrics: pb.GetMetricsResponse) -> list[tuple[str, int, int, float]]:

@@ -129,7 +129,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
-def _host_name(host: str) -> str:
+def host_name(host: str) -> str:
     """``Host`` header -> the name in it, without the port ("[::1]:8265" -> "::1")."""
     if host.startswith("["):
         return host[1:].split("]", 1)[0]
@@ -140,7 +140,7 @@ def _host_name(host: str) -> str:
 async def _same_origin(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bound to loopback, the dashboard answers only requests addressed to loopback: a web page
     whose name was made to point at 127.0.0.1 (DNS rebinding) cannot read or act on it."""
-    if request.app[CLUSTER].loopback_only and _host_name(request.host) not in LOOPBACK:
+    if request.app[CLUSTER].loopback_only and host_name(request.host) not in LOOPBACK:
         return web.json_response({"error": f"this dashboard answers on 127.0.0.1 or localhost, not {request.host}"},
                                  status=403)
     if request.method == "POST":
@@ -203,20 +203,15 @@ def point_rows(points: list[pb.MetricPoint]) -> list[dict[str, Any]]:
              "test_auc": facts.auc(p) if p.eval else None, "samples": p.samples} for p in points]
 
 
-def event_rows(events: list[pb.RunEvent]) -> list[dict[str, Any]]:
-    return [{"time": facts.seconds(e.time), "kind": e.kind, "rank": e.rank, "message": e.message} for e in events]
-
-
 def staleness_histogram(metrics: pb.GetMetricsResponse) -> dict[str, int]:
     """How many served pulls read parameters k clocks ahead of the min clock (clock - min clock:
     at most the bound), over the server's clock records."""
-    counts = collections.Counter(r.clock - r.min_clock for r in metrics.clock_records
-                                 if r.kind == pb.ClockRecord.KIND_PULL)
+    counts = collections.Counter(facts.pull_leads(metrics))
     return {str(k): counts[k] for k in sorted(counts)}
 
 
 def history(metrics: pb.GetMetricsResponse) -> dict[str, Any]:
-    return {"points": point_rows(list(metrics.points)), "events": event_rows(list(metrics.events)),
+    return {"points": point_rows(list(metrics.points)), "events": facts.event_dicts(metrics.events),
             "staleness_histogram": staleness_histogram(metrics)}
 
 
@@ -263,7 +258,7 @@ async def _follow(ps: PsClient, run_id: str, interval: float, resp: web.StreamRe
                 if fresh:
                     await resp.write(_sse("points", point_rows(fresh)))
                 if snap.events:
-                    await resp.write(_sse("events", event_rows(list(snap.events))))
+                    await resp.write(_sse("events", facts.event_dicts(snap.events)))
                 if snap.run.state in FINISHED:
                     await resp.write(_sse("end", {"state": facts.state_name(snap.run.state)}))
                     return
@@ -299,7 +294,7 @@ async def checkpoint(request: web.Request) -> web.StreamResponse:
 async def serve(server: str, security: Security | None, host: str, port: int, timeout: float,
                 ready: Callable[[str], None] | None = None) -> None:
     """Run the dashboard until SIGINT, SIGTERM or cancelled; ``ready(url)`` once it listens."""
-    runner = web.AppRunner(make_app(server, security, timeout, loopback_only=_host_name(host) in LOOPBACK),
+    runner = web.AppRunner(make_app(server, security, timeout, loopback_only=host_name(host) in LOOPBACK),
                            access_log=None)
     await runner.setup()
     try:
