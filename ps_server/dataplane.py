@@ -40,7 +40,7 @@ from .core.status import ParamsRead
 from .core.tensors import Gradient, owned
 from .slots import PushSlots, SlotHolder
 
-__all__ = ["Caller", "DataPlane", "DataPlaneStatistics"]
+__all__ = ["Caller", "DataPlane", "DataPlaneStatistics", "Later"]
 
 log = logging.getLogger("ps_server")
 R = TypeVar("R")
@@ -83,6 +83,27 @@ class _Push:
     """Of its first request: the version its gradient was computed on (staleness-aware rate)."""
 
 
+_Ack = tuple[int, bool, int, int, int | None]
+"""A push's acknowledgement: ``wire.push_response_parts``'s clock, duplicate, min_clock, run_state, staleness."""
+
+
+class Later:
+    """A push applied whose then_pull must wait (``DataPlane.push_now``): iterate it for the responses."""
+
+    def __init__(self, dataplane: DataPlane, ack: _Ack, then_pull: pb.PullParamsRequest, caller: Caller) -> None:
+        self._args = dataplane, ack, then_pull, caller
+
+    async def __aiter__(self) -> AsyncIterator[list[wire.Part]]:
+        dataplane, ack, then_pull, caller = self._args
+        dataplane._begin()
+        try:
+            read = await dataplane.pull(then_pull, caller)
+            for parts in dataplane._answer(ack, read, caller):
+                yield parts
+        finally:
+            dataplane._end()
+
+
 def _key(key: tuple[str, int, int, int]) -> str:
     run_id, rank, incarnation, clock = key
     return f"(run {quoted(run_id)}, rank {rank}, incarnation {incarnation}, clock {clock})"
@@ -100,6 +121,12 @@ def _rows(asked: Iterable[pb.TableRows]) -> dict[str, np.ndarray] | None:
             raise InvalidArgument(f"table {quoted(t.name)} appears twice in rows: ask for all its rows at once")
         out[t.name] = np.frombuffer(t.row_ids, wire.I64)
     return out or None
+
+
+def _assembler(run: Run) -> TensorAssembler:
+    """The assembler of a push to ``run``: at most twice its gradient's bytes, in its wire type."""
+    return TensorAssembler(max_bytes=2 * run.store.nbytes + (1 << 20), dtype=WIRE_DTYPE_PB[run.spec.wire_dtype],
+                           sparse=run.spec.topk_ratio > 0)
 
 
 def _decode(parse: Callable[[bytes | memoryview], R], raw: bytes | memoryview) -> R:
@@ -154,30 +181,63 @@ class DataPlane:
                 self._begin()
                 try:
                     push = await self._receive(raw, requests, holder)
-                    req = push.request
-                    grads = owned(push.grads) if caller.borrowed and push.run.spec.staleness == 0 else push.grads
-                    try:
-                        result = push.run.push(req.rank, req.incarnation, req.clock, grads, push.nbytes,
-                                               req.loss, caller.transport, push.param_version)
-                    except PsError as exc:
-                        log.info("push rejected: %s", exc, extra={"run": req.run_id, "rank": req.rank, "clock": req.clock})
-                        raise
-                    then_pull = push.then_pull
+                    ack, then_pull = self._apply(push, caller)
                     # Drop the push's messages now (its gradient and requests hold views of them), not
                     # when the next push on this stream replaces them: idle streams would hold them.
-                    del push, req, raw, grads
-                    ack = (result.clock, result.duplicate, result.min_clock, run_state_to_proto(result.run_state))
+                    del push, raw
                     if then_pull is None:
-                        yield wire.push_response_parts(*ack, staleness=result.staleness)
+                        yield wire.push_response_parts(*ack[:4], staleness=ack[4])
                         continue
                     read = await self.pull(then_pull, caller)  # one round trip per iteration
-                    for i, pulled in enumerate(self._params_parts(read, caller)):
-                        yield wire.push_response_parts(*ack, pulled=pulled, staleness=read.staleness) if i == 0 else \
-                            wire.push_response_parts(pulled=pulled)
+                    for parts in self._answer(ack, read, caller):
+                        yield parts
                 finally:
                     self._end()
         finally:
             holder.release()
+
+    def push_now(self, raw: bytes | memoryview, caller: Caller) -> list[list[wire.Part]] | Later | None:
+        """The lean path of a push of one message (``final`` set, as every small model's is):
+        received, applied and, when its then_pull may be served at once, answered, all now, with
+        no await (a transport calls it from its socket's callback: no task switch per message).
+        Returns the responses; or, when the then_pull must wait, ``Later``: the caller awaits it
+        and sends what it yields; or None when ``raw`` is not such a push (nothing was done:
+        ``push_stream`` takes it as always). A rejected push raises PsError as in push_stream."""
+        try:
+            req = wire.decode_push_request(raw)
+        except DecodeError:
+            return None  # (push_stream says what is wrong with it)
+        if not req.final:
+            return None
+        run, assembler = self._first(req)
+        ack, then_pull = self._apply(_Push(run, req, assembler.finish(), assembler.nbytes, req.then_pull,
+                                           req.param_version), caller)
+        del req, raw, assembler
+        if then_pull is None:
+            return [wire.push_response_parts(*ack[:4], staleness=ack[4])]
+        read = self._pull_now(then_pull)
+        if read is None:
+            return Later(self, ack, then_pull, caller)
+        return list(self._answer(ack, read, caller))
+
+    def _apply(self, push: _Push, caller: Caller) -> tuple[_Ack, pb.PullParamsRequest | None]:
+        """Give a received push to its run: its acknowledgement (the response's fields) and its then_pull."""
+        req = push.request
+        grads = owned(push.grads) if caller.borrowed and push.run.spec.staleness == 0 else push.grads
+        try:
+            result = push.run.push(req.rank, req.incarnation, req.clock, grads, push.nbytes,
+                                   req.loss, caller.transport, push.param_version)
+        except PsError as exc:
+            log.info("push rejected: %s", exc, extra={"run": req.run_id, "rank": req.rank, "clock": req.clock})
+            raise
+        return (result.clock, result.duplicate, result.min_clock, run_state_to_proto(result.run_state),
+                result.staleness), push.then_pull
+
+    def _answer(self, ack: _Ack, read: ParamsRead, caller: Caller) -> Iterator[list[wire.Part]]:
+        """A push's responses that carry its then_pull's ``read`` (the bound as the read tells it)."""
+        for i, pulled in enumerate(self._params_parts(read, caller)):
+            yield wire.push_response_parts(*ack[:4], pulled=pulled, staleness=read.staleness) if i == 0 else \
+                wire.push_response_parts(pulled=pulled)
 
     async def _receive(self, raw: bytes | memoryview, requests: AsyncIterator[bytes | memoryview],
                        holder: SlotHolder) -> _Push:
@@ -191,12 +251,12 @@ class DataPlane:
         assembler: TensorAssembler | None = None
         try:
             run = self._registry.get(req.run_id)
-            assembler = TensorAssembler(max_bytes=2 * run.store.nbytes + (1 << 20),
-                                        dtype=WIRE_DTYPE_PB[run.spec.wire_dtype], sparse=run.spec.topk_ratio > 0)
+            assembler = _assembler(run)
             assembler.add(req.tensors)
         except PsError as exc:
             failed = exc
         drained, limit = 0, max(assembler.max_bytes if assembler else 0, 2 * self._max_message_bytes)
+        holder.within = True
         try:
             while not req.final:
                 if failed is None:
@@ -230,10 +290,26 @@ class DataPlane:
             failed = exc
         finally:
             holder.release()
+            holder.within = False
         if run is not None:
             run.counters.pushes_rejected += 1
         log.info("push rejected: %s", failed, extra={"run": key[0], "rank": key[1], "clock": key[3]})
         raise failed
+
+    def _first(self, req: wire.PushRequest) -> tuple[Run, TensorAssembler]:
+        """A one-message push's run and its chunks, assembled; PsError (counted and logged as a
+        rejection) when either is wrong."""
+        run: Run | None = None
+        try:
+            run = self._registry.get(req.run_id)
+            assembler = _assembler(run)
+            assembler.add(req.tensors)
+        except PsError as exc:
+            if run is not None:
+                run.counters.pushes_rejected += 1
+            log.info("push rejected: %s", exc, extra={"run": req.run_id, "rank": req.rank, "clock": req.clock})
+            raise
+        return run, assembler
 
     # ------------------------------------------------------------------------------ pull
     async def pull_stream(self, requests: AsyncIterator[bytes | memoryview],
@@ -251,12 +327,24 @@ class DataPlane:
 
     async def pull(self, req: pb.PullParamsRequest, caller: Caller) -> ParamsRead:
         """Wait as the SSP rule says, then read (an observer's read, incarnation 0, never waits)."""
+        read = self._pull_now(req)
+        if read is not None:
+            return read
+        run = self._registry.get(req.run_id)
+        names, rows = list(req.names) or None, _rows(req.rows)
+        await run.wait_pull(req.rank, req.incarnation, req.clock, self._wait_limit(req.max_wait, caller), names, rows)
+        since = (req.since_lineage, req.since_version) if req.since_lineage else None
+        return run.read(req.rank, req.clock, names, rows, since)
+
+    def _pull_now(self, req: pb.PullParamsRequest) -> ParamsRead | None:
+        """The read, when the pull may be served at once; None when it must wait (PsError when it never may)."""
         run = self._registry.get(req.run_id)
         names = list(req.names) or None
         rows = _rows(req.rows)
         if req.incarnation == 0:
             return run.read(None, req.clock, names, rows)
-        await run.wait_pull(req.rank, req.incarnation, req.clock, self._wait_limit(req.max_wait, caller), names, rows)
+        if not run.pull_now(req.rank, req.incarnation, req.clock, names, rows):
+            return None
         since = (req.since_lineage, req.since_version) if req.since_lineage else None
         return run.read(req.rank, req.clock, names, rows, since)
 

@@ -7,24 +7,33 @@ A request in the client's segment is decoded in place (the push's gradient is ap
 client's memory: ``Caller.borrowed`` makes the data plane copy what it keeps longer); a response
 is copied into the segment, over the requests it answers, in one go on the event loop, so it
 holds whole tensors of one moment (no step runs in the middle of it).
+
+Between pushes, a push stream is served in its socket's reader callback: each one-message push
+(every small model's) is read, applied and answered there (``DataPlane.push_now``), with no task
+woken and no coroutine run per message; the stream's task takes over only for what must wait (a
+then_pull the SSP bound parks, a push of several messages, an answer the socket does not take at
+once, an inline message) and for errors, which end the stream with their status as before.
 """
 
 from __future__ import annotations
 
 import array
+import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
 import socket
 import struct
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from paramserver.v1 import shm, tcp, wire
 
-from .dataplane import Caller, DataPlane
+from .dataplane import Caller, DataPlane, Later
 from .tcp_plane import TcpDataPlane, _Link
 
 __all__ = ["ShmDataPlane"]
@@ -33,9 +42,29 @@ log = logging.getLogger("ps_server")
 
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _MAX_FDS = 4
+_SHARED_FRAME = tcp.FRAME.size + shm.REGION.size
 _INLINE = 4096
 """Responses up to this size (a push's acknowledgement) go inline: cheaper than a copy and a
 SHARED frame."""
+
+
+Lean = Callable[[memoryview], "list[list[wire.Part]] | Later | None"]
+
+
+@dataclass
+class _Unsent:
+    """A response the socket did not take at once, and the responses after it."""
+
+    views: list[memoryview]
+    then: list[list[wire.Part]]
+
+
+class _Wait:
+    """Nothing (more) to read now: the callback waits for the next request."""
+
+
+_WAIT = _Wait()
+_Got = memoryview | Later | _Unsent | None
 
 
 class _ShmLink(_Link):
@@ -47,6 +76,7 @@ class _ShmLink(_Link):
         self.segment: shm.Segment | None = None
         self._out = 0
         """Where the next response goes in the segment (0 again after each request)."""
+        self._head = bytearray(_SHARED_FRAME)
 
     async def _recv(self, view: memoryview, fds: list[int], stall: float | None) -> None:
         """Fill ``view``, keeping any descriptors that come with the bytes in ``fds``."""
@@ -57,11 +87,7 @@ class _ShmLink(_Link):
             except BlockingIOError:
                 await self.watch.readable(stall if got else None)
                 continue
-            for level, kind, data in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
-            if flags & socket.MSG_CTRUNC:
-                raise ValueError(f"more than {_MAX_FDS} descriptors came with one frame: SEGMENT passes exactly one")
+            self._take_fds(anc, flags, fds)
             if k == 0:
                 raise ConnectionError("the connection was closed")
             got += k
@@ -93,17 +119,123 @@ class _ShmLink(_Link):
                     self._map(fds, a, b)
                     continue
                 self._check_no_fds(fds, "SHARED")
-                seg = self.segment
-                if seg is None:
-                    raise ValueError("a SHARED frame before any SEGMENT: pass the segment first")
-                if a + b > seg.region.nbytes:
-                    raise ValueError(f"a SHARED message at [{a}, {a + b}) is outside the segment's region of "
-                                     f"{seg.region.nbytes} bytes")
-                self._out = 0
-                return seg.region[a : a + b]
+                return self._shared(a, b)
             finally:
                 for fd in fds:
                     os.close(fd)
+
+    def _shared(self, at: int, n: int) -> memoryview:
+        """The request a SHARED frame points at (the next responses go over it)."""
+        seg = self.segment
+        if seg is None:
+            raise ValueError("a SHARED frame before any SEGMENT: pass the segment first")
+        if at + n > seg.region.nbytes:
+            raise ValueError(f"a SHARED message at [{at}, {at + n}) is outside the segment's region of "
+                             f"{seg.region.nbytes} bytes")
+        self._out = 0
+        return seg.region[at : at + n]
+
+    async def serve(self, lean: Lean) -> memoryview | Later | None:
+        """Between requests: answer each SHARED request in the socket's reader callback as it comes,
+        with ``lean`` (``DataPlane.push_now``: no task wakes up, no coroutine runs per message),
+        until one needs the task: returns a request ``lean`` does not take (for the data plane's
+        general path), a ``Later`` (a push whose pull must wait), or None when the next frame is
+        not a SHARED one (``read`` takes it). Raises what ``read`` or ``lean`` raise."""
+        loop = asyncio.get_running_loop()
+        while True:
+            fut: asyncio.Future[_Got] = loop.create_future()
+            step = functools.partial(self._lean_step, lean, fut)
+            self.watch.lean = step
+            self.watch.watch()
+            step()  # what came before the watch was on
+            try:
+                got = await fut
+            finally:
+                self.watch.lean = None
+            if not isinstance(got, _Unsent):
+                return got
+            await tcp.send_parts(self.conn, got.views, self.stall)  # the client did not read (rare)
+            for parts in got.then:
+                await self.send(parts)
+
+    def _lean_step(self, lean: Lean, fut: asyncio.Future[_Got]) -> None:
+        if fut.done():
+            return
+        try:
+            got = self._lean_one(lean)
+        except Exception as exc:
+            self.watch.lean = None
+            fut.set_exception(exc)
+            return
+        if not isinstance(got, _Wait):
+            self.watch.lean = None
+            fut.set_result(got)
+
+    def _lean_one(self, lean: Lean) -> _Got | _Wait:
+        """One request, if a whole SHARED frame is in the socket: _WAIT when nothing is, else
+        None (answered, or not a SHARED frame) or what the task must do."""
+        head = self._head
+        while True:
+            try:
+                k = self.conn.recv_into(head, _SHARED_FRAME, socket.MSG_PEEK)
+            except BlockingIOError:
+                return _WAIT
+            if k == 0:
+                raise ConnectionError("the connection was closed")
+            kind = head[0]
+            if k < _SHARED_FRAME or kind not in (shm.SHARED, shm.SEGMENT) or \
+                    tcp.FRAME.unpack_from(head)[4] != shm.REGION.size:
+                return None  # (an inline MESSAGE, a frame still on its way, a bad one): ``read`` takes it
+            fds: list[int] = []
+            try:
+                k, anc, flags, _ = self.conn.recvmsg_into([head], socket.CMSG_SPACE(_MAX_FDS * 4))
+                self._take_fds(anc, flags, fds)
+                a, b = shm.REGION.unpack_from(head, tcp.FRAME.size)
+                if kind == shm.SHARED:
+                    self._check_no_fds(fds, "SHARED")
+                    break
+                self._map(fds, a, b)  # a new segment (the SHARED frame that uses it follows)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        body = self._shared(a, b)
+        out = lean(body)
+        if out is None:
+            return body
+        if isinstance(out, Later):
+            return out
+        for i, parts in enumerate(out):
+            unsent = self._send_now(parts)
+            if unsent:
+                return _Unsent(unsent, out[i + 1 :])
+        return _WAIT
+
+    def _send_now(self, parts: list[wire.Part]) -> list[memoryview]:
+        """``send`` without waiting: what the socket did not take at once (copied when part of it went)."""
+        n = wire.parts_len(parts)
+        seg = self.segment
+        if n <= _INLINE or seg is None or self._out + n > seg.region.nbytes:
+            out = [memoryview(tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, n)), *(memoryview(p) for p in parts)]
+            if len(out) > tcp.IOV_MAX:
+                return out
+        else:
+            at, self._out = self._out, shm.align(self._out + n)
+            out = [memoryview(shm.put(seg.region, at, parts, n))]
+        try:
+            sent = self.conn.sendmsg(out)
+        except BlockingIOError:
+            return out
+        if sent == n + tcp.FRAME.size or sent == out[0].nbytes == _SHARED_FRAME:
+            return []
+        return [memoryview(b"".join(v.cast("B") for v in out)[sent:])] if sent else out
+
+    @staticmethod
+    def _take_fds(anc: list[tuple[int, int, bytes]], flags: int, fds: list[int]) -> None:
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
+        if flags & socket.MSG_CTRUNC:
+            raise ValueError(f"more than {_MAX_FDS} descriptors came with one frame: SEGMENT passes exactly one")
 
     @staticmethod
     def _check_no_fds(fds: list[int], kind: str) -> None:

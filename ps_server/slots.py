@@ -46,6 +46,9 @@ class SlotHolder:
         self.pinned = False
         """Set while a message is being received into memory under the slot (the TCP data plane):
         the slot is not lent out then, whatever the patience, so one slot bounds one such message."""
+        self.within = False
+        """Set while the data plane reads the rest of a push of several messages (a transport that
+        answers one-message pushes itself, ``DataPlane.push_now``, hands it every message meanwhile)."""
 
     async def acquire(self) -> None:
         if not self.holding:

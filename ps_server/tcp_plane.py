@@ -37,7 +37,7 @@ from paramserver.v1 import tcp, wire
 
 from . import codec
 from .core.errors import Malformed, PsError, Reason, ResourceExhausted
-from .dataplane import Caller, DataPlane
+from .dataplane import Caller, DataPlane, Later
 from .slots import SlotHolder
 
 __all__ = ["TcpDataPlane", "TcpStatistics"]
@@ -86,6 +86,9 @@ class _Watch:
     def __init__(self, conn: socket.socket) -> None:
         self.conn = conn
         self.serving: asyncio.Task[None] | None = None
+        self.lean: Callable[[], None] | None = None
+        """Called when the socket is readable and no read waits (a link that answers requests in
+        this callback sets it between requests: ``_ShmLink.serve``)."""
         self._loop = asyncio.get_running_loop()
         self._fd = conn.fileno()
         self._waiter: asyncio.Future[None] | None = None
@@ -95,6 +98,9 @@ class _Watch:
         if self._waiter is not None:
             if not self._waiter.done():
                 self._waiter.set_result(None)
+            return
+        if self.lean is not None:
+            self.lean()
             return
         try:
             data = self.conn.recv(1, socket.MSG_PEEK)
@@ -149,6 +155,11 @@ class _Link:
         self.conn = conn
         self.stall = stall
         self.watch = _Watch(conn)
+
+    async def serve(self, lean: Callable[[memoryview], list[list[wire.Part]] | Later | None]) -> memoryview | Later | None:
+        """Answer requests with ``lean`` while it takes them, until the task must act (a link
+        that can: ``_ShmLink``); None: read the next request."""
+        return None
 
     async def read(self, max_bytes: int, reserve: Callable[[int], Awaitable[None]]) -> memoryview:
         """The next request's bytes. ValueError (FrameTooLarge) when the stream cannot go on."""
@@ -328,7 +339,9 @@ class TcpDataPlane:
         cancels a call whose client is gone. The stream never ends of itself. A message over
         ``SMALL_FRAME`` is received holding the stream's push slot (``holder``, pinned meanwhile);
         a push keeps it for the rest of its messages, a pull stream (``releases``) gives it back
-        at its next request."""
+        at its next request. Between the pushes of a push stream, a link that can (``_ShmLink``)
+        answers one-message pushes itself (``DataPlane.push_now``): only what they cannot finish
+        at once comes here (a ``Later`` is sent from here, a request goes to the handler)."""
         link.watch.serving = serving
 
         async def reserve(length: int) -> None:
@@ -336,12 +349,23 @@ class TcpDataPlane:
                 holder.pinned = True
                 await holder.acquire()
 
+        lean = None if releases else functools.partial(self._dataplane.push_now, caller=self._caller)
         try:
             while True:
                 if releases:
                     holder.release()
                 try:
-                    body = await link.read(self._max_bytes, reserve)
+                    body = None
+                    while lean is not None and not holder.within:
+                        got = await link.serve(lean)
+                        if not isinstance(got, Later):
+                            body = got
+                            break
+                        link.watch.watch()  # (a client that goes away while its pull waits cancels it)
+                        async for parts in got:
+                            await link.send(parts)
+                    if body is None:
+                        body = await link.read(self._max_bytes, reserve)
                 except tcp.FrameTooLarge as exc:
                     raise ResourceExhausted(str(exc)) from None
                 except ValueError as exc:  # the stream cannot go on: its handler ends it with this status

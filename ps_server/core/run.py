@@ -173,14 +173,10 @@ class Run:
                         rows: Mapping[str, np.ndarray] | None = None) -> None:
         """Return once a pull of ``clock`` by this rank may be served (``ssp``; meanwhile the rank
         shows what it waits for); raise when it never will be or after ``timeout`` seconds."""
-        if self.held:
-            raise ShardUnavailable(self.held)
-        slot = self.clock.holder(rank, incarnation)
-        ssp.check_pull(self.spec, slot, clock)
-        self.check_read(names, rows)  # a pull that cannot be served is refused now, not after its wait
-        ready = partial(self.pull_ready, rank, incarnation, clock)
-        if ready():
+        if self.pull_now(rank, incarnation, clock, names, rows):
             return
+        slot = self.clock.slots[rank]
+        ready = partial(self.pull_ready, rank, incarnation, clock)
         self.clock.park(slot, clock)
         self.counters.pulls_parked += 1
         try:
@@ -188,6 +184,17 @@ class Run:
                 raise ssp.wait_timeout(self.spec, self.clock, clock, timeout, self.waiting_for())
         finally:
             self.counters.parked_seconds += self.clock.unpark(slot)
+
+    def pull_now(self, rank: int, incarnation: int, clock: int, names: list[str] | None = None,
+                 rows: Mapping[str, np.ndarray] | None = None) -> bool:
+        """Whether a pull of ``clock`` by this rank may be served now (False: ``wait_pull`` parks
+        it); raises when it never could be."""
+        if self.held:
+            raise ShardUnavailable(self.held)
+        slot = self.clock.holder(rank, incarnation)
+        ssp.check_pull(self.spec, slot, clock)
+        self.check_read(names, rows)  # a pull that cannot be served is refused now, not after its wait
+        return self.pull_ready(rank, incarnation, clock)
 
     def pull_ready(self, rank: int, incarnation: int, clock: int) -> bool:
         if not self.clock.holds(rank, incarnation):

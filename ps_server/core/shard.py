@@ -60,9 +60,9 @@ class ShardRun(Run):
         self._known(rank, incarnation)
         return super().push(rank, incarnation, *args, **kwargs)
 
-    async def wait_pull(self, rank: int, incarnation: int, *args: Any, **kwargs: Any) -> None:
+    def pull_now(self, rank: int, incarnation: int, *args: Any, **kwargs: Any) -> bool:
         self._known(rank, incarnation)
-        await super().wait_pull(rank, incarnation, *args, **kwargs)
+        return super().pull_now(rank, incarnation, *args, **kwargs)
 
     def mirror(self, ranks: Iterable[RankUpdate], state: RunState, message: str) -> RunState:
         """Set the ranks and the run's state to the owner's. A rank's update of an older incarnation

@@ -20,11 +20,14 @@ import numpy as np
 import pytest
 from support import make_spec
 
+from paramserver import errors
 from paramserver.client import PsClient
 from paramserver.shm_transport import ShmCall
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import shm, tcp
 from ps_server.config import ServerConfig
+from ps_server.core.errors import PsError
+from ps_server.dataplane import Caller, Later
 from ps_server.server import PsServer, start_server
 
 pytestmark = pytest.mark.timeout(60)
@@ -146,6 +149,103 @@ async def test_bsp_keeps_a_held_gradient_when_the_client_writes_its_region_again
         pulled = await c1.pull(run.run_id, a1.rank, a1.incarnation, 1)
         np.testing.assert_array_equal(pulled.tensors["w"], -2 * ones)  # the mean of 1 and 3, not of 1000
         assert c0.route.opened["shm"] == 1
+
+
+class _Spy:
+    """What ``DataPlane.push_now`` (the pushes answered in the socket's callback) returned."""
+
+    def __init__(self, server: PsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.kinds: list[str] = []
+        real = server.dataplane.push_now
+
+        def push_now(raw: bytes | memoryview, caller: Caller) -> object:
+            try:
+                out = real(raw, caller)
+            except PsError as exc:
+                self.kinds.append(type(exc).__name__)
+                raise
+            self.kinds.append("general" if out is None else "later" if isinstance(out, Later) else "answered")
+            return out
+
+        monkeypatch.setattr(server.dataplane, "push_now", push_now)
+
+
+async def test_one_message_pushes_are_answered_in_the_callback_and_a_waiting_pull_by_the_task(
+        server: PsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small push and its then_pull are answered in the socket's callback; at s = 0 the pull of a
+    rank that pushed first must wait for the other, and is answered (by the stream's task) once it pushes."""
+    spy = _Spy(server, monkeypatch)
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c0, \
+            PsClient(f"127.0.0.1:{server.port}", timeout=10) as c1:
+        run = await c0.create_run(make_spec(shapes={"w": (3, 4)}, num_workers=2, staleness=0, lr=1.0,
+                                            init=pb.INITIALIZER_ZEROS))
+        a0 = (await c0.join("a", run.run_id)).assignment
+        a1 = (await c1.join("b", run.run_id)).assignment
+        ones = np.ones((3, 4), np.float32)
+        p0: dict[str, np.ndarray] = {}
+        p1: dict[str, np.ndarray] = {}
+        for clock in range(3):
+            first = asyncio.create_task(c0.push_pull(run.run_id, a0.rank, a0.incarnation, clock, {"w": ones}, into=p0))
+            await asyncio.sleep(0.2)
+            assert not first.done()  # BSP: rank 0's pull of clock + 1 waits for rank 1's push of clock
+            ack1, pulled1 = await c1.push_pull(run.run_id, a1.rank, a1.incarnation, clock, {"w": 3 * ones}, into=p1)
+            ack0, pulled0 = await first
+            assert ack0.clock == ack1.clock == clock + 1
+            assert pulled0.guaranteed_clock == pulled1.guaranteed_clock == clock + 1
+            np.testing.assert_array_equal(p0["w"], -2 * (clock + 1) * ones)  # each clock: the mean of 1 and 3
+            np.testing.assert_array_equal(p1["w"], p0["w"])
+        assert spy.kinds == ["later", "answered"] * 3
+        assert c0.route.opened["shm"] == c1.route.opened["shm"] == 1  # (both streams stayed open)
+        core = server.registry.get(run.run_id).counters
+        assert core.pushes_applied == 6 and core.pulls_parked == 3
+
+
+async def test_a_push_rejected_in_the_callback_gets_its_status_once_and_the_stream_reopens(
+        server: PsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = _Spy(server, monkeypatch)
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+        run = await c.create_run(make_spec(shapes={"w": (3, 4)}, num_workers=1, staleness=-1))
+        a = (await c.join("w", run.run_id)).assignment
+        with pytest.raises(errors.InvalidArgument, match="unknown tensor name"):
+            await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": np.ones((3, 4), np.float32),
+                                                                 "v": np.ones(2, np.float32)})
+        with pytest.raises(errors.FailedPrecondition, match="push the clocks before it|clock order"):
+            await c.push(run.run_id, a.rank, a.incarnation, 5, {"w": np.ones((3, 4), np.float32)})
+        with pytest.raises(errors.NotFound):
+            await c.push("no-such-run", a.rank, a.incarnation, 0, {"w": np.ones((3, 4), np.float32)})
+        assert (await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": np.ones((3, 4), np.float32)})).clock == 1
+        assert spy.kinds == ["InvalidArgument", "FailedPrecondition", "NotFound", "answered"]
+        assert server.registry.get(run.run_id).counters.pushes_rejected == 2  # once each, not again by the general path
+        assert c.route.opened["shm"] == 4 and c.route.opened["grpc"] == 0
+
+
+async def test_a_client_gone_while_its_pull_waits_in_a_push_frees_the_stream(server: PsServer) -> None:
+    c = PsClient(f"127.0.0.1:{server.port}", timeout=10)
+    run = await c.create_run(make_spec(num_workers=2, staleness=0))
+    a = (await c.join("a", run.run_id)).assignment
+    await c.join("b", run.run_id)
+    zeros = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
+    parked = asyncio.create_task(c.push_pull(run.run_id, a.rank, a.incarnation, 0, zeros, max_wait=30))
+    core = server.registry.get(run.run_id)
+    for _ in range(100):
+        if core.counters.pulls_parked:
+            break
+        await asyncio.sleep(0.02)
+    assert core.counters.pulls_parked == 1 and core.counters.pushes_applied == 1
+    parked.cancel()
+    await c.close()  # the connection closes: the server cancels the waiting pull, as gRPC would
+    for _ in range(100):
+        if core.counters.parked_seconds:
+            break
+        await asyncio.sleep(0.02)
+    assert 0 < core.counters.parked_seconds < 5
+    assert server.dataplane.statistics().in_progress == 0
+    assert server.shm_plane is not None
+    for _ in range(100):
+        if server.shm_plane.statistics().open == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert server.shm_plane.statistics().open == 0
 
 
 def _connect(server: PsServer, method: int = tcp.METHOD_PUSH) -> socket.socket:

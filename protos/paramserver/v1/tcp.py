@@ -41,6 +41,7 @@ __all__ = [
     "FRAME",
     "FrameTooLarge",
     "HELLO",
+    "IOV_MAX",
     "MAGIC",
     "METHOD_PULL",
     "METHOD_PUSH",
@@ -62,7 +63,8 @@ MESSAGE = 1
 STATUS = 2
 HELLO = struct.Struct("<4sBBH")
 FRAME = struct.Struct("<BBHIQ")
-_IOV_MAX = 1024
+IOV_MAX = 1024
+"""Parts one ``sendmsg`` takes at most (Linux's UIO_MAXIOV)."""
 _SOCKET_BUFFER = 4 << 20
 
 
@@ -118,7 +120,7 @@ async def send_parts(sock: socket.socket, parts: Sequence[bytes | memoryview], s
     loop = asyncio.get_running_loop()
     while views:
         try:
-            sent = sock.sendmsg([v for v, _ in views[:_IOV_MAX]])
+            sent = sock.sendmsg([v for v, _ in views[:IOV_MAX]])
         except BlockingIOError:
             await _writable(loop, sock, stall)
             continue
