@@ -4,7 +4,7 @@
         [--servers 1,2] [--repeats 3] [--compute-only]
 
 A ps-server and four ps-worker processes (or, with ``--psctl``, ``psctl launch --local``, which
-also follows the run) train the digits MLP-64 for 400 epochs. After 2,000 pushes, the server's
+also follows the run) train the digits MLP-64 for 1000 epochs. After 2,000 pushes, the server's
 and the workers' CPU time (user + system, from /proc) and the applied pushes are read, and again
 ``--seconds`` later. Prints pushes/s and milliseconds of CPU per applied push for each side: a
 figure that, unlike the rate, hardly depends on what else runs on the machine.
@@ -139,7 +139,7 @@ def one(args: argparse.Namespace, n_servers: int) -> dict[str, Any]:
             launcher = subprocess.Popen(
                 [sys.executable, "-m", "client.cli", "launch", "--local", "--workers", str(WORKERS), "--servers",
                  str(n_servers), "--model", "mlp:64", "--dataset", "digits", "--staleness", args.staleness,
-                 "--epochs", "400"],
+                 "--epochs", "1000"],
                 cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             procs.append(launcher)
             assert launcher.stdout is not None
@@ -179,7 +179,7 @@ def one(args: argparse.Namespace, n_servers: int) -> dict[str, Any]:
                 async with PsClient(address) as c:
                     await c.wait_ready(30)
                     await c.create_run(build_run_spec(LaunchOptions(
-                        model="mlp:64", dataset="digits", workers=WORKERS, staleness=parse_staleness(args.staleness), epochs=400)))
+                        model="mlp:64", dataset="digits", workers=WORKERS, staleness=parse_staleness(args.staleness), epochs=1000)))
 
             asyncio.run(create())
         assert len(servers) == n_servers and len(workers) == WORKERS, (servers, workers)

@@ -69,6 +69,8 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 class _Call:
     """A gRPC stream call with the interface of ``streams.Call`` (responses as they arrive)."""
 
+    exchange_now = None
+
     def __init__(self, call: Any, method: str) -> None:
         self._call = call
         self._method = method

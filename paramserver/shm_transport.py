@@ -12,22 +12,25 @@ kernel once neither side maps it.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from paramserver.v1 import shm, tcp, wire
 
 from . import errors
-from .streams import WriteFailed
-from .tcp_transport import TcpCall, greet, status_error
+from .streams import Pending, WriteFailed
+from .tcp_transport import SETTLE, TcpCall, greet, status_error
 
 __all__ = ["ShmCall"]
 
 log = logging.getLogger("paramserver")
 
 _FIRST = 4 << 20
+_SHARED_FRAME = tcp.FRAME.size + shm.REGION.size
 _MAX_REGION = 4 << 30
 
 
@@ -41,6 +44,63 @@ class ShmCall(TcpCall):
         self._over = 0  # answers in a row that did not fit
         self._reading = True  # the next write starts a turn
         self._inline = False  # segments could not be made
+        self._head = bytearray(_SHARED_FRAME)
+        self._rest = b""  # a frame ``exchange_now`` could send only part of
+        self.exchange_now = self._exchange_now
+
+    def _exchange_now(self, requests: Iterator[Sequence[wire.Part]], until_final: bool,
+                      final: Callable[[Any], bool], decode: Callable[[Any], Any]) -> list[Any] | Pending:
+        """``Call.exchange_now``: requests that fit the segment are written with one small frame
+        each, and answers in it are read as soon as ``settle`` sees them: no event loop."""
+        first = next(requests, None)
+        if first is None or not SETTLE.get():
+            return Pending(requests if first is None else itertools.chain([first], requests))
+        n = wire.parts_len(first)
+        try:
+            self._start_turn(n)
+        except OSError:
+            return Pending(None)  # the server ended the stream: the read says why
+        seg = self._segment
+        at = self._written
+        if seg is None or at + n > seg.region.nbytes:
+            return Pending(itertools.chain([first], requests))  # inline: through the event loop
+        self._written = shm.align(at + n)
+        frame = shm.put(seg.region, at, first, n)
+        try:
+            sent = self.sock.send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return Pending(None)
+        out: list[Any] = []
+        if sent != len(frame):
+            self._rest = frame[sent:]  # (the server reads nothing: rare) sent by the read, waiting for room
+            return Pending(requests, out)
+        for req in requests:  # a push of several messages (rare on this transport): the rest as usual
+            return Pending(itertools.chain([req], requests), out)
+        self._reading = True
+        head = self._head
+        while True:
+            self.settle()
+            try:
+                k = self.sock.recv_into(head, len(head), socket.MSG_PEEK)
+            except BlockingIOError:
+                return Pending(None, out)
+            except OSError:
+                return Pending(None, out)  # (the read says what broke)
+            if k < len(head) or head[0] != shm.SHARED:
+                return Pending(None, out)  # not here yet, inline, or the server's status: the read takes it
+            self.sock.recv_into(head)
+            kind, _, _, _, length = tcp.FRAME.unpack_from(head)
+            at, n = shm.REGION.unpack_from(head, tcp.FRAME.size)
+            if length != shm.REGION.size or at + n > seg.region.nbytes:
+                raise errors.Unavailable(errors.Code.UNAVAILABLE, "the data plane connection broke (the server's "
+                                         f"message at [{at}, {at + n}) is outside the segment)", method=self._method)
+            self._answered = max(self._answered, shm.align(at + n))
+            resp = decode(seg.region[at : at + n])
+            out.append(resp)
+            if not until_final or final(resp):
+                return out
 
     @classmethod
     async def open_shm(cls, name: str, method: str, max_bytes: int) -> ShmCall:
@@ -95,7 +155,17 @@ class ShmCall(TcpCall):
             seg.close()
         self._segment = new
 
+    async def _flush(self) -> None:
+        if self._rest:
+            try:
+                await tcp.send_parts(self.sock, [self._rest])
+            except OSError:
+                raise WriteFailed from None
+            finally:
+                self._rest = b""
+
     async def write(self, parts: Sequence[wire.Part]) -> None:
+        await self._flush()
         n = wire.parts_len(parts)
         if self._reading:
             try:
@@ -114,6 +184,10 @@ class ShmCall(TcpCall):
             raise WriteFailed from None
 
     async def read(self) -> memoryview:
+        try:
+            await self._flush()
+        except WriteFailed:
+            pass  # the server ended the stream: what it said is read below
         self._reading = True
         self.settle()
         try:

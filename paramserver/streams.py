@@ -15,14 +15,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from paramserver.v1 import wire
 
 from . import errors
 
-__all__ = ["Call", "Route", "Stream", "WriteFailed"]
+__all__ = ["Call", "Pending", "Route", "Stream", "WriteFailed"]
 
 log = logging.getLogger("paramserver")
 
@@ -33,6 +34,15 @@ after each failure in a row, up to the second figure (a firewalled port costs a 
 
 class WriteFailed(Exception):
     """The server ended the stream while a request was being written: the next read says why."""
+
+
+@dataclass
+class Pending:
+    """What ``exchange_now`` could not finish at once: the requests still to write (None: all went)
+    and the responses read so far."""
+
+    unwritten: Iterator[Sequence[wire.Part]] | None
+    out: list[Any] = field(default_factory=list)
 
 
 class Call(Protocol):
@@ -47,6 +57,12 @@ class Call(Protocol):
 
     def cancel(self) -> None:
         """End the stream (an unfinished push is dropped by the server)."""
+
+    @property
+    def exchange_now(self) -> Callable[[Iterator[Sequence[wire.Part]], bool, Callable[[Any], bool],
+                                        Callable[[Any], Any]], list[Any] | Pending] | None:
+        """Without the event loop: write the requests and read the responses (as ``Stream.exchange``)
+        if they come within a moment, else ``Pending``; None on transports that cannot."""
 
 
 def _final(resp: Any) -> bool:
@@ -76,21 +92,44 @@ class Stream:
         final: Callable[[Any], bool] = _final, decode: Callable[[Any], Any] = _identity,
     ) -> list[Any]:
         """Write ``requests``, read one response (or until ``final(response)``), each through
-        ``decode``; bounded by ``timeout``. Raises errors.PsError."""
+        ``decode``; bounded by ``timeout``. Raises errors.PsError.
+
+        On an open stream whose transport can (``Call.exchange_now``), the operation is first tried
+        without the event loop (no lock, timer or task switch: nothing else can run meanwhile);
+        what that does not finish at once goes on here."""
+        pending, todo = None, iter(requests)
+        call = self._call
+        if call is not None and call.exchange_now is not None and not self._lock.locked() and \
+                self._key == self._wanted():
+            try:
+                got = call.exchange_now(todo, until_final, final, decode)
+            except BaseException:
+                self.close()
+                raise
+            if not isinstance(got, Pending):
+                return got
+            pending = got
         async with self._lock:
             try:
                 async with asyncio.timeout(timeout):
-                    if self._call is not None and self._key != self._wanted():
-                        self.close()
-                    if self._call is None:
-                        self._call, self._key = await self._open_call()
+                    if pending is None:
+                        if self._call is not None and self._key != self._wanted():
+                            self.close()
+                        if self._call is None:
+                            self._call, self._key = await self._open_call()
+                    elif self._call is not call:
+                        raise errors.Unavailable(errors.Code.UNAVAILABLE, "the stream was closed", method=self._method)
                     call = self._call
-                    for req in requests:
+                    assert call is not None
+                    unwritten = todo if pending is None else pending.unwritten
+                    for req in unwritten or ():
                         try:
                             await call.write(req)
                         except WriteFailed:
                             break  # the server ended the stream: its status is what the read raises
-                    out = []
+                    out = [] if pending is None else pending.out
+                    if out and (not until_final or final(out[-1])):
+                        return out
                     while True:
                         raw = await call.read()
                         if raw is None:

@@ -11,13 +11,14 @@ import asyncio
 import contextvars
 import select
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import tcp, wire
 
 from . import errors
-from .streams import WriteFailed
+from .streams import Pending, WriteFailed
 
 __all__ = ["SETTLE", "SETTLE_MS", "TcpCall", "dial_host", "greet", "status_error"]
 
@@ -80,6 +81,7 @@ class TcpCall:
         self._poll.register(sock, select.POLLIN)
         self._skip = 0  # answers to go through the event loop only
         self._backoff = 0
+        self.exchange_now: Callable[..., list[Any] | Pending] | None = None
 
     def settle(self) -> None:
         """Wait up to ``SETTLE_MS`` for the answer in the kernel, before going through the event loop.

@@ -49,6 +49,8 @@ def _refusal(exc: ServerError, method: str) -> errors.PsError:
 class _Call:
     """A PushGradient, PullParams or WatchRun stream served by a task, messages through queues."""
 
+    exchange_now = None
+
     def __init__(self, serve: Callable[[AsyncIterator[bytes]], AsyncGenerator[Any, None]], method: str,
                  encode: Callable[[Any], Any], transport: InMemoryTransport) -> None:
         self._method = method

@@ -9,11 +9,15 @@ transport (``client`` fixture in conftest.py); kill -9 of either side: tests/sys
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import socket
 import struct
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -23,6 +27,7 @@ from support import make_spec
 from paramserver import errors
 from paramserver.client import PsClient
 from paramserver.shm_transport import ShmCall
+from paramserver.streams import Pending
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import shm, tcp
 from ps_server.config import ServerConfig
@@ -246,6 +251,60 @@ async def test_a_client_gone_while_its_pull_waits_in_a_push_frees_the_stream(ser
             break
         await asyncio.sleep(0.02)
     assert server.shm_plane.statistics().open == 0
+
+
+@contextlib.contextmanager
+def _server_in_a_thread(config: ServerConfig) -> Iterator[PsServer]:
+    """A server on an event loop of its own (as in its own process): it answers while the client's
+    thread waits for the answer in the kernel."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(start_server(config), loop).result(10)
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+async def test_the_client_exchanges_without_its_event_loop_when_the_answer_comes_at_once(
+        server_config: ServerConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A push-and-pull whose answer is in the segment within the settle time is done in
+    ``exchange_now`` (no lock, timer or task switch); a status or an answer that must wait goes on
+    through the event loop, with the same results and errors."""
+    finished: list[str] = []
+    real = ShmCall._exchange_now
+
+    def spy(self: ShmCall, *args: Any) -> Any:
+        got = real(self, *args)
+        finished.append("pending" if isinstance(got, Pending) else "now")
+        return got
+
+    monkeypatch.setattr(ShmCall, "_exchange_now", spy)
+    with _server_in_a_thread(server_config) as server:
+        async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c0, \
+                PsClient(f"127.0.0.1:{server.port}", timeout=10) as c1:
+            run = await c0.create_run(make_spec(shapes={"w": (30, 40)}, num_workers=2, staleness=-1, lr=1.0, iterations=100,
+                                                init=pb.INITIALIZER_ZEROS))
+            a0 = (await c0.join("a", run.run_id)).assignment
+            a1 = (await c1.join("b", run.run_id)).assignment
+            ones = np.ones((30, 40), np.float32)
+            params: dict[str, np.ndarray] = {}
+            await c0.push(run.run_id, a0.rank, a0.incarnation, 0, {"w": ones})  # opens the stream
+            for clock in range(1, 41):
+                ack, pulled = await c0.push_pull(run.run_id, a0.rank, a0.incarnation, clock, {"w": ones}, into=params)
+                assert ack.clock == clock + 1 and pulled.guaranteed_clock == 0  # (rank 1 has not pushed)
+                np.testing.assert_array_equal(params["w"], -(clock + 1) * ones)
+            assert finished.count("now") >= 30, finished  # (a busy machine may miss the settle time now and then)
+            with pytest.raises(errors.FailedPrecondition, match="clock order|before it"):
+                await c0.push(run.run_id, a0.rank, a0.incarnation, 50, {"w": ones})  # a STATUS frame
+            assert finished[-1] == "pending"
+            await c1.push(run.run_id, a1.rank, a1.incarnation, 0, {"w": ones})
+            core_ack = await c0.push(run.run_id, a0.rank, a0.incarnation, 41, {"w": ones})  # a new stream
+            assert core_ack.clock == 42 and c0.route.opened["shm"] == 2
 
 
 def _connect(server: PsServer, method: int = tcp.METHOD_PUSH) -> socket.socket:
