@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 from google.protobuf.duration_pb2 import Duration
@@ -40,7 +40,7 @@ from .core.status import ParamsRead
 from .core.tensors import Gradient, owned
 from .slots import PushSlots, SlotHolder
 
-__all__ = ["Caller", "DataPlane", "DataPlaneStatistics", "Later"]
+__all__ = ["Caller", "DataPlane", "DataPlaneStatistics", "Later", "PushMemo"]
 
 log = logging.getLogger("ps_server")
 R = TypeVar("R")
@@ -81,6 +81,32 @@ class _Push:
     then_pull: pb.PullParamsRequest | None
     param_version: int | None
     """Of its first request: the version its gradient was computed on (staleness-aware rate)."""
+    flat: np.ndarray | None = None
+    """The run's gradient buffer, when ``grads`` are its views (``DataPlane._laid_out``)."""
+
+
+class PushMemo:
+    """What a push stream's lean path remembers of its pushes: their layout (``wire.PushLayout``)
+    and run, learned from a push that the run applied (so its tensors are the run's, whole, in
+    their shapes); a later push that matches them needs none of those checks again."""
+
+    def __init__(self) -> None:
+        self.layout: wire.PushLayout | None = None
+        self.run: Run | None = None
+        self.nbytes = 0
+        self.pending: tuple[wire.PushLayout, Run, int] | None = None
+
+    def learn(self, raw: bytes | memoryview, push: _Push) -> None:
+        """Before ``push`` (decoded as usual from ``raw``) is applied: its layout, kept if it is."""
+        layout = wire.PushLayout.learn(raw, push.request) \
+            if push.run.spec.staleness != 0 and push.run.store.flat_gradient() is not None else None
+        self.pending = (layout, push.run, push.nbytes) if layout is not None else None
+
+    def confirm(self, duplicate: bool) -> None:
+        """The push learned from was applied (not a duplicate, which is not checked): keep its layout."""
+        if self.pending is not None and not duplicate:
+            self.layout, self.run, self.nbytes = self.pending
+        self.pending = None
 
 
 _Ack = tuple[int, bool, int, int, int | None]
@@ -196,23 +222,36 @@ class DataPlane:
         finally:
             holder.release()
 
-    def push_now(self, raw: bytes | memoryview, caller: Caller) -> list[list[wire.Part]] | Later | None:
+    def push_now(self, raw: bytes | memoryview, caller: Caller,
+                 memo: PushMemo | None = None) -> list[list[wire.Part]] | Later | None:
         """The lean path of a push of one message (``final`` set, as every small model's is):
         received, applied and, when its then_pull may be served at once, answered, all now, with
         no await (a transport calls it from its socket's callback: no task switch per message).
         Returns the responses; or, when the then_pull must wait, ``Later``: the caller awaits it
         and sends what it yields; or None when ``raw`` is not such a push (nothing was done:
-        ``push_stream`` takes it as always). A rejected push raises PsError as in push_stream."""
-        try:
-            req = wire.decode_push_request(raw)
-        except DecodeError:
-            return None  # (push_stream says what is wrong with it)
-        if not req.final:
-            return None
-        run, assembler = self._first(req)
-        ack, then_pull = self._apply(_Push(run, req, assembler.finish(), assembler.nbytes, req.then_pull,
-                                           req.param_version), caller)
-        del req, raw, assembler
+        ``push_stream`` takes it as always). A rejected push raises PsError as in push_stream.
+
+        ``memo``: the stream's; a push laid out as the stream's last one (``wire.PushLayout``: the
+        same tensors, encoded the same way) is read without decoding its chunks, its tensors
+        copied straight into the run's gradient buffer."""
+        if memo is not None:
+            memo.pending = None
+        push = self._laid_out(raw, memo) if memo is not None and memo.layout is not None else None
+        if push is None:
+            try:
+                req = wire.decode_push_request(raw)
+            except DecodeError:
+                return None  # (push_stream says what is wrong with it)
+            if not req.final:
+                return None
+            run, assembler = self._first(req)
+            push = _Push(run, req, assembler.finish(), assembler.nbytes, req.then_pull, req.param_version)
+            if memo is not None:
+                memo.learn(raw, push)
+        ack, then_pull = self._apply(push, caller)
+        if memo is not None and memo.pending is not None:
+            memo.confirm(ack[1])
+        del push, raw
         if then_pull is None:
             return [wire.push_response_parts(*ack[:4], staleness=ack[4])]
         read = self._pull_now(then_pull)
@@ -220,13 +259,31 @@ class DataPlane:
             return Later(self, ack, then_pull, caller)
         return list(self._answer(ack, read, caller))
 
+    def _laid_out(self, raw: bytes | memoryview, memo: PushMemo) -> _Push | None:
+        """The push in ``raw`` if it is laid out as ``memo`` learned, its gradient in the run's buffer."""
+        assert memo.layout is not None and memo.run is not None
+        got = memo.layout.match(raw if isinstance(raw, memoryview) else memoryview(raw))
+        if got is None:
+            return None
+        req, starts = got
+        run = memo.run
+        if not req.final or self._registry.find(req.run_id) is not run or run.spec.staleness == 0:
+            return None
+        buffer = run.store.flat_gradient()
+        if buffer is None:
+            return None
+        flat, views = buffer
+        for name, start, size in zip(memo.layout.names, starts, memo.layout.sizes, strict=True):
+            views[name].reshape(-1)[:] = np.frombuffer(raw, wire.F32, size >> 2, start)
+        return _Push(run, req, cast("dict[str, Gradient]", views), memo.nbytes, req.then_pull, req.param_version, flat)
+
     def _apply(self, push: _Push, caller: Caller) -> tuple[_Ack, pb.PullParamsRequest | None]:
         """Give a received push to its run: its acknowledgement (the response's fields) and its then_pull."""
         req = push.request
         grads = owned(push.grads) if caller.borrowed and push.run.spec.staleness == 0 else push.grads
         try:
             result = push.run.push(req.rank, req.incarnation, req.clock, grads, push.nbytes,
-                                   req.loss, caller.transport, push.param_version)
+                                   req.loss, caller.transport, push.param_version, push.flat)
         except PsError as exc:
             log.info("push rejected: %s", exc, extra={"run": req.run_id, "rank": req.rank, "clock": req.clock})
             raise
@@ -386,18 +443,19 @@ class DataPlane:
         live parameters every time (a small model's pull then makes no numpy call before its
         encoding's one copy)."""
         chunk = caller.chunk_bytes or self._chunk_bytes
-        groups: list[wire.Group]
+        groups: list[wire.Group | wire.EncodedGroup]
         key = ("groups", chunk)
         if read.delta is not None:
-            groups = self._delta_groups(read, chunk)
+            groups = [*self._delta_groups(read, chunk)]
         elif read.wire_dtype != "float32":
-            groups = self._coded_groups(read, chunk)
+            groups = [*self._coded_groups(read, chunk)]
         elif read.derived is not None and key in read.derived:
             groups = read.derived[key]
         else:
             groups = [[(name, shape, offset, part.data) for name, shape, offset, part in group]
                       for group in wire.chunk_groups(read.tensors, chunk)]
-            if read.derived is not None:
+            if read.derived is not None:  # the whole model: encoded once (its data are views)
+                groups = [wire.EncodedGroup(g) for g in groups]  # type: ignore[arg-type]
                 read.derived[key] = groups
         if read.rows:
             rows = {name: wire.RowsPart(*picked) for name, picked in read.rows.items()}

@@ -33,6 +33,7 @@ import numpy as np
 
 from paramserver.v1 import shm, tcp, wire
 
+from .core.errors import PsError
 from .dataplane import Caller, DataPlane, Later
 from .tcp_plane import TcpDataPlane, _Link
 
@@ -165,7 +166,10 @@ class _ShmLink(_Link):
             got = self._lean_one(lean)
         except Exception as exc:
             self.watch.lean = None
-            fut.set_exception(exc)
+            # An expected error (a rejected push, a bad frame, a closed connection) goes without its
+            # traceback: its frames would hold the request (the client's segment) in a cycle with
+            # ``fut`` until the garbage collector ran. A bug keeps it, for the log.
+            fut.set_exception(exc.with_traceback(None) if isinstance(exc, PsError | OSError | ValueError) else exc)
             return
         if not isinstance(got, _Wait):
             self.watch.lean = None

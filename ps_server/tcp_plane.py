@@ -37,7 +37,7 @@ from paramserver.v1 import tcp, wire
 
 from . import codec
 from .core.errors import Malformed, PsError, Reason, ResourceExhausted
-from .dataplane import Caller, DataPlane, Later
+from .dataplane import Caller, DataPlane, Later, PushMemo
 from .slots import SlotHolder
 
 __all__ = ["TcpDataPlane", "TcpStatistics"]
@@ -349,7 +349,7 @@ class TcpDataPlane:
                 holder.pinned = True
                 await holder.acquire()
 
-        lean = None if releases else functools.partial(self._dataplane.push_now, caller=self._caller)
+        lean = None if releases else functools.partial(self._dataplane.push_now, caller=self._caller, memo=PushMemo())
         try:
             while True:
                 if releases:

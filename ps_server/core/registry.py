@@ -118,6 +118,10 @@ class RunRegistry:
             known = listed(r.run_id for r in self.runs()) if self._runs else "none yet"
             raise NotFound(f"no run {quoted(run_id)} on this server; runs: {known}") from None
 
+    def find(self, run_id: str) -> Run | None:
+        """``get`` without its errors: None when there is no such run or the server shuts down."""
+        return None if self.shutting_down else self._runs.get(run_id)
+
     def runs(self) -> list[Run]:
         """Newest first: by creation time (a restored run keeps its own), then id."""
         return sorted(self._runs.values(), key=_age, reverse=True)

@@ -135,9 +135,11 @@ class Run:
         self._after_clock_change()
 
     def push(self, rank: int, incarnation: int, clock: int, grads: dict[str, Gradient], nbytes: int,
-             loss: float = float("nan"), data_plane: str = "", param_version: int | None = None) -> PushResult:
+             loss: float = float("nan"), data_plane: str = "", param_version: int | None = None,
+             flat: np.ndarray | None = None) -> PushResult:
         """Accept a rank's gradient of iteration ``clock``: apply (s > 0) or hold (s = 0).
-        ``param_version``: the version its gradient was computed on (``RunSpec.staleness_aware_lr``)."""
+        ``param_version``: the version its gradient was computed on (``RunSpec.staleness_aware_lr``).
+        ``flat``: the gradient is already in ``store.flat_gradient``'s buffer (``grads`` are its views)."""
         try:
             if self.held:
                 raise ShardUnavailable(self.held)
@@ -150,7 +152,8 @@ class Run:
                 raise FailedPrecondition(f"run {self.run_id} is {self.state.value}: pushes are accepted only "
                                          "while it is running", Reason.RUN_NOT_RUNNING, run_state=self.state.value)
             ssp.check_push(self._push_spec(slot), self.clock, slot, clock)
-            flat = self.store.check_gradient(grads)
+            flat = self.store.check_gradient(grads) if flat is None else \
+                self.store.check_flat(flat, grads)
         except PsError:
             self.counters.pushes_rejected += 1
             raise

@@ -76,6 +76,13 @@ def _in_range(spec: ParamSpec, ids: np.ndarray, then: str = "", reason: Reason =
                               f"range{then}", reason)
 
 
+def _check_finite(name: str, g: Gradient) -> None:
+    bad = count_non_finite(g)
+    if bad:
+        raise InvalidArgument(f"gradient {quoted(name)} contains {bad} NaN/Inf value(s); nothing was applied",
+                              Reason.INVALID_GRADIENT)
+
+
 class ParamStore:
     """The parameters of one run."""
 
@@ -90,6 +97,7 @@ class ParamStore:
         # model's push costs a few µs of work and ~20 numpy calls' overhead otherwise).
         self.tables = {p.name for p in specs if p.table}
         self._gflat = np.empty(self.flat.size, np.float32) if self.flat.size <= FLAT_MAX and not self.tables else None
+        self._gviews: dict[str, np.ndarray] | None = None
         self.derived: dict[Any, Any] = {}
         """For the transport: what it derives once from these arrays (their message layout)."""
         self.lineage = secrets.randbits(63) or 1
@@ -188,11 +196,28 @@ class ParamStore:
                 else:
                     finite = finite_hint(g.reshape(-1))
                 if not finite:
-                    bad = count_non_finite(g)
-                    if bad:
-                        raise InvalidArgument(f"gradient {quoted(name)} contains {bad} NaN/Inf value(s); nothing was applied",
-                                              Reason.INVALID_GRADIENT)
+                    _check_finite(name, g)
         return gflat  # a flat gradient whose dot product overflowed, but finite: still usable
+
+    def flat_gradient(self) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+        """The scratch buffer ``check_gradient`` lays small gradients out in, and each tensor's
+        view of it (for a transport that writes a push's tensors there itself, then
+        ``check_flat``); None for models without one (large ones, tables)."""
+        if self._gflat is None:
+            return None
+        if self._gviews is None:
+            self._gviews = {name: self._gflat[off : off + self.specs[name].size].reshape(self.specs[name].shape)
+                            for name, off in self._offsets.items()}
+        return self._gflat, self._gviews
+
+    def check_flat(self, gflat: np.ndarray, grads: Mapping[str, Gradient]) -> np.ndarray:
+        """``check_gradient`` of a gradient already laid out in ``flat_gradient``'s buffer (every
+        tensor there, in its shape; ``grads`` its views): only its values are checked."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            if not finite_hint(gflat):
+                for name, g in grads.items():
+                    _check_finite(name, g)
+        return gflat
 
     def _check_rows(self, grads: dict[str, Gradient]) -> None:
         """Rows of tables: a table's, its shape, ids in range, finite values; merged in place."""

@@ -32,7 +32,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import shm, tcp
 from ps_server.config import ServerConfig
 from ps_server.core.errors import PsError
-from ps_server.dataplane import Caller, Later
+from ps_server.dataplane import Caller, Later, PushMemo
 from ps_server.server import PsServer, start_server
 
 pytestmark = pytest.mark.timeout(60)
@@ -163,9 +163,9 @@ class _Spy:
         self.kinds: list[str] = []
         real = server.dataplane.push_now
 
-        def push_now(raw: bytes | memoryview, caller: Caller) -> object:
+        def push_now(raw: bytes | memoryview, caller: Caller, memo: PushMemo | None = None) -> object:
             try:
-                out = real(raw, caller)
+                out = real(raw, caller, memo)
             except PsError as exc:
                 self.kinds.append(type(exc).__name__)
                 raise
@@ -222,6 +222,50 @@ async def test_a_push_rejected_in_the_callback_gets_its_status_once_and_the_stre
         assert spy.kinds == ["InvalidArgument", "FailedPrecondition", "NotFound", "answered"]
         assert server.registry.get(run.run_id).counters.pushes_rejected == 2  # once each, not again by the general path
         assert c.route.opened["shm"] == 4 and c.route.opened["grpc"] == 0
+
+
+async def test_pushes_laid_out_as_the_streams_last_skip_decoding_and_apply_the_same(
+        server: PsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a stream's first push, one laid out alike (``wire.PushLayout``) is copied straight into
+    the run's gradient buffer: the same parameters result as with the general path, a NaN is still
+    refused with its tensor's name, and a push of the tensors in another order takes the general path."""
+    laid_out: list[bool] = []
+    real = server.dataplane._laid_out
+
+    def spy(raw: memoryview, memo: PushMemo) -> Any:
+        got = real(raw, memo)
+        laid_out.append(got is not None)
+        return got
+
+    monkeypatch.setattr(server.dataplane, "_laid_out", spy)
+    rng = np.random.default_rng(0)
+    grads = [{"w": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(4).astype(np.float32)}
+             for _ in range(4)]
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+        run = await c.create_run(make_spec(shapes={"w": (3, 4), "b": (4,)}, num_workers=1, staleness=-1, lr=0.5,
+                                           init=pb.INITIALIZER_ZEROS))
+        a = (await c.join("w", run.run_id)).assignment
+        params: dict[str, np.ndarray] = {}
+        for clock, g in enumerate(grads[:3]):
+            await c.push_pull(run.run_id, a.rank, a.incarnation, clock, g, into=params)
+        assert laid_out == [True, True]  # (the first push taught the layout)
+        np.testing.assert_allclose(params["w"], -0.5 * sum(g["w"] for g in grads[:3]), rtol=1e-6)
+        np.testing.assert_allclose(params["b"], -0.5 * sum(g["b"] for g in grads[:3]), rtol=1e-6)
+        reordered = {"b": grads[3]["b"], "w": grads[3]["w"]}
+        await c.push_pull(run.run_id, a.rank, a.incarnation, 3, reordered, into=params)
+        assert laid_out[-1] is False
+        np.testing.assert_allclose(params["w"], -0.5 * sum(g["w"] for g in grads), rtol=1e-6)
+        bad = {"w": grads[0]["w"].copy(), "b": grads[0]["b"].copy()}
+        bad["w"][1, 2] = np.nan
+        await c.push(run.run_id, a.rank, a.incarnation, 4, {"w": grads[0]["w"], "b": grads[0]["b"]})
+        laid_out.clear()
+        with pytest.raises(errors.InvalidArgument, match="gradient 'w' contains 1 NaN"):
+            await c.push(run.run_id, a.rank, a.incarnation, 5, bad)
+        assert laid_out == [True]
+        pulled = await c.pull(run.run_id, a.rank, a.incarnation, 5)
+        np.testing.assert_allclose(pulled.tensors["w"], -0.5 * (sum(g["w"] for g in grads) + grads[0]["w"]),
+                                   rtol=1e-6)  # nothing of the refused push
+        assert server.registry.get(run.run_id).counters.pushes_rejected == 1
 
 
 async def test_a_client_gone_while_its_pull_waits_in_a_push_frees_the_stream(server: PsServer) -> None:

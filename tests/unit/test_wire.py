@@ -278,3 +278,90 @@ def test_malformed_input_raises_decode_error(raw: bytes) -> None:
         r = wire.decode_params_response(raw)
         assert (r.guaranteed_clock, r.final, len(r.tensors)) == (expected.guaranteed_clock, expected.final,
                                                                  len(expected.tensors))
+
+
+# ----------------------------------------------------------------------------------- PushLayout
+def _model(seed: int) -> list[tuple[str, tuple[int, ...], int, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [(name, shape, 0, rng.standard_normal(int(np.prod(shape))).astype("<f4"))
+            for name, shape in (("w0", (8, 4)), ("b0", (4,)), ("w1", (4, 3)), ("b1", (3,)))]
+
+
+def _fields(r: wire.PushRequest) -> tuple[Any, ...]:
+    return r.run_id, r.rank, r.incarnation, r.clock, r.final, struct.pack("<d", r.loss), r.then_pull, r.param_version
+
+
+PARAM_VERSIONS = st.one_of(st.none(), U64)
+
+
+@settings(max_examples=200, deadline=None)
+@given(run_id=NAMES, rank=U32, inc=U64, clock=U64, final=st.booleans(), loss=LOSS, then=then_pulls,
+       version=PARAM_VERSIONS, seed=st.integers(0, 1000))
+def test_a_learned_layout_reads_pushes_laid_out_alike_as_the_generated_class_does(
+        run_id: str, rank: int, inc: int, clock: int, final: bool, loss: float, then: pb.PullParamsRequest | None,
+        version: int | None, seed: int) -> None:
+    first = encode_push_request("run-1", 3, 7, 100, _model(0), True, 0.5, pb.PullParamsRequest(clock=101), 99)
+    layout = wire.PushLayout.learn(first, wire.decode_push_request(first))
+    if wire.SMALL_MESSAGE < 0:  # pushes padded for alignment: not laid out as a layout says
+        assert layout is None
+        return
+    assert layout is not None and layout.names == ["w0", "b0", "w1", "b1"]
+    model = _model(seed)
+    raw = encode_push_request(run_id, rank, inc, clock, model, final, loss, then, version)
+    got = layout.match(memoryview(raw))
+    assert got is not None
+    req, starts = got
+    assert _fields(req) == _fields(wire.decode_push_request(raw))
+    for (_, _, _, data), start, size in zip(model, starts, layout.sizes, strict=True):
+        np.testing.assert_array_equal(np.frombuffer(raw, "<f4", size // 4, start), data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=st.integers(0, 1000), cut=st.integers(0, 400), flip=st.integers(0, 400), value=st.integers(0, 255))
+def test_a_layout_never_reads_a_push_otherwise_than_the_generated_class(seed: int, cut: int, flip: int,
+                                                                        value: int) -> None:
+    """Bytes changed anywhere, or cut short: ``match`` says None, or exactly what parsing says."""
+    if wire.SMALL_MESSAGE < 0:
+        return
+    first = encode_push_request("run-1", 3, 7, 100, _model(0), True, 0.5, None, None)
+    layout = wire.PushLayout.learn(first, wire.decode_push_request(first))
+    assert layout is not None
+    raw = bytearray(encode_push_request("run-1", 3, 7, 101, _model(seed), True, 0.25,
+                                        pb.PullParamsRequest(run_id="run-1", clock=102), 100))
+    raw[flip % len(raw)] = value
+    raw = raw[: len(raw) - cut % 40]
+    got = layout.match(memoryview(bytes(raw)))
+    if got is None:
+        return
+    req, starts = got
+    parsed = pb.PushGradientRequest.FromString(bytes(raw))  # (no DecodeError: match read it whole)
+    assert _fields(req) == (parsed.run_id, parsed.rank, parsed.incarnation, parsed.clock, parsed.final,
+                            struct.pack("<d", parsed.loss), parsed.then_pull if parsed.HasField("then_pull") else None,
+                            parsed.param_version if parsed.HasField("param_version") else None)
+    assert [(c.name, tuple(c.shape), c.offset, c.dtype) for c in parsed.tensors] == [
+        (n, s, 0, pb.DATA_TYPE_FLOAT32) for n, s, _, _ in _model(0)]
+    for c, start, size in zip(parsed.tensors, starts, layout.sizes, strict=True):
+        assert c.data == bytes(raw[start : start + size]) and not c.row_ids and not c.indices
+
+
+def test_pushes_not_laid_out_as_learned_do_not_match_and_some_cannot_be_learned() -> None:
+    if wire.SMALL_MESSAGE < 0:
+        return
+    model = _model(0)
+    first = encode_push_request("r", 1, 1, 0, model, True)
+    layout = wire.PushLayout.learn(first, wire.decode_push_request(first))
+    assert layout is not None
+    assert layout.match(memoryview(encode_push_request("r", 1, 1, 1, model[::-1], True))) is None  # another order
+    assert layout.match(memoryview(encode_push_request("r", 1, 1, 1, model[:3], True))) is None  # a tensor less
+    assert layout.match(memoryview(encode_push_request("r", 1, 1, 1, [*model, model[0]], True))) is None  # one more
+    wider = [(n, (s[0] + 1, *s[1:]), o, np.zeros(d.size + int(np.prod(s[1:])), "<f4")) for n, s, o, d in model]
+    assert layout.match(memoryview(encode_push_request("r", 1, 1, 1, wider, True))) is None  # other shapes
+    pieces = [("w", (4,), 0, np.zeros(2, "<f4")), ("w", (4,), 2, np.zeros(2, "<f4"))]
+    raw = encode_push_request("r", 1, 1, 0, pieces, True)
+    assert wire.PushLayout.learn(raw, wire.decode_push_request(raw)) is None  # a tensor in two chunks
+    sparse = {"w": wire.CodedPart(np.zeros(2, "<f4"), pb.DATA_TYPE_FLOAT32, (4,), np.array([0, 3], np.uint32))}
+    raw = wire.join(wire.push_request_parts("r", 1, 1, 0, next(wire.chunk_groups(sparse, 1 << 20)), True))
+    assert wire.PushLayout.learn(raw, wire.decode_push_request(raw)) is None  # sparse (top-k)
+    half = {"w": wire.CodedPart(np.zeros(4, "<f2"), pb.DATA_TYPE_FLOAT16, (4,))}
+    raw = wire.join(wire.push_request_parts("r", 1, 1, 0, next(wire.chunk_groups(half, 1 << 20)), True))
+    assert wire.PushLayout.learn(raw, wire.decode_push_request(raw)) is None  # fp16

@@ -25,6 +25,7 @@ to copy); their chunks are then the generated ``TensorChunk``s, with ``bytes`` d
 from __future__ import annotations
 
 import functools
+import math
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
 from . import paramserver_pb2 as pb
@@ -46,11 +47,13 @@ __all__ = [
     "Chunk",
     "ChunkLike",
     "CodedPart",
+    "EncodedGroup",
     "Group",
     "ParamsParts",
     "ParamsResponse",
     "Part",
     "RowsPart",
+    "PushLayout",
     "PushRequest",
     "PushResponse",
     "chunk_groups",
@@ -85,11 +88,18 @@ _U64 = (1 << 64) - 1  # a negative int32 or int64 is written as its 64-bit two's
 _ZERO8 = b"\0" * 8
 
 
+_BYTE = tuple(bytes((i,)) for i in range(256))
+
+
 def varint(n: int) -> bytes:
     """Protobuf varint of n; negative values as 64-bit two's complement (10 bytes)."""
+    if 0 <= n < 0x80:
+        return _BYTE[n]
+    if 0 < n < 0x4000:  # (clocks, versions: the common lengths spelled out)
+        return bytes((n & 0x7F | 0x80, n >> 7))
+    if 0 < n < 0x200000:
+        return bytes((n & 0x7F | 0x80, (n >> 7) & 0x7F | 0x80, n >> 14))
     n &= _U64
-    if n < 0x80:
-        return bytes((n,))
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -256,7 +266,7 @@ class CodedPart:
 Group = Sequence[tuple[str, tuple[int, ...], int, "np.ndarray | memoryview | RowsPart | CodedPart"]]
 """Chunks of one message: (name, full shape, offset, flat float32 part, or a memoryview of one,
 or a table's rows, or a part in another wire form)."""
-ParamsParts = tuple[int, int, Group, bool, int, bool, int, int | None]
+ParamsParts = tuple[int, int, "Group | EncodedGroup", bool, int, bool, int, int | None]
 """The arguments of ``params_response_parts``."""
 
 
@@ -489,8 +499,21 @@ def push_request_parts(
     return [bytes(head), *_repeated_chunks(_PUSH["tensors"], group, at), bytes(tail)]
 
 
-def params_response_parts(guaranteed_clock: int, version: int, group: Group, final: bool, run_state: int,
-                          delta: bool = False, lineage: int = 0, staleness: int | None = None) -> list[Part]:
+class EncodedGroup:
+    """A group's ``tensors`` fields of a ``PullParamsResponse``, encoded once for many answers: the
+    data are views, so each answer sends the values of its own moment."""
+
+    __slots__ = ("group", "parts", "nbytes")
+
+    def __init__(self, group: Group) -> None:
+        self.group = group
+        self.parts = _repeated_chunks(_PARAMS["tensors"], group)
+        self.nbytes = parts_len(self.parts)
+
+
+def params_response_parts(guaranteed_clock: int, version: int, group: Group | EncodedGroup, final: bool,
+                          run_state: int, delta: bool = False, lineage: int = 0,
+                          staleness: int | None = None) -> list[Part]:
     """A ``PullParamsResponse`` as parts to write in order (the data are views, not copies)."""
     head = bytearray()
     if guaranteed_clock:
@@ -508,7 +531,8 @@ def params_response_parts(guaranteed_clock: int, version: int, group: Group, fin
         tail += _PARAMS["lineage"] + varint(lineage)
     if staleness is not None:  # (proto3 optional: written even when 0; int32 -1 as ten bytes)
         tail += _PARAMS["staleness"] + varint(staleness & _U64)
-    return [bytes(head), *_repeated_chunks(_PARAMS["tensors"], group), bytes(tail)]
+    chunks = group.parts if isinstance(group, EncodedGroup) else _repeated_chunks(_PARAMS["tensors"], group)
+    return [bytes(head), *chunks, bytes(tail)]
 
 
 def push_response_parts(clock: int = 0, duplicate: bool = False, min_clock: int = 0, run_state: int = 0,
@@ -731,6 +755,106 @@ def decode_push_request(buf: bytes | memoryview) -> PushRequest:
     return PushRequest(m.run_id, m.rank, m.incarnation, m.clock, list(m.tensors), m.final, m.loss,
                        m.then_pull if m.HasField("then_pull") else None,
                        m.param_version if m.HasField("param_version") else None)
+
+
+class PushLayout:
+    """How a client lays out its pushes of one model, learned from one of them (``learn``): every
+    tensor whole in one float32 chunk, in the same order, as this module writes them. ``match``
+    reads a push laid out the same way without parsing its chunks: their headers are compared
+    with the learned bytes; their data are where the layout says. Anything else (another client's
+    encoding, another order, a chunk more or less, an unknown field) does not match, and the
+    caller decodes the message as usual (``decode_push_request``)."""
+
+    __slots__ = ("prefixes", "sizes", "names")
+
+    def __init__(self, prefixes: list[bytes], sizes: list[int], names: list[str]) -> None:
+        self.prefixes = prefixes
+        self.sizes = sizes
+        self.names = names
+
+    @classmethod
+    def learn(cls, buf: bytes | memoryview, req: PushRequest) -> PushLayout | None:
+        """The layout of the push ``buf``, which decoded as ``req``; None when it is not one a
+        layout describes (sparse, compressed, rows, tensors in pieces, padding...)."""
+        prefixes, sizes, names = [], [], []
+        for c in req.tensors:
+            if c.dtype != pb.DATA_TYPE_FLOAT32 or c.offset or c.row_ids or c.indices:
+                return None
+            size = len(c.data)
+            if size != 4 * math.prod(c.shape):
+                return None
+            prefixes.append(_chunk_prefix(_PUSH["tensors"], c.name, tuple(c.shape), 0, size))
+            sizes.append(size)
+            names.append(c.name)
+        layout = cls(prefixes, sizes, names)
+        return layout if prefixes and layout.match(memoryview(buf)) is not None else None
+
+    def match(self, buf: memoryview) -> tuple[PushRequest, list[int]] | None:
+        """The push in ``buf`` (its ``tensors`` left empty) and where each chunk's data start,
+        in the learned order; None unless ``buf`` is laid out as learned."""
+        end = len(buf)
+        req = PushRequest()
+        i, last = 0, 0
+        try:
+            while i < end:  # run_id, rank, incarnation, clock: each at most once, in order
+                key = buf[i]
+                field = key >> 3
+                if field >= 5 or field <= last or key & 7 != (2 if field == 1 else 0):
+                    break
+                last = field
+                v, i = _read_varint(buf, i + 1, end)
+                if field == 1:
+                    if i + v > end:
+                        return None
+                    req.run_id = str(buf[i : i + v], "utf-8")
+                    i += v
+                elif field == 2:
+                    req.rank = v & 0xFFFFFFFF
+                elif field == 3:
+                    req.incarnation = v
+                else:
+                    req.clock = v
+            starts = []
+            for prefix, size in zip(self.prefixes, self.sizes, strict=True):
+                j = i + len(prefix)
+                if buf[i:j] != prefix:
+                    return None
+                starts.append(j)
+                i = j + size
+            if i > end:
+                return None
+            last = 5
+            while i < end:  # final, loss, then_pull, param_version: each at most once, in order
+                key = buf[i]
+                field = key >> 3
+                if field <= last or field > 9 or key & 7 != _TAIL_WIRE[field]:
+                    return None
+                last = field
+                i += 1
+                if field == 7:
+                    if i + 8 > end:
+                        return None
+                    req.loss = _DOUBLE.unpack_from(buf, i)[0]
+                    i += 8
+                    continue
+                v, i = _read_varint(buf, i, end)
+                if field == 6:
+                    if v > 1:
+                        return None
+                    req.final = bool(v)
+                elif field == 8:
+                    if i + v > end:
+                        return None
+                    req.then_pull = pb.PullParamsRequest.FromString(bytes(buf[i : i + v]))
+                    i += v
+                else:
+                    req.param_version = v
+        except (_Fallback, UnicodeDecodeError, DecodeError):
+            return None
+        return req, starts
+
+
+_TAIL_WIRE = {6: 0, 7: 1, 8: 2, 9: 0}
 
 
 def decode_push_response(buf: bytes | memoryview) -> PushResponse:
