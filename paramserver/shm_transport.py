@@ -12,18 +12,16 @@ kernel once neither side maps it.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from paramserver.v1 import shm, tcp, wire
 
 from . import errors
-from .streams import Pending, WriteFailed
-from .tcp_transport import SETTLE, TcpCall, greet, status_error
+from .streams import WriteFailed
+from .tcp_transport import TcpCall, greet, status_error
 
 __all__ = ["ShmCall"]
 
@@ -45,62 +43,40 @@ class ShmCall(TcpCall):
         self._reading = True  # the next write starts a turn
         self._inline = False  # segments could not be made
         self._head = bytearray(_SHARED_FRAME)
-        self._rest = b""  # a frame ``exchange_now`` could send only part of
-        self.exchange_now = self._exchange_now
 
-    def _exchange_now(self, requests: Iterator[Sequence[wire.Part]], until_final: bool,
-                      final: Callable[[Any], bool], decode: Callable[[Any], Any]) -> list[Any] | Pending:
-        """``Call.exchange_now``: requests that fit the segment are written with one small frame
-        each, and answers in it are read as soon as ``settle`` sees them: no event loop."""
-        first = next(requests, None)
-        if first is None or not SETTLE.get():
-            return Pending(requests if first is None else itertools.chain([first], requests))
-        n = wire.parts_len(first)
+    def _send_now(self, parts: Sequence[wire.Part]) -> bool | None:
+        """A request that fits the segment, with one small frame (``TcpCall._send_now``)."""
+        n = wire.parts_len(parts)
         try:
             self._start_turn(n)
         except OSError:
-            return Pending(None)  # the server ended the stream: the read says why
+            return False  # the server ended the stream: the read says why
         seg = self._segment
         at = self._written
         if seg is None or at + n > seg.region.nbytes:
-            return Pending(itertools.chain([first], requests))  # inline: through the event loop
+            return None  # inline: through the event loop
         self._written = shm.align(at + n)
-        frame = shm.put(seg.region, at, first, n)
-        try:
-            sent = self.sock.send(frame)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            return Pending(None)
-        out: list[Any] = []
-        if sent != len(frame):
-            self._rest = frame[sent:]  # (the server reads nothing: rare) sent by the read, waiting for room
-            return Pending(requests, out)
-        for req in requests:  # a push of several messages (rare on this transport): the rest as usual
-            return Pending(itertools.chain([req], requests), out)
+        return self._sendmsg_now([shm.put(seg.region, at, parts, n)])
+
+    def _recv_now(self) -> memoryview | None:
+        """An answer in the segment, if its frame is in the socket (``TcpCall._recv_now``)."""
         self._reading = True
         head = self._head
-        while True:
-            self.settle()
-            try:
-                k = self.sock.recv_into(head, len(head), socket.MSG_PEEK)
-            except BlockingIOError:
-                return Pending(None, out)
-            except OSError:
-                return Pending(None, out)  # (the read says what broke)
-            if k < len(head) or head[0] != shm.SHARED:
-                return Pending(None, out)  # not here yet, inline, or the server's status: the read takes it
-            self.sock.recv_into(head)
-            kind, _, _, _, length = tcp.FRAME.unpack_from(head)
-            at, n = shm.REGION.unpack_from(head, tcp.FRAME.size)
-            if length != shm.REGION.size or at + n > seg.region.nbytes:
-                raise errors.Unavailable(errors.Code.UNAVAILABLE, "the data plane connection broke (the server's "
-                                         f"message at [{at}, {at + n}) is outside the segment)", method=self._method)
-            self._answered = max(self._answered, shm.align(at + n))
-            resp = decode(seg.region[at : at + n])
-            out.append(resp)
-            if not until_final or final(resp):
-                return out
+        try:
+            k = self.sock.recv_into(head, len(head), socket.MSG_PEEK)
+        except OSError:
+            return None  # (nothing yet, or the read says what broke)
+        if k < len(head) or head[0] != shm.SHARED:
+            return None  # not here yet, inline, or the server's status: the read takes it
+        self.sock.recv_into(head)
+        _, _, _, _, length = tcp.FRAME.unpack_from(head)
+        at, n = shm.REGION.unpack_from(head, tcp.FRAME.size)
+        seg = self._segment
+        if length != shm.REGION.size or seg is None or at + n > seg.region.nbytes:
+            raise errors.Unavailable(errors.Code.UNAVAILABLE, "the data plane connection broke (the server's "
+                                     f"message at [{at}, {at + n}) is outside the segment)", method=self._method)
+        self._answered = max(self._answered, shm.align(at + n))
+        return seg.region[at : at + n]
 
     @classmethod
     async def open_shm(cls, name: str, method: str, max_bytes: int) -> ShmCall:
@@ -154,15 +130,6 @@ class ShmCall(TcpCall):
         if seg is not None:
             seg.close()
         self._segment = new
-
-    async def _flush(self) -> None:
-        if self._rest:
-            try:
-                await tcp.send_parts(self.sock, [self._rest])
-            except OSError:
-                raise WriteFailed from None
-            finally:
-                self._rest = b""
 
     async def write(self, parts: Sequence[wire.Part]) -> None:
         await self._flush()

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import select
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+import numpy as np
 
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import tcp, wire
@@ -23,6 +26,8 @@ from .streams import Pending, WriteFailed
 __all__ = ["SETTLE", "SETTLE_MS", "TcpCall", "dial_host", "greet", "status_error"]
 
 SETTLE_MS = 2
+QUICK_BYTES = 64 << 10
+"""Requests and answers up to this size may go without the event loop (``TcpCall.exchange_now``)."""
 SETTLE: contextvars.ContextVar[bool] = contextvars.ContextVar("paramserver_settle", default=True)
 """False in a task whose caller has other work to do while the answer comes (a worker computing
 its next gradient while its push is in flight): its reads never block in ``settle``."""
@@ -81,7 +86,92 @@ class TcpCall:
         self._poll.register(sock, select.POLLIN)
         self._skip = 0  # answers to go through the event loop only
         self._backoff = 0
-        self.exchange_now: Callable[..., list[Any] | Pending] | None = None
+        self._head = bytearray(tcp.FRAME.size)
+        self._rest = b""  # a request ``exchange_now`` could send only part of (the next write or read sends it)
+        self._partial: tuple[memoryview, int] | None = None  # an answer it could read only part of
+        self.exchange_now = self._exchange_now
+
+    def _exchange_now(self, requests: Iterator[Sequence[wire.Part]], until_final: bool,
+                      final: Callable[[Any], bool], decode: Callable[[Any], Any]) -> list[Any] | Pending:
+        """``Call.exchange_now``: a small request is written with one ``sendmsg``, and its answers
+        read as soon as ``settle`` sees them in the kernel; no event loop."""
+        first = next(requests, None)
+        if first is None or not SETTLE.get():
+            return Pending(requests if first is None else itertools.chain([first], requests))
+        sent = self._send_now(first)
+        if sent is None:
+            return Pending(itertools.chain([first], requests))  # nothing went: all through the event loop
+        out: list[Any] = []
+        if not sent:  # (the server ended the stream, or took part of the request: the read sends the rest)
+            return Pending(requests, out)
+        for req in requests:  # a push of several messages: the rest through the event loop
+            return Pending(itertools.chain([req], requests), out)
+        while True:
+            self.settle()
+            raw = self._recv_now()
+            if raw is None:
+                return Pending(None, out)
+            resp = decode(raw)
+            out.append(resp)
+            if not until_final or final(resp):
+                return out
+
+    def _send_now(self, parts: Sequence[wire.Part]) -> bool | None:
+        """Send a small request now: True when it went whole, False when only part of it did (the
+        rest is kept for the next write or read) or the server ended the stream; None when it is
+        not sent this way (too large: nothing was sent)."""
+        n = wire.parts_len(parts)
+        if n > QUICK_BYTES or len(parts) >= tcp.IOV_MAX:
+            return None
+        return self._sendmsg_now([tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, n), *parts])
+
+    def _sendmsg_now(self, out: Sequence[wire.Part]) -> bool:
+        try:
+            sent = self.sock.sendmsg(out)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return False  # the server ended the stream: the read says why
+        if sent == wire.parts_len(out):
+            return True
+        self._rest = b"".join(out)[sent:]
+        return False
+
+    def _recv_now(self) -> memoryview | None:
+        """An answer whose frame is in the socket; None when it is not there yet (or is a status,
+        or too large: the read takes it; a part already read is kept for it)."""
+        head = self._head
+        try:
+            k = self.sock.recv_into(head, len(head), socket.MSG_PEEK)
+        except OSError:
+            return None
+        if k < len(head):
+            return None
+        kind, _, _, _, length = tcp.FRAME.unpack(head)
+        if kind != tcp.MESSAGE or length > min(QUICK_BYTES, self._max_bytes):
+            return None
+        self.sock.recv_into(head)
+        body = np.empty(length, np.uint8).data
+        got = 0
+        while got < length:
+            try:
+                k = self.sock.recv_into(body[got:])
+            except OSError:
+                k = -1
+            if k <= 0:  # the rest is not here yet (or the connection broke: the read says so)
+                self._partial = body, got
+                return None
+            got += k
+        return body
+
+    async def _flush(self) -> None:
+        if self._rest:
+            try:
+                await tcp.send_parts(self.sock, [self._rest])
+            except OSError:
+                raise WriteFailed from None
+            finally:
+                self._rest = b""
 
     def settle(self) -> None:
         """Wait up to ``SETTLE_MS`` for the answer in the kernel, before going through the event loop.
@@ -122,6 +212,7 @@ class TcpCall:
         return cls(sock, method, max_bytes)
 
     async def write(self, parts: Sequence[wire.Part]) -> None:
+        await self._flush()
         try:
             await tcp.send_parts(self.sock, [tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, wire.parts_len(parts)), *parts])
         except OSError:
@@ -130,8 +221,17 @@ class TcpCall:
             raise WriteFailed from None
 
     async def read(self) -> memoryview:
+        try:
+            await self._flush()
+        except WriteFailed:
+            pass  # the server ended the stream: what it said is read below
         self.settle()
         try:
+            if self._partial is not None:  # an answer ``exchange_now`` read the start of
+                body, got = self._partial
+                self._partial = None
+                await tcp.recv_exact(self.sock, body[got:])
+                return body
             kind, status, body = await tcp.read_frame(self.sock, self._max_bytes)
         except (OSError, ValueError) as exc:
             raise errors.Unavailable(errors.Code.UNAVAILABLE, f"the data plane connection broke ({exc})",

@@ -18,24 +18,20 @@ once, an inline message) and for errors, which end the stream with their status 
 from __future__ import annotations
 
 import array
-import asyncio
 import contextlib
-import functools
 import logging
 import os
 import secrets
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import numpy as np
 
 from paramserver.v1 import shm, tcp, wire
 
-from .core.errors import PsError
-from .dataplane import Caller, DataPlane, Later
-from .tcp_plane import TcpDataPlane, _Link
+from .dataplane import Caller, DataPlane
+from .tcp_plane import _WAIT, Got, Lean, TcpDataPlane, _Link
 
 __all__ = ["ShmDataPlane"]
 
@@ -49,25 +45,6 @@ _INLINE = 4096
 SHARED frame."""
 
 
-Lean = Callable[[memoryview], "list[list[wire.Part]] | Later | None"]
-
-
-@dataclass
-class _Unsent:
-    """A response the socket did not take at once, and the responses after it."""
-
-    views: list[memoryview]
-    then: list[list[wire.Part]]
-
-
-class _Wait:
-    """Nothing (more) to read now: the callback waits for the next request."""
-
-
-_WAIT = _Wait()
-_Got = memoryview | Later | _Unsent | None
-
-
 class _ShmLink(_Link):
     """One connection: frames on the socket (descriptors received with them), bodies in the segment."""
 
@@ -77,7 +54,7 @@ class _ShmLink(_Link):
         self.segment: shm.Segment | None = None
         self._out = 0
         """Where the next response goes in the segment (0 again after each request)."""
-        self._head = bytearray(_SHARED_FRAME)
+        self._head = bytearray(_SHARED_FRAME)  # (a SHARED frame and a SEGMENT one have this size)
 
     async def _recv(self, view: memoryview, fds: list[int], stall: float | None) -> None:
         """Fill ``view``, keeping any descriptors that come with the bytes in ``fds``."""
@@ -136,48 +113,8 @@ class _ShmLink(_Link):
         self._out = 0
         return seg.region[at : at + n]
 
-    async def serve(self, lean: Lean) -> memoryview | Later | None:
-        """Between requests: answer each SHARED request in the socket's reader callback as it comes,
-        with ``lean`` (``DataPlane.push_now``: no task wakes up, no coroutine runs per message),
-        until one needs the task: returns a request ``lean`` does not take (for the data plane's
-        general path), a ``Later`` (a push whose pull must wait), or None when the next frame is
-        not a SHARED one (``read`` takes it). Raises what ``read`` or ``lean`` raise."""
-        loop = asyncio.get_running_loop()
-        while True:
-            fut: asyncio.Future[_Got] = loop.create_future()
-            step = functools.partial(self._lean_step, lean, fut)
-            self.watch.lean = step
-            self.watch.watch()
-            step()  # what came before the watch was on
-            try:
-                got = await fut
-            finally:
-                self.watch.lean = None
-            if not isinstance(got, _Unsent):
-                return got
-            await tcp.send_parts(self.conn, got.views, self.stall)  # the client did not read (rare)
-            for parts in got.then:
-                await self.send(parts)
-
-    def _lean_step(self, lean: Lean, fut: asyncio.Future[_Got]) -> None:
-        if fut.done():
-            return
-        try:
-            got = self._lean_one(lean)
-        except Exception as exc:
-            self.watch.lean = None
-            # An expected error (a rejected push, a bad frame, a closed connection) goes without its
-            # traceback: its frames would hold the request (the client's segment) in a cycle with
-            # ``fut`` until the garbage collector ran. A bug keeps it, for the log.
-            fut.set_exception(exc.with_traceback(None) if isinstance(exc, PsError | OSError | ValueError) else exc)
-            return
-        if not isinstance(got, _Wait):
-            self.watch.lean = None
-            fut.set_result(got)
-
-    def _lean_one(self, lean: Lean) -> _Got | _Wait:
-        """One request, if a whole SHARED frame is in the socket: _WAIT when nothing is, else
-        None (answered, or not a SHARED frame) or what the task must do."""
+    def _lean_one(self, lean: Lean, max_bytes: int) -> Got:
+        """One request, if a whole SHARED frame is in the socket (a SEGMENT before it is mapped)."""
         head = self._head
         while True:
             try:
@@ -202,36 +139,15 @@ class _ShmLink(_Link):
             finally:
                 for fd in fds:
                     os.close(fd)
-        body = self._shared(a, b)
-        out = lean(body)
-        if out is None:
-            return body
-        if isinstance(out, Later):
-            return out
-        for i, parts in enumerate(out):
-            unsent = self._send_now(parts)
-            if unsent:
-                return _Unsent(unsent, out[i + 1 :])
-        return _WAIT
+        return self._answer_now(lean, self._shared(a, b))
 
     def _send_now(self, parts: list[wire.Part]) -> list[memoryview]:
-        """``send`` without waiting: what the socket did not take at once (copied when part of it went)."""
         n = wire.parts_len(parts)
         seg = self.segment
         if n <= _INLINE or seg is None or self._out + n > seg.region.nbytes:
-            out = [memoryview(tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, n)), *(memoryview(p) for p in parts)]
-            if len(out) > tcp.IOV_MAX:
-                return out
-        else:
-            at, self._out = self._out, shm.align(self._out + n)
-            out = [memoryview(shm.put(seg.region, at, parts, n))]
-        try:
-            sent = self.conn.sendmsg(out)
-        except BlockingIOError:
-            return out
-        if sent == n + tcp.FRAME.size or sent == out[0].nbytes == _SHARED_FRAME:
-            return []
-        return [memoryview(b"".join(v.cast("B") for v in out)[sent:])] if sent else out
+            return super()._send_now(parts)
+        at, self._out = self._out, shm.align(self._out + n)
+        return self._sendmsg_now([memoryview(shm.put(seg.region, at, parts, n))])
 
     @staticmethod
     def _take_fds(anc: list[tuple[int, int, bytes]], flags: int, fds: list[int]) -> None:

@@ -32,6 +32,8 @@ import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import tcp, wire
 
@@ -40,7 +42,7 @@ from .core.errors import Malformed, PsError, Reason, ResourceExhausted
 from .dataplane import Caller, DataPlane, Later, PushMemo
 from .slots import SlotHolder
 
-__all__ = ["TcpDataPlane", "TcpStatistics"]
+__all__ = ["Got", "Lean", "TcpDataPlane", "TcpStatistics"]
 
 log = logging.getLogger("ps_server")
 
@@ -148,6 +150,36 @@ class _Watch:
             got += k
 
 
+Lean = Callable[[memoryview], "list[list[wire.Part]] | Later | None"]
+"""``DataPlane.push_now`` of a stream."""
+
+
+@dataclass
+class _Unsent:
+    """A response the socket did not take at once, and the responses after it."""
+
+    views: list[memoryview]
+    then: list[list[wire.Part]]
+
+
+@dataclass
+class _Partial:
+    """A request whose frame was still coming in: ``rest`` of ``body`` is to be read."""
+
+    body: memoryview
+    rest: memoryview
+
+
+class _Wait:
+    """Nothing (more) to read now: the callback waits for the next request."""
+
+
+_WAIT = _Wait()
+Got = memoryview | Later | _Unsent | _Partial | _Wait | None
+"""What ``_Link._lean_one`` did with the socket: _WAIT (answered a request, or there was none:
+wait for the next), or what the task must do (see ``serve``)."""
+
+
 class _Link:
     """A connection's requests in and responses out: frames on the socket."""
 
@@ -155,11 +187,103 @@ class _Link:
         self.conn = conn
         self.stall = stall
         self.watch = _Watch(conn)
+        self._head = bytearray(tcp.FRAME.size)
 
-    async def serve(self, lean: Callable[[memoryview], list[list[wire.Part]] | Later | None]) -> memoryview | Later | None:
-        """Answer requests with ``lean`` while it takes them, until the task must act (a link
-        that can: ``_ShmLink``); None: read the next request."""
-        return None
+    async def serve(self, lean: Lean, max_bytes: int) -> memoryview | Later | None:
+        """Between requests: answer each small request in the socket's reader callback as it
+        comes, with ``lean`` (``DataPlane.push_now``: no task wakes up, no coroutine runs per
+        message), until one needs the task: returns a request ``lean`` does not take (for the
+        data plane's general path), a ``Later`` (a push whose pull must wait), or None when the
+        next frame is not one for this path (``read`` takes it). Raises what ``read`` or
+        ``lean`` raise."""
+        loop = asyncio.get_running_loop()
+        while True:
+            fut: asyncio.Future[Got] = loop.create_future()
+            step = functools.partial(self._lean_step, lean, max_bytes, fut)
+            self.watch.lean = step
+            self.watch.watch()
+            step()  # what came before the watch was on
+            try:
+                got = await fut
+            finally:
+                self.watch.lean = None
+            if isinstance(got, _Partial):  # the rest of the request, then on as in the callback
+                await self.watch.recv_exact(got.rest, self.stall)
+                got = self._answer_now(lean, got.body)
+            if isinstance(got, _Unsent):  # the client did not read (rare)
+                await tcp.send_parts(self.conn, got.views, self.stall)
+                for parts in got.then:
+                    await self.send(parts)
+            elif not isinstance(got, _Wait):
+                return got
+
+    def _lean_step(self, lean: Lean, max_bytes: int, fut: asyncio.Future[Got]) -> None:
+        if fut.done():
+            return
+        try:
+            got = self._lean_one(lean, max_bytes)
+        except Exception as exc:
+            self.watch.lean = None
+            # An expected error (a rejected push, a bad frame, a closed connection) goes without its
+            # traceback: its frames would hold the request (a client's segment) in a cycle with
+            # ``fut`` until the garbage collector ran. A bug keeps it, for the log.
+            fut.set_exception(exc.with_traceback(None) if isinstance(exc, PsError | OSError | ValueError) else exc)
+            return
+        if not isinstance(got, _Wait):
+            self.watch.lean = None
+            fut.set_result(got)
+
+    def _lean_one(self, lean: Lean, max_bytes: int) -> Got:
+        """One request, if a small MESSAGE frame is in the socket (one still coming in: _Partial)."""
+        head = self._head
+        try:
+            k = self.conn.recv_into(head, tcp.FRAME.size, socket.MSG_PEEK)
+        except BlockingIOError:
+            return _WAIT
+        if k == 0:
+            raise ConnectionError("the connection was closed")
+        kind, _, _, _, length = tcp.FRAME.unpack(head) if k == tcp.FRAME.size else (0, 0, 0, 0, 0)
+        if kind != tcp.MESSAGE or length > min(SMALL_FRAME, max_bytes):
+            return None  # (a large message: received under a slot; a bad frame: ``read`` says so)
+        self.conn.recv_into(head)
+        body = np.empty(length, np.uint8).data
+        got = 0
+        while got < length:
+            try:
+                k = self.conn.recv_into(body[got:])
+            except BlockingIOError:
+                return _Partial(body, body[got:])
+            if k == 0:
+                raise ConnectionError("the connection was closed")
+            got += k
+        return self._answer_now(lean, body)
+
+    def _answer_now(self, lean: Lean, body: memoryview) -> memoryview | Later | _Unsent | _Wait:
+        out = lean(body)
+        if out is None:
+            return body
+        if isinstance(out, Later):
+            return out
+        for i, parts in enumerate(out):
+            unsent = self._send_now(parts)
+            if unsent:
+                return _Unsent(unsent, out[i + 1 :])
+        return _WAIT
+
+    def _send_now(self, parts: list[wire.Part]) -> list[memoryview]:
+        """``send`` without waiting: what the socket did not take at once (copied when part of it went)."""
+        n = wire.parts_len(parts)
+        out = [memoryview(tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, n)), *(memoryview(p) for p in parts)]
+        return out if len(out) > tcp.IOV_MAX else self._sendmsg_now(out)
+
+    def _sendmsg_now(self, out: list[memoryview]) -> list[memoryview]:
+        try:
+            sent = self.conn.sendmsg(out)
+        except BlockingIOError:
+            return out
+        if sent == sum(v.nbytes for v in out):
+            return []
+        return [memoryview(b"".join(v.cast("B") for v in out)[sent:])] if sent else out
 
     async def read(self, max_bytes: int, reserve: Callable[[int], Awaitable[None]]) -> memoryview:
         """The next request's bytes. ValueError (FrameTooLarge) when the stream cannot go on."""
@@ -357,7 +481,7 @@ class TcpDataPlane:
                 try:
                     body = None
                     while lean is not None and not holder.within:
-                        got = await link.serve(lean)
+                        got = await link.serve(lean, self._max_bytes)
                         if not isinstance(got, Later):
                             body = got
                             break

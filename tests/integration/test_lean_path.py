@@ -1,0 +1,309 @@
+"""The lean path of a small push, on the shared-memory and the TCP data planes: the server reads,
+applies and answers a one-message push in its socket's reader callback (``DataPlane.push_now``,
+``_Link.serve``), reading a push laid out as its stream's last one without decoding its chunks
+(``wire.PushLayout``); the client writes a request and reads its answer without its event loop
+when the answer comes at once (``TcpCall.exchange_now``). What either cannot finish at once (a
+pull that must wait, a status, a frame still coming in, a push of several messages) goes on
+through the event loop with the same results and errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from support import make_spec
+
+from paramserver import errors, tcp_transport
+from paramserver.client import PsClient
+from paramserver.streams import Pending
+from paramserver.tcp_transport import TcpCall
+from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1 import tcp, wire
+from ps_server.config import ServerConfig
+from ps_server.core.errors import PsError
+from ps_server.dataplane import Caller, Later, PushMemo
+from ps_server.server import PsServer, start_server
+
+pytestmark = pytest.mark.timeout(60)
+
+TRANSPORTS = ["shm", "tcp"]
+
+
+def connect(server: PsServer, transport: str, **kw: Any) -> PsClient:
+    return PsClient(f"127.0.0.1:{server.port}", timeout=10, shm=transport == "shm", **kw)
+
+
+def plane(server: PsServer, transport: str) -> Any:
+    return server.shm_plane if transport == "shm" else server.data_plane
+
+
+class Spy:
+    """What ``DataPlane.push_now`` (the pushes answered in the socket's callback) returned."""
+
+    def __init__(self, server: PsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.kinds: list[str] = []
+        real = server.dataplane.push_now
+
+        def push_now(raw: bytes | memoryview, caller: Caller, memo: PushMemo | None = None) -> object:
+            try:
+                out = real(raw, caller, memo)
+            except PsError as exc:
+                self.kinds.append(type(exc).__name__)
+                raise
+            self.kinds.append("general" if out is None else "later" if isinstance(out, Later) else "answered")
+            return out
+
+        monkeypatch.setattr(server.dataplane, "push_now", push_now)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_one_message_pushes_are_answered_in_the_callback_and_a_waiting_pull_by_the_task(transport: str,
+        server: PsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small push and its then_pull are answered in the socket's callback; at s = 0 the pull of a
+    rank that pushed first must wait for the other, and is answered (by the stream's task) once it pushes."""
+    spy = Spy(server, monkeypatch)
+    async with connect(server, transport) as c0, \
+            connect(server, transport) as c1:
+        run = await c0.create_run(make_spec(shapes={"w": (3, 4)}, num_workers=2, staleness=0, lr=1.0,
+                                            init=pb.INITIALIZER_ZEROS))
+        a0 = (await c0.join("a", run.run_id)).assignment
+        a1 = (await c1.join("b", run.run_id)).assignment
+        ones = np.ones((3, 4), np.float32)
+        p0: dict[str, np.ndarray] = {}
+        p1: dict[str, np.ndarray] = {}
+        for clock in range(3):
+            first = asyncio.create_task(c0.push_pull(run.run_id, a0.rank, a0.incarnation, clock, {"w": ones}, into=p0))
+            await asyncio.sleep(0.2)
+            assert not first.done()  # BSP: rank 0's pull of clock + 1 waits for rank 1's push of clock
+            ack1, pulled1 = await c1.push_pull(run.run_id, a1.rank, a1.incarnation, clock, {"w": 3 * ones}, into=p1)
+            ack0, pulled0 = await first
+            assert ack0.clock == ack1.clock == clock + 1
+            assert pulled0.guaranteed_clock == pulled1.guaranteed_clock == clock + 1
+            np.testing.assert_array_equal(p0["w"], -2 * (clock + 1) * ones)  # each clock: the mean of 1 and 3
+            np.testing.assert_array_equal(p1["w"], p0["w"])
+        assert spy.kinds == ["later", "answered"] * 3
+        assert c0.route.opened[transport] == c1.route.opened[transport] == 1  # (both streams stayed open)
+        core = server.registry.get(run.run_id).counters
+        assert core.pushes_applied == 6 and core.pulls_parked == 3
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_push_rejected_in_the_callback_gets_its_status_once_and_the_stream_reopens(transport: str,
+        server: PsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    spy = Spy(server, monkeypatch)
+    async with connect(server, transport) as c:
+        run = await c.create_run(make_spec(shapes={"w": (3, 4)}, num_workers=1, staleness=-1))
+        a = (await c.join("w", run.run_id)).assignment
+        with pytest.raises(errors.InvalidArgument, match="unknown tensor name"):
+            await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": np.ones((3, 4), np.float32),
+                                                                 "v": np.ones(2, np.float32)})
+        with pytest.raises(errors.FailedPrecondition, match="push the clocks before it|clock order"):
+            await c.push(run.run_id, a.rank, a.incarnation, 5, {"w": np.ones((3, 4), np.float32)})
+        with pytest.raises(errors.NotFound):
+            await c.push("no-such-run", a.rank, a.incarnation, 0, {"w": np.ones((3, 4), np.float32)})
+        assert (await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": np.ones((3, 4), np.float32)})).clock == 1
+        assert spy.kinds == ["InvalidArgument", "FailedPrecondition", "NotFound", "answered"]
+        assert server.registry.get(run.run_id).counters.pushes_rejected == 2  # once each, not again by the general path
+        assert c.route.opened[transport] == 4 and c.route.opened["grpc"] == 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_pushes_laid_out_as_the_streams_last_skip_decoding_and_apply_the_same(transport: str,
+        server: PsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a stream's first push, one laid out alike (``wire.PushLayout``) is copied straight into
+    the run's gradient buffer: the same parameters result as with the general path, a NaN is still
+    refused with its tensor's name, and a push of the tensors in another order takes the general path."""
+    laid_out: list[bool] = []
+    real = server.dataplane._laid_out
+
+    def spy(raw: memoryview, memo: PushMemo) -> Any:
+        got = real(raw, memo)
+        laid_out.append(got is not None)
+        return got
+
+    monkeypatch.setattr(server.dataplane, "_laid_out", spy)
+    rng = np.random.default_rng(0)
+    grads = [{"w": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(4).astype(np.float32)}
+             for _ in range(4)]
+    async with connect(server, transport) as c:
+        run = await c.create_run(make_spec(shapes={"w": (3, 4), "b": (4,)}, num_workers=1, staleness=-1, lr=0.5,
+                                           init=pb.INITIALIZER_ZEROS))
+        a = (await c.join("w", run.run_id)).assignment
+        params: dict[str, np.ndarray] = {}
+        for clock, g in enumerate(grads[:3]):
+            await c.push_pull(run.run_id, a.rank, a.incarnation, clock, g, into=params)
+        assert laid_out == [True, True]  # (the first push taught the layout)
+        np.testing.assert_allclose(params["w"], -0.5 * sum(g["w"] for g in grads[:3]), rtol=1e-6)
+        np.testing.assert_allclose(params["b"], -0.5 * sum(g["b"] for g in grads[:3]), rtol=1e-6)
+        reordered = {"b": grads[3]["b"], "w": grads[3]["w"]}
+        await c.push_pull(run.run_id, a.rank, a.incarnation, 3, reordered, into=params)
+        assert laid_out[-1] is False
+        np.testing.assert_allclose(params["w"], -0.5 * sum(g["w"] for g in grads), rtol=1e-6)
+        bad = {"w": grads[0]["w"].copy(), "b": grads[0]["b"].copy()}
+        bad["w"][1, 2] = np.nan
+        await c.push(run.run_id, a.rank, a.incarnation, 4, {"w": grads[0]["w"], "b": grads[0]["b"]})
+        laid_out.clear()
+        with pytest.raises(errors.InvalidArgument, match="gradient 'w' contains 1 NaN"):
+            await c.push(run.run_id, a.rank, a.incarnation, 5, bad)
+        assert laid_out == [True]
+        pulled = await c.pull(run.run_id, a.rank, a.incarnation, 5)
+        np.testing.assert_allclose(pulled.tensors["w"], -0.5 * (sum(g["w"] for g in grads) + grads[0]["w"]),
+                                   rtol=1e-6)  # nothing of the refused push
+        assert server.registry.get(run.run_id).counters.pushes_rejected == 1
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_client_gone_while_its_pull_waits_in_a_push_frees_the_stream(transport: str, server: PsServer) -> None:
+    c = connect(server, transport)
+    run = await c.create_run(make_spec(num_workers=2, staleness=0))
+    a = (await c.join("a", run.run_id)).assignment
+    await c.join("b", run.run_id)
+    zeros = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
+    parked = asyncio.create_task(c.push_pull(run.run_id, a.rank, a.incarnation, 0, zeros, max_wait=30))
+    core = server.registry.get(run.run_id)
+    for _ in range(100):
+        if core.counters.pulls_parked:
+            break
+        await asyncio.sleep(0.02)
+    assert core.counters.pulls_parked == 1 and core.counters.pushes_applied == 1
+    parked.cancel()
+    await c.close()  # the connection closes: the server cancels the waiting pull, as gRPC would
+    for _ in range(100):
+        if core.counters.parked_seconds:
+            break
+        await asyncio.sleep(0.02)
+    assert 0 < core.counters.parked_seconds < 5
+    assert server.dataplane.statistics().in_progress == 0
+    for _ in range(100):
+        if plane(server, transport).statistics().open == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert plane(server, transport).statistics().open == 0
+
+
+@contextlib.contextmanager
+def server_in_a_thread(config: ServerConfig) -> Iterator[PsServer]:
+    """A server on an event loop of its own (as in its own process): it answers while the client's
+    thread waits for the answer in the kernel."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = asyncio.run_coroutine_threadsafe(start_server(config), loop).result(10)
+    try:
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_the_client_exchanges_without_its_event_loop_when_the_answer_comes_at_once(transport: str,
+        server_config: ServerConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A push-and-pull whose answer is in the segment within the settle time is done in
+    ``exchange_now`` (no lock, timer or task switch); a status or an answer that must wait goes on
+    through the event loop, with the same results and errors."""
+    finished: list[str] = []
+    real = TcpCall._exchange_now
+
+    def spy(self: TcpCall, *args: Any) -> Any:
+        got = real(self, *args)
+        finished.append("pending" if isinstance(got, Pending) else "now")
+        return got
+
+    monkeypatch.setattr(TcpCall, "_exchange_now", spy)
+    monkeypatch.setattr(tcp_transport, "SETTLE_MS", 500)  # (a busy machine may not run the server within 2 ms)
+    with server_in_a_thread(server_config) as server:
+        async with connect(server, transport) as c0, \
+                connect(server, transport) as c1:
+            run = await c0.create_run(make_spec(shapes={"w": (30, 40)}, num_workers=2, staleness=-1, lr=1.0, iterations=100,
+                                                init=pb.INITIALIZER_ZEROS))
+            a0 = (await c0.join("a", run.run_id)).assignment
+            a1 = (await c1.join("b", run.run_id)).assignment
+            ones = np.ones((30, 40), np.float32)
+            params: dict[str, np.ndarray] = {}
+            await c0.push(run.run_id, a0.rank, a0.incarnation, 0, {"w": ones})  # opens the stream
+            for clock in range(1, 41):
+                ack, pulled = await c0.push_pull(run.run_id, a0.rank, a0.incarnation, clock, {"w": ones}, into=params)
+                assert ack.clock == clock + 1 and pulled.guaranteed_clock == 0  # (rank 1 has not pushed)
+                np.testing.assert_array_equal(params["w"], -(clock + 1) * ones)
+            assert finished.count("now") >= 30, finished
+            with pytest.raises(errors.FailedPrecondition, match="clock order|before it"):
+                await c0.push(run.run_id, a0.rank, a0.incarnation, 50, {"w": ones})  # a STATUS frame
+            assert finished[-1] == "pending"
+            await c1.push(run.run_id, a1.rank, a1.incarnation, 0, {"w": ones})
+            core_ack = await c0.push(run.run_id, a0.rank, a0.incarnation, 41, {"w": ones})  # a new stream
+            assert core_ack.clock == 42 and c0.route.opened[transport] == 2
+
+
+
+
+def tcp_push_stream(server: PsServer) -> socket.socket:
+    assert server.data_plane is not None
+    sock = socket.create_connection(("127.0.0.1", server.data_plane.port), timeout=5)
+    sock.sendall(tcp.hello(tcp.METHOD_PUSH))
+    assert sock.recv(tcp.HELLO.size) == tcp.hello(tcp.METHOD_PUSH)
+    return sock
+
+
+def read_frame(sock: socket.socket) -> tuple[int, int, bytes]:
+    head = b""
+    while len(head) < tcp.FRAME.size:
+        head += sock.recv(tcp.FRAME.size - len(head))
+    kind, _, _, status, length = tcp.FRAME.unpack(head)
+    body = b""
+    while len(body) < length:
+        body += sock.recv(length - len(body))
+    return kind, status, body
+
+
+async def test_a_tcp_push_whose_frame_comes_in_two_parts_is_answered_once_it_is_whole(server: PsServer) -> None:
+    """The callback reads what came; the stream's task waits for the rest, then answers the same."""
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10, shm=False) as c:
+        run = await c.create_run(make_spec(shapes={"w": (30, 40)}, num_workers=1, staleness=-1, lr=1.0,
+                                           init=pb.INITIALIZER_ZEROS))
+        a = (await c.join("w", run.run_id)).assignment
+    ones = np.ones((30, 40), np.float32)
+    sock = await asyncio.to_thread(tcp_push_stream, server)
+    try:
+        for clock in range(3):
+            body = wire.join(wire.push_request_parts(run.run_id, a.rank, a.incarnation, clock,
+                                                     next(wire.chunk_groups({"w": ones}, 1 << 20)), True))
+            frame = tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, len(body)) + body
+            sock.sendall(frame[: 16 + len(body) // 2])
+            await asyncio.sleep(0.2)  # the server has read half of it by now, and waits
+            sock.sendall(frame[16 + len(body) // 2 :])
+            kind, _, answer = await asyncio.to_thread(read_frame, sock)
+            assert kind == tcp.MESSAGE and pb.PushGradientResponse.FromString(answer).clock == clock + 1
+    finally:
+        sock.close()
+    core = server.registry.get(run.run_id)
+    assert core.counters.pushes_applied == 3 and core.counters.pushes_rejected == 0
+
+
+async def test_a_tcp_sender_stalled_in_the_middle_of_a_small_frame_is_dropped(server_config: ServerConfig) -> None:
+    config = ServerConfig(**{**server_config.__dict__, "stall_seconds": 0.5})
+    server = await start_server(config)
+    try:
+        sock = await asyncio.to_thread(tcp_push_stream, server)
+        sock.sendall(tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, 1000) + b"x" * 10)
+        assert server.data_plane is not None
+        t0 = time.monotonic()
+        closed = await asyncio.to_thread(sock.recv, 100)  # the server closes the connection
+        assert closed == b"" and time.monotonic() - t0 < 5
+        for _ in range(100):
+            if server.data_plane.statistics().open == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert server.data_plane.statistics().open == 0
+        sock.close()
+    finally:
+        await server.stop(0)
