@@ -8,11 +8,9 @@ client's memory: ``Caller.borrowed`` makes the data plane copy what it keeps lon
 is copied into the segment, over the requests it answers, in one go on the event loop, so it
 holds whole tensors of one moment (no step runs in the middle of it).
 
-Between pushes, a push stream is served in its socket's reader callback: each one-message push
-(every small model's) is read, applied and answered there (``DataPlane.push_now``), with no task
-woken and no coroutine run per message; the stream's task takes over only for what must wait (a
-then_pull the SSP bound parks, a push of several messages, an answer the socket does not take at
-once, an inline message) and for errors, which end the stream with their status as before.
+Between pushes, a push stream is served in its socket's reader callback, as on TCP
+(``_Link.serve``): here for each SHARED request, whatever its size (an inline one goes to the
+stream's task).
 """
 
 from __future__ import annotations

@@ -13,6 +13,13 @@ it, which the PullParams contract allows ("maybe newer ones too"). Each element 
 on the event loop between two sends (the optimizers write each element once, from scratch
 buffers), and ``tcp.send_parts`` never sends one element's bytes from two moments.
 
+Between pushes, a push stream is served in its socket's reader callback (``_Link.serve``): each
+small one-message push (every model up to 64 KiB) is read, applied and answered there
+(``DataPlane.push_now``), with no task woken and no coroutine run per message; the stream's task
+takes over only for what must wait (a then_pull the SSP bound parks, a push of several messages,
+a frame still coming in, an answer the socket does not take at once) and for errors, which end
+the stream with their status as before.
+
 Bounds: a dead peer is found by TCP keepalive within seconds (``tcp.tune``); a client that sends
 nothing in the middle of a message, or reads nothing of an answer, for ``stall_seconds`` is
 dropped; a request is read only when the data plane asks for the next one, and one over
@@ -89,8 +96,8 @@ class _Watch:
         self.conn = conn
         self.serving: asyncio.Task[None] | None = None
         self.lean: Callable[[], None] | None = None
-        """Called when the socket is readable and no read waits (a link that answers requests in
-        this callback sets it between requests: ``_ShmLink.serve``)."""
+        """Called when the socket is readable and no read waits (set between requests by a link that
+        answers them in this callback: ``_Link.serve``)."""
         self._loop = asyncio.get_running_loop()
         self._fd = conn.fileno()
         self._waiter: asyncio.Future[None] | None = None
@@ -463,9 +470,9 @@ class TcpDataPlane:
         cancels a call whose client is gone. The stream never ends of itself. A message over
         ``SMALL_FRAME`` is received holding the stream's push slot (``holder``, pinned meanwhile);
         a push keeps it for the rest of its messages, a pull stream (``releases``) gives it back
-        at its next request. Between the pushes of a push stream, a link that can (``_ShmLink``)
-        answers one-message pushes itself (``DataPlane.push_now``): only what they cannot finish
-        at once comes here (a ``Later`` is sent from here, a request goes to the handler)."""
+        at its next request. Between the pushes of a push stream, the link answers small
+        one-message pushes itself (``_Link.serve``): only what they cannot finish at once comes
+        here (a ``Later`` is sent from here, a request goes to the handler)."""
         link.watch.serving = serving
 
         async def reserve(length: int) -> None:
