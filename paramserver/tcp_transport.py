@@ -15,8 +15,6 @@ import socket
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
-
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import tcp, wire
 
@@ -140,28 +138,16 @@ class TcpCall:
     def _recv_now(self) -> memoryview | None:
         """An answer whose frame is in the socket; None when it is not there yet (or is a status,
         or too large: the read takes it; a part already read is kept for it)."""
-        head = self._head
         try:
-            k = self.sock.recv_into(head, len(head), socket.MSG_PEEK)
+            taken = tcp.take_message(self.sock, self._head, min(QUICK_BYTES, self._max_bytes))
         except OSError:
+            return None  # (the read says what broke)
+        if taken is None:
             return None
-        if k < len(head):
+        body, got = taken
+        if got < body.nbytes:
+            self._partial = body, got
             return None
-        kind, _, _, _, length = tcp.FRAME.unpack(head)
-        if kind != tcp.MESSAGE or length > min(QUICK_BYTES, self._max_bytes):
-            return None
-        self.sock.recv_into(head)
-        body = np.empty(length, np.uint8).data
-        got = 0
-        while got < length:
-            try:
-                k = self.sock.recv_into(body[got:])
-            except OSError:
-                k = -1
-            if k <= 0:  # the rest is not here yet (or the connection broke: the read says so)
-                self._partial = body, got
-                return None
-            got += k
         return body
 
     async def _flush(self) -> None:

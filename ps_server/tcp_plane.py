@@ -39,8 +39,6 @@ import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-import numpy as np
-
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import tcp, wire
 
@@ -241,29 +239,20 @@ class _Link:
             fut.set_result(got)
 
     def _lean_one(self, lean: Lean, max_bytes: int) -> Got:
-        """One request, if a small MESSAGE frame is in the socket (one still coming in: _Partial)."""
-        head = self._head
+        """One request, if a small MESSAGE frame is in the socket (one still coming in: _Partial;
+        a large message, received under a slot, or a bad frame: None, ``read`` takes it)."""
+        taken = tcp.take_message(self.conn, self._head, min(SMALL_FRAME, max_bytes))
+        if taken is None:
+            return _WAIT if self._idle() else None
+        body, got = taken
+        return _Partial(body, body[got:]) if got < body.nbytes else self._answer_now(lean, body)
+
+    def _idle(self) -> bool:
+        """Nothing at all to read."""
         try:
-            k = self.conn.recv_into(head, tcp.FRAME.size, socket.MSG_PEEK)
+            return not self.conn.recv_into(self._head, 1, socket.MSG_PEEK)  # (0: closed, ``read`` says so)
         except BlockingIOError:
-            return _WAIT
-        if k == 0:
-            raise ConnectionError("the connection was closed")
-        kind, _, _, _, length = tcp.FRAME.unpack(head) if k == tcp.FRAME.size else (0, 0, 0, 0, 0)
-        if kind != tcp.MESSAGE or length > min(SMALL_FRAME, max_bytes):
-            return None  # (a large message: received under a slot; a bad frame: ``read`` says so)
-        self.conn.recv_into(head)
-        body = np.empty(length, np.uint8).data
-        got = 0
-        while got < length:
-            try:
-                k = self.conn.recv_into(body[got:])
-            except BlockingIOError:
-                return _Partial(body, body[got:])
-            if k == 0:
-                raise ConnectionError("the connection was closed")
-            got += k
-        return self._answer_now(lean, body)
+            return True
 
     def _answer_now(self, lean: Lean, body: memoryview) -> memoryview | Later | _Unsent | _Wait:
         out = lean(body)

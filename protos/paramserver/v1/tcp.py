@@ -52,6 +52,7 @@ __all__ = [
     "read_frame",
     "recv_exact",
     "send_parts",
+    "take_message",
     "tune",
 ]
 
@@ -158,6 +159,36 @@ async def recv_exact(sock: socket.socket, view: memoryview, stall: float | None 
         if k == 0:
             raise ConnectionError("the connection was closed")
         got += k
+
+
+def take_message(sock: socket.socket, head: bytearray, limit: int) -> tuple[memoryview, int] | None:
+    """Without waiting: the MESSAGE frame of at most ``limit`` bytes whose header is in the socket,
+    as its body (a fresh buffer) and how many of its bytes came (the rest is still on its way);
+    None, having read nothing, when no whole header is there or it is not such a frame.
+    ConnectionError when the peer closed the connection. ``head``: a buffer of ``FRAME.size``."""
+    try:
+        k = sock.recv_into(head, FRAME.size, socket.MSG_PEEK)
+    except BlockingIOError:
+        return None
+    if k == 0:
+        raise ConnectionError("the connection was closed")
+    if k < FRAME.size:
+        return None
+    kind, _, _, _, length = FRAME.unpack(head)
+    if kind != MESSAGE or length > limit:
+        return None
+    sock.recv_into(head)
+    body = np.empty(length, np.uint8).data
+    got = 0
+    while got < length:
+        try:
+            k = sock.recv_into(body[got:])
+        except BlockingIOError:
+            break
+        if k == 0:
+            raise ConnectionError("the connection was closed")
+        got += k
+    return body, got
 
 
 class FrameTooLarge(ValueError):
