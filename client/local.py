@@ -19,6 +19,8 @@ Invariants:
 * Teardown ignores SIGINT and SIGTERM while it runs (a second Ctrl-C cannot abandon children) and is bounded:
   ``grace`` seconds per phase, then SIGKILL. SIGTERM to psctl raises ``SystemExit`` so the same
   teardown runs.
+* The workers run at a lower CPU priority than the servers (``WORKER_NICE``): on shared cores
+  the server, whom every worker waits for, runs as soon as a push comes.
 * Children's stderr (and the server's stdout after its first line) go to ``cluster.log`` in a
   fresh temp dir; it is kept when ``keep_log`` is set (by the errors here, which name it, or by
   the caller when the run failed) and removed otherwise. ``verbose`` lets the logs through.
@@ -50,6 +52,8 @@ CHILD_ENV = {
     # Workers are the parallelism: one BLAS thread each.
     "OPENBLAS_NUM_THREADS": "1",
 }
+WORKER_NICE = 10
+"""How much lower the workers' CPU priority is than the servers' (``ps-worker --nice``)."""
 MARKER_ENV = "PSCTL_LOCAL_CLUSTER"
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")
 
@@ -140,6 +144,9 @@ class LocalCluster:
                 "--name", f"local-{i}",
                 # Short parked joins: a worker only checks for SIGTERM between two joins.
                 "--join-wait-seconds", "1",
+                # The server first when they share the cores: every worker waits for it, each worker
+                # only holds up itself (bench/RESULTS.md: more pushes per second, ranks closer).
+                "--nice", str(WORKER_NICE),
             ]))
 
     def check_server(self, wait: float = 0.0) -> None:

@@ -36,6 +36,10 @@ class WorkerConfig:
     step_seconds: float = opt(0.0, "Emulate a slower machine, for experiments: each iteration takes at least this many "
                               "seconds of work (the worker sleeps the rest), before --slowdown and --tail-delay "
                               "multiply it; 0 = its own work.")
+    nice: int = opt(0, "Lower this worker's CPU priority by this much (0-19) when it starts. Where workers share "
+                    "cores with their parameter server (one host, the embedded local cluster), the server then "
+                    "runs as soon as a push comes, and every worker waits less for it (psctl launch --local "
+                    "uses 10; bench/RESULTS.md). 0 = as started.")
     report_seconds: float = opt(0.5, "How often training metrics are reported to the server.")
     max_message_bytes: int = opt(64 << 20, "Largest gRPC message sent or received.")
     data_plane: bool = opt(True, "Push and pull over the server's TCP data plane when it offers one (else gRPC); "
@@ -97,6 +101,8 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         parser.error(f"--slowdown {config.slowdown}: use a factor >= 1 (1 = normal speed)")
     if not 0.0 <= config.step_seconds <= 3600.0:
         parser.error(f"--step-seconds {config.step_seconds}: use seconds from 0 (off) to 3600")
+    if not 0 <= config.nice <= 19:
+        parser.error(f"--nice {config.nice}: use 0 (as started) to 19 (the lowest priority)")
     try:
         parse_tail_delay(config.tail_delay)
     except ValueError as e:

@@ -155,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     handler.addFilter(LogContext())
     handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s [{config.display_name}%(ctx)s] %(message)s"))
     logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
+    if config.nice:
+        log.info("CPU priority lowered by %d (nice %d now)", config.nice, os.nice(config.nice))
     try:
         sys.exit(asyncio.run(_main(config)))
     except ValueError as exc:  # security settings that cannot work: one line, a usage error's status

@@ -44,6 +44,7 @@ CASES = {
                             ["--tls-cert {missing}", "No such file"]),
     "missing token file": ("ps-worker", ["--token-file", "{missing}", "--once"], ["--token-file {missing}", "No such file"]),
     "worker timeout": ("ps-worker", ["--timeout-seconds", "0"], ["--timeout-seconds 0", "> 0"]),
+    "worker nice": ("ps-worker", ["--nice", "20"], ["--nice 20", "0 (as started) to 19"]),
     "lease and heartbeat": ("ps-server", ["--lease-seconds", "1", "--heartbeat-seconds", "2"],
                             ["--heartbeat-seconds", "--lease-seconds", "shorter"]),
 }

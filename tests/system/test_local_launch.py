@@ -264,6 +264,13 @@ def test_a_slowed_rank_is_the_visible_straggler(tmp_path: Path) -> None:
     while not (servers := [pid for pid in marked(marker) if b"ps_server.server" in Path(f"/proc/{pid}/cmdline").read_bytes()]):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
+    while len(workers := [pid for pid in marked(marker) if b"worker.main" in Path(f"/proc/{pid}/cmdline").read_bytes()]) < 4:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    base = os.getpriority(os.PRIO_PROCESS, servers[0])  # the server first on shared cores (client/local.py)
+    while (priorities := [os.getpriority(os.PRIO_PROCESS, pid) for pid in workers]) != [min(19, base + 10)] * 4:
+        assert time.monotonic() < deadline, f"the workers' priorities stayed {priorities} (the server's: {base})"
+        time.sleep(0.05)  # (a worker lowers its own at start, once its modules are loaded)
     argv = Path(f"/proc/{servers[0]}/cmdline").read_bytes().split(b"\0")
     snapshots = asyncio.run(straggler_snapshots(f"127.0.0.1:{int(argv[argv.index(b'--port') + 1])}"))
     out, err = proc.communicate(timeout=60)
