@@ -231,10 +231,15 @@ def test_psctl_dashboard_serves_the_page_and_says_where() -> None:
     import urllib.request
 
     with ps_server("--port", str(free_port())) as (_, addr):
-        # (SIGINT ignored as a shell's background job has it: Ctrl-C still stops the dashboard)
-        proc = subprocess.Popen([sys.executable, "-m", "client.cli", "dashboard", "--port", "0", "--server", addr],
-                                stderr=subprocess.PIPE, text=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        # SIGINT ignored as a shell's background job has it (Ctrl-C still stops the dashboard): set
+        # here around the start and inherited, not by a preexec_fn (Python in a child forked from
+        # this process, whose gRPC threads make such a child abort now and then)
+        before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "client.cli", "dashboard", "--port", "0", "--server", addr],
+                                    stderr=subprocess.PIPE, text=True)
+        finally:
+            signal.signal(signal.SIGINT, before)
         try:
             assert proc.stderr is not None
             line = proc.stderr.readline()
