@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import os
 import signal
@@ -63,16 +62,22 @@ def communicate(proc: subprocess.Popen[str], timeout: float) -> tuple[str, str]:
 def start_psctl(tmp: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
     """psctl launch --local with a fresh marker; its temp dirs (the cluster log) go under ``tmp``."""
     marker = uuid.uuid4().hex
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "client.cli", "launch", "--local", *args], cwd=ROOT, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        # PYTHONFAULTHANDLER: a psctl that hangs is made to print where (SIGABRT; ``communicate``)
-        env={**os.environ, "PSCTL_TEST_MARKER": marker, "TMPDIR": str(tmp), "PYTHONFAULTHANDLER": "1"},
-        # As in a terminal, where Ctrl-C reaches it: a suite started in the background by a
-        # non-interactive shell (`cmd &`) runs with SIGINT ignored, which children inherit (and a
-        # Python started so keeps ignoring it): psctl then rightly never sees the test's SIGINT.
-        preexec_fn=functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL),
-    )
+    # As in a terminal, where Ctrl-C reaches it: a suite started in the background by a
+    # non-interactive shell (`cmd &`) runs with SIGINT ignored, which children inherit (and a
+    # Python started so keeps ignoring it): psctl would then rightly never see the test's SIGINT.
+    # A handler set here around the start becomes SIG_DFL in the child at exec (not a preexec_fn:
+    # Python in a child forked from this process, whose gRPC threads make such children abort now
+    # and then).
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "client.cli", "launch", "--local", *args], cwd=ROOT, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            # PYTHONFAULTHANDLER: a psctl that hangs is made to print where (SIGABRT; ``communicate``)
+            env={**os.environ, "PSCTL_TEST_MARKER": marker, "TMPDIR": str(tmp), "PYTHONFAULTHANDLER": "1"},
+        )
+    finally:
+        signal.signal(signal.SIGINT, before)
     return proc, marker
 
 
