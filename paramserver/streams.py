@@ -128,8 +128,6 @@ class Stream:
                         except WriteFailed:
                             break  # the server ended the stream: its status is what the read raises
                     out = [] if pending is None else pending.out
-                    if out and (not until_final or final(out[-1])):
-                        return out
                     while True:
                         raw = await call.read()
                         if raw is None:

@@ -102,8 +102,9 @@ class TcpCall:
         out: list[Any] = []
         if not sent:  # (the server ended the stream, or took part of the request: the read sends the rest)
             return Pending(requests, out)
-        for req in requests:  # a push of several messages: the rest through the event loop
-            return Pending(itertools.chain([req], requests), out)
+        more = next(requests, None)
+        if more is not None:  # a push of several messages: the rest through the event loop
+            return Pending(itertools.chain([more], requests), out)
         while True:
             self.settle()
             raw = self._recv_now()
@@ -125,15 +126,10 @@ class TcpCall:
 
     def _sendmsg_now(self, out: Sequence[wire.Part]) -> bool:
         try:
-            sent = self.sock.sendmsg(out)
-        except BlockingIOError:
-            sent = 0
+            self._rest = tcp.send_now(self.sock, out)
         except OSError:
             return False  # the server ended the stream: the read says why
-        if sent == wire.parts_len(out):
-            return True
-        self._rest = b"".join(out)[sent:]
-        return False
+        return not self._rest
 
     def _recv_now(self) -> memoryview | None:
         """An answer whose frame is in the socket; None when it is not there yet (or is a status,

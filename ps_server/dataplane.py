@@ -94,19 +94,15 @@ class PushMemo:
         self.layout: wire.PushLayout | None = None
         self.run: Run | None = None
         self.nbytes = 0
-        self.pending: tuple[wire.PushLayout, Run, int] | None = None
 
     def learn(self, raw: bytes | memoryview, push: _Push) -> None:
-        """Before ``push`` (decoded as usual from ``raw``) is applied: its layout, kept if it is."""
-        layout = wire.PushLayout.learn(raw, push.request) \
-            if push.run.spec.staleness != 0 and push.run.store.flat_gradient() is not None else None
-        self.pending = (layout, push.run, push.nbytes) if layout is not None else None
-
-    def confirm(self, duplicate: bool) -> None:
-        """The push learned from was applied (not a duplicate, which is not checked): keep its layout."""
-        if self.pending is not None and not duplicate:
-            self.layout, self.run, self.nbytes = self.pending
-        self.pending = None
+        """The layout of ``push`` (decoded as usual from ``raw``, applied: not a duplicate, which
+        is not checked), when it has one."""
+        if push.run.spec.staleness == 0 or push.run.store.flat_gradient() is None:
+            return
+        layout = wire.PushLayout.learn(raw, push.request)
+        if layout is not None:
+            self.layout, self.run, self.nbytes = layout, push.run, push.nbytes
 
 
 _Ack = tuple[int, bool, int, int, int | None]
@@ -234,9 +230,8 @@ class DataPlane:
         ``memo``: the stream's; a push laid out as the stream's last one (``wire.PushLayout``: the
         same tensors, encoded the same way) is read without decoding its chunks, its tensors
         copied straight into the run's gradient buffer."""
-        if memo is not None:
-            memo.pending = None
         push = self._laid_out(raw, memo) if memo is not None and memo.layout is not None else None
+        decoded = push is None
         if push is None:
             try:
                 req = wire.decode_push_request(raw)
@@ -246,11 +241,9 @@ class DataPlane:
                 return None
             run, assembler = self._first(req)
             push = _Push(run, req, assembler.finish(), assembler.nbytes, req.then_pull, req.param_version)
-            if memo is not None:
-                memo.learn(raw, push)
         ack, then_pull = self._apply(push, caller)
-        if memo is not None and memo.pending is not None:
-            memo.confirm(ack[1])
+        if decoded and memo is not None and not ack[1]:
+            memo.learn(raw, push)
         del push, raw
         if then_pull is None:
             return [wire.push_response_parts(*ack[:4], staleness=ack[4])]
@@ -384,24 +377,24 @@ class DataPlane:
 
     async def pull(self, req: pb.PullParamsRequest, caller: Caller) -> ParamsRead:
         """Wait as the SSP rule says, then read (an observer's read, incarnation 0, never waits)."""
-        read = self._pull_now(req)
-        if read is not None:
-            return read
-        run = self._registry.get(req.run_id)
-        names, rows = list(req.names) or None, _rows(req.rows)
-        await run.wait_pull(req.rank, req.incarnation, req.clock, self._wait_limit(req.max_wait, caller), names, rows)
-        since = (req.since_lineage, req.since_version) if req.since_lineage else None
-        return run.read(req.rank, req.clock, names, rows, since)
+        run, names, rows = self._registry.get(req.run_id), list(req.names) or None, _rows(req.rows)
+        if req.incarnation and not run.pull_now(req.rank, req.incarnation, req.clock, names, rows):
+            await run.wait_pull(req.rank, req.incarnation, req.clock, self._wait_limit(req.max_wait, caller),
+                                names, rows)
+        return self._read(run, req, names, rows)
 
     def _pull_now(self, req: pb.PullParamsRequest) -> ParamsRead | None:
         """The read, when the pull may be served at once; None when it must wait (PsError when it never may)."""
-        run = self._registry.get(req.run_id)
-        names = list(req.names) or None
-        rows = _rows(req.rows)
+        run, names, rows = self._registry.get(req.run_id), list(req.names) or None, _rows(req.rows)
+        if req.incarnation and not run.pull_now(req.rank, req.incarnation, req.clock, names, rows):
+            return None
+        return self._read(run, req, names, rows)
+
+    @staticmethod
+    def _read(run: Run, req: pb.PullParamsRequest, names: list[str] | None,
+              rows: dict[str, np.ndarray] | None) -> ParamsRead:
         if req.incarnation == 0:
             return run.read(None, req.clock, names, rows)
-        if not run.pull_now(req.rank, req.incarnation, req.clock, names, rows):
-            return None
         since = (req.since_lineage, req.since_version) if req.since_lineage else None
         return run.read(req.rank, req.clock, names, rows, since)
 

@@ -139,13 +139,14 @@ class _ShmLink(_Link):
                     os.close(fd)
         return self._answer_now(lean, self._shared(a, b))
 
-    def _send_now(self, parts: list[wire.Part]) -> list[memoryview]:
+    def _send_now(self, parts: list[wire.Part]) -> list[wire.Part]:
         n = wire.parts_len(parts)
         seg = self.segment
         if n <= _INLINE or seg is None or self._out + n > seg.region.nbytes:
             return super()._send_now(parts)
         at, self._out = self._out, shm.align(self._out + n)
-        return self._sendmsg_now([memoryview(shm.put(seg.region, at, parts, n))])
+        rest = tcp.send_now(self.conn, [shm.put(seg.region, at, parts, n)])
+        return [rest] if rest else []
 
     @staticmethod
     def _take_fds(anc: list[tuple[int, int, bytes]], flags: int, fds: list[int]) -> None:

@@ -163,7 +163,7 @@ Lean = Callable[[memoryview], "list[list[wire.Part]] | Later | None"]
 class _Unsent:
     """A response the socket did not take at once, and the responses after it."""
 
-    views: list[memoryview]
+    parts: list[wire.Part]
     then: list[list[wire.Part]]
 
 
@@ -216,7 +216,7 @@ class _Link:
                 await self.watch.recv_exact(got.rest, self.stall)
                 got = self._answer_now(lean, got.body)
             if isinstance(got, _Unsent):  # the client did not read (rare)
-                await tcp.send_parts(self.conn, got.views, self.stall)
+                await tcp.send_parts(self.conn, got.parts, self.stall)
                 for parts in got.then:
                     await self.send(parts)
             elif not isinstance(got, _Wait):
@@ -241,18 +241,14 @@ class _Link:
     def _lean_one(self, lean: Lean, max_bytes: int) -> Got:
         """One request, if a small MESSAGE frame is in the socket (one still coming in: _Partial;
         a large message, received under a slot, or a bad frame: None, ``read`` takes it)."""
-        taken = tcp.take_message(self.conn, self._head, min(SMALL_FRAME, max_bytes))
+        try:
+            taken = tcp.take_message(self.conn, self._head, min(SMALL_FRAME, max_bytes))
+        except BlockingIOError:
+            return _WAIT
         if taken is None:
-            return _WAIT if self._idle() else None
+            return None
         body, got = taken
         return _Partial(body, body[got:]) if got < body.nbytes else self._answer_now(lean, body)
-
-    def _idle(self) -> bool:
-        """Nothing at all to read."""
-        try:
-            return not self.conn.recv_into(self._head, 1, socket.MSG_PEEK)  # (0: closed, ``read`` says so)
-        except BlockingIOError:
-            return True
 
     def _answer_now(self, lean: Lean, body: memoryview) -> memoryview | Later | _Unsent | _Wait:
         out = lean(body)
@@ -266,20 +262,13 @@ class _Link:
                 return _Unsent(unsent, out[i + 1 :])
         return _WAIT
 
-    def _send_now(self, parts: list[wire.Part]) -> list[memoryview]:
-        """``send`` without waiting: what the socket did not take at once (copied when part of it went)."""
-        n = wire.parts_len(parts)
-        out = [memoryview(tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, n)), *(memoryview(p) for p in parts)]
-        return out if len(out) > tcp.IOV_MAX else self._sendmsg_now(out)
-
-    def _sendmsg_now(self, out: list[memoryview]) -> list[memoryview]:
-        try:
-            sent = self.conn.sendmsg(out)
-        except BlockingIOError:
+    def _send_now(self, parts: list[wire.Part]) -> list[wire.Part]:
+        """``send`` without waiting: what the socket did not take at once."""
+        out = [tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, wire.parts_len(parts)), *parts]
+        if len(out) > tcp.IOV_MAX:
             return out
-        if sent == sum(v.nbytes for v in out):
-            return []
-        return [memoryview(b"".join(v.cast("B") for v in out)[sent:])] if sent else out
+        rest = tcp.send_now(self.conn, out)
+        return [rest] if rest else []
 
     async def read(self, max_bytes: int, reserve: Callable[[int], Awaitable[None]]) -> memoryview:
         """The next request's bytes. ValueError (FrameTooLarge) when the stream cannot go on."""

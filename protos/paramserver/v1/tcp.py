@@ -51,6 +51,7 @@ __all__ = [
     "hello",
     "read_frame",
     "recv_exact",
+    "send_now",
     "send_parts",
     "take_message",
     "tune",
@@ -161,15 +162,25 @@ async def recv_exact(sock: socket.socket, view: memoryview, stall: float | None 
         got += k
 
 
+def send_now(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> bytes:
+    """Send ``parts`` without waiting: what the socket did not take at once, as a copy (b"" when
+    it took them all; everything when it took nothing). OSError when the peer is gone."""
+    try:
+        sent = sock.sendmsg(parts)
+    except BlockingIOError:
+        sent = 0
+    if sent == sum(memoryview(p).nbytes for p in parts):
+        return b""
+    return b"".join(parts)[sent:]
+
+
 def take_message(sock: socket.socket, head: bytearray, limit: int) -> tuple[memoryview, int] | None:
     """Without waiting: the MESSAGE frame of at most ``limit`` bytes whose header is in the socket,
     as its body (a fresh buffer) and how many of its bytes came (the rest is still on its way);
-    None, having read nothing, when no whole header is there or it is not such a frame.
-    ConnectionError when the peer closed the connection. ``head``: a buffer of ``FRAME.size``."""
-    try:
-        k = sock.recv_into(head, FRAME.size, socket.MSG_PEEK)
-    except BlockingIOError:
-        return None
+    None, having read nothing, when no whole header is there or it is not such a frame;
+    BlockingIOError when nothing is there at all, ConnectionError when the peer closed the
+    connection. ``head``: a buffer of ``FRAME.size``."""
+    k = sock.recv_into(head, FRAME.size, socket.MSG_PEEK)
     if k == 0:
         raise ConnectionError("the connection was closed")
     if k < FRAME.size:
