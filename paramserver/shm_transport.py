@@ -21,7 +21,7 @@ from paramserver.v1 import shm, tcp, wire
 
 from . import errors
 from .streams import WriteFailed
-from .tcp_transport import TcpCall, greet, status_error
+from .tcp_transport import SETTLE, TcpCall, greet, status_error
 
 __all__ = ["ShmCall"]
 
@@ -156,7 +156,8 @@ class ShmCall(TcpCall):
         except WriteFailed:
             pass  # the server ended the stream: what it said is read below
         self._reading = True
-        self.settle()
+        if SETTLE.get():
+            self.settle()
         try:
             header = bytearray(tcp.FRAME.size)
             await tcp.recv_exact(self.sock, memoryview(header))

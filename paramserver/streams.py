@@ -39,10 +39,13 @@ class WriteFailed(Exception):
 @dataclass
 class Pending:
     """What ``exchange_now`` could not finish at once: the requests still to write (None: all went)
-    and the responses read so far."""
+    and the responses read so far. ``later``: the request went and its caller has other work to do
+    meanwhile (``tcp_transport.SETTLE`` is False): the answers, read without the event loop once
+    that work is done (as ``exchange_now`` would have), or what is still pending then."""
 
     unwritten: Iterator[Sequence[wire.Part]] | None
     out: list[Any] = field(default_factory=list)
+    later: Callable[[], list[Any] | Pending] | None = None
 
 
 class Call(Protocol):
@@ -96,7 +99,9 @@ class Stream:
 
         On an open stream whose transport can (``Call.exchange_now``), the operation is first tried
         without the event loop (no lock, timer or task switch: nothing else can run meanwhile);
-        what that does not finish at once goes on here."""
+        what that does not finish at once goes on here. A request sent for a caller with other work
+        to do (``Pending.later``) lets that work run first, under the lock, and then looks for its
+        answer the same way: by then it is usually there, and the caller never waits in the loop."""
         pending, todo = None, iter(requests)
         call = self._call
         if call is not None and call.exchange_now is not None and not self._lock.locked() and \
@@ -111,6 +116,13 @@ class Stream:
             pending = got
         async with self._lock:
             try:
+                if pending is not None and pending.later is not None:
+                    await asyncio.sleep(0)  # the caller's work (the answer comes meanwhile)
+                    if self._call is call:
+                        got = pending.later()
+                        if not isinstance(got, Pending):
+                            return got
+                        pending = got
                 async with asyncio.timeout(timeout):
                     if pending is None:
                         if self._call is not None and self._key != self._wanted():

@@ -28,7 +28,9 @@ QUICK_BYTES = 64 << 10
 """Requests and answers up to this size may go without the event loop (``TcpCall.exchange_now``)."""
 SETTLE: contextvars.ContextVar[bool] = contextvars.ContextVar("paramserver_settle", default=True)
 """False in a task whose caller has other work to do while the answer comes (a worker computing
-its next gradient while its push is in flight): its reads never block in ``settle``."""
+its next gradient while its push is in flight): its request goes at once, and its answer is looked
+for only when the task runs again, after that work (``Pending.later``): it never blocks the loop in
+``settle`` before."""
 
 
 def dial_host(address: str) -> str | None:
@@ -92,10 +94,11 @@ class TcpCall:
     def _exchange_now(self, requests: Iterator[Sequence[wire.Part]], until_final: bool,
                       final: Callable[[Any], bool], decode: Callable[[Any], Any]) -> list[Any] | Pending:
         """``Call.exchange_now``: a small request is written with one ``sendmsg``, and its answers
-        read as soon as ``settle`` sees them in the kernel; no event loop."""
+        read as soon as ``settle`` sees them in the kernel; no event loop. For a caller with other
+        work to do (``SETTLE`` False), the answers are read after that work (``Pending.later``)."""
         first = next(requests, None)
-        if first is None or not SETTLE.get():
-            return Pending(requests if first is None else itertools.chain([first], requests))
+        if first is None:
+            return Pending(requests)
         sent = self._send_now(first)
         if sent is None:
             return Pending(itertools.chain([first], requests))  # nothing went: all through the event loop
@@ -105,6 +108,12 @@ class TcpCall:
         more = next(requests, None)
         if more is not None:  # a push of several messages: the rest through the event loop
             return Pending(itertools.chain([more], requests), out)
+        if not SETTLE.get():
+            return Pending(None, out, lambda: self._answers_now(out, until_final, final, decode))
+        return self._answers_now(out, until_final, final, decode)
+
+    def _answers_now(self, out: list[Any], until_final: bool, final: Callable[[Any], bool],
+                     decode: Callable[[Any], Any]) -> list[Any] | Pending:
         while True:
             self.settle()
             raw = self._recv_now()
@@ -164,8 +173,6 @@ class TcpCall:
         parked pull) goes through the loop as before. When an answer did not come in time, the
         next 16, 32, ... 1024 answers skip this (a server in this very event loop, as in tests,
         can never answer while it waits; nor can SSP-parked pulls)."""
-        if not SETTLE.get():
-            return
         if self._skip:
             self._skip -= 1
             return
@@ -207,7 +214,8 @@ class TcpCall:
             await self._flush()
         except WriteFailed:
             pass  # the server ended the stream: what it said is read below
-        self.settle()
+        if SETTLE.get():
+            self.settle()
         try:
             if self._partial is not None:  # an answer ``exchange_now`` read the start of
                 body, got = self._partial

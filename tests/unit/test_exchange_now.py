@@ -121,3 +121,57 @@ async def test_an_answer_that_comes_in_two_parts_is_read_whole(monkeypatch: pyte
     finally:
         client.close()
         peer.close()
+
+
+async def _overlapped(stream: Stream, work: float) -> tuple[list[bytes], float]:
+    """As a worker with --overlap: the exchange in a task started with SETTLE False, then ``work``
+    seconds of computation that holds the loop; returns the answers and when the work began."""
+    token = tcp_transport.SETTLE.set(False)
+    try:
+        task = asyncio.ensure_future(stream.exchange([[b"push"]], 10, until_final=False, decode=bytes))
+    finally:
+        tcp_transport.SETTLE.reset(token)
+    await asyncio.sleep(0)  # the task runs to its first wait
+    began = time.monotonic()
+    time.sleep(work)  # the gradient: nothing else runs on this loop meanwhile
+    return await task, began
+
+
+@pytest.mark.parametrize("answer_in", [0.0, 0.5])
+async def test_a_request_sent_for_a_caller_with_other_work_is_answered_after_that_work(
+        monkeypatch: pytest.MonkeyPatch, answer_in: float) -> None:
+    """The request goes before the caller's work; the answer is read after it, without the event
+    loop when it came meanwhile (answer_in 0), through the loop when it comes later (0.5 s)."""
+    client, peer = _pair()
+    peer.setblocking(True)
+    try:
+        stream, call = _stream(client)
+        reads: list[bool] = []
+        real_read = TcpCall.read
+
+        async def read(self: TcpCall) -> memoryview:
+            reads.append(True)
+            return await real_read(self)
+
+        monkeypatch.setattr(TcpCall, "read", read)
+        monkeypatch.setattr(tcp_transport, "SETTLE_MS", 1)
+        received: list[float] = []
+
+        def server() -> None:
+            head = peer.recv(tcp.FRAME.size, socket.MSG_WAITALL)
+            assert peer.recv(tcp.FRAME.unpack(head)[4], socket.MSG_WAITALL) == b"push"
+            received.append(time.monotonic())
+            time.sleep(answer_in)
+            peer.sendall(tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, 6) + b"answer")
+
+        thread = threading.Thread(target=server)
+        thread.start()
+        got, began = await _overlapped(stream, 0.2)
+        thread.join(10)
+        assert got == [b"answer"]
+        assert received and received[0] <= began + 0.1  # the push went before the work, not after
+        assert reads == ([] if answer_in == 0 else [True])
+        assert call._partial is None and not stream._lock.locked()
+    finally:
+        client.close()
+        peer.close()
