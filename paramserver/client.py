@@ -273,8 +273,12 @@ class PsClient:
         The returned response carries the push's acknowledgement (clock, duplicate, min_clock,
         run_state); the pulled parameters are in the PullResult."""
         wait = self.timeout if max_wait is None else max_wait
-        then = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock + 1, names=names,
-                                    max_wait=_duration(wait), rows=_table_rows(rows), **_since(since, into))
+        then: pb.PullParamsRequest | bytes
+        if names or rows:
+            then = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock + 1, names=names,
+                                        max_wait=_duration(wait), rows=_table_rows(rows), **_since(since, into))
+        else:  # every push of a dense model: the same request but for its clock and version
+            then = wire.pull_request_bytes(run_id, rank, incarnation, clock + 1, wait, since if into is not None else None)
         sink = PullSink(into)
         responses: list[wire.PushResponse] = await self._push.exchange(
             self._push_requests(run_id, rank, incarnation, clock, grads, loss, then, param_version), wait + self.timeout,
@@ -285,11 +289,15 @@ class PsClient:
         return ack, sink.result(responses[-1].pulled or wire.ParamsResponse())
 
     def _push_requests(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Grad],
-                       loss: float, then: pb.PullParamsRequest | None,
+                       loss: float, then: pb.PullParamsRequest | bytes | None,
                        param_version: int | None = None) -> Iterator[list[wire.Part]]:
         """PushGradientRequests as parts, encoded lazily (sending overlaps encoding)."""
         first = True
         chunk = max(self.chunk_bytes, MESSAGE_BYTES) if self.route.transport == "shm" else self.chunk_bytes
+        whole = wire.whole_group(grads, chunk)
+        if whole is not None:  # one message
+            yield wire.push_request_parts(run_id, rank, incarnation, clock, whole, True, loss, then, param_version)
+            return
         for group, last in wire.with_last(wire.chunk_groups(grads, chunk)):
             yield wire.push_request_parts(run_id, rank, incarnation, clock, group, last, loss,
                                           then if first else None, param_version if first else None)

@@ -172,6 +172,37 @@ def test_chunk_groups_follow_the_chunking_rule(shapes: list[tuple[str, tuple[int
                      pb.PushGradientRequest.FromString(_unpadded(encode_push_request("r", 1, 2, 3, group, False))).tensors)
 
 
+@settings(max_examples=100, deadline=None)
+@given(shapes=st.lists(st.tuples(NAMES, st.lists(st.integers(0, 40), max_size=3).map(tuple)), max_size=4,
+                       unique_by=lambda t: t[0]),
+       chunk_bytes=st.integers(1, 20000), dtype=st.sampled_from(["<f4", "<f8"]))
+def test_a_whole_group_is_chunk_groups_one_group_or_none(shapes: list[tuple[str, tuple[int, ...]]], chunk_bytes: int,
+                                                         dtype: str) -> None:
+    """``whole_group`` (every push of a small model) is what ``chunk_groups`` makes when that is
+    one group, encoded to the same bytes; None when the tensors do not fit or are not float32."""
+    tensors = {n: np.arange(int(np.prod(s)), dtype=dtype).reshape(s) for n, s in shapes}
+    whole = wire.whole_group(tensors, chunk_bytes)
+    groups = list(wire.chunk_groups(tensors, chunk_bytes))
+    if (dtype != "<f4" and tensors) or sum(t.nbytes for t in tensors.values()) >= chunk_bytes:
+        assert whole is None
+        return
+    assert whole is not None and len(groups) == 1
+    assert [(n, s, o, p.tolist()) for n, s, o, p in whole] == [(n, s, o, p.tolist()) for n, s, o, p in groups[0]]
+    assert encode_push_request("r", 1, 2, 3, whole, True) == encode_push_request("r", 1, 2, 3, groups[0], True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(run_id=NAMES, rank=U32, inc=U64, clock=U64, wait=st.floats(0, 1e6), since=st.one_of(st.none(), st.tuples(U64, U64)))
+def test_a_pull_request_by_hand_is_the_generated_class_bytes(run_id: str, rank: int, inc: int, clock: int, wait: float,
+                                                          since: tuple[int, int] | None) -> None:
+    """``pull_request_bytes`` (every push's then_pull) writes what the generated class writes."""
+    expected = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=inc, clock=clock)
+    expected.max_wait.FromNanoseconds(int(wait * 1e9))
+    if since is not None:
+        expected.since_lineage, expected.since_version = since
+    assert wire.pull_request_bytes(run_id, rank, inc, clock, wait, since) == expected.SerializeToString()
+
+
 def _descriptor_fields(message: type[Any]) -> set[str]:
     return {f.name for f in message.DESCRIPTOR.fields}
 

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 
 import numpy as np
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
@@ -138,6 +139,7 @@ _CHUNK = _tags(pb.TensorChunk)
 _PUSH = _tags(pb.PushGradientRequest)
 _PARAMS = _tags(pb.PullParamsResponse)
 _ACK = _tags(pb.PushGradientResponse)
+_PULL = _tags(pb.PullParamsRequest)
 
 
 # ----------------------------------------------------------------------------------- data types
@@ -469,11 +471,12 @@ def push_request_parts(
     group: Group,
     final: bool,
     loss: float = 0.0,
-    then_pull: pb.PullParamsRequest | None = None,
+    then_pull: pb.PullParamsRequest | bytes | None = None,
     param_version: int | None = None,
 ) -> list[Part]:
     """A ``PushGradientRequest`` whose ``tensors`` are the chunks of ``group``, as parts to write
-    in order (the data are views, not copies; ``join`` makes the serialized message)."""
+    in order (the data are views, not copies; ``join`` makes the serialized message).
+    ``then_pull``: the message, or its serialization (``pull_request_bytes``)."""
     head = bytearray()
     if run_id:
         rb = run_id.encode("utf-8")
@@ -491,12 +494,58 @@ def push_request_parts(
     if packed != _ZERO8:
         tail += _PUSH["loss"] + packed
     if then_pull is not None:
-        sub = then_pull.SerializeToString()
+        sub = then_pull if isinstance(then_pull, bytes) else then_pull.SerializeToString()
         tail += _PUSH["then_pull"] + varint(len(sub)) + sub
     if param_version is not None:  # (proto3 optional: written even when 0)
         tail += _PUSH["param_version"] + varint(param_version)
     at = len(head) if _payload(group) > SMALL_MESSAGE else None  # small ones: nothing worth aligning
     return [bytes(head), *_repeated_chunks(_PUSH["tensors"], group, at), bytes(tail)]
+
+
+def whole_group(tensors: Mapping[str, Any], limit: int) -> Group | None:
+    """``chunk_groups(tensors, limit)``'s one group when every tensor is a contiguous float32 array
+    and all of them fit in ``limit`` bytes (a small model's gradient, every push: one pass, no
+    slicing); None otherwise (the caller splits them with ``chunk_groups``)."""
+    group = []
+    size = 0
+    for name, arr in tensors.items():
+        if type(arr) is not np.ndarray or arr.dtype != F32 or not arr.flags.c_contiguous:
+            return None
+        size += arr.nbytes
+        group.append((name, arr.shape, 0, arr.reshape(-1)))
+    return group if size < limit else None
+
+
+@functools.lru_cache(maxsize=256)
+def _pull_head(run_id: str, rank: int, incarnation: int) -> bytes:
+    head: bytes = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=incarnation).SerializeToString()
+    return head
+
+
+@functools.lru_cache(maxsize=256)
+def _wait_field(seconds: float) -> bytes:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    wait: bytes = pb.PullParamsRequest(max_wait=d).SerializeToString()
+    return wait
+
+
+def pull_request_bytes(run_id: str, rank: int, incarnation: int, clock: int, max_wait: float,
+                       since: tuple[int, int] | None = None) -> bytes:
+    """A serialized ``PullParamsRequest`` without names or rows (``since``: (lineage, version)),
+    the bytes the generated class writes, from cached parts: a worker sends one with every push
+    (~0.6 µs against ~4 µs to build and serialize the message)."""
+    out = _pull_head(run_id, rank, incarnation)
+    if clock:
+        out += _PULL["clock"] + varint(clock)
+    out += _wait_field(max_wait)
+    if since is not None:
+        lineage, version = since
+        if version:
+            out += _PULL["since_version"] + varint(version)
+        if lineage:
+            out += _PULL["since_lineage"] + varint(lineage)
+    return out
 
 
 class EncodedGroup:
