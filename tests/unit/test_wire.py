@@ -331,13 +331,15 @@ PARAM_VERSIONS = st.one_of(st.none(), U64)
 def test_a_learned_layout_reads_pushes_laid_out_alike_as_the_generated_class_does(
         run_id: str, rank: int, inc: int, clock: int, final: bool, loss: float, then: pb.PullParamsRequest | None,
         version: int | None, seed: int) -> None:
-    first = encode_push_request("run-1", 3, 7, 100, _model(0), True, 0.5, pb.PullParamsRequest(clock=101), 99)
+    first = encode_push_request(run_id, rank, inc, 100, _model(0), True, 0.5, pb.PullParamsRequest(clock=101), 99)
     layout = wire.PushLayout.learn(first, wire.decode_push_request(first))
     if wire.SMALL_MESSAGE < 0:  # pushes padded for alignment: not laid out as a layout says
         assert layout is None
         return
     assert layout is not None and layout.names == ["w0", "b0", "w1", "b1"]
     model = _model(seed)
+    other = encode_push_request(run_id + "x", rank, inc, clock, model, final, loss, then, version)
+    assert layout.match(memoryview(other)) is None  # another worker's (or incarnation's) pushes
     raw = encode_push_request(run_id, rank, inc, clock, model, final, loss, then, version)
     got = layout.match(memoryview(raw))
     assert got is not None

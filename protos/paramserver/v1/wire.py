@@ -90,6 +90,7 @@ _ZERO8 = b"\0" * 8
 
 
 _BYTE = tuple(bytes((i,)) for i in range(256))
+_MINUS_ONE = b"\xff" * 9 + b"\x01"
 
 
 def varint(n: int) -> bytes:
@@ -100,7 +101,11 @@ def varint(n: int) -> bytes:
         return bytes((n & 0x7F | 0x80, n >> 7))
     if 0 < n < 0x200000:
         return bytes((n & 0x7F | 0x80, (n >> 7) & 0x7F | 0x80, n >> 14))
+    if 0 < n < 0x10000000:
+        return bytes((n & 0x7F | 0x80, (n >> 7) & 0x7F | 0x80, (n >> 14) & 0x7F | 0x80, n >> 21))
     n &= _U64
+    if n == _U64:  # -1: an unbounded staleness, in every answer
+        return _MINUS_ONE
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -477,14 +482,7 @@ def push_request_parts(
     """A ``PushGradientRequest`` whose ``tensors`` are the chunks of ``group``, as parts to write
     in order (the data are views, not copies; ``join`` makes the serialized message).
     ``then_pull``: the message, or its serialization (``pull_request_bytes``)."""
-    head = bytearray()
-    if run_id:
-        rb = run_id.encode("utf-8")
-        head += _PUSH["run_id"] + varint(len(rb)) + rb
-    if rank:
-        head += _PUSH["rank"] + varint(rank)
-    if incarnation:
-        head += _PUSH["incarnation"] + varint(incarnation)
+    head = bytearray(_push_head(run_id, rank, incarnation))
     if clock:
         head += _PUSH["clock"] + varint(clock)
     tail = bytearray()
@@ -500,6 +498,20 @@ def push_request_parts(
         tail += _PUSH["param_version"] + varint(param_version)
     at = len(head) if _payload(group) > SMALL_MESSAGE else None  # small ones: nothing worth aligning
     return [bytes(head), *_repeated_chunks(_PUSH["tensors"], group, at), bytes(tail)]
+
+
+@functools.lru_cache(maxsize=256)
+def _push_head(run_id: str, rank: int, incarnation: int) -> bytes:
+    """A ``PushGradientRequest``'s fields before its clock (the same in every push of a worker)."""
+    head = bytearray()
+    if run_id:
+        rb = run_id.encode("utf-8")
+        head += _PUSH["run_id"] + varint(len(rb)) + rb
+    if rank:
+        head += _PUSH["rank"] + varint(rank)
+    if incarnation:
+        head += _PUSH["incarnation"] + varint(incarnation)
+    return bytes(head)
 
 
 def whole_group(tensors: Mapping[str, Any], limit: int) -> Group | None:
@@ -564,6 +576,13 @@ def params_response_parts(guaranteed_clock: int, version: int, group: Group | En
                           run_state: int, delta: bool = False, lineage: int = 0,
                           staleness: int | None = None) -> list[Part]:
     """A ``PullParamsResponse`` as parts to write in order (the data are views, not copies)."""
+    return _params_response(guaranteed_clock, version, group, final, run_state, delta, lineage, staleness)[0]
+
+
+def _params_response(guaranteed_clock: int, version: int, group: Group | EncodedGroup, final: bool,
+                     run_state: int, delta: bool = False, lineage: int = 0,
+                     staleness: int | None = None) -> tuple[list[Part], int]:
+    """``params_response_parts`` and the message's length."""
     head = bytearray()
     if guaranteed_clock:
         head += _PARAMS["guaranteed_clock"] + varint(guaranteed_clock)
@@ -580,8 +599,12 @@ def params_response_parts(guaranteed_clock: int, version: int, group: Group | En
         tail += _PARAMS["lineage"] + varint(lineage)
     if staleness is not None:  # (proto3 optional: written even when 0; int32 -1 as ten bytes)
         tail += _PARAMS["staleness"] + varint(staleness & _U64)
-    chunks = group.parts if isinstance(group, EncodedGroup) else _repeated_chunks(_PARAMS["tensors"], group)
-    return [bytes(head), *chunks, bytes(tail)]
+    if isinstance(group, EncodedGroup):
+        chunks, n = group.parts, group.nbytes
+    else:
+        chunks = _repeated_chunks(_PARAMS["tensors"], group)
+        n = parts_len(chunks)
+    return [bytes(head), *chunks, bytes(tail)], len(head) + n + len(tail)
 
 
 def push_response_parts(clock: int = 0, duplicate: bool = False, min_clock: int = 0, run_state: int = 0,
@@ -600,8 +623,8 @@ def push_response_parts(clock: int = 0, duplicate: bool = False, min_clock: int 
     tail = _ACK["staleness"] + varint(staleness & _U64) if staleness is not None else b""
     if pulled is None:
         return [bytes(head + tail)]
-    parts = params_response_parts(*pulled)
-    head += _ACK["pulled"] + varint(parts_len(parts))
+    parts, n = _params_response(*pulled)
+    head += _ACK["pulled"] + varint(n)
     return [bytes(head), *parts, tail] if tail else [bytes(head), *parts]
 
 
@@ -807,19 +830,24 @@ def decode_push_request(buf: bytes | memoryview) -> PushRequest:
 
 
 class PushLayout:
-    """How a client lays out its pushes of one model, learned from one of them (``learn``): every
-    tensor whole in one float32 chunk, in the same order, as this module writes them. ``match``
-    reads a push laid out the same way without parsing its chunks: their headers are compared
-    with the learned bytes; their data are where the layout says. Anything else (another client's
-    encoding, another order, a chunk more or less, an unknown field) does not match, and the
-    caller decodes the message as usual (``decode_push_request``)."""
+    """How a worker lays out its pushes of one model, learned from one of them (``learn``): its
+    run, rank and incarnation, every tensor whole in one float32 chunk, in the same order, as this
+    module writes them. ``match`` reads a push laid out the same way without parsing its chunks:
+    the head and the chunks' headers are compared with the learned bytes; the data are where the
+    layout says. Anything else (another worker or incarnation, another client's encoding, another
+    order, a chunk more or less, an unknown field) does not match, and the caller decodes the
+    message as usual (``decode_push_request``)."""
 
-    __slots__ = ("prefixes", "sizes", "names")
+    __slots__ = ("prefixes", "sizes", "names", "head", "who")
 
-    def __init__(self, prefixes: list[bytes], sizes: list[int], names: list[str]) -> None:
+    def __init__(self, prefixes: list[bytes], sizes: list[int], names: list[str],
+                 who: tuple[str, int, int] = ("", 0, 0)) -> None:
         self.prefixes = prefixes
         self.sizes = sizes
         self.names = names
+        self.who = who
+        """The pushes' run_id, rank and incarnation; ``head``: their fields as this module writes them."""
+        self.head = _push_head(*who)
 
     @classmethod
     def learn(cls, buf: bytes | memoryview, req: PushRequest) -> PushLayout | None:
@@ -835,34 +863,20 @@ class PushLayout:
             prefixes.append(_chunk_prefix(_PUSH["tensors"], c.name, tuple(c.shape), 0, size))
             sizes.append(size)
             names.append(c.name)
-        layout = cls(prefixes, sizes, names)
+        layout = cls(prefixes, sizes, names, (req.run_id, req.rank, req.incarnation))
         return layout if prefixes and layout.match(memoryview(buf)) is not None else None
 
     def match(self, buf: memoryview) -> tuple[PushRequest, list[int]] | None:
         """The push in ``buf`` (its ``tensors`` left empty) and where each chunk's data start,
         in the learned order; None unless ``buf`` is laid out as learned."""
         end = len(buf)
-        req = PushRequest()
-        i, last = 0, 0
+        i = len(self.head)
+        if buf[:i] != self.head:  # run_id, rank, incarnation: the learned ones, written alike
+            return None
+        req = PushRequest(*self.who)
         try:
-            while i < end:  # run_id, rank, incarnation, clock: each at most once, in order
-                key = buf[i]
-                field = key >> 3
-                if field >= 5 or field <= last or key & 7 != (2 if field == 1 else 0):
-                    break
-                last = field
-                v, i = _read_varint(buf, i + 1, end)
-                if field == 1:
-                    if i + v > end:
-                        return None
-                    req.run_id = str(buf[i : i + v], "utf-8")
-                    i += v
-                elif field == 2:
-                    req.rank = v & 0xFFFFFFFF
-                elif field == 3:
-                    req.incarnation = v
-                else:
-                    req.clock = v
+            if i < end and buf[i] == _CLOCK_KEY:
+                req.clock, i = _read_varint(buf, i + 1, end)
             starts = []
             for prefix, size in zip(self.prefixes, self.sizes, strict=True):
                 j = i + len(prefix)
@@ -904,6 +918,7 @@ class PushLayout:
 
 
 _TAIL_WIRE = {6: 0, 7: 1, 8: 2, 9: 0}
+_CLOCK_KEY = _PUSH["clock"][0]
 
 
 def decode_push_response(buf: bytes | memoryview) -> PushResponse:
