@@ -4,17 +4,17 @@
 proto's "Shards" section asks of a worker: each iteration goes to every shard at once, each with
 the rows of each tensor that shard holds (views, not copies), and pulled pieces are written into
 the rows of the caller's arrays. A call is complete when every shard answered; when some did not,
-the error is raised (at once when it is not retryable: the calls still waiting are cancelled) and
-the shards that acknowledged the push are remembered, so the caller's retry of the same call (the
-next call, if it has the same arguments) pushes only to the others (exactly-once per shard; a
-shard that already applied a push would only acknowledge it again anyway) and pulls from all:
-pulled answers are never kept, as a server may go back to a checkpoint in between. Under BSP the
-shards' answers to one pull must hold the same clock (else: retry). Of several CLOCK_AHEAD
-refusals (shards restored to different clocks) the earliest clock is raised, and the acknowledgements
-remembered are forgotten (the caller goes back to that clock, which may be the same one: a shard
-went back to a checkpoint without the push it had acknowledged). Answers combine as
-the least guarantee: the least clock, min clock and guaranteed clock, duplicate only if every
-shard says so, and a finished run's state over a running one.
+the error is raised (at once when it is not retryable: the calls still waiting are cancelled), and
+the caller's retry goes to every shard again: a shard that has the push acknowledges a duplicate
+(exactly-once per shard), and nothing is kept across a failure, neither pulled answers nor
+acknowledgements, as a server may go back to a checkpoint in between and lose a push it had
+acknowledged. (Retrying only to the shards that had not acknowledged could hang a BSP run there: the
+shard that lost the push waits for it, the others have completed its clock, and the worker, told
+to go back to that clock, pulls answers of two clocks for ever.) Under BSP the shards' answers to
+one pull must hold the same clock (else: retry). Of several CLOCK_AHEAD refusals (shards restored
+to different clocks) the earliest clock is raised (the caller goes back to it, which may be its
+own clock). Answers combine as the least guarantee: the least clock, min clock and guaranteed
+clock, duplicate only if every shard says so, and a finished run's state over a running one.
 
 Tables (``ParamSpec.table``) are spread by row ranges: a table's rows (pulled by id, or pushed as
 ``wire.RowsPart``) go to the shards holding them, as ids local to each shard's range, and pulled
@@ -75,7 +75,6 @@ class Shards:
         """Table name -> its whole shape (never held whole here: rows travel by id)."""
         self.clients = [connect(s) for s in shard_map.shards]
         self.staleness = staleness
-        self._done: tuple[object, dict[int, pb.PushGradientResponse]] = ((), {})
 
     @classmethod
     def beside(cls, client: PsClient, shard_map: pb.ShardMap, spec: pb.RunSpec) -> Shards:
@@ -181,19 +180,12 @@ class Shards:
                 task.cancel()
         return answers, failures
 
-    def _acked(self, key: object) -> dict[int, pb.PushGradientResponse]:
-        """The shards that acknowledged the push ``key`` (run, rank, incarnation, clock) so far."""
-        if self._done[0] != key:
-            self._done = (key, {})
-        return self._done[1]
-
     def _check(self, failures: list[BaseException]) -> None:
         if not failures:
             return
         fatal = [f for f in failures if not (isinstance(f, errors.PsError) and f.retryable)]
         behind = [f for f in fatal if isinstance(f, errors.PsError) and f.reason == pb.ERROR_REASON_CLOCK_AHEAD]
-        if behind:  # shards restored to different clocks: go back to the earliest, where no ack holds
-            self._done = ((), {})
+        if behind:  # shards restored to different clocks: go back to the earliest
             raise min(behind, key=lambda f: f.info.next_clock)
         raise (fatal or failures)[0]
 
@@ -210,18 +202,14 @@ class Shards:
                    loss: float = 0.0, timeout: float | None = None, param_version: int | None = None,
                    ) -> pb.PushGradientResponse:
         """As ``PsClient.push``, to every server (``param_version`` to each: they apply the same pushes)."""
-        acked = self._acked((run_id, rank, incarnation, clock))
-
         def one(i: int) -> Callable[[], Awaitable[pb.PushGradientResponse]]:
             return lambda: self.clients[i].push(run_id, rank, incarnation, clock,
                                                 self._rows(grads, self.shard_map.shards[i]), loss, timeout,
                                                 param_version)
 
-        answers, failures = await self._each({i: one(i) for i in range(len(self.clients)) if i not in acked})
-        acked.update(answers)
+        answers, failures = await self._each({i: one(i) for i in range(len(self.clients))})
         self._check(failures)
-        self._done = ((), {})  # complete: the same call again is sent again (a retry after success)
-        return _combined([acked[i] for i in range(len(self.clients))])
+        return _combined([answers[i] for i in range(len(self.clients))])
 
     async def push_pull(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Any],
                         loss: float = 0.0, *, into: dict[str, np.ndarray] | None = None,
@@ -232,31 +220,22 @@ class Shards:
         """As ``PsClient.push_pull``; ``since`` is not used: each server has its own versions, and a
         sharded pull is answered whole."""
         out = self._arrays(into, names if rows else None)
-        acked = self._acked((run_id, rank, incarnation, clock))
 
-        def one(i: int) -> Callable[[], Awaitable[Any]]:
+        def one(i: int) -> Callable[[], Awaitable[tuple[pb.PushGradientResponse, PullResult]]]:
             c, s = self.clients[i], self.shard_map.shards[i]
             mine = [pc.name for pc in s.pieces if pc.name in out] if rows else ()
             asked = self._asked(rows, s) if rows else None
-            if i in acked:  # pushed already: only the pull again (pulled answers are never kept)
-                return lambda: c.pull(run_id, rank, incarnation, clock + 1, into=self._rows(out, s), max_wait=max_wait,
-                                      names=mine, rows=asked)
             return lambda: c.push_pull(run_id, rank, incarnation, clock, self._rows(grads, s), loss,
                                        into=self._rows(out, s), max_wait=max_wait, names=mine, rows=asked,
                                        param_version=param_version)
 
         answers, failures = await self._each({i: one(i) for i in range(len(self.clients))})
-        pulled = {}
-        for i, answer in answers.items():
-            if isinstance(answer, tuple):
-                acked[i], answer = answer
-            pulled[i] = answer
         self._check(failures)
+        pulled = {i: answer[1] for i, answer in answers.items()}
         self._consistent(list(pulled.values()), clock + 1)
-        self._done = ((), {})
         result = _pulled(list(pulled.values()), out)
         result.rows = self._gathered(rows, pulled)
-        return _combined([acked[i] for i in range(len(self.clients))]), result
+        return _combined([answers[i][0] for i in range(len(self.clients))]), result
 
     async def pull(self, run_id: str, rank: int = 0, incarnation: int = 0, clock: int = 0, *,
                    into: dict[str, np.ndarray] | None = None, names: Sequence[str] = (),

@@ -161,8 +161,8 @@ async def test_a_retried_push_is_applied_once(impl: Impl, topology: Topology) ->
     acknowledges a duplicate, and every push is applied exactly once.
 
     On a cluster the answer lost is server 1's (the proxy stands in front of it alone) while server
-    0 acknowledged the same push: the retry goes to server 1 only, which acknowledges a duplicate,
-    and server 0 sees that push once."""
+    0 acknowledged the same push: the retry goes to both (an acknowledgement is not kept across a
+    failure: a server may lose it to a checkpoint), and each acknowledges a duplicate."""
     iterations = 15
     spec = run_spec(workers=2, staleness=1, iterations=iterations)
     ports = topology.ports()
@@ -188,7 +188,7 @@ async def test_a_retried_push_is_applied_once(impl: Impl, topology: Topology) ->
     assert 4 in proxy.duplicates, (proxy.duplicates, impl.logs())  # the retry, answered as a duplicate
     if topology.sharded:
         assert split_tensors(final), final.shard_map
-        assert final.counters.pushes_duplicate == 0, impl.logs()  # server 0's: it never saw the push again
+        assert final.counters.pushes_duplicate == 1, impl.logs()  # server 0's: the retry came to it too
     else:
         assert final.counters.pushes_duplicate >= 1
     assert final.counters.pushes_applied == 2 * iterations

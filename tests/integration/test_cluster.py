@@ -9,6 +9,7 @@ import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -404,3 +405,65 @@ async def test_a_roll_back_keeps_incarnations_given_out_after_the_cut(server_con
             assert at_cut.clock.next_incarnation == live.clock.next_incarnation > b2.incarnation
             assert at_cut.clock.slots[b.rank].state.value == "evicted"  # b2's rank: b2 must join again
             assert at_cut.clock.slots[a.rank].state.value == "active"  # untouched
+
+
+@pytest.mark.parametrize("then_pull", [True, False], ids=["push_pull", "push"])
+async def test_a_push_a_roll_back_took_from_one_shard_is_sent_again_to_every_shard(
+        server_config: ServerConfig, tmp_path: Path, then_pull: bool) -> None:
+    """BSP: a shard acknowledged rank 0's push of the cut's clock, then went back to the cut without
+    it. The retry of that push must go to every shard, not only to the one that had not
+    acknowledged: else that one completes the clock while the other waits for the push for ever
+    (the worker, told to go back to that clock, pulls answers of two clocks and never pushes)."""
+    async with cluster(server_config, 2, lambda i: {"data_dir": str(tmp_path / str(i))}, checkpoint_every=2,
+                       split_bytes=1024) as servers:
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(make_spec(shapes={"w": (40, 30)}, num_workers=2, staleness=0, iterations=6))
+            a, b = await _join_all(c, run.run_id, 2)
+            pa, pb_ = (Shards.beside(c, x.shard_map, x.spec) for x in (a, b))
+            grads = {"w": np.ones((40, 30), np.float32)}
+
+            async def both(clock: int) -> None:
+                await asyncio.gather(*(p.pull(run.run_id, x.rank, x.incarnation, clock) for p, x in ((pa, a), (pb_, b))))
+                await asyncio.gather(*(p.push(run.run_id, x.rank, x.incarnation, clock, grads)
+                                       for p, x in ((pa, a), (pb_, b))))
+
+            async def retrying(op: Callable[[], Awaitable[Any]]) -> Any:  # as worker.trainer.call
+                for _ in range(40):
+                    try:
+                        return await op()
+                    except errors.PsError as exc:
+                        if not exc.retryable:
+                            raise
+                        last = exc
+                        await asyncio.sleep(0.05)
+                raise AssertionError(f"never served: {last}")
+
+            try:
+                await both(0)
+                await both(1)
+                await pa.pull(run.run_id, a.rank, a.incarnation, 2)  # rank 0's parameters of clock 2
+                assert servers[0].checkpointer and servers[1].checkpointer
+                async with asyncio.timeout(10):  # cut 2 on disk on both servers
+                    while not all(2 in s.checkpointer.store.cuts(run.run_id) for s in servers):  # type: ignore[union-attr]
+                        await asyncio.sleep(0.05)
+                servers[0].registry.get(run.run_id).held = "server 0 restarted"  # its push fails there
+                with pytest.raises(errors.PsError) as held:
+                    await pa.push(run.run_id, a.rank, a.incarnation, 2, grads)  # acknowledged by server 1 alone
+                assert held.value.retryable
+                assert servers[0].cluster is not None
+                await servers[0].cluster.roll_back(servers[0].registry.get(run.run_id), "server 0 restarted")
+                assert [s.registry.get(run.run_id).clock.slots[0].clock for s in servers] == [2, 2]  # push lost
+                other = asyncio.ensure_future(pb_.push_pull(run.run_id, b.rank, b.incarnation, 2, grads))
+                params: dict[str, np.ndarray] = {}
+                if then_pull:  # the worker's retry of the same call
+                    await retrying(partial(pa.push_pull, run.run_id, a.rank, a.incarnation, 2, grads, into=params))
+                else:
+                    await retrying(partial(pa.push, run.run_id, a.rank, a.incarnation, 2, grads))
+                    await retrying(partial(pa.pull, run.run_id, a.rank, a.incarnation, 3, into=params))
+                async with asyncio.timeout(10):
+                    await other
+                assert [s.registry.get(run.run_id).min_clock for s in servers] == [3, 3]
+                assert [s.registry.get(run.run_id).counters.pushes_applied for s in servers] == [6, 6]  # each once
+            finally:
+                await pa.close()
+                await pb_.close()

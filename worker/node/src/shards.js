@@ -13,18 +13,18 @@
  *
  * A call is complete when every shard answered. When some did not, the error is thrown, at once
  * when it is not retryable (the calls still waiting, e.g. a pull parked on another shard, are
- * cancelled), and the shards that acknowledged a push are remembered: the retry of the same push
- * (same run, rank, incarnation and clock) goes only to the others. A shard de-duplicates pushes on
- * its own, so that is exactly-once per shard. Pulls are never remembered: a retry reads every
- * shard again, as a server may have gone back to a checkpoint in between; under BSP (staleness 0)
- * the shards' answers to one pull must hold the same guaranteed clock, else the pull fails
- * retryably (UNAVAILABLE). Answers combine as the least guarantee: the least clock, min clock,
- * guaranteed clock and version; duplicate only when every shard says so; a finished run's state
- * over a running one. Of several refusals the one thrown is a CLOCK_AHEAD (the lowest next_clock:
- * the trainer rewinds there, even to its own clock, when a shard went back to a checkpoint without
- * a push it had acknowledged; the acknowledgements remembered are forgotten), else the first that
- * is not retryable, else the first. After a rewind the trainer calls refresh: a shard that
- * restarted has another TCP data plane port, which GetRun's map tells.
+ * cancelled), and the retry goes to every shard again: a shard that has the push acknowledges a
+ * duplicate (each de-duplicates on its own: exactly-once per shard). Nothing is kept across a
+ * failure, neither acknowledgements nor pulled answers, as a server may go back to a checkpoint in
+ * between and lose a push it had acknowledged (a retry only to the shards that had not
+ * acknowledged could hang a BSP run: the one that lost the push would wait for it for ever). Under
+ * BSP (staleness 0) the shards' answers to one pull must hold the same guaranteed clock, else the
+ * pull fails retryably (UNAVAILABLE). Answers combine as the least guarantee: the least clock, min
+ * clock, guaranteed clock and version; duplicate only when every shard says so; a finished run's
+ * state over a running one. Of several refusals the one thrown is a CLOCK_AHEAD (the lowest
+ * next_clock: the trainer rewinds there, even to its own clock), else the first that is not
+ * retryable, else the first. After a rewind the trainer calls refresh: a shard that restarted has
+ * another TCP data plane port, which GetRun's map tells.
  */
 
 const { PsError, Status } = require('./client');
@@ -103,7 +103,6 @@ class Shards {
     this.staleness = staleness;
     checkMap(shardMap.shards, shapes);
     this.clients = shardMap.shards.map((s) => connect(s));
-    this.done = { key: null, answers: new Map() };
   }
 
   /** Clients of every shard, configured as `client` is (timeout, sizes, security, data plane). */
@@ -158,15 +157,12 @@ class Shards {
   }
 
   /**
-   * `call(client, shard, i)` on every shard (for a push, `remember`, every shard that has not
-   * acknowledged `key` yet); resolves to the answers in shard order once all are in, else throws
-   * the worst refusal (see worst), at once when it is not retryable: the others' calls are
-   * cancelled.
+   * `call(client, shard, i)` on every shard; resolves to the answers in shard order once all are
+   * in, else throws the worst refusal (see worst), at once when it is not retryable: the others'
+   * calls are cancelled.
    */
-  async each(key, call, remember) {
-    if (this.done.key !== key) this.done = { key, answers: new Map() };
-    const answers = remember ? this.done.answers : new Map();
-    const todo = this.clients.map((_, i) => i).filter((i) => !answers.has(i));
+  async each(call) {
+    const todo = this.clients.map((_, i) => i);
     let fatal = false;
     const results = await Promise.allSettled(todo.map((i) => call(this.clients[i], this.shards[i], i).catch((e) => {
       if (!fatal && !(e instanceof PsError && e.retryable)) {
@@ -175,18 +171,9 @@ class Shards {
       }
       throw e;
     })));
-    const failures = [];
-    results.forEach((r, j) => {
-      if (r.status === 'fulfilled') answers.set(todo[j], r.value);
-      else failures.push(r.reason);
-    });
-    if (failures.length) {
-      const thrown = worst(failures.filter((e) => !(fatal && e instanceof PsError && e.code === Status.CANCELLED)));
-      if (thrown instanceof PsError && thrown.reason === 'ERROR_REASON_CLOCK_AHEAD') this.done = { key: null, answers: new Map() };
-      throw thrown;
-    }
-    this.done = { key: null, answers: new Map() }; // complete: the same call again goes to every shard
-    return this.clients.map((_, i) => answers.get(i));
+    const failures = results.filter((r) => r.status === 'rejected').map((r) => r.reason);
+    if (failures.length) throw worst(failures.filter((e) => !(fatal && e instanceof PsError && e.code === Status.CANCELLED)));
+    return results.map((r) => r.value);
   }
 
   // ---------------------------------------------------------------- the data plane
@@ -196,8 +183,7 @@ class Shards {
     for (const name of Object.keys(this.shapes)) {
       if (!(arrays[name] instanceof Float32Array)) throw new TypeError(`push ${clock}: no gradient for ${name}`);
     }
-    const acks = await this.each(`push ${runId} ${rank} ${incarnation} ${clock}`,
-      (c, s) => c.push(runId, rank, incarnation, clock, this.rows(arrays, s.pieces), loss, timeoutS), true);
+    const acks = await this.each((c, s) => c.push(runId, rank, incarnation, clock, this.rows(arrays, s.pieces), loss, timeoutS));
     return {
       clock: min(acks.map((a) => Number(a.clock))),
       duplicate: acks.every((a) => a.duplicate),
@@ -215,8 +201,7 @@ class Shards {
     const wanted = new Set(names);
     const unknown = names.filter((n) => !(n in this.shapes));
     if (unknown.length) throw new PsError(Status.INVALID_ARGUMENT, `the run has no tensor ${unknown.join(', ')}`, null, 'PullParams');
-    const key = `pull ${runId} ${rank} ${incarnation} ${clock} ${[...wanted].join(',')}`;
-    const answers = await this.each(key, async (c, s, i) => {
+    const answers = await this.each(async (c, s, i) => {
       const mine = s.pieces.filter((pc) => !wanted.size || wanted.has(pc.name));
       if (wanted.size && !mine.length) return null; // this shard holds none of the names asked for
       const views = this.rows(out, mine);
@@ -234,7 +219,7 @@ class Shards {
         }
       }
       return res;
-    }, false);
+    });
     const pulled = answers.filter((r) => r !== null);
     const clocks = new Set(pulled.map((r) => Number(r.guaranteed_clock)));
     if (this.staleness === 0 && incarnation && clocks.size > 1) {

@@ -24,8 +24,8 @@
  *
  * Sharded runs (the Assignment has a shard_map with shards): pushes and pulls go to every shard
  * at once through shards.js, which has the client's push and pull; everything above holds as is.
- * A push or pull is complete when every shard answered, its retry goes only to the shards that
- * did not, and a CLOCK_AHEAD from any shard rewinds the loop. Heartbeat, ReportMetrics and Leave
+ * A push or pull is complete when every shard answered, its retry goes to every shard again (each
+ * de-duplicates), and a CLOCK_AHEAD from any shard rewinds the loop. Heartbeat, ReportMetrics and Leave
  * go to the server joined (any server of a cluster forwards them to server 0).
  */
 
