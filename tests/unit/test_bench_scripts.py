@@ -94,3 +94,13 @@ def test_staleness_bench_gives_workers_slower_machines_under_the_same_patterns()
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout) == [[], ["--step-seconds", "0.02"], ["--tail-delay", "0.05:10"],
                                        ["--tail-delay", "0.05:10", "--step-seconds", "0.02"]]
+
+
+@pytest.mark.timeout(120)
+def test_python_floor_trains_and_reports_its_cpu_per_push() -> None:
+    proc = subprocess.run([sys.executable, str(BENCH / "python_floor.py"), "--workers", "2", "--repeats", "1",
+                           "--seconds", "0.5"], capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pushes/s; CPU per push: server" in proc.stdout
+    accuracy = float(proc.stdout.split("test accuracy ")[1].split()[0].rstrip(";"))
+    assert accuracy > 0.5  # it trained (digits, 10 classes: 0.1 by chance)

@@ -1,0 +1,175 @@
+"""The least CPU per push a parameter server in Python spends on this machine: a reference for
+``cpu_per_push.py``, not a part of paramserver.
+
+    .venv/bin/python bench/python_floor.py [--workers 4] [--seconds 5] [--nice 10] [--repeats 3] [--compute-only]
+
+The same job as ``cpu_per_push.py`` (digits MLP-64, the run spec's data shards, batches, initial
+parameters and learning rate, W workers, unbounded staleness), with nothing but the exchange: each
+worker (a forked process, at ``--nice``) computes its gradient with the project's model, writes it
+as raw float32 bytes into a Unix socket and reads the whole model back; the server (this process)
+waits in epoll, applies W <- W - lr * g and answers with the parameters. No protocol, no clocks, no
+SSP, no de-duplication, no checks, no event loop, one copy each way: what is left is the gradient,
+the system calls, the wake-ups and the smallest Python around them. The server's and the
+workers' CPU time (user + system, from /proc) is read after one second and again ``--seconds``
+later; "outside the gradient" subtracts one compute-only iteration's CPU (2 cores / the rate of
+``cpu_per_push.compute_only`` with W processes at once), as the issue's figure does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ["OPENBLAS_NUM_THREADS"] = "1"  # (before numpy: each process one core, as the workers)
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from cpu_per_push import compute_only, cpu  # noqa: E402
+
+from client.spec import LaunchOptions, build_run_spec  # noqa: E402
+from worker.datasets import load_dataset  # noqa: E402
+from worker.models import build_model  # noqa: E402
+from worker.sampling import BatchSampler, shard_indices  # noqa: E402
+
+
+def _views(flat: np.ndarray, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``like``'s tensors as consecutive views of the 1-D ``flat``."""
+    out, at = {}, 0
+    for name, a in like.items():
+        out[name] = flat[at : at + a.size].reshape(a.shape)
+        at += a.size
+    return out
+
+
+def _worker(sock: socket.socket, rank: int, workers: int, nice: int) -> None:
+    """Gradient, send it, read the parameters back; until the server closes the socket."""
+    os.nice(nice)
+    spec = build_run_spec(LaunchOptions(model="mlp:64", dataset="digits", workers=workers, epochs=1000))
+    data = load_dataset(json.loads(spec.data_spec_json))
+    model = build_model(json.loads(spec.model_spec_json), data.n_features, data.n_outputs)
+    init = model.init_params(spec.seed)
+    flat = np.concatenate([a.reshape(-1) for a in init.values()]).astype(np.float32)
+    grad = np.empty_like(flat)
+    params, grads = _views(flat, init), _views(grad, init)  # the answer lands in place
+    shard = shard_indices(len(data.X_train), rank, workers, spec.seed)
+    X, y = data.X_train[shard], data.y_train[shard]
+    sampler = BatchSampler(len(shard), spec.batch_size, spec.seed, rank)
+    answer = flat.data.cast("B")
+    clock = 0
+    while True:
+        batch = sampler.batch(clock)
+        _, g = model.loss_and_grad(params, X[batch], y[batch])
+        for name, v in g.items():
+            grads[name][...] = v
+        try:
+            sock.sendall(grad.data)
+            got = 0
+            while got < answer.nbytes:
+                n = sock.recv_into(answer[got:])
+                if not n:
+                    return
+                got += n
+        except OSError:
+            return
+        clock += 1
+
+
+def measure(workers: int, seconds: float, nice: int) -> dict[str, float]:
+    spec = build_run_spec(LaunchOptions(model="mlp:64", dataset="digits", workers=workers, epochs=1000))
+    data = load_dataset(json.loads(spec.data_spec_json))
+    model = build_model(json.loads(spec.model_spec_json), data.n_features, data.n_outputs)
+    init = model.init_params(spec.seed)
+    w = np.concatenate([a.reshape(-1) for a in init.values()]).astype(np.float32)
+    lr = np.float32(spec.optimizer.sgd.learning_rate)
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(workers)]
+    pids = []
+    for rank in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for i, (mine, theirs) in enumerate(pairs):
+                    mine.close()
+                    if i != rank:
+                        theirs.close()
+                _worker(pairs[rank][1], rank, workers, nice)
+            finally:
+                os._exit(0)
+        pids.append(pid)
+    ep = select.epoll()
+    bufs: dict[int, tuple[socket.socket, memoryview, np.ndarray]] = {}
+    got: dict[int, int] = {}
+    for mine, theirs in pairs:
+        theirs.close()
+        ep.register(mine.fileno(), select.EPOLLIN)
+        g = np.empty_like(w)
+        bufs[mine.fileno()] = (mine, g.data.cast("B"), g)
+        got[mine.fileno()] = 0
+    step = np.empty_like(w)
+    pushes, start, mark = 0, time.monotonic(), None
+    try:
+        while True:
+            for fd, _ in ep.poll():
+                sock, view, g = bufs[fd]
+                got[fd] += sock.recv_into(view[got[fd]:])
+                if got[fd] < view.nbytes:
+                    continue
+                got[fd] = 0
+                np.multiply(g, lr, out=step)
+                np.subtract(w, step, out=w)
+                sock.sendall(w.data)
+                pushes += 1
+            now = time.monotonic()
+            if mark is None and now - start > 1.0:  # (the workers have loaded their data)
+                mark = (now, pushes, cpu(os.getpid()), sum(cpu(p) for p in pids))
+            elif mark is not None and now - mark[0] >= seconds:
+                n = pushes - mark[1]
+                server, workers_cpu = cpu(os.getpid()) - mark[2], sum(cpu(p) for p in pids) - mark[3]
+                break
+    finally:
+        for sock, _, _ in bufs.values():
+            sock.close()
+        for p in pids:
+            os.waitpid(p, 0)
+    accuracy = model.evaluate(_views(w, init), data.X_test, data.y_test).accuracy
+    return {"pushes_s": n / (now - mark[0]), "server_ms": 1e3 * server / n, "workers_ms": 1e3 * workers_cpu / n,
+            "accuracy": float(accuracy or 0.0)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--nice", type=int, default=10, help="the workers' nice value (as psctl launch --local's)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compute-only", action="store_true",
+                    help="also time compute-only (W processes at once) after each round")
+    args = ap.parse_args()
+    rows = []
+    for i in range(args.repeats):
+        r = measure(args.workers, args.seconds, args.nice)
+        line = (f"round {i + 1}: {r['pushes_s']:,.0f} pushes/s; CPU per push: server {r['server_ms']:.3f} ms, "
+                f"{args.workers} workers {r['workers_ms']:.3f} ms; test accuracy {r['accuracy']:.3f}")
+        if args.compute_only:
+            r["compute_its"] = compute_only(3.0, args.workers)
+            outside = r["server_ms"] + r["workers_ms"] - 2e3 / r["compute_its"]
+            line += (f"; compute-only {r['compute_its']:,.0f} it/s, {100 * r['pushes_s'] / r['compute_its']:.1f}% of it, "
+                     f"{outside:.3f} ms outside the gradient")
+        print(line, flush=True)
+        rows.append(r)
+    med = statistics.median
+    print(f"median: {med(r['pushes_s'] for r in rows):,.0f} pushes/s, server {med(r['server_ms'] for r in rows):.3f} + "
+          f"workers {med(r['workers_ms'] for r in rows):.3f} ms of CPU per push")
+
+
+if __name__ == "__main__":
+    main()
