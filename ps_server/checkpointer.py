@@ -44,6 +44,9 @@ class Checkpointer:
         """run id -> (min clock of its last scheduled checkpoint, whether its final one was)."""
         self.protected: dict[str, tuple[int, ...]] = {}
         """run id -> the cuts whose checkpoints pruning keeps (a cluster's newest common ones)."""
+        self._sharded: set[str] = set()
+        """runs placed over several servers: until ``protected`` says which cuts all servers have,
+        pruning keeps the oldest (the first cut, which every server writes), so that one is common."""
         self._epochs: dict[str, int] = {}
         """run id -> how many times it went back to a checkpoint (``restore``): a snapshot of an
         earlier epoch belongs to a history the run left, and is not written."""
@@ -53,6 +56,8 @@ class Checkpointer:
     def attach(self, run: Run) -> None:
         """Checkpoint ``run`` from now on: each ``every`` clocks of its min clock, and when it ends."""
         self._taken[run.run_id] = (run.min_clock, run.state.finished)
+        if run.placement is not None and len(run.placement.shard_map.shards) > 1:
+            self._sharded.add(run.run_id)
         run.on_change = self._changed
 
     def _changed(self, run: Run) -> None:
@@ -130,6 +135,7 @@ class Checkpointer:
                 check(run)
                 self._epochs[run_id] = self._epochs.get(run_id, 0) + 1  # snapshots of the run it replaces: void
                 await asyncio.to_thread(self.store.discard_after, run_id, cut)
+                self.protected[run_id] = (cut,)  # (a cluster's servers all went back to it: kept until told)
         except BaseException:
             if taken is not None and run_id not in self._taken:
                 self._taken[run_id] = taken
@@ -146,7 +152,9 @@ class Checkpointer:
                                          "belongs to a history the run left; ask again")
             t0 = time.perf_counter()
             try:
-                path = await asyncio.to_thread(self.store.write, meta, arrays, self.protected.get(run_id, ()))
+                protect = self.protected.get(run_id)
+                path = await asyncio.to_thread(self.store.write, meta, arrays, protect or (),
+                                               not protect and run_id in self._sharded)
             except OSError as exc:
                 log.error("checkpoint of %s failed: %s", run_id, exc, extra={"run": run_id})
                 raise
@@ -161,6 +169,7 @@ class Checkpointer:
         self._waiting.pop(run_id, None)
         self._taken.pop(run_id, None)
         self.protected.pop(run_id, None)
+        self._sharded.discard(run_id)
         self._cuts.pop(run_id, None)
         writer = self._writers.pop(run_id, None)
         if writer is not None:
@@ -182,6 +191,9 @@ class Checkpointer:
             restored.append(run)
             log.info("resumed %s from %s: %s at min clock %d", run.run_id, ckpt.path, run.state.value,
                      run.min_clock, extra={"run": run.run_id})
+            if run.placement is not None and not run.state.finished:
+                # What server 0 had told this server to keep is lost: keep what is on disk until it says again.
+                self.protected[run.run_id] = tuple(self.store.cuts(run.run_id))
             if run.placement is not None and not run.state.finished and not ckpt.meta.get("final"):
                 # The other servers' shards may be ahead of this one: no pushes or pulls until the
                 # cluster's owner has every server go back to a common cut. (A server stopped

@@ -95,6 +95,8 @@ class ClusterOwner:
         """run id -> the cut its roll back in progress chose."""
         self._cuts: dict[tuple[str, int], list[int]] = {}
         """(run id, server) -> the cuts of its checkpoints on disk, as last heard."""
+        self._told: dict[tuple[str, int], tuple[int, ...]] = {}
+        """(run id, server) -> the cuts it was last told to keep (GetShard.keep_cuts) and answered."""
         self._rollbacks: dict[str, tuple[str, int | None, float | None]] = {}
         """run id -> why it has to go back to the newest cut every server has, the highest cut it may
         go back to (a retry never goes past the one an earlier attempt chose), and since when
@@ -146,7 +148,7 @@ class ClusterOwner:
         self._forget(run_id, 0)
 
     def _forget(self, run_id: str, index: int) -> None:
-        for table in (self._sent, self._locks, self._status, self._samples, self._cuts):
+        for table in (self._sent, self._locks, self._status, self._samples, self._cuts, self._told):
             table.pop((run_id, index), None)
 
     # ------------------------------------------------------------------------------ membership
@@ -255,6 +257,7 @@ class ClusterOwner:
             self._silent_since.pop(peer.index, None)
             self._ports[peer.index], self._shm[peer.index] = resp.data_port, resp.shm_socket
             self._cuts[key] = list(resp.cuts)
+            self._told[key] = tuple(keep)
             if resp.resumed and not run.state.finished:
                 self._rollbacks.setdefault(run.run_id, (f"{peer.name} restarted", None, None))
             self._sample(key, resp.status.pushes_applied)
@@ -287,18 +290,24 @@ class ClusterOwner:
         return own.result()
 
     def _keep_common_cut(self, run: Run) -> None:
-        """Every server keeps its checkpoints of the newest cut all have on disk and of the one before
-        (its next GetShard says so; this server keeps both from now, the others from then, so one
-        of them is kept everywhere all along): the cluster can always go back to one."""
+        """Every server keeps its checkpoints of the newest cut all have on disk and of the newest
+        one of those kept so far that all still have (its next GetShard says so; this server keeps
+        both from now, the others from then, so that one is kept everywhere all along): the
+        cluster can always go back to one. The cuts kept change only once every server has been
+        told the current ones (a server not told yet keeps the older ones, or, before any, its
+        first cut: ``Checkpointer``)."""
         if self._checkpointer is None:
             return
-        heard = [self._cuts.get((run.run_id, peer.index)) for peer in self._peers]
-        if any(h is None for h in heard):
+        keys = [(run.run_id, peer.index) for peer in self._peers]
+        heard = [self._cuts.get(key) for key in keys]
+        kept = self._checkpointer.protected.get(run.run_id, ())
+        if any(h is None for h in heard) or any(self._told.get(key) != kept for key in keys):
             return
         common = set(self._checkpointer.store.cuts(run.run_id)).intersection(*heard)  # type: ignore[arg-type]
-        kept = self._checkpointer.protected.get(run.run_id, ())
-        if common and max(common) not in kept:  # the newest, and the one before it until all know it
-            self._checkpointer.protected[run.run_id] = (max(common), *kept[:1])
+        if common and (not kept or max(common) != kept[0]):
+            newest, still = max(common), [c for c in kept if c in common]  # (kept everywhere since told)
+            older = max(still) if still else min(common)  # (none yet: the first cut, kept by every server)
+            self._checkpointer.protected[run.run_id] = (newest, older) if older != newest else (newest,)
 
     # ------------------------------------------------------------------------------ recovery
     def resumed(self, runs: Sequence[Run]) -> None:
@@ -366,6 +375,7 @@ class ClusterOwner:
         restored.held = ""
         for peer in self._peers:
             self._sent.pop((run.run_id, peer.index), None)
+            self._told[(run.run_id, peer.index)] = (cut,)  # (each keeps the cut it went back to: ``restore``)
         lost = sum(max(0, before[s.rank] - s.clock) for s in restored.clock.slots)
         restored.history.event("rolled_back", -1, f"{why}: every shard went back to its checkpoint at cut {cut} "
                                f"(min clock {min_before} -> {restored.min_clock}; {lost} steps lost)")

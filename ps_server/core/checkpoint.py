@@ -77,9 +77,12 @@ class CheckpointStore:
             return []
         return sorted((p for p in run_dir.iterdir() if p.name.startswith("ckpt-")), reverse=True)
 
-    def write(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], protect: Collection[int] = ()) -> Path:
+    def write(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], protect: Collection[int] = (),
+              keep_oldest: bool = False) -> Path:
         """Write one checkpoint of ``meta["run_id"]`` atomically; prune to the newest ``keep``, but
-        for the newest checkpoint of each cut in ``protect`` (cuts a cluster can go back to)."""
+        for the newest checkpoint of each cut in ``protect`` (cuts a cluster can go back to) and,
+        if ``keep_oldest``, of the oldest checkpoint's cut (a cluster's shard before server 0 has
+        said which cuts all servers have: its first, which every server writes)."""
         run_dir = self.root / str(meta["run_id"])
         run_dir.mkdir(parents=True, exist_ok=True)
         existing = self._checkpoints(run_dir)
@@ -105,8 +108,11 @@ class CheckpointStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        kept = self._checkpoints(run_dir)[: self.keep]
-        for old in self._checkpoints(run_dir)[self.keep :]:
+        listed = self._checkpoints(run_dir)
+        kept = listed[: self.keep]
+        if keep_oldest and (oldest := self._cut(listed[-1])) is not None:
+            protect = {*protect, oldest}
+        for old in listed[self.keep :]:
             cut = self._cut(old)
             if cut in protect and cut not in map(self._cut, kept):
                 kept.append(old)

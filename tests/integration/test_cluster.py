@@ -467,3 +467,80 @@ async def test_a_push_a_roll_back_took_from_one_shard_is_sent_again_to_every_sha
             finally:
                 await pa.close()
                 await pb_.close()
+
+
+async def test_a_fast_run_keeps_a_cut_common_to_every_server_before_server_0_says_which(
+        server_config: ServerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Server 0's checkpoint writes lag (only its first cut lands) and its poll has not yet told the
+    others which cuts all servers have, while server 1 writes cut after cut: server 1 must not prune
+    the one cut both have, or a crash now would lose the run (it must go back to that cut)."""
+    from ps_server.cluster.owner import ClusterOwner
+
+    async def not_yet(self: ClusterOwner) -> None:  # server 0's poll has not come round yet
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(ClusterOwner, "watch", not_yet)
+    async with cluster(server_config, 2, lambda i: {"data_dir": str(tmp_path / str(i))}, checkpoint_every=2,
+                       checkpoint_keep=2, split_bytes=1024) as servers:
+        assert servers[0].checkpointer and servers[1].checkpointer and servers[0].cluster
+        lagging, write = servers[0].checkpointer.store, servers[0].checkpointer.store.write
+
+        def lags(meta: dict[str, Any], *args: Any, **kwargs: Any) -> Path:
+            if meta["cut"] != 2:
+                raise OSError("server 0's disk is behind (the write has not landed when it crashes)")
+            return write(meta, *args, **kwargs)
+
+        monkeypatch.setattr(lagging, "write", lags)
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(make_spec(shapes={"w": (40, 30)}, num_workers=1, staleness=0, iterations=20))
+            (a,) = await _join_all(c, run.run_id, 1)
+            plane = Shards.beside(c, a.shard_map, a.spec)
+            try:
+                for clock in range(8):
+                    await plane.pull(run.run_id, 0, a.incarnation, clock)
+                    await plane.push(run.run_id, 0, a.incarnation, clock, {"w": np.ones((40, 30), np.float32)})
+                    if (clock + 1) % 2 == 0:  # server 1 writes each cut before the next (none coalesced)
+                        async with asyncio.timeout(10):
+                            while clock + 1 not in servers[1].checkpointer.store.cuts(run.run_id):
+                                await asyncio.sleep(0.02)
+            finally:
+                await plane.close()
+            await asyncio.gather(*(s.checkpointer.drain() for s in servers))  # type: ignore[union-attr]
+            on_disk = [s.checkpointer.store.cuts(run.run_id) for s in servers]  # type: ignore[union-attr]
+            servers[0].registry.get(run.run_id).held = "server 0 restarted"
+            restored = await servers[0].cluster.roll_back(servers[0].registry.get(run.run_id), "server 0 restarted")
+            assert restored.state.value == "running", restored.message
+            assert [s.registry.get(run.run_id).min_clock for s in servers] == [2, 2]
+            assert on_disk == [[2], [8, 6, 2]]  # server 1: --checkpoint-keep 2, and its first cut
+
+
+def test_server_0_changes_the_cuts_kept_only_when_every_server_keeps_one_it_keeps() -> None:
+    """The cuts kept move on only once every server was told the current ones, and the older one
+    kept is one every server still has: a server told late, or one that pruned the newer before it
+    was told, still holds a cut server 0 holds."""
+    from types import SimpleNamespace
+
+    from ps_server.checkpointer import Checkpointer
+    from ps_server.cluster.owner import ClusterOwner
+    from ps_server.core.registry import RunRegistry
+
+    mine: list[int] = []
+    checkpointer = Checkpointer(SimpleNamespace(cuts=lambda run_id: list(mine)), every=5)  # type: ignore[arg-type]
+    owner = ClusterOwner(RunRegistry(), ["a", "b"], [SimpleNamespace(index=1)],  # type: ignore[list-item]
+                         split_bytes=0, shard_timeout=1, data_port=lambda: 0, checkpointer=checkpointer)
+    run: Any = SimpleNamespace(run_id="r")
+
+    def poll(theirs: list[int], told: bool = True) -> tuple[int, ...]:
+        if told:  # GetShard answered, carrying the cuts kept now
+            owner._cuts[("r", 1)], owner._told[("r", 1)] = theirs, checkpointer.protected.get("r", ())
+        owner._keep_common_cut(run)
+        return checkpointer.protected.get("r", ())
+
+    mine[:] = [10, 5]
+    assert poll([30, 25, 10, 5]) == (10, 5)  # the first: with the first cut, which every server keeps until told
+    mine[:] = [20, 10, 5]
+    assert poll([30, 25, 20, 10, 5], told=False) == (10, 5)  # server 1 has not been told (10, 5) yet: no change
+    assert poll([35, 30, 20, 10]) == (20, 10)
+    mine[:] = [40, 35, 20, 10]
+    assert poll([40, 35, 10]) == (40, 10)  # server 1 lost 20 before it was told: 10, which it had kept, stays
+    assert poll([45, 40, 10]) == (40, 10)

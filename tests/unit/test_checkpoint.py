@@ -245,6 +245,19 @@ def test_pruning_keeps_the_protected_cut_however_old(tmp_path: Path) -> None:
     assert store.cuts(run.run_id) == [40, 35]
 
 
+def test_a_shard_not_yet_told_which_cuts_are_common_keeps_its_first(tmp_path: Path) -> None:
+    """Before server 0 says which cuts every server has, a cluster's shard keeps its oldest (the
+    first cut, which every server writes) besides the newest --checkpoint-keep; once told, only those."""
+    store = CheckpointStore(tmp_path, keep=2)
+    run = make_run()
+    for cut in (5, 10, 15, 20):
+        meta, arrays = snapshot.state_dict(run, cut)
+        store.write(meta, arrays, keep_oldest=True)
+    assert store.cuts(run.run_id) == [20, 15, 5]
+    _write_cut(store, run, 25, protect=(15,))
+    assert store.cuts(run.run_id) == [25, 20, 15]
+
+
 async def test_checkpoint_at_a_cut_waits_for_the_min_clock_to_reach_it(tmp_path: Path) -> None:
     checkpointer = Checkpointer(CheckpointStore(tmp_path), every=0)
     run = make_run()  # min clock 3
