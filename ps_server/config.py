@@ -42,7 +42,8 @@ class ServerConfig:
     grace_seconds: float = opt(5.0, "On SIGTERM, how long in-flight RPCs may take to finish.")
     data_dir: str = opt("", "Directory for checkpoints; runs found there are resumed at start. Empty = none.")
     checkpoint_every: int = opt(50, "Checkpoint a run each time its min clock passes a multiple of this; 0 = only on demand and at the end.")
-    checkpoint_keep: int = opt(3, "Checkpoints kept per run (older ones are deleted).")
+    checkpoint_keep: int = opt(3, "Checkpoints kept per run (older ones are deleted; a cluster's server also "
+                               "keeps the newest cuts every server has: up to 2 more).")
     keep_finished_runs: int = opt(50, "Finished runs kept (their parameters stay in memory); the oldest finished "
                                   "beyond this are forgotten and their checkpoints deleted. 0 = no limit.")
     keep_finished_seconds: float = opt(0.0, "Finished runs are forgotten (checkpoints deleted) this long after they "
