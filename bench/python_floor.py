@@ -1,23 +1,24 @@
 """The least CPU per push a parameter server in Python spends on this machine: a reference for
 ``cpu_per_push.py``, not a part of paramserver.
 
-    .venv/bin/python bench/python_floor.py [--workers 4] [--seconds 5] [--nice 10] [--repeats 3] [--compute-only]
+    .venv/bin/python bench/python_floor.py [--workers 4] [--seconds 5] [--nice 10] [--repeats 3] [--compute-only] [--asyncio]
 
 The same job as ``cpu_per_push.py`` (digits MLP-64, the run spec's data shards, batches, initial
 parameters and learning rate, W workers, unbounded staleness), with nothing but the exchange: each
 worker (a forked process, at ``--nice``) computes its gradient with the project's model, writes it
 as raw float32 bytes into a Unix socket and reads the whole model back; the server (this process)
 waits in epoll, applies W <- W - lr * g and answers with the parameters. No protocol, no clocks, no
-SSP, no de-duplication, no checks, no event loop, one copy each way: what is left is the gradient,
-the system calls, the wake-ups and the smallest Python around them. The server's and the
-workers' CPU time (user + system, from /proc) is read after one second and again ``--seconds``
-later; "outside the gradient" subtracts one compute-only iteration's CPU (2 cores / the rate of
+SSP, no de-duplication, no checks, no event loop (``--asyncio``: the server's loop is asyncio's,
+as ps-server's), one copy each way: what is left is the gradient, the system calls, the wake-ups
+and the smallest Python around them. The server's and the workers' CPU time (user + system, from
+/proc) is read after one second and again ``--seconds`` later; "outside the gradient" subtracts one compute-only iteration's CPU (2 cores / the rate of
 ``cpu_per_push.compute_only`` with W processes at once), as the issue's figure does.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import select
@@ -84,7 +85,7 @@ def _worker(sock: socket.socket, rank: int, workers: int, nice: int) -> None:
         clock += 1
 
 
-def measure(workers: int, seconds: float, nice: int) -> dict[str, float]:
+def measure(workers: int, seconds: float, nice: int, use_asyncio: bool = False) -> dict[str, float]:
     spec = build_run_spec(LaunchOptions(model="mlp:64", dataset="digits", workers=workers, epochs=1000))
     data = load_dataset(json.loads(spec.data_spec_json))
     model = build_model(json.loads(spec.model_spec_json), data.n_features, data.n_outputs)
@@ -105,43 +106,66 @@ def measure(workers: int, seconds: float, nice: int) -> dict[str, float]:
             finally:
                 os._exit(0)
         pids.append(pid)
-    ep = select.epoll()
     bufs: dict[int, tuple[socket.socket, memoryview, np.ndarray]] = {}
     got: dict[int, int] = {}
     for mine, theirs in pairs:
         theirs.close()
-        ep.register(mine.fileno(), select.EPOLLIN)
         g = np.empty_like(w)
         bufs[mine.fileno()] = (mine, g.data.cast("B"), g)
         got[mine.fileno()] = 0
     step = np.empty_like(w)
-    pushes, start, mark = 0, time.monotonic(), None
+    pushes = [0]
+
+    def serve(fd: int) -> None:
+        """A readable worker's socket: the rest of its gradient, then the step and the answer."""
+        sock, view, g = bufs[fd]
+        got[fd] += sock.recv_into(view[got[fd]:])
+        if got[fd] < view.nbytes:
+            return
+        got[fd] = 0
+        np.multiply(g, lr, out=step)
+        np.subtract(w, step, out=w)
+        sock.sendall(w.data)
+        pushes[0] += 1
+
+    def figures() -> tuple[float, int, float, float]:
+        return time.monotonic(), pushes[0], cpu(os.getpid()), sum(cpu(p) for p in pids)
+
     try:
-        while True:
-            for fd, _ in ep.poll():
-                sock, view, g = bufs[fd]
-                got[fd] += sock.recv_into(view[got[fd]:])
-                if got[fd] < view.nbytes:
-                    continue
-                got[fd] = 0
-                np.multiply(g, lr, out=step)
-                np.subtract(w, step, out=w)
-                sock.sendall(w.data)
-                pushes += 1
-            now = time.monotonic()
-            if mark is None and now - start > 1.0:  # (the workers have loaded their data)
-                mark = (now, pushes, cpu(os.getpid()), sum(cpu(p) for p in pids))
-            elif mark is not None and now - mark[0] >= seconds:
-                n = pushes - mark[1]
-                server, workers_cpu = cpu(os.getpid()) - mark[2], sum(cpu(p) for p in pids) - mark[3]
-                break
+        if use_asyncio:
+            async def loop() -> tuple[tuple[float, int, float, float], tuple[float, int, float, float]]:
+                ev = asyncio.get_running_loop()
+                for fd in bufs:
+                    ev.add_reader(fd, serve, fd)
+                await asyncio.sleep(1.0)  # (the workers have loaded their data)
+                first = figures()
+                await asyncio.sleep(seconds)
+                return first, figures()
+
+            mark, end = asyncio.run(loop())
+        else:
+            ep = select.epoll()
+            for fd in bufs:
+                ep.register(fd, select.EPOLLIN)
+            start, mark = time.monotonic(), None
+            while True:
+                for fd, _ in ep.poll(0.1):
+                    serve(fd)
+                if mark is None and time.monotonic() - start > 1.0:
+                    mark = figures()
+                elif mark is not None and time.monotonic() - mark[0] >= seconds:
+                    end = figures()
+                    break
     finally:
         for sock, _, _ in bufs.values():
             sock.close()
         for p in pids:
             os.waitpid(p, 0)
+    assert mark is not None
+    n = end[1] - mark[1]
+    server, workers_cpu = end[2] - mark[2], end[3] - mark[3]
     accuracy = model.evaluate(_views(w, init), data.X_test, data.y_test).accuracy
-    return {"pushes_s": n / (now - mark[0]), "server_ms": 1e3 * server / n, "workers_ms": 1e3 * workers_cpu / n,
+    return {"pushes_s": n / (end[0] - mark[0]), "server_ms": 1e3 * server / n, "workers_ms": 1e3 * workers_cpu / n,
             "accuracy": float(accuracy or 0.0)}
 
 
@@ -151,12 +175,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--nice", type=int, default=10, help="the workers' nice value (as psctl launch --local's)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--asyncio", action="store_true",
+                    help="the server as asyncio runs it (a reader callback per socket, as ps-server's data planes)")
     ap.add_argument("--compute-only", action="store_true",
                     help="also time compute-only (W processes at once) after each round")
     args = ap.parse_args()
     rows = []
     for i in range(args.repeats):
-        r = measure(args.workers, args.seconds, args.nice)
+        r = measure(args.workers, args.seconds, args.nice, args.asyncio)
         line = (f"round {i + 1}: {r['pushes_s']:,.0f} pushes/s; CPU per push: server {r['server_ms']:.3f} ms, "
                 f"{args.workers} workers {r['workers_ms']:.3f} ms; test accuracy {r['accuracy']:.3f}")
         if args.compute_only:

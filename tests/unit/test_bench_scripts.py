@@ -97,9 +97,10 @@ def test_staleness_bench_gives_workers_slower_machines_under_the_same_patterns()
 
 
 @pytest.mark.timeout(120)
-def test_python_floor_trains_and_reports_its_cpu_per_push() -> None:
+@pytest.mark.parametrize("loop", [[], ["--asyncio"]], ids=["epoll", "asyncio"])
+def test_python_floor_trains_and_reports_its_cpu_per_push(loop: list[str]) -> None:
     proc = subprocess.run([sys.executable, str(BENCH / "python_floor.py"), "--workers", "2", "--repeats", "1",
-                           "--seconds", "0.5"], capture_output=True, text=True, timeout=100)
+                           "--seconds", "0.5", *loop], capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pushes/s; CPU per push: server" in proc.stdout
     accuracy = float(proc.stdout.split("test accuracy ")[1].split()[0].rstrip(";"))
