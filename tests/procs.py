@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import os
+import random
 import re
 import resource
 import socket
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from worker.datasets import load_dataset
 from worker.models import build_model
 from worker.sampling import BatchSampler, shard_indices
 
-__all__ = ["ENV", "bsp_reference", "watch_until", "connect", "finish", "free_port", "ps_server", "ps_workers", "record"]
+__all__ = ["ENV", "bsp_reference", "watch_until", "connect", "finish", "free_port", "free_ports", "ps_server", "ps_workers", "record"]
 
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -88,10 +89,32 @@ async def watch_until(client: PsClient, run_id: str, done: Callable[[pb.Run], bo
     raise AssertionError(f"run {run_id} ended before the condition held")
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free now, for servers a test starts. Taken below the kernel's ephemeral
+    range when it leaves room: a port the kernel picks comes from that range, where any client's
+    connection may take it as its own local port before the server binds it ("Address already in
+    use" now and then in a suite that opens thousands of connections)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    with ExitStack() as held:  # held together while picked: distinct
+        ports: list[int] = []
+        for _ in range(200 * n):
+            if len(ports) == n:
+                break
+            s = held.enter_context(socket.socket())
+            try:
+                s.bind(("127.0.0.1", random.randrange(10000, low) if low > 11000 else 0))
+            except OSError:
+                continue  # in use: another
+            ports.append(int(s.getsockname()[1]))
+        assert len(ports) == n, "no free ports"
+        return ports
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 REPORT = Path(__file__).resolve().parents[1] / "bench" / "out" / "chaos.jsonl"

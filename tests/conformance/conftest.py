@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from procs import free_ports
 
 from client.spec import LaunchOptions, build_run_spec
 from paramserver.client import PsClient
@@ -261,13 +261,6 @@ class Cluster:
         return len(self.servers) > 1
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports (held together while they are picked)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
 
 
 SPLIT_BYTES = 1024
@@ -368,10 +361,6 @@ async def connect(address: str, security: Security | None = None) -> AsyncIterat
         yield c
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # ------------------------------------------------------------------------------ runs

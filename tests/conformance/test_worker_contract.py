@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from procs import free_port, free_ports
 
 from paramserver.client import PsClient
 from paramserver.v1 import paramserver_pb2 as pb
@@ -33,8 +34,6 @@ from .conftest import (
     Topology,
     connect,
     finish,
-    free_port,
-    free_ports,
     ps_server,
     pull_all,
     run_spec,

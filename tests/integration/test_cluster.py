@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -15,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from procs import free_ports
 from support import make_spec, with_config
 
 from client.spec import LaunchOptions, build_run_spec
@@ -32,23 +32,12 @@ from worker.sampling import BatchSampler, shard_indices
 pytestmark = pytest.mark.timeout(120)
 
 
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @asynccontextmanager
 async def cluster(config: ServerConfig, n: int, each: Callable[[int], dict[str, object]] = lambda i: {},
                   **changes: object) -> AsyncIterator[list[PsServer]]:
     """``n`` servers: a cluster (n > 1), or one server alone (n == 1); ``each(i)``: server i's own
     changes to ``config`` (a data directory each, say), on top of ``changes``."""
-    ports = _ports(n)
+    ports = free_ports(n)
     addresses = ",".join(f"127.0.0.1:{p}" for p in ports) if n > 1 else ""
     servers: list[PsServer] = []
     try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from procs import free_port
 from typer.testing import CliRunner, Result
 
 from client.cli import app
@@ -77,10 +77,6 @@ async def ps(addr: str) -> AsyncIterator[PsClient]:
         yield c
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 30.0) -> None:
