@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.config import ServerConfig
 
-__all__ = ["Stubs", "make_spec", "train_all", "with_config"]
+__all__ = ["Stubs", "make_spec", "train_all", "until", "with_config"]
 
 
 def make_spec(
@@ -33,6 +35,15 @@ def make_spec(
         params=[pb.ParamSpec(name=n, shape=s, initializer=init, scale=1.0) for n, s in shapes.items()],
         **kw,
     )
+
+
+async def until(condition: Callable[[], object], seconds: float = 2.0) -> None:
+    """Return once ``condition()`` is true, or after ``seconds`` (the assertion that follows says
+    what did not happen), looking every 20 ms while the event loop serves the server under test."""
+    for _ in range(max(1, round(seconds / 0.02))):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
 
 
 def with_config(config: ServerConfig, **changes: Any) -> ServerConfig:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from support import make_spec
+from support import make_spec, until
 
 from paramserver import errors, tcp_transport
 from paramserver.client import PsClient
@@ -168,23 +168,14 @@ async def test_a_client_gone_while_its_pull_waits_in_a_push_frees_the_stream(tra
     zeros = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
     parked = asyncio.create_task(c.push_pull(run.run_id, a.rank, a.incarnation, 0, zeros, max_wait=30))
     core = server.registry.get(run.run_id)
-    for _ in range(100):
-        if core.counters.pulls_parked:
-            break
-        await asyncio.sleep(0.02)
+    await until(lambda: core.counters.pulls_parked)
     assert core.counters.pulls_parked == 1 and core.counters.pushes_applied == 1
     parked.cancel()
     await c.close()  # the connection closes: the server cancels the waiting pull, as gRPC would
-    for _ in range(100):
-        if core.counters.parked_seconds:
-            break
-        await asyncio.sleep(0.02)
+    await until(lambda: core.counters.parked_seconds)
     assert 0 < core.counters.parked_seconds < 5
     assert server.dataplane.statistics().in_progress == 0
-    for _ in range(100):
-        if plane(server, transport).statistics().open == 0:
-            break
-        await asyncio.sleep(0.02)
+    await until(lambda: plane(server, transport).statistics().open == 0)
     assert plane(server, transport).statistics().open == 0
 
 
@@ -299,10 +290,7 @@ async def test_a_tcp_sender_stalled_in_the_middle_of_a_small_frame_is_dropped(se
         t0 = time.monotonic()
         closed = await asyncio.to_thread(sock.recv, 100)  # the server closes the connection
         assert closed == b"" and time.monotonic() - t0 < 5
-        for _ in range(100):
-            if server.data_plane.statistics().open == 0:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: server.data_plane.statistics().open == 0)
         assert server.data_plane.statistics().open == 0
         sock.close()
     finally:

@@ -15,7 +15,7 @@ import struct
 import grpc
 import numpy as np
 import pytest
-from support import make_spec
+from support import make_spec, until
 
 from paramserver import errors
 from paramserver.client import PsClient
@@ -142,17 +142,11 @@ async def test_a_client_that_goes_away_frees_its_parked_pull(server: PsServer) -
     await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)})
     parked = asyncio.create_task(c.pull(run.run_id, a.rank, a.incarnation, 1, max_wait=30))  # waits for rank 1
     core = server.registry.get(run.run_id)
-    for _ in range(100):
-        if core.counters.pulls_parked:
-            break
-        await asyncio.sleep(0.02)
+    await until(lambda: core.counters.pulls_parked)
     assert core.counters.pulls_parked == 1 and "rank 1" in core.waiting_for()
     parked.cancel()
     await c.close()  # the connection closes: the server cancels the parked pull, as gRPC would
-    for _ in range(100):
-        if core.counters.parked_seconds:
-            break
-        await asyncio.sleep(0.02)
+    await until(lambda: core.counters.parked_seconds)
     assert 0 < core.counters.parked_seconds < 5
     assert server.dataplane.statistics().in_progress == 0
 
@@ -359,10 +353,7 @@ async def test_port_probes_that_close_before_the_hello_leave_no_error(server: Ps
         s.setblocking(False)
         await loop.sock_connect(s, ("127.0.0.1", server.data_plane.port))
         s.close()
-    for _ in range(100):
-        if server.data_plane.statistics().open == 0:
-            break
-        await asyncio.sleep(0.02)
+    await until(lambda: server.data_plane.statistics().open == 0)
     await asyncio.sleep(0.05)
     gc.collect()  # (an exception no one retrieved is logged when its task is collected)
     assert server.data_plane.statistics().open == 0
