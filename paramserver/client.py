@@ -16,11 +16,10 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from functools import lru_cache, partial
+from functools import partial
 from typing import Protocol, TypeVar
 
 import numpy as np
-from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 
 from paramserver.v1 import paramserver_pb2 as pb
@@ -64,14 +63,6 @@ def _since(since: tuple[int, int] | None, into: dict[str, np.ndarray] | None) ->
 def _table_rows(rows: Mapping[str, np.ndarray] | None) -> list[pb.TableRows]:
     return [pb.TableRows(name=name, row_ids=np.ascontiguousarray(ids, wire.I64).tobytes())
             for name, ids in (rows or {}).items()]
-
-
-@lru_cache(maxsize=256)
-def _duration(seconds: float) -> Duration:
-    """A Duration message, cached (a worker sends the same wait with every pull): do not mutate."""
-    d = Duration()
-    d.FromNanoseconds(int(seconds * 1e9))
-    return d
 
 
 def _pulled_final(resp: wire.PushResponse) -> bool:
@@ -202,7 +193,7 @@ class PsClient:
     async def watch_run(self, run_id: str, interval: float = 0.5,
                         idle_timeout: float = 60.0) -> AsyncIterator[pb.WatchRunResponse]:
         """Snapshots until the run finishes; raises errors.WatchIdle if none comes for idle_timeout."""
-        req = pb.WatchRunRequest(run_id=run_id, interval=_duration(interval))
+        req = pb.WatchRunRequest(run_id=run_id, interval=wire.duration(interval))
         call = self._transport.server_stream("RunService", "WatchRun", req, pb.WatchRunResponse)
         try:
             while True:
@@ -223,7 +214,7 @@ class PsClient:
                    capabilities: Sequence[str] = ()) -> pb.JoinResponse:
         """A rank of ``run_id`` (or of any run) that a worker of ``capabilities`` can train
         (``RunSpec.requires``); no assignment when there is none within ``max_wait``."""
-        req = pb.JoinRequest(worker_name=worker_name, run_id=run_id, max_wait=_duration(max_wait),
+        req = pb.JoinRequest(worker_name=worker_name, run_id=run_id, max_wait=wire.duration(max_wait),
                              capabilities=capabilities)
         resp = await self._call("WorkerService", "Join", req, pb.JoinResponse, timeout=max_wait + self.timeout)
         if resp.HasField("assignment"):
@@ -276,7 +267,7 @@ class PsClient:
         then: pb.PullParamsRequest | bytes
         if names or rows:
             then = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock + 1, names=names,
-                                        max_wait=_duration(wait), rows=_table_rows(rows), **_since(since, into))
+                                        max_wait=wire.duration(wait), rows=_table_rows(rows), **_since(since, into))
         else:  # every push of a dense model: the same request but for its clock and version
             then = wire.pull_request_bytes(run_id, rank, incarnation, clock + 1, wait, since if into is not None else None)
         sink = PullSink(into)
@@ -320,7 +311,7 @@ class PsClient:
         """
         wait = self.timeout if max_wait is None else max_wait
         req = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock, names=names,
-                                   max_wait=_duration(wait), rows=_table_rows(rows), **_since(since, into))
+                                   max_wait=wire.duration(wait), rows=_table_rows(rows), **_since(since, into))
         sink = PullSink(into)
         responses = await self._pull.exchange([[req.SerializeToString()]], timeout or (wait + self.timeout),
                                               until_final=True, decode=sink.params_response)

@@ -61,13 +61,16 @@ __all__ = [
     "decode_params_response",
     "decode_push_request",
     "decode_push_response",
+    "duration",
     "encode_chunk",
     "join",
     "params_response_parts",
     "parts_len",
+    "pull_request_bytes",
     "push_request_parts",
     "push_response_parts",
     "varint",
+    "whole_group",
     "with_last",
 ]
 
@@ -535,10 +538,16 @@ def _pull_head(run_id: str, rank: int, incarnation: int) -> bytes:
 
 
 @functools.lru_cache(maxsize=256)
-def _wait_field(seconds: float) -> bytes:
+def duration(seconds: float) -> Duration:
+    """A Duration message, cached (a worker sends the same wait with every pull): do not mutate."""
     d = Duration()
     d.FromNanoseconds(int(seconds * 1e9))
-    wait: bytes = pb.PullParamsRequest(max_wait=d).SerializeToString()
+    return d
+
+
+@functools.lru_cache(maxsize=256)
+def _wait_field(seconds: float) -> bytes:
+    wait: bytes = pb.PullParamsRequest(max_wait=duration(seconds)).SerializeToString()
     return wait
 
 
@@ -840,8 +849,7 @@ class PushLayout:
 
     __slots__ = ("prefixes", "sizes", "names", "head", "who")
 
-    def __init__(self, prefixes: list[bytes], sizes: list[int], names: list[str],
-                 who: tuple[str, int, int] = ("", 0, 0)) -> None:
+    def __init__(self, prefixes: list[bytes], sizes: list[int], names: list[str], who: tuple[str, int, int]) -> None:
         self.prefixes = prefixes
         self.sizes = sizes
         self.names = names
