@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import wire
-from paramserver.v1.shm import MESSAGE_BYTES, available
+from paramserver.v1.shm import IN_PLACE_BYTES, MESSAGE_BYTES, available
 
 from . import errors
 from .security import Security
@@ -239,6 +239,27 @@ class PsClient:
         return await self._call("WorkerService", "Leave", req, pb.LeaveResponse)
 
     # -------------------------------------------------------------------------- data plane
+    def push_buffers(self, run_id: str, rank: int, incarnation: int, clock: int,
+                     like: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """Arrays shaped as ``like`` (a dense model's parameters) to compute the gradient of the
+        push of ``clock`` into: views of the push stream's shared-memory segment, where that push
+        (``push`` or ``push_pull`` with these arrays, these arguments) puts its tensors, so that
+        they are sent without a copy. None where that cannot be: another transport, no segment
+        yet, a call under way, no tensor of ``shm.IN_PLACE_BYTES`` (copying is cheaper). Pushing
+        other arrays is correct too (they are copied). The server's answer is written over them:
+        they hold the gradient until that push is answered or fails, so a push retried after a
+        failure must be given the gradient anew (not these arrays)."""
+        call = self._push.idle_call()
+        if not isinstance(call, ShmCall) or max((a.nbytes for a in like.values()), default=0) < IN_PLACE_BYTES:
+            return None
+        group = wire.whole_group(like, max(self.chunk_bytes, MESSAGE_BYTES))  # as ``_push_requests`` lays it out
+        if group is None:
+            return None
+        views = call.push_buffers(wire.push_request_parts(run_id, rank, incarnation, clock, group, True))
+        if views is None:
+            return None
+        return {name: np.frombuffer(v, np.float32).reshape(a.shape) for (name, a), v in zip(like.items(), views, strict=True)}
+
     async def push(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Grad],
                    loss: float = 0.0, timeout: float | None = None, param_version: int | None = None,
                    ) -> pb.PushGradientResponse:

@@ -30,6 +30,8 @@ log = logging.getLogger("paramserver")
 _FIRST = 4 << 20
 _SHARED_FRAME = tcp.FRAME.size + shm.REGION.size
 _MAX_REGION = 4 << 30
+_TAIL_SLACK = 4096
+"""Bytes a push may have beyond the parts ``push_buffers`` was given (final, loss, then_pull...)."""
 
 
 class ShmCall(TcpCall):
@@ -99,14 +101,8 @@ class ShmCall(TcpCall):
         carries the model it pushed a gradient of; room never written costs no memory), or if the
         last two answers did not."""
         self._reading = False
-        want = self._want
-        for need in (first, self._written):  # this request; the last turn's requests together
-            if need > want:
-                want = shm.round_up(need + need // 4)
-        self._over = self._over + 1 if self._answered > want else 0
-        if self._over >= 2:  # twice in a row: this stream carries answers that large
-            want = max(want, shm.round_up(self._answered + self._answered // 4))
-        self._want, self._written, self._answered = min(_MAX_REGION, want), 0, 0
+        self._want, self._over = self._next_turn(first)
+        self._written, self._answered = 0, 0
         seg = self._segment
         if self._inline or (seg is not None and seg.region.nbytes >= self._want):
             return
@@ -130,6 +126,41 @@ class ShmCall(TcpCall):
         if seg is not None:
             seg.close()
         self._segment = new
+
+    def _next_turn(self, first: int) -> tuple[int, int]:
+        """The size of segment a turn starting with a request of ``first`` bytes wants, and the
+        count of answers in a row that did not fit (``_start_turn``)."""
+        want = self._want
+        for need in (first, self._written):  # this request; the last turn's requests together
+            if need > want:
+                want = shm.round_up(need + need // 4)
+        over = self._over + 1 if self._answered > want else 0
+        if over >= 2:  # twice in a row: this stream carries answers that large
+            want = max(want, shm.round_up(self._answered + self._answered // 4))
+        return min(_MAX_REGION, want), over
+
+    def push_buffers(self, parts: Sequence[wire.Part]) -> list[memoryview] | None:
+        """Where the data parts (the memoryviews) of the request ``parts`` will be in the segment
+        if it is the next turn's first request, as views to write them into (``shm.put`` then
+        leaves them as they are); None when the stream is inside a turn, has no segment yet or
+        would replace it for that request, or the data would not start at multiples of 16 (a
+        small message's encoding does not align them). The request sent may be up to
+        ``_TAIL_SLACK`` bytes longer than ``parts`` (its tail: final, loss, then_pull)."""
+        seg = self._segment
+        n = wire.parts_len(parts) + _TAIL_SLACK
+        if seg is None or self._inline or not self._reading or n > seg.region.nbytes or \
+                self._next_turn(n)[0] > seg.region.nbytes:
+            return None
+        out, i = [], 0
+        for p in parts:
+            if isinstance(p, memoryview):
+                if i % 16:
+                    return None
+                out.append(seg.region[i : i + p.nbytes])
+                i += p.nbytes
+            else:
+                i += len(p)
+        return out
 
     async def write(self, parts: Sequence[wire.Part]) -> None:
         await self._flush()

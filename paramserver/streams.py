@@ -157,6 +157,13 @@ class Stream:
                 self.close()
                 raise
 
+    def idle_call(self) -> Call | None:
+        """The open call the next operation will use, when none is under way now (None: no
+        call open, one in progress, or the next operation opens another)."""
+        if self._call is None or self._lock.locked() or self._key != self._wanted():
+            return None
+        return self._call
+
     def close(self) -> None:
         if self._call is not None:
             self._call.cancel()

@@ -283,16 +283,18 @@ class _Trainer:
         if self.a.rank == 0 and eval_every and c % eval_every == 0 and c:
             self.evaluate(params, c)
             await self.report()  # show it now, not after the next (maybe long) wait
+        pull_next = c + 1 < self.spec.iterations and not self.cache_valid(guaranteed, c + 1)
+        out = None
         if self._ahead is not None:  # computed while the last push was in flight, on older parameters
             (loss, grads, samples, t_compute), version = self._ahead
             self._ahead = None
         else:
-            (loss, grads, samples, t_compute), version = self.gradient(params, c), self._version
+            out = self._push_buffers(params, c) if pull_next else None
+            (loss, grads, samples, t_compute), version = self.gradient(params, c, out), self._version
         self.check_loss(loss, c)
         t_push = time.perf_counter()
-        pull_next = c + 1 < self.spec.iterations and not self.cache_valid(guaranteed, c + 1)
         push = self._push_op(c, self.codec.encode(grads) if self.codec else grads, loss, params if pull_next else None,
-                             version)
+                             version, again=None if out is None else lambda: self.gradient(params, c)[1])
         if self.config.overlap and c + 1 < self.spec.iterations and (s < 0 or self.cache_valid(guaranteed, c + 1)):
             resp, pulled, comm_ahead = await self._overlapped(push, params, grads, c, guaranteed)
             comm += comm_ahead
@@ -310,20 +312,42 @@ class _Trainer:
         await self.advance(resp, c, loss, samples, t0, t_compute, comm, parked)
         return guaranteed
 
-    def gradient(self, params: dict[str, np.ndarray], c: int) -> tuple[float, dict[str, np.ndarray], int, float]:
-        """The loss and gradient of iteration ``c``'s minibatch at ``params``, its size, the seconds it took."""
+    def gradient(self, params: dict[str, np.ndarray], c: int,
+                 out: dict[str, np.ndarray] | None = None) -> tuple[float, dict[str, np.ndarray], int, float]:
+        """The loss and gradient of iteration ``c``'s minibatch at ``params`` (written into
+        ``out``'s arrays when the model can), its size, the seconds it took."""
         batch = self.sampler.batch(c)
         t = time.perf_counter()
-        loss, grads = self.model.loss_and_grad(params, self.X[batch], self.y[batch])
+        loss, grads = self.model.loss_and_grad(params, self.X[batch], self.y[batch], out)
+        if out is not None and grads.keys() == out.keys():
+            grads = {name: grads[name] for name in out}  # laid out as ``out``: sent from where they are
         return loss, grads, len(batch), time.perf_counter() - t
 
+    def _push_buffers(self, params: dict[str, np.ndarray], c: int) -> dict[str, np.ndarray] | None:
+        """Where to compute the gradient of ``c``, whose push carries the next pull: in the push
+        stream's shared memory, when it can be sent from there without a copy
+        (``PsClient.push_buffers``: a large model on the shared-memory data plane); None: in new
+        arrays. Not when the push is encoded first (compression) or the gradient is still needed
+        while the push is in flight (``--overlap``)."""
+        if self.codec is not None or self.config.overlap or not isinstance(self.plane, PsClient) or not params:
+            return None
+        return self.plane.push_buffers(self.a.run_id, self.a.rank, self.a.incarnation, c, params)
+
     def _push_op(self, c: int, grads: Mapping[str, Grad], loss: float, into: dict[str, np.ndarray] | None,
-                 version: int | None) -> Callable[[], Awaitable[tuple[pb.PushGradientResponse, PullResult | None]]]:
+                 version: int | None, again: Callable[[], Mapping[str, Grad]] | None = None,
+                 ) -> Callable[[], Awaitable[tuple[pb.PushGradientResponse, PullResult | None]]]:
         """The push of iteration ``c`` (its gradient computed on ``version``); with ``into``,
-        together with the pull of ``c + 1`` into it."""
+        together with the pull of ``c + 1`` into it. ``again``: the gradient, computed anew for a
+        retry (``grads`` are in the push stream's shared memory, which the server's answer to a
+        try that failed may have overwritten)."""
         a, wait, since = self.a, self.config.timeout_seconds * 4, self._since
+        tried = False
 
         async def op() -> tuple[pb.PushGradientResponse, PullResult | None]:
+            nonlocal grads, again, tried
+            if tried and again is not None:
+                grads, again = again(), None
+            tried = True
             if into is None:
                 return await self.plane.push(a.run_id, a.rank, a.incarnation, c, grads, loss, param_version=version), None
             return await self.plane.push_pull(a.run_id, a.rank, a.incarnation, c, grads, loss, into=into,

@@ -148,6 +148,54 @@ async def test_bsp_keeps_a_held_gradient_when_the_client_writes_its_region_again
         assert c0.route.opened["shm"] == 1
 
 
+def _inside(views: dict[str, np.ndarray], c: PsClient) -> bool:
+    """Whether every array of ``views`` lies in ``c``'s push stream's segment."""
+    call = c._push.idle_call()
+    assert isinstance(call, ShmCall) and call._segment is not None
+    region = call._segment.region
+    lo = shm.address(region)
+    return all(lo <= shm.address(v.data.cast("B")) and shm.address(v.data.cast("B")) + v.nbytes <= lo + region.nbytes
+               for v in views.values())
+
+
+async def test_a_gradient_computed_into_the_segment_is_pushed_as_written(server: PsServer) -> None:
+    """``PsClient.push_buffers``: once the push stream has a segment, arrays in it where the push of
+    a clock puts its tensors; a gradient written into them is pushed as written (``shm.put``
+    leaves them in place), the answer comes over them, and the next clock's buffers are there again.
+    Pushed in another order they are still correct (read before written over); None where they
+    cannot be: before the stream's first push, a small model, another transport."""
+    shapes = {"a": (300, 200), "b": (50,), "c": (200, 100)}  # a and c: more than shm.IN_PLACE_BYTES
+    spec = make_spec(shapes=shapes, num_workers=2, staleness=-1, lr=1.0, init=pb.INITIALIZER_ZEROS)
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c, \
+            PsClient(f"127.0.0.1:{server.port}", timeout=10, shm=False) as tcp_client:
+        run = await c.create_run(spec)
+        a = (await c.join("w", run.run_id)).assignment
+        t = (await tcp_client.join("t", run.run_id, max_wait=0)).assignment
+        params = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+        assert c.push_buffers(run.run_id, a.rank, a.incarnation, 0, params) is None  # no segment yet
+        first = {n: np.full(s, 1.0, np.float32) for n, s in shapes.items()}
+        await c.push_pull(run.run_id, a.rank, a.incarnation, 0, first, into=params)
+        expected = {n: -v for n, v in first.items()}
+        rng = np.random.default_rng(0)
+        for clock, order in ((1, "abc"), (2, "cba")):
+            bufs = c.push_buffers(run.run_id, a.rank, a.incarnation, clock, params)
+            assert bufs is not None and list(bufs) == list(shapes) and _inside(bufs, c)
+            grads = {}
+            for n in order:
+                bufs[n][...] = rng.standard_normal(shapes[n], dtype=np.float32)
+                expected[n] = expected[n] - bufs[n]
+                grads[n] = bufs[n]
+            _, pulled = await c.push_pull(run.run_id, a.rank, a.incarnation, clock, grads, into=params)
+            for n in shapes:
+                np.testing.assert_array_equal(params[n], expected[n])
+        small = {"b": params["b"]}
+        assert c.push_buffers(run.run_id, a.rank, a.incarnation, 3, small) is None  # copying is cheaper
+        zeros = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+        await tcp_client.push(run.run_id, t.rank, t.incarnation, 0, zeros)
+        assert tcp_client.route.transport == "tcp" and tcp_client.push_buffers(run.run_id, t.rank, t.incarnation, 1, zeros) is None
+        assert c.route.opened["shm"] == 1
+
+
 def _connect(server: PsServer, method: int = tcp.METHOD_PUSH) -> socket.socket:
     assert server.shm_plane is not None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

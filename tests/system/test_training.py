@@ -49,9 +49,11 @@ async def test_linear_regression_recovers_true_weights() -> None:
     np.testing.assert_allclose(params["linear.bias"], b_true, atol=0.02)
 
 
-async def test_bsp_equals_single_process_reference() -> None:
-    """s = 0 with SGD: the same combined gradients in the same order give the same parameters."""
-    opts = LaunchOptions(model="mlp:16", dataset="digits", workers=3, staleness=0, lr=0.1, iterations=25,
+@pytest.mark.parametrize("model", ["mlp:16", "mlp:512"])
+async def test_bsp_equals_single_process_reference(model: str) -> None:
+    """s = 0 with SGD: the same combined gradients in the same order give the same parameters.
+    mlp:512's first layer (128 KiB) is computed in the push stream's shared memory (``PsClient.push_buffers``)."""
+    opts = LaunchOptions(model=model, dataset="digits", workers=3, staleness=0, lr=0.1, iterations=25,
                          batch_size=16, seed=5)
     spec = build_run_spec(opts)
     with ps_server("--port", "0") as (_, addr):

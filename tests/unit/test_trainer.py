@@ -67,9 +67,10 @@ def _record_gradients(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, i
     seen: list[tuple[int, int, int]] = []
     gradient = trainer_module._Trainer.gradient
 
-    def recorded(self: trainer_module._Trainer, params: dict[str, np.ndarray], c: int) -> object:
+    def recorded(self: trainer_module._Trainer, params: dict[str, np.ndarray], c: int,
+                 out: dict[str, np.ndarray] | None = None) -> object:
         seen.append((self.a.rank, c, self.clock))
-        return gradient(self, params, c)
+        return gradient(self, params, c, out)
 
     monkeypatch.setattr(trainer_module._Trainer, "gradient", recorded)
     return seen
@@ -164,6 +165,52 @@ async def test_transient_failures_are_retried_and_applied_once(compress: str, mo
     assert core.counters.pushes_applied == 20 and core.counters.updates_applied == 20
     assert core.counters.pushes_duplicate == 2  # the retries of the two pushes whose answer was lost
     assert resets == ([] if compress == "none" else [0])
+
+
+async def test_a_gradient_computed_in_the_push_stream_s_memory_is_computed_again_for_a_retry(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gradient written into the push stream's shared memory (``PsClient.push_buffers``) is gone
+    once the server answers over it: a push retried after a failure sends it computed anew. Here
+    the memory is scribbled over as the first try of push 3 fails, before reaching the server: the
+    run ends with the parameters of a run without failures, bit for bit."""
+    given: list[dict[str, np.ndarray]] = []
+    tries: list[int] = []
+
+    def push_buffers(self: PsClient, run_id: str, rank: int, incarnation: int, clock: int,
+                     like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        given.append({n: np.empty_like(a) for n, a in like.items()})  # (the stream's segment)
+        return given[-1]
+
+    push_pull = PsClient.push_pull
+
+    async def flaky(self: PsClient, run_id: str, rank: int, incarnation: int, clock: int,
+                    grads: dict[str, np.ndarray], *args: object, **kw: object) -> object:
+        tries.append(clock)
+        if clock == 3 and tries.count(3) == 1:
+            assert all(grads[n] is g for n, g in given[-1].items())  # the push sends them from where they are
+            for g in given[-1].values():
+                g.fill(np.nan)  # the server's answer over them
+            raise errors.Unavailable(errors.Code.UNAVAILABLE, "connection reset (injected)")
+        return await push_pull(self, run_id, rank, incarnation, clock, grads, *args, **kw)  # type: ignore[arg-type]
+
+    async def final_parameters() -> dict[str, np.ndarray]:
+        async with InMemoryServer() as server:
+            async with server.client() as admin:
+                run = await admin.create_run(_spec(-1, workers=1, iterations=8))
+                client = server.client()
+                joined = await client.join("w0", run.run_id, max_wait=0, capabilities=CAPABILITIES)
+                outcome = await train(client, joined.assignment, CONFIG)
+                await client.close()
+                assert outcome.completed
+                return (await admin.pull(run.run_id)).tensors
+
+    plain = await final_parameters()
+    monkeypatch.setattr(PsClient, "push_buffers", push_buffers)
+    monkeypatch.setattr(PsClient, "push_pull", flaky)
+    retried = await final_parameters()
+    assert tries == [0, 1, 2, 3, 3, 4, 5, 6] and len(given) == 7  # the last push pulls nothing
+    for name, value in plain.items():
+        np.testing.assert_array_equal(retried[name], value)
 
 
 @pytest.mark.parametrize("compress", ["none", "topk:0.05,fp16"])

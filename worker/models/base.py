@@ -158,9 +158,12 @@ class Model(ABC):
     # returns for the others (a SparseBatch for the CTR models), hence ``Any``.
     @abstractmethod
     def loss_and_grad(
-        self, params: Mapping[str, FloatArray], X: Any, y: npt.NDArray[Any]
+        self, params: Mapping[str, FloatArray], X: Any, y: npt.NDArray[Any],
+        out: Mapping[str, FloatArray] | None = None,
     ) -> tuple[float, dict[str, FloatArray]]:
-        """Mean loss over the batch and its gradient per parameter (fresh arrays)."""
+        """Mean loss over the batch and its gradient per parameter: fresh arrays, or the arrays
+        of ``out`` (shaped as ``params``) the gradient was written into (a model may write some
+        or none of them: the caller takes what is returned)."""
 
     @abstractmethod
     def evaluate(self, params: Mapping[str, FloatArray], X: Any, y: npt.NDArray[Any]) -> EvalResult:

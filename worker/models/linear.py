@@ -52,13 +52,14 @@ class LinearRegression(Model):
         return Xc, r
 
     def loss_and_grad(
-        self, params: Mapping[str, FloatArray], X: npt.NDArray[Any], y: npt.NDArray[Any]
+        self, params: Mapping[str, FloatArray], X: npt.NDArray[Any], y: npt.NDArray[Any],
+        out: Mapping[str, FloatArray] | None = None,
     ) -> tuple[float, dict[str, FloatArray]]:
         Xc, r = self._residual(params, X, y)
         B = Xc.shape[0]
         loss = 0.5 * float(np.einsum("ij,ij->", r, r, dtype=np.float64)) / B
         r *= r.dtype.type(1.0 / B)
-        return loss, {"linear.bias": r.sum(axis=0), "linear.weight": Xc.T @ r}
+        return loss, _bias_and_weight("linear", Xc, r, out)
 
     def evaluate(self, params: Mapping[str, FloatArray], X: npt.NDArray[Any], y: npt.NDArray[Any]) -> EvalResult:
         Xc, r = self._residual(params, X, y)
@@ -96,11 +97,12 @@ class SoftmaxRegression(Model):
         return Xc, logits, labels
 
     def loss_and_grad(
-        self, params: Mapping[str, FloatArray], X: npt.NDArray[Any], y: npt.NDArray[Any]
+        self, params: Mapping[str, FloatArray], X: npt.NDArray[Any], y: npt.NDArray[Any],
+        out: Mapping[str, FloatArray] | None = None,
     ) -> tuple[float, dict[str, FloatArray]]:
         Xc, logits, labels = self._logits(params, X, y)
         loss, d = _softmax_xent(logits, labels, want_grad=True)
-        return loss, {"softmax.bias": d.sum(axis=0), "softmax.weight": Xc.T @ d}
+        return loss, _bias_and_weight("softmax", Xc, d, out)
 
     def evaluate(self, params: Mapping[str, FloatArray], X: npt.NDArray[Any], y: npt.NDArray[Any]) -> EvalResult:
         _, logits, labels = self._logits(params, X, y)
@@ -109,3 +111,8 @@ class SoftmaxRegression(Model):
         return EvalResult(loss, acc)
 
 
+def _bias_and_weight(layer: str, X: FloatArray, d: FloatArray, out: Mapping[str, FloatArray] | None) -> dict[str, FloatArray]:
+    """The gradient of ``X @ W + b`` given ``d`` = ∂L/∂output: ``Σ_rows d`` and ``Xᵀ d`` (into ``out``'s arrays)."""
+    bias, weight = f"{layer}.bias", f"{layer}.weight"
+    return {bias: np.sum(d, axis=0, out=out[bias] if out else None),
+            weight: np.matmul(X.T, d, out=out[weight] if out else None)}

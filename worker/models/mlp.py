@@ -117,14 +117,16 @@ class MLP(Model):
         return grad_a
 
     def loss_and_grad(
-        self, params: Mapping[str, FloatArray], X: npt.NDArray[Any], y: npt.NDArray[Any]
+        self, params: Mapping[str, FloatArray], X: npt.NDArray[Any], y: npt.NDArray[Any],
+        out: Mapping[str, FloatArray] | None = None,
     ) -> tuple[float, dict[str, FloatArray]]:
         Ws, acts, logits, labels = self._forward(params, X, y)
         loss, delta = _softmax_xent(logits, labels, want_grad=True)
         grads: dict[str, FloatArray] = {}
         for i in range(len(Ws) - 1, -1, -1):
-            grads[f"layer{i}.weight"] = acts[i].T @ delta
-            grads[f"layer{i}.bias"] = delta.sum(axis=0)
+            w, b = f"layer{i}.weight", f"layer{i}.bias"
+            grads[w] = np.matmul(acts[i].T, delta, out=out[w] if out else None)
+            grads[b] = np.sum(delta, axis=0, out=out[b] if out else None)
             if i > 0:  # no gradient is needed for the input X
                 delta = self._times_derivative(delta @ Ws[i].T, acts[i])
         return loss, grads

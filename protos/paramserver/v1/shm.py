@@ -33,6 +33,11 @@ The protocol (Linux; integers little-endian), a variant of ``paramserver.v1.tcp`
   stream. A message that does not fit the rest of the region goes inline as a MESSAGE frame; the
   client then sends a larger SEGMENT. A SHARED message may be larger than the server's message
   limit (nothing is allocated for it).
+* A client may compute a request's tensor data straight into the region, where the request's
+  encoding will put them (the Python worker writes a large gradient there: no copy; ``put`` leaves
+  bytes already in place as they are). Nothing in the protocol changes: the bytes are the same.
+  The server's answer goes over them, so a client that retries a push after a failed exchange
+  must not send them from the region again (the Python worker computes the gradient again).
 * Nothing has a name in the file system: a segment is freed by the kernel when the last process
   holding it exits, however it exits (``kill -9`` included), so none can be left behind.
 
@@ -50,9 +55,11 @@ import os
 import struct
 from collections.abc import Sequence
 
+import numpy as np
+
 from .tcp import FRAME
 
-__all__ = ["MESSAGE_BYTES", "REGION", "align", "put", "SEGMENT", "SHARED", "Segment", "available", "create_segment", "map_segment", "name_for"]
+__all__ = ["IN_PLACE_BYTES", "MESSAGE_BYTES", "REGION", "address", "align", "put", "SEGMENT", "SHARED", "Segment", "available", "create_segment", "map_segment", "name_for"]
 
 SEGMENT = 3
 SHARED = 4
@@ -85,13 +92,36 @@ def align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+IN_PLACE_BYTES = 1 << 16
+"""A message with a part this large is looked for in the region (``put``); others are copied."""
+
+
+def address(buf: bytes | memoryview) -> int:
+    """Where the bytes of ``buf`` are in this process's memory."""
+    return int(np.frombuffer(buf, np.uint8).__array_interface__["data"][0])
+
+
 def put(region: memoryview, at: int, parts: Sequence[bytes | memoryview], n: int) -> bytes:
     """Copy a message's ``parts`` (``n`` bytes) into ``region`` at ``at``, in one go (no await
-    between them: the bytes of one moment), and return the SHARED frame that points at it."""
+    between them: the bytes of one moment), and return the SHARED frame that points at it. In a
+    message with a part of ``IN_PLACE_BYTES`` or more, a part already where it goes (a gradient
+    computed into the region) is left as it is, and one elsewhere in the region is read before
+    anything is written."""
+    views = [memoryview(p).cast("B") for p in parts]
+    kept = [False] * len(views)
+    if any(v.nbytes >= IN_PLACE_BYTES for v in views):
+        base, i = address(region), at
+        for k, v in enumerate(views):
+            where = address(v) - base
+            if where == i:
+                kept[k] = True
+            elif -v.nbytes < where < region.nbytes:  # elsewhere in the region: read before written over
+                views[k] = memoryview(bytes(v))
+            i += v.nbytes
     i = at
-    for p in parts:
-        v = memoryview(p).cast("B")
-        region[i : i + v.nbytes] = v
+    for v, keep in zip(views, kept, strict=True):
+        if not keep:
+            region[i : i + v.nbytes] = v
         i += v.nbytes
     return FRAME.pack(SHARED, 0, 0, 0, REGION.size) + REGION.pack(at, n)
 
