@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar, cast
 
 import numpy as np
@@ -56,7 +57,8 @@ class Caller:
     """Seconds left before the call's deadline, None when the transport has none."""
     borrowed: bool = False
     """A request's bytes are the client's, valid only until the stream's next response (the
-    shared-memory plane): what is kept longer (a BSP clock's held gradients) is copied."""
+    shared-memory plane): what is kept longer (a BSP clock's held gradients) is copied before
+    then (``DataPlane._apply``)."""
     chunk_bytes: int = 0
     """Payload bytes per response message on this transport; 0: the server's ``--chunk-bytes``."""
 
@@ -112,18 +114,26 @@ _Ack = tuple[int, bool, int, int, int | None]
 class Later:
     """A push applied whose then_pull must wait (``DataPlane.push_now``): iterate it for the responses."""
 
-    def __init__(self, dataplane: DataPlane, ack: _Ack, then_pull: pb.PullParamsRequest, caller: Caller) -> None:
-        self._args = dataplane, ack, then_pull, caller
+    def __init__(self, dataplane: DataPlane, ack: _Ack, then_pull: pb.PullParamsRequest, caller: Caller,
+                 keep: Callable[[], None]) -> None:
+        self._args = dataplane, ack, then_pull, caller, keep
 
     async def __aiter__(self) -> AsyncIterator[list[wire.Part]]:
-        dataplane, ack, then_pull, caller = self._args
+        dataplane, ack, then_pull, caller, keep = self._args
         dataplane._begin()
         try:
-            read = await dataplane.pull(then_pull, caller)
+            try:
+                read = await dataplane.pull(then_pull, caller)
+            finally:
+                keep()
             for parts in dataplane._answer(ack, read, caller):
                 yield parts
         finally:
             dataplane._end()
+
+
+def _nothing() -> None:
+    pass
 
 
 def _key(key: tuple[str, int, int, int]) -> str:
@@ -203,14 +213,17 @@ class DataPlane:
                 self._begin()
                 try:
                     push = await self._receive(raw, requests, holder)
-                    ack, then_pull = self._apply(push, caller)
+                    ack, then_pull, keep = self._apply(push, caller)
                     # Drop the push's messages now (its gradient and requests hold views of them), not
                     # when the next push on this stream replaces them: idle streams would hold them.
                     del push, raw
                     if then_pull is None:
                         yield wire.push_response_parts(*ack[:4], staleness=ack[4])
                         continue
-                    read = await self.pull(then_pull, caller)  # one round trip per iteration
+                    try:
+                        read = await self.pull(then_pull, caller)  # one round trip per iteration
+                    finally:
+                        keep()
                     for parts in self._answer(ack, read, caller):
                         yield parts
                 finally:
@@ -241,15 +254,20 @@ class DataPlane:
                 return None
             run, assembler = self._first(req)
             push = _Push(run, req, assembler.finish(), assembler.nbytes, req.then_pull, req.param_version)
-        ack, then_pull = self._apply(push, caller)
+        ack, then_pull, keep = self._apply(push, caller)
         if decoded and memo is not None and not ack[1]:
             memo.learn(raw, push)
         del push, raw
         if then_pull is None:
             return [wire.push_response_parts(*ack[:4], staleness=ack[4])]
-        read = self._pull_now(then_pull)
+        try:
+            read = self._pull_now(then_pull)
+        except BaseException:
+            keep()
+            raise
         if read is None:
-            return Later(self, ack, then_pull, caller)
+            return Later(self, ack, then_pull, caller, keep)
+        keep()
         return list(self._answer(ack, read, caller))
 
     def _laid_out(self, raw: bytes | memoryview, memo: PushMemo) -> _Push | None:
@@ -270,18 +288,27 @@ class DataPlane:
             views[name].reshape(-1)[:] = np.frombuffer(raw, wire.F32, size >> 2, start)
         return _Push(run, req, cast("dict[str, Gradient]", views), memo.nbytes, req.then_pull, req.param_version, flat)
 
-    def _apply(self, push: _Push, caller: Caller) -> tuple[_Ack, pb.PullParamsRequest | None]:
-        """Give a received push to its run: its acknowledgement (the response's fields) and its then_pull."""
+    def _apply(self, push: _Push, caller: Caller) -> tuple[_Ack, pb.PullParamsRequest | None, Callable[[], None]]:
+        """Give a received push to its run: its acknowledgement (the response's fields), its
+        then_pull, and what to call before any response to it but its acknowledgement alone.
+
+        A BSP run holds a gradient until its clock is complete. Borrowed bytes (``Caller``) are
+        held as they are when the push has a then_pull: its answer waits for that clock (which
+        combines them), and only a failure answers first: then they are copied (``Run.keep_held``).
+        Without a then_pull the acknowledgement goes at once: copied now."""
         req = push.request
-        grads = owned(push.grads) if caller.borrowed and push.run.spec.staleness == 0 else push.grads
+        grads, borrowed = push.grads, caller.borrowed and push.run.spec.staleness == 0
+        if borrowed and push.then_pull is None:
+            grads, borrowed = owned(grads), False
         try:
             result = push.run.push(req.rank, req.incarnation, req.clock, grads, push.nbytes,
-                                   req.loss, caller.transport, push.param_version, push.flat)
+                                   req.loss, caller.transport, push.param_version, push.flat, borrowed)
         except PsError as exc:
             log.info("push rejected: %s", exc, extra={"run": req.run_id, "rank": req.rank, "clock": req.clock})
             raise
+        keep = partial(push.run.keep_held, req.rank) if borrowed else _nothing
         return (result.clock, result.duplicate, result.min_clock, run_state_to_proto(result.run_state),
-                result.staleness), push.then_pull
+                result.staleness), push.then_pull, keep
 
     def _answer(self, ack: _Ack, read: ParamsRead, caller: Caller) -> Iterator[list[wire.Part]]:
         """A push's responses that carry its then_pull's ``read`` (the bound as the read tells it)."""

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 
 from .spec import Aggregation
-from .tensors import BLOCK, Gradient, Rows, blocks
+from .tensors import BLOCK, Gradient, Rows, blocks, owned
 
 __all__ = ["BspBuffer"]
 
@@ -26,23 +26,40 @@ class BspBuffer:
         """clock -> rank -> the gradient that rank pushed for it."""
         self.applied_clock = 0
         """Clocks combined and applied so far: the parameters hold every update below it."""
+        self.borrowed: set[tuple[int, int]] = set()
+        """(clock, rank) of held gradients that are views of a message its sender may write over
+        after the server's next message to it (``keep``)."""
 
-    def hold(self, clock: int, rank: int, grads: Mapping[str, Gradient]) -> None:
+    def hold(self, clock: int, rank: int, grads: Mapping[str, Gradient], borrowed: bool = False) -> None:
         self.pending.setdefault(clock, {})[rank] = grads
+        if borrowed:
+            self.borrowed.add((clock, rank))
+
+    def keep(self, rank: int) -> None:
+        """Copy the held gradients of ``rank`` that are still borrowed (before the server's next
+        message to it: an answer that had to wait for their clock finds them combined already)."""
+        for clock, r in [k for k in self.borrowed if k[1] == rank]:
+            self.borrowed.discard((clock, r))
+            grads = self.pending.get(clock, {}).get(r)
+            if grads is not None:
+                self.pending[clock][r] = owned(dict(grads))
 
     def drop(self, rank: int) -> None:
         """An evicted rank's held gradients are dropped (its clocks are complete without it)."""
         for by_rank in self.pending.values():
             by_rank.pop(rank, None)
+        self.borrowed = {k for k in self.borrowed if k[1] != rank}
 
     def clear(self) -> None:
         self.pending.clear()
+        self.borrowed.clear()
 
     def complete(self, min_clock: int) -> Iterator[dict[int, Mapping[str, Gradient]]]:
         """The gradients of each clock below ``min_clock`` not applied yet, in clock order (a clock
         nobody's gradient is held for is skipped). Each is counted applied as it is taken."""
         while self.applied_clock < min_clock:
             by_rank = self.pending.pop(self.applied_clock, {})
+            self.borrowed = {k for k in self.borrowed if k[0] != self.applied_clock}
             self.applied_clock += 1
             if by_rank:
                 yield by_rank

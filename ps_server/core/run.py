@@ -136,10 +136,12 @@ class Run:
 
     def push(self, rank: int, incarnation: int, clock: int, grads: dict[str, Gradient], nbytes: int,
              loss: float = float("nan"), data_plane: str = "", param_version: int | None = None,
-             flat: np.ndarray | None = None) -> PushResult:
+             flat: np.ndarray | None = None, borrowed: bool = False) -> PushResult:
         """Accept a rank's gradient of iteration ``clock``: apply (s > 0) or hold (s = 0).
         ``param_version``: the version its gradient was computed on (``RunSpec.staleness_aware_lr``).
-        ``flat``: the gradient is already in ``store.flat_gradient``'s buffer (``grads`` are its views)."""
+        ``flat``: the gradient is already in ``store.flat_gradient``'s buffer (``grads`` are its views).
+        ``borrowed``: ``grads`` are views of a message its sender may reuse after the server's next
+        message to it: held as they are, and copied by ``keep_held`` before that message."""
         try:
             if self.held:
                 raise ShardUnavailable(self.held)
@@ -159,7 +161,7 @@ class Run:
             raise
         self.history.record("push", rank, clock, self.min_clock)
         if self.spec.staleness == 0:
-            self.bsp.hold(clock, rank, grads)
+            self.bsp.hold(clock, rank, grads, borrowed)
         else:
             self._step(grads, flat, self._lr_scale(param_version))
         self.clock.advance(slot, clock)
@@ -171,6 +173,10 @@ class Run:
             self.history.event("finished", rank, f"rank {rank} completed its {self.spec.iterations} iterations")
         self._after_clock_change(clocks_only=True)
         return PushResult(slot.clock, False, self.min_clock, self.state, self._tell(slot))
+
+    def keep_held(self, rank: int) -> None:
+        """Copy what the rank's held gradients still borrow (``push``'s ``borrowed``)."""
+        self.bsp.keep(rank)
 
     async def wait_pull(self, rank: int, incarnation: int, clock: int, timeout: float, names: list[str] | None = None,
                         rows: Mapping[str, np.ndarray] | None = None) -> None:

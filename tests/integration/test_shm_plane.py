@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from support import make_spec
 
+from paramserver import errors
 from paramserver.client import PsClient
 from paramserver.shm_transport import ShmCall
 from paramserver.v1 import paramserver_pb2 as pb
@@ -146,6 +147,38 @@ async def test_bsp_keeps_a_held_gradient_when_the_client_writes_its_region_again
         pulled = await c1.pull(run.run_id, a1.rank, a1.incarnation, 1)
         np.testing.assert_array_equal(pulled.tensors["w"], -2 * ones)  # the mean of 1 and 3, not of 1000
         assert c0.route.opened["shm"] == 1
+
+
+async def test_bsp_holds_a_gradient_whose_pull_waits_in_place_and_copies_it_when_the_pull_fails(
+        server: PsServer) -> None:
+    """A push with a then_pull at s = 0 is held as it is in the segment (its answer waits for the
+    clock, which combines it before anything is sent); when the pull fails instead (here: its wait
+    runs out), the gradient is copied before the status goes out: the client may write the segment
+    again from then on, and the clock still combines what was pushed."""
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c0, \
+            PsClient(f"127.0.0.1:{server.port}", timeout=10) as c1:
+        run = await c0.create_run(make_spec(shapes={"w": (300, 300)}, num_workers=2, staleness=0, lr=1.0,
+                                            init=pb.INITIALIZER_ZEROS))
+        a0 = (await c0.join("a", run.run_id)).assignment
+        a1 = (await c1.join("b", run.run_id)).assignment
+        ones = np.ones((300, 300), np.float32)
+        await c0.pull(run.run_id, a0.rank, a0.incarnation, 0)  # (opens the streams)
+        await c0.push(run.run_id, a0.rank, a0.incarnation, 0, {"w": ones})  # the push stream's segment
+        core = server.registry.get(run.run_id)
+        call = c0._push.idle_call()
+        assert isinstance(call, ShmCall) and call._segment is not None
+        memory = np.frombuffer(call._segment.region[0:], np.uint8)  # (a view of a slice: keeps it mapped after the stream ends)
+        for clock in (0, 1):
+            await c1.push(run.run_id, a1.rank, a1.incarnation, clock, {"w": 3 * ones})
+        await c0.push_pull(run.run_id, a0.rank, a0.incarnation, 1, {"w": 5 * ones}, into={})  # completes clock 1
+        assert core.bsp.applied_clock == 2 and not core.bsp.borrowed
+        with pytest.raises(errors.DeadlineExceeded):  # clock 2 waits for rank 1, longer than the pull may
+            await c0.push_pull(run.run_id, a0.rank, a0.incarnation, 2, {"w": 7 * ones}, max_wait=0.2)
+        assert core.bsp.pending[2][0]["w"].flags.owndata and not core.bsp.borrowed  # copied
+        memory[:] = 0xFF  # the client writes its segment again (NaN everywhere)
+        await c1.push(run.run_id, a1.rank, a1.incarnation, 2, {"w": ones})
+        final = await c1.pull(run.run_id, a1.rank, a1.incarnation, 3)
+        np.testing.assert_array_equal(final.tensors["w"], -(2 + 4 + 4) * ones)  # means: (1+3)/2, (5+3)/2, (7+1)/2
 
 
 def _inside(views: dict[str, np.ndarray], c: PsClient) -> bool:

@@ -27,7 +27,8 @@ The protocol (Linux; integers little-endian), a variant of ``paramserver.v1.tcp`
 * Turns: the client writes the requests of its turn at increasing, non-overlapping offsets of
   the region from 0; the server, when it answers, writes the responses of its turn the same way
   from 0 again, over the requests: it no longer needs them then (it has applied the push, and
-  copied what it keeps longer: gradients held for a BSP clock); the client reads the whole answer
+  copied what it keeps longer: a gradient held for a BSP clock that its answer did not wait for,
+  or whose wait failed); the client reads the whole answer
   before its next turn. So a message's bytes stay as they are until its reader sends its next
   message, the server computes on a push in place, and one region of the larger turn serves a
   stream. A message that does not fit the rest of the region goes inline as a MESSAGE frame; the
