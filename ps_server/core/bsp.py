@@ -4,17 +4,19 @@ process training on the concatenated batches with the same optimizer).
 
 The buffer holds and combines; the run asks it which clocks are complete and applies what it
 returns. Combination is deterministic: the gradient of the lowest rank first, then each next one
-added in place, then (for the mean) one multiplication.
+added, then (for the mean) one multiplication, element by element; a dense tensor's is computed
+block by block as the step reads it (``tensors.Sum``), never whole.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import cast
 
 import numpy as np
 
 from .spec import Aggregation
-from .tensors import BLOCK, Gradient, Rows, blocks, owned
+from .tensors import BLOCK, Gradient, Pieces, Rows, Sum, Update, blocks, owned
 
 __all__ = ["BspBuffer"]
 
@@ -65,12 +67,12 @@ class BspBuffer:
                 yield by_rank
 
     def combine(self, by_rank: Mapping[int, Mapping[str, Gradient]],
-                params: Mapping[str, np.ndarray]) -> dict[str, Gradient]:
+                params: Mapping[str, np.ndarray]) -> dict[str, Update]:
         """One gradient per tensor of ``params``: the ranks' gradients summed in rank order, or
         their mean. A table's rows are combined as rows (rows some ranks left out count 0); a
         table no rank sent is left out."""
         ranks = sorted(by_rank)
-        out: dict[str, Gradient] = {}
+        out: dict[str, Update] = {}
         scale = np.float32(1.0 / len(ranks)) if self.aggregation is Aggregation.MEAN and len(ranks) > 1 else None
         for name, w in params.items():
             got = [by_rank[r][name] for r in ranks if name in by_rank[r]]
@@ -78,17 +80,7 @@ class BspBuffer:
                 if got:
                     out[name] = _table(got, w, scale)
                 continue
-            acc = np.empty_like(w)
-            flat = acc.reshape(-1)
-            for lo, g in blocks(by_rank[ranks[0]][name], BLOCK):
-                flat[lo : lo + g.size] = g
-            for r in ranks[1:]:
-                for lo, g in blocks(by_rank[r][name], BLOCK):
-                    part = flat[lo : lo + g.size]
-                    np.add(part, g, out=part)
-            if self.aggregation is Aggregation.MEAN and len(ranks) > 1:
-                np.multiply(acc, np.float32(1.0 / len(ranks)), out=acc)
-            out[name] = acc
+            out[name] = Sum(cast("list[np.ndarray | Pieces]", got), scale, w.shape)  # summed as the step reads it
         return out
 
 

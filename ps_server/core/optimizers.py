@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from .spec import OptimizerConfig, OptimizerKind, ParamSpec, offsets
-from .tensors import BLOCK, Gradient, Rows, blocks, count_non_finite
+from .tensors import BLOCK, Rows, Update, blocks, count_non_finite
 
 __all__ = ["OPTIMIZERS", "Optimizer", "make_optimizer"]
 
@@ -75,7 +75,7 @@ class Optimizer:
         self._wd = _F32(config.weight_decay)
 
     def step(self, params: Mapping[str, np.ndarray],
-             grads: Mapping[str, Gradient] | Callable[[], Mapping[str, Gradient]], lr_scale: float = 1.0) -> str | None:
+             grads: Mapping[str, Update] | Callable[[], Mapping[str, Update]], lr_scale: float = 1.0) -> str | None:
         """Apply one update with ``grads`` (same names and sizes as ``params``, a table's possibly
         as merged ``Rows``; or what calling it returns, computed under the same watch: a BSP
         combination) in place. Returns None, or what became NaN/Inf ("parameter 'w'"): the
@@ -125,7 +125,7 @@ class Optimizer:
                 return f"parameter {name!r}"
         return next((f"optimizer state {k!r}" for k, a in self.state_arrays().items() if count_non_finite(a)), None)
 
-    def _apply(self, params: Mapping[str, np.ndarray], grads: Mapping[str, Gradient]) -> None:
+    def _apply(self, params: Mapping[str, np.ndarray], grads: Mapping[str, Update]) -> None:
         for name, w in params.items():
             wf = w.reshape(-1)
             off = self._offsets[name]

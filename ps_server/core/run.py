@@ -32,7 +32,7 @@ from .placement import Placement
 from .spec import DEFAULT_LIMITS, UNBOUNDED, OptimizerKind, RunSpec
 from .status import Assignment, Counters, MetricPoint, ParamsRead, PushResult, RunState, RunStatus, WorkerState
 from .store import ParamStore
-from .tensors import Gradient, Rows
+from .tensors import Gradient, Rows, Update
 
 __all__ = ["Run"]
 
@@ -342,7 +342,7 @@ class Run:
         self.counters.lr_scaled += 1
         return 1.0 / staleness
 
-    def _step(self, grads: Mapping[str, Gradient] | Callable[[], Mapping[str, Gradient]],
+    def _step(self, grads: Mapping[str, Update] | Callable[[], Mapping[str, Update]],
               flat: np.ndarray | None = None, lr_scale: float = 1.0) -> None:
         """Apply one update (``flat``: the same gradient laid out like ``store.flat``, stepped in one
         piece) with the learning rate times ``lr_scale``; a run whose parameters or optimizer state

@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import InvalidArgument, Reason, listed, quoted
 from .spec import FLOAT32_MAX, Initializer, ParamSpec, offsets
-from .tensors import Gradient, Pieces, Rows, count_non_finite, finite_hint
+from .tensors import BLOCK, Gradient, Pieces, Rows, Update, blocks, count_non_finite, finite_hint
 
 __all__ = ["FLAT_MAX", "ParamStore", "materialize"]
 
@@ -110,7 +110,7 @@ class ParamStore:
         change only the elements with a nonzero gradient (plain SGD without weight decay)."""
         self.changed = np.zeros(self.flat.size, np.uint32)
 
-    def mark(self, grads: Mapping[str, Gradient], flat: np.ndarray | None, version: int) -> None:
+    def mark(self, grads: Mapping[str, Update], flat: np.ndarray | None, version: int) -> None:
         """The elements with a nonzero gradient in the update that made ``version``."""
         changed = self.changed
         if changed is None:
@@ -128,7 +128,7 @@ class ParamStore:
                 dim = g.values.shape[1]
                 changed[(off + g.ids[:, None] * dim + np.arange(dim)).reshape(-1)] = v
                 continue
-            for lo, part in g.parts if isinstance(g, Pieces) else ((0, g.reshape(-1)),):
+            for lo, part in blocks(g, BLOCK):
                 np.copyto(changed[off + lo : off + lo + part.size], v, where=part != 0)
 
     def delta(self, since: int, itemsize: int) -> dict[str, np.ndarray] | None:

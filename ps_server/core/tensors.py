@@ -14,7 +14,7 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
-__all__ = ["BLOCK", "Gradient", "Pieces", "Rows", "blocks", "count_non_finite", "finite_hint", "owned"]
+__all__ = ["BLOCK", "Gradient", "Pieces", "Rows", "Sum", "Update", "blocks", "count_non_finite", "finite_hint", "owned"]
 
 BLOCK = 1 << 18
 """Elements per block (1 MiB of float32): large enough to amortise numpy's call overhead, small
@@ -85,8 +85,71 @@ class Rows:
         return Rows(np.concatenate([p.ids for p in parts]), np.concatenate([p.values for p in parts]), shape)
 
 
+class Sum:
+    """Dense gradients of one tensor (arrays or ``Pieces``) summed in their order, then times
+    ``scale`` (None: 1), computed block by block as ``blocks`` reads it, each block in one scratch
+    buffer: the sum never exists whole (BSP's combination of a large model: one pass over each
+    gradient, none over a sum). A block is valid until the next one is read."""
+
+    __slots__ = ("terms", "scale", "shape", "size")
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, terms: list[np.ndarray | Pieces], scale: np.float32 | None, shape: tuple[int, ...]) -> None:
+        self.terms = terms
+        self.scale = scale
+        self.shape = shape
+        self.size = math.prod(shape)
+
+    def blocks(self, block: int) -> Iterator[tuple[int, np.ndarray]]:
+        scratch = np.empty(min(block, self.size), np.float32)
+        walks = [_Walk(t) for t in self.terms]
+        for lo in range(0, self.size, block):
+            hi = min(lo + block, self.size)
+            out = scratch[: hi - lo]
+            for k, walk in enumerate(walks):
+                for a, v in walk.slices(lo, hi):
+                    part = out[a - lo : a - lo + v.size]
+                    if k:
+                        np.add(part, v, out=part)
+                    else:
+                        part[...] = v
+            if self.scale is not None:
+                np.multiply(out, self.scale, out=out)
+            yield lo, out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = np.empty(self.shape, np.float32)
+        flat = out.reshape(-1)
+        for lo, v in self.blocks(BLOCK):
+            flat[lo : lo + v.size] = v
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+class _Walk:
+    """A dense gradient's flat slices over increasing ranges [lo, hi) (``Sum``)."""
+
+    def __init__(self, g: np.ndarray | Pieces) -> None:
+        self.parts = g.parts if isinstance(g, Pieces) else [(0, g.reshape(-1))]
+        self.i = 0
+
+    def slices(self, lo: int, hi: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(flat offset, 1-D view) of the gradient's elements in [lo, hi), in order."""
+        parts, i = self.parts, self.i
+        while i < len(parts) and parts[i][0] + parts[i][1].size <= lo:
+            i += 1
+        self.i = i
+        while i < len(parts) and parts[i][0] < hi:
+            start, v = parts[i]
+            a, b = max(lo, start), min(hi, start + v.size)
+            yield a, v[a - start : b - start]
+            i += 1
+
+
 Gradient: TypeAlias = "np.ndarray | Pieces | Rows"
 """What a push carries per tensor: one array, the pieces it arrived in, or (a table) some rows."""
+
+Update: TypeAlias = "Gradient | Sum"
+"""What a step applies per tensor: a gradient, or BSP's sum of the ranks' (``Sum``)."""
 
 
 def owned(grads: dict[str, Gradient]) -> dict[str, Gradient]:
@@ -95,9 +158,12 @@ def owned(grads: dict[str, Gradient]) -> dict[str, Gradient]:
             for name, g in grads.items()}
 
 
-def blocks(g: Gradient, block: int) -> Iterator[tuple[int, np.ndarray]]:
+def blocks(g: Update, block: int) -> Iterator[tuple[int, np.ndarray]]:
     """``(flat offset, 1-D view)`` covering ``g`` in order, each at most ``block`` elements (of a
     ``Rows``: its values, the offsets into them)."""
+    if isinstance(g, Sum):
+        yield from g.blocks(block)
+        return
     parts = g.parts if isinstance(g, Pieces) else [(0, g.values.reshape(-1) if isinstance(g, Rows) else g.reshape(-1))]
     for lo, v in parts:
         for i in range(0, v.size, block):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from ps_server.core.spec import (
     validate_spec,
 )
 from ps_server.core.status import RunState, WorkerState
-from ps_server.core.tensors import Pieces
+from ps_server.core.tensors import Pieces, Sum, blocks
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -133,6 +134,32 @@ def test_bsp_combines_gradients_received_in_pieces() -> None:
     held.push(1, inc[1], 0, {"w": Pieces((2, 3), [(0, flat[:4]), (4, flat[4:])]), "b": g[1]["b"]}, 0)
     _, arrays = snapshot.state_dict(held)  # a checkpoint of a BSP clock in progress holds the pieces joined
     assert arrays["pending/0/1/w"].tobytes() == g[1]["w"].tobytes()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 700), st.integers(1, 4), st.integers(1, 300), st.booleans(), st.data())
+def test_a_sum_read_in_blocks_is_the_ranks_gradients_added_in_order(size: int, ranks: int, block: int,
+                                                                      mean: bool, data: st.DataObject) -> None:
+    """BSP's combination of a dense tensor (``tensors.Sum``), computed block by block as the step
+    reads it, is bit for bit the first rank's gradient plus each next one in order, then times the
+    scale, whatever blocks it is read in and whatever pieces the gradients arrived in."""
+    rng = np.random.default_rng(size * 31 + ranks)
+    flats = [rng.normal(scale=1e3, size=size).astype(np.float32) for _ in range(ranks)]
+    terms: list[np.ndarray | Pieces] = []
+    for flat in flats:
+        cuts = sorted(set(data.draw(st.lists(st.integers(1, max(1, size - 1)), max_size=4)))) if size > 1 else []
+        bounds = [0, *cuts, size]
+        terms.append(Pieces((size,), [(a, flat[a:b]) for a, b in itertools.pairwise(bounds) if b > a])
+                     if cuts else flat)
+    scale = np.float32(1 / ranks) if mean else None
+    expected = flats[0].copy()
+    for flat in flats[1:]:
+        expected += flat
+    if scale is not None:
+        expected *= scale
+    got = np.concatenate([b.copy() for _, b in blocks(Sum(terms, scale, (size,)), block)])
+    assert got.tobytes() == expected.tobytes()
+    assert np.asarray(Sum(terms, scale, (size,))).tobytes() == expected.tobytes()
 
 
 async def test_a_pull_beyond_the_ranks_own_next_clock_is_refused_not_parked() -> None:
