@@ -44,6 +44,7 @@ from paramserver.client import Grad, PsClient, PullResult
 from paramserver.shards import Shards
 from paramserver.tcp_transport import SETTLE
 from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1.shm import IN_PLACE_BYTES
 
 from .compression import PushCodec
 from .config import WorkerConfig, parse_tail_delay
@@ -146,6 +147,7 @@ class _Trainer:
         self._samples = 0
         self.tables: TableStep | None = None
         self.codec = PushCodec.of(self.spec)
+        self._large: bool | None = None  # a tensor of shm.IN_PLACE_BYTES or more (``_push_buffers``)
         """Pushes in the run's wire form (``RunSpec.compression``); None: float32, dense."""
         self._since: tuple[int, int] | None = None
         """(lineage, version) of the parameters held, for delta pulls (one server only)."""
@@ -329,7 +331,9 @@ class _Trainer:
         (``PsClient.push_buffers``: a large model on the shared-memory data plane); None: in new
         arrays. Not when the push is encoded first (compression) or the gradient is still needed
         while the push is in flight (``--overlap``)."""
-        if self.codec is not None or self.config.overlap or not isinstance(self.plane, PsClient) or not params:
+        if self._large is None and params:  # (a small model never can: not asked every push)
+            self._large = max(a.nbytes for a in params.values()) >= IN_PLACE_BYTES
+        if not self._large or self.codec is not None or self.config.overlap or not isinstance(self.plane, PsClient):
             return None
         return self.plane.push_buffers(self.a.run_id, self.a.rank, self.a.incarnation, c, params)
 
