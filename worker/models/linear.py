@@ -114,5 +114,5 @@ class SoftmaxRegression(Model):
 def _bias_and_weight(layer: str, X: FloatArray, d: FloatArray, out: Mapping[str, FloatArray] | None) -> dict[str, FloatArray]:
     """The gradient of ``X @ W + b`` given ``d`` = ∂L/∂output: ``Σ_rows d`` and ``Xᵀ d`` (into ``out``'s arrays)."""
     bias, weight = f"{layer}.bias", f"{layer}.weight"
-    return {bias: np.sum(d, axis=0, out=out[bias] if out else None),
-            weight: np.matmul(X.T, d, out=out[weight] if out else None)}
+    return {bias: d.sum(axis=0, out=out[bias] if out else None),
+            weight: np.matmul(X.T, d, out=out[weight]) if out else X.T @ d}

@@ -125,8 +125,8 @@ class MLP(Model):
         grads: dict[str, FloatArray] = {}
         for i in range(len(Ws) - 1, -1, -1):
             w, b = f"layer{i}.weight", f"layer{i}.bias"
-            grads[w] = np.matmul(acts[i].T, delta, out=out[w] if out else None)
-            grads[b] = np.sum(delta, axis=0, out=out[b] if out else None)
+            grads[w] = np.matmul(acts[i].T, delta, out=out[w]) if out else acts[i].T @ delta
+            grads[b] = delta.sum(axis=0, out=out[b] if out else None)
             if i > 0:  # no gradient is needed for the input X
                 delta = self._times_derivative(delta @ Ws[i].T, acts[i])
         return loss, grads

@@ -108,6 +108,13 @@ def put(region: memoryview, at: int, parts: Sequence[bytes | memoryview], n: int
     message with a part of ``IN_PLACE_BYTES`` or more, a part already where it goes (a gradient
     computed into the region) is left as it is, and one elsewhere in the region is read before
     anything is written."""
+    i = at
+    if n < IN_PLACE_BYTES:  # (no part is large enough to be looked for)
+        for p in parts:
+            v = memoryview(p).cast("B")
+            region[i : i + v.nbytes] = v
+            i += v.nbytes
+        return FRAME.pack(SHARED, 0, 0, 0, REGION.size) + REGION.pack(at, n)
     views = [memoryview(p).cast("B") for p in parts]
     kept = [False] * len(views)
     if any(v.nbytes >= IN_PLACE_BYTES for v in views):
