@@ -48,20 +48,27 @@ import asyncio, sys
 import numpy as np
 from paramserver.client import PsClient
 
-async def main(addr, run_id):
+async def main(addr, run_id, in_place):
+    like = {"w": np.zeros(SHAPE, np.float32)}
     async with PsClient(addr, timeout=20) as c:
         a = (await c.join("pusher", run_id)).assignment
         for clock in range(10_000):
-            g = np.full(SHAPE, clock + 1, np.float32)  # push k: every element k + 1
+            bufs = c.push_buffers(run_id, a.rank, a.incarnation, clock, like) if in_place == "True" else None
+            assert bufs is not None or in_place != "True" or clock == 0  # (no segment before the first push)
+            g = bufs["w"] if bufs is not None else np.empty(SHAPE, np.float32)  # (in the segment: sent in place)
+            g[...] = clock + 1  # push k: every element k + 1
             ack = await c.push(run_id, a.rank, a.incarnation, clock, {"w": g})
             assert not ack.duplicate
             print(clock, c.route.transport, flush=True)
 
-asyncio.run(main(sys.argv[1], sys.argv[2]))
+asyncio.run(main(*sys.argv[1:]))
 """.replace("SHAPE", repr(SHAPE))
 
 
-async def test_kill_9_of_a_worker_while_it_writes_a_push_applies_no_torn_or_partial_push() -> None:
+@pytest.mark.parametrize("in_place", [False, True])
+async def test_kill_9_of_a_worker_while_it_writes_a_push_applies_no_torn_or_partial_push(in_place: bool) -> None:
+    """In place: the pusher writes each gradient into its segment itself (``PsClient.push_buffers``),
+    as a large model's worker does, and the kill lands in that write now and then."""
     from support import make_spec
 
     before = set(os.listdir("/dev/shm"))
@@ -70,7 +77,7 @@ async def test_kill_9_of_a_worker_while_it_writes_a_push_applies_no_torn_or_part
             for delay in (0.3, 0.45, 0.6):  # three runs, their pushers killed at different moments
                 run = await c.create_run(make_spec(shapes={"w": SHAPE}, num_workers=1, staleness=-1, lr=1.0,
                                                    init=pb.INITIALIZER_ZEROS, iterations=100_000))
-                pusher = subprocess.Popen([sys.executable, "-c", PUSHER, addr, run.run_id], env=ENV,
+                pusher = subprocess.Popen([sys.executable, "-c", PUSHER, addr, run.run_id, str(in_place)], env=ENV,
                                           stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
                 assert pusher.stdout is not None
                 first = pusher.stdout.readline().split()
