@@ -147,8 +147,8 @@ class _Trainer:
         self._samples = 0
         self.tables: TableStep | None = None
         self.codec = PushCodec.of(self.spec)
-        self._large: bool | None = None  # a tensor of shm.IN_PLACE_BYTES or more (``_push_buffers``)
         """Pushes in the run's wire form (``RunSpec.compression``); None: float32, dense."""
+        self._large: bool | None = None  # a tensor of shm.IN_PLACE_BYTES or more (``_push_buffers``)
         self._since: tuple[int, int] | None = None
         """(lineage, version) of the parameters held, for delta pulls (one server only)."""
         self._version: int | None = None
