@@ -9,10 +9,12 @@ transport (``client`` fixture in conftest.py); kill -9 of either side: tests/sys
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import socket
 import struct
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -130,15 +132,24 @@ async def test_without_memfd_the_messages_go_through_the_socket(server: PsServer
         assert c.route.opened["shm"] == 1 and segments() == 0  # the same stream, no segment
 
 
-async def test_bsp_keeps_a_held_gradient_when_the_client_writes_its_region_again(server: PsServer) -> None:
-    """At s = 0 a push is held until every rank pushed its clock: the server copies it, since the
-    client may write the same region meanwhile (here: a retried push of other values)."""
+@contextlib.asynccontextmanager
+async def bsp_pair(server: PsServer) -> AsyncIterator[tuple[PsClient, PsClient, pb.Run, pb.Assignment, pb.Assignment]]:
+    """Two clients that joined one run at s = 0 (SGD, learning rate 1) of one 300 x 300 tensor
+    ``w`` of zeros: (c0, c1, the run, their assignments)."""
     async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c0, \
             PsClient(f"127.0.0.1:{server.port}", timeout=10) as c1:
         run = await c0.create_run(make_spec(shapes={"w": (300, 300)}, num_workers=2, staleness=0, lr=1.0,
                                             init=pb.INITIALIZER_ZEROS))
         a0 = (await c0.join("a", run.run_id)).assignment
         a1 = (await c1.join("b", run.run_id)).assignment
+        yield c0, c1, run, a0, a1
+
+
+async def test_bsp_keeps_a_held_gradient_when_the_client_writes_its_region_again(server: PsServer) -> None:
+    """At s = 0 a push is held until every rank pushed its clock; one without a then_pull is
+    acknowledged at once, so the server copies it: the client may write the same region meanwhile
+    (here: a retried push of other values)."""
+    async with bsp_pair(server) as (c0, c1, run, a0, a1):
         ones = np.ones((300, 300), np.float32)  # > 64 KiB: decoded in place (wire.SMALL_MESSAGE)
         await c0.push(run.run_id, a0.rank, a0.incarnation, 0, {"w": ones})
         dup = await c0.push(run.run_id, a0.rank, a0.incarnation, 0, {"w": 1000 * ones})  # same region, other bytes
@@ -155,12 +166,7 @@ async def test_bsp_holds_a_gradient_whose_pull_waits_in_place_and_copies_it_when
     clock, which combines it before anything is sent); when the pull fails instead (here: its wait
     runs out), the gradient is copied before the status goes out: the client may write the segment
     again from then on, and the clock still combines what was pushed."""
-    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c0, \
-            PsClient(f"127.0.0.1:{server.port}", timeout=10) as c1:
-        run = await c0.create_run(make_spec(shapes={"w": (300, 300)}, num_workers=2, staleness=0, lr=1.0,
-                                            init=pb.INITIALIZER_ZEROS))
-        a0 = (await c0.join("a", run.run_id)).assignment
-        a1 = (await c1.join("b", run.run_id)).assignment
+    async with bsp_pair(server) as (c0, c1, run, a0, a1):
         ones = np.ones((300, 300), np.float32)
         await c0.pull(run.run_id, a0.rank, a0.incarnation, 0)  # (opens the streams)
         await c0.push(run.run_id, a0.rank, a0.incarnation, 0, {"w": ones})  # the push stream's segment
@@ -174,7 +180,8 @@ async def test_bsp_holds_a_gradient_whose_pull_waits_in_place_and_copies_it_when
         assert core.bsp.applied_clock == 2 and not core.bsp.borrowed
         with pytest.raises(errors.DeadlineExceeded):  # clock 2 waits for rank 1, longer than the pull may
             await c0.push_pull(run.run_id, a0.rank, a0.incarnation, 2, {"w": 7 * ones}, max_wait=0.2)
-        assert core.bsp.pending[2][0]["w"].flags.owndata and not core.bsp.borrowed  # copied
+        held = core.bsp.pending[2][0]["w"]
+        assert isinstance(held, np.ndarray) and held.flags.owndata and not core.bsp.borrowed  # copied
         memory[:] = 0xFF  # the client writes its segment again (NaN everywhere)
         await c1.push(run.run_id, a1.rank, a1.incarnation, 2, {"w": ones})
         final = await c1.pull(run.run_id, a1.rank, a1.incarnation, 3)
