@@ -122,10 +122,7 @@ class Later:
         dataplane, ack, then_pull, caller, keep = self._args
         dataplane._begin()
         try:
-            try:
-                read = await dataplane.pull(then_pull, caller)
-            finally:
-                keep()
+            read = await dataplane._pull_keeping(then_pull, caller, keep)
             for parts in dataplane._answer(ack, read, caller):
                 yield parts
         finally:
@@ -220,10 +217,7 @@ class DataPlane:
                     if then_pull is None:
                         yield wire.push_response_parts(*ack[:4], staleness=ack[4])
                         continue
-                    try:
-                        read = await self.pull(then_pull, caller)  # one round trip per iteration
-                    finally:
-                        keep()
+                    read = await self._pull_keeping(then_pull, caller, keep)  # one round trip per iteration
                     for parts in self._answer(ack, read, caller):
                         yield parts
                 finally:
@@ -409,6 +403,13 @@ class DataPlane:
             await run.wait_pull(req.rank, req.incarnation, req.clock, self._wait_limit(req.max_wait, caller),
                                 names, rows)
         return self._read(run, req, names, rows)
+
+    async def _pull_keeping(self, req: pb.PullParamsRequest, caller: Caller, keep: Callable[[], None]) -> ParamsRead:
+        """A push's then_pull (``pull``), and ``keep`` (``_apply``) once it is over, however it ended."""
+        try:
+            return await self.pull(req, caller)
+        finally:
+            keep()
 
     def _pull_now(self, req: pb.PullParamsRequest) -> ParamsRead | None:
         """The read, when the pull may be served at once; None when it must wait (PsError when it never may)."""
