@@ -30,10 +30,13 @@ gradient, so a BSP run equals single-process large-batch training with the same 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
+from functools import partial
 
 import numpy as np
 
+from . import halves
 from .spec import OptimizerConfig, OptimizerKind, ParamSpec, offsets
 from .tensors import BLOCK, Rows, Update, blocks, count_non_finite
 
@@ -51,6 +54,8 @@ class Optimizer:
     block of a table's rows they are the gathered rows, scattered back afterwards."""
 
     state_names: tuple[str, ...] = ()
+    _scratch: tuple[str, ...] = ("_s1", "_s2")
+    """The scratch buffers ``_update`` and ``_effective_grad`` use (``_half`` gives its own)."""
 
     def __init__(self, config: OptimizerConfig, params: tuple[ParamSpec, ...]) -> None:
         self.config = config
@@ -67,6 +72,8 @@ class Optimizer:
         largest = min(BLOCK, max(total, 1))
         self._s1 = np.empty(largest, _F32)
         self._s2 = np.empty(largest, _F32)
+        self._half_scratch: tuple[np.ndarray, ...] = ()
+        """The helper thread's scratch buffers (``_half``), allocated by the first split step."""
         self._gathered: tuple[np.ndarray, ...] = ()
         """Gathered rows of a table, for w then each state; allocated by the first ``Rows`` step
         (a model without tables never needs them)."""
@@ -75,7 +82,8 @@ class Optimizer:
         self._wd = _F32(config.weight_decay)
 
     def step(self, params: Mapping[str, np.ndarray],
-             grads: Mapping[str, Update] | Callable[[], Mapping[str, Update]], lr_scale: float = 1.0) -> str | None:
+             grads: Mapping[str, Update] | Callable[[], Mapping[str, Update]], lr_scale: float = 1.0,
+             both_cores: bool = False) -> str | None:
         """Apply one update with ``grads`` (same names and sizes as ``params``, a table's possibly
         as merged ``Rows``; or what calling it returns, computed under the same watch: a BSP
         combination) in place. Returns None, or what became NaN/Inf ("parameter 'w'"): the
@@ -86,7 +94,10 @@ class Optimizer:
         zero: the floating-point flags numpy checks after every ufunc call catch it without another
         pass over the model. Only then are the parameters and the state scanned (whole tables too,
         after a sparse step), to name the culprit. ``lr_scale``: this step's learning rate is the
-        configured one times it (a staleness-aware step)."""
+        configured one times it (a staleness-aware step). ``both_cores``: the caller knows the
+        other core idle (every worker waits for this step: BSP's), so a large tensor's second half
+        is updated on a helper thread (``halves``); otherwise it would take a core from a worker
+        (measured: more server CPU per push, no faster run)."""
         flags: list[str] = []
         with np.errstate(over="call", invalid="call", divide="call", under="ignore",
                          call=lambda kind, _flag: flags.append(kind)):
@@ -94,7 +105,7 @@ class Optimizer:
             self._scale = lr_scale
             self._lr = _F32(self.config.learning_rate * lr_scale)
             self._begin_step()
-            self._apply(params, grads() if callable(grads) else grads)
+            self._apply(params, grads() if callable(grads) else grads, both_cores)
         return self._culprit(params) if flags else None
 
     def step_flat(self, w: np.ndarray, g: np.ndarray, lr_scale: float = 1.0) -> str | None:
@@ -125,7 +136,7 @@ class Optimizer:
                 return f"parameter {name!r}"
         return next((f"optimizer state {k!r}" for k, a in self.state_arrays().items() if count_non_finite(a)), None)
 
-    def _apply(self, params: Mapping[str, np.ndarray], grads: Mapping[str, Update]) -> None:
+    def _apply(self, params: Mapping[str, np.ndarray], grads: Mapping[str, Update], both_cores: bool) -> None:
         for name, w in params.items():
             wf = w.reshape(-1)
             off = self._offsets[name]
@@ -136,9 +147,27 @@ class Optimizer:
                 self._apply_rows(wf, g, off)
             elif type(g) is np.ndarray and g.size <= BLOCK:  # one block, without the generator
                 self._dense(wf, g.reshape(-1), off)
+            elif both_cores and (mid := halves.cut(wf.size, BLOCK)):  # the second half on the other core
+                half = self._half()
+                halves.both(partial(self._blocks, wf, g, off, 0, mid), partial(half._blocks, wf, g, off, mid, wf.size))
             else:
-                for lo, gb in blocks(g, BLOCK):
-                    self._dense(wf[lo : lo + gb.size], gb, off + lo)
+                self._blocks(wf, g, off, 0, wf.size)
+
+    def _blocks(self, wf: np.ndarray, g: Update, off: int, start: int, stop: int) -> None:
+        """Update the elements [start, stop) of the tensor ``wf`` whose state starts at ``off``."""
+        for lo, gb in blocks(g, BLOCK, start, stop):
+            self._dense(wf[lo : lo + gb.size], gb, off + lo)
+
+    def _half(self) -> Optimizer:
+        """This optimizer as it is for this step, with scratch buffers of its own: the helper
+        thread's, for the second half of a large tensor (every other attribute is shared or
+        read only during a step)."""
+        if not self._half_scratch:
+            self._half_scratch = tuple(np.empty_like(getattr(self, name)) for name in self._scratch)
+        half = copy.copy(self)
+        for name, buf in zip(self._scratch, self._half_scratch, strict=True):
+            setattr(half, name, buf)
+        return half
 
     def _dense(self, w: np.ndarray, g: np.ndarray, lo: int) -> None:
         """Update the block ``w`` whose state starts at ``lo`` in the flat state."""
@@ -272,6 +301,7 @@ class Ftrl(Optimizer):
     squares; w is a closed form of both, exactly 0 where |z| <= l1 (sparse models)."""
 
     state_names = ("z", "n")
+    _scratch = ("_s1", "_s2", "_s3")
 
     def __init__(self, config: OptimizerConfig, params: tuple[ParamSpec, ...]) -> None:
         super().__init__(config, params)

@@ -345,12 +345,14 @@ class Run:
     def _step(self, grads: Mapping[str, Update] | Callable[[], Mapping[str, Update]],
               flat: np.ndarray | None = None, lr_scale: float = 1.0) -> None:
         """Apply one update (``flat``: the same gradient laid out like ``store.flat``, stepped in one
-        piece) with the learning rate times ``lr_scale``; a run whose parameters or optimizer state
-        stop being finite has diverged and fails."""
+        piece; a callable: BSP's combination, which every worker waits for: on both cores) with
+        the learning rate times ``lr_scale``; a run whose parameters or optimizer state stop being
+        finite has diverged and fails."""
+        both_cores = callable(grads)
         if self.store.changed is not None and callable(grads):
             grads = grads()  # (BSP's combination) kept for ``mark``
         diverged = self.optimizer.step_flat(self.store.flat, flat, lr_scale) if flat is not None else \
-            self.optimizer.step(self.store.params, grads, lr_scale)
+            self.optimizer.step(self.store.params, grads, lr_scale, both_cores)
         self.counters.updates_applied += 1
         if self.store.changed is not None:
             assert not callable(grads)

@@ -100,11 +100,13 @@ class Sum:
         self.shape = shape
         self.size = math.prod(shape)
 
-    def blocks(self, block: int) -> Iterator[tuple[int, np.ndarray]]:
-        scratch = np.empty(min(block, self.size), np.float32)
+    def blocks(self, block: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Blocks of the elements [start, stop) (default: all)."""
+        stop = self.size if stop is None else stop
+        scratch = np.empty(max(0, min(block, stop - start)), np.float32)
         walks = [_Walk(t) for t in self.terms]
-        for lo in range(0, self.size, block):
-            hi = min(lo + block, self.size)
+        for lo in range(start, stop, block):
+            hi = min(lo + block, stop)
             out = scratch[: hi - lo]
             for k, walk in enumerate(walks):
                 for a, v in walk.slices(lo, hi):
@@ -158,16 +160,17 @@ def owned(grads: dict[str, Gradient]) -> dict[str, Gradient]:
             for name, g in grads.items()}
 
 
-def blocks(g: Update, block: int) -> Iterator[tuple[int, np.ndarray]]:
-    """``(flat offset, 1-D view)`` covering ``g`` in order, each at most ``block`` elements (of a
-    ``Rows``: its values, the offsets into them)."""
+def blocks(g: Update, block: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """``(flat offset, 1-D view)`` covering ``g`` (of a ``Rows``: its values, the offsets into
+    them) in order, or only its elements [start, stop), each at most ``block`` elements."""
     if isinstance(g, Sum):
-        yield from g.blocks(block)
+        yield from g.blocks(block, start, stop)
         return
     parts = g.parts if isinstance(g, Pieces) else [(0, g.values.reshape(-1) if isinstance(g, Rows) else g.reshape(-1))]
     for lo, v in parts:
-        for i in range(0, v.size, block):
-            yield lo + i, v[i : i + block]
+        a, b = max(start - lo, 0), v.size if stop is None else min(stop - lo, v.size)
+        for i in range(a, b, block):
+            yield lo + i, v[i : min(i + block, b)]
 
 
 def finite_hint(v: np.ndarray) -> bool:

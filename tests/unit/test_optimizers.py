@@ -15,9 +15,11 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from ps_server.core import halves
 from ps_server.core.optimizers import BLOCK, make_optimizer
 from ps_server.core.spec import OptimizerConfig, OptimizerKind, ParamSpec
 from ps_server.core.store import Pieces
+from ps_server.core.tensors import Sum, Update
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -233,3 +235,53 @@ def test_flat_step_is_the_same_step(config: OptimizerConfig) -> None:
     assert a.steps == b.steps == STEPS
     for key, arr in a.state_arrays().items():
         assert arr.tobytes() == b.state_arrays()[key].tobytes(), key
+
+
+HALVES_CASES = [*CASES, pytest.param(OptimizerConfig(OptimizerKind.FTRL, learning_rate=0.1, l1=0.01, l2=0.1,
+                                                     ftrl_beta=1.0, weight_decay=0.1), id="ftrl-wd0.1")]
+
+
+@pytest.mark.parametrize("form", ["array", "pieces", "sum"])
+@pytest.mark.parametrize("config", HALVES_CASES)
+def test_a_large_tensor_stepped_in_two_halves_on_two_threads_is_the_same_step(
+        config: OptimizerConfig, form: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From ``halves.MIN_ELEMENTS`` elements a tensor's second half is updated on a helper
+    thread (its own scratch buffers, the same state arrays): parameters and state bit for bit as
+    on one thread, whatever form the gradient has (one array, pieces cut across the halves'
+    edge, BSP's lazy sum)."""
+    monkeypatch.setattr(halves, "_CORES", 2)
+    monkeypatch.setattr(halves, "MIN_ELEMENTS", BLOCK)
+    split, both = [], halves.both
+    monkeypatch.setattr(halves, "both", lambda first, second: (split.append(1), both(first, second))[1])
+    results = []
+    for both_cores in (False, True):  # one thread; "big" in two halves
+        params, opt, rng = _init_params(), make_optimizer(config, SPECS), np.random.default_rng(5)
+        for _ in range(STEPS):
+            grads: dict[str, Update] = dict(_grads(rng))
+            big = grads["big"]
+            assert isinstance(big, np.ndarray)
+            if form == "pieces":
+                grads["big"] = _as_pieces(big, [BLOCK - 3, BLOCK + 5, 2 * BLOCK + 1])
+            elif form == "sum":
+                grads = {n: Sum([g, _as_pieces(g * 0.5, [1])], np.float32(0.5), g.shape) for n, g in grads.items()
+                         if isinstance(g, np.ndarray)}
+            assert opt.step(params, grads, both_cores=both_cores) is None
+        assert len(split) == (STEPS if both_cores else 0)  # only "big" is as large as MIN_ELEMENTS
+        results.append((params, opt.state_arrays()))
+    (one, one_state), (two, two_state) = results
+    for n in SHAPES:
+        assert one[n].tobytes() == two[n].tobytes(), n
+    for key, arr in one_state.items():
+        assert arr.tobytes() == two_state[key].tobytes(), key
+
+
+def test_an_overflow_in_the_helper_threads_half_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helper thread runs in the step's ``np.errstate``: an Inf made there fails the step."""
+    monkeypatch.setattr(halves, "_CORES", 2)
+    monkeypatch.setattr(halves, "MIN_ELEMENTS", BLOCK)
+    params = _init_params()
+    grads = _grads(np.random.default_rng(6))
+    grads["big"][-1] = 3e38  # in the second half: w - lr * g stays finite, lr * g does not overflow...
+    params["big"][-1] = -3e38  # ...but w - lr * g does (float32 max ~3.4e38)
+    opt = make_optimizer(OptimizerConfig(OptimizerKind.SGD, learning_rate=1.0), SPECS)
+    assert opt.step(params, grads, both_cores=True) == "parameter 'big'"
