@@ -6,12 +6,15 @@ or a turn of requests, that would not fit gets a segment 1.25 times its size, fo
 that did not fit make the next turn start with a segment 1.25 times the size they needed: a
 worker's push stream fits its model from its first push, while its pull stream, which carries a
 whole model only at the start and the end, stays small), passed to the server, and freed by the
-kernel once neither side maps it.
+kernel once neither side maps it. An answer the server published (BSP's, the same for every
+worker of a clock) is read from the server's publication, mapped read only, instead.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -32,6 +35,12 @@ _SHARED_FRAME = tcp.FRAME.size + shm.REGION.size
 _MAX_REGION = 4 << 30
 _TAIL_SLACK = 4096
 """Bytes a push may have beyond the parts ``push_buffers`` was given (final, loss, then_pull...)."""
+_ANCILLARY = socket.CMSG_SPACE(4 * 4)  # room for a few descriptors (a PUBLICATION passes one)
+
+
+def _descriptors(anc: list[tuple[int, int, bytes]]) -> list[int]:
+    return [fd for level, kind, data in anc if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+            for fd in array.array("i", data[: len(data) - len(data) % 4])]
 
 
 class ShmCall(TcpCall):
@@ -45,6 +54,7 @@ class ShmCall(TcpCall):
         self._reading = True  # the next write starts a turn
         self._inline = False  # segments could not be made
         self._head = bytearray(_SHARED_FRAME)
+        self._publications: dict[int, shm.Segment] = {}  # the server's, by number (mapped read only)
 
     def _send_now(self, parts: Sequence[wire.Part]) -> bool | None:
         """A request that fits the segment, with one small frame (``TcpCall._send_now``)."""
@@ -68,17 +78,78 @@ class ShmCall(TcpCall):
             k = self.sock.recv_into(head, len(head), socket.MSG_PEEK)
         except OSError:
             return None  # (nothing yet, or the read says what broke)
-        if k < len(head) or head[0] != shm.SHARED:
+        while k == len(head) and head[0] == shm.PUBLICATION:
+            k, anc, _, _ = self.sock.recvmsg_into([head], _ANCILLARY)
+            self._map_publication(head, _descriptors(anc))
+            try:
+                k = self.sock.recv_into(head, len(head), socket.MSG_PEEK)
+            except OSError:
+                return None
+        if k < len(head) or head[0] not in (shm.SHARED, shm.PUBLISHED):
             return None  # not here yet, inline, or the server's status: the read takes it
         self.sock.recv_into(head)
-        _, _, _, _, length = tcp.FRAME.unpack_from(head)
+        kind, _, _, number, length = tcp.FRAME.unpack_from(head)
         at, n = shm.REGION.unpack_from(head, tcp.FRAME.size)
+        if kind == shm.PUBLISHED and length == shm.REGION.size:
+            return self._published(number, at, n)
         seg = self._segment
         if length != shm.REGION.size or seg is None or at + n > seg.region.nbytes:
             raise errors.Unavailable(errors.Code.UNAVAILABLE, "the data plane connection broke (the server's "
                                      f"message at [{at}, {at + n}) is outside the segment)", method=self._method)
         self._answered = max(self._answered, shm.align(at + n))
         return seg.region[at : at + n]
+
+    def _map_publication(self, frame: bytearray, fds: list[int]) -> None:
+        """Map the publication a PUBLICATION frame (header and body in ``frame``) passes."""
+        try:
+            size, number = shm.REGION.unpack_from(frame, tcp.FRAME.size)
+            if len(fds) != 1 or tcp.FRAME.unpack_from(frame)[4] != shm.REGION.size:
+                raise ValueError(f"a PUBLICATION frame came with {len(fds)} descriptors (one) or a bad body")
+            old, self._publications[number] = self._publications.get(number), shm.map_publication(fds[0], size)
+        except (OSError, ValueError) as exc:
+            raise errors.Unavailable(errors.Code.UNAVAILABLE, f"the data plane connection broke ({exc})",
+                                     method=self._method) from None
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if old is not None:
+            old.close()
+
+    def _published(self, number: int, at: int, n: int) -> memoryview:
+        """The message a PUBLISHED frame points at (read only; valid until this stream's next request)."""
+        pub = self._publications.get(number)
+        if pub is None or at + n > pub.region.nbytes:
+            raise errors.Unavailable(errors.Code.UNAVAILABLE, "the data plane connection broke (the server's "
+                                     f"message at [{at}, {at + n}) of publication {number} is outside it)",
+                                     method=self._method)
+        return pub.region[at : at + n]
+
+    async def _recv_frame_head(self, head: memoryview) -> list[int]:
+        """Fill ``head`` (a frame's header) from the socket, keeping the descriptors that come with it."""
+        loop = asyncio.get_running_loop()
+        got, fds = 0, []
+        while got < head.nbytes:
+            try:
+                k, anc, _, _ = self.sock.recvmsg_into([head[got:]], _ANCILLARY)
+            except BlockingIOError:
+                readable: asyncio.Future[None] = loop.create_future()
+
+                def ready(readable: asyncio.Future[None] = readable) -> None:
+                    if not readable.done():
+                        readable.set_result(None)
+                loop.add_reader(self.sock.fileno(), ready)
+                try:
+                    await readable
+                finally:
+                    loop.remove_reader(self.sock.fileno())
+                continue
+            fds += _descriptors(anc)
+            if k == 0:
+                for fd in fds:
+                    os.close(fd)
+                raise ConnectionError("the connection was closed")
+            got += k
+        return fds
 
     @classmethod
     async def open_shm(cls, name: str, method: str, max_bytes: int) -> ShmCall:
@@ -89,7 +160,7 @@ class ShmCall(TcpCall):
         try:
             sock.setblocking(False)
             await loop.sock_connect(sock, shm.name_for(name))
-            await greet(sock, method, "the shared-memory data plane")
+            await greet(sock, method, "the shared-memory data plane", shm.FLAG_PUBLISHED)
         except BaseException:
             sock.close()
             raise
@@ -191,8 +262,25 @@ class ShmCall(TcpCall):
             self.settle()
         try:
             header = bytearray(tcp.FRAME.size)
-            await tcp.recv_exact(self.sock, memoryview(header))
-            kind, _, _, _, length = tcp.FRAME.unpack(header)
+            while True:
+                fds = await self._recv_frame_head(memoryview(header))
+                kind, _, _, number, length = tcp.FRAME.unpack(header)
+                if kind != shm.PUBLICATION:
+                    for fd in fds:
+                        os.close(fd)
+                    break
+                frame = bytearray(_SHARED_FRAME)
+                frame[: tcp.FRAME.size] = header
+                with contextlib.ExitStack() as closing:  # (the descriptors, if the body never comes)
+                    for fd in fds:
+                        closing.callback(os.close, fd)
+                    await tcp.recv_exact(self.sock, memoryview(frame)[tcp.FRAME.size :])
+                    closing.pop_all()
+                self._map_publication(frame, fds)
+            if kind == shm.PUBLISHED and length == shm.REGION.size:
+                body = bytearray(length)
+                await tcp.recv_exact(self.sock, memoryview(body))
+                return self._published(number, *shm.REGION.unpack(body))
             if kind == shm.SHARED and length == shm.REGION.size:
                 body = bytearray(length)
                 await tcp.recv_exact(self.sock, memoryview(body))
@@ -216,3 +304,6 @@ class ShmCall(TcpCall):
         if self._segment is not None:
             self._segment.close()
             self._segment = None
+        for pub in self._publications.values():
+            pub.close()
+        self._publications.clear()

@@ -59,10 +59,11 @@ def status_error(code: int, body: memoryview, method: str) -> errors.PsError:
     return errors.from_status(code, status.message, status.error, method)
 
 
-async def greet(sock: socket.socket, method: str, where: str) -> None:
-    """Send the hello of ``method`` and read the server's echo (``TcpCall.open`` says what it raises)."""
+async def greet(sock: socket.socket, method: str, where: str, flags: int = 0) -> int:
+    """Send the hello of ``method`` with ``flags`` and read the server's echo (``TcpCall.open``
+    says what it raises); the flags the server will use."""
     code = tcp.METHOD_PUSH if method == "PushGradient" else tcp.METHOD_PULL
-    await tcp.send_parts(sock, [tcp.hello(code)])
+    await tcp.send_parts(sock, [tcp.hello(code, flags)])
     answer = bytearray(tcp.HELLO.size)
     await tcp.recv_exact(sock, memoryview(answer))
     if answer[0] == tcp.STATUS and not answer.startswith(tcp.MAGIC):  # refused, e.g. shutting down
@@ -71,8 +72,10 @@ async def greet(sock: socket.socket, method: str, where: str) -> None:
         if refused.code == errors.Code.UNIMPLEMENTED:  # another version of the framing: use gRPC
             raise ConnectionError(f"{where} does not speak this data plane: {refused.message}")
         raise refused
-    if bytes(answer) != tcp.hello(code):
+    echoed = tcp.HELLO.unpack(answer)[3]
+    if bytes(answer) != tcp.hello(code, echoed) or echoed & ~flags:
         raise ConnectionError(f"{where} is not a paramserver data plane of this version")
+    return int(echoed)
 
 
 class TcpCall:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from typing import TypeVar, cast
 
 import numpy as np
@@ -41,7 +41,7 @@ from .core.status import ParamsRead
 from .core.tensors import Gradient, owned
 from .slots import PushSlots, SlotHolder
 
-__all__ = ["Caller", "DataPlane", "DataPlaneStatistics", "Later", "PushMemo"]
+__all__ = ["Caller", "DataPlane", "DataPlaneStatistics", "Later", "PushMemo", "Shared"]
 
 log = logging.getLogger("ps_server")
 R = TypeVar("R")
@@ -127,6 +127,22 @@ class Later:
                 yield parts
         finally:
             dataplane._end()
+
+
+class Shared(list[wire.Part]):
+    """A response that every reader of the same ``key`` gets byte for byte: a transport may write
+    its bytes once for all of them (the shared-memory plane's publications). BSP's answers of one
+    clock are: the same acknowledgement, the same parameters. The key is ``source`` (what the data
+    views are of) and every byte but the data views' (which change only with the version those
+    bytes carry)."""
+
+    def __init__(self, parts: list[wire.Part], source: object) -> None:
+        super().__init__(parts)
+        self._source = source
+
+    @cached_property
+    def key(self) -> tuple[object, ...]:
+        return (self._source, *(bytes(p) for p in self if not isinstance(p, memoryview)))
 
 
 def _nothing() -> None:
@@ -305,10 +321,21 @@ class DataPlane:
                 result.staleness), push.then_pull, keep
 
     def _answer(self, ack: _Ack, read: ParamsRead, caller: Caller) -> Iterator[list[wire.Part]]:
-        """A push's responses that carry its then_pull's ``read`` (the bound as the read tells it)."""
+        """A push's responses that carry its then_pull's ``read`` (the bound and the min clock as
+        the read tells them: after the push, when the answer is made). Under BSP, those of the
+        whole model are ``Shared`` (every rank's of a clock is the same then; the data are views
+        of the run's parameters)."""
+        shared = read.staleness == 0 and read.derived is not None and read.delta is None and \
+            read.wire_dtype == "float32" and not read.rows
+        clock, duplicate, _, run_state, _ = ack
         for i, pulled in enumerate(self._params_parts(read, caller)):
-            yield wire.push_response_parts(*ack[:4], pulled=pulled, staleness=read.staleness) if i == 0 else \
+            parts = wire.push_response_parts(clock, duplicate, read.min_clock, run_state, pulled=pulled,
+                                             staleness=read.staleness) if i == 0 else \
                 wire.push_response_parts(pulled=pulled)
+            if shared:
+                assert read.derived is not None
+                parts = Shared(parts, read.derived.setdefault("shared", object()))  # (the store's; an id could be reused)
+            yield parts
 
     async def _receive(self, raw: bytes | memoryview, requests: AsyncIterator[bytes | memoryview],
                        holder: SlotHolder) -> _Push:

@@ -6,7 +6,10 @@ the stream cap) is ``tcp_plane``'s, and the semantics are the data plane's as on
 A request in the client's segment is decoded in place (the push's gradient is applied from the
 client's memory: ``Caller.borrowed`` makes the data plane copy what it keeps longer); a response
 is copied into the segment, over the requests it answers, in one go on the event loop, so it
-holds whole tensors of one moment (no step runs in the middle of it).
+holds whole tensors of one moment (no step runs in the middle of it). A response the data plane
+marks ``Shared`` (BSP's answers of a clock) goes to a client that reads publications as a
+PUBLISHED frame: copied once into a publication of the plane's (``_Publisher``), which every
+client given that response reads.
 
 Between pushes, a push stream is served in its socket's reader callback, as on TCP
 (``_Link.serve``): here for each SHARED request, whatever its size (an inline one goes to the
@@ -28,7 +31,7 @@ import numpy as np
 
 from paramserver.v1 import shm, tcp, wire
 
-from .dataplane import Caller, DataPlane
+from .dataplane import Caller, DataPlane, Shared
 from .tcp_plane import _WAIT, Got, Lean, TcpDataPlane, _Link
 
 __all__ = ["ShmDataPlane"]
@@ -41,18 +44,125 @@ _SHARED_FRAME = tcp.FRAME.size + shm.REGION.size
 _INLINE = 4096
 """Responses up to this size (a push's acknowledgement) go inline: cheaper than a copy and a
 SHARED frame."""
+_PUBLISH_MIN = 1 << 20
+"""``Shared`` responses from this size are published (smaller ones cost less to copy)."""
+_PUBLICATIONS = 2
+"""Publications a plane keeps at most: one for a BSP clock's answers while its workers read it,
+one more for another run's (when every one is still being read, an answer is copied as before)."""
+
+
+class _Publication:
+    """A memfd of the server's holding one ``Shared`` response (``key``), read by ``readers``: the
+    links it was sent to that have not sent their next message yet."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.fd = -1
+        self.segment: shm.Segment | None = None
+        self.key: tuple[object, ...] | None = None
+        self.readers: set[_ShmLink] = set()
+
+    def fit(self, n: int) -> shm.Segment:
+        """Its segment, replaced by a larger one if it holds fewer than ``n`` bytes (no reader)."""
+        if self.segment is None or self.segment.region.nbytes < n:
+            self.close()
+            self.fd, self.segment = shm.create_segment(shm.round_up(n + n // 4))
+        return self.segment
+
+    def close(self) -> None:
+        self.key = None
+        if self.segment is not None:
+            self.segment.close()
+            os.close(self.fd)
+            self.segment, self.fd = None, -1
+
+
+class _Publisher:
+    """A plane's publications: a ``Shared`` response is written into one once, and read by every
+    client it is sent to (the same key: the same bytes)."""
+
+    def __init__(self) -> None:
+        self._publications: list[_Publication] = []
+
+    def publish(self, parts: Shared, n: int) -> _Publication | None:
+        """The publication holding ``parts`` (``n`` bytes), written now unless it already is;
+        None when every publication is being read and there may be no more."""
+        pub = next((p for p in self._publications if p.key == parts.key), None)
+        if pub is not None:
+            return pub
+        pub = next((p for p in self._publications if not p.readers), None)
+        if pub is None:
+            if len(self._publications) >= _PUBLICATIONS:
+                return None
+            pub = _Publication(len(self._publications) + 1)
+            self._publications.append(pub)
+        try:
+            segment = pub.fit(n)
+        except OSError as exc:  # (no memfd here: the answer is copied into the client's segment)
+            log.warning("no publication segment (%s): answers are copied into each worker's segment", exc)
+            return None
+        pub.key = None
+        shm.put(segment.region, 0, parts, n)
+        pub.key = parts.key
+        return pub
+
+    def close(self) -> None:
+        for pub in self._publications:
+            pub.close()
 
 
 class _ShmLink(_Link):
     """One connection: frames on the socket (descriptors received with them), bodies in the segment."""
 
-    def __init__(self, conn: socket.socket, stall: float, max_segment: int) -> None:
+    def __init__(self, conn: socket.socket, stall: float, max_segment: int, publisher: _Publisher) -> None:
         super().__init__(conn, stall)
         self._max_segment = max_segment
         self.segment: shm.Segment | None = None
         self._out = 0
         """Where the next response goes in the segment (0 again after each request)."""
         self._head = bytearray(_SHARED_FRAME)  # (a SHARED frame and a SEGMENT one have this size)
+        self._publisher: _Publisher | None = None
+        """The plane's, once the client said it reads publications."""
+        self._shown: dict[int, shm.Segment] = {}
+        """The publications the client was given (number -> segment)."""
+        self._reading: set[_Publication] = set()
+        """Those it reads (until its next message)."""
+        self._offered = publisher
+
+    def accept(self, flags: int) -> int:
+        if flags & shm.FLAG_PUBLISHED:
+            self._publisher = self._offered
+            return shm.FLAG_PUBLISHED
+        return 0
+
+    def _published(self, parts: list[wire.Part], n: int) -> bytes | None:
+        """The PUBLISHED frame that gives the client ``parts`` (its publication passed first if
+        the client lacks it), or None: copy them into its segment."""
+        if self._publisher is None or n < _PUBLISH_MIN or not isinstance(parts, Shared):
+            return None
+        pub = self._publisher.publish(parts, n)
+        if pub is None:
+            return None
+        assert pub.segment is not None
+        if self._shown.get(pub.number) is not pub.segment:
+            frame = tcp.FRAME.pack(shm.PUBLICATION, 0, 0, 0, shm.REGION.size) + \
+                shm.REGION.pack(pub.segment.region.nbytes, pub.number)
+            try:
+                sent = socket.send_fds(self.conn, [frame], [pub.fd])
+            except BlockingIOError:
+                return None  # (the client has not read for a while: nothing went out, copy)
+            if sent != len(frame):
+                raise ConnectionError("a PUBLICATION frame did not go out whole")
+            self._shown[pub.number] = pub.segment
+        pub.readers.add(self)
+        self._reading.add(pub)
+        return tcp.FRAME.pack(shm.PUBLISHED, 0, 0, pub.number, shm.REGION.size) + shm.REGION.pack(0, n)
+
+    def _read_on(self) -> None:
+        """The client sent its next message (or is gone): it reads no publication any more."""
+        for pub in self._reading:
+            pub.readers.discard(self)
+        self._reading.clear()
 
     async def _recv(self, view: memoryview, fds: list[int], stall: float | None) -> None:
         """Fill ``view``, keeping any descriptors that come with the bytes in ``fds``."""
@@ -84,6 +194,7 @@ class _ShmLink(_Link):
                     await self._recv(body, fds, self.stall)
                     self._check_no_fds(fds, "MESSAGE")
                     self._out = 0
+                    self._read_on()
                     return body
                 if kind not in (shm.SHARED, shm.SEGMENT) or length != shm.REGION.size:
                     raise ValueError(f"unknown frame kind {kind} with {length} bytes: a client sends MESSAGE, "
@@ -109,6 +220,7 @@ class _ShmLink(_Link):
             raise ValueError(f"a SHARED message at [{at}, {at + n}) is outside the segment's region of "
                              f"{seg.region.nbytes} bytes")
         self._out = 0
+        self._read_on()
         return seg.region[at : at + n]
 
     def _lean_one(self, lean: Lean, max_bytes: int) -> Got:
@@ -141,6 +253,10 @@ class _ShmLink(_Link):
 
     def _send_now(self, parts: list[wire.Part]) -> list[wire.Part]:
         n = wire.parts_len(parts)
+        published = self._published(parts, n)
+        if published is not None:
+            rest = tcp.send_now(self.conn, [published])
+            return [rest] if rest else []
         seg = self.segment
         if n <= _INLINE or seg is None or self._out + n > seg.region.nbytes:
             return super()._send_now(parts)
@@ -172,6 +288,10 @@ class _ShmLink(_Link):
 
     async def send(self, parts: list[wire.Part]) -> None:
         n = wire.parts_len(parts)
+        published = self._published(parts, n)
+        if published is not None:
+            await tcp.send_parts(self.conn, [published], self.stall)
+            return
         seg = self.segment
         if n <= _INLINE or seg is None or self._out + n > seg.region.nbytes:
             await super().send(parts)
@@ -181,6 +301,7 @@ class _ShmLink(_Link):
         await tcp.send_parts(self.conn, [shm.put(seg.region, at, parts, n)], self.stall)
 
     def close(self) -> None:
+        self._read_on()
         if self.segment is not None:
             self.segment.close()
             self.segment = None
@@ -196,6 +317,7 @@ class ShmDataPlane(TcpDataPlane):
         """``max_segment_bytes``: the largest segment a client may pass (it is mapped, not allocated)."""
         super().__init__(dataplane, max_message_bytes, closing, stall_seconds)
         self._max_segment = max_segment_bytes
+        self._publisher = _Publisher()
         self.name = ""
 
     def listen(self) -> str:
@@ -211,6 +333,10 @@ class ShmDataPlane(TcpDataPlane):
         self.name = name
         return name
 
+    async def close(self) -> None:
+        await super().close()
+        self._publisher.close()
+
     def _admit(self, conn: socket.socket) -> bool:
         pid, uid, _ = _CREDENTIALS.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size))
         if uid not in (os.getuid(), 0):
@@ -224,4 +350,4 @@ class ShmDataPlane(TcpDataPlane):
         return True
 
     def _link(self, conn: socket.socket) -> _Link:
-        return _ShmLink(conn, self._stall, self._max_segment)
+        return _ShmLink(conn, self._stall, self._max_segment, self._publisher)

@@ -194,6 +194,10 @@ class _Link:
         self.watch = _Watch(conn)
         self._head = bytearray(tcp.FRAME.size)
 
+    def accept(self, flags: int) -> int:
+        """The hello's ``flags`` this link will use (the echo's; none on TCP)."""
+        return 0
+
     async def serve(self, lean: Lean, max_bytes: int) -> memoryview | Later | None:
         """Between requests: answer each small request in the socket's reader callback as it
         comes, with ``lean`` (``DataPlane.push_now``: no task wakes up, no coroutine runs per
@@ -381,7 +385,7 @@ class TcpDataPlane:
         try:
             try:
                 async with asyncio.timeout(_HELLO_SECONDS):
-                    method = await self._hello(conn)
+                    method, flags = await self._hello(conn)
             except (TimeoutError, ConnectionError, OSError):
                 return  # (a port probe: a load balancer's or Kubernetes' TCP check)
             handler: Callable[[AsyncIterator[bytes | memoryview], Caller], AsyncGenerator[list[wire.Part], None]]
@@ -402,7 +406,7 @@ class TcpDataPlane:
                                                f"more than {self.max_streams} TCP data plane streams are open; "
                                                "use gRPC or retry"))
                 return
-            await tcp.send_parts(conn, [tcp.hello(method)], self._stall)
+            await tcp.send_parts(conn, [tcp.hello(method, link.accept(flags))], self._stall)
             serving = asyncio.current_task()
             assert serving is not None
             try:
@@ -428,16 +432,17 @@ class TcpDataPlane:
             self._open -= 1
             holder.release()
 
-    async def _hello(self, conn: socket.socket) -> int:
+    async def _hello(self, conn: socket.socket) -> tuple[int, int]:
+        """The method and the flags of a client's hello."""
         buf = bytearray(tcp.HELLO.size)
         await tcp.recv_exact(conn, memoryview(buf))
-        magic, version, method, _ = tcp.HELLO.unpack(buf)
+        magic, version, method, flags = tcp.HELLO.unpack(buf)
         if magic != tcp.MAGIC or version != tcp.VERSION:
             refusal = _refusal(_UNIMPLEMENTED, pb.ERROR_REASON_UNSUPPORTED,
                                f"not a paramserver data plane hello (want {tcp.MAGIC!r} version {tcp.VERSION})")
             await self._end(conn, refusal, plain=magic == tcp.MAGIC and version == 1)
             raise ConnectionError("bad hello")
-        return int(method)
+        return int(method), int(flags)
 
     async def _requests(self, conn: socket.socket, link: _Link, serving: asyncio.Task[None], holder: SlotHolder,
                         releases: bool) -> AsyncGenerator[memoryview, None]:

@@ -22,12 +22,14 @@ import numpy as np
 import pytest
 from support import make_spec
 
-from paramserver import errors
+from paramserver import errors, shm_transport
 from paramserver.client import PsClient
 from paramserver.shm_transport import ShmCall
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import shm, tcp
+from ps_server import shm_plane
 from ps_server.config import ServerConfig
+from ps_server.dataplane import Shared
 from ps_server.server import PsServer, start_server
 
 pytestmark = pytest.mark.timeout(60)
@@ -186,6 +188,112 @@ async def test_bsp_holds_a_gradient_whose_pull_waits_in_place_and_copies_it_when
         await c1.push(run.run_id, a1.rank, a1.incarnation, 2, {"w": ones})
         final = await c1.pull(run.run_id, a1.rank, a1.incarnation, 3)
         np.testing.assert_array_equal(final.tensors["w"], -(2 + 4 + 4) * ones)  # means: (1+3)/2, (5+3)/2, (7+1)/2
+
+
+async def test_bsp_answers_of_a_clock_are_published_once_and_every_rank_reads_that_copy(
+        server: PsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At s = 0 the answers of a clock are the same bytes for every rank: the server writes them
+    once, into a publication of its own that it passes each client (mapped read only), instead of
+    once into each client's segment. A publication is written again only once every client that
+    was given it has sent its next request, or gone."""
+    monkeypatch.setattr(shm_plane, "_PUBLISH_MIN", 64 << 10)  # (this model's 360 KB answers)
+    writes: list[int] = []
+    put = shm.put
+
+    def spy(region: memoryview, at: int, parts: list[bytes | memoryview], n: int) -> bytes:
+        if n > 64 << 10:
+            writes.append(id(region.obj))
+        return put(region, at, parts, n)
+
+    monkeypatch.setattr(shm, "put", spy)
+    assert server.shm_plane is not None
+    publisher = server.shm_plane._publisher
+    async with bsp_pair(server) as (c0, c1, run, a0, a1):
+        ones = np.ones((300, 300), np.float32)
+        p0: dict[str, np.ndarray] = {}
+        p1: dict[str, np.ndarray] = {}
+        await asyncio.gather(c0.pull(run.run_id, a0.rank, a0.incarnation, 0, into=p0),
+                             c1.pull(run.run_id, a1.rank, a1.incarnation, 0, into=p1))
+        for clock in range(3):
+            writes.clear()
+            (ack0, r0), (ack1, r1) = await asyncio.gather(
+                c0.push_pull(run.run_id, a0.rank, a0.incarnation, clock, {"w": ones}, into=p0),
+                c1.push_pull(run.run_id, a1.rank, a1.incarnation, clock, {"w": 3 * ones}, into=p1))
+            np.testing.assert_array_equal(p0["w"], -2 * (clock + 1) * ones)  # the mean of 1 and 3, each clock
+            np.testing.assert_array_equal(p1["w"], p0["w"])
+            assert ack0.min_clock == ack1.min_clock == clock + 1 and r0.version == r1.version == clock + 1
+            [pub] = publisher._publications  # one, written once a clock: no answer went into a client's segment
+            assert pub.segment is not None
+            pushes = [id(call._segment.region.obj) for call in (c0._push.idle_call(), c1._push.idle_call())
+                      if isinstance(call, ShmCall) and call._segment is not None]
+            assert sorted(writes) == sorted([id(pub.segment.region.obj), *pushes]) and len(pushes) == 2
+            assert {len(link._reading) for link in pub.readers} == {1} and len(pub.readers) == 2
+        for c in (c0, c1):
+            call = c._push.idle_call()
+            assert isinstance(call, ShmCall) and list(call._publications) == [1]
+            assert call._publications[1].region.readonly
+        assert segments() == 2 + 2 + 1  # each client's push and pull segments, and the publication
+    for _ in range(250):  # the clients are gone: once the server sees it, nobody reads it any more
+        if not pub.readers:
+            break
+        await asyncio.sleep(0.02)
+    assert not pub.readers
+
+
+async def test_a_client_that_does_not_ask_for_publications_gets_its_answers_in_its_segment(
+        server: PsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Publications are a hello flag's: an older client (or another language's) that does not set
+    it is answered as before; the TCP plane never grants it."""
+    monkeypatch.setattr(shm_plane, "_PUBLISH_MIN", 64 << 10)
+    greet = shm_transport.greet
+    monkeypatch.setattr(shm_transport, "greet", lambda sock, method, where, flags=0: greet(sock, method, where))
+    assert server.shm_plane is not None
+    async with bsp_pair(server) as (c0, c1, run, a0, a1):
+        ones = np.ones((300, 300), np.float32)
+        for clock in range(2):
+            (_, r0), (_, r1) = await asyncio.gather(
+                c0.push_pull(run.run_id, a0.rank, a0.incarnation, clock, {"w": ones}, into={}),
+                c1.push_pull(run.run_id, a1.rank, a1.incarnation, clock, {"w": 3 * ones}, into={}))
+            np.testing.assert_array_equal(r0.tensors["w"], -2 * (clock + 1) * ones)
+            np.testing.assert_array_equal(r1.tensors["w"], r0.tensors["w"])
+        assert not server.shm_plane._publisher._publications and c0.route.opened["shm"] == 1
+    assert server.data_plane is not None
+
+    def echo(sock: socket.socket) -> bytes:
+        with sock:
+            sock.settimeout(5)
+            sock.sendall(tcp.hello(tcp.METHOD_PUSH, shm.FLAG_PUBLISHED | 2))  # (and a flag no one knows)
+            return sock.recv(tcp.HELLO.size)
+
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.connect(shm.name_for(server.shm_plane.name))
+    assert await asyncio.to_thread(echo, unix) == tcp.hello(tcp.METHOD_PUSH, shm.FLAG_PUBLISHED)
+    inet = socket.create_connection(("127.0.0.1", server.data_plane.port))
+    assert await asyncio.to_thread(echo, inet) == tcp.hello(tcp.METHOD_PUSH, 0)
+
+
+def test_a_publication_being_read_is_never_written_and_a_freed_one_is_reused() -> None:
+    publisher = shm_plane._Publisher()
+    try:
+        def answer(key: str, fill: int) -> tuple[Shared, int]:
+            data = np.full(1 << 20, fill, np.uint8)
+            return Shared([key.encode(), memoryview(data)], "store"), 1 + data.nbytes
+
+        first = publisher.publish(*answer("a", 1))
+        assert first is not None and first.segment is not None
+        reader, other = object(), object()
+        first.readers.add(reader)  # type: ignore[arg-type]
+        assert publisher.publish(*answer("a", 1)) is first  # the same bytes: not written again
+        second = publisher.publish(*answer("b", 2))  # the first is being read: another one
+        assert second is not None and second is not first and second.number == 2
+        second.readers.add(other)  # type: ignore[arg-type]
+        assert publisher.publish(*answer("c", 3)) is None  # both read: the caller copies as before
+        assert bytes(first.segment.region[1:5]) == b"\x01" * 4  # untouched
+        first.readers.clear()  # its reader sent its next request
+        third = publisher.publish(*answer("c", 3))
+        assert third is first and bytes(first.segment.region[1:5]) == b"\x03" * 4
+    finally:
+        publisher.close()
 
 
 def _inside(views: dict[str, np.ndarray], c: PsClient) -> bool:

@@ -102,21 +102,34 @@ async def test_kill_9_of_a_worker_while_it_writes_a_push_applies_no_torn_or_part
     assert segments("self") == 0 and set(os.listdir("/dev/shm")) <= before
 
 
-async def test_kill_9_of_the_server_while_a_worker_reads_ends_its_pull_and_frees_the_memory() -> None:
+@pytest.mark.parametrize("published", [False, True])
+async def test_kill_9_of_the_server_while_a_worker_reads_ends_its_pull_and_frees_the_memory(published: bool) -> None:
+    """Published: a BSP run, whose answers the worker reads from the server's publication (its
+    pushes carry their pulls), mapped besides its own segments."""
     from support import make_spec
 
     before = set(os.listdir("/dev/shm"))
     with ps_server("--port", "0") as (server, addr):
         async with connect(addr) as c:
-            run = await c.create_run(make_spec(shapes={"w": (2000, 2000)}, num_workers=1, staleness=-1))
+            run = await c.create_run(make_spec(shapes={"w": (2000, 2000)}, num_workers=1,
+                                               staleness=0 if published else -1, iterations=100_000))
             a = (await c.join("reader", run.run_id)).assignment
             params: dict[str, np.ndarray] = {}
             await c.pull(run.run_id, a.rank, a.incarnation, 0, into=params)
             assert c.route.opened["shm"] == 1 and segments("self") == 1
+            zeros = {"w": np.zeros((2000, 2000), np.float32)}
+            if published:
+                await c.push_pull(run.run_id, a.rank, a.incarnation, 0, zeros, into=params)
+                assert segments("self") == 3  # the pull and push streams' segments, the publication
 
             async def read_forever() -> None:
+                clock = 1
                 while True:
-                    await c.pull(run.run_id, a.rank, a.incarnation, 0, into=params)
+                    if published:
+                        await c.push_pull(run.run_id, a.rank, a.incarnation, clock, zeros, into=params)
+                        clock += 1
+                    else:
+                        await c.pull(run.run_id, a.rank, a.incarnation, 0, into=params)
 
             reader = asyncio.create_task(read_forever())
             await asyncio.sleep(0.3)
@@ -125,6 +138,9 @@ async def test_kill_9_of_the_server_while_a_worker_reads_ends_its_pull_and_frees
             with pytest.raises(errors.Unavailable):
                 await asyncio.wait_for(reader, 15)
             assert time.monotonic() - t0 < 5  # found at once (the socket closes), not after a timeout
-            assert segments("self") == 0  # the broken stream's segment is unmapped
+            # The broken stream's segment (and publication) are unmapped; an idle pull stream's
+            # (published: the push stream broke) goes when it is used next, or the client closes.
+            assert segments("self") == (1 if published else 0)
             server.wait(10)
+        assert segments("self") == 0
     assert set(os.listdir("/dev/shm")) <= before

@@ -34,6 +34,21 @@ The protocol (Linux; integers little-endian), a variant of ``paramserver.v1.tcp`
   stream. A message that does not fit the rest of the region goes inline as a MESSAGE frame; the
   client then sends a larger SEGMENT. A SHARED message may be larger than the server's message
   limit (nothing is allocated for it).
+* Publications (BSP's answers, written once for every worker): a client that can read them sets
+  bit 0 of its hello's flags (``FLAG_PUBLISHED``); a server that will send them echoes it. Two
+  more frame kinds then come from the server:
+  - kind 5, PUBLICATION: a 16-byte body, u64 ``size``, u64 ``number``, and exactly one file
+    descriptor: a memfd of the server's, sealed against shrinking, to map read only; publication
+    ``number`` (1, 2, ...) is now its first ``size`` bytes, replacing any earlier one of that
+    number. It comes before the first PUBLISHED frame that uses it.
+  - kind 6, PUBLISHED: a 16-byte body, u64 ``offset``, u64 ``length``, and the publication's
+    number in the frame's u32 (a STATUS frame's status): the message is bytes [offset, offset +
+    length) of that publication. They stay as they are until the client sends its next message
+    on this stream, as SHARED ones: the server writes a publication again only once every
+    stream it was shown to has sent its next message or ended. So the workers of a BSP clock,
+    whose answers are byte for byte the same, read one copy that the server wrote once (instead
+    of one copy per worker's segment, one after another, while all of them wait), and each
+    copies it out in parallel with the others.
 * A client may compute a request's tensor data straight into the region, where the request's
   encoding will put them (the Python worker writes a large gradient there: no copy; ``put`` leaves
   bytes already in place as they are). Nothing in the protocol changes: the bytes are the same.
@@ -60,12 +75,16 @@ import numpy as np
 
 from .tcp import FRAME
 
-__all__ = ["IN_PLACE_BYTES", "MESSAGE_BYTES", "REGION", "address", "align", "put", "SEGMENT", "SHARED", "Segment", "available", "create_segment", "map_segment", "name_for"]
+__all__ = ["FLAG_PUBLISHED", "PUBLICATION", "PUBLISHED", "IN_PLACE_BYTES", "map_publication", "MESSAGE_BYTES", "REGION", "address", "align", "put", "SEGMENT", "SHARED", "Segment", "available", "create_segment", "map_segment", "name_for"]
 
 SEGMENT = 3
 SHARED = 4
+PUBLICATION = 5
+PUBLISHED = 6
+FLAG_PUBLISHED = 1
+"""The hello's flag of a client that reads publications (and of a server that sends them)."""
 REGION = struct.Struct("<QQ")
-"""The body of SEGMENT (size, 0) and of SHARED (offset, length)."""
+"""The body of SEGMENT (size, 0), SHARED and PUBLISHED (offset, length) and PUBLICATION (size, number)."""
 MESSAGE_BYTES = 32 << 20
 """Payload bytes per message that both sides write (fewer, larger messages than on TCP: nothing is
 allocated for a shared one, and an inline one stays below the default 64 MiB message limit)."""
@@ -182,3 +201,10 @@ def map_segment(fd: int, size: int, reserved: int, max_bytes: int) -> Segment:
     if have < size:
         raise ValueError(f"the segment holds {have} bytes, fewer than the {size} its SEGMENT frame says")
     return Segment(mmap.mmap(fd, size), size)
+
+
+def map_publication(fd: int, size: int) -> Segment:
+    """Map a server's publication read only (the client's side). Does not close ``fd``."""
+    if not 0 < size <= os.fstat(fd).st_size:
+        raise ValueError(f"a PUBLICATION of {size} bytes in a memfd of {os.fstat(fd).st_size}")
+    return Segment(mmap.mmap(fd, size, prot=mmap.PROT_READ), size)

@@ -9,8 +9,9 @@ other RPC, and any client that does not speak this framing, uses gRPC.
 Version 2 of the framing (integers little-endian):
 
 * A connection carries one stream of one method, as a gRPC call does. The client opens it with
-  8 bytes: ``b"PSDP"``, u8 version (2), u8 method (1 = PushGradient, 2 = PullParams), u16 zero.
-  The server answers the same 8 bytes when it accepts, or a STATUS frame and closes (a hello of
+  8 bytes: ``b"PSDP"``, u8 version (2), u8 method (1 = PushGradient, 2 = PullParams), u16 flags.
+  The server answers the same 8 bytes when it accepts, with the flags it will use (zero on TCP:
+  the flags are the shared-memory plane's, ``shm``), or a STATUS frame and closes (a hello of
   another version gets UNIMPLEMENTED: the client then uses gRPC).
 * Then frames, each a 16-byte header (u8 kind, u8 zero, u16 zero, u32 status, u64 length) and
   ``length`` bytes:
@@ -70,8 +71,10 @@ IOV_MAX = 1024
 _SOCKET_BUFFER = 4 << 20
 
 
-def hello(method: int) -> bytes:
-    return HELLO.pack(MAGIC, VERSION, method, 0)
+def hello(method: int, flags: int = 0) -> bytes:
+    """The hello (and the server's echo) of ``method``; ``flags``: what the client can read besides
+    (a bit per feature, echoed by a server that will use it: ``shm.FLAG_PUBLISHED``)."""
+    return HELLO.pack(MAGIC, VERSION, method, flags)
 
 
 def tune(sock: socket.socket) -> None:
