@@ -61,6 +61,10 @@ class Caller:
     then (``DataPlane._apply``)."""
     chunk_bytes: int = 0
     """Payload bytes per response message on this transport; 0: the server's ``--chunk-bytes``."""
+    shares: bool = False
+    """The transport may write a ``Shared`` response once for all its readers (the shared-memory
+    plane's publications): BSP's answers of the whole model then come as the acknowledgement alone
+    and then the parameters, which are the same bytes for every rank of a clock."""
 
 
 @dataclass(frozen=True)
@@ -321,21 +325,20 @@ class DataPlane:
                 result.staleness), push.then_pull, keep
 
     def _answer(self, ack: _Ack, read: ParamsRead, caller: Caller) -> Iterator[list[wire.Part]]:
-        """A push's responses that carry its then_pull's ``read`` (the bound and the min clock as
-        the read tells them: after the push, when the answer is made). Under BSP, those of the
-        whole model are ``Shared`` (every rank's of a clock is the same then; the data are views
-        of the run's parameters)."""
-        shared = read.staleness == 0 and read.derived is not None and read.delta is None and \
-            read.wire_dtype == "float32" and not read.rows
-        clock, duplicate, _, run_state, _ = ack
+        """A push's responses that carry its then_pull's ``read`` (the bound as the read tells it).
+        Under BSP, on a transport that ``shares``, the whole model's come after the
+        acknowledgement (its own response: its min clock is the rank's), ``Shared``: the data are
+        views of the run's parameters."""
+        if caller.shares and read.staleness == 0 and read.derived is not None and read.delta is None and \
+                read.wire_dtype == "float32" and not read.rows:
+            yield wire.push_response_parts(*ack[:4], staleness=read.staleness)
+            source = read.derived.setdefault("shared", object())  # (the store's: an id could be reused)
+            for pulled in self._params_parts(read, caller):
+                yield Shared(wire.push_response_parts(pulled=pulled), source)
+            return
         for i, pulled in enumerate(self._params_parts(read, caller)):
-            parts = wire.push_response_parts(clock, duplicate, read.min_clock, run_state, pulled=pulled,
-                                             staleness=read.staleness) if i == 0 else \
+            yield wire.push_response_parts(*ack[:4], pulled=pulled, staleness=read.staleness) if i == 0 else \
                 wire.push_response_parts(pulled=pulled)
-            if shared:
-                assert read.derived is not None
-                parts = Shared(parts, read.derived.setdefault("shared", object()))  # (the store's; an id could be reused)
-            yield parts
 
     async def _receive(self, raw: bytes | memoryview, requests: AsyncIterator[bytes | memoryview],
                        holder: SlotHolder) -> _Push:

@@ -250,8 +250,7 @@ class Run:
         guaranteed = self.min_clock if self.spec.staleness else self.bsp.applied_clock
         told = self._tell(self.clock.slots[rank]) if rank is not None else None
         return ParamsRead(guaranteed, self.counters.updates_applied, tensors, self.state,
-                          self.store.derived if whole else None, picked, wire_dtype, delta, self.store.lineage, told,
-                          self.min_clock)
+                          self.store.derived if whole else None, picked, wire_dtype, delta, self.store.lineage, told)
 
     def _tell(self, slot: Slot) -> int:
         """The bound an answer to ``slot``'s rank carries (and which its next push is checked against)."""

@@ -173,5 +173,3 @@ class ParamsRead:
     """The store's lineage (``ParamStore.lineage``)."""
     staleness: int | None = None
     """The run's bound now (None: an observer's read)."""
-    min_clock: int = 0
-    """The run's min clock now."""

@@ -46,9 +46,10 @@ The protocol (Linux; integers little-endian), a variant of ``paramserver.v1.tcp`
     length) of that publication. They stay as they are until the client sends its next message
     on this stream, as SHARED ones: the server writes a publication again only once every
     stream it was shown to has sent its next message or ended. So the workers of a BSP clock,
-    whose answers are byte for byte the same, read one copy that the server wrote once (instead
-    of one copy per worker's segment, one after another, while all of them wait), and each
-    copies it out in parallel with the others.
+    whose parameters are byte for byte the same (the server sends a push's acknowledgement in a
+    response of its own, then the parameters), read one copy that the server wrote once
+    (instead of one copy per worker's segment, one after another, while all of them wait), and
+    each copies it out in parallel with the others.
 * A client may compute a request's tensor data straight into the region, where the request's
   encoding will put them (the Python worker writes a large gradient there: no copy; ``put`` leaves
   bytes already in place as they are). Nothing in the protocol changes: the bytes are the same.
