@@ -61,10 +61,11 @@ class Caller:
     then (``DataPlane._apply``)."""
     chunk_bytes: int = 0
     """Payload bytes per response message on this transport; 0: the server's ``--chunk-bytes``."""
-    shares: bool = False
-    """The transport may write a ``Shared`` response once for all its readers (the shared-memory
-    plane's publications): BSP's answers of the whole model then come as the acknowledgement alone
-    and then the parameters, which are the same bytes for every rank of a clock."""
+    share_bytes: int = 0
+    """From this size (0: never) the transport may write a ``Shared`` response once for all its
+    readers (the shared-memory plane's publications): BSP's answers of a whole model this large
+    then come as the acknowledgement alone and then the parameters, which are the same bytes for
+    every rank of a clock."""
 
 
 @dataclass(frozen=True)
@@ -326,13 +327,15 @@ class DataPlane:
 
     def _answer(self, ack: _Ack, read: ParamsRead, caller: Caller) -> Iterator[list[wire.Part]]:
         """A push's responses that carry its then_pull's ``read`` (the bound as the read tells it).
-        Under BSP, on a transport that ``shares``, the whole model's come after the
+        Under BSP, on a transport that shares (``Caller.share_bytes``), a large model's come after the
         acknowledgement (its own response: its min clock is the rank's), ``Shared``: the data are
         views of the run's parameters."""
-        if caller.shares and read.staleness == 0 and read.derived is not None and read.delta is None and \
-                read.wire_dtype == "float32" and not read.rows:
+        derived = read.derived
+        if caller.share_bytes and read.staleness == 0 and derived is not None and read.delta is None and \
+                read.wire_dtype == "float32" and not read.rows and \
+                derived.setdefault("nbytes", sum(t.nbytes for t in read.tensors.values())) >= caller.share_bytes:
             yield wire.push_response_parts(*ack[:4], staleness=read.staleness)
-            source = read.derived.setdefault("shared", object())  # (the store's: an id could be reused)
+            source = derived.setdefault("shared", object())  # (the store's: an id could be reused)
             for pulled in self._params_parts(read, caller):
                 yield Shared(wire.push_response_parts(pulled=pulled), source)
             return

@@ -310,7 +310,7 @@ class _ShmLink(_Link):
 class ShmDataPlane(TcpDataPlane):
     """``listen`` starts it on a new abstract name (``name``, told to workers); ``close`` ends every connection."""
 
-    _caller = Caller("shm", borrowed=True, chunk_bytes=shm.MESSAGE_BYTES, shares=True)
+    _caller = Caller("shm", borrowed=True, chunk_bytes=shm.MESSAGE_BYTES, share_bytes=_PUBLISH_MIN)
 
     def __init__(self, dataplane: DataPlane, max_message_bytes: int, closing: Callable[[], bool],
                  stall_seconds: float, max_segment_bytes: int) -> None:

@@ -190,13 +190,19 @@ async def test_bsp_holds_a_gradient_whose_pull_waits_in_place_and_copies_it_when
         np.testing.assert_array_equal(final.tensors["w"], -(2 + 4 + 4) * ones)  # means: (1+3)/2, (5+3)/2, (7+1)/2
 
 
+def _publish_from(nbytes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shm_plane, "_PUBLISH_MIN", nbytes)
+    monkeypatch.setattr(shm_plane.ShmDataPlane, "_caller",
+                        dataclasses.replace(shm_plane.ShmDataPlane._caller, share_bytes=nbytes))
+
+
 async def test_bsp_answers_of_a_clock_are_published_once_and_every_rank_reads_that_copy(
         server: PsServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """At s = 0 the answers of a clock are the same bytes for every rank: the server writes them
     once, into a publication of its own that it passes each client (mapped read only), instead of
     once into each client's segment. A publication is written again only once every client that
     was given it has sent its next request, or gone."""
-    monkeypatch.setattr(shm_plane, "_PUBLISH_MIN", 64 << 10)  # (this model's 360 KB answers)
+    _publish_from(64 << 10, monkeypatch)  # (this model's 360 KB answers)
     writes: list[int] = []
     put = shm.put
 
@@ -245,7 +251,7 @@ async def test_a_client_that_does_not_ask_for_publications_gets_its_answers_in_i
         server: PsServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Publications are a hello flag's: an older client (or another language's) that does not set
     it is answered as before; the TCP plane never grants it."""
-    monkeypatch.setattr(shm_plane, "_PUBLISH_MIN", 64 << 10)
+    _publish_from(64 << 10, monkeypatch)
     greet = shm_transport.greet
     monkeypatch.setattr(shm_transport, "greet", lambda sock, method, where, flags=0: greet(sock, method, where))
     assert server.shm_plane is not None
