@@ -136,10 +136,10 @@ class Later:
 
 class Shared(list[wire.Part]):
     """A response that every reader of the same ``key`` gets byte for byte: a transport may write
-    its bytes once for all of them (the shared-memory plane's publications). BSP's answers of one
-    clock are: the same acknowledgement, the same parameters. The key is ``source`` (what the data
-    views are of) and every byte but the data views' (which change only with the version those
-    bytes carry)."""
+    its bytes once for all of them (the shared-memory plane's publications). BSP's parameters of
+    one clock are (after each rank's acknowledgement). The key is ``source`` (what the data views
+    are of) and every byte but the data views' (which change only with the version those bytes
+    carry)."""
 
     def __init__(self, parts: list[wire.Part], source: object) -> None:
         super().__init__(parts)
@@ -330,18 +330,28 @@ class DataPlane:
         Under BSP, on a transport that shares (``Caller.share_bytes``), a large model's come after the
         acknowledgement (its own response: its min clock is the rank's), ``Shared``: the data are
         views of the run's parameters."""
-        derived = read.derived
-        if caller.share_bytes and read.staleness == 0 and derived is not None and read.delta is None and \
-                read.wire_dtype == "float32" and not read.rows and \
-                derived.setdefault("nbytes", sum(t.nbytes for t in read.tensors.values())) >= caller.share_bytes:
+        source = self._shared_source(read, caller)
+        if source is not None:
             yield wire.push_response_parts(*ack[:4], staleness=read.staleness)
-            source = derived.setdefault("shared", object())  # (the store's: an id could be reused)
             for pulled in self._params_parts(read, caller):
                 yield Shared(wire.push_response_parts(pulled=pulled), source)
             return
         for i, pulled in enumerate(self._params_parts(read, caller)):
             yield wire.push_response_parts(*ack[:4], pulled=pulled, staleness=read.staleness) if i == 0 else \
                 wire.push_response_parts(pulled=pulled)
+
+    @staticmethod
+    def _shared_source(read: ParamsRead, caller: Caller) -> object | None:
+        """What ``read``'s data are views of (the run's store, as a token: an id could be reused)
+        when its answers are ``Shared``: a BSP read of a whole model of ``caller.share_bytes`` or
+        more, in float32; else None."""
+        derived = read.derived
+        if not caller.share_bytes or read.staleness != 0 or derived is None or read.delta is not None or \
+                read.wire_dtype != "float32" or read.rows:
+            return None
+        if "nbytes" not in derived:
+            derived["nbytes"] = sum(t.nbytes for t in read.tensors.values())
+        return derived.setdefault("shared", object()) if derived["nbytes"] >= caller.share_bytes else None
 
     async def _receive(self, raw: bytes | memoryview, requests: AsyncIterator[bytes | memoryview],
                        holder: SlotHolder) -> _Push:
