@@ -113,6 +113,16 @@ def free_ports(n: int) -> list[int]:
         return ports
 
 
+def segments(pid: int | str = "self") -> int:
+    """Shared-memory segments of the data plane's protocol (distinct memfds: the streams' and the
+    server's publications) that process ``pid`` maps now (0 when it is gone)."""
+    try:
+        lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    except (FileNotFoundError, ProcessLookupError):  # gone: it maps nothing
+        return 0
+    return len({line.split()[4] for line in lines if "memfd:paramserver-segment" in line})
+
+
 def free_port() -> int:
     return free_ports(1)[0]
 

@@ -15,11 +15,11 @@ import os
 import socket
 import struct
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from procs import segments
 from support import make_spec
 
 from paramserver import errors, shm_transport
@@ -33,12 +33,6 @@ from ps_server.dataplane import Shared
 from ps_server.server import PsServer, start_server
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def segments(pid: int | str = "self") -> int:
-    """Shared-memory segments (distinct memfds of this protocol) ``pid`` maps now."""
-    lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
-    return len({line.split()[4] for line in lines if "memfd:paramserver-segment" in line})
 
 
 async def test_pushes_and_pulls_go_through_shared_memory_once_join_tells_the_name(server: PsServer) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from procs import ENV, connect, ps_server
+from procs import ENV, connect, ps_server, segments
 
 from paramserver import errors
 from paramserver.v1 import paramserver_pb2 as pb
@@ -23,15 +23,6 @@ from paramserver.v1 import paramserver_pb2 as pb
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 SHAPE = (1000, 1000)  # 4 MB a push: the kill lands in the middle of a copy into the segment now and then
-
-
-def segments(pid: int | str) -> int:
-    """Shared-memory segments of this protocol that process ``pid`` maps now (0 when it is gone)."""
-    try:
-        lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
-    except (FileNotFoundError, ProcessLookupError):  # gone: it maps nothing
-        return 0
-    return len({line.split()[4] for line in lines if "memfd:paramserver-segment" in line})
 
 
 async def until(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from procs import bsp_reference, connect, finish, free_port, ps_server, ps_workers
+from procs import bsp_reference, connect, finish, free_port, ps_server, ps_workers, segments
 
 from client.spec import LaunchOptions, build_run_spec
 from paramserver.v1 import paramserver_pb2 as pb
@@ -49,20 +49,28 @@ async def test_linear_regression_recovers_true_weights() -> None:
     np.testing.assert_allclose(params["linear.bias"], b_true, atol=0.02)
 
 
-@pytest.mark.parametrize("model", ["mlp:16", "mlp:512"])
+@pytest.mark.parametrize("model", ["mlp:16", "mlp:512", "mlp:4096"])
 async def test_bsp_equals_single_process_reference(model: str) -> None:
     """s = 0 with SGD: the same combined gradients in the same order give the same parameters.
-    mlp:512's first layer (128 KiB) is computed in the push stream's shared memory (``PsClient.push_buffers``)."""
+    mlp:512's first layer (128 KiB) is computed in the push stream's shared memory
+    (``PsClient.push_buffers``); mlp:4096's answers (1.2 MB) are published: written once a clock
+    into a segment of the server's that the workers read (its last one stays mapped by the server)."""
     opts = LaunchOptions(model=model, dataset="digits", workers=3, staleness=0, lr=0.1, iterations=25,
                          batch_size=16, seed=5)
     spec = build_run_spec(opts)
-    with ps_server("--port", "0") as (_, addr):
+    with ps_server("--port", "0") as (server, addr):
         async with connect(addr) as c:
             run = await c.create_run(spec)
             init = (await c.pull(run.run_id)).tensors
             with ps_workers(addr, 3):
                 final_run = await finish(c, run.run_id)
             final = (await c.pull(run.run_id)).tensors
+            publications = 1 if model == "mlp:4096" else 0  # (the workers are gone: their segments too)
+            for _ in range(100):
+                if segments(server.pid) == publications:
+                    break
+                await asyncio.sleep(0.05)
+            assert segments(server.pid) == publications
     assert final_run.state == pb.RUN_STATE_COMPLETED, final_run.message
     params = bsp_reference(spec, init)
     for name in params:
