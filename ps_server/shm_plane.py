@@ -135,15 +135,17 @@ class _ShmLink(_Link):
             return shm.FLAG_PUBLISHED
         return 0
 
-    def _published(self, parts: list[wire.Part], n: int) -> bytes | None:
-        """The PUBLISHED frame that gives the client ``parts`` (its publication passed first if
-        the client lacks it), or None: copy them into its segment."""
+    def _published(self, parts: list[wire.Part], n: int) -> list[bytes] | None:
+        """What to send next to give the client ``parts`` (its publication passed first if it
+        lacks it): the PUBLISHED frame, after the rest of a PUBLICATION frame the socket took only
+        the start of; or None: copy them into its segment."""
         if self._publisher is None or n < _PUBLISH_MIN or not isinstance(parts, Shared):
             return None
         pub = self._publisher.publish(parts, n)
         if pub is None:
             return None
         assert pub.segment is not None
+        out = []
         if self._shown.get(pub.number) is not pub.segment:
             frame = tcp.FRAME.pack(shm.PUBLICATION, 0, 0, 0, shm.REGION.size) + \
                 shm.REGION.pack(pub.segment.region.nbytes, pub.number)
@@ -151,12 +153,13 @@ class _ShmLink(_Link):
                 sent = socket.send_fds(self.conn, [frame], [pub.fd])
             except BlockingIOError:
                 return None  # (the client has not read for a while: nothing went out, copy)
-            if sent != len(frame):
-                raise ConnectionError("a PUBLICATION frame did not go out whole")
             self._shown[pub.number] = pub.segment
+            if sent < len(frame):
+                out.append(frame[sent:])  # (the descriptor went with its first bytes)
         pub.readers.add(self)
         self._reading.add(pub)
-        return tcp.FRAME.pack(shm.PUBLISHED, 0, 0, pub.number, shm.REGION.size) + shm.REGION.pack(0, n)
+        out.append(tcp.FRAME.pack(shm.PUBLISHED, 0, 0, pub.number, shm.REGION.size) + shm.REGION.pack(0, n))
+        return out
 
     def _read_on(self) -> None:
         """The client sent its next message (or is gone): it reads no publication any more."""
@@ -255,7 +258,7 @@ class _ShmLink(_Link):
         n = wire.parts_len(parts)
         published = self._published(parts, n)
         if published is not None:
-            rest = tcp.send_now(self.conn, [published])
+            rest = tcp.send_now(self.conn, published)
             return [rest] if rest else []
         seg = self.segment
         if n <= _INLINE or seg is None or self._out + n > seg.region.nbytes:
@@ -290,7 +293,7 @@ class _ShmLink(_Link):
         n = wire.parts_len(parts)
         published = self._published(parts, n)
         if published is not None:
-            await tcp.send_parts(self.conn, [published], self.stall)
+            await tcp.send_parts(self.conn, published, self.stall)
             return
         seg = self.segment
         if n <= _INLINE or seg is None or self._out + n > seg.region.nbytes:
