@@ -12,9 +12,7 @@ worker of a clock) is read from the server's publication, mapped read only, inst
 
 from __future__ import annotations
 
-import array
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -35,12 +33,6 @@ _SHARED_FRAME = tcp.FRAME.size + shm.REGION.size
 _MAX_REGION = 4 << 30
 _TAIL_SLACK = 4096
 """Bytes a push may have beyond the parts ``push_buffers`` was given (final, loss, then_pull...)."""
-_ANCILLARY = socket.CMSG_SPACE(4 * 4)  # room for a few descriptors (a PUBLICATION passes one)
-
-
-def _descriptors(anc: list[tuple[int, int, bytes]]) -> list[int]:
-    return [fd for level, kind, data in anc if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-            for fd in array.array("i", data[: len(data) - len(data) % 4])]
 
 
 class ShmCall(TcpCall):
@@ -79,8 +71,8 @@ class ShmCall(TcpCall):
         except OSError:
             return None  # (nothing yet, or the read says what broke)
         while k == len(head) and head[0] == shm.PUBLICATION:
-            k, anc, _, _ = self.sock.recvmsg_into([head], _ANCILLARY)
-            self._map_publication(head, _descriptors(anc))
+            k, anc, flags, _ = self.sock.recvmsg_into([head], shm.ANCILLARY)
+            self._map_publication(head, self._descriptors(anc, flags))
             try:
                 k = self.sock.recv_into(head, len(head), socket.MSG_PEEK)
             except OSError:
@@ -115,6 +107,13 @@ class ShmCall(TcpCall):
         if old is not None:
             old.close()
 
+    def _descriptors(self, anc: list[tuple[int, int, bytes]], flags: int) -> list[int]:
+        try:
+            return shm.descriptors(anc, flags)
+        except ValueError as exc:
+            raise errors.Unavailable(errors.Code.UNAVAILABLE, f"the data plane connection broke ({exc})",
+                                     method=self._method) from None
+
     def _published(self, number: int, at: int, n: int) -> memoryview:
         """The message a PUBLISHED frame points at (read only; valid until this stream's next request)."""
         pub = self._publications.get(number)
@@ -130,7 +129,7 @@ class ShmCall(TcpCall):
         got, fds = 0, []
         while got < head.nbytes:
             try:
-                k, anc, _, _ = self.sock.recvmsg_into([head[got:]], _ANCILLARY)
+                k, anc, flags, _ = self.sock.recvmsg_into([head[got:]], shm.ANCILLARY)
             except BlockingIOError:
                 readable: asyncio.Future[None] = loop.create_future()
 
@@ -143,7 +142,7 @@ class ShmCall(TcpCall):
                 finally:
                     loop.remove_reader(self.sock.fileno())
                 continue
-            fds += _descriptors(anc)
+            fds += self._descriptors(anc, flags)
             if k == 0:
                 for fd in fds:
                     os.close(fd)
@@ -271,11 +270,12 @@ class ShmCall(TcpCall):
                     break
                 frame = bytearray(_SHARED_FRAME)
                 frame[: tcp.FRAME.size] = header
-                with contextlib.ExitStack() as closing:  # (the descriptors, if the body never comes)
-                    for fd in fds:
-                        closing.callback(os.close, fd)
+                try:
                     await tcp.recv_exact(self.sock, memoryview(frame)[tcp.FRAME.size :])
-                    closing.pop_all()
+                except BaseException:  # (the body never came: nobody else closes them)
+                    for fd in fds:
+                        os.close(fd)
+                    raise
                 self._map_publication(frame, fds)
             if kind == shm.PUBLISHED and length == shm.REGION.size:
                 body = bytearray(length)

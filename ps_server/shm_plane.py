@@ -18,7 +18,6 @@ stream's task).
 
 from __future__ import annotations
 
-import array
 import contextlib
 import logging
 import os
@@ -39,7 +38,6 @@ __all__ = ["ShmDataPlane"]
 log = logging.getLogger("ps_server")
 
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
-_MAX_FDS = 4
 _SHARED_FRAME = tcp.FRAME.size + shm.REGION.size
 _INLINE = 4096
 """Responses up to this size (a push's acknowledgement) go inline: cheaper than a copy and a
@@ -172,11 +170,11 @@ class _ShmLink(_Link):
         got = 0
         while got < view.nbytes:
             try:
-                k, anc, flags, _ = self.conn.recvmsg_into([view[got:]], socket.CMSG_SPACE(_MAX_FDS * 4))
+                k, anc, flags, _ = self.conn.recvmsg_into([view[got:]], shm.ANCILLARY)
             except BlockingIOError:
                 await self.watch.readable(stall if got else None)
                 continue
-            self._take_fds(anc, flags, fds)
+            fds += shm.descriptors(anc, flags)
             if k == 0:
                 raise ConnectionError("the connection was closed")
             got += k
@@ -242,8 +240,8 @@ class _ShmLink(_Link):
                 return None  # (an inline MESSAGE, a frame still on its way, a bad one): ``read`` takes it
             fds: list[int] = []
             try:
-                k, anc, flags, _ = self.conn.recvmsg_into([head], socket.CMSG_SPACE(_MAX_FDS * 4))
-                self._take_fds(anc, flags, fds)
+                k, anc, flags, _ = self.conn.recvmsg_into([head], shm.ANCILLARY)
+                fds += shm.descriptors(anc, flags)
                 a, b = shm.REGION.unpack_from(head, tcp.FRAME.size)
                 if kind == shm.SHARED:
                     self._check_no_fds(fds, "SHARED")
@@ -266,14 +264,6 @@ class _ShmLink(_Link):
         at, self._out = self._out, shm.align(self._out + n)
         rest = tcp.send_now(self.conn, [shm.put(seg.region, at, parts, n)])
         return [rest] if rest else []
-
-    @staticmethod
-    def _take_fds(anc: list[tuple[int, int, bytes]], flags: int, fds: list[int]) -> None:
-        for level, kind, data in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
-        if flags & socket.MSG_CTRUNC:
-            raise ValueError(f"more than {_MAX_FDS} descriptors came with one frame: SEGMENT passes exactly one")
 
     @staticmethod
     def _check_no_fds(fds: list[int], kind: str) -> None:

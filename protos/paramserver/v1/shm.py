@@ -65,10 +65,12 @@ cannot pass descriptors, so the Node worker uses TCP.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import fcntl
 import mmap
 import os
+import socket
 import struct
 from collections.abc import Sequence
 
@@ -76,7 +78,7 @@ import numpy as np
 
 from .tcp import FRAME
 
-__all__ = ["FLAG_PUBLISHED", "PUBLICATION", "PUBLISHED", "IN_PLACE_BYTES", "map_publication", "MESSAGE_BYTES", "REGION", "address", "align", "put", "SEGMENT", "SHARED", "Segment", "available", "create_segment", "map_segment", "name_for"]
+__all__ = ["ANCILLARY", "FLAG_PUBLISHED", "MAX_FDS", "descriptors", "PUBLICATION", "PUBLISHED", "IN_PLACE_BYTES", "map_publication", "MESSAGE_BYTES", "REGION", "address", "align", "put", "SEGMENT", "SHARED", "Segment", "available", "create_segment", "map_segment", "name_for"]
 
 SEGMENT = 3
 SHARED = 4
@@ -92,6 +94,23 @@ allocated for a shared one, and an inline one stays below the default 64 MiB mes
 PAGE = mmap.PAGESIZE
 ALIGN = 64
 PREFIX = "paramserver-"
+
+
+MAX_FDS = 4
+ANCILLARY = socket.CMSG_SPACE(MAX_FDS * 4)
+"""``recvmsg``'s ancillary buffer: room for the descriptors one frame may carry (and a few more)."""
+
+
+def descriptors(anc: list[tuple[int, int, bytes]], flags: int) -> list[int]:
+    """The file descriptors a ``recvmsg`` received (``SCM_RIGHTS``): the caller owns (closes) them.
+    ValueError when there were more than ``MAX_FDS`` (the kernel closed the rest)."""
+    fds = [fd for level, kind, data in anc if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+           for fd in array.array("i", data[: len(data) - len(data) % 4])]
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(f"more than {MAX_FDS} descriptors came with one frame: SEGMENT and PUBLICATION pass one")
+    return fds
 
 
 def available() -> bool:
