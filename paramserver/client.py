@@ -277,10 +277,14 @@ class PsClient:
         self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Grad],
         loss: float = 0.0, *, into: dict[str, np.ndarray] | None = None, max_wait: float | None = None,
         names: Sequence[str] = (), rows: Mapping[str, np.ndarray] | None = None, since: tuple[int, int] | None = None,
-        param_version: int | None = None,
+        param_version: int | None = None, borrow: bool = False,
     ) -> tuple[pb.PushGradientResponse, PullResult]:
         """Push iteration ``clock``, then pull for ``clock + 1`` in the same round trip (then_pull;
         ``names``, ``rows`` and ``since`` as for ``pull``, ``param_version`` as for ``push``).
+        ``borrow``: parameters the server published (a BSP answer over shared memory) come as
+        read-only views of its publication instead of copies (``PullSink``): valid until this
+        stream's next request; compute the next gradient on them, and pull again rather than
+        reuse them after a failed push.
 
         The returned response carries the push's acknowledgement (clock, duplicate, min_clock,
         run_state); the pulled parameters are in the PullResult."""
@@ -291,7 +295,7 @@ class PsClient:
                                         max_wait=wire.duration(wait), rows=_table_rows(rows), **_since(since, into))
         else:  # every push of a dense model: the same request but for its clock and version
             then = wire.pull_request_bytes(run_id, rank, incarnation, clock + 1, wait, since if into is not None else None)
-        sink = PullSink(into)
+        sink = PullSink(into, borrow)
         responses: list[wire.PushResponse] = await self._push.exchange(
             self._push_requests(run_id, rank, incarnation, clock, grads, loss, then, param_version), wait + self.timeout,
             until_final=True, final=_pulled_final, decode=sink.push_response)

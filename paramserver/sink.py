@@ -35,22 +35,35 @@ class PullResult:
 
 
 class PullSink:
-    """Writes a pull's chunks into ``into`` (new arrays when None). An array of the wrong shape or
-    not contiguous is replaced by a new one in ``into``; one of another dtype is filled with
-    conversion. If the stream fails partway, ``into`` holds a mix of old and new values; the caller
-    retries the pull, which overwrites all of it."""
+    """Writes a pull's chunks into ``into`` (new arrays when None). An array of the wrong shape, not
+    contiguous or read only is replaced by a new one in ``into``; one of another dtype is filled
+    with conversion. If the stream fails partway, ``into`` holds a mix of old and new values; the
+    caller retries the pull, which overwrites all of it.
 
-    def __init__(self, into: dict[str, np.ndarray] | None) -> None:
+    ``borrow``: a whole float32 tensor in read-only memory at an aligned address (a shared-memory
+    answer the server published, or an inline message) is put into ``into`` as a read-only view of
+    it, not copied: valid until the stream's next request (then the server may write a publication
+    again)."""
+
+    def __init__(self, into: dict[str, np.ndarray] | None, borrow: bool = False) -> None:
         self.out: dict[str, np.ndarray] = {} if into is None else into
         self._rows: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        self._borrow = borrow
 
     def params(self, resp: wire.ParamsResponse) -> wire.ParamsResponse:
         out = self.out
         for chunk in resp.tensors:
             data = chunk.data  # a view of the response's bytes
+            if self._borrow and isinstance(data, memoryview) and data.readonly and not chunk.offset and \
+                    chunk.dtype == pb.DATA_TYPE_FLOAT32 and not chunk.row_ids and not chunk.indices and \
+                    len(data) == 4 * int(np.prod(chunk.shape)):
+                view = np.frombuffer(data, wire.F32)
+                if view.flags.aligned:  # (else computing on it would cost more than the copy)
+                    out[chunk.name] = view.reshape(tuple(chunk.shape))
+                    continue
             arr = out.get(chunk.name)
             if type(arr) is np.ndarray and arr.nbytes == len(data) and not chunk.offset and arr.dtype == wire.F32 and \
-                    chunk.dtype == pb.DATA_TYPE_FLOAT32 and arr.flags.c_contiguous and \
+                    chunk.dtype == pb.DATA_TYPE_FLOAT32 and arr.flags.c_contiguous and arr.flags.writeable and \
                     arr.shape == tuple(chunk.shape[:]) and not chunk.row_ids and not chunk.indices:
                 # The common case, first: float32 values of a whole array held (the fields a small
                 # model's answer has: each read from the generated message costs a fraction of a µs).
@@ -67,7 +80,7 @@ class PullSink:
             if chunk.indices:  # a delta: these elements changed
                 self._scatter(chunk, arr, shape)
                 continue
-            if arr is None or arr.shape != shape or not arr.flags.c_contiguous:  # replaced, not filled
+            if arr is None or arr.shape != shape or not arr.flags.c_contiguous or not arr.flags.writeable:  # replaced
                 if chunk.offset == 0 and len(data) == 4 * int(np.prod(shape)) and dtype == pb.DATA_TYPE_FLOAT32:
                     out[chunk.name] = np.frombuffer(data, wire.F32).reshape(shape).copy()
                     continue
@@ -92,6 +105,7 @@ class PullSink:
     def _scatter(chunk: wire.ChunkLike, arr: np.ndarray | None, shape: tuple[int, ...]) -> None:
         picked = np.frombuffer(chunk.indices, wire.U32)
         if arr is None or arr.shape != shape or arr.dtype != wire.F32 or not arr.flags.c_contiguous or \
+                not arr.flags.writeable or \
                 len(chunk.data) != picked.size * wire.WIRE_DTYPES[chunk.dtype].itemsize or \
                 (picked.size and int(picked.max()) >= arr.size):
             raise ValueError(f"tensor {chunk.name!r}: a delta that does not fit the array held (shape {list(shape)}): "

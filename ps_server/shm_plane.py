@@ -50,14 +50,15 @@ one more for another run's (when every one is still being read, an answer is cop
 
 
 class _Publication:
-    """A memfd of the server's holding one ``Shared`` response (``key``), read by ``readers``: the
-    links it was sent to that have not sent their next message yet."""
+    """A memfd of the server's holding one ``Shared`` response (``key``) at ``at``, read by
+    ``readers``: the links it was sent to that have not sent their next message yet."""
 
     def __init__(self, number: int) -> None:
         self.number = number
         self.fd = -1
         self.segment: shm.Segment | None = None
         self.key: tuple[object, ...] | None = None
+        self.at = 0
         self.readers: set[_ShmLink] = set()
 
     def fit(self, n: int) -> shm.Segment:
@@ -95,18 +96,32 @@ class _Publisher:
             pub = _Publication(len(self._publications) + 1)
             self._publications.append(pub)
         try:
-            segment = pub.fit(n)
+            segment = pub.fit(n + shm.ALIGN)
         except OSError as exc:  # (no memfd here: the answer is copied into the client's segment)
             log.warning("no publication segment (%s): answers are copied into each worker's segment", exc)
             return None
         pub.key = None
-        shm.put(segment.region, 0, parts, n)
+        pub.at = _aligning(parts)
+        shm.put(segment.region, pub.at, parts, n)
         pub.key = parts.key
         return pub
 
     def close(self) -> None:
         for pub in self._publications:
             pub.close()
+
+
+def _aligning(parts: Shared) -> int:
+    """Where to put the message ``parts`` make up so that its first tensor's data (its first
+    memoryview) starts at a multiple of ``shm.ALIGN``: with the answer's chunks padded
+    (``wire.EncodedGroup``) every tensor then starts at a multiple of 16, and the workers compute on
+    the publication in place (numpy and BLAS are 4x slower on unaligned float32 arrays)."""
+    before = 0
+    for p in parts:
+        if isinstance(p, memoryview):
+            return -before % shm.ALIGN
+        before += len(p)
+    return 0
 
 
 class _ShmLink(_Link):
@@ -156,7 +171,7 @@ class _ShmLink(_Link):
                 out.append(frame[sent:])  # (the descriptor went with its first bytes)
         pub.readers.add(self)
         self._reading.add(pub)
-        out.append(tcp.FRAME.pack(shm.PUBLISHED, 0, 0, pub.number, shm.REGION.size) + shm.REGION.pack(0, n))
+        out.append(tcp.FRAME.pack(shm.PUBLISHED, 0, 0, pub.number, shm.REGION.size) + shm.REGION.pack(pub.at, n))
         return out
 
     def _read_on(self) -> None:

@@ -60,6 +60,14 @@ log = logging.getLogger("ps_worker")
 _current: contextvars.ContextVar[_Trainer | None] = contextvars.ContextVar("trainer", default=None)
 
 
+def _own(params: dict[str, np.ndarray]) -> None:
+    """Copies of the arrays of ``params`` that are borrowed (read-only views of what the server
+    published, valid only until the push stream's next request)."""
+    for name, p in params.items():
+        if not p.flags.writeable:
+            params[name] = p.copy()
+
+
 class LogContext(logging.Filter):
     """Adds ``ctx`` to every record: the run, rank and clock of the assignment being trained."""
 
@@ -294,10 +302,12 @@ class _Trainer:
             out = self._push_buffers(params, c) if pull_next else None
             (loss, grads, samples, t_compute), version = self.gradient(params, c, out), self._version
         self.check_loss(loss, c)
+        borrow = out is not None and s == 0  # (BSP, a large model: answers published, read in place)
         t_push = time.perf_counter()
         push = self._push_op(c, self.codec.encode(grads) if self.codec else grads, loss, params if pull_next else None,
-                             version, again=None if out is None else lambda: self.gradient(params, c)[1])
+                             version, again=None if out is None else lambda: self.gradient(params, c)[1], borrow=borrow)
         if self.config.overlap and c + 1 < self.spec.iterations and (s < 0 or self.cache_valid(guaranteed, c + 1)):
+            _own(params)  # (computed on while the push is in flight: no longer the server's to lend then)
             resp, pulled, comm_ahead = await self._overlapped(push, params, grads, c, guaranteed)
             comm += comm_ahead
         else:
@@ -312,6 +322,8 @@ class _Trainer:
             self.stats.pulls += 1
             parked = parked or (s >= 0 and resp.min_clock < c + 1 - s)  # the min clock right after the push
         await self.advance(resp, c, loss, samples, t0, t_compute, comm, parked)
+        if borrow and self.staleness != 0:  # (the bound changed: a later iteration may use them after
+            _own(params)  # its push, when borrowed ones are no longer valid)
         return guaranteed
 
     def gradient(self, params: dict[str, np.ndarray], c: int,
@@ -338,22 +350,30 @@ class _Trainer:
         return self.plane.push_buffers(self.a.run_id, self.a.rank, self.a.incarnation, c, params)
 
     def _push_op(self, c: int, grads: Mapping[str, Grad], loss: float, into: dict[str, np.ndarray] | None,
-                 version: int | None, again: Callable[[], Mapping[str, Grad]] | None = None,
+                 version: int | None, again: Callable[[], Mapping[str, Grad]] | None = None, borrow: bool = False,
                  ) -> Callable[[], Awaitable[tuple[pb.PushGradientResponse, PullResult | None]]]:
         """The push of iteration ``c`` (its gradient computed on ``version``); with ``into``,
-        together with the pull of ``c + 1`` into it. ``again``: the gradient, computed anew for a
+        together with the pull of ``c + 1`` into it (``borrow``: as read-only views of what the
+        server published, ``PsClient.push_pull``). ``again``: the gradient, computed anew for a
         retry (``grads`` are in the push stream's shared memory, which the server's answer to a
-        try that failed may have overwritten)."""
+        try that failed may have overwritten), on parameters pulled again if ``into`` holds
+        borrowed ones (the server may have written their memory over since the first try)."""
         a, wait, since = self.a, self.config.timeout_seconds * 4, self._since
         tried = False
 
         async def op() -> tuple[pb.PushGradientResponse, PullResult | None]:
             nonlocal grads, again, tried
             if tried and again is not None:
+                if into is not None and not all(p.flags.writeable for p in into.values()):
+                    await self.plane.pull(a.run_id, a.rank, a.incarnation, c, into=into, max_wait=wait)
                 grads, again = again(), None
             tried = True
             if into is None:
                 return await self.plane.push(a.run_id, a.rank, a.incarnation, c, grads, loss, param_version=version), None
+            if borrow:
+                assert isinstance(self.plane, PsClient)
+                return await self.plane.push_pull(a.run_id, a.rank, a.incarnation, c, grads, loss, into=into,
+                                                  max_wait=wait, since=since, param_version=version, borrow=True)
             return await self.plane.push_pull(a.run_id, a.rank, a.incarnation, c, grads, loss, into=into,
                                               max_wait=wait, since=since, param_version=version)
         return op
@@ -361,6 +381,7 @@ class _Trainer:
     def _apply_own(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
         """Read-my-writes on a copy the server will not send again: plain SGD's step, as the server takes it."""
         assert self.local_sgd_lr is not None
+        _own(params)
         lr = np.float32(self.local_sgd_lr)
         if self.codec is not None:  # what the push carried, not the gradient
             self.codec.step_locally(params, lr)

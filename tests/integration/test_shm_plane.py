@@ -216,11 +216,16 @@ async def test_bsp_answers_of_a_clock_are_published_once_and_every_rank_reads_th
                              c1.pull(run.run_id, a1.rank, a1.incarnation, 0, into=p1))
         for clock in range(3):
             writes.clear()
-            (ack0, r0), (ack1, r1) = await asyncio.gather(
-                c0.push_pull(run.run_id, a0.rank, a0.incarnation, clock, {"w": ones}, into=p0),
+            (ack0, r0), (ack1, r1) = await asyncio.gather(  # rank 0 borrows (views of the publication), rank 1 copies
+                c0.push_pull(run.run_id, a0.rank, a0.incarnation, clock, {"w": ones}, into=p0, borrow=True),
                 c1.push_pull(run.run_id, a1.rank, a1.incarnation, clock, {"w": 3 * ones}, into=p1))
             np.testing.assert_array_equal(p0["w"], -2 * (clock + 1) * ones)  # the mean of 1 and 3, each clock
             np.testing.assert_array_equal(p1["w"], p0["w"])
+            publication = c0._push.idle_call()._publications[1].region  # type: ignore[union-attr]
+            at = shm.address(p0["w"].data.cast("B")) - shm.address(publication)
+            assert not p0["w"].flags.writeable and 0 <= at < publication.nbytes  # in the publication itself
+            assert at % shm.ALIGN == 0  # placed so: computed on at full speed
+            assert p1["w"].flags.writeable and p1["w"].flags.owndata
             assert ack0.clock == ack1.clock == clock + 1 and r0.version == r1.version == clock + 1
             assert sorted([ack0.min_clock, ack1.min_clock]) == [clock, clock + 1]  # (each rank's, after its push)
             [pub] = publisher._publications  # one, written once a clock: no answer went into a client's segment
@@ -282,6 +287,8 @@ def test_a_publication_being_read_is_never_written_and_a_freed_one_is_reused() -
 
         first = publisher.publish(*answer("a", 1))
         assert first is not None and first.segment is not None
+        data = first.at + 1  # (placed so that its data, after a 1-byte head, is aligned)
+        assert data % shm.ALIGN == 0 and bytes(first.segment.region[first.at : data]) == b"a"
         reader, other = object(), object()
         first.readers.add(reader)  # type: ignore[arg-type]
         assert publisher.publish(*answer("a", 1)) is first  # the same bytes: not written again
@@ -289,10 +296,10 @@ def test_a_publication_being_read_is_never_written_and_a_freed_one_is_reused() -
         assert second is not None and second is not first and second.number == 2
         second.readers.add(other)  # type: ignore[arg-type]
         assert publisher.publish(*answer("c", 3)) is None  # both read: the caller copies as before
-        assert bytes(first.segment.region[1:5]) == b"\x01" * 4  # untouched
+        assert bytes(first.segment.region[data : data + 4]) == b"\x01" * 4  # untouched
         first.readers.clear()  # its reader sent its next request
         third = publisher.publish(*answer("c", 3))
-        assert third is first and bytes(first.segment.region[1:5]) == b"\x03" * 4
+        assert third is first and bytes(first.segment.region[data : data + 4]) == b"\x03" * 4
     finally:
         publisher.close()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from typing import Any
 
 import numpy as np
 import pytest
@@ -210,6 +211,58 @@ async def test_a_gradient_computed_in_the_push_stream_s_memory_is_computed_again
     monkeypatch.setattr(PsClient, "push_pull", flaky)
     retried = await final_parameters()
     assert tries == [0, 1, 2, 3, 3, 4, 5, 6] and len(given) == 7  # the last push pulls nothing
+    for name, value in plain.items():
+        np.testing.assert_array_equal(retried[name], value)
+
+
+async def test_under_bsp_a_retry_pulls_again_the_parameters_it_had_borrowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under BSP a large model's answers are borrowed (``push_pull(borrow=True)``: read-only views
+    of the server's publication, valid until the stream's next request). A push retried after a
+    failure must not compute its gradient again on them (the server may have written that memory
+    over since: here it is scribbled over as the first try of push 3 fails): it pulls them again,
+    and the run ends with the parameters of a run without failures, bit for bit."""
+    tries: list[tuple[int, bool]] = []
+    lent: dict[str, np.ndarray] = {}
+
+    def push_buffers(self: PsClient, run_id: str, rank: int, incarnation: int, clock: int,
+                     like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {n: np.empty_like(a) for n, a in like.items()}
+
+    push_pull = PsClient.push_pull
+
+    async def lending(self: PsClient, run_id: str, rank: int, incarnation: int, clock: int,
+                      grads: dict[str, np.ndarray], *args: object, **kw: Any) -> object:
+        tries.append((clock, kw.get("borrow", False)))
+        into = kw["into"]
+        if clock == 3 and len(tries) == 4:
+            for a in lent.values():
+                a.fill(np.nan)  # the server writes its publication again
+            raise errors.Unavailable(errors.Code.UNAVAILABLE, "connection reset (injected)")
+        kw.pop("borrow", None)  # (the in-memory server publishes nothing: lend copies, read only)
+        answer = await push_pull(self, run_id, rank, incarnation, clock, grads, *args, **kw)
+        for name, a in into.items():
+            lent[name] = a.copy()
+            into[name] = lent[name].view()
+            into[name].flags.writeable = False
+        return answer
+
+    async def final_parameters() -> dict[str, np.ndarray]:
+        async with InMemoryServer() as server:
+            async with server.client() as admin:
+                run = await admin.create_run(_spec(0, workers=1, iterations=8))
+                client = server.client()
+                joined = await client.join("w0", run.run_id, max_wait=0, capabilities=CAPABILITIES)
+                outcome = await train(client, joined.assignment, CONFIG)
+                await client.close()
+                assert outcome.completed
+                return (await admin.pull(run.run_id)).tensors
+
+    plain = await final_parameters()
+    monkeypatch.setattr(trainer_module, "IN_PLACE_BYTES", 0)  # (this model's tensors are small)
+    monkeypatch.setattr(PsClient, "push_buffers", push_buffers)
+    monkeypatch.setattr(PsClient, "push_pull", lending)
+    retried = await final_parameters()
+    assert tries == [(c, True) for c in (0, 1, 2, 3, 3, 4, 5, 6)]  # every push that pulls borrows
     for name, value in plain.items():
         np.testing.assert_array_equal(retried[name], value)
 

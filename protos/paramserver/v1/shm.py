@@ -49,7 +49,9 @@ The protocol (Linux; integers little-endian), a variant of ``paramserver.v1.tcp`
     whose parameters are byte for byte the same (the server sends a push's acknowledgement in a
     response of its own, then the parameters), read one copy that the server wrote once
     (instead of one copy per worker's segment, one after another, while all of them wait), and
-    each copies it out in parallel with the others.
+    computes its next gradient on it in place (the Python worker; no copy). The Python server
+    places a published message so that its tensors' data start at multiples of 16 bytes of the
+    publication (the chunks' ``padding``), as numpy and BLAS need for full speed.
 * A client may compute a request's tensor data straight into the region, where the request's
   encoding will put them (the Python worker writes a large gradient there: no copy; ``put`` leaves
   bytes already in place as they are). Nothing in the protocol changes: the bytes are the same.
@@ -195,14 +197,21 @@ def create_segment(size: int) -> tuple[int, Segment]:
     try:
         os.ftruncate(fd, size)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
-        mm = mmap.mmap(fd, size)
-        if hasattr(mmap, "MADV_HUGEPAGE"):  # where shmem may use huge pages (shmem_enabled: advise)
-            with contextlib.suppress(OSError):
-                mm.madvise(mmap.MADV_HUGEPAGE)
+        mm = _huge(mmap.mmap(fd, size))
     except BaseException:
         os.close(fd)
         raise
     return fd, Segment(mm, size)
+
+
+def _huge(mm: mmap.mmap) -> mmap.mmap:
+    """``mm``, asking for huge pages where shared memory may have them (a host whose
+    /sys/kernel/mm/transparent_hugepage/shmem_enabled is ``advise``): each process that maps a
+    segment asks, as a mapping without the advice gets 4 KiB page table entries."""
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):
+            mm.madvise(mmap.MADV_HUGEPAGE)
+    return mm
 
 
 def map_segment(fd: int, size: int, reserved: int, max_bytes: int) -> Segment:
@@ -220,11 +229,11 @@ def map_segment(fd: int, size: int, reserved: int, max_bytes: int) -> Segment:
     have = os.fstat(fd).st_size
     if have < size:
         raise ValueError(f"the segment holds {have} bytes, fewer than the {size} its SEGMENT frame says")
-    return Segment(mmap.mmap(fd, size), size)
+    return Segment(_huge(mmap.mmap(fd, size)), size)
 
 
 def map_publication(fd: int, size: int) -> Segment:
     """Map a server's publication read only (the client's side). Does not close ``fd``."""
     if not 0 < size <= os.fstat(fd).st_size:
         raise ValueError(f"a PUBLICATION of {size} bytes in a memfd of {os.fstat(fd).st_size}")
-    return Segment(mmap.mmap(fd, size, prot=mmap.PROT_READ), size)
+    return Segment(_huge(mmap.mmap(fd, size, prot=mmap.PROT_READ)), size)

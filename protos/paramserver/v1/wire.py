@@ -14,7 +14,8 @@ knows (a test fails when the .proto gains a field it would drop). The output is 
 negative int64 as 10-byte varints), except that the chunks of a push with more than
 ``SMALL_MESSAGE`` payload bytes get a ``padding`` field before their data where needed to start
 it at a multiple of 16 bytes into the message (the server computes on those bytes in place;
-unaligned, that costs 40-60% more). Decoding takes a fast path for what the senders write;
+unaligned, that costs 40-60% more), and those of a server's answer so encoded (``EncodedGroup``)
+where needed to start it at a multiple of 16 bytes after the first chunk's data. Decoding takes a fast path for what the senders write;
 anything unusual (unknown or repeated scalar fields, unpacked shapes, out-of-range values, bad
 UTF-8) falls back to the generated classes, so the result always equals ``FromString``'s, and
 malformed input raises ``google.protobuf.message.DecodeError`` as before. Messages with at most
@@ -571,13 +572,16 @@ def pull_request_bytes(run_id: str, rank: int, incarnation: int, clock: int, max
 
 class EncodedGroup:
     """A group's ``tensors`` fields of a ``PullParamsResponse``, encoded once for many answers: the
-    data are views, so each answer sends the values of its own moment."""
+    data are views, so each answer sends the values of its own moment. In a group of more than
+    ``SMALL_MESSAGE`` payload bytes each chunk's data starts at a multiple of 16 bytes after the
+    first chunk (``padding``): a sender that places the message so the first chunk's data is
+    aligned (the shared-memory plane's publications) lets readers compute on every tensor in place."""
 
     __slots__ = ("group", "parts", "nbytes")
 
     def __init__(self, group: Group) -> None:
         self.group = group
-        self.parts = _repeated_chunks(_PARAMS["tensors"], group)
+        self.parts = _repeated_chunks(_PARAMS["tensors"], group, 0 if _payload(group) > SMALL_MESSAGE else None)
         self.nbytes = parts_len(self.parts)
 
 
