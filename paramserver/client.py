@@ -246,16 +246,18 @@ class PsClient:
         (``push`` or ``push_pull`` with these arrays, these arguments) puts its tensors, so that
         they are sent without a copy. None where that cannot be: another transport, no segment
         yet, a call under way, no tensor of ``shm.IN_PLACE_BYTES`` (copying is cheaper). Pushing
-        other arrays is correct too (they are copied). The server's answer is written over them:
+        other arrays is correct too (they are copied). The server's answer may be written over them:
         they hold the gradient until that push is answered or fails, so a push retried after a
-        failure must be given the gradient anew (not these arrays)."""
+        failure must be given the gradient anew (not these arrays). They lie clear of ``like``'s
+        arrays that are in that memory (parameters borrowed from the last answer: ``push_pull``'s
+        ``borrow``), so the gradient can be computed on those into these."""
         call = self._push.idle_call()
         if not isinstance(call, ShmCall) or max((a.nbytes for a in like.values()), default=0) < IN_PLACE_BYTES:
             return None
         group = wire.whole_group(like, max(self.chunk_bytes, MESSAGE_BYTES))  # as ``_push_requests`` lays it out
         if group is None:
             return None
-        views = call.push_buffers(wire.push_request_parts(run_id, rank, incarnation, clock, group, True))
+        views = call.push_buffers(wire.push_request_parts(run_id, rank, incarnation, clock, group, True), like.values())
         if views is None:
             return None
         return {name: np.frombuffer(v, np.float32).reshape(a.shape) for (name, a), v in zip(like.items(), views, strict=True)}
@@ -281,10 +283,11 @@ class PsClient:
     ) -> tuple[pb.PushGradientResponse, PullResult]:
         """Push iteration ``clock``, then pull for ``clock + 1`` in the same round trip (then_pull;
         ``names``, ``rows`` and ``since`` as for ``pull``, ``param_version`` as for ``push``).
-        ``borrow``: parameters the server published (a BSP answer over shared memory) come as
-        read-only views of its publication instead of copies (``PullSink``): valid until this
-        stream's next request; compute the next gradient on them, and pull again rather than
-        reuse them after a failed push.
+        ``borrow``: parameters the answer brings in shared memory (a large model's, on the server's
+        host: in the server's publication under BSP, else in the push stream's segment) come as
+        read-only views of it instead of copies (``PullSink``): valid until this stream's next
+        request; compute the next gradient on them (into ``push_buffers(like=into)``), and pull
+        again rather than reuse them after a failed push.
 
         The returned response carries the push's acknowledgement (clock, duplicate, min_clock,
         run_state); the pulled parameters are in the PullResult."""

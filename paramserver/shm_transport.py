@@ -16,7 +16,9 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+
+import numpy as np
 
 from paramserver.v1 import shm, tcp, wire
 
@@ -41,6 +43,7 @@ class ShmCall(TcpCall):
         self._segment: shm.Segment | None = None
         self._want = _FIRST  # the size the segment should have
         self._written = 0  # bytes of requests this turn
+        self._base = 0  # where the next turn's first request goes (``push_buffers``: after what is kept)
         self._answered = 0  # bytes of the server's last answer
         self._over = 0  # answers in a row that did not fit
         self._reading = True  # the next write starts a turn
@@ -89,7 +92,7 @@ class ShmCall(TcpCall):
             raise errors.Unavailable(errors.Code.UNAVAILABLE, "the data plane connection broke (the server's "
                                      f"message at [{at}, {at + n}) is outside the segment)", method=self._method)
         self._answered = max(self._answered, shm.align(at + n))
-        return seg.region[at : at + n]
+        return seg.region[at : at + n].toreadonly()
 
     def _map_publication(self, frame: bytearray, fds: list[int]) -> None:
         """Map the publication a PUBLICATION frame (header and body in ``frame``) passes."""
@@ -171,8 +174,9 @@ class ShmCall(TcpCall):
         carries the model it pushed a gradient of; room never written costs no memory), or if the
         last two answers did not."""
         self._reading = False
-        self._want, self._over = self._next_turn(first)
-        self._written, self._answered = 0, 0
+        base, self._base = self._base, 0
+        self._want, self._over = self._next_turn(base + first)
+        self._written, self._answered = base, 0
         seg = self._segment
         if self._inline or (seg is not None and seg.region.nbytes >= self._want):
             return
@@ -209,19 +213,28 @@ class ShmCall(TcpCall):
             want = max(want, shm.round_up(self._answered + self._answered // 4))
         return min(_MAX_REGION, want), over
 
-    def push_buffers(self, parts: Sequence[wire.Part]) -> list[memoryview] | None:
+    def push_buffers(self, parts: Sequence[wire.Part], keep: Iterable[np.ndarray] = ()) -> list[memoryview] | None:
         """Where the data parts (the memoryviews) of the request ``parts`` will be in the segment
         if it is the next turn's first request, as views to write them into (``shm.put`` then
         leaves them as they are); None when the stream is inside a turn, has no segment yet or
         would replace it for that request, or the data would not start at multiples of 16 (a
         small message's encoding does not align them). The request sent may be up to
-        ``_TAIL_SLACK`` bytes longer than ``parts`` (its tail: final, loss, then_pull)."""
+        ``_TAIL_SLACK`` bytes longer than ``parts`` (its tail: final, loss, then_pull).
+
+        ``keep``: arrays to read while the views are written (parameters borrowed from the last
+        answer, ``PullSink``): those in the segment stay clear of the views, the request going
+        after them (the next turn asks for a segment large enough, when this one is not)."""
         seg = self._segment
         n = wire.parts_len(parts) + _TAIL_SLACK
-        if seg is None or self._inline or not self._reading or n > seg.region.nbytes or \
-                self._next_turn(n)[0] > seg.region.nbytes:
+        if seg is None or self._inline or not self._reading:
             return None
-        out, i = [], 0
+        lo = shm.address(seg.region)
+        hi = lo + seg.region.nbytes
+        ends = [a.ctypes.data + a.nbytes - lo for a in keep if lo <= a.ctypes.data < hi]
+        self._base = base = shm.align(max(ends, default=0))
+        if base + n > seg.region.nbytes or self._next_turn(base + n)[0] > seg.region.nbytes:
+            return None
+        out, i = [], base
         for p in parts:
             if isinstance(p, memoryview):
                 if i % 16:
@@ -289,7 +302,7 @@ class ShmCall(TcpCall):
                 if seg is None or at + n > seg.region.nbytes:
                     raise ValueError(f"the server's message at [{at}, {at + n}) is outside the segment")
                 self._answered = max(self._answered, shm.align(at + n))
-                return seg.region[at : at + n]
+                return seg.region[at : at + n].toreadonly()
             kind, status, inline = await tcp.read_frame(self.sock, self._max_bytes, head=bytes(header))
         except (OSError, ValueError) as exc:
             raise errors.Unavailable(errors.Code.UNAVAILABLE, f"the data plane connection broke ({exc})",

@@ -24,7 +24,7 @@ import os
 import secrets
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 
@@ -42,6 +42,8 @@ _SHARED_FRAME = tcp.FRAME.size + shm.REGION.size
 _INLINE = 4096
 """Responses up to this size (a push's acknowledgement) go inline: cheaper than a copy and a
 SHARED frame."""
+_ALIGN_MIN = shm.IN_PLACE_BYTES
+"""Responses from this size are placed so that their tensors are aligned (``_aligning``)."""
 _PUBLISH_MIN = 1 << 20
 """``Shared`` responses from this size are published (smaller ones cost less to copy)."""
 _PUBLICATIONS = 2
@@ -111,11 +113,11 @@ class _Publisher:
             pub.close()
 
 
-def _aligning(parts: Shared) -> int:
-    """Where to put the message ``parts`` make up so that its first tensor's data (its first
-    memoryview) starts at a multiple of ``shm.ALIGN``: with the answer's chunks padded
-    (``wire.EncodedGroup``) every tensor then starts at a multiple of 16, and the workers compute on
-    the publication in place (numpy and BLAS are 4x slower on unaligned float32 arrays)."""
+def _aligning(parts: Sequence[wire.Part]) -> int:
+    """How far past a multiple of ``shm.ALIGN`` to put the message ``parts`` make up so that its
+    first tensor's data (its first memoryview) starts at one: with a large model's answer padded
+    (``wire.EncodedGroup``) every tensor then starts at a multiple of 16, and workers compute on it
+    in place (numpy and BLAS are 4x slower on unaligned float32 arrays)."""
     before = 0
     for p in parts:
         if isinstance(p, memoryview):
@@ -274,9 +276,10 @@ class _ShmLink(_Link):
             rest = tcp.send_now(self.conn, published)
             return [rest] if rest else []
         seg = self.segment
-        if n <= _INLINE or seg is None or self._out + n > seg.region.nbytes:
+        at = self._out + _aligning(parts) if n >= _ALIGN_MIN else self._out
+        if n <= _INLINE or seg is None or at + n > seg.region.nbytes:
             return super()._send_now(parts)
-        at, self._out = self._out, shm.align(self._out + n)
+        self._out = shm.align(at + n)
         rest = tcp.send_now(self.conn, [shm.put(seg.region, at, parts, n)])
         return [rest] if rest else []
 
@@ -301,10 +304,11 @@ class _ShmLink(_Link):
             await tcp.send_parts(self.conn, published, self.stall)
             return
         seg = self.segment
-        if n <= _INLINE or seg is None or self._out + n > seg.region.nbytes:
+        at = self._out + _aligning(parts) if n >= _ALIGN_MIN else self._out
+        if n <= _INLINE or seg is None or at + n > seg.region.nbytes:
             await super().send(parts)
             return
-        at, self._out = self._out, shm.align(self._out + n)
+        self._out = shm.align(at + n)
         # over the turn's requests: applied by now, or copied where kept (Caller.borrowed)
         await tcp.send_parts(self.conn, [shm.put(seg.region, at, parts, n)], self.stall)
 

@@ -302,7 +302,7 @@ class _Trainer:
             out = self._push_buffers(params, c) if pull_next else None
             (loss, grads, samples, t_compute), version = self.gradient(params, c, out), self._version
         self.check_loss(loss, c)
-        borrow = out is not None and s == 0  # (BSP, a large model: answers published, read in place)
+        borrow = out is not None and s <= 0  # (a large model in shared memory that every push pulls: read in place)
         t_push = time.perf_counter()
         push = self._push_op(c, self.codec.encode(grads) if self.codec else grads, loss, params if pull_next else None,
                              version, again=None if out is None else lambda: self.gradient(params, c)[1], borrow=borrow)
@@ -322,7 +322,7 @@ class _Trainer:
             self.stats.pulls += 1
             parked = parked or (s >= 0 and resp.min_clock < c + 1 - s)  # the min clock right after the push
         await self.advance(resp, c, loss, samples, t0, t_compute, comm, parked)
-        if borrow and self.staleness != 0:  # (the bound changed: a later iteration may use them after
+        if borrow and self.staleness > 0:  # (the bound changed: a later iteration may use them after
             _own(params)  # its push, when borrowed ones are no longer valid)
         return guaranteed
 

@@ -352,6 +352,44 @@ async def test_a_gradient_computed_into_the_segment_is_pushed_as_written(server:
         assert c.route.opened["shm"] == 1
 
 
+async def test_parameters_borrowed_from_the_segment_stay_clear_of_the_next_gradient(server: PsServer) -> None:
+    """Asynchronous, on the server's host: ``push_pull(borrow=True)`` puts read-only views of the
+    answer in the push stream's segment into ``into``, each tensor aligned (the server places the
+    answer so); ``push_buffers(like=those)`` gives buffers beside them, not over them (the segment
+    grows once to hold both), so the next gradient is computed on the parameters into the segment.
+    Every answer is the parameters the server holds, clock after clock."""
+    shapes = {"a": (1000, 600), "b": (50,), "c": (200, 100)}  # 2.5 MB: an answer and a push outgrow 4 MiB
+    spec = make_spec(shapes=shapes, num_workers=1, staleness=-1, lr=1.0, init=pb.INITIALIZER_ZEROS)
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+        run = await c.create_run(spec)
+        a = (await c.join("w", run.run_id)).assignment
+        params = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+        expected = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+        rng = np.random.default_rng(1)
+        grads = {n: rng.standard_normal(s, dtype=np.float32) for n, s in shapes.items()}
+        computed_in_place = 0
+        for clock in range(5):
+            expected = {n: expected[n] - grads[n] for n in shapes}
+            await c.push_pull(run.run_id, a.rank, a.incarnation, clock, grads, into=params, borrow=True)
+            for n in shapes:
+                np.testing.assert_array_equal(params[n], expected[n])
+            assert all(not v.flags.writeable and v.ctypes.data % 16 == 0 for v in params.values())
+            assert _inside(params, c)
+            bufs = c.push_buffers(run.run_id, a.rank, a.incarnation, clock + 1, params)
+            if bufs is None:  # (the first segment holds an answer or a push of this size, not both)
+                assert clock == 0
+                grads = {n: rng.standard_normal(s, dtype=np.float32) for n, s in shapes.items()}
+                continue
+            assert _inside(bufs, c)
+            assert not any(np.may_share_memory(g, p) for g in bufs.values() for p in params.values())
+            for n in shapes:  # a gradient computed on the borrowed parameters, into the segment
+                np.multiply(params[n], 0.5, out=bufs[n])
+                bufs[n] += rng.standard_normal(shapes[n], dtype=np.float32)
+            grads = bufs
+            computed_in_place += 1
+        assert computed_in_place == 4
+
+
 def _connect(server: PsServer, method: int = tcp.METHOD_PUSH) -> socket.socket:
     assert server.shm_plane is not None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

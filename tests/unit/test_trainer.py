@@ -215,12 +215,14 @@ async def test_a_gradient_computed_in_the_push_stream_s_memory_is_computed_again
         np.testing.assert_array_equal(retried[name], value)
 
 
-async def test_under_bsp_a_retry_pulls_again_the_parameters_it_had_borrowed(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under BSP a large model's answers are borrowed (``push_pull(borrow=True)``: read-only views
-    of the server's publication, valid until the stream's next request). A push retried after a
-    failure must not compute its gradient again on them (the server may have written that memory
-    over since: here it is scribbled over as the first try of push 3 fails): it pulls them again,
-    and the run ends with the parameters of a run without failures, bit for bit."""
+@pytest.mark.parametrize("staleness", [0, -1])
+async def test_a_retry_pulls_again_the_parameters_it_had_borrowed(staleness: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where every push pulls (BSP, unbounded staleness) a large model's answers are borrowed
+    (``push_pull(borrow=True)``: read-only views of the server's publication or of the push
+    stream's segment, valid until the stream's next request). A push retried after a failure must
+    not compute its gradient again on them (the server may have written that memory over since:
+    here it is scribbled over as the first try of push 3 fails): it pulls them again, and the run
+    ends with the parameters of a run without failures, bit for bit."""
     tries: list[tuple[int, bool]] = []
     lent: dict[str, np.ndarray] = {}
 
@@ -249,7 +251,7 @@ async def test_under_bsp_a_retry_pulls_again_the_parameters_it_had_borrowed(monk
     async def final_parameters() -> dict[str, np.ndarray]:
         async with InMemoryServer() as server:
             async with server.client() as admin:
-                run = await admin.create_run(_spec(0, workers=1, iterations=8))
+                run = await admin.create_run(_spec(staleness, workers=1, iterations=8))
                 client = server.client()
                 joined = await client.join("w0", run.run_id, max_wait=0, capabilities=CAPABILITIES)
                 outcome = await train(client, joined.assignment, CONFIG)

@@ -25,8 +25,10 @@ The protocol (Linux; integers little-endian), a variant of ``paramserver.v1.tcp`
   - kind 4, SHARED (both ways): a 16-byte body, u64 ``offset``, u64 ``length``: the message (the
     bytes a MESSAGE frame would carry) is bytes [offset, offset + length) of the region.
 * Turns: the client writes the requests of its turn at increasing, non-overlapping offsets of
-  the region from 0; the server, when it answers, writes the responses of its turn the same way
-  from 0 again, over the requests: it no longer needs them then (it has applied the push, and
+  the region from 0 (or from past the last answer, below); the server, when it answers, writes
+  the responses of its turn the same way from 0 again (one of 64 KiB or more up to 63 bytes
+  further, so that its first tensor's data start at a multiple of 64 and, a large model's answer
+  being padded, every tensor's at a multiple of 16), over the requests: it no longer needs them then (it has applied the push, and
   copied what it keeps longer: a gradient held for a BSP clock that its answer did not wait for,
   or whose wait failed); the client reads the whole answer
   before its next turn. So a message's bytes stay as they are until its reader sends its next
@@ -52,6 +54,10 @@ The protocol (Linux; integers little-endian), a variant of ``paramserver.v1.tcp`
     computes its next gradient on it in place (the Python worker; no copy). The Python server
     places a published message so that its tensors' data start at multiples of 16 bytes of the
     publication (the chunks' ``padding``), as numpy and BLAS need for full speed.
+* A client may start its next turn past the last answer in the region instead of at 0, and
+  compute that turn's request from the answer in place meanwhile (the Python worker computes a
+  large model's next gradient on the parameters it was sent, into the region beside them; they
+  are the server's again once that request is sent, as always).
 * A client may compute a request's tensor data straight into the region, where the request's
   encoding will put them (the Python worker writes a large gradient there: no copy; ``put`` leaves
   bytes already in place as they are). Nothing in the protocol changes: the bytes are the same.
