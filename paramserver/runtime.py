@@ -20,7 +20,7 @@ import ctypes.util
 import os
 import resource
 
-__all__ = ["raise_fd_limit", "tune_malloc"]
+__all__ = ["raise_fd_limit", "release_free_memory", "tune_malloc"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -43,6 +43,17 @@ def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 2**31 - 1, 
         return False
     return all(bool(mallopt(param, value)) for param, value in (
         (_M_ARENA_MAX, arena_max), (_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, trim_threshold)))
+
+
+def release_free_memory() -> bool:
+    """Hand the allocator's free pages back to the OS now (glibc's ``malloc_trim``), which
+    ``tune_malloc`` keeps otherwise: for memory freed for good, such as a worker's own copy of
+    parameters it now reads in shared memory. False where not glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        return bool(name and ctypes.CDLL(name).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
 
 
 def raise_fd_limit() -> int:

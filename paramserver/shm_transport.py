@@ -170,9 +170,10 @@ class ShmCall(TcpCall):
 
     def _start_turn(self, first: int) -> None:
         """Before a turn's first request (``first`` bytes): a larger segment if it, or the last
-        turn's requests together, would not fit (then for an answer as large too: a push's answer
-        carries the model it pushed a gradient of; room never written costs no memory), or if the
-        last two answers did not."""
+        turn's requests together, would not fit (then with room for an answer as large beside
+        them: a push's answer carries the model it pushed a gradient of, and a client that
+        computes on it writes its next request beside it; room never written costs no memory), or
+        if the last two answers did not."""
         self._reading = False
         base, self._base = self._base, 0
         self._want, self._over = self._next_turn(base + first)
@@ -207,7 +208,7 @@ class ShmCall(TcpCall):
         want = self._want
         for need in (first, self._written):  # this request; the last turn's requests together
             if need > want:
-                want = shm.round_up(need + need // 4)
+                want = shm.round_up(2 * need + need // 4)
         over = self._over + 1 if self._answered > want else 0
         if over >= 2:  # twice in a row: this stream carries answers that large
             want = max(want, shm.round_up(self._answered + self._answered // 4))

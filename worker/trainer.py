@@ -41,6 +41,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from paramserver import errors
 from paramserver.client import Grad, PsClient, PullResult
+from paramserver.runtime import release_free_memory
 from paramserver.shards import Shards
 from paramserver.tcp_transport import SETTLE
 from paramserver.v1 import paramserver_pb2 as pb
@@ -157,6 +158,7 @@ class _Trainer:
         self.codec = PushCodec.of(self.spec)
         """Pushes in the run's wire form (``RunSpec.compression``); None: float32, dense."""
         self._large: bool | None = None  # a tensor of shm.IN_PLACE_BYTES or more (``_push_buffers``)
+        self._released = False  # the memory of its own parameters given back, once they are borrowed
         self._since: tuple[int, int] | None = None
         """(lineage, version) of the parameters held, for delta pulls (one server only)."""
         self._version: int | None = None
@@ -303,6 +305,7 @@ class _Trainer:
             (loss, grads, samples, t_compute), version = self.gradient(params, c, out), self._version
         self.check_loss(loss, c)
         borrow = out is not None and s <= 0  # (a large model in shared memory that every push pulls: read in place)
+        in_place = borrow and not any(p.flags.writeable for p in params.values())  # (computed on and into shared memory)
         t_push = time.perf_counter()
         push = self._push_op(c, self.codec.encode(grads) if self.codec else grads, loss, params if pull_next else None,
                              version, again=None if out is None else lambda: self.gradient(params, c)[1], borrow=borrow)
@@ -319,6 +322,8 @@ class _Trainer:
             # The next iteration must pull: it was asked for with this push (then_pull), one round trip.
             self._prefetched = pulled.guaranteed_clock
             self._hold(pulled)
+            if in_place and not self._released:  # the first iteration's arrays are not needed any more
+                self._released = release_free_memory()
             self.stats.pulls += 1
             parked = parked or (s >= 0 and resp.min_clock < c + 1 - s)  # the min clock right after the push
         await self.advance(resp, c, loss, samples, t0, t_compute, comm, parked)

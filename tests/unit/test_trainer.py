@@ -260,11 +260,14 @@ async def test_a_retry_pulls_again_the_parameters_it_had_borrowed(staleness: int
                 return (await admin.pull(run.run_id)).tensors
 
     plain = await final_parameters()
+    released: list[int] = []
+    monkeypatch.setattr(trainer_module, "release_free_memory", lambda: released.append(1) or True)
     monkeypatch.setattr(trainer_module, "IN_PLACE_BYTES", 0)  # (this model's tensors are small)
     monkeypatch.setattr(PsClient, "push_buffers", push_buffers)
     monkeypatch.setattr(PsClient, "push_pull", lending)
     retried = await final_parameters()
     assert tries == [(c, True) for c in (0, 1, 2, 3, 3, 4, 5, 6)]  # every push that pulls borrows
+    assert released == [1]  # once computing on borrowed parameters: its own copies' memory given back
     for name, value in plain.items():
         np.testing.assert_array_equal(retried[name], value)
 
