@@ -40,10 +40,10 @@ class PullSink:
     with conversion. If the stream fails partway, ``into`` holds a mix of old and new values; the
     caller retries the pull, which overwrites all of it.
 
-    ``borrow``: a whole float32 tensor in read-only memory at an aligned address (a shared-memory
-    answer the server published, or an inline message) is put into ``into`` as a read-only view of
-    it, not copied: valid until the stream's next request (then the server may write a publication
-    again)."""
+    ``borrow``: a whole float32 tensor in read-only memory at an aligned address (an answer in
+    shared memory: the server's publication or the stream's segment; or an inline message) is put
+    into ``into`` as a read-only view of it, not copied: valid until the stream's next request
+    (then the server may write there again)."""
 
     def __init__(self, into: dict[str, np.ndarray] | None, borrow: bool = False) -> None:
         self.out: dict[str, np.ndarray] = {} if into is None else into

@@ -62,8 +62,8 @@ _current: contextvars.ContextVar[_Trainer | None] = contextvars.ContextVar("trai
 
 
 def _own(params: dict[str, np.ndarray]) -> None:
-    """Copies of the arrays of ``params`` that are borrowed (read-only views of what the server
-    published, valid only until the push stream's next request)."""
+    """Copies of the arrays of ``params`` that are borrowed (read-only views of an answer in shared
+    memory, valid only until the push stream's next request)."""
     for name, p in params.items():
         if not p.flags.writeable:
             params[name] = p.copy()
@@ -358,8 +358,8 @@ class _Trainer:
                  version: int | None, again: Callable[[], Mapping[str, Grad]] | None = None, borrow: bool = False,
                  ) -> Callable[[], Awaitable[tuple[pb.PushGradientResponse, PullResult | None]]]:
         """The push of iteration ``c`` (its gradient computed on ``version``); with ``into``,
-        together with the pull of ``c + 1`` into it (``borrow``: as read-only views of what the
-        server published, ``PsClient.push_pull``). ``again``: the gradient, computed anew for a
+        together with the pull of ``c + 1`` into it (``borrow``: as read-only views of the answer's
+        shared memory, ``PsClient.push_pull``). ``again``: the gradient, computed anew for a
         retry (``grads`` are in the push stream's shared memory, which the server's answer to a
         try that failed may have overwritten), on parameters pulled again if ``into`` holds
         borrowed ones (the server may have written their memory over since the first try)."""

@@ -14,11 +14,12 @@ knows (a test fails when the .proto gains a field it would drop). The output is 
 negative int64 as 10-byte varints), except that the chunks of a push with more than
 ``SMALL_MESSAGE`` payload bytes get a ``padding`` field before their data where needed to start
 it at a multiple of 16 bytes into the message (the server computes on those bytes in place;
-unaligned, that costs 40-60% more), and those of a server's answer so encoded (``EncodedGroup``)
-where needed to start it at a multiple of 16 bytes after the first chunk's data. Decoding takes a fast path for what the senders write;
-anything unusual (unknown or repeated scalar fields, unpacked shapes, out-of-range values, bad
-UTF-8) falls back to the generated classes, so the result always equals ``FromString``'s, and
-malformed input raises ``google.protobuf.message.DecodeError`` as before. Messages with at most
+unaligned, that costs 40-60% more), and those of a server's large answer (``EncodedGroup``)
+where needed to start it a multiple of 16 bytes after the first chunk's data. Decoding takes a
+fast path for what the senders write; anything unusual (unknown or repeated scalar fields,
+unpacked shapes, out-of-range values, bad UTF-8) falls back to the generated classes, so the
+result always equals ``FromString``'s, and malformed input raises
+``google.protobuf.message.DecodeError`` as before. Messages with at most
 ``SMALL_MESSAGE`` payload bytes are decoded by the generated classes (faster there, with little
 to copy); their chunks are then the generated ``TensorChunk``s, with ``bytes`` data.
 """
