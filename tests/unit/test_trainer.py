@@ -168,6 +168,19 @@ async def test_transient_failures_are_retried_and_applied_once(compress: str, mo
     assert resets == ([] if compress == "none" else [0])
 
 
+async def _final_parameters(staleness: int) -> dict[str, np.ndarray]:
+    """The parameters a one-worker run of 8 iterations at ``staleness`` ends with (in memory)."""
+    async with InMemoryServer() as server:
+        async with server.client() as admin:
+            run = await admin.create_run(_spec(staleness, workers=1, iterations=8))
+            client = server.client()
+            joined = await client.join("w0", run.run_id, max_wait=0, capabilities=CAPABILITIES)
+            outcome = await train(client, joined.assignment, CONFIG)
+            await client.close()
+            assert outcome.completed
+            return (await admin.pull(run.run_id)).tensors
+
+
 async def test_a_gradient_computed_in_the_push_stream_s_memory_is_computed_again_for_a_retry(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A gradient written into the push stream's shared memory (``PsClient.push_buffers``) is gone
@@ -194,22 +207,11 @@ async def test_a_gradient_computed_in_the_push_stream_s_memory_is_computed_again
             raise errors.Unavailable(errors.Code.UNAVAILABLE, "connection reset (injected)")
         return await push_pull(self, run_id, rank, incarnation, clock, grads, *args, **kw)  # type: ignore[arg-type]
 
-    async def final_parameters() -> dict[str, np.ndarray]:
-        async with InMemoryServer() as server:
-            async with server.client() as admin:
-                run = await admin.create_run(_spec(-1, workers=1, iterations=8))
-                client = server.client()
-                joined = await client.join("w0", run.run_id, max_wait=0, capabilities=CAPABILITIES)
-                outcome = await train(client, joined.assignment, CONFIG)
-                await client.close()
-                assert outcome.completed
-                return (await admin.pull(run.run_id)).tensors
-
-    plain = await final_parameters()
+    plain = await _final_parameters(-1)
     monkeypatch.setattr(trainer_module, "IN_PLACE_BYTES", 0)  # (this model's tensors are small)
     monkeypatch.setattr(PsClient, "push_buffers", push_buffers)
     monkeypatch.setattr(PsClient, "push_pull", flaky)
-    retried = await final_parameters()
+    retried = await _final_parameters(-1)
     assert tries == [0, 1, 2, 3, 3, 4, 5, 6] and len(given) == 7  # the last push pulls nothing
     for name, value in plain.items():
         np.testing.assert_array_equal(retried[name], value)
@@ -248,24 +250,13 @@ async def test_a_retry_pulls_again_the_parameters_it_had_borrowed(staleness: int
             into[name].flags.writeable = False
         return answer
 
-    async def final_parameters() -> dict[str, np.ndarray]:
-        async with InMemoryServer() as server:
-            async with server.client() as admin:
-                run = await admin.create_run(_spec(staleness, workers=1, iterations=8))
-                client = server.client()
-                joined = await client.join("w0", run.run_id, max_wait=0, capabilities=CAPABILITIES)
-                outcome = await train(client, joined.assignment, CONFIG)
-                await client.close()
-                assert outcome.completed
-                return (await admin.pull(run.run_id)).tensors
-
-    plain = await final_parameters()
+    plain = await _final_parameters(staleness)
     released: list[int] = []
     monkeypatch.setattr(trainer_module, "release_free_memory", lambda: released.append(1) or True)
     monkeypatch.setattr(trainer_module, "IN_PLACE_BYTES", 0)  # (this model's tensors are small)
     monkeypatch.setattr(PsClient, "push_buffers", push_buffers)
     monkeypatch.setattr(PsClient, "push_pull", lending)
-    retried = await final_parameters()
+    retried = await _final_parameters(staleness)
     assert tries == [(c, True) for c in (0, 1, 2, 3, 3, 4, 5, 6)]  # every push that pulls borrows
     assert released == [1]  # once computing on borrowed parameters: its own copies' memory given back
     for name, value in plain.items():
