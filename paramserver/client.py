@@ -287,11 +287,13 @@ class PsClient:
         host: in the server's publication under BSP, else in the push stream's segment) come as
         read-only views of it instead of copies (``PullSink``): valid until this stream's next
         request; compute the next gradient on them (into ``push_buffers(like=into)``), and pull
-        again rather than reuse them after a failed push.
+        again rather than reuse them after a failed push. It asks for the whole model (``since``
+        is ignored: a delta needs arrays of one's own to write into).
 
         The returned response carries the push's acknowledgement (clock, duplicate, min_clock,
         run_state); the pulled parameters are in the PullResult."""
         wait = self.timeout if max_wait is None else max_wait
+        since = None if borrow else since
         then: pb.PullParamsRequest | bytes
         if names or rows:
             then = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock + 1, names=names,
