@@ -16,6 +16,7 @@ from client.spec import LaunchOptions, build_run_spec
 from paramserver import errors
 from paramserver.client import PsClient
 from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1 import wire
 from ps_server.core import snapshot
 from ps_server.testing import InMemoryServer
 from worker import trainer as trainer_module
@@ -261,6 +262,31 @@ async def test_a_retry_pulls_again_the_parameters_it_had_borrowed(staleness: int
     assert released == [1]  # once computing on borrowed parameters: its own copies' memory given back
     for name, value in plain.items():
         np.testing.assert_array_equal(retried[name], value)
+
+
+async def test_a_borrowing_push_pull_asks_for_the_whole_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``push_pull(borrow=True)`` leaves ``since`` out of its then_pull: a delta answer would need
+    arrays of the worker's own to write into, and borrowed ones are read only."""
+    asked: list[tuple[int, int] | None] = []
+    encode = wire.pull_request_bytes
+
+    def spy(run_id: str, rank: int, incarnation: int, clock: int, wait: float,
+            since: tuple[int, int] | None = None) -> bytes:
+        asked.append(since)
+        return encode(run_id, rank, incarnation, clock, wait, since)
+
+    monkeypatch.setattr(wire, "pull_request_bytes", spy)
+    async with InMemoryServer() as server:
+        async with server.client() as c:
+            run = await c.create_run(_spec(-1, workers=1, iterations=8))
+            a = (await c.join("w0", run.run_id, max_wait=0, capabilities=CAPABILITIES)).assignment
+            params: dict[str, np.ndarray] = {}
+            pulled = await c.pull(run.run_id, a.rank, a.incarnation, 0, into=params)
+            grads = {n: np.zeros_like(v) for n, v in params.items()}
+            since = (pulled.lineage or 1, pulled.version)
+            for clock, borrow in ((0, False), (1, True)):
+                await c.push_pull(run.run_id, a.rank, a.incarnation, clock, grads, into=params, since=since, borrow=borrow)
+    assert asked == [since, None]
 
 
 @pytest.mark.parametrize("compress", ["none", "topk:0.05,fp16"])
