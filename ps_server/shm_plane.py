@@ -269,18 +269,26 @@ class _ShmLink(_Link):
                     os.close(fd)
         return self._answer_now(lean, self._shared(a, b))
 
-    def _send_now(self, parts: list[wire.Part]) -> list[wire.Part]:
+    def _frames(self, parts: list[wire.Part]) -> list[bytes] | None:
+        """The frames that give the client the response ``parts``: PUBLISHED (``_published``), or
+        SHARED with the response written into the segment (over the turn's requests: applied by
+        now, or copied where kept, ``Caller.borrowed``); None: send it inline."""
         n = wire.parts_len(parts)
         published = self._published(parts, n)
         if published is not None:
-            rest = tcp.send_now(self.conn, published)
-            return [rest] if rest else []
+            return published
         seg = self.segment
         at = self._out + _aligning(parts) if n >= _ALIGN_MIN else self._out
         if n <= _INLINE or seg is None or at + n > seg.region.nbytes:
-            return super()._send_now(parts)
+            return None
         self._out = shm.align(at + n)
-        rest = tcp.send_now(self.conn, [shm.put(seg.region, at, parts, n)])
+        return [shm.put(seg.region, at, parts, n)]
+
+    def _send_now(self, parts: list[wire.Part]) -> list[wire.Part]:
+        frames = self._frames(parts)
+        if frames is None:
+            return super()._send_now(parts)
+        rest = tcp.send_now(self.conn, frames)
         return [rest] if rest else []
 
     @staticmethod
@@ -298,19 +306,11 @@ class _ShmLink(_Link):
         self._out = 0
 
     async def send(self, parts: list[wire.Part]) -> None:
-        n = wire.parts_len(parts)
-        published = self._published(parts, n)
-        if published is not None:
-            await tcp.send_parts(self.conn, published, self.stall)
-            return
-        seg = self.segment
-        at = self._out + _aligning(parts) if n >= _ALIGN_MIN else self._out
-        if n <= _INLINE or seg is None or at + n > seg.region.nbytes:
+        frames = self._frames(parts)
+        if frames is None:
             await super().send(parts)
-            return
-        self._out = shm.align(at + n)
-        # over the turn's requests: applied by now, or copied where kept (Caller.borrowed)
-        await tcp.send_parts(self.conn, [shm.put(seg.region, at, parts, n)], self.stall)
+        else:
+            await tcp.send_parts(self.conn, frames, self.stall)
 
     def close(self) -> None:
         self._read_on()
