@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import resource
+from typing import Any
 
 __all__ = ["raise_fd_limit", "release_free_memory", "tune_malloc"]
 
@@ -33,13 +35,8 @@ def tune_malloc(mmap_threshold: int = 1 << 30, trim_threshold: int = 2**31 - 1, 
     not glibc. Call it before any thread starts (arenas are created as threads first allocate)."""
     if any(name in os.environ for name in _ENV):
         return False
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS)
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
         return False
     return all(bool(mallopt(param, value)) for param, value in (
         (_M_ARENA_MAX, arena_max), (_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, trim_threshold)))
@@ -49,11 +46,24 @@ def release_free_memory() -> bool:
     """Hand the allocator's free pages back to the OS now (glibc's ``malloc_trim``), which
     ``tune_malloc`` keeps otherwise: for memory freed for good, such as a worker's own copy of
     parameters it now reads in shared memory. False where not glibc."""
+    malloc_trim = _glibc("malloc_trim")
+    return malloc_trim is not None and bool(malloc_trim(0))
+
+
+def _glibc(function: str) -> Any:
+    """glibc's ``function``; None where the C library has none (musl, macOS)."""
+    libc = _libc()
+    return None if libc is None else getattr(libc, function, None)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, loaded once (``find_library`` runs a program)."""
     name = ctypes.util.find_library("c")
     try:
-        return bool(name and ctypes.CDLL(name).malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
 
 
 def raise_fd_limit() -> int:
