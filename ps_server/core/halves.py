@@ -4,8 +4,8 @@ numpy releases the GIL inside its loops over large arrays, so two threads updati
 tensor run on two cores. This pays when a core is idle while the server works, as under BSP: every
 worker waits for the clock's step (the wide model's 23 MB SGD step with BSP's combination of four
 gradients, in one process: 6.5 ms on one core, 4.4 ms on two; Adam's 14.7 and 9.0 ms). Below
-``MIN_ELEMENTS`` handing over costs more than it saves. The helper runs in a copy of the caller's context, so ``np.errstate`` (the
-optimizers' overflow watch) sees its work too.
+``MIN_ELEMENTS`` handing over costs more than it saves. The helper runs in a copy of the caller's
+context, so ``np.errstate`` (the optimizers' overflow watch) sees its work too.
 """
 
 from __future__ import annotations
