@@ -14,8 +14,10 @@ together (``--cluster`` on 127.0.0.1, or ``psctl launch --local --servers N``); 
 is read, and "server" is their sum per applied push (each push goes to every shard). The
 configurations are measured in turn, ``--repeats`` times (the order alternating), and a table of
 medians and ranges follows. ``--compute-only`` also times one process doing the four ranks'
-gradient computations and local SGD updates (1 BLAS thread, no communication) after each round,
-and gives the applied-push rate against it (the small-model target's ratio).
+gradient computations and local SGD updates (1 BLAS thread, no communication) after each round
+(``--compute-procs 4``: four at once, the issue's reference), and gives the applied-push rate
+against it (the small-model target's ratio) and the CPU of a push outside its gradient: server +
+workers, less the reference's CPU per iteration (measured, not inferred from the rate).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -196,10 +198,18 @@ def one(args: argparse.Namespace, n_servers: int) -> dict[str, Any]:
                 p.wait()
 
 
-def compute_only(seconds: float, procs: int = 1) -> float:
-    """Iterations/s of ``procs`` processes at once (1 BLAS thread each), each doing the 4 ranks'
-    digits MLP-64 gradients and local SGD updates (as ``bench/small_model.py``'s reference), summed.
-    ``procs`` = 4 is the issue's "compute-only": W processes training their own copies, both cores busy."""
+class Reference(NamedTuple):
+    its_s: float
+    """iterations/s, summed over the processes"""
+    cpu_ms: float
+    """their CPU time per iteration (milliseconds): what "the gradient" costs when nothing else runs"""
+
+
+def compute_only(seconds: float, procs: int = 1) -> Reference:
+    """``procs`` processes at once (1 BLAS thread each), each doing the 4 ranks' digits MLP-64
+    gradients and local SGD updates (as ``bench/small_model.py``'s reference): their summed rate
+    and CPU per iteration. ``procs`` = 4 is the issue's "compute-only": W processes training
+    their own copies, both cores busy."""
     code = f"""
 import json, sys, time
 sys.path.insert(0, {str(ROOT)!r})
@@ -215,7 +225,7 @@ params = model.init_params(spec.seed)
 shards = [shard_indices(len(data.X_train), r, {WORKERS}, spec.seed) for r in range({WORKERS})]
 samplers = [BatchSampler(len(s), spec.batch_size, spec.seed, r) for r, s in enumerate(shards)]
 lr = np.float32(spec.optimizer.sgd.learning_rate)
-n, clock, t0 = 0, 0, time.perf_counter()
+n, clock, t0, c0 = 0, 0, time.perf_counter(), time.process_time()
 while time.perf_counter() - t0 < {seconds}:
     for r in range({WORKERS}):
         idx = shards[r][samplers[r].batch(clock)]
@@ -224,14 +234,21 @@ while time.perf_counter() - t0 < {seconds}:
             params[name] -= lr * g
         n += 1
     clock += 1
-print(json.dumps(n / (time.perf_counter() - t0)))
+print(json.dumps([n, time.perf_counter() - t0, time.process_time() - c0]))
 """
     runs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
             for _ in range(procs)]
-    return sum(float(json.loads(r.communicate()[0])) for r in runs)
+    done = [json.loads(r.communicate()[0]) for r in runs]
+    return Reference(sum(n / wall for n, wall, _ in done), 1e3 * sum(c for _, _, c in done) / sum(n for n, _, _ in done))
 
 
-def table(results: list[dict[str, Any]], compute: list[float], procs: int = 1) -> str:
+def outside(r: dict[str, Any]) -> float:
+    """Issue 17's figure: the CPU of a push outside its gradient (server + workers, less one
+    compute-only iteration's CPU), milliseconds."""
+    return float(r["server_ms"] + r["workers_ms"] - r["compute_cpu_ms"])
+
+
+def table(results: list[dict[str, Any]], compute: list[Reference], procs: int = 1) -> str:
     med = statistics.median
 
     def span(xs: list[float], fmt: str) -> str:
@@ -239,7 +256,7 @@ def table(results: list[dict[str, Any]], compute: list[float], procs: int = 1) -
 
     head = "| servers | applied pushes/s | server CPU ms per push (all servers) | per server | workers CPU ms per push |"
     if compute:
-        head += " vs compute-only (paired) |"
+        head += " vs compute-only (paired) | ms outside the gradient (paired) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for n in sorted({r["servers"] for r in results}):
         sel = [r for r in results if r["servers"] == n]
@@ -248,12 +265,14 @@ def table(results: list[dict[str, Any]], compute: list[float], procs: int = 1) -
                f"| {each} | {span([r['workers_ms'] for r in sel], '.3f')} |")
         if compute:
             ratios = [100 * r["pushes_s"] / r["compute_its"] for r in sel]
-            row += f" {span(ratios, '.1f')}% |"
+            row += f" {span(ratios, '.1f')}% | {span([outside(r) for r in sel], '.3f')} |"
         lines.append(row)
     if compute:
         lines.append("")
         lines.append(f"compute-only ({procs} process{'es at once' if procs > 1 else ''}, 1 BLAS thread each, the 4 "
-                     f"ranks' gradients + SGD{', rates summed' if procs > 1 else ''}): {span(compute, ',.0f')} it/s")
+                     f"ranks' gradients + SGD{', rates summed' if procs > 1 else ''}): "
+                     f"{span([c.its_s for c in compute], ',.0f')} it/s, {span([c.cpu_ms for c in compute], '.3f')} ms "
+                     "of CPU per iteration")
     return "\n".join(lines)
 
 
@@ -279,7 +298,7 @@ def main() -> None:
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
-    compute: list[float] = []
+    compute: list[Reference] = []
     for rep in range(args.repeats):
         round_ = []
         for n in counts if rep % 2 == 0 else counts[::-1]:
@@ -291,15 +310,17 @@ def main() -> None:
             c = compute_only(args.compute_seconds, args.compute_procs)
             compute.append(c)
             for r in round_:
-                r["compute_its"] = c
-            print(f"compute-only: {c:,.0f} it/s; applied pushes/s against it: "
-                  + ", ".join(f"{r['servers']} server(s) {100 * r['pushes_s'] / c:.1f}%" for r in round_), flush=True)
+                r["compute_its"], r["compute_cpu_ms"] = c
+            print(f"compute-only: {c.its_s:,.0f} it/s, {c.cpu_ms:.3f} ms of CPU per iteration; applied pushes/s "
+                  "against it, and CPU per push outside the gradient (server + workers - that): "
+                  + ", ".join(f"{r['servers']} server(s) {100 * r['pushes_s'] / c.its_s:.1f}%, {outside(r):.3f} ms"
+                              for r in round_), flush=True)
         results += round_
     if args.repeats > 1 or len(counts) > 1 or args.compute_only:
         print()
         print(table(results, compute, args.compute_procs))
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "compute_only": compute}, indent=1))
+        args.json.write_text(json.dumps({"results": results, "compute_only": [c._asdict() for c in compute]}, indent=1))
 
 
 if __name__ == "__main__":

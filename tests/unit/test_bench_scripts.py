@@ -41,11 +41,17 @@ def test_shards_bench_runs_on_loopback() -> None:
 
 
 @pytest.mark.timeout(200)
-def test_cpu_per_push_on_two_servers() -> None:
-    proc = subprocess.run([sys.executable, str(BENCH / "cpu_per_push.py"), "--servers", "2", "--seconds", "0.3"],
+def test_cpu_per_push_on_two_servers(tmp_path: Path) -> None:
+    out = tmp_path / "cpu.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "cpu_per_push.py"), "--servers", "2", "--seconds", "0.3",
+                           "--compute-only", "--compute-seconds", "0.3", "--json", str(out)],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 servers together" in proc.stdout
+    # the figure: server + workers per push, less the reference's own CPU per iteration
+    (r,), (ref,) = json.loads(out.read_text()).values()
+    assert 0 < ref["cpu_ms"] < r["server_ms"] + r["workers_ms"]
+    assert f"{r['server_ms'] + r['workers_ms'] - ref['cpu_ms']:.3f} ms" in proc.stdout.split("outside the gradient")[1]
 
 
 @pytest.mark.timeout(120)
