@@ -1,8 +1,8 @@
 """The server's end of the shared-memory data plane (``paramserver.v1.shm`` specifies it).
 
 The TCP data plane's server, on an abstract Unix socket, with the message bytes in segments the
-clients pass: everything but the link (accepting, streams, slots, statuses, the socket watch,
-the stream cap) is ``tcp_plane``'s, and the semantics are the data plane's as on every transport.
+clients pass: everything but the link (accepting, streams, slots, statuses, the stream cap) is
+``tcp_plane``'s, the socket's watch and the frames are ``link``'s, and the semantics are the data plane's as on every transport.
 A request in the client's segment is decoded in place (the push's gradient is applied from the
 client's memory: ``Caller.borrowed`` makes the data plane copy what it keeps longer); a response
 is copied into the segment, over the requests it answers, in one go on the event loop, so it
@@ -12,7 +12,7 @@ PUBLISHED frame: copied once into a publication of the plane's (``_Publisher``),
 client given that response reads.
 
 Between pushes, a push stream is served in its socket's reader callback, as on TCP
-(``_Link.serve``): here for each SHARED request, whatever its size (an inline one goes to the
+(``link.Link.serve``): here for each SHARED request, whatever its size (an inline one goes to the
 stream's task).
 """
 
@@ -31,7 +31,8 @@ import numpy as np
 from paramserver.v1 import shm, tcp, wire
 
 from .dataplane import Caller, DataPlane, Shared
-from .tcp_plane import _WAIT, Got, Lean, TcpDataPlane, _Link
+from .link import WAIT, Got, Lean, Link
+from .tcp_plane import TcpDataPlane
 
 __all__ = ["ShmDataPlane"]
 
@@ -126,7 +127,7 @@ def _aligning(parts: Sequence[wire.Part]) -> int:
     return 0
 
 
-class _ShmLink(_Link):
+class _ShmLink(Link):
     """One connection: frames on the socket (descriptors received with them), bodies in the segment."""
 
     def __init__(self, conn: socket.socket, stall: float, max_segment: int, publisher: _Publisher) -> None:
@@ -248,7 +249,7 @@ class _ShmLink(_Link):
             try:
                 k = self.conn.recv_into(head, _SHARED_FRAME, socket.MSG_PEEK)
             except BlockingIOError:
-                return _WAIT
+                return WAIT
             if k == 0:
                 raise ConnectionError("the connection was closed")
             kind = head[0]
@@ -361,5 +362,5 @@ class ShmDataPlane(TcpDataPlane):
                 conn.setsockopt(socket.SOL_SOCKET, opt, 1 << 20)
         return True
 
-    def _link(self, conn: socket.socket) -> _Link:
+    def _link(self, conn: socket.socket) -> Link:
         return _ShmLink(conn, self._stall, self._max_segment, self._publisher)

@@ -1,6 +1,6 @@
 """The lean path of a small push, on the shared-memory and the TCP data planes: the server reads,
 applies and answers a one-message push in its socket's reader callback (``DataPlane.push_now``,
-``_Link.serve``), reading a push laid out as its stream's last one without decoding its chunks
+``Link.serve``), reading a push laid out as its stream's last one without decoding its chunks
 (``wire.PushLayout``); the client writes a request and reads its answer without its event loop
 when the answer comes at once (``TcpCall.exchange_now``). What either cannot finish at once (a
 pull that must wait, a status, a frame still coming in, a push of several messages) goes on
