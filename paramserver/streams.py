@@ -89,6 +89,10 @@ class Stream:
         self._call: Call | None = None
         self._key: object = None
         self._lock = asyncio.Lock()
+        self._busy = 0
+        """Operations under the lock or waiting for it. (``Lock.locked()`` is False from a release
+        until the next waiter runs: an operation tried without the loop in that moment would write
+        its request before the waiter's and read the waiter's answer.)"""
 
     async def exchange(
         self, requests: Iterable[Sequence[wire.Part]], timeout: float, *, until_final: bool,
@@ -97,15 +101,15 @@ class Stream:
         """Write ``requests``, read one response (or until ``final(response)``), each through
         ``decode``; bounded by ``timeout``. Raises errors.PsError.
 
-        On an open stream whose transport can (``Call.exchange_now``), the operation is first tried
-        without the event loop (no lock, timer or task switch: nothing else can run meanwhile);
+        On an open stream whose transport can (``Call.exchange_now``) and no other operation under
+        way or waiting, the operation is first tried without the event loop (no lock, timer or task
+        switch: nothing else can run meanwhile);
         what that does not finish at once goes on here. A request sent for a caller with other work
         to do (``Pending.later``) lets that work run first, under the lock, and then looks for its
         answer the same way: by then it is usually there, and the caller never waits in the loop."""
         pending, todo = None, iter(requests)
         call = self._call
-        if call is not None and call.exchange_now is not None and not self._lock.locked() and \
-                self._key == self._wanted():
+        if call is not None and call.exchange_now is not None and not self._busy and self._key == self._wanted():
             try:
                 got = call.exchange_now(todo, until_final, final, decode)
             except BaseException:
@@ -114,53 +118,57 @@ class Stream:
             if not isinstance(got, Pending):
                 return got
             pending = got
-        async with self._lock:
-            try:
-                if pending is not None and pending.later is not None:
-                    await asyncio.sleep(0)  # the caller's work (the answer comes meanwhile)
-                    if self._call is call:
-                        got = pending.later()
-                        if not isinstance(got, Pending):
-                            return got
-                        pending = got
-                async with asyncio.timeout(timeout):
-                    if pending is None:
-                        if self._call is not None and self._key != self._wanted():
-                            self.close()
-                        if self._call is None:
-                            self._call, self._key = await self._open_call()
-                    elif self._call is not call:
-                        raise errors.Unavailable(errors.Code.UNAVAILABLE, "the stream was closed", method=self._method)
-                    call = self._call
-                    assert call is not None
-                    unwritten = todo if pending is None else pending.unwritten
-                    for req in unwritten or ():
-                        try:
-                            await call.write(req)
-                        except WriteFailed:
-                            break  # the server ended the stream: its status is what the read raises
-                    out = [] if pending is None else pending.out
-                    while True:
-                        raw = await call.read()
-                        if raw is None:
-                            raise errors.Unavailable(errors.Code.UNAVAILABLE, "stream closed by the server",
-                                                     method=self._method)
-                        resp = decode(raw)
-                        out.append(resp)
-                        if not until_final or final(resp):
-                            return out
-            except TimeoutError:
-                self.close()
-                raise errors.DeadlineExceeded(errors.Code.DEADLINE_EXCEEDED, f"no answer within {timeout:.1f}s",
-                                              method=self._method) from None
-            except BaseException:
-                self.close()
-                raise
+        self._busy += 1
+        try:
+            async with self._lock:
+                try:
+                    if pending is not None and pending.later is not None:
+                        await asyncio.sleep(0)  # the caller's work (the answer comes meanwhile)
+                        if self._call is call:
+                            got = pending.later()
+                            if not isinstance(got, Pending):
+                                return got
+                            pending = got
+                    async with asyncio.timeout(timeout):
+                        if pending is None:
+                            if self._call is not None and self._key != self._wanted():
+                                self.close()
+                            if self._call is None:
+                                self._call, self._key = await self._open_call()
+                        elif self._call is not call:
+                            raise errors.Unavailable(errors.Code.UNAVAILABLE, "the stream was closed", method=self._method)
+                        call = self._call
+                        assert call is not None
+                        unwritten = todo if pending is None else pending.unwritten
+                        for req in unwritten or ():
+                            try:
+                                await call.write(req)
+                            except WriteFailed:
+                                break  # the server ended the stream: its status is what the read raises
+                        out = [] if pending is None else pending.out
+                        while True:
+                            raw = await call.read()
+                            if raw is None:
+                                raise errors.Unavailable(errors.Code.UNAVAILABLE, "stream closed by the server",
+                                                         method=self._method)
+                            resp = decode(raw)
+                            out.append(resp)
+                            if not until_final or final(resp):
+                                return out
+                except TimeoutError:
+                    self.close()
+                    raise errors.DeadlineExceeded(errors.Code.DEADLINE_EXCEEDED, f"no answer within {timeout:.1f}s",
+                                                  method=self._method) from None
+                except BaseException:
+                    self.close()
+                    raise
+        finally:
+            self._busy -= 1
 
     def idle_call(self) -> Call | None:
         """The open call the next operation will use, when none is under way now (None: no
         call open, one in progress, or the next operation opens another)."""
-        if self._call is None or self._lock.locked() or self._key != self._wanted():
+        if self._call is None or self._busy or self._key != self._wanted():
             return None
         return self._call
 

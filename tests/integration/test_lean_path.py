@@ -295,3 +295,61 @@ async def test_a_tcp_sender_stalled_in_the_middle_of_a_small_frame_is_dropped(se
         sock.close()
     finally:
         await server.stop(0)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_an_operation_never_overtakes_one_waiting_for_the_stream(transport: str, server: PsServer) -> None:
+    """Task A's pull parks; task B queues for the pull stream; when A's pull is let go, A's next
+    pull must not go out without the loop before B's (the lock is free for a moment before B runs):
+    each gets its own answer."""
+    async with connect(server, transport) as c:
+        run = await c.create_run(make_spec(shapes={"w": (3, 4), "b": (4,)}, num_workers=2, staleness=0,
+                                           init=pb.INITIALIZER_ZEROS))
+        a0 = (await c.join("a", run.run_id)).assignment
+        a1 = (await c.join("b", run.run_id)).assignment
+        zeros = {"w": np.zeros((3, 4), np.float32), "b": np.zeros(4, np.float32)}
+        await c.pull(run.run_id, names=["w"])  # the pull stream is open
+        await c.push(run.run_id, a0.rank, a0.incarnation, 0, zeros)
+
+        async def parked_then_another() -> list[str]:
+            await c.pull(run.run_id, a0.rank, a0.incarnation, 1)  # parks until rank 1 pushes clock 0
+            return sorted((await c.pull(run.run_id, names=["w"])).tensors)
+
+        a = asyncio.create_task(parked_then_another())
+        await asyncio.sleep(0.2)
+        b = asyncio.create_task(c.pull(run.run_id, names=["b"]))  # waits for the stream
+        await asyncio.sleep(0.2)
+        await c.push(run.run_id, a1.rank, a1.incarnation, 0, zeros)
+        assert await a == ["w"]
+        assert sorted((await b).tensors) == ["b"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_pushes_of_two_tasks_on_one_client_each_get_their_own_acknowledgement(transport: str,
+                                                                                    server: PsServer) -> None:
+    """As above, with pushes: rank 0's push whose pull parks, then its next push, against rank 2's
+    push queued for the same stream meanwhile: each acknowledged with its own clock, each applied once."""
+    async with connect(server, transport) as c, connect(server, transport) as other:
+        run = await c.create_run(make_spec(shapes={"w": (3, 4)}, num_workers=3, staleness=10, iterations=50,
+                                           init=pb.INITIALIZER_ZEROS))
+        r0 = (await c.join("a", run.run_id)).assignment
+        r1 = (await other.join("b", run.run_id)).assignment
+        r2 = (await c.join("c", run.run_id)).assignment
+        g = {"w": np.ones((3, 4), np.float32)}
+        for k in range(10):
+            await c.push(run.run_id, r0.rank, r0.incarnation, k, g)
+        await c.push(run.run_id, r2.rank, r2.incarnation, 0, g)
+
+        async def parked_then_another() -> int:
+            await c.push_pull(run.run_id, r0.rank, r0.incarnation, 10, g)  # its pull of 11 waits for rank 1
+            return (await c.push(run.run_id, r0.rank, r0.incarnation, 11, g)).clock
+
+        a = asyncio.create_task(parked_then_another())
+        await asyncio.sleep(0.3)
+        b = asyncio.create_task(c.push(run.run_id, r2.rank, r2.incarnation, 1, g))  # waits for the stream
+        await asyncio.sleep(0.3)
+        await other.push(run.run_id, r1.rank, r1.incarnation, 0, g)
+        assert await a == 12
+        assert (await b).clock == 2
+        got = await c.get_run(run.run_id)
+        assert got.counters.pushes_applied == 10 + 1 + 2 + 1 + 1 and got.counters.pushes_duplicate == 0
