@@ -314,6 +314,7 @@ class _ShmLink(Link):
             await tcp.send_parts(self.conn, frames, self.stall)
 
     def close(self) -> None:
+        super().close()
         self._read_on()
         if self.segment is not None:
             self.segment.close()
