@@ -308,7 +308,7 @@ class _Trainer:
         in_place = borrow and not any(p.flags.writeable for p in params.values())  # (computed on and into shared memory)
         t_push = time.perf_counter()
         push = self._push_op(c, self.codec.encode(grads) if self.codec else grads, loss, params if pull_next else None,
-                             version, again=None if out is None else lambda: self.gradient(params, c)[1], borrow=borrow)
+                             version, again=None if out is None else lambda: self.gradient(params, c)[:2], borrow=borrow)
         if self.config.overlap and c + 1 < self.spec.iterations and (s < 0 or self.cache_valid(guaranteed, c + 1)):
             _own(params)  # (computed on while the push is in flight: no longer the server's to lend then)
             resp, pulled, comm_ahead = await self._overlapped(push, params, grads, c, guaranteed)
@@ -355,23 +355,26 @@ class _Trainer:
         return self.plane.push_buffers(self.a.run_id, self.a.rank, self.a.incarnation, c, params)
 
     def _push_op(self, c: int, grads: Mapping[str, Grad], loss: float, into: dict[str, np.ndarray] | None,
-                 version: int | None, again: Callable[[], Mapping[str, Grad]] | None = None, borrow: bool = False,
-                 ) -> Callable[[], Awaitable[tuple[pb.PushGradientResponse, PullResult | None]]]:
+                 version: int | None, again: Callable[[], tuple[float, Mapping[str, Grad]]] | None = None,
+                 borrow: bool = False) -> Callable[[], Awaitable[tuple[pb.PushGradientResponse, PullResult | None]]]:
         """The push of iteration ``c`` (its gradient computed on ``version``); with ``into``,
         together with the pull of ``c + 1`` into it (``borrow``: as read-only views of the answer's
-        shared memory, ``PsClient.push_pull``). ``again``: the gradient, computed anew for a
-        retry (``grads`` are in the push stream's shared memory, which the server's answer to a
+        shared memory, ``PsClient.push_pull``). ``again``: the loss and gradient, computed anew for
+        a retry (``grads`` are in the push stream's shared memory, which the server's answer to a
         try that failed may have overwritten), on parameters pulled again if ``into`` holds
-        borrowed ones (the server may have written their memory over since the first try)."""
+        borrowed ones (the server may have written their memory over since the first try: the
+        retry then says it computed on the version pulled)."""
         a, wait, since = self.a, self.config.timeout_seconds * 4, self._since
         tried = False
 
         async def op() -> tuple[pb.PushGradientResponse, PullResult | None]:
-            nonlocal grads, again, tried
+            nonlocal grads, loss, version, again, tried
             if tried and again is not None:
                 if into is not None and not all(p.flags.writeable for p in into.values()):
-                    await self.plane.pull(a.run_id, a.rank, a.incarnation, c, into=into, max_wait=wait)
-                grads, again = again(), None
+                    res = await self.plane.pull(a.run_id, a.rank, a.incarnation, c, into=into, max_wait=wait)
+                    self._hold(res)
+                    version = res.version
+                (loss, grads), again = again(), None
             tried = True
             if into is None:
                 return await self.plane.push(a.run_id, a.rank, a.incarnation, c, grads, loss, param_version=version), None

@@ -264,6 +264,57 @@ async def test_a_retry_pulls_again_the_parameters_it_had_borrowed(staleness: int
         np.testing.assert_array_equal(retried[name], value)
 
 
+async def test_a_retried_borrowing_push_says_it_computed_on_the_parameters_pulled_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The retry of a borrowing push computes its gradient on the parameters pulled again; under
+    unbounded staleness others push meanwhile, so those are a newer version, and the push must
+    say so (``param_version``: a staleness-aware learning rate is scaled by it)."""
+    events: list[tuple[str, int, int | None]] = []  # (what, clock, version)
+    failed = False
+
+    def push_buffers(self: PsClient, run_id: str, rank: int, incarnation: int, clock: int,
+                     like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {n: np.empty_like(a) for n, a in like.items()}
+
+    push_pull, pull = PsClient.push_pull, PsClient.pull
+
+    async def spy_pull(self: PsClient, run_id: str, rank: int = 0, incarnation: int = 0, clock: int = 0,
+                       **kw: Any) -> object:
+        res = await pull(self, run_id, rank, incarnation, clock, **kw)
+        if rank == 0:
+            events.append(("pull", clock, res.version))
+        return res
+
+    async def lending(self: PsClient, run_id: str, rank: int, incarnation: int, clock: int,
+                      grads: dict[str, np.ndarray], *args: object, **kw: Any) -> object:
+        nonlocal failed
+        if rank == 0:
+            events.append(("push", clock, kw.get("param_version")))
+        if rank == 0 and clock == 3 and not failed:
+            failed = True
+            await asyncio.sleep(0.3)  # (rank 1 pushes meanwhile)
+            raise errors.Unavailable(errors.Code.UNAVAILABLE, "connection reset (injected)")
+        kw.pop("borrow", None)  # (the in-memory server lends nothing: copies, read only)
+        answer = await push_pull(self, run_id, rank, incarnation, clock, grads, *args, **kw)
+        for name, a in kw["into"].items():
+            kw["into"][name] = a.copy()
+            kw["into"][name].flags.writeable = False
+        return answer
+
+    monkeypatch.setattr(trainer_module, "IN_PLACE_BYTES", 0)  # (this model's tensors are small)
+    monkeypatch.setattr(PsClient, "push_buffers", push_buffers)
+    monkeypatch.setattr(PsClient, "push_pull", lending)
+    monkeypatch.setattr(PsClient, "pull", spy_pull)
+    async with InMemoryServer() as server:
+        _, outcomes = await _train_all(server, _spec(-1, workers=2, iterations=12, staleness_aware_lr=True))
+    assert all(o.completed for o in outcomes)
+    i = events.index(next(e for e in events if e[:2] == ("push", 3)))
+    (_, _, first), (what, _, pulled), (again, clock, said) = events[i : i + 3]
+    assert (what, again, clock) == ("pull", "push", 3)
+    assert pulled is not None and first is not None and pulled > first  # rank 1 pushed in between
+    assert said == pulled
+
+
 async def test_a_borrowing_push_pull_asks_for_the_whole_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """``push_pull(borrow=True)`` leaves ``since`` out of its then_pull: a delta answer would need
     arrays of the worker's own to write into, and borrowed ones are read only."""
