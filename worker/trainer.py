@@ -158,7 +158,7 @@ class _Trainer:
         self.codec = PushCodec.of(self.spec)
         """Pushes in the run's wire form (``RunSpec.compression``); None: float32, dense."""
         self._large: bool | None = None  # a tensor of shm.IN_PLACE_BYTES or more (``_push_buffers``)
-        self._released = False  # the memory of its own parameters given back, once they are borrowed
+        self._released = False  # the memory of its own parameters given back (once they are borrowed)
         self._since: tuple[int, int] | None = None
         """(lineage, version) of the parameters held, for delta pulls (one server only)."""
         self._version: int | None = None
@@ -323,7 +323,8 @@ class _Trainer:
             self._prefetched = pulled.guaranteed_clock
             self._hold(pulled)
             if in_place and not self._released:  # the first iteration's arrays are not needed any more
-                self._released = release_free_memory()
+                release_free_memory()  # (once, whatever it found to give back)
+                self._released = True
             self.stats.pulls += 1
             parked = parked or (s >= 0 and resp.min_clock < c + 1 - s)  # the min clock right after the push
         await self.advance(resp, c, loss, samples, t0, t_compute, comm, parked)

@@ -253,7 +253,7 @@ async def test_a_retry_pulls_again_the_parameters_it_had_borrowed(staleness: int
 
     plain = await _final_parameters(staleness)
     released: list[int] = []
-    monkeypatch.setattr(trainer_module, "release_free_memory", lambda: released.append(1) or True)
+    monkeypatch.setattr(trainer_module, "release_free_memory", lambda: released.append(1) or False)  # (nothing freed)
     monkeypatch.setattr(trainer_module, "IN_PLACE_BYTES", 0)  # (this model's tensors are small)
     monkeypatch.setattr(PsClient, "push_buffers", push_buffers)
     monkeypatch.setattr(PsClient, "push_pull", lending)
