@@ -2,14 +2,14 @@
 
 The TCP data plane's server, on an abstract Unix socket, with the message bytes in segments the
 clients pass: everything but the link (accepting, streams, slots, statuses, the stream cap) is
-``tcp_plane``'s, the socket's watch and the frames are ``link``'s, and the semantics are the data plane's as on every transport.
-A request in the client's segment is decoded in place (the push's gradient is applied from the
-client's memory: ``Caller.borrowed`` makes the data plane copy what it keeps longer); a response
-is copied into the segment, over the requests it answers, in one go on the event loop, so it
-holds whole tensors of one moment (no step runs in the middle of it). A response the data plane
-marks ``Shared`` (BSP's answers of a clock) goes to a client that reads publications as a
-PUBLISHED frame: copied once into a publication of the plane's (``_Publisher``), which every
-client given that response reads.
+``tcp_plane``'s, the socket's watch and the frames are ``link``'s, and the semantics are the data
+plane's as on every transport. A request in the client's segment is decoded in place (the push's
+gradient is applied from the client's memory: ``Caller.borrowed`` makes the data plane copy what
+it keeps longer); a response is copied into the segment, over the requests it answers, in one go
+on the event loop, so it holds whole tensors of one moment (no step runs in the middle of it). A
+response the data plane marks ``Shared`` (BSP's answers of a clock) goes to a client that reads
+publications as a PUBLISHED frame: copied once into a publication of the plane's (``_Publisher``),
+which every client given that response reads.
 
 Between pushes, a push stream is served in its socket's reader callback, as on TCP
 (``link.Link.serve``): here for each SHARED request, whatever its size (an inline one goes to the
