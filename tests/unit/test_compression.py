@@ -86,6 +86,19 @@ def test_top_k_is_exact_on_small_tensors_and_a_threshold_on_large_ones() -> None
     assert compress.k_of(0.001, 10) == 1 and compress.k_of(0.5, 7) == 4
 
 
+@pytest.mark.parametrize("nans", [1, 2000])
+def test_top_k_picks_a_nan_on_the_sampled_path_as_on_the_exact_one(nans: int) -> None:
+    """A NaN in a large tensor (or so many that the sampled threshold is one) is always picked: it
+    goes to the server, which refuses the push with a clear error, instead of staying unseen in the
+    residual while the tensor stops training."""
+    rng = np.random.default_rng(1)
+    for size in (1000, 1 << 20):
+        g = rng.standard_normal(size).astype(np.float32)
+        g[rng.choice(size, min(nans, size // 10), replace=False)] = np.nan
+        picked = compress.top_k(g, compress.k_of(1e-3, size))
+        assert np.isnan(g[picked]).any(), size
+
+
 def _reference_error_feedback(grads: list[np.ndarray], k: int) -> tuple[list[np.ndarray], np.ndarray]:
     """Top-k with error feedback, written the plain way: what each push sends, and the residual left."""
     residual = np.zeros_like(grads[0])

@@ -91,7 +91,9 @@ def top_k(values: np.ndarray, k: int) -> np.ndarray:
     sample = magnitude[:: max(1, n // SAMPLE)]
     m = max(1, round(sample.size * k / n))
     threshold = np.partition(sample, sample.size - m)[sample.size - m]
-    picked = np.flatnonzero(magnitude >= threshold).astype(U32)
+    below = magnitude < threshold  # (False for a NaN, and for all when the threshold is one: a NaN is
+    np.logical_not(below, out=below)  # always picked, as on the exact path, and the server refuses it)
+    picked = np.flatnonzero(below).astype(U32)
     if picked.size > 2 * k:  # many ties at the threshold (a gradient of mostly equal values)
         picked = picked[np.argpartition(magnitude[picked], picked.size - k)[picked.size - k :]]
         picked.sort()
