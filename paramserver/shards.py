@@ -99,6 +99,50 @@ class Shards:
         await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
 
     # ------------------------------------------------------------------------------ slicing
+    def _refuse(self, message: str, method: str, reason: pb.ErrorReason) -> errors.InvalidArgument:
+        return errors.InvalidArgument(errors.Code.INVALID_ARGUMENT, message, pb.ErrorInfo(reason=reason), method)
+
+    def _check_request(self, grads: Mapping[str, Any] | None, names: Sequence[str],
+                       rows: Mapping[str, Any] | None) -> None:
+        """InvalidArgument, before any shard is asked, for what one server would refuse as a whole
+        but each shard, seeing only its part, would not (or only some would: a push applied on
+        the others): a push's tensor the run lacks, or lacks of the run's dense ones, of another
+        shape, rows of a tensor that is no table, a row id out of its table's range (a pull of it
+        answered with memory never written), a pulled name the run lacks."""
+        known = self.shapes.keys() | self.tables.keys()
+        for what, method, reason, given in (("gradient", "PushGradient", pb.ERROR_REASON_INVALID_GRADIENT, grads),
+                                            ("pull", "PullParams", pb.ERROR_REASON_INVALID_REQUEST, rows)):
+            if given is None:
+                continue
+            unknown = sorted(set(given) - known)
+            if unknown:
+                raise self._refuse(f"unknown tensor name(s) {', '.join(map(repr, unknown))}; this run's tensors are "
+                                   f"{', '.join(map(repr, sorted(known)))}", method, reason)
+            for name, value in given.items():
+                if name not in self.tables and (isinstance(value, RowsPart) or what == "pull"):
+                    raise self._refuse(f"tensor {name!r} is not a table: pull or push it whole", method, reason)
+                if what == "gradient" and not isinstance(value, RowsPart):
+                    want = self.shapes.get(name) or self.tables[name]
+                    if tuple(value.shape) != want:
+                        raise self._refuse(f"gradient {name!r} has shape {list(value.shape)}, the parameter has "
+                                           f"{list(want)}", method, reason)
+                    continue
+                ids = np.asarray(value.ids if isinstance(value, RowsPart) else value, np.int64)
+                n = self.tables[name][0]
+                if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= n):
+                    bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+                    raise self._refuse(f"table {name!r} has rows 0..{n - 1}: row id {bad} is out of range", method,
+                                       reason)
+        if grads is not None:
+            missing = sorted(self.shapes.keys() - grads.keys())
+            if missing:
+                raise self._refuse(f"the gradient lacks tensor(s) {', '.join(map(repr, missing))}: send every "
+                                   "parameter", "PushGradient", pb.ERROR_REASON_INVALID_GRADIENT)
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise self._refuse(f"unknown tensor name(s) {', '.join(map(repr, unknown))}; this run's tensors are "
+                               f"{', '.join(map(repr, sorted(known)))}", "PullParams", pb.ERROR_REASON_INVALID_REQUEST)
+
     def _rows(self, arrays: Mapping[str, Any], shard: pb.Shard) -> dict[str, Any]:
         """``shard``'s pieces of ``arrays``: views of their rows (a scalar is its one row); of a
         table's rows (``RowsPart``), those in the shard's range, with ids local to it."""
@@ -120,15 +164,15 @@ class Shards:
         return out
 
     def _asked(self, rows: Mapping[str, np.ndarray] | None, shard: pb.Shard) -> dict[str, np.ndarray]:
-        """The ids of ``rows`` that ``shard`` holds, local to its ranges."""
+        """The ids of ``rows`` that ``shard`` holds, local to its ranges; a table asked for of which
+        it holds a piece is there even with none (an empty set: a pull with no names and no rows
+        would ask for the whole piece)."""
         out = {}
         for pc in shard.pieces:
             ids = (rows or {}).get(pc.name)
             if ids is not None:
                 ids = np.asarray(ids, np.int64)
-                mine = ids[(ids >= pc.row_start) & (ids < pc.row_end)]
-                if mine.size:
-                    out[pc.name] = mine - pc.row_start
+                out[pc.name] = ids[(ids >= pc.row_start) & (ids < pc.row_end)] - pc.row_start
         return out
 
     def _gathered(self, rows: Mapping[str, np.ndarray] | None, answers: Mapping[int, PullResult],
@@ -202,6 +246,8 @@ class Shards:
                    loss: float = 0.0, timeout: float | None = None, param_version: int | None = None,
                    ) -> pb.PushGradientResponse:
         """As ``PsClient.push``, to every server (``param_version`` to each: they apply the same pushes)."""
+        self._check_request(grads, (), None)
+
         def one(i: int) -> Callable[[], Awaitable[pb.PushGradientResponse]]:
             return lambda: self.clients[i].push(run_id, rank, incarnation, clock,
                                                 self._rows(grads, self.shard_map.shards[i]), loss, timeout,
@@ -218,20 +264,28 @@ class Shards:
                         since: tuple[int, int] | None = None,
                         param_version: int | None = None) -> tuple[pb.PushGradientResponse, PullResult]:
         """As ``PsClient.push_pull``; ``since`` is not used: each server has its own versions, and a
-        sharded pull is answered whole."""
+        sharded pull is answered whole. With ``rows``, a shard holding none of them and none of
+        ``names`` is pushed to without a pull."""
+        self._check_request(grads, names, rows)
         out = self._arrays(into, names if rows else None)
+        wanted = set(names)
 
-        def one(i: int) -> Callable[[], Awaitable[tuple[pb.PushGradientResponse, PullResult]]]:
+        def one(i: int) -> Callable[[], Awaitable[tuple[pb.PushGradientResponse, PullResult | None]]]:
             c, s = self.clients[i], self.shard_map.shards[i]
-            mine = [pc.name for pc in s.pieces if pc.name in out] if rows else ()
+            mine = [pc.name for pc in s.pieces if pc.name in wanted and pc.name in self.shapes] if rows else ()
             asked = self._asked(rows, s) if rows else None
+            if rows and not mine and not asked:
+                async def push() -> tuple[pb.PushGradientResponse, None]:
+                    return await c.push(run_id, rank, incarnation, clock, self._rows(grads, s), loss,
+                                        param_version=param_version), None
+                return push
             return lambda: c.push_pull(run_id, rank, incarnation, clock, self._rows(grads, s), loss,
                                        into=self._rows(out, s), max_wait=max_wait, names=mine, rows=asked,
                                        param_version=param_version)
 
         answers, failures = await self._each({i: one(i) for i in range(len(self.clients))})
         self._check(failures)
-        pulled = {i: answer[1] for i, answer in answers.items()}
+        pulled = {i: answer[1] for i, answer in answers.items() if answer[1] is not None}
         self._consistent(list(pulled.values()), clock + 1)
         result = _pulled(list(pulled.values()), out)
         result.rows = self._gathered(rows, pulled)
@@ -244,6 +298,7 @@ class Shards:
         """As ``PsClient.pull``; the whole model (no ``names``, no ``rows``) includes the tables,
         put together from every shard (an export). ``since`` is not used: each server has its own
         versions, and a sharded pull is answered whole."""
+        self._check_request(None, names, rows)
         wanted = set(names)
         whole = not wanted and not rows
         out = self._arrays(into, None if whole else [n for n in names if n in self.shapes])
@@ -252,10 +307,10 @@ class Shards:
                 if out.get(name) is None or out[name].shape != shape:
                     out[name] = np.empty(shape, np.float32)
 
-        def one(i: int) -> Callable[[], Awaitable[PullResult]] | None:
+        def one(i: int, empty: bool = False) -> Callable[[], Awaitable[PullResult]] | None:
             c, s = self.clients[i], self.shard_map.shards[i]
             mine = [pc.name for pc in s.pieces if whole or pc.name in wanted]
-            asked = self._asked(rows, s)
+            asked = {n: ids for n, ids in self._asked(rows, s).items() if empty or ids.size}
             if not whole and not mine and not asked:
                 return None  # this shard holds none of what was asked for
             if rows:
@@ -265,6 +320,9 @@ class Shards:
                                   names=() if whole else mine, max_wait=max_wait, timeout=timeout)
 
         calls = {i: call for i in range(len(self.clients)) if (call := one(i)) is not None}
+        if not calls:  # only empty row sets: one shard answers them (the guarantee, the run's state)
+            i = next((i for i, s in enumerate(self.shard_map.shards) if self._asked(rows, s)), 0)
+            calls = {i: call} if (call := one(i, empty=True)) is not None else {}
         answers, failures = await self._each(calls)
         self._check(failures)
         pulled = list(answers.values())

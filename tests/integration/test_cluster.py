@@ -533,3 +533,68 @@ def test_server_0_changes_the_cuts_kept_only_when_every_server_keeps_one_it_keep
     mine[:] = [40, 35, 20, 10]
     assert poll([40, 35, 10]) == (40, 10)  # server 1 lost 20 before it was told: 10, which it had kept, stays
     assert poll([45, 40, 10]) == (40, 10)
+
+
+async def test_a_bad_request_to_a_sharded_run_is_refused_whole_before_any_shard_sees_it(
+        server_config: ServerConfig) -> None:
+    """Each shard sees only its rows of a push: a wrong shape, an unknown or a missing tensor, or
+    a row id out of its table's range would be applied by some shards and refused (or, for ids,
+    dropped) by others. The SDK refuses it as one server does, and nothing changes anywhere."""
+    spec = make_spec(shapes={"w": (40, 30)}, num_workers=1, staleness=1, iterations=5, init=pb.INITIALIZER_CONSTANT)
+    spec.params.append(pb.ParamSpec(name="t", shape=(10, 2), initializer=pb.INITIALIZER_CONSTANT, scale=1.0,
+                                    table=True))
+    async with cluster(server_config, 2, split_bytes=1024) as servers:
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(spec)
+            (a,) = await _join_all(c, run.run_id, 1)
+            assert all(s.pieces for s in a.shard_map.shards)
+            plane = Shards.beside(c, a.shard_map, a.spec)
+            w = np.ones((40, 30), np.float32)
+            bad_ids = np.array([3, 12, -1], np.int64)
+            try:
+                for grads, why in [({"w": np.ones((30, 30), np.float32)}, "has shape"),
+                                   ({"w": w, "nope": np.ones(3, np.float32)}, "unknown tensor"),
+                                   ({"t": RowsPart(np.array([1]), np.ones((1, 2), np.float32), (10, 2))}, "lacks"),
+                                   ({"w": w, "t": RowsPart(bad_ids, np.ones((3, 2), np.float32), (10, 2))},
+                                    "out of range")]:
+                    with pytest.raises(errors.InvalidArgument, match=why) as refused:
+                        await plane.push(run.run_id, 0, a.incarnation, 0, grads)
+                    assert refused.value.reason == pb.ERROR_REASON_INVALID_GRADIENT
+                for ask, why in [({"rows": {"t": bad_ids}}, "out of range"), ({"names": ["nope"]}, "unknown tensor"),
+                                 ({"rows": {"w": np.array([0])}}, "not a table")]:
+                    with pytest.raises(errors.InvalidArgument, match=why):
+                        await plane.pull(run.run_id, 0, a.incarnation, 0, **ask)  # type: ignore[arg-type]
+                assert [s.registry.get(run.run_id).status().counters.pushes_applied for s in servers] == [0, 0]
+                ack = await plane.push(run.run_id, 0, a.incarnation, 0,
+                                       {"w": w, "t": RowsPart(np.array([1, 9]), np.ones((2, 2), np.float32), (10, 2))})
+                assert ack.clock == 1
+            finally:
+                await plane.close()
+
+
+async def test_a_sharded_push_pull_of_rows_moves_only_those_rows(server_config: ServerConfig) -> None:
+    """A push that asks for a few rows pulls those (and the dense tensors asked for) from the
+    shards that hold them: a shard holding none is pushed to without a pull (a pull asking for
+    nothing would be answered with its whole piece of the table). A pull of no rows is answered."""
+    spec = make_spec(shapes={"b": (4,)}, num_workers=1, staleness=1, iterations=5, init=pb.INITIALIZER_CONSTANT)
+    spec.params.append(pb.ParamSpec(name="t", shape=(200_000, 8), initializer=pb.INITIALIZER_CONSTANT, scale=1.0,
+                                    table=True))
+    async with cluster(server_config, 2, split_bytes=1024) as servers:
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(spec)
+            (a,) = await _join_all(c, run.run_id, 1)
+            plane = Shards.beside(c, a.shard_map, a.spec)
+            try:
+                ids = np.array([1, 2, 3], np.int64)  # on the first shard of the table
+                await plane.pull(run.run_id, 0, a.incarnation, 0, names=["b"], rows={"t": ids})
+                before = [s.registry.get(run.run_id).status().counters.bytes_pulled for s in servers]
+                grads = {"b": np.ones(4, np.float32), "t": RowsPart(ids, np.ones((3, 8), np.float32), (200_000, 8))}
+                ack, pulled = await plane.push_pull(run.run_id, 0, a.incarnation, 0, grads, names=["b"],
+                                                    rows={"t": ids})
+                after = [s.registry.get(run.run_id).status().counters.bytes_pulled for s in servers]
+                assert ack.clock == 1 and list(pulled.rows["t"][0]) == [1, 2, 3]
+                assert max(y - x for x, y in zip(before, after, strict=True)) < 1000, (before, after)
+                empty = await plane.pull(run.run_id, 0, a.incarnation, 1, rows={"t": np.empty(0, np.int64)})
+                assert empty.rows["t"][1].shape == (0, 8) and empty.guaranteed_clock >= 0
+            finally:
+                await plane.close()
