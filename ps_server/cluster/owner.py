@@ -229,7 +229,7 @@ class ClusterOwner:
 
     async def _check(self, peer: PeerLink, runs: list[Run]) -> None:
         now = time.monotonic()
-        for run in runs:
+        for i, run in enumerate(runs):
             key = (run.run_id, peer.index)
             try:
                 await self._send(run, peer)
@@ -242,18 +242,9 @@ class ClusterOwner:
                 continue
             except PsError as exc:
                 since = self._silent_since.setdefault(peer.index, now)
-                old = self._status.get(key)
-                assert run.placement is not None
-                self._status[key] = pb.ShardStatus(
-                    index=peer.index, address=peer.address, reachable=False, error=f"{exc} (for {now - since:.0f}s)",
-                    bytes_held=run.placement.shard_map.bytes_held(run.spec.params)[peer.index],
-                    min_clock=old.min_clock if old else 0, max_clock=old.max_clock if old else 0,
-                    pushes_applied=old.pushes_applied if old else 0,
-                    state=old.state if old else pb.RUN_STATE_UNSPECIFIED)
-                if now - since > self._shard_timeout:
-                    self._fail(run, f"{peer.name} has not answered for {now - since:.0f}s (--shard-timeout "
-                                    f"{self._shard_timeout:g}): its shard of the run is out of reach ({exc})")
-                return  # the next run would wait as long again
+                for silent in runs[i:]:  # not asked again this time (each would wait as long): out of reach too
+                    self._out_of_reach(silent, peer, exc, now - since)
+                return
             self._silent_since.pop(peer.index, None)
             self._ports[peer.index], self._shm[peer.index] = resp.data_port, resp.shm_socket
             self._cuts[key] = list(resp.cuts)
@@ -265,6 +256,20 @@ class ClusterOwner:
             self._status[key] = resp.status
             if resp.status.state == pb.RUN_STATE_FAILED and not run.state.finished:
                 self._fail(run, f"{peer.name}'s shard failed: {resp.status.error}")
+
+    def _out_of_reach(self, run: Run, peer: PeerLink, exc: PsError, silent: float) -> None:
+        """``peer`` has not answered for ``silent`` seconds: its shard of ``run`` shows so, and the
+        run fails once that is over --shard-timeout."""
+        old = self._status.get((run.run_id, peer.index))
+        assert run.placement is not None
+        self._status[(run.run_id, peer.index)] = pb.ShardStatus(
+            index=peer.index, address=peer.address, reachable=False, error=f"{exc} (for {silent:.0f}s)",
+            bytes_held=run.placement.shard_map.bytes_held(run.spec.params)[peer.index],
+            min_clock=old.min_clock if old else 0, max_clock=old.max_clock if old else 0,
+            pushes_applied=old.pushes_applied if old else 0, state=old.state if old else pb.RUN_STATE_UNSPECIFIED)
+        if silent > self._shard_timeout:
+            self._fail(run, f"{peer.name} has not answered for {silent:.0f}s (--shard-timeout "
+                            f"{self._shard_timeout:g}): its shard of the run is out of reach ({exc})")
 
     # ------------------------------------------------------------------------------ checkpoints
     async def _cut(self, run: Run, peer: PeerLink, cut: int, reason: str) -> cpb.CheckpointShardResponse:

@@ -291,18 +291,22 @@ async def test_a_model_larger_than_one_server_is_refused_by_one_and_trained_by_t
             assert all(s.registry.get(run.run_id).store.nbytes <= 50_000 for s in servers)
 
 
-async def test_a_server_that_stays_down_fails_the_run_naming_it(server_config: ServerConfig) -> None:
+async def test_a_server_that_stays_down_fails_every_run_naming_it(server_config: ServerConfig) -> None:
+    """Each of the runs it held a shard of fails (the owner asks it about the first one only, each
+    time, and does not wait as long again for each of the others), and shows it out of reach."""
     async with cluster(server_config, 2, shard_timeout=1.0) as servers:
         async with PsClient(servers[0].address, timeout=10) as c:
-            run = await c.create_run(make_spec(num_workers=1, staleness=0))
-            (a,) = await _join_all(c, run.run_id, 1)
+            runs = [await c.create_run(make_spec(num_workers=1, staleness=0)) for _ in range(3)]
+            for run in runs:
+                await _join_all(c, run.run_id, 1)
+            await asyncio.sleep(0.5)  # (the owner has asked the other server about each once)
             await servers[1].stop(0)
-            async for snap in c.watch_run(run.run_id, interval=0.1):
-                if snap.run.state == pb.RUN_STATE_FAILED:
-                    break
-            assert servers[1].address in snap.run.message and "shard-timeout" in snap.run.message
-            assert not snap.run.shards[1].reachable
-            del a
+            for run in runs:
+                async for snap in c.watch_run(run.run_id, interval=0.1):
+                    if snap.run.state == pb.RUN_STATE_FAILED:
+                        break
+                assert servers[1].address in snap.run.message and "shard-timeout" in snap.run.message
+                assert not snap.run.shards[1].reachable
 
 
 # ------------------------------------------------------------------------------ checkpoints
