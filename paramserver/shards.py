@@ -335,15 +335,28 @@ class Shards:
         return result
 
 
+def _bound(said: Sequence[int | None]) -> int | None:
+    """The staleness bound the shards' answers say (a schedule's step, UpdateRun): the tightest,
+    as a shard refuses what its own bound does not allow (None: none said one; -1: unbounded)."""
+    bounds = [b for b in said if b is not None]
+    if not bounds:
+        return None
+    return min((b for b in bounds if b >= 0), default=-1)
+
+
 def _combined(acks: Sequence[pb.PushGradientResponse]) -> pb.PushGradientResponse:
-    return pb.PushGradientResponse(clock=min(a.clock for a in acks), duplicate=all(a.duplicate for a in acks),
-                                   min_clock=min(a.min_clock for a in acks),
-                                   run_state=_state([a.run_state for a in acks]))  # type: ignore[arg-type]
+    out = pb.PushGradientResponse(clock=min(a.clock for a in acks), duplicate=all(a.duplicate for a in acks),
+                                  min_clock=min(a.min_clock for a in acks),
+                                  run_state=_state([a.run_state for a in acks]))  # type: ignore[arg-type]
+    bound = _bound([a.staleness if a.HasField("staleness") else None for a in acks])
+    if bound is not None:
+        out.staleness = bound
+    return out
 
 
 def _pulled(results: Sequence[PullResult], out: dict[str, np.ndarray]) -> PullResult:
     return PullResult(min(r.guaranteed_clock for r in results), min(r.version for r in results),
-                      _state([r.run_state for r in results]), out)
+                      _state([r.run_state for r in results]), out, staleness=_bound([r.staleness for r in results]))
 
 
 async def pull_run(client: PsClient, run_id: str) -> PullResult:

@@ -602,3 +602,27 @@ async def test_a_sharded_push_pull_of_rows_moves_only_those_rows(server_config: 
                 assert empty.rows["t"][1].shape == (0, 8) and empty.guaranteed_clock >= 0
             finally:
                 await plane.close()
+
+
+@pytest.mark.parametrize("servers", [1, 2])
+async def test_a_bound_changed_by_the_schedule_reaches_a_sharded_runs_workers(server_config: ServerConfig,
+                                                                              servers: int) -> None:
+    """The answers of every shard say the run's bound once a schedule step changed it; the
+    sharded pushes and pulls pass it on as one server's do (a worker that kept the old bound
+    would reuse parameters its shards then refuse pushes on)."""
+    spec = make_spec(shapes={"w": (40, 30)}, num_workers=1, staleness=4, iterations=10,
+                     staleness_schedule=[pb.StalenessStep(from_clock=2, staleness=1)])
+    async with cluster(server_config, servers, split_bytes=1024) as ps:
+        async with PsClient(ps[0].address, timeout=10) as c:
+            run = await c.create_run(spec)
+            (a,) = await _join_all(c, run.run_id, 1)
+            plane: PsClient | Shards = Shards.beside(c, a.shard_map, a.spec) if servers > 1 else c
+            try:
+                for clock in range(3):
+                    ack = await plane.push(run.run_id, 0, a.incarnation, clock, {"w": np.ones((40, 30), np.float32)})
+                pulled = await plane.pull(run.run_id, 0, a.incarnation, 3)
+            finally:
+                if isinstance(plane, Shards):
+                    await plane.close()
+            assert [s.registry.get(run.run_id).spec.staleness for s in ps] == [1] * servers
+            assert ack.HasField("staleness") and ack.staleness == 1 and pulled.staleness == 1
