@@ -7,6 +7,7 @@ configuration table lists them all.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,8 @@ from paramserver.settings import LOG_LEVELS, Parser, opt, parse_dataclass
 __all__ = ["FROM_HOSTNAME", "ServerConfig", "index_from_hostname", "parse_config"]
 
 FROM_HOSTNAME = "from-hostname"
+_GRPC_MAX = (1 << 31) - 1
+"""The largest message size gRPC takes (an int32)."""
 """The value of --index (PS_INDEX) that takes the number the host name ends in (a StatefulSet pod's ordinal)."""
 
 
@@ -41,7 +44,8 @@ class ServerConfig:
     heartbeat_seconds: float = opt(2.0, "Heartbeat interval the server asks workers to keep.")
     grace_seconds: float = opt(5.0, "On SIGTERM, how long in-flight RPCs may take to finish.")
     data_dir: str = opt("", "Directory for checkpoints; runs found there are resumed at start. Empty = none.")
-    checkpoint_every: int = opt(50, "Checkpoint a run each time its min clock passes a multiple of this; 0 = only on demand and at the end.")
+    checkpoint_every: int = opt(50, "Checkpoint a run each time its min clock passes a multiple of this; 0 = only at "
+                               "creation, on demand and at the end.")
     checkpoint_keep: int = opt(3, "Checkpoints kept per run (older ones are deleted; a cluster's server also "
                                "keeps the newest cuts every server has: up to 2 more).")
     keep_finished_runs: int = opt(50, "Finished runs kept (their parameters stay in memory); the oldest finished "
@@ -148,11 +152,13 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     for name, low in (("push_slots", 1), ("max_workers", 1), ("max_param_bytes", 1), ("checkpoint_keep", 1),
                       ("checkpoint_every", 0), ("keep_finished_runs", 0), ("keep_finished_seconds", 0),
                       ("grace_seconds", 0)):
-        if getattr(config, name) < low:
-            problems.append(f"{_flag(name)} {getattr(config, name)} must be >= {low}")
-    for name in ("max_wait_seconds", "lease_seconds", "heartbeat_seconds", "stall_seconds"):
-        if getattr(config, name) <= 0:
-            problems.append(f"{_flag(name)} {getattr(config, name)} must be positive")
+        if not getattr(config, name) >= low or not math.isfinite(getattr(config, name)):
+            problems.append(f"{_flag(name)} {getattr(config, name)} must be a number >= {low}")
+    for name in ("max_wait_seconds", "lease_seconds", "heartbeat_seconds", "stall_seconds", "shard_timeout"):
+        if not 0 < getattr(config, name) < math.inf:
+            problems.append(f"{_flag(name)} {getattr(config, name)} must be a positive number of seconds")
+    if not 0 < config.max_message_bytes <= _GRPC_MAX:
+        problems.append(f"--max-message-bytes {config.max_message_bytes} must be in 1..{_GRPC_MAX} (gRPC's limit)")
     peers = config.peers
     if peers:
         if len(set(peers)) != len(peers) or any(":" not in a for a in peers):
@@ -168,8 +174,6 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         problems.append(f"--index {config.index} needs --cluster (the list of servers)")
     if config.split_bytes < 1024:
         problems.append(f"--split-bytes {config.split_bytes} must be >= 1024")
-    if config.shard_timeout <= 0:
-        problems.append(f"--shard-timeout {config.shard_timeout} must be positive")
     if 0 < config.heartbeat_seconds >= config.lease_seconds:
         problems.append(f"--heartbeat-seconds ({config.heartbeat_seconds}) must be shorter than --lease-seconds "
                         f"({config.lease_seconds})")

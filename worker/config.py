@@ -6,6 +6,7 @@ except the server address, which is ``--server`` / ``PS_SERVER`` like everywhere
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Mapping, Sequence
@@ -113,6 +114,8 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
                                 ("join_wait_seconds", 0, False), ("idle_exit_seconds", 0, False),
                                 ("max_message_bytes", 1 << 20, False)):
         value = getattr(config, name)
-        if value < low or (positive and value == low):
-            parser.error(f"--{name.replace('_', '-')} {value}: must be {'>' if positive else '>='} {low}")
+        if not value >= low or (positive and value == low) or value == math.inf:
+            parser.error(f"--{name.replace('_', '-')} {value}: must be a number {'>' if positive else '>='} {low}")
+    if config.max_message_bytes > (1 << 31) - 1:
+        parser.error(f"--max-message-bytes {config.max_message_bytes}: must be at most {(1 << 31) - 1} (gRPC's limit)")
     return config

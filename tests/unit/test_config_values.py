@@ -1,0 +1,44 @@
+"""ps-server's and ps-worker's numbers that cannot work are refused at start, naming the flag:
+NaN and infinite times (a NaN lease never expires; a Join then failed with "cannot convert float
+NaN to integer") and message sizes beyond gRPC's int32 (a traceback from gRPC before)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ps_server.config import parse_config as server_config
+from worker.config import parse_config as worker_config
+
+pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--lease-seconds", "nan"], "--lease-seconds nan must be a positive number"),
+    (["--heartbeat-seconds", "inf"], "--heartbeat-seconds inf must be a positive number"),
+    (["--shard-timeout", "nan"], "--shard-timeout nan must be a positive number"),
+    (["--grace-seconds", "nan"], "--grace-seconds nan must be a number >= 0"),
+    (["--grace-seconds", "inf"], "--grace-seconds inf must be a number >= 0"),
+    (["--max-message-bytes", "3000000000"], "--max-message-bytes 3000000000 must be in 1..2147483647"),
+])
+def test_the_server_refuses_times_and_sizes_that_cannot_work(args: list[str], says: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        server_config(args, env={})
+    assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--timeout-seconds", "nan"], "--timeout-seconds nan: must be a number > 0"),
+    (["--idle-exit-seconds", "inf"], "--idle-exit-seconds inf: must be a number >= 0"),
+    (["--max-message-bytes", "3000000000"], "must be at most 2147483647"),
+])
+def test_the_worker_refuses_times_and_sizes_that_cannot_work(args: list[str], says: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        worker_config(["--server", "127.0.0.1:50051", *args], env={})
+    assert says in capsys.readouterr().err
+
+
+def test_good_values_still_parse() -> None:
+    assert server_config(["--lease-seconds", "3", "--heartbeat-seconds", "1"], env={}).lease_seconds == 3
+    assert worker_config(["--server", "h:1", "--timeout-seconds", "2.5"], env={}).timeout_seconds == 2.5
