@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Collection
@@ -29,6 +30,8 @@ import numpy as np
 __all__ = ["FORMAT", "Checkpoint", "CheckpointStore", "CorruptCheckpoint"]
 
 FORMAT = 1
+_NAME = re.compile(r"ckpt-\d{10}")
+"""A checkpoint's directory name (``ckpt-<seq>``)."""
 log = logging.getLogger("ps_server")
 
 
@@ -72,10 +75,11 @@ class CheckpointStore:
         self.keep = max(1, keep)
 
     def _checkpoints(self, run_dir: Path) -> list[Path]:
-        """Complete checkpoints of a run, newest first (temporaries are ignored)."""
+        """Complete checkpoints of a run, newest first (temporaries, and anything else not named as
+        this module names them, such as a copy someone made beside one, are ignored)."""
         if not run_dir.is_dir():
             return []
-        return sorted((p for p in run_dir.iterdir() if p.name.startswith("ckpt-")), reverse=True)
+        return sorted((p for p in run_dir.iterdir() if _NAME.fullmatch(p.name) and p.is_dir()), reverse=True)
 
     def write(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], protect: Collection[int] = (),
               keep_oldest: bool = False) -> Path:
@@ -178,8 +182,8 @@ class CheckpointStore:
 
     def latest(self, use: Callable[[Checkpoint], T] = _itself) -> list[T]:  # type: ignore[assignment]
         """``use`` of the newest valid checkpoint of every run under root. Corrupt ones, and those
-        ``use`` refuses (raising CorruptCheckpoint, KeyError, ValueError or TypeError: they do not
-        fit their run), are skipped loudly for the next older one."""
+        ``use`` refuses (raising CorruptCheckpoint, KeyError, ValueError, TypeError, AttributeError
+        or IndexError: they do not fit their run), are skipped loudly for the next older one."""
         found: list[T] = []
         if not self.root.is_dir():
             return found
@@ -192,7 +196,7 @@ class CheckpointStore:
                     break
                 except CorruptCheckpoint as exc:
                     log.error("skipping corrupt checkpoint %s: %s", path, exc)
-                except (KeyError, ValueError, TypeError) as exc:
+                except (KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
                     log.error("skipping checkpoint %s: it does not fit its run: %s", path, exc)
             else:
                 if self._checkpoints(run_dir):

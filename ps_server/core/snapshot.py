@@ -9,6 +9,7 @@ a checkpoint that does not fit its own spec, so a damaged one is never loaded si
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -75,6 +76,13 @@ def _fill(target: np.ndarray, value: np.ndarray, key: str) -> None:
     target[...] = value
 
 
+def _count(value: object) -> int:
+    """A count or clock of a checkpoint's manifest; TypeError unless it is one."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+        raise TypeError(f"{value!r} is not a count")
+    return int(value)
+
+
 def restore(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *,
             now: Callable[[], float] = time.monotonic) -> Run:
     """Rebuild a run from ``state_dict`` output; raises KeyError/ValueError if inconsistent.
@@ -87,15 +95,15 @@ def restore(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *,
     run.state = RunState(meta["state"])
     run.message = meta["message"]
     run.created, run.started, run.finished = meta["created"], meta["started"], meta["finished"]
-    for s, d in zip(run.clock.slots, meta["slots"], strict=True):
-        s.state, s.incarnation, s.clock = WorkerState(d["state"]), d["incarnation"], d["clock"]
-        s.worker_name, s.pushes, s.pulls_skipped = d["worker_name"], d["pushes"], d["pulls_skipped"]
+    for s, d in zip(run.clock.slots, meta["slots"], strict=True):  # (numbers as numbers: a wrong one is refused here)
+        s.state, s.incarnation, s.clock = WorkerState(d["state"]), _count(d["incarnation"]), _count(d["clock"])
+        s.worker_name, s.pushes, s.pulls_skipped = str(d["worker_name"]), _count(d["pushes"]), _count(d["pulls_skipped"])
     run.clock.restored()
     run.resume_schedule()
-    run.clock.next_incarnation = meta["next_incarnation"]
-    run.clock.retired_skipped = meta["retired_skipped"]
-    run.bsp.applied_clock = meta["applied_clock"]
-    run.optimizer.steps = meta["optimizer_steps"]
+    run.clock.next_incarnation = _count(meta["next_incarnation"])
+    run.clock.retired_skipped = _count(meta["retired_skipped"])
+    run.bsp.applied_clock = _count(meta["applied_clock"])
+    run.optimizer.steps = _count(meta["optimizer_steps"])
     run.counters = Counters(**meta["counters"])
     run.history.restore((MetricPoint(**p) for p in meta["points"]), (RunEvent(**e) for e in meta["events"]),
                         MetricPoint(**meta["last_eval"]) if meta["last_eval"] else None)

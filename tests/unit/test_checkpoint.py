@@ -169,6 +169,50 @@ def test_resume_falls_back_when_the_newest_checkpoint_does_not_fit_its_run(
     assert resumed.store.params["w"].tobytes() == store.load(good).arrays["param/w"].tobytes()
 
 
+@pytest.mark.parametrize("damage", ["meta-a-list", "clock-a-string", "clock-negative", "slot-missing-field"])
+def test_a_manifest_whose_content_is_malformed_is_skipped_for_the_older_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    """Intact files whose manifest holds the wrong kinds of values (hand-edited, another
+    version's): the server starts and resumes the older checkpoint, instead of failing at start."""
+    run = make_run()
+    store = CheckpointStore(tmp_path)
+    good = store.write(*snapshot.state_dict(run))
+    bad = store.write(*snapshot.state_dict(run))
+    doc = json.loads((bad / "manifest.json").read_text())
+    if damage == "meta-a-list":
+        doc["meta"] = []
+    elif damage == "clock-a-string":
+        doc["meta"]["slots"][0]["clock"] = "961"
+    elif damage == "clock-negative":
+        doc["meta"]["slots"][0]["clock"] = -5
+    else:
+        del doc["meta"]["slots"][1]["pushes"]
+    (bad / "manifest.json").write_text(json.dumps(doc))
+    with caplog.at_level(logging.ERROR, logger="ps_server"):
+        (resumed,) = Checkpointer(store, every=0).resume()
+    assert f"skipping checkpoint {bad}: it does not fit its run" in caplog.text
+    assert resumed.min_clock == run.min_clock and store.load(good).path == good
+
+
+def test_a_copy_beside_the_checkpoints_is_no_checkpoint(tmp_path: Path) -> None:
+    """``cp -a ckpt-0000000002 ckpt-0000000002.bak``: resumed from the real newest, and the next
+    checkpoint is written (the copy's name is not parsed as a sequence number)."""
+    import shutil
+
+    run = make_run()
+    store = CheckpointStore(tmp_path)
+    store.write(*snapshot.state_dict(run))
+    newest = store.write(*snapshot.state_dict(run))
+    shutil.copytree(newest, newest.with_name(newest.name + ".bak"))
+    (newest.parent / "ckpt-notes.txt").write_text("mine")
+    (found,) = store.latest()
+    assert found.path == newest
+    after = store.write(*snapshot.state_dict(run))
+    assert after.name == "ckpt-0000000003"
+    assert (newest.parent / "ckpt-notes.txt").exists() and newest.with_name(newest.name + ".bak").exists()
+
+
 def test_non_finite_parameters_of_a_running_run_are_refused() -> None:
     """A running run's parameters are finite (the divergence check relies on it), so a checkpoint
     saying otherwise is inconsistent: refused (resume then takes the run's older checkpoint). A
