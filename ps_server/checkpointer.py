@@ -1,8 +1,8 @@
 """When checkpoints are taken, and the resume at start-up; the disk format is ``core.checkpoint``.
 
-A run tells its checkpointer of every change, synchronously (``Run.on_change``); when its min clock
-passes a multiple of ``every`` and when it finishes, the snapshot (``core.snapshot``) is taken right
-there, a consistent cut on the event loop; the write (npz, hashes, fsync, rename) then runs in a thread so the loop keeps serving. Writes
+A run tells its checkpointer of every change, synchronously (``Run.on_change``); when it is created,
+when its min clock passes a multiple of ``every`` and when it finishes, the snapshot
+(``core.snapshot``) is taken right there, a consistent cut on the event loop; the write (npz, hashes, fsync, rename) then runs in a thread so the loop keeps serving. Writes
 of one run are ordered by a lock: a newer checkpoint never lands before an older one. When the disk
 is slower than the run, snapshots are coalesced: one write at a time per run, and only the newest
 snapshot waits for it (so memory stays bounded and what lands is as fresh as the disk allows).
@@ -54,11 +54,16 @@ class Checkpointer:
         """run id -> the cuts ``checkpoint_at`` waits for, each with the future its snapshot goes to."""
 
     def attach(self, run: Run) -> None:
-        """Checkpoint ``run`` from now on: each ``every`` clocks of its min clock, and when it ends."""
+        """Checkpoint ``run`` from now on: now if it has no checkpoint yet (a new run: a server
+        that dies before its first periodic one must not lose it; not a shard of a run over several
+        servers, whose first checkpoint is the cut every server writes), each ``every`` clocks of
+        its min clock, and when it ends."""
         self._taken[run.run_id] = (run.min_clock, run.state.finished)
         if run.placement is not None and len(run.placement.shard_map.shards) > 1:
             self._sharded.add(run.run_id)
         run.on_change = self._changed
+        if not run.state.finished and run.run_id not in self._sharded and not self.store.cuts(run.run_id):
+            self.schedule(run, "created", logging.DEBUG, run.min_clock)
 
     def _changed(self, run: Run) -> None:
         if run.run_id not in self._taken:  # deleted

@@ -115,9 +115,17 @@ class PsServer:
             await peer.close()
         if self.checkpointer:
             await self.checkpointer.drain()
+            failed: list[Exception] = []
             for run in self.registry.runs():
                 if not run.state.finished:
-                    await self.checkpointer.checkpoint_now(run, "shutdown", final=True)
+                    try:
+                        await self.checkpointer.checkpoint_now(run, "shutdown", final=True)
+                    except Exception as exc:  # (the other runs' checkpoints are still written)
+                        log.error("the last checkpoint of %s could not be written: %s", run.run_id, exc,
+                                  extra={"run": run.run_id})
+                        failed.append(exc)
+            if failed:
+                raise failed[0]
 
 
 async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Checkpointer | None,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -77,3 +79,50 @@ async def test_checkpoint_without_data_dir_is_failed_precondition(client: PsClie
     assert err.value.reason == pb.ERROR_REASON_NO_DATA_DIR
     assert "--data-dir" in err.value.message
 
+
+
+async def test_a_run_is_durable_from_its_creation(server_config: ServerConfig, tmp_path: Path) -> None:
+    """A server that dies before a run's first periodic checkpoint (here: never stopped, its
+    data directory read by another) still has the run to resume."""
+    config = with_config(server_config, data_dir=str(tmp_path), checkpoint_every=50)
+    ps = await start_server(config)
+    try:
+        async with PsClient(f"127.0.0.1:{ps.port}") as c:
+            run = await c.create_run(make_spec(num_workers=1, staleness=1, iterations=10))
+        for _ in range(100):
+            if ps.checkpointer is not None and ps.checkpointer.store.cuts(run.run_id):
+                break
+            await asyncio.sleep(0.05)
+        again = await start_server(with_config(config, port=0))
+        try:
+            async with PsClient(f"127.0.0.1:{again.port}") as c:
+                assert (await c.get_run(run.run_id)).state == pb.RUN_STATE_PENDING
+        finally:
+            await again.stop(0)
+    finally:
+        await ps.stop(0)
+
+
+async def test_a_last_checkpoint_that_fails_leaves_the_others_written(server_config: ServerConfig, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    ps = await start_server(with_config(server_config, data_dir=str(tmp_path), checkpoint_every=0))
+    async with PsClient(f"127.0.0.1:{ps.port}") as c:
+        first, second = [(await c.create_run(make_spec(num_workers=1))).run_id for _ in range(2)]
+    assert ps.checkpointer is not None
+    await ps.checkpointer.drain()
+    real = ps.checkpointer.checkpoint_now
+
+    failed: list[str] = []
+
+    async def full_disk(run: Any, reason: str, cut: int | None = None, final: bool = False) -> Any:
+        if not failed:  # the first run's last checkpoint does not fit
+            failed.append(run.run_id)
+            raise OSError(28, "No space left on device")
+        return await real(run, reason, cut, final)
+
+    monkeypatch.setattr(ps.checkpointer, "checkpoint_now", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        await ps.stop(0)
+    (other,) = {first, second} - set(failed)
+    store = ps.checkpointer.store
+    assert store.load(store._checkpoints(tmp_path / other)[0]).meta["final"]  # the other run's last one
