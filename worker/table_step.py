@@ -92,6 +92,15 @@ class TableStep:
         self._next = (clock, made)
         return made
 
+    def _follow_bound(self) -> None:
+        """The run's bound may change (UpdateRun, a schedule's step): the caches follow it, and
+        rows prefetched under another bound are asked for again (what the cache holds for an
+        iteration depends on the bound)."""
+        for cache in self.caches.values():
+            if cache.staleness != self.t.staleness:
+                cache.staleness = self.t.staleness
+                self.prefetched = None
+
     def _missing(self, needed: Rows, clock: int) -> Rows:
         return {n: self.caches[n].missing(ids, clock) for n, ids in needed.items()}
 
@@ -100,6 +109,7 @@ class TableStep:
 
     async def step(self, params: dict[str, Any], _guaranteed: int) -> int:
         t = self.t
+        self._follow_bound()
         t0 = time.perf_counter()
         c = t.clock
         X, y, needed = self._batch(c)

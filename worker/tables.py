@@ -29,7 +29,8 @@ I64 = npt.NDArray[np.int64]
 class RowCache:
     dim: int
     staleness: int
-    """The run's: rows are reused only under SSP (s > 0)."""
+    """The run's (kept up to date by its owner when the run's bound changes): rows are reused only
+    under SSP (s > 0)."""
     capacity: int = 1 << 18
     ids: I64 = field(default_factory=lambda: np.empty(0, np.int64))
     values: npt.NDArray[np.float32] = field(init=False)

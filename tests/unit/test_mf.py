@@ -190,3 +190,34 @@ def test_a_model_for_another_task_is_refused_with_the_one_to_use() -> None:
         build_run_spec(LaunchOptions(model="mlp:64", dataset="synthetic-ratings"))
     with pytest.raises(ValueError, match="does a ratings task but dataset 'digits' is classification"):
         build_run_spec(LaunchOptions(model="mf:4", dataset="digits"))
+
+
+async def test_cached_rows_follow_a_bound_the_schedule_tightens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's bound goes from 8 to 1 at 20% of it: from then on no row older than c - 1 is
+    reused (the caches kept the bound they were made with, and reused rows 7 clocks too old)."""
+    from worker import table_step
+    from worker.tables import RowCache
+
+    current: list[table_step.TableStep] = []
+    too_old: list[tuple[int, int, int]] = []
+    step, block = table_step.TableStep.step, RowCache.block
+
+    async def stepping(self: table_step.TableStep, params: dict[str, object], guaranteed: int) -> int:
+        current[:] = [self]
+        return await step(self, params, guaranteed)
+
+    def checked(self: RowCache, needed: np.ndarray, clock: int, *args: object) -> np.ndarray:
+        s = current[0].t.staleness
+        hit, pos = self.lookup(needed, clock)
+        if s > 0 and hit.any() and int(self.clocks[pos[hit]].min()) < clock - s:
+            too_old.append((clock, s, int(self.clocks[pos[hit]].min())))
+        return block(self, needed, clock, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(table_step.TableStep, "step", stepping)
+    monkeypatch.setattr(RowCache, "block", checked)
+    spec = build_run_spec(LaunchOptions(model="mf:2", dataset=SMALL, workers=2, staleness=8, iterations=120,
+                                        batch_size=32, lr=0.5, staleness_schedule="20%=1"))
+    outcomes, run = await train_run(spec, WorkerConfig(timeout_seconds=5.0, report_seconds=0.05))
+    assert all(o.completed for o in outcomes) and run.spec.staleness == 1
+    assert not too_old, f"{len(too_old)} rows reused older than the bound, e.g. {too_old[:3]}"
+    assert sum(o.stats.pulls_skipped for o in outcomes) > 0  # (rows and parameters were reused at all)
