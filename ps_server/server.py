@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import asyncio  # noqa: E402
 import contextlib
+import fcntl
 import json
 import logging
 import resource
@@ -29,6 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -78,6 +80,8 @@ class PsServer:
     """Server 0 of a cluster: its side of the cluster."""
     peers: list[PeerLink] = field(default_factory=list)
     """In a cluster, the links to the other servers."""
+    data_lock: IO[str] | None = None
+    """Held open while the server uses its --data-dir (``_lock_data_dir``)."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def statistics(self) -> ServerStatistics:
@@ -126,6 +130,9 @@ class PsServer:
                         failed.append(exc)
             if failed:
                 raise failed[0]
+        if self.data_lock is not None:
+            self.data_lock.close()
+            self.data_lock = None
 
 
 async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Checkpointer | None,
@@ -186,10 +193,33 @@ def _data_dir(path: str) -> Path:
     return root
 
 
+def _lock_data_dir(root: Path, path: str) -> IO[str]:
+    """The lock (``flock`` of ``<root>/.lock``, released when the file closes or the process ends)
+    that keeps a second server off this data directory: two would resume the same runs, overwrite
+    each other's checkpoints and delete each other's writes in progress. ConfigError if held."""
+    lock = open(root / ".lock", "a+")  # noqa: SIM115 (held open for the server's life)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise ConfigError(f"--data-dir {path} is in use by another ps-server (pid {holder}): give each server a "
+                          "directory of its own") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
 async def start_server(config: ServerConfig) -> PsServer:
     checkpointer = None
+    data_lock = None
     if config.data_dir:
-        store = CheckpointStore(_data_dir(config.data_dir), keep=config.checkpoint_keep)
+        root = _data_dir(config.data_dir)
+        data_lock = _lock_data_dir(root, config.data_dir)
+        store = CheckpointStore(root, keep=config.checkpoint_keep)
         checkpointer = Checkpointer(store, config.checkpoint_every)
     registry = RunRegistry(max_param_bytes=config.max_param_bytes, limits=Limits(max_workers=config.max_workers),
                            configure=checkpointer.attach if checkpointer else None)
@@ -274,7 +304,7 @@ async def start_server(config: ServerConfig) -> PsServer:
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     ps = PsServer(server, port, registry, config, health_servicer, dataplane, checkpointer, tcp_plane,
-                  cluster=cluster, peers=peers, shm_plane=shm_plane)
+                  cluster=cluster, peers=peers, shm_plane=shm_plane, data_lock=data_lock)
     if config.metrics_port >= 0:
         try:
             ps.metrics_port = serve_metrics(registry, config.host, config.metrics_port, ps.statistics, token=token,

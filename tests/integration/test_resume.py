@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from paramserver import errors
 from paramserver.client import PsClient
 from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.config import ServerConfig
+from ps_server.security import ConfigError
 from ps_server.server import start_server
 
 pytestmark = pytest.mark.timeout(60)
@@ -82,9 +85,9 @@ async def test_checkpoint_without_data_dir_is_failed_precondition(client: PsClie
 
 
 async def test_a_run_is_durable_from_its_creation(server_config: ServerConfig, tmp_path: Path) -> None:
-    """A server that dies before a run's first periodic checkpoint (here: never stopped, its
-    data directory read by another) still has the run to resume."""
-    config = with_config(server_config, data_dir=str(tmp_path), checkpoint_every=50)
+    """A server that dies before a run's first periodic checkpoint (here: never stopped; a copy
+    of its data directory, as the crash would leave it, read by another) still has the run."""
+    config = with_config(server_config, data_dir=str(tmp_path / "data"), checkpoint_every=50)
     ps = await start_server(config)
     try:
         async with PsClient(f"127.0.0.1:{ps.port}") as c:
@@ -93,7 +96,8 @@ async def test_a_run_is_durable_from_its_creation(server_config: ServerConfig, t
             if ps.checkpointer is not None and ps.checkpointer.store.cuts(run.run_id):
                 break
             await asyncio.sleep(0.05)
-        again = await start_server(with_config(config, port=0))
+        shutil.copytree(tmp_path / "data", tmp_path / "left")
+        again = await start_server(with_config(config, port=0, data_dir=str(tmp_path / "left")))
         try:
             async with PsClient(f"127.0.0.1:{again.port}") as c:
                 assert (await c.get_run(run.run_id)).state == pb.RUN_STATE_PENDING
@@ -126,3 +130,18 @@ async def test_a_last_checkpoint_that_fails_leaves_the_others_written(server_con
     (other,) = {first, second} - set(failed)
     store = ps.checkpointer.store
     assert store.load(store._checkpoints(tmp_path / other)[0]).meta["final"]  # the other run's last one
+
+
+async def test_a_second_server_on_a_data_directory_in_use_is_refused(server_config: ServerConfig,
+                                                                     tmp_path: Path) -> None:
+    """Two servers on one directory would resume the same runs and overwrite each other's
+    checkpoints: the second is refused, naming the first; once that one stopped, it may start."""
+    config = with_config(server_config, data_dir=str(tmp_path))
+    first = await start_server(config)
+    try:
+        with pytest.raises(ConfigError, match=rf"in use by another ps-server \(pid {os.getpid()}\)"):
+            await start_server(with_config(config, port=0))
+    finally:
+        await first.stop(0)
+    second = await start_server(with_config(config, port=0))
+    await second.stop(0)
