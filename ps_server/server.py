@@ -197,7 +197,11 @@ def _lock_data_dir(root: Path, path: str) -> IO[str]:
     """The lock (``flock`` of ``<root>/.lock``, released when the file closes or the process ends)
     that keeps a second server off this data directory: two would resume the same runs, overwrite
     each other's checkpoints and delete each other's writes in progress. ConfigError if held."""
-    lock = open(root / ".lock", "a+")  # noqa: SIM115 (held open for the server's life)
+    try:
+        lock = open(root / ".lock", "a+")  # noqa: SIM115 (held open for the server's life)
+    except OSError as exc:
+        raise ConfigError(f"--data-dir {path}: cannot open its lock file .lock ({exc.strerror}); give a directory "
+                          "this user may write") from None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
