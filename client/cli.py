@@ -10,9 +10,12 @@ Following a run (``launch --wait``, ``launch --local``, ``watch``) exits 0 if it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Annotated, Any, TypeVar
@@ -103,6 +106,30 @@ def _address(server: str) -> str:
     if not sep or not host or not port.isdigit():
         raise ValueError(f"--server {server!r}: use HOST:PORT, for example 127.0.0.1:50051")
     return server
+
+
+def _write_atomically(path: str, write: Callable[[Any], None]) -> None:
+    """``write`` into a new file beside ``path``, renamed over it once whole: a failure (a full
+    disk) leaves whatever ``path`` held before, never a torn file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".psctl-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _with_client(server: str, timeout: float, body: Callable[[PsClient], Coroutine[Any, Any, T]]) -> T:
@@ -325,8 +352,7 @@ def export(run_id: RunId,
 
     result = _with_client(server, timeout, lambda ps: pull_run(ps, run_id))
     path = output or f"{run_id}.npz"
-    with open(path, "wb") as fh:
-        np.savez(fh, **result.tensors)  # type: ignore[arg-type]
+    _write_atomically(path, lambda fh: np.savez(fh, **result.tensors))  # type: ignore[arg-type]
     count = sum(int(a.size) for a in result.tensors.values())
     if json_:
         _print_json({"path": path, "run_id": run_id, "tensor_count": len(result.tensors), "params": count,

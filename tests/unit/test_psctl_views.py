@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import re
+from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -186,3 +188,22 @@ def test_the_status_view_says_when_the_rate_is_divided_by_staleness() -> None:
     run.counters.lr_scaled, run.counters.lr_scale_sum = 4, 1.5
     assert "/ staleness (mean x0.38)" in text(render.status_view(run, None), width=200)
     assert facts.launch_result(run)["lr_scale_mean"] == pytest.approx(0.375)
+
+
+def test_an_export_that_fails_leaves_the_file_it_would_replace(tmp_path: Path) -> None:
+    """``psctl export`` writes beside the file and renames: a full disk midway leaves the previous
+    export whole and no temporary behind; a whole write replaces it."""
+    from client.cli import _write_atomically
+
+    out = tmp_path / "run.npz"
+    out.write_bytes(b"the previous export")
+
+    def half(fh: Any) -> None:
+        fh.write(b"x" * 1000)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        _write_atomically(str(out), half)
+    assert out.read_bytes() == b"the previous export" and sorted(p.name for p in tmp_path.iterdir()) == ["run.npz"]
+    _write_atomically(str(out), lambda fh: fh.write(b"new"))
+    assert out.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["run.npz"]
