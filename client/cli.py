@@ -82,6 +82,9 @@ def _error(exc: BaseException, server: str) -> str:
         return f"{exc.code.name}: {exc.message}"
     if isinstance(exc, KeyboardInterrupt):
         return f"interrupted: {exc}" if str(exc) else "interrupted"
+    if isinstance(exc, MemoryError):
+        return ("not enough memory on this machine for what was asked (psctl builds the run's dataset here: a "
+                "synthetic one this large does not fit); ask for a smaller one")
     return str(exc) or type(exc).__name__
 
 
@@ -94,7 +97,7 @@ def _handled(func: Callable[..., None]) -> Callable[..., None]:
             func(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
-        except (errors.PsError, ValueError, OSError, RuntimeError, KeyboardInterrupt) as exc:
+        except (errors.PsError, ValueError, OSError, RuntimeError, MemoryError, KeyboardInterrupt) as exc:
             typer.echo(f"Error: {_error(exc, kwargs.get('server', ''))}", err=True)
             raise typer.Exit(130 if isinstance(exc, KeyboardInterrupt) else 1) from None
 
@@ -103,8 +106,8 @@ def _handled(func: Callable[..., None]) -> Callable[..., None]:
 
 def _address(server: str) -> str:
     host, sep, port = server.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"--server {server!r}: use HOST:PORT, for example 127.0.0.1:50051")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"--server {server!r}: use HOST:PORT (a port in 1..65535), for example 127.0.0.1:50051")
     return server
 
 

@@ -131,6 +131,8 @@ def parse_staleness(text: str) -> int:
         raise ValueError(f"--staleness {text!r}: use {STALENESS_FORMS}") from None
     if value < 0:
         raise ValueError(f"--staleness {text!r}: a staleness cannot be negative; use {STALENESS_FORMS}")
+    if value > _INT32:
+        raise ValueError(f"--staleness {text!r}: at most {_INT32} (or 'inf' for unbounded)")
     return value
 
 
@@ -151,8 +153,18 @@ def parse_schedule(text: str, iterations: int) -> list[pb.StalenessStep]:
     return steps
 
 
+_INT32, _UINT32, _INT64, _UINT64 = (1 << 31) - 1, (1 << 32) - 1, (1 << 63) - 1, (1 << 64) - 1
+"""The largest values the RunSpec's fields hold (staleness; workers, batch size, eval_every;
+iterations, which the server counts in int64; the seed)."""
+
+
 def check_options(o: LaunchOptions) -> None:
     """The checks that need no dataset: raise ValueError saying what to fix (before anything starts)."""
+    for flag, value, most in (("--workers", o.workers, _UINT32), ("--batch-size", o.batch_size, _UINT32),
+                              ("--eval-every", o.eval_every, _UINT32), ("--iterations", o.iterations, _INT64),
+                              ("--staleness", o.staleness, _INT32), ("--seed", o.seed, _UINT64)):
+        if value > most:
+            raise ValueError(f"{flag} {value}: at most {most}")
     if o.staleness_aware_lr and o.optimizer.lower() == "ftrl":
         raise ValueError("--staleness-aware-lr: not with --optimizer ftrl (its per-coordinate rate is its own)")
     if o.workers < 1:
@@ -211,7 +223,10 @@ def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
         raise ValueError(f"--compress {o.compress}: compression is for dense models; {o.model!r} has tables")
     per_epoch = _per_epoch(len(data.X_train), o)
     iterations = o.iterations or max(1, round(o.epochs * per_epoch))
-    eval_every = o.eval_every or max(1, iterations // 20)
+    if iterations > _INT64:
+        raise ValueError(f"--epochs {o.epochs:g}: {iterations:.3g} iterations per worker, more than a run takes "
+                         f"({_INT64}); ask for fewer")
+    eval_every = o.eval_every or min(_UINT32, max(1, iterations // 20))
     return pb.RunSpec(
         name=o.name or f"{o.model} on {o.dataset}",
         model_spec_json=json.dumps(model_spec, sort_keys=True),

@@ -207,3 +207,30 @@ def test_an_export_that_fails_leaves_the_file_it_would_replace(tmp_path: Path) -
     assert out.read_bytes() == b"the previous export" and sorted(p.name for p in tmp_path.iterdir()) == ["run.npz"]
     _write_atomically(str(out), lambda fh: fh.write(b"new"))
     assert out.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["run.npz"]
+
+
+@pytest.mark.parametrize(("options", "says"), [
+    ({"staleness": 3_000_000_000}, "--staleness 3000000000: at most 2147483647"),
+    ({"workers": 1 << 32}, "--workers 4294967296: at most 4294967295"),
+    ({"batch_size": 1 << 32}, "--batch-size 4294967296: at most"),
+    ({"eval_every": 1 << 40}, "--eval-every 1099511627776: at most"),
+    ({"epochs": 1e30}, "--epochs 1e+30: 1.2e+31 iterations per worker, more than a run takes"),
+])
+def test_launch_numbers_a_run_spec_cannot_hold_name_their_flag(options: dict[str, object], says: str) -> None:
+    """(protobuf said only "Value out of range: N" before.)"""
+    from client.spec import LaunchOptions, build_run_spec
+
+    with pytest.raises(ValueError, match=re.escape(says)):
+        build_run_spec(LaunchOptions(**{"model": "softmax", "dataset": "digits", **options}))  # type: ignore[arg-type]
+
+
+def test_a_staleness_given_as_text_beyond_int32_and_a_port_beyond_65535_are_refused() -> None:
+    from client.cli import _address
+    from client.spec import parse_staleness
+
+    with pytest.raises(ValueError, match="at most 2147483647"):
+        parse_staleness("99999999999999999999")
+    assert parse_staleness("2147483647") == 2147483647
+    with pytest.raises(ValueError, match=r"a port in 1\.\.65535"):
+        _address("127.0.0.1:99999")
+    assert _address("127.0.0.1:65535") == "127.0.0.1:65535"
