@@ -34,12 +34,24 @@ def opt(default: Any, help: str, *, env_only: bool = False, choices: Sequence[st
                              metadata={"help": help, "env_only": env_only, "choices": tuple(choices)})
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def _bool(text: str) -> bool:
+    """An environment variable's yes or no; ValueError for anything else (a typo such as "ture"
+    would otherwise mean no)."""
+    word = text.strip().lower()
+    if word not in _TRUE + _FALSE:
+        raise ValueError(f"{text!r} is neither yes ({'/'.join(_TRUE)}) nor no ({'/'.join(w for w in _FALSE if w)})")
+    return word in _TRUE
+
+
 def _converter(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
     if f.metadata.get("choices"):
         return str.upper
     kind = str(f.type)
     if kind == "bool":
-        return lambda text: text.strip().lower() in ("1", "true", "yes", "on")
+        return _bool
     if kind == "int":
         return int
     if kind == "float":
@@ -66,7 +78,8 @@ def parse_dataclass(
             try:
                 default = convert(env[var])
             except ValueError:
-                parser.error(f"environment variable {var}={env[var]!r} is not a valid {f.type}")
+                kind = "yes or no (1/true/yes/on, 0/false/no/off)" if str(f.type) == "bool" else f"a valid {f.type}"
+                parser.error(f"environment variable {var}={env[var]!r} is not {kind}")
             if choices and default not in choices:
                 parser.error(f"environment variable {var}={env[var]!r} is not one of {', '.join(choices)}")
         if f.metadata.get("env_only"):

@@ -42,3 +42,16 @@ def test_the_worker_refuses_times_and_sizes_that_cannot_work(args: list[str], sa
 def test_good_values_still_parse() -> None:
     assert server_config(["--lease-seconds", "3", "--heartbeat-seconds", "1"], env={}).lease_seconds == 3
     assert worker_config(["--server", "h:1", "--timeout-seconds", "2.5"], env={}).timeout_seconds == 2.5
+
+
+@pytest.mark.parametrize(("value", "means"), [("1", True), ("yes", True), ("ON", True), ("0", False), ("off", False),
+                                               ("", False), ("ture", None), ("2", None)])
+def test_a_yes_or_no_variable_takes_yes_or_no_and_nothing_else(value: str, means: bool | None,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """(A typo such as PS_LOG_JSON=ture meant no, silently.)"""
+    if means is None:
+        with pytest.raises(SystemExit):
+            server_config([], env={"PS_LOG_JSON": value})
+        assert f"PS_LOG_JSON={value!r} is not yes or no" in capsys.readouterr().err
+    else:
+        assert server_config([], env={"PS_LOG_JSON": value}).log_json is means
