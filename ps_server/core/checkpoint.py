@@ -188,9 +188,14 @@ class CheckpointStore:
         if not self.root.is_dir():
             return found
         for run_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            for tmp in run_dir.glob(".tmp-*"):  # a write that crashed: never a checkpoint
-                shutil.rmtree(tmp, ignore_errors=True)
-            for path in self._checkpoints(run_dir):
+            try:
+                for tmp in run_dir.glob(".tmp-*"):  # a write that crashed: never a checkpoint
+                    shutil.rmtree(tmp, ignore_errors=True)
+                paths = self._checkpoints(run_dir)
+            except OSError as exc:  # (a file system's lost+found, another user's directory)
+                log.warning("skipping %s in the data directory: cannot read it (%s)", run_dir, exc.strerror or exc)
+                continue
+            for path in paths:
                 try:
                     found.append(use(self.load(path)))
                     break
@@ -199,6 +204,6 @@ class CheckpointStore:
                 except (KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
                     log.error("skipping checkpoint %s: it does not fit its run: %s", path, exc)
             else:
-                if self._checkpoints(run_dir):
+                if paths:
                     log.error("no valid checkpoint for %s: the run cannot be resumed", run_dir.name)
         return found

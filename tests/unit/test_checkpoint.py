@@ -213,6 +213,28 @@ def test_a_copy_beside_the_checkpoints_is_no_checkpoint(tmp_path: Path) -> None:
     assert (newest.parent / "ckpt-notes.txt").exists() and newest.with_name(newest.name + ".bak").exists()
 
 
+def test_a_directory_it_cannot_read_beside_the_runs_is_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data directory at a file system's root holds lost+found, which its server's user may not
+    read: the runs are resumed, the directory named in a warning (the server refused to start)."""
+    run = make_run()
+    store = CheckpointStore(tmp_path)
+    store.write(*snapshot.state_dict(run))
+    (tmp_path / "lost+found").mkdir()
+    glob = Path.glob
+
+    def unreadable(self: Path, pattern: str) -> object:
+        if self.name == "lost+found":
+            raise PermissionError(13, "Permission denied", str(self))
+        return glob(self, pattern)
+
+    monkeypatch.setattr(Path, "glob", unreadable)
+    with caplog.at_level(logging.WARNING, logger="ps_server"):
+        (found,) = store.latest()
+    assert found.meta["run_id"] == run.run_id
+    assert "skipping" in caplog.text and "lost+found" in caplog.text and "Permission denied" in caplog.text
+
+
 def test_non_finite_parameters_of_a_running_run_are_refused() -> None:
     """A running run's parameters are finite (the divergence check relies on it), so a checkpoint
     saying otherwise is inconsistent: refused (resume then takes the run's older checkpoint). A
