@@ -2,10 +2,11 @@
 
 A run tells its checkpointer of every change, synchronously (``Run.on_change``); when it is created,
 when its min clock passes a multiple of ``every`` and when it finishes, the snapshot
-(``core.snapshot``) is taken right there, a consistent cut on the event loop; the write (npz, hashes, fsync, rename) then runs in a thread so the loop keeps serving. Writes
-of one run are ordered by a lock: a newer checkpoint never lands before an older one. When the disk
-is slower than the run, snapshots are coalesced: one write at a time per run, and only the newest
-snapshot waits for it (so memory stays bounded and what lands is as fresh as the disk allows).
+(``core.snapshot``) is taken right there, a consistent cut on the event loop; the write (npz,
+hashes, fsync, rename) then runs in a thread so the loop keeps serving. Writes of one run are
+ordered by a lock: a newer checkpoint never lands before an older one. When the disk is slower than
+the run, snapshots are coalesced: one write at a time per run, and only the newest snapshot waits
+for it (so memory stays bounded and what lands is as fresh as the disk allows).
 """
 
 from __future__ import annotations

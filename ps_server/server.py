@@ -117,22 +117,30 @@ class PsServer:
         await self.server.stop(min(grace, 0.5))
         for peer in self.peers:
             await peer.close()
-        if self.checkpointer:
-            await self.checkpointer.drain()
-            failed: list[Exception] = []
-            for run in self.registry.runs():
-                if not run.state.finished:
-                    try:
-                        await self.checkpointer.checkpoint_now(run, "shutdown", final=True)
-                    except Exception as exc:  # (the other runs' checkpoints are still written)
-                        log.error("the last checkpoint of %s could not be written: %s", run.run_id, exc,
-                                  extra={"run": run.run_id})
-                        failed.append(exc)
-            if failed:
-                raise failed[0]
-        if self.data_lock is not None:
-            self.data_lock.close()
-            self.data_lock = None
+        try:
+            await self._last_checkpoints()
+        finally:
+            if self.data_lock is not None:
+                self.data_lock.close()
+                self.data_lock = None
+
+    async def _last_checkpoints(self) -> None:
+        """Every unfinished run's, after the last RPC; one that fails does not keep the others' from
+        being written (the first failure is raised after them)."""
+        if not self.checkpointer:
+            return
+        await self.checkpointer.drain()
+        failed: list[Exception] = []
+        for run in self.registry.runs():
+            if not run.state.finished:
+                try:
+                    await self.checkpointer.checkpoint_now(run, "shutdown", final=True)
+                except Exception as exc:
+                    log.error("the last checkpoint of %s could not be written: %s", run.run_id, exc,
+                              extra={"run": run.run_id})
+                    failed.append(exc)
+        if failed:
+            raise failed[0]
 
 
 async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Checkpointer | None,
