@@ -1,8 +1,8 @@
 """Checkpoints on disk: written atomically, verified on load, never unpickled.
 
 Layout: ``<data_dir>/<run_id>/ckpt-<seq>/`` holding ``arrays.npz`` (parameters, optimizer state,
-held BSP gradients) and ``manifest.json`` (format, the run's metadata from ``Run.state_dict``, the
-SHA-256 and size of ``arrays.npz``). The metadata's ``cut`` labels it: every update of clocks below
+held BSP gradients) and ``manifest.json`` (format, the run's metadata from ``Run.state_dict`` and
+its SHA-256, the SHA-256 and size of ``arrays.npz``). The metadata's ``cut`` labels it: every update of clocks below
 the cut is in (the min clock when it was taken is >= the cut); a cluster's checkpoint is one snapshot
 of each server with the same cut. A checkpoint is written into a hidden temporary directory,
 each file fsynced, then renamed into place and the parent directory fsynced: a crash at any point
@@ -53,6 +53,12 @@ class Checkpoint:
     arrays: dict[str, np.ndarray]
 
 
+def _meta_sha256(meta: Any) -> str:
+    """The hash of a manifest's meta as JSON reads it back (keys sorted; written with checkpoints
+    from 2026-12-05 on, checked when present)."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -101,7 +107,7 @@ class CheckpointStore:
                 f.flush()
                 os.fsync(f.fileno())
             manifest = {"format": FORMAT, "arrays_sha256": _sha256(npz), "arrays_bytes": npz.stat().st_size,
-                        "meta": meta}
+                        "meta_sha256": _meta_sha256(json.loads(json.dumps(meta))), "meta": meta}
             with open(tmp / "manifest.json", "w") as f:
                 json.dump(manifest, f)
                 f.flush()
@@ -166,6 +172,9 @@ class CheckpointStore:
             raise CorruptCheckpoint(f"unreadable manifest: {exc}") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "meta" not in manifest:
             raise CorruptCheckpoint(f"manifest is not a format-{FORMAT} checkpoint")
+        if "meta_sha256" in manifest and _meta_sha256(manifest["meta"]) != manifest["meta_sha256"]:
+            # (the clocks in it are the de-duplication table: a changed one would drop or repeat pushes)
+            raise CorruptCheckpoint("the manifest's meta does not match its hash")
         npz = path / "arrays.npz"
         try:
             size, digest = npz.stat().st_size, _sha256(npz)

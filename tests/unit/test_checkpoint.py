@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from ps_server.checkpointer import Checkpointer
-from ps_server.core import snapshot
+from ps_server.core import checkpoint, snapshot
 from ps_server.core.checkpoint import CheckpointStore, CorruptCheckpoint
 from ps_server.core.errors import FailedPrecondition
 from ps_server.core.run import Run
@@ -173,8 +173,9 @@ def test_resume_falls_back_when_the_newest_checkpoint_does_not_fit_its_run(
 def test_a_manifest_whose_content_is_malformed_is_skipped_for_the_older_one(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
 ) -> None:
-    """Intact files whose manifest holds the wrong kinds of values (hand-edited, another
-    version's): the server starts and resumes the older checkpoint, instead of failing at start."""
+    """Intact files whose manifest holds the wrong kinds of values (another version's, or a
+    writer's bug: its hash matches): the server starts and resumes the older checkpoint, instead
+    of failing at start."""
     run = make_run()
     store = CheckpointStore(tmp_path)
     good = store.write(*snapshot.state_dict(run))
@@ -188,11 +189,32 @@ def test_a_manifest_whose_content_is_malformed_is_skipped_for_the_older_one(
         doc["meta"]["slots"][0]["clock"] = -5
     else:
         del doc["meta"]["slots"][1]["pushes"]
+    doc["meta_sha256"] = checkpoint._meta_sha256(doc["meta"])  # (written so: the hash matches)
     (bad / "manifest.json").write_text(json.dumps(doc))
     with caplog.at_level(logging.ERROR, logger="ps_server"):
         (resumed,) = Checkpointer(store, every=0).resume()
     assert f"skipping checkpoint {bad}: it does not fit its run" in caplog.text
     assert resumed.min_clock == run.min_clock and store.load(good).path == good
+
+
+def test_a_changed_clock_in_a_manifest_is_corruption(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The manifest's clocks are the de-duplication table: one changed on disk (361 -> 961 would
+    drop pushes 361-960 of that rank as duplicates) fails the meta's hash, and the older
+    checkpoint is used. A manifest written before the hash existed still loads."""
+    run = make_run()
+    store = CheckpointStore(tmp_path)
+    good = store.write(*snapshot.state_dict(run))
+    bad = store.write(*snapshot.state_dict(run))
+    doc = json.loads((bad / "manifest.json").read_text())
+    doc["meta"]["slots"][0]["clock"] += 600
+    (bad / "manifest.json").write_text(json.dumps(doc))
+    with caplog.at_level(logging.ERROR, logger="ps_server"):
+        (found,) = store.latest()
+    assert found.path == good and "the manifest's meta does not match its hash" in caplog.text
+    old = json.loads((good / "manifest.json").read_text())
+    del old["meta_sha256"]
+    (good / "manifest.json").write_text(json.dumps(old))
+    assert store.load(good).meta["slots"][0]["clock"] == run.status().workers[0].clock
 
 
 def test_a_copy_beside_the_checkpoints_is_no_checkpoint(tmp_path: Path) -> None:
