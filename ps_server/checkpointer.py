@@ -184,6 +184,13 @@ class Checkpointer:
             await asyncio.to_thread(self.store.delete, run_id)
         self._locks.pop(run_id, None)
 
+    async def written(self, run_id: str) -> None:
+        """Until what was scheduled for ``run_id`` so far is written (or failed: logged); a caller
+        cancelled meanwhile leaves the write going."""
+        writer = self._writers.get(run_id)
+        if writer is not None and not writer.done():
+            await asyncio.wait({writer})
+
     async def drain(self) -> None:
         """Wait for every scheduled write."""
         if self._writers:

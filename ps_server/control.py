@@ -115,6 +115,8 @@ class Control:
         run = self._registry.get(request.run_id)
         run.stop(request.reason or "stopped by user")
         await self._sync(run)
+        if self._checkpointer is not None:  # (its final checkpoint: a server killed now keeps it stopped)
+            await self._checkpointer.written(run.run_id)
         log.info("stopped %s", run.run_id, extra={"run": run.run_id})
         return pb.StopRunResponse(run=self._run(run))
 
@@ -127,6 +129,8 @@ class Control:
             old = run.spec.staleness
             run.set_staleness(request.staleness)
             log.info("%s: staleness %d -> %d", run.run_id, old, run.spec.staleness, extra={"run": run.run_id})
+            if self._checkpointer is not None and not run.state.finished:  # (a restart keeps the new bound)
+                self._checkpointer.schedule(run, f"staleness {old} -> {run.spec.staleness}", logging.DEBUG)
         return pb.UpdateRunResponse(run=self._run(run))
 
     async def WatchRun(self, request: pb.WatchRunRequest) -> AsyncGenerator[pb.WatchRunResponse, None]:

@@ -145,3 +145,31 @@ async def test_a_second_server_on_a_data_directory_in_use_is_refused(server_conf
         await first.stop(0)
     second = await start_server(with_config(config, port=0))
     await second.stop(0)
+
+
+async def test_a_stop_answered_is_on_disk_and_a_new_bound_soon_after(server_config: ServerConfig,
+                                                                     tmp_path: Path) -> None:
+    """StopRun answers once the run's final checkpoint is written (a server killed right after
+    resumed the run as running); UpdateRun schedules one (a restart kept the old bound)."""
+    config = with_config(server_config, data_dir=str(tmp_path / "data"), checkpoint_every=0)
+    ps = await start_server(config)
+    try:
+        async with PsClient(f"127.0.0.1:{ps.port}") as c:
+            stopped = await c.create_run(make_spec(num_workers=1, staleness=2))
+            changed = await c.create_run(make_spec(num_workers=1, staleness=2))
+            await c.stop_run(stopped.run_id, "enough")
+            shutil.copytree(tmp_path / "data", tmp_path / "left")  # what a kill -9 now would leave
+            await c.update_run(changed.run_id, staleness=5)
+            assert ps.checkpointer is not None
+            await ps.checkpointer.written(changed.run_id)
+            shutil.copytree(tmp_path / "data", tmp_path / "later")
+    finally:
+        await ps.stop(0)
+    for left, run_id, check in ((tmp_path / "left", stopped.run_id, lambda r: r.state == pb.RUN_STATE_STOPPED),
+                                (tmp_path / "later", changed.run_id, lambda r: r.spec.staleness == 5)):
+        again = await start_server(with_config(config, port=0, data_dir=str(left)))
+        try:
+            async with PsClient(f"127.0.0.1:{again.port}") as c:
+                assert check(await c.get_run(run_id)), left.name
+        finally:
+            await again.stop(0)
