@@ -297,6 +297,35 @@ async def test_periodic_checkpoints_log_at_debug_and_the_story_at_info(tmp_path:
     assert [(r.levelno, r.getMessage().split(" from ")[0]) for r in caplog.records] == [(logging.INFO, "resumed run-log")]
 
 
+async def test_a_checkpoint_that_cannot_be_written_is_an_event_of_its_run(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk fails the periodic checkpoints: psctl status shows it (the run's events), not
+    only the server's log; the next one that fits is written."""
+    store = CheckpointStore(tmp_path)
+    checkpointer = Checkpointer(store, every=2)
+    run = Run("run-full", RunSpec(name="f", num_workers=1, iterations=6, staleness=1, seed=1,
+                                  params=(ParamSpec("w", (3,)),), optimizer=OptimizerConfig(learning_rate=0.1)))
+    checkpointer.attach(run)
+    await checkpointer.drain()  # (the one of its creation)
+    write = store.write
+
+    def full(*args: object, **kw: object) -> Path:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "write", full)
+    a = run.join("a")
+    for clock in range(2):
+        run.push(0, a.incarnation, clock, {"w": np.ones(3, np.float32)}, 0)
+    await checkpointer.drain()
+    (failed,) = [e for e in run.history.events if e.kind == "checkpoint_failed"]
+    assert "min clock 2" in failed.message and "No space left on device" in failed.message
+    monkeypatch.setattr(store, "write", write)
+    for clock in range(2, 4):
+        run.push(0, a.incarnation, clock, {"w": np.ones(3, np.float32)}, 0)
+    await checkpointer.drain()
+    assert store.cuts(run.run_id)[0] == 4
+
+
 # ------------------------------------------------------------------------------ cuts (clusters)
 def _write_cut(store: CheckpointStore, run: Run, cut: int, protect: tuple[int, ...] = ()) -> Path:
     meta, arrays = snapshot.state_dict(run, cut)
