@@ -511,6 +511,13 @@ async def _heartbeat(client: PsClient, a: pb.Assignment, trainer: _Trainer, main
             trainer.run_state = resp.run_state
             main.cancel(f"run {pb.RunState.Name(resp.run_state)}")
             return
+        plane = trainer.plane
+        if isinstance(plane, Shards) and client.data_plane and any(
+                not c.route.data_port and not c.route.shm_socket for c in plane.clients):
+            # (a restarted server 0 tells its peers' data planes once it has asked them: until then
+            # a rank that joined goes through gRPC to them; learn them as they become known)
+            with contextlib.suppress(errors.PsError):
+                await plane.refresh(client, a.run_id)
 
 
 def _state(state: int) -> str:

@@ -8,6 +8,7 @@ import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -626,3 +627,33 @@ async def test_a_bound_changed_by_the_schedule_reaches_a_sharded_runs_workers(se
                     await plane.close()
             assert [s.registry.get(run.run_id).spec.staleness for s in ps] == [1] * servers
             assert ack.HasField("staleness") and ack.staleness == 1 and pulled.staleness == 1
+
+
+async def test_a_rank_learns_a_shards_data_plane_it_was_not_told_at_join(server_config: ServerConfig) -> None:
+    """A server 0 just restarted tells its peers' data planes only once it has asked them: a rank
+    that joined then went through gRPC to those for its whole assignment. Its heartbeats now ask
+    again while a shard has none."""
+    from types import SimpleNamespace
+
+    from worker.trainer import _heartbeat
+
+    spec = make_spec(shapes={"w": (40, 30)}, num_workers=1, staleness=1, iterations=50)
+    async with cluster(server_config, 2, split_bytes=1024) as servers:
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(spec)
+            (a,) = await _join_all(c, run.run_id, 1)
+            a.heartbeat_interval.FromTimedelta(timedelta(seconds=0.05))
+            plane = Shards.beside(c, a.shard_map, a.spec)
+            told = plane.clients[1].route.data_port
+            plane.clients[1].route.told(0, "")  # as a restarted server 0 said at the join
+            main = asyncio.get_running_loop().create_future()
+            beating = asyncio.ensure_future(_heartbeat(c, a, SimpleNamespace(plane=plane, clock=0), main))  # type: ignore[arg-type]
+            try:
+                for _ in range(100):
+                    if plane.clients[1].route.data_port:
+                        break
+                    await asyncio.sleep(0.02)
+            finally:
+                beating.cancel()
+                await plane.close()
+            assert told and plane.clients[1].route.data_port == told
