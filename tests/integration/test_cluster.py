@@ -540,14 +540,19 @@ def test_server_0_changes_the_cuts_kept_only_when_every_server_keeps_one_it_keep
     assert poll([45, 40, 10]) == (40, 10)
 
 
+def _with_table(shapes: dict[str, tuple[int, ...]], table: tuple[int, int]) -> pb.RunSpec:
+    """One worker, s = 1, constant values, the dense ``shapes`` and a table "t" of ``table``'s shape."""
+    spec = make_spec(shapes=shapes, num_workers=1, staleness=1, iterations=5, init=pb.INITIALIZER_CONSTANT)
+    spec.params.append(pb.ParamSpec(name="t", shape=table, initializer=pb.INITIALIZER_CONSTANT, scale=1.0, table=True))
+    return spec
+
+
 async def test_a_bad_request_to_a_sharded_run_is_refused_whole_before_any_shard_sees_it(
         server_config: ServerConfig) -> None:
     """Each shard sees only its rows of a push: a wrong shape, an unknown or a missing tensor, or
     a row id out of its table's range would be applied by some shards and refused (or, for ids,
     dropped) by others. The SDK refuses it as one server does, and nothing changes anywhere."""
-    spec = make_spec(shapes={"w": (40, 30)}, num_workers=1, staleness=1, iterations=5, init=pb.INITIALIZER_CONSTANT)
-    spec.params.append(pb.ParamSpec(name="t", shape=(10, 2), initializer=pb.INITIALIZER_CONSTANT, scale=1.0,
-                                    table=True))
+    spec = _with_table({"w": (40, 30)}, (10, 2))
     async with cluster(server_config, 2, split_bytes=1024) as servers:
         async with PsClient(servers[0].address, timeout=10) as c:
             run = await c.create_run(spec)
@@ -581,9 +586,7 @@ async def test_a_sharded_push_pull_of_rows_moves_only_those_rows(server_config: 
     """A push that asks for a few rows pulls those (and the dense tensors asked for) from the
     shards that hold them: a shard holding none is pushed to without a pull (a pull asking for
     nothing would be answered with its whole piece of the table). A pull of no rows is answered."""
-    spec = make_spec(shapes={"b": (4,)}, num_workers=1, staleness=1, iterations=5, init=pb.INITIALIZER_CONSTANT)
-    spec.params.append(pb.ParamSpec(name="t", shape=(200_000, 8), initializer=pb.INITIALIZER_CONSTANT, scale=1.0,
-                                    table=True))
+    spec = _with_table({"b": (4,)}, (200_000, 8))
     async with cluster(server_config, 2, split_bytes=1024) as servers:
         async with PsClient(servers[0].address, timeout=10) as c:
             run = await c.create_run(spec)

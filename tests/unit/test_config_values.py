@@ -4,6 +4,8 @@ NaN to integer") and message sizes beyond gRPC's int32 (a traceback from gRPC be
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from ps_server.config import parse_config as server_config
@@ -12,30 +14,29 @@ from worker.config import parse_config as worker_config
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.mark.parametrize(("args", "says"), [
-    (["--lease-seconds", "nan"], "--lease-seconds nan must be a positive number"),
-    (["--heartbeat-seconds", "inf"], "--heartbeat-seconds inf must be a positive number"),
-    (["--shard-timeout", "nan"], "--shard-timeout nan must be a positive number"),
-    (["--grace-seconds", "nan"], "--grace-seconds nan must be a number >= 0"),
-    (["--grace-seconds", "inf"], "--grace-seconds inf must be a number >= 0"),
-    (["--max-message-bytes", "3000000000"], "--max-message-bytes 3000000000 must be in 1..2147483647"),
-])
-def test_the_server_refuses_times_and_sizes_that_cannot_work(args: list[str], says: str,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
-        server_config(args, env={})
-    assert says in capsys.readouterr().err
+def _server(args: list[str]) -> object:
+    return server_config(args, env={})
 
 
-@pytest.mark.parametrize(("args", "says"), [
-    (["--timeout-seconds", "nan"], "--timeout-seconds nan: must be a number > 0"),
-    (["--idle-exit-seconds", "inf"], "--idle-exit-seconds inf: must be a number >= 0"),
-    (["--max-message-bytes", "3000000000"], "must be at most 2147483647"),
+def _worker(args: list[str]) -> object:
+    return worker_config(["--server", "127.0.0.1:50051", *args], env={})
+
+
+@pytest.mark.parametrize(("parse", "args", "says"), [
+    (_server, ["--lease-seconds", "nan"], "--lease-seconds nan must be a positive number"),
+    (_server, ["--heartbeat-seconds", "inf"], "--heartbeat-seconds inf must be a positive number"),
+    (_server, ["--shard-timeout", "nan"], "--shard-timeout nan must be a positive number"),
+    (_server, ["--grace-seconds", "nan"], "--grace-seconds nan must be a number >= 0"),
+    (_server, ["--grace-seconds", "inf"], "--grace-seconds inf must be a number >= 0"),
+    (_server, ["--max-message-bytes", "3000000000"], "--max-message-bytes 3000000000 must be in 1..2147483647"),
+    (_worker, ["--timeout-seconds", "nan"], "--timeout-seconds nan: must be a number > 0"),
+    (_worker, ["--idle-exit-seconds", "inf"], "--idle-exit-seconds inf: must be a number >= 0"),
+    (_worker, ["--max-message-bytes", "3000000000"], "must be at most 2147483647"),
 ])
-def test_the_worker_refuses_times_and_sizes_that_cannot_work(args: list[str], says: str,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_times_and_sizes_that_cannot_work_are_refused_naming_the_flag(
+        parse: Callable[[list[str]], object], args: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        worker_config(["--server", "127.0.0.1:50051", *args], env={})
+        parse(args)
     assert says in capsys.readouterr().err
 
 
