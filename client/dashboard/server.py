@@ -243,11 +243,16 @@ async def _follow(ps: PsClient, run_id: str, interval: float, resp: web.StreamRe
     # The newest point sent, per rank: a point's time is its worker's clock, and the hosts' clocks
     # may disagree (a page that reconnects gets the newest points again and drops those it holds).
     sent: dict[int, float] = {}
-    down = False
+    down = idle = False
     while True:
         try:
+            if idle:
+                # A quiet watch: ask the server (within the client's timeout) whether it is still
+                # there (a hung one neither answers a watch nor ends it); the write finds a page gone.
+                idle = False
+                await resp.write(_sse("status", status(await ps.get_run(run_id), None)))
             # WatchRun answers on changes only: a quiet run (pending, waiting for workers) is watched
-            # again after a while, which also asks the server whether it is still there
+            # again after a while
             async for snap in ps.watch_run(run_id, interval=interval, idle_timeout=max(2.0, 20 * interval)):
                 down = False
                 metrics = await ps.get_metrics(run_id, max_points=POINTS)
@@ -269,7 +274,7 @@ async def _follow(ps: PsClient, run_id: str, interval: float, resp: web.StreamRe
                 return
             await asyncio.sleep(RETRY_SECONDS)
         except errors.WatchIdle:
-            continue  # nothing changed: watch again
+            idle = True  # nothing changed: watch again, after asking
         except errors.PsError as exc:
             if exc.code == errors.Code.NOT_FOUND:
                 await resp.write(_sse("gone", {"error": str(exc)}))

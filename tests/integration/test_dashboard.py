@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -144,6 +146,31 @@ async def test_a_quiet_run_is_not_a_lost_server() -> None:
                         async for event, _ in sse(r):
                             events.append(event)
         assert "down" not in events and events.count("status") >= 2  # watched again, not given up
+
+
+async def test_a_hung_server_is_a_server_down() -> None:
+    """A server that hangs (stopped, a network that drops packets) neither answers a watch nor
+    ends it: after a quiet watch the stream asks it, within the dashboard's timeout, and says it
+    is down (before, the page showed "live" with stale numbers for as long as it hung)."""
+    port = free_port()
+    with ps_server("--port", str(port)) as (proc, addr):
+        async with connect(addr) as c:
+            run = await c.create_run(spec())
+        async with dashboard(addr) as url, aiohttp.ClientSession() as http:
+            async with http.get(f"{url}/api/runs/{run.run_id}/live") as r:
+                events: list[str] = []
+                try:
+                    async with asyncio.timeout(25.0):  # idle 2 s, then the dashboard's 5 s timeout
+                        async for event, _ in sse(r):
+                            events.append(event)
+                            if event == "status" and proc.poll() is None and "stopped" not in events:
+                                os.kill(proc.pid, signal.SIGSTOP)
+                                events.append("stopped")
+                            if event == "down":
+                                break
+                finally:
+                    os.kill(proc.pid, signal.SIGCONT)
+        assert "down" in events[events.index("stopped"):], events
 
 
 async def test_actions_come_only_from_the_page_and_stop_a_run() -> None:
