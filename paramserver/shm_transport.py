@@ -24,7 +24,7 @@ from paramserver.v1 import shm, tcp, wire
 
 from . import errors
 from .streams import WriteFailed
-from .tcp_transport import SETTLE, TcpCall, greet, status_error
+from .tcp_transport import SETTLE, TcpCall, greet, status_error, too_large
 
 __all__ = ["ShmCall"]
 
@@ -305,6 +305,8 @@ class ShmCall(TcpCall):
                 self._answered = max(self._answered, shm.align(at + n))
                 return seg.region[at : at + n].toreadonly()
             kind, status, inline = await tcp.read_frame(self.sock, self._max_bytes, head=bytes(header))
+        except tcp.FrameTooLarge as exc:
+            raise too_large(exc, self._method) from None
         except (OSError, ValueError) as exc:
             raise errors.Unavailable(errors.Code.UNAVAILABLE, f"the data plane connection broke ({exc})",
                                      method=self._method) from None

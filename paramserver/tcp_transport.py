@@ -21,7 +21,7 @@ from paramserver.v1 import tcp, wire
 from . import errors
 from .streams import Pending, WriteFailed
 
-__all__ = ["SETTLE", "SETTLE_MS", "TcpCall", "dial_host", "greet", "status_error"]
+__all__ = ["SETTLE", "SETTLE_MS", "TcpCall", "dial_host", "greet", "status_error", "too_large"]
 
 SETTLE_MS = 2
 QUICK_BYTES = 64 << 10
@@ -57,6 +57,13 @@ def status_error(code: int, body: memoryview, method: str) -> errors.PsError:
     if status is None or status.code != code:
         return errors.from_status(code, bytes(body).decode("utf-8", "replace"), method=method)
     return errors.from_status(code, status.message, status.error, method)
+
+
+def too_large(exc: tcp.FrameTooLarge, method: str) -> errors.ResourceExhausted:
+    """An answer over this client's limit: not worth retrying as it is (the same answer would come)."""
+    return errors.ResourceExhausted(
+        errors.Code.RESOURCE_EXHAUSTED, f"an answer of {exc.length} bytes is larger than this client's limit of "
+        f"{exc.limit} bytes: raise it (ps-worker --max-message-bytes, PsClient(max_message_bytes=...))", method=method)
 
 
 async def greet(sock: socket.socket, method: str, where: str, flags: int = 0) -> int:
@@ -226,6 +233,8 @@ class TcpCall:
                 await tcp.recv_exact(self.sock, body[got:])
                 return body
             kind, status, body = await tcp.read_frame(self.sock, self._max_bytes)
+        except tcp.FrameTooLarge as exc:
+            raise too_large(exc, self._method) from None
         except (OSError, ValueError) as exc:
             raise errors.Unavailable(errors.Code.UNAVAILABLE, f"the data plane connection broke ({exc})",
                                      method=self._method) from None

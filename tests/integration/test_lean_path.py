@@ -353,3 +353,18 @@ async def test_pushes_of_two_tasks_on_one_client_each_get_their_own_acknowledgem
         assert (await b).clock == 2
         got = await c.get_run(run.run_id)
         assert got.counters.pushes_applied == 10 + 1 + 2 + 1 + 1 and got.counters.pushes_duplicate == 0
+
+
+async def test_an_answer_over_the_clients_limit_is_refused_not_retried(server: PsServer) -> None:
+    """A model larger than the client's --max-message-bytes, over TCP: the answer would be the same
+    however often it asked (a worker retried it for ever, its run stuck at clock 0):
+    RESOURCE_EXHAUSTED naming the limit, as over gRPC. (Through shared memory the answer is in the
+    client's own segment, which grows to fit.)"""
+    transport = "tcp"
+    async with connect(server, transport, max_message_bytes=1 << 20) as c:
+        run = await c.create_run(make_spec(shapes={"w": (600, 600)}, num_workers=1))
+        a = (await c.join("w0", run.run_id)).assignment
+        await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": np.zeros((600, 600), np.float32)})  # (the stream opens)
+        with pytest.raises(errors.ResourceExhausted, match="larger than this client's limit of 1048576 bytes"):
+            await c.pull(run.run_id, a.rank, a.incarnation, 1, max_wait=1.0)
+        assert c.route.opened[transport] >= 1

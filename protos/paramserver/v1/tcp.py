@@ -206,7 +206,11 @@ def take_message(sock: socket.socket, head: bytearray, limit: int) -> tuple[memo
 
 
 class FrameTooLarge(ValueError):
-    pass
+    """A frame of ``length`` bytes over its reader's limit (``limit``)."""
+
+    def __init__(self, message: str, length: int = 0, limit: int = 0) -> None:
+        super().__init__(message)
+        self.length, self.limit = length, limit
 
 
 async def read_frame(sock: socket.socket, max_bytes: int, head: bytes = b"", *, stall: float | None = None,
@@ -228,7 +232,8 @@ async def read_frame(sock: socket.socket, max_bytes: int, head: bytes = b"", *, 
     if kind not in (MESSAGE, STATUS):
         raise ValueError(f"unknown frame kind {kind}")
     if length > max_bytes:
-        raise FrameTooLarge(f"a message of {length} bytes is larger than the server's limit of {max_bytes} bytes")
+        raise FrameTooLarge(f"a message of {length} bytes is larger than the server's limit of {max_bytes} bytes",
+                            length, max_bytes)
     if reserve is not None:
         await reserve(length)
     body = np.empty(length, np.uint8).data  # uninitialised: every byte is received into it
