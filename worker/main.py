@@ -144,7 +144,11 @@ async def _main(config: WorkerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     outcomes = await work(config, stop)
-    # 1 only when this worker failed its run; a run stopped or a rank evicted is not its failure
+    # 1 when this worker failed its run, or did not get the run it was told to join (--run-id:
+    # refused, such as a run that does not exist, or no work before --idle-exit-seconds); a run
+    # stopped, a rank evicted or a stop asked for is not its failure
+    if config.run_id and not outcomes and not stop.is_set():
+        return 1
     return 1 if config.once and outcomes and outcomes[-1].failed else 0
 
 

@@ -93,3 +93,15 @@ async def test_a_stopped_run_is_one_info_line_per_worker(server: PsServer, story
     endings = [ln for ln in story.lines() if run.run_id in ln and "of run" not in ln]
     assert endings == [stopped, stopped], story.lines()
     assert story.lines()[-2:] == ["exiting: asked to stop"] * 2
+
+
+async def test_a_worker_told_to_join_a_run_that_refuses_it_exits_non_zero(server: PsServer) -> None:
+    """``ps-worker --run-id run-typo``: refused (no such run), the worker exits with status 1, so
+    a script or a supervisor does not read it as a job done; without --run-id, idle is no failure."""
+    from worker.config import parse_config
+    from worker.main import _main
+
+    told = parse_config(["--server", server.address, "--once", "--run-id", "run-typo"], env={})
+    assert await _main(told) == 1
+    idle = parse_config(["--server", server.address, "--idle-exit-seconds", "0.3"], env={})
+    assert await _main(idle) == 0
