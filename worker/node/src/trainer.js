@@ -284,8 +284,10 @@ class Trainer {
       this.evaluate(params, c);
       await this.report(); // show it now, not after the next (maybe long) wait
     }
+    const tc = performance.now();
     const { X, y, B } = this.gather(this.sampler.batch(c));
     const { loss, grads } = this.model.lossAndGrad(params, X, y, B);
+    const computeMs = performance.now() - tc;
     if (!Number.isFinite(loss)) throw new TrainingError(`the training loss became ${loss} at clock ${c}: lower the learning rate`);
     const entries = this.specs.map((s) => [s.name, grads[s.name], s.shape]);
     const resp = await this.call(
@@ -306,7 +308,9 @@ class Trainer {
     this.stats.iterations += 1;
     this.stats.lastLoss = loss;
     this.samples += B;
-    if (this.slowdown > 1) await sleep((this.slowdown - 1) * (performance.now() - t0), this);
+    // A straggler's work is its computation: waiting for the server or for other ranks is not (counted,
+    // a straggler parked by the bound slept factor - 1 times that wait too, slower and slower).
+    if (this.slowdown > 1) await sleep((this.slowdown - 1) * computeMs, this);
     this.record(c, loss, (performance.now() - t0) / 1000);
     if (Date.now() - this.lastReport >= this.config.reportSeconds * 1000) await this.report();
     return guaranteed;

@@ -231,3 +231,21 @@ test('an answer that says a new staleness bound changes the cache rule from the 
   assert.equal(t.staleness, null);
   assert.match(t.log.lines.join('\n'), /staleness is now unbounded/);
 });
+
+test('a straggler sleeps (factor - 1) times its computation, not the time it waited for others', async () => {
+  const { t } = trainerAt(0);
+  t.slowdown = 3;
+  t.specs = [];
+  t.sampler = { batch: () => [] };
+  t.gather = () => ({ X: null, y: null, B: 1 });
+  t.model = { lossAndGrad: () => { const end = performance.now() + 20; while (performance.now() < end); return { loss: 1, grads: {} }; } };
+  t.pull = async () => { await new Promise((r) => setTimeout(r, 300)); return 0; }; // parked by the bound
+  t.plane = { push: async (run, rank, inc, c) => ({ clock: c + 1, run_state: 'RUN_STATE_RUNNING' }) };
+  t.report = async () => {};
+  t.config.reportSeconds = 1000;
+  const start = performance.now();
+  await t.step({}, -1);
+  const took = performance.now() - start;
+  assert.ok(took >= 300 + 20 + 35, `took ${took} ms: the sleep is about 2 x 20 ms`);
+  assert.ok(took < 300 + 20 + 2 * 320 - 200, `took ${took} ms: the 300 ms wait was counted as work`);
+});
