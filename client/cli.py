@@ -267,11 +267,11 @@ def watch(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, t
 
     async def body(ps: PsClient) -> pb.Run:
         if json_:
-            def line(snap: pb.WatchRunResponse, _: pb.GetMetricsResponse | None) -> None:
-                doc = facts.status_dict(snap.run, None)
+            def line(snap: pb.WatchRunResponse, metrics: pb.GetMetricsResponse | None) -> None:
+                doc = facts.status_dict(snap.run, metrics)  # (the evaluations and train loss the view shows)
                 doc["events"] = [facts.message_to_dict(e) for e in snap.events]
                 _print_json(doc)
-            return await follow(ps, run_id, line, metrics_every=None)
+            return await follow(ps, run_id, line)
         if not out.is_terminal:
             log = LineLog(typer.echo)
             run = await follow(ps, run_id, log)

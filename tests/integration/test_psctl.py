@@ -187,6 +187,7 @@ async def test_launch_watch_status_export_plot_metrics(addr: str, ps: PsClient, 
     assert clocks == sorted(clocks) and clocks[-1] == 30
     kinds = {e["kind"] for line in lines for e in line["events"]}
     assert {"started", "completed"} <= kinds, kinds
+    assert lines[-1]["eval"][-1]["clock"] == 30 and lines[-1]["last_train_loss"]  # as the human view shows
 
     done = json.loads(ok(await psctl("status", run_id, "--server", addr, "--json")).stdout)
     summary = done["summary"]
