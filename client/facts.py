@@ -166,6 +166,8 @@ def _model_text(spec: pb.RunSpec) -> str:
     rows = f":rows={m['rows']}" if "rows" in m else ""
     if m.get("kind") == "fm":
         return f"fm:{m.get('factors', '?')}{rows}"
+    if m.get("kind") == "mf":
+        return f"mf:{m.get('factors', '?')}" + (f":reg={m['reg']:g}" if m.get("reg") else "")
     if m.get("kind") == "logistic":
         return f"logistic{rows}"
     return str(m.get("kind", "?"))

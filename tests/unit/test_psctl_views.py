@@ -253,3 +253,12 @@ async def test_simulate_takes_the_tightest_bound_a_run_had_even_one_psctl_set_re
     unbounded = pb.GetMetricsResponse(events=[pb.RunEvent(kind="staleness", message="staleness changed from "
                                                                                    "unbounded to 3")])
     assert facts.bounds_in_force(pb.Run(spec=pb.RunSpec(staleness=3)), unbounded) == (3, True)
+
+
+@pytest.mark.parametrize(("model", "shown"), [("mf:3", "mf:3"), ("mf:2:reg=0.01", "mf:2:reg=0.01")])
+def test_a_matrix_factorisation_shows_its_factors(model: str, shown: str) -> None:
+    """(``mf:3`` showed as ``mf``, its factors and regularisation left out, where ``fm:8`` keeps its 8.)"""
+    from client.spec import LaunchOptions, build_run_spec
+
+    spec = build_run_spec(LaunchOptions(model=model, dataset="synthetic-ratings:users=60,items=50,rank=2,density=0.5"))
+    assert facts.run_facts(pb.Run(run_id="run-mf", spec=spec))["model"] == shown
