@@ -75,6 +75,9 @@ class Shards:
         """Table name -> its whole shape (never held whole here: rows travel by id)."""
         self.clients = [connect(s) for s in shard_map.shards]
         self.staleness = staleness
+        self._versions: tuple[int, dict[int, int]] = (-1, {})
+        """The version the last pull returned (the least of its shards') and each shard's own: a
+        push that says it was computed on that version tells each shard its own."""
 
     @classmethod
     def beside(cls, client: PsClient, shard_map: pb.ShardMap, spec: pb.RunSpec) -> Shards:
@@ -94,6 +97,15 @@ class Shards:
         run = await client.get_run(run_id)
         for c, shard in zip(self.clients, run.shard_map.shards, strict=False):
             c.route.told(shard.data_port, shard.shm_socket)
+
+    def _version(self, i: int, param_version: int | None) -> int | None:
+        """What shard ``i`` is told a gradient was computed on (``param_version``, as the last pull
+        returned it: that shard's own version of that pull, which a staleness-aware rate scales by)."""
+        combined, each = self._versions
+        return each.get(i, param_version) if param_version is not None and param_version == combined else param_version
+
+    def _pulled_versions(self, answers: Mapping[int, PullResult], result: PullResult) -> None:
+        self._versions = (result.version, {i: r.version for i, r in answers.items()})
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
@@ -245,13 +257,14 @@ class Shards:
     async def push(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Any],
                    loss: float = 0.0, timeout: float | None = None, param_version: int | None = None,
                    ) -> pb.PushGradientResponse:
-        """As ``PsClient.push``, to every server (``param_version`` to each: they apply the same pushes)."""
+        """As ``PsClient.push``, to every server (``param_version``: the version the last pull returned
+        tells each shard its own version of that pull)."""
         self._check_request(grads, (), None)
 
         def one(i: int) -> Callable[[], Awaitable[pb.PushGradientResponse]]:
             return lambda: self.clients[i].push(run_id, rank, incarnation, clock,
                                                 self._rows(grads, self.shard_map.shards[i]), loss, timeout,
-                                                param_version)
+                                                self._version(i, param_version))
 
         answers, failures = await self._each({i: one(i) for i in range(len(self.clients))})
         self._check(failures)
@@ -277,11 +290,11 @@ class Shards:
             if rows and not mine and not asked:
                 async def push() -> tuple[pb.PushGradientResponse, None]:
                     return await c.push(run_id, rank, incarnation, clock, self._rows(grads, s), loss,
-                                        param_version=param_version), None
+                                        param_version=self._version(i, param_version)), None
                 return push
             return lambda: c.push_pull(run_id, rank, incarnation, clock, self._rows(grads, s), loss,
                                        into=self._rows(out, s), max_wait=max_wait, names=mine, rows=asked,
-                                       param_version=param_version)
+                                       param_version=self._version(i, param_version))
 
         answers, failures = await self._each({i: one(i) for i in range(len(self.clients))})
         self._check(failures)
@@ -289,6 +302,7 @@ class Shards:
         self._consistent(list(pulled.values()), clock + 1)
         result = _pulled(list(pulled.values()), out)
         result.rows = self._gathered(rows, pulled)
+        self._pulled_versions(pulled, result)
         return _combined([answers[i][0] for i in range(len(self.clients))]), result
 
     async def pull(self, run_id: str, rank: int = 0, incarnation: int = 0, clock: int = 0, *,
@@ -332,6 +346,8 @@ class Shards:
             out = {n: a for n, a in out.items() if n in wanted}
         result = _pulled(pulled, out)
         result.rows = self._gathered(rows, answers)
+        if incarnation:  # (a worker's pull: what its next pushes say they were computed on)
+            self._pulled_versions(answers, result)
         return result
 
 

@@ -4,6 +4,7 @@ to the workers, which use the SDK's ``Shards`` as the proto's "Shards" section s
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -660,3 +661,33 @@ async def test_a_rank_learns_a_shards_data_plane_it_was_not_told_at_join(server_
                 beating.cancel()
                 await plane.close()
             assert told and plane.clients[1].route.data_port == told
+
+
+async def test_each_shard_is_told_its_own_version_of_the_parameters_a_push_was_computed_on(
+        server_config: ServerConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards count their versions apart (a push one of them has and another not yet): a pull
+    returns the least, and the push computed on it tells each shard its own version of that pull,
+    which a staleness-aware learning rate scales by (each was told the least)."""
+    async with cluster(server_config, 2, split_bytes=1024) as servers:
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(make_spec(shapes={"w": (40, 30)}, num_workers=2, staleness=5, iterations=20))
+            a, b = await _join_all(c, run.run_id, 2)
+            plane = Shards.beside(c, a.shard_map, a.spec)
+            g = {"w": np.ones((40, 30), np.float32)}
+            try:
+                await plane.clients[0].push(run.run_id, b.rank, b.incarnation, 0, plane._rows(g, a.shard_map.shards[0]))
+                pulled = await plane.pull(run.run_id, a.rank, a.incarnation, 0)
+                told: list[tuple[str, int | None]] = []
+                push = PsClient.push
+
+                async def spy(self: PsClient, *args: Any, **kw: Any) -> Any:
+                    said = inspect.signature(push).bind(self, *args, **kw).arguments.get("param_version")
+                    told.append((self.address, said))
+                    return await push(self, *args, **kw)
+
+                monkeypatch.setattr(PsClient, "push", spy)
+                await plane.push(run.run_id, a.rank, a.incarnation, 0, g, param_version=pulled.version)
+            finally:
+                await plane.close()
+            assert pulled.version == 0
+            assert sorted(told) == sorted([(servers[0].address, 1), (servers[1].address, 0)])
