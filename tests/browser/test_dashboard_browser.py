@@ -210,3 +210,17 @@ async def test_a_finished_regression_run_shows_its_test_rmse(browser: Any) -> No
             assert problems == []
         finally:
             await runner.cleanup()
+
+
+async def test_a_malformed_run_address_is_asked_for_as_it_is(browser: Any) -> None:
+    """``/runs/%E0`` is no URI component: the page names it as it is and asks the server for it
+    (its script stopped at its first line before, leaving an empty page)."""
+    port = free_port()
+    with ps_server("--port", str(port)) as (_, addr):
+        runner, url = await dashboard(addr)
+        try:
+            page, problems = await open_page(browser, f"{url}/runs/%E0")
+            await page.wait_for_function("document.getElementById('title').textContent === '%E0'")
+            assert not [p for p in problems if p.startswith("page error")], problems
+        finally:
+            await runner.cleanup()

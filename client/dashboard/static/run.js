@@ -3,7 +3,14 @@
 // History comes from /api/runs/ID once; then server-sent events from /api/runs/ID/live (fed by the
 // parameter server's WatchRun). When the stream breaks it is opened again (points it sends again are dropped).
 
-const runId = decodeURIComponent(location.pathname.split("/").pop());
+const runId = (() => {
+  const part = location.pathname.split("/").pop();
+  try {
+    return decodeURIComponent(part);
+  } catch (e) { // a malformed address (/runs/%E0): asked for as it is, the server says there is no such run
+    return part;
+  }
+})();
 const FINISHED = new Set(["completed", "stopped", "failed"]);
 const COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
   "#bcbd22", "#17becf"];
