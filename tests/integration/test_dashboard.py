@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -131,46 +132,49 @@ async def test_the_live_stream_shows_who_waits_on_whom_until_the_run_ends() -> N
         assert len({(p["rank"], p["clock"], p["eval"], p["time"]) for p in points}) == len(points)  # none twice
 
 
-async def test_a_quiet_run_is_not_a_lost_server() -> None:
-    """A pending run (no workers) changes nothing, so WatchRun says nothing: the stream watches
-    again (a fresh status) and says nothing of a server down."""
-    port = free_port()
-    with ps_server("--port", str(port)) as (_, addr):
-        async with connect(addr) as c:
-            run = await c.create_run(spec())
-        async with dashboard(addr) as url, aiohttp.ClientSession() as http:
-            async with http.get(f"{url}/api/runs/{run.run_id}/live") as r:
-                events: list[str] = []
-                with pytest.raises(TimeoutError):
-                    async with asyncio.timeout(5.0):  # beyond the watch's idle time (2 s here)
-                        async for event, _ in sse(r):
-                            events.append(event)
-        assert "down" not in events and events.count("status") >= 2  # watched again, not given up
-
-
-async def test_a_hung_server_is_a_server_down() -> None:
-    """A server that hangs (stopped, a network that drops packets) neither answers a watch nor
-    ends it: after a quiet watch the stream asks it, within the dashboard's timeout, and says it
-    is down (before, the page showed "live" with stale numbers for as long as it hung)."""
+@asynccontextmanager
+async def live_pending_run() -> AsyncIterator[tuple[subprocess.Popen[str], AsyncIterator[tuple[str, Any]]]]:
+    """A ps-server process holding a pending run (no workers: nothing changes), and the events of
+    the dashboard's live stream of it."""
     port = free_port()
     with ps_server("--port", str(port)) as (proc, addr):
         async with connect(addr) as c:
             run = await c.create_run(spec())
         async with dashboard(addr) as url, aiohttp.ClientSession() as http:
             async with http.get(f"{url}/api/runs/{run.run_id}/live") as r:
-                events: list[str] = []
-                try:
-                    async with asyncio.timeout(25.0):  # idle 2 s, then the dashboard's 5 s timeout
-                        async for event, _ in sse(r):
-                            events.append(event)
-                            if event == "status" and proc.poll() is None and "stopped" not in events:
-                                os.kill(proc.pid, signal.SIGSTOP)
-                                events.append("stopped")
-                            if event == "down":
-                                break
-                finally:
-                    os.kill(proc.pid, signal.SIGCONT)
-        assert "down" in events[events.index("stopped"):], events
+                yield proc, sse(r)
+
+
+async def test_a_quiet_run_is_not_a_lost_server() -> None:
+    """A pending run (no workers) changes nothing, so WatchRun says nothing: the stream watches
+    again (a fresh status) and says nothing of a server down."""
+    events: list[str] = []
+    async with live_pending_run() as (_, live):
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(5.0):  # beyond the watch's idle time (2 s here)
+                async for event, _ in live:
+                    events.append(event)
+    assert "down" not in events and events.count("status") >= 2  # watched again, not given up
+
+
+async def test_a_hung_server_is_a_server_down() -> None:
+    """A server that hangs (stopped, a network that drops packets) neither answers a watch nor
+    ends it: after a quiet watch the stream asks it, within the dashboard's timeout, and says it
+    is down (before, the page showed "live" with stale numbers for as long as it hung)."""
+    events: list[str] = []
+    async with live_pending_run() as (proc, live):
+        try:
+            async with asyncio.timeout(25.0):  # idle 2 s, then the dashboard's 5 s timeout
+                async for event, _ in live:
+                    events.append(event)
+                    if event == "status" and "stopped" not in events:
+                        os.kill(proc.pid, signal.SIGSTOP)
+                        events.append("stopped")
+                    if event == "down":
+                        break
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+    assert "down" in events[events.index("stopped"):], events
 
 
 async def test_actions_come_only_from_the_page_and_stop_a_run() -> None:
