@@ -430,21 +430,11 @@ def clock_records(metrics: pb.GetMetricsResponse) -> list[tuple[str, int, int, f
             for r in metrics.clock_records if r.kind in (pb.ClockRecord.KIND_PULL, pb.ClockRecord.KIND_PUSH)]
 
 
-_CHANGED = re.compile(r"staleness changed from (\d+|unbounded) to (\d+|unbounded)")
-"""The server's event of a bound changed (``Run.set_staleness``, a schedule's step): the only record
-of the bounds ``psctl set`` replaced in the spec."""
-
-
 def bounds_in_force(run: pb.Run, metrics: pb.GetMetricsResponse) -> tuple[int, bool]:
     """The tightest staleness bound the run is known to have had (its bound now, its schedule's
-    steps, the bounds its "staleness" events say it changed from and to; -1 only if all were
-    unbounded), and whether its bound changed while it ran."""
+    steps; -1 only if all were unbounded), and whether its bound changed while it ran."""
     known = [run.spec.staleness, *(step.staleness for step in run.spec.staleness_schedule)]
-    events = [e for e in metrics.events if e.kind == "staleness"]
-    for e in events:
-        if said := _CHANGED.search(e.message):
-            known += [-1 if b == "unbounded" else int(b) for b in said.groups()]
-    changed = len(set(known)) > 1 or bool(events)
+    changed = len(set(known)) > 1 or any(e.kind == "staleness" for e in metrics.events)
     return min(known, key=lambda s: math.inf if s < 0 else s), changed
 
 

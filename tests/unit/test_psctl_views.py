@@ -236,25 +236,6 @@ def test_a_staleness_given_as_text_beyond_int32_and_a_port_beyond_65535_are_refu
     assert _address("127.0.0.1:65535") == "127.0.0.1:65535"
 
 
-async def test_simulate_takes_the_tightest_bound_a_run_had_even_one_psctl_set_replaced() -> None:
-    """A run at s = 2 raised to 5 with ``psctl set``: its spec says 5, its event what it was; the
-    recorded run is replayed under 2 (its pulls parked under 2), not under 5."""
-    from support import make_spec
-
-    from ps_server.testing import InMemoryServer
-
-    async with InMemoryServer() as server, server.client() as c:
-        run = await c.create_run(make_spec(num_workers=1, staleness=2))
-        await c.join("w", run.run_id)
-        await c.update_run(run.run_id, staleness=5)
-        after, metrics = await c.get_run(run.run_id), await c.get_metrics(run.run_id)
-    assert after.spec.staleness == 5
-    assert facts.bounds_in_force(after, metrics) == (2, True)
-    unbounded = pb.GetMetricsResponse(events=[pb.RunEvent(kind="staleness", message="staleness changed from "
-                                                                                   "unbounded to 3")])
-    assert facts.bounds_in_force(pb.Run(spec=pb.RunSpec(staleness=3)), unbounded) == (3, True)
-
-
 @pytest.mark.parametrize(("model", "shown"), [("mf:3", "mf:3"), ("mf:2:reg=0.01", "mf:2:reg=0.01")])
 def test_a_matrix_factorisation_shows_its_factors(model: str, shown: str) -> None:
     """(``mf:3`` showed as ``mf``, its factors and regularisation left out, where ``fm:8`` keeps its 8.)"""
