@@ -379,18 +379,22 @@ class Config:
                 cmd = ["ip", "netns", "exec", ns_name(i), *cmd]
             p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             self.servers.append(p)
-        for i, p in enumerate(self.servers):
-            assert p.stdout is not None
-            line = p.stdout.readline()
-            if "listening on" not in line:
-                raise RuntimeError(f"{self.label}: server {i} did not start: {line}{p.stdout.read()}")
-            threading.Thread(target=_drain, args=(p.stdout, log), daemon=True).start()
-        self.run_ids = asyncio.run(self._create(workers))
-        self.workers = [subprocess.Popen(
-            [sys.executable, __file__, "--role", "worker", "--server", self.addresses[0], "--name", f"w{k}",
-             "--runs", json.dumps(self.run_ids), "--warmup", str(warmup)],
-            cwd=ROOT, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
-            for k in range(workers)]
+        try:  # (a set-up that fails stops what it started: nobody else holds it to close)
+            for i, p in enumerate(self.servers):
+                assert p.stdout is not None
+                line = p.stdout.readline()
+                if "listening on" not in line:
+                    raise RuntimeError(f"{self.label}: server {i} did not start: {line}{p.stdout.read()}")
+                threading.Thread(target=_drain, args=(p.stdout, log), daemon=True).start()
+            self.run_ids = asyncio.run(self._create(workers))
+            self.workers = [subprocess.Popen(
+                [sys.executable, __file__, "--role", "worker", "--server", self.addresses[0], "--name", f"w{k}",
+                 "--runs", json.dumps(self.run_ids), "--warmup", str(warmup)],
+                cwd=ROOT, env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+                for k in range(workers)]
+        except BaseException:
+            self.close()
+            raise
 
     async def _create(self, workers: int) -> dict[str, str]:
         from paramserver.client import PsClient

@@ -40,6 +40,28 @@ def test_shards_bench_runs_on_loopback() -> None:
     assert '"exit": 0' in demo  # two servers train it
 
 
+@pytest.mark.timeout(120)
+def test_a_shards_bench_set_up_that_fails_stops_its_servers() -> None:
+    """A run the servers refuse (here: over a --max-param-bytes of 1024) ends the bench with the
+    server's error, and no server is left running (one was, its lease an hour, for ever)."""
+    marker = "--max-param-bytes 1024"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "shards.py"), "--net", "loopback", "--shards", "1", "--workers", "1",
+         "--models", "mlp-5.8M", "--reps", "1", "--seconds", "0.2", "--idle-seconds", "0", "--no-demo",
+         f"--server-args={marker}"], capture_output=True, text=True, timeout=100)
+    assert proc.returncode != 0 and "over its limit of 1024" in proc.stderr, proc.stderr[-2000:]
+    left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p).count("ps_server.server")
+            and marker.replace(" ", "\0") in _cmdline(p)]
+    assert left == [], [_cmdline(p) for p in left]
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:  # (gone meanwhile)
+        return ""
+
+
 @pytest.mark.timeout(200)
 def test_cpu_per_push_on_two_servers(tmp_path: Path) -> None:
     out = tmp_path / "cpu.json"
