@@ -38,10 +38,9 @@ class Checkpointer:
         self.store = store
         self.every = every
         self._locks: dict[str, asyncio.Lock] = {}
-        self._waiting: dict[str, tuple[Snapshot, str, int]] = {}
-        self._runs: dict[str, Run] = {}
-        """run id -> the run its last scheduled snapshot was of (where a failed write is told)."""
-        """run id -> the snapshot still to be written, why, and the level its log line gets."""
+        self._waiting: dict[str, tuple[Snapshot, str, int, Run]] = {}
+        """run id -> the snapshot still to be written, why, the level its log line gets, and the run
+        (where a failed write is told)."""
         self._writers: dict[str, asyncio.Task[None]] = {}
         self._taken: dict[str, tuple[int, bool]] = {}
         """run id -> (min clock of its last scheduled checkpoint, whether its final one was)."""
@@ -87,22 +86,19 @@ class Checkpointer:
     def schedule(self, run: Run, reason: str, level: int = logging.INFO, cut: int | None = None) -> None:
         meta, arrays = snapshot.state_dict(run, cut)
         # (replaces an older one not yet written)
-        self._waiting[run.run_id] = ((meta, arrays, self._epochs.get(run.run_id, 0)), reason, level)
-        self._runs[run.run_id] = run
+        self._waiting[run.run_id] = ((meta, arrays, self._epochs.get(run.run_id, 0)), reason, level, run)
         writer = self._writers.get(run.run_id)
         if writer is None or writer.done():
             self._writers[run.run_id] = asyncio.get_running_loop().create_task(self._write_waiting(run.run_id))
 
     async def _write_waiting(self, run_id: str) -> None:
         while run_id in self._waiting:
-            taken, reason, level = self._waiting.pop(run_id)
+            taken, reason, level, run = self._waiting.pop(run_id)
             try:
                 await self._write(taken, reason, level)
-            except OSError as exc:  # (logged by _write; the next checkpoint tries again)
-                run = self._runs.get(run_id)
-                if run is not None:  # shown where users look (psctl status), not only in the server's log
-                    run.history.event("checkpoint_failed", -1, f"the checkpoint at min clock "
-                                      f"{taken[0]['min_clock']} ({reason}) could not be written: {exc}")
+            except OSError as exc:  # (logged by _write; the next checkpoint tries again) and shown where
+                run.history.event("checkpoint_failed", -1, f"the checkpoint at min clock "  # users look
+                                  f"{taken[0]['min_clock']} ({reason}) could not be written: {exc}")
             except FailedPrecondition:
                 pass  # of a history the run left
 
@@ -179,7 +175,6 @@ class Checkpointer:
         """Delete ``run_id``'s checkpoints, once the write in progress (if any) has landed; a
         snapshot still waiting to be written is dropped."""
         self._waiting.pop(run_id, None)
-        self._runs.pop(run_id, None)
         self._taken.pop(run_id, None)
         self.protected.pop(run_id, None)
         self._sharded.discard(run_id)
