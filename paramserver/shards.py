@@ -24,7 +24,7 @@ rows come back in the order asked.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -122,14 +122,17 @@ class Shards:
         shape, rows of a tensor that is no table, a row id out of its table's range (a pull of it
         answered with memory never written), a pulled name the run lacks."""
         known = self.shapes.keys() | self.tables.keys()
+
+        def only_known(names: Iterable[str], method: str, reason: pb.ErrorReason) -> None:
+            if unknown := sorted(set(names) - known):
+                raise self._refuse(f"unknown tensor name(s) {', '.join(map(repr, unknown))}; this run's tensors are "
+                                   f"{', '.join(map(repr, sorted(known)))}", method, reason)
+
         for what, method, reason, given in (("gradient", "PushGradient", pb.ERROR_REASON_INVALID_GRADIENT, grads),
                                             ("pull", "PullParams", pb.ERROR_REASON_INVALID_REQUEST, rows)):
             if given is None:
                 continue
-            unknown = sorted(set(given) - known)
-            if unknown:
-                raise self._refuse(f"unknown tensor name(s) {', '.join(map(repr, unknown))}; this run's tensors are "
-                                   f"{', '.join(map(repr, sorted(known)))}", method, reason)
+            only_known(given, method, reason)
             for name, value in given.items():
                 if name not in self.tables and (isinstance(value, RowsPart) or what == "pull"):
                     raise self._refuse(f"tensor {name!r} is not a table: pull or push it whole", method, reason)
@@ -150,10 +153,7 @@ class Shards:
             if missing:
                 raise self._refuse(f"the gradient lacks tensor(s) {', '.join(map(repr, missing))}: send every "
                                    "parameter", "PushGradient", pb.ERROR_REASON_INVALID_GRADIENT)
-        unknown = sorted(set(names) - known)
-        if unknown:
-            raise self._refuse(f"unknown tensor name(s) {', '.join(map(repr, unknown))}; this run's tensors are "
-                               f"{', '.join(map(repr, sorted(known)))}", "PullParams", pb.ERROR_REASON_INVALID_REQUEST)
+        only_known(names, "PullParams", pb.ERROR_REASON_INVALID_REQUEST)
 
     def _rows(self, arrays: Mapping[str, Any], shard: pb.Shard) -> dict[str, Any]:
         """``shard``'s pieces of ``arrays``: views of their rows (a scalar is its one row); of a
