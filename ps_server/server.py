@@ -274,7 +274,7 @@ async def start_server(config: ServerConfig) -> PsServer:
         if addresses:
             cluster = ClusterOwner(registry, addresses, peers, split_bytes=config.split_bytes,
                                    shard_timeout=config.shard_timeout, data_port=data_port, shm_socket=shm_socket,
-                                   checkpointer=checkpointer)
+                                   checkpointer=checkpointer, lease=config.lease_seconds)
             cluster.resumed([run for run in resumed if run.held])
         add_control(server, Control(registry, max_wait=config.max_wait_seconds, lease_seconds=config.lease_seconds,
                                     heartbeat_seconds=config.heartbeat_seconds, checkpointer=checkpointer,

@@ -13,6 +13,10 @@
   them). A shard that failed (its parameters diverged) fails the run with its message; a server
   that does not answer for ``shard_timeout`` seconds, or has lost its shard (restarted without a
   checkpoint), fails the runs it held shards of, naming it. Nothing waits on a dead server longer.
+- A push is applied by each server on its own: ``watch`` compares the clocks every shard has of
+  the ranks that stopped (evicted or done) with this server's, says in the run's events when a
+  push reached some servers only, and tells a shard to go on without a done rank's pushes it will
+  never get (``_torn_pushes``), which it would otherwise wait for for ever.
 - Checkpoints are cluster-wide cuts (``core.checkpoint``): every server has the same --data-dir
   setting and --checkpoint-every (CreateShard refuses otherwise) and snapshots its shard the moment
   its min clock reaches each multiple; CheckpointRun (``checkpoint``) picks the next clock no shard
@@ -33,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -49,6 +54,7 @@ from ..core.errors import FailedPrecondition, NotFound, PsError, ResourceExhaust
 from ..core.placement import Placement, place
 from ..core.registry import RunRegistry
 from ..core.run import Run
+from ..core.shard import RankUpdate
 from ..core.spec import RunSpec
 from ..core.status import RunState, WorkerState
 from . import messages
@@ -72,8 +78,9 @@ class ClusterOwner:
     def __init__(self, registry: RunRegistry, addresses: Sequence[str], peers: Sequence[PeerLink], *,
                  split_bytes: int, shard_timeout: float, data_port: Callable[[], int],
                  shm_socket: Callable[[], str] = lambda: "",
-                 checkpointer: Checkpointer | None = None, poll: float = 1.0, call_timeout: float = 5.0) -> None:
-        """``peers``: links to servers 1.. in index order."""
+                 checkpointer: Checkpointer | None = None, poll: float = 1.0, call_timeout: float = 5.0,
+                 lease: float = 10.0) -> None:
+        """``peers``: links to servers 1.. in index order; ``lease``: --lease-seconds."""
         self._registry = registry
         self.addresses = list(addresses)
         self._peers = list(peers)
@@ -83,9 +90,10 @@ class ClusterOwner:
         self._shm_socket = shm_socket
         self._poll = poll
         self._timeout = call_timeout
+        self._lease = lease
         self._ports = [0] * len(self.addresses)
         self._shm = [""] * len(self.addresses)
-        self._sent: dict[tuple[str, int], tuple[object, ...]] = {}
+        self._sent: dict[tuple[str, int], tuple[tuple[RankUpdate, ...], RunState, str]] = {}
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
         self._status: dict[tuple[str, int], pb.ShardStatus] = {}
         self._samples: dict[tuple[str, int], collections.deque[tuple[float, int]]] = {}
@@ -97,6 +105,11 @@ class ClusterOwner:
         """(run id, server) -> the cuts of its checkpoints on disk, as last heard."""
         self._told: dict[tuple[str, int], tuple[int, ...]] = {}
         """(run id, server) -> the cuts it was last told to keep (GetShard.keep_cuts) and answered."""
+        self._torn: dict[tuple[str, int], set[tuple[int, int]]] = {}
+        """(run id, server) -> the (rank, incarnation)s whose push was found torn there (told once)."""
+        self._lost: dict[tuple[str, int], dict[int, tuple[int, int]]] = {}
+        """(run id, server) -> rank -> (incarnation, clock) of a DONE rank whose pushes up to that clock
+        the server never got and never will: it is told to go on without them (``RankUpdate.lost_pushes``)."""
         self._rollbacks: dict[str, tuple[str, int | None, float | None]] = {}
         """run id -> why it has to go back to the newest cut every server has, the highest cut it may
         go back to (a retry never goes past the one an earlier attempt chose), and since when
@@ -148,7 +161,8 @@ class ClusterOwner:
         self._forget(run_id, 0)
 
     def _forget(self, run_id: str, index: int) -> None:
-        for table in (self._sent, self._locks, self._status, self._samples, self._cuts, self._told):
+        for table in (self._sent, self._locks, self._status, self._samples, self._cuts, self._told, self._torn,
+                      self._lost):
             table.pop((run_id, index), None)
 
     # ------------------------------------------------------------------------------ membership
@@ -167,7 +181,9 @@ class ClusterOwner:
     async def _send(self, run: Run, peer: PeerLink) -> None:
         key = (run.run_id, peer.index)
         async with self._locks.setdefault(key, asyncio.Lock()):
-            ranks = messages.rank_updates(run)  # as it is now, not as it was when this send was asked
+            lost = self._lost.get(key, {})
+            ranks = [dataclasses.replace(u, lost_pushes=True) if lost.get(u.rank) == (u.incarnation, u.clock) else u
+                     for u in messages.rank_updates(run)]  # as it is now, not as it was when this send was asked
             copy = (tuple(ranks), run.state, run.message)
             if self._sent.get(key) == copy:
                 return
@@ -256,6 +272,44 @@ class ClusterOwner:
             self._status[key] = resp.status
             if resp.status.state == pb.RUN_STATE_FAILED and not run.state.finished:
                 self._fail(run, f"{peer.name}'s shard failed: {resp.status.error}")
+            elif self._torn_pushes(run, peer, resp.clocks):
+                await self._send(run, peer)
+
+    def _torn_pushes(self, run: Run, peer: PeerLink, clocks: Sequence[int]) -> bool:
+        """Compare ``peer``'s clocks of the ranks that no longer push (``clocks``, heard after it had
+        their state: ``_check`` sends first) with this server's. A push is applied by each server
+        on its own, so a worker that stops in the middle of one leaves it on some servers only: the
+        run's events say so, once. A DONE rank's pushes ``peer`` lacks, once its worker has been
+        silent for a lease, are lost: ``peer`` is to go on without them (True: tell it now), or
+        it would wait for them for ever."""
+        key = (run.run_id, peer.index)
+        sent = self._sent.get(key)
+        if sent is None or run.state.finished or len(clocks) != len(run.clock.slots):
+            return False
+        told = self._torn.setdefault(key, set())
+        lost = False
+        for u in sent[0]:
+            slot, theirs = run.clock.slots[u.rank], clocks[u.rank]
+            if theirs == u.clock or u.state not in (WorkerState.DONE, WorkerState.EVICTED) or \
+                    (u.rank, u.incarnation) in told or (slot.incarnation, slot.state) != (u.incarnation, u.state):
+                continue
+            if u.state is WorkerState.EVICTED:
+                why = (f"rank {u.rank} (incarnation {u.incarnation}) stopped in the middle of a push: {peer.name} "
+                       f"has it at clock {theirs}, server 0 at {u.clock}; each server applies its part of a push "
+                       f"by itself, so the gradient of clock {min(theirs, u.clock)} was applied on some only")
+            elif theirs < u.clock and (silent := run.clock.silent_for(slot)) > self._lease:
+                self._lost.setdefault(key, {})[u.rank] = (u.incarnation, u.clock)
+                lost = True
+                why = (f"rank {u.rank} (incarnation {u.incarnation}) finished, but its pushes of clocks {theirs}.."
+                       f"{u.clock - 1} never reached {peer.name} (its worker stopped in the middle of a push and "
+                       f"has been silent for {silent:.0f}s): {peer.name} goes on without them, the rows it holds "
+                       "of those gradients lost")
+            else:
+                continue
+            told.add((u.rank, u.incarnation))
+            run.history.event("torn_push", u.rank, why)
+            log.warning("%s", why, extra={"run": run.run_id, "rank": u.rank})
+        return lost
 
     def _out_of_reach(self, run: Run, peer: PeerLink, exc: PsError, silent: float) -> None:
         """``peer`` has not answered for ``silent`` seconds: its shard of ``run`` shows so, and the

@@ -116,7 +116,7 @@ class ShardService:
         return cpb.GetShardResponse(status=messages.shard_status(run, self._cluster[self._index]),
                                     resumed=bool(run.held), data_port=self._data_port(),
                                     shm_socket=self._shm_socket(),
-                                    cuts=cuts)
+                                    cuts=cuts, clocks=[s.clock for s in run.clock.slots])
 
     def _checkpoints(self) -> Checkpointer:
         if self._checkpointer is None:

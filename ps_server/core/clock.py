@@ -65,6 +65,10 @@ class VectorClock:
     def max_clock(self) -> int:
         return max(s.clock for s in self.slots)
 
+    def silent_for(self, slot: Slot) -> float:
+        """Seconds since the rank was last heard from."""
+        return self._now() - slot.last_seen
+
     def vacant(self) -> list[Slot]:
         return [s for s in self.slots if s.state in (WorkerState.VACANT, WorkerState.EVICTED)]
 
@@ -147,6 +151,12 @@ class VectorClock:
         """The rank completed iteration ``clock``."""
         slot.clock = clock + 1
         slot.pushes += 1
+        self._moved()
+
+    def skip_to(self, slot: Slot, clock: int) -> None:
+        """The rank's iterations up to ``clock`` count as completed without their pushes (a
+        cluster's shard that will never get them: ``ShardRun.mirror``)."""
+        slot.clock = clock
         self._moved()
 
     def set_state(self, slot: Slot, state: WorkerState) -> None:

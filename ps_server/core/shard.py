@@ -32,6 +32,9 @@ class RankUpdate:
     state: WorkerState
     clock: int
     worker_name: str = ""
+    lost_pushes: bool = False
+    """DONE at ``clock`` on the owner, whose worker stopped in the middle of a push that never
+    reached this shard: go on without the pushes between the shard's clock of it and ``clock``."""
 
 
 _FORWARD = {RunState.PENDING: 0, RunState.RUNNING: 1}
@@ -66,7 +69,9 @@ class ShardRun(Run):
 
     def mirror(self, ranks: Iterable[RankUpdate], state: RunState, message: str) -> RunState:
         """Set the ranks and the run's state to the owner's. A rank's update of an older incarnation
-        than the shard holds is ignored; a finished shard stays as it ended."""
+        than the shard holds is ignored; a finished shard stays as it ended. A rank's clock is the
+        shard's own (its pushes here), but for an admission and for pushes the owner says are lost
+        (``RankUpdate.lost_pushes``)."""
         for u in ranks:
             slot = self.clock.slots[u.rank]
             if u.incarnation > slot.incarnation:  # admitted: a new incarnation from its clock
@@ -80,6 +85,12 @@ class ShardRun(Run):
                     self.history.event("evicted", u.rank, f"rank {u.rank} (incarnation {u.incarnation}) evicted "
                                        "by server 0")
                 self.clock.set_state(slot, u.state)
+            if u.lost_pushes and u.incarnation == slot.incarnation and slot.clock < u.clock and \
+                    slot.state is WorkerState.DONE and not self.state.finished:
+                self.history.event("lost_pushes", u.rank, f"rank {u.rank}'s pushes of clocks {slot.clock}.."
+                                   f"{u.clock - 1} never came (its worker stopped in the middle of a push that "
+                                   "reached server 0): going on without them")
+                self.clock.skip_to(slot, u.clock)
         if self.state.finished:
             pass
         elif state.finished:

@@ -236,6 +236,80 @@ async def test_an_eviction_reaches_every_shard_before_the_rank_is_handed_on(serv
             await plane.close()
 
 
+async def _push_to(plane: Shards, i: int, run_id: str, a: pb.Assignment, clock: int, g: dict[str, np.ndarray]) -> None:
+    """``a``'s push of ``clock`` to shard ``i`` only: a worker that stops in the middle of its push."""
+    await plane.clients[i].push(run_id, a.rank, a.incarnation, clock, plane._rows(g, plane.shard_map.shards[i]))
+
+
+async def _events(c: PsClient, run_id: str, kind: str) -> list[pb.RunEvent]:
+    return [e for e in (await c.get_metrics(run_id)).events if e.kind == kind]
+
+
+@pytest.mark.parametrize("alive", [True, False], ids=["retried", "stopped"])
+async def test_a_last_push_that_reached_server_0_only_is_waited_for_then_given_up(server_config: ServerConfig,
+                                                                                   alive: bool) -> None:
+    """Server 0 has rank b DONE; server 1 lacks b's last push. While b is heard from, server 1 waits
+    for it (nothing is lost); once b has been silent for a lease, server 1 goes on without it,
+    and the run's events say so: a's last pull is answered, the run does not hang."""
+    async with cluster(server_config, 2, split_bytes=1024, lease_seconds=1.0, heartbeat_seconds=0.2) as servers:
+        async with PsClient(servers[1].address, timeout=20) as c:
+            run = await c.create_run(make_spec(shapes={"w": (64, 16)}, num_workers=2, staleness=0, iterations=2))
+            a, b = await _join_all(c, run.run_id, 2)
+            pa, pb_ = Shards.beside(c, a.shard_map, a.spec), Shards.beside(c, b.shard_map, b.spec)
+            g = {"w": np.ones((64, 16), np.float32)}
+            await asyncio.gather(pa.push(run.run_id, a.rank, a.incarnation, 0, g),
+                                 pb_.push(run.run_id, b.rank, b.incarnation, 0, g))
+            await _push_to(pb_, 0, run.run_id, b, 1, g)  # b's last push reaches server 0 only
+            await pa.push(run.run_id, a.rank, a.incarnation, 1, g)
+            pulled = asyncio.create_task(pa.pull(run.run_id, a.rank, a.incarnation, 2, max_wait=20))
+            shard1 = servers[1].registry.get(run.run_id)
+            if alive:  # b is still heard from (as a worker retrying its push): server 1 waits for it
+                for _ in range(15):
+                    await c.heartbeat(run.run_id, a.rank, a.incarnation, 2)
+                    await c.heartbeat(run.run_id, b.rank, b.incarnation, 2)
+                    await asyncio.sleep(0.2)
+                assert not pulled.done() and shard1.clock.slots[b.rank].clock == 1
+                await _push_to(pb_, 1, run.run_id, b, 1, g)
+            else:
+                for _ in range(40):
+                    if pulled.done():
+                        break
+                    await c.heartbeat(run.run_id, a.rank, a.incarnation, 2)
+                    await asyncio.sleep(0.1)
+            assert (await asyncio.wait_for(pulled, 10)).guaranteed_clock == 2
+            torn = await _events(c, run.run_id, "torn_push")
+            if alive:
+                assert not torn
+                assert shard1.counters.pushes_applied == 4
+            else:
+                assert len(torn) == 1 and torn[0].rank == b.rank and "clocks 1..1 never reached server 1" in torn[0].message
+                assert shard1.clock.slots[b.rank].clock == 2 and shard1.counters.pushes_applied == 3
+            await pa.close()
+            await pb_.close()
+
+
+async def test_a_push_torn_by_an_eviction_is_told_in_the_runs_events(server_config: ServerConfig) -> None:
+    async with cluster(server_config, 2, split_bytes=1024, lease_seconds=1.0, heartbeat_seconds=0.2) as servers:
+        async with PsClient(servers[0].address, timeout=20) as c:
+            run = await c.create_run(make_spec(shapes={"w": (64, 16)}, num_workers=2, staleness=1, iterations=5))
+            a, b = await _join_all(c, run.run_id, 2)
+            pa, pb_ = Shards.beside(c, a.shard_map, a.spec), Shards.beside(c, b.shard_map, b.spec)
+            g = {"w": np.ones((64, 16), np.float32)}
+            await _push_to(pb_, 1, run.run_id, b, 0, g)  # b stops in the middle of its first push
+            for clock in range(2):
+                await pa.push(run.run_id, a.rank, a.incarnation, clock, g)
+            for _ in range(40):
+                if torn := await _events(c, run.run_id, "torn_push"):
+                    break
+                await c.heartbeat(run.run_id, a.rank, a.incarnation, 2)
+                await asyncio.sleep(0.1)
+            assert len(torn) == 1 and torn[0].rank == b.rank
+            assert "has it at clock 1, server 0 at 0" in torn[0].message
+            assert servers[1].registry.get(run.run_id).clock.slots[b.rank].state.value == "evicted"
+            await pa.close()
+            await pb_.close()
+
+
 async def test_a_stop_reaches_every_shard_and_ends_parked_pulls(server_config: ServerConfig) -> None:
     async with cluster(server_config, 3, split_bytes=1024) as servers:
         async with PsClient(servers[2].address, timeout=20) as c:

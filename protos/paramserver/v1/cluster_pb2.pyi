@@ -37,18 +37,20 @@ class CreateShardResponse(_message.Message):
     def __init__(self, data_port: _Optional[int] = ..., shm_socket: _Optional[str] = ...) -> None: ...
 
 class RankUpdate(_message.Message):
-    __slots__ = ("rank", "incarnation", "state", "clock", "worker_name")
+    __slots__ = ("rank", "incarnation", "state", "clock", "worker_name", "lost_pushes")
     RANK_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
+    LOST_PUSHES_FIELD_NUMBER: _ClassVar[int]
     rank: int
     incarnation: int
     state: _paramserver_pb2.WorkerState
     clock: int
     worker_name: str
-    def __init__(self, rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., state: _Optional[_Union[_paramserver_pb2.WorkerState, str]] = ..., clock: _Optional[int] = ..., worker_name: _Optional[str] = ...) -> None: ...
+    lost_pushes: bool
+    def __init__(self, rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., state: _Optional[_Union[_paramserver_pb2.WorkerState, str]] = ..., clock: _Optional[int] = ..., worker_name: _Optional[str] = ..., lost_pushes: _Optional[bool] = ...) -> None: ...
 
 class UpdateShardRequest(_message.Message):
     __slots__ = ("run_id", "ranks", "run_state", "message")
@@ -77,18 +79,20 @@ class GetShardRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., keep_cuts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetShardResponse(_message.Message):
-    __slots__ = ("status", "resumed", "data_port", "cuts", "shm_socket")
+    __slots__ = ("status", "resumed", "data_port", "cuts", "shm_socket", "clocks")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     CUTS_FIELD_NUMBER: _ClassVar[int]
     SHM_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    CLOCKS_FIELD_NUMBER: _ClassVar[int]
     status: _paramserver_pb2.ShardStatus
     resumed: bool
     data_port: int
     cuts: _containers.RepeatedScalarFieldContainer[int]
     shm_socket: str
-    def __init__(self, status: _Optional[_Union[_paramserver_pb2.ShardStatus, _Mapping]] = ..., resumed: _Optional[bool] = ..., data_port: _Optional[int] = ..., cuts: _Optional[_Iterable[int]] = ..., shm_socket: _Optional[str] = ...) -> None: ...
+    clocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, status: _Optional[_Union[_paramserver_pb2.ShardStatus, _Mapping]] = ..., resumed: _Optional[bool] = ..., data_port: _Optional[int] = ..., cuts: _Optional[_Iterable[int]] = ..., shm_socket: _Optional[str] = ..., clocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class DeleteShardRequest(_message.Message):
     __slots__ = ("run_id",)
