@@ -454,5 +454,7 @@ def run_to_proto(spec: RunSpec, s: RunStatus) -> pb.Run:
         last_eval=point_to_proto(s.last_eval) if s.last_eval else None,
         waiting_for=s.waiting_for,
         active_workers=s.active_workers,
+        tightest_staleness=s.bounds[0] if s.bounds else None,
+        loosest_staleness=s.bounds[1] if s.bounds else None,
     )
 

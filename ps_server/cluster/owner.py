@@ -446,8 +446,11 @@ class ClusterOwner:
     @staticmethod
     def _renumber(old: Run, restored: Run) -> None:
         """Incarnations given out after the cut stay given: numbering goes on from the newest, and a
-        rank handed to another worker since the cut is evicted (its holder joins again)."""
+        rank handed to another worker since the cut is evicted (its holder joins again). The bounds
+        the run was under after the cut were still its own (``Run.bounds``)."""
         restored.clock.next_incarnation = max(restored.clock.next_incarnation, old.clock.next_incarnation)
+        for bound in old.bounds:
+            restored.had(bound)
         for was, slot in zip(old.clock.slots, restored.clock.slots, strict=True):
             if was.incarnation != slot.incarnation and slot.state is WorkerState.ACTIVE:
                 restored.clock.set_state(slot, WorkerState.EVICTED)

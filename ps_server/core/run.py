@@ -55,6 +55,9 @@ class Run:
         self.optimizer = make_optimizer(spec.optimizer, tuple(self.store.specs.values()))
         self.next_step = 0
         """The first step of ``spec.staleness_schedule`` not applied yet (a restore sets it: ``resume_schedule``)."""
+        self.bounds = (spec.staleness, spec.staleness)
+        """(tightest, loosest) bound the run has been under since it was created: the bound it was
+        created with, and every one ``_change_bound`` set (a restore sets it: a checkpoint keeps it)."""
         if spec.topk_ratio and spec.optimizer.kind is OptimizerKind.SGD and not spec.optimizer.weight_decay:
             self.store.track_changes()  # a step changes only what a push carries: delta pulls pay
         self.clock = VectorClock(spec.num_workers, now)
@@ -265,8 +268,15 @@ class Run:
 
     def resume_schedule(self) -> None:
         """After a restore: the schedule's steps the min clock had reached were applied before the
-        checkpoint (the spec holds their bound, or a later UpdateRun's): only later ones remain."""
+        checkpoint (the spec holds their bound, or a later UpdateRun's): only later ones remain.
+        Their bounds were in force: ``bounds`` has them (a checkpoint's already did)."""
         self.next_step = sum(1 for at, _ in self.spec.staleness_schedule if at <= self.min_clock)
+        for _, bound in self.spec.staleness_schedule[:self.next_step]:
+            self.had(bound)
+
+    def had(self, bound: int) -> None:
+        """``bound`` was in force: ``bounds`` takes it in."""
+        self.bounds = (ssp.tighter(self.bounds[0], bound), ssp.looser(self.bounds[1], bound))
 
     def set_staleness(self, staleness: int) -> None:
         """Change the bound while the run runs (UpdateRun; the proto states the rule): pulls parked
@@ -285,9 +295,15 @@ class Run:
                                      "between positive bounds and -1 (unbounded)", Reason.UNSUPPORTED)
         if staleness == old:
             return
-        self.spec = replace(self.spec, staleness=staleness)
-        self.history.event("staleness", -1, f"staleness changed from {_bound(old)} to {_bound(staleness)}")
+        self._change_bound(staleness)
         self._changed()  # parked pulls look again
+
+    def _change_bound(self, bound: int, how: str = "") -> None:
+        """The bound in force becomes ``bound`` (an event saying ``how``), which joins ``bounds``."""
+        old = self.spec.staleness
+        self.spec = replace(self.spec, staleness=bound)
+        self.had(bound)
+        self.history.event("staleness", -1, f"staleness changed from {_bound(old)} to {_bound(bound)}{how}")
 
     async def changed(self, since: int, timeout: float) -> bool:
         """True once ``changes`` moved past ``since``; False after ``timeout`` seconds."""
@@ -326,11 +342,8 @@ class Run:
         while self.next_step < len(steps) and self.min_clock >= steps[self.next_step][0]:
             _, bound = steps[self.next_step]
             self.next_step += 1
-            old = self.spec.staleness
-            if bound != old and not self.state.finished:
-                self.spec = replace(self.spec, staleness=bound)
-                self.history.event("staleness", -1, f"staleness changed from {_bound(old)} to {_bound(bound)} at min "
-                                   f"clock {self.min_clock} (the run's schedule)")
+            if bound != self.spec.staleness and not self.state.finished:
+                self._change_bound(bound, f" at min clock {self.min_clock} (the run's schedule)")
 
     def _lr_scale(self, param_version: int | None) -> float:
         """1 / the push's staleness (updates applied since its parameters were read; at least 1)
@@ -377,7 +390,7 @@ class Run:
                          workers=self.clock.statuses() if workers else (), max_clock=self.clock.max_clock,
                          counters=replace(self.counters, pulls_skipped=self.clock.pulls_skipped()),
                          last_eval=self.history.last_eval, waiting_for=self.waiting_for(),
-                         active_workers=self.clock.count(WorkerState.ACTIVE))
+                         active_workers=self.clock.count(WorkerState.ACTIVE), bounds=self.bounds)
 
 
 def _bound(staleness: int) -> str:

@@ -33,6 +33,7 @@ def state_dict(run: Run, cut: int | None = None) -> tuple[dict[str, Any], dict[s
         "cut": run.min_clock if cut is None else cut,
         "spec": spec_to_dict(run.spec),
         "state": run.state.value,
+        "bounds": list(run.bounds),
         "message": run.message,
         "created": run.created,
         "started": run.started,
@@ -83,6 +84,14 @@ def _count(value: object) -> int:
     return int(value)
 
 
+def _bounds(value: object) -> tuple[int, int]:
+    """The (tightest, loosest) bounds of a checkpoint's manifest; TypeError unless they are two bounds."""
+    if not isinstance(value, list) or len(value) != 2 or \
+            not all(isinstance(b, int) and not isinstance(b, bool) and b >= -1 for b in value):
+        raise TypeError(f"{value!r} is not a pair of staleness bounds")
+    return value[0], value[1]
+
+
 def restore(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *,
             now: Callable[[], float] = time.monotonic) -> Run:
     """Rebuild a run from ``state_dict`` output; raises KeyError/ValueError if inconsistent.
@@ -99,6 +108,8 @@ def restore(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *,
         s.state, s.incarnation, s.clock = WorkerState(d["state"]), _count(d["incarnation"]), _count(d["clock"])
         s.worker_name, s.pushes, s.pulls_skipped = str(d["worker_name"]), _count(d["pushes"]), _count(d["pulls_skipped"])
     run.clock.restored()
+    if "bounds" in meta:  # (absent in checkpoints of before it: the bound they hold, widened by ``resume_schedule``)
+        run.bounds = _bounds(meta["bounds"])
     run.resume_schedule()
     run.clock.next_incarnation = _count(meta["next_incarnation"])
     run.clock.retired_skipped = _count(meta["retired_skipped"])

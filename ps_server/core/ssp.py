@@ -16,7 +16,7 @@ from .clock import Slot, VectorClock
 from .errors import FailedPrecondition, OutOfRange, Reason, WaitTimeout, listed
 from .spec import UNBOUNDED, RunSpec
 
-__all__ = ["check_pull", "check_push", "looser", "needed", "pull_ready", "wait_timeout", "waiting_for"]
+__all__ = ["check_pull", "check_push", "looser", "needed", "pull_ready", "tighter", "wait_timeout", "waiting_for"]
 
 _SENTENCES = 5  # waiting ranks described one by one in ``waiting_for``; the others are counted
 
@@ -24,6 +24,11 @@ _SENTENCES = 5  # waiting ranks described one by one in ``waiting_for``; the oth
 def looser(a: int, b: int) -> int:
     """The looser of two bounds (-1, unbounded, is the loosest)."""
     return UNBOUNDED if UNBOUNDED in (a, b) else max(a, b)
+
+
+def tighter(a: int, b: int) -> int:
+    """The tighter of two bounds (0, BSP, is the tightest; -1, unbounded, the loosest)."""
+    return b if a == UNBOUNDED else a if b == UNBOUNDED else min(a, b)
 
 
 def needed(spec: RunSpec, clock: int) -> int | None:

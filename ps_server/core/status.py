@@ -132,6 +132,8 @@ class RunStatus:
     last_eval: MetricPoint | None
     waiting_for: str
     active_workers: int = 0
+    bounds: tuple[int, int] | None = None
+    """(tightest, loosest) staleness bound the run has been under (``Run.bounds``)."""
 
 
 @dataclass(frozen=True)

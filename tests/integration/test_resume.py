@@ -150,7 +150,8 @@ async def test_a_second_server_on_a_data_directory_in_use_is_refused(server_conf
 async def test_a_stop_answered_is_on_disk_and_a_new_bound_soon_after(server_config: ServerConfig,
                                                                      tmp_path: Path) -> None:
     """StopRun answers once the run's final checkpoint is written (a server killed right after
-    resumed the run as running); UpdateRun schedules one (a restart kept the old bound)."""
+    resumed the run as running); UpdateRun schedules one (a restart kept the old bound), which
+    keeps the bound it replaced too (tightest_staleness: what psctl simulate replays under)."""
     config = with_config(server_config, data_dir=str(tmp_path / "data"), checkpoint_every=0)
     ps = await start_server(config)
     try:
@@ -166,7 +167,8 @@ async def test_a_stop_answered_is_on_disk_and_a_new_bound_soon_after(server_conf
     finally:
         await ps.stop(0)
     for left, run_id, check in ((tmp_path / "left", stopped.run_id, lambda r: r.state == pb.RUN_STATE_STOPPED),
-                                (tmp_path / "later", changed.run_id, lambda r: r.spec.staleness == 5)):
+                                (tmp_path / "later", changed.run_id,
+                                 lambda r: (r.spec.staleness, r.tightest_staleness, r.loosest_staleness) == (5, 2, 5))):
         again = await start_server(with_config(config, port=0, data_dir=str(left)))
         try:
             async with PsClient(f"127.0.0.1:{again.port}") as c:

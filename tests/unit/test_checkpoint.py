@@ -60,6 +60,26 @@ def test_round_trip_restores_params_optimizer_clocks_and_dedup(tmp_path: Path) -
     assert again.store.params["w"].tobytes() == run.store.params["w"].tobytes()
 
 
+def test_the_bounds_a_run_was_under_survive_and_older_manifests_still_load(tmp_path: Path) -> None:
+    """A resumed run keeps the tightest and loosest bound it had (GetRun's tightest_staleness,
+    loosest_staleness), not only the bound now; a manifest of before them starts from the bound it
+    holds; malformed ones are refused (the older checkpoint is used)."""
+    run = make_run(staleness=1)
+    run.set_staleness(4)
+    store = CheckpointStore(tmp_path)
+    ck = store.load(store.write(*snapshot.state_dict(run)))
+    again = snapshot.restore(json.loads(json.dumps(ck.meta)), ck.arrays)
+    assert again.spec.staleness == 4 and again.bounds == again.status().bounds == (1, 4)
+    again.set_staleness(2)
+    assert again.bounds == (1, 4)
+    meta, arrays = snapshot.state_dict(run)
+    del meta["bounds"]
+    assert snapshot.restore(meta, arrays).bounds == (4, 4)
+    for bad in ([1], [1, -2], ["1", 4], [1, True], None):
+        with pytest.raises(TypeError, match="staleness bounds"):
+            snapshot.restore({**meta, "bounds": bad}, arrays)
+
+
 def test_bsp_held_gradients_survive(tmp_path: Path) -> None:
     run = make_run(staleness=0)
     inc = run.status().workers[0].incarnation

@@ -354,6 +354,28 @@ def test_a_live_bound_change_wakes_parked_pulls_and_lets_the_iteration_in_progre
         run.set_staleness(2)
 
 
+def test_a_run_keeps_the_tightest_and_loosest_bound_it_has_been_under() -> None:
+    """``psctl set`` replaces the bound in the spec; ``bounds`` (GetRun's tightest_staleness and
+    loosest_staleness) keeps the ones it replaced. A refused change is not a bound the run had."""
+    run, _ = started(spec(workers=2, staleness=2))
+    assert run.bounds == run.status().bounds == (2, 2)
+    run.set_staleness(5)
+    assert run.spec.staleness == 5 and run.bounds == (2, 5)
+    run.set_staleness(1)
+    run.set_staleness(3)
+    assert run.spec.staleness == 3 and run.bounds == (1, 5)
+    with pytest.raises(FailedPrecondition, match="to or from 0"):
+        run.set_staleness(0)
+    with pytest.raises(InvalidArgument):
+        run.set_staleness(-2)
+    assert run.bounds == (1, 5)
+    run.set_staleness(-1)  # unbounded is the loosest, never the tightest
+    assert run.bounds == (1, -1)
+    ever_unbounded, _ = started(spec(workers=1, staleness=-1))
+    ever_unbounded.set_staleness(4)
+    assert ever_unbounded.bounds == (4, -1)
+
+
 async def test_registry_assigns_oldest_run_first_and_reports_unknown_runs() -> None:
     reg = RunRegistry()
     r1 = await reg.create(spec(workers=1))
@@ -465,9 +487,11 @@ def test_a_scheduled_bound_changes_when_the_min_clock_reaches_each_step() -> Non
         for r in (0, 1):
             run.push(r, inc[r], c, grad(1), 0)
     assert run.spec.staleness == -1
+    assert run.bounds == run.status().bounds == (1, -1)  # every step it reached, and the bound it began with
     meta, arrays = snapshot.state_dict(run)
     restored = snapshot.restore(meta, arrays)
     assert restored.spec.staleness == -1 and restored.next_step == 2  # both steps were taken
+    assert restored.bounds == (1, -1)
     for bad in (((3, 2), (2, 3)), ((10, 2),), ((2, 0),), ((2, -2),)):
         with pytest.raises(InvalidArgument, match="staleness_schedule"):
             validate_spec(dataclasses.replace(s, staleness_schedule=bad))

@@ -400,7 +400,7 @@ class RunEvent(_message.Message):
     def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kind: _Optional[str] = ..., rank: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("run_id", "spec", "state", "message", "created", "started", "finished", "workers", "min_clock", "max_clock", "counters", "last_eval", "waiting_for", "active_workers", "shard_map", "shards")
+    __slots__ = ("run_id", "spec", "state", "message", "created", "started", "finished", "workers", "min_clock", "max_clock", "counters", "last_eval", "waiting_for", "active_workers", "shard_map", "shards", "tightest_staleness", "loosest_staleness")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -417,6 +417,8 @@ class Run(_message.Message):
     ACTIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
     SHARD_MAP_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
+    TIGHTEST_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    LOOSEST_STALENESS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     spec: RunSpec
     state: RunState
@@ -433,7 +435,9 @@ class Run(_message.Message):
     active_workers: int
     shard_map: ShardMap
     shards: _containers.RepeatedCompositeFieldContainer[ShardStatus]
-    def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[RunSpec, _Mapping]] = ..., state: _Optional[_Union[RunState, str]] = ..., message: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., min_clock: _Optional[int] = ..., max_clock: _Optional[int] = ..., counters: _Optional[_Union[RunCounters, _Mapping]] = ..., last_eval: _Optional[_Union[MetricPoint, _Mapping]] = ..., waiting_for: _Optional[str] = ..., active_workers: _Optional[int] = ..., shard_map: _Optional[_Union[ShardMap, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ...) -> None: ...
+    tightest_staleness: int
+    loosest_staleness: int
+    def __init__(self, run_id: _Optional[str] = ..., spec: _Optional[_Union[RunSpec, _Mapping]] = ..., state: _Optional[_Union[RunState, str]] = ..., message: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., min_clock: _Optional[int] = ..., max_clock: _Optional[int] = ..., counters: _Optional[_Union[RunCounters, _Mapping]] = ..., last_eval: _Optional[_Union[MetricPoint, _Mapping]] = ..., waiting_for: _Optional[str] = ..., active_workers: _Optional[int] = ..., shard_map: _Optional[_Union[ShardMap, _Mapping]] = ..., shards: _Optional[_Iterable[_Union[ShardStatus, _Mapping]]] = ..., tightest_staleness: _Optional[int] = ..., loosest_staleness: _Optional[int] = ...) -> None: ...
 
 class Piece(_message.Message):
     __slots__ = ("name", "row_start", "row_end")
