@@ -445,7 +445,8 @@ def simulate_(run_id: RunId,
     of its pulls that did not wait, how long a parked pull took to be served once let go, and when
     each rank started; then runs the ranks in virtual time through the server's own gate and SSP
     rule (a real run, instantly), once per bound. A rank's idle share is the part of the run's time
-    its pulls were parked.
+    its pulls were parked. A run whose bound changed while it ran (psctl set, a schedule) is taken
+    as recorded under the tightest bound it had (the server's Run.tightest_staleness), with a note.
 
     Assumed: a rank's work per clock and its pull latency do not depend on the bound; CPU and network
     contention is not modelled (with fewer cores than workers, parked workers free cores: predictions

@@ -431,8 +431,12 @@ def clock_records(metrics: pb.GetMetricsResponse) -> list[tuple[str, int, int, f
 
 
 def bounds_in_force(run: pb.Run, metrics: pb.GetMetricsResponse) -> tuple[int, bool]:
-    """The tightest staleness bound the run is known to have had (its bound now, its schedule's
-    steps; -1 only if all were unbounded), and whether its bound changed while it ran."""
+    """The tightest staleness bound the run has had (-1 only if it was always unbounded), and
+    whether its bound changed while it ran: the server's ``Run.tightest_staleness`` and
+    ``loosest_staleness``, which keep the bounds ``psctl set`` replaced. From a server without them:
+    its bound now and its schedule's steps (a bound ``psctl set`` replaced is then unknown)."""
+    if run.HasField("tightest_staleness") and run.HasField("loosest_staleness"):
+        return run.tightest_staleness, run.tightest_staleness != run.loosest_staleness
     known = [run.spec.staleness, *(step.staleness for step in run.spec.staleness_schedule)]
     changed = len(set(known)) > 1 or any(e.kind == "staleness" for e in metrics.events)
     return min(known, key=lambda s: math.inf if s < 0 else s), changed

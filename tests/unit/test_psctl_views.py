@@ -243,3 +243,37 @@ def test_a_matrix_factorisation_shows_its_factors(model: str, shown: str) -> Non
 
     spec = build_run_spec(LaunchOptions(model=model, dataset="synthetic-ratings:users=60,items=50,rank=2,density=0.5"))
     assert facts.run_facts(pb.Run(run_id="run-mf", spec=spec))["model"] == shown
+
+
+async def test_simulate_takes_the_tightest_bound_a_run_had_even_one_psctl_set_replaced() -> None:
+    """A run at s = 2 raised to 5 with ``psctl set``: its spec says 5, its tightest_staleness what it
+    was; the recorded run is replayed under 2 (its pulls parked under 2), not under 5."""
+    from support import make_spec
+
+    from ps_server.testing import InMemoryServer
+
+    async with InMemoryServer() as server, server.client() as c:
+        run = await c.create_run(make_spec(num_workers=1, staleness=2))
+        await c.join("w", run.run_id)
+        assert facts.bounds_in_force(await c.get_run(run.run_id), pb.GetMetricsResponse()) == (2, False)
+        await c.update_run(run.run_id, staleness=5)
+        after, metrics = await c.get_run(run.run_id), await c.get_metrics(run.run_id)
+        later = await c.create_run(make_spec(num_workers=1, staleness=4, staleness_schedule=[
+            pb.StalenessStep(from_clock=5, staleness=2)]))
+        assert facts.bounds_in_force(await c.get_run(later.run_id), pb.GetMetricsResponse()) == (4, False)  # not yet 2
+    assert (after.spec.staleness, after.tightest_staleness, after.loosest_staleness) == (5, 2, 5)
+    assert facts.bounds_in_force(after, metrics) == (2, True)
+    # The events' words are not read: the field alone says it.
+    assert facts.bounds_in_force(after, pb.GetMetricsResponse()) == (2, True)
+    was_unbounded = pb.Run(spec=pb.RunSpec(staleness=3), tightest_staleness=3, loosest_staleness=-1)
+    assert facts.bounds_in_force(was_unbounded, pb.GetMetricsResponse()) == (3, True)  # -1 is never the tightest
+
+
+def test_simulate_against_a_server_without_the_bounds_takes_the_spec_and_its_schedule() -> None:
+    """An older server sets no tightest_staleness: the bound now and the schedule's steps are all
+    that is known (0 in the field would be BSP, not "unknown")."""
+    old = pb.Run(spec=pb.RunSpec(staleness=4, staleness_schedule=[pb.StalenessStep(from_clock=5, staleness=2)]))
+    assert facts.bounds_in_force(old, pb.GetMetricsResponse()) == (2, True)
+    assert facts.bounds_in_force(pb.Run(spec=pb.RunSpec(staleness=-1)), pb.GetMetricsResponse()) == (-1, False)
+    raised = pb.GetMetricsResponse(events=[pb.RunEvent(kind="staleness")])
+    assert facts.bounds_in_force(pb.Run(spec=pb.RunSpec(staleness=3)), raised) == (3, True)
