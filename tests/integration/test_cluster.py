@@ -458,7 +458,8 @@ async def test_a_watch_follows_a_run_restored_while_it_was_not_parked(server_con
 
 async def test_a_roll_back_keeps_incarnations_given_out_after_the_cut(server_config: ServerConfig) -> None:
     """Going back to a cut must not hand an incarnation number out twice: a rank given to another
-    worker after the cut is evicted (its new holder joins again, with a fresh number)."""
+    worker after the cut is evicted (its new holder joins again, with a fresh number). A bound the
+    run had after the cut stays one it had (its clock records were taken under it)."""
     from ps_server.cluster.owner import ClusterOwner
     from ps_server.core import snapshot
 
@@ -470,7 +471,9 @@ async def test_a_roll_back_keeps_incarnations_given_out_after_the_cut(server_con
             at_cut = snapshot.restore(*snapshot.state_dict(live))
             await c.leave(run.run_id, b.rank, b.incarnation, pb.LEAVE_REASON_SHUTDOWN)
             b2 = (await c.join("w3", run.run_id, max_wait=0)).assignment  # rank 1 again, a new incarnation
+            live.had(3)  # (as a schedule's step after the cut would)
             ClusterOwner._renumber(live, at_cut)
+            assert at_cut.bounds == (3, -1)
             assert at_cut.clock.next_incarnation == live.clock.next_incarnation > b2.incarnation
             assert at_cut.clock.slots[b.rank].state.value == "evicted"  # b2's rank: b2 must join again
             assert at_cut.clock.slots[a.rank].state.value == "active"  # untouched
@@ -705,6 +708,9 @@ async def test_a_bound_changed_by_the_schedule_reaches_a_sharded_runs_workers(se
                     await plane.close()
             assert [s.registry.get(run.run_id).spec.staleness for s in ps] == [1] * servers
             assert ack.HasField("staleness") and ack.staleness == 1 and pulled.staleness == 1
+        async with PsClient(ps[-1].address, timeout=10) as last:  # (server 1 forwards GetRun to server 0)
+            status = await last.get_run(run.run_id)
+        assert (status.spec.staleness, status.tightest_staleness, status.loosest_staleness) == (1, 1, 4)
 
 
 async def test_a_rank_learns_a_shards_data_plane_it_was_not_told_at_join(server_config: ServerConfig) -> None:

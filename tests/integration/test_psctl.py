@@ -395,6 +395,31 @@ async def test_metrics_lists_the_events_and_its_json_has_the_clock_records(addr:
     assert "served pulls were at most 2 clocks ahead of the min clock" in human
 
 
+async def test_simulate_takes_a_run_raised_by_psctl_set_as_recorded_under_the_bound_its_pulls_waited_for(
+        addr: str, ps: PsClient) -> None:
+    """Rank 1 is slow, s = 1 parks rank 0's pulls; then ``psctl set`` raises the bound to 4. The
+    run is replayed as recorded under 1 (the server's tightest_staleness): rank 0 idled. Under 4
+    its waits were taken for latency (idle 0.6% against 80% recorded)."""
+    from support import make_spec
+
+    run = await ps.create_run(make_spec(num_workers=2, staleness=1, iterations=40))
+    ranks = [(await ps.join(f"w{i}", run.run_id)).assignment for i in range(2)]
+
+    async def train(a: Any, seconds: float) -> None:
+        for clock in range(12):
+            pulled = await ps.pull(run.run_id, a.rank, a.incarnation, clock)
+            await asyncio.sleep(seconds)
+            await ps.push(run.run_id, a.rank, a.incarnation, clock, {n: np.zeros_like(v) for n, v in pulled.tensors.items()})
+
+    await asyncio.gather(train(ranks[0], 0.0), train(ranks[1], 0.02))
+    ok(await psctl("set", run.run_id, "--staleness", "4", "--server", addr))
+    doc = json.loads(ok(await psctl("simulate", run.run_id, "--server", addr, "--staleness", "4", "--json")).stdout)
+    recorded = doc["recorded"]
+    assert (recorded["staleness"], recorded["bound_changed"], doc["replay"]["staleness"]) == (1, True, 1), doc
+    assert recorded["idle_share"][0] > 0.5 > recorded["idle_share"][1], doc  # rank 0 waited for rank 1
+    assert any("bound changed while it ran" in note for note in doc["notes"])
+
+
 async def test_simulate_replays_a_real_run_under_other_bounds(addr: str, start_workers: Any, tmp_path: Path) -> None:
     pending = ok(await psctl("launch", "--server", addr, *TINY, "--json")).stdout
     empty = await psctl("simulate", json.loads(pending)["run_id"], "--server", addr)
