@@ -456,6 +456,9 @@ def simulate_(run_id: RunId,
     (bench/RESULTS.md): within 15% of real runs at other bounds when each worker had cores of its
     own; off by a median 26% with 4-8 workers sharing 2 cores with the server.
 
+    Only the clocks every rank has pushed are replayed; the recorded pushes/s counts every push in
+    their time (of a run still going whose ranks are far apart, of later clocks too: a note says so).
+
     --json: {"run_id", "ranks", "clocks", "first_clock", "recorded", "replay" (with "error": its time
     per clock against the measured one, as a fraction), "predictions": [...], "notes"}; each with
     time_per_clock_s, run_seconds, pushes_per_second, idle_share_mean, idle_share (per rank),

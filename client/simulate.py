@@ -182,15 +182,16 @@ def facts(p: Prediction) -> dict[str, Any]:
 def report(trace: Trace, recorded: int, predictions: Sequence[Prediction], replayed: Prediction,
            bound_changed: bool = False) -> dict[str, Any]:
     """What ``psctl simulate`` shows (its table and its --json): the run as recorded (bound
-    ``recorded``; its idle shares estimated from the records), the replay of that bound and how far
-    its time per clock is from the measured one, and each prediction."""
+    ``recorded``; its idle shares estimated from the records; its pushes/s every push measured in
+    its time, beyond the trace's clocks too), the replay of that bound and how far its time per
+    clock is from the measured one, and each prediction."""
     notes = list(trace.notes)
     if bound_changed:
         notes.append(f"the run's bound changed while it ran: its pulls were taken as under the tightest, "
                      f"{_bound(recorded)}, and the replay under it is approximate")
     return {"ranks": trace.ranks, "clocks": trace.clocks, "first_clock": trace.first,
             "recorded": {**_timing(recorded, trace.total, trace.ranks, trace.clocks, trace.idle),
-                         "bound_changed": bound_changed},
+                         "pushes_per_second": trace.pushes_per_second, "bound_changed": bound_changed},
             "replay": {**facts(replayed), "error": replayed.per_clock / trace.per_clock - 1.0},
             "predictions": [facts(p) for p in predictions], "notes": notes}
 

@@ -61,10 +61,19 @@ class Trace:
     """(ranks,) measured seconds each rank's pulls were parked, wake-up included (estimated: a
     served pull's gap beyond its latency)."""
     notes: tuple[str, ...] = ()
+    pushes: int = 0
+    """Measured: the pushes accepted in ``total``, of any clock from ``first`` on: more than ranks x
+    clocks when ranks pushed clocks beyond the trace's last meanwhile (a run still going, its ranks
+    far apart). 0: not known (a trace built by hand), taken as ranks x clocks."""
 
     @property
     def per_clock(self) -> float:
         return self.total / self.clocks
+
+    @property
+    def pushes_per_second(self) -> float:
+        """Measured: pushes accepted per second over ``total``, every clock counted."""
+        return (self.pushes or self.ranks * self.clocks) / self.total
 
     @property
     def idle(self) -> np.ndarray:
@@ -106,11 +115,16 @@ class Trace:
                 start[r] = q[r, 0] - work[r, 0]
         latency, wake, waited = _latencies(gaps, work.shape)
         np.maximum(work, 0.0, out=work)  # wall-clock records: a step back of the system clock is not work
-        t0 = float(start.min())
-        total = float(q[:, -1].max()) - t0
+        t0, end = float(start.min()), float(q[:, -1].max())
+        total = end - t0
         if not total > 0:
             raise ValueError("the records span no time: cannot replay them")
-        return cls(ranks, n, first, staleness, work, latency, wake, start - t0, total, waited, tuple(notes))
+        pushed = sum(1 for (_, c), t in pushes.items() if c >= first and t <= end)
+        if pushed > ranks * n:
+            notes.append(f"meanwhile ranks pushed clocks after {last} too ({pushed - ranks * n} pushes): the recorded "
+                         f"pushes/s counts them, the replay's and the predictions' (clocks up to {last} only) do not, "
+                         "and are lower than the run's")
+        return cls(ranks, n, first, staleness, work, latency, wake, start - t0, total, waited, tuple(notes), pushed)
 
 
 def _index(records: Iterable[Record], ranks: int, iterations: int) -> tuple[dict[tuple[int, int], float], ...]:

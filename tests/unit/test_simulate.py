@@ -233,6 +233,14 @@ def test_a_run_still_going_is_replayed_up_to_the_clock_every_rank_pushed() -> No
     records = [rec for rec in records if not (rec[1] == 1 and rec[2] >= 4)]  # rank 1 is at clock 4
     trace = Trace.from_records(records, 2, 6, -1)
     assert trace.clocks == 4 and any("up to clock 3" in n for n in trace.notes)
+    # In the 0.08 s rank 1 took for clocks 0..3, rank 0 pushed all 6 of its clocks: 10 pushes, not 8.
+    assert trace.total == pytest.approx(0.08) and trace.pushes == 10
+    doc = report(trace, -1, [], simulate(trace, -1))
+    assert doc["recorded"]["pushes_per_second"] == pytest.approx(10 / 0.08)
+    assert doc["replay"]["pushes_per_second"] == pytest.approx(8 / 0.08)  # the replay stops at clock 3
+    assert any("after 3 too (2 pushes)" in n for n in doc["notes"])
+    together = Trace.from_records([rec for rec in records if rec[2] < 4], 2, 6, -1)
+    assert together.pushes == 8 and not any("after" in n for n in together.notes)
 
 
 # ------------------------------------------------------------------------------ errors
