@@ -20,6 +20,7 @@ from .placement import Piece, Placement, ShardMap
 from .run import Run
 from .shard import ShardRun
 from .spec import spec_from_dict, spec_to_dict
+from .ssp import tighter
 from .status import Counters, MetricPoint, RunEvent, RunState, WorkerState
 from .tensors import Rows, count_non_finite
 
@@ -85,10 +86,12 @@ def _count(value: object) -> int:
 
 
 def _bounds(value: object) -> tuple[int, int]:
-    """The (tightest, loosest) bounds of a checkpoint's manifest; TypeError unless they are two bounds."""
+    """The (tightest, loosest) bounds of a checkpoint's manifest; TypeError unless they are two
+    bounds, the first the tighter."""
     if not isinstance(value, list) or len(value) != 2 or \
-            not all(isinstance(b, int) and not isinstance(b, bool) and b >= -1 for b in value):
-        raise TypeError(f"{value!r} is not a pair of staleness bounds")
+            not all(isinstance(b, int) and not isinstance(b, bool) and b >= -1 for b in value) or \
+            tighter(value[0], value[1]) != value[0]:
+        raise TypeError(f"{value!r} is not a pair of staleness bounds (tightest, loosest)")
     return value[0], value[1]
 
 

@@ -75,7 +75,7 @@ def test_the_bounds_a_run_was_under_survive_and_older_manifests_still_load(tmp_p
     meta, arrays = snapshot.state_dict(run)
     del meta["bounds"]
     assert snapshot.restore(meta, arrays).bounds == (4, 4)
-    for bad in ([1], [1, -2], ["1", 4], [1, True], None):
+    for bad in ([1], [1, -2], ["1", 4], [1, True], None, [4, 1], [-1, 3]):
         with pytest.raises(TypeError, match="staleness bounds"):
             snapshot.restore({**meta, "bounds": bad}, arrays)
 
