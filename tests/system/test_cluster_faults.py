@@ -10,6 +10,7 @@ timing, so the test counts instead: every shard applied each rank's push of each
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import signal
 import time
@@ -101,4 +102,44 @@ async def test_a_server_killed_mid_run_and_restarted_loses_no_update_and_applies
             np.testing.assert_array_equal(params[name], value, err_msg=name)
     record(f"cluster-{how}-server-{victim}-s{staleness}", killed_at_min_clock=before.min_clock, cut=cut,
            steps_lost=lost, recovery_seconds=round(t_back - t_kill, 2),
+           final_accuracy=round(final.last_eval.eval_accuracy, 4))
+
+
+async def test_workers_killed_again_and_again_never_hang_a_sharded_run() -> None:
+    """kill -9 of a worker, six times, at whatever point of its iteration (in the middle of a push
+    to both servers, some of the time): each is evicted within its lease on every server, a new
+    worker takes its rank, and the BSP run completes; a push torn between the servers is told in
+    the run's events, never waited for."""
+    ports = [free_port() for _ in range(2)]
+    addresses = ",".join(f"127.0.0.1:{p}" for p in ports)
+    args = ("--cluster", addresses, "--split-bytes", "4096", "--lease-seconds", "1.5", "--heartbeat-seconds", "0.3")
+    spec = build_run_spec(LaunchOptions(model="mlp:32", dataset="digits", workers=3, staleness=0, iterations=300,
+                                        batch_size=32, seed=5, lr=0.1))
+    owner, kills = f"127.0.0.1:{ports[0]}", 6
+    rng = random.Random(7)
+    with ExitStack() as stack:
+        for i in range(2):
+            stack.enter_context(ps_server("--port", str(ports[i]), "--index", str(i), *args))
+        async with connect(owner) as c:
+            run = await c.create_run(spec)
+            procs = list(stack.enter_context(ps_workers(owner, 3, "--timeout-seconds", "15")))
+            for _ in range(kills):
+                status = await watch_until(c, run.run_id, lambda r: r.min_clock >= 10 and all(
+                    w.state == pb.WORKER_STATE_ACTIVE for w in r.workers), timeout=90)
+                await asyncio.sleep(rng.uniform(0, 0.3))
+                rank = rng.randrange(3)
+                victim = status.workers[rank].worker_name
+                next(p for p in procs if p.pid == int(victim.rsplit(":", 1)[1])).kill()
+                procs += stack.enter_context(ps_workers(owner, 1, "--timeout-seconds", "15"))
+                await watch_until(c, run.run_id, lambda r, rank=rank, victim=victim: r.workers[rank].worker_name
+                                  not in ("", victim), timeout=30)  # evicted, and taken by the new worker
+            final = await finish(c, run.run_id, timeout=120)
+            async with asyncio.timeout(10):  # server 0 asks every server for its shard's status each second
+                while (shards := (await c.get_run(run.run_id)).shards)[1].state != pb.RUN_STATE_COMPLETED:
+                    await asyncio.sleep(0.2)
+            torn = [e for e in (await c.get_metrics(run.run_id)).events if e.kind == "torn_push"]
+    assert final.state == pb.RUN_STATE_COMPLETED, final.message
+    assert final.counters.evictions == kills, final.counters
+    assert [s.min_clock for s in shards] == [spec.iterations] * 2
+    record("cluster-workers-kill-9", kills=kills, torn_pushes=len(torn),
            final_accuracy=round(final.last_eval.eval_accuracy, 4))
