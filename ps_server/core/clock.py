@@ -119,16 +119,17 @@ class VectorClock:
         slot.last_seen = self._now()
         slot.last_seen_wall = time.time()
 
-    def assign(self, worker_name: str, start: int | None) -> Slot | None:
+    def assign(self, worker_name: str, start: int | None, floor: int = 0) -> Slot | None:
         """Hand the first vacant (else evicted) rank to a new incarnation at clock ``start`` (None:
-        the min clock over live ranks, or the rank's own when none is live); None if none is free."""
+        the min clock over live ranks, or the rank's own when none is live, but not below
+        ``floor``); None if none is free."""
         free = self.vacant()
         slot = next((s for s in free if s.state is WorkerState.VACANT), free[0] if free else None)
         if slot is None:
             return None
         if start is None:
             live = [s.clock for s in self.slots if s.live]
-            start = min(live) if live else slot.clock
+            start = min(live) if live else max(slot.clock, floor)
         self.admit(slot, self.next_incarnation, start, worker_name)
         self.next_incarnation += 1
         return slot

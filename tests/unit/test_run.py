@@ -194,6 +194,31 @@ def test_eviction_releases_the_min_clock_and_drops_buffered_gradients() -> None:
         run.push(1, b.incarnation, 0, grad(1), 0)
 
 
+def test_bsp_a_rank_handed_over_when_none_is_live_starts_after_the_clocks_already_combined() -> None:
+    """Rank 1 pushes clock 0, rank 0 is evicted (clock 0 is combined without it), then rank 1. The
+    next worker took rank 0 at its own clock 0: its push of clock 0 was acknowledged and held for
+    ever, a clock already combined (neither applied nor refused)."""
+    now = [0.0]
+    run = Run("run-t", spec(workers=2, staleness=0), now=lambda: now[0])
+    run.join("a")
+    b = run.join("b")
+    run.push(1, b.incarnation, 0, grad(1), 0)
+    now[0] = 5.0
+    run.heartbeat(1, b.incarnation)
+    assert run.expire(lease=3.0) == [0] and run.bsp.applied_clock == 1
+    now[0] = 10.0
+    assert run.expire(lease=3.0) == [1]
+    c = run.join("c")
+    assert (c.rank, c.start_clock) == (0, 1)
+    d = run.join("d")
+    assert (d.rank, d.start_clock) == (1, 1)
+    before = run.store.params["b"].copy()
+    run.push(0, c.incarnation, 1, grad(1), 0)
+    run.push(1, d.incarnation, 1, grad(2), 0)
+    np.testing.assert_array_equal(run.store.params["b"], before - 3)  # clock 1: both ranks' gradients
+    assert not run.bsp.pending and run.bsp.applied_clock == 2
+
+
 def test_completion_needs_every_rank_to_leave_and_final_pull_waits_for_all() -> None:
     run, inc = started(spec(workers=2, staleness=3, iterations=2))
     for c in range(2):
