@@ -107,8 +107,8 @@ class Run:
         return self.state
 
     def leave(self, rank: int, incarnation: int, reason: str, message: str) -> RunState:
-        """reason: "done" (rank finished), "shutdown" (rank becomes vacant), "failed" (fails the run);
-        nothing changes once the run has ended."""
+        """reason: "done" (rank finished; with iterations left, as "shutdown"), "shutdown" (rank
+        becomes vacant), "failed" (fails the run); nothing changes once the run has ended."""
         slot = self.clock.holder(rank, incarnation)
         if self.state.finished:
             return self.state
@@ -116,6 +116,11 @@ class Run:
             self._finish(RunState.FAILED, f"rank {rank} failed: {message or 'no message'}", message or "worker failed", rank)
         elif reason == "shutdown":
             self._evict(slot, f"left ({message or 'shutdown'})", kind="left")
+        elif slot.state is WorkerState.ACTIVE and slot.clock < self.spec.iterations:
+            # (A server restored from a checkpoint knows the rank at an earlier clock than its worker
+            # finished at.) DONE, its clock would hold the min clock back for good, with no lease to
+            # expire: its iterations left are handed over.
+            self._evict(slot, f"left done with {self.spec.iterations - slot.clock} iterations left", kind="left")
         else:
             if slot.state is WorkerState.ACTIVE:
                 self.clock.set_state(slot, WorkerState.DONE)

@@ -233,6 +233,25 @@ def test_completion_needs_every_rank_to_leave_and_final_pull_waits_for_all() -> 
     assert run.state is RunState.COMPLETED
 
 
+def test_a_rank_done_before_its_last_iteration_is_handed_over_not_left_holding_the_min_clock() -> None:
+    """A worker that finished leaves "done"; a server restored from a checkpoint since knows its rank
+    at an earlier clock. DONE there, the rank held the min clock back with no lease to expire: the
+    others' pulls parked until their limit, again and again, and the run never ended."""
+    run, inc = started(spec(workers=2, staleness=1, iterations=4))
+    run.push(1, inc[1], 0, grad(1), 0)
+    run.leave(1, inc[1], "done", "")
+    assert run.status().workers[1].state is WorkerState.EVICTED and run.counters.evictions == 0
+    assert "left done with 3 iterations left" in run.history.events[-1].message
+    for c in range(4):
+        assert run.pull_ready(0, inc[0], c)
+        run.push(0, inc[0], c, grad(1), 0)
+    b = run.join("b")  # the rank's iterations left go to the next worker
+    assert (b.rank, b.start_clock) == (1, 4)
+    run.leave(1, b.incarnation, "done", "")
+    run.leave(0, inc[0], "done", "")
+    assert run.state is RunState.COMPLETED
+
+
 def test_failed_leave_fails_the_run_and_stop_releases_waiters() -> None:
     run, inc = started(spec(workers=2))
     run.leave(1, inc[1], "failed", "npz file has no 'y'")
