@@ -1,8 +1,8 @@
 """A run as a checkpoint and back: JSON-able metadata and named arrays (``checkpoint`` writes them).
 
 ``state_dict`` is taken between two event-loop steps, so it is one instant of the run: parameters,
-optimizer state, every rank's (incarnation, clock) (the de-duplication table) and the held BSP
-gradients agree with each other. ``restore`` rebuilds the run and refuses (KeyError, ValueError)
+optimizer state, every rank's (incarnation, clock) (the de-duplication table) and the bound it was
+last told, and the held BSP gradients agree with each other. ``restore`` rebuilds the run and refuses (KeyError, ValueError)
 a checkpoint that does not fit its own spec, so a damaged one is never loaded silently.
 """
 
@@ -19,7 +19,7 @@ import numpy as np
 from .placement import Piece, Placement, ShardMap
 from .run import Run
 from .shard import ShardRun
-from .spec import spec_from_dict, spec_to_dict
+from .spec import UNBOUNDED, spec_from_dict, spec_to_dict
 from .ssp import tighter
 from .status import Counters, MetricPoint, RunEvent, RunState, WorkerState
 from .tensors import Rows, count_non_finite
@@ -41,7 +41,7 @@ def state_dict(run: Run, cut: int | None = None) -> tuple[dict[str, Any], dict[s
         "finished": run.finished,
         "slots": [
             {"rank": s.rank, "state": s.state.value, "incarnation": s.incarnation, "clock": s.clock,
-             "worker_name": s.worker_name, "pushes": s.pushes, "pulls_skipped": s.pulls_skipped}
+             "worker_name": s.worker_name, "pushes": s.pushes, "pulls_skipped": s.pulls_skipped, "told": s.told}
             for s in run.clock.slots
         ],
         "next_incarnation": run.clock.next_incarnation,
@@ -88,11 +88,23 @@ def _count(value: object) -> int:
 def _bounds(value: object) -> tuple[int, int]:
     """The (tightest, loosest) bounds of a checkpoint's manifest; TypeError unless they are two
     bounds, the first the tighter."""
-    if not isinstance(value, list) or len(value) != 2 or \
-            not all(isinstance(b, int) and not isinstance(b, bool) and b >= -1 for b in value) or \
-            tighter(value[0], value[1]) != value[0]:
+    if not isinstance(value, list) or len(value) != 2 or None in value:
         raise TypeError(f"{value!r} is not a pair of staleness bounds (tightest, loosest)")
-    return value[0], value[1]
+    tightest, loosest = _bound(value[0]), _bound(value[1])
+    assert tightest is not None and loosest is not None
+    if tighter(tightest, loosest) != tightest:
+        raise TypeError(f"{value!r} is not a pair of staleness bounds (tightest, loosest)")
+    return tightest, loosest
+
+
+def _bound(value: object) -> int | None:
+    """The staleness bound a rank was last told, of a checkpoint's manifest (None: none, or a
+    checkpoint from before they were kept); TypeError unless it is one."""
+    if value is None:
+        return None
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < UNBOUNDED:
+        raise TypeError(f"{value!r} is not a staleness bound")
+    return int(value)
 
 
 def restore(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *,
@@ -110,6 +122,7 @@ def restore(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *,
     for s, d in zip(run.clock.slots, meta["slots"], strict=True):  # (numbers as numbers: a wrong one is refused here)
         s.state, s.incarnation, s.clock = WorkerState(d["state"]), _count(d["incarnation"]), _count(d["clock"])
         s.worker_name, s.pushes, s.pulls_skipped = str(d["worker_name"]), _count(d["pushes"]), _count(d["pulls_skipped"])
+        s.told = _bound(d.get("told"))  # (its push is checked against it too: ``Run._push_spec``)
     run.clock.restored()
     if "bounds" in meta:  # (absent in checkpoints of before it: the bound they hold, widened by ``resume_schedule``)
         run.bounds = _bounds(meta["bounds"])

@@ -94,6 +94,31 @@ def test_bsp_held_gradients_survive(tmp_path: Path) -> None:
     assert again.store.params["w"].tobytes() == run.store.params["w"].tobytes()
 
 
+def test_the_bound_each_rank_was_told_survives(tmp_path: Path) -> None:
+    """Rank 0 reads clock 4 under s = 5 (rank 1 at clock 0); UpdateRun lowers s to 1 and writes a
+    checkpoint; the server restarts from it. Rank 0's push of clock 4, computed under 5, was
+    accepted before the restart and refused (STALENESS_BOUND) after it: the worker gave its rank up."""
+    spec = RunSpec(name="c", num_workers=2, iterations=20, staleness=5, params=(ParamSpec("b", (3,)),))
+    run = Run("run-told", spec)
+    a, b = run.join("a"), run.join("b")
+    g = {"b": np.ones(3, np.float32)}
+    for clock in range(4):
+        run.read(0, clock, None)
+        run.push(0, a.incarnation, clock, g, 0)
+    run.read(0, 4, None)
+    run.set_staleness(1)
+    store = CheckpointStore(tmp_path)
+    ck = store.load(store.write(*snapshot.state_dict(run)))
+    again = snapshot.restore(ck.meta, ck.arrays)
+    assert again.push(0, a.incarnation, 4, g, 0).clock == run.push(0, a.incarnation, 4, g, 0).clock == 5
+    with pytest.raises(FailedPrecondition, match="staleness 1"):  # told 1 by that answer: from now on, 1 holds
+        again.push(0, a.incarnation, 5, g, 0)
+    assert again.push(1, b.incarnation, 0, g, 0).clock == 1
+    del ck.meta["slots"][0]["told"]  # a checkpoint from before: the bound in force
+    with pytest.raises(FailedPrecondition, match="staleness 1"):
+        snapshot.restore(ck.meta, ck.arrays).push(0, a.incarnation, 4, g, 0)
+
+
 def test_keeps_the_newest_k(tmp_path: Path) -> None:
     run = make_run()
     store = CheckpointStore(tmp_path, keep=2)
