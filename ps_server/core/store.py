@@ -237,7 +237,14 @@ class ParamStore:
                 if not finite_hint(g.values.reshape(-1)) and (bad := count_non_finite(g)):
                     raise InvalidArgument(f"gradient {quoted(name)} contains {bad} NaN/Inf value(s); nothing was applied",
                                           Reason.INVALID_GRADIENT)
-            grads[name] = g.merge()
+                merged = g.merge()
+                # Finite rows of a repeated id may sum beyond float32: an Inf no step's overflow watch
+                # sees (Inf times the rate, subtracted, raises no flag: SGD made the rows -Inf).
+                if merged is not g and not finite_hint(merged.values.reshape(-1)) and \
+                        (bad := count_non_finite(merged)):
+                    raise InvalidArgument(f"gradient {quoted(name)}: the rows of repeated ids sum to {bad} NaN/Inf "
+                                          "value(s); nothing was applied", Reason.INVALID_GRADIENT)
+            grads[name] = merged
 
     def check_rows(self, name: str, ids: np.ndarray, limit: int) -> None:
         """InvalidArgument unless ``name`` is a table and ``ids`` (at most ``limit``) are its rows."""

@@ -25,7 +25,7 @@ from ps_server.core.spec import (
     validate_spec,
 )
 from ps_server.core.status import RunState, WorkerState
-from ps_server.core.tensors import Pieces, Sum, blocks
+from ps_server.core.tensors import Pieces, Rows, Sum, blocks
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -492,6 +492,25 @@ def test_an_optimizer_state_that_overflows_fails_the_run(kind: OptimizerKind) ->
     run.push(0, a.incarnation, 0, grad(3e38), 0)
     assert all(np.isfinite(w).all() for w in run.store.params.values())
     assert run.state is RunState.FAILED and "optimizer state" in run.message and "diverged" in run.message
+
+
+@pytest.mark.parametrize("kind", [OptimizerKind.SGD, OptimizerKind.MOMENTUM])
+def test_rows_of_a_repeated_id_summing_beyond_float32_are_refused(kind: OptimizerKind) -> None:
+    """Each row is finite, their sum is Inf, and stepping with an Inf raises no overflow flag: SGD
+    and momentum made the row -Inf and the run went on serving it."""
+    s = RunSpec(name="r", num_workers=1, iterations=5, params=(ParamSpec("emb", (4, 2), table=True),),
+                staleness=1, optimizer=OptimizerConfig(kind, learning_rate=0.1))
+    run = Run("run-r", s)
+    a = run.join("a")
+    before = run.store.params["emb"].copy()
+    huge = Rows(np.array([1, 3, 1], np.int64), np.full((3, 2), 3e38, np.float32), (4, 2))
+    with pytest.raises(InvalidArgument, match="'emb': the rows of repeated ids sum to 2 NaN/Inf") as e:
+        run.push(0, a.incarnation, 0, {"emb": huge}, 0)
+    assert e.value.reason is Reason.INVALID_GRADIENT
+    assert run.state is RunState.RUNNING and np.array_equal(run.store.params["emb"], before)
+    run.push(0, a.incarnation, 0, {"emb": Rows(np.array([1, 1], np.int64), np.full((2, 2), 1e38, np.float32),
+                                               (4, 2))}, 0)
+    assert run.state is RunState.RUNNING and np.isfinite(run.store.params["emb"]).all()
 
 
 def test_a_finite_step_does_not_fail_the_run() -> None:
