@@ -54,7 +54,7 @@ class Run:
         self.store = store or ParamStore(placement.held(spec.params) if placement else spec.params, spec.seed)
         self.optimizer = make_optimizer(spec.optimizer, tuple(self.store.specs.values()))
         self.next_step = 0
-        """The first step of ``spec.staleness_schedule`` not applied yet (a restore sets it: ``resume_schedule``)."""
+        """The first step of ``spec.staleness_schedule`` not applied yet (checkpoints hold it)."""
         self.bounds = (spec.staleness, spec.staleness)
         """(tightest, loosest) bound the run has been under since it was created: the bound it was
         created with, and every one ``_change_bound`` set (a restore sets it: a checkpoint keeps it)."""
@@ -92,6 +92,7 @@ class Run:
         if pending and self.clock.count(WorkerState.ACTIVE) == len(self.clock.slots):
             self.state, self.started = RunState.RUNNING, time.time()
             self.history.event("started", -1, f"all {len(self.clock.slots)} ranks joined")
+            self._follow_schedule()  # (a step at clock 0: no clock changes before the first push)
         self._changed()
         return Assignment(self.run_id, slot.rank, slot.incarnation, slot.clock)
 
@@ -275,9 +276,10 @@ class Run:
         return self.spec if bound == self.spec.staleness else replace(self.spec, staleness=bound)
 
     def resume_schedule(self) -> None:
-        """After a restore: the schedule's steps the min clock had reached were applied before the
-        checkpoint (the spec holds their bound, or a later UpdateRun's): only later ones remain.
-        Their bounds were in force: ``bounds`` has them (a checkpoint's already did)."""
+        """After a restore from a checkpoint that does not say ``next_step``: the schedule's steps
+        the min clock had reached were applied before the checkpoint (the spec holds their bound, or
+        a later UpdateRun's): only later ones remain. Their bounds were in force: ``bounds`` has
+        them (a checkpoint's already did)."""
         self.next_step = sum(1 for at, _ in self.spec.staleness_schedule if at <= self.min_clock)
         for _, bound in self.spec.staleness_schedule[:self.next_step]:
             self.had(bound)

@@ -47,6 +47,7 @@ def state_dict(run: Run, cut: int | None = None) -> tuple[dict[str, Any], dict[s
         "next_incarnation": run.clock.next_incarnation,
         "retired_skipped": run.clock.retired_skipped,
         "applied_clock": run.bsp.applied_clock,
+        "next_step": run.next_step,
         "optimizer_steps": run.optimizer.steps,
         "counters": dataclasses.asdict(run.counters),
         "min_clock": run.min_clock,
@@ -126,7 +127,10 @@ def restore(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *,
     run.clock.restored()
     if "bounds" in meta:  # (absent in checkpoints of before it: the bound they hold, widened by ``resume_schedule``)
         run.bounds = _bounds(meta["bounds"])
-    run.resume_schedule()
+    if "next_step" in meta:
+        run.next_step = _count(meta["next_step"])
+    else:  # (a checkpoint from before they held it)
+        run.resume_schedule()
     run.clock.next_incarnation = _count(meta["next_incarnation"])
     run.clock.retired_skipped = _count(meta["retired_skipped"])
     run.bsp.applied_clock = _count(meta["applied_clock"])

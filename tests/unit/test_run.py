@@ -558,3 +558,44 @@ def test_a_scheduled_bound_changes_when_the_min_clock_reaches_each_step() -> Non
     for bad in (((3, 2), (2, 3)), ((10, 2),), ((2, 0),), ((2, -2),)):
         with pytest.raises(InvalidArgument, match="staleness_schedule"):
             validate_spec(dataclasses.replace(s, staleness_schedule=bad))
+
+
+def test_a_scheduled_step_at_clock_0_holds_from_the_start_and_after_a_restart_before_it() -> None:
+    """`--staleness-schedule 10%=3` of 4 iterations is a step at clock 0. It waited for the first
+    clock change (the first pulls were served under 1); a restart from the checkpoint the run gets
+    when created counted it taken and the run kept 1 to its end."""
+    s = dataclasses.replace(spec(workers=2, staleness=1, iterations=4), staleness_schedule=((0, 3),))
+    validate_spec(s)
+    run, _ = started(s)
+    assert run.spec.staleness == 3
+    assert run.history.events[-1].message == "staleness changed from 1 to 3 at min clock 0 (the run's schedule)"
+    created = Run("run-t", s)
+    created.join("a")
+    restored = snapshot.restore(*snapshot.state_dict(created))
+    restored.join("b")
+    assert restored.state is RunState.RUNNING and restored.spec.staleness == 3
+
+
+def test_a_checkpoint_holds_the_schedules_position() -> None:
+    """The min clock reaches a step (4) when rank 0 is evicted; UpdateRun sets 1; rank 1 is evicted
+    too, and a worker takes rank 0 back at its own clock 3, below the step. Restored from a
+    checkpoint then, the run took the step again when the min clock reached 4 (over the 1)."""
+    now = [0.0]
+    s = dataclasses.replace(spec(workers=2, staleness=2, iterations=10), staleness_schedule=((4, 3),))
+    run = Run("run-t", s, now=lambda: now[0])
+    a, b = run.join("a"), run.join("b")
+    for c in range(3):
+        run.push(0, a.incarnation, c, grad(1), 0)
+    for c in range(4):
+        run.push(1, b.incarnation, c, grad(1), 0)
+    now[0] = 10.0
+    run.heartbeat(1, b.incarnation)
+    assert run.expire(lease=3.0) == [0] and run.spec.staleness == 3
+    run.set_staleness(1)
+    now[0] = 20.0
+    assert run.expire(lease=3.0) == [1]
+    c = run.join("c")
+    assert (c.rank, c.start_clock) == (0, 3) and run.min_clock == 3
+    restored = snapshot.restore(*snapshot.state_dict(run), now=lambda: now[0])
+    restored.push(0, c.incarnation, 3, grad(1), 0)  # the min clock reaches 4 again
+    assert restored.min_clock == 4 and restored.spec.staleness == run.spec.staleness == 1
