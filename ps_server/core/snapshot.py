@@ -89,12 +89,14 @@ def _count(value: object) -> int:
 def _bounds(value: object) -> tuple[int, int]:
     """The (tightest, loosest) bounds of a checkpoint's manifest; TypeError unless they are two
     bounds, the first the tighter."""
-    if not isinstance(value, list) or len(value) != 2 or None in value:
-        raise TypeError(f"{value!r} is not a pair of staleness bounds (tightest, loosest)")
-    tightest, loosest = _bound(value[0]), _bound(value[1])
-    assert tightest is not None and loosest is not None
-    if tighter(tightest, loosest) != tightest:
-        raise TypeError(f"{value!r} is not a pair of staleness bounds (tightest, loosest)")
+    try:
+        if not isinstance(value, list) or len(value) != 2 or None in value:
+            raise TypeError
+        tightest, loosest = _bound(value[0]), _bound(value[1])
+        if tightest is None or loosest is None or tighter(tightest, loosest) != tightest:
+            raise TypeError
+    except TypeError:
+        raise TypeError(f"{value!r} is not a pair of staleness bounds (tightest, loosest)") from None
     return tightest, loosest
 
 
