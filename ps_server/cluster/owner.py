@@ -118,12 +118,10 @@ class ClusterOwner:
     # ------------------------------------------------------------------------------ runs
     async def create_run(self, spec: RunSpec) -> Run:
         placement = Placement(place(spec.params, len(self.addresses), self._split_bytes), 0)
-        for i, nbytes in enumerate(placement.shard_map.bytes_held(spec.params)):
-            if nbytes > self._registry.max_param_bytes:  # (every server has its own limit; this is ours)
-                raise ResourceExhausted(f"server {i}'s shard of the run would take {nbytes} bytes, over the limit "
-                                        f"of {self._registry.max_param_bytes}: ask for less, or use more servers "
-                                        "(ps-server --max-param-bytes, --cluster)")
-        run = await self._registry.build(f"run-{uuid.uuid4().hex[:8]}", spec, placement)
+        try:  # each server checks its own shard against its own --max-param-bytes (CreateShard, the others)
+            run = await self._registry.build(f"run-{uuid.uuid4().hex[:8]}", spec, placement)
+        except ResourceExhausted as exc:  # named as a peer's refusal is (``PeerLink``)
+            raise ResourceExhausted(f"server 0 ({self.addresses[0]}): {exc}", exc.reason) from None
         created = codec.ts(run.created)
         shard_map = self.shard_map(run)
         results = await asyncio.gather(*(

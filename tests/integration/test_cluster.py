@@ -367,6 +367,28 @@ async def test_a_model_larger_than_one_server_is_refused_by_one_and_trained_by_t
             assert all(s.registry.get(run.run_id).store.nbytes <= 50_000 for s in servers)
 
 
+@pytest.mark.parametrize(("limits", "refused_by"), [((65_000, 100_000), None), ((100_000, 65_000), 1),
+                                                    ((55_000, 100_000), 0)],
+                         ids=["peer-larger", "peer-smaller", "owner-smaller"])
+async def test_each_server_checks_its_own_shard_against_its_own_max_param_bytes(
+        server_config: ServerConfig, limits: tuple[int, int], refused_by: int | None) -> None:
+    """Servers of one cluster may have different --max-param-bytes: a run is refused only by a
+    server whose own shard is over its own limit, and the refusal names that server and limit."""
+    spec = make_spec(shapes={"a": (150, 100), "b": (100, 100), "c": (75, 100)}, num_workers=1)  # 60 kB, 40, 30
+    async with cluster(server_config, 2, lambda i: {"max_param_bytes": limits[i]}, split_bytes=1 << 30) as servers:
+        async with PsClient(servers[0].address, timeout=20) as c:
+            if refused_by is None:
+                run = await c.create_run(spec)
+                assert [s.bytes_held for s in run.shards] == [60_000, 70_000]  # server 1: over server 0's limit
+                return
+            with pytest.raises(errors.ResourceExhausted) as e:
+                await c.create_run(spec)
+            assert f"server {refused_by} ({servers[refused_by].address})" in e.value.message
+            assert f"limit of {limits[refused_by]}" in e.value.message and "--max-param-bytes" in e.value.message
+            assert await c.list_runs() == []  # nothing half-created
+            assert all(not s.registry.runs() for s in servers)
+
+
 async def test_a_server_that_stays_down_fails_every_run_naming_it(server_config: ServerConfig) -> None:
     """Each of the runs it held a shard of fails (the owner asks it about the first one only, each
     time, and does not wait as long again for each of the others), and shows it out of reach."""
