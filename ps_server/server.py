@@ -40,6 +40,7 @@ from paramserver.runtime import raise_fd_limit, tune_malloc
 from paramserver.v1 import shm
 
 from .checkpointer import Checkpointer
+from .cluster.deletions import Undelivered
 from .cluster.owner import ClusterOwner
 from .cluster.peers import PeerLink, forward
 from .cluster.shards import ShardService
@@ -274,7 +275,9 @@ async def start_server(config: ServerConfig) -> PsServer:
         if addresses:
             cluster = ClusterOwner(registry, addresses, peers, split_bytes=config.split_bytes,
                                    shard_timeout=config.shard_timeout, data_port=data_port, shm_socket=shm_socket,
-                                   checkpointer=checkpointer, lease=config.lease_seconds)
+                                   checkpointer=checkpointer, undelivered=Undelivered(checkpointer.store.root
+                                                                                      if checkpointer else None),
+                                   lease=config.lease_seconds)
             cluster.resumed([run for run in resumed if run.held])
         add_control(server, Control(registry, max_wait=config.max_wait_seconds, lease_seconds=config.lease_seconds,
                                     heartbeat_seconds=config.heartbeat_seconds, checkpointer=checkpointer,

@@ -3,6 +3,8 @@
 - ``create_run`` places the run's tensors (``core.placement``), builds its own shard, has every
   other server create its own, and registers the run only when all have: no worker can join a
   run some server lacks. If one fails, those created are deleted and CreateRun fails, naming it.
+- ``delete`` has every other server delete its shard; one that does not answer is told again by
+  ``watch`` each poll until it does (``deletions``: kept on disk, so a restart does not forget).
 - ``sync`` sends a run's membership (every rank's incarnation, state and clock, and the run's
   state) to every other server, each in order, and waits for their answers; Join, Leave, StopRun
   and the lease sweep call it before they answer, so an eviction reaches every shard before the
@@ -58,6 +60,7 @@ from ..core.shard import RankUpdate
 from ..core.spec import RunSpec
 from ..core.status import RunState, WorkerState
 from . import messages
+from .deletions import Undelivered
 from .shards import CUT_WAIT as _CUT_WAIT
 from .shards import restore
 
@@ -78,9 +81,10 @@ class ClusterOwner:
     def __init__(self, registry: RunRegistry, addresses: Sequence[str], peers: Sequence[PeerLink], *,
                  split_bytes: int, shard_timeout: float, data_port: Callable[[], int],
                  shm_socket: Callable[[], str] = lambda: "",
-                 checkpointer: Checkpointer | None = None, poll: float = 1.0, call_timeout: float = 5.0,
-                 lease: float = 10.0) -> None:
-        """``peers``: links to servers 1.. in index order; ``lease``: --lease-seconds."""
+                 checkpointer: Checkpointer | None = None, undelivered: Undelivered | None = None,
+                 poll: float = 1.0, call_timeout: float = 5.0, lease: float = 10.0) -> None:
+        """``peers``: links to servers 1.. in index order; ``undelivered``: the deletions not yet
+        delivered (kept in server 0's --data-dir; default: in memory); ``lease``: --lease-seconds."""
         self._registry = registry
         self.addresses = list(addresses)
         self._peers = list(peers)
@@ -99,6 +103,7 @@ class ClusterOwner:
         self._samples: dict[tuple[str, int], collections.deque[tuple[float, int]]] = {}
         self._silent_since: dict[int, float] = {}
         self._checkpointer = checkpointer
+        self._undelivered = undelivered if undelivered is not None else Undelivered()
         self._chosen: dict[str, int] = {}
         """run id -> the cut its roll back in progress chose."""
         self._cuts: dict[tuple[str, int], list[int]] = {}
@@ -147,16 +152,33 @@ class ClusterOwner:
         return messages.shard_map_to_proto(run.placement.shard_map, self.addresses, self._ports, self._shm)
 
     async def delete(self, run_id: str) -> None:
-        """Have every other server forget its shard (best effort: a server that does not answer
-        keeps it until it is deleted again)."""
+        """Have every other server forget its shard; one that does not answer is told again each
+        poll until it does (``deletions``)."""
         results = await asyncio.gather(*(peer.call("DeleteShard", cpb.DeleteShardRequest(run_id=run_id),
                                                    cpb.DeleteShardResponse, self._timeout) for peer in self._peers),
                                        return_exceptions=True)
+        missed = []
         for peer, r in zip(self._peers, results, strict=True):
             if isinstance(r, BaseException):
-                log.warning("%s kept its shard of %s: %s", peer.name, run_id, r, extra={"run": run_id})
+                log.warning("%s still holds its shard of %s (%s): it is told again when it answers", peer.name,
+                            run_id, r, extra={"run": run_id})
+                missed.append(peer.index)
             self._forget(run_id, peer.index)
         self._forget(run_id, 0)
+        await self._undelivered.add(run_id, missed)
+
+    async def _deliver(self, peer: PeerLink) -> None:
+        """Tell ``peer`` of the deletions it missed, oldest first, until one fails (the next poll
+        goes on from there)."""
+        for run_id in self._undelivered.runs(peer.index):
+            try:
+                await peer.call("DeleteShard", cpb.DeleteShardRequest(run_id=run_id), cpb.DeleteShardResponse,
+                                self._timeout)
+            except PsError:
+                return
+            log.info("%s deleted its shard of %s, deleted earlier while it did not answer", peer.name, run_id,
+                     extra={"run": run_id})
+            await self._undelivered.done(run_id, peer.index)
 
     def _forget(self, run_id: str, index: int) -> None:
         for table in (self._sent, self._locks, self._status, self._samples, self._cuts, self._told, self._torn,
@@ -230,7 +252,8 @@ class ClusterOwner:
                 (not r.state.finished or not all(self._settled(r, p) for p in self._peers))]
         for run in runs:
             self._sample((run.run_id, 0), run.counters.pushes_applied)
-        await asyncio.gather(*(self._check(peer, runs) for peer in self._peers))
+        await asyncio.gather(*(self._check(peer, runs) for peer in self._peers),
+                             *(self._deliver(peer) for peer in self._peers))
         for run in runs:
             self._keep_common_cut(run)
         for run_id in list(self._rollbacks):

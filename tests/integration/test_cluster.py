@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from procs import free_ports
-from support import make_spec, with_config
+from support import make_spec, until, with_config
 
 from client.spec import LaunchOptions, build_run_spec
 from paramserver import errors
@@ -405,6 +405,39 @@ async def test_a_server_that_stays_down_fails_every_run_naming_it(server_config:
                         break
                 assert servers[1].address in snap.run.message and "shard-timeout" in snap.run.message
                 assert not snap.run.shards[1].reachable
+
+
+@pytest.mark.parametrize("owner_restarts", [False, True], ids=["peer-restarts", "server-0-restarts-too"])
+async def test_a_run_deleted_while_a_server_is_down_is_deleted_there_when_it_is_back(
+        server_config: ServerConfig, tmp_path: Path, owner_restarts: bool) -> None:
+    """Server 0 remembers (on disk) the servers it could not tell of a deletion and tells them when
+    they answer: a restarted server does not keep, or resume, a shard of a run nobody knows."""
+    async with cluster(server_config, 2, lambda i: {"data_dir": str(tmp_path / str(i))}, checkpoint_every=2,
+                       split_bytes=1024) as servers:
+        later: list[PsServer] = []
+        try:
+            async with PsClient(servers[0].address, timeout=10) as c:
+                run = await c.create_run(make_spec(shapes={"w": (40, 30)}, num_workers=1))
+            await servers[1].stop(0)  # its shard's last checkpoint written
+            assert servers[1].checkpointer and servers[1].checkpointer.store.cuts(run.run_id)
+            async with PsClient(servers[0].address, timeout=10) as c:
+                await c.delete_run(run.run_id, force=True)  # server 1 is not there to hear it
+            owner = servers[0]
+            if owner_restarts:
+                await owner.stop(0)
+                owner = await start_server(servers[0].config)
+                later.append(owner)
+            back = await start_server(servers[1].config)
+            later.append(back)
+            assert back.checkpointer is not None
+            await until(lambda: back.registry.find(run.run_id) is None, 10)
+            assert back.registry.find(run.run_id) is None, "the restarted server kept the deleted run's shard"
+            assert back.checkpointer.store.cuts(run.run_id) == []
+            assert not (tmp_path / "1" / run.run_id).exists()
+            assert owner.registry.find(run.run_id) is None
+        finally:
+            for s in reversed(later):
+                await s.stop(0)
 
 
 # ------------------------------------------------------------------------------ checkpoints
