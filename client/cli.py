@@ -349,11 +349,12 @@ def checkpoint(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = Fal
 def export(run_id: RunId,
            output: Annotated[str, typer.Option("--output", "-o", help="Where to write (default RUN.npz).")] = "",
            server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 60.0) -> None:
-    """Save a run's current parameters to an .npz file (an observer's pull: never waits); a run held by
-    several servers is read from each and put together."""
+    """Save a run's current parameters to an .npz file (an observer's pull: never waits for the run); a
+    run held by several servers is read from each and put together, all of one history (while they go
+    back to a common checkpoint it waits for them, up to --timeout)."""
     from paramserver.shards import pull_run
 
-    result = _with_client(server, timeout, lambda ps: pull_run(ps, run_id))
+    result = _with_client(server, timeout, lambda ps: pull_run(ps, run_id, wait=timeout))
     path = output or f"{run_id}.npz"
     _write_atomically(path, lambda fh: np.savez(fh, **result.tensors))  # type: ignore[arg-type]
     count = sum(int(a.size) for a in result.tensors.values())

@@ -386,6 +386,7 @@ def shard_rows(run: pb.Run) -> list[dict[str, Any]]:
         "state": state_name(s.state) if s.reachable else "unreachable", "bytes_held": s.bytes_held,
         "min_clock": s.min_clock, "max_clock": s.max_clock, "pushes_applied": s.pushes_applied,
         "pushes_per_second": s.pushes_per_second, "rss_bytes": s.rss_bytes or None, "pieces": held.get(s.index, []),
+        "held_because": s.held or None,
     } for s in run.shards]
 
 

@@ -115,7 +115,7 @@ def _shards_table(rows: Sequence[dict[str, Any]]) -> Table:
     for s in rows:
         table.add_row(str(s["index"]), Text(s["address"]), s["state"], _size(s["bytes_held"]),
                       f"{s['min_clock']}-{s['max_clock']}", str(s["pushes_applied"]), f"{s['pushes_per_second']:.0f}",
-                      f"{s['rss_bytes'] / 2**20:.0f} MiB" if s["rss_bytes"] else "-", Text(s["error"] or ""))
+                      f"{s['rss_bytes'] / 2**20:.0f} MiB" if s["rss_bytes"] else "-", Text(s["error"] or s.get("held_because") or ""))
     return table
 
 

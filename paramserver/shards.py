@@ -375,14 +375,40 @@ def _pulled(results: Sequence[PullResult], out: dict[str, np.ndarray]) -> PullRe
                       _state([r.run_state for r in results]), out, staleness=_bound([r.staleness for r in results]))
 
 
-async def pull_run(client: PsClient, run_id: str) -> PullResult:
-    """A run's whole current parameters, an observer's read (never waits): from the server
-    ``client`` talks to, or from every server of a sharded run, its pieces put together."""
+async def pull_run(client: PsClient, run_id: str, wait: float = 30.0) -> PullResult:
+    """A run's whole current parameters, an observer's read: from the server ``client`` talks
+    to, or from every server of a sharded run, its pieces put together.
+
+    The pieces are of one history. While the servers go back to a common checkpoint (one
+    restarted) a restarted or restoring shard refuses reads (``ShardStatus.held``), and server 0's
+    shard is held throughout and gets a new lineage: so pieces read between two looks at server 0's
+    shard (GetRun) that find it not held and of the same lineage are of one history. Otherwise the
+    read waits and reads again, up to ``wait`` seconds; then Unavailable, saying so."""
     run = await client.get_run(run_id)
     if not run.shard_map.shards:
         return await client.pull(run_id)
-    shards = Shards.beside(client, run.shard_map, run.spec)
-    try:
-        return await shards.pull(run_id)
-    finally:
-        await shards.close()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        before, why = run.shards[0], run.shards[0].held
+        if not why:
+            shards = Shards.beside(client, run.shard_map, run.spec)
+            try:
+                result = await shards.pull(run_id)
+            except errors.PsError as exc:
+                if not exc.retryable:
+                    raise
+                why = exc.message
+            finally:
+                await shards.close()
+            run = await client.get_run(run_id)
+            after = run.shards[0]
+            if not why and not after.held and after.lineage == before.lineage:
+                return result
+            why = why or after.held or "server 0's shard went back to a checkpoint while the pieces were read"
+        if loop.time() >= deadline:
+            raise errors.Unavailable(errors.Code.UNAVAILABLE, f"the servers of {run_id} are going back to a checkpoint "
+                                     f"(one restarted), and its pieces were not all of one history within {wait:g}s "
+                                     f"({why}): export again in a moment, or with a longer --timeout")
+        await asyncio.sleep(0.2)
+        run = await client.get_run(run_id)

@@ -80,4 +80,5 @@ def shard_status(run: Run, address: str) -> pb.ShardStatus:
                           bytes_held=run.store.nbytes, min_clock=run.min_clock, max_clock=run.clock.max_clock,
                           pushes_applied=run.counters.pushes_applied, rss_bytes=rss_bytes(),
                           state=codec.run_state_to_proto(run.state),
-                          error=run.message if run.state is RunState.FAILED else "")
+                          error=run.message if run.state is RunState.FAILED else "", lineage=run.store.lineage,
+                          held=run.held)

@@ -235,7 +235,12 @@ class Run:
              rows: Mapping[str, np.ndarray] | None = None, since: tuple[int, int] | None = None) -> ParamsRead:
         """Serve a pull whose wait is over (``rank`` None: an observer's read). With ``rows``
         (table -> row ids), ``names`` are the whole tensors wanted besides (None: none). ``since``:
-        (lineage, version) of the whole model the caller holds: the answer may be a delta."""
+        (lineage, version) of the whole model the caller holds: the answer may be a delta.
+        ShardUnavailable while the run is ``held``, for observers too: a restarted server's shard,
+        or one going back to a checkpoint, is of another history than the others' (an export
+        would put two together)."""
+        if self.held:
+            raise ShardUnavailable(self.held)
         if rows:
             self.check_read(names, rows)
             tensors = self.store.read(names) if names else {}

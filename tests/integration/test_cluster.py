@@ -596,6 +596,71 @@ async def test_a_push_a_roll_back_took_from_one_shard_is_sent_again_to_every_sha
                 await pb_.close()
 
 
+@pytest.mark.parametrize("when", ["restarted", "during"], ids=["a-server-restarted", "roll-back-during-the-read"])
+async def test_an_export_during_a_roll_back_waits_for_one_history(
+        server_config: ServerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str) -> None:
+    """psctl export of a sharded run while its servers go back to a common cut (server 1 restarted
+    from an older checkpoint; or the roll back happens while the pieces are read) never puts
+    together pieces of two histories: it waits for the roll back, or refuses, saying why."""
+    from ps_server.cluster.owner import ClusterOwner
+    from ps_server.cluster.shards import restore
+
+    async def not_yet(self: ClusterOwner) -> None:  # the roll back is this test's to start
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(ClusterOwner, "watch", not_yet)
+    async with cluster(server_config, 2, lambda i: {"data_dir": str(tmp_path / str(i))}, checkpoint_every=2,
+                       split_bytes=1024) as servers:
+        assert servers[0].cluster is not None and servers[1].checkpointer is not None
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(make_spec(shapes={"w": (40, 30)}, num_workers=1, staleness=0, iterations=20))
+            (a,) = await _join_all(c, run.run_id, 1)
+            init = (await pull_run(c, run.run_id)).tensors["w"]
+            plane = Shards.beside(c, a.shard_map, a.spec)
+            try:
+                for clock in range(5):  # w = init - 5; cuts 2 and 4 on both servers
+                    await plane.pull(run.run_id, 0, a.incarnation, clock)
+                    await plane.push(run.run_id, 0, a.incarnation, clock, {"w": np.ones((40, 30), np.float32)})
+            finally:
+                await plane.close()
+            await asyncio.gather(*(s.checkpointer.drain() for s in servers))  # type: ignore[union-attr]
+            assert all(4 in s.checkpointer.store.cuts(run.run_id) for s in servers)  # type: ignore[union-attr]
+
+            async def roll_back() -> None:
+                assert servers[0].cluster is not None
+                await servers[0].cluster.roll_back(servers[0].registry.get(run.run_id), "a server restarted")
+
+            if when == "restarted":  # server 1 killed and restarted: its shard resumed at cut 4, held
+                resumed = await restore(servers[1].registry, servers[1].checkpointer, run.run_id, 4, "restarted")
+                resumed.held = "this server restarted: retry"
+                with pytest.raises(errors.PsError) as refused:
+                    await pull_run(c, run.run_id, wait=0.5)
+                assert refused.value.retryable and "going back to a checkpoint" in refused.value.message
+                assert "export again" in refused.value.message
+                export = asyncio.ensure_future(pull_run(c, run.run_id))
+                await asyncio.sleep(0.5)
+                assert not export.done(), "the export read the shards while server 1 was held"
+                await roll_back()
+            else:  # server 1's piece is read before the roll back, server 0's after it
+                read = PsClient.pull
+                rolled = asyncio.Event()
+
+                async def racing(self: PsClient, *args: Any, **kw: Any) -> Any:
+                    if self.address == servers[0].address and not rolled.is_set():
+                        await rolled.wait()
+                    result = await read(self, *args, **kw)
+                    if self.address == servers[1].address and not rolled.is_set():
+                        await roll_back()
+                        rolled.set()
+                    return result
+
+                monkeypatch.setattr(PsClient, "pull", racing)
+                export = asyncio.ensure_future(pull_run(c, run.run_id))
+            async with asyncio.timeout(10):
+                got = (await export).tensors["w"]
+            np.testing.assert_allclose(got, init - 4, rtol=1e-6)  # every piece of cut 4's history
+
+
 async def test_a_fast_run_keeps_a_cut_common_to_every_server_before_server_0_says_which(
         server_config: ServerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Server 0's checkpoint writes lag (only its first cut lands) and its poll has not yet told the

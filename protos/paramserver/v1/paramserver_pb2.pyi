@@ -470,7 +470,7 @@ class ShardMap(_message.Message):
     def __init__(self, shards: _Optional[_Iterable[_Union[Shard, _Mapping]]] = ...) -> None: ...
 
 class ShardStatus(_message.Message):
-    __slots__ = ("index", "address", "reachable", "error", "bytes_held", "min_clock", "max_clock", "pushes_applied", "pushes_per_second", "rss_bytes", "state")
+    __slots__ = ("index", "address", "reachable", "error", "bytes_held", "min_clock", "max_clock", "pushes_applied", "pushes_per_second", "rss_bytes", "state", "lineage", "held")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     REACHABLE_FIELD_NUMBER: _ClassVar[int]
@@ -482,6 +482,8 @@ class ShardStatus(_message.Message):
     PUSHES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     index: int
     address: str
     reachable: bool
@@ -493,7 +495,9 @@ class ShardStatus(_message.Message):
     pushes_per_second: float
     rss_bytes: int
     state: RunState
-    def __init__(self, index: _Optional[int] = ..., address: _Optional[str] = ..., reachable: _Optional[bool] = ..., error: _Optional[str] = ..., bytes_held: _Optional[int] = ..., min_clock: _Optional[int] = ..., max_clock: _Optional[int] = ..., pushes_applied: _Optional[int] = ..., pushes_per_second: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ...) -> None: ...
+    lineage: int
+    held: str
+    def __init__(self, index: _Optional[int] = ..., address: _Optional[str] = ..., reachable: _Optional[bool] = ..., error: _Optional[str] = ..., bytes_held: _Optional[int] = ..., min_clock: _Optional[int] = ..., max_clock: _Optional[int] = ..., pushes_applied: _Optional[int] = ..., pushes_per_second: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., state: _Optional[_Union[RunState, str]] = ..., lineage: _Optional[int] = ..., held: _Optional[str] = ...) -> None: ...
 
 class ErrorInfo(_message.Message):
     __slots__ = ("reason", "next_clock", "run_state", "needed_min_clock", "ranks_behind")
