@@ -4,6 +4,7 @@
     ├── NotFound            NOT_FOUND            unknown run
     ├── InvalidArgument     INVALID_ARGUMENT     bad spec, gradient or request
     ├── ResourceExhausted   RESOURCE_EXHAUSTED   over one of the server's size limits
+    │   └── OverClientLimit                      a message over this client's own --max-message-bytes
     ├── FailedPrecondition  FAILED_PRECONDITION  stale incarnation, clock ahead, run not running, ...
     ├── OutOfRange          OUT_OF_RANGE         clock beyond the run's iterations
     ├── DeadlineExceeded    DEADLINE_EXCEEDED    no answer in time, or a parked call's limit (retried)
@@ -32,6 +33,7 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "OutOfRange",
+    "OverClientLimit",
     "PsError",
     "ResourceExhausted",
     "Unauthenticated",
@@ -93,6 +95,12 @@ class InvalidArgument(PsError):
 
 class ResourceExhausted(PsError):
     pass
+
+
+class OverClientLimit(ResourceExhausted):
+    """An answer (or a request) larger than this client's own message limit: the server refused
+    nothing, and the run is fine; this client cannot take part as it is set up (a worker gives its
+    rank back). Raised by the transports, not sent by a server."""
 
 
 class FailedPrecondition(PsError):

@@ -45,6 +45,12 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, method: str) -> errors.PsError:
         # A call this side cancels raises asyncio.CancelledError, never this: the server cancelled
         # it (a server stopping cancels the calls still running), as retryable as losing the server.
         return errors.Unavailable(errors.Code.UNAVAILABLE, f"the server cancelled the call ({details})", method=method)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and info is None and "CLIENT: " in details:
+        # gRPC's own check of this side's max message length (the server's refusals carry an
+        # ErrorInfo; gRPC marks which side's limit it was, and only says so in its text).
+        return errors.OverClientLimit(errors.Code.RESOURCE_EXHAUSTED, f"a message larger than this client's limit "
+                                      f"({details}): raise it (ps-worker --max-message-bytes, "
+                                      "PsClient(max_message_bytes=...))", method=method)
     return errors.from_status(code.value[0], details, info, method)
 
 

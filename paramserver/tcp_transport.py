@@ -59,9 +59,9 @@ def status_error(code: int, body: memoryview, method: str) -> errors.PsError:
     return errors.from_status(code, status.message, status.error, method)
 
 
-def too_large(exc: tcp.FrameTooLarge, method: str) -> errors.ResourceExhausted:
+def too_large(exc: tcp.FrameTooLarge, method: str) -> errors.OverClientLimit:
     """An answer over this client's limit: not worth retrying as it is (the same answer would come)."""
-    return errors.ResourceExhausted(
+    return errors.OverClientLimit(
         errors.Code.RESOURCE_EXHAUSTED, f"an answer of {exc.length} bytes is larger than this client's limit of "
         f"{exc.limit} bytes: raise it (ps-worker --max-message-bytes, PsClient(max_message_bytes=...))", method=method)
 

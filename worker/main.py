@@ -111,6 +111,9 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
             level, story = ending(outcome)
             log.log(level, "%s%s", story, "" if config.once else ": back to waiting for work")
             idle_since = time.monotonic()
+            if outcome.unfit:  # it would be again, in this run and in any like it: stop, saying why
+                why = "this worker cannot take part in runs like this one as it is set up (the error above)"
+                break
             if config.once:
                 why = "one run done (--once)"
                 break
@@ -127,6 +130,8 @@ def ending(outcome: Outcome) -> tuple[int, str]:
         return logging.INFO, f"run {run}: rank {rank} done ({outcome.stats.iterations} iterations)"
     if outcome.failed:
         return logging.INFO, f"run {run}: gave rank {rank} up after the error above"
+    if outcome.unfit:
+        return logging.INFO, f"run {run}: rank {rank} given back after the error above"
     if outcome.run_state == pb.RUN_STATE_STOPPED:
         return logging.INFO, f"run {run} was stopped"
     if outcome.run_state == pb.RUN_STATE_FAILED:
@@ -145,9 +150,12 @@ async def _main(config: WorkerConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     outcomes = await work(config, stop)
     # 1 when this worker failed its run, or did not get the run it was told to join (--run-id:
-    # refused, such as a run that does not exist, or no work before --idle-exit-seconds); a run
-    # stopped, a rank evicted or a stop asked for is not its failure
+    # refused, such as a run that does not exist, or no work before --idle-exit-seconds), or
+    # cannot take part as it is set up (it gave its rank back); a run stopped, a rank evicted or a
+    # stop asked for is not its failure
     if config.run_id and not outcomes and not stop.is_set():
+        return 1
+    if outcomes and outcomes[-1].unfit:
         return 1
     return 1 if config.once and outcomes and outcomes[-1].failed else 0
 

@@ -108,6 +108,9 @@ class Outcome:
     refusal's ErrorInfo or a heartbeat; UNSPECIFIED when the run did not end."""
     evicted: bool = False
     """The server gave this rank to another worker (a refusal: stale incarnation)."""
+    unfit: bool = False
+    """This worker cannot take part in the run as it is set up (an answer over its own
+    --max-message-bytes): it gave the rank back, and the run goes on without it."""
 
 
 def _now_ts() -> Timestamp:
@@ -581,14 +584,21 @@ async def _train(client: PsClient, a: pb.Assignment, trainer: _Trainer) -> Outco
     except errors.PsError as exc:
         if isinstance(exc, errors.FailedPrecondition | errors.NotFound) or exc.retryable:
             return _ended(trainer, exc)  # the worker logs how it ended, once (main.py)
-        leave_reason, message = pb.LEAVE_REASON_FAILED, str(exc)
+        if isinstance(exc, errors.OverClientLimit):  # this worker's own setting: not the run's failure
+            leave_reason, message = pb.LEAVE_REASON_SHUTDOWN, f"this worker cannot take part as it is set up: {exc}"
+        else:
+            leave_reason, message = pb.LEAVE_REASON_FAILED, str(exc)
     except FloatingPointError as exc:
         leave_reason, message = pb.LEAVE_REASON_FAILED, str(exc)
     finally:
         hb.cancel()
+    unfit = leave_reason == pb.LEAVE_REASON_SHUTDOWN
     if leave_reason == pb.LEAVE_REASON_FAILED:
         log.error("training failed: %s", message)
+    elif unfit:
+        log.error("gave rank %d back (the run goes on without this worker): %s", a.rank, message)
     with contextlib.suppress(errors.PsError):
         await client.leave(a.run_id, a.rank, a.incarnation, leave_reason, message)
     done = leave_reason == pb.LEAVE_REASON_DONE
-    return Outcome(a.run_id, a.rank, done, message or "done", trainer.stats, failed=not done)
+    return Outcome(a.run_id, a.rank, done, message or "done", trainer.stats, failed=not done and not unfit,
+                   unfit=unfit)

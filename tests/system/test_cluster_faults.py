@@ -13,13 +13,15 @@ import asyncio
 import random
 import re
 import signal
+import subprocess
+import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pytest
-from procs import bsp_reference, connect, finish, free_port, ps_server, ps_workers, record, watch_until
+from procs import ENV, bsp_reference, connect, finish, free_port, ps_server, ps_workers, record, watch_until
 
 from client.spec import LaunchOptions, build_run_spec
 from paramserver.shards import pull_run
@@ -143,3 +145,41 @@ async def test_workers_killed_again_and_again_never_hang_a_sharded_run() -> None
     assert [s.min_clock for s in shards] == [spec.iterations] * 2
     record("cluster-workers-kill-9", kills=kills, torn_pushes=len(torn),
            final_accuracy=round(final.last_eval.eval_accuracy, 4))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", ["tcp", "grpc"])
+async def test_a_worker_whose_message_limit_is_too_small_gives_its_rank_back_and_the_run_goes_on(
+        transport: str) -> None:
+    """One worker's --max-message-bytes is smaller than its pulls' answers: that worker says so and
+    exits 1, giving its rank back; the run and the other ranks go on to the end (it failed them all)."""
+    ports = [free_port() for _ in range(2)]
+    addresses = ",".join(f"127.0.0.1:{p}" for p in ports)
+    spec = build_run_spec(LaunchOptions(model="mlp:4096,256", dataset="digits", workers=3, staleness=1,
+                                        iterations=15, batch_size=32, seed=3, lr=0.1))  # 1.1 MB per shard
+    planes = ("--no-shm",) if transport == "tcp" else ("--no-shm", "--no-data-plane")
+    owner = f"127.0.0.1:{ports[0]}"
+    with ExitStack() as stack:
+        for i in range(2):
+            stack.enter_context(ps_server("--port", str(ports[i]), "--cluster", addresses, "--index", str(i),
+                                          "--split-bytes", "4096"))
+        async with connect(owner) as c:
+            run = await c.create_run(spec)
+            good = stack.enter_context(ps_workers(owner, 2, "--timeout-seconds", "15", *planes))
+            await watch_until(c, run.run_id, lambda r: r.active_workers == 2, timeout=30)
+            bad = subprocess.Popen([sys.executable, "-m", "worker.main", "--server", owner, "--once",
+                                    "--timeout-seconds", "15", "--max-message-bytes", str(1 << 20), *planes],
+                                   env=ENV, text=True, stderr=subprocess.PIPE)
+            try:
+                _, err = bad.communicate(timeout=60)
+            finally:
+                if bad.poll() is None:
+                    bad.kill()
+                    bad.wait()
+            final = await finish(c, run.run_id, timeout=90)
+        codes = [p.wait(60) for p in good]
+    assert final.state == pb.RUN_STATE_COMPLETED, final.message
+    assert codes == [0, 0]
+    assert bad.returncode == 1
+    assert "--max-message-bytes" in err and "gave rank 2 back" in err, err
+    assert final.workers[2].state == pb.WORKER_STATE_EVICTED
