@@ -112,10 +112,12 @@ def _guarded(app: Callable[..., Any], token: str) -> Callable[..., Any]:
 
 def serve_metrics(registry: RunRegistry, host: str, port: int,
                   statistics: Callable[[], ServerStatistics] | None = None, *, token: str = "",
-                  tls: tuple[str, str] | None = None) -> int:
+                  tls: tuple[str, str, str] | None = None) -> int:
     """Serve /metrics over HTTP on a daemon thread; return the bound port. With ``token`` every
-    scrape must carry it (``authorization: Bearer ...``); with ``tls`` (certificate and key files)
-    it is HTTPS: the endpoint is as protected as the gRPC server. OSError when it cannot bind."""
+    scrape must carry it (``authorization: Bearer ...``); with ``tls`` (certificate, key and client
+    CA files, the last empty without mutual TLS) it is HTTPS, and with a client CA a scrape must
+    show a certificate it signed: the endpoint is as protected as the gRPC server. OSError when it
+    cannot bind."""
     reg = CollectorRegistry()
     reg.register(RunCollector(registry, statistics))
     app = make_wsgi_app(reg)
@@ -124,8 +126,12 @@ def serve_metrics(registry: RunRegistry, host: str, port: int,
     server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
     server: ThreadingWSGIServer = make_server(bare, port, _guarded(app, token) if token else app, server_class, handler_class=_Quiet)
     if tls:
+        cert, key, client_ca = tls
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(*tls)
+        context.load_cert_chain(cert, key)
+        if client_ca:  # mutual TLS, as gRPC has it
+            context.load_verify_locations(client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
         server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return int(server.server_port)

@@ -323,7 +323,7 @@ async def start_server(config: ServerConfig) -> PsServer:
     if config.metrics_port >= 0:
         try:
             ps.metrics_port = serve_metrics(registry, config.host, config.metrics_port, ps.statistics, token=token,
-                                            tls=(config.tls_cert, config.tls_key) if credentials else None)
+                                            tls=(config.tls_cert, config.tls_key, config.tls_client_ca) if credentials else None)
         except OSError as exc:
             await ps.stop(0)
             raise OSError(f"--metrics-port {config.metrics_port}: cannot serve metrics on {config.host}:"

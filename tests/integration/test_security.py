@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
+import ssl
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,3 +156,28 @@ def test_token_is_never_a_flag_nor_printed() -> None:
         parse_config(["--token", "x"], {})
     cfg = parse_config([], {"PS_TOKEN": TOKEN})
     assert cfg.token == TOKEN and TOKEN not in repr(cfg)
+
+
+def _scrape(port: int, context: ssl.SSLContext) -> int:
+    """The status of a scrape of https://127.0.0.1:``port``/metrics, or -1 when it could not connect."""
+    try:
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", context=context, timeout=5) as resp:
+            return int(resp.status)
+    except (urllib.error.URLError, OSError):
+        return -1
+
+
+async def test_metrics_under_mutual_tls_need_a_client_certificate(server_config: ServerConfig, pki: Pki) -> None:
+    """The endpoint is as protected as the gRPC port: with --tls-client-ca, a scrape without a
+    certificate from that CA gets nothing (it got every run's counters)."""
+    ps = await start_server(with_config(server_config, metrics_port=0, tls_cert=str(pki.server_cert),
+                                        tls_key=str(pki.server_key), tls_client_ca=str(pki.ca)))
+    try:
+        assert ps.metrics_port
+        without = ssl.create_default_context(cafile=str(pki.ca))
+        with_cert = ssl.create_default_context(cafile=str(pki.ca))
+        with_cert.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+        assert await asyncio.to_thread(_scrape, ps.metrics_port, without) == -1
+        assert await asyncio.to_thread(_scrape, ps.metrics_port, with_cert) == 200
+    finally:
+        await ps.stop(0)
