@@ -39,6 +39,9 @@ class ServerStatistics:
     """Streams opened on the shared-memory data plane (None: the server offers none)."""
     shm_streams_open: int | None = None
 
+_SCRAPE_SECONDS = 10.0
+"""Longest a scrape's connection may stay silent (the TLS handshake included)."""
+
 _COUNTERS = {
     "pushes_applied": "Pushes applied to the parameters",
     "pushes_duplicate": "Retried pushes acknowledged without applying them again",
@@ -123,7 +126,8 @@ def serve_metrics(registry: RunRegistry, host: str, port: int,
     app = make_wsgi_app(reg)
     bare = host.strip("[]")  # "[::1]", as gRPC writes it
     family = socket.getaddrinfo(bare or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+    server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family,
+                                                                 "handle_error": _dropped})
     server: ThreadingWSGIServer = make_server(bare, port, _guarded(app, token) if token else app, server_class, handler_class=_Quiet)
     if tls:
         cert, key, client_ca = tls
@@ -132,11 +136,21 @@ def serve_metrics(registry: RunRegistry, host: str, port: int,
         if client_ca:  # mutual TLS, as gRPC has it
             context.load_verify_locations(client_ca)
             context.verify_mode = ssl.CERT_REQUIRED
-        server.socket = context.wrap_socket(server.socket, server_side=True)
+        # The handshake in the scrape's thread (at its first read), not in the accepting one: a
+        # client that connects and says nothing would hold every scrape after it.
+        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return int(server.server_port)
 
 
+def _dropped(server: Any, request: Any, client_address: Any) -> None:
+    """A scrape that failed (a silent client timed out, a TLS handshake refused): not news either,
+    and no traceback on stderr."""
+
+
 class _Quiet(WSGIRequestHandler):
+    timeout = _SCRAPE_SECONDS
+    """A client silent this long is dropped (its thread ends)."""
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  (the base class's name)
         """Scrapes are not news: no line per request."""

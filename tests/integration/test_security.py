@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import socket
 import ssl
 import urllib.error
 import urllib.request
@@ -179,5 +180,19 @@ async def test_metrics_under_mutual_tls_need_a_client_certificate(server_config:
         with_cert.load_cert_chain(str(pki.client_cert), str(pki.client_key))
         assert await asyncio.to_thread(_scrape, ps.metrics_port, without) == -1
         assert await asyncio.to_thread(_scrape, ps.metrics_port, with_cert) == 200
+    finally:
+        await ps.stop(0)
+
+
+async def test_a_silent_connection_does_not_block_metrics_over_tls(server_config: ServerConfig, pki: Pki) -> None:
+    """The TLS handshake runs in the scrape's own thread: a client that connects and sends nothing
+    held the accepting thread (every scrape after it timed out, for as long as it stayed)."""
+    ps = await start_server(with_config(server_config, metrics_port=0, tls_cert=str(pki.server_cert),
+                                        tls_key=str(pki.server_key)))
+    try:
+        with socket.create_connection(("127.0.0.1", ps.metrics_port)):
+            await asyncio.sleep(0.2)  # (accepted, its handshake not begun)
+            assert await asyncio.to_thread(_scrape, ps.metrics_port,
+                                           ssl.create_default_context(cafile=str(pki.ca))) == 200
     finally:
         await ps.stop(0)
