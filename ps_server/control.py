@@ -19,7 +19,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 from . import codec
 from .checkpointer import Checkpointer
 from .cluster.owner import ClusterOwner
-from .core.errors import FailedPrecondition, InvalidArgument, PsError, Reason, ShardUnavailable
+from .core.errors import FailedPrecondition, InvalidArgument, PsError, Reason, ShardUnavailable, shortened
 from .core.registry import RunRegistry
 from .core.run import Run
 from .core.status import Assignment
@@ -113,7 +113,7 @@ class Control:
 
     async def StopRun(self, request: pb.StopRunRequest) -> pb.StopRunResponse:
         run = self._registry.get(request.run_id)
-        run.stop(request.reason or "stopped by user")
+        run.stop(shortened(request.reason) or "stopped by user")
         await self._sync(run)
         if self._checkpointer is not None:  # (its final checkpoint: a server killed now keeps it stopped)
             await self._checkpointer.written(run.run_id)
@@ -203,15 +203,16 @@ class Control:
             raise InvalidArgument(f"capabilities has {len(request.capabilities)} entries: at most "
                                   f"{registry.limits.max_requires}")
         can = frozenset(request.capabilities)
-        assignment = registry.join(request.worker_name, request.run_id, can)
+        name = request.worker_name[: registry.limits.max_name_chars]  # (kept in its rank and events)
+        assignment = registry.join(name, request.run_id, can)
         requested = request.max_wait.ToTimedelta().total_seconds()
         if assignment is None and requested > 0:  # max_wait 0: answer at once (not the server's limit)
             if await registry.wait_for_work(request.run_id, min(requested, self._max_wait), can):
-                assignment = registry.join(request.worker_name, request.run_id, can)
+                assignment = registry.join(name, request.run_id, can)
         if assignment is None:
             return pb.JoinResponse(server_generation=registry.generation)
         await self._sync(registry.get(assignment.run_id))  # every shard knows the incarnation before its worker
-        log.info("rank %d of %s to %s", assignment.rank, assignment.run_id, request.worker_name,
+        log.info("rank %d of %s to %s", assignment.rank, assignment.run_id, name,
                  extra={"run": assignment.run_id, "rank": assignment.rank})
         return pb.JoinResponse(assignment=self._assignment(assignment), server_generation=registry.generation,
                                data_port=self._data_port(), shm_socket=self._shm_socket())
@@ -235,7 +236,7 @@ class Control:
             raise InvalidArgument("reason must be LEAVE_REASON_DONE, _SHUTDOWN or _FAILED")
         reason = _LEAVE_REASONS[request.reason]
         run = self._registry.get(request.run_id)
-        state = run.leave(request.rank, request.incarnation, reason, request.message)
+        state = run.leave(request.rank, request.incarnation, reason, shortened(request.message))
         await self._sync(run)
         self._registry.vacated()
         log.info("rank %d left %s: %s", request.rank, run.run_id, reason, extra={"run": run.run_id, "rank": request.rank})

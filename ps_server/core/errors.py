@@ -38,6 +38,7 @@ __all__ = [
     "ShardUnavailable",
     "ShuttingDown",
     "WaitTimeout",
+    "shortened",
 ]
 
 
@@ -46,6 +47,12 @@ def listed(items: Iterable[object], limit: int = 5) -> str:
     items = list(items)
     shown = ", ".join(map(str, items[:limit])) or "none"
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def shortened(text: str, limit: int = 1024) -> str:
+    """``text`` cut to ``limit`` characters, saying how many more it had: a message a caller gives
+    the server to keep (a leave's, a stop's reason) stays short."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit} more characters)"
 
 
 def quoted(text: str, limit: int = 64) -> str:

@@ -184,3 +184,22 @@ async def test_delete_a_run_and_its_checkpoints(kept: PsServer, tmp_path: Path) 
         with pytest.raises(errors.NotFound):
             await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": np.zeros((3, 4), np.float32),
                                                                "b": np.zeros(4, np.float32)})
+
+
+async def test_texts_a_worker_or_user_sends_are_cut(server: PsServer, client: PsClient) -> None:
+    """A worker's name, a leave's message and a stop's reason are kept cut (a name to 256
+    characters, a message to about 1024): they were kept whole, in the run's ranks and events,
+    and four joins with 20 MB names made GetRun and GetMetrics answers too large to send."""
+    long = "x" * (1 << 20)
+    run = await client.create_run(_spec(num_workers=3))
+    a = [(await client.join(long, run.run_id, max_wait=0)).assignment for _ in range(3)]
+    await client.leave(run.run_id, a[0].rank, a[0].incarnation, pb.LEAVE_REASON_SHUTDOWN, long)
+    await client.leave(run.run_id, a[1].rank, a[1].incarnation, pb.LEAVE_REASON_FAILED, long)
+    other = await client.create_run(_spec())
+    await client.stop_run(other.run_id, long)
+    for run_id in (run.run_id, other.run_id):
+        got = await client.get_run(run_id)
+        assert all(len(w.worker_name) <= 256 for w in got.workers) and len(got.message) < 1100, got.message[:80]
+        events = (await client.get_metrics(run_id)).events
+        assert events and all(len(e.message) < 1400 for e in events), max(len(e.message) for e in events)
+    assert (await client.get_run(run.run_id)).workers[2].worker_name == "x" * 256
