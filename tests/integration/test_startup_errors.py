@@ -24,6 +24,15 @@ def busy() -> Iterator[int]:
         yield s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def pem(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate and its key."""
+    from test_security import _cert, _key, _write
+
+    d, key = tmp_path_factory.mktemp("pem"), _key()
+    return _write(d / "cert.pem", _cert("localhost", key, "localhost", key, ca=False)), _write(d / "key.pem", key)
+
+
 def _start(program: str, *args: str) -> subprocess.CompletedProcess[str]:
     module = {"ps-server": "ps_server.server", "ps-worker": "worker.main"}[program]
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=ENV, timeout=30)
@@ -42,6 +51,10 @@ CASES = {
     "data dir is a file": ("ps-server", ["--port", "0", "--data-dir", "{file}"], ["--data-dir {file}", "not a directory"]),
     "missing certificate": ("ps-server", ["--port", "0", "--tls-cert", "{missing}", "--tls-key", "{missing}"],
                             ["--tls-cert {missing}", "No such file"]),
+    "certificate not PEM": ("ps-server", ["--port", "0", "--tls-cert", "{file}", "--tls-key", "{file}"],
+                            ["--tls-cert {file}", "--tls-key {file}", "PEM"]),
+    "client CA not PEM": ("ps-server", ["--port", "0", "--tls-cert", "{cert}", "--tls-key", "{key}", "--tls-client-ca",
+                                        "{file}"], ["--tls-client-ca {file}", "PEM"]),
     "missing token file": ("ps-worker", ["--token-file", "{missing}", "--once"], ["--token-file {missing}", "No such file"]),
     "worker timeout": ("ps-worker", ["--timeout-seconds", "0"], ["--timeout-seconds 0", "> 0"]),
     "worker nice": ("ps-worker", ["--nice", "20"], ["--nice 20", "0 (as started) to 19"]),
@@ -51,11 +64,11 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_start_up_error_is_one_line_and_exit_2(case: str, busy: int, tmp_path: Path) -> None:
+def test_a_start_up_error_is_one_line_and_exit_2(case: str, busy: int, pem: tuple[Path, Path], tmp_path: Path) -> None:
     program, args, says = CASES[case]
     file = tmp_path / "a-file"
     file.write_text("not a directory")
-    values = {"busy": busy, "file": file, "missing": tmp_path / "missing.pem"}
+    values = {"busy": busy, "file": file, "missing": tmp_path / "missing.pem", "cert": pem[0], "key": pem[1]}
     result = _start(program, *(a.format(**values) for a in args))
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
