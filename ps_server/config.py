@@ -53,6 +53,8 @@ class ServerConfig:
     keep_finished_seconds: float = opt(0.0, "Finished runs are forgotten (checkpoints deleted) this long after they "
                                        "ended. 0 = no limit.")
     max_workers: int = opt(1024, "Ranks one run may have.")
+    max_runs: int = opt(1000, "Runs not finished (pending or running) held at once; CreateRun beyond is refused "
+                        "(RESOURCE_EXHAUSTED).")
     cluster: str = opt("", "The servers holding runs together, as ADDR0,ADDR1,... (host:port, as workers and the "
                        "other servers reach them; the same list for every server); empty = this one alone. Give "
                        "every server of a cluster a --data-dir and the same --checkpoint-every: they checkpoint "
@@ -149,7 +151,7 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
     if not 1024 <= config.chunk_bytes <= config.max_message_bytes // 2:
         problems.append(f"--chunk-bytes {config.chunk_bytes} must be >= 1024 and at most half of "
                         f"--max-message-bytes ({config.max_message_bytes})")
-    for name, low in (("push_slots", 1), ("max_workers", 1), ("max_param_bytes", 1), ("checkpoint_keep", 1),
+    for name, low in (("push_slots", 1), ("max_workers", 1), ("max_runs", 1), ("max_param_bytes", 1), ("checkpoint_keep", 1),
                       ("checkpoint_every", 0), ("keep_finished_runs", 0), ("keep_finished_seconds", 0),
                       ("grace_seconds", 0)):
         if not getattr(config, name) >= low or not math.isfinite(getattr(config, name)):

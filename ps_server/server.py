@@ -234,7 +234,8 @@ async def start_server(config: ServerConfig) -> PsServer:
         data_lock = _lock_data_dir(root, config.data_dir)
         store = CheckpointStore(root, keep=config.checkpoint_keep)
         checkpointer = Checkpointer(store, config.checkpoint_every)
-    registry = RunRegistry(max_param_bytes=config.max_param_bytes, limits=Limits(max_workers=config.max_workers),
+    registry = RunRegistry(max_param_bytes=config.max_param_bytes, limits=Limits(max_workers=config.max_workers,
+                                                                                  max_runs=config.max_runs),
                            configure=checkpointer.attach if checkpointer else None)
     resumed = [registry.add(run) for run in (checkpointer.resume() if checkpointer else ())]
     for run in resumed:

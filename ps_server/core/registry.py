@@ -56,6 +56,8 @@ class RunRegistry:
         self.shutting_down = False
         self._work = Gate()
         self._runs: dict[str, Run] = {}
+        self._building = 0
+        """Runs being built (``build``): they count against ``Limits.max_runs`` already."""
         self._now = now
 
     async def create(self, spec: RunSpec, placement: Placement | None = None) -> Run:
@@ -69,6 +71,10 @@ class RunRegistry:
         registers its shard once every server has created its own. ``placement``: the part this
         server holds, checked against its --max-param-bytes."""
         validate_spec(spec, self.limits)
+        live = self._building + sum(not r.state.finished for r in self._runs.values())
+        if live >= self.limits.max_runs:
+            raise ResourceExhausted(f"this server holds {live} runs not finished, its limit (ps-server --max-runs): "
+                                    "stop or delete one, or wait for one to finish")
         held = placement.held(spec.params) if placement else spec.params
         nbytes = 4 * sum(p.size for p in held)
         if nbytes > self.max_param_bytes:
@@ -76,7 +82,11 @@ class RunRegistry:
                 f"the run's parameters take {nbytes} bytes"
             raise ResourceExhausted(f"{part}, over its limit of {self.max_param_bytes}: ask for less (ps-server "
                                     "--max-param-bytes" + (", or more servers)" if placement else ")"))
-        store = await asyncio.to_thread(ParamStore, held, spec.seed)
+        self._building += 1
+        try:
+            store = await asyncio.to_thread(ParamStore, held, spec.seed)
+        finally:
+            self._building -= 1
         return kind(run_id, spec, now=self._now, store=store, placement=placement)
 
     async def create_shard(self, run_id: str, spec: RunSpec, placement: Placement, created: float) -> Run:

@@ -177,7 +177,7 @@ def _invalid(message: str) -> InvalidArgument:
 
 @dataclass(frozen=True)
 class Limits:
-    """What one run may ask of a server (the README's limits table); over one: RESOURCE_EXHAUSTED."""
+    """What one run, and how many runs, may ask of a server (the README's limits table); over one: RESOURCE_EXHAUSTED."""
 
     max_workers: int = 1024
     """Ranks per run (the server keeps state per rank and lists every rank in a run's status)."""
@@ -195,6 +195,9 @@ class Limits:
     """Row ids of one table in one pull (a push's rows are bounded by its size)."""
     max_requires: int = 64
     """Entries of a run's ``requires`` and of a worker's capabilities, each at most max_name_chars."""
+    max_runs: int = 1000
+    """Runs not finished (pending or running) a server holds at once: each holds its parameters
+    (finished ones are bounded by the retention limits)."""
 
 
 DEFAULT_LIMITS = Limits()

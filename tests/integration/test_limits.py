@@ -204,3 +204,21 @@ async def test_texts_a_worker_or_user_sends_are_cut(server: PsServer, client: Ps
         events = (await client.get_metrics(run_id)).events
         assert events and all(len(e.message) < 1400 for e in events), max(len(e.message) for e in events)
     assert (await client.get_run(run.run_id)).workers[2].worker_name == "x" * 256
+
+
+async def test_runs_not_finished_are_bounded(server_config: ServerConfig) -> None:
+    """CreateRun past --max-runs runs not finished is RESOURCE_EXHAUSTED naming the flag, and creates
+    nothing (each run holds up to --max-param-bytes: a loop of CreateRun grew the server without
+    bound); a finished run frees its place."""
+    ps = await start_server(with_config(server_config, max_runs=2))
+    try:
+        async with PsClient(f"127.0.0.1:{ps.port}") as c:
+            first, _ = [await c.create_run(_spec()) for _ in range(2)]
+            with pytest.raises(errors.ResourceExhausted) as e:
+                await c.create_run(_spec())
+            assert "--max-runs" in e.value.message and len(ps.registry.runs()) == 2, e.value.message
+            await c.stop_run(first.run_id)
+            await c.create_run(_spec())
+            assert len(ps.registry.runs()) == 3
+    finally:
+        await ps.stop(0)
