@@ -9,6 +9,7 @@ it has them: run ids and counters are nobody else's business.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import socket
 import ssl
@@ -24,6 +25,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from .core.registry import RunRegistry
+from .core.status import RunStatus
 
 __all__ = ["RunCollector", "ServerStatistics", "serve_metrics"]
 
@@ -60,12 +62,26 @@ _COUNTERS = {
 
 
 class RunCollector(Collector):
-    def __init__(self, registry: RunRegistry, statistics: Callable[[], ServerStatistics] | None = None) -> None:
+    def __init__(self, registry: RunRegistry, statistics: Callable[[], ServerStatistics] | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """``loop``: the server's, which the runs and the statistics are read on (a scrape comes on
+        the metrics thread; the core is single-threaded: a status computed beside the loop can
+        write a stale min clock into the clock's cache); None: read them in the caller's thread."""
         self._registry = registry
         self._statistics = statistics
+        self._loop = loop
+
+    def _read(self) -> tuple[list[RunStatus], ServerStatistics | None]:
+        return [run.status() for run in self._registry.runs()], self._statistics() if self._statistics else None
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        statuses = [run.status() for run in self._registry.runs()]
+        if self._loop is None:
+            statuses, stats = self._read()
+        else:
+            async def read() -> tuple[list[RunStatus], ServerStatistics | None]:
+                return self._read()
+
+            statuses, stats = asyncio.run_coroutine_threadsafe(read(), self._loop).result(_SCRAPE_SECONDS)
         for field, doc in _COUNTERS.items():
             fam = CounterMetricFamily(f"paramserver_{field}", doc, labels=["run"])
             for s in statuses:
@@ -82,9 +98,8 @@ class RunCollector(Collector):
             waiting.add_metric([s.run_id], sum(w.waiting_for_clock is not None for w in s.workers))
             state.add_metric([s.run_id, s.state.value], 1)
         yield from (clocks, spread, waiting, state)
-        if self._statistics is None:
+        if stats is None:
             return
-        stats = self._statistics()
         yield CounterMetricFamily("paramserver_push_slot_lends", "Times a push stalled mid-stream and lent its "
                                   "receive slot (--push-slots) to another", value=stats.push_slot_lends)
         if stats.data_plane_streams_opened is not None:
@@ -116,13 +131,13 @@ def _guarded(app: Callable[..., Any], token: str) -> Callable[..., Any]:
 def serve_metrics(registry: RunRegistry, host: str, port: int,
                   statistics: Callable[[], ServerStatistics] | None = None, *, token: str = "",
                   tls: tuple[str, str, str] | None = None) -> int:
-    """Serve /metrics over HTTP on a daemon thread; return the bound port. With ``token`` every
+    """Serve /metrics over HTTP on a daemon thread (the runs read on the running loop); return the bound port. With ``token`` every
     scrape must carry it (``authorization: Bearer ...``); with ``tls`` (certificate, key and client
     CA files, the last empty without mutual TLS) it is HTTPS, and with a client CA a scrape must
     show a certificate it signed: the endpoint is as protected as the gRPC server. OSError when it
     cannot bind."""
     reg = CollectorRegistry()
-    reg.register(RunCollector(registry, statistics))
+    reg.register(RunCollector(registry, statistics, asyncio.get_running_loop()))
     app = make_wsgi_app(reg)
     bare = host.strip("[]")  # "[::1]", as gRPC writes it
     family = socket.getaddrinfo(bare or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]

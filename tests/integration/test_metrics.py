@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import urllib.error
 import urllib.request
 
@@ -13,6 +14,8 @@ from support import make_spec, with_config
 from paramserver.client import PsClient
 from paramserver.security import Security
 from ps_server.config import ServerConfig
+from ps_server.core.run import Run
+from ps_server.core.status import RunStatus
 from ps_server.server import start_server
 
 pytestmark = pytest.mark.timeout(30)
@@ -63,5 +66,31 @@ async def test_metrics_need_the_servers_token_when_it_has_one(server_config: Ser
             assert status == 401 and run.run_id not in body and "bearer token" in body
         status, body = await asyncio.to_thread(scrape, "s3cret")
         assert status == 200 and f'run="{run.run_id}"' in body
+    finally:
+        await ps.stop(0)
+
+
+async def test_a_scrape_reads_the_runs_on_the_event_loop(server_config: ServerConfig,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The core is single-threaded: a scrape, served on the metrics thread, has the loop read the
+    runs. (It read them itself, and the min clock it computed could land in the clock's cache
+    after a push had moved it: a stale, lower min clock, kept until the next change; seen with
+    1000 ranks and a short switch interval.)"""
+    threads: list[int] = []
+    status = Run.status
+
+    def recorded(run: Run, workers: bool = True) -> RunStatus:
+        threads.append(threading.get_ident())
+        return status(run, workers)
+
+    monkeypatch.setattr(Run, "status", recorded)
+    ps = await start_server(with_config(server_config, metrics_port=0))
+    try:
+        async with PsClient(f"127.0.0.1:{ps.port}") as c:
+            run = await c.create_run(make_spec(num_workers=1))
+        url = f"http://127.0.0.1:{ps.metrics_port}/metrics"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+        assert f'run="{run.run_id}"' in text
+        assert threads and set(threads) == {threading.get_ident()}
     finally:
         await ps.stop(0)
