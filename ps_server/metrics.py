@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 from .core.registry import RunRegistry
 from .core.status import RunStatus
 
-__all__ = ["RunCollector", "ServerStatistics", "serve_metrics"]
+__all__ = ["RunCollector", "ServerStatistics", "close_metrics", "serve_metrics"]
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,9 @@ def _guarded(app: Callable[..., Any], token: str) -> Callable[..., Any]:
 
 def serve_metrics(registry: RunRegistry, host: str, port: int,
                   statistics: Callable[[], ServerStatistics] | None = None, *, token: str = "",
-                  tls: tuple[str, str, str] | None = None) -> int:
-    """Serve /metrics over HTTP on a daemon thread (the runs read on the running loop); return the bound port. With ``token`` every
+                  tls: tuple[str, str, str] | None = None) -> ThreadingWSGIServer:
+    """Serve /metrics over HTTP on a daemon thread (the runs read on the running loop); return its server
+    (``server_port``; ``close_metrics`` ends it). With ``token`` every
     scrape must carry it (``authorization: Bearer ...``); with ``tls`` (certificate, key and client
     CA files, the last empty without mutual TLS) it is HTTPS, and with a client CA a scrape must
     show a certificate it signed: the endpoint is as protected as the gRPC server. OSError when it
@@ -155,7 +156,13 @@ def serve_metrics(registry: RunRegistry, host: str, port: int,
         # client that connects and says nothing would hold every scrape after it.
         server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-    return int(server.server_port)
+    return server
+
+
+async def close_metrics(server: ThreadingWSGIServer) -> None:
+    """Stop serving and close the port (scrapes in progress end on their own)."""
+    await asyncio.to_thread(server.shutdown)
+    server.server_close()
 
 
 def _dropped(server: Any, request: Any, client_address: Any) -> None:

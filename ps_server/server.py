@@ -35,6 +35,7 @@ from typing import IO
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from paramserver.runtime import raise_fd_limit, tune_malloc
 from paramserver.v1 import shm
@@ -52,7 +53,7 @@ from .core.registry import RunRegistry
 from .core.spec import Limits
 from .core.status import RunState
 from .dataplane import DataPlane
-from .metrics import ServerStatistics, serve_metrics
+from .metrics import ServerStatistics, close_metrics, serve_metrics
 from .security import ConfigError, TokenInterceptor, load_token, server_credentials
 from .servicer import SERVICE_NAMES, add_cluster, add_control, add_data
 from .shm_plane import ShmDataPlane
@@ -77,6 +78,8 @@ class PsServer:
     shm_plane: ShmDataPlane | None = None
     """The shared-memory data plane, when the server offers one."""
     metrics_port: int | None = None
+    metrics: ThreadingWSGIServer | None = None
+    """The /metrics endpoint, when it is served (closed last by ``stop``)."""
     cluster: ClusterOwner | None = None
     """Server 0 of a cluster: its side of the cluster."""
     peers: list[PeerLink] = field(default_factory=list)
@@ -124,6 +127,9 @@ class PsServer:
             if self.data_lock is not None:
                 self.data_lock.close()
                 self.data_lock = None
+            if self.metrics is not None:
+                await close_metrics(self.metrics)
+                self.metrics = None
 
     async def _last_checkpoints(self) -> None:
         """Every unfinished run's, after the last RPC; one that fails does not keep the others' from
@@ -323,8 +329,9 @@ async def start_server(config: ServerConfig) -> PsServer:
                   cluster=cluster, peers=peers, shm_plane=shm_plane, data_lock=data_lock)
     if config.metrics_port >= 0:
         try:
-            ps.metrics_port = serve_metrics(registry, config.host, config.metrics_port, ps.statistics, token=token,
-                                            tls=(config.tls_cert, config.tls_key, config.tls_client_ca) if credentials else None)
+            ps.metrics = serve_metrics(registry, config.host, config.metrics_port, ps.statistics, token=token,
+                                       tls=(config.tls_cert, config.tls_key, config.tls_client_ca) if credentials else None)
+            ps.metrics_port = int(ps.metrics.server_port)
         except OSError as exc:
             await ps.stop(0)
             raise OSError(f"--metrics-port {config.metrics_port}: cannot serve metrics on {config.host}:"

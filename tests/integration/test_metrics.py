@@ -94,3 +94,14 @@ async def test_a_scrape_reads_the_runs_on_the_event_loop(server_config: ServerCo
         assert threads and set(threads) == {threading.get_ident()}
     finally:
         await ps.stop(0)
+
+
+async def test_stop_closes_the_metrics_endpoint(server_config: ServerConfig) -> None:
+    """After stop, the port is closed (it went on serving the stopped server's numbers, its
+    thread and port held for the life of the process)."""
+    ps = await start_server(with_config(server_config, metrics_port=0))
+    port = ps.metrics_port
+    assert port
+    await ps.stop(0)
+    with pytest.raises(OSError):
+        await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5))
