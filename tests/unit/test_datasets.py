@@ -217,6 +217,9 @@ def _write(tmp_path: Path, **arrays: Any) -> str:
         ({"X": np.zeros((4, 2)), "y": np.zeros(3)}, "X has 4 rows but y has shape"),
         ({"X": np.full((4, 2), np.nan), "y": np.zeros(4)}, "X contains NaN or Inf"),
         ({"X": np.zeros((4, 2)), "y": np.array([0.0, np.inf, 0.0, 0.0])}, "y contains NaN or Inf"),
+        # finite in float64, Inf once cast to the float32 a worker trains in
+        ({"X": np.array([[1e300, 0.0]] * 4), "y": np.zeros(4)}, "X has values beyond float32's range"),
+        ({"X": np.zeros((4, 2)), "y": np.array([0.0, -1e39, 0.0, 0.0])}, "y has values beyond float32's range"),
         ({"X": np.zeros((4, 2)), "y": np.array([0, -1, 1, 0])}, "labels must be >= 0"),
         ({"X": np.zeros((4, 2)), "y": np.array(["a", "b", "c", "d"])}, "must be numeric"),
         ({"X": np.array([[object()]] * 4), "y": np.zeros(4)}, "no object arrays"),
