@@ -32,7 +32,7 @@ same arrays. CLI forms (:func:`parse_dataset`) and defaults:
   ``planted_auc``, ``planted_logloss``: the plant's own test scores, the best a model can reach.
 * ``libsvm:PATH[,test_fraction=0.2,seed=0]`` -- an svmlight/libsvm text file (``label idx:val ...``,
   ``#`` comments, ``qid:`` ignored), as public CTR sets ship. Labels 0/1 or -1/+1 (mapped to 0/1);
-  ids are the indices as written (no shift); split with ``test_fraction``/``seed``. ``n_features``
+  ids are the indices as written (no shift; below 2**31, as scikit-learn reads them); split with ``test_fraction``/``seed``. ``n_features``
   is the number of columns (largest index + 1).
 * ``synthetic-ratings[:users=2000,items=2000,rank=8,density=0.05,noise=0.1,seed=0,test_fraction=0.1]``
   -- a rating matrix of planted rank and noise for matrix factorisation (``mf:K``), ``task ==
@@ -520,7 +520,7 @@ def _libsvm(spec: Mapping[str, Any]) -> Dataset:
         X, y = load_svmlight_file(path, dtype=np.float32, zero_based=True, query_id=False)
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"cannot read libsvm file {path!r}: {e}; check the path") from None
-    except ValueError as e:
+    except (ValueError, OverflowError) as e:  # (OverflowError: an index past its C int)
         raise DatasetError(f"cannot parse libsvm file {path!r}: {_first_bad_line(path) or e}; "
                            f"it needs {_LIBSVM_FORMAT}") from None
     if X.shape[0] == 0:
@@ -564,6 +564,8 @@ def _first_bad_line(path: str) -> str:
                         bad = f"{tok!r} is not idx:value"
                     elif int(idx) <= last:
                         bad = f"index {idx} is not above the previous one (indices must increase)"
+                    elif int(idx) >= 2**31:
+                        bad = f"index {idx} is too large (indices must be below 2**31: hash larger ids first)"
                     else:
                         last = int(idx)
                 if bad:
