@@ -221,6 +221,9 @@ def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
     compression = parse_compression(o.compress)
     if compression is not None and model.tables():
         raise ValueError(f"--compress {o.compress}: compression is for dense models; {o.model!r} has tables")
+    if o.workers > len(data.X_train):  # (a rank's shard would be empty: it fails the run once started)
+        raise ValueError(f"--workers {o.workers}: the training split of {o.dataset!r} has {len(data.X_train)} "
+                         f"examples, and every worker needs at least one; use at most {len(data.X_train)} workers")
     per_epoch = _per_epoch(len(data.X_train), o)
     iterations = o.iterations or max(1, round(o.epochs * per_epoch))
     if iterations > _INT64:

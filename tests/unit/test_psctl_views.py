@@ -224,6 +224,17 @@ def test_launch_numbers_a_run_spec_cannot_hold_name_their_flag(options: dict[str
         build_run_spec(LaunchOptions(**{"model": "softmax", "dataset": "digits", **options}))  # type: ignore[arg-type]
 
 
+def test_launch_refuses_more_workers_than_training_examples() -> None:
+    """Every rank trains on a shard of at least one example; a rank with none failed the run once
+    it had started (its batch sampler refused an empty shard)."""
+    from client.spec import LaunchOptions, build_run_spec
+
+    data = "synthetic-regression:samples=10"  # 8 training examples
+    with pytest.raises(ValueError, match=re.escape("--workers 9: the training split of") + ".* has 8 examples"):
+        build_run_spec(LaunchOptions(model="linear", dataset=data, workers=9))
+    assert build_run_spec(LaunchOptions(model="linear", dataset=data, workers=8)).num_workers == 8
+
+
 def test_a_staleness_given_as_text_beyond_int32_and_a_port_beyond_65535_are_refused() -> None:
     from client.cli import _address
     from client.spec import parse_staleness
