@@ -98,8 +98,8 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         "environment variable shown.",
     )
     config = parse_dataclass(WorkerConfig, parser, argv or [], env, WorkerConfig.env_name)
-    if config.slowdown < 1.0:
-        parser.error(f"--slowdown {config.slowdown}: use a factor >= 1 (1 = normal speed)")
+    if not (config.slowdown >= 1.0 and math.isfinite(config.slowdown)):  # (as psctl launch --slowdown)
+        parser.error(f"--slowdown {config.slowdown}: use a finite factor >= 1 (1 = normal speed)")
     if not 0.0 <= config.step_seconds <= 3600.0:
         parser.error(f"--step-seconds {config.step_seconds}: use seconds from 0 (off) to 3600")
     if not 0 <= config.nice <= 19:

@@ -477,6 +477,20 @@ def test_a_straggler_pays_back_what_a_sleep_overran() -> None:
     assert [small.owe(0.3 * MS, 0.3 * MS) for _ in range(4)] == [0.0, 0.0, 0.0, pytest.approx(1.2 * MS)]
 
 
+@pytest.mark.parametrize(("argv", "says"), [
+    # (inf made a worker sleep for ever after its first push, holding its lease and the run; nan was
+    # no slowdown at all, and hid a run's own --slowdown for the rank)
+    (["--slowdown", "inf"], "--slowdown inf: use a finite factor >= 1"),
+    (["--slowdown", "nan"], "--slowdown nan: use a finite factor >= 1"),
+])
+def test_ps_worker_refuses_flags_that_cannot_work(argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from worker.config import parse_config
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_config(argv, env={})
+    assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_a_slower_machine_is_a_floor_under_the_work_that_the_factors_multiply() -> None:
     """--step-seconds 0.01 with 1.5 ms of work: 8.5 ms of sleep makes the iteration 10 ms long, 3x
     makes it 30 ms, a tail delay of 10x 100 ms; a floor below the work changes nothing."""
