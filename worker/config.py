@@ -108,8 +108,10 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         parse_tail_delay(config.tail_delay)
     except ValueError as e:
         parser.error(str(e))
-    if ":" not in config.server:
-        parser.error(f"--server {config.server!r}: use HOST:PORT")
+    host, sep, port = config.server.rpartition(":")
+    if not config.server.startswith(("unix:", "unix-abstract:", "vsock:")) and (  # (gRPC targets with no port)
+            not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535):
+        parser.error(f"--server {config.server!r}: use HOST:PORT (a port in 1..65535), for example 127.0.0.1:50051")
     for name, low, positive in (("timeout_seconds", 0, True), ("report_seconds", 0, True),
                                 ("join_wait_seconds", 0, False), ("idle_exit_seconds", 0, False),
                                 ("max_message_bytes", 1 << 20, False)):

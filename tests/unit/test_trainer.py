@@ -482,6 +482,10 @@ def test_a_straggler_pays_back_what_a_sleep_overran() -> None:
     # no slowdown at all, and hid a run's own --slowdown for the rank)
     (["--slowdown", "inf"], "--slowdown inf: use a finite factor >= 1"),
     (["--slowdown", "nan"], "--slowdown nan: use a finite factor >= 1"),
+    # (these were taken, then every Join failed as 'not reachable', retried for ever like a server not up yet)
+    (["--server", "ps:abc"], "--server 'ps:abc': use HOST:PORT (a port in 1..65535)"),
+    (["--server", "127.0.0.1:99999"], "--server '127.0.0.1:99999': use HOST:PORT"),
+    (["--server", ":50051"], "--server ':50051': use HOST:PORT"),
 ])
 def test_ps_worker_refuses_flags_that_cannot_work(argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
     from worker.config import parse_config
@@ -489,6 +493,8 @@ def test_ps_worker_refuses_flags_that_cannot_work(argv: list[str], says: str, ca
     with pytest.raises(SystemExit) as exit_:
         parse_config(argv, env={})
     assert exit_.value.code == 2 and says in capsys.readouterr().err
+    for target in ("ps:50051", "[::1]:50051", "dns:///ps.example:50051", "unix:/tmp/ps.sock"):  # gRPC's forms
+        assert parse_config(["--server", target], env={}).server == target
 
 
 def test_a_slower_machine_is_a_floor_under_the_work_that_the_factors_multiply() -> None:
