@@ -395,6 +395,9 @@ def _npz(spec: Mapping[str, Any]) -> Dataset:
         if X_te.shape[1] != X_tr.shape[1]:
             raise DatasetError(f"{path!r}: X_test has {X_te.shape[1]} features, X_train {X_tr.shape[1]}")
     name = f"npz:{os.path.basename(path)}"
+    if (y_tr.dtype.kind in "iub") != (y_te.dtype.kind in "iub"):
+        raise DatasetError(f"{path!r}: y_train is {y_tr.dtype} but y_test {y_te.dtype}: give both integer labels "
+                           "(classification) or both float targets (regression)")
     if y_tr.dtype.kind in "iub" and y_te.dtype.kind in "iub":
         if y_tr.ndim != 1 or y_te.ndim != 1:
             raise DatasetError(f"{path!r}: integer labels must be 1-D, got y shape {y_tr.shape}")

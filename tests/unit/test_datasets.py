@@ -225,6 +225,10 @@ def _write(tmp_path: Path, **arrays: Any) -> str:
         ({"X": np.array([[object()]] * 4), "y": np.zeros(4)}, "no object arrays"),
         ({"X_train": np.zeros((4, 2)), "y_train": np.zeros(4), "X_test": np.zeros((2, 3)), "y_test": np.zeros(2)},
          "X_test has 3 features"),
+        # (taken as regression: integer train labels became float targets, and psctl launch then said
+        # softmax does not suit a regression dataset)
+        ({"X_train": np.zeros((4, 2)), "y_train": np.array([0, 1, 2, 1]), "X_test": np.zeros((2, 2)),
+          "y_test": np.array([0.0, 2.0])}, "y_train is int64 but y_test float64"),
     ],
 )
 def test_npz_bad_contents(tmp_path: Path, arrays: dict[str, Any], match: str) -> None:
