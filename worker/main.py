@@ -149,15 +149,15 @@ async def _main(config: WorkerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     outcomes = await work(config, stop)
-    # 1 when this worker failed its run, or did not get the run it was told to join (--run-id:
-    # refused, such as a run that does not exist, or no work before --idle-exit-seconds), or
-    # cannot take part as it is set up (it gave its rank back); a run stopped, a rank evicted or a
-    # stop asked for is not its failure
+    # 1 when this worker failed its run (the one run of --once or --run-id), or did not get the run
+    # it was told to join (--run-id: refused, such as a run that does not exist, or no work before
+    # --idle-exit-seconds), or cannot take part as it is set up (it gave its rank back); a run
+    # stopped, a rank evicted or a stop asked for is not its failure
     if config.run_id and not outcomes and not stop.is_set():
         return 1
     if outcomes and outcomes[-1].unfit:
         return 1
-    return 1 if config.once and outcomes and outcomes[-1].failed else 0
+    return 1 if (config.once or config.run_id) and outcomes and outcomes[-1].failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:

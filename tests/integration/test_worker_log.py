@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +106,21 @@ async def test_a_worker_told_to_join_a_run_that_refuses_it_exits_non_zero(server
     assert await _main(told) == 1
     idle = parse_config(["--server", server.address, "--idle-exit-seconds", "0.3"], env={})
     assert await _main(idle) == 0
+
+
+async def test_a_worker_told_to_join_a_run_it_fails_exits_non_zero(server: PsServer, tmp_path: Path) -> None:
+    """``ps-worker --run-id X`` (without --once) leaves once run X is over: when this worker failed
+    it (its data cannot be read here), the exit status is 1, as with --once; it was 0."""
+    import numpy as np
+
+    from worker.config import parse_config
+    from worker.main import _main
+
+    path = tmp_path / "data.npz"
+    np.savez(path, X=np.zeros((20, 3), np.float32), y=np.arange(20) % 2)
+    spec = build_run_spec(LaunchOptions(model="softmax", dataset=f"npz:{path}", workers=1, iterations=5))
+    path.unlink()  # the worker cannot load it
+    async with PsClient(server.address, timeout=10.0) as ps:
+        run = await ps.create_run(spec)
+    told = parse_config(["--server", server.address, "--run-id", run.run_id, "--join-wait-seconds", "1"], env={})
+    assert await _main(told) == 1
