@@ -126,6 +126,29 @@ async def test_staleness_bound_holds_with_a_straggler(impl: Impl, topology: Topo
     assert sorted((r.rank, r.clock) for r in pushes) == [(k, c) for k in range(3) for c in range(iterations)]
 
 
+async def test_a_bound_lowered_by_the_schedule_is_followed(impl: Impl, topology: Topology) -> None:
+    """The run's schedule lowers the bound from 6 to 1 at min clock 3: the workers learn it from
+    the answers (on a cluster every shard's, combined) and stop reusing parameters the new bound
+    does not allow. A worker that kept s = 6 skips pulls the servers would have parked, and its
+    pushes are refused (STALENESS_BOUND: the rank loses its assignment)."""
+    s, step, iterations = 6, 3, 40
+    spec = run_spec(model="mlp:32", workers=3, staleness=s, iterations=iterations, slowdown=((2, 8.0),),
+                    staleness_schedule=f"{step}=1")
+    with topology.start() as srv:
+        async with connect(srv.address) as c:
+            run = await c.create_run(spec)
+            workers = impl.start_many(srv.address, 3)
+            final = await finish(c, run.run_id, logs=impl.logs)
+            metrics = await c.get_metrics(run.run_id)
+        codes = [w.wait(20) for w in workers]
+    assert final.state == COMPLETED, (final.message, impl.logs())
+    assert codes == [0, 0, 0], impl.logs()
+    assert final.counters.pushes_rejected == 0, impl.logs()
+    assert final.spec.staleness == 1
+    assert "staleness" in kinds(list(metrics.events))
+    assert [w.pushes for w in final.workers] == [iterations] * 3
+
+
 @pytest.mark.one_server("whether to pull is the worker's own decision, from the guaranteed clock, which a cluster "
                         "only combines (the least over the shards); the cache on a cluster is in "
                         "test_joins_and_completes_a_run[two-shards], BSP on a cluster in "

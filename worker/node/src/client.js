@@ -392,7 +392,8 @@ class PsClient {
   /**
    * Pull parameters for iteration `clock` into `into` ({name: Float32Array}, reused when shapes
    * match). The deadline is maxWait (how long the server may park it) plus the client's timeout.
-   * Returns {guaranteed_clock, version, run_state, tensors, shapes}.
+   * Returns {guaranteed_clock, version, run_state, staleness, tensors, shapes}; `staleness`: the
+   * run's bound the answer says (UpdateRun, a schedule), undefined when it says none.
    */
   async pull(runId, rank, incarnation, clock, { into = {}, names = [], maxWait = undefined, timeoutS = undefined } = {}) {
     const wait = maxWait === undefined ? this.timeout : maxWait;
@@ -410,6 +411,7 @@ class PsClient {
       guaranteed_clock: Number(last.guaranteed_clock),
       version: Number(last.version),
       run_state: last.run_state,
+      staleness: last.staleness,
       tensors: asm.out,
       shapes: asm.shapes,
     };

@@ -21,7 +21,7 @@
  * BSP (staleness 0) the shards' answers to one pull must hold the same guaranteed clock, else the
  * pull fails retryably (UNAVAILABLE). Answers combine as the least guarantee: the least clock, min
  * clock, guaranteed clock and version; duplicate only when every shard says so; a finished run's
- * state over a running one. Of several refusals the one thrown is a CLOCK_AHEAD (the lowest
+ * state over a running one; the tightest staleness bound any shard says (a schedule's step). Of several refusals the one thrown is a CLOCK_AHEAD (the lowest
  * next_clock: the trainer rewinds there, even to its own clock), else the first that is not
  * retryable, else the first. After a rewind the trainer calls refresh: a shard that restarted has
  * another TCP data plane port, which GetRun's map tells.
@@ -41,6 +41,24 @@ function combinedState(states) {
 
 function min(values) {
   return values.reduce((a, b) => Math.min(a, b));
+}
+
+/**
+ * The staleness bound the shards' answers say (a schedule's step): the tightest, as a shard
+ * refuses what its own bound does not allow; -1 (unbounded) only when every shard says so;
+ * undefined when none says one.
+ */
+function bound(answers) {
+  const said = answers.map((a) => a.staleness).filter((s) => s !== undefined && s !== null).map(Number);
+  if (!said.length) return undefined;
+  const finite = said.filter((s) => s >= 0);
+  return finite.length ? min(finite) : -1;
+}
+
+/** `out` with the bound `answers` say, if they say one (the key is absent otherwise). */
+function withBound(out, answers) {
+  const s = bound(answers);
+  return s === undefined ? out : { ...out, staleness: s };
 }
 
 /** Elements in one row of a tensor of `shape` (its first dimension's rows; a scalar is one row). */
@@ -184,12 +202,12 @@ class Shards {
       if (!(arrays[name] instanceof Float32Array)) throw new TypeError(`push ${clock}: no gradient for ${name}`);
     }
     const acks = await this.each((c, s) => c.push(runId, rank, incarnation, clock, this.rows(arrays, s.pieces), loss, timeoutS));
-    return {
+    return withBound({
       clock: min(acks.map((a) => Number(a.clock))),
       duplicate: acks.every((a) => a.duplicate),
       min_clock: min(acks.map((a) => Number(a.min_clock))),
       run_state: combinedState(acks.map((a) => a.run_state)),
-    };
+    }, acks);
   }
 
   /**
@@ -227,13 +245,13 @@ class Shards {
         + 'a server went back to a checkpoint meanwhile; pull again', null, 'PullParams');
     }
     const tensors = wanted.size ? Object.fromEntries(Object.entries(out).filter(([n]) => wanted.has(n))) : out;
-    return {
+    return withBound({
       guaranteed_clock: min(pulled.map((r) => r.guaranteed_clock)),
       version: min(pulled.map((r) => r.version)),
       run_state: combinedState(pulled.map((r) => r.run_state)),
       tensors,
       shapes: Object.fromEntries(Object.keys(tensors).map((n) => [n, this.shapes[n]])),
-    };
+    }, pulled);
   }
 }
 

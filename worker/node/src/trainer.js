@@ -206,6 +206,7 @@ class Trainer {
       () => this.plane.pull(this.a.run_id, this.a.rank, this.a.incarnation, clock, { into: params, maxWait }),
       `pull ${clock}`,
     );
+    this.learn(res);
     this.stats.pulls += 1;
     this.runState = res.run_state;
     return res.guaranteed_clock;
@@ -257,8 +258,9 @@ class Trainer {
   }
 
   /**
-   * An answer says the run's staleness bound (PushGradientResponse.staleness: UpdateRun may change
-   * it while the run runs); it applies from the next iteration, to the cache as to everything.
+   * An answer, a push's or a pull's, says the run's staleness bound (PushGradientResponse.staleness,
+   * PullParamsResponse.staleness: UpdateRun or a schedule may change it while the run runs); it
+   * applies from the next iteration, to the cache as to everything.
    */
   learn(resp) {
     if (resp.staleness === undefined || resp.staleness === null) return;

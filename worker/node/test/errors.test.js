@@ -232,6 +232,37 @@ test('an answer that says a new staleness bound changes the cache rule from the 
   assert.match(t.log.lines.join('\n'), /staleness is now unbounded/);
 });
 
+test('a pull\'s answer says the bound too: the trainer learns it there, as from a push\'s', { timeout: 10000 }, async () => {
+  const { t } = trainerAt(5);
+  t.staleness = 4;
+  t.plane = { pull: async () => ({ guaranteed_clock: 4, version: 9, run_state: 'RUN_STATE_RUNNING', staleness: 1 }) };
+  assert.equal(await t.pull(5, {}), 4);
+  assert.equal(t.staleness, 1);
+  assert.equal(t.cacheValid(4, 6), false, 'parameters of clock 4 are too old for clock 6 under s = 1');
+});
+
+test('PsClient.pull returns the bound its answer says (PullParamsResponse.staleness), none when it says none', { timeout: 10000 }, async () => {
+  let said = 3;
+  const data = await grpcServer(pkg.ParameterService.service, {
+    PullParams: (call) => call.on('data', (req) => call.write({
+      guaranteed_clock: req.clock, final: true, run_state: 'RUN_STATE_RUNNING', ...(said === null ? {} : { staleness: said }),
+    })),
+  });
+  const client = new PsClient(data.address, { timeout: 5, dataPlane: false });
+  try {
+    assert.equal((await client.pull('r', 0, 1, 2, { maxWait: 1 })).staleness, 3);
+    said = -1;
+    assert.equal((await client.pull('r', 0, 1, 2, { maxWait: 1 })).staleness, -1);
+    said = 0;
+    assert.equal((await client.pull('r', 0, 1, 2, { maxWait: 1 })).staleness, 0);
+    said = null;
+    assert.equal((await client.pull('r', 0, 1, 2, { maxWait: 1 })).staleness, undefined);
+  } finally {
+    client.close();
+    data.close();
+  }
+});
+
 test('a straggler sleeps (factor - 1) times its computation, not the time it waited for others', async () => {
   const { t } = trainerAt(0);
   t.slowdown = 3;

@@ -164,6 +164,22 @@ test('of several refusals: a CLOCK_AHEAD (the lowest next_clock), else one not r
   }
 });
 
+test('the bound the shards\' answers say combines as the tightest, on pushes and pulls; none said: none', { timeout: 10000 }, async () => {
+  const saying = (bounds) => new Shards(MAP, SHAPES, (s) => {
+    const c = fakeClient(s);
+    const [push, pull] = [c.push, c.pull];
+    const said = (r) => (bounds[s.index] === null ? r : { ...r, staleness: bounds[s.index] });
+    c.push = (...args) => push.apply(c, args).then(said);
+    c.pull = (...args) => pull.apply(c, args).then(said);
+    return c;
+  });
+  for (const [bounds, want] of [[[4, 1, 4], 1], [[-1, 2, null], 2], [[-1, -1, -1], -1], [[null, 0, 0], 0], [[null, null, null], undefined]]) {
+    const sh = saying(bounds);
+    assert.equal((await sh.push('r', 0, 1, 4, GRADS)).staleness, want, `push, ${bounds}`);
+    assert.equal((await sh.pull('r', 0, 1, 4, { into: {} })).staleness, want, `pull, ${bounds}`);
+  }
+});
+
 test('the combined run state is the most final one', () => {
   assert.equal(combinedState(['RUN_STATE_RUNNING', 'RUN_STATE_COMPLETED']), 'RUN_STATE_COMPLETED');
   assert.equal(combinedState(['RUN_STATE_STOPPED', 'RUN_STATE_FAILED', 'RUN_STATE_RUNNING']), 'RUN_STATE_FAILED');
