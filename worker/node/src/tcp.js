@@ -12,7 +12,8 @@
  * exactly as gRPC would (Status by proto.js's codec). The hello and the first frames are written
  * at once (the server reads in order); a server that answers anything but its echo of the hello
  * (another framing version, another service) makes `onUnreachable` fire, so the client can use
- * gRPC instead.
+ * gRPC instead, and ends the stream with UNAVAILABLE (the operation is retried, over gRPC; a
+ * refusal of UNIMPLEMENTED, another version, included: it never ends the operation as a refusal).
  */
 
 const net = require('net');
@@ -143,8 +144,14 @@ class TcpCall extends EventEmitter {
         this.emit('data', this.deserialize(body));
       } else if (kind === STATUS) {
         const { details, info } = statusBody(status, body);
-        if (status === Status.UNIMPLEMENTED) this.onUnreachable(details);
-        this._end(status, details, info);
+        if (status === Status.UNIMPLEMENTED) {
+          // Another version of the framing (the refusal of the hello): gRPC from now on, and this
+          // operation fails as when the port cannot be reached, retryably (the server read none of it).
+          this.onUnreachable(details);
+          this._end(Status.UNAVAILABLE, `the data plane speaks another version of the framing (${details}): using gRPC`);
+        } else {
+          this._end(status, details, info);
+        }
       } else {
         this._end(Status.UNAVAILABLE, `unknown frame kind ${kind} from the data plane`);
       }

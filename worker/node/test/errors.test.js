@@ -167,6 +167,43 @@ test('over gRPC the trailer reaches PsError: a unary call and a stream', async (
   }
 });
 
+test('a data plane of another version (its hello refused with UNIMPLEMENTED): the operation is retried, over gRPC', { timeout: 10000 }, async () => {
+  // The refusal comes in place of the echo, as a server of another framing version sends it.
+  const body = codecs.Status.encode({ code: grpc.status.UNIMPLEMENTED, message: 'unsupported framing version 2',
+    error: { reason: 'ERROR_REASON_UNSUPPORTED' } });
+  const tcp = await new Promise((resolve) => {
+    const srv = net.createServer((sock) => {
+      sock.once('data', () => sock.end(Buffer.concat([frameHeader(STATUS, grpc.status.UNIMPLEMENTED, body.length), body])));
+      sock.on('error', () => {});
+    });
+    srv.listen(0, '127.0.0.1', () => resolve({ port: srv.address().port, close: () => srv.close() }));
+  });
+  const pushes = [];
+  const data = await grpcServer(pkg.ParameterService.service, {
+    PushGradient: (call) => call.on('data', (req) => {
+      pushes.push(Number(req.clock));
+      call.write({ clock: Number(req.clock) + 1, min_clock: 0, run_state: 'RUN_STATE_RUNNING' });
+    }),
+  });
+  const client = new PsClient(data.address, { timeout: 5 });
+  client.dataPortIs(tcp.port);
+  client.heartbeat = async () => ({ clock: 5, run_state: 'RUN_STATE_RUNNING' });
+  const a = { run_id: 'r', rank: 0, incarnation: 1, start_clock: 5, spec: { staleness: 1, optimizer: {}, slowdown: {} } };
+  const t = new Trainer(client, a, { slowdown: 1, timeoutSeconds: 5 }, quietLog());
+  try {
+    assert.equal(client.transport(), 'tcp');
+    const ack = await t.call(() => client.push('r', 0, 1, 5, [['w', Float32Array.from([1]), [1]]]), 'push 5');
+    assert.equal(ack.clock, 6);
+    assert.deepEqual(pushes, [5]);
+    assert.equal(client.transport(), 'grpc');
+    assert.deepEqual(client.streamsOpened, { tcp: 1, grpc: 1, tcp_unreachable: 1 });
+  } finally {
+    client.close();
+    data.close();
+    tcp.close();
+  }
+});
+
 /** A Trainer at `clock` whose operations fail with `error`; heartbeats answer `hbClock`. */
 function trainerAt(clock, hbClock = clock) {
   const client = {
