@@ -14,6 +14,7 @@
  */
 
 const TCP_RETRY_SECONDS = [30, 600]; // after the data plane could not be reached: gRPC this long, doubling
+const TCP_GREET_SECONDS = 3; // longest wait for the data plane's answer to the hello (at most the timeout)
 
 const { loadContract, messages } = require('./proto');
 const { encodeTensors, TensorAssembler } = require('./tensors');
@@ -288,6 +289,7 @@ class PsClient {
       const port = this.dataPort;
       const call = new TcpCall(this.tcpHost, port, method, {
         maxBytes: this.maxMessageBytes,
+        greetSeconds: Math.min(this.timeout, TCP_GREET_SECONDS), // (the Python SDK's connect timeout)
         onUnreachable: (why) => this.tcpUnreachable(port, why),
         onGreeted: () => {
           if (this.log && (!this.tcpGreeted || this.tcpBackoff > TCP_RETRY_SECONDS[0])) {

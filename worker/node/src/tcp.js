@@ -48,7 +48,12 @@ function frameHeader(kind, status, length) {
 }
 
 class TcpCall extends EventEmitter {
-  constructor(host, port, method, { maxBytes = 64 << 20, onUnreachable = () => {}, onGreeted = () => {} } = {}) {
+  /**
+   * `greetSeconds`: how long the server may take to answer the hello (connecting included); a port
+   * that does not answer in time (a firewall dropping its packets, a proxy holding the connection)
+   * is unreachable.
+   */
+  constructor(host, port, method, { maxBytes = 64 << 20, greetSeconds = 3, onUnreachable = () => {}, onGreeted = () => {} } = {}) {
     super();
     const m = definition['paramserver.v1.ParameterService'][method];
     this.serialize = m.requestSerialize;
@@ -70,6 +75,10 @@ class TcpCall extends EventEmitter {
       this._end(Status.UNAVAILABLE, `the data plane connection broke (${e.code || e.message})`);
     });
     this.sock.on('close', () => this._end(Status.UNAVAILABLE, 'the data plane connection was closed'));
+    this.greetTimer = setTimeout(() => {
+      this.onUnreachable(`${host}:${port}: no answer to the hello within ${greetSeconds}s`);
+      this._end(Status.UNAVAILABLE, `the data plane did not answer the hello within ${greetSeconds}s`);
+    }, greetSeconds * 1000);
     this.sock.write(this.hello);
   }
 
@@ -118,6 +127,7 @@ class TcpCall extends EventEmitter {
         if (echo.equals(this.hello)) {
           this._bytes(this.hello.length, true);
           this.greeted = true;
+          clearTimeout(this.greetTimer);
           this.onGreeted();
           continue;
         }
@@ -127,6 +137,7 @@ class TcpCall extends EventEmitter {
           return;
         }
         this.greeted = true; // refused: a STATUS frame follows in place of the echo
+        clearTimeout(this.greetTimer);
       }
       if (this.have < HEADER) return;
       const head = this._bytes(HEADER, false);
@@ -162,6 +173,7 @@ class TcpCall extends EventEmitter {
   _end(code, details, info = null) {
     if (this.ended) return;
     this.ended = true;
+    clearTimeout(this.greetTimer);
     this.emit('status', { code, details, info });
     this.sock.destroy();
   }

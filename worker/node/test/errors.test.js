@@ -204,6 +204,35 @@ test('a data plane of another version (its hello refused with UNIMPLEMENTED): th
   }
 });
 
+test('a data plane port that never answers the hello (a firewall dropping it, a proxy holding it): gRPC after '
+  + 'min(timeout, 3 s), as the Python SDK', { timeout: 20000 }, async () => {
+  const held = [];
+  const silent = await new Promise((resolve) => {
+    const srv = net.createServer((sock) => { held.push(sock); sock.on('error', () => {}); }); // accepts, says nothing
+    srv.listen(0, '127.0.0.1', () => resolve({ port: srv.address().port, close: () => { held.forEach((s) => s.destroy()); srv.close(); } }));
+  });
+  const data = await grpcServer(pkg.ParameterService.service, {
+    PushGradient: (call) => call.on('data', (req) => call.write({ clock: Number(req.clock) + 1, run_state: 'RUN_STATE_RUNNING' })),
+  });
+  const client = new PsClient(data.address, { timeout: 5 });
+  client.dataPortIs(silent.port);
+  client.heartbeat = async () => ({ clock: 5, run_state: 'RUN_STATE_RUNNING' });
+  const a = { run_id: 'r', rank: 0, incarnation: 1, start_clock: 5, spec: { staleness: 1, optimizer: {}, slowdown: {} } };
+  const t = new Trainer(client, a, { slowdown: 1, timeoutSeconds: 5 }, quietLog());
+  const start = Date.now();
+  try {
+    const ack = await t.call(() => client.push('r', 0, 1, 5, [['w', Float32Array.from([1]), [1]]]), 'push 5');
+    assert.equal(ack.clock, 6);
+    assert.equal(client.transport(), 'grpc');
+    assert.deepEqual(client.streamsOpened, { tcp: 1, grpc: 1, tcp_unreachable: 1 });
+    assert.ok(Date.now() - start < 3000 + 1500, `took ${Date.now() - start} ms: 3 s for the hello, then a retry`);
+  } finally {
+    client.close();
+    data.close();
+    silent.close();
+  }
+});
+
 /** A Trainer at `clock` whose operations fail with `error`; heartbeats answer `hbClock`. */
 function trainerAt(clock, hbClock = clock) {
   const client = {
