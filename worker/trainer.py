@@ -268,6 +268,7 @@ class _Trainer:
                 return
             except _Rewind as rewind:  # also while waiting for the final parameters
                 self._prefetched = self._ahead = self._since = self._version = None
+                params.clear()  # (they hold updates the server lost: never fresh enough, whatever the clock)
                 if self.codec is not None:
                     self.codec.reset()
                 if self.tables is not None:

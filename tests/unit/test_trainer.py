@@ -373,6 +373,44 @@ async def test_a_server_that_lost_clocks_sends_the_worker_back(compress: str, mo
     assert restored.state.value == "completed" and restored.clock.slots[0].clock == 30
 
 
+@pytest.mark.parametrize("model", ["softmax", "logistic:rows=4096"])
+async def test_a_worker_sent_back_pulls_again_before_it_computes(model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sent back to clock 0 (a server restored from a checkpoint taken before any push), a worker
+    with staleness 3 computes its next gradient on the restored parameters, not on the copy it held:
+    that copy has updates the server lost (it skipped the pull: clock 0 needs no update, and its
+    copy counted as fresh enough)."""
+    from worker.models.ctr import HashedModel
+    from worker.models.linear import SoftmaxRegression
+
+    initial: list[bool] = []  # per gradient: computed on the initial parameters (all zero for both models)
+    for cls in (SoftmaxRegression, HashedModel):
+        def loss_and_grad(self: Any, params: Any, *args: Any, compute: Any = cls.loss_and_grad) -> Any:
+            initial.append(all(not np.any(getattr(p, "values", p)) for p in params.values()))
+            return compute(self, params, *args)
+        monkeypatch.setattr(cls, "loss_and_grad", loss_and_grad)
+    dataset = "synthetic-ctr:samples=2000" if model.startswith("logistic") else "digits"
+    spec = build_run_spec(LaunchOptions(model=model, dataset=dataset, workers=1, staleness=3, iterations=12,
+                                        batch_size=16, lr=0.2))
+    async with InMemoryServer() as server:
+        async with server.client() as admin:
+            run = await admin.create_run(spec)
+        client = server.client()
+        joined = await client.join("w0", run.run_id, max_wait=0, capabilities=CAPABILITIES)
+        core = server.registry.get(run.run_id)
+        meta, arrays = snapshot.state_dict(core)  # before any push
+        restored: list[object] = []
+
+        def restore_at_clock_6(r: object) -> None:
+            if core.min_clock == 6 and not restored:
+                restored.append(server.registry.add(snapshot.restore(meta, arrays)))
+
+        core.on_change = restore_at_clock_6
+        outcome = await train(client, joined.assignment, CONFIG)
+        await client.close()
+    assert outcome.completed and outcome.stats.rewinds == 1
+    assert initial[0] and initial.count(True) == 2, initial  # the first iteration, and the first after the rewind
+
+
 async def test_a_stopped_run_ends_the_assignment_without_failing_it() -> None:
     async with InMemoryServer() as server:
         async with server.client() as admin:
