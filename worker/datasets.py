@@ -165,7 +165,7 @@ def _canonical(spec: Mapping[str, Any], from_text: bool = False) -> dict[str, An
     if not isinstance(spec, Mapping) or "kind" not in spec:
         raise DatasetError(f"dataset spec must be a mapping with a 'kind', got {spec!r}; {_FORMS}")
     kind = spec["kind"]
-    if kind not in _DEFAULTS:
+    if not isinstance(kind, str) or kind not in _DEFAULTS:
         raise DatasetError(f"unknown dataset kind {kind!r}; {_FORMS}")
     defaults = _DEFAULTS[kind]
     aliases = _ALIASES.get(kind, {})

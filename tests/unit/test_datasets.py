@@ -81,6 +81,8 @@ def test_parse_dataset_errors_say_what_to_fix(text: str, match: str) -> None:
         ({"kind": "synthetic-regression", "samples": "100"}, "must be int"),
         ({"kind": "synthetic-regression", "samples": True}, "must be int"),
         ({"kind": "npz"}, "needs a 'path'"),
+        # (a run's data_spec_json is whatever its creator wrote: a TypeError here killed the worker, untold)
+        ({"kind": ["digits"]}, "unknown dataset kind"),
     ],
 )
 def test_load_dataset_validates_specs(spec: dict[str, Any], match: str) -> None:
