@@ -364,6 +364,9 @@ def _synthetic_classification(spec: Mapping[str, Any]) -> Dataset:
 
 
 _NPZ_LAYOUTS = "either X, y or X_train, y_train, X_test, y_test"
+_MAX_CLASSES = 1 << 16
+"""Classes an npz file's integer labels may name (a label of 10^12, an id not renumbered, would
+make a model with an output unit per class, too large for any worker)."""
 
 
 def _npz(spec: Mapping[str, Any]) -> Dataset:
@@ -405,6 +408,10 @@ def _npz(spec: Mapping[str, Any]) -> Dataset:
         if lo < 0:
             raise DatasetError(f"{path!r}: class labels must be >= 0, found {lo}")
         n_classes = max(int(y_tr.max()), int(y_te.max())) + 1
+        if n_classes > _MAX_CLASSES:  # (a model's output layer has one unit per class)
+            raise DatasetError(f"{path!r}: integer labels are class indices 0..K-1, at most {_MAX_CLASSES} classes; "
+                               f"found label {n_classes - 1}: number the classes 0..K-1 (np.unique(y, "
+                               "return_inverse=True)), or give float targets for regression")
         return _frozen(name, "classification", X_tr, y_tr, X_te, y_te, n_classes)
     if y_tr.shape[1:] != y_te.shape[1:] or y_tr.ndim > 2:
         raise DatasetError(f"{path!r}: targets must be (n,) or (n, k) with the same k in train and test")

@@ -223,6 +223,7 @@ def _write(tmp_path: Path, **arrays: Any) -> str:
         ({"X": np.array([[1e300, 0.0]] * 4), "y": np.zeros(4)}, "X has values beyond float32's range"),
         ({"X": np.zeros((4, 2)), "y": np.array([0.0, -1e39, 0.0, 0.0])}, "y has values beyond float32's range"),
         ({"X": np.zeros((4, 2)), "y": np.array([0, -1, 1, 0])}, "labels must be >= 0"),
+        ({"X": np.zeros((4, 2)), "y": np.array([0, 10**12, 1, 0])}, "at most 65536 classes; found label 1000000000000"),
         ({"X": np.zeros((4, 2)), "y": np.array(["a", "b", "c", "d"])}, "must be numeric"),
         ({"X": np.array([[object()]] * 4), "y": np.zeros(4)}, "no object arrays"),
         ({"X_train": np.zeros((4, 2)), "y_train": np.zeros(4), "X_test": np.zeros((2, 3)), "y_test": np.zeros(2)},
