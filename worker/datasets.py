@@ -433,7 +433,7 @@ def _check_xy(path: str, xname: str, X: npt.NDArray[Any], y: npt.NDArray[Any]) -
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise DatasetError(f"{path!r}: {name} contains NaN or Inf; clean the data first")
         # (float64 values past float32's range would become Inf in the float32 a worker trains in)
-        if a.dtype.kind == "f" and a.size and float(np.abs(a).max()) > np.finfo(np.float32).max:
+        if a.dtype.kind == "f" and a.size and float(np.abs(a).max()) > float(np.finfo(np.float32).max):
             raise DatasetError(f"{path!r}: {name} has values beyond float32's range (|v| > 3.4e38), which "
                                "training in float32 would make Inf; rescale the data")
 
