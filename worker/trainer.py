@@ -110,7 +110,7 @@ class Outcome:
     """The server gave this rank to another worker (a refusal: stale incarnation)."""
     unfit: bool = False
     """This worker cannot take part in the run as it is set up (an answer over its own
-    --max-message-bytes): it gave the rank back, and the run goes on without it."""
+    --max-message-bytes, not enough memory): it gave the rank back, and the run goes on without it."""
 
 
 def _now_ts() -> Timestamp:
@@ -569,6 +569,10 @@ async def _train(client: PsClient, a: pb.Assignment, trainer: _Trainer) -> Outco
         with contextlib.suppress(errors.PsError):
             await client.leave(a.run_id, a.rank, a.incarnation, pb.LEAVE_REASON_FAILED, message)
         return Outcome(a.run_id, a.rank, False, message, trainer.stats, failed=True)
+    except MemoryError:  # this machine's, not the run's: a worker with more memory may take the rank
+        hb.cancel()
+        return await _give_back(client, a, trainer, "this worker cannot take part as it is set up: not enough "
+                                "memory for the run's data and model")
     except BaseException:
         hb.cancel()
         raise
@@ -591,15 +595,25 @@ async def _train(client: PsClient, a: pb.Assignment, trainer: _Trainer) -> Outco
             leave_reason, message = pb.LEAVE_REASON_FAILED, str(exc)
     except FloatingPointError as exc:
         leave_reason, message = pb.LEAVE_REASON_FAILED, str(exc)
+    except MemoryError:
+        leave_reason, message = pb.LEAVE_REASON_SHUTDOWN, ("this worker cannot take part as it is set up: not enough "
+                                                           "memory to train")
     finally:
         hb.cancel()
-    unfit = leave_reason == pb.LEAVE_REASON_SHUTDOWN
+    if leave_reason == pb.LEAVE_REASON_SHUTDOWN:
+        return await _give_back(client, a, trainer, message)
     if leave_reason == pb.LEAVE_REASON_FAILED:
         log.error("training failed: %s", message)
-    elif unfit:
-        log.error("gave rank %d back (the run goes on without this worker): %s", a.rank, message)
     with contextlib.suppress(errors.PsError):
         await client.leave(a.run_id, a.rank, a.incarnation, leave_reason, message)
     done = leave_reason == pb.LEAVE_REASON_DONE
-    return Outcome(a.run_id, a.rank, done, message or "done", trainer.stats, failed=not done and not unfit,
-                   unfit=unfit)
+    return Outcome(a.run_id, a.rank, done, message or "done", trainer.stats, failed=not done)
+
+
+async def _give_back(client: PsClient, a: pb.Assignment, trainer: _Trainer, message: str) -> Outcome:
+    """This worker cannot take part as it is set up (``Outcome.unfit``): the rank goes back to the
+    run, which goes on without it (or with another worker)."""
+    log.error("gave rank %d back (the run goes on without this worker): %s", a.rank, message)
+    with contextlib.suppress(errors.PsError):
+        await client.leave(a.run_id, a.rank, a.incarnation, pb.LEAVE_REASON_SHUTDOWN, message)
+    return Outcome(a.run_id, a.rank, False, message, trainer.stats, unfit=True)

@@ -599,3 +599,32 @@ async def test_workers_follow_the_run_s_staleness_schedule(caplog: pytest.LogCap
     (event,) = [e for e in core.history.events if e.kind == "staleness"]
     assert event.message == "staleness changed from 8 to 2 at min clock 12 (the run's schedule)"
     assert len([r for r in caplog.records if "the run's staleness is now 2 (was 8)" in r.getMessage()]) == 2
+
+
+@pytest.mark.parametrize("where", ["setup", "gradient"])
+async def test_a_worker_out_of_memory_gives_its_rank_back_and_the_run_goes_on(
+        where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not enough memory (for the data and model, or later in training) is this worker's, not the
+    run's: it leaves with its rank given back, and another worker takes it from there."""
+    def short_of_memory(*args: object, **kwargs: object) -> None:
+        raise MemoryError
+
+    async with InMemoryServer() as server:
+        async with server.client() as admin:
+            run = await admin.create_run(_spec(1, workers=1, iterations=20))
+            client = server.client()
+            joined = await client.join("w0", run.run_id, max_wait=0)
+            with monkeypatch.context() as patch:
+                if where == "setup":
+                    patch.setattr(trainer_module._Trainer, "setup", short_of_memory)
+                else:
+                    patch.setattr(trainer_module._Trainer, "gradient", short_of_memory)
+                outcome = await asyncio.wait_for(train(client, joined.assignment, CONFIG), 30)
+            status = await admin.get_run(run.run_id)
+            assert status.state == pb.RUN_STATE_RUNNING and status.workers[0].state == pb.WORKER_STATE_EVICTED
+            again = await client.join("w1", run.run_id, max_wait=0)  # the rank goes on with another worker
+            second = await asyncio.wait_for(train(client, again.assignment, CONFIG), 30)
+            await client.close()
+    assert outcome.unfit and not outcome.failed and "not enough memory" in outcome.reason, outcome
+    assert ending(outcome) == (logging.INFO, f"run {run.run_id}: rank 0 given back after the error above")
+    assert second.completed
