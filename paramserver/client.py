@@ -123,8 +123,8 @@ class PsClient:
         await self.close()
 
     async def close(self) -> None:
-        self._push.close()
-        self._pull.close()
+        """Pushes and pulls under way (or asked for later) fail with CANCELLED; then the transport closes."""
+        await asyncio.gather(self._push.shutdown(), self._pull.shutdown())
         await self._transport.close()
 
     async def _call(self, service: str, method: str, request: Message, response: type[M],

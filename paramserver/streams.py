@@ -89,6 +89,10 @@ class Stream:
         self._call: Call | None = None
         self._key: object = None
         self._lock = asyncio.Lock()
+        self._closed = False
+        """``shutdown`` came: no more operations (each ends with CANCELLED)."""
+        self._deadline: asyncio.Timeout | None = None
+        """The deadline of the operation under way (``shutdown`` ends it at once)."""
         self._busy = 0
         """Operations under the lock or waiting for it. (``Lock.locked()`` is False from a release
         until the next waiter runs: an operation tried without the loop in that moment would write
@@ -107,6 +111,8 @@ class Stream:
         what that does not finish at once goes on here. A request sent for a caller with other work
         to do (``Pending.later``) lets that work run first, under the lock, and then looks for its
         answer the same way: by then it is usually there, and the caller never waits in the loop."""
+        if self._closed:
+            raise self._shut_error()
         pending, todo = None, iter(requests)
         call = self._call
         if call is not None and call.exchange_now is not None and not self._busy and self._key == self._wanted():
@@ -129,7 +135,9 @@ class Stream:
                             if not isinstance(got, Pending):
                                 return got
                             pending = got
-                    async with asyncio.timeout(timeout):
+                    async with asyncio.timeout(timeout) as self._deadline:
+                        if self._closed:
+                            raise self._shut_error()
                         if pending is None:
                             if self._call is not None and self._key != self._wanted():
                                 self.close()
@@ -157,13 +165,34 @@ class Stream:
                                 return out
                 except TimeoutError:
                     self.close()
+                    if self._closed:
+                        raise self._shut_error() from None
                     raise errors.DeadlineExceeded(errors.Code.DEADLINE_EXCEEDED, f"no answer within {timeout:.1f}s",
                                                   method=self._method) from None
-                except BaseException:
+                except BaseException as exc:
                     self.close()
+                    task = asyncio.current_task()
+                    if self._closed and isinstance(exc, asyncio.CancelledError) and task and not task.cancelling():
+                        raise self._shut_error() from None  # (gRPC's read of a call its closed channel cancelled)
                     raise
+                finally:
+                    self._deadline = None
         finally:
             self._busy -= 1
+
+    def _shut_error(self) -> errors.PsError:
+        return errors.PsError(errors.Code.CANCELLED, "the client was closed", method=self._method)
+
+    async def shutdown(self) -> None:
+        """No more operations (``PsClient.close``): the one under way and those waiting end at once
+        with CANCELLED, and the call is closed once they have. (The operation's own task closes
+        it: a socket closed under a read of the event loop's would never wake that read, which
+        then waited out its whole deadline.)"""
+        self._closed = True
+        if self._deadline is not None and not self._deadline.expired():
+            self._deadline.reschedule(asyncio.get_running_loop().time())
+        async with self._lock:
+            self.close()
 
     def idle_call(self) -> Call | None:
         """The open call the next operation will use, when none is under way now (None: no

@@ -122,6 +122,34 @@ async def test_parked_pull_times_out_with_who_it_waited_for(server: PsServer, cl
     assert "rank 1 (clock 0)" in err.value.message
 
 
+async def test_closing_the_client_ends_its_parked_pull_at_once(server: PsServer, client: PsClient) -> None:
+    # (a socket closed under the event loop's read of it never woke that read: the pull waited out
+    # its whole deadline on TCP and shared memory; on gRPC it raised CancelledError in a task nobody
+    # cancelled)
+    run = await client.create_run(make_spec(num_workers=2, staleness=0, iterations=5))
+    a, _ = await _join_all(client, run.run_id, 2)
+    p = await client.pull(run.run_id, a.rank, a.incarnation, 0)
+    g = {n: np.ones_like(v) for n, v in p.tensors.items()}
+    await client.push(run.run_id, a.rank, a.incarnation, 0, g)
+    parked = asyncio.create_task(client.pull(run.run_id, a.rank, a.incarnation, 1, max_wait=8))
+    async with asyncio.timeout(10):
+        while not (await client.get_run(run.run_id)).workers[0].waiting:
+            await asyncio.sleep(0.02)
+    queued = asyncio.create_task(client.pull(run.run_id, a.rank, a.incarnation, 1, max_wait=8))
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await client.close()
+    for task in (parked, queued):
+        with pytest.raises(PsError) as err:
+            await asyncio.wait_for(task, 5)
+        assert err.value.code == errors.Code.CANCELLED and not err.value.retryable, err.value
+    assert loop.time() - start < 2
+    with pytest.raises(PsError) as err:  # and none opens a stream again
+        await client.push(run.run_id, a.rank, a.incarnation, 1, g)
+    assert err.value.code == errors.Code.CANCELLED
+
+
 async def test_large_model_push_and_pull_in_chunks(server: PsServer, client: PsClient) -> None:
     """A tensor far beyond one message (chunked at 1 MiB) round-trips exactly."""
     shapes = {"big": (3_000_000,), "small": (7,)}
