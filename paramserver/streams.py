@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -77,11 +78,12 @@ def _identity(resp: Any) -> Any:
 
 
 class Stream:
-    """One long-lived stream that carries one operation at a time. ``open_call`` opens it and says
-    where to (a key); before each operation, a stream whose key is no longer ``wanted()`` (the data
-    plane's port changed, or TCP is given up or back) is closed and opened anew, under the lock."""
+    """One long-lived stream that carries one operation at a time. ``open_call`` opens it, within
+    the seconds given (what is left of the operation's deadline), and says where to (a key);
+    before each operation, a stream whose key is no longer ``wanted()`` (the data plane's port
+    changed, or TCP is given up or back) is closed and opened anew, under the lock."""
 
-    def __init__(self, open_call: Callable[[], Awaitable[tuple[Call, object]]], method: str,
+    def __init__(self, open_call: Callable[[float], Awaitable[tuple[Call, object]]], method: str,
                  wanted: Callable[[], object]) -> None:
         self._open_call = open_call
         self._method = method
@@ -142,7 +144,8 @@ class Stream:
                             if self._call is not None and self._key != self._wanted():
                                 self.close()
                             if self._call is None:
-                                self._call, self._key = await self._open_call()
+                                left = (self._deadline.when() or math.inf) - asyncio.get_running_loop().time()
+                                self._call, self._key = await self._open_call(left)
                         elif self._call is not call:
                             raise errors.Unavailable(errors.Code.UNAVAILABLE, "the stream was closed", method=self._method)
                         call = self._call
@@ -261,12 +264,16 @@ class Route:
                 "workers with --no-data-plane)")
         self._backoff[kind] = min(2 * self._backoff[kind], TCP_RETRY_SECONDS[1])
 
-    async def open(self, method: str) -> tuple[Call, object]:
-        """A stream of ``method`` and its key (``wanted``'s value for it)."""
+    async def open(self, method: str, within: float = math.inf) -> tuple[Call, object]:
+        """A stream of ``method`` and its key (``wanted``'s value for it), opened ``within`` seconds:
+        shared memory and TCP get half of what is left each at most, so that a data plane that
+        does not answer is found unreachable, and the operation falls back, before its deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
         if self.transport == "shm":
             assert self._open_shm is not None
             try:
-                async with asyncio.timeout(self._connect_timeout):
+                async with asyncio.timeout(min(self._connect_timeout, (deadline - loop.time()) / 2)):
                     call = await self._open_shm(self.shm_socket, method)
                 if not self.opened["shm"] or self._backoff["shm"] > TCP_RETRY_SECONDS[0]:
                     log.info("pushes and pulls go through shared memory (the server is on this host)")
@@ -278,7 +285,7 @@ class Route:
         if self.transport == "tcp":
             assert self._tcp_host is not None
             try:
-                async with asyncio.timeout(self._connect_timeout):
+                async with asyncio.timeout(min(self._connect_timeout, (deadline - loop.time()) / 2)):
                     call = await self._open_tcp(self._tcp_host, self.data_port, method)
                 if not self.opened["tcp"] or self._backoff["tcp"] > TCP_RETRY_SECONDS[0]:
                     log.info("pushes and pulls go over the TCP data plane at %s:%d", self._tcp_host, self.data_port)

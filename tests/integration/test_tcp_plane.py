@@ -113,6 +113,28 @@ async def test_an_unreachable_data_plane_falls_back_to_grpc(server: PsServer) ->
         assert c.route.opened["tcp"] == 1
 
 
+@pytest.mark.parametrize("timeout, push_timeout", [(2.0, None), (10.0, 1.0)])
+async def test_a_data_plane_that_never_answers_falls_back_within_a_short_deadline(
+        server: PsServer, timeout: float, push_timeout: float | None) -> None:
+    # (the connect was given min(timeout, 3 s) whatever was left of the call's deadline: with a
+    # deadline of 3 s or less that deadline came first, TCP was never found unreachable, and every
+    # push timed out on it again)
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=timeout, shm=False) as c:
+        run = await c.create_run(make_spec(num_workers=1, staleness=-1))
+        a = (await c.join("w", run.run_id)).assignment
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # connections are taken (the backlog), the hello is never answered
+        c.route.data_port = silent.getsockname()[1]
+        try:
+            g = {"w": np.ones((3, 4), np.float32), "b": np.ones(4, np.float32)}
+            ack = await c.push(run.run_id, a.rank, a.incarnation, 0, g, timeout=push_timeout)
+        finally:
+            silent.close()
+        assert ack.clock == 1
+        assert c.route.opened == {"shm": 0, "tcp": 0, "grpc": 1, "shm_unreachable": 0, "tcp_unreachable": 1}
+
+
 async def test_data_port_minus_one_and_a_token_turn_the_data_plane_off(server_config: ServerConfig, tmp_path) -> None:  # type: ignore[no-untyped-def]
     off = await start_server(dataclasses.replace(server_config, data_port=-1))
     try:

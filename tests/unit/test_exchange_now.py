@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(30)
 def _stream(sock: socket.socket) -> tuple[Stream, TcpCall]:
     call = TcpCall(sock, "PushGradient", 1 << 20)
 
-    async def never() -> tuple[TcpCall, object]:
+    async def never(within: float) -> tuple[TcpCall, object]:
         raise AssertionError("the stream is open already")
 
     stream = Stream(never, "PushGradient", lambda: "key")
