@@ -78,6 +78,8 @@ async def greet(sock: socket.socket, method: str, where: str, flags: int = 0) ->
         refused = status_error(status, body, method)
         if refused.code == errors.Code.UNIMPLEMENTED:  # another version of the framing: use gRPC
             raise ConnectionError(f"{where} does not speak this data plane: {refused.message}")
+        if refused.reason == pb.ERROR_REASON_STREAM_LIMIT:  # full: the next way (as the proto says), for a while
+            raise ConnectionError(f"{where} takes no more streams: {refused.message}")
         raise refused
     echoed = tcp.HELLO.unpack(answer)[3]
     if bytes(answer) != tcp.hello(code, echoed) or echoed & ~flags:
@@ -194,8 +196,8 @@ class TcpCall:
 
     @classmethod
     async def open(cls, host: str, port: int, method: str, max_bytes: int) -> TcpCall:
-        """Connect and greet; OSError (or TimeoutError) when the data plane cannot be reached or
-        speaks another version, errors.PsError when the server refuses the stream (Unavailable
+        """Connect and greet; OSError (or TimeoutError) when the data plane cannot be reached,
+        speaks another version or has as many streams as it takes, errors.PsError when the server refuses the stream (Unavailable
         while it shuts down)."""
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)

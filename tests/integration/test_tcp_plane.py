@@ -135,6 +135,21 @@ async def test_a_data_plane_that_never_answers_falls_back_within_a_short_deadlin
         assert c.route.opened == {"shm": 0, "tcp": 0, "grpc": 1, "shm_unreachable": 0, "tcp_unreachable": 1}
 
 
+@pytest.mark.parametrize("shm", [False, True])
+async def test_a_data_plane_at_its_stream_limit_is_left_for_grpc(server: PsServer, shm: bool) -> None:
+    # (the refusal, UNAVAILABLE with STREAM_LIMIT, was raised to the caller, whose retry asked the
+    # same data plane again, for as long as it stayed full: a worker lost its assignment over it)
+    assert server.data_plane is not None and server.shm_plane is not None
+    server.data_plane.max_streams = server.shm_plane.max_streams = 0  # the first stream is one too many
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10, shm=shm) as c:
+        run = await c.create_run(make_spec(num_workers=1, staleness=-1))
+        a = (await c.join("w", run.run_id)).assignment
+        p = await c.pull(run.run_id, a.rank, a.incarnation, 0)
+        ack = await c.push(run.run_id, a.rank, a.incarnation, 0, {n: np.ones_like(v) for n, v in p.tensors.items()})
+        assert ack.clock == 1
+        assert c.route.opened == {"shm": 0, "tcp": 0, "grpc": 2, "shm_unreachable": int(shm), "tcp_unreachable": 1}
+
+
 async def test_data_port_minus_one_and_a_token_turn_the_data_plane_off(server_config: ServerConfig, tmp_path) -> None:  # type: ignore[no-untyped-def]
     off = await start_server(dataclasses.replace(server_config, data_port=-1))
     try:
