@@ -52,6 +52,15 @@ def _coded_rows(a: CodedPart, start: int, end: int) -> CodedPart:
         return CodedPart(np.zeros(1, a.values.dtype), a.dtype, shape, np.zeros(1, np.uint32))
     return CodedPart(a.values[first:last], a.dtype, shape, a.indices[first:last] - np.uint32(lo))
 
+def _fit(out: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> None:
+    """A new array in ``out[name]`` unless the one there takes each shard's rows in place: the
+    views of its rows given to each shard's pull are written into, never replaced (a read-only
+    array was left as it was, and returned as if pulled)."""
+    a = out.get(name)
+    if a is None or a.shape != shape or a.dtype != np.float32 or not a.flags.c_contiguous or not a.flags.writeable:
+        out[name] = np.empty(shape, np.float32)
+
+
 _STATE_ORDER: dict[int, int] = {pb.RUN_STATE_FAILED: 0, pb.RUN_STATE_STOPPED: 1, pb.RUN_STATE_COMPLETED: 2, pb.RUN_STATE_PENDING: 3,
                 pb.RUN_STATE_RUNNING: 4}
 
@@ -209,9 +218,7 @@ class Shards:
         ``names``) (new where missing or unfit)."""
         out = {} if into is None else into
         for name, shape in self.shapes.items() if names is None else ((n, self.shapes[n]) for n in names):
-            a = out.get(name)
-            if a is None or a.shape != shape or a.dtype != np.float32 or not a.flags.c_contiguous:
-                out[name] = np.empty(shape, np.float32)
+            _fit(out, name, shape)
         return out
 
     async def _each(self, calls: Mapping[int, Callable[[], Awaitable[Any]]]) -> tuple[dict[int, Any], list[BaseException]]:
@@ -318,8 +325,7 @@ class Shards:
         out = self._arrays(into, None if whole else [n for n in names if n in self.shapes])
         if whole:
             for name, shape in self.tables.items():
-                if out.get(name) is None or out[name].shape != shape:
-                    out[name] = np.empty(shape, np.float32)
+                _fit(out, name, shape)
 
         def one(i: int, empty: bool = False) -> Callable[[], Awaitable[PullResult]] | None:
             c, s = self.clients[i], self.shard_map.shards[i]

@@ -805,6 +805,37 @@ async def test_a_sharded_push_pull_of_rows_moves_only_those_rows(server_config: 
                 await plane.close()
 
 
+async def test_a_sharded_pull_into_read_only_arrays_replaces_them_as_one_server_would(
+        server_config: ServerConfig) -> None:
+    # (each shard wrote into views of the caller's arrays; a read-only one was replaced in the
+    # shard's dict of views only: the caller got its old values back as pulled)
+    spec = _with_table({"big": (1000, 40), "b": (40,)}, (100, 8))
+    async with cluster(server_config, 2, split_bytes=4096) as servers:
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(spec)
+            (a,) = await _join_all(c, run.run_id, 1)
+            plane = Shards.beside(c, a.shard_map, a.spec)
+            try:
+                fresh = await plane.pull(run.run_id)
+                assert sum(pc.name == "big" for s in a.shard_map.shards for pc in s.pieces) == 2  # rows on each
+                frozen = {n: np.zeros_like(v) for n, v in fresh.tensors.items()}
+                for v in frozen.values():
+                    v.flags.writeable = False
+                got = await plane.pull(run.run_id, into=frozen)
+                for name, value in fresh.tensors.items():
+                    np.testing.assert_array_equal(got.tensors[name], value)
+                    assert frozen[name] is got.tensors[name]  # the new array, where the caller looks
+                dense = {n: np.zeros_like(v) for n, v in fresh.tensors.items() if n != "t"}
+                for v in dense.values():
+                    v.flags.writeable = False
+                g = {n: np.ones_like(v) for n, v in dense.items()}
+                _, pulled = await plane.push_pull(run.run_id, a.rank, a.incarnation, 0, g, into=dense)
+                for name in dense:
+                    np.testing.assert_allclose(pulled.tensors[name], fresh.tensors[name] - 1.0, rtol=1e-6)
+            finally:
+                await plane.close()
+
+
 @pytest.mark.parametrize("servers", [1, 2])
 async def test_a_bound_changed_by_the_schedule_reaches_a_sharded_runs_workers(server_config: ServerConfig,
                                                                               servers: int) -> None:
