@@ -88,10 +88,15 @@ class PullSink:
             n = len(data)
             if dtype in compress.HALF:  # a run with compression: converted as it lands
                 flat = arr.reshape(-1)
-                if arr.dtype != wire.F32 or not 0 <= chunk.offset <= chunk.offset + n // 2 <= flat.size or n & 1:
+                if not 0 <= chunk.offset <= chunk.offset + n // 2 <= flat.size or n & 1:
                     raise ValueError(f"tensor {chunk.name!r}: a {compress.wire_name(dtype)} chunk at offset "
                                      f"{chunk.offset} of {n} bytes does not fit its shape {list(shape)}")
-                compress.decode_into(data, dtype, flat[chunk.offset : chunk.offset + n // 2])
+                if arr.dtype == wire.F32:
+                    compress.decode_into(data, dtype, flat[chunk.offset : chunk.offset + n // 2])
+                else:  # an array of another dtype: filled with conversion, as from float32
+                    values = np.empty(n // 2, wire.F32)
+                    compress.decode_into(data, dtype, values)
+                    flat[chunk.offset : chunk.offset + n // 2] = values
             elif arr.dtype == wire.F32 and not n & 3 and 0 <= chunk.offset and 4 * chunk.offset + n <= arr.nbytes:
                 # a plain byte copy: half the cost of numpy's for a small tensor
                 arr.data.cast("B")[4 * chunk.offset : 4 * chunk.offset + n] = data

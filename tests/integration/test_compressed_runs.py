@@ -25,6 +25,21 @@ def _half(values: np.ndarray, dtype: int) -> np.ndarray:
     return out.reshape(values.shape)
 
 
+@pytest.mark.parametrize("into", [np.float64, np.float16])
+async def test_a_half_precision_pull_fills_arrays_of_another_dtype_with_conversion(
+        client: PsClient, into: type[np.floating]) -> None:
+    # (as a float32 answer does, PullSink's docstring: it raised ValueError, "does not fit its shape")
+    run = await client.create_run(make_spec(shapes=SHAPES, num_workers=1, staleness=-1,
+                                            compression=pb.Compression(dtype=pb.DATA_TYPE_BFLOAT16)))
+    a = (await client.join("w0", run.run_id)).assignment
+    want = (await client.pull(run.run_id, a.rank, a.incarnation, 0)).tensors
+    held = {n: np.zeros(s, into) for n, s in SHAPES.items()}
+    got = await client.pull(run.run_id, a.rank, a.incarnation, 0, into=held)
+    for n in SHAPES:
+        assert got.tensors[n] is held[n]
+        np.testing.assert_array_equal(held[n], want[n].astype(into))
+
+
 @pytest.mark.parametrize(("dtype", "ratio"), [(pb.DATA_TYPE_FLOAT16, 0.0), (pb.DATA_TYPE_BFLOAT16, 0.0),
                                               (pb.DATA_TYPE_FLOAT32, 0.01), (pb.DATA_TYPE_FLOAT16, 0.001)])
 async def test_a_compressed_run_applies_what_was_sent_and_answers_in_its_type(
