@@ -183,14 +183,16 @@ class _ShmLink(Link):
             pub.readers.discard(self)
         self._reading.clear()
 
-    async def _recv(self, view: memoryview, fds: list[int], stall: float | None) -> None:
-        """Fill ``view``, keeping any descriptors that come with the bytes in ``fds``."""
+    async def _recv(self, view: memoryview, fds: list[int], stall: float | None, idle: bool = False) -> None:
+        """Fill ``view``, keeping any descriptors that come with the bytes in ``fds``; ``idle``: a
+        frame's header, whose first byte may take as long as the stream stays idle (``stall``
+        bounds every other wait: the peer is in the middle of a frame)."""
         got = 0
         while got < view.nbytes:
             try:
                 k, anc, flags, _ = self.conn.recvmsg_into([view[got:]], shm.ANCILLARY)
             except BlockingIOError:
-                await self.watch.readable(stall if got else None)
+                await self.watch.readable(None if idle and not got else stall)
                 continue
             fds += shm.descriptors(anc, flags)
             if k == 0:
@@ -202,7 +204,7 @@ class _ShmLink(Link):
             fds: list[int] = []
             try:
                 header = bytearray(tcp.FRAME.size)
-                await self._recv(memoryview(header), fds, None)
+                await self._recv(memoryview(header), fds, self.stall, idle=True)
                 kind, _, _, _, length = tcp.FRAME.unpack(header)
                 if kind == tcp.MESSAGE:  # inline (it did not fit the region)
                     if length > max_bytes:

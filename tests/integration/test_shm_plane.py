@@ -452,3 +452,26 @@ async def test_bad_frames_end_the_stream_with_a_status_that_says_what_to_fix(ser
         a = (await c.join("w", run.run_id)).assignment
         await c.pull(run.run_id, a.rank, a.incarnation, 0)
         assert c.route.opened["shm"] == 1
+
+
+async def test_a_sender_stalled_after_a_frame_header_is_dropped_and_frees_its_push_slot(
+        server_config: ServerConfig) -> None:
+    """A client that sends an inline MESSAGE's header (a large one: received under the push slot)
+    or a SHARED frame's header, then nothing, is in the middle of a frame: dropped after
+    ``stall_seconds``, as on TCP, and another's large push gets the slot."""
+    ps = await start_server(dataclasses.replace(server_config, stall_seconds=1.0, push_slots=1))
+    try:
+        stalled = [await asyncio.to_thread(_connect, ps) for _ in range(2)]
+        stalled[0].sendall(tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, 1 << 20))  # its body never comes
+        stalled[1].sendall(tcp.FRAME.pack(shm.SHARED, 0, 0, 0, shm.REGION.size))  # nor its region
+        async with PsClient(f"127.0.0.1:{ps.port}", timeout=10) as c:
+            run = await c.create_run(make_spec(shapes={"w": (1000, 1000)}, num_workers=1, staleness=-1))
+            a = (await c.join("w", run.run_id)).assignment
+            c.route.shm_socket = ""  # over TCP: a push of several messages, which needs the slot
+            ack = await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": np.ones((1000, 1000), np.float32)})
+            assert ack.clock == 1 and c.route.opened["tcp"] == 1
+        for sock in stalled:
+            assert await asyncio.wait_for(asyncio.to_thread(sock.recv, 1), 5) == b""
+            sock.close()
+    finally:
+        await ps.stop(0)

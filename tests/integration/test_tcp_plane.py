@@ -420,3 +420,21 @@ async def test_a_failure_of_the_server_itself_is_an_internal_status_not_a_hang_u
         assert "RuntimeError: a bug" in err.value.message
         assert c.route.opened["tcp"] == 1
     assert "handler failed" in caplog.text
+
+
+async def test_a_sender_stalled_inside_a_frame_header_is_dropped(server_config: ServerConfig) -> None:
+    """Half a frame header, then nothing: the client is in the middle of a frame (dropped after
+    ``stall_seconds``), not idle between two."""
+    ps = await start_server(dataclasses.replace(server_config, stall_seconds=1.0))
+    assert ps.data_plane is not None
+    try:
+        for method in (tcp.METHOD_PUSH, tcp.METHOD_PULL):
+            sock, loop = await _raw(ps.data_plane.port, tcp.hello(method))
+            await asyncio.wait_for(loop.sock_recv(sock, tcp.HELLO.size), 5)
+            await loop.sock_sendall(sock, tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, 100)[:8])
+            started = loop.time()
+            assert await asyncio.wait_for(loop.sock_recv(sock, 1), 5) == b""
+            assert loop.time() - started > 0.5
+            sock.close()
+    finally:
+        await ps.stop(0)

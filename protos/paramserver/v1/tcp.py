@@ -222,12 +222,17 @@ async def read_frame(sock: socket.socket, max_bytes: int, head: bytes = b"", *, 
     ValueError) when it is larger than ``max_bytes``: the connection is then out of step.
     ``head``: the header's first bytes, already read (a refusal where a hello's echo was due).
     ``reserve``: awaited with the body's length before it is allocated (a memory budget);
-    ``stall``: a peer that sends nothing for this long in the middle of the frame raises
-    TimeoutError (between frames there is no limit: a stream may stay idle). ``recv``: how to
+    ``stall``: a peer that sends nothing for this long in the middle of the frame (its header
+    included, once its first byte came) raises TimeoutError (between frames there is no limit: a
+    stream may stay idle). ``recv``: how to
     fill a view, given a stall limit (default ``recv_exact`` on ``sock``)."""
     fill = recv or (lambda view, limit: recv_exact(sock, view, limit))
     header = bytearray(head) + bytearray(FRAME.size - len(head))
-    await fill(memoryview(header)[len(head):], None)
+    rest = memoryview(header)[len(head):]
+    if not head and stall is not None:  # idle until the header's first byte; its rest is mid-frame
+        await fill(rest[:1], None)
+        rest = rest[1:]
+    await fill(rest, stall)
     kind, _, _, status, length = FRAME.unpack(header)
     if kind not in (MESSAGE, STATUS):
         raise ValueError(f"unknown frame kind {kind}")
