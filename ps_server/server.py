@@ -57,7 +57,7 @@ from .metrics import ServerStatistics, close_metrics, serve_metrics
 from .security import ConfigError, TokenInterceptor, load_token, server_credentials
 from .servicer import SERVICE_NAMES, add_cluster, add_control, add_data
 from .shm_plane import ShmDataPlane
-from .tcp_plane import TcpDataPlane
+from .tcp_plane import StreamBudget, TcpDataPlane, stream_cap
 
 __all__ = ["PsServer", "main", "serve", "start_server"]
 
@@ -263,14 +263,15 @@ async def start_server(config: ServerConfig) -> PsServer:
     server = grpc.aio.server(options=options, interceptors=[TokenInterceptor(token)] if token else [])
     dataplane = DataPlane(registry, max_wait=config.max_wait_seconds, chunk_bytes=config.chunk_bytes,
                           max_message_bytes=config.max_message_bytes, push_slots=config.push_slots)
+    budget = StreamBudget(stream_cap(resource.getrlimit(resource.RLIMIT_NOFILE)[0]))  # both planes' streams
     tcp_plane = None
     if config.data_port >= 0 and not credentials and not token:  # the framing carries neither
         tcp_plane = TcpDataPlane(dataplane, config.max_message_bytes, lambda: registry.shutting_down,
-                                 config.stall_seconds)
+                                 config.stall_seconds, budget)
     shm_plane = None
     if config.shm and not credentials and not token and shm.available():
         shm_plane = ShmDataPlane(dataplane, config.max_message_bytes, lambda: registry.shutting_down,
-                                 config.stall_seconds, 4 * config.max_param_bytes + (256 << 20))
+                                 config.stall_seconds, 4 * config.max_param_bytes + (256 << 20), budget)
     data_port = lambda: tcp_plane.port if tcp_plane else 0  # noqa: E731 (it changes when the plane cannot start)
     shm_socket = lambda: shm_plane.name if shm_plane else ""  # noqa: E731
     addresses = config.peers

@@ -32,7 +32,7 @@ from paramserver.v1 import shm, tcp, wire
 
 from .dataplane import Caller, DataPlane, Shared
 from .link import WAIT, Got, Lean, Link
-from .tcp_plane import TcpDataPlane
+from .tcp_plane import StreamBudget, TcpDataPlane
 
 __all__ = ["ShmDataPlane"]
 
@@ -327,11 +327,13 @@ class ShmDataPlane(TcpDataPlane):
     """``listen`` starts it on a new abstract name (``name``, told to workers); ``close`` ends every connection."""
 
     _caller = Caller("shm", borrowed=True, chunk_bytes=shm.MESSAGE_BYTES, share_bytes=_PUBLISH_MIN)
+    _DESCRIPTORS = 2
+    """Its socket and its segment's mapping (an mmap keeps a duplicate of the memfd)."""
 
     def __init__(self, dataplane: DataPlane, max_message_bytes: int, closing: Callable[[], bool],
-                 stall_seconds: float, max_segment_bytes: int) -> None:
+                 stall_seconds: float, max_segment_bytes: int, budget: StreamBudget | None = None) -> None:
         """``max_segment_bytes``: the largest segment a client may pass (it is mapped, not allocated)."""
-        super().__init__(dataplane, max_message_bytes, closing, stall_seconds)
+        super().__init__(dataplane, max_message_bytes, closing, stall_seconds, budget)
         self._max_segment = max_segment_bytes
         self._publisher = _Publisher()
         self.name = ""

@@ -20,8 +20,9 @@ Bounds: a dead peer is found by TCP keepalive within seconds (``tcp.tune``); a c
 nothing in the middle of a message, or reads nothing of an answer, for ``stall_seconds`` is
 dropped; a request is read only when the data plane asks for the next one, and one over
 ``SMALL_FRAME`` bytes only while it holds a push slot (not lent out until it is in), so the push
-slots bound the memory that large messages being received take; and at most ``max_streams``
-streams are open at once, sized from the process's open-file limit (``stream_cap``).
+slots bound the memory that large messages being received take; and the streams hold at most
+``stream_cap`` descriptors at once, sized from the process's open-file limit, a budget the TCP and
+the shared-memory planes share (``StreamBudget``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from .dataplane import Caller, DataPlane, Later, PushMemo
 from .link import SMALL_FRAME, Link
 from .slots import SlotHolder
 
-__all__ = ["TcpDataPlane", "TcpStatistics"]
+__all__ = ["StreamBudget", "TcpDataPlane", "TcpStatistics"]
 
 log = logging.getLogger("ps_server")
 
@@ -53,13 +54,22 @@ _LINGER_SECONDS = 2.0
 MAX_STREAMS = 4096
 """Streams open at once, at most; more are refused with UNAVAILABLE (each worker keeps two)."""
 _REFUSING = 32
-"""Connections being refused at once beyond the cap; more are closed unanswered."""
+"""Descriptors of connections being refused at once beyond the cap; more are closed unanswered."""
 
 
 def stream_cap(open_files: int) -> int:
     """How many streams the open-file limit allows: two thirds of it, less 64 for files and
     listeners, so that each pair of streams leaves a descriptor for its worker's gRPC connection."""
     return max(16, min(MAX_STREAMS, (open_files - 64) * 2 // 3))
+
+
+class StreamBudget:
+    """The descriptors the data planes' streams may hold (``stream_cap`` of the open-file limit),
+    one budget for the TCP and the shared-memory planes: they draw on the same limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
 
 
 _UNIMPLEMENTED, _UNAVAILABLE = 12, 14
@@ -81,15 +91,20 @@ class TcpDataPlane:
     """Listens on its own port; ``start`` returns it, ``close`` ends every connection."""
 
     _caller = Caller("tcp")  # no deadline on the wire: the client bounds its operations itself
+    _DESCRIPTORS = 1
+    """Descriptors a stream holds: its socket."""
 
     def __init__(self, dataplane: DataPlane, max_message_bytes: int, closing: Callable[[], bool],
-                 stall_seconds: float = 30.0) -> None:
-        """``closing``: true once the server shuts down (new streams are refused)."""
+                 stall_seconds: float = 30.0, budget: StreamBudget | None = None) -> None:
+        """``closing``: true once the server shuts down (new streams are refused); ``budget``: the
+        one the server's other data plane draws on too (default: a budget of this plane's own)."""
         self._dataplane = dataplane
         self._max_bytes = max_message_bytes
         self._closing = closing
         self._stall = stall_seconds
-        self.max_streams = stream_cap(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self._budget = budget or StreamBudget(stream_cap(resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
+        self.max_streams = self._budget.limit // self._DESCRIPTORS
+        """Streams of this plane alone that the budget allows."""
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
@@ -148,7 +163,7 @@ class TcpDataPlane:
                 log.warning("TCP data plane: accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
-            if self._open >= self.max_streams + _REFUSING:  # a flood: no descriptor even for a refusal
+            if self._budget.used >= self._budget.limit + _REFUSING:  # a flood: no descriptor even for a refusal
                 conn.close()
                 continue
             if not self._admit(conn):
@@ -167,6 +182,7 @@ class TcpDataPlane:
 
     async def _serve(self, conn: socket.socket) -> None:
         self._open += 1
+        self._budget.used += self._DESCRIPTORS
         holder = self._dataplane.slot_holder()
         link = self._link(conn)
         try:
@@ -188,9 +204,10 @@ class TcpDataPlane:
                 await self._end(conn, _refusal(_UNAVAILABLE, pb.ERROR_REASON_SHUTTING_DOWN,
                                                "the server is shutting down; retry against its replacement"))
                 return
-            if self._open > self.max_streams:
+            if self._budget.used > self._budget.limit:
                 await self._end(conn, _refusal(_UNAVAILABLE, pb.ERROR_REASON_STREAM_LIMIT,
-                                               f"more than {self.max_streams} TCP data plane streams are open; "
+                                               f"more than {self._budget.limit} descriptors are held by data plane "
+                                               "streams (one per TCP stream, two per shared-memory stream); "
                                                "use gRPC or retry"))
                 return
             await tcp.send_parts(conn, [tcp.hello(method, link.accept(flags))], self._stall)
@@ -217,6 +234,7 @@ class TcpDataPlane:
             link.close()
             conn.close()
             self._open -= 1
+            self._budget.used -= self._DESCRIPTORS
             holder.release()
 
     async def _hello(self, conn: socket.socket) -> tuple[int, int]:
