@@ -475,3 +475,27 @@ async def test_a_sender_stalled_after_a_frame_header_is_dropped_and_frees_its_pu
             sock.close()
     finally:
         await ps.stop(0)
+
+
+@pytest.mark.parametrize("case", ["write_sealed", "read_only"])
+async def test_a_segment_the_server_cannot_map_for_writing_gets_a_status(server: PsServer, case: str) -> None:
+    """A memfd sealed against writes, or passed read only: the server answers it writes into the
+    segment (INVALID_ARGUMENT), it does not just hang up."""
+    import fcntl
+
+    sock = await asyncio.to_thread(_connect, server)
+    try:
+        fd = _memfd(8192, seal=True)
+        if case == "write_sealed":
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)
+            passed = fd
+        else:
+            passed = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+        socket.send_fds(sock, [_frame(shm.SEGMENT, shm.REGION.pack(8192, 0))], [passed])
+        os.close(fd)
+        if passed != fd:
+            os.close(passed)
+        code, message = await asyncio.to_thread(_status, sock)
+    finally:
+        sock.close()
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "map" in message, message

@@ -20,7 +20,8 @@ The protocol (Linux; integers little-endian), a variant of ``paramserver.v1.tcp`
   stream are as on TCP (``tcp``), with two more frame kinds:
   - kind 3, SEGMENT (client to server): a 16-byte body, u64 ``size``, u64 zero, and exactly one
     file descriptor passed with it (``SCM_RIGHTS``): a memfd of at least ``size`` bytes, sealed
-    against shrinking (``F_SEAL_SHRINK``; a server never maps memory that could vanish under it).
+    against shrinking (``F_SEAL_SHRINK``; a server never maps memory that could vanish under it),
+    open for writing and without write seals (the server writes its answers there).
     Its first ``size`` bytes are the stream's region. A later SEGMENT replaces it (to grow).
   - kind 4, SHARED (both ways): a 16-byte body, u64 ``offset``, u64 ``length``: the message (the
     bytes a MESSAGE frame would carry) is bytes [offset, offset + length) of the region.
@@ -235,7 +236,12 @@ def map_segment(fd: int, size: int, reserved: int, max_bytes: int) -> Segment:
     have = os.fstat(fd).st_size
     if have < size:
         raise ValueError(f"the segment holds {have} bytes, fewer than the {size} its SEGMENT frame says")
-    return Segment(_huge(mmap.mmap(fd, size)), size)
+    try:
+        mm = mmap.mmap(fd, size)
+    except PermissionError as exc:  # sealed against writes (F_SEAL_WRITE, F_SEAL_FUTURE_WRITE), or opened read only
+        raise ValueError(f"the segment cannot be mapped for writing ({exc.strerror}): the server writes its answers "
+                         "there; pass a memfd opened read-write, without write seals") from None
+    return Segment(_huge(mm), size)
 
 
 def map_publication(fd: int, size: int) -> Segment:
