@@ -157,7 +157,8 @@ class ParamStore:
         when the model is at most ``FLAT_MAX`` elements and every tensor is one array; else None."""
         if self.tables:
             self._check_rows(grads)
-        if grads.keys() != self.specs.keys() and not (self.tables and grads.keys() >= self.specs.keys() - self.tables):
+        if grads.keys() != self.specs.keys() and \
+                not (self.tables and self.specs.keys() >= grads.keys() >= self.specs.keys() - self.tables):
             unknown = sorted(set(grads) - set(self.specs))
             if unknown:
                 raise InvalidArgument(f"unknown tensor name(s) {listed(map(quoted, unknown))}; this run's tensors are "

@@ -4,6 +4,7 @@ reassembly, spec conversion, the error table)."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import grpc
 import numpy as np
@@ -25,7 +26,7 @@ from ps_server.core.spec import (
     RunSpec,
 )
 from ps_server.core.store import FLAT_MAX, ParamStore, materialize
-from ps_server.core.tensors import Pieces, blocks
+from ps_server.core.tensors import Pieces, Rows, blocks
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -108,6 +109,20 @@ def test_check_gradient_unknown_name(store: ParamStore) -> None:
         store.check_gradient({**_good(), "nope": np.ones(2, np.float32)})
     assert "'nope'" in str(e.value) and "unknown" in str(e.value)
     assert "'b', 'w'" in str(e.value)  # says which tensors exist
+
+
+@pytest.mark.parametrize("table_too", [False, True])
+def test_check_gradient_unknown_name_in_a_run_with_tables(table_too: bool) -> None:
+    """A push may leave a table out, but a name the run does not have is refused all the same
+    (it was looked up as a parameter: KeyError, which no boundary maps to INVALID_ARGUMENT)."""
+    store = ParamStore((ParamSpec("emb", (10, 2), table=True), ParamSpec("b", (2,))), 0)
+    g: dict[str, Any] = {"b": np.ones(2, np.float32), "nope": np.ones(3, np.float32)}
+    if table_too:
+        g["emb"] = Rows(np.array([1], np.int64), np.ones((1, 2), np.float32), (10, 2))
+    with pytest.raises(InvalidArgument) as e:
+        store.check_gradient(g)
+    assert "'nope'" in str(e.value) and "unknown" in str(e.value)
+    assert e.value.reason is errors.Reason.INVALID_GRADIENT
 
 
 def test_check_gradient_missing_name(store: ParamStore) -> None:
