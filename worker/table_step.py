@@ -196,8 +196,8 @@ class TableStep:
             res = await t.call(lambda part=part, rank=rank, inc=inc, at=at: t.plane.pull(  # type: ignore[misc]
                 t.a.run_id, rank, inc, at, into=params, names=self.dense, rows=part,
                 max_wait=t.config.timeout_seconds * 4), f"pull {clock}")
-            for n in needed:
-                values[n].append(res.rows[n][1])
+            for n, ids in part.items():  # (a table asked for with no ids has no rows in the answer)
+                values[n].append(res.rows[n][1] if ids.size else np.empty((0, self.tables[n][1]), np.float32))
         for n, ids in needed.items():
             params[n] = RowBlock(ids, np.concatenate(values[n]))
         result: EvalResult = t.model.evaluate(params, self.X_test, t.data.y_test)

@@ -221,3 +221,43 @@ async def test_cached_rows_follow_a_bound_the_schedule_tightens(monkeypatch: pyt
     assert all(o.completed for o in outcomes) and run.spec.staleness == 1
     assert not too_old, f"{len(too_old)} rows reused older than the bound, e.g. {too_old[:3]}"
     assert sum(o.stats.pulls_skipped for o in outcomes) > 0  # (rows and parameters were reused at all)
+
+
+async def test_evaluation_pulls_each_table_s_rows_however_many_pulls_each_needs() -> None:
+    """Rank 0's evaluation asks for the test split's rows in pulls of at most 2^20 ids per table.
+    With more users than that and a few items, the last pull asks for users only: the answer
+    has no rows of the items (a table asked for with no ids is not in ``PullResult.rows``, as the
+    server answers), and the evaluation still gets every row of both tables (it raised KeyError)."""
+    from types import SimpleNamespace
+
+    from paramserver.sink import PullResult
+    from worker.models import EvalResult
+    from worker.table_step import TableStep
+
+    needed = {"mf.users": np.arange((1 << 20) + 3, dtype=np.int64), "mf.items": np.arange(5, dtype=np.int64)}
+    asked: list[dict[str, int]] = []
+    seen: dict[str, RowBlock] = {}
+
+    async def pull(*_: object, rows: dict[str, np.ndarray], **__: object) -> PullResult:
+        asked.append({n: ids.size for n, ids in rows.items()})
+        got = {n: (ids, ids.astype(np.float32)[:, None]) for n, ids in rows.items() if ids.size}  # as the server
+        return PullResult(0, 0, 1, {}, got)
+
+    def evaluate(params: dict[str, RowBlock], *_: object) -> EvalResult:
+        seen.update(params)
+        return EvalResult(0.0, None)
+
+    async def call(op: object, _what: str) -> object:
+        return await op()  # type: ignore[operator]
+
+    loop = SimpleNamespace(a=SimpleNamespace(run_id="r", rank=0, incarnation=1), config=WorkerConfig(),
+                           data=SimpleNamespace(y_test=None), plane=SimpleNamespace(pull=pull), call=call,
+                           model=SimpleNamespace(rows_needed=lambda _X: needed, evaluate=evaluate),
+                           eval_point=lambda *_: None)
+    step = TableStep.__new__(TableStep)
+    step.t, step.dense, step.X_test = loop, [], None  # type: ignore[assignment]
+    step.tables = {name: (ids.size, 1) for name, ids in needed.items()}
+    await step.evaluate(10, final=True)
+    assert asked == [{"mf.users": 1 << 20, "mf.items": 5}, {"mf.users": 3, "mf.items": 0}]
+    for name, ids in needed.items():
+        assert np.array_equal(seen[name].ids, ids) and np.array_equal(seen[name].values[:, 0], ids.astype(np.float32))
