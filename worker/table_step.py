@@ -71,6 +71,9 @@ class TableStep:
         self.caches = {n: RowCache(shape[1], t.staleness) for n, shape in self.tables.items()}
         self.dense_clock = -1  # guaranteed clock of the dense parameters held
         self.prefetched: tuple[int, int, dict[str, tuple[np.ndarray, np.ndarray]]] | None = None
+        self.version: int | None = None
+        """The server's version of the parameters its last pull read: what the next gradients are
+        computed on (``PushGradientRequest.param_version``, as the dense loop's)."""
         self.X_test: SparseBatch = t.model.prepare(t.data.X_test)
         self._next: tuple[int, tuple[Any, Any, dict[str, np.ndarray]]] | None = None
 
@@ -80,6 +83,7 @@ class TableStep:
             self.caches[name] = RowCache(cache.dim, cache.staleness, cache.capacity)
         self.dense_clock = -1
         self.prefetched = None
+        self.version = None
 
     def _batch(self, clock: int) -> tuple[Any, Any, dict[str, np.ndarray]]:
         """The batch of ``clock`` and the rows it needs (made once: the push before asks for them)."""
@@ -126,7 +130,7 @@ class TableStep:
                 t.stats.pulls += 1
                 t.run_state = res.run_state
                 guaranteed, pulled = res.guaranteed_clock, res.rows
-                self.dense_clock = guaranteed
+                self.dense_clock, self.version = guaranteed, res.version
                 comm = time.perf_counter() - t0
                 parked = s >= 0 and t.min_clock < c - s  # the min clock the last answer said
             else:
@@ -164,15 +168,16 @@ class TableStep:
         if ask is not None:
             resp, res = await t.call(
                 lambda: t.plane.push_pull(t.a.run_id, t.a.rank, t.a.incarnation, c, wire_grads, loss, into=params,
-                                          names=self.dense, rows=ask, max_wait=t.config.timeout_seconds * 4),
+                                          names=self.dense, rows=ask, max_wait=t.config.timeout_seconds * 4,
+                                          param_version=self.version),
                 f"push {c}")
             t.stats.pulls += 1
-            self.dense_clock = res.guaranteed_clock
+            self.dense_clock, self.version = res.guaranteed_clock, res.version
             self.prefetched = (c + 1, res.guaranteed_clock, res.rows)
             parked = parked or (s >= 0 and resp.min_clock < c + 1 - s)  # the min clock right after the push
         else:
-            resp = await t.call(lambda: t.plane.push(t.a.run_id, t.a.rank, t.a.incarnation, c, wire_grads, loss),
-                                f"push {c}")
+            resp = await t.call(lambda: t.plane.push(t.a.run_id, t.a.rank, t.a.incarnation, c, wire_grads, loss,
+                                                     param_version=self.version), f"push {c}")
             if local_sgd:  # the dense parameters are reused too: read-my-writes
                 for name, g in grads.items():
                     if not isinstance(g, RowBlock):

@@ -261,3 +261,17 @@ async def test_evaluation_pulls_each_table_s_rows_however_many_pulls_each_needs(
     assert asked == [{"mf.users": 1 << 20, "mf.items": 5}, {"mf.users": 3, "mf.items": 0}]
     for name, ids in needed.items():
         assert np.array_equal(seen[name].ids, ids) and np.array_equal(seen[name].values[:, 0], ids.astype(np.float32))
+
+
+@pytest.mark.parametrize("staleness", [-1, 3])
+async def test_table_pushes_say_which_version_their_gradient_was_computed_on(staleness: int) -> None:
+    """--staleness-aware-lr with tables: every push says the version of the parameters it was
+    computed on (those of its last pull, as the dense loop says), so the server scales its step.
+    Table pushes said none: every one kept the whole rate, and the option did nothing."""
+    spec = build_run_spec(LaunchOptions(model="mf:2", dataset=SMALL, workers=3, staleness=staleness, iterations=30,
+                                        batch_size=32, lr=0.5, staleness_aware_lr=True))
+    outcomes, run = await train_run(spec, WorkerConfig(timeout_seconds=5.0, report_seconds=0.05))
+    assert all(o.completed for o in outcomes), outcomes
+    c = run.counters
+    assert c.pushes_applied == c.lr_scaled == 90
+    assert c.lr_scale_sum < c.lr_scaled  # three ranks: some pushes missed others' updates
