@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from paramserver.security import Security, read_token
 from paramserver.v1 import paramserver_pb2 as pb
 from worker.datasets import load_dataset, parse_dataset
-from worker.models import build_model, parse_model
+from worker.models import build_model, model_task, parse_model
 
 __all__ = ["STALENESS_FORMS", "LaunchOptions", "build_run_spec", "check_options", "iterations_per_epoch",
            "parse_compression", "parse_schedule", "parse_staleness", "security_from_env"]
@@ -214,10 +214,11 @@ def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
     model_spec = parse_model(o.model)
     data_spec = parse_dataset(o.dataset)
     data = load_dataset(data_spec)
-    model = build_model(model_spec, data.n_features, data.n_outputs)
-    if model.task != data.task:
-        raise ValueError(f"model {o.model!r} does a {model.task} task but dataset {o.dataset!r} is {data.task}: "
+    task = model_task(model_spec)  # before building it: another task's data may not even fit its shape
+    if task is not None and task != data.task:
+        raise ValueError(f"model {o.model!r} does a {task} task but dataset {o.dataset!r} is {data.task}: "
                          f"use {_MODELS_FOR.get(data.task, 'softmax or mlp:...')}")
+    model = build_model(model_spec, data.n_features, data.n_outputs)
     compression = parse_compression(o.compress)
     if compression is not None and model.tables():
         raise ValueError(f"--compress {o.compress}: compression is for dense models; {o.model!r} has tables")

@@ -43,6 +43,7 @@ __all__ = [
     "SoftmaxRegression",
     "build_model",
     "materialize",
+    "model_task",
     "num_params",
     "parse_model",
 ]
@@ -152,6 +153,18 @@ def _validate_ctr(spec: Mapping[str, Any]) -> None:
         factors: Any = spec.get("factors")
         if not _is_int(factors) or factors < 1:
             raise ModelSpecError(f"fm 'factors' must be a positive integer, got {factors!r}; {_MODEL_FORMS}")
+
+
+_TASKS: dict[str, str] = {"linear": LinearRegression.task, "softmax": SoftmaxRegression.task, "mlp": MLP.task,
+                          "logistic": LogisticRegression.task, "fm": FactorizationMachine.task,
+                          "mf": MatrixFactorization.task}
+
+
+def model_task(spec: Mapping[str, Any]) -> str | None:
+    """The task a spec's model does (``Model.task``), known before it is built for a dataset's
+    shape (which fails for another task's data: an MLP on one regression output); None: unknown kind."""
+    kind = spec.get("kind") if isinstance(spec, Mapping) else None
+    return _TASKS.get(kind) if isinstance(kind, str) else None
 
 
 def build_model(spec: Mapping[str, Any], n_features: int, n_outputs: int) -> Model:
