@@ -165,8 +165,9 @@ def status_view(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float |
     for w in worker_rows(run, now):
         waiting = "-"
         if w["waiting"]:
-            need = "all ranks done" if w["needs_min_clock"] == run.spec.iterations else (
-                "nothing (ASP)" if w["needs_min_clock"] is None else f"min clock ≥ {w['needs_min_clock']}")
+            need = ("the run to start" if w["needs_start"] else
+                    "all ranks done" if w["needs_min_clock"] == run.spec.iterations else
+                    "nothing (ASP)" if w["needs_min_clock"] is None else f"min clock ≥ {w['needs_min_clock']}")
             waiting = f"pull {w['waiting_pull_clock']}: {need}"
         table.add_row(str(w["rank"]), w["state"], str(w["incarnation"]), str(w["clock"]),
                       "-" if w["lag"] is None else str(w["lag"]), fmt_age(w["heartbeat_seconds_ago"]),

@@ -451,3 +451,20 @@ async def test_simulate_replays_a_real_run_under_other_bounds(addr: str, start_w
     human = ok(await psctl("simulate", run_id, "--server", addr, "--staleness", "bsp,4")).stdout
     assert "recorded, 1" in human and "replay of 1" in human and "off the measured time per clock" in human
     assert re.search(r"^ *4 +[\d.]+ ms", human, re.M), human
+
+
+async def test_status_says_a_pull_parked_before_the_run_starts_waits_for_the_start(addr: str, ps: PsClient,
+                                                                                 start_workers: Any) -> None:
+    run_id = ok(await psctl("launch", "--server", addr, *TINY, "--staleness", "1")).stdout.strip()
+    start_workers(1)  # of 2 ranks: its pull of clock 0 waits for the run to start, not for a min clock
+
+    async def parked() -> bool:
+        return any(w.waiting for w in (await ps.get_run(run_id)).workers)
+
+    await wait_for(parked)
+    text = ok(await psctl("status", run_id, "--server", addr)).stdout
+    assert "pull 0: the run to start" in text and "min clock ≥" not in text, text
+    doc = json.loads(ok(await psctl("status", run_id, "--server", addr, "--json")).stdout)
+    (waiting,) = [w for w in doc["workers"] if w["waiting"]]
+    assert waiting["needs_start"] is True and waiting["needs_min_clock"] is None
+    ok(await psctl("stop", run_id, "--server", addr))

@@ -79,7 +79,8 @@ function renderClocks(doc) {
       cls.push("parked");
       const need = w.needs_min_clock;
       const behind = need === null ? [] : live.filter(o => o.clock < need && o.rank !== w.rank).map(o => o.rank);
-      note += need === null ? " · parked" : behind.length === 0 ? ` · released (clock ${need} reached), being served` :
+      note += w.needs_start ? " · waits for the run to start (every rank joined)" :
+        need === null ? " · parked" : behind.length === 0 ? ` · released (clock ${need} reached), being served` :
         ` · waits for rank${behind.length > 1 ? "s" : ""} ${behind.join(", ")} to reach ${need}`;
     }
     const track = el("div", { class: "track" });
