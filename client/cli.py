@@ -115,7 +115,11 @@ def _write_atomically(path: str, write: Callable[[Any], None]) -> None:
     """``write`` into a new file beside ``path``, renamed over it once whole: a failure (a full
     disk) leaves whatever ``path`` held before, never a torn file."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".psctl-", suffix=".tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".psctl-", suffix=".tmp", dir=folder)
+    except OSError as exc:  # (its message names the temporary file, which the user never asked for)
+        raise ValueError(f"-o {path!r}: cannot create a file in {folder} ({exc.strerror or exc}); "
+                         "write into an existing directory you may write to") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)

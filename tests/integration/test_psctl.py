@@ -468,3 +468,13 @@ async def test_status_says_a_pull_parked_before_the_run_starts_waits_for_the_sta
     (waiting,) = [w for w in doc["workers"] if w["waiting"]]
     assert waiting["needs_start"] is True and waiting["needs_min_clock"] is None
     ok(await psctl("stop", run_id, "--server", addr))
+
+
+async def test_export_into_a_missing_directory_names_the_output_not_a_temporary_file(addr: str,
+                                                                                   tmp_path: Path) -> None:
+    run_id = ok(await psctl("launch", "--server", addr, *TINY)).stdout.strip()
+    target = tmp_path / "missing" / "params.npz"
+    result = await psctl("export", run_id, "--server", addr, "-o", str(target))
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: -o {str(target)!r}: ") and ".psctl-" not in result.stderr, result.stderr
+    assert str(tmp_path / "missing") in result.stderr and "Traceback" not in result.stderr
