@@ -155,11 +155,11 @@ def _print_json(obj: Any) -> None:
 @app.command()
 @_handled
 def launch(
-    model: Annotated[str, typer.Option(help="linear | softmax | mlp:H1,H2[:relu|tanh|sigmoid] | logistic[:rows=N] | "
-                                            "fm:K[:rows=N]")] = "mlp:64",
+    model: Annotated[str, typer.Option(help="linear | softmax | mlp:H1,H2[:ACTIVATION] (relu, tanh, sigmoid) | "
+                                            "logistic[:rows=N] | fm:K[:rows=N] | mf:K[:reg=L]")] = "mlp:64",
     dataset: Annotated[str, typer.Option(help="digits | synthetic-regression | synthetic-classification | "
-                                              "synthetic-ctr | npz:PATH | libsvm:PATH (options after ':' as "
-                                              "key=value)")] = "digits",
+                                              "synthetic-ctr | synthetic-ratings | npz:PATH | libsvm:PATH (options "
+                                              "after ':' as key=value)")] = "digits",
     workers: Annotated[int, typer.Option(min=1, help="Number of worker ranks (data shards).")] = 4,
     staleness: Annotated[str, typer.Option(help="0 or bsp (synchronous), a positive integer s (SSP), "
                                                 "inf / unbounded / asp (asynchronous).")] = "2",

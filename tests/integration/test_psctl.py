@@ -478,3 +478,11 @@ async def test_export_into_a_missing_directory_names_the_output_not_a_temporary_
     assert result.exit_code == 1
     assert result.stderr.startswith(f"Error: -o {str(target)!r}: ") and ".psctl-" not in result.stderr, result.stderr
     assert str(tmp_path / "missing") in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_launch_help_lists_every_model_and_dataset_the_readme_does() -> None:
+    text = ok(await psctl("launch", "--help", env={"COLUMNS": "400"})).stdout
+    for form in ("mlp:H1,H2", "linear", "softmax", "logistic[:rows=N]", "fm:K[:rows=N]", "mf:K[:reg=L]",
+                 "digits", "synthetic-regression", "synthetic-classification", "synthetic-ctr", "synthetic-ratings",
+                 "npz:PATH", "libsvm:PATH"):
+        assert form in text, form
