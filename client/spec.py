@@ -136,10 +136,12 @@ def parse_staleness(text: str) -> int:
     return value
 
 
-def parse_schedule(text: str, iterations: int) -> list[pb.StalenessStep]:
+def parse_schedule(text: str, iterations: int, staleness: int = 2) -> list[pb.StalenessStep]:
     """``--staleness-schedule``: comma-separated CLOCK=S steps, CLOCK a clock or a share of the
-    iterations ("20%"), S as --staleness takes it; ValueError saying the form."""
-    steps = []
+    iterations ("20%"), S as --staleness takes it; ValueError saying the form, or which step breaks
+    the server's rules (increasing clocks below ``iterations``, none to or from 0 from ``staleness``)."""
+    steps: list[pb.StalenessStep] = []
+    previous, current = -1, staleness
     for item in (p.strip() for p in text.split(",") if p.strip()):
         at, sep, bound = item.partition("=")
         try:
@@ -149,7 +151,18 @@ def parse_schedule(text: str, iterations: int) -> list[pb.StalenessStep]:
         if not sep or clock < 0:
             raise ValueError(f"--staleness-schedule {text!r}: use CLOCK=S steps such as 20%=2,50%=1 or 100=inf "
                              "(CLOCK a clock or a share of the iterations)")
-        steps.append(pb.StalenessStep(from_clock=clock, staleness=parse_staleness(bound)))
+        try:
+            step = parse_staleness(bound)
+        except ValueError as exc:  # (its message names --staleness, which the user may not have given)
+            raise ValueError(f"--staleness-schedule {text!r}: step {item!r}: {str(exc).partition(': ')[2]}") from None
+        if not previous < clock < iterations:
+            raise ValueError(f"--staleness-schedule {text!r}: step {item!r} is at clock {clock}: steps need "
+                             f"increasing clocks below the run's {iterations} iterations")
+        if (step == 0) != (current == 0):
+            raise ValueError(f"--staleness-schedule {text!r}: step {item!r}: the bound cannot change to or from 0 "
+                             f"(BSP; --staleness is {'inf' if staleness < 0 else staleness})")
+        steps.append(pb.StalenessStep(from_clock=clock, staleness=step))
+        previous, current = clock, step
     return steps
 
 
@@ -255,7 +268,7 @@ def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
         requires=["tables", f"model:{model_spec['kind']}"] if model.tables() else ["compression"] if compression else [],
         compression=compression,
         staleness_aware_lr=o.staleness_aware_lr,
-        staleness_schedule=parse_schedule(o.staleness_schedule, iterations),
+        staleness_schedule=parse_schedule(o.staleness_schedule, iterations, o.staleness),
     )
 
 

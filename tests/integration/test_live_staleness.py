@@ -16,6 +16,7 @@ from support import make_spec
 from client.spec import LaunchOptions, build_run_spec
 from paramserver import errors
 from paramserver.client import PsClient
+from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.codec import spec_from_proto
 from ps_server.core import errors as errors_core
 from ps_server.core.spec import validate_spec
@@ -86,9 +87,10 @@ def test_psctl_reads_a_schedule_in_clocks_or_shares_of_the_iterations() -> None:
                                         staleness_schedule="20%=2, 50=inf"))
     assert [(s.from_clock, s.staleness) for s in spec.staleness_schedule] == [(20, 2), (50, -1)]
     assert spec_from_proto(spec).staleness_schedule == ((20, 2), (50, -1))
-    for bad, says in (("20%", "CLOCK=S"), ("x=2", "CLOCK=S"), ("10=-1", "cannot be negative"), ("10=zero", "use 0")):
+    for bad, says in (("20%", "CLOCK=S"), ("x=2", "CLOCK=S"), ("10=-1", "cannot be negative"), ("10=zero", "use 0"),
+                      ("50=0", "to or from 0"), ("50=4,20=1", "increasing clocks")):
         with pytest.raises(ValueError, match=says):
             build_run_spec(LaunchOptions(model="softmax", dataset="digits", iterations=100, staleness_schedule=bad))
+    spec.staleness_schedule.append(pb.StalenessStep(from_clock=60, staleness=0))  # (another client's)
     with pytest.raises(errors_core.InvalidArgument, match="staleness_schedule"):  # (CreateRun validates so)
-        validate_spec(spec_from_proto(build_run_spec(LaunchOptions(model="softmax", dataset="digits", iterations=100, staleness=2,
-                                                     staleness_schedule="50=0"))))
+        validate_spec(spec_from_proto(spec))

@@ -130,6 +130,13 @@ async def test_server_address_comes_from_the_environment(addr: str) -> None:
         (["--model", "softmax", "--dataset", "synthetic-ctr:samples=1000"], "is ctr: use logistic or fm:K"),
         (["--server", "localhost"], "--server 'localhost': use HOST:PORT"),
         (["--aggregation", "max"], "--aggregation 'max': use mean or sum"),
+        (["--staleness-schedule", "20%=abc"], "--staleness-schedule '20%=abc': step '20%=abc': use 0 or bsp"),
+        (["--staleness-schedule", "50%=1,20%=3"], "--staleness-schedule '50%=1,20%=3': step '20%=3' is at clock 6: "
+                                                   "steps need increasing clocks below the run's 30 iterations"),
+        (["--staleness-schedule", "120%=1"], "step '120%=1' is at clock 36: steps need increasing clocks"),
+        (["--staleness", "0", "--staleness-schedule", "10=2"],
+         "--staleness-schedule '10=2': step '10=2': the bound cannot change to or from 0 (BSP; --staleness is 0)"),
+        (["--staleness-schedule", "10=bsp"], "step '10=bsp': the bound cannot change to or from 0"),
     ],
 )
 async def test_bad_launch_options_say_what_to_fix(addr: str, ps: PsClient, flags: list[str], expected: str) -> None:
