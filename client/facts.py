@@ -300,6 +300,9 @@ def summary_line(run: pb.Run) -> str:
     if f["state"] != "completed":
         return head + (f": {f['message']}" if f["message"] else "")
     counts = f"({f['pushes_applied']} pushes, {f['pushes_duplicate']} duplicates)"
+    if any(w.state in (pb.WORKER_STATE_EVICTED, pb.WORKER_STATE_VACANT) and w.clock < run.spec.iterations
+           for w in run.workers):  # completed without some rank's iterations: the message says whose
+        counts += f"; {f['message']}"
     if f["test_auc"] is not None:
         return (f"{head}: test AUC {fmt(f['test_auc'])}, log-loss {fmt(f['test_loss'])}, "
                 f"accuracy {fmt(f['test_accuracy'], 2)} {counts}")

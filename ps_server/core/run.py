@@ -24,7 +24,7 @@ import numpy as np
 from . import ssp
 from .bsp import BspBuffer
 from .clock import Slot, VectorClock
-from .errors import FailedPrecondition, InvalidArgument, PsError, Reason, ShardUnavailable
+from .errors import FailedPrecondition, InvalidArgument, PsError, Reason, ShardUnavailable, listed
 from .gate import Gate
 from .history import History
 from .optimizers import make_optimizer
@@ -348,8 +348,20 @@ class Run:
         self._follow_schedule()
         if (self.state is RunState.RUNNING and not self.clock.any_in(WorkerState.ACTIVE)
                 and self.clock.any_in(WorkerState.DONE)):
-            self._finish(RunState.COMPLETED, "all ranks finished", f"all ranks done at min clock {self.min_clock}")
+            self._complete()
         self._changed(self.min_clock if clocks_only and before == (self.state, self.spec.staleness) else None)
+
+    def _complete(self) -> None:
+        """COMPLETED; a rank evicted (or left) that nobody took again had its remaining iterations
+        dropped: the message says whose, so that "completed" does not read as every shard trained."""
+        dropped = [s for s in self.clock.vacant() if s.clock < self.spec.iterations]
+        if not dropped:
+            self._finish(RunState.COMPLETED, "all ranks finished", f"all ranks done at min clock {self.min_clock}")
+            return
+        lost = sum(self.spec.iterations - s.clock for s in dropped)
+        message = (f"the other ranks finished; {listed(f'rank {s.rank} (clock {s.clock})' for s in dropped)} left "
+                   f"vacant: {lost} iterations dropped")
+        self._finish(RunState.COMPLETED, message, f"{message}; the others done at min clock {self.min_clock}")
 
     def _follow_schedule(self) -> None:
         """The bound of the last step of ``RunSpec.staleness_schedule`` the min clock has reached."""

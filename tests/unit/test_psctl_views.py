@@ -56,6 +56,15 @@ def test_the_summary_and_the_runs_table_say_which_loss() -> None:
     assert "test loss 0.2500" in text(render.runs_table([regression]), width=200)
 
 
+def test_the_summary_of_a_run_completed_without_an_evicted_rank_says_so() -> None:
+    message = "the other ranks finished; rank 1 (clock 13) left vacant: 87 iterations dropped"
+    done = make_run(pb.RUN_STATE_COMPLETED, (100, 13), message=message)
+    done.workers[1].state = pb.WORKER_STATE_EVICTED
+    assert facts.summary_line(done).endswith(f"(0 pushes, 0 duplicates); {message}"), facts.summary_line(done)
+    whole = make_run(pb.RUN_STATE_COMPLETED, (100, 100), message="all ranks finished")
+    assert facts.summary_line(whole).endswith("(0 pushes, 0 duplicates)")
+
+
 def test_slowest_names_only_the_ranks_holding_the_run_back() -> None:
     """Not the three lowest clocks (ranks 0 behind among them): the ranks at the min clock."""
     run = make_run(clocks=(7, 5, 7, 6))

@@ -194,6 +194,21 @@ def test_eviction_releases_the_min_clock_and_drops_buffered_gradients() -> None:
         run.push(1, b.incarnation, 0, grad(1), 0)
 
 
+def test_a_run_completed_without_an_evicted_rank_says_whose_iterations_were_dropped() -> None:
+    now = [0.0]
+    run = Run("run-t", spec(workers=2, staleness=-1, iterations=3), now=lambda: now[0])
+    a, _ = run.join("a"), run.join("b")
+    now[0] = 5.0
+    run.heartbeat(0, a.incarnation)
+    assert run.expire(lease=3.0) == [1]  # nobody takes rank 1 again: its 3 iterations are dropped
+    for clock in range(3):
+        run.push(0, a.incarnation, clock, grad(1), 0)
+    run.leave(0, a.incarnation, "done", "")
+    assert run.state is RunState.COMPLETED
+    assert run.message == "the other ranks finished; rank 1 (clock 0) left vacant: 3 iterations dropped", run.message
+    assert run.history.events[-1].message.startswith(run.message), run.history.events[-1]
+
+
 def test_bsp_a_rank_handed_over_when_none_is_live_starts_after_the_clocks_already_combined() -> None:
     """Rank 1 pushes clock 0, rank 0 is evicted (clock 0 is combined without it), then rank 1. The
     next worker took rank 0 at its own clock 0: its push of clock 0 was acknowledged and held for
