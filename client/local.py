@@ -23,7 +23,8 @@ Invariants:
   the server, whom every worker waits for, runs as soon as a push comes.
 * Children's stderr (and the server's stdout after its first line) go to ``cluster.log`` in a
   fresh temp dir; it is kept when ``keep_log`` is set (by the errors here, which name it, or by
-  the caller when the run failed) and removed otherwise. ``verbose`` lets the logs through.
+  the caller when the run failed) and removed otherwise. ``verbose`` lets the logs through (and
+  the directory, empty then, is always removed).
   Every child gets ``PSCTL_LOCAL_CLUSTER=<that dir>`` in its environment, so stray processes
   are findable.
 """
@@ -185,7 +186,7 @@ class LocalCluster:
                     server.stdout.close()
             if self._log is not None:
                 self._log.close()
-            if not self.keep_log:
+            if not self.keep_log or self.verbose:  # (verbose: the output went to the terminal, none here)
                 shutil.rmtree(self.log_dir, ignore_errors=True)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

@@ -165,6 +165,17 @@ def test_failed_run_exits_1_keeps_the_log_and_leaves_no_process(tmp_path: Path) 
     assert_nothing_left(marker, tmp_path, logs=1)
 
 
+def test_failed_run_with_verbose_leaves_no_empty_log_directory(tmp_path: Path) -> None:
+    """--verbose: the children's output went to the terminal, so there is no log to keep."""
+    proc, marker = start_psctl(tmp_path, "--model", "linear", "--dataset", "synthetic-regression", "--workers", "2",
+                               "--iterations", "30", "--lr", "1e20", "--verbose", "--json")
+    out, err = communicate(proc, 120)
+    assert proc.returncode == 1, err
+    doc = json.loads(out)
+    assert doc["state"] == "failed" and "log" not in doc
+    assert_nothing_left(marker, tmp_path)
+
+
 def test_unloadable_dataset_after_the_server_started_leaves_no_process(tmp_path: Path) -> None:
     """The server boots while the spec is built; a dataset that cannot be read must tear it down."""
     proc, marker = start_psctl(tmp_path, *TINY[:2], "--dataset", "npz:/nonexistent/data.npz", "--workers", "2")
