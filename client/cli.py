@@ -1,7 +1,7 @@
 """``psctl``: the paramserver command line. Thin: parse options, call ``PsClient``, hand to ``render``.
 
 Every command takes ``--server HOST:PORT`` (default ``$PSCTL_SERVER``, then 127.0.0.1:50051),
-``--json`` (plain JSON on stdout, no markup) and ``--timeout`` (seconds per RPC). Errors go through
+``--json`` (plain JSON on stdout, no markup; not ``dashboard``) and ``--timeout`` (seconds per RPC). Errors go through
 one handler (:func:`_handled`): ``Error: <message>`` on stderr and exit status 1 (130 on Ctrl-C).
 Following a run (``launch --wait``, ``launch --local``, ``watch``) exits 0 if it COMPLETED,
 1 if it FAILED, 2 if it was STOPPED.
