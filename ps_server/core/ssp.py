@@ -15,6 +15,7 @@ from __future__ import annotations
 from .clock import Slot, VectorClock
 from .errors import FailedPrecondition, OutOfRange, Reason, WaitTimeout, listed
 from .spec import UNBOUNDED, RunSpec
+from .status import WorkerState
 
 __all__ = ["check_pull", "check_push", "looser", "needed", "pull_ready", "tighter", "wait_timeout", "waiting_for"]
 
@@ -93,7 +94,12 @@ def waiting_for(spec: RunSpec, vc: VectorClock, pending: bool) -> str:
         return f"waiting for {len(vacant)} of {len(vc.slots)} ranks to join (vacant: {listed(vacant)})"
     parts = []
     if vacant:
-        parts.append(f"ranks {listed(vacant)} vacant, waiting for a worker to join")
+        many = len(vacant) > 1
+        if vc.any_in(WorkerState.ACTIVE):  # (a vacant rank holds nobody back: the min clock is the live ranks')
+            parts.append(f"rank{'s' * many} {listed(vacant)} vacant: the others go on without "
+                         f"{'them' if many else 'it'} until a worker joins")
+        else:
+            parts.append(f"rank{'s' * many} {listed(vacant)} vacant, waiting for a worker to join")
     waiting = [(w, w.waiting_for) for w in vc.slots if w.waiting_for is not None]
     for w, clock in waiting[:_SENTENCES]:
         if w.clock < clock:

@@ -194,6 +194,20 @@ def test_eviction_releases_the_min_clock_and_drops_buffered_gradients() -> None:
         run.push(1, b.incarnation, 0, grad(1), 0)
 
 
+def test_a_vacant_rank_of_a_running_run_is_not_said_to_hold_it_up() -> None:
+    now = [0.0]
+    run = Run("run-t", spec(workers=2, staleness=1, iterations=8), now=lambda: now[0])
+    a, _ = run.join("a"), run.join("b")
+    now[0] = 5.0
+    run.heartbeat(0, a.incarnation)
+    assert run.expire(lease=3.0) == [1]
+    run.push(0, a.incarnation, 0, grad(1), 0)  # rank 0 goes on alone
+    assert run.waiting_for() == "rank 1 vacant: the others go on without it until a worker joins", run.waiting_for()
+    now[0] = 10.0
+    assert run.expire(lease=3.0) == [0]  # no live rank left: the run waits for a worker
+    assert run.waiting_for() == "ranks 0, 1 vacant, waiting for a worker to join", run.waiting_for()
+
+
 def test_a_run_completed_without_an_evicted_rank_says_whose_iterations_were_dropped() -> None:
     now = [0.0]
     run = Run("run-t", spec(workers=2, staleness=-1, iterations=3), now=lambda: now[0])
