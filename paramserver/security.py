@@ -8,10 +8,14 @@ too (``ps_server.security``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Security", "read_token"]
+__all__ = ["FLAGS", "Security", "read_token"]
+
+FLAGS: Mapping[str, str] = {"ca": "--tls-ca", "cert": "--tls-cert", "key": "--tls-key", "insecure": "--insecure"}
+"""How ps-worker names the settings (``Security.names``'s default); psctl names environment variables."""
 
 
 def read_token(token: str, token_file: str, *, file_flag: str = "--token-file") -> str:
@@ -45,6 +49,8 @@ class Security:
     """Allow the token over plaintext."""
     server_name: str = ""
     """Name to expect in the server's certificate, when it differs from the host dialled."""
+    names: Mapping[str, str] = field(default_factory=lambda: FLAGS, repr=False, compare=False)
+    """How the caller's user sets ca, cert, key and insecure, for messages (``FLAGS``' keys)."""
 
     @property
     def tls(self) -> bool:
@@ -52,10 +58,11 @@ class Security:
 
     def check(self) -> None:
         """ValueError when these settings cannot work."""
+        n = self.names
         if bool(self.cert) != bool(self.key):
-            raise ValueError("a client certificate needs both --tls-cert and --tls-key")
+            raise ValueError(f"a client certificate needs both {n['cert']} and {n['key']}")
         if self.token and not self.tls and not self.insecure:
-            raise ValueError("refusing to send the token over plaintext: use TLS (--tls-ca) or --insecure")
+            raise ValueError(f"refusing to send the token over plaintext: use TLS ({n['ca']}) or {n['insecure']}")
 
     def read_files(self) -> tuple[bytes | None, bytes | None, bytes | None]:
         """(CA, key, certificate) PEM bytes, None where unset; ValueError when unreadable."""
@@ -65,4 +72,5 @@ class Security:
             except OSError as exc:
                 raise ValueError(f"cannot read {flag} {path}: {exc.strerror}") from None
 
-        return read("--tls-ca", self.ca), read("--tls-key", self.key), read("--tls-cert", self.cert)
+        n = self.names
+        return read(n["ca"], self.ca), read(n["key"], self.key), read(n["cert"], self.cert)

@@ -493,3 +493,18 @@ async def test_launch_help_lists_every_model_and_dataset_the_readme_does() -> No
                  "digits", "synthetic-regression", "synthetic-classification", "synthetic-ctr", "synthetic-ratings",
                  "npz:PATH", "libsvm:PATH"):
         assert form in text, form
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"PS_TOKEN": "t"}, "refusing to send the token over plaintext: use TLS (PSCTL_TLS_CA) or PSCTL_INSECURE=1"),
+    ({"PSCTL_TOKEN_FILE": "/nonexistent/token"}, "cannot read PSCTL_TOKEN_FILE /nonexistent/token"),
+    ({"PS_TOKEN": "t", "PSCTL_TOKEN_FILE": "/x"}, "either in PS_TOKEN or with PSCTL_TOKEN_FILE, not both"),
+    ({"PSCTL_TLS_CA": "/nonexistent/ca.pem"}, "cannot read PSCTL_TLS_CA /nonexistent/ca.pem"),
+    ({"PSCTL_TLS_CERT": "/x"}, "a client certificate needs both PSCTL_TLS_CERT and PSCTL_TLS_KEY"),
+])
+async def test_security_settings_are_named_as_psctl_takes_them_from_the_environment(
+        addr: str, env: dict[str, str | None], expected: str) -> None:
+    # psctl has no --tls-ca, --token-file or --insecure: its messages name its environment variables
+    result = await psctl("runs", "--server", addr, env=env)
+    assert result.exit_code == 1 and result.stderr.startswith("Error: ") and expected in result.stderr, result.stderr
+    assert "--tls-" not in result.stderr and "--token-file" not in result.stderr and "--insecure" not in result.stderr
