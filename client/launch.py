@@ -125,7 +125,8 @@ def _local(o: LaunchOptions, verbose: bool, json_mode: bool, timeout: float, ser
             address = cluster.wait_server(SERVER_START_SECONDS)
 
             async def main() -> tuple[pb.Run, list[dict[str, Any]]]:
-                async with PsClient(address, timeout=timeout, security=security_from_env()) as ps:
+                # (plaintext, no token: the local cluster's children get none, local.NOT_INHERITED)
+                async with PsClient(address, timeout=timeout) as ps:
                     await ps.wait_ready(SERVER_START_SECONDS)
                     run = await ps.create_run(spec)
                     if not json_mode:

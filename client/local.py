@@ -26,7 +26,7 @@ Invariants:
   the caller when the run failed) and removed otherwise. ``verbose`` lets the logs through (and
   the directory, empty then, is always removed).
   Every child gets ``PSCTL_LOCAL_CLUSTER=<that dir>`` in its environment, so stray processes
-  are findable.
+  are findable, and none gets the settings of another deployment (``NOT_INHERITED``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ import time
 from types import FrameType, TracebackType
 from typing import IO, Any
 
-__all__ = ["CHILD_ENV", "LocalCluster", "LocalClusterError"]
+__all__ = ["CHILD_ENV", "NOT_INHERITED", "LocalCluster", "LocalClusterError"]
 
 CHILD_ENV = {
     # (ps-server and ps-worker tune glibc's allocator themselves: paramserver.runtime.tune_malloc.)
@@ -55,6 +55,18 @@ CHILD_ENV = {
 }
 WORKER_NICE = 10
 """How much lower the workers' CPU priority is than the servers' (``ps-worker --nice``)."""
+NOT_INHERITED = frozenset({
+    # where a server is and what it keeps: the local one is on a free port of 127.0.0.1, alone, keeps nothing
+    "PS_HOST", "PS_PORT", "PS_DATA_PORT", "PS_METRICS_PORT", "PS_DATA_DIR", "PS_CLUSTER", "PS_INDEX",
+    "PS_SERVER", "PS_WORKER_RUN_ID",
+    # how it is secured: the local cluster is plaintext without a token (psctl talks to it so)
+    "PS_TOKEN", "PS_TOKEN_FILE", "PS_TLS_CERT", "PS_TLS_KEY", "PS_TLS_CLIENT_CA", "PS_INSECURE",
+    "PS_WORKER_TOKEN_FILE", "PS_WORKER_TLS_CA", "PS_WORKER_TLS_CERT", "PS_WORKER_TLS_KEY",
+    "PS_WORKER_TLS_SERVER_NAME", "PS_WORKER_INSECURE",
+})
+"""Settings of the environment the children do not get: exported for a standing server (a token,
+its cluster, its data directory), they made the local server refuse to start or its workers wait
+for another run. Tuning (``PS_WORKER_OVERLAP``, ``PS_MAX_MESSAGE_BYTES``, ...) passes through."""
 MARKER_ENV = "PSCTL_LOCAL_CLUSTER"
 _LISTENING = re.compile(r"listening on (\S+):(\d+)")
 
@@ -87,7 +99,8 @@ class LocalCluster:
 
     # ------------------------------------------------------------------------------ start
     def _env(self) -> dict[str, str]:
-        return {**os.environ, **CHILD_ENV, MARKER_ENV: self.log_dir}
+        inherited = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
+        return {**inherited, **CHILD_ENV, MARKER_ENV: self.log_dir}
 
     def _spawn(self, args: list[str], stdout: int | None = None) -> subprocess.Popen[bytes]:
         if self._log is None and not self.verbose:

@@ -176,6 +176,21 @@ def test_failed_run_with_verbose_leaves_no_empty_log_directory(tmp_path: Path) -
     assert_nothing_left(marker, tmp_path)
 
 
+def test_settings_exported_for_a_standing_server_do_not_reach_the_local_cluster(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A token, a cluster, a data directory, a run id exported for another server: the local
+    cluster is psctl's own (on 127.0.0.1, plaintext, no data directory), and trains."""
+    (tmp_path / "a-file").write_text("")
+    for name, value in {"PS_TOKEN": "sekrit", "PS_CLUSTER": "10.0.0.1:50051,10.0.0.2:50051", "PS_INDEX": "1",
+                        "PS_DATA_DIR": str(tmp_path / "a-file"), "PS_WORKER_RUN_ID": "run-elsewhere"}.items():
+        monkeypatch.setenv(name, value)
+    proc, marker = start_psctl(tmp_path, *TINY, "--json")
+    out, err = communicate(proc, 120)
+    assert proc.returncode == 0, err
+    assert json.loads(out)["state"] == "completed"
+    assert_nothing_left(marker, tmp_path)
+
+
 def test_unloadable_dataset_after_the_server_started_leaves_no_process(tmp_path: Path) -> None:
     """The server boots while the spec is built; a dataset that cannot be read must tear it down."""
     proc, marker = start_psctl(tmp_path, *TINY[:2], "--dataset", "npz:/nonexistent/data.npz", "--workers", "2")
