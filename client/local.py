@@ -141,6 +141,9 @@ class LocalCluster:
             match = _LISTENING.search(line)
             if not match:
                 self.keep_log = True
+                if time.monotonic() < deadline:  # its output ended: it is exiting (a start-up error)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        server.wait(3.0)  # its pipe closes a moment before it can be reaped
                 code = server.poll()
                 why = _ended(code) if code is not None else f"did not report its port within {timeout:.0f}s"
                 raise LocalClusterError(f"the local ps-server{f' {i}' * (self.servers > 1)} {why} (first output "

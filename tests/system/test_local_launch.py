@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from client.local import LocalCluster, LocalClusterError
 from paramserver.client import PsClient
 from paramserver.errors import PsError
 from paramserver.v1 import paramserver_pb2 as pb
@@ -189,6 +191,23 @@ def test_settings_exported_for_a_standing_server_do_not_reach_the_local_cluster(
     assert proc.returncode == 0, err
     assert json.loads(out)["state"] == "completed"
     assert_nothing_left(marker, tmp_path)
+
+
+def test_a_server_that_exits_at_start_is_said_to_have_exited() -> None:
+    """Its stdout closes a moment before it can be reaped (a start-up error, exit status 2): not a
+    server that 'did not report its port within 30s'."""
+    cluster = LocalCluster(1)
+    try:
+        cluster._servers.append(subprocess.Popen(
+            [sys.executable, "-c", "import os, time; os.close(1); time.sleep(0.5); raise SystemExit(2)"],
+            stdout=subprocess.PIPE))
+        started = time.monotonic()
+        with pytest.raises(LocalClusterError, match="the local ps-server exited with code 2"):
+            cluster.wait_server(30.0)
+        assert time.monotonic() - started < 10
+    finally:
+        cluster.close()
+        shutil.rmtree(cluster.log_dir, ignore_errors=True)
 
 
 def test_unloadable_dataset_after_the_server_started_leaves_no_process(tmp_path: Path) -> None:
