@@ -357,8 +357,16 @@ def export(run_id: RunId,
     run held by several servers is read from each and put together, all of one history (while they go
     back to a common checkpoint it waits for them, up to --timeout)."""
     from paramserver.shards import pull_run
+    from paramserver.sink import PullResult
 
-    result = _with_client(server, timeout, lambda ps: pull_run(ps, run_id, wait=timeout))
+    async def read(ps: PsClient) -> PullResult:
+        await ps.get_run(run_id)  # (--server out of reach: the handler says so, and how to start one)
+        try:
+            return await pull_run(ps, run_id, wait=timeout)
+        except errors.Unavailable as exc:  # another server of the run, or its servers going back to a checkpoint
+            raise RuntimeError(exc.message) from None
+
+    result = _with_client(server, timeout, read)
     path = output or f"{run_id}.npz"
     _write_atomically(path, lambda fh: np.savez(fh, **result.tensors))  # type: ignore[arg-type]
     count = sum(int(a.size) for a in result.tensors.values())

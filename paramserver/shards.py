@@ -395,26 +395,36 @@ async def pull_run(client: PsClient, run_id: str, wait: float = 30.0) -> PullRes
         return await client.pull(run_id)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    while True:
-        before, why = run.shards[0], run.shards[0].held
-        if not why:
-            shards = Shards.beside(client, run.shard_map, run.spec)
-            try:
-                result = await shards.pull(run_id)
-            except errors.PsError as exc:
-                if not exc.retryable:
-                    raise
-                why = exc.message
-            finally:
-                await shards.close()
+    shards = Shards.beside(client, run.shard_map, run.spec)  # once: a data plane out of reach is logged once
+    try:
+        while True:
+            before, why, away = run.shards[0], run.shards[0].held, ""
+            if not why:
+                try:
+                    result = await shards.pull(run_id)
+                except errors.PsError as exc:
+                    if not exc.retryable:
+                        raise
+                    why = exc.message
+                    if exc.reason != pb.ERROR_REASON_SHARD_UNAVAILABLE:  # no answer at all, not a held shard
+                        away = why
+                run = await client.get_run(run_id)
+                after = run.shards[0]
+                if not why and not after.held and after.lineage == before.lineage:
+                    return result
+                why = why or after.held or "server 0's shard went back to a checkpoint while the pieces were read"
+            if loop.time() >= deadline:
+                if away:
+                    raise errors.Unavailable(errors.Code.UNAVAILABLE, f"a server of {run_id} did not answer within "
+                                             f"{wait:g}s ({away}): export again once it is back ('psctl status "
+                                             f"{run_id}' shows its servers), or with a longer --timeout")
+                raise errors.Unavailable(errors.Code.UNAVAILABLE, f"the servers of {run_id} are going back to a "
+                                         f"checkpoint (one restarted), and its pieces were not all of one history "
+                                         f"within {wait:g}s ({why}): export again in a moment, or with a longer "
+                                         f"--timeout")
+            await asyncio.sleep(0.2)
             run = await client.get_run(run_id)
-            after = run.shards[0]
-            if not why and not after.held and after.lineage == before.lineage:
-                return result
-            why = why or after.held or "server 0's shard went back to a checkpoint while the pieces were read"
-        if loop.time() >= deadline:
-            raise errors.Unavailable(errors.Code.UNAVAILABLE, f"the servers of {run_id} are going back to a checkpoint "
-                                     f"(one restarted), and its pieces were not all of one history within {wait:g}s "
-                                     f"({why}): export again in a moment, or with a longer --timeout")
-        await asyncio.sleep(0.2)
-        run = await client.get_run(run_id)
+            for c, shard in zip(shards.clients, run.shard_map.shards, strict=False):
+                c.route.told(shard.data_port, shard.shm_socket)  # (a restarted server may have others)
+    finally:
+        await shards.close()

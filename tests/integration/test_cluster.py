@@ -407,6 +407,27 @@ async def test_a_server_that_stays_down_fails_every_run_naming_it(server_config:
                 assert not snap.run.shards[1].reachable
 
 
+async def test_psctl_export_with_a_server_down_names_it_not_the_server_it_asked(server_config: ServerConfig,
+                                                                                tmp_path: Path) -> None:
+    """Server 0 answers, server 1 is down: the export says that a server of the run did not answer
+    (which one), not that the --server it reached cannot be reached, nor that the servers are going
+    back to a checkpoint; the unreachable data plane is logged once, not on every retry."""
+    from typer.testing import CliRunner
+
+    from client.cli import app
+
+    async with cluster(server_config, 2, shard_timeout=60.0) as servers:
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(make_spec(num_workers=1))
+            await servers[1].stop(0)
+            result = await asyncio.to_thread(CliRunner().invoke, app, [
+                "export", run.run_id, "--server", servers[0].address, "-o", str(tmp_path / "p.npz"), "--timeout", "2"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: a server of {run.run_id} did not answer within 2s"), result.stderr
+    assert servers[1].address in result.stderr and "Start one with" not in result.stderr, result.stderr
+    assert result.stderr.count("unreachable") <= 1, result.stderr
+
+
 @pytest.mark.parametrize("owner_restarts", [False, True], ids=["peer-restarts", "server-0-restarts-too"])
 async def test_a_run_deleted_while_a_server_is_down_is_deleted_there_when_it_is_back(
         server_config: ServerConfig, tmp_path: Path, owner_restarts: bool) -> None:
