@@ -16,8 +16,9 @@ Invariants:
   group, so a Ctrl-C in the terminal reaches psctl only and the teardown stays ordered.
 * A child is signalled only while ``Popen.poll()`` says it runs: a pid is never reaped behind our
   back, so a signal cannot hit a recycled pid.
-* Teardown ignores SIGINT and SIGTERM while it runs (a second Ctrl-C cannot abandon children) and is bounded:
-  ``grace`` seconds per phase, then SIGKILL. SIGTERM to psctl raises ``SystemExit`` so the same
+* Teardown ignores SIGINT, SIGTERM and SIGHUP while it runs (a second Ctrl-C cannot abandon children) and is
+  bounded: ``grace`` seconds per phase, then SIGKILL. SIGTERM, or SIGHUP (its terminal closed: the children, in
+  sessions of their own, get none), to psctl raises ``SystemExit`` so the same
   teardown runs.
 * The workers run at a lower CPU priority than the servers (``WORKER_NICE``): on shared cores
   the server, whom every worker waits for, runs as soon as a push comes.
@@ -95,7 +96,7 @@ class LocalCluster:
         self._servers: list[subprocess.Popen[bytes]] = []
         self._workers: list[subprocess.Popen[bytes]] = []
         self._closed = False
-        self._old_sigterm: Any = None
+        self._old_handlers: dict[int, Any] = {}
 
     # ------------------------------------------------------------------------------ start
     def _env(self) -> dict[str, str]:
@@ -191,7 +192,7 @@ class LocalCluster:
             return
         self._closed = True
         main = threading.current_thread() is threading.main_thread()
-        shielded = (signal.SIGINT, signal.SIGTERM)
+        shielded = (signal.SIGINT, *_EXITS)
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in shielded} if main else {}
         try:
             _terminate(self._workers, self.grace)
@@ -209,15 +210,17 @@ class LocalCluster:
 
     def __enter__(self) -> LocalCluster:
         if threading.current_thread() is threading.main_thread():
-            self._old_sigterm = signal.signal(signal.SIGTERM, _raise_exit)
+            # (one ignored stays so: nohup psctl ... keeps running when its terminal closes)
+            self._old_handlers = {sig: signal.signal(sig, _raise_exit) for sig in _EXITS
+                                  if signal.getsignal(sig) is not signal.SIG_IGN}
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         try:
             self.close()
         finally:
-            if self._old_sigterm is not None:
-                signal.signal(signal.SIGTERM, self._old_sigterm)
+            for sig, handler in self._old_handlers.items():
+                signal.signal(sig, handler)
 
 
 def _ended(code: int) -> str:
@@ -225,6 +228,10 @@ def _ended(code: int) -> str:
         with contextlib.suppress(ValueError):
             return f"was killed by {signal.Signals(-code).name}"
     return f"exited with code {code}"
+
+
+_EXITS = (signal.SIGTERM, signal.SIGHUP)
+"""Signals that end psctl through the teardown (``SystemExit``), not at once."""
 
 
 def _raise_exit(signum: int, frame: FrameType | None) -> None:

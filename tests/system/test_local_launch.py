@@ -231,7 +231,8 @@ def test_bad_numbers_are_refused_before_a_cluster_starts(flags: list[str], expec
     assert_nothing_left(marker, tmp_path)
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM)])
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 128 + signal.SIGTERM),
+                                         (signal.SIGHUP, 128 + signal.SIGHUP)])  # (SIGHUP: its terminal closed)
 def test_interrupt_mid_run_leaves_no_process(sig: signal.Signals, code: int, tmp_path: Path) -> None:
     proc, marker = start_psctl(tmp_path, "--model", "mlp:64", "--dataset", "digits", "--workers", "2",
                                "--iterations", "100000", "--json")
