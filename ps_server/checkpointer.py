@@ -206,6 +206,9 @@ class Checkpointer:
             restored.append(run)
             log.info("resumed %s from %s: %s at min clock %d", run.run_id, ckpt.path, run.state.value,
                      run.min_clock, extra={"run": run.run_id})
+            if not run.state.finished:  # (psctl status and watch: why its workers go back to this clock)
+                run.history.event("resumed", -1, f"the server restarted: resumed from its checkpoint at min clock "
+                                                 f"{run.min_clock}")
             if run.placement is not None and not run.state.finished:
                 # What server 0 had told this server to keep is lost: keep what is on disk until it says again.
                 self.protected[run.run_id] = tuple(self.store.cuts(run.run_id))

@@ -47,6 +47,8 @@ async def test_shutdown_checkpoint_and_resume(server_config: ServerConfig, tmp_p
             assert [w.clock for w in after_status.workers] == [3, 3]
             assert [w.incarnation for w in after_status.workers] == [w.incarnation for w in status.workers]
             assert after_status.counters.pushes_applied == 6
+            last = (await c.get_metrics(run.run_id)).events[-1]  # psctl status and watch say so
+            assert last.kind == "resumed" and "min clock 3" in last.message, last
             for n in before:
                 assert after[n].tobytes() == before[n].tobytes()
             # de-duplication survived: the last push again is acknowledged, not applied
