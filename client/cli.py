@@ -247,7 +247,7 @@ async def _run_and_metrics(ps: PsClient, run_id: str, records: bool = False) -> 
 def status(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
     """A run's state, workers, clocks (who waits on whom), counters, metrics trend and events.
 
-    --json: {"run": the run as the server sent it, "summary": the facts the view shows, "workers", "eval", "last_train_loss", "events"}.
+    --json: {"run": the run as the server sent it, "summary": the facts the view shows, "workers", "shards" (a cluster's servers), "eval", "last_train_loss", "events"}.
     """
     run, metrics = _with_client(server, timeout, lambda ps: _run_and_metrics(ps, run_id))
     if json_:

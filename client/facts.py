@@ -97,9 +97,10 @@ def staleness_text(s: int) -> str:
 
 def message_to_dict(msg: Message) -> dict[str, Any]:
     """A message as psctl's JSON: proto JSON (field names as in the .proto, zeros included, 64-bit
-    ints as numbers, unset message fields left out), with the values in the form every other psctl
-    JSON uses: an enum value as its short lower-case name (RUN_STATE_COMPLETED -> "completed", as
-    ``state_name``), a Timestamp as Unix seconds, a Duration as seconds, NaN or infinity as null."""
+    ints as numbers (strings beyond 2**53, which a double would round), unset message fields left
+    out), with the values in the form every other psctl JSON uses: an enum value as its short
+    lower-case name (RUN_STATE_COMPLETED -> "completed", as ``state_name``), a Timestamp as Unix
+    seconds, a Duration as seconds, NaN or infinity as null."""
     doc = json_format.MessageToDict(msg, always_print_fields_with_no_presence=True, preserving_proto_field_name=True,
                                     unquote_int64_if_possible=True)
     return dict(_plain_message(msg, dict(doc)))
