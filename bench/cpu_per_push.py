@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -96,14 +97,22 @@ def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
                              "-f", "raw", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def exited(pid: int) -> bool:
+    """The process is gone or a zombie (it ended, not yet reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
 async def measure(address: str, servers: list[int], workers: list[int], seconds: float,
                   prof: Path | None = None) -> dict[str, Any]:
     async with PsClient(address) as c:
-        while not (runs := await c.list_runs()):
-            await asyncio.sleep(0.1)
-        run_id = runs[0].run_id
-        while (await c.get_run(run_id)).counters.pushes_applied < 2000:
+        while not (runs := await c.list_runs()) or (await c.get_run(runs[0].run_id)).counters.pushes_applied < 2000:
+            if any(exited(p) for p in servers + workers):  # (it would wait for ever)
+                raise RuntimeError("a server or a worker exited before the run's first 2,000 pushes")
             await asyncio.sleep(0.2)
+        run_id = runs[0].run_id
         a0, s0, w0, t0 = ((await c.get_run(run_id)).counters.pushes_applied, [cpu(s) for s in servers],
                           sum(cpu(w) for w in workers), time.monotonic())
         spies = [profile(pid, seconds, prof / f"{who}.txt") for who, pid in (("server", servers[0]), ("worker", workers[0]))] if prof else []
@@ -136,6 +145,7 @@ def one(args: argparse.Namespace, n_servers: int) -> dict[str, Any]:
     """Start the servers and workers, measure, stop them."""
     procs: list[subprocess.Popen[str]] = []
     started: list[subprocess.Popen[str]] = []  # servers this function stops itself
+    failed = True
     try:
         if args.psctl:
             launcher = subprocess.Popen(
@@ -185,11 +195,14 @@ def one(args: argparse.Namespace, n_servers: int) -> dict[str, Any]:
 
             asyncio.run(create())
         assert len(servers) == n_servers and len(workers) == WORKERS, (servers, workers)
-        return asyncio.run(measure(address, servers, workers, args.seconds, args.profile))
+        result = asyncio.run(measure(address, servers, workers, args.seconds, args.profile))
+        failed = False
+        return result
     finally:
-        # the workers (and psctl) end with the stopped run; hand-started servers are stopped here
+        # the workers (and psctl) end with the stopped run; hand-started servers are stopped here, and
+        # everything when the run was not stopped (psctl with SIGTERM: it stops the processes it started)
         for p in reversed(procs):
-            if p in started:
+            if (p in started or failed) and p.poll() is None:
                 p.terminate()
             try:
                 p.wait(30)
@@ -276,25 +289,55 @@ def table(results: list[dict[str, Any]], compute: list[Reference], procs: int = 
     return "\n".join(lines)
 
 
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if not value > 0:
+            raise ValueError(text)
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _counts(text: str) -> list[int]:
+    counts = [int(n) for n in text.split(",")]
+    if not all(n > 0 for n in counts):
+        raise ValueError(text)
+    return counts
+
+
+_counts.__name__ = "server counts"
+
+
+def _staleness(text: str) -> str:
+    try:
+        parse_staleness(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--staleness", default="inf")
-    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--staleness", default="inf", type=_staleness)
+    ap.add_argument("--seconds", type=_positive(float), default=3.0)
     ap.add_argument("--psctl", action="store_true", help="through psctl launch --local (which follows the run)")
-    ap.add_argument("--servers", default="1", help="ps-servers holding the run (a cluster when > 1); "
+    ap.add_argument("--servers", default=[1], type=_counts, help="ps-servers holding the run (a cluster when > 1); "
                     "comma-separated to compare, e.g. 1,2")
-    ap.add_argument("--repeats", type=int, default=1, help="rounds over the --servers configurations")
+    ap.add_argument("--repeats", type=_positive(int), default=1, help="rounds over the --servers configurations")
     ap.add_argument("--compute-only", action="store_true",
                     help="also time the compute-only reference after each round, and give the ratio")
-    ap.add_argument("--compute-seconds", type=float, default=3.0)
-    ap.add_argument("--compute-procs", type=int, default=1,
+    ap.add_argument("--compute-seconds", type=_positive(float), default=3.0)
+    ap.add_argument("--compute-procs", type=_positive(int), default=1,
                     help="compute-only processes at once (4: W processes, both cores busy, the issue's reference)")
     ap.add_argument("--worker-arg", action="append", default=[], help="passed to each ps-worker (e.g. --no-shm)")
     ap.add_argument("--profile", type=Path, metavar="DIR",
                     help="record py-spy of server 0 and one worker during the window into DIR (skews the figures)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    counts = [int(n) for n in args.servers.split(",")]
+    # SIGTERM (a timeout) unwinds like Ctrl-C: the finally blocks stop the processes started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    counts = args.servers
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []

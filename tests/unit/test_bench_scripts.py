@@ -7,8 +7,11 @@ refactoring of the code they import from breaking them unnoticed.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,3 +136,73 @@ def test_python_floor_trains_and_reports_its_cpu_per_push(loop: list[str]) -> No
     assert "pushes/s; CPU per push: server" in proc.stdout
     accuracy = float(proc.stdout.split("test accuracy ")[1].split()[0].rstrip(";"))
     assert accuracy > 0.5  # it trained (digits, 10 classes: 0.1 by chance)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("flags", [["--staleness", "foo"], ["--servers", "0"], ["--servers", "a"], ["--seconds", "0"],
+                                   ["--repeats", "0"], ["--compute-procs", "0"]])
+def test_cpu_per_push_refuses_bad_flags_before_it_starts_anything(flags: list[str]) -> None:
+    """A bad flag is a usage error at once (a bad --staleness started the servers and 4 workers,
+    then waited 30 s for each worker before its traceback)."""
+    tag = f"flags-{os.getpid()}"
+    try:
+        proc = subprocess.run([sys.executable, str(BENCH / "cpu_per_push.py"), *flags], capture_output=True, text=True,
+                              timeout=30, env={**os.environ, "BENCH_TEST_TAG": tag})
+        assert proc.returncode == 2 and "usage:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    finally:
+        for pid in _tagged(tag):
+            os.kill(pid, signal.SIGKILL)
+
+
+
+def _tagged(tag: str) -> list[int]:
+    """Live processes (not zombies) whose environment holds ``BENCH_TEST_TAG=tag``: what a bench
+    started in a test (its children inherit the variable)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and f"BENCH_TEST_TAG={tag}".encode() in (p / "environ").read_bytes().split(b"\0") \
+                    and (p / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                out.append(int(p.name))
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_cpu_per_push_whose_workers_exit_fails_and_stops_its_server() -> None:
+    """Workers that cannot start (here: a flag they do not know) end the bench with an error, and its
+    server is stopped (it waited for ever for the run's first pushes; killed, it left the server)."""
+    tag = f"exit-{os.getpid()}"
+    try:
+        proc = subprocess.run([sys.executable, str(BENCH / "cpu_per_push.py"), "--seconds", "0.3",
+                               "--worker-arg=--bogus-flag"], capture_output=True, text=True, timeout=100,
+                              env={**os.environ, "BENCH_TEST_TAG": tag})
+        assert proc.returncode == 1 and "exited before" in proc.stderr, proc.stderr[-2000:]
+        assert _tagged(tag) == []
+    finally:
+        for pid in _tagged(tag):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(120)
+def test_cpu_per_push_stopped_by_sigterm_stops_its_server_and_workers() -> None:
+    """SIGTERM (a timeout's) unwinds as Ctrl-C does: no server or worker of the bench is left."""
+    tag = f"term-{os.getpid()}"
+    bench = subprocess.Popen([sys.executable, str(BENCH / "cpu_per_push.py"), "--seconds", "30"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             env={**os.environ, "BENCH_TEST_TAG": tag})
+    try:
+        deadline = time.monotonic() + 60
+        while len(_tagged(tag)) < 6 and time.monotonic() < deadline:  # the bench, its server and 4 workers
+            time.sleep(0.2)
+        assert len(_tagged(tag)) == 6
+        time.sleep(1.0)
+        bench.terminate()
+        assert bench.wait(60) == 143
+        assert _tagged(tag) == []
+    finally:
+        bench.kill()
+        bench.wait()
+        for pid in _tagged(tag):
+            os.kill(pid, signal.SIGKILL)
