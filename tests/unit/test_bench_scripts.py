@@ -206,3 +206,19 @@ def test_cpu_per_push_stopped_by_sigterm_stops_its_server_and_workers() -> None:
         bench.wait()
         for pid in _tagged(tag):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(300)
+def test_small_model_bench_runs_and_reports_both_references(tmp_path: Path) -> None:
+    """bench/small_model.py, one short repeat: the rate against compute-only W = 4 (issue 17's
+    reference, 4 processes at once) and against one process, and the time to accuracy."""
+    out = tmp_path / "small.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "small_model.py"), "--repeats", "1", "--epochs", "30",
+                           "--compute-seconds", "0.5", "--json", str(out)], capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    for s in ("inf", "2"):
+        (rate,), (w,), (one,) = doc[f"s={s} pushes/s"], doc[f"s={s} compute-only W=4 it/s"], doc[f"s={s} one process it/s"]
+        assert doc[f"s={s} ratio vs compute-only W=4 (target >= 15%)"] == [rate / w] and rate > 0
+        assert doc[f"s={s} ratio vs one process"] == [rate / one]
+    assert "time-to-accuracy ratio" in proc.stdout
