@@ -82,6 +82,7 @@ async def distributed_rate(spec: pb.RunSpec) -> tuple[float, float, dict[str, fl
                                  "WARNING"], env=ENV, cwd=ROOT) for _ in range(WORKERS)]
     try:
         async with PsClient(addr) as c:
+            await c.wait_ready(30)  # (listening is not yet answering, on a busy host)
             run = await c.create_run(spec)
             samples: list[tuple[float, int]] = []
             async for snap in c.watch_run(run.run_id, interval=0.1):
