@@ -13,11 +13,13 @@ figure that, unlike the rate, hardly depends on what else runs on the machine.
 together (``--cluster`` on 127.0.0.1, or ``psctl launch --local --servers N``); every server's CPU
 is read, and "server" is their sum per applied push (each push goes to every shard). The
 configurations are measured in turn, ``--repeats`` times (the order alternating), and a table of
-medians and ranges follows. ``--compute-only`` also times one process doing the four ranks'
-gradient computations and local SGD updates (1 BLAS thread, no communication) after each round
-(``--compute-procs 4``: four at once, the issue's reference), and gives the applied-push rate
-against it (the small-model target's ratio) and the CPU of a push outside its gradient: server +
-workers, less the reference's CPU per iteration (measured, not inferred from the rate).
+medians and ranges follows. ``--compute-only`` also times the issue's "compute-only" after each
+round: four processes at once (``--compute-procs``, default 4: W processes training their own
+copies, both cores busy; 1: one process on one core, the old reference), each doing the four
+ranks' gradient computations and local SGD updates (1 BLAS thread, no communication), and gives
+the applied-push rate against it (the small-model target's ratio) and the CPU of a push outside
+its gradient: server + workers, less the reference's CPU per iteration (measured, not inferred
+from the rate).
 """
 
 from __future__ import annotations
@@ -328,8 +330,9 @@ def main() -> None:
     ap.add_argument("--compute-only", action="store_true",
                     help="also time the compute-only reference after each round, and give the ratio")
     ap.add_argument("--compute-seconds", type=_positive(float), default=3.0)
-    ap.add_argument("--compute-procs", type=_positive(int), default=1,
-                    help="compute-only processes at once (4: W processes, both cores busy, the issue's reference)")
+    ap.add_argument("--compute-procs", type=_positive(int), default=WORKERS,
+                    help="compute-only processes at once (default 4: W processes, both cores busy, the issue's "
+                    "reference; 1: one process, one core)")
     ap.add_argument("--worker-arg", action="append", default=[], help="passed to each ps-worker (e.g. --no-shm)")
     ap.add_argument("--profile", type=Path, metavar="DIR",
                     help="record py-spy of server 0 and one worker during the window into DIR (skews the figures)")
@@ -354,7 +357,7 @@ def main() -> None:
             compute.append(c)
             for r in round_:
                 r["compute_its"], r["compute_cpu_ms"] = c
-            print(f"compute-only: {c.its_s:,.0f} it/s, {c.cpu_ms:.3f} ms of CPU per iteration; applied pushes/s "
+            print(f"compute-only ({args.compute_procs} process{'es' if args.compute_procs > 1 else ''}): {c.its_s:,.0f} it/s, {c.cpu_ms:.3f} ms of CPU per iteration; applied pushes/s "
                   "against it, and CPU per push outside the gradient (server + workers - that): "
                   + ", ".join(f"{r['servers']} server(s) {100 * r['pushes_s'] / c.its_s:.1f}%, {outside(r):.3f} ms"
                               for r in round_), flush=True)

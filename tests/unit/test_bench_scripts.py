@@ -73,6 +73,7 @@ def test_cpu_per_push_on_two_servers(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 servers together" in proc.stdout
+    assert "compute-only (4 processes)" in proc.stdout  # issue 17's reference by default: W processes at once
     # the issue's figure: server + workers per push, less the reference's own CPU per iteration
     (r,), (ref,) = json.loads(out.read_text()).values()
     assert 0 < ref["cpu_ms"] < r["server_ms"] + r["workers_ms"]
