@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -398,6 +399,7 @@ def main() -> None:
         print(json.dumps(res))
         return
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM (a timeout) unwinds as Ctrl-C: the finally blocks stop what was started
     check_codec()
     env = dict(os.environ, **MALLOC_ENV)
     py = sys.executable

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -90,9 +91,11 @@ def main() -> None:
     if args.role == "client":
         asyncio.run(client_main(args.address, args.bytes, args.seconds, args.spin_us, args.start_at))
         return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM (a timeout) unwinds as Ctrl-C: the finally blocks stop what was started
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     server = subprocess.Popen([sys.executable, __file__, "--role", "server", "--bytes", str(args.bytes)],
                               stdout=subprocess.PIPE, text=True, env=env)
+    clients: list[subprocess.Popen[str]] = []
     try:
         assert server.stdout is not None
         m = re.search(r"listening on (\S+)", server.stdout.readline())
@@ -109,8 +112,9 @@ def main() -> None:
         s1, c1 = cpu_seconds(server.pid), sum(cpu_seconds(c.pid) for c in clients)
         counts = [int(c.communicate(timeout=60)[0].split()[-1]) for c in clients]
     finally:
-        server.kill()
-        server.wait()
+        for p in [*clients, server]:
+            p.kill()
+            p.wait()
     total = sum(counts)
     print(f"{args.clients} clients, {args.bytes} bytes each way, spin {args.spin_us:g} us/iteration, "
           f"{args.seconds:g} s: {total / args.seconds:,.0f} round trips/s "

@@ -34,6 +34,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -353,6 +354,7 @@ def main() -> None:
     ap.add_argument("--worker-arg", action="append", default=[], help="passed to each ps-worker (e.g. --plane=tcp)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM (a timeout) unwinds as Ctrl-C: the finally blocks stop what was started
     WORKER_ARGS.extend(args.worker_arg)
 
     if args.soak:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -117,4 +118,5 @@ if __name__ == "__main__":
     if parsed.role == "client":
         asyncio.run(client(parsed.address, parsed.run_id, parsed.seconds, parsed.mode))
     else:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM (a timeout) unwinds as Ctrl-C: the finally blocks stop what was started
         asyncio.run(main(parsed, extra))

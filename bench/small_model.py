@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -150,6 +151,7 @@ def main() -> None:
     ap.add_argument("--compute-seconds", type=float, default=3.0, help="of each compute-only W = 4 measurement")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM (a timeout) unwinds as Ctrl-C: the finally blocks stop what was started
     results: dict[str, list[float]] = {}
 
     def add(key: str, value: float) -> None:

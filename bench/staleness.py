@@ -48,6 +48,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -347,6 +348,7 @@ def main() -> int:
     unknown = [x for x in args.settings.split(",") if x and x not in known]
     if unknown:
         ap.error(f"--settings {','.join(unknown)}: not a setting; choose from {','.join(known)}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM (a timeout) unwinds as Ctrl-C: the finally blocks stop what was started
     return asyncio.run(main_async(args))
 
 

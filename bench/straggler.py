@@ -63,6 +63,7 @@ import math
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -445,14 +446,15 @@ async def main_async(args: argparse.Namespace) -> int:
     settings = [s for s in SETTINGS if not args.only or s.label in args.only]
     print(f"{len(settings)} settings x {repeats} repeats; {spec.iterations} iterations per rank, lr {args.lr}, "
           f"batch 32, eval every {spec.eval_every} (rank 0)", flush=True)
-    server, addr = start_server()
     if args.log_dir:
         Path(args.log_dir).mkdir(parents=True, exist_ok=True)
-    workers = start_workers(addr, base.workers, spec.data_spec_json, args.log_dir)
+    server, addr = start_server()
+    workers: list[subprocess.Popen[bytes]] = []
     results: list[dict[str, Any]] = []
     invalid: list[str] = []
     t_all = time.perf_counter()
     try:
+        workers += start_workers(addr, base.workers, spec.data_spec_json, args.log_dir)
         for rep in range(repeats):
             for st in settings:
                 for _attempt in range(3):
@@ -508,7 +510,9 @@ def main() -> int:
     ap.add_argument("--json", default="")
     ap.add_argument("--no-json", action="store_true")
     ap.add_argument("--log-dir", default="", help="keep each worker's INFO log here")
-    return asyncio.run(main_async(ap.parse_args()))
+    args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM (a timeout) unwinds as Ctrl-C: the finally blocks stop what was started
+    return asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

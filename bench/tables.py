@@ -37,6 +37,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -297,6 +298,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny data, few iterations, W = 2 only")
     ap.add_argument("--json", type=Path, default=OUT, help=f"where to write every result (default {OUT})")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM (a timeout) unwinds as Ctrl-C: the finally blocks stop what was started
     args.rows = [int(float(x)) for x in args.rows.split(",")]
     args.workers = [int(x) for x in args.workers.split(",")]
     args.staleness = [int(x) for x in args.staleness.split(",")]

@@ -47,6 +47,7 @@ import json
 import os
 import platform
 import re
+import signal
 import socket
 import statistics
 import struct
@@ -353,16 +354,20 @@ def _start(cmd: list[str], env: dict[str, str], pattern: str, timeout: float = 6
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
     seen = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        m = re.search(pattern, line)
-        if m:
-            # Drain the rest of the output in the background so the pipe never fills.
-            threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
-            return proc, m.group(1)
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            m = re.search(pattern, line)
+            if m:
+                # Drain the rest of the output in the background so the pipe never fills.
+                threading.Thread(target=_drain, args=(proc.stdout,), daemon=True).start()
+                return proc, m.group(1)
+    except BaseException:
+        proc.kill()
+        raise
     proc.kill()
     raise RuntimeError(f"{cmd} did not start: {''.join(seen)}")
 
@@ -391,6 +396,16 @@ class Config:
         env["PYTHONUNBUFFERED"] = "1"
         self.procs: list[subprocess.Popen[str]] = []
         self.server_pid: int | None = None
+        try:
+            self._start(py, env, models, verify, chunk_bytes, transport, inproc)
+        except BaseException:  # (not in the caller's list yet: nothing else would stop them)
+            for p in self.procs:
+                _stop(p)
+            raise
+        self.setups: list[dict[str, Any]] = []
+
+    def _start(self, py: str, env: dict[str, str], models: list[str], verify: bool, chunk_bytes: int, transport: str,
+               inproc: bool) -> None:
         tcp, tcp_addr = _start([py, __file__, "--role", "tcp-server"], env, r"listening on (\S+)")
         self.procs.append(tcp)
         cmd = [py, __file__, "--role", "client", "--tcp-addr", tcp_addr, "--tcp-pid", str(tcp.pid),
@@ -411,7 +426,6 @@ class Config:
             cmd += ["--ps-addr", ps_addr, "--server-pid", str(server.pid)]
         self.client = subprocess.Popen(cmd, env=env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.procs.append(self.client)
-        self.setups: list[dict[str, Any]] = []
 
     def read(self) -> dict[str, Any]:
         assert self.client.stdout is not None
@@ -623,6 +637,7 @@ def main() -> None:
     if args.role == "client":
         asyncio.run(client_main(args))
         return
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM (a timeout) unwinds as Ctrl-C: the finally blocks stop what was started
 
     py = sys.executable
     reps = args.reps or (3 if args.quick else 5)

@@ -223,3 +223,49 @@ def test_small_model_bench_runs_and_reports_both_references(tmp_path: Path) -> N
         assert doc[f"s={s} ratio vs compute-only W=4 (target >= 15%)"] == [rate / w] and rate > 0
         assert doc[f"s={s} ratio vs one process"] == [rate / one]
     assert "time-to-accuracy ratio" in proc.stdout
+
+
+# Each bench that starts servers, with arguments that keep it running a while; the pattern of one of
+# its children that shows it is under way.
+_LONG_RUNS = {
+    "small_model.py": (["--repeats", "1", "--epochs", "1000", "--compute-seconds", "0.2"], "ps_server.server"),
+    "large_model.py": (["--seconds", "0.2", "--iterations", "100000", "--skip-psctl", "--skip-momentum"],
+                       "ps_server.server"),
+    "straggler.py": (["--quick", "--epochs", "100000", "--no-json", "--png", "/dev/null"], "ps_server.server"),
+    "tables.py": (["--part", "size", "--rows", "100000", "--reps", "1", "--size-iters", "100000"], "ps_server.server"),
+    "push_memory.py": (["--seconds", "600"], "ps_server.server"),
+    "staleness.py": (["--workers", "2", "--patterns", "none", "--pushes", "10000000", "--json", "/dev/null"],
+                     "ps_server.server"),
+    "throughput.py": (["--quick", "--models", "mlp-5.8M", "--reps", "100"], "ps_server.server"),
+    "grpc_ceiling.py": (["--reps", "100"], "--role\0server"),
+    "grpc_round_trips.py": ([], "grpc_round_trips"),
+}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("script", sorted(_LONG_RUNS))
+def test_a_bench_stopped_by_sigterm_leaves_no_process(script: str) -> None:
+    """SIGTERM (a timeout's, a CI job cancelled) unwinds as Ctrl-C does: the servers (and the
+    workers) a bench started are stopped, not left running on their ports."""
+    args, pattern = _LONG_RUNS[script]
+    tag = f"term-{script}-{os.getpid()}"
+    bench = subprocess.Popen([sys.executable, str(BENCH / script), *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "BENCH_TEST_TAG": tag})
+    try:
+        deadline = time.monotonic() + 100
+        while not [p for p in _tagged(tag) if pattern in _cmdline(Path(f"/proc/{p}"))] and time.monotonic() < deadline:
+            assert bench.poll() is None, f"{script} ended ({bench.returncode}) before it started a server"
+            time.sleep(0.2)
+        time.sleep(2.0)
+        assert bench.poll() is None, f"{script} ended ({bench.returncode})"
+        assert len(_tagged(tag)) > 1
+        bench.terminate()
+        bench.wait(90)
+        time.sleep(0.5)
+        left = _tagged(tag)
+        assert left == [], [_cmdline(Path(f"/proc/{p}")) for p in left]
+    finally:
+        bench.kill()
+        bench.wait()
+        for pid in _tagged(tag):
+            os.kill(pid, signal.SIGKILL)
