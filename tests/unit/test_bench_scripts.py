@@ -269,3 +269,36 @@ def test_a_bench_stopped_by_sigterm_leaves_no_process(script: str) -> None:
         bench.wait()
         for pid in _tagged(tag):
             os.kill(pid, signal.SIGKILL)
+
+
+# The quickest settings of each bench not run above, and what its output must hold: a refactoring
+# that breaks one at run time (not only at import) fails here.
+_QUICK_RUNS = {
+    "large_model.py": (["--iterations", "40", "--seconds", "0.2", "--skip-momentum", "--skip-psctl"],
+                       ["ratio vs compute-only W=4 (4 processes; target >= 75%)", "server VmHWM sgd"]),
+    "throughput.py": (["--quick", "--models", "mlp-5.8M", "--reps", "1", "--seconds", "0.2", "--malloc", "off",
+                       "--inproc", "no", "--transport", "tcp"], ["| subprocess | off | tcp | mlp-5.8M |", "of raw TCP"]),
+    "straggler.py": (["--quick", "--epochs", "2", "--only", "s=1", "--no-json", "--png", "{tmp}/straggler.png"],
+                     ["| s=1 |", "plot: "]),
+    "compression.py": (["--cpu-only", "--modes", "none,fp16,topk:0.01"], ["mlp:512 (38k)        topk:0.01: push"]),
+    "push_memory.py": (["--clients", "1", "--seconds", "1"], ["after the clients: VmHWM"]),
+    "grpc_ceiling.py": (["--quick", "--reps", "1"], ["| proto |", "| wire |", "| bytes |", "| raw TCP | "]),
+    "grpc_round_trips.py": (["--clients", "1", "--seconds", "0.5"], ["round trips/s", "CPU per round trip: server"]),
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("script", sorted(_QUICK_RUNS))
+def test_bench_runs_with_its_quickest_settings(script: str, tmp_path: Path) -> None:
+    args, expected = _QUICK_RUNS[script]
+    tag = f"quick-{script}-{os.getpid()}"
+    try:
+        proc = subprocess.run([sys.executable, str(BENCH / script), *(a.format(tmp=tmp_path) for a in args)],
+                              capture_output=True, text=True, timeout=280, env={**os.environ, "BENCH_TEST_TAG": tag})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for text in expected:
+            assert text in proc.stdout, proc.stdout[-3000:]
+        assert _tagged(tag) == []  # nothing left running
+    finally:
+        for pid in _tagged(tag):
+            os.kill(pid, signal.SIGKILL)
