@@ -511,6 +511,8 @@ def main() -> int:
     ap.add_argument("--no-json", action="store_true")
     ap.add_argument("--log-dir", default="", help="keep each worker's INFO log here")
     args = ap.parse_args()
+    if unknown := sorted(set(args.only or ()) - {s.label for s in SETTINGS}):
+        ap.error(f"--only: no setting labelled {unknown}; the labels: {[s.label for s in SETTINGS]}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM (a timeout) unwinds as Ctrl-C: the finally blocks stop what was started
     return asyncio.run(main_async(args))
 

@@ -302,3 +302,18 @@ def test_bench_runs_with_its_quickest_settings(script: str, tmp_path: Path) -> N
     finally:
         for pid in _tagged(tag):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("argv", [["straggler.py", "--only", "s=2"]], ids=["straggler-only-unknown"])
+def test_a_bench_refuses_a_bad_flag_clearly(argv: list[str]) -> None:
+    """A flag that would make a bench measure nothing, or something else than asked, is a usage error."""
+    tag = f"flag-{os.getpid()}"
+    try:
+        proc = subprocess.run([sys.executable, str(BENCH / argv[0]), *argv[1:]], capture_output=True, text=True,
+                              timeout=100, env={**os.environ, "BENCH_TEST_TAG": tag})
+        assert proc.returncode == 2 and "usage:" in proc.stderr and "Traceback" not in proc.stderr, \
+            (proc.returncode, proc.stdout[-1000:], proc.stderr[-2000:])
+    finally:
+        for pid in _tagged(tag):
+            os.kill(pid, signal.SIGKILL)
