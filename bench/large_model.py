@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -341,16 +342,35 @@ async def soak(minutes: float, every: float = 5.0) -> dict[str, object]:
 
 
 # ------------------------------------------------------------------------------ main
+def _positive(kind: type[int] | type[float]) -> Any:
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if not value > 0:
+            raise ValueError(text)
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _staleness(text: str) -> int:
+    from client.spec import parse_staleness
+
+    try:
+        return parse_staleness(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iterations", type=int, default=80, help="iterations per worker of the SGD run")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--seconds", type=float, default=10.0, help="timed part of each compute-only measurement")
+    ap.add_argument("--iterations", type=_positive(int), default=80, help="iterations per worker of the SGD run")
+    ap.add_argument("--batch", type=_positive(int), default=32)
+    ap.add_argument("--seconds", type=_positive(float), default=10.0, help="timed part of each compute-only measurement")
     ap.add_argument("--profile", type=Path, help="py-spy (raw) the server and one worker for 5 s into DIR")
     ap.add_argument("--skip-momentum", action="store_true")
     ap.add_argument("--skip-psctl", action="store_true")
     ap.add_argument("--soak", type=float, default=0.0, metavar="MINUTES", help="run only the soak, this long")
-    ap.add_argument("--staleness", default="inf", help="of the SGD run: inf (async) or 0 (BSP), ...")
+    ap.add_argument("--staleness", default="inf", type=_staleness, help="of the SGD run: inf (async) or 0 (BSP), ...")
     ap.add_argument("--worker-arg", action="append", default=[], help="passed to each ps-worker (e.g. --plane=tcp)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -369,7 +389,7 @@ def main() -> None:
     from worker.models import build_model, num_params, parse_model
 
     results: dict[str, object] = {"load_start": loadavg()}
-    staleness = -1 if args.staleness == "inf" else int(args.staleness)
+    staleness = args.staleness
     sgd = build_run_spec(LaunchOptions(model=MODEL, dataset=DATASET, workers=WORKERS, staleness=staleness,
                                        batch_size=args.batch, iterations=args.iterations, lr=0.1,
                                        eval_every=args.iterations))  # no evaluation in the timed part
