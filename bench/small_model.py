@@ -151,6 +151,8 @@ def main() -> None:
     ap.add_argument("--compute-seconds", type=float, default=3.0, help="of each compute-only W = 4 measurement")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.repeats < 1 or args.epochs <= 0 or args.compute_seconds <= 0:
+        ap.error("--repeats, --epochs and --compute-seconds must be positive")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM (a timeout) unwinds as Ctrl-C: the finally blocks stop what was started
     results: dict[str, list[float]] = {}
 

@@ -306,8 +306,10 @@ def test_bench_runs_with_its_quickest_settings(script: str, tmp_path: Path) -> N
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("argv", [["straggler.py", "--only", "s=2"], ["large_model.py", "--staleness", "foo"],
-                                  ["large_model.py", "--iterations", "0", "--seconds", "0.1"]],
-                         ids=["straggler-only-unknown", "large-model-staleness", "large-model-no-iterations"])
+                                  ["large_model.py", "--iterations", "0", "--seconds", "0.1"],
+                                  ["small_model.py", "--repeats", "0"]],
+                         ids=["straggler-only-unknown", "large-model-staleness", "large-model-no-iterations",
+                              "small-model-no-repeats"])
 def test_a_bench_refuses_a_bad_flag_clearly(argv: list[str]) -> None:
     """A flag that would make a bench measure nothing, or something else than asked, is a usage error."""
     tag = f"flag-{os.getpid()}"
