@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import uuid
+import zipfile
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +186,7 @@ class CheckpointStore:
         try:
             with np.load(npz, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # (BadZipFile: a bad archive or CRC)
             raise CorruptCheckpoint(f"arrays.npz does not load: {exc}") from None
         return Checkpoint(path, manifest["meta"], arrays)
 

@@ -242,6 +242,38 @@ def test_a_manifest_whose_content_is_malformed_is_skipped_for_the_older_one(
     assert resumed.min_clock == run.min_clock and store.load(good).path == good
 
 
+@pytest.mark.parametrize("damage", ["not-a-zip", "bad-member"])
+def test_arrays_whose_hash_matches_but_do_not_load_are_skipped_for_the_older_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    """An arrays.npz whose SHA-256 and size are the manifest's but that is no readable archive
+    (a writer's bug, another tool's copy): zipfile's BadZipFile is no OSError or ValueError, and
+    it escaped ``load``: the server failed at start with a traceback instead of resuming the
+    older checkpoint."""
+    import hashlib
+
+    run = make_run()
+    store = CheckpointStore(tmp_path)
+    good = store.write(*snapshot.state_dict(run))
+    bad = store.write(*snapshot.state_dict(run))
+    data = (bad / "arrays.npz").read_bytes()
+    if damage == "not-a-zip":
+        data = data[: len(data) // 2]
+    else:  # a member's bytes changed under its CRC-32
+        at = data.index(b"\x93NUMPY") + 80
+        data = data[:at] + bytes(b ^ 0xFF for b in data[at : at + 8]) + data[at + 8 :]
+    (bad / "arrays.npz").write_bytes(data)
+    doc = json.loads((bad / "manifest.json").read_text())
+    doc["arrays_sha256"], doc["arrays_bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    (bad / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(CorruptCheckpoint, match="arrays.npz does not load"):
+        store.load(bad)
+    with caplog.at_level(logging.ERROR, logger="ps_server"):
+        (resumed,) = Checkpointer(store, every=0).resume()
+    assert f"skipping corrupt checkpoint {bad}" in caplog.text
+    assert resumed.min_clock == run.min_clock and store.load(good).path == good
+
+
 def test_a_changed_clock_in_a_manifest_is_corruption(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The manifest's clocks are the de-duplication table: one changed on disk (361 -> 961 would
     drop pushes 361-960 of that rank as duplicates) fails the meta's hash, and the older
