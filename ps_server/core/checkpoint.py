@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["FORMAT", "Checkpoint", "CheckpointStore", "CorruptCheckpoint"]
+__all__ = ["FORMAT", "Checkpoint", "CheckpointStore", "CorruptCheckpoint", "NewerCheckpoint"]
 
 FORMAT = 1
 _NAME = re.compile(r"ckpt-\d{10}")
@@ -45,6 +45,10 @@ def _itself(checkpoint: Checkpoint) -> Checkpoint:
 
 class CorruptCheckpoint(Exception):
     pass
+
+
+class NewerCheckpoint(CorruptCheckpoint):
+    """A checkpoint of a format above ``FORMAT``: a newer ps-server's, not corrupt."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,9 @@ class CheckpointStore:
             manifest = json.loads((path / "manifest.json").read_text())
         except (OSError, ValueError) as exc:
             raise CorruptCheckpoint(f"unreadable manifest: {exc}") from None
+        newer = manifest.get("format") if isinstance(manifest, dict) else None
+        if type(newer) is int and newer > FORMAT:
+            raise NewerCheckpoint(f"format {newer}, written by a newer ps-server (this one reads format {FORMAT})")
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or "meta" not in manifest:
             raise CorruptCheckpoint(f"manifest is not a format-{FORMAT} checkpoint")
         if "meta_sha256" in manifest and _meta_sha256(manifest["meta"]) != manifest["meta_sha256"]:
@@ -193,7 +200,8 @@ class CheckpointStore:
     def latest(self, use: Callable[[Checkpoint], T] = _itself) -> list[T]:  # type: ignore[assignment]
         """``use`` of the newest valid checkpoint of every run under root. Corrupt ones, and those
         ``use`` refuses (raising CorruptCheckpoint, KeyError, ValueError, TypeError, AttributeError
-        or IndexError: they do not fit their run), are skipped loudly for the next older one."""
+        or IndexError: they do not fit their run), are skipped loudly for the next older one. A run
+        whose newest is of a newer format (``NewerCheckpoint``) is left out, loudly."""
         found: list[T] = []
         if not self.root.is_dir():
             return found
@@ -208,6 +216,10 @@ class CheckpointStore:
             for path in paths:
                 try:
                     found.append(use(self.load(path)))
+                    break
+                except NewerCheckpoint as exc:  # (an older one would lose its progress, and pruning it)
+                    log.error("not resuming %s: its checkpoint %s is of %s; its checkpoints are left as they are: "
+                              "run a ps-server that reads them", run_dir.name, path.name, exc)
                     break
                 except CorruptCheckpoint as exc:
                     log.error("skipping corrupt checkpoint %s: %s", path, exc)

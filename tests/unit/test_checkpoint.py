@@ -274,6 +274,27 @@ def test_arrays_whose_hash_matches_but_do_not_load_are_skipped_for_the_older_one
     assert resumed.min_clock == run.min_clock and store.load(good).path == good
 
 
+def test_a_run_whose_newest_checkpoint_is_of_a_newer_format_is_left_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server rolled back to an older version finds checkpoints a newer one wrote: it neither
+    resumes the run from an older checkpoint (progress lost, and logged as corruption) nor
+    writes beside it (its pruning then deleted the newer server's checkpoint): the run is left
+    as it is on disk, with an error saying why."""
+    run = make_run()
+    store = CheckpointStore(tmp_path)
+    store.write(*snapshot.state_dict(run))
+    newer = store.write(*snapshot.state_dict(run))
+    doc = json.loads((newer / "manifest.json").read_text())
+    doc["format"] = checkpoint.FORMAT + 1
+    (newer / "manifest.json").write_text(json.dumps(doc))
+    before = sorted(p.name for p in (tmp_path / run.run_id).iterdir())
+    with caplog.at_level(logging.ERROR, logger="ps_server"):
+        assert Checkpointer(store, every=0).resume() == []
+    assert f"not resuming {run.run_id}" in caplog.text and f"format {checkpoint.FORMAT + 1}" in caplog.text
+    assert sorted(p.name for p in (tmp_path / run.run_id).iterdir()) == before
+
+
 def test_a_changed_clock_in_a_manifest_is_corruption(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The manifest's clocks are the de-duplication table: one changed on disk (361 -> 961 would
     drop pushes 361-960 of that rank as duplicates) fails the meta's hash, and the older
