@@ -107,6 +107,10 @@ class Checkpointer:
         """``final``: the server's last, after its last RPC (it holds every push it acknowledged)."""
         meta, arrays = snapshot.state_dict(run, cut)
         meta["final"] = final and not run.held  # (a held shard is behind the others: it must go back)
+        if run.run_id not in self._sharded:  # (a cluster's keeps each cut it was scheduled at)
+            # A snapshot still waiting is older: this one replaces it (its writer, not started yet,
+            # would otherwise write it after this one, as the newest).
+            self._waiting.pop(run.run_id, None)
         return await self._write((meta, arrays, self._epochs.get(run.run_id, 0)), reason), int(meta["min_clock"])
 
     async def checkpoint_at(self, run: Run, cut: int, reason: str, timeout: float) -> tuple[Path, int]:

@@ -395,6 +395,26 @@ async def test_periodic_checkpoints_log_at_debug_and_the_story_at_info(tmp_path:
     assert [(r.levelno, r.getMessage().split(" from ")[0]) for r in caplog.records] == [(logging.INFO, "resumed run-log")]
 
 
+async def test_a_checkpoint_on_demand_is_never_followed_by_an_older_one(tmp_path: Path) -> None:
+    """CheckpointRun right after a periodic snapshot was scheduled (its writer not started yet)
+    wrote its own, newer one first, then the periodic one after it as the newest: a server killed
+    then resumed from the older one, and with --checkpoint-keep 1 the checkpoint CheckpointRun had
+    named was pruned."""
+    store = CheckpointStore(tmp_path, keep=1)
+    checkpointer = Checkpointer(store, every=2)
+    run = Run("run-order", RunSpec(name="o", num_workers=1, iterations=6, staleness=1, seed=1,
+                                   params=(ParamSpec("w", (3,)),), optimizer=OptimizerConfig(learning_rate=0.1)))
+    checkpointer.attach(run)
+    a = run.join("a")
+    await checkpointer.drain()
+    for clock in range(3):  # min clock 2 schedules a periodic snapshot; 3 does not
+        run.push(0, a.incarnation, clock, {"w": np.ones(3, np.float32)}, 0)
+    path, clock = await checkpointer.checkpoint_now(run, "on demand")
+    await checkpointer.drain()
+    (found,) = store.latest()
+    assert (found.path, found.meta["min_clock"]) == (path, clock) == (path, 3)
+
+
 async def test_a_checkpoint_that_cannot_be_written_is_an_event_of_its_run(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A full disk fails the periodic checkpoints: psctl status shows it (the run's events), not
