@@ -119,6 +119,8 @@ class CheckpointStore:
                 os.fsync(f.fileno())
             _fsync(tmp)
             os.rename(tmp, final)
+            if not existing:  # its run's first: the run's directory too, or a power cut may lose both
+                _fsync(self.root)
             _fsync(run_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

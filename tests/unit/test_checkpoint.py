@@ -196,6 +196,23 @@ def test_crash_during_checkpoint_writes_always_leaves_a_valid_one(tmp_path: Path
         assert found[0].arrays["pad"].shape == (2_000_000,)
 
 
+def test_a_runs_first_checkpoint_fsyncs_the_data_directory_too(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's directory is new: its entry in the data directory must reach the disk too, or a
+    power cut after CreateRun answered loses the run with its checkpoint (the rename into place
+    was fsynced in the run's directory only)."""
+    synced: list[Path] = []
+    fsync = checkpoint._fsync
+    monkeypatch.setattr(checkpoint, "_fsync", lambda path: (synced.append(Path(path)), fsync(path))[1])
+    store = CheckpointStore(tmp_path / "data")
+    (tmp_path / "data").mkdir()
+    first = store.write(*snapshot.state_dict(make_run()))
+    assert tmp_path / "data" in synced and first.parent in synced
+    synced.clear()
+    store.write(*snapshot.state_dict(make_run()))
+    assert synced[-1] == first.parent and tmp_path / "data" not in synced  # (once is enough)
+
+
 def test_resume_falls_back_when_the_newest_checkpoint_does_not_fit_its_run(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
