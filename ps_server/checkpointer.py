@@ -54,6 +54,9 @@ class Checkpointer:
         earlier epoch belongs to a history the run left, and is not written."""
         self._cuts: dict[str, list[tuple[int, asyncio.Future[Snapshot]]]] = {}
         """run id -> the cuts ``checkpoint_at`` waits for, each with the future its snapshot goes to."""
+        self.behind: set[str] = set()
+        """runs whose newest snapshot could not be written (a full disk, say): the server's last
+        checkpoints write them even when they have ended (a stop the disk does not hold yet)."""
 
     def attach(self, run: Run) -> None:
         """Checkpoint ``run`` from now on: now if it has no checkpoint yet (a new run: a server
@@ -169,7 +172,9 @@ class Checkpointer:
                                                not protect and run_id in self._sharded)
             except OSError as exc:
                 log.error("checkpoint of %s failed: %s", run_id, exc, extra={"run": run_id})
+                self.behind.add(run_id)
                 raise
+            self.behind.discard(run_id)
         log.log(level, "checkpoint of %s at min clock %d, cut %d "
                 "(%s) written to %s in %.0f ms", run_id, meta["min_clock"], meta["cut"], reason, path,
                 1e3 * (time.perf_counter() - t0), extra={"run": run_id})
@@ -189,6 +194,7 @@ class Checkpointer:
         async with self._locks.setdefault(run_id, asyncio.Lock()):
             await asyncio.to_thread(self.store.delete, run_id)
         self._locks.pop(run_id, None)
+        self.behind.discard(run_id)
 
     async def written(self, run_id: str) -> None:
         """Until what was scheduled for ``run_id`` so far is written (or failed: logged); a caller

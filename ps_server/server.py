@@ -132,14 +132,15 @@ class PsServer:
                 self.metrics = None
 
     async def _last_checkpoints(self) -> None:
-        """Every unfinished run's, after the last RPC; one that fails does not keep the others' from
-        being written (the first failure is raised after them)."""
+        """Every unfinished run's (and an ended one's whose last checkpoint could not be written),
+        after the last RPC; one that fails does not keep the others' from being written (the first
+        failure is raised after them)."""
         if not self.checkpointer:
             return
         await self.checkpointer.drain()
         failed: list[Exception] = []
         for run in self.registry.runs():
-            if not run.state.finished:
+            if not run.state.finished or run.run_id in self.checkpointer.behind:
                 try:
                     await self.checkpointer.checkpoint_now(run, "shutdown", final=True)
                 except Exception as exc:

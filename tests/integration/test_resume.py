@@ -177,3 +177,35 @@ async def test_a_stop_answered_is_on_disk_and_a_new_bound_soon_after(server_conf
                 assert check(await c.get_run(run_id)), left.name
         finally:
             await again.stop(0)
+
+
+async def test_a_stop_whose_checkpoint_failed_is_written_at_shutdown(server_config: ServerConfig, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk was full when a run was stopped (its final checkpoint failed: an event); space
+    freed, the server stopped gracefully: its last checkpoints wrote unfinished runs only, and the
+    restarted server resumed the stopped run as running, from the checkpoint before."""
+    config = with_config(server_config, data_dir=str(tmp_path), checkpoint_every=0)
+    ps = await start_server(config)
+    try:
+        async with PsClient(f"127.0.0.1:{ps.port}") as c:
+            run = await c.create_run(make_spec(num_workers=1))
+            assert ps.checkpointer is not None
+            await ps.checkpointer.drain()
+            store = ps.checkpointer.store
+            real = store.write
+
+            def full(*args: Any) -> Any:
+                raise OSError(28, "No space left on device")
+
+            monkeypatch.setattr(store, "write", full)
+            stopped = await c.stop_run(run.run_id, "enough")
+            assert stopped.state == pb.RUN_STATE_STOPPED
+            monkeypatch.setattr(store, "write", real)  # space freed
+    finally:
+        await ps.stop(0)
+    again = await start_server(with_config(config, port=0))
+    try:
+        async with PsClient(f"127.0.0.1:{again.port}") as c:
+            assert (await c.get_run(run.run_id)).state == pb.RUN_STATE_STOPPED
+    finally:
+        await again.stop(0)
