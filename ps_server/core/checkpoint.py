@@ -203,7 +203,8 @@ class CheckpointStore:
         """``use`` of the newest valid checkpoint of every run under root. Corrupt ones, and those
         ``use`` refuses (raising CorruptCheckpoint, KeyError, ValueError, TypeError, AttributeError
         or IndexError: they do not fit their run), are skipped loudly for the next older one. A run
-        whose newest is of a newer format (``NewerCheckpoint``) is left out, loudly."""
+        whose newest is of a newer format (``NewerCheckpoint``) is left out, loudly, as a directory
+        whose checkpoints are of a run of another name (a copy)."""
         found: list[T] = []
         if not self.root.is_dir():
             return found
@@ -217,7 +218,13 @@ class CheckpointStore:
                 continue
             for path in paths:
                 try:
-                    found.append(use(self.load(path)))
+                    checkpoint = self.load(path)
+                    if isinstance(checkpoint.meta, dict) and checkpoint.meta.get("run_id") != run_dir.name:
+                        # (the run's own directory is resumed; a copy's older state would replace it)
+                        log.warning("skipping %s in the data directory: its checkpoints are of %s (a copy?), "
+                                    "not of a run of its name", run_dir, checkpoint.meta.get("run_id"))
+                        break
+                    found.append(use(checkpoint))
                     break
                 except NewerCheckpoint as exc:  # (an older one would lose its progress, and pruning it)
                     log.error("not resuming %s: its checkpoint %s is of %s; its checkpoints are left as they are: "

@@ -350,6 +350,26 @@ def test_a_copy_beside_the_checkpoints_is_no_checkpoint(tmp_path: Path) -> None:
     assert (newest.parent / "ckpt-notes.txt").exists() and newest.with_name(newest.name + ".bak").exists()
 
 
+def test_a_copy_of_a_runs_directory_is_no_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``cp -a run-ck run-ck.bak`` in the data directory: the copy's checkpoints are of run-ck too,
+    and were resumed after the real ones (the directories in name order), so the run went back to
+    the copy's older state at every restart; the copy was never pruned. Left alone, with a warning."""
+    import shutil
+
+    run = make_run()
+    store = CheckpointStore(tmp_path)
+    store.write(*snapshot.state_dict(run))
+    shutil.copytree(tmp_path / run.run_id, tmp_path / f"{run.run_id}.bak")
+    inc = run.status().workers[0].incarnation
+    run.push(0, inc, 3, {"w": np.ones((4, 3), np.float32), "b": np.ones(3, np.float32)}, 0)
+    newest = store.write(*snapshot.state_dict(run))
+    with caplog.at_level(logging.WARNING, logger="ps_server"):
+        resumed = Checkpointer(store, every=0).resume()
+    assert [(r.run_id, r.status().workers[0].clock) for r in resumed] == [(run.run_id, 4)]
+    assert f"{run.run_id}.bak" in caplog.text and "copy" in caplog.text
+    assert store.latest()[0].path == newest and (tmp_path / f"{run.run_id}.bak").is_dir()
+
+
 def test_a_directory_it_cannot_read_beside_the_runs_is_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """A data directory at a file system's root holds lost+found, which its server's user may not
