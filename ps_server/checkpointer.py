@@ -210,7 +210,8 @@ class Checkpointer:
 
     def resume(self) -> list[Run]:
         """Every run restored from its newest checkpoint that loads (corrupt ones, and ones that do
-        not fit their run, are skipped loudly for the next older one)."""
+        not fit their run, are skipped loudly for the next older one); every lease starts once all
+        are loaded."""
         restored = []
         for ckpt, run in self.store.latest(lambda c: (c, snapshot.restore(c.meta, c.arrays))):
             restored.append(run)
@@ -228,4 +229,6 @@ class Checkpointer:
                 # gracefully wrote all it had acknowledged: it goes on where it stopped.)
                 run.held = (f"this server restarted: its shard of {run.run_id} waits for server 0 to have every "
                             "shard go back to a common checkpoint: retry")
+        for run in restored:  # (loading the others took seconds per GB: the workers have had no chance yet)
+            run.clock.restored()
         return restored

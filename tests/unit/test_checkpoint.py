@@ -392,6 +392,29 @@ def test_a_directory_it_cannot_read_beside_the_runs_is_skipped(tmp_path: Path, c
     assert "skipping" in caplog.text and "lost+found" in caplog.text and "Permission denied" in caplog.text
 
 
+def test_leases_start_afresh_once_every_run_is_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run's leases started when that run was restored: the runs loaded before a large one
+    (seconds per GB: hashes, arrays, initial values) had their leases running while the others
+    loaded and the server was not serving yet, and its first sweep evicted their ranks (their
+    workers had had no chance to find the server)."""
+    run = make_run()
+    store = CheckpointStore(tmp_path)
+    store.write(*snapshot.state_dict(run))
+    meta, arrays = snapshot.state_dict(run)
+    store.write({**meta, "run_id": "run-large"}, arrays)  # (loaded after run-ck: names in order)
+    load = store.load
+
+    def slow(path: Path) -> checkpoint.Checkpoint:
+        if path.parent.name == "run-large":
+            time.sleep(1.0)
+        return load(path)
+
+    monkeypatch.setattr(store, "load", slow)
+    resumed = Checkpointer(store, every=0).resume()
+    assert [r.run_id for r in resumed] == ["run-ck", "run-large"]
+    assert [r.clock.expired(0.5) for r in resumed] == [[], []]
+
+
 def test_non_finite_parameters_of_a_running_run_are_refused() -> None:
     """A running run's parameters are finite (the divergence check relies on it), so a checkpoint
     saying otherwise is inconsistent: refused (resume then takes the run's older checkpoint). A
