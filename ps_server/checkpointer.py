@@ -54,6 +54,9 @@ class Checkpointer:
         earlier epoch belongs to a history the run left, and is not written."""
         self._cuts: dict[str, list[tuple[int, asyncio.Future[Snapshot]]]] = {}
         """run id -> the cuts ``checkpoint_at`` waits for, each with the future its snapshot goes to."""
+        self._asked: dict[str, asyncio.Lock] = {}
+        """run id -> held by the ``checkpoint_now`` taking and writing its snapshot: the others
+        asking meanwhile take theirs after it (one such copy of a run in memory at a time)."""
         self.behind: set[str] = set()
         """runs whose newest snapshot could not be written (a full disk, say): the server's last
         checkpoints write them even when they have ended (a stop the disk does not hold yet)."""
@@ -108,13 +111,14 @@ class Checkpointer:
     async def checkpoint_now(self, run: Run, reason: str, cut: int | None = None,
                              final: bool = False) -> tuple[Path, int]:
         """``final``: the server's last, after its last RPC (it holds every push it acknowledged)."""
-        meta, arrays = snapshot.state_dict(run, cut)
-        meta["final"] = final and not run.held  # (a held shard is behind the others: it must go back)
-        if run.run_id not in self._sharded:  # (a cluster's keeps each cut it was scheduled at)
-            # A snapshot still waiting is older: this one replaces it (its writer, not started yet,
-            # would otherwise write it after this one, as the newest).
-            self._waiting.pop(run.run_id, None)
-        return await self._write((meta, arrays, self._epochs.get(run.run_id, 0)), reason), int(meta["min_clock"])
+        async with self._asked.setdefault(run.run_id, asyncio.Lock()):
+            meta, arrays = snapshot.state_dict(run, cut)
+            meta["final"] = final and not run.held  # (a held shard is behind the others: it must go back)
+            if run.run_id not in self._sharded:  # (a cluster's keeps each cut it was scheduled at)
+                # A snapshot still waiting is older: this one replaces it (its writer, not started yet,
+                # would otherwise write it after this one, as the newest).
+                self._waiting.pop(run.run_id, None)
+            return await self._write((meta, arrays, self._epochs.get(run.run_id, 0)), reason), int(meta["min_clock"])
 
     async def checkpoint_at(self, run: Run, cut: int, reason: str, timeout: float) -> tuple[Path, int]:
         """A checkpoint of ``run`` labelled ``cut``, taken the moment its min clock reaches ``cut``
@@ -181,8 +185,8 @@ class Checkpointer:
         return path
 
     async def delete(self, run_id: str) -> None:
-        """Delete ``run_id``'s checkpoints, once the write in progress (if any) has landed; a
-        snapshot still waiting to be written is dropped."""
+        """Delete ``run_id``'s checkpoints, once the write in progress (if any) and those asked for
+        (``checkpoint_now``) have landed; a snapshot still waiting to be written is dropped."""
         self._waiting.pop(run_id, None)
         self._taken.pop(run_id, None)
         self.protected.pop(run_id, None)
@@ -191,9 +195,11 @@ class Checkpointer:
         writer = self._writers.pop(run_id, None)
         if writer is not None:
             await asyncio.gather(writer, return_exceptions=True)
-        async with self._locks.setdefault(run_id, asyncio.Lock()):
+        # (after the checkpoints asked for before: one would take its snapshot, and write it, after)
+        async with self._asked.setdefault(run_id, asyncio.Lock()), self._locks.setdefault(run_id, asyncio.Lock()):
             await asyncio.to_thread(self.store.delete, run_id)
         self._locks.pop(run_id, None)
+        self._asked.pop(run_id, None)
         self.behind.discard(run_id)
 
     async def written(self, run_id: str) -> None:
