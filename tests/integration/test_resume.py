@@ -109,6 +109,37 @@ async def test_a_run_is_durable_from_its_creation(server_config: ServerConfig, t
         await ps.stop(0)
 
 
+async def test_a_run_created_is_on_disk_when_create_run_answers(server_config: ServerConfig, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """CreateRun answered before the run's first checkpoint was written (seconds for a large
+    model): a server killed then lost the run its client had been given, as StopRun lost the
+    stop before it waited for its checkpoint."""
+    import time
+
+    config = with_config(server_config, data_dir=str(tmp_path / "data"), checkpoint_every=50)
+    ps = await start_server(config)
+    try:
+        assert ps.checkpointer is not None
+        write = ps.checkpointer.store.write
+
+        def slow(*args: Any) -> Any:  # (a large model's write)
+            time.sleep(0.5)
+            return write(*args)
+
+        monkeypatch.setattr(ps.checkpointer.store, "write", slow)
+        async with PsClient(f"127.0.0.1:{ps.port}") as c:
+            run = await c.create_run(make_spec(num_workers=1, staleness=1, iterations=10))
+        shutil.copytree(tmp_path / "data", tmp_path / "left")  # what a kill -9 now would leave
+    finally:
+        await ps.stop(0)
+    again = await start_server(with_config(config, port=0, data_dir=str(tmp_path / "left")))
+    try:
+        async with PsClient(f"127.0.0.1:{again.port}") as c:
+            assert (await c.get_run(run.run_id)).state == pb.RUN_STATE_PENDING
+    finally:
+        await again.stop(0)
+
+
 async def test_a_last_checkpoint_that_fails_leaves_the_others_written(server_config: ServerConfig, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     ps = await start_server(with_config(server_config, data_dir=str(tmp_path), checkpoint_every=0))
