@@ -203,8 +203,8 @@ class CheckpointStore:
         """``use`` of the newest valid checkpoint of every run under root. Corrupt ones, and those
         ``use`` refuses (raising CorruptCheckpoint, KeyError, ValueError, TypeError, AttributeError
         or IndexError: they do not fit their run), are skipped loudly for the next older one. A run
-        whose newest is of a newer format (``NewerCheckpoint``) is left out, loudly, as a directory
-        whose checkpoints are of a run of another name (a copy)."""
+        whose newest is of a newer format (``NewerCheckpoint``) is left out, loudly; a checkpoint of
+        a run of another name than its directory's (a copy) is skipped as a corrupt one."""
         found: list[T] = []
         if not self.root.is_dir():
             return found
@@ -221,9 +221,8 @@ class CheckpointStore:
                     checkpoint = self.load(path)
                     if isinstance(checkpoint.meta, dict) and checkpoint.meta.get("run_id") != run_dir.name:
                         # (the run's own directory is resumed; a copy's older state would replace it)
-                        log.warning("skipping %s in the data directory: its checkpoints are of %s (a copy?), "
-                                    "not of a run of its name", run_dir, checkpoint.meta.get("run_id"))
-                        break
+                        raise CorruptCheckpoint(f"it is of {checkpoint.meta.get('run_id')}, not of "
+                                                f"{run_dir.name} (a copy?)")
                     found.append(use(checkpoint))
                     break
                 except NewerCheckpoint as exc:  # (an older one would lose its progress, and pruning it)

@@ -353,7 +353,8 @@ def test_a_copy_beside_the_checkpoints_is_no_checkpoint(tmp_path: Path) -> None:
 def test_a_copy_of_a_runs_directory_is_no_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """``cp -a run-ck run-ck.bak`` in the data directory: the copy's checkpoints are of run-ck too,
     and were resumed after the real ones (the directories in name order), so the run went back to
-    the copy's older state at every restart; the copy was never pruned. Left alone, with a warning."""
+    the copy's older state at every restart; the copy was never pruned. Left alone, with an error;
+    a checkpoint of another run among a run's own is skipped for the run's older one."""
     import shutil
 
     run = make_run()
@@ -366,8 +367,12 @@ def test_a_copy_of_a_runs_directory_is_no_run(tmp_path: Path, caplog: pytest.Log
     with caplog.at_level(logging.WARNING, logger="ps_server"):
         resumed = Checkpointer(store, every=0).resume()
     assert [(r.run_id, r.status().workers[0].clock) for r in resumed] == [(run.run_id, 4)]
-    assert f"{run.run_id}.bak" in caplog.text and "copy" in caplog.text
+    assert f"{run.run_id}.bak" in caplog.text and "(a copy?)" in caplog.text
     assert store.latest()[0].path == newest and (tmp_path / f"{run.run_id}.bak").is_dir()
+    shutil.copytree(tmp_path / f"{run.run_id}.bak" / "ckpt-0000000001", tmp_path / "run-other" / "ckpt-0000000007")
+    store.write({**snapshot.state_dict(run)[0], "run_id": "run-other"}, snapshot.state_dict(run)[1])  # ckpt-8
+    shutil.copytree(tmp_path / run.run_id / "ckpt-0000000002", tmp_path / "run-other" / "ckpt-0000000009")
+    assert [ck.path.name for ck in store.latest()] == ["ckpt-0000000002", "ckpt-0000000008"]
 
 
 def test_a_directory_it_cannot_read_beside_the_runs_is_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture,
