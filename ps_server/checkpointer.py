@@ -172,8 +172,13 @@ class Checkpointer:
             t0 = time.perf_counter()
             try:
                 protect = self.protected.get(run_id)
-                path = await asyncio.to_thread(self.store.write, meta, arrays, protect or (),
-                                               not protect and run_id in self._sharded)
+                write = asyncio.ensure_future(asyncio.to_thread(self.store.write, meta, arrays, protect or (),
+                                                                not protect and run_id in self._sharded))
+                try:
+                    path = await asyncio.shield(write)
+                except asyncio.CancelledError:  # (a caller's, an RPC's at shutdown: its thread writes on,
+                    await asyncio.wait({write})  # and the run's next write, the same ckpt-<seq>, waits for it)
+                    raise
             except OSError as exc:
                 log.error("checkpoint of %s failed: %s", run_id, exc, extra={"run": run_id})
                 self.behind.add(run_id)

@@ -513,6 +513,30 @@ async def test_checkpoints_asked_for_at_once_hold_one_snapshot_at_a_time(tmp_pat
     assert not (tmp_path / run.run_id).exists()
 
 
+async def test_a_write_whose_caller_was_cancelled_lands_before_the_next(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CheckpointRun cancelled mid-write (the server's stop cancels RPCs after --grace-seconds)
+    released the run's lock while its thread went on writing: the shutdown checkpoint then wrote
+    beside it, took the same ckpt-<seq>, and failed to rename into place (the last pushes lost)."""
+    sha256 = checkpoint._sha256
+
+    def slow(path: Path) -> str:  # (a large checkpoint's hash)
+        time.sleep(0.3)
+        return sha256(path)
+
+    monkeypatch.setattr(checkpoint, "_sha256", slow)
+    store = CheckpointStore(tmp_path)
+    checkpointer = Checkpointer(store, every=0)
+    run = make_run()
+    asked = asyncio.create_task(checkpointer.checkpoint_now(run, "on demand"))
+    await asyncio.sleep(0.1)
+    asked.cancel()
+    path, _ = await checkpointer.checkpoint_now(run, "shutdown", final=True)
+    assert store.latest()[0].path == path and store.load(path).meta["final"]
+    with pytest.raises(asyncio.CancelledError):
+        await asked
+
+
 async def test_a_checkpoint_that_cannot_be_written_is_an_event_of_its_run(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """A full disk fails the periodic checkpoints: psctl status shows it (the run's events), not
