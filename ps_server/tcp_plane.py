@@ -102,8 +102,9 @@ class TcpDataPlane:
         self._max_bytes = max_message_bytes
         self._closing = closing
         self._stall = stall_seconds
-        self._budget = budget or StreamBudget(stream_cap(resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
-        self.max_streams = self._budget.limit // self._DESCRIPTORS
+        self.budget = budget or StreamBudget(stream_cap(resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
+        """The descriptors this plane's streams draw on (and the server's other plane's)."""
+        self.max_streams = self.budget.limit // self._DESCRIPTORS
         """Streams of this plane alone that the budget allows."""
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -163,7 +164,7 @@ class TcpDataPlane:
                 log.warning("TCP data plane: accept failed: %s", exc)
                 await asyncio.sleep(0.1)
                 continue
-            if self._budget.used >= self._budget.limit + _REFUSING:  # a flood: no descriptor even for a refusal
+            if self.budget.used >= self.budget.limit + _REFUSING:  # a flood: no descriptor even for a refusal
                 conn.close()
                 continue
             if not self._admit(conn):
@@ -182,7 +183,7 @@ class TcpDataPlane:
 
     async def _serve(self, conn: socket.socket) -> None:
         self._open += 1
-        self._budget.used += self._DESCRIPTORS
+        self.budget.used += self._DESCRIPTORS
         holder = self._dataplane.slot_holder()
         link = self._link(conn)
         try:
@@ -204,9 +205,9 @@ class TcpDataPlane:
                 await self._end(conn, _refusal(_UNAVAILABLE, pb.ERROR_REASON_SHUTTING_DOWN,
                                                "the server is shutting down; retry against its replacement"))
                 return
-            if self._budget.used > self._budget.limit:
+            if self.budget.used > self.budget.limit:
                 await self._end(conn, _refusal(_UNAVAILABLE, pb.ERROR_REASON_STREAM_LIMIT,
-                                               f"more than {self._budget.limit} descriptors are held by data plane "
+                                               f"more than {self.budget.limit} descriptors are held by data plane "
                                                "streams (one per TCP stream, two per shared-memory stream); "
                                                "use gRPC or retry"))
                 return
@@ -234,7 +235,7 @@ class TcpDataPlane:
             link.close()
             conn.close()
             self._open -= 1
-            self._budget.used -= self._DESCRIPTORS
+            self.budget.used -= self._DESCRIPTORS
             holder.release()
 
     async def _hello(self, conn: socket.socket) -> tuple[int, int]:

@@ -140,7 +140,8 @@ async def test_a_data_plane_at_its_stream_limit_is_left_for_grpc(server: PsServe
     # (the refusal, UNAVAILABLE with STREAM_LIMIT, was raised to the caller, whose retry asked the
     # same data plane again, for as long as it stayed full: a worker lost its assignment over it)
     assert server.data_plane is not None and server.shm_plane is not None
-    server.data_plane.max_streams = server.shm_plane.max_streams = 0  # the first stream is one too many
+    assert server.data_plane.budget is server.shm_plane.budget
+    server.data_plane.budget.limit = 0  # the first stream is one too many
     async with PsClient(f"127.0.0.1:{server.port}", timeout=10, shm=shm) as c:
         run = await c.create_run(make_spec(num_workers=1, staleness=-1))
         a = (await c.join("w", run.run_id)).assignment
