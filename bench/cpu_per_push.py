@@ -291,7 +291,9 @@ def table(results: list[dict[str, Any]], compute: list[Reference], procs: int = 
     return "\n".join(lines)
 
 
-def _positive(kind: type[int] | type[float]) -> Any:
+def positive(kind: type[int] | type[float]) -> Any:
+    """An argparse type: a number of ``kind`` above 0 (else a usage error naming it)."""
+
     def parse(text: str) -> int | float:
         value = kind(text)
         if not value > 0:
@@ -322,15 +324,15 @@ def _staleness(text: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--staleness", default="inf", type=_staleness)
-    ap.add_argument("--seconds", type=_positive(float), default=3.0)
+    ap.add_argument("--seconds", type=positive(float), default=3.0)
     ap.add_argument("--psctl", action="store_true", help="through psctl launch --local (which follows the run)")
     ap.add_argument("--servers", default=[1], type=_counts, help="ps-servers holding the run (a cluster when > 1); "
                     "comma-separated to compare, e.g. 1,2")
-    ap.add_argument("--repeats", type=_positive(int), default=1, help="rounds over the --servers configurations")
+    ap.add_argument("--repeats", type=positive(int), default=1, help="rounds over the --servers configurations")
     ap.add_argument("--compute-only", action="store_true",
                     help="also time the compute-only reference after each round, and give the ratio")
-    ap.add_argument("--compute-seconds", type=_positive(float), default=3.0)
-    ap.add_argument("--compute-procs", type=_positive(int), default=WORKERS,
+    ap.add_argument("--compute-seconds", type=positive(float), default=3.0)
+    ap.add_argument("--compute-procs", type=positive(int), default=WORKERS,
                     help="compute-only processes at once (default 4: W processes, both cores busy, the issue's "
                     "reference; 1: one process, one core)")
     ap.add_argument("--worker-arg", action="append", default=[], help="passed to each ps-worker (e.g. --no-shm)")

@@ -40,10 +40,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from cpu_per_push import positive  # noqa: E402  (bench/ is the script's own folder)
 
 WORKERS = 4
 DATASET = "synthetic-classification:samples=10000,features=784,classes=10"
@@ -342,16 +343,6 @@ async def soak(minutes: float, every: float = 5.0) -> dict[str, object]:
 
 
 # ------------------------------------------------------------------------------ main
-def _positive(kind: type[int] | type[float]) -> Any:
-    def parse(text: str) -> int | float:
-        value = kind(text)
-        if not value > 0:
-            raise ValueError(text)
-        return value
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
-
-
 def _staleness(text: str) -> int:
     from client.spec import parse_staleness
 
@@ -363,9 +354,9 @@ def _staleness(text: str) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--iterations", type=_positive(int), default=80, help="iterations per worker of the SGD run")
-    ap.add_argument("--batch", type=_positive(int), default=32)
-    ap.add_argument("--seconds", type=_positive(float), default=10.0, help="timed part of each compute-only measurement")
+    ap.add_argument("--iterations", type=positive(int), default=80, help="iterations per worker of the SGD run")
+    ap.add_argument("--batch", type=positive(int), default=32)
+    ap.add_argument("--seconds", type=positive(float), default=10.0, help="timed part of each compute-only measurement")
     ap.add_argument("--profile", type=Path, help="py-spy (raw) the server and one worker for 5 s into DIR")
     ap.add_argument("--skip-momentum", action="store_true")
     ap.add_argument("--skip-psctl", action="store_true")
