@@ -69,8 +69,10 @@ def start_psctl(tmp: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
     # Python started so keeps ignoring it): psctl would then rightly never see the test's SIGINT.
     # A handler set here around the start becomes SIG_DFL in the child at exec (not a preexec_fn:
     # Python in a child forked from this process, whose gRPC threads make such children abort now
-    # and then).
+    # and then). The same for SIGHUP, which a suite started under nohup ignores (psctl then rightly
+    # keeps running when it comes: its terminal's close was meant not to stop it).
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    hup = signal.signal(signal.SIGHUP, lambda *_: None)
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "client.cli", "launch", "--local", *args], cwd=ROOT, text=True,
@@ -80,6 +82,7 @@ def start_psctl(tmp: Path, *args: str) -> tuple[subprocess.Popen[str], str]:
         )
     finally:
         signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGHUP, hup)
     return proc, marker
 
 
