@@ -163,8 +163,10 @@ def test_tail_delays_are_seeded_and_as_frequent_as_asked() -> None:
 
 async def test_a_table_run_tells_a_straggler_which_iterations_waited(monkeypatch: pytest.MonkeyPatch) -> None:
     """A delay is a multiple of a rank's own work, never of its waits for other ranks (else a
-    transient delay under BSP inflates every rank's next delays). Rank 1 is 3x slower; rank 0's
-    iterations that waited for it say so, and those that did not were short."""
+    transient delay under BSP inflates every rank's next delays). Rank 1 is slower; rank 0's
+    iterations that waited for it say so, and those that did not were short. (Rank 1 is 20x
+    slower here: an mf iteration computes for ~0.1 ms, and at 3x its sleep was shorter than a round
+    trip, so rank 0 waited in only about half of its iterations.)"""
     seen: list[tuple[float, float, float, bool]] = []
     owe = Straggler.owe
 
@@ -174,7 +176,7 @@ async def test_a_table_run_tells_a_straggler_which_iterations_waited(monkeypatch
 
     monkeypatch.setattr(Straggler, "owe", recorded)
     spec = build_run_spec(LaunchOptions(model="mf:2", dataset=SMALL, workers=2, staleness=0, iterations=60,
-                                        batch_size=32, lr=1.0, slowdown=((1, 3.0),)))
+                                        batch_size=32, lr=1.0, slowdown=((1, 20.0),)))
     config = WorkerConfig(timeout_seconds=5.0, report_seconds=0.05, tail_delay="1:1")  # a Straggler, no delay
     await train_run(spec, config)
     fast = [(comm, parked) for factor, _, comm, parked in seen if factor == 1.0]
