@@ -2,7 +2,7 @@
 
 A rank's clock is the number of iterations it completed. The min clock is the minimum over ranks
 that are ACTIVE or DONE; an evicted or vacant rank counts as +inf (with none live, the highest
-clock). It is read several times per push and pull, so it is cached; the cache is forgotten in
+clock). It never goes down: a rank handed over starts at it (``assign``). It is read several times per push and pull, so it is cached; the cache is forgotten in
 one place, ``_moved``, which every method that changes a clock or a state calls. Other modules
 read slots and never write their ``state`` or ``clock``.
 
@@ -119,18 +119,16 @@ class VectorClock:
         slot.last_seen = self._now()
         slot.last_seen_wall = time.time()
 
-    def assign(self, worker_name: str, start: int | None, floor: int = 0) -> Slot | None:
+    def assign(self, worker_name: str, start: int | None) -> Slot | None:
         """Hand the first vacant (else evicted) rank to a new incarnation at clock ``start`` (None:
-        the min clock over live ranks, or the rank's own when none is live, but not below
-        ``floor``); None if none is free."""
+        the min clock, also when no rank is live: then the highest clock, not the rank's own, so
+        the min clock never goes down and a read's guaranteed clock stays true); None if none
+        is free."""
         free = self.vacant()
         slot = next((s for s in free if s.state is WorkerState.VACANT), free[0] if free else None)
         if slot is None:
             return None
-        if start is None:
-            live = [s.clock for s in self.slots if s.live]
-            start = min(live) if live else max(slot.clock, floor)
-        self.admit(slot, self.next_incarnation, start, worker_name)
+        self.admit(slot, self.next_incarnation, self.min_clock if start is None else start, worker_name)
         self.next_incarnation += 1
         return slot
 

@@ -80,10 +80,9 @@ class Run:
     def join(self, worker_name: str) -> Assignment:
         """Hand the first vacant (or evicted) rank to a new incarnation."""
         pending = self.state is RunState.PENDING
-        # (BSP: a clock already combined takes no more gradients; a rank handed over when no rank is
-        # live would otherwise go back to its own clock, and its pushes below it be held for ever.)
-        slot = None if self.state.finished else \
-            self.clock.assign(worker_name, 0 if pending else None, floor=self.bsp.applied_clock)
+        # (At the min clock, which never goes down: under BSP, a clock already combined takes no
+        # more gradients, and a rank's pushes below it would be held for ever.)
+        slot = None if self.state.finished else self.clock.assign(worker_name, 0 if pending else None)
         if slot is None:
             raise FailedPrecondition(f"run {self.run_id} has no vacant rank (state {self.state.value}); join "
                                      "without run_id to take any run's vacant rank", Reason.NO_VACANT_RANK)

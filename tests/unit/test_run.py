@@ -248,6 +248,30 @@ def test_bsp_a_rank_handed_over_when_none_is_live_starts_after_the_clocks_alread
     assert not run.bsp.pending and run.bsp.applied_clock == 2
 
 
+def test_a_rank_handed_over_when_none_is_live_starts_at_the_min_clock_which_never_goes_down() -> None:
+    """s = 2: rank 0 is evicted at clock 1, rank 1 reads clock 3 (guaranteed: every update below 3
+    of every rank) and is evicted too. The next worker took rank 0 back at its own clock 1: the
+    run's min clock went from 3 down to 1, and that rank's iterations 1 and 2 were applied after a
+    read that had been promised them."""
+    now = [0.0]
+    run = Run("run-t", spec(workers=2, staleness=2), now=lambda: now[0])
+    a, b = run.join("a"), run.join("b")
+    run.push(0, a.incarnation, 0, grad(1), 0)
+    for c in range(3):
+        run.push(1, b.incarnation, c, grad(1), 0)
+    now[0] = 5.0
+    run.heartbeat(1, b.incarnation)
+    assert run.expire(lease=3.0) == [0] and run.min_clock == 3
+    assert run.pull_ready(1, b.incarnation, 3) and run.read(1, 3, None).guaranteed_clock == 3
+    now[0] = 10.0
+    assert run.expire(lease=3.0) == [1] and run.min_clock == 3
+    c = run.join("c")
+    assert (c.rank, c.start_clock) == (0, 3) and run.min_clock == 3
+    d = run.join("d")
+    assert (d.rank, d.start_clock) == (1, 3)
+    assert run.status().min_clock == 3
+
+
 def test_completion_needs_every_rank_to_leave_and_final_pull_waits_for_all() -> None:
     run, inc = started(spec(workers=2, staleness=3, iterations=2))
     for c in range(2):
@@ -607,8 +631,8 @@ def test_a_scheduled_step_at_clock_0_holds_from_the_start_and_after_a_restart_be
 
 def test_a_checkpoint_holds_the_schedules_position() -> None:
     """The min clock reaches a step (4) when rank 0 is evicted; UpdateRun sets 1; rank 1 is evicted
-    too, and a worker takes rank 0 back at its own clock 3, below the step. Restored from a
-    checkpoint then, the run took the step again when the min clock reached 4 (over the 1)."""
+    too, and a worker takes rank 0 back at the min clock 4 (the step's). Restored from a checkpoint
+    then, the run keeps the 1 as its clocks go on (the step is not taken again over it)."""
     now = [0.0]
     s = dataclasses.replace(spec(workers=2, staleness=2, iterations=10), staleness_schedule=((4, 3),))
     run = Run("run-t", s, now=lambda: now[0])
@@ -624,7 +648,8 @@ def test_a_checkpoint_holds_the_schedules_position() -> None:
     now[0] = 20.0
     assert run.expire(lease=3.0) == [1]
     c = run.join("c")
-    assert (c.rank, c.start_clock) == (0, 3) and run.min_clock == 3
+    assert (c.rank, c.start_clock) == (0, 4) and run.min_clock == 4
     restored = snapshot.restore(*snapshot.state_dict(run), now=lambda: now[0])
-    restored.push(0, c.incarnation, 3, grad(1), 0)  # the min clock reaches 4 again
-    assert restored.min_clock == 4 and restored.spec.staleness == run.spec.staleness == 1
+    assert restored.next_step == 1
+    restored.push(0, c.incarnation, 4, grad(1), 0)
+    assert restored.min_clock == 5 and restored.spec.staleness == run.spec.staleness == 1

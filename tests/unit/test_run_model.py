@@ -7,7 +7,8 @@ pushes, lease expiries, leaves (shutdown, done), joins, bound changes, and a res
 snapshot taken right then (workers must not notice it). Checked: a served read holds every update
 the bound promises and the answer's guaranteed clock says; pushes read under a bound are never
 refused and are applied exactly once (BSP: once their clock is complete, unless their incarnation
-was evicted first); a rank that leaves early never stalls the others.
+was evicted first); a rank that leaves early never stalls the others; the min clock never goes
+down (a read's guaranteed clock stays true).
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ ACTIONS = ["step"] * 8 + ["read", "push", "push", "dup", "expire", "shutdown", "
 @example(workers=2, staleness=2, then=None, schedule=[(1, "step"), (1, "done"), (0, "step"), (0, "step"), (0, "step"),
                                            (0, "step"), (0, "step"), (0, "final")])
 @example(workers=2, staleness=3, then=None, schedule=[(0, "step")] * 3 + [(0, "read"), (0, "bound"), (0, "restore"), (0, "push")])
+@example(workers=2, staleness=2, then=None, schedule=[(0, "step"), (1, "step"), (1, "step"), (1, "step"), (0, "expire"),
+                                           (1, "step"), (1, "expire"), (0, "join")])
 @given(
     workers=st.integers(1, 3),
     staleness=st.sampled_from([0, 1, 2, 3, -1]),
@@ -122,7 +125,10 @@ def test_a_run_follows_the_reference_model(workers: int, staleness: int, then: i
             for c in range(me.start, me.clock):
                 assert got[model.index(who, c)] >= 1, f"rank {who}'s own update of clock {c} missing"
 
+    seen = run.min_clock
     for who, action in schedule:
+        assert run.min_clock >= seen, f"the min clock went down from {seen} to {run.min_clock}"
+        seen = run.min_clock
         r = who % workers
         rank = model.ranks[r]
         bound = run.spec.staleness
@@ -209,3 +215,4 @@ def test_a_run_follows_the_reference_model(workers: int, staleness: int, then: i
             held_back = [q for q, slot in enumerate(run.clock.slots) if slot.state is WorkerState.DONE
                          and slot.clock < ITERATIONS]
             assert not held_back, f"ranks {held_back} are done before their last iteration: the min clock is stuck"
+    assert run.min_clock >= seen, f"the min clock went down from {seen} to {run.min_clock}"
