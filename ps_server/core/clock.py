@@ -37,7 +37,8 @@ class Slot:
     parked_at: float | None = None
     data_plane: str = ""  # what the rank's last push came over: "tcp" or "grpc"
     told: int | None = None
-    """The staleness bound this rank's last answer told it (its next push was computed under it)."""
+    """The loosest staleness bound this rank's answers told it since its last push was applied (its
+    next push was computed under one of them: ``Run._tell``)."""
 
     @property
     def live(self) -> bool:

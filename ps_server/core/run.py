@@ -157,10 +157,9 @@ class Run:
             if self.held:
                 raise ShardUnavailable(self.held)
             slot = self.clock.holder(rank, incarnation)
-            slot.data_plane = data_plane or slot.data_plane
             if clock < slot.clock:
                 self.counters.pushes_duplicate += 1
-                return PushResult(slot.clock, True, self.min_clock, self.state, self._tell(slot))
+                return PushResult(slot.clock, True, self.min_clock, self.state, self._tell(slot, pushed=False))
             if self.state is not RunState.RUNNING:
                 raise FailedPrecondition(f"run {self.run_id} is {self.state.value}: pushes are accepted only "
                                          "while it is running", Reason.RUN_NOT_RUNNING, run_state=self.state.value)
@@ -170,6 +169,7 @@ class Run:
         except PsError:
             self.counters.pushes_rejected += 1
             raise
+        slot.data_plane = data_plane or slot.data_plane
         self.history.record("push", rank, clock, self.min_clock)
         if self.spec.staleness == 0:
             self.bsp.hold(clock, rank, grads, borrowed)
@@ -183,7 +183,7 @@ class Run:
         if slot.clock == self.spec.iterations:
             self.history.event("finished", rank, f"rank {rank} completed its {self.spec.iterations} iterations")
         self._after_clock_change(clocks_only=True)
-        return PushResult(slot.clock, False, self.min_clock, self.state, self._tell(slot))
+        return PushResult(slot.clock, False, self.min_clock, self.state, self._tell(slot, pushed=True))
 
     def keep_held(self, rank: int) -> None:
         """Copy what the rank's held gradients still borrow (``push``'s ``borrowed``)."""
@@ -264,18 +264,25 @@ class Run:
         self.counters.bytes_pulled += sum(ids.nbytes + values.nbytes for ids, values, _ in picked.values())
         self.counters.rows_pulled += sum(ids.size for ids, _, _ in picked.values())
         guaranteed = self.min_clock if self.spec.staleness else self.bsp.applied_clock
-        told = self._tell(self.clock.slots[rank]) if rank is not None else None
+        told = self._tell(self.clock.slots[rank], pushed=False) if rank is not None else None
         return ParamsRead(guaranteed, self.counters.updates_applied, tensors, self.state,
                           self.store.derived if whole else None, picked, wire_dtype, delta, self.store.lineage, told)
 
-    def _tell(self, slot: Slot) -> int:
-        """The bound an answer to ``slot``'s rank carries (and which its next push is checked against)."""
-        slot.told = self.spec.staleness
-        return slot.told
+    def _tell(self, slot: Slot, pushed: bool) -> int:
+        """The bound an answer to ``slot``'s rank carries, taken into ``slot.told`` (its next push is
+        checked against it too: ``_push_spec``). The answer to a push it applied (``pushed``)
+        sets it: the rank computes its next clock after that answer. Any other (a read, a
+        duplicate push's) only loosens it: its rank may compute under it, or it answers a copy
+        whose sender has long gone on with an answer before it (a retry whose first try was
+        applied, a data plane's request after the client fell back to gRPC): the bound the
+        rank's next push was computed under is one of those told since its last push."""
+        bound = self.spec.staleness
+        slot.told = bound if pushed or slot.told is None else ssp.looser(slot.told, bound)
+        return bound
 
     def _push_spec(self, slot: Slot) -> RunSpec:
-        """The spec a push is checked against: the looser of the bound in force and the bound the
-        rank was last told (its gradient was computed under that one: ``set_staleness``)."""
+        """The spec a push is checked against: the looser of the bound in force and the loosest the
+        rank was told since its last push (its gradient was computed under one of them: ``_tell``)."""
         bound = self.spec.staleness if slot.told is None else ssp.looser(self.spec.staleness, slot.told)
         return self.spec if bound == self.spec.staleness else replace(self.spec, staleness=bound)
 
@@ -295,7 +302,7 @@ class Run:
     def set_staleness(self, staleness: int) -> None:
         """Change the bound while the run runs (UpdateRun; the proto states the rule): pulls parked
         now are re-evaluated at once against it; a rank's push is checked against the looser of it
-        and the bound the rank was last told (``_push_spec``)."""
+        and the bounds the rank was told since its last push (``_push_spec``)."""
         old = self.spec.staleness
         if staleness < UNBOUNDED:
             raise InvalidArgument(f"staleness {staleness}: use 0 (BSP), a positive bound, or -1 (unbounded)",

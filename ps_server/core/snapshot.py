@@ -1,8 +1,8 @@
 """A run as a checkpoint and back: JSON-able metadata and named arrays (``checkpoint`` writes them).
 
 ``state_dict`` is taken between two event-loop steps, so it is one instant of the run: parameters,
-optimizer state, every rank's (incarnation, clock) (the de-duplication table) and the bound it was
-last told, and the held BSP gradients agree with each other. ``restore`` rebuilds the run and refuses (KeyError, ValueError)
+optimizer state, every rank's (incarnation, clock) (the de-duplication table) and the loosest bound
+it was told since its last push, and the held BSP gradients agree with each other. ``restore`` rebuilds the run and refuses (KeyError, ValueError)
 a checkpoint that does not fit its own spec, so a damaged one is never loaded silently.
 """
 
@@ -101,7 +101,7 @@ def _bounds(value: object) -> tuple[int, int]:
 
 
 def _bound(value: object) -> int | None:
-    """The staleness bound a rank was last told, of a checkpoint's manifest (None: none, or a
+    """The loosest staleness bound a rank was told since its last push, of a checkpoint's manifest (None: none, or a
     checkpoint from before they were kept); TypeError unless it is one."""
     if value is None:
         return None

@@ -451,6 +451,41 @@ def test_a_live_bound_change_wakes_parked_pulls_and_lets_the_iteration_in_progre
         run.set_staleness(2)
 
 
+def test_a_copy_of_a_push_or_pull_answered_after_a_lowering_does_not_refuse_the_next_push() -> None:
+    """Rank 0 reads clock 3 under s = 3; the bound is lowered to 1; a copy of its push of clock 2
+    (with its then_pull) arrives again: a retry whose first try was applied, or a data plane's
+    request after the client fell back to gRPC, whose sender went on with the first answer. The
+    copy's answers made the server believe rank 0 computed clock 3 under 1: its push was refused."""
+    run, inc = started(spec(workers=2, staleness=3, iterations=10))
+    for c in range(3):
+        run.read(0, c, None)
+        run.push(0, inc[0], c, grad(1), 0, data_plane="tcp")
+    run.read(0, 3, None)  # told 3: rank 1 at clock 0 >= 3 - 3
+    run.set_staleness(1)
+    again = run.push(0, inc[0], 2, grad(1), 0, data_plane="grpc")
+    assert again.duplicate and again.staleness == 1  # the bound in force, told
+    assert run.status().workers[0].data_plane == "tcp"  # (a duplicate is no push over gRPC)
+    assert run.read(0, 3, None).staleness == 1  # the copy's then_pull
+    assert run.push(0, inc[0], 3, grad(1), 0).clock == 4  # finishes under the bound it read with
+    with pytest.raises(FailedPrecondition, match="staleness 1"):  # from its next push on, 1 holds
+        run.push(0, inc[0], 4, grad(1), 0)
+
+
+def test_a_retried_push_answered_under_a_raised_bound_lets_the_next_push_in_after_a_lowering() -> None:
+    """Rank 0's push of clock 1 is applied under s = 1, its answer lost; s is raised to 3; the
+    retry's answer (a duplicate) says 3 and its worker computes clock 2 under 3 (its cache); s is
+    lowered to 1 before that push arrives: it is checked against 3 (a duplicate's answer does not
+    set what the next push is checked against, as the applied push's does, but loosens it)."""
+    run, inc = started(spec(workers=2, staleness=1, iterations=10))
+    run.push(0, inc[0], 0, grad(1), 0)
+    run.push(1, inc[1], 0, grad(1), 0)
+    run.push(0, inc[0], 1, grad(1), 0)  # told 1 (lost)
+    run.set_staleness(3)
+    assert run.push(0, inc[0], 1, grad(1), 0).staleness == 3  # the retry: told 3
+    run.set_staleness(1)
+    assert run.push(0, inc[0], 2, grad(1), 0).clock == 3  # rank 1 at clock 1 >= 2 - 3, not >= 2 - 1
+
+
 def test_a_run_keeps_the_tightest_and_loosest_bound_it_has_been_under() -> None:
     """``psctl set`` replaces the bound in the spec; ``bounds`` (GetRun's tightest_staleness and
     loosest_staleness) keeps the ones it replaced. A refused change is not a bound the run had."""

@@ -3,9 +3,10 @@
 Every push of (rank, clock) is a one-hot gradient, so the parameters say which pushes were applied
 and how often. The model keeps, per rank, its state, incarnation, clock and the clock its
 incarnation started from, and the updates it expects applied. Actions: reads and pushes, retried
-pushes, lease expiries, leaves (shutdown, done), joins, bound changes, and a restart from a
-snapshot taken right then (workers must not notice it). Checked: a served read holds every update
-the bound promises and the answer's guaranteed clock says; pushes read under a bound are never
+pushes, copies of a read served again whose answer never arrives, lease expiries, leaves
+(shutdown, done), joins, bound changes, and a restart from a snapshot taken right then (workers
+must not notice it). Checked: a served read holds every update the bound promises and the
+answer's guaranteed clock says; pushes read under a bound are never
 refused and are applied exactly once (BSP: once their clock is complete, unless their incarnation
 was evicted first); a rank that leaves early never stalls the others; the min clock never goes
 down (a read's guaranteed clock stays true).
@@ -79,7 +80,7 @@ def grad(rank: int, clock: int, workers: int) -> dict[str, np.ndarray]:
     return {"b": g}
 
 
-ACTIONS = ["step"] * 8 + ["read", "push", "push", "dup", "expire", "shutdown", "done", "join", "join", "bound",
+ACTIONS = ["step"] * 8 + ["read", "push", "push", "dup", "copy", "expire", "shutdown", "done", "join", "join", "bound",
                          "restore", "final"]
 
 
@@ -90,6 +91,8 @@ ACTIONS = ["step"] * 8 + ["read", "push", "push", "dup", "expire", "shutdown", "
 @example(workers=2, staleness=3, then=None, schedule=[(0, "step")] * 3 + [(0, "read"), (0, "bound"), (0, "restore"), (0, "push")])
 @example(workers=2, staleness=2, then=None, schedule=[(0, "step"), (1, "step"), (1, "step"), (1, "step"), (0, "expire"),
                                            (1, "step"), (1, "expire"), (0, "join")])
+@example(workers=2, staleness=3, then=None, schedule=[(0, "step"), (0, "step"), (0, "read"), (0, "bound"), (0, "dup"),
+                                           (0, "push")])
 @given(
     workers=st.integers(1, 3),
     staleness=st.sampled_from([0, 1, 2, 3, -1]),
@@ -161,6 +164,10 @@ def test_a_run_follows_the_reference_model(workers: int, staleness: int, then: i
                 before = run.store.params["b"].copy()
                 assert run.push(r, rank.incarnation, rank.clock - 1, grad(r, rank.clock - 1, workers), 0).duplicate
                 assert np.array_equal(before, run.store.params["b"])
+            continue
+        elif action == "copy":  # a copy of the rank's last read, served again; its answer never arrives
+            if rank.read is not None and run.pull_ready(r, rank.incarnation, rank.read[0]):
+                run.read(r, rank.read[0], None)
             continue
         elif action == "final":
             if rank.clock == ITERATIONS and run.pull_ready(r, rank.incarnation, ITERATIONS):

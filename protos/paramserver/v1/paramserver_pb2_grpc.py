@@ -309,7 +309,8 @@ class RunServiceServicer:
         and pull's answer says the bound in force (PushGradientResponse.staleness), and a worker
         applies it from its next iteration. The exact rule: a rank's pull of iteration c is served
         under the bound in force; its push of c is checked against the looser of the bound in force
-        and the bound its last answer told it (the one its c was computed under), so lowering s never
+        and the loosest bound the rank's answers told since its push of c - 1 was applied (its c was
+        computed under one of them; a retried push's or pull's answer is one too), so lowering s never
         refuses an iteration a worker was computing, and from its next iteration on the new bound holds.
         Errors: NOT_FOUND; INVALID_ARGUMENT (s < -1); FAILED_PRECONDITION (the run is finished; a switch
         to or from 0, BSP, which holds each clock's gradients; a run over several servers).
