@@ -402,7 +402,7 @@ def plot(run_id: RunId,
 def metrics(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
     """A run's metrics history: training and evaluation points, events, and the server's clock records.
 
-    --json: {"points": [...], "events": [...], "clock_records": [...]}: every point and event, and the clock records the server keeps (the most recent; each a served pull or an accepted push with the min clock at that moment: the evidence that the staleness bound held).
+    --json: {"points": [...], "events": [...], "clock_records": [...]}: every point and event, and the clock records the server keeps (the most recent, in memory: a restarted server has those since it resumed the run; each a served pull or an accepted push with the min clock at that moment: the evidence that the staleness bound held).
     """
     got = _with_client(server, timeout, lambda ps: ps.get_metrics(run_id, include_clock_records=True))
     if json_:
@@ -454,7 +454,7 @@ def simulate_(run_id: RunId,
     and predicts the time per clock, pushes per second and each rank's idle share.
 
     From the server's clock records (a pull served, a push accepted, per rank and clock: the most
-    recent 100,000) it takes each rank's work per clock (pull served -> push accepted), the latency
+    recent 100,000, in memory: a restarted server has those since it resumed the run) it takes each rank's work per clock (pull served -> push accepted), the latency
     of its pulls that did not wait, how long a parked pull took to be served once let go, and when
     each rank started; then runs the ranks in virtual time through the server's own gate and SSP
     rule (a real run, instantly), once per bound. A rank's idle share is the part of the run's time

@@ -2,6 +2,9 @@
 
 Clock records are the server's own evidence that the staleness bound held: for every served pull
 (an iteration starts) and accepted push (it ends), the rank, its clock and the min clock then.
+They are not checkpointed (``snapshot``): 100,000 of them would be megabytes in every checkpoint
+of even a small model, and a trace spliced over a restart would count the server's downtime as a
+rank's work (``psctl simulate``); the run's counters (staleness statistics) are.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ def test_round_trip_restores_params_optimizer_clocks_and_dedup(tmp_path: Path) -
         assert again.optimizer.state_arrays()[key].tobytes() == arr.tobytes()
     assert again.optimizer.steps == run.optimizer.steps == 6
     assert [w.clock for w in again.status().workers] == [3, 3]
+    assert again.counters == run.counters  # (staleness statistics; the clock records are not kept)
     inc = again.status().workers[0].incarnation
     assert again.push(0, inc, 2, {"w": np.ones((4, 3), np.float32), "b": np.ones(3, np.float32)}, 0).duplicate
     # The same next push gives the same parameters on both.
