@@ -14,6 +14,8 @@
  * (another framing version, another service) makes `onUnreachable` fire, so the client can use
  * gRPC instead, and ends the stream with UNAVAILABLE (the operation is retried, over gRPC; a
  * refusal of UNIMPLEMENTED, another version, included: it never ends the operation as a refusal).
+ * So does a hello refused with ERROR_REASON_STREAM_LIMIT (the server's data plane streams are as
+ * many as it allows: "use gRPC, or retry", as the proto says; retrying it would be refused again).
  */
 
 const net = require('net');
@@ -65,6 +67,7 @@ class TcpCall extends EventEmitter {
     this.chunks = [];
     this.have = 0;
     this.greeted = false;
+    this.refused = false; // the server answered the hello with a STATUS frame
     this.ended = false;
     this.sock = net.connect({ host, port, noDelay: true });
     this.sock.setKeepAlive(true, 2000);
@@ -137,6 +140,7 @@ class TcpCall extends EventEmitter {
           return;
         }
         this.greeted = true; // refused: a STATUS frame follows in place of the echo
+        this.refused = true;
         clearTimeout(this.greetTimer);
       }
       if (this.have < HEADER) return;
@@ -160,6 +164,9 @@ class TcpCall extends EventEmitter {
           // operation fails as when the port cannot be reached, retryably (the server read none of it).
           this.onUnreachable(details);
           this._end(Status.UNAVAILABLE, `the data plane speaks another version of the framing (${details}): using gRPC`);
+        } else if (this.refused && info && info.reason === 'ERROR_REASON_STREAM_LIMIT') {
+          this.onUnreachable(details); // full: gRPC for a while (retried, the operation is not refused)
+          this._end(Status.UNAVAILABLE, `the data plane takes no more streams (${details}): using gRPC`, info);
         } else {
           this._end(status, details, info);
         }

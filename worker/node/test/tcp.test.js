@@ -152,3 +152,28 @@ test('cancel() ends a stream waiting for an answer with CANCELLED, as a grpc-js 
   srv.close();
   assert.equal(status.code, grpc.status.CANCELLED);
 });
+
+test('a hello refused with STREAM_LIMIT (the server\'s streams are full) means "use gRPC": the operation fails '
+  + 'retryably and the client\'s next streams go over gRPC', { timeout: 10000 }, async () => {
+  const { PsClient } = require('../src/client');
+  let hellos = 0;
+  const srv = await server((sock, got) => {
+    if (got.length < 8) return;
+    hellos += 1;
+    sock.end(statusFrame(grpc.status.UNAVAILABLE, 'more than 10 descriptors are held', { reason: 'ERROR_REASON_STREAM_LIMIT' }));
+  });
+  const client = new PsClient('127.0.0.1:1', { timeout: 5 }); // (gRPC is never dialled here)
+  client.dataPortIs(srv.port);
+  assert.equal(client.transport(), 'tcp');
+  const err = await client.pull('r', 0, 1, 0, { maxWait: 1 }).then(() => null, (e) => e);
+  client.close();
+  srv.close();
+  assert.ok(err, 'the pull was refused');
+  assert.equal(err.code, grpc.status.UNAVAILABLE);
+  assert.equal(err.retryable, true);
+  assert.equal(err.reason, 'ERROR_REASON_STREAM_LIMIT');
+  assert.match(err.details, /takes no more streams \(more than 10 descriptors are held\): using gRPC/);
+  assert.equal(hellos, 1);
+  assert.equal(client.transport(), 'grpc');
+  assert.equal(client.streamsOpened.tcp_unreachable, 1);
+});
