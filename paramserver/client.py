@@ -20,6 +20,7 @@ from functools import partial
 from typing import Protocol, TypeVar
 
 import numpy as np
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 
 from paramserver.v1 import paramserver_pb2 as pb
@@ -33,9 +34,13 @@ from .sink import PullResult, PullSink
 from .streams import Call, Route, Stream
 from .tcp_transport import TcpCall, dial_host
 
-__all__ = ["PsClient", "PullResult", "Transport"]
+__all__ = ["SERVER_MAX_WAIT", "PsClient", "PullResult", "Transport"]
 
 M = TypeVar("M", bound=Message)
+
+SERVER_MAX_WAIT = 60.0
+"""ps-server's default --max-wait-seconds: the longest a pull of ``max_wait=0`` is taken to park
+until a Join or Heartbeat says the server's own (``PsClient.server_max_wait``)."""
 
 
 class Transport(Protocol):
@@ -107,6 +112,9 @@ class PsClient:
         open_shm = self._open_shm if data_plane and shm and not sec.tls and not sec.token and available() else None
         self.route = Route(tcp_host, transport.stream, self._open_tcp, min(timeout, 3.0), open_shm)
         """Where pushes and pulls go (``route.transport``: "shm", "tcp" or "grpc"; ``route.opened``)."""
+        self.server_max_wait = SERVER_MAX_WAIT
+        """The longest the server parks a pull, as the last Join or Heartbeat said (before one:
+        ps-server's default): what a pull of ``max_wait=0`` asks for, and waits for."""
         self._push = Stream(partial(self.route.open, "PushGradient"), "PushGradient", self.route.wanted)
         self._pull = Stream(partial(self.route.open, "PullParams"), "PullParams", self.route.wanted)
 
@@ -219,13 +227,31 @@ class PsClient:
         resp = await self._call("WorkerService", "Join", req, pb.JoinResponse, timeout=max_wait + self.timeout)
         if resp.HasField("assignment"):
             self.route.told(resp.data_port, resp.shm_socket)
+            self._told_wait(resp.max_wait if resp.HasField("max_wait") else None)
         return resp
 
     async def heartbeat(self, run_id: str, rank: int, incarnation: int, clock: int) -> pb.HeartbeatResponse:
         req = pb.HeartbeatRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock)
         resp = await self._call("WorkerService", "Heartbeat", req, pb.HeartbeatResponse)
         self.route.told(resp.data_port, resp.shm_socket)
+        self._told_wait(resp.max_wait if resp.HasField("max_wait") else None)
         return resp
+
+    def _told_wait(self, limit: Duration | None) -> None:
+        """The server's limit on a parked pull, as it says (None: a server that does not say)."""
+        if limit is not None and limit.ToNanoseconds() > 0:
+            self.server_max_wait = limit.ToNanoseconds() / 1e9
+
+    def _wait(self, max_wait: float | None) -> tuple[float, float]:
+        """A pull's ``max_wait`` (None: the client's timeout) and how long the server may park it
+        (0: the server's limit, ``server_max_wait``); InvalidArgument, before anything is sent,
+        when it is negative."""
+        wait = self.timeout if max_wait is None else max_wait
+        if not wait >= 0:
+            raise errors.InvalidArgument(errors.Code.INVALID_ARGUMENT, f"max_wait={max_wait}: give the seconds the "
+                                         "server may park the pull, >= 0 (0: the server's limit)",
+                                         pb.ErrorInfo(reason=pb.ERROR_REASON_INVALID_REQUEST), "PullParams")
+        return wait, wait or self.server_max_wait
 
     async def report_metrics(self, run_id: str, rank: int, incarnation: int, points: Sequence[pb.MetricPoint],
                              pulls_skipped: int) -> pb.ReportMetricsResponse:
@@ -291,8 +317,8 @@ class PsClient:
         is ignored: a delta needs arrays of one's own to write into).
 
         The returned response carries the push's acknowledgement (clock, duplicate, min_clock,
-        run_state); the pulled parameters are in the PullResult."""
-        wait = self.timeout if max_wait is None else max_wait
+        run_state); the pulled parameters are in the PullResult. ``max_wait`` as for ``pull``."""
+        wait, parked = self._wait(max_wait)
         since = None if borrow else since
         then: pb.PullParamsRequest | bytes
         if names or rows:
@@ -302,7 +328,7 @@ class PsClient:
             then = wire.pull_request_bytes(run_id, rank, incarnation, clock + 1, wait, since if into is not None else None)
         sink = PullSink(into, borrow)
         responses: list[wire.PushResponse] = await self._push.exchange(
-            self._push_requests(run_id, rank, incarnation, clock, grads, loss, then, param_version), wait + self.timeout,
+            self._push_requests(run_id, rank, incarnation, clock, grads, loss, then, param_version), parked + self.timeout,
             until_final=True, final=_pulled_final, decode=sink.push_response)
         first = responses[0]
         ack = pb.PushGradientResponse(clock=first.clock, duplicate=first.duplicate, min_clock=first.min_clock,
@@ -337,12 +363,13 @@ class PsClient:
         are the whole tensors wanted besides (empty: none). ``since``: (lineage, version) of a
         previous answer that ``into`` holds, whole: the server may answer with what changed since
         (``PullResult.delta``). The call's deadline is ``max_wait`` (how long the server may park
-        it) plus the client's timeout.
+        it; None: the client's timeout; 0: the server's limit, ``server_max_wait``) plus the
+        client's timeout.
         """
-        wait = self.timeout if max_wait is None else max_wait
+        wait, parked = self._wait(max_wait)
         req = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock, names=names,
                                    max_wait=wire.duration(wait), rows=_table_rows(rows), **_since(since, into))
         sink = PullSink(into)
-        responses = await self._pull.exchange([[req.SerializeToString()]], timeout or (wait + self.timeout),
+        responses = await self._pull.exchange([[req.SerializeToString()]], timeout or (parked + self.timeout),
                                               until_final=True, decode=sink.params_response)
         return sink.result(responses[-1])

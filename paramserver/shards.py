@@ -96,16 +96,19 @@ class Shards:
                          max_message_bytes=client.max_message_bytes, security=client.security,
                          data_plane=client.data_plane, shm=client.shm)
             c.route.told(shard.data_port, shard.shm_socket)
+            c.server_max_wait = client.server_max_wait  # (server 0's: as Join says)
             return c
 
         return cls(shard_map, {p.name: tuple(p.shape) for p in spec.params}, connect, spec.staleness,
                    {p.name: tuple(p.shape) for p in spec.params if p.table})
 
     async def refresh(self, client: PsClient, run_id: str) -> None:
-        """Learn every shard's data planes again (a restarted server may have others)."""
+        """Learn every shard's data planes again (a restarted server may have others), and the
+        limit of a parked pull ``client`` was told last."""
         run = await client.get_run(run_id)
         for c, shard in zip(self.clients, run.shard_map.shards, strict=False):
             c.route.told(shard.data_port, shard.shm_socket)
+            c.server_max_wait = client.server_max_wait
 
     def _version(self, i: int, param_version: int | None) -> int | None:
         """What shard ``i`` is told a gradient was computed on (``param_version``, as the last pull

@@ -39,7 +39,8 @@ class ServerConfig:
     stall_seconds: float = opt(30.0, "A TCP data plane peer that sends nothing in the middle of a message, or "
                                "reads nothing of an answer, for this long is dropped.")
     max_param_bytes: int = opt(4 << 30, "Largest parameter set one run may hold, in bytes.")
-    max_wait_seconds: float = opt(60.0, "Longest a pull or a join may stay parked on the server.")
+    max_wait_seconds: float = opt(60.0, "Longest a pull or a join may stay parked on the server (told to workers "
+                                  "at Join and Heartbeat: a pull asking for 0 gets this).")
     lease_seconds: float = opt(10.0, "A worker not heard from for this long is evicted.")
     heartbeat_seconds: float = opt(2.0, "Heartbeat interval the server asks workers to keep.")
     grace_seconds: float = opt(5.0, "On SIGTERM, how long in-flight RPCs may take to finish.")

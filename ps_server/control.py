@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, Callable, Reversible
 from typing import TypeVar
 
 from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1 import wire
 
 from . import codec
 from .checkpointer import Checkpointer
@@ -217,14 +218,16 @@ class Control:
         log.info("rank %d of %s to %s", assignment.rank, assignment.run_id, name,
                  extra={"run": assignment.run_id, "rank": assignment.rank})
         return pb.JoinResponse(assignment=self._assignment(assignment), server_generation=registry.generation,
-                               data_port=self._data_port(), shm_socket=self._shm_socket())
+                               data_port=self._data_port(), shm_socket=self._shm_socket(),
+                               max_wait=wire.duration(self._max_wait))
 
     async def Heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         run = self._registry.get(request.run_id)
         state, clock = run.heartbeat(request.rank, request.incarnation)
         return pb.HeartbeatResponse(run_state=codec.run_state_to_proto(state), min_clock=run.min_clock,
                                     server_generation=self._registry.generation, clock=clock,
-                                    data_port=self._data_port(), shm_socket=self._shm_socket())
+                                    data_port=self._data_port(), shm_socket=self._shm_socket(),
+                                    max_wait=wire.duration(self._max_wait))
 
     async def ReportMetrics(self, request: pb.ReportMetricsRequest) -> pb.ReportMetricsResponse:
         now = time.time()

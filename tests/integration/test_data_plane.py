@@ -7,13 +7,14 @@ import random
 
 import numpy as np
 import pytest
-from support import Stubs, make_spec
+from support import Stubs, make_spec, with_config
 
 from paramserver import errors
 from paramserver.client import PsClient
 from paramserver.errors import PsError
 from paramserver.v1 import paramserver_pb2 as pb
-from ps_server.server import PsServer
+from ps_server.config import ServerConfig
+from ps_server.server import PsServer, start_server
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -120,6 +121,33 @@ async def test_parked_pull_times_out_with_who_it_waited_for(server: PsServer, cl
     assert isinstance(err.value, errors.DeadlineExceeded) and err.value.reason == pb.ERROR_REASON_WAIT_TIMEOUT
     assert err.value.info.needed_min_clock == 1 and list(err.value.info.ranks_behind) == [1]
     assert "rank 1 (clock 0)" in err.value.message
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp", "grpc"])
+async def test_a_pull_of_max_wait_0_waits_for_the_servers_limit(server_config: ServerConfig, transport: str) -> None:
+    """max_wait 0 is the server's limit (the proto): the client's deadline was then only its timeout
+    (1 s), and the pull failed with the client's DEADLINE_EXCEEDED (on gRPC, the server cut its
+    wait at that deadline) long before the server's limit of 2.5 s."""
+    ps = await start_server(with_config(server_config, max_wait_seconds=2.5))
+    try:
+        async with PsClient(f"127.0.0.1:{ps.port}", timeout=1.0, data_plane=transport != "grpc",
+                            shm=transport == "shm") as c:
+            run = await c.create_run(make_spec(num_workers=2, staleness=0, iterations=5))
+            a, _ = await _join_all(c, run.run_id, 2)
+            assert c.server_max_wait == 2.5  # (Join says it)
+            p = await c.pull(run.run_id, a.rank, a.incarnation, 0)
+            await c.push(run.run_id, a.rank, a.incarnation, 0, {n: np.ones_like(v) for n, v in p.tensors.items()})
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            with pytest.raises(PsError) as err:
+                await c.pull(run.run_id, a.rank, a.incarnation, 1, max_wait=0)
+            assert err.value.reason == pb.ERROR_REASON_WAIT_TIMEOUT, err.value  # the server's answer
+            assert loop.time() - start >= 2.4
+            with pytest.raises(errors.InvalidArgument, match=r"max_wait=-1: .* >= 0 \(0: the server's limit\)"):
+                await c.pull(run.run_id, a.rank, a.incarnation, 1, max_wait=-1)
+            assert c.route.opened[transport] >= 1
+    finally:
+        await ps.stop(0)
 
 
 async def test_closing_the_client_ends_its_parked_pull_at_once(server: PsServer, client: PsClient) -> None:

@@ -56,3 +56,10 @@ def test_a_yes_or_no_variable_takes_yes_or_no_and_nothing_else(value: str, means
         assert f"PS_LOG_JSON={value!r} is not yes or no" in capsys.readouterr().err
     else:
         assert server_config([], env={"PS_LOG_JSON": value}).log_json is means
+
+
+def test_the_sdk_takes_ps_servers_default_wait_limit_until_a_server_says_its_own() -> None:
+    from paramserver.client import SERVER_MAX_WAIT
+    from ps_server.config import ServerConfig
+
+    assert ServerConfig().max_wait_seconds == SERVER_MAX_WAIT

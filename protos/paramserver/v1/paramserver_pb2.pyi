@@ -798,16 +798,18 @@ class Assignment(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., spec: _Optional[_Union[RunSpec, _Mapping]] = ..., start_clock: _Optional[int] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., shard_map: _Optional[_Union[ShardMap, _Mapping]] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("assignment", "server_generation", "data_port", "shm_socket")
+    __slots__ = ("assignment", "server_generation", "data_port", "shm_socket", "max_wait")
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     SERVER_GENERATION_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     SHM_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_FIELD_NUMBER: _ClassVar[int]
     assignment: Assignment
     server_generation: str
     data_port: int
     shm_socket: str
-    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., server_generation: _Optional[str] = ..., data_port: _Optional[int] = ..., shm_socket: _Optional[str] = ...) -> None: ...
+    max_wait: _duration_pb2.Duration
+    def __init__(self, assignment: _Optional[_Union[Assignment, _Mapping]] = ..., server_generation: _Optional[str] = ..., data_port: _Optional[int] = ..., shm_socket: _Optional[str] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("run_id", "rank", "incarnation", "clock")
@@ -822,20 +824,22 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("run_state", "min_clock", "server_generation", "clock", "data_port", "shm_socket")
+    __slots__ = ("run_state", "min_clock", "server_generation", "clock", "data_port", "shm_socket", "max_wait")
     RUN_STATE_FIELD_NUMBER: _ClassVar[int]
     MIN_CLOCK_FIELD_NUMBER: _ClassVar[int]
     SERVER_GENERATION_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     SHM_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_FIELD_NUMBER: _ClassVar[int]
     run_state: RunState
     min_clock: int
     server_generation: str
     clock: int
     data_port: int
     shm_socket: str
-    def __init__(self, run_state: _Optional[_Union[RunState, str]] = ..., min_clock: _Optional[int] = ..., server_generation: _Optional[str] = ..., clock: _Optional[int] = ..., data_port: _Optional[int] = ..., shm_socket: _Optional[str] = ...) -> None: ...
+    max_wait: _duration_pb2.Duration
+    def __init__(self, run_state: _Optional[_Union[RunState, str]] = ..., min_clock: _Optional[int] = ..., server_generation: _Optional[str] = ..., clock: _Optional[int] = ..., data_port: _Optional[int] = ..., shm_socket: _Optional[str] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class ReportMetricsRequest(_message.Message):
     __slots__ = ("run_id", "rank", "incarnation", "points", "pulls_skipped")

@@ -15,6 +15,9 @@
 
 const TCP_RETRY_SECONDS = [30, 600]; // after the data plane could not be reached: gRPC this long, doubling
 const TCP_GREET_SECONDS = 3; // longest wait for the data plane's answer to the hello (at most the timeout)
+// ps-server's default --max-wait-seconds: how long a pull of maxWait 0 ("the server's limit") is
+// taken to park until a Join or Heartbeat says the server's own (JoinResponse.max_wait).
+const SERVER_MAX_WAIT = 60;
 
 const { loadContract, messages } = require('./proto');
 const { encodeTensors, TensorAssembler } = require('./tensors');
@@ -244,6 +247,7 @@ class PsClient {
     this.streamsOpened = { tcp: 0, grpc: 0, tcp_unreachable: 0 };
     this.timeout = timeout;
     this.chunkBytes = chunkBytes;
+    this.serverMaxWait = SERVER_MAX_WAIT; // the longest the server parks a pull, as the last Join or Heartbeat said
     const creds = security.tls
       ? grpc.credentials.createSsl(security.ca || null, security.key || null, security.cert || null)
       : grpc.credentials.createInsecure();
@@ -272,6 +276,7 @@ class PsClient {
   sibling(address, dataPort = 0) {
     const c = new PsClient(address, this.options);
     c.dataPortIs(dataPort);
+    c.serverMaxWait = this.serverMaxWait; // (server 0's: as Join says)
     return c;
   }
 
@@ -351,7 +356,10 @@ class PsClient {
   join(workerName, runId = '', maxWait = 10) {
     const req = { worker_name: workerName, run_id: runId, max_wait: duration(maxWait) };
     return this.unary(this.workers, 'Join', req, maxWait + this.timeout).then((resp) => {
-      if (resp.assignment) this.dataPortIs(Number(resp.data_port));
+      if (resp.assignment) {
+        this.dataPortIs(Number(resp.data_port));
+        this.serverMaxWait = durationSeconds(resp.max_wait, this.serverMaxWait);
+      }
       return resp;
     });
   }
@@ -359,6 +367,7 @@ class PsClient {
   heartbeat(runId, rank, incarnation, clock) {
     return this.unary(this.workers, 'Heartbeat', { run_id: runId, rank, incarnation, clock }).then((resp) => {
       this.dataPortIs(Number(resp.data_port));
+      this.serverMaxWait = durationSeconds(resp.max_wait, this.serverMaxWait);
       return resp;
     });
   }
@@ -393,14 +402,20 @@ class PsClient {
 
   /**
    * Pull parameters for iteration `clock` into `into` ({name: Float32Array}, reused when shapes
-   * match). The deadline is maxWait (how long the server may park it) plus the client's timeout.
+   * match). The deadline is maxWait (how long the server may park it; undefined: the client's
+   * timeout; 0: the server's limit, serverMaxWait) plus the client's timeout.
    * Returns {guaranteed_clock, version, run_state, staleness, tensors, shapes}; `staleness`: the
    * run's bound the answer says (UpdateRun, a schedule), undefined when it says none.
    */
   async pull(runId, rank, incarnation, clock, { into = {}, names = [], maxWait = undefined, timeoutS = undefined } = {}) {
     const wait = maxWait === undefined ? this.timeout : maxWait;
+    if (!(wait >= 0)) {
+      throw new PsError(Status.INVALID_ARGUMENT, `maxWait=${maxWait}: give the seconds the server may park the pull, >= 0 `
+        + '(0: the server\'s limit)', codecs.ErrorInfo.decode(codecs.ErrorInfo.encode({ reason: 'ERROR_REASON_INVALID_REQUEST' })),
+      'PullParams');
+    }
     const req = { run_id: runId, rank, incarnation, clock, names, max_wait: duration(wait) };
-    const responses = await this.pullStream.exchange([req], timeoutS || wait + this.timeout, true);
+    const responses = await this.pullStream.exchange([req], timeoutS || (wait || this.serverMaxWait) + this.timeout, true);
     const asm = new TensorAssembler(into);
     try {
       for (const resp of responses) for (const chunk of resp.tensors) asm.add(chunk);
@@ -421,5 +436,5 @@ class PsClient {
 }
 
 module.exports = {
-  PsClient, PsError, Status, ERROR_TRAILER, callError, trailerInfo, duration, durationSeconds, nowTimestamp, channelOptions,
+  SERVER_MAX_WAIT, PsClient, PsError, Status, ERROR_TRAILER, callError, trailerInfo, duration, durationSeconds, nowTimestamp, channelOptions,
 };

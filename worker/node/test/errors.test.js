@@ -6,7 +6,7 @@ const test = require('node:test');
 const assert = require('node:assert/strict');
 const net = require('net');
 
-const { PsClient, PsError, ERROR_TRAILER, callError, trailerInfo } = require('../src/client');
+const { PsClient, PsError, ERROR_TRAILER, callError, durationSeconds, trailerInfo } = require('../src/client');
 const { frameHeader, STATUS } = require('../src/tcp');
 const { loadContract, messages } = require('../src/proto');
 const { Trainer, Rewind } = require('../src/trainer');
@@ -345,4 +345,41 @@ test('a straggler sleeps (factor - 1) times its computation, not the time it wai
   const took = performance.now() - start;
   assert.ok(took >= 300 + 20 + 35, `took ${took} ms: the sleep is about 2 x 20 ms`);
   assert.ok(took < 300 + 20 + 2 * 320 - 200, `took ${took} ms: the 300 ms wait was counted as work`);
+});
+
+test('a pull of maxWait 0 (the server\'s limit, as Join says it) waits for that limit, not only the client\'s timeout', { timeout: 10000 }, async () => {
+  const server = new grpc.Server();
+  const asked = [];
+  server.addService(pkg.WorkerService.service, {
+    Join: (call, callback) => callback(null, {
+      assignment: { run_id: 'r', rank: 0, incarnation: 1 }, max_wait: { seconds: 2, nanos: 500000000 },
+    }),
+  });
+  server.addService(pkg.ParameterService.service, {
+    PullParams: (call) => call.on('data', (req) => {
+      asked.push(durationSeconds(req.max_wait));
+      setTimeout(() => call.write({ guaranteed_clock: req.clock, final: true, run_state: 'RUN_STATE_RUNNING' }), 900);
+    }),
+  });
+  const port = await new Promise((resolve, reject) => {
+    server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p)));
+  });
+  const client = new PsClient(`127.0.0.1:${port}`, { timeout: 0.4, dataPlane: false });
+  try {
+    await client.join('w', 'r', 0);
+    assert.equal(client.serverMaxWait, 2.5);
+    const got = await client.pull('r', 0, 1, 3, { maxWait: 0 }); // answered after 0.9 s: within 2.5 + 0.4
+    assert.equal(got.guaranteed_clock, 3);
+    assert.deepEqual(asked, [0]);
+    await assert.rejects(client.pull('r', 0, 1, 3, { maxWait: -1 }), (e) => {
+      assert.equal(e.code, grpc.status.INVALID_ARGUMENT);
+      assert.equal(e.reason, 'ERROR_REASON_INVALID_REQUEST');
+      assert.match(e.details, /maxWait=-1: .* >= 0 \(0: the server's limit\)/);
+      return true;
+    });
+    assert.equal(asked.length, 1, 'nothing was sent');
+  } finally {
+    client.close();
+    server.forceShutdown();
+  }
 });
