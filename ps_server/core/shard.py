@@ -75,10 +75,13 @@ class ShardRun(Run):
         for u in ranks:
             slot = self.clock.slots[u.rank]
             if u.incarnation > slot.incarnation:  # admitted: a new incarnation from its clock
-                self.clock.admit(slot, u.incarnation, u.clock, u.worker_name)
+                # (BSP: not below the clocks this shard already combined, which take no more
+                # gradients: a push that reached it before server 0 completed one here first)
+                start = max(u.clock, self.bsp.applied_clock) if self.spec.staleness == 0 else u.clock
+                self.clock.admit(slot, u.incarnation, start, u.worker_name)
                 self.bsp.drop(u.rank)  # whatever the old incarnation held for an unfinished clock
                 self.history.event("joined", u.rank, f"{u.worker_name or 'a worker'} took rank {u.rank} "
-                                   f"(incarnation {u.incarnation}, clock {u.clock})")
+                                   f"(incarnation {u.incarnation}, clock {start})")
             if u.incarnation == slot.incarnation and u.state is not slot.state and not self.state.finished:
                 if u.state is WorkerState.EVICTED:
                     self.bsp.drop(u.rank)

@@ -15,6 +15,7 @@ from ps_server.core import snapshot
 from ps_server.core.errors import FailedPrecondition, InvalidArgument, OutOfRange, Reason, WaitTimeout
 from ps_server.core.registry import RunRegistry
 from ps_server.core.run import Run
+from ps_server.core.shard import RankUpdate, ShardRun
 from ps_server.core.spec import (
     Aggregation,
     Initializer,
@@ -270,6 +271,25 @@ def test_a_rank_handed_over_when_none_is_live_starts_at_the_min_clock_which_neve
     d = run.join("d")
     assert (d.rank, d.start_clock) == (1, 3)
     assert run.status().min_clock == 3
+
+
+def test_bsp_a_shard_admits_a_rank_after_the_clocks_it_already_combined() -> None:
+    """A cluster's shard under BSP got rank 0's push of clock 0 before server 0 did; rank 1 is
+    evicted (the shard combines clock 0 without it), and server 0, whose min clock is still 0,
+    hands rank 1 over at 0. The shard admitted it at 0: its push of clock 0 was held for ever, a
+    clock already combined (acknowledged, never applied, in every checkpoint after)."""
+    shard = ShardRun("run-t", spec(workers=2, staleness=0))
+    shard.mirror([RankUpdate(0, 1, WorkerState.ACTIVE, 0), RankUpdate(1, 2, WorkerState.ACTIVE, 0)],
+                 RunState.RUNNING, "")
+    shard.push(0, 1, 0, grad(1), 0)
+    shard.mirror([RankUpdate(1, 2, WorkerState.EVICTED, 0)], RunState.RUNNING, "")
+    assert shard.bsp.applied_clock == 1
+    shard.mirror([RankUpdate(1, 3, WorkerState.ACTIVE, 0, "again")], RunState.RUNNING, "")
+    assert shard.clock.slots[1].clock == 1 and shard.min_clock == 1
+    assert shard.push(1, 3, 0, grad(1), 0).duplicate  # (applied where it was not combined yet)
+    shard.push(0, 1, 1, grad(1), 0)
+    shard.push(1, 3, 1, grad(2), 0)
+    assert not shard.bsp.pending and shard.bsp.applied_clock == 2
 
 
 def test_completion_needs_every_rank_to_leave_and_final_pull_waits_for_all() -> None:
