@@ -188,7 +188,7 @@ class RunRegistry:
                                          f"(it can: {', '.join(sorted(capabilities)) or 'nothing declared'}); start a "
                                          "worker that can (the Python ps-worker trains every model)", Reason.CANNOT_TRAIN)
             return run.join(worker_name)
-        for run in self._runs.values():
+        for run in sorted(self._runs.values(), key=_age):  # (a restarted server adds its runs by id)
             if run.has_vacancy() and _can(run, capabilities):
                 return run.join(worker_name)
         return None

@@ -539,6 +539,18 @@ async def test_registry_assigns_oldest_run_first_and_reports_unknown_runs() -> N
         reg.get("run-nope")
 
 
+def test_a_restarted_registry_still_assigns_the_oldest_run_first() -> None:
+    """A restarted server adds its runs in the order of their directories (their random ids), not
+    of their creation: a worker was handed a rank of whichever came first."""
+    reg = RunRegistry()
+    older, newer = Run("run-b", spec(workers=1)), Run("run-a", spec(workers=1))
+    older.created, newer.created = 100.0, 200.0
+    for run in (newer, older):  # as resumed: by run id
+        reg.add(run)
+    assert reg.join("a").run_id == "run-b"  # type: ignore[union-attr]
+    assert reg.join("b").run_id == "run-a"  # type: ignore[union-attr]
+
+
 async def test_parked_pulls_wake_exactly_when_their_bound_holds() -> None:
     run, inc = started(spec(workers=2, staleness=0, iterations=5))
     run.push(0, inc[0], 0, grad(1), 0)
