@@ -173,10 +173,12 @@ class VectorClock:
         self._moved()
 
     def expired(self, lease: float) -> list[tuple[Slot, float]]:
-        """ACTIVE ranks not heard from for ``lease`` seconds, with how long they have been silent."""
+        """ACTIVE ranks not heard from for ``lease`` seconds, with how long they have been silent.
+        A rank whose pull is parked is not silent: it waits in the server (for others: the
+        slowest rank is never parked), which ends the wait if its caller goes (``unpark``)."""
         now = self._now()
         return [(s, now - s.last_seen) for s in self.slots
-                if s.state is WorkerState.ACTIVE and now - s.last_seen > lease]
+                if s.state is WorkerState.ACTIVE and s.waiting_for is None and now - s.last_seen > lease]
 
     def park(self, slot: Slot, clock: int) -> None:
         """A pull of ``clock`` by this rank is parked (shown as what it waits for)."""
@@ -184,9 +186,12 @@ class VectorClock:
         slot.parked_at = self._now()
 
     def unpark(self, slot: Slot) -> float:
-        """Its parked pull ended; returns how long it was parked."""
+        """Its parked pull ended (its lease starts afresh: it was held while parked); returns how
+        long it was parked."""
         slot.waiting_for = None
         parked, slot.parked_at = slot.parked_at, None
+        if parked is not None and slot.state is WorkerState.ACTIVE:
+            self.touch(slot)
         return 0.0 if parked is None else self._now() - parked
 
     def restored(self) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from support import until
 
 from ps_server.core import snapshot
 from ps_server.core.errors import FailedPrecondition, InvalidArgument, OutOfRange, Reason, WaitTimeout
@@ -549,6 +550,29 @@ def test_a_restarted_registry_still_assigns_the_oldest_run_first() -> None:
         reg.add(run)
     assert reg.join("a").run_id == "run-b"  # type: ignore[union-attr]
     assert reg.join("b").run_id == "run-a"  # type: ignore[union-attr]
+
+
+async def test_a_rank_whose_pull_is_parked_is_not_silent() -> None:
+    """Rank 0's pull waits for rank 1 (a straggler that heartbeats) longer than the lease: rank 0 was
+    evicted while it waited in the server (its pull failed: STALE_INCARNATION, join again), though
+    it was never behind anybody. A parked pull holds the lease; once served, a lease starts afresh."""
+    now = [0.0]
+    run = Run("run-t", spec(workers=2, staleness=0), now=lambda: now[0])
+    a, b = run.join("a"), run.join("b")
+    run.push(0, a.incarnation, 0, grad(1), 0)
+    parked = asyncio.create_task(run.wait_pull(0, a.incarnation, 1, timeout=30.0))
+    await until(lambda: run.clock.slots[0].waiting_for == 1)
+    now[0] = 20.0
+    run.heartbeat(1, b.incarnation)
+    assert run.expire(lease=10.0) == []
+    run.push(1, b.incarnation, 0, grad(1), 0)
+    async with asyncio.timeout(5):
+        await parked  # served
+    now[0] = 25.0  # (its next push is on its way)
+    assert run.expire(lease=10.0) == []
+    now[0] = 31.0  # silent for a lease since it was served
+    run.heartbeat(1, b.incarnation)
+    assert run.expire(lease=10.0) == [0]
 
 
 async def test_parked_pulls_wake_exactly_when_their_bound_holds() -> None:

@@ -704,7 +704,8 @@ class WorkerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request, context):
-        """Heartbeat refreshes the worker's lease (every RPC does) and tells it the run's state.
+        """Heartbeat refreshes the worker's lease (every RPC does; a pull the server parks holds it
+        while it waits) and tells it the run's state.
         Errors: NOT_FOUND; FAILED_PRECONDITION (stale incarnation: the worker was evicted).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
