@@ -1,10 +1,11 @@
 """A run's ranks: who holds each one (incarnation, lease), how far each got (its clock), the min clock.
 
 A rank's clock is the number of iterations it completed. The min clock is the minimum over ranks
-that are ACTIVE or DONE; an evicted or vacant rank counts as +inf (with none live, the highest
-clock). It never goes down: a rank handed over starts at it (``assign``). It is read several times per push and pull, so it is cached; the cache is forgotten in
-one place, ``_moved``, which every method that changes a clock or a state calls. Other modules
-read slots and never write their ``state`` or ``clock``.
+that are ACTIVE or DONE (the max clock the maximum); an evicted or vacant rank counts as +inf
+(with none live, both are the highest clock). The min clock never goes down: a rank handed over
+starts at it (``assign``). It is read several times per push and pull, so it is cached; the cache
+is forgotten in one place, ``_moved``, which every method that changes a clock or a state calls.
+Other modules read slots and never write their ``state`` or ``clock``.
 
 Plain ``def``s, no I/O: the run calls these and reports what changed.
 """
@@ -64,7 +65,8 @@ class VectorClock:
 
     @property
     def max_clock(self) -> int:
-        return max(s.clock for s in self.slots)
+        """The highest clock over live ranks (with none live, over all: then the min clock)."""
+        return max((s.clock for s in self.slots if s.live), default=max(s.clock for s in self.slots))
 
     def silent_for(self, slot: Slot) -> float:
         """Seconds since the rank was last heard from."""

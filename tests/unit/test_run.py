@@ -196,6 +196,27 @@ def test_eviction_releases_the_min_clock_and_drops_buffered_gradients() -> None:
         run.push(1, b.incarnation, 0, grad(1), 0)
 
 
+def test_the_max_clock_is_over_live_ranks_as_the_min_clock_is() -> None:
+    """Rank 2 got to clock 5 and was evicted; ranks 0 and 1 are both at 2. The max clock said 5:
+    a spread of 3 where there is none, and psctl named ranks 0 and 1 as holding the run back."""
+    now = [0.0]
+    run = Run("run-t", spec(workers=3, staleness=-1), now=lambda: now[0])
+    a, b, c = run.join("a"), run.join("b"), run.join("c")
+    for clock in range(5):
+        run.push(2, c.incarnation, clock, grad(1), 0)
+    for clock in range(2):
+        run.push(0, a.incarnation, clock, grad(1), 0)
+        run.push(1, b.incarnation, clock, grad(1), 0)
+    now[0] = 5.0
+    run.heartbeat(0, a.incarnation)
+    run.heartbeat(1, b.incarnation)
+    assert run.expire(lease=3.0) == [2]
+    assert (run.status().min_clock, run.status().max_clock) == (2, 2)
+    now[0] = 10.0
+    assert run.expire(lease=3.0) == [0, 1]  # none live: both are the highest clock reached
+    assert (run.status().min_clock, run.status().max_clock) == (5, 5)
+
+
 def test_a_vacant_rank_of_a_running_run_is_not_said_to_hold_it_up() -> None:
     now = [0.0]
     run = Run("run-t", spec(workers=2, staleness=1, iterations=8), now=lambda: now[0])
