@@ -245,11 +245,11 @@ class PsClient:
     def _wait(self, max_wait: float | None) -> tuple[float, float]:
         """A pull's ``max_wait`` (None: the client's timeout) and how long the server may park it
         (0: the server's limit, ``server_max_wait``); InvalidArgument, before anything is sent,
-        when it is negative."""
+        when it is negative or not finite."""
         wait = self.timeout if max_wait is None else max_wait
-        if not wait >= 0:
+        if not 0 <= wait < math.inf:
             raise errors.InvalidArgument(errors.Code.INVALID_ARGUMENT, f"max_wait={max_wait}: give the seconds the "
-                                         "server may park the pull, >= 0 (0: the server's limit)",
+                                         "server may park the pull, a finite number >= 0 (0: the server's limit)",
                                          pb.ErrorInfo(reason=pb.ERROR_REASON_INVALID_REQUEST), "PullParams")
         return wait, wait or self.server_max_wait
 

@@ -143,8 +143,11 @@ async def test_a_pull_of_max_wait_0_waits_for_the_servers_limit(server_config: S
                 await c.pull(run.run_id, a.rank, a.incarnation, 1, max_wait=0)
             assert err.value.reason == pb.ERROR_REASON_WAIT_TIMEOUT, err.value  # the server's answer
             assert loop.time() - start >= 2.4
-            with pytest.raises(errors.InvalidArgument, match=r"max_wait=-1: .* >= 0 \(0: the server's limit\)"):
-                await c.pull(run.run_id, a.rank, a.incarnation, 1, max_wait=-1)
+            for bad in (-1, float("inf"), float("nan")):
+                with pytest.raises(errors.InvalidArgument, match=r"max_wait=.*: .* finite number >= 0 \(0: the server's limit\)"):
+                    await c.pull(run.run_id, a.rank, a.incarnation, 1, max_wait=bad)
+                with pytest.raises(errors.InvalidArgument, match=r"max_wait="):
+                    await c.push_pull(run.run_id, a.rank, a.incarnation, 1, {}, max_wait=bad)
             assert c.route.opened[transport] >= 1
     finally:
         await ps.stop(0)

@@ -409,8 +409,8 @@ class PsClient {
    */
   async pull(runId, rank, incarnation, clock, { into = {}, names = [], maxWait = undefined, timeoutS = undefined } = {}) {
     const wait = maxWait === undefined ? this.timeout : maxWait;
-    if (!(wait >= 0)) {
-      throw new PsError(Status.INVALID_ARGUMENT, `maxWait=${maxWait}: give the seconds the server may park the pull, >= 0 `
+    if (!(Number.isFinite(wait) && wait >= 0)) {
+      throw new PsError(Status.INVALID_ARGUMENT, `maxWait=${maxWait}: give the seconds the server may park the pull, a finite number >= 0 `
         + '(0: the server\'s limit)', codecs.ErrorInfo.decode(codecs.ErrorInfo.encode({ reason: 'ERROR_REASON_INVALID_REQUEST' })),
       'PullParams');
     }

@@ -371,12 +371,14 @@ test('a pull of maxWait 0 (the server\'s limit, as Join says it) waits for that 
     const got = await client.pull('r', 0, 1, 3, { maxWait: 0 }); // answered after 0.9 s: within 2.5 + 0.4
     assert.equal(got.guaranteed_clock, 3);
     assert.deepEqual(asked, [0]);
-    await assert.rejects(client.pull('r', 0, 1, 3, { maxWait: -1 }), (e) => {
-      assert.equal(e.code, grpc.status.INVALID_ARGUMENT);
-      assert.equal(e.reason, 'ERROR_REASON_INVALID_REQUEST');
-      assert.match(e.details, /maxWait=-1: .* >= 0 \(0: the server's limit\)/);
-      return true;
-    });
+    for (const bad of [-1, Infinity, NaN]) {
+      await assert.rejects(client.pull('r', 0, 1, 3, { maxWait: bad }), (e) => {
+        assert.equal(e.code, grpc.status.INVALID_ARGUMENT);
+        assert.equal(e.reason, 'ERROR_REASON_INVALID_REQUEST');
+        assert.match(e.details, /maxWait=.*: .* a finite number >= 0 \(0: the server's limit\)/);
+        return true;
+      });
+    }
     assert.equal(asked.length, 1, 'nothing was sent');
   } finally {
     client.close();
