@@ -70,6 +70,16 @@ def _table_rows(rows: Mapping[str, np.ndarray] | None) -> list[pb.TableRows]:
             for name, ids in (rows or {}).items()]
 
 
+def _seconds(max_wait: float, method: str, what: str, zero: str) -> float:
+    """``max_wait`` of a call to ``method``; InvalidArgument (nothing is sent) unless it is a finite
+    number of seconds >= 0 (``zero``: what 0 means)."""
+    if not 0 <= max_wait < math.inf:
+        raise errors.InvalidArgument(errors.Code.INVALID_ARGUMENT, f"max_wait={max_wait}: give the seconds the server "
+                                     f"may {what}, a finite number >= 0 (0: {zero})",
+                                     pb.ErrorInfo(reason=pb.ERROR_REASON_INVALID_REQUEST), method)
+    return max_wait
+
+
 def _pulled_final(resp: wire.PushResponse) -> bool:
     return resp.pulled is not None and resp.pulled.final
 
@@ -222,6 +232,7 @@ class PsClient:
                    capabilities: Sequence[str] = ()) -> pb.JoinResponse:
         """A rank of ``run_id`` (or of any run) that a worker of ``capabilities`` can train
         (``RunSpec.requires``); no assignment when there is none within ``max_wait``."""
+        _seconds(max_wait, "Join", "hold the call when there is no work", "answer at once")
         req = pb.JoinRequest(worker_name=worker_name, run_id=run_id, max_wait=wire.duration(max_wait),
                              capabilities=capabilities)
         resp = await self._call("WorkerService", "Join", req, pb.JoinResponse, timeout=max_wait + self.timeout)
@@ -246,11 +257,8 @@ class PsClient:
         """A pull's ``max_wait`` (None: the client's timeout) and how long the server may park it
         (0: the server's limit, ``server_max_wait``); InvalidArgument, before anything is sent,
         when it is negative or not finite."""
-        wait = self.timeout if max_wait is None else max_wait
-        if not 0 <= wait < math.inf:
-            raise errors.InvalidArgument(errors.Code.INVALID_ARGUMENT, f"max_wait={max_wait}: give the seconds the "
-                                         "server may park the pull, a finite number >= 0 (0: the server's limit)",
-                                         pb.ErrorInfo(reason=pb.ERROR_REASON_INVALID_REQUEST), "PullParams")
+        wait = _seconds(self.timeout if max_wait is None else max_wait, "PullParams", "park the pull",
+                        "the server's limit")
         return wait, wait or self.server_max_wait
 
     async def report_metrics(self, run_id: str, rank: int, incarnation: int, points: Sequence[pb.MetricPoint],

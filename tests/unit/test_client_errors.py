@@ -94,3 +94,29 @@ async def test_wait_ready_keeps_a_cancellation_that_comes_as_the_channel_gets_re
     waiting.cancel()  # in the same iteration
     with pytest.raises(asyncio.CancelledError):
         await waiting
+
+
+class _NoServer:
+    """A transport nothing is ever sent on."""
+
+    def stream(self, method: str) -> None:
+        raise AssertionError(f"{method} was opened")
+
+    async def unary(self, *args: object) -> None:
+        raise AssertionError("a call was sent")
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.timeout(30)
+async def test_a_wait_that_is_no_finite_number_of_seconds_is_refused_before_anything_is_sent() -> None:
+    from paramserver.client import PsClient
+
+    async with PsClient("127.0.0.1:1", transport=_NoServer()) as ps:  # type: ignore[arg-type]
+        for bad in (-1.0, float("inf"), float("nan")):
+            with pytest.raises(errors.InvalidArgument, match=r"max_wait=.*: .* a finite number >= 0 \(0: answer at once\)") as e:
+                await ps.join("w", max_wait=bad)
+            assert e.value.reason == pb.ERROR_REASON_INVALID_REQUEST and e.value.method == "Join"
+            with pytest.raises(errors.InvalidArgument, match=r"\(0: the server's limit\)"):
+                await ps.pull("run-x", 0, 1, 0, max_wait=bad)
