@@ -91,6 +91,18 @@ function durationSeconds(d, fallback = 0) {
   return Number(d.seconds || 0) + Number(d.nanos || 0) / 1e9 || fallback;
 }
 
+/**
+ * `maxWait` of a call to `method`; a PsError INVALID_ARGUMENT (nothing is sent) unless it is a
+ * finite number of seconds >= 0 (`zero`: what 0 means).
+ */
+function waitSeconds(maxWait, method, what, zero) {
+  if (!(Number.isFinite(maxWait) && maxWait >= 0)) {
+    throw new PsError(Status.INVALID_ARGUMENT, `maxWait=${maxWait}: give the seconds the server may ${what}, a finite number >= 0 `
+      + `(0: ${zero})`, codecs.ErrorInfo.decode(codecs.ErrorInfo.encode({ reason: 'ERROR_REASON_INVALID_REQUEST' })), method);
+  }
+  return maxWait;
+}
+
 function nowTimestamp() {
   const ms = Date.now();
   return { seconds: Math.floor(ms / 1000), nanos: (ms % 1000) * 1e6 };
@@ -354,6 +366,11 @@ class PsClient {
 
   // ---------------------------------------------------------------- workers
   join(workerName, runId = '', maxWait = 10) {
+    try {
+      waitSeconds(maxWait, 'Join', 'hold the call when there is no work', 'answer at once');
+    } catch (e) {
+      return Promise.reject(e);
+    }
     const req = { worker_name: workerName, run_id: runId, max_wait: duration(maxWait) };
     return this.unary(this.workers, 'Join', req, maxWait + this.timeout).then((resp) => {
       if (resp.assignment) {
@@ -408,12 +425,7 @@ class PsClient {
    * run's bound the answer says (UpdateRun, a schedule), undefined when it says none.
    */
   async pull(runId, rank, incarnation, clock, { into = {}, names = [], maxWait = undefined, timeoutS = undefined } = {}) {
-    const wait = maxWait === undefined ? this.timeout : maxWait;
-    if (!(Number.isFinite(wait) && wait >= 0)) {
-      throw new PsError(Status.INVALID_ARGUMENT, `maxWait=${maxWait}: give the seconds the server may park the pull, a finite number >= 0 `
-        + '(0: the server\'s limit)', codecs.ErrorInfo.decode(codecs.ErrorInfo.encode({ reason: 'ERROR_REASON_INVALID_REQUEST' })),
-      'PullParams');
-    }
+    const wait = waitSeconds(maxWait === undefined ? this.timeout : maxWait, 'PullParams', 'park the pull', 'the server\'s limit');
     const req = { run_id: runId, rank, incarnation, clock, names, max_wait: duration(wait) };
     const responses = await this.pullStream.exchange([req], timeoutS || (wait || this.serverMaxWait) + this.timeout, true);
     const asm = new TensorAssembler(into);

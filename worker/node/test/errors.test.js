@@ -379,6 +379,14 @@ test('a pull of maxWait 0 (the server\'s limit, as Join says it) waits for that 
         return true;
       });
     }
+    for (const bad of [-1, Infinity, NaN]) {
+      await assert.rejects(client.join('w', 'r', bad), (e) => {
+        assert.equal(e.code, grpc.status.INVALID_ARGUMENT);
+        assert.equal(e.method, 'Join');
+        assert.match(e.details, /a finite number >= 0 \(0: answer at once\)/);
+        return true;
+      });
+    }
     assert.equal(asked.length, 1, 'nothing was sent');
   } finally {
     client.close();
