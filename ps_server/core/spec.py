@@ -159,6 +159,9 @@ class RunSpec:
 
 
 FLOAT32_MAX = 3.4028234663852886e38
+TOPK_MAX_ELEMENTS = 1 << 32
+"""Elements of one tensor of a top-k run: a sparse chunk's positions (``TensorChunk.indices``)
+and a delta pull's are uint32, so positions past 2^32 - 1 would wrap."""
 
 
 def offsets(specs: tuple[ParamSpec, ...]) -> tuple[dict[str, int], int]:
@@ -307,6 +310,11 @@ def validate_spec(spec: RunSpec, limits: Limits = DEFAULT_LIMITS) -> None:
     if not (math.isfinite(spec.topk_ratio) and 0 <= spec.topk_ratio < 1):
         raise _invalid(f"compression topk_ratio {spec.topk_ratio}: use a share in (0, 1), such as 0.01, or 0 for "
                        "dense pushes")
+    huge = next((p for p in spec.params if p.size > TOPK_MAX_ELEMENTS), None) if spec.topk_ratio else None
+    if huge is not None:
+        raise _invalid(f"param {quoted(huge.name)} has {huge.size} elements: with top-k compression a tensor has "
+                       "at most 2^32 (its positions travel as uint32); split it into smaller tensors, or use "
+                       "fp16/bf16 compression without topk")
     if (spec.wire_dtype != "float32" or spec.topk_ratio) and any(p.table for p in spec.params):
         raise _invalid("compression is for dense tensors: a run with tables (ParamSpec.table) cannot use it yet")
     for rank, factor in spec.slowdown.items():

@@ -265,3 +265,15 @@ def test_the_store_records_what_each_update_changed_and_answers_deltas() -> None
     store.mark({}, flat, 4)
     assert store.delta(3, 2) is None  # every element changed: the whole model is smaller
     assert ParamStore(specs, 0).lineage != store.lineage  # another history (a restore builds a new store)
+
+
+def test_a_top_k_run_refuses_a_tensor_whose_positions_would_not_fit_uint32() -> None:
+    """Top-k positions travel as uint32 (TensorChunk.indices): a tensor of more than 2^32 elements
+    would wrap them. It is refused when the run is created, on its shape (nothing is allocated)."""
+    core = spec_from_proto(build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=2, iterations=10,
+                                                        compress="topk:0.01")))
+    too_big = ParamSpec("embedding", (1 << 16, (1 << 16) + 1))
+    with pytest.raises(InvalidArgument, match=r"'embedding' has 4295032832 elements.*at most 2\^32"):
+        validate_spec(dataclasses.replace(core, params=(*core.params, too_big)))
+    validate_spec(dataclasses.replace(core, params=(ParamSpec("edge", (1 << 16, 1 << 16)),)))  # 2^32: positions fit
+    validate_spec(dataclasses.replace(core, topk_ratio=0.0, params=(too_big,)))  # dense pushes have no positions
