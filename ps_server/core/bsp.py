@@ -6,12 +6,15 @@ The buffer holds and combines; the run asks it which clocks are complete and app
 returns. Combination is deterministic: the gradient of the lowest rank first, then each next one
 added, then (for the mean) one multiplication, element by element; a dense tensor's is computed
 block by block as the step reads it (``tensors.Sum``), never whole.
+A mean's elements whose float32 sum overflows (each gradient finite, the mean too) are summed
+again in float64 and scaled there; every other element keeps the float32 sum's bits, so a BSP
+run still equals the float32 reference to the bit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import cast
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, cast
 
 import numpy as np
 
@@ -86,12 +89,28 @@ class BspBuffer:
 
 def _table(got: list[Gradient], w: np.ndarray, scale: np.float32 | None) -> Gradient:
     """The ranks' gradients of a table (in rank order), summed (times ``scale``): rows when every
-    one is rows, else a whole array (a rank may send a table whole)."""
+    one is rows, else a whole array (a rank may send a table whole). A mean whose float32 sum
+    overflows is no divergence: those elements are summed again in float64 (``_beyond_float32``)."""
     if all(isinstance(g, Rows) for g in got):
-        rows = Rows.concat([g for g in got if isinstance(g, Rows)], w.shape).merge()
-        values = rows.values * scale if scale is not None else rows.values
-        return Rows(rows.ids, values, w.shape)
-    acc = np.zeros_like(w)
+        rows = Rows.concat([g for g in got if isinstance(g, Rows)], w.shape)
+        if scale is None:
+            merged = rows.merge()
+            return Rows(merged.ids, merged.values, w.shape)
+        with np.errstate(over="ignore"):
+            merged = rows.merge()
+            values = merged.values * scale
+        return Rows(merged.ids, _beyond_float32(values, lambda: rows.merge(np.float64).values, scale), w.shape)
+    if scale is None:
+        return _whole_sum(got, w, w.dtype)
+    with np.errstate(over="ignore"):
+        acc = _whole_sum(got, w, w.dtype)
+        np.multiply(acc, scale, out=acc)
+    return _beyond_float32(acc, lambda: _whole_sum(got, w, np.float64), scale)
+
+
+def _whole_sum(got: list[Gradient], w: np.ndarray, dtype: np.dtype[Any] | type[np.float64]) -> np.ndarray:
+    """The sum of a table's gradients (rows or whole) as a whole array of ``dtype``."""
+    acc = np.zeros(w.shape, dtype)
     for g in got:
         if isinstance(g, Rows):
             np.add.at(acc, g.ids, g.values)
@@ -99,6 +118,13 @@ def _table(got: list[Gradient], w: np.ndarray, scale: np.float32 | None) -> Grad
             flat = acc.reshape(-1)
             for lo, part in blocks(g, BLOCK):
                 np.add(flat[lo : lo + part.size], part, out=flat[lo : lo + part.size])
-    if scale is not None:
-        np.multiply(acc, scale, out=acc)
     return acc
+
+
+def _beyond_float32(values: np.ndarray, exact: Callable[[], np.ndarray], scale: np.float32) -> np.ndarray:
+    """``values`` (a float32 sum times ``scale``) with its non-finite elements, whose sum
+    overflowed, taken from ``exact()`` (the same sum in float64) times ``scale``."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        values[bad] = exact()[bad] * np.float64(scale)
+    return values

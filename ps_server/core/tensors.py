@@ -64,15 +64,16 @@ class Rows:
     def nbytes(self) -> int:
         return int(self.ids.nbytes + self.values.nbytes)
 
-    def merge(self) -> Rows:
-        """The same gradient with sorted, unique ids (self when they already are)."""
+    def merge(self, dtype: type[np.floating[Any]] = np.float32) -> Rows:
+        """The same gradient with sorted, unique ids (self when they already are); the rows of a
+        repeated id summed in ``dtype`` (float64: sums beyond float32's range stay finite)."""
         ids = self.ids
         if ids.size < 2 or bool(np.all(ids[1:] > ids[:-1])):
             return self
         order = np.argsort(ids, kind="stable")
         ids = ids[order]
         first = np.flatnonzero(np.concatenate(([True], ids[1:] != ids[:-1])))
-        values = np.add.reduceat(self.values[order], first, axis=0, dtype=np.float32)
+        values = np.add.reduceat(self.values[order], first, axis=0, dtype=dtype)
         return Rows(ids[first], values, self.shape)
 
     @staticmethod
@@ -101,23 +102,40 @@ class Sum:
         self.size = math.prod(shape)
 
     def blocks(self, block: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """Blocks of the elements [start, stop) (default: all)."""
+        """Blocks of the elements [start, stop) (default: all).
+
+        With a ``scale`` (a mean), a sum that overflows float32 is no divergence: the mean of
+        finite float32 values is finite. Such elements are summed again in float64 and scaled
+        there (``_beyond_float32``); every other element keeps the float32 sum's bits."""
         stop = self.size if stop is None else stop
         scratch = np.empty(max(0, min(block, stop - start)), np.float32)
         walks = [_Walk(t) for t in self.terms]
         for lo in range(start, stop, block):
             hi = min(lo + block, stop)
             out = scratch[: hi - lo]
-            for k, walk in enumerate(walks):
-                for a, v in walk.slices(lo, hi):
-                    part = out[a - lo : a - lo + v.size]
-                    if k:
-                        np.add(part, v, out=part)
-                    else:
-                        part[...] = v
-            if self.scale is not None:
+            if self.scale is None:
+                _add(walks, lo, hi, out)
+                yield lo, out
+                continue
+            try:
+                with np.errstate(over="raise"):
+                    _add(walks, lo, hi, out)
+            except FloatingPointError:
+                self._beyond_float32(walks, lo, hi, out)
+            else:
                 np.multiply(out, self.scale, out=out)
             yield lo, out
+
+    def _beyond_float32(self, walks: list[_Walk], lo: int, hi: int, out: np.ndarray) -> None:
+        """The scaled sum of the elements [lo, hi) into ``out``, where some overflowed float32."""
+        assert self.scale is not None
+        with np.errstate(over="ignore"):
+            _add(walks, lo, hi, out)
+            np.multiply(out, self.scale, out=out)
+        bad = np.flatnonzero(~np.isfinite(out))
+        exact = np.empty(hi - lo, np.float64)
+        _add(walks, lo, hi, exact)
+        out[bad] = exact[bad] * np.float64(self.scale)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = np.empty(self.shape, np.float32)
@@ -125,6 +143,17 @@ class Sum:
         for lo, v in self.blocks(BLOCK):
             flat[lo : lo + v.size] = v
         return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def _add(walks: list[_Walk], lo: int, hi: int, out: np.ndarray) -> None:
+    """The sum of the walked gradients' elements [lo, hi) into ``out``, in their order."""
+    for k, walk in enumerate(walks):
+        for a, v in walk.slices(lo, hi):
+            part = out[a - lo : a - lo + v.size]
+            if k:
+                np.add(part, v, out=part)
+            else:
+                part[...] = v
 
 
 class _Walk:

@@ -646,6 +646,58 @@ def test_a_bsp_combination_that_overflows_fails_the_run() -> None:
     assert run.state is RunState.FAILED and "diverged" in run.message
 
 
+def _mean_of(*values: float) -> np.float32:
+    """The mean as it should be: exact in float64, rounded once to float32."""
+    return np.float32(sum(np.float64(np.float32(v)) for v in values) * np.float64(np.float32(1 / len(values))))
+
+
+@pytest.mark.parametrize("size", [4, (1 << 19) + 5])  # one block; many blocks, on both cores, in pieces
+def test_a_bsp_mean_whose_sum_overflows_float32_is_still_the_mean(size: int) -> None:
+    """BSP's mean sums the ranks' gradients before it divides: 3e38 and 2e38 summed to Inf in
+    float32 and failed the run as diverged, though their mean, 2.5e38, is a float32. Elements whose
+    sum does not overflow keep the float32 sum's bits (a BSP run equals the reference to the bit)."""
+    params = (ParamSpec("w", (size,), Initializer.ZEROS), ParamSpec("b", (2,), Initializer.ZEROS))
+    s = RunSpec(name="m", num_workers=2, iterations=3, params=params, staleness=0,
+                optimizer=OptimizerConfig(learning_rate=1e-30), aggregation=Aggregation.MEAN, seed=1)
+    run, incs = started(s)
+    g = [np.full(size, 0.1, np.float32), np.full(size, 0.7, np.float32)]
+    g[0][[0, -1]], g[1][[0, -1]] = 3e38, 2e38  # the first and last elements overflow when summed
+    g[0][1], g[1][1] = -3e38, -3e38
+    for rank in (1, 0):
+        flat = g[rank]
+        w = Pieces((size,), [(0, flat[: size // 2]), (size // 2, flat[size // 2 :])]) if size > 4 else flat
+        run.push(rank, incs[rank], 0, {"w": w, "b": np.array([3e38, 1.0], np.float32)}, 0)
+    assert run.state is RunState.RUNNING, run.message
+    lr = np.float32(1e-30)
+    w = run.store.params["w"]
+    assert w[0] == w[-1] == -(lr * _mean_of(3e38, 2e38)) and w[1] == -(lr * _mean_of(-3e38, -3e38))
+    assert w[2] == -(lr * ((np.float32(0.1) + np.float32(0.7)) * np.float32(0.5)))  # the float32 sum's bits
+    assert run.store.params["b"].tolist() == [-(lr * _mean_of(3e38, 3e38)), -(lr * np.float32(1.0))]
+
+
+def test_a_bsp_mean_of_table_rows_whose_sum_overflows_float32_is_still_the_mean() -> None:
+    """The same for a table: rows from every rank (merged, then scaled), and a table one rank sends whole."""
+    params = (ParamSpec("emb", (4, 2), Initializer.ZEROS, table=True),)
+    s = RunSpec(name="m", num_workers=2, iterations=3, params=params, staleness=0,
+                optimizer=OptimizerConfig(learning_rate=1e-30), aggregation=Aggregation.MEAN, seed=1)
+    run, incs = started(s)
+    rows = [Rows(np.array([1, 2], np.int64), np.array([[3e38, 1.0], [2.0, 2.0]], np.float32), (4, 2)),
+            Rows(np.array([1], np.int64), np.array([[2e38, 3.0]], np.float32), (4, 2))]
+    for rank in (0, 1):
+        run.push(rank, incs[rank], 0, {"emb": rows[rank]}, 0)
+    assert run.state is RunState.RUNNING, run.message
+    lr = np.float32(1e-30)
+    emb = run.store.params["emb"].copy()
+    assert emb[1].tolist() == [-(lr * _mean_of(3e38, 2e38)), -(lr * ((np.float32(1) + np.float32(3)) * np.float32(0.5)))]
+    assert emb[2].tolist() == [-(lr * np.float32(1.0))] * 2 and not emb[[0, 3]].any()
+    whole = np.zeros((4, 2), np.float32)
+    whole[1] = 2e38
+    run.push(0, incs[0], 1, {"emb": whole}, 0)
+    run.push(1, incs[1], 1, {"emb": rows[0]}, 0)
+    assert run.state is RunState.RUNNING, run.message
+    assert run.store.params["emb"][1, 0] == emb[1, 0] - lr * _mean_of(2e38, 3e38)
+
+
 @pytest.mark.parametrize("kind", [OptimizerKind.ADAM, OptimizerKind.ADAGRAD])
 def test_an_optimizer_state_that_overflows_fails_the_run(kind: OptimizerKind) -> None:
     """A huge but finite gradient squared is Inf in the second moment / accumulator: the
