@@ -340,7 +340,8 @@ class PsClient:
             until_final=True, final=_pulled_final, decode=sink.push_response)
         first = responses[0]
         ack = pb.PushGradientResponse(clock=first.clock, duplicate=first.duplicate, min_clock=first.min_clock,
-                                      run_state=first.run_state, staleness=first.staleness)  # type: ignore[arg-type]
+                                      run_state=first.run_state, staleness=first.staleness,  # type: ignore[arg-type]
+                                      lr_scale=first.lr_scale)
         return ack, sink.result(responses[-1].pulled or wire.ParamsResponse())
 
     def _push_requests(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Grad],

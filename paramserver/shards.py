@@ -376,6 +376,11 @@ def _combined(acks: Sequence[pb.PushGradientResponse]) -> pb.PushGradientRespons
     bound = _bound([a.staleness if a.HasField("staleness") else None for a in acks])
     if bound is not None:
         out.staleness = bound
+    # Each server scales its share's rate by its own staleness: one factor for the whole push only
+    # when they all took the same (else it is left unset: the worker's copy is not theirs, it pulls).
+    scales = {a.lr_scale if a.HasField("lr_scale") else None for a in acks}
+    if len(scales) == 1 and (scale := scales.pop()) is not None:
+        out.lr_scale = scale
     return out
 
 

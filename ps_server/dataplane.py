@@ -112,8 +112,9 @@ class PushMemo:
             self.layout, self.run, self.nbytes = layout, push.run, push.nbytes
 
 
-_Ack = tuple[int, bool, int, int, int | None]
-"""A push's acknowledgement: ``wire.push_response_parts``'s clock, duplicate, min_clock, run_state, staleness."""
+_Ack = tuple[int, bool, int, int, int | None, float | None]
+"""A push's acknowledgement: ``wire.push_response_parts``'s clock, duplicate, min_clock, run_state,
+staleness, lr_scale."""
 
 
 class Later:
@@ -236,7 +237,7 @@ class DataPlane:
                     # when the next push on this stream replaces them: idle streams would hold them.
                     del push, raw
                     if then_pull is None:
-                        yield wire.push_response_parts(*ack[:4], staleness=ack[4])
+                        yield wire.push_response_parts(*ack[:4], staleness=ack[4], lr_scale=ack[5])
                         continue
                     read = await self._pull_keeping(then_pull, caller, keep)  # one round trip per iteration
                     for parts in self._answer(ack, read, caller):
@@ -274,7 +275,7 @@ class DataPlane:
             memo.learn(raw, push)
         del push, raw
         if then_pull is None:
-            return [wire.push_response_parts(*ack[:4], staleness=ack[4])]
+            return [wire.push_response_parts(*ack[:4], staleness=ack[4], lr_scale=ack[5])]
         try:
             read = self._pull_now(then_pull)
         except BaseException:
@@ -323,7 +324,7 @@ class DataPlane:
             raise
         keep = partial(push.run.keep_held, req.rank) if borrowed else _nothing
         return (result.clock, result.duplicate, result.min_clock, run_state_to_proto(result.run_state),
-                result.staleness), push.then_pull, keep
+                result.staleness, result.lr_scale), push.then_pull, keep
 
     def _answer(self, ack: _Ack, read: ParamsRead, caller: Caller) -> Iterator[list[wire.Part]]:
         """A push's responses that carry its then_pull's ``read`` (the bound as the read tells it).
@@ -332,13 +333,13 @@ class DataPlane:
         views of the run's parameters."""
         source = self._shared_source(read, caller)
         if source is not None:
-            yield wire.push_response_parts(*ack[:4], staleness=read.staleness)
+            yield wire.push_response_parts(*ack[:4], staleness=read.staleness, lr_scale=ack[5])
             for pulled in self._params_parts(read, caller):
                 yield Shared(wire.push_response_parts(pulled=pulled), source)
             return
         for i, pulled in enumerate(self._params_parts(read, caller)):
-            yield wire.push_response_parts(*ack[:4], pulled=pulled, staleness=read.staleness) if i == 0 else \
-                wire.push_response_parts(pulled=pulled)
+            yield wire.push_response_parts(*ack[:4], pulled=pulled, staleness=read.staleness, lr_scale=ack[5]) \
+                if i == 0 else wire.push_response_parts(pulled=pulled)
 
     @staticmethod
     def _shared_source(read: ParamsRead, caller: Caller) -> object | None:

@@ -56,6 +56,7 @@ class Loop(Protocol):
 
     async def call(self, op: Callable[[], Awaitable[T]], what: str) -> T: ...
     def cache_valid(self, guaranteed: int, clock: int) -> bool: ...
+    def own_factor(self, resp: pb.PushGradientResponse) -> float | None: ...
     def check_loss(self, loss: float, clock: int) -> None: ...
     async def advance(self, resp: pb.PushGradientResponse, c: int, loss: float, samples: int, t0: float,
                       t_compute: float, comm: float, parked: bool) -> None: ...
@@ -149,15 +150,7 @@ class TableStep:
         t.check_loss(loss, c)
         wire_grads = {n: RowsPart(g.ids, np.ascontiguousarray(g.values, np.float32), self.tables[n])
                       if isinstance(g, RowBlock) else g for n, g in grads.items()}
-        # Read-my-writes for the rows kept, as for the dense parameters: with plain SGD the worker
-        # applies its own step to them (the server's rule); other optimizers' steps only the server
-        # takes, so reused rows lack the worker's last s steps (measured: re-pulling them instead
-        # did not train better, bench/RESULTS.md "Tables").
         local_sgd = t.local_sgd_lr is not None and t.staleness > 0
-        if local_sgd:
-            for name, g in grads.items():
-                if isinstance(g, RowBlock):
-                    self.caches[name].apply_sgd(g.ids, g.values.astype(np.float32), np.float32(t.local_sgd_lr))
         t_push = time.perf_counter()
         ask = None
         if c + 1 < t.spec.iterations:
@@ -178,13 +171,33 @@ class TableStep:
         else:
             resp = await t.call(lambda: t.plane.push(t.a.run_id, t.a.rank, t.a.incarnation, c, wire_grads, loss,
                                                      param_version=self.version), f"push {c}")
-            if local_sgd:  # the dense parameters are reused too: read-my-writes
-                for name, g in grads.items():
-                    if not isinstance(g, RowBlock):
-                        params[name] -= np.float32(t.local_sgd_lr) * g
+        if local_sgd:
+            self._own_step(params, grads, resp, dense=ask is None)
         comm += time.perf_counter() - t_push
         await t.advance(resp, c, loss, len(y), t0, t_compute, comm, parked)
         return guaranteed
+
+    def _own_step(self, params: dict[str, Any], grads: dict[str, Any], resp: pb.PushGradientResponse,
+                  dense: bool) -> None:
+        """Read-my-writes for the rows kept, as for the dense parameters (``dense``: those too,
+        when the push brought none): with plain SGD the worker applies its own step to them, at
+        the rate the server applied it with (``own_factor``); rows just pulled replace the cached
+        ones, with the server's step. Other optimizers' steps only the server takes, so reused rows
+        lack the worker's last s steps (measured: re-pulling them instead did not train better,
+        bench/RESULTS.md "Tables"). When the answer does not say the rate, nothing kept is the
+        server's: the next iteration pulls all it needs."""
+        t = self.t
+        assert t.local_sgd_lr is not None
+        factor = t.own_factor(resp)
+        if factor is None:
+            self.reset()
+            return
+        lr = np.float32(t.local_sgd_lr * factor)
+        for name, g in grads.items():
+            if isinstance(g, RowBlock):
+                self.caches[name].apply_sgd(g.ids, g.values.astype(np.float32), lr)
+            elif dense:
+                params[name] -= lr * g
 
     async def evaluate(self, clock: int, final: bool) -> EvalResult:
         """Log-loss, accuracy and AUC on the test split, with the rows it needs: at the end,

@@ -320,7 +320,11 @@ class _Trainer:
         else:
             resp, pulled = await self.call(push, f"push {c}")
             if pulled is None and self.local_sgd_lr is not None and self.staleness > 0:
-                self._apply_own(params, grads)
+                factor = self.own_factor(resp)
+                if factor is None:
+                    self._drop_copy(params)
+                else:
+                    self._apply_own(params, grads, factor)
             comm += time.perf_counter() - t_push
         if pulled is not None:
             # The next iteration must pull: it was asked for with this push (then_pull), one round trip.
@@ -391,11 +395,26 @@ class _Trainer:
                                               max_wait=wait, since=since, param_version=version)
         return op
 
-    def _apply_own(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
-        """Read-my-writes on a copy the server will not send again: plain SGD's step, as the server takes it."""
+    def own_factor(self, resp: pb.PushGradientResponse) -> float | None:
+        """The factor of the rate the server applied this rank's push with (a staleness-aware
+        rate divides it by the push's staleness: ``PushGradientResponse.lr_scale``), for its own
+        step on the copy it keeps; None when the answer does not say it (the copy must be pulled)."""
+        if not self.spec.staleness_aware_lr:
+            return 1.0
+        return resp.lr_scale if resp.HasField("lr_scale") else None
+
+    def _drop_copy(self, params: dict[str, np.ndarray]) -> None:
+        """The parameters held are not the server's (their own step's rate is unknown): the next
+        iteration pulls them, whole (a delta needs the copy it is a delta of)."""
+        params.clear()
+        self._since = None
+
+    def _apply_own(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], factor: float = 1.0) -> None:
+        """Read-my-writes on a copy the server will not send again: plain SGD's step, as the server
+        takes it (the rate times ``factor``: ``own_factor``)."""
         assert self.local_sgd_lr is not None
         _own(params)
-        lr = np.float32(self.local_sgd_lr)
+        lr = np.float32(self.local_sgd_lr * factor)
         if self.codec is not None:  # what the push carried, not the gradient
             self.codec.step_locally(params, lr)
             return
@@ -427,6 +446,12 @@ class _Trainer:
             raise
         if resp.HasField("staleness"):
             self._learn(resp.staleness)
+        factor = self.own_factor(resp) if self.local_sgd_lr is not None and pulled is None else 1.0
+        if factor is None:  # (nor was the copy ``ahead`` was computed on)
+            self._drop_copy(params)
+            return resp, pulled, time.perf_counter() - t_wait
+        if factor != 1.0:  # the server took a part of the rate: the rest is given back (to float32 rounding)
+            self._apply_own(params, grads, factor - 1.0)
         if resp.clock == c + 1 and (self.staleness < 0 or self.cache_valid(guaranteed, c + 1)):
             self._ahead = ahead, version  # (a rewind raised above and leaves nothing ahead)
         return resp, pulled, time.perf_counter() - t_wait

@@ -40,6 +40,9 @@ class Slot:
     told: int | None = None
     """The loosest staleness bound this rank's answers told it since its last push was applied (its
     next push was computed under one of them: ``Run._tell``)."""
+    lr_scale: float | None = None
+    """The learning-rate factor of this rank's last applied push (``RunSpec.staleness_aware_lr``):
+    a retry of it is told the same."""
 
     @property
     def live(self) -> bool:

@@ -159,7 +159,8 @@ class Run:
             slot = self.clock.holder(rank, incarnation)
             if clock < slot.clock:
                 self.counters.pushes_duplicate += 1
-                return PushResult(slot.clock, True, self.min_clock, self.state, self._tell(slot, pushed=False))
+                return PushResult(slot.clock, True, self.min_clock, self.state, self._tell(slot, pushed=False),
+                                  slot.lr_scale if clock == slot.clock - 1 else None)
             if self.state is not RunState.RUNNING:
                 raise FailedPrecondition(f"run {self.run_id} is {self.state.value}: pushes are accepted only "
                                          "while it is running", Reason.RUN_NOT_RUNNING, run_state=self.state.value)
@@ -173,8 +174,11 @@ class Run:
         self.history.record("push", rank, clock, self.min_clock)
         if self.spec.staleness == 0:
             self.bsp.hold(clock, rank, grads, borrowed)
+            slot.lr_scale = None
         else:
-            self._step(grads, flat, self._lr_scale(param_version))
+            scale = self._lr_scale(param_version)
+            self._step(grads, flat, scale)
+            slot.lr_scale = scale if self.spec.staleness_aware_lr else None
         self.clock.advance(slot, clock)
         self.counters.pushes_applied += 1
         self.counters.bytes_pushed += nbytes
@@ -183,7 +187,7 @@ class Run:
         if slot.clock == self.spec.iterations:
             self.history.event("finished", rank, f"rank {rank} completed its {self.spec.iterations} iterations")
         self._after_clock_change(clocks_only=True)
-        return PushResult(slot.clock, False, self.min_clock, self.state, self._tell(slot, pushed=True))
+        return PushResult(slot.clock, False, self.min_clock, self.state, self._tell(slot, pushed=True), slot.lr_scale)
 
     def keep_held(self, rank: int) -> None:
         """Copy what the rank's held gradients still borrow (``push``'s ``borrowed``)."""

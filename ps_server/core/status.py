@@ -152,6 +152,9 @@ class PushResult:
     run_state: RunState
     staleness: int | None = None
     """The run's bound now (it may change while the run runs: ``Run.set_staleness``)."""
+    lr_scale: float | None = None
+    """The factor the push's learning rate was multiplied by (``RunSpec.staleness_aware_lr``; a
+    duplicate's: the rank's last push's), for the worker's own step; None: no such run, or unknown."""
 
 
 @dataclass(frozen=True)

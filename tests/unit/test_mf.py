@@ -277,3 +277,30 @@ async def test_table_pushes_say_which_version_their_gradient_was_computed_on(sta
     c = run.counters
     assert c.pushes_applied == c.lr_scaled == 90
     assert c.lr_scale_sum < c.lr_scaled  # three ranks: some pushes missed others' updates
+
+
+async def test_rows_kept_take_their_own_step_at_the_rate_the_server_applied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read-my-writes on cached rows with --staleness-aware-lr: one worker alone, s = 4, reusing
+    rows, its pushes scaled by 1, 1, 1/2, ... (its own pushes since its pull count). The rows it
+    computes on are the server's, to the bit (its own step on them took the whole rate)."""
+    servers: list[InMemoryServer] = []
+    compared: list[int] = []
+    loss_and_grad = MatrixFactorization.loss_and_grad
+
+    def checked(self: MatrixFactorization, params: dict[str, RowBlock], X: np.ndarray, y: np.ndarray) -> object:
+        (run,) = servers[0].registry._runs.values()
+        for name, block in params.items():
+            np.testing.assert_array_equal(block.values, run.store.params[name][block.ids], err_msg=name)
+        compared.append(len(compared))
+        return loss_and_grad(self, params, X, y)
+
+    monkeypatch.setattr(MatrixFactorization, "loss_and_grad", checked)
+    tiny = "synthetic-ratings:users=4,items=4,rank=2,density=1,noise=0.1"  # (every row soon cached: no pull)
+    spec = build_run_spec(LaunchOptions(model="mf:2", dataset=tiny, workers=1, staleness=4, iterations=20,
+                                        batch_size=8, lr=0.5, staleness_aware_lr=True))
+    async with InMemoryServer() as server:
+        servers.append(server)
+        run_id, outcomes = await train_all(server, spec, WorkerConfig(timeout_seconds=5.0, report_seconds=0.05))
+        c = server.registry.get(run_id).counters
+    assert all(o.completed for o in outcomes), outcomes
+    assert c.lr_scale_sum < c.lr_scaled and len(compared) == 20  # rows were reused: some factors were < 1

@@ -315,6 +315,62 @@ async def test_a_retried_borrowing_push_says_it_computed_on_the_parameters_pulle
     assert said == pulled
 
 
+@pytest.mark.parametrize(("overlap", "compress", "said"), [(False, "none", True), (True, "none", True),
+                                                           (False, "topk:0.3", True), (False, "topk:0.3", False),
+                                                           (True, "topk:0.3", False)])
+async def test_read_my_writes_steps_at_the_rate_the_server_applied(monkeypatch: pytest.MonkeyPatch, overlap: bool,
+                                                                   compress: str, said: bool) -> None:
+    """With a staleness-aware rate the server divides a push's rate by its staleness, which counts
+    this rank's own pushes since its pull: one worker alone, s = 4, reusing its copy, sees factors
+    1, 1, 1/2, 1/3, ... Its own step on that copy takes the same factor (it took the whole rate),
+    so the copy it computes on is the server's parameters, to the bit (with --overlap, which
+    steps at the whole rate while the push is in flight and gives the rest back once its answer
+    says the factor, to float32 rounding). An answer that does not say it (``said``: a server
+    that lost it, shards that disagree) leaves no copy: the next iteration pulls, whole (a delta
+    needs the copy it is a delta of)."""
+    compared: list[int] = []
+    servers: list[InMemoryServer] = []
+
+    def check(params: dict[str, np.ndarray], c: int) -> None:
+        (run,) = servers[0].registry._runs.values()
+        for name, value in params.items():
+            np.testing.assert_allclose(value, run.store.params[name], rtol=1e-5 if overlap else 0,
+                                       atol=1e-7 if overlap else 0, err_msg=f"{name} at clock {c}")
+        compared.append(c)
+
+    gradient = trainer_module._Trainer.gradient
+
+    def checked(self: trainer_module._Trainer, params: dict[str, np.ndarray], c: int,
+                out: dict[str, np.ndarray] | None = None) -> object:
+        if not self.config.overlap:  # (with --overlap it computes while its push is in flight)
+            check(params, c)
+        return gradient(self, params, c, out)
+
+    overlapped = trainer_module._Trainer._overlapped
+
+    async def checked_after(self: trainer_module._Trainer, push: Any, params: dict[str, np.ndarray],
+                            grads: dict[str, np.ndarray], c: int, guaranteed: int) -> Any:
+        answer = await overlapped(self, push, params, grads, c, guaranteed)
+        check(params, c + 1)  # once the push's answer came: the copy its next iteration keeps
+        return answer
+
+    monkeypatch.setattr(trainer_module._Trainer, "gradient", checked)
+    monkeypatch.setattr(trainer_module._Trainer, "_overlapped", checked_after)
+    if not said:
+        monkeypatch.setattr(trainer_module._Trainer, "own_factor", lambda self, resp: None)
+    async with InMemoryServer() as server:
+        servers.append(server)
+        spec = _spec(4, workers=1, iterations=16, staleness_aware_lr=True, compress=compress)
+        run_id, outcomes = await _train_all(server, spec, dataclasses.replace(CONFIG, overlap=overlap))
+        assert all(o.completed for o in outcomes), outcomes
+        c = server.registry.get(run_id).status().counters
+    if said:
+        assert c.pulls_skipped > 0 and c.lr_scale_sum < c.lr_scaled  # it reused its copy, and some factors were < 1
+    else:
+        assert c.pulls_skipped == 0 and c.pulls_served == 17  # every iteration pulled, and the final parameters
+    assert len(compared) >= 10
+
+
 async def test_a_borrowing_push_pull_asks_for_the_whole_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """``push_pull(borrow=True)`` leaves ``since`` out of its then_pull: a delta answer would need
     arrays of the worker's own to write into, and borrowed ones are read only."""

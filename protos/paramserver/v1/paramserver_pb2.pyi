@@ -546,20 +546,22 @@ class PushGradientRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., final: _Optional[bool] = ..., loss: _Optional[float] = ..., then_pull: _Optional[_Union[PullParamsRequest, _Mapping]] = ..., param_version: _Optional[int] = ...) -> None: ...
 
 class PushGradientResponse(_message.Message):
-    __slots__ = ("clock", "duplicate", "min_clock", "run_state", "pulled", "staleness")
+    __slots__ = ("clock", "duplicate", "min_clock", "run_state", "pulled", "staleness", "lr_scale")
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     MIN_CLOCK_FIELD_NUMBER: _ClassVar[int]
     RUN_STATE_FIELD_NUMBER: _ClassVar[int]
     PULLED_FIELD_NUMBER: _ClassVar[int]
     STALENESS_FIELD_NUMBER: _ClassVar[int]
+    LR_SCALE_FIELD_NUMBER: _ClassVar[int]
     clock: int
     duplicate: bool
     min_clock: int
     run_state: RunState
     pulled: PullParamsResponse
     staleness: int
-    def __init__(self, clock: _Optional[int] = ..., duplicate: _Optional[bool] = ..., min_clock: _Optional[int] = ..., run_state: _Optional[_Union[RunState, str]] = ..., pulled: _Optional[_Union[PullParamsResponse, _Mapping]] = ..., staleness: _Optional[int] = ...) -> None: ...
+    lr_scale: float
+    def __init__(self, clock: _Optional[int] = ..., duplicate: _Optional[bool] = ..., min_clock: _Optional[int] = ..., run_state: _Optional[_Union[RunState, str]] = ..., pulled: _Optional[_Union[PullParamsResponse, _Mapping]] = ..., staleness: _Optional[int] = ..., lr_scale: _Optional[float] = ...) -> None: ...
 
 class PullParamsRequest(_message.Message):
     __slots__ = ("run_id", "rank", "incarnation", "clock", "names", "max_wait", "rows", "since_version", "since_lineage")

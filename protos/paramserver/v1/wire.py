@@ -220,6 +220,7 @@ class PushResponse:
     pulled: ParamsResponse | None = None
     """None when the response has no ``pulled`` field."""
     staleness: int | None = None
+    lr_scale: float | None = None
 
 
 HAND_CODED: dict[type[Message], tuple[type, frozenset[str]]] = {
@@ -622,7 +623,8 @@ def _params_response(guaranteed_clock: int, version: int, group: Group | Encoded
 
 
 def push_response_parts(clock: int = 0, duplicate: bool = False, min_clock: int = 0, run_state: int = 0,
-                        pulled: ParamsParts | None = None, staleness: int | None = None) -> list[Part]:
+                        pulled: ParamsParts | None = None, staleness: int | None = None,
+                        lr_scale: float | None = None) -> list[Part]:
     """A ``PushGradientResponse`` as parts to write in order; ``pulled`` = the arguments of
     ``params_response_parts``."""
     head = bytearray()
@@ -635,6 +637,8 @@ def push_response_parts(clock: int = 0, duplicate: bool = False, min_clock: int 
     if run_state:
         head += _ACK["run_state"] + varint(run_state)
     tail = _ACK["staleness"] + varint(staleness & _U64) if staleness is not None else b""
+    if lr_scale is not None:  # (proto3 optional: written even when 0)
+        tail += _ACK["lr_scale"] + _DOUBLE.pack(lr_scale)
     if pulled is None:
         return [bytes(head + tail)]
     parts, n = _params_response(*pulled)
@@ -943,4 +947,5 @@ def decode_push_response(buf: bytes | memoryview) -> PushResponse:
     m = pb.PushGradientResponse.FromString(_as_bytes(buf))
     return PushResponse(m.clock, m.duplicate, m.min_clock, m.run_state,
                         _params_from_pb(m.pulled) if m.HasField("pulled") else None,
-                        m.staleness if m.HasField("staleness") else None)
+                        m.staleness if m.HasField("staleness") else None,
+                        m.lr_scale if m.HasField("lr_scale") else None)
