@@ -285,3 +285,40 @@ def test_an_overflow_in_the_helper_threads_half_is_caught(monkeypatch: pytest.Mo
     params["big"][-1] = -3e38  # ...but w - lr * g does (float32 max ~3.4e38)
     opt = make_optimizer(OptimizerConfig(OptimizerKind.SGD, learning_rate=1.0), SPECS)
     assert opt.step(params, grads, both_cores=True) == "parameter 'big'"
+
+
+# Two steps of one weight (w0 = 1, gradients 2 then -1; FTRL: w0 = 0, gradients 2 then 0.1), worked
+# out by hand from the textbook forms, not from the module's docstring: SGD; heavy-ball momentum
+# as PyTorch's (v = mu v + g, w -= lr v; Nesterov: w -= lr (g + mu v)); Adam, Kingma & Ba's
+# Algorithm 1; Adagrad, Duchi et al. with TF's epsilon; FTRL-proximal, McMahan et al. 2013, Alg. 1.
+HAND: dict[str, tuple[OptimizerConfig, float, tuple[float, float], tuple[float, float]]] = {
+    # 1 - 0.1*2 = 0.8; 0.8 - 0.1*(-1) = 0.9
+    "sgd": (OptimizerConfig(OptimizerKind.SGD, learning_rate=0.1), 1.0, (2.0, -1.0), (0.8, 0.9)),
+    # v = 2, w = 1 - 0.2 = 0.8; v = 0.9*2 - 1 = 0.8, w = 0.8 - 0.08 = 0.72
+    "momentum": (OptimizerConfig(OptimizerKind.MOMENTUM, learning_rate=0.1, momentum=0.9), 1.0, (2.0, -1.0),
+                 (0.8, 0.72)),
+    # v = 2, w = 1 - 0.1*(2 + 1.8) = 0.62; v = 0.8, w = 0.62 - 0.1*(-1 + 0.72) = 0.648
+    "nesterov": (OptimizerConfig(OptimizerKind.MOMENTUM, learning_rate=0.1, momentum=0.9, nesterov=True), 1.0,
+                 (2.0, -1.0), (0.62, 0.648)),
+    # m = 0.2, v = 0.004: m^ = 2, v^ = 4, w = 1 - 0.1*2/2 = 0.9; m = 0.08, v = 0.004996:
+    # m^ = 0.08/0.19, v^ = 0.004996/0.001999, w = 0.9 - 0.1*0.421053/1.580909 = 0.873367
+    "adam": (OptimizerConfig(OptimizerKind.ADAM, learning_rate=0.1, beta1=0.9, beta2=0.999, epsilon=1e-8), 1.0,
+             (2.0, -1.0), (0.9, 0.9 - 0.1 * (0.08 / 0.19) / (0.004996 / 0.001999) ** 0.5)),
+    # G = 0.1 + 4, w = 1 - 0.2/sqrt(4.1) = 0.901227; G = 5.1, w = 0.901227 + 0.1/sqrt(5.1) = 0.945508
+    "adagrad": (OptimizerConfig(OptimizerKind.ADAGRAD, learning_rate=0.1, epsilon=1e-7, initial_accumulator=0.1),
+                1.0, (2.0, -1.0), (1 - 0.2 / 4.1**0.5, 1 - 0.2 / 4.1**0.5 + 0.1 / 5.1**0.5)),
+    # sigma = 2/0.1 = 20, z = 2, n = 4, w = -(2 - 0.5)/((1 + 2)/0.1) = -0.05; sigma = (sqrt(4.01) - 2)/0.1,
+    # z = 2.1 + 0.05 sigma, n = 4.01, w = -(z - 0.5)/((1 + sqrt(4.01))/0.1)
+    "ftrl": (OptimizerConfig(OptimizerKind.FTRL, learning_rate=0.1, l1=0.5, l2=0.0, ftrl_beta=1.0), 0.0, (2.0, 0.1),
+             (-0.05, -(2.1 + 0.05 * (4.01**0.5 - 2) / 0.1 - 0.5) / ((1 + 4.01**0.5) / 0.1))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HAND))
+def test_two_steps_of_one_weight_are_the_textbook_values(name: str) -> None:
+    config, w0, grads, want = HAND[name]
+    w = {"w": np.array([w0], np.float32)}
+    opt = make_optimizer(config, (ParamSpec("w", (1,)),))
+    for g, expected in zip(grads, want, strict=True):
+        assert opt.step(w, {"w": np.array([g], np.float32)}) is None
+        assert w["w"][0] == pytest.approx(expected, rel=2e-6, abs=1e-7), (name, g)
