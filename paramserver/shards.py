@@ -112,9 +112,12 @@ class Shards:
 
     def _version(self, i: int, param_version: int | None) -> int | None:
         """What shard ``i`` is told a gradient was computed on (``param_version``, as the last pull
-        returned it: that shard's own version of that pull, which a staleness-aware rate scales by)."""
+        returned it, plus the worker's own steps since: that shard's own version of that pull, plus
+        the same steps, which a staleness-aware rate scales by)."""
         combined, each = self._versions
-        return each.get(i, param_version) if param_version is not None and param_version == combined else param_version
+        if param_version is None or param_version < combined or i not in each:
+            return param_version
+        return each[i] + param_version - combined
 
     def _pulled_versions(self, answers: Mapping[int, PullResult], result: PullResult) -> None:
         self._versions = (result.version, {i: r.version for i, r in answers.items()})

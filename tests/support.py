@@ -11,7 +11,7 @@ from typing import Any
 from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.config import ServerConfig
 
-__all__ = ["Stubs", "make_spec", "train_all", "until", "with_config"]
+__all__ = ["Stubs", "make_spec", "train_all", "train_with_a_zero_pusher", "until", "with_config"]
 
 
 def make_spec(
@@ -78,3 +78,35 @@ async def train_all(server: Any, spec: pb.RunSpec, config: Any) -> tuple[str, li
         for c in clients:
             await c.close()
     return run.run_id, list(outcomes)
+
+
+async def train_with_a_zero_pusher(server: Any, spec: pb.RunSpec, config: Any) -> tuple[str, Any]:
+    """A run of two ranks: rank 0 a worker (``train``), rank 1 pushing zero gradients at every
+    clock (empty ones for tables). Rank 1's pushes count as updates (rank 0's own pushes are then
+    stale, and a staleness-aware rate scales them) but change nothing: the server's parameters
+    hold rank 0's steps alone."""
+    import numpy as np
+
+    from worker.main import CAPABILITIES
+    from worker.trainer import train
+
+    async with server.client() as admin:
+        run = await admin.create_run(spec)
+    c0, c1 = server.client(), server.client()
+    try:
+        j0 = await c0.join("w0", run.run_id, max_wait=0, capabilities=CAPABILITIES)
+        j1 = (await c1.join("w1", run.run_id, max_wait=0, capabilities=CAPABILITIES)).assignment
+        dense = [p.name for p in spec.params if not p.table]
+
+        async def zeros() -> None:
+            held = (await c1.pull(run.run_id, j1.rank, j1.incarnation, 0, names=dense)).tensors if dense else {}
+            zero = {n: np.zeros_like(v) for n, v in held.items()}
+            for c in range(spec.iterations):  # (its then_pull waits for the bound: no push of it is refused)
+                await c1.push_pull(run.run_id, j1.rank, j1.incarnation, c, zero, into={}, names=dense)
+            await c1.leave(run.run_id, j1.rank, j1.incarnation, pb.LEAVE_REASON_DONE)
+
+        outcome, _ = await asyncio.gather(train(c0, j0.assignment, config), zeros())
+    finally:
+        await c0.close()
+        await c1.close()
+    return run.run_id, outcome

@@ -74,7 +74,10 @@ class TableStep:
         self.prefetched: tuple[int, int, dict[str, tuple[np.ndarray, np.ndarray]]] | None = None
         self.version: int | None = None
         """The server's version of the parameters its last pull read: what the next gradients are
-        computed on (``PushGradientRequest.param_version``, as the dense loop's)."""
+        computed on (``PushGradientRequest.param_version``, as the dense loop's), with ``own``."""
+        self.own = 0
+        """This rank's own steps applied to what it keeps since that pull (read-my-writes): in
+        what it computes on, so no staleness (``computed_on``)."""
         self.X_test: SparseBatch = t.model.prepare(t.data.X_test)
         self._next: tuple[int, tuple[Any, Any, dict[str, np.ndarray]]] | None = None
 
@@ -85,6 +88,12 @@ class TableStep:
         self.dense_clock = -1
         self.prefetched = None
         self.version = None
+        self.own = 0
+
+    def computed_on(self) -> int | None:
+        """``PushGradientRequest.param_version`` of a gradient computed now: the version pulled
+        plus this rank's own steps applied since (as the dense loop's ``_computed_on``)."""
+        return None if self.version is None else self.version + self.own
 
     def _batch(self, clock: int) -> tuple[Any, Any, dict[str, np.ndarray]]:
         """The batch of ``clock`` and the rows it needs (made once: the push before asks for them)."""
@@ -131,7 +140,7 @@ class TableStep:
                 t.stats.pulls += 1
                 t.run_state = res.run_state
                 guaranteed, pulled = res.guaranteed_clock, res.rows
-                self.dense_clock, self.version = guaranteed, res.version
+                self.dense_clock, self.version, self.own = guaranteed, res.version, 0
                 comm = time.perf_counter() - t0
                 parked = s >= 0 and t.min_clock < c - s  # the min clock the last answer said
             else:
@@ -162,15 +171,15 @@ class TableStep:
             resp, res = await t.call(
                 lambda: t.plane.push_pull(t.a.run_id, t.a.rank, t.a.incarnation, c, wire_grads, loss, into=params,
                                           names=self.dense, rows=ask, max_wait=t.config.timeout_seconds * 4,
-                                          param_version=self.version),
+                                          param_version=self.computed_on()),
                 f"push {c}")
             t.stats.pulls += 1
-            self.dense_clock, self.version = res.guaranteed_clock, res.version
+            self.dense_clock, self.version, self.own = res.guaranteed_clock, res.version, 0
             self.prefetched = (c + 1, res.guaranteed_clock, res.rows)
             parked = parked or (s >= 0 and resp.min_clock < c + 1 - s)  # the min clock right after the push
         else:
             resp = await t.call(lambda: t.plane.push(t.a.run_id, t.a.rank, t.a.incarnation, c, wire_grads, loss,
-                                                     param_version=self.version), f"push {c}")
+                                                     param_version=self.computed_on()), f"push {c}")
         if local_sgd:
             self._own_step(params, grads, resp, dense=ask is None)
         comm += time.perf_counter() - t_push
@@ -198,6 +207,7 @@ class TableStep:
                 self.caches[name].apply_sgd(g.ids, g.values.astype(np.float32), lr)
             elif dense:
                 params[name] -= lr * g
+        self.own += dense  # (a push that brought a pull: its version has this step already)
 
     async def evaluate(self, clock: int, final: bool) -> EvalResult:
         """Log-loss, accuracy and AUC on the test split, with the rows it needs: at the end,

@@ -165,6 +165,8 @@ class _Trainer:
         self._since: tuple[int, int] | None = None
         """(lineage, version) of the parameters held, for delta pulls (one server only)."""
         self._version: int | None = None
+        self._own = 0
+        """This rank's own steps applied to the parameters held since they were pulled (``_computed_on``)."""
         """The server's version of the parameters held (None before the first pull)."""
 
     def setup(self) -> None:
@@ -227,7 +229,13 @@ class _Trainer:
         """The parameters held are now version ``res.version`` of the server's lineage (delta pulls,
         and what the next gradients were computed on: ``PushGradientRequest.param_version``)."""
         self._since = (res.lineage, res.version) if res.lineage else None
-        self._version = res.version
+        self._version, self._own = res.version, 0
+
+    def _computed_on(self) -> int | None:
+        """What a gradient computed on the parameters held says it was computed on
+        (``PushGradientRequest.param_version``): the version pulled, plus this rank's own steps
+        applied to them since (read-my-writes: its own updates are in them, no staleness)."""
+        return None if self._version is None else self._version + self._own
 
     async def pull(self, clock: int, params: dict[str, np.ndarray]) -> int:
         res = await self.call(
@@ -306,7 +314,7 @@ class _Trainer:
             self._ahead = None
         else:
             out = self._push_buffers(params, c) if pull_next else None
-            (loss, grads, samples, t_compute), version = self.gradient(params, c, out), self._version
+            (loss, grads, samples, t_compute), version = self.gradient(params, c, out), self._computed_on()
         self.check_loss(loss, c)
         borrow = out is not None and s <= 0  # (a large model in shared memory that every push pulls: read in place)
         in_place = borrow and not any(p.flags.writeable for p in params.values())  # (computed on and into shared memory)
@@ -325,6 +333,7 @@ class _Trainer:
                     self._drop_copy(params)
                 else:
                     self._apply_own(params, grads, factor)
+                    self._own += 1
             comm += time.perf_counter() - t_push
         if pulled is not None:
             # The next iteration must pull: it was asked for with this push (then_pull), one round trip.
@@ -408,6 +417,7 @@ class _Trainer:
         iteration pulls them, whole (a delta needs the copy it is a delta of)."""
         params.clear()
         self._since = None
+        self._own = 0
 
     def _apply_own(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], factor: float = 1.0) -> None:
         """Read-my-writes on a copy the server will not send again: plain SGD's step, as the server
@@ -438,7 +448,8 @@ class _Trainer:
             await asyncio.sleep(0)  # the push's bytes go out (its task runs to its first wait)
             if self.local_sgd_lr is not None:
                 self._apply_own(params, grads)  # c + 1 sees this rank's own step of c
-            ahead, version = self.gradient(params, c + 1), self._version  # (before the answer updates it)
+                self._own += 1
+            ahead, version = self.gradient(params, c + 1), self._computed_on()  # (before the answer updates it)
             t_wait = time.perf_counter()
             resp, pulled = await task
         except BaseException:

@@ -918,7 +918,8 @@ async def test_each_shard_is_told_its_own_version_of_the_parameters_a_push_was_c
         server_config: ServerConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     """Shards count their versions apart (a push one of them has and another not yet): a pull
     returns the least, and the push computed on it tells each shard its own version of that pull,
-    which a staleness-aware learning rate scales by (each was told the least)."""
+    which a staleness-aware learning rate scales by (each was told the least); a push computed on
+    it plus the worker's own steps since tells each its own version plus those steps."""
     async with cluster(server_config, 2, split_bytes=1024) as servers:
         async with PsClient(servers[0].address, timeout=10) as c:
             run = await c.create_run(make_spec(shapes={"w": (40, 30)}, num_workers=2, staleness=5, iterations=20))
@@ -938,7 +939,11 @@ async def test_each_shard_is_told_its_own_version_of_the_parameters_a_push_was_c
 
                 monkeypatch.setattr(PsClient, "push", spy)
                 await plane.push(run.run_id, a.rank, a.incarnation, 0, g, param_version=pulled.version)
+                first = sorted(told)
+                told.clear()  # computed on that pull plus its own step of clock 0 (read-my-writes): one more each
+                await plane.push(run.run_id, a.rank, a.incarnation, 1, g, param_version=pulled.version + 1)
             finally:
                 await plane.close()
             assert pulled.version == 0
-            assert sorted(told) == sorted([(servers[0].address, 1), (servers[1].address, 0)])
+            assert first == sorted([(servers[0].address, 1), (servers[1].address, 0)])
+            assert sorted(told) == sorted([(servers[0].address, 2), (servers[1].address, 1)])

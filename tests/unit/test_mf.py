@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from support import train_all
+from support import train_all, train_with_a_zero_pusher
 
 from client.spec import LaunchOptions, build_run_spec
 from ps_server.core.run import Run
@@ -22,6 +22,8 @@ from worker.trainer import Outcome
 pytestmark = pytest.mark.timeout(120)
 
 SMALL = "synthetic-ratings:users=60,items=50,rank=2,density=0.5,noise=0.1"
+TINY = "synthetic-ratings:users=4,items=4,rank=2,density=1,noise=0.1"
+"""Every row soon cached: pushes without pulls."""
 
 
 async def train_run(spec: object, config: WorkerConfig) -> tuple[list[Outcome], Run]:
@@ -280,9 +282,9 @@ async def test_table_pushes_say_which_version_their_gradient_was_computed_on(sta
 
 
 async def test_rows_kept_take_their_own_step_at_the_rate_the_server_applied(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Read-my-writes on cached rows with --staleness-aware-lr: one worker alone, s = 4, reusing
-    rows, its pushes scaled by 1, 1, 1/2, ... (its own pushes since its pull count). The rows it
-    computes on are the server's, to the bit (its own step on them took the whole rate)."""
+    """Read-my-writes on cached rows with --staleness-aware-lr: rank 0, s = 4, reusing rows while
+    rank 1 pushes (nothing), its pushes scaled below 1. The rows it computes on are the server's,
+    to the bit (its own step on them took the whole rate)."""
     servers: list[InMemoryServer] = []
     compared: list[int] = []
     loss_and_grad = MatrixFactorization.loss_and_grad
@@ -295,12 +297,22 @@ async def test_rows_kept_take_their_own_step_at_the_rate_the_server_applied(monk
         return loss_and_grad(self, params, X, y)
 
     monkeypatch.setattr(MatrixFactorization, "loss_and_grad", checked)
-    tiny = "synthetic-ratings:users=4,items=4,rank=2,density=1,noise=0.1"  # (every row soon cached: no pull)
-    spec = build_run_spec(LaunchOptions(model="mf:2", dataset=tiny, workers=1, staleness=4, iterations=20,
+    spec = build_run_spec(LaunchOptions(model="mf:2", dataset=TINY, workers=2, staleness=4, iterations=20,
                                         batch_size=8, lr=0.5, staleness_aware_lr=True))
     async with InMemoryServer() as server:
         servers.append(server)
-        run_id, outcomes = await train_all(server, spec, WorkerConfig(timeout_seconds=5.0, report_seconds=0.05))
+        run_id, outcome = await train_with_a_zero_pusher(server, spec, WorkerConfig(timeout_seconds=5.0,
+                                                                                    report_seconds=0.05))
         c = server.registry.get(run_id).counters
-    assert all(o.completed for o in outcomes), outcomes
+    assert outcome.completed, outcome
     assert c.lr_scale_sum < c.lr_scaled and len(compared) == 20  # rows were reused: some factors were < 1
+
+
+async def test_a_table_worker_alone_is_never_stale_whatever_its_rows_age() -> None:
+    """Its own pushes are in the rows it keeps: a staleness-aware rate leaves them whole."""
+    spec = build_run_spec(LaunchOptions(model="mf:2", dataset=TINY, workers=1, staleness=8, iterations=30,
+                                        batch_size=8, lr=0.5, staleness_aware_lr=True))
+    outcomes, run = await train_run(spec, WorkerConfig(timeout_seconds=5.0, report_seconds=0.05))
+    assert all(o.completed for o in outcomes), outcomes
+    c = run.counters
+    assert c.pulls_served < 15 and c.lr_scaled == 30 and c.lr_scale_sum == 30.0  # (most pushes without a pull)
