@@ -207,7 +207,8 @@ class TableStep:
                 self.caches[name].apply_sgd(g.ids, g.values.astype(np.float32), lr)
             elif dense:
                 params[name] -= lr * g
-        self.own += dense  # (a push that brought a pull: its version has this step already)
+        if dense:  # (a push that brought a pull: its version has this step already)
+            self.own += 1
 
     async def evaluate(self, clock: int, final: bool) -> EvalResult:
         """Log-loss, accuracy and AUC on the test split, with the rows it needs: at the end,

@@ -165,9 +165,9 @@ class _Trainer:
         self._since: tuple[int, int] | None = None
         """(lineage, version) of the parameters held, for delta pulls (one server only)."""
         self._version: int | None = None
+        """The server's version of the parameters held (None before the first pull)."""
         self._own = 0
         """This rank's own steps applied to the parameters held since they were pulled (``_computed_on``)."""
-        """The server's version of the parameters held (None before the first pull)."""
 
     def setup(self) -> None:
         """Load data and model; raises DatasetError / ModelSpecError (fatal for the run)."""
