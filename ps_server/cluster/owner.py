@@ -2,7 +2,9 @@
 
 - ``create_run`` places the run's tensors (``core.placement``), builds its own shard, has every
   other server create its own, and registers the run only when all have: no worker can join a
-  run some server lacks. If one fails, those created are deleted and CreateRun fails, naming it.
+  run some server lacks. If one fails, those created are deleted and CreateRun fails, naming it;
+  so they are when CreateRun is cancelled meanwhile (its caller's deadline passed while a server
+  was slow to create its shard): no shard outlives a run that was never registered.
 - ``delete`` has every other server delete its shard; one that does not answer is told again by
   ``watch`` each poll until it does (``deletions``: kept on disk, so a restart does not forget).
 - ``sync`` sends a run's membership (every rank's incarnation, state and clock, and the run's
@@ -129,13 +131,17 @@ class ClusterOwner:
             raise ResourceExhausted(f"server 0 ({self.addresses[0]}): {exc}", exc.reason) from None
         created = codec.ts(run.created)
         shard_map = self.shard_map(run)
-        results = await asyncio.gather(*(
-            peer.call("CreateShard", cpb.CreateShardRequest(
-                run_id=run.run_id, spec=codec.spec_to_proto(spec), shard_map=shard_map, index=peer.index, created=created,
-                checkpoints=self._checkpointer is not None,
-                checkpoint_every=self._checkpointer.every if self._checkpointer else 0),
-                      cpb.CreateShardResponse, 4 * self._timeout, wait_for_ready=True)
-            for peer in self._peers), return_exceptions=True)
+        try:
+            results = await asyncio.gather(*(
+                peer.call("CreateShard", cpb.CreateShardRequest(
+                    run_id=run.run_id, spec=codec.spec_to_proto(spec), shard_map=shard_map, index=peer.index,
+                    created=created, checkpoints=self._checkpointer is not None,
+                    checkpoint_every=self._checkpointer.every if self._checkpointer else 0),
+                          cpb.CreateShardResponse, 4 * self._timeout, wait_for_ready=True)
+                for peer in self._peers), return_exceptions=True)
+        except asyncio.CancelledError:  # CreateRun's caller gave up (its deadline) while a server was slow:
+            await asyncio.shield(self.delete(run.run_id))  # the shards created meanwhile go too
+            raise
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             await self.delete(run.run_id)

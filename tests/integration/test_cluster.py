@@ -389,6 +389,32 @@ async def test_each_server_checks_its_own_shard_against_its_own_max_param_bytes(
             assert all(not s.registry.runs() for s in servers)
 
 
+async def test_a_create_run_its_caller_gave_up_on_leaves_no_shard_on_any_server(server_config: ServerConfig,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Server 2 takes long to create its shard and the client's CreateRun deadline passes while
+    server 0 waits for it: the run does not exist, and no server keeps a shard of it (server 1's,
+    created at once, is deleted too)."""
+    async with cluster(server_config, 3) as servers:
+        slow = servers[2].registry
+        create_shard, ended = slow.create_shard, asyncio.Event()
+
+        async def slowly(*args: Any, **kwargs: Any) -> Any:
+            try:
+                await asyncio.sleep(2)
+                return await create_shard(*args, **kwargs)
+            finally:
+                ended.set()
+
+        monkeypatch.setattr(slow, "create_shard", slowly)
+        async with PsClient(servers[0].address, timeout=0.5) as c:
+            with pytest.raises(errors.DeadlineExceeded):
+                await c.create_run(make_spec(num_workers=1))
+        await until(lambda: not servers[1].registry.runs(), 5)
+        assert servers[1].registry.runs() == [], "server 1 kept the shard of a run that does not exist"
+        await asyncio.wait_for(ended.wait(), 5)  # server 2's CreateShard ended (cancelled, or created)
+        assert [s.registry.runs() for s in servers] == [[], [], []]
+
+
 async def test_a_server_that_stays_down_fails_every_run_naming_it(server_config: ServerConfig) -> None:
     """Each of the runs it held a shard of fails (the owner asks it about the first one only, each
     time, and does not wait as long again for each of the others), and shows it out of reach."""
