@@ -14,7 +14,8 @@
   worker hears of it. ``watch`` sends it again whenever a shard's copy differs (a late or lost
   update, a restarted server).
 - ``watch`` also asks every server for its shard's status each ``poll`` seconds (GetRun shows
-  them). A shard that failed (its parameters diverged) fails the run with its message; a server
+  them; a finished run's final status is not asked again, but a server that stops answering shows
+  as unreachable in every run's status, and one with nothing to be asked about is probed). A shard that failed (its parameters diverged) fails the run with its message; a server
   that does not answer for ``shard_timeout`` seconds, or has lost its shard (restarted without a
   checkpoint), fails the runs it held shards of, naming it. Nothing waits on a dead server longer.
 - A push is applied by each server on its own: ``watch`` compares the clocks every shard has of
@@ -103,7 +104,8 @@ class ClusterOwner:
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
         self._status: dict[tuple[str, int], pb.ShardStatus] = {}
         self._samples: dict[tuple[str, int], collections.deque[tuple[float, int]]] = {}
-        self._silent_since: dict[int, float] = {}
+        self._silent_since: dict[int, tuple[float, PsError]] = {}
+        """server -> since when it has not answered, and its last error."""
         self._checkpointer = checkpointer
         self._undelivered = undelivered if undelivered is not None else Undelivered()
         self._chosen: dict[str, int] = {}
@@ -229,10 +231,21 @@ class ClusterOwner:
         held = run.placement.shard_map.bytes_held(run.spec.params)
         for peer in self._peers[: len(held) - 1]:  # (a run of another cluster size fails at start)
             status = self._status.get((run.run_id, peer.index))
-            out.append(status if status is not None else pb.ShardStatus(
-                index=peer.index, address=peer.address, reachable=False, error="not heard from yet",
-                bytes_held=held[peer.index]))
+            silent = self._silent_since.get(peer.index)
+            if status is None:
+                status = pb.ShardStatus(index=peer.index, address=peer.address, reachable=False,
+                                        error="not heard from yet", bytes_held=held[peer.index])
+            elif status.reachable and silent is not None:  # (a finished run's, as last heard: not asked again)
+                status = pb.ShardStatus()
+                status.CopyFrom(self._status[(run.run_id, peer.index)])
+                status.reachable, status.error = False, self._silence(silent)
+            out.append(status)
         return out
+
+    @staticmethod
+    def _silence(silent: tuple[float, PsError]) -> str:
+        since, exc = silent
+        return f"{exc} (for {time.monotonic() - since:.0f}s)"
 
     def _rate(self, key: tuple[str, int]) -> float:
         samples = self._samples.get(key)
@@ -272,6 +285,14 @@ class ClusterOwner:
 
     async def _check(self, peer: PeerLink, runs: list[Run]) -> None:
         now = time.monotonic()
+        if not runs:  # none to ask about (finished ones are not asked again): whether it answers at all
+            try:
+                await peer.probe(self._timeout)
+            except PsError as exc:
+                self._silent_since[peer.index] = (self._silent_since.get(peer.index, (now, exc))[0], exc)
+            else:
+                self._silent_since.pop(peer.index, None)
+            return
         for i, run in enumerate(runs):
             key = (run.run_id, peer.index)
             try:
@@ -284,7 +305,8 @@ class ClusterOwner:
                                 "checkpoint): the parameters it held are lost")
                 continue
             except PsError as exc:
-                since = self._silent_since.setdefault(peer.index, now)
+                since = self._silent_since.get(peer.index, (now, exc))[0]
+                self._silent_since[peer.index] = (since, exc)
                 for silent in runs[i:]:  # not asked again this time (each would wait as long): out of reach too
                     self._out_of_reach(silent, peer, exc, now - since)
                 return

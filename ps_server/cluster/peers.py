@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2
 
 from paramserver.grpc_transport import channel_options
 from paramserver.v1 import ERROR_TRAILER
@@ -63,7 +64,16 @@ class PeerLink:
     async def call(self, method: str, request: Message, response: type[M], timeout: float,
                    wait_for_ready: bool = False) -> M:
         """``wait_for_ready``: a server not up yet is waited for (within ``timeout``), not failed at once."""
-        path = f"/paramserver.v1.ClusterService/{method}"
+        return await self._unary(f"/paramserver.v1.ClusterService/{method}", request, response, timeout,
+                                 wait_for_ready)
+
+    async def probe(self, timeout: float) -> None:
+        """Whether the server answers at all (its health service): ShardUnavailable if not."""
+        await self._unary("/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest(),
+                          health_pb2.HealthCheckResponse, timeout)
+
+    async def _unary(self, path: str, request: Message, response: type[M], timeout: float,
+                     wait_for_ready: bool = False) -> M:
         call = self._calls.get(path)
         if call is None:
             call = self._calls[path] = self.channel.unary_unary(

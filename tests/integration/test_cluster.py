@@ -433,6 +433,49 @@ async def test_a_server_that_stays_down_fails_every_run_naming_it(server_config:
                 assert not snap.run.shards[1].reachable
 
 
+async def test_psctl_status_of_a_finished_run_shows_a_server_that_went_down_as_unreachable(
+        server_config: ServerConfig) -> None:
+    """A finished run's shards are no longer asked for their status each poll, but whether their
+    servers answer still is: psctl status says a server down is unreachable, and reachable again
+    once it is back."""
+    from typer.testing import CliRunner
+
+    from client.cli import app
+
+    def shards() -> list[dict[str, Any]]:
+        result = CliRunner().invoke(app, ["status", run.run_id, "--server", servers[0].address, "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["shards"]  # type: ignore[no-any-return]
+
+    async with cluster(server_config, 2, shard_timeout=60.0) as servers:
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(make_spec(num_workers=1))
+            await c.stop_run(run.run_id)
+            for _ in range(100):  # server 0 has heard server 1's final status: it stops asking for it
+                if (await c.get_run(run.run_id)).shards[1].state == pb.RUN_STATE_STOPPED:
+                    break
+                await asyncio.sleep(0.1)
+            assert [s["state"] for s in await asyncio.to_thread(shards)] == ["stopped", "stopped"]
+            address = servers[1].address
+            await servers[1].stop(0)
+            for _ in range(100):
+                if not (await c.get_run(run.run_id)).shards[1].reachable:
+                    break
+                await asyncio.sleep(0.1)
+            down = (await asyncio.to_thread(shards))[1]
+            assert (down["reachable"], down["state"]) == (False, "unreachable"), down
+            assert address in down["error"], down
+            back = await start_server(servers[1].config)
+            try:
+                for _ in range(100):
+                    if (await c.get_run(run.run_id)).shards[1].reachable:
+                        break
+                    await asyncio.sleep(0.1)
+                assert [s["reachable"] for s in await asyncio.to_thread(shards)] == [True, True]
+            finally:
+                await back.stop(0)
+
+
 async def test_psctl_export_with_a_server_down_names_it_not_the_server_it_asked(server_config: ServerConfig,
                                                                                 tmp_path: Path) -> None:
     """Server 0 answers, server 1 is down: the export says that a server of the run did not answer
