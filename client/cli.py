@@ -355,7 +355,8 @@ def export(run_id: RunId,
            server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 60.0) -> None:
     """Save a run's current parameters to an .npz file (an observer's pull: never waits for the run); a
     run held by several servers is read from each and put together, all of one history (while they go
-    back to a common checkpoint it waits for them, up to --timeout)."""
+    back to a common checkpoint it waits for them, up to --timeout; a run that ended before they were
+    back to one history cannot be exported, and it says so at once)."""
     from paramserver.shards import pull_run
     from paramserver.sink import PullResult
 

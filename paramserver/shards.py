@@ -392,6 +392,19 @@ def _pulled(results: Sequence[PullResult], out: dict[str, np.ndarray]) -> PullRe
                       _state([r.run_state for r in results]), out, staleness=_bound([r.staleness for r in results]))
 
 
+_ENDED = (pb.RUN_STATE_COMPLETED, pb.RUN_STATE_STOPPED, pb.RUN_STATE_FAILED)
+
+
+def _mixed(run: pb.Run, why: str) -> str:
+    """Why an ended run's pieces cannot be put together, and what is left of it."""
+    state = pb.RunState.Name(run.state).removeprefix("RUN_STATE_").lower()
+    return (f"{run.run_id} {state} ({run.message or 'no message'}) while a server's shard of it was not of the "
+            f"others' history ({why}): nothing goes back to a common checkpoint for a run that ended, so its "
+            "pieces cannot be put together and exporting again will not change that. What is left of it is each "
+            f"server's checkpoints of {run.run_id} in its --data-dir (those of a cut every server has are of one "
+            "history); 'psctl status' shows its servers and 'psctl launch' starts a new run")
+
+
 async def pull_run(client: PsClient, run_id: str, wait: float = 30.0) -> PullResult:
     """A run's whole current parameters, an observer's read: from the server ``client`` talks
     to, or from every server of a sharded run, its pieces put together.
@@ -400,7 +413,9 @@ async def pull_run(client: PsClient, run_id: str, wait: float = 30.0) -> PullRes
     restarted) a restarted or restoring shard refuses reads (``ShardStatus.held``), and server 0's
     shard is held throughout and gets a new lineage: so pieces read between two looks at server 0's
     shard (GetRun) that find it not held and of the same lineage are of one history. Otherwise the
-    read waits and reads again, up to ``wait`` seconds; then Unavailable, saying so."""
+    read waits and reads again, up to ``wait`` seconds; then Unavailable, saying so. A run that
+    ended with a shard not of the others' history (its roll back failed: the run failed) never
+    goes back: FailedPrecondition at once, saying what is left of it."""
     run = await client.get_run(run_id)
     if not run.shard_map.shards:
         return await client.pull(run_id)
@@ -424,6 +439,8 @@ async def pull_run(client: PsClient, run_id: str, wait: float = 30.0) -> PullRes
                 if not why and not after.held and after.lineage == before.lineage:
                     return result
                 why = why or after.held or "server 0's shard went back to a checkpoint while the pieces were read"
+                if not away and run.state in _ENDED:  # (a run that ended goes back to no checkpoint)
+                    raise errors.FailedPrecondition(errors.Code.FAILED_PRECONDITION, _mixed(run, why))
             if loop.time() >= deadline:
                 if away:
                     raise errors.Unavailable(errors.Code.UNAVAILABLE, f"a server of {run_id} did not answer within "

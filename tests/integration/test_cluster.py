@@ -750,6 +750,52 @@ async def test_an_export_during_a_roll_back_waits_for_one_history(
             np.testing.assert_allclose(got, init - 4, rtol=1e-6)  # every piece of cut 4's history
 
 
+async def test_psctl_export_of_a_run_whose_roll_back_failed_says_at_once_what_can_be_done(
+        server_config: ServerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Server 1 restarted from its checkpoint and the servers could not go back to a common cut
+    (server 1 lost its older ones): the run failed, its pieces are of two histories for good. The
+    export says so at once, and what the user can do, not 'export again' after the whole --timeout."""
+    from typer.testing import CliRunner
+
+    from client.cli import app
+    from ps_server.cluster.owner import ClusterOwner
+    from ps_server.cluster.shards import restore
+
+    async def not_yet(self: ClusterOwner) -> None:  # the roll back is this test's to start
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(ClusterOwner, "watch", not_yet)
+    async with cluster(server_config, 2, lambda i: {"data_dir": str(tmp_path / str(i))}, checkpoint_every=2,
+                       split_bytes=1024) as servers:
+        assert servers[0].cluster is not None and servers[1].checkpointer is not None
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(make_spec(shapes={"w": (40, 30)}, num_workers=1, staleness=0, iterations=20))
+            (a,) = await _join_all(c, run.run_id, 1)
+            plane = Shards.beside(c, a.shard_map, a.spec)
+            try:
+                for clock in range(3):  # cut 2 on both servers
+                    await plane.pull(run.run_id, 0, a.incarnation, clock)
+                    await plane.push(run.run_id, 0, a.incarnation, clock, {"w": np.ones((40, 30), np.float32)})
+            finally:
+                await plane.close()
+            await asyncio.gather(*(s.checkpointer.drain() for s in servers))  # type: ignore[union-attr]
+            resumed = await restore(servers[1].registry, servers[1].checkpointer, run.run_id, 2, "restarted")
+            resumed.held = "this server restarted: retry"
+            await asyncio.to_thread(servers[1].checkpointer.store.delete, run.run_id)  # (its disk was replaced)
+            await servers[0].cluster.roll_back(servers[0].registry.get(run.run_id), "server 1 restarted")
+            assert (await c.get_run(run.run_id)).state == pb.RUN_STATE_FAILED
+            started = asyncio.get_running_loop().time()
+            result = await asyncio.to_thread(CliRunner().invoke, app, [
+                "export", run.run_id, "--server", servers[0].address, "-o", str(tmp_path / "p.npz"), "--timeout", "5"])
+            took = asyncio.get_running_loop().time() - started
+    assert result.exit_code == 1
+    assert "export again" not in result.stderr and "in a moment" not in result.stderr, result.stderr
+    assert "failed" in result.stderr and "no checkpoint cut is on every server" in result.stderr, result.stderr
+    assert "--data-dir" in result.stderr, result.stderr  # where what is left of the run is
+    assert took < 4, f"the export waited {took:.1f}s for what cannot happen"
+    assert not (tmp_path / "p.npz").exists()
+
+
 async def test_a_fast_run_keeps_a_cut_common_to_every_server_before_server_0_says_which(
         server_config: ServerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Server 0's checkpoint writes lag (only its first cut lands) and its poll has not yet told the
