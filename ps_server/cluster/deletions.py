@@ -8,7 +8,10 @@ tells them again each poll until they answer (``ClusterOwner``); DeleteShard of 
 does not hold succeeds, so telling twice is harmless.
 
 The list is on disk (``<data-dir>/undelivered-deletions.json``, replaced atomically), so a restart
-of server 0 does not forget it; without --data-dir it lives as long as the process. It holds at
+of server 0 does not forget it. Without --data-dir it lives as long as the process, as server 0's
+runs do: a restart forgets both, and the other servers keep their shards of those runs until they
+restart (without a --data-dir of their own) or their run directories are removed by hand; server 0
+says so when it starts. It holds at
 most ``LIMIT`` runs: past that the oldest is dropped, loudly (its shards then stay where they are
 until deleted by hand). Server 0 never deletes a shard it was not asked to delete: a shard of a run
 it does not know may be one it lost (a wrong --data-dir), which an operator may still want back.
@@ -40,7 +43,13 @@ class Undelivered:
         self._pending: dict[str, set[int]] = {}
         """run id -> the servers not told yet, oldest deletion first."""
         self._lock = asyncio.Lock()
-        if self._path is not None and self._path.exists():
+        if self._path is None:
+            log.warning("server 0 of the cluster has no --data-dir: its runs, and the deletions of runs some server "
+                        "has not been told of yet, last as long as this process; after a restart the other servers "
+                        "keep their shards of them (memory, and checkpoints in their --data-dir) until they restart "
+                        "without one or the runs' directories are removed by hand. Give server 0 a --data-dir to "
+                        "keep both")
+        elif self._path.exists():
             try:
                 loaded = json.loads(self._path.read_text())
                 self._pending = {str(run_id): {int(i) for i in servers} for run_id, servers in loaded.items() if servers}

@@ -34,3 +34,14 @@ async def test_an_unreadable_list_is_said_and_a_full_one_drops_its_oldest(tmp_pa
     for run_id in ("run-a", "run-b", "run-c"):
         await pending.add(run_id, [1])
     assert pending.runs(1) == ["run-b", "run-c"] and "run-a is forgotten" in caplog.text
+
+
+async def test_without_a_data_directory_the_list_is_in_memory_and_server_0_says_what_a_restart_loses(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, "ps_server"):
+        pending = Undelivered(None)
+    assert "no --data-dir" in caplog.text and "restart" in caplog.text and "by hand" in caplog.text, caplog.text
+    await pending.add("run-a", [1])
+    assert pending.runs(1) == ["run-a"]  # still told while this process lives
+    await pending.done("run-a", 1)
+    assert len(pending) == 0
