@@ -120,3 +120,40 @@ async def test_a_wait_that_is_no_finite_number_of_seconds_is_refused_before_anyt
             assert e.value.reason == pb.ERROR_REASON_INVALID_REQUEST and e.value.method == "Join"
             with pytest.raises(errors.InvalidArgument, match=r"\(0: the server's limit\)"):
                 await ps.pull("run-x", 0, 1, 0, max_wait=bad)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("side", "request_bytes", "answer_bytes", "over_client_limit"), [
+    ("client", 10, 5000, True), ("client", 5000, 10, True),  # this side's limit: an answer, a request
+    ("server", 5000, 10, False), ("server", 10, 5000, False),  # the server's own gRPC limit: not this client's
+], ids=["client-receives", "client-sends", "server-receives", "server-sends"])
+async def test_grpcs_own_message_limit_is_told_apart_by_side(side: str, request_bytes: int, answer_bytes: int,
+                                                             over_client_limit: bool) -> None:
+    """gRPC's message-size refusals carry no status details and no trailer: the four are
+    RESOURCE_EXHAUSTED, and only gRPC's text says whose limit it was ('CLIENT: ...'). This runs
+    the real library, so an upgrade that changes that text fails here, not in a worker that would
+    fail its run instead of giving its rank back (``OverClientLimit``)."""
+    from paramserver.grpc_transport import channel_options
+
+    small, large = 1000, 1 << 20
+    server = grpc.aio.server(options=channel_options(large if side == "client" else small))
+
+    async def answer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return b"x" * answer_bytes
+
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "t.S", {"M": grpc.unary_unary_rpc_method_handler(answer)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}",
+                                             options=channel_options(small if side == "client" else large)) as ch:
+            with pytest.raises(AioRpcError) as e:
+                await ch.unary_unary("/t.S/M")(b"y" * request_bytes, timeout=10)
+    finally:
+        await server.stop(0)
+    mapped = error_from_rpc(e.value, "M")
+    assert isinstance(mapped, errors.ResourceExhausted) and not mapped.retryable, mapped
+    assert isinstance(mapped, errors.OverClientLimit) is over_client_limit, e.value.details()
+    flag = "ps-worker --max-message-bytes" if over_client_limit else "ps-server --max-message-bytes"
+    assert flag in mapped.message, mapped.message  # whose limit to raise
