@@ -46,7 +46,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,6 +75,10 @@ __all__ = ["ClusterOwner"]
 log = logging.getLogger("ps_server")
 
 _FINISHED = (pb.RUN_STATE_COMPLETED, pb.RUN_STATE_STOPPED, pb.RUN_STATE_FAILED)
+
+BUILD_SECONDS_PER_GIB = 30.0
+"""How long CreateShard may take per GiB of the shard beyond the usual wait: drawing initial values
+takes ~8 s per GiB on one core (the SDK's CreateRun deadline grows as much per GiB of the model)."""
 
 _RATE_WINDOW = 5
 """Status samples a shard's pushes per second are measured over (one per poll)."""
@@ -133,14 +137,18 @@ class ClusterOwner:
             raise ResourceExhausted(f"server 0 ({self.addresses[0]}): {exc}", exc.reason) from None
         created = codec.ts(run.created)
         shard_map = self.shard_map(run)
+        held = placement.shard_map.bytes_held(spec.params)
+
+        def create(peer: PeerLink) -> Awaitable[cpb.CreateShardResponse]:
+            request = cpb.CreateShardRequest(
+                run_id=run.run_id, spec=codec.spec_to_proto(spec), shard_map=shard_map, index=peer.index,
+                created=created, checkpoints=self._checkpointer is not None,
+                checkpoint_every=self._checkpointer.every if self._checkpointer else 0)
+            wait = 4 * self._timeout + BUILD_SECONDS_PER_GIB * held[peer.index] / (1 << 30)  # (its values drawn)
+            return peer.call("CreateShard", request, cpb.CreateShardResponse, wait, wait_for_ready=True)
+
         try:
-            results = await asyncio.gather(*(
-                peer.call("CreateShard", cpb.CreateShardRequest(
-                    run_id=run.run_id, spec=codec.spec_to_proto(spec), shard_map=shard_map, index=peer.index,
-                    created=created, checkpoints=self._checkpointer is not None,
-                    checkpoint_every=self._checkpointer.every if self._checkpointer else 0),
-                          cpb.CreateShardResponse, 4 * self._timeout, wait_for_ready=True)
-                for peer in self._peers), return_exceptions=True)
+            results = await asyncio.gather(*(create(peer) for peer in self._peers), return_exceptions=True)
         except asyncio.CancelledError:  # CreateRun's caller gave up (its deadline) while a server was slow:
             await asyncio.shield(self.delete(run.run_id))  # the shards created meanwhile go too
             raise

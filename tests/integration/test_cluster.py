@@ -389,6 +389,32 @@ async def test_each_server_checks_its_own_shard_against_its_own_max_param_bytes(
             assert all(not s.registry.runs() for s in servers)
 
 
+async def test_server_0_waits_for_a_large_shard_to_be_drawn_as_long_as_its_size_needs(
+        server_config: ServerConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drawing a shard's initial values takes seconds per GiB: server 0's CreateShard deadline grows
+    with the shard's bytes as the client's CreateRun deadline grows with the model's, or a model
+    large enough to need several servers could never be created (here the bytes are few and the
+    time per byte large: server 1 takes 1 s to create a shard server 0 would wait 0.4 s for)."""
+    from ps_server.cluster import owner
+
+    monkeypatch.setattr(owner, "BUILD_SECONDS_PER_GIB", 1 << 20)  # (a shard of 40 kB: ~40 s)
+    async with cluster(server_config, 2, split_bytes=1024) as servers:
+        assert servers[0].cluster is not None
+        monkeypatch.setattr(servers[0].cluster, "_timeout", 0.1)
+        slow = servers[1].registry
+        create_shard = slow.create_shard
+
+        async def slowly(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(1)
+            return await create_shard(*args, **kwargs)
+
+        monkeypatch.setattr(slow, "create_shard", slowly)
+        async with PsClient(servers[0].address, timeout=20) as c:
+            run = await c.create_run(make_spec(shapes={"w": (200, 100)}, num_workers=1))
+            assert [s.bytes_held for s in run.shards] == [40_000, 40_000]
+            assert servers[1].registry.find(run.run_id) is not None
+
+
 async def test_a_create_run_its_caller_gave_up_on_leaves_no_shard_on_any_server(server_config: ServerConfig,
                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Server 2 takes long to create its shard and the client's CreateRun deadline passes while
