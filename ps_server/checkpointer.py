@@ -48,7 +48,7 @@ class Checkpointer:
         """run id -> the cuts whose checkpoints pruning keeps (a cluster's newest common ones)."""
         self._sharded: set[str] = set()
         """runs placed over several servers: until ``protected`` says which cuts all servers have,
-        pruning keeps the oldest (the first cut, which every server writes), so that one is common."""
+        pruning keeps the oldest (the first cut, 0, which every server writes at creation), so that one is common."""
         self._epochs: dict[str, int] = {}
         """run id -> how many times it went back to a checkpoint (``restore``): a snapshot of an
         earlier epoch belongs to a history the run left, and is not written."""
@@ -63,14 +63,14 @@ class Checkpointer:
 
     def attach(self, run: Run) -> None:
         """Checkpoint ``run`` from now on: now if it has no checkpoint yet (a new run: a server
-        that dies before its first periodic one must not lose it; not a shard of a run over several
-        servers, whose first checkpoint is the cut every server writes), each ``every`` clocks of
-        its min clock, and when it ends."""
+        that dies before its first periodic one must not lose it; a shard of a run over several
+        servers too, at cut 0: every server writes it before the run is registered, so it is the
+        first cut all have), each ``every`` clocks of its min clock, and when it ends."""
         self._taken[run.run_id] = (run.min_clock, run.state.finished)
         if run.placement is not None and len(run.placement.shard_map.shards) > 1:
             self._sharded.add(run.run_id)
         run.on_change = self._changed
-        if not run.state.finished and run.run_id not in self._sharded and not self.store.cuts(run.run_id):
+        if not run.state.finished and not self.store.cuts(run.run_id):
             self.schedule(run, "created", logging.DEBUG, run.min_clock)
 
     def _changed(self, run: Run) -> None:

@@ -83,8 +83,8 @@ class Control:
     async def CreateRun(self, request: pb.CreateRunRequest) -> pb.CreateRunResponse:
         spec = codec.spec_from_proto(request.spec, self._registry.limits)
         run = await (self._cluster.create_run(spec) if self._cluster else self._registry.create(spec))
-        if self._checkpointer is not None and self._cluster is None:
-            await self._checkpointer.written(run.run_id)  # (its first checkpoint: a server killed now keeps it)
+        if self._checkpointer is not None:  # (its first checkpoint, a cluster's cut 0: a server killed now keeps it)
+            await self._checkpointer.written(run.run_id)
         log.info("created %s: %s", run.run_id, run.spec.name or "(unnamed)", extra={"run": run.run_id})
         return pb.CreateRunResponse(run=self._run(run))
 

@@ -90,6 +90,8 @@ class ShardService:
             raise InvalidArgument(f"the shard map of {request.run_id} does not fit its spec: {exc}") from None
         run = await self._registry.create_shard(request.run_id, spec, Placement(shard_map, self._index),
                                                 request.created.ToNanoseconds() / 1e9)
+        if self._checkpointer is not None:  # cut 0, on every server before the run exists: a server killed
+            await self._checkpointer.written(run.run_id)  # now goes back to it with the others
         log.info("holding shard %d of %s: %d bytes", self._index, run.run_id, run.store.nbytes,
                  extra={"run": run.run_id})
         return cpb.CreateShardResponse(data_port=self._data_port(), shm_socket=self._shm_socket())

@@ -576,7 +576,44 @@ async def test_checkpoint_run_takes_every_servers_snapshot_at_one_cut(server_con
             finally:
                 await plane.close()
             assert ckpt.min_clock == 2
-            assert [s.checkpointer.store.cuts(run.run_id) for s in servers] == [[2], [2]]  # type: ignore[union-attr]
+            assert [s.checkpointer.store.cuts(run.run_id) for s in servers] == [[2, 0], [2, 0]]  # type: ignore[union-attr]
+
+
+async def test_a_sharded_run_is_on_every_servers_disk_when_create_run_answers(server_config: ServerConfig,
+                                                                             tmp_path: Path) -> None:
+    """Every server writes its shard at cut 0 before CreateRun answers: a server killed before the
+    first periodic cut (here server 1: a copy of its data directory as a kill -9 would leave it,
+    which it restarts from) is a server that goes back to cut 0 with the others, not one that lost
+    its parameters and fails the run."""
+    import shutil
+
+    async with cluster(server_config, 2, lambda i: {"data_dir": str(tmp_path / str(i))}, checkpoint_every=50,
+                       split_bytes=1024) as servers:
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(make_spec(shapes={"w": (40, 30)}, num_workers=1, staleness=0, iterations=20))
+            assert [s.checkpointer.store.cuts(run.run_id) for s in servers] == [[0], [0]]  # type: ignore[union-attr]
+            shutil.copytree(tmp_path / "1", tmp_path / "1-killed", ignore=shutil.ignore_patterns(".lock"))
+            (a,) = await _join_all(c, run.run_id, 1)
+            plane = Shards.beside(c, a.shard_map, a.spec)
+            try:
+                for clock in range(3):
+                    await plane.pull(run.run_id, 0, a.incarnation, clock)
+                    await plane.push(run.run_id, 0, a.incarnation, clock, {"w": np.ones((40, 30), np.float32)})
+            finally:
+                await plane.close()
+            await servers[1].stop(0)
+            back = await start_server(with_config(servers[1].config, data_dir=str(tmp_path / "1-killed")))
+            try:
+                for _ in range(100):  # server 0 polls each second
+                    got, kinds = await c.get_run(run.run_id), [e.kind for e in (await c.get_metrics(run.run_id)).events]
+                    if got.state == pb.RUN_STATE_FAILED or "rolled_back" in kinds:
+                        break
+                    await asyncio.sleep(0.1)
+                assert got.state != pb.RUN_STATE_FAILED, got.message
+                assert "rolled_back" in kinds, kinds
+                assert [s.registry.get(run.run_id).min_clock for s in (servers[0], back)] == [0, 0]
+            finally:
+                await back.stop(0)
 
 
 async def test_a_server_that_cannot_checkpoint_at_the_same_cuts_is_refused(server_config: ServerConfig,
@@ -824,7 +861,7 @@ async def test_psctl_export_of_a_run_whose_roll_back_failed_says_at_once_what_ca
 
 async def test_a_fast_run_keeps_a_cut_common_to_every_server_before_server_0_says_which(
         server_config: ServerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Server 0's checkpoint writes lag (only its first cut lands) and its poll has not yet told the
+    """Server 0's checkpoint writes lag (only its first cut, 0, lands) and its poll has not yet told the
     others which cuts all servers have, while server 1 writes cut after cut: server 1 must not prune
     the one cut both have, or a crash now would lose the run (it must go back to that cut)."""
     from ps_server.cluster.owner import ClusterOwner
@@ -839,7 +876,7 @@ async def test_a_fast_run_keeps_a_cut_common_to_every_server_before_server_0_say
         lagging, write = servers[0].checkpointer.store, servers[0].checkpointer.store.write
 
         def lags(meta: dict[str, Any], *args: Any, **kwargs: Any) -> Path:
-            if meta["cut"] != 2:
+            if meta["cut"] != 0:
                 raise OSError("server 0's disk is behind (the write has not landed when it crashes)")
             return write(meta, *args, **kwargs)
 
@@ -862,9 +899,9 @@ async def test_a_fast_run_keeps_a_cut_common_to_every_server_before_server_0_say
             on_disk = [s.checkpointer.store.cuts(run.run_id) for s in servers]  # type: ignore[union-attr]
             servers[0].registry.get(run.run_id).held = "server 0 restarted"
             restored = await servers[0].cluster.roll_back(servers[0].registry.get(run.run_id), "server 0 restarted")
-            assert restored.state.value == "running", restored.message
-            assert [s.registry.get(run.run_id).min_clock for s in servers] == [2, 2]
-            assert on_disk == [[2], [8, 6, 2]]  # server 1: --checkpoint-keep 2, and its first cut
+            assert restored.state.value == "pending", restored.message  # (as at cut 0: before its worker joined)
+            assert [s.registry.get(run.run_id).min_clock for s in servers] == [0, 0]
+            assert on_disk == [[0], [8, 6, 0]]  # server 1: --checkpoint-keep 2, and its first cut
 
 
 def test_server_0_changes_the_cuts_kept_only_when_every_server_keeps_one_it_keeps() -> None:

@@ -76,7 +76,9 @@ class ClusterServiceServicer:
 
     def CreateShard(self, request, context):
         """Create this server's shard of a run: the run's spec, its shard map and this server's place in
-        it. Idempotent: a shard that exists with the same map is left as it is.
+        it. Idempotent: a shard that exists with the same map is left as it is. A server with a data
+        directory answers once the shard's checkpoint at cut 0 is written (every server's: the first
+        cut all have, before the run exists).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
