@@ -483,18 +483,18 @@ class ClusterOwner:
         min_before = run.min_clock
         message = f"{why}: every shard went back to the checkpoint at cut {cut}: retry"
         restored = await restore(self._registry, self._checkpointer, run.run_id, cut, message)
-        restored.held = f"{why}: the servers are going back to the checkpoint at cut {cut}: retry"
+        restored.hold(f"{why}: the servers are going back to the checkpoint at cut {cut}: retry")
         self._renumber(run, restored)
         await asyncio.gather(*(peer.call("RestoreShard", cpb.RestoreShardRequest(run_id=run.run_id, cut=cut),
                                          cpb.RestoreShardResponse, max(4 * self._timeout, self._shard_timeout))
                                for peer in self._peers))
-        restored.held = ""
         for peer in self._peers:
             self._sent.pop((run.run_id, peer.index), None)
             self._told[(run.run_id, peer.index)] = (cut,)  # (each keeps the cut it went back to: ``restore``)
         lost = sum(max(0, before[s.rank] - s.clock) for s in restored.clock.slots)
         restored.history.event("rolled_back", -1, f"{why}: every shard went back to its checkpoint at cut {cut} "
                                f"(min clock {min_before} -> {restored.min_clock}; {lost} steps lost)")
+        restored.hold("")  # (after the event: a watcher woken by it sees both)
         log.warning("%s: %s rolled back to cut %d on every server, %d steps lost", why, run.run_id, cut, lost,
                     extra={"run": run.run_id})
         await self.sync(restored)

@@ -330,6 +330,12 @@ class Run:
         self.had(bound)
         self.history.event("staleness", -1, f"staleness changed from {_bound(old)} to {_bound(bound)}{how}")
 
+    def hold(self, why: str) -> None:
+        """Take no pushes or pulls, observers' included, because of ``why`` ("": take them again),
+        a change watchers see (``held``)."""
+        self.held = why
+        self._changed()
+
     async def changed(self, since: int, timeout: float) -> bool:
         """True once ``changes`` moved past ``since``; False after ``timeout`` seconds."""
         return await self.gate.wait_for(lambda: self.changes != since, timeout)

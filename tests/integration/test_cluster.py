@@ -4,6 +4,7 @@ to the workers, which use the SDK's ``Shards`` as the proto's "Shards" section s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import random
@@ -811,6 +812,60 @@ async def test_an_export_during_a_roll_back_waits_for_one_history(
             async with asyncio.timeout(10):
                 got = (await export).tensors["w"]
             np.testing.assert_allclose(got, init - 4, rtol=1e-6)  # every piece of cut 4's history
+
+
+async def test_a_watch_sees_the_end_of_a_roll_back(server_config: ServerConfig, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """psctl watch during a roll back shows server 0's shard held, then, once every server is
+    back at the cut, not held and the 'rolled_back' event: the end of a roll back is a change a
+    watcher is woken for, even when nothing else moves (here: its worker waits)."""
+    from ps_server.cluster.owner import ClusterOwner
+
+    async def not_yet(self: ClusterOwner) -> None:  # the roll back is this test's to start
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(ClusterOwner, "watch", not_yet)
+    async with cluster(server_config, 2, lambda i: {"data_dir": str(tmp_path / str(i))}, checkpoint_every=2,
+                       split_bytes=1024) as servers:
+        assert servers[0].cluster is not None
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(make_spec(shapes={"w": (40, 30)}, num_workers=1, staleness=0, iterations=20))
+            (a,) = await _join_all(c, run.run_id, 1)
+            plane = Shards.beside(c, a.shard_map, a.spec)
+            try:
+                for clock in range(3):  # cut 2 on both servers
+                    await plane.pull(run.run_id, 0, a.incarnation, clock)
+                    await plane.push(run.run_id, 0, a.incarnation, clock, {"w": np.ones((40, 30), np.float32)})
+            finally:
+                await plane.close()
+            await asyncio.gather(*(s.checkpointer.drain() for s in servers))  # type: ignore[union-attr]
+            seen: list[pb.WatchRunResponse] = []
+
+            async def watching() -> None:
+                async for snap in c.watch_run(run.run_id, interval=0.05):
+                    seen.append(snap)
+
+            from ps_server.cluster import shards
+
+            restore = shards.restore
+
+            async def slowly(*args: Any, **kwargs: Any) -> Any:  # server 1's RestoreShard: the watch sees it held
+                await asyncio.sleep(0.5)
+                return await restore(*args, **kwargs)
+
+            monkeypatch.setattr(shards, "restore", slowly)
+            watcher = asyncio.ensure_future(watching())
+            try:
+                await until(lambda: bool(seen), 5)
+                await servers[0].cluster.roll_back(servers[0].registry.get(run.run_id), "server 1 restarted")
+                await until(lambda: any(e.kind == "rolled_back" for s in seen for e in s.events), 5)
+                assert any(s.run.shards[0].held for s in seen), "the watch never saw the roll back"
+                assert any(e.kind == "rolled_back" for s in seen for e in s.events), "the watch never heard the end"
+                assert not seen[-1].run.shards[0].held and seen[-1].run.min_clock == 2
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
 
 
 async def test_psctl_export_of_a_run_whose_roll_back_failed_says_at_once_what_can_be_done(
