@@ -167,10 +167,13 @@ async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Chec
             continue
         if config.peers and config.index:
             continue
-        for run_id, rank in registry.expire_leases(config.lease_seconds):
+        evicted = registry.expire_leases(config.lease_seconds)
+        for run_id, rank in evicted:
             log.warning("evicted rank %d: lease expired", rank, extra={"run": run_id, "rank": rank})
-            if cluster:  # before the rank can be handed on: every shard drops it
-                await cluster.sync(registry.get(run_id))
+        if cluster:  # every shard drops the ranks (each run's servers told at once, a server down waited for once);
+            # a run deleted meanwhile (DeleteRun while a server did not answer) has no one left to tell
+            await asyncio.gather(*(cluster.sync(run) for run_id in dict.fromkeys(r for r, _ in evicted)
+                                   if (run := registry.find(run_id)) is not None))
         for run in registry.prune(config.keep_finished_runs, config.keep_finished_seconds, time.time()):
             if checkpointer:
                 await checkpointer.delete(run.run_id)

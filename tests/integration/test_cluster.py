@@ -442,6 +442,47 @@ async def test_a_create_run_its_caller_gave_up_on_leaves_no_shard_on_any_server(
         assert [s.registry.runs() for s in servers] == [[], [], []]
 
 
+async def test_a_run_deleted_while_server_0_tells_the_servers_of_an_eviction_does_not_end_its_lease_checks(
+        server_config: ServerConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs' ranks are evicted at once, and while server 0 waits for server 1 (down) to hear of
+    the first eviction, the other run is deleted: the lease checks go on (they ended with the
+    deleted run's NotFound, and no lease expired on server 0 again)."""
+    async with cluster(server_config, 2, lease_seconds=1.0, heartbeat_seconds=0.2, shard_timeout=60.0) as servers:
+        owner, registry = servers[0].cluster, servers[0].registry
+        assert owner is not None
+        monkeypatch.setattr(owner, "_timeout", 0.5)
+        async with PsClient(servers[0].address, timeout=10) as c:
+            first, second, third = [await c.create_run(make_spec(num_workers=1)) for _ in range(3)]
+            await servers[1].stop(0)
+            expire, batch = registry.expire_leases, []
+
+            def together(lease: float) -> list[tuple[str, int]]:  # (the first two runs' evictions in one sweep)
+                batch.extend(expire(lease))
+                ids = {run_id for run_id, _ in batch}
+                if {first.run_id, second.run_id} <= ids:
+                    out = sorted(batch, key=lambda e: e[0] != first.run_id)
+                    batch.clear()
+                    return out
+                return []
+
+            sync = owner.sync
+
+            async def deleting(run: Any, timeout: float | None = None) -> None:
+                if run.run_id == first.run_id and registry.find(second.run_id) is not None:
+                    registry.remove(second.run_id)  # (as a DeleteRun during the wait)
+                await sync(run, timeout)
+
+            monkeypatch.setattr(registry, "expire_leases", together)
+            for run in (first, second):
+                await _join_all(c, run.run_id, 1)  # and silent from now on
+            monkeypatch.setattr(owner, "sync", deleting)
+            await until(lambda: registry.find(second.run_id) is None, 10)
+            monkeypatch.setattr(registry, "expire_leases", expire)
+            (late,) = await _join_all(c, third.run_id, 1)
+            await until(lambda: registry.get(third.run_id).clock.slots[0].state.value == "evicted", 10)
+            assert registry.get(third.run_id).clock.slots[0].state.value == "evicted", "leases no longer expire"
+
+
 async def test_a_server_that_stays_down_fails_every_run_naming_it(server_config: ServerConfig) -> None:
     """Each of the runs it held a shard of fails (the owner asks it about the first one only, each
     time, and does not wait as long again for each of the others), and shows it out of reach."""
