@@ -71,6 +71,9 @@ def parse_slowdown(items: Sequence[str]) -> tuple[tuple[int, float], ...]:
 
 def _error(exc: BaseException, server: str) -> str:
     """The one place that turns an exception into the sentence a user reads."""
+    if isinstance(exc, errors.Unavailable) and exc.reason == pb.ERROR_REASON_SHARD_UNAVAILABLE:
+        return (f"{exc.message} ({server} answered: another server of its cluster did not, or is going back to a "
+                "checkpoint; bring it back, or retry)")
     if isinstance(exc, errors.Unavailable):
         return (f"cannot reach a paramserver at {server} ({exc.message}). Start one with "
                 f"'ps-server --port {server.rpartition(':')[2] or 50051}', point --server (or PSCTL_SERVER) "

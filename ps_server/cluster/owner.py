@@ -144,7 +144,9 @@ class ClusterOwner:
                 run_id=run.run_id, spec=codec.spec_to_proto(spec), shard_map=shard_map, index=peer.index,
                 created=created, checkpoints=self._checkpointer is not None,
                 checkpoint_every=self._checkpointer.every if self._checkpointer else 0)
-            wait = 4 * self._timeout + BUILD_SECONDS_PER_GIB * held[peer.index] / (1 << 30)  # (its values drawn)
+            # As long as any call for one that does not answer (the error names it, before CreateRun's
+            # caller gives up), and the time to draw its shard's values for one that does.
+            wait = self._timeout + BUILD_SECONDS_PER_GIB * held[peer.index] / (1 << 30)
             return peer.call("CreateShard", request, cpb.CreateShardResponse, wait, wait_for_ready=True)
 
         try:

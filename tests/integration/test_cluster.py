@@ -416,6 +416,33 @@ async def test_server_0_waits_for_a_large_shard_to_be_drawn_as_long_as_its_size_
             assert servers[1].registry.find(run.run_id) is not None
 
 
+async def test_a_create_run_with_a_server_down_names_it_before_the_client_gives_up(
+        server_config: ServerConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Server 0 waits for a server that does not answer about as long as for any call to it (its
+    shard's size adds to that only once it answers): CreateRun fails naming that server, within
+    the client's deadline, not with the client's 'no answer from server 0 in time'; psctl says so,
+    not that server 0 cannot be reached."""
+    from typer.testing import CliRunner
+
+    from client.cli import app
+
+    async with cluster(server_config, 2, split_bytes=1024) as servers:
+        assert servers[0].cluster is not None
+        monkeypatch.setattr(servers[0].cluster, "_timeout", 1.0)
+        down = servers[1].address
+        await servers[1].stop(0)
+        async with PsClient(servers[0].address, timeout=3) as c:
+            with pytest.raises(errors.Unavailable) as e:
+                await c.create_run(make_spec(num_workers=1))
+            assert down in e.value.message, e.value.message
+            assert await c.list_runs() == []
+        result = await asyncio.to_thread(CliRunner().invoke, app, [
+            "launch", "--model", "softmax", "--dataset", "digits", "--workers", "1", "--server", servers[0].address,
+            "--timeout", "3"])
+    assert result.exit_code == 1
+    assert down in result.stderr and "Start one with" not in result.stderr, result.stderr  # server 0 answered
+
+
 async def test_a_create_run_its_caller_gave_up_on_leaves_no_shard_on_any_server(server_config: ServerConfig,
                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Server 2 takes long to create its shard and the client's CreateRun deadline passes while
