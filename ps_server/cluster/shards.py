@@ -7,6 +7,7 @@ owner never sends itself UpdateShard: its shard is the membership.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable, Sequence
 
@@ -28,6 +29,9 @@ log = logging.getLogger("ps_server")
 
 CUT_WAIT = 30.0
 """Seconds CheckpointShard waits for the shard's min clock to reach the cut."""
+
+DELETED_KEPT = 10_000
+"""Most run ids a server remembers were deleted (a CreateShard of one is refused)."""
 
 
 async def restore(registry: RunRegistry, checkpointer: Checkpointer, run_id: str, cut: int, why: str) -> Run:
@@ -67,6 +71,14 @@ class ShardService:
         self._data_port = data_port
         self._shm_socket = shm_socket
         self._checkpointer = checkpointer
+        self._deleted: collections.OrderedDict[str, None] = collections.OrderedDict()
+        """The runs deleted here, newest last: a CreateShard that comes, or ends, after its run's
+        DeleteShard (server 0 gave up on it, and its cancellation is late) leaves no shard."""
+
+    def _not_deleted(self, run_id: str) -> None:
+        if run_id in self._deleted:
+            raise FailedPrecondition(f"run {run_id} was deleted (server 0 gave up creating it): its shard is not "
+                                     "created")
 
     async def CreateShard(self, request: cpb.CreateShardRequest) -> cpb.CreateShardResponse:
         shards = request.shard_map.shards
@@ -88,8 +100,12 @@ class ShardService:
             check_map(shard_map, spec.params)
         except ValueError as exc:
             raise InvalidArgument(f"the shard map of {request.run_id} does not fit its spec: {exc}") from None
+        self._not_deleted(request.run_id)
         run = await self._registry.create_shard(request.run_id, spec, Placement(shard_map, self._index),
                                                 request.created.ToNanoseconds() / 1e9)
+        if request.run_id in self._deleted:  # while its values were drawn
+            await self._delete(request.run_id)
+            self._not_deleted(request.run_id)
         if self._checkpointer is not None:  # cut 0, on every server before the run exists: a server killed
             await self._checkpointer.written(run.run_id)  # now goes back to it with the others
         log.info("holding shard %d of %s: %d bytes", self._index, run.run_id, run.store.nbytes,
@@ -153,10 +169,16 @@ class ShardService:
         return cpb.RestoreShardResponse(status=messages.shard_status(run, self._cluster[self._index]))
 
     async def DeleteShard(self, request: cpb.DeleteShardRequest) -> cpb.DeleteShardResponse:
+        self._deleted[request.run_id] = None
+        while len(self._deleted) > DELETED_KEPT:
+            self._deleted.popitem(last=False)
+        await self._delete(request.run_id)
+        return cpb.DeleteShardResponse()
+
+    async def _delete(self, run_id: str) -> None:
         try:
-            self._registry.remove(request.run_id)
+            self._registry.remove(run_id)
         except NotFound:
             pass
         if self._checkpointer is not None:
-            await self._checkpointer.delete(request.run_id)
-        return cpb.DeleteShardResponse()
+            await self._checkpointer.delete(run_id)

@@ -510,6 +510,43 @@ async def test_a_run_deleted_while_server_0_tells_the_servers_of_an_eviction_doe
             assert registry.get(third.run_id).clock.slots[0].state.value == "evicted", "leases no longer expire"
 
 
+async def test_a_shard_deleted_while_it_is_created_is_not_created(server_config: ServerConfig,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeleteShard reaches a server while its CreateShard of the run still draws the values (server
+    0 gave up on it, and its cancellation has not reached this server's handler yet): the
+    creation ends refused, and the server holds no shard of the run, whichever came first."""
+    from paramserver.v1 import cluster_pb2 as cpb
+    from ps_server import codec
+    from ps_server.cluster.shards import ShardService
+    from ps_server.core.errors import PsError
+
+    async with cluster(server_config, 2, split_bytes=1024) as servers:
+        async with PsClient(servers[0].address, timeout=10) as c:
+            spec = make_spec(shapes={"w": (40, 30)}, num_workers=1)
+            run = await c.create_run(spec)
+        registry = servers[1].registry
+        service = ShardService(registry, [s.address for s in servers], 1, lambda: 0)
+        request = cpb.CreateShardRequest(run_id="run-late", spec=spec, shard_map=run.shard_map, index=1,
+                                         created=codec.ts(0.0))
+        build, drawn = registry.build, asyncio.Event()
+
+        async def slowly(*args: Any, **kwargs: Any) -> Any:
+            await drawn.wait()
+            return await build(*args, **kwargs)
+
+        monkeypatch.setattr(registry, "build", slowly)
+        creating = asyncio.ensure_future(service.CreateShard(request))
+        await asyncio.sleep(0.05)  # (drawing)
+        await service.DeleteShard(cpb.DeleteShardRequest(run_id="run-late"))
+        drawn.set()
+        with pytest.raises(PsError, match="deleted"):
+            await creating
+        assert registry.find("run-late") is None
+        with pytest.raises(PsError, match="deleted"):  # and one that comes after its deletion
+            await service.CreateShard(request)
+        assert registry.find("run-late") is None
+
+
 async def test_a_server_that_stays_down_fails_every_run_naming_it(server_config: ServerConfig) -> None:
     """Each of the runs it held a shard of fails (the owner asks it about the first one only, each
     time, and does not wait as long again for each of the others), and shows it out of reach."""

@@ -101,6 +101,9 @@ class ClusterServiceServicer:
 
     def DeleteShard(self, request, context):
         """Forget the shard and its checkpoints (DeleteRun, retention). NOT_FOUND is not an error here.
+        The server remembers the run was deleted: a CreateShard of it that comes, or ends, after this
+        is refused (FAILED_PRECONDITION) and leaves no shard (server 0 deletes the shards of a run it
+        gave up creating, whose CreateShard may still be on its way).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
