@@ -108,6 +108,9 @@ class ClusterOwner:
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
         self._status: dict[tuple[str, int], pb.ShardStatus] = {}
         self._samples: dict[tuple[str, int], collections.deque[tuple[float, int]]] = {}
+        self._gone: set[tuple[str, int]] = set()
+        """(run id, server)s that answered they do not hold their shard (restarted without it): a
+        finished run's is not asked again."""
         self._silent_since: dict[int, tuple[float, PsError]] = {}
         """server -> since when it has not answered, and its last error."""
         self._checkpointer = checkpointer
@@ -202,6 +205,7 @@ class ClusterOwner:
         for table in (self._sent, self._locks, self._status, self._samples, self._cuts, self._told, self._torn,
                       self._lost):
             table.pop((run_id, index), None)
+        self._gone.discard((run_id, index))
 
     # ------------------------------------------------------------------------------ membership
     async def sync(self, run: Run, timeout: float | None = None) -> None:
@@ -290,8 +294,9 @@ class ClusterOwner:
 
     def _settled(self, run: Run, peer: PeerLink) -> bool:
         """``peer`` has this finished run's end, and its final status is here (no need to ask again)."""
-        status = self._status.get((run.run_id, peer.index))
-        return (run.run_id, peer.index) in self._sent and status is not None and status.state in _FINISHED
+        key = (run.run_id, peer.index)
+        status = self._status.get(key)
+        return (key in self._sent or key in self._gone) and status is not None and status.state in _FINISHED
 
     async def _check(self, peer: PeerLink, runs: list[Run]) -> None:
         now = time.monotonic()
@@ -311,8 +316,15 @@ class ClusterOwner:
                 resp = await peer.call("GetShard", cpb.GetShardRequest(run_id=run.run_id, keep_cuts=keep),
                                        cpb.GetShardResponse, self._timeout)
             except NotFound:
-                self._fail(run, f"{peer.name} no longer holds its shard of the run (it restarted without a "
-                                "checkpoint): the parameters it held are lost")
+                gone = f"{peer.name} no longer holds its shard of the run (it restarted without a checkpoint)"
+                self._fail(run, f"{gone}: the parameters it held are lost")
+                assert run.placement is not None
+                self._gone.add(key)
+                self._status[key] = pb.ShardStatus(
+                    index=peer.index, address=peer.address, reachable=True, error=gone,
+                    bytes_held=run.placement.shard_map.bytes_held(run.spec.params)[peer.index],
+                    state=codec.run_state_to_proto(run.state))
+                self._silent_since.pop(peer.index, None)
                 continue
             except PsError as exc:
                 since = self._silent_since.get(peer.index, (now, exc))[0]

@@ -608,6 +608,35 @@ async def test_psctl_status_of_a_finished_run_shows_a_server_that_went_down_as_u
                 await back.stop(0)
 
 
+async def test_a_server_back_without_a_finished_runs_shard_shows_so(server_config: ServerConfig,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run ended while server 1 was down; server 1 came back without its shard (no
+    --data-dir): the run's status shows server 1 reachable and that its shard is gone, not the
+    'did not answer' of before, and server 0 stops asking it about the run."""
+    async with cluster(server_config, 2, shard_timeout=60.0) as servers:
+        assert servers[0].cluster is not None
+        monkeypatch.setattr(servers[0].cluster, "_timeout", 0.5)
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(make_spec(num_workers=1))
+            await servers[1].stop(0)
+            for _ in range(100):
+                if not (await c.get_run(run.run_id)).shards[1].reachable:
+                    break
+                await asyncio.sleep(0.1)
+            await c.stop_run(run.run_id)
+            back = await start_server(servers[1].config)
+            try:
+                for _ in range(100):
+                    if (shard := (await c.get_run(run.run_id)).shards[1]).reachable:
+                        break
+                    await asyncio.sleep(0.1)
+                assert shard.reachable and "no longer holds its shard" in shard.error, shard
+                assert shard.state == pb.RUN_STATE_STOPPED  # (settled: not asked again)
+                assert servers[0].cluster._settled(servers[0].registry.get(run.run_id), servers[0].cluster._peers[0])
+            finally:
+                await back.stop(0)
+
+
 async def test_psctl_export_with_a_server_down_names_it_not_the_server_it_asked(server_config: ServerConfig,
                                                                                 tmp_path: Path) -> None:
     """Server 0 answers, server 1 is down: the export says that a server of the run did not answer
