@@ -67,6 +67,8 @@ class Control:
         self._data_port = data_port if cluster is None else (lambda: 0)
         self._shm_socket = shm_socket if cluster is None else (lambda: "")
         self._cluster = cluster
+        self._cleanups: set[asyncio.Task[None]] = set()
+        """Deletions going on after their caller gave up (``DeleteRun``)."""
 
     def _run(self, run: Run) -> pb.Run:
         out = codec.run_to_proto(run.spec, run.status())
@@ -107,12 +109,20 @@ class Control:
             run.stop("deleted")
         last = self._run(run)
         self._registry.remove(run.run_id)
-        if self._checkpointer is not None:
-            await self._checkpointer.delete(run.run_id)
-        if self._cluster is not None:
-            await self._cluster.delete(run.run_id)
-        log.info("deleted %s", run.run_id, extra={"run": run.run_id})
+        # Forgotten now: its checkpoints and shards go however the call ends (a caller that gives up
+        # meanwhile must not leave them, resumed at the next start, or held by servers no one tells).
+        cleanup = asyncio.ensure_future(self._delete(run.run_id))
+        self._cleanups.add(cleanup)
+        cleanup.add_done_callback(self._cleanups.discard)
+        await asyncio.shield(cleanup)
         return pb.DeleteRunResponse(run=last)
+
+    async def _delete(self, run_id: str) -> None:
+        if self._checkpointer is not None:
+            await self._checkpointer.delete(run_id)
+        if self._cluster is not None:
+            await self._cluster.delete(run_id)
+        log.info("deleted %s", run_id, extra={"run": run_id})
 
     async def StopRun(self, request: pb.StopRunRequest) -> pb.StopRunResponse:
         run = self._registry.get(request.run_id)

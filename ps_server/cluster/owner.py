@@ -108,6 +108,8 @@ class ClusterOwner:
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
         self._status: dict[tuple[str, int], pb.ShardStatus] = {}
         self._samples: dict[tuple[str, int], collections.deque[tuple[float, int]]] = {}
+        self._cleanups: set[asyncio.Task[None]] = set()
+        """Deletions going on after their caller gave up (``create_run``)."""
         self._gone: set[tuple[str, int]] = set()
         """(run id, server)s that answered they do not hold their shard (restarted without it): a
         finished run's is not asked again."""
@@ -155,7 +157,10 @@ class ClusterOwner:
         try:
             results = await asyncio.gather(*(create(peer) for peer in self._peers), return_exceptions=True)
         except asyncio.CancelledError:  # CreateRun's caller gave up (its deadline) while a server was slow:
-            await asyncio.shield(self.delete(run.run_id))  # the shards created meanwhile go too
+            cleanup = asyncio.ensure_future(self.delete(run.run_id))  # the shards created meanwhile go too
+            self._cleanups.add(cleanup)
+            cleanup.add_done_callback(self._cleanups.discard)
+            await asyncio.shield(cleanup)
             raise
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:

@@ -510,6 +510,31 @@ async def test_a_run_deleted_while_server_0_tells_the_servers_of_an_eviction_doe
             assert registry.get(third.run_id).clock.slots[0].state.value == "evicted", "leases no longer expire"
 
 
+async def test_a_delete_run_its_caller_gave_up_on_still_deletes_every_shard(
+        server_config: ServerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeleteRun forgets the run at once, then deletes its checkpoints and has every server delete
+    its shard: a caller that gives up meanwhile (server 0's checkpoints take long to delete) does
+    not leave the shards behind, held for ever by servers nobody will tell again."""
+    async with cluster(server_config, 2, lambda i: {"data_dir": str(tmp_path / str(i))}, split_bytes=1024) as servers:
+        assert servers[0].checkpointer is not None
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(make_spec(shapes={"w": (40, 30)}, num_workers=1))
+        delete = servers[0].checkpointer.delete
+
+        async def slowly(run_id: str) -> None:
+            await asyncio.sleep(1)
+            await delete(run_id)
+
+        monkeypatch.setattr(servers[0].checkpointer, "delete", slowly)
+        async with PsClient(servers[0].address, timeout=0.3) as c:
+            with pytest.raises(errors.DeadlineExceeded):
+                await c.delete_run(run.run_id, force=True)
+        await until(lambda: servers[1].registry.find(run.run_id) is None, 5)
+        assert servers[1].registry.find(run.run_id) is None, "server 1 kept the shard of the deleted run"
+        await until(lambda: not (tmp_path / "0" / run.run_id).exists(), 5)
+        assert not (tmp_path / "0" / run.run_id).exists() and not (tmp_path / "1" / run.run_id).exists()
+
+
 async def test_a_shard_deleted_while_it_is_created_is_not_created(server_config: ServerConfig,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """DeleteShard reaches a server while its CreateShard of the run still draws the values (server
