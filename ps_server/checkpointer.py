@@ -48,7 +48,8 @@ class Checkpointer:
         """run id -> the cuts whose checkpoints pruning keeps (a cluster's newest common ones)."""
         self._sharded: set[str] = set()
         """runs placed over several servers: until ``protected`` says which cuts all servers have,
-        pruning keeps the oldest (the first cut, 0, which every server writes at creation), so that one is common."""
+        pruning keeps cut 0, which every server writes at creation, and the first periodic cut, which
+        every server writes at once: those are common."""
         self._epochs: dict[str, int] = {}
         """run id -> how many times it went back to a checkpoint (``restore``): a snapshot of an
         earlier epoch belongs to a history the run left, and is not written."""

@@ -96,8 +96,10 @@ class CheckpointStore:
               keep_oldest: bool = False) -> Path:
         """Write one checkpoint of ``meta["run_id"]`` atomically; prune to the newest ``keep``, but
         for the newest checkpoint of each cut in ``protect`` (cuts a cluster can go back to) and,
-        if ``keep_oldest``, of the oldest checkpoint's cut (a cluster's shard before server 0 has
-        said which cuts all servers have: its first, which every server writes)."""
+        if ``keep_oldest``, of cut 0 and its oldest other cut (a cluster's shard before server 0 has
+        said which cuts all servers have: cut 0, which every server writes at creation, and its first
+        periodic one, which every server writes at once: going back to cut 0, before any worker
+        joined, sends every worker away)."""
         run_dir = self.root / str(meta["run_id"])
         run_dir.mkdir(parents=True, exist_ok=True)
         existing = self._checkpoints(run_dir)
@@ -127,8 +129,10 @@ class CheckpointStore:
             raise
         listed = self._checkpoints(run_dir)
         kept = listed[: self.keep]
-        if keep_oldest and (oldest := self._cut(listed[-1])) is not None:
-            protect = {*protect, oldest}
+        if keep_oldest:
+            cuts = {c for c in map(self._cut, listed) if c is not None}
+            first = min(cuts - {0}, default=None)
+            protect = {*protect, *(cuts & {0}), *(() if first is None else (first,))}
         for old in listed[self.keep :]:
             cut = self._cut(old)
             if cut in protect and cut not in map(self._cut, kept):

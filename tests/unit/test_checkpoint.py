@@ -616,6 +616,18 @@ def test_a_shard_not_yet_told_which_cuts_are_common_keeps_its_first(tmp_path: Pa
     assert store.cuts(run.run_id) == [25, 20, 15]
 
 
+def test_a_shard_not_yet_told_keeps_cut_0_and_its_first_periodic_cut(tmp_path: Path) -> None:
+    """Every server writes cut 0 at creation and its first periodic cut at once (never coalesced):
+    both are common, and both are kept until server 0 says which are. Keeping cut 0 alone would
+    send a fast run whose server 0's disk lags back to before its workers joined."""
+    store = CheckpointStore(tmp_path, keep=2)
+    run = make_run()
+    for cut in (0, 5, 10, 15, 20):
+        meta, arrays = snapshot.state_dict(run, cut)
+        store.write(meta, arrays, keep_oldest=True)
+    assert store.cuts(run.run_id) == [20, 15, 5, 0]
+
+
 async def test_checkpoint_at_a_cut_waits_for_the_min_clock_to_reach_it(tmp_path: Path) -> None:
     checkpointer = Checkpointer(CheckpointStore(tmp_path), every=0)
     run = make_run()  # min clock 3
