@@ -441,7 +441,7 @@ class ClusterOwner:
         common = set(self._checkpointer.store.cuts(run.run_id)).intersection(*heard)  # type: ignore[arg-type]
         if common and (not kept or max(common) != kept[0]):
             newest, still = max(common), [c for c in kept if c in common]  # (kept everywhere since told)
-            older = max(still) if still else min(common)  # (none yet: the first cut, kept by every server)
+            older = max(still) if still else min(common - {0} or common)  # (none yet: the first periodic cut, or 0)
             self._checkpointer.protected[run.run_id] = (newest, older) if older != newest else (newest,)
 
     # ------------------------------------------------------------------------------ recovery

@@ -1148,6 +1148,9 @@ def test_server_0_changes_the_cuts_kept_only_when_every_server_keeps_one_it_keep
     mine[:] = [40, 35, 20, 10]
     assert poll([40, 35, 10]) == (40, 10)  # server 1 lost 20 before it was told: 10, which it had kept, stays
     assert poll([45, 40, 10]) == (40, 10)
+    checkpointer.protected.clear()  # a run with cut 0 (written at creation): the older kept is the first periodic
+    mine[:] = [10, 5, 0]
+    assert poll([30, 25, 10, 5, 0]) == (10, 5)  # (going back to cut 0, before any worker joined, sends them away)
 
 
 def _with_table(shapes: dict[str, tuple[int, ...]], table: tuple[int, int]) -> pb.RunSpec:
