@@ -15,7 +15,8 @@
   update, a restarted server).
 - ``watch`` also asks every server for its shard's status each ``poll`` seconds (GetRun shows
   them; a finished run's final status is not asked again, but a server that stops answering shows
-  as unreachable in every run's status, and one with nothing to be asked about is probed). A shard that failed (its parameters diverged) fails the run with its message; a server
+  as unreachable in every run's status, and one with nothing to be asked about is probed). A
+  shard that failed (its parameters diverged) fails the run with its message; a server
   that does not answer for ``shard_timeout`` seconds, or has lost its shard (restarted without a
   checkpoint), fails the runs it held shards of, naming it. Nothing waits on a dead server longer.
 - A push is applied by each server on its own: ``watch`` compares the clocks every shard has of
@@ -255,8 +256,8 @@ class ClusterOwner:
                 status = pb.ShardStatus(index=peer.index, address=peer.address, reachable=False,
                                         error="not heard from yet", bytes_held=held[peer.index])
             elif status.reachable and silent is not None:  # (a finished run's, as last heard: not asked again)
-                status = pb.ShardStatus()
-                status.CopyFrom(self._status[(run.run_id, peer.index)])
+                heard, status = status, pb.ShardStatus()
+                status.CopyFrom(heard)
                 status.reachable, status.error = False, self._silence(silent)
             out.append(status)
         return out
