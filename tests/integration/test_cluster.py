@@ -557,15 +557,16 @@ async def test_a_shard_deleted_while_it_is_created_is_not_created(server_config:
         service = ShardService(registry, [s.address for s in servers], 1, lambda: 0)
         request = cpb.CreateShardRequest(run_id="run-late", spec=spec, shard_map=run.shard_map, index=1,
                                          created=codec.ts(0.0))
-        build, drawn = registry.build, asyncio.Event()
+        build, drawing, drawn = registry.build, asyncio.Event(), asyncio.Event()
 
         async def slowly(*args: Any, **kwargs: Any) -> Any:
+            drawing.set()
             await drawn.wait()
             return await build(*args, **kwargs)
 
         monkeypatch.setattr(registry, "build", slowly)
         creating = asyncio.ensure_future(service.CreateShard(request))
-        await asyncio.sleep(0.05)  # (drawing)
+        await asyncio.wait_for(drawing.wait(), 5)
         await service.DeleteShard(cpb.DeleteShardRequest(run_id="run-late"))
         drawn.set()
         with pytest.raises(PsError, match="deleted"):
