@@ -31,8 +31,8 @@ import numpy as np
 __all__ = ["FORMAT", "Checkpoint", "CheckpointStore", "CorruptCheckpoint", "NewerCheckpoint"]
 
 FORMAT = 1
-_NAME = re.compile(r"ckpt-\d{10}")
-"""A checkpoint's directory name (``ckpt-<seq>``)."""
+_NAME = re.compile(r"ckpt-(\d{10,})")
+"""A checkpoint's directory name (``ckpt-<seq>``, ten digits or more: ordered by number)."""
 log = logging.getLogger("ps_server")
 
 
@@ -85,12 +85,17 @@ class CheckpointStore:
         self.root = root
         self.keep = max(1, keep)
 
+    def _named(self, run_dir: Path) -> list[Path]:
+        """Whatever in a run's directory is named as a checkpoint, newest (highest ``<seq>``) first."""
+        if not run_dir.is_dir():
+            return []
+        named = ((int(m[1]), p) for p in run_dir.iterdir() if (m := _NAME.fullmatch(p.name)))
+        return [p for _, p in sorted(named, reverse=True)]
+
     def _checkpoints(self, run_dir: Path) -> list[Path]:
         """Complete checkpoints of a run, newest first (temporaries, and anything else not named as
         this module names them, such as a copy someone made beside one, are ignored)."""
-        if not run_dir.is_dir():
-            return []
-        return sorted((p for p in run_dir.iterdir() if _NAME.fullmatch(p.name) and p.is_dir()), reverse=True)
+        return [p for p in self._named(run_dir) if p.is_dir()]
 
     def write(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], protect: Collection[int] = (),
               keep_oldest: bool = False) -> Path:
@@ -103,7 +108,9 @@ class CheckpointStore:
         run_dir = self.root / str(meta["run_id"])
         run_dir.mkdir(parents=True, exist_ok=True)
         existing = self._checkpoints(run_dir)
-        seq = int(existing[0].name.split("-")[1]) + 1 if existing else 1
+        # (after anything named as one: a file someone left as ckpt-<seq> would take its name)
+        named = self._named(run_dir)
+        seq = int(named[0].name.split("-")[1]) + 1 if named else 1
         final = run_dir / f"ckpt-{seq:010d}"
         tmp = run_dir / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir()

@@ -351,6 +351,29 @@ def test_a_copy_beside_the_checkpoints_is_no_checkpoint(tmp_path: Path) -> None:
     assert (newest.parent / "ckpt-notes.txt").exists() and newest.with_name(newest.name + ".bak").exists()
 
 
+@pytest.mark.parametrize("name", ["ckpt-0000000003", "ckpt-9999999999"])
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_something_named_as_a_checkpoint_that_is_none_does_not_block_the_next(tmp_path: Path, name: str,
+                                                                             kind: str) -> None:
+    """A file (or an empty directory) named ``ckpt-<seq>`` in a run's directory: the next write
+    took that very name and failed to rename onto it, and every write after it; one named
+    ``ckpt-9999999999`` took the last ten-digit name. Each write lands, newer than all before."""
+    run = make_run()
+    store = CheckpointStore(tmp_path, keep=2)
+    store.write(*snapshot.state_dict(run))
+    store.write(*snapshot.state_dict(run))
+    junk = tmp_path / run.run_id / name
+    junk.write_text("mine") if kind == "file" else junk.mkdir()
+    incs = [w.incarnation for w in run.status().workers]
+    for clock in range(3, 6):
+        for rank, inc in enumerate(incs):
+            run.push(rank, inc, clock, {"w": np.ones((4, 3), np.float32), "b": np.ones(3, np.float32)}, 0)
+        written = store.write(*snapshot.state_dict(run))
+        (found,) = store.latest()
+        assert found.path == written and found.meta["slots"][0]["clock"] == clock + 1
+    assert kind == "directory" or junk.read_text() == "mine"  # (a file is never a checkpoint: left alone)
+
+
 def test_a_copy_of_a_runs_directory_is_no_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """``cp -a run-ck run-ck.bak`` in the data directory: the copy's checkpoints are of run-ck too,
     and were resumed after the real ones (the directories in name order), so the run went back to
