@@ -14,23 +14,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .core import snapshot
 from .core.checkpoint import CheckpointStore
-from .core.errors import FailedPrecondition
+from .core.errors import FailedPrecondition, NotFound
 from .core.run import Run
 
-__all__ = ["Checkpointer"]
+__all__ = ["Checkpointer", "landed"]
 
 Snapshot = tuple[dict[str, Any], dict[str, np.ndarray], int]
 """Metadata, arrays, and the run's epoch when they were taken."""
 
 log = logging.getLogger("ps_server")
+T = TypeVar("T")
+
+
+async def landed(work: Awaitable[T]) -> T:
+    """``work``'s result; a caller cancelled meanwhile is cancelled once ``work`` has ended (a
+    thread writing or deleting a run's files goes on regardless: the run's lock, held around
+    this, must be held until it has landed, or the next write of the run would race it)."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task})
+        raise
 
 
 class Checkpointer:
@@ -112,7 +125,10 @@ class Checkpointer:
     async def checkpoint_now(self, run: Run, reason: str, cut: int | None = None,
                              final: bool = False) -> tuple[Path, int]:
         """``final``: the server's last, after its last RPC (it holds every push it acknowledged)."""
-        async with self._asked.setdefault(run.run_id, asyncio.Lock()):
+        asked = self._asked.setdefault(run.run_id, asyncio.Lock())
+        async with asked:
+            if self._asked.get(run.run_id) is not asked:  # (``delete`` had it)
+                raise NotFound(f"run {run.run_id} was deleted")
             meta, arrays = snapshot.state_dict(run, cut)
             meta["final"] = final and not run.held  # (a held shard is behind the others: it must go back)
             if run.run_id not in self._sharded:  # (a cluster's keeps each cut it was scheduled at)
@@ -142,19 +158,19 @@ class Checkpointer:
         registry's ``replace``), once ``check(run)`` passed; then its checkpoints of later cuts are
         deleted, and the run it replaces takes none from now on. CorruptCheckpoint if none loads,
         KeyError/ValueError if it does not fit its run, or what ``check`` raises: then nothing
-        changed and the run it would have replaced goes on as before."""
+        changed and the run it would have replaced goes on as before. A caller cancelled while
+        the run's files are read or deleted is cancelled once that has ended (the run's lock
+        held until then: its next write must not land beside the deletion)."""
         taken = self._taken.pop(run_id, None)  # the run being replaced: no more snapshots of it
         self._waiting.pop(run_id, None)
-        writer = self._writers.pop(run_id, None)
-        if writer is not None:
-            await asyncio.gather(writer, return_exceptions=True)
         try:
+            await self.written(run_id)
             async with self._locks.setdefault(run_id, asyncio.Lock()):
-                ckpt = await asyncio.to_thread(self.store.load_cut, run_id, cut)
+                ckpt = await landed(asyncio.to_thread(self.store.load_cut, run_id, cut))
                 run = snapshot.restore(ckpt.meta, ckpt.arrays)
                 check(run)
                 self._epochs[run_id] = self._epochs.get(run_id, 0) + 1  # snapshots of the run it replaces: void
-                await asyncio.to_thread(self.store.discard_after, run_id, cut)
+                await landed(asyncio.to_thread(self.store.discard_after, run_id, cut))
                 self.protected[run_id] = (cut,)  # (a cluster's servers all went back to it: kept until told)
         except BaseException:
             if taken is not None and run_id not in self._taken:
@@ -173,13 +189,10 @@ class Checkpointer:
             t0 = time.perf_counter()
             try:
                 protect = self.protected.get(run_id)
-                write = asyncio.ensure_future(asyncio.to_thread(self.store.write, meta, arrays, protect or (),
-                                                                not protect and run_id in self._sharded))
-                try:
-                    path = await asyncio.shield(write)
-                except asyncio.CancelledError:  # (a caller's, an RPC's at shutdown: its thread writes on,
-                    await asyncio.wait({write})  # and the run's next write, the same ckpt-<seq>, waits for it)
-                    raise
+                # (a caller cancelled, an RPC at shutdown: its thread writes on, and the run's next
+                # write, which would take the same ckpt-<seq>, waits for it)
+                path = await landed(asyncio.to_thread(self.store.write, meta, arrays, protect or (),
+                                                      not protect and run_id in self._sharded))
             except OSError as exc:
                 log.error("checkpoint of %s failed: %s", run_id, exc, extra={"run": run_id})
                 self.behind.add(run_id)
@@ -192,21 +205,24 @@ class Checkpointer:
 
     async def delete(self, run_id: str) -> None:
         """Delete ``run_id``'s checkpoints, once the write in progress (if any) and those asked for
-        (``checkpoint_now``) have landed; a snapshot still waiting to be written is dropped."""
+        (``checkpoint_now``) have landed; a snapshot still waiting to be written is dropped, and
+        those asked for after are refused (NotFound). A caller cancelled meanwhile is cancelled
+        once the deletion has ended."""
         self._waiting.pop(run_id, None)
         self._taken.pop(run_id, None)
         self.protected.pop(run_id, None)
         self._sharded.discard(run_id)
         self._cuts.pop(run_id, None)
-        writer = self._writers.pop(run_id, None)
-        if writer is not None:
-            await asyncio.gather(writer, return_exceptions=True)
-        # (after the checkpoints asked for before: one would take its snapshot, and write it, after)
-        async with self._asked.setdefault(run_id, asyncio.Lock()), self._locks.setdefault(run_id, asyncio.Lock()):
-            await asyncio.to_thread(self.store.delete, run_id)
-        self._locks.pop(run_id, None)
-        self._asked.pop(run_id, None)
-        self.behind.discard(run_id)
+        try:
+            await self.written(run_id)
+            # (after the checkpoints asked for before: one would take its snapshot, and write it, after)
+            async with self._asked.setdefault(run_id, asyncio.Lock()), self._locks.setdefault(run_id, asyncio.Lock()):
+                await landed(asyncio.to_thread(self.store.delete, run_id))
+        finally:
+            self._writers.pop(run_id, None)
+            self._locks.pop(run_id, None)
+            self._asked.pop(run_id, None)
+            self.behind.discard(run_id)
 
     async def written(self, run_id: str) -> None:
         """Until what was scheduled for ``run_id`` so far is written (or failed: logged); a caller

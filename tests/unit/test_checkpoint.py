@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 from ps_server.checkpointer import Checkpointer
 from ps_server.core import checkpoint, snapshot
 from ps_server.core.checkpoint import CheckpointStore, CorruptCheckpoint
-from ps_server.core.errors import FailedPrecondition
+from ps_server.core.errors import FailedPrecondition, NotFound
 from ps_server.core.run import Run
 from ps_server.core.spec import Initializer, OptimizerConfig, OptimizerKind, ParamSpec, RunSpec
 
@@ -559,6 +560,67 @@ async def test_a_write_whose_caller_was_cancelled_lands_before_the_next(tmp_path
     assert store.latest()[0].path == path and store.load(path).meta["final"]
     with pytest.raises(asyncio.CancelledError):
         await asked
+
+
+async def test_a_deletion_whose_caller_was_cancelled_ends_before_anything_else(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DeleteRun cancelled while its thread removed the run's files (the sweep's, at shutdown)
+    released the run's locks at once: a CheckpointRun asked for meanwhile then wrote the deleted
+    run's checkpoint beside the deletion (the run came back at the next start, or the path it was
+    told was removed under it). It is refused once the deletion has ended."""
+    store = CheckpointStore(tmp_path)
+    checkpointer = Checkpointer(store, every=0)
+    run = make_run()
+    await checkpointer.checkpoint_now(run, "created")
+    delete = store.delete
+
+    def slow(run_id: str) -> str:
+        time.sleep(0.3)
+        return delete(run_id)
+
+    monkeypatch.setattr(store, "delete", slow)
+    deleting = asyncio.create_task(checkpointer.delete(run.run_id))
+    await asyncio.sleep(0.1)
+    asked = asyncio.create_task(checkpointer.checkpoint_now(run, "on demand"))
+    await asyncio.sleep(0)
+    deleting.cancel()
+    with pytest.raises(NotFound, match="deleted"):
+        await asked
+    with pytest.raises(asyncio.CancelledError):
+        await deleting
+    assert store.latest() == [] and list(tmp_path.iterdir()) == []
+
+
+async def test_a_restore_whose_caller_was_cancelled_holds_the_run_until_its_thread_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A RestoreShard cancelled while its thread deleted the checkpoints past the cut released the
+    run's lock at once: the run's next checkpoint landed meanwhile and was deleted with them."""
+    store = CheckpointStore(tmp_path)
+    checkpointer = Checkpointer(store, every=0)
+    run = make_run()
+    checkpointer.attach(run)
+    await checkpointer.written(run.run_id)
+    incs = [w.incarnation for w in run.status().workers]
+    for rank, inc in enumerate(incs):
+        run.push(rank, inc, 3, {"w": np.ones((4, 3), np.float32), "b": np.ones(3, np.float32)}, 0)
+    await checkpointer.checkpoint_now(run, "on demand")  # cut 4, to be discarded
+    discard = store.discard_after
+    discarded = threading.Event()
+
+    def slow(run_id: str, cut: int) -> None:
+        time.sleep(0.3)
+        discard(run_id, cut)
+        discarded.set()
+
+    monkeypatch.setattr(store, "discard_after", slow)
+    restoring = asyncio.create_task(checkpointer.restore(run.run_id, 3))
+    await asyncio.sleep(0.1)
+    restoring.cancel()
+    path, _ = await checkpointer.checkpoint_now(run, "on demand")
+    with pytest.raises(asyncio.CancelledError):
+        await restoring
+    assert await asyncio.to_thread(discarded.wait, 10)
+    assert path.exists() and store.latest()[0].path == path
 
 
 async def test_a_checkpoint_that_cannot_be_written_is_an_event_of_its_run(tmp_path: Path,
