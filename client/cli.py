@@ -333,11 +333,16 @@ def delete(run_id: RunId,
            force: Annotated[bool, typer.Option("--force", help="Stop the run first if it is still going.")] = False,
            server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 60.0) -> None:
     """Delete a finished run: the server forgets it and deletes its checkpoints (export it first to keep it)."""
-    run = _with_client(server, timeout, lambda ps: ps.delete_run(run_id, force))
+    resp = _with_client(server, timeout, lambda ps: ps.delete_run(run_id, force))
+    run = resp.run
     if json_:
-        _print_json({"run_id": run.run_id, "deleted": True, "state": facts.state_name(run.state)})
+        _print_json({"run_id": run.run_id, "deleted": True, "state": facts.state_name(run.state),
+                     "left_behind": resp.left_behind})
     else:
         typer.echo(f"{run.run_id}: deleted ({facts.state_name(run.state)})")
+        if resp.left_behind:
+            typer.echo(f"warning: its files could not all be removed: {resp.left_behind}; remove them by hand",
+                       err=True)
 
 
 @app.command()

@@ -184,10 +184,11 @@ class PsClient:
                 break
         return runs
 
-    async def delete_run(self, run_id: str, force: bool = False) -> pb.Run:
-        """Forget a finished run and delete its checkpoints (``force``: stop it first); the run as it was."""
+    async def delete_run(self, run_id: str, force: bool = False) -> pb.DeleteRunResponse:
+        """Forget a finished run and delete its checkpoints (``force``: stop it first): the run as
+        it was, and what of its files the server could not remove (``left_behind``, the proto says)."""
         req = pb.DeleteRunRequest(run_id=run_id, force=force)
-        return (await self._call("RunService", "DeleteRun", req, pb.DeleteRunResponse)).run
+        return await self._call("RunService", "DeleteRun", req, pb.DeleteRunResponse)
 
     async def stop_run(self, run_id: str, reason: str = "") -> pb.Run:
         req = pb.StopRunRequest(run_id=run_id, reason=reason)

@@ -203,26 +203,55 @@ class Checkpointer:
                 1e3 * (time.perf_counter() - t0), extra={"run": run_id})
         return path
 
-    async def delete(self, run_id: str) -> None:
+    async def delete(self, run_id: str) -> str:
         """Delete ``run_id``'s checkpoints, once the write in progress (if any) and those asked for
         (``checkpoint_now``) have landed; a snapshot still waiting to be written is dropped, and
-        those asked for after are refused (NotFound). A caller cancelled meanwhile is cancelled
-        once the deletion has ended."""
-        self._waiting.pop(run_id, None)
-        self._taken.pop(run_id, None)
-        self.protected.pop(run_id, None)
+        those asked for after are refused (NotFound). What could not be removed, or ""
+        (``CheckpointStore.delete``: the run is deleted all the same). OSError if its directory
+        cannot be moved away: then nothing is deleted and the run is checkpointed as before, as
+        it is when the caller is cancelled before the deletion began (once begun, it ends first)."""
+        waiting = self._waiting.pop(run_id, None)
+        taken = self._taken.pop(run_id, None)
+        protected = self.protected.pop(run_id, None)
+        sharded = run_id in self._sharded
         self._sharded.discard(run_id)
-        self._cuts.pop(run_id, None)
+        cuts = self._cuts.pop(run_id, None)
+        moved = False
+
+        def delete() -> str:
+            nonlocal moved
+            left = self.store.delete(run_id)
+            moved = True
+            return left
+
         try:
             await self.written(run_id)
             # (after the checkpoints asked for before: one would take its snapshot, and write it, after)
             async with self._asked.setdefault(run_id, asyncio.Lock()), self._locks.setdefault(run_id, asyncio.Lock()):
-                await landed(asyncio.to_thread(self.store.delete, run_id))
+                left = await landed(asyncio.to_thread(delete))
+            if left:
+                log.warning("deleted %s, but its files could not all be removed: %s; remove them by hand (or the "
+                            "server tries again at its next start)", run_id, left, extra={"run": run_id})
+            return left
         finally:
-            self._writers.pop(run_id, None)
-            self._locks.pop(run_id, None)
-            self._asked.pop(run_id, None)
-            self.behind.discard(run_id)
+            if moved:
+                self._writers.pop(run_id, None)
+                self._locks.pop(run_id, None)
+                self._asked.pop(run_id, None)
+                self.behind.discard(run_id)
+            else:  # (the run is as it was, its last snapshot still to be written)
+                if taken is not None:
+                    self._taken.setdefault(run_id, taken)
+                if protected is not None:
+                    self.protected.setdefault(run_id, protected)
+                if cuts is not None:
+                    self._cuts.setdefault(run_id, cuts)
+                if waiting is not None:
+                    self._waiting.setdefault(run_id, waiting)
+                if sharded:
+                    self._sharded.add(run_id)
+                if run_id in self._waiting and (run_id not in self._writers or self._writers[run_id].done()):
+                    self._writers[run_id] = asyncio.get_running_loop().create_task(self._write_waiting(run_id))
 
     async def written(self, run_id: str) -> None:
         """Until what was scheduled for ``run_id`` so far is written (or failed: logged); a caller

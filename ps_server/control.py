@@ -18,7 +18,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import wire
 
 from . import codec
-from .checkpointer import Checkpointer
+from .checkpointer import Checkpointer, landed
 from .cluster.owner import ClusterOwner
 from .core.errors import FailedPrecondition, InvalidArgument, PsError, Reason, ShardUnavailable, shortened
 from .core.registry import RunRegistry
@@ -67,7 +67,6 @@ class Control:
         self._data_port = data_port if cluster is None else (lambda: 0)
         self._shm_socket = shm_socket if cluster is None else (lambda: "")
         self._cluster = cluster
-        self._cleanups: set[asyncio.Task[None]] = set()
         """Deletions going on after their caller gave up (``DeleteRun``)."""
 
     def _run(self, run: Run) -> pb.Run:
@@ -108,21 +107,24 @@ class Control:
                                          "force", Reason.RUN_NOT_FINISHED)
             run.stop("deleted")
         last = self._run(run)
-        self._registry.remove(run.run_id)
-        # Forgotten now: its checkpoints and shards go however the call ends (a caller that gives up
-        # meanwhile must not leave them, resumed at the next start, or held by servers no one tells).
-        cleanup = asyncio.ensure_future(self._delete(run.run_id))
-        self._cleanups.add(cleanup)
-        cleanup.add_done_callback(self._cleanups.discard)
-        await asyncio.shield(cleanup)
-        return pb.DeleteRunResponse(run=last)
+        left = await landed(self._delete(run))  # (a caller gone meanwhile: the deletion ends first)
+        log.info("deleted %s", run.run_id, extra={"run": run.run_id})
+        return pb.DeleteRunResponse(run=last, left_behind=left)
 
-    async def _delete(self, run_id: str) -> None:
+    async def _delete(self, run: Run) -> str:
+        """Delete ``run``'s checkpoints, then forget it; what was left on disk (``left_behind``)."""
+        left = ""
         if self._checkpointer is not None:
-            await self._checkpointer.delete(run_id)
+            try:
+                left = await self._checkpointer.delete(run.run_id)
+            except OSError as exc:  # nothing deleted: the run stays (a restart would resume it)
+                raise PsError(f"could not delete the checkpoints of {run.run_id} in {self._checkpointer.store.root}"
+                              f": {exc.strerror or exc}; nothing was deleted and the run is kept "
+                              f"({run.state.value}): fix the data directory and delete it again") from None
+        self._registry.remove(run.run_id)
         if self._cluster is not None:
-            await self._cluster.delete(run_id)
-        log.info("deleted %s", run_id, extra={"run": run_id})
+            await self._cluster.delete(run.run_id)
+        return left
 
     async def StopRun(self, request: pb.StopRunRequest) -> pb.StopRunResponse:
         run = self._registry.get(request.run_id)

@@ -176,7 +176,11 @@ async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Chec
                                    if (run := registry.find(run_id)) is not None))
         for run in registry.prune(config.keep_finished_runs, config.keep_finished_seconds, time.time()):
             if checkpointer:
-                await checkpointer.delete(run.run_id)
+                try:
+                    await checkpointer.delete(run.run_id)
+                except OSError as exc:  # (the sweep goes on: leases are its first job)
+                    log.error("could not delete the checkpoints of %s (%s): a restart will show it again", run.run_id,
+                              exc.strerror or exc, extra={"run": run.run_id})
             if cluster:
                 await cluster.delete(run.run_id)
             log.info("forgot %s (%s %.0fs ago): over the retention limits", run.run_id, run.state.value,

@@ -181,4 +181,8 @@ class ShardService:
         except NotFound:
             pass
         if self._checkpointer is not None:
-            await self._checkpointer.delete(run_id)
+            try:
+                await self._checkpointer.delete(run_id)
+            except OSError as exc:  # (server 0 tells it again each poll until it answers OK)
+                raise PsError(f"could not delete the checkpoints of {run_id} in {self._checkpointer.store.root} "
+                              f"on server {self._index}: {exc.strerror or exc}") from None

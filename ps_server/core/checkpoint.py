@@ -7,6 +7,8 @@ the cut is in (the min clock when it was taken is >= the cut); a cluster's check
 of each server with the same cut. A checkpoint is written into a hidden temporary directory,
 each file fsynced, then renamed into place and the parent directory fsynced: a crash at any point
 leaves either the previous checkpoints or the new one, never a half one under a ``ckpt-`` name.
+A deleted run's directory is renamed out of the runs first (``.deleted-``), so a crash while it is
+removed never brings the run back, in part.
 Loading checks the manifest, the hash and the shapes; a checkpoint that fails is skipped with an
 error in the log and the next older one is tried. Arrays load with ``allow_pickle=False``.
 """
@@ -80,6 +82,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+_DELETED = ".deleted-"
+"""The name a deleted run's directory takes before it is removed (``CheckpointStore.delete``)."""
+
+
+def _remove(path: Path) -> str:
+    """Remove ``path`` and all in it: "", or what is left and why."""
+    failed: list[str] = []
+    shutil.rmtree(path, onerror=lambda _f, p, exc: failed.append(f"{p}: {getattr(exc[1], 'strerror', None) or exc[1]}"))
+    if not failed:
+        return ""
+    more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+    return f"{path} is left ({failed[0]}{more})"
+
+
 class CheckpointStore:
     def __init__(self, root: Path, keep: int = 3) -> None:
         self.root = root
@@ -148,9 +164,19 @@ class CheckpointStore:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def delete(self, run_id: str) -> None:
-        """Every checkpoint of ``run_id`` (its directory), if any."""
-        shutil.rmtree(self.root / run_id, ignore_errors=True)
+    def delete(self, run_id: str) -> str:
+        """Delete every checkpoint of ``run_id`` (its directory), if any: moved out of the runs at
+        once (renamed ``.deleted-...``: from then on no restart resumes the run), then removed.
+        OSError if it cannot be moved: then nothing changed. What could not be removed (a file
+        held on NFS, a directory this user may not write), where and why, or "" (``latest``
+        removes it at the next start)."""
+        gone = self.root / f"{_DELETED}{run_id}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(self.root / run_id, gone)
+        except FileNotFoundError:
+            return ""
+        _fsync(self.root)
+        return _remove(gone)
 
     def _cut(self, path: Path) -> int | None:
         try:
@@ -220,6 +246,10 @@ class CheckpointStore:
         if not self.root.is_dir():
             return found
         for run_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            if run_dir.name.startswith(_DELETED):  # a run deleted before a crash, or not all removed then
+                if left := _remove(run_dir):
+                    log.warning("a deleted run's files could not be removed: %s; remove them by hand", left)
+                continue
             try:
                 for tmp in run_dir.glob(".tmp-*"):  # a write that crashed: never a checkpoint
                     shutil.rmtree(tmp, ignore_errors=True)

@@ -5,6 +5,7 @@ the retention limits, and the event loop keeps ticking while hostile calls arriv
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -174,7 +175,7 @@ async def test_delete_a_run_and_its_checkpoints(kept: PsServer, tmp_path: Path) 
         assert e.value.reason == pb.ERROR_REASON_RUN_NOT_FINISHED
         parked = asyncio.ensure_future(c.pull(run.run_id, a.rank, a.incarnation, 0, max_wait=30.0))
         await _eventually(lambda: kept.registry.get(run.run_id).gate.statistics().waiting == 1, "the pull parked")
-        deleted = await c.delete_run(run.run_id, force=True)
+        deleted = (await c.delete_run(run.run_id, force=True)).run
         assert deleted.state == pb.RUN_STATE_STOPPED and deleted.run_id == run.run_id
         assert not (tmp_path / run.run_id).exists()
         with pytest.raises(errors.NotFound):
@@ -185,6 +186,49 @@ async def test_delete_a_run_and_its_checkpoints(kept: PsServer, tmp_path: Path) 
         with pytest.raises(errors.NotFound):
             await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": np.zeros((3, 4), np.float32),
                                                                "b": np.zeros(4, np.float32)})
+
+
+async def test_a_delete_the_disk_refuses_says_so(kept: PsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeleteRun answered OK whatever the disk did: a run whose directory could not be removed was
+    forgotten, and the next start resumed it. Its directory not movable: INTERNAL saying so, nothing
+    deleted, the run kept (stopped); its files not all removable: deleted, and the answer says
+    what is left (psctl delete prints it)."""
+    from typer.testing import CliRunner
+
+    from client.cli import app
+
+    rename, unlink = os.rename, os.unlink
+
+    def refused(src: object, dst: object) -> None:
+        if ".deleted-" in str(dst):
+            raise PermissionError(13, "Permission denied", str(src))
+        rename(src, dst)  # type: ignore[arg-type]
+
+    def held(path: str, *args: object, **kw: object) -> None:
+        if str(path).endswith("arrays.npz"):
+            raise OSError(16, "Device or resource busy", path)
+        unlink(path, *args, **kw)  # type: ignore[arg-type]
+
+    async with PsClient(f"127.0.0.1:{kept.port}") as c:
+        run = await c.create_run(_spec())
+        monkeypatch.setattr(os, "rename", refused)
+        with pytest.raises(errors.PsError) as e:
+            await c.delete_run(run.run_id, force=True)
+        assert e.value.code == errors.Code.INTERNAL and "Permission denied" in str(e.value)
+        assert "nothing was deleted" in str(e.value) and "delete it again" in str(e.value)
+        assert (await c.get_run(run.run_id)).state == pb.RUN_STATE_STOPPED
+        await kept.checkpointer.written(run.run_id)  # type: ignore[union-attr]
+        assert kept.checkpointer.store.latest()[0].meta["state"] == "stopped"  # type: ignore[union-attr]
+        monkeypatch.setattr(os, "rename", rename)
+        monkeypatch.setattr(os, "unlink", held)
+        result = await asyncio.to_thread(CliRunner().invoke, app, ["delete", run.run_id, "--server",
+                                                                   f"127.0.0.1:{kept.port}"])
+        assert result.exit_code == 0, result.output
+        assert f"{run.run_id}: deleted" in result.output
+        assert "could not all be removed" in result.output and "Device or resource busy" in result.output
+        with pytest.raises(errors.NotFound):
+            await c.get_run(run.run_id)
+        assert kept.checkpointer.store.latest() == []  # type: ignore[union-attr]
 
 
 async def test_texts_a_worker_or_user_sends_are_cut(server: PsServer, client: PsClient) -> None:

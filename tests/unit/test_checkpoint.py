@@ -562,6 +562,62 @@ async def test_a_write_whose_caller_was_cancelled_lands_before_the_next(tmp_path
         await asked
 
 
+def test_a_deleted_run_is_never_resumed_even_when_its_files_cannot_all_be_removed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A file the server cannot remove (held open on NFS, a directory it may not write): the
+    deletion was reported done and the run's checkpoints stayed where they were, so the next start
+    resumed the deleted run. Its directory is moved out of the runs first; what is left is said,
+    and removed at the next start."""
+    run = make_run()
+    store = CheckpointStore(tmp_path)
+    store.write(*snapshot.state_dict(run))
+    unlink = os.unlink
+
+    def held(path: str, *args: object, **kw: object) -> None:
+        if str(path).endswith("arrays.npz"):
+            raise OSError(16, "Device or resource busy", path)
+        unlink(path, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "unlink", held)
+    left = store.delete(run.run_id)
+    assert "arrays.npz" in left and "Device or resource busy" in left and run.run_id in left
+    assert store.latest() == [] and not (tmp_path / run.run_id).exists()
+    with caplog.at_level(logging.WARNING, logger="ps_server"):
+        assert store.latest() == []
+    assert "could not be removed" in caplog.text and "Device or resource busy" in caplog.text
+    monkeypatch.setattr(os, "unlink", unlink)
+    assert store.latest() == [] and [p.name for p in tmp_path.iterdir()] == []  # (removed at the next start)
+    assert store.delete("run-none") == ""
+
+
+async def test_a_run_whose_directory_cannot_be_moved_is_not_deleted(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data directory not writable (a rename refused): OSError, every checkpoint where it was,
+    and the run checkpointed as before (its final checkpoint, dropped for the deletion, written)."""
+    store = CheckpointStore(tmp_path)
+    checkpointer = Checkpointer(store, every=0)
+    run = make_run()
+    checkpointer.attach(run)
+    await checkpointer.written(run.run_id)
+    rename = os.rename
+
+    def refused(src: object, dst: object) -> None:
+        if ".deleted-" in str(dst):
+            raise PermissionError(13, "Permission denied", str(src))
+        rename(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "rename", refused)
+    before = sorted(p.name for p in (tmp_path / run.run_id).iterdir())
+    run.stop("deleted")  # (DeleteRun with force: its final checkpoint is scheduled, then dropped)
+    with pytest.raises(PermissionError):
+        await checkpointer.delete(run.run_id)
+    await checkpointer.written(run.run_id)
+    (found,) = store.latest()
+    assert found.meta["state"] == "stopped" and len(list((tmp_path / run.run_id).iterdir())) == len(before) + 1
+    path, _ = await checkpointer.checkpoint_now(run, "on demand")
+    assert path.exists()
+
+
 async def test_a_deletion_whose_caller_was_cancelled_ends_before_anything_else(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A DeleteRun cancelled while its thread removed the run's files (the sweep's, at shutdown)

@@ -676,10 +676,12 @@ class DeleteRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class DeleteRunResponse(_message.Message):
-    __slots__ = ("run",)
+    __slots__ = ("run", "left_behind")
     RUN_FIELD_NUMBER: _ClassVar[int]
+    LEFT_BEHIND_FIELD_NUMBER: _ClassVar[int]
     run: Run
-    def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ...) -> None: ...
+    left_behind: str
+    def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ..., left_behind: _Optional[str] = ...) -> None: ...
 
 class StopRunRequest(_message.Message):
     __slots__ = ("run_id", "reason")

@@ -288,7 +288,9 @@ class RunServiceServicer:
         """DeleteRun forgets a finished run and deletes its checkpoints (with `force`, stops it first if
         it is not finished; its workers then find it gone and go back to waiting for work).
         Errors: NOT_FOUND; FAILED_PRECONDITION (reason RUN_NOT_FINISHED: the run is not finished and
-        `force` is unset).
+        `force` is unset); INTERNAL (its checkpoints could not be moved out of the data directory:
+        nothing was deleted, the run is kept, stopped if `force` stopped it; fix the directory and
+        retry). A run deleted whose files could not all be removed answers OK with `left_behind`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
