@@ -42,6 +42,9 @@ SERVER_MAX_WAIT = 60.0
 """ps-server's default --max-wait-seconds: the longest a pull of ``max_wait=0`` is taken to park
 until a Join or Heartbeat says the server's own (``PsClient.server_max_wait``)."""
 
+_STATE_ARRAYS = {"sgd": 0, "momentum": 1, "adam": 2, "adagrad": 1, "ftrl": 2}
+"""Arrays of optimizer state per parameter, by ``OptimizerSpec`` kind (a checkpoint holds them)."""
+
 
 class Transport(Protocol):
     """What ``PsClient`` needs below it (``grpc_transport.GrpcTransport``, ``ps_server.testing.InMemoryTransport``)."""
@@ -160,12 +163,23 @@ class PsClient:
 
     # -------------------------------------------------------------------------- runs
     async def create_run(self, spec: pb.RunSpec) -> pb.Run:
-        """The server draws the initial values before it answers (~8 s per GiB of parameters on one
-        core): the deadline grows by 30 s per GiB beyond the client's timeout (a CreateRun that
-        timed out may still have created the run: it is not retried)."""
+        """The server draws the initial values (~8 s per GiB of parameters on one core) and, with
+        --data-dir, writes the run's first checkpoint (the parameters and the optimizer's state:
+        Adam's is twice their size) before it answers: the deadline grows by 30 s per GiB of
+        each beyond the client's timeout. A CreateRun whose deadline passed created no run (the
+        server drops a run whose caller has gone before it answered); it is not retried."""
         nbytes = sum(4 * math.prod(p.shape) for p in spec.params)
-        return (await self._call("RunService", "CreateRun", pb.CreateRunRequest(spec=spec), pb.CreateRunResponse,
-                                 timeout=self.timeout + 30.0 * nbytes / (1 << 30))).run
+        state = _STATE_ARRAYS.get(spec.optimizer.WhichOneof("kind") or "sgd", max(_STATE_ARRAYS.values()))
+        timeout = self.timeout + 30.0 * nbytes * (2 + state) / (1 << 30)
+        try:
+            return (await self._call("RunService", "CreateRun", pb.CreateRunRequest(spec=spec), pb.CreateRunResponse,
+                                     timeout=timeout)).run
+        except errors.DeadlineExceeded as exc:
+            raise errors.DeadlineExceeded(exc.code, f"no answer within {timeout:.0f}s: the server draws the run's "
+                                          "initial values and writes its first checkpoint before it answers, and drops "
+                                          "the run when its caller has gone: no run was created; give a longer timeout "
+                                          "(psctl: --timeout) or the server a faster --data-dir", exc.info,
+                                          exc.method) from None
 
     async def get_run(self, run_id: str) -> pb.Run:
         return (await self._call("RunService", "GetRun", pb.GetRunRequest(run_id=run_id), pb.GetRunResponse)).run

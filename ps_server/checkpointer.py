@@ -87,6 +87,21 @@ class Checkpointer:
         if not run.state.finished and not self.store.cuts(run.run_id):
             self.schedule(run, "created", logging.DEBUG, run.min_clock)
 
+    async def first(self, run: Run) -> None:
+        """Write a new run's first checkpoint, before the run is registered (``RunRegistry.create``'s
+        ``ready``: a server killed after CreateRun answered keeps the run). A caller gone before it
+        landed (CreateRun's deadline passed) leaves no run: the checkpoint is deleted again."""
+        try:
+            await self._write((*snapshot.state_dict(run, copy=False), self._epochs.get(run.run_id, 0)), "created",
+                              logging.DEBUG)
+        except BaseException:
+            try:
+                await self.delete(run.run_id)
+            except OSError as exc:
+                log.error("%s, created for a CreateRun that failed, could not be deleted: %s; a restart resumes it "
+                          "(delete it then)", run.run_id, exc.strerror or exc, extra={"run": run.run_id})
+            raise
+
     def _changed(self, run: Run) -> None:
         if run.run_id not in self._taken:  # deleted
             return

@@ -83,9 +83,17 @@ class Control:
     # ------------------------------------------------------------------------------ RunService
     async def CreateRun(self, request: pb.CreateRunRequest) -> pb.CreateRunResponse:
         spec = codec.spec_from_proto(request.spec, self._registry.limits)
-        run = await (self._cluster.create_run(spec) if self._cluster else self._registry.create(spec))
-        if self._checkpointer is not None:  # (its first checkpoint, a cluster's cut 0: a server killed now keeps it)
-            await self._checkpointer.written(run.run_id)
+        # (registered once its first checkpoint is written: a server killed after the answer keeps
+        # it, and a caller gone before, its deadline passed, leaves no run)
+        try:
+            run = await (self._cluster.create_run(spec) if self._cluster else
+                         self._registry.create(spec, ready=self._checkpointer.first if self._checkpointer else None))
+        except OSError as exc:  # (its first checkpoint: no run without it)
+            root = self._checkpointer.store.root if self._checkpointer else "the data directory"
+            raise PsError(f"could not write the new run's first checkpoint to {root}: {exc.strerror or exc}; no run "
+                          "was created: fix the data directory and try again") from None
+        if self._cluster is not None and self._checkpointer is not None:  # (server 0's shard at cut 0, as the
+            await self._checkpointer.written(run.run_id)  # others' before their CreateShard answered)
         log.info("created %s: %s", run.run_id, run.spec.name or "(unnamed)", extra={"run": run.run_id})
         return pb.CreateRunResponse(run=self._run(run))
 

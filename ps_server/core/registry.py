@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 from .errors import (
@@ -60,10 +60,20 @@ class RunRegistry:
         """Runs being built (``build``): they count against ``Limits.max_runs`` already."""
         self._now = now
 
-    async def create(self, spec: RunSpec, placement: Placement | None = None) -> Run:
+    async def create(self, spec: RunSpec, placement: Placement | None = None,
+                     ready: Callable[[Run], Awaitable[None]] | None = None) -> Run:
         """Validate ``spec`` (InvalidArgument, ResourceExhausted), draw its initial values off the
-        event loop (hundreds of MB take seconds) and register the new run."""
-        return self.add(await self.build(f"run-{uuid.uuid4().hex[:8]}", spec, placement))
+        event loop (hundreds of MB take seconds) and register the new run, once ``ready(run)``
+        has returned (its first checkpoint written: no one sees the run before; what ``ready``
+        raises, the run is not registered)."""
+        run = await self.build(f"run-{uuid.uuid4().hex[:8]}", spec, placement)
+        if ready is not None:
+            self._building += 1  # (it counts against --max-runs meanwhile)
+            try:
+                await ready(run)
+            finally:
+                self._building -= 1
+        return self.add(run)
 
     async def build(self, run_id: str, spec: RunSpec, placement: Placement | None = None,
                     kind: type[Run] = Run) -> Run:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from pathlib import Path
@@ -115,6 +116,78 @@ async def test_a_run_created_is_on_disk_when_create_run_answers(server_config: S
             assert (await c.get_run(run.run_id)).state == pb.RUN_STATE_PENDING
     finally:
         await again.stop(0)
+
+
+async def test_a_create_run_whose_deadline_passes_leaves_no_run(server_config: ServerConfig, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large Adam run on a slow disk: CreateRun waits for the first checkpoint (parameters and
+    twice their size of state), past the deadline the SDK gave it for drawing the parameters
+    only. The client was told DEADLINE_EXCEEDED and nothing more, and the run stayed: registered,
+    joined by workers, trained with no one following it (a retry made a second). The SDK's
+    deadline counts the checkpoint; one that passes says what happened, and no run is left, in
+    memory or on disk."""
+    import threading
+    import time
+
+    config = with_config(server_config, data_dir=str(tmp_path), checkpoint_every=50)
+    ps = await start_server(config)
+    try:
+        assert ps.checkpointer is not None
+        write = ps.checkpointer.store.write
+        landed = threading.Event()
+
+        def slow(*args: Any) -> Any:  # (a 4 GiB Adam run's 12 GiB on a slow disk)
+            time.sleep(1.0)
+            try:
+                return write(*args)
+            finally:
+                landed.set()
+
+        monkeypatch.setattr(ps.checkpointer.store, "write", slow)
+        spec = make_spec(num_workers=1, staleness=1, iterations=10,
+                         optimizer=pb.OptimizerSpec(adam=pb.AdamConfig(learning_rate=0.1)))
+        async with PsClient(f"127.0.0.1:{ps.port}", timeout=0.3) as c:
+            with pytest.raises(errors.DeadlineExceeded, match="no run was created.*--timeout"):
+                await c.create_run(spec)
+            assert await asyncio.to_thread(landed.wait, 10)
+            deadline = time.monotonic() + 10
+            while ps.registry.runs() or any(tmp_path.glob("run-*")) or any(tmp_path.glob(".deleted-*")):
+                assert time.monotonic() < deadline, "the run of the CreateRun given up on is still there"
+                await asyncio.sleep(0.05)
+            assert (await c.list_runs()) == []
+        # The deadline counts the checkpoint: parameters, and the optimizer's state (Adam: twice them).
+        timeouts: list[float] = []
+        monkeypatch.setattr(PsClient, "_call", lambda self, *a, timeout: timeouts.append(timeout) or _created())
+        gib = pb.ParamSpec(name="w", shape=[1 << 28])  # 1 GiB of float32
+        for optimizer in (pb.OptimizerSpec(sgd=pb.SgdConfig(learning_rate=0.1)),
+                          pb.OptimizerSpec(adam=pb.AdamConfig(learning_rate=0.1))):
+            await PsClient("127.0.0.1:1", timeout=10).create_run(pb.RunSpec(params=[gib], optimizer=optimizer))
+        assert timeouts == [10 + 2 * 30.0, 10 + 4 * 30.0]
+    finally:
+        await ps.stop(0)
+
+
+async def test_a_run_whose_first_checkpoint_cannot_be_written_is_not_created(
+        server_config: ServerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk at CreateRun: the run was created all the same, one a restart would lose."""
+    ps = await start_server(with_config(server_config, data_dir=str(tmp_path)))
+    try:
+        assert ps.checkpointer is not None
+
+        def full(*args: Any) -> Any:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(ps.checkpointer.store, "write", full)
+        async with PsClient(f"127.0.0.1:{ps.port}") as c:
+            with pytest.raises(errors.PsError, match="No space left on device; no run was created") as e:
+                await c.create_run(make_spec(num_workers=1))
+            assert e.value.code == errors.Code.INTERNAL and (await c.list_runs()) == []
+    finally:
+        await ps.stop(0)
+
+
+async def _created() -> pb.CreateRunResponse:
+    return pb.CreateRunResponse()
 
 
 async def test_a_last_checkpoint_that_fails_leaves_the_others_written(server_config: ServerConfig, tmp_path: Path,

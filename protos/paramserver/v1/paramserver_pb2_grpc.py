@@ -258,11 +258,15 @@ class RunServiceServicer:
     """
 
     def CreateRun(self, request, context):
-        """CreateRun validates a spec, initialises the parameters and queues the run for workers.
+        """CreateRun validates a spec, initialises the parameters and queues the run for workers. With a
+        data directory it answers once the run's first checkpoint is written (parameters and
+        optimizer state: give a deadline that allows for the disk); a call cancelled before, or past
+        its deadline, creates no run.
         Errors: INVALID_ARGUMENT (bad spec: no params, bad shape, zero workers, bad optimizer
         settings, iterations 0, malformed JSON specs); RESOURCE_EXHAUSTED (parameters over the
         server's memory limit, or a count or size over one of its documented bounds: workers,
-        tensors, dimensions, name lengths, JSON spec sizes).
+        tensors, dimensions, name lengths, JSON spec sizes); INTERNAL (the first checkpoint could not be
+        written: no run was created).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
