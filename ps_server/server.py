@@ -241,13 +241,19 @@ def _lock_data_dir(root: Path, path: str) -> IO[str]:
 
 
 async def start_server(config: ServerConfig) -> PsServer:
-    checkpointer = None
-    data_lock = None
-    if config.data_dir:
-        root = _data_dir(config.data_dir)
-        data_lock = _lock_data_dir(root, config.data_dir)
-        store = CheckpointStore(root, keep=config.checkpoint_keep)
-        checkpointer = Checkpointer(store, config.checkpoint_every)
+    if not config.data_dir:
+        return await _start(config, None, None)
+    root = _data_dir(config.data_dir)
+    data_lock = _lock_data_dir(root, config.data_dir)
+    try:
+        return await _start(config, Checkpointer(CheckpointStore(root, keep=config.checkpoint_keep),
+                                                 config.checkpoint_every), data_lock)
+    except BaseException:  # (a port in use, say: the data directory is free again for the next try)
+        data_lock.close()
+        raise
+
+
+async def _start(config: ServerConfig, checkpointer: Checkpointer | None, data_lock: IO[str] | None) -> PsServer:
     registry = RunRegistry(max_param_bytes=config.max_param_bytes, limits=Limits(max_workers=config.max_workers,
                                                                                   max_runs=config.max_runs),
                            configure=checkpointer.attach if checkpointer else None)

@@ -230,6 +230,24 @@ async def test_a_second_server_on_a_data_directory_in_use_is_refused(server_conf
     await second.stop(0)
 
 
+async def test_a_server_that_failed_to_start_leaves_its_data_directory_free(server_config: ServerConfig,
+                                                                            tmp_path: Path) -> None:
+    """A start that failed after the data directory was locked (its port in use) kept the lock for
+    as long as its error was referenced: the next start in the process, on a free port, was
+    refused as 'in use by another ps-server', naming this very process."""
+    import socket
+
+    config = with_config(server_config, data_dir=str(tmp_path))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(OSError, match="cannot listen") as failed:
+            await start_server(with_config(config, port=busy.getsockname()[1]))
+    assert failed.value is not None  # (still referenced, as an embedder holding it would)
+    again = await start_server(with_config(config, port=0))
+    await again.stop(0)
+
+
 async def test_a_stop_answered_is_on_disk_and_a_new_bound_soon_after(server_config: ServerConfig,
                                                                      tmp_path: Path) -> None:
     """StopRun answers once the run's final checkpoint is written (a server killed right after
