@@ -96,6 +96,18 @@ def _remove(path: Path) -> str:
     return f"{path} is left ({failed[0]}{more})"
 
 
+def _drop(checkpoint: Path) -> None:
+    """Delete a checkpoint: renamed to a temporary name first, so that a crash while it is removed
+    leaves no half checkpoint under its name (a manifest whose arrays are gone: its cut listed by
+    ``cuts``, for a cluster to go back to, and not loadable)."""
+    tmp = checkpoint.with_name(f".tmp-{uuid.uuid4().hex}")
+    try:
+        os.rename(checkpoint, tmp)
+    except OSError:  # (gone already)
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 class CheckpointStore:
     def __init__(self, root: Path, keep: int = 3) -> None:
         self.root = root
@@ -161,7 +173,7 @@ class CheckpointStore:
             if cut in protect and cut not in map(self._cut, kept):
                 kept.append(old)
                 continue
-            shutil.rmtree(old, ignore_errors=True)
+            _drop(old)
         return final
 
     def delete(self, run_id: str) -> str:
@@ -195,7 +207,7 @@ class CheckpointStore:
         they belong to a history that is no longer its own."""
         for path in self._checkpoints(self.root / run_id):
             if (self._cut(path) or 0) > cut:
-                shutil.rmtree(path, ignore_errors=True)
+                _drop(path)
 
     def load_cut(self, run_id: str, cut: int) -> Checkpoint:
         """The newest checkpoint of ``run_id`` labelled ``cut`` that loads; CorruptCheckpoint if none."""

@@ -198,6 +198,30 @@ def test_crash_during_checkpoint_writes_always_leaves_a_valid_one(tmp_path: Path
         assert found[0].arrays["pad"].shape == (2_000_000,)
 
 
+def test_a_crash_while_old_checkpoints_are_pruned_leaves_no_half_one(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pruning removed an old checkpoint in place: a kill -9 midway left a ckpt- directory whose
+    manifest said its cut and whose arrays were gone (a cluster's common cut, listed and not
+    loadable). Every checkpoint left under its name loads."""
+    import shutil
+
+    run = make_run()
+    store = CheckpointStore(tmp_path, keep=1)
+    store.write(*snapshot.state_dict(run))
+
+    def killed(path: Path, *args: object, **kw: object) -> None:  # (the process dies after the first file)
+        (Path(path) / "arrays.npz").unlink(missing_ok=True)
+        raise SystemExit("kill -9")
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(SystemExit):
+        store.write(*snapshot.state_dict(run))
+    monkeypatch.undo()
+    names = store._checkpoints(tmp_path / run.run_id)
+    assert [store.load(p).path for p in names] == names and store.cuts(run.run_id) == [3]
+    assert len(store.latest()) == 1 and not list((tmp_path / run.run_id).glob(".tmp-*"))  # (cleared at start)
+
+
 def test_a_runs_first_checkpoint_fsyncs_the_data_directory_too(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The run's directory is new: its entry in the data directory must reach the disk too, or a
