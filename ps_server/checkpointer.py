@@ -22,7 +22,7 @@ import numpy as np
 
 from .core import snapshot
 from .core.checkpoint import CheckpointStore
-from .core.errors import FailedPrecondition, NotFound
+from .core.errors import FailedPrecondition, NotFound, shortened
 from .core.run import Run
 
 __all__ = ["Checkpointer", "landed"]
@@ -290,8 +290,10 @@ class Checkpointer:
             log.info("resumed %s from %s: %s at min clock %d", run.run_id, ckpt.path, run.state.value,
                      run.min_clock, extra={"run": run.run_id})
             if not run.state.finished:  # (psctl status and watch: why its workers go back to this clock)
-                run.history.event("resumed", -1, f"the server restarted: resumed from its checkpoint at min clock "
-                                                 f"{run.min_clock}")
+                older = f" (newer ones did not load, their progress lost: {ckpt.skipped[0]}" + (
+                    f", and {len(ckpt.skipped) - 1} more)" if len(ckpt.skipped) > 1 else ")") if ckpt.skipped else ""
+                run.history.event("resumed", -1, shortened(f"the server restarted: resumed from its checkpoint at min "
+                                                           f"clock {run.min_clock}{older}"))
             if run.placement is not None and not run.state.finished:
                 # What server 0 had told this server to keep is lost: keep what is on disk until it says again.
                 self.protected[run.run_id] = tuple(self.store.cuts(run.run_id))

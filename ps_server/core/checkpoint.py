@@ -15,6 +15,7 @@ error in the log and the next older one is tried. Arrays load with ``allow_pickl
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -58,6 +59,8 @@ class Checkpoint:
     path: Path
     meta: dict[str, Any]
     arrays: dict[str, np.ndarray]
+    skipped: tuple[str, ...] = ()
+    """Newer checkpoints of its run that ``latest`` skipped for this one: each ``name: why``."""
 
 
 def _meta_sha256(meta: Any) -> str:
@@ -269,6 +272,7 @@ class CheckpointStore:
             except OSError as exc:  # (a file system's lost+found, another user's directory)
                 log.warning("skipping %s in the data directory: cannot read it (%s)", run_dir, exc.strerror or exc)
                 continue
+            skipped: list[str] = []
             for path in paths:
                 try:
                     checkpoint = self.load(path)
@@ -276,7 +280,7 @@ class CheckpointStore:
                         # (the run's own directory is resumed; a copy's older state would replace it)
                         raise CorruptCheckpoint(f"it is of {checkpoint.meta.get('run_id')}, not of "
                                                 f"{run_dir.name} (a copy?)")
-                    found.append(use(checkpoint))
+                    found.append(use(dataclasses.replace(checkpoint, skipped=tuple(skipped))))
                     break
                 except NewerCheckpoint as exc:  # (an older one would lose its progress, and pruning it)
                     log.error("not resuming %s: its checkpoint %s is of %s; its checkpoints are left as they are: "
@@ -284,8 +288,10 @@ class CheckpointStore:
                     break
                 except CorruptCheckpoint as exc:
                     log.error("skipping corrupt checkpoint %s: %s", path, exc)
+                    skipped.append(f"{path.name}: corrupt: {exc}")
                 except (KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
                     log.error("skipping checkpoint %s: it does not fit its run: %s", path, exc)
+                    skipped.append(f"{path.name}: it does not fit its run: {exc}")
             else:
                 if paths:
                     log.error("no valid checkpoint for %s: the run cannot be resumed", run_dir.name)

@@ -161,6 +161,24 @@ def test_corrupt_checkpoint_is_skipped_loudly_for_the_older_one(
     assert f"skipping corrupt checkpoint {bad}" in caplog.text
 
 
+def test_a_run_resumed_from_an_older_checkpoint_says_so_where_its_users_look(tmp_path: Path) -> None:
+    """The newest checkpoint corrupt: the run resumed from the one before, and its event said only
+    'resumed from its checkpoint at min clock 3' (the lost progress was in the server's log
+    alone); psctl status now says which did not load and why."""
+    run = make_run()
+    store = CheckpointStore(tmp_path)
+    store.write(*snapshot.state_dict(run))
+    incs = [w.incarnation for w in run.status().workers]
+    for rank, inc in enumerate(incs):
+        run.push(rank, inc, 3, {"w": np.ones((4, 3), np.float32), "b": np.ones(3, np.float32)}, 0)
+    bad = store.write(*snapshot.state_dict(run))
+    (bad / "manifest.json").write_text("{not json")
+    (resumed,) = Checkpointer(store, every=0).resume()
+    event = [e for e in resumed.history.events if e.kind == "resumed"][-1]
+    assert resumed.min_clock == 3 and "at min clock 3" in event.message
+    assert f"{bad.name}: corrupt: unreadable manifest" in event.message and "progress lost" in event.message
+
+
 WRITER = """
 import sys, numpy as np
 from pathlib import Path
