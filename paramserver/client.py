@@ -220,8 +220,17 @@ class PsClient:
         return await self._call("RunService", "GetMetrics", req, pb.GetMetricsResponse)
 
     async def checkpoint_run(self, run_id: str) -> pb.CheckpointRunResponse:
+        """A checkpoint of the run now, once it is on disk. Past the deadline the server still
+        writes it (a large run's takes a while: its parameters and optimizer state are written,
+        hashed and fsynced); DeadlineExceeded says so."""
         req = pb.CheckpointRunRequest(run_id=run_id)
-        return await self._call("RunService", "CheckpointRun", req, pb.CheckpointRunResponse)
+        try:
+            return await self._call("RunService", "CheckpointRun", req, pb.CheckpointRunResponse)
+        except errors.DeadlineExceeded as exc:
+            raise errors.DeadlineExceeded(exc.code, f"no answer within {self.timeout:.0f}s; a checkpoint the "
+                                          "server has begun is still being written (a large run's takes a while): "
+                                          "give a longer timeout (psctl: --timeout) to wait for it", exc.info,
+                                          exc.method) from None
 
     async def watch_run(self, run_id: str, interval: float = 0.5,
                         idle_timeout: float = 60.0) -> AsyncIterator[pb.WatchRunResponse]:

@@ -77,6 +77,37 @@ async def test_checkpoint_on_demand(server_config: ServerConfig, tmp_path: Path)
         await ps.stop(0)
 
 
+async def test_a_checkpoint_on_demand_past_its_deadline_says_it_is_still_written(
+        server_config: ServerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """psctl checkpoint of a large run on a slow disk: a bare DEADLINE_EXCEEDED read as 'no
+    checkpoint', while the server wrote it on. The error says so, and it lands."""
+    import threading
+    import time
+
+    ps = await start_server(with_config(server_config, data_dir=str(tmp_path), checkpoint_every=0))
+    try:
+        assert ps.checkpointer is not None
+        async with PsClient(f"127.0.0.1:{ps.port}", timeout=0.3) as c:
+            run = await c.create_run(make_spec(num_workers=1))
+            write = ps.checkpointer.store.write
+            landed: list[Path] = []
+            done = threading.Event()
+
+            def slow(*args: Any) -> Any:
+                time.sleep(1.0)
+                landed.append(write(*args))
+                done.set()
+                return landed[-1]
+
+            monkeypatch.setattr(ps.checkpointer.store, "write", slow)
+            with pytest.raises(errors.DeadlineExceeded, match="still being written.*--timeout"):
+                await c.checkpoint_run(run.run_id)
+            assert await asyncio.to_thread(done.wait, 10)
+            assert ps.checkpointer.store.latest()[0].path == landed[0]
+    finally:
+        await ps.stop(0)
+
+
 async def test_checkpoint_without_data_dir_is_failed_precondition(client: PsClient) -> None:
     run = await client.create_run(make_spec(num_workers=1))
     with pytest.raises(errors.FailedPrecondition) as err:
