@@ -218,10 +218,12 @@ class Checkpointer:
                 1e3 * (time.perf_counter() - t0), extra={"run": run_id})
         return path
 
-    async def delete(self, run_id: str) -> str:
+    async def delete(self, run_id: str, forget: Callable[[], object] = lambda: None) -> str:
         """Delete ``run_id``'s checkpoints, once the write in progress (if any) and those asked for
         (``checkpoint_now``) have landed; a snapshot still waiting to be written is dropped, and
-        those asked for after are refused (NotFound). What could not be removed, or ""
+        those asked for after are refused (NotFound); ``forget()`` (the registry's ``remove``) is
+        called in the same step as the deletion ends, so that no one asks for a checkpoint of the
+        run after it (a new one would bring the deleted run back). What could not be removed, or ""
         (``CheckpointStore.delete``: the run is deleted all the same). OSError if its directory
         cannot be moved away: then nothing is deleted and the run is checkpointed as before, as
         it is when the caller is cancelled before the deletion began (once begun, it ends first)."""
@@ -254,6 +256,7 @@ class Checkpointer:
                 self._locks.pop(run_id, None)
                 self._asked.pop(run_id, None)
                 self.behind.discard(run_id)
+                forget()
             else:  # (the run is as it was, its last snapshot still to be written)
                 if taken is not None:
                     self._taken.setdefault(run_id, taken)

@@ -122,14 +122,15 @@ class Control:
     async def _delete(self, run: Run) -> str:
         """Delete ``run``'s checkpoints, then forget it; what was left on disk (``left_behind``)."""
         left = ""
-        if self._checkpointer is not None:
+        if self._checkpointer is None:
+            self._registry.remove(run.run_id)
+        else:
             try:
-                left = await self._checkpointer.delete(run.run_id)
+                left = await self._checkpointer.delete(run.run_id, lambda: self._registry.remove(run.run_id))
             except OSError as exc:  # nothing deleted: the run stays (a restart would resume it)
                 raise PsError(f"could not delete the checkpoints of {run.run_id} in {self._checkpointer.store.root}"
                               f": {exc.strerror or exc}; nothing was deleted and the run is kept "
                               f"({run.state.value}): fix the data directory and delete it again") from None
-        self._registry.remove(run.run_id)
         if self._cluster is not None:
             await self._cluster.delete(run.run_id)
         return left

@@ -231,6 +231,29 @@ async def test_a_delete_the_disk_refuses_says_so(kept: PsServer, monkeypatch: py
         assert kept.checkpointer.store.latest() == []  # type: ignore[union-attr]
 
 
+async def test_a_checkpoint_asked_for_as_its_run_is_deleted_is_refused(kept: PsServer,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeleteRun forgot the run a few steps after its checkpoints were deleted: a CheckpointRun in
+    between found the run, wrote it a new checkpoint, and the next start resumed the deleted run."""
+    assert kept.checkpointer is not None
+    real = kept.checkpointer.delete
+    asked: list[asyncio.Future[pb.CheckpointRunResponse]] = []
+    async with PsClient(f"127.0.0.1:{kept.port}") as c:
+
+        async def then_asked(run_id: str, *args: Any) -> str:
+            left = await real(run_id, *args)
+            asked.append(asyncio.ensure_future(c.checkpoint_run(run_id)))  # (answered before DeleteRun is)
+            await asyncio.wait(asked)
+            return left
+
+        monkeypatch.setattr(kept.checkpointer, "delete", then_asked)
+        run = await c.create_run(_spec())
+        await c.delete_run(run.run_id, force=True)
+        with pytest.raises(errors.NotFound):
+            await asked[0]
+    assert kept.checkpointer.store.latest() == []
+
+
 async def test_texts_a_worker_or_user_sends_are_cut(server: PsServer, client: PsClient) -> None:
     """A worker's name, a leave's message and a stop's reason are kept cut (a name to 256
     characters, a message to about 1024): they were kept whole, in the run's ranks and events,
