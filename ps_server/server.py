@@ -257,12 +257,14 @@ async def _start(config: ServerConfig, checkpointer: Checkpointer | None, data_l
     registry = RunRegistry(max_param_bytes=config.max_param_bytes, limits=Limits(max_workers=config.max_workers,
                                                                                   max_runs=config.max_runs),
                            configure=checkpointer.attach if checkpointer else None)
-    resumed = [registry.add(run) for run in (checkpointer.resume() if checkpointer else ())]
-    for run in resumed:
+    restored = checkpointer.resume() if checkpointer else []
+    for run in restored:
         servers = len(run.placement.shard_map.shards) if run.placement else 1
         if servers != max(1, len(config.peers)) and not run.state.finished:
+            # (before it is registered: not checkpointed failed, so the right cluster resumes it as it was)
             run.stop(f"the run was placed over {servers} server(s) and this cluster has {max(1, len(config.peers))}: "
                      "restart the servers with the --cluster list it was created on to resume it", RunState.FAILED)
+    resumed = [registry.add(run) for run in restored]
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),

@@ -279,6 +279,34 @@ async def test_a_server_that_failed_to_start_leaves_its_data_directory_free(serv
     await again.stop(0)
 
 
+async def test_a_run_of_another_cluster_is_left_as_it_is(server_config: ServerConfig, tmp_path: Path) -> None:
+    """A run placed over two servers, its data directory given to a lone server (a wrong
+    --cluster): the run is failed, 'restart the servers with the --cluster list it was created on
+    to resume it', but its failure was checkpointed too, so that the right cluster resumed it
+    failed. Its checkpoints are left as they were."""
+
+    from ps_server.core import snapshot
+    from ps_server.core.checkpoint import CheckpointStore
+    from ps_server.core.placement import Placement, place
+    from ps_server.core.run import Run
+    from ps_server.core.spec import ParamSpec, RunSpec
+    from ps_server.core.store import ParamStore
+
+    spec = RunSpec(name="c", num_workers=1, iterations=20, params=(ParamSpec("w", (4, 3)), ParamSpec("b", (3,))))
+    placement = Placement(place(spec.params, 2, 1), 0)
+    run = Run("run-placed", spec, placement=placement, store=ParamStore(placement.held(spec.params), 0))
+    CheckpointStore(tmp_path).write(*snapshot.state_dict(run))
+    ps = await start_server(with_config(server_config, data_dir=str(tmp_path)))
+    try:
+        async with PsClient(f"127.0.0.1:{ps.port}") as c:
+            got = await c.get_run(run.run_id)
+            assert got.state == pb.RUN_STATE_FAILED and "--cluster list it was created on" in got.message
+    finally:
+        await ps.stop(0)
+    (left,) = CheckpointStore(tmp_path).latest()
+    assert left.path.name == "ckpt-0000000001" and left.meta["state"] == "pending"
+
+
 async def test_a_stop_answered_is_on_disk_and_a_new_bound_soon_after(server_config: ServerConfig,
                                                                      tmp_path: Path) -> None:
     """StopRun answers once the run's final checkpoint is written (a server killed right after
