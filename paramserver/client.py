@@ -202,7 +202,13 @@ class PsClient:
         """Forget a finished run and delete its checkpoints (``force``: stop it first): the run as
         it was, and what of its files the server could not remove (``left_behind``, the proto says)."""
         req = pb.DeleteRunRequest(run_id=run_id, force=force)
-        return await self._call("RunService", "DeleteRun", req, pb.DeleteRunResponse)
+        try:
+            return await self._call("RunService", "DeleteRun", req, pb.DeleteRunResponse)
+        except errors.DeadlineExceeded as exc:  # (it waits for the run's checkpoint being written, if any)
+            raise errors.DeadlineExceeded(exc.code, f"no answer within {self.timeout:.0f}s; a deletion the server "
+                                          "has begun goes on once the run's checkpoint being written has landed (a "
+                                          "large run's takes a while): the run is gone when psctl runs no longer "
+                                          "lists it", exc.info, exc.method) from None
 
     async def stop_run(self, run_id: str, reason: str = "") -> pb.Run:
         req = pb.StopRunRequest(run_id=run_id, reason=reason)

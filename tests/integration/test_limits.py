@@ -254,6 +254,33 @@ async def test_a_checkpoint_asked_for_as_its_run_is_deleted_is_refused(kept: PsS
     assert kept.checkpointer.store.latest() == []
 
 
+async def test_a_delete_past_its_deadline_says_it_goes_on(kept: PsServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeleteRun waits for the run's checkpoint being written (seconds for a large run): past
+    psctl's deadline a bare DEADLINE_EXCEEDED read as 'not deleted', and the run went all the
+    same. The error says the deletion goes on; it does."""
+    import threading
+
+    assert kept.checkpointer is not None
+    write = kept.checkpointer.store.write
+    writing = threading.Event()
+
+    def slow(*args: Any) -> Any:
+        writing.set()
+        time.sleep(1.0)
+        return write(*args)
+
+    async with PsClient(f"127.0.0.1:{kept.port}", timeout=0.3) as c:
+        run = await c.create_run(_spec())
+        monkeypatch.setattr(kept.checkpointer.store, "write", slow)
+        asked = asyncio.ensure_future(kept.checkpointer.checkpoint_now(kept.registry.get(run.run_id), "on demand"))
+        assert await asyncio.to_thread(writing.wait, 10)
+        with pytest.raises(errors.DeadlineExceeded, match="a deletion the server has begun goes on"):
+            await c.delete_run(run.run_id, force=True)
+        await asked
+        await _eventually(lambda: kept.registry.find(run.run_id) is None, "the run deleted")
+    assert kept.checkpointer.store.latest() == []
+
+
 async def test_texts_a_worker_or_user_sends_are_cut(server: PsServer, client: PsClient) -> None:
     """A worker's name, a leave's message and a stop's reason are kept cut (a name to 256
     characters, a message to about 1024): they were kept whole, in the run's ranks and events,
