@@ -240,6 +240,48 @@ def test_a_crash_while_old_checkpoints_are_pruned_leaves_no_half_one(tmp_path: P
     assert len(store.latest()) == 1 and not list((tmp_path / run.run_id).glob(".tmp-*"))  # (cleared at start)
 
 
+DELETER = """
+import shutil, sys
+from pathlib import Path
+from ps_server.core.checkpoint import CheckpointStore
+root = Path({root!r})
+store = CheckpointStore(root)
+print("ready", flush=True)
+for i in range(10_000):
+    shutil.copytree(root.parent / "kept", root / "run-ck")
+    store.delete("run-ck")
+"""
+
+
+def test_a_crash_during_a_deletion_never_leaves_half_a_run(tmp_path: Path) -> None:
+    """30 SIGKILLs at random points of a loop deleting a run of three checkpoints: every 'restart'
+    resumes the run from its newest checkpoint, or not at all (removed in place, it could come
+    back from an older one: deleted in part)."""
+    import shutil
+
+    rng = random.Random(7)
+    run = make_run()
+    kept = tmp_path / "kept"
+    store = CheckpointStore(tmp_path / "build", keep=3)
+    meta, arrays = snapshot.state_dict(run)
+    arrays["pad"] = np.random.default_rng(0).random(500_000).astype(np.float32)
+    for _ in range(3):
+        newest = store.write(meta, arrays)
+    shutil.copytree(newest.parent, kept)
+    root = tmp_path / "data"
+    root.mkdir()
+    code = DELETER.format(root=str(root))
+    for trial in range(30):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", f"trial {trial}"
+        time.sleep(rng.uniform(0.0, 0.2))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        found = CheckpointStore(root).latest()
+        assert [ck.path.name for ck in found] in ([], [newest.name]), f"trial {trial}"
+        shutil.rmtree(root / "run-ck", ignore_errors=True)
+
+
 def test_a_runs_first_checkpoint_fsyncs_the_data_directory_too(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The run's directory is new: its entry in the data directory must reach the disk too, or a
