@@ -139,7 +139,10 @@ class Checkpointer:
 
     async def checkpoint_now(self, run: Run, reason: str, cut: int | None = None,
                              final: bool = False) -> tuple[Path, int]:
-        """``final``: the server's last, after its last RPC (it holds every push it acknowledged)."""
+        """``final``: the server's last, after its last RPC (it holds every push it acknowledged).
+        FailedPrecondition if the run went back to a checkpoint (``restore``) since it was asked
+        for: ``run`` is then the run replaced, whatever the moment its snapshot is taken."""
+        epoch = self._epochs.get(run.run_id, 0)
         asked = self._asked.setdefault(run.run_id, asyncio.Lock())
         async with asked:
             if self._asked.get(run.run_id) is not asked:  # (``delete`` had it)
@@ -150,7 +153,7 @@ class Checkpointer:
                 # A snapshot still waiting is older: this one replaces it (its writer, not started yet,
                 # would otherwise write it after this one, as the newest).
                 self._waiting.pop(run.run_id, None)
-            return await self._write((meta, arrays, self._epochs.get(run.run_id, 0)), reason), int(meta["min_clock"])
+            return await self._write((meta, arrays, epoch), reason), int(meta["min_clock"])
 
     async def checkpoint_at(self, run: Run, cut: int, reason: str, timeout: float) -> tuple[Path, int]:
         """A checkpoint of ``run`` labelled ``cut``, taken the moment its min clock reaches ``cut``

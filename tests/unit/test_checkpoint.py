@@ -910,3 +910,27 @@ async def test_a_snapshot_of_the_history_a_run_left_is_never_written(tmp_path: P
     with pytest.raises(FailedPrecondition, match="history the run left"):
         await late
     assert CheckpointStore(tmp_path).cuts(run.run_id) == [2] and restored.min_clock == 3
+
+
+async def test_a_checkpoint_asked_for_during_a_restore_is_never_one_of_the_history_left(tmp_path: Path) -> None:
+    """Two checkpoints of a run asked for while it went back to a checkpoint: the first, its
+    snapshot taken before, was refused; the second waited behind it and took its snapshot after,
+    of the run object it was given, the one replaced, with the new epoch: the history the run
+    left was written as its newest checkpoint. Both are refused."""
+    checkpointer = Checkpointer(CheckpointStore(tmp_path), every=0)
+    run = make_run()  # min clock 3
+    checkpointer.attach(run)
+    await checkpointer.checkpoint_now(run, "test", 2)
+    lock = checkpointer._locks[run.run_id]
+    await lock.acquire()  # the disk is busy
+    restoring = asyncio.ensure_future(checkpointer.restore(run.run_id, 2))
+    await asyncio.sleep(0.05)  # (restore waits for the disk, first in line)
+    first = asyncio.ensure_future(checkpointer.checkpoint_now(run, "test", 3))
+    second = asyncio.ensure_future(checkpointer.checkpoint_now(run, "test", 3))  # (behind the first)
+    await asyncio.sleep(0.05)
+    lock.release()
+    await restoring
+    for late in (first, second):
+        with pytest.raises(FailedPrecondition, match="history the run left"):
+            await late
+    assert CheckpointStore(tmp_path).cuts(run.run_id) == [2]
