@@ -48,7 +48,7 @@ from .cluster.shards import ShardService
 from .config import ServerConfig, parse_config
 from .control import Control
 from .core.checkpoint import CheckpointStore
-from .core.errors import ShuttingDown
+from .core.errors import NotFound, ShuttingDown
 from .core.registry import RunRegistry
 from .core.spec import Limits
 from .core.status import RunState
@@ -143,6 +143,8 @@ class PsServer:
             if not run.state.finished or run.run_id in self.checkpointer.behind:
                 try:
                     await self.checkpointer.checkpoint_now(run, "shutdown", final=True)
+                except NotFound:  # deleted meanwhile (a DeleteRun under way): nothing to keep
+                    continue
                 except Exception as exc:
                     log.error("the last checkpoint of %s could not be written: %s", run.run_id, exc,
                               extra={"run": run.run_id})

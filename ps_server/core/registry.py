@@ -163,8 +163,9 @@ class RunRegistry:
         return runs, f"{runs[-1].created!r}/{runs[-1].run_id}" if more else ""
 
     def remove(self, run_id: str) -> Run:
-        """Forget a run (NotFound if unknown); its parked joins and watchers are told it is gone."""
-        run = self.get(run_id)
+        """Forget a run (NotFound if unknown); its parked joins and watchers are told it is gone.
+        (While the server stops too: a deletion under way ends.)"""
+        run = self._runs.get(run_id) or self.get(run_id)
         del self._runs[run_id]
         run.on_change = None
         run.gate.fail_all(NotFound(f"run {run_id} was deleted"))

@@ -246,6 +246,37 @@ async def test_a_last_checkpoint_that_fails_leaves_the_others_written(server_con
     assert store.load(store._checkpoints(tmp_path / other)[0]).meta["final"]  # the other run's last one
 
 
+async def test_a_run_deleted_during_the_last_checkpoints_is_no_failure(server_config: ServerConfig, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped run whose final checkpoint had failed is written again at shutdown; deleted
+    meanwhile (a DeleteRun under way), that last checkpoint was refused, NOT_FOUND, and the
+    server's stop failed (ps-server exited 2) over a run that was meant to go."""
+    import threading
+    import time
+
+    ps = await start_server(with_config(server_config, data_dir=str(tmp_path)))
+    assert ps.checkpointer is not None
+    checkpointer = ps.checkpointer
+    async with PsClient(f"127.0.0.1:{ps.port}") as c:
+        run = await c.create_run(make_spec(num_workers=1))
+        await c.stop_run(run.run_id)
+    checkpointer.behind.add(run.run_id)  # (its final checkpoint did not fit the disk)
+    delete = checkpointer.store.delete
+    deleting = threading.Event()
+
+    def slow(run_id: str) -> str:
+        deleting.set()
+        time.sleep(0.5)
+        return delete(run_id)
+
+    monkeypatch.setattr(checkpointer.store, "delete", slow)
+    deleted = asyncio.ensure_future(checkpointer.delete(run.run_id, lambda: ps.registry.remove(run.run_id)))
+    assert await asyncio.to_thread(deleting.wait, 10)
+    await ps.stop(0)
+    await deleted
+    assert checkpointer.store.latest() == []
+
+
 async def test_a_second_server_on_a_data_directory_in_use_is_refused(server_config: ServerConfig,
                                                                      tmp_path: Path) -> None:
     """Two servers on one directory would resume the same runs and overwrite each other's
