@@ -208,7 +208,7 @@ def launch(
 
     Without --wait: print the run id; workers started with 'ps-worker --server HOST:PORT' pick it up.
 
-    --local: start a ps-server on a free port (--servers N: a cluster of N) and --workers ps-worker processes on 127.0.0.1 (at a lower CPU priority: ps-worker --nice 10), run, and stop them all when the run ends, fails or is interrupted (--server is ignored).
+    --local: start a ps-server on a free port (--servers N: a cluster of N) and --workers ps-worker processes on 127.0.0.1 (at a lower CPU priority: ps-worker --nice 10), run, and stop them all when the run ends, fails or is interrupted; if psctl is killed (SIGKILL), they stop by themselves (Linux) (--server is ignored).
 
     Exit status with --wait or --local: 0 the run COMPLETED, 1 it FAILED (or psctl hit an error), 2 it was STOPPED, 130 interrupted.
     """

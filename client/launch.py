@@ -19,6 +19,7 @@ from typing import Any
 
 from paramserver import errors
 from paramserver.client import PsClient
+from paramserver.runtime import exit_with_parent
 from paramserver.v1 import paramserver_pb2 as pb
 from worker.datasets import parse_dataset
 from worker.models import parse_model
@@ -110,6 +111,7 @@ def _submit(o: LaunchOptions, server: str, wait: bool, json_mode: bool, timeout:
 
 
 def _local(o: LaunchOptions, verbose: bool, json_mode: bool, timeout: float, servers: int) -> int:
+    exit_with_parent()  # started so by a benchmark: stopped (SIGTERM: the teardown below) if it dies
     # Cheap syntax checks before any process starts: a typo must not cost a cluster start-up.
     check_options(o)
     parse_model(o.model)

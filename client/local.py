@@ -12,6 +12,9 @@ Lifecycle (one object, used as a context manager)::
 
 Invariants:
 
+* No child outlives psctl, even one killed by SIGKILL, which runs no teardown: each gets
+  ``PS_PARENT_PID`` (``paramserver.runtime.child_env``), and ps-server and ps-worker then have the
+  kernel send them SIGTERM when psctl dies (``exit_with_parent``; Linux).
 * Every child is a session leader (``start_new_session``) and is signalled through its process
   group, so a Ctrl-C in the terminal reaches psctl only and the teardown stays ordered.
 * A child is signalled only while ``Popen.poll()`` says it runs: a pid is never reaped behind our
@@ -46,6 +49,8 @@ import threading
 import time
 from types import FrameType, TracebackType
 from typing import IO, Any
+
+from paramserver.runtime import child_env
 
 __all__ = ["CHILD_ENV", "NOT_INHERITED", "LocalCluster", "LocalClusterError"]
 
@@ -101,7 +106,7 @@ class LocalCluster:
     # ------------------------------------------------------------------------------ start
     def _env(self) -> dict[str, str]:
         inherited = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
-        return {**inherited, **CHILD_ENV, MARKER_ENV: self.log_dir}
+        return child_env({**inherited, **CHILD_ENV, MARKER_ENV: self.log_dir})
 
     def _spawn(self, args: list[str], stdout: int | None = None) -> subprocess.Popen[bytes]:
         if self._log is None and not self.verbose:

@@ -1,5 +1,6 @@
 """Process tuning, applied at start-up by ps-server and ps-worker: the allocator for moving large
-tensors (``tune_malloc``), and the server's open-file limit (``raise_fd_limit``).
+tensors (``tune_malloc``), the server's open-file limit (``raise_fd_limit``), and the end of a
+child whose parent died (``child_env`` in the parent, ``exit_with_parent`` in the child).
 
 glibc hands every allocation of 32 MiB or more back to the OS when it is freed, so each large
 message or gradient buffer is faulted in afresh (~2 GB/s here). Raising the mmap and trim
@@ -20,9 +21,18 @@ import ctypes.util
 import functools
 import os
 import resource
+import signal
+import threading
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["raise_fd_limit", "release_free_memory", "tune_malloc"]
+__all__ = ["PARENT_ENV", "child_env", "exit_with_parent", "raise_fd_limit", "release_free_memory", "tune_malloc"]
+
+PARENT_ENV = "PS_PARENT_PID"
+"""Set by a program that starts ps-servers and ps-workers and stops them itself (``psctl launch
+--local``, the benchmarks) to its pid: the child then stops when that parent dies, even by SIGKILL,
+when nobody is left to stop it (``exit_with_parent``)."""
+_PR_SET_PDEATHSIG = 1
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -77,3 +87,33 @@ def raise_fd_limit() -> int:
         except (ValueError, OSError):  # a hard limit the kernel will not grant (RLIM_INFINITY on macOS)
             pass
     return int(soft)
+
+
+def child_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` for a child started with ``subprocess`` from this thread, that this process stops
+    when done with it: ``PARENT_ENV`` names this process, so that the child, calling
+    ``exit_with_parent``, is stopped by the kernel if this process dies first (SIGKILL, an OOM kill).
+
+    Only from the main thread: the kernel signals the child when the *thread* that started it ends
+    (PR_SET_PDEATHSIG), so a child started from a short-lived thread would be stopped with it."""
+    env = {k: v for k, v in env.items() if k != PARENT_ENV}
+    if threading.current_thread() is threading.main_thread():
+        env[PARENT_ENV] = str(os.getpid())
+    return env
+
+
+def exit_with_parent(sig: int = signal.SIGTERM) -> bool:
+    """When ``PARENT_ENV`` names this process's parent, have the kernel send ``sig`` here when that
+    parent dies (Linux PR_SET_PDEATHSIG; SIGTERM: this process's ordered stop). A parent already
+    gone by then (it died before this call) gets the same at once. The variable is removed from
+    the environment (it names this process's parent, not its children's). True when armed; False
+    without the variable, or where the kernel has no such setting. Call it first at start-up."""
+    value = os.environ.pop(PARENT_ENV, "")
+    if not value.isdigit():
+        return False
+    prctl = _glibc("prctl")
+    if prctl is None or prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return False
+    if os.getppid() != int(value):  # it died before the kernel was told: nobody would send it
+        os.kill(os.getpid(), sig)
+    return True

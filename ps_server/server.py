@@ -37,7 +37,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from paramserver.runtime import raise_fd_limit, tune_malloc
+from paramserver.runtime import exit_with_parent, raise_fd_limit, tune_malloc
 from paramserver.v1 import shm
 
 from .checkpointer import Checkpointer
@@ -407,6 +407,7 @@ async def serve(config: ServerConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    exit_with_parent()  # started by psctl launch --local or a benchmark: not to outlive it
     tune_malloc()
     raise_fd_limit()
     config = parse_config(sys.argv[1:] if argv is None else argv)

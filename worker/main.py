@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from paramserver import errors
 from paramserver.client import PsClient
-from paramserver.runtime import tune_malloc
+from paramserver.runtime import exit_with_parent, tune_malloc
 from paramserver.v1 import paramserver_pb2 as pb
 
 from .config import WorkerConfig, parse_config
@@ -161,6 +161,7 @@ async def _main(config: WorkerConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    exit_with_parent()  # started by psctl launch --local or a benchmark: not to outlive it
     tune_malloc()
     config = parse_config(sys.argv[1:] if argv is None else argv)
     handler = logging.StreamHandler(sys.stderr)

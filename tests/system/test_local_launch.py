@@ -333,3 +333,29 @@ def test_a_slowed_rank_is_the_visible_straggler(tmp_path: Path) -> None:
     assert len(snapshots) >= 10, snapshots
     assert behind >= 0.8 * len(snapshots), f"rank 1 behind all others in {behind} of {len(snapshots)} snapshots"
     assert_nothing_left(marker, tmp_path)
+
+
+def test_psctl_killed_by_sigkill_takes_its_cluster_with_it(tmp_path: Path) -> None:
+    """psctl cannot tear anything down when it is killed -9 (an OOM kill, a CI timeout): its server
+    and workers notice that their parent died (Linux: PR_SET_PDEATHSIG) and stop by themselves,
+    instead of keeping their ports and CPU for ever (the server) or until their run times out."""
+    proc, marker = start_psctl(tmp_path, "--model", "mlp:64", "--dataset", "digits", "--workers", "2",
+                               "--iterations", "100000", "--json")
+    deadline = time.monotonic() + 60
+    while len(marked(marker)) < 4:  # psctl + server + 2 workers
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    (server,) = [pid for pid in marked(marker) if b"ps_server.server" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    argv = Path(f"/proc/{server}/cmdline").read_bytes().split(b"\0")
+    asyncio.run(wait_for_training(f"127.0.0.1:{int(argv[argv.index(b'--port') + 1])}"))
+    proc.kill()
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 20  # SIGTERM: the server's grace (1 s) and the workers' leave
+    while (left := marked(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert not left, f"psctl's children outlived it: {left}"
+    finally:
+        for pid in left:  # (not the test's own children: only kill what the assertion named)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
