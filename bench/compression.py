@@ -57,12 +57,13 @@ from bench.shards import PREFIX, SUBNET, cleanup_net, ns_name, setup_net  # noqa
 from bench.straggler import machine, start_server, stop_procs  # noqa: E402
 from client.spec import LaunchOptions, build_run_spec, parse_compression  # noqa: E402
 from paramserver.client import PsClient  # noqa: E402
+from paramserver.runtime import child_env, exit_with_parent  # noqa: E402
 from paramserver.v1 import compress, wire  # noqa: E402
 from paramserver.v1 import paramserver_pb2 as pb  # noqa: E402
 from ps_server.codec import TensorAssembler  # noqa: E402
 from worker.compression import PushCodec  # noqa: E402
 
-ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+ENV = child_env({**os.environ, "OPENBLAS_NUM_THREADS": "1"})  # children stop if this process dies
 WORKERS = 4
 TARGET = 0.95
 WIDE = {"layer0.weight": (784, 2048), "layer0.bias": (2048,), "layer1.weight": (2048, 2048),
@@ -282,4 +283,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    exit_with_parent()  # started by another bench: not to outlive it
     raise SystemExit(main())

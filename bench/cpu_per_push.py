@@ -47,8 +47,9 @@ from client.spec import (  # noqa: E402
     parse_staleness,  # noqa: E402
 )
 from paramserver.client import PsClient  # noqa: E402
+from paramserver.runtime import child_env, exit_with_parent  # noqa: E402
 
-ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
+ENV = child_env({**os.environ, "OPENBLAS_NUM_THREADS": "1"})  # children stop if this process dies
 WORKERS = 4
 
 
@@ -372,4 +373,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_with_parent()  # started by another bench: not to outlive it
     main()

@@ -42,6 +42,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import BIG_SHAPES, MALLOC_ENV, MLP_SHAPES, TcpBench, cpu_seconds  # noqa: E402
 
+from paramserver.runtime import child_env, exit_with_parent  # noqa: E402
 from paramserver.v1 import paramserver_pb2 as pb  # noqa: E402
 from paramserver.v1 import wire  # noqa: E402
 from paramserver.v1.wire import F32  # noqa: E402
@@ -401,7 +402,7 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM (a timeout) unwinds as Ctrl-C: the finally blocks stop what was started
     check_codec()
-    env = dict(os.environ, **MALLOC_ENV)
+    env = child_env(dict(os.environ, **MALLOC_ENV))  # children stop if this process dies
     py = sys.executable
     extra = [x for opt in args.grpc_option for x in ("--grpc-option", opt)]
     srv = subprocess.Popen([py, __file__, "--role", "server", "--shapes", args.shapes, *extra], env=env,
@@ -436,4 +437,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_with_parent()  # started by another bench: not to outlive it
     main()

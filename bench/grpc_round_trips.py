@@ -27,6 +27,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from paramserver.runtime import child_env, exit_with_parent  # noqa: E402
+
 METHOD = "/bench.Echo/RoundTrip"
 
 
@@ -92,7 +95,7 @@ def main() -> None:
         asyncio.run(client_main(args.address, args.bytes, args.seconds, args.spin_us, args.start_at))
         return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM (a timeout) unwinds as Ctrl-C: the finally blocks stop what was started
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    env = child_env(dict(os.environ, OPENBLAS_NUM_THREADS="1"))  # children stop if this process dies
     server = subprocess.Popen([sys.executable, __file__, "--role", "server", "--bytes", str(args.bytes)],
                               stdout=subprocess.PIPE, text=True, env=env)
     clients: list[subprocess.Popen[str]] = []
@@ -123,4 +126,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_with_parent()  # started by another bench: not to outlive it
     main()

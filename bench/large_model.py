@@ -46,10 +46,12 @@ sys.path.insert(0, str(ROOT))
 
 from cpu_per_push import positive  # noqa: E402  (bench/ is the script's own folder)
 
+from paramserver.runtime import child_env, exit_with_parent  # noqa: E402
+
 WORKERS = 4
 DATASET = "synthetic-classification:samples=10000,features=784,classes=10"
 MODEL = "mlp:2048,2048"
-BASE_ENV = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+BASE_ENV = child_env({k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")})
 BASE_ENV["PYTHONUNBUFFERED"] = "1"
 ONE_THREAD = {**BASE_ENV, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 CLK = os.sysconf("SC_CLK_TCK")
@@ -443,4 +445,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_with_parent()  # started by another bench: not to outlive it
     main()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import signal
 import subprocess
@@ -24,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from paramserver.runtime import child_env, exit_with_parent  # noqa: E402
 
 SHAPES = {"w0": (784, 2048), "b0": (2048,), "w1": (2048, 2048), "b1": (2048,), "w2": (2048, 10), "b2": (10,)}
 
@@ -71,7 +74,7 @@ async def main(args: argparse.Namespace, server_args: list[str]) -> None:
     from paramserver.v1 import paramserver_pb2 as pb
 
     server = subprocess.Popen([sys.executable, "-m", "ps_server.server", "--port", "0", "--log-level", "WARNING",
-                               *server_args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                               *server_args], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=child_env(os.environ))
     clients: list[subprocess.Popen[bytes]] = []
     try:
         assert server.stdout is not None
@@ -86,7 +89,8 @@ async def main(args: argparse.Namespace, server_args: list[str]) -> None:
                         for n, s in SHAPES.items()]))
             created = vm(server.pid)
             clients = [subprocess.Popen([sys.executable, __file__, "--role", "client", "--address", address,
-                                         "--run-id", run.run_id, "--seconds", str(args.seconds), "--mode", args.mode])
+                                         "--run-id", run.run_id, "--seconds", str(args.seconds), "--mode", args.mode],
+                                        env=child_env(os.environ))
                        for _ in range(args.clients)]
             for c in clients:
                 c.wait(args.seconds + 120)
@@ -104,6 +108,7 @@ async def main(args: argparse.Namespace, server_args: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    exit_with_parent()  # started by another bench: not to outlive it
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv

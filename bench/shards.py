@@ -69,14 +69,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from paramserver.runtime import child_env, exit_with_parent  # noqa: E402
+
 PREFIX = "psbsh"  # namespaces psbsh-s<i>, veths psbsh<i>r / psbsh<i>n: every name this bench creates
 SUBNET = "10.231"  # 10.231.<i>.0/24 per server link
 IPT_COMMENT = "paramserver-bench-shards"
 IPT_RULE = ["FORWARD", "-i", f"{PREFIX}+", "-o", f"{PREFIX}+", "-m", "comment", "--comment", IPT_COMMENT,
             "-j", "ACCEPT"]
 MALLOC_KEYS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-ENV = {k: v for k, v in os.environ.items() if k not in MALLOC_KEYS} | {
-    "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = child_env({k: v for k, v in os.environ.items() if k not in MALLOC_KEYS} | {
+    "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})  # children stop if this process dies
 CLK = os.sysconf("SC_CLK_TCK")
 
 MODELS: dict[str, dict[str, tuple[int, ...]]] = {
@@ -692,4 +694,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_with_parent()  # started by another bench: not to outlive it
     main()

@@ -37,12 +37,13 @@ from cpu_per_push import compute_only as compute_only_procs  # noqa: E402
 
 from client.spec import LaunchOptions, build_run_spec  # noqa: E402
 from paramserver.client import PsClient  # noqa: E402
+from paramserver.runtime import child_env, exit_with_parent  # noqa: E402
 from paramserver.v1 import paramserver_pb2 as pb  # noqa: E402
 from worker.datasets import load_dataset  # noqa: E402
 from worker.models import build_model  # noqa: E402
 from worker.sampling import BatchSampler, shard_indices  # noqa: E402
 
-ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = child_env({**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})  # children stop if this process dies
 WORKERS = 4
 
 
@@ -187,4 +188,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_with_parent()  # started by another bench: not to outlive it
     main()

@@ -64,6 +64,7 @@ from straggler import ENV, PRELUDE, machine, rounded, start_server, stop_procs, 
 
 from client.spec import LaunchOptions, build_run_spec  # noqa: E402
 from paramserver.client import PsClient  # noqa: E402
+from paramserver.runtime import exit_with_parent  # noqa: E402
 from paramserver.v1 import paramserver_pb2 as pb  # noqa: E402
 
 WORKLOADS: dict[str, dict[str, Any]] = {
@@ -353,4 +354,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    exit_with_parent()  # started by another bench: not to outlive it
     sys.exit(main())

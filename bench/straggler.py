@@ -81,11 +81,12 @@ from client.spec import (  # noqa: E402
     parse_staleness,  # noqa: E402
 )
 from paramserver.client import PsClient  # noqa: E402
+from paramserver.runtime import child_env, exit_with_parent  # noqa: E402
 from paramserver.v1 import paramserver_pb2 as pb  # noqa: E402
 from worker.datasets import load_dataset  # noqa: E402
 from worker.models import build_model  # noqa: E402
 
-ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = child_env({**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})  # children stop if this process dies
 TARGET = 0.95
 # Each worker is started through this prelude, which loads the dataset (importing scikit-learn)
 # *before* it first joins: ps-worker loads its data after Join, and on this loaded machine that took
@@ -518,4 +519,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    exit_with_parent()  # started by another bench: not to outlive it
     sys.exit(main())

@@ -50,10 +50,11 @@ sys.path.insert(0, str(ROOT))
 
 from client.spec import LaunchOptions, build_run_spec  # noqa: E402
 from paramserver.client import PsClient  # noqa: E402
+from paramserver.runtime import child_env, exit_with_parent  # noqa: E402
 from paramserver.v1 import paramserver_pb2 as pb  # noqa: E402
 from worker.datasets import load_dataset, parse_dataset  # noqa: E402
 
-ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = child_env({**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})  # children stop if this process dies
 OUT = ROOT / "bench" / "out" / "tables.json"
 CTR_DATA = "synthetic-ctr:samples=400000,ids_per_field=100,factors=2"
 CTR_MODEL = "fm:2:rows=65536"
@@ -331,4 +332,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_with_parent()  # started by another bench: not to outlive it
     main()

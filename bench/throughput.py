@@ -394,6 +394,9 @@ class Config:
         if malloc:
             env.update(MALLOC_ENV)
         env["PYTHONUNBUFFERED"] = "1"
+        from paramserver.runtime import child_env
+
+        env = child_env(env)  # its children stop if this process dies
         self.procs: list[subprocess.Popen[str]] = []
         self.server_pid: int | None = None
         try:
@@ -708,4 +711,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from paramserver.runtime import exit_with_parent
+
+    exit_with_parent()  # started by another bench: not to outlive it
     main()

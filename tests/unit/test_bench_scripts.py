@@ -6,12 +6,14 @@ refactoring of the code they import from breaking them unnoticed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -242,13 +244,11 @@ _LONG_RUNS = {
 }
 
 
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("script", sorted(_LONG_RUNS))
-def test_a_bench_stopped_by_sigterm_leaves_no_process(script: str) -> None:
-    """SIGTERM (a timeout's, a CI job cancelled) unwinds as Ctrl-C does: the servers (and the
-    workers) a bench started are stopped, not left running on their ports."""
+@contextlib.contextmanager
+def _long_run(script: str, tag: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``script`` with its _LONG_RUNS arguments, once the child that shows it is under way runs;
+    after: it, and whatever it started that is still there, killed."""
     args, pattern = _LONG_RUNS[script]
-    tag = f"term-{script}-{os.getpid()}"
     bench = subprocess.Popen([sys.executable, str(BENCH / script), *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env={**os.environ, "BENCH_TEST_TAG": tag})
     try:
@@ -259,16 +259,42 @@ def test_a_bench_stopped_by_sigterm_leaves_no_process(script: str) -> None:
         time.sleep(2.0)
         assert bench.poll() is None, f"{script} ended ({bench.returncode})"
         assert len(_tagged(tag)) > 1
-        bench.terminate()
-        bench.wait(90)
-        time.sleep(0.5)
-        left = _tagged(tag)
-        assert left == [], [_cmdline(Path(f"/proc/{p}")) for p in left]
+        yield bench
     finally:
         bench.kill()
         bench.wait()
         for pid in _tagged(tag):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("script", sorted(_LONG_RUNS))
+def test_a_bench_stopped_by_sigterm_leaves_no_process(script: str) -> None:
+    """SIGTERM (a timeout's, a CI job cancelled) unwinds as Ctrl-C does: the servers (and the
+    workers) a bench started are stopped, not left running on their ports."""
+    tag = f"term-{script}-{os.getpid()}"
+    with _long_run(script, tag) as bench:
+        bench.terminate()
+        bench.wait(90)
+        time.sleep(0.5)
+        left = _tagged(tag)
+        assert left == [], [_cmdline(Path(f"/proc/{p}")) for p in left]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("script", sorted(_LONG_RUNS))
+def test_a_bench_killed_by_sigkill_leaves_no_process(script: str) -> None:
+    """SIGKILL (an OOM kill, a runner's hard timeout) runs no finally block: the servers and workers
+    a bench started stop by themselves when it dies (paramserver.runtime.exit_with_parent), within
+    their own graceful stop, instead of running on for ever."""
+    tag = f"kill-{script}-{os.getpid()}"
+    with _long_run(script, tag) as bench:
+        bench.kill()
+        bench.wait(30)
+        deadline = time.monotonic() + 30
+        while (left := _tagged(tag)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert left == [], [_cmdline(Path(f"/proc/{p}")) for p in left]
 
 
 # The quickest settings of each bench not run above, and what its output must hold: a refactoring
