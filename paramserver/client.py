@@ -298,9 +298,10 @@ class PsClient:
         return await self._call("WorkerService", "ReportMetrics", req, pb.ReportMetricsResponse)
 
     async def leave(self, run_id: str, rank: int, incarnation: int, reason: pb.LeaveReason,
-                    message: str = "") -> pb.LeaveResponse:
+                    message: str = "", timeout: float | None = None) -> pb.LeaveResponse:
+        """Give the rank back; ``timeout`` bounds the call (default: the client's timeout)."""
         req = pb.LeaveRequest(run_id=run_id, rank=rank, incarnation=incarnation, reason=reason, message=message)
-        return await self._call("WorkerService", "Leave", req, pb.LeaveResponse)
+        return await self._call("WorkerService", "Leave", req, pb.LeaveResponse, timeout=timeout)
 
     # -------------------------------------------------------------------------- data plane
     def push_buffers(self, run_id: str, rank: int, incarnation: int, clock: int,

@@ -2,7 +2,8 @@
 
 A worker may start before its server and rides out server restarts: connection failures are
 retried with exponential backoff and jitter, and every call has a deadline. On SIGTERM/SIGINT it
-gives its rank back (Leave SHUTDOWN, so another worker can take it over) and exits 0.
+gives its rank back (Leave SHUTDOWN, so another worker can take it over; for up to
+``STOP_LEAVE_SECONDS``) and exits 0.
 """
 
 from __future__ import annotations
@@ -31,9 +32,14 @@ from paramserver.v1 import paramserver_pb2 as pb
 from .config import WorkerConfig, parse_config
 from .trainer import LogContext, Outcome, train
 
-__all__ = ["ending", "main", "work"]
+__all__ = ["STOP_LEAVE_SECONDS", "ending", "main", "work"]
 
 log = logging.getLogger("ps_worker")
+
+STOP_LEAVE_SECONDS = 5.0
+"""How long a stopped worker tries to give its rank back (Leave): well within the stop grace periods
+of Compose and Kubernetes (30 s), whatever ``--timeout-seconds`` is. If the server does not answer,
+the rank's lease expires and the server hands it on then."""
 
 CAPABILITIES = ("tables", "compression", "model:linear", "model:softmax", "model:mlp", "model:logistic", "model:fm", "model:mf")
 """What this worker says it can train at Join (``RunSpec.requires``): every model here, tables and
@@ -102,9 +108,13 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-                with contextlib.suppress(errors.PsError):
-                    await client.leave(a.run_id, a.rank, a.incarnation, pb.LEAVE_REASON_SHUTDOWN, "worker stopped")
-                log.info("stopped: gave rank %d of %s back", a.rank, a.run_id)
+                try:
+                    await client.leave(a.run_id, a.rank, a.incarnation, pb.LEAVE_REASON_SHUTDOWN, "worker stopped",
+                                       timeout=min(config.timeout_seconds, STOP_LEAVE_SECONDS))
+                    log.info("stopped: gave rank %d of %s back", a.rank, a.run_id)
+                except errors.PsError as exc:
+                    log.warning("stopped: could not give rank %d of %s back (%s); the server hands it on once "
+                                "this worker's lease expires", a.rank, a.run_id, exc.code.name)
                 break
             outcome = task.result()
             outcomes.append(outcome)

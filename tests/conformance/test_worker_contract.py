@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -340,6 +341,27 @@ async def test_sigterm_gives_the_rank_back_and_exits_0(impl: Impl, topology: Top
                                      and r.workers[0].clock > left.workers[0].clock + 2, 30, "the takeover", impl.logs)
             assert taken.workers[0].state == pb.WORKER_STATE_ACTIVE
             await c.stop_run(run.run_id, "done testing")
+
+
+@pytest.mark.one_server("the stop's Leave goes to the server the worker joined; a cluster whose server 0 hangs is "
+                        "that, to the worker")
+async def test_sigterm_while_the_server_hangs_exits_0_within_seconds(impl: Impl) -> None:
+    """SIGTERM mid-run while the server answers nothing (SIGSTOP): giving the rank back is bounded by
+    a few seconds, not by the worker's whole call deadline (30 s by default: the stop grace period
+    of Compose and Kubernetes, after which the worker was SIGKILLed, 137); it exits 0."""
+    with ps_server() as srv:
+        async with connect(srv.address) as c:
+            run = await c.create_run(run_spec(workers=1, iterations=100_000))
+            worker = impl.start(srv.address)
+            await wait_until(c, run.run_id, lambda r: r.workers[0].clock >= 5, 30, "training", impl.logs)
+        srv.proc.send_signal(signal.SIGSTOP)
+        try:
+            worker.proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            assert worker.wait(40) == 0, impl.logs()
+            assert time.monotonic() - started < 10, impl.logs()
+        finally:
+            srv.proc.send_signal(signal.SIGCONT)
 
 
 @pytest.mark.one_server("leases are server 0's alone, kept by heartbeats to the server the worker joined (on a "

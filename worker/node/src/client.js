@@ -394,8 +394,9 @@ class PsClient {
     return this.unary(this.workers, 'ReportMetrics', req);
   }
 
-  leave(runId, rank, incarnation, reason, message = '') {
-    return this.unary(this.workers, 'Leave', { run_id: runId, rank, incarnation, reason, message });
+  /** Give the rank back; `timeoutS` bounds the call (default: the client's timeout). */
+  leave(runId, rank, incarnation, reason, message = '', timeoutS = undefined) {
+    return this.unary(this.workers, 'Leave', { run_id: runId, rank, incarnation, reason, message }, timeoutS);
   }
 
   // ---------------------------------------------------------------- runs (tools, tests)

@@ -16,6 +16,11 @@ const { makeLogger } = require('./log');
 const { PsClient, PsError, Status } = require('./client');
 const { train, sleep } = require('./trainer');
 
+/** How long a stopped worker tries to give its rank back (Leave): well within the stop grace periods
+ * of Compose and Kubernetes (30 s), whatever --timeout-seconds is. If the server does not answer,
+ * the rank's lease expires and the server hands it on then. */
+const STOP_LEAVE_SECONDS = 5;
+
 /** The join-train loop until `stop.value` (or after one run with `once`); returns the outcomes. */
 async function work(config, log, stop) {
   const outcomes = [];
@@ -56,11 +61,14 @@ async function work(config, log, stop) {
       stop.holder = null;
       if (outcome.shutdown || stop.value) {
         try {
-          await client.leave(a.run_id, a.rank, a.incarnation, 'LEAVE_REASON_SHUTDOWN', 'worker stopped');
-        } catch {
-          // the lease expires otherwise
+          await client.leave(a.run_id, a.rank, a.incarnation, 'LEAVE_REASON_SHUTDOWN', 'worker stopped',
+            Math.min(config.timeoutSeconds, STOP_LEAVE_SECONDS));
+          log.info(`stopped: gave rank ${a.rank} of ${a.run_id} back`);
+        } catch (e) {
+          if (!(e instanceof PsError)) throw e;
+          log.warning(`stopped: could not give rank ${a.rank} of ${a.run_id} back (${e.codeName}); `
+            + 'the server hands it on once this worker\'s lease expires');
         }
-        log.info(`stopped: gave rank ${a.rank} of ${a.run_id} back`);
         outcomes.push({ ...outcome, shutdown: true });
         break;
       }
