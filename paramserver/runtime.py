@@ -16,6 +16,7 @@ when set.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import functools
@@ -23,10 +24,15 @@ import os
 import resource
 import signal
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["PARENT_ENV", "child_env", "exit_with_parent", "raise_fd_limit", "release_free_memory", "tune_malloc"]
+__all__ = ["PARENT_ENV", "STOP_SIGNALS", "child_env", "exit_with_parent", "on_stop_signals", "raise_fd_limit",
+           "release_free_memory", "tune_malloc"]
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+"""What stops ps-server and ps-worker in order (``on_stop_signals``): SIGTERM (docker stop, Kubernetes),
+SIGINT (Ctrl-C) and SIGHUP (its terminal closed: a server killed by it wrote no final checkpoint)."""
 
 PARENT_ENV = "PS_PARENT_PID"
 """Set by a program that starts ps-servers and ps-workers and stops them itself (``psctl launch
@@ -87,6 +93,17 @@ def raise_fd_limit() -> int:
         except (ValueError, OSError):  # a hard limit the kernel will not grant (RLIM_INFINITY on macOS)
             pass
     return int(soft)
+
+
+def on_stop_signals(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> list[signal.Signals]:
+    """Have ``STOP_SIGNALS`` call ``stop`` on ``loop``; return those handled. A SIGHUP ignored when
+    this process started stays ignored (``nohup ps-server``: its terminal's close was meant not to
+    stop it); SIGTERM and SIGINT are always handled (a shell starts background jobs with SIGINT
+    ignored, against Ctrl-C in its terminal, not against ``kill -INT``)."""
+    handled = [sig for sig in STOP_SIGNALS if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN]
+    for sig in handled:
+        loop.add_signal_handler(sig, stop)
+    return handled
 
 
 def child_env(env: Mapping[str, str]) -> dict[str, str]:

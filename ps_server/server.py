@@ -3,7 +3,7 @@
 ``start_server(config)`` wires the pieces: the core (``core.registry``), the transport-neutral
 control and data planes, their transports (gRPC with health and reflection, the TCP data plane),
 checkpoints and metrics; binds (port 0 picks a free port, as the tests do) and starts the lease
-sweeper. ``serve`` adds the ordered shutdown on SIGTERM/SIGINT: health NOT_SERVING, parked pulls and
+sweeper. ``serve`` adds the ordered shutdown on SIGTERM/SIGINT/SIGHUP: health NOT_SERVING, parked pulls and
 joins released with UNAVAILABLE, operations in progress given the grace period, then
 ``server.stop`` and the final checkpoints; exit 0.
 """
@@ -23,7 +23,6 @@ import fcntl
 import json
 import logging
 import resource
-import signal
 import socket
 import sys
 import time
@@ -37,7 +36,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from paramserver.runtime import exit_with_parent, raise_fd_limit, tune_malloc
+from paramserver.runtime import exit_with_parent, on_stop_signals, raise_fd_limit, tune_malloc
 from paramserver.v1 import shm
 
 from .checkpointer import Checkpointer
@@ -388,6 +387,8 @@ def setup_logging(config: ServerConfig) -> None:
 
 async def serve(config: ServerConfig) -> None:
     ps = await start_server(config)
+    stop = asyncio.Event()
+    on_stop_signals(asyncio.get_running_loop(), stop.set)  # before the line that says it is up: a stop from then on is ordered
     print(f"ps-server listening on {config.host}:{ps.port} (generation {ps.registry.generation})", flush=True)
     if ps.data_plane:
         log.info("TCP data plane on %s:%d (up to %d streams, from the open-file limit %d)", config.host,
@@ -396,10 +397,6 @@ async def serve(config: ServerConfig) -> None:
         log.info("shared-memory data plane for workers on this host: abstract socket %s", ps.shm_plane.name)
     if ps.metrics_port is not None:
         log.info("Prometheus metrics on http://%s:%d/metrics", config.host, ps.metrics_port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down: health NOT_SERVING, releasing parked calls, grace %.1fs", config.grace_seconds)
     await ps.stop()

@@ -1,7 +1,7 @@
 """``ps-worker``: join the cluster, train what the server assigns, wait for the next run.
 
 A worker may start before its server and rides out server restarts: connection failures are
-retried with exponential backoff and jitter, and every call has a deadline. On SIGTERM/SIGINT it
+retried with exponential backoff and jitter, and every call has a deadline. On SIGTERM/SIGINT/SIGHUP it
 gives its rank back (Leave SHUTDOWN, so another worker can take it over; for up to
 ``STOP_LEAVE_SECONDS``) and exits 0.
 """
@@ -19,14 +19,13 @@ import asyncio  # noqa: E402
 import contextlib
 import logging
 import random
-import signal
 import sys
 import time
 from collections.abc import Sequence
 
 from paramserver import errors
 from paramserver.client import PsClient
-from paramserver.runtime import exit_with_parent, tune_malloc
+from paramserver.runtime import exit_with_parent, on_stop_signals, tune_malloc
 from paramserver.v1 import paramserver_pb2 as pb
 
 from .config import WorkerConfig, parse_config
@@ -155,9 +154,7 @@ def ending(outcome: Outcome) -> tuple[int, str]:
 
 async def _main(config: WorkerConfig) -> int:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    on_stop_signals(asyncio.get_running_loop(), stop.set)
     outcomes = await work(config, stop)
     # 1 when this worker failed its run (the one run of --once or --run-id), or did not get the run
     # it was told to join (--run-id: refused, such as a run that does not exist, or no work before

@@ -52,3 +52,19 @@ def test_child_env_names_this_process_from_the_main_thread_only() -> None:
     thread.start()
     thread.join(10)
     assert seen == [{"A": "b"}]
+
+
+@pytest.mark.parametrize(("ignored", "handled"), [
+    ((), {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}),
+    ((signal.SIGHUP,), {signal.SIGTERM, signal.SIGINT}),  # nohup: its terminal's close is not a stop
+    ((signal.SIGINT,), {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}),  # a background job of a shell
+])
+def test_stop_signals_keep_only_an_ignored_sighup_ignored(ignored: tuple[signal.Signals, ...],
+                                                          handled: set[signal.Signals]) -> None:
+    code = ("import asyncio, signal; from paramserver.runtime import on_stop_signals\n"
+            f"for sig in {[int(s) for s in ignored]}: signal.signal(sig, signal.SIG_IGN)\n"
+            "loop = asyncio.new_event_loop(); print(sorted(int(s) for s in on_stop_signals(loop, lambda: None)))")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(sorted(int(s) for s in handled))

@@ -1,0 +1,104 @@
+"""The signals of ps-server and ps-worker as processes: SIGTERM, SIGINT and SIGHUP (a terminal
+closed) each stop them in order and they exit 0 (the server: NOT_SERVING, final checkpoints; a
+worker: its rank given back); a SIGHUP ignored when they started (nohup) stays ignored."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from procs import ENV, connect, ps_server, watch_until
+
+from client.spec import LaunchOptions, build_run_spec
+from paramserver.v1 import paramserver_pb2 as pb
+
+pytestmark = pytest.mark.timeout(120)
+
+STOPS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+
+
+@contextmanager
+def started_with(hup: object) -> Iterator[None]:
+    """Children started in here get SIGINT and SIGHUP at their default (a handler set here becomes
+    SIG_DFL in the child at exec), or SIGHUP ignored (``hup`` SIG_IGN: as under nohup), whatever
+    this test process was started with (a suite in the background ignores SIGINT)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    old_hup = signal.signal(signal.SIGHUP, hup)  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGHUP, old_hup)
+
+
+def server(*args: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, "-m", "ps_server.server", "--port", "0", *args], env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    match = re.search(r"listening on (\S+)", proc.stdout.readline())
+    assert match, proc.communicate(timeout=10)
+    return proc, match.group(1)
+
+
+@pytest.mark.parametrize("sig", STOPS, ids=lambda s: signal.Signals(s).name)
+def test_server_stops_in_order_and_exits_0(sig: signal.Signals) -> None:
+    with started_with(lambda *_: None):
+        proc, _ = server()
+    try:
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert "shutting down: health NOT_SERVING" in err and err.rstrip().endswith("stopped"), err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_server_started_under_nohup_keeps_running_on_sighup() -> None:
+    with started_with(signal.SIG_IGN):
+        proc, address = server()
+    try:
+        proc.send_signal(signal.SIGHUP)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(1.0)
+
+        async def healthy() -> str:
+            async with connect(address) as c:
+                return await c.health()
+        assert asyncio.run(healthy()) == "SERVING"
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("sig", STOPS, ids=lambda s: signal.Signals(s).name)
+def test_worker_gives_its_rank_back_and_exits_0(sig: signal.Signals) -> None:
+    with ps_server() as (_, address):
+        async def scenario() -> int:
+            async with connect(address) as c:
+                run = await c.create_run(build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=1,
+                                                                    iterations=1_000_000)))
+                with started_with(lambda *_: None):
+                    worker = subprocess.Popen([sys.executable, "-m", "worker.main", "--server", address,
+                                               "--log-level", "INFO"], env=ENV, stderr=subprocess.PIPE, text=True)
+                try:
+                    await watch_until(c, run.run_id, lambda r: bool(r.workers) and r.workers[0].clock >= 3)
+                    worker.send_signal(sig)
+                    _, err = await asyncio.to_thread(worker.communicate, timeout=30)
+                    assert f"stopped: gave rank 0 of {run.run_id} back" in err, err
+                    left = await c.get_run(run.run_id)
+                    assert left.workers[0].state == pb.WORKER_STATE_EVICTED and left.counters.evictions == 0
+                    return worker.returncode
+                finally:
+                    if worker.poll() is None:
+                        worker.kill()
+                        worker.wait()
+        assert asyncio.run(scenario()) == 0
