@@ -183,3 +183,28 @@ def test_psctl_is_told_to_reach_server_0() -> None:
     for name, _, port in targets:
         service = _service(name)
         assert _selects_server_0(service) and int(port) in [p["port"] for p in service["spec"]["ports"]]
+
+
+_QUANTITY = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "": 1}
+
+
+def _bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity in bytes (the binary suffixes these manifests use)."""
+    number, suffix = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|)", quantity).groups()  # type: ignore[union-attr]
+    return int(number) * _QUANTITY[suffix]
+
+
+def test_the_largest_run_a_server_accepts_fits_its_memory_limit() -> None:
+    """A run the server accepts must not get it OOM-killed: that ends every run it holds, and the
+    restarted server resumes the same run and is killed again (CrashLoopBackOff). The server's
+    --max-param-bytes (PS_MAX_PARAM_BYTES) is what refuses a run too large, by name, so it is set
+    to fit the container's limit: the parameters, Adam's two copies, a gradient being received
+    (one push slot) and a checkpoint's copy of parameters and optimizer state, plus the process."""
+    _validator()
+    (container,) = _one("StatefulSet", "server")["spec"]["template"]["spec"]["containers"]
+    limit = _bytes(container["resources"]["limits"]["memory"])
+    config = parse_config([], _server_env(), hostname="paramserver-0")
+    assert config.push_slots == 1
+    needed = (1 + 2 + 1 + 3) * config.max_param_bytes + 256 * (1 << 20)
+    assert needed <= limit, (f"a run of --max-param-bytes {config.max_param_bytes} needs ~{needed >> 20} MiB with Adam: "
+                             f"set PS_MAX_PARAM_BYTES to fit the memory limit of {limit >> 20} MiB, or raise both")
