@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -264,6 +265,7 @@ def main() -> int:
     ap.add_argument("--cpu-only", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM (a timeout) unwinds as Ctrl-C: the finally blocks stop what was started and remove the network
     args.modes = [m.replace("+", ",") for m in args.modes.split(",")]
     args.rates = args.rates.split(",")
     for mode in args.modes:

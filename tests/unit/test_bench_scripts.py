@@ -241,6 +241,7 @@ _LONG_RUNS = {
     "throughput.py": (["--quick", "--models", "mlp-5.8M", "--reps", "100"], "ps_server.server"),
     "grpc_ceiling.py": (["--reps", "100"], "--role\0server"),
     "grpc_round_trips.py": ([], "grpc_round_trips"),
+    "compression.py": (["--skip-network", "--digits", "1000000"], "ps_server.server"),  # (psctl launch --local)
 }
 
 
@@ -275,7 +276,7 @@ def test_a_bench_stopped_by_sigterm_leaves_no_process(script: str) -> None:
     tag = f"term-{script}-{os.getpid()}"
     with _long_run(script, tag) as bench:
         bench.terminate()
-        bench.wait(90)
+        assert bench.wait(90) == 143, "SIGTERM did not unwind the bench (its finally blocks did not run)"
         time.sleep(0.5)
         left = _tagged(tag)
         assert left == [], [_cmdline(Path(f"/proc/{p}")) for p in left]
