@@ -8,8 +8,9 @@ parameters held by both servers (``psctl status --json``: the shard map names bo
 TCP data ports, each held bytes and applied pushes); ``up --scale worker=4``; a second run with four
 ranks, one on each worker, again over both servers; ``psctl runs`` and ``psctl export`` (which
 reads every server) inside the compose network, in the client service; the dashboard service (its
-profile on) lists both runs from the host; ``stop`` (every container
-exits 0: SIGTERM reached Python through ``init``); ``down -v``, after which no container, network
+profile on) lists both runs from the host; a third run, in progress through a ``stop`` (every
+container exits 0: SIGTERM reached Python through ``init``) and a ``start`` of the cluster, which
+resumes it from the servers' checkpoints; ``stop`` again; ``down -v``, after which no container, network
 or volume of the project is left. Every step has a timeout, and the cluster is torn down
 (``down -v --remove-orphans``) whatever happens.
 
@@ -30,7 +31,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,31 @@ class Cluster:
             assert s["reachable"] and s["bytes_held"] > 0 and s["pushes_applied"] > 0, s
         assert sum(s["bytes_held"] for s in shards) == total, (shards, params)
 
+    def wait_run(self, run_id: str, done: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
+        """The run (``psctl status --json``'s) once ``done(run)``; servers not answering yet are waited for."""
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while True:
+            got = self.psctl("status", run_id, "--json", timeout=30)
+            if got.returncode == 0:
+                last = json.loads(got.stdout)["run"]
+                if done(last):
+                    return dict(last)
+            if time.monotonic() > deadline:
+                state = (last["state"], last["min_clock"]) if last else got.stderr.strip()
+                raise AssertionError(f"run {run_id} not as expected within {timeout:.0f}s: {state}")
+            time.sleep(1)
+
+    def assert_all_exited_0(self) -> None:
+        """Every container of the servers, the workers and the dashboard exited 0 (a stop's SIGTERM
+        handled, within the grace period)."""
+        for service in ("ps", "ps-1", "worker", "dashboard"):
+            for container in self.containers(service):
+                state = container["State"]
+                assert state["Status"] == "exited" and state["ExitCode"] == 0, (
+                    f"{container['Name']}: {state['Status']} exit {state['ExitCode']} (137 = killed after the "
+                    "grace period)")
+
     def leftovers(self) -> list[str]:
         found = []
         label = f"label=com.docker.compose.project={self.project}"
@@ -307,14 +333,28 @@ def test_compose_cluster_trains_scales_and_leaves_nothing(cluster: Cluster) -> N
     assert [r["run_id"] for r in c.dashboard_runs(timeout=60)][:2] == [run2["run_id"], run1["run_id"]]
     c.timed("dashboard", start)
 
+    # A run in progress outlives a stop and start of the whole cluster: SIGTERM reaches every process
+    # (init: true), the servers write their final checkpoints and every container exits 0 within the
+    # grace period; started again, the servers resume the run from their volumes and the workers
+    # carry it on.
+    start = time.monotonic()
+    got = c.psctl("launch", "--json", *LAUNCH, "--workers", "4", "--epochs", "100000", timeout=60)
+    assert got.returncode == 0, got.stderr
+    run3 = json.loads(got.stdout)["run_id"]
+    stopped_at = c.wait_run(run3, lambda r: r["state"] == "running" and r["min_clock"] >= 20, timeout=90)["min_clock"]
+    c.compose("stop", timeout=180)
+    c.assert_all_exited_0()
+    c.compose("start", timeout=180)
+    c.wait_healthy(90)
+    c.wait_run(run3, lambda r: r["state"] == "running" and r["min_clock"] > stopped_at + 20, timeout=120)
+    assert c.psctl("stop", run3, timeout=60).returncode == 0
+    c.timed("stop_and_start_mid_run", start)
+
     # Graceful stop: SIGTERM reaches Python (init: true) and every process exits 0 within the grace period.
     start = time.monotonic()
     c.compose("stop", timeout=180)
     c.timed("stop", start)
-    for container in [*c.containers("ps"), *c.containers("ps-1"), *c.containers("worker"), *c.containers("dashboard")]:
-        state = container["State"]
-        assert state["Status"] == "exited" and state["ExitCode"] == 0, (
-            f"{container['Name']}: {state['Status']} exit {state['ExitCode']} (137 = killed after the grace period)")
+    c.assert_all_exited_0()
 
     start = time.monotonic()
     c.compose("down", "-v", "--remove-orphans", timeout=180)
