@@ -105,3 +105,22 @@ def test_the_commented_third_server_makes_a_cluster_of_three() -> None:
     text = text.rstrip("\n") + "\n  ps-2-data:\n"
     doc = _load(text)
     assert _check_cluster(doc) == ["ps:50051", "ps-1:50051", "ps-2:50051"]
+
+
+def _seconds(text: str) -> float:
+    """A compose duration ('30s', '5m', '1m30s') in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
+    assert parts and "".join(n + u for n, u in parts) == text, f"not a duration: {text!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def test_a_server_resuming_its_runs_is_not_declared_unhealthy() -> None:
+    """A server answers its health check once it has loaded every run in its data directory (~3.5 s
+    per GB here: a 4 GiB run with Adam is ~45 s, and several runs add up). Declared unhealthy
+    before that, `up` gives up on the workers that wait for it (service_healthy): so the servers
+    get 5 minutes to start (a fast start is healthy at its first check all the same)."""
+    for name, service in _servers(_load(COMPOSE.read_text())).items():
+        check = service["healthcheck"]
+        window = _seconds(check["start_period"]) + _seconds(check["interval"]) * int(check["retries"])
+        assert window >= 300, f"{name}: a starting server is unhealthy after {window:.0f}s"

@@ -208,3 +208,12 @@ def test_the_largest_run_a_server_accepts_fits_its_memory_limit() -> None:
     needed = (1 + 2 + 1 + 3) * config.max_param_bytes + 256 * (1 << 20)
     assert needed <= limit, (f"a run of --max-param-bytes {config.max_param_bytes} needs ~{needed >> 20} MiB with Adam: "
                              f"set PS_MAX_PARAM_BYTES to fit the memory limit of {limit >> 20} MiB, or raise both")
+
+
+def test_a_server_resuming_its_runs_is_not_restarted_by_its_startup_probe() -> None:
+    """Loading every run of its volume (~3.5 s per GB) takes a server minutes with many runs: a
+    startup probe that gives up sooner restarts it, and it starts loading again, for ever."""
+    _validator()
+    (container,) = _one("StatefulSet", "server")["spec"]["template"]["spec"]["containers"]
+    probe = container["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 300, probe
