@@ -512,8 +512,8 @@ async def test_a_run_deleted_while_server_0_tells_the_servers_of_an_eviction_doe
 
 async def test_a_delete_run_its_caller_gave_up_on_still_deletes_every_shard(
         server_config: ServerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """DeleteRun forgets the run at once, then deletes its checkpoints and has every server delete
-    its shard: a caller that gives up meanwhile (server 0's checkpoints take long to delete) does
+    """DeleteRun deletes the run's checkpoints, forgets it, and has every server delete its shard:
+    a caller that gives up meanwhile (server 0's checkpoints take long to delete) does
     not leave the shards behind, held for ever by servers nobody will tell again."""
     async with cluster(server_config, 2, lambda i: {"data_dir": str(tmp_path / str(i))}, split_bytes=1024) as servers:
         assert servers[0].checkpointer is not None
@@ -521,10 +521,10 @@ async def test_a_delete_run_its_caller_gave_up_on_still_deletes_every_shard(
             run = await c.create_run(make_spec(shapes={"w": (40, 30)}, num_workers=1))
         delete, deleting = servers[0].checkpointer.delete, asyncio.Event()
 
-        async def slowly(run_id: str) -> None:
+        async def slowly(run_id: str, forget: Callable[[], object]) -> str:
             deleting.set()
             await asyncio.sleep(1)
-            await delete(run_id)
+            return await delete(run_id, forget)
 
         monkeypatch.setattr(servers[0].checkpointer, "delete", slowly)
         async with PsClient(servers[0].address, timeout=10) as c:
