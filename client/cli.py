@@ -114,14 +114,14 @@ def _address(server: str) -> str:
     return server
 
 
-def _write_atomically(path: str, write: Callable[[Any], None]) -> None:
-    """``write`` into a new file beside ``path``, renamed over it once whole: a failure (a full
-    disk) leaves whatever ``path`` held before, never a torn file."""
+def _write_atomically(path: str, write: Callable[[Any], None], flag: str = "-o") -> None:
+    """``write`` into a new file beside ``path`` (the option ``flag`` named), renamed over it once
+    whole: a failure (a full disk, an interrupt) leaves whatever ``path`` held before, never a torn file."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(prefix=".psctl-", suffix=".tmp", dir=folder)
     except OSError as exc:  # (its message names the temporary file, which the user never asked for)
-        raise ValueError(f"-o {path!r}: cannot create a file in {folder} ({exc.strerror or exc}); "
+        raise ValueError(f"{flag} {path!r}: cannot create a file in {folder} ({exc.strerror or exc}); "
                          "write into an existing directory you may write to") from None
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -392,13 +392,16 @@ def export(run_id: RunId,
 @app.command()
 @_handled
 def plot(run_id: RunId,
-         output: Annotated[str, typer.Option("--output", "-o", help="Image file (default RUN.png).")] = "",
+         output: Annotated[str, typer.Option("--output", "-o", help="Image file, in the format its extension "
+                                                                    "names: .png (also without one), .svg, .pdf "
+                                                                    "(default RUN.png).")] = "",
          server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
     """Plot train loss (per rank) and test accuracy/loss (a CTR model's: AUC and log-loss) against time and clock."""
-    from .plots import save_curves  # matplotlib: only this command pays for importing it
-    run, metrics = _with_client(server, timeout, lambda ps: _run_and_metrics(ps, run_id))
+    from .plots import image_format, save_curves  # matplotlib: only this command pays for importing it
     path = output or f"{run_id}.png"
-    save_curves(run, metrics, path)
+    fmt = image_format(path, "-o")
+    run, metrics = _with_client(server, timeout, lambda ps: _run_and_metrics(ps, run_id))
+    _write_atomically(path, lambda fh: save_curves(run, metrics, fh, fmt))
     evals = sum(p.eval for p in metrics.points)
     if json_:
         _print_json({"path": path, "run_id": run_id, "points": len(metrics.points), "eval_points": evals})
@@ -493,6 +496,9 @@ def simulate_(run_id: RunId,
         bounds = parse_bounds(staleness)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if plot:
+        from .plots import image_format, save_simulation  # matplotlib: only --plot pays for importing it
+        fmt = image_format(plot, "--plot")
     run, metrics = _with_client(server, timeout, lambda ps: _run_and_metrics(ps, run_id, records=True))
     if not metrics.clock_records:
         raise ValueError(f"run {run_id} has no clock records yet: start its workers, or wait until they have pushed"
@@ -506,8 +512,7 @@ def simulate_(run_id: RunId,
     if run.state in (pb.RUN_STATE_PENDING, pb.RUN_STATE_RUNNING):
         doc["notes"].append(f"the run is {facts.state_name(run.state)}: the replay covers the clocks pushed so far")
     if plot:
-        from .plots import save_simulation  # matplotlib: only --plot pays for importing it
-        save_simulation(doc, plot)
+        _write_atomically(plot, lambda fh: save_simulation(doc, fh, fmt), "--plot")
         doc["plot"] = plot
     if json_:
         _print_json(doc)

@@ -13,8 +13,9 @@ and each rank's idle share under each bound, from ``simulate.report``'s dict.
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
-from typing import Any
+from typing import Any, BinaryIO
 
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -23,7 +24,7 @@ from matplotlib.ticker import MaxNLocator
 
 from paramserver.v1 import paramserver_pb2 as pb
 
-__all__ = ["curves_figure", "save_curves", "save_simulation", "simulation_figure"]
+__all__ = ["curves_figure", "image_format", "save_curves", "save_simulation", "simulation_figure"]
 
 
 def _t(p: pb.MetricPoint, t0: float) -> float:
@@ -97,9 +98,22 @@ def curves_figure(run: pb.Run, metrics: pb.GetMetricsResponse) -> Figure:
     return fig
 
 
-def save_curves(run: pb.Run, metrics: pb.GetMetricsResponse, path: str) -> None:
-    """Write the figure to ``path`` (format from the extension: png, svg, pdf)."""
-    curves_figure(run, metrics).savefig(path, dpi=100)
+def image_format(path: str, flag: str) -> str:
+    """The image format ``path``'s extension names, as savefig takes it (png for a name without
+    one: the file is written under the name given); ValueError naming ``flag`` when matplotlib
+    cannot write it."""
+    ext = os.path.splitext(path)[1][1:].lower()
+    if not ext:
+        return "png"
+    if ext not in FigureCanvasAgg.get_supported_filetypes():
+        raise ValueError(f"{flag} {path!r}: cannot draw a .{ext} image; name a .png, .svg or .pdf file (or "
+                         f"{', '.join(sorted(FigureCanvasAgg.get_supported_filetypes()))})")
+    return ext
+
+
+def save_curves(run: pb.Run, metrics: pb.GetMetricsResponse, out: BinaryIO, fmt: str) -> None:
+    """Write the figure into ``out`` as ``fmt`` (``image_format``)."""
+    curves_figure(run, metrics).savefig(out, format=fmt, dpi=100)
 
 
 def simulation_figure(doc: dict[str, Any]) -> Figure:
@@ -134,8 +148,8 @@ def simulation_figure(doc: dict[str, Any]) -> Figure:
     return fig
 
 
-def save_simulation(doc: dict[str, Any], path: str) -> None:
-    simulation_figure(doc).savefig(path, dpi=100)
+def save_simulation(doc: dict[str, Any], out: BinaryIO, fmt: str) -> None:
+    simulation_figure(doc).savefig(out, format=fmt, dpi=100)
 
 
 def _bound(s: int) -> str:

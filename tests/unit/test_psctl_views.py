@@ -297,3 +297,51 @@ def test_simulate_against_a_server_without_the_bounds_takes_the_spec_and_its_sch
     assert facts.bounds_in_force(pb.Run(spec=pb.RunSpec(staleness=-1)), pb.GetMetricsResponse()) == (-1, False)
     raised = pb.GetMetricsResponse(events=[pb.RunEvent(kind="staleness")])
     assert facts.bounds_in_force(pb.Run(spec=pb.RunSpec(staleness=3)), raised) == (3, True)
+
+
+# ------------------------------------------------------------------------------------ psctl plot's file
+def _plot(monkeypatch: pytest.MonkeyPatch, *args: str) -> Any:
+    """``psctl plot run-1 ARGS`` on a CTR run's metrics, the server's answers stood in for."""
+    from typer.testing import CliRunner
+
+    from client import cli
+
+    monkeypatch.setattr(cli, "_with_client", lambda server, timeout, body: (make_ctr_run(), ctr_metrics()))
+    return CliRunner().invoke(cli.app, ["plot", "run-1", *args])
+
+
+def test_a_plot_that_fails_midway_leaves_the_file_it_would_replace(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """(savefig wrote into the file itself: a crash or a full disk midway left a truncated image.)"""
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "curves.png"
+    out.write_bytes(b"the previous plot")
+    whole = Figure.savefig
+
+    def half(self: Figure, fname: Any, **kw: Any) -> None:
+        (fname.write if hasattr(fname, "write") else Path(fname).write_bytes)(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", half)
+    failed = _plot(monkeypatch, "-o", str(out))
+    assert failed.exit_code == 1 and "No space left on device" in failed.stderr, failed.output
+    assert out.read_bytes() == b"the previous plot" and [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+    monkeypatch.setattr(Figure, "savefig", whole)
+    assert _plot(monkeypatch, "-o", str(out)).exit_code == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and [p.name for p in tmp_path.iterdir()] == ["curves.png"]
+
+
+def test_a_plot_is_written_to_the_file_named_and_a_format_matplotlib_lacks_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``-o curves`` wrote curves.png while psctl said 'wrote curves'; ``-o x.jpgx`` said only
+    matplotlib's "Format 'jpgx' is not supported"."""
+    plain = _plot(monkeypatch, "-o", str(tmp_path / "curves"))
+    assert plain.exit_code == 0 and f"wrote {tmp_path / 'curves'}:" in plain.stdout, plain.output
+    assert [p.name for p in tmp_path.iterdir()] == ["curves"]
+    assert (tmp_path / "curves").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "c.svg").exists() is False and _plot(monkeypatch, "-o", str(tmp_path / "c.svg")).exit_code == 0
+    assert b"<svg" in (tmp_path / "c.svg").read_bytes()[:400]
+    bad = _plot(monkeypatch, "-o", str(tmp_path / "c.jpgx"))
+    assert bad.exit_code == 1 and f"-o {str(tmp_path / 'c.jpgx')!r}: " in bad.stderr and ".png" in bad.stderr, bad.output
+    assert not (tmp_path / "c.jpgx").exists()

@@ -293,5 +293,6 @@ def test_the_table_and_the_figure(tmp_path: Path) -> None:
     out.print(render.simulation_view(doc))
     text = out.export_text()
     assert "recorded, 1" in text and "replay of 1" in text and "inf" in text and "bound changed" in text
-    save_simulation(doc, str(tmp_path / "s.png"))
+    with (tmp_path / "s.png").open("wb") as fh:
+        save_simulation(doc, fh, "png")
     assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
