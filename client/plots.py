@@ -3,7 +3,8 @@
 Uses matplotlib's object API with the Agg canvas (no pyplot, no global state, no display needed).
 Panels, 2x2: train loss against wall time and against clock, one line per rank; test accuracy and
 test loss (eval points of rank 0) against wall time and against clock; for a binary (CTR) model,
-whose evaluations carry a ROC AUC, the test AUC too, and its test loss is labelled log-loss. Time is
+whose evaluations carry a ROC AUC, the test AUC too, and its test loss is labelled log-loss; for a
+regression (no accuracy), the test loss alone. Time is
 seconds since the run started (or was created, while pending).
 
 ``psctl simulate --plot``: the predicted time per clock under each bound (against the measured one)
@@ -38,12 +39,22 @@ def _auc(p: pb.MetricPoint) -> float:
 
 def _eval_panel(ax: Axes, xs: list[float], acc: list[float], loss: list[float], xlabel: str,
                 auc: list[float] | None = None) -> None:
-    """Test accuracy (and AUC, given a binary model's) on the left axis, the test loss on the right."""
-    what, loss_name = ("test AUC and log-loss", "test log-loss") if auc else ("test accuracy and test loss", "test loss")
+    """Test accuracy (and AUC, given a binary model's) on the left axis, the test loss on the right;
+    a run whose evaluations have neither (a regression's) has its test loss alone, on the left."""
+    scored = bool(auc) or any(math.isfinite(a) for a in acc)
+    what, loss_name = (("test AUC and log-loss", "test log-loss") if auc else
+                       ("test accuracy and test loss", "test loss") if scored or not xs else ("test loss", "test loss"))
     ax.set_xlabel(xlabel)
     ax.set_title(f"{what} vs {xlabel.split(' ')[0]}")
     if not xs:
         ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=ax.transAxes)
+        return
+    ax.grid(alpha=0.3)
+    if not scored:
+        ax.plot(xs, loss, "s--", color="tab:red", label=loss_name)
+        ax.set_ylabel(loss_name)
+        if all(v > 0 for v in loss):  # (a regression's falls by orders of magnitude, as the train loss)
+            ax.set_yscale("log")
         return
     handles = []
     if auc:
@@ -51,15 +62,13 @@ def _eval_panel(ax: Axes, xs: list[float], acc: list[float], loss: list[float], 
     if any(math.isfinite(a) for a in acc):
         handles += ax.plot(xs, acc, "o-", color="tab:green", label="test accuracy")
     scores = [a for a in [*acc, *(auc or [])] if math.isfinite(a)]
-    if scores:
-        ax.set_ylabel("test AUC / accuracy" if auc else "test accuracy")
-        lo = min(scores)
-        ax.set_ylim(max(0.0, lo - 0.1 * (1.0 - lo) - 0.01), 1.005)  # zoom in on the range that moved
+    ax.set_ylabel("test AUC / accuracy" if auc else "test accuracy")
+    lo = min(scores)
+    ax.set_ylim(max(0.0, lo - 0.1 * (1.0 - lo) - 0.01), 1.005)  # zoom in on the range that moved
     twin = ax.twinx()
     handles += twin.plot(xs, loss, "s--", color="tab:red", label=loss_name)
     twin.set_ylabel(loss_name)
     ax.legend(handles=handles, loc="center right", fontsize="small")
-    ax.grid(alpha=0.3)
 
 
 def curves_figure(run: pb.Run, metrics: pb.GetMetricsResponse) -> Figure:

@@ -345,3 +345,20 @@ def test_a_plot_is_written_to_the_file_named_and_a_format_matplotlib_lacks_is_re
     bad = _plot(monkeypatch, "-o", str(tmp_path / "c.jpgx"))
     assert bad.exit_code == 1 and f"-o {str(tmp_path / 'c.jpgx')!r}: " in bad.stderr and ".png" in bad.stderr, bad.output
     assert not (tmp_path / "c.jpgx").exists()
+
+
+def test_the_plot_of_a_regression_shows_its_test_loss_on_an_axis_of_its_own() -> None:
+    """A regression's evaluations have no accuracy (NaN): the panels had an empty accuracy axis,
+    0 to 1, with the loss on a second axis beside it."""
+    from client.plots import curves_figure
+
+    run = make_run(accuracy=float("nan"))
+    points = [pb.MetricPoint(eval=True, clock=10 * (i + 1), eval_loss=0.5 / (i + 1), eval_accuracy=float("nan"))
+              for i in range(3)]
+    fig = curves_figure(run, pb.GetMetricsResponse(points=points))
+    evals = [ax for ax in fig.axes if "test" in ax.get_title()]
+    assert [ax.get_title() for ax in evals] == ["test loss vs time", "test loss vs clock"]
+    assert len(fig.axes) == 4  # no second axis beside either
+    for ax in evals:
+        assert ax.get_ylabel() == "test loss" and [line.get_label() for line in ax.get_lines()] == ["test loss"]
+        assert list(ax.get_lines()[0].get_ydata()) == pytest.approx([0.5, 0.25, 0.5 / 3])
