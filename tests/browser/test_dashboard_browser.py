@@ -191,12 +191,19 @@ async def test_the_page_says_when_the_server_is_gone_and_carries_on_after_its_re
                 await runner.cleanup()
 
 
-async def test_a_finished_regression_run_shows_its_test_rmse(browser: Any) -> None:
-    """Linear regression's loss is half the mean squared error: the page plots the RMSE beside it."""
+@pytest.mark.parametrize(("model", "dataset", "series"), [
+    ("linear", "synthetic-regression", ["test RMSE", "test loss"]),
+    ("mf:3", "synthetic-ratings:users=60,items=50,rank=2,density=0.5", ["test RMSE"]),
+])
+async def test_a_finished_regression_run_shows_its_test_rmse(browser: Any, model: str, dataset: str,
+                                                            series: list[str]) -> None:
+    """Linear regression's loss is half the mean squared error: the page plots the RMSE beside it;
+    matrix factorisation's loss is its RMSE, alone. Every series drawn has points and every axis
+    a series (the RMSE was labelled "accuracy / AUC", and a ratings run had an empty axis for it)."""
     port = free_port()
     with ps_server("--port", str(port)) as (_, addr), ps_workers(addr, 2):
         async with connect(addr) as c:
-            run = await c.create_run(build_run_spec(LaunchOptions(model="linear", dataset="synthetic-regression",
+            run = await c.create_run(build_run_spec(LaunchOptions(model=model, dataset=dataset,
                                                                   workers=2, iterations=60, eval_every=10, lr=0.05)))
             await watch_until(c, run.run_id, lambda r: r.state == pb.RUN_STATE_COMPLETED)
         runner, url = await dashboard(addr)
@@ -204,8 +211,15 @@ async def test_a_finished_regression_run_shows_its_test_rmse(browser: Any) -> No
             page, problems = await open_page(browser, f"{url}/runs/{run.run_id}")
             await page.wait_for_function("Number(document.querySelector('#eval').dataset.points) >= 2")
             assert "test RMSE" in await page.inner_text("#eval-caption")
-            rmse, loss = await page.evaluate("[S.charts.eval.data[1], S.charts.eval.data[2]]")
-            assert rmse == pytest.approx([(2 * x) ** 0.5 for x in loss]) and loss[-1] < loss[0]
+            drawn = await page.evaluate("({labels: S.charts.eval.series.slice(1).map(s => s.label), "
+                                        "scales: S.charts.eval.series.slice(1).map(s => s.scale), "
+                                        "axes: S.charts.eval.axes.slice(1).map(a => a.scale), "
+                                        "data: S.charts.eval.data.slice(1)})")
+            assert drawn["labels"] == series and sorted(drawn["axes"]) == sorted(drawn["scales"])
+            assert all(any(v is not None for v in column) for column in drawn["data"])
+            if model == "linear":
+                rmse, loss = drawn["data"]
+                assert rmse == pytest.approx([(2 * x) ** 0.5 for x in loss]) and loss[-1] < loss[0]
             assert await page.inner_text("[data-testid=conn]") == "finished: completed"
             assert problems == []
         finally:

@@ -153,15 +153,24 @@ function drawCharts() {
   const all = [...S.points.values()];
   const train = all.filter(p => !p.eval && p.loss !== null), evals = all.filter(p => p.eval);
   const ranks = Math.max(S.ranks, ...train.map(p => p.rank + 1), 1);
-  const rebuild = S.charts.key !== key || S.charts.ranks !== ranks;
+  // What the evaluations have beside their loss: accuracy; a binary model's AUC (its loss: log-loss);
+  // linear regression's RMSE (its loss is half the MSE); nothing for matrix factorisation, whose loss
+  // is its RMSE already (drawn alone, on the one axis)
+  const e = evals.sort((a, b) => a[key] - b[key]);
+  const model = S.last.summary.model || "";
+  const regression = model.startsWith("linear"), ratings = model.startsWith("mf");
+  const quality = e.some(p => p.test_auc !== null) ? "test AUC" : regression ? "test RMSE" : ratings ? "" : "test accuracy";
+  const rebuild = S.charts.key !== key || S.charts.ranks !== ranks || S.charts.quality !== quality;
   if (rebuild) {
     for (const id of ["loss", "eval", "rate", "stale"]) document.getElementById(id).replaceChildren();
     const rankSeries = [...Array(ranks).keys()].map(r => ({ label: `rank ${r}`, stroke: COLOURS[r % COLOURS.length], spanGaps: true }));
-    S.charts = { key, ranks,
+    S.charts = { key, ranks, quality,
       loss: chart("loss", [{ label: key }, ...rankSeries], { time }),
-      eval: chart("eval", [{ label: key }, { label: "accuracy / AUC", stroke: "#2ca02c", spanGaps: true, scale: "y" },
+      eval: quality ? chart("eval", [{ label: key }, { label: quality, stroke: "#2ca02c", spanGaps: true, scale: "y" },
         { label: "test loss", stroke: "#d62728", spanGaps: true, scale: "loss" }],
-        { time, extra: { axes: [{}, { scale: "y", size: 60 }, { scale: "loss", side: 1, size: 60, grid: { show: false } }] } }),
+        { time, extra: { axes: [{}, { scale: "y", size: 60 }, { scale: "loss", side: 1, size: 60, grid: { show: false } }] } }) :
+        chart("eval", [{ label: key }, { label: "test RMSE", stroke: "#d62728", spanGaps: true, scale: "y" }],
+          { time, extra: { axes: [{}, { scale: "y", size: 60 }] } }),
       rate: chart("rate", [{ label: key }, { label: "pushes/s", stroke: "#1f77b4", spanGaps: true, scale: "y" },
         { label: "MB/s", stroke: "#9467bd", spanGaps: true, scale: "mb" }],
         { time, extra: { axes: [{}, { scale: "y", size: 60 }, { scale: "mb", side: 1, size: 60, grid: { show: false } }] } }),
@@ -175,17 +184,13 @@ function drawCharts() {
   S.charts.loss.setData([xs, ...cols]);
   document.getElementById("loss").dataset.points = String(train.length);
 
-  // accuracy; a binary model's AUC (its loss: log-loss); linear regression's RMSE (its loss is half the MSE);
-  // matrix factorisation's loss is its RMSE already
-  const e = [...evals].sort((a, b) => a[key] - b[key]);
-  const model = S.last.summary.model || "";
-  const regression = model.startsWith("linear"), ratings = model.startsWith("mf");
-  const quality = e.map(p => p.test_auc !== null ? p.test_auc : regression && p.test_loss !== null ?
+  const scores = e.map(p => p.test_auc !== null ? p.test_auc : regression && p.test_loss !== null ?
     Math.sqrt(2 * p.test_loss) : p.test_accuracy);
-  document.getElementById("eval-caption").textContent = e.some(p => p.test_auc !== null) ? "test AUC and log-loss" :
-    regression ? "test RMSE (green) and loss, half the MSE (red)" : ratings ? "test RMSE (the loss, red)" :
+  document.getElementById("eval-caption").textContent = quality === "test AUC" ? "test AUC and log-loss" :
+    regression ? "test RMSE (green) and loss, half the MSE (red)" : ratings ? "test RMSE (the loss)" :
     "test accuracy and loss";
-  S.charts.eval.setData([e.map(p => p[key]), quality, e.map(p => p.test_loss)]);
+  const losses = e.map(p => p.test_loss);
+  S.charts.eval.setData(quality ? [e.map(p => p[key]), scores, losses] : [e.map(p => p[key]), losses]);
   document.getElementById("eval").dataset.points = String(e.length);
 
   const rx = S.rates.map(r => time ? r.t : r.clock);
