@@ -384,9 +384,9 @@ def export(run_id: RunId,
                      "tensors": {n: list(a.shape) for n, a in result.tensors.items()}, "version": result.version,
                      "guaranteed_clock": result.guaranteed_clock, "run_state": facts.state_name(result.run_state)})
     else:
-        typer.echo(f"wrote {path}: {len(result.tensors)} tensors, {count:,} parameters "
-                        f"(version {result.version}, clock {result.guaranteed_clock}, "
-                        f"run {facts.state_name(result.run_state)})")
+        typer.echo(f"wrote {path}: {facts.counted(len(result.tensors), 'tensor')}, {count:,} "
+                   f"parameter{'s' * (count != 1)} (version {result.version}, clock {result.guaranteed_clock}, "
+                   f"run {facts.state_name(result.run_state)})")
 
 
 @app.command()
@@ -406,7 +406,8 @@ def plot(run_id: RunId,
     if json_:
         _print_json({"path": path, "run_id": run_id, "points": len(metrics.points), "eval_points": evals})
     else:
-        typer.echo(f"wrote {path}: {len(metrics.points) - evals} training points, {evals} evaluations")
+        typer.echo(f"wrote {path}: {facts.counted(len(metrics.points) - evals, 'training point')}, "
+                   f"{facts.counted(evals, 'evaluation')}")
 
 
 @app.command()
@@ -421,8 +422,9 @@ def metrics(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False,
         _print_json(facts.message_to_dict(got))
         return
     evals = [p for p in got.points if p.eval]
-    typer.echo(f"{run_id}: {len(got.points) - len(evals)} training points, {len(evals)} evaluations, "
-               f"{len(got.events)} events, {len(got.clock_records)} clock records")
+    typer.echo(f"{run_id}: {facts.counted(len(got.points) - len(evals), 'training point')}, "
+               f"{facts.counted(len(evals), 'evaluation')}, {facts.counted(len(got.events), 'event')}, "
+               f"{facts.counted(len(got.clock_records), 'clock record')}")
     losses = [p.loss for p in got.points if not p.eval]
     typer.echo("train loss (log scale) " + render.sparkline(losses, 60, log=True))
     if evals:
@@ -438,7 +440,7 @@ def metrics(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False,
         typer.echo(f"  {e['when']}  {e['kind']:<10} {e['rank']:<7} {e['message']}")
     lead = facts.pull_lead(got)
     if lead is not None:
-        typer.echo(f"clock records: served pulls were at most {lead} clock{'s' * (lead != 1)} ahead of the min clock "
+        typer.echo(f"clock records: served pulls were at most {facts.counted(lead, 'clock')} ahead of the min clock "
                    f"(SSP allows up to the run's staleness); --json lists them")
 
 

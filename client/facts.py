@@ -30,6 +30,7 @@ __all__ = [
     "auc",
     "bounds_in_force",
     "clock_records",
+    "counted",
     "enum_text",
     "eval_history",
     "event_rows",
@@ -89,6 +90,11 @@ def fmt_age(seconds: float | None) -> str:
     if s < 86400:
         return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
     return f"{int(s // 86400)}d"
+
+
+def counted(n: int, noun: str, plural: str = "") -> str:
+    """'1 worker', '4 workers', '2 pushes' (``plural``): a count and its noun, in the singular for one."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def staleness_text(s: int) -> str:
@@ -289,8 +295,8 @@ def launch_result(run: pb.Run) -> dict[str, Any]:
 def run_headline(run: pb.Run) -> str:
     """'run-x: mlp:64:relu on digits, 4 workers, staleness 2 (SSP), sgd lr 0.1, 120 iterations'."""
     f = run_facts(run)
-    return (f"{f['run_id']}: {f['model']} on {f['dataset']}, {f['workers']} workers, staleness "
-            f"{staleness_text(f['staleness'])}, {f['optimizer']} lr {f['lr']:g}, {f['iterations']} iterations")
+    return (f"{f['run_id']}: {f['model']} on {f['dataset']}, {counted(f['workers'], 'worker')}, staleness "
+            f"{staleness_text(f['staleness'])}, {f['optimizer']} lr {f['lr']:g}, {counted(f['iterations'], 'iteration')}")
 
 
 def summary_line(run: pb.Run) -> str:
@@ -300,7 +306,7 @@ def summary_line(run: pb.Run) -> str:
     head = f"{f['run_id']} {f['state']} in {f['wall_seconds'] or 0.0:.1f} s"
     if f["state"] != "completed":
         return head + (f": {f['message']}" if f["message"] else "")
-    counts = f"({f['pushes_applied']} pushes, {f['pushes_duplicate']} duplicates)"
+    counts = f"({counted(f['pushes_applied'], 'push', 'pushes')}, {counted(f['pushes_duplicate'], 'duplicate')})"
     if any(w.state in (pb.WORKER_STATE_EVICTED, pb.WORKER_STATE_VACANT) and w.clock < run.spec.iterations
            for w in run.workers):  # completed without some rank's iterations: the message says whose
         counts += f"; {f['message']}"

@@ -25,6 +25,8 @@ from matplotlib.ticker import MaxNLocator
 
 from paramserver.v1 import paramserver_pb2 as pb
 
+from .facts import counted
+
 __all__ = ["curves_figure", "image_format", "save_curves", "save_simulation", "simulation_figure"]
 
 
@@ -103,7 +105,7 @@ def curves_figure(run: pb.Run, metrics: pb.GetMetricsResponse) -> Figure:
     _eval_panel(eval_c, [float(p.clock) for p in evals], acc, loss, "clock (iterations)", binary)
     s = run.spec.staleness
     stale = "BSP" if s == 0 else "ASP" if s < 0 else f"SSP s={s}"
-    fig.suptitle(f"{run.run_id}  {run.spec.name}  ({run.spec.num_workers} workers, {stale})")
+    fig.suptitle(f"{run.run_id}  {run.spec.name}  ({counted(run.spec.num_workers, 'worker')}, {stale})")
     return fig
 
 
@@ -152,7 +154,7 @@ def simulation_figure(doc: dict[str, Any]) -> Figure:
     strip.xaxis.set_major_locator(MaxNLocator(integer=True))
     strip.set_title("idle share (parked / run time) per rank")
     fig.colorbar(image, ax=strip, label="idle share")
-    fig.suptitle(f"{doc['run_id']}: what-if replay of {doc['ranks']} ranks x {doc['clocks']} clocks "
+    fig.suptitle(f"{doc['run_id']}: what-if replay of {counted(doc['ranks'], 'rank')} x {counted(doc['clocks'], 'clock')} "
                  f"(replay of the recorded bound {doc['replay']['error']:+.1%} off)")
     return fig
 

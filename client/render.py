@@ -28,7 +28,18 @@ from rich.text import Text
 
 from paramserver.v1 import paramserver_pb2 as pb
 
-from .facts import fmt, fmt_age, param_texts, recent, run_facts, shard_rows, staleness_text, train_loss, worker_rows
+from .facts import (
+    counted,
+    fmt,
+    fmt_age,
+    param_texts,
+    recent,
+    run_facts,
+    shard_rows,
+    staleness_text,
+    train_loss,
+    worker_rows,
+)
 
 __all__ = ["NO_WRAP_WIDTH", "console", "launch_progress", "progress_fields", "runs_table", "simulation_view", "sparkline",
            "status_view"]
@@ -228,7 +239,7 @@ def _bound_text(s: int) -> str:
 def simulation_view(doc: dict[str, Any]) -> RenderableType:
     """``psctl simulate``: the run as recorded, the replay of its bound (and its error against the
     measurement), then one row per bound asked for; from ``simulate.report``'s dict."""
-    table = Table(title=f"{doc['run_id']}: {doc['ranks']} ranks x {doc['clocks']} clocks, replayed under each bound",
+    table = Table(title=f"{doc['run_id']}: {counted(doc['ranks'], 'rank')} x {counted(doc['clocks'], 'clock')}, replayed under each bound",
                   title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for col in ("staleness", "time/clock", "run time", "pushes/s", "mean idle", "most idle"):
         table.add_column(col, justify="left" if col == "staleness" else "right", no_wrap=True)

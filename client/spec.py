@@ -183,7 +183,7 @@ def check_options(o: LaunchOptions) -> None:
     if o.workers < 1:
         raise ValueError(f"--workers {o.workers}: need at least 1")
     if any(rank >= o.workers for rank, _ in o.slowdown):
-        raise ValueError(f"--slowdown: rank {max(r for r, _ in o.slowdown)} does not exist with {o.workers} workers "
+        raise ValueError(f"--slowdown: rank {max(r for r, _ in o.slowdown)} does not exist with {o.workers} worker{'s' * (o.workers != 1)} "
                          f"(ranks 0..{o.workers - 1})")
     if o.staleness < -1:
         raise ValueError(f"staleness {o.staleness}: use 0 (BSP), a positive integer, or -1 (unbounded)")

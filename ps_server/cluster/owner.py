@@ -56,7 +56,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 
 from .. import codec
 from ..checkpointer import Checkpointer
-from ..core.errors import FailedPrecondition, NotFound, PsError, ResourceExhausted, ShardUnavailable
+from ..core.errors import FailedPrecondition, NotFound, PsError, ResourceExhausted, ShardUnavailable, counted
 from ..core.placement import Placement, place
 from ..core.registry import RunRegistry
 from ..core.run import Run
@@ -513,7 +513,7 @@ class ClusterOwner:
             self._told[(run.run_id, peer.index)] = (cut,)  # (each keeps the cut it went back to: ``restore``)
         lost = sum(max(0, before[s.rank] - s.clock) for s in restored.clock.slots)
         restored.history.event("rolled_back", -1, f"{why}: every shard went back to its checkpoint at cut {cut} "
-                               f"(min clock {min_before} -> {restored.min_clock}; {lost} steps lost)")
+                               f"(min clock {min_before} -> {restored.min_clock}; {counted(lost, 'step')} lost)")
         restored.hold("")  # (after the event: a watcher woken by it sees both)
         log.warning("%s: %s rolled back to cut %d on every server, %d steps lost", why, run.run_id, cut, lost,
                     extra={"run": run.run_id})

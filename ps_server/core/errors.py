@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 
 __all__ = [
     "FailedPrecondition",
+    "counted",
     "listed",
     "quoted",
     "InvalidArgument",
@@ -40,6 +41,11 @@ __all__ = [
     "WaitTimeout",
     "shortened",
 ]
+
+
+def counted(n: int, noun: str) -> str:
+    """'1 rank', '4 ranks': a count and its noun, in the singular for one."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def listed(items: Iterable[object], limit: int = 5) -> str:

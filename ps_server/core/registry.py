@@ -23,6 +23,7 @@ from .errors import (
     ResourceExhausted,
     ShardUnavailable,
     ShuttingDown,
+    counted,
     listed,
     quoted,
 )
@@ -83,7 +84,7 @@ class RunRegistry:
         validate_spec(spec, self.limits)
         live = self._building + sum(not r.state.finished for r in self._runs.values())
         if live >= self.limits.max_runs:
-            raise ResourceExhausted(f"this server holds {live} runs not finished, its limit (ps-server --max-runs): "
+            raise ResourceExhausted(f"this server holds {counted(live, 'run')} not finished, its limit (ps-server --max-runs): "
                                     "stop or delete one, or wait for one to finish")
         held = placement.held(spec.params) if placement else spec.params
         nbytes = 4 * sum(p.size for p in held)

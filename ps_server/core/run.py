@@ -24,7 +24,7 @@ import numpy as np
 from . import ssp
 from .bsp import BspBuffer
 from .clock import Slot, VectorClock
-from .errors import FailedPrecondition, InvalidArgument, PsError, Reason, ShardUnavailable, listed
+from .errors import FailedPrecondition, InvalidArgument, PsError, Reason, ShardUnavailable, counted, listed
 from .gate import Gate
 from .history import History
 from .optimizers import make_optimizer
@@ -68,7 +68,7 @@ class Run:
         self.changes = 0  # grows with every change a watcher could see
         self.on_change: Callable[[Run], None] | None = None  # called after every change: a consistent cut
         self.held = ""  # why it takes no pushes and pulls now (a cluster's shard waiting to go back to a cut)
-        self.history.event("created", -1, f"{spec.num_workers} ranks, staleness {spec.describe_staleness()}")
+        self.history.event("created", -1, f"{counted(spec.num_workers, 'rank')}, staleness {spec.describe_staleness()}")
 
     @property
     def min_clock(self) -> int:
@@ -90,10 +90,14 @@ class Run:
                            f"(incarnation {slot.incarnation}, clock {slot.clock})")
         if pending and self.clock.count(WorkerState.ACTIVE) == len(self.clock.slots):
             self.state, self.started = RunState.RUNNING, time.time()
-            self.history.event("started", -1, f"all {len(self.clock.slots)} ranks joined")
+            self._started_event()
             self._follow_schedule()  # (a step at clock 0: no clock changes before the first push)
         self._changed()
         return Assignment(self.run_id, slot.rank, slot.incarnation, slot.clock)
+
+    def _started_event(self) -> None:
+        n = len(self.clock.slots)
+        self.history.event("started", -1, f"all {n} ranks joined" if n > 1 else "the one rank joined")
 
     def heartbeat(self, rank: int, incarnation: int) -> tuple[RunState, int]:
         """Refresh the lease; return the run's state and the rank's clock."""
@@ -120,7 +124,7 @@ class Run:
             # (A server restored from a checkpoint knows the rank at an earlier clock than its worker
             # finished at.) DONE, its clock would hold the min clock back for good, with no lease to
             # expire: its iterations left are handed over.
-            self._evict(slot, f"left done with {self.spec.iterations - slot.clock} iterations left", kind="left")
+            self._evict(slot, f"left done with {counted(self.spec.iterations - slot.clock, 'iteration')} left", kind="left")
         else:
             if slot.state is WorkerState.ACTIVE:
                 self.clock.set_state(slot, WorkerState.DONE)
@@ -185,7 +189,7 @@ class Run:
         if self.store.tables:
             self.counters.rows_pushed += sum(g.ids.size for g in grads.values() if isinstance(g, Rows))
         if slot.clock == self.spec.iterations:
-            self.history.event("finished", rank, f"rank {rank} completed its {self.spec.iterations} iterations")
+            self.history.event("finished", rank, f"rank {rank} completed its {counted(self.spec.iterations, 'iteration')}")
         self._after_clock_change(clocks_only=True)
         return PushResult(slot.clock, False, self.min_clock, self.state, self._tell(slot, pushed=True), slot.lr_scale)
 
@@ -376,7 +380,7 @@ class Run:
             return
         lost = sum(self.spec.iterations - s.clock for s in dropped)
         message = (f"the other ranks finished; {listed(f'rank {s.rank} (clock {s.clock})' for s in dropped)} left "
-                   f"vacant: {lost} iterations dropped")
+                   f"vacant: {counted(lost, 'iteration')} dropped")
         self._finish(RunState.COMPLETED, message, f"{message}; the others done at min clock {self.min_clock}")
 
     def _follow_schedule(self) -> None:

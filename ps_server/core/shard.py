@@ -102,6 +102,6 @@ class ShardRun(Run):
             self.state = state
             if state is RunState.RUNNING:
                 self.started = time.time()
-                self.history.event("started", -1, f"all {len(self.clock.slots)} ranks joined")
+                self._started_event()
         self._after_clock_change()
         return self.state

@@ -13,7 +13,7 @@ Pure functions of the spec and the vector clock; the run applies them and parks 
 from __future__ import annotations
 
 from .clock import Slot, VectorClock
-from .errors import FailedPrecondition, OutOfRange, Reason, WaitTimeout, listed
+from .errors import FailedPrecondition, OutOfRange, Reason, WaitTimeout, counted, listed
 from .spec import UNBOUNDED, RunSpec
 from .status import WorkerState
 
@@ -91,7 +91,7 @@ def waiting_for(spec: RunSpec, vc: VectorClock, pending: bool) -> str:
     """One sentence: what a run waits for right now (who holds whose pull back)."""
     vacant = [s.rank for s in vc.vacant()]
     if pending:
-        return f"waiting for {len(vacant)} of {len(vc.slots)} ranks to join (vacant: {listed(vacant)})"
+        return f"waiting for {len(vacant)} of {counted(len(vc.slots), 'rank')} to join (vacant: {listed(vacant)})"
     parts = []
     if vacant:
         many = len(vacant) > 1

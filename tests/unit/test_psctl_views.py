@@ -362,3 +362,26 @@ def test_the_plot_of_a_regression_shows_its_test_loss_on_an_axis_of_its_own() ->
     for ax in evals:
         assert ax.get_ylabel() == "test loss" and [line.get_label() for line in ax.get_lines()] == ["test loss"]
         assert list(ax.get_lines()[0].get_ydata()) == pytest.approx([0.5, 0.25, 0.5 / 3])
+
+
+def test_psctl_counts_one_in_the_singular(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """(psctl said '1 workers', '1 iterations', '(1 pushes, ...)', '1 evaluations'.)"""
+    from typer.testing import CliRunner
+
+    from client import cli
+    from client.plots import curves_figure
+
+    one = make_run(pb.RUN_STATE_COMPLETED, (1,))
+    one.spec.iterations, one.counters.pushes_applied, one.counters.pushes_duplicate = 1, 1, 1
+    assert ", 1 worker, staleness 2 (SSP), " in facts.run_headline(one) and facts.run_headline(one).endswith(" 1 iteration")
+    assert facts.summary_line(one).endswith("(1 push, 1 duplicate)")
+    assert "(1 worker, SSP s=2)" in curves_figure(one, pb.GetMetricsResponse())._suptitle.get_text()  # type: ignore[union-attr]
+    point = pb.MetricPoint(eval=True, clock=1, eval_loss=0.5, eval_accuracy=0.5)
+    train = pb.MetricPoint(clock=1, loss=0.5)
+    monkeypatch.setattr(cli, "_with_client", lambda server, timeout, body: (one, pb.GetMetricsResponse(points=[point, train])))
+    plotted = CliRunner().invoke(cli.app, ["plot", "run-1", "-o", str(tmp_path / "p.png")])
+    assert plotted.stdout.endswith(": 1 training point, 1 evaluation\n"), plotted.output
+    monkeypatch.setattr(cli, "_with_client", lambda server, timeout, body: pb.GetMetricsResponse(
+        points=[point, train], events=[pb.RunEvent(kind="created")], clock_records=[pb.ClockRecord()]))
+    listed = CliRunner().invoke(cli.app, ["metrics", "run-1"])
+    assert listed.stdout.startswith("run-1: 1 training point, 1 evaluation, 1 event, 1 clock record\n"), listed.output

@@ -817,3 +817,29 @@ def test_a_checkpoint_holds_the_schedules_position() -> None:
     assert restored.next_step == 1
     restored.push(0, c.incarnation, 4, grad(1), 0)
     assert restored.min_clock == 5 and restored.spec.staleness == run.spec.staleness == 1
+
+
+def test_a_one_rank_run_s_events_and_messages_count_in_the_singular() -> None:
+    """(psctl status showed '1 ranks, staleness 1 (SSP)', 'all 1 ranks joined', 'completed its 1 iterations'.)"""
+    now = [0.0]
+    run = Run("run-t", spec(workers=1, iterations=1), now=lambda: now[0])
+    assert "waiting for 1 of 1 rank to join" in run.waiting_for()
+    a = run.join("a")
+    run.push(0, a.incarnation, 0, grad(1), 0)
+    run.leave(0, a.incarnation, "done", "")
+    texts = [e.message for e in run.history.events]
+    assert texts[0].startswith("1 rank, staleness 1") and "the one rank joined" in texts
+    assert "rank 0 completed its 1 iteration" in texts, texts
+    early = Run("run-e", spec(workers=1, iterations=2), now=lambda: now[0])
+    b = early.join("b")
+    early.push(0, b.incarnation, 0, grad(1), 0)
+    early.leave(0, b.incarnation, "done", "")
+    assert "left done with 1 iteration left" in early.history.events[-1].message, early.history.events[-1]
+    lost = Run("run-l", spec(workers=2, staleness=-1, iterations=1), now=lambda: now[0])
+    c, _ = lost.join("c"), lost.join("d")
+    now[0] = 5.0
+    lost.heartbeat(0, c.incarnation)
+    assert lost.expire(lease=3.0) == [1]
+    lost.push(0, c.incarnation, 0, grad(1), 0)
+    lost.leave(0, c.incarnation, "done", "")
+    assert lost.message.endswith("left vacant: 1 iteration dropped"), lost.message
