@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -508,3 +510,28 @@ async def test_security_settings_are_named_as_psctl_takes_them_from_the_environm
     result = await psctl("runs", "--server", addr, env=env)
     assert result.exit_code == 1 and result.stderr.startswith("Error: ") and expected in result.stderr, result.stderr
     assert "--tls-" not in result.stderr and "--token-file" not in result.stderr and "--insecure" not in result.stderr
+
+
+# ------------------------------------------------------------------------------ interrupted
+def test_ctrl_c_while_psctl_loads_exits_130_without_a_traceback() -> None:
+    """psctl's imports take about a second; Ctrl-C in it printed a Python traceback (KeyboardInterrupt,
+    or a RuntimeError around it from a class being built) and the shell saw the signal, not 130.
+    The signal is sent once numpy is loaded: psctl's own imports have begun."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # (as in a terminal: see test_local_launch)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "client.main", "runs", "--server", "127.0.0.1:9"],
+                                cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    try:
+        maps = Path(f"/proc/{proc.pid}/maps")
+        deadline = time.monotonic() + 30
+        while "_multiarray_umath" not in maps.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, "psctl ended before loading numpy"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (proc.returncode, out, err) == (130, "", "")
