@@ -41,6 +41,11 @@ class ServerStatistics:
     """Streams opened on the shared-memory data plane (None: the server offers none)."""
     shm_streams_open: int | None = None
 
+_MAX_SCRAPES = 16
+"""Connections served at once (a thread and a descriptor each, up to ``_SCRAPE_SECONDS``); more are
+closed as they come, so that a flood of them cannot take the descriptors the gRPC port and the data
+planes need. Prometheus scrapes a target one connection at a time."""
+
 _SCRAPE_SECONDS = 10.0
 """Longest a scrape's connection may stay silent (the TLS handshake included)."""
 
@@ -142,8 +147,7 @@ def serve_metrics(registry: RunRegistry, host: str, port: int,
     app = make_wsgi_app(reg)
     bare = host.strip("[]")  # "[::1]", as gRPC writes it
     family = socket.getaddrinfo(bare or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-    server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family,
-                                                                 "handle_error": _dropped})
+    server_class = type("MetricsServer", (_BoundedServer,), {"address_family": family})
     server: ThreadingWSGIServer = make_server(bare, port, _guarded(app, token) if token else app, server_class, handler_class=_Quiet)
     if tls:
         cert, key, client_ca = tls
@@ -165,9 +169,32 @@ async def close_metrics(server: ThreadingWSGIServer) -> None:
     server.server_close()
 
 
-def _dropped(server: Any, request: Any, client_address: Any) -> None:
-    """A scrape that failed (a silent client timed out, a TLS handshake refused): not news either,
-    and no traceback on stderr."""
+class _BoundedServer(ThreadingWSGIServer):
+    """A thread per connection, at most ``_MAX_SCRAPES`` of them; a connection beyond is closed at once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.scrapes = threading.BoundedSemaphore(_MAX_SCRAPES)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.scrapes.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)  # (its thread releases the slot)
+        except BaseException:
+            self.scrapes.release()  # (no thread could be started)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.scrapes.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A scrape that failed (a silent client timed out, a TLS handshake refused): not news
+        either, and no traceback on stderr."""
 
 
 class _Quiet(WSGIRequestHandler):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -105,3 +106,46 @@ async def test_stop_closes_the_metrics_endpoint(server_config: ServerConfig) -> 
     await ps.stop(0)
     with pytest.raises(OSError):
         await asyncio.to_thread(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5))
+
+
+async def test_a_flood_of_connections_to_the_metrics_port_holds_a_bounded_number(server_config: ServerConfig) -> None:
+    """Each connection had a thread and a descriptor for up to 10 s (a silent client's timeout): a
+    flood of them was bounded only by the open-file limit, which the gRPC port and the data planes
+    share. Now at most ``_MAX_SCRAPES`` are served at once; more are closed as they come, and once
+    the flood ends, scrapes are served again."""
+    from ps_server.metrics import _MAX_SCRAPES
+
+    ps = await start_server(with_config(server_config, metrics_port=0))
+    flood: list[socket.socket] = []
+
+    def handlers() -> int:
+        return sum("process_request_thread" in t.name for t in threading.enumerate())
+
+    def closed_by_server(s: socket.socket) -> bool:
+        try:
+            return s.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+        except ConnectionResetError:
+            return True
+
+    try:
+        for _ in range(5 * _MAX_SCRAPES):
+            flood.append(socket.create_connection(("127.0.0.1", ps.metrics_port), timeout=5))
+            flood[-1].settimeout(None)  # (blocking, so that MSG_DONTWAIT alone decides: no wait in recv)
+            async with asyncio.timeout(5):  # (one at a time: the server's accept backlog is small)
+                while handlers() + sum(map(closed_by_server, flood)) < len(flood):
+                    await asyncio.sleep(0.002)
+        assert handlers() == _MAX_SCRAPES and sum(map(closed_by_server, flood)) == 4 * _MAX_SCRAPES
+    finally:
+        for s in flood:
+            s.close()
+    try:
+        url = f"http://127.0.0.1:{ps.metrics_port}/metrics"
+        async with asyncio.timeout(20):
+            while handlers():  # (each held connection's thread ends at its client's close)
+                await asyncio.sleep(0.02)
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+        assert "paramserver_push_slot_lends_total" in text
+    finally:
+        await ps.stop(0)
