@@ -19,7 +19,11 @@ from dataclasses import dataclass
 from .errors import FailedPrecondition, InvalidArgument, Reason
 from .status import WorkerState, WorkerStatus
 
-__all__ = ["Slot", "VectorClock"]
+__all__ = ["COUNT_MAX", "Slot", "VectorClock"]
+
+
+COUNT_MAX = 2**64 - 1
+"""The largest count a status carries (uint64): a sum of counts workers report stops there."""
 
 
 @dataclass
@@ -97,8 +101,9 @@ class VectorClock:
             for s in self.slots)
 
     def pulls_skipped(self) -> int:
-        """Pulls skipped by workers' caches, as reported, over every incarnation."""
-        return self.retired_skipped + sum(s.pulls_skipped for s in self.slots)
+        """Pulls skipped by workers' caches, as reported, over every incarnation (at most
+        ``COUNT_MAX``: each rank may report up to that much)."""
+        return min(COUNT_MAX, self.retired_skipped + sum(s.pulls_skipped for s in self.slots))
 
     def holder(self, rank: int, incarnation: int) -> Slot:
         """The rank's slot if ``incarnation`` holds it, its lease refreshed; raise otherwise."""
@@ -141,7 +146,7 @@ class VectorClock:
     def admit(self, slot: Slot, incarnation: int, start: int, worker_name: str) -> None:
         """``incarnation`` holds the rank from clock ``start`` (``assign``, or a shard told so)."""
         if slot.state is WorkerState.EVICTED:
-            self.retired_skipped += slot.pulls_skipped
+            self.retired_skipped = min(COUNT_MAX, self.retired_skipped + slot.pulls_skipped)
         slot.state = WorkerState.ACTIVE
         slot.incarnation = incarnation
         slot.clock = start

@@ -630,3 +630,16 @@ async def test_join_with_max_wait_zero_answers_at_once_when_there_is_no_work(ser
     resp = await client.join("idle", max_wait=0)
     assert not resp.HasField("assignment") and resp.server_generation
     assert loop.time() - t0 < server.config.max_wait_seconds / 2
+
+
+async def test_skipped_pulls_reported_beyond_what_a_count_can_hold_leave_the_run_readable(
+        client: PsClient, live: Live) -> None:
+    """Each rank may report up to 2^64 - 1 skipped pulls (uint64): their sum did not fit the run's
+    counter, and every GetRun and ListRuns of the server failed (psctl runs and status, the
+    dashboard, the metrics' readers) while the run trained on. The sum now stops at 2^64 - 1."""
+    most = 2**64 - 1
+    for rank, incarnation in live.incarnations.items():
+        await client.report_metrics(live.run_id, rank, incarnation, [], most)
+    run = await client.get_run(live.run_id)
+    assert run.counters.pulls_skipped == most and [w.pulls_skipped for w in run.workers] == [most, most]
+    assert live.run_id in [r.run_id for r in await client.list_runs()]
