@@ -111,8 +111,9 @@ class Control:
         run = self._registry.get(request.run_id)
         if not run.state.finished:
             if not request.force:
-                raise FailedPrecondition(f"run {run.run_id} is {run.state.value}: stop it first, or delete it with "
-                                         "force", Reason.RUN_NOT_FINISHED)
+                raise FailedPrecondition(f"run {run.run_id} is {run.state.value}: stop it first (psctl stop), or "
+                                         "delete it anyway (psctl delete --force; DeleteRunRequest.force)",
+                                         Reason.RUN_NOT_FINISHED)
             run.stop("deleted")
         last = self._run(run)
         left = await landed(self._delete(run))  # (a caller gone meanwhile: the deletion ends first)
@@ -199,7 +200,8 @@ class Control:
     async def CheckpointRun(self, request: pb.CheckpointRunRequest) -> pb.CheckpointRunResponse:
         run = self._registry.get(request.run_id)
         if self._checkpointer is None:
-            raise FailedPrecondition("this server has no data directory: start it with --data-dir DIR", Reason.NO_DATA_DIR)
+            raise FailedPrecondition("this server has no data directory: start it with one (ps-server --data-dir DIR)",
+                                     Reason.NO_DATA_DIR)
         try:
             if self._cluster is not None and run.placement is not None:  # every server's snapshot at one cut
                 path, clock = await self._cluster.checkpoint(run, "on demand")

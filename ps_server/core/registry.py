@@ -91,8 +91,9 @@ class RunRegistry:
         if nbytes > self.max_param_bytes:
             part = f"this server's shard of the run takes {nbytes} bytes" if placement else \
                 f"the run's parameters take {nbytes} bytes"
-            raise ResourceExhausted(f"{part}, over its limit of {self.max_param_bytes}: ask for less (ps-server "
-                                    "--max-param-bytes" + (", or more servers)" if placement else ")"))
+            raise ResourceExhausted(f"{part}, over its limit of {self.max_param_bytes}: ask for a smaller model "
+                                    "(psctl launch --model), or give the server more (ps-server --max-param-bytes"
+                                    + (", or more servers)" if placement else ")"))
         self._building += 1
         try:
             store = await asyncio.to_thread(ParamStore, held, spec.seed)

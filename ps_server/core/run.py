@@ -320,8 +320,9 @@ class Run:
                                      Reason.RUN_NOT_RUNNING, run_state=self.state.value)
         if (old == 0) != (staleness == 0):
             raise FailedPrecondition(f"run {self.run_id}: staleness {old} -> {staleness}: a running run cannot switch "
-                                     "to or from 0 (BSP holds each clock's gradients to combine them); choose "
-                                     "between positive bounds and -1 (unbounded)", Reason.UNSUPPORTED)
+                                     "to or from 0 (BSP holds each clock's gradients to combine them); choose a "
+                                     "positive bound, or none (psctl set --staleness inf; -1 in UpdateRunRequest)",
+                                     Reason.UNSUPPORTED)
         if staleness == old:
             return
         self._change_bound(staleness)

@@ -206,6 +206,18 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+_LAUNCH_OPTIONS = {"num_workers": "--workers", "iterations": "--iterations", "learning_rate": "--lr",
+                   "weight_decay": "--weight-decay", "momentum": "--momentum", "l1": "--l1", "l2": "--l2",
+                   "ftrl_beta": "--ftrl-beta"}
+
+
+def _named(field: str) -> str:
+    """A spec's field as a refusal names it: the field, and the ``psctl launch`` option that sets it
+    (a user of psctl never sees the field's name)."""
+    option = _LAUNCH_OPTIONS.get(field)
+    return f"{field} (psctl launch {option})" if option else field
+
+
 def check_sizes(limits: Limits, *, workers: int, tensors: int, json_bytes: int, slowdowns: int,
                 iterations: int) -> None:
     """The counts of a spec, checked before anything is built from it (work proportional to them)."""
@@ -214,13 +226,14 @@ def check_sizes(limits: Limits, *, workers: int, tensors: int, json_bytes: int, 
                                ("slowdown entries", slowdowns, limits.max_workers),
                                ("iterations", iterations, limits.max_iterations)):
         if value > limit:
-            raise ResourceExhausted(f"{what} is {value}, over this server's limit of {limit}: ask for less"
-                                    + (" (ps-server --max-workers)" if what == "num_workers" else ""))
+            raise ResourceExhausted(f"{_named(what)} is {value}, over this server's limit of {limit}"
+                                    + (" (ps-server --max-workers): ask for fewer" if what == "num_workers" else
+                                       ": ask for less"))
 
 
 def _check_float32(label: str, value: float) -> None:
     if abs(value) > FLOAT32_MAX:
-        raise _invalid(f"{label} {value:g} does not fit in float32, the parameters' type "
+        raise _invalid(f"{_named(label)} {value:g} does not fit in float32, the parameters' type "
                               f"(at most {FLOAT32_MAX:.4g})")
 
 
@@ -231,7 +244,8 @@ def validate_spec(spec: RunSpec, limits: Limits = DEFAULT_LIMITS) -> None:
                 json_bytes=max(len(spec.model_spec_json.encode()), len(spec.data_spec_json.encode())),
                 iterations=spec.iterations)
     if len(spec.name) > limits.max_name_chars:
-        raise _invalid(f"the run's name has {len(spec.name)} characters: at most {limits.max_name_chars}")
+        raise _invalid(f"the run's name (psctl launch --name) has {len(spec.name)} characters: at most "
+                       f"{limits.max_name_chars}")
     if spec.num_workers < 1:
         raise _invalid("num_workers must be at least 1")
     if spec.iterations < 1:
@@ -263,7 +277,7 @@ def validate_spec(spec: RunSpec, limits: Limits = DEFAULT_LIMITS) -> None:
         _check_float32(f"param {name}'s initializer scale", p.scale)
     opt = spec.optimizer
     if not (math.isfinite(opt.learning_rate) and opt.learning_rate > 0):
-        raise _invalid(f"learning_rate must be a positive number, got {opt.learning_rate}")
+        raise _invalid(f"{_named('learning_rate')} must be a positive number, got {opt.learning_rate}")
     # The server computes in float32: a value that overflows there would make every update
     # NaN/Inf without any operation overflowing (the run detects divergence by overflow).
     for label, value in (("learning_rate", opt.learning_rate), ("weight_decay", opt.weight_decay),
@@ -271,19 +285,19 @@ def validate_spec(spec: RunSpec, limits: Limits = DEFAULT_LIMITS) -> None:
                          ("l1", opt.l1), ("l2", opt.l2), ("ftrl_beta", opt.ftrl_beta)):
         _check_float32(label, value)
     if opt.kind is OptimizerKind.MOMENTUM and not 0 <= opt.momentum < 1:
-        raise _invalid(f"momentum must be in [0, 1), got {opt.momentum}")
+        raise _invalid(f"{_named('momentum')} must be in [0, 1), got {opt.momentum}")
     if opt.kind is OptimizerKind.ADAM and not (0 <= opt.beta1 < 1 and 0 <= opt.beta2 < 1):
         raise _invalid(f"adam betas must be in [0, 1), got {opt.beta1}, {opt.beta2}")
     if opt.kind in (OptimizerKind.ADAM, OptimizerKind.ADAGRAD) and not opt.epsilon > 0:
         raise _invalid(f"epsilon must be positive, got {opt.epsilon}")
     if opt.weight_decay < 0 or not math.isfinite(opt.weight_decay):
-        raise _invalid(f"weight_decay must be >= 0, got {opt.weight_decay}")
+        raise _invalid(f"{_named('weight_decay')} must be >= 0, got {opt.weight_decay}")
     if opt.kind is OptimizerKind.ADAGRAD and not (opt.initial_accumulator >= 0 and math.isfinite(opt.initial_accumulator)):
         raise _invalid(f"initial_accumulator must be >= 0, got {opt.initial_accumulator}")
     if opt.kind is OptimizerKind.FTRL:
         for label, value in (("l1", opt.l1), ("l2", opt.l2), ("ftrl_beta", opt.ftrl_beta)):
             if not (math.isfinite(value) and value >= 0):
-                raise _invalid(f"ftrl {label} must be a finite number >= 0 (0 turns it off), got {value}")
+                raise _invalid(f"ftrl {_named(label)} must be a finite number >= 0 (0 turns it off), got {value}")
     for label, text in (("model_spec_json", spec.model_spec_json), ("data_spec_json", spec.data_spec_json)):
         try:
             value = json.loads(text or "{}")

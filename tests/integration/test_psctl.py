@@ -139,6 +139,15 @@ async def test_server_address_comes_from_the_environment(addr: str) -> None:
         (["--staleness", "0", "--staleness-schedule", "10=2"],
          "--staleness-schedule '10=2': step '10=2': the bound cannot change to or from 0 (BSP; --staleness is 0)"),
         (["--staleness-schedule", "10=bsp"], "step '10=bsp': the bound cannot change to or from 0"),
+        # the server's refusals name the option that sets the field (it said "learning_rate", "num_workers")
+        (["--lr", "1e39"], "learning_rate (psctl launch --lr) 1e+39 does not fit in float32"),
+        (["--optimizer", "momentum", "--momentum", "1.5"], "momentum (psctl launch --momentum) must be in [0, 1)"),
+        (["--weight-decay", "-1"], "weight_decay (psctl launch --weight-decay) must be >= 0"),
+        (["--optimizer", "ftrl", "--l2", "1e39"], "l2 (psctl launch --l2) 1e+39 does not fit in float32"),
+        (["--name", "x" * 300], "the run's name (psctl launch --name) has 300 characters: at most 256"),
+        (["--dataset", "synthetic-classification:samples=3000,features=4,classes=2", "--workers", "2000"],
+         "num_workers (psctl launch --workers) is 2000, over this server's limit of 1024 (ps-server --max-workers): "
+         "ask for fewer"),
     ],
 )
 async def test_bad_launch_options_say_what_to_fix(addr: str, ps: PsClient, flags: list[str], expected: str) -> None:
@@ -535,3 +544,35 @@ def test_ctrl_c_while_psctl_loads_exits_130_without_a_traceback() -> None:
         proc.kill()
         proc.wait()
     assert (proc.returncode, out, err) == (130, "", "")
+
+
+async def test_refusals_of_delete_and_set_name_psctl_s_options(addr: str, ps: PsClient) -> None:
+    """(They said 'delete it with force' and 'choose between positive bounds and -1 (unbounded)': the
+    DeleteRunRequest's field and the API's number, where psctl takes --force and inf.)"""
+    run_id = ok(await psctl("launch", "--server", addr, *TINY)).stdout.strip()
+    kept = await psctl("delete", run_id, "--server", addr)
+    assert kept.exit_code == 1 and "stop it first (psctl stop), or delete it anyway (psctl delete --force" in kept.stderr
+    to_bsp = await psctl("set", run_id, "--staleness", "0", "--server", addr)
+    assert to_bsp.exit_code == 1 and "choose a positive bound, or none (psctl set --staleness inf" in to_bsp.stderr, \
+        to_bsp.stderr
+    assert [r.run_id for r in await ps.list_runs()] == [run_id]
+
+
+async def test_a_model_over_the_server_s_limit_is_refused_naming_psctl_s_option(server_config: Any) -> None:
+    """(It said only 'ask for less', and checkpoint without a data directory 'start it with --data-dir'.)"""
+    from support import with_config
+
+    from ps_server.server import start_server
+
+    small = await start_server(with_config(server_config, max_param_bytes=1000))
+    try:
+        addr = f"127.0.0.1:{small.port}"
+        big = await psctl("launch", "--server", addr, *TINY)
+        assert big.exit_code == 1 and "ask for a smaller model (psctl launch --model), or give the server more " \
+            "(ps-server --max-param-bytes)" in big.stderr, big.stderr
+        run_id = ok(await psctl("launch", "--server", addr, "--model", "linear", "--dataset",
+                                "synthetic-regression:features=2", "--workers", "1", "--iterations", "10")).stdout.strip()
+        kept = await psctl("checkpoint", run_id, "--server", addr)
+        assert kept.exit_code == 1 and "start it with one (ps-server --data-dir DIR)" in kept.stderr, kept.stderr
+    finally:
+        await small.stop(0)
