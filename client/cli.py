@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -100,11 +101,23 @@ def _handled(func: Callable[..., None]) -> Callable[..., None]:
             func(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
+        except BrokenPipeError:  # the reader of stdout went away (psctl ... | head): nothing more to say
+            _quiet_stdout()
+            raise typer.Exit(1) from None
         except (errors.PsError, ValueError, OSError, RuntimeError, MemoryError, KeyboardInterrupt) as exc:
             typer.echo(f"Error: {_error(exc, kwargs.get('server', ''))}", err=True)
             raise typer.Exit(130 if isinstance(exc, KeyboardInterrupt) else 1) from None
 
     return wrapper
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush finds no broken pipe either
+    (as rich's console does when its reader is gone)."""
+    with contextlib.suppress(OSError, ValueError):  # (no descriptor: a test's captured output)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _address(server: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import subprocess
@@ -576,3 +577,20 @@ async def test_a_model_over_the_server_s_limit_is_refused_naming_psctl_s_option(
         assert kept.exit_code == 1 and "start it with one (ps-server --data-dir DIR)" in kept.stderr, kept.stderr
     finally:
         await small.stop(0)
+
+
+async def test_a_reader_that_goes_away_ends_psctl_quietly(addr: str) -> None:
+    """``psctl metrics RUN | head -1``: psctl printed 'Error: [Errno 32] Broken pipe' once head had
+    gone. Now every command ends as those printing through rich did already: status 1, nothing on stderr."""
+    run_id = ok(await psctl("launch", "--server", addr, *TINY)).stdout.strip()
+    for command in (["metrics", run_id], ["runs"]):
+        read, write = os.pipe()
+        os.close(read)  # (the reader is gone before psctl writes)
+        try:
+            proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "client.main", *command, "--server", addr,
+                                                        cwd=ROOT, stdout=write, stderr=asyncio.subprocess.PIPE)
+        finally:
+            os.close(write)
+        async with asyncio.timeout(60):
+            _, err = await proc.communicate()
+        assert (proc.returncode, err.decode()) == (1, ""), command
