@@ -445,7 +445,9 @@ def metrics(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False,
     for p in evals:
         auc = facts.auc(p)  # a binary (CTR) model's: its test loss is the log-loss
         loss = "log-loss" if auc is not None else "loss"
-        typer.echo(f"  clock {p.clock:>6}  test {loss} {facts.fmt(p.eval_loss)}  test accuracy {facts.fmt(p.eval_accuracy)}"
+        accuracy = facts.finite(p.eval_accuracy)  # (None: a regression's)
+        typer.echo(f"  clock {p.clock:>6}  test {loss} {facts.fmt(p.eval_loss)}"
+                   + (f"  test accuracy {facts.fmt(accuracy)}" if accuracy is not None else "")
                    + (f"  test AUC {facts.fmt(auc)}" if auc is not None else ""))
     if got.events:
         typer.echo("events:")

@@ -162,7 +162,8 @@ def status_view(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float |
                          *((("requires", ", ".join(f["requires"])),) if f["requires"] else ())))
     scores = (("test AUC", fmt(f["test_auc"])), ("test log-loss", fmt(f["test_loss"])),
               ("test accuracy", fmt(f["test_accuracy"]))) if f["test_auc"] is not None else (
-        ("test accuracy", fmt(f["test_accuracy"])), ("test loss", fmt(f["test_loss"])))
+        (("test loss", fmt(f["test_loss"])),) if f["test_accuracy"] is None and f["test_loss"] is not None else (
+            ("test accuracy", fmt(f["test_accuracy"])), ("test loss", fmt(f["test_loss"]))))  # (a regression: no accuracy)
     parts.append(_kv(("min clock", f["min_clock"]), ("max clock", f["max_clock"]),
                      ("progress", f"{100 * f['progress']:.0f}%"), ("age", fmt_age(f["age_seconds"])), *scores))
     if f["waiting_for"]:
@@ -207,12 +208,14 @@ def status_view(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float |
         evals = Table(title="evaluations (rank 0, test split)", title_justify="left", box=box.SIMPLE_HEAD,
                       show_edge=False, pad_edge=False)
         binary = any(e["test_auc"] is not None for e in hist["eval"])  # log-loss, and an AUC column
-        cols = ("clock", "test log-loss", "test AUC", "test accuracy", "train loss") if binary else (
-            "clock", "test loss", "test accuracy", "train loss")
+        scored = binary or any(e["test_accuracy"] is not None for e in hist["eval"])  # (a regression's are not)
+        cols = ("clock", "test log-loss" if binary else "test loss", *(("test AUC",) if binary else ()),
+                *(("test accuracy",) if scored else ()), "train loss")
         for col in cols:
             evals.add_column(col, justify="right")
         for e in hist["eval"]:
-            cells = (fmt(e["test_loss"]), *((fmt(e["test_auc"]),) if binary else ()), fmt(e["test_accuracy"]))
+            cells = (fmt(e["test_loss"]), *((fmt(e["test_auc"]),) if binary else ()),
+                     *((fmt(e["test_accuracy"]),) if scored else ()))
             evals.add_row(str(e["clock"]), *cells, fmt(e["train_loss"]))
         parts += [Text(""), evals]
     if hist["events"]:

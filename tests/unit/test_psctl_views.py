@@ -385,3 +385,24 @@ def test_psctl_counts_one_in_the_singular(monkeypatch: pytest.MonkeyPatch, tmp_p
         points=[point, train], events=[pb.RunEvent(kind="created")], clock_records=[pb.ClockRecord()]))
     listed = CliRunner().invoke(cli.app, ["metrics", "run-1"])
     assert listed.stdout.startswith("run-1: 1 training point, 1 evaluation, 1 event, 1 clock record\n"), listed.output
+
+
+def test_a_regression_s_views_show_its_test_loss_without_an_accuracy_it_has_not(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """(psctl status said 'test accuracy -' and had a column of dashes for it; psctl metrics
+    'test accuracy -' on every evaluation.)"""
+    from typer.testing import CliRunner
+
+    from client import cli
+
+    run = make_run(accuracy=float("nan"))
+    points = [pb.MetricPoint(eval=True, clock=10 * (i + 1), eval_loss=0.5 / (i + 1), eval_accuracy=float("nan"),
+                             loss=0.5) for i in range(2)]
+    view = text(render.status_view(run, pb.GetMetricsResponse(points=points)), width=200)
+    assert "test loss 0.2500" in view and "accuracy" not in view, view
+    assert "clock   test loss   train loss" in view.split("evaluations")[1], view
+    monkeypatch.setattr(cli, "_with_client", lambda server, timeout, body: pb.GetMetricsResponse(points=points))
+    listed = CliRunner().invoke(cli.app, ["metrics", "run-1"])
+    assert "  clock     10  test loss 0.5000\n" in listed.stdout and "accuracy" not in listed.stdout, listed.stdout
+    classified = text(render.status_view(make_run(), None), width=200)
+    assert "test accuracy 0.9000   test loss 0.2500" in classified
