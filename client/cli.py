@@ -130,6 +130,9 @@ def _address(server: str) -> str:
 def _write_atomically(path: str, write: Callable[[Any], None], flag: str = "-o") -> None:
     """``write`` into a new file beside ``path`` (the option ``flag`` named), renamed over it once
     whole: a failure (a full disk, an interrupt) leaves whatever ``path`` held before, never a torn file."""
+    if path.endswith(os.sep) or os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r}: a directory; name the file to write, such as "
+                         f"{os.path.join(path, 'FILE')}")
     folder = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(prefix=".psctl-", suffix=".tmp", dir=folder)

@@ -406,3 +406,16 @@ def test_a_regression_s_views_show_its_test_loss_without_an_accuracy_it_has_not(
     assert "  clock     10  test loss 0.5000\n" in listed.stdout and "accuracy" not in listed.stdout, listed.stdout
     classified = text(render.status_view(make_run(), None), width=200)
     assert "test accuracy 0.9000   test loss 0.2500" in classified
+
+
+@pytest.mark.parametrize("flag", ["-o", "--plot"])
+def test_an_output_that_is_a_directory_is_refused_naming_it(tmp_path: Path, flag: str) -> None:
+    """(``psctl export RUN -o /tmp`` said "[Errno 21] Is a directory: '/.psctl-vub3hjum.tmp' -> '/tmp'",
+    a temporary file the user never named, made in /; ``-o DIR/`` "Not a directory".)"""
+    from client.cli import _write_atomically
+
+    (tmp_path / "out").mkdir()
+    for path in (str(tmp_path / "out"), str(tmp_path / "out") + "/", str(tmp_path / "new") + "/"):
+        with pytest.raises(ValueError, match=re.escape(f"{flag} {path!r}: a directory; name the file to write")):
+            _write_atomically(path, lambda fh: fh.write(b"x"), flag)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["out"]
