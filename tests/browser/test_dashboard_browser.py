@@ -221,6 +221,15 @@ async def test_a_finished_regression_run_shows_its_test_rmse(browser: Any, model
                 rmse, loss = drawn["data"]
                 assert rmse == pytest.approx([(2 * x) ** 0.5 for x in loss]) and loss[-1] < loss[0]
             assert await page.inner_text("[data-testid=conn]") == "finished: completed"
+            # the staleness histogram: a bar per lead, each whole, the axis no wider than they are (a
+            # single bar, as every BSP run's, spanned 0..100; the edge bars were cut in half)
+            await page.wait_for_function("Number(document.querySelector('#stale').dataset.points) >= 1")
+            leads, lo, hi = await page.evaluate("[S.charts.stale.data[0], S.charts.stale.scales.x.min, "
+                                                "S.charts.stale.scales.x.max]")
+            assert (lo, hi) == (leads[0] - 0.5, leads[-1] + 0.5), (leads, lo, hi)
+            await page.evaluate("S.charts.stale.setData([[0], [7]])")  # (uPlot gives one x value a span of 100)
+            one = await page.evaluate("[S.charts.stale.scales.x.min, S.charts.stale.scales.x.max]")
+            assert one == [-0.5, 0.5], one
             assert problems == []
         finally:
             await runner.cleanup()

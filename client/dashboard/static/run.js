@@ -174,8 +174,15 @@ function drawCharts() {
       rate: chart("rate", [{ label: key }, { label: "pushes/s", stroke: "#1f77b4", spanGaps: true, scale: "y" },
         { label: "MB/s", stroke: "#9467bd", spanGaps: true, scale: "mb" }],
         { time, extra: { axes: [{}, { scale: "y", size: 60 }, { scale: "mb", side: 1, size: 60, grid: { show: false } }] } }),
+      // a bar per whole lead, the axis half a lead wider than the bars on each side (else uPlot spans
+      // a single bar, every BSP run's, over 0..100, and cuts the edge bars in half)
       stale: chart("stale", [{ label: "clock − min clock" }, { label: "pulls", stroke: "#7f7f7f", fill: "#7f7f7f55",
-        paths: uPlot.paths.bars({ size: [0.8] }), points: { show: false } }], { time: false }),
+        paths: uPlot.paths.bars({ size: [0.8] }), points: { show: false } }], { time: false, extra: {
+        scales: { x: { time: false, range: u => { // (from the data: uPlot gives a single x value a span of 100)
+          const xs = u.data[0];
+          return xs.length ? [xs[0] - 0.5, xs[xs.length - 1] + 0.5] : [0, 1];
+        } } },
+        axes: [{ incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000] }, { size: 60 }] } }),
     };
   }
   const { xs, index } = byX(train, key);
