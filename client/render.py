@@ -228,8 +228,8 @@ def status_view(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float |
 
 # ---------------------------------------------------------------------------------------- progress
 class _ScoreColumn(ProgressColumn):
-    """'test acc 0.961', or a binary model's 'test AUC 0.791': the task's fields ``metric`` (default
-    "acc") and ``acc``."""
+    """'test acc 0.961', a binary model's 'test AUC 0.791', a regression's 'test loss 0.012': the task's
+    fields ``metric`` (default "acc") and ``acc``."""
 
     def render(self, task: Task) -> Text:
         return Text(f"test {task.fields.get('metric', 'acc')} {task.fields.get('acc', '-')}", no_wrap=True)
@@ -291,6 +291,15 @@ def progress_fields(run: pb.Run, metrics: pb.GetMetricsResponse | None, per_epoc
     return {
         "completed": f["min_clock"], "total": f["iterations"] or None,
         "description": state, "epoch": epoch, "loss": fmt(loss, 3),
-        "metric": "AUC" if f["test_auc"] is not None else "acc",
-        "acc": fmt(f["test_accuracy"] if f["test_auc"] is None else f["test_auc"], 3),
+        **_score(f),
     }
+
+
+def _score(f: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's score: test accuracy; a binary model's AUC; a regression's test loss (it has
+    no accuracy)."""
+    if f["test_auc"] is not None:
+        return {"metric": "AUC", "acc": fmt(f["test_auc"], 3)}
+    if f["test_accuracy"] is None and f["test_loss"] is not None:
+        return {"metric": "loss", "acc": fmt(f["test_loss"], 3)}
+    return {"metric": "acc", "acc": fmt(f["test_accuracy"], 3)}

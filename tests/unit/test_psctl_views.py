@@ -419,3 +419,15 @@ def test_an_output_that_is_a_directory_is_refused_naming_it(tmp_path: Path, flag
         with pytest.raises(ValueError, match=re.escape(f"{flag} {path!r}: a directory; name the file to write")):
             _write_atomically(path, lambda fh: fh.write(b"x"), flag)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["out"]
+
+
+def test_the_progress_bar_of_a_regression_shows_its_test_loss() -> None:
+    """(It said 'test acc -' to the end: a regression has no accuracy.)"""
+    run = make_run(accuracy=float("nan"))
+    fields = render.progress_fields(run, None, 10)
+    assert (fields["metric"], fields["acc"]) == ("loss", "0.250")
+    progress = render.launch_progress(console=Console(file=io.StringIO(), width=80))
+    progress.add_task(**fields)
+    (line,) = text(progress.get_renderable()).splitlines()
+    assert "test loss 0.250 ETA" in line and len(line) <= 80, line
+    assert render.progress_fields(make_run(), None, 10)["metric"] == "acc"
