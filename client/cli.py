@@ -123,7 +123,8 @@ def _quiet_stdout() -> None:
 def _address(server: str) -> str:
     host, sep, port = server.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ValueError(f"--server {server!r}: use HOST:PORT (a port in 1..65535), for example 127.0.0.1:50051")
+        given = f"PSCTL_SERVER={server!r}" if os.environ.get("PSCTL_SERVER") == server else f"--server {server!r}"
+        raise ValueError(f"{given}: use HOST:PORT (a port in 1..65535), for example 127.0.0.1:50051")
     return server
 
 

@@ -431,3 +431,16 @@ def test_the_progress_bar_of_a_regression_shows_its_test_loss() -> None:
     (line,) = text(progress.get_renderable()).splitlines()
     assert "test loss 0.250 ETA" in line and len(line) <= 80, line
     assert render.progress_fields(make_run(), None, 10)["metric"] == "acc"
+
+
+def test_a_bad_address_from_the_environment_is_named_as_the_environment_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(PSCTL_SERVER=localhost said "--server 'localhost': use HOST:PORT" to a user who gave no --server.)"""
+    from typer.testing import CliRunner
+
+    from client import cli
+
+    monkeypatch.setenv("PSCTL_SERVER", "localhost")
+    result = CliRunner().invoke(cli.app, ["runs"])
+    assert result.exit_code == 1 and "Error: PSCTL_SERVER='localhost': use HOST:PORT" in result.stderr, result.output
+    given = CliRunner().invoke(cli.app, ["runs", "--server", "nohost"])
+    assert given.exit_code == 1 and "Error: --server 'nohost': use HOST:PORT" in given.stderr, given.output
