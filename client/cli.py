@@ -31,12 +31,11 @@ from paramserver.v1 import paramserver_pb2 as pb
 
 from . import facts, render
 from .launch import launch_run
-from .spec import LaunchOptions, parse_staleness, security_from_env
+from .spec import DEFAULT_SERVER, LaunchOptions, parse_staleness, security_from_env
 
 __all__ = ["app"]
 
 T = TypeVar("T")
-DEFAULT_SERVER = "127.0.0.1:50051"
 
 app = typer.Typer(
     name="psctl", no_args_is_help=True, rich_markup_mode="markdown", add_completion=False, pretty_exceptions_enable=False,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import Any
 
 from paramserver import errors
@@ -27,7 +28,7 @@ from worker.models import parse_model
 from . import facts, render
 from .follow import EXIT_CODES, LineLog, follow, follow_local
 from .local import LocalCluster, LocalClusterError
-from .spec import LaunchOptions, build_run_spec, check_options, iterations_per_epoch, security_from_env
+from .spec import DEFAULT_SERVER, LaunchOptions, build_run_spec, check_options, iterations_per_epoch, security_from_env
 
 __all__ = ["launch_run"]
 
@@ -106,7 +107,8 @@ def _submit(o: LaunchOptions, server: str, wait: bool, json_mode: bool, timeout:
         print(json.dumps({"run_id": run.run_id}), flush=True)
     else:
         print(run.run_id, flush=True)
-        err.print(f"start workers with 'ps-worker --server {server}'; follow with 'psctl watch {run.run_id}'")
+        given = "" if server == os.environ.get("PSCTL_SERVER", DEFAULT_SERVER) else f" --server {server}"
+        err.print(f"start workers with 'ps-worker --server {server}'; follow with 'psctl watch {run.run_id}{given}'")
     return 0
 
 

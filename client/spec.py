@@ -18,8 +18,11 @@ from paramserver.v1 import paramserver_pb2 as pb
 from worker.datasets import load_dataset, parse_dataset
 from worker.models import build_model, model_task, parse_model
 
-__all__ = ["STALENESS_FORMS", "LaunchOptions", "build_run_spec", "check_options", "iterations_per_epoch",
+__all__ = ["DEFAULT_SERVER", "STALENESS_FORMS", "LaunchOptions", "build_run_spec", "check_options", "iterations_per_epoch",
            "parse_compression", "parse_schedule", "parse_staleness", "security_from_env"]
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+"""The server psctl talks to without --server or PSCTL_SERVER."""
 
 _INIT = {"zeros": pb.INITIALIZER_ZEROS, "normal": pb.INITIALIZER_NORMAL, "uniform": pb.INITIALIZER_UNIFORM}
 @dataclass(frozen=True)

@@ -594,3 +594,12 @@ async def test_a_reader_that_goes_away_ends_psctl_quietly(addr: str) -> None:
         async with asyncio.timeout(60):
             _, err = await proc.communicate()
         assert (proc.returncode, err.decode()) == (1, ""), command
+
+
+async def test_launch_without_wait_says_how_to_follow_the_run_on_its_server(addr: str) -> None:
+    """(It said 'follow with psctl watch RUN', which asks 127.0.0.1:50051 when --server named another.)"""
+    launched = ok(await psctl("launch", "--server", addr, *TINY))
+    run_id = launched.stdout.strip()
+    assert f"follow with 'psctl watch {run_id} --server {addr}'" in launched.stderr, launched.stderr
+    from_env = ok(await psctl("launch", *TINY, env={"PSCTL_SERVER": addr}))
+    assert f"follow with 'psctl watch {from_env.stdout.strip()}'" in from_env.stderr, from_env.stderr
