@@ -166,7 +166,8 @@ def _spec_json(text: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _model_text(spec: pb.RunSpec) -> str:
+def _model_text(spec: pb.RunSpec) -> str | None:
+    """``mlp:64:relu``, ``fm:8:rows=N``...; None when the spec does not say (a ListRuns summary)."""
     m = _spec_json(spec.model_spec_json)
     if m.get("kind") == "mlp":
         return f"mlp:{','.join(map(str, m.get('hidden', [])))}:{m.get('activation', 'relu')}"
@@ -177,12 +178,14 @@ def _model_text(spec: pb.RunSpec) -> str:
         return f"mf:{m.get('factors', '?')}" + (f":reg={m['reg']:g}" if m.get("reg") else "")
     if m.get("kind") == "logistic":
         return f"logistic{rows}"
-    return str(m.get("kind", "?"))
+    return str(m["kind"]) if "kind" in m else None
 
 
-def _data_text(spec: pb.RunSpec) -> str:
+def _data_text(spec: pb.RunSpec) -> str | None:
     d = _spec_json(spec.data_spec_json)
-    return f"{d['kind']}:{d.get('path')}" if d.get("kind") in ("npz", "libsvm") else str(d.get("kind", "?"))
+    if "kind" not in d:
+        return None
+    return f"{d['kind']}:{d.get('path')}" if d["kind"] in ("npz", "libsvm") else str(d["kind"])
 
 
 def _optimizer_text(opt: pb.OptimizerSpec) -> tuple[str, float]:
@@ -295,7 +298,7 @@ def launch_result(run: pb.Run) -> dict[str, Any]:
 def run_headline(run: pb.Run) -> str:
     """'run-x: mlp:64:relu on digits, 4 workers, staleness 2 (SSP), sgd lr 0.1, 120 iterations'."""
     f = run_facts(run)
-    return (f"{f['run_id']}: {f['model']} on {f['dataset']}, {counted(f['workers'], 'worker')}, staleness "
+    return (f"{f['run_id']}: {f['model'] or '?'} on {f['dataset'] or '?'}, {counted(f['workers'], 'worker')}, staleness "
             f"{staleness_text(f['staleness'])}, {f['optimizer']} lr {f['lr']:g}, {counted(f['iterations'], 'iteration')}")
 
 

@@ -152,7 +152,7 @@ def status_view(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float |
     if f["message"]:
         head.append(f"  {f['message']}")
     parts: list[RenderableType] = [head]
-    parts.append(_kv(("model", f["model"]), ("dataset", f["dataset"]), ("optimizer", f["optimizer"]),
+    parts.append(_kv(("model", f["model"] or "?"), ("dataset", f["dataset"] or "?"), ("optimizer", f["optimizer"]),
                      ("lr", f"{f['lr']:g}" + (_scaled(f) if f["staleness_aware_lr"] else "")),
                      ("staleness", staleness_text(f["staleness"])),
                      ("batch", f["batch_size"]), ("iterations", f["iterations"]), ("workers", f["workers"]),

@@ -444,3 +444,15 @@ def test_a_bad_address_from_the_environment_is_named_as_the_environment_s(monkey
     assert result.exit_code == 1 and "Error: PSCTL_SERVER='localhost': use HOST:PORT" in result.stderr, result.output
     given = CliRunner().invoke(cli.app, ["runs", "--server", "nohost"])
     assert given.exit_code == 1 and "Error: --server 'nohost': use HOST:PORT" in given.stderr, given.output
+
+
+def test_a_run_whose_spec_does_not_say_its_model_has_none_in_json() -> None:
+    """ListRuns' summaries carry no model or data JSON (nor do runs an SDK program made without
+    them): psctl runs --json said "model": "?", "dataset": "?"."""
+    summary = make_run()
+    summary.spec.model_spec_json = summary.spec.data_spec_json = ""
+    f = facts.run_facts(summary)
+    assert (f["model"], f["dataset"]) == (None, None)
+    assert "model ?   dataset ?   " in text(render.status_view(summary, None), width=200)
+    assert facts.run_headline(summary).startswith("run-1: ? on ?, 4 workers")
+    assert (facts.run_facts(make_run())["model"], facts.run_facts(make_run())["dataset"]) == ("softmax", "digits")

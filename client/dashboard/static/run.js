@@ -32,7 +32,7 @@ function renderStatus(doc) {
   const auc = s.test_auc !== null ? ` · test AUC ${fmt.num(s.test_auc, 3)}` : "";
   const acc = s.test_accuracy !== null ? ` · test accuracy ${fmt.num(s.test_accuracy, 3)}` : "";
   document.getElementById("facts").textContent =
-    `${s.model} on ${s.dataset} · ${s.optimizer} lr ${s.lr} · s = ${fmt.staleness(s.staleness)} · ` +
+    `${s.model ?? "?"} on ${s.dataset ?? "?"} · ${s.optimizer} lr ${s.lr} · s = ${fmt.staleness(s.staleness)} · ` +
     `${s.workers_active}/${s.workers} workers · min clock ${s.min_clock}/${s.iterations} (${fmt.pct(s.progress)})` +
     `${acc}${auc} · staleness mean ${fmt.num(s.staleness_mean, 2)}, max ${s.staleness_max}` +
     ` · ${s.pushes_applied} pushes · ${fmt.bytes(s.bytes_pushed + s.bytes_pulled)} moved`;
