@@ -8,7 +8,7 @@ new port and no new attack surface. Bound to 127.0.0.1 unless told otherwise.
     GET  /runs/{run_id}             one run, live           (static/run.html)
     GET  /api/runs                  [run facts], newest first (``facts.run_facts``, as psctl runs)
     GET  /api/runs/{run_id}         ``psctl status --json`` plus the history: curves, evaluations,
-                                    events, the staleness histogram
+                                    events, the staleness histogram, pushes per second (``push_rates``)
     GET  /api/runs/{run_id}/staleness  the staleness histogram alone
     GET  /api/runs/{run_id}/live    server-sent events fed by WatchRun: "status" (as above, without
                                     the history), "points" (each rank's points newer than its last sent),
@@ -53,6 +53,8 @@ RETRY_SECONDS = 1.0
 FINISHED = (pb.RUN_STATE_COMPLETED, pb.RUN_STATE_STOPPED, pb.RUN_STATE_FAILED)
 POINTS = 2000
 """Metrics points a live update asks for (the newest; the page keeps what it was sent)."""
+RATE_SPANS = 120
+"""Spans of equal time the throughput's history is counted in (``push_rates``)."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -210,9 +212,33 @@ def staleness_histogram(metrics: pb.GetMetricsResponse) -> dict[str, int]:
     return {str(k): counts[k] for k in sorted(counts)}
 
 
+def push_rates(metrics: pb.GetMetricsResponse, spans: int = RATE_SPANS) -> list[dict[str, Any]]:
+    """The throughput chart's history: pushes per second over the server's clock records of pushes
+    (the most recent), counted in up to ``spans`` spans of equal time (about ten pushes each, at
+    least two spans); each row as
+    the live ones: the span's end ``t`` (Unix seconds), ``clock`` (the min clock at its last push),
+    ``pushes`` (per second) and ``mb`` (None: bytes are measured live only)."""
+    pushes = [(r.time.ToNanoseconds() / 1e9, r.min_clock) for r in metrics.clock_records
+              if r.kind == pb.ClockRecord.KIND_PUSH]
+    if len(pushes) < 2 or not pushes[-1][0] > pushes[0][0]:
+        return []
+    t0 = pushes[0][0]
+    n = max(2, min(spans, len(pushes) // 10))
+    width = (pushes[-1][0] - t0) / n
+    counts, clocks = [0] * n, [pushes[0][1]] * n
+    for t, clock in pushes:
+        i = min(n - 1, int((t - t0) / width))
+        counts[i] += 1
+        clocks[i] = clock
+    for i in range(1, n):  # (a span without a push keeps the clock of the one before)
+        if not counts[i]:
+            clocks[i] = clocks[i - 1]
+    return [{"t": t0 + (i + 1) * width, "clock": clocks[i], "pushes": counts[i] / width, "mb": None} for i in range(n)]
+
+
 def history(metrics: pb.GetMetricsResponse) -> dict[str, Any]:
     return {"points": point_rows(list(metrics.points)), "events": facts.event_dicts(metrics.events),
-            "staleness_histogram": staleness_histogram(metrics)}
+            "staleness_histogram": staleness_histogram(metrics), "rates": push_rates(metrics)}
 
 
 def _sse(event: str, data: Any) -> bytes:

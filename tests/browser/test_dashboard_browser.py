@@ -221,6 +221,9 @@ async def test_a_finished_regression_run_shows_its_test_rmse(browser: Any, model
                 rmse, loss = drawn["data"]
                 assert rmse == pytest.approx([(2 * x) ** 0.5 for x in loss]) and loss[-1] < loss[0]
             assert await page.inner_text("[data-testid=conn]") == "finished: completed"
+            # the throughput of a finished run: from the pushes the server recorded (it was empty: only a
+            # page open while the run went measured it)
+            await page.wait_for_function("Number(document.querySelector('#rate').dataset.points) >= 2")
             # the staleness histogram: a bar per lead, each whole, the axis no wider than they are (a
             # single bar, as every BSP run's, spanned 0..100; the edge bars were cut in half)
             await page.wait_for_function("Number(document.querySelector('#stale').dataset.points) >= 1")

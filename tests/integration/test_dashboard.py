@@ -84,6 +84,12 @@ async def test_the_runs_list_and_a_finished_run_s_history() -> None:
             # every served pull (a worker skips some: its cache was fresh), none ahead of the bound s = 1
             assert sum(histogram.values()) == doc["summary"]["pulls_served"] > 0 and max(histogram) <= 1
             assert "completed" in [e["kind"] for e in doc["events"]]
+            # the throughput chart's history, from the pushes the server recorded (MB/s is measured live only)
+            rates = doc["rates"]
+            width = rates[1]["t"] - rates[0]["t"]
+            assert round(sum(r["pushes"] for r in rates) * width) == doc["summary"]["pushes_applied"] == 120
+            assert all(r["mb"] is None for r in rates) and rates[-1]["clock"] == 59  # (the last push's: before it)
+            assert [r["clock"] for r in rates] == sorted(r["clock"] for r in rates)
             async with http.get(f"{url}/api/runs/{first.run_id}/staleness") as r:
                 assert await r.json() == doc["staleness_histogram"]
             async with http.get(f"{url}/") as r, http.get(f"{url}/runs/{first.run_id}") as p:

@@ -240,6 +240,7 @@ async function loadHistory() {
   try {
     const doc = await getJSON(`/api/runs/${encodeURIComponent(runId)}`);
     S.histogram = doc.staleness_histogram;
+    S.rates = doc.rates || [];  // pushes/s from the server's records; live updates add to them (and MB/s)
     S.dirty = true;
     return doc;
   } catch (e) {
