@@ -221,6 +221,13 @@ async def test_a_finished_regression_run_shows_its_test_rmse(browser: Any, model
                 rmse, loss = drawn["data"]
                 assert rmse == pytest.approx([(2 * x) ** 0.5 for x in loss]) and loss[-1] < loss[0]
             assert await page.inner_text("[data-testid=conn]") == "finished: completed"
+            # every value axis labels its ticks apart, small losses too (uPlot's default keeps 3 decimals:
+            # ticks at 0.0005 and 0.001 both read "0.001")
+            labels = await page.evaluate("S.charts.loss.axes[1].values(S.charts.loss, [0, 0.0005, 0.001, 0.0015, 0.002])")
+            assert labels == ["0", "0.0005", "0.001", "0.0015", "0.002"], labels
+            assert all(a.get("values") for a in await page.evaluate(
+                "Object.values(S.charts).filter(c => c && c.axes).flatMap(c => c.axes.slice(1)).map(a => "
+                "({values: typeof a.values === 'function'}))")), "an axis without the tick formatter"
             # the throughput of a finished run: from the pushes the server recorded (it was empty: only a
             # page open while the run went measured it)
             await page.wait_for_function("Number(document.querySelector('#rate').dataset.points) >= 2")

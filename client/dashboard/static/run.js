@@ -132,11 +132,17 @@ function addPoints(points) {
   S.dirty = true;
 }
 
+// A value axis's tick labels, to 4 significant digits (uPlot's default keeps 3 decimals: ticks at
+// 0.0005 and 0.001 of a small loss both read "0.001")
+const ticks = (u, values) => values.map(v => v === null ? "" : v.toLocaleString(undefined, { maximumSignificantDigits: 4 }));
+
 function chart(id, series, opts = {}) {
   const target = document.getElementById(id);
   const width = Math.max(300, target.clientWidth || 480);
-  const plot = new uPlot({ width, height: 220, series, legend: { live: false },
-    scales: { x: { time: opts.time !== false } }, axes: [{}, { size: 60 }], ...opts.extra }, series.map(() => []), target);
+  const options = { width, height: 220, series, legend: { live: false },
+    scales: { x: { time: opts.time !== false } }, axes: [{}, { size: 60 }], ...opts.extra };
+  options.axes = options.axes.map((a, i) => i === 0 || a.values ? a : { ...a, values: ticks });
+  const plot = new uPlot(options, series.map(() => []), target);
   target.dataset.points = "0";
   return plot;
 }
