@@ -110,6 +110,12 @@ async def test_a_live_run_in_the_browser_clocks_move_the_straggler_holds_the_win
             parked = page.locator(".clock-row.parked .note", has_text="waits for rank 2 to reach")
             await parked.first.wait_for(timeout=30_000)
             await page.wait_for_function("Number(document.querySelector('#eval').dataset.points) >= 2", timeout=30_000)
+            # accuracy's axis ends at 1 (a flat accuracy of 0.972, a finished run's, had an axis to 1.5)
+            lo, hi, accuracy = await page.evaluate("[S.charts.eval.scales.y.min, S.charts.eval.scales.y.max, "
+                                                   "S.charts.eval.data[1].filter(v => v !== null)]")
+            assert 0 <= lo <= min(accuracy) and max(accuracy) <= hi <= 1.005, (lo, hi, accuracy)
+            lo, hi = await page.evaluate("S.charts.eval.scales.y.range(S.charts.eval, 0.972, 0.972, 'y')")
+            assert 0.8 < lo < 0.972 and 0.972 < hi <= 1.005, (lo, hi)
             await parked.first.wait_for(timeout=30_000)
             await screenshot(page, tmp_path, "dashboard-run.png")  # (the README's: a rank waits for the straggler)
             await page.wait_for_function("document.querySelector('[data-testid=window]').textContent"

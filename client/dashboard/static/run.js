@@ -136,6 +136,10 @@ function addPoints(points) {
 // 0.0005 and 0.001 of a small loss both read "0.001")
 const ticks = (u, values) => values.map(v => v === null ? "" : v.toLocaleString(undefined, { maximumSignificantDigits: 4 }));
 
+// An accuracy's or an AUC's axis: up to 1, zoomed in on the range that moved (as psctl plot's); auto
+// ranging gave a flat accuracy of 0.97 an axis from 0 to 1.95
+const shares = (u, lo, hi) => lo === null ? [0, 1] : [Math.max(0, lo - 0.1 * (1 - lo) - 0.01), 1.005];
+
 function chart(id, series, opts = {}) {
   const target = document.getElementById(id);
   const width = Math.max(300, target.clientWidth || 480);
@@ -174,7 +178,8 @@ function drawCharts() {
       loss: chart("loss", [{ label: key }, ...rankSeries], { time }),
       eval: quality ? chart("eval", [{ label: key }, { label: quality, stroke: "#2ca02c", spanGaps: true, scale: "y" },
         { label: "test loss", stroke: "#d62728", spanGaps: true, scale: "loss" }],
-        { time, extra: { axes: [{}, { scale: "y", size: 60 }, { scale: "loss", side: 1, size: 60, grid: { show: false } }] } }) :
+        { time, extra: { axes: [{}, { scale: "y", size: 60 }, { scale: "loss", side: 1, size: 60, grid: { show: false } }],
+          scales: { x: { time }, y: { range: quality === "test RMSE" ? undefined : shares } } } }) :
         chart("eval", [{ label: key }, { label: "test RMSE", stroke: "#d62728", spanGaps: true, scale: "y" }],
           { time, extra: { axes: [{}, { scale: "y", size: 60 }] } }),
       rate: chart("rate", [{ label: key }, { label: "pushes/s", stroke: "#1f77b4", spanGaps: true, scale: "y" },
