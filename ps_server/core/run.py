@@ -319,9 +319,10 @@ class Run:
             raise FailedPrecondition(f"run {self.run_id} is {self.state.value}: its staleness cannot change",
                                      Reason.RUN_NOT_RUNNING, run_state=self.state.value)
         if (old == 0) != (staleness == 0):
+            instead = ("start a new run with the bound you want (psctl launch --staleness N)" if old == 0 else
+                       "choose a positive bound, or none (psctl set --staleness inf; -1 in UpdateRunRequest)")
             raise FailedPrecondition(f"run {self.run_id}: staleness {old} -> {staleness}: a running run cannot switch "
-                                     "to or from 0 (BSP holds each clock's gradients to combine them); choose a "
-                                     "positive bound, or none (psctl set --staleness inf; -1 in UpdateRunRequest)",
+                                     f"to or from 0 (BSP holds each clock's gradients to combine them); {instead}",
                                      Reason.UNSUPPORTED)
         if staleness == old:
             return

@@ -556,7 +556,10 @@ async def test_refusals_of_delete_and_set_name_psctl_s_options(addr: str, ps: Ps
     to_bsp = await psctl("set", run_id, "--staleness", "0", "--server", addr)
     assert to_bsp.exit_code == 1 and "choose a positive bound, or none (psctl set --staleness inf" in to_bsp.stderr, \
         to_bsp.stderr
-    assert [r.run_id for r in await ps.list_runs()] == [run_id]
+    bsp = ok(await psctl("launch", "--server", addr, *TINY, "--staleness", "0")).stdout.strip()
+    from_bsp = await psctl("set", bsp, "--staleness", "3", "--server", addr)
+    assert from_bsp.exit_code == 1 and "start a new run with the bound you want (psctl launch --staleness N)" in \
+        from_bsp.stderr and "choose a positive bound" not in from_bsp.stderr, from_bsp.stderr
 
 
 async def test_a_model_over_the_server_s_limit_is_refused_naming_psctl_s_option(server_config: Any) -> None:
