@@ -8,11 +8,12 @@ too (``ps_server.security``).
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["FLAGS", "Security", "read_token"]
+__all__ = ["FLAGS", "Security", "check_ca", "check_key_pair", "read_token"]
 
 FLAGS: Mapping[str, str] = {"ca": "--tls-ca", "cert": "--tls-cert", "key": "--tls-key", "insecure": "--insecure"}
 """How ps-worker names the settings (``Security.names``'s default); psctl names environment variables."""
@@ -65,7 +66,8 @@ class Security:
             raise ValueError(f"refusing to send the token over plaintext: use TLS ({n['ca']}) or {n['insecure']}")
 
     def read_files(self) -> tuple[bytes | None, bytes | None, bytes | None]:
-        """(CA, key, certificate) PEM bytes, None where unset; ValueError when unreadable."""
+        """(CA, key, certificate) PEM bytes, None where unset; ValueError when unreadable or no PEM
+        (loaded here first: gRPC only logs why it cannot, and the server then looks unreachable)."""
         def read(flag: str, path: str) -> bytes | None:
             try:
                 return Path(path).read_bytes() if path else None
@@ -73,4 +75,27 @@ class Security:
                 raise ValueError(f"cannot read {flag} {path}: {exc.strerror}") from None
 
         n = self.names
-        return read(n["ca"], self.ca), read(n["key"], self.key), read(n["cert"], self.cert)
+        ca, key, cert = read(n["ca"], self.ca), read(n["key"], self.key), read(n["cert"], self.cert)
+        if ca is not None:
+            check_ca(n["ca"], self.ca, ca)
+        if cert is not None:
+            check_key_pair(n["cert"], self.cert, n["key"], self.key)
+        return ca, key, cert
+
+
+def check_ca(flag: str, path: str, pem: bytes) -> None:
+    """ValueError unless ``pem`` (read from ``path``, which ``flag`` named) holds a PEM certificate:
+    gRPC would only log why it cannot use it, and the peer would look unreachable or busy."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem.decode("ascii"))
+    except (ssl.SSLError, ValueError) as exc:  # (UnicodeDecodeError is a ValueError)
+        raise ValueError(f"{flag} {path} holds no PEM certificate ({getattr(exc, 'reason', None) or exc})") from None
+
+
+def check_key_pair(cert_flag: str, cert: str, key_flag: str, key: str) -> None:
+    """ValueError unless the files ``cert`` and ``key`` are a PEM certificate and its unencrypted key."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key, password=lambda: b"")
+    except (ssl.SSLError, OSError) as exc:
+        raise ValueError(f"{cert_flag} {cert} and {key_flag} {key} are not a PEM certificate and its unencrypted "
+                         f"private key ({getattr(exc, 'reason', None) or exc})") from None

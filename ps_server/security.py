@@ -10,14 +10,13 @@ health service must carry ``authorization: Bearer <token>``; the comparison is c
 from __future__ import annotations
 
 import hmac
-import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from paramserver.security import read_token
+from paramserver.security import check_ca, check_key_pair, read_token
 from paramserver.v1 import ERROR_TRAILER
 from paramserver.v1 import paramserver_pb2 as pb
 
@@ -61,18 +60,12 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     cert, key = read("--tls-cert", config.tls_cert), read("--tls-key", config.tls_key)
     ca = read("--tls-client-ca", config.tls_client_ca) if config.tls_client_ca else None
     # Loaded here first: gRPC only logs why it cannot, and its port then looks busy.
-    check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        check.load_cert_chain(config.tls_cert, config.tls_key, password=lambda: b"")
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(f"--tls-cert {config.tls_cert} and --tls-key {config.tls_key} are not a PEM certificate "
-                          f"and its unencrypted private key ({getattr(exc, 'reason', None) or exc})") from None
-    if ca is not None:
-        try:
-            check.load_verify_locations(cadata=ca.decode("ascii"))
-        except (ssl.SSLError, ValueError) as exc:  # (UnicodeDecodeError is a ValueError)
-            raise ConfigError(f"--tls-client-ca {config.tls_client_ca} holds no PEM certificate "
-                              f"({getattr(exc, 'reason', None) or exc})") from None
+        check_key_pair("--tls-cert", config.tls_cert, "--tls-key", config.tls_key)
+        if ca is not None:
+            check_ca("--tls-client-ca", config.tls_client_ca, ca)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 

@@ -513,6 +513,12 @@ async def test_launch_help_lists_every_model_and_dataset_the_readme_does() -> No
     ({"PS_TOKEN": "t", "PSCTL_TOKEN_FILE": "/x"}, "either in PS_TOKEN or with PSCTL_TOKEN_FILE, not both"),
     ({"PSCTL_TLS_CA": "/nonexistent/ca.pem"}, "cannot read PSCTL_TLS_CA /nonexistent/ca.pem"),
     ({"PSCTL_TLS_CERT": "/x"}, "a client certificate needs both PSCTL_TLS_CERT and PSCTL_TLS_KEY"),
+    # (a file that is no PEM: gRPC logged "Could not load any root certificate" and psctl said it could not reach a
+    # paramserver, 'start one with ps-server')
+    ({"PSCTL_TLS_CA": str(ROOT / "README.md")}, f"PSCTL_TLS_CA {ROOT / 'README.md'} holds no PEM certificate"),
+    ({"PSCTL_TLS_CERT": str(ROOT / "README.md"), "PSCTL_TLS_KEY": str(ROOT / "README.md")},
+     f"PSCTL_TLS_CERT {ROOT / 'README.md'} and PSCTL_TLS_KEY {ROOT / 'README.md'} are not a PEM certificate and its "
+     "unencrypted private key"),
 ])
 async def test_security_settings_are_named_as_psctl_takes_them_from_the_environment(
         addr: str, env: dict[str, str | None], expected: str) -> None:
