@@ -75,9 +75,10 @@ def _error(exc: BaseException, server: str) -> str:
         return (f"{exc.message} ({server} answered: another server of its cluster did not, or is going back to a "
                 "checkpoint; bring it back, or retry)")
     if isinstance(exc, errors.Unavailable):
+        tls = "" if os.environ.get("PSCTL_TLS_CA") else " (one that requires TLS needs PSCTL_TLS_CA)"
         return (f"cannot reach a paramserver at {server} ({exc.message}). Start one with "
                 f"'ps-server --port {server.rpartition(':')[2] or 50051}', point --server (or PSCTL_SERVER) "
-                f"at a running one, or train on a self-contained cluster with 'psctl launch --local'.")
+                f"at a running one{tls}, or train on a self-contained cluster with 'psctl launch --local'.")
     if isinstance(exc, errors.DeadlineExceeded):
         return (f"no answer from {server} in time ({exc.message}): is a paramserver running there and "
                 f"reachable? If it is just busy, try a larger --timeout.")

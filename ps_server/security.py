@@ -88,7 +88,8 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         if hmac.compare_digest(given_bytes, self._expected):
             return handler
         why = "missing bearer token" if not given else "wrong bearer token"
-        return _deny(handler, f"{why}: set PS_TOKEN (or --token-file) to the server's token")
+        return _deny(handler, f"{why}: set PS_TOKEN to the server's token, or name its file (ps-worker --token-file, "
+                              "psctl's PSCTL_TOKEN_FILE)")
 
 
 def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:

@@ -196,3 +196,28 @@ async def test_a_silent_connection_does_not_block_metrics_over_tls(server_config
                                            ssl.create_default_context(cafile=str(pki.ca))) == 200
     finally:
         await ps.stop(0)
+
+
+async def test_psctl_against_a_secured_server_says_which_of_its_settings_is_missing(server_config: ServerConfig,
+                                                                                    pki: Pki) -> None:
+    """Plaintext to a TLS server: psctl said only that it could not reach a paramserver and how to start
+    one; and without a token it names psctl's way to give one (PS_TOKEN or PSCTL_TOKEN_FILE)."""
+    from typer.testing import CliRunner
+
+    from client.cli import app
+
+    cfg = with_config(server_config, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), token=TOKEN)
+    ps = await start_server(cfg)
+    addr = f"127.0.0.1:{ps.port}"
+
+    def psctl(env: dict[str, str]) -> tuple[int, str]:
+        result = CliRunner().invoke(app, ["runs", "--server", addr, "--timeout", "3"], env=env)
+        return result.exit_code, result.stderr
+
+    try:
+        code, err = await asyncio.to_thread(psctl, {"PS_TOKEN": TOKEN, "PSCTL_INSECURE": "1"})
+        assert code == 1 and "one that requires TLS needs PSCTL_TLS_CA" in err, err
+        code, err = await asyncio.to_thread(psctl, {"PSCTL_TLS_CA": str(pki.ca), "PS_TOKEN": ""})
+        assert code == 1 and "UNAUTHENTICATED" in err and "PS_TOKEN" in err and "PSCTL_TOKEN_FILE" in err, err
+    finally:
+        await ps.stop(0)
