@@ -227,6 +227,11 @@ async def test_a_finished_regression_run_shows_its_test_rmse(browser: Any, model
                 rmse, loss = drawn["data"]
                 assert rmse == pytest.approx([(2 * x) ** 0.5 for x in loss]) and loss[-1] < loss[0]
             assert await page.inner_text("[data-testid=conn]") == "finished: completed"
+            # the training loss on a log scale, as psctl plot's (a regression's falls by orders of magnitude: on a
+            # linear axis it was a flat line at 0 after the first seconds)
+            assert await page.evaluate("S.charts.loss.scales.y.distr") == 3
+            grid = await page.evaluate("S.charts.loss.axes[1].grid.filter(S.charts.loss, [0.001, 0.002, 0.005, 0.01, 1, 3])")
+            assert grid == [0.001, None, None, 0.01, 1, None], grid  # (a line at every 1-9 x 10^k: grey bands)
             # every value axis labels its ticks apart, small losses too (uPlot's default keeps 3 decimals:
             # ticks at 0.0005 and 0.001 both read "0.001")
             labels = await page.evaluate("S.charts.loss.axes[1].values(S.charts.loss, [0, 0.0005, 0.001, 0.0015, 0.002])")

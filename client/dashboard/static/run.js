@@ -140,6 +140,9 @@ const ticks = (u, values) => values.map(v => v === null ? "" : v.toLocaleString(
 // ranging gave a flat accuracy of 0.97 an axis from 0 to 1.95
 const shares = (u, lo, hi) => lo === null ? [0, 1] : [Math.max(0, lo - 0.1 * (1 - lo) - 0.01), 1.005];
 
+// A log axis's grid lines and ticks at powers of 10 only (uPlot draws one at every 1-9 x 10^k: grey bands)
+const decades = (u, splits) => splits.map(v => Math.abs(Math.log10(v) - Math.round(Math.log10(v))) < 1e-9 ? v : null);
+
 function chart(id, series, opts = {}) {
   const target = document.getElementById(id);
   const width = Math.max(300, target.clientWidth || 480);
@@ -170,12 +173,16 @@ function drawCharts() {
   const model = S.last.summary.model || "";
   const regression = model.startsWith("linear"), ratings = model.startsWith("mf");
   const quality = e.some(p => p.test_auc !== null) ? "test AUC" : regression ? "test RMSE" : ratings ? "" : "test accuracy";
-  const rebuild = S.charts.key !== key || S.charts.ranks !== ranks || S.charts.quality !== quality;
+  const logLoss = train.length > 0 && train.every(p => p.loss > 0);  // (as psctl plot: losses fall by orders of magnitude)
+  const rebuild = S.charts.key !== key || S.charts.ranks !== ranks || S.charts.quality !== quality ||
+    S.charts.logLoss !== logLoss;
   if (rebuild) {
     for (const id of ["loss", "eval", "rate", "stale"]) document.getElementById(id).replaceChildren();
     const rankSeries = [...Array(ranks).keys()].map(r => ({ label: `rank ${r}`, stroke: COLOURS[r % COLOURS.length], spanGaps: true }));
-    S.charts = { key, ranks, quality,
-      loss: chart("loss", [{ label: key }, ...rankSeries], { time }),
+    S.charts = { key, ranks, quality, logLoss,
+      loss: chart("loss", [{ label: key }, ...rankSeries], { time, extra: {
+        scales: { x: { time }, y: { distr: logLoss ? 3 : 1 } },
+        axes: [{}, logLoss ? { size: 60, grid: { filter: decades }, ticks: { filter: decades } } : { size: 60 }] } }),
       eval: quality ? chart("eval", [{ label: key }, { label: quality, stroke: "#2ca02c", spanGaps: true, scale: "y" },
         { label: "test loss", stroke: "#d62728", spanGaps: true, scale: "loss" }],
         { time, extra: { axes: [{}, { scale: "y", size: 60 }, { scale: "loss", side: 1, size: 60, grid: { show: false } }],
