@@ -74,9 +74,16 @@ def finite(x: float | None) -> float | None:
 
 
 def fmt(x: float | None, digits: int = 4) -> str:
+    """``digits`` decimals; in exponent form beyond 1e4, and for a number they would show as zero (about
+    as wide: 0.0003 with 3 digits is 3e-04, not 0.000)."""
     if x is None or not math.isfinite(x):
         return "-"
-    return f"{x:.{digits}f}" if abs(x) < 1e4 else f"{x:.{digits - 1}e}"
+    fixed = f"{x:.{digits}f}"
+    if abs(x) >= 1e4:
+        return f"{x:.{digits - 1}e}"
+    if x != 0 and not fixed.strip("-0."):
+        return f"{x:.{max(0, digits - 3)}e}"
+    return fixed
 
 
 def fmt_age(seconds: float | None) -> str:

@@ -456,3 +456,10 @@ def test_a_run_whose_spec_does_not_say_its_model_has_none_in_json() -> None:
     assert "model ?   dataset ?   " in text(render.status_view(summary, None), width=200)
     assert facts.run_headline(summary).startswith("run-1: ? on ?, 4 workers")
     assert (facts.run_facts(make_run())["model"], facts.run_facts(make_run())["dataset"]) == ("softmax", "digits")
+
+
+def test_a_small_nonzero_number_is_not_shown_as_zero() -> None:
+    """(A regression's losses below 0.0005 read 'train loss 0.000 test loss 0.000' in the progress bar.)"""
+    assert facts.fmt(0.0003, 3) == "3e-04" and facts.fmt(-0.00004) == "-4.0e-05"  # (about as wide as 0.000)
+    assert facts.fmt(0.0012, 3) == "0.001" and facts.fmt(0.0, 3) == "0.000" and facts.fmt(0.25) == "0.2500"
+    assert facts.fmt(12345.0) == "1.234e+04" and facts.fmt(float("nan")) == "-"
