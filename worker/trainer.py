@@ -33,7 +33,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -90,7 +90,6 @@ class TrainStats:
     rewinds: int = 0
     last_loss: float = float("nan")
     final_accuracy: float | None = None
-    points: list[pb.MetricPoint] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -524,7 +523,6 @@ class _Trainer:
         if train and kept[-1] is not train[-1]:
             kept.append(train[-1])
         keep = [self._train_point(*p) for p in kept] + evals
-        self.stats.points.extend(keep)
         resp = await self.call(
             lambda: self.client.report_metrics(self.a.run_id, self.a.rank, self.a.incarnation, keep,
                                                self.stats.pulls_skipped),
