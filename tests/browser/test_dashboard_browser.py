@@ -248,6 +248,12 @@ async def test_a_finished_regression_run_shows_its_test_rmse(browser: Any, model
             leads, lo, hi = await page.evaluate("[S.charts.stale.data[0], S.charts.stale.scales.x.min, "
                                                 "S.charts.stale.scales.x.max]")
             assert (lo, hi) == (leads[0] - 0.5, leads[-1] + 0.5), (leads, lo, hi)
+            # a page open for a long run keeps the newest points only, as the server does (it kept them all)
+            kept = await page.evaluate("addPoints([...Array(MAX_POINTS + 10).keys()].map(i => ({rank: 0, clock: i, "
+                                       "eval: false, time: 1e9 + i, loss: 1}))), [S.points.size === MAX_POINTS, "
+                                       "S.points.has(`0/${MAX_POINTS + 9}/false/${1e9 + MAX_POINTS + 9}`), "
+                                       "S.points.has('0/0/false/1000000000')]")
+            assert kept == [True, True, False], kept
             await page.evaluate("S.charts.stale.setData([[0], [7]])")  # (uPlot gives one x value a span of 100)
             one = await page.evaluate("[S.charts.stale.scales.x.min, S.charts.stale.scales.x.max]")
             assert one == [-0.5, 0.5], one

@@ -125,9 +125,15 @@ function notice(text) {
 }
 
 // ------------------------------------------------------------------------------ curves
+const MAX_POINTS = 20000;  // the newest kept, as the server keeps a run's (a page open for days kept them all)
+
 function addPoints(points) {
   for (const p of points) {
     S.points.set(`${p.rank}/${p.clock}/${p.eval}/${p.time}`, p);  // (a reconnected stream sends some again)
+  }
+  for (const key of S.points.keys()) {  // (a Map iterates in insertion order: the oldest first)
+    if (S.points.size <= MAX_POINTS) break;
+    S.points.delete(key);
   }
   S.dirty = true;
 }
