@@ -384,9 +384,12 @@ class Config:
         try:  # (a set-up that fails stops what it started: nobody else holds it to close)
             for i, p in enumerate(self.servers):
                 assert p.stdout is not None
-                line = p.stdout.readline()
-                if "listening on" not in line:
-                    raise RuntimeError(f"{self.label}: server {i} did not start: {line}{p.stdout.read()}")
+                said = []  # (its log lines before it listens, e.g. server 0's warning without --data-dir)
+                while "listening on" not in (line := p.stdout.readline()):
+                    if not line:  # (it exited: what it said is all there is)
+                        raise RuntimeError(f"{self.label}: server {i} did not start: {''.join(said)}")
+                    said.append(line)
+                log.write("".join(said))
                 threading.Thread(target=_drain, args=(p.stdout, log), daemon=True).start()
             self.run_ids = asyncio.run(self._create(workers))
             self.workers = [subprocess.Popen(
