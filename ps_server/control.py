@@ -8,6 +8,7 @@ here and nothing else; so does the in-memory transport of ``ps_server.testing``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -237,7 +238,11 @@ class Control:
                 assignment = registry.join(name, request.run_id, can)
         if assignment is None:
             return pb.JoinResponse(server_generation=registry.generation)
-        await self._sync(registry.get(assignment.run_id))  # every shard knows the incarnation before its worker
+        run = registry.get(assignment.run_id)
+        await self._sync(run)  # every shard knows the incarnation before its worker, and where it starts:
+        slot = run.clock.slots[assignment.rank]  # later than assigned if a shard had combined clocks past it
+        if slot.incarnation == assignment.incarnation:
+            assignment = dataclasses.replace(assignment, start_clock=slot.clock)
         log.info("rank %d of %s to %s", assignment.rank, assignment.run_id, name,
                  extra={"run": assignment.run_id, "rank": assignment.rank})
         return pb.JoinResponse(assignment=self._assignment(assignment), server_generation=registry.generation,

@@ -46,12 +46,13 @@ def shard_map_from_proto(m: pb.ShardMap) -> ShardMap:
 
 def rank_updates(run: Run) -> list[RankUpdate]:
     """Every rank of ``run`` as its owner holds it."""
-    return [RankUpdate(s.rank, s.incarnation, s.state, s.clock, s.worker_name) for s in run.clock.slots]
+    return [RankUpdate(s.rank, s.incarnation, s.state, s.clock, s.worker_name, start=s.start) for s in run.clock.slots]
 
 
 def rank_updates_to_proto(updates: Sequence[RankUpdate]) -> list[cpb.RankUpdate]:
     return [cpb.RankUpdate(rank=u.rank, incarnation=u.incarnation, state=codec.worker_state_to_proto(u.state),
-                           clock=u.clock, worker_name=u.worker_name, lost_pushes=u.lost_pushes) for u in updates]
+                           clock=u.clock, worker_name=u.worker_name, lost_pushes=u.lost_pushes, start_clock=u.start)
+            for u in updates]
 
 
 def rank_updates_from_proto(updates: Sequence[cpb.RankUpdate], ranks: int) -> list[RankUpdate]:
@@ -60,7 +61,7 @@ def rank_updates_from_proto(updates: Sequence[cpb.RankUpdate], ranks: int) -> li
         if u.rank >= ranks or u.state not in _WORKER_STATES:
             raise ValueError(f"rank update {u.rank} (state {u.state}) does not fit a run of {ranks} ranks")
         out.append(RankUpdate(u.rank, u.incarnation, worker_state_from_proto(u.state), u.clock, u.worker_name,
-                              u.lost_pushes))
+                              u.lost_pushes, u.start_clock))
     return out
 
 

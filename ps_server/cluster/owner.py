@@ -12,7 +12,9 @@
   and the lease sweep call it before they answer, so an eviction reaches every shard before the
   rank is handed to another worker, and an admitted incarnation is known everywhere before its
   worker hears of it. ``watch`` sends it again whenever a shard's copy differs (a late or lost
-  update, a restarted server).
+  update, a restarted server). A BSP shard that had combined clocks past a rank's hand-over (a
+  torn push completed them there) admits it after them; server 0 then starts it there too and
+  tells the others before Join answers (``_started_later``): every server holds it from one clock.
 - ``watch`` also asks every server for its shard's status each ``poll`` seconds (GetRun shows
   them; a finished run's final status is not asked again, but a server that stops answering shows
   as unreachable in every run's status, and one with nothing to be asked about is probed). A
@@ -216,17 +218,27 @@ class ClusterOwner:
     # ------------------------------------------------------------------------------ membership
     async def sync(self, run: Run, timeout: float | None = None) -> None:
         """Send ``run``'s membership to every server whose copy differs; wait for their answers
-        (at most ``timeout`` seconds; a server that does not answer gets it from ``watch``)."""
+        (at most ``timeout`` seconds; a server that does not answer gets it from ``watch``). A
+        rank one of them starts later than this server handed it over at (``_started_later``)
+        starts there here too, and the others are told before this returns: Join answers with
+        the clock every server holds the rank from."""
         if not self._peers:
             return
-        sends = [asyncio.ensure_future(self._send(run, peer)) for peer in self._peers]
-        done, _ = await asyncio.wait(sends, timeout=timeout or self._timeout)
-        for task in done:
-            if task.exception() is not None:
-                log.info("membership of %s not yet on a server: %s", run.run_id, task.exception(),
-                         extra={"run": run.run_id})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout or self._timeout)
+        while True:
+            sends = [asyncio.ensure_future(self._send(run, peer)) for peer in self._peers]
+            done, _ = await asyncio.wait(sends, timeout=max(0.0, deadline - loop.time()))
+            for task in done:
+                if task.exception() is not None:
+                    log.info("membership of %s not yet on a server: %s", run.run_id, task.exception(),
+                             extra={"run": run.run_id})
+            if not any(task.exception() is None and task.result() for task in done):
+                return
 
-    async def _send(self, run: Run, peer: PeerLink) -> None:
+    async def _send(self, run: Run, peer: PeerLink) -> bool:
+        """Send ``run``'s membership to ``peer`` if its copy differs; True when its answer moved a
+        rank's start here (the other servers are to learn it)."""
         key = (run.run_id, peer.index)
         async with self._locks.setdefault(key, asyncio.Lock()):
             lost = self._lost.get(key, {})
@@ -234,12 +246,37 @@ class ClusterOwner:
                      for u in messages.rank_updates(run)]  # as it is now, not as it was when this send was asked
             copy = (tuple(ranks), run.state, run.message)
             if self._sent.get(key) == copy:
-                return
-            await peer.call("UpdateShard", cpb.UpdateShardRequest(
+                return False
+            resp = await peer.call("UpdateShard", cpb.UpdateShardRequest(
                 run_id=run.run_id, ranks=messages.rank_updates_to_proto(ranks),
                 run_state=codec.run_state_to_proto(run.state), message=run.message), cpb.UpdateShardResponse,
                 self._timeout)
             self._sent[key] = copy
+            return self._started_later(run, peer, ranks, resp.start_clocks)
+
+    def _started_later(self, run: Run, peer: PeerLink, sent: Sequence[RankUpdate], starts: Sequence[int]) -> bool:
+        """A BSP shard admits a rank after the clocks it had combined already (a push of one
+        reached it and not this server: its worker stopped in the middle of it, or its push here
+        is still on its way), as those take no more gradients; the rank then starts there on
+        this server too (its clocks below count as completed without its pushes), and the run's
+        events say so. Else the worker's pulls would get two guaranteed clocks for ever, one
+        from this server and one from ``peer``, and never be answered. True when a start moved."""
+        if self._registry.find(run.run_id) is not run or len(starts) != len(sent):
+            return False  # (gone back to a checkpoint meanwhile: its ranks are the checkpoint's)
+        moved = False
+        for u in sent:
+            start = starts[u.rank]
+            if u.state is not WorkerState.ACTIVE or start <= u.clock:  # (the rank is there already)
+                continue
+            clocks = f"clock {u.clock}" if start == u.clock + 1 else f"clocks {u.clock}..{start - 1}"
+            why = (f"rank {u.rank} (incarnation {u.incarnation}) starts at clock {start} on every server, not "
+                   f"{u.clock}: {peer.name} had already combined {clocks}, which take no more gradients (a push that "
+                   f"a worker stopped in the middle of reached {peer.name} and not server 0: the servers that lack "
+                   f"it combine {clocks} without it)")
+            if run.start_later(u.rank, u.incarnation, start, "torn_push", why):
+                moved = True
+                log.warning("%s", why, extra={"run": run.run_id, "rank": u.rank})
+        return moved
 
     # ------------------------------------------------------------------------------ status
     def statuses(self, run: Run) -> list[pb.ShardStatus]:

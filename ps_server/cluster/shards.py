@@ -122,7 +122,8 @@ class ShardService:
             raise InvalidArgument(str(exc)) from None
         state = run.mirror(ranks, messages.run_state_from_proto(request.run_state), request.message)
         self._registry.vacated()
-        return cpb.UpdateShardResponse(run_state=codec.run_state_to_proto(state))
+        return cpb.UpdateShardResponse(run_state=codec.run_state_to_proto(state),
+                                       start_clocks=[s.start for s in run.clock.slots])
 
     async def GetShard(self, request: cpb.GetShardRequest) -> cpb.GetShardResponse:
         run = self._registry.get(request.run_id)

@@ -3,8 +3,9 @@
 A rank's clock is the number of iterations it completed. The min clock is the minimum over ranks
 that are ACTIVE or DONE (the max clock the maximum); an evicted or vacant rank counts as +inf
 (with none live, both are the highest clock). The min clock never goes down: a rank handed over
-starts at it (``assign``). It is read several times per push and pull, so it is cached; the cache
-is forgotten in one place, ``_moved``, which every method that changes a clock or a state calls.
+starts at it (``assign``), or later (``start_later``). It is read several times per push and pull,
+so it is cached; the cache is forgotten in one place, ``_moved``, which every method that changes
+a clock or a state calls.
 Other modules read slots and never write their ``state`` or ``clock``.
 
 Plain ``def``s, no I/O: the run calls these and reports what changed.
@@ -32,6 +33,9 @@ class Slot:
     state: WorkerState = WorkerState.VACANT
     incarnation: int = 0
     clock: int = 0
+    start: int = 0
+    """The clock this incarnation holds the rank from: where it was handed over, or later
+    (``start_later``). Not checkpointed: a restored rank's clock is past it."""
     worker_name: str = ""
     last_seen: float = 0.0  # monotonic
     last_seen_wall: float = 0.0
@@ -149,7 +153,7 @@ class VectorClock:
             self.retired_skipped = min(COUNT_MAX, self.retired_skipped + slot.pulls_skipped)
         slot.state = WorkerState.ACTIVE
         slot.incarnation = incarnation
-        slot.clock = start
+        slot.clock = slot.start = start
         slot.worker_name = worker_name
         slot.pulls_skipped = 0
         slot.data_plane = ""
@@ -161,6 +165,13 @@ class VectorClock:
         """The rank completed iteration ``clock``."""
         slot.clock = clock + 1
         slot.pushes += 1
+        self._moved()
+
+    def start_later(self, slot: Slot, start: int) -> None:
+        """The rank's incarnation holds it from ``start``, not from where it was handed over (a
+        cluster's server had completed the clocks before it: ``Run.start_later``)."""
+        slot.start = start
+        slot.clock = max(slot.clock, start)
         self._moved()
 
     def skip_to(self, slot: Slot, clock: int) -> None:

@@ -99,6 +99,28 @@ class Run:
         n = len(self.clock.slots)
         self.history.event("started", -1, f"all {n} ranks joined" if n > 1 else "the one rank joined")
 
+    def start_later(self, rank: int, incarnation: int, start: int, kind: str, why: str) -> bool:
+        """``incarnation`` holds ``rank`` from clock ``start``, later than it was handed over at
+        (a cluster's server had already combined the clocks before it: ``ClusterOwner.sync``): its
+        clocks below ``start`` count as completed without its pushes, and an event of ``kind``
+        says ``why``. False, and nothing changes, unless it is the rank's active incarnation and
+        ``start`` is later than its start."""
+        if not self._start_later(rank, incarnation, start, kind, why):
+            return False
+        self._after_clock_change()
+        return True
+
+    def _start_later(self, rank: int, incarnation: int, start: int, kind: str, why: str) -> bool:
+        """``start_later`` without completing the clocks it lets complete (``mirror`` does, once
+        every rank is set)."""
+        slot = self.clock.slots[rank]
+        if self.state.finished or slot.incarnation != incarnation or slot.state is not WorkerState.ACTIVE or \
+                start <= slot.start:
+            return False
+        self.clock.start_later(slot, start)
+        self.history.event(kind, rank, why)
+        return True
+
     def heartbeat(self, rank: int, incarnation: int) -> tuple[RunState, int]:
         """Refresh the lease; return the run's state and the rank's clock."""
         return self.state, self.clock.holder(rank, incarnation).clock

@@ -35,6 +35,9 @@ class RankUpdate:
     lost_pushes: bool = False
     """DONE at ``clock`` on the owner, whose worker stopped in the middle of a push that never
     reached this shard: go on without the pushes between the shard's clock of it and ``clock``."""
+    start: int = 0
+    """The clock the incarnation holds the rank from on the owner (``Slot.start``): later than it
+    was handed over at when a shard had already combined the clocks before it."""
 
 
 _FORWARD = {RunState.PENDING: 0, RunState.RUNNING: 1}
@@ -71,7 +74,8 @@ class ShardRun(Run):
         """Set the ranks and the run's state to the owner's. A rank's update of an older incarnation
         than the shard holds is ignored; a finished shard stays as it ended. A rank's clock is the
         shard's own (its pushes here), but for an admission and for pushes the owner says are lost
-        (``RankUpdate.lost_pushes``)."""
+        (``RankUpdate.lost_pushes``), and one that starts later than it was handed over at
+        (``RankUpdate.start``: another server had already combined the clocks before it)."""
         for u in ranks:
             slot = self.clock.slots[u.rank]
             if u.incarnation > slot.incarnation:  # admitted: a new incarnation from its clock
@@ -82,6 +86,8 @@ class ShardRun(Run):
                 self.bsp.drop(u.rank)  # whatever the old incarnation held for an unfinished clock
                 self.history.event("joined", u.rank, f"{u.worker_name or 'a worker'} took rank {u.rank} "
                                    f"(incarnation {u.incarnation}, clock {start})")
+            self._start_later(u.rank, u.incarnation, u.start, "joined", f"rank {u.rank} (incarnation {u.incarnation}) "
+                             f"starts at clock {u.start}, as on the server that had combined the clocks before it")
             if u.incarnation == slot.incarnation and u.state is not slot.state and not self.state.finished:
                 if u.state is WorkerState.EVICTED:
                     self.bsp.drop(u.rank)

@@ -311,6 +311,63 @@ async def test_a_push_torn_by_an_eviction_is_told_in_the_runs_events(server_conf
             await pb_.close()
 
 
+@pytest.mark.parametrize(("staleness", "n"), [(0, 2), (0, 3), (1, 2)], ids=["bsp", "bsp-3-servers", "ssp"])
+async def test_a_rank_handed_over_below_a_clock_a_torn_push_completed_elsewhere_goes_on(server_config: ServerConfig,
+                                                                                        staleness: int, n: int) -> None:
+    """b's push of clock 1 reaches server 1 only, where a's push of it is already (a's pushes to the
+    others are on their way): under BSP it completes clock 1 there. b's worker stops; server 0
+    evicts b and hands its rank to a new worker at its own min clock, 1 (a's). Under BSP the rank
+    starts at 2 on every server (Join says so: server 1 had combined clock 1; server 2, which had
+    not, is told before Join answers) and the run goes on to its end; under SSP (nothing combined)
+    it starts at 1 on every server and pushes clock 1 again."""
+    async with cluster(server_config, n, split_bytes=1024, lease_seconds=1.0, heartbeat_seconds=0.2) as servers:
+        async with PsClient(servers[1].address, timeout=20) as c:
+            iterations = 4
+            run = await c.create_run(make_spec(shapes={"w": (64, 16)}, num_workers=2, staleness=staleness,
+                                               iterations=iterations))
+            a, b = await _join_all(c, run.run_id, 2)
+            pa, pb_ = Shards.beside(c, a.shard_map, a.spec), Shards.beside(c, b.shard_map, b.spec)
+            g = {"w": np.ones((64, 16), np.float32)}
+            await asyncio.gather(pa.push(run.run_id, a.rank, a.incarnation, 0, g),
+                                 pb_.push(run.run_id, b.rank, b.incarnation, 0, g))
+            await _push_to(pa, 1, run.run_id, a, 1, g)  # a's push of clock 1: on server 1 now, on the others later
+            await _push_to(pb_, 1, run.run_id, b, 1, g)  # b's: on server 1 only, and b stops
+            owner = servers[0].registry.get(run.run_id)
+            for _ in range(40):  # b's lease runs out while a is heard from
+                if owner.clock.slots[b.rank].state.value == "evicted":
+                    break
+                await c.heartbeat(run.run_id, a.rank, a.incarnation, 1)
+                await asyncio.sleep(0.1)
+            assert owner.clock.slots[b.rank].state.value == "evicted" and owner.min_clock == 1
+            d = (await c.join("w2", run.run_id, max_wait=0)).assignment
+            assert d.rank == b.rank
+            start = 2 if staleness == 0 else 1
+            assert d.start_clock == start
+            shards = [s.registry.get(run.run_id) for s in servers]
+            assert [s.clock.slots[d.rank].clock for s in shards] == [start] * n
+            for i in (0, *range(2, n)):  # a's push of clock 1 reaches the others at last
+                await _push_to(pa, i, run.run_id, a, 1, g)
+            pd = Shards.beside(c, d.shard_map, d.spec)
+
+            async def train(plane: Shards, x: pb.Assignment, first: int) -> None:
+                for clock in range(first, iterations):
+                    pulled = await plane.pull(run.run_id, x.rank, x.incarnation, clock, max_wait=10, timeout=10)
+                    if staleness == 0:
+                        assert pulled.guaranteed_clock == clock
+                    await plane.push(run.run_id, x.rank, x.incarnation, clock, g)
+                await plane.pull(run.run_id, x.rank, x.incarnation, iterations, max_wait=10, timeout=10)
+                await c.leave(run.run_id, x.rank, x.incarnation, pb.LEAVE_REASON_DONE)
+
+            await asyncio.wait_for(asyncio.gather(train(pa, a, 2), train(pd, d, start)), 20)
+            assert (await c.get_run(run.run_id)).state == pb.RUN_STATE_COMPLETED
+            if staleness == 0:  # clock 1 without b's gradient on server 0, with it on server 1: as the events say
+                torn = await _events(c, run.run_id, "torn_push")
+                assert {e.rank for e in torn} == {b.rank}
+                assert [s.counters.updates_applied for s in shards] == [iterations] * n
+            for p in (pa, pb_, pd):
+                await p.close()
+
+
 async def test_a_stop_reaches_every_shard_and_ends_parked_pulls(server_config: ServerConfig) -> None:
     async with cluster(server_config, 3, split_bytes=1024) as servers:
         async with PsClient(servers[2].address, timeout=20) as c:

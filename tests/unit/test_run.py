@@ -312,6 +312,28 @@ def test_bsp_a_shard_admits_a_rank_after_the_clocks_it_already_combined() -> Non
     shard.push(0, 1, 1, grad(1), 0)
     shard.push(1, 3, 1, grad(2), 0)
     assert not shard.bsp.pending and shard.bsp.applied_clock == 2
+    assert [s.start for s in shard.clock.slots] == [0, 1]  # (what its UpdateShard answers: server 0 learns it)
+
+
+def test_bsp_a_rank_that_starts_later_on_another_server_starts_there_on_every_one() -> None:
+    """Server 0 handed rank 1 over at clock 0, and another shard had combined clock 0 already: the
+    rank starts at 1 on server 0 (which combines clock 0 without it) and on a shard that admitted
+    it at 0 (``RankUpdate.start``); an older incarnation, or an earlier start, moves nothing."""
+    owner = Run("run-t", spec(workers=2, staleness=0))
+    a, b = owner.join("a"), owner.join("b")
+    owner.push(a.rank, a.incarnation, 0, grad(1), 0)
+    assert not owner.start_later(b.rank, b.incarnation - 1, 1, "torn_push", "stale")
+    assert owner.start_later(b.rank, b.incarnation, 1, "torn_push", "server 1 had combined clock 0")
+    assert not owner.start_later(b.rank, b.incarnation, 1, "torn_push", "again")
+    assert owner.clock.slots[b.rank].clock == 1 and owner.bsp.applied_clock == 1
+    assert [e.message for e in owner.history.events if e.kind == "torn_push"] == ["server 1 had combined clock 0"]
+    shard = ShardRun("run-t", spec(workers=2, staleness=0))
+    shard.mirror([RankUpdate(0, a.incarnation, WorkerState.ACTIVE, 0), RankUpdate(1, b.incarnation, WorkerState.ACTIVE, 0)],
+                 RunState.RUNNING, "")
+    shard.push(a.rank, a.incarnation, 0, grad(1), 0)
+    shard.mirror([RankUpdate(1, b.incarnation, WorkerState.ACTIVE, 1, start=1)], RunState.RUNNING, "")
+    assert shard.clock.slots[1].clock == 1 and shard.bsp.applied_clock == 1
+    assert shard.push(b.rank, b.incarnation, 0, grad(1), 0).duplicate
 
 
 def test_completion_needs_every_rank_to_leave_and_final_pull_waits_for_all() -> None:

@@ -37,20 +37,22 @@ class CreateShardResponse(_message.Message):
     def __init__(self, data_port: _Optional[int] = ..., shm_socket: _Optional[str] = ...) -> None: ...
 
 class RankUpdate(_message.Message):
-    __slots__ = ("rank", "incarnation", "state", "clock", "worker_name", "lost_pushes")
+    __slots__ = ("rank", "incarnation", "state", "clock", "worker_name", "lost_pushes", "start_clock")
     RANK_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
     LOST_PUSHES_FIELD_NUMBER: _ClassVar[int]
+    START_CLOCK_FIELD_NUMBER: _ClassVar[int]
     rank: int
     incarnation: int
     state: _paramserver_pb2.WorkerState
     clock: int
     worker_name: str
     lost_pushes: bool
-    def __init__(self, rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., state: _Optional[_Union[_paramserver_pb2.WorkerState, str]] = ..., clock: _Optional[int] = ..., worker_name: _Optional[str] = ..., lost_pushes: _Optional[bool] = ...) -> None: ...
+    start_clock: int
+    def __init__(self, rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., state: _Optional[_Union[_paramserver_pb2.WorkerState, str]] = ..., clock: _Optional[int] = ..., worker_name: _Optional[str] = ..., lost_pushes: _Optional[bool] = ..., start_clock: _Optional[int] = ...) -> None: ...
 
 class UpdateShardRequest(_message.Message):
     __slots__ = ("run_id", "ranks", "run_state", "message")
@@ -65,10 +67,12 @@ class UpdateShardRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankUpdate, _Mapping]]] = ..., run_state: _Optional[_Union[_paramserver_pb2.RunState, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class UpdateShardResponse(_message.Message):
-    __slots__ = ("run_state",)
+    __slots__ = ("run_state", "start_clocks")
     RUN_STATE_FIELD_NUMBER: _ClassVar[int]
+    START_CLOCKS_FIELD_NUMBER: _ClassVar[int]
     run_state: _paramserver_pb2.RunState
-    def __init__(self, run_state: _Optional[_Union[_paramserver_pb2.RunState, str]] = ...) -> None: ...
+    start_clocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, run_state: _Optional[_Union[_paramserver_pb2.RunState, str]] = ..., start_clocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetShardRequest(_message.Message):
     __slots__ = ("run_id", "keep_cuts")

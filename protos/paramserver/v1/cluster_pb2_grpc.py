@@ -87,6 +87,7 @@ class ClusterServiceServicer:
     def UpdateShard(self, request, context):
         """Set the shard's ranks and run state to the owner's. Applied in the order sent; a rank's update
         of an older incarnation than the shard holds is ignored, so a late one never undoes a newer.
+        The answer says where the shard's ranks start (start_clocks).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
