@@ -24,7 +24,8 @@
 - A push is applied by each server on its own: ``watch`` compares the clocks every shard has of
   the ranks that stopped (evicted or done) with this server's, says in the run's events when a
   push reached some servers only, and tells a shard to go on without a done rank's pushes it will
-  never get (``_torn_pushes``), which it would otherwise wait for for ever.
+  never get (``_torn_pushes``), which it would otherwise wait for for ever. A rank handed over
+  before that is compared by the clocks its replaced incarnation ended at (``_torn_replaced``).
 - Checkpoints are cluster-wide cuts (``core.checkpoint``): every server has the same --data-dir
   setting and --checkpoint-every (CreateShard refuses otherwise) and snapshots its shard the moment
   its min clock reaches each multiple; CheckpointRun (``checkpoint``) picks the next clock no shard
@@ -85,6 +86,13 @@ takes ~8 s per GiB on one core (the SDK's CreateRun deadline grows as much per G
 
 _RATE_WINDOW = 5
 """Status samples a shard's pushes per second are measured over (one per poll)."""
+
+
+def _stopped_mid_push(rank: int, incarnation: int, peer: str, theirs: int, ours: int) -> str:
+    """The run's event for an incarnation ``peer`` has at clock ``theirs`` and server 0 at ``ours``."""
+    return (f"rank {rank} (incarnation {incarnation}) stopped in the middle of a push: {peer} has it at clock "
+            f"{theirs}, server 0 at {ours}; each server applies its part of a push by itself, so the gradient of "
+            f"clock {min(theirs, ours)} was applied on some only")
 
 
 class ClusterOwner:
@@ -252,7 +260,24 @@ class ClusterOwner:
                 run_state=codec.run_state_to_proto(run.state), message=run.message), cpb.UpdateShardResponse,
                 self._timeout)
             self._sent[key] = copy
+            self._torn_replaced(run, peer, resp.replaced)
             return self._started_later(run, peer, ranks, resp.start_clocks)
+
+    def _torn_replaced(self, run: Run, peer: PeerLink, replaced: Sequence[cpb.ReplacedRank]) -> None:
+        """``_torn_pushes`` for the incarnations ``peer`` says it replaced (their last clock there):
+        a rank handed over before ``watch`` compared its clocks (a worker waiting in Join takes it
+        the moment it is evicted) is compared here."""
+        if self._registry.find(run.run_id) is not run or run.state.finished:
+            return
+        told = self._torn.setdefault((run.run_id, peer.index), set())
+        for r in replaced:
+            ours = run.clock.slots[r.rank].replaced if r.rank < len(run.clock.slots) else None
+            if ours is None or ours[0] != r.incarnation or ours[1] == r.clock or (r.rank, r.incarnation) in told:
+                continue
+            told.add((r.rank, r.incarnation))
+            why = _stopped_mid_push(r.rank, r.incarnation, peer.name, r.clock, ours[1])
+            run.history.event("torn_push", r.rank, why)
+            log.warning("%s", why, extra={"run": run.run_id, "rank": r.rank})
 
     def _started_later(self, run: Run, peer: PeerLink, sent: Sequence[RankUpdate], starts: Sequence[int]) -> bool:
         """A BSP shard admits a rank after the clocks it had combined already (a push of one
@@ -408,9 +433,7 @@ class ClusterOwner:
                     (u.rank, u.incarnation) in told or (slot.incarnation, slot.state) != (u.incarnation, u.state):
                 continue
             if u.state is WorkerState.EVICTED:
-                why = (f"rank {u.rank} (incarnation {u.incarnation}) stopped in the middle of a push: {peer.name} "
-                       f"has it at clock {theirs}, server 0 at {u.clock}; each server applies its part of a push "
-                       f"by itself, so the gradient of clock {min(theirs, u.clock)} was applied on some only")
+                why = _stopped_mid_push(u.rank, u.incarnation, peer.name, theirs, u.clock)
             elif theirs < u.clock and (silent := run.clock.silent_for(slot)) > self._lease:
                 self._lost.setdefault(key, {})[u.rank] = (u.incarnation, u.clock)
                 lost = True

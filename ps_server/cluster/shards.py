@@ -123,7 +123,10 @@ class ShardService:
         state = run.mirror(ranks, messages.run_state_from_proto(request.run_state), request.message)
         self._registry.vacated()
         return cpb.UpdateShardResponse(run_state=codec.run_state_to_proto(state),
-                                       start_clocks=[s.start for s in run.clock.slots])
+                                       start_clocks=[s.start for s in run.clock.slots],
+                                       replaced=[cpb.ReplacedRank(rank=s.rank, incarnation=s.replaced[0],
+                                                                  clock=s.replaced[1])
+                                                 for s in run.clock.slots if s.replaced is not None])
 
     async def GetShard(self, request: cpb.GetShardRequest) -> cpb.GetShardResponse:
         run = self._registry.get(request.run_id)

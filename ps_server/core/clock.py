@@ -36,6 +36,9 @@ class Slot:
     start: int = 0
     """The clock this incarnation holds the rank from: where it was handed over, or later
     (``start_later``). Not checkpointed: a restored rank's clock is past it."""
+    replaced: tuple[int, int] | None = None
+    """(incarnation, clock) of the incarnation this one replaced, as it ended here: a cluster's
+    servers compare theirs to find a push it stopped in the middle of. Not checkpointed."""
     worker_name: str = ""
     last_seen: float = 0.0  # monotonic
     last_seen_wall: float = 0.0
@@ -151,6 +154,8 @@ class VectorClock:
         """``incarnation`` holds the rank from clock ``start`` (``assign``, or a shard told so)."""
         if slot.state is WorkerState.EVICTED:
             self.retired_skipped = min(COUNT_MAX, self.retired_skipped + slot.pulls_skipped)
+        if slot.incarnation:
+            slot.replaced = (slot.incarnation, slot.clock)
         slot.state = WorkerState.ACTIVE
         slot.incarnation = incarnation
         slot.clock = slot.start = start

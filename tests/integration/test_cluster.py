@@ -311,6 +311,34 @@ async def test_a_push_torn_by_an_eviction_is_told_in_the_runs_events(server_conf
             await pb_.close()
 
 
+async def test_a_push_torn_by_an_eviction_is_told_when_a_waiting_worker_takes_the_rank_at_once(
+        server_config: ServerConfig) -> None:
+    """A worker waiting in Join takes b's rank the moment b is evicted (before server 0 next asks
+    the servers for their clocks): the run's events still say that b's push was torn."""
+    async with cluster(server_config, 2, split_bytes=1024, lease_seconds=1.0, heartbeat_seconds=0.2) as servers:
+        async with PsClient(servers[0].address, timeout=20) as c:
+            run = await c.create_run(make_spec(shapes={"w": (64, 16)}, num_workers=2, staleness=1, iterations=5))
+            a, b = await _join_all(c, run.run_id, 2)
+            spare = asyncio.create_task(c.join("spare", max_wait=10))  # (any run: it waits for a vacancy)
+            pa, pb_ = Shards.beside(c, a.shard_map, a.spec), Shards.beside(c, b.shard_map, b.spec)
+            g = {"w": np.ones((64, 16), np.float32)}
+            await _push_to(pb_, 1, run.run_id, b, 0, g)  # b stops in the middle of its first push
+            await pa.push(run.run_id, a.rank, a.incarnation, 0, g)
+            while not spare.done():
+                await c.heartbeat(run.run_id, a.rank, a.incarnation, 1)
+                await asyncio.sleep(0.1)
+            assert (await spare).assignment.rank == b.rank
+            for _ in range(30):  # (server 0 asks every server for its clocks each second)
+                if torn := await _events(c, run.run_id, "torn_push"):
+                    break
+                await c.heartbeat(run.run_id, a.rank, a.incarnation, 1)
+                await asyncio.sleep(0.1)
+            assert [e.rank for e in torn] == [b.rank]
+            assert "has it at clock 1, server 0 at 0" in torn[0].message
+            await pa.close()
+            await pb_.close()
+
+
 @pytest.mark.parametrize(("staleness", "n"), [(0, 2), (0, 3), (1, 2)], ids=["bsp", "bsp-3-servers", "ssp"])
 async def test_a_rank_handed_over_below_a_clock_a_torn_push_completed_elsewhere_goes_on(server_config: ServerConfig,
                                                                                         staleness: int, n: int) -> None:

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from paramserver.v1 import paramserver_pb2 as paramserver_dot_v1_dot_paramserver__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cparamserver/v1/cluster.proto\x12\x0eparamserver.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a paramserver/v1/paramserver.proto\"\xe3\x01\n\x12\x43reateShardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12%\n\x04spec\x18\x02 \x01(\x0b\x32\x17.paramserver.v1.RunSpec\x12+\n\tshard_map\x18\x03 \x01(\x0b\x32\x18.paramserver.v1.ShardMap\x12\r\n\x05index\x18\x04 \x01(\r\x12+\n\x07\x63reated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63heckpoints\x18\x06 \x01(\x08\x12\x18\n\x10\x63heckpoint_every\x18\x07 \x01(\r\"<\n\x13\x43reateShardResponse\x12\x11\n\tdata_port\x18\x01 \x01(\r\x12\x12\n\nshm_socket\x18\x02 \x01(\t\"\xa9\x01\n\nRankUpdate\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.paramserver.v1.WorkerState\x12\r\n\x05\x63lock\x18\x04 \x01(\x04\x12\x13\n\x0bworker_name\x18\x05 \x01(\t\x12\x13\n\x0blost_pushes\x18\x06 \x01(\x08\x12\x13\n\x0bstart_clock\x18\x07 \x01(\x04\"\x8d\x01\n\x12UpdateShardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12)\n\x05ranks\x18\x02 \x03(\x0b\x32\x1a.paramserver.v1.RankUpdate\x12+\n\trun_state\x18\x03 \x01(\x0e\x32\x18.paramserver.v1.RunState\x12\x0f\n\x07message\x18\x04 \x01(\t\"X\n\x13UpdateShardResponse\x12+\n\trun_state\x18\x01 \x01(\x0e\x32\x18.paramserver.v1.RunState\x12\x14\n\x0cstart_clocks\x18\x02 \x03(\x04\"4\n\x0fGetShardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tkeep_cuts\x18\x02 \x03(\x04\"\x95\x01\n\x10GetShardResponse\x12+\n\x06status\x18\x01 \x01(\x0b\x32\x1b.paramserver.v1.ShardStatus\x12\x0f\n\x07resumed\x18\x02 \x01(\x08\x12\x11\n\tdata_port\x18\x03 \x01(\r\x12\x0c\n\x04\x63uts\x18\x04 \x03(\x04\x12\x12\n\nshm_socket\x18\x05 \x01(\t\x12\x0e\n\x06\x63locks\x18\x06 \x03(\x04\"$\n\x12\x44\x65leteShardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteShardResponse\"E\n\x16\x43heckpointShardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\":\n\x17\x43heckpointShardResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\tmin_clock\x18\x02 \x01(\x04\"-\n\x1bListShardCheckpointsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"<\n\x1cListShardCheckpointsResponse\x12\x0c\n\x04\x63uts\x18\x01 \x03(\x04\x12\x0e\n\x06\x63locks\x18\x02 \x03(\x04\"2\n\x13RestoreShardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\x04\"C\n\x14RestoreShardResponse\x12+\n\x06status\x18\x01 \x01(\x0b\x32\x1b.paramserver.v1.ShardStatus2\x99\x05\n\x0e\x43lusterService\x12V\n\x0b\x43reateShard\x12\".paramserver.v1.CreateShardRequest\x1a#.paramserver.v1.CreateShardResponse\x12V\n\x0bUpdateShard\x12\".paramserver.v1.UpdateShardRequest\x1a#.paramserver.v1.UpdateShardResponse\x12M\n\x08GetShard\x12\x1f.paramserver.v1.GetShardRequest\x1a .paramserver.v1.GetShardResponse\x12V\n\x0b\x44\x65leteShard\x12\".paramserver.v1.DeleteShardRequest\x1a#.paramserver.v1.DeleteShardResponse\x12\x62\n\x0f\x43heckpointShard\x12&.paramserver.v1.CheckpointShardRequest\x1a\'.paramserver.v1.CheckpointShardResponse\x12q\n\x14ListShardCheckpoints\x12+.paramserver.v1.ListShardCheckpointsRequest\x1a,.paramserver.v1.ListShardCheckpointsResponse\x12Y\n\x0cRestoreShard\x12#.paramserver.v1.RestoreShardRequest\x1a$.paramserver.v1.RestoreShardResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cparamserver/v1/cluster.proto\x12\x0eparamserver.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a paramserver/v1/paramserver.proto\"\xe3\x01\n\x12\x43reateShardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12%\n\x04spec\x18\x02 \x01(\x0b\x32\x17.paramserver.v1.RunSpec\x12+\n\tshard_map\x18\x03 \x01(\x0b\x32\x18.paramserver.v1.ShardMap\x12\r\n\x05index\x18\x04 \x01(\r\x12+\n\x07\x63reated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63heckpoints\x18\x06 \x01(\x08\x12\x18\n\x10\x63heckpoint_every\x18\x07 \x01(\r\"<\n\x13\x43reateShardResponse\x12\x11\n\tdata_port\x18\x01 \x01(\r\x12\x12\n\nshm_socket\x18\x02 \x01(\t\"\xa9\x01\n\nRankUpdate\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.paramserver.v1.WorkerState\x12\r\n\x05\x63lock\x18\x04 \x01(\x04\x12\x13\n\x0bworker_name\x18\x05 \x01(\t\x12\x13\n\x0blost_pushes\x18\x06 \x01(\x08\x12\x13\n\x0bstart_clock\x18\x07 \x01(\x04\"\x8d\x01\n\x12UpdateShardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12)\n\x05ranks\x18\x02 \x03(\x0b\x32\x1a.paramserver.v1.RankUpdate\x12+\n\trun_state\x18\x03 \x01(\x0e\x32\x18.paramserver.v1.RunState\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x88\x01\n\x13UpdateShardResponse\x12+\n\trun_state\x18\x01 \x01(\x0e\x32\x18.paramserver.v1.RunState\x12\x14\n\x0cstart_clocks\x18\x02 \x03(\x04\x12.\n\x08replaced\x18\x03 \x03(\x0b\x32\x1c.paramserver.v1.ReplacedRank\"@\n\x0cReplacedRank\x12\x0c\n\x04rank\x18\x01 \x01(\r\x12\x13\n\x0bincarnation\x18\x02 \x01(\x04\x12\r\n\x05\x63lock\x18\x03 \x01(\x04\"4\n\x0fGetShardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tkeep_cuts\x18\x02 \x03(\x04\"\x95\x01\n\x10GetShardResponse\x12+\n\x06status\x18\x01 \x01(\x0b\x32\x1b.paramserver.v1.ShardStatus\x12\x0f\n\x07resumed\x18\x02 \x01(\x08\x12\x11\n\tdata_port\x18\x03 \x01(\r\x12\x0c\n\x04\x63uts\x18\x04 \x03(\x04\x12\x12\n\nshm_socket\x18\x05 \x01(\t\x12\x0e\n\x06\x63locks\x18\x06 \x03(\x04\"$\n\x12\x44\x65leteShardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteShardResponse\"E\n\x16\x43heckpointShardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\":\n\x17\x43heckpointShardResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x11\n\tmin_clock\x18\x02 \x01(\x04\"-\n\x1bListShardCheckpointsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"<\n\x1cListShardCheckpointsResponse\x12\x0c\n\x04\x63uts\x18\x01 \x03(\x04\x12\x0e\n\x06\x63locks\x18\x02 \x03(\x04\"2\n\x13RestoreShardRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63ut\x18\x02 \x01(\x04\"C\n\x14RestoreShardResponse\x12+\n\x06status\x18\x01 \x01(\x0b\x32\x1b.paramserver.v1.ShardStatus2\x99\x05\n\x0e\x43lusterService\x12V\n\x0b\x43reateShard\x12\".paramserver.v1.CreateShardRequest\x1a#.paramserver.v1.CreateShardResponse\x12V\n\x0bUpdateShard\x12\".paramserver.v1.UpdateShardRequest\x1a#.paramserver.v1.UpdateShardResponse\x12M\n\x08GetShard\x12\x1f.paramserver.v1.GetShardRequest\x1a .paramserver.v1.GetShardResponse\x12V\n\x0b\x44\x65leteShard\x12\".paramserver.v1.DeleteShardRequest\x1a#.paramserver.v1.DeleteShardResponse\x12\x62\n\x0f\x43heckpointShard\x12&.paramserver.v1.CheckpointShardRequest\x1a\'.paramserver.v1.CheckpointShardResponse\x12q\n\x14ListShardCheckpoints\x12+.paramserver.v1.ListShardCheckpointsRequest\x1a,.paramserver.v1.ListShardCheckpointsResponse\x12Y\n\x0cRestoreShard\x12#.paramserver.v1.RestoreShardRequest\x1a$.paramserver.v1.RestoreShardResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,28 +41,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RANKUPDATE']._serialized_end=577
   _globals['_UPDATESHARDREQUEST']._serialized_start=580
   _globals['_UPDATESHARDREQUEST']._serialized_end=721
-  _globals['_UPDATESHARDRESPONSE']._serialized_start=723
-  _globals['_UPDATESHARDRESPONSE']._serialized_end=811
-  _globals['_GETSHARDREQUEST']._serialized_start=813
-  _globals['_GETSHARDREQUEST']._serialized_end=865
-  _globals['_GETSHARDRESPONSE']._serialized_start=868
-  _globals['_GETSHARDRESPONSE']._serialized_end=1017
-  _globals['_DELETESHARDREQUEST']._serialized_start=1019
-  _globals['_DELETESHARDREQUEST']._serialized_end=1055
-  _globals['_DELETESHARDRESPONSE']._serialized_start=1057
-  _globals['_DELETESHARDRESPONSE']._serialized_end=1078
-  _globals['_CHECKPOINTSHARDREQUEST']._serialized_start=1080
-  _globals['_CHECKPOINTSHARDREQUEST']._serialized_end=1149
-  _globals['_CHECKPOINTSHARDRESPONSE']._serialized_start=1151
-  _globals['_CHECKPOINTSHARDRESPONSE']._serialized_end=1209
-  _globals['_LISTSHARDCHECKPOINTSREQUEST']._serialized_start=1211
-  _globals['_LISTSHARDCHECKPOINTSREQUEST']._serialized_end=1256
-  _globals['_LISTSHARDCHECKPOINTSRESPONSE']._serialized_start=1258
-  _globals['_LISTSHARDCHECKPOINTSRESPONSE']._serialized_end=1318
-  _globals['_RESTORESHARDREQUEST']._serialized_start=1320
-  _globals['_RESTORESHARDREQUEST']._serialized_end=1370
-  _globals['_RESTORESHARDRESPONSE']._serialized_start=1372
-  _globals['_RESTORESHARDRESPONSE']._serialized_end=1439
-  _globals['_CLUSTERSERVICE']._serialized_start=1442
-  _globals['_CLUSTERSERVICE']._serialized_end=2107
+  _globals['_UPDATESHARDRESPONSE']._serialized_start=724
+  _globals['_UPDATESHARDRESPONSE']._serialized_end=860
+  _globals['_REPLACEDRANK']._serialized_start=862
+  _globals['_REPLACEDRANK']._serialized_end=926
+  _globals['_GETSHARDREQUEST']._serialized_start=928
+  _globals['_GETSHARDREQUEST']._serialized_end=980
+  _globals['_GETSHARDRESPONSE']._serialized_start=983
+  _globals['_GETSHARDRESPONSE']._serialized_end=1132
+  _globals['_DELETESHARDREQUEST']._serialized_start=1134
+  _globals['_DELETESHARDREQUEST']._serialized_end=1170
+  _globals['_DELETESHARDRESPONSE']._serialized_start=1172
+  _globals['_DELETESHARDRESPONSE']._serialized_end=1193
+  _globals['_CHECKPOINTSHARDREQUEST']._serialized_start=1195
+  _globals['_CHECKPOINTSHARDREQUEST']._serialized_end=1264
+  _globals['_CHECKPOINTSHARDRESPONSE']._serialized_start=1266
+  _globals['_CHECKPOINTSHARDRESPONSE']._serialized_end=1324
+  _globals['_LISTSHARDCHECKPOINTSREQUEST']._serialized_start=1326
+  _globals['_LISTSHARDCHECKPOINTSREQUEST']._serialized_end=1371
+  _globals['_LISTSHARDCHECKPOINTSRESPONSE']._serialized_start=1373
+  _globals['_LISTSHARDCHECKPOINTSRESPONSE']._serialized_end=1433
+  _globals['_RESTORESHARDREQUEST']._serialized_start=1435
+  _globals['_RESTORESHARDREQUEST']._serialized_end=1485
+  _globals['_RESTORESHARDRESPONSE']._serialized_start=1487
+  _globals['_RESTORESHARDRESPONSE']._serialized_end=1554
+  _globals['_CLUSTERSERVICE']._serialized_start=1557
+  _globals['_CLUSTERSERVICE']._serialized_end=2222
 # @@protoc_insertion_point(module_scope)

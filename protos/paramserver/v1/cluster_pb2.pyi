@@ -67,12 +67,24 @@ class UpdateShardRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankUpdate, _Mapping]]] = ..., run_state: _Optional[_Union[_paramserver_pb2.RunState, str]] = ..., message: _Optional[str] = ...) -> None: ...
 
 class UpdateShardResponse(_message.Message):
-    __slots__ = ("run_state", "start_clocks")
+    __slots__ = ("run_state", "start_clocks", "replaced")
     RUN_STATE_FIELD_NUMBER: _ClassVar[int]
     START_CLOCKS_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_FIELD_NUMBER: _ClassVar[int]
     run_state: _paramserver_pb2.RunState
     start_clocks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, run_state: _Optional[_Union[_paramserver_pb2.RunState, str]] = ..., start_clocks: _Optional[_Iterable[int]] = ...) -> None: ...
+    replaced: _containers.RepeatedCompositeFieldContainer[ReplacedRank]
+    def __init__(self, run_state: _Optional[_Union[_paramserver_pb2.RunState, str]] = ..., start_clocks: _Optional[_Iterable[int]] = ..., replaced: _Optional[_Iterable[_Union[ReplacedRank, _Mapping]]] = ...) -> None: ...
+
+class ReplacedRank(_message.Message):
+    __slots__ = ("rank", "incarnation", "clock")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    incarnation: int
+    clock: int
+    def __init__(self, rank: _Optional[int] = ..., incarnation: _Optional[int] = ..., clock: _Optional[int] = ...) -> None: ...
 
 class GetShardRequest(_message.Message):
     __slots__ = ("run_id", "keep_cuts")
