@@ -396,6 +396,67 @@ async def test_a_rank_handed_over_below_a_clock_a_torn_push_completed_elsewhere_
                 await p.close()
 
 
+_BOTH_STOP = [((2, [1]), (2, [1])), ((1, [1, 2]), (1, [2]))]
+"""Both first workers stop at one clock, their pushes of it on server 1 (or 2) only: that server
+combines it, server 0 does not, and hands both ranks over below it."""
+
+
+@pytest.mark.parametrize(("stops", "n"), [(s, 2 + i) for i, s in enumerate(_BOTH_STOP)] +
+                         [(seed, n) for seed in range(2) for n in (2, 3)])
+async def test_bsp_workers_killed_in_the_middle_of_pushes_and_replaced_never_hang_the_run(
+        server_config: ServerConfig, stops: Any, n: int) -> None:
+    """Each first worker stops in the middle of its push of some clock (it reaches some of the
+    servers, maybe none or all; ``stops``: (clock, servers) by rank, or a seed to draw them, both
+    at one clock half the time); a worker waiting in Join takes each rank. The run completes,
+    every server at the same clocks (no pull is retried for ever)."""
+    iterations, ranks = 6, 2
+    if isinstance(stops, int):
+        rng = random.Random(stops)
+        clocks = [rng.randrange(iterations - 1)] * ranks if rng.random() < 0.5 else \
+            [rng.randrange(iterations - 1) for _ in range(ranks)]
+        stops = [(clock, rng.sample(range(n), rng.randrange(n + 1))) for clock in clocks]
+    async with cluster(server_config, n, split_bytes=1024, lease_seconds=0.5, heartbeat_seconds=0.1) as servers:
+        async with PsClient(servers[0].address, timeout=20) as c:
+            run = await c.create_run(make_spec(shapes={"w": (64, 16)}, num_workers=ranks, staleness=0,
+                                               iterations=iterations))
+            g = {"w": np.ones((64, 16), np.float32)}
+
+            async def retried(call: Callable[[], Awaitable[Any]]) -> Any:
+                while True:
+                    try:
+                        return await call()
+                    except errors.PsError as exc:
+                        if not exc.retryable:
+                            raise
+                        await asyncio.sleep(0.05)
+
+            async def worker(name: str, stop: tuple[int, list[int]] | None) -> None:
+                while not (joined := await c.join(name, max_wait=10)).HasField("assignment"):
+                    pass  # (another waiting worker took the rank that fell vacant: wait again, as ps-worker does)
+                a = joined.assignment
+                plane = Shards.beside(c, a.shard_map, a.spec)
+                try:
+                    for clock in range(a.start_clock, iterations):
+                        await retried(partial(plane.pull, run.run_id, a.rank, a.incarnation, clock, max_wait=1))
+                        if stop is not None and clock == stop[0]:
+                            for i in stop[1]:  # stops in the middle of its push: some servers got it
+                                await _push_to(plane, i, run.run_id, a, clock, g)
+                            return
+                        await retried(partial(plane.push, run.run_id, a.rank, a.incarnation, clock, g))
+                    await retried(lambda: plane.pull(run.run_id, a.rank, a.incarnation, iterations, max_wait=1))
+                    await c.leave(run.run_id, a.rank, a.incarnation, pb.LEAVE_REASON_DONE)
+                finally:
+                    await plane.close()
+
+            first = [asyncio.create_task(worker(f"w{r}", stops[r])) for r in range(ranks)]
+            await until(lambda: all(s.state.value != "vacant" for s in servers[0].registry.get(run.run_id).clock.slots))
+            spares = [asyncio.create_task(worker(f"spare{r}", None)) for r in range(ranks)]
+            await asyncio.wait_for(asyncio.gather(*first, *spares), 60)
+            assert (await c.get_run(run.run_id)).state == pb.RUN_STATE_COMPLETED, stops
+            shards = [s.registry.get(run.run_id) for s in servers]
+            assert [s.bsp.applied_clock for s in shards] == [iterations] * n, stops
+
+
 async def test_a_stop_reaches_every_shard_and_ends_parked_pulls(server_config: ServerConfig) -> None:
     async with cluster(server_config, 3, split_bytes=1024) as servers:
         async with PsClient(servers[2].address, timeout=20) as c:
