@@ -49,6 +49,7 @@ from .control import Control
 from .core.checkpoint import CheckpointStore
 from .core.errors import NotFound, ShuttingDown
 from .core.registry import RunRegistry
+from .core.run import Run
 from .core.spec import Limits
 from .core.status import RunState
 from .dataplane import DataPlane
@@ -86,6 +87,8 @@ class PsServer:
     data_lock: IO[str] | None = None
     """Held open while the server uses its --data-dir (``_lock_data_dir``)."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _deletions: set[asyncio.Task[None]] = field(default_factory=set)
+    """Runs past the retention limits being deleted (``_sweep``)."""
 
     def statistics(self) -> ServerStatistics:
         tcp = self.data_plane.statistics() if self.data_plane else None
@@ -106,7 +109,7 @@ class PsServer:
         await self.health.enter_graceful_shutdown()
         # Long-lived data streams take no new operations; parked pulls and joins are released.
         self.registry.shut_down(ShuttingDown("the server is shutting down; retry against its replacement"))
-        for task in self._tasks:
+        for task in (*self._tasks, *self._deletions):
             task.cancel()
         # Operations in progress get the grace period; idle long-lived data streams do not
         # (they would hold grpc's stop(grace) for its whole length).
@@ -153,9 +156,10 @@ class PsServer:
 
 
 async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Checkpointer | None,
-                 cluster: ClusterOwner | None) -> None:
-    """Evict workers whose lease expired; forget finished runs past the retention limits. (Servers
-    1.. of a cluster do neither: server 0 decides for every shard.)"""
+                 cluster: ClusterOwner | None, deletions: set[asyncio.Task[None]]) -> None:
+    """Evict workers whose lease expired; forget finished runs past the retention limits, each
+    deleted in a task of its own (in ``deletions``). (Servers 1.. of a cluster do neither: server 0
+    decides for every shard.)"""
     period = min(1.0, config.lease_seconds / 4)
     loop = asyncio.get_running_loop()
     while True:
@@ -176,16 +180,25 @@ async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Chec
             await asyncio.gather(*(cluster.sync(run) for run_id in dict.fromkeys(r for r, _ in evicted)
                                    if (run := registry.find(run_id)) is not None))
         for run in registry.prune(config.keep_finished_runs, config.keep_finished_seconds, time.time()):
-            if checkpointer:
-                try:
-                    await checkpointer.delete(run.run_id)
-                except OSError as exc:  # (the sweep goes on: leases are its first job)
-                    log.error("could not delete the checkpoints of %s (%s): a restart will show it again", run.run_id,
-                              exc.strerror or exc, extra={"run": run.run_id})
-            if cluster:
-                await cluster.delete(run.run_id)
-            log.info("forgot %s (%s %.0fs ago): over the retention limits", run.run_id, run.state.value,
-                     time.time() - (run.finished or 0.0), extra={"run": run.run_id})
+            # (apart: a server that does not answer, or a slow disk, holds up neither the lease checks nor
+            # the other deletions)
+            task = asyncio.create_task(_forget(run, checkpointer, cluster))
+            deletions.add(task)
+            task.add_done_callback(deletions.discard)
+
+
+async def _forget(run: Run, checkpointer: Checkpointer | None, cluster: ClusterOwner | None) -> None:
+    """Delete the checkpoints, and the other servers' shards, of ``run``, forgotten (``RunRegistry.prune``)."""
+    if checkpointer:
+        try:
+            await checkpointer.delete(run.run_id)
+        except OSError as exc:
+            log.error("could not delete the checkpoints of %s (%s): a restart will show it again", run.run_id,
+                      exc.strerror or exc, extra={"run": run.run_id})
+    if cluster:
+        await cluster.delete(run.run_id)
+    log.info("forgot %s (%s %.0fs ago): over the retention limits", run.run_id, run.state.value,
+             time.time() - (run.finished or 0.0), extra={"run": run.run_id})
 
 
 def _cannot_listen(host: str, port: int) -> str | None:
@@ -355,7 +368,7 @@ async def _start(config: ServerConfig, checkpointer: Checkpointer | None, data_l
             raise OSError(f"--metrics-port {config.metrics_port}: cannot serve metrics on {config.host}:"
                           f"{config.metrics_port} ({exc.strerror or exc}); choose another port (0: a free one, "
                           "-1: none)") from None
-    ps._tasks.append(asyncio.create_task(_sweep(registry, config, checkpointer, cluster)))
+    ps._tasks.append(asyncio.create_task(_sweep(registry, config, checkpointer, cluster, ps._deletions)))
     if cluster is not None:
         ps._tasks.append(asyncio.create_task(cluster.watch()))
     return ps

@@ -656,6 +656,37 @@ async def test_a_run_deleted_while_server_0_tells_the_servers_of_an_eviction_doe
             assert registry.get(third.run_id).clock.slots[0].state.value == "evicted", "leases no longer expire"
 
 
+async def test_runs_forgotten_past_the_retention_limits_hold_up_neither_lease_checks_nor_each_other(
+        server_config: ServerConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Server 1 is cut off (a partition: its DeleteShard is neither refused nor answered) while
+    finished runs pass --keep-finished-runs: each forgotten run waits for it on its own, and a
+    silent worker's lease expires meanwhile (the sweep deleted them one after another before it
+    checked leases again: no lease expired for as long as server 1 was waited for, each time)."""
+    async with cluster(server_config, 2, lease_seconds=1.0, heartbeat_seconds=0.2, keep_finished_runs=1) as servers:
+        owner, registry = servers[0].cluster, servers[0].registry
+        assert owner is not None
+        (peer,) = owner._peers
+        call, waiting = peer.call, []
+
+        async def partitioned(method: str, request: Any, *args: Any, **kw: Any) -> Any:
+            if method == "DeleteShard":
+                waiting.append(request.run_id)
+                await asyncio.Event().wait()  # (no answer, ever)
+            return await call(method, request, *args, **kw)
+
+        monkeypatch.setattr(peer, "call", partitioned)
+        async with PsClient(servers[0].address, timeout=10) as c:
+            old = [await c.create_run(make_spec(num_workers=1)) for _ in range(3)]
+            live = await c.create_run(make_spec(num_workers=1))
+            for run in old:
+                await c.stop_run(run.run_id)
+            await until(lambda: len(waiting) == 2, 10)
+            assert sorted(waiting) == sorted(r.run_id for r in old[:2]), "the second waited for the first"
+            await _join_all(c, live.run_id, 1)  # and silent from now on
+            await until(lambda: registry.get(live.run_id).clock.slots[0].state.value == "evicted", 10)
+            assert registry.get(live.run_id).clock.slots[0].state.value == "evicted", "no lease expires"
+
+
 async def test_a_delete_run_its_caller_gave_up_on_still_deletes_every_shard(
         server_config: ServerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """DeleteRun deletes the run's checkpoints, forgets it, and has every server delete its shard:

@@ -158,7 +158,7 @@ async def test_finished_runs_past_the_retention_limit_are_forgotten_with_their_c
         await _eventually(lambda: len(kept.registry.runs()) == 3, "the two oldest finished runs forgotten")
         assert {r.run_id for r in await c.list_runs()} == {live, *runs[2:]}
         held = lambda: sorted(p.name for p in tmp_path.iterdir() if p.is_dir())  # noqa: E731
-        # (the registry forgets them at once; their directories go after, one at a time)
+        # (the registry forgets them at once; their directories go after, each in a task of its own)
         await _eventually(lambda: held() == sorted([*runs[2:], live]), "their checkpoints deleted")  # live's: from its creation
         with pytest.raises(errors.NotFound):
             await c.get_run(runs[0])
