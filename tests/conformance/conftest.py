@@ -19,9 +19,9 @@ exports the datasets the suite uses into a temporary directory and passes ``--da
 
 To add an implementation, add a ``WorkerImpl`` to ``IMPLEMENTATIONS``: its command line must accept
 ``--server HOST:PORT``, ``--once``, ``--log-level``, ``--join-wait-seconds``, ``--timeout-seconds``,
-``--no-data-plane``, ``--tls-ca``/``--tls-cert``/``--tls-key``, ``--data-dir`` (when ``needs_data_dir``)
-and read ``PS_TOKEN`` (see worker/node/README.md: its flag table says which flags the suite passes,
-and "How to write a worker in any language").
+``--no-data-plane``, ``--max-message-bytes``, ``--tls-ca``/``--tls-cert``/``--tls-key``, ``--data-dir``
+(when ``needs_data_dir``) and read ``PS_TOKEN`` (see worker/node/README.md: its flag table says which
+flags the suite passes, and "How to write a worker in any language").
 """
 
 from __future__ import annotations

@@ -364,6 +364,31 @@ async def test_sigterm_while_the_server_hangs_exits_0_within_seconds(impl: Impl)
             srv.proc.send_signal(signal.SIGCONT)
 
 
+@pytest.mark.one_server("the worker's own message limit, whichever server's answer goes over it: a cluster adds "
+                        "nothing")
+@pytest.mark.parametrize("plane", ["tcp", "grpc"])
+async def test_a_message_over_the_workers_own_limit_gives_the_rank_back_and_exits_1(impl: Impl, plane: str) -> None:
+    """The worker's --max-message-bytes (1 MiB) is smaller than its pulls' answers (1 MiB chunks of
+    a 2 MiB tensor): it does not fail the run but gives its rank back (Leave SHUTDOWN), says which
+    flag to raise and exits 1; the run goes on, the rank free for another worker."""
+    args = ["--max-message-bytes", str(1 << 20), *(["--no-data-plane"] if plane == "grpc" else [])]
+    if impl.name == "node":
+        args += ["--chunk-bytes", str(256 << 10)]  # (at most half the limit)
+    if impl.name == "python":
+        args += ["--no-shm"]  # (shared memory has no message to be over the limit)
+    with ps_server() as srv:
+        async with connect(srv.address) as c:
+            run = await c.create_run(run_spec(model="mlp:1024,512", workers=1, iterations=100_000))
+            worker = impl.start(srv.address, *args)
+            assert worker.wait(60) == 1, impl.logs()
+            left = await c.get_run(run.run_id)
+            metrics = await c.get_metrics(run.run_id)
+    assert left.state == pb.RUN_STATE_RUNNING, (left.message, impl.logs())
+    assert left.workers[0].state == pb.WORKER_STATE_EVICTED, left.workers[0]
+    assert "left" in kinds(list(metrics.events), rank=0) and left.counters.evictions == 0
+    assert "gave rank 0 back" in impl.logs() and "--max-message-bytes" in impl.logs(), impl.logs()
+
+
 @pytest.mark.one_server("leases are server 0's alone, kept by heartbeats to the server the worker joined (on a "
                         "cluster forwarded to server 0), whatever the worker's pulls are parked on: a cluster changes "
                         "nothing the test checks, and it waits 4 s by design")

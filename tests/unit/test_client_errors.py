@@ -155,5 +155,7 @@ async def test_grpcs_own_message_limit_is_told_apart_by_side(side: str, request_
     mapped = error_from_rpc(e.value, "M")
     assert isinstance(mapped, errors.ResourceExhausted) and not mapped.retryable, mapped
     assert isinstance(mapped, errors.OverClientLimit) is over_client_limit, e.value.details()
+    # (the Node worker tells the server's own refusals by this, worker/node/src/client.js)
+    assert e.value.details().startswith("SERVER: ") is not over_client_limit, e.value.details()
     flag = "ps-worker --max-message-bytes" if over_client_limit else "ps-server --max-message-bytes"
     assert flag in mapped.message, mapped.message  # whose limit to raise

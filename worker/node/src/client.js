@@ -10,7 +10,8 @@
  * gRPC. Errors are PsError with the gRPC status code, the server's message (for people) and its
  * ErrorInfo (for programs: `reason`, `info`), made in one place (callError) from a gRPC call's
  * end (the ErrorInfo in its `paramserver-error-bin` trailer) or a TCP STATUS frame's Status;
- * `retryable` is true for UNAVAILABLE and DEADLINE_EXCEEDED.
+ * `retryable` is true for UNAVAILABLE and DEADLINE_EXCEEDED. A message over this worker's own
+ * --max-message-bytes is an OverClientLimit.
  */
 
 const TCP_RETRY_SECONDS = [30, 600]; // after the data plane could not be reached: gRPC this long, doubling
@@ -56,6 +57,22 @@ class PsError extends Error {
   }
 }
 
+/**
+ * A message over this worker's own limit (--max-message-bytes): one it sends or receives, refused
+ * by gRPC's own check or by the TCP data plane's check of a frame it receives (the Python SDK's
+ * OverClientLimit). Not the run's failure: the same message would come again, so the worker gives
+ * its rank back and says which flag to raise (trainer.js).
+ */
+class OverClientLimit extends PsError {}
+
+/**
+ * grpc-js's own refusals of a message over this side's limits (what it sends, what it receives,
+ * what it decompresses): RESOURCE_EXHAUSTED with no trailer, told apart from the server's only by
+ * their text (ps-server's gRPC says 'SERVER: ...', pinned by tests/unit/test_client_errors.py, and
+ * these by test/errors.test.js, which runs the real grpc-js).
+ */
+const GRPC_OWN_LIMIT = /^(Received message larger than max|Attempted to send message with a size larger than|Received message that decompresses to a size larger than)/;
+
 /** The ErrorInfo in a gRPC call's trailing metadata (`paramserver-error-bin`); null if none or unreadable. */
 function trailerInfo(metadata) {
   if (!metadata || typeof metadata.get !== 'function') return null;
@@ -71,13 +88,25 @@ function trailerInfo(metadata) {
 /**
  * The one place a call's end becomes a PsError. `end`: a grpc-js error or status
  * ({code, details, metadata}: the ErrorInfo is in the trailer), a TcpCall status
- * ({code, details, info}: from the STATUS frame's Status), or any other Error (UNKNOWN).
+ * ({code, details, info}: from the STATUS frame's Status; `overClientLimit` when a frame was over
+ * this worker's limit), or any other Error (UNKNOWN).
  */
 function callError(end, method = '') {
   if (end instanceof PsError) return end;
   const code = end.code === undefined ? Status.UNKNOWN : end.code;
   const info = end.info || trailerInfo(end.metadata);
-  return new PsError(code, end.details || end.message || '', info, method);
+  const details = end.details || end.message || '';
+  if (code === Status.RESOURCE_EXHAUSTED && !info) { // a size check's, not a refusal of the server's (it sends its ErrorInfo)
+    if (end.overClientLimit || GRPC_OWN_LIMIT.test(details)) {
+      return new OverClientLimit(code, `a message larger than this worker's limit (${details}): raise it (--max-message-bytes)`,
+        null, method);
+    }
+    if (details.startsWith('SERVER: ')) {
+      return new PsError(code, `a message larger than the server's limit (${details}): raise it (ps-server `
+        + '--max-message-bytes), or send less', null, method);
+    }
+  }
+  return new PsError(code, details, info, method);
 }
 
 function duration(seconds) {
@@ -449,5 +478,5 @@ class PsClient {
 }
 
 module.exports = {
-  SERVER_MAX_WAIT, PsClient, PsError, Status, ERROR_TRAILER, callError, trailerInfo, duration, durationSeconds, nowTimestamp, channelOptions,
+  SERVER_MAX_WAIT, OverClientLimit, PsClient, PsError, Status, ERROR_TRAILER, callError, trailerInfo, duration, durationSeconds, nowTimestamp, channelOptions,
 };

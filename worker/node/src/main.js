@@ -8,7 +8,9 @@
  * A worker may start before its server and rides out server restarts: Join failures are retried
  * with exponential backoff and jitter, and every call has a deadline. On SIGTERM/SIGINT it gives
  * its rank back (Leave SHUTDOWN, so another worker can take it over) and exits 0. With --once it
- * exits after one assignment: 0 if it completed, 1 if not.
+ * exits after one assignment: 0 if it completed, 1 if not. A worker that cannot take part as it is
+ * set up (a message over its own --max-message-bytes) gives its rank back, says which flag to raise
+ * and exits 1.
  */
 
 const { ConfigError, parseConfig, usage } = require('./config');
@@ -75,6 +77,10 @@ async function work(config, log, stop) {
       outcomes.push(outcome);
       log.info(`run ${outcome.runId} rank ${outcome.rank}: ${outcome.reason}`);
       idleSince = Date.now();
+      if (outcome.unfit) { // it would be again, in this run and in any like it: stop, saying why
+        log.info('exiting: this worker cannot take part in runs like this one as it is set up (the error above)');
+        break;
+      }
       if (config.once) break;
     }
   } finally {
@@ -116,6 +122,7 @@ async function main(argv) {
   process.on('SIGINT', () => onSignal('SIGINT'));
   const outcomes = await work(config, log, stop);
   const last = outcomes[outcomes.length - 1];
+  if (last && last.unfit) return 1;
   if (!config.once || stop.value || (last && last.completed)) return 0;
   return 1;
 }

@@ -149,7 +149,7 @@ class TcpCall extends EventEmitter {
       const status = head.readUInt32LE(4);
       const length = Number(head.readBigUInt64LE(8));
       if (length > this.maxBytes) {
-        this._end(Status.RESOURCE_EXHAUSTED, `a message of ${length} bytes is larger than the limit of ${this.maxBytes}`);
+        this._end(Status.RESOURCE_EXHAUSTED, `an answer of ${length} bytes, over ${this.maxBytes}`, null, true);
         return;
       }
       if (this.have < HEADER + length) return;
@@ -176,12 +176,15 @@ class TcpCall extends EventEmitter {
     }
   }
 
-  /** The stream ended: 'status' with {code, details, info}; `info` only from a STATUS frame. */
-  _end(code, details, info = null) {
+  /**
+   * The stream ended: 'status' with {code, details, info}; `info` only from a STATUS frame; and
+   * `overClientLimit: true` when a frame was over this worker's limit (client.js callError).
+   */
+  _end(code, details, info = null, overClientLimit = false) {
     if (this.ended) return;
     this.ended = true;
     clearTimeout(this.greetTimer);
-    this.emit('status', { code, details, info });
+    this.emit('status', { code, details, info, ...(overClientLimit ? { overClientLimit } : {}) });
     this.sock.destroy();
   }
 }

@@ -20,7 +20,9 @@
  * never by their message's text. FAILED_PRECONDITION, NOT_FOUND or retries running out end the
  * assignment (back to Join). A
  * heartbeat that finds the run stopped/failed or this incarnation stale aborts the loop.
- * Data or model errors every rank would hit leave with LEAVE_REASON_FAILED (fails the run).
+ * Data or model errors every rank would hit leave with LEAVE_REASON_FAILED (fails the run). A
+ * message over this worker's own --max-message-bytes (OverClientLimit) is this worker's setting,
+ * not the run's failure: it gives the rank back (LEAVE_REASON_SHUTDOWN, saying which flag to raise).
  *
  * Sharded runs (the Assignment has a shard_map with shards): pushes and pulls go to every shard
  * at once through shards.js, which has the client's push and pull; everything above holds as is.
@@ -29,7 +31,7 @@
  * go to the server joined (any server of a cluster forwards them to server 0).
  */
 
-const { PsError, Status, durationSeconds, nowTimestamp } = require('./client');
+const { OverClientLimit, PsError, Status, durationSeconds, nowTimestamp } = require('./client');
 const { BatchSampler, loadDataset, shardIndices } = require('./data');
 const { ModelSpecError, buildModel } = require('./models');
 const { Shards } = require('./shards');
@@ -378,9 +380,11 @@ async function heartbeatLoop(client, a, trainer, done) {
 }
 
 /**
- * Train one assignment to its end. Returns {runId, rank, completed, reason, stats, shutdown}.
+ * Train one assignment to its end. Returns {runId, rank, completed, reason, stats, shutdown, unfit}.
  * `stop` is {trainer} holder the caller uses to abort on SIGTERM (then `shutdown` is true and the
- * caller leaves with LEAVE_REASON_SHUTDOWN).
+ * caller leaves with LEAVE_REASON_SHUTDOWN). `unfit`: this worker cannot take part as it is set up
+ * (a message over its own --max-message-bytes): it gave the rank back (Leave SHUTDOWN) and the run
+ * goes on without it.
  */
 async function train(client, a, config, log, holder = {}) {
   const trainer = new Trainer(client, a, config, log);
@@ -433,8 +437,13 @@ async function trainWith(trainer, holder) {
         await hb;
         return outcome(false, e.message);
       }
-      reason = 'LEAVE_REASON_FAILED';
-      message = e.message;
+      if (e instanceof OverClientLimit) { // this worker's own setting, not the run's failure
+        reason = 'LEAVE_REASON_SHUTDOWN';
+        message = `this worker cannot take part as it is set up: ${e.message}`;
+      } else {
+        reason = 'LEAVE_REASON_FAILED';
+        message = e.message;
+      }
     } else if (e instanceof TrainingError || e instanceof RangeError) {
       reason = 'LEAVE_REASON_FAILED';
       message = e.message;
@@ -446,6 +455,17 @@ async function trainWith(trainer, holder) {
     for (const wake of trainer.sleepers) wake();
   }
   await hb;
+  if (reason === 'LEAVE_REASON_SHUTDOWN') {
+    // It would be again, in this run and in any like it: the rank goes back to the run, which goes
+    // on without this worker (or with another), and the worker stops, saying why (main.js).
+    log.error(`gave rank ${a.rank} back (the run goes on without this worker): ${message}`);
+    try {
+      await client.leave(a.run_id, a.rank, a.incarnation, reason, message);
+    } catch {
+      // best effort: the lease expires otherwise
+    }
+    return outcome(false, message, { unfit: true });
+  }
   if (reason === 'LEAVE_REASON_FAILED') log.error(`training failed: ${message}`);
   try {
     await client.leave(a.run_id, a.rank, a.incarnation, reason, message);

@@ -6,10 +6,12 @@ const test = require('node:test');
 const assert = require('node:assert/strict');
 const net = require('net');
 
-const { PsClient, PsError, ERROR_TRAILER, callError, durationSeconds, trailerInfo } = require('../src/client');
-const { frameHeader, STATUS } = require('../src/tcp');
+const {
+  OverClientLimit, PsClient, PsError, ERROR_TRAILER, callError, durationSeconds, trailerInfo,
+} = require('../src/client');
+const { frameHeader, MESSAGE, STATUS } = require('../src/tcp');
 const { loadContract, messages } = require('../src/proto');
-const { Trainer, Rewind } = require('../src/trainer');
+const { Trainer, Rewind, train } = require('../src/trainer');
 
 const { grpc, pkg } = loadContract();
 const codecs = messages();
@@ -391,5 +393,98 @@ test('a pull of maxWait 0 (the server\'s limit, as Join says it) waits for that 
   } finally {
     client.close();
     server.forceShutdown();
+  }
+});
+
+test('a message over this worker\'s own --max-message-bytes is OverClientLimit, naming the flag to raise; the '
+  + 'server\'s limit is not', { timeout: 10000 }, async () => {
+  const big = new Float32Array(2000); // 8 kB: over a 4 kB limit
+  const data = await grpcServer(pkg.ParameterService.service, {
+    PullParams: (call) => call.on('data', (req) => call.write({
+      guaranteed_clock: req.clock, final: true, run_state: 'RUN_STATE_RUNNING',
+      tensors: [{ name: 'w', shape: [2000], dtype: 'DATA_TYPE_FLOAT32', data: Buffer.from(big.buffer), offset: 0 }],
+    })),
+    PushGradient: (call) => call.on('data', () => call.write({ clock: 1, run_state: 'RUN_STATE_RUNNING' })),
+  });
+  // gRPC's own checks, by the real grpc-js: an answer this worker receives, a request it sends
+  const client = new PsClient(data.address, { timeout: 5, dataPlane: false, maxMessageBytes: 4096, chunkBytes: 1 << 20 });
+  const over = (method) => (e) => {
+    assert.ok(e instanceof OverClientLimit, `${e}`);
+    assert.equal(e.code, grpc.status.RESOURCE_EXHAUSTED);
+    assert.equal(e.method, method);
+    assert.equal(e.retryable, false);
+    assert.match(e.details, /this worker's limit .*: raise it \(--max-message-bytes\)/);
+    return true;
+  };
+  try {
+    await assert.rejects(client.pull('r', 0, 1, 0, { maxWait: 1 }), over('PullParams'));
+    await assert.rejects(client.push('r', 0, 1, 0, [['w', big, [2000]]]), over('PushGradient'));
+  } finally {
+    client.close();
+    data.close();
+  }
+  // The server's own gRPC limit (its texts, which tests/unit/test_client_errors.py pins): not this worker's
+  for (const details of ['SERVER: Received message larger than max (5000 vs. 1000)',
+    'SERVER: Sent message larger than max (5000 vs. 1000)']) {
+    const e = callError({ code: grpc.status.RESOURCE_EXHAUSTED, details, metadata: new grpc.Metadata() }, 'PushGradient');
+    assert.ok(e instanceof PsError && !(e instanceof OverClientLimit), `${e}`);
+    assert.match(e.details, /the server's limit .*: raise it \(ps-server --max-message-bytes\), or send less/);
+  }
+  // a refusal of the server's (its ErrorInfo): as it is
+  const refusal = callError({ code: grpc.status.RESOURCE_EXHAUSTED, details: 'run too large', metadata: trailer({ reason: 'ERROR_REASON_TOO_LARGE' }) });
+  assert.ok(!(refusal instanceof OverClientLimit));
+  assert.equal(refusal.details, 'run too large');
+});
+
+test('a TCP data plane answer over this worker\'s --max-message-bytes is OverClientLimit', { timeout: 10000 }, async () => {
+  const tcp = await new Promise((resolve) => {
+    const srv = net.createServer((sock) => {
+      sock.once('data', (d) => sock.write(Buffer.concat([d.subarray(0, 8), frameHeader(MESSAGE, 0, 5000)])));
+      sock.on('error', () => {});
+    });
+    srv.listen(0, '127.0.0.1', () => resolve({ port: srv.address().port, close: () => srv.close() }));
+  });
+  const client = new PsClient('127.0.0.1:1', { timeout: 5, maxMessageBytes: 4096 });
+  client.dataPortIs(tcp.port);
+  try {
+    assert.equal(client.transport(), 'tcp');
+    await assert.rejects(client.pull('r', 0, 1, 0, { maxWait: 1 }), (e) => {
+      assert.ok(e instanceof OverClientLimit, `${e}`);
+      assert.match(e.details, /5000 bytes.*4096.*raise it \(--max-message-bytes\)/);
+      return true;
+    });
+  } finally {
+    client.close();
+    tcp.close();
+  }
+});
+
+test('an answer over this worker\'s own limit gives the rank back (Leave SHUTDOWN, saying which flag to raise): '
+  + 'not the run\'s failure', { timeout: 10000 }, async () => {
+  const left = [];
+  const client = {
+    heartbeat: async () => ({ clock: 0, run_state: 'RUN_STATE_RUNNING' }),
+    leave: async (...args) => { left.push(args); },
+    cancelAll() {},
+  };
+  const a = { run_id: 'r', rank: 2, incarnation: 1, start_clock: 0, spec: { staleness: 0, optimizer: {}, slowdown: {} } };
+  const over = callError({ code: grpc.status.RESOURCE_EXHAUSTED, details: 'Received message larger than max (5000 vs 4096)' }, 'PullParams');
+  const { setup, run } = Trainer.prototype;
+  Trainer.prototype.setup = () => {};
+  Trainer.prototype.run = async () => { throw over; };
+  const log = quietLog();
+  try {
+    const outcome = await train(client, a, { slowdown: 1, timeoutSeconds: 5 }, log);
+    assert.equal(outcome.unfit, true);
+    assert.equal(outcome.completed, false);
+    assert.equal(left.length, 1);
+    const [runId, rank, incarnation, reason, message] = left[0];
+    assert.deepEqual([runId, rank, incarnation, reason], ['r', 2, 1, 'LEAVE_REASON_SHUTDOWN']);
+    assert.match(message, /cannot take part as it is set up: .*--max-message-bytes/);
+    assert.match(log.lines.join('\n'), /error gave rank 2 back \(the run goes on without this worker\): .*--max-message-bytes/);
+    assert.doesNotMatch(log.lines.join('\n'), /training failed/);
+  } finally {
+    Trainer.prototype.setup = setup;
+    Trainer.prototype.run = run;
   }
 });
