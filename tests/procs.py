@@ -10,6 +10,7 @@ import os
 import random
 import re
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -88,6 +89,20 @@ async def watch_until(client: PsClient, run_id: str, done: Callable[[pb.Run], bo
             if done(snap.run):
                 return snap.run
     raise AssertionError(f"run {run_id} ended before the condition held")
+
+
+@contextmanager
+def started_with(hup: object) -> Iterator[None]:
+    """Children started in here get SIGINT and SIGHUP at their default (a handler set here becomes
+    SIG_DFL in the child at exec), or SIGHUP ignored (``hup`` SIG_IGN: as under nohup), whatever
+    this test process was started with (a suite in the background ignores SIGINT)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    old_hup = signal.signal(signal.SIGHUP, hup)  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGHUP, old_hup)
 
 
 def free_ports(n: int) -> list[int]:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from procs import free_port, free_ports
+from procs import free_port, free_ports, started_with
 
 from paramserver.client import PsClient
 from paramserver.v1 import paramserver_pb2 as pb
@@ -362,6 +363,32 @@ async def test_sigterm_while_the_server_hangs_exits_0_within_seconds(impl: Impl)
             assert time.monotonic() - started < 10, impl.logs()
         finally:
             srv.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.one_server("a signal to the worker's process: where the parameters live plays no part")
+@pytest.mark.parametrize("nohup", [False, True], ids=["sighup", "sighup-ignored-at-start"])
+async def test_sighup_stops_in_order_unless_ignored_at_start(impl: Impl, nohup: bool) -> None:
+    """SIGHUP (its terminal closed) stops a worker in order, as SIGTERM: its rank given back, exit 0
+    (the Node worker had no handler: killed, 129, its rank held until its lease expired). Started
+    with SIGHUP ignored (nohup), the Python worker keeps it ignored and trains on; the Node worker
+    cannot (Node sets an ignored SIGHUP back to its default before the worker's code runs, and
+    nothing it can read shows it was ignored: worker/node/README.md), so it stops in order all the same."""
+    with ps_server() as srv:
+        async with connect(srv.address) as c:
+            run = await c.create_run(run_spec(workers=1, iterations=100_000))
+            with started_with(signal.SIG_IGN if nohup else lambda *_: None):
+                worker = impl.start(srv.address)
+            await wait_until(c, run.run_id, lambda r: r.workers[0].clock >= 5, 30, "training", impl.logs)
+            worker.proc.send_signal(signal.SIGHUP)
+            if nohup and impl.name == "python":
+                with pytest.raises(subprocess.TimeoutExpired):
+                    worker.proc.wait(1.0)
+                clock = (await c.get_run(run.run_id)).workers[0].clock
+                await wait_until(c, run.run_id, lambda r: r.workers[0].clock > clock + 2, 30, "training on", impl.logs)
+                worker.proc.send_signal(signal.SIGTERM)
+            assert worker.wait(15) == 0, impl.logs()
+            left = await c.get_run(run.run_id)
+    assert left.workers[0].state == pb.WORKER_STATE_EVICTED and left.counters.evictions == 0, left.workers[0]
 
 
 @pytest.mark.one_server("the worker's own message limit, whichever server's answer goes over it: a cluster adds "

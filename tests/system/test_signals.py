@@ -9,11 +9,9 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
-from procs import ENV, connect, ps_server, watch_until
+from procs import ENV, connect, ps_server, started_with, watch_until
 
 from client.spec import LaunchOptions, build_run_spec
 from paramserver.v1 import paramserver_pb2 as pb
@@ -21,20 +19,6 @@ from paramserver.v1 import paramserver_pb2 as pb
 pytestmark = pytest.mark.timeout(120)
 
 STOPS = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
-
-
-@contextmanager
-def started_with(hup: object) -> Iterator[None]:
-    """Children started in here get SIGINT and SIGHUP at their default (a handler set here becomes
-    SIG_DFL in the child at exec), or SIGHUP ignored (``hup`` SIG_IGN: as under nohup), whatever
-    this test process was started with (a suite in the background ignores SIGINT)."""
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    old_hup = signal.signal(signal.SIGHUP, hup)  # type: ignore[arg-type]
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, before)
-        signal.signal(signal.SIGHUP, old_hup)
 
 
 def server(*args: str) -> tuple[subprocess.Popen[str], str]:

@@ -101,6 +101,11 @@ function usage() {
     lines.push(`  --${type === 'bool' && def ? `[no-]${flag}` : flag}${arg}`.padEnd(30) + `${help} [${envName(key, flag)}; default ${JSON.stringify(def)}]`);
   }
   for (const [, env, help] of ENV_ONLY) lines.push(`  (no flag)`.padEnd(30) + `${help} [${env}]`);
+  lines.push('', 'SIGTERM, SIGINT or SIGHUP stop the worker: it gives its rank back (trying for up to 5 s) and exits 0.',
+    'A SIGHUP ignored at start (nohup) does too: Node cannot keep it ignored; use setsid to outlive a terminal.',
+    'Exit status 1: with --once, its run did not complete (or none came before --idle-exit-seconds); or it',
+    'cannot take part as it is set up (a message over --max-message-bytes: it gives its rank back).',
+    '2: a usage error. 3: an unexpected error (a stack trace).');
   return lines.join('\n');
 }
 

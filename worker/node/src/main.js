@@ -6,8 +6,8 @@
  *   node src/main.js --server HOST:PORT [--once] [--data-dir DIR]     (or PS_SERVER=HOST:PORT)
  *
  * A worker may start before its server and rides out server restarts: Join failures are retried
- * with exponential backoff and jitter, and every call has a deadline. On SIGTERM/SIGINT it gives
- * its rank back (Leave SHUTDOWN, so another worker can take it over) and exits 0. With --once it
+ * with exponential backoff and jitter, and every call has a deadline. On SIGTERM/SIGINT/SIGHUP it
+ * gives its rank back (Leave SHUTDOWN, so another worker can take it over) and exits 0. With --once it
  * exits after one assignment: 0 if it completed, 1 if not. A worker that cannot take part as it is
  * set up (a message over its own --max-message-bytes) gives its rank back, says which flag to raise
  * and exits 1.
@@ -120,6 +120,11 @@ async function main(argv) {
   };
   process.on('SIGTERM', () => onSignal('SIGTERM'));
   process.on('SIGINT', () => onSignal('SIGINT'));
+  // SIGHUP (its terminal closed) too. Unlike ps-worker, a SIGHUP ignored when this process started
+  // (nohup) cannot stay ignored: Node sets every ignored signal but SIGPIPE and SIGXFSZ back to its
+  // default before this code runs (/proc/self/status SigIgn no longer shows it), and that default
+  // killed the worker (129) without giving its rank back. Keep it past its terminal with setsid.
+  process.on('SIGHUP', () => onSignal('SIGHUP'));
   const outcomes = await work(config, log, stop);
   const last = outcomes[outcomes.length - 1];
   if (last && last.unfit) return 1;
