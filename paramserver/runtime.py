@@ -1,6 +1,7 @@
 """Process tuning, applied at start-up by ps-server and ps-worker: the allocator for moving large
-tensors (``tune_malloc``), the server's open-file limit (``raise_fd_limit``), and the end of a
-child whose parent died (``child_env`` in the parent, ``exit_with_parent`` in the child).
+tensors (``tune_malloc``), the server's open-file limit (``raise_fd_limit``), the end of a
+child whose parent died (``child_env`` in the parent, ``exit_with_parent`` in the child), and stop
+signals (``stop_early`` while starting, then ``on_stop_signals``: the ordered stop).
 
 glibc hands every allocation of 32 MiB or more back to the OS when it is freed, so each large
 message or gradient buffer is faulted in afresh (~2 GB/s here). Raising the mmap and trim
@@ -27,8 +28,8 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["PARENT_ENV", "STOP_SIGNALS", "child_env", "exit_with_parent", "on_stop_signals", "raise_fd_limit",
-           "release_free_memory", "tune_malloc"]
+__all__ = ["PARENT_ENV", "STOP_SIGNALS", "StoppedEarly", "child_env", "exit_with_parent", "on_stop_signals",
+           "raise_fd_limit", "release_free_memory", "stop_early", "tune_malloc"]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 """What stops ps-server and ps-worker in order (``on_stop_signals``): SIGTERM (docker stop, Kubernetes),
@@ -95,14 +96,45 @@ def raise_fd_limit() -> int:
     return int(soft)
 
 
+def _stop_signals() -> list[signal.Signals]:
+    """``STOP_SIGNALS`` but a SIGHUP ignored when this process started (``nohup ps-server``: its
+    terminal's close was meant not to stop it); SIGTERM and SIGINT always (a shell starts background
+    jobs with SIGINT ignored, against Ctrl-C in its terminal, not against ``kill -INT``)."""
+    return [sig for sig in STOP_SIGNALS if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN]
+
+
 def on_stop_signals(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> list[signal.Signals]:
-    """Have ``STOP_SIGNALS`` call ``stop`` on ``loop``; return those handled. A SIGHUP ignored when
-    this process started stays ignored (``nohup ps-server``: its terminal's close was meant not to
-    stop it); SIGTERM and SIGINT are always handled (a shell starts background jobs with SIGINT
-    ignored, against Ctrl-C in its terminal, not against ``kill -INT``)."""
-    handled = [sig for sig in STOP_SIGNALS if sig != signal.SIGHUP or signal.getsignal(sig) is not signal.SIG_IGN]
+    """Have ``STOP_SIGNALS`` call ``stop`` on ``loop`` (in place of ``stop_early``); return those
+    handled (``_stop_signals``: a SIGHUP ignored at start stays ignored)."""
+    handled = _stop_signals()
     for sig in handled:
         loop.add_signal_handler(sig, stop)
+    return handled
+
+
+class StoppedEarly(BaseException):  # (not an Exception: no ``except Exception`` on the way may swallow it)
+    """A stop signal came while the process started, before it had anything to stop in order."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signal = signal.Signals(signum)
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise StoppedEarly(signum)
+
+
+def stop_early() -> list[signal.Signals]:
+    """Until ``on_stop_signals`` takes over, have ``STOP_SIGNALS`` raise ``StoppedEarly`` wherever
+    the main thread is; return those handled (as ``on_stop_signals`` will). Call it first at start-up:
+    a stop while the process starts (a server resuming a large data directory takes minutes, and its
+    event loop does nothing else meanwhile) then ends it at once, which has nothing to stop in order
+    yet. Without it, SIGTERM killed the process (143), and as PID 1 in a container, where a signal
+    without a handler is ignored, it started on, to be SIGKILLed at the end of the grace period;
+    SIGINT waited for asyncio's handler, which cancels a task only once the loop runs again."""
+    handled = _stop_signals()
+    for sig in handled:
+        signal.signal(sig, _raise_stopped)
     return handled
 
 

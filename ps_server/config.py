@@ -137,7 +137,9 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         "environment variable shown.",
         epilog="SIGTERM, SIGINT or SIGHUP (a SIGHUP ignored at start, as under nohup, stays ignored) stop "
         "the server in order: health NOT_SERVING, parked calls released, --grace-seconds for calls in "
-        "progress, final checkpoints; exit status 0. A start-up error (a bad value, a port in use) is one "
+        "progress, final checkpoints; exit status 0. One that comes while it starts, before its runs are "
+        "resumed from --data-dir, ends it at once (nothing served, nothing to checkpoint): exit status 0 "
+        "too. A start-up error (a bad value, a port in use) is one "
         "line and exit status 2; an unexpected error, a traceback and 1. Started with PS_PARENT_PID set to "
         "its parent's pid (psctl launch --local does), it stops as on SIGTERM when that parent dies (Linux).",
     )

@@ -26,7 +26,7 @@ import resource
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -36,7 +36,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from paramserver.runtime import exit_with_parent, on_stop_signals, raise_fd_limit, tune_malloc
+from paramserver.runtime import StoppedEarly, exit_with_parent, on_stop_signals, raise_fd_limit, stop_early, tune_malloc
 from paramserver.v1 import shm
 
 from .checkpointer import Checkpointer
@@ -254,20 +254,24 @@ def _lock_data_dir(root: Path, path: str) -> IO[str]:
     return lock
 
 
-async def start_server(config: ServerConfig) -> PsServer:
+async def start_server(config: ServerConfig, resumed: Callable[[], object] = lambda: None) -> PsServer:
+    """The server, listening. ``resumed()`` is called once its runs are resumed from --data-dir
+    (minutes for a large one, the event loop blocked), before it serves any (``serve`` has the
+    ordered stop take over from ``stop_early`` there)."""
     if not config.data_dir:
-        return await _start(config, None, None)
+        return await _start(config, None, None, resumed)
     root = _data_dir(config.data_dir)
     data_lock = _lock_data_dir(root, config.data_dir)
     try:
         return await _start(config, Checkpointer(CheckpointStore(root, keep=config.checkpoint_keep),
-                                                 config.checkpoint_every), data_lock)
-    except BaseException:  # (a port in use, say: the data directory is free again for the next try)
+                                                 config.checkpoint_every), data_lock, resumed)
+    except BaseException:  # (a port in use, or a stop while resuming: the data directory is free again)
         data_lock.close()
         raise
 
 
-async def _start(config: ServerConfig, checkpointer: Checkpointer | None, data_lock: IO[str] | None) -> PsServer:
+async def _start(config: ServerConfig, checkpointer: Checkpointer | None, data_lock: IO[str] | None,
+                 on_resumed: Callable[[], object]) -> PsServer:
     registry = RunRegistry(max_param_bytes=config.max_param_bytes, limits=Limits(max_workers=config.max_workers,
                                                                                   max_runs=config.max_runs),
                            configure=checkpointer.attach if checkpointer else None)
@@ -279,6 +283,7 @@ async def _start(config: ServerConfig, checkpointer: Checkpointer | None, data_l
             run.stop(f"the run was placed over {servers} server(s) and this cluster has {max(1, len(config.peers))}: "
                      "restart the servers with the --cluster list it was created on to resume it", RunState.FAILED)
     resumed = [registry.add(run) for run in restored]
+    on_resumed()
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -399,9 +404,10 @@ def setup_logging(config: ServerConfig) -> None:
 
 
 async def serve(config: ServerConfig) -> None:
-    ps = await start_server(config)
     stop = asyncio.Event()
-    on_stop_signals(asyncio.get_running_loop(), stop.set)  # before the line that says it is up: a stop from then on is ordered
+    # (once its runs are resumed, before it serves them: a stop from then on is ordered; before, it
+    # raised StoppedEarly, main's)
+    ps = await start_server(config, lambda: on_stop_signals(asyncio.get_running_loop(), stop.set))
     print(f"ps-server listening on {config.host}:{ps.port} (generation {ps.registry.generation})", flush=True)
     if ps.data_plane:
         log.info("TCP data plane on %s:%d (up to %d streams, from the open-file limit %d)", config.host,
@@ -417,17 +423,21 @@ async def serve(config: ServerConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    exit_with_parent()  # started by psctl launch --local or a benchmark: not to outlive it
-    tune_malloc()
-    raise_fd_limit()
-    config = parse_config(sys.argv[1:] if argv is None else argv)
-    setup_logging(config)
+    stop_early()  # first: a stop while it starts (its runs' resume, minutes for a large data directory) ends it now
     try:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve(config))
-    except (ConfigError, OSError) as exc:  # start-up: one line, and the exit status of a usage error
-        print(f"ps-server: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_parent()  # started by psctl launch --local or a benchmark: not to outlive it
+        tune_malloc()
+        raise_fd_limit()
+        config = parse_config(sys.argv[1:] if argv is None else argv)
+        setup_logging(config)
+        try:
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(serve(config))
+        except (ConfigError, OSError) as exc:  # start-up: one line, and the exit status of a usage error
+            print(f"ps-server: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+    except StoppedEarly as stopped:  # (before it served any run: nothing to checkpoint, the data directory unlocked)
+        print(f"ps-server: {stopped.signal.name}: stopped while starting, before it served any run", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,8 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
         "the run it is assigned, and waits for the next run. Every flag can also be set with the "
         "environment variable shown.",
         epilog="SIGTERM, SIGINT or SIGHUP (a SIGHUP ignored at start, as under nohup, stays ignored) stop "
-        "the worker: it gives its rank back (trying for up to 5 s) and exits 0. Exit status 1: with --once "
+        "the worker: it gives its rank back (trying for up to 5 s) and exits 0 (while it starts, before it "
+        "asks for work: at once, 0 too). Exit status 1: with --once "
         "or --run-id, it failed its run, or could not join the run --run-id names; or it cannot take part as "
         "it is set up (an answer over --max-message-bytes); or an unexpected error (a traceback). 2: a usage "
         "error. Started with PS_PARENT_PID set to its parent's pid (psctl launch --local does), it stops as "

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 from paramserver import errors
 from paramserver.client import PsClient
-from paramserver.runtime import exit_with_parent, on_stop_signals, tune_malloc
+from paramserver.runtime import StoppedEarly, exit_with_parent, on_stop_signals, stop_early, tune_malloc
 from paramserver.v1 import paramserver_pb2 as pb
 
 from .config import WorkerConfig, parse_config
@@ -168,20 +168,25 @@ async def _main(config: WorkerConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    exit_with_parent()  # started by psctl launch --local or a benchmark: not to outlive it
-    tune_malloc()
-    config = parse_config(sys.argv[1:] if argv is None else argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(LogContext())
-    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s [{config.display_name}%(ctx)s] %(message)s"))
-    logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
-    if config.nice:
-        log.info("CPU priority lowered by %d (nice %d now)", config.nice, os.nice(config.nice))
+    stop_early()  # first: a stop before _main's handlers (as PID 1 in a container it was ignored) ends it now
     try:
-        sys.exit(asyncio.run(_main(config)))
-    except ValueError as exc:  # security settings that cannot work: one line, a usage error's status
-        print(f"ps-worker: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_parent()  # started by psctl launch --local or a benchmark: not to outlive it
+        tune_malloc()
+        config = parse_config(sys.argv[1:] if argv is None else argv)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.addFilter(LogContext())
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s [{config.display_name}%(ctx)s] "
+                                               "%(message)s"))
+        logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
+        if config.nice:
+            log.info("CPU priority lowered by %d (nice %d now)", config.nice, os.nice(config.nice))
+        try:
+            sys.exit(asyncio.run(_main(config)))
+        except ValueError as exc:  # security settings that cannot work: one line, a usage error's status
+            print(f"ps-worker: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+    except StoppedEarly as stopped:  # (before it asked for work: no rank to give back)
+        print(f"ps-worker: {stopped.signal.name}: stopped while starting, before it asked for work", file=sys.stderr)
 
 
 if __name__ == "__main__":

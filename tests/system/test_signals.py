@@ -5,10 +5,13 @@ worker: its rank given back); a SIGHUP ignored when they started (nohup) stays i
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import re
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from procs import ENV, connect, ps_server, started_with, watch_until
@@ -86,3 +89,53 @@ def test_worker_gives_its_rank_back_and_exits_0(sig: signal.Signals) -> None:
                         worker.kill()
                         worker.wait()
         assert asyncio.run(scenario()) == 0
+
+
+SLOW_START = """
+import sys, time
+{patch}
+def slow(*args, **kwargs):
+    print("starting", flush=True)
+    time.sleep(60)  # (a server resuming a data directory of many GB)
+    raise AssertionError("the stop did not come")
+{target} = slow
+from {program} import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize(("program", "patch", "target", "args"), [
+    # the server: its runs' resume, from its data directory
+    ("ps_server.server", "from ps_server.checkpointer import Checkpointer", "Checkpointer.resume",
+     ["--port", "0", "--data-dir", "{tmp}"]),
+    # the worker: what it does first, before it reads its configuration
+    ("worker.main", "import worker.main", "worker.main.tune_malloc", ["--server", "127.0.0.1:1"]),
+], ids=["ps-server-resuming", "ps-worker"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda s: signal.Signals(s).name)
+def test_a_stop_while_it_starts_ends_it_at_once_and_cleanly(program: str, patch: str, target: str, args: list[str],
+                                                            sig: signal.Signals, tmp_path: Path) -> None:
+    """A stop signal while the process starts (the server resuming its runs from its data directory,
+    minutes for a large one) ends it at once, exit 0: nothing was served, so nothing is to be
+    checkpointed or given back (it was killed, 143, or, as PID 1 in a container, where a signal
+    without a handler is ignored, it went on until the grace period's SIGKILL)."""
+    code = SLOW_START.format(patch=patch, target=target, program=program)
+    with started_with(lambda *_: None):
+        proc = subprocess.Popen([sys.executable, "-c", code, *(a.format(tmp=tmp_path) for a in args)], env=ENV,
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "starting\n", proc.communicate(timeout=70)
+        proc.send_signal(sig)
+        started = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+        assert time.monotonic() - started < 5, err
+        assert proc.returncode == 0, err
+        assert "stopped while starting" in err and "Traceback" not in err, err
+        assert "listening" not in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if program == "ps_server.server":  # the data directory is free again
+        with open(tmp_path / ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
