@@ -26,7 +26,7 @@ import resource
 import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -87,8 +87,8 @@ class PsServer:
     data_lock: IO[str] | None = None
     """Held open while the server uses its --data-dir (``_lock_data_dir``)."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _deletions: set[asyncio.Task[None]] = field(default_factory=set)
-    """Runs past the retention limits being deleted (``_sweep``)."""
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
+    """What the sweep waits for apart: evictions told to the other servers, forgotten runs deleted."""
 
     def statistics(self) -> ServerStatistics:
         tcp = self.data_plane.statistics() if self.data_plane else None
@@ -109,7 +109,7 @@ class PsServer:
         await self.health.enter_graceful_shutdown()
         # Long-lived data streams take no new operations; parked pulls and joins are released.
         self.registry.shut_down(ShuttingDown("the server is shutting down; retry against its replacement"))
-        for task in (*self._tasks, *self._deletions):
+        for task in (*self._tasks, *self._background):
             task.cancel()
         # Operations in progress get the grace period; idle long-lived data streams do not
         # (they would hold grpc's stop(grace) for its whole length).
@@ -156,10 +156,17 @@ class PsServer:
 
 
 async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Checkpointer | None,
-                 cluster: ClusterOwner | None, deletions: set[asyncio.Task[None]]) -> None:
-    """Evict workers whose lease expired; forget finished runs past the retention limits, each
-    deleted in a task of its own (in ``deletions``). (Servers 1.. of a cluster do neither: server 0
-    decides for every shard.)"""
+                 cluster: ClusterOwner | None, background: set[asyncio.Task[None]]) -> None:
+    """Evict workers whose lease expired; forget finished runs past the retention limits. What
+    waits on other servers or on the disk (telling the other servers of an eviction, deleting a
+    forgotten run) runs in tasks of its own (in ``background``): a server that does not answer
+    holds up no lease check. (Servers 1.. of a cluster do neither: server 0 decides for every shard.)"""
+
+    def start(work: Coroutine[object, object, None]) -> None:
+        task = asyncio.create_task(work)
+        background.add(task)
+        task.add_done_callback(background.discard)
+
     period = min(1.0, config.lease_seconds / 4)
     loop = asyncio.get_running_loop()
     while True:
@@ -175,16 +182,13 @@ async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Chec
         evicted = registry.expire_leases(config.lease_seconds)
         for run_id, rank in evicted:
             log.warning("evicted rank %d: lease expired", rank, extra={"run": run_id, "rank": rank})
-        if cluster:  # every shard drops the ranks (each run's servers told at once, a server down waited for once);
-            # a run deleted meanwhile (DeleteRun while a server did not answer) has no one left to tell
-            await asyncio.gather(*(cluster.sync(run) for run_id in dict.fromkeys(r for r, _ in evicted)
-                                   if (run := registry.find(run_id)) is not None))
+        if cluster:  # every shard drops the ranks (each run's servers told at once; a Join handing a rank on
+            # waits for them itself); a run deleted meanwhile has no one left to tell
+            for run_id in dict.fromkeys(r for r, _ in evicted):
+                if (run := registry.find(run_id)) is not None:
+                    start(cluster.sync(run))
         for run in registry.prune(config.keep_finished_runs, config.keep_finished_seconds, time.time()):
-            # (apart: a server that does not answer, or a slow disk, holds up neither the lease checks nor
-            # the other deletions)
-            task = asyncio.create_task(_forget(run, checkpointer, cluster))
-            deletions.add(task)
-            task.add_done_callback(deletions.discard)
+            start(_forget(run, checkpointer, cluster))  # (each apart: one waited for holds up no other)
 
 
 async def _forget(run: Run, checkpointer: Checkpointer | None, cluster: ClusterOwner | None) -> None:
@@ -373,7 +377,7 @@ async def _start(config: ServerConfig, checkpointer: Checkpointer | None, data_l
             raise OSError(f"--metrics-port {config.metrics_port}: cannot serve metrics on {config.host}:"
                           f"{config.metrics_port} ({exc.strerror or exc}); choose another port (0: a free one, "
                           "-1: none)") from None
-    ps._tasks.append(asyncio.create_task(_sweep(registry, config, checkpointer, cluster, ps._deletions)))
+    ps._tasks.append(asyncio.create_task(_sweep(registry, config, checkpointer, cluster, ps._background)))
     if cluster is not None:
         ps._tasks.append(asyncio.create_task(cluster.watch()))
     return ps

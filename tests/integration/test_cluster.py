@@ -687,6 +687,40 @@ async def test_runs_forgotten_past_the_retention_limits_hold_up_neither_lease_ch
             assert registry.get(live.run_id).clock.slots[0].state.value == "evicted", "no lease expires"
 
 
+async def test_a_server_that_does_not_answer_an_eviction_holds_up_no_other_lease(
+        server_config: ServerConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Server 1 is cut off (a partition: UpdateShard neither refused nor answered) when a rank of
+    one run is evicted: a rank of another run that falls silent after is evicted on time (the sweep
+    waited for server 1 to hear of the first eviction, its call's whole timeout, before it checked
+    leases again)."""
+    async with cluster(server_config, 2, lease_seconds=1.0, heartbeat_seconds=0.2) as servers:
+        owner, registry = servers[0].cluster, servers[0].registry
+        assert owner is not None
+        monkeypatch.setattr(owner, "_timeout", 60.0)
+        (peer,) = owner._peers
+        call = peer.call
+
+        async def partitioned(method: str, request: Any, *args: Any, **kw: Any) -> Any:
+            if method == "UpdateShard":
+                await asyncio.Event().wait()  # (no answer, ever)
+            return await call(method, request, *args, **kw)
+
+        async with PsClient(servers[0].address, timeout=10) as c:
+            first, second = [await c.create_run(make_spec(num_workers=1)) for _ in range(2)]
+            (a,) = await _join_all(c, first.run_id, 1)  # silent from now on
+            (b,) = await _join_all(c, second.run_id, 1)
+            monkeypatch.setattr(peer, "call", partitioned)
+            state = lambda run: registry.get(run.run_id).clock.slots[0].state.value  # noqa: E731
+            for _ in range(100):  # b heartbeats until a is evicted
+                await c.heartbeat(second.run_id, b.rank, b.incarnation, 0)
+                if state(first) == "evicted":
+                    break
+                await asyncio.sleep(0.1)
+            assert state(first) == "evicted"
+            await until(lambda: state(second) == "evicted", 10)
+            assert state(second) == "evicted", "no lease expires while server 1 is waited for"
+
+
 async def test_a_delete_run_its_caller_gave_up_on_still_deletes_every_shard(
         server_config: ServerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """DeleteRun deletes the run's checkpoints, forgets it, and has every server delete its shard:
