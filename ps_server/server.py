@@ -63,6 +63,11 @@ __all__ = ["PsServer", "main", "serve", "start_server"]
 
 log = logging.getLogger("ps_server")
 
+BACKGROUND_END_SECONDS = 2.0
+"""How long a stopping server lets the sweep's tasks end (``PsServer._settle_background``): with no
+other server to wait for, what is left is writing down a deletion not delivered, or a checkpoint
+directory being removed."""
+
 
 @dataclass
 class PsServer:
@@ -109,7 +114,7 @@ class PsServer:
         await self.health.enter_graceful_shutdown()
         # Long-lived data streams take no new operations; parked pulls and joins are released.
         self.registry.shut_down(ShuttingDown("the server is shutting down; retry against its replacement"))
-        for task in (*self._tasks, *self._background):
+        for task in self._tasks:
             task.cancel()
         # Operations in progress get the grace period; idle long-lived data streams do not
         # (they would hold grpc's stop(grace) for its whole length).
@@ -123,6 +128,7 @@ class PsServer:
         await self.server.stop(min(grace, 0.5))
         for peer in self.peers:
             await peer.close()
+        await self._settle_background()
         try:
             await self._last_checkpoints()
         finally:
@@ -132,6 +138,16 @@ class PsServer:
             if self.metrics is not None:
                 await close_metrics(self.metrics)
                 self.metrics = None
+
+    async def _settle_background(self) -> None:
+        """Let what the sweep started end, now that no other server is waited for (closing a link
+        ends its calls): a deletion a server was not told of is written down for the next start to
+        tell it (cancelled, it was lost: that server kept its shard of a run nobody knew). What is
+        still under way after ``BACKGROUND_END_SECONDS`` is cancelled."""
+        if self._background:
+            _, late = await asyncio.wait(self._background, timeout=BACKGROUND_END_SECONDS)
+            for task in late:
+                task.cancel()
 
     async def _last_checkpoints(self) -> None:
         """Every unfinished run's (and an ended one's whose last checkpoint could not be written),

@@ -721,6 +721,34 @@ async def test_a_server_that_does_not_answer_an_eviction_holds_up_no_other_lease
             assert state(second) == "evicted", "no lease expires while server 1 is waited for"
 
 
+async def test_a_deletion_under_way_when_server_0_stops_is_written_down_for_its_next_start(
+        server_config: ServerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run forgotten past --keep-finished-runs while server 1 does not answer its DeleteShard (its
+    disk hangs): server 0 stops meanwhile. The deletion is written down as not delivered (server 0's
+    next start tells server 1), not dropped with the stop (server 1 kept the shard of a run nobody
+    knew, and resumed it at each start)."""
+    async with cluster(server_config, 2, lambda i: {"data_dir": str(tmp_path / str(i))}, keep_finished_runs=1,
+                       split_bytes=1024) as servers:
+        assert servers[0].cluster is not None and servers[1].checkpointer is not None
+        monkeypatch.setattr(servers[0].cluster, "_timeout", 60.0)
+        asked = asyncio.Event()
+
+        async def hanging(run_id: str, forget: Callable[[], object] = lambda: None) -> str:
+            asked.set()
+            await asyncio.Event().wait()  # (no answer, ever)
+            return ""
+
+        monkeypatch.setattr(servers[1].checkpointer, "delete", hanging)
+        async with PsClient(servers[0].address, timeout=10) as c:
+            old, new = [await c.create_run(make_spec(shapes={"w": (40, 30)}, num_workers=1)) for _ in range(2)]
+            await c.stop_run(old.run_id)
+            await c.stop_run(new.run_id)
+            await asyncio.wait_for(asked.wait(), 10)  # server 0 waits for server 1's answer
+            await asyncio.wait_for(servers[0].stop(0), 10)
+    written = json.loads((tmp_path / "0" / "undelivered-deletions.json").read_text())
+    assert written == {old.run_id: [1]}
+
+
 async def test_a_delete_run_its_caller_gave_up_on_still_deletes_every_shard(
         server_config: ServerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """DeleteRun deletes the run's checkpoints, forgets it, and has every server delete its shard:
