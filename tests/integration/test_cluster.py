@@ -58,6 +58,34 @@ async def _join_all(c: PsClient, run_id: str, n: int) -> list[pb.Assignment]:
     return [(await c.join(f"w{i}", run_id, max_wait=0)).assignment for i in range(n)]
 
 
+@asynccontextmanager
+async def _at_cut_2(server_config: ServerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                    ) -> AsyncIterator[tuple[list[PsServer], PsClient, pb.Run]]:
+    """Two servers with data directories, whose roll backs are the test's to start (server 0 does
+    not watch its peers), and a one-rank BSP run of 20 iterations pushed through clock 2: cut 2
+    checkpointed on both."""
+    from ps_server.cluster.owner import ClusterOwner
+
+    async def not_yet(self: ClusterOwner) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(ClusterOwner, "watch", not_yet)
+    async with cluster(server_config, 2, lambda i: {"data_dir": str(tmp_path / str(i))}, checkpoint_every=2,
+                       split_bytes=1024) as servers:
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(make_spec(shapes={"w": (40, 30)}, num_workers=1, staleness=0, iterations=20))
+            (a,) = await _join_all(c, run.run_id, 1)
+            plane = Shards.beside(c, a.shard_map, a.spec)
+            try:
+                for clock in range(3):
+                    await plane.pull(run.run_id, 0, a.incarnation, clock)
+                    await plane.push(run.run_id, 0, a.incarnation, clock, {"w": np.ones((40, 30), np.float32)})
+            finally:
+                await plane.close()
+            await asyncio.gather(*(s.checkpointer.drain() for s in servers))  # type: ignore[union-attr]
+            yield servers, c, run
+
+
 # ------------------------------------------------------------------------------ placement
 async def test_a_run_is_placed_over_the_servers_and_starts_where_one_server_would(server_config: ServerConfig) -> None:
     """Large tensors are split by rows over every server, small ones balanced whole; the map is in
@@ -1222,53 +1250,35 @@ async def test_a_watch_sees_the_end_of_a_roll_back(server_config: ServerConfig, 
     """psctl watch during a roll back shows server 0's shard held, then, once every server is
     back at the cut, not held and the 'rolled_back' event: the end of a roll back is a change a
     watcher is woken for, even when nothing else moves (here: its worker waits)."""
-    from ps_server.cluster.owner import ClusterOwner
-
-    async def not_yet(self: ClusterOwner) -> None:  # the roll back is this test's to start
-        await asyncio.Event().wait()
-
-    monkeypatch.setattr(ClusterOwner, "watch", not_yet)
-    async with cluster(server_config, 2, lambda i: {"data_dir": str(tmp_path / str(i))}, checkpoint_every=2,
-                       split_bytes=1024) as servers:
+    async with _at_cut_2(server_config, tmp_path, monkeypatch) as (servers, c, run):
         assert servers[0].cluster is not None
-        async with PsClient(servers[0].address, timeout=10) as c:
-            run = await c.create_run(make_spec(shapes={"w": (40, 30)}, num_workers=1, staleness=0, iterations=20))
-            (a,) = await _join_all(c, run.run_id, 1)
-            plane = Shards.beside(c, a.shard_map, a.spec)
-            try:
-                for clock in range(3):  # cut 2 on both servers
-                    await plane.pull(run.run_id, 0, a.incarnation, clock)
-                    await plane.push(run.run_id, 0, a.incarnation, clock, {"w": np.ones((40, 30), np.float32)})
-            finally:
-                await plane.close()
-            await asyncio.gather(*(s.checkpointer.drain() for s in servers))  # type: ignore[union-attr]
-            seen: list[pb.WatchRunResponse] = []
+        seen: list[pb.WatchRunResponse] = []
 
-            async def watching() -> None:
-                async for snap in c.watch_run(run.run_id, interval=0.05):
-                    seen.append(snap)
+        async def watching() -> None:
+            async for snap in c.watch_run(run.run_id, interval=0.05):
+                seen.append(snap)
 
-            from ps_server.cluster import shards
+        from ps_server.cluster import shards
 
-            restore = shards.restore
+        restore = shards.restore
 
-            async def slowly(*args: Any, **kwargs: Any) -> Any:  # server 1's RestoreShard: the watch sees it held
-                await asyncio.sleep(0.5)
-                return await restore(*args, **kwargs)
+        async def slowly(*args: Any, **kwargs: Any) -> Any:  # server 1's RestoreShard: the watch sees it held
+            await asyncio.sleep(0.5)
+            return await restore(*args, **kwargs)
 
-            monkeypatch.setattr(shards, "restore", slowly)
-            watcher = asyncio.ensure_future(watching())
-            try:
-                await until(lambda: bool(seen), 5)
-                await servers[0].cluster.roll_back(servers[0].registry.get(run.run_id), "server 1 restarted")
-                await until(lambda: any(e.kind == "rolled_back" for s in seen for e in s.events), 5)
-                assert any(s.run.shards[0].held for s in seen), "the watch never saw the roll back"
-                assert any(e.kind == "rolled_back" for s in seen for e in s.events), "the watch never heard the end"
-                assert not seen[-1].run.shards[0].held and seen[-1].run.min_clock == 2
-            finally:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+        monkeypatch.setattr(shards, "restore", slowly)
+        watcher = asyncio.ensure_future(watching())
+        try:
+            await until(lambda: bool(seen), 5)
+            await servers[0].cluster.roll_back(servers[0].registry.get(run.run_id), "server 1 restarted")
+            await until(lambda: any(e.kind == "rolled_back" for s in seen for e in s.events), 5)
+            assert any(s.run.shards[0].held for s in seen), "the watch never saw the roll back"
+            assert any(e.kind == "rolled_back" for s in seen for e in s.events), "the watch never heard the end"
+            assert not seen[-1].run.shards[0].held and seen[-1].run.min_clock == 2
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
 
 async def test_psctl_export_of_a_run_whose_roll_back_failed_says_at_once_what_can_be_done(
@@ -1279,36 +1289,19 @@ async def test_psctl_export_of_a_run_whose_roll_back_failed_says_at_once_what_ca
     from typer.testing import CliRunner
 
     from client.cli import app
-    from ps_server.cluster.owner import ClusterOwner
     from ps_server.cluster.shards import restore
 
-    async def not_yet(self: ClusterOwner) -> None:  # the roll back is this test's to start
-        await asyncio.Event().wait()
-
-    monkeypatch.setattr(ClusterOwner, "watch", not_yet)
-    async with cluster(server_config, 2, lambda i: {"data_dir": str(tmp_path / str(i))}, checkpoint_every=2,
-                       split_bytes=1024) as servers:
+    async with _at_cut_2(server_config, tmp_path, monkeypatch) as (servers, c, run):
         assert servers[0].cluster is not None and servers[1].checkpointer is not None
-        async with PsClient(servers[0].address, timeout=10) as c:
-            run = await c.create_run(make_spec(shapes={"w": (40, 30)}, num_workers=1, staleness=0, iterations=20))
-            (a,) = await _join_all(c, run.run_id, 1)
-            plane = Shards.beside(c, a.shard_map, a.spec)
-            try:
-                for clock in range(3):  # cut 2 on both servers
-                    await plane.pull(run.run_id, 0, a.incarnation, clock)
-                    await plane.push(run.run_id, 0, a.incarnation, clock, {"w": np.ones((40, 30), np.float32)})
-            finally:
-                await plane.close()
-            await asyncio.gather(*(s.checkpointer.drain() for s in servers))  # type: ignore[union-attr]
-            resumed = await restore(servers[1].registry, servers[1].checkpointer, run.run_id, 2, "restarted")
-            resumed.held = "this server restarted: retry"
-            await asyncio.to_thread(servers[1].checkpointer.store.delete, run.run_id)  # (its disk was replaced)
-            await servers[0].cluster.roll_back(servers[0].registry.get(run.run_id), "server 1 restarted")
-            assert (await c.get_run(run.run_id)).state == pb.RUN_STATE_FAILED
-            started = asyncio.get_running_loop().time()
-            result = await asyncio.to_thread(CliRunner().invoke, app, [
-                "export", run.run_id, "--server", servers[0].address, "-o", str(tmp_path / "p.npz"), "--timeout", "5"])
-            took = asyncio.get_running_loop().time() - started
+        resumed = await restore(servers[1].registry, servers[1].checkpointer, run.run_id, 2, "restarted")
+        resumed.held = "this server restarted: retry"
+        await asyncio.to_thread(servers[1].checkpointer.store.delete, run.run_id)  # (its disk was replaced)
+        await servers[0].cluster.roll_back(servers[0].registry.get(run.run_id), "server 1 restarted")
+        assert (await c.get_run(run.run_id)).state == pb.RUN_STATE_FAILED
+        started = asyncio.get_running_loop().time()
+        result = await asyncio.to_thread(CliRunner().invoke, app, [
+            "export", run.run_id, "--server", servers[0].address, "-o", str(tmp_path / "p.npz"), "--timeout", "5"])
+        took = asyncio.get_running_loop().time() - started
     assert result.exit_code == 1
     assert "export again" not in result.stderr and "in a moment" not in result.stderr, result.stderr
     assert "failed" in result.stderr and "no checkpoint cut is on every server" in result.stderr, result.stderr
