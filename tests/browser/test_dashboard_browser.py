@@ -262,6 +262,43 @@ async def test_a_finished_regression_run_shows_its_test_rmse(browser: Any, model
             await runner.cleanup()
 
 
+async def test_a_run_page_whose_history_could_not_be_read_reads_it_again(browser: Any) -> None:
+    """The first read of a finished run's history fails (the server slow under load: 504): the page
+    says so and reads it again, then draws it, its pushes/s included (it went on without it: a
+    finished run's throughput chart stayed empty), and an unknown run is said to be one, once."""
+    port = free_port()
+    with ps_server("--port", str(port)) as (_, addr), ps_workers(addr, 2):
+        async with connect(addr) as c:
+            run = await c.create_run(build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=2,
+                                                                  iterations=40, eval_every=20)))
+            await watch_until(c, run.run_id, lambda r: r.state == pb.RUN_STATE_COMPLETED)
+        runner, url = await dashboard(addr)
+        try:
+            page = await browser.new_page()
+            asked: list[str] = []
+
+            async def first_fails(route: Any) -> None:
+                asked.append(route.request.url)
+                if len(asked) == 1:
+                    await route.fulfill(status=504, json={"error": "deadline exceeded", "code": "DEADLINE_EXCEEDED"})
+                else:
+                    await route.continue_()
+
+            await page.route(f"**/api/runs/{run.run_id}", first_fails)
+            await page.goto(f"{url}/runs/{run.run_id}")
+            await page.wait_for_function("document.querySelector('[data-testid=conn]').dataset.state === 'finished'",
+                                         timeout=30_000)
+            assert len(asked) >= 2
+            await page.wait_for_function("Number(document.querySelector('#rate').dataset.points) >= 2")
+            gone = await browser.new_page()
+            await gone.goto(f"{url}/runs/run-nosuch")
+            await gone.wait_for_function("/run-nosuch/.test(document.querySelector('[data-testid=conn]').textContent)",
+                                         timeout=30_000)
+            assert await gone.get_attribute("[data-testid=conn]", "data-state") == "down"
+        finally:
+            await runner.cleanup()
+
+
 async def test_a_malformed_run_address_is_asked_for_as_it_is(browser: Any) -> None:
     """``/runs/%E0`` is no URI component: the page names it as it is and asks the server for it
     (its script stopped at its first line before, leaving an empty page)."""

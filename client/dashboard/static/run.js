@@ -260,7 +260,7 @@ function connect() {
   };
 }
 
-async function loadHistory() {
+async function loadHistory() {  // the run's history, or the error that kept it (e.status: 404 for no such run)
   try {
     const doc = await getJSON(`/api/runs/${encodeURIComponent(runId)}`);
     S.histogram = doc.staleness_histogram;
@@ -268,7 +268,7 @@ async function loadHistory() {
     S.dirty = true;
     return doc;
   } catch (e) {
-    return null;
+    return e;
   }
 }
 
@@ -301,16 +301,21 @@ document.getElementById("stop").addEventListener("click", () => act("stop", `Sto
 document.getElementById("checkpoint").addEventListener("click", () => act("checkpoint", `Checkpoint run ${runId} now?`));
 
 (async () => {
-  const doc = await loadHistory();
-  if (doc === null) {
+  let doc = await loadHistory();
+  while (doc instanceof Error && doc.status !== 404) {  // (the live stream needs the server too: the history first)
     setConn("down", "cannot read the run (is the parameter server up?), retrying…");
-  } else {
-    renderStatus(doc);
-    addPoints(doc.points);
-    addEvents(doc.events);
-    S.finished = FINISHED.has(doc.summary.state);
-    if (S.finished) setConn("finished", "finished: " + doc.summary.state);
+    await new Promise(resolve => setTimeout(resolve, 1000));
+    doc = await loadHistory();
   }
-  if (!S.finished) connect();
+  if (doc instanceof Error) {
+    setConn("down", doc.message);
+    return;
+  }
+  renderStatus(doc);
+  addPoints(doc.points);
+  addEvents(doc.events);
+  S.finished = FINISHED.has(doc.summary.state);
+  if (S.finished) setConn("finished", "finished: " + doc.summary.state);
+  else connect();
   setInterval(() => { if (!S.finished) refreshHistogram(); }, 5000);
 })();
