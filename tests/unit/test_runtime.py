@@ -61,7 +61,10 @@ def test_child_env_names_this_process_from_the_main_thread_only() -> None:
 ])
 def test_stop_signals_keep_only_an_ignored_sighup_ignored(ignored: tuple[signal.Signals, ...],
                                                           handled: set[signal.Signals]) -> None:
-    code = ("import asyncio, signal; from paramserver.runtime import on_stop_signals\n"
+    # (each signal's start-time disposition set here: a suite run under nohup, or as a background
+    # job, passes SIGHUP or SIGINT ignored to its children)
+    code = ("import asyncio, signal; from paramserver.runtime import STOP_SIGNALS, on_stop_signals\n"
+            "for sig in STOP_SIGNALS: signal.signal(sig, signal.SIG_DFL)\n"
             f"for sig in {[int(s) for s in ignored]}: signal.signal(sig, signal.SIG_IGN)\n"
             "loop = asyncio.new_event_loop(); print(sorted(int(s) for s in on_stop_signals(loop, lambda: None)))")
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
