@@ -234,7 +234,10 @@ class Control:
         assignment = registry.join(name, request.run_id, can)
         requested = request.max_wait.ToTimedelta().total_seconds()
         if assignment is None and requested > 0:  # max_wait 0: answer at once (not the server's limit)
-            if await registry.wait_for_work(request.run_id, min(requested, self._max_wait), can):
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + min(requested, self._max_wait)
+            # (a vacancy wakes every parked Join: those that find it taken wait on, to their deadline)
+            while assignment is None and await registry.wait_for_work(request.run_id, deadline - loop.time(), can):
                 assignment = registry.join(name, request.run_id, can)
         if assignment is None:
             return pb.JoinResponse(server_generation=registry.generation)

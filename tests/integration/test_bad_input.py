@@ -632,6 +632,29 @@ async def test_join_with_max_wait_zero_answers_at_once_when_there_is_no_work(ser
     assert loop.time() - t0 < server.config.max_wait_seconds / 2
 
 
+async def test_a_parked_join_whose_vacancy_another_took_waits_on(server: PsServer) -> None:
+    """Two Joins wait for work; the one rank falls vacant: one of them takes it, the other waits on
+    for the rest of its max_wait (it answered at once, with no work, and its worker had to ask
+    again) and takes the rank when it falls vacant again."""
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=30.0) as c:
+        run = await c.create_run(make_spec(num_workers=1))
+        held = (await c.join("a", max_wait=0)).assignment
+        parked = [asyncio.ensure_future(c.join(name, max_wait=20)) for name in ("b", "c")]
+        async with asyncio.timeout(10):
+            while server.registry._work.statistics().waiting < 2:
+                await asyncio.sleep(0.01)
+        await c.leave(run.run_id, held.rank, held.incarnation, pb.LEAVE_REASON_SHUTDOWN)
+        done, waiting = await asyncio.wait(parked, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        (first,), (second,) = done, waiting
+        taken = first.result().assignment
+        assert first.result().HasField("assignment") and taken.run_id == run.run_id
+        await asyncio.sleep(0.3)
+        assert not second.done(), second.result()
+        await c.leave(run.run_id, taken.rank, taken.incarnation, pb.LEAVE_REASON_SHUTDOWN)
+        resp = await asyncio.wait_for(second, 10)
+        assert resp.HasField("assignment") and resp.assignment.incarnation > taken.incarnation
+
+
 async def test_skipped_pulls_reported_beyond_what_a_count_can_hold_leave_the_run_readable(
         client: PsClient, live: Live) -> None:
     """Each rank may report up to 2^64 - 1 skipped pulls (uint64): their sum did not fit the run's
