@@ -408,6 +408,10 @@ def _looser(a: int, b: int) -> int:
 @settings(max_examples=80, deadline=None)
 # Always: rank 0 three clocks ahead reads clock 3 under s = 3, the bound drops to 1, it pushes (allowed).
 @example(workers=2, staleness=3, schedule=[(0, "step")] * 3 + [(0, "read"), (0, "lower"), (0, "step")])
+# Always: rank 0's read outlives its eviction; rank 1 is evicted too, and its worker's Join takes rank 0
+# (the first vacant) at the min clock, 1: the old read of clock 0 is not the new incarnation's.
+@example(workers=2, staleness=0, schedule=[(0, "read"), (0, "evict"), (1, "step"), (1, "evict"), (1, "step"),
+                                           (0, "step")])
 @given(
     workers=st.integers(1, 4),
     staleness=st.sampled_from([0, 1, 2, 3, -1]),
@@ -443,8 +447,9 @@ def test_ssp_invariant_and_exactly_once_under_random_schedules(workers: int, sta
             pending.pop(r, None)
             if run.state.finished:  # every other rank evicted and the last one done: completed, no rank to take
                 continue
-            a = run.join(f"again{r}")
+            a = run.join(f"again{r}")  # (the first vacant rank: maybe not r)
             incs[a.rank] = a.incarnation
+            pending.pop(a.rank, None)  # a read of the rank's old incarnation is not the new one's
             continue
         if slot_state is not WorkerState.ACTIVE:
             continue
