@@ -430,6 +430,15 @@ class _Trainer:
         for name, g in grads.items():
             params[name] -= lr * g
 
+    def _correct_own(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], factor: float) -> None:
+        """The own step ``_overlapped`` took at the whole rate before the push's answer, brought to
+        the rate the server took (``factor`` times it): the part of the rate it did not take is
+        stepped back, w - lr g + (1 - factor) lr g = w - factor lr g. In place (no copy of the model
+        to step again from), so an element may differ from the server's by float32 rounding."""
+        not_taken = 1.0 - factor
+        if not_taken:
+            self._apply_own(params, grads, -not_taken)
+
     async def _overlapped(
         self, push: Callable[[], Awaitable[tuple[pb.PushGradientResponse, PullResult | None]]],
         params: dict[str, np.ndarray], grads: dict[str, np.ndarray], c: int, guaranteed: int,
@@ -443,10 +452,11 @@ class _Trainer:
             task = asyncio.ensure_future(self.call(push, f"push {c}"))
         finally:
             SETTLE.reset(token)
+        stepped = self.local_sgd_lr is not None  # c + 1 sees this rank's own step of c, at the whole rate
         try:
             await asyncio.sleep(0)  # the push's bytes go out (its task runs to its first wait)
-            if self.local_sgd_lr is not None:
-                self._apply_own(params, grads)  # c + 1 sees this rank's own step of c
+            if stepped:
+                self._apply_own(params, grads)
                 self._own += 1
             ahead, version = self.gradient(params, c + 1), self._computed_on()  # (before the answer updates it)
             t_wait = time.perf_counter()
@@ -456,12 +466,12 @@ class _Trainer:
             raise
         if resp.HasField("staleness"):
             self._learn(resp.staleness)
-        factor = self.own_factor(resp) if self.local_sgd_lr is not None and pulled is None else 1.0
-        if factor is None:  # (nor was the copy ``ahead`` was computed on)
-            self._drop_copy(params)
-            return resp, pulled, time.perf_counter() - t_wait
-        if factor != 1.0:  # the server took a part of the rate: the rest is given back (to float32 rounding)
-            self._apply_own(params, grads, factor - 1.0)
+        if stepped and pulled is None:  # (a pull with the push replaced the copy: the server's step is in it)
+            factor = self.own_factor(resp)
+            if factor is None:  # the copy is not the server's (nor was the one ``ahead`` was computed on)
+                self._drop_copy(params)
+                return resp, pulled, time.perf_counter() - t_wait
+            self._correct_own(params, grads, factor)
         if resp.clock == c + 1 and (self.staleness < 0 or self.cache_valid(guaranteed, c + 1)):
             self._ahead = ahead, version  # (a rewind raised above and leaves nothing ahead)
         return resp, pulled, time.perf_counter() - t_wait

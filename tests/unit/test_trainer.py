@@ -14,7 +14,7 @@ from support import train_all, train_with_a_zero_pusher
 
 from client.spec import LaunchOptions, build_run_spec
 from paramserver import errors
-from paramserver.client import PsClient
+from paramserver.client import PsClient, PullResult
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import wire
 from ps_server.core import snapshot
@@ -368,6 +368,57 @@ async def test_read_my_writes_steps_at_the_rate_the_server_applied(monkeypatch: 
     else:
         assert c.pulls_skipped == 0  # every iteration pulled
     assert len(compared) >= 10
+
+
+@pytest.mark.parametrize(("factor", "pulled"), [(1.0, False), (0.5, False), (0.25, False), (None, False), (0.5, True)])
+async def test_an_overlapped_step_leaves_the_copy_the_server_has(factor: float | None, pulled: bool) -> None:
+    """--overlap, plain SGD at rate 1/4, s = 4: while the push of clock 2 is in flight the gradient
+    of 3 is computed on the copy with this rank's own step of 2 at the whole rate (read-my-writes);
+    once the answer says the factor the server applied (``lr_scale``), the copy kept is the
+    server's, w - (lr * factor) * g (dyadic values: exact, whatever the rounding). An answer that
+    does not say it leaves no copy (the next iteration pulls), and one that brought a pull leaves
+    the pulled parameters as they came."""
+    spec = build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=1, staleness=4, iterations=10,
+                                        lr=0.25, staleness_aware_lr=True))
+    a = pb.Assignment(run_id="r", rank=0, incarnation=1, start_clock=2, spec=spec)
+    t = trainer_module._Trainer(None, a, OVERLAP)  # type: ignore[arg-type]  # (the push below is all it calls)
+    w = {"w": np.array([[1.0, 2.0], [-0.5, 0.0]], np.float32), "b": np.array([3.0, -1.0], np.float32)}
+    g = {"w": np.array([[1.0, -2.0], [0.5, 4.0]], np.float32), "b": np.array([-0.5, 2.0], np.float32)}
+    params = {n: v.copy() for n, v in w.items()}
+    t._version, t._own = 7, 1  # pulled at version 7, one own step since
+    fresh = {n: np.full_like(v, 9.0) for n, v in w.items()}  # (what a pull with the push would bring)
+    seen: list[tuple[dict[str, np.ndarray], int]] = []
+
+    def gradient(params: dict[str, np.ndarray], c: int, out: object = None) -> tuple[float, dict[str, np.ndarray], int, float]:
+        seen.append(({n: v.copy() for n, v in params.items()}, c))
+        return 0.5, {n: np.ones_like(v) for n, v in params.items()}, 16, 0.0
+
+    async def push() -> tuple[pb.PushGradientResponse, PullResult | None]:
+        await asyncio.sleep(0)  # (the answer comes after a round trip: once the gradient is computed)
+        resp = pb.PushGradientResponse(clock=3, min_clock=3, run_state=pb.RUN_STATE_RUNNING)
+        if factor is not None:
+            resp.lr_scale = factor
+        if not pulled:
+            return resp, None
+        for n, v in fresh.items():
+            np.copyto(params[n], v)
+        return resp, PullResult(3, 9, pb.RUN_STATE_RUNNING, params)
+
+    t.gradient = gradient  # type: ignore[method-assign]
+    resp, res, _ = await t._overlapped(push, params, g, 2, 2)
+    assert resp.clock == 3 and (res is not None) is pulled
+    [(computed_on, clock)] = seen
+    assert clock == 3
+    for n in w:  # the whole rate, ahead of the answer
+        np.testing.assert_array_equal(computed_on[n], w[n] - np.float32(0.25) * g[n])
+    if factor is None:
+        assert params == {} and t._ahead is None and t._own == 0
+        return
+    for n in w:
+        want = fresh[n] if pulled else w[n] - np.float32(0.25 * factor) * g[n]
+        np.testing.assert_array_equal(params[n], want, err_msg=n)
+    assert t._ahead is not None and t._ahead[1] == 9  # computed on the pull plus both own steps
+    assert t._own == 2
 
 
 @pytest.mark.parametrize("overlap", [False, True])
