@@ -15,6 +15,8 @@ one pull must hold the same clock (else: retry). Of several CLOCK_AHEAD refusals
 to different clocks) the earliest clock is raised (the caller goes back to it, which may be its
 own clock). Answers combine as the least guarantee: the least clock, min clock and guaranteed
 clock, duplicate only if every shard says so, and a finished run's state over a running one.
+Each server scales its share's rate by its own staleness for the rank: one factor for the whole
+push (``lr_scale``) when all took the same, else each share's own (``factors``).
 
 Tables (``ParamSpec.table``) are spread by row ranges: a table's rows (pulled by id, or pushed as
 ``wire.RowsPart``) go to the shards holding them, as ids local to each shard's range, and pulled
@@ -36,7 +38,7 @@ from . import errors
 from .client import PsClient
 from .sink import PullResult
 
-__all__ = ["Shards", "pull_run"]
+__all__ = ["ShardFactors", "Shards", "pull_run"]
 
 
 def _coded_rows(a: CodedPart, start: int, end: int) -> CodedPart:
@@ -59,6 +61,26 @@ def _fit(out: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> None:
     a = out.get(name)
     if a is None or a.shape != shape or a.dtype != np.float32 or not a.flags.c_contiguous or not a.flags.writeable:
         out[name] = np.empty(shape, np.float32)
+
+
+class ShardFactors:
+    """The factors several servers' rates took for their shares of one push (each divides by its
+    own staleness for the rank: ``PushGradientResponse.lr_scale``), by the rows each holds."""
+
+    def __init__(self, shard_map: pb.ShardMap, factors: Sequence[float]) -> None:
+        starts: dict[str, list[tuple[int, float]]] = {}
+        for shard, factor in zip(shard_map.shards, factors, strict=True):
+            for pc in shard.pieces:
+                starts.setdefault(pc.name, []).append((pc.row_start, factor))
+        self._pieces = {name: (np.array([s for s, _ in sorted(p)], np.int64), np.array([f for _, f in sorted(p)]))
+                        for name, p in starts.items()}
+        """Tensor name -> (its pieces' first rows, ascending; each piece's factor)."""
+
+    def of_rows(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """The factor of each of the rows ``ids`` of tensor ``name`` (a scalar's one row: 0), float64
+        as the servers said it."""
+        starts, factors = self._pieces[name]
+        return factors[np.searchsorted(starts, ids, side="right") - 1]
 
 
 _STATE_ORDER: dict[int, int] = {pb.RUN_STATE_FAILED: 0, pb.RUN_STATE_STOPPED: 1, pb.RUN_STATE_COMPLETED: 2, pb.RUN_STATE_PENDING: 3,
@@ -87,6 +109,8 @@ class Shards:
         self._versions: tuple[int, dict[int, int]] = (-1, {})
         """The version the last pull returned (the least of its shards') and each shard's own: a
         push that says it was computed on that version tells each shard its own."""
+        self._factors: tuple[pb.PushGradientResponse | None, list[float | None]] = (None, [])
+        """The last push's combined answer and each shard's ``lr_scale`` (None: not said)."""
 
     @classmethod
     def beside(cls, client: PsClient, shard_map: pb.ShardMap, spec: pb.RunSpec) -> Shards:
@@ -118,6 +142,21 @@ class Shards:
         if param_version is None or param_version < combined or i not in each:
             return param_version
         return each[i] + param_version - combined
+
+    def factors(self, resp: pb.PushGradientResponse) -> ShardFactors | None:
+        """The factor each shard's rate took in the push ``resp`` (``push``'s or ``push_pull``'s
+        answer) answered: a worker's own step on the copy it keeps takes each share's own (the
+        servers' staleness for the rank differ: ``resp`` says no one factor). None when a shard did
+        not say it, or ``resp`` is not this plane's last push's answer."""
+        answered, factors = self._factors
+        if resp is not answered or any(f is None for f in factors):
+            return None
+        return ShardFactors(self.shard_map, [f for f in factors if f is not None])
+
+    def _combined(self, acks: Sequence[pb.PushGradientResponse]) -> pb.PushGradientResponse:
+        out = _combined(acks)
+        self._factors = (out, [a.lr_scale if a.HasField("lr_scale") else None for a in acks])
+        return out
 
     def _pulled_versions(self, answers: Mapping[int, PullResult], result: PullResult) -> None:
         self._versions = (result.version, {i: r.version for i, r in answers.items()})
@@ -281,7 +320,7 @@ class Shards:
 
         answers, failures = await self._each({i: one(i) for i in range(len(self.clients))})
         self._check(failures)
-        return _combined([answers[i] for i in range(len(self.clients))])
+        return self._combined([answers[i] for i in range(len(self.clients))])
 
     async def push_pull(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Any],
                         loss: float = 0.0, *, into: dict[str, np.ndarray] | None = None,
@@ -316,7 +355,7 @@ class Shards:
         result = _pulled(list(pulled.values()), out)
         result.rows = self._gathered(rows, pulled)
         self._pulled_versions(pulled, result)
-        return _combined([answers[i][0] for i in range(len(self.clients))]), result
+        return self._combined([answers[i][0] for i in range(len(self.clients))]), result
 
     async def pull(self, run_id: str, rank: int = 0, incarnation: int = 0, clock: int = 0, *,
                    into: dict[str, np.ndarray] | None = None, names: Sequence[str] = (),
@@ -380,7 +419,7 @@ def _combined(acks: Sequence[pb.PushGradientResponse]) -> pb.PushGradientRespons
     if bound is not None:
         out.staleness = bound
     # Each server scales its share's rate by its own staleness: one factor for the whole push only
-    # when they all took the same (else it is left unset: the worker's copy is not theirs, it pulls).
+    # when they all took the same (else it is left unset: each share's own is ``Shards.factors``).
     scales = {a.lr_scale if a.HasField("lr_scale") else None for a in acks}
     if len(scales) == 1 and (scale := scales.pop()) is not None:
         out.lr_scale = scale

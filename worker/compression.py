@@ -21,6 +21,8 @@ import numpy as np
 from paramserver.v1 import compress, wire
 from paramserver.v1 import paramserver_pb2 as pb
 
+from .rates import OwnRate
+
 __all__ = ["PushCodec"]
 
 
@@ -73,11 +75,12 @@ class PushCodec:
         picked, values = self.sent[name]
         return picked, values if self.dtype == pb.DATA_TYPE_FLOAT32 else self._decoded(values)
 
-    def step_locally(self, params: dict[str, np.ndarray], lr: np.float32) -> None:
+    def step_locally(self, params: dict[str, np.ndarray], rate: OwnRate) -> None:
         """Plain SGD's step with what the last push carried (what the server applies of it)."""
         for name in self.sent:
             picked, values = self.sent_values(name)
             flat = params[name].reshape(-1)
+            lr = rate.elements(name, params[name].shape, picked)
             if picked is None:
                 flat -= lr * values
             else:

@@ -25,6 +25,7 @@ from paramserver.v1.wire import RowsPart
 from .config import WorkerConfig
 from .datasets import Dataset
 from .models.base import EvalResult, Model
+from .rates import Factor, OwnRate
 from .sampling import BatchSampler
 from .sparse import RowBlock, SparseBatch
 from .tables import RowCache
@@ -56,7 +57,7 @@ class Loop(Protocol):
 
     async def call(self, op: Callable[[], Awaitable[T]], what: str) -> T: ...
     def cache_valid(self, guaranteed: int, clock: int) -> bool: ...
-    def own_factor(self, resp: pb.PushGradientResponse) -> float | None: ...
+    def own_factor(self, resp: pb.PushGradientResponse) -> Factor | None: ...
     def check_loss(self, loss: float, clock: int) -> None: ...
     async def advance(self, resp: pb.PushGradientResponse, c: int, loss: float, samples: int, t0: float,
                       t_compute: float, comm: float, parked: bool) -> None: ...
@@ -201,12 +202,12 @@ class TableStep:
         if factor is None:
             self.reset()
             return
-        lr = np.float32(t.local_sgd_lr * factor)
+        rate = OwnRate(t.local_sgd_lr, factor)
         for name, g in grads.items():
             if isinstance(g, RowBlock):
-                self.caches[name].apply_sgd(g.ids, g.values.astype(np.float32), lr)
+                self.caches[name].apply_sgd(g.ids, g.values.astype(np.float32), rate.rows(name, g.ids))
             elif dense:
-                params[name] -= lr * g
+                params[name] -= rate.whole(name, g.shape) * g
         if dense:  # (a push that brought a pull: its version has this step already)
             self.own += 1
 

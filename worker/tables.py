@@ -91,10 +91,11 @@ class RowCache:
         order = np.argsort(all_ids)
         self.ids, self.values, self.clocks = all_ids[order], all_values[order], all_clocks[order]
 
-    def apply_sgd(self, ids: I64, grad: npt.NDArray[np.float32], lr: np.float32) -> None:
-        """The worker's own plain-SGD step on the cached rows among ``ids`` (sorted unique)."""
+    def apply_sgd(self, ids: I64, grad: npt.NDArray[np.float32], lr: np.float32 | npt.NDArray[np.float32]) -> None:
+        """The worker's own plain-SGD step on the cached rows among ``ids`` (sorted unique); ``lr``
+        one rate, or one per id (shape (len(ids), 1): rows of shards that took different ones)."""
         if not self.ids.size or not ids.size:
             return
         pos = np.minimum(np.searchsorted(self.ids, ids), self.ids.size - 1)
         here = self.ids[pos] == ids
-        self.values[pos[here]] -= lr * grad[here]
+        self.values[pos[here]] -= (lr[here] if isinstance(lr, np.ndarray) else lr) * grad[here]

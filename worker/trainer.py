@@ -51,6 +51,7 @@ from .compression import PushCodec
 from .config import WorkerConfig, parse_tail_delay
 from .datasets import DatasetError, load_dataset
 from .models import EvalResult, ModelSpecError, build_model
+from .rates import Factor, OwnRate
 from .sampling import BatchSampler, shard_indices
 from .straggler import Straggler
 from .table_step import TableStep
@@ -403,13 +404,17 @@ class _Trainer:
                                               max_wait=wait, since=since, param_version=version)
         return op
 
-    def own_factor(self, resp: pb.PushGradientResponse) -> float | None:
+    def own_factor(self, resp: pb.PushGradientResponse) -> Factor | None:
         """The factor of the rate the server applied this rank's push with (a staleness-aware
         rate divides it by the push's staleness: ``PushGradientResponse.lr_scale``), for its own
-        step on the copy it keeps; None when the answer does not say it (the copy must be pulled)."""
+        step on the copy it keeps: over several servers that took different ones, each server's
+        for the rows it holds (``Shards.factors``); None when the answer does not say it (the
+        copy must be pulled)."""
         if not self.spec.staleness_aware_lr:
             return 1.0
-        return resp.lr_scale if resp.HasField("lr_scale") else None
+        if resp.HasField("lr_scale"):
+            return resp.lr_scale
+        return self.plane.factors(resp) if isinstance(self.plane, Shards) else None
 
     def _drop_copy(self, params: dict[str, np.ndarray]) -> None:
         """The parameters held are not the server's (their own step's rate is unknown): the next
@@ -418,26 +423,27 @@ class _Trainer:
         self._since = None
         self._own = 0
 
-    def _apply_own(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], factor: float = 1.0) -> None:
+    def _apply_own(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], factor: Factor = 1.0,
+                   less: float = 0.0) -> None:
         """Read-my-writes on a copy the server will not send again: plain SGD's step, as the server
-        takes it (the rate times ``factor``: ``own_factor``)."""
+        takes it (the rate times ``factor``: ``own_factor``; minus ``less`` times it, a part of
+        the rate stepped already)."""
         assert self.local_sgd_lr is not None
         _own(params)
-        lr = np.float32(self.local_sgd_lr * factor)
+        rate = OwnRate(self.local_sgd_lr, factor, less)
         if self.codec is not None:  # what the push carried, not the gradient
-            self.codec.step_locally(params, lr)
+            self.codec.step_locally(params, rate)
             return
         for name, g in grads.items():
-            params[name] -= lr * g
+            params[name] -= rate.whole(name, g.shape) * g
 
-    def _correct_own(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], factor: float) -> None:
+    def _correct_own(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], factor: Factor) -> None:
         """The own step ``_overlapped`` took at the whole rate before the push's answer, brought to
         the rate the server took (``factor`` times it): the part of the rate it did not take is
         stepped back, w - lr g + (1 - factor) lr g = w - factor lr g. In place (no copy of the model
         to step again from), so an element may differ from the server's by float32 rounding."""
-        not_taken = 1.0 - factor
-        if not_taken:
-            self._apply_own(params, grads, -not_taken)
+        if factor != 1.0:
+            self._apply_own(params, grads, factor, less=1.0)
 
     async def _overlapped(
         self, push: Callable[[], Awaitable[tuple[pb.PushGradientResponse, PullResult | None]]],

@@ -30,6 +30,7 @@ from ps_server.config import ServerConfig
 from ps_server.server import PsServer, start_server
 from worker.datasets import load_dataset
 from worker.models import build_model
+from worker.rates import OwnRate
 from worker.sampling import BatchSampler, shard_indices
 
 pytestmark = pytest.mark.timeout(120)
@@ -1579,3 +1580,36 @@ async def test_each_shard_is_told_its_own_version_of_the_parameters_a_push_was_c
             assert pulled.version == 0
             assert first == sorted([(servers[0].address, 1), (servers[1].address, 0)])
             assert sorted(told) == sorted([(servers[0].address, 2), (servers[1].address, 1)])
+
+
+async def test_each_shards_rows_of_a_workers_copy_take_the_factor_that_server_took(server_config: ServerConfig) -> None:
+    """Rank 1's pushes of clocks 0 and 1 reached server 0 only (zeros: they change nothing but its
+    version): rank 0's push computed on its pull of version 0 is two updates stale there, none on
+    server 1, so their staleness-aware rates differ (1/2 and 1). The answer says no one factor,
+    the plane says each server's for its rows, and the copy stepped with them is the servers'
+    parameters, bit for bit."""
+    async with cluster(server_config, 2, split_bytes=1024) as servers:
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(make_spec(shapes={"w": (40, 30)}, num_workers=2, staleness=5, iterations=20,
+                                               lr=0.3, staleness_aware_lr=True))
+            a, b = await _join_all(c, run.run_id, 2)
+            plane = Shards.beside(c, a.shard_map, a.spec)
+            g = {"w": np.random.default_rng(3).standard_normal((40, 30), np.float32)}
+            try:
+                copy = await plane.pull(run.run_id, a.rank, a.incarnation, 0)
+                zero = plane._rows({"w": np.zeros((40, 30), np.float32)}, a.shard_map.shards[0])
+                for clock in (0, 1):
+                    await plane.clients[0].push(run.run_id, b.rank, b.incarnation, clock, zero)
+                resp = await plane.push(run.run_id, a.rank, a.incarnation, 0, g, param_version=copy.version)
+                factors = plane.factors(resp)
+                server = await pull_run(c, run.run_id)
+            finally:
+                await plane.close()
+    assert not resp.HasField("lr_scale") and factors is not None
+    (first,) = (pc for pc in a.shard_map.shards[0].pieces if pc.name == "w")
+    assert first.row_start == 0 < first.row_end < 40  # (server 0 holds the first rows)
+    np.testing.assert_array_equal(factors.of_rows("w", np.arange(40)), np.where(np.arange(40) < first.row_end, 0.5, 1.0))
+    lr, w = a.spec.optimizer.sgd.learning_rate, copy.tensors["w"]
+    assert not np.array_equal(w - np.float32(lr) * g["w"], server.tensors["w"])  # (not one rate for all rows)
+    w -= OwnRate(lr, factors).whole("w", w.shape) * g["w"]
+    assert np.array_equal(w, server.tensors["w"])

@@ -6,6 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from paramserver.shards import ShardFactors
+from paramserver.v1 import paramserver_pb2 as pb
+from worker.rates import OwnRate
 from worker.tables import RowCache
 
 pytestmark = pytest.mark.timeout(30)
@@ -55,6 +58,21 @@ def test_the_workers_own_sgd_step_is_applied_to_the_rows_it_keeps() -> None:
     hit, pos = cache.lookup(ids(2, 4), 1)
     assert hit.all()
     np.testing.assert_array_equal(cache.values[pos], np.array([[1, 1], [-4, -4]], np.float32))
+
+
+def test_rows_of_shards_that_took_different_rates_step_each_at_its_own() -> None:
+    """A table split over two servers (rows 0-3, 4-7) whose staleness for the rank differ: each
+    server's rows step at the rate it took (``OwnRate.rows`` of ``Shards.factors``)."""
+    shard_map = pb.ShardMap(shards=[pb.Shard(pieces=[pb.Piece(name="t", row_start=0, row_end=4)]),
+                                    pb.Shard(pieces=[pb.Piece(name="t", row_start=4, row_end=8)])])
+    cache = RowCache(dim=2, staleness=1)
+    cache.block(ids(2, 4, 7), 0, ids(2, 4, 7), np.ones((3, 2), np.float32), guaranteed=0)
+    rate = OwnRate(0.5, ShardFactors(shard_map, [1.0, 0.25]))
+    touched = ids(2, 3, 4, 7)  # 3 is not cached
+    cache.apply_sgd(touched, np.full((4, 2), 8, np.float32), rate.rows("t", touched))
+    hit, pos = cache.lookup(ids(2, 4, 7), 1)
+    assert hit.all()
+    np.testing.assert_array_equal(cache.values[pos], np.array([[-3, -3], [0, 0], [0, 0]], np.float32))
 
 
 def test_a_row_neither_cached_nor_pulled_is_an_error_not_garbage() -> None:

@@ -15,6 +15,7 @@ from support import train_all, train_with_a_zero_pusher
 from client.spec import LaunchOptions, build_run_spec
 from paramserver import errors
 from paramserver.client import PsClient, PullResult
+from paramserver.shards import ShardFactors, Shards
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import wire
 from ps_server.core import snapshot
@@ -325,7 +326,7 @@ async def test_read_my_writes_steps_at_the_rate_the_server_applied(monkeypatch: 
     copy takes the same factor (it took the whole rate), so the copy it computes on is the
     server's parameters, to the bit (with --overlap, which steps at the whole rate while the push
     is in flight and gives the rest back once its answer says the factor, to float32 rounding). An
-    answer that does not say it (``said``: a server that lost it, shards that disagree) leaves no
+    answer that does not say it (``said``: a server that lost it, a shard that did not) leaves no
     copy: the next iteration pulls, whole (a delta needs the copy it is a delta of)."""
     compared: list[int] = []
     servers: list[InMemoryServer] = []
@@ -419,6 +420,118 @@ async def test_an_overlapped_step_leaves_the_copy_the_server_has(factor: float |
         np.testing.assert_array_equal(params[n], want, err_msg=n)
     assert t._ahead is not None and t._ahead[1] == 9  # computed on the pull plus both own steps
     assert t._own == 2
+
+
+class _Shard:
+    """A server of a sharded run that answers each push with its own factor (``lr_scale``: its
+    staleness for the rank), after a round trip."""
+
+    def __init__(self, factor: float | None) -> None:
+        self.factor = factor
+
+    async def push(self, run_id: str, rank: int, incarnation: int, clock: int, grads: object, loss: float = 0.0,
+                   timeout: float | None = None, param_version: int | None = None) -> pb.PushGradientResponse:
+        await asyncio.sleep(0)
+        resp = pb.PushGradientResponse(clock=clock + 1, min_clock=clock + 1, run_state=pb.RUN_STATE_RUNNING)
+        if self.factor is not None:
+            resp.lr_scale = self.factor
+        return resp
+
+    async def close(self) -> None:
+        pass
+
+
+def _sharded(factors: tuple[float | None, float | None], compress: str = "none",
+             overlap: bool = False) -> trainer_module._Trainer:
+    """A rank of a run whose 'w' (4 x 2) is split over two servers (rows 0-1, 2-3) and whose 'b'
+    the second holds, which answer pushes with ``factors``; plain SGD at rate 1/4, s = 4."""
+    spec = build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=1, staleness=4, iterations=10,
+                                        lr=0.25, staleness_aware_lr=True, compress=compress))
+    shard_map = pb.ShardMap(shards=[pb.Shard(index=0, pieces=[pb.Piece(name="w", row_start=0, row_end=2)]),
+                                    pb.Shard(index=1, pieces=[pb.Piece(name="w", row_start=2, row_end=4),
+                                                              pb.Piece(name="b", row_start=0, row_end=2)])])
+    t = trainer_module._Trainer(None, pb.Assignment(run_id="r", rank=0, incarnation=1, start_clock=2, spec=spec),  # type: ignore[arg-type]
+                                dataclasses.replace(CONFIG, overlap=overlap))
+    servers = [_Shard(f) for f in factors]
+    t.plane = Shards(shard_map, {"w": (4, 2), "b": (2,)}, lambda s: servers[s.index], staleness=4)  # type: ignore[arg-type,return-value]
+    return t
+
+
+_W = {"w": np.array([[1.0, 2.0], [-0.5, 0.0], [3.0, 1.5], [0.25, -1.0]], np.float32),
+      "b": np.array([3.0, -1.0], np.float32)}
+_G = {"w": np.array([[1.0, -2.0], [0.5, 4.0], [-1.0, 2.0], [8.0, 0.5]], np.float32),
+      "b": np.array([-0.5, 2.0], np.float32)}
+
+
+def _each_shards_step(sent: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The parameters after the push of ``sent`` at the rate each server took: rows 0-1 of 'w'
+    the whole rate, rows 2-3 and 'b' half of it (dyadic values: exact)."""
+    lr = np.float32(0.25)
+    w = _W["w"] - np.concatenate([np.full((2, 1), lr), np.full((2, 1), lr / 2)]) * sent["w"]
+    return {"w": w, "b": _W["b"] - lr / 2 * sent["b"]}
+
+
+@pytest.mark.parametrize("compress", ["none", "topk:0.5"])
+async def test_each_shards_rows_take_the_rate_that_server_took(compress: str) -> None:
+    """Two servers answer one push with different factors (their staleness for this rank differ):
+    the combined answer says no one factor, the sharded client says each server's for its rows,
+    and the rank's own step on the copy it keeps takes each (the copy is the servers' parameters;
+    it was dropped and pulled again). With top-k, the elements the push carried."""
+    t = _sharded((1.0, 0.5), compress)
+    params = {n: v.copy() for n, v in _W.items()}
+    sent = t.codec.encode(_G) if t.codec else _G
+    resp = await t.plane.push("r", 0, 1, 2, sent, param_version=7)
+    assert not resp.HasField("lr_scale")
+    factor = t.own_factor(resp)
+    assert isinstance(factor, ShardFactors)
+    np.testing.assert_array_equal(factor.of_rows("w", np.arange(4)), [1.0, 1.0, 0.5, 0.5])
+    t._apply_own(params, _G, factor)
+    carried = {n: np.zeros_like(g) for n, g in _G.items()}
+    for n in carried:
+        picked, values = t.codec.sent_values(n) if t.codec else (None, _G[n].reshape(-1))
+        carried[n].reshape(-1)[slice(None) if picked is None else picked] = values
+    want = _each_shards_step(carried)
+    for n in _W:
+        np.testing.assert_array_equal(params[n], want[n], err_msg=n)
+
+
+async def test_an_overlapped_step_on_shards_leaves_each_rows_at_their_servers_rate() -> None:
+    """--overlap over two servers: the own step taken at the whole rate before the answers is
+    brought to each server's factor for its rows (exact here: dyadic values)."""
+    t = _sharded((1.0, 0.5), overlap=True)
+    params = {n: v.copy() for n, v in _W.items()}
+    t._version, t._own = 7, 0
+    t.gradient = lambda params, c, out=None: (0.5, {n: np.ones_like(v) for n, v in params.items()}, 16, 0.0)  # type: ignore[method-assign]
+
+    async def push() -> tuple[pb.PushGradientResponse, PullResult | None]:
+        return await t.plane.push("r", 0, 1, 2, _G, param_version=7), None
+
+    resp, _, _ = await t._overlapped(push, params, _G, 2, 2)
+    want = _each_shards_step(_G)
+    for n in _W:
+        np.testing.assert_array_equal(params[n], want[n], err_msg=n)
+    assert t._ahead is not None and t._own == 1
+
+
+@pytest.mark.parametrize("factors", [(None, 0.5), (0.5, None)])
+async def test_a_shard_that_does_not_say_its_factor_leaves_no_copy(factors: tuple[float | None, float | None]) -> None:
+    """The copy is the servers' only if every server said the factor its rows took."""
+    t = _sharded(factors)
+    resp = await t.plane.push("r", 0, 1, 2, _G, param_version=7)
+    assert t.own_factor(resp) is None
+
+
+async def test_the_factors_said_are_those_of_the_planes_last_push() -> None:
+    t = _sharded((1.0, 0.5))
+    first = await t.plane.push("r", 0, 1, 2, _G, param_version=7)
+    second = await t.plane.push("r", 0, 1, 3, _G, param_version=8)
+    assert t.own_factor(first) is None and isinstance(t.own_factor(second), ShardFactors)
+
+
+async def test_shards_that_took_one_factor_say_it_as_one() -> None:
+    t = _sharded((0.5, 0.5))
+    resp = await t.plane.push("r", 0, 1, 2, _G, param_version=7)
+    assert resp.lr_scale == 0.5 and t.own_factor(resp) == 0.5
 
 
 @pytest.mark.parametrize("overlap", [False, True])
