@@ -8,7 +8,9 @@ of each server with the same cut. A checkpoint is written into a hidden temporar
 each file fsynced, then renamed into place and the parent directory fsynced: a crash at any point
 leaves either the previous checkpoints or the new one, never a half one under a ``ckpt-`` name.
 A deleted run's directory is renamed out of the runs first (``.deleted-``), so a crash while it is
-removed never brings the run back, in part.
+removed never brings the run back, in part. Checkpoints a run went back past (``discard_after``)
+are listed in ``discarding.json`` before the first is removed: until the list is removed none of them
+is a checkpoint, and a restart finishes the discard (a crash midway never resumes one of them).
 Loading checks the manifest, the hash and the shapes; a checkpoint that fails is skipped with an
 error in the log and the next older one is tried. Arrays load with ``allow_pickle=False``.
 """
@@ -89,6 +91,10 @@ _DELETED = ".deleted-"
 """The name a deleted run's directory takes before it is removed (``CheckpointStore.delete``)."""
 
 
+_DISCARDING = "discarding.json"
+"""In a run's directory: the names of its checkpoints being discarded (``discard_after``)."""
+
+
 def _remove(path: Path) -> str:
     """Remove ``path`` and all in it: "", or what is left and why."""
     failed: list[str] = []
@@ -126,7 +132,19 @@ class CheckpointStore:
     def _checkpoints(self, run_dir: Path) -> list[Path]:
         """Complete checkpoints of a run, newest first (temporaries, and anything else not named as
         this module names them, such as a copy someone made beside one, are ignored)."""
-        return [p for p in self._named(run_dir) if p.is_dir()]
+        discarding = self._discarding(run_dir)
+        return [p for p in self._named(run_dir) if p.is_dir() and p.name not in discarding]
+
+    def _discarding(self, run_dir: Path) -> set[str]:
+        """The names of the run's checkpoints being discarded (none of them is a checkpoint)."""
+        try:
+            names = json.loads((run_dir / _DISCARDING).read_text())
+        except FileNotFoundError:
+            return set()
+        except ValueError as exc:  # (written whole, then renamed into place: only a hand could break it)
+            log.error("ignoring %s: %s", run_dir / _DISCARDING, exc)
+            return set()
+        return {n for n in names if isinstance(n, str) and _NAME.fullmatch(n)} if isinstance(names, list) else set()
 
     def write(self, meta: dict[str, Any], arrays: dict[str, np.ndarray], protect: Collection[int] = (),
               keep_oldest: bool = False) -> Path:
@@ -141,7 +159,9 @@ class CheckpointStore:
         existing = self._checkpoints(run_dir)
         # (after anything named as one: a file someone left as ckpt-<seq> would take its name)
         named = self._named(run_dir)
-        seq = int(named[0].name.split("-")[1]) + 1 if named else 1
+        # (and after those being discarded: a crash before the list is removed would discard this one)
+        seqs = [int(n.split("-")[1]) for n in {*(p.name for p in named[:1]), *self._discarding(run_dir)}]
+        seq = max(seqs, default=0) + 1
         final = run_dir / f"ckpt-{seq:010d}"
         tmp = run_dir / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir()
@@ -207,10 +227,32 @@ class CheckpointStore:
 
     def discard_after(self, run_id: str, cut: int) -> None:
         """Delete ``run_id``'s checkpoints of cuts above ``cut``: the run went back to ``cut``, and
-        they belong to a history that is no longer its own."""
-        for path in self._checkpoints(self.root / run_id):
-            if (self._cut(path) or 0) > cut:
-                _drop(path)
+        they belong to a history that is no longer its own. Their list lands first, in one rename
+        (a crash once they were partly removed would resume the newest left, of that history);
+        ``latest`` finishes a discard a crash cut short."""
+        run_dir = self.root / run_id
+        doomed = {p.name for p in self._checkpoints(run_dir) if (self._cut(p) or 0) > cut}
+        if not doomed:
+            return
+        tmp = run_dir / f".tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(sorted(doomed | self._discarding(run_dir)), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, run_dir / _DISCARDING)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync(run_dir)
+        self._discard(run_dir)
+
+    def _discard(self, run_dir: Path) -> None:
+        """Remove the checkpoints listed as being discarded, then the list."""
+        for name in self._discarding(run_dir):
+            _drop(run_dir / name)
+        _fsync(run_dir)  # (they are gone for good before the list is)
+        os.unlink(run_dir / _DISCARDING)
 
     def load_cut(self, run_id: str, cut: int) -> Checkpoint:
         """The newest checkpoint of ``run_id`` labelled ``cut`` that loads; CorruptCheckpoint if none."""
@@ -267,11 +309,19 @@ class CheckpointStore:
                 continue
             try:
                 for tmp in run_dir.glob(".tmp-*"):  # a write that crashed: never a checkpoint
-                    shutil.rmtree(tmp, ignore_errors=True)
+                    if tmp.is_file():  # (the list of a discard)
+                        tmp.unlink(missing_ok=True)
+                    else:
+                        shutil.rmtree(tmp, ignore_errors=True)
                 paths = self._checkpoints(run_dir)
             except OSError as exc:  # (a file system's lost+found, another user's directory)
                 log.warning("skipping %s in the data directory: cannot read it (%s)", run_dir, exc.strerror or exc)
                 continue
+            if (run_dir / _DISCARDING).exists():  # a discard a crash cut short (its list holds meanwhile)
+                try:
+                    self._discard(run_dir)
+                except OSError as exc:
+                    log.warning("could not finish discarding checkpoints of %s: %s", run_dir.name, exc)
             skipped: list[str] = []
             for path in paths:
                 try:

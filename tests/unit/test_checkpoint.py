@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -934,3 +935,76 @@ async def test_a_checkpoint_asked_for_during_a_restore_is_never_one_of_the_histo
         with pytest.raises(FailedPrecondition, match="history the run left"):
             await late
     assert CheckpointStore(tmp_path).cuts(run.run_id) == [2]
+
+
+class _Killed(BaseException):
+    """A kill -9 at that point (no ``except Exception`` catches it)."""
+
+
+def test_a_crash_at_any_step_of_a_discard_resumes_the_cut_or_the_history_before_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """discard_after removed the checkpoints past the cut one by one, newest first: a kill -9 after
+    the first left the next newest, of the history the run left, to be resumed (and listed as a cut
+    a cluster could go back to). At each step a crash leaves all of them, or none once restarted."""
+    import shutil
+
+    run = make_run()
+    steps = {"rename": os.rename, "unlink": os.unlink, "fsync": os.fsync}
+    rmtree = shutil.rmtree
+    crashed_at: list[int] = []
+    for n in range(100):
+        root = tmp_path / str(n)
+        store = CheckpointStore(root, keep=5)
+        for cut in (0, 5, 10, 15):
+            _write_cut(store, run, cut)
+        calls = 0
+
+        def step(real: Any, *args: object, _n: int = n, **kw: object) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls > _n:
+                raise _Killed()
+            return real(*args, **kw)
+
+        for name, real in steps.items():
+            monkeypatch.setattr(os, name, lambda *a, _r=real, **k: step(_r, *a, **k))
+        monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: step(rmtree, *a, **k))
+        try:
+            store.discard_after(run.run_id, 5)
+        except _Killed:
+            crashed_at.append(n)
+        finally:
+            monkeypatch.undo()
+        restarted = CheckpointStore(root, keep=5)
+        (resumed,) = restarted.latest()
+        cuts = restarted.cuts(run.run_id)
+        assert (resumed.meta["cut"], cuts) in ((15, [15, 10, 5, 0]), (5, [5, 0])), f"crash at step {n}"
+        assert sorted(p.name for p in (root / run.run_id).iterdir() if not p.name.startswith("ckpt-")) == []
+        if not crashed_at or crashed_at[-1] != n:
+            break
+    assert crashed_at == list(range(len(crashed_at))) and len(crashed_at) >= 4  # (every step, then none)
+
+
+def test_a_discard_left_unfinished_never_lends_its_names_to_new_checkpoints(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints listed as being discarded are none; one written while the list is still there
+    (its removal failed) takes a name after theirs, or the restart that ends the discard removes it."""
+    run = make_run()
+    store = CheckpointStore(tmp_path, keep=5)
+    for cut in (0, 5, 10):
+        _write_cut(store, run, cut)
+    unlink = os.unlink
+
+    def refused(path: Any, *args: object, **kw: object) -> None:
+        if Path(path).name == checkpoint._DISCARDING:
+            raise PermissionError(13, "Permission denied")
+        unlink(path, *args, **kw)
+
+    monkeypatch.setattr(os, "unlink", refused)
+    with pytest.raises(PermissionError):
+        store.discard_after(run.run_id, 0)
+    assert store.cuts(run.run_id) == [0]
+    _write_cut(store, run, 3)
+    monkeypatch.undo()
+    (resumed,) = CheckpointStore(tmp_path, keep=5).latest()
+    assert resumed.meta["cut"] == 3 and store.cuts(run.run_id) == [3, 0]
