@@ -34,16 +34,25 @@ log = logging.getLogger("ps_server")
 T = TypeVar("T")
 
 
-async def landed(work: Awaitable[T]) -> T:
+async def landed(work: Awaitable[T], failed: Callable[[Exception], object] = lambda exc: None) -> T:
     """``work``'s result; a caller cancelled meanwhile is cancelled once ``work`` has ended (a
     thread writing or deleting a run's files goes on regardless: the run's lock, held around
-    this, must be held until it has landed, or the next write of the run would race it)."""
+    this, must be held until it has landed, or the next write of the run would race it), and
+    what ``work`` raised then goes to ``failed`` (no one else hears of it)."""
     task = asyncio.ensure_future(work)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         await asyncio.wait({task})
+        if not task.cancelled() and isinstance(exc := task.exception(), Exception):
+            failed(exc)
         raise
+
+
+def _told(run: Run, taken: Snapshot, reason: str, exc: Exception) -> None:
+    """A checkpoint that could not be written, shown where users look (psctl status, the run's events)."""
+    run.history.event("checkpoint_failed", -1, f"the checkpoint at min clock {taken[0]['min_clock']} ({reason}) "
+                      f"could not be written: {exc}")
 
 
 class Checkpointer:
@@ -130,10 +139,9 @@ class Checkpointer:
         while run_id in self._waiting:
             taken, reason, level, run = self._waiting.pop(run_id)
             try:
-                await self._write(taken, reason, level)
-            except OSError as exc:  # (logged by _write; the next checkpoint tries again) and shown where
-                run.history.event("checkpoint_failed", -1, f"the checkpoint at min clock "  # users look
-                                  f"{taken[0]['min_clock']} ({reason}) could not be written: {exc}")
+                await self._write(taken, reason, level, run)
+            except OSError as exc:  # (logged by _write; the next checkpoint tries again)
+                _told(run, taken, reason, exc)
             except FailedPrecondition:
                 pass  # of a history the run left
 
@@ -153,7 +161,7 @@ class Checkpointer:
                 # A snapshot still waiting is older: this one replaces it (its writer, not started yet,
                 # would otherwise write it after this one, as the newest).
                 self._waiting.pop(run.run_id, None)
-            return await self._write((meta, arrays, epoch), reason), int(meta["min_clock"])
+            return await self._write((meta, arrays, epoch), reason, run=run), int(meta["min_clock"])
 
     async def checkpoint_at(self, run: Run, cut: int, reason: str, timeout: float) -> tuple[Path, int]:
         """A checkpoint of ``run`` labelled ``cut``, taken the moment its min clock reaches ``cut``
@@ -169,7 +177,7 @@ class Checkpointer:
                 taken = await future
         finally:
             waiting.remove((cut, future))
-        return await self._write(taken, reason), int(taken[0]["min_clock"])
+        return await self._write(taken, reason, run=run), int(taken[0]["min_clock"])
 
     async def restore(self, run_id: str, cut: int, check: Callable[[Run], None] = lambda run: None) -> Run:
         """``run_id`` as its newest checkpoint of ``cut`` holds it, not registered yet (the
@@ -196,10 +204,19 @@ class Checkpointer:
             raise
         return run
 
-    async def _write(self, taken: Snapshot, reason: str, level: int = logging.INFO) -> Path:
-        """Write a snapshot; FailedPrecondition if the run went back to a checkpoint since it was taken."""
+    async def _write(self, taken: Snapshot, reason: str, level: int = logging.INFO, run: Run | None = None) -> Path:
+        """Write a snapshot; FailedPrecondition if the run went back to a checkpoint since it was taken.
+        A write that fails is logged; if its caller was cancelled meanwhile (a CheckpointRun whose
+        client gave up), it is told in ``run``'s events too, as a periodic one's is."""
         meta, arrays, epoch = taken
         run_id = meta["run_id"]
+
+        def failed(exc: Exception) -> None:  # (its caller is gone)
+            log.error("checkpoint of %s failed: %s", run_id, exc, extra={"run": run_id})
+            self.behind.add(run_id)
+            if run is not None:
+                _told(run, taken, reason, exc)
+
         async with self._locks.setdefault(run_id, asyncio.Lock()):
             if epoch != self._epochs.get(run_id, 0):
                 raise FailedPrecondition(f"{run_id} went back to a checkpoint after this snapshot was taken: it "
@@ -210,7 +227,7 @@ class Checkpointer:
                 # (a caller cancelled, an RPC at shutdown: its thread writes on, and the run's next
                 # write, which would take the same ckpt-<seq>, waits for it)
                 path = await landed(asyncio.to_thread(self.store.write, meta, arrays, protect or (),
-                                                      not protect and run_id in self._sharded))
+                                                      not protect and run_id in self._sharded), failed)
             except OSError as exc:
                 log.error("checkpoint of %s failed: %s", run_id, exc, extra={"run": run_id})
                 self.behind.add(run_id)

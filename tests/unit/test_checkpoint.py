@@ -647,6 +647,35 @@ async def test_a_write_whose_caller_was_cancelled_lands_before_the_next(tmp_path
         await asked
 
 
+async def test_a_write_that_fails_after_its_caller_was_cancelled_is_logged_and_told(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A CheckpointRun whose client gave up: its write goes on in a thread, and when it then failed
+    (a full disk) nothing said so (the error went with the cancelled call). It is logged, and told
+    in the run's events as a periodic checkpoint's failure is."""
+    store = CheckpointStore(tmp_path)
+    checkpointer = Checkpointer(store, every=0)
+    run = make_run()
+    writing, release = threading.Event(), threading.Event()
+
+    def full(*args: object, **kw: object) -> Path:
+        writing.set()
+        release.wait(10)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "write", full)
+    asked = asyncio.create_task(checkpointer.checkpoint_now(run, "on demand"))
+    assert await asyncio.to_thread(writing.wait, 10)
+    asked.cancel()
+    release.set()
+    with caplog.at_level(logging.ERROR, logger="ps_server"), pytest.raises(asyncio.CancelledError):
+        await asked
+    assert any("checkpoint of run-ck failed" in r.getMessage() and "No space left" in r.getMessage()
+               for r in caplog.records)
+    (failed,) = [e for e in run.history.events if e.kind == "checkpoint_failed"]
+    assert "min clock 3 (on demand)" in failed.message and "No space left on device" in failed.message
+    assert run.run_id in checkpointer.behind  # (the server's last checkpoint writes it even if it ended)
+
+
 def test_a_deleted_run_is_never_resumed_even_when_its_files_cannot_all_be_removed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A file the server cannot remove (held open on NFS, a directory it may not write): the
