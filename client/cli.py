@@ -364,8 +364,9 @@ def delete(run_id: RunId,
 
 @app.command()
 @_handled
-def checkpoint(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 60.0) -> None:
-    """Checkpoint a run now (the server needs --data-dir); prints where it was written."""
+def checkpoint(run_id: RunId, server: Server = DEFAULT_SERVER, json_: Json = False, timeout: Timeout = 10.0) -> None:
+    """Checkpoint a run now (the server needs --data-dir); prints where it was written. Waits --timeout plus 30 s
+    per GiB of the run's parameters and optimizer state (and 30 s more for a running run over several servers)."""
     resp = _with_client(server, timeout, lambda ps: ps.checkpoint_run(run_id))
     if json_:
         _print_json({"run_id": run_id, "path": resp.path, "min_clock": resp.min_clock})

@@ -44,6 +44,14 @@ until a Join or Heartbeat says the server's own (``PsClient.server_max_wait``)."
 
 _STATE_ARRAYS = {"sgd": 0, "momentum": 1, "adam": 2, "adagrad": 1, "ftrl": 2}
 """Arrays of optimizer state per parameter, by ``OptimizerSpec`` kind (a checkpoint holds them)."""
+_CUT_WAIT = 30.0
+"""Seconds a sharded run's CheckpointRun may wait for its min clock to reach the cut (ps-server's)."""
+
+
+def _sizes(spec: pb.RunSpec) -> tuple[int, int]:
+    """The bytes of a run's parameters, and how many arrays of optimizer state each has."""
+    nbytes = sum(4 * math.prod(p.shape) for p in spec.params)
+    return nbytes, _STATE_ARRAYS.get(spec.optimizer.WhichOneof("kind") or "sgd", max(_STATE_ARRAYS.values()))
 
 
 class Transport(Protocol):
@@ -168,8 +176,7 @@ class PsClient:
         Adam's is twice their size) before it answers: the deadline grows by 30 s per GiB of
         each beyond the client's timeout. A CreateRun whose deadline passed created no run (the
         server drops a run whose caller has gone before it answered); it is not retried."""
-        nbytes = sum(4 * math.prod(p.shape) for p in spec.params)
-        state = _STATE_ARRAYS.get(spec.optimizer.WhichOneof("kind") or "sgd", max(_STATE_ARRAYS.values()))
+        nbytes, state = _sizes(spec)
         timeout = self.timeout + 30.0 * nbytes * (2 + state) / (1 << 30)
         try:
             return (await self._call("RunService", "CreateRun", pb.CreateRunRequest(spec=spec), pb.CreateRunResponse,
@@ -226,14 +233,21 @@ class PsClient:
         return await self._call("RunService", "GetMetrics", req, pb.GetMetricsResponse)
 
     async def checkpoint_run(self, run_id: str) -> pb.CheckpointRunResponse:
-        """A checkpoint of the run now, once it is on disk. Past the deadline the server still
-        writes it (a large run's takes a while: its parameters and optimizer state are written,
-        hashed and fsynced); DeadlineExceeded says so."""
+        """A checkpoint of the run now, once it is on disk. The server writes, hashes and fsyncs
+        the run's parameters and optimizer state: the deadline grows by 30 s per GiB of each beyond
+        the client's timeout (read with GetRun first), and by 30 s for a running sharded run (its
+        servers wait for the clock they checkpoint at). Past the deadline the server still writes
+        it; DeadlineExceeded says so."""
+        run = await self.get_run(run_id)
+        nbytes, state = _sizes(run.spec)
+        timeout = self.timeout + 30.0 * nbytes * (1 + state) / (1 << 30)
+        if len(run.shard_map.shards) > 1 and run.state == pb.RUN_STATE_RUNNING:
+            timeout += _CUT_WAIT
         req = pb.CheckpointRunRequest(run_id=run_id)
         try:
-            return await self._call("RunService", "CheckpointRun", req, pb.CheckpointRunResponse)
+            return await self._call("RunService", "CheckpointRun", req, pb.CheckpointRunResponse, timeout=timeout)
         except errors.DeadlineExceeded as exc:
-            raise errors.DeadlineExceeded(exc.code, f"no answer within {self.timeout:.0f}s; a checkpoint the "
+            raise errors.DeadlineExceeded(exc.code, f"no answer within {timeout:.0f}s; a checkpoint the "
                                           "server has begun is still being written (a large run's takes a while): "
                                           "give a longer timeout (psctl: --timeout) to wait for it", exc.info,
                                           exc.method) from None

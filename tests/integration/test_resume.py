@@ -108,6 +108,43 @@ async def test_a_checkpoint_on_demand_past_its_deadline_says_it_is_still_written
         await ps.stop(0)
 
 
+async def test_a_checkpoint_on_demand_waits_as_long_as_its_run_is_large(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CheckpointRun had the client's timeout whatever the run's size (psctl checkpoint: 60 s): a
+    run of GBs could not be checkpointed within it, and a small one waited 60 s for a server that
+    did not answer. The deadline grows as create_run's, by what the checkpoint holds (and by the
+    wait for the cut of a running sharded run); psctl checkpoint's --timeout is 10 s."""
+    from typer.testing import CliRunner
+
+    from client.cli import app
+
+    gib = pb.ParamSpec(name="w", shape=[1 << 28])  # 1 GiB of float32
+    sgd, adam = pb.OptimizerSpec(sgd=pb.SgdConfig(learning_rate=0.1)), pb.OptimizerSpec(adam=pb.AdamConfig())
+    two = pb.ShardMap(shards=[pb.Shard(), pb.Shard()])
+    runs = {"run-small": pb.Run(spec=pb.RunSpec(params=[pb.ParamSpec(name="w", shape=[3])], optimizer=sgd)),
+            "run-adam": pb.Run(spec=pb.RunSpec(params=[gib], optimizer=adam)),
+            "run-sharded": pb.Run(spec=pb.RunSpec(params=[gib], optimizer=sgd), shard_map=two,
+                                  state=pb.RUN_STATE_RUNNING)}
+    timeouts: list[float] = []
+
+    async def call(self: PsClient, service: str, method: str, request: Any, response: Any,
+                   timeout: float | None = None) -> Any:
+        if method == "GetRun":
+            return pb.GetRunResponse(run=runs[request.run_id])
+        assert method == "CheckpointRun" and timeout is not None
+        timeouts.append(timeout)
+        return pb.CheckpointRunResponse(path="/data/ckpt", min_clock=3)
+
+    monkeypatch.setattr(PsClient, "_call", call)
+    async with PsClient("127.0.0.1:1", timeout=10) as c:
+        for run_id in runs:
+            await c.checkpoint_run(run_id)
+    assert timeouts == [pytest.approx(10), 10 + 3 * 30.0, 10 + 30.0 + 30.0]  # (Adam: twice the parameters)
+    timeouts.clear()
+    result = await asyncio.to_thread(CliRunner().invoke, app, ["checkpoint", "run-small", "--server", "127.0.0.1:1"])
+    assert result.exit_code == 0, result.output
+    assert timeouts == [pytest.approx(10)]
+
+
 async def test_checkpoint_without_data_dir_is_failed_precondition(client: PsClient) -> None:
     run = await client.create_run(make_spec(num_workers=1))
     with pytest.raises(errors.FailedPrecondition) as err:
