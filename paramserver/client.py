@@ -174,19 +174,24 @@ class PsClient:
         """The server draws the initial values (~8 s per GiB of parameters on one core) and, with
         --data-dir, writes the run's first checkpoint (the parameters and the optimizer's state:
         Adam's is twice their size) before it answers: the deadline grows by 30 s per GiB of
-        each beyond the client's timeout. A CreateRun whose deadline passed created no run (the
-        server drops a run whose caller has gone before it answered); it is not retried."""
+        each beyond the client's timeout. It is not retried (the server would create a second run: a
+        CreateRun has no request id). A CreateRun whose deadline passed has almost always created no
+        run (the server drops a run whose caller has gone before it answered), but one answered as the
+        deadline passed has: DeadlineExceeded says to list the runs (``psctl runs``) before creating
+        it again."""
         nbytes, state = _sizes(spec)
         timeout = self.timeout + 30.0 * nbytes * (2 + state) / (1 << 30)
         try:
             return (await self._call("RunService", "CreateRun", pb.CreateRunRequest(spec=spec), pb.CreateRunResponse,
                                      timeout=timeout)).run
         except errors.DeadlineExceeded as exc:
+            named = f" named {spec.name!r}" if spec.name else ""
             raise errors.DeadlineExceeded(exc.code, f"no answer within {timeout:.0f}s: the server draws the run's "
                                           "initial values and writes its first checkpoint before it answers, and drops "
-                                          "the run when its caller has gone: no run was created; give a longer timeout "
-                                          "(psctl: --timeout) or the server a faster --data-dir", exc.info,
-                                          exc.method) from None
+                                          "the run when its caller has gone, so most likely no run was created; but one "
+                                          "answered just as the deadline passed was: check the runs (psctl runs) for a "
+                                          f"new run{named} before creating it again; give a longer timeout (psctl: "
+                                          "--timeout) or the server a faster --data-dir", exc.info, exc.method) from None
 
     async def get_run(self, run_id: str) -> pb.Run:
         return (await self._call("RunService", "GetRun", pb.GetRunRequest(run_id=run_id), pb.GetRunResponse)).run

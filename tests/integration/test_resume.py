@@ -215,7 +215,7 @@ async def test_a_create_run_whose_deadline_passes_leaves_no_run(server_config: S
         spec = make_spec(num_workers=1, staleness=1, iterations=10,
                          optimizer=pb.OptimizerSpec(adam=pb.AdamConfig(learning_rate=0.1)))
         async with PsClient(f"127.0.0.1:{ps.port}", timeout=0.3) as c:
-            with pytest.raises(errors.DeadlineExceeded, match="no run was created.*--timeout"):
+            with pytest.raises(errors.DeadlineExceeded, match="most likely no run was created.*--timeout"):
                 await c.create_run(spec)
             assert await asyncio.to_thread(landed.wait, 10)
             deadline = time.monotonic() + 10
@@ -232,6 +232,35 @@ async def test_a_create_run_whose_deadline_passes_leaves_no_run(server_config: S
             await PsClient("127.0.0.1:1", timeout=10).create_run(pb.RunSpec(params=[gib], optimizer=optimizer))
         assert timeouts == [10 + 2 * 30.0, 10 + 4 * 30.0]
     finally:
+        await ps.stop(0)
+
+
+async def test_a_create_run_answered_as_its_deadline_passed_says_to_check_the_runs(
+        server_config: ServerConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CreateRun is not retried (nothing in the SDK, psctl or the workers does: a retry would create
+    a second run) and its timeout said 'no run was created': true of a call the server gave up on
+    before it answered, not of one answered as the deadline passed, and a user who believed it
+    created the run twice. The error says to look for it (psctl runs) before creating it again."""
+    from ps_server.control import Control
+
+    create, answered, released = Control.CreateRun, asyncio.Event(), asyncio.Event()
+
+    async def late(self: Control, request: pb.CreateRunRequest) -> pb.CreateRunResponse:
+        response = await create(self, request)
+        answered.set()
+        await released.wait()  # (the answer on its way while the client's deadline passes)
+        return response
+
+    monkeypatch.setattr(Control, "CreateRun", late)
+    ps = await start_server(server_config)
+    try:
+        async with PsClient(f"127.0.0.1:{ps.port}", timeout=0.5) as c:
+            with pytest.raises(errors.DeadlineExceeded, match=r"check the runs \(psctl runs\) for a new run named "
+                                                              "'late' before creating it again"):
+                await c.create_run(make_spec(num_workers=1, name="late"))
+            assert answered.is_set() and [r.spec.name for r in await c.list_runs()] == ["late"]
+    finally:
+        released.set()
         await ps.stop(0)
 
 

@@ -261,7 +261,9 @@ class RunServiceServicer:
         """CreateRun validates a spec, initialises the parameters and queues the run for workers. With a
         data directory it answers once the run's first checkpoint is written (parameters and
         optimizer state: give a deadline that allows for the disk); a call cancelled before, or past
-        its deadline, creates no run.
+        its deadline, creates no run. Not idempotent (no request id): a retry creates another run,
+        and a client whose deadline passes as the answer travels sees DEADLINE_EXCEEDED for a run
+        created; list the runs (ListRuns) before creating it again.
         Errors: INVALID_ARGUMENT (bad spec: no params, bad shape, zero workers, bad optimizer
         settings, iterations 0, malformed JSON specs); RESOURCE_EXHAUSTED (parameters over the
         server's memory limit, or a count or size over one of its documented bounds: workers,
