@@ -66,6 +66,10 @@ _COUNTERS = {
 }
 
 
+_EVERY_PLANE = ServerStatistics(0, 0, 0, 0, 0)
+"""Statistics with every optional family in them, for ``describe``."""
+
+
 class RunCollector(Collector):
     def __init__(self, registry: RunRegistry, statistics: Callable[[], ServerStatistics] | None = None,
                  loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -79,6 +83,12 @@ class RunCollector(Collector):
     def _read(self) -> tuple[list[RunStatus], ServerStatistics | None]:
         return [run.status() for run in self._registry.runs()], self._statistics() if self._statistics else None
 
+    def describe(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        """Every family ``collect`` may yield, without reading the runs: the registry takes their
+        names from here, and a scrape restricted by name (``/metrics?name[]=...``) asks only the
+        collectors that described a name it wants (without it, such a scrape was empty)."""
+        return self._families([], _EVERY_PLANE)
+
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         if self._loop is None:
             statuses, stats = self._read()
@@ -87,6 +97,11 @@ class RunCollector(Collector):
                 return self._read()
 
             statuses, stats = asyncio.run_coroutine_threadsafe(read(), self._loop).result(_SCRAPE_SECONDS)
+        return self._families(statuses, stats)
+
+    @staticmethod
+    def _families(statuses: list[RunStatus],
+                  stats: ServerStatistics | None) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         for field, doc in _COUNTERS.items():
             fam = CounterMetricFamily(f"paramserver_{field}", doc, labels=["run"])
             for s in statuses:

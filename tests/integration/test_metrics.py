@@ -6,10 +6,12 @@ import asyncio
 import socket
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from support import make_spec, with_config
 
 from paramserver.client import PsClient
@@ -147,5 +149,23 @@ async def test_a_flood_of_connections_to_the_metrics_port_holds_a_bounded_number
                 await asyncio.sleep(0.02)
         text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
         assert "paramserver_push_slot_lends_total" in text
+    finally:
+        await ps.stop(0)
+
+
+async def test_a_scrape_restricted_by_name_returns_the_families_asked_for(server_config: ServerConfig) -> None:
+    """``/metrics?name[]=...`` (a federating Prometheus, a check on one figure) collects only the
+    collectors that described a name asked for; ours described none, and such a scrape was empty."""
+    ps = await start_server(with_config(server_config, metrics_port=0))
+    try:
+        async with PsClient(f"127.0.0.1:{ps.port}") as c:
+            run = await c.create_run(make_spec(num_workers=1))
+        names = ["paramserver_pushes_applied_total", "paramserver_run_state", "paramserver_shm_plane_open"]
+        query = urllib.parse.urlencode([("name[]", n) for n in names])
+        url = f"http://127.0.0.1:{ps.metrics_port}/metrics?{query}"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+        samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+        assert sorted(s.name for s in samples) == sorted(names)
+        assert {s.name: s.labels for s in samples}["paramserver_run_state"] == {"run": run.run_id, "state": "pending"}
     finally:
         await ps.stop(0)
