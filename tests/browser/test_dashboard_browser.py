@@ -311,3 +311,45 @@ async def test_a_malformed_run_address_is_asked_for_as_it_is(browser: Any) -> No
             assert not [p for p in problems if p.startswith("page error")], problems
         finally:
             await runner.cleanup()
+
+
+async def test_a_run_page_shows_its_newest_events_and_counts_the_others(browser: Any) -> None:
+    """A page left open on a long run kept every event it was sent, in its list and in the keys it
+    drops repeats by: it shows the newest 1000 and says how many earlier ones it does not, and those
+    the server sends again (the history, each new stream's first update) are not shown again."""
+    port = free_port()
+    with ps_server("--port", str(port)) as (_, addr), ps_workers(addr, 2):
+        async with connect(addr) as c:
+            run = await c.create_run(build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=2,
+                                                                  iterations=20)))
+            await watch_until(c, run.run_id, lambda r: r.state == pb.RUN_STATE_COMPLETED)
+        runner, url = await dashboard(addr)
+        try:
+            page, problems = await open_page(browser, f"{url}/runs/{run.run_id}")
+            await page.wait_for_function("document.querySelector('[data-testid=conn]').dataset.state === 'finished'")
+            own = await page.locator("#events li").count()
+            assert own >= 1
+
+            async def add(start: int, n: int) -> dict[str, Any]:
+                """Events ``start``..``start + n - 1`` (newer than the run's), in one update."""
+                return await page.evaluate(
+                    f"addEvents([...Array({n}).keys()].map(i => ({{time: 2e9 + {start} + i, kind: 'test', rank: 0, "
+                    f"message: `event ${{{start} + i}}`}}))), ({{shown: document.querySelectorAll('#events li')"
+                    ".length, newest: document.querySelector('#events li').textContent, oldest: document.querySelector("
+                    "'#events li:last-child').textContent, seen: seenEvents.size, note: (n => n && !n.hidden ? "
+                    "n.textContent : null)(document.querySelector('#events-dropped'))})")
+
+            first = await add(0, 600)
+            assert first["shown"] == own + 600 and first["note"] is None
+            full = await add(600, 410)  # 1010 events in two updates, and the run's own
+            assert full["shown"] == full["seen"] == 1000
+            assert full["newest"].endswith("rank 0: event 1009") and full["oldest"].endswith("rank 0: event 10")
+            assert full["note"].startswith(f"{own + 10} earlier events not shown")
+            assert await add(0, 1010) == full  # sent again, whole: nothing new
+            many = await add(5000, 3000)  # more than it shows, in one update
+            assert many["shown"] == many["seen"] == 1000
+            assert many["newest"].endswith("event 7999") and many["oldest"].endswith("event 7000")
+            assert many["note"].startswith(f"{own + 10 + 1000 + 2000} earlier events not shown")
+            assert problems == []
+        finally:
+            await runner.cleanup()

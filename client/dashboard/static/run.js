@@ -104,18 +104,42 @@ function renderShards(shards) {
     el("td", { text: fmt.num(d.pushes_per_second, 3) }), el("td", { text: fmt.bytes(d.rss_bytes) }))));
 }
 
-const seenEvents = new Set();
+// The newest events shown, the older ones counted (a page left open on a long run kept every event
+// it was sent, in the list and in seenEvents); psctl metrics RUN lists the server's last 20,000
+const MAX_EVENTS = 1000;
+const seenEvents = new Set();  // the keys of the events shown
+const dropped = { count: 0, until: -Infinity };  // events no longer shown, and the time of the newest
 
 function addEvents(events) {
   const list = document.getElementById("events");
-  for (const e of events) {
+  events.forEach((e, i) => {
     const key = `${e.time}/${e.kind}/${e.rank}/${e.message}`;
-    if (seenEvents.has(key)) continue;  // (the history and the stream's first update both have it)
+    // (the history and each new stream's first update send those the server keeps again)
+    if (seenEvents.has(key) || (e.time !== null && e.time <= dropped.until)) return;
+    if (i < events.length - MAX_EVENTS) {  // (older than the newest MAX_EVENTS of these: not drawn at all)
+      drop(e.time);
+      return;
+    }
     seenEvents.add(key);
     const when = e.time ? new Date(e.time * 1000).toLocaleTimeString() : "";
-    list.prepend(el("li", { class: "event " + e.kind },
+    list.prepend(el("li", { class: "event " + e.kind, "data-key": key },
       el("time", { text: when }), el("b", { text: e.kind }), ` ${e.rank >= 0 ? "rank " + e.rank + ": " : ""}${e.message}`));
+  });
+  while (seenEvents.size > MAX_EVENTS) {
+    const oldest = list.lastElementChild;
+    seenEvents.delete(oldest.dataset.key);
+    oldest.remove();
+    drop(Number(oldest.dataset.key.split("/")[0]));
   }
+  const note = document.getElementById("events-dropped");
+  note.hidden = dropped.count === 0;
+  note.textContent = `${dropped.count} earlier event${dropped.count === 1 ? "" : "s"} not shown ` +
+    `(psctl metrics ${runId} lists those the server keeps)`;
+}
+
+function drop(time) {
+  dropped.count += 1;
+  if (!Number.isNaN(time) && time !== null) dropped.until = Math.max(dropped.until, time);
 }
 
 function notice(text) {
