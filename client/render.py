@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from rich import box
 from rich.console import Console, Group, RenderableType
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -235,6 +236,58 @@ class _ScoreColumn(ProgressColumn):
         return Text(f"test {task.fields.get('metric', 'acc')} {task.fields.get('acc', '-')}", no_wrap=True)
 
 
+class _EtaColumn(TimeRemainingColumn):
+    """'ETA 0:01:23': the label and the time in one column, left out together."""
+
+    def render(self, task: Task) -> Text:
+        return Text.assemble("ETA ", super().render(task))
+
+
+_BAR_MIN = 5
+"""Cells under which the bar is left out: it would say nothing the M/N beside it does not."""
+
+
+class _FittingProgress(Progress):
+    """A progress line too long for the terminal leaves out whole columns, ``drop`` (their indices)
+    in that order, until it fits; rich would cut every column short instead ('epoch 12…', 'train
+    loss 0.…', 'test acc 0.…' at 60 columns, their values lost). The bar counts as ``_BAR_MIN``; a
+    line the kept columns alone overflow cuts the first one short."""
+
+    def __init__(self, *columns: ProgressColumn, drop: Sequence[int], **kwargs: Any) -> None:
+        super().__init__(*columns, **kwargs)
+        self._drop = drop
+
+    def make_tasks_table(self, tasks: Iterable[Task]) -> Table:
+        columns = [c for c in self.columns if isinstance(c, ProgressColumn)]
+        rows = [[column(task) for column in columns] for task in tasks if task.visible]
+        if not rows:  # (rich's __init__ draws the table before the console is there to measure)
+            return super().make_tasks_table([])
+
+        def width(i: int) -> int:
+            if isinstance(columns[i], BarColumn):
+                return _BAR_MIN
+            options = self.console.options
+            return max((Measurement.get(self.console, options, row[i]).maximum for row in rows), default=0)
+
+        widths = {i: width(i) for i in range(len(columns))}
+        kept = list(widths)
+
+        def excess() -> int:
+            return sum(widths[k] for k in kept) + len(kept) - 1 - self.console.width
+
+        for i in self._drop:
+            if excess() <= 0:
+                break
+            kept.remove(i)
+        table_columns = [columns[i].get_table_column().copy() for i in kept]
+        if excess() > 0:  # still too wide: the first column (the state) is cut, not the numbers after it
+            table_columns[0].max_width = max(1, widths[kept[0]] - excess())
+        table = Table.grid(*table_columns, padding=(0, 1), expand=self.expand)
+        for row in rows:
+            table.add_row(*(row[i] for i in kept))
+        return table
+
+
 def _bound_text(s: int) -> str:
     return "inf" if s < 0 else str(s)
 
@@ -268,17 +321,19 @@ def launch_progress(**kwargs: Any) -> Progress:
     """Progress bar for ``launch --wait``: min clock/iterations, epoch, train loss (the ranks' latest
     minibatch losses, averaged), test accuracy (a binary model's: test AUC), ETA.
 
-    Fits 80 columns: only the bar gives way (the text columns never wrap); the elapsed time is in
-    the summary line printed at the end."""
+    One line, its columns never cut short: the bar takes the room the others leave, and a terminal
+    too narrow for them all (60 columns, or 80 with a run of many ranks pending) leaves out the bar,
+    then the epoch, the ETA, the score and the train loss, in that order; the state and the min
+    clock/iterations stay. The elapsed time is in the summary line printed at the end."""
     def text(template: str) -> TextColumn:
         return TextColumn(template, table_column=Column(no_wrap=True))
 
-    return Progress(
+    return _FittingProgress(
         text("[bold]{task.description}"), BarColumn(bar_width=None),
         MofNCompleteColumn(table_column=Column(no_wrap=True)), text("epoch {task.fields[epoch]}"),
-        text("train loss {task.fields[loss]}"), _ScoreColumn(table_column=Column(no_wrap=True)), text("ETA"),
-        TimeRemainingColumn(table_column=Column(no_wrap=True)),
-        **kwargs,
+        text("train loss {task.fields[loss]}"), _ScoreColumn(table_column=Column(no_wrap=True)),
+        _EtaColumn(table_column=Column(no_wrap=True)),
+        drop=(1, 3, 6, 5, 4), **kwargs,
     )
 
 

@@ -49,6 +49,39 @@ def test_the_progress_bar_names_its_loss_and_fits_80_columns(description: str, d
     assert len(line) <= 80
 
 
+@pytest.mark.parametrize("width", [40, 60, 80, 120])
+@pytest.mark.parametrize(("description", "done", "total", "fields"), [
+    ("running", 12000, 12345, {"epoch": "123.4", "loss": "0.123", "acc": "0.961"}),
+    ("pending: 1000/1024 joined", 0, 10_000, {"epoch": "0.0", "loss": "-", "acc": "-"}),
+    ("running", 5, 100, {"epoch": "0.1", "loss": "1.23e+04", "metric": "AUC", "acc": "0.512"}),
+])
+def test_the_progress_bar_leaves_out_whole_columns_on_a_narrow_terminal(description: str, done: int, total: int,
+                                                                         fields: dict[str, str], width: int) -> None:
+    """(rich cut every column short instead: at 60 columns 'epoch 12…', 'train loss 0.…', 'test acc 0.…',
+    and at 80 a pending run of many ranks lost its loss and score the same way.)"""
+    progress = render.launch_progress(console=Console(file=io.StringIO(), width=width))
+    progress.add_task(description, total=total, completed=done, **fields)
+    (line,) = text(progress.get_renderable(), width).splitlines()
+    assert len(line) <= width and "…" not in line, line
+    assert line.startswith(description) and f"{done}/{total}" in line, line
+    shown = {"epoch": f"epoch {fields['epoch']}", "loss": f"train loss {fields['loss']}",
+             "score": f"test {fields.get('metric', 'acc')} {fields['acc']}", "eta": "ETA -:--:--"}
+    for name, label in shown.items():
+        assert label in line or label.split()[0] not in line, (name, line)
+    assert shown["loss"] in line or "pending" in line  # the last to go
+    if width >= 80 and "pending" not in line:
+        assert all(label in line for label in shown.values()), line
+    if width >= 120 and done:  # (an empty bar is drawn blank without colours)
+        assert "━" in line or "╸" in line, line
+
+
+def test_a_progress_line_too_wide_for_its_state_and_clock_cuts_the_state() -> None:
+    progress = render.launch_progress(console=Console(file=io.StringIO(), width=40))
+    progress.add_task("pending: 1000/1024 joined", total=1_000_000, completed=0, epoch="0.0", loss="-", acc="-")
+    (line,) = text(progress.get_renderable(), 40).splitlines()
+    assert line == "pending: 1000/1024 join…       0/1000000", line
+
+
 def test_the_summary_and_the_runs_table_say_which_loss() -> None:
     done = make_run(pb.RUN_STATE_COMPLETED, (100, 100, 100, 100))
     assert ": test accuracy 0.9000, test loss 0.2500 (" in facts.summary_line(done)
