@@ -496,3 +496,36 @@ def test_a_small_nonzero_number_is_not_shown_as_zero() -> None:
     assert facts.fmt(0.0003, 3) == "3e-04" and facts.fmt(-0.00004) == "-4.0e-05"  # (about as wide as 0.000)
     assert facts.fmt(0.0012, 3) == "0.001" and facts.fmt(0.0, 3) == "0.000" and facts.fmt(0.25) == "0.2500"
     assert facts.fmt(12345.0) == "1.234e+04" and facts.fmt(float("nan")) == "-"
+
+
+_WIDTHS = "the hidden layers' widths must be positive integers, comma-separated (e.g. 'mlp:64', 'mlp:128,64', 'mlp:64:tanh')"
+
+
+@pytest.mark.parametrize("local", [False, True])
+@pytest.mark.parametrize(("model", "expected"), [
+    ("mlp:0", f"bad hidden sizes '0' in model 'mlp:0': {_WIDTHS}"),
+    ("mlp:", f"bad hidden sizes '' in model 'mlp:': {_WIDTHS}"),
+    ("mlp:-3", f"bad hidden sizes '-3' in model 'mlp:-3': {_WIDTHS}"),
+    ("mlp:64,0", f"bad hidden sizes '64,0' in model 'mlp:64,0': {_WIDTHS}"),
+    ("mlp:64:0", "unknown activation '0' in model 'mlp:64:0': use one of relu, tanh, sigmoid "
+                 "(more hidden layers go after a comma: 'mlp:128,64')"),
+    ("unknown", "cannot parse model 'unknown'; accepted model forms: 'linear', 'softmax', 'mlp:H1[,H2,...]"),
+    ("mf:0", "bad factor count '0' in model 'mf:0': use a positive integer; accepted model forms: "),
+    ("fm:-2", "bad factor count '-2' in model 'fm:-2': use a positive integer; accepted model forms: "),
+])
+def test_a_bad_model_is_refused_saying_what_to_fix_before_anything_starts(
+        monkeypatch: pytest.MonkeyPatch, model: str, expected: str, local: bool) -> None:
+    """(mlp:0 and mlp:-3 said "mlp 'hidden' must be a non-empty list of positive integers, got [0]", the
+    JSON spec's key, not the text given; mlp:64:0 "unknown activation '0'", not where; mf:0 "mf 'factors'
+    must be a positive integer".)"""
+    from typer.testing import CliRunner
+
+    from client import cli, launch
+
+    def nothing_starts(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a local cluster was started")
+
+    monkeypatch.setattr(launch, "LocalCluster", nothing_starts)
+    flags = ["--local"] if local else ["--server", "127.0.0.1:1", "--timeout", "0.5"]  # (nobody listens there)
+    result = CliRunner().invoke(cli.app, ["launch", "--model", model, *flags])
+    assert result.exit_code == 1 and result.stderr.startswith(f"Error: {expected}"), result.output

@@ -63,11 +63,20 @@ def parse_model(text: str) -> dict[str, Any]:
     if kind in ("linear", "softmax") and len(parts) == 1:
         return {"kind": kind}
     if kind == "mlp" and len(parts) in (2, 3):
+        # (in the text's terms: the spec's checks below speak of its JSON keys, 'hidden')
+        bad_sizes = ModelSpecError(f"bad hidden sizes {parts[1]!r} in model {text!r}: the hidden layers' widths "
+                                   "must be positive integers, comma-separated (e.g. 'mlp:64', 'mlp:128,64', "
+                                   "'mlp:64:tanh')")
         try:
             hidden = [int(h) for h in parts[1].split(",")]
         except ValueError:
-            raise ModelSpecError(f"bad hidden sizes {parts[1]!r} in model {text!r}; {_MODEL_FORMS}") from None
+            raise bad_sizes from None
+        if any(h < 1 for h in hidden):
+            raise bad_sizes
         activation = parts[2].strip().lower() if len(parts) == 3 else "relu"
+        if activation not in ACTIVATIONS:
+            raise ModelSpecError(f"unknown activation {parts[2]!r} in model {text!r}: use one of "
+                                 f"{', '.join(ACTIVATIONS)} (more hidden layers go after a comma: 'mlp:128,64')")
         spec: dict[str, Any] = {"kind": "mlp", "hidden": hidden, "activation": activation}
         _validate_mlp(spec)
         return spec
@@ -76,11 +85,8 @@ def parse_model(text: str) -> dict[str, Any]:
         _validate_ctr(spec)
         return spec
     if kind == "fm" and len(parts) in (2, 3):
-        try:
-            factors = int(parts[1])
-        except ValueError:
-            raise ModelSpecError(f"bad factor count {parts[1]!r} in model {text!r}; {_MODEL_FORMS}") from None
-        spec = {"kind": "fm", "factors": factors, "rows": _parse_rows(parts[2:], text)}
+        spec = {"kind": "fm", "factors": _int_option(parts[1], "factor count", text),
+                "rows": _parse_rows(parts[2:], text)}
         _validate_ctr(spec)
         return spec
     if kind == "mf" and len(parts) in (2, 3):
@@ -99,10 +105,14 @@ def parse_model(text: str) -> dict[str, Any]:
 
 
 def _int_option(value: str, what: str, text: str) -> int:
+    """A positive integer of a model text."""
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        raise ModelSpecError(f"bad {what} {value!r} in model {text!r}; {_MODEL_FORMS}") from None
+        number = 0
+    if number < 1:
+        raise ModelSpecError(f"bad {what} {value!r} in model {text!r}: use a positive integer; {_MODEL_FORMS}")
+    return number
 
 
 def _validate_mf(spec: Mapping[str, Any]) -> None:
