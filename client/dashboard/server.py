@@ -12,8 +12,9 @@ new port and no new attack surface. Bound to 127.0.0.1 unless told otherwise.
     GET  /api/runs/{run_id}/staleness  the staleness histogram alone
     GET  /api/runs/{run_id}/live    server-sent events fed by WatchRun: "status" (as above, without
                                     the history), "points" (each rank's points newer than its last sent),
-                                    "events", "down" (the parameter server is unreachable: the
-                                    stream keeps retrying and says "status" again once it is back),
+                                    "events" (those newer than the last sent), "down" (the parameter
+                                    server is unreachable: the stream keeps retrying and says
+                                    "status" again once it is back),
                                     "end" (the run finished), "gone" (the server no longer knows it)
     POST /api/runs/{run_id}/stop    StopRun
     POST /api/runs/{run_id}/checkpoint  CheckpointRun
@@ -269,6 +270,7 @@ async def _follow(ps: PsClient, run_id: str, interval: float, resp: web.StreamRe
     # The newest point sent, per rank: a point's time is its worker's clock, and the hosts' clocks
     # may disagree (a page that reconnects gets the newest points again and drops those it holds).
     sent: dict[int, float] = {}
+    newest_event = -1.0  # the time of the newest event sent: each watch begins with all the server keeps
     down = idle = False
     while True:
         try:
@@ -288,8 +290,10 @@ async def _follow(ps: PsClient, run_id: str, interval: float, resp: web.StreamRe
                 await resp.write(_sse("status", status(snap.run, metrics)))
                 if fresh:
                     await resp.write(_sse("points", point_rows(fresh)))
-                if snap.events:
-                    await resp.write(_sse("events", facts.event_dicts(snap.events)))
+                events = [e for e in snap.events if (facts.seconds(e.time) or 0.0) > newest_event]
+                if events:
+                    newest_event = max(facts.seconds(e.time) or 0.0 for e in events)
+                    await resp.write(_sse("events", facts.event_dicts(events)))
                 if snap.run.state in FINISHED:
                     await resp.write(_sse("end", {"state": facts.state_name(snap.run.state)}))
                     return

@@ -163,6 +163,20 @@ async def test_a_quiet_run_is_not_a_lost_server() -> None:
     assert "down" not in events and events.count("status") >= 2  # watched again, not given up
 
 
+async def test_a_quiet_run_s_stream_sends_each_event_once() -> None:
+    """Each watch begins with every event the server keeps (up to 20,000 a run): the stream sends
+    on those it has not sent (it sent them all again at each watch, every 2 s here)."""
+    sent: list[dict[str, Any]] = []
+    statuses = 0
+    async with live_pending_run() as (_, live):
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(5.0):  # beyond the watch's idle time (2 s here)
+                async for event, data in live:
+                    statuses += event == "status"
+                    sent += data if event == "events" else []
+    assert statuses >= 3 and [e["kind"] for e in sent] == ["created"], sent  # watched again, the event sent once
+
+
 async def test_a_hung_server_is_a_server_down() -> None:
     """A server that hangs (stopped, a network that drops packets) neither answers a watch nor
     ends it: after a quiet watch the stream asks it, within the dashboard's timeout, and says it
