@@ -173,9 +173,14 @@ def status_view(run: pb.Run, metrics: pb.GetMetricsResponse | None, now: float |
         parts.append(_kv(("slowest", ", ".join(f"rank {s['rank']} (clock {s['clock']}, {s['lag']} behind)"
                                                 for s in f["slowest"])),))
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    rows = worker_rows(run, now)
     for col in ("rank", "state", "inc", "clock", "lag", "heartbeat", "pushes", "skipped", "waiting", "name"):
-        table.add_column(col, justify="left" if col in ("state", "waiting", "name") else "right")
-    for w in worker_rows(run, now):
+        # who is where never gives way on a narrow terminal (a lag None is "-"): the other columns do
+        whole = max([len(col), *(len(str(w[col] if w[col] is not None else "-")) for w in rows)]) \
+            if col in ("rank", "state", "clock", "lag") else None
+        table.add_column(col, justify="left" if col in ("state", "waiting", "name") else "right", min_width=whole,
+                         no_wrap=whole is not None)
+    for w in rows:
         waiting = "-"
         if w["waiting"]:
             need = ("the run to start" if w["needs_start"] else

@@ -529,3 +529,18 @@ def test_a_bad_model_is_refused_saying_what_to_fix_before_anything_starts(
     flags = ["--local"] if local else ["--server", "127.0.0.1:1", "--timeout", "0.5"]  # (nobody listens there)
     result = CliRunner().invoke(cli.app, ["launch", "--model", model, *flags])
     assert result.exit_code == 1 and result.stderr.startswith(f"Error: {expected}"), result.output
+
+
+@pytest.mark.parametrize("width", [40, 60, 80])
+def test_the_status_view_keeps_each_rank_s_state_clock_and_lag_whole_on_a_narrow_terminal(width: int) -> None:
+    """(Its workers' table cut every column short: at 40 columns 'r…   …   …   …', each clock of two
+    digits '…', at 60 the states 'ac…'; the other columns give way now.)"""
+    run = make_run(clocks=tuple(range(5, 17)))
+    run.run_id = "run-" + "0123456789abcdef" * 3  # (a long id wraps, whole, above)
+    view = text(render.status_view(run, None), width)
+    assert all(len(line) <= width for line in view.splitlines())
+    assert run.run_id in view.replace("\n", "")
+    rows = [line.split() for line in view.splitlines() if re.match(r"\s*\d+\s+active\b", line)]
+    assert [(int(r[0]), r[1]) for r in rows] == [(rank, "active") for rank in range(12)], view
+    for rank, row in enumerate(rows):
+        assert " ".join(row).find(f"{5 + rank} {16 - (5 + rank)}") > 0, row  # its clock and lag, side by side
