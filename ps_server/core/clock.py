@@ -15,16 +15,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import FailedPrecondition, InvalidArgument, Reason
 from .status import WorkerState, WorkerStatus
 
-__all__ = ["COUNT_MAX", "Slot", "VectorClock"]
+__all__ = ["COUNT_MAX", "Parked", "Slot", "VectorClock"]
 
 
 COUNT_MAX = 2**64 - 1
 """The largest count a status carries (uint64): a sum of counts workers report stops there."""
+
+
+@dataclass(eq=False)
+class Parked:
+    """One parked pull: the clock it reads, since when (monotonic). Compared by identity: each pull
+    takes out its own (``VectorClock.unpark``)."""
+    clock: int
+    since: float
 
 
 @dataclass
@@ -44,9 +52,9 @@ class Slot:
     last_seen_wall: float = 0.0
     pushes: int = 0
     pulls_skipped: int = 0
-    waiting_for: int | None = None
-    """The clock of this rank's parked pull, None when it has none."""
-    parked_at: float | None = None
+    parked: list[Parked] = field(default_factory=list)
+    """This rank's parked pulls: several at once when a retry (its client's deadline passed) or a
+    pull on another stream parks while one waits."""
     data_plane: str = ""  # what the rank's last push came over: "tcp" or "grpc"
     told: int | None = None
     """The loosest staleness bound this rank's answers told it since its last push was applied (its
@@ -58,6 +66,11 @@ class Slot:
     @property
     def live(self) -> bool:
         return self.state in (WorkerState.ACTIVE, WorkerState.DONE, WorkerState.STOPPED)
+
+    @property
+    def waiting_for(self) -> int | None:
+        """The lowest clock this rank's parked pulls read, None when it has none."""
+        return min((p.clock for p in self.parked), default=None)
 
 
 class VectorClock:
@@ -162,7 +175,7 @@ class VectorClock:
         slot.worker_name = worker_name
         slot.pulls_skipped = 0
         slot.data_plane = ""
-        slot.waiting_for = None
+        slot.parked = []  # (the old incarnation's fail at the next notify)
         self.touch(slot)
         self._moved()
 
@@ -188,7 +201,7 @@ class VectorClock:
     def set_state(self, slot: Slot, state: WorkerState) -> None:
         slot.state = state
         if state is WorkerState.EVICTED:
-            slot.waiting_for = None  # its parked pull is failed by the next notify
+            slot.parked = []  # its parked pulls are failed by the next notify
         self._moved()
 
     def end(self) -> None:
@@ -204,21 +217,23 @@ class VectorClock:
         slowest rank is never parked), which ends the wait if its caller goes (``unpark``)."""
         now = self._now()
         return [(s, now - s.last_seen) for s in self.slots
-                if s.state is WorkerState.ACTIVE and s.waiting_for is None and now - s.last_seen > lease]
+                if s.state is WorkerState.ACTIVE and not s.parked and now - s.last_seen > lease]
 
-    def park(self, slot: Slot, clock: int) -> None:
-        """A pull of ``clock`` by this rank is parked (shown as what it waits for)."""
-        slot.waiting_for = clock
-        slot.parked_at = self._now()
+    def park(self, slot: Slot, clock: int) -> Parked:
+        """A pull of ``clock`` by this rank is parked (shown as what it waits for); ``unpark`` it."""
+        parked = Parked(clock, self._now())
+        slot.parked.append(parked)
+        return parked
 
-    def unpark(self, slot: Slot) -> float:
-        """Its parked pull ended (its lease starts afresh: it was held while parked); returns how
-        long it was parked."""
-        slot.waiting_for = None
-        parked, slot.parked_at = slot.parked_at, None
-        if parked is not None and slot.state is WorkerState.ACTIVE:
-            self.touch(slot)
-        return 0.0 if parked is None else self._now() - parked
+    def unpark(self, slot: Slot, parked: Parked) -> float:
+        """A parked pull ended (its lease starts afresh: it was held while parked); returns how
+        long it was parked. One of an incarnation the rank no longer has (evicted, handed over)
+        was taken out then: the rank's others stay."""
+        if parked in slot.parked:
+            slot.parked.remove(parked)
+            if slot.state is WorkerState.ACTIVE:
+                self.touch(slot)
+        return self._now() - parked.since
 
     def restored(self) -> None:
         """Slots were set from a checkpoint: every lease starts afresh (workers have a full lease

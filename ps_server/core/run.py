@@ -227,13 +227,13 @@ class Run:
             return
         slot = self.clock.slots[rank]
         ready = partial(self.pull_ready, rank, incarnation, clock)
-        self.clock.park(slot, clock)
+        parked = self.clock.park(slot, clock)
         self.counters.pulls_parked += 1
         try:
             if not await self.gate.wait_for(ready, timeout, key=lambda: ssp.needed(self.spec, clock)):
                 raise ssp.wait_timeout(self.spec, self.clock, clock, timeout, self.waiting_for())
         finally:
-            self.counters.parked_seconds += self.clock.unpark(slot)
+            self.counters.parked_seconds += self.clock.unpark(slot, parked)
 
     def pull_now(self, rank: int, incarnation: int, clock: int, names: list[str] | None = None,
                  rows: Mapping[str, np.ndarray] | None = None) -> bool:

@@ -623,6 +623,36 @@ async def test_a_rank_whose_pull_is_parked_is_not_silent() -> None:
     assert run.expire(lease=10.0) == [0]
 
 
+async def test_two_parked_pulls_of_one_rank_each_hold_its_lease_and_show() -> None:
+    """Rank 0's pull is parked, and its retry (the client's deadline passed first) parks beside it;
+    then the first ends (its RPC cancelled). The retry still waits: its rank shows it, is not
+    silent, and each pull counts its own time parked. (One parked pull per rank was kept: the
+    retry overwrote the first's, the first's end cleared both, and the lease sweep evicted rank 0
+    while its retry waited, which then failed: STALE_INCARNATION.)"""
+    now = [0.0]
+    run = Run("run-t", spec(workers=2, staleness=0), now=lambda: now[0])
+    a, b = run.join("a"), run.join("b")
+    run.push(0, a.incarnation, 0, grad(1), 0)
+    first = asyncio.create_task(run.wait_pull(0, a.incarnation, 1, timeout=30.0))
+    await until(lambda: run.gate.statistics().waiting == 1)
+    now[0] = 5.0
+    retry = asyncio.create_task(run.wait_pull(0, a.incarnation, 1, timeout=30.0))
+    await until(lambda: run.gate.statistics().waiting == 2)
+    now[0] = 6.0
+    first.cancel()
+    await asyncio.wait([first], timeout=5)
+    assert first.cancelled() and run.gate.statistics().waiting == 1
+    assert run.status().workers[0].waiting_for_clock == 1 and "rank 0 (clock 1) waits for rank 1" in run.waiting_for()
+    now[0] = 20.0
+    run.heartbeat(1, b.incarnation)
+    assert run.expire(lease=10.0) == []  # its retry waits in the server
+    run.push(1, b.incarnation, 0, grad(1), 0)
+    async with asyncio.timeout(5):
+        await retry  # served
+    assert run.status().workers[0].waiting_for_clock is None
+    assert run.counters.parked_seconds == pytest.approx(6.0 + 15.0)
+
+
 async def test_parked_pulls_wake_exactly_when_their_bound_holds() -> None:
     run, inc = started(spec(workers=2, staleness=0, iterations=5))
     run.push(0, inc[0], 0, grad(1), 0)
