@@ -43,7 +43,7 @@ class Slot:
     clock: int = 0
     start: int = 0
     """The clock this incarnation holds the rank from: where it was handed over, or later
-    (``start_later``). Not checkpointed: a restored rank's clock is past it."""
+    (``start_later``)."""
     replaced: tuple[int, int] | None = None
     """(incarnation, clock) of the incarnation this one replaced, as it ended here: a cluster's
     servers compare theirs to find a push it stopped in the middle of. Not checkpointed."""

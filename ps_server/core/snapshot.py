@@ -1,8 +1,9 @@
 """A run as a checkpoint and back: JSON-able metadata and named arrays (``checkpoint`` writes them).
 
 ``state_dict`` is taken between two event-loop steps, so it is one instant of the run: parameters,
-optimizer state, every rank's (incarnation, clock) (the de-duplication table) and the loosest bound
-it was told since its last push, and the held BSP gradients agree with each other. ``restore`` rebuilds the run and refuses (KeyError, ValueError)
+optimizer state, every rank's (incarnation, clock) (the de-duplication table), the clock its
+incarnation holds it from and the loosest bound it was told since its last push, and the held BSP
+gradients agree with each other. ``restore`` rebuilds the run and refuses (KeyError, ValueError)
 a checkpoint that does not fit its own spec, so a damaged one is never loaded silently.
 """
 
@@ -42,7 +43,7 @@ def state_dict(run: Run, cut: int | None = None, copy: bool = True) -> tuple[dic
         "started": run.started,
         "finished": run.finished,
         "slots": [
-            {"rank": s.rank, "state": s.state.value, "incarnation": s.incarnation, "clock": s.clock,
+            {"rank": s.rank, "state": s.state.value, "incarnation": s.incarnation, "clock": s.clock, "start": s.start,
              "worker_name": s.worker_name, "pushes": s.pushes, "pulls_skipped": s.pulls_skipped, "told": s.told}
             for s in run.clock.slots
         ],
@@ -128,6 +129,10 @@ def restore(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *,
         s.state, s.incarnation, s.clock = WorkerState(d["state"]), _count(d["incarnation"]), _count(d["clock"])
         s.worker_name, s.pushes, s.pulls_skipped = str(d["worker_name"]), _count(d["pushes"]), _count(d["pulls_skipped"])
         s.told = _bound(d.get("told"))  # (its push is checked against it too: ``Run._push_spec``)
+        # (a cluster's servers compare it: ``UpdateShardResponse.start_clocks``; absent before it was kept)
+        s.start = _count(d.get("start", 0))
+        if s.start > s.clock:
+            raise ValueError(f"rank {s.rank} starts at clock {s.start}, past its clock {s.clock}")
     run.clock.restored()
     if "bounds" in meta:  # (absent in checkpoints of before it: the bound they hold, widened by ``resume_schedule``)
         run.bounds = _bounds(meta["bounds"])

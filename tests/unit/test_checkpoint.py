@@ -122,6 +122,43 @@ def test_the_bound_each_rank_was_told_survives(tmp_path: Path) -> None:
         snapshot.restore(ck.meta, ck.arrays).push(0, a.incarnation, 4, g, 0)
 
 
+def test_where_a_shard_admitted_a_rank_survives(tmp_path: Path) -> None:
+    """A cluster's BSP shard combined clock 0 without evicted rank 1, and server 0 handed the rank
+    over at clock 0: the shard admitted it at 1 (``Slot.start``, what its UpdateShard answers for
+    server 0 to start it there too), then stopped gracefully before server 0 had that answer, and
+    resumed from its final checkpoint. The start was not kept: the answer server 0 asked again
+    said 0, server 0 held the rank from clock 0 and the shard from 1 (the worker's pulls got two
+    guaranteed clocks, retried for ever), and server 0's update of the start was an event again. A
+    checkpoint of before it was kept still loads; a start past the rank's clock does not fit."""
+    from ps_server.core.placement import Placement, place
+    from ps_server.core.shard import RankUpdate, ShardRun
+    from ps_server.core.status import RunState, WorkerState
+
+    spec = RunSpec(name="c", num_workers=2, iterations=20, staleness=0,
+                   params=(ParamSpec("w", (2, 3)), ParamSpec("b", (3,))))
+    shard = ShardRun("run-sh", spec, placement=Placement(place(spec.params, 2, 1 << 20), 1))
+    g = {"b": np.ones(3, np.float32)}
+    shard.mirror([RankUpdate(0, 1, WorkerState.ACTIVE, 0), RankUpdate(1, 2, WorkerState.ACTIVE, 0)],
+                 RunState.RUNNING, "")
+    shard.push(0, 1, 0, g, 0)
+    shard.mirror([RankUpdate(1, 2, WorkerState.EVICTED, 0)], RunState.RUNNING, "")
+    shard.mirror([RankUpdate(1, 3, WorkerState.ACTIVE, 0, "again")], RunState.RUNNING, "")
+    assert [s.start for s in shard.clock.slots] == [0, 1]
+    store = CheckpointStore(tmp_path)
+    ck = store.load(store.write(*snapshot.state_dict(shard)))
+    again = snapshot.restore(json.loads(json.dumps(ck.meta)), ck.arrays)
+    assert isinstance(again, ShardRun) and [s.start for s in again.clock.slots] == [0, 1]
+    events = len(again.history.events)
+    again.mirror([RankUpdate(1, 3, WorkerState.ACTIVE, 1, "again", start=1)], RunState.RUNNING, "")
+    assert len(again.history.events) == events  # (it holds the rank from there already)
+    for slot in ck.meta["slots"]:
+        del slot["start"]  # a checkpoint from before: its ranks' starts unknown, 0 as before
+    assert [s.start for s in snapshot.restore(ck.meta, ck.arrays).clock.slots] == [0, 0]
+    ck.meta["slots"][1]["start"] = 2
+    with pytest.raises(ValueError, match="start"):
+        snapshot.restore(ck.meta, ck.arrays)
+
+
 def test_keeps_the_newest_k(tmp_path: Path) -> None:
     run = make_run()
     store = CheckpointStore(tmp_path, keep=2)
