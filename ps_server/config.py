@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from paramserver.settings import LOG_LEVELS, Parser, opt, parse_dataclass
 
-__all__ = ["FROM_HOSTNAME", "ServerConfig", "index_from_hostname", "parse_config"]
+__all__ = ["FROM_HOSTNAME", "ServerConfig", "index_from_hostname", "memory_limit", "parse_config", "total_budget"]
 
 FROM_HOSTNAME = "from-hostname"
 _GRPC_MAX = (1 << 31) - 1
@@ -39,6 +39,10 @@ class ServerConfig:
     stall_seconds: float = opt(30.0, "A TCP data plane peer that sends nothing in the middle of a message, or "
                                "reads nothing of an answer, for this long is dropped.")
     max_param_bytes: int = opt(4 << 30, "Largest parameter set one run may hold, in bytes.")
+    max_total_bytes: int = opt(0, "Bytes every run held together may take: parameters and optimizer state, of "
+                               "finished runs too until they are forgotten; CreateRun beyond is refused "
+                               "(RESOURCE_EXHAUSTED). 0 = half of the memory this server may use (its cgroup's "
+                               "limit, else physical memory), -1 = no limit.")
     max_wait_seconds: float = opt(60.0, "Longest a pull or a join may stay parked on the server (told to workers "
                                   "at Join and Heartbeat: a pull asking for 0 gets this).")
     lease_seconds: float = opt(10.0, "A worker not heard from for this long is evicted.")
@@ -85,6 +89,34 @@ class ServerConfig:
     def peers(self) -> list[str]:
         """The cluster's addresses, in index order ([] alone)."""
         return [a.strip() for a in self.cluster.split(",") if a.strip()]
+
+
+def memory_limit(root: str = "/sys/fs/cgroup") -> tuple[int, str]:
+    """The memory this process may use, in bytes, and what says so: its cgroup's limit (v2
+    ``memory.max``, v1 ``memory/memory.limit_in_bytes``) when lower than physical memory, else
+    physical memory."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in (f"{root}/memory.max", f"{root}/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < physical:  # ("max", or v1's 2^63 rounded down: none)
+            return int(text), f"the cgroup's memory limit ({path})"
+    return physical, "physical memory"
+
+
+def total_budget(config: ServerConfig, limit: Callable[[], tuple[int, str]] = memory_limit) -> tuple[int, str]:
+    """--max-total-bytes in bytes (0: no limit) and where it comes from. By default half of what
+    ``limit`` says: the other half is for what the budget does not count (the process, gradients
+    being received, a checkpoint's copy of a run, workers sharing the host)."""
+    if config.max_total_bytes > 0:
+        return config.max_total_bytes, "--max-total-bytes"
+    if config.max_total_bytes < 0:
+        return 0, "--max-total-bytes -1"
+    available, source = limit()
+    return available // 2, f"half of {source}: --max-total-bytes"
 
 
 def _flag(name: str) -> str:
@@ -182,6 +214,9 @@ def parse_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | Non
                             f"({peers[config.index]}): use the same")
     elif config.index:
         problems.append(f"--index {config.index} needs --cluster (the list of servers)")
+    if config.max_total_bytes < -1:
+        problems.append(f"--max-total-bytes {config.max_total_bytes} must be a number of bytes, 0 (half of the "
+                        "memory) or -1 (no limit)")
     if config.split_bytes < 1024:
         problems.append(f"--split-bytes {config.split_bytes} must be >= 1024")
     if 0 < config.heartbeat_seconds >= config.lease_seconds:

@@ -44,7 +44,7 @@ from .cluster.deletions import Undelivered
 from .cluster.owner import ClusterOwner
 from .cluster.peers import PeerLink, forward
 from .cluster.shards import ShardService
-from .config import ServerConfig, parse_config
+from .config import ServerConfig, parse_config, total_budget
 from .control import Control
 from .core.checkpoint import CheckpointStore
 from .core.errors import NotFound, ShuttingDown
@@ -292,8 +292,9 @@ async def start_server(config: ServerConfig, resumed: Callable[[], object] = lam
 
 async def _start(config: ServerConfig, checkpointer: Checkpointer | None, data_lock: IO[str] | None,
                  on_resumed: Callable[[], object]) -> PsServer:
-    registry = RunRegistry(max_param_bytes=config.max_param_bytes, limits=Limits(max_workers=config.max_workers,
-                                                                                  max_runs=config.max_runs),
+    total, source = total_budget(config)
+    registry = RunRegistry(max_param_bytes=config.max_param_bytes, max_total_bytes=total,
+                           limits=Limits(max_workers=config.max_workers, max_runs=config.max_runs),
                            configure=checkpointer.attach if checkpointer else None)
     restored = checkpointer.resume() if checkpointer else []
     for run in restored:
@@ -303,6 +304,9 @@ async def _start(config: ServerConfig, checkpointer: Checkpointer | None, data_l
             run.stop(f"the run was placed over {servers} server(s) and this cluster has {max(1, len(config.peers))}: "
                      "restart the servers with the --cluster list it was created on to resume it", RunState.FAILED)
     resumed = [registry.add(run) for run in restored]
+    if total and sum(r.footprint for r in resumed) > total:  # (resumed all the same: they were accepted)
+        log.warning("the runs resumed hold %d MiB, over the %d MiB runs may hold together (%s): no run is created "
+                    "until some are deleted (psctl delete)", sum(r.footprint for r in resumed) >> 20, total >> 20, source)
     on_resumed()
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -436,6 +440,8 @@ async def serve(config: ServerConfig) -> None:
         log.info("shared-memory data plane for workers on this host: abstract socket %s", ps.shm_plane.name)
     if ps.metrics_port is not None:
         log.info("Prometheus metrics on http://%s:%d/metrics", config.host, ps.metrics_port)
+    total, source = total_budget(config)
+    log.info("runs may hold %s together (%s)", f"{total >> 20} MiB" if total else "any memory", source)
     await stop.wait()
     log.info("shutting down: health NOT_SERVING, releasing parked calls, grace %.1fs", config.grace_seconds)
     await ps.stop()

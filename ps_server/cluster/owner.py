@@ -151,6 +151,13 @@ class ClusterOwner:
             run = await self._registry.build(f"run-{uuid.uuid4().hex[:8]}", spec, placement)
         except ResourceExhausted as exc:  # named as a peer's refusal is (``PeerLink``)
             raise ResourceExhausted(f"server 0 ({self.addresses[0]}): {exc}", exc.reason) from None
+        try:
+            return await self._create_shards(run, spec, placement)
+        finally:  # (a no-op once added) it counts against --max-total-bytes until added or abandoned
+            self._registry.abandon(run)
+
+    async def _create_shards(self, run: Run, spec: RunSpec, placement: Placement) -> Run:
+        """Have every other server create its shard of ``run``, then register it (this one's)."""
         created = codec.ts(run.created)
         shard_map = self.shard_map(run)
         held = placement.shard_map.bytes_held(spec.params)

@@ -5,6 +5,8 @@ join the cluster, not a run: ``join`` hands them the oldest run with a vacant ra
 join (``wait_for_work``) wakes when a run is created or a rank falls vacant. A spec is validated
 once, by ``create``, before its run exists. Runs are listed newest first (by creation time), a page
 at a time; finished runs are forgotten by ``remove`` or, past the retention limits, by ``prune``.
+What the runs hold together (each one's ``footprint``: finished runs until forgotten, and runs
+built but not registered yet) stays within ``max_total_bytes``: ``build`` refuses a run beyond.
 """
 
 from __future__ import annotations
@@ -29,13 +31,21 @@ from .errors import (
 )
 from .gate import Gate
 from .placement import Placement
-from .run import Run
+from .run import Run, footprint
 from .shard import ShardRun
 from .spec import DEFAULT_LIMITS, Limits, RunSpec, validate_spec
-from .status import Assignment
+from .status import Assignment, RunState
 from .store import ParamStore
 
 __all__ = ["RunRegistry"]
+
+
+_FINISHED = {s.value for s in RunState if s.finished}
+
+
+def _size(n: int) -> str:
+    """``n`` bytes, for a message: '512 bytes', '3.5 MiB', '1.50 GiB'."""
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
 def _age(run: Run) -> tuple[float, str]:
@@ -47,10 +57,12 @@ def _can(run: Run, capabilities: frozenset[str]) -> bool:
 
 
 class RunRegistry:
-    def __init__(self, *, max_param_bytes: int = 4 << 30, limits: Limits = DEFAULT_LIMITS,
+    def __init__(self, *, max_param_bytes: int = 4 << 30, max_total_bytes: int = 0, limits: Limits = DEFAULT_LIMITS,
                  now: Callable[[], float] = time.monotonic, configure: Callable[[Run], None] | None = None) -> None:
-        """``configure``: called with every run as it is added (the checkpointer attaches to it)."""
+        """``configure``: called with every run as it is added (the checkpointer attaches to it).
+        ``max_total_bytes``: what every run's ``footprint`` may add up to (0: no limit)."""
         self.max_param_bytes = max_param_bytes
+        self.max_total_bytes = max_total_bytes
         self.limits = limits
         self._configure = configure
         self.generation = uuid.uuid4().hex[:12]
@@ -59,6 +71,9 @@ class RunRegistry:
         self._runs: dict[str, Run] = {}
         self._building = 0
         """Runs being built (``build``): they count against ``Limits.max_runs`` already."""
+        self._unregistered: dict[Run | str, int] = {}
+        """Runs built and not added yet (by id while their arrays are drawn) -> their footprint:
+        they count against ``max_total_bytes`` already."""
         self._now = now
 
     async def create(self, spec: RunSpec, placement: Placement | None = None,
@@ -68,12 +83,16 @@ class RunRegistry:
         has returned (its first checkpoint written: no one sees the run before; what ``ready``
         raises, the run is not registered)."""
         run = await self.build(f"run-{uuid.uuid4().hex[:8]}", spec, placement)
-        if ready is not None:
-            self._building += 1  # (it counts against --max-runs meanwhile)
-            try:
-                await ready(run)
-            finally:
-                self._building -= 1
+        try:
+            if ready is not None:
+                self._building += 1  # (it counts against --max-runs meanwhile)
+                try:
+                    await ready(run)
+                finally:
+                    self._building -= 1
+        except BaseException:
+            self.abandon(run)
+            raise
         return self.add(run)
 
     async def build(self, run_id: str, spec: RunSpec, placement: Placement | None = None,
@@ -94,12 +113,46 @@ class RunRegistry:
             raise ResourceExhausted(f"{part}, over its limit of {self.max_param_bytes}: ask for a smaller model "
                                     "(psctl launch --model), or give the server more (ps-server --max-param-bytes"
                                     + (", or more servers)" if placement else ")"))
+        need = footprint(spec, held)
+        self._check_total(need, placement is not None)
         self._building += 1
+        self._unregistered[run_id] = need
         try:
             store = await asyncio.to_thread(ParamStore, held, spec.seed)
+            run = kind(run_id, spec, now=self._now, store=store, placement=placement)
         finally:
             self._building -= 1
-        return kind(run_id, spec, now=self._now, store=store, placement=placement)
+            self._unregistered.pop(run_id, None)
+        self._unregistered[run] = run.footprint  # until ``add`` or ``abandon``
+        return run
+
+    def _check_total(self, need: int, shard: bool) -> None:
+        """ResourceExhausted if ``need`` more bytes would take every run held (finished ones too,
+        and those being built) over ``max_total_bytes``."""
+        used = self.held_bytes()
+        if not self.max_total_bytes or used + need <= self.max_total_bytes:
+            return
+        held = sorted([(r.footprint, r.run_id, r.state.value) for r in self._runs.values()]
+                      + [(n, r if isinstance(r, str) else r.run_id, "being created") for r, n in self._unregistered.items()],
+                      key=lambda h: (-h[0], h[1]))  # (largest first)
+        finished = [(n, i) for n, i, state in held if state in _FINISHED]
+        part = "this server's shard of the run" if shard else "the run"
+        raise ResourceExhausted(
+            f"{part} needs {_size(need)} for its parameters and optimizer state, and this server's runs hold "
+            f"{_size(used)} of its {_size(self.max_total_bytes)} (ps-server --max-total-bytes): "
+            + listed(f"{i} {_size(n)} ({state})" for n, i, state in held)
+            + (f"; finished, held until deleted: {counted(len(finished), 'run')}, {_size(sum(n for n, _ in finished))}:"
+               " psctl delete RUN (export it first to keep it), or keep fewer (ps-server --keep-finished-runs)"
+               if finished else "; delete a run no longer needed (psctl delete --force RUN)")
+            + ", or raise ps-server --max-total-bytes where the host has the memory")
+
+    def held_bytes(self) -> int:
+        """What every run's ``footprint`` adds up to, finished runs and runs being created included."""
+        return sum(r.footprint for r in self._runs.values()) + sum(self._unregistered.values())
+
+    def abandon(self, run: Run) -> None:
+        """``run``, built, will not be added: it no longer counts against ``max_total_bytes``."""
+        self._unregistered.pop(run, None)
 
     async def create_shard(self, run_id: str, spec: RunSpec, placement: Placement, created: float) -> Run:
         """This server's shard of a run whose membership another server owns (``ShardRun``); the
@@ -118,6 +171,7 @@ class RunRegistry:
         if self._configure:
             self._configure(run)
         run.row_limit = self.limits.max_pull_rows
+        self._unregistered.pop(run, None)
         self._runs[run.run_id] = run
         self._work.notify()
         return run

@@ -27,14 +27,27 @@ from .clock import Slot, VectorClock
 from .errors import FailedPrecondition, InvalidArgument, PsError, Reason, ShardUnavailable, counted, listed
 from .gate import Gate
 from .history import History
-from .optimizers import make_optimizer
+from .optimizers import OPTIMIZERS, make_optimizer
 from .placement import Placement
-from .spec import DEFAULT_LIMITS, UNBOUNDED, OptimizerKind, RunSpec
+from .spec import DEFAULT_LIMITS, UNBOUNDED, OptimizerKind, ParamSpec, RunSpec
 from .status import Assignment, Counters, MetricPoint, ParamsRead, PushResult, RunState, RunStatus, WorkerState
 from .store import ParamStore
 from .tensors import Gradient, Rows, Update
 
-__all__ = ["Run"]
+__all__ = ["Run", "footprint"]
+
+
+def _tracks_changes(spec: RunSpec) -> bool:
+    """Whether a run's steps change only what a push carries, so delta pulls pay (``track_changes``)."""
+    return bool(spec.topk_ratio) and spec.optimizer.kind is OptimizerKind.SGD and not spec.optimizer.weight_decay
+
+
+def footprint(spec: RunSpec, params: Iterable[ParamSpec]) -> int:
+    """Bytes a run of ``spec`` holding ``params`` keeps for as long as it is kept, finished too: the
+    parameters (a table's rows, all of them, from its creation), one copy per optimizer state and
+    the per-element versions of delta pulls (4 bytes each). What --max-total-bytes counts."""
+    copies = 1 + len(OPTIMIZERS[spec.optimizer.kind].state_names) + _tracks_changes(spec)
+    return 4 * copies * sum(p.size for p in params)
 
 
 class Run:
@@ -58,8 +71,10 @@ class Run:
         self.bounds = (spec.staleness, spec.staleness)
         """(tightest, loosest) bound the run has been under since it was created: the bound it was
         created with, and every one ``_change_bound`` set (a restore sets it: a checkpoint keeps it)."""
-        if spec.topk_ratio and spec.optimizer.kind is OptimizerKind.SGD and not spec.optimizer.weight_decay:
-            self.store.track_changes()  # a step changes only what a push carries: delta pulls pay
+        if _tracks_changes(spec):
+            self.store.track_changes()
+        self.footprint = footprint(spec, self.store.specs.values())
+        """What the run holds for as long as it is kept (``footprint``)."""
         self.clock = VectorClock(spec.num_workers, now)
         self.bsp = BspBuffer(spec.aggregation)
         self.history = History(history)

@@ -565,6 +565,27 @@ async def test_each_server_checks_its_own_shard_against_its_own_max_param_bytes(
             assert all(not s.registry.runs() for s in servers)
 
 
+async def test_a_server_whose_runs_hold_its_max_total_bytes_refuses_its_shard_of_another(
+        server_config: ServerConfig) -> None:
+    """Each server checks what its own shards hold together against its own --max-total-bytes: a
+    refusal names that server and the runs it holds, and server 0 counts nothing of the run it had
+    built for it (else its budget shrank with each refusal)."""
+    spec = make_spec(shapes={"a": (100, 100), "b": (100, 100)}, num_workers=1)  # 40 kB each, one per server
+    limits = (100_000, 60_000)
+    async with cluster(server_config, 2, lambda i: {"max_total_bytes": limits[i]}, split_bytes=1 << 30) as servers:
+        async with PsClient(servers[0].address, timeout=20) as c:
+            first = await c.create_run(spec)
+            with pytest.raises(errors.ResourceExhausted) as e:
+                await c.create_run(spec)
+            message = e.value.message
+            assert f"server 1 ({servers[1].address})" in message and "--max-total-bytes" in message, message
+            assert "shard of the run needs 40000 bytes" in message and f"{first.run_id} 40000 bytes" in message, message
+            assert [r.run_id for r in servers[0].registry.runs()] == [first.run_id]
+            assert [s.registry.held_bytes() for s in servers] == [40_000, 40_000]
+            await c.delete_run(first.run_id, force=True)
+            await c.create_run(spec)
+
+
 async def test_server_0_waits_for_a_large_shard_to_be_drawn_as_long_as_its_size_needs(
         server_config: ServerConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     """Drawing a shard's initial values takes seconds per GiB: server 0's CreateShard deadline grows

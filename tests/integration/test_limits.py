@@ -317,3 +317,34 @@ async def test_runs_not_finished_are_bounded(server_config: ServerConfig) -> Non
             assert len(ps.registry.runs()) == 3
     finally:
         await ps.stop(0)
+
+
+async def test_runs_held_together_are_bounded(server_config: ServerConfig) -> None:
+    """CreateRun that would take what every run holds (parameters and optimizer state; a finished
+    run's too, until deleted) past --max-total-bytes is RESOURCE_EXHAUSTED, naming what is held, by
+    which runs, and what to do; it creates nothing, and a deletion makes room (each run was only
+    bounded by --max-param-bytes: many together outgrew the host)."""
+    ps = await start_server(with_config(server_config, max_total_bytes=19_000))
+    adam = pb.OptimizerSpec(adam=pb.AdamConfig(learning_rate=0.1))
+    try:
+        async with PsClient(f"127.0.0.1:{ps.port}") as c:
+            sgd = await c.create_run(_spec(shapes={"w": (1000,)}))  # 4000 bytes
+            moments = await c.create_run(_spec(shapes={"w": (1000,)}, optimizer=adam))  # 12000: two more copies
+            await c.stop_run(sgd.run_id)  # finished, still held
+            for run in ps.registry.runs():
+                assert run.footprint == run.store.flat.nbytes + sum(a.nbytes for a in run.optimizer.state_arrays().values())
+            with pytest.raises(errors.ResourceExhausted) as e:
+                await c.create_run(_spec(shapes={"w": (1000,)}))
+            message = e.value.message
+            assert "needs 4000 bytes" in message and "hold 16000 bytes of its 19000 bytes" in message, message
+            assert f"{moments.run_id} 12000 bytes (pending), {sgd.run_id} 4000 bytes (stopped)" in message, message
+            assert "finished, held until deleted: 1 run, 4000 bytes: psctl delete RUN" in message, message
+            assert "--max-total-bytes" in message and len(ps.registry.runs()) == 2, message
+            await c.delete_run(sgd.run_id)
+            await c.create_run(_spec(shapes={"w": (1000,)}))
+            assert len(ps.registry.runs()) == 2
+            with pytest.raises(errors.ResourceExhausted) as e:  # nothing finished: the advice is another
+                await c.create_run(_spec(shapes={"w": (1000,)}))
+            assert "delete a run no longer needed (psctl delete --force RUN)" in e.value.message, e.value.message
+    finally:
+        await ps.stop(0)

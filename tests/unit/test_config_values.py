@@ -5,9 +5,11 @@ NaN to integer") and message sizes beyond gRPC's int32 (a traceback from gRPC be
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from ps_server.config import memory_limit, total_budget
 from ps_server.config import parse_config as server_config
 from worker.config import parse_config as worker_config
 
@@ -29,6 +31,7 @@ def _worker(args: list[str]) -> object:
     (_server, ["--grace-seconds", "nan"], "--grace-seconds nan must be a number >= 0"),
     (_server, ["--grace-seconds", "inf"], "--grace-seconds inf must be a number >= 0"),
     (_server, ["--max-message-bytes", "3000000000"], "--max-message-bytes 3000000000 must be in 1..2147483647"),
+    (_server, ["--max-total-bytes", "-2"], "--max-total-bytes -2 must be a number of bytes, 0 (half of the memory)"),
     (_worker, ["--timeout-seconds", "nan"], "--timeout-seconds nan: must be a number > 0"),
     (_worker, ["--idle-exit-seconds", "inf"], "--idle-exit-seconds inf: must be a number >= 0"),
     (_worker, ["--max-message-bytes", "3000000000"], "must be at most 2147483647"),
@@ -63,3 +66,32 @@ def test_the_sdk_takes_ps_servers_default_wait_limit_until_a_server_says_its_own
     from ps_server.config import ServerConfig
 
     assert ServerConfig().max_wait_seconds == SERVER_MAX_WAIT
+
+
+def test_the_runs_together_may_take_half_the_memory_the_server_may_use_unless_told() -> None:
+    """--max-total-bytes: by default half of the memory limit (the rest is for what it does not
+    count: the process, gradients being received, a checkpoint's copies, workers on the host)."""
+    limit = lambda: (8 << 30, "the cgroup's memory limit (memory.max)")  # noqa: E731
+    assert total_budget(server_config([], env={}), limit) == (
+        4 << 30, "half of the cgroup's memory limit (memory.max): --max-total-bytes")
+    assert total_budget(server_config(["--max-total-bytes", "1000"], env={}), limit) == (1000, "--max-total-bytes")
+    assert total_budget(server_config([], env={"PS_MAX_TOTAL_BYTES": "-1"}), limit)[0] == 0
+
+
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"memory.max": "2147483648\n"}, 2 << 30),  # cgroup v2, a container's limit
+    ({"memory.max": "max\n"}, None),  # v2, no limit
+    ({"memory/memory.limit_in_bytes": "1073741824\n"}, 1 << 30),  # cgroup v1
+    ({"memory/memory.limit_in_bytes": "9223372036854771712\n"}, None),  # v1, no limit
+    ({}, None),
+])
+def test_the_memory_a_server_may_use_is_its_cgroups_limit_else_physical_memory(
+        tmp_path: Path, files: dict[str, str], expected: int | None) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    physical = memory_limit(str(tmp_path / "none"))
+    assert physical[1] == "physical memory" and physical[0] > 0
+    got = memory_limit(str(tmp_path))
+    assert got == ((expected, f"the cgroup's memory limit ({tmp_path}/{next(iter(files))})") if expected
+                   else physical)

@@ -13,9 +13,16 @@ from hypothesis import strategies as st
 from support import until
 
 from ps_server.core import snapshot
-from ps_server.core.errors import FailedPrecondition, InvalidArgument, OutOfRange, Reason, WaitTimeout
+from ps_server.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    OutOfRange,
+    Reason,
+    ResourceExhausted,
+    WaitTimeout,
+)
 from ps_server.core.registry import RunRegistry
-from ps_server.core.run import Run
+from ps_server.core.run import Run, footprint
 from ps_server.core.shard import RankUpdate, ShardRun
 from ps_server.core.spec import (
     Aggregation,
@@ -586,6 +593,44 @@ async def test_registry_assigns_oldest_run_first_and_reports_unknown_runs() -> N
     assert reg.join("c") is None
     with pytest.raises(Exception, match=r1.run_id):
         reg.get("run-nope")
+
+
+@pytest.mark.parametrize("kind", list(OptimizerKind))
+@pytest.mark.parametrize("topk", [0.0, 0.5])
+def test_a_runs_footprint_is_the_memory_its_arrays_keep(kind: OptimizerKind, topk: float) -> None:
+    """What --max-total-bytes counts of a run, known before it is built: its parameters, its
+    optimizer's state and the versions of delta pulls (SGD with top-k)."""
+    s = dataclasses.replace(spec(), optimizer=OptimizerConfig(kind=kind), topk_ratio=topk)
+    run = Run("run-t", s)
+    arrays = [run.store.flat, *run.optimizer.state_arrays().values(), *([run.store.changed] if run.store.changed
+                                                                        is not None else [])]
+    assert run.footprint == sum(a.nbytes for a in arrays) == footprint(s, PARAMS)
+
+
+async def test_runs_being_created_count_against_the_registrys_total_until_added_or_abandoned() -> None:
+    """A run built and not registered yet (its first checkpoint being written, a cluster's other
+    servers creating their shards) holds its memory already: CreateRuns arriving meanwhile must not
+    all pass the --max-total-bytes check."""
+    one = footprint(spec(), PARAMS)
+    reg = RunRegistry(max_total_bytes=2 * one)
+    first = await reg.build("run-1", spec())
+    second = await reg.build("run-2", spec())
+    with pytest.raises(ResourceExhausted, match="run-1 36 bytes \\(being created\\)"):
+        await reg.build("run-3", spec())
+    reg.abandon(second)
+    reg.add(first)
+    third = await reg.build("run-3", spec())
+    with pytest.raises(ResourceExhausted, match="run-1 36 bytes \\(pending\\), run-3 36 bytes \\(being created\\)"):
+        await reg.create(spec())
+
+    async def cannot_checkpoint(run: Run) -> None:
+        raise OSError("disk full")
+
+    reg.abandon(third)
+    with pytest.raises(OSError):
+        await reg.create(spec(), ready=cannot_checkpoint)
+    assert [r.run_id for r in reg.runs()] == ["run-1"]
+    await reg.create(spec())  # (the run whose checkpoint failed no longer counts)
 
 
 def test_a_restarted_registry_still_assigns_the_oldest_run_first() -> None:

@@ -266,9 +266,10 @@ class RunServiceServicer:
         created; list the runs (ListRuns) before creating it again.
         Errors: INVALID_ARGUMENT (bad spec: no params, bad shape, zero workers, bad optimizer
         settings, iterations 0, malformed JSON specs); RESOURCE_EXHAUSTED (parameters over the
-        server's memory limit, or a count or size over one of its documented bounds: workers,
-        tensors, dimensions, name lengths, JSON spec sizes); INTERNAL (the first checkpoint could not be
-        written: no run was created).
+        server's memory limit; no room left by the runs it holds, finished ones too, for this one's
+        parameters and optimizer state: the message names them; or a count or size over one of its
+        documented bounds: workers, tensors, dimensions, name lengths, JSON spec sizes); INTERNAL (the
+        first checkpoint could not be written: no run was created).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
