@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sizing import server_peak, worker_peak
 
 from ps_server.config import parse_config
 
@@ -103,8 +104,14 @@ def test_the_commented_third_server_makes_a_cluster_of_three() -> None:
     text = text.replace(block.group(0), uncommented)
     text = text.replace("PS_CLUSTER: ps:50051,ps-1:50051", "PS_CLUSTER: ps:50051,ps-1:50051,ps-2:50051")
     text = text.rstrip("\n") + "\n  ps-2-data:\n"
+    assert "mem_limit 4g for three servers" in text  # and what the workers need for a third share
+    worker = re.search(r"\n  worker:\n(?:    .*\n|\s*\n)+", text)
+    assert worker and "    mem_limit: 3g\n" in worker.group(0)
+    text = text.replace(worker.group(0), worker.group(0).replace("    mem_limit: 3g\n", "    mem_limit: 4g\n"))
     doc = _load(text)
     assert _check_cluster(doc) == ["ps:50051", "ps-1:50051", "ps-2:50051"]
+    largest = sum(parse_config([], _env(s), hostname="unused").max_param_bytes for s in _servers(doc).values())
+    assert worker_peak(1, largest) <= _compose_bytes(doc["services"]["worker"]["mem_limit"])
 
 
 def _seconds(text: str) -> float:
@@ -124,3 +131,40 @@ def test_a_server_resuming_its_runs_is_not_declared_unhealthy() -> None:
         check = service["healthcheck"]
         window = _seconds(check["start_period"]) + _seconds(check["interval"]) * int(check["retries"])
         assert window >= 300, f"{name}: a starting server is unhealthy after {window:.0f}s"
+
+
+_UNITS = {"b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def _compose_bytes(value: object) -> int:
+    """A compose byte value ('4g', '512m', or a number of bytes) in bytes."""
+    number, unit = re.fullmatch(r"(\d+)([bkmg]?)", str(value).lower()).groups()  # type: ignore[union-attr]
+    return int(number) * _UNITS[unit or "b"]
+
+
+@pytest.mark.parametrize("override", [False, True], ids=["two-servers", "one-server"])
+def test_servers_and_workers_have_memory_limits_their_runs_fit(override: bool) -> None:
+    """Without limits one container (a server holding many runs, a worker given a large model) could
+    take the host down with every other; with them, a run the servers accept must fit: the
+    servers' PS_MAX_TOTAL_BYTES and PS_MAX_PARAM_BYTES within their mem_limit (an OOM-killed
+    server loses every run since its checkpoint, and is killed again resuming them), a worker's
+    mem_limit above what the largest of those runs takes it (measured). Limits are mem_limit and
+    cpus: docker-compose 1.29 ignores deploy.resources (without --compatibility)."""
+    doc = _load(COMPOSE.read_text())
+    if override:
+        doc = _merge(doc, _load(ONE_SERVER.read_text()))
+    servers = _servers(doc)
+    largest = 0
+    for name, service in servers.items():
+        config = parse_config([], _env(service), hostname="unused")
+        limit = _compose_bytes(service["mem_limit"])
+        assert config.max_total_bytes > 0, f"{name}: set PS_MAX_TOTAL_BYTES to fit its mem_limit"
+        assert server_peak(config, limit) <= limit, (
+            f"{name}: its runs may take it to ~{server_peak(config, limit) >> 20} MiB, over its mem_limit "
+            f"{limit >> 20} MiB: lower PS_MAX_TOTAL_BYTES or PS_MAX_PARAM_BYTES, or raise mem_limit")
+        largest += config.max_param_bytes
+    worker = doc["services"]["worker"]
+    limit = _compose_bytes(worker["mem_limit"])
+    assert worker_peak(1, largest) <= limit, f"a worker of the largest run ({largest >> 20} MiB) needs more"
+    assert float(worker["cpus"]) >= 1, "a worker computes on one whole CPU"
+    assert all("deploy" not in s for s in doc["services"].values()), "use mem_limit/cpus (docker-compose 1.29)"

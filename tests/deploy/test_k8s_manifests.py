@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sizing import server_peak, worker_peak
 
 from ps_server.config import FROM_HOSTNAME, parse_config
 
@@ -194,20 +195,38 @@ def _bytes(quantity: str) -> int:
     return int(number) * _QUANTITY[suffix]
 
 
-def test_the_largest_run_a_server_accepts_fits_its_memory_limit() -> None:
-    """A run the server accepts must not get it OOM-killed: that ends every run it holds, and the
-    restarted server resumes the same run and is killed again (CrashLoopBackOff). The server's
-    --max-param-bytes (PS_MAX_PARAM_BYTES) is what refuses a run too large, by name, so it is set
-    to fit the container's limit: the parameters, Adam's two copies, a gradient being received
-    (one push slot) and a checkpoint's copy of parameters and optimizer state, plus the process."""
+def test_the_runs_a_server_accepts_fit_its_memory_limit() -> None:
+    """Runs the server accepts must not get it OOM-killed: that ends every run it holds, and the
+    restarted server resumes the same runs and is killed again (CrashLoopBackOff). The server's
+    --max-param-bytes (PS_MAX_PARAM_BYTES) and --max-total-bytes (PS_MAX_TOTAL_BYTES) are what
+    refuse a run too large, by name, so they are set to fit the container's limit: every run held
+    (parameters and optimizer state), a gradient being received (one push slot) and a checkpoint's
+    copy of the largest run's parameters and optimizer state, plus the process."""
     _validator()
     (container,) = _one("StatefulSet", "server")["spec"]["template"]["spec"]["containers"]
     limit = _bytes(container["resources"]["limits"]["memory"])
     config = parse_config([], _server_env(), hostname="paramserver-0")
-    assert config.push_slots == 1
-    needed = (1 + 2 + 1 + 3) * config.max_param_bytes + 256 * (1 << 20)
-    assert needed <= limit, (f"a run of --max-param-bytes {config.max_param_bytes} needs ~{needed >> 20} MiB with Adam: "
-                             f"set PS_MAX_PARAM_BYTES to fit the memory limit of {limit >> 20} MiB, or raise both")
+    assert config.push_slots == 1 and config.max_total_bytes > 0, "set PS_MAX_TOTAL_BYTES to fit the limit"
+    needed = server_peak(config, limit)
+    assert needed <= limit, (f"runs of --max-total-bytes {config.max_total_bytes}, the largest of --max-param-bytes "
+                             f"{config.max_param_bytes}, need ~{needed >> 20} MiB: set PS_MAX_TOTAL_BYTES and "
+                             f"PS_MAX_PARAM_BYTES to fit the memory limit of {limit >> 20} MiB, or raise it")
+    assert config.max_total_bytes >= 3 * config.max_param_bytes, "the largest run with Adam should fit the total"
+
+
+def test_a_worker_can_train_the_largest_run_the_servers_accept() -> None:
+    """A worker OOM-killed by its model is restarted, takes the rank again and is killed again:
+    its limit fits the largest run every server's PS_MAX_PARAM_BYTES lets through (measured: ~120
+    MiB + 2x the model), and its request what the wide MLP measured takes."""
+    _validator()
+    (worker,) = _one("Deployment", "worker")["spec"]["template"]["spec"]["containers"]
+    servers = _one("StatefulSet", "server")["spec"]["replicas"]
+    config = parse_config([], _server_env(), hostname="paramserver-0")
+    limit = _bytes(worker["resources"]["limits"]["memory"])
+    assert worker_peak(servers, config.max_param_bytes) <= limit, (
+        f"a worker of {servers} servers' largest run needs ~{worker_peak(servers, config.max_param_bytes) >> 20} "
+        f"MiB, over its limit of {limit >> 20} MiB")
+    assert _bytes(worker["resources"]["requests"]["memory"]) >= 185 << 20  # the wide MLP's worker
 
 
 def test_a_server_resuming_its_runs_is_not_restarted_by_its_startup_probe() -> None:
