@@ -197,19 +197,29 @@ class ClusterOwner:
 
     async def delete(self, run_id: str) -> None:
         """Have every other server forget its shard; one that does not answer is told again each
-        poll until it does (``deletions``)."""
-        results = await asyncio.gather(*(peer.call("DeleteShard", cpb.DeleteShardRequest(run_id=run_id),
-                                                   cpb.DeleteShardResponse, self._timeout) for peer in self._peers),
-                                       return_exceptions=True)
-        missed = []
-        for peer, r in zip(self._peers, results, strict=True):
-            if isinstance(r, BaseException):
-                log.warning("%s still holds its shard of %s (%s): it is told again when it answers", peer.name,
-                            run_id, r, extra={"run": run_id})
-                missed.append(peer.index)
-            self._forget(run_id, peer.index)
-        self._forget(run_id, 0)
-        await self._undelivered.add(run_id, missed)
+        poll until it does (``deletions``), and so is one that had not answered when this was
+        cancelled (a stop; it may never have heard)."""
+        calls = [(peer, asyncio.ensure_future(peer.call("DeleteShard", cpb.DeleteShardRequest(run_id=run_id),
+                                                        cpb.DeleteShardResponse, self._timeout)))
+                 for peer in self._peers]
+        try:
+            if calls:
+                await asyncio.wait([call for _, call in calls])
+        finally:  # (cancelled too: ``add`` notes them in memory before it awaits the disk)
+            missed = []
+            for peer, call in calls:
+                if not call.done() or call.cancelled():
+                    call.cancel()
+                    why: object = "no answer before the deletion was cancelled"
+                else:
+                    why = call.exception()
+                if why is not None:
+                    log.warning("%s still holds its shard of %s (%s): it is told again when it answers", peer.name,
+                                run_id, why, extra={"run": run_id})
+                    missed.append(peer.index)
+                self._forget(run_id, peer.index)
+            self._forget(run_id, 0)
+            await self._undelivered.add(run_id, missed)
 
     async def _deliver(self, peer: PeerLink) -> None:
         """Tell ``peer`` of the deletions it missed, oldest first, until one fails (the next poll

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,3 +47,37 @@ async def test_without_a_data_directory_the_list_is_in_memory_and_server_0_says_
     assert pending.runs(1) == ["run-a"]  # still told while this process lives
     await pending.done("run-a", 1)
     assert len(pending) == 0
+
+
+class _Peer:
+    """A server of the cluster as ``ClusterOwner.delete`` sees it: ``answers`` its DeleteShard, or never does."""
+
+    def __init__(self, index: int, answers: bool) -> None:
+        self.index, self.name, self.answers = index, f"server {index}", answers
+        self.asked = asyncio.Event()
+
+    async def call(self, method: str, request: Any, response: type[Any], timeout: float) -> Any:
+        self.asked.set()
+        if not self.answers:
+            await asyncio.Event().wait()  # (a disk that hangs: neither an answer nor an error)
+        return response()
+
+
+@pytest.mark.timeout(10)
+async def test_a_deletion_cancelled_while_a_server_has_not_answered_is_written_down(tmp_path: Path) -> None:
+    """Server 0's deletion is cancelled (its stop, or a task's caller) while server 2 has not answered
+    its DeleteShard: server 2 is written down as not told (it was not: nothing told it again, and it
+    kept the shard of a run nobody knew); server 1, which answered, is not."""
+    from ps_server.cluster.owner import ClusterOwner
+    from ps_server.core.registry import RunRegistry
+
+    peers = [_Peer(1, answers=True), _Peer(2, answers=False)]
+    owner = ClusterOwner(RunRegistry(), ["a", "b", "c"], peers,  # type: ignore[arg-type]
+                         split_bytes=0, shard_timeout=1, data_port=lambda: 0, undelivered=Undelivered(tmp_path))
+    deleting = asyncio.ensure_future(owner.delete("run-a"))
+    await asyncio.wait_for(asyncio.gather(*(p.asked.wait() for p in peers)), 5)  # (server 1 has answered)
+    deleting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await deleting
+    assert Undelivered(tmp_path).runs(2) == ["run-a"]
+    assert Undelivered(tmp_path).runs(1) == []
