@@ -14,39 +14,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
+from .background import landed
 from .core import snapshot
 from .core.checkpoint import CheckpointStore
 from .core.errors import FailedPrecondition, NotFound, shortened
 from .core.run import Run
 
-__all__ = ["Checkpointer", "landed"]
+__all__ = ["Checkpointer"]
 
 Snapshot = tuple[dict[str, Any], dict[str, np.ndarray], int]
 """Metadata, arrays, and the run's epoch when they were taken."""
 
 log = logging.getLogger("ps_server")
-T = TypeVar("T")
-
-
-async def landed(work: Awaitable[T], failed: Callable[[Exception], object] = lambda exc: None) -> T:
-    """``work``'s result; a caller cancelled meanwhile is cancelled once ``work`` has ended (a
-    thread writing or deleting a run's files goes on regardless: the run's lock, held around
-    this, must be held until it has landed, or the next write of the run would race it), and
-    what ``work`` raised then goes to ``failed`` (no one else hears of it)."""
-    task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await asyncio.wait({task})
-        if not task.cancelled() and isinstance(exc := task.exception(), Exception):
-            failed(exc)
-        raise
 
 
 def _told(run: Run, taken: Snapshot, reason: str, exc: Exception) -> None:

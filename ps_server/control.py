@@ -19,7 +19,8 @@ from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import wire
 
 from . import codec
-from .checkpointer import Checkpointer, landed
+from .background import Background
+from .checkpointer import Checkpointer
 from .cluster.owner import ClusterOwner
 from .core.errors import FailedPrecondition, InvalidArgument, PsError, Reason, ShardUnavailable, shortened
 from .core.registry import RunRegistry
@@ -54,10 +55,12 @@ DEFAULT_PAGE, MAX_PAGE = 100, 1000
 class Control:
     def __init__(self, registry: RunRegistry, *, max_wait: float, heartbeat_seconds: float, lease_seconds: float,
                  checkpointer: Checkpointer | None = None, data_port: Callable[[], int] = lambda: 0,
-                 shm_socket: Callable[[], str] = lambda: "", cluster: ClusterOwner | None = None) -> None:
+                 shm_socket: Callable[[], str] = lambda: "", cluster: ClusterOwner | None = None,
+                 background: Background | None = None) -> None:
         """``data_port``: the TCP data plane's port, told to workers at Join and Heartbeat (0: none),
         ``shm_socket`` the shared-memory data plane's name (empty: none);
-        ``cluster``: server 0's side of a cluster (runs are sharded; ranks are kept on every shard)."""
+        ``cluster``: server 0's side of a cluster (runs are sharded; ranks are kept on every shard);
+        ``background``: where deletions go on after their caller gave up (``DeleteRun``)."""
         self._registry = registry
         self._max_wait = max_wait
         self._heartbeat = heartbeat_seconds
@@ -68,7 +71,7 @@ class Control:
         self._data_port = data_port if cluster is None else (lambda: 0)
         self._shm_socket = shm_socket if cluster is None else (lambda: "")
         self._cluster = cluster
-        """Deletions going on after their caller gave up (``DeleteRun``)."""
+        self._background = background if background is not None else Background()
 
     def _run(self, run: Run) -> pb.Run:
         out = codec.run_to_proto(run.spec, run.status())
@@ -117,7 +120,7 @@ class Control:
                                          Reason.RUN_NOT_FINISHED)
             run.stop("deleted")
         last = self._run(run)
-        left = await landed(self._delete(run))  # (a caller gone meanwhile: the deletion ends first)
+        left = await self._background.landed(self._delete(run))  # (a caller gone meanwhile: the deletion ends first)
         log.info("deleted %s", run.run_id, extra={"run": run.run_id})
         return pb.DeleteRunResponse(run=last, left_behind=left)
 

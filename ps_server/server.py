@@ -26,7 +26,7 @@ import resource
 import socket
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -39,6 +39,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from paramserver.runtime import StoppedEarly, exit_with_parent, on_stop_signals, raise_fd_limit, stop_early, tune_malloc
 from paramserver.v1 import shm
 
+from .background import Background
 from .checkpointer import Checkpointer
 from .cluster.deletions import Undelivered
 from .cluster.owner import ClusterOwner
@@ -92,7 +93,7 @@ class PsServer:
     data_lock: IO[str] | None = None
     """Held open while the server uses its --data-dir (``_lock_data_dir``)."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _background: set[asyncio.Task[None]] = field(default_factory=set)
+    background: Background = field(default_factory=Background)
     """What the sweep waits for apart: evictions told to the other servers, forgotten runs deleted."""
 
     def statistics(self) -> ServerStatistics:
@@ -144,10 +145,7 @@ class PsServer:
         ends its calls): a deletion a server was not told of is written down for the next start to
         tell it (cancelled, it was lost: that server kept its shard of a run nobody knew). What is
         still under way after ``BACKGROUND_END_SECONDS`` is cancelled."""
-        if self._background:
-            _, late = await asyncio.wait(self._background, timeout=BACKGROUND_END_SECONDS)
-            for task in late:
-                task.cancel()
+        await self.background.settle(BACKGROUND_END_SECONDS)
 
     async def _last_checkpoints(self) -> None:
         """Every unfinished run's (and an ended one's whose last checkpoint could not be written),
@@ -172,17 +170,11 @@ class PsServer:
 
 
 async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Checkpointer | None,
-                 cluster: ClusterOwner | None, background: set[asyncio.Task[None]]) -> None:
+                 cluster: ClusterOwner | None, background: Background) -> None:
     """Evict workers whose lease expired; forget finished runs past the retention limits. What
     waits on other servers or on the disk (telling the other servers of an eviction, deleting a
     forgotten run) runs in tasks of its own (in ``background``): a server that does not answer
     holds up no lease check. (Servers 1.. of a cluster do neither: server 0 decides for every shard.)"""
-
-    def start(work: Coroutine[object, object, None]) -> None:
-        task = asyncio.create_task(work)
-        background.add(task)
-        task.add_done_callback(background.discard)
-
     period = min(1.0, config.lease_seconds / 4)
     loop = asyncio.get_running_loop()
     while True:
@@ -202,9 +194,9 @@ async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Chec
             # waits for them itself); a run deleted meanwhile has no one left to tell
             for run_id in dict.fromkeys(r for r, _ in evicted):
                 if (run := registry.find(run_id)) is not None:
-                    start(cluster.sync(run))
+                    background.start(cluster.sync(run))
         for run in registry.prune(config.keep_finished_runs, config.keep_finished_seconds, time.time()):
-            start(_forget(run, checkpointer, cluster))  # (each apart: one waited for holds up no other)
+            background.start(_forget(run, checkpointer, cluster))  # (each apart: one waited for holds up no other)
 
 
 async def _forget(run: Run, checkpointer: Checkpointer | None, cluster: ClusterOwner | None) -> None:
@@ -397,7 +389,7 @@ async def _start(config: ServerConfig, checkpointer: Checkpointer | None, data_l
             raise OSError(f"--metrics-port {config.metrics_port}: cannot serve metrics on {config.host}:"
                           f"{config.metrics_port} ({exc.strerror or exc}); choose another port (0: a free one, "
                           "-1: none)") from None
-    ps._tasks.append(asyncio.create_task(_sweep(registry, config, checkpointer, cluster, ps._background)))
+    ps._tasks.append(asyncio.create_task(_sweep(registry, config, checkpointer, cluster, ps.background)))
     if cluster is not None:
         ps._tasks.append(asyncio.create_task(cluster.watch()))
     return ps

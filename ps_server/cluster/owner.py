@@ -58,6 +58,7 @@ from paramserver.v1 import cluster_pb2 as cpb
 from paramserver.v1 import paramserver_pb2 as pb
 
 from .. import codec
+from ..background import Background
 from ..checkpointer import Checkpointer
 from ..core.errors import FailedPrecondition, NotFound, PsError, ResourceExhausted, ShardUnavailable, counted
 from ..core.placement import Placement, place
@@ -100,9 +101,11 @@ class ClusterOwner:
                  split_bytes: int, shard_timeout: float, data_port: Callable[[], int],
                  shm_socket: Callable[[], str] = lambda: "",
                  checkpointer: Checkpointer | None = None, undelivered: Undelivered | None = None,
-                 poll: float = 1.0, call_timeout: float = 5.0, lease: float = 10.0) -> None:
+                 poll: float = 1.0, call_timeout: float = 5.0, lease: float = 10.0,
+                 background: Background | None = None) -> None:
         """``peers``: links to servers 1.. in index order; ``undelivered``: the deletions not yet
-        delivered (kept in server 0's --data-dir; default: in memory); ``lease``: --lease-seconds."""
+        delivered (kept in server 0's --data-dir; default: in memory); ``lease``: --lease-seconds;
+        ``background``: where deletions go on after their caller gave up (``create_run``)."""
         self._registry = registry
         self.addresses = list(addresses)
         self._peers = list(peers)
@@ -119,8 +122,7 @@ class ClusterOwner:
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
         self._status: dict[tuple[str, int], pb.ShardStatus] = {}
         self._samples: dict[tuple[str, int], collections.deque[tuple[float, int]]] = {}
-        self._cleanups: set[asyncio.Task[None]] = set()
-        """Deletions going on after their caller gave up (``create_run``)."""
+        self._background = background if background is not None else Background()
         self._gone: set[tuple[str, int]] = set()
         """(run id, server)s that answered they do not hold their shard (restarted without it): a
         finished run's is not asked again."""
@@ -175,10 +177,7 @@ class ClusterOwner:
         try:
             results = await asyncio.gather(*(create(peer) for peer in self._peers), return_exceptions=True)
         except asyncio.CancelledError:  # CreateRun's caller gave up (its deadline) while a server was slow:
-            cleanup = asyncio.ensure_future(self.delete(run.run_id))  # the shards created meanwhile go too
-            self._cleanups.add(cleanup)
-            cleanup.add_done_callback(self._cleanups.discard)
-            await asyncio.shield(cleanup)
+            await self._background.landed(self.delete(run.run_id))  # the shards created meanwhile go too
             raise
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
