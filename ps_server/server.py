@@ -5,7 +5,8 @@ control and data planes, their transports (gRPC with health and reflection, the 
 checkpoints and metrics; binds (port 0 picks a free port, as the tests do) and starts the lease
 sweeper. ``serve`` adds the ordered shutdown on SIGTERM/SIGINT/SIGHUP: health NOT_SERVING, parked pulls and
 joins released with UNAVAILABLE, operations in progress given the grace period, then
-``server.stop`` and the final checkpoints; exit 0.
+``server.stop``, the deletions under way let end (``PsServer.background``) and the final
+checkpoints; exit 0.
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ __all__ = ["PsServer", "main", "serve", "start_server"]
 log = logging.getLogger("ps_server")
 
 BACKGROUND_END_SECONDS = 2.0
-"""How long a stopping server lets the sweep's tasks end (``PsServer._settle_background``): with no
-other server to wait for, what is left is writing down a deletion not delivered, or a checkpoint
-directory being removed."""
+"""How long a stopping server lets the work its callers left end (``PsServer._settle_background``):
+with no other server to wait for, what is left is writing down a deletion not delivered, or a
+checkpoint directory being removed."""
 
 
 @dataclass
@@ -94,7 +95,8 @@ class PsServer:
     """Held open while the server uses its --data-dir (``_lock_data_dir``)."""
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     background: Background = field(default_factory=Background)
-    """What the sweep waits for apart: evictions told to the other servers, forgotten runs deleted."""
+    """What goes on after its caller: the sweep's (evictions told to the other servers, forgotten runs
+    deleted), DeleteRun's deletions and those of a cancelled CreateRun's shards."""
 
     def statistics(self) -> ServerStatistics:
         tcp = self.data_plane.statistics() if self.data_plane else None
@@ -141,10 +143,11 @@ class PsServer:
                 self.metrics = None
 
     async def _settle_background(self) -> None:
-        """Let what the sweep started end, now that no other server is waited for (closing a link
+        """Let what goes on after its caller (``background``: the sweep's tasks, DeleteRun's and a
+        cancelled CreateRun's deletions) end, now that no other server is waited for (closing a link
         ends its calls): a deletion a server was not told of is written down for the next start to
-        tell it (cancelled, it was lost: that server kept its shard of a run nobody knew). What is
-        still under way after ``BACKGROUND_END_SECONDS`` is cancelled."""
+        tell it (cut short with the event loop, it was lost: that server kept its shard of a run
+        nobody knew). What is still under way after ``BACKGROUND_END_SECONDS`` is cancelled."""
         await self.background.settle(BACKGROUND_END_SECONDS)
 
     async def _last_checkpoints(self) -> None:
@@ -328,6 +331,7 @@ async def _start(config: ServerConfig, checkpointer: Checkpointer | None, data_l
     addresses = config.peers
     peers = [PeerLink(i, a, config, token) for i, a in enumerate(addresses) if i != config.index]
     cluster = None
+    background = Background()  # (deletions a caller left: the stop lets them end)
     if addresses and config.index:  # a shard of every run; membership is server 0's, which the rest goes to
         forward(server, next(p for p in peers if p.index == 0))
     else:
@@ -336,11 +340,12 @@ async def _start(config: ServerConfig, checkpointer: Checkpointer | None, data_l
                                    shard_timeout=config.shard_timeout, data_port=data_port, shm_socket=shm_socket,
                                    checkpointer=checkpointer, undelivered=Undelivered(checkpointer.store.root
                                                                                       if checkpointer else None),
-                                   lease=config.lease_seconds)
+                                   lease=config.lease_seconds, background=background)
             cluster.resumed([run for run in resumed if run.held])
         add_control(server, Control(registry, max_wait=config.max_wait_seconds, lease_seconds=config.lease_seconds,
                                     heartbeat_seconds=config.heartbeat_seconds, checkpointer=checkpointer,
-                                    data_port=data_port, shm_socket=shm_socket, cluster=cluster))
+                                    data_port=data_port, shm_socket=shm_socket, cluster=cluster,
+                                    background=background))
     if addresses:
         add_cluster(server, ShardService(registry, addresses, config.index, data_port, checkpointer, shm_socket))
     add_data(server, dataplane)
@@ -378,7 +383,7 @@ async def _start(config: ServerConfig, checkpointer: Checkpointer | None, data_l
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     ps = PsServer(server, port, registry, config, health_servicer, dataplane, checkpointer, tcp_plane,
-                  cluster=cluster, peers=peers, shm_plane=shm_plane, data_lock=data_lock)
+                  cluster=cluster, peers=peers, shm_plane=shm_plane, data_lock=data_lock, background=background)
     if config.metrics_port >= 0:
         try:
             ps.metrics = serve_metrics(registry, config.host, config.metrics_port, ps.statistics, token=token,

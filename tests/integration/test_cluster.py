@@ -799,6 +799,54 @@ async def test_a_deletion_under_way_when_server_0_stops_is_written_down_for_its_
     assert written == {old.run_id: [1]}
 
 
+@pytest.mark.parametrize("started_by", ["delete_run", "create_run"])
+async def test_a_deletion_a_caller_started_is_written_down_when_server_0_stops_under_way(
+        server_config: ServerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, started_by: str) -> None:
+    """Server 0 stops while a deletion goes on after its caller gave up: a DeleteRun's, or that of a
+    CreateRun's shards (server 1 was slow to create its own and the deadline passed), and server 1
+    does not answer its DeleteShard (its disk hangs). The stop waits for it (as for the retention
+    limits' deletions) once its links are closed, and server 1 is written down as not told (the
+    stop did not wait: the deletion was cut short with the event loop, nothing written, and
+    server 1 kept the shard of a run nobody knew)."""
+    async with cluster(server_config, 2, lambda i: {"data_dir": str(tmp_path / str(i))}, split_bytes=1024) as servers:
+        assert servers[0].cluster is not None and servers[1].checkpointer is not None
+        monkeypatch.setattr(servers[0].cluster, "_timeout", 60.0)
+        asked, created = asyncio.Event(), asyncio.Event()
+
+        async def hanging(run_id: str, forget: Callable[[], object] = lambda: None) -> str:
+            asked.set()
+            await asyncio.Event().wait()  # (no answer, ever)
+            return ""
+
+        create_shard = servers[1].registry.create_shard
+
+        async def late(*args: Any, **kwargs: Any) -> Any:
+            await created.wait()  # (until the caller has given up)
+            return await create_shard(*args, **kwargs)
+
+        monkeypatch.setattr(servers[1].registry, "create_shard", late)
+        monkeypatch.setattr(servers[1].checkpointer, "delete", hanging)
+        async with PsClient(servers[0].address, timeout=2) as c:
+            if started_by == "delete_run":
+                created.set()
+                run_id = (await c.create_run(make_spec(shapes={"w": (40, 30)}, num_workers=1))).run_id
+                call = asyncio.ensure_future(c.delete_run(run_id, force=True))
+                await asyncio.wait_for(asked.wait(), 10)
+                call.cancel()  # (the caller gives up)
+                with pytest.raises(asyncio.CancelledError):
+                    await call
+            else:
+                with pytest.raises(errors.DeadlineExceeded):
+                    await c.create_run(make_spec(shapes={"w": (40, 30)}, num_workers=1))
+                created.set()
+                await asyncio.wait_for(asked.wait(), 10)
+        await asyncio.wait_for(servers[0].stop(0), 10)
+        written = json.loads((tmp_path / "0" / "undelivered-deletions.json").read_text())
+        assert list(written.values()) == [[1]], written
+        if started_by == "delete_run":
+            assert written == {run_id: [1]} and not (tmp_path / "0" / run_id).exists()
+
+
 async def test_a_delete_run_its_caller_gave_up_on_still_deletes_every_shard(
         server_config: ServerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """DeleteRun deletes the run's checkpoints, forgets it, and has every server delete its shard:
