@@ -27,7 +27,7 @@ from .core.registry import RunRegistry
 from .core.run import Run
 from .core.status import Assignment
 
-__all__ = ["Control"]
+__all__ = ["Control", "delete_run"]
 
 log = logging.getLogger("ps_server")
 T = TypeVar("T")
@@ -46,6 +46,33 @@ def _summary(run: Run) -> pb.Run:
     out = codec.run_to_proto(run.spec, run.status(workers=False))
     out.spec.model_spec_json = out.spec.data_spec_json = ""
     return out
+
+
+async def delete_run(run: Run, checkpointer: Checkpointer | None, cluster: ClusterOwner | None,
+                     forget: Callable[[], object] | None = None) -> str:
+    """Delete ``run``'s checkpoints, then have the other servers of a cluster delete their shards;
+    what was left on disk (``left_behind``). ``forget``: the registry's ``remove`` of a run still
+    registered (DeleteRun), called as its checkpoints go; if the disk refuses (their directory
+    cannot be moved away: nothing is deleted), the run is kept, the other servers are not told and
+    PsError says so. None: a run already forgotten (the retention limits: ``RunRegistry.prune``),
+    whose refusal is logged (a restart shows it again) and the other servers told all the same."""
+    left = ""
+    if checkpointer is None:
+        if forget is not None:
+            forget()
+    else:
+        try:
+            left = await checkpointer.delete(run.run_id, forget or (lambda: None))
+        except OSError as exc:
+            if forget is not None:  # nothing deleted: the run stays (a restart would resume it)
+                raise PsError(f"could not delete the checkpoints of {run.run_id} in {checkpointer.store.root}: "
+                              f"{exc.strerror or exc}; nothing was deleted and the run is kept ({run.state.value}): "
+                              "fix the data directory and delete it again") from None
+            log.error("could not delete the checkpoints of %s (%s): a restart will show it again", run.run_id,
+                      exc.strerror or exc, extra={"run": run.run_id})
+    if cluster is not None:
+        await cluster.delete(run.run_id)
+    return left
 
 
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
@@ -120,25 +147,11 @@ class Control:
                                          Reason.RUN_NOT_FINISHED)
             run.stop("deleted")
         last = self._run(run)
-        left = await self._background.landed(self._delete(run))  # (a caller gone meanwhile: the deletion ends first)
+        # (a caller gone meanwhile: the deletion ends first)
+        left = await self._background.landed(delete_run(run, self._checkpointer, self._cluster,
+                                                        lambda: self._registry.remove(run.run_id)))
         log.info("deleted %s", run.run_id, extra={"run": run.run_id})
         return pb.DeleteRunResponse(run=last, left_behind=left)
-
-    async def _delete(self, run: Run) -> str:
-        """Delete ``run``'s checkpoints, then forget it; what was left on disk (``left_behind``)."""
-        left = ""
-        if self._checkpointer is None:
-            self._registry.remove(run.run_id)
-        else:
-            try:
-                left = await self._checkpointer.delete(run.run_id, lambda: self._registry.remove(run.run_id))
-            except OSError as exc:  # nothing deleted: the run stays (a restart would resume it)
-                raise PsError(f"could not delete the checkpoints of {run.run_id} in {self._checkpointer.store.root}"
-                              f": {exc.strerror or exc}; nothing was deleted and the run is kept "
-                              f"({run.state.value}): fix the data directory and delete it again") from None
-        if self._cluster is not None:
-            await self._cluster.delete(run.run_id)
-        return left
 
     async def StopRun(self, request: pb.StopRunRequest) -> pb.StopRunResponse:
         run = self._registry.get(request.run_id)

@@ -47,7 +47,7 @@ from .cluster.owner import ClusterOwner
 from .cluster.peers import PeerLink, forward
 from .cluster.shards import ShardService
 from .config import ServerConfig, parse_config, total_budget
-from .control import Control
+from .control import Control, delete_run
 from .core.checkpoint import CheckpointStore
 from .core.errors import NotFound, ShuttingDown
 from .core.registry import RunRegistry
@@ -204,14 +204,7 @@ async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Chec
 
 async def _forget(run: Run, checkpointer: Checkpointer | None, cluster: ClusterOwner | None) -> None:
     """Delete the checkpoints, and the other servers' shards, of ``run``, forgotten (``RunRegistry.prune``)."""
-    if checkpointer:
-        try:
-            await checkpointer.delete(run.run_id)
-        except OSError as exc:
-            log.error("could not delete the checkpoints of %s (%s): a restart will show it again", run.run_id,
-                      exc.strerror or exc, extra={"run": run.run_id})
-    if cluster:
-        await cluster.delete(run.run_id)
+    await delete_run(run, checkpointer, cluster)
     log.info("forgot %s (%s %.0fs ago): over the retention limits", run.run_id, run.state.value,
              time.time() - (run.finished or 0.0), extra={"run": run.run_id})
 

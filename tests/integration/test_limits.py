@@ -5,6 +5,7 @@ the retention limits, and the event loop keeps ticking while hostile calls arriv
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -229,6 +230,32 @@ async def test_a_delete_the_disk_refuses_says_so(kept: PsServer, monkeypatch: py
         with pytest.raises(errors.NotFound):
             await c.get_run(run.run_id)
         assert kept.checkpointer.store.latest() == []  # type: ignore[union-attr]
+
+
+async def test_a_run_forgotten_past_the_retention_limit_whose_disk_refuses_is_logged(
+        kept: PsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The retention limits delete as DeleteRun does (``control.delete_run``), but a run they forgot
+    whose directory cannot be moved away stays forgotten: the refusal is logged (a restart shows
+    the run again), where DeleteRun's keeps the run and raises (``test_a_delete_the_disk_refuses_says_so``)."""
+    rename = os.rename
+
+    def refused(src: object, dst: object) -> None:
+        if ".deleted-" in str(dst):
+            raise PermissionError(13, "Permission denied", str(src))
+        rename(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "rename", refused)
+    with caplog.at_level(logging.INFO, "ps_server"):
+        async with PsClient(f"127.0.0.1:{kept.port}") as c:
+            runs = [(await c.create_run(_spec())).run_id for _ in range(3)]
+            for run_id in runs:
+                await c.stop_run(run_id)
+            await _eventually(lambda: f"forgot {runs[0]}" in caplog.text, "the oldest finished run forgotten")
+            with pytest.raises(errors.NotFound):
+                await c.get_run(runs[0])
+    assert f"could not delete the checkpoints of {runs[0]} (Permission denied): a restart will show it again" \
+        in caplog.text, caplog.text
+    assert (tmp_path / runs[0]).is_dir() and [r.run_id for r in kept.registry.runs()] == runs[:0:-1]
 
 
 async def test_a_checkpoint_asked_for_as_its_run_is_deleted_is_refused(kept: PsServer,
