@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from typing import Any
 
 from paramserver import errors
@@ -33,6 +34,10 @@ from .spec import DEFAULT_SERVER, LaunchOptions, build_run_spec, check_options, 
 __all__ = ["launch_run"]
 
 SERVER_START_SECONDS = 30.0
+
+SHARDS_SETTLE_SECONDS = 5.0
+"""How long the --json report waits for a cluster's servers' final status of the run (server 0 asks
+each server for it every second, and once more after the run ended)."""
 
 
 async def _follow(ps: PsClient, run_id: str, per_epoch: int, json_mode: bool, cluster: LocalCluster | None) -> pb.Run:
@@ -65,8 +70,20 @@ async def _followed(ps: PsClient, run_id: str, per_epoch: int, json_mode: bool,
                     cluster: LocalCluster | None) -> tuple[pb.Run, list[dict[str, Any]]]:
     """Follow to the end; with --json also the evaluation history (time to accuracy)."""
     run = await _follow(ps, run_id, per_epoch, json_mode, cluster)
-    evals = facts.eval_history(await ps.get_metrics(run_id)) if json_mode else []
-    return run, evals
+    if not json_mode:
+        return run, []
+    return await _settled(ps, run), facts.eval_history(await ps.get_metrics(run_id))
+
+
+async def _settled(ps: PsClient, run: pb.Run) -> pb.Run:
+    """``run`` (finished) once server 0 has heard every other server's final status of it, or as it
+    is after ``SHARDS_SETTLE_SECONDS`` (a server down). The last snapshot has them as server 0
+    last asked, before the end: running at an earlier clock, or not heard from yet at all."""
+    deadline = time.monotonic() + SHARDS_SETTLE_SECONDS
+    while not all(s.reachable and s.state in EXIT_CODES for s in run.shards) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        run = await ps.get_run(run.run_id)
+    return run
 
 
 def _report(run: pb.Run, json_mode: bool, log_path: str | None, evals: list[dict[str, Any]] | None = None) -> int:

@@ -116,6 +116,10 @@ def test_local_launch_on_two_servers_spreads_the_run_over_both(tmp_path: Path) -
     assert [s["index"] for s in shards] == [0, 1] and len({s["address"] for s in shards}) == 2
     assert all(s["bytes_held"] > 0 and s["pieces"] for s in shards)
     assert sum(s["bytes_held"] for s in shards) == 4 * (64 * 64 + 64 + 64 * 10 + 10)  # every parameter, once
+    # Each server's status at the end (it was server 1's as server 0 last asked, before the end:
+    # running at an earlier clock, or "not heard from yet")
+    assert [(s["state"], s["min_clock"], s["max_clock"], s["pushes_applied"]) for s in shards] == \
+        [("completed", 40, 40, 80)] * 2, shards
     assert_nothing_left(marker, tmp_path)
 
 
