@@ -198,8 +198,17 @@ async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Chec
             for run_id in dict.fromkeys(r for r, _ in evicted):
                 if (run := registry.find(run_id)) is not None:
                     background.start(cluster.sync(run))
-        for run in registry.prune(config.keep_finished_runs, config.keep_finished_seconds, time.time()):
+        # A run placed over another number of servers (a wrong --cluster) is not this cluster's to
+        # delete: the servers it was created on resume it, and a server of it not in this cluster
+        # would keep its shard for ever.
+        for run in registry.prune(config.keep_finished_runs, config.keep_finished_seconds, time.time(),
+                                  lambda run: _servers(run) != max(1, len(config.peers))):
             background.start(_forget(run, checkpointer, cluster))  # (each apart: one waited for holds up no other)
+
+
+def _servers(run: Run) -> int:
+    """How many servers ``run`` was placed over."""
+    return len(run.placement.shard_map.shards) if run.placement else 1
 
 
 async def _forget(run: Run, checkpointer: Checkpointer | None, cluster: ClusterOwner | None) -> None:
@@ -286,7 +295,7 @@ async def _start(config: ServerConfig, checkpointer: Checkpointer | None, data_l
                            configure=checkpointer.attach if checkpointer else None)
     restored = checkpointer.resume() if checkpointer else []
     for run in restored:
-        servers = len(run.placement.shard_map.shards) if run.placement else 1
+        servers = _servers(run)
         if servers != max(1, len(config.peers)) and not run.state.finished:
             # (before it is registered: not checkpointed failed, so the right cluster resumes it as it was)
             run.stop(f"the run was placed over {servers} server(s) and this cluster has {max(1, len(config.peers))}: "

@@ -228,10 +228,12 @@ class RunRegistry:
         self._work.notify()
         return run
 
-    def prune(self, keep: int, max_age: float, now: float) -> list[Run]:
+    def prune(self, keep: int, max_age: float, now: float, spare: Callable[[Run], bool] = lambda run: False,
+              ) -> list[Run]:
         """Forget finished runs beyond the ``keep`` most recently finished (0: no limit) and those
-        finished more than ``max_age`` seconds before ``now`` (wall time; 0: no limit)."""
-        finished = sorted((r for r in self._runs.values() if r.state.finished),
+        finished more than ``max_age`` seconds before ``now`` (wall time; 0: no limit); never
+        those ``spare`` names, which do not count either."""
+        finished = sorted((r for r in self._runs.values() if r.state.finished and not spare(r)),
                           key=lambda r: (r.finished or 0.0, r.run_id), reverse=True)
         old = finished[keep:] if keep else []
         if max_age:

@@ -1144,6 +1144,31 @@ async def test_a_run_resumed_on_a_cluster_of_another_size_fails_saying_why(serve
         await alone.stop(0)
 
 
+async def test_the_retention_limits_leave_a_run_of_another_cluster_size_to_the_servers_it_was_created_on(
+        server_config: ServerConfig, tmp_path: Path) -> None:
+    """A run of two servers resumed by three (a wrong --cluster) is not forgotten past
+    --keep-finished-seconds as a finished run of theirs is: the two resume it, whole, once started
+    as they were. (Server 0 deleted its checkpoints and had server 1 delete its shard, and a run of
+    three servers resumed by two left the third's shard for ever.)"""
+    dirs = lambda i: {"data_dir": str(tmp_path / str(i))}  # noqa: E731
+    async with cluster(server_config, 2, dirs) as servers:
+        async with PsClient(servers[0].address, timeout=20) as c:
+            run = await c.create_run(make_spec(num_workers=1))
+    async with cluster(server_config, 3, dirs, keep_finished_seconds=0.01, lease_seconds=1.0,
+                       heartbeat_seconds=0.2) as servers:
+        async with PsClient(servers[0].address, timeout=20) as c:
+            assert (await c.get_run(run.run_id)).state == pb.RUN_STATE_FAILED
+            theirs = await c.create_run(make_spec(num_workers=1))
+            await c.stop_run(theirs.run_id)
+            await until(lambda: servers[0].registry.find(theirs.run_id) is None, 10)
+            assert servers[0].registry.find(theirs.run_id) is None, "the retention limits forget nothing"
+            assert servers[0].registry.find(run.run_id) is not None
+            assert [bool(s.checkpointer.store.cuts(run.run_id)) for s in servers] == [True, True, False]  # type: ignore[union-attr]
+    async with cluster(server_config, 2, dirs) as servers:
+        async with PsClient(servers[0].address, timeout=20) as c:
+            assert (await c.get_run(run.run_id)).state == pb.RUN_STATE_PENDING
+
+
 async def test_a_watch_follows_a_run_restored_while_it_was_not_parked(server_config: ServerConfig) -> None:
     """A roll back replaces the run object: WatchRun goes on with the restored one, whenever it
     happened (here while the watcher sleeps between snapshots)."""
