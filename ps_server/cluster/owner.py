@@ -251,12 +251,16 @@ class ClusterOwner:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (timeout or self._timeout)
         while True:
-            sends = [asyncio.ensure_future(self._send(run, peer)) for peer in self._peers]
-            done, _ = await asyncio.wait(sends, timeout=max(0.0, deadline - loop.time()))
+            sends = {asyncio.ensure_future(self._send(run, peer)): peer for peer in self._peers}
+            done, pending = await asyncio.wait(sends, timeout=max(0.0, deadline - loop.time()))
             for task in done:
                 if task.exception() is not None:
                     log.info("membership of %s not yet on a server: %s", run.run_id, task.exception(),
                              extra={"run": run.run_id})
+            if pending:  # (its send goes on; a worker's pulls there wait for it: ``ShardRun.wait_pull``)
+                log.warning("membership of %s not yet on %s: no answer within %.1fs", run.run_id,
+                            ", ".join(sends[task].name for task in pending), timeout or self._timeout,
+                            extra={"run": run.run_id})
             if not any(task.exception() is None and task.result() for task in done):
                 return
 

@@ -12,9 +12,11 @@ learns it when it next asks for the shard's status.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from .errors import FailedPrecondition, Reason, ShardUnavailable
 from .run import Run
@@ -55,10 +57,14 @@ class ShardRun(Run):
     def expire(self, lease: float) -> list[int]:
         return []  # the owner's leases decide
 
+    def _coming(self, rank: int, incarnation: int) -> bool:
+        """Whether ``incarnation`` is newer than this shard holds of ``rank``: the owner admitted it,
+        and its update is still on its way (or this server restarted)."""
+        return 0 <= rank < len(self.clock.slots) and incarnation > self.clock.slots[rank].incarnation
+
     def _known(self, rank: int, incarnation: int) -> None:
-        """An incarnation newer than this shard holds was admitted by the owner, whose update is
-        still on its way (or this server restarted): retryable, not a stale incarnation."""
-        if 0 <= rank < len(self.clock.slots) and incarnation > self.clock.slots[rank].incarnation:
+        """Retryable, not a stale incarnation, for one ``_coming``."""
+        if self._coming(rank, incarnation):
             raise ShardUnavailable(f"this server's shard of {self.run_id} has not heard yet from server 0 that "
                                    f"incarnation {incarnation} holds rank {rank}: retry")
 
@@ -67,8 +73,24 @@ class ShardRun(Run):
         return super().push(rank, incarnation, *args, **kwargs)
 
     def pull_now(self, rank: int, incarnation: int, *args: Any, **kwargs: Any) -> bool:
-        self._known(rank, incarnation)
+        if self._coming(rank, incarnation) and not self.held:
+            return False  # (``wait_pull`` waits for its update)
         return super().pull_now(rank, incarnation, *args, **kwargs)
+
+    async def wait_pull(self, rank: int, incarnation: int, clock: int, timeout: float, names: list[str] | None = None,
+                        rows: Mapping[str, np.ndarray] | None = None) -> None:
+        """A pull of an incarnation ``_coming`` waits for its update first, within ``timeout`` (then
+        ShardUnavailable, retryable). Join answers once every server has the admission or after
+        its wait for them (a slow server): a worker pulls before it pushes, so its first pull on
+        a server late to hear of it waits there, and its first push is taken. (The pull was
+        refused, and the worker's whole first pull retried with back-off, after the other
+        servers' answers: its first iteration was lost.)"""
+        if self._coming(rank, incarnation) and not self.held:
+            start = time.monotonic()
+            if not await self.gate.wait_for(lambda: not self._coming(rank, incarnation), timeout):
+                self._known(rank, incarnation)
+            timeout = max(0.0, timeout - (time.monotonic() - start))
+        await super().wait_pull(rank, incarnation, clock, timeout, names, rows)
 
     def mirror(self, ranks: Iterable[RankUpdate], state: RunState, message: str) -> RunState:
         """Set the ranks and the run's state to the owner's. A rank's update of an older incarnation

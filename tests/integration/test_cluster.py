@@ -266,6 +266,47 @@ async def test_an_eviction_reaches_every_shard_before_the_rank_is_handed_on(serv
             await plane.close()
 
 
+async def test_a_rank_whose_admission_reaches_a_server_after_join_answered_pulls_there_once_it_has(
+        server_config: ServerConfig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Server 1 answers the UpdateShard of a Join's admission after Join's wait for it is over (a
+    slow server; the log names it): the worker's first pull waits there for it, then its first
+    push is taken on both (the pull was refused at once, SHARD_UNAVAILABLE, and retried with
+    back-off, after waiting for server 0's answer: the worker lost its first iteration)."""
+    async with cluster(server_config, 2, split_bytes=1024) as servers:
+        owner = servers[0].cluster
+        assert owner is not None
+        (peer,) = owner._peers
+        call, late = peer.call, asyncio.Event()
+        async with PsClient(servers[0].address, timeout=20) as c:
+            shapes = {"w": (64, 16)}
+            run = await c.create_run(make_spec(shapes=shapes, num_workers=2, staleness=0, iterations=5))
+            (a,) = await _join_all(c, run.run_id, 1)
+
+            async def slow(method: str, request: Any, *args: Any, **kw: Any) -> Any:
+                if method == "UpdateShard":
+                    await late.wait()
+                return await call(method, request, *args, **kw)
+
+            monkeypatch.setattr(peer, "call", slow)
+            monkeypatch.setattr(owner, "_timeout", 0.5)  # (Join's wait for the servers' answers)
+            b = (await c.join("w1", run.run_id, max_wait=0)).assignment
+            shard1 = servers[1].registry.get(run.run_id)
+            assert shard1.clock.slots[b.rank].incarnation < b.incarnation  # (not there yet)
+            assert f"membership of {run.run_id} not yet on {peer.name}" in caplog.text
+            plane = Shards.beside(c, b.shard_map, b.spec)
+            pull = asyncio.ensure_future(plane.pull(run.run_id, b.rank, b.incarnation, b.start_clock, max_wait=30))
+            await until(lambda: pull.done() or shard1.gate.statistics().waiting, 5)
+            assert not pull.done(), pull.exception()
+            late.set()
+            await asyncio.wait_for(pull, 5)
+            g = {"w": np.ones((64, 16), np.float32)}
+            pushed = await asyncio.gather(plane.push(run.run_id, a.rank, a.incarnation, 0, g),
+                                          plane.push(run.run_id, b.rank, b.incarnation, 0, g))
+            assert [r.clock for r in pushed] == [1, 1] and not any(r.duplicate for r in pushed)
+            assert [s.registry.get(run.run_id).bsp.applied_clock for s in servers] == [1, 1]
+            await plane.close()
+
+
 async def _push_to(plane: Shards, i: int, run_id: str, a: pb.Assignment, clock: int, g: dict[str, np.ndarray]) -> None:
     """``a``'s push of ``clock`` to shard ``i`` only: a worker that stops in the middle of its push."""
     await plane.clients[i].push(run_id, a.rank, a.incarnation, clock, plane._rows(g, plane.shard_map.shards[i]))
