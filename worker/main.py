@@ -57,6 +57,9 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
     idle_since = time.monotonic()
     connected = False
     why = "asked to stop"
+    again = ""
+    """With ``--once``: the run whose rank this worker lost before the run ended (evicted, or the
+    run went back to a checkpoint from before it joined), asked for once more by id."""
     async with PsClient(config.server, timeout=config.timeout_seconds, max_message_bytes=config.max_message_bytes,
                         security=config.security(), data_plane=config.data_plane,
                         shm=config.shm) as client:
@@ -67,7 +70,8 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
             try:
                 # Until the server has answered once, ask without waiting: say "connected" at once.
                 wait = config.join_wait_seconds if connected else 0.0
-                join = asyncio.ensure_future(client.join(config.display_name, config.run_id, wait, CAPABILITIES))
+                join = asyncio.ensure_future(client.join(config.display_name, config.run_id or again, wait,
+                                                         CAPABILITIES))
                 stopping = asyncio.ensure_future(stop.wait())
                 await asyncio.wait({join, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 stopping.cancel()
@@ -79,6 +83,10 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
                 resp = join.result()
             except errors.PsError as exc:
                 connected = False
+                if not exc.retryable and again:  # (its rank went to another worker, or the run ended)
+                    log.info("run %s has no rank for this worker any more (%s)", again, exc)
+                    why = "one run done (--once)"
+                    break
                 if not exc.retryable:
                     log.error("join refused: %s", exc)
                     if config.run_id:
@@ -118,11 +126,16 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
             outcome = task.result()
             outcomes.append(outcome)
             level, story = ending(outcome)
-            log.log(level, "%s%s", story, "" if config.once else ": back to waiting for work")
+            rejoin = config.once and outcome.evicted and not config.run_id
+            log.log(level, "%s%s", story, ": asking that run for a rank again" if rejoin else
+                    "" if config.once else ": back to waiting for work")
             idle_since = time.monotonic()
             if outcome.unfit:  # it would be again, in this run and in any like it: stop, saying why
                 why = "this worker cannot take part in runs like this one as it is set up (the error above)"
                 break
+            if rejoin:
+                again = outcome.run_id  # (that run may still want it: it goes on with the next rank free)
+                continue
             if config.once:
                 why = "one run done (--once)"
                 break
@@ -148,7 +161,8 @@ def ending(outcome: Outcome) -> tuple[int, str]:
     if outcome.run_state:
         return logging.INFO, f"run {run}: {outcome.reason}"
     if outcome.evicted:
-        return logging.WARNING, f"run {run}: rank {rank} was given to another worker (this one was evicted: too long silent)"
+        return logging.WARNING, (f"run {run}: rank {rank} is no longer this worker's (evicted: silent past its "
+                                 "lease, or the run went back to a checkpoint from before it joined)")
     return logging.WARNING, f"run {run}: rank {rank} ended: {outcome.reason}"
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from client.spec import LaunchOptions, build_run_spec
 from paramserver.client import PsClient
+from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.server import PsServer
 from worker.config import WorkerConfig
 from worker.main import work
@@ -124,3 +125,48 @@ async def test_a_worker_told_to_join_a_run_it_fails_exits_non_zero(server: PsSer
         run = await ps.create_run(spec)
     told = parse_config(["--server", server.address, "--run-id", run.run_id, "--join-wait-seconds", "1"], env={})
     assert await _main(told) == 1
+
+
+async def test_a_once_worker_whose_rank_is_lost_while_the_run_goes_on_joins_it_again(server: PsServer,
+                                                                                     story: Story) -> None:
+    """``--once`` means one run, not one rank: evicted (or sent away by a run that went back to a
+    checkpoint from before it joined) while its run goes on, the worker asks that run for a rank
+    again and trains it to the end (it exited, and a run of ``--once`` workers waited for ever)."""
+    spec = build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=1, iterations=400))
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10.0) as ps:
+        run = await ps.create_run(spec)
+        task = asyncio.create_task(work(WorkerConfig(server=f"127.0.0.1:{server.port}", name="w0", once=True,
+                                                     timeout_seconds=10.0, join_wait_seconds=10.0)))
+        async with asyncio.timeout(30):
+            while (await ps.get_run(run.run_id)).min_clock < 5:
+                await asyncio.sleep(0.01)
+        assert server.registry.get(run.run_id).expire(0.0) == [0]
+        async with asyncio.timeout(60):
+            outcomes = await task
+        final = await ps.get_run(run.run_id)
+    assert [(o.evicted, o.completed) for o in outcomes] == [(True, False), (False, True)], outcomes
+    assert final.state == pb.RUN_STATE_COMPLETED and final.workers[0].incarnation == 2
+    lines = story.lines()
+    assert f"run {run.run_id}: rank 0 is no longer this worker's (evicted: silent past its lease, or the run went " \
+           "back to a checkpoint from before it joined): asking that run for a rank again" in lines, lines
+    assert lines[-1] == "exiting: one run done (--once)"
+
+
+async def test_a_once_worker_whose_rank_went_to_another_exits(server: PsServer, story: Story) -> None:
+    """Evicted, and its rank taken by another worker meanwhile: nothing left for it in that run."""
+    spec = build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=1, iterations=100_000))
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10.0) as ps:
+        run = await ps.create_run(spec)
+        task = asyncio.create_task(work(WorkerConfig(server=f"127.0.0.1:{server.port}", name="w0", once=True,
+                                                     timeout_seconds=10.0, join_wait_seconds=10.0)))
+        async with asyncio.timeout(30):
+            while (await ps.get_run(run.run_id)).min_clock < 5:
+                await asyncio.sleep(0.01)
+        assert server.registry.get(run.run_id).expire(0.0) == [0]
+        server.registry.join("other", run.run_id)  # (at once: before the evicted worker can ask again)
+        async with asyncio.timeout(30):
+            outcomes = await task
+        await ps.stop_run(run.run_id, "enough")
+    assert [o.evicted for o in outcomes] == [True]
+    assert any(line.startswith(f"run {run.run_id} has no rank for this worker any more") for line in story.lines())
+    assert story.lines()[-1] == "exiting: one run done (--once)"
