@@ -173,8 +173,9 @@ class Shards:
         """InvalidArgument, before any shard is asked, for what one server would refuse as a whole
         but each shard, seeing only its part, would not (or only some would: a push applied on
         the others): a push's tensor the run lacks, or lacks of the run's dense ones, of another
-        shape, rows of a tensor that is no table, a row id out of its table's range (a pull of it
-        answered with memory never written), a pulled name the run lacks."""
+        shape, a sparse (top-k) part's positions repeated, decreasing or past its end, rows of a
+        tensor that is no table, a row id out of its table's range (a pull of it answered with
+        memory never written), a pulled name the run lacks."""
         known = self.shapes.keys() | self.tables.keys()
 
         def only_known(names: Iterable[str], method: str, reason: pb.ErrorReason) -> None:
@@ -195,6 +196,8 @@ class Shards:
                     if tuple(value.shape) != want:
                         raise self._refuse(f"gradient {name!r} has shape {list(value.shape)}, the parameter has "
                                            f"{list(want)}", method, reason)
+                    if isinstance(value, CodedPart) and value.indices is not None:
+                        self._check_positions(name, value, method, reason)
                     continue
                 ids = np.asarray(value.ids if isinstance(value, RowsPart) else value, np.int64)
                 n = self.tables[name][0]
@@ -208,6 +211,20 @@ class Shards:
                 raise self._refuse(f"the gradient lacks tensor(s) {', '.join(map(repr, missing))}: send every "
                                    "parameter", "PushGradient", pb.ERROR_REASON_INVALID_GRADIENT)
         only_known(names, "PullParams", pb.ERROR_REASON_INVALID_REQUEST)
+
+    def _check_positions(self, name: str, a: CodedPart, method: str, reason: pb.ErrorReason) -> None:
+        """InvalidArgument unless the sparse ``a``'s positions increase strictly, within its tensor,
+        one value each, as one server checks them: split by rows, a repeated or decreasing position
+        would be refused by one shard only (the others applying theirs), and one past the end sent
+        to none."""
+        idx = np.asarray(a.indices)
+        size = int(np.prod(a.shape, dtype=np.int64))
+        if idx.size != a.values.size:
+            raise self._refuse(f"tensor {name!r}: a sparse part needs one position per value; it has {idx.size} "
+                               f"positions, {a.values.size} values", method, reason)
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= size or not bool(np.all(idx[1:] > idx[:-1]))):
+            raise self._refuse(f"tensor {name!r}: a sparse part's positions must increase strictly and stay below "
+                               f"its size {size}", method, reason)
 
     def _rows(self, arrays: Mapping[str, Any], shard: pb.Shard) -> dict[str, Any]:
         """``shard``'s pieces of ``arrays``: views of their rows (a scalar is its one row); of a

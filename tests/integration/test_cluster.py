@@ -25,7 +25,7 @@ from paramserver import errors
 from paramserver.client import PsClient
 from paramserver.shards import Shards, pull_run
 from paramserver.v1 import paramserver_pb2 as pb
-from paramserver.v1.wire import RowsPart
+from paramserver.v1.wire import CodedPart, RowsPart
 from ps_server.config import ServerConfig
 from ps_server.server import PsServer, start_server
 from worker.datasets import load_dataset
@@ -1564,6 +1564,40 @@ async def test_a_bad_request_to_a_sharded_run_is_refused_whole_before_any_shard_
                 ack = await plane.push(run.run_id, 0, a.incarnation, 0,
                                        {"w": w, "t": RowsPart(np.array([1, 9]), np.ones((2, 2), np.float32), (10, 2))})
                 assert ack.clock == 1
+            finally:
+                await plane.close()
+
+
+@pytest.mark.parametrize(("positions", "values", "why"), [([5, 5, 1100], 3, "increase strictly"),
+                                                       ([1100, 5], 2, "increase strictly"),
+                                                       ([5, 1200], 2, "stay below its size 1200"),
+                                                       ([5, 1100], 3, "one position per value")],
+                         ids=["repeated", "decreasing", "out-of-range", "values-left-over"])
+async def test_a_top_k_push_whose_positions_one_server_refuses_is_refused_whole_by_the_shards(
+        server_config: ServerConfig, positions: list[int], values: int, why: str) -> None:
+    """A sparse (top-k) push's positions must increase strictly and stay within the tensor: one
+    server refuses one that does not, whole. Each shard sees only the positions in its rows, so
+    a repeated or decreasing position (or a value without one) would be refused by one shard and
+    the others' part applied (a torn push), one past the end sent to none; the SDK refuses it as
+    one server does, and nothing changes anywhere."""
+    compression = pb.Compression(topk_ratio=0.1)
+    spec = make_spec(shapes={"w": (40, 30)}, num_workers=1, staleness=1, iterations=5, compression=compression)
+    async with cluster(server_config, 2, split_bytes=1024) as servers:
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(spec)
+            (a,) = await _join_all(c, run.run_id, 1)
+            assert all(s.pieces for s in a.shard_map.shards)
+            plane = Shards.beside(c, a.shard_map, a.spec)
+            idx = np.array(positions, np.uint32)
+            bad = {"w": CodedPart(np.ones(values, np.float32), pb.DATA_TYPE_FLOAT32, (40, 30), idx)}
+            try:
+                with pytest.raises(errors.InvalidArgument, match=why) as refused:
+                    await plane.push(run.run_id, 0, a.incarnation, 0, bad)
+                assert refused.value.reason == pb.ERROR_REASON_INVALID_GRADIENT
+                assert [s.registry.get(run.run_id).status().counters.pushes_applied for s in servers] == [0, 0]
+                good = {"w": CodedPart(np.ones(2, np.float32), pb.DATA_TYPE_FLOAT32, (40, 30),
+                                       np.array([5, 1100], np.uint32))}
+                assert (await plane.push(run.run_id, 0, a.incarnation, 0, good)).clock == 1
             finally:
                 await plane.close()
 
