@@ -54,6 +54,22 @@ def _coded_rows(a: CodedPart, start: int, end: int) -> CodedPart:
         return CodedPart(np.zeros(1, a.values.dtype), a.dtype, shape, np.zeros(1, np.uint32))
     return CodedPart(a.values[first:last], a.dtype, shape, a.indices[first:last] - np.uint32(lo))
 
+def _repeats_beyond_float32(a: RowsPart) -> int:
+    """Values of the rows of ``a``'s repeated ids whose sum is not finite, as a server sums them
+    (float32, in the order sent): it refuses such a push whole, but only the shard holding the id
+    would see it."""
+    ids = a.ids
+    if ids.size < 2 or bool(np.all(ids[1:] > ids[:-1])):
+        return 0
+    order = np.argsort(ids, kind="stable")
+    first = np.flatnonzero(np.concatenate(([True], ids[order][1:] != ids[order][:-1])))
+    if first.size == ids.size:
+        return 0
+    with np.errstate(over="ignore", invalid="ignore"):
+        sums = np.add.reduceat(a.values.reshape(ids.size, -1)[order], first, axis=0, dtype=np.float32)
+    return int(np.count_nonzero(~np.isfinite(sums)))
+
+
 def _fit(out: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> None:
     """A new array in ``out[name]`` unless the one there takes each shard's rows in place: the
     views of its rows given to each shard's pull are written into, never replaced (a read-only
@@ -175,7 +191,8 @@ class Shards:
         the others): a push's tensor the run lacks, or lacks of the run's dense ones, of another
         shape, a sparse (top-k) part's positions repeated, decreasing or past its end, rows of a
         tensor that is no table, a row id out of its table's range (a pull of it answered with
-        memory never written), a pulled name the run lacks."""
+        memory never written), rows of a repeated id summing beyond float32, a pulled name the
+        run lacks."""
         known = self.shapes.keys() | self.tables.keys()
 
         def only_known(names: Iterable[str], method: str, reason: pb.ErrorReason) -> None:
@@ -205,6 +222,9 @@ class Shards:
                     bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
                     raise self._refuse(f"table {name!r} has rows 0..{n - 1}: row id {bad} is out of range", method,
                                        reason)
+                if isinstance(value, RowsPart) and (bad := _repeats_beyond_float32(value)):
+                    raise self._refuse(f"gradient {name!r}: the rows of repeated ids sum to {bad} NaN/Inf value(s); "
+                                       "nothing was applied", method, reason)
         if grads is not None:
             missing = sorted(self.shapes.keys() - grads.keys())
             if missing:

@@ -1602,6 +1602,34 @@ async def test_a_top_k_push_whose_positions_one_server_refuses_is_refused_whole_
                 await plane.close()
 
 
+async def test_a_push_whose_repeated_rows_sum_beyond_float32_is_refused_whole_by_the_shards(
+        server_config: ServerConfig) -> None:
+    """Rows of a repeated id are summed; one server refuses a push whose sum is beyond float32,
+    whole. Only the shard holding that id would see it: refused there, the others' part applied
+    (a torn push). The SDK refuses it as one server does, and nothing changes anywhere."""
+    spec = _with_table({"w": (40, 30)}, (10, 2))
+    async with cluster(server_config, 2, split_bytes=1024) as servers:
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(spec)
+            (a,) = await _join_all(c, run.run_id, 1)
+            assert all(s.pieces for s in a.shard_map.shards)
+            plane = Shards.beside(c, a.shard_map, a.spec)
+            w = np.ones((40, 30), np.float32)
+            values = np.array([[3e38, 1], [1, 1], [3e38, 1]], np.float32)  # row 1 twice: 6e38 > float32's max
+            try:
+                with pytest.raises(errors.InvalidArgument, match="repeated ids sum to 1 NaN/Inf") as refused:
+                    await plane.push(run.run_id, 0, a.incarnation, 0,
+                                     {"w": w, "t": RowsPart(np.array([1, 9, 1]), values, (10, 2))})
+                assert refused.value.reason == pb.ERROR_REASON_INVALID_GRADIENT
+                assert [s.registry.get(run.run_id).status().counters.pushes_applied for s in servers] == [0, 0]
+                values[2, 0] = -3e38  # (summed: 0, finite)
+                ack = await plane.push(run.run_id, 0, a.incarnation, 0,
+                                       {"w": w, "t": RowsPart(np.array([1, 9, 1]), values, (10, 2))})
+                assert ack.clock == 1
+            finally:
+                await plane.close()
+
+
 async def test_a_sharded_push_pull_of_rows_moves_only_those_rows(server_config: ServerConfig) -> None:
     """A push that asks for a few rows pulls those (and the dense tensors asked for) from the
     shards that hold them: a shard holding none is pushed to without a pull (a pull asking for
