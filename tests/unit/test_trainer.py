@@ -170,6 +170,43 @@ async def test_transient_failures_are_retried_and_applied_once(compress: str, mo
     assert resets == ([] if compress == "none" else [0])
 
 
+@pytest.mark.parametrize(("model", "optimizer", "staleness", "compress"),
+                         [("softmax", "sgd", 2, "topk:0.05"), ("softmax", "sgd", -1, "topk:0.05,bf16"),
+                          ("softmax", "sgd", 2, "fp16"), ("logistic:rows=4096", "adagrad", 2, "none"),
+                          ("fm:4:rows=4096", "ftrl", 0, "none")])
+async def test_pushes_retried_after_lost_answers_end_as_a_run_without_failures(
+        model: str, optimizer: str, staleness: int, compress: str) -> None:
+    """Exactly-once end to end: pushes lost on the way, pushes applied whose answer was lost, and
+    pulls whose answer was lost, all retried, leave the parameters and the optimizer state (a
+    table's per-row accumulators too) bit for bit as a run without failures. Compressed: each
+    retry carries what the first try did, and the residual is what the push applied once left."""
+    dataset = "synthetic-ctr:samples=2000" if model != "softmax" else "digits"
+    spec = build_run_spec(LaunchOptions(model=model, dataset=dataset, workers=1, staleness=staleness, iterations=20,
+                                        batch_size=16, lr=0.2, optimizer=optimizer, compress=compress))
+
+    async def final(failures: bool) -> tuple[dict[str, bytes], int]:
+        async with InMemoryServer() as server:
+            async with server.client() as admin:
+                run = await admin.create_run(spec)
+            client = server.client()
+            joined = await client.join("w0", run.run_id, max_wait=0, capabilities=CAPABILITIES)
+            if failures:
+                transport, broken = server.transports[-1], errors.Unavailable(errors.Code.UNAVAILABLE, "reset (injected)")
+                transport.fail("PushGradient", broken, times=2)
+                transport.fail("PushGradient", broken, after=True, times=3)
+                transport.fail("PullParams", broken, after=True, times=2)
+            outcome = await train(client, joined.assignment, CONFIG)
+            await client.close()
+            core = server.registry.get(run.run_id)
+        assert outcome.completed, outcome
+        state = {f"param/{n}": a.tobytes() for n, a in core.store.params.items()}
+        state.update({f"opt/{k}": a.tobytes() for k, a in core.optimizer.state_arrays().items()})
+        return state, core.counters.pushes_duplicate
+
+    (clean, _), (retried, duplicates) = await final(False), await final(True)
+    assert duplicates == 3 and retried == clean
+
+
 async def _final_parameters(staleness: int) -> dict[str, np.ndarray]:
     """The parameters a one-worker run of 8 iterations at ``staleness`` ends with (in memory)."""
     async with InMemoryServer() as server:
