@@ -18,8 +18,10 @@ history when psctl sees the run completed.
 Failures: a push or pull that fails with a retryable error (Unavailable, DeadlineExceeded) is
 retried with backoff (a retried push is exactly-once on the server); a refusal whose reason is
 CLOCK_AHEAD (the server restarted from a checkpoint and knows this rank at an earlier clock, in
-the error's ``next_clock``) sends the loop back to that clock; a stale incarnation or a stopped run
-ends the assignment and the worker goes back to waiting for work.
+the error's ``next_clock``) sends the loop back to that clock; a push refused by the staleness
+bound (STALENESS_BOUND: a server restarted from a checkpoint that has this rank's clock, but not
+updates of others the parameters held contain) pulls again and computes that clock again; a stale
+incarnation or a stopped run ends the assignment and the worker goes back to waiting for work.
 """
 
 from __future__ import annotations
@@ -202,6 +204,13 @@ class _Trainer:
             except errors.PsError as exc:
                 if exc.reason == pb.ERROR_REASON_CLOCK_AHEAD and exc.info.next_clock <= self.clock:
                     self._rewind(exc.info.next_clock)
+                if exc.reason == pb.ERROR_REASON_STALENESS_BOUND:
+                    # Only a push computed on parameters the server no longer guarantees is refused
+                    # so (a pull waits for the bound): it restarted from a checkpoint that has this
+                    # rank's clock, but not updates of others the copy held. Pull again from here.
+                    log.warning("push %d refused by the staleness bound: the server lost updates the parameters "
+                                "held contain (it restarted); pulling again", self.clock)
+                    raise _Rewind(self.clock) from None
                 if not exc.retryable or time.monotonic() > deadline:
                     raise
                 self.stats.retries += 1

@@ -100,7 +100,7 @@ def test_bsp_held_gradients_survive(tmp_path: Path) -> None:
 def test_the_bound_each_rank_was_told_survives(tmp_path: Path) -> None:
     """Rank 0 reads clock 4 under s = 5 (rank 1 at clock 0); UpdateRun lowers s to 1 and writes a
     checkpoint; the server restarts from it. Rank 0's push of clock 4, computed under 5, was
-    accepted before the restart and refused (STALENESS_BOUND) after it: the worker gave its rank up."""
+    accepted before the restart and refused (STALENESS_BOUND) after it: the worker pulled and computed it again."""
     spec = RunSpec(name="c", num_workers=2, iterations=20, staleness=5, params=(ParamSpec("b", (3,)),))
     run = Run("run-told", spec)
     a, b = run.join("a"), run.join("b")

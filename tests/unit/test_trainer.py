@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from support import train_all, train_with_a_zero_pusher
+from support import train_all, train_with_a_zero_pusher, until
 
 from client.spec import LaunchOptions, build_run_spec
 from paramserver import errors
@@ -640,6 +640,65 @@ async def test_a_server_that_lost_clocks_sends_the_worker_back(compress: str, mo
     assert restored.store.lineage != core.store.lineage
     assert resets == ([] if compress == "none" else [1])
     assert restored.state.value == "completed" and restored.clock.slots[0].clock == 30
+
+
+@pytest.mark.parametrize(("model", "compress"), [("softmax", "none"), ("softmax", "topk:0.1"),
+                                               ("logistic:rows=4096", "none")])
+async def test_a_worker_whose_copy_holds_updates_a_restarted_server_lost_pulls_again(
+        model: str, compress: str) -> None:
+    """s = 1: rank 0 at clock 5 waits for rank 1 (clock 3). The server's newest checkpoint is then;
+    rank 1 pushes 3, rank 0's pull is answered (guaranteed clock 4), and the server restarts from
+    that checkpoint: rank 0's clock is the same there, rank 1 is back at 3. Rank 0's push of 5,
+    computed on parameters holding rank 1's lost push, is refused (it needs min clock 4): its copy
+    is not the server's history. It pulls again (waiting for rank 1's push of 3 anew), computes
+    clock 5 again and goes on; the run completes (the refusal ended its assignment)."""
+    dataset = "synthetic-ctr:samples=2000" if model != "softmax" else "digits"
+    spec = build_run_spec(LaunchOptions(model=model, dataset=dataset, workers=2, staleness=1, iterations=12,
+                                        batch_size=16, lr=0.2, compress=compress))
+    async with InMemoryServer() as server:
+        async with server.client() as admin:
+            run = await admin.create_run(spec)
+        c0, c1 = server.client(), server.client()
+        j0 = (await c0.join("w0", run.run_id, max_wait=0, capabilities=CAPABILITIES)).assignment
+        j1 = (await c1.join("w1", run.run_id, max_wait=0, capabilities=CAPABILITIES)).assignment
+        core = server.registry.get(run.run_id)
+        dense = [p.name for p in spec.params if not p.table]
+        zero = {p.name: np.zeros(tuple(p.shape), np.float32) for p in spec.params if not p.table}
+        zero = PushCodec.of(spec).encode(zero) if PushCodec.of(spec) else zero  # type: ignore[union-attr]
+        rank0 = asyncio.create_task(train(c0, j0, CONFIG))
+        for clock in range(3):  # (each then_pull waits for the bound: no push of rank 1 is refused)
+            await c1.push_pull(run.run_id, j1.rank, j1.incarnation, clock, zero, into={}, names=dense)
+        while core.clock.slots[0].waiting_for != 5:  # rank 0 pushed 0..4, its pull of 5 parked
+            await asyncio.sleep(0.01)
+        meta, arrays = snapshot.state_dict(core)  # the newest checkpoint
+        restored: list[object] = []
+
+        def restart(r: object) -> None:  # right after rank 1's push of 3 (its pull of 5 answered by then)
+            if core.clock.slots[1].clock == 4 and not restored:
+                restored.append(server.registry.add(snapshot.restore(meta, arrays)))
+
+        core.on_change = restart
+        await c1.push(run.run_id, j1.rank, j1.incarnation, 3, zero)
+        assert restored
+        again = server.registry.get(run.run_id)
+        await until(lambda: again.counters.pushes_rejected or again.clock.slots[0].clock > 5)  # rank 0's push of 5
+
+        async def rank1_again() -> None:  # rank 1 pushes 3 again, and on
+            for clock in range(3, spec.iterations):
+                await c1.push_pull(run.run_id, j1.rank, j1.incarnation, clock, zero, into={}, names=dense)
+            await c1.leave(run.run_id, j1.rank, j1.incarnation, pb.LEAVE_REASON_DONE)
+
+        rank1 = asyncio.create_task(rank1_again())
+        outcome = await asyncio.wait_for(rank0, 60)
+        if not outcome.completed:
+            rank1.cancel()
+        assert outcome.completed, outcome
+        await rank1
+        for c in (c0, c1):
+            await c.close()
+        final = server.registry.get(run.run_id)
+    assert final.state.value == "completed" and final.counters.pushes_rejected == 1
+    assert outcome.stats.rewinds == 1
 
 
 @pytest.mark.parametrize("model", ["softmax", "logistic:rows=4096"])
