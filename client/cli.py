@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import numpy as np
@@ -544,6 +545,15 @@ def simulate_(run_id: RunId,
         typer.echo(f"wrote {plot}")
 
 
+def _opener(url: str) -> Path:
+    """A file only this user may read that sends a browser to ``url``: a browser started with the
+    address itself would show the dashboard's key in its command line, to every user (as Jupyter does)."""
+    fd, path = tempfile.mkstemp(prefix="psctl-dashboard-", suffix=".html")  # (mode 0600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f'<!doctype html><meta http-equiv="refresh" content="0;url={url}"><a href="{url}">dashboard</a>\n')
+    return Path(path)
+
+
 @app.command()
 @_handled
 def dashboard(port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free one).")] = 8265,
@@ -557,6 +567,8 @@ def dashboard(port: Annotated[int, typer.Option(min=0, max=65535, help="Port to 
 
     It talks to the parameter server as psctl does (--server, TLS and token from the same
     environment), fed by WatchRun; the parameter server gets no new port. Runs until interrupted.
+    With a token or a client certificate, the address printed carries a key: only a browser that
+    opened it (or a request with 'authorization: Bearer KEY') is answered.
     """
     from .dashboard.server import LOOPBACK, host_name, serve
 
@@ -565,18 +577,25 @@ def dashboard(port: Annotated[int, typer.Option(min=0, max=65535, help="Port to 
     def ready(url: str) -> None:
         typer.echo(f"paramserver dashboard on {url} (the cluster at {address}); Ctrl-C stops it", err=True)
         if host_name(host) not in LOOPBACK:
-            typer.echo(f"warning: listening on {host}: whoever reaches this port can stop and checkpoint runs",
-                       err=True)
+            who = ("whoever reads its address (the key crosses the network in clear)" if "?key=" in url
+                   else "whoever reaches this port")
+            typer.echo(f"warning: listening on {host}: {who} can stop and checkpoint runs", err=True)
         if open_:
             import webbrowser
-            webbrowser.open(url)
+            if "?key=" in url:
+                opened.append(_opener(url))
+            webbrowser.open(opened[-1].as_uri() if opened else url)
 
+    opened: list[Path] = []  # (removed at exit)
     try:
         asyncio.run(serve(address, security_from_env(), host, port, timeout, ready))
     except KeyboardInterrupt:
         pass
     except OSError as exc:
         raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --port") from None
+    finally:
+        for path in opened:
+            path.unlink(missing_ok=True)
 
 
 @app.command()

@@ -21,18 +21,25 @@ new port and no new attack surface. Bound to 127.0.0.1 unless told otherwise.
 
 A POST must come from the page itself: JSON content type and, when the browser sends an Origin,
 this server's own (another site's page cannot make a browser post here).
+
+A dashboard holding a token or a client certificate acts with them, so it has a key of its own
+(``serve`` prints the address with it, ``?key=...``): the page opened there gets it as a cookie,
+a script sends ``authorization: Bearer KEY``, and nothing else is answered but ``/static`` (the
+page's code). Without them the parameter server itself asks nothing, and neither does the dashboard.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import hmac
 import json
 import logging
+import secrets
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +76,8 @@ class Cluster:
     """Seconds between live updates."""
     loopback_only: bool = True
     """Answer only requests addressed to 127.0.0.1, localhost or ::1 (the dashboard listens there)."""
+    key: str = field(default="", repr=False)
+    """What a request must carry (``_keyed``); empty: nothing."""
 
 
 CLUSTER = web.AppKey("cluster", Cluster)
@@ -78,11 +87,12 @@ STREAMS = web.AppKey("streams", set[asyncio.Task[Any]])
 
 
 def make_app(server: str, security: Security | None = None, timeout: float = 10.0,
-             interval: float = 0.5, loopback_only: bool = True) -> web.Application:
+             interval: float = 0.5, loopback_only: bool = True, key: str = "") -> web.Application:
     """The dashboard for the cluster at ``server`` (HOST:PORT); ``interval``: seconds between live
-    updates; ``loopback_only``: refuse requests not addressed to a loopback name (it listens there)."""
-    app = web.Application(middlewares=[_errors, _same_origin])
-    app[CLUSTER] = Cluster(server, security, timeout, interval, loopback_only)
+    updates; ``loopback_only``: refuse requests not addressed to a loopback name (it listens there);
+    ``key``: answer only requests carrying it (see the module)."""
+    app = web.Application(middlewares=[_errors, _same_origin, _keyed])
+    app[CLUSTER] = Cluster(server, security, timeout, interval, loopback_only, key)
     app[STREAMS] = set()
     app.cleanup_ctx.append(_client)
     app.on_shutdown.append(_end_streams)
@@ -153,6 +163,36 @@ async def _same_origin(request: web.Request, handler: Handler) -> web.StreamResp
         if origin is not None and origin.split("://", 1)[-1] != request.host:
             return web.json_response({"error": f"a request from {origin} may not act on this dashboard"}, status=403)
     return await handler(request)
+
+
+def key_for(security: Security | None) -> str:
+    """A new key when ``security`` holds a credential the dashboard would act with, else ""."""
+    return secrets.token_urlsafe(24) if security is not None and (security.token or security.cert) else ""
+
+
+def _same(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+@web.middleware
+async def _keyed(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With a key, answer only the address printed (which sets the cookie and drops the key from
+    the address bar), the cookie, or ``authorization: Bearer KEY``; ``/static`` stays open."""
+    key = request.app[CLUSTER].key
+    if not key or request.path.startswith("/static/"):
+        return await handler(request)
+    cookie = f"psctl_dashboard_{request.url.port}"  # (a browser sends 127.0.0.1's cookies to every port)
+    given = request.query.get("key")
+    if given is not None and request.method == "GET" and _same(given, key):
+        found = web.HTTPFound(request.rel_url.without_query_params("key"))
+        # Lax: sent after --open's file led the browser here, a navigation from another site (a Strict
+        # one was not); another site's page cannot read with it, nor post (JSON from this origin only)
+        found.set_cookie(cookie, key, httponly=True, samesite="Lax", path="/")
+        raise found
+    if _same(request.cookies.get(cookie, ""), key) or _same(request.headers.get("Authorization", ""), f"Bearer {key}"):
+        return await handler(request)
+    return web.json_response({"error": "this dashboard acts with the parameter server's credentials: open the address "
+                                       "psctl dashboard printed, with its ?key=..."}, status=401)
 
 
 def _ps(request: web.Request) -> PsClient:
@@ -328,15 +368,17 @@ async def checkpoint(request: web.Request) -> web.StreamResponse:
 
 async def serve(server: str, security: Security | None, host: str, port: int, timeout: float,
                 ready: Callable[[str], None] | None = None) -> None:
-    """Run the dashboard until SIGINT, SIGTERM or cancelled; ``ready(url)`` once it listens."""
-    runner = web.AppRunner(make_app(server, security, timeout, loopback_only=host_name(host) in LOOPBACK),
+    """Run the dashboard until SIGINT, SIGTERM or cancelled; ``ready(url)`` once it listens (the
+    address to open: with its key when it has one, ``key_for``)."""
+    key = key_for(security)
+    runner = web.AppRunner(make_app(server, security, timeout, loopback_only=host_name(host) in LOOPBACK, key=key),
                            access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
         await site.start()
         bound = runner.addresses[0]
-        url = f"http://{'[' + host + ']' if ':' in host else host}:{bound[1]}/"
+        url = f"http://{'[' + host + ']' if ':' in host else host}:{bound[1]}/" + (f"?key={key}" if key else "")
         if ready:
             ready(url)
         stop = asyncio.Event()

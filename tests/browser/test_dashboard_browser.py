@@ -353,3 +353,43 @@ async def test_a_run_page_shows_its_newest_events_and_counts_the_others(browser:
             assert problems == []
         finally:
             await runner.cleanup()
+
+
+async def test_a_dashboard_with_a_key_works_in_the_browser_that_opened_its_address(browser: Any) -> None:
+    """A dashboard holding credentials answers only who has its key: the address it prints puts it
+    in a cookie (HttpOnly, SameSite Lax: a Strict one was not sent after --open's file sent the
+    browser there, a navigation from another site) that the page's reads, its live stream and its
+    stop carry; another browser gets 401."""
+    from client.cli import _opener
+
+    port = free_port()
+    with ps_server("--port", str(port)) as (_, addr):
+        async with connect(addr) as c:
+            run = await c.create_run(build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=2,
+                                                                  iterations=40)))
+        runner = web.AppRunner(make_app(addr, timeout=5.0, interval=0.2, key="k3y"))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            page, problems = await open_page(browser, f"{url}/?key=k3y")
+            assert page.url == f"{url}/"  # (the key out of the address bar and the history)
+            await page.click(f'a[href="/runs/{run.run_id}"]')
+            await page.wait_for_function("document.querySelector('[data-testid=conn]').dataset.state === 'live'")
+            page.on("dialog", lambda dialog: dialog.accept())
+            await page.click("[data-testid=stop]")
+            await page.wait_for_function("document.querySelector('[data-testid=state]').textContent === 'stopped'",
+                                         timeout=20_000)
+            assert problems == []
+            stranger = await browser.new_page()
+            assert (await stranger.goto(f"{url}/api/runs")).status == 401
+            assert (await stranger.goto(f"{url}/?key=wrong")).status == 401
+            opener = _opener(f"{url}/?key=k3y")  # what psctl dashboard --open hands the browser
+            try:
+                opened, problems = await open_page(browser, opener.as_uri())
+                await opened.locator(f'a[href="/runs/{run.run_id}"]').wait_for(timeout=20_000)
+                assert opened.url == f"{url}/" and problems == []
+            finally:
+                opener.unlink()
+        finally:
+            await runner.cleanup()

@@ -305,3 +305,57 @@ def test_psctl_dashboard_serves_the_page_and_says_where() -> None:
         finally:
             proc.send_signal(signal.SIGINT)
             assert proc.wait(20) == 0
+
+
+async def test_a_dashboard_holding_a_token_answers_only_who_has_its_key(server_config: Any) -> None:
+    """psctl dashboard acts with the token (or client certificate) it was given: whoever reached
+    its port, any user of the machine, listed and stopped runs of a server that asked everyone
+    else for the token. It prints an address with a key of its own; the page opened there keeps
+    it in a cookie, and nothing else is answered but its static files."""
+    import re
+    import sys
+    from http.cookiejar import CookieJar
+    from urllib import error, request
+
+    from support import with_config
+
+    from ps_server.server import start_server
+
+    token = "dashboard-test-token"
+    ps = await start_server(with_config(server_config, token=token, insecure=True))
+    env = {**os.environ, "PS_TOKEN": token, "PSCTL_INSECURE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "dashboard", "--port", "0", "--server",
+                             f"127.0.0.1:{ps.port}"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stderr is not None
+        line = await asyncio.to_thread(proc.stderr.readline)
+        match = re.search(r"on (http://127\.0\.0\.1:\d+/)\?key=(\S+) ", line)
+        assert match, line
+        base, key = match.groups()
+        assert token not in line
+
+        def get(url: str, opener: request.OpenerDirector | None = None, **headers: str) -> tuple[int, str]:
+            try:
+                with (opener or request.build_opener()).open(request.Request(url, headers=headers), timeout=10) as r:
+                    return r.status, r.read().decode()
+            except error.HTTPError as exc:
+                return exc.code, exc.read().decode()
+
+        for url in (base, base + "api/runs", base + "api/runs?key=wrong", base + "runs/x"):
+            status, body = await asyncio.to_thread(get, url)
+            assert status == 401 and "key" in body and token not in body, (url, status, body)
+        status, body = await asyncio.to_thread(get, base + "api/runs", Authorization="Bearer wrong")
+        assert status == 401
+        status, _ = await asyncio.to_thread(get, base + "static/common.js")
+        assert status == 200  # (the page's code: no secret in it)
+        status, body = await asyncio.to_thread(get, base + "api/runs", Authorization=f"Bearer {key}")
+        assert status == 200 and json.loads(body) == []
+        browser = request.build_opener(request.HTTPCookieProcessor(CookieJar()))
+        status, body = await asyncio.to_thread(get, f"{base}?key={key}", browser)
+        assert status == 200 and "<html" in body.lower()
+        status, body = await asyncio.to_thread(get, base + "api/runs", browser)
+        assert status == 200 and json.loads(body) == []
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+        await ps.stop(0)
