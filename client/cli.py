@@ -28,6 +28,7 @@ from rich.live import Live
 
 from paramserver import errors
 from paramserver.client import PsClient
+from paramserver.security import tls_problem
 from paramserver.v1 import paramserver_pb2 as pb
 
 from . import facts, render
@@ -76,6 +77,10 @@ def _error(exc: BaseException, server: str) -> str:
         return (f"{exc.message} ({server} answered: another server of its cluster did not, or is going back to a "
                 "checkpoint; bring it back, or retry)")
     if isinstance(exc, errors.Unavailable):
+        with contextlib.suppress(ValueError):  # (settings that cannot work were said before any call)
+            problem = tls_problem(server, security_from_env())
+            if problem:
+                return f"cannot talk to the paramserver at {server}: {problem}"
         tls = "" if os.environ.get("PSCTL_TLS_CA") else " (one that requires TLS needs PSCTL_TLS_CA)"
         return (f"cannot reach a paramserver at {server} ({exc.message}). Start one with "
                 f"'ps-server --port {server.rpartition(':')[2] or 50051}', point --server (or PSCTL_SERVER) "

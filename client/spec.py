@@ -287,5 +287,6 @@ def security_from_env(env: Mapping[str, str] | None = None) -> Security:
         token=read_token(env.get("PS_TOKEN", ""), env.get("PSCTL_TOKEN_FILE", ""), file_flag="PSCTL_TOKEN_FILE"),
         insecure=env.get("PSCTL_INSECURE", "").lower() in ("1", "true", "yes"),
         server_name=env.get("PSCTL_TLS_SERVER_NAME", ""),
-        names={"ca": "PSCTL_TLS_CA", "cert": "PSCTL_TLS_CERT", "key": "PSCTL_TLS_KEY", "insecure": "PSCTL_INSECURE=1"},
+        names={"ca": "PSCTL_TLS_CA", "cert": "PSCTL_TLS_CERT", "key": "PSCTL_TLS_KEY", "insecure": "PSCTL_INSECURE=1",
+               "server_name": "PSCTL_TLS_SERVER_NAME"},
     )

@@ -8,14 +8,16 @@ too (``ps_server.security``).
 
 from __future__ import annotations
 
+import socket
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["FLAGS", "Security", "check_ca", "check_key_pair", "read_token"]
+__all__ = ["FLAGS", "Security", "check_ca", "check_key_pair", "read_token", "tls_problem"]
 
-FLAGS: Mapping[str, str] = {"ca": "--tls-ca", "cert": "--tls-cert", "key": "--tls-key", "insecure": "--insecure"}
+FLAGS: Mapping[str, str] = {"ca": "--tls-ca", "cert": "--tls-cert", "key": "--tls-key", "insecure": "--insecure",
+                            "server_name": "--tls-server-name"}
 """How ps-worker names the settings (``Security.names``'s default); psctl names environment variables."""
 
 
@@ -51,7 +53,7 @@ class Security:
     server_name: str = ""
     """Name to expect in the server's certificate, when it differs from the host dialled."""
     names: Mapping[str, str] = field(default_factory=lambda: FLAGS, repr=False, compare=False)
-    """How the caller's user sets ca, cert, key and insecure, for messages (``FLAGS``' keys)."""
+    """How the caller's user sets ca, cert, key, insecure and server_name, for messages (``FLAGS``' keys)."""
 
     @property
     def tls(self) -> bool:
@@ -99,3 +101,53 @@ def check_key_pair(cert_flag: str, cert: str, key_flag: str, key: str) -> None:
     except (ssl.SSLError, OSError) as exc:
         raise ValueError(f"{cert_flag} {cert} and {key_flag} {key} are not a PEM certificate and its unencrypted "
                          f"private key ({getattr(exc, 'reason', None) or exc})") from None
+
+
+_NAME_MISMATCH = frozenset({62, 64})
+"""X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH."""
+_CERTIFICATE_WANTED = frozenset({"TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALERT_HANDSHAKE_FAILURE",
+                                 "TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE"})
+"""A server's alerts that say it wants a client certificate, or not the one sent (BoringSSL under
+TLS 1.3 just closes the connection)."""
+
+
+def tls_problem(address: str, security: Security, timeout: float = 3.0) -> str:
+    """Why the server at ``address`` (HOST:PORT) refuses a TLS connection made with ``security``,
+    in its settings' terms; "" when it does not, or it cannot tell (nothing listens there, say).
+    Blocking: for the error a user reads once a call failed UNAVAILABLE, where gRPC says only that
+    no address could be reached. A handshake made here with the same files and name tells apart
+    the server's certificate not trusted, a plaintext server and a client certificate it wants."""
+    from .tcp_transport import dial_host
+
+    host, port = dial_host(address), address.rpartition(":")[2]
+    if not security.tls or host is None or not port.isdigit():
+        return ""
+    n = security.names
+    try:
+        ca, _, _ = security.read_files()
+        context = ssl.create_default_context(cadata=ca.decode("ascii") if ca else None)
+        context.set_alpn_protocols(["h2"])
+        if security.cert:
+            context.load_cert_chain(security.cert, security.key)
+        with socket.create_connection((host, int(port)), timeout) as raw, \
+                context.wrap_socket(raw, server_hostname=security.server_name or host) as conn:
+            if conn.recv(1):  # (an HTTP/2 server speaks first; one that wants a certificate closes)
+                return ""
+    except ssl.SSLCertVerificationError as exc:
+        if exc.verify_code in _NAME_MISMATCH:
+            return (f"its certificate is not trusted ({exc.verify_message}): set {n['server_name']} to a name the "
+                    "certificate holds")
+        return f"its certificate is not trusted ({exc.verify_message}): is {n['ca']} the CA that signed it?"
+    except ssl.SSLError as exc:
+        if exc.reason == "WRONG_VERSION_NUMBER":
+            return (f"it answers in plaintext, not TLS: unset {n['ca']} to talk to it so, or start it with "
+                    "--tls-cert and --tls-key")
+        if exc.reason not in _CERTIFICATE_WANTED:
+            return f"the TLS handshake failed ({exc.reason})" if exc.reason else ""
+    except (OSError, ValueError):
+        return ""
+    if security.cert:
+        return (f"it closed the connection after the TLS handshake: it wants a client certificate its "
+                f"--tls-client-ca signed, is {n['cert']} one?")
+    return (f"it closed the connection after the TLS handshake: it wants a client certificate (mutual TLS): give "
+            f"one with {n['cert']} and {n['key']}")

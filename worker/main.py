@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from paramserver import errors
 from paramserver.client import PsClient
 from paramserver.runtime import StoppedEarly, exit_with_parent, on_stop_signals, stop_early, tune_malloc
+from paramserver.security import tls_problem
 from paramserver.v1 import paramserver_pb2 as pb
 
 from .config import WorkerConfig, parse_config
@@ -56,12 +57,14 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
     delay = 0.1
     idle_since = time.monotonic()
     connected = False
+    told = ""  # the TLS problem last logged
     why = "asked to stop"
     again = ""
     """With ``--once``: the run whose rank this worker lost before the run ended (evicted, or the
     run went back to a checkpoint from before it joined), asked for once more by id."""
+    security = config.security()
     async with PsClient(config.server, timeout=config.timeout_seconds, max_message_bytes=config.max_message_bytes,
-                        security=config.security(), data_plane=config.data_plane,
+                        security=security, data_plane=config.data_plane,
                         shm=config.shm) as client:
         while not stop.is_set():
             if config.idle_exit_seconds and time.monotonic() - idle_since > config.idle_exit_seconds:
@@ -94,6 +97,12 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
                         break
                     log.info("asking again in %.1fs", delay)
                 else:
+                    problem = ""
+                    if exc.code == errors.Code.UNAVAILABLE and security.tls:
+                        problem = await asyncio.to_thread(tls_problem, config.server, security)
+                    if problem and problem != told:  # (once: it stays until the settings change)
+                        log.error("cannot talk to the server at %s: %s", config.server, problem)
+                    told = problem or told
                     log.info("server %s not reachable (%s); retrying in %.1fs", config.server, exc.code.name, delay)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay * (0.5 + random.random())):

@@ -221,3 +221,44 @@ async def test_psctl_against_a_secured_server_says_which_of_its_settings_is_miss
         assert code == 1 and "UNAUTHENTICATED" in err and "PS_TOKEN" in err and "PSCTL_TOKEN_FILE" in err, err
     finally:
         await ps.stop(0)
+
+
+async def test_a_tls_mismatch_says_which_setting_to_change(server_config: ServerConfig, pki: Pki) -> None:
+    """A CA that did not sign the server's certificate, a name not in it, TLS to a plaintext server
+    and mutual TLS without a client certificate: psctl said each time that it could not reach a
+    paramserver and how to start one (gRPC's reason, if any, inside), and ps-worker only 'not
+    reachable (UNAVAILABLE)', retrying for ever. Each now names the problem and its setting."""
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from client.cli import app
+
+    tls = await start_server(with_config(server_config, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key)))
+    mutual = await start_server(with_config(server_config, tls_cert=str(pki.server_cert), tls_key=str(pki.server_key),
+                                            tls_client_ca=str(pki.ca)))
+    plain = await start_server(server_config)
+
+    def psctl(port: int, env: dict[str, str]) -> str:
+        result = CliRunner().invoke(app, ["runs", "--server", f"127.0.0.1:{port}", "--timeout", "3"], env=env)
+        assert result.exit_code == 1
+        return result.stderr
+
+    ca = str(pki.ca)
+    try:
+        cases = [(tls.port, {"PSCTL_TLS_CA": str(pki.other_ca)}, ("not trusted", "PSCTL_TLS_CA")),
+                 (tls.port, {"PSCTL_TLS_CA": ca, "PSCTL_TLS_SERVER_NAME": "elsewhere"},
+                  ("not valid for 'elsewhere'", "PSCTL_TLS_SERVER_NAME")),
+                 (plain.port, {"PSCTL_TLS_CA": ca}, ("plaintext", "PSCTL_TLS_CA")),
+                 (mutual.port, {"PSCTL_TLS_CA": ca}, ("client certificate", "PSCTL_TLS_CERT"))]
+        for port, env, words in cases:
+            err = await asyncio.to_thread(psctl, port, env)
+            assert all(w in err for w in words) and "Start one" not in err, (env, err)
+        worker = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "worker.main", "--server", f"127.0.0.1:{tls.port}", "--tls-ca",
+                             str(pki.other_ca), "--idle-exit-seconds", "1"], capture_output=True, text=True, timeout=30)
+        assert "not trusted" in worker.stderr and "--tls-ca" in worker.stderr, worker.stderr
+    finally:
+        for ps in (tls, mutual, plain):
+            await ps.stop(0)
