@@ -22,12 +22,14 @@ FLAGS: Mapping[str, str] = {"ca": "--tls-ca", "cert": "--tls-cert", "key": "--tl
 
 
 def read_token(token: str, token_file: str, *, file_flag: str = "--token-file") -> str:
-    """The token: ``token`` (from the environment) or the content of ``token_file``; ValueError when
-    both are given or the file cannot be read or is empty. ``file_flag`` names the setting in messages."""
+    """The token: ``token`` (from the environment) or the content of ``token_file``, without the
+    white space around it (a file's, or a Kubernetes secret's, line end); ValueError when both are
+    given, the file cannot be read or is empty, or the token holds what no header can carry (the
+    message does not show it). ``file_flag`` names the setting in messages."""
     if token and token_file:
         raise ValueError(f"give the token either in PS_TOKEN or with {file_flag}, not both")
     if not token_file:
-        return token
+        return _headed(token.strip(), "PS_TOKEN")
     try:
         with open(token_file) as f:
             text = f.read().strip()
@@ -35,7 +37,17 @@ def read_token(token: str, token_file: str, *, file_flag: str = "--token-file") 
         raise ValueError(f"cannot read {file_flag} {token_file}: {exc.strerror}") from None
     if not text:
         raise ValueError(f"{file_flag} {token_file} is empty")
-    return text
+    return _headed(text, f"{file_flag} {token_file}")
+
+
+def _headed(token: str, source: str) -> str:
+    """``token``, which goes in an ``authorization`` header: printable ASCII only (gRPC refuses any
+    other in a call, with an error that does not say why)."""
+    bad = sum(not " " <= c <= "~" for c in token)
+    if bad:
+        raise ValueError(f"the token in {source} holds {bad} character(s) a header cannot carry (a line end, a "
+                         "control or non-ASCII character): use printable ASCII, such as 'openssl rand -hex 32' gives")
+    return token
 
 
 @dataclass(frozen=True)

@@ -262,3 +262,27 @@ async def test_a_tls_mismatch_says_which_setting_to_change(server_config: Server
     finally:
         for ps in (tls, mutual, plain):
             await ps.stop(0)
+
+
+async def test_a_token_with_a_line_end_works_and_one_no_header_can_carry_is_refused(server_config: ServerConfig) -> None:
+    """A token from a file is stripped; one from PS_TOKEN was taken as it was: with the line end a
+    Kubernetes secret made from a file holds, the server expected it in every call, which no client
+    can send (gRPC refuses a header with a line end): psctl and workers died with gRPC's
+    ExecuteBatchError. Non-ASCII characters, which no header carries either, are refused at
+    start, naming the variable and not the token."""
+    from client.spec import security_from_env
+    from ps_server.config import parse_config
+
+    cfg = parse_config(["--port", "0", "--insecure"], {"PS_TOKEN": TOKEN + "\n"})
+    ps = await start_server(with_config(server_config, token=cfg.token, insecure=True))
+    try:
+        security = security_from_env({"PS_TOKEN": f" {TOKEN}\r\n", "PSCTL_INSECURE": "1"})
+        assert await _call(ps.port, security) == grpc.StatusCode.OK
+    finally:
+        await ps.stop(0)
+    for bad in ("s3cr\u00e9t", "s3c\nret"):
+        with pytest.raises(ValueError, match="PS_TOKEN") as caught:
+            security_from_env({"PS_TOKEN": bad, "PSCTL_INSECURE": "1"})
+        assert bad not in str(caught.value)
+        with pytest.raises(ConfigError, match="PS_TOKEN"):
+            await start_server(with_config(server_config, token=bad, insecure=True))

@@ -63,7 +63,13 @@ function readFile(file, what) {
  */
 function securityOf(config) {
   if (config.token && config.tokenFile) throw new ConfigError('give the token either in PS_TOKEN or with --token-file, not both');
-  const token = config.tokenFile ? readFile(config.tokenFile, '--token-file').toString('utf8').trim() : config.token;
+  const token = config.tokenFile ? readFile(config.tokenFile, '--token-file').toString('utf8').trim() : (config.token || '').trim();
+  // (as the Python worker: the white space around it dropped, and what no header carries refused, not shown)
+  const bad = [...token].filter((c) => c < ' ' || c > '~').length;
+  if (bad) {
+    throw new ConfigError(`the token in ${config.tokenFile ? `--token-file ${config.tokenFile}` : 'PS_TOKEN'} holds ${bad} ` +
+      "character(s) a header cannot carry (a line end, a control or non-ASCII character): use printable ASCII");
+  }
   if (Boolean(config.tlsCert) !== Boolean(config.tlsKey)) throw new ConfigError('a client certificate needs both --tls-cert and --tls-key');
   const tls = Boolean(config.tlsCa || config.tlsCert);
   if (token && !tls && !config.insecure) {

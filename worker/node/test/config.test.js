@@ -53,6 +53,9 @@ test('security settings follow the Python worker: token from PS_TOKEN only, neve
   assert.equal(parseConfig(['--tls-ca', ca, '--token-file', tok], {}).security.token, 'from-file');
   assert.throws(() => parseConfig(['--tls-ca', ca, '--token-file', tok], { PS_TOKEN: 't' }), /not both/);
   assert.throws(() => parseConfig(['--token', 'x'], {}), /unknown argument/);
+  // a Kubernetes secret's line end dropped (it was sent, and refused by grpc-js); non-ASCII refused, not shown
+  assert.equal(parseConfig(['--insecure'], { PS_TOKEN: ' t\n' }).security.token, 't');
+  assert.throws(() => parseConfig(['--insecure'], { PS_TOKEN: 's\u00e9cret' }), (e) => /PS_TOKEN/.test(e.message) && !/s\u00e9cret/.test(e.message));
   assert.throws(() => parseConfig(['--tls-cert', ca], {}), /both --tls-cert and --tls-key/);
   assert.throws(() => parseConfig(['--tls-ca', path.join(dir, 'missing.pem')], {}), /cannot read --tls-ca/);
   fs.rmSync(dir, { recursive: true });
