@@ -565,6 +565,10 @@ def dashboard(port: Annotated[int, typer.Option(min=0, max=65535, help="Port to 
               host: Annotated[str, typer.Option(help="Address to listen on. The page can stop runs: keep it on "
                                                      "127.0.0.1 unless the network is yours.")] = "127.0.0.1",
               open_: Annotated[bool, typer.Option("--open", help="Open the page in a browser.")] = False,
+              allow_host: Annotated[list[str] | None, typer.Option(
+                  help="A name the page is reached by, besides 127.0.0.1, localhost and ::1 (repeatable): it answers "
+                       "no other (a web page whose name was pointed at it, DNS rebinding, cannot use it). Listening "
+                       "on another address than loopback without it, it answers every name.")] = None,
               server: Server = DEFAULT_SERVER, timeout: Timeout = 10.0) -> None:
     """A live web page of the cluster's runs: the runs list, and per run the worker clocks against
     the SSP window (the rank holding it back, what each parked rank waits for), loss, accuracy and
@@ -584,7 +588,9 @@ def dashboard(port: Annotated[int, typer.Option(min=0, max=65535, help="Port to 
         if host_name(host) not in LOOPBACK:
             who = ("whoever reads its address (the key crosses the network in clear)" if "?key=" in url
                    else "whoever reaches this port")
-            typer.echo(f"warning: listening on {host}: {who} can stop and checkpoint runs", err=True)
+            pages = "" if allow_host else (", and a web page whose name is pointed at it (DNS rebinding): name "
+                                           "those it is reached by with --allow-host")
+            typer.echo(f"warning: listening on {host}: {who} can stop and checkpoint runs{pages}", err=True)
         if open_:
             import webbrowser
             if "?key=" in url:
@@ -593,7 +599,7 @@ def dashboard(port: Annotated[int, typer.Option(min=0, max=65535, help="Port to 
 
     opened: list[Path] = []  # (removed at exit)
     try:
-        asyncio.run(serve(address, security_from_env(), host, port, timeout, ready))
+        asyncio.run(serve(address, security_from_env(), host, port, timeout, ready, allow_host or ()))
     except KeyboardInterrupt:
         pass
     except OSError as exc:

@@ -38,7 +38,7 @@ import logging
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,8 +74,8 @@ class Cluster:
     timeout: float
     interval: float
     """Seconds between live updates."""
-    loopback_only: bool = True
-    """Answer only requests addressed to 127.0.0.1, localhost or ::1 (the dashboard listens there)."""
+    hosts: frozenset[str] | None = None
+    """The names requests may be addressed to (``Host``); None: any."""
     key: str = field(default="", repr=False)
     """What a request must carry (``_keyed``); empty: nothing."""
 
@@ -86,13 +86,16 @@ STREAMS = web.AppKey("streams", set[asyncio.Task[Any]])
 """The live streams open now: ended at shutdown (a page would keep them open for ever)."""
 
 
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 def make_app(server: str, security: Security | None = None, timeout: float = 10.0,
-             interval: float = 0.5, loopback_only: bool = True, key: str = "") -> web.Application:
+             interval: float = 0.5, hosts: Collection[str] | None = LOOPBACK, key: str = "") -> web.Application:
     """The dashboard for the cluster at ``server`` (HOST:PORT); ``interval``: seconds between live
-    updates; ``loopback_only``: refuse requests not addressed to a loopback name (it listens there);
-    ``key``: answer only requests carrying it (see the module)."""
+    updates; ``hosts``: refuse requests addressed to another name (None: answer any; by default
+    the loopback ones, where it listens); ``key``: answer only requests carrying it (see the module)."""
     app = web.Application(middlewares=[_errors, _same_origin, _keyed])
-    app[CLUSTER] = Cluster(server, security, timeout, interval, loopback_only, key)
+    app[CLUSTER] = Cluster(server, security, timeout, interval, None if hosts is None else frozenset(h.lower() for h in hosts), key)
     app[STREAMS] = set()
     app.cleanup_ctx.append(_client)
     app.on_shutdown.append(_end_streams)
@@ -139,9 +142,6 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.json_response({"error": str(exc), "code": exc.code.name}, status=status)
 
 
-LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
-
-
 def host_name(host: str) -> str:
     """``Host`` header -> the name in it, without the port ("[::1]:8265" -> "::1")."""
     if host.startswith("["):
@@ -151,11 +151,13 @@ def host_name(host: str) -> str:
 
 @web.middleware
 async def _same_origin(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bound to loopback, the dashboard answers only requests addressed to loopback: a web page
-    whose name was made to point at 127.0.0.1 (DNS rebinding) cannot read or act on it."""
-    if request.app[CLUSTER].loopback_only and host_name(request.host) not in LOOPBACK:
-        return web.json_response({"error": f"this dashboard answers on 127.0.0.1 or localhost, not {request.host}"},
-                                 status=403)
+    """The dashboard answers only requests addressed to its names (loopback ones, where it
+    listens, and those it was told): a web page whose name was made to point at its address
+    (DNS rebinding) cannot read or act on it."""
+    hosts = request.app[CLUSTER].hosts
+    if hosts is not None and host_name(request.host).lower() not in hosts:
+        return web.json_response({"error": f"this dashboard answers to {', '.join(sorted(hosts))}, not {request.host} "
+                                           "(psctl dashboard --allow-host NAME)"}, status=403)
     if request.method == "POST":
         origin = request.headers.get("Origin")
         if request.content_type != "application/json":
@@ -367,12 +369,13 @@ async def checkpoint(request: web.Request) -> web.StreamResponse:
 
 
 async def serve(server: str, security: Security | None, host: str, port: int, timeout: float,
-                ready: Callable[[str], None] | None = None) -> None:
+                ready: Callable[[str], None] | None = None, allow_hosts: Collection[str] = ()) -> None:
     """Run the dashboard until SIGINT, SIGTERM or cancelled; ``ready(url)`` once it listens (the
-    address to open: with its key when it has one, ``key_for``)."""
+    address to open: with its key when it has one, ``key_for``). It answers requests addressed to
+    the loopback names and ``allow_hosts``; to any name when it listens elsewhere and none are given."""
     key = key_for(security)
-    runner = web.AppRunner(make_app(server, security, timeout, loopback_only=host_name(host) in LOOPBACK, key=key),
-                           access_log=None)
+    hosts = LOOPBACK | frozenset(allow_hosts) if allow_hosts or host_name(host) in LOOPBACK else None
+    runner = web.AppRunner(make_app(server, security, timeout, hosts=hosts, key=key), access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

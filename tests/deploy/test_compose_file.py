@@ -168,3 +168,19 @@ def test_servers_and_workers_have_memory_limits_their_runs_fit(override: bool) -
     assert worker_peak(1, largest) <= limit, f"a worker of the largest run ({largest >> 20} MiB) needs more"
     assert float(worker["cpus"]) >= 1, "a worker computes on one whole CPU"
     assert all("deploy" not in s for s in doc["services"].values()), "use mem_limit/cpus (docker-compose 1.29)"
+
+
+def test_the_dashboard_answers_only_the_names_it_is_published_under() -> None:
+    """The dashboard listens on 0.0.0.0 in its container (to be published at all), and answered
+    every name there: a web page whose name was pointed at 127.0.0.1 (DNS rebinding) read the runs
+    and stopped them through the port published on the host. Its command names what it answers
+    to, as psctl parses it."""
+    from typer.main import get_command
+
+    from client.cli import app
+
+    command = _load(COMPOSE.read_text())["services"]["dashboard"]["command"]
+    assert command[:2] == ["psctl", "dashboard"]
+    args = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", a) for a in command[2:]]
+    params = get_command(app).commands["dashboard"].make_context("dashboard", args).params  # type: ignore[attr-defined]
+    assert params["host"] == "0.0.0.0" and params["allow_host"], params

@@ -359,3 +359,37 @@ async def test_a_dashboard_holding_a_token_answers_only_who_has_its_key(server_c
         proc.send_signal(signal.SIGINT)
         assert await asyncio.to_thread(proc.wait, 20) == 0
         await ps.stop(0)
+
+
+def test_a_dashboard_on_another_address_answers_the_names_it_is_told() -> None:
+    """Listening on 0.0.0.0 (a container's dashboard, published on the host's 127.0.0.1), it
+    answered every name: a page whose name was pointed at it (DNS rebinding) could read and stop
+    runs. --allow-host names what it answers to, besides the loopback names."""
+    import re
+    import sys
+    from urllib import error, request
+
+    with ps_server("--port", str(free_port())) as (_, addr):
+        proc = subprocess.Popen([sys.executable, "-m", "client.cli", "dashboard", "--port", "0", "--host", "0.0.0.0",
+                                 "--allow-host", "ps.example", "--server", addr], stderr=subprocess.PIPE, text=True)
+        try:
+            assert proc.stderr is not None
+            line = proc.stderr.readline()
+            match = re.search(r"on http://0\.0\.0\.0:(\d+)/ ", line)
+            assert match, line
+            warning = proc.stderr.readline()
+            assert "rebinding" not in warning, warning
+
+            def status(host: str) -> int:
+                req = request.Request(f"http://127.0.0.1:{match.group(1)}/api/runs", headers={"Host": host})
+                try:
+                    with request.urlopen(req, timeout=10) as r:
+                        return int(r.status)
+                except error.HTTPError as exc:
+                    return exc.code
+
+            assert [status(h) for h in ("evil.example:8265", "ps.example:8265", "127.0.0.1:8265", "localhost")] == \
+                [403, 200, 200, 200]
+        finally:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(20) == 0
