@@ -286,3 +286,33 @@ async def test_a_token_with_a_line_end_works_and_one_no_header_can_carry_is_refu
         assert bad not in str(caught.value)
         with pytest.raises(ConfigError, match="PS_TOKEN"):
             await start_server(with_config(server_config, token=bad, insecure=True))
+
+
+async def test_tls_older_than_1_2_is_refused_on_the_grpc_and_metrics_ports(server_config: ServerConfig,
+                                                                          pki: Pki) -> None:
+    """The README says TLS is 1.2 or newer (gRPC's and Python's minimum): held to it on both ports."""
+    import warnings
+
+    ps = await start_server(with_config(server_config, metrics_port=0, tls_cert=str(pki.server_cert),
+                                        tls_key=str(pki.server_key)))
+
+    def handshake(port: int, version: ssl.TLSVersion) -> bool:
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        context.set_alpn_protocols(["h2"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # (TLS 1.1 is: the point)
+            context.set_ciphers("ALL:@SECLEVEL=0")
+            context.minimum_version = context.maximum_version = version
+        try:
+            with socket.create_connection(("127.0.0.1", port), 5) as raw, \
+                    context.wrap_socket(raw, server_hostname="localhost"):
+                return True
+        except ssl.SSLError:
+            return False
+
+    try:
+        for port in (ps.port, ps.metrics_port):
+            assert await asyncio.to_thread(handshake, port, ssl.TLSVersion.TLSv1_2)
+            assert not await asyncio.to_thread(handshake, port, ssl.TLSVersion.TLSv1_1)
+    finally:
+        await ps.stop(0)

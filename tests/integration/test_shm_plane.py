@@ -499,3 +499,28 @@ async def test_a_segment_the_server_cannot_map_for_writing_gets_a_status(server:
     finally:
         sock.close()
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "map" in message, message
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to connect as another user")
+async def test_another_user_of_the_host_is_refused(server: PsServer, caplog: pytest.LogCaptureFixture) -> None:
+    """An abstract socket has no file permissions: anyone in the network namespace may connect
+    (and /proc/net/unix shows its name). The server admits its own user and root only
+    (SO_PEERCRED): another user's process is closed on before its hello is read."""
+    import subprocess
+    import sys
+
+    assert server.shm_plane is not None
+    name = server.shm_plane.name
+    script = ("import asyncio, os, sys\n"
+              "from paramserver.shm_transport import ShmCall\n"
+              "os.setgid(65534); os.setuid(65534)  # (after the imports: root's files)\n"
+              "try:\n"
+              f"    asyncio.run(ShmCall.open_shm({name!r}, 'PullParams', 1 << 20))\n"
+              "except Exception as exc:\n"
+              "    sys.exit('closed' if isinstance(exc, ConnectionError) else repr(exc))\n")
+    other = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", script], capture_output=True, text=True,
+                                    timeout=30, cwd="/")
+    assert other.returncode == 1 and other.stderr.strip() == "closed", other.stderr
+    assert any("refused process" in r.getMessage() and "user 65534" in r.getMessage() for r in caplog.records)
+    call = await ShmCall.open_shm(name, "PullParams", 1 << 20)  # this server's user: admitted
+    call.cancel()
