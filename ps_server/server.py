@@ -21,6 +21,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import asyncio  # noqa: E402
 import contextlib
 import fcntl
+import ipaddress
 import json
 import logging
 import resource
@@ -426,6 +427,24 @@ def setup_logging(config: ServerConfig) -> None:
     root.propagate = False
 
 
+def _say_how_secured(config: ServerConfig, port: int) -> None:
+    """What a client needs, or that it needs nothing: a warning when the server listens beyond
+    loopback (a forgotten PS_TOKEN serves every run to the network)."""
+    tls = "mutual TLS" if config.tls_client_ca else "TLS" if config.tls_cert else ""
+    needs = [what for what in (tls, "the bearer token" if load_token(config) else "") if what]
+    if needs:
+        log.info("clients need %s (health excepted)", " and ".join(needs))
+        return
+    host = config.host.strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    log.log(logging.INFO if loopback else logging.WARNING, "no TLS and no token: whoever reaches %s:%d may read, "
+            "change and delete every run%s", config.host, port, "" if loopback else
+            " (give PS_TOKEN or --token-file, with --tls-cert and --tls-key: README, Security)")
+
+
 async def serve(config: ServerConfig) -> None:
     stop = asyncio.Event()
     # (once its runs are resumed, before it serves them: a stop from then on is ordered; before, it
@@ -438,7 +457,9 @@ async def serve(config: ServerConfig) -> None:
     if ps.shm_plane:
         log.info("shared-memory data plane for workers on this host: abstract socket %s", ps.shm_plane.name)
     if ps.metrics_port is not None:
-        log.info("Prometheus metrics on http://%s:%d/metrics", config.host, ps.metrics_port)
+        log.info("Prometheus metrics on %s://%s:%d/metrics", "https" if config.tls_cert else "http", config.host,
+                 ps.metrics_port)
+    _say_how_secured(config, ps.port)
     total, source = total_budget(config)
     log.info("runs may hold %s together (%s)", f"{total >> 20} MiB" if total else "any memory", source)
     await stop.wait()

@@ -316,3 +316,39 @@ async def test_tls_older_than_1_2_is_refused_on_the_grpc_and_metrics_ports(serve
             assert not await asyncio.to_thread(handshake, port, ssl.TLSVersion.TLSv1_1)
     finally:
         await ps.stop(0)
+
+
+def _start_up_log(*args: str, env: dict[str, str] | None = None) -> str:
+    """ps-server's log from its start to its last start-up line; then it is stopped."""
+    import subprocess
+    import sys
+
+    from procs import ENV
+
+    proc = subprocess.Popen([sys.executable, "-m", "ps_server.server", "--port", "0", "--data-port", "-1", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**ENV, **(env or {})})
+    assert proc.stderr is not None
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "runs may hold" in line:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    return "".join(lines)
+
+
+def test_the_server_says_at_start_how_it_is_secured(pki: Pki) -> None:
+    """It said nothing of it: a server started without PS_TOKEN (a forgotten variable) and on
+    0.0.0.0 served every run to the network without a word; and its metrics under TLS were
+    announced as http://, which a scrape so configured cannot read."""
+    both = _start_up_log("--host", "0.0.0.0", "--metrics-port", "0", "--tls-cert", str(pki.server_cert),
+                         "--tls-key", str(pki.server_key), env={"PS_TOKEN": TOKEN})
+    assert "TLS and the bearer token" in both and "WARNING" not in both and "https://0.0.0.0:" in both, both
+    assert TOKEN not in both
+    open_ = _start_up_log("--host", "0.0.0.0", "--metrics-port", "0")
+    assert "WARNING" in open_ and "no TLS and no token" in open_ and "http://0.0.0.0:" in open_, open_
+    local = _start_up_log()
+    assert "no TLS and no token" in local and "WARNING" not in local, local
