@@ -72,6 +72,8 @@ class ServerConfig:
     shard_timeout: float = opt(30.0, "In a cluster, a server not answering server 0 for this long fails the runs "
                                "it holds a shard of (naming it).")
     metrics_port: int = opt(-1, "Prometheus metrics HTTP port; -1 = off, 0 = a free port.")
+    health_port: int = opt(-1, "A port serving the gRPC health service alone, in plaintext, for probes that speak "
+                           "no TLS (Kubernetes' gRPC probes) when the server has TLS; -1 = off, 0 = a free port.")
     tls_cert: str = opt("", "Server certificate (PEM) for TLS; with --tls-key.")
     tls_key: str = opt("", "Server private key (PEM) for TLS.")
     tls_client_ca: str = opt("", "CA (PEM) that client certificates must chain to: mutual TLS.")

@@ -88,6 +88,9 @@ class PsServer:
     metrics_port: int | None = None
     metrics: ThreadingWSGIServer | None = None
     """The /metrics endpoint, when it is served (closed last by ``stop``)."""
+    health_server: grpc.aio.Server | None = None
+    """The plaintext health service on ``health_port`` (--health-port), when it is served."""
+    health_port: int | None = None
     cluster: ClusterOwner | None = None
     """Server 0 of a cluster: its side of the cluster."""
     peers: list[PeerLink] = field(default_factory=list)
@@ -130,6 +133,8 @@ class PsServer:
         if self.shm_plane:
             await self.shm_plane.close()
         await self.server.stop(min(grace, 0.5))
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         for peer in self.peers:
             await peer.close()
         await self._settle_background()
@@ -387,6 +392,21 @@ async def _start(config: ServerConfig, checkpointer: Checkpointer | None, data_l
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     ps = PsServer(server, port, registry, config, health_servicer, dataplane, checkpointer, tcp_plane,
                   cluster=cluster, peers=peers, shm_plane=shm_plane, data_lock=data_lock, background=background)
+    if config.health_port >= 0:
+        # The same statuses (NOT_SERVING as the stop begins), nothing else, no TLS and no token: what
+        # a probe that speaks no TLS can ask, and all it learns.
+        ps.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, ps.health_server)
+        why = _cannot_listen(config.host, config.health_port)
+        try:
+            ps.health_port = 0 if why else ps.health_server.add_insecure_port(f"{config.host}:{config.health_port}")
+        except RuntimeError:
+            ps.health_port = 0
+        if not ps.health_port:
+            await ps.stop(0)
+            raise OSError(f"--health-port {config.health_port}: cannot listen on {config.host}:{config.health_port} "
+                          f"({why or 'in use'}); choose another port (0: a free one, -1: none)")
+        await ps.health_server.start()
     if config.metrics_port >= 0:
         try:
             ps.metrics = serve_metrics(registry, config.host, config.metrics_port, ps.statistics, token=token,
@@ -459,6 +479,8 @@ async def serve(config: ServerConfig) -> None:
     if ps.metrics_port is not None:
         log.info("Prometheus metrics on %s://%s:%d/metrics", "https" if config.tls_cert else "http", config.host,
                  ps.metrics_port)
+    if ps.health_port:
+        log.info("gRPC health alone, in plaintext, on %s:%d", config.host, ps.health_port)
     _say_how_secured(config, ps.port)
     total, source = total_budget(config)
     log.info("runs may hold %s together (%s)", f"{total >> 20} MiB" if total else "any memory", source)

@@ -24,6 +24,7 @@ from paramserver.client import PsClient
 from paramserver.errors import Code, PsError
 from paramserver.security import Security
 from paramserver.v1 import paramserver_pb2 as pb
+from paramserver.v1 import paramserver_pb2_grpc as pb_grpc
 from ps_server.config import ServerConfig
 from ps_server.security import ConfigError
 from ps_server.server import start_server
@@ -352,3 +353,29 @@ def test_the_server_says_at_start_how_it_is_secured(pki: Pki) -> None:
     assert "WARNING" in open_ and "no TLS and no token" in open_ and "http://0.0.0.0:" in open_, open_
     local = _start_up_log()
     assert "no TLS and no token" in local and "WARNING" not in local, local
+
+
+async def test_a_tls_server_s_health_can_be_probed_in_plaintext_on_its_health_port(server_config: ServerConfig,
+                                                                                   pki: Pki) -> None:
+    """Kubernetes' gRPC probes and compose's health check speak plaintext: under TLS they failed on
+    the gRPC port, and the server was restarted for ever (its liveness) or never healthy (the
+    workers waiting on it). --health-port serves grpc.health.v1 alone, in plaintext: it says
+    SERVING, then NOT_SERVING as the server stops, and nothing else is served there."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    ps = await start_server(with_config(server_config, health_port=0, tls_cert=str(pki.server_cert),
+                                        tls_key=str(pki.server_key), tls_client_ca=str(pki.ca), token=TOKEN))
+    try:
+        assert ps.health_port
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ps.health_port}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            assert (await check(health_pb2.HealthCheckRequest(), timeout=5)).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await pb_grpc.RunServiceStub(channel).ListRuns(pb.ListRunsRequest(), timeout=5)
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            await ps.health.enter_graceful_shutdown()  # (stop's first step)
+            assert (await check(health_pb2.HealthCheckRequest(), timeout=5)).status == \
+                health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        await ps.stop(0)

@@ -42,6 +42,8 @@ CASES = {
     "port in use": ("ps-server", ["--port", "{busy}"], ["--port {busy}", "Address already in use", "choose"]),
     "metrics port in use": ("ps-server", ["--port", "0", "--metrics-port", "{busy}"],
                             ["--metrics-port {busy}", "Address already in use", "choose"]),
+    "health port in use": ("ps-server", ["--port", "0", "--health-port", "{busy}"],
+                           ["--health-port {busy}", "Address already in use", "choose"]),
     "data port in use": ("ps-server", ["--port", "0", "--data-port", "{busy}"],
                          ["--data-port {busy}", "Address already in use", "choose"]),
     "port out of range": ("ps-server", ["--port", "70000"], ["--port 70000", "0..65535"]),
