@@ -37,7 +37,8 @@ DELETED_KEPT = 10_000
 async def restore(registry: RunRegistry, checkpointer: Checkpointer, run_id: str, cut: int, why: str) -> Run:
     """Put ``run_id``'s checkpoint of ``cut`` in place of the run (its parked pulls get ``why``).
     FailedPrecondition, and nothing changes, when the checkpoint does not fit, or the run ended or
-    was deleted while it loaded."""
+    was deleted while it loaded; a run that ended after (StopRun while the checkpoints past the cut
+    were deleted) ends as it did, at the cut, its final checkpoint taken there."""
     old = registry.get(run_id)
 
     def check(run: Run) -> None:
@@ -57,6 +58,9 @@ async def restore(registry: RunRegistry, checkpointer: Checkpointer, run_id: str
             checkpointer.schedule(old, old.state.value)
         raise
     registry.replace(run, why)
+    if old.state.finished:  # ended while the checkpoints past the cut were deleted: the run in its place ends so
+        run.stop(old.message, old.state)
+        checkpointer.schedule(run, run.state.value)
     log.warning("%s went back to its checkpoint at cut %d (min clock %d; it was at %d)", run_id, cut,
                 run.min_clock, old.min_clock, extra={"run": run_id})
     return run
