@@ -37,8 +37,9 @@ DELETED_KEPT = 10_000
 async def restore(registry: RunRegistry, checkpointer: Checkpointer, run_id: str, cut: int, why: str) -> Run:
     """Put ``run_id``'s checkpoint of ``cut`` in place of the run (its parked pulls get ``why``).
     FailedPrecondition, and nothing changes, when the checkpoint does not fit, or the run ended or
-    was deleted while it loaded; a run that ended after (StopRun while the checkpoints past the cut
-    were deleted) ends as it did, at the cut, its final checkpoint taken there."""
+    was deleted while it loaded (deleted before it was put in place, too: it stays deleted); a run
+    that ended after (StopRun while the checkpoints past the cut were deleted) ends as it did, at
+    the cut, its final checkpoint taken there."""
     old = registry.get(run_id)
 
     def check(run: Run) -> None:
@@ -57,6 +58,8 @@ async def restore(registry: RunRegistry, checkpointer: Checkpointer, run_id: str
             checkpointer.attach(old)
             checkpointer.schedule(old, old.state.value)
         raise
+    if registry.find(run_id) is not old:  # deleted while the checkpoints past the cut were (DeleteShard)
+        raise FailedPrecondition(f"{run_id} was deleted while it went back to its checkpoint at cut {cut}")
     registry.replace(run, why)
     if old.state.finished:  # ended while the checkpoints past the cut were deleted: the run in its place ends so
         run.stop(old.message, old.state)

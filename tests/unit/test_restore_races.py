@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from paramserver.v1 import cluster_pb2 as cpb
 from ps_server.checkpointer import Checkpointer
-from ps_server.cluster.shards import restore
+from ps_server.cluster.shards import ShardService, restore
 from ps_server.core.checkpoint import CheckpointStore
+from ps_server.core.errors import FailedPrecondition
 from ps_server.core.registry import RunRegistry
 from ps_server.core.run import Run
 from ps_server.core.spec import ParamSpec, RunSpec
@@ -76,3 +78,23 @@ async def test_a_run_stopped_while_its_later_checkpoints_are_discarded_stays_sto
     assert (restored.state, restored.message) == (RunState.STOPPED, "stopped by user")
     await checkpointer.written(run_id)  # its final checkpoint, as the stop's would have been
     assert [c.meta["state"] for c in checkpointer.store.latest()] == ["stopped"]
+
+
+async def test_a_shard_deleted_while_its_later_checkpoints_are_discarded_stays_deleted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeleteShard (DeleteRun --force on server 0 during a roll back) between the restore's check
+    and its end forgot the shard at once and waited for the restore to delete its files: the
+    restore then registered the checkpoint's run, a shard of a deleted run held for ever."""
+    registry, checkpointer, run_id = await _registered(tmp_path)
+    shards = ShardService(registry, ["a:1", "b:1"], 1, lambda: 0, checkpointer)
+    entered, go = _held(checkpointer.store, "discard_after", monkeypatch)
+    restoring = asyncio.create_task(restore(registry, checkpointer, run_id, 3, "back to cut 3"))
+    assert await asyncio.to_thread(entered.wait, 30)
+    deleting = asyncio.create_task(shards.DeleteShard(cpb.DeleteShardRequest(run_id=run_id)))
+    await _until(lambda: registry.find(run_id) is None)
+    go.set()
+    with pytest.raises(FailedPrecondition, match="deleted"):
+        await restoring
+    await deleting
+    assert registry.find(run_id) is None and registry.held_bytes() == 0
+    assert checkpointer.store.latest() == [] and list(tmp_path.iterdir()) == []
