@@ -65,6 +65,9 @@ class Checkpointer:
         self._asked: dict[str, asyncio.Lock] = {}
         """run id -> held by the ``checkpoint_now`` taking and writing its snapshot: the others
         asking meanwhile take theirs after it (one such copy of a run in memory at a time)."""
+        self._deleting: dict[str, int] = {}
+        """run id -> the deletions of it under way: what is scheduled meanwhile waits for their end
+        (written if they fail, dropped once one landed), a write started then would land after."""
         self.behind: set[str] = set()
         """runs whose newest snapshot could not be written (a full disk, say): the server's last
         checkpoints write them even when they have ended (a stop the disk does not hold yet)."""
@@ -116,6 +119,8 @@ class Checkpointer:
         meta, arrays = snapshot.state_dict(run, cut)
         # (replaces an older one not yet written)
         self._waiting[run.run_id] = ((meta, arrays, self._epochs.get(run.run_id, 0)), reason, level, run)
+        if run.run_id in self._deleting:  # (``delete`` writes it if it fails)
+            return
         writer = self._writers.get(run.run_id)
         if writer is None or writer.done():
             self._writers[run.run_id] = asyncio.get_running_loop().create_task(self._write_waiting(run.run_id))
@@ -228,7 +233,8 @@ class Checkpointer:
         (``checkpoint_now``) have landed; a snapshot still waiting to be written is dropped, and
         those asked for after are refused (NotFound); ``forget()`` (the registry's ``remove``) is
         called in the same step as the deletion ends, so that no one asks for a checkpoint of the
-        run after it (a new one would bring the deleted run back). What could not be removed, or ""
+        run after it (a new one would bring the deleted run back); one scheduled meanwhile waits,
+        and is dropped once the deletion has landed. What could not be removed, or ""
         (``CheckpointStore.delete``: the run is deleted all the same). OSError if its directory
         cannot be moved away: then nothing is deleted and the run is checkpointed as before, as
         it is when the caller is cancelled before the deletion began (once begun, it ends first)."""
@@ -246,6 +252,7 @@ class Checkpointer:
             moved = True
             return left
 
+        self._deleting[run_id] = self._deleting.get(run_id, 0) + 1
         try:
             await self.written(run_id)
             # (after the checkpoints asked for before: one would take its snapshot, and write it, after)
@@ -256,7 +263,13 @@ class Checkpointer:
                             "server tries again at its next start)", run_id, left, extra={"run": run_id})
             return left
         finally:
-            if moved:
+            if self._deleting[run_id] > 1:
+                self._deleting[run_id] -= 1
+            else:
+                del self._deleting[run_id]
+            if moved:  # (and what was scheduled meanwhile: a roll back gives a run it found stopped its final one)
+                self._waiting.pop(run_id, None)
+                self._taken.pop(run_id, None)
                 self._writers.pop(run_id, None)
                 self._locks.pop(run_id, None)
                 self._asked.pop(run_id, None)

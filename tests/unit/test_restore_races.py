@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from paramserver.v1 import cluster_pb2 as cpb
+from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.checkpointer import Checkpointer
 from ps_server.cluster.shards import ShardService, restore
+from ps_server.control import Control
 from ps_server.core.checkpoint import CheckpointStore
 from ps_server.core.errors import FailedPrecondition
 from ps_server.core.registry import RunRegistry
@@ -97,4 +99,26 @@ async def test_a_shard_deleted_while_its_later_checkpoints_are_discarded_stays_d
         await restoring
     await deleting
     assert registry.find(run_id) is None and registry.held_bytes() == 0
+    assert checkpointer.store.latest() == [] and list(tmp_path.iterdir()) == []
+
+
+async def test_a_run_deleted_while_its_checkpoint_loads_is_not_checkpointed_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeleteRun --force while a roll back loaded the run's checkpoint stopped the run; the restore,
+    finding it stopped, gave it back its checkpoints for its final one, which landed after the
+    deletion (waiting for the restore's lock) had removed the run's directory: the deleted run came
+    back at the next start."""
+    registry, checkpointer, run_id = await _registered(tmp_path)
+    control = Control(registry, max_wait=1.0, heartbeat_seconds=1.0, lease_seconds=5.0, checkpointer=checkpointer)
+    entered, go = _held(checkpointer.store, "load_cut", monkeypatch)
+    restoring = asyncio.create_task(restore(registry, checkpointer, run_id, 3, "back to cut 3"))
+    assert await asyncio.to_thread(entered.wait, 30)
+    deleting = asyncio.create_task(control.DeleteRun(pb.DeleteRunRequest(run_id=run_id, force=True)))
+    await _until(lambda: run_id in checkpointer._asked and checkpointer._asked[run_id].locked())  # at the run's lock
+    go.set()
+    with pytest.raises(FailedPrecondition, match="ended or changed"):
+        await restoring
+    await deleting
+    await asyncio.gather(*(asyncio.all_tasks() - {asyncio.current_task()}))  # what either left going
+    assert registry.find(run_id) is None
     assert checkpointer.store.latest() == [] and list(tmp_path.iterdir()) == []
