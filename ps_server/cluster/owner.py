@@ -490,13 +490,15 @@ class ClusterOwner:
     async def checkpoint(self, run: Run, reason: str) -> tuple[Path, int]:
         """A cluster checkpoint of ``run``: every server's snapshot at the next clock none of them
         has reached (or at the end, for a finished run); raises the first refusal (the snapshots
-        already written stay: they do no harm)."""
+        already written stay: they do no harm), NotFound if the run was deleted while they were asked
+        where they are."""
         assert self._checkpointer is not None
         cut = run.min_clock
         if run.state is RunState.RUNNING:  # (one that has not started, or has ended, is still)
             statuses = await asyncio.gather(*(peer.call("GetShard", cpb.GetShardRequest(run_id=run.run_id),
                                                         cpb.GetShardResponse, self._timeout) for peer in self._peers))
             cut = max([cut, *(r.status.min_clock for r in statuses)]) + 1
+            self._registry.get(run.run_id)  # NotFound if deleted meanwhile: its snapshot would bring it back
         own = asyncio.ensure_future(self._checkpointer.checkpoint_at(run, cut, reason, _CUT_WAIT))
         try:
             await asyncio.gather(own, *(self._cut(run, peer, cut, reason) for peer in self._peers))

@@ -1,0 +1,73 @@
+"""DeleteRun while another call on the same run awaits something (a server of the cluster): each
+test holds that call at its await and lets the deletion run to its end there."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from paramserver.v1 import paramserver_pb2 as pb
+from ps_server.checkpointer import Checkpointer
+from ps_server.cluster.deletions import Undelivered
+from ps_server.cluster.owner import ClusterOwner
+from ps_server.control import Control
+from ps_server.core.checkpoint import CheckpointStore
+from ps_server.core.errors import NotFound
+from ps_server.core.registry import RunRegistry
+from ps_server.core.spec import ParamSpec, RunSpec
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class _Peer:
+    """Server 1 as server 0 sees it: it answers at once, but the answers of ``held`` calls wait for
+    ``go``; a shard it was told to delete is gone (NotFound)."""
+
+    def __init__(self, *held: str) -> None:
+        self.index, self.name, self.address = 1, "server 1", "b:1"
+        self.held, self.asked, self.go = set(held), asyncio.Event(), asyncio.Event()
+        self.deleted: set[str] = set()
+
+    async def call(self, method: str, request: Any, response: type[Any], timeout: float, **_: object) -> Any:
+        if method == "DeleteShard":
+            self.deleted.add(request.run_id)
+        elif getattr(request, "run_id", None) in self.deleted:
+            raise NotFound(f"server 1 holds no shard of {request.run_id}")
+        if method in self.held:  # (its answer on its way)
+            self.asked.set()
+            await self.go.wait()
+        return response()
+
+
+async def _cluster(tmp_path: Path, peer: _Peer) -> tuple[RunRegistry, Checkpointer, Control, str]:
+    checkpointer = Checkpointer(CheckpointStore(tmp_path), every=0)
+    registry = RunRegistry(configure=checkpointer.attach)
+    owner = ClusterOwner(registry, ["a:1", "b:1"], [peer], split_bytes=0, shard_timeout=30,  # type: ignore[list-item]
+                         data_port=lambda: 0, checkpointer=checkpointer, undelivered=Undelivered(None))
+    control = Control(registry, max_wait=1.0, heartbeat_seconds=1.0, lease_seconds=5.0, checkpointer=checkpointer,
+                      cluster=owner)
+    run = await owner.create_run(RunSpec(name="d", num_workers=1, iterations=9,
+                                         params=(ParamSpec("w", (3,)), ParamSpec("b", (2,)))))
+    await checkpointer.written(run.run_id)
+    run.join("w")  # RUNNING
+    return registry, checkpointer, control, run.run_id
+
+
+async def test_a_checkpoint_asked_for_while_the_run_is_deleted_is_not_written(tmp_path: Path) -> None:
+    """CheckpointRun of a cluster's run asks every server where its shard is, then writes server 0's
+    snapshot: DeleteRun --force meanwhile deleted the run, and the snapshot, taken after, was
+    written into a new directory of the deleted run, which came back at the next start."""
+    peer = _Peer("GetShard")
+    registry, checkpointer, control, run_id = await _cluster(tmp_path, peer)
+    asking = asyncio.create_task(control.CheckpointRun(pb.CheckpointRunRequest(run_id=run_id)))
+    await asyncio.wait_for(peer.asked.wait(), 30)
+    await control.DeleteRun(pb.DeleteRunRequest(run_id=run_id, force=True))
+    assert registry.find(run_id) is None and list(tmp_path.iterdir()) == []
+    peer.go.set()
+    with pytest.raises(NotFound, match=f"no run '{run_id}' on this server"):
+        await asking
+    await asyncio.gather(*(asyncio.all_tasks() - {asyncio.current_task()}), return_exceptions=True)
+    assert checkpointer.store.latest() == [] and list(tmp_path.iterdir()) == []
