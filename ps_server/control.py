@@ -259,6 +259,10 @@ class Control:
             return pb.JoinResponse(server_generation=registry.generation)
         run = registry.get(assignment.run_id)
         await self._sync(run)  # every shard knows the incarnation before its worker, and where it starts:
+        if registry.find(run.run_id) is not run:  # deleted, or gone back to a checkpoint, meanwhile: the rank too
+            if request.run_id:
+                registry.get(request.run_id)  # (NotFound: deleted)
+            return pb.JoinResponse(server_generation=registry.generation)  # (it asks again)
         slot = run.clock.slots[assignment.rank]  # later than assigned if a shard had combined clocks past it
         if slot.incarnation == assignment.incarnation:
             assignment = dataclasses.replace(assignment, start_clock=slot.clock)

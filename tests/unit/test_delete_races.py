@@ -42,7 +42,7 @@ class _Peer:
         return response()
 
 
-async def _cluster(tmp_path: Path, peer: _Peer) -> tuple[RunRegistry, Checkpointer, Control, str]:
+async def _cluster(tmp_path: Path, peer: _Peer, start: bool = True) -> tuple[RunRegistry, Checkpointer, Control, str]:
     checkpointer = Checkpointer(CheckpointStore(tmp_path), every=0)
     registry = RunRegistry(configure=checkpointer.attach)
     owner = ClusterOwner(registry, ["a:1", "b:1"], [peer], split_bytes=0, shard_timeout=30,  # type: ignore[list-item]
@@ -52,7 +52,8 @@ async def _cluster(tmp_path: Path, peer: _Peer) -> tuple[RunRegistry, Checkpoint
     run = await owner.create_run(RunSpec(name="d", num_workers=1, iterations=9,
                                          params=(ParamSpec("w", (3,)), ParamSpec("b", (2,)))))
     await checkpointer.written(run.run_id)
-    run.join("w")  # RUNNING
+    if start:
+        run.join("w")  # RUNNING
     return registry, checkpointer, control, run.run_id
 
 
@@ -71,3 +72,29 @@ async def test_a_checkpoint_asked_for_while_the_run_is_deleted_is_not_written(tm
         await asking
     await asyncio.gather(*(asyncio.all_tasks() - {asyncio.current_task()}), return_exceptions=True)
     assert checkpointer.store.latest() == [] and list(tmp_path.iterdir()) == []
+
+
+async def test_a_join_whose_run_is_deleted_while_the_servers_learn_its_rank_is_answered_without_one(
+        tmp_path: Path) -> None:
+    """Join gives a worker a rank, then tells the other servers before it answers: DeleteRun --force
+    meanwhile, and Join looked the run up again to answer, NOT_FOUND of a run the worker had not
+    named (it logged 'join refused' as an error and waited before asking again)."""
+    peer = _Peer("UpdateShard")
+    registry, _, control, run_id = await _cluster(tmp_path, peer, start=False)
+    joining = asyncio.create_task(control.Join(pb.JoinRequest(worker_name="w")))
+    await asyncio.wait_for(peer.asked.wait(), 30)
+    await control.DeleteRun(pb.DeleteRunRequest(run_id=run_id, force=True))
+    peer.go.set()
+    resp = await joining
+    assert not resp.HasField("assignment") and resp.server_generation == registry.generation
+
+
+async def test_a_join_naming_a_run_deleted_while_the_servers_learn_its_rank_is_not_found(tmp_path: Path) -> None:
+    peer = _Peer("UpdateShard")
+    _, _, control, run_id = await _cluster(tmp_path, peer, start=False)
+    joining = asyncio.create_task(control.Join(pb.JoinRequest(worker_name="w", run_id=run_id)))
+    await asyncio.wait_for(peer.asked.wait(), 30)
+    await control.DeleteRun(pb.DeleteRunRequest(run_id=run_id, force=True))
+    peer.go.set()
+    with pytest.raises(NotFound, match="no run"):
+        await joining
