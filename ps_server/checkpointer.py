@@ -155,8 +155,9 @@ class Checkpointer:
 
     async def checkpoint_at(self, run: Run, cut: int, reason: str, timeout: float) -> tuple[Path, int]:
         """A checkpoint of ``run`` labelled ``cut``, taken the moment its min clock reaches ``cut``
-        (now if it has, or the run has ended); TimeoutError if that takes over ``timeout`` seconds.
-        (A run restored meanwhile is waited on as the one of its id.)"""
+        (now if it has, or the run has ended); TimeoutError if that takes over ``timeout`` seconds,
+        NotFound once the run is deleted meanwhile. (A run restored meanwhile is waited on as the
+        one of its id.)"""
         if run.min_clock >= cut or run.state.finished:
             return await self.checkpoint_now(run, reason, cut)
         future: asyncio.Future[Snapshot] = asyncio.get_running_loop().create_future()
@@ -234,7 +235,8 @@ class Checkpointer:
         those asked for after are refused (NotFound); ``forget()`` (the registry's ``remove``) is
         called in the same step as the deletion ends, so that no one asks for a checkpoint of the
         run after it (a new one would bring the deleted run back); one scheduled meanwhile waits,
-        and is dropped once the deletion has landed. What could not be removed, or ""
+        and is dropped once the deletion has landed; those waiting for a cut (``checkpoint_at``) get
+        NotFound then. What could not be removed, or ""
         (``CheckpointStore.delete``: the run is deleted all the same). OSError if its directory
         cannot be moved away: then nothing is deleted and the run is checkpointed as before, as
         it is when the caller is cancelled before the deletion began (once begun, it ends first)."""
@@ -268,6 +270,9 @@ class Checkpointer:
             else:
                 del self._deleting[run_id]
             if moved:  # (and what was scheduled meanwhile: a roll back gives a run it found stopped its final one)
+                for _, future in (cuts or []) + self._cuts.pop(run_id, []):  # (no one pushes to it any more)
+                    if not future.done():
+                        future.set_exception(NotFound(f"run {run_id} was deleted"))
                 self._waiting.pop(run_id, None)
                 self._taken.pop(run_id, None)
                 self._writers.pop(run_id, None)

@@ -4,19 +4,23 @@ test holds that call at its await and lets the deletion run to its end there."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from paramserver.v1 import cluster_pb2 as cpb
 from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.checkpointer import Checkpointer
 from ps_server.cluster.deletions import Undelivered
 from ps_server.cluster.owner import ClusterOwner
+from ps_server.cluster.shards import ShardService
 from ps_server.control import Control
 from ps_server.core.checkpoint import CheckpointStore
 from ps_server.core.errors import NotFound
 from ps_server.core.registry import RunRegistry
+from ps_server.core.run import Run
 from ps_server.core.spec import ParamSpec, RunSpec
 
 pytestmark = pytest.mark.timeout(60)
@@ -98,3 +102,26 @@ async def test_a_join_naming_a_run_deleted_while_the_servers_learn_its_rank_is_n
     peer.go.set()
     with pytest.raises(NotFound, match="no run"):
         await joining
+
+
+async def test_a_shards_checkpoint_waiting_for_its_cut_ends_when_the_shard_is_deleted(tmp_path: Path) -> None:
+    """CheckpointShard waits for the shard's min clock to reach the cut; DeleteShard meanwhile (DeleteRun
+    --force on server 0 during its CheckpointRun) left it waiting for a run no one pushes to any more:
+    after 30 s it answered that the run was not moving, and server 0's CheckpointRun waited as long."""
+    checkpointer = Checkpointer(CheckpointStore(tmp_path), every=0)
+    registry = RunRegistry(configure=checkpointer.attach)
+    shards = ShardService(registry, ["a:1", "b:1"], 1, lambda: 0, checkpointer)
+    run = registry.add(Run("run-d", RunSpec(name="d", num_workers=1, iterations=9, params=(ParamSpec("w", (3,)),))))
+    run.join("w")
+    await checkpointer.written(run.run_id)
+    asking = asyncio.create_task(shards.CheckpointShard(cpb.CheckpointShardRequest(run_id=run.run_id, cut=2)))
+    await _until(lambda: bool(checkpointer._cuts.get(run.run_id)))  # waiting for clock 2
+    await shards.DeleteShard(cpb.DeleteShardRequest(run_id=run.run_id))
+    with pytest.raises(NotFound, match="deleted"):
+        await asyncio.wait_for(asking, 5)
+    assert list(tmp_path.iterdir()) == []
+
+
+async def _until(ready: Callable[[], bool]) -> None:
+    while not ready():
+        await asyncio.sleep(0)
