@@ -553,8 +553,9 @@ class ClusterOwner:
                         extra={"run": run_id})
             if time.monotonic() - since <= self._shard_timeout:
                 return
-            self._fail(self._registry.get(run_id), f"{why} and the servers could not go back to a common "
-                       f"checkpoint for {time.monotonic() - since:.0f}s (--shard-timeout): {exc}")
+            with contextlib.suppress(NotFound):  # (deleted meanwhile)
+                self._fail(self._registry.get(run_id), f"{why} and the servers could not go back to a common "
+                           f"checkpoint for {time.monotonic() - since:.0f}s (--shard-timeout): {exc}")
         except PsError as exc:  # a checkpoint that does not load: no state every shard agrees on
             with contextlib.suppress(NotFound):
                 self._fail(self._registry.get(run_id), f"{why} and the shards could not go back to a common "

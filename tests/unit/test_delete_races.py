@@ -18,7 +18,7 @@ from ps_server.cluster.owner import ClusterOwner
 from ps_server.cluster.shards import ShardService
 from ps_server.control import Control
 from ps_server.core.checkpoint import CheckpointStore
-from ps_server.core.errors import NotFound
+from ps_server.core.errors import NotFound, PsError, ShardUnavailable
 from ps_server.core.registry import RunRegistry
 from ps_server.core.run import Run
 from ps_server.core.spec import ParamSpec, RunSpec
@@ -30,9 +30,11 @@ class _Peer:
     """Server 1 as server 0 sees it: it answers at once, but the answers of ``held`` calls wait for
     ``go``; a shard it was told to delete is gone (NotFound)."""
 
-    def __init__(self, *held: str) -> None:
+    def __init__(self, *held: str, fails: PsError | None = None) -> None:
+        """``fails``: what the ``held`` calls raise once let go (else they answer)."""
         self.index, self.name, self.address = 1, "server 1", "b:1"
         self.held, self.asked, self.go = set(held), asyncio.Event(), asyncio.Event()
+        self.fails = fails
         self.deleted: set[str] = set()
 
     async def call(self, method: str, request: Any, response: type[Any], timeout: float, **_: object) -> Any:
@@ -43,10 +45,13 @@ class _Peer:
         if method in self.held:  # (its answer on its way)
             self.asked.set()
             await self.go.wait()
+            if self.fails is not None:
+                raise self.fails
         return response()
 
 
-async def _cluster(tmp_path: Path, peer: _Peer, start: bool = True) -> tuple[RunRegistry, Checkpointer, Control, str]:
+async def _cluster(tmp_path: Path, peer: _Peer, start: bool = True,
+                   ) -> tuple[RunRegistry, Checkpointer, Control, ClusterOwner, str]:
     checkpointer = Checkpointer(CheckpointStore(tmp_path), every=0)
     registry = RunRegistry(configure=checkpointer.attach)
     owner = ClusterOwner(registry, ["a:1", "b:1"], [peer], split_bytes=0, shard_timeout=30,  # type: ignore[list-item]
@@ -58,7 +63,7 @@ async def _cluster(tmp_path: Path, peer: _Peer, start: bool = True) -> tuple[Run
     await checkpointer.written(run.run_id)
     if start:
         run.join("w")  # RUNNING
-    return registry, checkpointer, control, run.run_id
+    return registry, checkpointer, control, owner, run.run_id
 
 
 async def test_a_checkpoint_asked_for_while_the_run_is_deleted_is_not_written(tmp_path: Path) -> None:
@@ -66,7 +71,7 @@ async def test_a_checkpoint_asked_for_while_the_run_is_deleted_is_not_written(tm
     snapshot: DeleteRun --force meanwhile deleted the run, and the snapshot, taken after, was
     written into a new directory of the deleted run, which came back at the next start."""
     peer = _Peer("GetShard")
-    registry, checkpointer, control, run_id = await _cluster(tmp_path, peer)
+    registry, checkpointer, control, _, run_id = await _cluster(tmp_path, peer)
     asking = asyncio.create_task(control.CheckpointRun(pb.CheckpointRunRequest(run_id=run_id)))
     await asyncio.wait_for(peer.asked.wait(), 30)
     await control.DeleteRun(pb.DeleteRunRequest(run_id=run_id, force=True))
@@ -84,7 +89,7 @@ async def test_a_join_whose_run_is_deleted_while_the_servers_learn_its_rank_is_a
     meanwhile, and Join looked the run up again to answer, NOT_FOUND of a run the worker had not
     named (it logged 'join refused' as an error and waited before asking again)."""
     peer = _Peer("UpdateShard")
-    registry, _, control, run_id = await _cluster(tmp_path, peer, start=False)
+    registry, _, control, _, run_id = await _cluster(tmp_path, peer, start=False)
     joining = asyncio.create_task(control.Join(pb.JoinRequest(worker_name="w")))
     await asyncio.wait_for(peer.asked.wait(), 30)
     await control.DeleteRun(pb.DeleteRunRequest(run_id=run_id, force=True))
@@ -95,7 +100,7 @@ async def test_a_join_whose_run_is_deleted_while_the_servers_learn_its_rank_is_a
 
 async def test_a_join_naming_a_run_deleted_while_the_servers_learn_its_rank_is_not_found(tmp_path: Path) -> None:
     peer = _Peer("UpdateShard")
-    _, _, control, run_id = await _cluster(tmp_path, peer, start=False)
+    _, _, control, _, run_id = await _cluster(tmp_path, peer, start=False)
     joining = asyncio.create_task(control.Join(pb.JoinRequest(worker_name="w", run_id=run_id)))
     await asyncio.wait_for(peer.asked.wait(), 30)
     await control.DeleteRun(pb.DeleteRunRequest(run_id=run_id, force=True))
@@ -125,3 +130,20 @@ async def test_a_shards_checkpoint_waiting_for_its_cut_ends_when_the_shard_is_de
 async def _until(ready: Callable[[], bool]) -> None:
     while not ready():
         await asyncio.sleep(0)
+
+
+async def test_a_roll_back_retried_past_the_shard_timeout_of_a_run_deleted_meanwhile_is_dropped(
+        tmp_path: Path) -> None:
+    """A roll back that a server does not answer is tried again each poll, and fails the run once
+    that lasted over --shard-timeout: the run deleted while the servers were asked, the failing
+    looked it up, NOT_FOUND ended that poll (the other runs' roll backs waited for the next, with a
+    traceback in the log), and the next found the run gone."""
+    peer = _Peer("ListShardCheckpoints", fails=ShardUnavailable("server 1 did not answer"))
+    registry, _, control, owner, run_id = await _cluster(tmp_path, peer)
+    owner._rollbacks[run_id] = ("server 1 restarted", None, -1e9)  # (failing since long ago)
+    rolling = asyncio.create_task(owner._try_roll_back(run_id))
+    await asyncio.wait_for(peer.asked.wait(), 30)
+    await control.DeleteRun(pb.DeleteRunRequest(run_id=run_id, force=True))
+    peer.go.set()
+    await rolling
+    assert run_id not in owner._rollbacks and registry.find(run_id) is None
