@@ -409,7 +409,10 @@ class DataPlane:
         if run is not None:
             run.counters.pushes_rejected += 1
         log.info("push rejected: %s", failed, extra={"run": key[0], "rank": key[1], "clock": key[3]})
-        raise failed
+        try:
+            raise failed
+        finally:  # its traceback holds this frame: a cycle, that kept the requests (a client's segment) to the next collection
+            del failed
 
     def _first(self, req: wire.PushRequest) -> tuple[Run, TensorAssembler]:
         """A one-message push's run and its chunks, assembled; PsError (counted and logged as a

@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 import pytest
 from procs import segments
-from support import make_spec
+from support import make_spec, until
 
 from paramserver import errors, shm_transport
 from paramserver.client import PsClient
@@ -524,3 +524,48 @@ async def test_another_user_of_the_host_is_refused(server: PsServer, caplog: pyt
     assert any("refused process" in r.getMessage() and "user 65534" in r.getMessage() for r in caplog.records)
     call = await ShmCall.open_shm(name, "PullParams", 1 << 20)  # this server's user: admitted
     call.cancel()
+
+
+def _mapped(name: str) -> int:
+    """Mappings of this process of memfds named ``name`` (no garbage collection first)."""
+    with open("/proc/self/maps") as f:
+        return sum(f"memfd:{name} " in line for line in f)
+
+
+async def test_a_rejected_push_of_several_messages_unmaps_the_segment_when_its_stream_ends(server: PsServer) -> None:
+    """A push of several messages rejected once its last one is in (an unknown run: NOT_FOUND)
+    held its requests, views of the client's segment, in a cycle with its error: the segment stayed
+    mapped, and its descriptor open, after the stream ended, until the garbage collector ran."""
+    import fcntl
+    import gc
+    import mmap
+
+    from paramserver.v1 import wire
+
+    fds = len(os.listdir("/proc/self/fd"))
+    gc.collect()
+    gc.disable()  # (what is freed must be freed without it)
+    try:
+        sock = await asyncio.to_thread(_connect, server)
+        fd = os.memfd_create("rejected-push", os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, 1 << 20)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        mm = mmap.mmap(fd, 1 << 20)
+        socket.send_fds(sock, [_frame(shm.SEGMENT, shm.REGION.pack(1 << 20, 0))], [fd])
+        os.close(fd)
+        at = 0
+        for group, final in [([("w", (3, 4), 0, np.ones(12, np.float32))], False), ([], True)]:
+            body = wire.join(wire.push_request_parts("no-such-run", 0, 1, 0, group, final))
+            mm[at : at + len(body)] = body
+            sock.sendall(_frame(shm.SHARED, shm.REGION.pack(at, len(body))))
+            at = shm.align(at + len(body))
+        code, _ = await asyncio.to_thread(_status, sock)
+        sock.close()
+        mm.close()
+        assert code == grpc.StatusCode.NOT_FOUND
+        await until(lambda: server.shm_plane is not None and server.shm_plane.statistics().open == 0, 5)
+        await until(lambda: _mapped("rejected-push") == 0 and len(os.listdir("/proc/self/fd")) <= fds, 2)
+        assert _mapped("rejected-push") == 0
+        assert len(os.listdir("/proc/self/fd")) <= fds
+    finally:
+        gc.enable()
