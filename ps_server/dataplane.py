@@ -403,6 +403,9 @@ class DataPlane:
                 return _Push(run, req, assembler.finish(), assembler.nbytes, then_pull, param_version)
         except PsError as exc:
             failed = exc
+        except BaseException:  # cancelled (its client closed the stream): as below
+            failed = None
+            raise
         finally:
             holder.release()
             holder.within = False
@@ -411,8 +414,8 @@ class DataPlane:
         log.info("push rejected: %s", failed, extra={"run": key[0], "rank": key[1], "clock": key[3]})
         try:
             raise failed
-        finally:  # its traceback holds this frame: a cycle, that kept the requests (a client's segment) to the next collection
-            del failed
+        finally:  # the error's traceback holds this frame (or its callee's, which holds this one), and this frame
+            del failed  # the requests (a client's segment): kept here too, a cycle, they stayed until a collection
 
     def _first(self, req: wire.PushRequest) -> tuple[Run, TensorAssembler]:
         """A one-message push's run and its chunks, assembled; PsError (counted and logged as a

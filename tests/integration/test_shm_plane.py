@@ -532,16 +532,27 @@ def _mapped(name: str) -> int:
         return sum(f"memfd:{name} " in line for line in f)
 
 
-async def test_a_rejected_push_of_several_messages_unmaps_the_segment_when_its_stream_ends(server: PsServer) -> None:
-    """A push of several messages rejected once its last one is in (an unknown run: NOT_FOUND)
-    held its requests, views of the client's segment, in a cycle with its error: the segment stayed
-    mapped, and its descriptor open, after the stream ended, until the garbage collector ran."""
+@pytest.mark.parametrize("end", ["answered", "closed", "closed_unknown_run"])
+async def test_a_rejected_push_of_several_messages_unmaps_the_segment_when_its_stream_ends(
+        server: PsServer, end: str) -> None:
+    """A push of several messages rejected once its last one is in (an unknown run: NOT_FOUND), or
+    rejected at its first (chunks that overlap, an unknown run) and then cut short by its client
+    closing the stream, held its requests, views of the client's segment, in a cycle with its error: the
+    segment stayed mapped, and its descriptor open, after the stream ended, until the garbage
+    collector ran."""
     import fcntl
     import gc
     import mmap
 
     from paramserver.v1 import wire
 
+    run_id = "no-such-run"
+    if end == "closed":
+        async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:
+            run_id = (await c.create_run(make_spec(num_workers=1, staleness=-1))).run_id
+    requests = [([("w", (3, 4), 0, np.ones(12, np.float32))] * (2 if end == "closed" else 1), False)]
+    if end == "answered":
+        requests.append(([], True))
     fds = len(os.listdir("/proc/self/fd"))
     gc.collect()
     gc.disable()  # (what is freed must be freed without it)
@@ -554,15 +565,20 @@ async def test_a_rejected_push_of_several_messages_unmaps_the_segment_when_its_s
         socket.send_fds(sock, [_frame(shm.SEGMENT, shm.REGION.pack(1 << 20, 0))], [fd])
         os.close(fd)
         at = 0
-        for group, final in [([("w", (3, 4), 0, np.ones(12, np.float32))], False), ([], True)]:
-            body = wire.join(wire.push_request_parts("no-such-run", 0, 1, 0, group, final))
+        for group, final in requests:
+            body = wire.join(wire.push_request_parts(run_id, 0, 1, 0, group, final))
             mm[at : at + len(body)] = body
             sock.sendall(_frame(shm.SHARED, shm.REGION.pack(at, len(body))))
             at = shm.align(at + len(body))
-        code, _ = await asyncio.to_thread(_status, sock)
+        if end == "answered":
+            code, _ = await asyncio.to_thread(_status, sock)
+            assert code == grpc.StatusCode.NOT_FOUND
+        else:
+            await until(lambda: server.dataplane.statistics().in_progress == 1, 5)  # (rejected, draining the rest)
+            sock.shutdown(socket.SHUT_WR)
+            assert await asyncio.wait_for(asyncio.to_thread(sock.recv, 1), 5) == b""
         sock.close()
         mm.close()
-        assert code == grpc.StatusCode.NOT_FOUND
         await until(lambda: server.shm_plane is not None and server.shm_plane.statistics().open == 0, 5)
         await until(lambda: _mapped("rejected-push") == 0 and len(os.listdir("/proc/self/fd")) <= fds, 2)
         assert _mapped("rejected-push") == 0
