@@ -182,9 +182,13 @@ class Link:
         except Exception as exc:
             self.watch.lean = None
             # An expected error (a rejected push, a bad frame, a closed connection) goes without its
-            # traceback: its frames would hold the request (a client's segment) in a cycle with
-            # ``fut`` until the garbage collector ran. A bug keeps it, for the log.
-            fut.set_exception(exc.with_traceback(None) if isinstance(exc, PsError | OSError | ValueError) else exc)
+            # traceback, nor the errors it was raised while handling (``from None`` only hides them):
+            # their frames would hold the request (a client's segment) in a cycle with ``fut`` until
+            # the garbage collector ran. A bug keeps them, for the log.
+            if isinstance(exc, PsError | OSError | ValueError):
+                exc.__context__ = exc.__cause__ = None
+                exc = exc.with_traceback(None)
+            fut.set_exception(exc)
             return
         if not isinstance(got, Wait):
             self.watch.lean = None

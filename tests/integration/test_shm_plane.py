@@ -585,3 +585,42 @@ async def test_a_rejected_push_of_several_messages_unmaps_the_segment_when_its_s
         assert len(os.listdir("/proc/self/fd")) <= fds
     finally:
         gc.enable()
+
+
+async def test_a_one_message_push_refused_in_the_reader_callback_unmaps_the_segment_when_its_stream_ends(
+        server: PsServer) -> None:
+    """A one-message push is answered in the socket's reader callback (``Link.serve``); refused
+    there for an unknown run (NOT_FOUND, raised while a KeyError was handled), its error went
+    without its traceback but with the KeyError's: that one's frames held the request, a view of
+    the client's segment, in a cycle with the callback's future until the garbage collector ran."""
+    import fcntl
+    import gc
+    import mmap
+
+    from paramserver.v1 import wire
+
+    fds = len(os.listdir("/proc/self/fd"))
+    gc.collect()
+    gc.disable()  # (what is freed must be freed without it)
+    try:
+        sock = await asyncio.to_thread(_connect, server)
+        fd = os.memfd_create("refused-push", os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, 1 << 20)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        mm = mmap.mmap(fd, 1 << 20)
+        socket.send_fds(sock, [_frame(shm.SEGMENT, shm.REGION.pack(1 << 20, 0))], [fd])
+        os.close(fd)
+        body = wire.join(wire.push_request_parts("no-such-run", 0, 1, 0, [("w", (3, 4), 0, np.ones(12, np.float32))],
+                                                 True))
+        mm[: len(body)] = body
+        sock.sendall(_frame(shm.SHARED, shm.REGION.pack(0, len(body))))
+        code, _ = await asyncio.to_thread(_status, sock)
+        sock.close()
+        mm.close()
+        assert code == grpc.StatusCode.NOT_FOUND
+        await until(lambda: server.shm_plane is not None and server.shm_plane.statistics().open == 0, 5)
+        await until(lambda: _mapped("refused-push") == 0 and len(os.listdir("/proc/self/fd")) <= fds, 2)
+        assert _mapped("refused-push") == 0
+        assert len(os.listdir("/proc/self/fd")) <= fds
+    finally:
+        gc.enable()
