@@ -135,7 +135,10 @@ class TcpDataPlane:
         return self.port
 
     def _listen(self, lsock: socket.socket) -> None:
-        lsock.listen(64)
+        # Connections the server has not accepted yet wait here: a burst beyond (workers reconnecting
+        # at once, a flood) had its SYNs dropped, each connect retried 1 s, 3 s... later, past the
+        # client's deadline. The kernel caps it (net.core.somaxconn).
+        lsock.listen(MAX_STREAMS)
         lsock.setblocking(False)
         self._listener = lsock
         self._spawn(self._accept(lsock))

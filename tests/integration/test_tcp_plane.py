@@ -8,6 +8,7 @@ tested by the data-plane and bad-input suites, which run every test over both tr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import socket
 import struct
@@ -439,3 +440,104 @@ async def test_a_sender_stalled_inside_a_frame_header_is_dropped(server_config: 
             sock.close()
     finally:
         await ps.stop(0)
+
+
+def _flood(server: PsServer, transport: str, n: int) -> list[socket.socket]:
+    """``n`` streams that stop early, in turn: before the hello, in the middle of it, in the middle
+    of a frame's header, in the middle of a message (blocking: in a thread)."""
+    from paramserver.v1 import shm
+
+    assert server.data_plane is not None and server.shm_plane is not None
+    first = tcp.hello(tcp.METHOD_PUSH) + tcp.FRAME.pack(tcp.MESSAGE, 0, 0, 0, 1000) + bytes(10)
+    socks = []
+    for i in range(n):
+        if transport == "tcp":
+            sock = socket.create_connection(("127.0.0.1", server.data_plane.port), timeout=10)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(shm.name_for(server.shm_plane.name))
+        socks.append(sock)
+        sock.sendall(first[: [0, 5, tcp.HELLO.size + 7, len(first)][i % 4]])
+    return socks
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+async def test_streams_that_never_greet_or_stop_mid_frame_are_dropped_and_others_are_served(
+        server_config: ServerConfig, monkeypatch: pytest.MonkeyPatch, transport: str) -> None:
+    """Up to 1,000 streams that stop before their hello, in it, or in the middle of a frame, all
+    open at once: a well-behaved client is served meanwhile, and the server drops each of them
+    (its hello's limit, ``stall_seconds``), the descriptors they held back to the budget."""
+    import os
+    import resource
+
+    from ps_server import tcp_plane
+
+    monkeypatch.setattr(tcp_plane, "_HELLO_SECONDS", 1.0)
+    ps = await start_server(dataclasses.replace(server_config, stall_seconds=1.0))
+    plane = ps.data_plane if transport == "tcp" else ps.shm_plane
+    assert plane is not None
+    socks: list[socket.socket] = []
+    try:
+        descriptors = len(os.listdir("/proc/self/fd"))
+        n = min(1000, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - descriptors - 200) // 2)  # (both ends here)
+        socks = await asyncio.to_thread(_flood, ps, transport, n)
+        async with PsClient(f"127.0.0.1:{ps.port}", timeout=10, shm=transport == "shm") as c:
+            run = await c.create_run(make_spec(num_workers=1, staleness=-1))
+            a = (await c.join("w", run.run_id)).assignment
+            ack = await asyncio.wait_for(c.push(run.run_id, a.rank, a.incarnation, 0, {"w": np.ones((3, 4), np.float32),
+                                                                                       "b": np.ones(4, np.float32)}), 5)
+            assert ack.clock == 1
+        await until(lambda: plane.statistics().open == 0, 10)
+        assert plane.statistics().open == 0 and plane.budget.used == 0
+        async with PsClient(f"127.0.0.1:{ps.port}", timeout=10, shm=transport == "shm") as c:  # on the data plane again
+            assert ps.data_plane is not None and ps.shm_plane is not None
+            c.route.told(ps.data_plane.port, ps.shm_plane.name)  # (as a join would)
+            await asyncio.wait_for(c.pull(run.run_id), 5)
+            assert c.route.opened[transport] == 1, c.route.opened
+        for sock in socks:  # every one was closed by the server
+            sock.setblocking(True)
+            sock.settimeout(5)
+            with contextlib.suppress(ConnectionResetError):
+                while sock.recv(1 << 16):
+                    pass
+            sock.close()
+        socks = []
+        await until(lambda: len(os.listdir("/proc/self/fd")) <= descriptors, 5)
+        assert len(os.listdir("/proc/self/fd")) <= descriptors
+    finally:
+        for sock in socks:
+            sock.close()
+        await ps.stop(0)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+async def test_a_burst_of_connections_waits_in_the_listen_queue_while_the_server_is_busy(
+        server: PsServer, transport: str) -> None:
+    """Connections that come faster than the server accepts them (workers reconnecting at once
+    after a restart, a flood) wait in the listen queue. It held 64: the kernel dropped the rest's
+    SYNs, and each connect took a retransmission, 1 s, 3 s, 7 s later (1,000 streams opened at once
+    took 5-14 s), past the client's 3 s connect deadline: it fell back to gRPC."""
+    from paramserver.v1 import shm
+
+    assert server.data_plane is not None and server.shm_plane is not None
+    socks = []
+    try:
+        for _ in range(200):  # while the event loop is blocked here: nothing is accepted
+            if transport == "tcp":
+                sock = socket.socket()
+                sock.settimeout(0.5)
+                socks.append(sock)
+                sock.connect(("127.0.0.1", server.data_plane.port))
+            else:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(0.5)
+                socks.append(sock)
+                sock.connect(shm.name_for(server.shm_plane.name))
+    finally:
+        for sock in socks:
+            sock.close()
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10, shm=transport == "shm") as c:
+        run = await c.create_run(make_spec(num_workers=1, staleness=-1))
+        a = (await c.join("w", run.run_id)).assignment
+        await c.pull(run.run_id, a.rank, a.incarnation, 0)
+        assert c.route.opened[transport] == 1, c.route.opened
