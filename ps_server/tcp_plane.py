@@ -234,6 +234,9 @@ class TcpDataPlane:
                 await self._end(conn, codec.error_status(PsError(f"the server failed: {type(exc).__name__}: {exc}")))
         except (ConnectionError, OSError):
             pass  # the client went away, or stopped reading: nothing to answer
+        except asyncio.CancelledError:  # the client went away while its request was worked on, or the plane closes:
+            pass  # ends here (a task kept it, and its traceback the stream's frames, which hold the task and the
+            # requests, a client's segment: a cycle, left to the garbage collector)
         finally:
             link.close()
             conn.close()

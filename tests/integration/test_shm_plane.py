@@ -624,3 +624,45 @@ async def test_a_one_message_push_refused_in_the_reader_callback_unmaps_the_segm
         assert len(os.listdir("/proc/self/fd")) <= fds
     finally:
         gc.enable()
+
+
+async def test_a_parked_pull_whose_client_goes_away_unmaps_the_segment_at_once(server: PsServer) -> None:
+    """A pull parked for its SSP bound, in the client's segment, is cancelled when its client
+    closes the stream. The cancelled task kept its CancelledError, whose traceback held the
+    stream's frames (the request, a view of the segment) and they the task: the segment stayed
+    mapped, and its descriptor open, until the garbage collector ran."""
+    import fcntl
+    import gc
+    import mmap
+
+    from paramserver.v1 import wire
+
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=10, data_plane=False) as c:
+        run = await c.create_run(make_spec(num_workers=2, staleness=0))
+        a = (await c.join("w", run.run_id)).assignment
+        await c.join("w", run.run_id)
+        await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": np.ones((3, 4), np.float32), "b": np.ones(4, np.float32)})
+    fds = len(os.listdir("/proc/self/fd"))
+    gc.collect()
+    gc.disable()  # (what is freed must be freed without it)
+    try:
+        sock = await asyncio.to_thread(_connect, server, tcp.METHOD_PULL)
+        fd = os.memfd_create("parked-pull", os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, 1 << 20)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        mm = mmap.mmap(fd, 1 << 20)
+        socket.send_fds(sock, [_frame(shm.SEGMENT, shm.REGION.pack(1 << 20, 0))], [fd])
+        os.close(fd)
+        body = wire.pull_request_bytes(run.run_id, a.rank, a.incarnation, 1, 30.0)  # (waits for the other rank)
+        mm[: len(body)] = body
+        sock.sendall(_frame(shm.SHARED, shm.REGION.pack(0, len(body))))
+        await until(lambda: server.dataplane.statistics().in_progress == 1, 5)
+        sock.close()
+        mm.close()
+        await until(lambda: server.shm_plane is not None and server.shm_plane.statistics().open == 0, 5)
+        assert server.dataplane.statistics().in_progress == 0
+        await until(lambda: _mapped("parked-pull") == 0 and len(os.listdir("/proc/self/fd")) <= fds, 2)
+        assert _mapped("parked-pull") == 0
+        assert len(os.listdir("/proc/self/fd")) <= fds
+    finally:
+        gc.enable()
