@@ -52,12 +52,20 @@ class Live:
 
 
 @pytest.fixture
-async def live(server_config: ServerConfig) -> AsyncIterator[Live]:
+async def live(server_config: ServerConfig, request: pytest.FixtureRequest) -> AsyncIterator[Live]:
+    """A run of one rank, asynchronous; or (``request.param`` "bsp") BSP with a second rank that
+    never pushes: the rank's pulls past its first clock, which it pushed, park."""
+    bsp = getattr(request, "param", "asp") == "bsp"
     ps = await start_server(dataclasses.replace(server_config, stall_seconds=0.5, push_slots=1, lease_seconds=3600))
     try:
         async with PsClient(f"127.0.0.1:{ps.port}", timeout=10, data_plane=False) as c:
-            run = await c.create_run(make_spec(shapes=SHAPES, num_workers=1, staleness=-1, iterations=1000))
+            run = await c.create_run(make_spec(shapes=SHAPES, num_workers=2 if bsp else 1, staleness=0 if bsp else -1,
+                                               iterations=1000))
+            if bsp:
+                await c.join("idle", run.run_id)
             a = (await c.join("w", run.run_id)).assignment
+            if bsp:  # (its clock 0 done: its pulls of clock 1 on wait for the idle rank)
+                await c.push(run.run_id, a.rank, a.incarnation, 0, {n: np.zeros(s, np.float32) for n, s in SHAPES.items()})
         yield Live(ps, run.run_id, a.rank, a.incarnation)
     finally:
         await ps.stop(0)
@@ -282,11 +290,14 @@ def pulls(draw: st.DrawFn, live: Live) -> bytes:
     """A PullParamsRequest the stream's rank could send, or one it should not: unknown or repeated
     names, rows of a tensor that is no table (ids cut short, out of range), a clock past the run's
     end, negative or huge waits, versions it never had."""
+    if draw(st.booleans()):  # one it could send (one past its clock parks in a BSP run)
+        return Body(wire.pull_request_bytes(live.run_id, live.rank, live.incarnation, draw(st.sampled_from([0, 1, 2])),
+                                            draw(st.sampled_from([0.1, 2.0]))))
     request = pb.PullParamsRequest(
-        run_id=draw(st.sampled_from([live.run_id] * 6 + ["no-such-run", ""])),
-        rank=draw(st.sampled_from([live.rank] * 4 + [live.rank + 1, 2**32 - 1])),
-        incarnation=draw(st.sampled_from([live.incarnation] * 3 + [0, live.incarnation + 1])),
-        clock=draw(st.sampled_from([0, 0, 1, 999, 1000, 2**64 - 1])),
+        run_id=draw(st.sampled_from([live.run_id] * 8 + ["no-such-run", ""])),
+        rank=draw(st.sampled_from([live.rank] * 8 + [live.rank + 1, 2**32 - 1])),
+        incarnation=draw(st.sampled_from([live.incarnation] * 8 + [0, live.incarnation + 1])),
+        clock=draw(st.sampled_from([0, 1, 1, 2, 999, 1000, 2**64 - 1])),
         names=draw(st.lists(st.sampled_from(["w", "b", "x", ""]), max_size=3)),
         since_version=draw(st.sampled_from([0, 0, 1, 2**64 - 1])), since_lineage=draw(st.sampled_from([0, 0, 1, 7])))
     request.max_wait.seconds, request.max_wait.nanos = draw(st.sampled_from([(0, 100_000_000), (0, 0), (-5, 0),
@@ -303,7 +314,7 @@ def stream_plans(draw: st.DrawFn, live: Live) -> tuple[int, list[tuple[Any, ...]
     """A stream's method and what its client sends: messages, mostly of its method (inline or in
     the segment), SEGMENT frames (of any size, with 0 to 5 descriptors, each a memfd good or bad),
     SHARED frames pointing anywhere, bytes cut off in the middle of a frame."""
-    method = draw(st.sampled_from([tcp.METHOD_PUSH] * 3 + [tcp.METHOD_PULL]))
+    method = draw(st.sampled_from([tcp.METHOD_PUSH, tcp.METHOD_PULL]))
     items: list[tuple[Any, ...]] = [("segment", 1 << 20, 0, ["good"])] if draw(st.integers(0, 3)) else []
     for _ in range(draw(st.integers(1, 5))):
         what = draw(st.sampled_from(["message"] * 4 + ["segment", "shared", "half"]))
@@ -409,8 +420,9 @@ async def _served(live: Live, transport: str) -> None:
         assert c.route.opened[transport] == 1, c.route.opened
 
 
+@pytest.mark.parametrize("live", ["asp", "bsp"], indirect=True)
 @pytest.mark.parametrize("transport", ["tcp", "shm"])
-@settings(max_examples=int(os.environ.get("FUZZ_N", 40)), deadline=None,
+@settings(max_examples=int(os.environ.get("FUZZ_N", 30)), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 async def test_bad_messages_and_segments_leave_no_descriptor_and_change_nothing_unapplied(
