@@ -218,16 +218,25 @@ async def test_random_frames_end_with_a_documented_status_and_change_nothing_una
     caplog.set_level(logging.WARNING, "ps_server")
     run = live.server.registry.get(live.run_id)
     before = run.counters.pushes_applied, {n: t.copy() for n, t in run.read(None, 0, None, None).tensors.items()}
-    got, status = await asyncio.wait_for(asyncio.to_thread(_exchange, live, transport, plan), 20)
+    plane = live.server.data_plane if transport == "tcp" else live.server.shm_plane
+    assert plane is not None
+    descriptors = _open_descriptors()
+    gc.collect()
+    gc.disable()  # (what a stream holds must go when it ends, not at the next collection)
+    try:
+        got, status = await asyncio.wait_for(asyncio.to_thread(_exchange, live, transport, plan), 20)
+        await until(lambda: plane.statistics().open == 0, 5)
+        await until(lambda: _open_descriptors() <= descriptors and _fuzz_mappings() == 0, 2)
+        assert _fuzz_mappings() == 0 and _open_descriptors() <= descriptors
+    finally:
+        gc.enable()
     if status is not None:
         code, message = CODES[status[0]], status[1]
         assert code in DOCUMENTED | {grpc.StatusCode.UNIMPLEMENTED}, (code, message)
         assert message.error.reason != pb.ERROR_REASON_UNSPECIFIED, message
         if code == grpc.StatusCode.INTERNAL:
             assert message.error.reason == pb.ERROR_REASON_MALFORMED_MESSAGE, message
-    plane = live.server.data_plane if transport == "tcp" else live.server.shm_plane
-    assert plane is not None
-    await until(lambda: plane.statistics().open == 0, 5)
+    assert plane.statistics().open == 0
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
     after = run.read(None, 0, None, None).tensors
     if run.counters.pushes_applied == before[0]:  # nothing applied: nothing changed
