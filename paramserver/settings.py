@@ -69,6 +69,10 @@ def parse_dataclass(
     """Parse ``argv`` over ``env`` into ``cls``; bad values exit through ``parser.error``."""
     parser.allow_abbrev = False  # "--token" must not silently mean "--token-file"
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    # --help lists every variable, those without a flag too (a secret: never in argv)
+    unflagged = [f"{env_name(f.name)}: {f.metadata['help']}" for f in fields if f.metadata.get("env_only")]
+    if unflagged:
+        parser.add_argument_group("environment only", " ".join(unflagged))
     for f in fields:
         var = env_name(f.name)
         convert = _converter(f)
@@ -88,7 +92,9 @@ def parse_dataclass(
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} [{var}]"
         if str(f.type) == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            # (argparse 3.11 says no default for these: the table's true/false, as the variable takes it)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=f"{help_text} (default: {'true' if default else 'false'})")
         else:
             parser.add_argument(flag, type=convert, default=default, choices=choices, metavar=f.name.upper(),
                                 help=f"{help_text} (default: {default})")

@@ -31,7 +31,7 @@ class ServerConfig:
                          "at Join and Heartbeat); 0 picks a free port, -1 = off. Off when TLS or a token is configured.")
     shm: bool = opt(True, "Offer the shared-memory data plane to workers on this host (Linux; an abstract Unix "
                     "socket and memory both sides map); --no-shm: TCP only. Off when TLS or a token is configured.")
-    max_message_bytes: int = opt(64 << 20, "Largest gRPC message accepted or sent, in bytes.")
+    max_message_bytes: int = opt(64 << 20, "Largest message accepted or sent, gRPC or data plane, in bytes.")
     chunk_bytes: int = opt(1 << 20, "Payload bytes per message when streaming tensors.")
     push_slots: int = opt(1, "Pushes of more than one message received at a time (each is held whole until "
                           "applied), and TCP data plane messages over 64 KiB being received; more wait their turn. "
@@ -50,7 +50,7 @@ class ServerConfig:
     grace_seconds: float = opt(5.0, "On SIGTERM, how long in-flight RPCs may take to finish.")
     data_dir: str = opt("", "Directory for checkpoints; runs found there are resumed at start. Empty = none.")
     checkpoint_every: int = opt(50, "Checkpoint a run each time its min clock passes a multiple of this; 0 = only at "
-                               "creation, on demand and at the end.")
+                               "creation, on demand, at the end and at shutdown.")
     checkpoint_keep: int = opt(3, "Checkpoints kept per run (older ones are deleted; a cluster's server also "
                                "keeps the newest cuts every server has: up to 2 more).")
     keep_finished_runs: int = opt(50, "Finished runs kept (their parameters stay in memory); the oldest finished "

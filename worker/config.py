@@ -43,7 +43,8 @@ class WorkerConfig:
                     "runs as soon as a push comes, and every worker waits less for it (psctl launch --local "
                     "uses 10; bench/RESULTS.md). 0 = as started.")
     report_seconds: float = opt(0.5, "How often training metrics are reported to the server.")
-    max_message_bytes: int = opt(64 << 20, "Largest gRPC message sent or received.")
+    max_message_bytes: int = opt(64 << 20, "Largest message sent or received (gRPC, TCP data plane); a "
+                                 "worker whose pulls' answers are larger gives its rank back and exits 1.")
     data_plane: bool = opt(True, "Push and pull over the server's TCP data plane when it offers one (else gRPC); "
                            "--no-data-plane: gRPC only.")
     shm: bool = opt(True, "Push and pull through the server's shared-memory data plane when the server runs on "
@@ -57,7 +58,7 @@ class WorkerConfig:
     tls_key: str = opt("", "Client private key (PEM) for mutual TLS.")
     tls_server_name: str = opt("", "Name expected in the server's certificate, if not the dialled host.")
     token_file: str = opt("", "File holding the server's bearer token.")
-    token: str = opt("", "The bearer token itself; from the environment only (PS_TOKEN).", env_only=True)
+    token: str = opt("", "The bearer token itself; from the environment only, never a flag.", env_only=True)
     insecure: bool = opt(False, "Allow the token over plaintext (no TLS).")
     log_level: str = opt("INFO", "Log level: DEBUG, INFO, WARNING or ERROR.", choices=LOG_LEVELS)
 
