@@ -361,19 +361,21 @@ def progress_line(run: pb.Run, metrics: pb.GetMetricsResponse | None = None) -> 
 def worker_rows(run: pb.Run, now: float) -> list[dict[str, Any]]:
     s, iters = run.spec.staleness, run.spec.iterations
     pending = run.state == pb.RUN_STATE_PENDING  # a pull is served once every rank joined, whatever the min clock
+    live = pending or run.state == pb.RUN_STATE_RUNNING  # an ended run's last snapshot may have pulls being let go
     rows = []
     for w in run.workers:
         seen = seconds(w.last_seen)
+        waiting = w.waiting and live
         need = None
-        if w.waiting and not pending:
+        if waiting and not pending:
             need = iters if w.waiting_for_clock >= iters else (None if s < 0 else w.waiting_for_clock - s)
         rows.append({
             "rank": w.rank, "state": _worker_state(w.state), "incarnation": w.incarnation, "clock": w.clock,
             "lag": run.max_clock - w.clock if w.state != pb.WORKER_STATE_VACANT else None,
             "heartbeat_seconds_ago": now - seen if seen else None, "pushes": w.pushes,
-            "pulls_skipped": w.pulls_skipped, "waiting": w.waiting,
-            "waiting_pull_clock": w.waiting_for_clock if w.waiting else None, "needs_min_clock": need,
-            "needs_start": w.waiting and pending,
+            "pulls_skipped": w.pulls_skipped, "waiting": waiting,
+            "waiting_pull_clock": w.waiting_for_clock if waiting else None, "needs_min_clock": need,
+            "needs_start": waiting and pending,
             "worker_name": w.worker_name, "data_plane": w.data_plane or None,
         })
     return rows

@@ -544,3 +544,18 @@ def test_the_status_view_keeps_each_rank_s_state_clock_and_lag_whole_on_a_narrow
     assert [(int(r[0]), r[1]) for r in rows] == [(rank, "active") for rank in range(12)], view
     for rank, row in enumerate(rows):
         assert " ".join(row).find(f"{5 + rank} {16 - (5 + rank)}") > 0, row  # its clock and lag, side by side
+
+
+@pytest.mark.parametrize("state", [pb.RUN_STATE_STOPPED, pb.RUN_STATE_COMPLETED, pb.RUN_STATE_FAILED])
+def test_a_rank_of_an_ended_run_waits_for_nothing(state: pb.RunState) -> None:
+    """(psctl watch's final view of a run stopped while pending, its snapshot taken as its parked pulls were
+    being let go, said 'pull 0: min clock ≥ -2' for each rank: a wait nobody has, the run stopped.)"""
+    run = make_run(state, clocks=(0, 0, 0))
+    for w in run.workers:
+        w.state, w.waiting, w.waiting_for_clock = pb.WORKER_STATE_STOPPED, True, 0
+    assert [w["waiting"] for w in facts.worker_rows(run, 0.0)] == [False, False, False]
+    view = text(render.status_view(run, None), width=200)
+    assert "pull 0" not in view and "min clock ≥" not in view, view
+    running = make_run(clocks=(3, 5))
+    running.workers[1].waiting, running.workers[1].waiting_for_clock = True, 6
+    assert "pull 6: min clock ≥ 4" in text(render.status_view(running, None), width=200)
