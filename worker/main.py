@@ -136,8 +136,11 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
             outcomes.append(outcome)
             level, story = ending(outcome)
             rejoin = config.once and outcome.evicted and not config.run_id
+            # --run-id: that run is over for this worker once its rank is done or the run ended (joined
+            # again, it was refused, logged as an error); a rank lost otherwise asks for one again
+            over = bool(config.run_id) and (outcome.completed or outcome.failed or bool(outcome.run_state))
             log.log(level, "%s%s", story, ": asking that run for a rank again" if rejoin else
-                    "" if config.once else ": back to waiting for work")
+                    "" if config.once or over else ": back to waiting for work")
             idle_since = time.monotonic()
             if outcome.unfit:  # it would be again, in this run and in any like it: stop, saying why
                 why = "this worker cannot take part in runs like this one as it is set up (the error above)"
@@ -147,6 +150,9 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
                 continue
             if config.once:
                 why = "one run done (--once)"
+                break
+            if over:
+                why = f"run {config.run_id} is over (--run-id)"
                 break
     log.info("exiting: %s", why)
     return outcomes

@@ -127,6 +127,24 @@ async def test_a_worker_told_to_join_a_run_it_fails_exits_non_zero(server: PsSer
     assert await _main(told) == 1
 
 
+async def test_a_worker_told_to_join_a_run_exits_once_its_rank_is_done_saying_so(server: PsServer,
+                                                                             story: Story) -> None:
+    """``ps-worker --run-id X`` whose rank finished: one INFO line for it and one for exiting (it said
+    'back to waiting for work', joined X again, and logged the refusal as an ERROR, 'join refused: ...
+    no vacant rank (state completed)', before exiting 'cannot join run X', a job done)."""
+    from worker.config import parse_config
+    from worker.main import _main
+
+    spec = build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=1, iterations=5))
+    async with PsClient(server.address, timeout=10.0) as ps:
+        run = await ps.create_run(spec)
+    told = parse_config(["--server", server.address, "--run-id", run.run_id, "--join-wait-seconds", "1"], env={})
+    assert await _main(told) == 0
+    assert story.lines(logging.WARNING) == [], story.lines()
+    endings = [ln for ln in story.lines() if "done (5 iterations)" in ln or ln.startswith("exiting")]
+    assert endings == [f"run {run.run_id}: rank 0 done (5 iterations)", f"exiting: run {run.run_id} is over (--run-id)"]
+
+
 async def test_a_once_worker_whose_rank_is_lost_while_the_run_goes_on_joins_it_again(server: PsServer,
                                                                                      story: Story) -> None:
     """``--once`` means one run, not one rank: evicted (or sent away by a run that went back to a
