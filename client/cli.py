@@ -43,7 +43,9 @@ app = typer.Typer(
     name="psctl", no_args_is_help=True, rich_markup_mode="markdown", add_completion=False, pretty_exceptions_enable=False,
     help="Control a paramserver: launch training runs, watch them, inspect and export them.\n\n"
     "Exit status: 0 ok; 1 error (printed as 'Error: ...' on stderr) or the followed run FAILED; "
-    "2 the followed run was STOPPED (or a usage error); 130 interrupted.",
+    "2 the followed run was STOPPED (or a usage error); 130 interrupted.\n\n"
+    "TLS and the token come from the environment only: PSCTL_TLS_CA, PSCTL_TLS_CERT, PSCTL_TLS_KEY, "
+    "PSCTL_TLS_SERVER_NAME, PS_TOKEN or PSCTL_TOKEN_FILE, PSCTL_INSECURE=1 (a token over plaintext).",
 )
 
 Server = Annotated[str, typer.Option("--server", envvar="PSCTL_SERVER", metavar="HOST:PORT",
