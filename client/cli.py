@@ -246,6 +246,9 @@ def launch(
     if servers > 1 and not local:
         raise ValueError(f"--servers {servers} needs --local; start a cluster by hand with 'ps-server --cluster "
                          "ADDR0,ADDR1,... --index I' (README: several servers)")
+    if verbose and not local:
+        raise ValueError("--verbose needs --local: it shows the logs of the server and workers --local starts "
+                         "(those started by hand log where they were started)")
     code = launch_run(options, server=_address(server), wait=wait or local, local=local, verbose=verbose,
                       json_mode=json_, timeout=timeout, servers=servers)
     raise typer.Exit(code)

@@ -559,3 +559,16 @@ def test_a_rank_of_an_ended_run_waits_for_nothing(state: pb.RunState) -> None:
     running = make_run(clocks=(3, 5))
     running.workers[1].waiting, running.workers[1].waiting_for_clock = True, 6
     assert "pull 6: min clock ≥ 4" in text(render.status_view(running, None), width=200)
+
+
+@pytest.mark.parametrize("flag", [["--verbose"], ["--servers", "2"]])
+def test_an_option_of_local_alone_is_refused_without_it(flag: list[str]) -> None:
+    """(--verbose, 'show the children's logs', was taken without --local, where psctl starts no
+    children: a run created, nothing more shown, nothing said; --servers N said so already.)"""
+    from typer.testing import CliRunner
+
+    from client import cli
+
+    result = CliRunner().invoke(cli.app, ["launch", *flag, "--server", "127.0.0.1:1", "--timeout", "0.5"])
+    assert result.exit_code == 1 and result.stderr.startswith(f"Error: {flag[0]} ") and "needs --local" in \
+        result.stderr, result.output
