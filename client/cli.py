@@ -194,7 +194,7 @@ def launch(
     optimizer: Annotated[str, typer.Option(help="sgd | momentum | nesterov | adam | adagrad | ftrl")] = "sgd",
     lr: Annotated[float, typer.Option(help="Learning rate (ftrl: its alpha).")] = 0.1,
     momentum: Annotated[float, typer.Option(help="Momentum (momentum, nesterov).")] = 0.9,
-    weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
+    weight_decay: Annotated[float, typer.Option(help="L2 weight decay (sgd, momentum, nesterov, adam).")] = 0.0,
     l1: Annotated[float, typer.Option("--l1", help="FTRL's L1 strength (ftrl only; >= 0, 0 = none): weights "
                                                    "exactly zero.")] = 0.0,
     l2: Annotated[float, typer.Option("--l2", help="FTRL's L2 strength (ftrl only; >= 0, 0 = none).")] = 0.0,

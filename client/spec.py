@@ -197,6 +197,7 @@ def check_options(o: LaunchOptions) -> None:
     if not (o.lr > 0 and math.isfinite(o.lr)):
         raise ValueError(f"--lr {o.lr}: use a positive learning rate")
     _check_ftrl(o)
+    _check_taken(o)
     if o.iterations < 0:
         raise ValueError(f"--iterations {o.iterations}: use a positive number of iterations per worker "
                          f"(or leave it out and give --epochs)")
@@ -218,6 +219,21 @@ def _check_ftrl(o: LaunchOptions) -> None:
     if given and o.optimizer.lower() in OPTIMIZERS and o.optimizer.lower() != "ftrl":
         raise ValueError(f"{', '.join(given)}: only --optimizer ftrl takes {'them' if len(given) > 1 else 'it'} "
                          f"(not {o.optimizer.lower()})")
+
+
+def _check_taken(o: LaunchOptions) -> None:
+    """--momentum and --weight-decay given (not their defaults) only to an optimizer that takes them:
+    another one never sends them (--momentum 0.5 with sgd trained without momentum, saying nothing)."""
+    if o.optimizer.lower() not in OPTIMIZERS:
+        return  # (_optimizer names the choices)
+    takes = {n: pb.OptimizerSpec.DESCRIPTOR.fields_by_name[kind].message_type.fields_by_name
+             for n, (kind, _) in OPTIMIZERS.items()}
+    for flag, name, value, default in (("--momentum", "momentum", o.momentum, LaunchOptions.momentum),
+                                       ("--weight-decay", "weight_decay", o.weight_decay, LaunchOptions.weight_decay)):
+        if value != default and name not in takes[o.optimizer.lower()]:
+            *names, last = [n for n in OPTIMIZERS if name in takes[n]]
+            raise ValueError(f"{flag} {value:g}: only --optimizer {', '.join(names)} or {last} takes it "
+                             f"(not {o.optimizer.lower()})")
 
 
 _MODELS_FOR = {"regression": "linear", "ctr": "logistic or fm:K", "ratings": "mf:K"}

@@ -572,3 +572,22 @@ def test_an_option_of_local_alone_is_refused_without_it(flag: list[str]) -> None
     result = CliRunner().invoke(cli.app, ["launch", *flag, "--server", "127.0.0.1:1", "--timeout", "0.5"])
     assert result.exit_code == 1 and result.stderr.startswith(f"Error: {flag[0]} ") and "needs --local" in \
         result.stderr, result.output
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ({"optimizer": "sgd", "momentum": 0.5}, "--momentum 0.5: only --optimizer momentum or nesterov takes it (not sgd)"),
+    ({"optimizer": "adam", "momentum": 0.0}, "--momentum 0: only --optimizer momentum or nesterov takes it (not adam)"),
+    ({"optimizer": "adagrad", "weight_decay": 0.01},
+     "--weight-decay 0.01: only --optimizer sgd, momentum, nesterov or adam takes it (not adagrad)"),
+    ({"optimizer": "ftrl", "weight_decay": 0.01}, "--weight-decay 0.01: only --optimizer sgd, momentum, nesterov or adam"),
+])
+def test_an_optimizer_option_the_optimizer_does_not_take_is_refused(options: dict[str, object], expected: str) -> None:
+    """(--optimizer sgd --momentum 0.5 trained without momentum, --weight-decay with adagrad or ftrl without
+    it: never sent, and nothing said; FTRL's --l1, --l2 and --ftrl-beta were refused so already.)"""
+    from client.spec import LaunchOptions, _optimizer, check_options
+
+    with pytest.raises(ValueError, match="^" + re.escape(expected)):
+        check_options(LaunchOptions(**options))  # type: ignore[arg-type]
+    check_options(LaunchOptions(optimizer="nesterov", momentum=0.5, weight_decay=0.01))
+    assert _optimizer(LaunchOptions(optimizer="nesterov", momentum=0.5)).momentum.momentum == 0.5
+    check_options(LaunchOptions(optimizer="adam"))  # the defaults, given or not, are no choice
