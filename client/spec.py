@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from paramserver.security import Security, read_token
+from paramserver.settings import yes_or_no
 from paramserver.v1 import paramserver_pb2 as pb
 from worker.datasets import load_dataset, parse_dataset
 from worker.models import build_model, model_task, parse_model
@@ -298,10 +299,15 @@ def security_from_env(env: Mapping[str, str] | None = None) -> Security:
     PSCTL_TOKEN_FILE, PSCTL_INSECURE=1.
     """
     env = os.environ if env is None else env
+    try:  # (as ps-worker's PS_WORKER_INSECURE: "on" is yes, and a typo no answer)
+        insecure = yes_or_no(env.get("PSCTL_INSECURE", ""))
+    except ValueError:
+        raise ValueError(f"PSCTL_INSECURE={env['PSCTL_INSECURE']!r} is not yes or no (1/true/yes/on, 0/false/no/off)") \
+            from None
     return Security(
         ca=env.get("PSCTL_TLS_CA", ""), cert=env.get("PSCTL_TLS_CERT", ""), key=env.get("PSCTL_TLS_KEY", ""),
         token=read_token(env.get("PS_TOKEN", ""), env.get("PSCTL_TOKEN_FILE", ""), file_flag="PSCTL_TOKEN_FILE"),
-        insecure=env.get("PSCTL_INSECURE", "").lower() in ("1", "true", "yes"),
+        insecure=insecure,
         server_name=env.get("PSCTL_TLS_SERVER_NAME", ""),
         names={"ca": "PSCTL_TLS_CA", "cert": "PSCTL_TLS_CERT", "key": "PSCTL_TLS_KEY", "insecure": "PSCTL_INSECURE=1",
                "server_name": "PSCTL_TLS_SERVER_NAME"},

@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
 
-__all__ = ["LOG_LEVELS", "Parser", "opt", "parse_dataclass"]
+__all__ = ["LOG_LEVELS", "Parser", "opt", "parse_dataclass", "yes_or_no"]
 
 T = TypeVar("T")
 
@@ -37,7 +37,7 @@ def opt(default: Any, help: str, *, env_only: bool = False, choices: Sequence[st
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
-def _bool(text: str) -> bool:
+def yes_or_no(text: str) -> bool:
     """An environment variable's yes or no; ValueError for anything else (a typo such as "ture"
     would otherwise mean no)."""
     word = text.strip().lower()
@@ -51,7 +51,7 @@ def _converter(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
         return str.upper
     kind = str(f.type)
     if kind == "bool":
-        return _bool
+        return yes_or_no
     if kind == "int":
         return int
     if kind == "float":

@@ -591,3 +591,18 @@ def test_an_optimizer_option_the_optimizer_does_not_take_is_refused(options: dic
     check_options(LaunchOptions(optimizer="nesterov", momentum=0.5, weight_decay=0.01))
     assert _optimizer(LaunchOptions(optimizer="nesterov", momentum=0.5)).momentum.momentum == 0.5
     check_options(LaunchOptions(optimizer="adam"))  # the defaults, given or not, are no choice
+
+
+@pytest.mark.parametrize(("value", "means"), [("1", True), ("yes", True), ("on", True), ("TRUE", True), ("0", False),
+                                               ("off", False), ("", False), ("ture", None), ("2", None)])
+def test_psctl_insecure_takes_yes_or_no_as_ps_worker_insecure_does(value: str, means: bool | None) -> None:
+    """(PSCTL_INSECURE=on meant no, where PS_WORKER_INSECURE=on and PS_INSECURE=on mean yes; a typo, 'ture',
+    meant no too, silently: psctl then refused to send the token, saying to set PSCTL_INSECURE=1.)"""
+    from client.spec import security_from_env
+
+    env = {"PS_TOKEN": "t", "PSCTL_INSECURE": value}
+    if means is None:
+        with pytest.raises(ValueError, match=re.escape(f"PSCTL_INSECURE={value!r} is not yes or no")):
+            security_from_env(env)
+    else:
+        assert security_from_env(env).insecure is means
