@@ -97,6 +97,6 @@ def parse_dataclass(
                                 help=f"{help_text} (default: {'true' if default else 'false'})")
         else:
             parser.add_argument(flag, type=convert, default=default, choices=choices, metavar=f.name.upper(),
-                                help=f"{help_text} (default: {default})")
+                                help=f"{help_text} (default: {'none' if default == '' else default})")
     ns = parser.parse_args(list(argv))
     return cls(**{f.name: getattr(ns, f.name) for f in fields})

@@ -48,7 +48,7 @@ class ServerConfig:
     lease_seconds: float = opt(10.0, "A worker not heard from for this long is evicted.")
     heartbeat_seconds: float = opt(2.0, "Heartbeat interval the server asks workers to keep.")
     grace_seconds: float = opt(5.0, "On SIGTERM, how long in-flight RPCs may take to finish.")
-    data_dir: str = opt("", "Directory for checkpoints; runs found there are resumed at start. Empty = none.")
+    data_dir: str = opt("", "Directory for checkpoints; runs found there are resumed at start.")
     checkpoint_every: int = opt(50, "Checkpoint a run each time its min clock passes a multiple of this; 0 = only at "
                                "creation, on demand, at the end and at shutdown.")
     checkpoint_keep: int = opt(3, "Checkpoints kept per run (older ones are deleted; a cluster's server also "

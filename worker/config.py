@@ -23,9 +23,9 @@ __all__ = ["WorkerConfig", "parse_config", "parse_tail_delay"]
 @dataclass(frozen=True)
 class WorkerConfig:
     server: str = opt("127.0.0.1:50051", "Parameter server address HOST:PORT.")
-    name: str = opt("", "Name shown in psctl status (default: host:pid).")
-    run_id: str = opt("", "Only join this run, and exit once it is over for this worker (default: any "
-                          "run with a vacant rank).")
+    name: str = opt("", "Name shown in psctl status; none: host:pid.")
+    run_id: str = opt("", "Only join this run, and exit once it is over for this worker; none: any "
+                          "run with a vacant rank.")
     once: bool = opt(False, "Exit after one run instead of waiting for the next (a rank lost while the "
                               "run goes on, such as one evicted: that run is asked for a rank again).")
     timeout_seconds: float = opt(30.0, "Deadline of each RPC, beyond the time a pull may be parked.")

@@ -29,3 +29,5 @@ def test_the_help_names_every_variable_and_every_flags_default(
         if not f.metadata.get("env_only"):
             assert re.search(rf"\[{var}\] \(default: ", text), f"{var}'s flag does not say its default"
     assert "[PS_SHM] (default: true)" in text or "[PS_WORKER_SHM] (default: true)" in text
+    assert "(default: )" not in text  # (an empty default said nothing: --data-dir, --cluster, --tls-cert, --name...)
+    assert text.count("(default: ") == sum(1 for f in dataclasses.fields(cls) if not f.metadata.get("env_only"))
