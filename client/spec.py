@@ -246,6 +246,8 @@ def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
     check_options(o)
     model_spec = parse_model(o.model)
     data_spec = parse_dataset(o.dataset)
+    if "path" in data_spec:  # read by every worker, from wherever it was started: psctl's directory named
+        data_spec["path"] = os.path.abspath(data_spec["path"])
     data = load_dataset(data_spec)
     task = model_task(model_spec)  # before building it: another task's data may not even fit its shape
     if task is not None and task != data.task:

@@ -606,3 +606,24 @@ def test_psctl_insecure_takes_yes_or_no_as_ps_worker_insecure_does(value: str, m
             security_from_env(env)
     else:
         assert security_from_env(env).insecure is means
+
+
+def test_a_data_file_given_by_a_relative_path_goes_to_the_workers_as_an_absolute_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(psctl read 'npz:data.npz' from its own directory and sent 'data.npz' on: a worker started
+    elsewhere, as workers are, could not read it and failed the run, 'No such file or directory'.)"""
+    import json
+
+    import numpy as np
+
+    from client.spec import LaunchOptions, build_run_spec
+
+    np.savez(tmp_path / "data.npz", X=np.zeros((8, 3), np.float32), y=np.arange(8) % 2)
+    (tmp_path / "data.svm").write_text("".join(f"{i % 2} 1:1 {i + 2}:0.5\n" for i in range(8)))
+    monkeypatch.chdir(tmp_path)
+    for given, path in (("npz:data.npz,test_fraction=0.25", "data.npz"), ("libsvm:./data.svm", "data.svm")):
+        model = "softmax" if given.startswith("npz") else "logistic"
+        spec = build_run_spec(LaunchOptions(model=model, dataset=given, workers=1, iterations=1))
+        data = json.loads(spec.data_spec_json)
+        assert data["path"] == str(tmp_path / path), data
+        assert data["test_fraction"] == (0.25 if given.startswith("npz") else 0.2)
