@@ -47,7 +47,7 @@ class WorkerConfig:
     max_message_bytes: int = opt(64 << 20, "Largest message sent or received (gRPC, TCP data plane); a "
                                  "worker whose pulls' answers are larger gives its rank back and exits 1.")
     data_plane: bool = opt(True, "Push and pull over the server's TCP data plane when it offers one (else gRPC); "
-                           "--no-data-plane: gRPC only.")
+                           "--no-data-plane: gRPC only (no shared memory either).")
     shm: bool = opt(True, "Push and pull through the server's shared-memory data plane when the server runs on "
                     "this host (Linux), else over TCP; --no-shm: TCP (or gRPC) only.")
     overlap: bool = opt(False, "With staleness s >= 1 or unbounded: compute the next iteration's gradient on the "
