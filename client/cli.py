@@ -534,7 +534,10 @@ def simulate_(run_id: RunId,
         fmt = image_format(plot, "--plot")
     run, metrics = _with_client(server, timeout, lambda ps: _run_and_metrics(ps, run_id, records=True))
     if not metrics.clock_records:
-        raise ValueError(f"run {run_id} has no clock records yet: start its workers, or wait until they have pushed"
+        raise ValueError((f"run {run_id} has no clock records yet: start its workers, or wait until they have pushed"
+                          if run.state in (pb.RUN_STATE_PENDING, pb.RUN_STATE_RUNNING) else
+                          f"run {run_id} is {facts.state_name(run.state)}, and this server has no clock records of it (they are kept in "
+                          "memory: a server restarted since it ended has none)")
                          + (" (a run held by several servers: ask server 0, --server)" if run.shards else ""))
     recorded, changed = facts.bounds_in_force(run, metrics)
     trace = Trace.from_records(facts.clock_records(metrics), run.spec.num_workers, run.spec.iterations, recorded)

@@ -447,6 +447,9 @@ async def test_simulate_replays_a_real_run_under_other_bounds(addr: str, start_w
     empty = await psctl("simulate", json.loads(pending)["run_id"], "--server", addr)
     assert empty.exit_code == 1 and "has no clock records yet" in empty.stderr
     ok(await psctl("stop", json.loads(pending)["run_id"], "--server", addr))
+    ended = await psctl("simulate", json.loads(pending)["run_id"], "--server", addr)  # (it said to start its workers)
+    assert ended.exit_code == 1 and "is stopped, and this server has no clock records of it" in ended.stderr, \
+        ended.stderr
     bad = await psctl("simulate", "run-x", "--server", addr, "--staleness", "0,banana")
     assert bad.exit_code == 2 and "'banana': use 0 or bsp" in bad.stderr
 
