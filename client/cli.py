@@ -603,7 +603,8 @@ def dashboard(port: Annotated[int, typer.Option(min=0, max=65535, help="Port to 
             import webbrowser
             if "?key=" in url:
                 opened.append(_opener(url))
-            webbrowser.open(opened[-1].as_uri() if opened else url)
+            if not webbrowser.open(opened[-1].as_uri() if opened else url):  # (a server, a container: none)
+                typer.echo("no browser could be started here: open the address above in one", err=True)
 
     opened: list[Path] = []  # (removed at exit)
     try:

@@ -627,3 +627,24 @@ def test_a_data_file_given_by_a_relative_path_goes_to_the_workers_as_an_absolute
         data = json.loads(spec.data_spec_json)
         assert data["path"] == str(tmp_path / path), data
         assert data["test_fraction"] == (0.25 if given.startswith("npz") else 0.2)
+
+
+def test_dashboard_open_without_a_browser_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(Where no browser can be started, a server, a container, --open did nothing and said nothing.)"""
+    import webbrowser
+
+    from typer.testing import CliRunner
+
+    from client import cli
+    from client.dashboard import server
+
+    async def serve(address: str, security: object, host: str, port: int, timeout: float,
+                    ready: Any, allow_host: object) -> None:
+        ready("http://127.0.0.1:8265/")
+
+    monkeypatch.setattr(server, "serve", serve)
+    tried: list[str] = []
+    monkeypatch.setattr(webbrowser, "open", lambda url, *a, **k: tried.append(url) or False)
+    result = CliRunner().invoke(cli.app, ["dashboard", "--open", "--server", "127.0.0.1:1"])
+    assert result.exit_code == 0 and tried == ["http://127.0.0.1:8265/"], result.output
+    assert "no browser could be started here: open the address above" in result.stderr, result.stderr
