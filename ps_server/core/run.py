@@ -412,14 +412,21 @@ class Run:
 
     def _complete(self) -> None:
         """COMPLETED; a rank evicted (or left) that nobody took again had its remaining iterations
-        dropped: the message says whose, so that "completed" does not read as every shard trained."""
+        dropped: the message says whose, so that "completed" does not read as every shard trained,
+        and, when rank 0 did not evaluate them, that the final parameters were not evaluated."""
         dropped = [s for s in self.clock.vacant() if s.clock < self.spec.iterations]
+        # (rank 0's worker evaluates the final parameters, then leaves: evicted after its last push,
+        # as done, it never did, and the history's last evaluation is an earlier one)
+        last = self.history.last_eval
+        unevaluated = "" if last is None or last.clock >= self.spec.iterations else \
+            f"; the final parameters were not evaluated (rank 0 did not leave): the last evaluation is of clock {last.clock}"
         if not dropped:
-            self._finish(RunState.COMPLETED, "all ranks finished", f"all ranks done at min clock {self.min_clock}")
+            message = f"all ranks finished{unevaluated}"
+            self._finish(RunState.COMPLETED, message, f"all ranks done at min clock {self.min_clock}{unevaluated}")
             return
         lost = sum(self.spec.iterations - s.clock for s in dropped)
         message = (f"the other ranks finished; {listed(f'rank {s.rank} (clock {s.clock})' for s in dropped)} left "
-                   f"vacant: {counted(lost, 'iteration')} dropped")
+                   f"vacant: {counted(lost, 'iteration')} dropped{unevaluated}")
         self._finish(RunState.COMPLETED, message, f"{message}; the others done at min clock {self.min_clock}")
 
     def _follow_schedule(self) -> None:

@@ -97,3 +97,28 @@ async def test_sigstop_past_the_lease_then_sigcont_rejoins() -> None:
     assert final.workers[rank].incarnation > old_incarnation
     record("worker-sigstop", lease_seconds=LEASE, rejected_pushes=final.counters.pushes_rejected,
            incarnations=[old_incarnation, final.workers[rank].incarnation])
+
+
+def _pid_of(run: pb.Run, rank: int) -> int:
+    return int(run.workers[rank].worker_name.rsplit(":", 1)[1])
+
+
+async def test_kill_9_of_rank_0_waiting_for_the_final_parameters_the_run_says_they_were_not_evaluated() -> None:
+    """Rank 0 evaluates the final parameters, then leaves: killed after its last push, while it
+    waits for the others to finish theirs, nobody evaluates them. The run completes (rank 0 has
+    nothing left to train) and says so: its last evaluation is an earlier one (it said "all ranks
+    finished", and psctl showed that earlier accuracy as the final one)."""
+    spec = build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=3, staleness=-1, batch_size=16,
+                                        epochs=4, seed=5, slowdown=[(2, 6.0)]))
+    with ps_server(*SERVER_ARGS) as (_, addr), ps_workers(addr, 3, "--step-seconds", "0.02") as workers:
+        async with connect(addr) as c:
+            run = await c.create_run(spec)
+            status = await watch_until(c, run.run_id, lambda r: len(r.workers) == 3
+                                       and r.workers[0].clock == spec.iterations)
+            assert status.workers[2].clock < spec.iterations  # rank 0 waits for rank 2
+            next(w for w in workers if w.pid == _pid_of(status, 0)).kill()
+            final = await finish(c, run.run_id)
+    assert final.state == pb.RUN_STATE_COMPLETED, final.message
+    assert final.last_eval.clock < spec.iterations
+    assert final.message == (f"all ranks finished; the final parameters were not evaluated (rank 0 did not leave): "
+                             f"the last evaluation is of clock {final.last_eval.clock}"), final.message

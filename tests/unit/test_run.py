@@ -33,7 +33,7 @@ from ps_server.core.spec import (
     RunSpec,
     validate_spec,
 )
-from ps_server.core.status import RunState, WorkerState
+from ps_server.core.status import MetricPoint, RunState, WorkerState
 from ps_server.core.tensors import Pieces, Rows, Sum, blocks
 
 pytestmark = pytest.mark.timeout(120)
@@ -251,6 +251,27 @@ def test_a_run_completed_without_an_evicted_rank_says_whose_iterations_were_drop
     assert run.state is RunState.COMPLETED
     assert run.message == "the other ranks finished; rank 1 (clock 0) left vacant: 3 iterations dropped", run.message
     assert run.history.events[-1].message.startswith(run.message), run.history.events[-1]
+
+
+def test_a_run_completed_without_the_final_evaluation_says_its_last_is_an_earlier_one() -> None:
+    """Rank 0's worker evaluates the final parameters, then leaves: killed after its last push (all
+    its iterations done), it never did, and the run said "all ranks finished" over an earlier
+    evaluation, as if it were the final one."""
+    now = [0.0]
+    run = Run("run-t", spec(workers=2, staleness=-1, iterations=3), now=lambda: now[0])
+    a, b = run.join("a"), run.join("b")
+    for clock in range(3):
+        run.push(0, a.incarnation, clock, grad(1), 0)
+    run.report(0, a.incarnation, [MetricPoint(rank=0, clock=2, time=0.0, loss=0.5, eval=True)], 0)
+    now[0] = 5.0
+    run.heartbeat(1, b.incarnation)
+    assert run.expire(lease=3.0) == [0]  # (waiting for the final parameters, it was killed)
+    for clock in range(3):
+        run.push(1, b.incarnation, clock, grad(1), 0)
+    run.leave(1, b.incarnation, "done", "")
+    assert run.state is RunState.COMPLETED
+    assert run.message == ("all ranks finished; the final parameters were not evaluated (rank 0 did not leave): "
+                           "the last evaluation is of clock 2"), run.message
 
 
 def test_bsp_a_rank_handed_over_when_none_is_live_starts_after_the_clocks_already_combined() -> None:
