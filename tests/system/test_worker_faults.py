@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -101,6 +102,45 @@ async def test_sigstop_past_the_lease_then_sigcont_rejoins() -> None:
 
 def _pid_of(run: pb.Run, rank: int) -> int:
     return int(run.workers[rank].worker_name.rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("staleness", [0, 2])
+async def test_kill_9_at_a_random_point_then_a_new_worker_takes_the_rank_where_the_run_is(staleness: int) -> None:
+    """A worker killed at a random clock and a worker started again: the new one takes the rank at
+    the run's min clock (its shard, from that clock's batch on: a rank's batches are a function of
+    the clock), the run completes its iterations, every rank's clock at the end, and the final
+    evaluation is of the final parameters."""
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    spec = build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=3, staleness=staleness,
+                                        batch_size=16, epochs=4, seed=4))
+    rank, at = rng.randrange(3), rng.randrange(5, spec.iterations // 2)
+    why = f"seed {seed}: rank {rank} killed at clock {at} of {spec.iterations}"
+    with ps_server(*SERVER_ARGS) as (_, addr), ps_workers(addr, 3, "--step-seconds", "0.02") as workers:
+        async with connect(addr) as c:
+            run = await c.create_run(spec)
+            status = await watch_until(c, run.run_id, lambda r: len(r.workers) == 3 and r.workers[rank].clock >= at)
+            old = status.workers[rank].incarnation
+            next(w for w in workers if w.pid == _pid_of(status, rank)).kill()
+            killed = (await c.get_run(run.run_id)).workers[rank].clock  # final: its process is gone
+            workers.append(subprocess.Popen([sys.executable, "-m", "worker.main", "--server", addr, "--once",
+                                             "--log-level", "WARNING", "--step-seconds", "0.02"], env=ENV))
+            final = await finish(c, run.run_id)
+            metrics = await c.get_metrics(run.run_id)
+        assert workers[-1].wait(30) == 0, why
+    assert final.state == pb.RUN_STATE_COMPLETED and final.message == "all ranks finished", (why, final.message)
+    assert [(w.clock, w.state) for w in final.workers] == [(spec.iterations, pb.WORKER_STATE_DONE)] * 3, why
+    assert final.workers[rank].incarnation > old, why
+    took = [e for e in metrics.events if e.kind == "joined" and e.rank == rank][-1]
+    start = int(took.message.rsplit("clock ", 1)[1].rstrip(")"))
+    assert killed <= start <= final.min_clock, (why, took.message)
+    # the new incarnation's points go on from where it took the rank, each clock once
+    clocks = [p.clock for p in metrics.points if p.rank == rank and not p.eval and p.clock > start]
+    assert clocks == sorted(set(clocks)) and clocks[-1] == spec.iterations, (why, clocks)
+    evals = [p.clock for p in metrics.points if p.eval]
+    assert evals[-1] == final.last_eval.clock == spec.iterations, (why, evals)
+    assert final.last_eval.eval_accuracy >= 0.85, (why, final.last_eval)
 
 
 async def test_kill_9_of_rank_0_waiting_for_the_final_parameters_the_run_says_they_were_not_evaluated() -> None:
