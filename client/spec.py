@@ -251,8 +251,14 @@ def build_run_spec(o: LaunchOptions) -> pb.RunSpec:
     data = load_dataset(data_spec)
     task = model_task(model_spec)  # before building it: another task's data may not even fit its shape
     if task is not None and task != data.task:
-        raise ValueError(f"model {o.model!r} does a {task} task but dataset {o.dataset!r} is {data.task}: "
-                         f"use {_MODELS_FOR.get(data.task, 'softmax or mlp:...')}")
+        # (a file's float y is read as regression targets: class labels saved as floats, as from
+        # pandas, need converting, not another model)
+        floats = data_spec["kind"] == "npz" and data.task == "regression"
+        labels = " (its y is float: regression targets)" if floats else ""
+        advice = ", or save the class labels as integers (y.astype(np.int64))" if floats and task == "classification" \
+            else ""
+        raise ValueError(f"model {o.model!r} does a {task} task but dataset {o.dataset!r} is {data.task}{labels}: "
+                         f"use {_MODELS_FOR.get(data.task, 'softmax or mlp:...')}{advice}")
     model = build_model(model_spec, data.n_features, data.n_outputs)
     compression = parse_compression(o.compress)
     if compression is not None and model.tables():

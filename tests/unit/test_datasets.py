@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from client.spec import LaunchOptions, build_run_spec
 from worker.datasets import DatasetError, load_dataset, parse_dataset
 from worker.sampling import BatchSampler, shard_indices
 
@@ -239,6 +240,21 @@ def test_npz_bad_contents(tmp_path: Path, arrays: dict[str, Any], match: str) ->
     with pytest.raises(DatasetError, match=match) as info:
         load_dataset({"kind": "npz", "path": path})
     assert path in str(info.value)
+
+
+def test_npz_class_labels_saved_as_floats_are_said_to_be_the_trouble_at_launch(tmp_path: Path) -> None:
+    """A classification model on an npz whose y holds class labels as floats (as pandas gives them):
+    psctl launch said to use linear, not that the labels are read as regression targets."""
+    path = _write(tmp_path, X=np.zeros((10, 2)), y=np.array([0.0, 1.0] * 5))
+    with pytest.raises(ValueError) as info:
+        build_run_spec(LaunchOptions(model="softmax", dataset=f"npz:{path}", workers=2, iterations=5))
+    assert str(info.value) == (f"model 'softmax' does a classification task but dataset 'npz:{path}' is regression "
+                               "(its y is float: regression targets): use linear, or save the class labels as "
+                               "integers (y.astype(np.int64))")
+    (tmp_path / "ints").mkdir()
+    labels = _write(tmp_path / "ints", X=np.zeros((10, 2)), y=np.array([0, 1] * 5))  # integers: no word of floats
+    with pytest.raises(ValueError, match=r"is classification: use softmax or mlp:\.\.\.$"):
+        build_run_spec(LaunchOptions(model="linear", dataset=f"npz:{labels}", workers=2, iterations=5))
 
 
 def test_npz_missing_or_not_a_zip(tmp_path: Path) -> None:
