@@ -402,8 +402,6 @@ def _npz(spec: Mapping[str, Any]) -> Dataset:
         raise DatasetError(f"{path!r}: y_train is {y_tr.dtype} but y_test {y_te.dtype}: give both integer labels "
                            "(classification) or both float targets (regression)")
     if y_tr.dtype.kind in "iub" and y_te.dtype.kind in "iub":
-        if y_tr.ndim != 1 or y_te.ndim != 1:
-            raise DatasetError(f"{path!r}: integer labels must be 1-D, got y shape {y_tr.shape}")
         lo = min(int(y_tr.min()), int(y_te.min()))
         if lo < 0:
             raise DatasetError(f"{path!r}: class labels must be >= 0, found {lo}")
@@ -427,6 +425,8 @@ def _check_xy(path: str, xname: str, X: npt.NDArray[Any], y: npt.NDArray[Any]) -
         raise DatasetError(f"{path!r}: {xname}/{yname} must be numeric, got {X.dtype}/{y.dtype}")
     if y.ndim == 0 or len(X) != len(y):
         raise DatasetError(f"{path!r}: {xname} has {len(X)} rows but {yname} has shape {y.shape}; they must match")
+    if y.dtype.kind in "iub" and y.ndim != 1:  # (the file's shape: after the split it is the train rows')
+        raise DatasetError(f"{path!r}: integer labels must be 1-D, got {yname} shape {y.shape}")
     if len(X) == 0 or X.shape[1] == 0:
         raise DatasetError(f"{path!r}: {xname} is empty (shape {X.shape})")
     for name, a in ((xname, X), (yname, y)):

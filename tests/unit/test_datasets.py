@@ -226,6 +226,10 @@ def _write(tmp_path: Path, **arrays: Any) -> str:
         ({"X": np.zeros((4, 2)), "y": np.array([0, -1, 1, 0])}, "labels must be >= 0"),
         ({"X": np.zeros((4, 2)), "y": np.array([0, 10**12, 1, 0])}, "at most 65536 classes; found label 1000000000000"),
         ({"X": np.zeros((4, 2)), "y": np.array(["a", "b", "c", "d"])}, "must be numeric"),
+        # (the file's shape, not the train split's: it said (3, 3) of a y of 4 rows)
+        ({"X": np.zeros((4, 2)), "y": np.zeros((4, 3), np.int64)}, r"integer labels must be 1-D, got y shape \(4, 3\)$"),
+        ({"X_train": np.zeros((4, 2)), "y_train": np.zeros(4, np.int64), "X_test": np.zeros((2, 2)),
+          "y_test": np.zeros((2, 1), np.int64)}, r"integer labels must be 1-D, got y_test shape \(2, 1\)$"),
         ({"X": np.array([[object()]] * 4), "y": np.zeros(4)}, "no object arrays"),
         ({"X_train": np.zeros((4, 2)), "y_train": np.zeros(4), "X_test": np.zeros((2, 3)), "y_test": np.zeros(2)},
          "X_test has 3 features"),
