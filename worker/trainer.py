@@ -181,7 +181,12 @@ class _Trainer:
         mine = {p.name: p.shape for p in self.model.param_specs()}
         if names != mine:
             raise ModelSpecError(f"the run's parameters {names} do not match the model's {mine}")
-        idx = shard_indices(len(self.data.X_train), self.a.rank, self.spec.num_workers, self.spec.seed)
+        n = len(self.data.X_train)
+        idx = shard_indices(n, self.a.rank, self.spec.num_workers, self.spec.seed)
+        if not len(idx):  # (psctl launch refuses such a run; another client may have created it)
+            raise DatasetError(f"rank {self.a.rank}'s shard is empty: the training split of {self.data.name} has "
+                               f"{n} example{'s' * (n != 1)} for the run's {self.spec.num_workers} ranks, and every "
+                               f"rank needs at least one; create the run with at most {n} workers")
         self.X = self.data.X_train[idx]
         self.y = self.data.y_train[idx]
         self.sampler = BatchSampler(len(idx), max(1, self.spec.batch_size), self.spec.seed, self.a.rank)

@@ -759,6 +759,25 @@ async def test_a_stopped_run_ends_the_assignment_without_failing_it() -> None:
     assert [ending(o) for o in outcomes] == [(logging.INFO, f"run {run.run_id} was stopped")] * 2
 
 
+async def test_a_rank_with_an_empty_shard_fails_the_run_at_once_saying_how_many_workers_fit(tmp_path: Any) -> None:
+    """A run of more ranks than training examples (psctl refuses it; another client may create it):
+    the rank left without examples fails the run before training, in the run's terms (it said
+    "BatchSampler needs n_examples >= 1, ... got 0, 16, 0, 3"), and the others are not held."""
+    path = tmp_path / "six.npz"
+    np.savez(path, X=np.zeros((6, 2)), y=np.array([0, 1] * 3))
+    spec = build_run_spec(LaunchOptions(model="softmax", dataset=f"npz:{path},test_fraction=0.5", workers=3,
+                                        staleness=0, iterations=20, batch_size=16))
+    spec.num_workers = 4
+    async with InMemoryServer() as server:
+        _, outcomes = await asyncio.wait_for(_train_all(server, spec), 60)
+    failed = [o for o in outcomes if o.failed]
+    assert [o.rank for o in failed] == [3], outcomes
+    assert failed[0].reason == ("DatasetError: rank 3's shard is empty: the training split of npz:six.npz has 3 "
+                                "examples for the run's 4 ranks, and every rank needs at least one; create the run "
+                                "with at most 3 workers"), failed[0].reason
+    assert not any(o.completed for o in outcomes), outcomes
+
+
 async def test_an_evicted_worker_gives_up_its_assignment() -> None:
     """Partitioned past its lease, it is evicted; once the partition heals its next call is refused
     as a stale incarnation, and it goes back to waiting for work instead of failing the run."""

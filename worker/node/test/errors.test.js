@@ -488,3 +488,43 @@ test('an answer over this worker\'s own limit gives the rank back (Leave SHUTDOW
     Trainer.prototype.run = run;
   }
 });
+
+test('a rank with an empty shard fails the run before training, saying how many workers fit', async () => {
+  // (more ranks than training examples: psctl launch refuses such a run, another client may create it;
+  // it said "BatchSampler needs n_examples >= 1, ... got 0, ...")
+  const fs = require('fs');
+  const os = require('os');
+  const path = require('path');
+  const { toNpy } = require('../src/npy');
+  const { DatasetError } = require('../src/data');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ps-node-empty-shard-'));
+  const spec = { kind: 'npz', path: '/data/three.npz', seed: 0, test_fraction: 0.5 };
+  fs.mkdirSync(path.join(dir, 'three'));
+  const write = (name, data, shape) => fs.writeFileSync(path.join(dir, 'three', `${name}.npy`), toNpy(data, shape));
+  write('X_train', new Float32Array(6), [3, 2]);
+  write('y_train', new Int32Array([0, 1, 0]), [3]);
+  write('X_test', new Float32Array(6), [3, 2]);
+  write('y_test', new Int32Array([1, 0, 1]), [3]);
+  fs.writeFileSync(path.join(dir, 'three', 'manifest.json'), JSON.stringify({
+    format: 'paramserver-dataset/1', spec, name: 'npz:three.npz', task: 'classification', n_features: 2, n_outputs: 2,
+  }));
+  const a = {
+    run_id: 'r', rank: 3, incarnation: 1, start_clock: 0,
+    spec: {
+      staleness: 0, optimizer: {}, slowdown: {}, num_workers: 4, seed: 0, batch_size: 16,
+      data_spec_json: JSON.stringify(spec), model_spec_json: JSON.stringify({ kind: 'softmax' }),
+      params: [{ name: 'softmax.weight', shape: [2, 2] }, { name: 'softmax.bias', shape: [2] }],
+    },
+  };
+  try {
+    const trainer = new Trainer({}, a, { slowdown: 1, dataDir: dir }, quietLog());
+    assert.throws(() => trainer.setup(), (e) => {
+      assert.ok(e instanceof DatasetError, e);
+      assert.equal(e.message, "rank 3's shard is empty: the training split of npz:three.npz has 3 examples for the run's "
+        + '4 ranks, and every rank needs at least one; create the run with at most 3 workers');
+      return true;
+    });
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
