@@ -282,10 +282,13 @@ def _frozen(
                    MappingProxyType(extra))
 
 
-def _split_rows(n: int, test_fraction: float, rng: np.random.Generator) -> tuple[npt.NDArray[np.int64], ...]:
+def _split_rows(n: int, test_fraction: float, rng: np.random.Generator,
+                path: str = "") -> tuple[npt.NDArray[np.int64], ...]:
+    """``path``: the file the rows are from (named in the error)."""
     n_test = round(n * test_fraction)
     if not 1 <= n_test <= n - 1:
-        raise DatasetError(f"test_fraction={test_fraction} leaves no train or no test rows out of {n}; change it")
+        raise DatasetError(f"{f'{path!r}: ' if path else ''}test_fraction={test_fraction} leaves no train or no test "
+                           f"rows out of {n}; change it")
     perm = rng.permutation(n)
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
@@ -391,7 +394,7 @@ def _npz(spec: Mapping[str, Any]) -> Dataset:
                            f"write it with numpy.savez holding {_NPZ_LAYOUTS} (no object arrays)") from None
     _check_xy(path, "X" if split else "X_train", X_tr, y_tr)
     if split:
-        tr, te = _split_rows(len(X_tr), spec["test_fraction"], np.random.default_rng(spec["seed"]))
+        tr, te = _split_rows(len(X_tr), spec["test_fraction"], np.random.default_rng(spec["seed"]), path)
         X_tr, y_tr, X_te, y_te = X_tr[tr], y_tr[tr], X_tr[te], y_tr[te]
     else:
         _check_xy(path, "X_test", X_te, y_te)
@@ -547,7 +550,7 @@ def _libsvm(spec: Mapping[str, Any]) -> Dataset:
         raise DatasetError(f"libsvm file {path!r}: values contain NaN or Inf; clean the data first")
     X.sort_indices()
     whole = SparseBatch(X.indptr.astype(np.int64), X.indices.astype(np.uint64), X.data.astype(np.float32))
-    tr, te = _split_rows(len(whole), spec["test_fraction"], np.random.default_rng(spec["seed"]))
+    tr, te = _split_rows(len(whole), spec["test_fraction"], np.random.default_rng(spec["seed"]), path)
     return _frozen_ctr(f"libsvm:{os.path.basename(path)}", whole[tr], y01[tr], whole[te], y01[te],
                        int(X.shape[1]))
 

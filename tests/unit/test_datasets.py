@@ -278,8 +278,15 @@ def test_npz_missing_or_not_a_zip(tmp_path: Path) -> None:
 
 def test_npz_split_too_small(tmp_path: Path) -> None:
     path = _write(tmp_path, X=np.zeros((2, 2)), y=np.zeros(2))
-    with pytest.raises(DatasetError, match="leaves no train or no test rows"):
+    with pytest.raises(DatasetError) as info:
         load_dataset({"kind": "npz", "path": path, "test_fraction": 0.1})
+    # (the file named, as every other error about a file's contents: it did not say which)
+    assert str(info.value) == f"{path!r}: test_fraction=0.1 leaves no train or no test rows out of 2; change it"
+    svm = tmp_path / "two.svm"
+    svm.write_text("1 1:1\n0 2:1\n")
+    with pytest.raises(DatasetError) as info:
+        load_dataset({"kind": "libsvm", "path": str(svm)})
+    assert str(info.value) == f"{str(svm)!r}: test_fraction=0.2 leaves no train or no test rows out of 2; change it"
 
 
 # -- shards and batches ------------------------------------------------------------------------
