@@ -232,11 +232,13 @@ def load_dataset(spec: Mapping[str, Any]) -> Dataset:
     canon = _canonical(spec)
     stamp = ""
     if canon["kind"] in _FILE_KINDS:
+        path = canon["path"]
         try:
-            st = os.stat(canon["path"])
-        except OSError as e:
-            raise DatasetError(f"cannot read {canon['kind']} file {canon['path']!r}: {e.strerror}; "
-                               "check the path") from None
+            st = os.stat(path)
+        except OSError as e:  # (said where a relative path led: a worker's working directory is not psctl's)
+            where = "" if os.path.isabs(path) else f" (here {os.path.abspath(path)!r})"
+            raise DatasetError(f"cannot read {canon['kind']} file {path!r}{where}: {e.strerror}; check the path: "
+                               "every worker reads the file itself, at this path on its own machine") from None
         stamp = f"{st.st_size}:{st.st_mtime_ns}"
     return _load_cached(json.dumps(canon, sort_keys=True), stamp)
 

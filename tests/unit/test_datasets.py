@@ -261,11 +261,19 @@ def test_npz_class_labels_saved_as_floats_are_said_to_be_the_trouble_at_launch(t
         build_run_spec(LaunchOptions(model="linear", dataset=f"npz:{labels}", workers=2, iterations=5))
 
 
-def test_npz_missing_or_not_a_zip(tmp_path: Path) -> None:
+def test_npz_missing_or_not_a_zip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     missing = str(tmp_path / "nope.npz")
     with pytest.raises(DatasetError, match="No such file") as info:
         load_dataset(parse_dataset(f"npz:{missing}"))
-    assert missing in str(info.value)
+    assert str(info.value) == (f"cannot read npz file {missing!r}: No such file or directory; check the path: every "
+                               "worker reads the file itself, at this path on its own machine")
+    # a relative path: where it led (a worker of a standing cluster has another working directory
+    # than the psctl that read the file: it said "check the path" of a file that was there)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError) as info:
+        load_dataset(parse_dataset("libsvm:data/x.svm"))
+    assert str(info.value).startswith(f"cannot read libsvm file 'data/x.svm' (here {str(tmp_path / 'data/x.svm')!r}): "
+                                      "No such file or directory; check the path"), info.value
     junk = tmp_path / "junk.npz"
     junk.write_text("not a zip")
     with pytest.raises(DatasetError, match=r"is not an \.npz \(zip\) archive"):
