@@ -105,6 +105,40 @@ async def test_joins_and_completes_a_run(impl: Impl, topology: Topology) -> None
     assert kinds(list(metrics.events)).count("done") == 2
 
 
+async def test_a_rank_whose_worker_was_killed_goes_on_from_the_runs_clock_under_another(impl: Impl,
+                                                                                        topology: Topology) -> None:
+    """A worker killed (SIGKILL) mid-run, evicted when its lease expires, and another started: the new
+    one takes the rank as a new incarnation at ``Assignment.start_clock`` (the run's min clock, not 0
+    nor its own clock), pushes from there on only, and the run completes, evaluated at the end."""
+    iterations = 1500
+    spec = run_spec(workers=2, staleness=1, iterations=iterations, eval_every=100)
+    with topology.start("--lease-seconds", "2", "--heartbeat-seconds", "0.5") as srv:
+        async with connect(srv.address) as c:
+            run = await c.create_run(spec)
+            workers = impl.start_many(srv.address, 2)
+            at = await wait_until(c, run.run_id, lambda r: len(r.workers) == 2 and r.workers[1].clock >= 20, 60,
+                                  "rank 1 at clock 20", impl.logs)
+            victim = next(w for w in workers if w.proc.pid == int(at.workers[1].worker_name.rsplit(":", 1)[1]))
+            victim.proc.kill()
+            killed = (await c.get_run(run.run_id)).workers[1]  # final: its process is gone
+            assert killed.clock < iterations, "rank 1 finished before it was killed: give the run more iterations"
+            replacement = impl.start(srv.address)
+            final = await finish(c, run.run_id, logs=impl.logs)
+            metrics = await c.get_metrics(run.run_id, include_clock_records=True)
+        assert replacement.wait(20) == 0, impl.logs()
+    assert final.state == COMPLETED and final.message == "all ranks finished", (final.message, impl.logs())
+    assert [(w.clock, w.state) for w in final.workers] == [(iterations, pb.WORKER_STATE_DONE)] * 2, impl.logs()
+    assert final.workers[1].incarnation > killed.incarnation
+    assert final.counters.evictions == 1
+    took = [e.message for e in metrics.events if e.kind == "joined" and e.rank == 1][-1]
+    start = int(took.rsplit("clock ", 1)[1].rstrip(")"))
+    assert killed.clock <= start < iterations, took
+    # the new incarnation pushed exactly the clocks from its start on, each once
+    pushes = [r.clock for r in metrics.clock_records if r.kind == pb.ClockRecord.KIND_PUSH and r.rank == 1]
+    assert pushes[-(iterations - start):] == list(range(start, iterations)), (start, pushes[-5:])
+    assert final.last_eval.rank == 0 and final.last_eval.clock == iterations
+
+
 async def test_staleness_bound_holds_with_a_straggler(impl: Impl, topology: Topology) -> None:
     """Every served pull and accepted push has min_clock >= clock - s (server clock records; on a
     cluster server 0's, whose shard holds part of every split tensor)."""
