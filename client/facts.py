@@ -318,7 +318,9 @@ def summary_line(run: pb.Run) -> str:
         return head + (f": {f['message']}" if f["message"] else "")
     counts = f"({counted(f['pushes_applied'], 'push', 'pushes')}, {counted(f['pushes_duplicate'], 'duplicate')})"
     if any(w.state in (pb.WORKER_STATE_EVICTED, pb.WORKER_STATE_VACANT) and w.clock < run.spec.iterations
-           for w in run.workers):  # completed without some rank's iterations: the message says whose
+           for w in run.workers) or (run.HasField("last_eval") and run.last_eval.clock < run.spec.iterations):
+        # completed without some rank's iterations, or its final evaluation (the score above is an
+        # earlier one): the message says whose, and of which clock
         counts += f"; {f['message']}"
     if f["test_auc"] is not None:
         return (f"{head}: test AUC {fmt(f['test_auc'])}, log-loss {fmt(f['test_loss'])}, "

@@ -95,7 +95,18 @@ def test_the_summary_of_a_run_completed_without_an_evicted_rank_says_so() -> Non
     done.workers[1].state = pb.WORKER_STATE_EVICTED
     assert facts.summary_line(done).endswith(f"(0 pushes, 0 duplicates); {message}"), facts.summary_line(done)
     whole = make_run(pb.RUN_STATE_COMPLETED, (100, 100), message="all ranks finished")
+    whole.last_eval.clock = 100
     assert facts.summary_line(whole).endswith("(0 pushes, 0 duplicates)")
+
+
+def test_the_summary_of_a_run_completed_without_its_final_evaluation_says_so() -> None:
+    """Rank 0 evicted after its last push: the score is of an earlier clock (the summary gave it as
+    the run's final accuracy, without a word)."""
+    message = ("all ranks finished; the final parameters were not evaluated (rank 0 did not leave): the last "
+               "evaluation is of clock 4")
+    done = make_run(pb.RUN_STATE_COMPLETED, (100, 100), message=message)
+    assert facts.summary_line(done).endswith(f"test accuracy 0.9000, test loss 0.2500 (0 pushes, 0 duplicates); "
+                                             f"{message}"), facts.summary_line(done)
 
 
 def test_slowest_names_only_the_ranks_holding_the_run_back() -> None:
