@@ -10,7 +10,8 @@
  * from PROTO_ROOT).
  *
  * Conversion options, used consistently by every module: keepCase (field names as in the .proto:
- * run_id, guaranteed_clock), longs as Number (clocks, counters and shapes stay far below 2^53),
+ * run_id, guaranteed_clock), longs as Number (clocks, counters and shapes stay far below 2^53; a run's
+ * seed, which may not, is a BigInt: exactSeed),
  * enums as String ("RUN_STATE_RUNNING"), bytes as Buffer, defaults filled in, oneofs (the
  * OptimizerSpec's `kind` tells which optimizer is set).
  */
@@ -39,6 +40,7 @@ let cached = null;
 function loadContract() {
   if (!cached) {
     const definition = protoLoader.loadSync(PROTO_FILE, LOADER_OPTIONS);
+    exactSeed(definition['paramserver.v1.WorkerService'].Join);
     const pkg = grpc.loadPackageDefinition(definition).paramserver.v1;
     cached = { grpc, pkg, definition };
   }
@@ -58,9 +60,27 @@ function codec(type) {
   };
 }
 
+/**
+ * A JoinResponse's RunSpec.seed as a BigInt, exactly: a uint64 that may be past 2^53 (psctl launch
+ * --seed takes any), which longs as Number would round, and the seed picks every rank's shard and
+ * batches (data.js): rounded, this worker trained on other examples than the Python ranks take it to.
+ */
+function exactSeed(join) {
+  const decode = join.responseDeserialize;
+  join.responseDeserialize = (bytes) => {
+    const resp = decode(bytes);
+    if (resp.assignment && resp.assignment.spec) {
+      const raw = messages().JoinResponse.type.decode(bytes);
+      resp.assignment.spec.seed = BigInt(String(raw.assignment.spec.seed));
+    }
+    return resp;
+  };
+}
+
 let messagesCached = null;
 
-/** {ErrorInfo, Status}: the codecs of the error messages (see codec()); loaded once per process. */
+/** {ErrorInfo, Status, JoinResponse}: the codecs of the error messages (see codec()) and of Join's answer
+ * (exactSeed); loaded once per process. */
 function messages() {
   if (!messagesCached) {
     const root = new protobuf.Root();
@@ -72,6 +92,7 @@ function messages() {
     messagesCached = {
       ErrorInfo: codec(root.lookupType(`${v1}ErrorInfo`)),
       Status: codec(root.lookupType(`${v1}Status`)),
+      JoinResponse: codec(root.lookupType(`${v1}JoinResponse`)),
     };
   }
   return messagesCached;

@@ -131,13 +131,13 @@ class Trainer {
     this.data = data;
     this.model = model;
     this.specs = model.paramSpecs();
-    this.shard = shardIndices(data.nTrain, this.a.rank, this.spec.num_workers, Number(this.spec.seed));
+    this.shard = shardIndices(data.nTrain, this.a.rank, this.spec.num_workers, BigInt(this.spec.seed));
     if (!this.shard.length) { // (psctl launch refuses such a run; another client may have created it)
       const n = data.nTrain;
       throw new DatasetError(`rank ${this.a.rank}'s shard is empty: the training split of ${data.name} has ${n} example${n === 1 ? '' : 's'} `
         + `for the run's ${this.spec.num_workers} ranks, and every rank needs at least one; create the run with at most ${n} workers`);
     }
-    this.sampler = new BatchSampler(this.shard.length, Math.max(1, this.spec.batch_size), Number(this.spec.seed), this.a.rank);
+    this.sampler = new BatchSampler(this.shard.length, Math.max(1, this.spec.batch_size), BigInt(this.spec.seed), this.a.rank);
     this.yWidth = data.task === 'classification' ? 1 : data.yTrain.length / data.nTrain;
     const shardMap = this.a.shard_map;
     if (shardMap && shardMap.shards && shardMap.shards.length) {

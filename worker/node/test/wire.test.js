@@ -69,3 +69,23 @@ test('the contract loads from protos/ with the well-known types', () => {
   const req = pkg.PullParamsRequest.type.field.find((f) => f.name === 'max_wait');
   assert.equal(req.typeName, 'google.protobuf.Duration');
 });
+
+test('a run\'s seed past 2^53 reaches the shards exactly (Join\'s answer decodes it as a BigInt)', () => {
+  // (longs as Number rounded it: 2^60 + 1 became 2^60, and the rank trained on other examples than
+  // a Python rank of the same run takes it to: np.random.default_rng(2**60 + 1).permutation(10))
+  const { definition } = loadContract();
+  const join = definition['paramserver.v1.WorkerService'].Join;
+  const { shardIndices, BatchSampler } = require('../src/data');
+  const { permutation } = require('../src/rng');
+  const seed = 2n ** 60n + 1n;
+  const bytes = join.responseSerialize({ assignment: { run_id: 'r', rank: 0, spec: { seed: seed.toString(), num_workers: 1 } } });
+  const resp = join.responseDeserialize(bytes);
+  assert.equal(resp.assignment.spec.seed, seed);
+  assert.equal(resp.assignment.rank, 0); // (the rest as every answer decodes)
+  assert.deepEqual(Array.from(permutation(resp.assignment.spec.seed, 10)), [5, 7, 9, 0, 8, 6, 4, 1, 2, 3]);
+  assert.deepEqual(Array.from(shardIndices(10, 0, 2, resp.assignment.spec.seed)), [2, 4, 5, 8, 9]); // (numpy's)
+  new BatchSampler(5, 2, resp.assignment.spec.seed, 0).batch(3); // (takes a BigInt seed)
+  const none = join.responseDeserialize(join.responseSerialize({ assignment: { run_id: 'r', spec: {} } }));
+  assert.equal(none.assignment.spec.seed, 0n);
+  assert.equal(join.responseDeserialize(join.responseSerialize({})).assignment, null);
+});
