@@ -376,7 +376,12 @@ make a model with an output unit per class, too large for any worker)."""
 
 def _npz(spec: Mapping[str, Any]) -> Dataset:
     path = spec["path"]
-    if not zipfile.is_zipfile(path):
+    try:  # (is_zipfile says False of a file it cannot open: a directory, one not readable)
+        with open(path, "rb") as raw:
+            is_zip = zipfile.is_zipfile(raw)
+    except OSError as e:
+        raise DatasetError(f"cannot read npz file {path!r}: {e.strerror}; check the path and its permissions") from None
+    if not is_zip:
         raise DatasetError(f"{path!r} is not an .npz (zip) archive; write it with numpy.savez holding {_NPZ_LAYOUTS}")
     try:
         with np.load(path, allow_pickle=False) as f:

@@ -282,6 +282,24 @@ def test_npz_missing_or_not_a_zip(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     np.save(npy, np.zeros(3))
     with pytest.raises(DatasetError, match="not an .npz"):
         load_dataset({"kind": "npz", "path": str(npy)})
+    # one it cannot open is not said to be no zip, to write again with numpy.savez
+    folder = tmp_path / "data.npz"
+    folder.mkdir()
+    with pytest.raises(DatasetError) as info:
+        load_dataset({"kind": "npz", "path": str(folder)})
+    assert str(info.value) == (f"cannot read npz file {str(folder)!r}: Is a directory; check the path and its "
+                               "permissions"), info.value
+    unreadable = _write(tmp_path, X=np.zeros((4, 2)), y=np.zeros(4))
+    real_open = open
+
+    def refused(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(file) == unreadable:
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, *args, **kwargs)
+    with monkeypatch.context() as m:
+        m.setattr("builtins.open", refused)
+        with pytest.raises(DatasetError, match=r"cannot read npz file .*: Permission denied; check the path and its"):
+            load_dataset({"kind": "npz", "path": unreadable})
 
 
 def test_npz_split_too_small(tmp_path: Path) -> None:
