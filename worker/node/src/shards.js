@@ -131,7 +131,9 @@ class Shards {
 
   /**
    * Learn every shard's TCP data plane port again from the run (GetRun through `client`, the
-   * server joined): a server that restarted has another one (the others stay as they are).
+   * server joined): a server that restarted has another one (the others stay as they are); and
+   * the limit of a parked pull `client` was told last (server 0's, by a Join or Heartbeat), as
+   * the Python SDK's Shards.refresh does.
    */
   async refresh(client, runId) {
     const run = await client.getRun(runId);
@@ -140,6 +142,7 @@ class Shards {
       if (i < this.clients.length) {
         this.shards[i].dataPort = Number(s.data_port || 0);
         this.clients[i].dataPortIs(this.shards[i].dataPort);
+        if (client.serverMaxWait) this.clients[i].serverMaxWait = client.serverMaxWait;
       }
     });
   }

@@ -301,11 +301,16 @@ test('refresh learns each shard\'s data plane port again from the run (a restart
     c.dataPortIs(Number(s.data_port));
     return c;
   });
-  const joined = { getRun: async () => ({ shard_map: { shards: MAP.shards.map((s, i) => ({ ...s, data_port: [5, 9, 0][i] })) } }) };
+  const joined = {
+    getRun: async () => ({ shard_map: { shards: MAP.shards.map((s, i) => ({ ...s, data_port: [5, 9, 0][i] })) } }),
+    serverMaxWait: 7.5, // (server 0's limit of a parked pull, as a Heartbeat said after it restarted)
+  };
   try {
     await sh.refresh(joined, 'r');
     assert.deepEqual(sh.clients.map((c) => [c.transport(), c.dataPort]), [['tcp', 5], ['tcp', 9], ['grpc', 0]]);
     assert.deepEqual(sh.shards.map((s) => s.dataPort), [5, 9, 0]);
+    // each shard's pull of maxWait 0 waits for that limit, not the one told at Join (as the Python SDK)
+    assert.deepEqual(sh.clients.map((c) => c.serverMaxWait), [7.5, 7.5, 7.5]);
   } finally {
     sh.close();
   }
