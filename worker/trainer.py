@@ -16,7 +16,9 @@ it leaves. The run completes when every rank has left, so the final accuracy is 
 history when psctl sees the run completed.
 
 Failures: a push or pull that fails with a retryable error (Unavailable, DeadlineExceeded) is
-retried with backoff (a retried push is exactly-once on the server); a refusal whose reason is
+retried with backoff (a retried push is exactly-once on the server), for up to 4 x
+--timeout-seconds, and a pull that waited the server's whole limit for ranks still training
+(WAIT_TIMEOUT naming them) for as long as they train; a refusal whose reason is
 CLOCK_AHEAD (the server restarted from a checkpoint and knows this rank at an earlier clock, in
 the error's ``next_clock``) sends the loop back to that clock; a push refused by the staleness
 bound (STALENESS_BOUND: a server restarted from a checkpoint that has this rank's clock, but not
@@ -200,7 +202,9 @@ class _Trainer:
         After each failure the worker asks the server where it stands (Heartbeat): a server that
         restarted from a checkpoint may know this rank at an earlier clock, and then the loop
         rewinds there (``_Rewind``) instead of retrying an operation the server cannot accept.
-        A retried push is safe: the server de-duplicates it.
+        A retried push is safe: the server de-duplicates it. A pull parked past the server's limit
+        behind ranks still training (WAIT_TIMEOUT naming them) is asked again at once, for as long
+        as they train: they are live, and the bound says to wait for them.
         """
         delay, deadline = 0.05, time.monotonic() + self.config.timeout_seconds * 4
         while True:
@@ -216,6 +220,13 @@ class _Trainer:
                     log.warning("push %d refused by the staleness bound: the server lost updates the parameters "
                                 "held contain (it restarted); pulling again", self.clock)
                     raise _Rewind(self.clock) from None
+                if exc.reason == pb.ERROR_REASON_WAIT_TIMEOUT and exc.info.ranks_behind:
+                    # Parked the server's whole limit behind ranks that are live (their leases) and
+                    # still training: waiting for them is this rank's part of the bound, not a failure.
+                    log.info("%s waits for rank%s %s; asking again", what, "s" * (len(exc.info.ranks_behind) > 1),
+                             ", ".join(map(str, exc.info.ranks_behind[:5])))
+                    deadline, delay = time.monotonic() + self.config.timeout_seconds * 4, 0.05
+                    continue
                 if not exc.retryable or time.monotonic() > deadline:
                     raise
                 self.stats.retries += 1

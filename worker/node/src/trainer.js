@@ -154,11 +154,13 @@ class Trainer {
    * of retrying an operation the server cannot accept. A call refused because its clock is ahead
    * of the server's (reason ERROR_REASON_CLOCK_AHEAD, info.next_clock below this.clock) rewinds
    * to that clock directly. A retried push is safe: the server de-duplicates it on
-   * (run_id, rank, incarnation, clock).
+   * (run_id, rank, incarnation, clock). A pull parked past the server's limit behind ranks still
+   * training (ERROR_REASON_WAIT_TIMEOUT naming them in info.ranks_behind) is asked again at once, for
+   * as long as they train: they are live, and the bound says to wait for them.
    */
   async call(op, what) {
     let delay = 0.05;
-    const deadline = Date.now() + this.config.timeoutSeconds * 4 * 1000;
+    let deadline = Date.now() + this.config.timeoutSeconds * 4 * 1000;
     for (;;) {
       this.check();
       try {
@@ -167,6 +169,15 @@ class Trainer {
         this.check();
         if (!(e instanceof PsError)) throw e;
         if (e.reason === 'ERROR_REASON_CLOCK_AHEAD' && e.info.next_clock <= this.clock) this.rewind(e.info.next_clock);
+        const behind = e.reason === 'ERROR_REASON_WAIT_TIMEOUT' ? e.info.ranks_behind || [] : [];
+        if (behind.length) {
+          // Parked the server's whole limit behind ranks that are live (their leases) and still
+          // training: waiting for them is this rank's part of the bound, not a failure (as the Python worker).
+          this.log.info(`${what} waits for rank${behind.length > 1 ? 's' : ''} ${behind.slice(0, 5).join(', ')}; asking again`);
+          deadline = Date.now() + this.config.timeoutSeconds * 4 * 1000;
+          delay = 0.05;
+          continue;
+        }
         if (!e.retryable || Date.now() > deadline) throw e;
         this.stats.retries += 1;
         this.log.info(`${what} failed (${e.codeName}); retrying in ${delay.toFixed(2)}s`);

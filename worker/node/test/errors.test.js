@@ -528,3 +528,34 @@ test('a rank with an empty shard fails the run before training, saying how many 
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('a pull is asked again while the server names ranks still training (WAIT_TIMEOUT), the final one too', async () => {
+  // (it gave up after call()'s deadline, 4 x --timeout-seconds: behind a straggler, a rank ended its
+  // assignment without leaving, rank 0 without evaluating the final parameters)
+  const { t, client } = trainerAt(3);
+  t.spec.iterations = 3;
+  t.config.timeoutSeconds = 0.01; // call() gives a refusal up after 40 ms
+  const waited = new PsError(grpc.status.DEADLINE_EXCEEDED, 'waited 0.2s: rank 0 (clock 3) waits for rank 1',
+    codecs.ErrorInfo.decode(codecs.ErrorInfo.encode({ reason: 'ERROR_REASON_WAIT_TIMEOUT', needed_min_clock: 3, ranks_behind: [1] })),
+    'PullParams');
+  let pulls = 0;
+  client.pull = async () => {
+    pulls += 1;
+    if (pulls <= 6) throw waited;
+    return { guaranteed_clock: 3, run_state: 'RUN_STATE_RUNNING', tensors: {}, shapes: {} };
+  };
+  const evaluated = [];
+  t.evaluate = (params, clock) => evaluated.push(clock);
+  t.report = async () => {};
+  await t.run();
+  assert.equal(pulls, 7);
+  assert.deepEqual(evaluated, [3]);
+  assert.match(t.log.lines.join('\n'), /pull 3 waits for rank 1; asking again/);
+  pulls = 0; // mid-run: any call
+  assert.equal((await t.call(() => client.pull(), 'pull 2')).guaranteed_clock, 3);
+  assert.equal(pulls, 7);
+  // any other refusal, or one naming nobody behind, still ends the assignment
+  const gone = new PsError(grpc.status.DEADLINE_EXCEEDED, 'waited', codecs.ErrorInfo.decode(codecs.ErrorInfo.encode({ reason: 'ERROR_REASON_WAIT_TIMEOUT' })));
+  client.pull = async () => { throw gone; };
+  await assert.rejects(t.run(), (e) => e === gone);
+});
