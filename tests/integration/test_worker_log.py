@@ -145,20 +145,26 @@ async def test_a_worker_told_to_join_a_run_exits_once_its_rank_is_done_saying_so
     assert endings == [f"run {run.run_id}: rank 0 done (5 iterations)", f"exiting: run {run.run_id} is over (--run-id)"]
 
 
+async def _once_worker_evicted(server: PsServer, ps: PsClient, iterations: int) -> tuple[pb.Run, asyncio.Task[list]]:
+    """A one-rank run and a ``--once`` worker training it, evicted (lease 0) at clock 5 or later."""
+    run = await ps.create_run(build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=1,
+                                                           iterations=iterations)))
+    task = asyncio.create_task(work(WorkerConfig(server=f"127.0.0.1:{server.port}", name="w0", once=True,
+                                                 timeout_seconds=10.0, join_wait_seconds=10.0)))
+    async with asyncio.timeout(30):
+        while (await ps.get_run(run.run_id)).min_clock < 5:
+            await asyncio.sleep(0.01)
+    assert server.registry.get(run.run_id).expire(0.0) == [0]
+    return run, task
+
+
 async def test_a_once_worker_whose_rank_is_lost_while_the_run_goes_on_joins_it_again(server: PsServer,
                                                                                      story: Story) -> None:
     """``--once`` means one run, not one rank: evicted (or sent away by a run that went back to a
     checkpoint from before it joined) while its run goes on, the worker asks that run for a rank
     again and trains it to the end (it exited, and a run of ``--once`` workers waited for ever)."""
-    spec = build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=1, iterations=400))
     async with PsClient(f"127.0.0.1:{server.port}", timeout=10.0) as ps:
-        run = await ps.create_run(spec)
-        task = asyncio.create_task(work(WorkerConfig(server=f"127.0.0.1:{server.port}", name="w0", once=True,
-                                                     timeout_seconds=10.0, join_wait_seconds=10.0)))
-        async with asyncio.timeout(30):
-            while (await ps.get_run(run.run_id)).min_clock < 5:
-                await asyncio.sleep(0.01)
-        assert server.registry.get(run.run_id).expire(0.0) == [0]
+        run, task = await _once_worker_evicted(server, ps, iterations=400)
         async with asyncio.timeout(60):
             outcomes = await task
         final = await ps.get_run(run.run_id)
@@ -172,15 +178,8 @@ async def test_a_once_worker_whose_rank_is_lost_while_the_run_goes_on_joins_it_a
 
 async def test_a_once_worker_whose_rank_went_to_another_exits(server: PsServer, story: Story) -> None:
     """Evicted, and its rank taken by another worker meanwhile: nothing left for it in that run."""
-    spec = build_run_spec(LaunchOptions(model="softmax", dataset="digits", workers=1, iterations=100_000))
     async with PsClient(f"127.0.0.1:{server.port}", timeout=10.0) as ps:
-        run = await ps.create_run(spec)
-        task = asyncio.create_task(work(WorkerConfig(server=f"127.0.0.1:{server.port}", name="w0", once=True,
-                                                     timeout_seconds=10.0, join_wait_seconds=10.0)))
-        async with asyncio.timeout(30):
-            while (await ps.get_run(run.run_id)).min_clock < 5:
-                await asyncio.sleep(0.01)
-        assert server.registry.get(run.run_id).expire(0.0) == [0]
+        run, task = await _once_worker_evicted(server, ps, iterations=100_000)
         server.registry.join("other", run.run_id)  # (at once: before the evicted worker can ask again)
         async with asyncio.timeout(30):
             outcomes = await task

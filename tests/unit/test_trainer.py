@@ -778,11 +778,9 @@ async def test_a_rank_with_an_empty_shard_fails_the_run_at_once_saying_how_many_
     assert not any(o.completed for o in outcomes), outcomes
 
 
-async def test_rank_0_waits_for_a_straggler_past_the_park_limit_to_evaluate_the_final_parameters() -> None:
-    """Rank 0 done, its final pull (clock = iterations) parked past the server's limit again and
-    again while rank 1 trains on: it asks again for as long (it gave up after 4 x --timeout-seconds,
-    ended its assignment without evaluating the final parameters, and left its rank to its lease)."""
-    spec = _spec(-1, workers=2, iterations=10)
+async def _behind_a_straggler(spec: pb.RunSpec) -> tuple[Outcome, pb.Run]:
+    """Rank 0 trains on a server whose park limit is 0.2 s while rank 1 holds back until rank 0's
+    pulls have been parked for 2 s in all, then trains to the end: rank 0's outcome, and the run."""
     async with InMemoryServer(max_wait_seconds=0.2) as server:
         async with server.client() as admin:
             run = await admin.create_run(spec)
@@ -801,6 +799,15 @@ async def test_rank_0_waits_for_a_straggler_past_the_park_limit_to_evaluate_the_
         final = await c1.get_run(run.run_id)
         for c in (c0, c1):
             await c.close()
+    return outcome, final
+
+
+async def test_rank_0_waits_for_a_straggler_past_the_park_limit_to_evaluate_the_final_parameters() -> None:
+    """Rank 0 done, its final pull (clock = iterations) parked past the server's limit again and
+    again while rank 1 trains on: it asks again for as long (it gave up after 4 x --timeout-seconds,
+    ended its assignment without evaluating the final parameters, and left its rank to its lease)."""
+    spec = _spec(-1, workers=2, iterations=10)
+    outcome, final = await _behind_a_straggler(spec)
     assert outcome.completed, outcome
     assert outcome.stats.final_accuracy is not None
     assert final.state == pb.RUN_STATE_COMPLETED and final.message == "all ranks finished", final.message
@@ -814,24 +821,7 @@ async def test_a_rank_waits_for_a_straggler_past_the_park_limit_and_keeps_its_ra
     again for as long (after 4 x --timeout-seconds it ended its assignment without leaving: its
     rank was evicted when its lease expired, its iterations dropped, and a worker with --once exited)."""
     spec = _spec(staleness, workers=2, iterations=6)
-    async with InMemoryServer(max_wait_seconds=0.2) as server:
-        async with server.client() as admin:
-            run = await admin.create_run(spec)
-        c0, c1 = server.client(), server.client()
-        j0 = (await c0.join("w0", run.run_id, max_wait=0, capabilities=CAPABILITIES)).assignment
-        j1 = (await c1.join("w1", run.run_id, max_wait=0, capabilities=CAPABILITIES)).assignment
-        rank0 = asyncio.create_task(train(c0, j0, dataclasses.replace(CONFIG, timeout_seconds=0.2)))
-        core = server.registry.get(run.run_id)
-        while core.counters.parked_seconds < 2.0 and not rank0.done():  # (its call gave up after 0.8 s)
-            await asyncio.sleep(0.05)
-        held = (await c1.pull(run.run_id, j1.rank, j1.incarnation, 0)).tensors
-        for clock in range(spec.iterations):  # rank 1, the straggler, trains at last
-            await c1.push(run.run_id, j1.rank, j1.incarnation, clock, {n: np.zeros_like(v) for n, v in held.items()})
-        await c1.leave(run.run_id, j1.rank, j1.incarnation, pb.LEAVE_REASON_DONE)
-        outcome = await asyncio.wait_for(rank0, 30)
-        final = await c1.get_run(run.run_id)
-        for c in (c0, c1):
-            await c.close()
+    outcome, final = await _behind_a_straggler(spec)
     assert outcome.completed and outcome.stats.iterations == spec.iterations, outcome
     assert final.state == pb.RUN_STATE_COMPLETED and final.message == "all ranks finished", final.message
     assert final.counters.evictions == 0 and final.last_eval.clock == spec.iterations
