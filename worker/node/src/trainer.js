@@ -153,7 +153,8 @@ class Trainer {
    * a checkpoint may know it at an earlier clock, and then the loop rewinds there (Rewind) instead
    * of retrying an operation the server cannot accept. A call refused because its clock is ahead
    * of the server's (reason ERROR_REASON_CLOCK_AHEAD, info.next_clock below this.clock) rewinds
-   * to that clock directly. A retried push is safe: the server de-duplicates it on
+   * to that clock directly; a push refused by the staleness bound (ERROR_REASON_STALENESS_BOUND)
+   * rewinds to this.clock, to pull and compute it again. A retried push is safe: the server de-duplicates it on
    * (run_id, rank, incarnation, clock). A pull parked past the server's limit behind ranks still
    * training (ERROR_REASON_WAIT_TIMEOUT naming them in info.ranks_behind) is asked again at once, for
    * as long as they train: they are live, and the bound says to wait for them.
@@ -169,6 +170,13 @@ class Trainer {
         this.check();
         if (!(e instanceof PsError)) throw e;
         if (e.reason === 'ERROR_REASON_CLOCK_AHEAD' && e.info.next_clock <= this.clock) this.rewind(e.info.next_clock);
+        if (e.reason === 'ERROR_REASON_STALENESS_BOUND') {
+          // Only a push computed on parameters the server no longer guarantees is refused so (a pull
+          // waits for the bound): it restarted from a checkpoint that has this rank's clock but not
+          // updates of others those parameters held. Pull again and compute this clock again.
+          this.log.warning(`${what} refused by the staleness bound: the server lost updates the parameters held (it restarted); pulling again`);
+          throw new Rewind(this.clock);
+        }
         const behind = e.reason === 'ERROR_REASON_WAIT_TIMEOUT' ? e.info.ranks_behind || [] : [];
         if (behind.length) {
           // Parked the server's whole limit behind ranks that are live (their leases) and still

@@ -265,6 +265,16 @@ test('the trainer rewinds to info.next_clock on ERROR_REASON_CLOCK_AHEAD, withou
   assert.match(t.log.lines.join('\n'), /going back from clock 5/);
 });
 
+test('a push refused by the staleness bound pulls again: it rewinds to its own clock (a restarted server lost updates its parameters held)', async () => {
+  const { t, client } = trainerAt(5);
+  const refused = new PsError(grpc.status.FAILED_PRECONDITION, 'any text', codecs.ErrorInfo.decode(
+    codecs.ErrorInfo.encode({ reason: 'ERROR_REASON_STALENESS_BOUND', needed_min_clock: 4 }),
+  ));
+  await assert.rejects(t.call(() => Promise.reject(refused), 'push 5'), (e) => e instanceof Rewind && e.clock === 5);
+  assert.equal(client.heartbeats, 0);
+  assert.match(t.log.lines.join('\n'), /push 5 refused by the staleness bound/);
+});
+
 test('the trainer never reads the message: "next clock is" without the reason, or a next_clock ahead, ends the call', async () => {
   const { t, client } = trainerAt(5, 2);
   const text = new PsError(grpc.status.FAILED_PRECONDITION, 'push for clock 5: next clock is 3');
