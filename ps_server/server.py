@@ -307,9 +307,9 @@ async def _start(config: ServerConfig, checkpointer: Checkpointer | None, data_l
             run.stop(f"the run was placed over {servers} server(s) and this cluster has {max(1, len(config.peers))}: "
                      "restart the servers with the --cluster list it was created on to resume it", RunState.FAILED)
     resumed = [registry.add(run) for run in restored]
-    if total and sum(r.footprint for r in resumed) > total:  # (resumed all the same: they were accepted)
+    if total and (held := registry.held_bytes()) > total:  # (resumed all the same: they were accepted)
         log.warning("the runs resumed hold %d MiB, over the %d MiB runs may hold together (%s): no run is created "
-                    "until some are deleted (psctl delete)", sum(r.footprint for r in resumed) >> 20, total >> 20, source)
+                    "until some are deleted (psctl delete)", held >> 20, total >> 20, source)
     on_resumed()
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
