@@ -59,7 +59,7 @@ from bench.straggler import machine, start_server, stop_procs  # noqa: E402
 from client.spec import LaunchOptions, build_run_spec, parse_compression  # noqa: E402
 from paramserver.client import PsClient  # noqa: E402
 from paramserver.runtime import child_env, exit_with_parent  # noqa: E402
-from paramserver.v1 import compress, wire  # noqa: E402
+from paramserver.v1 import compress, unwire, wire  # noqa: E402
 from paramserver.v1 import paramserver_pb2 as pb  # noqa: E402
 from ps_server.codec import TensorAssembler  # noqa: E402
 from worker.compression import PushCodec  # noqa: E402
@@ -198,7 +198,7 @@ def cpu_of(model: str, mode: str, grads: dict[str, np.ndarray], params: dict[str
     def assemble() -> None:
         asm = TensorAssembler(1 << 30, dtype=dtype, sparse=bool(c.topk_ratio))
         for m in messages:
-            asm.add(wire.decode_push_request(m).tensors)
+            asm.add(unwire.decode_push_request(m).tensors)
         asm.finish()
 
     half = dtype != pb.DATA_TYPE_FLOAT32

@@ -24,7 +24,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 
 from paramserver.v1 import paramserver_pb2 as pb
-from paramserver.v1 import wire
+from paramserver.v1 import unwire, wire
 from paramserver.v1.shm import IN_PLACE_BYTES, MESSAGE_BYTES, available
 
 from . import errors
@@ -91,7 +91,7 @@ def _seconds(max_wait: float, method: str, what: str, zero: str) -> float:
     return max_wait
 
 
-def _pulled_final(resp: wire.PushResponse) -> bool:
+def _pulled_final(resp: unwire.PushResponse) -> bool:
     return resp.pulled is not None and resp.pulled.final
 
 
@@ -385,14 +385,14 @@ class PsClient:
         else:  # every push of a dense model: the same request but for its clock and version
             then = wire.pull_request_bytes(run_id, rank, incarnation, clock + 1, wait, since if into is not None else None)
         sink = PullSink(into, borrow)
-        responses: list[wire.PushResponse] = await self._push.exchange(
+        responses: list[unwire.PushResponse] = await self._push.exchange(
             self._push_requests(run_id, rank, incarnation, clock, grads, loss, then, param_version), parked + self.timeout,
             until_final=True, final=_pulled_final, decode=sink.push_response)
         first = responses[0]
         ack = pb.PushGradientResponse(clock=first.clock, duplicate=first.duplicate, min_clock=first.min_clock,
                                       run_state=first.run_state, staleness=first.staleness,  # type: ignore[arg-type]
                                       lr_scale=first.lr_scale)
-        return ack, sink.result(responses[-1].pulled or wire.ParamsResponse())
+        return ack, sink.result(responses[-1].pulled or unwire.ParamsResponse())
 
     def _push_requests(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Grad],
                        loss: float, then: pb.PullParamsRequest | bytes | None,

@@ -2,8 +2,9 @@
 plane's gRPC streams. The only SDK module that imports grpc: a failed call becomes a typed error in
 ``error_from_rpc``, the one place that reads gRPC's status (code, message, ErrorInfo trailer).
 
-The data streams pass bytes through: their messages are coded by ``paramserver.v1.wire`` (the same
-bytes on the wire as the generated stubs', without building protobuf objects for every MiB).
+The data streams pass bytes through: their messages are coded by ``paramserver.v1.wire`` and
+``unwire`` (the same bytes on the wire as the generated stubs', without building protobuf objects
+for every MiB).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from paramserver.v1 import compress, wire
+from paramserver.v1 import compress, unwire, wire
 from paramserver.v1 import paramserver_pb2 as pb
 
 __all__ = ["PullResult", "PullSink"]
@@ -50,7 +50,7 @@ class PullSink:
         self._rows: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
         self._borrow = borrow
 
-    def params(self, resp: wire.ParamsResponse) -> wire.ParamsResponse:
+    def params(self, resp: unwire.ParamsResponse) -> unwire.ParamsResponse:
         out = self.out
         for chunk in resp.tensors:
             data = chunk.data  # a view of the response's bytes
@@ -107,7 +107,7 @@ class PullSink:
         return resp
 
     @staticmethod
-    def _scatter(chunk: wire.ChunkLike, arr: np.ndarray | None, shape: tuple[int, ...]) -> None:
+    def _scatter(chunk: unwire.ChunkLike, arr: np.ndarray | None, shape: tuple[int, ...]) -> None:
         picked = np.frombuffer(chunk.indices, wire.U32)
         if arr is None or arr.shape != shape or arr.dtype != wire.F32 or not arr.flags.c_contiguous or \
                 not arr.flags.writeable or \
@@ -119,16 +119,16 @@ class PullSink:
         compress.decode_into(chunk.data, chunk.dtype, values)
         arr.reshape(-1)[picked] = values
 
-    def params_response(self, raw: bytes | memoryview) -> wire.ParamsResponse:
-        return self.params(wire.decode_params_response(raw))
+    def params_response(self, raw: bytes | memoryview) -> unwire.ParamsResponse:
+        return self.params(unwire.decode_params_response(raw))
 
-    def push_response(self, raw: bytes | memoryview) -> wire.PushResponse:
-        resp = wire.decode_push_response(raw)
+    def push_response(self, raw: bytes | memoryview) -> unwire.PushResponse:
+        resp = unwire.decode_push_response(raw)
         if resp.pulled is not None:
             self.params(resp.pulled)
         return resp
 
-    def result(self, last: wire.ParamsResponse) -> PullResult:
+    def result(self, last: unwire.ParamsResponse) -> PullResult:
         rows = {name: parts[0] if len(parts) == 1 else (np.concatenate([i for i, _ in parts]),
                                                         np.concatenate([v for _, v in parts]))
                 for name, parts in self._rows.items()}

@@ -1,9 +1,10 @@
 """Conversions between the wire (paramserver.v1 protobuf) and the core, as pure functions.
 
 Also ``error_status``, the one mapping from a domain error to the status every transport sends
-(code, message, ErrorInfo). Tensors: ``paramserver.v1.wire`` encodes and decodes the data plane's
-messages; ``TensorAssembler`` puts decoded chunks (views of the received bytes) back together,
-zero-copy when a tensor arrives in one chunk. No gRPC here: transports are leaves above this.
+(code, message, ErrorInfo). Tensors: ``paramserver.v1.wire`` encodes the data plane's messages
+and ``paramserver.v1.unwire`` decodes them; ``TensorAssembler`` puts decoded chunks (views of the
+received bytes) back together, zero-copy when a tensor arrives in one chunk. No gRPC here:
+transports are leaves above this.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Iterable
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from paramserver.v1 import compress, wire
+from paramserver.v1 import compress, unwire, wire
 from paramserver.v1 import paramserver_pb2 as pb
 
 from .core import errors
@@ -102,7 +103,7 @@ class TensorAssembler:
         self._rows: dict[str, list[Rows]] = {}
         self._last_index: dict[str, int] = {}  # sparse tensors: the last position filled
 
-    def add(self, chunks: Iterable[wire.ChunkLike]) -> None:
+    def add(self, chunks: Iterable[unwire.ChunkLike]) -> None:
         tensors = self._tensors
         for chunk in chunks:
             data = chunk.data  # a view of the request's bytes (wire), not a copy

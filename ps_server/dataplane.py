@@ -29,7 +29,7 @@ import numpy as np
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError
 
-from paramserver.v1 import compress, wire
+from paramserver.v1 import compress, unwire, wire
 from paramserver.v1 import paramserver_pb2 as pb
 
 from .codec import WIRE_DTYPE_PB, TensorAssembler, run_state_to_proto
@@ -81,7 +81,7 @@ class _Push:
     """A whole push, received and assembled, not yet given to its run."""
 
     run: Run
-    request: wire.PushRequest
+    request: unwire.PushRequest
     """Its last request (the key, ``loss``)."""
     grads: dict[str, Gradient]
     nbytes: int
@@ -93,12 +93,12 @@ class _Push:
 
 
 class PushMemo:
-    """What a push stream's lean path remembers of its pushes: their layout (``wire.PushLayout``)
+    """What a push stream's lean path remembers of its pushes: their layout (``unwire.PushLayout``)
     and run, learned from a push that the run applied (so its tensors are the run's, whole, in
     their shapes); a later push that matches them needs none of those checks again."""
 
     def __init__(self) -> None:
-        self.layout: wire.PushLayout | None = None
+        self.layout: unwire.PushLayout | None = None
         self.run: Run | None = None
         self.nbytes = 0
 
@@ -107,7 +107,7 @@ class PushMemo:
         is not checked), when it has one."""
         if push.run.spec.staleness == 0 or push.run.store.flat_gradient() is None:
             return
-        layout = wire.PushLayout.learn(raw, push.request)
+        layout = unwire.PushLayout.learn(raw, push.request)
         if layout is not None:
             self.layout, self.run, self.nbytes = layout, push.run, push.nbytes
 
@@ -256,14 +256,14 @@ class DataPlane:
         and sends what it yields; or None when ``raw`` is not such a push (nothing was done:
         ``push_stream`` takes it as always). A rejected push raises PsError as in push_stream.
 
-        ``memo``: the stream's; a push laid out as the stream's last one (``wire.PushLayout``: the
+        ``memo``: the stream's; a push laid out as the stream's last one (``unwire.PushLayout``: the
         same tensors, encoded the same way) is read without decoding its chunks, its tensors
         copied straight into the run's gradient buffer."""
         push = self._laid_out(raw, memo) if memo is not None and memo.layout is not None else None
         decoded = push is None
         if push is None:
             try:
-                req = wire.decode_push_request(raw)
+                req = unwire.decode_push_request(raw)
             except DecodeError:
                 return None  # (push_stream says what is wrong with it)
             if not req.final:
@@ -358,7 +358,7 @@ class DataPlane:
                        holder: SlotHolder) -> _Push:
         """The push whose first request is ``raw``, read to its final request and assembled; or
         its error, raised once its final request is in."""
-        req = _decode(wire.decode_push_request, raw)
+        req = _decode(unwire.decode_push_request, raw)
         key = (req.run_id, req.rank, req.incarnation, req.clock)
         then_pull, param_version = req.then_pull, req.param_version
         failed: PsError | None = None
@@ -383,7 +383,7 @@ class DataPlane:
                 except StopAsyncIteration:
                     failed = failed or InvalidArgument(f"the stream ended inside push {_key(key)} (final never set)")
                     break
-                req = _decode(wire.decode_push_request, raw)
+                req = _decode(unwire.decode_push_request, raw)
                 if failed is not None:
                     drained += len(raw)
                     if drained > limit:
@@ -417,7 +417,7 @@ class DataPlane:
         finally:  # the error's traceback holds this frame (or its callee's, which holds this one), and this frame
             del failed  # the requests (a client's segment): kept here too, a cycle, they stayed until a collection
 
-    def _first(self, req: wire.PushRequest) -> tuple[Run, TensorAssembler]:
+    def _first(self, req: unwire.PushRequest) -> tuple[Run, TensorAssembler]:
         """A one-message push's run and its chunks, assembled; PsError (counted and logged as a
         rejection) when either is wrong."""
         run: Run | None = None

@@ -1,7 +1,7 @@
 """The lean path of a small push, on the shared-memory and the TCP data planes: the server reads,
 applies and answers a one-message push in its socket's reader callback (``DataPlane.push_now``,
 ``Link.serve``), reading a push laid out as its stream's last one without decoding its chunks
-(``wire.PushLayout``); the client writes a request and reads its answer without its event loop
+(``unwire.PushLayout``); the client writes a request and reads its answer without its event loop
 when the answer comes at once (``TcpCall.exchange_now``). What either cannot finish at once (a
 pull that must wait, a status, a frame still coming in, a push of several messages) goes on
 through the event loop with the same results and errors."""
@@ -117,7 +117,7 @@ async def test_a_push_rejected_in_the_callback_gets_its_status_once_and_the_stre
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_pushes_laid_out_as_the_streams_last_skip_decoding_and_apply_the_same(transport: str,
         server: PsServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    """After a stream's first push, one laid out alike (``wire.PushLayout``) is copied straight into
+    """After a stream's first push, one laid out alike (``unwire.PushLayout``) is copied straight into
     the run's gradient buffer: the same parameters result as with the general path, a NaN is still
     refused with its tensor's name, and a push of the tensors in another order takes the general path."""
     laid_out: list[bool] = []

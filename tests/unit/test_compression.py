@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from client.facts import compression_text
 from client.spec import LaunchOptions, build_run_spec, parse_compression
-from paramserver.v1 import compress, wire
+from paramserver.v1 import compress, unwire, wire
 from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.codec import TensorAssembler, spec_from_proto, spec_to_proto
 from ps_server.core.errors import InvalidArgument
@@ -148,7 +148,7 @@ def _assemble(parts: dict[str, wire.CodedPart], dtype: int, sparse: bool, chunk_
     groups = list(wire.chunk_groups(parts, chunk_bytes))
     asm = TensorAssembler(1 << 26, dtype=dtype, sparse=sparse)
     for i, group in enumerate(groups):
-        req = wire.decode_push_request(wire.join(wire.push_request_parts("r", 0, 1, 0, group, i == len(groups) - 1)))
+        req = unwire.decode_push_request(wire.join(wire.push_request_parts("r", 0, 1, 0, group, i == len(groups) - 1)))
         asm.add(req.tensors)
     return {k: np.asarray(v) for k, v in asm.finish().items()}
 

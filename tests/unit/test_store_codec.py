@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from paramserver.v1 import paramserver_pb2 as pb
-from paramserver.v1 import wire
+from paramserver.v1 import unwire, wire
 from ps_server.codec import TensorAssembler, error_status, spec_from_proto, spec_to_proto
 from ps_server.core import errors
 from ps_server.core.errors import InvalidArgument, ResourceExhausted
@@ -321,7 +321,7 @@ def _roundtrip(tensors: dict[str, np.ndarray], chunk_bytes: int) -> tuple[dict[s
     a = TensorAssembler(max_bytes=1 << 30)
     messages = 0
     for group in wire.chunk_groups(tensors, chunk_bytes):
-        batch = wire.decode_push_request(wire.join(wire.push_request_parts("r", 0, 1, 0, group, False))).tensors
+        batch = unwire.decode_push_request(wire.join(wire.push_request_parts("r", 0, 1, 0, group, False))).tensors
         messages += 1
         # A message's payload stays near chunk_bytes (at most one chunk past it).
         assert sum(len(c.data) for c in batch) < chunk_bytes + max(4, chunk_bytes) + 4

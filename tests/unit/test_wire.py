@@ -1,5 +1,5 @@
-"""paramserver.v1.wire: equal to the generated classes (byte for byte, but for a push's alignment
-padding), and decode(encode(x)) == x."""
+"""paramserver.v1.wire and unwire: equal to the generated classes (byte for byte, but for a push's
+alignment padding), and decode(encode(x)) == x."""
 
 from __future__ import annotations
 
@@ -15,20 +15,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from paramserver.v1 import paramserver_pb2 as pb
-from paramserver.v1 import wire
+from paramserver.v1 import unwire, wire
 
 
 @pytest.fixture(autouse=True, scope="module", params=["hand", "generated"])
 def codec_path(request: pytest.FixtureRequest) -> Iterator[str]:
     """Every test runs twice: small messages treated as large (threshold -1: decoded by hand, pushes
     padded) and as small (the default threshold, which all of these messages are under: decoded by
-    the generated classes, no padding)."""
+    the generated classes, no padding). The encoders and the decoders each read their own import of
+    the threshold."""
     saved = wire.SMALL_MESSAGE
-    wire.SMALL_MESSAGE = -1 if request.param == "hand" else saved
+    wire.SMALL_MESSAGE = unwire.SMALL_MESSAGE = -1 if request.param == "hand" else saved
     try:
         yield request.param
     finally:
-        wire.SMALL_MESSAGE = saved
+        wire.SMALL_MESSAGE = unwire.SMALL_MESSAGE = saved
 
 
 U64 = st.integers(0, (1 << 64) - 1)
@@ -74,7 +75,7 @@ def _unpadded(raw: bytes) -> bytes:
     and every chunk's data must start at a multiple of 16 bytes into ``raw``."""
     msg = pb.PushGradientRequest.FromString(raw)
     base = np.frombuffer(raw, np.uint8).ctypes.data if raw else 0
-    for c in wire.decode_push_request(raw).tensors:
+    for c in unwire.decode_push_request(raw).tensors:
         if wire.SMALL_MESSAGE < 0 and len(c.data):  # the hand path: a view of raw (no fallback)
             assert isinstance(c.data, memoryview)
             assert (np.frombuffer(c.data, np.uint8).ctypes.data - base) % 16 == 0
@@ -83,7 +84,7 @@ def _unpadded(raw: bytes) -> bytes:
     return msg.SerializeToString()
 
 
-def _same_chunks(decoded: list[wire.ChunkLike], expected: list[pb.TensorChunk]) -> None:
+def _same_chunks(decoded: list[unwire.ChunkLike], expected: list[pb.TensorChunk]) -> None:
     assert len(decoded) == len(expected)
     for c, e in zip(decoded, expected, strict=True):
         assert (c.name, tuple(c.shape), c.dtype, c.offset, bytes(c.data)) == (
@@ -102,7 +103,7 @@ def test_push_request_matches_protobuf(run_id: str, rank: int, inc: int, clock: 
     msg = pb.PushGradientRequest(run_id=run_id, rank=rank, incarnation=inc, clock=clock, tensors=_pb_chunks(group),
                                  final=final, loss=loss, then_pull=then)
     assert _unpadded(raw) == msg.SerializeToString()
-    r = wire.decode_push_request(raw)
+    r = unwire.decode_push_request(raw)
     assert (r.run_id, r.rank, r.incarnation, r.clock, r.final) == (run_id, rank, inc, clock, final)
     assert struct.pack("<d", r.loss) == struct.pack("<d", msg.loss)
     assert r.then_pull == (then if then is not None else None)
@@ -116,7 +117,7 @@ def test_params_response_matches_protobuf(gc: int, version: int, group: wire.Gro
     msg = pb.PullParamsResponse(guaranteed_clock=gc, version=version, tensors=_pb_chunks(group), final=final,
                                 run_state=state)  # type: ignore[arg-type]
     assert raw == msg.SerializeToString()
-    r = wire.decode_params_response(raw)
+    r = unwire.decode_params_response(raw)
     assert (r.guaranteed_clock, r.version, r.final, r.run_state) == (gc, version, final, state)
     _same_chunks(r.tensors, list(msg.tensors))
 
@@ -140,7 +141,7 @@ def test_an_encoded_group_pads_a_large_answer_s_data_to_16_bytes_after_its_first
         assert raw == expected.SerializeToString() and not any(padded)
         return
     base = np.frombuffer(raw, np.uint8).ctypes.data
-    starts = [np.frombuffer(c.data, np.uint8).ctypes.data - base for c in wire.decode_params_response(raw).tensors
+    starts = [np.frombuffer(c.data, np.uint8).ctypes.data - base for c in unwire.decode_params_response(raw).tensors
               if len(c.data)]
     assert all((at - starts[0]) % 16 == 0 for at in starts)
 
@@ -157,7 +158,7 @@ def test_push_response_matches_protobuf(clock: int, dup: bool, mc: int, state: i
         msg.pulled.CopyFrom(pb.PullParamsResponse(guaranteed_clock=gc, version=version, tensors=_pb_chunks(group),
                                                   final=final, run_state=pstate))  # type: ignore[arg-type]
     assert raw == msg.SerializeToString()
-    r = wire.decode_push_response(raw)
+    r = unwire.decode_push_response(raw)
     assert (r.clock, r.duplicate, r.min_clock, r.run_state) == (clock, dup, mc, state)
     if pulled is None:
         assert r.pulled is None
@@ -192,7 +193,7 @@ def test_chunk_groups_follow_the_chunking_rule(shapes: list[tuple[str, tuple[int
         n: [] for n, t in tensors.items() if not t.size and n in seen}
     # and what the generated classes parse back from them is the same chunks
     for group in groups:
-        _same_chunks(wire.decode_push_request(encode_push_request("r", 1, 2, 3, group, False)).tensors,
+        _same_chunks(unwire.decode_push_request(encode_push_request("r", 1, 2, 3, group, False)).tensors,
                      pb.PushGradientRequest.FromString(_unpadded(encode_push_request("r", 1, 2, 3, group, False))).tensors)
 
 
@@ -234,16 +235,16 @@ def _descriptor_fields(message: type[Any]) -> set[str]:
 def _codec_gaps(message: type[Any], descriptor_fields: set[str]) -> set[str]:
     """Fields of ``message`` the hand codec would drop: neither decoded into its dataclass nor
     deliberately ignored."""
-    target, ignored = wire.HAND_CODED[message]
+    target, ignored = unwire.HAND_CODED[message]
     return descriptor_fields - {f.name for f in dataclasses.fields(target)} - ignored
 
 
-@pytest.mark.parametrize("message", list(wire.HAND_CODED), ids=lambda m: m.DESCRIPTOR.name)
+@pytest.mark.parametrize("message", list(unwire.HAND_CODED), ids=lambda m: m.DESCRIPTOR.name)
 def test_the_codec_knows_every_field_of_its_messages(message: type[Any]) -> None:
     """The .proto is the one source of truth: a field it gains that the hand codec does not know
     fails here (it would silently not be sent, nor read)."""
     assert _codec_gaps(message, _descriptor_fields(message)) == set()
-    target, ignored = wire.HAND_CODED[message]
+    target, ignored = unwire.HAND_CODED[message]
     assert {f.name for f in dataclasses.fields(target)} <= _descriptor_fields(message)  # no stale names either
 
 
@@ -290,7 +291,7 @@ def test_edge_cases() -> None:
         final=True, loss=-0.0, then_pull=then).SerializeToString()
     msg = pb.PushGradientRequest.FromString(raw)
     assert msg.tensors[3].offset == -5 and msg.tensors[3].shape[0] == -1
-    r = wire.decode_push_request(raw)
+    r = unwire.decode_push_request(raw)
     assert [c.offset for c in r.tensors] == [0, 4, 0, -5]
     assert tuple(r.tensors[2].shape) == (0, 3) and bytes(r.tensors[2].data) == b""
     # the only paddings that align this chunk's data would make its length prefix a byte longer
@@ -299,7 +300,7 @@ def test_edge_cases() -> None:
     assert _unpadded(raw) == pb.PushGradientRequest(run_id="00\x80\x80\x80𐀀𐀀𐀀", incarnation=128, clock=2097152,
                                                     tensors=_pb_chunks(group)).SerializeToString()
     assert encode_push_request("", 0, 0, 0, [], False) == b""
-    assert wire.decode_push_request(b"") == wire.PushRequest()
+    assert unwire.decode_push_request(b"") == unwire.PushRequest()
     assert wire.varint(-1) == b"\xff" * 9 + b"\x01"
 
 
@@ -310,12 +311,12 @@ def test_unusual_input_falls_back_to_protobuf() -> None:
     unpacked = body.replace(b"\x12\x02\x02\x03", b"\x10\x02\x10\x03")
     raw = b"\x0a\x01r" + b"\x10\x01" + b"\x10\x02" + b"\x2a" + bytes([len(unpacked)]) + unpacked + b"\xf8\x01\x07"
     expected = pb.PushGradientRequest.FromString(raw)
-    r = wire.decode_push_request(raw)
+    r = unwire.decode_push_request(raw)
     assert (r.run_id, r.rank) == (expected.run_id, expected.rank) == ("r", 2)
     _same_chunks(r.tensors, list(expected.tensors))
     # a uint32 field sent as a wider varint is truncated as protobuf does
     wide = b"\x10" + wire.varint((1 << 33) + 5)
-    assert wire.decode_push_request(wide).rank == pb.PushGradientRequest.FromString(wide).rank
+    assert unwire.decode_push_request(wide).rank == pb.PushGradientRequest.FromString(wide).rank
 
 
 @pytest.mark.parametrize("raw", [b"\x0a\x05ab", b"\x2a\x03\x0a\x05a", b"\x0a\x02\xff\xfe", b"\xff" * 11])
@@ -323,14 +324,14 @@ def test_malformed_input_raises_decode_error(raw: bytes) -> None:
     with pytest.raises(DecodeError):
         pb.PushGradientRequest.FromString(raw)
     with pytest.raises(DecodeError):
-        wire.decode_push_request(raw)
+        unwire.decode_push_request(raw)
     try:  # the same bytes as a PullParamsResponse: whatever protobuf says
         expected = pb.PullParamsResponse.FromString(raw)
     except DecodeError:
         with pytest.raises(DecodeError):
-            wire.decode_params_response(raw)
+            unwire.decode_params_response(raw)
     else:
-        r = wire.decode_params_response(raw)
+        r = unwire.decode_params_response(raw)
         assert (r.guaranteed_clock, r.final, len(r.tensors)) == (expected.guaranteed_clock, expected.final,
                                                                  len(expected.tensors))
 
@@ -342,7 +343,7 @@ def _model(seed: int) -> list[tuple[str, tuple[int, ...], int, np.ndarray]]:
             for name, shape in (("w0", (8, 4)), ("b0", (4,)), ("w1", (4, 3)), ("b1", (3,)))]
 
 
-def _fields(r: wire.PushRequest) -> tuple[Any, ...]:
+def _fields(r: unwire.PushRequest) -> tuple[Any, ...]:
     return r.run_id, r.rank, r.incarnation, r.clock, r.final, struct.pack("<d", r.loss), r.then_pull, r.param_version
 
 
@@ -356,7 +357,7 @@ def test_a_learned_layout_reads_pushes_laid_out_alike_as_the_generated_class_doe
         run_id: str, rank: int, inc: int, clock: int, final: bool, loss: float, then: pb.PullParamsRequest | None,
         version: int | None, seed: int) -> None:
     first = encode_push_request(run_id, rank, inc, 100, _model(0), True, 0.5, pb.PullParamsRequest(clock=101), 99)
-    layout = wire.PushLayout.learn(first, wire.decode_push_request(first))
+    layout = unwire.PushLayout.learn(first, unwire.decode_push_request(first))
     if wire.SMALL_MESSAGE < 0:  # pushes padded for alignment: not laid out as a layout says
         assert layout is None
         return
@@ -368,7 +369,7 @@ def test_a_learned_layout_reads_pushes_laid_out_alike_as_the_generated_class_doe
     got = layout.match(memoryview(raw))
     assert got is not None
     req, starts = got
-    assert _fields(req) == _fields(wire.decode_push_request(raw))
+    assert _fields(req) == _fields(unwire.decode_push_request(raw))
     for (_, _, _, data), start, size in zip(model, starts, layout.sizes, strict=True):
         np.testing.assert_array_equal(np.frombuffer(raw, "<f4", size // 4, start), data)
 
@@ -381,7 +382,7 @@ def test_a_layout_never_reads_a_push_otherwise_than_the_generated_class(seed: in
     if wire.SMALL_MESSAGE < 0:
         return
     first = encode_push_request("run-1", 3, 7, 100, _model(0), True, 0.5, None, None)
-    layout = wire.PushLayout.learn(first, wire.decode_push_request(first))
+    layout = unwire.PushLayout.learn(first, unwire.decode_push_request(first))
     assert layout is not None
     raw = bytearray(encode_push_request("run-1", 3, 7, 101, _model(seed), True, 0.25,
                                         pb.PullParamsRequest(run_id="run-1", clock=102), 100))
@@ -406,7 +407,7 @@ def test_pushes_not_laid_out_as_learned_do_not_match_and_some_cannot_be_learned(
         return
     model = _model(0)
     first = encode_push_request("r", 1, 1, 0, model, True)
-    layout = wire.PushLayout.learn(first, wire.decode_push_request(first))
+    layout = unwire.PushLayout.learn(first, unwire.decode_push_request(first))
     assert layout is not None
     assert layout.match(memoryview(encode_push_request("r", 1, 1, 1, model[::-1], True))) is None  # another order
     assert layout.match(memoryview(encode_push_request("r", 1, 1, 1, model[:3], True))) is None  # a tensor less
@@ -415,10 +416,10 @@ def test_pushes_not_laid_out_as_learned_do_not_match_and_some_cannot_be_learned(
     assert layout.match(memoryview(encode_push_request("r", 1, 1, 1, wider, True))) is None  # other shapes
     pieces = [("w", (4,), 0, np.zeros(2, "<f4")), ("w", (4,), 2, np.zeros(2, "<f4"))]
     raw = encode_push_request("r", 1, 1, 0, pieces, True)
-    assert wire.PushLayout.learn(raw, wire.decode_push_request(raw)) is None  # a tensor in two chunks
+    assert unwire.PushLayout.learn(raw, unwire.decode_push_request(raw)) is None  # a tensor in two chunks
     sparse = {"w": wire.CodedPart(np.zeros(2, "<f4"), pb.DATA_TYPE_FLOAT32, (4,), np.array([0, 3], np.uint32))}
     raw = wire.join(wire.push_request_parts("r", 1, 1, 0, next(wire.chunk_groups(sparse, 1 << 20)), True))
-    assert wire.PushLayout.learn(raw, wire.decode_push_request(raw)) is None  # sparse (top-k)
+    assert unwire.PushLayout.learn(raw, unwire.decode_push_request(raw)) is None  # sparse (top-k)
     half = {"w": wire.CodedPart(np.zeros(4, "<f2"), pb.DATA_TYPE_FLOAT16, (4,))}
     raw = wire.join(wire.push_request_parts("r", 1, 1, 0, next(wire.chunk_groups(half, 1 << 20)), True))
-    assert wire.PushLayout.learn(raw, wire.decode_push_request(raw)) is None  # fp16
+    assert unwire.PushLayout.learn(raw, unwire.decode_push_request(raw)) is None  # fp16
