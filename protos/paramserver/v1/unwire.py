@@ -227,7 +227,6 @@ class _Plan:
                 raise TypeError(f"{descriptor.full_name}.{f.name}: no hand decoding for its type")
             self.fields[f.number] = _Field(f.name, _wire_type(f), f.is_repeated and not f.is_packed, read,
                                            _SCALARS.get(f.type))
-        self.ignored = ignored
 
 
 def _slice(buf: memoryview, i: int, j: int) -> memoryview:

@@ -60,7 +60,6 @@ __all__ = [
 ]
 
 T = TypeVar("T")
-R = TypeVar("R")
 
 F32 = np.dtype("<f4")
 """The stored element type, little-endian float32; the wire's too unless the run compresses (``CodedPart``)."""
@@ -71,7 +70,6 @@ with little payload to spare from copying, walking the fields in Python costs mo
 small model's 19 KB push: 1 µs against 11-20 µs; a 256 KB one: 65 µs against 11 µs). Encoding
 is by hand at every size (with cached chunk headers: 2.4 µs against 12 µs for the same 19 KB)."""
 
-_U64 = (1 << 64) - 1
 _DOUBLE = struct.Struct("<d")
 _U64 = (1 << 64) - 1  # a negative int32 or int64 is written as its 64-bit two's complement
 _ZERO8 = b"\0" * 8
