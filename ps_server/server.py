@@ -3,8 +3,8 @@
 ``start_server(config)`` wires the pieces: the core (``core.registry``), the transport-neutral
 control and data planes, their transports (gRPC with health and reflection, the TCP data plane),
 checkpoints and metrics; binds (port 0 picks a free port, as the tests do) and starts the lease
-sweeper. ``serve`` adds the ordered shutdown on SIGTERM/SIGINT/SIGHUP: health NOT_SERVING, parked pulls and
-joins released with UNAVAILABLE, operations in progress given the grace period, then
+and retention sweep (``sweep``). ``serve`` adds the ordered shutdown on SIGTERM/SIGINT/SIGHUP:
+health NOT_SERVING, parked pulls and joins released with UNAVAILABLE, operations in progress given the grace period, then
 ``server.stop``, the deletions under way let end (``PsServer.background``) and the final
 checkpoints; exit 0.
 """
@@ -27,7 +27,6 @@ import logging
 import resource
 import socket
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,11 +47,10 @@ from .cluster.owner import ClusterOwner
 from .cluster.peers import PeerLink, forward
 from .cluster.shards import ShardService
 from .config import ServerConfig, parse_config, total_budget
-from .control import Control, delete_run
+from .control import Control
 from .core.checkpoint import CheckpointStore
 from .core.errors import NotFound, ShuttingDown
 from .core.registry import RunRegistry
-from .core.run import Run
 from .core.spec import Limits
 from .core.status import RunState
 from .dataplane import DataPlane
@@ -60,6 +58,7 @@ from .metrics import ServerStatistics, close_metrics, serve_metrics
 from .security import ConfigError, TokenInterceptor, load_token, server_credentials
 from .servicer import SERVICE_NAMES, add_cluster, add_control, add_data
 from .shm_plane import ShmDataPlane
+from .sweep import _servers, _sweep
 from .tcp_plane import StreamBudget, TcpDataPlane, stream_cap
 
 __all__ = ["PsServer", "main", "serve", "start_server"]
@@ -176,52 +175,6 @@ class PsServer:
                     failed.append(exc)
         if failed:
             raise failed[0]
-
-
-async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Checkpointer | None,
-                 cluster: ClusterOwner | None, background: Background) -> None:
-    """Evict workers whose lease expired; forget finished runs past the retention limits. What
-    waits on other servers or on the disk (telling the other servers of an eviction, deleting a
-    forgotten run) runs in tasks of its own (in ``background``): a server that does not answer
-    holds up no lease check. (Servers 1.. of a cluster do neither: server 0 decides for every shard.)"""
-    period = min(1.0, config.lease_seconds / 4)
-    loop = asyncio.get_running_loop()
-    while True:
-        before = loop.time()
-        await asyncio.sleep(period)
-        if loop.time() - before > period + 0.5 * config.lease_seconds:
-            # The event loop itself was stalled: heartbeats are queued, not missing. Let them in
-            # before judging anyone.
-            log.warning("event loop stalled for %.1fs; lease checks postponed", loop.time() - before - period)
-            continue
-        if config.peers and config.index:
-            continue
-        evicted = registry.expire_leases(config.lease_seconds)
-        for run_id, rank in evicted:
-            log.warning("evicted rank %d: lease expired", rank, extra={"run": run_id, "rank": rank})
-        if cluster:  # every shard drops the ranks (each run's servers told at once; a Join handing a rank on
-            # waits for them itself); a run deleted meanwhile has no one left to tell
-            for run_id in dict.fromkeys(r for r, _ in evicted):
-                if (run := registry.find(run_id)) is not None:
-                    background.start(cluster.sync(run))
-        # A run placed over another number of servers (a wrong --cluster) is not this cluster's to
-        # delete: the servers it was created on resume it, and a server of it not in this cluster
-        # would keep its shard for ever.
-        for run in registry.prune(config.keep_finished_runs, config.keep_finished_seconds, time.time(),
-                                  lambda run: _servers(run) != max(1, len(config.peers))):
-            background.start(_forget(run, checkpointer, cluster))  # (each apart: one waited for holds up no other)
-
-
-def _servers(run: Run) -> int:
-    """How many servers ``run`` was placed over."""
-    return len(run.placement.shard_map.shards) if run.placement else 1
-
-
-async def _forget(run: Run, checkpointer: Checkpointer | None, cluster: ClusterOwner | None) -> None:
-    """Delete the checkpoints, and the other servers' shards, of ``run``, forgotten (``RunRegistry.prune``)."""
-    await delete_run(run, checkpointer, cluster)
-    log.info("forgot %s (%s %.0fs ago): over the retention limits", run.run_id, run.state.value,
-             time.time() - (run.finished or 0.0), extra={"run": run.run_id})
 
 
 def _cannot_listen(host: str, port: int) -> str | None:
