@@ -1274,7 +1274,7 @@ async def test_a_push_a_roll_back_took_from_one_shard_is_sent_again_to_every_sha
                 await asyncio.gather(*(p.push(run.run_id, x.rank, x.incarnation, clock, grads)
                                        for p, x in ((pa, a), (pb_, b))))
 
-            async def retrying(op: Callable[[], Awaitable[Any]]) -> Any:  # as worker.trainer.call
+            async def retrying(op: Callable[[], Awaitable[Any]]) -> Any:  # as worker.retries.Retries.call
                 for _ in range(40):
                     try:
                         return await op()
