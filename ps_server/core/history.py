@@ -42,6 +42,8 @@ class History:
         self.events: collections.deque[RunEvent] = collections.deque(maxlen=size)
         self.clock_records: collections.deque[ClockRecord] = collections.deque(maxlen=5 * size)
         self.last_eval: MetricPoint | None = None
+        self._evaluated: dict[int, int] = {}
+        """Per rank, the latest clock it reported an evaluation of (``add_points``)."""
         self.event_count = 0
         """Events ever recorded (WatchRun sends those it has not sent yet)."""
 
@@ -53,11 +55,20 @@ class History:
         self.clock_records.append(ClockRecord(kind, rank, clock, min_clock, time.time()))
 
     def add_points(self, rank: int, points: Iterable[MetricPoint]) -> None:
-        """A worker's report; InvalidArgument (nothing added) when it holds more than 10,000."""
+        """A worker's report; InvalidArgument (nothing added) when it holds more than 10,000.
+
+        An evaluation of a clock no later than the rank's last is dropped: that clock was evaluated
+        already (a rank handed over starts at the min clock, a rank sent back by a server restarted
+        from a checkpoint at an earlier one, and rank 0 evaluates again the clocks it passes), and
+        two points of one clock would be two in the loss curve."""
         points = list(points)
         if len(points) > 10_000:
             raise InvalidArgument(f"{len(points)} points in one report: send at most 10000")
         for p in points:
+            if p.eval:
+                if p.clock <= self._evaluated.get(rank, -1):
+                    continue
+                self._evaluated[rank] = p.clock
             p = replace(p, rank=rank)
             self.points.append(p)
             if p.eval and (self.last_eval is None or p.clock >= self.last_eval.clock):
@@ -71,3 +82,7 @@ class History:
         self.events.extend(events)
         self.event_count = len(self.events)
         self.last_eval = last_eval
+        self._evaluated = {}
+        for p in (*self.points, *([last_eval] if last_eval else [])):  # (the last outlives the points)
+            if p.eval:
+                self._evaluated[p.rank] = max(p.clock, self._evaluated.get(p.rank, -1))

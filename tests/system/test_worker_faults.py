@@ -139,6 +139,7 @@ async def test_kill_9_at_a_random_point_then_a_new_worker_takes_the_rank_where_t
     clocks = [p.clock for p in metrics.points if p.rank == rank and not p.eval and p.clock > start]
     assert clocks == sorted(set(clocks)) and clocks[-1] == spec.iterations, (why, clocks)
     evals = [p.clock for p in metrics.points if p.eval]
+    assert evals == sorted(set(evals)), (why, evals)  # each clock evaluated once (a rank 0 taken over again evaluates)
     assert evals[-1] == final.last_eval.clock == spec.iterations, (why, evals)
     assert final.last_eval.eval_accuracy >= 0.85, (why, final.last_eval)
 

@@ -274,6 +274,37 @@ def test_a_run_completed_without_the_final_evaluation_says_its_last_is_an_earlie
                            "the last evaluation is of clock 2"), run.message
 
 
+def test_a_replacement_rank_0_evaluating_a_clock_evaluated_already_adds_no_second_point() -> None:
+    """Rank 0's worker evaluates clock c (and reports it) when it gets there: evicted ahead of the
+    min clock, the worker that takes the rank over starts at the min clock and evaluates c again.
+    The history kept both, two points of one clock in the run's loss curve (as it did of a rank
+    sent back to an earlier clock by a server restarted from a checkpoint)."""
+    now = [0.0]
+    run = Run("run-t", spec(workers=2, staleness=-1, iterations=6), now=lambda: now[0])
+    a, b = run.join("a"), run.join("b")
+    for clock in range(2):
+        run.push(0, a.incarnation, clock, grad(1), 0)
+    run.report(0, a.incarnation, [MetricPoint(rank=0, clock=2, time=0.0, loss=0.5, eval=True, eval_loss=0.4)], 0)
+    now[0] = 5.0
+    run.heartbeat(1, b.incarnation)
+    assert run.expire(lease=3.0) == [0]
+    c = run.join("c")
+    assert (c.rank, c.start_clock) == (0, 0)  # (the min clock: rank 1's)
+    for clock in range(2):
+        run.push(0, c.incarnation, clock, grad(1), 0)
+    run.report(0, c.incarnation, [MetricPoint(rank=0, clock=2, time=6.0, loss=0.5, eval=True, eval_loss=0.3),
+                                  MetricPoint(rank=0, clock=2, time=6.5, loss=0.45)], 0)
+    for clock in range(2, 4):
+        run.push(0, c.incarnation, clock, grad(1), 0)
+    run.report(0, c.incarnation, [MetricPoint(rank=0, clock=4, time=7.0, loss=0.4, eval=True, eval_loss=0.1)], 0)
+    assert [(p.clock, p.eval, p.time) for p in run.history.points] == [(2, True, 0.0), (2, False, 6.5), (4, True, 7.0)]
+    assert run.history.last_eval is not None and run.history.last_eval.eval_loss == 0.1
+    again = Run("run-t", run.spec)  # (resumed from a checkpoint, rank 0 sent back to clock 4)
+    again.history.restore(run.history.points, run.history.events, run.history.last_eval)
+    again.history.add_points(0, [MetricPoint(rank=0, clock=4, time=8.0, loss=0.4, eval=True, eval_loss=0.0)])
+    assert [p.eval_loss for p in again.history.points if p.eval] == [0.4, 0.1]
+
+
 def test_bsp_a_rank_handed_over_when_none_is_live_starts_after_the_clocks_already_combined() -> None:
     """Rank 1 pushes clock 0, rank 0 is evicted (clock 0 is combined without it), then rank 1. The
     next worker took rank 0 at its own clock 0: its push of clock 0 was acknowledged and held for

@@ -722,7 +722,10 @@ class WorkerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportMetrics(self, request, context):
-        """ReportMetrics appends training (and evaluation) points to the run's history.
+        """ReportMetrics appends training (and evaluation) points to the run's history. An evaluation
+        point of a clock no later than the last the rank reported one of is dropped: that clock was
+        evaluated already (by the worker that held the rank before, handed over at the min clock, or
+        before a server restarted from a checkpoint sent the rank back).
         Errors: NOT_FOUND; FAILED_PRECONDITION (stale incarnation); INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
