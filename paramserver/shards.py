@@ -26,6 +26,7 @@ rows come back in the order asked.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -68,6 +69,37 @@ def _repeats_beyond_float32(a: RowsPart) -> int:
     with np.errstate(over="ignore", invalid="ignore"):
         sums = np.add.reduceat(a.values.reshape(ids.size, -1)[order], first, axis=0, dtype=np.float32)
     return int(np.count_nonzero(~np.isfinite(sums)))
+
+
+_BLOCK = 1 << 18
+_EXPONENT: dict[int, int] = {pb.DATA_TYPE_FLOAT16: 0x7C00, pb.DATA_TYPE_BFLOAT16: 0x7F80}
+"""A 16-bit wire value is NaN/Inf when all its exponent bits are set: its bits but the sign's are
+at least these."""
+
+
+def _non_finite(values: Any, dtype: int = pb.DATA_TYPE_FLOAT32) -> int:
+    """NaN/Inf values of a push's ``values`` as sent (float32, or numpy's form of the wire ``dtype``),
+    as a server counts them: it refuses such a push whole, but only the shards holding them would
+    see them. Float32 first takes the server's cheap test (``finite_hint``: a BLAS dot product,
+    without the bool array ``np.isfinite`` allocates), which also fails when squares overflow
+    (|x| > ~1.8e19): then an exact count says. 16-bit values are tested by their bits, by blocks."""
+    flat = np.asarray(values).reshape(-1)
+    if not flat.size:
+        return 0
+    top = _EXPONENT.get(dtype)
+    if top is not None:
+        bits, scratch, bad = flat.view(np.uint16), np.empty(min(flat.size, _BLOCK), np.uint16), 0
+        for i in range(0, bits.size, _BLOCK):
+            part = scratch[: min(_BLOCK, bits.size - i)]
+            np.bitwise_and(bits[i : i + _BLOCK], 0x7FFF, out=part)
+            if part.max() >= top:
+                bad += int(np.count_nonzero(part >= top))
+        return bad
+    with np.errstate(over="ignore", invalid="ignore"):
+        if flat.dtype != np.float32:  # (sent as float32: a value beyond its range goes as Inf)
+            flat = flat.astype(np.float32)
+        hint = np.dot(flat, flat) if flat.flags.aligned else np.add.reduce(flat, dtype=np.float32)
+    return 0 if math.isfinite(hint) else int(np.count_nonzero(~np.isfinite(flat)))
 
 
 def _fit(out: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> None:
@@ -191,8 +223,8 @@ class Shards:
         the others): a push's tensor the run lacks, or lacks of the run's dense ones, of another
         shape, a sparse (top-k) part's positions repeated, decreasing or past its end, rows of a
         tensor that is no table, a row id out of its table's range (a pull of it answered with
-        memory never written), rows of a repeated id summing beyond float32, a pulled name the
-        run lacks."""
+        memory never written), a NaN/Inf value, rows of a repeated id summing beyond float32, a
+        pulled name the run lacks."""
         known = self.shapes.keys() | self.tables.keys()
 
         def only_known(names: Iterable[str], method: str, reason: pb.ErrorReason) -> None:
@@ -215,6 +247,7 @@ class Shards:
                                            f"{list(want)}", method, reason)
                     if isinstance(value, CodedPart) and value.indices is not None:
                         self._check_positions(name, value, method, reason)
+                    self._check_finite(name, value, method, reason)
                     continue
                 ids = np.asarray(value.ids if isinstance(value, RowsPart) else value, np.int64)
                 n = self.tables[name][0]
@@ -222,15 +255,28 @@ class Shards:
                     bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
                     raise self._refuse(f"table {name!r} has rows 0..{n - 1}: row id {bad} is out of range", method,
                                        reason)
-                if isinstance(value, RowsPart) and (bad := _repeats_beyond_float32(value)):
-                    raise self._refuse(f"gradient {name!r}: the rows of repeated ids sum to {bad} NaN/Inf value(s); "
-                                       "nothing was applied", method, reason)
+                if isinstance(value, RowsPart):
+                    self._check_finite(name, value, method, reason)
+                    if bad := _repeats_beyond_float32(value):
+                        raise self._refuse(f"gradient {name!r}: the rows of repeated ids sum to {bad} NaN/Inf "
+                                           "value(s); nothing was applied", method, reason)
         if grads is not None:
             missing = sorted(self.shapes.keys() - grads.keys())
             if missing:
                 raise self._refuse(f"the gradient lacks tensor(s) {', '.join(map(repr, missing))}: send every "
                                    "parameter", "PushGradient", pb.ERROR_REASON_INVALID_GRADIENT)
         only_known(names, "PullParams", pb.ERROR_REASON_INVALID_REQUEST)
+
+    def _check_finite(self, name: str, a: Any, method: str, reason: pb.ErrorReason) -> None:
+        """InvalidArgument if the gradient ``a`` (an array, ``CodedPart`` or ``RowsPart``) holds a
+        NaN/Inf value."""
+        if isinstance(a, CodedPart):
+            bad = _non_finite(a.values, a.dtype)
+        else:
+            bad = _non_finite(a.values if isinstance(a, RowsPart) else a)
+        if bad:
+            raise self._refuse(f"gradient {name!r} contains {bad} NaN/Inf value(s); nothing was applied", method,
+                               reason)
 
     def _check_positions(self, name: str, a: CodedPart, method: str, reason: pb.ErrorReason) -> None:
         """InvalidArgument unless the sparse ``a``'s positions increase strictly, within its tensor,

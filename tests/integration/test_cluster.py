@@ -1630,6 +1630,66 @@ async def test_a_push_whose_repeated_rows_sum_beyond_float32_is_refused_whole_by
                 await plane.close()
 
 
+def _bits_bf16(values: np.ndarray) -> np.ndarray:
+    """float32 ``values`` as bfloat16 wire values (their high 16 bits)."""
+    return (values.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+
+
+@pytest.mark.parametrize("kind", ["float32", "float16", "bfloat16", "top-k", "rows"])
+async def test_a_push_with_a_nan_or_inf_is_refused_whole_by_the_shards(server_config: ServerConfig,
+                                                                      kind: str) -> None:
+    """One server refuses a push holding a NaN/Inf, whole. Each shard sees only its rows: the one
+    holding the bad value refused its part, the others applied theirs (a torn push). The SDK
+    refuses it as one server does, and no server's parameters change; a finite push whose values
+    overflow the SDK's cheap test (squares past float32) goes through."""
+    if kind == "rows":
+        spec = _with_table({"w": (40, 30)}, (10, 2))
+    else:
+        compression = {"float32": pb.Compression(), "top-k": pb.Compression(topk_ratio=0.1),
+                       "float16": pb.Compression(dtype=pb.DATA_TYPE_FLOAT16),
+                       "bfloat16": pb.Compression(dtype=pb.DATA_TYPE_BFLOAT16)}[kind]
+        spec = make_spec(shapes={"w": (40, 30)}, num_workers=1, staleness=1, iterations=5, compression=compression,
+                         init=pb.INITIALIZER_CONSTANT)
+
+    def gradient(last: float) -> dict[str, Any]:
+        """Ones, but ``last`` in w's (or the table's) last row: a row of the last shard only."""
+        w = np.ones((40, 30), np.float32)
+        if kind == "rows":
+            values = np.ones((2, 2), np.float32)
+            values[1, 0] = last
+            return {"w": w, "t": RowsPart(np.array([1, 9]), values, (10, 2))}
+        w[39, 29] = last
+        if kind == "float16":
+            return {"w": CodedPart(w.reshape(-1).astype(np.float16), pb.DATA_TYPE_FLOAT16, (40, 30))}
+        if kind == "bfloat16":
+            return {"w": CodedPart(_bits_bf16(w.reshape(-1)), pb.DATA_TYPE_BFLOAT16, (40, 30))}
+        if kind == "top-k":
+            return {"w": CodedPart(np.array([1, last], np.float32), pb.DATA_TYPE_FLOAT32, (40, 30),
+                                   np.array([5, 1199], np.uint32))}
+        return {"w": w}
+
+    async with cluster(server_config, 2, split_bytes=1024) as servers:
+        async with PsClient(servers[0].address, timeout=10) as c:
+            run = await c.create_run(spec)
+            (a,) = await _join_all(c, run.run_id, 1)
+            assert all(s.pieces for s in a.shard_map.shards)
+            plane = Shards.beside(c, a.shard_map, a.spec)
+            try:
+                before = (await plane.pull(run.run_id)).tensors
+                for bad in (np.nan, np.inf, -np.inf):
+                    with pytest.raises(errors.InvalidArgument, match=r"contains 1 NaN/Inf value\(s\); nothing was "
+                                                                     "applied") as refused:
+                        await plane.push(run.run_id, 0, a.incarnation, 0, gradient(bad))
+                    assert refused.value.reason == pb.ERROR_REASON_INVALID_GRADIENT
+                assert [s.registry.get(run.run_id).status().counters.pushes_applied for s in servers] == [0, 0]
+                after = (await plane.pull(run.run_id)).tensors
+                assert all(np.array_equal(before[n], after[n]) for n in before)
+                huge = 6e4 if kind == "float16" else 1e30  # (finite)
+                assert (await plane.push(run.run_id, 0, a.incarnation, 0, gradient(huge))).clock == 1
+            finally:
+                await plane.close()
+
+
 async def test_a_sharded_push_pull_of_rows_moves_only_those_rows(server_config: ServerConfig) -> None:
     """A push that asks for a few rows pulls those (and the dense tensors asked for) from the
     shards that hold them: a shard holding none is pushed to without a pull (a pull asking for
