@@ -19,7 +19,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import wire
 
 from . import codec
-from .background import Background
+from .background import Background, landed
 from .checkpointer import Checkpointer
 from .cluster.owner import ClusterOwner
 from .core.errors import FailedPrecondition, InvalidArgument, PsError, Reason, ShardUnavailable, shortened
@@ -99,6 +99,8 @@ class Control:
         self._shm_socket = shm_socket if cluster is None else (lambda: "")
         self._cluster = cluster
         self._background = background if background is not None else Background()
+        self._deletions: dict[str, asyncio.Future[pb.DeleteRunResponse]] = {}
+        """The deletions under way, by run: another DeleteRun of the run waits for its answer."""
 
     def _run(self, run: Run) -> pb.Run:
         out = codec.run_to_proto(run.spec, run.status())
@@ -139,6 +141,12 @@ class Control:
         return pb.ListRunsResponse(runs=[_summary(r) for r in runs], next_page_token=token)
 
     async def DeleteRun(self, request: pb.DeleteRunRequest) -> pb.DeleteRunResponse:
+        # (psctl delete twice, or a retry after a timeout: answered as the deletion under way is,
+        # not NOT_FOUND once it has forgotten the run)
+        if (under_way := self._deletions.get(request.run_id)) is not None:
+            out = pb.DeleteRunResponse()
+            out.CopyFrom(await asyncio.shield(under_way))
+            return out
         run = self._registry.get(request.run_id)
         if not run.state.finished:
             if not request.force:
@@ -146,10 +154,13 @@ class Control:
                                          "delete it anyway (psctl delete --force; DeleteRunRequest.force)",
                                          Reason.RUN_NOT_FINISHED)
             run.stop("deleted")
-        last = self._run(run)
-        # (a caller gone meanwhile: the deletion ends first)
-        left = await self._background.landed(delete_run(run, self._checkpointer, self._cluster,
-                                                        lambda: self._registry.remove(run.run_id)))
+        deleting = self._background.start(self._delete(run, self._run(run)))
+        self._deletions[run.run_id] = deleting
+        deleting.add_done_callback(lambda _: self._deletions.pop(run.run_id, None))
+        return await landed(deleting)  # (a caller gone meanwhile: the deletion ends first)
+
+    async def _delete(self, run: Run, last: pb.Run) -> pb.DeleteRunResponse:
+        left = await delete_run(run, self._checkpointer, self._cluster, lambda: self._registry.remove(run.run_id))
         log.info("deleted %s", run.run_id, extra={"run": run.run_id})
         return pb.DeleteRunResponse(run=last, left_behind=left)
 

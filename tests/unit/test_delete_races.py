@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import make_spec
 
+from paramserver import errors
 from paramserver.v1 import cluster_pb2 as cpb
 from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.checkpointer import Checkpointer
@@ -22,6 +24,7 @@ from ps_server.core.errors import NotFound, PsError, ShardUnavailable
 from ps_server.core.registry import RunRegistry
 from ps_server.core.run import Run
 from ps_server.core.spec import ParamSpec, RunSpec
+from ps_server.testing import InMemoryServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -147,3 +150,47 @@ async def test_a_roll_back_retried_past_the_shard_timeout_of_a_run_deleted_meanw
     peer.go.set()
     await rolling
     assert run_id not in owner._rollbacks and registry.find(run_id) is None
+
+
+async def test_two_deletions_of_a_run_at_once_are_both_answered_as_the_deletion_is() -> None:
+    """psctl delete twice, or a retry after a timeout, while the deletion is under way: the second
+    call looked the run up before the first forgot it, then forgot it again itself, and answered
+    NOT_FOUND of a run that was deleted. It waits for the deletion under way and answers as it does."""
+    async with InMemoryServer() as server, server.client() as ps:
+        run = await ps.create_run(make_spec(num_workers=1))
+        await ps.stop_run(run.run_id)
+        first, second = await asyncio.wait_for(asyncio.gather(ps.delete_run(run.run_id), ps.delete_run(run.run_id)), 30)
+        assert first == second and first.run.run_id == run.run_id and first.run.state == pb.RUN_STATE_STOPPED
+        assert server.registry.find(run.run_id) is None
+        with pytest.raises(errors.NotFound):  # (once deleted, the run is unknown)
+            await ps.delete_run(run.run_id)
+
+
+async def test_a_second_deletion_of_a_run_the_disk_refuses_is_refused_as_the_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second of two DeleteRun at once answers as the deletion under way does, a refusal too:
+    the disk refused to move the run's directory away, nothing was deleted, the run is kept."""
+    import os
+
+    rename = os.rename
+
+    def refused(src: Any, dst: Any) -> None:
+        if ".deleted-" in str(dst):
+            raise PermissionError(13, "Permission denied", str(src))
+        rename(src, dst)
+
+    checkpointer = Checkpointer(CheckpointStore(tmp_path), every=0)
+    registry = RunRegistry(configure=checkpointer.attach)
+    control = Control(registry, max_wait=1.0, heartbeat_seconds=1.0, lease_seconds=5.0, checkpointer=checkpointer)
+    run = await registry.create(RunSpec(name="d", num_workers=1, iterations=9, params=(ParamSpec("w", (3,)),)),
+                                ready=checkpointer.first)
+    monkeypatch.setattr(os, "rename", refused)
+    asked = [control.DeleteRun(pb.DeleteRunRequest(run_id=run.run_id, force=True)) for _ in range(2)]
+    answers = await asyncio.wait_for(asyncio.gather(*asked, return_exceptions=True), 30)
+    assert all(isinstance(a, PsError) and "nothing was deleted and the run is kept" in str(a) for a in answers), answers
+    assert registry.get(run.run_id).state.finished and checkpointer.store.latest() != []
+    monkeypatch.setattr(os, "rename", rename)
+    first, second = await asyncio.gather(*(control.DeleteRun(pb.DeleteRunRequest(run_id=run.run_id))
+                                           for _ in range(2)))
+    assert first == second and first.run.run_id == run.run_id and registry.find(run.run_id) is None
+    assert checkpointer.store.latest() == []

@@ -298,6 +298,8 @@ class RunServiceServicer:
         `force` is unset); INTERNAL (its checkpoints could not be moved out of the data directory:
         nothing was deleted, the run is kept, stopped if `force` stopped it; fix the directory and
         retry). A run deleted whose files could not all be removed answers OK with `left_behind`.
+        A DeleteRun of a run whose deletion is under way (a retry after a timeout) waits for it and
+        answers as it does; once it has ended the run is unknown: NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
