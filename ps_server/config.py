@@ -40,7 +40,8 @@ class ServerConfig:
                                "reads nothing of an answer, for this long is dropped.")
     max_param_bytes: int = opt(4 << 30, "Largest parameter set one run may hold, in bytes.")
     max_total_bytes: int = opt(0, "Bytes every run held together may take: parameters and optimizer state, of "
-                               "finished runs too until they are forgotten; CreateRun beyond is refused "
+                               "finished runs too until they are forgotten, and the gradients a BSP run holds "
+                               "for a clock (one per rank but the last); CreateRun beyond is refused "
                                "(RESOURCE_EXHAUSTED). 0 = half of the memory this server may use (its cgroup's "
                                "limit, else physical memory), -1 = no limit.")
     max_wait_seconds: float = opt(60.0, "Longest a pull or a join may stay parked on the server (told to workers "

@@ -5,8 +5,9 @@ join the cluster, not a run: ``join`` hands them the oldest run with a vacant ra
 join (``wait_for_work``) wakes when a run is created or a rank falls vacant. A spec is validated
 once, by ``create``, before its run exists. Runs are listed newest first (by creation time), a page
 at a time; finished runs are forgotten by ``remove`` or, past the retention limits, by ``prune``.
-What the runs hold together (each one's ``footprint``: finished runs until forgotten, and runs
-built but not registered yet) stays within ``max_total_bytes``: ``build`` refuses a run beyond.
+What the runs hold together (each one's ``footprint``, BSP's held gradients included: finished runs
+until forgotten, and runs built but not registered yet) stays within ``max_total_bytes``: ``build``
+refuses a run beyond.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ class RunRegistry:
                                     "(psctl launch --model), or give the server more (ps-server --max-param-bytes"
                                     + (", or more servers)" if placement else ")"))
         need = footprint(spec, held)
-        self._check_total(need, placement is not None)
+        self._check_total(need, need - footprint(spec, held, finished=True), spec, placement is not None)
         self._building += 1
         self._unregistered[run_id] = need
         try:
@@ -126,9 +127,9 @@ class RunRegistry:
         self._unregistered[run] = run.footprint  # until ``add`` or ``abandon``
         return run
 
-    def _check_total(self, need: int, shard: bool) -> None:
-        """ResourceExhausted if ``need`` more bytes would take every run held (finished ones too,
-        and those being built) over ``max_total_bytes``."""
+    def _check_total(self, need: int, gradients: int, spec: RunSpec, shard: bool) -> None:
+        """ResourceExhausted if ``need`` more bytes (``gradients`` of them BSP's held gradients)
+        would take every run held (finished ones too, and those being built) over ``max_total_bytes``."""
         used = self.held_bytes()
         if not self.max_total_bytes or used + need <= self.max_total_bytes:
             return
@@ -137,8 +138,13 @@ class RunRegistry:
                       key=lambda h: (-h[0], h[1]))  # (largest first)
         finished = [(n, i) for n, i, state in held if state in _FINISHED]
         part = "this server's shard of the run" if shard else "the run"
+        what = f"{_size(need)} for its parameters and optimizer state" if not gradients else (
+            f"{_size(need)}: {_size(need - gradients)} for its parameters and optimizer state and {_size(gradients)} "
+            f"for the gradients of a clock it holds under BSP (staleness 0) until all its {spec.num_workers} ranks "
+            "have pushed it, a model's from each but the last (fewer ranks hold fewer; a staleness of 1 or more "
+            "applies each push on arrival and holds none)")
         raise ResourceExhausted(
-            f"{part} needs {_size(need)} for its parameters and optimizer state, and this server's runs hold "
+            f"{part} needs {what}, and this server's runs hold "
             f"{_size(used)} of its {_size(self.max_total_bytes)} (ps-server --max-total-bytes): "
             + listed(f"{i} {_size(n)} ({state})" for n, i, state in held)
             + (f"; finished, held until deleted: {counted(len(finished), 'run')}, {_size(sum(n for n, _ in finished))}:"

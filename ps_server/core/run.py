@@ -42,11 +42,17 @@ def _tracks_changes(spec: RunSpec) -> bool:
     return bool(spec.topk_ratio) and spec.optimizer.kind is OptimizerKind.SGD and not spec.optimizer.weight_decay
 
 
-def footprint(spec: RunSpec, params: Iterable[ParamSpec]) -> int:
+def footprint(spec: RunSpec, params: Iterable[ParamSpec], finished: bool = False) -> int:
     """Bytes a run of ``spec`` holding ``params`` keeps for as long as it is kept, finished too: the
     parameters (a table's rows, all of them, from its creation), one copy per optimizer state and
-    the per-element versions of delta pulls (4 bytes each). What --max-total-bytes counts."""
+    the per-element versions of delta pulls (4 bytes each); and, until it is ``finished``, under
+    BSP (staleness 0) the gradients of the clock being combined, held past their pushes until
+    every rank has pushed it (``bsp``): a model's bytes from each rank but the last, whose push
+    completes the clock (a gradient being received, as under s > 0, which holds none). What
+    --max-total-bytes counts."""
     copies = 1 + len(OPTIMIZERS[spec.optimizer.kind].state_names) + _tracks_changes(spec)
+    if spec.staleness == 0 and not finished:  # (a run cannot switch to or from 0)
+        copies += spec.num_workers - 1
     return 4 * copies * sum(p.size for p in params)
 
 
@@ -73,8 +79,6 @@ class Run:
         created with, and every one ``_change_bound`` set (a restore sets it: a checkpoint keeps it)."""
         if _tracks_changes(spec):
             self.store.track_changes()
-        self.footprint = footprint(spec, self.store.specs.values())
-        """What the run holds for as long as it is kept (``footprint``)."""
         self.clock = VectorClock(spec.num_workers, now)
         self.bsp = BspBuffer(spec.aggregation)
         self.history = History(history)
@@ -84,6 +88,12 @@ class Run:
         self.on_change: Callable[[Run], None] | None = None  # called after every change: a consistent cut
         self.held = ""  # why it takes no pushes and pulls now (a cluster's shard waiting to go back to a cut)
         self.history.event("created", -1, f"{counted(spec.num_workers, 'rank')}, staleness {spec.describe_staleness()}")
+
+    @property
+    def footprint(self) -> int:
+        """What the run holds now and for as long as it is kept (``footprint``: a finished run holds
+        no gradients)."""
+        return footprint(self.spec, self.store.specs.values(), self.state.finished)
 
     @property
     def min_clock(self) -> int:

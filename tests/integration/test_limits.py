@@ -346,6 +346,33 @@ async def test_runs_not_finished_are_bounded(server_config: ServerConfig) -> Non
         await ps.stop(0)
 
 
+async def test_a_bsp_run_is_refused_for_the_gradients_it_would_hold(server_config: ServerConfig) -> None:
+    """A BSP run holds each clock's gradients until every rank has pushed it, a model's bytes from
+    each rank but the last: --max-total-bytes counts them while it trains, and a run that fits by
+    its parameters alone but not with them is refused at CreateRun saying so and what to change
+    (it was accepted, and its ranks' pushes took the server past the limit)."""
+    ps = await start_server(with_config(server_config, max_total_bytes=10_000))
+    try:
+        async with PsClient(f"127.0.0.1:{ps.port}") as c:
+            with pytest.raises(errors.ResourceExhausted) as e:  # 4000 bytes of parameters, 2 x 4000 held
+                await c.create_run(_spec(shapes={"w": (1000,)}, num_workers=3))
+            message = e.value.message
+            assert ("needs 12000 bytes: 4000 bytes for its parameters and optimizer state and 8000 bytes for the "
+                    "gradients of a clock it holds under BSP (staleness 0) until all its 3 ranks have pushed it"
+                    in message), message
+            assert "a staleness of 1 or more" in message and "--max-total-bytes" in message, message
+            assert not ps.registry.runs()
+            bsp = await c.create_run(_spec(shapes={"w": (1000,)}, num_workers=2))  # 8000 bytes
+            with pytest.raises(errors.ResourceExhausted) as e:
+                await c.create_run(_spec(shapes={"w": (1000,)}, num_workers=2, staleness=1))
+            assert "hold 8000 bytes of its 10000 bytes" in e.value.message, e.value.message
+            await c.stop_run(bsp.run_id)  # finished, it holds its parameters alone
+            assert ps.registry.held_bytes() == 4000
+            await c.create_run(_spec(shapes={"w": (1000,)}, num_workers=2, staleness=1))
+    finally:
+        await ps.stop(0)
+
+
 async def test_runs_held_together_are_bounded(server_config: ServerConfig) -> None:
     """CreateRun that would take what every run holds (parameters and optimizer state; a finished
     run's too, until deleted) past --max-total-bytes is RESOURCE_EXHAUSTED, naming what is held, by

@@ -659,6 +659,23 @@ def test_a_runs_footprint_is_the_memory_its_arrays_keep(kind: OptimizerKind, top
     assert run.footprint == sum(a.nbytes for a in arrays) == footprint(s, PARAMS)
 
 
+def test_a_bsp_runs_footprint_counts_the_gradients_it_holds_for_a_clock_until_it_finishes() -> None:
+    """BSP holds each rank's gradient of a clock past its push until the last rank's push
+    completes the clock: a model's bytes from every rank but the last, which --max-total-bytes
+    counts while the run trains (it did not: a BSP run of many ranks took the server past it)."""
+    s = spec(workers=3, staleness=0)
+    run, inc = started(s)
+    kept = footprint(s, PARAMS, finished=True)
+    assert run.footprint == footprint(s, PARAMS) == kept + 2 * 4 * 9
+    run.push(0, inc[0], 0, grad(1), 0)
+    run.push(1, inc[1], 0, grad(2), 0)  # the most it holds: the third push completes the clock
+    held = sum(np.asarray(g).nbytes for by_rank in run.bsp.pending.values() for grads in by_rank.values()
+               for g in grads.values())
+    assert held == run.footprint - kept
+    run.stop("enough")  # its held gradients are dropped
+    assert not run.bsp.pending and run.footprint == kept
+
+
 async def test_runs_being_created_count_against_the_registrys_total_until_added_or_abandoned() -> None:
     """A run built and not registered yet (its first checkpoint being written, a cluster's other
     servers creating their shards) holds its memory already: CreateRuns arriving meanwhile must not

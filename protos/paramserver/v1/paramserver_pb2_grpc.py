@@ -267,7 +267,8 @@ class RunServiceServicer:
         Errors: INVALID_ARGUMENT (bad spec: no params, bad shape, zero workers, bad optimizer
         settings, iterations 0, malformed JSON specs); RESOURCE_EXHAUSTED (parameters over the
         server's memory limit; no room left by the runs it holds, finished ones too, for this one's
-        parameters and optimizer state: the message names them; or a count or size over one of its
+        parameters and optimizer state, and under BSP the gradients it holds of a clock (one per rank
+        but the last): the message names them; or a count or size over one of its
         documented bounds: workers, tensors, dimensions, name lengths, JSON spec sizes); INTERNAL (the
         first checkpoint could not be written: no run was created).
         """
