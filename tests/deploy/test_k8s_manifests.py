@@ -200,11 +200,14 @@ def test_the_runs_a_server_accepts_fit_its_memory_limit() -> None:
     restarted server resumes the same runs and is killed again (CrashLoopBackOff). The server's
     --max-param-bytes (PS_MAX_PARAM_BYTES) and --max-total-bytes (PS_MAX_TOTAL_BYTES) are what
     refuse a run too large, by name, so they are set to fit the container's limit: every run held
-    (parameters and optimizer state), a gradient being received (one push slot) and a checkpoint's
-    copy of the largest run's parameters and optimizer state, plus the process."""
+    (parameters, optimizer state, BSP's held gradients), a gradient being received (one push slot)
+    and a checkpoint's copy of the largest run, plus the process. Its memory request is as much: a
+    node short of memory evicts (and its kernel OOM-kills) first the pods past their request, and
+    at 512Mi that was the server, holding every run."""
     _validator()
     (container,) = _one("StatefulSet", "server")["spec"]["template"]["spec"]["containers"]
     limit = _bytes(container["resources"]["limits"]["memory"])
+    request = _bytes(container["resources"]["requests"]["memory"])
     config = parse_config([], _server_env(), hostname="paramserver-0")
     assert config.push_slots == 1 and config.max_total_bytes > 0, "set PS_MAX_TOTAL_BYTES to fit the limit"
     needed = server_peak(config, limit)
@@ -212,6 +215,8 @@ def test_the_runs_a_server_accepts_fit_its_memory_limit() -> None:
                              f"{config.max_param_bytes}, need ~{needed >> 20} MiB: set PS_MAX_TOTAL_BYTES and "
                              f"PS_MAX_PARAM_BYTES to fit the memory limit of {limit >> 20} MiB, or raise it")
     assert config.max_total_bytes >= 3 * config.max_param_bytes, "the largest run with Adam should fit the total"
+    assert needed <= request <= limit, (f"the server's memory request ({request >> 20} MiB) should be what its runs "
+                                        f"may take it to (~{needed >> 20} MiB), within its limit ({limit >> 20} MiB)")
 
 
 def test_a_worker_can_train_the_largest_run_the_servers_accept() -> None:
