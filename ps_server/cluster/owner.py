@@ -296,6 +296,8 @@ class ClusterOwner:
                 continue
             told.add((r.rank, r.incarnation))
             why = _stopped_mid_push(r.rank, r.incarnation, peer.name, r.clock, ours[1])
+            if any(e.kind == "torn_push" and e.message == why for e in run.history.events):
+                continue  # (said before this server restarted: the checkpoint kept the event and ``replaced``)
             run.history.event("torn_push", r.rank, why)
             log.warning("%s", why, extra={"run": run.run_id, "rank": r.rank})
 

@@ -46,7 +46,7 @@ class Slot:
     (``start_later``)."""
     replaced: tuple[int, int] | None = None
     """(incarnation, clock) of the incarnation this one replaced, as it ended here: a cluster's
-    servers compare theirs to find a push it stopped in the middle of. Not checkpointed."""
+    servers compare theirs to find a push it stopped in the middle of."""
     worker_name: str = ""
     last_seen: float = 0.0  # monotonic
     last_seen_wall: float = 0.0

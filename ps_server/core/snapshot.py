@@ -2,9 +2,10 @@
 
 ``state_dict`` is taken between two event-loop steps, so it is one instant of the run: parameters,
 optimizer state, every rank's (incarnation, clock) (the de-duplication table), the clock its
-incarnation holds it from and the loosest bound it was told since its last push, and the held BSP
-gradients agree with each other. ``restore`` rebuilds the run and refuses (KeyError, ValueError)
-a checkpoint that does not fit its own spec, so a damaged one is never loaded silently.
+incarnation holds it from, the (incarnation, clock) the one it replaced ended at, the loosest bound
+it was told since its last push, and the held BSP gradients agree with each other. ``restore``
+rebuilds the run and refuses (KeyError, ValueError) a checkpoint that does not fit its own spec, so
+a damaged one is never loaded silently.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def state_dict(run: Run, cut: int | None = None, copy: bool = True) -> tuple[dic
         "finished": run.finished,
         "slots": [
             {"rank": s.rank, "state": s.state.value, "incarnation": s.incarnation, "clock": s.clock, "start": s.start,
-             "worker_name": s.worker_name, "pushes": s.pushes, "pulls_skipped": s.pulls_skipped, "told": s.told}
+             "worker_name": s.worker_name, "pushes": s.pushes, "pulls_skipped": s.pulls_skipped, "told": s.told,
+             "replaced": None if s.replaced is None else list(s.replaced)}
             for s in run.clock.slots
         ],
         "next_incarnation": run.clock.next_incarnation,
@@ -113,6 +115,19 @@ def _bound(value: object) -> int | None:
     return int(value)
 
 
+def _replaced(value: object) -> tuple[int, int] | None:
+    """The (incarnation, clock) a rank's replaced incarnation ended at, of a checkpoint's manifest (None: none,
+    or a checkpoint from before they were kept); TypeError unless it is one."""
+    if value is None:
+        return None
+    try:
+        if not isinstance(value, list) or len(value) != 2:
+            raise TypeError
+        return _count(value[0]), _count(value[1])
+    except TypeError:
+        raise TypeError(f"{value!r} is not the (incarnation, clock) of a replaced incarnation") from None
+
+
 def restore(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *,
             now: Callable[[], float] = time.monotonic) -> Run:
     """Rebuild a run from ``state_dict`` output; raises KeyError/ValueError if inconsistent.
@@ -133,6 +148,8 @@ def restore(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *,
         s.start = _count(d.get("start", 0))
         if s.start > s.clock:
             raise ValueError(f"rank {s.rank} starts at clock {s.start}, past its clock {s.clock}")
+        # (a cluster's servers compare it: ``UpdateShardResponse.replaced``; absent before it was kept: none)
+        s.replaced = _replaced(d.get("replaced"))
     run.clock.restored()
     if "bounds" in meta:  # (absent in checkpoints of before it: the bound they hold, widened by ``resume_schedule``)
         run.bounds = _bounds(meta["bounds"])

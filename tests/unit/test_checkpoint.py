@@ -159,6 +159,52 @@ def test_where_a_shard_admitted_a_rank_survives(tmp_path: Path) -> None:
         snapshot.restore(ck.meta, ck.arrays)
 
 
+def test_the_incarnation_a_rank_replaced_survives(tmp_path: Path) -> None:
+    """Server 0 says a push was torn across servers by comparing the clock a rank's replaced
+    incarnation ended at here (``Slot.replaced``) with the one another server answers
+    (``UpdateShardResponse.replaced``). It was not kept: after a restart from a checkpoint server 0
+    knew no replaced incarnation, and a push the replaced one had stopped in the middle of went
+    unsaid. A checkpoint of before it was kept still loads (none known, as before); a replaced
+    incarnation that is no pair of counts does not fit."""
+    from types import SimpleNamespace
+
+    from paramserver.v1 import cluster_pb2 as cpb
+    from ps_server.cluster.owner import ClusterOwner
+    from ps_server.core.registry import RunRegistry
+    from ps_server.core.status import WorkerState
+
+    run = make_run()  # both ranks at clock 3
+    slot = run.clock.slots[1]
+    old = slot.incarnation
+    run.clock.set_state(slot, WorkerState.EVICTED)
+    run.join("c")
+    assert slot.replaced == (old, 3)
+    store = CheckpointStore(tmp_path)
+    ck = store.load(store.write(*snapshot.state_dict(run)))
+    again = snapshot.restore(json.loads(json.dumps(ck.meta)), ck.arrays)
+    assert [s.replaced for s in again.clock.slots] == [None, (old, 3)]
+    registry = RunRegistry()
+    registry.add(again)
+    owner = ClusterOwner(registry, ["a", "b"], [], split_bytes=0, shard_timeout=30, data_port=lambda: 0)
+    peer = SimpleNamespace(index=1, name="server 1")  # (it got the replaced incarnation's push of clock 3)
+    owner._torn_replaced(again, peer, [cpb.ReplacedRank(rank=1, incarnation=old, clock=4)])  # type: ignore[arg-type]
+    assert [e.message for e in again.history.events if e.kind == "torn_push"] == [
+        f"rank 1 (incarnation {old}) stopped in the middle of a push: server 1 has it at clock 4, server 0 at 3; "
+        "each server applies its part of a push by itself, so the gradient of clock 3 was applied on some only"]
+    ck = store.load(store.write(*snapshot.state_dict(again)))  # restarted once more: said once, not again
+    again = snapshot.restore(ck.meta, ck.arrays)
+    registry.add(again)
+    owner = ClusterOwner(registry, ["a", "b"], [], split_bytes=0, shard_timeout=30, data_port=lambda: 0)
+    owner._torn_replaced(again, peer, [cpb.ReplacedRank(rank=1, incarnation=old, clock=4)])  # type: ignore[arg-type]
+    assert [e.kind for e in again.history.events].count("torn_push") == 1
+    for d in ck.meta["slots"]:
+        del d["replaced"]  # a checkpoint from before: no replaced incarnation known, as before
+    assert [s.replaced for s in snapshot.restore(ck.meta, ck.arrays).clock.slots] == [None, None]
+    ck.meta["slots"][1]["replaced"] = [old]
+    with pytest.raises(TypeError, match="replaced"):
+        snapshot.restore(ck.meta, ck.arrays)
+
+
 def test_keeps_the_newest_k(tmp_path: Path) -> None:
     run = make_run()
     store = CheckpointStore(tmp_path, keep=2)
