@@ -232,7 +232,7 @@ class Control:
                                      Reason.NO_DATA_DIR)
         try:
             if self._cluster is not None and run.placement is not None:  # every server's snapshot at one cut
-                path, clock = await self._cluster.checkpoint(run, "on demand")
+                path, clock = await self._cluster.cuts.checkpoint(run, "on demand")
             else:
                 path, clock = await self._checkpointer.checkpoint_now(run, "on demand")
         except OSError as exc:  # the run goes on; the data directory needs a look

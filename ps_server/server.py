@@ -302,7 +302,7 @@ async def _start(config: ServerConfig, checkpointer: Checkpointer | None, data_l
                                    checkpointer=checkpointer, undelivered=Undelivered(checkpointer.store.root
                                                                                       if checkpointer else None),
                                    lease=config.lease_seconds, background=background)
-            cluster.resumed([run for run in resumed if run.held])
+            cluster.recovery.resumed([run for run in resumed if run.held])
         add_control(server, Control(registry, max_wait=config.max_wait_seconds, lease_seconds=config.lease_seconds,
                                     heartbeat_seconds=config.heartbeat_seconds, checkpointer=checkpointer,
                                     data_port=data_port, shm_socket=shm_socket, cluster=cluster,

@@ -11,6 +11,8 @@ longer than --shard-timeout. Servers 1.. forward RunService and WorkerService ca
 (``peers.forward``), so psctl and workers may talk to any of them.
 
 Modules: ``messages`` converts the cluster's messages; ``shards`` is ClusterService's handlers on
-every server; ``owner`` is server 0's side; ``peers`` is the gRPC link between servers (the only
-one here that knows gRPC).
+every server; ``owner`` is server 0's side (runs, membership, status), with ``cuts`` (the
+cluster's checkpoints), ``recovery`` (a run's roll back to a cut every server has) and
+``deletions`` (those a server missed); ``peers`` is the gRPC link between servers (the only one
+here that knows gRPC).
 """

@@ -26,32 +26,19 @@
   push reached some servers only, and tells a shard to go on without a done rank's pushes it will
   never get (``_torn_pushes``), which it would otherwise wait for for ever. A rank handed over
   before that is compared by the clocks its replaced incarnation ended at (``_torn_replaced``).
-- Checkpoints are cluster-wide cuts (``core.checkpoint``): every server has the same --data-dir
-  setting and --checkpoint-every (CreateShard refuses otherwise) and snapshots its shard the moment
-  its min clock reaches each multiple; CheckpointRun (``checkpoint``) picks the next clock no shard
-  has reached yet and waits until every server has its snapshot there.
-- Recovery: a server that restarts resumes its shards from their checkpoints, held (they take no
-  pushes or pulls: ``Run.held``; GetShard says "resumed"); so does this one (``resumed``). (Not
-  after a graceful stop: its last checkpoint holds every push it acknowledged, and while it was
-  away no push could complete, so the others cannot be ahead of it by a whole iteration.) Every
-  unfinished run then goes back to the newest cut every server has on disk (``roll_back``): each
-  restores its snapshot of that cut, so no shard runs ahead of another and no worker reads a mix of
-  two histories, and the run's events say how many steps were lost. Workers follow by their rule
-  for a restarted server: a shard that knows their rank at an earlier clock answers CLOCK_AHEAD
-  and they go back there; a shard that has their push already acknowledges it as a duplicate.
+- Checkpoints are cluster-wide cuts (``cuts``), and a server that restarts from one has the run
+  go back to the newest cut every server has (``recovery``): ``watch`` hears of both each poll.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from paramserver.v1 import cluster_pb2 as cpb
@@ -60,7 +47,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 from .. import codec
 from ..background import Background
 from ..checkpointer import Checkpointer
-from ..core.errors import FailedPrecondition, NotFound, PsError, ResourceExhausted, ShardUnavailable, counted
+from ..core.errors import NotFound, PsError, ResourceExhausted
 from ..core.placement import Placement, place
 from ..core.registry import RunRegistry
 from ..core.run import Run
@@ -68,9 +55,9 @@ from ..core.shard import RankUpdate
 from ..core.spec import RunSpec
 from ..core.status import RunState, WorkerState
 from . import messages
+from .cuts import Cuts
 from .deletions import Undelivered
-from .shards import CUT_WAIT as _CUT_WAIT
-from .shards import restore
+from .recovery import Recovery
 
 if TYPE_CHECKING:  # (the links are gRPC's; this module is not)
     from .peers import PeerLink
@@ -130,21 +117,14 @@ class ClusterOwner:
         """server -> since when it has not answered, and its last error."""
         self._checkpointer = checkpointer
         self._undelivered = undelivered if undelivered is not None else Undelivered()
-        self._chosen: dict[str, int] = {}
-        """run id -> the cut its roll back in progress chose."""
-        self._cuts: dict[tuple[str, int], list[int]] = {}
-        """(run id, server) -> the cuts of its checkpoints on disk, as last heard."""
-        self._told: dict[tuple[str, int], tuple[int, ...]] = {}
-        """(run id, server) -> the cuts it was last told to keep (GetShard.keep_cuts) and answered."""
+        self.cuts = Cuts(registry, peers, checkpointer, call_timeout=call_timeout)
         self._torn: dict[tuple[str, int], set[tuple[int, int]]] = {}
         """(run id, server) -> the (rank, incarnation)s whose push was found torn there (told once)."""
         self._lost: dict[tuple[str, int], dict[int, tuple[int, int]]] = {}
         """(run id, server) -> rank -> (incarnation, clock) of a DONE rank whose pushes up to that clock
         the server never got and never will: it is told to go on without them (``RankUpdate.lost_pushes``)."""
-        self._rollbacks: dict[str, tuple[str, int | None, float | None]] = {}
-        """run id -> why it has to go back to the newest cut every server has, the highest cut it may
-        go back to (a retry never goes past the one an earlier attempt chose), and since when
-        attempts have failed."""
+        self.recovery = Recovery(registry, peers, checkpointer, self.cuts, call_timeout=call_timeout,
+                                 shard_timeout=shard_timeout, sync=self.sync, fail=self._fail, unsent=self._unsent)
 
     # ------------------------------------------------------------------------------ runs
     async def create_run(self, spec: RunSpec) -> Run:
@@ -234,9 +214,9 @@ class ClusterOwner:
             await self._undelivered.done(run_id, peer.index)
 
     def _forget(self, run_id: str, index: int) -> None:
-        for table in (self._sent, self._locks, self._status, self._samples, self._cuts, self._told, self._torn,
-                      self._lost):
+        for table in (self._sent, self._locks, self._status, self._samples, self._torn, self._lost):
             table.pop((run_id, index), None)
+        self.cuts.forget((run_id, index))
         self._gone.discard((run_id, index))
 
     # ------------------------------------------------------------------------------ membership
@@ -378,9 +358,8 @@ class ClusterOwner:
         await asyncio.gather(*(self._check(peer, runs) for peer in self._peers),
                              *(self._deliver(peer) for peer in self._peers))
         for run in runs:
-            self._keep_common_cut(run)
-        for run_id in list(self._rollbacks):
-            await self._try_roll_back(run_id)
+            self.cuts.keep_common_cut(run)
+        await self.recovery.poll()
 
     def _settled(self, run: Run, peer: PeerLink) -> bool:
         """``peer`` has this finished run's end, and its final status is here (no need to ask again)."""
@@ -402,7 +381,7 @@ class ClusterOwner:
             key = (run.run_id, peer.index)
             try:
                 await self._send(run, peer)
-                keep = self._checkpointer.protected.get(run.run_id, ()) if self._checkpointer else ()
+                keep = self.cuts.keep(run.run_id)
                 resp = await peer.call("GetShard", cpb.GetShardRequest(run_id=run.run_id, keep_cuts=keep),
                                        cpb.GetShardResponse, self._timeout)
             except NotFound:
@@ -424,10 +403,9 @@ class ClusterOwner:
                 return
             self._silent_since.pop(peer.index, None)
             self._ports[peer.index], self._shm[peer.index] = resp.data_port, resp.shm_socket
-            self._cuts[key] = list(resp.cuts)
-            self._told[key] = tuple(keep)
+            self.cuts.heard(key, resp.cuts, keep)
             if resp.resumed and not run.state.finished:
-                self._rollbacks.setdefault(run.run_id, (f"{peer.name} restarted", None, None))
+                self.recovery.restarted(run.run_id, f"{peer.name} restarted")
             self._sample(key, resp.status.pushes_applied)
             resp.status.pushes_per_second = self._rate(key)
             self._status[key] = resp.status
@@ -484,139 +462,10 @@ class ClusterOwner:
             self._fail(run, f"{peer.name} has not answered for {silent:.0f}s (--shard-timeout "
                             f"{self._shard_timeout:g}): its shard of the run is out of reach ({exc})")
 
-    # ------------------------------------------------------------------------------ checkpoints
-    async def _cut(self, run: Run, peer: PeerLink, cut: int, reason: str) -> cpb.CheckpointShardResponse:
-        return await peer.call("CheckpointShard", cpb.CheckpointShardRequest(run_id=run.run_id, cut=cut, reason=reason),
-                               cpb.CheckpointShardResponse, _CUT_WAIT + self._timeout)
-
-    async def checkpoint(self, run: Run, reason: str) -> tuple[Path, int]:
-        """A cluster checkpoint of ``run``: every server's snapshot at the next clock none of them
-        has reached (or at the end, for a finished run); raises the first refusal (the snapshots
-        already written stay: they do no harm), NotFound if the run was deleted while they were asked
-        where they are."""
-        assert self._checkpointer is not None
-        cut = run.min_clock
-        if run.state is RunState.RUNNING:  # (one that has not started, or has ended, is still)
-            statuses = await asyncio.gather(*(peer.call("GetShard", cpb.GetShardRequest(run_id=run.run_id),
-                                                        cpb.GetShardResponse, self._timeout) for peer in self._peers))
-            cut = max([cut, *(r.status.min_clock for r in statuses)]) + 1
-            self._registry.get(run.run_id)  # NotFound if deleted meanwhile: its snapshot would bring it back
-        own = asyncio.ensure_future(self._checkpointer.checkpoint_at(run, cut, reason, _CUT_WAIT))
-        try:
-            await asyncio.gather(own, *(self._cut(run, peer, cut, reason) for peer in self._peers))
-        except TimeoutError:
-            raise FailedPrecondition(f"{run.run_id} did not reach clock {cut} within {_CUT_WAIT:g}s (it is at min "
-                                     f"clock {run.min_clock}): the run is not moving; try again when it is") from None
-        return own.result()
-
-    def _keep_common_cut(self, run: Run) -> None:
-        """Every server keeps its checkpoints of the newest cut all have on disk and of the newest
-        one of those kept so far that all still have (its next GetShard says so; this server keeps
-        both from now, the others from then, so that one is kept everywhere all along): the
-        cluster can always go back to one. The cuts kept change only once every server has been
-        told the current ones (a server not told yet keeps the older ones, or, before any, its
-        first cut: ``Checkpointer``)."""
-        if self._checkpointer is None:
-            return
-        keys = [(run.run_id, peer.index) for peer in self._peers]
-        heard = [self._cuts.get(key) for key in keys]
-        kept = self._checkpointer.protected.get(run.run_id, ())
-        if any(h is None for h in heard) or any(self._told.get(key) != kept for key in keys):
-            return
-        common = set(self._checkpointer.store.cuts(run.run_id)).intersection(*heard)  # type: ignore[arg-type]
-        if common and (not kept or max(common) != kept[0]):
-            newest, still = max(common), [c for c in kept if c in common]  # (kept everywhere since told)
-            older = max(still) if still else min(common - {0} or common)  # (none yet: the first periodic cut, or 0)
-            self._checkpointer.protected[run.run_id] = (newest, older) if older != newest else (newest,)
-
-    # ------------------------------------------------------------------------------ recovery
-    def resumed(self, runs: Sequence[Run]) -> None:
-        """This server restarted and resumed ``runs`` from checkpoints that may be behind the other
-        servers' shards (not a graceful stop's): every unfinished one goes back to a cut all have."""
-        for run in runs:
-            if run.placement is not None and not run.state.finished:
-                self._rollbacks[run.run_id] = ("server 0 restarted", None, None)
-
-    async def _try_roll_back(self, run_id: str) -> None:
-        why, bound, since = self._rollbacks[run_id]
-        try:
-            run = self._registry.get(run_id)
-        except NotFound:
-            run = None
-        if run is None or run.state.finished:
-            self._rollbacks.pop(run_id, None)
-            return
-        try:
-            await self.roll_back(run, why, bound)
-        except ShardUnavailable as exc:  # a server that does not answer: the next poll tries again
-            since = since or time.monotonic()
-            self._rollbacks[run_id] = (why, self._chosen.get(run_id, bound), since)
-            log.warning("%s could not go back to a common checkpoint yet (%s): %s", run_id, why, exc,
-                        extra={"run": run_id})
-            if time.monotonic() - since <= self._shard_timeout:
-                return
-            with contextlib.suppress(NotFound):  # (deleted meanwhile)
-                self._fail(self._registry.get(run_id), f"{why} and the servers could not go back to a common "
-                           f"checkpoint for {time.monotonic() - since:.0f}s (--shard-timeout): {exc}")
-        except PsError as exc:  # a checkpoint that does not load: no state every shard agrees on
-            with contextlib.suppress(NotFound):
-                self._fail(self._registry.get(run_id), f"{why} and the shards could not go back to a common "
-                           f"checkpoint: {exc}")
-        self._rollbacks.pop(run_id, None)
-        self._chosen.pop(run_id, None)
-
-    async def roll_back(self, run: Run, why: str, bound: int | None = None) -> Run:
-        """Every shard of ``run`` back to the newest cut all servers have, at most ``bound`` (the
-        run fails if there is none); the run as this server now holds it. This server's restored
-        run takes no pushes or pulls until every server has restored: no worker reads a mix."""
-        if self._checkpointer is None:
-            self._fail(run, f"{why} and server 0 has no --data-dir: the shards cannot go back to a common "
-                            "checkpoint (start every server with --data-dir DIR)")
-            return run
-        listed = await asyncio.gather(*(peer.call("ListShardCheckpoints", cpb.ListShardCheckpointsRequest(
-            run_id=run.run_id), cpb.ListShardCheckpointsResponse, self._timeout) for peer in self._peers))
-        cuts = [set(self._checkpointer.store.cuts(run.run_id)), *(set(r.cuts) for r in listed)]
-        common = {c for c in set.intersection(*cuts) if bound is None or c <= bound}
-        if not common:
-            have = "; ".join(f"server {i}: {sorted(c, reverse=True) or 'none'}" for i, c in enumerate(cuts))
-            self._fail(run, f"{why} and no checkpoint cut is on every server ({have}): the shards cannot agree "
-                            "on a state to resume from")
-            return run
-        cut = self._chosen[run.run_id] = max(common)
-        before = [max(clocks) for clocks in zip([s.clock for s in run.clock.slots], *(r.clocks for r in listed),
-                                                  strict=True)]
-        min_before = run.min_clock
-        message = f"{why}: every shard went back to the checkpoint at cut {cut}: retry"
-        restored = await restore(self._registry, self._checkpointer, run.run_id, cut, message)
-        restored.hold(f"{why}: the servers are going back to the checkpoint at cut {cut}: retry")
-        self._renumber(run, restored)
-        await asyncio.gather(*(peer.call("RestoreShard", cpb.RestoreShardRequest(run_id=run.run_id, cut=cut),
-                                         cpb.RestoreShardResponse, max(4 * self._timeout, self._shard_timeout))
-                               for peer in self._peers))
+    def _unsent(self, run_id: str) -> None:
+        """Every server is to be sent ``run_id``'s membership again (it went back to a cut)."""
         for peer in self._peers:
-            self._sent.pop((run.run_id, peer.index), None)
-            self._told[(run.run_id, peer.index)] = (cut,)  # (each keeps the cut it went back to: ``restore``)
-        lost = sum(max(0, before[s.rank] - s.clock) for s in restored.clock.slots)
-        restored.history.event("rolled_back", -1, f"{why}: every shard went back to its checkpoint at cut {cut} "
-                               f"(min clock {min_before} -> {restored.min_clock}; {counted(lost, 'step')} lost)")
-        restored.hold("")  # (after the event: a watcher woken by it sees both)
-        log.warning("%s: %s rolled back to cut %d on every server, %d steps lost", why, run.run_id, cut, lost,
-                    extra={"run": run.run_id})
-        await self.sync(restored)
-        return restored
-
-    @staticmethod
-    def _renumber(old: Run, restored: Run) -> None:
-        """Incarnations given out after the cut stay given: numbering goes on from the newest, and a
-        rank handed to another worker since the cut is evicted (its holder joins again). The bounds
-        the run was under after the cut were still its own (``Run.bounds``)."""
-        restored.clock.next_incarnation = max(restored.clock.next_incarnation, old.clock.next_incarnation)
-        for bound in old.bounds:
-            restored.had(bound)
-        for was, slot in zip(old.clock.slots, restored.clock.slots, strict=True):
-            if was.incarnation != slot.incarnation and slot.state is WorkerState.ACTIVE:
-                restored.clock.set_state(slot, WorkerState.EVICTED)
-                restored.bsp.drop(slot.rank)
+            self._sent.pop((run_id, peer.index), None)
 
     def _fail(self, run: Run, message: str) -> None:
         if run.state.finished:

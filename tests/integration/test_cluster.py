@@ -1235,7 +1235,7 @@ async def test_a_roll_back_keeps_incarnations_given_out_after_the_cut(server_con
     """Going back to a cut must not hand an incarnation number out twice: a rank given to another
     worker after the cut is evicted (its new holder joins again, with a fresh number). A bound the
     run had after the cut stays one it had (its clock records were taken under it)."""
-    from ps_server.cluster.owner import ClusterOwner
+    from ps_server.cluster.recovery import Recovery
     from ps_server.core import snapshot
 
     async with cluster(server_config, 2) as servers:
@@ -1247,7 +1247,7 @@ async def test_a_roll_back_keeps_incarnations_given_out_after_the_cut(server_con
             await c.leave(run.run_id, b.rank, b.incarnation, pb.LEAVE_REASON_SHUTDOWN)
             b2 = (await c.join("w3", run.run_id, max_wait=0)).assignment  # rank 1 again, a new incarnation
             live.had(3)  # (as a schedule's step after the cut would)
-            ClusterOwner._renumber(live, at_cut)
+            Recovery._renumber(live, at_cut)
             assert at_cut.bounds == (3, -1)
             assert at_cut.clock.next_incarnation == live.clock.next_incarnation > b2.incarnation
             assert at_cut.clock.slots[b.rank].state.value == "evicted"  # b2's rank: b2 must join again
@@ -1298,7 +1298,7 @@ async def test_a_push_a_roll_back_took_from_one_shard_is_sent_again_to_every_sha
                     await pa.push(run.run_id, a.rank, a.incarnation, 2, grads)  # acknowledged by server 1 alone
                 assert held.value.retryable
                 assert servers[0].cluster is not None
-                await servers[0].cluster.roll_back(servers[0].registry.get(run.run_id), "server 0 restarted")
+                await servers[0].cluster.recovery.roll_back(servers[0].registry.get(run.run_id), "server 0 restarted")
                 assert [s.registry.get(run.run_id).clock.slots[0].clock for s in servers] == [2, 2]  # push lost
                 other = asyncio.ensure_future(pb_.push_pull(run.run_id, b.rank, b.incarnation, 2, grads))
                 params: dict[str, np.ndarray] = {}
@@ -1348,7 +1348,8 @@ async def test_an_export_during_a_roll_back_waits_for_one_history(
 
             async def roll_back() -> None:
                 assert servers[0].cluster is not None
-                await servers[0].cluster.roll_back(servers[0].registry.get(run.run_id), "a server restarted")
+                await servers[0].cluster.recovery.roll_back(servers[0].registry.get(run.run_id),
+                                                           "a server restarted")
 
             if when == "restarted":  # server 1 killed and restarted: its shard resumed at cut 4, held
                 resumed = await restore(servers[1].registry, servers[1].checkpointer, run.run_id, 4, "restarted")
@@ -1406,7 +1407,7 @@ async def test_a_watch_sees_the_end_of_a_roll_back(server_config: ServerConfig, 
         watcher = asyncio.ensure_future(watching())
         try:
             await until(lambda: bool(seen), 5)
-            await servers[0].cluster.roll_back(servers[0].registry.get(run.run_id), "server 1 restarted")
+            await servers[0].cluster.recovery.roll_back(servers[0].registry.get(run.run_id), "server 1 restarted")
             await until(lambda: any(e.kind == "rolled_back" for s in seen for e in s.events), 5)
             assert any(s.run.shards[0].held for s in seen), "the watch never saw the roll back"
             assert any(e.kind == "rolled_back" for s in seen for e in s.events), "the watch never heard the end"
@@ -1432,7 +1433,7 @@ async def test_psctl_export_of_a_run_whose_roll_back_failed_says_at_once_what_ca
         resumed = await restore(servers[1].registry, servers[1].checkpointer, run.run_id, 2, "restarted")
         resumed.held = "this server restarted: retry"
         await asyncio.to_thread(servers[1].checkpointer.store.delete, run.run_id)  # (its disk was replaced)
-        await servers[0].cluster.roll_back(servers[0].registry.get(run.run_id), "server 1 restarted")
+        await servers[0].cluster.recovery.roll_back(servers[0].registry.get(run.run_id), "server 1 restarted")
         assert (await c.get_run(run.run_id)).state == pb.RUN_STATE_FAILED
         started = asyncio.get_running_loop().time()
         result = await asyncio.to_thread(CliRunner().invoke, app, [
@@ -1485,7 +1486,8 @@ async def test_a_fast_run_keeps_a_cut_common_to_every_server_before_server_0_say
             await asyncio.gather(*(s.checkpointer.drain() for s in servers))  # type: ignore[union-attr]
             on_disk = [s.checkpointer.store.cuts(run.run_id) for s in servers]  # type: ignore[union-attr]
             servers[0].registry.get(run.run_id).held = "server 0 restarted"
-            restored = await servers[0].cluster.roll_back(servers[0].registry.get(run.run_id), "server 0 restarted")
+            restored = await servers[0].cluster.recovery.roll_back(servers[0].registry.get(run.run_id),
+                                                                   "server 0 restarted")
             assert restored.state.value == "running", restored.message
             assert [s.registry.get(run.run_id).min_clock for s in servers] == [2, 2]
             assert on_disk == [[2, 0], [8, 6, 2, 0]]  # server 1: --checkpoint-keep 2, and its first two cuts
@@ -1509,8 +1511,8 @@ def test_server_0_changes_the_cuts_kept_only_when_every_server_keeps_one_it_keep
 
     def poll(theirs: list[int], told: bool = True) -> tuple[int, ...]:
         if told:  # GetShard answered, carrying the cuts kept now
-            owner._cuts[("r", 1)], owner._told[("r", 1)] = theirs, checkpointer.protected.get("r", ())
-        owner._keep_common_cut(run)
+            owner.cuts._cuts[("r", 1)], owner.cuts._told[("r", 1)] = theirs, checkpointer.protected.get("r", ())
+        owner.cuts.keep_common_cut(run)
         return checkpointer.protected.get("r", ())
 
     mine[:] = [10, 5]

@@ -143,13 +143,13 @@ async def test_a_roll_back_retried_past_the_shard_timeout_of_a_run_deleted_meanw
     traceback in the log), and the next found the run gone."""
     peer = _Peer("ListShardCheckpoints", fails=ShardUnavailable("server 1 did not answer"))
     registry, _, control, owner, run_id = await _cluster(tmp_path, peer)
-    owner._rollbacks[run_id] = ("server 1 restarted", None, -1e9)  # (failing since long ago)
-    rolling = asyncio.create_task(owner._try_roll_back(run_id))
+    owner.recovery._rollbacks[run_id] = ("server 1 restarted", None, -1e9)  # (failing since long ago)
+    rolling = asyncio.create_task(owner.recovery._try_roll_back(run_id))
     await asyncio.wait_for(peer.asked.wait(), 30)
     await control.DeleteRun(pb.DeleteRunRequest(run_id=run_id, force=True))
     peer.go.set()
     await rolling
-    assert run_id not in owner._rollbacks and registry.find(run_id) is None
+    assert run_id not in owner.recovery._rollbacks and registry.find(run_id) is None
 
 
 async def test_two_deletions_of_a_run_at_once_are_both_answered_as_the_deletion_is() -> None:
