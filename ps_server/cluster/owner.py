@@ -213,6 +213,15 @@ class ClusterOwner:
                      extra={"run": run_id})
             await self._undelivered.done(run_id, peer.index)
 
+    def _deleted(self, run_id: str, index: int) -> bool:
+        """True, and what is kept of ``run_id`` for server ``index`` forgotten, if the run was
+        deleted: an answer of that server that came after ``delete`` forgot the run would keep an
+        entry of it for as long as this server runs."""
+        if self._registry.find(run_id) is not None:
+            return False
+        self._forget(run_id, index)
+        return True
+
     def _forget(self, run_id: str, index: int) -> None:
         for table in (self._sent, self._locks, self._status, self._samples, self._torn, self._lost):
             table.pop((run_id, index), None)
@@ -248,20 +257,23 @@ class ClusterOwner:
         """Send ``run``'s membership to ``peer`` if its copy differs; True when its answer moved a
         rank's start here (the other servers are to learn it)."""
         key = (run.run_id, peer.index)
-        async with self._locks.setdefault(key, asyncio.Lock()):
-            lost = self._lost.get(key, {})
-            ranks = [dataclasses.replace(u, lost_pushes=True) if lost.get(u.rank) == (u.incarnation, u.clock) else u
-                     for u in messages.rank_updates(run)]  # as it is now, not as it was when this send was asked
-            copy = (tuple(ranks), run.state, run.message)
-            if self._sent.get(key) == copy:
-                return False
-            resp = await peer.call("UpdateShard", cpb.UpdateShardRequest(
-                run_id=run.run_id, ranks=messages.rank_updates_to_proto(ranks),
-                run_state=codec.run_state_to_proto(run.state), message=run.message), cpb.UpdateShardResponse,
-                self._timeout)
-            self._sent[key] = copy
-            self._torn_replaced(run, peer, resp.replaced)
-            return self._started_later(run, peer, ranks, resp.start_clocks)
+        try:
+            async with self._locks.setdefault(key, asyncio.Lock()):
+                lost = self._lost.get(key, {})
+                ranks = [dataclasses.replace(u, lost_pushes=True) if lost.get(u.rank) == (u.incarnation, u.clock) else u
+                         for u in messages.rank_updates(run)]  # as it is now, not as it was when this send was asked
+                copy = (tuple(ranks), run.state, run.message)
+                if self._sent.get(key) == copy:
+                    return False
+                resp = await peer.call("UpdateShard", cpb.UpdateShardRequest(
+                    run_id=run.run_id, ranks=messages.rank_updates_to_proto(ranks),
+                    run_state=codec.run_state_to_proto(run.state), message=run.message), cpb.UpdateShardResponse,
+                    self._timeout)
+                self._sent[key] = copy
+                self._torn_replaced(run, peer, resp.replaced)
+                return self._started_later(run, peer, ranks, resp.start_clocks)
+        finally:  # (the run deleted while this awaited: ``delete`` forgot its entries already, or will)
+            self._deleted(run.run_id, peer.index)
 
     def _torn_replaced(self, run: Run, peer: PeerLink, replaced: Sequence[cpb.ReplacedRank]) -> None:
         """``_torn_pushes`` for the incarnations ``peer`` says it replaced (their last clock there):
@@ -385,6 +397,8 @@ class ClusterOwner:
                 resp = await peer.call("GetShard", cpb.GetShardRequest(run_id=run.run_id, keep_cuts=keep),
                                        cpb.GetShardResponse, self._timeout)
             except NotFound:
+                if self._deleted(run.run_id, peer.index):  # (not lost: deleted meanwhile)
+                    continue
                 gone = f"{peer.name} no longer holds its shard of the run (it restarted without a checkpoint)"
                 self._fail(run, f"{gone}: the parameters it held are lost")
                 assert run.placement is not None
@@ -403,6 +417,8 @@ class ClusterOwner:
                 return
             self._silent_since.pop(peer.index, None)
             self._ports[peer.index], self._shm[peer.index] = resp.data_port, resp.shm_socket
+            if self._deleted(run.run_id, peer.index):  # (while it answered)
+                continue
             self.cuts.heard(key, resp.cuts, keep)
             if resp.resumed and not run.state.finished:
                 self.recovery.restarted(run.run_id, f"{peer.name} restarted")
@@ -451,6 +467,8 @@ class ClusterOwner:
     def _out_of_reach(self, run: Run, peer: PeerLink, exc: PsError, silent: float) -> None:
         """``peer`` has not answered for ``silent`` seconds: its shard of ``run`` shows so, and the
         run fails once that is over --shard-timeout."""
+        if self._deleted(run.run_id, peer.index):
+            return
         old = self._status.get((run.run_id, peer.index))
         assert run.placement is not None
         self._status[(run.run_id, peer.index)] = pb.ShardStatus(

@@ -194,3 +194,53 @@ async def test_a_second_deletion_of_a_run_the_disk_refuses_is_refused_as_the_fir
                                            for _ in range(2)))
     assert first == second and first.run.run_id == run.run_id and registry.find(run.run_id) is None
     assert checkpointer.store.latest() == []
+
+
+class _Restarted(_Peer):
+    """Server 1 with its shard resumed from cut 0, the run's only checkpoint (the run at clock 0)."""
+
+    async def call(self, method: str, request: Any, response: type[Any], timeout: float, **kw: object) -> Any:
+        if method == "ListShardCheckpoints" and request.run_id not in self.deleted:
+            return cpb.ListShardCheckpointsResponse(cuts=[0], clocks=[0])
+        return await super().call(method, request, response, timeout, **kw)
+
+
+def _kept_of(owner: ClusterOwner, run_id: str) -> list[str]:
+    """The tables of ``owner`` that still hold an entry of ``run_id``."""
+    tables = {"_sent": owner._sent, "_locks": owner._locks, "_status": owner._status, "_samples": owner._samples,
+              "_torn": owner._torn, "_lost": owner._lost, "_cuts": owner.cuts._cuts, "_told": owner.cuts._told}
+    return [name for name, table in tables.items() if any(key[0] == run_id for key in table)]
+
+
+@pytest.mark.parametrize("held", ["UpdateShard", "RestoreShard"])
+async def test_a_roll_back_of_a_run_deleted_while_it_syncs_the_servers_leaves_nothing_of_it(
+        tmp_path: Path, held: str) -> None:
+    """A roll back ends by sending the run's membership to every server: DeleteRun --force while
+    an UpdateShard was on its way (or the RestoreShards before it), and the answer recorded what
+    that server was sent of the deleted run (or its lock, and the cut it went back to, when the
+    deletion came first), after the deletion had forgotten the run: entries of a deleted run,
+    kept for as long as server 0 runs."""
+    peer = _Restarted(held)
+    registry, _, control, owner, run_id = await _cluster(tmp_path, peer)
+    rolling = asyncio.create_task(owner.recovery.roll_back(registry.get(run_id), "server 1 restarted"))
+    await asyncio.wait_for(peer.asked.wait(), 30)
+    await control.DeleteRun(pb.DeleteRunRequest(run_id=run_id, force=True))
+    peer.go.set()
+    await asyncio.wait_for(rolling, 30)
+    assert registry.find(run_id) is None and _kept_of(owner, run_id) == []
+
+
+@pytest.mark.parametrize("fails", [None, ShardUnavailable("server 1 did not answer")])
+async def test_a_poll_of_a_run_deleted_while_a_server_answers_about_it_leaves_nothing_of_it(
+        tmp_path: Path, fails: PsError | None) -> None:
+    """Server 0's poll asks every server for its shard's status (GetShard): DeleteRun --force while
+    the answer was on its way, and server 0 kept the deleted run's cuts, status and samples heard
+    in it (or, the server silent, a status saying so), after the deletion had forgotten the run."""
+    peer = _Peer("GetShard", fails=fails)
+    registry, _, control, owner, run_id = await _cluster(tmp_path, peer)
+    polling = asyncio.create_task(owner._poll_once())
+    await asyncio.wait_for(peer.asked.wait(), 30)
+    await control.DeleteRun(pb.DeleteRunRequest(run_id=run_id, force=True))
+    peer.go.set()
+    await asyncio.wait_for(polling, 30)
+    assert registry.find(run_id) is None and _kept_of(owner, run_id) == []
