@@ -109,6 +109,19 @@ def test_the_summary_of_a_run_completed_without_its_final_evaluation_says_so() -
                                              f"{message}"), facts.summary_line(done)
 
 
+def test_launch_json_says_which_clock_its_accuracy_is_of_and_the_readme_names_the_key() -> None:
+    """Rank 0 evicted after its last push: the accuracy is of an earlier clock, which the human
+    summary says and the JSON gives as ``eval_clock``; the README's launch --json did not name it."""
+    done = make_run(pb.RUN_STATE_COMPLETED, (100, 100), message="the last evaluation is of clock 4")
+    result = facts.launch_result(done)
+    assert result["test_accuracy"] == pytest.approx(0.9) and result["eval_clock"] == 4 < result["iterations"]
+    done.ClearField("last_eval")
+    assert facts.launch_result(done)["eval_clock"] is None
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (row,) = [line for line in readme.splitlines() if line.startswith("| `psctl launch ")]
+    assert "`eval_clock`, the clock they are of" in row.partition("`--json --wait`")[2], row
+
+
 def test_slowest_names_only_the_ranks_holding_the_run_back() -> None:
     """Not the three lowest clocks (ranks 0 behind among them): the ranks at the min clock."""
     run = make_run(clocks=(7, 5, 7, 6))
