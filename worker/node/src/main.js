@@ -17,6 +17,7 @@ const { ConfigError, parseConfig, usage } = require('./config');
 const { makeLogger } = require('./log');
 const { PsClient, PsError, Status } = require('./client');
 const { train, sleep } = require('./trainer');
+const { tlsProblem } = require('./tls');
 
 /** How long a stopped worker tries to give its rank back (Leave): well within the stop grace periods
  * of Compose and Kubernetes (30 s), whatever --timeout-seconds is. If the server does not answer,
@@ -28,6 +29,7 @@ async function work(config, log, stop) {
   const outcomes = [];
   let delay = 0.1;
   let idleSince = Date.now();
+  let told = ''; // the last TLS problem logged
   const client = new PsClient(config.server, {
     timeout: config.timeoutSeconds, chunkBytes: config.chunkBytes, maxMessageBytes: config.maxMessageBytes,
     security: config.security, dataPlane: config.dataPlane, log,
@@ -48,6 +50,11 @@ async function work(config, log, stop) {
         if (!e.retryable) {
           log.error(`join refused: ${e.message}`);
           if (config.runId) break;
+        }
+        if (e.code === Status.UNAVAILABLE) {
+          const problem = await tlsProblem(config.server, config.security);
+          if (problem && problem !== told) log.error(`cannot talk to the server at ${config.server}: ${problem}`);
+          told = problem || told; // (once: it stays until the settings change)
         }
         log.info(`server ${config.server} not reachable (${e.codeName}); retrying in ${delay.toFixed(1)}s`);
         await sleep(delay * (0.5 + Math.random()) * 1000, stop.sleeper);
