@@ -123,18 +123,36 @@ _CERTIFICATE_WANTED = frozenset({"TLSV13_ALERT_CERTIFICATE_REQUIRED", "SSLV3_ALE
 TLS 1.3 just closes the connection)."""
 
 
+def _speaks_tls(host: str, port: int, timeout: float) -> bool:
+    """Whether the server at ``host``:``port`` completes a TLS handshake (its certificate unchecked:
+    only whether it speaks TLS; one that wants a client certificate says so after the handshake)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, port), timeout) as raw, context.wrap_socket(raw):
+            return True
+    except OSError:  # (ssl.SSLError is one: a plaintext server, or nothing there)
+        return False
+
+
 def tls_problem(address: str, security: Security, timeout: float = 3.0) -> str:
     """Why the server at ``address`` (HOST:PORT) refuses a TLS connection made with ``security``,
     in its settings' terms; "" when it does not, or it cannot tell (nothing listens there, say).
     Blocking: for the error a user reads once a call failed UNAVAILABLE, where gRPC says only that
     no address could be reached. A handshake made here with the same files and name tells apart
-    the server's certificate not trusted, a plaintext server and a client certificate it wants."""
+    the server's certificate not trusted, a plaintext server and a client certificate it wants;
+    without TLS, a server that speaks it."""
     from .tcp_transport import dial_host
 
     host, port = dial_host(address), address.rpartition(":")[2]
-    if not security.tls or host is None or not port.isdigit():
+    if host is None or not port.isdigit():
         return ""
     n = security.names
+    if not security.tls:
+        if _speaks_tls(host, int(port), timeout):
+            return f"it answers in TLS, not plaintext: give {n['ca']}, the CA that signed its certificate"
+        return ""
     try:
         ca, _, _ = security.read_files()
         context = ssl.create_default_context(cadata=ca.decode("ascii") if ca else None)

@@ -98,7 +98,7 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
                     log.info("asking again in %.1fs", delay)
                 else:
                     problem = ""
-                    if exc.code == errors.Code.UNAVAILABLE and security.tls:
+                    if exc.code == errors.Code.UNAVAILABLE:
                         problem = await asyncio.to_thread(tls_problem, config.server, security)
                     if problem and problem != told:  # (once: it stays until the settings change)
                         log.error("cannot talk to the server at %s: %s", config.server, problem)

@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from paramserver.security import Security
 from paramserver.v1 import paramserver_pb2 as pb
 
-from .conftest import Impl, Topology, connect, finish, run_spec
+from .conftest import Impl, Topology, connect, finish, ps_servers, run_spec
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -78,3 +78,31 @@ async def test_trains_against_a_server_with_mutual_tls_and_a_token(impl: Impl, t
     assert final.workers[0].pushes == 20
     assert len(final.shard_map.shards) == (2 if topology.sharded else 0)
     assert not any(s.data_port for s in final.shard_map.shards), final.shard_map
+
+
+@pytest.mark.one_server("the handshake is with the server dialled, which on a cluster is one server as well")
+async def test_a_tls_mismatch_is_said_once_naming_the_flag_to_change(impl: Impl, tmp_path: Path) -> None:
+    """Another CA, another name, TLS to a plaintext server, mutual TLS without a client certificate,
+    and plaintext to a TLS server: each said in the worker's log with the flag to change, in the
+    Python SDK's words (tls_problem); the Node worker logged 'not reachable (UNAVAILABLE)' only, and
+    so did the Python worker of a plaintext worker against a TLS server."""
+    ca = _issue(tmp_path, "ca", None, ca=True)
+    _issue(tmp_path, "server", ca, ca=False)
+    _issue(tmp_path, "other", None, ca=True)
+    pem = {n: str(tmp_path / f"{n}.pem") for n in ("ca", "server", "other")}
+    tls = ("--tls-cert", pem["server"], "--tls-key", str(tmp_path / "server.key"))
+    with ps_servers([tls, (*tls, "--tls-client-ca", pem["ca"]), ()]) as (secured, mutual, plain):
+        cases = [(secured, ("--tls-ca", pem["other"]), ("its certificate is not trusted", "is --tls-ca the CA")),
+                 (secured, ("--tls-ca", pem["ca"], "--tls-server-name", "elsewhere"),
+                  ("not valid for 'elsewhere'", "set --tls-server-name to a name the certificate holds")),
+                 (plain, ("--tls-ca", pem["ca"]), ("it answers in plaintext, not TLS: unset --tls-ca",)),
+                 (mutual, ("--tls-ca", pem["ca"]), ("it wants a client certificate (mutual TLS): give one with "
+                                                   "--tls-cert and --tls-key",)),
+                 (secured, (), ("it answers in TLS, not plaintext: give --tls-ca, the CA that signed its certificate",))]
+        workers = [impl.start(srv.address, *flags, "--idle-exit-seconds", "3", once=False) for srv, flags, _ in cases]
+        for worker, (srv, flags, words) in zip(workers, cases, strict=True):
+            worker.wait(30)
+            said = [line for line in worker.log.read_text().splitlines() if f"cannot talk to the server at {srv.address}: "
+                    in line]
+            assert len(said) == 1 and all(w in said[0] for w in words), (flags, worker.tail())
+            assert "not reachable (UNAVAILABLE)" in worker.log.read_text(), worker.tail()

@@ -202,7 +202,8 @@ async def test_a_silent_connection_does_not_block_metrics_over_tls(server_config
 async def test_psctl_against_a_secured_server_says_which_of_its_settings_is_missing(server_config: ServerConfig,
                                                                                     pki: Pki) -> None:
     """Plaintext to a TLS server: psctl said only that it could not reach a paramserver and how to start
-    one; and without a token it names psctl's way to give one (PS_TOKEN or PSCTL_TOKEN_FILE)."""
+    one (then that one requiring TLS needs PSCTL_TLS_CA; now that this one speaks TLS); and without a
+    token it names psctl's way to give one (PS_TOKEN or PSCTL_TOKEN_FILE)."""
     from typer.testing import CliRunner
 
     from client.cli import app
@@ -217,7 +218,7 @@ async def test_psctl_against_a_secured_server_says_which_of_its_settings_is_miss
 
     try:
         code, err = await asyncio.to_thread(psctl, {"PS_TOKEN": TOKEN, "PSCTL_INSECURE": "1"})
-        assert code == 1 and "one that requires TLS needs PSCTL_TLS_CA" in err, err
+        assert code == 1 and "it answers in TLS, not plaintext: give PSCTL_TLS_CA" in err and "Start one" not in err, err
         code, err = await asyncio.to_thread(psctl, {"PSCTL_TLS_CA": str(pki.ca), "PS_TOKEN": ""})
         assert code == 1 and "UNAUTHENTICATED" in err and "PS_TOKEN" in err and "PSCTL_TOKEN_FILE" in err, err
     finally:
