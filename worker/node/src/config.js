@@ -9,9 +9,11 @@
  * --token-file, and --insecure to allow the token over plaintext (refused otherwise).
  */
 
+const crypto = require('crypto');
 const fs = require('fs');
 const os = require('os');
 const path = require('path');
+const tls = require('tls');
 const { LEVELS } = require('./log');
 
 const OPTIONS = [
@@ -58,8 +60,35 @@ function readFile(file, what) {
 }
 
 /**
+ * ConfigError unless `pem` (read from `file`) holds PEM certificates, as ps-worker checks
+ * (paramserver/security.py check_ca): grpc-js ignores what it cannot use, and the server then
+ * looked unreachable, its certificate not trusted.
+ */
+function checkCa(file, pem) {
+  const blocks = pem.toString('latin1').match(/-----BEGIN CERTIFICATE-----[^-]*-----END CERTIFICATE-----/g) || [];
+  try {
+    if (!blocks.length) throw new Error('no certificate found');
+    for (const block of blocks) new crypto.X509Certificate(block); // (throws when it does not parse)
+  } catch (e) {
+    throw new ConfigError(`--tls-ca ${file} holds no PEM certificate (${e.reason || e.message})`);
+  }
+}
+
+/** ConfigError unless `cert` and `key` are a PEM certificate and its unencrypted key (check_key_pair):
+ * grpc-js threw at the first call, and the worker died with a stack trace. */
+function checkKeyPair(config, cert, key) {
+  try {
+    tls.createSecureContext({ cert, key });
+  } catch (e) {
+    throw new ConfigError(`--tls-cert ${config.tlsCert} and --tls-key ${config.tlsKey} are not a PEM certificate and its `
+      + `unencrypted private key (${e.reason || e.message})`);
+  }
+}
+
+/**
  * {ca, cert, key (Buffers or null), token, insecure, serverName} from the config; throws
- * ConfigError when the settings cannot work (unreadable files, half a key pair, token in clear).
+ * ConfigError when the settings cannot work (unreadable files or no PEM in them, half a key pair,
+ * token in clear).
  */
 function securityOf(config) {
   if (config.token && config.tokenFile) throw new ConfigError('give the token either in PS_TOKEN or with --token-file, not both');
@@ -75,14 +104,12 @@ function securityOf(config) {
   if (token && !tls && !config.insecure) {
     throw new ConfigError('refusing to send the token over plaintext: use TLS (--tls-ca) or --insecure');
   }
-  return {
-    tls,
-    ca: config.tlsCa ? readFile(config.tlsCa, '--tls-ca') : null,
-    cert: config.tlsCert ? readFile(config.tlsCert, '--tls-cert') : null,
-    key: config.tlsKey ? readFile(config.tlsKey, '--tls-key') : null,
-    token,
-    serverName: config.tlsServerName,
-  };
+  const ca = config.tlsCa ? readFile(config.tlsCa, '--tls-ca') : null;
+  const cert = config.tlsCert ? readFile(config.tlsCert, '--tls-cert') : null;
+  const key = config.tlsKey ? readFile(config.tlsKey, '--tls-key') : null;
+  if (ca) checkCa(config.tlsCa, ca);
+  if (cert) checkKeyPair(config, cert, key);
+  return { tls, ca, cert, key, token, serverName: config.tlsServerName };
 }
 
 function convert(type, value, flag) {

@@ -23,7 +23,13 @@ const CERTIFICATE_WANTED = new Set(['ERR_SSL_TLSV13_ALERT_CERTIFICATE_REQUIRED',
  */
 function handshake(host, port, options, timeout) {
   return new Promise((resolve) => {
-    const socket = tls.connect({ host, port, ALPNProtocols: ['h2'], ...options });
+    let socket;
+    try {
+      socket = tls.connect({ host, port, ALPNProtocols: ['h2'], ...options });
+    } catch (e) { // (files TLS cannot use, which config.js refuses at start): nothing to tell
+      resolve(null);
+      return;
+    }
     let secure = false;
     const end = (outcome) => {
       socket.removeAllListeners();

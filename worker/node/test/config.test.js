@@ -2,6 +2,8 @@
 const test = require('node:test');
 const assert = require('node:assert/strict');
 
+const { execFileSync } = require('child_process');
+
 const { parseConfig } = require('../src/config');
 const { dataKey } = require('../src/data');
 
@@ -42,13 +44,14 @@ test('security settings follow the Python worker: token from PS_TOKEN only, neve
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ps-node-config-'));
   const ca = path.join(dir, 'ca.pem');
   const tok = path.join(dir, 'token');
-  fs.writeFileSync(ca, 'not really a pem');
+  execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout',
+    path.join(dir, 'ca.key'), '-out', ca, '-days', '1', '-subj', '/CN=ca'], { stdio: 'pipe' });
   fs.writeFileSync(tok, 'from-file\n');
   assert.throws(() => parseConfig([], { PS_TOKEN: 't' }), /plaintext/);
   assert.equal(parseConfig(['--insecure'], { PS_TOKEN: 't' }).security.token, 't');
   const c = parseConfig(['--tls-ca', ca], { PS_TOKEN: 't' });
   assert.equal(c.security.tls, true);
-  assert.equal(c.security.ca.toString(), 'not really a pem');
+  assert.deepEqual(c.security.ca, fs.readFileSync(ca));
   assert.equal(c.token, undefined); // the secret is not a config field
   assert.equal(parseConfig(['--tls-ca', ca, '--token-file', tok], {}).security.token, 'from-file');
   assert.throws(() => parseConfig(['--tls-ca', ca, '--token-file', tok], { PS_TOKEN: 't' }), /not both/);
@@ -58,5 +61,29 @@ test('security settings follow the Python worker: token from PS_TOKEN only, neve
   assert.throws(() => parseConfig(['--insecure'], { PS_TOKEN: 's\u00e9cret' }), (e) => /PS_TOKEN/.test(e.message) && !/s\u00e9cret/.test(e.message));
   assert.throws(() => parseConfig(['--tls-cert', ca], {}), /both --tls-cert and --tls-key/);
   assert.throws(() => parseConfig(['--tls-ca', path.join(dir, 'missing.pem')], {}), /cannot read --tls-ca/);
+  fs.rmSync(dir, { recursive: true });
+});
+
+test('TLS files that hold no PEM are refused at start, in ps-worker\'s words (check_ca, check_key_pair)', () => {
+  // grpc-js ignored such a CA (the server then looked unreachable) and threw at the first call
+  // for such a certificate or key (the worker died with a stack trace, exit 3)
+  const fs = require('fs');
+  const os = require('os');
+  const path = require('path');
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ps-node-config-'));
+  const file = (name) => path.join(dir, name);
+  execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout',
+    file('a.key'), '-out', file('a.pem'), '-days', '1', '-subj', '/CN=a'], { stdio: 'pipe' });
+  execFileSync('openssl', ['genpkey', '-algorithm', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-out', file('b.key')], { stdio: 'pipe' });
+  fs.writeFileSync(file('junk.pem'), 'not really a pem');
+  assert.throws(() => parseConfig(['--tls-ca', file('junk.pem')], {}),
+    { message: `--tls-ca ${file('junk.pem')} holds no PEM certificate (no certificate found)` });
+  assert.throws(() => parseConfig(['--tls-ca', file('a.key')], {}), /holds no PEM certificate/);
+  assert.throws(() => parseConfig(['--tls-cert', file('junk.pem'), '--tls-key', file('junk.pem')], {}),
+    new RegExp(`--tls-cert ${file('junk.pem')} and --tls-key ${file('junk.pem')} are not a PEM certificate and its `
+      + 'unencrypted private key \\(.+\\)$'));
+  assert.throws(() => parseConfig(['--tls-cert', file('a.pem'), '--tls-key', file('b.key')], {}), /are not a PEM certificate/);
+  const c = parseConfig(['--tls-ca', file('a.pem'), '--tls-cert', file('a.pem'), '--tls-key', file('a.key')], {});
+  assert.equal(c.security.tls, true);
   fs.rmSync(dir, { recursive: true });
 });
