@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
+import mmap
 import os
 import socket
 import struct
@@ -414,10 +416,10 @@ def _status(sock: socket.socket) -> tuple[grpc.StatusCode, str]:
     return {c.value[0]: c for c in grpc.StatusCode}[code], status.message
 
 
-def _memfd(size: int, seal: bool) -> int:
+def _memfd(size: int, seal: bool, name: str = "test") -> int:
     import fcntl
 
-    fd = os.memfd_create("test", os.MFD_ALLOW_SEALING)
+    fd = os.memfd_create(name, os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
     if seal:
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
@@ -532,6 +534,31 @@ def _mapped(name: str) -> int:
         return sum(f"memfd:{name} " in line for line in f)
 
 
+@contextlib.asynccontextmanager
+async def _segment_unmapped_at_end(server: PsServer, name: str, method: int = tcp.METHOD_PUSH,
+                                   ) -> AsyncIterator[tuple[socket.socket, mmap.mmap]]:
+    """A stream to ``server`` whose segment is a 1 MiB memfd named ``name``, mapped here too; when
+    the block is done (both closed on the way out), the server has closed the stream, unmapped the
+    segment and closed its descriptor, with the garbage collector off from the start (what is freed
+    must be freed without it)."""
+    fds = len(os.listdir("/proc/self/fd"))
+    gc.collect()
+    gc.disable()
+    try:
+        sock = await asyncio.to_thread(_connect, server, method)
+        fd = _memfd(1 << 20, seal=True, name=name)
+        with sock, mmap.mmap(fd, 1 << 20) as mm:
+            socket.send_fds(sock, [_frame(shm.SEGMENT, shm.REGION.pack(1 << 20, 0))], [fd])
+            os.close(fd)
+            yield sock, mm
+        await until(lambda: server.shm_plane is not None and server.shm_plane.statistics().open == 0, 5)
+        await until(lambda: _mapped(name) == 0 and len(os.listdir("/proc/self/fd")) <= fds, 2)
+        assert _mapped(name) == 0
+        assert len(os.listdir("/proc/self/fd")) <= fds
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("end", ["answered", "closed", "closed_unknown_run"])
 async def test_a_rejected_push_of_several_messages_unmaps_the_segment_when_its_stream_ends(
         server: PsServer, end: str) -> None:
@@ -540,10 +567,6 @@ async def test_a_rejected_push_of_several_messages_unmaps_the_segment_when_its_s
     closing the stream, held its requests, views of the client's segment, in a cycle with its error: the
     segment stayed mapped, and its descriptor open, after the stream ended, until the garbage
     collector ran."""
-    import fcntl
-    import gc
-    import mmap
-
     from paramserver.v1 import wire
 
     run_id = "no-such-run"
@@ -553,17 +576,7 @@ async def test_a_rejected_push_of_several_messages_unmaps_the_segment_when_its_s
     requests = [([("w", (3, 4), 0, np.ones(12, np.float32))] * (2 if end == "closed" else 1), False)]
     if end == "answered":
         requests.append(([], True))
-    fds = len(os.listdir("/proc/self/fd"))
-    gc.collect()
-    gc.disable()  # (what is freed must be freed without it)
-    try:
-        sock = await asyncio.to_thread(_connect, server)
-        fd = os.memfd_create("rejected-push", os.MFD_ALLOW_SEALING)
-        os.ftruncate(fd, 1 << 20)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-        mm = mmap.mmap(fd, 1 << 20)
-        socket.send_fds(sock, [_frame(shm.SEGMENT, shm.REGION.pack(1 << 20, 0))], [fd])
-        os.close(fd)
+    async with _segment_unmapped_at_end(server, "rejected-push") as (sock, mm):
         at = 0
         for group, final in requests:
             body = wire.join(wire.push_request_parts(run_id, 0, 1, 0, group, final))
@@ -577,14 +590,6 @@ async def test_a_rejected_push_of_several_messages_unmaps_the_segment_when_its_s
             await until(lambda: server.dataplane.statistics().in_progress == 1, 5)  # (rejected, draining the rest)
             sock.shutdown(socket.SHUT_WR)
             assert await asyncio.wait_for(asyncio.to_thread(sock.recv, 1), 5) == b""
-        sock.close()
-        mm.close()
-        await until(lambda: server.shm_plane is not None and server.shm_plane.statistics().open == 0, 5)
-        await until(lambda: _mapped("rejected-push") == 0 and len(os.listdir("/proc/self/fd")) <= fds, 2)
-        assert _mapped("rejected-push") == 0
-        assert len(os.listdir("/proc/self/fd")) <= fds
-    finally:
-        gc.enable()
 
 
 async def test_a_one_message_push_refused_in_the_reader_callback_unmaps_the_segment_when_its_stream_ends(
@@ -593,37 +598,15 @@ async def test_a_one_message_push_refused_in_the_reader_callback_unmaps_the_segm
     there for an unknown run (NOT_FOUND, raised while a KeyError was handled), its error went
     without its traceback but with the KeyError's: that one's frames held the request, a view of
     the client's segment, in a cycle with the callback's future until the garbage collector ran."""
-    import fcntl
-    import gc
-    import mmap
-
     from paramserver.v1 import wire
 
-    fds = len(os.listdir("/proc/self/fd"))
-    gc.collect()
-    gc.disable()  # (what is freed must be freed without it)
-    try:
-        sock = await asyncio.to_thread(_connect, server)
-        fd = os.memfd_create("refused-push", os.MFD_ALLOW_SEALING)
-        os.ftruncate(fd, 1 << 20)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-        mm = mmap.mmap(fd, 1 << 20)
-        socket.send_fds(sock, [_frame(shm.SEGMENT, shm.REGION.pack(1 << 20, 0))], [fd])
-        os.close(fd)
+    async with _segment_unmapped_at_end(server, "refused-push") as (sock, mm):
         body = wire.join(wire.push_request_parts("no-such-run", 0, 1, 0, [("w", (3, 4), 0, np.ones(12, np.float32))],
                                                  True))
         mm[: len(body)] = body
         sock.sendall(_frame(shm.SHARED, shm.REGION.pack(0, len(body))))
         code, _ = await asyncio.to_thread(_status, sock)
-        sock.close()
-        mm.close()
         assert code == grpc.StatusCode.NOT_FOUND
-        await until(lambda: server.shm_plane is not None and server.shm_plane.statistics().open == 0, 5)
-        await until(lambda: _mapped("refused-push") == 0 and len(os.listdir("/proc/self/fd")) <= fds, 2)
-        assert _mapped("refused-push") == 0
-        assert len(os.listdir("/proc/self/fd")) <= fds
-    finally:
-        gc.enable()
 
 
 async def test_a_parked_pull_whose_client_goes_away_unmaps_the_segment_at_once(server: PsServer) -> None:
@@ -631,10 +614,6 @@ async def test_a_parked_pull_whose_client_goes_away_unmaps_the_segment_at_once(s
     closes the stream. The cancelled task kept its CancelledError, whose traceback held the
     stream's frames (the request, a view of the segment) and they the task: the segment stayed
     mapped, and its descriptor open, until the garbage collector ran."""
-    import fcntl
-    import gc
-    import mmap
-
     from paramserver.v1 import wire
 
     async with PsClient(f"127.0.0.1:{server.port}", timeout=10, data_plane=False) as c:
@@ -642,17 +621,7 @@ async def test_a_parked_pull_whose_client_goes_away_unmaps_the_segment_at_once(s
         a = (await c.join("w", run.run_id)).assignment
         await c.join("w", run.run_id)
         await c.push(run.run_id, a.rank, a.incarnation, 0, {"w": np.ones((3, 4), np.float32), "b": np.ones(4, np.float32)})
-    fds = len(os.listdir("/proc/self/fd"))
-    gc.collect()
-    gc.disable()  # (what is freed must be freed without it)
-    try:
-        sock = await asyncio.to_thread(_connect, server, tcp.METHOD_PULL)
-        fd = os.memfd_create("parked-pull", os.MFD_ALLOW_SEALING)
-        os.ftruncate(fd, 1 << 20)
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-        mm = mmap.mmap(fd, 1 << 20)
-        socket.send_fds(sock, [_frame(shm.SEGMENT, shm.REGION.pack(1 << 20, 0))], [fd])
-        os.close(fd)
+    async with _segment_unmapped_at_end(server, "parked-pull", tcp.METHOD_PULL) as (sock, mm):
         body = wire.pull_request_bytes(run.run_id, a.rank, a.incarnation, 1, 30.0)  # (waits for the other rank)
         mm[: len(body)] = body
         sock.sendall(_frame(shm.SHARED, shm.REGION.pack(0, len(body))))
@@ -661,8 +630,3 @@ async def test_a_parked_pull_whose_client_goes_away_unmaps_the_segment_at_once(s
         mm.close()
         await until(lambda: server.shm_plane is not None and server.shm_plane.statistics().open == 0, 5)
         assert server.dataplane.statistics().in_progress == 0
-        await until(lambda: _mapped("parked-pull") == 0 and len(os.listdir("/proc/self/fd")) <= fds, 2)
-        assert _mapped("parked-pull") == 0
-        assert len(os.listdir("/proc/self/fd")) <= fds
-    finally:
-        gc.enable()
