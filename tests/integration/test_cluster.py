@@ -1535,39 +1535,47 @@ def _with_table(shapes: dict[str, tuple[int, ...]], table: tuple[int, int]) -> p
     return spec
 
 
-async def test_a_bad_request_to_a_sharded_run_is_refused_whole_before_any_shard_sees_it(
-        server_config: ServerConfig) -> None:
-    """Each shard sees only its rows of a push: a wrong shape, an unknown or a missing tensor, or
-    a row id out of its table's range would be applied by some shards and refused (or, for ids,
-    dropped) by others. The SDK refuses it as one server does, and nothing changes anywhere."""
-    spec = _with_table({"w": (40, 30)}, (10, 2))
+@asynccontextmanager
+async def _one_rank_on_two_shards(server_config: ServerConfig, spec: pb.RunSpec,
+                                  ) -> AsyncIterator[tuple[list[PsServer], pb.Run, pb.Assignment, Shards]]:
+    """Two servers splitting at 1 KiB, a run of ``spec`` on them, its one rank joined (each server
+    holding some of its parameters) and that rank's pushes and pulls to both."""
     async with cluster(server_config, 2, split_bytes=1024) as servers:
         async with PsClient(servers[0].address, timeout=10) as c:
             run = await c.create_run(spec)
             (a,) = await _join_all(c, run.run_id, 1)
             assert all(s.pieces for s in a.shard_map.shards)
             plane = Shards.beside(c, a.shard_map, a.spec)
-            w = np.ones((40, 30), np.float32)
-            bad_ids = np.array([3, 12, -1], np.int64)
             try:
-                for grads, why in [({"w": np.ones((30, 30), np.float32)}, "has shape"),
-                                   ({"w": w, "nope": np.ones(3, np.float32)}, "unknown tensor"),
-                                   ({"t": RowsPart(np.array([1]), np.ones((1, 2), np.float32), (10, 2))}, "lacks"),
-                                   ({"w": w, "t": RowsPart(bad_ids, np.ones((3, 2), np.float32), (10, 2))},
-                                    "out of range")]:
-                    with pytest.raises(errors.InvalidArgument, match=why) as refused:
-                        await plane.push(run.run_id, 0, a.incarnation, 0, grads)
-                    assert refused.value.reason == pb.ERROR_REASON_INVALID_GRADIENT
-                for ask, why in [({"rows": {"t": bad_ids}}, "out of range"), ({"names": ["nope"]}, "unknown tensor"),
-                                 ({"rows": {"w": np.array([0])}}, "not a table")]:
-                    with pytest.raises(errors.InvalidArgument, match=why):
-                        await plane.pull(run.run_id, 0, a.incarnation, 0, **ask)  # type: ignore[arg-type]
-                assert [s.registry.get(run.run_id).status().counters.pushes_applied for s in servers] == [0, 0]
-                ack = await plane.push(run.run_id, 0, a.incarnation, 0,
-                                       {"w": w, "t": RowsPart(np.array([1, 9]), np.ones((2, 2), np.float32), (10, 2))})
-                assert ack.clock == 1
+                yield servers, run, a, plane
             finally:
                 await plane.close()
+
+
+async def test_a_bad_request_to_a_sharded_run_is_refused_whole_before_any_shard_sees_it(
+        server_config: ServerConfig) -> None:
+    """Each shard sees only its rows of a push: a wrong shape, an unknown or a missing tensor, or
+    a row id out of its table's range would be applied by some shards and refused (or, for ids,
+    dropped) by others. The SDK refuses it as one server does, and nothing changes anywhere."""
+    spec = _with_table({"w": (40, 30)}, (10, 2))
+    async with _one_rank_on_two_shards(server_config, spec) as (servers, run, a, plane):
+        w = np.ones((40, 30), np.float32)
+        bad_ids = np.array([3, 12, -1], np.int64)
+        for grads, why in [({"w": np.ones((30, 30), np.float32)}, "has shape"),
+                           ({"w": w, "nope": np.ones(3, np.float32)}, "unknown tensor"),
+                           ({"t": RowsPart(np.array([1]), np.ones((1, 2), np.float32), (10, 2))}, "lacks"),
+                           ({"w": w, "t": RowsPart(bad_ids, np.ones((3, 2), np.float32), (10, 2))}, "out of range")]:
+            with pytest.raises(errors.InvalidArgument, match=why) as refused:
+                await plane.push(run.run_id, 0, a.incarnation, 0, grads)
+            assert refused.value.reason == pb.ERROR_REASON_INVALID_GRADIENT
+        for ask, why in [({"rows": {"t": bad_ids}}, "out of range"), ({"names": ["nope"]}, "unknown tensor"),
+                         ({"rows": {"w": np.array([0])}}, "not a table")]:
+            with pytest.raises(errors.InvalidArgument, match=why):
+                await plane.pull(run.run_id, 0, a.incarnation, 0, **ask)  # type: ignore[arg-type]
+        assert [s.registry.get(run.run_id).status().counters.pushes_applied for s in servers] == [0, 0]
+        ack = await plane.push(run.run_id, 0, a.incarnation, 0,
+                               {"w": w, "t": RowsPart(np.array([1, 9]), np.ones((2, 2), np.float32), (10, 2))})
+        assert ack.clock == 1
 
 
 @pytest.mark.parametrize(("positions", "values", "why"), [([5, 5, 1100], 3, "increase strictly"),
@@ -1584,24 +1592,15 @@ async def test_a_top_k_push_whose_positions_one_server_refuses_is_refused_whole_
     one server does, and nothing changes anywhere."""
     compression = pb.Compression(topk_ratio=0.1)
     spec = make_spec(shapes={"w": (40, 30)}, num_workers=1, staleness=1, iterations=5, compression=compression)
-    async with cluster(server_config, 2, split_bytes=1024) as servers:
-        async with PsClient(servers[0].address, timeout=10) as c:
-            run = await c.create_run(spec)
-            (a,) = await _join_all(c, run.run_id, 1)
-            assert all(s.pieces for s in a.shard_map.shards)
-            plane = Shards.beside(c, a.shard_map, a.spec)
-            idx = np.array(positions, np.uint32)
-            bad = {"w": CodedPart(np.ones(values, np.float32), pb.DATA_TYPE_FLOAT32, (40, 30), idx)}
-            try:
-                with pytest.raises(errors.InvalidArgument, match=why) as refused:
-                    await plane.push(run.run_id, 0, a.incarnation, 0, bad)
-                assert refused.value.reason == pb.ERROR_REASON_INVALID_GRADIENT
-                assert [s.registry.get(run.run_id).status().counters.pushes_applied for s in servers] == [0, 0]
-                good = {"w": CodedPart(np.ones(2, np.float32), pb.DATA_TYPE_FLOAT32, (40, 30),
-                                       np.array([5, 1100], np.uint32))}
-                assert (await plane.push(run.run_id, 0, a.incarnation, 0, good)).clock == 1
-            finally:
-                await plane.close()
+    async with _one_rank_on_two_shards(server_config, spec) as (servers, run, a, plane):
+        idx = np.array(positions, np.uint32)
+        bad = {"w": CodedPart(np.ones(values, np.float32), pb.DATA_TYPE_FLOAT32, (40, 30), idx)}
+        with pytest.raises(errors.InvalidArgument, match=why) as refused:
+            await plane.push(run.run_id, 0, a.incarnation, 0, bad)
+        assert refused.value.reason == pb.ERROR_REASON_INVALID_GRADIENT
+        assert [s.registry.get(run.run_id).status().counters.pushes_applied for s in servers] == [0, 0]
+        good = {"w": CodedPart(np.ones(2, np.float32), pb.DATA_TYPE_FLOAT32, (40, 30), np.array([5, 1100], np.uint32))}
+        assert (await plane.push(run.run_id, 0, a.incarnation, 0, good)).clock == 1
 
 
 async def test_a_push_whose_repeated_rows_sum_beyond_float32_is_refused_whole_by_the_shards(
@@ -1610,26 +1609,18 @@ async def test_a_push_whose_repeated_rows_sum_beyond_float32_is_refused_whole_by
     whole. Only the shard holding that id would see it: refused there, the others' part applied
     (a torn push). The SDK refuses it as one server does, and nothing changes anywhere."""
     spec = _with_table({"w": (40, 30)}, (10, 2))
-    async with cluster(server_config, 2, split_bytes=1024) as servers:
-        async with PsClient(servers[0].address, timeout=10) as c:
-            run = await c.create_run(spec)
-            (a,) = await _join_all(c, run.run_id, 1)
-            assert all(s.pieces for s in a.shard_map.shards)
-            plane = Shards.beside(c, a.shard_map, a.spec)
-            w = np.ones((40, 30), np.float32)
-            values = np.array([[3e38, 1], [1, 1], [3e38, 1]], np.float32)  # row 1 twice: 6e38 > float32's max
-            try:
-                with pytest.raises(errors.InvalidArgument, match="repeated ids sum to 1 NaN/Inf") as refused:
-                    await plane.push(run.run_id, 0, a.incarnation, 0,
-                                     {"w": w, "t": RowsPart(np.array([1, 9, 1]), values, (10, 2))})
-                assert refused.value.reason == pb.ERROR_REASON_INVALID_GRADIENT
-                assert [s.registry.get(run.run_id).status().counters.pushes_applied for s in servers] == [0, 0]
-                values[2, 0] = -3e38  # (summed: 0, finite)
-                ack = await plane.push(run.run_id, 0, a.incarnation, 0,
-                                       {"w": w, "t": RowsPart(np.array([1, 9, 1]), values, (10, 2))})
-                assert ack.clock == 1
-            finally:
-                await plane.close()
+    async with _one_rank_on_two_shards(server_config, spec) as (servers, run, a, plane):
+        w = np.ones((40, 30), np.float32)
+        values = np.array([[3e38, 1], [1, 1], [3e38, 1]], np.float32)  # row 1 twice: 6e38 > float32's max
+        with pytest.raises(errors.InvalidArgument, match="repeated ids sum to 1 NaN/Inf") as refused:
+            await plane.push(run.run_id, 0, a.incarnation, 0,
+                             {"w": w, "t": RowsPart(np.array([1, 9, 1]), values, (10, 2))})
+        assert refused.value.reason == pb.ERROR_REASON_INVALID_GRADIENT
+        assert [s.registry.get(run.run_id).status().counters.pushes_applied for s in servers] == [0, 0]
+        values[2, 0] = -3e38  # (summed: 0, finite)
+        ack = await plane.push(run.run_id, 0, a.incarnation, 0,
+                               {"w": w, "t": RowsPart(np.array([1, 9, 1]), values, (10, 2))})
+        assert ack.clock == 1
 
 
 def _bits_bf16(values: np.ndarray) -> np.ndarray:
@@ -1697,25 +1688,17 @@ async def test_a_sharded_push_pull_of_rows_moves_only_those_rows(server_config: 
     shards that hold them: a shard holding none is pushed to without a pull (a pull asking for
     nothing would be answered with its whole piece of the table). A pull of no rows is answered."""
     spec = _with_table({"b": (4,)}, (200_000, 8))
-    async with cluster(server_config, 2, split_bytes=1024) as servers:
-        async with PsClient(servers[0].address, timeout=10) as c:
-            run = await c.create_run(spec)
-            (a,) = await _join_all(c, run.run_id, 1)
-            plane = Shards.beside(c, a.shard_map, a.spec)
-            try:
-                ids = np.array([1, 2, 3], np.int64)  # on the first shard of the table
-                await plane.pull(run.run_id, 0, a.incarnation, 0, names=["b"], rows={"t": ids})
-                before = [s.registry.get(run.run_id).status().counters.bytes_pulled for s in servers]
-                grads = {"b": np.ones(4, np.float32), "t": RowsPart(ids, np.ones((3, 8), np.float32), (200_000, 8))}
-                ack, pulled = await plane.push_pull(run.run_id, 0, a.incarnation, 0, grads, names=["b"],
-                                                    rows={"t": ids})
-                after = [s.registry.get(run.run_id).status().counters.bytes_pulled for s in servers]
-                assert ack.clock == 1 and list(pulled.rows["t"][0]) == [1, 2, 3]
-                assert max(y - x for x, y in zip(before, after, strict=True)) < 1000, (before, after)
-                empty = await plane.pull(run.run_id, 0, a.incarnation, 1, rows={"t": np.empty(0, np.int64)})
-                assert empty.rows["t"][1].shape == (0, 8) and empty.guaranteed_clock >= 0
-            finally:
-                await plane.close()
+    async with _one_rank_on_two_shards(server_config, spec) as (servers, run, a, plane):
+        ids = np.array([1, 2, 3], np.int64)  # on the first shard of the table
+        await plane.pull(run.run_id, 0, a.incarnation, 0, names=["b"], rows={"t": ids})
+        before = [s.registry.get(run.run_id).status().counters.bytes_pulled for s in servers]
+        grads = {"b": np.ones(4, np.float32), "t": RowsPart(ids, np.ones((3, 8), np.float32), (200_000, 8))}
+        ack, pulled = await plane.push_pull(run.run_id, 0, a.incarnation, 0, grads, names=["b"], rows={"t": ids})
+        after = [s.registry.get(run.run_id).status().counters.bytes_pulled for s in servers]
+        assert ack.clock == 1 and list(pulled.rows["t"][0]) == [1, 2, 3]
+        assert max(y - x for x, y in zip(before, after, strict=True)) < 1000, (before, after)
+        empty = await plane.pull(run.run_id, 0, a.incarnation, 1, rows={"t": np.empty(0, np.int64)})
+        assert empty.rows["t"][1].shape == (0, 8) and empty.guaranteed_clock >= 0
 
 
 async def test_a_sharded_pull_into_read_only_arrays_replaces_them_as_one_server_would(
