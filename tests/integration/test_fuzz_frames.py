@@ -111,17 +111,22 @@ def _memfd(size: int, seal: bool) -> int:
     return fd
 
 
+def _connect(live: Live, transport: str) -> socket.socket:
+    """A new stream to the server's data plane of ``transport`` ("tcp" or "shm"), before its hello."""
+    if transport == "tcp":
+        assert live.server.data_plane is not None
+        return socket.create_connection(("127.0.0.1", live.server.data_plane.port), timeout=10)
+    assert live.server.shm_plane is not None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(shm.name_for(live.server.shm_plane.name))
+    return sock
+
+
 def _exchange(live: Live, transport: str, plan: dict[str, Any]) -> tuple[list[bytes], tuple[int, pb.Status] | None]:
     """Run ``plan`` on a new stream (blocking: in a thread); the MESSAGE bodies and the STATUS it got."""
     rng = plan["mutate"]
-    if transport == "tcp":
-        assert live.server.data_plane is not None
-        sock = socket.create_connection(("127.0.0.1", live.server.data_plane.port), timeout=10)
-    else:
-        assert live.server.shm_plane is not None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(10)
-        sock.connect(shm.name_for(live.server.shm_plane.name))
+    sock = _connect(live, transport)
     region: memoryview | None = None
     mm = None
     with sock:
@@ -355,14 +360,7 @@ def _descriptor(kind: str) -> tuple[int, list[int]]:
 
 def _send_plan(live: Live, transport: str, method: int, items: list[tuple[Any, ...]]) -> None:
     """Send ``items`` on a new stream and read what comes back until the server closes it (in a thread)."""
-    if transport == "tcp":
-        assert live.server.data_plane is not None
-        sock = socket.create_connection(("127.0.0.1", live.server.data_plane.port), timeout=10)
-    else:
-        assert live.server.shm_plane is not None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(10)
-        sock.connect(shm.name_for(live.server.shm_plane.name))
+    sock = _connect(live, transport)
     mm = mmap.mmap(-1, 1 << 20)  # where in-segment messages are written (the segment, once one is passed)
     with sock, contextlib.ExitStack() as stack:
         stack.callback(lambda: mm.close())
