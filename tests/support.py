@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,8 @@ from typing import Any
 from paramserver.v1 import paramserver_pb2 as pb
 from ps_server.config import ServerConfig
 
-__all__ = ["Stubs", "make_spec", "train_all", "train_with_a_zero_pusher", "until", "with_config"]
+__all__ = ["Stubs", "make_spec", "rename_refusing_deletions", "train_all", "train_with_a_zero_pusher",
+           "unlink_holding_arrays", "until", "with_config"]
 
 
 def make_spec(
@@ -48,6 +50,32 @@ async def until(condition: Callable[[], object], seconds: float = 2.0) -> None:
 
 def with_config(config: ServerConfig, **changes: Any) -> ServerConfig:
     return dataclasses.replace(config, **changes)
+
+
+def rename_refusing_deletions() -> Callable[[Any, Any], None]:
+    """``os.rename`` (as it is now) on a data directory a run's directory cannot be moved out of
+    to be deleted: to its ``.deleted-`` name, PermissionError; any other rename is done."""
+    rename = os.rename
+
+    def refused(src: Any, dst: Any) -> None:
+        if ".deleted-" in str(dst):
+            raise PermissionError(13, "Permission denied", str(src))
+        rename(src, dst)
+
+    return refused
+
+
+def unlink_holding_arrays() -> Callable[..., None]:
+    """``os.unlink`` (as it is now) on a file system that holds a checkpoint's ``arrays.npz`` busy
+    (EBUSY, as a file open on NFS); any other file is removed."""
+    unlink = os.unlink
+
+    def held(path: Any, *args: Any, **kw: Any) -> None:
+        if str(path).endswith("arrays.npz"):
+            raise OSError(16, "Device or resource busy", path)
+        unlink(path, *args, **kw)
+
+    return held
 
 
 @dataclass

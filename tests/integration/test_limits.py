@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from support import make_spec, with_config
+from support import make_spec, rename_refusing_deletions, unlink_holding_arrays, with_config
 
 from paramserver import errors
 from paramserver.client import PsClient
@@ -198,21 +198,10 @@ async def test_a_delete_the_disk_refuses_says_so(kept: PsServer, monkeypatch: py
 
     from client.cli import app
 
-    rename, unlink = os.rename, os.unlink
-
-    def refused(src: object, dst: object) -> None:
-        if ".deleted-" in str(dst):
-            raise PermissionError(13, "Permission denied", str(src))
-        rename(src, dst)  # type: ignore[arg-type]
-
-    def held(path: str, *args: object, **kw: object) -> None:
-        if str(path).endswith("arrays.npz"):
-            raise OSError(16, "Device or resource busy", path)
-        unlink(path, *args, **kw)  # type: ignore[arg-type]
-
+    rename = os.rename
     async with PsClient(f"127.0.0.1:{kept.port}") as c:
         run = await c.create_run(_spec())
-        monkeypatch.setattr(os, "rename", refused)
+        monkeypatch.setattr(os, "rename", rename_refusing_deletions())
         with pytest.raises(errors.PsError) as e:
             await c.delete_run(run.run_id, force=True)
         assert e.value.code == errors.Code.INTERNAL and "Permission denied" in str(e.value)
@@ -221,7 +210,7 @@ async def test_a_delete_the_disk_refuses_says_so(kept: PsServer, monkeypatch: py
         await kept.checkpointer.written(run.run_id)  # type: ignore[union-attr]
         assert kept.checkpointer.store.latest()[0].meta["state"] == "stopped"  # type: ignore[union-attr]
         monkeypatch.setattr(os, "rename", rename)
-        monkeypatch.setattr(os, "unlink", held)
+        monkeypatch.setattr(os, "unlink", unlink_holding_arrays())
         result = await asyncio.to_thread(CliRunner().invoke, app, ["delete", run.run_id, "--server",
                                                                    f"127.0.0.1:{kept.port}"])
         assert result.exit_code == 0, result.output
@@ -237,14 +226,7 @@ async def test_a_run_forgotten_past_the_retention_limit_whose_disk_refuses_is_lo
     """The retention limits delete as DeleteRun does (``control.delete_run``), but a run they forgot
     whose directory cannot be moved away stays forgotten: the refusal is logged (a restart shows
     the run again), where DeleteRun's keeps the run and raises (``test_a_delete_the_disk_refuses_says_so``)."""
-    rename = os.rename
-
-    def refused(src: object, dst: object) -> None:
-        if ".deleted-" in str(dst):
-            raise PermissionError(13, "Permission denied", str(src))
-        rename(src, dst)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "rename", refused)
+    monkeypatch.setattr(os, "rename", rename_refusing_deletions())
     with caplog.at_level(logging.INFO, "ps_server"):
         async with PsClient(f"127.0.0.1:{kept.port}") as c:
             runs = [(await c.create_run(_spec())).run_id for _ in range(3)]

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from support import rename_refusing_deletions, unlink_holding_arrays
 
 from ps_server.checkpointer import Checkpointer
 from ps_server.core import checkpoint, snapshot
@@ -769,13 +770,7 @@ def test_a_deleted_run_is_never_resumed_even_when_its_files_cannot_all_be_remove
     store = CheckpointStore(tmp_path)
     store.write(*snapshot.state_dict(run))
     unlink = os.unlink
-
-    def held(path: str, *args: object, **kw: object) -> None:
-        if str(path).endswith("arrays.npz"):
-            raise OSError(16, "Device or resource busy", path)
-        unlink(path, *args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "unlink", held)
+    monkeypatch.setattr(os, "unlink", unlink_holding_arrays())
     left = store.delete(run.run_id)
     assert "arrays.npz" in left and "Device or resource busy" in left and run.run_id in left
     assert store.latest() == [] and not (tmp_path / run.run_id).exists()
@@ -796,14 +791,7 @@ async def test_a_run_whose_directory_cannot_be_moved_is_not_deleted(tmp_path: Pa
     run = make_run()
     checkpointer.attach(run)
     await checkpointer.written(run.run_id)
-    rename = os.rename
-
-    def refused(src: object, dst: object) -> None:
-        if ".deleted-" in str(dst):
-            raise PermissionError(13, "Permission denied", str(src))
-        rename(src, dst)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "rename", refused)
+    monkeypatch.setattr(os, "rename", rename_refusing_deletions())
     before = sorted(p.name for p in (tmp_path / run.run_id).iterdir())
     run.stop("deleted")  # (DeleteRun with force: its final checkpoint is scheduled, then dropped)
     with pytest.raises(PermissionError):
