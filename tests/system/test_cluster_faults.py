@@ -10,6 +10,7 @@ timing, so the test counts instead: every shard applied each rank's push of each
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import re
 import signal
@@ -26,8 +27,24 @@ from procs import ENV, bsp_reference, connect, finish, free_port, ps_server, ps_
 from client.spec import LaunchOptions, build_run_spec
 from paramserver.shards import pull_run
 from paramserver.v1 import paramserver_pb2 as pb
+from ps_server.core.checkpoint import CheckpointStore
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+
+
+async def _common_cut(data_dirs: Path, run_id: str, at_least: int, timeout: float = 20) -> int:
+    """The newest cut of ``run_id`` on both servers' disks (``data_dirs``/0 and /1), once one is
+    ``at_least`` or more. Checkpoints are written in the background: under load, a cut lands well
+    after the run's min clock passed it (a kill before went back to the run's creation)."""
+    found: list[list[int]] = []
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            while True:
+                found = [CheckpointStore(data_dirs / str(i)).cuts(run_id) for i in range(2)]
+                if (common := set(found[0]) & set(found[1])) and max(common) >= at_least:
+                    return max(common)
+                await asyncio.sleep(0.05)
+    raise AssertionError(f"no cut of {at_least} or more on both servers after {timeout} s: their cuts {found}")
 
 
 @pytest.mark.parametrize(("victim", "staleness", "how", "every"),
@@ -62,14 +79,22 @@ async def test_a_server_killed_mid_run_and_restarted_loses_no_update_and_applies
             assert split, "the test needs a tensor split over both servers"
             init = (await pull_run(c, run.run_id)).tensors
         procs = stack.enter_context(ps_workers(owner, workers, "--timeout-seconds", "15", "--log-level", "INFO"))
+        held = how == "kill" and every < 23  # (a kill -9 goes back to a periodic cut: both servers must have one)
         async with connect(owner) as c:
             before = await watch_until(c, run.run_id, lambda r: r.min_clock >= 23, timeout=120)
+            if held:  # the workers held still until it is on both disks, so that the run cannot end first
+                for p in procs:
+                    p.send_signal(signal.SIGSTOP)
+                await _common_cut(tmp_path, run.run_id, at_least=every)
+                before = await c.get_run(run.run_id)
         proc, _ = servers[victim]
         if how == "kill":
             proc.kill()
         else:
             proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+        for p in procs if held else ():
+            p.send_signal(signal.SIGCONT)
         t_kill = time.monotonic()
         time.sleep(1.0)  # the others go on: workers retry, parked on the dead server
         stack.enter_context(ps_server(*args(victim)))
