@@ -58,7 +58,7 @@ from .metrics import ServerStatistics, close_metrics, serve_metrics
 from .security import ConfigError, TokenInterceptor, load_token, server_credentials
 from .servicer import SERVICE_NAMES, add_cluster, add_control, add_data
 from .shm_plane import ShmDataPlane
-from .sweep import _servers, _sweep
+from .sweep import servers_of, sweep
 from .tcp_plane import StreamBudget, TcpDataPlane, stream_cap
 
 __all__ = ["PsServer", "main", "serve", "start_server"]
@@ -254,7 +254,7 @@ async def _start(config: ServerConfig, checkpointer: Checkpointer | None, data_l
                            configure=checkpointer.attach if checkpointer else None)
     restored = checkpointer.resume() if checkpointer else []
     for run in restored:
-        servers = _servers(run)
+        servers = servers_of(run)
         if servers != max(1, len(config.peers)) and not run.state.finished:
             # (before it is registered: not checkpointed failed, so the right cluster resumes it as it was)
             run.stop(f"the run was placed over {servers} server(s) and this cluster has {max(1, len(config.peers))}: "
@@ -370,7 +370,7 @@ async def _start(config: ServerConfig, checkpointer: Checkpointer | None, data_l
             raise OSError(f"--metrics-port {config.metrics_port}: cannot serve metrics on {config.host}:"
                           f"{config.metrics_port} ({exc.strerror or exc}); choose another port (0: a free one, "
                           "-1: none)") from None
-    ps._tasks.append(asyncio.create_task(_sweep(registry, config, checkpointer, cluster, ps.background)))
+    ps._tasks.append(asyncio.create_task(sweep(registry, config, checkpointer, cluster, ps.background)))
     if cluster is not None:
         ps._tasks.append(asyncio.create_task(cluster.watch()))
     return ps

@@ -1,4 +1,4 @@
-"""The lease and retention sweep (``_sweep``): the server's periodic task that evicts the ranks
+"""The lease and retention sweep (``sweep``): the server's periodic task that evicts the ranks
 whose lease ran out and forgets the finished runs past the retention limits.
 
 It judges, it does not wait: what waits on other servers or on the disk (telling the other servers
@@ -22,12 +22,12 @@ from .control import delete_run
 from .core.registry import RunRegistry
 from .core.run import Run
 
-__all__ = ["_servers", "_sweep"]
+__all__ = ["servers_of", "sweep"]
 
 log = logging.getLogger("ps_server")
 
 
-async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Checkpointer | None,
+async def sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Checkpointer | None,
                  cluster: ClusterOwner | None, background: Background) -> None:
     """Evict workers whose lease expired; forget finished runs past the retention limits. What
     waits on other servers or on the disk (telling the other servers of an eviction, deleting a
@@ -57,11 +57,11 @@ async def _sweep(registry: RunRegistry, config: ServerConfig, checkpointer: Chec
         # delete: the servers it was created on resume it, and a server of it not in this cluster
         # would keep its shard for ever.
         for run in registry.prune(config.keep_finished_runs, config.keep_finished_seconds, time.time(),
-                                  lambda run: _servers(run) != max(1, len(config.peers))):
+                                  lambda run: servers_of(run) != max(1, len(config.peers))):
             background.start(_forget(run, checkpointer, cluster))  # (each apart: one waited for holds up no other)
 
 
-def _servers(run: Run) -> int:
+def servers_of(run: Run) -> int:
     """How many servers ``run`` was placed over."""
     return len(run.placement.shard_map.shards) if run.placement else 1
 
