@@ -2,6 +2,7 @@
 ``cpu_per_push.py``, not a part of paramserver.
 
     .venv/bin/python bench/python_floor.py [--workers 4] [--seconds 5] [--nice 10] [--repeats 3] [--compute-only] [--asyncio]
+        [--server-us US] [--worker-us US] [--spread]
 
 The same job as ``cpu_per_push.py`` (digits MLP-64, the run spec's data shards, batches, initial
 parameters and learning rate, W workers, unbounded staleness), with nothing but the exchange: each
@@ -14,6 +15,14 @@ and the smallest Python around them. The server's and the workers' CPU time (use
 /proc) is read after one second and again ``--seconds`` later; "outside the gradient" subtracts
 one compute-only iteration's CPU (``cpu_per_push.compute_only`` with W processes at once, its CPU
 time per iteration), as the issue's figure does.
+
+``--server-us`` / ``--worker-us``: the server (before each step) or each worker (before each send)
+also runs that much interpreted Python per push, as timed in one warm process: what a push's
+bookkeeping would cost where nothing else runs. By default one tight loop (a small footprint);
+with ``--spread``, calls of as many distinct generated functions, each on its own objects (the
+footprint of a protocol's many small functions). What that Python costs per push among the other
+processes, against its warm cost, says whether a push's CPU is the work it does or the code it
+touches (RESULTS, Performance round 2, section 18).
 """
 
 from __future__ import annotations
@@ -27,7 +36,9 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ["OPENBLAS_NUM_THREADS"] = "1"  # (before numpy: each process one core, as the workers)
 
@@ -53,9 +64,83 @@ def _views(flat: np.ndarray, like: dict[str, np.ndarray]) -> dict[str, np.ndarra
     return out
 
 
-def _worker(sock: socket.socket, rank: int, workers: int, nice: int) -> None:
+class _Pair:
+    __slots__ = ("a", "b")
+
+    def __init__(self, i: int) -> None:
+        self.a, self.b = i, 2 * i
+
+
+def _tight(n: int) -> Callable[[], int]:
+    """A pass of a loop over ``n`` small objects (one function: a small footprint)."""
+    objs = [_Pair(i) for i in range(n)]
+
+    def run() -> int:
+        t = 0
+        for o in objs:
+            t += o.a + o.b
+        return t
+    return run
+
+
+def _spread(n: int) -> Callable[[], int]:
+    """Calls of ``n`` distinct functions, each a little different Python on objects of its own."""
+    src = "".join(f"""
+class C{i}:
+    __slots__ = ("x", "y", "d")
+    def __init__(self):
+        self.x, self.y, self.d = {i}, {3 * i}, {{"k": {i}, "j": [{i}, {i + 1}]}}
+    def m(self, v):
+        t = self.x + v
+        if t % {i + 2} == 1:
+            t += self.d["k"]
+        for z in self.d["j"]:
+            t ^= z + {i}
+        return t + self.y + len(self.d)
+o{i} = C{i}()
+def f{i}(v):
+    return o{i}.m(v) + {i}
+""" for i in range(n))
+    ns: dict[str, Any] = {}
+    exec(src, ns)  # noqa: S102 (generated here: distinct code objects are the point)
+    fs = [ns[f"f{i}"] for i in range(n)]
+
+    def run() -> int:
+        t = 0
+        for f in fs:
+            t += f(t & 1023)
+        return t
+    return run
+
+
+def extra_python(us: float, spread: bool) -> Callable[[], Any]:
+    """A function running about ``us`` microseconds of interpreted Python (timed here, warm)."""
+    if us <= 0:
+        return lambda: None
+    make = _spread if spread else _tight
+
+    def warm_us(run: Callable[[], Any]) -> float:
+        for _ in range(50):
+            run()
+        t0 = time.thread_time_ns()
+        for _ in range(200):
+            run()
+        return (time.thread_time_ns() - t0) / 200 / 1e3
+
+    n = max(1, round(100 * us / warm_us(make(100))))
+    return make(max(1, round(n * us / warm_us(make(n)))))  # (once more at that size: a pass costs more than its units)
+
+
+def _sleeps(pid: int) -> int:
+    """The times process ``pid`` went to sleep (its voluntary context switches)."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+
+
+def _worker(sock: socket.socket, rank: int, workers: int, nice: int, extra_us: float = 0.0, spread: bool = False) -> None:
     """Gradient, send it, read the parameters back; until the server closes the socket."""
     os.nice(nice)
+    extra = extra_python(extra_us, spread)
     spec = build_run_spec(LaunchOptions(model="mlp:64", dataset="digits", workers=workers, epochs=1000))
     data = load_dataset(json.loads(spec.data_spec_json))
     model = build_model(json.loads(spec.model_spec_json), data.n_features, data.n_outputs)
@@ -73,6 +158,7 @@ def _worker(sock: socket.socket, rank: int, workers: int, nice: int) -> None:
         _, g = model.loss_and_grad(params, X[batch], y[batch])
         for name, v in g.items():
             grads[name][...] = v
+        extra()
         try:
             sock.sendall(grad.data)
             got = 0
@@ -86,7 +172,8 @@ def _worker(sock: socket.socket, rank: int, workers: int, nice: int) -> None:
         clock += 1
 
 
-def measure(workers: int, seconds: float, nice: int, use_asyncio: bool = False) -> dict[str, float]:
+def measure(workers: int, seconds: float, nice: int, use_asyncio: bool = False, server_us: float = 0.0,
+            worker_us: float = 0.0, spread: bool = False) -> dict[str, float]:
     spec = build_run_spec(LaunchOptions(model="mlp:64", dataset="digits", workers=workers, epochs=1000))
     data = load_dataset(json.loads(spec.data_spec_json))
     model = build_model(json.loads(spec.model_spec_json), data.n_features, data.n_outputs)
@@ -103,7 +190,7 @@ def measure(workers: int, seconds: float, nice: int, use_asyncio: bool = False) 
                     mine.close()
                     if i != rank:
                         theirs.close()
-                _worker(pairs[rank][1], rank, workers, nice)
+                _worker(pairs[rank][1], rank, workers, nice, worker_us, spread)
             finally:
                 os._exit(0)
         pids.append(pid)
@@ -116,6 +203,7 @@ def measure(workers: int, seconds: float, nice: int, use_asyncio: bool = False) 
         got[mine.fileno()] = 0
     step = np.empty_like(w)
     pushes = [0]
+    extra = extra_python(server_us, spread)
 
     def serve(fd: int) -> None:
         """A readable worker's socket: the rest of its gradient, then the step and the answer."""
@@ -124,17 +212,18 @@ def measure(workers: int, seconds: float, nice: int, use_asyncio: bool = False) 
         if got[fd] < view.nbytes:
             return
         got[fd] = 0
+        extra()
         np.multiply(g, lr, out=step)
         np.subtract(w, step, out=w)
         sock.sendall(w.data)
         pushes[0] += 1
 
-    def figures() -> tuple[float, int, float, float]:
-        return time.monotonic(), pushes[0], cpu(os.getpid()), sum(cpu(p) for p in pids)
+    def figures() -> tuple[float, int, float, float, int]:
+        return time.monotonic(), pushes[0], cpu(os.getpid()), sum(cpu(p) for p in pids), sum(map(_sleeps, pids))
 
     try:
         if use_asyncio:
-            async def loop() -> tuple[tuple[float, int, float, float], tuple[float, int, float, float]]:
+            async def loop() -> tuple[tuple[float, int, float, float, int], tuple[float, int, float, float, int]]:
                 ev = asyncio.get_running_loop()
                 for fd in bufs:
                     ev.add_reader(fd, serve, fd)
@@ -167,7 +256,7 @@ def measure(workers: int, seconds: float, nice: int, use_asyncio: bool = False) 
     server, workers_cpu = end[2] - mark[2], end[3] - mark[3]
     accuracy = model.evaluate(_views(w, init), data.X_test, data.y_test).accuracy
     return {"pushes_s": n / (end[0] - mark[0]), "server_ms": 1e3 * server / n, "workers_ms": 1e3 * workers_cpu / n,
-            "accuracy": float(accuracy or 0.0)}
+            "accuracy": float(accuracy or 0.0), "sleeps": (end[4] - mark[4]) / n}
 
 
 def main() -> None:
@@ -180,12 +269,19 @@ def main() -> None:
                     help="the server as asyncio runs it (a reader callback per socket, as ps-server's data planes)")
     ap.add_argument("--compute-only", action="store_true",
                     help="also time compute-only (W processes at once) after each round")
+    ap.add_argument("--server-us", type=float, default=0.0,
+                    help="microseconds of interpreted Python (warm) the server also runs per push")
+    ap.add_argument("--worker-us", type=float, default=0.0,
+                    help="microseconds of interpreted Python (warm) each worker also runs per push")
+    ap.add_argument("--spread", action="store_true",
+                    help="that Python as calls of many distinct functions (a broad footprint), not one loop")
     args = ap.parse_args()
     rows = []
     for i in range(args.repeats):
-        r = measure(args.workers, args.seconds, args.nice, args.asyncio)
+        r = measure(args.workers, args.seconds, args.nice, args.asyncio, args.server_us, args.worker_us, args.spread)
         line = (f"round {i + 1}: {r['pushes_s']:,.0f} pushes/s; CPU per push: server {r['server_ms']:.3f} ms, "
-                f"{args.workers} workers {r['workers_ms']:.3f} ms; test accuracy {r['accuracy']:.3f}")
+                f"{args.workers} workers {r['workers_ms']:.3f} ms (they slept {r['sleeps']:.2f} times per push); "
+                f"test accuracy {r['accuracy']:.3f}")
         if args.compute_only:
             r["compute_its"], r["compute_cpu_ms"] = compute_only(3.0, args.workers)
             outside = r["server_ms"] + r["workers_ms"] - r["compute_cpu_ms"]

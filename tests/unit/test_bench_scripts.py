@@ -131,12 +131,13 @@ def test_staleness_bench_gives_workers_slower_machines_under_the_same_patterns()
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("loop", [[], ["--asyncio"]], ids=["epoll", "asyncio"])
+@pytest.mark.parametrize("loop", [[], ["--asyncio"], ["--server-us", "20", "--worker-us", "20", "--spread"]],
+                         ids=["epoll", "asyncio", "extra-python"])
 def test_python_floor_trains_and_reports_its_cpu_per_push(loop: list[str]) -> None:
     proc = subprocess.run([sys.executable, str(BENCH / "python_floor.py"), "--workers", "2", "--repeats", "1",
                            "--seconds", "0.5", *loop], capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "pushes/s; CPU per push: server" in proc.stdout
+    assert "pushes/s; CPU per push: server" in proc.stdout and "times per push" in proc.stdout
     accuracy = float(proc.stdout.split("test accuracy ")[1].split()[0].rstrip(";"))
     assert accuracy > 0.5  # it trained (digits, 10 classes: 0.1 by chance)
 
