@@ -9,7 +9,9 @@
  * of each tensor that shard holds: a Piece is rows [row_start, row_end) of a tensor, one contiguous
  * range of its C-order elements, pushed and pulled as a tensor of shape (rows, shape[1:]...) (a
  * scalar is its one row, shape []). Those are Float32Array views of the caller's whole arrays, so
- * a pull writes straight into them and a push sends from them, with no copies.
+ * a pull writes straight into them and a push sends from them, with no copies. A push one server
+ * would refuse whole (a NaN/Inf value) is refused before any shard sees it, as each shard checks
+ * only its rows (it would refuse its part while the others applied theirs: a torn push).
  *
  * A call is complete when every shard answered. When some did not, the error is thrown, at once
  * when it is not retryable (the calls still waiting, e.g. a pull parked on another shard, are
@@ -28,6 +30,7 @@
  */
 
 const { PsError, Status } = require('./client');
+const { messages } = require('./proto');
 
 /** Run states, the most final first: the combined state is the first any shard reports. */
 const STATE_ORDER = ['RUN_STATE_FAILED', 'RUN_STATE_STOPPED', 'RUN_STATE_COMPLETED', 'RUN_STATE_PENDING', 'RUN_STATE_RUNNING'];
@@ -64,6 +67,22 @@ function withBound(out, answers) {
 /** Elements in one row of a tensor of `shape` (its first dimension's rows; a scalar is one row). */
 function rowSize(shape) {
   return shape.slice(1).reduce((a, b) => a * b, 1);
+}
+
+/**
+ * NaN/Inf values in `values` (a Float32Array), as a server counts them: it refuses such a push
+ * whole, but only the shards holding them would see them. One pass (~7 ms for 5.8M values here).
+ */
+function nonFinite(values) {
+  let bad = 0;
+  for (let i = 0; i < values.length; i++) if (!Number.isFinite(values[i])) bad += 1;
+  return bad;
+}
+
+/** What one server answers a push it refuses whole (INVALID_ARGUMENT, INVALID_GRADIENT), in its words. */
+function refusedPush(message) {
+  const info = messages().ErrorInfo;
+  return new PsError(Status.INVALID_ARGUMENT, message, info.decode(info.encode({ reason: 'ERROR_REASON_INVALID_GRADIENT' })), 'PushGradient');
 }
 
 /** The refusal a partial failure throws (see the module comment). */
@@ -198,11 +217,20 @@ class Shards {
   }
 
   // ---------------------------------------------------------------- the data plane
-  /** As PsClient.push: `grads` is [[name, Float32Array of the whole tensor, shape], ...]. */
+  /**
+   * As PsClient.push: `grads` is [[name, Float32Array of the whole tensor, shape], ...]. A push
+   * holding a NaN/Inf is refused before any shard is sent anything, as one server refuses it
+   * (PsError INVALID_ARGUMENT, ERROR_REASON_INVALID_GRADIENT, in its words): each shard sees only
+   * its rows, and the one holding the value would refuse its part while the others applied theirs.
+   */
   async push(runId, rank, incarnation, clock, grads, loss = 0, timeoutS = undefined) {
     const arrays = Object.fromEntries(grads.map(([name, arr]) => [name, arr]));
     for (const name of Object.keys(this.shapes)) {
       if (!(arrays[name] instanceof Float32Array)) throw new TypeError(`push ${clock}: no gradient for ${name}`);
+    }
+    for (const [name, values] of Object.entries(arrays)) {
+      const bad = nonFinite(values);
+      if (bad) throw refusedPush(`gradient '${name}' contains ${bad} NaN/Inf value(s); nothing was applied`);
     }
     const acks = await this.each((c, s) => c.push(runId, rank, incarnation, clock, this.rows(arrays, s.pieces), loss, timeoutS));
     return withBound({

@@ -141,6 +141,40 @@ test('a retry goes to every shard again: an acknowledgement a shard may lose to 
   assert.deepEqual(back.clients.map((cl) => cl.calls.length), [3, 3, 3]);
 });
 
+test('a push holding a NaN/Inf is refused whole before any shard is sent anything, as one server refuses it', async () => {
+  // Each shard sees only its rows: the one holding the bad value would refuse its part while the
+  // others applied theirs (a torn push). Row 4 of w and the scalar s are on different shards.
+  for (const bad of [NaN, Infinity, -Infinity]) {
+    for (const [name, at, count] of [['w', [14], 1], ['s', [0], 1], ['w', [0, 14], 2]]) {
+      const sh = shardsWith();
+      const grads = GRADS.map(([n, v, shape]) => [n, Float32Array.from(v), shape]);
+      const values = grads.find(([n]) => n === name)[1];
+      for (const i of at) values[i] = bad;
+      await assert.rejects(sh.push('r', 0, 1, 4, grads), (e) => e instanceof PsError && e.code === grpc.status.INVALID_ARGUMENT
+        && !e.retryable && e.reason === 'ERROR_REASON_INVALID_GRADIENT' && e.method === 'PushGradient'
+        && e.details === `gradient '${name}' contains ${count} NaN/Inf value(s); nothing was applied`);
+      assert.deepEqual(sh.clients.map((cl) => cl.calls.length), [0, 0, 0], `${bad} in ${name}: no shard was sent anything`);
+    }
+  }
+  // finite values whose squares or sum overflow float32 are no NaN/Inf: pushed
+  const huge = shardsWith();
+  const grads = GRADS.map(([n, v, shape]) => [n, n === 'w' ? new Float32Array(15).fill(3e38) : v, shape]);
+  assert.equal((await huge.push('r', 0, 1, 4, grads)).clock, 5);
+  assert.deepEqual(huge.clients.map((cl) => cl.calls.length), [1, 1, 1]);
+});
+
+test('the trainer ends a sharded push holding a NaN/Inf at once, as a server\'s INVALID_GRADIENT: no retry, no shard sent to', async () => {
+  const client = { heartbeat: () => assert.fail('no heartbeat: not retried'), cancelAll() {} };
+  const a = { run_id: 'r', rank: 0, incarnation: 1, start_clock: 5, spec: { staleness: 0, optimizer: {}, slowdown: {} } };
+  const t = new Trainer(client, a, { slowdown: 1, timeoutSeconds: 1 }, quietLog());
+  t.plane = shardsWith();
+  const grads = GRADS.map(([n, v, shape]) => [n, n === 'b' ? Float32Array.from([1, Infinity, 2]) : v, shape]);
+  await assert.rejects(t.call(() => t.plane.push('r', 0, 1, 5, grads), 'push 5'),
+    (e) => e instanceof PsError && e.reason === 'ERROR_REASON_INVALID_GRADIENT' && /gradient 'b' contains 1 NaN\/Inf/.test(e.message));
+  assert.equal(t.stats.retries, 0);
+  assert.deepEqual(t.plane.clients.map((cl) => cl.calls.length), [0, 0, 0]);
+});
+
 test('under BSP the shards must answer a pull from one clock; a mix is a retryable failure', async () => {
   const bsp = new Shards(MAP, SHAPES, (s) => fakeClient(s), 0); // the fakes answer clock - index
   await assert.rejects(bsp.pull('r', 0, 1, 4, { into: {} }), (e) => e.retryable && /from clocks 4, 3, 2/.test(e.message));
