@@ -44,6 +44,8 @@ class History:
         self.last_eval: MetricPoint | None = None
         self._evaluated: dict[int, int] = {}
         """Per rank, the latest clock it reported an evaluation of (``add_points``)."""
+        self._trained: dict[int, int] = {}
+        """Per rank, the latest clock it reported a training point of (``add_points``)."""
         self.event_count = 0
         """Events ever recorded (WatchRun sends those it has not sent yet)."""
 
@@ -60,15 +62,19 @@ class History:
         An evaluation of a clock no later than the rank's last is dropped: that clock was evaluated
         already (a rank handed over starts at the min clock, a rank sent back by a server restarted
         from a checkpoint at an earlier one, and rank 0 evaluates again the clocks it passes), and
-        two points of one clock would be two in the loss curve."""
+        two points of one clock would be two in the loss curve. So is a training point: a report
+        retried after its answer was lost carries the points it added, and a rank handed over
+        behind its last point trains those clocks again; the curve keeps a clock's first point.
+        (A server restarted from a checkpoint has the points up to the rank's clock in it, so the
+        clocks the rank trains again after it are added.)"""
         points = list(points)
         if len(points) > 10_000:
             raise InvalidArgument(f"{len(points)} points in one report: send at most 10000")
         for p in points:
-            if p.eval:
-                if p.clock <= self._evaluated.get(rank, -1):
-                    continue
-                self._evaluated[rank] = p.clock
+            seen = self._evaluated if p.eval else self._trained
+            if p.clock <= seen.get(rank, -1):
+                continue
+            seen[rank] = p.clock
             p = replace(p, rank=rank)
             self.points.append(p)
             if p.eval and (self.last_eval is None or p.clock >= self.last_eval.clock):
@@ -82,7 +88,7 @@ class History:
         self.events.extend(events)
         self.event_count = len(self.events)
         self.last_eval = last_eval
-        self._evaluated = {}
+        self._evaluated, self._trained = {}, {}
         for p in (*self.points, *([last_eval] if last_eval else [])):  # (the last outlives the points)
-            if p.eval:
-                self._evaluated[p.rank] = max(p.clock, self._evaluated.get(p.rank, -1))
+            seen = self._evaluated if p.eval else self._trained
+            seen[p.rank] = max(p.clock, seen.get(p.rank, -1))

@@ -305,6 +305,23 @@ def test_a_replacement_rank_0_evaluating_a_clock_evaluated_already_adds_no_secon
     assert [p.eval_loss for p in again.history.points if p.eval] == [0.4, 0.1]
 
 
+def test_a_rank_s_training_points_of_clocks_it_has_points_of_are_dropped_over_a_restore_too() -> None:
+    """A report retried after its answer was lost carries its points again: each clock keeps the
+    first, in a run resumed from a checkpoint too; a rank sent back there adds the clocks after it."""
+    run = Run("run-t", spec(workers=2, staleness=-1, iterations=6))
+    a = run.join("a")
+    report = [MetricPoint(rank=0, clock=c, time=float(c), loss=1.0 / c) for c in (1, 2, 3)]
+    run.report(0, a.incarnation, report, 0)
+    run.report(0, a.incarnation, report, 0)
+    run.history.add_points(1, [MetricPoint(rank=1, clock=2, time=2.5, loss=0.7)])
+    assert [(p.rank, p.clock) for p in run.history.points] == [(0, 1), (0, 2), (0, 3), (1, 2)]
+    again = Run("run-t", run.spec)
+    again.history.restore(list(run.history.points)[:2], run.history.events, None)  # (a checkpoint at clock 2)
+    again.history.add_points(0, report[1:])
+    again.history.add_points(0, report[1:])
+    assert [(p.rank, p.clock) for p in again.history.points] == [(0, 1), (0, 2), (0, 3)]
+
+
 def test_bsp_a_rank_handed_over_when_none_is_live_starts_after_the_clocks_already_combined() -> None:
     """Rank 1 pushes clock 0, rank 0 is evicted (clock 0 is combined without it), then rank 1. The
     next worker took rank 0 at its own clock 0: its push of clock 0 was acknowledged and held for

@@ -170,6 +170,26 @@ async def test_transient_failures_are_retried_and_applied_once(compress: str, mo
     assert resets == ([] if compress == "none" else [0])
 
 
+async def test_a_report_whose_answer_was_lost_adds_its_points_once() -> None:
+    """A ReportMetrics the server took whose answer was lost is retried with the same points: the
+    run's history held each of its training points twice (two points of one clock in the loss
+    curve); its evaluations were dropped already as clocks evaluated before."""
+    async with InMemoryServer() as server:
+        async with server.client() as admin:
+            run = await admin.create_run(_spec(1, workers=1, iterations=20, eval_every=5))
+        client = server.client()
+        joined = await client.join("w0", run.run_id, max_wait=0, capabilities=CAPABILITIES)
+        broken = errors.Unavailable(errors.Code.UNAVAILABLE, "connection reset (injected)")
+        server.transports[-1].fail("ReportMetrics", broken, after=True, times=3)  # taken, the answer lost
+        outcome = await train(client, joined.assignment, CONFIG)
+        await client.close()
+        points = server.registry.get(run.run_id).history.points
+    assert outcome.completed and outcome.stats.retries == 3
+    clocks = [p.clock for p in points if not p.eval]
+    assert clocks == sorted(set(clocks)) and clocks[-1] == 20, clocks
+    assert [p.clock for p in points if p.eval] == [5, 10, 15, 20]
+
+
 @pytest.mark.parametrize(("model", "optimizer", "staleness", "compress"),
                          [("softmax", "sgd", 2, "topk:0.05"), ("softmax", "sgd", -1, "topk:0.05,bf16"),
                           ("softmax", "sgd", 2, "fp16"), ("logistic:rows=4096", "adagrad", 2, "none"),

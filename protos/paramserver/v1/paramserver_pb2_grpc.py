@@ -728,7 +728,9 @@ class WorkerServiceServicer:
         """ReportMetrics appends training (and evaluation) points to the run's history. An evaluation
         point of a clock no later than the last the rank reported one of is dropped: that clock was
         evaluated already (by the worker that held the rank before, handed over at the min clock, or
-        before a server restarted from a checkpoint sent the rank back).
+        before a server restarted from a checkpoint sent the rank back). So is a training point of a
+        clock no later than the rank's last: a report retried after its answer was lost adds nothing
+        twice, and the loss curve keeps each clock's first point.
         Errors: NOT_FOUND; FAILED_PRECONDITION (stale incarnation); INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
