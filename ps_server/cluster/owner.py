@@ -434,9 +434,10 @@ class ClusterOwner:
         """Compare ``peer``'s clocks of the ranks that no longer push (``clocks``, heard after it had
         their state: ``_check`` sends first) with this server's. A push is applied by each server
         on its own, so a worker that stops in the middle of one leaves it on some servers only: the
-        run's events say so, once. A DONE rank's pushes ``peer`` lacks, once its worker has been
-        silent for a lease, are lost: ``peer`` is to go on without them (True: tell it now), or
-        it would wait for them for ever."""
+        run's events say so, once (a server 0 restarted from a checkpoint that holds the event does
+        not say it again). A DONE rank's pushes ``peer`` lacks, once its worker has been silent for
+        a lease, are lost: ``peer`` is to go on without them (True: tell it now), or it would wait
+        for them for ever."""
         key = (run.run_id, peer.index)
         sent = self._sent.get(key)
         if sent is None or run.state.finished or len(clocks) != len(run.clock.slots):
@@ -449,17 +450,19 @@ class ClusterOwner:
                     (u.rank, u.incarnation) in told or (slot.incarnation, slot.state) != (u.incarnation, u.state):
                 continue
             if u.state is WorkerState.EVICTED:
-                why = _stopped_mid_push(u.rank, u.incarnation, peer.name, theirs, u.clock)
+                said = why = _stopped_mid_push(u.rank, u.incarnation, peer.name, theirs, u.clock)
             elif theirs < u.clock and (silent := run.clock.silent_for(slot)) > self._lease:
                 self._lost.setdefault(key, {})[u.rank] = (u.incarnation, u.clock)
                 lost = True
-                why = (f"rank {u.rank} (incarnation {u.incarnation}) finished, but its pushes of clocks {theirs}.."
-                       f"{u.clock - 1} never reached {peer.name} (its worker stopped in the middle of a push and "
-                       f"has been silent for {silent:.0f}s): {peer.name} goes on without them, the rows it holds "
-                       "of those gradients lost")
+                said = (f"rank {u.rank} (incarnation {u.incarnation}) finished, but its pushes of clocks {theirs}.."
+                        f"{u.clock - 1} never reached {peer.name} (its worker stopped in the middle of a push")
+                why = (f"{said} and has been silent for {silent:.0f}s): {peer.name} goes on without them, the rows it "
+                       "holds of those gradients lost")
             else:
                 continue
             told.add((u.rank, u.incarnation))
+            if any(e.kind == "torn_push" and e.message.startswith(said) for e in run.history.events):
+                continue  # (said before this server restarted: ``told`` is not kept, the checkpoint kept the event)
             run.history.event("torn_push", u.rank, why)
             log.warning("%s", why, extra={"run": run.run_id, "rank": u.rank})
         return lost

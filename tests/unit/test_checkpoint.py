@@ -206,6 +206,40 @@ def test_the_incarnation_a_rank_replaced_survives(tmp_path: Path) -> None:
         snapshot.restore(ck.meta, ck.arrays)
 
 
+@pytest.mark.parametrize("done", [False, True])
+def test_a_torn_push_is_said_once_over_a_restart(tmp_path: Path, done: bool) -> None:
+    """Server 0 says a push a rank stopped in the middle of, comparing its clock of the rank with
+    another server's (``_torn_pushes``), once: which it said was kept in memory only, and restarted
+    from a checkpoint that holds the event it said it again at its next poll. An evicted rank's
+    push, and a done rank's pushes the other server is to go on without (told again, as it may not
+    have been before the restart; not said again)."""
+    from types import SimpleNamespace
+
+    from ps_server.cluster import messages
+    from ps_server.cluster.owner import ClusterOwner
+    from ps_server.core.registry import RunRegistry
+    from ps_server.core.status import WorkerState
+
+    run = make_run()  # both ranks at clock 3
+    run.clock.set_state(run.clock.slots[1], WorkerState.DONE if done else WorkerState.EVICTED)
+    peer = SimpleNamespace(index=1, name="server 1")  # (it got rank 1's push of clock 3; done: not that of 2)
+    store = CheckpointStore(tmp_path)
+    for _ in range(2):  # restarted from its checkpoint once
+        registry = RunRegistry()
+        registry.add(run)
+        owner = ClusterOwner(registry, ["a", "b"], [], split_bytes=0, shard_timeout=30, data_port=lambda: 0,
+                             lease=-1.0)  # (its worker silent for longer than a lease)
+        owner._sent[(run.run_id, 1)] = (tuple(messages.rank_updates(run)), run.state, run.message)  # (its UpdateShard)
+        assert owner._torn_pushes(run, peer, [3, 2 if done else 4]) is done  # type: ignore[arg-type]
+        ck = store.load(store.write(*snapshot.state_dict(run)))
+        run = snapshot.restore(ck.meta, ck.arrays)
+    torn = [e.message for e in run.history.events if e.kind == "torn_push"]
+    assert len(torn) == 1, torn
+    assert torn[0].startswith("rank 1 (incarnation 2) finished, but its pushes of clocks 2..2 never reached server 1"
+                              if done else "rank 1 (incarnation 2) stopped in the middle of a push: server 1 has it "
+                              "at clock 4, server 0 at 3"), torn
+
+
 def test_keeps_the_newest_k(tmp_path: Path) -> None:
     run = make_run()
     store = CheckpointStore(tmp_path, keep=2)
