@@ -217,6 +217,10 @@ class _Trainer(Retries):
                 if self.tables is not None:
                     self.tables.reset()
                 self.clock = rewind.clock
+                # Points not reported yet of the clocks after it are of steps the server lost: the
+                # clocks trained again report theirs (the run's history keeps a clock's first point).
+                self._train_points = [p for p in self._train_points if p[0] <= rewind.clock]
+                self._pending_points = [p for p in self._pending_points if p.clock <= rewind.clock]
                 guaranteed = -1
                 self.stats.rewinds += 1
                 if isinstance(self.plane, Shards):  # a restarted server may have another data plane port

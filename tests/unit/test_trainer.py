@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -661,6 +662,37 @@ async def test_a_server_that_lost_clocks_sends_the_worker_back(compress: str, mo
     assert resets == ([] if compress == "none" else [1])
     assert restored.state.value == "completed" and restored.clock.slots[0].clock == 30
 
+
+async def test_a_worker_sent_back_reports_the_clocks_it_trains_again_not_those_the_server_lost() -> None:
+    """Points recorded and not reported yet when a restarted server sends the worker back are of
+    iterations the server lost: reported after the rewind, the run's history took them, and kept
+    them over the clocks trained again (a rank's clock keeps its first point), a loss curve of
+    parameters the run no longer has."""
+    async with InMemoryServer() as server:
+        async with server.client() as admin:
+            run = await admin.create_run(_spec(-1, workers=1, iterations=30, eval_every=100))
+        client = server.client()
+        joined = await client.join("w0", run.run_id, max_wait=0, capabilities=CAPABILITIES)
+        core = server.registry.get(run.run_id)
+        saved: dict[str, Any] = {}
+
+        def restart_at_clock_5(r: object) -> None:  # take a snapshot at clock 5, restore it at clock 15
+            if core.min_clock == 5 and "meta" not in saved:
+                saved["meta"], saved["arrays"] = snapshot.state_dict(core)
+            elif core.min_clock == 15 and "restored" not in saved:
+                saved["restored"] = server.registry.add(snapshot.restore(saved["meta"], saved["arrays"]))
+                saved["at"] = time.time()
+
+        core.on_change = restart_at_clock_5
+        config = dataclasses.replace(CONFIG, report_seconds=60.0)  # (reports at the end: every point pending)
+        outcome = await train(client, joined.assignment, config)
+        await client.close()
+        restored = server.registry.get(run.run_id)
+    assert restored is saved["restored"] and outcome.completed and outcome.stats.rewinds == 1
+    points = [(p.clock, p.time > saved["at"]) for p in restored.history.points if not p.eval]
+    print("PTS", points, outcome.stats.rewinds)
+    assert points and all(again for clock, again in points if clock > 5), points
+    assert [clock for clock, _ in points] == sorted({clock for clock, _ in points}) and points[-1][0] == 30, points
 
 @pytest.mark.parametrize(("model", "compress"), [("softmax", "none"), ("softmax", "topk:0.1"),
                                                ("logistic:rows=4096", "none")])
