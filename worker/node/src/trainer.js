@@ -276,6 +276,9 @@ class Trainer {
       } catch (e) {
         if (!(e instanceof Rewind)) throw e;
         this.clock = e.clock;
+        // Points not reported yet of the clocks after it are of steps the server lost: the clocks
+        // trained again report theirs (the run's history keeps a clock's first point).
+        this.pending = this.pending.filter((p) => p.clock <= e.clock);
         guaranteed = -1;
         this.stats.rewinds += 1;
         if (this.plane !== this.client) await this.refreshShards();

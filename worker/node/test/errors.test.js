@@ -296,6 +296,33 @@ test('a retryable failure still resyncs via Heartbeat and rewinds when the serve
   assert.equal(client.heartbeats, 1);
 });
 
+test('sent back, the trainer drops the points it had not reported yet of the clocks after (steps the server lost)', async () => {
+  // (reported after the rewind, the run's history kept them over the clocks trained again: it keeps a clock's first point)
+  const { t } = trainerAt(0);
+  t.a.rank = 1; // (no evaluation at the end)
+  t.spec.iterations = 12;
+  t.config.reportSeconds = 60;
+  let sentBack = false;
+  t.step = async () => { // (a step's point, as step() records it after the push; back to 5 at clock 8)
+    if (t.clock === 8 && !sentBack) {
+      sentBack = true;
+      throw new Rewind(5);
+    }
+    t.record(t.clock, sentBack ? 2 : 1, 0.01); // (loss 2: trained again)
+    t.clock += 1;
+    return -1;
+  };
+  const reported = [];
+  t.report = async () => {
+    reported.push(...t.pending.map((p) => [p.clock, p.loss]));
+    t.pending = [];
+  };
+  await t.run();
+  assert.equal(t.stats.rewinds, 1);
+  assert.deepEqual(reported.map(([c]) => c), [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+  assert.deepEqual(reported.map(([, loss]) => loss), [1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2]);
+});
+
 test('an answer that says a new staleness bound changes the cache rule from the next iteration', () => {
   const { t } = trainerAt(5);
   t.staleness = 1;
