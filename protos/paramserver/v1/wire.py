@@ -46,14 +46,17 @@ __all__ = [
     "Part",
     "RowsPart",
     "chunk_groups",
+    "chunk_prefixes",
     "duration",
     "encode_chunk",
     "join",
     "params_response_parts",
     "parts_len",
     "pull_request_bytes",
+    "push_head",
     "push_request_parts",
     "push_response_parts",
+    "push_tail",
     "varint",
     "whole_group",
     "with_last",
@@ -388,9 +391,21 @@ def push_request_parts(
     """A ``PushGradientRequest`` whose ``tensors`` are the chunks of ``group``, as parts to write
     in order (the data are views, not copies; ``join`` makes the serialized message).
     ``then_pull``: the message, or its serialization (``pull_request_bytes``)."""
-    head = bytearray(_push_head(run_id, rank, incarnation))
-    if clock:
-        head += _PUSH["clock"] + varint(clock)
+    head = push_head(run_id, rank, incarnation, clock)
+    tail = push_tail(final, loss, then_pull, param_version)
+    at = len(head) if _payload(group) > SMALL_MESSAGE else None  # small ones: nothing worth aligning
+    return [head, *_repeated_chunks(_PUSH["tensors"], group, at), tail]
+
+
+def push_head(run_id: str, rank: int, incarnation: int, clock: int) -> bytes:
+    """A ``PushGradientRequest``'s fields before its tensors."""
+    head = _push_head(run_id, rank, incarnation)
+    return head + _PUSH["clock"] + varint(clock) if clock else head
+
+
+def push_tail(final: bool, loss: float = 0.0, then_pull: pb.PullParamsRequest | bytes | None = None,
+              param_version: int | None = None) -> bytes:
+    """A ``PushGradientRequest``'s fields after its tensors."""
     tail = bytearray()
     if final:
         tail += _PUSH["final"] + b"\x01"
@@ -402,8 +417,22 @@ def push_request_parts(
         tail += _PUSH["then_pull"] + varint(len(sub)) + sub
     if param_version is not None:  # (proto3 optional: written even when 0)
         tail += _PUSH["param_version"] + varint(param_version)
-    at = len(head) if _payload(group) > SMALL_MESSAGE else None  # small ones: nothing worth aligning
-    return [bytes(head), *_repeated_chunks(_PUSH["tensors"], group, at), bytes(tail)]
+    return bytes(tail)
+
+
+def chunk_prefixes(group: Group) -> tuple[bytes, ...] | None:
+    """What goes before each tensor's data in a push of ``group`` (``push_request_parts``'s
+    parts between its head and tail: a prefix, then the data, per tensor), the same in every push
+    of tensors of these names and shapes; None for a push whose chunks are aligned (over
+    ``SMALL_MESSAGE``: their padding depends on where they start) or not one prefix and one
+    data part per tensor."""
+    if _payload(group) > SMALL_MESSAGE:
+        return None
+    parts = _repeated_chunks(_PUSH["tensors"], group)
+    prefixes = parts[::2]
+    if len(parts) != 2 * len(group) or not all(isinstance(p, bytes) for p in prefixes):
+        return None
+    return tuple(prefixes)  # type: ignore[arg-type]
 
 
 @functools.lru_cache(maxsize=256)
