@@ -8,7 +8,7 @@ STAMP   = $(VENV)/.installed
 
 .PHONY: demo test test-node browser docker-test lint proto bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py paramserver/_exchange.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'

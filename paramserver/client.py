@@ -17,7 +17,7 @@ import asyncio
 import math
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from functools import partial
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 import numpy as np
 from google.protobuf.duration_pb2 import Duration
@@ -29,7 +29,7 @@ from paramserver.v1.shm import IN_PLACE_BYTES, MESSAGE_BYTES, available
 
 from . import errors
 from .security import Security
-from .shm_transport import ShmCall
+from .shm_transport import ShmCall, native
 from .sink import PullResult, PullSink
 from .streams import Call, Route, Stream
 from .tcp_transport import TcpCall, dial_host
@@ -137,6 +137,10 @@ class PsClient:
         """The longest the server parks a pull, as the last Join or Heartbeat said (before one:
         ps-server's default): what a pull of ``max_wait=0`` asks for, and waits for."""
         self._push = Stream(partial(self.route.open, "PushGradient"), "PushGradient", self.route.wanted)
+        self._layout: tuple[tuple[str, ...], tuple[tuple[int, ...], ...], tuple[bytes, ...], int] | None = None
+        """The last push's tensors for the C exchange: names, shapes, chunk prefixes, their bytes with the data."""
+        self._held: tuple[dict[str, np.ndarray], tuple[str, ...], tuple[np.ndarray, ...], tuple[bytes, ...]] | None = None
+        """The arrays the last such push pulled into: the dict, its names, arrays, names encoded."""
         self._pull = Stream(partial(self.route.open, "PullParams"), "PullParams", self.route.wanted)
 
     async def _open_tcp(self, host: str, port: int, method: str) -> Call:
@@ -385,14 +389,70 @@ class PsClient:
         else:  # every push of a dense model: the same request but for its clock and version
             then = wire.pull_request_bytes(run_id, rank, incarnation, clock + 1, wait, since if into is not None else None)
         sink = PullSink(into, borrow)
-        responses: list[unwire.PushResponse] = await self._push.exchange(
-            self._push_requests(run_id, rank, incarnation, clock, grads, loss, then, param_version), parked + self.timeout,
-            until_final=True, final=_pulled_final, decode=sink.push_response)
+        requests: Iterator[list[wire.Part]] | None = None
+        responses: list[unwire.PushResponse] = []
+        if native is not None and into is not None and not borrow and isinstance(then, bytes):
+            call = self._push.idle_call()
+            if type(call) is ShmCall:
+                got = self._push_pull_now(call, run_id, rank, incarnation, clock, grads, loss, then, param_version,
+                                          into, sink)
+                if isinstance(got, tuple):
+                    return got
+                if got is not False:  # it went: the answer (or the rest of it) is read below
+                    requests = iter(())
+                    if not isinstance(got, bool):
+                        responses.append(got)
+        if not responses or not _pulled_final(responses[-1]):
+            if requests is None:
+                requests = self._push_requests(run_id, rank, incarnation, clock, grads, loss, then, param_version)
+            responses += await self._push.exchange(requests, parked + self.timeout, until_final=True,
+                                                   final=_pulled_final, decode=sink.push_response)
         first = responses[0]
         ack = pb.PushGradientResponse(clock=first.clock, duplicate=first.duplicate, min_clock=first.min_clock,
                                       run_state=first.run_state, staleness=first.staleness,  # type: ignore[arg-type]
                                       lr_scale=first.lr_scale)
         return ack, sink.result(responses[-1].pulled or unwire.ParamsResponse())
+
+    def _push_pull_now(
+        self, call: ShmCall, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Grad],
+        loss: float, then: bytes, param_version: int | None, into: dict[str, np.ndarray], sink: PullSink,
+    ) -> tuple[pb.PushGradientResponse, PullResult] | unwire.PushResponse | bool:
+        """``push_pull`` of a small dense model on the shared-memory data plane, by the C exchange
+        (``ShmCall.push_pull_now``): its answer and pull result; or the answer's first response,
+        decoded by ``sink`` (one the C side leaves to it); True when the request went and its answer
+        is to be read; False when nothing went (not such a push: the caller sends it). The same
+        bytes as the Python path's both ways. It costs the worker less than half of that path's
+        CPU per push, outside the gradient (bench/RESULTS.md, Performance round 2, section 19)."""
+        layout = self._layout
+        if layout is None or layout[0] != tuple(grads):
+            whole = wire.whole_group(grads, MESSAGE_BYTES)
+            found = None if whole is None else wire.chunk_prefixes(whole)
+            if whole is None or found is None:
+                return False
+            layout = self._layout = (tuple(grads), tuple(shape for _, shape, _, _ in whole), found,
+                                     sum(map(len, found)) + sum(data.nbytes for _, _, _, data in whole))
+        _, shapes, prefixes, fixed = layout
+        values = cast("tuple[np.ndarray, ...]", tuple(grads.values()))  # (checked here)
+        for a, shape in zip(values, shapes, strict=True):
+            if type(a) is not np.ndarray or a.shape != shape or a.dtype != wire.F32 or not a.flags.c_contiguous:
+                return False
+        held = self._held
+        if held is None or held[0] is not into or len(held[2]) != len(into) or \
+                any(into.get(k) is not a for k, a in zip(held[1], held[2], strict=True)):
+            if not all(type(a) is np.ndarray and a.dtype == wire.F32 and a.flags.c_contiguous and a.flags.writeable
+                       for a in into.values()):
+                return False  # (the sink replaces such arrays: the Python path)
+            held = self._held = (into, tuple(into), tuple(into.values()), tuple(k.encode() for k in into))
+        head = wire.push_head(run_id, rank, incarnation, clock)
+        tail = wire.push_tail(True, loss, then, param_version)
+        got = call.push_pull_now(len(head) + fixed + len(tail), head, values, prefixes, tail, held[3], held[2])
+        if isinstance(got, tuple):
+            ack = pb.PushGradientResponse(clock=got[0], duplicate=got[1], min_clock=got[2], run_state=got[3],
+                                          staleness=got[4], lr_scale=got[5])
+            return ack, PullResult(got[6], got[7], got[9], into, {}, got[10], False, got[11])
+        if isinstance(got, memoryview):
+            return sink.push_response(got)
+        return got
 
     def _push_requests(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Grad],
                        loss: float, then: pb.PullParamsRequest | bytes | None,

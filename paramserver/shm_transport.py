@@ -17,16 +17,22 @@ import logging
 import os
 import socket
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from paramserver.v1 import shm, tcp, wire
 
-from . import errors
+from . import errors, tcp_transport
 from .streams import WriteFailed
 from .tcp_transport import SETTLE, TcpCall, greet, status_error, too_large
 
-__all__ = ["ShmCall"]
+try:
+    from . import _exchange as native
+except ImportError:  # (installed where it could not be compiled: the Python path does all)
+    native = None  # type: ignore[assignment]
+
+__all__ = ["ShmCall", "native"]
 
 log = logging.getLogger("paramserver")
 
@@ -64,6 +70,54 @@ class ShmCall(TcpCall):
             return None  # inline: through the event loop
         self._written = shm.align(at + n)
         return self._sendmsg_now([shm.put(seg.region, at, parts, n)])
+
+    def push_pull_now(self, n: int, head: bytes, grads: tuple[np.ndarray, ...], prefixes: tuple[bytes, ...],
+                      tail: bytes, names: tuple[bytes, ...], outs: tuple[np.ndarray, ...]) -> tuple[Any, ...] | memoryview | bool:
+        """A push of one message (``n`` bytes: ``head``, each tensor's prefix and gradient, ``tail``)
+        with its pull, in one call of the C exchange (``native``; the caller checked there is one):
+        the request written into the segment, its frame sent, the answer's frame awaited up to
+        ``SETTLE_MS`` and, when it is a whole float32 model in the segment, decoded there with its
+        tensors copied into ``outs`` (the arrays of ``names``). Returns the answer's fields
+        (``_exchange.c`` lists them); or its bytes when it is one the C side leaves to the caller's
+        decoder; or True when the request went and its answer is for ``read``; False when nothing
+        went (not at a turn's start, or it would not fit the segment): the caller sends it as any."""
+        seg = self._segment
+        if not self._reading or self._inline or seg is None or self._rest or self._partial is not None or \
+                self._base + n > seg.region.nbytes or not SETTLE.get():
+            return False
+        try:
+            self._start_turn(n)
+        except OSError:
+            return True  # the server ended the stream: the read says why
+        seg = self._segment
+        at = self._written
+        if self._inline or seg is None or at + n > seg.region.nbytes:
+            return False
+        wait = tcp_transport.SETTLE_MS
+        if self._skip:  # (as ``settle``: answers that did not come in time go through the loop a while)
+            self._skip -= 1
+            wait = 0
+        try:
+            got = native.push_pull(self.sock.fileno(), seg.region, at, head, grads, prefixes, tail, names, outs, wait)
+        except (BufferError, TypeError, ValueError):  # (nothing went: an array it cannot take)
+            self._reading = True
+            return False
+        except ConnectionError as exc:
+            raise errors.Unavailable(errors.Code.UNAVAILABLE, str(exc), method=self._method) from None
+        self._written = shm.align(at + n)
+        if isinstance(got, tuple):
+            self._reading = True
+            self._backoff = 0
+            self._answered = max(self._answered, shm.align(got[-2] + got[-1]))
+            if len(got) == 2:
+                return seg.region[got[0] : got[0] + got[1]].toreadonly()
+            return got
+        if got is None and wait:  # no answer in time
+            self._backoff = min(1024, 2 * self._backoff or 16)
+            self._skip = self._backoff
+        elif isinstance(got, int) and not isinstance(got, bool):  # part of the frame went: the next write or read sends the rest
+            self._rest = (tcp.FRAME.pack(shm.SHARED, 0, 0, 0, shm.REGION.size) + shm.REGION.pack(at, n))[got:]
+        return True
 
     def _recv_now(self) -> memoryview | None:
         """An answer in the segment, if its frame is in the socket (``TcpCall._recv_now``)."""

@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 from support import make_spec, until
 
-from paramserver import errors, tcp_transport
+from paramserver import client as client_module
+from paramserver import errors, shm_transport, tcp_transport
 from paramserver.client import PsClient
+from paramserver.shm_transport import ShmCall
 from paramserver.streams import Pending
 from paramserver.tcp_transport import TcpCall
 from paramserver.v1 import paramserver_pb2 as pb
@@ -212,6 +214,7 @@ async def test_the_client_exchanges_without_its_event_loop_when_the_answer_comes
 
     monkeypatch.setattr(TcpCall, "_exchange_now", spy)
     monkeypatch.setattr(tcp_transport, "SETTLE_MS", 500)  # (a busy machine may not run the server within 2 ms)
+    monkeypatch.setattr(client_module, "native", None)  # (the C exchange's: test_the_c_exchange_...)
     with server_in_a_thread(server_config) as server:
         async with connect(server, transport) as c0, \
                 connect(server, transport) as c1:
@@ -235,6 +238,64 @@ async def test_the_client_exchanges_without_its_event_loop_when_the_answer_comes
             assert core_ack.clock == 42 and c0.route.opened[transport] == 2
 
 
+
+
+@pytest.mark.skipif(shm_transport.native is None, reason="the C exchange was not built (no compiler at install)")
+async def test_the_c_exchange_answers_as_the_python_path(server_config: ServerConfig,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small dense model's push-and-pull on shared memory goes through the C exchange
+    (``ShmCall.push_pull_now``): the same acknowledgements and parameters as the Python path's,
+    step for step; the first pull (no arrays held yet), a status and an answer that must wait are
+    left to the Python path, with the same results and errors."""
+    calls: list[str] = []
+    real = ShmCall.push_pull_now
+
+    def spy(self: ShmCall, *args: Any) -> Any:
+        got = real(self, *args)
+        calls.append("decoded" if isinstance(got, tuple) else "bytes" if isinstance(got, memoryview) else str(got))
+        return got
+
+    monkeypatch.setattr(ShmCall, "push_pull_now", spy)
+    monkeypatch.setattr(tcp_transport, "SETTLE_MS", 500)  # (a busy machine may not run the server within 2 ms)
+    shapes = {"w": (30, 40), "b": (7,)}
+    grads = {"b": np.linspace(-1, 1, 7, dtype=np.float32), "w": np.arange(1200, dtype=np.float32).reshape(30, 40) / 1e3}
+    seen: dict[bool, list[tuple[Any, ...]]] = {}
+    for use in (True, False):
+        monkeypatch.setattr(client_module, "native", shm_transport.native if use else None)
+        with server_in_a_thread(server_config) as server:
+            async with connect(server, "shm") as c:
+                run = await c.create_run(make_spec(shapes=shapes, num_workers=1, staleness=-1, lr=0.5, iterations=100,
+                                                   init=pb.INITIALIZER_ZEROS))
+                a = (await c.join("a", run.run_id)).assignment
+                params: dict[str, np.ndarray] = {}
+                steps = seen[use] = []
+                for clock in range(30):
+                    ack, pulled = await c.push_pull(run.run_id, a.rank, a.incarnation, clock, grads, loss=0.25 * clock,
+                                                    into=params)
+                    steps.append((ack.clock, ack.duplicate, ack.min_clock, ack.run_state, ack.HasField("staleness"),
+                                  pulled.guaranteed_clock, pulled.version, pulled.run_state, pulled.staleness,
+                                  pulled.lineage != 0, params["w"].tobytes(), params["b"].tobytes()))
+                    assert pulled.tensors is params
+                np.testing.assert_allclose(params["w"], -0.5 * 30 * grads["w"], rtol=1e-5)
+                if use:
+                    assert calls.count("decoded") >= 20, calls  # (the first push opened the stream: the Python path)
+                    fresh: dict[str, np.ndarray] = {}  # (no arrays to copy into: the answer goes to the sink)
+                    ack, pulled = await c.push_pull(run.run_id, a.rank, a.incarnation, 30, grads, into=fresh)
+                    assert calls[-1] == "bytes" and ack.clock == 31 and pulled.tensors is fresh
+                    np.testing.assert_allclose(fresh["w"], -0.5 * 31 * grads["w"], rtol=1e-5)
+                    with pytest.raises(errors.FailedPrecondition, match="clock order|before it"):
+                        await c.push_pull(run.run_id, a.rank, a.incarnation, 50, grads, into=params)  # a STATUS frame
+                    assert calls[-1] == "True"
+                    await c.push_pull(run.run_id, a.rank, a.incarnation, 31, grads, into=params)  # a new stream
+                    ack, _ = await c.push_pull(run.run_id, a.rank, a.incarnation, 32, grads, into=params)
+                    assert ack.clock == 33 and calls[-1] == "decoded" and c.route.opened["shm"] == 2
+                    grads_b = {**grads, "w": grads["w"].T.copy()}  # another shape: the Python path refuses it
+                    with pytest.raises(errors.InvalidArgument, match="shape"):
+                        await c.push_pull(run.run_id, a.rank, a.incarnation, 33, grads_b, into=params)
+                    before = len(calls)
+                else:
+                    assert len(calls) == before  # (off: never called)
+    assert seen[True] == seen[False]
 
 
 def tcp_push_stream(server: PsServer) -> socket.socket:
