@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import operator
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from functools import partial
-from typing import Protocol, TypeVar, cast
+from typing import Protocol, TypeVar
 
 import numpy as np
 from google.protobuf.duration_pb2 import Duration
@@ -388,20 +389,20 @@ class PsClient:
                                         max_wait=wire.duration(wait), rows=_table_rows(rows), **_since(since, into))
         else:  # every push of a dense model: the same request but for its clock and version
             then = wire.pull_request_bytes(run_id, rank, incarnation, clock + 1, wait, since if into is not None else None)
-        sink = PullSink(into, borrow)
         requests: Iterator[list[wire.Part]] | None = None
-        responses: list[unwire.PushResponse] = []
-        if native is not None and into is not None and not borrow and isinstance(then, bytes):
+        answer: memoryview | None = None
+        if native is not None and into is not None and not borrow and type(then) is bytes:
             call = self._push.idle_call()
             if type(call) is ShmCall:
-                got = self._push_pull_now(call, run_id, rank, incarnation, clock, grads, loss, then, param_version,
-                                          into, sink)
+                got = self._push_pull_now(call, run_id, rank, incarnation, clock, grads, loss, then, param_version, into)
                 if isinstance(got, tuple):
                     return got
                 if got is not False:  # it went: the answer (or the rest of it) is read below
                     requests = iter(())
                     if not isinstance(got, bool):
-                        responses.append(got)
+                        answer = got
+        sink = PullSink(into, borrow)
+        responses = [] if answer is None else [sink.push_response(answer)]
         if not responses or not _pulled_final(responses[-1]):
             if requests is None:
                 requests = self._push_requests(run_id, rank, incarnation, clock, grads, loss, then, param_version)
@@ -415,14 +416,14 @@ class PsClient:
 
     def _push_pull_now(
         self, call: ShmCall, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Grad],
-        loss: float, then: bytes, param_version: int | None, into: dict[str, np.ndarray], sink: PullSink,
-    ) -> tuple[pb.PushGradientResponse, PullResult] | unwire.PushResponse | bool:
+        loss: float, then: bytes, param_version: int | None, into: dict[str, np.ndarray],
+    ) -> tuple[pb.PushGradientResponse, PullResult] | memoryview | bool:
         """``push_pull`` of a small dense model on the shared-memory data plane, by the C exchange
-        (``ShmCall.push_pull_now``): its answer and pull result; or the answer's first response,
-        decoded by ``sink`` (one the C side leaves to it); True when the request went and its answer
+        (``ShmCall.push_pull_now``): its answer and pull result; or the bytes of the answer's first
+        response (one the C side leaves to the sink); True when the request went and its answer
         is to be read; False when nothing went (not such a push: the caller sends it). The same
-        bytes as the Python path's both ways. It costs the worker less than half of that path's
-        CPU per push, outside the gradient (bench/RESULTS.md, Performance round 2, section 19)."""
+        bytes as the Python path's both ways, with a third less of the worker's CPU per push outside
+        the gradient (bench/RESULTS.md, Performance round 2, section 19)."""
         layout = self._layout
         if layout is None or layout[0] != tuple(grads):
             whole = wire.whole_group(grads, MESSAGE_BYTES)
@@ -432,13 +433,13 @@ class PsClient:
             layout = self._layout = (tuple(grads), tuple(shape for _, shape, _, _ in whole), found,
                                      sum(map(len, found)) + sum(data.nbytes for _, _, _, data in whole))
         _, shapes, prefixes, fixed = layout
-        values = cast("tuple[np.ndarray, ...]", tuple(grads.values()))  # (checked here)
+        values: tuple[np.ndarray, ...] = tuple(grads.values())  # type: ignore[arg-type]  # (checked here)
         for a, shape in zip(values, shapes, strict=True):
             if type(a) is not np.ndarray or a.shape != shape or a.dtype != wire.F32 or not a.flags.c_contiguous:
                 return False
         held = self._held
         if held is None or held[0] is not into or len(held[2]) != len(into) or \
-                any(into.get(k) is not a for k, a in zip(held[1], held[2], strict=True)):
+                not all(map(operator.is_, into.values(), held[2])):
             if not all(type(a) is np.ndarray and a.dtype == wire.F32 and a.flags.c_contiguous and a.flags.writeable
                        for a in into.values()):
                 return False  # (the sink replaces such arrays: the Python path)
@@ -450,8 +451,6 @@ class PsClient:
             ack = pb.PushGradientResponse(clock=got[0], duplicate=got[1], min_clock=got[2], run_state=got[3],
                                           staleness=got[4], lr_scale=got[5])
             return ack, PullResult(got[6], got[7], got[9], into, {}, got[10], False, got[11])
-        if isinstance(got, memoryview):
-            return sink.push_response(got)
         return got
 
     def _push_requests(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Grad],
