@@ -136,6 +136,11 @@ class _Trainer(Retries):
         """The server's version of the parameters held (None before the first pull)."""
         self._own = 0
         """This rank's own steps applied to the parameters held since they were pulled (``_computed_on``)."""
+        self._evaluates = a.rank == 0 and self.spec.eval_every > 0
+        self._steady = isinstance(self.plane, PsClient) and self.codec is None and not config.overlap and \
+            self._straggler is None and max((4 * math.prod(p.shape) for p in self.spec.params), default=0) < IN_PLACE_BYTES
+        """Iterations after the first may be ``steady_step``'s: one server, a small dense model
+        (no tensor computed in shared memory), no compression, overlap or straggler delays."""
 
     def setup(self) -> None:
         """Load data and model; raises DatasetError / ModelSpecError (fatal for the run)."""
@@ -159,6 +164,7 @@ class _Trainer(Retries):
         if self.model.tables():  # rows by id, a row cache (table_step); the data hashed once
             self.X = self.model.prepare(self.X)
             self.tables = TableStep(self)
+            self._steady = False
 
     def _hold(self, res: PullResult) -> None:
         """The parameters held are now version ``res.version`` of the server's lineage (delta pulls,
@@ -229,6 +235,11 @@ class _Trainer(Retries):
 
     async def step(self, params: dict[str, np.ndarray], guaranteed: int) -> int:
         """One iteration at self.clock; returns the guaranteed clock of the parameters it used."""
+        if self._steady and self._prefetched is not None and self._ahead is None:
+            c = self.clock
+            if c + 1 < self.spec.iterations and not self.cache_valid(self._prefetched, c + 1) and \
+                    not (self._evaluates and c % self.spec.eval_every == 0 and c):
+                return await self.steady_step(params, c)
         if self.tables is not None:
             return await self.tables.step(params, guaranteed)
         eval_every = self.spec.eval_every
@@ -286,6 +297,47 @@ class _Trainer(Retries):
         await self.advance(resp, c, loss, samples, t0, t_compute, comm, parked)
         if borrow and self.staleness > 0:  # (the bound changed: a later iteration may use them after
             _own(params)  # its push, when borrowed ones are no longer valid)
+        return guaranteed
+
+    async def steady_step(self, params: dict[str, np.ndarray], c: int) -> int:
+        """``step`` in the steady state of a small dense model (``_steady``): on the parameters the
+        last push brought, the gradient, then its push with the pull of ``c + 1``, as ``step`` does
+        it, in fewer steps (among five processes on two cores every push pays its Python again,
+        and cold: bench/RESULTS.md, Performance round 2, section 19). A failed push goes to the
+        retry rules as ``step``'s does."""
+        guaranteed, self._prefetched = self._prefetched, None
+        assert guaranteed is not None
+        a = self.a
+        t0 = time.perf_counter()
+        batch = self.sampler.batch(c)
+        loss, grads = self.model.loss_and_grad(params, self.X[batch], self.y[batch])
+        t_push = time.perf_counter()
+        if not math.isfinite(loss):
+            self.check_loss(loss, c)
+        version = None if self._version is None else self._version + self._own
+        try:
+            resp, pulled = await self.plane.push_pull(a.run_id, a.rank, a.incarnation, c, grads, loss, into=params,
+                                                      max_wait=self.config.timeout_seconds * 4, since=self._since,
+                                                      param_version=version)
+        except errors.PsError as exc:  # (the retry rules take it as any try's failure, then try again)
+            first: errors.PsError | None = exc
+            push = self._push_op(c, grads, loss, params, version)
+
+            async def again() -> tuple[pb.PushGradientResponse, PullResult | None]:
+                nonlocal first
+                if first is not None:
+                    failed, first = first, None
+                    raise failed
+                return await push()
+            resp, got = await self.call(again, f"push {c}")
+            assert got is not None
+            pulled = got
+        self._prefetched = pulled.guaranteed_clock
+        self._hold(pulled)
+        self.stats.pulls += 1
+        s = self.staleness
+        await self.advance(resp, c, loss, len(batch), t0, t_push - t0, time.perf_counter() - t_push,
+                           s >= 0 and resp.min_clock < c + 1 - s)
         return guaranteed
 
     def gradient(self, params: dict[str, np.ndarray], c: int,

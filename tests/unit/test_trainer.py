@@ -171,6 +171,39 @@ async def test_transient_failures_are_retried_and_applied_once(compress: str, mo
     assert resets == ([] if compress == "none" else [0])
 
 
+async def test_a_steady_push_that_fails_goes_to_the_retry_rules_and_is_applied_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The steady state's push (``steady_step``: a small model pushing with its pull every
+    iteration) that fails, on the way or with its answer lost, is retried by the retry rules as
+    ``step``'s: each failure counted once, the push applied once, the run completed."""
+    async with InMemoryServer() as server:
+        async with server.client() as admin:
+            run = await admin.create_run(_spec(-1, workers=1, iterations=20, eval_every=100))  # (evaluations: step)
+        client = server.client()
+        joined = await client.join("w0", run.run_id, max_wait=0, capabilities=CAPABILITIES)
+        transport = server.transports[-1]
+        broken = errors.Unavailable(errors.Code.UNAVAILABLE, "connection reset (injected)")
+        steady: list[int] = []
+        real = trainer_module._Trainer.steady_step
+
+        async def spy(self: Any, params: dict[str, np.ndarray], c: int) -> int:
+            steady.append(c)
+            if c == 5:
+                transport.fail("PushGradient", broken, times=2)  # lost on the way: nothing applied
+            if c == 9:
+                transport.fail("PushGradient", broken, after=True, times=2)  # applied, the answer lost
+            return await real(self, params, c)
+
+        monkeypatch.setattr(trainer_module._Trainer, "steady_step", spy)
+        outcome = await train(client, joined.assignment, CONFIG)
+        await client.close()
+        core = server.registry.get(run.run_id)
+    assert steady == list(range(1, 19)), steady  # (not the first, nor the last: it pulls nothing after it)
+    assert outcome.completed and outcome.stats.retries == 4
+    assert core.counters.pushes_applied == 20 and core.counters.updates_applied == 20
+    assert core.counters.pushes_duplicate == 2  # (the two retries of the push whose answers were lost)
+
+
 async def test_a_report_whose_answer_was_lost_adds_its_points_once() -> None:
     """A ReportMetrics the server took whose answer was lost is retried with the same points: the
     run's history held each of its training points twice (two points of one clock in the loss
