@@ -283,12 +283,15 @@ class PsClient:
 
     # -------------------------------------------------------------------------- workers
     async def join(self, worker_name: str, run_id: str = "", max_wait: float = 10.0,
-                   capabilities: Sequence[str] = ()) -> pb.JoinResponse:
+                   capabilities: Sequence[str] = (), join_token: str = "") -> pb.JoinResponse:
         """A rank of ``run_id`` (or of any run) that a worker of ``capabilities`` can train
-        (``RunSpec.requires``); no assignment when there is none within ``max_wait``."""
+        (``RunSpec.requires``); no assignment when there is none within ``max_wait``. Safe to retry
+        with the same ``join_token`` (random, such as ``secrets.token_hex(16)``, drawn anew once a
+        Join is answered): a Join the server took whose answer was lost is answered with the rank
+        it took, not a second one."""
         _seconds(max_wait, "Join", "hold the call when there is no work", "answer at once")
         req = pb.JoinRequest(worker_name=worker_name, run_id=run_id, max_wait=wire.duration(max_wait),
-                             capabilities=capabilities)
+                             capabilities=capabilities, join_token=join_token)
         resp = await self._call("WorkerService", "Join", req, pb.JoinResponse, timeout=max_wait + self.timeout)
         if resp.HasField("assignment"):
             self.route.told(resp.data_port, resp.shm_socket)

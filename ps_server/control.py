@@ -256,16 +256,19 @@ class Control:
         if len(request.capabilities) > registry.limits.max_requires:
             raise InvalidArgument(f"capabilities has {len(request.capabilities)} entries: at most "
                                   f"{registry.limits.max_requires}")
-        can = frozenset(request.capabilities)
+        if len(request.join_token) > registry.limits.max_name_chars:
+            raise InvalidArgument(f"join_token has {len(request.join_token)} characters: at most "
+                                  f"{registry.limits.max_name_chars}")
+        can, token = frozenset(request.capabilities), request.join_token
         name = request.worker_name[: registry.limits.max_name_chars]  # (kept in its rank and events)
-        assignment = registry.join(name, request.run_id, can)
+        assignment = registry.join(name, request.run_id, can, token)
         requested = request.max_wait.ToTimedelta().total_seconds()
         if assignment is None and requested > 0:  # max_wait 0: answer at once (not the server's limit)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + min(requested, self._max_wait)
             # (a vacancy wakes every parked Join: those that find it taken wait on, to their deadline)
             while assignment is None and await registry.wait_for_work(request.run_id, deadline - loop.time(), can):
-                assignment = registry.join(name, request.run_id, can)
+                assignment = registry.join(name, request.run_id, can, token)
         if assignment is None:
             return pb.JoinResponse(server_generation=registry.generation)
         run = registry.get(assignment.run_id)

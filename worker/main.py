@@ -19,6 +19,7 @@ import asyncio  # noqa: E402
 import contextlib
 import logging
 import random
+import secrets
 import sys
 import time
 from collections.abc import Sequence
@@ -62,6 +63,7 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
     again = ""
     """With ``--once``: the run whose rank this worker lost before the run ended (evicted, or the
     run went back to a checkpoint from before it joined), asked for once more by id."""
+    token = ""  # the Join's token, kept over its retries until one is answered (JoinRequest.join_token)
     security = config.security()
     async with PsClient(config.server, timeout=config.timeout_seconds, max_message_bytes=config.max_message_bytes,
                         security=security, data_plane=config.data_plane,
@@ -73,8 +75,9 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
             try:
                 # Until the server has answered once, ask without waiting: say "connected" at once.
                 wait = config.join_wait_seconds if connected else 0.0
+                token = token or secrets.token_hex(16)
                 join = asyncio.ensure_future(client.join(config.display_name, config.run_id or again, wait,
-                                                         CAPABILITIES))
+                                                         CAPABILITIES, token))
                 stopping = asyncio.ensure_future(stop.wait())
                 await asyncio.wait({join, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 stopping.cancel()
@@ -84,6 +87,7 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
                         await join
                     break
                 resp = join.result()
+                token = ""  # (answered: the next Join is another one)
             except errors.PsError as exc:
                 connected = False
                 if not exc.retryable and again:  # (its rank went to another worker, or the run ended)

@@ -48,6 +48,10 @@ class Slot:
     """(incarnation, clock) of the incarnation this one replaced, as it ended here: a cluster's
     servers compare theirs to find a push it stopped in the middle of."""
     worker_name: str = ""
+    join_token: str = ""
+    """The ``JoinRequest.join_token`` of the Join that handed this incarnation the rank, until the
+    incarnation's first call (``holder``): a Join asking again with it (its answer was lost) is
+    answered with this rank (``joined``)."""
     last_seen: float = 0.0  # monotonic
     last_seen_wall: float = 0.0
     pushes: int = 0
@@ -125,8 +129,16 @@ class VectorClock:
         ``COUNT_MAX``: each rank may report up to that much)."""
         return min(COUNT_MAX, self.retired_skipped + sum(s.pulls_skipped for s in self.slots))
 
+    def joined(self, join_token: str) -> Slot | None:
+        """The ACTIVE rank a Join with ``join_token`` took, if its incarnation has made no call since
+        (that Join's answer was lost)."""
+        if not join_token:  # (no token: no Join is asked again)
+            return None
+        return next((s for s in self.slots if s.join_token == join_token and s.state is WorkerState.ACTIVE), None)
+
     def holder(self, rank: int, incarnation: int) -> Slot:
-        """The rank's slot if ``incarnation`` holds it, its lease refreshed; raise otherwise."""
+        """The rank's slot if ``incarnation`` holds it, its lease refreshed; raise otherwise. Its
+        worker had Join's answer: the Join's token takes the rank no more."""
         if not 0 <= rank < len(self.slots):
             raise InvalidArgument(f"rank {rank} is out of range: this run has ranks 0..{len(self.slots) - 1}")
         slot = self.slots[rank]
@@ -134,6 +146,7 @@ class VectorClock:
             raise FailedPrecondition(
                 f"incarnation {incarnation} of rank {rank} is stale (current: {slot.incarnation}, "
                 f"{slot.state.value}): the worker was evicted or replaced; join again", Reason.STALE_INCARNATION)
+        slot.join_token = ""
         self.touch(slot)
         return slot
 
@@ -150,7 +163,7 @@ class VectorClock:
         slot.last_seen = self._now()
         slot.last_seen_wall = time.time()
 
-    def assign(self, worker_name: str, start: int | None) -> Slot | None:
+    def assign(self, worker_name: str, start: int | None, join_token: str = "") -> Slot | None:
         """Hand the first vacant (else evicted) rank to a new incarnation at clock ``start`` (None:
         the min clock, also when no rank is live: then the highest clock, not the rank's own, so
         the min clock never goes down and a read's guaranteed clock stays true); None if none
@@ -159,11 +172,11 @@ class VectorClock:
         slot = next((s for s in free if s.state is WorkerState.VACANT), free[0] if free else None)
         if slot is None:
             return None
-        self.admit(slot, self.next_incarnation, self.min_clock if start is None else start, worker_name)
+        self.admit(slot, self.next_incarnation, self.min_clock if start is None else start, worker_name, join_token)
         self.next_incarnation += 1
         return slot
 
-    def admit(self, slot: Slot, incarnation: int, start: int, worker_name: str) -> None:
+    def admit(self, slot: Slot, incarnation: int, start: int, worker_name: str, join_token: str = "") -> None:
         """``incarnation`` holds the rank from clock ``start`` (``assign``, or a shard told so)."""
         if slot.state is WorkerState.EVICTED:
             self.retired_skipped = min(COUNT_MAX, self.retired_skipped + slot.pulls_skipped)
@@ -173,6 +186,7 @@ class VectorClock:
         slot.incarnation = incarnation
         slot.clock = slot.start = start
         slot.worker_name = worker_name
+        slot.join_token = join_token
         slot.pulls_skipped = 0
         slot.data_plane = ""
         slot.parked = []  # (the old incarnation's fail at the next notify)

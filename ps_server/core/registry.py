@@ -251,10 +251,12 @@ class RunRegistry:
             return self.get(run_id).has_vacancy()
         return any(r.has_vacancy() and _can(r, capabilities) for r in self._runs.values())
 
-    def join(self, worker_name: str, run_id: str = "", capabilities: frozenset[str] = frozenset()) -> Assignment | None:
+    def join(self, worker_name: str, run_id: str = "", capabilities: frozenset[str] = frozenset(),
+             join_token: str = "") -> Assignment | None:
         """Assign a vacant rank of ``run_id`` (or of the oldest run with one that a worker of
         ``capabilities`` can train: ``RunSpec.requires``); None if none. FailedPrecondition
-        (UNSUPPORTED) when the worker cannot train ``run_id``."""
+        (UNSUPPORTED) when the worker cannot train ``run_id``. A Join asked again with the
+        ``join_token`` of one whose answer was lost gets the rank that one took (``Run.joined``)."""
         if run_id:
             run = self.get(run_id)
             if not _can(run, capabilities):
@@ -262,10 +264,13 @@ class RunRegistry:
                 raise FailedPrecondition(f"run {run_id} requires {', '.join(missing)}, which this worker cannot do "
                                          f"(it can: {', '.join(sorted(capabilities)) or 'nothing declared'}); start a "
                                          "worker that can (the Python ps-worker trains every model)", Reason.CANNOT_TRAIN)
-            return run.join(worker_name)
+            return run.joined(join_token) or run.join(worker_name, join_token)
+        again = next((a for r in self._runs.values() if (a := r.joined(join_token)) is not None), None)
+        if again is not None:
+            return again
         for run in sorted(self._runs.values(), key=_age):  # (a restarted server adds its runs by id)
             if run.has_vacancy() and _can(run, capabilities):
-                return run.join(worker_name)
+                return run.join(worker_name, join_token)
         return None
 
     async def wait_for_work(self, run_id: str, timeout: float, capabilities: frozenset[str] = frozenset()) -> bool:

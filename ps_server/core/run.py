@@ -102,12 +102,13 @@ class Run:
     def has_vacancy(self) -> bool:
         return not self.state.finished and bool(self.clock.vacant())
 
-    def join(self, worker_name: str) -> Assignment:
-        """Hand the first vacant (or evicted) rank to a new incarnation."""
+    def join(self, worker_name: str, join_token: str = "") -> Assignment:
+        """Hand the first vacant (or evicted) rank to a new incarnation (``joined``: the one a Join
+        with ``join_token`` took)."""
         pending = self.state is RunState.PENDING
         # (At the min clock, which never goes down: under BSP, a clock already combined takes no
         # more gradients, and a rank's pushes below it would be held for ever.)
-        slot = None if self.state.finished else self.clock.assign(worker_name, 0 if pending else None)
+        slot = None if self.state.finished else self.clock.assign(worker_name, 0 if pending else None, join_token)
         if slot is None:
             raise FailedPrecondition(f"run {self.run_id} has no vacant rank (state {self.state.value}); join "
                                      "without run_id to take any run's vacant rank", Reason.NO_VACANT_RANK)
@@ -119,6 +120,13 @@ class Run:
             self._follow_schedule()  # (a step at clock 0: no clock changes before the first push)
         self._changed()
         return Assignment(self.run_id, slot.rank, slot.incarnation, slot.clock)
+
+    def joined(self, join_token: str) -> Assignment | None:
+        """The assignment a Join with ``join_token`` was answered with, while its incarnation holds
+        the rank and has made no call since (that answer was lost: its worker asks again); None
+        otherwise. Nothing changes: it is the same join."""
+        slot = self.clock.joined(join_token)
+        return None if slot is None else Assignment(self.run_id, slot.rank, slot.incarnation, slot.start)
 
     def _started_event(self) -> None:
         n = len(self.clock.slots)

@@ -50,7 +50,7 @@ class ShardRun(Run):
     def has_vacancy(self) -> bool:
         return False  # workers join the owner
 
-    def join(self, worker_name: str) -> Assignment:
+    def join(self, worker_name: str, join_token: str = "") -> Assignment:
         raise FailedPrecondition(f"run {self.run_id}'s ranks are assigned by server 0 of the cluster: join there "
                                  "(any server forwards Join to it)", Reason.NO_VACANT_RANK)
 

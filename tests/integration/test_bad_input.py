@@ -632,6 +632,15 @@ async def test_join_with_max_wait_zero_answers_at_once_when_there_is_no_work(ser
     assert loop.time() - t0 < server.config.max_wait_seconds / 2
 
 
+async def test_a_join_token_over_its_limit_is_refused_and_takes_no_rank(server: PsServer, client: PsClient) -> None:
+    """The server keeps a Join's token in the rank it took (a retry is answered with that rank): one
+    over 256 characters is refused, saying the limit."""
+    run = await client.create_run(make_spec(num_workers=1))
+    with pytest.raises(errors.InvalidArgument, match="join_token has 257 characters: at most 256"):
+        await client.join("w", max_wait=0, join_token="t" * 257)
+    assert (await client.join("w", run.run_id, max_wait=0, join_token="t" * 256)).assignment.rank == 0
+
+
 async def test_a_parked_join_whose_vacancy_another_took_waits_on(server: PsServer) -> None:
     """Two Joins wait for work; the one rank falls vacant: one of them takes it, the other waits on
     for the rest of its max_wait (it answered at once, with no work, and its worker had to ask

@@ -307,6 +307,39 @@ async def test_a_rank_whose_admission_reaches_a_server_after_join_answered_pulls
             await plane.close()
 
 
+async def test_a_join_whose_answer_was_lost_while_the_servers_learned_its_rank_gets_that_rank_again(
+        server_config: ServerConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Server 0 hands a rank over, then tells the other servers before Join answers: the worker's
+    deadline passed meanwhile (a slow server), and its retry, through server 1, took a second rank;
+    the first had no worker until its lease ran out. With the same join_token it gets the first."""
+    async with cluster(server_config, 2, split_bytes=1024) as servers:
+        owner = servers[0].cluster
+        assert owner is not None
+        (peer,) = owner._peers
+        call, late = peer.call, asyncio.Event()
+
+        async def slow(method: str, request: Any, *args: Any, **kw: Any) -> Any:
+            if method == "UpdateShard":
+                await late.wait()
+            return await call(method, request, *args, **kw)
+
+        async with PsClient(servers[1].address, timeout=20) as c:
+            run = await c.create_run(make_spec(shapes={"w": (64, 16)}, num_workers=2, staleness=0, iterations=5))
+            monkeypatch.setattr(peer, "call", slow)
+            async with PsClient(servers[1].address, timeout=0.5) as hasty:
+                with pytest.raises(errors.DeadlineExceeded):
+                    await hasty.join("w0", run.run_id, max_wait=0, join_token="t0")
+            took = servers[0].registry.get(run.run_id).clock.slots[0]
+            assert took.worker_name == "w0"  # (it took rank 0; its answer never came)
+            late.set()
+            a = (await c.join("w0", run.run_id, max_wait=0, join_token="t0")).assignment
+            b = (await c.join("w1", run.run_id, max_wait=0, join_token="t1")).assignment
+            assert (a.rank, a.incarnation) == (0, took.incarnation) and b.rank == 1
+            assert [e.rank for e in await _events(c, run.run_id, "joined")] == [0, 1]
+            assert [s.incarnation for s in servers[1].registry.get(run.run_id).clock.slots] == \
+                [a.incarnation, b.incarnation]
+
+
 async def _push_to(plane: Shards, i: int, run_id: str, a: pb.Assignment, clock: int, g: dict[str, np.ndarray]) -> None:
     """``a``'s push of ``clock`` to shard ``i`` only: a worker that stops in the middle of its push."""
     await plane.clients[i].push(run_id, a.rank, a.incarnation, clock, plane._rows(g, plane.shard_map.shards[i]))

@@ -70,6 +70,28 @@ def test_run_starts_when_all_ranks_joined_and_pulls_wait_until_then() -> None:
     assert run.pull_ready(a.rank, a.incarnation, 0)
 
 
+def test_a_join_asked_again_with_its_token_gets_the_rank_it_took_until_that_rank_is_heard_from() -> None:
+    """A Join whose answer was lost is asked again with its join_token: the rank it took, the same
+    incarnation, one "joined" event, until that incarnation's first call (its worker had the answer)
+    or its end; no other Join takes that rank, and one with no token or another takes the next."""
+    now = [0.0]
+    registry = RunRegistry()
+    run = registry.add(Run("run-t", spec(workers=3), now=lambda: now[0]))
+    a = registry.join("a", join_token="t-a")
+    assert a is not None and registry.join("a", join_token="t-a") == a == registry.join("a", "run-t", join_token="t-a")
+    b, c = registry.join("b"), registry.join("c", join_token="t-c")
+    assert b is not None and c is not None and [a.rank, b.rank, c.rank] == [0, 1, 2]
+    assert [e.rank for e in run.history.events if e.kind == "joined"] == [0, 1, 2]
+    run.heartbeat(a.rank, a.incarnation)  # (a had the answer)
+    assert registry.join("a", join_token="t-a") is None and run.joined("t-a") is None
+    now[0] = 5.0
+    run.heartbeat(a.rank, a.incarnation)
+    run.heartbeat(b.rank, b.incarnation)
+    assert registry.expire_leases(1.0) == [("run-t", c.rank)] and run.joined("t-c") is None  # (c never heard)
+    again = registry.join("c", join_token="t-c")  # (a Join as any other: the rank evicted is free)
+    assert again is not None and again.incarnation > c.incarnation
+
+
 def test_ssp_bound_on_pull_and_push() -> None:
     run, inc = started(spec(workers=2, staleness=1))
     # rank 0 runs ahead: clocks 0 and 1 are within the bound while rank 1 is at 0.

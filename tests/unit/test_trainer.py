@@ -21,6 +21,7 @@ from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1 import wire
 from ps_server.core import snapshot
 from ps_server.testing import InMemoryServer
+from worker import main as worker_main
 from worker import trainer as trainer_module
 from worker.compression import PushCodec
 from worker.config import WorkerConfig
@@ -222,6 +223,31 @@ async def test_a_report_whose_answer_was_lost_adds_its_points_once() -> None:
     clocks = [p.clock for p in points if not p.eval]
     assert clocks == sorted(set(clocks)) and clocks[-1] == 20, clocks
     assert [p.clock for p in points if p.eval] == [5, 10, 15, 20]
+
+
+async def test_a_join_whose_answer_was_lost_is_answered_with_the_rank_it_took(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Join the server took whose answer was lost (a deadline, a dropped connection) is asked
+    again: the server handed the worker a second rank, and the first one had no worker until its
+    lease ran out (BSP: every rank waited for it), nor did the second worker a rank until then."""
+    async with InMemoryServer(lease_seconds=3.0, heartbeat_seconds=0.5) as server:
+        async with server.client() as admin:
+            run = await admin.create_run(_spec(0, workers=2, iterations=10))
+
+        def connect(*_: object, **__: object) -> PsClient:
+            client = server.client()
+            if len(server.transports) == 2:  # (the first worker's: its first Join is served, the answer lost)
+                broken = errors.Unavailable(errors.Code.UNAVAILABLE, "connection reset (injected)")
+                server.transports[-1].fail("Join", broken, after=True)
+            return client
+
+        monkeypatch.setattr(worker_main, "PsClient", connect)
+        config = dataclasses.replace(CONFIG, once=True, join_wait_seconds=1.0)
+        first = asyncio.create_task(worker_main.work(dataclasses.replace(config, name="a")))
+        await until(lambda: any(s.incarnation for s in server.registry.get(run.run_id).clock.slots), 10)
+        outcomes = [*await worker_main.work(dataclasses.replace(config, name="b")), *await first]
+        events = server.registry.get(run.run_id).history.events
+    assert sorted(o.rank for o in outcomes) == [0, 1] and all(o.completed for o in outcomes), outcomes
+    assert [e.kind for e in events if e.kind in ("joined", "evicted")] == ["joined", "joined"], events
 
 
 @pytest.mark.parametrize(("model", "optimizer", "staleness", "compress"),

@@ -770,16 +770,18 @@ class GetMetricsResponse(_message.Message):
     def __init__(self, points: _Optional[_Iterable[_Union[MetricPoint, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[RunEvent, _Mapping]]] = ..., clock_records: _Optional[_Iterable[_Union[ClockRecord, _Mapping]]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("worker_name", "run_id", "max_wait", "capabilities")
+    __slots__ = ("worker_name", "run_id", "max_wait", "capabilities", "join_token")
     WORKER_NAME_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
     worker_name: str
     run_id: str
     max_wait: _duration_pb2.Duration
     capabilities: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, worker_name: _Optional[str] = ..., run_id: _Optional[str] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., capabilities: _Optional[_Iterable[str]] = ...) -> None: ...
+    join_token: str
+    def __init__(self, worker_name: _Optional[str] = ..., run_id: _Optional[str] = ..., max_wait: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., capabilities: _Optional[_Iterable[str]] = ..., join_token: _Optional[str] = ...) -> None: ...
 
 class Assignment(_message.Message):
     __slots__ = ("run_id", "rank", "incarnation", "spec", "start_clock", "heartbeat_interval", "lease", "shard_map")
