@@ -394,13 +394,15 @@ class PsClient {
   }
 
   // ---------------------------------------------------------------- workers
-  join(workerName, runId = '', maxWait = 10) {
+  /** Safe to retry with the same `joinToken` (random, drawn anew once a Join is answered): a Join
+   * the server took whose answer was lost is answered with the rank it took, not a second one. */
+  join(workerName, runId = '', maxWait = 10, joinToken = '') {
     try {
       waitSeconds(maxWait, 'Join', 'hold the call when there is no work', 'answer at once');
     } catch (e) {
       return Promise.reject(e);
     }
-    const req = { worker_name: workerName, run_id: runId, max_wait: duration(maxWait) };
+    const req = { worker_name: workerName, run_id: runId, max_wait: duration(maxWait), join_token: joinToken };
     return this.unary(this.workers, 'Join', req, maxWait + this.timeout).then((resp) => {
       if (resp.assignment) {
         this.dataPortIs(Number(resp.data_port));

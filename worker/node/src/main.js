@@ -13,6 +13,8 @@
  * and exits 1.
  */
 
+const crypto = require('crypto');
+
 const { ConfigError, parseConfig, usage } = require('./config');
 const { makeLogger } = require('./log');
 const { PsClient, PsError, Status } = require('./client');
@@ -30,6 +32,7 @@ async function work(config, log, stop) {
   let delay = 0.1;
   let idleSince = Date.now();
   let told = ''; // the last TLS problem logged
+  let token = ''; // the Join's token, kept over its retries until one is answered (JoinRequest.join_token)
   const client = new PsClient(config.server, {
     timeout: config.timeoutSeconds, chunkBytes: config.chunkBytes, maxMessageBytes: config.maxMessageBytes,
     security: config.security, dataPlane: config.dataPlane, log,
@@ -43,7 +46,9 @@ async function work(config, log, stop) {
       }
       let resp;
       try {
-        resp = await client.join(config.displayName, config.runId, config.joinWaitSeconds);
+        token = token || crypto.randomBytes(16).toString('hex');
+        resp = await client.join(config.displayName, config.runId, config.joinWaitSeconds, token);
+        token = ''; // (answered: the next Join is another one)
       } catch (e) {
         if (stop.value) break;
         if (!(e instanceof PsError)) throw e;
