@@ -29,9 +29,11 @@ RUN python -c "import tomllib; t = tomllib.load(open('pyproject.toml', 'rb')); \
 print(*t['project']['dependencies'], *t['build-system']['requires'], sep='\n')" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
 
-# ---- wheel: the project as a wheel (setuptools maps paramserver.v1 = protos/paramserver/v1)
+# ---- wheel: the project as a wheel (setuptools maps paramserver.v1 = protos/paramserver/v1). The
+# slim image has no C compiler: setup.py's optional extension (the worker's C exchange on shared
+# memory) is left out, and workers in this image use its Python path.
 FROM deps AS wheel
-COPY README.md ./
+COPY README.md setup.py ./
 COPY protos ./protos
 COPY paramserver ./paramserver
 COPY ps_server ./ps_server

@@ -28,6 +28,7 @@ from paramserver import errors
 from paramserver.client import PsClient
 from paramserver.runtime import StoppedEarly, exit_with_parent, on_stop_signals, stop_early, tune_malloc
 from paramserver.security import tls_problem
+from paramserver.shm_transport import native
 from paramserver.v1 import paramserver_pb2 as pb
 
 from .config import WorkerConfig, parse_config
@@ -213,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         logging.basicConfig(level=config.log_level.upper(), handlers=[handler])
         if config.nice:
             log.info("CPU priority lowered by %d (nice %d now)", config.nice, os.nice(config.nice))
+        if config.shm and config.data_plane and native is None:
+            log.info("pushes through shared memory go by the Python path: paramserver._exchange was not built "
+                     "(install with a C compiler and Python's headers for less CPU per push)")
         try:
             sys.exit(asyncio.run(_main(config)))
         except ValueError as exc:  # security settings that cannot work: one line, a usage error's status
