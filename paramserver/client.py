@@ -449,7 +449,11 @@ class PsClient:
             held = self._held = (into, tuple(into), tuple(into.values()), tuple(k.encode() for k in into))
         head = wire.push_head(run_id, rank, incarnation, clock)
         tail = wire.push_tail(True, loss, then, param_version)
-        got = call.push_pull_now(len(head) + fixed + len(tail), head, values, prefixes, tail, held[3], held[2])
+        try:
+            got = call.push_pull_now(len(head) + fixed + len(tail), head, values, prefixes, tail, held[3], held[2])
+        except errors.PsError:  # (the stream broke: the next operation opens another, as after any)
+            self._push.close()
+            raise
         if isinstance(got, tuple):
             ack = pb.PushGradientResponse(clock=got[0], duplicate=got[1], min_clock=got[2], run_state=got[3],
                                           staleness=got[4], lr_scale=got[5])
