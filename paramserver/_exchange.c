@@ -11,13 +11,19 @@
    ~0.23 ms of CPU outside the gradient with it, 0.36 without (bench/RESULTS.md, Performance
    round 2, section 19).
 
-   push_pull(fd, region, at, head, grads, prefixes, tail, names, outs, wait_ms) returns
+   push_pull(fd, region, at, push_head, clock, grads, prefixes, loss, pull_head, wait_field,
+             since_version, since_lineage, param_version, names, outs, wait_ms)
+   writes the PushGradientRequest ``wire.push_request_parts`` would (``push_head``: its fields
+   before the clock, ``wire._push_head``; then the clock, each tensor's prefix and data, final,
+   the loss, then_pull: ``pull_head`` (``wire._pull_head``), the clock after, ``wait_field`` and
+   the since fields, as ``wire.pull_request_bytes``; and ``param_version`` unless it is -1) and
+   returns
      a tuple (clock, duplicate, min_clock, run_state, staleness, lr_scale, guaranteed_clock,
        version, final, pulled_run_state, lineage, pulled_staleness, answer_at, answer_len):
        the answer, decoded, its tensors copied (the optional fields None when absent);
      (answer_at, answer_len): an answer in the segment it does not decode (the frame was read);
      None: no frame came within wait_ms; False: the next frame is not an answer in the segment
-       (left in the socket); an int k < 32: only k bytes of the frame went (the rest is the
+       (left in the socket); bytes: the part of the request's frame that did not go (the
        caller's to send). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -151,18 +157,83 @@ static int answer(const uint8_t *p, const uint8_t *end, Outs *outs, Answer *a) {
     return 0;
 }
 
+static size_t put_varint(uint8_t *out, uint64_t v) {
+    size_t n = 0;
+    while (v >= 0x80) {
+        out[n++] = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    out[n++] = (uint8_t)v;
+    return n;
+}
+
 static PyObject *optional_int(int has, int64_t v) { return has ? PyLong_FromLongLong(v) : Py_NewRef(Py_None); }
 
 static PyObject *push_pull(PyObject *Py_UNUSED(self), PyObject *args) {
     int fd, wait_ms;
     Py_ssize_t at;
-    Py_buffer region, head, tail;
+    unsigned long long clock, since_version, since_lineage;
+    long long param_version;
+    double loss;
+    Py_buffer region, head, pull_head, wait_field;
     PyObject *grads, *prefixes, *names, *outs_seq, *ret = NULL;
     Outs outs;
     outs.n = 0;
-    if (!PyArg_ParseTuple(args, "iw*ny*O!O!y*O!O!i", &fd, &region, &at, &head, &PyTuple_Type, &grads, &PyTuple_Type,
-                          &prefixes, &tail, &PyTuple_Type, &names, &PyTuple_Type, &outs_seq, &wait_ms))
+    if (!PyArg_ParseTuple(args, "iw*ny*KO!O!dy*y*KKLO!O!i", &fd, &region, &at, &head, &clock, &PyTuple_Type, &grads,
+                          &PyTuple_Type, &prefixes, &loss, &pull_head, &wait_field, &since_version, &since_lineage,
+                          &param_version, &PyTuple_Type, &names, &PyTuple_Type, &outs_seq, &wait_ms))
         return NULL;
+    /* then_pull, a PullParamsRequest (wire.pull_request_bytes) */
+    uint8_t then[1024];
+    size_t then_len = 0;
+    if (pull_head.len + wait_field.len > (Py_ssize_t)sizeof then - 40) {
+        PyErr_SetString(PyExc_ValueError, "push_pull: a pull request this long is the Python path's");
+        PyBuffer_Release(&region);
+        PyBuffer_Release(&head);
+        PyBuffer_Release(&pull_head);
+        PyBuffer_Release(&wait_field);
+        return NULL;
+    }
+    memcpy(then, pull_head.buf, pull_head.len);
+    then_len = pull_head.len;
+    if (clock + 1) {
+        then[then_len++] = 0x20;  /* clock = 4 */
+        then_len += put_varint(then + then_len, clock + 1);
+    }
+    memcpy(then + then_len, wait_field.buf, wait_field.len);
+    then_len += wait_field.len;
+    if (since_version) {
+        then[then_len++] = 0x40;  /* since_version = 8 */
+        then_len += put_varint(then + then_len, since_version);
+    }
+    if (since_lineage) {
+        then[then_len++] = 0x48;  /* since_lineage = 9 */
+        then_len += put_varint(then + then_len, since_lineage);
+    }
+    /* the PushGradientRequest's fields around its tensors (wire.push_head, wire.push_tail) */
+    uint8_t clock_field[11], tail[64];
+    size_t clock_len = 0, tail_len = 0;
+    if (clock) {
+        clock_field[clock_len++] = 0x20;  /* clock = 4 */
+        clock_len += put_varint(clock_field + clock_len, clock);
+    }
+    tail[tail_len++] = 0x30;  /* final = 6 */
+    tail[tail_len++] = 1;
+    uint64_t loss_bits;
+    memcpy(&loss_bits, &loss, 8);
+    if (loss_bits) {
+        tail[tail_len++] = 0x39;  /* loss = 7, a double */
+        memcpy(tail + tail_len, &loss, 8);
+        tail_len += 8;
+    }
+    tail[tail_len++] = 0x42;  /* then_pull = 8 */
+    tail_len += put_varint(tail + tail_len, then_len);
+    uint8_t tail_after[11];
+    size_t after_len = 0;
+    if (param_version >= 0) {
+        tail_after[after_len++] = 0x48;  /* param_version = 9 */
+        after_len += put_varint(tail_after + after_len, (uint64_t)param_version);
+    }
     Py_ssize_t n = PyTuple_GET_SIZE(grads), m = PyTuple_GET_SIZE(outs_seq);
     uint8_t *r = region.buf;
     if (PyTuple_GET_SIZE(prefixes) != n || PyTuple_GET_SIZE(names) != m || m > MAX_TENSORS || at < 0 ||
@@ -189,6 +260,7 @@ static PyObject *push_pull(PyObject *Py_UNUSED(self), PyObject *args) {
         i += (len);                                                                     \
     } while (0)
     PUT(head.buf, head.len);
+    PUT(clock_field, (Py_ssize_t)clock_len);
     for (Py_ssize_t k = 0; k < n; k++) {
         char *pre;
         Py_ssize_t pre_len;
@@ -205,7 +277,9 @@ static PyObject *push_pull(PyObject *Py_UNUSED(self), PyObject *args) {
         i += g.len;
         PyBuffer_Release(&g);
     }
-    PUT(tail.buf, tail.len);
+    PUT(tail, (Py_ssize_t)tail_len);
+    PUT(then, (Py_ssize_t)then_len);
+    PUT(tail_after, (Py_ssize_t)after_len);
     uint8_t frame[FRAME_BYTES] = {SHARED};
     uint64_t body = 16, where = (uint64_t)at, size = (uint64_t)(i - at);
     memcpy(frame + 8, &body, 8);
@@ -224,7 +298,8 @@ static PyObject *push_pull(PyObject *Py_UNUSED(self), PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     if (sent != FRAME_BYTES) {
-        ret = PyLong_FromSsize_t(sent < 0 ? 0 : sent);
+        if (sent < 0) sent = 0;
+        ret = PyBytes_FromStringAndSize((const char *)frame + sent, FRAME_BYTES - sent);
         goto done;
     }
     if (!ready || got == -1) {  /* nothing yet (or a read error, which the Python read says) */
@@ -261,7 +336,8 @@ done:
     for (Py_ssize_t k = 0; k < outs.n; k++) PyBuffer_Release(&outs.out[k]);
     PyBuffer_Release(&region);
     PyBuffer_Release(&head);
-    PyBuffer_Release(&tail);
+    PyBuffer_Release(&pull_head);
+    PyBuffer_Release(&wait_field);
     return ret;
 }
 

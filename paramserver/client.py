@@ -386,29 +386,32 @@ class PsClient:
         run_state); the pulled parameters are in the PullResult. ``max_wait`` as for ``pull``."""
         wait, parked = self._wait(max_wait)
         since = None if borrow else since
-        then: pb.PullParamsRequest | bytes
-        if names or rows:
-            then = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock + 1, names=names,
-                                        max_wait=wire.duration(wait), rows=_table_rows(rows), **_since(since, into))
-        else:  # every push of a dense model: the same request but for its clock and version
-            then = wire.pull_request_bytes(run_id, rank, incarnation, clock + 1, wait, since if into is not None else None)
         requests: Iterator[list[wire.Part]] | None = None
         answer: memoryview | None = None
-        if native is not None and into is not None and not borrow and type(then) is bytes:
+        if native is not None and into is not None and not borrow and not names and not rows:
             call = self._push.idle_call()
             if type(call) is ShmCall:
-                got = self._push_pull_now(call, run_id, rank, incarnation, clock, grads, loss, then, param_version, into)
+                got = self._push_pull_now(call, run_id, rank, incarnation, clock, grads, loss, wait, since,
+                                          param_version, into)
                 if isinstance(got, tuple):
                     return got
                 if got is not False:  # it went: the answer (or the rest of it) is read below
                     requests = iter(())
                     if not isinstance(got, bool):
                         answer = got
+        if requests is None:
+            then: pb.PullParamsRequest | bytes
+            if names or rows:
+                then = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock + 1,
+                                            names=names, max_wait=wire.duration(wait), rows=_table_rows(rows),
+                                            **_since(since, into))
+            else:  # every push of a dense model: the same request but for its clock and version
+                then = wire.pull_request_bytes(run_id, rank, incarnation, clock + 1, wait,
+                                               since if into is not None else None)
+            requests = self._push_requests(run_id, rank, incarnation, clock, grads, loss, then, param_version)
         sink = PullSink(into, borrow)
         responses = [] if answer is None else [sink.push_response(answer)]
         if not responses or not _pulled_final(responses[-1]):
-            if requests is None:
-                requests = self._push_requests(run_id, rank, incarnation, clock, grads, loss, then, param_version)
             responses += await self._push.exchange(requests, parked + self.timeout, until_final=True,
                                                    final=_pulled_final, decode=sink.push_response)
         first = responses[0]
@@ -419,7 +422,7 @@ class PsClient:
 
     def _push_pull_now(
         self, call: ShmCall, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Grad],
-        loss: float, then: bytes, param_version: int | None, into: dict[str, np.ndarray],
+        loss: float, wait: float, since: tuple[int, int] | None, param_version: int | None, into: dict[str, np.ndarray],
     ) -> tuple[pb.PushGradientResponse, PullResult] | memoryview | bool:
         """``push_pull`` of a small dense model on the shared-memory data plane, by the C exchange
         (``ShmCall.push_pull_now``): its answer and pull result; or the bytes of the answer's first
@@ -447,10 +450,12 @@ class PsClient:
                        for a in into.values()):
                 return False  # (the sink replaces such arrays: the Python path)
             held = self._held = (into, tuple(into), tuple(into.values()), tuple(k.encode() for k in into))
-        head = wire.push_head(run_id, rank, incarnation, clock)
-        tail = wire.push_tail(True, loss, then, param_version)
+        head, pull, wait_field = wire.push_fields(run_id, rank, incarnation), wire.pull_fields(run_id, rank, incarnation), \
+            wire.wait_field(wait)
+        n = len(head) + fixed + len(pull) + len(wait_field) + 80  # (at most: the varints, loss and final besides)
         try:
-            got = call.push_pull_now(len(head) + fixed + len(tail), head, values, prefixes, tail, held[3], held[2])
+            got = call.push_pull_now(n, head, clock, values, prefixes, loss, pull, wait_field, since, param_version,
+                                     held[3], held[2])
         except errors.PsError:  # (the stream broke: the next operation opens another, as after any)
             self._push.close()
             raise

@@ -71,11 +71,15 @@ class ShmCall(TcpCall):
         self._written = shm.align(at + n)
         return self._sendmsg_now([shm.put(seg.region, at, parts, n)])
 
-    def push_pull_now(self, n: int, head: bytes, grads: tuple[np.ndarray, ...], prefixes: tuple[bytes, ...],
-                      tail: bytes, names: tuple[bytes, ...], outs: tuple[np.ndarray, ...]) -> tuple[Any, ...] | memoryview | bool:
-        """A push of one message (``n`` bytes: ``head``, each tensor's prefix and gradient, ``tail``)
-        with its pull, in one call of the C exchange (``native``; the caller checked there is one):
-        the request written into the segment, its frame sent, the answer's frame awaited up to
+    def push_pull_now(self, n: int, head: bytes, clock: int, grads: tuple[np.ndarray, ...], prefixes: tuple[bytes, ...],
+                      loss: float, pull_head: bytes, wait_field: bytes, since: tuple[int, int] | None,
+                      param_version: int | None, names: tuple[bytes, ...],
+                      outs: tuple[np.ndarray, ...]) -> tuple[Any, ...] | memoryview | bool:
+        """A push of one message (at most ``n`` bytes; what ``wire.push_request_parts`` writes of
+        ``head``, ``clock``, the tensors' ``prefixes`` and ``grads``, ``loss``, a then_pull of
+        ``pull_head``, the next clock, ``wait_field`` and ``since``, and ``param_version``) with
+        its pull, in one call of the C exchange (``native``; the caller checked there is one): the
+        request written into the segment, its frame sent, the answer's frame awaited up to
         ``SETTLE_MS`` and, when it is a whole float32 model in the segment, decoded there with its
         tensors copied into ``outs`` (the arrays of ``names``). Returns the answer's fields
         (``_exchange.c`` lists them); or its bytes when it is one the C side leaves to the caller's
@@ -97,9 +101,12 @@ class ShmCall(TcpCall):
         if self._skip:  # (as ``settle``: answers that did not come in time go through the loop a while)
             self._skip -= 1
             wait = 0
+        lineage, version = since or (0, 0)
         try:
-            got = native.push_pull(self.sock.fileno(), seg.region, at, head, grads, prefixes, tail, names, outs, wait)
-        except (BufferError, TypeError, ValueError):  # (nothing went: an array it cannot take)
+            got = native.push_pull(self.sock.fileno(), seg.region, at, head, clock, grads, prefixes, loss, pull_head,
+                                   wait_field, version, lineage, -1 if param_version is None else param_version,
+                                   names, outs, wait)
+        except (BufferError, TypeError, ValueError, OverflowError):  # (nothing went: arguments it cannot take)
             self._reading = True
             return False
         except ConnectionError as exc:
@@ -115,8 +122,8 @@ class ShmCall(TcpCall):
         if got is None and wait:  # no answer in time
             self._backoff = min(1024, 2 * self._backoff or 16)
             self._skip = self._backoff
-        elif isinstance(got, int) and not isinstance(got, bool):  # part of the frame went: the next write or read sends the rest
-            self._rest = (tcp.FRAME.pack(shm.SHARED, 0, 0, 0, shm.REGION.size) + shm.REGION.pack(at, n))[got:]
+        elif isinstance(got, bytes):  # part of the frame went: the next write or read sends the rest
+            self._rest = got
         return True
 
     def _recv_now(self) -> memoryview | None:

@@ -40,15 +40,27 @@ def plane() -> Iterator[tuple[socket.socket, socket.socket, memoryview]]:
         server.close()
 
 
-def request_args(clock: int = 7) -> tuple[bytes, tuple[np.ndarray, ...], tuple[bytes, ...], bytes, int]:
+def expected_request(clock: int = 7, loss: float = 0.25, since: tuple[int, int] | None = (5, 300),
+                     param_version: int | None = 5) -> bytes:
+    """What the Python encoder writes for such a push."""
+    group = wire.whole_group(GRADS, 1 << 20)
+    assert group is not None
+    then = wire.pull_request_bytes("run-1", 1, 2, clock + 1, 30.0, since)
+    return wire.join(wire.push_request_parts("run-1", 1, 2, clock, group, True, loss, then, param_version))
+
+
+def push(worker: socket.socket, region: memoryview, outs: dict[str, np.ndarray], wait_ms: int = 1000, at: int = 0,
+         clock: int = 7, loss: float = 0.25, since: tuple[int, int] | None = (5, 300),
+         param_version: int | None = 5) -> object:
     group = wire.whole_group(GRADS, 1 << 20)
     assert group is not None
     prefixes = wire.chunk_prefixes(group)
     assert prefixes is not None
-    head = wire.push_head("run-1", 1, 2, clock)
-    tail = wire.push_tail(True, 0.25, wire.pull_request_bytes("run-1", 1, 2, clock + 1, 30.0), 5)
-    n = len(head) + sum(map(len, prefixes)) + sum(a.nbytes for a in GRADS.values()) + len(tail)
-    return head, tuple(GRADS.values()), prefixes, tail, n
+    lineage, version = since or (0, 0)
+    return native.push_pull(worker.fileno(), region, at, wire.push_fields("run-1", 1, 2), clock, tuple(GRADS.values()),
+                            prefixes, loss, wire.pull_fields("run-1", 1, 2), wire.wait_field(30.0), version, lineage,
+                            -1 if param_version is None else param_version, tuple(k.encode() for k in outs),
+                            tuple(outs.values()), wait_ms)
 
 
 def answer(params: dict[str, np.ndarray], **kw: object) -> bytes:
@@ -65,24 +77,29 @@ def serve(server: socket.socket, region: memoryview, body: bytes, at: int = ANSW
 
 
 def exchange(worker: socket.socket, region: memoryview, outs: dict[str, np.ndarray], wait_ms: int = 1000) -> object:
-    head, grads, prefixes, tail, _ = request_args()
-    return native.push_pull(worker.fileno(), region, 0, head, grads, prefixes, tail,
-                            tuple(k.encode() for k in outs), tuple(outs.values()), wait_ms)
+    return push(worker, region, outs, wait_ms)
 
 
-def test_it_writes_the_python_encoders_request_and_decodes_the_answer_into_the_arrays(
-        plane: tuple[socket.socket, socket.socket, memoryview]) -> None:
+@pytest.mark.parametrize(("clock", "loss", "since", "param_version"),
+                         [(7, 0.25, (5, 300), 5), (0, 0.0, None, None), (1 << 40, -0.0, (1 << 62, 0), 0),
+                          (127, float("nan"), (0, 128), None), (16383, -1e300, (3, 1), (1 << 63) - 1)])
+def test_it_writes_the_python_encoders_request(plane: tuple[socket.socket, socket.socket, memoryview], clock: int,
+                                               loss: float, since: tuple[int, int] | None,
+                                               param_version: int | None) -> None:
+    worker, server, region = plane
+    expected = expected_request(clock, loss, since, param_version)
+    assert push(worker, region, {}, wait_ms=0, at=16, clock=clock, loss=loss, since=since,
+                param_version=param_version) is None  # (no answer)
+    assert bytes(region[16 : 16 + len(expected)]) == expected
+    assert server.recv(64) == tcp.FRAME.pack(shm.SHARED, 0, 0, 0, shm.REGION.size) + shm.REGION.pack(16, len(expected))
+
+
+def test_it_decodes_the_answer_into_the_arrays(plane: tuple[socket.socket, socket.socket, memoryview]) -> None:
     worker, server, region = plane
     new = {"w": np.full((3, 4), 2.0, np.float32), "b": np.array([7.0, 8.0], np.float32)}
     serve(server, region, answer(new, staleness=4, lr_scale=0.5))
     outs = {"b": np.zeros(2, np.float32), "w": np.zeros((3, 4), np.float32)}
     got = exchange(worker, region, outs)
-    head, _, _, tail, n = request_args()
-    expected = wire.join(wire.push_request_parts("run-1", 1, 2, 7, wire.whole_group(GRADS, 1 << 20) or [], True, 0.25,
-                                                 wire.pull_request_bytes("run-1", 1, 2, 8, 30.0), 5))
-    assert bytes(region[:n]) == expected  # (the Python path's request)
-    frame = server.recv(64)
-    assert frame == tcp.FRAME.pack(shm.SHARED, 0, 0, 0, shm.REGION.size) + shm.REGION.pack(0, n)
     body = answer(new, staleness=4, lr_scale=0.5)
     assert got == (8, False, 3, pb.RUN_STATE_RUNNING, 4, 0.5, 5, 9, True, pb.RUN_STATE_RUNNING, 77, -1,
                    ANSWER_AT, len(body))
@@ -137,9 +154,9 @@ def test_an_answer_outside_the_region_breaks_the_connection(
 def test_a_request_that_does_not_fit_the_region_is_refused_before_anything_is_sent(
         plane: tuple[socket.socket, socket.socket, memoryview]) -> None:
     worker, server, region = plane
-    head, grads, prefixes, tail, n = request_args()
+    n = len(expected_request())
     with pytest.raises(ValueError, match="overruns"):
-        native.push_pull(worker.fileno(), region, REGION - n + 1, head, grads, prefixes, tail, (), (), 10)
+        push(worker, region, {}, at=REGION - n + 1)
     server.setblocking(False)
     with pytest.raises(BlockingIOError):
         server.recv(64)

@@ -52,12 +52,15 @@ __all__ = [
     "join",
     "params_response_parts",
     "parts_len",
+    "pull_fields",
     "pull_request_bytes",
+    "push_fields",
     "push_head",
     "push_request_parts",
     "push_response_parts",
     "push_tail",
     "varint",
+    "wait_field",
     "whole_group",
     "with_last",
 ]
@@ -481,6 +484,14 @@ def duration(seconds: float) -> Duration:
 def _wait_field(seconds: float) -> bytes:
     wait: bytes = pb.PullParamsRequest(max_wait=duration(seconds)).SerializeToString()
     return wait
+
+
+push_fields = _push_head
+pull_fields = _pull_head
+wait_field = _wait_field
+"""The cached fields a worker's every push and pull start with, and a pull's max_wait (the C
+exchange, ``paramserver/_exchange.c``, writes the rest as ``push_request_parts`` and
+``pull_request_bytes`` do)."""
 
 
 def pull_request_bytes(run_id: str, rank: int, incarnation: int, clock: int, max_wait: float,
