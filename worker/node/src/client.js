@@ -23,6 +23,8 @@ const SERVER_MAX_WAIT = 60;
 const { loadContract, messages } = require('./proto');
 const { encodeTensors, TensorAssembler } = require('./tensors');
 const { TcpCall, dialHost } = require('./tcp');
+const net = require('net');
+const tls = require('tls');
 
 const { grpc, pkg } = loadContract();
 const Status = grpc.status;
@@ -269,6 +271,56 @@ class BidiStream {
   }
 }
 
+/**
+ * TLS credentials that verify the server's certificate against an IP address without sending it
+ * as the TLS ServerName (SNI). grpc-js sets the ServerName to the target's host, an IP address
+ * too, and Node warned once per worker (DEP0123: RFC 6066 has no IP address names). The handshake
+ * is grpc-js's own (ALPN h2, the peer verified and unauthorized refused), the certificate checked
+ * for `name` as tls.connect checks a host: its IP SANs.
+ */
+class IpAddressCredentials extends grpc.ChannelCredentials {
+  constructor(name, { ca, key, cert }) {
+    super();
+    this.options = {
+      secureContext: tls.createSecureContext({ ca: ca || undefined, key: key || undefined, cert: cert || undefined }),
+      ALPNProtocols: ['h2'],
+      checkServerIdentity: (_host, peer) => tls.checkServerIdentity(name, peer),
+    };
+  }
+
+  _isSecure() {
+    return true;
+  }
+
+  _equals(other) {
+    return other === this;
+  }
+
+  _createSecureConnector(_target, _options, callCredentials) {
+    const options = this.options;
+    return {
+      connect: (socket) => new Promise((resolve, reject) => {
+        const secured = tls.connect({ socket, ...options }, () => {
+          if (secured.authorized) resolve({ socket: secured, secure: true });
+          else reject(secured.authorizationError);
+        });
+        secured.on('error', reject);
+      }),
+      waitForReady: () => Promise.resolve(),
+      getCallCredentials: () => callCredentials || grpc.CallCredentials.createEmpty(),
+      destroy: () => {},
+    };
+  }
+}
+
+/** The channel credentials of `security` (config.js securityOf) for the server at `address`. */
+function channelCredentials(address, security) {
+  if (!security.tls) return grpc.credentials.createInsecure();
+  const name = security.serverName || dialHost(address);
+  if (name && net.isIP(name)) return new IpAddressCredentials(name, security);
+  return grpc.credentials.createSsl(security.ca || null, security.key || null, security.cert || null);
+}
+
 class PsClient {
   /**
    * `new PsClient("host:port", {timeout, chunkBytes, maxMessageBytes, security})`; every method has
@@ -289,9 +341,7 @@ class PsClient {
     this.timeout = timeout;
     this.chunkBytes = chunkBytes;
     this.serverMaxWait = SERVER_MAX_WAIT; // the longest the server parks a pull, as the last Join or Heartbeat said
-    const creds = security.tls
-      ? grpc.credentials.createSsl(security.ca || null, security.key || null, security.cert || null)
-      : grpc.credentials.createInsecure();
+    const creds = channelCredentials(address, security);
     const opts = channelOptions(maxMessageBytes);
     if (security.serverName) opts['grpc.ssl_target_name_override'] = security.serverName;
     this.metadata = () => {

@@ -4,7 +4,7 @@
 // "not reachable (UNAVAILABLE)" for ever. Real TLS servers (grpc-js), certificates from openssl.
 const test = require('node:test');
 const assert = require('node:assert/strict');
-const { execFileSync } = require('child_process');
+const { execFile, execFileSync } = require('child_process');
 const fs = require('fs');
 const os = require('os');
 const path = require('path');
@@ -90,4 +90,48 @@ test('a TLS mismatch, or TLS against a plaintext worker, says which flag to chan
   const errors = lines.filter((l) => l.startsWith('error'));
   assert.deepEqual(errors, [`error cannot talk to the server at ${servers.tls.address}: ${cases[0][2]}`], lines.join('\n'));
   assert.ok(lines.filter((l) => l.includes('not reachable (UNAVAILABLE)')).length >= 2, lines.join('\n'));
+});
+
+test('TLS to an IP address verifies its IP SAN without setting the SNI to it (no DEP0123)', async (t) => {
+  // grpc-js set the TLS ServerName to the target's host: for 127.0.0.1, Node's DEP0123 warning
+  // ("Setting the TLS ServerName to an IP address is not permitted by RFC 6066") on every worker.
+  const pki = makeCerts(fs.mkdtempSync(path.join(os.tmpdir(), 'ps-tls-')));
+  const pair = [{ cert_chain: pki.read('server.pem'), private_key: pki.read('server.key') }];
+  const { server, address } = await serve(grpc.ServerCredentials.createSsl(null, pair, false));
+  const { pkg } = loadContract();
+  server.addService(pkg.RunService.service, {
+    GetRun: (call, callback) => callback(null, { run: { run_id: call.request.run_id } }),
+  });
+  t.after(() => {
+    server.forceShutdown();
+    fs.rmSync(pki.dir, { recursive: true, force: true });
+  });
+  // A fresh process: Node says DEP0123 once per process, and --throw-deprecation makes it fatal.
+  const dial = (sec) => {
+    const script = `const { PsClient } = require(${JSON.stringify(path.join(__dirname, '../src/client'))});
+      const fs = require('fs');
+      const sec = ${JSON.stringify(sec)};
+      for (const k of ['ca', 'cert', 'key']) sec[k] = sec[k] ? fs.readFileSync(sec[k]) : null;
+      const c = new PsClient(${JSON.stringify(address)}, { timeout: 10, security: sec });
+      c.getRun('r1').then((run) => { console.log('ok ' + run.run_id); c.close(); },
+        (e) => { console.log('error ' + e.message); c.close(); });`;
+    return new Promise((resolve) => {
+      execFile(process.execPath, ['--throw-deprecation', '-e', script], { timeout: 30000 },
+        (err, stdout, stderr) => resolve({ code: err ? err.code : 0, stdout: stdout.trim(), stderr }));
+    });
+  };
+  const ca = pki.file('ca.pem');
+  const ok = await dial(security({ ca }));
+  assert.deepEqual([ok.code, ok.stdout], [0, 'ok r1'], ok.stderr);
+  assert.doesNotMatch(ok.stderr, /DEP0123/);
+  // Verification is as strict as before: another CA, or a name or address the certificate does not hold, is refused.
+  for (const sec of [security({ ca: pki.file('other.pem') }), security({ ca, serverName: 'elsewhere' }),
+    security({ ca, serverName: '10.0.0.1' })]) {
+    const refused = await dial(sec);
+    assert.equal(refused.code, 0, refused.stderr);
+    assert.match(refused.stdout, /^error GetRun: UNAVAILABLE/, JSON.stringify(sec));
+  }
+  // A name the certificate holds still goes as the SNI and is checked.
+  const named = await dial(security({ ca, serverName: 'localhost' }));
+  assert.deepEqual([named.code, named.stdout], [0, 'ok r1'], named.stderr);
 });
