@@ -6,7 +6,15 @@ when its min clock passes a multiple of ``every`` and when it finishes, the snap
 hashes, fsync, rename) then runs in a thread so the loop keeps serving. Writes of one run are
 ordered by a lock: a newer checkpoint never lands before an older one. When the disk is slower than
 the run, snapshots are coalesced: one write at a time per run, and only the newest snapshot waits
-for it (so memory stays bounded and what lands is as fresh as the disk allows).
+for it (what lands is as fresh as the disk allows).
+
+The snapshots held at once, server-wide, take at most ``copy_bytes`` (a copy of the largest run
+the server accepts: ``config.snapshot_budget``, what the deployment's sizing counts): runs reaching
+a checkpoint together each copied theirs, the one being written and the one waiting, up to twice
+every run's memory on top of the runs. A snapshot with no room is taken once a copy before it is
+written: a scheduled one then, at the min clock its run is at (labelled so: of a run over several
+servers, a cut the others may not have); one on demand, and a cluster's cut (``checkpoint_at``),
+whose room is kept from before its clock is reached, wait for it. One always fits when none is held.
 """
 
 from __future__ import annotations
@@ -31,6 +39,10 @@ __all__ = ["Checkpointer"]
 Snapshot = tuple[dict[str, Any], dict[str, np.ndarray], int]
 """Metadata, arrays, and the run's epoch when they were taken."""
 
+Waiting = tuple[Run, str, int, int | None, int, int, Snapshot | None]
+"""A checkpoint scheduled: the run (where a failed write is told too), why, the level its log
+line gets, its cut, the run's epoch and min clock then, and its snapshot (None: no room then)."""
+
 log = logging.getLogger("ps_server")
 
 
@@ -40,14 +52,26 @@ def _told(run: Run, taken: Snapshot, reason: str, exc: Exception) -> None:
                       f"could not be written: {exc}")
 
 
+def _nbytes(taken: Snapshot) -> int:
+    return sum(a.nbytes for a in taken[1].values())
+
+
 class Checkpointer:
-    def __init__(self, store: CheckpointStore, every: int) -> None:
+    def __init__(self, store: CheckpointStore, every: int, copy_bytes: int = 0) -> None:
         self.store = store
         self.every = every
+        self.copy_bytes = copy_bytes
+        """bytes of snapshots held at once, server-wide (0: no limit)."""
+        self.held = 0
+        """bytes of the snapshots taken and not written yet (or kept for a cut: ``checkpoint_at``)."""
+        self._room: list[asyncio.Future[None]] = []
+        """those waiting for ``held`` to go down (woken, they look again: a Condition cannot be
+        notified from the synchronous code that gives bytes back)."""
         self._locks: dict[str, asyncio.Lock] = {}
-        self._waiting: dict[str, tuple[Snapshot, str, int, Run]] = {}
-        """run id -> the snapshot still to be written, why, the level its log line gets, and the run
-        (where a failed write is told)."""
+        self._waiting: dict[str, Waiting] = {}
+        """run id -> the checkpoint still to be written (``Waiting``)."""
+        self._writing: set[str] = set()
+        """runs whose writer has taken its snapshot off ``_waiting`` and writes it."""
         self._writers: dict[str, asyncio.Task[None]] = {}
         self._taken: dict[str, tuple[int, bool]] = {}
         """run id -> (min clock of its last scheduled checkpoint, whether its final one was)."""
@@ -115,10 +139,37 @@ class Checkpointer:
             if (run.min_clock >= cut or run.state.finished) and not future.done():
                 future.set_result((*snapshot.state_dict(run, cut), self._epochs.get(run.run_id, 0)))
 
+    def _fits(self, nbytes: int) -> bool:
+        return not self.copy_bytes or not self.held or self.held + nbytes <= self.copy_bytes
+
+    def _take(self, run: Run, cut: int | None, epoch: int) -> Snapshot:
+        taken = (*snapshot.state_dict(run, cut), epoch)
+        self.held += _nbytes(taken)
+        return taken
+
+    def _give(self, nbytes: int) -> None:
+        """``nbytes`` of snapshots dropped or written: those waiting for room look again."""
+        self.held -= nbytes
+        for waiter in self._room:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._room.clear()
+
+    async def _room_for(self, nbytes: int) -> None:
+        while not self._fits(nbytes):
+            waiter = asyncio.get_running_loop().create_future()
+            self._room.append(waiter)
+            await waiter
+
+    def _drop(self, waiting: Waiting | None) -> None:
+        if waiting is not None and waiting[-1] is not None:
+            self._give(_nbytes(waiting[-1]))
+
     def schedule(self, run: Run, reason: str, level: int = logging.INFO, cut: int | None = None) -> None:
-        meta, arrays = snapshot.state_dict(run, cut)
-        # (replaces an older one not yet written)
-        self._waiting[run.run_id] = ((meta, arrays, self._epochs.get(run.run_id, 0)), reason, level, run)
+        self._drop(self._waiting.pop(run.run_id, None))  # (replaces an older one not yet written)
+        epoch = self._epochs.get(run.run_id, 0)
+        taken = self._take(run, cut, epoch) if self._fits(run.footprint) else None  # (else once there is room)
+        self._waiting[run.run_id] = (run, reason, level, cut, epoch, run.min_clock, taken)
         if run.run_id in self._deleting:  # (``delete`` writes it if it fails)
             return
         writer = self._writers.get(run.run_id)
@@ -126,49 +177,85 @@ class Checkpointer:
             self._writers[run.run_id] = asyncio.get_running_loop().create_task(self._write_waiting(run.run_id))
 
     async def _write_waiting(self, run_id: str) -> None:
-        while run_id in self._waiting:
-            taken, reason, level, run = self._waiting.pop(run_id)
+        while (waiting := self._waiting.get(run_id)) is not None:
+            run, reason, level, cut, epoch, clock, taken = waiting
+            if taken is None:
+                if not self._fits(run.footprint):
+                    await self._room_for(run.footprint)
+                    continue  # (replaced or dropped meanwhile, maybe)
+                # (its min clock moved on while it waited: labelled with the one it holds)
+                taken = self._take(run, cut if run.min_clock == clock else None, epoch)
+            del self._waiting[run_id]
+            self._writing.add(run_id)
             try:
                 await self._write(taken, reason, level, run)
             except OSError as exc:  # (logged by _write; the next checkpoint tries again)
                 _told(run, taken, reason, exc)
             except FailedPrecondition:
                 pass  # of a history the run left
+            finally:
+                self._writing.discard(run_id)
+                self._give(_nbytes(taken))
 
     async def checkpoint_now(self, run: Run, reason: str, cut: int | None = None,
                              final: bool = False) -> tuple[Path, int]:
         """``final``: the server's last, after its last RPC (it holds every push it acknowledged).
         FailedPrecondition if the run went back to a checkpoint (``restore``) since it was asked
         for: ``run`` is then the run replaced, whatever the moment its snapshot is taken."""
-        epoch = self._epochs.get(run.run_id, 0)
+        return await self._now(run, reason, cut, final, self._epochs.get(run.run_id, 0))
+
+    async def _now(self, run: Run, reason: str, cut: int | None, final: bool, epoch: int) -> tuple[Path, int]:
+        """``checkpoint_now`` asked for at the run's ``epoch``."""
         asked = self._asked.setdefault(run.run_id, asyncio.Lock())
         async with asked:
             if self._asked.get(run.run_id) is not asked:  # (``delete`` had it)
                 raise NotFound(f"run {run.run_id} was deleted")
-            meta, arrays = snapshot.state_dict(run, cut)
-            meta["final"] = final and not run.held  # (a held shard is behind the others: it must go back)
-            if run.run_id not in self._sharded:  # (a cluster's keeps each cut it was scheduled at)
+            sharded = run.run_id in self._sharded  # (a cluster's keeps each cut it was scheduled at)
+            if not sharded:  # (room: it is replaced below)
+                self._drop(self._waiting.pop(run.run_id, None))
+            await self._room_for(run.footprint)
+            taken = self._take(run, cut, epoch)
+            taken[0]["final"] = final and not run.held  # (a held shard is behind the others: it must go back)
+            if not sharded:
                 # A snapshot still waiting is older: this one replaces it (its writer, not started yet,
                 # would otherwise write it after this one, as the newest).
-                self._waiting.pop(run.run_id, None)
-            return await self._write((meta, arrays, epoch), reason, run=run), int(meta["min_clock"])
+                self._drop(self._waiting.pop(run.run_id, None))
+            try:
+                return await self._write(taken, reason, run=run), int(taken[0]["min_clock"])
+            finally:
+                self._give(_nbytes(taken))
 
     async def checkpoint_at(self, run: Run, cut: int, reason: str, timeout: float) -> tuple[Path, int]:
         """A checkpoint of ``run`` labelled ``cut``, taken the moment its min clock reaches ``cut``
         (now if it has, or the run has ended); TimeoutError if that takes over ``timeout`` seconds,
         NotFound once the run is deleted meanwhile. (A run restored meanwhile is waited on as the
-        one of its id.)"""
+        one of its id.) Room for its snapshot is kept from when it is asked for: the snapshot is
+        the cut's, whatever the other runs' checkpoints meanwhile."""
+        epoch = self._epochs.get(run.run_id, 0)
         if run.min_clock >= cut or run.state.finished:
-            return await self.checkpoint_now(run, reason, cut)
-        future: asyncio.Future[Snapshot] = asyncio.get_running_loop().create_future()
-        waiting = self._cuts.setdefault(run.run_id, [])
-        waiting.append((cut, future))
+            return await self._now(run, reason, cut, False, epoch)
+        await self._room_for(run.footprint)
+        kept = run.footprint
+        self.held += kept
         try:
-            async with asyncio.timeout(timeout):
-                taken = await future
+            if run.min_clock >= cut or run.state.finished:  # (while it waited for room)
+                self._give(kept)
+                kept = 0
+                return await self._now(run, reason, cut, False, epoch)
+            future: asyncio.Future[Snapshot] = asyncio.get_running_loop().create_future()
+            waiting = self._cuts.setdefault(run.run_id, [])
+            waiting.append((cut, future))
+            try:
+                async with asyncio.timeout(timeout):
+                    taken = await future
+            finally:
+                waiting.remove((cut, future))
+            self.held += _nbytes(taken) - kept  # (what it holds, BSP's gradients of the clock, not what it may)
+            kept = _nbytes(taken)
+            return await self._write(taken, reason, run=run), int(taken[0]["min_clock"])
         finally:
-            waiting.remove((cut, future))
-        return await self._write(taken, reason, run=run), int(taken[0]["min_clock"])
+            if kept:
+                self._give(kept)
 
     async def restore(self, run_id: str, cut: int, check: Callable[[Run], None] = lambda run: None) -> Run:
         """``run_id`` as its newest checkpoint of ``cut`` holds it, not registered yet (the
@@ -179,7 +266,7 @@ class Checkpointer:
         the run's files are read or deleted is cancelled once that has ended (the run's lock
         held until then: its next write must not land beside the deletion)."""
         taken = self._taken.pop(run_id, None)  # the run being replaced: no more snapshots of it
-        self._waiting.pop(run_id, None)
+        self._drop(self._waiting.pop(run_id, None))
         try:
             await self.written(run_id)
             async with self._locks.setdefault(run_id, asyncio.Lock()):
@@ -273,7 +360,8 @@ class Checkpointer:
                 for _, future in (cuts or []) + self._cuts.pop(run_id, []):  # (no one pushes to it any more)
                     if not future.done():
                         future.set_exception(NotFound(f"run {run_id} was deleted"))
-                self._waiting.pop(run_id, None)
+                self._drop(waiting)
+                self._drop(self._waiting.pop(run_id, None))
                 self._taken.pop(run_id, None)
                 self._writers.pop(run_id, None)
                 self._locks.pop(run_id, None)
@@ -287,8 +375,8 @@ class Checkpointer:
                     self.protected.setdefault(run_id, protected)
                 if cuts is not None:
                     self._cuts.setdefault(run_id, cuts)
-                if waiting is not None:
-                    self._waiting.setdefault(run_id, waiting)
+                if waiting is not None and self._waiting.setdefault(run_id, waiting) is not waiting:
+                    self._drop(waiting)  # (one scheduled meanwhile is newer)
                 if sharded:
                     self._sharded.add(run_id)
                 if run_id in self._waiting and (run_id not in self._writers or self._writers[run_id].done()):
@@ -296,9 +384,10 @@ class Checkpointer:
 
     async def written(self, run_id: str) -> None:
         """Until what was scheduled for ``run_id`` so far is written (or failed: logged); a caller
-        cancelled meanwhile leaves the write going."""
+        cancelled meanwhile leaves the write going. (A writer waiting for room with nothing left
+        to write, dropped by ``delete`` or ``restore``, is not waited for.)"""
         writer = self._writers.get(run_id)
-        if writer is not None and not writer.done():
+        if writer is not None and not writer.done() and (run_id in self._waiting or run_id in self._writing):
             await asyncio.wait({writer})
 
     async def drain(self) -> None:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from paramserver.settings import LOG_LEVELS, Parser, opt, parse_dataclass
 
-__all__ = ["FROM_HOSTNAME", "ServerConfig", "index_from_hostname", "memory_limit", "parse_config", "total_budget"]
+__all__ = ["FROM_HOSTNAME", "ServerConfig", "index_from_hostname", "memory_limit", "parse_config", "snapshot_budget",
+           "total_budget"]
 
 FROM_HOSTNAME = "from-hostname"
 _GRPC_MAX = (1 << 31) - 1
@@ -120,6 +121,18 @@ def total_budget(config: ServerConfig, limit: Callable[[], tuple[int, str]] = me
         return 0, "--max-total-bytes -1"
     available, source = limit()
     return available // 2, f"half of {source}: --max-total-bytes"
+
+
+RUN_COPIES = 3
+"""The most copies of its parameters a run keeps, BSP's held gradients aside: the parameters and
+Adam's or FTRL's two states."""
+
+
+def snapshot_budget(config: ServerConfig, total: int) -> int:
+    """Bytes of checkpoint snapshots the server holds at once (0: no limit): a copy of the largest
+    run it accepts, all it holds (``RUN_COPIES`` of --max-param-bytes and, under BSP, a gradient
+    from each rank but the last), as much as ``total`` (``total_budget``) lets one run hold."""
+    return min(total, (RUN_COPIES + config.max_workers - 1) * config.max_param_bytes)
 
 
 def _flag(name: str) -> str:

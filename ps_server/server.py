@@ -46,7 +46,7 @@ from .cluster.deletions import Undelivered
 from .cluster.owner import ClusterOwner
 from .cluster.peers import PeerLink, forward
 from .cluster.shards import ShardService
-from .config import ServerConfig, parse_config, total_budget
+from .config import ServerConfig, parse_config, snapshot_budget, total_budget
 from .control import Control
 from .core.checkpoint import CheckpointStore
 from .core.errors import NotFound, ShuttingDown
@@ -239,8 +239,9 @@ async def start_server(config: ServerConfig, resumed: Callable[[], object] = lam
     root = _data_dir(config.data_dir)
     data_lock = _lock_data_dir(root, config.data_dir)
     try:
+        copies = snapshot_budget(config, total_budget(config)[0])
         return await _start(config, Checkpointer(CheckpointStore(root, keep=config.checkpoint_keep),
-                                                 config.checkpoint_every), data_lock, resumed)
+                                                 config.checkpoint_every, copies), data_lock, resumed)
     except BaseException:  # (a port in use, or a stop while resuming: the data directory is free again)
         data_lock.close()
         raise

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -741,6 +742,46 @@ async def test_checkpoints_asked_for_at_once_hold_one_snapshot_at_a_time(tmp_pat
     assert not (tmp_path / run.run_id).exists()
 
 
+async def test_runs_checkpointed_together_hold_the_snapshots_there_is_room_for(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run took its snapshot (a copy of all it holds) the moment it was due, and its writer
+    waited only for that run's writes: runs reaching a checkpoint together each held the one being
+    written and the one waiting, up to twice every run's memory (--max-total-bytes) on top of the
+    runs, where the deployment's sizing counts one copy of the largest run. Now the snapshots held
+    at once fit the server's budget for them (``copy_bytes``: the sizing's copy), one with no room
+    taken once one before it is written (the newest state then)."""
+    runs = [Run(f"run-{i}", make_run().spec) for i in range(3)]
+    store = CheckpointStore(tmp_path)
+    checkpointer = Checkpointer(store, every=0, copy_bytes=runs[0].footprint)  # room for one
+    held: set[int] = set()  # snapshots taken, until written or dropped (freed)
+    most = [0]
+    state_dict, write = snapshot.state_dict, store.write
+
+    def taking(*args: object) -> object:
+        meta, arrays = state_dict(*args)  # type: ignore[arg-type]
+        held.add(key := id(arrays["param/w"]))
+        most[0] = max(most[0], len(held))
+        weakref.finalize(arrays["param/w"], held.discard, key)
+        return meta, arrays
+
+    def writing(meta: dict[str, Any], arrays: dict[str, np.ndarray], *args: object) -> Path:
+        time.sleep(0.02)
+        path = write(meta, arrays, *args)  # type: ignore[arg-type]
+        held.discard(id(arrays["param/w"]))
+        return path
+
+    monkeypatch.setattr(snapshot, "state_dict", taking)
+    monkeypatch.setattr(store, "write", writing)
+    for run in runs:
+        checkpointer.attach(run)  # its first checkpoint, then a second while that one is written
+        checkpointer.schedule(run, "test")
+    on_demand = asyncio.ensure_future(checkpointer.checkpoint_now(runs[0], "on demand"))
+    at_cut = asyncio.ensure_future(checkpointer.checkpoint_at(runs[1], 0, "cut", timeout=10))
+    await asyncio.gather(on_demand, at_cut, checkpointer.drain())
+    assert most[0] == 1 and checkpointer.held == 0
+    assert sorted(c.meta["run_id"] for c in store.latest()) == ["run-0", "run-1", "run-2"]
+
+
 async def test_a_write_whose_caller_was_cancelled_lands_before_the_next(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A CheckpointRun cancelled mid-write (the server's stop cancels RPCs after --grace-seconds)
@@ -1005,6 +1046,31 @@ async def test_checkpoint_at_a_cut_waits_for_the_min_clock_to_reach_it(tmp_path:
     assert [s["clock"] for s in ckpt.meta["slots"]] == [4, 4]  # taken at the cut, not when written
     with pytest.raises(TimeoutError):
         await checkpointer.checkpoint_at(run, 9, "test", timeout=0.1)
+
+
+async def test_a_cut_keeps_room_for_its_snapshot_while_other_runs_checkpoints_wait(tmp_path: Path) -> None:
+    """With room for one snapshot, a cluster's cut still takes its own at its clock: its room is
+    kept from when it is asked for, and another run's checkpoint due meanwhile waits, not copied."""
+    run, other = make_run(), Run("run-other", make_run().spec)  # min clock 3
+    checkpointer = Checkpointer(CheckpointStore(tmp_path), every=0, copy_bytes=run.footprint)
+    checkpointer.attach(run)
+    checkpointer.attach(other)
+    await checkpointer.drain()
+    a, b = (s.incarnation for s in run.clock.slots)
+    waiting = asyncio.ensure_future(checkpointer.checkpoint_at(run, 4, "test", timeout=10))
+    while not checkpointer.held:
+        await asyncio.sleep(0)
+    checkpointer.schedule(other, "test")
+    assert checkpointer._waiting[other.run_id][-1] is None  # no room: no copy yet
+    zeros = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
+    run.push(0, a, 3, zeros, 0)
+    run.push(1, b, 3, zeros, 0)  # min clock 4
+    run.push(0, a, 4, zeros, 0)  # after the cut
+    path, clock = await waiting
+    meta = CheckpointStore(tmp_path).load(path).meta
+    assert (clock, meta["cut"], [s["clock"] for s in meta["slots"]]) == (4, 4, [4, 4])
+    await checkpointer.drain()
+    assert checkpointer.held == 0 and len(list((tmp_path / other.run_id).glob("ckpt-*"))) == 2
 
 
 async def test_a_held_shard_stopped_gracefully_stays_held_when_it_resumes(tmp_path: Path) -> None:
