@@ -138,6 +138,8 @@ class PsClient:
         """The longest the server parks a pull, as the last Join or Heartbeat said (before one:
         ps-server's default): what a pull of ``max_wait=0`` asks for, and waits for."""
         self._push = Stream(partial(self.route.open, "PushGradient"), "PushGradient", self.route.wanted)
+        self._waits: tuple[float | None, float, float] = (None, 0.0, 0.0)
+        """The last push_pull's max_wait, and ``_wait``'s answer for it."""
         self._layout: tuple[tuple[str, ...], tuple[tuple[int, ...], ...], tuple[bytes, ...], int] | None = None
         """The last push's tensors for the C exchange: names, shapes, chunk prefixes, their bytes with the data."""
         self._held: tuple[dict[str, np.ndarray], tuple[str, ...], tuple[np.ndarray, ...], tuple[bytes, ...]] | None = None
@@ -309,6 +311,7 @@ class PsClient:
         """The server's limit on a parked pull, as it says (None: a server that does not say)."""
         if limit is not None and limit.ToNanoseconds() > 0:
             self.server_max_wait = limit.ToNanoseconds() / 1e9
+            self._waits = (None, 0.0, 0.0)  # (a wait of 0 parks for that long)
 
     def _wait(self, max_wait: float | None) -> tuple[float, float]:
         """A pull's ``max_wait`` (None: the client's timeout) and how long the server may park it
@@ -384,7 +387,9 @@ class PsClient:
 
         The returned response carries the push's acknowledgement (clock, duplicate, min_clock,
         run_state); the pulled parameters are in the PullResult. ``max_wait`` as for ``pull``."""
-        wait, parked = self._wait(max_wait)
+        if max_wait is None or max_wait != self._waits[0]:  # (a worker asks for the same wait every push)
+            self._waits = (max_wait, *self._wait(max_wait))
+        _, wait, parked = self._waits
         since = None if borrow else since
         requests: Iterator[list[wire.Part]] | None = None
         answer: memoryview | None = None

@@ -237,8 +237,9 @@ class _Trainer(Retries):
         """One iteration at self.clock; returns the guaranteed clock of the parameters it used."""
         if self._steady and self._prefetched is not None and self._ahead is None:
             c = self.clock
-            if c + 1 < self.spec.iterations and not self.cache_valid(self._prefetched, c + 1) and \
-                    not (self._evaluates and c % self.spec.eval_every == 0 and c):
+            s = self.staleness
+            if c + 1 < self.spec.iterations and not (s > 0 and self._prefetched >= c + 1 - s) and \
+                    not (self._evaluates and c % self.spec.eval_every == 0 and c):  # (not cache_valid, no evaluation)
                 return await self.steady_step(params, c)
         if self.tables is not None:
             return await self.tables.step(params, guaranteed)
@@ -333,7 +334,8 @@ class _Trainer(Retries):
             assert got is not None
             pulled = got
         self._prefetched = pulled.guaranteed_clock
-        self._hold(pulled)
+        self._since = (pulled.lineage, pulled.version) if pulled.lineage else None  # (_hold)
+        self._version, self._own = pulled.version, 0
         self.stats.pulls += 1
         s = self.staleness
         await self.advance(resp, c, loss, len(batch), t0, t_push - t0, time.perf_counter() - t_push,
@@ -484,7 +486,7 @@ class _Trainer(Retries):
         self.clock = resp.clock
         self.min_clock = resp.min_clock
         self.run_state = resp.run_state
-        if resp.HasField("staleness"):
+        if resp.HasField("staleness") and resp.staleness != self.staleness:
             self._learn(resp.staleness)
         self.stats.iterations += 1
         self.stats.last_loss = loss
@@ -495,12 +497,9 @@ class _Trainer(Retries):
                 slept = time.perf_counter()
                 await asyncio.sleep(owed)
                 self._straggler.paid(time.perf_counter() - slept)
-        self.record(c, loss, time.perf_counter() - t0)
+        self._train_points.append((c + 1, time.time(), loss, self._samples, time.perf_counter() - t0))
         if time.monotonic() - self._last_report >= self.config.report_seconds:
             await self.report()
-
-    def record(self, clock: int, loss: float, step: float) -> None:
-        self._train_points.append((clock + 1, time.time(), loss, self._samples, step))
 
     def _train_point(self, clock: int, when: float, loss: float, samples: int, step: float) -> pb.MetricPoint:
         ts = Timestamp()
