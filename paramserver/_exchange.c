@@ -2,20 +2,19 @@
 
    ``shm_transport.ShmCall.push_pull_now`` calls it for the common push of a small dense model
    (``paramserver.v1.shm``: the request in the stream's segment, a SHARED frame each way): it writes
-   the request into the segment (the head, each tensor's chunk prefix and data, the tail, as
-   ``wire.push_request_parts`` lays them out), sends the frame, waits up to ``wait_ms`` for the
-   answer's frame, walks the PushGradientResponse in the segment and copies each pulled tensor into
-   the caller's array of its name. Everything else (a status, an inline or published answer, a
-   delta, a tensor it holds no array of) it leaves to the Python path, which reads the same
-   bytes: the protocol is the Python one's, byte for byte. Measured: issue 17's small push costs
-   ~0.23 ms of CPU outside the gradient with it, 0.36 without (bench/RESULTS.md, Performance
-   round 2, section 19).
+   the request into the segment, sends the frame, waits up to ``wait_ms`` for the answer's frame,
+   walks the PushGradientResponse in the segment and copies each pulled tensor into the caller's
+   array of its name. Everything else (a status, an inline or published answer, a delta, a tensor
+   it holds no array of, the rest of a pull in several messages) it leaves to the Python path,
+   which reads the same bytes: the protocol is the Python one's, byte for byte. Measured: issue
+   17's small push costs 0.27 ms of CPU outside the gradient with it, 0.36 without
+   (bench/RESULTS.md, Performance round 2, section 19).
 
    push_pull(fd, region, at, push_head, clock, grads, prefixes, loss, pull_head, wait_field,
              since_version, since_lineage, param_version, names, outs, wait_ms)
    writes the PushGradientRequest ``wire.push_request_parts`` would (``push_head``: its fields
-   before the clock, ``wire._push_head``; then the clock, each tensor's prefix and data, final,
-   the loss, then_pull: ``pull_head`` (``wire._pull_head``), the clock after, ``wait_field`` and
+   before the clock, ``wire.push_fields``; then the clock, each tensor's prefix and data, final,
+   the loss, then_pull: ``pull_head`` (``wire.pull_fields``), the clock after, ``wait_field`` (``wire.wait_field``) and
    the since fields, as ``wire.pull_request_bytes``; and ``param_version`` unless it is -1) and
    returns
      a tuple (clock, duplicate, min_clock, run_state, staleness, lr_scale, guaranteed_clock,
