@@ -447,6 +447,7 @@ class PsClient:
         values: tuple[np.ndarray, ...] = tuple(grads.values())  # type: ignore[arg-type]  # (checked here)
         for a, shape in zip(values, shapes, strict=True):
             if type(a) is not np.ndarray or a.shape != shape or a.dtype != wire.F32 or not a.flags.c_contiguous:
+                self._layout = None  # (another model's, maybe: the next push lays it out anew)
                 return False
         held = self._held
         if held is None or held[0] is not into or len(held[2]) != len(into) or \

@@ -292,6 +292,14 @@ async def test_the_c_exchange_answers_as_the_python_path(server_config: ServerCo
                     grads_b = {**grads, "w": grads["w"].T.copy()}  # another shape: the Python path refuses it
                     with pytest.raises(errors.InvalidArgument, match="shape"):
                         await c.push_pull(run.run_id, a.rank, a.incarnation, 33, grads_b, into=params)
+                    other = await c.create_run(make_spec(shapes={"w": (40, 30), "b": (7,)}, num_workers=1, staleness=-1,
+                                                         iterations=100, init=pb.INITIALIZER_ZEROS))
+                    a2 = (await c.join("b", other.run_id)).assignment
+                    grads2, held2 = {"b": grads["b"], "w": np.ones((40, 30), np.float32)}, {}
+                    n0 = len(calls)
+                    for clock in range(3):  # (another model's tensors of the same names: laid out anew)
+                        ack, _ = await c.push_pull(other.run_id, a2.rank, a2.incarnation, clock, grads2, into=held2)
+                    assert ack.clock == 3 and calls[n0:] == ["decoded", "decoded"], calls[n0:]
                     before = len(calls)
                 else:
                     assert len(calls) == before  # (off: never called)
