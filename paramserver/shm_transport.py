@@ -89,11 +89,16 @@ class ShmCall(TcpCall):
         if not self._reading or self._inline or seg is None or self._rest or self._partial is not None or \
                 self._base + n > seg.region.nbytes or not SETTLE.get():
             return False
-        try:
-            self._start_turn(n)
-        except OSError:
-            return True  # the server ended the stream: the read says why
-        seg = self._segment
+        want = self._want
+        if self._base or n > want or self._written > want or self._answered > want or seg.region.nbytes < want:
+            try:
+                self._start_turn(n)
+            except OSError:
+                return True  # the server ended the stream: the read says why
+            seg = self._segment
+        else:  # (``_start_turn`` of a turn that fits the segment as it is, as every push of a run does)
+            self._reading = False
+            self._over = self._written = self._answered = 0
         at = self._written
         if self._inline or seg is None or at + n > seg.region.nbytes:
             return False

@@ -243,6 +243,8 @@ class Route:
 
     def wanted(self) -> object:
         """The key of where the next stream should go (a stream elsewhere is reopened)."""
+        if self._open_shm is not None and self.shm_socket and not self._retry_at["shm"]:
+            return ("shm", self.shm_socket)  # (shared memory, never given up: as ``transport`` says, without the clock)
         kind = self.transport
         return ("shm", self.shm_socket) if kind == "shm" else ("tcp", self.data_port) if kind == "tcp" else "grpc"
 
