@@ -20,42 +20,19 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from paramserver import errors
 from paramserver.client import PsClient
 from paramserver.v1 import paramserver_pb2 as pb
 
 from .config import WorkerConfig
+from .outcome import Outcome, TrainStats
 
-if TYPE_CHECKING:
-    from .trainer import TrainStats
-
-__all__ = ["Outcome", "Retries"]
+__all__ = ["Retries"]
 
 log = logging.getLogger("ps_worker")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Outcome:
-    run_id: str
-    rank: int
-    completed: bool
-    """This rank trained all its iterations and left."""
-    reason: str
-    stats: TrainStats
-    failed: bool = False
-    """This worker could not train (bad data or model, divergence): it failed the run."""
-    run_state: int = pb.RUN_STATE_UNSPECIFIED
-    """The run's state when it ended under this rank (STOPPED, FAILED), as the server said in a
-    refusal's ErrorInfo or a heartbeat; UNSPECIFIED when the run did not end."""
-    evicted: bool = False
-    """The server gave this rank to another worker (a refusal: stale incarnation)."""
-    unfit: bool = False
-    """This worker cannot take part in the run as it is set up (an answer over its own
-    --max-message-bytes, not enough memory): it gave the rank back, and the run goes on without it."""
 
 
 class _Rewind(Exception):

@@ -28,7 +28,6 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,8 +45,9 @@ from .compression import PushCodec
 from .config import WorkerConfig, parse_tail_delay
 from .datasets import DatasetError, load_dataset
 from .models import EvalResult, ModelSpecError, build_model
+from .outcome import Outcome, TrainStats
 from .rates import Factor, OwnRate
-from .retries import Outcome, Retries, _ended, _Rewind, _state
+from .retries import Retries, _ended, _Rewind, _state
 from .sampling import BatchSampler, shard_indices
 from .straggler import Straggler
 from .table_step import TableStep
@@ -76,17 +76,6 @@ class LogContext(logging.Filter):
 
 
 _FINISHED = (pb.RUN_STATE_COMPLETED, pb.RUN_STATE_STOPPED, pb.RUN_STATE_FAILED)
-
-
-@dataclass
-class TrainStats:
-    iterations: int = 0
-    pulls: int = 0
-    pulls_skipped: int = 0
-    retries: int = 0
-    rewinds: int = 0
-    last_loss: float = float("nan")
-    final_accuracy: float | None = None
 
 
 def _now_ts() -> Timestamp:
