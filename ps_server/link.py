@@ -162,6 +162,11 @@ class Link:
             step()  # what came before the watch was on
             try:
                 got = await fut
+            except BaseException:
+                # (the error the future holds holds this frame, which holds the future: a cycle that
+                # kept the frames above, the stream's request and its segment, until a collection)
+                fut = step = None  # type: ignore[assignment]
+                raise
             finally:
                 self.watch.lean = None
             if isinstance(got, Partial):  # the rest of the request, then on as in the callback
