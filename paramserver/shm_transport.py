@@ -89,16 +89,11 @@ class ShmCall(TcpCall):
         if not self._reading or self._inline or seg is None or self._rest or self._partial is not None or \
                 self._base + n > seg.region.nbytes or not SETTLE.get():
             return False
-        want = self._want
-        if self._base or n > want or self._written > want or self._answered > want or seg.region.nbytes < want:
-            try:
-                self._start_turn(n)
-            except OSError:
-                return True  # the server ended the stream: the read says why
-            seg = self._segment
-        else:  # (``_start_turn`` of a turn that fits the segment as it is, as every push of a run does)
-            self._reading = False
-            self._over = self._written = self._answered = 0
+        try:
+            self._start_turn(n)
+        except OSError:
+            return True  # the server ended the stream: the read says why
+        seg = self._segment
         at = self._written
         if self._inline or seg is None or at + n > seg.region.nbytes:
             return False
@@ -241,6 +236,11 @@ class ShmCall(TcpCall):
         computes on it writes its next request beside it; room never written costs no memory), or
         if the last two answers did not."""
         self._reading = False
+        want, seg = self._want, self._segment
+        if not self._base and first <= want and self._written <= want and self._answered <= want and \
+                seg is not None and seg.region.nbytes >= want:  # (a turn that fits as it is: every push of a run)
+            self._over = self._written = self._answered = 0
+            return
         base, self._base = self._base, 0
         self._want, self._over = self._next_turn(base + first)
         self._written, self._answered = base, 0
