@@ -17,9 +17,9 @@
    the loss, then_pull: ``pull_head`` (``wire.pull_fields``), the clock after, ``wait_field`` (``wire.wait_field``) and
    the since fields, as ``wire.pull_request_bytes``; and ``param_version`` unless it is -1) and
    returns
-     a tuple (clock, duplicate, min_clock, run_state, staleness, lr_scale, guaranteed_clock,
-       version, final, pulled_run_state, lineage, pulled_staleness, answer_at, answer_len):
-       the answer, decoded, its tensors copied (the optional fields None when absent);
+     an ``Answer`` (clock, duplicate, min_clock, run_state, staleness, lr_scale, guaranteed_clock,
+       version, final, pulled_run_state, lineage, pulled_staleness, answer_at, answer_len: a named
+       tuple): the answer, decoded, its tensors copied (the optional fields None when absent);
      (answer_at, answer_len): an answer in the segment it does not decode (the frame was read);
      None: no frame came within wait_ms; False: the next frame is not an answer in the segment
        (left in the socket); bytes: the part of the request's frame that did not go (the
@@ -165,6 +165,19 @@ static size_t put_varint(uint8_t *out, uint64_t v) {
     out[n++] = (uint8_t)v;
     return n;
 }
+
+/* The answer, decoded: ``Answer`` (a named tuple: the PushGradientResponse's acknowledgement, then its
+   pulled PullParamsResponse's fields, then where the answer was in the segment). */
+static PyStructSequence_Field answer_fields[] = {
+    {"clock", NULL}, {"duplicate", NULL}, {"min_clock", NULL}, {"run_state", NULL},
+    {"staleness", "None when absent"}, {"lr_scale", "None when absent"}, {"guaranteed_clock", NULL},
+    {"version", NULL}, {"final", NULL}, {"pulled_run_state", NULL}, {"lineage", NULL},
+    {"pulled_staleness", "None when absent"}, {"answer_at", NULL}, {"answer_len", NULL}, {NULL, NULL}};
+#define ANSWER_FIELDS 14
+static PyStructSequence_Desc answer_desc = {
+    "paramserver._exchange.Answer", "A push's acknowledgement and its pull's fields, decoded in the segment.",
+    answer_fields, ANSWER_FIELDS};
+static PyTypeObject *AnswerType;
 
 static PyObject *optional_int(int has, int64_t v) { return has ? PyLong_FromLongLong(v) : Py_NewRef(Py_None); }
 
@@ -323,14 +336,25 @@ static PyObject *push_pull(PyObject *Py_UNUSED(self), PyObject *args) {
         ret = Py_BuildValue("(KK)", (unsigned long long)aat, (unsigned long long)alen);
         goto done;
     }
-    ret = Py_BuildValue("(KOKKNNKKOKKNKK)", (unsigned long long)a.clock, a.duplicate ? Py_True : Py_False,
-                        (unsigned long long)a.min_clock, (unsigned long long)a.run_state,
-                        optional_int(a.has_staleness, a.staleness),
-                        a.has_lr_scale ? PyFloat_FromDouble(a.lr_scale) : Py_NewRef(Py_None),
-                        (unsigned long long)a.guaranteed, (unsigned long long)a.version, a.final ? Py_True : Py_False,
-                        (unsigned long long)a.p_run_state, (unsigned long long)a.lineage,
-                        optional_int(a.has_p_staleness, a.p_staleness), (unsigned long long)aat,
-                        (unsigned long long)alen);
+    ret = PyStructSequence_New(AnswerType);
+    if (ret == NULL) goto done;
+    PyObject *items[ANSWER_FIELDS] = {
+        PyLong_FromUnsignedLongLong(a.clock), Py_NewRef(a.duplicate ? Py_True : Py_False),
+        PyLong_FromUnsignedLongLong(a.min_clock), PyLong_FromUnsignedLongLong(a.run_state),
+        optional_int(a.has_staleness, a.staleness),
+        a.has_lr_scale ? PyFloat_FromDouble(a.lr_scale) : Py_NewRef(Py_None),
+        PyLong_FromUnsignedLongLong(a.guaranteed), PyLong_FromUnsignedLongLong(a.version),
+        Py_NewRef(a.final ? Py_True : Py_False), PyLong_FromUnsignedLongLong(a.p_run_state),
+        PyLong_FromUnsignedLongLong(a.lineage), optional_int(a.has_p_staleness, a.p_staleness),
+        PyLong_FromUnsignedLongLong(aat), PyLong_FromUnsignedLongLong(alen)};
+    for (int k = 0; k < ANSWER_FIELDS; k++) {
+        if (items[k] == NULL) {  /* (out of memory: the rest are let go with the answer) */
+            for (int j = k + 1; j < ANSWER_FIELDS; j++) Py_XDECREF(items[j]);
+            Py_CLEAR(ret);
+            goto done;
+        }
+        PyStructSequence_SET_ITEM(ret, k, items[k]);
+    }
 done:
     for (Py_ssize_t k = 0; k < outs.n; k++) PyBuffer_Release(&outs.out[k]);
     PyBuffer_Release(&region);
@@ -349,4 +373,13 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "paramserver._exchang
                                     "The worker's push with its pull on the shared-memory data plane, in C.", -1,
                                     methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__exchange(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__exchange(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    AnswerType = PyStructSequence_NewType(&answer_desc);
+    if (AnswerType == NULL || PyModule_AddObjectRef(m, "Answer", (PyObject *)AnswerType)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

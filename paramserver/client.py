@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import math
-import operator
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from functools import partial
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from google.protobuf.duration_pb2 import Duration
@@ -29,6 +28,7 @@ from paramserver.v1 import unwire, wire
 from paramserver.v1.shm import IN_PLACE_BYTES, MESSAGE_BYTES, available
 
 from . import errors
+from .exchange import Answer, Exchange, ack, pulled
 from .security import Security
 from .shm_transport import ShmCall, native
 from .sink import PullResult, PullSink
@@ -140,10 +140,7 @@ class PsClient:
         self._push = Stream(partial(self.route.open, "PushGradient"), "PushGradient", self.route.wanted)
         self._waits: tuple[float | None, float, float] = (None, 0.0, 0.0)
         """The last push_pull's max_wait, and ``_wait``'s answer for it."""
-        self._layout: tuple[tuple[str, ...], tuple[tuple[int, ...], ...], tuple[bytes, ...], int] | None = None
-        """The last push's tensors for the C exchange: names, shapes, chunk prefixes, their bytes with the data."""
-        self._held: tuple[dict[str, np.ndarray], tuple[str, ...], tuple[np.ndarray, ...], tuple[bytes, ...]] | None = None
-        """The arrays the last such push pulled into: the dict, its names, arrays, names encoded."""
+        self._exchange = Exchange(self._push)
         self._pull = Stream(partial(self.route.open, "PullParams"), "PullParams", self.route.wanted)
 
     async def _open_tcp(self, host: str, port: int, method: str) -> Call:
@@ -391,85 +388,64 @@ class PsClient:
             self._waits = (max_wait, *self._wait(max_wait))
         _, wait, parked = self._waits
         since = None if borrow else since
-        requests: Iterator[list[wire.Part]] | None = None
-        answer: memoryview | None = None
         if native is not None and into is not None and not borrow and not names and not rows:
-            call = self._push.idle_call()
-            if type(call) is ShmCall:
-                got = self._push_pull_now(call, run_id, rank, incarnation, clock, grads, loss, wait, since,
-                                          param_version, into)
-                if isinstance(got, tuple):
-                    return got
-                if got is not False:  # it went: the answer (or the rest of it) is read below
-                    requests = iter(())
-                    if not isinstance(got, bool):
-                        answer = got
-        if requests is None:
-            then: pb.PullParamsRequest | bytes
-            if names or rows:
-                then = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock + 1,
-                                            names=names, max_wait=wire.duration(wait), rows=_table_rows(rows),
-                                            **_since(since, into))
-            else:  # every push of a dense model: the same request but for its clock and version
-                then = wire.pull_request_bytes(run_id, rank, incarnation, clock + 1, wait,
-                                               since if into is not None else None)
-            requests = self._push_requests(run_id, rank, incarnation, clock, grads, loss, then, param_version)
+            got = self._exchange.push_pull(run_id, rank, incarnation, clock, grads, loss, wait, since, param_version,
+                                           into)
+            if type(got) is Answer:
+                return ack(got), pulled(got, into)
+            if got is not False:  # it went: the answer (or the rest of it) is read here
+                return await self._answer(iter(()), None if got is True else got, into, borrow, parked)
+        then: pb.PullParamsRequest | bytes
+        if names or rows:
+            then = pb.PullParamsRequest(run_id=run_id, rank=rank, incarnation=incarnation, clock=clock + 1,
+                                        names=names, max_wait=wire.duration(wait), rows=_table_rows(rows),
+                                        **_since(since, into))
+        else:  # every push of a dense model: the same request but for its clock and version
+            then = wire.pull_request_bytes(run_id, rank, incarnation, clock + 1, wait,
+                                           since if into is not None else None)
+        requests = self._push_requests(run_id, rank, incarnation, clock, grads, loss, then, param_version)
+        return await self._answer(requests, None, into, borrow, parked)
+
+    def push_pull_now(
+        self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Grad], loss: float,
+        into: dict[str, np.ndarray], max_wait: float | None = None, since: tuple[int, int] | None = None,
+        param_version: int | None = None,
+    ) -> Any:
+        """``push_pull`` of a dense model's whole pull into ``into``, without the event loop when it
+        can: on the shared-memory data plane, with the C exchange built (``paramserver.exchange``),
+        a small model's push and pull are one call, and its answer, when it comes within the
+        settle time, is returned as an ``exchange.Answer`` (the acknowledgement's and the pull's
+        fields; the tensors are in ``into``). Otherwise it returns an awaitable of ``push_pull``'s
+        answer to the same push (sent already or not: await it, once). Raises what ``push_pull``
+        would when the stream broke while sending."""
+        if max_wait is None or max_wait != self._waits[0]:
+            self._waits = (max_wait, *self._wait(max_wait))
+        _, wait, parked = self._waits
+        if native is not None:
+            got = self._exchange.push_pull(run_id, rank, incarnation, clock, grads, loss, wait, since, param_version,
+                                           into)
+            if type(got) is Answer:
+                return got
+            if got is not False:
+                return self._answer(iter(()), None if got is True else got, into, False, parked)
+        return self.push_pull(run_id, rank, incarnation, clock, grads, loss, into=into, max_wait=max_wait, since=since,
+                              param_version=param_version)
+
+    async def _answer(self, requests: Iterator[list[wire.Part]], answer: memoryview | None,
+                      into: dict[str, np.ndarray] | None, borrow: bool,
+                      parked: float) -> tuple[pb.PushGradientResponse, PullResult]:
+        """``push_pull``'s answer to ``requests`` (sent as they are read; none: sent already),
+        ``answer`` its first response when read already."""
         sink = PullSink(into, borrow)
         responses = [] if answer is None else [sink.push_response(answer)]
         if not responses or not _pulled_final(responses[-1]):
             responses += await self._push.exchange(requests, parked + self.timeout, until_final=True,
                                                    final=_pulled_final, decode=sink.push_response)
         first = responses[0]
-        ack = pb.PushGradientResponse(clock=first.clock, duplicate=first.duplicate, min_clock=first.min_clock,
-                                      run_state=first.run_state, staleness=first.staleness,  # type: ignore[arg-type]
-                                      lr_scale=first.lr_scale)
-        return ack, sink.result(responses[-1].pulled or unwire.ParamsResponse())
-
-    def _push_pull_now(
-        self, call: ShmCall, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Grad],
-        loss: float, wait: float, since: tuple[int, int] | None, param_version: int | None, into: dict[str, np.ndarray],
-    ) -> tuple[pb.PushGradientResponse, PullResult] | memoryview | bool:
-        """``push_pull`` of a small dense model on the shared-memory data plane, by the C exchange
-        (``ShmCall.push_pull_now``): its answer and pull result; or the bytes of the answer's first
-        response (one the C side leaves to the sink); True when the request went and its answer
-        is to be read; False when nothing went (not such a push: the caller sends it). The same
-        bytes as the Python path's both ways, with a third less of the worker's CPU per push outside
-        the gradient (bench/RESULTS.md, Performance round 2, section 19)."""
-        layout = self._layout
-        if layout is None or layout[0] != tuple(grads):
-            whole = wire.whole_group(grads, MESSAGE_BYTES)
-            found = None if whole is None else wire.chunk_prefixes(whole)
-            if whole is None or found is None:
-                return False
-            layout = self._layout = (tuple(grads), tuple(shape for _, shape, _, _ in whole), found,
-                                     sum(map(len, found)) + sum(data.nbytes for _, _, _, data in whole))
-        _, shapes, prefixes, fixed = layout
-        values: tuple[np.ndarray, ...] = tuple(grads.values())  # type: ignore[arg-type]  # (checked here)
-        for a, shape in zip(values, shapes, strict=True):
-            if type(a) is not np.ndarray or a.shape != shape or a.dtype != wire.F32 or not a.flags.c_contiguous:
-                self._layout = None  # (another model's, maybe: the next push lays it out anew)
-                return False
-        held = self._held
-        if held is None or held[0] is not into or len(held[2]) != len(into) or \
-                not all(map(operator.is_, into.values(), held[2])):
-            if not all(type(a) is np.ndarray and a.dtype == wire.F32 and a.flags.c_contiguous and a.flags.writeable
-                       for a in into.values()):
-                return False  # (the sink replaces such arrays: the Python path)
-            held = self._held = (into, tuple(into), tuple(into.values()), tuple(k.encode() for k in into))
-        head, pull, wait_field = wire.push_fields(run_id, rank, incarnation), wire.pull_fields(run_id, rank, incarnation), \
-            wire.wait_field(wait)
-        n = len(head) + fixed + len(pull) + len(wait_field) + 80  # (at most: the varints, loss and final besides)
-        try:
-            got = call.push_pull_now(n, head, clock, values, prefixes, loss, pull, wait_field, since, param_version,
-                                     held[3], held[2])
-        except errors.PsError:  # (the stream broke: the next operation opens another, as after any)
-            self._push.close()
-            raise
-        if isinstance(got, tuple):
-            ack = pb.PushGradientResponse(clock=got[0], duplicate=got[1], min_clock=got[2], run_state=got[3],
-                                          staleness=got[4], lr_scale=got[5])
-            return ack, PullResult(got[6], got[7], got[9], into, {}, got[10], False, got[11])
-        return got
+        resp = pb.PushGradientResponse(clock=first.clock, duplicate=first.duplicate, min_clock=first.min_clock,
+                                       run_state=first.run_state, staleness=first.staleness,  # type: ignore[arg-type]
+                                       lr_scale=first.lr_scale)
+        return resp, sink.result(responses[-1].pulled or unwire.ParamsResponse())
 
     def _push_requests(self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Grad],
                        loss: float, then: pb.PullParamsRequest | bytes | None,

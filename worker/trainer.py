@@ -49,6 +49,7 @@ from .outcome import Outcome, TrainStats
 from .rates import Factor, OwnRate
 from .retries import Retries, _ended, _Rewind, _state
 from .sampling import BatchSampler, shard_indices
+from .steady import Steady
 from .straggler import Straggler
 from .table_step import TableStep
 
@@ -126,10 +127,11 @@ class _Trainer(Retries):
         self._own = 0
         """This rank's own steps applied to the parameters held since they were pulled (``_computed_on``)."""
         self._evaluates = a.rank == 0 and self.spec.eval_every > 0
-        self._steady = isinstance(self.plane, PsClient) and self.codec is None and not config.overlap and \
-            self._straggler is None and max((4 * math.prod(p.shape) for p in self.spec.params), default=0) < IN_PLACE_BYTES
-        """Iterations after the first may be ``steady_step``'s: one server, a small dense model
-        (no tensor computed in shared memory), no compression, overlap or straggler delays."""
+        self._steady = Steady(self) if isinstance(self.plane, PsClient) and self.codec is None and \
+            not config.overlap and self._straggler is None and \
+            max((4 * math.prod(p.shape) for p in self.spec.params), default=0) < IN_PLACE_BYTES else None
+        """Iterations after the first may be ``Steady``'s: one server, a small dense model (no tensor
+        computed in shared memory), no compression, overlap or straggler delays."""
 
     def setup(self) -> None:
         """Load data and model; raises DatasetError / ModelSpecError (fatal for the run)."""
@@ -153,7 +155,7 @@ class _Trainer(Retries):
         if self.model.tables():  # rows by id, a row cache (table_step); the data hashed once
             self.X = self.model.prepare(self.X)
             self.tables = TableStep(self)
-            self._steady = False
+            self._steady = None
 
     def _hold(self, res: PullResult) -> None:
         """The parameters held are now version ``res.version`` of the server's lineage (delta pulls,
@@ -196,6 +198,13 @@ class _Trainer(Retries):
         while True:
             try:
                 while self.clock < iterations:
+                    if self._steady is not None:  # iterations without the event loop, while they can be
+                        got = self._steady.run(params)
+                        if got is not None:
+                            guaranteed = got if isinstance(got, int) else await got
+                            if time.monotonic() - self._last_report >= self.config.report_seconds:
+                                await self.report()
+                            continue
                     guaranteed = await self.step(params, guaranteed)
                 if self.a.rank == 0 and self.tables is not None:
                     await self.tables.evaluate(iterations, final=True)
@@ -224,12 +233,6 @@ class _Trainer(Retries):
 
     async def step(self, params: dict[str, np.ndarray], guaranteed: int) -> int:
         """One iteration at self.clock; returns the guaranteed clock of the parameters it used."""
-        if self._steady and self._prefetched is not None and self._ahead is None:
-            c = self.clock
-            s = self.staleness
-            if c + 1 < self.spec.iterations and not (s > 0 and self._prefetched >= c + 1 - s) and \
-                    not (self._evaluates and c % self.spec.eval_every == 0 and c):  # (not cache_valid, no evaluation)
-                return await self.steady_step(params, c)
         if self.tables is not None:
             return await self.tables.step(params, guaranteed)
         eval_every = self.spec.eval_every
@@ -287,48 +290,6 @@ class _Trainer(Retries):
         await self.advance(resp, c, loss, samples, t0, t_compute, comm, parked)
         if borrow and self.staleness > 0:  # (the bound changed: a later iteration may use them after
             _own(params)  # its push, when borrowed ones are no longer valid)
-        return guaranteed
-
-    async def steady_step(self, params: dict[str, np.ndarray], c: int) -> int:
-        """``step`` in the steady state of a small dense model (``_steady``): on the parameters the
-        last push brought, the gradient, then its push with the pull of ``c + 1``, as ``step`` does
-        it, in fewer steps (among five processes on two cores every push pays its Python again,
-        and cold: bench/RESULTS.md, Performance round 2, section 19). A failed push goes to the
-        retry rules as ``step``'s does."""
-        guaranteed, self._prefetched = self._prefetched, None
-        assert guaranteed is not None
-        a = self.a
-        t0 = time.perf_counter()
-        batch = self.sampler.batch(c)
-        loss, grads = self.model.loss_and_grad(params, self.X[batch], self.y[batch])
-        t_push = time.perf_counter()
-        if not math.isfinite(loss):
-            self.check_loss(loss, c)
-        version = None if self._version is None else self._version + self._own
-        try:
-            resp, pulled = await self.plane.push_pull(a.run_id, a.rank, a.incarnation, c, grads, loss, into=params,
-                                                      max_wait=self.config.timeout_seconds * 4, since=self._since,
-                                                      param_version=version)
-        except errors.PsError as exc:  # (the retry rules take it as any try's failure, then try again)
-            first: errors.PsError | None = exc
-            push = self._push_op(c, grads, loss, params, version)
-
-            async def again() -> tuple[pb.PushGradientResponse, PullResult | None]:
-                nonlocal first
-                if first is not None:
-                    failed, first = first, None
-                    raise failed
-                return await push()
-            resp, got = await self.call(again, f"push {c}")
-            assert got is not None
-            pulled = got
-        self._prefetched = pulled.guaranteed_clock
-        self._since = (pulled.lineage, pulled.version) if pulled.lineage else None  # (_hold)
-        self._version, self._own = pulled.version, 0
-        self.stats.pulls += 1
-        s = self.staleness
-        await self.advance(resp, c, loss, len(batch), t0, t_push - t0, time.perf_counter() - t_push,
-                           s >= 0 and resp.min_clock < c + 1 - s)
         return guaranteed
 
     def gradient(self, params: dict[str, np.ndarray], c: int,

@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 from support import make_spec, until
 
+from client.spec import LaunchOptions, build_run_spec
 from paramserver import client as client_module
 from paramserver import errors, shm_transport, tcp_transport
 from paramserver.client import PsClient
+from paramserver.exchange import Answer
 from paramserver.shm_transport import ShmCall
 from paramserver.streams import Pending
 from paramserver.tcp_transport import TcpCall
@@ -32,6 +34,9 @@ from ps_server.config import ServerConfig
 from ps_server.core.errors import PsError
 from ps_server.dataplane import Caller, Later, PushMemo
 from ps_server.server import PsServer, start_server
+from worker.config import WorkerConfig
+from worker.main import CAPABILITIES
+from worker.trainer import train
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -304,6 +309,83 @@ async def test_the_c_exchange_answers_as_the_python_path(server_config: ServerCo
                 else:
                     assert len(calls) == before  # (off: never called)
     assert seen[True] == seen[False]
+
+
+async def test_push_pull_now_answers_within_the_call_or_gives_the_answer_to_await(
+        server_config: ServerConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``PsClient.push_pull_now``: with the C exchange, on shared memory, a push whose answer
+    comes in time is answered within the call (an ``Answer``, the parameters in the caller's
+    arrays); otherwise, and without the C exchange, it gives an awaitable of ``push_pull``'s
+    answer to the same push, sent once: the same clocks and parameters either way, a status as
+    ``push_pull``'s error."""
+    monkeypatch.setattr(tcp_transport, "SETTLE_MS", 500)  # (a busy machine may not run the server within 2 ms)
+    grads = {"w": np.arange(1200, dtype=np.float32).reshape(30, 40) / 1e3, "b": np.ones(7, np.float32)}  # (answers over 4 KiB: in the segment)
+    for use in (True, False):
+        monkeypatch.setattr(client_module, "native", shm_transport.native if use else None)
+        with server_in_a_thread(server_config) as server:
+            async with connect(server, "shm") as c:
+                run = await c.create_run(make_spec(shapes={"w": (30, 40), "b": (7,)}, num_workers=1, staleness=0, lr=0.5,
+                                                   iterations=100, init=pb.INITIALIZER_ZEROS))
+                a = (await c.join("a", run.run_id)).assignment
+                params: dict[str, np.ndarray] = {}
+                kinds: list[str] = []
+                for clock in range(20):
+                    got = c.push_pull_now(run.run_id, a.rank, a.incarnation, clock, grads, 0.5, params, 5.0)
+                    if isinstance(got, Answer):
+                        kinds.append("answer")
+                        fields = (got.clock, got.min_clock, got.guaranteed_clock, got.version, got.final,
+                                  got.run_state, got.pulled_run_state, got.duplicate)
+                    else:
+                        kinds.append("await")
+                        ack, pulled = await got
+                        assert pulled.tensors is params
+                        fields = (ack.clock, ack.min_clock, pulled.guaranteed_clock, pulled.version, True,
+                                  ack.run_state, pulled.run_state, ack.duplicate)
+                    assert fields == (clock + 1, clock + 1, clock + 1, clock + 1, True, pb.RUN_STATE_RUNNING,
+                                      pb.RUN_STATE_RUNNING, False), (clock, fields)
+                    for name, g in grads.items():
+                        np.testing.assert_allclose(params[name], -0.5 * (clock + 1) * g, rtol=1e-5)
+                assert server.registry.get(run.run_id).counters.pushes_applied == 20
+                if use:  # (the first opened the stream: awaited)
+                    assert kinds[0] == "await" and kinds.count("answer") >= 15, kinds
+                else:
+                    assert kinds == ["await"] * 20
+                with pytest.raises(errors.FailedPrecondition, match="clock order|before it"):  # a status
+                    got = c.push_pull_now(run.run_id, a.rank, a.incarnation, 50, grads, 0.5, params, 5.0)
+                    assert not isinstance(got, Answer)
+                    await got
+                assert server.registry.get(run.run_id).counters.pushes_applied == 20
+
+
+async def test_a_worker_on_shared_memory_trains_its_steady_iterations_within_the_c_exchange(
+        server_config: ServerConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank training a small model on the server's host does its steady iterations in
+    ``Steady.run``'s loop, each answered within the C exchange's call; evaluations, reports and
+    its last iteration in the trainer's: the run completes with every push applied once."""
+    monkeypatch.setattr(tcp_transport, "SETTLE_MS", 500)
+    answered: list[int] = []
+    real = PsClient.push_pull_now
+
+    def spy(self: PsClient, *args: Any) -> Any:
+        got = real(self, *args)
+        if isinstance(got, Answer):
+            answered.append(args[3])
+        return got
+
+    monkeypatch.setattr(PsClient, "push_pull_now", spy)
+    spec = build_run_spec(LaunchOptions(model="mlp:16", dataset="digits", workers=1, staleness=0,
+                                        iterations=120, batch_size=16, lr=0.2, eval_every=50))
+    with server_in_a_thread(server_config) as server:
+        async with connect(server, "shm") as c:
+            run = await c.create_run(spec)
+            a = (await c.join("w", run.run_id, capabilities=CAPABILITIES)).assignment
+            outcome = await train(c, a, WorkerConfig(timeout_seconds=5.0, report_seconds=0.05))
+            counters = server.registry.get(run.run_id).counters
+            assert c.route.transport == "shm"
+    assert outcome.completed and outcome.stats.iterations == 120 and outcome.stats.retries == 0
+    assert counters.pushes_applied == 120 and counters.pushes_duplicate == 0
+    assert len(answered) >= 80 and 0 not in answered and 50 not in answered and 119 not in answered, answered
+    assert answered == sorted(set(answered))
 
 
 def tcp_push_stream(server: PsServer) -> socket.socket:

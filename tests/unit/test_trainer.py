@@ -174,9 +174,9 @@ async def test_transient_failures_are_retried_and_applied_once(compress: str, mo
 
 async def test_a_steady_push_that_fails_goes_to_the_retry_rules_and_is_applied_once(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """The steady state's push (``steady_step``: a small model pushing with its pull every
-    iteration) that fails, on the way or with its answer lost, is retried by the retry rules as
-    ``step``'s: each failure counted once, the push applied once, the run completed."""
+    """The steady state's push (``Steady``: a small model pushing with its pull every iteration,
+    by ``push_pull_now``) that fails, on the way or with its answer lost, is retried by the retry
+    rules as ``step``'s: each failure counted once, the push applied once, the run completed."""
     async with InMemoryServer() as server:
         async with server.client() as admin:
             run = await admin.create_run(_spec(-1, workers=1, iterations=20, eval_every=100))  # (evaluations: step)
@@ -185,17 +185,17 @@ async def test_a_steady_push_that_fails_goes_to_the_retry_rules_and_is_applied_o
         transport = server.transports[-1]
         broken = errors.Unavailable(errors.Code.UNAVAILABLE, "connection reset (injected)")
         steady: list[int] = []
-        real = trainer_module._Trainer.steady_step
+        real = PsClient.push_pull_now
 
-        async def spy(self: Any, params: dict[str, np.ndarray], c: int) -> int:
+        def spy(self: PsClient, run_id: str, rank: int, incarnation: int, c: int, *args: Any) -> Any:
             steady.append(c)
             if c == 5:
                 transport.fail("PushGradient", broken, times=2)  # lost on the way: nothing applied
             if c == 9:
                 transport.fail("PushGradient", broken, after=True, times=2)  # applied, the answer lost
-            return await real(self, params, c)
+            return real(self, run_id, rank, incarnation, c, *args)
 
-        monkeypatch.setattr(trainer_module._Trainer, "steady_step", spy)
+        monkeypatch.setattr(PsClient, "push_pull_now", spy)
         outcome = await train(client, joined.assignment, CONFIG)
         await client.close()
         core = server.registry.get(run.run_id)
