@@ -60,6 +60,10 @@ class Exchange:
         """The last push's tensors: names, shapes, chunk prefixes, their bytes with the data."""
         self._held: tuple[dict[str, np.ndarray], tuple[str, ...], tuple[np.ndarray, ...], tuple[bytes, ...]] | None = None
         """The arrays the last push pulled into: the dict, its names, arrays, names encoded."""
+        self._checked: tuple[np.ndarray, ...] = ()
+        """The last push's gradient arrays, found laid out as ``_layout`` (a worker that computes
+        its gradients into the same arrays every time pushes these again: their shapes and types
+        are not looked at again; held here, no other array can take their place)."""
 
     def push_pull(
         self, run_id: str, rank: int, incarnation: int, clock: int, grads: Mapping[str, Any], loss: float,
@@ -83,12 +87,16 @@ class Exchange:
                 return False
             layout = self._layout = (tuple(grads), tuple(shape for _, shape, _, _ in whole), found,
                                      sum(map(len, found)) + sum(data.nbytes for _, _, _, data in whole))
+            self._checked = ()
         _, shapes, prefixes, fixed = layout
         values: tuple[np.ndarray, ...] = tuple(grads.values())
-        for a, shape in zip(values, shapes, strict=True):
-            if type(a) is not np.ndarray or a.shape != shape or a.dtype != wire.F32 or not a.flags.c_contiguous:
-                self._layout = None  # (another model's, maybe: the next push lays it out anew)
-                return False
+        checked = self._checked
+        if len(values) != len(checked) or not all(map(operator.is_, values, checked)):  # (not checked already)
+            for a, shape in zip(values, shapes, strict=True):
+                if type(a) is not np.ndarray or a.shape != shape or a.dtype != wire.F32 or not a.flags.c_contiguous:
+                    self._layout = None  # (another model's, maybe: the next push lays it out anew)
+                    return False
+            self._checked = values
         held = self._held
         if held is None or held[0] is not into or len(held[2]) != len(into) or \
                 not all(map(operator.is_, into.values(), held[2])):

@@ -114,6 +114,9 @@ class _Publisher:
             pub.close()
 
 
+_NO_FDS = "descriptors came with a {} frame: only SEGMENT passes one"
+
+
 def _aligning(parts: Sequence[wire.Part]) -> int:
     """How far past a multiple of ``shm.ALIGN`` to put the message ``parts`` make up so that its
     first tensor's data (its first memoryview) starts at one: with a large model's answer padded
@@ -258,14 +261,17 @@ class _ShmLink(Link):
             if k < _SHARED_FRAME or kind not in (shm.SHARED, shm.SEGMENT) or \
                     tcp.FRAME.unpack_from(head)[4] != shm.REGION.size:
                 return None  # (an inline MESSAGE, a frame still on its way, a bad one): ``read`` takes it
+            if kind == shm.SHARED:  # (no room for descriptors: any that came are dropped, and flagged)
+                _, _, flags, _ = self.conn.recvmsg_into([head])
+                if flags & socket.MSG_CTRUNC:
+                    raise ValueError(_NO_FDS.format("SHARED"))
+                a, b = shm.REGION.unpack_from(head, tcp.FRAME.size)
+                break
             fds: list[int] = []
             try:
                 k, anc, flags, _ = self.conn.recvmsg_into([head], shm.ANCILLARY)
                 fds += shm.descriptors(anc, flags)
                 a, b = shm.REGION.unpack_from(head, tcp.FRAME.size)
-                if kind == shm.SHARED:
-                    self._check_no_fds(fds, "SHARED")
-                    break
                 self._map(fds, a, b)  # a new segment (the SHARED frame that uses it follows)
             finally:
                 for fd in fds:
@@ -297,7 +303,7 @@ class _ShmLink(Link):
     @staticmethod
     def _check_no_fds(fds: list[int], kind: str) -> None:
         if fds:
-            raise ValueError(f"descriptors came with a {kind} frame: only SEGMENT passes one")
+            raise ValueError(_NO_FDS.format(kind))
 
     def _map(self, fds: list[int], size: int, reserved: int) -> None:
         if len(fds) != 1:

@@ -59,6 +59,10 @@ class Steady:
         wait = t.config.timeout_seconds * 4
         report_at = t._last_report + t.config.report_seconds
         perf_counter, monotonic = time.perf_counter, time.monotonic
+        # The gradients are computed into the same arrays every iteration: the C exchange copies
+        # them into its request before the call returns, and a push it did not answer is done
+        # (``_after``) before the next gradient is computed.
+        out = {name: np.empty_like(p) for name, p in params.items()} or None
         guaranteed = None
         while True:
             c = t.clock
@@ -69,7 +73,7 @@ class Steady:
             t._prefetched = None
             t0 = perf_counter()
             batch = sampler.batch(c)
-            loss, grads = model.loss_and_grad(params, X[batch], y[batch])
+            loss, grads = model.loss_and_grad(params, X[batch], y[batch], out)
             if not math.isfinite(loss):
                 t.check_loss(loss, c)
             version = None if t._version is None else t._version + t._own

@@ -426,7 +426,7 @@ def _memfd(size: int, seal: bool, name: str = "test") -> int:
     return fd
 
 
-@pytest.mark.parametrize("case", ["shared_first", "no_fd", "unsealed", "outside", "unknown_kind"])
+@pytest.mark.parametrize("case", ["shared_first", "no_fd", "unsealed", "outside", "fd_with_shared", "unknown_kind"])
 async def test_bad_frames_end_the_stream_with_a_status_that_says_what_to_fix(server: PsServer, case: str) -> None:
     sock = await asyncio.to_thread(_connect, server)
     region = shm.REGION.pack(8192, 0)
@@ -441,6 +441,11 @@ async def test_bad_frames_end_the_stream_with_a_status_that_says_what_to_fix(ser
             os.close(fd)
             if case == "outside":
                 sock.sendall(_frame(shm.SHARED, shm.REGION.pack(8000, 200)))
+        elif case == "fd_with_shared":  # (the server reads it with no room for descriptors: they are dropped)
+            fd = _memfd(8192, seal=True)
+            socket.send_fds(sock, [_frame(shm.SEGMENT, region)], [fd])
+            socket.send_fds(sock, [_frame(shm.SHARED, shm.REGION.pack(0, 10))], [fd])
+            os.close(fd)
         else:
             sock.sendall(_frame(9, struct.pack("<QQ", 0, 0)))
         code, message = await asyncio.to_thread(_status, sock)
@@ -448,7 +453,8 @@ async def test_bad_frames_end_the_stream_with_a_status_that_says_what_to_fix(ser
         sock.close()
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert {"shared_first": "before any SEGMENT", "no_fd": "exactly one", "unsealed": "F_SEAL_SHRINK",
-            "outside": "outside the segment's region", "unknown_kind": "unknown frame kind"}[case] in message
+            "outside": "outside the segment's region", "fd_with_shared": "descriptors came with a SHARED frame",
+            "unknown_kind": "unknown frame kind"}[case] in message
     async with PsClient(f"127.0.0.1:{server.port}", timeout=10) as c:  # and it serves as before
         run = await c.create_run(make_spec(num_workers=1, staleness=-1))
         a = (await c.join("w", run.run_id)).assignment
