@@ -19,27 +19,68 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from paramserver import errors
-from paramserver.client import PsClient, PullResult
+from paramserver.client import Grad, PsClient, PullResult
 from paramserver.exchange import Answer
+from paramserver.shards import Shards
 from paramserver.v1 import paramserver_pb2 as pb
 
-if TYPE_CHECKING:
-    from .trainer import _Trainer
+from .config import WorkerConfig
+from .models.base import Model
+from .outcome import TrainStats
+from .sampling import BatchSampler
 
 __all__ = ["Steady"]
+
+T = TypeVar("T")
+
+
+class Loop(Protocol):
+    """What the steady iterations use of the training loop (``trainer._Trainer``): its clocks and
+    what it holds of the parameters pulled, kept as its own iterations keep them."""
+
+    a: pb.Assignment
+    spec: pb.RunSpec
+    config: WorkerConfig
+    model: Model
+    X: Any
+    y: Any
+    sampler: BatchSampler
+    plane: PsClient | Shards
+    stats: TrainStats
+    clock: int
+    staleness: int
+    min_clock: int
+    run_state: int
+    _train_points: list[tuple[int, float, float, int, float]]
+    _evaluates: bool
+    _last_report: float
+    _prefetched: int | None
+    _since: tuple[int, int] | None
+    _version: int | None
+    _own: int
+    _samples: int
+
+    async def call(self, op: Callable[[], Awaitable[T]], what: str) -> T: ...
+    def check_loss(self, loss: float, clock: int) -> None: ...
+    def _learn(self, staleness: int | None) -> None: ...
+    def _hold(self, res: PullResult) -> None: ...
+    def _push_op(self, c: int, grads: Mapping[str, Grad], loss: float, into: dict[str, np.ndarray] | None,
+                 version: int | None) -> Callable[[], Awaitable[tuple[pb.PushGradientResponse, PullResult | None]]]: ...
+    async def advance(self, resp: pb.PushGradientResponse, c: int, loss: float, samples: int, t0: float,
+                      t_compute: float, comm: float, parked: bool) -> None: ...
 
 
 class Steady:
     """The steady iterations of one trainer (``_Trainer._steady``: one server, a small dense model,
     no compression, overlap or straggler delays)."""
 
-    def __init__(self, t: _Trainer) -> None:
+    def __init__(self, t: Loop) -> None:
         assert isinstance(t.plane, PsClient)
         self.t = t
         self.plane: PsClient = t.plane
