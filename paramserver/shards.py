@@ -26,8 +26,7 @@ rows come back in the order asked.
 from __future__ import annotations
 
 import asyncio
-import math
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,6 +36,7 @@ from paramserver.v1.wire import CodedPart, RowsPart
 
 from . import errors
 from .client import PsClient
+from .refusals import Refusals
 from .sink import PullResult
 
 __all__ = ["ShardFactors", "Shards", "pull_run"]
@@ -54,52 +54,6 @@ def _coded_rows(a: CodedPart, start: int, end: int) -> CodedPart:
     if first == last:  # none of this shard's: one explicit zero (a sparse chunk names at least one element)
         return CodedPart(np.zeros(1, a.values.dtype), a.dtype, shape, np.zeros(1, np.uint32))
     return CodedPart(a.values[first:last], a.dtype, shape, a.indices[first:last] - np.uint32(lo))
-
-def _repeats_beyond_float32(a: RowsPart) -> int:
-    """Values of the rows of ``a``'s repeated ids whose sum is not finite, as a server sums them
-    (float32, in the order sent): it refuses such a push whole, but only the shard holding the id
-    would see it."""
-    ids = a.ids
-    if ids.size < 2 or bool(np.all(ids[1:] > ids[:-1])):
-        return 0
-    order = np.argsort(ids, kind="stable")
-    first = np.flatnonzero(np.concatenate(([True], ids[order][1:] != ids[order][:-1])))
-    if first.size == ids.size:
-        return 0
-    with np.errstate(over="ignore", invalid="ignore"):
-        sums = np.add.reduceat(a.values.reshape(ids.size, -1)[order], first, axis=0, dtype=np.float32)
-    return int(np.count_nonzero(~np.isfinite(sums)))
-
-
-_BLOCK = 1 << 18
-_EXPONENT: dict[int, int] = {pb.DATA_TYPE_FLOAT16: 0x7C00, pb.DATA_TYPE_BFLOAT16: 0x7F80}
-"""A 16-bit wire value is NaN/Inf when all its exponent bits are set: its bits but the sign's are
-at least these."""
-
-
-def _non_finite(values: Any, dtype: int = pb.DATA_TYPE_FLOAT32) -> int:
-    """NaN/Inf values of a push's ``values`` as sent (float32, or numpy's form of the wire ``dtype``),
-    as a server counts them: it refuses such a push whole, but only the shards holding them would
-    see them. Float32 first takes the server's cheap test (``finite_hint``: a BLAS dot product,
-    without the bool array ``np.isfinite`` allocates), which also fails when squares overflow
-    (|x| > ~1.8e19): then an exact count says. 16-bit values are tested by their bits, by blocks."""
-    flat = np.asarray(values).reshape(-1)
-    if not flat.size:
-        return 0
-    top = _EXPONENT.get(dtype)
-    if top is not None:
-        bits, scratch, bad = flat.view(np.uint16), np.empty(min(flat.size, _BLOCK), np.uint16), 0
-        for i in range(0, bits.size, _BLOCK):
-            part = scratch[: min(_BLOCK, bits.size - i)]
-            np.bitwise_and(bits[i : i + _BLOCK], 0x7FFF, out=part)
-            if part.max() >= top:
-                bad += int(np.count_nonzero(part >= top))
-        return bad
-    with np.errstate(over="ignore", invalid="ignore"):
-        if flat.dtype != np.float32:  # (sent as float32: a value beyond its range goes as Inf)
-            flat = flat.astype(np.float32)
-        hint = np.dot(flat, flat) if flat.flags.aligned else np.add.reduce(flat, dtype=np.float32)
-    return 0 if math.isfinite(hint) else int(np.count_nonzero(~np.isfinite(flat)))
 
 
 def _fit(out: dict[str, np.ndarray], name: str, shape: tuple[int, ...]) -> None:
@@ -152,6 +106,8 @@ class Shards:
         self.shapes = {n: s for n, s in shapes.items() if n not in (tables or {})}
         self.tables = dict(tables or {})
         """Table name -> its whole shape (never held whole here: rows travel by id)."""
+        self._refusals = Refusals(self.shapes, self.tables)
+        """What one server would refuse whole, refused before any shard is asked."""
         self.clients = [connect(s) for s in shard_map.shards]
         self.staleness = staleness
         self._versions: tuple[int, dict[int, int]] = (-1, {})
@@ -213,85 +169,6 @@ class Shards:
         await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
 
     # ------------------------------------------------------------------------------ slicing
-    def _refuse(self, message: str, method: str, reason: pb.ErrorReason) -> errors.InvalidArgument:
-        return errors.InvalidArgument(errors.Code.INVALID_ARGUMENT, message, pb.ErrorInfo(reason=reason), method)
-
-    def _check_request(self, grads: Mapping[str, Any] | None, names: Sequence[str],
-                       rows: Mapping[str, Any] | None) -> None:
-        """InvalidArgument, before any shard is asked, for what one server would refuse as a whole
-        but each shard, seeing only its part, would not (or only some would: a push applied on
-        the others): a push's tensor the run lacks, or lacks of the run's dense ones, of another
-        shape, a sparse (top-k) part's positions repeated, decreasing or past its end, rows of a
-        tensor that is no table, a row id out of its table's range (a pull of it answered with
-        memory never written), a NaN/Inf value, rows of a repeated id summing beyond float32, a
-        pulled name the run lacks."""
-        known = self.shapes.keys() | self.tables.keys()
-
-        def only_known(names: Iterable[str], method: str, reason: pb.ErrorReason) -> None:
-            if unknown := sorted(set(names) - known):
-                raise self._refuse(f"unknown tensor name(s) {', '.join(map(repr, unknown))}; this run's tensors are "
-                                   f"{', '.join(map(repr, sorted(known)))}", method, reason)
-
-        for what, method, reason, given in (("gradient", "PushGradient", pb.ERROR_REASON_INVALID_GRADIENT, grads),
-                                            ("pull", "PullParams", pb.ERROR_REASON_INVALID_REQUEST, rows)):
-            if given is None:
-                continue
-            only_known(given, method, reason)
-            for name, value in given.items():
-                if name not in self.tables and (isinstance(value, RowsPart) or what == "pull"):
-                    raise self._refuse(f"tensor {name!r} is not a table: pull or push it whole", method, reason)
-                if what == "gradient" and not isinstance(value, RowsPart):
-                    want = self.shapes.get(name) or self.tables[name]
-                    if tuple(value.shape) != want:
-                        raise self._refuse(f"gradient {name!r} has shape {list(value.shape)}, the parameter has "
-                                           f"{list(want)}", method, reason)
-                    if isinstance(value, CodedPart) and value.indices is not None:
-                        self._check_positions(name, value, method, reason)
-                    self._check_finite(name, value, method, reason)
-                    continue
-                ids = np.asarray(value.ids if isinstance(value, RowsPart) else value, np.int64)
-                n = self.tables[name][0]
-                if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= n):
-                    bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-                    raise self._refuse(f"table {name!r} has rows 0..{n - 1}: row id {bad} is out of range", method,
-                                       reason)
-                if isinstance(value, RowsPart):
-                    self._check_finite(name, value, method, reason)
-                    if bad := _repeats_beyond_float32(value):
-                        raise self._refuse(f"gradient {name!r}: the rows of repeated ids sum to {bad} NaN/Inf "
-                                           "value(s); nothing was applied", method, reason)
-        if grads is not None:
-            missing = sorted(self.shapes.keys() - grads.keys())
-            if missing:
-                raise self._refuse(f"the gradient lacks tensor(s) {', '.join(map(repr, missing))}: send every "
-                                   "parameter", "PushGradient", pb.ERROR_REASON_INVALID_GRADIENT)
-        only_known(names, "PullParams", pb.ERROR_REASON_INVALID_REQUEST)
-
-    def _check_finite(self, name: str, a: Any, method: str, reason: pb.ErrorReason) -> None:
-        """InvalidArgument if the gradient ``a`` (an array, ``CodedPart`` or ``RowsPart``) holds a
-        NaN/Inf value."""
-        if isinstance(a, CodedPart):
-            bad = _non_finite(a.values, a.dtype)
-        else:
-            bad = _non_finite(a.values if isinstance(a, RowsPart) else a)
-        if bad:
-            raise self._refuse(f"gradient {name!r} contains {bad} NaN/Inf value(s); nothing was applied", method,
-                               reason)
-
-    def _check_positions(self, name: str, a: CodedPart, method: str, reason: pb.ErrorReason) -> None:
-        """InvalidArgument unless the sparse ``a``'s positions increase strictly, within its tensor,
-        one value each, as one server checks them: split by rows, a repeated or decreasing position
-        would be refused by one shard only (the others applying theirs), and one past the end sent
-        to none."""
-        idx = np.asarray(a.indices)
-        size = int(np.prod(a.shape, dtype=np.int64))
-        if idx.size != a.values.size:
-            raise self._refuse(f"tensor {name!r}: a sparse part needs one position per value; it has {idx.size} "
-                               f"positions, {a.values.size} values", method, reason)
-        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= size or not bool(np.all(idx[1:] > idx[:-1]))):
-            raise self._refuse(f"tensor {name!r}: a sparse part's positions must increase strictly and stay below "
-                               f"its size {size}", method, reason)
-
     def _rows(self, arrays: Mapping[str, Any], shard: pb.Shard) -> dict[str, Any]:
         """``shard``'s pieces of ``arrays``: views of their rows (a scalar is its one row); of a
         table's rows (``RowsPart``), those in the shard's range, with ids local to it."""
@@ -394,7 +271,7 @@ class Shards:
                    ) -> pb.PushGradientResponse:
         """As ``PsClient.push``, to every server (``param_version``: the version the last pull returned
         tells each shard its own version of that pull)."""
-        self._check_request(grads, (), None)
+        self._refusals.check(grads, (), None)
 
         def one(i: int) -> Callable[[], Awaitable[pb.PushGradientResponse]]:
             return lambda: self.clients[i].push(run_id, rank, incarnation, clock,
@@ -414,7 +291,7 @@ class Shards:
         """As ``PsClient.push_pull``; ``since`` is not used: each server has its own versions, and a
         sharded pull is answered whole. With ``rows``, a shard holding none of them and none of
         ``names`` is pushed to without a pull."""
-        self._check_request(grads, names, rows)
+        self._refusals.check(grads, names, rows)
         out = self._arrays(into, names if rows else None)
         wanted = set(names)
 
@@ -447,7 +324,7 @@ class Shards:
         """As ``PsClient.pull``; the whole model (no ``names``, no ``rows``) includes the tables,
         put together from every shard (an export). ``since`` is not used: each server has its own
         versions, and a sharded pull is answered whole."""
-        self._check_request(None, names, rows)
+        self._refusals.check(None, names, rows)
         wanted = set(names)
         whole = not wanted and not rows
         out = self._arrays(into, None if whole else [n for n in names if n in self.shapes])

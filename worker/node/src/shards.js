@@ -1,7 +1,8 @@
 'use strict';
 /**
  * Pushes and pulls of a run whose parameters several servers hold (Assignment.shard_map): the Node
- * twin of paramserver/shards.py, doing what the .proto's "Shards" section asks of a worker.
+ * twin of paramserver/shards.py (and of refusals.py, its checks), doing what the .proto's "Shards"
+ * section asks of a worker.
  *
  * Shards has PsClient's data plane methods, push and pull, with the same arguments and answers, so
  * the trainer uses either. Each call goes to every shard at once (one PsClient per shard, over its
