@@ -2,10 +2,11 @@
 
 ``state_dict`` is taken between two event-loop steps, so it is one instant of the run: parameters,
 optimizer state, every rank's (incarnation, clock) (the de-duplication table), the clock its
-incarnation holds it from, the (incarnation, clock) the one it replaced ended at, the loosest bound
-it was told since its last push, and the held BSP gradients agree with each other. ``restore``
-rebuilds the run and refuses (KeyError, ValueError) a checkpoint that does not fit its own spec, so
-a damaged one is never loaded silently.
+incarnation holds it from, the (incarnation, clock) the one it replaced ended at, the token of the
+Join that handed it over (until its first call), the loosest bound it was told since its last push,
+and the held BSP gradients agree with each other. ``restore`` rebuilds the run and refuses
+(KeyError, ValueError) a checkpoint that does not fit its own spec, so a damaged one is never
+loaded silently.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def state_dict(run: Run, cut: int | None = None, copy: bool = True) -> tuple[dic
         "slots": [
             {"rank": s.rank, "state": s.state.value, "incarnation": s.incarnation, "clock": s.clock, "start": s.start,
              "worker_name": s.worker_name, "pushes": s.pushes, "pulls_skipped": s.pulls_skipped, "told": s.told,
-             "replaced": None if s.replaced is None else list(s.replaced)}
+             "replaced": None if s.replaced is None else list(s.replaced), "join_token": s.join_token}
             for s in run.clock.slots
         ],
         "next_incarnation": run.clock.next_incarnation,
@@ -128,6 +129,14 @@ def _replaced(value: object) -> tuple[int, int] | None:
         raise TypeError(f"{value!r} is not the (incarnation, clock) of a replaced incarnation") from None
 
 
+def _token(value: object) -> str:
+    """The ``JoinRequest.join_token`` a rank was handed over with, of a checkpoint's manifest ("": none); TypeError
+    unless it is a string."""
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a join token")
+    return value
+
+
 def restore(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *,
             now: Callable[[], float] = time.monotonic) -> Run:
     """Rebuild a run from ``state_dict`` output; raises KeyError/ValueError if inconsistent.
@@ -150,6 +159,9 @@ def restore(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *,
             raise ValueError(f"rank {s.rank} starts at clock {s.start}, past its clock {s.clock}")
         # (a cluster's servers compare it: ``UpdateShardResponse.replaced``; absent before it was kept: none)
         s.replaced = _replaced(d.get("replaced"))
+        # (a Join whose answer was lost asks the restarted server again with it: ``Run.joined``; absent before it was
+        # kept: none)
+        s.join_token = _token(d.get("join_token", ""))
     run.clock.restored()
     if "bounds" in meta:  # (absent in checkpoints of before it: the bound they hold, widened by ``resume_schedule``)
         run.bounds = _bounds(meta["bounds"])

@@ -63,6 +63,33 @@ async def test_shutdown_checkpoint_and_resume(server_config: ServerConfig, tmp_p
         await ps2.stop(0)
 
 
+async def test_a_join_whose_answer_was_lost_as_the_server_stopped_gets_its_rank_after_the_restart(
+        server_config: ServerConfig, tmp_path: Path) -> None:
+    """The server stopped after it had given a Join a rank and before the answer reached the worker
+    (its last checkpoint holds the new incarnation); the worker asks the restarted server again with
+    the same join_token. It took the other vacant rank, and the first had no worker until its lease
+    ran out (the token was not in the checkpoint)."""
+    config = with_config(server_config, data_dir=str(tmp_path), checkpoint_every=0)
+    ps = await start_server(config)
+    async with PsClient(f"127.0.0.1:{ps.port}") as c:
+        run = await c.create_run(make_spec(num_workers=2))
+        first = (await c.join("w0", max_wait=0, join_token="t0")).assignment
+    await ps.stop(0)
+
+    ps2 = await start_server(with_config(config, port=0))
+    try:
+        async with PsClient(f"127.0.0.1:{ps2.port}") as c:
+            again = (await c.join("w0", max_wait=0, join_token="t0")).assignment
+            assert (again.rank, again.incarnation) == (first.rank, first.incarnation)
+            other = (await c.join("w1", max_wait=0, join_token="t1")).assignment
+            assert other.rank != first.rank
+            status = await c.get_run(run.run_id)
+            assert status.state == pb.RUN_STATE_RUNNING
+            assert [w.incarnation for w in status.workers] == sorted([first.incarnation, other.incarnation])
+    finally:
+        await ps2.stop(0)
+
+
 async def test_checkpoint_on_demand(server_config: ServerConfig, tmp_path: Path) -> None:
     ps = await start_server(with_config(server_config, data_dir=str(tmp_path), checkpoint_every=0))
     try:

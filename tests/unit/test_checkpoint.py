@@ -207,6 +207,37 @@ def test_the_incarnation_a_rank_replaced_survives(tmp_path: Path) -> None:
         snapshot.restore(ck.meta, ck.arrays)
 
 
+def test_the_token_of_the_join_that_took_a_rank_survives(tmp_path: Path) -> None:
+    """A Join whose answer was lost as the server stopped (its last checkpoint holds the new
+    incarnation) is asked again of the restarted server with the same join_token: it gets the rank
+    that Join took, not the other vacant one (the token was not kept: a second rank, and the first
+    had no worker until its lease ran out). Heard from, the rank is no Join's over a restart either;
+    a checkpoint of before the token was kept loads with none, as before."""
+    from ps_server.core.registry import RunRegistry
+
+    spec = RunSpec(name="c", num_workers=2, iterations=20, staleness=1, params=(ParamSpec("w", (3,)),))
+    run = Run("run-ck", spec)
+    a = run.join("a", join_token="t-a")
+    store = CheckpointStore(tmp_path)
+    ck = store.load(store.write(*snapshot.state_dict(run)))
+    registry = RunRegistry()
+    registry.add(snapshot.restore(json.loads(json.dumps(ck.meta)), ck.arrays))
+    assert registry.join("a", join_token="t-a") == a == registry.join("a", "run-ck", join_token="t-a")
+    again = registry.get("run-ck")
+    assert [e.rank for e in again.history.events if e.kind == "joined"] == [0]
+    assert again.clock.vacant() == [again.clock.slots[1]]
+    again.heartbeat(a.rank, a.incarnation)  # (its worker had the answer)
+    ck = store.load(store.write(*snapshot.state_dict(again)))
+    assert snapshot.restore(ck.meta, ck.arrays).joined("t-a") is None
+    ck = store.load(store.write(*snapshot.state_dict(run)))
+    for d in ck.meta["slots"]:
+        del d["join_token"]  # a checkpoint from before: no token known, as before
+    assert [s.join_token for s in snapshot.restore(ck.meta, ck.arrays).clock.slots] == ["", ""]
+    ck.meta["slots"][0]["join_token"] = 7
+    with pytest.raises(TypeError, match="join token"):
+        snapshot.restore(ck.meta, ck.arrays)
+
+
 @pytest.mark.parametrize("done", [False, True])
 def test_a_torn_push_is_said_once_over_a_restart(tmp_path: Path, done: bool) -> None:
     """Server 0 says a push a rank stopped in the middle of, comparing its clock of the rank with

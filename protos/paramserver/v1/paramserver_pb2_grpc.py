@@ -709,8 +709,9 @@ class WorkerServiceServicer:
         vacant rank (or of `run_id` when given) and answers at once; when there is no work it parks the
         call up to `max_wait` and answers without an assignment. An assignment carries the run spec,
         the rank and a new incarnation. A Join asked again with the `join_token` of one the server
-        answered with a rank (that answer was lost: a deadline, a dropped connection) is answered with
-        that same rank and incarnation while it has not been heard from since, and takes no other.
+        answered with a rank (that answer was lost: a deadline, a dropped connection, a restart of the
+        server from a checkpoint that holds the rank) is answered with that same rank and incarnation
+        while it has not been heard from since, and takes no other.
         Errors: NOT_FOUND (run_id given and unknown); FAILED_PRECONDITION (run_id given and it has no
         vacant rank or is finished); INVALID_ARGUMENT (join_token over 256 characters).
         """
