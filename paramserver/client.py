@@ -286,8 +286,9 @@ class PsClient:
         """A rank of ``run_id`` (or of any run) that a worker of ``capabilities`` can train
         (``RunSpec.requires``); no assignment when there is none within ``max_wait``. Safe to retry
         with the same ``join_token`` (random, such as ``secrets.token_hex(16)``, drawn anew once a
-        Join is answered): a Join the server took whose answer was lost is answered with the rank
-        it took, not a second one."""
+        Join is answered with a rank): a Join the server took whose answer was lost, or that the
+        server still held parked when its caller gave up, is answered with the rank it took, not a
+        second one."""
         _seconds(max_wait, "Join", "hold the call when there is no work", "answer at once")
         req = pb.JoinRequest(worker_name=worker_name, run_id=run_id, max_wait=wire.duration(max_wait),
                              capabilities=capabilities, join_token=join_token)

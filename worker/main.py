@@ -64,7 +64,7 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
     again = ""
     """With ``--once``: the run whose rank this worker lost before the run ended (evicted, or the
     run went back to a checkpoint from before it joined), asked for once more by id."""
-    token = ""  # the Join's token, kept over its retries until one is answered (JoinRequest.join_token)
+    token = ""  # the Join's token, kept over its retries until one is answered with a rank (JoinRequest.join_token)
     security = config.security()
     async with PsClient(config.server, timeout=config.timeout_seconds, max_message_bytes=config.max_message_bytes,
                         security=security, data_plane=config.data_plane,
@@ -88,7 +88,11 @@ async def work(config: WorkerConfig, stop: asyncio.Event | None = None) -> list[
                         await join
                     break
                 resp = join.result()
-                token = ""  # (answered: the next Join is another one)
+                if resp.HasField("assignment"):  # (the next Join is another one)
+                    # (Not after an answer without work: a Join of this token the server still holds parked,
+                    # its caller gone with a connection the server did not see drop, may take a rank yet, and
+                    # the next Join, parked beside it, is answered with that rank: ``Run.joined``.)
+                    token = ""
             except errors.PsError as exc:
                 connected = False
                 if not exc.retryable and again:  # (its rank went to another worker, or the run ended)

@@ -664,6 +664,26 @@ async def test_a_parked_join_whose_vacancy_another_took_waits_on(server: PsServe
         assert resp.HasField("assignment") and resp.assignment.incarnation > taken.incarnation
 
 
+async def test_a_join_retried_while_the_first_is_parked_is_answered_with_the_rank_the_first_took(
+        server: PsServer) -> None:
+    """A worker's Join waits for work; its caller gives up (a connection the server has not seen
+    drop) and asks again with the same join_token while the first is still parked. The rank that
+    falls vacant goes to one of them, and both are answered with it: the retry takes no second rank
+    and does not wait on (the rank the first took would have had no worker until its lease ran out)."""
+    async with PsClient(f"127.0.0.1:{server.port}", timeout=30.0) as c:
+        run = await c.create_run(make_spec(num_workers=1))
+        held = (await c.join("a", max_wait=0)).assignment
+        parked = [asyncio.ensure_future(c.join("b", max_wait=20, join_token="t-b")) for _ in range(2)]
+        async with asyncio.timeout(10):
+            while server.registry._work.statistics().waiting < 2:
+                await asyncio.sleep(0.01)
+        await c.leave(run.run_id, held.rank, held.incarnation, pb.LEAVE_REASON_SHUTDOWN)
+        first, retry = await asyncio.wait_for(asyncio.gather(*parked), 10)
+        assert first.assignment == retry.assignment and first.assignment.incarnation > held.incarnation
+        assert [e.message.split(" (")[0] for e in (await c.get_metrics(run.run_id)).events if e.kind == "joined"] == [
+            "a took rank 0", "b took rank 0"]
+
+
 async def test_skipped_pulls_reported_beyond_what_a_count_can_hold_leave_the_run_readable(
         client: PsClient, live: Live) -> None:
     """Each rank may report up to 2^64 - 1 skipped pulls (uint64): their sum did not fit the run's

@@ -250,6 +250,55 @@ async def test_a_join_whose_answer_was_lost_is_answered_with_the_rank_it_took(mo
     assert [e.kind for e in events if e.kind in ("joined", "evicted")] == ["joined", "joined"], events
 
 
+async def test_a_join_still_parked_after_its_caller_gave_up_hands_its_rank_to_the_workers_next_join(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's parked Join loses its connection (the server does not see it drop: the call stays
+    parked there); the worker asks again, answered at once without work, and parks a new Join. The
+    rank that falls vacant goes to the Join parked first, whose caller is gone: the worker had drawn
+    a new token after the empty answer, waited on, and the rank had no worker until its lease ran
+    out (BSP: every rank waited for it). The token is kept until a Join is answered with a rank."""
+    async with InMemoryServer(lease_seconds=2.0, heartbeat_seconds=0.5) as server:
+        admin = server.client()
+        run = await admin.create_run(_spec(0, workers=1, iterations=5))
+        held = (await admin.join("a", run.run_id, max_wait=0)).assignment
+
+        async def holding() -> None:
+            while True:
+                await admin.heartbeat(run.run_id, held.rank, held.incarnation, 0)
+                await asyncio.sleep(0.2)
+
+        holder = asyncio.create_task(holding())
+        stale: list[asyncio.Future[pb.JoinResponse]] = []
+
+        def connect(*_: object, **__: object) -> PsClient:
+            client = server.client()
+            transport = server.transports[-1]
+            unary = transport.unary
+
+            async def dropped(service: str, method: str, request: Any, response: Any, timeout: float) -> Any:
+                if method == "Join" and request.max_wait.ToNanoseconds() and not stale:  # (parked there, for ever)
+                    stale.append(asyncio.ensure_future(server.control.Join(request)))
+                    await until(lambda: server.registry._work.statistics().waiting, 10)
+                    raise errors.Unavailable(errors.Code.UNAVAILABLE, "connection dropped (injected)")
+                return await unary(service, method, request, response, timeout)
+
+            monkeypatch.setattr(transport, "unary", dropped)
+            return client
+
+        monkeypatch.setattr(worker_main, "PsClient", connect)
+        config = dataclasses.replace(CONFIG, once=True, join_wait_seconds=5.0)
+        working = asyncio.create_task(worker_main.work(dataclasses.replace(config, name="b")))
+        await until(lambda: server.registry._work.statistics().waiting == 2, 10)  # the stale Join and the new one
+        holder.cancel()
+        await admin.leave(run.run_id, held.rank, held.incarnation, pb.LEAVE_REASON_SHUTDOWN)
+        await admin.close()
+        (outcome,) = await asyncio.wait_for(working, 30)
+        taken = (await stale[0]).assignment
+        events = server.registry.get(run.run_id).history.events
+    assert outcome.completed and outcome.rank == taken.rank, outcome
+    assert [e.kind for e in events if e.kind in ("joined", "evicted")] == ["joined", "joined"], events
+
+
 @pytest.mark.parametrize(("model", "optimizer", "staleness", "compress"),
                          [("softmax", "sgd", 2, "topk:0.05"), ("softmax", "sgd", -1, "topk:0.05,bf16"),
                           ("softmax", "sgd", 2, "fp16"), ("logistic:rows=4096", "adagrad", 2, "none"),
