@@ -37,7 +37,6 @@ from paramserver import errors
 from paramserver.client import Grad, PsClient, PullResult
 from paramserver.runtime import release_free_memory
 from paramserver.shards import Shards
-from paramserver.tcp_transport import SETTLE
 from paramserver.v1 import paramserver_pb2 as pb
 from paramserver.v1.shm import IN_PLACE_BYTES
 
@@ -46,6 +45,7 @@ from .config import WorkerConfig, parse_tail_delay
 from .datasets import DatasetError, load_dataset
 from .models import EvalResult, ModelSpecError, build_model
 from .outcome import Outcome, TrainStats
+from .overlap import Overlap
 from .rates import Factor, OwnRate
 from .retries import Retries, _ended, _Rewind, _state
 from .sampling import BatchSampler, shard_indices
@@ -111,8 +111,6 @@ class _Trainer(Retries):
                                     config.step_seconds) if self.slowdown > 1.0 or tail[0] or config.step_seconds else None
         self.min_clock = 0  # the run's min clock as the last push's answer said
         self._prefetched: int | None = None  # guaranteed clock of parameters pulled with the last push
-        self._ahead: tuple[tuple[float, dict[str, np.ndarray], int, float], int | None] | None = None
-        """--overlap: the next gradient (``gradient``'s answer) and the version it was computed on."""
         self._last_report = time.monotonic()
         self._samples = 0
         self.tables: TableStep | None = None
@@ -127,6 +125,8 @@ class _Trainer(Retries):
         self._own = 0
         """This rank's own steps applied to the parameters held since they were pulled (``_computed_on``)."""
         self._evaluates = a.rank == 0 and self.spec.eval_every > 0
+        self._overlap = Overlap(self) if config.overlap else None
+        """--overlap: the gradient of the next iteration computed while the push is in flight."""
         self._steady = Steady(self) if isinstance(self.plane, PsClient) and self.codec is None and \
             not config.overlap and self._straggler is None and \
             max((4 * math.prod(p.shape) for p in self.spec.params), default=0) < IN_PLACE_BYTES else None
@@ -214,7 +214,9 @@ class _Trainer(Retries):
                 await self.report()
                 return
             except _Rewind as rewind:  # also while waiting for the final parameters
-                self._prefetched = self._ahead = self._since = self._version = None
+                self._prefetched = self._since = self._version = None
+                if self._overlap is not None:
+                    self._overlap.ahead = None
                 params.clear()  # (they hold updates the server lost: never fresh enough, whatever the clock)
                 if self.codec is not None:
                     self.codec.reset()
@@ -252,9 +254,9 @@ class _Trainer(Retries):
             await self.report()  # show it now, not after the next (maybe long) wait
         pull_next = c + 1 < self.spec.iterations and not self.cache_valid(guaranteed, c + 1)
         out = None
-        if self._ahead is not None:  # computed while the last push was in flight, on older parameters
-            (loss, grads, samples, t_compute), version = self._ahead
-            self._ahead = None
+        ahead = self._overlap.take() if self._overlap is not None else None
+        if ahead is not None:  # computed while the last push was in flight, on older parameters
+            (loss, grads, samples, t_compute), version = ahead
         else:
             out = self._push_buffers(params, c) if pull_next else None
             (loss, grads, samples, t_compute), version = self.gradient(params, c, out), self._computed_on()
@@ -264,9 +266,9 @@ class _Trainer(Retries):
         t_push = time.perf_counter()
         push = self._push_op(c, self.codec.encode(grads) if self.codec else grads, loss, params if pull_next else None,
                              version, again=None if out is None else lambda: self.gradient(params, c)[:2], borrow=borrow)
-        if self.config.overlap and c + 1 < self.spec.iterations and (s < 0 or self.cache_valid(guaranteed, c + 1)):
+        if self._overlap is not None and c + 1 < self.spec.iterations and (s < 0 or self.cache_valid(guaranteed, c + 1)):
             _own(params)  # (computed on while the push is in flight: no longer the server's to lend then)
-            resp, pulled, comm_ahead = await self._overlapped(push, params, grads, c, guaranteed)
+            resp, pulled, comm_ahead = await self._overlap.run(push, params, grads, c, guaranteed)
             comm += comm_ahead
         else:
             resp, pulled = await self.call(push, f"push {c}")
@@ -379,51 +381,6 @@ class _Trainer(Retries):
             return
         for name, g in grads.items():
             params[name] -= rate.whole(name, g.shape) * g
-
-    def _correct_own(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], factor: Factor) -> None:
-        """The own step ``_overlapped`` took at the whole rate before the push's answer, brought to
-        the rate the server took (``factor`` times it): the part of the rate it did not take is
-        stepped back, w - lr g + (1 - factor) lr g = w - factor lr g. In place (no copy of the model
-        to step again from), so an element may differ from the server's by float32 rounding."""
-        if factor != 1.0:
-            self._apply_own(params, grads, factor, less=1.0)
-
-    async def _overlapped(
-        self, push: Callable[[], Awaitable[tuple[pb.PushGradientResponse, PullResult | None]]],
-        params: dict[str, np.ndarray], grads: dict[str, np.ndarray], c: int, guaranteed: int,
-    ) -> tuple[pb.PushGradientResponse, PullResult | None, float]:
-        """The push of ``c`` in flight while the gradient of ``c + 1`` is computed on the parameters
-        held (``--overlap``; the caller checked they are recent enough for ``c + 1``, guaranteed
-        clock ``guaranteed``). Returns the push's answer and the seconds waited for it after the
-        computation. If the answer lowers the bound below what that gradient needs, it is dropped."""
-        token = SETTLE.set(False)  # its reads must not block the loop: the computation goes first
-        try:
-            task = asyncio.ensure_future(self.call(push, f"push {c}"))
-        finally:
-            SETTLE.reset(token)
-        stepped = self.local_sgd_lr is not None  # c + 1 sees this rank's own step of c, at the whole rate
-        try:
-            await asyncio.sleep(0)  # the push's bytes go out (its task runs to its first wait)
-            if stepped:
-                self._apply_own(params, grads)
-                self._own += 1
-            ahead, version = self.gradient(params, c + 1), self._computed_on()  # (before the answer updates it)
-            t_wait = time.perf_counter()
-            resp, pulled = await task
-        except BaseException:
-            task.cancel()
-            raise
-        if resp.HasField("staleness"):
-            self._learn(resp.staleness)
-        if stepped and pulled is None:  # (a pull with the push replaced the copy: the server's step is in it)
-            factor = self.own_factor(resp)
-            if factor is None:  # the copy is not the server's (nor was the one ``ahead`` was computed on)
-                self._drop_copy(params)
-                return resp, pulled, time.perf_counter() - t_wait
-            self._correct_own(params, grads, factor)
-        if resp.clock == c + 1 and (self.staleness < 0 or self.cache_valid(guaranteed, c + 1)):
-            self._ahead = ahead, version  # (a rewind raised above and leaves nothing ahead)
-        return resp, pulled, time.perf_counter() - t_wait
 
     @staticmethod
     def check_loss(loss: float, clock: int) -> None:

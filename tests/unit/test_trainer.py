@@ -26,6 +26,7 @@ from worker import trainer as trainer_module
 from worker.compression import PushCodec
 from worker.config import WorkerConfig
 from worker.main import CAPABILITIES, ending
+from worker.overlap import Overlap
 from worker.straggler import Straggler
 from worker.trainer import Outcome, train
 
@@ -512,16 +513,16 @@ async def test_read_my_writes_steps_at_the_rate_the_server_applied(monkeypatch: 
             check(params, c)
         return gradient(self, params, c, out)
 
-    overlapped = trainer_module._Trainer._overlapped
+    overlapped = Overlap.run
 
-    async def checked_after(self: trainer_module._Trainer, push: Any, params: dict[str, np.ndarray],
+    async def checked_after(self: Overlap, push: Any, params: dict[str, np.ndarray],
                             grads: dict[str, np.ndarray], c: int, guaranteed: int) -> Any:
         answer = await overlapped(self, push, params, grads, c, guaranteed)
         check(params, c + 1)  # once the push's answer came: the copy its next iteration keeps
         return answer
 
     monkeypatch.setattr(trainer_module._Trainer, "gradient", checked)
-    monkeypatch.setattr(trainer_module._Trainer, "_overlapped", checked_after)
+    monkeypatch.setattr(Overlap, "run", checked_after)
     if not said:
         monkeypatch.setattr(trainer_module._Trainer, "own_factor", lambda self, resp: None)
     async with InMemoryServer() as server:
@@ -572,19 +573,20 @@ async def test_an_overlapped_step_leaves_the_copy_the_server_has(factor: float |
         return resp, PullResult(3, 9, pb.RUN_STATE_RUNNING, params)
 
     t.gradient = gradient  # type: ignore[method-assign]
-    resp, res, _ = await t._overlapped(push, params, g, 2, 2)
+    assert t._overlap is not None
+    resp, res, _ = await t._overlap.run(push, params, g, 2, 2)
     assert resp.clock == 3 and (res is not None) is pulled
     [(computed_on, clock)] = seen
     assert clock == 3
     for n in w:  # the whole rate, ahead of the answer
         np.testing.assert_array_equal(computed_on[n], w[n] - np.float32(0.25) * g[n])
     if factor is None:
-        assert params == {} and t._ahead is None and t._own == 0
+        assert params == {} and t._overlap.ahead is None and t._own == 0
         return
     for n in w:
         want = fresh[n] if pulled else w[n] - np.float32(0.25 * factor) * g[n]
         np.testing.assert_array_equal(params[n], want, err_msg=n)
-    assert t._ahead is not None and t._ahead[1] == 9  # computed on the pull plus both own steps
+    assert t._overlap.ahead is not None and t._overlap.ahead[1] == 9  # computed on the pull plus both own steps
     assert t._own == 2
 
 
@@ -672,11 +674,12 @@ async def test_an_overlapped_step_on_shards_leaves_each_rows_at_their_servers_ra
     async def push() -> tuple[pb.PushGradientResponse, PullResult | None]:
         return await t.plane.push("r", 0, 1, 2, _G, param_version=7), None
 
-    resp, _, _ = await t._overlapped(push, params, _G, 2, 2)
+    assert t._overlap is not None
+    resp, _, _ = await t._overlap.run(push, params, _G, 2, 2)
     want = _each_shards_step(_G)
     for n in _W:
         np.testing.assert_array_equal(params[n], want[n], err_msg=n)
-    assert t._ahead is not None and t._own == 1
+    assert t._overlap.ahead is not None and t._own == 1
 
 
 @pytest.mark.parametrize("factors", [(None, 0.5), (0.5, None)])
