@@ -8,13 +8,13 @@ ordered by a lock: a newer checkpoint never lands before an older one. When the 
 the run, snapshots are coalesced: one write at a time per run, and only the newest snapshot waits
 for it (what lands is as fresh as the disk allows).
 
-The snapshots held at once, server-wide, take at most ``copy_bytes`` (a copy of the largest run
-the server accepts: ``config.snapshot_budget``, what the deployment's sizing counts): runs reaching
-a checkpoint together each copied theirs, the one being written and the one waiting, up to twice
-every run's memory on top of the runs. A snapshot with no room is taken once a copy before it is
-written: a scheduled one then, at the min clock its run is at (labelled so: of a run over several
-servers, a cut the others may not have); one on demand, and a cluster's cut (``checkpoint_at``),
-whose room is kept from before its clock is reached, wait for it. One always fits when none is held.
+The snapshots held at once, server-wide, fit a budget, a copy of the largest run the server
+accepts (``SnapshotBudget``, in ``snapshot_budget``): runs reaching a checkpoint together each
+copied theirs, the one being written and the one waiting, up to twice every run's memory on top of
+the runs. A snapshot with no room is taken once a copy before it is written: a scheduled one then,
+at the min clock its run is at (labelled so: of a run over several servers, a cut the others may
+not have); one on demand, and a cluster's cut (``checkpoint_at``), whose room is kept from before
+its clock is reached, wait for it. One always fits when none is held.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from .core import snapshot
 from .core.checkpoint import CheckpointStore
 from .core.errors import FailedPrecondition, NotFound, shortened
 from .core.run import Run
+from .snapshot_budget import SnapshotBudget, nbytes
 
 __all__ = ["Checkpointer"]
 
@@ -52,21 +53,12 @@ def _told(run: Run, taken: Snapshot, reason: str, exc: Exception) -> None:
                       f"could not be written: {exc}")
 
 
-def _nbytes(taken: Snapshot) -> int:
-    return sum(a.nbytes for a in taken[1].values())
-
-
 class Checkpointer:
-    def __init__(self, store: CheckpointStore, every: int, copy_bytes: int = 0) -> None:
+    def __init__(self, store: CheckpointStore, every: int, budget: SnapshotBudget | None = None) -> None:
         self.store = store
         self.every = every
-        self.copy_bytes = copy_bytes
-        """bytes of snapshots held at once, server-wide (0: no limit)."""
-        self.held = 0
-        """bytes of the snapshots taken and not written yet (or kept for a cut: ``checkpoint_at``)."""
-        self._room: list[asyncio.Future[None]] = []
-        """those waiting for ``held`` to go down (woken, they look again: a Condition cannot be
-        notified from the synchronous code that gives bytes back)."""
+        self.budget = budget or SnapshotBudget()
+        """the snapshots held at once, server-wide (none given: no limit)."""
         self._locks: dict[str, asyncio.Lock] = {}
         self._waiting: dict[str, Waiting] = {}
         """run id -> the checkpoint still to be written (``Waiting``)."""
@@ -139,36 +131,19 @@ class Checkpointer:
             if (run.min_clock >= cut or run.state.finished) and not future.done():
                 future.set_result((*snapshot.state_dict(run, cut), self._epochs.get(run.run_id, 0)))
 
-    def _fits(self, nbytes: int) -> bool:
-        return not self.copy_bytes or not self.held or self.held + nbytes <= self.copy_bytes
-
     def _take(self, run: Run, cut: int | None, epoch: int) -> Snapshot:
         taken = (*snapshot.state_dict(run, cut), epoch)
-        self.held += _nbytes(taken)
+        self.budget.hold(nbytes(taken[1]))
         return taken
-
-    def _give(self, nbytes: int) -> None:
-        """``nbytes`` of snapshots dropped or written: those waiting for room look again."""
-        self.held -= nbytes
-        for waiter in self._room:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._room.clear()
-
-    async def _room_for(self, nbytes: int) -> None:
-        while not self._fits(nbytes):
-            waiter = asyncio.get_running_loop().create_future()
-            self._room.append(waiter)
-            await waiter
 
     def _drop(self, waiting: Waiting | None) -> None:
         if waiting is not None and waiting[-1] is not None:
-            self._give(_nbytes(waiting[-1]))
+            self.budget.give(nbytes(waiting[-1][1]))
 
     def schedule(self, run: Run, reason: str, level: int = logging.INFO, cut: int | None = None) -> None:
         self._drop(self._waiting.pop(run.run_id, None))  # (replaces an older one not yet written)
         epoch = self._epochs.get(run.run_id, 0)
-        taken = self._take(run, cut, epoch) if self._fits(run.footprint) else None  # (else once there is room)
+        taken = self._take(run, cut, epoch) if self.budget.fits(run.footprint) else None  # (else once there is room)
         self._waiting[run.run_id] = (run, reason, level, cut, epoch, run.min_clock, taken)
         if run.run_id in self._deleting:  # (``delete`` writes it if it fails)
             return
@@ -180,8 +155,8 @@ class Checkpointer:
         while (waiting := self._waiting.get(run_id)) is not None:
             run, reason, level, cut, epoch, clock, taken = waiting
             if taken is None:
-                if not self._fits(run.footprint):
-                    await self._room_for(run.footprint)
+                if not self.budget.fits(run.footprint):
+                    await self.budget.room_for(run.footprint)
                     continue  # (replaced or dropped meanwhile, maybe)
                 # (its min clock moved on while it waited: labelled with the one it holds)
                 taken = self._take(run, cut if run.min_clock == clock else None, epoch)
@@ -195,7 +170,7 @@ class Checkpointer:
                 pass  # of a history the run left
             finally:
                 self._writing.discard(run_id)
-                self._give(_nbytes(taken))
+                self.budget.give(nbytes(taken[1]))
 
     async def checkpoint_now(self, run: Run, reason: str, cut: int | None = None,
                              final: bool = False) -> tuple[Path, int]:
@@ -213,7 +188,7 @@ class Checkpointer:
             sharded = run.run_id in self._sharded  # (a cluster's keeps each cut it was scheduled at)
             if not sharded:  # (room: it is replaced below)
                 self._drop(self._waiting.pop(run.run_id, None))
-            await self._room_for(run.footprint)
+            await self.budget.room_for(run.footprint)
             taken = self._take(run, cut, epoch)
             taken[0]["final"] = final and not run.held  # (a held shard is behind the others: it must go back)
             if not sharded:
@@ -223,7 +198,7 @@ class Checkpointer:
             try:
                 return await self._write(taken, reason, run=run), int(taken[0]["min_clock"])
             finally:
-                self._give(_nbytes(taken))
+                self.budget.give(nbytes(taken[1]))
 
     async def checkpoint_at(self, run: Run, cut: int, reason: str, timeout: float) -> tuple[Path, int]:
         """A checkpoint of ``run`` labelled ``cut``, taken the moment its min clock reaches ``cut``
@@ -234,12 +209,12 @@ class Checkpointer:
         epoch = self._epochs.get(run.run_id, 0)
         if run.min_clock >= cut or run.state.finished:
             return await self._now(run, reason, cut, False, epoch)
-        await self._room_for(run.footprint)
+        await self.budget.room_for(run.footprint)
         kept = run.footprint
-        self.held += kept
+        self.budget.hold(kept)
         try:
             if run.min_clock >= cut or run.state.finished:  # (while it waited for room)
-                self._give(kept)
+                self.budget.give(kept)
                 kept = 0
                 return await self._now(run, reason, cut, False, epoch)
             future: asyncio.Future[Snapshot] = asyncio.get_running_loop().create_future()
@@ -250,12 +225,12 @@ class Checkpointer:
                     taken = await future
             finally:
                 waiting.remove((cut, future))
-            self.held += _nbytes(taken) - kept  # (what it holds, BSP's gradients of the clock, not what it may)
-            kept = _nbytes(taken)
+            self.budget.hold(nbytes(taken[1]) - kept)  # (what it holds, BSP's gradients of the clock, not what it may)
+            kept = nbytes(taken[1])
             return await self._write(taken, reason, run=run), int(taken[0]["min_clock"])
         finally:
             if kept:
-                self._give(kept)
+                self.budget.give(kept)
 
     async def restore(self, run_id: str, cut: int, check: Callable[[Run], None] = lambda run: None) -> Run:
         """``run_id`` as its newest checkpoint of ``cut`` holds it, not registered yet (the

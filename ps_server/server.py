@@ -58,6 +58,7 @@ from .metrics import ServerStatistics, close_metrics, serve_metrics
 from .security import ConfigError, TokenInterceptor, load_token, server_credentials
 from .servicer import SERVICE_NAMES, add_cluster, add_control, add_data
 from .shm_plane import ShmDataPlane
+from .snapshot_budget import SnapshotBudget
 from .sweep import servers_of, sweep
 from .tcp_plane import StreamBudget, TcpDataPlane, stream_cap
 
@@ -239,7 +240,7 @@ async def start_server(config: ServerConfig, resumed: Callable[[], object] = lam
     root = _data_dir(config.data_dir)
     data_lock = _lock_data_dir(root, config.data_dir)
     try:
-        copies = snapshot_budget(config, total_budget(config)[0])
+        copies = SnapshotBudget(snapshot_budget(config, total_budget(config)[0]))
         return await _start(config, Checkpointer(CheckpointStore(root, keep=config.checkpoint_keep),
                                                  config.checkpoint_every, copies), data_lock, resumed)
     except BaseException:  # (a port in use, or a stop while resuming: the data directory is free again)

@@ -26,6 +26,7 @@ from ps_server.core.checkpoint import CheckpointStore, CorruptCheckpoint
 from ps_server.core.errors import FailedPrecondition, NotFound
 from ps_server.core.run import Run
 from ps_server.core.spec import Initializer, OptimizerConfig, OptimizerKind, ParamSpec, RunSpec
+from ps_server.snapshot_budget import SnapshotBudget
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -779,11 +780,11 @@ async def test_runs_checkpointed_together_hold_the_snapshots_there_is_room_for(t
     waited only for that run's writes: runs reaching a checkpoint together each held the one being
     written and the one waiting, up to twice every run's memory (--max-total-bytes) on top of the
     runs, where the deployment's sizing counts one copy of the largest run. Now the snapshots held
-    at once fit the server's budget for them (``copy_bytes``: the sizing's copy), one with no room
+    at once fit the server's budget for them (``SnapshotBudget``: the sizing's copy), one with no room
     taken once one before it is written (the newest state then)."""
     runs = [Run(f"run-{i}", make_run().spec) for i in range(3)]
     store = CheckpointStore(tmp_path)
-    checkpointer = Checkpointer(store, every=0, copy_bytes=runs[0].footprint)  # room for one
+    checkpointer = Checkpointer(store, every=0, budget=SnapshotBudget(runs[0].footprint))  # room for one
     held: set[int] = set()  # snapshots taken, until written or dropped (freed)
     most = [0]
     state_dict, write = snapshot.state_dict, store.write
@@ -809,7 +810,7 @@ async def test_runs_checkpointed_together_hold_the_snapshots_there_is_room_for(t
     on_demand = asyncio.ensure_future(checkpointer.checkpoint_now(runs[0], "on demand"))
     at_cut = asyncio.ensure_future(checkpointer.checkpoint_at(runs[1], 0, "cut", timeout=10))
     await asyncio.gather(on_demand, at_cut, checkpointer.drain())
-    assert most[0] == 1 and checkpointer.held == 0
+    assert most[0] == 1 and checkpointer.budget.held == 0
     assert sorted(c.meta["run_id"] for c in store.latest()) == ["run-0", "run-1", "run-2"]
 
 
@@ -1083,13 +1084,13 @@ async def test_a_cut_keeps_room_for_its_snapshot_while_other_runs_checkpoints_wa
     """With room for one snapshot, a cluster's cut still takes its own at its clock: its room is
     kept from when it is asked for, and another run's checkpoint due meanwhile waits, not copied."""
     run, other = make_run(), Run("run-other", make_run().spec)  # min clock 3
-    checkpointer = Checkpointer(CheckpointStore(tmp_path), every=0, copy_bytes=run.footprint)
+    checkpointer = Checkpointer(CheckpointStore(tmp_path), every=0, budget=SnapshotBudget(run.footprint))
     checkpointer.attach(run)
     checkpointer.attach(other)
     await checkpointer.drain()
     a, b = (s.incarnation for s in run.clock.slots)
     waiting = asyncio.ensure_future(checkpointer.checkpoint_at(run, 4, "test", timeout=10))
-    while not checkpointer.held:
+    while not checkpointer.budget.held:
         await asyncio.sleep(0)
     checkpointer.schedule(other, "test")
     assert checkpointer._waiting[other.run_id][-1] is None  # no room: no copy yet
@@ -1101,7 +1102,7 @@ async def test_a_cut_keeps_room_for_its_snapshot_while_other_runs_checkpoints_wa
     meta = CheckpointStore(tmp_path).load(path).meta
     assert (clock, meta["cut"], [s["clock"] for s in meta["slots"]]) == (4, 4, [4, 4])
     await checkpointer.drain()
-    assert checkpointer.held == 0 and len(list((tmp_path / other.run_id).glob("ckpt-*"))) == 2
+    assert checkpointer.budget.held == 0 and len(list((tmp_path / other.run_id).glob("ckpt-*"))) == 2
 
 
 async def test_a_held_shard_stopped_gracefully_stays_held_when_it_resumes(tmp_path: Path) -> None:
