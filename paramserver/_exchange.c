@@ -222,7 +222,7 @@ static PyObject *push_pull(PyObject *Py_UNUSED(self), PyObject *args) {
         then[then_len++] = 0x48;  /* since_lineage = 9 */
         then_len += put_varint(then + then_len, since_lineage);
     }
-    /* the PushGradientRequest's fields around its tensors (wire.push_head, wire.push_tail) */
+    /* the PushGradientRequest's fields around its tensors (as wire.push_request_parts writes them) */
     uint8_t clock_field[11], tail[64];
     size_t clock_len = 0, tail_len = 0;
     if (clock) {

@@ -61,15 +61,22 @@ class ShmCall(TcpCall):
         """A request that fits the segment, with one small frame (``TcpCall._send_now``)."""
         n = wire.parts_len(parts)
         try:
-            self._start_turn(n)
+            turn = self._turn_at(n)
         except OSError:
             return False  # the server ended the stream: the read says why
+        if turn is None:
+            return None  # inline: through the event loop
+        region, at = turn
+        self._written = shm.align(at + n)
+        return self._sendmsg_now([shm.put(region, at, parts, n)])
+
+    def _turn_at(self, n: int) -> tuple[memoryview, int] | None:
+        """The segment's region and where in it a turn's first request of ``n`` bytes goes
+        (``_start_turn``); None when it does not fit there. OSError when the server ended the stream."""
+        self._start_turn(n)
         seg = self._segment
         at = self._written
-        if seg is None or at + n > seg.region.nbytes:
-            return None  # inline: through the event loop
-        self._written = shm.align(at + n)
-        return self._sendmsg_now([shm.put(seg.region, at, parts, n)])
+        return None if seg is None or at + n > seg.region.nbytes else (seg.region, at)
 
     def push_pull_now(self, n: int, head: bytes, clock: int, grads: tuple[np.ndarray, ...], prefixes: tuple[bytes, ...],
                       loss: float, pull_head: bytes, wait_field: bytes, since: tuple[int, int] | None,
@@ -90,20 +97,19 @@ class ShmCall(TcpCall):
                 self._base + n > seg.region.nbytes or not SETTLE.get():
             return False
         try:
-            self._start_turn(n)
+            turn = self._turn_at(n)
         except OSError:
             return True  # the server ended the stream: the read says why
-        seg = self._segment
-        at = self._written
-        if self._inline or seg is None or at + n > seg.region.nbytes:
+        if turn is None or self._inline:
             return False
+        region, at = turn
         wait = tcp_transport.SETTLE_MS
         if self._skip:  # (as ``settle``: answers that did not come in time go through the loop a while)
             self._skip -= 1
             wait = 0
         lineage, version = since or (0, 0)
         try:
-            got = native.push_pull(self.sock.fileno(), seg.region, at, head, clock, grads, prefixes, loss, pull_head,
+            got = native.push_pull(self.sock.fileno(), region, at, head, clock, grads, prefixes, loss, pull_head,
                                    wait_field, version, lineage, -1 if param_version is None else param_version,
                                    names, outs, wait)
         except (BufferError, TypeError, ValueError, OverflowError):  # (nothing went: arguments it cannot take)
@@ -117,7 +123,7 @@ class ShmCall(TcpCall):
             self._backoff = 0
             self._answered = max(self._answered, shm.align(got[-2] + got[-1]))
             if len(got) == 2:
-                return seg.region[got[0] : got[0] + got[1]].toreadonly()
+                return region[got[0] : got[0] + got[1]].toreadonly()
             return got
         if got is None and wait:  # no answer in time
             self._backoff = min(1024, 2 * self._backoff or 16)

@@ -55,10 +55,8 @@ __all__ = [
     "pull_fields",
     "pull_request_bytes",
     "push_fields",
-    "push_head",
     "push_request_parts",
     "push_response_parts",
-    "push_tail",
     "varint",
     "wait_field",
     "whole_group",
@@ -394,20 +392,20 @@ def push_request_parts(
     """A ``PushGradientRequest`` whose ``tensors`` are the chunks of ``group``, as parts to write
     in order (the data are views, not copies; ``join`` makes the serialized message).
     ``then_pull``: the message, or its serialization (``pull_request_bytes``)."""
-    head = push_head(run_id, rank, incarnation, clock)
-    tail = push_tail(final, loss, then_pull, param_version)
+    head = _request_head(run_id, rank, incarnation, clock)
+    tail = _request_tail(final, loss, then_pull, param_version)
     at = len(head) if _payload(group) > SMALL_MESSAGE else None  # small ones: nothing worth aligning
     return [head, *_repeated_chunks(_PUSH["tensors"], group, at), tail]
 
 
-def push_head(run_id: str, rank: int, incarnation: int, clock: int) -> bytes:
+def _request_head(run_id: str, rank: int, incarnation: int, clock: int) -> bytes:
     """A ``PushGradientRequest``'s fields before its tensors."""
     head = _push_head(run_id, rank, incarnation)
     return head + _PUSH["clock"] + varint(clock) if clock else head
 
 
-def push_tail(final: bool, loss: float = 0.0, then_pull: pb.PullParamsRequest | bytes | None = None,
-              param_version: int | None = None) -> bytes:
+def _request_tail(final: bool, loss: float = 0.0, then_pull: pb.PullParamsRequest | bytes | None = None,
+                  param_version: int | None = None) -> bytes:
     """A ``PushGradientRequest``'s fields after its tensors."""
     tail = bytearray()
     if final:
